@@ -1,0 +1,231 @@
+//! Types and names shared by the kernel program (`gateway-ebpf`) and user space (`gateway`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel and user space must agree on every byte.
+//! Addresses are always 16 bytes; IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one
+//! map of each kind serves both families and an IPv4 prefix `/n` is the mapped prefix `/(96 + n)`.
+#![no_std]
+
+/// Highest number of tenants (tenant ids are `0..MAX_TENANTS`).
+pub const MAX_TENANTS: u32 = 1024;
+/// Entries in the tenant-classification and deny LPM tries.
+pub const MAX_PREFIXES: u32 = 16 * 1024;
+/// Entries in the dynamic ban map.
+pub const MAX_BANS: u32 = 64 * 1024;
+/// Entries in the per-source token-bucket LRU map. An LRU map: a spoofed flood evicts old sources
+/// rather than exhausting memory or failing inserts.
+pub const MAX_SOURCES: u32 = 256 * 1024;
+/// The ports array covers every TCP port.
+pub const PORT_SLOTS: u32 = 65536;
+
+/// Map names. They are also the file names under the pin directory, so keep them stable:
+/// renaming one loses that map's state across a restart. Kernel map names hold at most 15 bytes.
+pub mod map_names {
+    pub const PORTS: &str = "GW_PORTS";
+    pub const TENANT_NETS: &str = "GW_TENANT_NETS";
+    pub const DENY_NETS: &str = "GW_DENY_NETS";
+    pub const BANS: &str = "GW_BANS";
+    pub const SOURCE_BUCKETS: &str = "GW_SRC_BUCKETS";
+    pub const TENANT_BUCKETS: &str = "GW_TEN_BUCKETS";
+    pub const TENANT_LIMITS: &str = "GW_TEN_LIMITS";
+    pub const TENANT_OVER_CAP: &str = "GW_TEN_OVERCAP";
+    pub const SETTINGS: &str = "GW_SETTINGS";
+    pub const COUNTERS: &str = "GW_COUNTERS";
+    pub const GLOBAL: &str = "GW_GLOBAL";
+}
+
+/// Name of the XDP entry point in the object file.
+pub const XDP_PROGRAM: &str = "gateway_xdp";
+
+/// An address as the maps key it: 16 bytes, network order, IPv4 mapped into `::ffff:0:0/96`.
+pub type Addr = [u8; 16];
+
+/// What the program decided for one packet to a gateway port. Index into [`TenantCounters`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Passed = 0,
+    /// Source is in the static deny list.
+    Denied = 1,
+    /// Source has an unexpired entry in the ban map.
+    Banned = 2,
+    /// A SYN over the tenant's new-connection rate.
+    TenantRate = 3,
+    /// A SYN over the per-source new-connection rate.
+    SourceRate = 4,
+    /// A SYN while user space reports the tenant at its concurrent-connection cap.
+    OverCap = 5,
+    /// To a gateway port, but too short to hold a TCP header (e.g. a tiny first fragment).
+    Malformed = 6,
+}
+
+pub const VERDICT_COUNT: usize = 7;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT] = [
+        Verdict::Passed,
+        Verdict::Denied,
+        Verdict::Banned,
+        Verdict::TenantRate,
+        Verdict::SourceRate,
+        Verdict::OverCap,
+        Verdict::Malformed,
+    ];
+
+    /// Stable lower-case name, used in metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Passed => "passed",
+            Verdict::Denied => "denied",
+            Verdict::Banned => "banned",
+            Verdict::TenantRate => "tenant_rate",
+            Verdict::SourceRate => "source_rate",
+            Verdict::OverCap => "over_cap",
+            Verdict::Malformed => "malformed",
+        }
+    }
+}
+
+/// Packets and bytes per verdict for one tenant, in a per-CPU array indexed by tenant id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantCounters {
+    pub packets: [u64; VERDICT_COUNT],
+    pub bytes: [u64; VERDICT_COUNT],
+}
+
+/// Counters for packets that are not the gateway's (they always pass), per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalCounter {
+    /// Every packet the program saw.
+    Seen = 0,
+    /// Not IPv4/IPv6 (after up to two VLAN tags), or shorter than its headers claim.
+    NotIp = 1,
+    /// IP but not TCP, or IPv6 with extension headers the program does not walk.
+    NotTcp = 2,
+    /// TCP to a port that is not the gateway's.
+    ForeignPort = 3,
+    /// A non-first fragment: no TCP header to judge; reassembly needs the first fragment, which is judged.
+    Fragment = 4,
+    /// TCP whose ports lie past the end of the frame.
+    Truncated = 5,
+}
+
+pub const GLOBAL_COUNTER_COUNT: u32 = 6;
+
+impl GlobalCounter {
+    pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
+        GlobalCounter::Seen,
+        GlobalCounter::NotIp,
+        GlobalCounter::NotTcp,
+        GlobalCounter::ForeignPort,
+        GlobalCounter::Fragment,
+        GlobalCounter::Truncated,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            GlobalCounter::Seen => "seen",
+            GlobalCounter::NotIp => "not_ip",
+            GlobalCounter::NotTcp => "not_tcp",
+            GlobalCounter::ForeignPort => "foreign_port",
+            GlobalCounter::Fragment => "fragment",
+            GlobalCounter::Truncated => "truncated",
+        }
+    }
+}
+
+/// New-connection limits of one tenant, as GCRA parameters (a token bucket expressed in time).
+///
+/// `*_interval_ns` is the time one token takes to refill (`1e9 / rate`); 0 means unlimited.
+/// `*_tolerance_ns` is `burst * interval`: how far ahead of now the bucket's theoretical arrival
+/// time may run before a SYN is refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantLimits {
+    pub conn_interval_ns: u64,
+    pub conn_tolerance_ns: u64,
+    pub source_interval_ns: u64,
+    pub source_tolerance_ns: u64,
+}
+
+impl TenantLimits {
+    /// GCRA parameters for `rate` per second with `burst` admitted at once. A rate of 0 is unlimited.
+    pub const fn gcra(rate_per_sec: u64, burst: u64) -> (u64, u64) {
+        if rate_per_sec == 0 {
+            return (0, 0);
+        }
+        let interval = 1_000_000_000 / rate_per_sec;
+        let interval = if interval == 0 { 1 } else { interval };
+        let burst = if burst == 0 { 1 } else { burst };
+        (interval, interval.saturating_mul(burst))
+    }
+}
+
+/// Program-wide settings, the only element of the settings array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Tenant of sources that no prefix matches.
+    pub default_tenant: u32,
+    pub _reserved: u32,
+}
+
+/// One GCRA decision. `tat` is the stored theoretical arrival time (0 if none). Returns the new
+/// value to store when the event is admitted, or `None` when it must be refused.
+#[inline(always)]
+pub const fn gcra_admit(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
+    let tat = if tat < now { now } else { tat };
+    let next = tat + interval;
+    if next - now > tolerance {
+        None
+    } else {
+        Some(next)
+    }
+}
+
+/// IPv4-mapped form of an IPv4 address.
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] structs of integers without padding.
+    unsafe impl aya::Pod for super::TenantCounters {}
+    unsafe impl aya::Pod for super::TenantLimits {}
+    unsafe impl aya::Pod for super::Settings {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_admits_burst_then_refills() {
+        let (i, t) = TenantLimits::gcra(10, 3); // 100 ms per token, 3 at once
+        assert_eq!(i, 100_000_000);
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = gcra_admit(tat, now, i, t).expect("within burst");
+        }
+        assert_eq!(
+            gcra_admit(tat, now, i, t),
+            None,
+            "fourth at once is refused"
+        );
+        assert!(
+            gcra_admit(tat, now + i, i, t).is_some(),
+            "one token back after one interval"
+        );
+    }
+
+    #[test]
+    fn zero_rate_is_unlimited_marker() {
+        assert_eq!(TenantLimits::gcra(0, 5), (0, 0));
+        assert_eq!(TenantLimits::gcra(2_000_000_000, 0), (1, 1));
+    }
+}

@@ -1,0 +1,261 @@
+//! The gateway's XDP program. For TCP to the gateway's ports it classifies the source to a tenant,
+//! drops denied and banned sources, limits new connections (SYN without ACK) per tenant and per
+//! source, honours the per-tenant connection-cap flag that user space raises, and counts every
+//! decision. Everything else passes untouched. It never logs on the per-packet path.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod packet;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::xdp,
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use gateway_common::{Addr, GlobalCounter, MAX_TENANTS, Verdict, gcra_admit, v4_mapped};
+
+use crate::{
+    maps::{
+        BANS, COUNTERS, DENY_NETS, GLOBAL, PORTS, SETTINGS, SOURCE_BUCKETS, TENANT_BUCKETS,
+        TENANT_LIMITS, TENANT_NETS, TENANT_OVER_CAP,
+    },
+    packet::{
+        ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK,
+        TCP_SYN, be16_at, read,
+    },
+};
+
+/// IPv6 extension headers walked before giving up on finding TCP.
+const MAX_EXT_HDRS: usize = 4;
+
+#[xdp]
+pub fn gateway_xdp(ctx: XdpContext) -> u32 {
+    match try_gateway_xdp(&ctx) {
+        Ok(action) => action,
+        // Not the gateway's traffic (or not judgeable): it passes, and the reason is counted.
+        Err(reason) => {
+            count_global(reason);
+            XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, GlobalCounter> {
+    count_global(GlobalCounter::Seen);
+    let (src, l4) = locate_tcp(ctx)?;
+    let dst_port = be16_at(ctx, l4 + 2).ok_or(GlobalCounter::Truncated)?;
+    match PORTS.get(u32::from(dst_port)) {
+        Some(flag) if *flag != 0 => {}
+        _ => return Err(GlobalCounter::ForeignPort),
+    }
+    let tenant = classify(&src);
+    let verdict = decide(ctx, &src, tenant, l4);
+    count(tenant, verdict, ctx.data_end() - ctx.data());
+    Ok(if verdict == Verdict::Passed {
+        XDP_PASS
+    } else {
+        XDP_DROP
+    })
+}
+
+/// Finds the source address and the offset of the TCP header, through up to two VLAN tags, IPv4
+/// options and IPv6 extension headers.
+#[inline(always)]
+fn locate_tcp(ctx: &XdpContext) -> Result<(Addr, usize), GlobalCounter> {
+    let mut proto = be16_at(ctx, 12).ok_or(GlobalCounter::NotIp)?;
+    let mut off = ETH_HDR_LEN;
+    if proto == ETH_P_8021AD || proto == ETH_P_8021Q {
+        proto = be16_at(ctx, off + 2).ok_or(GlobalCounter::NotIp)?;
+        off += 4;
+    }
+    if proto == ETH_P_8021Q {
+        proto = be16_at(ctx, off + 2).ok_or(GlobalCounter::NotIp)?;
+        off += 4;
+    }
+    match proto {
+        ETH_P_IPV4 => locate_tcp_v4(ctx, off),
+        ETH_P_IPV6 => locate_tcp_v6(ctx, off),
+        _ => Err(GlobalCounter::NotIp),
+    }
+}
+
+#[inline(always)]
+fn locate_tcp_v4(ctx: &XdpContext, off: usize) -> Result<(Addr, usize), GlobalCounter> {
+    let h = read::<[u8; 20]>(ctx, off).ok_or(GlobalCounter::NotIp)?;
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return Err(GlobalCounter::NotIp);
+    }
+    if h[9] != IPPROTO_TCP {
+        return Err(GlobalCounter::NotTcp);
+    }
+    // A non-first fragment carries no TCP header. Without its first fragment (which is judged
+    // here like any packet) it cannot be reassembled, so passing it admits nothing.
+    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+        return Err(GlobalCounter::Fragment);
+    }
+    Ok((v4_mapped([h[12], h[13], h[14], h[15]]), off + ihl))
+}
+
+#[inline(always)]
+fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<(Addr, usize), GlobalCounter> {
+    let h = read::<[u8; 40]>(ctx, off).ok_or(GlobalCounter::NotIp)?;
+    if h[0] >> 4 != 6 {
+        return Err(GlobalCounter::NotIp);
+    }
+    let mut next = h[6];
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    let mut l4 = off + 40;
+    for _ in 0..MAX_EXT_HDRS {
+        match next {
+            IPPROTO_TCP => return Ok((src, l4)),
+            // Hop-by-hop, routing, destination options: length in 8-octet units, first 8 excluded.
+            0 | 43 | 60 => {
+                let [nh, len] = read::<[u8; 2]>(ctx, l4).ok_or(GlobalCounter::NotIp)?;
+                next = nh;
+                l4 += (usize::from(len) + 1) * 8;
+            }
+            // Fragment header: only the first fragment (offset 0) holds the TCP header.
+            44 => {
+                let [nh, _, hi, lo] = read::<[u8; 4]>(ctx, l4).ok_or(GlobalCounter::NotIp)?;
+                if u16::from_be_bytes([hi, lo]) & 0xfff8 != 0 {
+                    return Err(GlobalCounter::Fragment);
+                }
+                next = nh;
+                l4 += 8;
+            }
+            _ => return Err(GlobalCounter::NotTcp),
+        }
+    }
+    if next == IPPROTO_TCP {
+        Ok((src, l4))
+    } else {
+        Err(GlobalCounter::NotTcp)
+    }
+}
+
+/// Longest-prefix match of the source to a tenant; unmatched sources get the default tenant.
+#[inline(always)]
+fn classify(src: &Addr) -> u32 {
+    let tenant = match TENANT_NETS.get(Key::new(128, *src)) {
+        Some(tenant) => *tenant,
+        None => SETTINGS.get(0).map_or(0, |s| s.default_tenant),
+    };
+    if tenant < MAX_TENANTS { tenant } else { 0 }
+}
+
+#[inline(always)]
+fn decide(ctx: &XdpContext, src: &Addr, tenant: u32, l4: usize) -> Verdict {
+    if DENY_NETS.get(Key::new(128, *src)).is_some() {
+        return Verdict::Denied;
+    }
+    if is_banned(src) {
+        return Verdict::Banned;
+    }
+    // Ports were readable but the flags are not: a tiny first fragment or a cut header. The
+    // stack would not accept it either, and it is addressed to us, so it is dropped and counted.
+    let Some(tcp) = read::<[u8; 14]>(ctx, l4) else {
+        return Verdict::Malformed;
+    };
+    let flags = tcp[13];
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        // Established traffic is never cut by the connection limits.
+        return Verdict::Passed;
+    }
+    admit_new_connection(src, tenant)
+}
+
+#[inline(always)]
+fn is_banned(src: &Addr) -> bool {
+    let Some(expiry) = BANS.get_ptr(src) else {
+        return false;
+    };
+    // SAFETY: a pointer returned by a map lookup is valid for the value's size.
+    let expiry = unsafe { *expiry };
+    // SAFETY: helper without preconditions.
+    if expiry > unsafe { bpf_ktime_get_ns() } {
+        return true;
+    }
+    // Expired: forget it. Failure only means user space or another CPU removed it first.
+    let _already_gone = BANS.remove(src);
+    false
+}
+
+#[inline(always)]
+fn admit_new_connection(src: &Addr, tenant: u32) -> Verdict {
+    if TENANT_OVER_CAP.get(tenant).is_some_and(|flag| *flag != 0) {
+        return Verdict::OverCap;
+    }
+    let Some(limits) = TENANT_LIMITS.get(tenant) else {
+        return Verdict::Passed;
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The source is checked first, so a source over its own limit does not drain its tenant's bucket.
+    if limits.source_interval_ns != 0 {
+        // SAFETY: a pointer returned by a map lookup is valid for the value's size.
+        let tat = SOURCE_BUCKETS.get_ptr(src).map_or(0, |p| unsafe { *p });
+        match gcra_admit(
+            tat,
+            now,
+            limits.source_interval_ns,
+            limits.source_tolerance_ns,
+        ) {
+            None => return Verdict::SourceRate,
+            // An insert can only fail under memory pressure; the source is then admitted untracked.
+            Some(next) => {
+                let _untracked = SOURCE_BUCKETS.insert(src, next, 0);
+            }
+        }
+    }
+    if limits.conn_interval_ns != 0
+        && let Some(bucket) = TENANT_BUCKETS.get_ptr_mut(tenant)
+    {
+        // One aligned u64, read and written whole. CPUs that race here may both admit: the
+        // over-admission this allows is described in docs/architecture.md.
+        // SAFETY: a pointer returned by a map lookup is valid for the value's size.
+        let tat = unsafe { core::ptr::read_volatile(bucket) };
+        match gcra_admit(tat, now, limits.conn_interval_ns, limits.conn_tolerance_ns) {
+            None => return Verdict::TenantRate,
+            // SAFETY: as above.
+            Some(next) => unsafe { core::ptr::write_volatile(bucket, next) },
+        }
+    }
+    Verdict::Passed
+}
+
+#[inline(always)]
+fn count(tenant: u32, verdict: Verdict, len: usize) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(tenant) {
+        let v = verdict as usize;
+        // SAFETY: per-CPU value, valid for its size; nothing else on this CPU runs meanwhile.
+        unsafe {
+            (*counters).packets[v] += 1;
+            (*counters).bytes[v] += len as u64;
+        }
+    }
+}
+
+#[inline(always)]
+fn count_global(counter: GlobalCounter) {
+    if let Some(value) = GLOBAL.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU value, valid for its size.
+        unsafe { *value += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could get here.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

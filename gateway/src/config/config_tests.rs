@@ -1,0 +1,108 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[gateway]
+instance = "t"
+[[listeners]]
+address = "127.0.0.1:18080"
+[admin]
+address = "127.0.0.1:19090"
+[kernel]
+enabled = false
+"#;
+
+fn err(text: &str) -> String {
+    Config::from_toml(text)
+        .expect_err("must be refused")
+        .to_string()
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded_default();
+    assert_eq!(c.instance, "mcp-gateway");
+    assert_eq!(c.ports().into_iter().collect::<Vec<_>>(), vec![8080]);
+    assert_eq!(c.default_tenant, 0);
+    assert_eq!(c.tenant(1).map(|t| t.name.as_str()), Some("local"));
+    assert!(c.workers >= 1);
+}
+
+#[test]
+fn minimal_config_has_no_tenants() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert!(c.tenants.is_empty());
+    assert!(!c.kernel.enabled);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = err(&format!(
+        "{MINIMAL}\n[[tenants]]\nname='a'\nid=0\nmax_conections=3\n"
+    ));
+    assert!(e.contains("max_conections"), "{e}");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases = [
+        (
+            "tenants[0].sources[0]",
+            "[[tenants]]\nname='a'\nid=0\nsources=['10.0.0.1/8']\n",
+        ),
+        ("tenants[0].id", "[[tenants]]\nname='a'\nid=5000\n"),
+        (
+            "tenants[1].id",
+            "[[tenants]]\nname='a'\nid=1\n[[tenants]]\nname='b'\nid=1\n",
+        ),
+        (
+            "tenants[1].sources[0]",
+            "[[tenants]]\nname='a'\nid=1\nsources=['10.0.0.0/8']\n[[tenants]]\nname='b'\nid=2\nsources=['10.0.0.0/8']\n",
+        ),
+        (
+            "tenants[0].new_connections_burst",
+            "[[tenants]]\nname='a'\nid=0\nnew_connections_burst=5\n",
+        ),
+        (
+            "tenants[0].max_connections",
+            "[[tenants]]\nname='a'\nid=0\nmax_connections=0\n",
+        ),
+    ];
+    for (key, extra) in cases {
+        let e = err(&format!("{MINIMAL}{extra}"));
+        assert!(e.contains(key), "expected `{key}` in: {e}");
+    }
+}
+
+#[test]
+fn tenants_need_a_default_and_it_must_exist() {
+    let with_tenant = format!("{MINIMAL}[[tenants]]\nname='a'\nid=3\n");
+    assert!(err(&with_tenant).contains("kernel.default_tenant"));
+    let named = with_tenant.replace("enabled = false", "enabled = false\ndefault_tenant = 'zz'");
+    assert!(err(&named).contains("no tenant is named `zz`"));
+    let ok = with_tenant.replace("enabled = false", "enabled = false\ndefault_tenant = 'a'");
+    assert_eq!(Config::from_toml(&ok).unwrap().default_tenant, 3);
+}
+
+#[test]
+fn listener_rules() {
+    assert!(err(&MINIMAL.replace("18080", "0")).contains("listeners[0].address"));
+    assert!(err(&MINIMAL.replace("19090", "18080")).contains("admin.address"));
+    assert!(err(&MINIMAL.replace("127.0.0.1:18080", "nowhere")).contains("listeners[0].address"));
+}
+
+#[test]
+fn kernel_needs_an_interface() {
+    let e = err(&MINIMAL.replace("enabled = false", "enabled = true"));
+    assert!(e.contains("kernel.interfaces"), "{e}");
+}
+
+#[test]
+fn bare_addresses_are_host_prefixes() {
+    let c = Config::from_toml(&MINIMAL.replace(
+        "enabled = false",
+        "enabled = false\ndeny = ['192.0.2.7', '2001:db8::/32']",
+    ))
+    .unwrap();
+    assert_eq!(c.kernel.deny[0].to_string(), "192.0.2.7/32");
+    assert_eq!(c.kernel.deny[1].to_string(), "2001:db8::/32");
+}

@@ -1,0 +1,444 @@
+//! Configuration: a raw serde layer that mirrors the TOML file exactly (unknown keys rejected,
+//! units in field names), then [`RawConfig::validate`] into the [`Config`] the rest of the
+//! gateway uses. Validation errors name the key and the problem.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The configuration that `gateway run` serves when no file is given.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key; the message names the key and the line.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid value for `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub kernel: RawKernel,
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub instance: String,
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default = "default_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+const fn default_grace_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKernel {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub mode: AttachMode,
+    #[serde(default)]
+    pub default_tenant: Option<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Where pins go; the instance name is appended.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: String,
+    /// How often user space re-evaluates the per-tenant connection caps.
+    #[serde(default = "default_cap_poll_ms")]
+    pub cap_poll_ms: u64,
+}
+
+impl Default for RawKernel {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            mode: AttachMode::Auto,
+            default_tenant: None,
+            deny: Vec::new(),
+            bpffs: default_bpffs(),
+            cap_poll_ms: default_cap_poll_ms(),
+        }
+    }
+}
+
+const fn yes() -> bool {
+    true
+}
+fn default_bpffs() -> String {
+    "/sys/fs/bpf".into()
+}
+const fn default_cap_poll_ms() -> u64 {
+    20
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub name: String,
+    /// Stable numeric id: the kernel's counters and buckets are indexed by it, so it survives
+    /// renames and reordering.
+    pub id: u32,
+    #[serde(default)]
+    pub sources: Vec<String>,
+    #[serde(default)]
+    pub new_connections_per_sec: u64,
+    #[serde(default)]
+    pub new_connections_burst: u64,
+    #[serde(default)]
+    pub per_source_new_connections_per_sec: u64,
+    #[serde(default)]
+    pub per_source_new_connections_burst: u64,
+    #[serde(default)]
+    pub max_connections: Option<u64>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub instance: String,
+    pub workers: usize,
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub kernel: KernelConfig,
+    /// Sorted by id.
+    pub tenants: Vec<Tenant>,
+    pub default_tenant: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelConfig {
+    pub enabled: bool,
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    pub deny: Vec<IpNet>,
+    pub pin_dir: std::path::PathBuf,
+    pub cap_poll: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    pub id: u32,
+    pub sources: Vec<IpNet>,
+    pub new_connections_per_sec: u64,
+    pub new_connections_burst: u64,
+    pub per_source_new_connections_per_sec: u64,
+    pub per_source_new_connections_burst: u64,
+    pub max_connections: Option<u64>,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str::<RawConfig>(text)?.validate()
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Self {
+        Self::from_toml(DEFAULT_CONFIG).expect("the embedded default configuration is valid")
+    }
+
+    pub fn tenant(&self, id: u32) -> Option<&Tenant> {
+        self.tenants
+            .binary_search_by_key(&id, |t| t.id)
+            .ok()
+            .map(|i| &self.tenants[i])
+    }
+
+    /// The gateway's listening ports, which the kernel program guards.
+    pub fn ports(&self) -> BTreeSet<u16> {
+        self.listeners.iter().map(SocketAddr::port).collect()
+    }
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|e| invalid(key, format!("`{text}` is not an address:port ({e})")))
+}
+
+fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = text
+        .parse()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|e| invalid(key, format!("`{text}` is not a CIDR or address ({e})")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            key,
+            format!(
+                "`{text}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let g = self.gateway;
+        if g.instance.is_empty()
+            || g.instance.len() > 64
+            || !g
+                .instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "gateway.instance",
+                "must be 1-64 characters of letters, digits, '-' and '_' (it names a directory)",
+            ));
+        }
+        if g.workers > 1024 {
+            return Err(invalid(
+                "gateway.workers",
+                "at most 1024 (0 means one per core)",
+            ));
+        }
+        let workers = if g.workers == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            g.workers
+        };
+
+        if self.listeners.is_empty() {
+            return Err(invalid(
+                "listeners",
+                "at least one [[listeners]] entry is needed",
+            ));
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let addr = parse_addr(&format!("listeners[{i}].address"), &l.address)?;
+            if addr.port() == 0 {
+                return Err(invalid(
+                    format!("listeners[{i}].address"),
+                    "port 0 is not allowed: the kernel program must know the port",
+                ));
+            }
+            if listeners.contains(&addr) {
+                return Err(invalid(format!("listeners[{i}].address"), "listed twice"));
+            }
+            listeners.push(addr);
+        }
+        let admin = parse_addr("admin.address", &self.admin.address)?;
+        if listeners.iter().any(|l| l.port() == admin.port()) {
+            return Err(invalid("admin.address", "shares a port with a listener"));
+        }
+
+        let k = self.kernel;
+        if k.enabled && k.interfaces.is_empty() {
+            return Err(invalid(
+                "kernel.interfaces",
+                "name at least one interface to attach to, or set kernel.enabled = false",
+            ));
+        }
+        for (i, name) in k.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(invalid(
+                    format!("kernel.interfaces[{i}]"),
+                    "not an interface name",
+                ));
+            }
+        }
+        if !(1..=10_000).contains(&k.cap_poll_ms) {
+            return Err(invalid("kernel.cap_poll_ms", "must be between 1 and 10000"));
+        }
+        let deny = k
+            .deny
+            .iter()
+            .enumerate()
+            .map(|(i, n)| parse_net(&format!("kernel.deny[{i}]"), n))
+            .collect::<Result<Vec<_>, _>>()?;
+        if deny.len() > gateway_common::MAX_PREFIXES as usize {
+            return Err(invalid("kernel.deny", "too many prefixes"));
+        }
+
+        let mut tenants = Vec::new();
+        let mut by_name = BTreeMap::new();
+        let mut source_owner: BTreeMap<IpNet, String> = BTreeMap::new();
+        for (i, t) in self.tenants.into_iter().enumerate() {
+            let key = |field: &str| format!("tenants[{i}].{field}");
+            if t.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if t.id >= gateway_common::MAX_TENANTS {
+                return Err(invalid(
+                    key("id"),
+                    format!("must be below {}", gateway_common::MAX_TENANTS),
+                ));
+            }
+            if let Some(other) = by_name.insert(t.name.clone(), t.id) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is used twice (id {other})", t.name),
+                ));
+            }
+            if tenants.iter().any(|x: &Tenant| x.id == t.id) {
+                return Err(invalid(key("id"), format!("id {} is used twice", t.id)));
+            }
+            let mut sources = Vec::new();
+            for (j, s) in t.sources.iter().enumerate() {
+                let net = parse_net(&format!("tenants[{i}].sources[{j}]"), s)?;
+                if let Some(owner) = source_owner.insert(net, t.name.clone()) {
+                    return Err(invalid(
+                        format!("tenants[{i}].sources[{j}]"),
+                        format!("{net} already belongs to tenant `{owner}`"),
+                    ));
+                }
+                sources.push(net);
+            }
+            for (field, rate, burst) in [
+                (
+                    "new_connections",
+                    t.new_connections_per_sec,
+                    t.new_connections_burst,
+                ),
+                (
+                    "per_source_new_connections",
+                    t.per_source_new_connections_per_sec,
+                    t.per_source_new_connections_burst,
+                ),
+            ] {
+                if rate > 1_000_000_000 {
+                    return Err(invalid(key(&format!("{field}_per_sec")), "at most 1e9"));
+                }
+                if rate == 0 && burst != 0 {
+                    return Err(invalid(
+                        key(&format!("{field}_burst")),
+                        format!("a burst needs `{field}_per_sec` (0 means unlimited)"),
+                    ));
+                }
+            }
+            if t.max_connections == Some(0) {
+                return Err(invalid(
+                    key("max_connections"),
+                    "0 would refuse every connection; omit it for no cap",
+                ));
+            }
+            tenants.push(Tenant {
+                name: t.name,
+                id: t.id,
+                sources,
+                new_connections_per_sec: t.new_connections_per_sec,
+                // A rate without a burst admits one at a time.
+                new_connections_burst: t.new_connections_burst.max(1),
+                per_source_new_connections_per_sec: t.per_source_new_connections_per_sec,
+                per_source_new_connections_burst: t.per_source_new_connections_burst.max(1),
+                max_connections: t.max_connections,
+            });
+        }
+        if source_owner.len() > gateway_common::MAX_PREFIXES as usize {
+            return Err(invalid("tenants", "too many source prefixes"));
+        }
+        tenants.sort_by_key(|t| t.id);
+
+        let default_tenant = match k.default_tenant {
+            Some(name) => *by_name.get(&name).ok_or_else(|| {
+                invalid(
+                    "kernel.default_tenant",
+                    format!("no tenant is named `{name}`"),
+                )
+            })?,
+            None if tenants.is_empty() => 0,
+            None => {
+                return Err(invalid(
+                    "kernel.default_tenant",
+                    "with tenants configured, name the one that unmatched sources belong to",
+                ));
+            }
+        };
+
+        let pin_dir = Path::new(&k.bpffs).join(&g.instance);
+        Ok(Config {
+            instance: g.instance,
+            workers,
+            shutdown_grace: Duration::from_millis(g.shutdown_grace_ms),
+            listeners,
+            admin,
+            kernel: KernelConfig {
+                enabled: k.enabled,
+                interfaces: k.interfaces,
+                mode: k.mode,
+                deny,
+                pin_dir,
+                cap_poll: Duration::from_millis(k.cap_poll_ms),
+            },
+            tenants,
+            default_tenant,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

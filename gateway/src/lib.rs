@@ -1,0 +1,11 @@
+//! The MCP gateway daemon as a library: everything testable lives here, `main.rs` only parses
+//! the command line.
+//!
+//! Threads: one tokio control thread ([`control`]) owns configuration, the kernel program and
+//! its maps, and the admin API; one monoio worker per core ([`runtime`]) serves traffic.
+
+pub mod config;
+pub mod control;
+pub mod kernel;
+pub mod runtime;
+pub mod telemetry;

@@ -1,0 +1,124 @@
+//! `gateway`: the daemon and its operator commands.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use gateway::{config::Config, kernel, telemetry};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF-accelerated gateway for MCP traffic")]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default command).
+    Run {
+        /// Configuration file; the embedded default when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and exit.
+    Check { config: PathBuf },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+    /// Kernel state of an instance, read from its pinned maps.
+    Kernel {
+        /// Pin directory of the instance.
+        #[arg(long, default_value = "/sys/fs/bpf/mcp-gateway")]
+        pin_dir: PathBuf,
+        #[command(subcommand)]
+        action: KernelAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelAction {
+    /// Counters per tenant and verdict, and packets passed as not ours.
+    Stats,
+    /// List bans.
+    Bans,
+    /// Ban an address for a number of seconds.
+    Ban {
+        addr: IpAddr,
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
+    /// Lift a ban.
+    Unban { addr: IpAddr },
+    /// Detach and remove every pin of the instance (maps included: bans and counters are lost).
+    Reset,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_json);
+    match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config } => {
+            let cfg = match &config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::embedded_default(),
+            };
+            gateway::control::run(cfg, config)
+        }
+        Command::Check { config } => {
+            let c = Config::from_file(&config)?;
+            println!(
+                "{}: valid ({} listeners, {} tenants)",
+                config.display(),
+                c.listeners.len(),
+                c.tenants.len()
+            );
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{}", gateway::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+        Command::Kernel { pin_dir, action } => kernel_command(&pin_dir, action),
+    }
+}
+
+fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Result<()> {
+    if let KernelAction::Reset = action {
+        return Ok(kernel::remove_pins(pin_dir)?);
+    }
+    let mut maps = kernel::KernelMaps::open(pin_dir)
+        .with_context(|| format!("no gateway maps pinned under {}", pin_dir.display()))?;
+    match action {
+        KernelAction::Stats => {
+            for (tenant, c) in maps.all_counters()? {
+                let parts: Vec<String> = gateway_common::Verdict::ALL
+                    .iter()
+                    .map(|v| format!("{}={}", v.name(), c.packets(*v)))
+                    .collect();
+                println!("tenant {tenant}: {}", parts.join(" "));
+            }
+            let other: Vec<String> = maps
+                .global_counters()?
+                .iter()
+                .map(|(c, v)| format!("{}={v}", c.name()))
+                .collect();
+            println!("all packets: {}", other.join(" "));
+        }
+        KernelAction::Bans => {
+            for b in maps.bans()? {
+                println!("{} {}s", b.addr, b.remaining.as_secs());
+            }
+        }
+        KernelAction::Ban { addr, seconds } => maps.ban(addr, Duration::from_secs(seconds))?,
+        KernelAction::Unban { addr } => {
+            if !maps.unban(addr)? {
+                println!("{addr} was not banned");
+            }
+        }
+        KernelAction::Reset => unreachable!("handled above"),
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! State shared between the control thread and the workers, built so that the request path takes
+//! no locks: the configuration snapshot is swapped atomically (`ArcSwap`), each worker writes
+//! only its own row of connection counters, and the control thread publishes per-tenant at-cap
+//! flags that workers only read.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use arc_swap::ArcSwap;
+use gateway_common::MAX_TENANTS;
+use ipnet::IpNet;
+
+use crate::config::Config;
+
+/// A validated configuration plus what the request path derives from it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub classifier: Classifier,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Self {
+        let classifier = Classifier::new(&config);
+        Self { config, classifier }
+    }
+}
+
+/// User-space twin of the kernel's tenant classification (same prefixes, longest match wins),
+/// used to attribute accepted connections to tenants.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    /// Longest prefix first.
+    nets: Vec<(IpNet, u32)>,
+    default_tenant: u32,
+}
+
+impl Classifier {
+    pub fn new(c: &Config) -> Self {
+        let mut nets: Vec<(IpNet, u32)> = c
+            .tenants
+            .iter()
+            .flat_map(|t| t.sources.iter().map(move |n| (*n, t.id)))
+            .collect();
+        nets.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        Self {
+            nets,
+            default_tenant: c.default_tenant,
+        }
+    }
+
+    pub fn tenant_of(&self, ip: IpAddr) -> u32 {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.nets
+            .iter()
+            .find(|(n, _)| n.contains(&ip))
+            .map_or(self.default_tenant, |(_, t)| *t)
+    }
+}
+
+/// Open connections per worker and tenant. Each worker writes only its own row.
+pub struct ConnTable {
+    rows: Box<[Box<[AtomicU64]>]>,
+}
+
+impl ConnTable {
+    pub fn new(workers: usize) -> Self {
+        let row = || {
+            (0..MAX_TENANTS)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Box<[_]>>()
+        };
+        Self {
+            rows: (0..workers).map(|_| row()).collect(),
+        }
+    }
+
+    pub fn opened(&self, worker: usize, tenant: u32) {
+        self.rows[worker][tenant as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn closed(&self, worker: usize, tenant: u32) {
+        self.rows[worker][tenant as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Open connections of `tenant` over all workers.
+    pub fn total(&self, tenant: u32) -> u64 {
+        self.rows
+            .iter()
+            .map(|r| r[tenant as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub conns: ConnTable,
+    at_cap: Box<[AtomicBool]>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Self {
+        let workers = config.workers;
+        Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+            conns: ConnTable::new(workers),
+            at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    pub fn at_cap(&self, tenant: u32) -> bool {
+        self.at_cap[tenant as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set_at_cap(&self, tenant: u32, v: bool) {
+        self.at_cap[tenant as usize].store(v, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifier_prefers_longest_prefix_and_maps_v4_in_v6() {
+        let text = r#"
+[gateway]
+instance = "t"
+[[listeners]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+[kernel]
+enabled = false
+default_tenant = "d"
+[[tenants]]
+name = "d"
+id = 9
+[[tenants]]
+name = "wide"
+id = 1
+sources = ["10.0.0.0/8"]
+[[tenants]]
+name = "narrow"
+id = 2
+sources = ["10.1.0.0/16", "2001:db8::/32"]
+"#;
+        let c = Classifier::new(&Config::from_toml(text).unwrap());
+        assert_eq!(c.tenant_of("10.1.2.3".parse().unwrap()), 2);
+        assert_eq!(c.tenant_of("10.2.2.3".parse().unwrap()), 1);
+        assert_eq!(c.tenant_of("::ffff:10.1.2.3".parse().unwrap()), 2);
+        assert_eq!(c.tenant_of("2001:db8::1".parse().unwrap()), 2);
+        assert_eq!(c.tenant_of("192.0.2.1".parse().unwrap()), 9);
+    }
+
+    #[test]
+    fn conn_table_sums_workers() {
+        let t = ConnTable::new(3);
+        t.opened(0, 5);
+        t.opened(2, 5);
+        t.opened(2, 5);
+        t.closed(2, 5);
+        assert_eq!(t.total(5), 2);
+        assert_eq!(t.total(4), 0);
+    }
+}
