@@ -31,14 +31,6 @@ pub fn be16_at(ctx: &XdpContext, offset: usize) -> Option<u16> {
     Some(u16::from_be_bytes(unsafe { *p }))
 }
 
-/// Reads one byte at `offset`.
-#[inline(always)]
-pub fn u8_at(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    let p = ptr_at::<u8>(ctx, offset)?;
-    // SAFETY: ptr_at checked that the byte is inside the frame.
-    Some(unsafe { *p })
-}
-
 pub const ETH_HDR_LEN: usize = 14;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;

@@ -1,1 +1,199 @@
-fn main() {}
+//! `cargo xtask <verb>`: everything a newcomer types. Each verb first runs `setup`, which installs
+//! only what is missing, so a second run is a fast no-op.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run, test and benchmark the MCP gateway")]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install what the build needs (LLVM 22, nightly rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the gateway (kernel program included) in release mode.
+    Build,
+    /// Build and run the gateway; arguments after `--` go to `gateway run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every check and test: fmt, clippy (user and kernel crates), unit tests and the
+    /// privileged kernel and network-namespace tests (root needed).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Benchmarks; results go to bench/results/.
+    Bench {
+        /// A short sanity run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    setup::ensure().context("setup failed")?;
+    match cli.verb {
+        Verb::Setup => Ok(()),
+        Verb::Build => build_release(),
+        Verb::Run { args } => {
+            build_release()?;
+            require_root("cargo xtask run (loading XDP)")?;
+            let bin = root.join("target/release/gateway");
+            let mut cmd = Command::new(&bin);
+            cmd.arg("run").args(args);
+            println!("xtask: starting {}", bin.display());
+            exec(cmd)
+        }
+        Verb::Test { filter, no_lint } => test(filter, no_lint),
+        Verb::Bench { quick } => {
+            build_release()?;
+            require_root("cargo xtask bench (BPF_PROG_TEST_RUN)")?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "-p", "bench", "--"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub(crate) fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run(cargo()
+        .args(["build", "--release", "-p", "gateway"])
+        .env("RUST_LOG", "warn"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (or CAP_BPF + CAP_NET_ADMIN): run it with sudo -E");
+    }
+    Ok(())
+}
+
+fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        // The kernel crate only builds for the BPF target, with the nightly toolchain.
+        run(Command::new("rustup").args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "gateway-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // Unit tests of every user-space crate (no privileges needed).
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "integration-tests"]);
+    if let Some(f) = &filter {
+        unit.arg("--").arg(f);
+    }
+    run(&mut unit)?;
+
+    // Privileged tests: a real kernel program through BPF_PROG_TEST_RUN and in network
+    // namespaces. They need the release daemon binary and root.
+    build_release()?;
+    let in_ci = std::env::var_os("CI").is_some();
+    if !is_root() {
+        if in_ci {
+            bail!(
+                "the privileged tests need root and this CI run is not root: failing rather than skipping"
+            );
+        }
+        bail!(
+            "the privileged tests need root: run `sudo -E cargo xtask test` (nothing was skipped silently)"
+        );
+    }
+    let mut it = cargo();
+    it.args([
+        "test",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env(
+        "GATEWAY_BIN",
+        workspace_root().join("target/release/gateway"),
+    );
+    if let Some(f) = &filter {
+        it.arg(f);
+    }
+    run(&mut it)
+}
+
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn exec(mut cmd: Command) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    Err(cmd.exec()).context("exec")
+}

@@ -146,13 +146,12 @@ fn has_bpf_caps() -> bool {
     [12, 38, 39].iter().all(|bit| eff & (1 << bit) != 0)
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Makes sure `root` is a mounted bpffs (mounting it if needed) and `dir` exists inside it.
 fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
     let root = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
     };
     if !is_bpffs(root) {
         std::fs::create_dir_all(root)

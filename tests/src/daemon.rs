@@ -1,0 +1,193 @@
+//! The real `gateway` binary, run inside a network namespace, with its log kept for
+//! the failure message. Dropping it kills the process and removes its pins.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+/// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
+pub fn gateway_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GATEWAY_BIN") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/gateway");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+impl Daemon {
+    /// Starts the gateway in `ns` with `config` (TOML) and waits until it serves.
+    pub fn start(ns: &str, instance: &str, config: &str) -> Self {
+        let dir = std::env::temp_dir();
+        let config_path = dir.join(format!("{instance}.toml"));
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.join(format!("{instance}.log"));
+        let _ = std::fs::remove_file(&log);
+        Self::spawn(ns, instance, config_path, log)
+    }
+
+    fn spawn(ns: &str, instance: &str, config: PathBuf, log: PathBuf) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        // Enter only the network namespace (`ip netns exec` would also remount /sys and hide
+        // the host's bpffs, and with it the pins the test reads).
+        let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+        let mut cmd = Command::new(gateway_bin());
+        // SAFETY: setns is async-signal-safe; the closure only calls it.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .args(["--log-json", "run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn gateway");
+        let mut d = Daemon {
+            child: Some(child),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(instance),
+            log,
+            config,
+        };
+        d.wait_for_log("data plane running", Duration::from_secs(20));
+        d
+    }
+
+    /// Starts the same instance again (after a crash or stop).
+    pub fn restart(ns: &str, instance: &str, prev: &mut Daemon) -> Self {
+        // The previous run keeps its config file; this run logs to a file of its own.
+        let config = std::mem::take(&mut prev.config);
+        let log = prev.log.with_extension("restart.log");
+        let _ = std::fs::remove_file(&log);
+        Self::spawn(ns, instance, config, log)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for `needle` to appear in this run's log.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "gateway exited ({status}) before `{needle}`; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "gateway exited with {status}; log:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not stop within 15 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.crash();
+        let _ = gateway::kernel::remove_pins(&self.pin_dir);
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Tries to connect from `src` to `dst` within `timeout` (a dropped SYN shows as a timeout).
+pub fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Option<TcpStream> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(src, 0).into())
+        .expect("bind source");
+    socket.connect_timeout(&dst.into(), timeout).ok()?;
+    Some(socket.into())
+}
+
+/// Sends one HTTP request on `stream` and returns the status code of the answer.
+pub fn http_status(stream: &mut TcpStream) -> u16 {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).expect("read answer");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {text}"))
+}

@@ -1,0 +1,103 @@
+//! Two network namespaces joined by a veth pair, on 198.18.0.0/24: the gateway side has
+//! 198.18.0.1, the client side the addresses it is given. Dropping the topology deletes both
+//! namespaces, which also removes the veth pair and anything attached to it.
+
+use std::{fs::File, net::Ipv4Addr, process::Command};
+
+use nix::sched::{CloneFlags, setns};
+
+pub struct Topology {
+    pub gw: String,
+    pub client: String,
+    /// The veth end inside the gateway namespace.
+    pub gw_if: String,
+}
+
+pub const GW_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn ip_output(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Topology {
+    /// Creates the namespaces; `client_addrs` are the client side's addresses (all in 198.18.0.0/24).
+    pub fn new(client_addrs: &[Ipv4Addr]) -> Self {
+        crate::require_root();
+        let tag = crate::unique("g");
+        let t = Topology {
+            gw: format!("{tag}gw"),
+            client: format!("{tag}cl"),
+            gw_if: format!("{tag}g"),
+        };
+        let cl_if = format!("{tag}c");
+        ip(&["netns", "add", &t.gw]);
+        // From here on, Drop cleans up even if a later step fails.
+        ip(&["netns", "add", &t.client]);
+        ip(&[
+            "link", "add", &t.gw_if, "netns", &t.gw, "type", "veth", "peer", "name", &cl_if,
+            "netns", &t.client,
+        ]);
+        ip(&[
+            "-n",
+            &t.gw,
+            "addr",
+            "add",
+            &format!("{GW_ADDR}/24"),
+            "dev",
+            &t.gw_if,
+        ]);
+        for a in client_addrs {
+            ip(&[
+                "-n",
+                &t.client,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                &cl_if,
+            ]);
+        }
+        for (ns, dev) in [(&t.gw, &t.gw_if), (&t.client, &cl_if)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        t
+    }
+
+    /// `ip link show` of the gateway's veth end (shows `xdp`/`xdpgeneric` and the program id).
+    pub fn gw_link(&self) -> String {
+        ip_output(&["-n", &self.gw, "-d", "link", "show", "dev", &self.gw_if])
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.gw, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`; sockets it creates live there.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+            setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}

@@ -1,0 +1,6 @@
+//! Privileged tests (root): the real XDP program, loaded into this kernel. Run by
+//! `cargo xtask test`, one at a time (`--test-threads=1`) so that timing-based checks are not
+//! disturbed by each other on small machines.
+
+mod netns_e2e;
+mod xdp_decisions;

@@ -1,0 +1,257 @@
+//! End to end: the gateway daemon in one namespace with its XDP program on the veth end, real
+//! TCP clients in another, from addresses of different tenants.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use gateway::kernel::KernelMaps;
+use gateway_common::Verdict;
+use integration_tests::{
+    daemon::{Daemon, connect_from, http_status},
+    netns::{GW_ADDR, Topology, in_netns},
+    unique,
+};
+
+const PORT: u16 = 18080;
+const ALPHA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const BETA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const GAMMA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+const TIMEOUT: Duration = Duration::from_millis(250);
+
+fn config(instance: &str, iface: &str) -> String {
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+shutdown_grace_ms = 2000
+[[listeners]]
+address = "{GW_ADDR}:{PORT}"
+[admin]
+address = "127.0.0.1:19090"
+[kernel]
+interfaces = ["{iface}"]
+mode = "native"
+default_tenant = "other"
+cap_poll_ms = 10
+[[tenants]]
+name = "other"
+id = 0
+[[tenants]]
+name = "alpha"
+id = 1
+sources = ["{ALPHA}/32"]
+new_connections_per_sec = 1
+new_connections_burst = 3
+[[tenants]]
+name = "beta"
+id = 2
+sources = ["{BETA}/32"]
+[[tenants]]
+name = "gamma"
+id = 3
+sources = ["{GAMMA}/32"]
+max_connections = 2
+"#
+    )
+}
+
+struct Setup {
+    topo: Topology,
+    daemon: Daemon,
+    instance: String,
+}
+
+fn setup() -> Setup {
+    let topo = Topology::new(&[ALPHA, BETA, GAMMA]);
+    let instance = unique("gwe2e");
+    let daemon = Daemon::start(&topo.gw, &instance, &config(&instance, &topo.gw_if));
+    let link = topo.gw_link();
+    assert!(
+        link.contains("xdp") && !link.contains("xdpgeneric"),
+        "native XDP on the veth end: {link}"
+    );
+    Setup {
+        topo,
+        daemon,
+        instance,
+    }
+}
+
+fn dst() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(GW_ADDR), PORT)
+}
+
+fn attempts(ns: &str, src: Ipv4Addr, n: usize) -> (Vec<std::net::TcpStream>, usize) {
+    in_netns(ns, || {
+        let mut ok = Vec::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match connect_from(IpAddr::V4(src), dst(), TIMEOUT) {
+                Some(s) => ok.push(s),
+                None => failed += 1,
+            }
+        }
+        (ok, failed)
+    })
+}
+
+fn maps(s: &Setup) -> KernelMaps {
+    KernelMaps::open(&s.daemon.pin_dir).expect("pinned maps")
+}
+
+#[test]
+fn tenant_over_its_connection_rate_is_refused_while_another_is_not() {
+    let mut s = setup();
+    let (mut alpha_ok, alpha_failed) = attempts(&s.topo.client, ALPHA, 6);
+    let (beta_ok, beta_failed) = attempts(&s.topo.client, BETA, 6);
+    // Burst 3 at 1/s: the first three get through; the next three fall within 750 ms, before a
+    // token refills (a slow machine may let a fourth through).
+    assert!(
+        (3..=4).contains(&alpha_ok.len()),
+        "alpha admitted {}",
+        alpha_ok.len()
+    );
+    assert_eq!(alpha_ok.len() + alpha_failed, 6);
+    assert_eq!((beta_ok.len(), beta_failed), (6, 0), "beta is unlimited");
+
+    // An established alpha connection still works while alpha is over its rate.
+    assert_eq!(
+        in_netns(&s.topo.client, || http_status(&mut alpha_ok[0])),
+        501
+    );
+
+    let m = maps(&s);
+    let alpha = m.tenant_counters(1).unwrap();
+    let beta = m.tenant_counters(2).unwrap();
+    // One SYN per refused attempt (the 250 ms timeout is shorter than the first SYN retransmit).
+    assert_eq!(
+        alpha.packets(Verdict::TenantRate),
+        alpha_failed as u64,
+        "{alpha:?}"
+    );
+    assert_eq!(
+        beta.packets(Verdict::TenantRate) + beta.packets(Verdict::SourceRate),
+        0
+    );
+    assert!(
+        beta.packets(Verdict::Passed) >= 12,
+        "SYN and ACK of six handshakes: {beta:?}"
+    );
+    drop((alpha_ok, beta_ok));
+    s.daemon.stop();
+    assert!(!s.topo.gw_link().contains("xdp"), "detached on shutdown");
+}
+
+#[test]
+fn ban_drops_connections_and_its_expiry_lifts_it() {
+    let mut s = setup();
+    let mut m = maps(&s);
+    m.ban(IpAddr::V4(BETA), Duration::from_millis(1500))
+        .unwrap();
+    let (ok, failed) = attempts(&s.topo.client, BETA, 2);
+    assert_eq!((ok.len(), failed), (0, 2));
+    assert_eq!(m.tenant_counters(2).unwrap().packets(Verdict::Banned), 2);
+    // Other sources are unaffected.
+    assert_eq!(attempts(&s.topo.client, GAMMA, 1).0.len(), 1);
+    std::thread::sleep(Duration::from_millis(1600));
+    let (mut ok, failed) = attempts(&s.topo.client, BETA, 1);
+    assert_eq!((ok.len(), failed), (1, 0), "ban expired");
+    assert_eq!(in_netns(&s.topo.client, || http_status(&mut ok[0])), 501);
+    s.daemon.stop();
+}
+
+#[test]
+fn connection_cap_closes_the_loop_through_the_kernel() {
+    let mut s = setup();
+    let (held, failed) = attempts(&s.topo.client, GAMMA, 2);
+    assert_eq!((held.len(), failed), (2, 0));
+    s.daemon
+        .wait_for_log("\"at_cap\":true", Duration::from_secs(5));
+    let m = maps(&s);
+    assert!(m.over_cap(3).unwrap(), "user space raised the kernel flag");
+    let (third, failed) = attempts(&s.topo.client, GAMMA, 1);
+    assert_eq!(
+        (third.len(), failed),
+        (0, 1),
+        "third connection refused in the kernel"
+    );
+    assert_eq!(m.tenant_counters(3).unwrap().packets(Verdict::OverCap), 1);
+    // Other tenants still connect.
+    assert_eq!(attempts(&s.topo.client, BETA, 1).0.len(), 1);
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while m.over_cap(3).unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flag not lowered after the connections closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        attempts(&s.topo.client, GAMMA, 1).0.len(),
+        1,
+        "admitted again below the cap"
+    );
+    s.daemon.stop();
+}
+
+#[test]
+fn restart_after_a_crash_keeps_bans_and_counters_and_replaces_the_stale_link() {
+    let mut s = setup();
+    assert_eq!(attempts(&s.topo.client, BETA, 3).0.len(), 3);
+    let mut m = maps(&s);
+    m.ban(IpAddr::V4(GAMMA), Duration::from_secs(600)).unwrap();
+    let passed_before = m.tenant_counters(2).unwrap().packets(Verdict::Passed);
+    let link_before = s.topo.gw_link();
+
+    s.daemon.crash();
+    let link_pin = s.daemon.pin_dir.join(format!("link_{}", s.topo.gw_if));
+    assert!(link_pin.exists(), "the crashed run left its pinned link");
+    assert!(
+        s.topo.gw_link().contains("xdp"),
+        "and the program keeps enforcing"
+    );
+    assert_eq!(
+        attempts(&s.topo.client, GAMMA, 1).1,
+        1,
+        "the ban holds with no daemon running"
+    );
+
+    let mut d2 = Daemon::restart(&s.topo.gw, &s.instance, &mut s.daemon);
+    d2.wait_for_log("stale XDP attachment", Duration::from_secs(5));
+    let link_after = s.topo.gw_link();
+    assert_ne!(
+        prog_id(&link_before),
+        prog_id(&link_after),
+        "a fresh program replaced the stale one"
+    );
+    let m = maps(&s);
+    assert!(
+        m.bans()
+            .unwrap()
+            .iter()
+            .any(|b| b.addr == IpAddr::V4(GAMMA)),
+        "ban survived the restart"
+    );
+    assert!(
+        m.tenant_counters(2).unwrap().packets(Verdict::Passed) >= passed_before,
+        "counters survived"
+    );
+    assert_eq!(attempts(&s.topo.client, BETA, 1).0.len(), 1);
+    d2.stop();
+    assert!(
+        !link_pin.exists() && !s.topo.gw_link().contains("xdp"),
+        "clean stop detaches"
+    );
+}
+
+fn prog_id(link: &str) -> String {
+    link.split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}

@@ -1,0 +1,156 @@
+//! Installs, only where missing, what building the kernel program needs, saying what it does:
+//! LLVM 22 from Debian (for bpf-linker), the nightly toolchain's rust-src (for
+//! `-Z build-std=core`), bpf-linker 0.13 built against LLVM 22, and iproute2 for the tests.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> anyhow::Result<()> {
+    apt()?;
+    nightly()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    let sudo = !crate::is_root();
+    let apt = |args: &[&str]| {
+        let mut c = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
+        if sudo {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    crate::run(&mut apt(&["update", "-qq"])).context("apt-get update")?;
+    let mut install = apt(&["install", "-y", "-qq"]);
+    install.args(&missing);
+    crate::run(&mut install).context("installing LLVM 22 (needed by bpf-linker)")
+}
+
+fn nightly() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain (builds the kernel program)");
+        crate::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src,clippy",
+        ]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    for comp in ["rust-src", "clippy"] {
+        if !comps.lines().any(|l| l.starts_with(comp)) {
+            eprintln!("setup: adding {comp} to the nightly toolchain");
+            crate::run(Command::new("rustup").args([
+                "component",
+                "add",
+                comp,
+                "--toolchain",
+                "nightly",
+            ]))?;
+        }
+    }
+    for comp in ["clippy", "rustfmt"] {
+        if !quiet(Command::new("cargo").args([comp_cmd(comp), "--version"])) {
+            eprintln!("setup: adding {comp} to the stable toolchain");
+            crate::run(Command::new("rustup").args(["component", "add", comp]))?;
+        }
+    }
+    Ok(())
+}
+
+fn comp_cmd(comp: &str) -> &'static str {
+    if comp == "clippy" { "clippy" } else { "fmt" }
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    if !have.is_empty() {
+        eprintln!(
+            "setup: replacing {} with bpf-linker {BPF_LINKER_VERSION}",
+            have.trim()
+        );
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    crate::run(
+        crate::cargo()
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+    .context("cargo install bpf-linker")?;
+    if output(Command::new("bpf-linker").arg("--version")).is_none() {
+        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
