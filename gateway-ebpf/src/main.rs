@@ -197,21 +197,15 @@ fn admit_new_connection(src: &Addr, tenant: u32) -> Verdict {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // The source is checked first, so a source over its own limit does not drain its tenant's bucket.
-    if limits.source_interval_ns != 0 {
-        // SAFETY: a pointer returned by a map lookup is valid for the value's size.
-        let tat = SOURCE_BUCKETS.get_ptr(src).map_or(0, |p| unsafe { *p });
-        match gcra_admit(
-            tat,
+    if limits.source_interval_ns != 0
+        && !take_token(
+            src,
             now,
             limits.source_interval_ns,
             limits.source_tolerance_ns,
-        ) {
-            None => return Verdict::SourceRate,
-            // An insert can only fail under memory pressure; the source is then admitted untracked.
-            Some(next) => {
-                let _untracked = SOURCE_BUCKETS.insert(src, next, 0);
-            }
-        }
+        )
+    {
+        return Verdict::SourceRate;
     }
     if limits.conn_interval_ns != 0
         && let Some(bucket) = TENANT_BUCKETS.get_ptr_mut(tenant)
@@ -227,6 +221,32 @@ fn admit_new_connection(src: &Addr, tenant: u32) -> Verdict {
         }
     }
     Verdict::Passed
+}
+
+/// The per-source bucket: updated in place when the source is known (a plain store into the
+/// LRU entry), inserted only for a new source.
+#[inline(always)]
+fn take_token(src: &Addr, now: u64, interval: u64, tolerance: u64) -> bool {
+    match SOURCE_BUCKETS.get_ptr_mut(src) {
+        Some(bucket) => {
+            // SAFETY: a pointer returned by a map lookup is valid for the value's size.
+            let tat = unsafe { core::ptr::read_volatile(bucket) };
+            match gcra_admit(tat, now, interval, tolerance) {
+                None => false,
+                // SAFETY: as above.
+                Some(next) => {
+                    unsafe { core::ptr::write_volatile(bucket, next) };
+                    true
+                }
+            }
+        }
+        None => {
+            let next = gcra_admit(0, now, interval, tolerance).unwrap_or(now);
+            // An insert can only fail under memory pressure; the source is then admitted untracked.
+            let _untracked = SOURCE_BUCKETS.insert(src, next, 0);
+            true
+        }
+    }
 }
 
 #[inline(always)]
