@@ -171,16 +171,27 @@ pub struct Settings {
     pub _reserved: u32,
 }
 
-/// One GCRA decision. `tat` is the stored theoretical arrival time (0 if none). Returns the new
-/// value to store when the event is admitted, or `None` when it must be refused.
+/// What to do with a GCRA bucket's stored theoretical arrival time (TAT) for one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// The bucket was idle (full): store this TAT (a plain store) and admit.
+    Reset(u64),
+    /// Admit and add one interval to the TAT with an atomic add, so concurrent admissions on
+    /// other CPUs are all charged.
+    Charge,
+    /// Refuse; leave the bucket alone.
+    Refuse,
+}
+
+/// One GCRA decision on a bucket shared by CPUs. `tolerance` is `burst * interval`.
 #[inline(always)]
-pub const fn gcra_admit(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
-    let tat = if tat < now { now } else { tat };
-    let next = tat + interval;
-    if next - now > tolerance {
-        None
+pub const fn gcra_take(tat: u64, now: u64, interval: u64, tolerance: u64) -> Take {
+    if tat < now {
+        Take::Reset(now + interval)
+    } else if tat + interval - now > tolerance {
+        Take::Refuse
     } else {
-        Some(next)
+        Take::Charge
     }
 }
 
@@ -203,6 +214,21 @@ mod pod {
 mod tests {
     use super::*;
 
+    /// Applies decisions the way the kernel does (sequentially: one CPU).
+    fn take(tat: &mut u64, now: u64, i: u64, t: u64) -> bool {
+        match gcra_take(*tat, now, i, t) {
+            Take::Reset(v) => {
+                *tat = v;
+                true
+            }
+            Take::Charge => {
+                *tat += i;
+                true
+            }
+            Take::Refuse => false,
+        }
+    }
+
     #[test]
     fn gcra_admits_burst_then_refills() {
         let (i, t) = TenantLimits::gcra(10, 3); // 100 ms per token, 3 at once
@@ -210,17 +236,28 @@ mod tests {
         let now = 1_000_000_000;
         let mut tat = 0;
         for _ in 0..3 {
-            tat = gcra_admit(tat, now, i, t).expect("within burst");
+            assert!(take(&mut tat, now, i, t), "within burst");
         }
-        assert_eq!(
-            gcra_admit(tat, now, i, t),
-            None,
-            "fourth at once is refused"
-        );
+        assert!(!take(&mut tat, now, i, t), "fourth at once is refused");
         assert!(
-            gcra_admit(tat, now + i, i, t).is_some(),
+            take(&mut tat, now + i, i, t),
             "one token back after one interval"
         );
+        assert!(!take(&mut tat, now + i, i, t), "and only one");
+    }
+
+    #[test]
+    fn racing_admissions_are_charged_as_debt() {
+        let (i, t) = TenantLimits::gcra(10, 2);
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        assert!(take(&mut tat, now, i, t));
+        // Two CPUs both read the TAT with one token left and both admit; both add an interval.
+        assert_eq!(gcra_take(tat, now, i, t), Take::Charge);
+        tat += 2 * i;
+        // The bucket is one interval in debt: after one interval there is still no token.
+        assert_eq!(gcra_take(tat, now + i, i, t), Take::Refuse);
+        assert_eq!(gcra_take(tat, now + 2 * i, i, t), Take::Charge);
     }
 
     #[test]
