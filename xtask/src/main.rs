@@ -144,7 +144,14 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     }
     // Unit tests of every user-space crate (no privileges needed).
     let mut unit = cargo();
-    unit.args(["test", "--workspace", "--exclude", "integration-tests", "--exclude", "gateway-ebpf"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "integration-tests",
+        "--exclude",
+        "gateway-ebpf",
+    ]);
     if let Some(f) = &filter {
         unit.arg("--").arg(f);
     }
