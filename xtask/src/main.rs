@@ -113,17 +113,16 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel crate's binary only builds for the BPF target: keep it out of host-wide commands.
+const HOST_ONLY: [&str; 2] = ["--exclude", "gateway-ebpf"];
+
 fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        run(cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .args(HOST_ONLY)
+            .args(["--", "-D", "warnings"]))?;
         // The kernel crate only builds for the BPF target, with the nightly toolchain.
         run(Command::new("rustup").args([
             "run",
@@ -144,14 +143,8 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     }
     // Unit tests of every user-space crate (no privileges needed).
     let mut unit = cargo();
-    unit.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "integration-tests",
-        "--exclude",
-        "gateway-ebpf",
-    ]);
+    unit.args(["test", "--workspace", "--exclude", "integration-tests"])
+        .args(HOST_ONLY);
     if let Some(f) = &filter {
         unit.arg("--").arg(f);
     }
