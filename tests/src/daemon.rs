@@ -34,15 +34,26 @@ pub fn gateway_bin() -> PathBuf {
 impl Daemon {
     /// Starts the gateway in `ns` with `config` (TOML) and waits until it serves.
     pub fn start(ns: &str, instance: &str, config: &str) -> Self {
+        Self::start_with_env(ns, instance, config, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables for the daemon.
+    pub fn start_with_env(ns: &str, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.join(format!("{instance}.log"));
         let _ = std::fs::remove_file(&log);
-        Self::spawn(ns, instance, config_path, log)
+        Self::spawn(ns, instance, config_path, log, env)
     }
 
-    fn spawn(ns: &str, instance: &str, config: PathBuf, log: PathBuf) -> Self {
+    fn spawn(
+        ns: &str,
+        instance: &str,
+        config: PathBuf,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,6 +74,7 @@ impl Daemon {
             .args(["--log-json", "run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
@@ -84,7 +96,7 @@ impl Daemon {
         let config = std::mem::take(&mut prev.config);
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(ns, instance, config, log)
+        Self::spawn(ns, instance, config, log, &[])
     }
 
     pub fn log(&self) -> String {
@@ -145,6 +157,16 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGHUP: reload the configuration file.
+    pub fn hangup(&self) {
+        let child = self.child.as_ref().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
     }
 
     /// SIGKILL, as a crash would.

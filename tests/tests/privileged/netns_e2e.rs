@@ -255,3 +255,74 @@ fn prog_id(link: &str) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+#[test]
+fn sighup_reload_syncs_the_maps_and_a_bad_file_is_refused() {
+    let mut s = setup();
+    assert_eq!(attempts(&s.topo.client, BETA, 1).0.len(), 1);
+    let config_path = std::env::temp_dir().join(format!("{}.toml", s.instance));
+    let good = config(&s.instance, &s.topo.gw_if).replace(
+        "cap_poll_ms = 10",
+        &format!("cap_poll_ms = 10\ndeny = [\"{BETA}/32\"]"),
+    );
+    std::fs::write(&config_path, &good).unwrap();
+    s.daemon.hangup();
+    s.daemon.wait_for_log("reloaded", Duration::from_secs(5));
+    let (ok, failed) = attempts(&s.topo.client, BETA, 1);
+    assert_eq!(
+        (ok.len(), failed),
+        (0, 1),
+        "beta is denied after the reload"
+    );
+    assert_eq!(
+        maps(&s)
+            .tenant_counters(2)
+            .unwrap()
+            .packets(Verdict::Denied),
+        1
+    );
+
+    // A file with an unknown key is refused and the running configuration (with the deny) kept.
+    std::fs::write(
+        &config_path,
+        good.replace("cap_poll_ms = 10", "cap_poll_ms = 10\nbogus = 1"),
+    )
+    .unwrap();
+    s.daemon.hangup();
+    s.daemon
+        .wait_for_log("reload refused", Duration::from_secs(5));
+    assert!(
+        s.daemon.log().contains("bogus"),
+        "the refusal names the key"
+    );
+    assert_eq!(attempts(&s.topo.client, BETA, 1).1, 1, "still denied");
+    assert_eq!(
+        attempts(&s.topo.client, GAMMA, 1).0.len(),
+        1,
+        "and still serving"
+    );
+    s.daemon.stop();
+}
+
+#[test]
+fn workers_serve_on_the_epoll_driver_too() {
+    let topo = Topology::new(&[BETA]);
+    let instance = unique("gwe2e");
+    let mut daemon = Daemon::start_with_env(
+        &topo.gw,
+        &instance,
+        &config(&instance, &topo.gw_if),
+        &[("MONOIO_FORCE_LEGACY_DRIVER", "1")],
+    );
+    assert!(
+        daemon.log().contains("\"driver\":\"epoll\""),
+        "{}",
+        daemon.log()
+    );
+    let (mut ok, failed) = attempts(&topo.client, BETA, 4);
+    assert_eq!((ok.len(), failed), (4, 0));
+    for stream in &mut ok {
+        assert_eq!(in_netns(&topo.client, || http_status(stream)), 501);
+    }
+    daemon.stop();
+}
