@@ -110,12 +110,7 @@ fn bucket_accuracy(seconds: f64) -> Vec<Accuracy> {
                     // Large batches: each BPF_PROG_TEST_RUN call has milliseconds of fixed cost
                     // outside the program, which small batches would turn into idle time.
                     while std::time::Instant::now() < deadline {
-                        let opts = aya::programs::TestRunOptions {
-                            data_in: Some(frame),
-                            repeat: 100_000,
-                            ..Default::default()
-                        };
-                        aya::programs::TestRun::test_run(program, opts).expect("test run");
+                        integration_tests::test_run(program, frame, 100_000);
                     }
                 });
             }

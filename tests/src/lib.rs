@@ -9,7 +9,7 @@ pub mod netns;
 
 use std::{path::PathBuf, sync::atomic::AtomicU32};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use gateway::kernel::{self, Kernel, KernelMaps, KernelState};
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
@@ -51,34 +51,26 @@ impl TestKernel {
 
     /// Runs the program once on `frame`; returns the XDP action.
     pub fn run(&mut self, frame: &[u8]) -> u32 {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat: 1,
-            ..Default::default()
-        };
-        self.kernel
-            .program()
-            .expect("program")
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
+        test_run(self.kernel.program().expect("program"), frame, 1).return_value
     }
 
     /// Average cost of one run over `repeat` runs, in ns.
     pub fn cost_ns(&mut self, frame: &[u8], repeat: u32) -> u128 {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..Default::default()
-        };
-        self.kernel
-            .program()
-            .expect("program")
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN")
+        test_run(self.kernel.program().expect("program"), frame, repeat)
             .duration
             .as_nanos()
     }
+}
+
+/// `BPF_PROG_TEST_RUN` of `program` on `frame`, `repeat` times (the kernel reports the mean).
+/// Takes `&Xdp` so that several threads can run the same program at once.
+pub fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> TestRunResult {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    program.test_run(opts).expect("BPF_PROG_TEST_RUN")
 }
 
 impl Drop for TestKernel {
