@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod control;
+pub mod http;
 pub mod kernel;
+pub mod mcp;
 pub mod runtime;
 pub mod telemetry;

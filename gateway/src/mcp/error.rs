@@ -1,0 +1,74 @@
+//! Errors the gateway answers itself, each knowing its JSON-RPC code, its HTTP status and the id
+//! of the request it answers.
+
+use super::jsonrpc::Id;
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
+/// 2026-07-28: a routing header disagrees with the body.
+pub const HEADER_MISMATCH: i64 = -32020;
+/// 2026-07-28: unsupported protocol version.
+pub const UNSUPPORTED_VERSION: i64 = -32022;
+/// Gateway-defined: the upstream failed, timed out or closed mid-stream.
+pub const UPSTREAM_ERROR: i64 = -32003;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    pub id: Option<Id>,
+    pub http_status: u16,
+    pub data: Option<serde_json::Value>,
+}
+
+impl RpcError {
+    pub fn new(code: i64, message: impl Into<String>, http_status: u16) -> Self {
+        Self { code, message: message.into(), id: None, http_status, data: None }
+    }
+
+    pub fn parse(detail: impl std::fmt::Display) -> Self {
+        Self::new(PARSE_ERROR, format!("parse error: {detail}"), 400)
+    }
+
+    pub fn invalid_request(detail: impl Into<String>) -> Self {
+        Self::new(INVALID_REQUEST, detail, 400)
+    }
+
+    pub fn invalid_params(detail: impl Into<String>) -> Self {
+        Self::new(INVALID_PARAMS, detail, 400)
+    }
+
+    pub fn upstream(detail: impl Into<String>, http_status: u16) -> Self {
+        Self::new(UPSTREAM_ERROR, detail, http_status)
+    }
+
+    pub fn with_id(mut self, id: Option<Id>) -> Self {
+        self.id = id;
+        self
+    }
+
+    pub fn with_data(mut self, data: serde_json::Value) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// The JSON-RPC error response.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(data) = &self.data {
+            error["data"] = data.clone();
+        }
+        serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": self.id.as_ref().map_or(serde_json::Value::Null, Id::to_json),
+            "error": error,
+        })
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).expect("a JSON value serializes")
+    }
+}

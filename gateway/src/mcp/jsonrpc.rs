@@ -1,0 +1,181 @@
+//! JSON-RPC 2.0 as MCP uses it, parsed with simd-json into a per-worker reused buffer (the
+//! client's bytes stay untouched, so they can be forwarded as they are). The parse extracts
+//! once what routing and policy need: kind, id, method, tool name and arguments.
+
+use simd_json::{BorrowedValue as Value, prelude::*};
+
+use super::error::RpcError;
+
+/// A JSON-RPC id: MCP allows a string or an integer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Id {
+    Num(i64),
+    Str(String),
+}
+
+impl Id {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Id::Num(n) => serde_json::Value::from(*n),
+            Id::Str(s) => serde_json::Value::from(s.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Request,
+    Notification,
+    Response,
+}
+
+/// What the gateway knows about one JSON-RPC message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub kind: Kind,
+    pub id: Option<Id>,
+    pub method: Option<String>,
+    /// `params.name` of `tools/call` and `prompts/get`, `params.uri` of `resources/read`.
+    pub name: Option<String>,
+    /// `params.arguments` of `tools/call`, as JSON.
+    pub arguments: Option<serde_json::Value>,
+    /// `params._meta.progressToken` is present.
+    pub has_progress_token: bool,
+    /// `params._meta.protocolVersion` (2026-07-28 carries the version in each request).
+    pub meta_protocol_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    Single(Message),
+    Batch(Vec<Message>),
+}
+
+/// A worker's parser: the scratch copy and simd-json's buffers are reused across requests.
+pub struct Parser {
+    scratch: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self { scratch: Vec::with_capacity(16 * 1024), buffers: simd_json::Buffers::new(16 * 1024) }
+    }
+}
+
+impl Parser {
+    /// Parses and validates a POST body.
+    pub fn parse(&mut self, body: &[u8]) -> Result<Parsed, RpcError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(body);
+        let value = simd_json::value::borrowed::to_value_with_buffers(&mut self.scratch, &mut self.buffers)
+            .map_err(RpcError::parse)?;
+        if let Some(items) = value.as_array() {
+            if items.is_empty() {
+                return Err(RpcError::invalid_request("empty batch"));
+            }
+            return items.iter().map(message).collect::<Result<_, _>>().map(Parsed::Batch);
+        }
+        message(&value).map(Parsed::Single)
+    }
+}
+
+fn message(v: &Value<'_>) -> Result<Message, RpcError> {
+    let Some(obj) = v.as_object() else {
+        return Err(RpcError::invalid_request("a JSON-RPC message must be an object"));
+    };
+    if obj.get("jsonrpc").and_then(|j| j.as_str()) != Some("2.0") {
+        return Err(RpcError::invalid_request("`jsonrpc` must be \"2.0\""));
+    }
+    let id = match obj.get("id") {
+        None => None,
+        Some(raw) => Some(parse_id(raw).ok_or_else(|| {
+            RpcError::invalid_request("`id` must be a string or an integer")
+        })?),
+    };
+    let method = obj.get("method");
+    if let Some(m) = method {
+        let Some(method) = m.as_str() else {
+            return Err(RpcError::invalid_request("`method` must be a string").with_id(id));
+        };
+        let params = obj.get("params");
+        if params.is_some_and(|p| p.as_object().is_none()) {
+            return Err(RpcError::invalid_request("`params` must be an object").with_id(id));
+        }
+        let p = params.and_then(|p| p.as_object());
+        let field = |name: &str| p.and_then(|p| p.get(name));
+        let meta = field("_meta").and_then(|m| m.as_object());
+        let name_key = match method {
+            "tools/call" | "prompts/get" => Some("name"),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+            _ => None,
+        };
+        let name = match name_key {
+            Some(key) => match field(key).and_then(|n| n.as_str()) {
+                Some(n) => Some(n.to_owned()),
+                None if id.is_some() => {
+                    return Err(RpcError::invalid_params(format!("{method} needs a string `params.{key}`")).with_id(id));
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let arguments = if method == "tools/call" {
+            match field("arguments") {
+                None => None,
+                Some(a) if a.as_object().is_some() => Some(to_serde(a)),
+                Some(_) => {
+                    return Err(RpcError::invalid_params("`params.arguments` must be an object").with_id(id));
+                }
+            }
+        } else {
+            None
+        };
+        return Ok(Message {
+            kind: if id.is_some() { Kind::Request } else { Kind::Notification },
+            id,
+            method: Some(method.to_owned()),
+            name,
+            arguments,
+            has_progress_token: meta.is_some_and(|m| m.get("progressToken").is_some()),
+            meta_protocol_version: meta
+                .and_then(|m| m.get("protocolVersion"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+        });
+    }
+    // A response (from the client: to a server request such as sampling or elicitation).
+    let has_result = obj.get("result").is_some();
+    let has_error = obj.get("error").is_some();
+    if id.is_none() || has_result == has_error {
+        return Err(RpcError::invalid_request(
+            "not a request (no `method`) nor a response (an `id` and exactly one of `result`, `error`)",
+        )
+        .with_id(id));
+    }
+    Ok(Message {
+        kind: Kind::Response,
+        id,
+        method: None,
+        name: None,
+        arguments: None,
+        has_progress_token: false,
+        meta_protocol_version: None,
+    })
+}
+
+fn parse_id(v: &Value<'_>) -> Option<Id> {
+    if let Some(s) = v.as_str() {
+        return Some(Id::Str(s.to_owned()));
+    }
+    v.as_i64().map(Id::Num)
+}
+
+fn to_serde(v: &Value<'_>) -> serde_json::Value {
+    // Arguments are small; converting through text keeps numbers exactly as written.
+    serde_json::from_str(&simd_json::to_string(v).unwrap_or_default()).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+#[path = "jsonrpc_tests.rs"]
+mod tests;

@@ -1,0 +1,9 @@
+//! MCP over Streamable HTTP: JSON-RPC parsing and validation, protocol versions, the errors the
+//! gateway answers itself, and forwarding to upstream servers.
+
+pub mod error;
+pub mod jsonrpc;
+pub mod version;
+
+pub use error::RpcError;
+pub use jsonrpc::{Id, Kind, Message, Parsed, Parser};
