@@ -39,6 +39,16 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra environment variables for the daemon.
     pub fn start_with_env(ns: &str, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_in(Some(ns), instance, config, env)
+    }
+
+    /// Starts the gateway in this process's namespace (loopback tests; `kernel.enabled = false`
+    /// in `config` needs no privileges).
+    pub fn start_local(instance: &str, config: &str) -> Self {
+        Self::start_in(None, instance, config, &[])
+    }
+
+    fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));
         std::fs::write(&config_path, config).expect("write config");
@@ -48,7 +58,7 @@ impl Daemon {
     }
 
     fn spawn(
-        ns: &str,
+        ns: Option<&str>,
         instance: &str,
         config: PathBuf,
         log: PathBuf,
@@ -61,14 +71,16 @@ impl Daemon {
             .expect("log file");
         // Enter only the network namespace (`ip netns exec` would also remount /sys and hide
         // the host's bpffs, and with it the pins the test reads).
-        let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
         let mut cmd = Command::new(gateway_bin());
-        // SAFETY: setns is async-signal-safe; the closure only calls it.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
+        if let Some(ns) = ns {
+            let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+            // SAFETY: setns is async-signal-safe; the closure only calls it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         let child = cmd
             .args(["--log-json", "run", "--config"])
@@ -96,7 +108,7 @@ impl Daemon {
         let config = std::mem::take(&mut prev.config);
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(ns, instance, config, log, &[])
+        Self::spawn(Some(ns), instance, config, log, &[])
     }
 
     pub fn log(&self) -> String {

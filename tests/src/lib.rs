@@ -6,6 +6,7 @@
 pub mod daemon;
 pub mod frames;
 pub mod netns;
+pub mod peers;
 
 use std::{path::PathBuf, sync::atomic::AtomicU32};
 

@@ -19,7 +19,45 @@ pub fn ensure() -> anyhow::Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    python_peers()?;
     Ok(())
+}
+
+/// The Python MCP SDK (a real client and server for the end-to-end tests), pinned, in a venv
+/// inside the project: `.tools/venv`.
+const PY_PACKAGES: &[&str] = &["mcp==2.3.0"];
+
+fn python_peers() -> anyhow::Result<()> {
+    let venv = std::path::Path::new(".tools/venv");
+    let python = venv.join("bin/python");
+    let have = output(Command::new(&python).args(["-m", "pip", "freeze"])).unwrap_or_default();
+    if PY_PACKAGES
+        .iter()
+        .all(|p| have.lines().any(|l| l.eq_ignore_ascii_case(p)))
+    {
+        return Ok(());
+    }
+    if !python.exists() {
+        eprintln!("setup: creating the Python venv .tools/venv (real MCP peers for tests)");
+        if !quiet(Command::new("python3").args(["-m", "venv"]).arg(venv)) {
+            eprintln!("setup: installing python3-venv");
+            let mut apt = Command::new("apt-get");
+            apt.args(["install", "-y", "-qq", "python3-venv"])
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            crate::run(&mut apt)?;
+            crate::run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
+        }
+    }
+    eprintln!(
+        "setup: installing {} into .tools/venv",
+        PY_PACKAGES.join(" ")
+    );
+    crate::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(PY_PACKAGES),
+    )
+    .context("pip install of the MCP SDK")
 }
 
 fn quiet(cmd: &mut Command) -> bool {

@@ -106,3 +106,19 @@ fn bare_addresses_are_host_prefixes() {
     assert_eq!(c.kernel.deny[0].to_string(), "192.0.2.7/32");
     assert_eq!(c.kernel.deny[1].to_string(), "2001:db8::/32");
 }
+
+#[test]
+fn upstreams_and_routes() {
+    let base = format!(
+        "{MINIMAL}[[upstreams]]\nname='u'\nurl='http://127.0.0.1:9100/mcp'\n[[routes]]\npath='/mcp'\nupstream='u'\n"
+    );
+    let c = Config::from_toml(&base).unwrap();
+    assert_eq!(c.upstreams[0].path, "/mcp");
+    assert_eq!(c.upstreams[0].authority, "127.0.0.1:9100");
+    assert_eq!(c.routes[0].upstream, 0);
+    assert!(err(&base.replace("upstream='u'", "upstream='v'")).contains("routes[0].upstream"));
+    assert!(err(&base.replace("http://127", "https://127")).contains("upstreams[0].url"));
+    assert!(err(&base.replace("path='/mcp'", "path='mcp'")).contains("routes[0].path"));
+    let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
+    assert!(err(&env).contains("GW_TEST_SURELY_UNSET"));
+}

@@ -47,6 +47,92 @@ pub struct RawConfig {
     pub kernel: RawKernel,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Browser origins allowed to call the gateway. A request with any other `Origin` gets 403
+    /// (DNS-rebinding protection); requests without `Origin` (agents, SDKs) are not affected.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        toml::from_str("").expect("all fields have defaults")
+    }
+}
+
+const fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+const fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+const fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+const fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: String,
+    /// `http://host:port/path` of the MCP server's Streamable HTTP endpoint.
+    pub url: String,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Until the response head arrives.
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// Longest silence inside a streamed (SSE) response before the gateway gives up on it.
+    #[serde(default = "default_stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
+    /// The gateway's own credential for this upstream (the client's token is never forwarded),
+    /// read from this environment variable at load.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+    #[serde(default = "default_max_idle")]
+    pub max_idle_connections_per_worker: usize,
+}
+
+const fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+const fn default_upstream_timeout_ms() -> u64 {
+    30_000
+}
+const fn default_stream_idle_timeout_ms() -> u64 {
+    300_000
+}
+const fn default_max_idle() -> usize {
+    32
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Exact request path, e.g. `/mcp` or `/mcp/github`.
+    pub path: String,
+    /// Passthrough: every message goes to this upstream, sessions relayed.
+    pub upstream: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +250,43 @@ pub struct Config {
     /// Sorted by id.
     pub tenants: Vec<Tenant>,
     pub default_tenant: u32,
+    pub http: HttpConfig,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub url: String,
+    /// Where to connect (resolved at load).
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub authority: String,
+    /// Request target on the upstream.
+    pub path: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    /// `Authorization` value sent upstream, if any.
+    pub authorization: Option<String>,
+    pub max_idle: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub path: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -418,6 +541,128 @@ impl RawConfig {
             }
         };
 
+        let h = self.http;
+        if !(1024..=1024 * 1024).contains(&h.max_header_bytes) {
+            return Err(invalid(
+                "http.max_header_bytes",
+                "must be between 1 KiB and 1 MiB",
+            ));
+        }
+        if !(1..=1024 * 1024 * 1024).contains(&h.max_body_bytes) {
+            return Err(invalid(
+                "http.max_body_bytes",
+                "must be between 1 byte and 1 GiB",
+            ));
+        }
+        for (key, ms) in [
+            ("http.request_timeout_ms", h.request_timeout_ms),
+            ("http.idle_timeout_ms", h.idle_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(key, "must be above 0"));
+            }
+        }
+        let http = HttpConfig {
+            max_header_bytes: h.max_header_bytes,
+            max_body_bytes: h.max_body_bytes,
+            request_timeout: Duration::from_millis(h.request_timeout_ms),
+            idle_timeout: Duration::from_millis(h.idle_timeout_ms),
+            allowed_origins: h.allowed_origins,
+        };
+
+        let mut upstreams: Vec<Upstream> = Vec::new();
+        for (i, u) in self.upstreams.into_iter().enumerate() {
+            let key = |f: &str| format!("upstreams[{i}].{f}");
+            if u.name.is_empty() || upstreams.iter().any(|x| x.name == u.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is empty or used twice", u.name),
+                ));
+            }
+            let (authority, path) = u
+                .url
+                .strip_prefix("http://")
+                .map(|rest| {
+                    rest.split_once('/')
+                        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")))
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        key("url"),
+                        format!("`{}`: only http:// URLs are supported so far", u.url),
+                    )
+                })?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(
+                &(if authority.contains(':') {
+                    authority.to_owned()
+                } else {
+                    format!("{authority}:80")
+                }),
+            )
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| invalid(key("url"), format!("cannot resolve `{authority}`")))?;
+            for (f, ms) in [
+                ("connect_timeout_ms", u.connect_timeout_ms),
+                ("response_timeout_ms", u.response_timeout_ms),
+                ("stream_idle_timeout_ms", u.stream_idle_timeout_ms),
+            ] {
+                if ms == 0 {
+                    return Err(invalid(key(f), "must be above 0"));
+                }
+            }
+            let authorization = match &u.bearer_token_env {
+                None => None,
+                Some(var) => Some(format!(
+                    "Bearer {}",
+                    std::env::var(var).map_err(|_| invalid(
+                        key("bearer_token_env"),
+                        format!("environment variable `{var}` is not set")
+                    ))?
+                )),
+            };
+            upstreams.push(Upstream {
+                name: u.name,
+                url: u.url.clone(),
+                addr,
+                authority: authority.to_owned(),
+                path,
+                connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+                response_timeout: Duration::from_millis(u.response_timeout_ms),
+                stream_idle_timeout: Duration::from_millis(u.stream_idle_timeout_ms),
+                authorization,
+                max_idle: u.max_idle_connections_per_worker,
+            });
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        for (i, r) in self.routes.into_iter().enumerate() {
+            if !r.path.starts_with('/') || r.path.contains(['?', '#', ' ']) {
+                return Err(invalid(
+                    format!("routes[{i}].path"),
+                    "must be an absolute path without query",
+                ));
+            }
+            if routes.iter().any(|x| x.path == r.path) {
+                return Err(invalid(
+                    format!("routes[{i}].path"),
+                    format!("`{}` is routed twice", r.path),
+                ));
+            }
+            let upstream = upstreams
+                .iter()
+                .position(|u| u.name == r.upstream)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("routes[{i}].upstream"),
+                        format!("no upstream is named `{}`", r.upstream),
+                    )
+                })?;
+            routes.push(Route {
+                path: r.path,
+                upstream,
+            });
+        }
+
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);
         Ok(Config {
             instance: g.instance,
@@ -435,6 +680,9 @@ impl RawConfig {
             },
             tenants,
             default_tenant,
+            http,
+            upstreams,
+            routes,
         })
     }
 }

@@ -38,8 +38,13 @@ impl ChunkedDecoder {
                 State::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((n, size))) => {
                         used += n;
-                        let size = usize::try_from(size).map_err(|_| HttpError::BadRequest("chunk too large"))?;
-                        self.state = if size == 0 { State::Trailers } else { State::Data(size) };
+                        let size = usize::try_from(size)
+                            .map_err(|_| HttpError::BadRequest("chunk too large"))?;
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::Data(size)
+                        };
                     }
                     Ok(httparse::Status::Partial) => {
                         if rest.len() > 1024 {
@@ -56,7 +61,11 @@ impl ChunkedDecoder {
                     let n = left.min(rest.len());
                     out.extend_from_slice(&rest[..n]);
                     used += n;
-                    self.state = if n == left { State::DataEnd } else { State::Data(left - n) };
+                    self.state = if n == left {
+                        State::DataEnd
+                    } else {
+                        State::Data(left - n)
+                    };
                 }
                 State::DataEnd => {
                     if rest.len() < 2 {

@@ -20,7 +20,11 @@ pub struct Io {
 
 impl Io {
     pub fn new(stream: TcpStream) -> Self {
-        Self { stream, buf: Vec::with_capacity(READ_CHUNK), pos: 0 }
+        Self {
+            stream,
+            buf: Vec::with_capacity(READ_CHUNK),
+            pos: 0,
+        }
     }
 
     /// Bytes read and not yet consumed.
@@ -66,7 +70,10 @@ impl Io {
     }
 
     /// [`Io::fill`] against a deadline.
-    pub async fn fill_until(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
+    pub async fn fill_until(
+        &mut self,
+        deadline: monoio::time::Instant,
+    ) -> Result<usize, HttpError> {
         let left = deadline.saturating_duration_since(monoio::time::Instant::now());
         if left.is_zero() {
             return Err(HttpError::Timeout);
@@ -107,21 +114,21 @@ impl Io {
                         return Ok(out);
                     }
                     if self.fill_until(deadline).await? == 0 {
-                        return Err(HttpError::BadRequest("connection closed inside a chunked body"));
+                        return Err(HttpError::BadRequest(
+                            "connection closed inside a chunked body",
+                        ));
                     }
                 }
             }
-            BodyKind::UntilClose => {
-                loop {
-                    if self.pending().len() > max {
-                        return Err(HttpError::BodyTooLarge(max));
-                    }
-                    if self.fill_until(deadline).await? == 0 {
-                        let n = self.pending().len();
-                        return Ok(self.take(n));
-                    }
+            BodyKind::UntilClose => loop {
+                if self.pending().len() > max {
+                    return Err(HttpError::BodyTooLarge(max));
                 }
-            }
+                if self.fill_until(deadline).await? == 0 {
+                    let n = self.pending().len();
+                    return Ok(self.take(n));
+                }
+            },
         }
     }
 }

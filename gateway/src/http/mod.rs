@@ -86,7 +86,9 @@ impl Request {
     }
 
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim)
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
     }
 
     /// The path without the query string.
@@ -96,11 +98,16 @@ impl Request {
 }
 
 pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
-    value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Framing of a message body from its headers (RFC 9112 section 6), shared by requests and
@@ -129,7 +136,9 @@ pub fn framing(headers: &[(String, Vec<u8>)], max: usize) -> Result<Option<BodyK
         }
     }
     match (length, chunked) {
-        (Some(_), true) => Err(HttpError::BadRequest("both Content-Length and Transfer-Encoding")),
+        (Some(_), true) => Err(HttpError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        )),
         (Some(l), false) if l > max => Err(HttpError::BodyTooLarge(max)),
         (Some(l), false) => Ok(Some(BodyKind::Length(l))),
         (None, true) => Ok(Some(BodyKind::Chunked)),
@@ -153,7 +162,11 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
                     method: parsed.method.unwrap_or_default().to_owned(),
                     target: parsed.path.unwrap_or_default().to_owned(),
                     minor: parsed.version.unwrap_or(1),
-                    headers: parsed.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
+                    headers: parsed
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                        .collect(),
                     body: Vec::new(),
                     keep_alive: true,
                 };
@@ -164,7 +177,9 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
                     return Err(HttpError::HeadTooLarge(limits.max_head));
                 }
             }
-            Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge(limits.max_head)),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(HttpError::HeadTooLarge(limits.max_head));
+            }
             Err(_) => return Err(HttpError::BadRequest("malformed request line or header")),
         }
         if io.fill_until(deadline).await? == 0 {
@@ -178,11 +193,24 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
     if req.minor == 1 && req.header("host").is_none() {
         return Err(HttpError::BadRequest("HTTP/1.1 request without Host"));
     }
-    let connection = req.header("connection").map(<[u8]>::to_vec).unwrap_or_default();
-    req.keep_alive = if req.minor == 0 { has_token(&connection, "keep-alive") } else { !has_token(&connection, "close") };
+    let connection = req
+        .header("connection")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    req.keep_alive = if req.minor == 0 {
+        has_token(&connection, "keep-alive")
+    } else {
+        !has_token(&connection, "close")
+    };
     let kind = framing(&req.headers, limits.max_body)?;
-    if kind.is_some() && req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")) {
-        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await.map_err(|_| HttpError::Closed)?;
+    if kind.is_some()
+        && req
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
+    {
+        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+            .await
+            .map_err(|_| HttpError::Closed)?;
     }
     req.body = match kind {
         None => Vec::new(),

@@ -26,7 +26,13 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(code: i64, message: impl Into<String>, http_status: u16) -> Self {
-        Self { code, message: message.into(), id: None, http_status, data: None }
+        Self {
+            code,
+            message: message.into(),
+            id: None,
+            http_status,
+            data: None,
+        }
     }
 
     pub fn parse(detail: impl std::fmt::Display) -> Self {

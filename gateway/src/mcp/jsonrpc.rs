@@ -59,7 +59,10 @@ pub struct Parser {
 
 impl Default for Parser {
     fn default() -> Self {
-        Self { scratch: Vec::with_capacity(16 * 1024), buffers: simd_json::Buffers::new(16 * 1024) }
+        Self {
+            scratch: Vec::with_capacity(16 * 1024),
+            buffers: simd_json::Buffers::new(16 * 1024),
+        }
     }
 }
 
@@ -68,13 +71,18 @@ impl Parser {
     pub fn parse(&mut self, body: &[u8]) -> Result<Parsed, RpcError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(body);
-        let value = simd_json::value::borrowed::to_value_with_buffers(&mut self.scratch, &mut self.buffers)
-            .map_err(RpcError::parse)?;
+        let value =
+            simd_json::value::borrowed::to_value_with_buffers(&mut self.scratch, &mut self.buffers)
+                .map_err(RpcError::parse)?;
         if let Some(items) = value.as_array() {
             if items.is_empty() {
                 return Err(RpcError::invalid_request("empty batch"));
             }
-            return items.iter().map(message).collect::<Result<_, _>>().map(Parsed::Batch);
+            return items
+                .iter()
+                .map(message)
+                .collect::<Result<_, _>>()
+                .map(Parsed::Batch);
         }
         message(&value).map(Parsed::Single)
     }
@@ -82,16 +90,19 @@ impl Parser {
 
 fn message(v: &Value<'_>) -> Result<Message, RpcError> {
     let Some(obj) = v.as_object() else {
-        return Err(RpcError::invalid_request("a JSON-RPC message must be an object"));
+        return Err(RpcError::invalid_request(
+            "a JSON-RPC message must be an object",
+        ));
     };
     if obj.get("jsonrpc").and_then(|j| j.as_str()) != Some("2.0") {
         return Err(RpcError::invalid_request("`jsonrpc` must be \"2.0\""));
     }
     let id = match obj.get("id") {
         None => None,
-        Some(raw) => Some(parse_id(raw).ok_or_else(|| {
-            RpcError::invalid_request("`id` must be a string or an integer")
-        })?),
+        Some(raw) => Some(
+            parse_id(raw)
+                .ok_or_else(|| RpcError::invalid_request("`id` must be a string or an integer"))?,
+        ),
     };
     let method = obj.get("method");
     if let Some(m) = method {
@@ -114,7 +125,10 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
             Some(key) => match field(key).and_then(|n| n.as_str()) {
                 Some(n) => Some(n.to_owned()),
                 None if id.is_some() => {
-                    return Err(RpcError::invalid_params(format!("{method} needs a string `params.{key}`")).with_id(id));
+                    return Err(RpcError::invalid_params(format!(
+                        "{method} needs a string `params.{key}`"
+                    ))
+                    .with_id(id));
                 }
                 None => None,
             },
@@ -125,14 +139,21 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
                 None => None,
                 Some(a) if a.as_object().is_some() => Some(to_serde(a)),
                 Some(_) => {
-                    return Err(RpcError::invalid_params("`params.arguments` must be an object").with_id(id));
+                    return Err(
+                        RpcError::invalid_params("`params.arguments` must be an object")
+                            .with_id(id),
+                    );
                 }
             }
         } else {
             None
         };
         return Ok(Message {
-            kind: if id.is_some() { Kind::Request } else { Kind::Notification },
+            kind: if id.is_some() {
+                Kind::Request
+            } else {
+                Kind::Notification
+            },
             id,
             method: Some(method.to_owned()),
             name,
@@ -173,7 +194,8 @@ fn parse_id(v: &Value<'_>) -> Option<Id> {
 
 fn to_serde(v: &Value<'_>) -> serde_json::Value {
     // Arguments are small; converting through text keeps numbers exactly as written.
-    serde_json::from_str(&simd_json::to_string(v).unwrap_or_default()).unwrap_or(serde_json::Value::Null)
+    serde_json::from_str(&simd_json::to_string(v).unwrap_or_default())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@ fn extracts_tool_call() {
     assert_eq!(m.id, Some(Id::Num(7)));
     assert_eq!(m.method.as_deref(), Some("tools/call"));
     assert_eq!(m.name.as_deref(), Some("echo"));
-    assert_eq!(m.arguments, Some(serde_json::json!({"text":"héllo","n":[1,2]})));
+    assert_eq!(
+        m.arguments,
+        Some(serde_json::json!({"text":"héllo","n":[1,2]}))
+    );
     assert!(m.has_progress_token);
 }
 
@@ -30,18 +33,33 @@ fn kinds_and_ids() {
     let n = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
     assert_eq!((n.kind, n.id), (Kind::Notification, None));
     let r = single(r#"{"jsonrpc":"2.0","id":"s-1","result":{}}"#);
-    assert_eq!((r.kind, r.id), (Kind::Response, Some(Id::Str("s-1".into()))));
+    assert_eq!(
+        (r.kind, r.id),
+        (Kind::Response, Some(Id::Str("s-1".into())))
+    );
     let e = single(r#"{"jsonrpc":"2.0","id":3,"error":{"code":1,"message":"x"}}"#);
     assert_eq!(e.kind, Kind::Response);
-    let v = single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"protocolVersion":"2026-07-28"}}}"#);
+    let v = single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"protocolVersion":"2026-07-28"}}}"#,
+    );
     assert_eq!(v.meta_protocol_version.as_deref(), Some("2026-07-28"));
 }
 
 #[test]
 fn malformed_json_is_a_parse_error_with_null_id() {
-    for body in ["", "{", r#"{"jsonrpc":"2.0","id":1,"method":"x""#, "nul", "\u{feff}{}"] {
+    for body in [
+        "",
+        "{",
+        r#"{"jsonrpc":"2.0","id":1,"method":"x""#,
+        "nul",
+        "\u{feff}{}",
+    ] {
         let e = parse(body).unwrap_err();
-        assert_eq!((e.code, e.http_status, e.id.clone()), (PARSE_ERROR, 400, None), "{body:?}");
+        assert_eq!(
+            (e.code, e.http_status, e.id.clone()),
+            (PARSE_ERROR, 400, None),
+            "{body:?}"
+        );
     }
 }
 
@@ -51,13 +69,33 @@ fn invalid_requests_say_why_and_keep_the_id() {
         (r#"[]"#, "empty batch", None),
         (r#"42"#, "must be an object", None),
         (r#"{"id":1,"method":"x"}"#, "`jsonrpc`", None),
-        (r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#, "`jsonrpc`", None),
+        (
+            r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#,
+            "`jsonrpc`",
+            None,
+        ),
         (r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#, "`id`", None),
         (r#"{"jsonrpc":"2.0","id":null,"method":"x"}"#, "`id`", None),
-        (r#"{"jsonrpc":"2.0","id":1,"method":5}"#, "`method`", Some(Id::Num(1))),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#, "`params`", Some(Id::Num(1))),
-        (r#"{"jsonrpc":"2.0","id":1}"#, "not a request", Some(Id::Num(1))),
-        (r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#, "not a request", Some(Id::Num(1))),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":5}"#,
+            "`method`",
+            Some(Id::Num(1)),
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#,
+            "`params`",
+            Some(Id::Num(1)),
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            "not a request",
+            Some(Id::Num(1)),
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
+            "not a request",
+            Some(Id::Num(1)),
+        ),
     ];
     for (body, needle, id) in cases {
         let e = parse(body).unwrap_err();
@@ -76,18 +114,27 @@ fn tool_call_params_are_checked() {
         r#"{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{}}"#,
     ] {
         let e = parse(body).unwrap_err();
-        assert_eq!((e.code, e.id.clone()), (INVALID_PARAMS, Some(Id::Num(2))), "{body}");
+        assert_eq!(
+            (e.code, e.id.clone()),
+            (INVALID_PARAMS, Some(Id::Num(2))),
+            "{body}"
+        );
     }
 }
 
 #[test]
 fn batches_and_deep_or_odd_input() {
-    match parse(r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"}]"#).unwrap() {
+    match parse(r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"}]"#)
+        .unwrap()
+    {
         Parsed::Batch(v) => assert_eq!(v.len(), 2),
         other => panic!("{other:?}"),
     }
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
-    assert!(parse(&deep).is_err(), "deep nesting is refused, not a crash");
+    assert!(
+        parse(&deep).is_err(),
+        "deep nesting is refused, not a crash"
+    );
     let huge = r#"{"jsonrpc":"2.0","id":99999999999999999999999,"method":"x"}"#;
     // simd-json does not represent integers beyond 64 bits: such a body is refused at parse time.
     let e = parse(huge).unwrap_err();
@@ -95,8 +142,20 @@ fn batches_and_deep_or_odd_input() {
     let mut p = Parser::default();
     for _ in 0..3 {
         // Reused buffers: a large message then a small one.
-        assert!(p.parse(format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{}"}}"#, "m".repeat(100_000)).as_bytes()).is_ok());
-        assert!(p.parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).is_ok());
+        assert!(
+            p.parse(
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"{}"}}"#,
+                    "m".repeat(100_000)
+                )
+                .as_bytes()
+            )
+            .is_ok()
+        );
+        assert!(
+            p.parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+                .is_ok()
+        );
     }
 }
 

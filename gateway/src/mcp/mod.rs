@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod jsonrpc;
+pub mod proxy;
 pub mod version;
 
 pub use error::RpcError;

@@ -1,7 +1,13 @@
 //! Protocol versions the gateway speaks (`MCP-Protocol-Version`).
 
 /// Every version in use, oldest first.
-pub const SUPPORTED: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
+pub const SUPPORTED: &[&str] = &[
+    "2024-11-05",
+    "2025-03-26",
+    "2025-06-18",
+    "2025-11-25",
+    "2026-07-28",
+];
 
 /// The version assumed for a request that carries no `MCP-Protocol-Version` header.
 pub const ASSUMED_WITHOUT_HEADER: &str = "2025-03-26";

@@ -2,9 +2,8 @@
 //! `SO_REUSEPORT` listener; io_uring when the kernel offers it, epoll otherwise. Workers own
 //! their state, take no locks and make no bpf syscalls.
 //!
-//! Until the MCP data plane lands, each connection is served a placeholder: every HTTP request
-//! gets a JSON-RPC error saying so. Connection accounting per tenant is real: it feeds the
-//! kernel's per-tenant connection caps.
+//! Each accepted connection is attributed to a tenant (its count feeds the kernel's connection
+//! caps) and served by [`crate::mcp::proxy`].
 
 pub mod shared;
 
@@ -16,11 +15,10 @@ use std::{
     time::Duration,
 };
 
-use monoio::{
-    io::{AsyncReadRent, AsyncWriteRentExt},
-    net::TcpStream,
-};
+use monoio::{io::AsyncWriteRentExt, net::TcpStream};
 pub use shared::{Classifier, ConnTable, Shared, Snapshot};
+
+use crate::mcp::{self, proxy::WorkerCtx};
 use tokio::sync::watch;
 
 /// Which I/O driver the workers use.
@@ -95,6 +93,7 @@ async fn worker(
     grace: Duration,
 ) {
     let active = Rc::new(Cell::new(0usize));
+    let ctx = WorkerCtx::new(shared);
     for socket in sockets {
         let listener = match monoio::net::TcpListener::from_std(socket) {
             Ok(l) => l,
@@ -106,7 +105,7 @@ async fn worker(
         monoio::spawn(accept_loop(
             index,
             listener,
-            Arc::clone(&shared),
+            Rc::clone(&ctx),
             shutdown.clone(),
             Rc::clone(&active),
         ));
@@ -128,7 +127,7 @@ async fn worker(
 async fn accept_loop(
     worker: usize,
     listener: monoio::net::TcpListener,
-    shared: Arc<Shared>,
+    ctx: Rc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
     active: Rc<Cell<usize>>,
 ) {
@@ -146,6 +145,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let shared = &ctx.shared;
         let tenant = shared.snapshot.load().classifier.tenant_of(peer.ip());
         // The kernel drops SYNs once the control thread raises the flag; until then (and for
         // connections already in the accept queue) the worker refuses them itself.
@@ -155,20 +155,17 @@ async fn accept_loop(
         }
         shared.conns.opened(worker, tenant);
         active.set(active.get() + 1);
-        let shared = Arc::clone(&shared);
+        let ctx = Rc::clone(&ctx);
         let active = Rc::clone(&active);
         let shutdown = shutdown.clone();
         monoio::spawn(async move {
-            serve_placeholder(stream, shutdown).await;
-            shared.conns.closed(worker, tenant);
+            let _ = stream.set_nodelay(true);
+            mcp::proxy::serve(stream, peer, Rc::clone(&ctx), shutdown).await;
+            ctx.shared.conns.closed(worker, tenant);
             active.set(active.get() - 1);
         });
     }
 }
-
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_BODY: usize = 4 * 1024 * 1024;
 
 async fn refuse_at_cap(mut stream: TcpStream) {
     let body = r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"tenant is at its connection cap"}}"#;
@@ -177,134 +174,4 @@ async fn refuse_at_cap(mut stream: TcpStream) {
         body.len()
     );
     let _ = stream.write_all(resp.into_bytes()).await;
-}
-
-/// Answers each request on a keep-alive connection with a JSON-RPC error that says the MCP data
-/// plane is not there yet, with correct HTTP framing.
-async fn serve_placeholder(mut stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
-    let mut pending: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 8192];
-    loop {
-        let (status, body_len, close) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&pending) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let mut len = 0usize;
-                    let mut bad = false;
-                    let mut close = req.version == Some(0);
-                    for h in req.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            match std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse().ok())
-                            {
-                                Some(v) => len = v,
-                                None => bad = true,
-                            }
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            // Chunked bodies arrive with the data plane; refuse rather than misframe.
-                            bad = true;
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close |= h.value.eq_ignore_ascii_case(b"close");
-                        }
-                    }
-                    if bad {
-                        break (400, 0, true);
-                    }
-                    if len > MAX_BODY {
-                        break (413, 0, true);
-                    }
-                    pending.drain(..head_len);
-                    break (501, len, close);
-                }
-                Ok(httparse::Status::Partial) if pending.len() > MAX_HEAD => break (431, 0, true),
-                Ok(httparse::Status::Partial) => {}
-                Err(_) => break (400, 0, true),
-            }
-            match read_some(&mut stream, &mut pending, &mut chunk, &mut shutdown).await {
-                ReadOutcome::Data => {}
-                ReadOutcome::Closed => return,
-                ReadOutcome::TimedOut => {
-                    if !pending.is_empty() {
-                        respond(&mut stream, 408, true).await;
-                    }
-                    return;
-                }
-            }
-        };
-        // Skip the body.
-        while pending.len() < body_len {
-            match read_some(&mut stream, &mut pending, &mut chunk, &mut shutdown).await {
-                ReadOutcome::Data => {}
-                _ => return,
-            }
-        }
-        pending.drain(..body_len.min(pending.len()));
-        let close = close || *shutdown.borrow();
-        if !respond(&mut stream, status, close).await || close {
-            return;
-        }
-    }
-}
-
-enum ReadOutcome {
-    Data,
-    Closed,
-    TimedOut,
-}
-
-async fn read_some(
-    stream: &mut TcpStream,
-    pending: &mut Vec<u8>,
-    chunk: &mut Vec<u8>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> ReadOutcome {
-    let buf = std::mem::take(chunk);
-    let read = monoio::select! {
-        r = monoio::time::timeout(IDLE_TIMEOUT, stream.read(buf)) => r,
-        // An idle keep-alive connection closes at shutdown; a request in progress finishes.
-        _ = shutdown.wait_for(|stop| *stop), if pending.is_empty() => return ReadOutcome::Closed,
-    };
-    match read {
-        Err(_elapsed) => {
-            *chunk = vec![0u8; 8192];
-            ReadOutcome::TimedOut
-        }
-        Ok((Ok(0), buf)) | Ok((Err(_), buf)) => {
-            *chunk = buf;
-            ReadOutcome::Closed
-        }
-        Ok((Ok(n), buf)) => {
-            pending.extend_from_slice(&buf[..n]);
-            *chunk = buf;
-            ReadOutcome::Data
-        }
-    }
-}
-
-async fn respond(stream: &mut TcpStream, status: u16, close: bool) -> bool {
-    let (reason, code, message) = match status {
-        501 => (
-            "Not Implemented",
-            -32601,
-            "this gateway build has no MCP data plane yet (kernel fast path only)",
-        ),
-        400 => ("Bad Request", -32600, "malformed HTTP request"),
-        408 => ("Request Timeout", -32600, "request not completed in time"),
-        413 => ("Payload Too Large", -32600, "request body too large"),
-        _ => (
-            "Request Header Fields Too Large",
-            -32600,
-            "request headers too large",
-        ),
-    };
-    let body =
-        format!(r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{code},"message":"{message}"}}}}"#);
-    let resp = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
-        body.len(),
-        if close { "close" } else { "keep-alive" },
-    );
-    stream.write_all(resp.into_bytes()).await.0.is_ok()
 }

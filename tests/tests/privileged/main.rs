@@ -2,5 +2,6 @@
 //! `cargo xtask test`, one at a time (`--test-threads=1`) so that timing-based checks are not
 //! disturbed by each other on small machines.
 
+mod mcp_e2e;
 mod netns_e2e;
 mod xdp_decisions;

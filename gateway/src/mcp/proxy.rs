@@ -1,0 +1,581 @@
+//! Passthrough forwarding on a worker: each request on a client connection is validated, routed
+//! and relayed to its upstream over a per-worker keep-alive pool; responses stream back as they
+//! arrive (SSE event by event), with backpressure: nothing more is read from the upstream until
+//! the client has taken what was read. An upstream that fails answers exactly the affected
+//! request with a JSON-RPC error.
+
+use std::{cell::RefCell, collections::HashMap, net::SocketAddr, rc::Rc, sync::Arc};
+
+use monoio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{Id, Kind, Parsed, Parser, RpcError, error, version};
+use crate::{
+    config::{Config, Upstream},
+    http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
+    runtime::Shared,
+};
+
+/// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
+pub struct WorkerCtx {
+    pub shared: Arc<Shared>,
+    parser: RefCell<Parser>,
+    pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
+}
+
+impl WorkerCtx {
+    pub fn new(shared: Arc<Shared>) -> Rc<Self> {
+        Rc::new(Self {
+            shared,
+            parser: RefCell::default(),
+            pool: RefCell::default(),
+        })
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<Io> {
+        self.pool.borrow_mut().get_mut(&addr).and_then(Vec::pop)
+    }
+
+    fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
+        let mut pool = self.pool.borrow_mut();
+        let idle = pool.entry(addr).or_default();
+        if idle.len() < max_idle {
+            idle.push(io);
+        }
+    }
+}
+
+fn limits(c: &Config) -> Limits {
+    Limits {
+        max_head: c.http.max_header_bytes,
+        max_body: c.http.max_body_bytes,
+        request_timeout: c.http.request_timeout,
+        idle_timeout: c.http.idle_timeout,
+    }
+}
+
+/// Serves one client connection until it closes, fails, or the worker shuts down.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut io = Io::new(stream);
+    loop {
+        let snapshot = ctx.shared.snapshot.load_full();
+        let limits = limits(&snapshot.config);
+        // Idle between requests: a shutdown closes the connection here, never mid-request.
+        if io.pending().is_empty() {
+            let first = monoio::select! {
+                r = io.fill(limits.idle_timeout) => r,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            if !matches!(first, Ok(n) if n > 0) {
+                return;
+            }
+        }
+        let req = match http::read_request(&mut io, &limits).await {
+            Ok(req) => req,
+            Err(HttpError::Closed) => return,
+            Err(e) => {
+                let err = RpcError::invalid_request(e.to_string());
+                let _ = io.write_all(json_response(e.status(), &err, false)).await;
+                return;
+            }
+        };
+        let keep = handle(&mut io, &req, peer, &snapshot.config, &ctx).await;
+        if !keep || !req.keep_alive || *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
+    http::response(
+        status,
+        &[("content-type", "application/json")],
+        &err.body(),
+        keep_alive,
+    )
+}
+
+/// Answers one request; returns whether the client connection can carry another.
+async fn handle(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    config: &Config,
+    ctx: &WorkerCtx,
+) -> bool {
+    let reply = |status: u16, err: RpcError| json_response(status, &err, req.keep_alive);
+    let Some(route) = config.routes.iter().find(|r| r.path == req.path()) else {
+        let paths: Vec<&str> = config.routes.iter().map(|r| r.path.as_str()).collect();
+        let err = RpcError::new(
+            error::METHOD_NOT_FOUND,
+            format!("no MCP endpoint at {}", req.path()),
+            404,
+        )
+        .with_data(serde_json::json!({ "endpoints": paths }));
+        return io.write_all(reply(404, err)).await.is_ok();
+    };
+    let upstream = &config.upstreams[route.upstream];
+    if let Some(origin) = req.header_str("origin")
+        && !config.http.allowed_origins.iter().any(|o| o == origin)
+    {
+        let err = RpcError::invalid_request(format!("origin `{origin}` is not allowed"));
+        return io.write_all(reply(403, err)).await.is_ok();
+    }
+    let protocol = req.header_str("mcp-protocol-version");
+    if let Some(v) = protocol
+        && !version::is_supported(v)
+    {
+        let err = RpcError::new(
+            error::UNSUPPORTED_VERSION,
+            format!("unsupported MCP-Protocol-Version `{v}`"),
+            400,
+        )
+        .with_data(serde_json::json!({ "supported": version::SUPPORTED }));
+        return io.write_all(reply(400, err)).await.is_ok();
+    }
+    let mut request_id = None;
+    match req.method.as_str() {
+        "POST" => {
+            let json = req.header_str("content-type").is_some_and(|ct| {
+                ct.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+            });
+            if !json {
+                let err = RpcError::invalid_request("Content-Type must be application/json");
+                return io.write_all(reply(415, err)).await.is_ok();
+            }
+            let parsed = ctx.parser.borrow_mut().parse(&req.body);
+            match parsed {
+                Err(err) => return io.write_all(reply(err.http_status, err)).await.is_ok(),
+                Ok(Parsed::Batch(_))
+                    if !version::allows_batches(
+                        protocol.unwrap_or(version::ASSUMED_WITHOUT_HEADER),
+                    ) =>
+                {
+                    let err = RpcError::invalid_request(
+                        "JSON-RPC batches are not allowed in this protocol version",
+                    );
+                    return io.write_all(reply(400, err)).await.is_ok();
+                }
+                Ok(Parsed::Single(m)) if m.kind == Kind::Request => request_id = m.id,
+                Ok(_) => {}
+            }
+        }
+        "GET" | "DELETE" => {}
+        _ => {
+            let err =
+                RpcError::invalid_request(format!("method {} is not allowed here", req.method));
+            let body = err.body();
+            let resp = http::response(
+                405,
+                &[
+                    ("content-type", "application/json"),
+                    ("allow", "GET, POST, DELETE"),
+                ],
+                &body,
+                req.keep_alive,
+            );
+            return io.write_all(resp).await.is_ok();
+        }
+    }
+    forward(io, req, peer, upstream, request_id, ctx).await
+}
+
+/// Hop-by-hop headers and those the gateway sets itself are not forwarded.
+fn is_hop_by_hop(name: &str, connection: &[u8]) -> bool {
+    const DROP: &[&str] = &[
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+        "expect",
+        // Never pass the client's credentials upstream: the upstream gets its own.
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "cookie",
+    ];
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
+        || connection
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+fn upstream_request(req: &Request, peer: SocketAddr, up: &Upstream) -> Vec<u8> {
+    let query = req.target.find('?').map_or("", |i| &req.target[i..]);
+    let connection = req.header("connection").unwrap_or_default();
+    let mut out = Vec::with_capacity(512 + req.body.len());
+    out.extend_from_slice(
+        format!(
+            "{} {}{query} HTTP/1.1\r\nhost: {}\r\n",
+            req.method, up.path, up.authority
+        )
+        .as_bytes(),
+    );
+    for (name, value) in &req.headers {
+        if !is_hop_by_hop(name, connection) && !name.eq_ignore_ascii_case("x-forwarded-for") {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let forwarded_for = match req.header_str("x-forwarded-for") {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    out.extend_from_slice(format!("x-forwarded-for: {forwarded_for}\r\n").as_bytes());
+    if let Some(auth) = &up.authorization {
+        out.extend_from_slice(format!("authorization: {auth}\r\n").as_bytes());
+    }
+    if req.method == "POST" || !req.body.is_empty() {
+        out.extend_from_slice(format!("content-length: {}\r\n", req.body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&req.body);
+    out
+}
+
+struct ResponseHead {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+enum UpstreamFailure {
+    Connect(String),
+    Timeout,
+    /// Failed before any response byte: on a reused connection, worth one retry.
+    NoResponse(String),
+    Bad(String),
+}
+
+async fn connect(up: &Upstream) -> Result<Io, UpstreamFailure> {
+    match monoio::time::timeout(up.connect_timeout, TcpStream::connect(up.addr)).await {
+        Err(_) => Err(UpstreamFailure::Connect(format!(
+            "connecting to {} timed out",
+            up.name
+        ))),
+        Ok(Err(e)) => Err(UpstreamFailure::Connect(format!(
+            "connecting to {}: {e}",
+            up.name
+        ))),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(Io::new(s))
+        }
+    }
+}
+
+/// Sends the request and reads the response head.
+async fn exchange(
+    conn: &mut Io,
+    request: Vec<u8>,
+    up: &Upstream,
+) -> Result<ResponseHead, UpstreamFailure> {
+    conn.write_all(request)
+        .await
+        .map_err(|e| UpstreamFailure::NoResponse(e.to_string()))?;
+    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(conn.pending()) {
+            Ok(httparse::Status::Complete(n)) => {
+                let head = ResponseHead {
+                    status: resp.code.unwrap_or(502),
+                    headers: resp
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                        .collect(),
+                };
+                conn.consume(n);
+                if (100..200).contains(&head.status) {
+                    continue; // 100 Continue and other interim responses
+                }
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
+                return Err(UpstreamFailure::Bad("response head too large".into()));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(UpstreamFailure::Bad(format!("malformed response: {e}"))),
+        }
+        let had_bytes = !conn.pending().is_empty();
+        match conn.fill_until(deadline).await {
+            Ok(0) if had_bytes => {
+                return Err(UpstreamFailure::Bad(
+                    "closed inside the response head".into(),
+                ));
+            }
+            Ok(0) => {
+                return Err(UpstreamFailure::NoResponse(
+                    "closed without a response".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
+            Err(e) => return Err(UpstreamFailure::NoResponse(e.to_string())),
+        }
+    }
+}
+
+async fn forward(
+    client: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+) -> bool {
+    let request = upstream_request(req, peer, up);
+    let mut attempt = 0;
+    let (conn, head) = loop {
+        attempt += 1;
+        let pooled = ctx.checkout(up.addr);
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match connect(up).await {
+                Ok(c) => c,
+                Err(f) => return fail(client, req, up, request_id, f).await,
+            },
+        };
+        match exchange(&mut conn, request.clone(), up).await {
+            Ok(head) => break (conn, head),
+            // The upstream closed an idle pooled connection as we reused it: try a fresh one.
+            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 => continue,
+            Err(f) => return fail(client, req, up, request_id, f).await,
+        }
+    };
+    relay(client, conn, req, head, up, request_id, ctx).await
+}
+
+async fn fail(
+    client: &mut Io,
+    req: &Request,
+    up: &Upstream,
+    id: Option<Id>,
+    f: UpstreamFailure,
+) -> bool {
+    let (status, detail) = match f {
+        UpstreamFailure::Timeout => (
+            504,
+            format!("upstream `{}` did not answer in time", up.name),
+        ),
+        UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => {
+            (502, format!("upstream `{}` failed: {d}", up.name))
+        }
+    };
+    tracing::warn!(upstream = %up.name, status, "{detail}");
+    let err = RpcError::upstream(detail, status).with_id(id);
+    client
+        .write_all(json_response(status, &err, req.keep_alive))
+        .await
+        .is_ok()
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 12);
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// End of the last complete SSE event in `buf` (events end with a blank line).
+fn sse_boundary(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf
+        .windows(4)
+        .rposition(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    lf.max(crlf)
+}
+
+/// Streams the upstream's response to the client. Returns whether the client connection can
+/// carry another request.
+async fn relay(
+    client: &mut Io,
+    mut conn: Io,
+    req: &Request,
+    head: ResponseHead,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+) -> bool {
+    let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
+    let kind = if bodiless {
+        None
+    } else {
+        match http::framing(&head.headers, usize::MAX) {
+            Ok(Some(k)) => Some(k),
+            Ok(None) => Some(BodyKind::UntilClose),
+            Err(e) => {
+                let f = UpstreamFailure::Bad(format!("unframeable response: {e}"));
+                return fail(client, req, up, request_id, f).await;
+            }
+        }
+    };
+    let sse = http::header(&head.headers, "content-type").is_some_and(|ct| {
+        ct.trim_ascii()
+            .to_ascii_lowercase()
+            .starts_with(b"text/event-stream")
+    });
+    let upstream_close = http::header(&head.headers, "connection").is_some_and(|c| {
+        c.split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
+    let connection = http::header(&head.headers, "connection")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+
+    let mut out =
+        format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
+    for (name, value) in &head.headers {
+        if !is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization") {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match kind {
+        None => out.extend_from_slice(b"content-length: 0\r\n"),
+        Some(BodyKind::Length(n)) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
+        }
+        Some(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if sse {
+        out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
+    }
+    if !req.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if client.write_all(out).await.is_err() {
+        return false;
+    }
+    let Some(kind) = kind else {
+        if !upstream_close {
+            ctx.checkin(up.addr, conn, up.max_idle);
+        }
+        return req.keep_alive;
+    };
+
+    let mut decoder = ChunkedDecoder::default();
+    let mut remaining = match kind {
+        BodyKind::Length(n) => n,
+        _ => usize::MAX,
+    };
+    let mut sse_buf: Vec<u8> = Vec::new();
+    let mut piece = Vec::new();
+    let finished = loop {
+        // Take what has arrived.
+        piece.clear();
+        let done = match kind {
+            BodyKind::Length(_) => {
+                let n = remaining.min(conn.pending().len());
+                piece.extend_from_slice(&conn.pending()[..n]);
+                conn.consume(n);
+                remaining -= n;
+                remaining == 0
+            }
+            BodyKind::Chunked => match decoder.decode(conn.pending(), &mut piece) {
+                Ok((used, done)) => {
+                    conn.consume(used);
+                    done
+                }
+                Err(_) => break Err("malformed chunked body from upstream"),
+            },
+            BodyKind::UntilClose => {
+                let n = conn.pending().len();
+                piece.extend_from_slice(&conn.pending()[..n]);
+                conn.consume(n);
+                false
+            }
+        };
+        // Forward it; SSE only at event boundaries, so that an error event can always be
+        // appended cleanly.
+        let data: Vec<u8> = if sse {
+            sse_buf.extend_from_slice(&piece);
+            match sse_boundary(&sse_buf) {
+                Some(end) => sse_buf.drain(..end).collect(),
+                None => Vec::new(),
+            }
+        } else {
+            std::mem::take(&mut piece)
+        };
+        if !data.is_empty() {
+            let framed = if matches!(kind, BodyKind::Length(_)) {
+                data
+            } else {
+                chunk(&data)
+            };
+            if client.write_all(framed).await.is_err() {
+                // The client went away: the upstream connection is abandoned mid-response.
+                return false;
+            }
+        }
+        if done {
+            break Ok(());
+        }
+        let timeout = if sse {
+            up.stream_idle_timeout
+        } else {
+            up.response_timeout
+        };
+        match conn.fill(timeout).await {
+            Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
+            Ok(0) => break Err("upstream closed the connection mid-response"),
+            Ok(_) => {}
+            Err(HttpError::Timeout) => break Err("upstream stalled mid-response"),
+            Err(_) => break Err("upstream connection failed mid-response"),
+        }
+    };
+    match finished {
+        Ok(()) => {
+            if !sse_buf.is_empty() {
+                // A last event without its blank line: forward it as it is.
+                let _ = client.write_all(chunk(&sse_buf)).await;
+            }
+            if !matches!(kind, BodyKind::Length(_))
+                && client.write_all(b"0\r\n\r\n".to_vec()).await.is_err()
+            {
+                return false;
+            }
+            if kind != BodyKind::UntilClose && !upstream_close {
+                ctx.checkin(up.addr, conn, up.max_idle);
+            }
+            req.keep_alive
+        }
+        Err(why) => {
+            tracing::warn!(upstream = %up.name, "{why}");
+            if sse && matches!(kind, BodyKind::Chunked | BodyKind::UntilClose) {
+                // The client gets a JSON-RPC error for exactly the request this stream answered.
+                let err = RpcError::upstream(format!("upstream `{}`: {why}", up.name), 502)
+                    .with_id(request_id);
+                let mut event = b"event: message\ndata: ".to_vec();
+                event.extend_from_slice(&err.body());
+                event.extend_from_slice(b"\n\n");
+                let ok = client.write_all(chunk(&event)).await.is_ok()
+                    && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok();
+                return ok && req.keep_alive;
+            }
+            // A fixed-length or non-SSE body cannot be completed: close the client connection.
+            false
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The MCP data plane on loopback (no privileges: the kernel program is off here), with real
+//! peers from the package registries: the Python SDK's client through the gateway to the Python
+//! SDK's server, in both protocol eras; malformed input of every kind; failing upstreams.
+
+use std::{io::Write as _, time::Duration};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, py_client, raw, read_response},
+    unique,
+};
+
+fn config(instance: &str, port: u16, routes: &[(&str, String)], extra_upstream: &str) -> String {
+    let mut c = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+shutdown_grace_ms = 2000
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[http]
+max_body_bytes = 65536
+max_header_bytes = 4096
+request_timeout_ms = 700
+allowed_origins = ["https://console.example"]
+"#,
+        admin = free_port()
+    );
+    for (i, (path, url)) in routes.iter().enumerate() {
+        c.push_str(&format!(
+            "[[upstreams]]\nname = \"u{i}\"\nurl = \"{url}\"\nresponse_timeout_ms = 1500\n{extra_upstream}\n[[routes]]\npath = \"{path}\"\nupstream = \"u{i}\"\n"
+        ));
+    }
+    c
+}
+
+fn expected(mode: &str) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "tools": ["add", "count_with_progress", "echo", "fail"],
+        "echo": "héllo ✓",
+        "add": "42",
+        "fail_is_error": true,
+        "progress_result": "counted 3",
+        "progress": [1.0, 2.0, 3.0],
+        "resource": "hello from the fixture",
+        "prompt": "Please review:\nx = 1",
+    });
+    if mode == "legacy" {
+        v["ping"] = serde_json::json!(true);
+    }
+    v
+}
+
+#[test]
+fn python_sdk_client_through_the_gateway_to_a_python_sdk_server_both_eras() {
+    for json_upstream in [false, true] {
+        let upstream = PyServer::start(json_upstream);
+        let port = free_port();
+        let instance = unique("gwmcp");
+        let mut d = Daemon::start_local(
+            &instance,
+            &config(&instance, port, &[("/mcp", upstream.url())], ""),
+        );
+        for mode in ["legacy", "2026-07-28"] {
+            let direct = py_client(&upstream.url(), mode);
+            let through = py_client(&format!("http://127.0.0.1:{port}/mcp"), mode);
+            assert_eq!(
+                through, direct,
+                "{mode}, JSON upstream: {json_upstream}: the gateway changes nothing"
+            );
+            if !json_upstream {
+                // Streaming (SSE) answers carry the progress notifications too.
+                assert_eq!(through, expected(mode), "{mode}");
+            }
+        }
+        d.stop();
+    }
+}
+
+#[test]
+fn malformed_input_gets_the_right_status_and_error_and_others_keep_being_served() {
+    let upstream = PyServer::start(false);
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(&instance, port, &[("/mcp", upstream.url())], ""),
+    );
+    let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let cases: Vec<(&str, Vec<u8>, u16, Option<i64>)> = vec![
+        ("not JSON", post("/mcp", "{nope", ""), 400, Some(-32700)),
+        ("not JSON-RPC", post("/mcp", r#"{"id":1,"method":"x"}"#, ""), 400, Some(-32600)),
+        ("tools/call without a name", post("/mcp", r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{}}"#, ""), 400, Some(-32602)),
+        ("batch in 2025-06-18", post("/mcp", &format!("[{ok}]"), "mcp-protocol-version: 2025-06-18\r\n"), 400, Some(-32600)),
+        ("unknown protocol version", post("/mcp", ok, "mcp-protocol-version: 1999-01-01\r\n"), 400, Some(-32022)),
+        ("foreign origin", post("/mcp", ok, "origin: https://evil.example\r\n"), 403, Some(-32600)),
+        (
+            "wrong content type",
+            format!("POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{ok}", ok.len()).into_bytes(),
+            415,
+            Some(-32600),
+        ),
+        ("unknown path", post("/other", ok, ""), 404, Some(-32601)),
+        ("wrong method", b"PUT /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n\r\n".to_vec(), 405, Some(-32600)),
+        ("CL and TE together", b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400, Some(-32600)),
+        ("unknown transfer coding", b"POST /mcp HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: gzip\r\n\r\n".to_vec(), 501, Some(-32600)),
+        ("body too large", format!("POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", 70_000).into_bytes(), 413, Some(-32600)),
+        ("headers too large", format!("GET /mcp HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n", "a".repeat(5000)).into_bytes(), 431, Some(-32600)),
+        ("garbage request line", b"\x01\x02 nonsense\r\n\r\n".to_vec(), 400, Some(-32600)),
+    ];
+    for (what, request, status, code) in &cases {
+        let (resp, _) = raw(port, request);
+        assert_eq!(resp.status, *status, "{what}: {resp:?}");
+        if let Some(code) = code {
+            assert_eq!(
+                resp.json()["error"]["code"],
+                *code,
+                "{what}: {}",
+                String::from_utf8_lossy(&resp.body)
+            );
+            assert_eq!(resp.json()["jsonrpc"], "2.0", "{what}");
+        }
+    }
+    // The id of a rejected request comes back with its error.
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":"abc","method":"tools/call","params":{"name":1}}"#,
+            "",
+        ),
+    );
+    assert_eq!(resp.json()["id"], "abc");
+
+    // A slow client: half a request head, then silence, gets 408 and a closed connection.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"POST /mcp HTTP/1.1\r\nhost: gw\r\n")
+        .unwrap();
+    let resp = read_response(&mut slow).expect("an answer to the slow client");
+    assert_eq!(resp.status, 408);
+    assert!(read_response(&mut slow).is_none(), "closed after 408");
+
+    // After all that, a real client is served, and a keep-alive connection carries two requests.
+    assert_eq!(
+        py_client(&format!("http://127.0.0.1:{port}/mcp"), "legacy"),
+        expected("legacy")
+    );
+    let (first, mut conn) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+        ),
+    );
+    assert_ne!(first.status, 0);
+    conn.write_all(&post("/mcp", "{nope", "")).unwrap();
+    assert_eq!(
+        read_response(&mut conn)
+            .expect("second answer on the connection")
+            .status,
+        400
+    );
+    d.stop();
+}
+
+#[test]
+fn failing_upstreams_answer_exactly_the_affected_request() {
+    let dead_port = free_port(); // nothing listens here
+    let mid = FakeUpstream::start(Misbehave::DieMidStream);
+    let hang = FakeUpstream::start(Misbehave::Hang);
+    let good = PyServer::start(false);
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let routes = [
+        ("/dead", format!("http://127.0.0.1:{dead_port}/mcp")),
+        ("/mid", mid.url()),
+        ("/hang", hang.url()),
+        ("/good", good.url()),
+    ];
+    let mut d = Daemon::start_local(&instance, &config(&instance, port, &routes, ""));
+    let call = r#"{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#;
+
+    let (resp, _) = raw(port, &post("/dead", call, ""));
+    assert_eq!(resp.status, 502);
+    assert_eq!(
+        (
+            resp.json()["id"].clone(),
+            resp.json()["error"]["code"].clone()
+        ),
+        (77.into(), (-32003).into())
+    );
+
+    let started = std::time::Instant::now();
+    let (resp, _) = raw(port, &post("/hang", call, ""));
+    assert_eq!(resp.status, 504);
+    assert_eq!(resp.json()["id"], 77);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the response timeout (1.5 s) applies"
+    );
+
+    // Mid-stream: the progress event arrives, then a JSON-RPC error for request 77 ends the stream.
+    let (resp, _) = raw(port, &post("/mid", call, ""));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(resp.body.clone()).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert_eq!(events[0]["method"], "notifications/progress");
+    assert_eq!(
+        (events[1]["id"].clone(), events[1]["error"]["code"].clone()),
+        (77.into(), (-32003).into())
+    );
+
+    // Everything else carries on.
+    assert_eq!(
+        py_client(&format!("http://127.0.0.1:{port}/good"), "legacy"),
+        expected("legacy")
+    );
+    d.stop();
+}
+
+#[test]
+fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let port = free_port();
+    let instance = unique("gwmcp");
+    // SAFETY: tests run one at a time; the child inherits this variable.
+    unsafe { std::env::set_var("GW_TEST_UPSTREAM_TOKEN", "upstream-secret") };
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(
+            &instance,
+            port,
+            &[("/mcp", up.url())],
+            "bearer_token_env = \"GW_TEST_UPSTREAM_TOKEN\"",
+        ),
+    );
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp?x=1",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            "authorization: Bearer client-secret\r\nx-api-key: k\r\ncookie: c=1\r\nmcp-session-id: s-42\r\n",
+        ),
+    );
+    assert_eq!(resp.status, 200);
+    let seen = up.seen.lock().unwrap().join("");
+    assert!(
+        !seen.contains("client-secret")
+            && !seen.to_lowercase().contains("x-api-key")
+            && !seen.contains("c=1"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("authorization: Bearer upstream-secret"),
+        "{seen}"
+    );
+    assert!(seen.starts_with("POST /mcp?x=1 HTTP/1.1\r\n"), "{seen}");
+    assert!(
+        seen.to_lowercase().contains("mcp-session-id: s-42"),
+        "session header relayed: {seen}"
+    );
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    d.stop();
+}
