@@ -84,22 +84,35 @@ impl Drop for PyServer {
 
 /// Runs the Python SDK client (tests/fixtures/mcp_client.py) against `url`; returns its report.
 pub fn py_client(url: &str, mode: &str) -> serde_json::Value {
+    let client = root().join("tests/fixtures/mcp_client.py");
+    run_python(&[client.to_str().expect("utf-8 path"), url, mode])
+}
+
+/// Runs an inline Python script with the SDK's venv; returns the JSON it prints.
+pub fn py_script(script: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["-c", script];
+    all.extend_from_slice(args);
+    run_python(&all)
+}
+
+/// Runs the venv's Python (at most 60 s) and parses the one JSON value it prints.
+fn run_python(args: &[&str]) -> serde_json::Value {
     let out = Command::new("timeout")
         .arg("60")
         .arg(python())
-        .arg(root().join("tests/fixtures/mcp_client.py"))
-        .args([url, mode])
+        .args(args)
         .output()
-        .expect("run the Python MCP client");
+        .expect("run python");
     assert!(
         out.status.success(),
-        "client ({mode}) failed: {}\n{}",
+        "python {:?} failed: {}\n{}",
+        args.last(),
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "client output: {e}: {}",
+            "python output: {e}: {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })

@@ -57,11 +57,22 @@ fn main() -> anyhow::Result<()> {
         Verb::Run { args } => {
             build_release()?;
             require_root("cargo xtask run (loading XDP)")?;
-            let bin = root.join("target/release/gateway");
-            let mut cmd = Command::new(&bin);
-            cmd.arg("run").args(args);
-            println!("xtask: starting {}", bin.display());
-            exec(cmd)
+            // The embedded default configuration routes /mcp to the demo upstream on :9100.
+            let mut upstream = Command::new(root.join("target/release/mcp-upstream"))
+                .args(["--listen", "127.0.0.1:9100", "--workers", "1"])
+                .spawn()
+                .context("starting the demo upstream")?;
+            let status = Command::new(root.join("target/release/gateway"))
+                .arg("run")
+                .args(args)
+                .status();
+            let _ = upstream.kill();
+            let _ = upstream.wait();
+            let status = status.context("starting the gateway")?;
+            if !status.success() {
+                bail!("the gateway exited with {status}");
+            }
+            Ok(())
         }
         Verb::Test { filter, no_lint } => test(filter, no_lint),
         Verb::Bench { quick } => {
@@ -191,9 +202,4 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
-}
-
-fn exec(mut cmd: Command) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    Err(cmd.exec()).context("exec")
 }

@@ -25,6 +25,11 @@ fn embedded_default_is_valid() {
     assert_eq!(c.default_tenant, 0);
     assert_eq!(c.tenant(1).map(|t| t.name.as_str()), Some("local"));
     assert!(c.workers >= 1);
+    assert_eq!(c.routes[0].path, "/mcp");
+    assert_eq!(
+        c.upstreams[c.routes[0].upstream].url,
+        "http://127.0.0.1:9100/mcp"
+    );
 }
 
 #[test]

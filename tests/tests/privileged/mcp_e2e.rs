@@ -274,3 +274,62 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
     assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
     d.stop();
 }
+
+#[test]
+fn the_demo_upstream_serves_the_python_sdk_client_through_the_gateway() {
+    let up_port = free_port();
+    let bin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/mcp-upstream");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask test`",
+        bin.display()
+    );
+    let mut upstream = std::process::Command::new(bin)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{up_port}"),
+            "--workers",
+            "1",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    integration_tests::peers::wait_port(up_port, Duration::from_secs(10));
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(
+            &instance,
+            port,
+            &[("/mcp", format!("http://127.0.0.1:{up_port}/mcp"))],
+            "",
+        ),
+    );
+    for mode in ["legacy", "2026-07-28", "auto"] {
+        let out = integration_tests::peers::py_script(
+            r#"
+import asyncio, json, sys
+from mcp import Client
+async def main(url, mode):
+    async with Client(url, mode=mode) as c:
+        t = await c.list_tools()
+        r = await c.call_tool("add", {"a": 2, "b": 40})
+        w = await c.call_tool("word_count", {"text": "three little words"})
+        e = await c.call_tool("echo", {})
+        print(json.dumps({"tools": [x.name for x in t.tools], "add": r.content[0].text, "wc": w.content[0].text, "echo_err": e.is_error}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#,
+            &[&format!("http://127.0.0.1:{port}/mcp"), mode],
+        );
+        assert_eq!(
+            out,
+            serde_json::json!({"tools": ["echo", "add", "word_count", "utc_now"], "add": "42", "wc": "3 words, 18 characters", "echo_err": true}),
+            "{mode}"
+        );
+    }
+    d.stop();
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}

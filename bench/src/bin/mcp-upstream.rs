@@ -1,0 +1,250 @@
+//! `mcp-upstream`: a small, fast MCP server over Streamable HTTP, thread-per-core on monoio.
+//! It is the demo upstream behind `cargo xtask run` and the benchmark upstream (so that a
+//! benchmark measures the gateway, not the server). It answers every POST with JSON, speaks the
+//! session era (`initialize`, `Mcp-Session-Id`) and 2026-07-28 (`server/discover`, stateless),
+//! and offers a few real tools.
+//!
+//! Usage: mcp-upstream [--listen 127.0.0.1:9100] [--workers N]
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser as _;
+use gateway::{
+    http::{self, Io, Limits},
+    mcp::{Id, Kind, Parsed, Parser, RpcError, error, version},
+};
+use serde_json::{Value, json};
+
+#[derive(clap::Parser)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    listen: SocketAddr,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let workers = if args.workers == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        args.workers
+    };
+    let sockets = gateway::runtime::bind_reuseport(args.listen, workers)?;
+    eprintln!(
+        "mcp-upstream: serving MCP at http://{}/mcp with {workers} workers",
+        args.listen
+    );
+    let threads: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| {
+            std::thread::spawn(move || {
+                let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let listener = monoio::net::TcpListener::from_std(socket).expect("listener");
+                    while let Ok((stream, _)) = listener.accept().await {
+                        let _ = stream.set_nodelay(true);
+                        monoio::spawn(serve(Io::new(stream)));
+                    }
+                });
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+async fn serve(mut io: Io) {
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(300),
+        ..Limits::default()
+    };
+    let mut parser = Parser::default();
+    loop {
+        let req = match http::read_request(&mut io, &limits).await {
+            Ok(r) => r,
+            Err(http::HttpError::Closed) => return,
+            Err(e) => {
+                let body = RpcError::invalid_request(e.to_string()).body();
+                let _ = io
+                    .write_all(http::response(
+                        e.status(),
+                        &[("content-type", "application/json")],
+                        &body,
+                        false,
+                    ))
+                    .await;
+                return;
+            }
+        };
+        let (status, session, body) = answer(&req, &mut parser);
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(s) = &session {
+            headers.push(("mcp-session-id", s.as_str()));
+        }
+        if io
+            .write_all(http::response(status, &headers, &body, req.keep_alive))
+            .await
+            .is_err()
+            || !req.keep_alive
+        {
+            return;
+        }
+    }
+}
+
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Status, a new session id (on `initialize`), and the body.
+fn answer(req: &http::Request, parser: &mut Parser) -> (u16, Option<String>, Vec<u8>) {
+    match req.method.as_str() {
+        "POST" => {}
+        "DELETE" => return (200, None, Vec::new()),
+        _ => {
+            return (
+                405,
+                None,
+                RpcError::invalid_request("only POST (and DELETE) here").body(),
+            );
+        }
+    }
+    let msg = match parser.parse(&req.body) {
+        Ok(Parsed::Single(m)) => m,
+        Ok(Parsed::Batch(_)) => {
+            return (
+                400,
+                None,
+                RpcError::invalid_request("batches are not supported").body(),
+            );
+        }
+        Err(e) => return (e.http_status, None, e.body()),
+    };
+    if msg.kind != Kind::Request {
+        return (202, None, Vec::new());
+    }
+    let modern = req.header_str("mcp-protocol-version") == Some(version::STATELESS)
+        || msg.meta_protocol_version.as_deref() == Some(version::STATELESS);
+    let params: Value = serde_json::from_slice::<Value>(&req.body)
+        .ok()
+        .and_then(|v| v.get("params").cloned())
+        .unwrap_or(Value::Null);
+    let id = msg.id.clone();
+    let method = msg.method.as_deref().unwrap_or_default();
+    let mut session = None;
+    let result = match method {
+        "initialize" => {
+            let asked = params
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("2025-06-18");
+            let version = if version::is_supported(asked) && asked != version::STATELESS {
+                asked
+            } else {
+                "2025-11-25"
+            };
+            session = Some(new_session_id());
+            Ok(json!({
+                "protocolVersion": version,
+                "capabilities": { "tools": { "listChanged": false } },
+                "serverInfo": { "name": "mcp-gateway-demo", "version": env!("CARGO_PKG_VERSION") },
+            }))
+        }
+        "server/discover" => Ok(json!({
+            "supportedVersions": version::SUPPORTED,
+            "capabilities": { "tools": { "listChanged": false } },
+            "serverInfo": { "name": "mcp-gateway-demo", "version": env!("CARGO_PKG_VERSION") },
+            "cacheScope": "public",
+            "ttlMs": 60000,
+        })),
+        "ping" => Ok(json!({})),
+        "tools/list" => {
+            let mut r = json!({ "tools": tools() });
+            if modern {
+                r["cacheScope"] = json!("public");
+                r["ttlMs"] = json!(60000);
+            }
+            Ok(r)
+        }
+        "tools/call" => Ok(call(
+            msg.name.as_deref().unwrap_or_default(),
+            msg.arguments.as_ref().unwrap_or(&Value::Null),
+        )),
+        other => Err(RpcError::new(
+            error::METHOD_NOT_FOUND,
+            format!("method `{other}` not found"),
+            if modern { 404 } else { 200 },
+        )),
+    };
+    match result {
+        Ok(mut r) => {
+            if modern {
+                r["resultType"] = json!("complete");
+            }
+            let body = json!({ "jsonrpc": "2.0", "id": id.as_ref().map_or(Value::Null, Id::to_json), "result": r });
+            (200, session, serde_json::to_vec(&body).expect("serializes"))
+        }
+        Err(e) => {
+            let status = e.http_status;
+            (status, None, e.with_id(id).body())
+        }
+    }
+}
+
+fn tools() -> Value {
+    let text = |d: &str| json!({ "type": "string", "description": d });
+    json!([
+        { "name": "echo", "description": "Returns the text it is given.",
+          "inputSchema": { "type": "object", "properties": { "text": text("what to echo") }, "required": ["text"] } },
+        { "name": "add", "description": "Adds two integers.",
+          "inputSchema": { "type": "object", "properties": { "a": { "type": "integer" }, "b": { "type": "integer" } }, "required": ["a", "b"] } },
+        { "name": "word_count", "description": "Counts the words and characters of a text.",
+          "inputSchema": { "type": "object", "properties": { "text": text("the text") }, "required": ["text"] } },
+        { "name": "utc_now", "description": "The current time in UTC (RFC 3339).",
+          "inputSchema": { "type": "object", "properties": {} } },
+    ])
+}
+
+fn call(name: &str, args: &Value) -> Value {
+    let ok =
+        |text: String| json!({ "content": [{ "type": "text", "text": text }], "isError": false });
+    let err =
+        |text: String| json!({ "content": [{ "type": "text", "text": text }], "isError": true });
+    let s = |k: &str| args.get(k).and_then(Value::as_str);
+    let i = |k: &str| args.get(k).and_then(Value::as_i64);
+    match name {
+        "echo" => s("text").map_or_else(
+            || err("`text` (a string) is required".into()),
+            |t| ok(t.to_owned()),
+        ),
+        "add" => match (i("a"), i("b")) {
+            (Some(a), Some(b)) => a
+                .checked_add(b)
+                .map_or_else(|| err("overflow".into()), |v| ok(v.to_string())),
+            _ => err("`a` and `b` (integers) are required".into()),
+        },
+        "word_count" => s("text").map_or_else(
+            || err("`text` (a string) is required".into()),
+            |t| {
+                ok(format!(
+                    "{} words, {} characters",
+                    t.split_whitespace().count(),
+                    t.chars().count()
+                ))
+            },
+        ),
+        "utc_now" => {
+            ok(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
+        }
+        other => err(format!("unknown tool `{other}`")),
+    }
+}
