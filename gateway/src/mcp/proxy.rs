@@ -465,6 +465,17 @@ async fn relay(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    // A fixed-length body that has already arrived goes out with the head in one write.
+    let mut remaining = match kind {
+        Some(BodyKind::Length(n)) => n,
+        _ => usize::MAX,
+    };
+    if let Some(BodyKind::Length(_)) = kind {
+        let n = remaining.min(conn.pending().len());
+        out.extend_from_slice(&conn.pending()[..n]);
+        conn.consume(n);
+        remaining -= n;
+    }
     if client.write_all(out).await.is_err() {
         return false;
     }
@@ -476,10 +487,6 @@ async fn relay(
     };
 
     let mut decoder = ChunkedDecoder::default();
-    let mut remaining = match kind {
-        BodyKind::Length(n) => n,
-        _ => usize::MAX,
-    };
     let mut sse_buf: Vec<u8> = Vec::new();
     let mut piece = Vec::new();
     let finished = loop {

@@ -1,0 +1,268 @@
+//! The load generator: many keep-alive connections sending MCP `tools/call` (stateless
+//! 2026-07-28 form, so no session setup is measured), on monoio, one thread per core.
+//!
+//! Closed loop (`rate = None`): each connection sends its next request when the previous answer
+//! arrives, to find the peak. Open loop (`rate = Some(r)`): requests are due at a fixed schedule
+//! and latency is measured from each request's *intended* send time, so a stall is charged to
+//! every request it delayed (no coordinated omission); the uncorrected figure (from the actual
+//! send) is kept beside it.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub target: SocketAddr,
+    pub path: String,
+    pub connections: usize,
+    pub threads: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Total requests per second over all connections (open loop), or `None` (closed loop).
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub ok: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Corrected latency (from intended send time), microseconds.
+    pub latency: Option<Histogram<u64>>,
+    /// Uncorrected latency (from the actual send), microseconds.
+    pub service: Option<Histogram<u64>>,
+}
+
+impl LoadResult {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"add","arguments":{{"a":{n},"b":1}},"_meta":{{"protocolVersion":"2026-07-28"}}}}}}"#
+    );
+    format!(
+        "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\ncontent-length: {}\r\n\r\n{body}",
+        spec.path,
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads one response with a Content-Length body; returns its status and whether the server
+/// closes the connection after it.
+async fn read_response(
+    stream: &mut monoio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(u16, bool)> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = resp.parse(buf) {
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())?;
+            let status = resp.code?;
+            let close = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
+            });
+            while buf.len() < head + len {
+                if !read_more(stream, buf).await {
+                    return None;
+                }
+            }
+            buf.drain(..head + len);
+            return Some((status, close));
+        }
+        if !read_more(stream, buf).await {
+            return None;
+        }
+    }
+}
+
+async fn read_more(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    let chunk = vec![0u8; 16 * 1024];
+    let (r, chunk) = stream.read(chunk).await;
+    match r {
+        Ok(n) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Runs the load and returns merged results.
+pub fn run(spec: &LoadSpec) -> LoadResult {
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let per_thread = spec.connections.div_ceil(spec.threads);
+    let handles: Vec<_> = (0..spec.threads)
+        .map(|t| {
+            let spec = spec.clone();
+            std::thread::spawn(move || {
+                let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(thread_load(spec, t, per_thread, start, measure_from, end))
+            })
+        })
+        .collect();
+    let mut total = LoadResult {
+        elapsed: spec.duration,
+        latency: Some(histogram()),
+        service: Some(histogram()),
+        ..Default::default()
+    };
+    for h in handles {
+        let r = h.join().expect("load thread");
+        total.ok += r.ok;
+        total.errors += r.errors;
+        if let (Some(a), Some(b)) = (total.latency.as_mut(), r.latency.as_ref()) {
+            a.add(b).expect("same bounds");
+        }
+        if let (Some(a), Some(b)) = (total.service.as_mut(), r.service.as_ref()) {
+            a.add(b).expect("same bounds");
+        }
+    }
+    total
+}
+
+async fn thread_load(
+    spec: LoadSpec,
+    thread: usize,
+    connections: usize,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> LoadResult {
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let spec = spec.clone();
+            let index = thread * connections + c;
+            monoio::spawn(connection(spec, index, start, measure_from, end))
+        })
+        .collect();
+    let mut out = LoadResult {
+        latency: Some(histogram()),
+        service: Some(histogram()),
+        ..Default::default()
+    };
+    for t in tasks {
+        let r = t.await;
+        out.ok += r.ok;
+        out.errors += r.errors;
+        out.latency
+            .as_mut()
+            .expect("set")
+            .add(r.latency.as_ref().expect("set"))
+            .expect("bounds");
+        out.service
+            .as_mut()
+            .expect("set")
+            .add(r.service.as_ref().expect("set"))
+            .expect("bounds");
+    }
+    out
+}
+
+async fn connection(
+    spec: LoadSpec,
+    index: usize,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> LoadResult {
+    let mut out = LoadResult {
+        latency: Some(histogram()),
+        service: Some(histogram()),
+        ..Default::default()
+    };
+    let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
+    sleep_until(start).await;
+    let Ok(mut stream) = monoio::net::TcpStream::connect(spec.target).await else {
+        out.errors += 1;
+        return out;
+    };
+    let _ = stream.set_nodelay(true);
+    // Open loop: this connection's share of the rate, its first send staggered.
+    let interval = spec
+        .rate
+        .map(|r| Duration::from_secs_f64(spec.connections as f64 / r));
+    let mut due = start
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(index as f64 / spec.connections as f64)
+        });
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut n = index as u64 * 1_000_000;
+    while Instant::now() < end {
+        if interval.is_some() {
+            // Behind schedule: send at once. (monoio's timer ticks every millisecond, so even a
+            // zero-length sleep would wait for the next tick and the schedule would slip.)
+            if due > Instant::now() {
+                sleep_until(due).await;
+            }
+        } else {
+            due = Instant::now();
+        }
+        n += 1;
+        let sent = Instant::now();
+        let (w, _) = stream.write_all(request(&spec, n)).await;
+        let answer = if w.is_ok() {
+            read_response(&mut stream, &mut buf).await
+        } else {
+            None
+        };
+        let status = answer.map(|(s, _)| s);
+        let reconnect = answer.is_none_or(|(_, close)| close);
+        let done = Instant::now();
+        if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {
+            match status {
+                Some(200) => {
+                    out.ok += 1;
+                    let _ = out
+                        .latency
+                        .as_mut()
+                        .expect("set")
+                        .record((done - due).as_micros().max(1) as u64);
+                    let _ = out
+                        .service
+                        .as_mut()
+                        .expect("set")
+                        .record((done - sent).as_micros().max(1) as u64);
+                }
+                _ => out.errors += 1,
+            }
+        }
+        if reconnect {
+            // Closed by the server (after `Connection: close`) or lost: reconnect and carry on.
+            match monoio::net::TcpStream::connect(spec.target).await {
+                Ok(s) => {
+                    stream = s;
+                    buf.clear();
+                }
+                Err(_) => return out,
+            }
+        }
+        if let Some(i) = interval {
+            due += i;
+        }
+    }
+    out
+}

@@ -1,0 +1,245 @@
+//! Scenario `proxy`: a small `tools/call` direct to the upstream (the floor) and through the
+//! gateway (passthrough, kernel program off) and through nginx as a plain reverse proxy, measured
+//! in the same run on the same machine.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::load::{self, LoadResult, LoadSpec};
+
+fn bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask bench`",
+        p.display()
+    );
+    p
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// CPU seconds used so far (user + system), from /proc.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+        });
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Peak resident memory in MiB (VmHWM).
+    fn peak_rss_mib(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on {port}");
+}
+
+pub struct Row {
+    pub scenario: String,
+    pub mode: String,
+    pub offered_rps: Option<f64>,
+    pub result: LoadResult,
+    /// CPU seconds per 1,000 requests, per process.
+    pub cpu_per_k: Vec<(String, f64)>,
+}
+
+pub struct ProxyReport {
+    pub rows: Vec<Row>,
+    pub peak_rss_mib: Vec<(String, f64)>,
+    pub connections: usize,
+    pub seconds: f64,
+}
+
+pub fn run(quick: bool) -> ProxyReport {
+    let up_port = free_port();
+    let upstream = Proc(
+        Command::new(bin("mcp-upstream"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up_port}"),
+                "--workers",
+                "1",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mcp-upstream"),
+    );
+    wait_port(up_port);
+    let gw_port = free_port();
+    let config = std::env::temp_dir().join(format!("bench-gw-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ninstance = \"bench\"\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
+             [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up_port}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let gateway = Proc(
+        Command::new(bin("gateway"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .envs(
+                std::env::var("BENCH_GATEWAY_LEGACY")
+                    .ok()
+                    .map(|v| ("MONOIO_FORCE_LEGACY_DRIVER", v)),
+            )
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gateway"),
+    );
+    wait_port(gw_port);
+
+    // nginx as a plain HTTP reverse proxy with upstream keep-alive: the bar for raw proxying.
+    let ngx_port = free_port();
+    let ngx_dir = std::env::temp_dir().join(format!("bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(ngx_dir.join("logs")).expect("nginx dir");
+    std::fs::write(
+        ngx_dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream mcp {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n\
+               server {{\n    listen 127.0.0.1:{ngx_port};\n    location / {{\n      proxy_pass http://mcp;\n\
+                  proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+            dir = ngx_dir.display()
+        ),
+    )
+    .expect("nginx config");
+    let nginx = Proc(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(&ngx_dir)
+            .arg("-c")
+            .arg(ngx_dir.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx (cargo xtask setup installs nginx-light)"),
+    );
+    wait_port(ngx_port);
+
+    let connections = 32;
+    let seconds = if quick { 2.0 } else { 8.0 };
+    let spec = |port: u16, rate: Option<f64>| LoadSpec {
+        target: ([127, 0, 0, 1], port).into(),
+        path: "/mcp".into(),
+        connections,
+        threads: 1,
+        duration: Duration::from_secs_f64(seconds),
+        warmup: Duration::from_secs(1),
+        rate,
+    };
+    let targets: [(&str, u16, Vec<(&str, &Proc)>); 3] = [
+        (
+            "direct to upstream",
+            up_port,
+            vec![("mcp-upstream", &upstream)],
+        ),
+        (
+            "through gateway",
+            gw_port,
+            vec![("mcp-upstream", &upstream), ("gateway", &gateway)],
+        ),
+        (
+            "through nginx",
+            ngx_port,
+            vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
+        ),
+    ];
+    let measure = |(scenario, port, procs): &(&str, u16, Vec<(&str, &Proc)>), rate: Option<f64>| {
+        let before: Vec<f64> = procs.iter().map(|(_, p)| p.cpu_seconds()).collect();
+        let result = load::run(&spec(*port, rate));
+        let k = (result.ok.max(1)) as f64 / 1000.0;
+        let cpu_per_k = procs
+            .iter()
+            .zip(before)
+            .map(|((name, p), b)| ((*name).to_owned(), (p.cpu_seconds() - b) / k))
+            .collect();
+        Row {
+            scenario: (*scenario).into(),
+            mode: if rate.is_some() {
+                "open loop".into()
+            } else {
+                "closed loop (peak)".into()
+            },
+            offered_rps: rate,
+            result,
+            cpu_per_k,
+        }
+    };
+    let mut rows: Vec<Row> = targets.iter().map(|t| measure(t, None)).collect();
+    let half = 0.5
+        * rows
+            .iter()
+            .map(|r| r.result.rps())
+            .fold(f64::INFINITY, f64::min);
+    for t in &targets {
+        rows.push(measure(t, Some(half)));
+    }
+    let procs = [
+        ("mcp-upstream", &upstream),
+        ("gateway", &gateway),
+        ("nginx", &nginx),
+    ];
+    let peak_rss_mib = procs
+        .iter()
+        .map(|(n, p)| ((*n).to_owned(), p.peak_rss_mib()))
+        .collect();
+    let _ = std::fs::remove_file(&config);
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&ngx_dir);
+    ProxyReport {
+        rows,
+        peak_rss_mib,
+        connections,
+        seconds,
+    }
+}
