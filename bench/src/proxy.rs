@@ -79,6 +79,13 @@ fn wait_port(port: u16) {
     panic!("nothing listens on {port}");
 }
 
+/// Where the load goes, and which processes' CPU it costs.
+struct Target<'a> {
+    scenario: &'static str,
+    port: u16,
+    procs: Vec<(&'static str, &'a Proc)>,
+}
+
 pub struct Row {
     pub scenario: String,
     pub mode: String,
@@ -177,24 +184,29 @@ pub fn run(quick: bool) -> ProxyReport {
         warmup: Duration::from_secs(1),
         rate,
     };
-    let targets: [(&str, u16, Vec<(&str, &Proc)>); 3] = [
-        (
-            "direct to upstream",
-            up_port,
-            vec![("mcp-upstream", &upstream)],
-        ),
-        (
-            "through gateway",
-            gw_port,
-            vec![("mcp-upstream", &upstream), ("gateway", &gateway)],
-        ),
-        (
-            "through nginx",
-            ngx_port,
-            vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
-        ),
+    let targets = [
+        Target {
+            scenario: "direct to upstream",
+            port: up_port,
+            procs: vec![("mcp-upstream", &upstream)],
+        },
+        Target {
+            scenario: "through gateway",
+            port: gw_port,
+            procs: vec![("mcp-upstream", &upstream), ("gateway", &gateway)],
+        },
+        Target {
+            scenario: "through nginx",
+            port: ngx_port,
+            procs: vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
+        },
     ];
-    let measure = |(scenario, port, procs): &(&str, u16, Vec<(&str, &Proc)>), rate: Option<f64>| {
+    let measure = |Target {
+                       scenario,
+                       port,
+                       procs,
+                   }: &Target<'_>,
+                   rate: Option<f64>| {
         let before: Vec<f64> = procs.iter().map(|(_, p)| p.cpu_seconds()).collect();
         let result = load::run(&spec(*port, rate));
         let k = (result.ok.max(1)) as f64 / 1000.0;
