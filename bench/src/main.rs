@@ -169,7 +169,7 @@ fn proxy_report(
     let mut md = format!(
         "# MCP tools/call: direct vs through the gateway\n\n{}\n\nA small `tools/call` (`add`, stateless 2026-07-28 form) over {} keep-alive \
          connections from one load thread, {:.0} s per run after 1 s of warm-up. Upstream: `mcp-upstream` (1 worker); gateway: \
-         passthrough, 1 worker, kernel program off; nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
+         passthrough, 1 worker (unpinned), kernel program off; nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
          this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
          that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it.\n\n\

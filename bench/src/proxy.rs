@@ -122,10 +122,14 @@ pub fn run(quick: bool) -> ProxyReport {
     std::fs::write(
         &config,
         format!(
-            "[gateway]\ninstance = \"bench\"\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
+            "[gateway]\ninstance = \"bench\"\nworkers = 1\npin_workers = {pin}\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
              [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n\
              [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up_port}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
-            free_port()
+            free_port(),
+            // Unpinned, like nginx: on a 2-core box shared with the load generator and the
+            // upstream, a pinned worker cannot move away from contention (its p99 at half load
+            // was 534 µs over direct pinned vs 94 µs unpinned in one comparison).
+            pin = false
         ),
     )
     .expect("write config");

@@ -38,6 +38,7 @@ impl Control {
         for (what, changed) in [
             ("gateway.instance", new.instance != old.instance),
             ("gateway.workers", new.workers != old.workers),
+            ("gateway.pin_workers", new.pin_workers != old.pin_workers),
             ("listeners", new.listeners != old.listeners),
             ("admin.address", new.admin != old.admin),
             ("kernel.enabled", new.kernel.enabled != old.kernel.enabled),
@@ -124,12 +125,13 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .with_context(|| format!("binding the admin listener {}", config.admin))?;
 
     let grace = config.shutdown_grace;
+    let pin = config.pin_workers;
     let cap_poll = config.kernel.cap_poll;
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let shared = Arc::new(Shared::new(config));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let threads = runtime::spawn_workers(Arc::clone(&shared), per_worker, stop_rx, grace)
+    let threads = runtime::spawn_workers(Arc::clone(&shared), per_worker, stop_rx, grace, pin)
         .context("starting workers")?;
 
     let maps = kernel.as_ref().map(Kernel::maps).transpose()?;

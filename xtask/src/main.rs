@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
             require_root("cargo xtask bench (BPF_PROG_TEST_RUN)")?;
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "-p", "bench", "--"]);
+            cmd.args(["run", "--release", "-p", "bench", "--bin", "bench", "--"]);
             if quick {
                 cmd.arg("--quick");
             }

@@ -143,6 +143,10 @@ pub struct RawGateway {
     pub workers: usize,
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Pin worker i to core i. Right on a dedicated gateway host; on a host shared with other
+    /// busy processes, unpinned workers can move away from contention.
+    #[serde(default = "yes")]
+    pub pin_workers: bool,
 }
 
 const fn default_grace_ms() -> u64 {
@@ -243,6 +247,7 @@ pub struct RawTenant {
 pub struct Config {
     pub instance: String,
     pub workers: usize,
+    pub pin_workers: bool,
     pub shutdown_grace: Duration,
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
@@ -667,6 +672,7 @@ impl RawConfig {
         Ok(Config {
             instance: g.instance,
             workers,
+            pin_workers: g.pin_workers,
             shutdown_grace: Duration::from_millis(g.shutdown_grace_ms),
             listeners,
             admin,

@@ -61,6 +61,7 @@ pub fn spawn_workers(
     listeners: Vec<Vec<TcpListener>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
+    pin: bool,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     listeners
@@ -70,7 +71,7 @@ pub fn spawn_workers(
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
-                if let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
+                if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
                     tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
                 }
                 let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
