@@ -50,7 +50,7 @@ fn histogram() -> Histogram<u64> {
 
 fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
     let body = format!(
-        r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"add","arguments":{{"a":{n},"b":1}},"_meta":{{"protocolVersion":"2026-07-28"}}}}}}"#
+        r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"add","arguments":{{"a":{n},"b":1}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
     );
     format!(
         "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\

@@ -46,6 +46,33 @@ pub fn wait_port(port: u16, timeout: Duration) {
     }
 }
 
+/// A child process killed (and reaped) on drop, also when a test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The project's own MCP server (`mcp-upstream`, release build) on `port`.
+pub fn demo_upstream(port: u16) -> KillOnDrop {
+    let bin = root().join("target/release/mcp-upstream");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask test`",
+        bin.display()
+    );
+    let child = Command::new(bin)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mcp-upstream");
+    wait_port(port, Duration::from_secs(10));
+    KillOnDrop(child)
+}
+
 /// The Python SDK's MCP server (tests/fixtures/mcp_server.py), killed on drop.
 pub struct PyServer {
     child: Child,

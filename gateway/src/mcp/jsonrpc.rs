@@ -6,6 +6,9 @@ use simd_json::{BorrowedValue as Value, prelude::*};
 
 use super::error::RpcError;
 
+/// The `_meta` key of the per-request protocol version (2026-07-28).
+pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+
 /// A JSON-RPC id: MCP allows a string or an integer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Id {
@@ -41,7 +44,8 @@ pub struct Message {
     pub arguments: Option<serde_json::Value>,
     /// `params._meta.progressToken` is present.
     pub has_progress_token: bool,
-    /// `params._meta.protocolVersion` (2026-07-28 carries the version in each request).
+    /// `params._meta["io.modelcontextprotocol/protocolVersion"]`: 2026-07-28 carries the version
+    /// in each request.
     pub meta_protocol_version: Option<String>,
 }
 
@@ -160,7 +164,7 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
             arguments,
             has_progress_token: meta.is_some_and(|m| m.get("progressToken").is_some()),
             meta_protocol_version: meta
-                .and_then(|m| m.get("protocolVersion"))
+                .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
         });

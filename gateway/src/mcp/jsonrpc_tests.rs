@@ -40,7 +40,7 @@ fn kinds_and_ids() {
     let e = single(r#"{"jsonrpc":"2.0","id":3,"error":{"code":1,"message":"x"}}"#);
     assert_eq!(e.kind, Kind::Response);
     let v = single(
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"protocolVersion":"2026-07-28"}}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
     );
     assert_eq!(v.meta_protocol_version.as_deref(), Some("2026-07-28"));
 }

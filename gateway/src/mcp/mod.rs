@@ -2,6 +2,7 @@
 //! gateway answers itself, and forwarding to upstream servers.
 
 pub mod error;
+pub mod headers;
 pub mod jsonrpc;
 pub mod proxy;
 pub mod version;

@@ -163,8 +163,15 @@ async fn handle(
                     );
                     return io.write_all(reply(400, err)).await.is_ok();
                 }
-                Ok(Parsed::Single(m)) if m.kind == Kind::Request => request_id = m.id,
-                Ok(_) => {}
+                Ok(Parsed::Single(m)) => {
+                    if let Err(err) = super::headers::check(req, &m) {
+                        return io.write_all(reply(err.http_status, err)).await.is_ok();
+                    }
+                    if m.kind == Kind::Request {
+                        request_id = m.id;
+                    }
+                }
+                Ok(Parsed::Batch(_)) => {}
             }
         }
         "GET" | "DELETE" => {}

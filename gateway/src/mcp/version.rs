@@ -23,3 +23,8 @@ pub fn is_supported(v: &str) -> bool {
 pub fn allows_batches(v: &str) -> bool {
     v <= "2025-03-26"
 }
+
+/// Whether `v` is of the stateless era (2026-07-28 or later): routing headers, no sessions.
+pub fn is_stateless_era(v: &str) -> bool {
+    v >= STATELESS
+}

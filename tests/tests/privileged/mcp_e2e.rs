@@ -113,6 +113,30 @@ fn malformed_input_gets_the_right_status_and_error_and_others_keep_being_served(
         ("headers too large", format!("GET /mcp HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n", "a".repeat(5000)).into_bytes(), 431, Some(-32600)),
         ("garbage request line", b"\x01\x02 nonsense\r\n\r\n".to_vec(), 400, Some(-32600)),
     ];
+    let modern_call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let cases: Vec<_> = cases
+        .into_iter()
+        .chain([
+            (
+                "Mcp-Method disagrees with the body",
+                post("/mcp", modern_call, "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\nmcp-name: echo\r\n"),
+                400,
+                Some(-32020),
+            ),
+            (
+                "Mcp-Name disagrees with the body",
+                post("/mcp", modern_call, "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: rm\r\n"),
+                400,
+                Some(-32020),
+            ),
+            (
+                "version header disagrees with _meta",
+                post("/mcp", modern_call, "mcp-protocol-version: 2025-11-25\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n"),
+                400,
+                Some(-32020),
+            ),
+        ])
+        .collect();
     for (what, request, status, code) in &cases {
         let (resp, _) = raw(port, request);
         assert_eq!(resp.status, *status, "{what}: {resp:?}");
@@ -278,24 +302,7 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
 #[test]
 fn the_demo_upstream_serves_the_python_sdk_client_through_the_gateway() {
     let up_port = free_port();
-    let bin =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/mcp-upstream");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo xtask test`",
-        bin.display()
-    );
-    let mut upstream = std::process::Command::new(bin)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{up_port}"),
-            "--workers",
-            "1",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    integration_tests::peers::wait_port(up_port, Duration::from_secs(10));
+    let _upstream = integration_tests::peers::demo_upstream(up_port);
     let port = free_port();
     let instance = unique("gwmcp");
     let mut d = Daemon::start_local(
@@ -330,6 +337,4 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
         );
     }
     d.stop();
-    let _ = upstream.kill();
-    let _ = upstream.wait();
 }
