@@ -73,6 +73,62 @@ pub fn demo_upstream(port: u16) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// `.tools/node/node_modules/.bin` first on PATH: Node 22 and the npm peers installed by setup.
+pub fn node_path() -> String {
+    let bin = root().join(".tools/node/node_modules/.bin");
+    assert!(
+        bin.join("conformance").exists(),
+        "{} missing: run `cargo xtask setup`",
+        bin.display()
+    );
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// The reference MCP server from npm (`@modelcontextprotocol/server-everything`) on `port`.
+pub fn server_everything(port: u16) -> KillOnDrop {
+    let child = Command::new("mcp-server-everything")
+        .arg("streamableHttp")
+        .env("PATH", node_path())
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server-everything");
+    wait_port(port, Duration::from_secs(30));
+    KillOnDrop(child)
+}
+
+/// Runs the MCP conformance suite's server scenarios against `url`; returns each scenario's
+/// outcome (true: passed) as the suite's summary reports it.
+pub fn conformance(url: &str) -> std::collections::BTreeMap<String, bool> {
+    let out = Command::new("timeout")
+        .args(["240", "conformance", "server", "--url", url])
+        .env("PATH", node_path())
+        .output()
+        .expect("run the conformance suite");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .split("=== SUMMARY ===")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    summary
+        .lines()
+        .filter_map(|l| {
+            let (mark, rest) = l.trim().split_once(' ')?;
+            let name = rest.split(':').next()?.to_owned();
+            match mark {
+                "✓" => Some((name, true)),
+                "✗" => Some((name, false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// The Python SDK's MCP server (tests/fixtures/mcp_server.py), killed on drop.
 pub struct PyServer {
     child: Child,

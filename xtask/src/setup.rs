@@ -20,7 +20,46 @@ pub fn ensure() -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     python_peers()?;
+    node_peers()?;
     Ok(())
+}
+
+/// Node 22 (the conformance suite needs it; the machine's Node may be older), the MCP
+/// conformance suite and the reference `server-everything`, pinned, in `.tools/node`.
+const NPM_PACKAGES: &[&str] = &[
+    "node@22.23.3",
+    "@modelcontextprotocol/conformance@0.1.16",
+    "@modelcontextprotocol/server-everything@2026.8.31",
+];
+
+fn node_peers() -> anyhow::Result<()> {
+    let prefix = std::path::Path::new(".tools/node");
+    let installed = |pkg: &str| {
+        let (name, version) = pkg.rsplit_once('@').expect("name@version");
+        std::fs::read_to_string(prefix.join("node_modules").join(name).join("package.json"))
+            .is_ok_and(|j| j.contains(&format!("\"version\": \"{version}\"")))
+    };
+    if NPM_PACKAGES.iter().all(|p| installed(p)) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} into .tools/node",
+        NPM_PACKAGES.join(" ")
+    );
+    std::fs::create_dir_all(prefix)?;
+    crate::run(
+        Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--save-exact",
+                "--prefix",
+            ])
+            .arg(prefix)
+            .args(NPM_PACKAGES),
+    )
+    .context("npm install of the MCP conformance suite")
 }
 
 /// The Python MCP SDK (a real client and server for the end-to-end tests), pinned, in a venv
