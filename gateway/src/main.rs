@@ -28,6 +28,8 @@ enum Command {
     Check { config: PathBuf },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print the JSON schema of the configuration file.
+    ConfigSchema,
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
         /// Pin directory of the instance.
@@ -79,6 +81,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", gateway::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+        Command::ConfigSchema => {
+            print!("{}", gateway::config::json_schema());
             Ok(())
         }
         Command::Kernel { pin_dir, action } => kernel_command(&pin_dir, action),

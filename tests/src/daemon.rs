@@ -171,6 +171,16 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM without waiting; [`Daemon::stop`] (or drop) waits.
+    pub fn terminate(&self) {
+        let child = self.child.as_ref().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+    }
+
     /// SIGHUP: reload the configuration file.
     pub fn hangup(&self) {
         let child = self.child.as_ref().expect("running");

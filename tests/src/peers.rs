@@ -303,6 +303,8 @@ pub enum Misbehave {
     DieMidStream,
     /// Reads the request and never answers.
     Hang,
+    /// Answers like `Answer`, but only after this long.
+    Slow(Duration),
 }
 
 /// An upstream on raw sockets that records request heads.
@@ -344,8 +346,11 @@ impl FakeUpstream {
                         let mut body = vec![0; len];
                         let _ = reader.read_exact(&mut body);
                         log.lock().unwrap().push(head);
+                        if let Misbehave::Slow(delay) = how {
+                            std::thread::sleep(delay);
+                        }
                         match how {
-                            Misbehave::Answer => {
+                            Misbehave::Answer | Misbehave::Slow(_) => {
                                 let b = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
                                 let _ = write!(
                                     conn,

@@ -99,10 +99,18 @@ pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The daemon and the bench binaries (`mcp-upstream` is the demo upstream of `run` and the
+/// upstream of several tests).
 fn build_release() -> anyhow::Result<()> {
-    run(cargo()
-        .args(["build", "--release", "-p", "gateway"])
-        .env("RUST_LOG", "warn"))
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "-p",
+        "bench",
+        "--bins",
+    ]))
 }
 
 fn is_root() -> bool {

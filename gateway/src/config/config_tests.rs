@@ -127,3 +127,15 @@ fn upstreams_and_routes() {
     let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
     assert!(err(&env).contains("GW_TEST_SURELY_UNSET"));
 }
+
+#[test]
+fn the_json_schema_in_docs_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.schema.json");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == json_schema(),
+        "{} is out of date: run `cargo run -p gateway -- config-schema > docs/config.schema.json`",
+        path.display()
+    );
+    assert!(committed.contains("\"tenants\"") && committed.contains("\"upstreams\""));
+}

@@ -36,7 +36,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub gateway: RawGateway,
@@ -55,7 +55,7 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     #[serde(default = "default_max_header_bytes")]
@@ -91,7 +91,7 @@ const fn default_idle_timeout_ms() -> u64 {
     60_000
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,
@@ -126,7 +126,7 @@ const fn default_max_idle() -> usize {
     32
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Exact request path, e.g. `/mcp` or `/mcp/github`.
@@ -135,7 +135,7 @@ pub struct RawRoute {
     pub upstream: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawGateway {
     pub instance: String,
@@ -153,19 +153,19 @@ const fn default_grace_ms() -> u64 {
     5000
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub address: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawKernel {
     #[serde(default = "yes")]
@@ -211,7 +211,7 @@ const fn default_cap_poll_ms() -> u64 {
 }
 
 /// How the XDP program is attached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode, falling back to generic with a warning.
@@ -221,7 +221,7 @@ pub enum AttachMode {
     Generic,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
     pub name: String,
@@ -314,6 +314,13 @@ pub struct Tenant {
     pub per_source_new_connections_per_sec: u64,
     pub per_source_new_connections_burst: u64,
     pub max_connections: Option<u64>,
+}
+
+/// The JSON schema of the configuration file (kept in docs/config.schema.json, checked for drift
+/// by a test).
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(RawConfig);
+    serde_json::to_string_pretty(&schema).expect("a schema serializes") + "\n"
 }
 
 impl Config {

@@ -135,7 +135,14 @@ async fn accept_loop(
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => r,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => {
+                // Stop listening now. Dropping the listener is not enough with io_uring: the
+                // kernel keeps the socket listening until the cancelled accept completes, and
+                // meanwhile still completes handshakes that will never be served.
+                // SAFETY: shutdown on a descriptor this listener owns.
+                unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SHUT_RDWR) };
+                return;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,

@@ -380,3 +380,48 @@ fn conformance_suite_scenarios_pass_through_the_gateway_exactly_as_they_do_direc
     }
     d.stop();
 }
+
+#[test]
+fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
+    let up = FakeUpstream::start(Misbehave::Slow(Duration::from_millis(1200)));
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(&instance, port, &[("/mcp", up.url())], ""),
+    );
+    let in_flight = std::thread::spawn(move || {
+        raw(
+            port,
+            &post(
+                "/mcp",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+                "",
+            ),
+        )
+        .0
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    d.terminate();
+    d.wait_for_log("shutting down", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(100));
+    // While the request is still in flight (its upstream answers after 1.2 s), the listeners are
+    // already closed on every worker.
+    for _ in 0..4 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "no new connections once draining"
+        );
+    }
+    assert!(
+        !in_flight.is_finished(),
+        "the checks above ran during the drain"
+    );
+    assert_eq!(
+        in_flight.join().unwrap(),
+        200,
+        "the request in flight was answered"
+    );
+    d.stop();
+}
