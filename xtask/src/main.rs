@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Verb {
-    /// Install what the build needs (LLVM 22, nightly rust-src, bpf-linker); idempotent.
+    /// Install what the build and the tests need (LLVM 22, nightly rust-src, bpf-linker,
+    /// nginx, the Python MCP SDK, Node 22 and the conformance suite); idempotent.
     Setup,
     /// Build the gateway (kernel program included) in release mode.
     Build,
@@ -50,7 +51,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
-    setup::ensure().context("setup failed")?;
+    let test_peers = matches!(cli.verb, Verb::Setup | Verb::Test { .. });
+    setup::ensure(test_peers).context("setup failed")?;
     match cli.verb {
         Verb::Setup => Ok(()),
         Verb::Build => build_release(),

@@ -15,12 +15,15 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn ensure() -> anyhow::Result<()> {
+/// What building and running need; with `test_peers`, also the real MCP peers the tests use.
+pub fn ensure(test_peers: bool) -> anyhow::Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
-    python_peers()?;
-    node_peers()?;
+    if test_peers {
+        python_peers()?;
+        node_peers()?;
+    }
     Ok(())
 }
 
