@@ -159,6 +159,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `<stem>.md` and `<stem>.json` under bench/results/ and prints the Markdown.
+fn write_report(
+    dir: &std::path::Path,
+    stem: &str,
+    md: &str,
+    json: &serde_json::Value,
+) -> anyhow::Result<()> {
+    std::fs::write(dir.join(format!("{stem}.md")), md)?;
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(json)?,
+    )?;
+    print!("{md}");
+    println!("\nwritten: bench/results/{stem}.md and .json");
+    Ok(())
+}
+
 fn proxy_report(
     args: &Args,
     env: &env::Environment,
@@ -242,15 +259,7 @@ fn proxy_report(
         "scenario": "proxy", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "rows": rows_json, "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    let stem = format!("{}-proxy{suffix}", env.date);
-    std::fs::write(dir.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    print!("{md}");
-    println!("\nwritten: bench/results/{stem}.md and .json");
-    Ok(())
+    write_report(dir, &format!("{}-proxy{suffix}", env.date), &md, &json)
 }
 
 fn xdp(
@@ -363,13 +372,5 @@ fn xdp(
             "path": n, "median_ns": med, "min_ns": min, "max_ns": max, "ratio_to_peer": *med as f64 / peer,
         })).collect::<Vec<_>>(),
     });
-    let stem = format!("{}-xdp{suffix}", env.date);
-    std::fs::write(dir.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    print!("{md}");
-    println!("\nwritten: bench/results/{stem}.md and .json");
-    Ok(())
+    write_report(dir, &format!("{}-xdp{suffix}", env.date), &md, &json)
 }

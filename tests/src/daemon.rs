@@ -143,13 +143,11 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        if self.child.is_none() {
             return;
-        };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        }
+        self.terminate();
+        let mut child = self.child.take().expect("checked above");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -171,24 +169,21 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` to the running daemon without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("kill(2)");
+    }
+
     /// SIGTERM without waiting; [`Daemon::stop`] (or drop) waits.
     pub fn terminate(&self) {
-        let child = self.child.as_ref().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
+        self.signal(nix::sys::signal::Signal::SIGTERM);
     }
 
     /// SIGHUP: reload the configuration file.
     pub fn hangup(&self) {
-        let child = self.child.as_ref().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("SIGHUP");
+        self.signal(nix::sys::signal::Signal::SIGHUP);
     }
 
     /// SIGKILL, as a crash would.
