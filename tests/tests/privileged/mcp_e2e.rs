@@ -425,3 +425,70 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
     );
     d.stop();
 }
+
+#[test]
+fn session_era_get_stream_and_delete_pass_through_to_the_upstream() {
+    let upstream = PyServer::start(false);
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(&instance, port, &[("/mcp", upstream.url())], ""),
+    );
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+    let (resp, _) = raw(port, &post("/mcp", init, ""));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let session = resp
+        .header("mcp-session-id")
+        .expect("the upstream's session id is relayed")
+        .to_owned();
+    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-11-25\r\n");
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            &headers,
+        ),
+    );
+    assert_eq!(resp.status, 202);
+
+    // The GET stream: the answer's head arrives and the stream stays open.
+    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    get.write_all(
+        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{headers}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    get.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut get, &mut byte).expect("the GET stream's head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    assert!(head.contains("x-accel-buffering: no"), "{head}");
+    drop(get);
+
+    // DELETE ends the session upstream: the next request with it is unknown there (404).
+    let (resp, _) = raw(
+        port,
+        format!("DELETE /mcp HTTP/1.1\r\nhost: gw\r\n{headers}\r\n").as_bytes(),
+    );
+    assert!(resp.status == 200 || resp.status == 204, "{resp:?}");
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+            &headers,
+        ),
+    );
+    assert_eq!(resp.status, 404, "session gone upstream: {resp:?}");
+    d.stop();
+}
