@@ -4,9 +4,11 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
+
+use integration_tests::peers::{KillOnDrop, free_port, wait_port};
 
 use crate::load::{self, LoadResult, LoadSpec};
 
@@ -22,20 +24,18 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// A process under measurement, killed on drop.
+struct Proc(KillOnDrop);
 
 impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.0.id()
+    }
+
     /// CPU seconds used so far (user + system), from /proc.
     fn cpu_seconds(&self) -> f64 {
         let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         let fields: Vec<&str> = stat
             .rsplit(')')
             .next()
@@ -52,31 +52,13 @@ impl Proc {
     /// Peak resident memory in MiB (VmHWM).
     fn peak_rss_mib(&self) -> f64 {
         let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listens on {port}");
 }
 
 /// Where the load goes, and which processes' CPU it costs.
@@ -104,7 +86,7 @@ pub struct ProxyReport {
 
 pub fn run(quick: bool) -> ProxyReport {
     let up_port = free_port();
-    let upstream = Proc(
+    let upstream = Proc(KillOnDrop(
         Command::new(bin("mcp-upstream"))
             .args([
                 "--listen",
@@ -115,8 +97,8 @@ pub fn run(quick: bool) -> ProxyReport {
             .stderr(Stdio::null())
             .spawn()
             .expect("start mcp-upstream"),
-    );
-    wait_port(up_port);
+    ));
+    wait_port(up_port, Duration::from_secs(5));
     let gw_port = free_port();
     let config = std::env::temp_dir().join(format!("bench-gw-{}.toml", std::process::id()));
     std::fs::write(
@@ -133,7 +115,7 @@ pub fn run(quick: bool) -> ProxyReport {
         ),
     )
     .expect("write config");
-    let gateway = Proc(
+    let gateway = Proc(KillOnDrop(
         Command::new(bin("gateway"))
             .args(["run", "--config"])
             .arg(&config)
@@ -146,8 +128,8 @@ pub fn run(quick: bool) -> ProxyReport {
             .stderr(Stdio::null())
             .spawn()
             .expect("start gateway"),
-    );
-    wait_port(gw_port);
+    ));
+    wait_port(gw_port, Duration::from_secs(5));
 
     // nginx as a plain HTTP reverse proxy with upstream keep-alive: the bar for raw proxying.
     let ngx_port = free_port();
@@ -165,7 +147,7 @@ pub fn run(quick: bool) -> ProxyReport {
         ),
     )
     .expect("nginx config");
-    let nginx = Proc(
+    let nginx = Proc(KillOnDrop(
         Command::new("nginx")
             .arg("-p")
             .arg(&ngx_dir)
@@ -174,8 +156,8 @@ pub fn run(quick: bool) -> ProxyReport {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nginx (cargo xtask setup installs nginx-light)"),
-    );
-    wait_port(ngx_port);
+    ));
+    wait_port(ngx_port, Duration::from_secs(5));
 
     let connections = 32;
     let seconds = if quick { 2.0 } else { 8.0 };

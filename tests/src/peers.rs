@@ -131,7 +131,7 @@ pub fn conformance(url: &str) -> std::collections::BTreeMap<String, bool> {
 
 /// The Python SDK's MCP server (tests/fixtures/mcp_server.py), killed on drop.
 pub struct PyServer {
-    child: Child,
+    _child: KillOnDrop,
     pub port: u16,
 }
 
@@ -150,18 +150,14 @@ impl PyServer {
             .spawn()
             .expect("start the Python MCP server");
         wait_port(port, Duration::from_secs(30));
-        Self { child, port }
+        Self {
+            _child: KillOnDrop(child),
+            port,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -39,6 +39,14 @@ allowed_origins = ["https://console.example"]
     c
 }
 
+/// A gateway on loopback (kernel program off) serving `routes`; returns it and its port.
+fn start_gateway(routes: &[(&str, String)], extra_upstream: &str) -> (Daemon, u16) {
+    let port = free_port();
+    let instance = unique("gwmcp");
+    let daemon = Daemon::start_local(&instance, &config(&instance, port, routes, extra_upstream));
+    (daemon, port)
+}
+
 fn expected(mode: &str) -> serde_json::Value {
     let mut v = serde_json::json!({
         "tools": ["add", "count_with_progress", "echo", "fail"],
@@ -60,12 +68,7 @@ fn expected(mode: &str) -> serde_json::Value {
 fn python_sdk_client_through_the_gateway_to_a_python_sdk_server_both_eras() {
     for json_upstream in [false, true] {
         let upstream = PyServer::start(json_upstream);
-        let port = free_port();
-        let instance = unique("gwmcp");
-        let mut d = Daemon::start_local(
-            &instance,
-            &config(&instance, port, &[("/mcp", upstream.url())], ""),
-        );
+        let (mut d, port) = start_gateway(&[("/mcp", upstream.url())], "");
         for mode in ["legacy", "2026-07-28"] {
             let direct = py_client(&upstream.url(), mode);
             let through = py_client(&format!("http://127.0.0.1:{port}/mcp"), mode);
@@ -85,12 +88,7 @@ fn python_sdk_client_through_the_gateway_to_a_python_sdk_server_both_eras() {
 #[test]
 fn malformed_input_gets_the_right_status_and_error_and_others_keep_being_served() {
     let upstream = PyServer::start(false);
-    let port = free_port();
-    let instance = unique("gwmcp");
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(&instance, port, &[("/mcp", upstream.url())], ""),
-    );
+    let (mut d, port) = start_gateway(&[("/mcp", upstream.url())], "");
     let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
     let cases: Vec<(&str, Vec<u8>, u16, Option<i64>)> = vec![
         ("not JSON", post("/mcp", "{nope", ""), 400, Some(-32700)),
@@ -199,15 +197,13 @@ fn failing_upstreams_answer_exactly_the_affected_request() {
     let mid = FakeUpstream::start(Misbehave::DieMidStream);
     let hang = FakeUpstream::start(Misbehave::Hang);
     let good = PyServer::start(false);
-    let port = free_port();
-    let instance = unique("gwmcp");
     let routes = [
         ("/dead", format!("http://127.0.0.1:{dead_port}/mcp")),
         ("/mid", mid.url()),
         ("/hang", hang.url()),
         ("/good", good.url()),
     ];
-    let mut d = Daemon::start_local(&instance, &config(&instance, port, &routes, ""));
+    let (mut d, port) = start_gateway(&routes, "");
     let call = r#"{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#;
 
     let (resp, _) = raw(port, &post("/dead", call, ""));
@@ -257,18 +253,11 @@ fn failing_upstreams_answer_exactly_the_affected_request() {
 #[test]
 fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
     let up = FakeUpstream::start(Misbehave::Answer);
-    let port = free_port();
-    let instance = unique("gwmcp");
     // SAFETY: tests run one at a time; the child inherits this variable.
     unsafe { std::env::set_var("GW_TEST_UPSTREAM_TOKEN", "upstream-secret") };
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(
-            &instance,
-            port,
-            &[("/mcp", up.url())],
-            "bearer_token_env = \"GW_TEST_UPSTREAM_TOKEN\"",
-        ),
+    let (mut d, port) = start_gateway(
+        &[("/mcp", up.url())],
+        "bearer_token_env = \"GW_TEST_UPSTREAM_TOKEN\"",
     );
     let (resp, _) = raw(
         port,
@@ -303,17 +292,7 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
 fn the_demo_upstream_serves_the_python_sdk_client_through_the_gateway() {
     let up_port = free_port();
     let _upstream = integration_tests::peers::demo_upstream(up_port);
-    let port = free_port();
-    let instance = unique("gwmcp");
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(
-            &instance,
-            port,
-            &[("/mcp", format!("http://127.0.0.1:{up_port}/mcp"))],
-            "",
-        ),
-    );
+    let (mut d, port) = start_gateway(&[("/mcp", format!("http://127.0.0.1:{up_port}/mcp"))], "");
     for mode in ["legacy", "2026-07-28", "auto"] {
         let out = integration_tests::peers::py_script(
             r#"
@@ -343,13 +322,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 fn conformance_suite_scenarios_pass_through_the_gateway_exactly_as_they_do_direct() {
     let up_port = free_port();
     let _everything = integration_tests::peers::server_everything(up_port);
-    let port = free_port();
-    let instance = unique("gwmcp");
     let url = format!("http://127.0.0.1:{up_port}/mcp");
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(&instance, port, &[("/mcp", url.clone())], ""),
-    );
+    let (mut d, port) = start_gateway(&[("/mcp", url.clone())], "");
     let direct = integration_tests::peers::conformance(&url);
     let through = integration_tests::peers::conformance(&format!("http://127.0.0.1:{port}/mcp"));
     assert!(
@@ -384,12 +358,7 @@ fn conformance_suite_scenarios_pass_through_the_gateway_exactly_as_they_do_direc
 #[test]
 fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
     let up = FakeUpstream::start(Misbehave::Slow(Duration::from_millis(1200)));
-    let port = free_port();
-    let instance = unique("gwmcp");
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(&instance, port, &[("/mcp", up.url())], ""),
-    );
+    let (mut d, port) = start_gateway(&[("/mcp", up.url())], "");
     let in_flight = std::thread::spawn(move || {
         raw(
             port,
@@ -429,12 +398,7 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
 #[test]
 fn session_era_get_stream_and_delete_pass_through_to_the_upstream() {
     let upstream = PyServer::start(false);
-    let port = free_port();
-    let instance = unique("gwmcp");
-    let mut d = Daemon::start_local(
-        &instance,
-        &config(&instance, port, &[("/mcp", upstream.url())], ""),
-    );
+    let (mut d, port) = start_gateway(&[("/mcp", upstream.url())], "");
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
     let (resp, _) = raw(port, &post("/mcp", init, ""));
     assert_eq!(resp.status, 200, "{resp:?}");
