@@ -134,18 +134,15 @@ fn answer(req: &http::Request, parser: &mut Parser) -> (u16, Option<String>, Vec
     }
     let modern = req.header_str("mcp-protocol-version") == Some(version::STATELESS)
         || msg.meta_protocol_version.as_deref() == Some(version::STATELESS);
-    let params: Value = serde_json::from_slice::<Value>(&req.body)
-        .ok()
-        .and_then(|v| v.get("params").cloned())
-        .unwrap_or(Value::Null);
     let id = msg.id.clone();
     let method = msg.method.as_deref().unwrap_or_default();
     let mut session = None;
     let result = match method {
         "initialize" => {
-            let asked = params
-                .get("protocolVersion")
-                .and_then(Value::as_str)
+            // Only initialize needs a params field the parser does not extract.
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let asked = body["params"]["protocolVersion"]
+                .as_str()
                 .unwrap_or("2025-06-18");
             let version = if version::is_supported(asked) && asked != version::STATELESS {
                 asked

@@ -197,9 +197,30 @@ fn parse_id(v: &Value<'_>) -> Option<Id> {
 }
 
 fn to_serde(v: &Value<'_>) -> serde_json::Value {
-    // Arguments are small; converting through text keeps numbers exactly as written.
-    serde_json::from_str(&simd_json::to_string(v).unwrap_or_default())
-        .unwrap_or(serde_json::Value::Null)
+    use serde_json::Value as J;
+    // A direct walk: no text round trip (and no depth limit below simd-json's own).
+    if let Some(s) = v.as_str() {
+        J::from(s)
+    } else if let Some(items) = v.as_array() {
+        J::Array(items.iter().map(to_serde).collect())
+    } else if let Some(fields) = v.as_object() {
+        J::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), to_serde(v)))
+                .collect(),
+        )
+    } else if let Some(b) = v.as_bool() {
+        J::Bool(b)
+    } else if let Some(i) = v.as_i64() {
+        J::from(i)
+    } else if let Some(u) = v.as_u64() {
+        J::from(u)
+    } else if let Some(f) = v.as_f64() {
+        serde_json::Number::from_f64(f).map_or(J::Null, J::Number)
+    } else {
+        J::Null
+    }
 }
 
 #[cfg(test)]

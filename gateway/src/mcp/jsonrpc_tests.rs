@@ -26,6 +26,15 @@ fn extracts_tool_call() {
         Some(serde_json::json!({"text":"héllo","n":[1,2]}))
     );
     assert!(m.has_progress_token);
+    let m = single(
+        r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"t","arguments":{"i":-3,"u":18446744073709551615,"f":1.5,"b":false,"n":null,"o":{"deep":[{}]}}}}"#,
+    );
+    assert_eq!(
+        m.arguments,
+        Some(
+            serde_json::json!({"i":-3,"u":18446744073709551615u64,"f":1.5,"b":false,"n":null,"o":{"deep":[{}]}})
+        )
+    );
 }
 
 #[test]

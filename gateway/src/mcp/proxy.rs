@@ -346,7 +346,7 @@ async fn forward(
     request_id: Option<Id>,
     ctx: &WorkerCtx,
 ) -> bool {
-    let request = upstream_request(req, peer, up);
+    let mut request = upstream_request(req, peer, up);
     let mut attempt = 0;
     let (conn, head) = loop {
         attempt += 1;
@@ -359,7 +359,13 @@ async fn forward(
                 Err(f) => return fail(client, req, up, request_id, f).await,
             },
         };
-        match exchange(&mut conn, request.clone(), up).await {
+        // Keep a copy only when a retry is possible (a pooled connection, first attempt).
+        let bytes = if reused && attempt == 1 {
+            request.clone()
+        } else {
+            std::mem::take(&mut request)
+        };
+        match exchange(&mut conn, bytes, up).await {
             Ok(head) => break (conn, head),
             // The upstream closed an idle pooled connection as we reused it: try a fresh one.
             Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 => continue,
