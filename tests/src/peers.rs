@@ -167,6 +167,12 @@ pub fn py_client(url: &str, mode: &str) -> serde_json::Value {
     run_python(&[client.to_str().expect("utf-8 path"), url, mode])
 }
 
+/// Like [`py_client`], with the fixture server's tools and prompts under `prefix` (federation).
+pub fn py_client_prefixed(url: &str, mode: &str, prefix: &str) -> serde_json::Value {
+    let client = root().join("tests/fixtures/mcp_client.py");
+    run_python(&[client.to_str().expect("utf-8 path"), url, mode, prefix])
+}
+
 /// Runs an inline Python script with the SDK's venv; returns the JSON it prints.
 pub fn py_script(script: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["-c", script];

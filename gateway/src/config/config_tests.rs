@@ -27,7 +27,11 @@ fn embedded_default_is_valid() {
     assert!(c.workers >= 1);
     assert_eq!(c.routes[0].path, "/mcp");
     assert_eq!(
-        c.upstreams[c.routes[0].upstream].url,
+        c.upstreams[match c.routes[0].target {
+            Target::Passthrough(u) => u,
+            _ => panic!("the default route is a passthrough"),
+        }]
+        .url,
         "http://127.0.0.1:9100/mcp"
     );
 }
@@ -120,12 +124,65 @@ fn upstreams_and_routes() {
     let c = Config::from_toml(&base).unwrap();
     assert_eq!(c.upstreams[0].path, "/mcp");
     assert_eq!(c.upstreams[0].authority, "127.0.0.1:9100");
-    assert_eq!(c.routes[0].upstream, 0);
+    assert_eq!(c.routes[0].target, Target::Passthrough(0));
     assert!(err(&base.replace("upstream='u'", "upstream='v'")).contains("routes[0].upstream"));
     assert!(err(&base.replace("http://127", "https://127")).contains("upstreams[0].url"));
     assert!(err(&base.replace("path='/mcp'", "path='mcp'")).contains("routes[0].path"));
     let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
     assert!(err(&env).contains("GW_TEST_SURELY_UNSET"));
+}
+
+#[test]
+fn federated_routes() {
+    let ups = "[[upstreams]]\nname='a'\nurl='http://127.0.0.1:9100/mcp'\n[[upstreams]]\nname='b'\nurl='http://127.0.0.1:9101/mcp'\n";
+    let route =
+        |members: &str| format!("{MINIMAL}{ups}[[routes]]\npath='/all'\nfederate=[{members}]\n");
+    let c = Config::from_toml(&route("{upstream='a'},{upstream='b',prefix=''}")).unwrap();
+    assert_eq!(
+        c.routes[0].target,
+        Target::Federation(vec![
+            Member {
+                upstream: 0,
+                prefix: "a_".into()
+            },
+            Member {
+                upstream: 1,
+                prefix: String::new()
+            },
+        ])
+    );
+    for (members, key) in [
+        ("", "routes[0].federate"),
+        ("{upstream='c'}", "routes[0].federate[0].upstream"),
+        (
+            "{upstream='a'},{upstream='a'}",
+            "routes[0].federate[1].upstream",
+        ),
+        (
+            "{upstream='a',prefix='x'},{upstream='b',prefix='xy'}",
+            "routes[0].federate[1].prefix",
+        ),
+        (
+            "{upstream='a',prefix=''},{upstream='b',prefix=''}",
+            "routes[0].federate[1].prefix",
+        ),
+        (
+            "{upstream='a',prefix='a b'}",
+            "routes[0].federate[0].prefix",
+        ),
+    ] {
+        assert!(
+            err(&route(members)).contains(key),
+            "{members}: {}",
+            err(&route(members))
+        );
+    }
+    let both = format!(
+        "{MINIMAL}{ups}[[routes]]\npath='/all'\nupstream='a'\nfederate=[{{upstream='b'}}]\n"
+    );
+    assert!(err(&both).contains("exactly one of"));
+    let bad_name = format!("{MINIMAL}[[upstreams]]\nname='a b'\nurl='http://127.0.0.1:9100/mcp'\n");
+    assert!(err(&bad_name).contains("upstreams[0].name"));
 }
 
 #[test]

@@ -131,8 +131,25 @@ const fn default_max_idle() -> usize {
 pub struct RawRoute {
     /// Exact request path, e.g. `/mcp` or `/mcp/github`.
     pub path: String,
-    /// Passthrough: every message goes to this upstream, sessions relayed.
+    /// Passthrough: every message goes to this upstream, sessions relayed. Give either this or
+    /// `federate`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Federation: the gateway is one virtual MCP server over these upstreams. It answers
+    /// `initialize`, merges the lists, routes each call to its owner by name prefix and keeps one
+    /// upstream session per client session per upstream.
+    #[serde(default)]
+    pub federate: Option<Vec<RawMember>>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawMember {
     pub upstream: String,
+    /// Put before this upstream's tool and prompt names (default `<upstream>_`). At most one
+    /// member of a route may have an empty prefix: it owns every name no other prefix matches.
+    #[serde(default)]
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -290,8 +307,21 @@ pub struct Upstream {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub path: String,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Index into [`Config::upstreams`].
+    Passthrough(usize),
+    Federation(Vec<Member>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -591,6 +621,16 @@ impl RawConfig {
                     format!("`{}` is empty or used twice", u.name),
                 ));
             }
+            if !u
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}`: only ASCII letters, digits, `_` and `-`", u.name),
+                ));
+            }
             let (authority, path) = u
                 .url
                 .strip_prefix("http://")
@@ -660,18 +700,74 @@ impl RawConfig {
                     format!("`{}` is routed twice", r.path),
                 ));
             }
-            let upstream = upstreams
-                .iter()
-                .position(|u| u.name == r.upstream)
-                .ok_or_else(|| {
-                    invalid(
-                        format!("routes[{i}].upstream"),
-                        format!("no upstream is named `{}`", r.upstream),
-                    )
-                })?;
+            let find = |name: &str, key: String| {
+                upstreams
+                    .iter()
+                    .position(|u| u.name == name)
+                    .ok_or_else(|| invalid(key, format!("no upstream is named `{name}`")))
+            };
+            let target = match (r.upstream, r.federate) {
+                (Some(name), None) => {
+                    Target::Passthrough(find(&name, format!("routes[{i}].upstream"))?)
+                }
+                (None, Some(members)) => {
+                    let key = |m: usize, f: &str| format!("routes[{i}].federate[{m}].{f}");
+                    if members.is_empty() {
+                        return Err(invalid(
+                            format!("routes[{i}].federate"),
+                            "lists no upstream",
+                        ));
+                    }
+                    let mut out: Vec<Member> = Vec::new();
+                    for (m, raw) in members.into_iter().enumerate() {
+                        let upstream = find(&raw.upstream, key(m, "upstream"))?;
+                        if out.iter().any(|x| x.upstream == upstream) {
+                            return Err(invalid(
+                                key(m, "upstream"),
+                                format!("`{}` is listed twice", raw.upstream),
+                            ));
+                        }
+                        let prefix = raw.prefix.unwrap_or_else(|| format!("{}_", raw.upstream));
+                        if !prefix
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b))
+                        {
+                            return Err(invalid(
+                                key(m, "prefix"),
+                                format!(
+                                    "`{prefix}`: only ASCII letters, digits and _-./ may appear in tool names"
+                                ),
+                            ));
+                        }
+                        if let Some(other) = out.iter().find(|x| {
+                            (x.prefix.is_empty() && prefix.is_empty())
+                                || (!x.prefix.is_empty()
+                                    && !prefix.is_empty()
+                                    && (x.prefix.starts_with(&prefix)
+                                        || prefix.starts_with(&x.prefix)))
+                        }) {
+                            return Err(invalid(
+                                key(m, "prefix"),
+                                format!(
+                                    "`{prefix}` is ambiguous beside `{}` of `{}`",
+                                    other.prefix, upstreams[other.upstream].name
+                                ),
+                            ));
+                        }
+                        out.push(Member { upstream, prefix });
+                    }
+                    Target::Federation(out)
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("routes[{i}]"),
+                        "give exactly one of `upstream` (passthrough) and `federate`",
+                    ));
+                }
+            };
             routes.push(Route {
                 path: r.path,
-                upstream,
+                target,
             });
         }
 

@@ -12,6 +12,9 @@ pub const INTERNAL_ERROR: i64 = -32603;
 pub const HEADER_MISMATCH: i64 = -32020;
 /// 2026-07-28: unsupported protocol version.
 pub const UNSUPPORTED_VERSION: i64 = -32022;
+/// Unknown or expired session (the code the TypeScript SDK uses); HTTP 404 tells the client to
+/// initialize again.
+pub const SESSION_NOT_FOUND: i64 = -32001;
 /// Gateway-defined: the upstream failed, timed out or closed mid-stream.
 pub const UPSTREAM_ERROR: i64 = -32003;
 

@@ -2,9 +2,11 @@
 //! gateway answers itself, and forwarding to upstream servers.
 
 pub mod error;
+pub mod federation;
 pub mod headers;
 pub mod jsonrpc;
 pub mod proxy;
+pub mod session;
 pub mod version;
 
 pub use error::RpcError;

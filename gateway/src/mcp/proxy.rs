@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{Id, Kind, Parsed, Parser, RpcError, error, version};
 use crate::{
-    config::{Config, Upstream},
+    config::{Config, Target, Upstream},
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
     runtime::Shared,
 };
@@ -19,7 +19,7 @@ use crate::{
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
-    parser: RefCell<Parser>,
+    pub(super) parser: RefCell<Parser>,
     pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
 }
 
@@ -32,11 +32,11 @@ impl WorkerCtx {
         })
     }
 
-    fn checkout(&self, addr: SocketAddr) -> Option<Io> {
+    pub(super) fn checkout(&self, addr: SocketAddr) -> Option<Io> {
         self.pool.borrow_mut().get_mut(&addr).and_then(Vec::pop)
     }
 
-    fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
+    pub(super) fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
         let mut pool = self.pool.borrow_mut();
         let idle = pool.entry(addr).or_default();
         if idle.len() < max_idle {
@@ -91,7 +91,7 @@ pub async fn serve(
     }
 }
 
-fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
+pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
     http::response(
         status,
         &[("content-type", "application/json")],
@@ -119,7 +119,6 @@ async fn handle(
         .with_data(serde_json::json!({ "endpoints": paths }));
         return io.write_all(reply(404, err)).await.is_ok();
     };
-    let upstream = &config.upstreams[route.upstream];
     if let Some(origin) = req.header_str("origin")
         && !config.http.allowed_origins.iter().any(|o| o == origin)
     {
@@ -139,6 +138,7 @@ async fn handle(
         return io.write_all(reply(400, err)).await.is_ok();
     }
     let mut request_id = None;
+    let mut message = None;
     match req.method.as_str() {
         "POST" => {
             let json = req.header_str("content-type").is_some_and(|ct| {
@@ -168,8 +168,15 @@ async fn handle(
                         return io.write_all(reply(err.http_status, err)).await.is_ok();
                     }
                     if m.kind == Kind::Request {
-                        request_id = m.id;
+                        request_id = m.id.clone();
                     }
+                    message = Some(m);
+                }
+                Ok(Parsed::Batch(_)) if matches!(route.target, Target::Federation(_)) => {
+                    let err = RpcError::invalid_request(
+                        "JSON-RPC batches are not supported on a federated route",
+                    );
+                    return io.write_all(reply(400, err)).await.is_ok();
                 }
                 Ok(Parsed::Batch(_)) => {}
             }
@@ -191,7 +198,23 @@ async fn handle(
             return io.write_all(resp).await.is_ok();
         }
     }
-    forward(io, req, peer, upstream, request_id, ctx).await
+    match &route.target {
+        Target::Passthrough(u) => {
+            let up = &config.upstreams[*u];
+            let bytes = upstream_request(req, peer, up, &req.body, &[]);
+            forward(io, req, bytes, up, request_id, ctx, None).await
+        }
+        Target::Federation(members) => {
+            let fed = super::federation::Federation {
+                members,
+                config,
+                ctx,
+                req,
+                peer,
+            };
+            fed.handle(io, message).await
+        }
+    }
 }
 
 /// Hop-by-hop headers and those the gateway sets itself are not forwarded.
@@ -219,10 +242,18 @@ fn is_hop_by_hop(name: &str, connection: &[u8]) -> bool {
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
 }
 
-fn upstream_request(req: &Request, peer: SocketAddr, up: &Upstream) -> Vec<u8> {
+/// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the
+/// headers named in `replace` dropped and, where a value is given, set to it.
+pub(super) fn upstream_request(
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    body: &[u8],
+    replace: &[(&str, Option<&str>)],
+) -> Vec<u8> {
     let query = req.target.find('?').map_or("", |i| &req.target[i..]);
     let connection = req.header("connection").unwrap_or_default();
-    let mut out = Vec::with_capacity(512 + req.body.len());
+    let mut out = Vec::with_capacity(512 + body.len());
     out.extend_from_slice(
         format!(
             "{} {}{query} HTTP/1.1\r\nhost: {}\r\n",
@@ -231,7 +262,10 @@ fn upstream_request(req: &Request, peer: SocketAddr, up: &Upstream) -> Vec<u8> {
         .as_bytes(),
     );
     for (name, value) in &req.headers {
-        if !is_hop_by_hop(name, connection) && !name.eq_ignore_ascii_case("x-forwarded-for") {
+        if !is_hop_by_hop(name, connection)
+            && !name.eq_ignore_ascii_case("x-forwarded-for")
+            && !replace.iter().any(|(r, _)| name.eq_ignore_ascii_case(r))
+        {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
@@ -243,23 +277,45 @@ fn upstream_request(req: &Request, peer: SocketAddr, up: &Upstream) -> Vec<u8> {
         None => peer.ip().to_string(),
     };
     out.extend_from_slice(format!("x-forwarded-for: {forwarded_for}\r\n").as_bytes());
+    for (name, value) in replace {
+        if let Some(value) = value {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+    }
     if let Some(auth) = &up.authorization {
         out.extend_from_slice(format!("authorization: {auth}\r\n").as_bytes());
     }
-    if req.method == "POST" || !req.body.is_empty() {
-        out.extend_from_slice(format!("content-length: {}\r\n", req.body.len()).as_bytes());
+    if req.method == "POST" || !body.is_empty() {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&req.body);
+    out.extend_from_slice(body);
     out
 }
 
-struct ResponseHead {
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
+pub(super) struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
-enum UpstreamFailure {
+impl ResponseHead {
+    pub fn is_sse(&self) -> bool {
+        http::header(&self.headers, "content-type").is_some_and(|ct| {
+            ct.trim_ascii()
+                .to_ascii_lowercase()
+                .starts_with(b"text/event-stream")
+        })
+    }
+
+    fn closes(&self) -> bool {
+        http::header(&self.headers, "connection").is_some_and(|c| {
+            c.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        })
+    }
+}
+
+pub(super) enum UpstreamFailure {
     Connect(String),
     Timeout,
     /// Failed before any response byte: on a reused connection, worth one retry.
@@ -338,26 +394,21 @@ async fn exchange(
     }
 }
 
-async fn forward(
-    client: &mut Io,
-    req: &Request,
-    peer: SocketAddr,
-    up: &Upstream,
-    request_id: Option<Id>,
+/// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
+/// turns out to be closed) and reads the response head.
+pub(super) async fn open(
     ctx: &WorkerCtx,
-) -> bool {
-    let mut request = upstream_request(req, peer, up);
+    up: &Upstream,
+    mut request: Vec<u8>,
+) -> Result<(Io, ResponseHead), UpstreamFailure> {
     let mut attempt = 0;
-    let (conn, head) = loop {
+    loop {
         attempt += 1;
         let pooled = ctx.checkout(up.addr);
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => match connect(up).await {
-                Ok(c) => c,
-                Err(f) => return fail(client, req, up, request_id, f).await,
-            },
+            None => connect(up).await?,
         };
         // Keep a copy only when a retry is possible (a pooled connection, first attempt).
         let bytes = if reused && attempt == 1 {
@@ -366,16 +417,62 @@ async fn forward(
             std::mem::take(&mut request)
         };
         match exchange(&mut conn, bytes, up).await {
-            Ok(head) => break (conn, head),
+            Ok(head) => return Ok((conn, head)),
             // The upstream closed an idle pooled connection as we reused it: try a fresh one.
             Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 => continue,
-            Err(f) => return fail(client, req, up, request_id, f).await,
+            Err(f) => return Err(f),
         }
-    };
-    relay(client, conn, req, head, up, request_id, ctx).await
+    }
 }
 
-async fn fail(
+/// Sends `request` to `up` and reads the whole response (at most `max` bytes of body); the
+/// connection goes back to the pool.
+pub(super) async fn call(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    request: Vec<u8>,
+    max: usize,
+) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
+    let (mut conn, head) = open(ctx, up, request).await?;
+    let kind = if head.status == 204 || head.status == 304 {
+        BodyKind::Length(0)
+    } else {
+        match http::framing(&head.headers, max) {
+            Ok(Some(k)) => k,
+            Ok(None) => BodyKind::UntilClose,
+            Err(e) => return Err(UpstreamFailure::Bad(format!("unframeable response: {e}"))),
+        }
+    };
+    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let body = match conn.read_body(kind, max, deadline).await {
+        Ok(b) => b,
+        Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
+        Err(e) => return Err(UpstreamFailure::Bad(e.to_string())),
+    };
+    if kind != BodyKind::UntilClose && !head.closes() {
+        ctx.checkin(up.addr, conn, up.max_idle);
+    }
+    Ok((head, body))
+}
+
+/// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
+/// names the upstream inside a federation, whose events are rewritten on the way.
+pub(super) async fn forward(
+    client: &mut Io,
+    req: &Request,
+    request: Vec<u8>,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+) -> bool {
+    match open(ctx, up, request).await {
+        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member).await,
+        Err(f) => fail(client, req, up, request_id, f).await,
+    }
+}
+
+pub(super) async fn fail(
     client: &mut Io,
     req: &Request,
     up: &Upstream,
@@ -408,7 +505,7 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 }
 
 /// End of the last complete SSE event in `buf` (events end with a blank line).
-fn sse_boundary(buf: &[u8]) -> Option<usize> {
+pub(super) fn sse_boundary(buf: &[u8]) -> Option<usize> {
     let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
     let crlf = buf
         .windows(4)
@@ -418,7 +515,12 @@ fn sse_boundary(buf: &[u8]) -> Option<usize> {
 }
 
 /// Streams the upstream's response to the client. Returns whether the client connection can
-/// carry another request.
+/// carry another request. Inside a federation (`member`), the upstream's session header is
+/// dropped (the client holds the gateway's) and each SSE event is rewritten.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site each; a struct would only rename them"
+)]
 async fn relay(
     client: &mut Io,
     mut conn: Io,
@@ -427,6 +529,7 @@ async fn relay(
     up: &Upstream,
     request_id: Option<Id>,
     ctx: &WorkerCtx,
+    member: Option<&str>,
 ) -> bool {
     let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
     let kind = if bodiless {
@@ -441,15 +544,8 @@ async fn relay(
             }
         }
     };
-    let sse = http::header(&head.headers, "content-type").is_some_and(|ct| {
-        ct.trim_ascii()
-            .to_ascii_lowercase()
-            .starts_with(b"text/event-stream")
-    });
-    let upstream_close = http::header(&head.headers, "connection").is_some_and(|c| {
-        c.split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    });
+    let sse = head.is_sse();
+    let upstream_close = head.closes();
     let connection = http::header(&head.headers, "connection")
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
@@ -457,7 +553,8 @@ async fn relay(
     let mut out =
         format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
     for (name, value) in &head.headers {
-        if !is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization") {
+        let keep = !is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization");
+        if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
@@ -532,7 +629,13 @@ async fn relay(
         let data: Vec<u8> = if sse {
             sse_buf.extend_from_slice(&piece);
             match sse_boundary(&sse_buf) {
-                Some(end) => sse_buf.drain(..end).collect(),
+                Some(end) => {
+                    let events: Vec<u8> = sse_buf.drain(..end).collect();
+                    match member {
+                        Some(name) => super::federation::rewrite_events(name, &events),
+                        None => events,
+                    }
+                }
                 None => Vec::new(),
             }
         } else {
@@ -568,8 +671,12 @@ async fn relay(
     match finished {
         Ok(()) => {
             if !sse_buf.is_empty() {
-                // A last event without its blank line: forward it as it is.
-                let _ = client.write_all(chunk(&sse_buf)).await;
+                // A last event without its blank line.
+                let last = match member {
+                    Some(name) => super::federation::rewrite_events(name, &sse_buf),
+                    None => sse_buf,
+                };
+                let _ = client.write_all(chunk(&last)).await;
             }
             if !matches!(kind, BodyKind::Length(_))
                 && client.write_all(b"0\r\n\r\n".to_vec()).await.is_err()

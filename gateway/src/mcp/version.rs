@@ -12,6 +12,9 @@ pub const SUPPORTED: &[&str] = &[
 /// The version assumed for a request that carries no `MCP-Protocol-Version` header.
 pub const ASSUMED_WITHOUT_HEADER: &str = "2025-03-26";
 
+/// The newest version with `initialize` and sessions.
+pub const LATEST_SESSION_ERA: &str = "2025-11-25";
+
 /// The version of the stateless era: no `initialize`, routing headers.
 pub const STATELESS: &str = "2026-07-28";
 

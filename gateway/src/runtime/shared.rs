@@ -101,6 +101,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
+    /// Seals federated sessions into their ids (made at start, never leaves the process).
+    pub session_key: [u8; 32],
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             conns: ConnTable::new(workers),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
+            session_key: crate::mcp::session::new_key(),
         }
     }
 

@@ -49,7 +49,7 @@ fn start_gateway(routes: &[(&str, String)], extra_upstream: &str) -> (Daemon, u1
 
 fn expected(mode: &str) -> serde_json::Value {
     let mut v = serde_json::json!({
-        "tools": ["add", "count_with_progress", "echo", "fail"],
+        "tools": ["add", "ask_model", "ask_user", "count_with_progress", "echo", "fail"],
         "echo": "héllo ✓",
         "add": "42",
         "fail_is_error": true,
@@ -59,9 +59,34 @@ fn expected(mode: &str) -> serde_json::Value {
         "prompt": "Please review:\nx = 1",
     });
     if mode == "legacy" {
+        // Session era: the server's own requests (sampling, elicitation) reach the client and
+        // the client's answers reach the server.
         v["ping"] = serde_json::json!(true);
+        v["ask_model"] = serde_json::json!("model: 42");
+        v["ask_user"] = serde_json::json!("user: accept True");
+        v["server_requests"] =
+            serde_json::json!([["sampling", "6 x 7?"], ["elicitation", "proceed?"]]);
     }
     v
+}
+
+/// A gateway whose route `/fed` federates `members` (name, url, prefix).
+fn start_federation(members: &[(&str, String, &str)]) -> (Daemon, u16) {
+    let port = free_port();
+    let instance = unique("gwfed");
+    let mut c = config(&instance, port, &[], "");
+    let mut route = String::from("[[routes]]\npath = \"/fed\"\nfederate = [");
+    for (name, url, prefix) in members {
+        c.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\nurl = \"{url}\"\nresponse_timeout_ms = 1500\n"
+        ));
+        route.push_str(&format!(
+            "{{ upstream = \"{name}\", prefix = \"{prefix}\" }},"
+        ));
+    }
+    c.push_str(&route);
+    c.push_str("]\n");
+    (Daemon::start_local(&instance, &c), port)
 }
 
 #[test]
@@ -454,5 +479,190 @@ fn session_era_get_stream_and_delete_pass_through_to_the_upstream() {
         ),
     );
     assert_eq!(resp.status, 404, "session gone upstream: {resp:?}");
+    d.stop();
+}
+
+#[test]
+fn federation_merges_real_servers_routes_calls_and_relays_server_requests_in_both_eras() {
+    let py = PyServer::start(false);
+    let demo_port = free_port();
+    let _demo = integration_tests::peers::demo_upstream(demo_port);
+    let (mut d, port) = start_federation(&[
+        ("py", py.url(), "py_"),
+        ("demo", format!("http://127.0.0.1:{demo_port}/mcp"), "demo_"),
+    ]);
+    let url = format!("http://127.0.0.1:{port}/fed");
+    for mode in ["legacy", "2026-07-28"] {
+        // The fixture server's own test, through the federation under its prefix.
+        let mut want = expected(mode);
+        let mut tools: Vec<String> = want["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("py_{}", t.as_str().unwrap()))
+            .chain(["demo_add", "demo_echo", "demo_utc_now", "demo_word_count"].map(String::from))
+            .collect();
+        tools.sort();
+        want["tools"] = serde_json::json!(tools);
+        let got = integration_tests::peers::py_client_prefixed(&url, mode, "py_");
+        assert_eq!(got, want, "{mode}");
+        // Calls reach the other member too; an unknown name is refused as the spec says.
+        let out = integration_tests::peers::py_script(
+            r#"
+import asyncio, json, sys
+from mcp import Client
+async def main(url, mode):
+    async with Client(url, mode=mode) as c:
+        r = await c.call_tool("demo_add", {"a": 20, "b": 22})
+        w = await c.call_tool("demo_word_count", {"text": "three little words"})
+        try:
+            await c.call_tool("nobody_echo", {"text": "x"})
+            unknown = "answered"
+        except Exception as e:
+            unknown = str(e)
+        prompts = await c.list_prompts()
+        resources = await c.list_resources()
+        print(json.dumps({"add": r.content[0].text, "wc": w.content[0].text, "unknown": unknown,
+                          "prompts": [p.name for p in prompts.prompts],
+                          "resources": [str(x.uri) for x in resources.resources]}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#,
+            &[&url, mode],
+        );
+        assert_eq!(out["add"], "42", "{mode}");
+        assert_eq!(out["wc"], "3 words, 18 characters", "{mode}");
+        assert!(
+            out["unknown"]
+                .as_str()
+                .unwrap()
+                .contains("unknown tool `nobody_echo`"),
+            "{out}"
+        );
+        assert_eq!(out["prompts"], serde_json::json!(["py_review"]), "{mode}");
+        assert_eq!(
+            out["resources"],
+            serde_json::json!(["fixture://greeting"]),
+            "{mode}"
+        );
+    }
+    d.stop();
+}
+
+#[test]
+fn federated_sessions_are_sealed_and_a_failing_member_affects_only_its_own_calls() {
+    let py = PyServer::start(true);
+    let dead = format!("http://127.0.0.1:{}/mcp", free_port());
+    let (mut d, port) = start_federation(&[("py", py.url(), "py_"), ("down", dead, "down_")]);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/fed", init, ""));
+    assert_eq!(r.status, 200);
+    let result = &r.json()["result"];
+    assert_eq!(result["protocolVersion"], "2025-06-18");
+    assert_eq!(result["serverInfo"]["name"], "mcp-gateway");
+    assert!(result["capabilities"]["tools"].is_object(), "{result}");
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    assert!(sid.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    // Without a session: 400; an altered one: 404 (the client initializes again).
+    let (r, _) = raw(port, &post("/fed", list, ""));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_i64()),
+        (400, Some(-32600))
+    );
+    let forged = format!("mcp-session-id: {}x\r\n", &sid[..sid.len() - 1]);
+    let (r, _) = raw(port, &post("/fed", list, &forged));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_i64()),
+        (404, Some(-32001))
+    );
+    // The dead member failed to initialize: the session holds only `py`.
+    let (r, _) = raw(port, &post("/fed", list, &session));
+    assert_eq!(r.status, 200);
+    let listed = r.json();
+    let names: Vec<&str> = listed["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"py_echo") && names.iter().all(|n| n.starts_with("py_")),
+        "{names:?}"
+    );
+    let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"py_add","arguments":{"a":1,"b":2}}}"#;
+    let (r, _) = raw(port, &post("/fed", call, &session));
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "3",
+        "{:?}",
+        r.json()
+    );
+    for (body, code) in [
+        (
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"zzz","arguments":{}}}"#,
+            -32602,
+        ),
+        (r#"{"jsonrpc":"2.0","id":5,"method":"no/such"}"#, -32601),
+        (r#"[{"jsonrpc":"2.0","id":6,"method":"ping"}]"#, -32600),
+    ] {
+        let (r, _) = raw(port, &post("/fed", body, &session));
+        assert_eq!(
+            r.json()["error"]["code"].as_i64(),
+            Some(code),
+            "{body}: {:?}",
+            r.json()
+        );
+    }
+
+    // 2026-07-28 (no sessions): every member is asked each time. The dead one is named in the
+    // list's `_meta`, and a call it owns gets a JSON-RPC error with the call's id.
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
+    let modern = "mcp-protocol-version: 2026-07-28\r\n";
+    let list = format!(r#"{{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{{{meta}}}}}"#);
+    let (r, _) = raw(
+        port,
+        &post(
+            "/fed",
+            &list,
+            &format!("{modern}mcp-method: tools/list\r\n"),
+        ),
+    );
+    let v = r.json();
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        serde_json::json!(["down"]),
+        "{v}"
+    );
+    assert!(v["result"]["tools"].as_array().unwrap().len() >= 4, "{v}");
+    let call = |name: &str, id: u32| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{name}","arguments":{{"text":"hi"}},{meta}}}}}"#
+        )
+    };
+    let headers = |name: &str| format!("{modern}mcp-method: tools/call\r\nmcp-name: {name}\r\n");
+    let (r, _) = raw(
+        port,
+        &post("/fed", &call("down_echo", 8), &headers("down_echo")),
+    );
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        (r.json()["id"].as_i64(), r.json()["error"]["code"].as_i64()),
+        (Some(8), Some(-32003))
+    );
+    // The rewritten tool name travels in Mcp-Name too, so the upstream's own check passes.
+    let (r, _) = raw(
+        port,
+        &post("/fed", &call("py_echo", 9), &headers("py_echo")),
+    );
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "hi",
+        "{:?}",
+        r.json()
+    );
+    let (r, _) = raw(port, b"GET /fed HTTP/1.1\r\nhost: gw\r\nmcp-protocol-version: 2026-07-28\r\naccept: text/event-stream\r\n\r\n");
+    assert_eq!(r.status, 405);
     d.stop();
 }

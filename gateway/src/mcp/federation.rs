@@ -1,0 +1,1102 @@
+//! Federation: one virtual MCP server over several upstreams.
+//!
+//! The gateway answers `initialize` itself after initializing every member, merges the lists
+//! (`tools/list`, `prompts/list`, `resources/list`, `resources/templates/list`) with each
+//! member's name prefix, routes each call to the member that owns the name, and keeps one
+//! upstream session per client session per member, sealed into the client's session id
+//! ([`super::session`]), so that no state is shared between workers.
+//!
+//! Server-to-client messages are relayed as they arrive. Requests from a member (sampling,
+//! elicitation, roots) get an id that names the member (`<upstream>.n.<id>` for a number,
+//! `<upstream>.s.<id>` for a string); the client's answer is routed back with the original id.
+//! SSE event ids are prefixed the same way, so that `Last-Event-ID` resumes at the right member.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_channel::mpsc;
+use futures_util::{SinkExt as _, StreamExt as _, future::join_all};
+use serde_json::{Map, Value, json};
+
+use super::{
+    Id, Kind, Message, RpcError, error,
+    proxy::{self, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
+    session::{self, FedSession, MemberSession},
+    version,
+};
+use crate::{
+    config::{Config, Member, Upstream},
+    http::{self, BodyKind, ChunkedDecoder, Io, Request},
+};
+
+/// Largest upstream answer the gateway reads whole (lists, initialize).
+const MAX_COLLECTED: usize = 16 * 1024 * 1024;
+/// Pages of one list the gateway follows per member.
+const MAX_PAGES: usize = 100;
+/// Keep-alive comment interval on merged streams; also how soon a gone client is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+pub(super) struct Federation<'a> {
+    pub members: &'a [Member],
+    pub config: &'a Config,
+    pub ctx: &'a WorkerCtx,
+    pub req: &'a Request,
+    pub peer: SocketAddr,
+}
+
+/// How a request reaches members: in the session era with the member's session and version,
+/// in the stateless era as the client sent it.
+#[derive(Clone, Copy)]
+enum Era<'s> {
+    Session(&'s FedSession),
+    Stateless,
+}
+
+impl Federation<'_> {
+    fn upstream(&self, m: &Member) -> &Upstream {
+        &self.config.upstreams[m.upstream]
+    }
+
+    fn member_named(&self, name: &str) -> Option<&Member> {
+        self.members.iter().find(|m| self.upstream(m).name == name)
+    }
+
+    /// The member owning `name` (longest matching prefix; the member without a prefix owns the
+    /// rest) and the name as that member knows it.
+    fn owner<'n>(&self, name: &'n str) -> Option<(&Member, &'n str)> {
+        self.members
+            .iter()
+            .filter(|m| !m.prefix.is_empty() && name.len() > m.prefix.len())
+            .filter_map(|m| name.strip_prefix(m.prefix.as_str()).map(|n| (m, n)))
+            .max_by_key(|(m, _)| m.prefix.len())
+            .or_else(|| {
+                self.members
+                    .iter()
+                    .find(|m| m.prefix.is_empty())
+                    .map(|m| (m, name))
+            })
+    }
+
+    fn keep_alive(&self) -> bool {
+        self.req.keep_alive
+    }
+
+    async fn reply_error(&self, io: &mut Io, err: RpcError) -> bool {
+        let status = err.http_status;
+        io.write_all(json_response(status, &err, self.keep_alive()))
+            .await
+            .is_ok()
+    }
+
+    async fn reply_result(
+        &self,
+        io: &mut Io,
+        id: Option<&Id>,
+        result: Value,
+        session: Option<&str>,
+    ) -> bool {
+        let body = serde_json::to_vec(&json!({
+            "jsonrpc": "2.0",
+            "id": id.map_or(Value::Null, Id::to_json),
+            "result": result,
+        }))
+        .expect("JSON serializes");
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(s) = session {
+            headers.push(("mcp-session-id", s));
+        }
+        io.write_all(http::response(200, &headers, &body, self.keep_alive()))
+            .await
+            .is_ok()
+    }
+
+    async fn accepted(&self, io: &mut Io) -> bool {
+        io.write_all(http::response(202, &[], b"", self.keep_alive()))
+            .await
+            .is_ok()
+    }
+
+    /// The request for member `m`: the client's headers, `body`, and the member's session.
+    fn request_for(
+        &self,
+        m: &Member,
+        era: Era<'_>,
+        body: &[u8],
+        extra: &[(&str, Option<&str>)],
+    ) -> Vec<u8> {
+        let up = self.upstream(m);
+        let mut replace: Vec<(&str, Option<&str>)> = extra.to_vec();
+        if let Era::Session(s) = era {
+            let ms = s.member(&up.name);
+            replace.push(("mcp-session-id", ms.and_then(|m| m.1.as_deref())));
+            replace.push(("mcp-protocol-version", ms.map(|m| m.2.as_str())));
+        }
+        if self.req.method != "GET" {
+            replace.push(("last-event-id", None));
+        }
+        proxy::upstream_request(self.req, self.peer, up, body, &replace)
+    }
+
+    /// Serves one request on a federated route.
+    pub async fn handle(&self, io: &mut Io, message: Option<Message>) -> bool {
+        let stateless = self
+            .req
+            .header_str("mcp-protocol-version")
+            .is_some_and(version::is_stateless_era)
+            || message
+                .as_ref()
+                .and_then(|m| m.meta_protocol_version.as_deref())
+                .is_some_and(version::is_stateless_era);
+        if self.req.method == "POST"
+            && let Some(m) = &message
+            && m.method.as_deref() == Some("initialize")
+            && m.kind == Kind::Request
+        {
+            return self.initialize(io, m).await;
+        }
+        let fed;
+        let era = if stateless {
+            Era::Stateless
+        } else {
+            match self.session() {
+                Ok(s) => {
+                    fed = s;
+                    Era::Session(&fed)
+                }
+                Err(err) => {
+                    return self
+                        .reply_error(io, err.with_id(request_id(&message)))
+                        .await;
+                }
+            }
+        };
+        match (self.req.method.as_str(), message) {
+            ("GET", _) if stateless => {
+                let err = RpcError::invalid_request("GET is not part of 2026-07-28");
+                self.reply_error(
+                    io,
+                    RpcError {
+                        http_status: 405,
+                        ..err
+                    },
+                )
+                .await
+            }
+            ("GET", _) => self.merged_stream(io, era).await,
+            ("DELETE", _) => self.delete(io, era).await,
+            ("POST", Some(m)) => match m.kind {
+                Kind::Response => self.client_response(io, era, &m).await,
+                Kind::Notification => self.notification(io, era, &m).await,
+                Kind::Request => self.request(io, era, &m, stateless).await,
+            },
+            _ => {
+                let err = RpcError::invalid_request("a JSON-RPC message is required");
+                self.reply_error(io, err).await
+            }
+        }
+    }
+
+    fn session(&self) -> Result<FedSession, RpcError> {
+        let Some(id) = self.req.header_str("mcp-session-id") else {
+            return Err(RpcError::invalid_request(
+                "Mcp-Session-Id is required after initialize",
+            ));
+        };
+        session::open(&self.ctx.shared.session_key, id).ok_or_else(|| {
+            RpcError::new(
+                error::SESSION_NOT_FOUND,
+                "unknown or expired session: initialize again",
+                404,
+            )
+        })
+    }
+
+    /// Session era: initializes every member with the client's parameters, then answers the
+    /// client with the merged capabilities and a session id that seals the members' sessions.
+    async fn initialize(&self, io: &mut Io, m: &Message) -> bool {
+        let id = m.id.clone();
+        let body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+        let requested = body["params"]["protocolVersion"]
+            .as_str()
+            .unwrap_or(version::ASSUMED_WITHOUT_HEADER)
+            .to_owned();
+        let agreed = if version::is_supported(&requested) && !version::is_stateless_era(&requested)
+        {
+            requested
+        } else {
+            version::LATEST_SESSION_ERA.to_owned()
+        };
+        let mut upstream_body = body.clone();
+        upstream_body["params"]["protocolVersion"] = json!(agreed);
+        let upstream_body = serde_json::to_vec(&upstream_body).expect("JSON serializes");
+        let results = join_all(
+            self.members
+                .iter()
+                .map(|member| self.initialize_member(member, &upstream_body, id.as_ref())),
+        )
+        .await;
+        let mut members = Vec::new();
+        let mut capabilities = Map::new();
+        let mut instructions = Vec::new();
+        let mut failures = Vec::new();
+        for (member, r) in self.members.iter().zip(results) {
+            let name = &self.upstream(member).name;
+            match r {
+                Ok((session, result)) => {
+                    let v = result["protocolVersion"].as_str().unwrap_or(&agreed);
+                    members.push(MemberSession(name.clone(), session, v.to_owned()));
+                    if let Some(c) = result["capabilities"].as_object() {
+                        merge(&mut capabilities, c);
+                    }
+                    if let Some(text) = result["instructions"].as_str() {
+                        instructions.push(format!("[{name}] {text}"));
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(upstream = %name, "federated initialize: {why}");
+                    failures.push(format!("{name}: {why}"));
+                }
+            }
+        }
+        if members.is_empty() {
+            let err = RpcError::upstream(
+                format!("no upstream of this route could be initialized: {failures:?}"),
+                502,
+            );
+            return self.reply_error(io, err.with_id(id)).await;
+        }
+        let fed = FedSession {
+            version: agreed.clone(),
+            members,
+        };
+        let token = session::seal(&self.ctx.shared.session_key, &fed);
+        let mut result = json!({
+            "protocolVersion": agreed,
+            "capabilities": capabilities,
+            "serverInfo": { "name": "mcp-gateway", "version": env!("CARGO_PKG_VERSION") },
+        });
+        if !instructions.is_empty() {
+            result["instructions"] = json!(instructions.join("\n\n"));
+        }
+        self.reply_result(io, id.as_ref(), result, Some(&token))
+            .await
+    }
+
+    async fn initialize_member(
+        &self,
+        member: &Member,
+        body: &[u8],
+        id: Option<&Id>,
+    ) -> Result<(Option<String>, Value), String> {
+        let up = self.upstream(member);
+        let request = self.request_for(
+            member,
+            Era::Stateless,
+            body,
+            &[("mcp-session-id", None), ("mcp-protocol-version", None)],
+        );
+        let (head, bytes) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
+            .await
+            .map_err(describe)?;
+        let session = http::header(&head.headers, "mcp-session-id")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned);
+        let result = response_result(&head, &bytes, id)?;
+        let version = result["protocolVersion"].as_str().unwrap_or_default();
+        // The gateway is the client here: it completes the handshake at once.
+        let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        let request = self.request_for(
+            member,
+            Era::Stateless,
+            initialized,
+            &[
+                ("mcp-session-id", session.as_deref()),
+                ("mcp-protocol-version", Some(version)),
+            ],
+        );
+        let (head, _) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
+            .await
+            .map_err(describe)?;
+        if !(200..300).contains(&head.status) {
+            return Err(format!(
+                "notifications/initialized got HTTP {}",
+                head.status
+            ));
+        }
+        Ok((session, result))
+    }
+
+    async fn request(&self, io: &mut Io, era: Era<'_>, m: &Message, stateless: bool) -> bool {
+        let id = m.id.clone();
+        let method = m.method.as_deref().unwrap_or_default();
+        match method {
+            "ping" => self.reply_result(io, id.as_ref(), json!({}), None).await,
+            "tools/list" => self.list(io, era, m, "tools", true).await,
+            "prompts/list" => self.list(io, era, m, "prompts", true).await,
+            "resources/list" => self.list(io, era, m, "resources", false).await,
+            "resources/templates/list" => self.list(io, era, m, "resourceTemplates", false).await,
+            "tools/call" | "prompts/get" => {
+                let name = m.name.as_deref().unwrap_or_default();
+                let Some((member, local)) = self.owner(name) else {
+                    let what = if method == "tools/call" {
+                        "tool"
+                    } else {
+                        "prompt"
+                    };
+                    let err = RpcError::invalid_params(format!("unknown {what} `{name}`"));
+                    return self
+                        .reply_error(
+                            io,
+                            RpcError {
+                                http_status: 200,
+                                ..err
+                            }
+                            .with_id(id),
+                        )
+                        .await;
+                };
+                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                body["params"]["name"] = json!(local);
+                self.routed(io, era, member, &body, Some(local), id).await
+            }
+            "completion/complete" => {
+                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                let r = &body["params"]["ref"];
+                if r["type"] == "ref/prompt"
+                    && let Some(name) = r["name"].as_str()
+                    && let Some((member, local)) = self.owner(name)
+                {
+                    let local = local.to_owned();
+                    body["params"]["ref"]["name"] = json!(local);
+                    return self.routed(io, era, member, &body, None, id).await;
+                }
+                self.first_success(io, era, m).await
+            }
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                self.first_success(io, era, m).await
+            }
+            "logging/setLevel" => {
+                self.broadcast(era, &self.req.body).await;
+                self.reply_result(io, id.as_ref(), json!({}), None).await
+            }
+            "server/discover" => self.discover(io, era, m).await,
+            _ => {
+                let err = RpcError::new(
+                    error::METHOD_NOT_FOUND,
+                    format!("method `{method}` is not offered by this federated route"),
+                    if stateless { 404 } else { 200 },
+                );
+                self.reply_error(io, err.with_id(id)).await
+            }
+        }
+    }
+
+    /// Forwards a request to the member that owns it; its answer is relayed as it arrives.
+    async fn routed(
+        &self,
+        io: &mut Io,
+        era: Era<'_>,
+        member: &Member,
+        body: &Value,
+        mcp_name: Option<&str>,
+        id: Option<Id>,
+    ) -> bool {
+        let bytes = serde_json::to_vec(body).expect("JSON serializes");
+        let mut extra = vec![];
+        if self.req.header("mcp-name").is_some() {
+            extra.push(("mcp-name", mcp_name));
+        }
+        let request = self.request_for(member, era, &bytes, &extra);
+        let up = self.upstream(member);
+        proxy::forward(io, self.req, request, up, id, self.ctx, Some(&up.name)).await
+    }
+
+    /// Sends `body` to every member and reads each whole answer, concurrently.
+    async fn fan_out(
+        &self,
+        era: Era<'_>,
+        bodies: Vec<(usize, Vec<u8>)>,
+    ) -> Vec<(usize, Result<(ResponseHead, Vec<u8>), UpstreamFailure>)> {
+        join_all(bodies.into_iter().map(|(i, body)| async move {
+            let member = &self.members[i];
+            let request = self.request_for(member, era, &body, &[]);
+            (
+                i,
+                proxy::call(self.ctx, self.upstream(member), request, MAX_COLLECTED).await,
+            )
+        }))
+        .await
+    }
+
+    /// Members taking part in `era`: in a session, those the session holds.
+    fn active(&self, era: Era<'_>) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|i| match era {
+                Era::Session(s) => s.member(&self.upstream(&self.members[*i]).name).is_some(),
+                Era::Stateless => true,
+            })
+            .collect()
+    }
+
+    /// A merged list: every page of every member, names prefixed where `prefixed`. A member that
+    /// fails is left out and named in `_meta`; if every member fails, the client gets the error.
+    async fn list(
+        &self,
+        io: &mut Io,
+        era: Era<'_>,
+        m: &Message,
+        key: &str,
+        prefixed: bool,
+    ) -> bool {
+        let id = m.id.clone();
+        let base: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+        let active = self.active(era);
+        let mut items: Vec<Vec<Value>> = vec![Vec::new(); self.members.len()];
+        let mut cursors: Vec<Option<Option<String>>> = vec![None; self.members.len()];
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        let mut cache: Option<(u64, bool)> = None;
+        let mut result_type: Option<Value> = None;
+        let mut expired = None;
+        for _ in 0..MAX_PAGES {
+            let bodies: Vec<(usize, Vec<u8>)> = active
+                .iter()
+                .filter(|i| !failed.iter().any(|(f, _)| f == *i))
+                .filter(|i| !matches!(cursors[**i], Some(None)))
+                .map(|i| {
+                    let mut body = base.clone();
+                    match &cursors[*i] {
+                        Some(Some(c)) => body["params"]["cursor"] = json!(c),
+                        _ => {
+                            if let Some(p) = body.get_mut("params").and_then(Value::as_object_mut) {
+                                p.remove("cursor");
+                            }
+                        }
+                    }
+                    (*i, serde_json::to_vec(&body).expect("JSON serializes"))
+                })
+                .collect();
+            if bodies.is_empty() {
+                break;
+            }
+            for (i, r) in self.fan_out(era, bodies).await {
+                let outcome = r.map_err(describe).and_then(|(head, bytes)| {
+                    if head.status == 404 && matches!(era, Era::Session(_)) {
+                        expired = Some(i);
+                    }
+                    response_result(&head, &bytes, id.as_ref())
+                });
+                match outcome {
+                    Ok(result) => {
+                        let prefix = &self.members[i].prefix;
+                        for mut item in result[key].as_array().cloned().unwrap_or_default() {
+                            if prefixed && let Some(n) = item["name"].as_str() {
+                                item["name"] = json!(format!("{prefix}{n}"));
+                            }
+                            items[i].push(item);
+                        }
+                        cursors[i] = Some(result["nextCursor"].as_str().map(str::to_owned));
+                        if let Some(t) = result.get("resultType") {
+                            result_type.get_or_insert_with(|| t.clone());
+                        }
+                        if let Some(ttl) = result["ttlMs"].as_u64() {
+                            let private = result["cacheScope"] != "public";
+                            cache = Some(
+                                cache.map_or((ttl, private), |(t, p)| (t.min(ttl), p || private)),
+                            );
+                        }
+                    }
+                    Err(why) => failed.push((i, why)),
+                }
+            }
+        }
+        if let Some(i) = expired {
+            let name = &self.upstream(&self.members[i]).name;
+            let err = RpcError::new(
+                error::SESSION_NOT_FOUND,
+                format!("the session at upstream `{name}` has ended: initialize again"),
+                404,
+            );
+            return self.reply_error(io, err.with_id(id)).await;
+        }
+        if !active.is_empty() && failed.len() == active.len() {
+            let why: Vec<String> = failed
+                .iter()
+                .map(|(i, w)| format!("{}: {w}", self.upstream(&self.members[*i]).name))
+                .collect();
+            let err = RpcError::upstream(format!("every upstream failed: {}", why.join("; ")), 502);
+            return self.reply_error(io, err.with_id(id)).await;
+        }
+        let mut result = json!({ key: items.into_iter().flatten().collect::<Vec<_>>() });
+        if let Some(t) = result_type {
+            result["resultType"] = t;
+        }
+        if let Some((ttl, private)) = cache {
+            result["ttlMs"] = json!(ttl);
+            result["cacheScope"] = json!(if private { "private" } else { "public" });
+        }
+        if !failed.is_empty() {
+            for (i, why) in &failed {
+                tracing::warn!(upstream = %self.upstream(&self.members[*i]).name, "federated list: {why}");
+            }
+            let names: Vec<&str> = failed
+                .iter()
+                .map(|(i, _)| self.upstream(&self.members[*i]).name.as_str())
+                .collect();
+            result["_meta"] = json!({ "io.mcp-gateway/unavailable": names });
+        }
+        self.reply_result(io, id.as_ref(), result, None).await
+    }
+
+    /// Tries the members in order; the first that answers without an error wins. For requests
+    /// whose owner only the members know (resources by URI).
+    async fn first_success(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
+        let id = m.id.clone();
+        let mut last: Option<Value> = None;
+        for i in self.active(era) {
+            let r = self.fan_out(era, vec![(i, self.req.body.clone())]).await;
+            let Some((_, Ok((head, bytes)))) = r.into_iter().next() else {
+                continue;
+            };
+            match response_message(&head, &bytes, id.as_ref()) {
+                Ok(msg) if msg.get("result").is_some() => {
+                    return self
+                        .reply_result(io, id.as_ref(), msg["result"].clone(), None)
+                        .await;
+                }
+                Ok(msg) => last = Some(msg),
+                Err(_) => {}
+            }
+        }
+        match last {
+            Some(msg) => {
+                let body = serde_json::to_vec(&msg).expect("JSON serializes");
+                let resp = http::response(
+                    200,
+                    &[("content-type", "application/json")],
+                    &body,
+                    self.keep_alive(),
+                );
+                io.write_all(resp).await.is_ok()
+            }
+            None => {
+                let err = RpcError::upstream("no upstream of this route answered", 502);
+                self.reply_error(io, err.with_id(id)).await
+            }
+        }
+    }
+
+    /// 2026-07-28 `server/discover`: the members' answers merged.
+    async fn discover(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
+        let id = m.id.clone();
+        let bodies = self
+            .active(era)
+            .into_iter()
+            .map(|i| (i, self.req.body.clone()))
+            .collect();
+        let mut merged: Option<Value> = None;
+        let mut capabilities = Map::new();
+        let mut instructions = Vec::new();
+        for (i, r) in self.fan_out(era, bodies).await {
+            let Ok(result) = r
+                .map_err(describe)
+                .and_then(|(head, bytes)| response_result(&head, &bytes, id.as_ref()))
+            else {
+                continue;
+            };
+            if let Some(c) = result["capabilities"].as_object() {
+                merge(&mut capabilities, c);
+            }
+            if let Some(text) = result["instructions"].as_str() {
+                let name = &self.upstream(&self.members[i]).name;
+                instructions.push(format!("[{name}] {text}"));
+            }
+            let m = merged.get_or_insert_with(|| result.clone());
+            if let (Some(ours), Some(theirs)) = (
+                m["supportedVersions"].as_array(),
+                result["supportedVersions"].as_array(),
+            ) {
+                let both: Vec<Value> = ours
+                    .iter()
+                    .filter(|v| theirs.contains(v))
+                    .cloned()
+                    .collect();
+                m["supportedVersions"] = json!(both);
+            }
+            if let (Some(a), Some(b)) = (m["ttlMs"].as_u64(), result["ttlMs"].as_u64()) {
+                m["ttlMs"] = json!(a.min(b));
+            }
+            if result["cacheScope"] == "private" {
+                m["cacheScope"] = json!("private");
+            }
+        }
+        let Some(mut result) = merged else {
+            let err = RpcError::upstream("no upstream of this route answered", 502);
+            return self.reply_error(io, err.with_id(id)).await;
+        };
+        result["capabilities"] = Value::Object(capabilities);
+        if !instructions.is_empty() {
+            result["instructions"] = json!(instructions.join("\n\n"));
+        }
+        self.reply_result(io, id.as_ref(), result, None).await
+    }
+
+    /// Sends `body` to every member, ignoring the answers (notifications, setLevel).
+    async fn broadcast(&self, era: Era<'_>, body: &[u8]) {
+        let bodies = self
+            .active(era)
+            .into_iter()
+            .map(|i| (i, body.to_vec()))
+            .collect();
+        for (i, r) in self.fan_out(era, bodies).await {
+            if let Err(f) = r {
+                let name = &self.upstream(&self.members[i]).name;
+                tracing::debug!(upstream = %name, "broadcast: {}", describe(f));
+            }
+        }
+    }
+
+    async fn notification(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
+        match m.method.as_deref() {
+            // Each member was sent its own at initialize.
+            Some("notifications/initialized") => self.accepted(io).await,
+            Some("notifications/cancelled") => {
+                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                // Cancelling a member's request: only that member, with its own id.
+                if let Some((member, original)) = body["params"]["requestId"]
+                    .as_str()
+                    .and_then(untag)
+                    .and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
+                {
+                    body["params"]["requestId"] = original;
+                    let bytes = serde_json::to_vec(&body).expect("JSON serializes");
+                    let i = self.members.iter().position(|x| std::ptr::eq(x, member));
+                    if let Some(i) = i {
+                        let _ = self.fan_out(era, vec![(i, bytes)]).await;
+                    }
+                } else {
+                    // A client request's id: the members that do not know it ignore it.
+                    self.broadcast(era, &self.req.body).await;
+                }
+                self.accepted(io).await
+            }
+            _ => {
+                self.broadcast(era, &self.req.body).await;
+                self.accepted(io).await
+            }
+        }
+    }
+
+    /// The client's answer to a member's request: back to that member with its own id.
+    async fn client_response(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
+        let target = match &m.id {
+            Some(Id::Str(s)) => {
+                untag(s).and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
+            }
+            _ => None,
+        };
+        let Some((member, original)) = target else {
+            let err = RpcError::invalid_request("this response answers no request of this route");
+            return self.reply_error(io, err).await;
+        };
+        let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+        body["id"] = original;
+        let bytes = serde_json::to_vec(&body).expect("JSON serializes");
+        let request = self.request_for(member, era, &bytes, &[]);
+        let up = self.upstream(member);
+        proxy::forward(io, self.req, request, up, None, self.ctx, Some(&up.name)).await
+    }
+
+    async fn delete(&self, io: &mut Io, era: Era<'_>) -> bool {
+        self.broadcast(era, b"").await;
+        io.write_all(http::response(200, &[], b"", self.keep_alive()))
+            .await
+            .is_ok()
+    }
+
+    /// Session era GET: every member's server-to-client stream, merged into one. A
+    /// `Last-Event-ID` goes only to the member whose event it names.
+    async fn merged_stream(&self, io: &mut Io, era: Era<'_>) -> bool {
+        let last = self
+            .req
+            .header_str("last-event-id")
+            .and_then(|v| v.split_once('.'))
+            .map(|(name, id)| (name.to_owned(), id.to_owned()));
+        let opened = join_all(self.active(era).into_iter().map(|i| {
+            let member = &self.members[i];
+            let up = self.upstream(member);
+            let last_id = last
+                .as_ref()
+                .filter(|(name, _)| *name == up.name)
+                .map(|(_, id)| id.as_str());
+            let request = self.request_for(member, era, b"", &[("last-event-id", last_id)]);
+            async move { (up, proxy::open(self.ctx, up, request).await) }
+        }))
+        .await;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let mut streams = 0;
+        let mut refused = None;
+        for (up, r) in opened {
+            match r {
+                Ok((conn, head)) if (200..300).contains(&head.status) && head.is_sse() => {
+                    let kind = match http::framing(&head.headers, usize::MAX) {
+                        Ok(Some(k)) => k,
+                        _ => BodyKind::UntilClose,
+                    };
+                    streams += 1;
+                    monoio::spawn(pump(
+                        up.name.clone(),
+                        conn,
+                        kind,
+                        up.stream_idle_timeout,
+                        tx.clone(),
+                    ));
+                }
+                Ok((_, head)) => {
+                    refused.get_or_insert(head.status);
+                }
+                Err(f) => tracing::warn!(upstream = %up.name, "GET stream: {}", describe(f)),
+            }
+        }
+        drop(tx);
+        if streams == 0 {
+            let status = match refused {
+                Some(404) => 404,
+                Some(_) | None => 405,
+            };
+            let resp = http::response(status, &[("allow", "POST, DELETE")], b"", self.keep_alive());
+            return io.write_all(resp).await.is_ok();
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+             x-accel-buffering: no\r\ntransfer-encoding: chunked\r\n{}\r\n",
+            if self.keep_alive() {
+                ""
+            } else {
+                "connection: close\r\n"
+            }
+        );
+        if io.write_all(head.into_bytes()).await.is_err() {
+            return false;
+        }
+        loop {
+            let next = monoio::select! {
+                event = rx.next() => Some(event),
+                _ = monoio::time::sleep(KEEPALIVE) => None,
+            };
+            let data = match next {
+                Some(Some(events)) => events,
+                // Every member's stream ended.
+                Some(None) => break,
+                None => b": keep-alive\n\n".to_vec(),
+            };
+            if io.write_all(chunk(&data)).await.is_err() {
+                // The client went away: dropping the receiver ends the pumps.
+                return false;
+            }
+        }
+        io.write_all(b"0\r\n\r\n".to_vec()).await.is_ok() && self.keep_alive()
+    }
+}
+
+/// Moves one member's stream into the merged one, event by event, rewritten.
+async fn pump(
+    name: String,
+    mut conn: Io,
+    kind: BodyKind,
+    idle: Duration,
+    mut tx: mpsc::Sender<Vec<u8>>,
+) {
+    let mut decoder = ChunkedDecoder::default();
+    let mut buf = Vec::new();
+    loop {
+        match kind {
+            BodyKind::Chunked => match decoder.decode(conn.pending(), &mut buf) {
+                Ok((used, done)) => {
+                    conn.consume(used);
+                    if done {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            },
+            _ => {
+                let n = conn.pending().len();
+                buf.extend_from_slice(conn.pending());
+                conn.consume(n);
+            }
+        }
+        if let Some(end) = proxy::sse_boundary(&buf) {
+            let events: Vec<u8> = buf.drain(..end).collect();
+            if tx.send(rewrite_events(&name, &events)).await.is_err() {
+                return;
+            }
+        }
+        match conn.fill(idle).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn request_id(m: &Option<Message>) -> Option<Id> {
+    m.as_ref()
+        .filter(|m| m.kind == Kind::Request)
+        .and_then(|m| m.id.clone())
+}
+
+fn describe(f: UpstreamFailure) -> String {
+    match f {
+        UpstreamFailure::Timeout => "did not answer in time".into(),
+        UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => d,
+    }
+}
+
+/// Adds `b`'s capabilities to `a`: objects merge, flags are true if either is.
+fn merge(a: &mut Map<String, Value>, b: &Map<String, Value>) {
+    for (k, v) in b {
+        match (a.get_mut(k), v) {
+            (None, _) => {
+                a.insert(k.clone(), v.clone());
+            }
+            (Some(Value::Object(x)), Value::Object(y)) => merge(x, y),
+            (Some(Value::Bool(x)), Value::Bool(y)) => *x |= *y,
+            _ => {}
+        }
+    }
+}
+
+/// The JSON-RPC message answering `id` in an upstream's response (a JSON body, or the matching
+/// event of an SSE body).
+fn response_message(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<Value, String> {
+    if !(200..300).contains(&head.status) {
+        return Err(format!("HTTP {}", head.status));
+    }
+    let want = id.map_or(Value::Null, Id::to_json);
+    let is_answer =
+        |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
+    if head.is_sse() {
+        for event in split_events(body) {
+            if let Some(v) =
+                event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok())
+                && is_answer(&v)
+            {
+                return Ok(v);
+            }
+        }
+        return Err("the event stream ended without the response".into());
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    if is_answer(&v) {
+        Ok(v)
+    } else {
+        Err("the answer is not a JSON-RPC response to the request".into())
+    }
+}
+
+/// The `result` of the answer to `id`; a JSON-RPC error becomes `Err`.
+fn response_result(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<Value, String> {
+    let v = response_message(head, body, id)?;
+    match v.get("result") {
+        Some(r) => Ok(r.clone()),
+        None => Err(format!(
+            "JSON-RPC error {}: {}",
+            v["error"]["code"], v["error"]["message"]
+        )),
+    }
+}
+
+/// SSE events in `buf` (each without its blank line).
+fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        while !rest.is_empty() {
+            let (event, next) = match (find(rest, b"\n\n"), find(rest, b"\r\n\r\n")) {
+                (Some(a), Some(b)) if b < a => (&rest[..b], &rest[b + 4..]),
+                (Some(a), _) => (&rest[..a], &rest[a + 2..]),
+                (None, Some(b)) => (&rest[..b], &rest[b + 4..]),
+                (None, None) => (rest, &rest[rest.len()..]),
+            };
+            rest = next;
+            if !event.is_empty() {
+                return Some(event);
+            }
+        }
+        None
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    event
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+}
+
+fn field<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
+    let rest = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in lines(event) {
+        if let Some(d) = field(line, b"data") {
+            let buf = data.get_or_insert_with(Vec::new);
+            if !buf.is_empty() {
+                buf.push(b'\n');
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    data
+}
+
+/// A member's id as the client sees it.
+pub fn tag(member: &str, id: &Value) -> Option<Value> {
+    match id {
+        Value::Number(n) => Some(json!(format!("{member}.n.{n}"))),
+        Value::String(s) => Some(json!(format!("{member}.s.{s}"))),
+        _ => None,
+    }
+}
+
+/// The member and original id behind a tagged id.
+pub fn untag(tagged: &str) -> Option<(&str, Value)> {
+    let (member, rest) = tagged.split_once('.')?;
+    let (kind, id) = rest.split_once('.')?;
+    let id = match kind {
+        "n" => json!(id.parse::<i64>().ok()?),
+        "s" => json!(id),
+        _ => return None,
+    };
+    Some((member, id))
+}
+
+/// Rewrites a member's SSE events for the client: its requests' ids and its event ids get the
+/// member's tag. Everything else passes as it is.
+pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events.len() + 32);
+    for event in split_events(events) {
+        let mut data = event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok());
+        let changed = match data.as_mut() {
+            Some(v) if v.get("method").is_some() => {
+                let mut changed = false;
+                if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
+                    v["id"] = t;
+                    changed = true;
+                }
+                if v["method"] == "notifications/cancelled"
+                    && let Some(t) = tag(member, &v["params"]["requestId"])
+                {
+                    v["params"]["requestId"] = t;
+                    changed = true;
+                }
+                changed
+            }
+            _ => false,
+        };
+        let mut data_written = false;
+        for line in lines(event) {
+            if let Some(id) = field(line, b"id") {
+                out.extend_from_slice(format!("id: {member}.").as_bytes());
+                out.extend_from_slice(id);
+                out.push(b'\n');
+            } else if changed && field(line, b"data").is_some() {
+                if !data_written {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(
+                        &serde_json::to_vec(data.as_ref().expect("changed data")).expect("JSON"),
+                    );
+                    out.push(b'\n');
+                    data_written = true;
+                }
+            } else {
+                out.extend_from_slice(line);
+                out.push(b'\n');
+            }
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_requests_and_event_ids_are_tagged_and_untag_back() {
+        let events = b"id: 7\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n\
+id: 8\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\r\n\r\n\
+data: {\"jsonrpc\":\"2.0\",\"id\":\"x.y\",\"method\":\"elicitation/create\"}\n\n\
+data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"requestId\":3}}\n\n\
+: comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        let out = String::from_utf8(rewrite_events("py", events)).unwrap();
+        let got: Vec<&str> = out.split("\n\n").collect();
+        assert_eq!(
+            got[0],
+            "id: py.7\nevent: message\ndata: {\"id\":\"py.n.3\",\"jsonrpc\":\"2.0\",\"method\":\"sampling/createMessage\",\"params\":{}}"
+        );
+        // Untouched data keeps its bytes; CRLF lines come out as LF.
+        assert_eq!(
+            got[1],
+            "id: py.8\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}"
+        );
+        assert!(got[2].contains("\"id\":\"py.s.x.y\""), "{}", got[2]);
+        assert!(got[3].contains("\"requestId\":\"py.n.3\""), "{}", got[3]);
+        assert_eq!(
+            got[4],
+            ": comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}"
+        );
+        assert_eq!(untag("py.n.3"), Some(("py", json!(3))));
+        assert_eq!(untag("py.s.x.y"), Some(("py", json!("x.y"))));
+        assert_eq!(untag("py.n.x"), None);
+        assert_eq!(untag("py.q.3"), None);
+        assert_eq!(untag("plain"), None);
+    }
+
+    #[test]
+    fn capabilities_merge() {
+        let mut a = json!({"tools": {"listChanged": false}, "logging": {}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let b = json!({"tools": {"listChanged": true}, "resources": {"subscribe": true}});
+        merge(&mut a, b.as_object().unwrap());
+        assert_eq!(
+            Value::Object(a),
+            json!({"tools": {"listChanged": true}, "logging": {}, "resources": {"subscribe": true}})
+        );
+    }
+
+    #[test]
+    fn the_answer_is_found_in_json_and_in_sse() {
+        let head = |ct: &str| ResponseHead {
+            status: 200,
+            headers: vec![("content-type".into(), ct.as_bytes().to_vec())],
+        };
+        let id = Id::Num(4);
+        let sse = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"ok\":1}}\n\n";
+        assert_eq!(
+            response_result(&head("text/event-stream"), sse, Some(&id)),
+            Ok(json!({"ok": 1}))
+        );
+        let err = br#"{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"no"}}"#;
+        assert!(
+            response_result(&head("application/json"), err, Some(&id))
+                .unwrap_err()
+                .contains("-32601")
+        );
+        assert!(response_result(&head("application/json"), b"{", Some(&id)).is_err());
+        assert!(response_result(&head("text/event-stream"), b"data: {}\n\n", Some(&id)).is_err());
+    }
+}
