@@ -303,8 +303,11 @@ pub enum Misbehave {
     Answer,
     /// Starts an SSE response, sends one progress event, then closes the connection.
     DieMidStream,
-    /// Reads the request and never answers.
+    /// Reads the request and never answers; records `closed` when the gateway hangs up.
     Hang,
+    /// Starts an SSE response with one progress event, then goes silent; records `closed` when
+    /// the gateway hangs up.
+    StallMidStream,
     /// Answers like `Answer`, but only after this long.
     Slow(Duration),
 }
@@ -369,8 +372,21 @@ impl FakeUpstream {
                                 );
                                 return;
                             }
-                            Misbehave::Hang => {
-                                std::thread::sleep(Duration::from_secs(10));
+                            Misbehave::Hang | Misbehave::StallMidStream => {
+                                if let Misbehave::StallMidStream = how {
+                                    let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+                                    let _ = write!(
+                                        conn,
+                                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
+                                        ev.len()
+                                    );
+                                }
+                                // Wait (at most 20 s) for the gateway to close its side.
+                                let _ = conn.set_read_timeout(Some(Duration::from_secs(20)));
+                                let mut rest = Vec::new();
+                                if reader.read_to_end(&mut rest).is_ok() {
+                                    log.lock().unwrap().push("closed".into());
+                                }
                                 return;
                             }
                         }

@@ -1,6 +1,6 @@
 //! A connection with its read buffer: bytes read but not yet consumed stay in `buf[pos..]`.
 
-use std::time::Duration;
+use std::{os::fd::AsRawFd as _, time::Duration};
 
 use monoio::{
     buf::IoBufMut as _,
@@ -79,6 +79,44 @@ impl Io {
             return Err(HttpError::Timeout);
         }
         self.fill(left).await
+    }
+
+    /// Resolves once the peer has closed its side (or the socket failed), without consuming
+    /// anything: if the peer sends more instead (a pipelined request), it never resolves. Used
+    /// to notice a client that gives up while the gateway waits on the upstream, which is how
+    /// a client cancels in 2026-07-28.
+    pub async fn peer_gone(&self) {
+        loop {
+            if self.stream.readable(false).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 1];
+            // SAFETY: a one-byte peek into a local buffer on a socket this Io owns.
+            let n = unsafe {
+                libc::recv(
+                    self.stream.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                0 => return,
+                n if n > 0 => return std::future::pending().await,
+                _ => match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    /// Shuts the socket down at once, in both directions. A read still in flight on it (one
+    /// whose future was dropped; on io_uring it stays in the ring and keeps the socket open)
+    /// completes, so the socket really closes and the peer sees it now.
+    pub fn abort(&self) {
+        // SAFETY: shutdown(2) on a socket this Io owns.
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
     pub async fn write_all(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {

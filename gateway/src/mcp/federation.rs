@@ -13,7 +13,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use futures_channel::mpsc;
+use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt as _, StreamExt as _, future::join_all};
 use serde_json::{Map, Value, json};
 
@@ -720,6 +720,7 @@ impl Federation<'_> {
             .header_str("last-event-id")
             .and_then(|v| v.split_once('.'))
             .map(|(name, id)| (name.to_owned(), id.to_owned()));
+        let client: &Io = io;
         let opened = join_all(self.active(era).into_iter().map(|i| {
             let member = &self.members[i];
             let up = self.upstream(member);
@@ -728,10 +729,12 @@ impl Federation<'_> {
                 .filter(|(name, _)| *name == up.name)
                 .map(|(_, id)| id.as_str());
             let request = self.request_for(member, era, b"", &[("last-event-id", last_id)]);
-            async move { (up, proxy::open(self.ctx, up, request).await) }
+            async move { (up, proxy::open(self.ctx, up, request, Some(client)).await) }
         }))
         .await;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        // Dropped when this stream ends: each pump then closes its upstream stream.
+        let mut stops = Vec::new();
         let mut streams = 0;
         let mut refused = None;
         for (up, r) in opened {
@@ -742,12 +745,15 @@ impl Federation<'_> {
                         _ => BodyKind::UntilClose,
                     };
                     streams += 1;
+                    let (stop, stopped) = oneshot::channel::<()>();
+                    stops.push(stop);
                     monoio::spawn(pump(
                         up.name.clone(),
                         conn,
                         kind,
                         up.stream_idle_timeout,
                         tx.clone(),
+                        stopped,
                     ));
                 }
                 Ok((_, head)) => {
@@ -781,6 +787,8 @@ impl Federation<'_> {
             let next = monoio::select! {
                 event = rx.next() => Some(event),
                 _ = monoio::time::sleep(KEEPALIVE) => None,
+                // The client went away: dropping the receiver ends the pumps.
+                _ = io.peer_gone() => return false,
             };
             let data = match next {
                 Some(Some(events)) => events,
@@ -804,6 +812,7 @@ async fn pump(
     kind: BodyKind,
     idle: Duration,
     mut tx: mpsc::Sender<Vec<u8>>,
+    mut stopped: oneshot::Receiver<()>,
 ) {
     let mut decoder = ChunkedDecoder::default();
     let mut buf = Vec::new();
@@ -830,7 +839,14 @@ async fn pump(
                 return;
             }
         }
-        match conn.fill(idle).await {
+        let filled = monoio::select! {
+            r = conn.fill(idle) => r,
+            _ = &mut stopped => {
+                conn.abort();
+                return;
+            }
+        };
+        match filled {
             Ok(n) if n > 0 => {}
             _ => return,
         }
@@ -854,6 +870,7 @@ fn describe(f: UpstreamFailure) -> String {
     match f {
         UpstreamFailure::Timeout => "did not answer in time".into(),
         UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => d,
+        UpstreamFailure::ClientGone => "the client left".into(),
     }
 }
 

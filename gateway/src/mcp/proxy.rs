@@ -321,6 +321,8 @@ pub(super) enum UpstreamFailure {
     /// Failed before any response byte: on a reused connection, worth one retry.
     NoResponse(String),
     Bad(String),
+    /// The client left while waiting (not an upstream failure).
+    ClientGone,
 }
 
 async fn connect(up: &Upstream) -> Result<Io, UpstreamFailure> {
@@ -395,11 +397,13 @@ async fn exchange(
 }
 
 /// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
-/// turns out to be closed) and reads the response head.
+/// turns out to be closed) and reads the response head. With a `client` to watch, gives up
+/// (closing the upstream connection) if that client leaves first.
 pub(super) async fn open(
     ctx: &WorkerCtx,
     up: &Upstream,
     mut request: Vec<u8>,
+    client: Option<&Io>,
 ) -> Result<(Io, ResponseHead), UpstreamFailure> {
     let mut attempt = 0;
     loop {
@@ -416,7 +420,15 @@ pub(super) async fn open(
         } else {
             std::mem::take(&mut request)
         };
-        match exchange(&mut conn, bytes, up).await {
+        let exchanged = match client {
+            Some(client) => unless_client_leaves(client, exchange(&mut conn, bytes, up)).await,
+            None => Some(exchange(&mut conn, bytes, up).await),
+        };
+        let Some(exchanged) = exchanged else {
+            conn.abort();
+            return Err(UpstreamFailure::ClientGone);
+        };
+        match exchanged {
             Ok(head) => return Ok((conn, head)),
             // The upstream closed an idle pooled connection as we reused it: try a fresh one.
             Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 => continue,
@@ -433,7 +445,7 @@ pub(super) async fn call(
     request: Vec<u8>,
     max: usize,
 ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
-    let (mut conn, head) = open(ctx, up, request).await?;
+    let (mut conn, head) = open(ctx, up, request, None).await?;
     let kind = if head.status == 204 || head.status == 304 {
         BodyKind::Length(0)
     } else {
@@ -466,9 +478,29 @@ pub(super) async fn forward(
     ctx: &WorkerCtx,
     member: Option<&str>,
 ) -> bool {
-    match open(ctx, up, request).await {
+    match open(ctx, up, request, Some(client)).await {
         Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member).await,
+        // The client gave up waiting; the upstream connection was closed, which cancels there.
+        Err(UpstreamFailure::ClientGone) => false,
         Err(f) => fail(client, req, up, request_id, f).await,
+    }
+}
+
+/// How long a wait on the upstream runs before the gateway also watches the client: quick
+/// answers cost no extra system call.
+const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs `fut`; `None` if the client closes its connection first.
+async fn unless_client_leaves<F: std::future::Future>(client: &Io, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    monoio::select! {
+        r = &mut fut => return Some(r),
+        _ = monoio::time::sleep(WATCH_CLIENT_AFTER) => {}
+    }
+    tracing::debug!("watching the client");
+    monoio::select! {
+        r = &mut fut => Some(r),
+        _ = client.peer_gone() => None,
     }
 }
 
@@ -487,6 +519,7 @@ pub(super) async fn fail(
         UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => {
             (502, format!("upstream `{}` failed: {d}", up.name))
         }
+        UpstreamFailure::ClientGone => return false,
     };
     tracing::warn!(upstream = %up.name, status, "{detail}");
     let err = RpcError::upstream(detail, status).with_id(id);
@@ -660,7 +693,12 @@ async fn relay(
         } else {
             up.response_timeout
         };
-        match conn.fill(timeout).await {
+        // The client closed the stream: in 2026-07-28 that is the request's cancellation.
+        let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
+            conn.abort();
+            return false;
+        };
+        match filled {
             Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
             Ok(0) => break Err("upstream closed the connection mid-response"),
             Ok(_) => {}

@@ -666,3 +666,65 @@ fn federated_sessions_are_sealed_and_a_failing_member_affects_only_its_own_calls
     assert_eq!(r.status, 405);
     d.stop();
 }
+
+#[test]
+fn a_client_that_closes_its_connection_cancels_the_upstream_request_at_once() {
+    let hang = FakeUpstream::start(Misbehave::Hang);
+    let stall = FakeUpstream::start(Misbehave::StallMidStream);
+    let port = free_port();
+    let instance = unique("gwcancel");
+    // Long upstream timeouts: only the client's leaving can end these requests early.
+    let c = config(
+        &instance,
+        port,
+        &[("/hang", hang.url()), ("/stall", stall.url())],
+        "",
+    )
+    .replace("response_timeout_ms = 1500", "response_timeout_ms = 60000");
+    let mut d = Daemon::start_local(&instance, &c);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let headers =
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n";
+    let wait_for = |up: &FakeUpstream, what: &str| {
+        for _ in 0..200 {
+            if up
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s == what || (what == "request" && s.starts_with("POST")))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    for (path, up) in [("/hang", &hang), ("/stall", &stall)] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&post(path, call, headers)).unwrap();
+        assert!(wait_for(up, "request"), "{path}: the upstream got the call");
+        if path == "/stall" {
+            // The stream has started: its first event reaches the client.
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            while !String::from_utf8_lossy(&got).contains("notifications/progress") {
+                let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+                assert!(n > 0, "the stream ended early");
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert!(
+            !up.seen.lock().unwrap().iter().any(|x| x == "closed"),
+            "{path}: still open"
+        );
+        drop(s);
+        // Within the 10 s bound (the upstream timeout is 60 s): the gateway hung up upstream.
+        assert!(
+            wait_for(up, "closed"),
+            "{path}: the gateway closed the upstream request"
+        );
+    }
+    d.stop();
+}
