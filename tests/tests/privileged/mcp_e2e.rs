@@ -348,9 +348,19 @@ fn conformance_suite_scenarios_pass_through_the_gateway_exactly_as_they_do_direc
     let up_port = free_port();
     let _everything = integration_tests::peers::server_everything(up_port);
     let url = format!("http://127.0.0.1:{up_port}/mcp");
-    let (mut d, port) = start_gateway(&[("/mcp", url.clone())], "");
+    let port = free_port();
+    let instance = unique("gwconf");
+    // Passthrough at /mcp; the same server federated alone, without a prefix, at /fed.
+    let c = config(&instance, port, &[("/mcp", url.clone())], "")
+        + "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u0\", prefix = \"\" }]\n";
+    let mut d = Daemon::start_local(&instance, &c);
     let direct = integration_tests::peers::conformance(&url);
     let through = integration_tests::peers::conformance(&format!("http://127.0.0.1:{port}/mcp"));
+    let federated = integration_tests::peers::conformance(&format!("http://127.0.0.1:{port}/fed"));
+    assert_eq!(
+        federated, direct,
+        "the same scenarios pass and fail through a federated route"
+    );
     assert!(
         direct.len() >= 30,
         "the suite ran its server scenarios: {direct:?}"
