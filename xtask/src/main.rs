@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     let test_peers = matches!(cli.verb, Verb::Setup | Verb::Test { .. });
-    setup::ensure(test_peers).context("setup failed")?;
+    let bench_peers = matches!(cli.verb, Verb::Setup | Verb::Bench { .. });
+    setup::ensure(test_peers, bench_peers).context("setup failed")?;
     match cli.verb {
         Verb::Setup => Ok(()),
         Verb::Build => build_release(),

@@ -15,9 +15,17 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// What building and running need; with `test_peers`, also the real MCP peers the tests use.
-pub fn ensure(test_peers: bool) -> anyhow::Result<()> {
-    apt()?;
+/// The benchmark's peer: nginx as a plain reverse proxy (run with its own configuration; the
+/// package's service is not used).
+const BENCH_PACKAGES: &[&str] = &["nginx-light"];
+
+/// What building and running need; with `test_peers`, also the real MCP peers the tests use;
+/// with `bench_peers`, what the benchmark compares against.
+pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
+    apt(APT_PACKAGES)?;
+    if bench_peers {
+        apt(BENCH_PACKAGES)?;
+    }
     nightly()?;
     bpf_linker()?;
     if test_peers {
@@ -122,8 +130,8 @@ fn dpkg_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-fn apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn apt(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -148,7 +156,7 @@ fn apt() -> anyhow::Result<()> {
     crate::run(&mut apt(&["update", "-qq"])).context("apt-get update")?;
     let mut install = apt(&["install", "-y", "-qq"]);
     install.args(&missing);
-    crate::run(&mut install).context("installing LLVM 22 (needed by bpf-linker)")
+    crate::run(&mut install).with_context(|| format!("installing {}", missing.join(" ")))
 }
 
 fn nightly() -> anyhow::Result<()> {
