@@ -130,6 +130,14 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let shared = Arc::new(Shared::new(config));
+    // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
+    // listening itself, at once, whatever the workers are doing.
+    let listening: Vec<TcpListener> = per_worker
+        .iter()
+        .flatten()
+        .map(TcpListener::try_clone)
+        .collect::<Result<_, _>>()
+        .context("duplicating the listening sockets")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let threads = runtime::spawn_workers(Arc::clone(&shared), per_worker, stop_rx, grace, pin)
         .context("starting workers")?;
@@ -181,6 +189,11 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         "shutting down: no new connections, draining"
     );
     let _ = stop_tx.send(true);
+    for l in &listening {
+        // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+    }
+    drop(listening);
     admin.abort();
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {

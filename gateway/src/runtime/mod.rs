@@ -71,6 +71,7 @@ pub fn spawn_workers(
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
+                block_process_signals();
                 if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
                     tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
                 }
@@ -111,7 +112,7 @@ async fn worker(
             Rc::clone(&active),
         ));
     }
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    stopped(&mut shutdown).await;
     let deadline = monoio::time::Instant::now() + grace;
     while active.get() > 0 && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
@@ -134,18 +135,26 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = monoio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.wait_for(|stop| *stop) => {
+            r = listener.accept() => Some(r),
+            _ = stopped(&mut shutdown) => None,
+        };
+        let accepted = match accepted {
+            Some(r) => r,
+            None => {
                 // Stop listening now. Dropping the listener is not enough with io_uring: the
                 // kernel keeps the socket listening until the cancelled accept completes, and
                 // meanwhile still completes handshakes that will never be served.
                 // SAFETY: shutdown on a descriptor this listener owns.
-                unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SHUT_RDWR) };
+                unsafe {
+                    libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SHUT_RDWR)
+                };
                 return;
             }
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
+            // The control thread shut the listener down: stop.
+            Err(_) if *shutdown.borrow() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(worker, error = %e, "accept failed");
@@ -172,6 +181,42 @@ async fn accept_loop(
             ctx.shared.conns.closed(worker, tenant);
             active.set(active.get() - 1);
         });
+    }
+}
+
+/// Keeps the process's signals (SIGTERM, SIGHUP, ...) away from a worker thread: they are the
+/// control thread's to handle, and a worker's io_uring wait should not be interrupted by them.
+fn block_process_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
+        tracing::warn!(error = %e, "could not block signals on a worker thread");
+    }
+}
+
+/// Resolves once `shutdown` is true. The flag is also checked every 50 ms in case a wake-up
+/// from the control thread (another runtime) does not arrive; the listening sockets themselves
+/// are shut down by the control thread (see `control.rs`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        monoio::select! {
+            _ = shutdown.changed() => {}
+            _ = monoio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }
 
