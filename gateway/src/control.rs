@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     kernel::{self, Kernel, KernelMaps, KernelState},
     runtime::{self, Shared, Snapshot},
+    stats::{Aggregator, HistogramLog},
     telemetry,
 };
 
@@ -24,9 +25,50 @@ struct Control {
     shared: Arc<Shared>,
     maps: Option<KernelMaps>,
     config_path: Option<PathBuf>,
+    stats: Aggregator,
+    /// Serving: workers running (and the kernel program attached, when enabled); false again
+    /// once draining starts.
+    ready: bool,
 }
 
 impl Control {
+    /// Merges what the workers have sent since the last call.
+    fn drain_stats(&mut self) {
+        let rx = self
+            .shared
+            .stats_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Ok(interval) = rx.try_recv() {
+            self.stats.add(interval);
+        }
+    }
+
+    /// Kernel packet counts per tenant and verdict, for `/stats`.
+    fn kernel_json(&self) -> serde_json::Value {
+        let Some(maps) = &self.maps else {
+            return serde_json::Value::Null;
+        };
+        let config = &self.shared.snapshot.load().config;
+        let mut out = serde_json::Map::new();
+        for t in &config.tenants {
+            if let Ok(c) = maps.tenant_counters(t.id) {
+                let verdicts: serde_json::Map<String, serde_json::Value> =
+                    gateway_common::Verdict::ALL
+                        .iter()
+                        .map(|v| {
+                            (
+                                v.name().to_owned(),
+                                serde_json::json!(c.packets[*v as usize]),
+                            )
+                        })
+                        .collect();
+                out.insert(t.name.clone(), serde_json::Value::Object(verdicts));
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
     /// Re-reads the configuration file, validates it and applies it. On any error the running
     /// configuration stays as it was.
     fn reload(&mut self) -> anyhow::Result<String> {
@@ -143,10 +185,20 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .context("starting workers")?;
 
     let maps = kernel.as_ref().map(Kernel::maps).transpose()?;
+    let log = match &shared.snapshot.load().config.telemetry.histogram_log {
+        Some(path) => Some(
+            HistogramLog::create(path)
+                .with_context(|| format!("creating the histogram log {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let max_tools = shared.snapshot.load().config.telemetry.max_tools;
     let control = Arc::new(Mutex::new(Control {
         shared: Arc::clone(&shared),
         maps,
         config_path,
+        stats: Aggregator::new(max_tools, log),
+        ready: true,
     }));
     let admin = tokio::spawn(serve_admin(admin_listener, Arc::clone(&control)));
 
@@ -165,9 +217,11 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut merge = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = caps.tick() => lock(&control).update_caps(),
+            _ = merge.tick() => lock(&control).drain_stats(),
             _ = sweep.tick() => {
                 if let Some(maps) = &mut lock(&control).maps
                     && let Err(e) = maps.sweep_bans()
@@ -188,6 +242,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         grace_ms = grace.as_millis() as u64,
         "shutting down: no new connections, draining"
     );
+    lock(&control).ready = false;
     let _ = stop_tx.send(true);
     for l in &listening {
         // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.
@@ -221,36 +276,177 @@ fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
 }
 
 async fn serve_admin(listener: tokio::net::TcpListener, control: Arc<Mutex<Control>>) {
-    use axum::{
-        Router,
-        http::StatusCode,
-        routing::{get, post},
-    };
-    let metrics = {
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);
-        move || {
-            let c = lock(&control);
-            let body = telemetry::render_metrics(&c.shared, c.maps.as_ref());
-            async move { ([("content-type", "text/plain; version=0.0.4")], body) }
-        }
-    };
-    let reload = {
-        let control = Arc::clone(&control);
-        move || {
-            let result = lock(&control).reload();
-            async move {
-                match result {
-                    Ok(msg) => (StatusCode::OK, msg),
-                    Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
-                }
-            }
-        }
-    };
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/reload", post(reload));
+        async move { admin(req, &control).await }
+    });
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+type AdminResponse = (axum::http::StatusCode, [(&'static str, String); 1], String);
+
+fn respond(status: u16, content_type: &str, body: String) -> AdminResponse {
+    (
+        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK),
+        [("content-type", content_type.to_owned())],
+        body,
+    )
+}
+
+fn json_reply(status: u16, v: &serde_json::Value) -> AdminResponse {
+    respond(status, "application/json", v.to_string() + "\n")
+}
+
+/// Constant-time comparison of the presented token with the configured one.
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len()
+        && presented
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn parse_window(query: &str) -> Result<Option<Duration>, String> {
+    let w = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("window="))
+        .unwrap_or("1m");
+    match w {
+        "all" => Ok(None),
+        "10s" => Ok(Some(Duration::from_secs(10))),
+        "1m" => Ok(Some(Duration::from_secs(60))),
+        "5m" => Ok(Some(Duration::from_secs(300))),
+        other => Err(format!("unknown window `{other}`: 10s, 1m, 5m or all")),
+    }
+}
+
+/// The admin API. `/healthz` and `/readyz` are open; everything else needs the admin token
+/// when one is configured.
+async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminResponse {
+    use axum::http::Method;
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => return respond(200, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            let ready = lock(control).ready;
+            return if ready {
+                respond(200, "text/plain", "ready\n".into())
+            } else {
+                respond(503, "text/plain", "not ready\n".into())
+            };
+        }
+        _ => {}
+    }
+    let token = lock(control)
+        .shared
+        .snapshot
+        .load()
+        .config
+        .admin_token
+        .clone();
+    if let Some(token) = token {
+        let presented = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !token_matches(presented, token.as_bytes()) {
+            let mut r = json_reply(
+                401,
+                &serde_json::json!({"error": "a valid admin token is required"}),
+            );
+            r.1 = [(
+                "www-authenticate",
+                "Bearer realm=\"mcp-gateway admin\"".into(),
+            )];
+            return r;
+        }
+    }
+    let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return json_reply(413, &serde_json::json!({"error": e.to_string()})),
+    };
+    let mut c = lock(control);
+    c.drain_stats();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let mut text = telemetry::render_metrics(&c.shared, c.maps.as_ref());
+            telemetry::render_requests(&c.stats, &mut text);
+            respond(200, "text/plain; version=0.0.4", text)
+        }
+        (&Method::GET, "/stats") => match parse_window(&query) {
+            Ok(window) => {
+                let mut v = c.stats.stats(window);
+                v["kernel"] = c.kernel_json();
+                json_reply(200, &v)
+            }
+            Err(e) => json_reply(400, &serde_json::json!({ "error": e })),
+        },
+        (&Method::POST, "/reload") => match c.reload() {
+            Ok(msg) => json_reply(200, &serde_json::json!({ "result": msg })),
+            Err(e) => json_reply(422, &serde_json::json!({ "error": format!("{e:#}") })),
+        },
+        (&Method::GET, "/bans") => match &c.maps {
+            None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
+            Some(m) => match m.bans() {
+                Ok(bans) => json_reply(
+                    200,
+                    &serde_json::json!(bans
+                        .iter()
+                        .map(|b| serde_json::json!({"address": b.addr.to_string(), "remaining_seconds": b.remaining.as_secs()}))
+                        .collect::<Vec<_>>()),
+                ),
+                Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
+            },
+        },
+        (&Method::POST, "/bans") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct BanRequest {
+                address: std::net::IpAddr,
+                seconds: u64,
+            }
+            let ban: BanRequest = match serde_json::from_slice(&body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return json_reply(400, &serde_json::json!({"error": format!("expected {{\"address\": IP, \"seconds\": N}}: {e}")}));
+                }
+            };
+            match &mut c.maps {
+                None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
+                Some(m) => match m.ban(ban.address, Duration::from_secs(ban.seconds)) {
+                    Ok(()) => {
+                        tracing::info!(address = %ban.address, seconds = ban.seconds, "banned via the admin API");
+                        json_reply(200, &serde_json::json!({"banned": ban.address.to_string(), "seconds": ban.seconds}))
+                    }
+                    Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
+                },
+            }
+        }
+        (&Method::DELETE, p) if p.starts_with("/bans/") => {
+            let Ok(addr) = p["/bans/".len()..].parse::<std::net::IpAddr>() else {
+                return json_reply(400, &serde_json::json!({"error": "not an IP address"}));
+            };
+            match &mut c.maps {
+                None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
+                Some(m) => match m.unban(addr) {
+                    Ok(true) => json_reply(200, &serde_json::json!({"unbanned": addr.to_string()})),
+                    Ok(false) => json_reply(404, &serde_json::json!({"error": "not banned"})),
+                    Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
+                },
+            }
+        }
+        (_, "/metrics" | "/stats" | "/reload" | "/bans") => {
+            json_reply(405, &serde_json::json!({"error": format!("{method} is not allowed on {path}")}))
+        }
+        _ => json_reply(
+            404,
+            &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans"]}),
+        ),
     }
 }

@@ -10,4 +10,5 @@ pub mod http;
 pub mod kernel;
 pub mod mcp;
 pub mod runtime;
+pub mod stats;
 pub mod telemetry;

@@ -4,7 +4,11 @@ use std::fmt::Write as _;
 
 use gateway_common::Verdict;
 
-use crate::{kernel::KernelMaps, runtime::Shared};
+use crate::{
+    kernel::KernelMaps,
+    runtime::Shared,
+    stats::{Aggregator, Dim},
+};
 
 /// `RUST_LOG`-style filter (default `info`), optionally as JSON lines.
 pub fn init_logging(json: bool) {
@@ -126,4 +130,63 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         );
     }
     out
+}
+
+/// Upper bounds (seconds) of the latency histograms' Prometheus buckets.
+const BUCKETS_S: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+/// Request counts and latency histograms, in the Prometheus text format.
+pub fn render_requests(agg: &Aggregator, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_requests_total MCP requests by route, method, tool, tenant and outcome."
+    );
+    let _ = writeln!(out, "# TYPE mcp_gateway_requests_total counter");
+    for (k, n) in &agg.counts {
+        let _ = writeln!(
+            out,
+            "mcp_gateway_requests_total{{route=\"{}\",method=\"{}\",tool=\"{}\",tenant=\"{}\",outcome=\"{}\"}} {n}",
+            label(&k.route),
+            label(&k.method),
+            label(&k.tool),
+            label(&k.tenant),
+            k.outcome.label()
+        );
+    }
+    for dim in [Dim::Route, Dim::Upstream, Dim::Tool, Dim::Tenant] {
+        let name = format!("mcp_gateway_{}_latency_seconds", dim.label());
+        let _ = writeln!(
+            out,
+            "# HELP {name} Request latency per {d}: kind=\"total\" from request read to answer relayed, \"upstream\" from request sent to answer head, \"gateway\" the rest.",
+            d = dim.label()
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for ((d, series), l) in &agg.series {
+            if *d != dim {
+                continue;
+            }
+            for (kind, h) in [
+                ("total", &l.total),
+                ("gateway", &l.gateway),
+                ("upstream", &l.upstream),
+            ] {
+                let labels = format!("{}=\"{}\",kind=\"{kind}\"", dim.label(), label(series));
+                for le in BUCKETS_S {
+                    let upper = (le * 1e6) as u64;
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{{labels},le=\"{le}\"}} {}",
+                        h.count_between(0, upper)
+                    );
+                }
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.len());
+                let sum = h.mean() * h.len() as f64 / 1e6;
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+                let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.len());
+            }
+        }
+    }
 }

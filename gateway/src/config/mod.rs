@@ -53,6 +53,8 @@ pub struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -70,6 +72,28 @@ pub struct RawHttp {
     /// (DNS-rebinding protection); requests without `Origin` (agents, SDKs) are not affected.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// Distinct tool names given their own series; the rest are counted as `other`.
+    #[serde(default = "default_max_tools")]
+    pub max_tools: usize,
+    /// Write interval latency histograms (one line per worker, series and second) to this file
+    /// in the HdrHistogram log format.
+    #[serde(default)]
+    pub histogram_log: Option<String>,
+}
+
+const fn default_max_tools() -> usize {
+    50
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        toml::from_str("").expect("all fields have defaults")
+    }
 }
 
 impl Default for RawHttp {
@@ -180,6 +204,10 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: String,
+    /// Environment variable holding the admin API's bearer token. Required when the admin
+    /// listener is not on loopback; `/healthz` and `/readyz` never need it.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -268,6 +296,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
+    /// Bearer token of the admin API, if any.
+    pub admin_token: Option<String>,
+    pub telemetry: TelemetryConfig,
     pub kernel: KernelConfig,
     /// Sorted by id.
     pub tenants: Vec<Tenant>,
@@ -275,6 +306,12 @@ pub struct Config {
     pub http: HttpConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    pub max_tools: usize,
+    pub histogram_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -459,6 +496,37 @@ impl RawConfig {
         if listeners.iter().any(|l| l.port() == admin.port()) {
             return Err(invalid("admin.address", "shares a port with a listener"));
         }
+        let admin_token = match &self.admin.token_env {
+            None if !admin.ip().is_loopback() => {
+                return Err(invalid(
+                    "admin.token_env",
+                    "the admin listener is not on loopback: it needs a token",
+                ));
+            }
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(t) if t.len() >= 16 => Some(t),
+                Ok(_) => {
+                    return Err(invalid(
+                        "admin.token_env",
+                        format!("`{var}` holds fewer than 16 characters"),
+                    ));
+                }
+                Err(_) => {
+                    return Err(invalid(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set"),
+                    ));
+                }
+            },
+        };
+        if self.telemetry.max_tools == 0 {
+            return Err(invalid("telemetry.max_tools", "must be above 0"));
+        }
+        let telemetry = TelemetryConfig {
+            max_tools: self.telemetry.max_tools,
+            histogram_log: self.telemetry.histogram_log.map(std::path::PathBuf::from),
+        };
 
         let k = self.kernel;
         if k.enabled && k.interfaces.is_empty() {
@@ -779,6 +847,8 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(g.shutdown_grace_ms),
             listeners,
             admin,
+            admin_token,
+            telemetry,
             kernel: KernelConfig {
                 enabled: k.enabled,
                 interfaces: k.interfaces,

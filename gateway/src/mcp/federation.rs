@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     Id, Kind, Message, RpcError, error,
-    proxy::{self, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
+    proxy::{self, Obs, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession},
     version,
 };
@@ -35,12 +35,14 @@ const MAX_PAGES: usize = 100;
 /// Keep-alive comment interval on merged streams; also how soon a gone client is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-pub(super) struct Federation<'a> {
-    pub members: &'a [Member],
-    pub config: &'a Config,
+/// `'c`: the configuration snapshot's lifetime; `'a`: the request's.
+pub(super) struct Federation<'a, 'c> {
+    pub members: &'c [Member],
+    pub config: &'c Config,
     pub ctx: &'a WorkerCtx,
     pub req: &'a Request,
     pub peer: SocketAddr,
+    pub obs: &'a Obs<'c>,
 }
 
 /// How a request reaches members: in the session era with the member's session and version,
@@ -51,18 +53,18 @@ enum Era<'s> {
     Stateless,
 }
 
-impl Federation<'_> {
-    fn upstream(&self, m: &Member) -> &Upstream {
+impl<'c> Federation<'_, 'c> {
+    fn upstream(&self, m: &Member) -> &'c Upstream {
         &self.config.upstreams[m.upstream]
     }
 
-    fn member_named(&self, name: &str) -> Option<&Member> {
+    fn member_named(&self, name: &str) -> Option<&'c Member> {
         self.members.iter().find(|m| self.upstream(m).name == name)
     }
 
     /// The member owning `name` (longest matching prefix; the member without a prefix owns the
     /// rest) and the name as that member knows it.
-    fn owner<'n>(&self, name: &'n str) -> Option<(&Member, &'n str)> {
+    fn owner<'n>(&self, name: &'n str) -> Option<(&'c Member, &'n str)> {
         self.members
             .iter()
             .filter(|m| !m.prefix.is_empty() && name.len() > m.prefix.len())
@@ -81,6 +83,9 @@ impl Federation<'_> {
     }
 
     async fn reply_error(&self, io: &mut Io, err: RpcError) -> bool {
+        if err.code == error::UPSTREAM_ERROR {
+            self.obs.set(crate::stats::Outcome::UpstreamFailure);
+        }
         let status = err.http_status;
         io.write_all(json_response(status, &err, self.keep_alive()))
             .await
@@ -94,6 +99,7 @@ impl Federation<'_> {
         result: Value,
         session: Option<&str>,
     ) -> bool {
+        self.obs.set(crate::stats::Outcome::Ok);
         let body = serde_json::to_vec(&json!({
             "jsonrpc": "2.0",
             "id": id.map_or(Value::Null, Id::to_json),
@@ -110,6 +116,7 @@ impl Federation<'_> {
     }
 
     async fn accepted(&self, io: &mut Io) -> bool {
+        self.obs.set(crate::stats::Outcome::Ok);
         io.write_all(http::response(202, &[], b"", self.keep_alive()))
             .await
             .is_ok()
@@ -407,7 +414,17 @@ impl Federation<'_> {
         }
         let request = self.request_for(member, era, &bytes, &extra);
         let up = self.upstream(member);
-        proxy::forward(io, self.req, request, up, id, self.ctx, Some(&up.name)).await
+        proxy::forward(
+            io,
+            self.req,
+            request,
+            up,
+            id,
+            self.ctx,
+            Some(&up.name),
+            self.obs,
+        )
+        .await
     }
 
     /// Sends `body` to every member and reads each whole answer, concurrently.
@@ -416,7 +433,8 @@ impl Federation<'_> {
         era: Era<'_>,
         bodies: Vec<(usize, Vec<u8>)>,
     ) -> Vec<(usize, Result<(ResponseHead, Vec<u8>), UpstreamFailure>)> {
-        join_all(bodies.into_iter().map(|(i, body)| async move {
+        let sent = std::time::Instant::now();
+        let answers = join_all(bodies.into_iter().map(|(i, body)| async move {
             let member = &self.members[i];
             let request = self.request_for(member, era, &body, &[]);
             (
@@ -424,7 +442,9 @@ impl Federation<'_> {
                 proxy::call(self.ctx, self.upstream(member), request, MAX_COLLECTED).await,
             )
         }))
-        .await
+        .await;
+        self.obs.waited(sent.elapsed());
+        answers
     }
 
     /// Members taking part in `era`: in a session, those the session holds.
@@ -702,7 +722,17 @@ impl Federation<'_> {
         let bytes = serde_json::to_vec(&body).expect("JSON serializes");
         let request = self.request_for(member, era, &bytes, &[]);
         let up = self.upstream(member);
-        proxy::forward(io, self.req, request, up, None, self.ctx, Some(&up.name)).await
+        proxy::forward(
+            io,
+            self.req,
+            request,
+            up,
+            None,
+            self.ctx,
+            Some(&up.name),
+            self.obs,
+        )
+        .await
     }
 
     async fn delete(&self, io: &mut Io, era: Era<'_>) -> bool {

@@ -4,7 +4,14 @@
 //! the client has taken what was read. An upstream that fails answers exactly the affected
 //! request with a JSON-RPC error.
 
-use std::{cell::RefCell, collections::HashMap, net::SocketAddr, rc::Rc, sync::Arc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    net::SocketAddr,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use monoio::net::TcpStream;
 use tokio::sync::watch;
@@ -14,21 +21,97 @@ use crate::{
     config::{Config, Target, Upstream},
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
     runtime::Shared,
+    stats::{self, Observation, Outcome, Recorder},
 };
+
+/// What the request path learns about one request, for telemetry.
+#[derive(Default)]
+pub(super) struct Obs<'a> {
+    pub outcome: Cell<Option<Outcome>>,
+    pub upstream: Cell<Option<&'a str>>,
+    pub upstream_wait: Cell<Option<Duration>>,
+    pub method: Cell<&'static str>,
+    pub tool: RefCell<Option<String>>,
+}
+
+impl Obs<'_> {
+    /// The first outcome set stands.
+    pub fn set(&self, o: Outcome) {
+        if self.outcome.get().is_none() {
+            self.outcome.set(Some(o));
+        }
+    }
+
+    pub fn waited(&self, d: Duration) {
+        self.upstream_wait
+            .set(Some(self.upstream_wait.get().unwrap_or_default() + d));
+    }
+}
+
+/// Largest answer kept to tell a result from an error and a tool's failure.
+const CLASSIFY_MAX: usize = 64 * 1024;
+
+/// What an upstream's JSON-RPC answer says: a result, a tool that failed, or an error.
+pub(super) fn classify(message: &[u8]) -> Outcome {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        result: Option<ToolResult>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ToolResult {
+        #[serde(rename = "isError", default)]
+        is_error: bool,
+    }
+    match serde_json::from_slice::<Answer>(message) {
+        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
+        Ok(Answer {
+            result: Some(ToolResult { is_error: true }),
+            ..
+        }) => Outcome::ToolError,
+        _ => Outcome::Ok,
+    }
+}
+
+/// The data of the last complete event in an SSE buffer.
+fn last_event_data(buf: &[u8]) -> Vec<u8> {
+    let trimmed = buf.trim_ascii_end();
+    let start = trimmed
+        .windows(2)
+        .rposition(|w| w == b"\n\n")
+        .map_or(0, |i| i + 2);
+    let mut data = Vec::new();
+    for line in trimmed[start..].split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(d) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    data
+}
 
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub(super) parser: RefCell<Parser>,
     pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
+    /// This worker's telemetry, shipped to the control thread once a second.
+    pub recorder: RefCell<Recorder>,
 }
 
 impl WorkerCtx {
-    pub fn new(shared: Arc<Shared>) -> Rc<Self> {
+    pub fn new(shared: Arc<Shared>, worker: usize) -> Rc<Self> {
+        let max_tools = shared.snapshot.load().config.telemetry.max_tools;
         Rc::new(Self {
             shared,
             parser: RefCell::default(),
             pool: RefCell::default(),
+            recorder: RefCell::new(Recorder::new(worker, max_tools)),
         })
     }
 
@@ -100,13 +183,52 @@ pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Ve
     )
 }
 
-/// Answers one request; returns whether the client connection can carry another.
+/// Answers one request and records it; returns whether the client connection can carry
+/// another.
 async fn handle(
     io: &mut Io,
     req: &Request,
     peer: SocketAddr,
     config: &Config,
     ctx: &WorkerCtx,
+) -> bool {
+    let started = Instant::now();
+    let obs = Obs::default();
+    obs.method.set(stats::method_label(&req.method));
+    let keep = handle_inner(io, req, peer, config, ctx, &obs).await;
+    let tenant_id = ctx.shared.snapshot.load().classifier.tenant_of(peer.ip());
+    let tenant = config
+        .tenants
+        .iter()
+        .find(|t| t.id == tenant_id)
+        .map_or("default", |t| t.name.as_str());
+    let route = config
+        .routes
+        .iter()
+        .find(|r| r.path == req.path())
+        .map_or("unmatched", |r| r.path.as_str());
+    let tool = obs.tool.borrow();
+    ctx.recorder.borrow_mut().record(&Observation {
+        route,
+        upstream: obs.upstream.get(),
+        method: obs.method.get(),
+        tool: tool.as_deref(),
+        tenant,
+        // Nothing else set it: the gateway answered with an error of its own.
+        outcome: obs.outcome.get().unwrap_or(Outcome::Refused),
+        total: started.elapsed(),
+        upstream_wait: obs.upstream_wait.get(),
+    });
+    keep
+}
+
+async fn handle_inner<'a, 'c>(
+    io: &mut Io,
+    req: &'a Request,
+    peer: SocketAddr,
+    config: &'c Config,
+    ctx: &'a WorkerCtx,
+    obs: &'a Obs<'c>,
 ) -> bool {
     let reply = |status: u16, err: RpcError| json_response(status, &err, req.keep_alive);
     let Some(route) = config.routes.iter().find(|r| r.path == req.path()) else {
@@ -164,6 +286,14 @@ async fn handle(
                     return io.write_all(reply(400, err)).await.is_ok();
                 }
                 Ok(Parsed::Single(m)) => {
+                    obs.method.set(match m.kind {
+                        Kind::Request => stats::method_label(m.method.as_deref().unwrap_or("")),
+                        Kind::Notification => "notification",
+                        Kind::Response => "response",
+                    });
+                    if m.method.as_deref() == Some("tools/call") {
+                        *obs.tool.borrow_mut() = m.name.clone();
+                    }
                     if let Err(err) = super::headers::check(req, &m) {
                         return io.write_all(reply(err.http_status, err)).await.is_ok();
                     }
@@ -202,7 +332,7 @@ async fn handle(
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
             let bytes = upstream_request(req, peer, up, &req.body, &[]);
-            forward(io, req, bytes, up, request_id, ctx, None).await
+            forward(io, req, bytes, up, request_id, ctx, None, obs).await
         }
         Target::Federation(members) => {
             let fed = super::federation::Federation {
@@ -211,6 +341,7 @@ async fn handle(
                 ctx,
                 req,
                 peer,
+                obs,
             };
             fed.handle(io, message).await
         }
@@ -469,20 +600,35 @@ pub(super) async fn call(
 
 /// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
 /// names the upstream inside a federation, whose events are rewritten on the way.
-pub(super) async fn forward(
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward<'c>(
     client: &mut Io,
     req: &Request,
     request: Vec<u8>,
-    up: &Upstream,
+    up: &'c Upstream,
     request_id: Option<Id>,
     ctx: &WorkerCtx,
     member: Option<&str>,
+    obs: &Obs<'c>,
 ) -> bool {
-    match open(ctx, up, request, Some(client)).await {
-        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member).await,
+    obs.upstream.set(Some(&up.name));
+    let sent = Instant::now();
+    let opened = open(ctx, up, request, Some(client)).await;
+    obs.waited(sent.elapsed());
+    match opened {
+        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,
         // The client gave up waiting; the upstream connection was closed, which cancels there.
-        Err(UpstreamFailure::ClientGone) => false,
-        Err(f) => fail(client, req, up, request_id, f).await,
+        Err(UpstreamFailure::ClientGone) => {
+            obs.set(Outcome::UpstreamFailure);
+            false
+        }
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            fail(client, req, up, request_id, f).await
+        }
     }
 }
 
@@ -563,7 +709,15 @@ async fn relay(
     request_id: Option<Id>,
     ctx: &WorkerCtx,
     member: Option<&str>,
+    obs: &Obs<'_>,
 ) -> bool {
+    // Enough of the answer to classify it: the body of a JSON answer, the last events of SSE.
+    let mut answer: Vec<u8> = Vec::new();
+    if head.status >= 500 {
+        obs.set(Outcome::UpstreamFailure);
+    } else if head.status >= 400 {
+        obs.set(Outcome::RpcError);
+    }
     let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
     let kind = if bodiless {
         None
@@ -613,9 +767,13 @@ async fn relay(
         Some(BodyKind::Length(n)) => n,
         _ => usize::MAX,
     };
+    let classify_answer = request_id.is_some();
     if let Some(BodyKind::Length(_)) = kind {
         let n = remaining.min(conn.pending().len());
         out.extend_from_slice(&conn.pending()[..n]);
+        if classify_answer && n <= CLASSIFY_MAX {
+            answer.extend_from_slice(&conn.pending()[..n]);
+        }
         conn.consume(n);
         remaining -= n;
     }
@@ -623,6 +781,7 @@ async fn relay(
         return false;
     }
     let Some(kind) = kind else {
+        obs.set(Outcome::Ok);
         if !upstream_close {
             ctx.checkin(up.addr, conn, up.max_idle);
         }
@@ -674,6 +833,17 @@ async fn relay(
         } else {
             std::mem::take(&mut piece)
         };
+        if !data.is_empty() && classify_answer {
+            if sse {
+                // The answer is the stream's last event.
+                if data.len() <= CLASSIFY_MAX {
+                    answer.clear();
+                    answer.extend_from_slice(&data);
+                }
+            } else if answer.len() + data.len() <= CLASSIFY_MAX {
+                answer.extend_from_slice(&data);
+            }
+        }
         if !data.is_empty() {
             let framed = if matches!(kind, BodyKind::Length(_)) {
                 data
@@ -708,6 +878,19 @@ async fn relay(
     };
     match finished {
         Ok(()) => {
+            if classify_answer {
+                if sse && !sse_buf.is_empty() {
+                    answer = sse_buf.clone();
+                }
+                let message = if sse {
+                    last_event_data(&answer)
+                } else {
+                    std::mem::take(&mut answer)
+                };
+                obs.set(classify(&message));
+            } else {
+                obs.set(Outcome::Ok);
+            }
             if !sse_buf.is_empty() {
                 // A last event without its blank line.
                 let last = match member {
@@ -727,6 +910,7 @@ async fn relay(
             req.keep_alive
         }
         Err(why) => {
+            obs.set(Outcome::UpstreamFailure);
             tracing::warn!(upstream = %up.name, "{why}");
             if sse && matches!(kind, BodyKind::Chunked | BodyKind::UntilClose) {
                 // The client gets a JSON-RPC error for exactly the request this stream answered.

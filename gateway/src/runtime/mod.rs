@@ -95,7 +95,8 @@ async fn worker(
     grace: Duration,
 ) {
     let active = Rc::new(Cell::new(0usize));
-    let ctx = WorkerCtx::new(shared);
+    let ctx = WorkerCtx::new(Arc::clone(&shared), index);
+    monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
     for socket in sockets {
         let listener = match monoio::net::TcpListener::from_std(socket) {
             Ok(l) => l,
@@ -116,6 +117,9 @@ async fn worker(
     let deadline = monoio::time::Instant::now() + grace;
     while active.get() > 0 && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(last) = ctx.recorder.borrow_mut().take() {
+        let _ = shared.stats_tx.send(last);
     }
     if active.get() > 0 {
         tracing::warn!(
@@ -181,6 +185,20 @@ async fn accept_loop(
             ctx.shared.conns.closed(worker, tenant);
             active.set(active.get() - 1);
         });
+    }
+}
+
+/// Sends what the worker recorded to the control thread once a second (off the request path;
+/// recording itself takes no lock).
+async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats::Interval>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        let interval = ctx.recorder.borrow_mut().take();
+        if let Some(i) = interval
+            && tx.send(i).is_err()
+        {
+            return;
+        }
     }
 }
 

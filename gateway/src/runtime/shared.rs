@@ -103,12 +103,18 @@ pub struct Shared {
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids (made at start, never leaves the process).
     pub session_key: [u8; 32],
+    /// Workers send their telemetry here, once a second; the control thread takes it.
+    pub stats_tx: std::sync::mpsc::Sender<crate::stats::Interval>,
+    pub stats_rx: std::sync::Mutex<std::sync::mpsc::Receiver<crate::stats::Interval>>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Self {
         let workers = config.workers;
+        let (stats_tx, stats_rx) = std::sync::mpsc::channel();
         Self {
+            stats_tx,
+            stats_rx: std::sync::Mutex::new(stats_rx),
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             conns: ConnTable::new(workers),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
