@@ -12,3 +12,4 @@ pub mod mcp;
 pub mod runtime;
 pub mod stats;
 pub mod telemetry;
+pub mod top;

@@ -30,6 +30,22 @@ enum Command {
     DefaultConfig,
     /// Print the JSON schema of the configuration file.
     ConfigSchema,
+    /// Live view of a running gateway: rates, errors and latency per tool and tenant, kernel
+    /// drops, from its admin API.
+    Top {
+        /// Admin listener of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Environment variable holding the admin token, if the gateway has one.
+        #[arg(long)]
+        token_env: Option<String>,
+        /// Window of the figures: 10s, 1m, 5m or all.
+        #[arg(long, default_value = "10s")]
+        window: String,
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
         /// Pin directory of the instance.
@@ -88,6 +104,26 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kernel { pin_dir, action } => kernel_command(&pin_dir, action),
+        Command::Top {
+            admin,
+            token_env,
+            window,
+            interval_ms,
+        } => {
+            let token = match token_env {
+                Some(var) => Some(
+                    std::env::var(&var)
+                        .with_context(|| format!("environment variable `{var}` is not set"))?,
+                ),
+                None => None,
+            };
+            gateway::top::run(gateway::top::Options {
+                admin,
+                token,
+                window,
+                interval: Duration::from_millis(interval_ms.max(100)),
+            })
+        }
     }
 }
 

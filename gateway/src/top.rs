@@ -1,0 +1,285 @@
+//! `gateway top`: a live view of a running gateway, from its admin API's `/stats`: requests per
+//! second, error rates and latency percentiles per tool and tenant, the kernel's drops per
+//! tenant, and the latency distribution of the busiest tool.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ratatui::{
+    Frame,
+    crossterm::event::{self, Event, KeyCode},
+    layout::{Constraint, Layout},
+    style::{Modifier, Style},
+    text::Line,
+    widgets::{Bar, BarChart, BarGroup, Block, Paragraph, Row, Table},
+};
+use serde_json::Value;
+
+pub struct Options {
+    pub admin: String,
+    pub token: Option<String>,
+    pub window: String,
+    pub interval: Duration,
+}
+
+fn fetch(o: &Options) -> anyhow::Result<Value> {
+    let url = format!("http://{}/stats?window={}", o.admin, o.window);
+    let mut req = ureq::get(&url);
+    if let Some(t) = &o.token {
+        req = req.header("authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req.call().with_context(|| format!("GET {url}"))?;
+    let text = resp.body_mut().read_to_string()?;
+    serde_json::from_str(&text).context("the answer is not JSON")
+}
+
+/// Kernel packets per tenant and verdict, and when they were read: rates come from two reads.
+struct KernelSample {
+    at: Instant,
+    counts: Value,
+}
+
+struct View {
+    stats: Option<Value>,
+    error: Option<String>,
+    kernel_rates: Vec<(String, f64, f64)>,
+    previous: Option<KernelSample>,
+}
+
+fn us(v: &Value) -> String {
+    match v.as_u64() {
+        None => "-".into(),
+        Some(n) if n >= 1_000_000 => format!("{:.2}s", n as f64 / 1e6),
+        Some(n) if n >= 1_000 => format!("{:.1}ms", n as f64 / 1e3),
+        Some(n) => format!("{n}µs"),
+    }
+}
+
+fn series<'a>(stats: &'a Value, dim: &str) -> Vec<&'a Value> {
+    let mut out: Vec<&Value> = stats["series"]
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["dim"] == dim).collect())
+        .unwrap_or_default();
+    out.sort_by(|a, b| {
+        b["count"]
+            .as_u64()
+            .unwrap_or(0)
+            .cmp(&a["count"].as_u64().unwrap_or(0))
+    });
+    out
+}
+
+fn series_table<'a>(title: &'a str, rows: &[&Value]) -> Table<'a> {
+    let header = Row::new([
+        title, "req/s", "err%", "p50", "p90", "p99", "p99.9", "max", "gw p99", "up p99",
+    ])
+    .style(Style::default().add_modifier(Modifier::BOLD));
+    let body: Vec<Row> = rows
+        .iter()
+        .map(|s| {
+            let count = s["count"].as_u64().unwrap_or(0).max(1);
+            let err = s["errors"].as_u64().unwrap_or(0) as f64 * 100.0 / count as f64;
+            let t = &s["total_us"];
+            Row::new([
+                s["name"].as_str().unwrap_or("").to_owned(),
+                format!("{:.1}", s["rps"].as_f64().unwrap_or(0.0)),
+                format!("{err:.1}%"),
+                us(&t["p50"]),
+                us(&t["p90"]),
+                us(&t["p99"]),
+                us(&t["p999"]),
+                us(&t["max"]),
+                us(&s["gateway_us"]["p99"]),
+                us(&s["upstream_us"]["p99"]),
+            ])
+        })
+        .collect();
+    let widths = [
+        Constraint::Length(22),
+        Constraint::Length(9),
+        Constraint::Length(7),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+    ];
+    Table::new(body, widths).header(header)
+}
+
+fn draw(f: &mut Frame, o: &Options, v: &View) {
+    let [head, tools, tenants, kernel, hist] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Min(6),
+        Constraint::Min(5),
+        Constraint::Length(5),
+        Constraint::Length(9),
+    ])
+    .areas(f.area());
+    let mut lines = vec![Line::from(format!(
+        "mcp-gateway top   {}   window {}   every {:?}   q: quit",
+        o.admin, o.window, o.interval
+    ))];
+    match (&v.stats, &v.error) {
+        (_, Some(e)) => lines.push(Line::from(format!("cannot read /stats: {e}"))),
+        (Some(s), None) => {
+            let routes = series(s, "route");
+            let rps: f64 = routes
+                .iter()
+                .map(|r| r["rps"].as_f64().unwrap_or(0.0))
+                .sum();
+            let count: u64 = routes
+                .iter()
+                .map(|r| r["count"].as_u64().unwrap_or(0))
+                .sum();
+            let errors: u64 = routes
+                .iter()
+                .map(|r| r["errors"].as_u64().unwrap_or(0))
+                .sum();
+            lines.push(Line::from(format!(
+                "total {rps:.1} req/s   {count} requests   errors {:.2}%",
+                errors as f64 * 100.0 / count.max(1) as f64
+            )));
+        }
+        (None, None) => lines.push(Line::from("waiting for the first answer…")),
+    }
+    f.render_widget(Paragraph::new(lines).block(Block::bordered()), head);
+    let Some(stats) = &v.stats else { return };
+    let t = series(stats, "tool");
+    f.render_widget(
+        series_table("TOOL", &t).block(Block::bordered().title(" tools ")),
+        tools,
+    );
+    f.render_widget(
+        series_table("TENANT", &series(stats, "tenant"))
+            .block(Block::bordered().title(" tenants ")),
+        tenants,
+    );
+    let krows: Vec<Row> = v
+        .kernel_rates
+        .iter()
+        .map(|(t, pass, drop)| Row::new([t.clone(), format!("{pass:.1}"), format!("{drop:.1}")]))
+        .collect();
+    f.render_widget(
+        Table::new(
+            krows,
+            [
+                Constraint::Length(22),
+                Constraint::Length(14),
+                Constraint::Length(14),
+            ],
+        )
+        .header(
+            Row::new(["TENANT", "passed pkt/s", "dropped pkt/s"])
+                .style(Style::default().add_modifier(Modifier::BOLD)),
+        )
+        .block(Block::bordered().title(" kernel (XDP) ")),
+        kernel,
+    );
+    let busiest = t
+        .first()
+        .copied()
+        .or_else(|| series(stats, "route").first().copied());
+    if let Some(s) = busiest {
+        let bars: Vec<Bar> = s["distribution"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .filter_map(|b| Some((b[0].as_u64()?, b[1].as_u64()?)))
+                    .skip_while(|(_, n)| *n == 0)
+                    .map(|(upper, n)| {
+                        Bar::default()
+                            .value(n)
+                            .label(Line::from(format!("≤{}", us(&upper.into()))))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        f.render_widget(
+            BarChart::default()
+                .block(Block::bordered().title(format!(
+                    " latency of {} `{}` (requests per bucket) ",
+                    s["dim"].as_str().unwrap_or(""),
+                    s["name"].as_str().unwrap_or("")
+                )))
+                .bar_width(7)
+                .bar_gap(1)
+                .data(BarGroup::default().bars(&bars)),
+            hist,
+        );
+    }
+}
+
+fn update(o: &Options, v: &mut View) {
+    match fetch(o) {
+        Ok(stats) => {
+            if stats["kernel"].is_object() {
+                let now = Instant::now();
+                if let Some(prev) = &v.previous {
+                    let secs = now.duration_since(prev.at).as_secs_f64().max(0.001);
+                    v.kernel_rates = stats["kernel"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(tenant, verdicts)| {
+                            let delta = |verdict: &str| {
+                                verdicts[verdict].as_u64().unwrap_or(0).saturating_sub(
+                                    prev.counts[tenant][verdict].as_u64().unwrap_or(0),
+                                ) as f64
+                            };
+                            let dropped: f64 = [
+                                "denied",
+                                "banned",
+                                "tenant_rate",
+                                "source_rate",
+                                "over_cap",
+                                "malformed",
+                            ]
+                            .iter()
+                            .map(|d| delta(d))
+                            .sum();
+                            (tenant.clone(), delta("passed") / secs, dropped / secs)
+                        })
+                        .collect();
+                }
+                v.previous = Some(KernelSample {
+                    at: now,
+                    counts: stats["kernel"].clone(),
+                });
+            }
+            v.stats = Some(stats);
+            v.error = None;
+        }
+        Err(e) => v.error = Some(format!("{e:#}")),
+    }
+}
+
+/// Runs the live view until `q` or Esc.
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let mut terminal = ratatui::init();
+    let mut view = View {
+        stats: None,
+        error: None,
+        kernel_rates: Vec::new(),
+        previous: None,
+    };
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            update(&o, &mut view);
+            terminal.draw(|f| draw(f, &o, &view))?;
+            let deadline = Instant::now() + o.interval;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                if event::poll(left)?
+                    && let Event::Key(k) = event::read()?
+                    && matches!(k.code, KeyCode::Char('q') | KeyCode::Esc)
+                {
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    ratatui::restore();
+    result
+}
