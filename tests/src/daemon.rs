@@ -48,6 +48,11 @@ impl Daemon {
         Self::start_in(None, instance, config, &[])
     }
 
+    /// Like [`Daemon::start_local`], with extra environment variables.
+    pub fn start_local_with_env(instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_in(None, instance, config, env)
+    }
+
     fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));

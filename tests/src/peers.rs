@@ -310,6 +310,8 @@ pub enum Misbehave {
     StallMidStream,
     /// Answers like `Answer`, but only after this long.
     Slow(Duration),
+    /// Answers like `Answer` after the number of milliseconds in the body's `"delay_ms":N`.
+    DelayFromBody,
 }
 
 /// An upstream on raw sockets that records request heads.
@@ -354,8 +356,22 @@ impl FakeUpstream {
                         if let Misbehave::Slow(delay) = how {
                             std::thread::sleep(delay);
                         }
+                        if let Misbehave::DelayFromBody = how {
+                            let text = String::from_utf8_lossy(&body);
+                            let ms: u64 = text
+                                .split("\"delay_ms\":")
+                                .nth(1)
+                                .map(|r| {
+                                    r.chars()
+                                        .take_while(char::is_ascii_digit)
+                                        .collect::<String>()
+                                })
+                                .and_then(|d| d.parse().ok())
+                                .unwrap_or(0);
+                            std::thread::sleep(Duration::from_millis(ms));
+                        }
                         match how {
-                            Misbehave::Answer | Misbehave::Slow(_) => {
+                            Misbehave::Answer | Misbehave::Slow(_) | Misbehave::DelayFromBody => {
                                 let b = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
                                 let _ = write!(
                                     conn,

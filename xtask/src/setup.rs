@@ -29,6 +29,8 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     if test_peers {
+        // `gateway top` is tested in a real terminal.
+        apt(&["tmux"])?;
         python_peers()?;
         node_peers()?;
     }
@@ -73,9 +75,10 @@ fn node_peers() -> anyhow::Result<()> {
     .context("npm install of the MCP conformance suite")
 }
 
-/// The Python MCP SDK (a real client and server for the end-to-end tests), pinned, in a venv
-/// inside the project: `.tools/venv`.
-const PY_PACKAGES: &[&str] = &["mcp==2.3.0"];
+/// The Python MCP SDK (a real client and server for the end-to-end tests) and Prometheus's
+/// Python client (its text-format parser checks `/metrics`), pinned, in a venv inside the
+/// project: `.tools/venv`.
+const PY_PACKAGES: &[&str] = &["mcp==2.3.0", "prometheus_client==0.26.0"];
 
 fn python_peers() -> anyhow::Result<()> {
     let venv = std::path::Path::new(".tools/venv");
@@ -107,7 +110,7 @@ fn python_peers() -> anyhow::Result<()> {
             .args(["-m", "pip", "install", "-q"])
             .args(PY_PACKAGES),
     )
-    .context("pip install of the MCP SDK")
+    .context("pip install of the test peers")
 }
 
 fn quiet(cmd: &mut Command) -> bool {

@@ -1,0 +1,431 @@
+//! Telemetry through the real daemon on loopback: exact request counts in `/metrics` after known
+//! traffic, read by Prometheus's own parser; `/stats` percentiles against the client's own
+//! measurement; the admin token; `gateway top` in a real terminal (tmux).
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{FakeUpstream, Misbehave, demo_upstream, free_port, post, raw},
+    unique,
+};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+struct Gateway {
+    daemon: Daemon,
+    port: u16,
+    admin: u16,
+}
+
+/// A gateway with routes `/demo` (the demo upstream), `/slow` (an upstream that waits as long as
+/// each request asks) and `/dead` (nothing listens), an admin token, and a histogram log.
+fn start(demo_port: u16, slow: &FakeUpstream, hlog: &std::path::Path) -> Gateway {
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwobs");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+token_env = "GW_TEST_ADMIN_TOKEN"
+[kernel]
+enabled = false
+default_tenant = "others"
+[telemetry]
+histogram_log = "{hlog}"
+[[tenants]]
+name = "others"
+id = 0
+[[tenants]]
+name = "loopback"
+id = 3
+sources = ["127.0.0.0/8"]
+new_connections_per_sec = 100000
+new_connections_burst = 100000
+[[upstreams]]
+name = "demo"
+url = "http://127.0.0.1:{demo_port}/mcp"
+[[upstreams]]
+name = "slow"
+url = "{slow}"
+[[upstreams]]
+name = "dead"
+url = "http://127.0.0.1:{dead}/mcp"
+[[routes]]
+path = "/demo"
+upstream = "demo"
+[[routes]]
+path = "/slow"
+upstream = "slow"
+[[routes]]
+path = "/dead"
+upstream = "dead"
+"#,
+        hlog = hlog.display(),
+        slow = slow.url(),
+        dead = free_port(),
+    );
+    let daemon =
+        Daemon::start_local_with_env(&instance, &config, &[("GW_TEST_ADMIN_TOKEN", TOKEN)]);
+    Gateway {
+        daemon,
+        port,
+        admin,
+    }
+}
+
+fn call(tool: &str, args: &str, id: u32) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}}}}"#
+    )
+}
+
+fn headers(tool: &str) -> String {
+    format!("mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n")
+}
+
+/// GET on the admin API with (or without) the token.
+fn admin_get(admin: u16, path: &str, token: bool) -> integration_tests::peers::RawResponse {
+    let auth = if token {
+        format!("authorization: Bearer {TOKEN}\r\n")
+    } else {
+        String::new()
+    };
+    raw(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\n{auth}connection: close\r\n\r\n").as_bytes(),
+    )
+    .0
+}
+
+/// Polls `/metrics` until `needle` appears (workers ship once a second), at most 10 s.
+fn metrics_with(admin: u16, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&admin_get(admin, "/metrics", true).body).into_owned();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn metrics_count_known_traffic_exactly_and_prometheus_parses_them() {
+    let demo_port = free_port();
+    let _demo = demo_upstream(demo_port);
+    let slow = FakeUpstream::start(Misbehave::DelayFromBody);
+    let hlog = std::env::temp_dir().join(format!("{}.hlog", unique("gwobs")));
+    let mut g = start(demo_port, &slow, &hlog);
+    for i in 0..37 {
+        let (r, _) = raw(
+            g.port,
+            &post(
+                "/demo",
+                &call("add", r#"{"a":1,"b":2}"#, i),
+                &headers("add"),
+            ),
+        );
+        assert_eq!(r.status, 200);
+    }
+    // A tool that runs and fails: `echo` without its argument answers isError: true.
+    for i in 0..5 {
+        raw(
+            g.port,
+            &post("/demo", &call("echo", "{}", i), &headers("echo")),
+        );
+    }
+    for _ in 0..3 {
+        let (r, _) = raw(g.port, &post("/demo", "{not json", ""));
+        assert_eq!(r.status, 400);
+    }
+    for i in 0..2 {
+        let (r, _) = raw(
+            g.port,
+            &post("/dead", &call("add", "{}", i), &headers("add")),
+        );
+        assert_eq!(r.status, 502);
+    }
+    let want = [
+        (
+            r#"route="/demo",method="tools/call",tool="add",tenant="loopback",outcome="ok""#,
+            37,
+        ),
+        (
+            r#"route="/demo",method="tools/call",tool="echo",tenant="loopback",outcome="tool_error""#,
+            5,
+        ),
+        (
+            r#"route="/demo",method="other",tool="",tenant="loopback",outcome="refused""#,
+            3,
+        ),
+        (
+            r#"route="/dead",method="tools/call",tool="add",tenant="loopback",outcome="upstream_failure""#,
+            2,
+        ),
+    ];
+    let text = metrics_with(g.admin, r#"outcome="upstream_failure"} 2"#);
+    for (labels, n) in want {
+        let line = format!("mcp_gateway_requests_total{{{labels}}} {n}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(r#"mcp_gateway_tool_latency_seconds_count{tool="add",kind="total"} 39"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"mcp_gateway_upstream_latency_seconds_count{upstream="demo",kind="upstream"} 42"#
+        ),
+        "{text}"
+    );
+
+    // Prometheus's own text-format parser reads every family and sample.
+    let parsed = integration_tests::peers::py_script(
+        r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+fams = list(text_string_to_metric_families(sys.stdin.read() if len(sys.argv) < 2 else open(sys.argv[1]).read()))
+out = {f.name: {"type": f.type, "samples": len(f.samples)} for f in fams}
+add = [s for f in fams for s in f.samples if s.name == "mcp_gateway_requests_total" and s.labels.get("tool") == "add" and s.labels.get("outcome") == "ok"]
+out["add_ok"] = add[0].value if add else None
+inf = [s.value for f in fams for s in f.samples if s.name == "mcp_gateway_tool_latency_seconds_bucket" and s.labels.get("tool") == "add" and s.labels.get("kind") == "total" and s.labels.get("le") == "+Inf"]
+out["add_inf"] = inf[0] if inf else None
+print(json.dumps(out))
+"#,
+        &[&{
+            let path = std::env::temp_dir().join(format!("{}.prom", unique("metrics")));
+            std::fs::write(&path, &text).unwrap();
+            path.display().to_string()
+        }],
+    );
+    assert_eq!(
+        parsed["mcp_gateway_requests"]["type"], "counter",
+        "{parsed}"
+    );
+    assert_eq!(
+        parsed["mcp_gateway_tool_latency_seconds"]["type"], "histogram",
+        "{parsed}"
+    );
+    assert_eq!(
+        parsed["mcp_gateway_connections"]["type"], "gauge",
+        "{parsed}"
+    );
+    assert_eq!(parsed["add_ok"], 37.0);
+    assert_eq!(parsed["add_inf"], 39.0);
+
+    // The admin API wants its token; health checks do not.
+    assert_eq!(admin_get(g.admin, "/metrics", false).status, 401);
+    assert_eq!(admin_get(g.admin, "/stats", false).status, 401);
+    assert_eq!(admin_get(g.admin, "/healthz", false).status, 200);
+    assert_eq!(admin_get(g.admin, "/readyz", false).status, 200);
+    assert_eq!(admin_get(g.admin, "/stats?window=2h", true).status, 400);
+
+    // The histogram log has interval lines in the standard format.
+    let log = std::fs::read_to_string(&hlog).unwrap();
+    assert!(log.contains(
+        "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\""
+    ));
+    assert!(log.lines().any(|l| l.starts_with("Tag=tool=add,")), "{log}");
+    let _ = std::fs::remove_file(&hlog);
+    g.daemon.stop();
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[test]
+fn stats_percentiles_agree_with_the_clients_own_measurement() {
+    let demo_port = free_port();
+    let _demo = demo_upstream(demo_port);
+    let slow = FakeUpstream::start(Misbehave::DelayFromBody);
+    let hlog = std::env::temp_dir().join(format!("{}.hlog", unique("gwobs")));
+    let mut g = start(demo_port, &slow, &hlog);
+    // 200 calls whose upstream takes 1..=100 ms, measured by the client around each call.
+    let mut seen = Vec::new();
+    let (_, mut conn) = raw(
+        g.port,
+        &post(
+            "/slow",
+            &call("wait", r#"{"delay_ms":1}"#, 0),
+            &headers("wait"),
+        ),
+    );
+    for i in 0..200u32 {
+        let delay = 1 + (i * 37) % 100;
+        let req = post(
+            "/slow",
+            &call("wait", &format!(r#"{{"delay_ms":{delay}}}"#), i),
+            &headers("wait"),
+        );
+        let started = Instant::now();
+        std::io::Write::write_all(&mut conn, &req).unwrap();
+        let r = integration_tests::peers::read_response(&mut conn).expect("an answer");
+        seen.push(started.elapsed().as_micros() as u64);
+        assert_eq!(r.status, 200);
+    }
+    seen.sort_unstable();
+    let stats = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = admin_get(g.admin, "/stats?window=1m", true).json();
+            let n = s["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["dim"] == "tool" && x["name"] == "wait")
+                .map(|x| x["count"].as_u64().unwrap());
+            if n == Some(201) || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let wait = stats["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["dim"] == "tool" && x["name"] == "wait")
+        .expect("a series for the tool")
+        .clone();
+    assert_eq!(wait["count"], 201, "{wait}");
+    // The gateway's figure leaves out the client's side of loopback, and the histogram keeps two
+    // significant digits: it agrees within 1% plus 1.5 ms.
+    for (q, key) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+        let client = percentile(&seen, q);
+        let gateway = wait["total_us"][key].as_u64().unwrap();
+        let slack = client / 100 + 1_500;
+        assert!(
+            gateway <= client + slack && gateway + slack >= client,
+            "{key}: gateway {gateway} µs, client {client} µs"
+        );
+        // And nearly all of it was the upstream's.
+        let upstream = wait["upstream_us"][key].as_u64().unwrap();
+        assert!(
+            upstream + slack >= gateway,
+            "{key}: upstream {upstream} of {gateway} µs"
+        );
+    }
+    let _ = std::fs::remove_file(&hlog);
+    g.daemon.stop();
+}
+
+#[test]
+fn gateway_top_shows_live_figures_in_a_terminal() {
+    let demo_port = free_port();
+    let _demo = demo_upstream(demo_port);
+    let slow = FakeUpstream::start(Misbehave::DelayFromBody);
+    let hlog = std::env::temp_dir().join(format!("{}.hlog", unique("gwobs")));
+    let mut g = start(demo_port, &slow, &hlog);
+    let port = g.port;
+    // Steady traffic for the view to show, for a bounded time.
+    let traffic = std::thread::spawn(move || {
+        let (_, mut conn) = raw(
+            port,
+            &post(
+                "/demo",
+                &call("word_count", r#"{"text":"a b"}"#, 0),
+                &headers("word_count"),
+            ),
+        );
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut i = 1;
+        while Instant::now() < until {
+            let req = post(
+                "/demo",
+                &call("word_count", r#"{"text":"a b"}"#, i),
+                &headers("word_count"),
+            );
+            std::io::Write::write_all(&mut conn, &req).unwrap();
+            integration_tests::peers::read_response(&mut conn).expect("an answer");
+            i += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let session = unique("gwtop");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (cargo xtask setup installs it)")
+    };
+    let gateway_bin = std::env::var("GATEWAY_BIN").expect("GATEWAY_BIN");
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "140",
+        "-y",
+        "45",
+        "-e",
+        &format!("GW_TEST_ADMIN_TOKEN={TOKEN}"),
+        &format!(
+            "{gateway_bin} top --admin 127.0.0.1:{} --token-env GW_TEST_ADMIN_TOKEN --window 10s --interval-ms 500",
+            g.admin
+        ),
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let screen = loop {
+        let out = tmux(&["capture-pane", "-p", "-t", &session]);
+        let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row = screen.lines().find(|l| l.contains("│word_count"));
+        let rate = row
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok());
+        if rate.is_some_and(|r| r > 0.0) || Instant::now() > deadline {
+            break screen;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(screen.contains("mcp-gateway top"), "{screen}");
+    let row = screen
+        .lines()
+        .find(|l| l.contains("│word_count"))
+        .unwrap_or_else(|| panic!("no tool row:\n{screen}"));
+    let cells: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    assert!(cells[1].parse::<f64>().unwrap() > 0.0, "{row}");
+    assert_eq!(cells[2], "0.0%", "{row}");
+    assert!(
+        cells[3].ends_with("µs") || cells[3].ends_with("ms"),
+        "{row}"
+    );
+    assert!(screen.contains("│loopback"), "the tenant row:\n{screen}");
+    assert!(screen.contains("latency of tool `word_count`"), "{screen}");
+    // q quits.
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let gone = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !tmux(&["has-session", "-t", &session]).status.success()
+    });
+    assert!(gone, "top did not quit on q");
+    traffic.join().unwrap();
+    let _ = std::fs::remove_file(&hlog);
+    g.daemon.stop();
+}
