@@ -84,28 +84,16 @@ pub struct ProxyReport {
     pub seconds: f64,
 }
 
-pub fn run(quick: bool) -> ProxyReport {
-    let up_port = free_port();
-    let upstream = Proc(KillOnDrop(
-        Command::new(bin("mcp-upstream"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--workers",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mcp-upstream"),
-    ));
-    wait_port(up_port, Duration::from_secs(5));
+/// A gateway (passthrough to `up_port`, one unpinned worker, kernel program off) with `extra`
+/// configuration; its port, process and configuration file.
+fn start_gateway(up_port: u16, name: &str, extra: &str) -> (u16, Proc, PathBuf) {
     let gw_port = free_port();
-    let config = std::env::temp_dir().join(format!("bench-gw-{}.toml", std::process::id()));
+    let config = std::env::temp_dir().join(format!("bench-gw-{name}-{}.toml", std::process::id()));
     std::fs::write(
         &config,
         format!(
-            "[gateway]\ninstance = \"bench\"\nworkers = 1\npin_workers = {pin}\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
-             [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n\
+            "[gateway]\ninstance = \"bench-{name}\"\nworkers = 1\npin_workers = {pin}\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
+             [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n{extra}\
              [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up_port}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
             free_port(),
             // Unpinned, like nginx: on a 2-core box shared with the load generator and the
@@ -130,6 +118,28 @@ pub fn run(quick: bool) -> ProxyReport {
             .expect("start gateway"),
     ));
     wait_port(gw_port, Duration::from_secs(5));
+    (gw_port, gateway, config)
+}
+
+pub fn run(quick: bool) -> ProxyReport {
+    let up_port = free_port();
+    let upstream = Proc(KillOnDrop(
+        Command::new(bin("mcp-upstream"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up_port}"),
+                "--workers",
+                "1",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mcp-upstream"),
+    ));
+    wait_port(up_port, Duration::from_secs(5));
+    let (gw_port, gateway, config) = start_gateway(up_port, "on", "");
+    // The same gateway with per-request telemetry off: what recording costs.
+    let (quiet_port, quiet_gateway, quiet_config) =
+        start_gateway(up_port, "quiet", "[telemetry]\nenabled = false\n");
 
     // nginx as a plain HTTP reverse proxy with upstream keep-alive: the bar for raw proxying.
     let ngx_port = free_port();
@@ -182,6 +192,11 @@ pub fn run(quick: bool) -> ProxyReport {
             procs: vec![("mcp-upstream", &upstream), ("gateway", &gateway)],
         },
         Target {
+            scenario: "through gateway, telemetry off",
+            port: quiet_port,
+            procs: vec![("mcp-upstream", &upstream), ("gateway", &quiet_gateway)],
+        },
+        Target {
             scenario: "through nginx",
             port: ngx_port,
             procs: vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
@@ -225,6 +240,7 @@ pub fn run(quick: bool) -> ProxyReport {
     let procs = [
         ("mcp-upstream", &upstream),
         ("gateway", &gateway),
+        ("gateway, telemetry off", &quiet_gateway),
         ("nginx", &nginx),
     ];
     let peak_rss_mib = procs
@@ -232,6 +248,7 @@ pub fn run(quick: bool) -> ProxyReport {
         .map(|(n, p)| ((*n).to_owned(), p.peak_rss_mib()))
         .collect();
     let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&quiet_config);
     drop(nginx);
     let _ = std::fs::remove_dir_all(&ngx_dir);
     ProxyReport {

@@ -16,6 +16,9 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+// A fast hash: the maps are small and bounded (tool names past `max_tools` are not added), so
+// colliding keys cannot make them slow.
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -186,10 +189,10 @@ type WorkerCountKey = (Rc<str>, &'static str, Rc<str>, Rc<str>, Outcome);
 pub struct Recorder {
     worker: usize,
     max_tools: usize,
-    names: HashMap<Box<str>, Rc<str>>,
+    names: FxHashMap<Box<str>, Rc<str>>,
     tools: usize,
-    counts: HashMap<WorkerCountKey, u64>,
-    series: HashMap<(Dim, Rc<str>), Latency>,
+    counts: FxHashMap<WorkerCountKey, u64>,
+    series: FxHashMap<(Dim, Rc<str>), Latency>,
 }
 
 impl Recorder {
@@ -197,10 +200,10 @@ impl Recorder {
         Self {
             worker,
             max_tools,
-            names: HashMap::new(),
+            names: FxHashMap::default(),
             tools: 0,
-            counts: HashMap::new(),
-            series: HashMap::new(),
+            counts: FxHashMap::default(),
+            series: FxHashMap::default(),
         }
     }
 

@@ -86,7 +86,29 @@ fn main() -> anyhow::Result<()> {
             if quick {
                 cmd.arg("--quick");
             }
-            run(&mut cmd)
+            run(&mut cmd)?;
+            // Micro-benchmarks of the request path's pieces (divan), saved beside the reports.
+            let out = cargo()
+                .args(["bench", "-p", "bench", "--bench", "hot_path"])
+                .output()
+                .context("running the micro-benchmarks")?;
+            if !out.status.success() {
+                bail!(
+                    "micro-benchmarks failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            print!("{text}");
+            let date =
+                String::from_utf8_lossy(&Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
+                    .trim()
+                    .to_owned();
+            let suffix = if quick { "-quick" } else { "" };
+            let path = root.join(format!("bench/results/{date}-hot-path{suffix}.txt"));
+            std::fs::write(&path, text.as_bytes())?;
+            println!("written: {}", path.display());
+            Ok(())
         }
     }
 }

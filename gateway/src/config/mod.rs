@@ -77,6 +77,9 @@ pub struct RawHttp {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTelemetry {
+    /// Record per-request telemetry (counts and latency). Off only to measure its cost.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Distinct tool names given their own series; the rest are counted as `other`.
     #[serde(default = "default_max_tools")]
     pub max_tools: usize,
@@ -310,6 +313,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryConfig {
+    pub enabled: bool,
     pub max_tools: usize,
     pub histogram_log: Option<std::path::PathBuf>,
 }
@@ -524,6 +528,7 @@ impl RawConfig {
             return Err(invalid("telemetry.max_tools", "must be above 0"));
         }
         let telemetry = TelemetryConfig {
+            enabled: self.telemetry.enabled,
             max_tools: self.telemetry.max_tools,
             histogram_log: self.telemetry.histogram_log.map(std::path::PathBuf::from),
         };

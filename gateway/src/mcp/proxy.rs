@@ -52,7 +52,7 @@ impl Obs<'_> {
 const CLASSIFY_MAX: usize = 64 * 1024;
 
 /// What an upstream's JSON-RPC answer says: a result, a tool that failed, or an error.
-pub(super) fn classify(message: &[u8]) -> Outcome {
+pub fn classify(message: &[u8]) -> Outcome {
     #[derive(serde::Deserialize)]
     struct Answer {
         #[serde(default)]
@@ -196,6 +196,9 @@ async fn handle(
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
     let keep = handle_inner(io, req, peer, config, ctx, &obs).await;
+    if !config.telemetry.enabled {
+        return keep;
+    }
     let tenant_id = ctx.shared.snapshot.load().classifier.tenant_of(peer.ip());
     let tenant = config
         .tenants
