@@ -137,13 +137,16 @@ pub struct PyServer {
 
 impl PyServer {
     pub fn start(json_response: bool) -> Self {
+        Self::start_with(if json_response { &["--json"] } else { &[] })
+    }
+
+    /// With the fixture's flags (`--json`, `--resumable`).
+    pub fn start_with(flags: &[&str]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(python());
         cmd.arg(root().join("tests/fixtures/mcp_server.py"))
-            .arg(port.to_string());
-        if json_response {
-            cmd.arg("--json");
-        }
+            .arg(port.to_string())
+            .args(flags);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -171,6 +174,18 @@ pub fn py_client(url: &str, mode: &str) -> serde_json::Value {
 pub fn py_client_prefixed(url: &str, mode: &str, prefix: &str) -> serde_json::Value {
     let client = root().join("tests/fixtures/mcp_client.py");
     run_python(&[client.to_str().expect("utf-8 path"), url, mode, prefix])
+}
+
+/// Interrupts an SSE answer from `url` and resumes it with `Last-Event-ID`
+/// (tests/fixtures/resume_client.py); returns its report.
+pub fn py_resume(url: &str, tool: &str, steps: u32) -> serde_json::Value {
+    let client = root().join("tests/fixtures/resume_client.py");
+    run_python(&[
+        client.to_str().expect("utf-8 path"),
+        url,
+        tool,
+        &steps.to_string(),
+    ])
 }
 
 /// Runs an inline Python script with the SDK's venv; returns the JSON it prints.

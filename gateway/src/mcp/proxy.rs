@@ -743,7 +743,11 @@ async fn relay(
     let mut out =
         format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
     for (name, value) in &head.headers {
-        let keep = !is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization");
+        let keep = (!is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization"))
+            // Set below for every event stream.
+            && !(sse
+                && (name.eq_ignore_ascii_case("x-accel-buffering")
+                    || name.eq_ignore_ascii_case("cache-control")));
         if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");

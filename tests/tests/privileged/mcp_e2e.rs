@@ -431,6 +431,39 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
 }
 
 #[test]
+fn an_interrupted_answer_resumes_with_last_event_id_in_passthrough_and_federation() {
+    let upstream = PyServer::start_with(&["--resumable"]);
+    let port = free_port();
+    let instance = unique("gwresume");
+    let c = config(&instance, port, &[("/mcp", upstream.url())], "")
+        + "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u0\", prefix = \"p_\" }]\n";
+    let mut d = Daemon::start_local(&instance, &c);
+    let progress: Vec<u64> = (1..=8).collect();
+    for (path, tool) in [
+        ("/mcp", "count_with_progress"),
+        ("/fed", "p_count_with_progress"),
+    ] {
+        let r =
+            integration_tests::peers::py_resume(&format!("http://127.0.0.1:{port}{path}"), tool, 8);
+        assert_eq!(r["resume_status"], 200, "{path}: {r}");
+        // Nothing lost, nothing twice: the resumed stream starts after the last event seen.
+        let before: Vec<u64> = serde_json::from_value(r["before"].clone()).unwrap();
+        let after: Vec<u64> = serde_json::from_value(r["after"].clone()).unwrap();
+        assert_eq!([before, after].concat(), progress, "{path}: {r}");
+        assert_eq!(
+            r["result"]["content"][0]["text"], "counted 8",
+            "{path}: {r}"
+        );
+        if path == "/fed" {
+            // Event ids name the member, so that the resumption reaches it.
+            let last = r["last"].as_str().unwrap();
+            assert!(last.starts_with("u0."), "{r}");
+        }
+    }
+    d.stop();
+}
+
+#[test]
 fn session_era_get_stream_and_delete_pass_through_to_the_upstream() {
     let upstream = PyServer::start(false);
     let (mut d, port) = start_gateway(&[("/mcp", upstream.url())], "");
