@@ -9,6 +9,7 @@ pub mod control;
 pub mod http;
 pub mod kernel;
 pub mod mcp;
+pub mod policy;
 pub mod runtime;
 pub mod stats;
 pub mod telemetry;

@@ -12,6 +12,9 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod policy;
+pub use policy::*;
+
 /// The configuration that `gateway run` serves when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
@@ -55,6 +58,12 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub audit: RawAudit,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -167,6 +176,10 @@ pub struct RawRoute {
     /// upstream session per client session per upstream.
     #[serde(default)]
     pub federate: Option<Vec<RawMember>>,
+    /// Credentials accepted on this route (any one suffices); none: anyone, with the tenant of
+    /// the source address.
+    #[serde(default)]
+    pub auth: Vec<AuthMethod>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -288,6 +301,9 @@ pub struct RawTenant {
     pub per_source_new_connections_burst: u64,
     #[serde(default)]
     pub max_connections: Option<u64>,
+    /// This tenant's rules and limits, before the `[policy]` defaults.
+    #[serde(default)]
+    pub policy: Option<RawPolicy>,
 }
 
 /// A validated configuration.
@@ -309,6 +325,11 @@ pub struct Config {
     pub http: HttpConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+    pub auth: RawAuth,
+    /// The JWKS document named by `auth.jwt.jwks_file`, read at load.
+    pub jwks: Option<String>,
+    pub policy: RawPolicy,
+    pub audit: RawAudit,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -349,6 +370,7 @@ pub struct Upstream {
 pub struct Route {
     pub path: String,
     pub target: Target,
+    pub auth: Vec<AuthMethod>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +397,7 @@ pub struct KernelConfig {
     pub cap_poll: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tenant {
     pub name: String,
     pub id: u32,
@@ -385,6 +407,7 @@ pub struct Tenant {
     pub per_source_new_connections_per_sec: u64,
     pub per_source_new_connections_burst: u64,
     pub max_connections: Option<u64>,
+    pub policy: Option<RawPolicy>,
 }
 
 /// The JSON schema of the configuration file (kept in docs/config.schema.json, checked for drift
@@ -633,6 +656,7 @@ impl RawConfig {
                 per_source_new_connections_per_sec: t.per_source_new_connections_per_sec,
                 per_source_new_connections_burst: t.per_source_new_connections_burst.max(1),
                 max_connections: t.max_connections,
+                policy: t.policy,
             });
         }
         if source_owner.len() > gateway_common::MAX_PREFIXES as usize {
@@ -838,14 +862,37 @@ impl RawConfig {
                     ));
                 }
             };
+            if r.auth.contains(&AuthMethod::Jwt) && self.auth.jwt.is_none() {
+                return Err(invalid(
+                    format!("routes[{i}].auth"),
+                    "`jwt` needs an [auth.jwt] section",
+                ));
+            }
             routes.push(Route {
                 path: r.path,
                 target,
+                auth: r.auth,
             });
         }
 
+        let jwks = match &self.auth.jwt {
+            None => None,
+            Some(j) => Some(std::fs::read_to_string(&j.jwks_file).map_err(|e| {
+                invalid(
+                    "auth.jwt.jwks_file",
+                    format!("cannot read `{}`: {e}", j.jwks_file),
+                )
+            })?),
+        };
+        if let Some(p) = &self.audit.path {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| invalid("audit.path", format!("cannot append to `{p}`: {e}")))?;
+        }
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);
-        Ok(Config {
+        let config = Config {
             instance: g.instance,
             workers,
             pin_workers: g.pin_workers,
@@ -867,7 +914,14 @@ impl RawConfig {
             http,
             upstreams,
             routes,
-        })
+            auth: self.auth,
+            jwks,
+            policy: self.policy,
+            audit: self.audit,
+        };
+        // Globs, patterns, keys and names are checked by compiling them.
+        crate::policy::Policy::compile(&config)?;
+        Ok(config)
     }
 }
 

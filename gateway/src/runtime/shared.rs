@@ -19,12 +19,19 @@ use crate::config::Config;
 pub struct Snapshot {
     pub config: Config,
     pub classifier: Classifier,
+    pub policy: crate::policy::Policy,
 }
 
 impl Snapshot {
     pub fn new(config: Config) -> Self {
         let classifier = Classifier::new(&config);
-        Self { config, classifier }
+        let policy =
+            crate::policy::Policy::compile(&config).expect("validation compiled this policy");
+        Self {
+            config,
+            classifier,
+            policy,
+        }
     }
 }
 
@@ -106,13 +113,26 @@ pub struct Shared {
     /// Workers send their telemetry here, once a second; the control thread takes it.
     pub stats_tx: std::sync::mpsc::Sender<crate::stats::Interval>,
     pub stats_rx: std::sync::Mutex<std::sync::mpsc::Receiver<crate::stats::Interval>>,
+    /// Rate, concurrency, budget and loop counts, shared by the workers, across reloads.
+    pub limits: std::sync::Arc<crate::policy::limits::State>,
+    pub audit: crate::policy::audit::AuditLog,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Self {
         let workers = config.workers;
         let (stats_tx, stats_rx) = std::sync::mpsc::channel();
+        let audit = match &config.audit.path {
+            None => crate::policy::audit::AuditLog::off(),
+            Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p))
+                .unwrap_or_else(|e| {
+                    tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
+                    crate::policy::audit::AuditLog::off()
+                }),
+        };
         Self {
+            limits: std::sync::Arc::default(),
+            audit,
             stats_tx,
             stats_rx: std::sync::Mutex::new(stats_rx),
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),

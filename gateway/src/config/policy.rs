@@ -1,0 +1,234 @@
+//! The policy part of the configuration file: identity (`[auth]`, `auth` on routes), rules and
+//! limits (`[policy]` for every tenant, `[tenants.policy]` for one) and the audit log (`[audit]`).
+//! These raw types are also the validated form; `crate::policy::Policy::compile` turns them into
+//! what the request path evaluates and reports what cannot be compiled, naming the key.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// API keys, each belonging to a tenant (and optionally an agent). Only digests are stored.
+    #[serde(default)]
+    pub api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+    /// The RFC 9728 protected resource metadata served at
+    /// `/.well-known/oauth-protected-resource[/route path]` and named in `WWW-Authenticate`.
+    #[serde(default)]
+    pub resource_metadata: RawResourceMetadata,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    /// Lowercase hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    pub sha256: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// A JWKS document (RFC 7517): `oct` keys for HS256, `RSA` for RS256, `EC` P-256 for ES256.
+    /// A token's `kid` selects the key; without one, the only key of a one-key set.
+    pub jwks_file: String,
+    /// Required `iss`, when given.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required among `aud`, when given.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+    /// The claim naming the tenant (a configured tenant's name).
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// The claim naming the agent, if any.
+    #[serde(default = "default_agent_claim")]
+    pub agent_claim: Option<String>,
+    /// The claim naming the run, if any (the `run_header` still wins when sent).
+    #[serde(default)]
+    pub run_claim: Option<String>,
+}
+
+const fn default_leeway_s() -> u64 {
+    30
+}
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "serde's default for an optional claim"
+)]
+fn default_agent_claim() -> Option<String> {
+    Some("sub".into())
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawResourceMetadata {
+    /// The gateway's public base URL (e.g. `https://mcp.example.com`); by default taken from
+    /// the request's `Host`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    #[serde(default)]
+    pub authorization_servers: Vec<String>,
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+}
+
+/// How a route's callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    ApiKey,
+    /// `Authorization: Bearer <JWT>`.
+    Jwt,
+    /// A source address that the tenant prefixes classify to a tenant other than the default.
+    Address,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// Rules and limits. `[policy]` applies to every tenant; a tenant's `[tenants.policy]` is
+/// evaluated first: its tool rules come before the defaults' (the first match wins), and each
+/// limit it sets replaces the default's.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// For a tool no rule matches (`allow` unless set).
+    #[serde(default)]
+    pub default_action: Option<Action>,
+    #[serde(default)]
+    pub tools: Vec<RawToolRule>,
+    /// JSON-RPC requests per second for the whole tenant, over all workers.
+    #[serde(default)]
+    pub requests_per_sec: Option<u64>,
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Requests per second for each agent of the tenant.
+    #[serde(default)]
+    pub agent_requests_per_sec: Option<u64>,
+    #[serde(default)]
+    pub agent_burst: Option<u64>,
+    /// Requests of the tenant in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub budget: Option<RawBudget>,
+    #[serde(default)]
+    pub loop_breaker: Option<RawLoopBreaker>,
+    /// The request header naming a run (default `mcp-run-id`).
+    #[serde(default)]
+    pub run_header: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawToolRule {
+    /// Glob over `<upstream>/<tool>` (the upstream's own tool name), or over `<tool>` for any
+    /// upstream: `github/create_*`, `*/delete_*`, `echo`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    #[serde(default)]
+    pub action: Action,
+    /// Charged to the budgets per call (default 1).
+    #[serde(default)]
+    pub cost: Option<u64>,
+    /// Calls per second of the matching tools, per tenant.
+    #[serde(default)]
+    pub requests_per_sec: Option<u64>,
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Calls of the matching tools in flight at once, per tenant.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Cap on the size of `arguments` as JSON.
+    #[serde(default)]
+    pub max_arguments_bytes: Option<usize>,
+    #[serde(default)]
+    pub arguments: Vec<RawArgRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+    Array,
+    Null,
+}
+
+/// A rule on one argument, found by JSON pointer (RFC 6901) into `arguments`.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawArgRule {
+    /// e.g. `/path` or `/options/depth`.
+    pub pointer: String,
+    /// Refuse the call when the argument is absent.
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default, rename = "type")]
+    pub kind: Option<JsonType>,
+    #[serde(default, rename = "enum")]
+    pub one_of: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub minimum: Option<f64>,
+    #[serde(default)]
+    pub maximum: Option<f64>,
+    /// A regular expression the string must contain a match of (anchor it with `^…$`).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Length in characters for strings, in items for arrays.
+    #[serde(default)]
+    pub min_length: Option<usize>,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    /// Budgets renew at the start of each window (aligned to the Unix epoch).
+    pub window_s: u64,
+    /// Cost units per window for the whole tenant.
+    #[serde(default)]
+    pub tenant: Option<u64>,
+    /// For each agent.
+    #[serde(default)]
+    pub agent: Option<u64>,
+    /// For each run.
+    #[serde(default)]
+    pub run: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoopBreaker {
+    /// Identical calls (same tool, same arguments) allowed per agent within the window.
+    pub max_repeats: u32,
+    pub window_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Append one JSON line per decision to this file; off when not given.
+    #[serde(default)]
+    pub path: Option<String>,
+}

@@ -1,0 +1,302 @@
+//! Limits shared by all workers without locks: token buckets as GCRA cells (one atomic
+//! compare-and-swap per admission), fixed-window counters for budgets and the loop breaker, and
+//! in-flight counters. Cells live in lock-free maps keyed by a keyed hash of what they count, so
+//! they survive configuration reloads; the control thread prunes idle ones.
+
+use std::{
+    hash::{BuildHasher, Hash},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+/// One token bucket: the theoretical arrival time of the next request, in ns since the state's
+/// epoch (Generic Cell Rate Algorithm).
+#[derive(Debug, Default)]
+pub struct Gcra {
+    tat: AtomicU64,
+}
+
+impl Gcra {
+    /// Admits one request at `rate` per second with `burst`, at `now` (ns); otherwise says how
+    /// long until one would be admitted. Exact across threads: whatever the spread of requests
+    /// over workers, at most `burst + rate * t` are admitted in any span of `t` seconds.
+    pub fn admit(&self, now: u64, rate: u64, burst: u64) -> Result<(), Duration> {
+        let interval = 1_000_000_000 / rate.max(1);
+        let tolerance = interval * burst.max(1);
+        let mut current = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = current.max(now) + interval;
+            if next - now > tolerance {
+                return Err(Duration::from_nanos(next - now - tolerance));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn idle_at(&self, now: u64) -> bool {
+        self.tat.load(Ordering::Relaxed) < now
+    }
+}
+
+/// A count within a fixed window.
+#[derive(Debug, Default)]
+pub struct Window {
+    id: AtomicU64,
+    used: AtomicU64,
+}
+
+impl Window {
+    fn roll(&self, window: u64) {
+        let id = self.id.load(Ordering::Acquire);
+        if id != window
+            && self
+                .id
+                .compare_exchange(id, window, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.used.store(0, Ordering::Release);
+        }
+    }
+
+    /// Adds `amount` unless that takes the count above `limit`; returns what is left.
+    pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Result<u64, u64> {
+        self.roll(window);
+        let before = self.used.fetch_add(amount, Ordering::AcqRel);
+        if before + amount > limit {
+            self.used.fetch_sub(amount, Ordering::AcqRel);
+            return Err(limit.saturating_sub(before));
+        }
+        Ok(limit - before - amount)
+    }
+
+    pub fn refund(&self, window: u64, amount: u64) {
+        if self.id.load(Ordering::Acquire) == window {
+            let _ = self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    Some(u.saturating_sub(amount))
+                });
+        }
+    }
+
+    /// What is left of `limit` in `window`, without charging.
+    pub fn left(&self, window: u64, limit: u64) -> u64 {
+        if self.id.load(Ordering::Acquire) != window {
+            return limit;
+        }
+        limit.saturating_sub(self.used.load(Ordering::Acquire))
+    }
+
+    fn stale(&self, window: u64) -> bool {
+        self.id.load(Ordering::Relaxed) < window
+    }
+}
+
+/// What the limits count, across reloads.
+#[derive(Debug)]
+pub struct State {
+    epoch: Instant,
+    keys: std::hash::RandomState,
+    buckets: papaya::HashMap<u64, Gcra>,
+    /// Windows, keyed with their length (a budget of another length is another count).
+    windows: papaya::HashMap<u64, (u64, Window)>,
+    in_flight: papaya::HashMap<u64, AtomicU32>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            keys: std::hash::RandomState::new(),
+            buckets: papaya::HashMap::new(),
+            windows: papaya::HashMap::new(),
+            in_flight: papaya::HashMap::new(),
+        }
+    }
+}
+
+impl State {
+    /// Monotonic ns since this state began (never 0, so a fresh bucket is full).
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// A keyed hash of `parts`: callers cannot steer two counts onto one cell.
+    pub fn key<T: Hash>(&self, parts: T) -> u64 {
+        self.keys.hash_one(parts)
+    }
+
+    pub fn admit(&self, key: u64, rate: u64, burst: u64) -> Result<(), Duration> {
+        let now = self.now();
+        let map = self.buckets.pin();
+        map.get_or_insert_with(key, Gcra::default)
+            .admit(now, rate, burst)
+    }
+
+    /// The current window number of a window of `len_s` seconds.
+    pub fn window_of(len_s: u64) -> u64 {
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        unix / len_s.max(1)
+    }
+
+    /// Seconds until the current window of `len_s` seconds ends.
+    pub fn window_left(len_s: u64) -> Duration {
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let len = Duration::from_secs(len_s.max(1));
+        let into = Duration::from_nanos(
+            u64::try_from(unix.as_nanos() % len.as_nanos()).unwrap_or_default(),
+        );
+        len - into
+    }
+
+    pub fn charge(&self, key: u64, len_s: u64, amount: u64, limit: u64) -> Result<u64, u64> {
+        let map = self.windows.pin();
+        map.get_or_insert_with(key, || (len_s, Window::default()))
+            .1
+            .charge(Self::window_of(len_s), amount, limit)
+    }
+
+    pub fn refund(&self, key: u64, len_s: u64, amount: u64) {
+        if let Some((_, w)) = self.windows.pin().get(&key) {
+            w.refund(Self::window_of(len_s), amount);
+        }
+    }
+
+    pub fn left(&self, key: u64, len_s: u64, limit: u64) -> u64 {
+        self.windows
+            .pin()
+            .get(&key)
+            .map_or(limit, |(_, w)| w.left(Self::window_of(len_s), limit))
+    }
+
+    /// Takes one of `max` in-flight slots; the guard gives it back.
+    pub fn enter(self: &Arc<Self>, key: u64, max: u32) -> Option<InFlight> {
+        let map = self.in_flight.pin();
+        let n = map.get_or_insert_with(key, || AtomicU32::new(0));
+        let taken = n
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (c < max).then_some(c + 1)
+            })
+            .is_ok();
+        taken.then(|| InFlight {
+            state: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Drops buckets that are full again and windows that have ended (in-flight counters stay:
+    /// there is one per tenant and tool rule).
+    pub fn prune(&self) {
+        let now = self.now();
+        self.buckets.pin().retain(|_, b| !b.idle_at(now));
+        self.windows
+            .pin()
+            .retain(|_, (len, w)| !w.stale(Self::window_of(*len)));
+    }
+
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.buckets.len(), self.windows.len())
+    }
+}
+
+/// One request in flight against a concurrency cap.
+#[derive(Debug)]
+pub struct InFlight {
+    state: Arc<State>,
+    key: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(n) = self.state.in_flight.pin().get(&self.key) {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_admits_its_burst_then_its_rate() {
+        let b = Gcra::default();
+        let t0 = 1_000;
+        let admitted = (0..100).filter(|_| b.admit(t0, 10, 5).is_ok()).count();
+        assert_eq!(admitted, 5, "the burst, back to back");
+        let wait = b.admit(t0, 10, 5).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        // 300 ms later: three more (the rate), not more.
+        let t1 = t0 + 300_000_000;
+        let admitted = (0..100).filter(|_| b.admit(t1, 10, 5).is_ok()).count();
+        assert_eq!(admitted, 3);
+        // Long idle: the bucket is full again, never fuller than its burst.
+        let t2 = t1 + 60_000_000_000;
+        let admitted = (0..100).filter(|_| b.admit(t2, 10, 5).is_ok()).count();
+        assert_eq!(admitted, 5);
+    }
+
+    #[test]
+    fn a_bucket_is_exact_when_many_threads_share_it() {
+        let state = Arc::new(State::default());
+        let key = state.key(("tenant", "acme"));
+        let start = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let state = Arc::clone(&state);
+                std::thread::spawn(move || {
+                    let mut ok = 0u64;
+                    while start.elapsed() < Duration::from_millis(500) {
+                        if state.admit(key, 2_000, 100).is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let elapsed = start.elapsed().as_secs_f64();
+        // Never above burst + rate * elapsed; and close to it under saturation.
+        let bound = 100.0 + 2_000.0 * elapsed;
+        assert!((total as f64) <= bound + 1.0, "{total} > {bound}");
+        assert!((total as f64) >= 0.9 * bound, "{total} far below {bound}");
+    }
+
+    #[test]
+    fn windows_charge_refuse_refund_and_roll_over() {
+        let w = Window::default();
+        assert_eq!(w.charge(7, 3, 10), Ok(7));
+        assert_eq!(w.charge(7, 7, 10), Ok(0));
+        assert_eq!(w.charge(7, 1, 10), Err(0), "nothing left");
+        w.refund(7, 2);
+        assert_eq!(w.left(7, 10), 2);
+        assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
+        assert_eq!(w.charge(8, 5, 10), Ok(5), "a new window starts full");
+    }
+
+    #[test]
+    fn in_flight_slots_are_given_back() {
+        let state = Arc::new(State::default());
+        let key = state.key("t");
+        let a = state.enter(key, 2).expect("first");
+        let _b = state.enter(key, 2).expect("second");
+        assert!(state.enter(key, 2).is_none(), "cap reached");
+        drop(a);
+        assert!(state.enter(key, 2).is_some(), "a slot came back");
+    }
+}

@@ -1,0 +1,782 @@
+//! Fine-grained policy, decided on the worker that holds the request, without locks: who is
+//! calling (API key, JWT or source address), which tools they may see and call with which
+//! arguments, and the limits shared by all workers (rates, concurrency, budgets, the loop
+//! breaker). Every decision goes to the audit log.
+
+pub mod audit;
+pub mod limits;
+pub mod rules;
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::config::{
+    Action, AuthMethod, Config, ConfigError, RawBudget, RawLoopBreaker, RawPolicy, Route,
+};
+use limits::{InFlight, State};
+use rules::ToolRule;
+
+/// Gateway-defined JSON-RPC codes for refusals (server error range).
+pub mod code {
+    pub const UNAUTHENTICATED: i64 = -32040;
+    pub const FORBIDDEN: i64 = -32041;
+    pub const RATE_LIMITED: i64 = -32042;
+    pub const BUDGET_EXHAUSTED: i64 = -32043;
+    pub const LOOP_DETECTED: i64 = -32044;
+}
+
+/// A refusal: what the client is told, and which rule decided it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: i64,
+    /// The configuration key of the rule, e.g. `tenants[acme].policy.tools[1].arguments[0]`.
+    pub rule: String,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+    pub www_authenticate: Option<String>,
+    pub budget: Option<Value>,
+}
+
+impl Refusal {
+    fn new(
+        status: u16,
+        code: i64,
+        rule: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Box<Self> {
+        Box::new(Self {
+            status,
+            code,
+            rule: rule.into(),
+            message: message.into(),
+            retry_after: None,
+            www_authenticate: None,
+            budget: None,
+        })
+    }
+
+    fn retry(mut self: Box<Self>, after: Duration) -> Box<Self> {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The JSON-RPC `error.data` of this refusal.
+    pub fn data(&self) -> Value {
+        let mut d = json!({ "rule": self.rule });
+        if let Some(r) = self.retry_after {
+            d["retryAfterMs"] = json!(u64::try_from(r.as_millis()).unwrap_or(u64::MAX).max(1));
+        }
+        if let Some(b) = &self.budget {
+            d["budgetRemaining"] = b.clone();
+        }
+        d
+    }
+}
+
+/// How a caller was identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    ApiKey,
+    Jwt,
+    Address,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// Index into [`Policy::tenants`].
+    pub tenant: usize,
+    pub agent: Option<String>,
+    pub run: Option<String>,
+    pub via: Via,
+}
+
+/// One tenant's compiled rules and limits: its own rules, then the defaults'.
+#[derive(Debug)]
+pub struct TenantPolicy {
+    pub name: String,
+    pub rules: Vec<ToolRule>,
+    pub default_action: Action,
+    /// (requests per second, burst) for the tenant, and for each of its agents.
+    pub rate: Option<(u64, u64)>,
+    pub agent_rate: Option<(u64, u64)>,
+    pub max_concurrent: Option<u32>,
+    pub budget: Option<RawBudget>,
+    pub loop_breaker: Option<RawLoopBreaker>,
+    pub run_header: String,
+}
+
+impl TenantPolicy {
+    fn compile(
+        name: &str,
+        own: Option<&RawPolicy>,
+        defaults: &RawPolicy,
+    ) -> Result<Self, (String, String)> {
+        let mut rules = Vec::new();
+        if let Some(own) = own {
+            for (i, r) in own.tools.iter().enumerate() {
+                rules.push(ToolRule::compile(
+                    format!("tenants[{name}].policy.tools[{i}]"),
+                    r,
+                )?);
+            }
+        }
+        for (i, r) in defaults.tools.iter().enumerate() {
+            rules.push(ToolRule::compile(format!("policy.tools[{i}]"), r)?);
+        }
+        let pick = |f: fn(&RawPolicy) -> Option<u64>| own.and_then(f).or_else(|| f(defaults));
+        let rate = |r: Option<u64>, b: Option<u64>, key: &str| match (r, b) {
+            (Some(0), _) => Err((key.to_owned(), "0 would refuse everything".to_owned())),
+            (Some(r), b) => Ok(Some((r, b.unwrap_or(r).max(1)))),
+            (None, Some(_)) => Err((key.to_owned(), "a burst needs a rate".to_owned())),
+            (None, None) => Ok(None),
+        };
+        let scope = if own.is_some() {
+            format!("tenants[{name}].policy")
+        } else {
+            "policy".into()
+        };
+        let budget = own
+            .and_then(|o| o.budget.clone())
+            .or_else(|| defaults.budget.clone());
+        if let Some(b) = &budget
+            && b.window_s == 0
+        {
+            return Err((format!("{scope}.budget.window_s"), "must be above 0".into()));
+        }
+        let loop_breaker = own
+            .and_then(|o| o.loop_breaker.clone())
+            .or_else(|| defaults.loop_breaker.clone());
+        if let Some(l) = &loop_breaker
+            && (l.window_s == 0 || l.max_repeats == 0)
+        {
+            return Err((
+                format!("{scope}.loop_breaker"),
+                "`window_s` and `max_repeats` must be above 0".into(),
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            rules,
+            default_action: own
+                .and_then(|o| o.default_action)
+                .or(defaults.default_action)
+                .unwrap_or_default(),
+            rate: rate(
+                pick(|p| p.requests_per_sec),
+                pick(|p| p.burst),
+                &format!("{scope}.requests_per_sec"),
+            )?,
+            agent_rate: rate(
+                pick(|p| p.agent_requests_per_sec),
+                pick(|p| p.agent_burst),
+                &format!("{scope}.agent_requests_per_sec"),
+            )?,
+            max_concurrent: own
+                .and_then(|o| o.max_concurrent)
+                .or(defaults.max_concurrent),
+            budget,
+            loop_breaker,
+            run_header: own
+                .and_then(|o| o.run_header.clone())
+                .or_else(|| defaults.run_header.clone())
+                .unwrap_or_else(|| "mcp-run-id".into())
+                .to_ascii_lowercase(),
+        })
+    }
+
+    /// The first rule covering the tool, if any.
+    pub fn rule_for(&self, upstream: &str, tool: &str) -> Option<&ToolRule> {
+        self.rules.iter().find(|r| r.matches(upstream, tool))
+    }
+
+    /// Whether the tool is offered to this tenant at all.
+    pub fn allows(&self, upstream: &str, tool: &str) -> bool {
+        self.rule_for(upstream, tool)
+            .map_or(self.default_action, |r| r.action)
+            == Action::Allow
+    }
+
+    /// Whether any rule or the default hides a tool (lists then need filtering).
+    pub fn filters(&self) -> bool {
+        self.default_action == Action::Deny || self.rules.iter().any(|r| r.action == Action::Deny)
+    }
+}
+
+struct JwtKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    /// The key's own algorithm, when the JWK names one.
+    alg: Option<Algorithm>,
+}
+
+struct Jwt {
+    keys: Vec<JwtKey>,
+    validation: Validation,
+    tenant_claim: String,
+    agent_claim: Option<String>,
+    run_claim: Option<String>,
+}
+
+/// The compiled policy of one configuration snapshot.
+pub struct Policy {
+    /// The configured tenants in configuration order, then the default tenant if it is not one
+    /// of them.
+    pub tenants: Vec<TenantPolicy>,
+    by_id: HashMap<u32, usize>,
+    by_name: HashMap<String, usize>,
+    default_tenant: usize,
+    /// SHA-256 of each key → (tenant, agent).
+    api_keys: HashMap<[u8; 32], (usize, Option<String>)>,
+    jwt: Option<Jwt>,
+    pub metadata: crate::config::RawResourceMetadata,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("tenants", &self.tenants)
+            .field("api_keys", &self.api_keys.len())
+            .field("jwt", &self.jwt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn err((key, problem): (String, String)) -> ConfigError {
+    ConfigError::Invalid { key, problem }
+}
+
+impl Policy {
+    /// Compiles the policy parts of a configuration; what cannot be compiled is reported with
+    /// its key.
+    pub fn compile(c: &Config) -> Result<Self, ConfigError> {
+        let mut tenants = Vec::new();
+        let mut by_id = HashMap::new();
+        let mut by_name = HashMap::new();
+        for t in &c.tenants {
+            by_id.insert(t.id, tenants.len());
+            by_name.insert(t.name.clone(), tenants.len());
+            tenants
+                .push(TenantPolicy::compile(&t.name, t.policy.as_ref(), &c.policy).map_err(err)?);
+        }
+        let default_tenant = match by_id.get(&c.default_tenant) {
+            Some(i) => *i,
+            None => {
+                by_name.insert("default".into(), tenants.len());
+                tenants.push(TenantPolicy::compile("default", None, &c.policy).map_err(err)?);
+                tenants.len() - 1
+            }
+        };
+        let mut api_keys = HashMap::new();
+        for (i, k) in c.auth.api_keys.iter().enumerate() {
+            let key = |f: &str| format!("auth.api_keys[{i}].{f}");
+            let mut digest = [0u8; 32];
+            let hex = k.sha256.as_bytes();
+            if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(err((
+                    key("sha256"),
+                    "64 hex digits (printf %s \"$KEY\" | sha256sum)".into(),
+                )));
+            }
+            for (j, pair) in hex.chunks(2).enumerate() {
+                let s = std::str::from_utf8(pair).expect("ascii");
+                digest[j] = u8::from_str_radix(s, 16).expect("hex checked");
+            }
+            let Some(tenant) = by_name.get(&k.tenant) else {
+                return Err(err((
+                    key("tenant"),
+                    format!("no tenant is named `{}`", k.tenant),
+                )));
+            };
+            if api_keys
+                .insert(digest, (*tenant, k.agent.clone()))
+                .is_some()
+            {
+                return Err(err((key("sha256"), "the same key is listed twice".into())));
+            }
+        }
+        let jwt = match (&c.auth.jwt, &c.jwks) {
+            (Some(j), Some(text)) => {
+                let set: JwkSet = serde_json::from_str(text).map_err(|e| {
+                    err((
+                        "auth.jwt.jwks_file".into(),
+                        format!("not a JWKS document: {e}"),
+                    ))
+                })?;
+                if set.keys.is_empty() {
+                    return Err(err(("auth.jwt.jwks_file".into(), "holds no key".into())));
+                }
+                let mut keys = Vec::new();
+                for (i, jwk) in set.keys.iter().enumerate() {
+                    let key = DecodingKey::from_jwk(jwk)
+                        .map_err(|e| err(("auth.jwt.jwks_file".into(), format!("key {i}: {e}"))))?;
+                    let alg = jwk
+                        .common
+                        .key_algorithm
+                        .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+                    keys.push(JwtKey {
+                        kid: jwk.common.key_id.clone(),
+                        key,
+                        alg,
+                    });
+                }
+                let mut validation = Validation::new(Algorithm::RS256);
+                validation.algorithms = vec![Algorithm::HS256, Algorithm::RS256, Algorithm::ES256];
+                validation.leeway = j.leeway_s;
+                validation.validate_nbf = true;
+                validation.set_required_spec_claims(&["exp"]);
+                match &j.issuer {
+                    Some(iss) => validation.set_issuer(&[iss]),
+                    None => validation.iss = None,
+                }
+                match &j.audience {
+                    Some(aud) => validation.set_audience(&[aud]),
+                    None => validation.validate_aud = false,
+                }
+                Some(Jwt {
+                    keys,
+                    validation,
+                    tenant_claim: j.tenant_claim.clone(),
+                    agent_claim: j.agent_claim.clone(),
+                    run_claim: j.run_claim.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Self {
+            tenants,
+            by_id,
+            by_name,
+            default_tenant,
+            api_keys,
+            jwt,
+            metadata: c.auth.resource_metadata.clone(),
+        })
+    }
+
+    pub fn tenant_index(&self, id: u32) -> usize {
+        self.by_id.get(&id).copied().unwrap_or(self.default_tenant)
+    }
+
+    pub fn tenant(&self, identity: &Identity) -> &TenantPolicy {
+        &self.tenants[identity.tenant]
+    }
+
+    /// The protected resource metadata URL for `route_path`, as `WWW-Authenticate` names it.
+    pub fn metadata_url(&self, host: Option<&str>, route_path: &str) -> String {
+        let base = self
+            .metadata
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", host.unwrap_or("localhost")));
+        format!(
+            "{}/.well-known/oauth-protected-resource{route_path}",
+            base.trim_end_matches('/')
+        )
+    }
+
+    /// The RFC 9728 document for `route_path`.
+    pub fn metadata_document(&self, host: Option<&str>, route_path: &str) -> Value {
+        let base = self
+            .metadata
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", host.unwrap_or("localhost")));
+        let mut doc = json!({
+            "resource": format!("{}{route_path}", base.trim_end_matches('/')),
+            "bearer_methods_supported": ["header"],
+        });
+        if !self.metadata.authorization_servers.is_empty() {
+            doc["authorization_servers"] = json!(self.metadata.authorization_servers);
+        }
+        if !self.metadata.scopes_supported.is_empty() {
+            doc["scopes_supported"] = json!(self.metadata.scopes_supported);
+        }
+        doc
+    }
+
+    /// Identifies the caller of a request on `route`. `header` looks up request headers;
+    /// `address_tenant` is the source address's tenant id.
+    pub fn authenticate<'h>(
+        &self,
+        route: &Route,
+        header: impl Fn(&str) -> Option<&'h str>,
+        address_tenant: u32,
+    ) -> Result<Identity, Box<Refusal>> {
+        let by_address = self.tenant_index(address_tenant);
+        let address_classified = by_address != self.default_tenant;
+        let run_of = |tenant: usize| header(&self.tenants[tenant].run_header).map(str::to_owned);
+        if route.auth.is_empty() {
+            return Ok(Identity {
+                tenant: by_address,
+                agent: None,
+                run: run_of(by_address),
+                via: Via::Address,
+            });
+        }
+        let unauthenticated = |message: &str, invalid: bool| {
+            let mut r = Refusal::new(
+                401,
+                code::UNAUTHENTICATED,
+                format!("routes[{}].auth", route.path),
+                message,
+            );
+            let url = self.metadata_url(header("host"), &route.path);
+            r.www_authenticate = Some(if invalid {
+                format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
+            } else {
+                format!("Bearer resource_metadata=\"{url}\"")
+            });
+            r
+        };
+        let bearer = header("authorization").and_then(|a| {
+            let (scheme, rest) = a.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        let api_key = header("x-api-key").map(str::trim);
+        let accepts = |m| route.auth.contains(&m);
+        let mut found = None;
+        if let Some(key) = api_key.filter(|_| accepts(AuthMethod::ApiKey)) {
+            let Some((tenant, agent)) = self.api_keys.get(&<[u8; 32]>::from(Sha256::digest(key)))
+            else {
+                return Err(unauthenticated("the API key is not valid", true));
+            };
+            found = Some((*tenant, agent.clone(), None, Via::ApiKey));
+        } else if let Some(token) = bearer {
+            let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
+            if looks_like_jwt && accepts(AuthMethod::Jwt) && self.jwt.is_some() {
+                let (tenant, agent, run) = self.verify_jwt(token).map_err(|why| {
+                    unauthenticated(&format!("the token is not valid: {why}"), true)
+                })?;
+                found = Some((tenant, agent, run, Via::Jwt));
+            } else if accepts(AuthMethod::ApiKey) {
+                let Some((tenant, agent)) =
+                    self.api_keys.get(&<[u8; 32]>::from(Sha256::digest(token)))
+                else {
+                    return Err(unauthenticated("the API key is not valid", true));
+                };
+                found = Some((*tenant, agent.clone(), None, Via::ApiKey));
+            } else {
+                return Err(unauthenticated(
+                    "this kind of credential is not accepted here",
+                    true,
+                ));
+            }
+        }
+        let (tenant, agent, claimed_run, via) = match found {
+            Some(f) => f,
+            None if accepts(AuthMethod::Address) && address_classified => {
+                (by_address, None, None, Via::Address)
+            }
+            None => return Err(unauthenticated("credentials are required", false)),
+        };
+        if via != Via::Address && address_classified && tenant != by_address {
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                format!("routes[{}].auth", route.path),
+                format!(
+                    "the credential belongs to tenant `{}` but the address is tenant `{}`'s",
+                    self.tenants[tenant].name, self.tenants[by_address].name
+                ),
+            ));
+        }
+        Ok(Identity {
+            tenant,
+            agent,
+            run: run_of(tenant).or(claimed_run),
+            via,
+        })
+    }
+
+    fn verify_jwt(&self, token: &str) -> Result<(usize, Option<String>, Option<String>), String> {
+        let jwt = self.jwt.as_ref().ok_or("JWTs are not configured")?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        if !jwt.validation.algorithms.contains(&header.alg) {
+            return Err(format!("algorithm {:?} is not accepted", header.alg));
+        }
+        let candidates: Vec<&JwtKey> = match &header.kid {
+            Some(kid) => jwt
+                .keys
+                .iter()
+                .filter(|k| k.kid.as_deref() == Some(kid))
+                .collect(),
+            None if jwt.keys.len() == 1 => jwt.keys.iter().collect(),
+            None => return Err("the token names no key (`kid`) and several are configured".into()),
+        };
+        let Some(key) = candidates.first() else {
+            return Err("unknown key id".into());
+        };
+        if key.alg.is_some_and(|a| a != header.alg) {
+            return Err("the algorithm does not match the key".into());
+        }
+        let mut validation = jwt.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+                .map_err(|e| e.to_string())?;
+        let claims = data.claims;
+        let text = |name: &Option<String>| {
+            name.as_ref()
+                .and_then(|n| claims.get(n))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let tenant_name = claims
+            .get(&jwt.tenant_claim)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("no `{}` claim", jwt.tenant_claim))?;
+        let tenant = *self
+            .by_name
+            .get(tenant_name)
+            .ok_or_else(|| format!("unknown tenant `{tenant_name}`"))?;
+        Ok((tenant, text(&jwt.agent_claim), text(&jwt.run_claim)))
+    }
+}
+
+/// What a request asks for, as policy sees it.
+pub struct Ask<'a> {
+    /// A JSON-RPC request (notifications and responses are not limited).
+    pub is_request: bool,
+    /// `tools/call`: the upstream and its own name for the tool, and the arguments.
+    pub tool: Option<(&'a str, &'a str)>,
+    pub arguments: Option<&'a Value>,
+    pub source: IpAddr,
+}
+
+/// An admitted request: in-flight slots it holds until it ends, and what is left of budgets.
+#[derive(Default, Debug)]
+pub struct Admission {
+    pub guards: Vec<InFlight>,
+    /// e.g. `tenant=95; agent=9; run=4`.
+    pub budget_left: Option<String>,
+    /// The tool rule that applied.
+    pub rule: Option<String>,
+}
+
+impl Policy {
+    /// Decides a request: tool rules and arguments, then rates, concurrency, the loop breaker,
+    /// and budgets (charged last, so that a refusal charges nothing).
+    pub fn admit(
+        &self,
+        state: &Arc<State>,
+        who: &Identity,
+        ask: &Ask<'_>,
+    ) -> Result<Admission, Box<Refusal>> {
+        let t = self.tenant(who);
+        let mut admission = Admission::default();
+        if !ask.is_request {
+            return Ok(admission);
+        }
+        let rule = match ask.tool {
+            Some((upstream, tool)) => {
+                let rule = t.rule_for(upstream, tool);
+                let action = rule.map_or(t.default_action, |r| r.action);
+                if action == Action::Deny {
+                    let label = rule.map_or_else(
+                        || format!("tenants[{}].policy.default_action", t.name),
+                        |r| r.label.clone(),
+                    );
+                    return Err(Refusal::new(
+                        403,
+                        code::FORBIDDEN,
+                        label,
+                        format!("tool `{tool}` is not allowed for tenant `{}`", t.name),
+                    ));
+                }
+                if let Some(r) = rule {
+                    r.check_arguments(ask.arguments).map_err(|(label, why)| {
+                        Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
+                    })?;
+                    admission.rule = Some(r.label.clone());
+                }
+                rule
+            }
+            None => None,
+        };
+        let agent_key = who.agent.clone().unwrap_or_else(|| ask.source.to_string());
+        if let Some((rate, burst)) = t.rate {
+            state
+                .admit(state.key(("tenant", &t.name)), rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].requests_per_sec", t.name),
+                        format!("tenant `{}` is over its rate of {rate}/s", t.name),
+                    )
+                    .retry(wait)
+                })?;
+        }
+        if let Some((rate, burst)) = t.agent_rate {
+            state
+                .admit(state.key(("agent", &t.name, &agent_key)), rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].agent_requests_per_sec", t.name),
+                        format!("agent `{agent_key}` is over its rate of {rate}/s"),
+                    )
+                    .retry(wait)
+                })?;
+        }
+        if let Some(r) = rule
+            && let Some((rate, burst)) = r.rate
+        {
+            state
+                .admit(state.key(("tool", &t.name, &r.label)), rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("{}.requests_per_sec", r.label),
+                        format!(
+                            "tools matching `{}` are over their rate of {rate}/s",
+                            r.pattern
+                        ),
+                    )
+                    .retry(wait)
+                })?;
+        }
+        if let Some(max) = t.max_concurrent {
+            let guard = state
+                .enter(state.key(("in-flight", &t.name)), max)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].max_concurrent", t.name),
+                        format!("tenant `{}` has {max} requests in flight already", t.name),
+                    )
+                })?;
+            admission.guards.push(guard);
+        }
+        if let Some(r) = rule
+            && let Some(max) = r.max_concurrent
+        {
+            let guard = state
+                .enter(state.key(("in-flight", &t.name, &r.label)), max)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("{}.max_concurrent", r.label),
+                        format!(
+                            "tools matching `{}` have {max} calls in flight already",
+                            r.pattern
+                        ),
+                    )
+                })?;
+            admission.guards.push(guard);
+        }
+        let Some((upstream, tool)) = ask.tool else {
+            return Ok(admission);
+        };
+        if let Some(lb) = &t.loop_breaker {
+            let digest = state.key((upstream, tool, Canonical(ask.arguments)));
+            let key = state.key(("loop", &t.name, &agent_key, digest));
+            if state
+                .charge(key, lb.window_s, 1, u64::from(lb.max_repeats))
+                .is_err()
+            {
+                return Err(Refusal::new(
+                    429,
+                    code::LOOP_DETECTED,
+                    format!("tenants[{}].policy.loop_breaker", t.name),
+                    format!(
+                        "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by `{agent_key}`",
+                        lb.max_repeats, lb.window_s
+                    ),
+                )
+                .retry(State::window_left(lb.window_s)));
+            }
+        }
+        if let Some(b) = &t.budget {
+            let cost = rule.map_or(1, |r| r.cost);
+            let scopes = [
+                ("tenant", b.tenant, Some(t.name.clone())),
+                ("agent", b.agent, Some(agent_key.clone())),
+                ("run", b.run, who.run.clone()),
+            ];
+            let mut charged: Vec<u64> = Vec::new();
+            let mut left = Vec::new();
+            for (scope, limit, subject) in scopes {
+                let (Some(limit), Some(subject)) = (limit, subject) else {
+                    continue;
+                };
+                let key = state.key(("budget", scope, &t.name, &subject));
+                match state.charge(key, b.window_s, cost, limit) {
+                    Ok(l) => {
+                        charged.push(key);
+                        left.push((scope, l));
+                    }
+                    Err(l) => {
+                        for k in charged {
+                            state.refund(k, b.window_s, cost);
+                        }
+                        let mut r = Refusal::new(
+                            429,
+                            code::BUDGET_EXHAUSTED,
+                            format!("tenants[{}].policy.budget.{scope}", t.name),
+                            format!(
+                                "the {scope} budget of `{subject}` is exhausted: `{tool}` costs {cost}, {l} of {limit} left in this {} s window",
+                                b.window_s
+                            ),
+                        )
+                        .retry(State::window_left(b.window_s));
+                        r.budget = Some(json!({ scope: l }));
+                        return Err(r);
+                    }
+                }
+            }
+            if !left.is_empty() {
+                let parts: Vec<String> = left.iter().map(|(s, l)| format!("{s}={l}")).collect();
+                admission.budget_left = Some(parts.join("; "));
+            }
+        }
+        Ok(admission)
+    }
+}
+
+/// Hashes JSON with object keys in sorted order, so that the same arguments give the same digest
+/// whatever their order.
+struct Canonical<'a>(Option<&'a Value>);
+
+impl std::hash::Hash for Canonical<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        fn walk<H: std::hash::Hasher>(v: &Value, h: &mut H) {
+            match v {
+                Value::Null => 0u8.hash(h),
+                Value::Bool(b) => (1u8, b).hash(h),
+                Value::Number(n) => (2u8, n.to_string()).hash(h),
+                Value::String(s) => (3u8, s).hash(h),
+                Value::Array(a) => {
+                    (4u8, a.len()).hash(h);
+                    a.iter().for_each(|x| walk(x, h));
+                }
+                Value::Object(o) => {
+                    (5u8, o.len()).hash(h);
+                    let mut keys: Vec<&String> = o.keys().collect();
+                    keys.sort();
+                    for k in keys {
+                        k.hash(h);
+                        walk(&o[k], h);
+                    }
+                }
+            }
+        }
+        match self.0 {
+            None => walk(&Value::Object(serde_json::Map::new()), h),
+            Some(v) => walk(v, h),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

@@ -1,0 +1,422 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde_json::json;
+
+use super::*;
+
+const KEY_A: &str = "key-of-acme-0123456789";
+const KEY_B: &str = "key-of-beta-0123456789";
+
+fn sha(s: &str) -> String {
+    Sha256::digest(s)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn config(extra: &str) -> Config {
+    let text = format!(
+        r#"
+[gateway]
+instance = "policy-test"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:2"
+[admin]
+address = "127.0.0.1:1"
+[kernel]
+enabled = false
+default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+sources = ["198.18.1.0/24"]
+[[tenants]]
+name = "beta"
+id = 2
+sources = ["198.18.2.0/24"]
+[[auth.api_keys]]
+sha256 = "{a}"
+tenant = "acme"
+agent = "acme-bot"
+[[auth.api_keys]]
+sha256 = "{b}"
+tenant = "beta"
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+auth = ["api_key", "address"]
+[[routes]]
+path = "/open"
+upstream = "up"
+{extra}
+"#,
+        a = sha(KEY_A),
+        b = sha(KEY_B)
+    );
+    Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> {
+    move |name| {
+        pairs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+}
+
+fn src(last: u8, net: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, net, last))
+}
+
+#[test]
+fn api_keys_in_either_header_identify_tenant_and_agent() {
+    let c = config("");
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    let bearer = format!("Bearer {KEY_A}");
+    let who = p
+        .authenticate(route, headers(&[("authorization", &bearer)]), 0)
+        .unwrap();
+    assert_eq!(p.tenant(&who).name, "acme");
+    assert_eq!(who.agent.as_deref(), Some("acme-bot"));
+    assert_eq!(who.via, Via::ApiKey);
+    let who = p
+        .authenticate(route, headers(&[("x-api-key", KEY_B)]), 0)
+        .unwrap();
+    assert_eq!(p.tenant(&who).name, "beta");
+}
+
+#[test]
+fn missing_or_wrong_credentials_get_401_naming_the_metadata() {
+    let c = config("");
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    let r = p
+        .authenticate(route, headers(&[("host", "gw.example:8080")]), 0)
+        .unwrap_err();
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.www_authenticate.as_deref(),
+        Some(
+            "Bearer resource_metadata=\"http://gw.example:8080/.well-known/oauth-protected-resource/mcp\""
+        )
+    );
+    let r = p
+        .authenticate(route, headers(&[("x-api-key", "wrong")]), 0)
+        .unwrap_err();
+    assert_eq!(r.status, 401);
+    assert!(
+        r.www_authenticate
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
+}
+
+#[test]
+fn an_address_identifies_where_allowed_and_must_agree_with_a_key() {
+    let c = config("");
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    // The address alone (tenant acme = id 1) is accepted on this route.
+    let who = p.authenticate(route, headers(&[]), 1).unwrap();
+    assert_eq!(p.tenant(&who).name, "acme");
+    // The unclassified (default) address alone is not.
+    assert_eq!(
+        p.authenticate(route, headers(&[]), 0).unwrap_err().status,
+        401
+    );
+    // Beta's key from acme's address: refused.
+    let r = p
+        .authenticate(route, headers(&[("x-api-key", KEY_B)]), 1)
+        .unwrap_err();
+    assert_eq!(r.status, 403);
+    assert!(
+        r.message.contains("`beta`") && r.message.contains("`acme`"),
+        "{}",
+        r.message
+    );
+    // An open route takes the address's tenant and ignores credentials.
+    let who = p.authenticate(&c.routes[1], headers(&[]), 2).unwrap();
+    assert_eq!(p.tenant(&who).name, "beta");
+}
+
+fn admit(
+    p: &Policy,
+    state: &Arc<State>,
+    who: &Identity,
+    tool: &str,
+    args: Value,
+) -> Result<Admission, Box<Refusal>> {
+    p.admit(
+        state,
+        who,
+        &Ask {
+            is_request: true,
+            tool: Some(("up", tool)),
+            arguments: Some(&args),
+            source: src(9, 1),
+        },
+    )
+}
+
+fn acme(p: &Policy) -> Identity {
+    Identity {
+        tenant: p.by_name["acme"],
+        agent: Some("bot".into()),
+        run: Some("run-1".into()),
+        via: Via::ApiKey,
+    }
+}
+
+#[test]
+fn tenant_rules_come_before_defaults_and_deny_hides_tools() {
+    let text = r#"
+[gateway]
+instance = "t"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:2"
+[admin]
+address = "127.0.0.1:1"
+[kernel]
+enabled = false
+default_tenant = "beta"
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[tenants]]
+name = "beta"
+id = 2
+[policy]
+default_action = "deny"
+[[policy.tools]]
+match = "echo"
+[[policy.tools]]
+match = "up/add"
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+"#;
+    let c = Config::from_toml(text).unwrap_or_else(|e| panic!("{e}"));
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let acme = Identity {
+        tenant: p.by_name["acme"],
+        agent: None,
+        run: None,
+        via: Via::Address,
+    };
+    let beta = Identity {
+        tenant: p.by_name["beta"],
+        ..acme.clone()
+    };
+    assert!(admit(&p, &state, &acme, "echo", json!({})).is_ok());
+    let r = admit(&p, &state, &acme, "add", json!({})).unwrap_err();
+    assert_eq!((r.status, r.code), (403, code::FORBIDDEN));
+    assert_eq!(r.rule, "tenants[acme].policy.tools[0]");
+    assert!(admit(&p, &state, &beta, "add", json!({})).is_ok());
+    let r = admit(&p, &state, &beta, "rm", json!({})).unwrap_err();
+    assert_eq!(r.rule, "tenants[beta].policy.default_action");
+    assert!(!p.tenant(&acme).allows("up", "add"));
+    assert!(p.tenant(&beta).allows("up", "add"));
+    assert!(
+        !p.tenant(&beta).allows("other", "add"),
+        "up/add names one upstream"
+    );
+}
+
+#[test]
+fn argument_violations_name_the_rule() {
+    let c = config(
+        r#"
+[[policy.tools]]
+match = "read_file"
+[[policy.tools.arguments]]
+pointer = "/path"
+required = true
+pattern = "^/srv/"
+"#,
+    );
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = acme(&p);
+    assert!(admit(&p, &state, &who, "read_file", json!({"path": "/srv/a"})).is_ok());
+    let r = admit(
+        &p,
+        &state,
+        &who,
+        "read_file",
+        json!({"path": "/etc/passwd"}),
+    )
+    .unwrap_err();
+    assert_eq!(r.rule, "policy.tools[0].arguments[0]");
+    assert!(r.message.contains("does not match"), "{}", r.message);
+    let r = admit(&p, &state, &who, "read_file", json!({})).unwrap_err();
+    assert!(r.message.contains("is required"), "{}", r.message);
+}
+
+#[test]
+fn budgets_run_out_per_scope_refund_and_say_what_is_left() {
+    let c = config(
+        r#"
+[policy]
+budget = { window_s = 3600, tenant = 100, agent = 10, run = 5 }
+[[policy.tools]]
+match = "search"
+cost = 2
+"#,
+    );
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = acme(&p);
+    let a = admit(&p, &state, &who, "search", json!({"q": 1})).unwrap();
+    assert_eq!(a.budget_left.as_deref(), Some("tenant=98; agent=8; run=3"));
+    admit(&p, &state, &who, "search", json!({"q": 2})).unwrap();
+    let r = admit(&p, &state, &who, "search", json!({"q": 3})).unwrap_err();
+    assert_eq!((r.status, r.code), (429, code::BUDGET_EXHAUSTED));
+    assert_eq!(r.rule, "tenants[acme].policy.budget.run");
+    assert_eq!(r.data()["budgetRemaining"], json!({"run": 1}));
+    // The refused call charged nothing: another run of the same agent still has 6 of 10.
+    let other_run = Identity {
+        run: Some("run-2".into()),
+        ..who.clone()
+    };
+    let a = admit(&p, &state, &other_run, "search", json!({"q": 4})).unwrap();
+    assert_eq!(a.budget_left.as_deref(), Some("tenant=94; agent=4; run=3"));
+}
+
+#[test]
+fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
+    let c = config("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = acme(&p);
+    for args in [
+        json!({"a": 1, "b": [1, 2]}),
+        json!({"b": [1, 2], "a": 1}),
+        json!({"a": 1, "b": [1, 2]}),
+    ] {
+        admit(&p, &state, &who, "search", args).unwrap();
+    }
+    let r = admit(&p, &state, &who, "search", json!({"b": [1, 2], "a": 1})).unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED);
+    assert!(r.message.contains("more than 3 times"), "{}", r.message);
+    // Other arguments, another tool, another agent: not the loop.
+    assert!(admit(&p, &state, &who, "search", json!({"a": 2, "b": [1, 2]})).is_ok());
+    assert!(admit(&p, &state, &who, "fetch", json!({"a": 1, "b": [1, 2]})).is_ok());
+    let other = Identity {
+        agent: Some("other".into()),
+        ..who
+    };
+    assert!(admit(&p, &state, &other, "search", json!({"a": 1, "b": [1, 2]})).is_ok());
+}
+
+#[test]
+fn rates_per_tenant_and_per_agent() {
+    let c = config(
+        "[policy]\nrequests_per_sec = 1000\nburst = 5\nagent_requests_per_sec = 1000\nagent_burst = 2\n",
+    );
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = acme(&p);
+    assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
+    assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
+    let r = admit(&p, &state, &who, "t", json!({})).unwrap_err();
+    assert_eq!(
+        (r.status, r.rule.as_str()),
+        (429, "tenants[acme].agent_requests_per_sec")
+    );
+    assert!(r.retry_after.is_some());
+    // Other agents share the tenant's burst of 5 (3 left, one was spent by the refused call's
+    // tenant check).
+    let ok = (0..10)
+        .filter(|i| {
+            let w = Identity {
+                agent: Some(format!("a{i}")),
+                ..who.clone()
+            };
+            admit(&p, &state, &w, "t", json!({})).is_ok()
+        })
+        .count();
+    assert_eq!(ok, 2);
+}
+
+#[test]
+fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let dir = std::env::temp_dir().join(format!("jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    // HS256 key "secret-of-the-test-0123456789abcd" as a JWK (base64url).
+    let secret = b"secret-of-the-test-0123456789abcd";
+    let k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, secret);
+    std::fs::write(
+        &jwks,
+        json!({"keys": [{"kty": "oct", "kid": "k1", "alg": "HS256", "k": k}]}).to_string(),
+    )
+    .unwrap();
+    let c = config(&format!(
+        "[auth.jwt]\njwks_file = \"{}\"\nissuer = \"https://idp.test\"\naudience = \"gw\"\nrun_claim = \"run\"\n",
+        jwks.display()
+    ));
+    let mut c = c;
+    c.routes[0].auth = vec![AuthMethod::Jwt];
+    let p = Policy::compile(&c).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = |claims: Value, kid: &str| {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some(kid.into());
+        encode(&h, &claims, &EncodingKey::from_secret(secret)).unwrap()
+    };
+    let good = json!({"iss": "https://idp.test", "aud": "gw", "exp": now + 60, "tenant": "beta", "sub": "agent-7", "run": "r9"});
+    let auth = |t: &str| {
+        let v = format!("Bearer {t}");
+        p.authenticate(&c.routes[0], headers(&[("authorization", v.as_str())]), 0)
+    };
+    let who = auth(&token(good.clone(), "k1")).unwrap();
+    assert_eq!(p.tenant(&who).name, "beta");
+    assert_eq!(who.agent.as_deref(), Some("agent-7"));
+    assert_eq!(who.run.as_deref(), Some("r9"));
+    assert_eq!(who.via, Via::Jwt);
+    let mut expired = good.clone();
+    expired["exp"] = json!(now - 120);
+    assert_eq!(auth(&token(expired, "k1")).unwrap_err().status, 401);
+    let mut within_leeway = good.clone();
+    within_leeway["exp"] = json!(now - 10);
+    assert!(auth(&token(within_leeway, "k1")).is_ok(), "30 s of leeway");
+    let mut early = good.clone();
+    early["nbf"] = json!(now + 120);
+    assert!(auth(&token(early, "k1")).is_err());
+    let mut wrong_aud = good.clone();
+    wrong_aud["aud"] = json!("other");
+    assert!(auth(&token(wrong_aud, "k1")).is_err());
+    let mut wrong_iss = good.clone();
+    wrong_iss["iss"] = json!("https://evil.test");
+    assert!(auth(&token(wrong_iss, "k1")).is_err());
+    let mut unknown_tenant = good.clone();
+    unknown_tenant["tenant"] = json!("nobody");
+    assert!(auth(&token(unknown_tenant, "k1")).is_err());
+    assert!(auth(&token(good.clone(), "k2")).is_err(), "unknown kid");
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &good,
+        &EncodingKey::from_secret(b"another-secret-0123456789abcdefg"),
+    )
+    .unwrap();
+    assert!(auth(&forged).is_err(), "wrong signature");
+    let _ = std::fs::remove_dir_all(dir);
+}

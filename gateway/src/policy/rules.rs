@@ -1,0 +1,439 @@
+//! Tool matching and argument rules, compiled from the configuration.
+
+use globset::{GlobBuilder, GlobMatcher};
+use regex::Regex;
+use serde_json::Value;
+
+use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
+
+/// A compiled tool rule. Each tenant has its own copies (its limits are its own).
+#[derive(Debug)]
+pub struct ToolRule {
+    /// Where it came from, e.g. `tenants[acme].policy.tools[2]` or `policy.tools[0]`.
+    pub label: String,
+    pub pattern: String,
+    glob: GlobMatcher,
+    /// The glob names an upstream (`<upstream>/<tool>`).
+    qualified: bool,
+    pub action: Action,
+    pub cost: u64,
+    pub rate: Option<(u64, u64)>,
+    pub max_concurrent: Option<u32>,
+    pub max_arguments_bytes: Option<usize>,
+    pub arguments: Vec<ArgRule>,
+}
+
+impl ToolRule {
+    pub fn compile(label: String, raw: &RawToolRule) -> Result<Self, (String, String)> {
+        let glob = GlobBuilder::new(&raw.pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| (format!("{label}.match"), e.to_string()))?
+            .compile_matcher();
+        if raw.burst.is_some() && raw.requests_per_sec.is_none() {
+            return Err((format!("{label}.burst"), "needs `requests_per_sec`".into()));
+        }
+        if raw.requests_per_sec == Some(0) {
+            return Err((
+                format!("{label}.requests_per_sec"),
+                "0 would refuse every call: use action = \"deny\"".into(),
+            ));
+        }
+        let arguments = raw
+            .arguments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| ArgRule::compile(format!("{label}.arguments[{i}]"), a))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            pattern: raw.pattern.clone(),
+            qualified: raw.pattern.contains('/'),
+            glob,
+            action: raw.action,
+            cost: raw.cost.unwrap_or(1),
+            rate: raw
+                .requests_per_sec
+                .map(|r| (r, raw.burst.unwrap_or(r).max(1))),
+            max_concurrent: raw.max_concurrent,
+            max_arguments_bytes: raw.max_arguments_bytes,
+            arguments,
+            label,
+        })
+    }
+
+    /// Whether this rule covers `tool` of `upstream` (the upstream's own name for it).
+    pub fn matches(&self, upstream: &str, tool: &str) -> bool {
+        if self.qualified {
+            // Short names fit on the stack-free fast path rarely; a small allocation is fine
+            // next to the JSON work of a call.
+            self.glob.is_match(format!("{upstream}/{tool}"))
+        } else {
+            self.glob.is_match(tool)
+        }
+    }
+
+    /// Checks `arguments` (absent means `{}`) against the size cap and each argument rule; the
+    /// refusal names the rule and says what is wrong.
+    pub fn check_arguments(&self, arguments: Option<&Value>) -> Result<(), (String, String)> {
+        if let Some(max) = self.max_arguments_bytes {
+            let size =
+                arguments.map_or(2, |a| serde_json::to_vec(a).map_or(usize::MAX, |v| v.len()));
+            if size > max {
+                return Err((
+                    format!("{}.max_arguments_bytes", self.label),
+                    format!("arguments are {size} bytes; at most {max} are allowed"),
+                ));
+            }
+        }
+        for rule in &self.arguments {
+            rule.check(arguments)
+                .map_err(|why| (rule.label.clone(), why))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct ArgRule {
+    pub label: String,
+    pointer: String,
+    required: bool,
+    kind: Option<JsonType>,
+    one_of: Option<Vec<Value>>,
+    minimum: Option<f64>,
+    maximum: Option<f64>,
+    pattern: Option<Regex>,
+    min_length: Option<usize>,
+    max_length: Option<usize>,
+}
+
+impl ArgRule {
+    pub fn compile(label: String, raw: &RawArgRule) -> Result<Self, (String, String)> {
+        if !raw.pointer.is_empty() && !raw.pointer.starts_with('/') {
+            return Err((
+                format!("{label}.pointer"),
+                format!("`{}`: a JSON pointer starts with `/`", raw.pointer),
+            ));
+        }
+        let pattern = raw
+            .pattern
+            .as_deref()
+            .map(Regex::new)
+            .transpose()
+            .map_err(|e| (format!("{label}.pattern"), e.to_string()))?;
+        if let (Some(lo), Some(hi)) = (raw.minimum, raw.maximum)
+            && lo > hi
+        {
+            return Err((format!("{label}.minimum"), "is above `maximum`".into()));
+        }
+        Ok(Self {
+            pointer: raw.pointer.clone(),
+            required: raw.required,
+            kind: raw.kind,
+            one_of: raw.one_of.clone(),
+            minimum: raw.minimum,
+            maximum: raw.maximum,
+            pattern,
+            min_length: raw.min_length,
+            max_length: raw.max_length,
+            label,
+        })
+    }
+
+    pub fn check(&self, arguments: Option<&Value>) -> Result<(), String> {
+        let empty = Value::Object(serde_json::Map::new());
+        let root = arguments.unwrap_or(&empty);
+        let p = &self.pointer;
+        let Some(v) = root.pointer(p) else {
+            return if self.required {
+                Err(format!("argument `{p}` is required"))
+            } else {
+                Ok(())
+            };
+        };
+        if let Some(kind) = self.kind
+            && !is_type(v, kind)
+        {
+            return Err(format!(
+                "argument `{p}` must be of type {}, not {}",
+                type_name(kind),
+                describe(v)
+            ));
+        }
+        if let Some(allowed) = &self.one_of
+            && !allowed.iter().any(|a| same(a, v))
+        {
+            return Err(format!("argument `{p}` must be one of {}", list(allowed)));
+        }
+        if self.minimum.is_some() || self.maximum.is_some() {
+            let Some(n) = v.as_f64() else {
+                return Err(format!(
+                    "argument `{p}` must be a number, not {}",
+                    describe(v)
+                ));
+            };
+            if let Some(lo) = self.minimum
+                && n < lo
+            {
+                return Err(format!("argument `{p}` is {v}; the minimum is {lo}"));
+            }
+            if let Some(hi) = self.maximum
+                && n > hi
+            {
+                return Err(format!("argument `{p}` is {v}; the maximum is {hi}"));
+            }
+        }
+        if self.min_length.is_some() || self.max_length.is_some() {
+            let len = match v {
+                Value::String(s) => s.chars().count(),
+                Value::Array(a) => a.len(),
+                other => {
+                    return Err(format!(
+                        "argument `{p}` must be a string or an array, not {}",
+                        describe(other)
+                    ));
+                }
+            };
+            if let Some(lo) = self.min_length
+                && len < lo
+            {
+                return Err(format!(
+                    "argument `{p}` has length {len}; the minimum is {lo}"
+                ));
+            }
+            if let Some(hi) = self.max_length
+                && len > hi
+            {
+                return Err(format!(
+                    "argument `{p}` has length {len}; the maximum is {hi}"
+                ));
+            }
+        }
+        if let Some(re) = &self.pattern {
+            let Some(s) = v.as_str() else {
+                return Err(format!(
+                    "argument `{p}` must be a string, not {}",
+                    describe(v)
+                ));
+            };
+            if !re.is_match(s) {
+                return Err(format!(
+                    "argument `{p}` does not match the pattern `{}`",
+                    re.as_str()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_type(v: &Value, kind: JsonType) -> bool {
+    match kind {
+        JsonType::String => v.is_string(),
+        // JSON Schema: 1.0 is an integer too.
+        JsonType::Integer => {
+            v.is_i64()
+                || v.is_u64()
+                || v.as_f64()
+                    .is_some_and(|f| f.is_finite() && f.fract() == 0.0)
+        }
+        JsonType::Number => v.is_number(),
+        JsonType::Boolean => v.is_boolean(),
+        JsonType::Object => v.is_object(),
+        JsonType::Array => v.is_array(),
+        JsonType::Null => v.is_null(),
+    }
+}
+
+fn type_name(kind: JsonType) -> &'static str {
+    match kind {
+        JsonType::String => "string",
+        JsonType::Integer => "integer",
+        JsonType::Number => "number",
+        JsonType::Boolean => "boolean",
+        JsonType::Object => "object",
+        JsonType::Array => "array",
+        JsonType::Null => "null",
+    }
+}
+
+fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Equality where numbers compare by value (`1` equals `1.0`).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+fn list(values: &[Value]) -> String {
+    let items: Vec<String> = values.iter().map(Value::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rule(toml_text: &str) -> ArgRule {
+        let raw: RawArgRule = toml::from_str(toml_text).expect("rule parses");
+        ArgRule::compile("r".into(), &raw).expect("rule compiles")
+    }
+
+    fn tool(toml_text: &str) -> ToolRule {
+        let raw: RawToolRule = toml::from_str(toml_text).expect("rule parses");
+        ToolRule::compile("t".into(), &raw).expect("rule compiles")
+    }
+
+    #[test]
+    fn absent_and_empty_arguments() {
+        let r = rule("pointer = \"/path\"\ntype = \"string\"");
+        assert_eq!(r.check(None), Ok(()));
+        assert_eq!(r.check(Some(&json!({}))), Ok(()));
+        let req = rule("pointer = \"/path\"\nrequired = true");
+        assert_eq!(req.check(None).unwrap_err(), "argument `/path` is required");
+        assert!(req.check(Some(&json!({}))).is_err());
+        assert!(
+            req.check(Some(&json!({"path": null}))).is_ok(),
+            "present, even if null"
+        );
+    }
+
+    #[test]
+    fn types_including_integers_written_as_floats() {
+        let r = rule("pointer = \"/n\"\ntype = \"integer\"");
+        assert!(r.check(Some(&json!({"n": 3}))).is_ok());
+        assert!(r.check(Some(&json!({"n": -3}))).is_ok());
+        assert!(r.check(Some(&json!({"n": 3.0}))).is_ok());
+        assert!(r.check(Some(&json!({"n": u64::MAX}))).is_ok());
+        assert_eq!(
+            r.check(Some(&json!({"n": 3.5}))).unwrap_err(),
+            "argument `/n` must be of type integer, not number"
+        );
+        assert!(r.check(Some(&json!({"n": "3"}))).is_err());
+        let s = rule("pointer = \"/s\"\ntype = \"string\"");
+        assert!(s.check(Some(&json!({"s": 1}))).is_err());
+        let o = rule("pointer = \"/o\"\ntype = \"object\"");
+        assert!(o.check(Some(&json!({"o": {}}))).is_ok());
+        assert!(o.check(Some(&json!({"o": []}))).is_err());
+    }
+
+    #[test]
+    fn numeric_ranges_with_huge_numbers() {
+        let r = rule("pointer = \"/n\"\nminimum = 0\nmaximum = 100");
+        assert!(r.check(Some(&json!({"n": 0}))).is_ok());
+        assert!(r.check(Some(&json!({"n": 100}))).is_ok());
+        assert!(r.check(Some(&json!({"n": 100.5}))).is_err());
+        assert!(r.check(Some(&json!({"n": -1}))).is_err());
+        assert!(r.check(Some(&json!({"n": u64::MAX}))).is_err());
+        assert!(r.check(Some(&json!({"n": i64::MIN}))).is_err());
+        assert!(r.check(Some(&json!({"n": 1e300}))).is_err());
+        let huge: Value = serde_json::from_str("{\"n\": 1e308}").unwrap();
+        assert!(r.check(Some(&huge)).is_err());
+        assert_eq!(
+            r.check(Some(&json!({"n": "5"}))).unwrap_err(),
+            "argument `/n` must be a number, not string"
+        );
+    }
+
+    #[test]
+    fn enums_compare_numbers_by_value() {
+        let r = rule("pointer = \"/mode\"\nenum = [\"read\", \"list\", 1]");
+        assert!(r.check(Some(&json!({"mode": "read"}))).is_ok());
+        assert!(r.check(Some(&json!({"mode": 1.0}))).is_ok());
+        assert_eq!(
+            r.check(Some(&json!({"mode": "write"}))).unwrap_err(),
+            "argument `/mode` must be one of [\"read\", \"list\", 1]"
+        );
+    }
+
+    #[test]
+    fn patterns_and_lengths_count_characters_not_bytes() {
+        let r = rule("pointer = \"/name\"\npattern = \"^[a-zé]+$\"\nmax_length = 4");
+        assert!(
+            r.check(Some(&json!({"name": "café"}))).is_ok(),
+            "4 chars, 5 bytes"
+        );
+        assert!(r.check(Some(&json!({"name": "cafés"}))).is_err());
+        assert!(r.check(Some(&json!({"name": "CAFE"}))).is_err());
+        let emoji = rule("pointer = \"/t\"\nmin_length = 2\nmax_length = 2");
+        assert!(emoji.check(Some(&json!({"t": "✓✓"}))).is_ok());
+        assert!(emoji.check(Some(&json!({"t": "👍"}))).is_err());
+        let items = rule("pointer = \"/list\"\nmax_length = 2");
+        assert!(items.check(Some(&json!({"list": [1, 2]}))).is_ok());
+        assert!(items.check(Some(&json!({"list": [1, 2, 3]}))).is_err());
+        // An unanchored pattern finds a match anywhere, as in JSON Schema.
+        let sub = rule("pointer = \"/p\"\npattern = \"\\\\.\\\\.\"");
+        assert!(sub.check(Some(&json!({"p": "a/../b"}))).is_ok());
+    }
+
+    #[test]
+    fn deep_pointers_and_escapes() {
+        let r = rule("pointer = \"/a/b~1c/0/d\"\ntype = \"boolean\"");
+        let deep = json!({"a": {"b/c": [{"d": true}]}});
+        assert!(r.check(Some(&deep)).is_ok());
+        let wrong = json!({"a": {"b/c": [{"d": "yes"}]}});
+        assert!(r.check(Some(&wrong)).is_err());
+        // 64 levels of nesting: found and checked.
+        let mut v = json!(7);
+        let mut ptr = String::new();
+        for _ in 0..64 {
+            v = json!({ "x": v });
+            ptr.push_str("/x");
+        }
+        let deep = rule(&format!("pointer = \"{ptr}\"\nmaximum = 5"));
+        assert!(deep.check(Some(&v)).is_err());
+    }
+
+    #[test]
+    fn tool_globs_per_upstream_and_size_caps() {
+        let any = tool("match = \"delete_*\"\naction = \"deny\"");
+        assert!(any.matches("github", "delete_repo"));
+        assert!(!any.matches("github", "create_repo"));
+        let qualified = tool("match = \"github/create_*\"");
+        assert!(qualified.matches("github", "create_issue"));
+        assert!(!qualified.matches("gitlab", "create_issue"));
+        let every = tool("match = \"*/delete_*\"");
+        assert!(every.matches("fs", "delete_file"));
+        assert!(!every.matches("fs", "read_file"));
+        let capped = tool("match = \"*\"\nmax_arguments_bytes = 20");
+        assert!(capped.check_arguments(None).is_ok());
+        assert!(capped.check_arguments(Some(&json!({"a": "short"}))).is_ok());
+        let (label, why) = capped
+            .check_arguments(Some(&json!({"a": "x".repeat(30)})))
+            .unwrap_err();
+        assert_eq!(label, "t.max_arguments_bytes");
+        assert!(why.contains("at most 20"), "{why}");
+    }
+
+    #[test]
+    fn bad_rules_are_refused_at_load_naming_the_key() {
+        let raw: RawArgRule = toml::from_str("pointer = \"/a\"\npattern = \"(\"").unwrap();
+        assert_eq!(
+            ArgRule::compile("r".into(), &raw).unwrap_err().0,
+            "r.pattern"
+        );
+        let raw: RawArgRule = toml::from_str("pointer = \"a\"").unwrap();
+        assert_eq!(
+            ArgRule::compile("r".into(), &raw).unwrap_err().0,
+            "r.pointer"
+        );
+        let raw: RawToolRule = toml::from_str("match = \"[\"").unwrap();
+        assert_eq!(
+            ToolRule::compile("t".into(), &raw).unwrap_err().0,
+            "t.match"
+        );
+    }
+}
