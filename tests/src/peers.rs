@@ -188,6 +188,25 @@ pub fn py_resume(url: &str, tool: &str, steps: u32) -> serde_json::Value {
     ])
 }
 
+/// The Python SDK client with `headers` (a credential) against `url`: lists tools, then makes
+/// `calls` ([tool, arguments] pairs), reporting each answer or JSON-RPC error
+/// (tests/fixtures/policy_client.py).
+pub fn py_policy_client(
+    url: &str,
+    mode: &str,
+    headers: &serde_json::Value,
+    calls: &serde_json::Value,
+) -> serde_json::Value {
+    let client = root().join("tests/fixtures/policy_client.py");
+    run_python(&[
+        client.to_str().expect("utf-8 path"),
+        url,
+        mode,
+        &headers.to_string(),
+        &calls.to_string(),
+    ])
+}
+
 /// Runs an inline Python script with the SDK's venv; returns the JSON it prints.
 pub fn py_script(script: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["-c", script];

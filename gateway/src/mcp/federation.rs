@@ -35,6 +35,22 @@ const MAX_PAGES: usize = 100;
 /// Keep-alive comment interval on merged streams; also how soon a gone client is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// The member of `members` owning `name` (longest matching prefix; the member without a prefix
+/// owns the rest) and the name as that member knows it.
+pub(super) fn owner<'c, 'n>(members: &'c [Member], name: &'n str) -> Option<(&'c Member, &'n str)> {
+    members
+        .iter()
+        .filter(|m| !m.prefix.is_empty() && name.len() > m.prefix.len())
+        .filter_map(|m| name.strip_prefix(m.prefix.as_str()).map(|n| (m, n)))
+        .max_by_key(|(m, _)| m.prefix.len())
+        .or_else(|| {
+            members
+                .iter()
+                .find(|m| m.prefix.is_empty())
+                .map(|m| (m, name))
+        })
+}
+
 /// `'c`: the configuration snapshot's lifetime; `'a`: the request's.
 pub(super) struct Federation<'a, 'c> {
     pub members: &'c [Member],
@@ -43,6 +59,8 @@ pub(super) struct Federation<'a, 'c> {
     pub req: &'a Request,
     pub peer: SocketAddr,
     pub obs: &'a Obs<'c>,
+    /// The caller's tenant policy: tools it may not call are left out of `tools/list`.
+    pub tenant: &'c crate::policy::TenantPolicy,
 }
 
 /// How a request reaches members: in the session era with the member's session and version,
@@ -65,17 +83,7 @@ impl<'c> Federation<'_, 'c> {
     /// The member owning `name` (longest matching prefix; the member without a prefix owns the
     /// rest) and the name as that member knows it.
     fn owner<'n>(&self, name: &'n str) -> Option<(&'c Member, &'n str)> {
-        self.members
-            .iter()
-            .filter(|m| !m.prefix.is_empty() && name.len() > m.prefix.len())
-            .filter_map(|m| name.strip_prefix(m.prefix.as_str()).map(|n| (m, n)))
-            .max_by_key(|(m, _)| m.prefix.len())
-            .or_else(|| {
-                self.members
-                    .iter()
-                    .find(|m| m.prefix.is_empty())
-                    .map(|m| (m, name))
-            })
+        owner(self.members, name)
     }
 
     fn keep_alive(&self) -> bool {
@@ -507,7 +515,14 @@ impl<'c> Federation<'_, 'c> {
                 match outcome {
                     Ok(result) => {
                         let prefix = &self.members[i].prefix;
+                        let upstream = &self.upstream(&self.members[i]).name;
                         for mut item in result[key].as_array().cloned().unwrap_or_default() {
+                            if key == "tools"
+                                && let Some(n) = item["name"].as_str()
+                                && !self.tenant.allows(upstream, n)
+                            {
+                                continue;
+                            }
                             if prefixed && let Some(n) = item["name"].as_str() {
                                 item["name"] = json!(format!("{prefix}{n}"));
                             }
@@ -920,7 +935,11 @@ fn merge(a: &mut Map<String, Value>, b: &Map<String, Value>) {
 
 /// The JSON-RPC message answering `id` in an upstream's response (a JSON body, or the matching
 /// event of an SSE body).
-fn response_message(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<Value, String> {
+pub(super) fn response_message(
+    head: &ResponseHead,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<Value, String> {
     if !(200..300).contains(&head.status) {
         return Err(format!("HTTP {}", head.status));
     }

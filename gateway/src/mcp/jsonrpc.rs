@@ -47,6 +47,8 @@ pub struct Message {
     /// `params._meta["io.modelcontextprotocol/protocolVersion"]`: 2026-07-28 carries the version
     /// in each request.
     pub meta_protocol_version: Option<String>,
+    /// `params._meta.traceparent` (W3C trace context carried in the message).
+    pub meta_traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +169,10 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
                 .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
+            meta_traceparent: meta
+                .and_then(|m| m.get("traceparent"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
         });
     }
     // A response (from the client: to a server request such as sampling or elicitation).
@@ -186,6 +192,7 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
         arguments: None,
         has_progress_token: false,
         meta_protocol_version: None,
+        meta_traceparent: None,
     })
 }
 

@@ -20,7 +20,8 @@ use super::{Id, Kind, Parsed, Parser, RpcError, error, version};
 use crate::{
     config::{Config, Target, Upstream},
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
-    runtime::Shared,
+    policy::{self, Ask, Refusal, TenantPolicy, audit},
+    runtime::{Shared, Snapshot},
     stats::{self, Observation, Outcome, Recorder},
 };
 
@@ -32,6 +33,20 @@ pub(super) struct Obs<'a> {
     pub upstream_wait: Cell<Option<Duration>>,
     pub method: Cell<&'static str>,
     pub tool: RefCell<Option<String>>,
+    pub decision: RefCell<Decision>,
+}
+
+/// Who called and what policy decided, for telemetry and the audit log.
+#[derive(Default)]
+pub(super) struct Decision {
+    pub tenant: Option<String>,
+    pub agent: Option<String>,
+    pub run: Option<String>,
+    pub refused: bool,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub budget_left: Option<String>,
+    pub trace_id: Option<String>,
 }
 
 impl Obs<'_> {
@@ -167,7 +182,7 @@ pub async fn serve(
                 return;
             }
         };
-        let keep = handle(&mut io, &req, peer, &snapshot.config, &ctx).await;
+        let keep = handle(&mut io, &req, peer, &snapshot, &ctx).await;
         if !keep || !req.keep_alive || *shutdown.borrow() {
             return;
         }
@@ -189,28 +204,61 @@ async fn handle(
     io: &mut Io,
     req: &Request,
     peer: SocketAddr,
-    config: &Config,
+    snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
+    let config = &snapshot.config;
     let started = Instant::now();
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
-    let keep = handle_inner(io, req, peer, config, ctx, &obs).await;
-    if !config.telemetry.enabled {
+    let keep = handle_inner(io, req, peer, snapshot, ctx, &obs).await;
+    let audit = &ctx.shared.audit;
+    if !config.telemetry.enabled && !audit.enabled() {
         return keep;
     }
-    let tenant_id = ctx.shared.snapshot.load().classifier.tenant_of(peer.ip());
-    let tenant = config
-        .tenants
-        .iter()
-        .find(|t| t.id == tenant_id)
-        .map_or("default", |t| t.name.as_str());
+    let decision = obs.decision.borrow();
+    let tenant = decision.tenant.as_deref().unwrap_or_else(|| {
+        let tenant_id = snapshot.classifier.tenant_of(peer.ip());
+        config
+            .tenants
+            .iter()
+            .find(|t| t.id == tenant_id)
+            .map_or("default", |t| t.name.as_str())
+    });
     let route = config
         .routes
         .iter()
         .find(|r| r.path == req.path())
         .map_or("unmatched", |r| r.path.as_str());
     let tool = obs.tool.borrow();
+    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+    if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
+        audit.send(audit::Record {
+            ts: audit::now(),
+            decision: if decision.refused {
+                "refused"
+            } else {
+                "allowed"
+            },
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            tenant: tenant.to_owned(),
+            agent: decision.agent.clone(),
+            run: decision.run.clone(),
+            source: peer.ip().to_string(),
+            route: route.to_owned(),
+            method: obs.method.get().to_owned(),
+            tool: tool.clone(),
+            upstream: obs.upstream.get().map(str::to_owned),
+            outcome: outcome.label(),
+            budget_left: decision.budget_left.clone(),
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            trace_id: decision.trace_id.clone(),
+        });
+    }
+    if !config.telemetry.enabled {
+        return keep;
+    }
     ctx.recorder.borrow_mut().record(&Observation {
         route,
         upstream: obs.upstream.get(),
@@ -218,7 +266,7 @@ async fn handle(
         tool: tool.as_deref(),
         tenant,
         // Nothing else set it: the gateway answered with an error of its own.
-        outcome: obs.outcome.get().unwrap_or(Outcome::Refused),
+        outcome,
         total: started.elapsed(),
         upstream_wait: obs.upstream_wait.get(),
     });
@@ -229,11 +277,19 @@ async fn handle_inner<'a, 'c>(
     io: &mut Io,
     req: &'a Request,
     peer: SocketAddr,
-    config: &'c Config,
+    snapshot: &'c Snapshot,
     ctx: &'a WorkerCtx,
     obs: &'a Obs<'c>,
 ) -> bool {
+    let config = &snapshot.config;
+    let policy = &snapshot.policy;
     let reply = |status: u16, err: RpcError| json_response(status, &err, req.keep_alive);
+    if let Some(rest) = req
+        .path()
+        .strip_prefix("/.well-known/oauth-protected-resource")
+    {
+        return protected_resource_metadata(io, req, rest, config, policy).await;
+    }
     let Some(route) = config.routes.iter().find(|r| r.path == req.path()) else {
         let paths: Vec<&str> = config.routes.iter().map(|r| r.path.as_str()).collect();
         let err = RpcError::new(
@@ -262,8 +318,28 @@ async fn handle_inner<'a, 'c>(
         .with_data(serde_json::json!({ "supported": version::SUPPORTED }));
         return io.write_all(reply(400, err)).await.is_ok();
     }
+    let who = match policy.authenticate(
+        route,
+        |h| req.header_str(h),
+        snapshot.classifier.tenant_of(peer.ip()),
+    ) {
+        Ok(who) => who,
+        Err(r) => return refuse(io, req, &r, None, obs).await,
+    };
+    let tenant = &policy.tenants[who.tenant];
+    {
+        let mut d = obs.decision.borrow_mut();
+        d.tenant = Some(tenant.name.clone());
+        d.agent.clone_from(&who.agent);
+        d.run.clone_from(&who.run);
+        d.trace_id = req
+            .header_str("traceparent")
+            .and_then(trace_id)
+            .map(str::to_owned);
+    }
     let mut request_id = None;
     let mut message = None;
+    let mut batch = Vec::new();
     match req.method.as_str() {
         "POST" => {
             let json = req.header_str("content-type").is_some_and(|ct| {
@@ -311,7 +387,7 @@ async fn handle_inner<'a, 'c>(
                     );
                     return io.write_all(reply(400, err)).await.is_ok();
                 }
-                Ok(Parsed::Batch(_)) => {}
+                Ok(Parsed::Batch(items)) => batch = items,
             }
         }
         "GET" | "DELETE" => {}
@@ -331,10 +407,73 @@ async fn handle_inner<'a, 'c>(
             return io.write_all(resp).await.is_ok();
         }
     }
-    match &route.target {
+    // Policy: every message of the request is admitted, or the request is refused. The
+    // admissions hold their in-flight slots until the answer has been relayed.
+    let mut admissions = Vec::new();
+    for m in message.iter().chain(batch.iter()) {
+        let tool = (m.method.as_deref() == Some("tools/call"))
+            .then_some(m.name.as_deref())
+            .flatten()
+            .and_then(|name| match &route.target {
+                Target::Passthrough(u) => Some((config.upstreams[*u].name.as_str(), name)),
+                Target::Federation(members) => {
+                    super::federation::owner(members, name).map(|(member, local)| {
+                        (config.upstreams[member.upstream].name.as_str(), local)
+                    })
+                }
+            });
+        let ask = Ask {
+            is_request: m.kind == Kind::Request,
+            tool,
+            arguments: m.arguments.as_ref(),
+            source: peer.ip(),
+        };
+        match policy.admit(&ctx.shared.limits, &who, &ask) {
+            Ok(a) => {
+                let mut d = obs.decision.borrow_mut();
+                if a.budget_left.is_some() {
+                    d.budget_left.clone_from(&a.budget_left);
+                }
+                if a.rule.is_some() {
+                    d.rule.clone_from(&a.rule);
+                }
+                if d.trace_id.is_none() {
+                    d.trace_id = m
+                        .meta_traceparent
+                        .as_deref()
+                        .and_then(trace_id)
+                        .map(str::to_owned);
+                }
+                admissions.push(a);
+            }
+            Err(r) => {
+                let id = if batch.is_empty() { m.id.clone() } else { None };
+                return refuse(io, req, &r, id, obs).await;
+            }
+        }
+    }
+    let keep = match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
-            let bytes = upstream_request(req, peer, up, &req.body, &[]);
+            if tenant.filters()
+                && let Some(m) = &message
+                && m.kind == Kind::Request
+                && m.method.as_deref() == Some("tools/list")
+            {
+                return filtered_tools_list(io, req, peer, up, ctx, obs, tenant, m.id.clone())
+                    .await;
+            }
+            // W3C trace context sent only inside the message also reaches the upstream as the
+            // header.
+            let traceparent = message
+                .as_ref()
+                .and_then(|m| m.meta_traceparent.as_deref())
+                .filter(|tp| req.header("traceparent").is_none() && trace_id(tp).is_some());
+            let extra: Vec<(&str, Option<&str>)> = traceparent
+                .map(|tp| ("traceparent", Some(tp)))
+                .into_iter()
+                .collect();
+            let bytes = upstream_request(req, peer, up, &req.body, &extra);
             forward(io, req, bytes, up, request_id, ctx, None, obs).await
         }
         Target::Federation(members) => {
@@ -345,10 +484,175 @@ async fn handle_inner<'a, 'c>(
                 req,
                 peer,
                 obs,
+                tenant,
             };
             fed.handle(io, message).await
         }
+    };
+    drop(admissions);
+    keep
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(version, 2)
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0'))
+    .then_some(trace)
+}
+
+/// Answers a refusal: the rule's status and JSON-RPC error, with `Retry-After` and
+/// `WWW-Authenticate` where they apply.
+async fn refuse(io: &mut Io, req: &Request, r: &Refusal, id: Option<Id>, obs: &Obs<'_>) -> bool {
+    obs.set(Outcome::Refused);
+    {
+        let mut d = obs.decision.borrow_mut();
+        d.refused = true;
+        d.rule = Some(r.rule.clone());
+        d.reason = Some(r.message.clone());
+        if let Some(b) = r.budget.as_ref().and_then(serde_json::Value::as_object) {
+            let parts: Vec<String> = b.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            d.budget_left = Some(parts.join("; "));
+        }
     }
+    let err = RpcError::new(r.code, r.message.clone(), r.status)
+        .with_data(r.data())
+        .with_id(id);
+    let retry = r.retry_after.map(|d| {
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0))
+            .max(1)
+            .to_string()
+    });
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(retry) = &retry {
+        headers.push(("retry-after", retry));
+    }
+    if let Some(w) = &r.www_authenticate {
+        headers.push(("www-authenticate", w));
+    }
+    io.write_all(http::response(
+        r.status,
+        &headers,
+        &err.body(),
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// `GET /.well-known/oauth-protected-resource[/route path]`: the RFC 9728 document.
+async fn protected_resource_metadata(
+    io: &mut Io,
+    req: &Request,
+    rest: &str,
+    config: &Config,
+    policy: &policy::Policy,
+) -> bool {
+    if req.method != "GET" {
+        let err = RpcError::invalid_request(format!("method {} is not allowed here", req.method));
+        let resp = http::response(
+            405,
+            &[("content-type", "application/json"), ("allow", "GET")],
+            &err.body(),
+            req.keep_alive,
+        );
+        return io.write_all(resp).await.is_ok();
+    }
+    if !rest.is_empty() && !config.routes.iter().any(|r| r.path == rest) {
+        let err = RpcError::new(
+            error::METHOD_NOT_FOUND,
+            format!("no MCP endpoint at {rest}"),
+            404,
+        );
+        return io
+            .write_all(json_response(404, &err, req.keep_alive))
+            .await
+            .is_ok();
+    }
+    let doc = policy.metadata_document(req.header_str("host"), rest);
+    let body = serde_json::to_vec(&doc).expect("JSON serializes");
+    io.write_all(http::response(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "max-age=3600"),
+        ],
+        &body,
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// Passthrough `tools/list` for a tenant with hidden tools: the upstream's answer is read whole
+/// and the tools the tenant may not call are left out.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+async fn filtered_tools_list<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    up: &'c Upstream,
+    ctx: &WorkerCtx,
+    obs: &Obs<'c>,
+    tenant: &TenantPolicy,
+    id: Option<Id>,
+) -> bool {
+    obs.upstream.set(Some(&up.name));
+    let sent = Instant::now();
+    let answer = call(
+        ctx,
+        up,
+        upstream_request(req, peer, up, &req.body, &[]),
+        16 * 1024 * 1024,
+    )
+    .await;
+    obs.waited(sent.elapsed());
+    let (head, body) = match answer {
+        Ok(a) => a,
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(io, req, up, id, f).await;
+        }
+    };
+    let mut message = match super::federation::response_message(&head, &body, id.as_ref()) {
+        Ok(m) => m,
+        Err(why) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
+        }
+    };
+    if let Some(tools) = message["result"]["tools"].as_array_mut() {
+        tools.retain(|t| {
+            t["name"]
+                .as_str()
+                .is_none_or(|n| tenant.allows(&up.name, n))
+        });
+    }
+    obs.set(if message.get("error").is_some() {
+        Outcome::RpcError
+    } else {
+        Outcome::Ok
+    });
+    let session = http::header(&head.headers, "mcp-session-id")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned);
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(s) = &session {
+        headers.push(("mcp-session-id", s));
+    }
+    let body = serde_json::to_vec(&message).expect("JSON serializes");
+    io.write_all(http::response(head.status, &headers, &body, req.keep_alive))
+        .await
+        .is_ok()
 }
 
 /// Hop-by-hop headers and those the gateway sets itself are not forwarded.
@@ -764,6 +1068,9 @@ async fn relay(
     }
     if sse {
         out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
+    }
+    if let Some(left) = &obs.decision.borrow().budget_left {
+        out.extend_from_slice(format!("mcp-gateway-budget-remaining: {left}\r\n").as_bytes());
     }
     if !req.keep_alive {
         out.extend_from_slice(b"connection: close\r\n");

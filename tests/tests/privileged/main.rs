@@ -5,4 +5,5 @@
 mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
+mod policy_e2e;
 mod xdp_decisions;

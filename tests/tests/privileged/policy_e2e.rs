@@ -1,0 +1,388 @@
+//! Tool policy end to end on loopback: the Python SDK's client through the gateway to the Python
+//! SDK's server, with API-key and JWT tenants (ES256 and RS256 tokens minted by PyJWT), tool
+//! rules, argument rules, budgets, the loop breaker, the audit log, and 401 with the RFC 9728
+//! document.
+
+use serde_json::{Value, json};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{PyServer, free_port, post, py_policy_client, py_script, raw},
+    unique,
+};
+
+const ACME_KEY: &str = "acme-secret-key-0123456789";
+
+fn sha256_hex(s: &str) -> String {
+    py_script(
+        "import hashlib, json, sys; print(json.dumps(hashlib.sha256(sys.argv[1].encode()).hexdigest()))",
+        &[s],
+    )
+    .as_str()
+    .unwrap()
+    .to_owned()
+}
+
+/// Writes a JWKS with an ES256 and an RS256 key to `path`; returns a token of each, for tenant
+/// `beta` (agents `agent-es` and `agent-rs`), and an expired one.
+fn mint(path: &std::path::Path) -> Value {
+    py_script(
+        r#"
+import json, sys, time, jwt
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+es = ec.generate_private_key(ec.SECP256R1())
+rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+k1 = json.loads(ECAlgorithm.to_jwk(es.public_key())); k1.update(kid="es", alg="ES256", use="sig")
+k2 = json.loads(RSAAlgorithm.to_jwk(rs.public_key())); k2.update(kid="rs", alg="RS256", use="sig")
+open(sys.argv[1], "w").write(json.dumps({"keys": [k1, k2]}))
+now = int(time.time())
+claims = lambda sub, exp: {"iss": "https://idp.test", "aud": "mcp-gw", "exp": exp, "nbf": now - 5, "tenant": "beta", "sub": sub}
+print(json.dumps({
+  "es": jwt.encode(claims("agent-es", now + 600), es, algorithm="ES256", headers={"kid": "es"}),
+  "rs": jwt.encode(claims("agent-rs", now + 600), rs, algorithm="RS256", headers={"kid": "rs"}),
+  "expired": jwt.encode(claims("agent-es", now - 600), es, algorithm="ES256", headers={"kid": "es"}),
+}))
+"#,
+        &[path.to_str().unwrap()],
+    )
+}
+
+struct Setup {
+    daemon: Daemon,
+    port: u16,
+    tokens: Value,
+    audit: std::path::PathBuf,
+    _upstream: PyServer,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.daemon.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup() -> Setup {
+    let upstream = PyServer::start(false);
+    let dir = std::env::temp_dir().join(unique("policy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    let tokens = mint(&jwks);
+    let audit = dir.join("audit.jsonl");
+    let port = free_port();
+    let instance = unique("gwpol");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+default_tenant = "public"
+[audit]
+path = "{audit}"
+
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+# acme may not add, and echoes at most 10 characters.
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[tenants.policy.tools]]
+match = "u0/echo"
+[[tenants.policy.tools.arguments]]
+pointer = "/text"
+type = "string"
+max_length = 10
+
+[[tenants]]
+name = "beta"
+id = 2
+[tenants.policy]
+budget = {{ window_s = 3600, agent = 4 }}
+loop_breaker = {{ max_repeats = 2, window_s = 60 }}
+[[tenants.policy.tools]]
+match = "add"
+cost = 2
+
+# Every tenant: no `fail` tool.
+[[policy.tools]]
+match = "fail"
+action = "deny"
+
+[[auth.api_keys]]
+sha256 = "{acme_sha}"
+tenant = "acme"
+agent = "acme-bot"
+[auth.jwt]
+jwks_file = "{jwks}"
+issuer = "https://idp.test"
+audience = "mcp-gw"
+[auth.resource_metadata]
+authorization_servers = ["https://idp.test"]
+
+[[upstreams]]
+name = "u0"
+url = "{url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["api_key", "jwt"]
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+auth = ["api_key", "jwt"]
+"#,
+        admin = free_port(),
+        audit = audit.display(),
+        acme_sha = sha256_hex(ACME_KEY),
+        jwks = jwks.display(),
+        url = upstream.url(),
+    );
+    let daemon = Daemon::start_local(&instance, &config);
+    Setup {
+        daemon,
+        port,
+        tokens,
+        audit,
+        _upstream: upstream,
+        dir,
+    }
+}
+
+fn error_code(call: &Value) -> i64 {
+    call["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error: {call}"))
+}
+
+#[test]
+fn tenants_see_and_call_what_their_rules_allow_by_api_key_and_jwt_in_both_eras() {
+    let s = setup();
+    let url = format!("http://127.0.0.1:{}/mcp", s.port);
+    let acme = json!({ "X-API-Key": ACME_KEY });
+    let beta = json!({ "Authorization": format!("Bearer {}", s.tokens["es"].as_str().unwrap()) });
+    let calls = json!([
+        ["echo", {"text": "short"}],
+        ["echo", {"text": "far too long for acme"}],
+        ["add", {"a": 1, "b": 2}],
+        ["fail", {"reason": "x"}],
+    ]);
+    for mode in ["legacy", "2026-07-28"] {
+        let a = py_policy_client(&url, mode, &acme, &calls);
+        assert_eq!(
+            a["tools"],
+            json!(["ask_model", "ask_user", "count_with_progress", "echo"]),
+            "{mode}: acme sees neither add nor fail: {a}"
+        );
+        let c = &a["calls"];
+        assert_eq!(c[0]["text"], "short", "{mode}: {a}");
+        assert_eq!(error_code(&c[1]), -32041);
+        assert_eq!(
+            c[1]["error"]["data"]["rule"],
+            "tenants[acme].policy.tools[1].arguments[0]"
+        );
+        assert!(
+            c[1]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the maximum is 10"),
+            "{a}"
+        );
+        assert_eq!(
+            c[2]["error"]["data"]["rule"],
+            "tenants[acme].policy.tools[0]"
+        );
+        assert_eq!(c[3]["error"]["data"]["rule"], "policy.tools[0]");
+
+        let b = py_policy_client(
+            &url,
+            mode,
+            &beta,
+            &json!([["echo", {"text": format!("long enough for beta {mode}")}]]),
+        );
+        assert_eq!(
+            b["tools"],
+            json!([
+                "add",
+                "ask_model",
+                "ask_user",
+                "count_with_progress",
+                "echo"
+            ]),
+            "{mode}: beta (JWT) sees add: {b}"
+        );
+        assert_eq!(
+            b["calls"][0]["text"],
+            format!("long enough for beta {mode}")
+        );
+    }
+    // The RS256 token is another agent of the same tenant; the expired token is refused.
+    let rs = json!({ "Authorization": format!("Bearer {}", s.tokens["rs"].as_str().unwrap()) });
+    let r = py_policy_client(&url, "legacy", &rs, &json!([["add", {"a": 2, "b": 3}]]));
+    assert_eq!(r["calls"][0]["text"], "5", "{r}");
+    let expired =
+        json!({ "Authorization": format!("Bearer {}", s.tokens["expired"].as_str().unwrap()) });
+    let r = py_policy_client(&url, "legacy", &expired, &json!([]));
+    assert_eq!(r["connect_code"], -32040, "{r}");
+    // Federation: the same rules on the members' own names, shown under the prefix.
+    let fed = format!("http://127.0.0.1:{}/fed", s.port);
+    let f = py_policy_client(
+        &fed,
+        "legacy",
+        &acme,
+        &json!([["p_add", {"a": 1, "b": 1}], ["p_echo", {"text": "ok"}]]),
+    );
+    assert_eq!(
+        f["tools"],
+        json!([
+            "p_ask_model",
+            "p_ask_user",
+            "p_count_with_progress",
+            "p_echo"
+        ]),
+        "{f}"
+    );
+    assert_eq!(
+        f["calls"][0]["error"]["data"]["rule"],
+        "tenants[acme].policy.tools[0]"
+    );
+    assert_eq!(f["calls"][1]["text"], "ok");
+}
+
+#[test]
+fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
+    let s = setup();
+    let url = format!("http://127.0.0.1:{}/mcp", s.port);
+    let beta = json!({ "Authorization": format!("Bearer {}", s.tokens["es"].as_str().unwrap()) });
+    // Budget: 4 units per agent per hour; add costs 2, echo 1.
+    // Loop breaker: the same call at most twice a minute.
+    let r = py_policy_client(
+        &url,
+        "2026-07-28",
+        &beta,
+        &json!([
+            ["echo", {"text": "same"}],
+            ["echo", {"text": "same"}],
+            ["echo", {"text": "same"}],
+            ["add", {"a": 1, "b": 1}],
+            ["add", {"a": 2, "b": 2}],
+        ]),
+    );
+    let c = &r["calls"];
+    assert_eq!(c[0]["text"], "same", "{r}");
+    assert_eq!(c[1]["text"], "same", "{r}");
+    assert_eq!(
+        error_code(&c[2]),
+        -32044,
+        "the third identical call is a loop: {r}"
+    );
+    assert!(
+        c[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("loop detected"),
+        "{r}"
+    );
+    // 2 of 4 spent on the echoes; add (2) fits, the next add does not.
+    assert_eq!(c[3]["text"], "2", "{r}");
+    assert_eq!(error_code(&c[4]), -32043, "{r}");
+    assert_eq!(
+        c[4]["error"]["data"]["rule"],
+        "tenants[beta].policy.budget.agent"
+    );
+    assert_eq!(
+        c[4]["error"]["data"]["budgetRemaining"],
+        json!({"agent": 0})
+    );
+    assert!(c[4]["error"]["data"]["retryAfterMs"].as_u64().unwrap() > 0);
+
+    // The remaining budget is visible to the caller on each allowed answer (another agent).
+    let token = s.tokens["rs"].as_str().unwrap();
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"b"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let headers = format!(
+        "authorization: Bearer {token}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n"
+    );
+    let (resp, _) = raw(s.port, &post("/mcp", call, &headers));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("mcp-gateway-budget-remaining"), Some("agent=3"));
+
+    // Unauthenticated: 401 naming the metadata document, which is served.
+    let (resp, _) = raw(
+        s.port,
+        &post("/mcp", call, "mcp-protocol-version: 2026-07-28\r\n"),
+    );
+    assert_eq!(resp.status, 401);
+    let www = resp.header("www-authenticate").unwrap().to_owned();
+    // (The raw client sends `host: gw`.)
+    assert_eq!(
+        www,
+        "Bearer resource_metadata=\"http://gw/.well-known/oauth-protected-resource/mcp\""
+    );
+    assert_eq!(resp.json()["error"]["code"], -32040);
+    let (resp, _) = raw(
+        s.port,
+        b"GET /.well-known/oauth-protected-resource/mcp HTTP/1.1\r\nhost: gw.test\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.json(),
+        json!({
+            "resource": "http://gw.test/mcp",
+            "authorization_servers": ["https://idp.test"],
+            "bearer_methods_supported": ["header"],
+        })
+    );
+
+    // The audit log has one line per decision, with the rule of each refusal.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines: Vec<Value> = std::fs::read_to_string(&s.audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let calls: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["method"] == "tools/call")
+        .collect();
+    // (The unauthenticated request is refused before its body is read: method `other`.)
+    let refused: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["decision"] == "refused")
+        .map(|l| {
+            (
+                l["rule"].as_str().unwrap(),
+                l["agent"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("tenants[beta].policy.loop_breaker", "agent-es"),
+            ("tenants[beta].policy.budget.agent", "agent-es"),
+            ("routes[/mcp].auth", "-"),
+        ],
+        "{lines:?}"
+    );
+    let allowed = calls.iter().filter(|l| l["decision"] == "allowed").count();
+    assert_eq!(
+        allowed, 4,
+        "3 calls of agent-es and 1 of agent-rs: {lines:?}"
+    );
+    let last_allowed = calls.iter().rfind(|l| l["decision"] == "allowed").unwrap();
+    assert_eq!(last_allowed["tenant"], "beta");
+    assert_eq!(last_allowed["budget_left"], "agent=3");
+    assert_eq!(last_allowed["upstream"], "u0");
+    assert_eq!(last_allowed["outcome"], "ok");
+}
