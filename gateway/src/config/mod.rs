@@ -147,6 +147,10 @@ pub struct RawUpstream {
     pub bearer_token_env: Option<String>,
     #[serde(default = "default_max_idle")]
     pub max_idle_connections_per_worker: usize,
+    /// Circuit breakers for this upstream as a whole and for each of its tools; none when not
+    /// given.
+    #[serde(default)]
+    pub breaker: Option<RawBreaker>,
 }
 
 const fn default_connect_timeout_ms() -> u64 {
@@ -364,6 +368,7 @@ pub struct Upstream {
     /// `Authorization` value sent upstream, if any.
     pub authorization: Option<String>,
     pub max_idle: usize,
+    pub breaker: Option<RawBreaker>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -751,6 +756,23 @@ impl RawConfig {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| invalid(key("url"), format!("cannot resolve `{authority}`")))?;
+            if let Some(b) = &u.breaker {
+                if b.consecutive_failures.is_none() && b.failure_ratio.is_none() {
+                    return Err(invalid(
+                        key("breaker"),
+                        "give `consecutive_failures`, `failure_ratio` or both",
+                    ));
+                }
+                if b.failure_ratio.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
+                    return Err(invalid(key("breaker.failure_ratio"), "must be in (0, 1]"));
+                }
+                if b.open_ms == 0 || b.window_s == 0 || b.half_open_probes == 0 {
+                    return Err(invalid(
+                        key("breaker"),
+                        "`open_ms`, `window_s` and `half_open_probes` must be above 0",
+                    ));
+                }
+            }
             for (f, ms) in [
                 ("connect_timeout_ms", u.connect_timeout_ms),
                 ("response_timeout_ms", u.response_timeout_ms),
@@ -781,6 +803,7 @@ impl RawConfig {
                 stream_idle_timeout: Duration::from_millis(u.stream_idle_timeout_ms),
                 authorization,
                 max_idle: u.max_idle_connections_per_worker,
+                breaker: u.breaker,
             });
         }
         let mut routes: Vec<Route> = Vec::new();

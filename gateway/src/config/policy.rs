@@ -232,3 +232,37 @@ pub struct RawAudit {
     #[serde(default)]
     pub path: Option<String>,
 }
+
+/// A circuit breaker: opens on `consecutive_failures` in a row, or when at least `min_requests`
+/// in the current `window_s` fail at `failure_ratio` or more; stays open `open_ms`, then lets
+/// `half_open_probes` calls through; one success closes it, one failure opens it again. For a
+/// tool, a result with `isError: true` is a failure too.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    #[serde(default)]
+    pub consecutive_failures: Option<u32>,
+    #[serde(default)]
+    pub failure_ratio: Option<f64>,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_breaker_window_s")]
+    pub window_s: u64,
+    #[serde(default = "default_open_ms")]
+    pub open_ms: u64,
+    #[serde(default = "default_probes")]
+    pub half_open_probes: u32,
+}
+
+const fn default_min_requests() -> u32 {
+    20
+}
+const fn default_breaker_window_s() -> u64 {
+    10
+}
+const fn default_open_ms() -> u64 {
+    5_000
+}
+const fn default_probes() -> u32 {
+    1
+}

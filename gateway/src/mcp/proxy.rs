@@ -34,6 +34,8 @@ pub(super) struct Obs<'a> {
     pub method: Cell<&'static str>,
     pub tool: RefCell<Option<String>>,
     pub decision: RefCell<Decision>,
+    /// Breakers this request passed: (name, upstream index, tool level, how).
+    pub breakers: RefCell<Vec<(String, usize, bool, policy::breaker::Pass)>>,
 }
 
 /// Who called and what policy decided, for telemetry and the audit log.
@@ -212,6 +214,26 @@ async fn handle(
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
     let keep = handle_inner(io, req, peer, snapshot, ctx, &obs).await;
+    let passed = std::mem::take(&mut *obs.breakers.borrow_mut());
+    if !passed.is_empty() {
+        let now = ctx.shared.limits.now();
+        let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+        for (name, up, tool_level, pass) in passed {
+            // A tool fails with an error or `isError`; an upstream only when it fails.
+            let ok = match outcome {
+                Outcome::Refused => {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
+                Outcome::Ok => true,
+                Outcome::ToolError | Outcome::RpcError => !tool_level,
+                Outcome::UpstreamFailure => false,
+            };
+            if let Some(c) = &config.upstreams[up].breaker {
+                ctx.shared.breakers.record(&name, now, c, pass, ok);
+            }
+        }
+    }
     let audit = &ctx.shared.audit;
     if !config.telemetry.enabled && !audit.enabled() {
         return keep;
@@ -428,6 +450,45 @@ async fn handle_inner<'a, 'c>(
             arguments: m.arguments.as_ref(),
             source: peer.ip(),
         };
+        // Breakers first: a call refused for an open circuit charges no budget.
+        if let Some((upstream, local)) = tool
+            && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)
+            && let Some(c) = &config.upstreams[up].breaker
+        {
+            let now = ctx.shared.limits.now();
+            for (name, tool_level) in [
+                (upstream.to_owned(), false),
+                (format!("{upstream}/{local}"), true),
+            ] {
+                match ctx.shared.breakers.allow(&name, now, c) {
+                    Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
+                    Err(wait) => {
+                        // Probes already taken are given back unjudged.
+                        let taken = std::mem::take(&mut *obs.breakers.borrow_mut());
+                        for (n, _, _, pass) in taken {
+                            ctx.shared.breakers.release(&n, pass);
+                        }
+                        let what = if tool_level {
+                            format!("tool `{local}` of upstream `{upstream}`")
+                        } else {
+                            format!("upstream `{upstream}`")
+                        };
+                        let r = Refusal {
+                            status: 503,
+                            code: policy::code::CIRCUIT_OPEN,
+                            rule: format!("upstreams[{upstream}].breaker"),
+                            message: format!(
+                                "the circuit breaker for {what} is open after repeated failures"
+                            ),
+                            retry_after: Some(wait),
+                            www_authenticate: None,
+                            budget: None,
+                        };
+                        return refuse(io, req, &r, m.id.clone(), obs).await;
+                    }
+                }
+            }
+        }
         match policy.admit(&ctx.shared.limits, &who, &ask) {
             Ok(a) => {
                 let mut d = obs.decision.borrow_mut();
@@ -447,6 +508,10 @@ async fn handle_inner<'a, 'c>(
                 admissions.push(a);
             }
             Err(r) => {
+                let taken = std::mem::take(&mut *obs.breakers.borrow_mut());
+                for (n, _, _, pass) in taken {
+                    ctx.shared.breakers.release(&n, pass);
+                }
                 let id = if batch.is_empty() { m.id.clone() } else { None };
                 return refuse(io, req, &r, id, obs).await;
             }

@@ -4,6 +4,7 @@
 //! breaker). Every decision goes to the audit log.
 
 pub mod audit;
+pub mod breaker;
 pub mod limits;
 pub mod rules;
 
@@ -26,6 +27,8 @@ pub mod code {
     pub const RATE_LIMITED: i64 = -32042;
     pub const BUDGET_EXHAUSTED: i64 = -32043;
     pub const LOOP_DETECTED: i64 = -32044;
+    pub const CIRCUIT_OPEN: i64 = -32045;
+    pub const PENDING_APPROVAL: i64 = -32046;
 }
 
 /// A refusal: what the client is told, and which rule decided it.

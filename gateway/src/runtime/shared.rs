@@ -115,6 +115,7 @@ pub struct Shared {
     pub stats_rx: std::sync::Mutex<std::sync::mpsc::Receiver<crate::stats::Interval>>,
     /// Rate, concurrency, budget and loop counts, shared by the workers, across reloads.
     pub limits: std::sync::Arc<crate::policy::limits::State>,
+    pub breakers: crate::policy::breaker::Breakers,
     pub audit: crate::policy::audit::AuditLog,
 }
 
@@ -132,6 +133,7 @@ impl Shared {
         };
         Self {
             limits: std::sync::Arc::default(),
+            breakers: crate::policy::breaker::Breakers::default(),
             audit,
             stats_tx,
             stats_rx: std::sync::Mutex::new(stats_rx),

@@ -386,3 +386,107 @@ fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
     assert_eq!(last_allowed["upstream"], "u0");
     assert_eq!(last_allowed["outcome"], "ok");
 }
+
+/// A stateless (2026-07-28) `tools/call` of `tool` on `path`, over a new connection.
+fn call_2026(
+    port: u16,
+    path: &str,
+    tool: &str,
+    args: &Value,
+) -> integration_tests::peers::RawResponse {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}},
+    })
+    .to_string();
+    let headers = format!(
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+    );
+    raw(port, &post(path, &body, &headers)).0
+}
+
+#[test]
+fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe() {
+    let py = PyServer::start(false);
+    let demo_port = free_port();
+    let mut demo = Some(integration_tests::peers::demo_upstream(demo_port));
+    let port = free_port();
+    let instance = unique("gwbrk");
+    let breaker = "breaker = { consecutive_failures = 3, open_ms = 700 }";
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[[upstreams]]
+name = "demo"
+url = "http://127.0.0.1:{demo_port}/mcp"
+connect_timeout_ms = 300
+{breaker}
+[[upstreams]]
+name = "py"
+url = "{py}"
+{breaker}
+[[routes]]
+path = "/demo"
+upstream = "demo"
+[[routes]]
+path = "/py"
+upstream = "py"
+"#,
+        admin = free_port(),
+        py = py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let add = json!({"a": 1, "b": 2});
+    assert_eq!(call_2026(port, "/demo", "add", &add).status, 200);
+
+    // The upstream goes away: three failures, then the breaker answers without trying.
+    drop(demo.take());
+    for _ in 0..3 {
+        assert_eq!(call_2026(port, "/demo", "add", &add).status, 502);
+    }
+    let r = call_2026(port, "/demo", "add", &add);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], -32045);
+    assert_eq!(r.json()["error"]["data"]["rule"], "upstreams[demo].breaker");
+    assert!(r.header("retry-after").is_some());
+    // Back again: after open_ms a probe goes through, succeeds, and the breaker closes.
+    demo = Some(integration_tests::peers::demo_upstream(demo_port));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let r = call_2026(port, "/demo", "add", &add);
+    assert_eq!(r.status, 200, "the probe: {r:?}");
+    for _ in 0..5 {
+        assert_eq!(call_2026(port, "/demo", "add", &add).status, 200);
+    }
+
+    // A tool whose results are `isError` opens its own breaker; the upstream's other tools
+    // carry on.
+    for _ in 0..3 {
+        let r = call_2026(port, "/py", "fail", &json!({"reason": "x"}));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
+    }
+    let r = call_2026(port, "/py", "fail", &json!({"reason": "x"}));
+    assert_eq!(r.status, 503);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool `fail` of upstream `py`"),
+        "{r:?}"
+    );
+    let r = call_2026(port, "/py", "echo", &json!({"text": "still here"}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["result"]["content"][0]["text"], "still here");
+    d.stop();
+    drop(demo);
+}
