@@ -44,6 +44,37 @@ impl Control {
         }
     }
 
+    /// Bans the addresses the workers found abusive (the auto-ban loop).
+    fn apply_auto_bans(&mut self) {
+        let rx = self
+            .shared
+            .ban_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wanted: std::collections::BTreeMap<std::net::IpAddr, Duration> =
+            std::collections::BTreeMap::new();
+        while let Ok((ip, ttl)) = rx.try_recv() {
+            wanted.insert(ip, ttl);
+        }
+        drop(rx);
+        for (ip, ttl) in wanted {
+            match &mut self.maps {
+                Some(maps) => match maps.ban(ip, ttl) {
+                    Ok(()) => tracing::warn!(
+                        source = %ip,
+                        ban_s = ttl.as_secs(),
+                        "auto-ban: repeated refusals; the kernel drops this source now"
+                    ),
+                    Err(e) => tracing::error!(source = %ip, "auto-ban failed: {e}"),
+                },
+                None => tracing::warn!(
+                    source = %ip,
+                    "auto-ban wanted, but the kernel program is off"
+                ),
+            }
+        }
+    }
+
     /// Kernel packet counts per tenant and verdict, for `/stats`.
     fn kernel_json(&self) -> serde_json::Value {
         let Some(maps) = &self.maps else {
@@ -218,10 +249,14 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut merge = tokio::time::interval(Duration::from_secs(1));
+    let mut bans = tokio::time::interval(Duration::from_millis(100));
+    let mut prune = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = caps.tick() => lock(&control).update_caps(),
             _ = merge.tick() => lock(&control).drain_stats(),
+            _ = bans.tick() => lock(&control).apply_auto_bans(),
+            _ = prune.tick() => lock(&control).shared.limits.prune(),
             _ = sweep.tick() => {
                 if let Some(maps) = &mut lock(&control).maps
                     && let Err(e) = maps.sweep_bans()

@@ -47,6 +47,34 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         )
         .collect();
     let mut out = String::new();
+    let breakers = shared.breakers.states();
+    if !breakers.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_breaker_state Circuit breakers: 0 closed, 1 open, 2 half-open."
+        );
+        let _ = writeln!(out, "# TYPE mcp_gateway_breaker_state gauge");
+        for (name, state) in breakers {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_breaker_state{{breaker=\"{}\"}} {state}",
+                label(&name)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_audit_dropped_total Audit records dropped because the writer fell behind."
+    );
+    let _ = writeln!(out, "# TYPE mcp_gateway_audit_dropped_total counter");
+    let _ = writeln!(
+        out,
+        "mcp_gateway_audit_dropped_total {}",
+        shared
+            .audit
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP mcp_gateway_connections Open client connections."

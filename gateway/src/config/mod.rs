@@ -64,6 +64,8 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub auto_ban: Option<RawAutoBan>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -334,6 +336,7 @@ pub struct Config {
     pub jwks: Option<String>,
     pub policy: RawPolicy,
     pub audit: RawAudit,
+    pub auto_ban: Option<RawAutoBan>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -907,6 +910,14 @@ impl RawConfig {
                 )
             })?),
         };
+        if let Some(b) = &self.auto_ban
+            && (b.max_refusals == 0 || b.window_s == 0 || b.ban_s == 0)
+        {
+            return Err(invalid(
+                "auto_ban",
+                "`max_refusals`, `window_s` and `ban_s` must be above 0",
+            ));
+        }
         if let Some(p) = &self.audit.path {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -941,6 +952,7 @@ impl RawConfig {
             jwks,
             policy: self.policy,
             audit: self.audit,
+            auto_ban: self.auto_ban,
         };
         // Globs, patterns, keys and names are checked by compiling them.
         crate::policy::Policy::compile(&config)?;

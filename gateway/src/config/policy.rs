@@ -266,3 +266,14 @@ const fn default_open_ms() -> u64 {
 const fn default_probes() -> u32 {
     1
 }
+
+/// The closed loop to the kernel: a source address refused this often (bad credentials, policy
+/// refusals, rate limits) within the window is banned in the kernel's ban map for `ban_s`, so
+/// its next packets are dropped before the network stack.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoBan {
+    pub max_refusals: u32,
+    pub window_s: u64,
+    pub ban_s: u64,
+}

@@ -346,7 +346,7 @@ async fn handle_inner<'a, 'c>(
         snapshot.classifier.tenant_of(peer.ip()),
     ) {
         Ok(who) => who,
-        Err(r) => return refuse(io, req, &r, None, obs).await,
+        Err(r) => return refuse(io, req, &r, None, obs, ctx, peer, config).await,
     };
     let tenant = &policy.tenants[who.tenant];
     {
@@ -484,7 +484,7 @@ async fn handle_inner<'a, 'c>(
                             www_authenticate: None,
                             budget: None,
                         };
-                        return refuse(io, req, &r, m.id.clone(), obs).await;
+                        return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
                     }
                 }
             }
@@ -513,7 +513,7 @@ async fn handle_inner<'a, 'c>(
                     ctx.shared.breakers.release(&n, pass);
                 }
                 let id = if batch.is_empty() { m.id.clone() } else { None };
-                return refuse(io, req, &r, id, obs).await;
+                return refuse(io, req, &r, id, obs, ctx, peer, config).await;
             }
         }
     }
@@ -574,8 +574,37 @@ fn trace_id(traceparent: &str) -> Option<&str> {
 
 /// Answers a refusal: the rule's status and JSON-RPC error, with `Retry-After` and
 /// `WWW-Authenticate` where they apply.
-async fn refuse(io: &mut Io, req: &Request, r: &Refusal, id: Option<Id>, obs: &Obs<'_>) -> bool {
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the answer"
+)]
+async fn refuse(
+    io: &mut Io,
+    req: &Request,
+    r: &Refusal,
+    id: Option<Id>,
+    obs: &Obs<'_>,
+    ctx: &WorkerCtx,
+    peer: SocketAddr,
+    config: &Config,
+) -> bool {
     obs.set(Outcome::Refused);
+    // Refusals the client earned (not an open breaker) count towards a kernel ban.
+    if r.code != policy::code::CIRCUIT_OPEN
+        && let Some(b) = &config.auto_ban
+    {
+        let limits = &ctx.shared.limits;
+        let key = limits.key(("refusals", peer.ip()));
+        if limits
+            .charge(key, b.window_s, 1, u64::from(b.max_refusals))
+            .is_err()
+        {
+            let _ = ctx
+                .shared
+                .ban_tx
+                .send((peer.ip(), Duration::from_secs(b.ban_s)));
+        }
+    }
     {
         let mut d = obs.decision.borrow_mut();
         d.refused = true;

@@ -134,6 +134,8 @@ impl Breaker {
     }
 }
 
+const MAX_BREAKERS: usize = 10_000;
+
 /// Every breaker, by name: `<upstream>` or `<upstream>/<tool>`.
 #[derive(Debug, Default)]
 pub struct Breakers {
@@ -145,6 +147,8 @@ impl Breakers {
         let map = self.map.pin();
         match map.get(name) {
             Some(b) => b.allow(now, c),
+            // Tool names come from clients: past this many, new names get no breaker.
+            None if map.len() >= MAX_BREAKERS => Ok(Pass::Closed),
             None => map
                 .get_or_insert_with(name.to_owned(), Breaker::default)
                 .allow(now, c),

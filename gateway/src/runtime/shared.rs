@@ -116,6 +116,11 @@ pub struct Shared {
     /// Rate, concurrency, budget and loop counts, shared by the workers, across reloads.
     pub limits: std::sync::Arc<crate::policy::limits::State>,
     pub breakers: crate::policy::breaker::Breakers,
+    /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
+    /// thread applies them.
+    pub ban_tx: std::sync::mpsc::Sender<(std::net::IpAddr, std::time::Duration)>,
+    pub ban_rx:
+        std::sync::Mutex<std::sync::mpsc::Receiver<(std::net::IpAddr, std::time::Duration)>>,
     pub audit: crate::policy::audit::AuditLog,
 }
 
@@ -123,6 +128,7 @@ impl Shared {
     pub fn new(config: Config) -> Self {
         let workers = config.workers;
         let (stats_tx, stats_rx) = std::sync::mpsc::channel();
+        let (ban_tx, ban_rx) = std::sync::mpsc::channel();
         let audit = match &config.audit.path {
             None => crate::policy::audit::AuditLog::off(),
             Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p))
@@ -134,6 +140,8 @@ impl Shared {
         Self {
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
+            ban_tx,
+            ban_rx: std::sync::Mutex::new(ban_rx),
             audit,
             stats_tx,
             stats_rx: std::sync::Mutex::new(stats_rx),

@@ -326,3 +326,57 @@ fn workers_serve_on_the_epoll_driver_too() {
     }
     daemon.stop();
 }
+
+#[test]
+fn repeated_refusals_ban_the_source_in_the_kernel_until_the_ban_expires() {
+    let topo = Topology::new(&[ALPHA, BETA, GAMMA]);
+    let instance = unique("gwban");
+    // Every request to /mcp needs an API key, and none is valid: each is refused (401).
+    let config = config(&instance, &topo.gw_if)
+        + r#"
+[auto_ban]
+max_refusals = 3
+window_s = 60
+ban_s = 2
+[[upstreams]]
+name = "nowhere"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "nowhere"
+auth = ["api_key"]
+"#;
+    let mut daemon = Daemon::start(&topo.gw, &instance, &config);
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| {
+            let (mut conn, _) = attempts(&topo.client, BETA, 1);
+            assert_eq!(conn.len(), 1, "not banned yet");
+            in_netns(&topo.client, || http_status(&mut conn[0]))
+        })
+        .collect();
+    assert_eq!(statuses, [401, 401, 401, 401]);
+    // The fourth refusal is over the limit: the control thread puts the ban into the kernel.
+    let m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !m.bans().unwrap().iter().any(|b| b.addr == IpAddr::V4(BETA)) {
+        assert!(std::time::Instant::now() < deadline, "no ban appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let banned_before = m.tenant_counters(2).unwrap().packets(Verdict::Banned);
+    let (ok, failed) = attempts(&topo.client, BETA, 2);
+    assert_eq!((ok.len(), failed), (0, 2), "dropped before the stack");
+    assert_eq!(
+        m.tenant_counters(2).unwrap().packets(Verdict::Banned) - banned_before,
+        2
+    );
+    assert_eq!(
+        attempts(&topo.client, GAMMA, 1).0.len(),
+        1,
+        "others unaffected"
+    );
+    daemon.wait_for_log("auto-ban", Duration::from_secs(1));
+    // The ban lapses on its own.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(attempts(&topo.client, BETA, 1).0.len(), 1, "ban expired");
+    daemon.stop();
+}
