@@ -426,6 +426,28 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             Ok(msg) => json_reply(200, &serde_json::json!({ "result": msg })),
             Err(e) => json_reply(422, &serde_json::json!({ "error": format!("{e:#}") })),
         },
+        (&Method::GET, "/pins") => json_reply(200, &c.shared.pins.list()),
+        (&Method::POST, "/pins/approve") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Approve {
+                upstream: String,
+                tool: String,
+            }
+            match serde_json::from_slice::<Approve>(&body) {
+                Err(e) => json_reply(
+                    400,
+                    &serde_json::json!({"error": format!("expected {{\"upstream\": …, \"tool\": …}}: {e}")}),
+                ),
+                Ok(a) => match c.shared.pins.approve(&a.upstream, &a.tool) {
+                    Some(digest) => json_reply(200, &serde_json::json!({"approved": digest})),
+                    None => json_reply(
+                        404,
+                        &serde_json::json!({"error": format!("no changed definition of `{}` at `{}` awaits approval", a.tool, a.upstream)}),
+                    ),
+                },
+            }
+        }
         (&Method::GET, "/bans") => match &c.maps {
             None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
             Some(m) => match m.bans() {
@@ -476,12 +498,12 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                 },
             }
         }
-        (_, "/metrics" | "/stats" | "/reload" | "/bans") => {
+        (_, "/metrics" | "/stats" | "/reload" | "/bans" | "/pins" | "/pins/approve") => {
             json_reply(405, &serde_json::json!({"error": format!("{method} is not allowed on {path}")}))
         }
         _ => json_reply(
             404,
-            &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans"]}),
+            &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans", "/pins", "/pins/approve"]}),
         ),
     }
 }

@@ -140,9 +140,13 @@ impl PyServer {
         Self::start_with(if json_response { &["--json"] } else { &[] })
     }
 
-    /// With the fixture's flags (`--json`, `--resumable`).
+    /// With the fixture's flags (`--json`, `--resumable`, `--changed-echo`).
     pub fn start_with(flags: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), flags)
+    }
+
+    /// On `port`, with the fixture's flags.
+    pub fn start_on(port: u16, flags: &[&str]) -> Self {
         let mut cmd = Command::new(python());
         cmd.arg(root().join("tests/fixtures/mcp_server.py"))
             .arg(port.to_string())

@@ -133,6 +133,22 @@ pub struct RawPolicy {
     /// The request header naming a run (default `mcp-run-id`).
     #[serde(default)]
     pub run_header: Option<String>,
+    /// Pin every upstream tool's definition on first sight (top level only); a later change is
+    /// hidden and refused until approved (`POST /pins/approve` on the admin API).
+    #[serde(default)]
+    pub pin_tools: Option<bool>,
+    /// Definitions pinned in advance (top level only; implies `pin_tools`).
+    #[serde(default)]
+    pub pins: Vec<RawPin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPin {
+    pub upstream: String,
+    pub tool: String,
+    /// As `GET /pins` reports it: SHA-256 of the definition's name, description and input schema.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]

@@ -61,6 +61,7 @@ pub(super) struct Federation<'a, 'c> {
     pub obs: &'a Obs<'c>,
     /// The caller's tenant policy: tools it may not call are left out of `tools/list`.
     pub tenant: &'c crate::policy::TenantPolicy,
+    pub policy: &'c crate::policy::Policy,
 }
 
 /// How a request reaches members: in the session era with the member's session and version,
@@ -518,8 +519,13 @@ impl<'c> Federation<'_, 'c> {
                         let upstream = &self.upstream(&self.members[i]).name;
                         for mut item in result[key].as_array().cloned().unwrap_or_default() {
                             if key == "tools"
-                                && let Some(n) = item["name"].as_str()
-                                && !self.tenant.allows(upstream, n)
+                                && !proxy::visible(
+                                    self.ctx,
+                                    self.policy,
+                                    self.tenant,
+                                    upstream,
+                                    &item,
+                                )
                             {
                                 continue;
                             }

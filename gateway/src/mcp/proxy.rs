@@ -450,6 +450,23 @@ async fn handle_inner<'a, 'c>(
             arguments: m.arguments.as_ref(),
             source: peer.ip(),
         };
+        if policy.pinning
+            && let Some((upstream, local)) = tool
+            && !ctx.shared.pins.callable(upstream, local)
+        {
+            let r = Refusal {
+                status: 403,
+                code: policy::code::PENDING_APPROVAL,
+                rule: format!("pins[{upstream}/{local}]"),
+                message: format!(
+                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
+                ),
+                retry_after: None,
+                www_authenticate: None,
+                budget: None,
+            };
+            return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
+        }
         // Breakers first: a call refused for an open circuit charges no budget.
         if let Some((upstream, local)) = tool
             && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)
@@ -520,13 +537,23 @@ async fn handle_inner<'a, 'c>(
     let keep = match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
-            if tenant.filters()
+            if (tenant.filters() || policy.pinning)
                 && let Some(m) = &message
                 && m.kind == Kind::Request
                 && m.method.as_deref() == Some("tools/list")
             {
-                return filtered_tools_list(io, req, peer, up, ctx, obs, tenant, m.id.clone())
-                    .await;
+                return filtered_tools_list(
+                    io,
+                    req,
+                    peer,
+                    up,
+                    ctx,
+                    obs,
+                    tenant,
+                    policy,
+                    m.id.clone(),
+                )
+                .await;
             }
             // W3C trace context sent only inside the message also reaches the upstream as the
             // header.
@@ -550,12 +577,33 @@ async fn handle_inner<'a, 'c>(
                 peer,
                 obs,
                 tenant,
+                policy,
             };
             fed.handle(io, message).await
         }
     };
     drop(admissions);
     keep
+}
+
+/// Whether a listed tool is shown to the tenant: allowed by its rules and, with pinning, its
+/// definition is the approved one.
+pub(super) fn visible(
+    ctx: &WorkerCtx,
+    policy: &policy::Policy,
+    tenant: &TenantPolicy,
+    upstream: &str,
+    tool: &serde_json::Value,
+) -> bool {
+    let Some(name) = tool.get("name").and_then(serde_json::Value::as_str) else {
+        return true;
+    };
+    let pinned = !policy.pinning
+        || ctx
+            .shared
+            .pins
+            .observe(upstream, tool, policy.configured_pin(upstream, name));
+    pinned && tenant.allows(upstream, name)
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
@@ -698,6 +746,7 @@ async fn filtered_tools_list<'c>(
     ctx: &WorkerCtx,
     obs: &Obs<'c>,
     tenant: &TenantPolicy,
+    policy: &policy::Policy,
     id: Option<Id>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
@@ -725,11 +774,7 @@ async fn filtered_tools_list<'c>(
         }
     };
     if let Some(tools) = message["result"]["tools"].as_array_mut() {
-        tools.retain(|t| {
-            t["name"]
-                .as_str()
-                .is_none_or(|n| tenant.allows(&up.name, n))
-        });
+        tools.retain(|t| visible(ctx, policy, tenant, &up.name, t));
     }
     obs.set(if message.get("error").is_some() {
         Outcome::RpcError

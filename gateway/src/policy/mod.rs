@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod breaker;
 pub mod limits;
+pub mod pins;
 pub mod rules;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
@@ -237,6 +238,9 @@ pub struct Policy {
     api_keys: HashMap<[u8; 32], (usize, Option<String>)>,
     jwt: Option<Jwt>,
     pub metadata: crate::config::RawResourceMetadata,
+    /// Tool pinning on, and the pins given in the configuration (`<upstream>/<tool>` → digest).
+    pub pinning: bool,
+    configured_pins: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -350,6 +354,37 @@ impl Policy {
             }
             _ => None,
         };
+        let mut configured_pins = HashMap::new();
+        for (i, pin) in c.policy.pins.iter().enumerate() {
+            if !c.upstreams.iter().any(|u| u.name == pin.upstream) {
+                return Err(err((
+                    format!("policy.pins[{i}].upstream"),
+                    format!("no upstream is named `{}`", pin.upstream),
+                )));
+            }
+            if pin.sha256.len() != 64 || !pin.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err((
+                    format!("policy.pins[{i}].sha256"),
+                    "64 hex digits".into(),
+                )));
+            }
+            configured_pins.insert(
+                format!("{}/{}", pin.upstream, pin.tool),
+                pin.sha256.to_ascii_lowercase(),
+            );
+        }
+        for (t, raw) in c
+            .tenants
+            .iter()
+            .filter_map(|t| t.policy.as_ref().map(|p| (t, p)))
+        {
+            if raw.pin_tools.is_some() || !raw.pins.is_empty() {
+                return Err(err((
+                    format!("tenants[{}].policy.pin_tools", t.name),
+                    "pinning is set for the whole gateway, in [policy]".into(),
+                )));
+            }
+        }
         Ok(Self {
             tenants,
             by_id,
@@ -358,7 +393,19 @@ impl Policy {
             api_keys,
             jwt,
             metadata: c.auth.resource_metadata.clone(),
+            pinning: c.policy.pin_tools.unwrap_or(false) || !configured_pins.is_empty(),
+            configured_pins,
         })
+    }
+
+    /// The digest the configuration pins `tool` of `upstream` to, if any.
+    pub fn configured_pin(&self, upstream: &str, tool: &str) -> Option<&str> {
+        if self.configured_pins.is_empty() {
+            return None;
+        }
+        self.configured_pins
+            .get(&format!("{upstream}/{tool}"))
+            .map(String::as_str)
     }
 
     pub fn tenant_index(&self, id: u32) -> usize {

@@ -116,6 +116,7 @@ pub struct Shared {
     /// Rate, concurrency, budget and loop counts, shared by the workers, across reloads.
     pub limits: std::sync::Arc<crate::policy::limits::State>,
     pub breakers: crate::policy::breaker::Breakers,
+    pub pins: crate::policy::pins::Pins,
     /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
     /// thread applies them.
     pub ban_tx: std::sync::mpsc::Sender<(std::net::IpAddr, std::time::Duration)>,
@@ -140,6 +141,7 @@ impl Shared {
         Self {
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
+            pins: crate::policy::pins::Pins::default(),
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),
             audit,

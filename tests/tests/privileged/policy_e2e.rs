@@ -490,3 +490,138 @@ upstream = "py"
     d.stop();
     drop(demo);
 }
+
+/// A stateless `tools/list` on `path`: the tool names, sorted.
+fn list_2026(port: u16, path: &str) -> Vec<String> {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 3, "method": "tools/list",
+        "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}},
+    })
+    .to_string();
+    let headers = "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n";
+    let r = raw(port, &post(path, &body, headers)).0;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut names: Vec<String> = r.json()["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it() {
+    let up_port = free_port();
+    let upstream = PyServer::start_on(up_port, &[]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwpin");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let all = [
+        "add",
+        "ask_model",
+        "ask_user",
+        "count_with_progress",
+        "echo",
+        "fail",
+    ];
+    assert_eq!(
+        list_2026(port, "/mcp"),
+        all,
+        "first sight: pinned and shown"
+    );
+    let text = json!({"text": "hi"});
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 200);
+
+    // The upstream comes back with another description for `echo`.
+    drop(upstream);
+    let upstream = PyServer::start_on(up_port, &["--changed-echo"]);
+    let without_echo = [
+        "add",
+        "ask_model",
+        "ask_user",
+        "count_with_progress",
+        "fail",
+    ];
+    assert_eq!(list_2026(port, "/mcp"), without_echo, "changed: hidden");
+    let fed: Vec<String> = list_2026(port, "/fed");
+    assert!(
+        !fed.contains(&"p_echo".to_owned()) && fed.contains(&"p_add".to_owned()),
+        "{fed:?}"
+    );
+    let r = call_2026(port, "/mcp", "echo", &text);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], -32046);
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0/echo]");
+    assert_eq!(
+        call_2026(port, "/mcp", "add", &json!({"a": 1, "b": 2})).status,
+        200
+    );
+    d.wait_for_log("tool definition changed", std::time::Duration::from_secs(2));
+    let log = d.log();
+    assert!(
+        log.contains("Returns its input.") && log.contains("forwards it to audit.example"),
+        "both versions are logged"
+    );
+
+    // The operator sees the change and approves it.
+    let (pins, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: a\r\n\r\n");
+    assert_eq!(pins.status, 200);
+    let pins = pins.json();
+    let echo = pins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["tool"] == "echo")
+        .unwrap();
+    assert_eq!(
+        echo["pending"]["definition"]["description"],
+        "Returns its input. Also forwards it to audit.example."
+    );
+    assert_eq!(
+        echo["approved_definition"]["description"],
+        "Returns its input."
+    );
+    let body = r#"{"upstream":"u0","tool":"echo"}"#;
+    let approve = format!(
+        "POST /pins/approve HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = raw(admin, approve.as_bytes());
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["approved"], echo["pending"]["sha256"]);
+    assert_eq!(list_2026(port, "/mcp"), all, "approved: shown again");
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 200);
+    let (resp, _) = raw(admin, approve.as_bytes());
+    assert_eq!(resp.status, 404, "nothing left to approve");
+    d.stop();
+    drop(upstream);
+}
