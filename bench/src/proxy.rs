@@ -12,7 +12,7 @@ use integration_tests::peers::{KillOnDrop, free_port, wait_port};
 
 use crate::load::{self, LoadResult, LoadSpec};
 
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../target/release")
         .join(name);

@@ -448,6 +448,7 @@ async fn handle_inner<'a, 'c>(
             is_request: m.kind == Kind::Request,
             tool,
             arguments: m.arguments.as_ref(),
+            message_bytes: req.body.len(),
             source: peer.ip(),
         };
         if policy.pinning
@@ -644,7 +645,13 @@ async fn refuse(
         let limits = &ctx.shared.limits;
         let key = limits.key(("refusals", peer.ip()));
         if limits
-            .charge(key, b.window_s, 1, u64::from(b.max_refusals))
+            .charge(
+                key,
+                policy::limits::State::unix_s(),
+                b.window_s,
+                1,
+                u64::from(b.max_refusals),
+            )
             .is_err()
         {
             let _ = ctx

@@ -105,21 +105,23 @@ impl Window {
 #[derive(Debug)]
 pub struct State {
     epoch: Instant,
-    keys: std::hash::RandomState,
-    buckets: papaya::HashMap<u64, Gcra>,
+    /// Seeded per process: clients cannot steer two counts onto one cell.
+    keys: foldhash::fast::RandomState,
+    // Keys are already keyed hashes: the maps only mix them.
+    buckets: papaya::HashMap<u64, Gcra, rustc_hash::FxBuildHasher>,
     /// Windows, keyed with their length (a budget of another length is another count).
-    windows: papaya::HashMap<u64, (u64, Window)>,
-    in_flight: papaya::HashMap<u64, AtomicU32>,
+    windows: papaya::HashMap<u64, (u64, Window), rustc_hash::FxBuildHasher>,
+    in_flight: papaya::HashMap<u64, AtomicU32, rustc_hash::FxBuildHasher>,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             epoch: Instant::now(),
-            keys: std::hash::RandomState::new(),
-            buckets: papaya::HashMap::new(),
-            windows: papaya::HashMap::new(),
-            in_flight: papaya::HashMap::new(),
+            keys: foldhash::fast::RandomState::default(),
+            buckets: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            in_flight: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
         }
     }
 }
@@ -135,20 +137,23 @@ impl State {
         self.keys.hash_one(parts)
     }
 
-    pub fn admit(&self, key: u64, rate: u64, burst: u64) -> Result<(), Duration> {
-        let now = self.now();
+    pub fn admit(&self, key: u64, now: u64, rate: u64, burst: u64) -> Result<(), Duration> {
         let map = self.buckets.pin();
         map.get_or_insert_with(key, Gcra::default)
             .admit(now, rate, burst)
     }
 
-    /// The current window number of a window of `len_s` seconds.
-    pub fn window_of(len_s: u64) -> u64 {
-        let unix = SystemTime::now()
+    /// Seconds since the Unix epoch.
+    pub fn unix_s() -> u64 {
+        SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_secs();
-        unix / len_s.max(1)
+            .as_secs()
+    }
+
+    /// The current window number of a window of `len_s` seconds.
+    pub fn window_of(len_s: u64) -> u64 {
+        Self::unix_s() / len_s.max(1)
     }
 
     /// Seconds until the current window of `len_s` seconds ends.
@@ -163,11 +168,20 @@ impl State {
         len - into
     }
 
-    pub fn charge(&self, key: u64, len_s: u64, amount: u64, limit: u64) -> Result<u64, u64> {
+    /// Charges `amount` against `limit` in the current window of `len_s` seconds (`unix_s`:
+    /// the time, read once per decision).
+    pub fn charge(
+        &self,
+        key: u64,
+        unix_s: u64,
+        len_s: u64,
+        amount: u64,
+        limit: u64,
+    ) -> Result<u64, u64> {
         let map = self.windows.pin();
         map.get_or_insert_with(key, || (len_s, Window::default()))
             .1
-            .charge(Self::window_of(len_s), amount, limit)
+            .charge(unix_s / len_s.max(1), amount, limit)
     }
 
     pub fn refund(&self, key: u64, len_s: u64, amount: u64) {
@@ -261,7 +275,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut ok = 0u64;
                     while start.elapsed() < Duration::from_millis(500) {
-                        if state.admit(key, 2_000, 100).is_ok() {
+                        if state.admit(key, state.now(), 2_000, 100).is_ok() {
                             ok += 1;
                         }
                     }

@@ -9,7 +9,7 @@ pub mod limits;
 pub mod pins;
 pub mod rules;
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::{Value, json};
@@ -99,6 +99,8 @@ pub struct Identity {
     pub via: Via,
 }
 
+const MAX_MATCHED: usize = 10_000;
+
 /// One tenant's compiled rules and limits: its own rules, then the defaults'.
 #[derive(Debug)]
 pub struct TenantPolicy {
@@ -112,6 +114,8 @@ pub struct TenantPolicy {
     pub budget: Option<RawBudget>,
     pub loop_breaker: Option<RawLoopBreaker>,
     pub run_header: String,
+    /// `<upstream>/<tool>` → index of the first matching rule: globs run once per tool name.
+    matched: papaya::HashMap<String, Option<usize>, foldhash::fast::RandomState>,
 }
 
 impl TenantPolicy {
@@ -190,12 +194,32 @@ impl TenantPolicy {
                 .or_else(|| defaults.run_header.clone())
                 .unwrap_or_else(|| "mcp-run-id".into())
                 .to_ascii_lowercase(),
+            matched: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
         })
     }
 
     /// The first rule covering the tool, if any.
     pub fn rule_for(&self, upstream: &str, tool: &str) -> Option<&ToolRule> {
-        self.rules.iter().find(|r| r.matches(upstream, tool))
+        if self.rules.is_empty() {
+            return None;
+        }
+        let mut key = String::with_capacity(upstream.len() + tool.len() + 1);
+        key.push_str(upstream);
+        key.push('/');
+        key.push_str(tool);
+        let map = self.matched.pin();
+        let index = match map.get(&key) {
+            Some(i) => *i,
+            None => {
+                let i = self.rules.iter().position(|r| r.matches(upstream, tool));
+                // Tool names come from clients: the cache stops growing at a bound.
+                if map.len() < MAX_MATCHED {
+                    map.insert(key, i);
+                }
+                i
+            }
+        };
+        index.map(|i| &self.rules[i])
     }
 
     /// Whether the tool is offered to this tenant at all.
@@ -595,6 +619,8 @@ pub struct Ask<'a> {
     /// `tools/call`: the upstream and its own name for the tool, and the arguments.
     pub tool: Option<(&'a str, &'a str)>,
     pub arguments: Option<&'a Value>,
+    /// Size of the whole message: arguments cannot be larger, so a cap above it needs no count.
+    pub message_bytes: usize,
     pub source: IpAddr,
 }
 
@@ -622,6 +648,8 @@ impl Policy {
         if !ask.is_request {
             return Ok(admission);
         }
+        let now = state.now();
+        let unix_s = State::unix_s();
         let rule = match ask.tool {
             Some((upstream, tool)) => {
                 let rule = t.rule_for(upstream, tool);
@@ -639,19 +667,32 @@ impl Policy {
                     ));
                 }
                 if let Some(r) = rule {
-                    r.check_arguments(ask.arguments).map_err(|(label, why)| {
-                        Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
-                    })?;
+                    r.check_arguments(ask.arguments, ask.message_bytes)
+                        .map_err(|(label, why)| {
+                            Refusal::new(
+                                403,
+                                code::FORBIDDEN,
+                                label,
+                                format!("tool `{tool}`: {why}"),
+                            )
+                        })?;
                     admission.rule = Some(r.label.clone());
                 }
                 rule
             }
             None => None,
         };
-        let agent_key = who.agent.clone().unwrap_or_else(|| ask.source.to_string());
+        let by_address;
+        let agent_key: &str = match &who.agent {
+            Some(a) => a,
+            None => {
+                by_address = ask.source.to_string();
+                &by_address
+            }
+        };
         if let Some((rate, burst)) = t.rate {
             state
-                .admit(state.key(("tenant", &t.name)), rate, burst)
+                .admit(state.key(("tenant", &t.name)), now, rate, burst)
                 .map_err(|wait| {
                     Refusal::new(
                         429,
@@ -664,7 +705,7 @@ impl Policy {
         }
         if let Some((rate, burst)) = t.agent_rate {
             state
-                .admit(state.key(("agent", &t.name, &agent_key)), rate, burst)
+                .admit(state.key(("agent", &t.name, agent_key)), now, rate, burst)
                 .map_err(|wait| {
                     Refusal::new(
                         429,
@@ -679,7 +720,7 @@ impl Policy {
             && let Some((rate, burst)) = r.rate
         {
             state
-                .admit(state.key(("tool", &t.name, &r.label)), rate, burst)
+                .admit(state.key(("tool", &t.name, &r.label)), now, rate, burst)
                 .map_err(|wait| {
                     Refusal::new(
                         429,
@@ -729,9 +770,9 @@ impl Policy {
         };
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
-            let key = state.key(("loop", &t.name, &agent_key, digest));
+            let key = state.key(("loop", &t.name, agent_key, digest));
             if state
-                .charge(key, lb.window_s, 1, u64::from(lb.max_repeats))
+                .charge(key, unix_s, lb.window_s, 1, u64::from(lb.max_repeats))
                 .is_err()
             {
                 return Err(Refusal::new(
@@ -749,25 +790,30 @@ impl Policy {
         if let Some(b) = &t.budget {
             let cost = rule.map_or(1, |r| r.cost);
             let scopes = [
-                ("tenant", b.tenant, Some(t.name.clone())),
-                ("agent", b.agent, Some(agent_key.clone())),
-                ("run", b.run, who.run.clone()),
+                ("tenant", b.tenant, Some(t.name.as_str())),
+                ("agent", b.agent, Some(agent_key)),
+                ("run", b.run, who.run.as_deref()),
             ];
-            let mut charged: Vec<u64> = Vec::new();
-            let mut left = Vec::new();
+            let mut charged = [0u64; 3];
+            let mut n = 0;
+            let mut left = String::new();
             for (scope, limit, subject) in scopes {
                 let (Some(limit), Some(subject)) = (limit, subject) else {
                     continue;
                 };
                 let key = state.key(("budget", scope, &t.name, &subject));
-                match state.charge(key, b.window_s, cost, limit) {
+                match state.charge(key, unix_s, b.window_s, cost, limit) {
                     Ok(l) => {
-                        charged.push(key);
-                        left.push((scope, l));
+                        charged[n] = key;
+                        n += 1;
+                        if !left.is_empty() {
+                            left.push_str("; ");
+                        }
+                        let _ = write!(left, "{scope}={l}");
                     }
                     Err(l) => {
-                        for k in charged {
-                            state.refund(k, b.window_s, cost);
+                        for k in &charged[..n] {
+                            state.refund(*k, b.window_s, cost);
                         }
                         let mut r = Refusal::new(
                             429,
@@ -785,8 +831,7 @@ impl Policy {
                 }
             }
             if !left.is_empty() {
-                let parts: Vec<String> = left.iter().map(|(s, l)| format!("{s}={l}")).collect();
-                admission.budget_left = Some(parts.join("; "));
+                admission.budget_left = Some(left);
             }
         }
         Ok(admission)
@@ -803,7 +848,16 @@ impl std::hash::Hash for Canonical<'_> {
             match v {
                 Value::Null => 0u8.hash(h),
                 Value::Bool(b) => (1u8, b).hash(h),
-                Value::Number(n) => (2u8, n.to_string()).hash(h),
+                Value::Number(n) => {
+                    2u8.hash(h);
+                    if let Some(i) = n.as_i64() {
+                        i.hash(h);
+                    } else if let Some(u) = n.as_u64() {
+                        u.hash(h);
+                    } else {
+                        n.as_f64().map(f64::to_bits).hash(h);
+                    }
+                }
                 Value::String(s) => (3u8, s).hash(h),
                 Value::Array(a) => {
                     (4u8, a.len()).hash(h);

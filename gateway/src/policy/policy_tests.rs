@@ -162,6 +162,7 @@ fn admit(
             is_request: true,
             tool: Some(("up", tool)),
             arguments: Some(&args),
+            message_bytes: usize::MAX,
             source: src(9, 1),
         },
     )

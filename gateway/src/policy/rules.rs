@@ -74,10 +74,18 @@ impl ToolRule {
 
     /// Checks `arguments` (absent means `{}`) against the size cap and each argument rule; the
     /// refusal names the rule and says what is wrong.
-    pub fn check_arguments(&self, arguments: Option<&Value>) -> Result<(), (String, String)> {
-        if let Some(max) = self.max_arguments_bytes {
-            let size =
-                arguments.map_or(2, |a| serde_json::to_vec(a).map_or(usize::MAX, |v| v.len()));
+    pub fn check_arguments(
+        &self,
+        arguments: Option<&Value>,
+        message_bytes: usize,
+    ) -> Result<(), (String, String)> {
+        if let Some(max) = self.max_arguments_bytes
+            && message_bytes > max
+        {
+            let size = arguments.map_or(2, |a| {
+                let mut count = Count(0);
+                serde_json::to_writer(&mut count, a).map_or(usize::MAX, |()| count.0)
+            });
             if size > max {
                 return Err((
                     format!("{}.max_arguments_bytes", self.label),
@@ -93,10 +101,26 @@ impl ToolRule {
     }
 }
 
+/// Counts what is written (the size of JSON without building it).
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct ArgRule {
     pub label: String,
     pointer: String,
+    /// The pointer's reference tokens, unescaped once at load.
+    tokens: Vec<String>,
     required: bool,
     kind: Option<JsonType>,
     one_of: Option<Vec<Value>>,
@@ -126,8 +150,15 @@ impl ArgRule {
         {
             return Err((format!("{label}.minimum"), "is above `maximum`".into()));
         }
+        let tokens = raw
+            .pointer
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect();
         Ok(Self {
             pointer: raw.pointer.clone(),
+            tokens,
             required: raw.required,
             kind: raw.kind,
             one_of: raw.one_of.clone(),
@@ -144,7 +175,7 @@ impl ArgRule {
         let empty = Value::Object(serde_json::Map::new());
         let root = arguments.unwrap_or(&empty);
         let p = &self.pointer;
-        let Some(v) = root.pointer(p) else {
+        let Some(v) = self.find(root) else {
             return if self.required {
                 Err(format!("argument `{p}` is required"))
             } else {
@@ -224,6 +255,22 @@ impl ArgRule {
             }
         }
         Ok(())
+    }
+}
+
+impl ArgRule {
+    /// The value the pointer names (RFC 6901), without allocating.
+    fn find<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+        self.tokens.iter().try_fold(root, |v, t| match v {
+            Value::Object(o) => o.get(t.as_str()),
+            Value::Array(a) => {
+                if t.len() > 1 && t.starts_with('0') {
+                    return None;
+                }
+                a.get(t.parse::<usize>().ok()?)
+            }
+            _ => None,
+        })
     }
 }
 
@@ -409,10 +456,14 @@ mod tests {
         assert!(every.matches("fs", "delete_file"));
         assert!(!every.matches("fs", "read_file"));
         let capped = tool("match = \"*\"\nmax_arguments_bytes = 20");
-        assert!(capped.check_arguments(None).is_ok());
-        assert!(capped.check_arguments(Some(&json!({"a": "short"}))).is_ok());
+        assert!(capped.check_arguments(None, usize::MAX).is_ok());
+        assert!(
+            capped
+                .check_arguments(Some(&json!({"a": "short"})), usize::MAX)
+                .is_ok()
+        );
         let (label, why) = capped
-            .check_arguments(Some(&json!({"a": "x".repeat(30)})))
+            .check_arguments(Some(&json!({"a": "x".repeat(30)})), usize::MAX)
             .unwrap_err();
         assert_eq!(label, "t.max_arguments_bytes");
         assert!(why.contains("at most 20"), "{why}");
