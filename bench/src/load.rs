@@ -54,8 +54,9 @@ fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
     );
     format!(
         "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
-         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\ncontent-length: {}\r\n\r\n{body}",
+         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\nx-api-key: {}\r\ncontent-length: {}\r\n\r\n{body}",
         spec.path,
+        crate::proxy::BENCH_API_KEY,
         body.len()
     )
     .into_bytes()

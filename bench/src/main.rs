@@ -260,7 +260,8 @@ fn proxy_report(
     let mut md = format!(
         "# MCP tools/call: direct vs through the gateway\n\n{}\n\nA small `tools/call` (`add`, stateless 2026-07-28 form) over {} keep-alive \
          connections from one load thread, {:.0} s per run after 1 s of warm-up. Upstream: `mcp-upstream` (1 worker); gateway: \
-         passthrough, 1 worker (unpinned), kernel program off (a second gateway process has per-request telemetry off); nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
+         passthrough, 1 worker (unpinned), kernel program off (a second gateway process has per-request telemetry off; a third \
+         applies a realistic policy: API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and budgets, the loop breaker); nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
          this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
          that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it.\n\n\
@@ -321,12 +322,14 @@ fn proxy_report(
             })
     };
     md.push_str(&format!(
-        "\nPeak through the gateway / through nginx: {:.2}; / direct: {:.2}; telemetry on / off: {:.2}. Added p99 over direct at half of the lowest peak: \
-         gateway {} µs, nginx {} µs.\n\nPeak memory: {}.\n",
+        "\nPeak through the gateway / through nginx: {:.2}; with a realistic policy / through nginx: {:.2}; / direct: {:.2}; telemetry on / off: {:.2}. \
+         Added p99 over direct at half of the lowest peak: gateway {} µs, with the realistic policy {} µs, nginx {} µs.\n\nPeak memory: {}.\n",
         peak("through gateway") / peak("through nginx").max(1.0),
+        peak("through gateway, realistic policy") / peak("through nginx").max(1.0),
         peak("through gateway") / peak("direct to upstream").max(1.0),
         peak("through gateway") / peak("through gateway, telemetry off").max(1.0),
         p99("through gateway") as i64 - p99("direct to upstream") as i64,
+        p99("through gateway, realistic policy") as i64 - p99("direct to upstream") as i64,
         p99("through nginx") as i64 - p99("direct to upstream") as i64,
         r.peak_rss_mib.iter().map(|(n, m)| format!("{n} {m:.1} MiB")).collect::<Vec<_>>().join(", "),
     ));

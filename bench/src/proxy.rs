@@ -86,7 +86,37 @@ pub struct ProxyReport {
 
 /// A gateway (passthrough to `up_port`, one unpinned worker, kernel program off) with `extra`
 /// configuration; its port, process and configuration file.
-fn start_gateway(up_port: u16, name: &str, extra: &str) -> (u16, Proc, PathBuf) {
+/// Every load request carries it (the upstream and nginx ignore it); the policy gateway knows its
+/// SHA-256.
+pub(crate) const BENCH_API_KEY: &str = "bench-api-key-0123456789";
+
+/// A realistic policy for the `add` calls of the load: identity by API key, a dozen tool rules,
+/// argument rules, tenant and agent rates and budgets (high enough never to refuse the load),
+/// and the loop breaker.
+fn realistic_policy() -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("printf %s '{BENCH_API_KEY}' | sha256sum")])
+        .output()
+        .expect("sha256sum");
+    let sha = String::from_utf8_lossy(&out.stdout)[..64].to_owned();
+    let mut rules = String::new();
+    for i in 0..10 {
+        rules.push_str(&format!(
+            "[[policy.tools]]\nmatch = \"up/tool_{i}_*\"\naction = \"deny\"\n"
+        ));
+    }
+    format!(
+        "default_tenant = \"bench\"\n{rules}[[policy.tools]]\nmatch = \"up/add\"\ncost = 1\n\
+         [[policy.tools.arguments]]\npointer = \"/a\"\ntype = \"integer\"\nminimum = 0\n\
+         [[policy.tools.arguments]]\npointer = \"/b\"\ntype = \"integer\"\nmaximum = 1000\n\
+         [[tenants]]\nname = \"bench\"\nid = 1\n[tenants.policy]\nrequests_per_sec = 1000000000\n\
+         agent_requests_per_sec = 1000000000\nbudget = {{ window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }}\n\
+         loop_breaker = {{ max_repeats = 1000, window_s = 60 }}\n\
+         [[auth.api_keys]]\nsha256 = \"{sha}\"\ntenant = \"bench\"\nagent = \"load\"\n"
+    )
+}
+
+fn start_gateway(up_port: u16, name: &str, extra: &str, route_extra: &str) -> (u16, Proc, PathBuf) {
     let gw_port = free_port();
     let config = std::env::temp_dir().join(format!("bench-gw-{name}-{}.toml", std::process::id()));
     std::fs::write(
@@ -94,7 +124,7 @@ fn start_gateway(up_port: u16, name: &str, extra: &str) -> (u16, Proc, PathBuf) 
         format!(
             "[gateway]\ninstance = \"bench-{name}\"\nworkers = 1\npin_workers = {pin}\n[[listeners]]\naddress = \"127.0.0.1:{gw_port}\"\n\
              [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n{extra}\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up_port}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up_port}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n{route_extra}",
             free_port(),
             // Unpinned, like nginx: on a 2-core box shared with the load generator and the
             // upstream, a pinned worker cannot move away from contention (its p99 at half load
@@ -136,10 +166,17 @@ pub fn run(quick: bool) -> ProxyReport {
             .expect("start mcp-upstream"),
     ));
     wait_port(up_port, Duration::from_secs(5));
-    let (gw_port, gateway, config) = start_gateway(up_port, "on", "");
+    let (gw_port, gateway, config) = start_gateway(up_port, "on", "", "");
     // The same gateway with per-request telemetry off: what recording costs.
     let (quiet_port, quiet_gateway, quiet_config) =
-        start_gateway(up_port, "quiet", "[telemetry]\nenabled = false\n");
+        start_gateway(up_port, "quiet", "[telemetry]\nenabled = false\n", "");
+    // And with a realistic policy: what deciding costs.
+    let (policy_port, policy_gateway, policy_config) = start_gateway(
+        up_port,
+        "policy",
+        &realistic_policy(),
+        "auth = [\"api_key\"]\n",
+    );
 
     // nginx as a plain HTTP reverse proxy with upstream keep-alive: the bar for raw proxying.
     let ngx_port = free_port();
@@ -197,6 +234,11 @@ pub fn run(quick: bool) -> ProxyReport {
             procs: vec![("mcp-upstream", &upstream), ("gateway", &quiet_gateway)],
         },
         Target {
+            scenario: "through gateway, realistic policy",
+            port: policy_port,
+            procs: vec![("mcp-upstream", &upstream), ("gateway", &policy_gateway)],
+        },
+        Target {
             scenario: "through nginx",
             port: ngx_port,
             procs: vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
@@ -241,6 +283,7 @@ pub fn run(quick: bool) -> ProxyReport {
         ("mcp-upstream", &upstream),
         ("gateway", &gateway),
         ("gateway, telemetry off", &quiet_gateway),
+        ("gateway, realistic policy", &policy_gateway),
         ("nginx", &nginx),
     ];
     let peak_rss_mib = procs
@@ -249,6 +292,7 @@ pub fn run(quick: bool) -> ProxyReport {
         .collect();
     let _ = std::fs::remove_file(&config);
     let _ = std::fs::remove_file(&quiet_config);
+    let _ = std::fs::remove_file(&policy_config);
     drop(nginx);
     let _ = std::fs::remove_dir_all(&ngx_dir);
     ProxyReport {

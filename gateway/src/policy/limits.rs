@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+/// Most distinct calls the loop breaker follows at once (about 20 MiB).
+pub const MAX_LOOP_CELLS: usize = 250_000;
+
 /// One token bucket: the theoretical arrival time of the next request, in ns since the state's
 /// epoch (Generic Cell Rate Algorithm).
 #[derive(Debug, Default)]
@@ -111,6 +114,9 @@ pub struct State {
     buckets: papaya::HashMap<u64, Gcra, rustc_hash::FxBuildHasher>,
     /// Windows, keyed with their length (a budget of another length is another count).
     windows: papaya::HashMap<u64, (u64, Window), rustc_hash::FxBuildHasher>,
+    /// The loop breaker's counts, one per agent and distinct call: bounded, because every new
+    /// argument makes a new one.
+    loops: papaya::HashMap<u64, (u64, Window), rustc_hash::FxBuildHasher>,
     in_flight: papaya::HashMap<u64, AtomicU32, rustc_hash::FxBuildHasher>,
 }
 
@@ -121,6 +127,7 @@ impl Default for State {
             keys: foldhash::fast::RandomState::default(),
             buckets: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            loops: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             in_flight: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
         }
     }
@@ -184,6 +191,23 @@ impl State {
             .charge(unix_s / len_s.max(1), amount, limit)
     }
 
+    /// Counts one more of a call for the loop breaker; `false` once it is over `max`. Past
+    /// [`MAX_LOOP_CELLS`] distinct calls in the current windows, new ones are not counted (a
+    /// flood of distinct arguments must not grow memory without bound).
+    pub fn repeat(&self, key: u64, unix_s: u64, len_s: u64, max: u64) -> bool {
+        let map = self.loops.pin();
+        let window = unix_s / len_s.max(1);
+        match map.get(&key) {
+            Some((_, w)) => w.charge(window, 1, max).is_ok(),
+            None if map.len() >= MAX_LOOP_CELLS => true,
+            None => map
+                .get_or_insert_with(key, || (len_s, Window::default()))
+                .1
+                .charge(window, 1, max)
+                .is_ok(),
+        }
+    }
+
     pub fn refund(&self, key: u64, len_s: u64, amount: u64) {
         if let Some((_, w)) = self.windows.pin().get(&key) {
             w.refund(Self::window_of(len_s), amount);
@@ -218,6 +242,9 @@ impl State {
         let now = self.now();
         self.buckets.pin().retain(|_, b| !b.idle_at(now));
         self.windows
+            .pin()
+            .retain(|_, (len, w)| !w.stale(Self::window_of(*len)));
+        self.loops
             .pin()
             .retain(|_, (len, w)| !w.stale(Self::window_of(*len)));
     }

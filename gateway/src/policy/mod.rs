@@ -771,10 +771,7 @@ impl Policy {
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
             let key = state.key(("loop", &t.name, agent_key, digest));
-            if state
-                .charge(key, unix_s, lb.window_s, 1, u64::from(lb.max_repeats))
-                .is_err()
-            {
+            if !state.repeat(key, unix_s, lb.window_s, u64::from(lb.max_repeats)) {
                 return Err(Refusal::new(
                     429,
                     code::LOOP_DETECTED,
