@@ -62,6 +62,55 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             );
         }
     }
+    let mut refusals: Vec<(String, u64)> = shared
+        .refusals
+        .pin()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.load(std::sync::atomic::Ordering::Relaxed)))
+        .collect();
+    refusals.sort();
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_refusals_total Requests refused by policy, by the rule (configuration key) that decided."
+    );
+    let _ = writeln!(out, "# TYPE mcp_gateway_refusals_total counter");
+    for (rule, n) in refusals {
+        let _ = writeln!(
+            out,
+            "mcp_gateway_refusals_total{{rule=\"{}\"}} {n}",
+            label(&rule)
+        );
+    }
+    let budgets: Vec<(String, u64, u64)> = snap
+        .policy
+        .tenants
+        .iter()
+        .filter_map(|t| {
+            let b = t.budget.as_ref()?;
+            let limit = b.tenant?;
+            let key = shared
+                .limits
+                .key(("budget", "tenant", t.name.as_str(), t.name.as_str()));
+            Some((
+                label(&t.name),
+                shared.limits.left(key, b.window_s, limit),
+                limit,
+            ))
+        })
+        .collect();
+    if !budgets.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_tenant_budget_remaining Cost units left in the tenant's current budget window."
+        );
+        let _ = writeln!(out, "# TYPE mcp_gateway_tenant_budget_remaining gauge");
+        for (tenant, left, _) in &budgets {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_tenant_budget_remaining{{tenant=\"{tenant}\"}} {left}"
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP mcp_gateway_audit_dropped_total Audit records dropped because the writer fell behind."

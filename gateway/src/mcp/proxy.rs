@@ -638,6 +638,15 @@ async fn refuse(
     config: &Config,
 ) -> bool {
     obs.set(Outcome::Refused);
+    {
+        let counts = ctx.shared.refusals.pin();
+        match counts.get(r.rule.as_str()) {
+            Some(n) => n.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            None => counts
+                .get_or_insert_with(r.rule.clone(), std::sync::atomic::AtomicU64::default)
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+    }
     // Refusals the client earned (not an open breaker) count towards a kernel ban.
     if r.code != policy::code::CIRCUIT_OPEN
         && let Some(b) = &config.auto_ban

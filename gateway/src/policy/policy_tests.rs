@@ -421,3 +421,26 @@ fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
     assert!(auth(&forged).is_err(), "wrong signature");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn concurrency_caps_per_tenant_and_tool_free_their_slot_when_the_request_ends() {
+    let c = config(
+        "[policy]\nmax_concurrent = 3\n[[policy.tools]]\nmatch = \"slow\"\nmax_concurrent = 1\n",
+    );
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = acme(&p);
+    let first = admit(&p, &state, &who, "slow", json!({"n": 1})).unwrap();
+    let r = admit(&p, &state, &who, "slow", json!({"n": 2})).unwrap_err();
+    assert_eq!(
+        (r.status, r.rule.as_str()),
+        (429, "policy.tools[0].max_concurrent")
+    );
+    let second = admit(&p, &state, &who, "fast", json!({})).unwrap();
+    let third = admit(&p, &state, &who, "fast", json!({})).unwrap();
+    let r = admit(&p, &state, &who, "fast", json!({})).unwrap_err();
+    assert_eq!(r.rule, "tenants[acme].max_concurrent");
+    drop((first, second));
+    assert!(admit(&p, &state, &who, "slow", json!({"n": 3})).is_ok());
+    drop(third);
+}

@@ -117,6 +117,8 @@ pub struct Shared {
     pub limits: std::sync::Arc<crate::policy::limits::State>,
     pub breakers: crate::policy::breaker::Breakers,
     pub pins: crate::policy::pins::Pins,
+    /// Refusals by the rule (configuration key) that decided them.
+    pub refusals: papaya::HashMap<String, AtomicU64>,
     /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
     /// thread applies them.
     pub ban_tx: std::sync::mpsc::Sender<(std::net::IpAddr, std::time::Duration)>,
@@ -142,6 +144,7 @@ impl Shared {
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),
+            refusals: papaya::HashMap::new(),
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),
             audit,

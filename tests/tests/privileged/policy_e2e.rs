@@ -51,6 +51,7 @@ print(json.dumps({
 struct Setup {
     daemon: Daemon,
     port: u16,
+    admin: u16,
     tokens: Value,
     audit: std::path::PathBuf,
     _upstream: PyServer,
@@ -72,6 +73,7 @@ fn setup() -> Setup {
     let tokens = mint(&jwks);
     let audit = dir.join("audit.jsonl");
     let port = free_port();
+    let admin = free_port();
     let instance = unique("gwpol");
     let config = format!(
         r#"
@@ -143,7 +145,6 @@ path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
 auth = ["api_key", "jwt"]
 "#,
-        admin = free_port(),
         audit = audit.display(),
         acme_sha = sha256_hex(ACME_KEY),
         jwks = jwks.display(),
@@ -153,6 +154,7 @@ auth = ["api_key", "jwt"]
     Setup {
         daemon,
         port,
+        admin,
         tokens,
         audit,
         _upstream: upstream,
@@ -380,6 +382,16 @@ fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
         allowed, 4,
         "3 calls of agent-es and 1 of agent-rs: {lines:?}"
     );
+    // Refusals by rule in /metrics.
+    let (metrics, _) = raw(s.admin, b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "mcp_gateway_refusals_total{rule=\"tenants[beta].policy.loop_breaker\"} 1",
+        "mcp_gateway_refusals_total{rule=\"tenants[beta].policy.budget.agent\"} 1",
+        "mcp_gateway_refusals_total{rule=\"routes[/mcp].auth\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
     let last_allowed = calls.iter().rfind(|l| l["decision"] == "allowed").unwrap();
     assert_eq!(last_allowed["tenant"], "beta");
     assert_eq!(last_allowed["budget_left"], "agent=3");
