@@ -429,3 +429,58 @@ fn gateway_top_shows_live_figures_in_a_terminal() {
     let _ = std::fs::remove_file(&hlog);
     g.daemon.stop();
 }
+
+#[test]
+fn w3c_trace_context_reaches_the_upstream_and_the_audit_log() {
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let port = integration_tests::peers::free_port();
+    let instance = integration_tests::unique("gwtrace");
+    let audit = std::env::temp_dir().join(format!("{instance}-audit.jsonl"));
+    let config = format!(
+        "[gateway]\ninstance = \"{instance}\"\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\
+         [admin]\naddress = \"127.0.0.1:{}\"\n[kernel]\nenabled = false\n[audit]\npath = \"{}\"\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::peers::free_port(),
+        audit.display(),
+        up.url()
+    );
+    let mut d = integration_tests::daemon::Daemon::start_local(&instance, &config);
+    // In `_meta` only: the gateway adds the header for the upstream.
+    let in_meta = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{}},"_meta":{{"traceparent":"{in_meta}"}}}}}}"#
+    );
+    assert_eq!(raw(port, &post("/mcp", &body, "")).0.status, 200);
+    // In the header: passed as it is.
+    let in_header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let body =
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let headers = format!("traceparent: {in_header}\r\n");
+    assert_eq!(raw(port, &post("/mcp", body, &headers)).0.status, 200);
+    let seen = up.seen.lock().unwrap().join("").to_lowercase();
+    assert!(seen.contains(&format!("traceparent: {in_meta}")), "{seen}");
+    assert!(
+        seen.contains(&format!("traceparent: {in_header}")),
+        "{seen}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let traces: Vec<String> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["trace_id"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        traces,
+        [
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "0af7651916cd43dd8448eb211c80319c"
+        ]
+    );
+    d.stop();
+    let _ = std::fs::remove_file(&audit);
+}
