@@ -8,6 +8,7 @@
 
 mod env;
 mod load;
+mod plot;
 mod policy;
 mod proxy;
 
@@ -261,7 +262,8 @@ fn proxy_report(
         "# MCP tools/call: direct vs through the gateway\n\n{}\n\nA small `tools/call` (`add`, stateless 2026-07-28 form) over {} keep-alive \
          connections from one load thread, {:.0} s per run after 1 s of warm-up. Upstream: `mcp-upstream` (1 worker); gateway: \
          passthrough, 1 worker (unpinned), kernel program off (a second gateway process has per-request telemetry off; a third \
-         applies a realistic policy: API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and budgets, the loop breaker); nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
+         applies a realistic policy: API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and budgets, the loop breaker; \
+         the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner); nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
          this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
          that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it.\n\n\
@@ -322,10 +324,11 @@ fn proxy_report(
             })
     };
     md.push_str(&format!(
-        "\nPeak through the gateway / through nginx: {:.2}; with a realistic policy / through nginx: {:.2}; / direct: {:.2}; telemetry on / off: {:.2}. \
+        "\nPeak through the gateway / through nginx: {:.2}; with a realistic policy / through nginx: {:.2}; federated / through nginx: {:.2}; / direct: {:.2}; telemetry on / off: {:.2}. \
          Added p99 over direct at half of the lowest peak: gateway {} µs, with the realistic policy {} µs, nginx {} µs.\n\nPeak memory: {}.\n",
         peak("through gateway") / peak("through nginx").max(1.0),
         peak("through gateway, realistic policy") / peak("through nginx").max(1.0),
+        peak("through gateway, federation of two upstreams") / peak("through nginx").max(1.0),
         peak("through gateway") / peak("direct to upstream").max(1.0),
         peak("through gateway") / peak("through gateway, telemetry off").max(1.0),
         p99("through gateway") as i64 - p99("direct to upstream") as i64,
@@ -333,6 +336,30 @@ fn proxy_report(
         p99("through nginx") as i64 - p99("direct to upstream") as i64,
         r.peak_rss_mib.iter().map(|(n, m)| format!("{n} {m:.1} MiB")).collect::<Vec<_>>().join(", "),
     ));
+    // The open-loop runs (same offered rate for every scenario), as a percentile plot.
+    let open: Vec<(&str, &hdrhistogram::Histogram<u64>)> = r
+        .rows
+        .iter()
+        .filter(|x| x.offered_rps.is_some())
+        .filter_map(|x| x.result.latency.as_ref().map(|h| (x.scenario.as_str(), h)))
+        .collect();
+    let svg = format!("{}-proxy{suffix}.svg", env.date);
+    let offered = r
+        .rows
+        .iter()
+        .find_map(|x| x.offered_rps)
+        .unwrap_or_default();
+    match plot::percentiles(
+        &dir.join(&svg),
+        &format!(
+            "tools/call latency at {offered:.0} rps (open loop), {}",
+            env.date
+        ),
+        &open,
+    ) {
+        Ok(()) => md.push_str(&format!("\n![latency by percentile]({svg})\n")),
+        Err(e) => eprintln!("plot failed: {e}"),
+    }
     let json = serde_json::json!({
         "scenario": "proxy", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "rows": rows_json, "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),

@@ -65,6 +65,7 @@ impl Proc {
 struct Target<'a> {
     scenario: &'static str,
     port: u16,
+    path: &'static str,
     procs: Vec<(&'static str, &'a Proc)>,
 }
 
@@ -166,7 +167,27 @@ pub fn run(quick: bool) -> ProxyReport {
             .expect("start mcp-upstream"),
     ));
     wait_port(up_port, Duration::from_secs(5));
-    let (gw_port, gateway, config) = start_gateway(up_port, "on", "", "");
+    // A second upstream: the plain gateway also serves `/fed`, one virtual server over both
+    // (`add` belongs to the first, which has no prefix).
+    let up2_port = free_port();
+    let upstream2 = Proc(KillOnDrop(
+        Command::new(bin("mcp-upstream"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up2_port}"),
+                "--workers",
+                "1",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mcp-upstream"),
+    ));
+    wait_port(up2_port, Duration::from_secs(5));
+    let federation = format!(
+        "[[upstreams]]\nname = \"up2\"\nurl = \"http://127.0.0.1:{up2_port}/mcp\"\n\
+         [[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"up\", prefix = \"\" }}, {{ upstream = \"up2\", prefix = \"b_\" }}]\n"
+    );
+    let (gw_port, gateway, config) = start_gateway(up_port, "on", "", &federation);
     // The same gateway with per-request telemetry off: what recording costs.
     let (quiet_port, quiet_gateway, quiet_config) =
         start_gateway(up_port, "quiet", "[telemetry]\nenabled = false\n", "");
@@ -208,9 +229,9 @@ pub fn run(quick: bool) -> ProxyReport {
 
     let connections = 32;
     let seconds = if quick { 2.0 } else { 8.0 };
-    let spec = |port: u16, rate: Option<f64>| LoadSpec {
+    let spec = |port: u16, path: &str, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], port).into(),
-        path: "/mcp".into(),
+        path: path.into(),
         connections,
         threads: 1,
         duration: Duration::from_secs_f64(seconds),
@@ -221,37 +242,53 @@ pub fn run(quick: bool) -> ProxyReport {
         Target {
             scenario: "direct to upstream",
             port: up_port,
+            path: "/mcp",
             procs: vec![("mcp-upstream", &upstream)],
         },
         Target {
             scenario: "through gateway",
             port: gw_port,
+            path: "/mcp",
             procs: vec![("mcp-upstream", &upstream), ("gateway", &gateway)],
         },
         Target {
             scenario: "through gateway, telemetry off",
             port: quiet_port,
+            path: "/mcp",
             procs: vec![("mcp-upstream", &upstream), ("gateway", &quiet_gateway)],
         },
         Target {
             scenario: "through gateway, realistic policy",
             port: policy_port,
+            path: "/mcp",
             procs: vec![("mcp-upstream", &upstream), ("gateway", &policy_gateway)],
+        },
+        Target {
+            scenario: "through gateway, federation of two upstreams",
+            port: gw_port,
+            path: "/fed",
+            procs: vec![
+                ("mcp-upstream", &upstream),
+                ("mcp-upstream 2", &upstream2),
+                ("gateway", &gateway),
+            ],
         },
         Target {
             scenario: "through nginx",
             port: ngx_port,
+            path: "/mcp",
             procs: vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
         },
     ];
     let measure = |Target {
                        scenario,
                        port,
+                       path,
                        procs,
                    }: &Target<'_>,
                    rate: Option<f64>| {
         let before: Vec<f64> = procs.iter().map(|(_, p)| p.cpu_seconds()).collect();
-        let result = load::run(&spec(*port, rate));
+        let result = load::run(&spec(*port, path, rate));
         let k = (result.ok.max(1)) as f64 / 1000.0;
         let cpu_per_k = procs
             .iter()
