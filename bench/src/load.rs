@@ -25,6 +25,13 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Total requests per second over all connections (open loop), or `None` (closed loop).
     pub rate: Option<f64>,
+    /// The tool called (its `add`, under whatever name the target gives it).
+    pub tool: String,
+    /// Extra header lines (each ending in CRLF), e.g. a credential.
+    pub headers: String,
+    /// Send the 2025-11-25 form (no 2026-07-28 envelope or routing headers) for a peer that
+    /// does not speak 2026-07-28.
+    pub legacy: bool,
 }
 
 #[derive(Debug, Default)]
@@ -49,14 +56,29 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
-    let body = format!(
-        r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"add","arguments":{{"a":{n},"b":1}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
-    );
+    let tool = &spec.tool;
+    let (body, routing) = if spec.legacy {
+        (
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"{tool}","arguments":{{"a":{n},"b":1}}}}}}"#
+            ),
+            "mcp-protocol-version: 2025-11-25\r\n".to_owned(),
+        )
+    } else {
+        (
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"{tool}","arguments":{{"a":{n},"b":1}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+            ),
+            format!(
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+            ),
+        )
+    };
     format!(
         "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
-         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\nx-api-key: {}\r\ncontent-length: {}\r\n\r\n{body}",
+         {routing}{}content-length: {}\r\n\r\n{body}",
         spec.path,
-        crate::proxy::BENCH_API_KEY,
+        spec.headers,
         body.len()
     )
     .into_bytes()
@@ -72,6 +94,18 @@ async fn read_response(
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(head)) = resp.parse(buf) {
+            if std::env::var_os("BENCH_DEBUG").is_some()
+                && (resp.code != Some(200)
+                    || !resp
+                        .headers
+                        .iter()
+                        .any(|h| h.name.eq_ignore_ascii_case("content-length")))
+            {
+                eprintln!(
+                    "load: {}",
+                    String::from_utf8_lossy(&buf[..buf.len().min(600)])
+                );
+            }
             let len: usize = resp
                 .headers
                 .iter()

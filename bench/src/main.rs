@@ -6,6 +6,7 @@
 //! program's early exit (a packet to a port that is not the gateway's): the ratio says what the
 //! gateway's decisions add over merely looking at a packet.
 
+mod contextforge;
 mod env;
 mod load;
 mod plot;
@@ -336,6 +337,15 @@ fn proxy_report(
         p99("through nginx") as i64 - p99("direct to upstream") as i64,
         r.peak_rss_mib.iter().map(|(n, m)| format!("{n} {m:.1} MiB")).collect::<Vec<_>>().join(", "),
     ));
+    match &r.contextforge_missing {
+        Some(why) => md.push_str(&format!("\nContextForge (the MCP-aware peer) was not measured: {why}\n")),
+        None => md.push_str(&format!(
+            "\nContextForge (`mcp-contextforge-gateway` 1.0.7 from PyPI, 1 worker, SQLite, a virtual server over the same upstream) \
+             does not accept 2026-07-28 requests, so its load uses the 2025-11-25 form of the same call (no session; it needs none). \
+             Peak through the gateway / through ContextForge: {:.1}.\n",
+            peak("through gateway") / peak("through ContextForge").max(1.0)
+        )),
+    }
     // The open-loop runs (same offered rate for every scenario), as a percentile plot.
     let open: Vec<(&str, &hdrhistogram::Histogram<u64>)> = r
         .rows

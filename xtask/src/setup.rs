@@ -25,6 +25,7 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
     apt(APT_PACKAGES)?;
     if bench_peers {
         apt(BENCH_PACKAGES)?;
+        contextforge()?;
     }
     nightly()?;
     bpf_linker()?;
@@ -92,14 +93,7 @@ fn python_peers() -> anyhow::Result<()> {
     }
     if !python.exists() {
         eprintln!("setup: creating the Python venv .tools/venv (real MCP peers for tests)");
-        if !quiet(Command::new("python3").args(["-m", "venv"]).arg(venv)) {
-            eprintln!("setup: installing python3-venv");
-            let mut apt = Command::new("apt-get");
-            apt.args(["install", "-y", "-qq", "python3-venv"])
-                .env("DEBIAN_FRONTEND", "noninteractive");
-            crate::run(&mut apt)?;
-            crate::run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
-        }
+        python_peers_venv(venv)?;
     }
     eprintln!(
         "setup: installing {} into .tools/venv",
@@ -111,6 +105,42 @@ fn python_peers() -> anyhow::Result<()> {
             .args(PY_PACKAGES),
     )
     .context("pip install of the test peers")
+}
+
+/// The MCP-aware peer of the benchmark: IBM ContextForge from PyPI, pinned, in a venv of its own
+/// (its dependencies would clash with the test peers'): `.tools/cf-venv`.
+const CONTEXTFORGE: &str = "mcp-contextforge-gateway==1.0.7.post20260921";
+
+fn contextforge() -> anyhow::Result<()> {
+    let venv = std::path::Path::new(".tools/cf-venv");
+    let python = venv.join("bin/python");
+    let have = output(Command::new(&python).args(["-m", "pip", "freeze"])).unwrap_or_default();
+    if have.lines().any(|l| l.eq_ignore_ascii_case(CONTEXTFORGE)) {
+        return Ok(());
+    }
+    if !python.exists() {
+        python_peers_venv(venv)?;
+    }
+    eprintln!("setup: installing {CONTEXTFORGE} into .tools/cf-venv (benchmark peer)");
+    crate::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .arg(CONTEXTFORGE),
+    )
+    .context("pip install of ContextForge")
+}
+
+/// Creates a venv at `venv`, installing python3-venv first if the machine lacks it.
+fn python_peers_venv(venv: &std::path::Path) -> anyhow::Result<()> {
+    if !quiet(Command::new("python3").args(["-m", "venv"]).arg(venv)) {
+        eprintln!("setup: installing python3-venv");
+        let mut apt = Command::new("apt-get");
+        apt.args(["install", "-y", "-qq", "python3-venv"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        crate::run(&mut apt)?;
+        crate::run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
+    }
+    Ok(())
 }
 
 fn quiet(cmd: &mut Command) -> bool {
