@@ -347,10 +347,12 @@ fn proxy_report(
         )),
     }
     // The open-loop runs (same offered rate for every scenario), as a percentile plot.
+    let offered = r.rows.iter().find_map(|x| x.offered_rps).unwrap_or_default();
     let open: Vec<(&str, &hdrhistogram::Histogram<u64>)> = r
         .rows
         .iter()
-        .filter(|x| x.offered_rps.is_some())
+        // ContextForge runs at its own, far lower rate: another plot's scale.
+        .filter(|x| x.offered_rps == Some(offered))
         .filter_map(|x| x.result.latency.as_ref().map(|h| (x.scenario.as_str(), h)))
         .collect();
     let svg = format!("{}-proxy{suffix}.svg", env.date);
