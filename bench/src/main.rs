@@ -347,7 +347,11 @@ fn proxy_report(
         )),
     }
     // The open-loop runs (same offered rate for every scenario), as a percentile plot.
-    let offered = r.rows.iter().find_map(|x| x.offered_rps).unwrap_or_default();
+    let offered = r
+        .rows
+        .iter()
+        .find_map(|x| x.offered_rps)
+        .unwrap_or_default();
     let open: Vec<(&str, &hdrhistogram::Histogram<u64>)> = r
         .rows
         .iter()
