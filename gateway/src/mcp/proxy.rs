@@ -455,17 +455,14 @@ async fn handle_inner<'a, 'c>(
             && let Some((upstream, local)) = tool
             && !ctx.shared.pins.callable(upstream, local)
         {
-            let r = Refusal {
-                status: 403,
-                code: policy::code::PENDING_APPROVAL,
-                rule: format!("pins[{upstream}/{local}]"),
-                message: format!(
+            let r = Refusal::new(
+                403,
+                policy::code::PENDING_APPROVAL,
+                format!("pins[{upstream}/{local}]"),
+                format!(
                     "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
                 ),
-                retry_after: None,
-                www_authenticate: None,
-                budget: None,
-            };
+            );
             return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
         }
         // Breakers first: a call refused for an open circuit charges no budget.
@@ -482,26 +479,21 @@ async fn handle_inner<'a, 'c>(
                     Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
                     Err(wait) => {
                         // Probes already taken are given back unjudged.
-                        let taken = std::mem::take(&mut *obs.breakers.borrow_mut());
-                        for (n, _, _, pass) in taken {
-                            ctx.shared.breakers.release(&n, pass);
-                        }
+                        give_back_probes(obs, ctx);
                         let what = if tool_level {
                             format!("tool `{local}` of upstream `{upstream}`")
                         } else {
                             format!("upstream `{upstream}`")
                         };
-                        let r = Refusal {
-                            status: 503,
-                            code: policy::code::CIRCUIT_OPEN,
-                            rule: format!("upstreams[{upstream}].breaker"),
-                            message: format!(
+                        let r = Refusal::new(
+                            503,
+                            policy::code::CIRCUIT_OPEN,
+                            format!("upstreams[{upstream}].breaker"),
+                            format!(
                                 "the circuit breaker for {what} is open after repeated failures"
                             ),
-                            retry_after: Some(wait),
-                            www_authenticate: None,
-                            budget: None,
-                        };
+                        )
+                        .retry(wait);
                         return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
                     }
                 }
@@ -526,10 +518,7 @@ async fn handle_inner<'a, 'c>(
                 admissions.push(a);
             }
             Err(r) => {
-                let taken = std::mem::take(&mut *obs.breakers.borrow_mut());
-                for (n, _, _, pass) in taken {
-                    ctx.shared.breakers.release(&n, pass);
-                }
+                give_back_probes(obs, ctx);
                 let id = if batch.is_empty() { m.id.clone() } else { None };
                 return refuse(io, req, &r, id, obs, ctx, peer, config).await;
             }
@@ -605,6 +594,13 @@ pub(super) fn visible(
             .pins
             .observe(upstream, tool, policy.configured_pin(upstream, name));
     pinned && tenant.allows(upstream, name)
+}
+
+/// Gives back, unjudged, the breaker probes a request took before it was refused.
+fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
+    for (name, _, _, pass) in std::mem::take(&mut *obs.breakers.borrow_mut()) {
+        ctx.shared.breakers.release(&name, pass);
+    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.

@@ -46,7 +46,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(
+    pub fn new(
         status: u16,
         code: i64,
         rule: impl Into<String>,
@@ -63,7 +63,7 @@ impl Refusal {
         })
     }
 
-    fn retry(mut self: Box<Self>, after: Duration) -> Box<Self> {
+    pub fn retry(mut self: Box<Self>, after: Duration) -> Box<Self> {
         self.retry_after = Some(after);
         self
     }
