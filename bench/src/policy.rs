@@ -20,18 +20,19 @@ use gateway::{
     policy::{Ask, Policy, limits::State},
 };
 use hdrhistogram::Histogram;
-use integration_tests::peers::{KillOnDrop, free_port, wait_port};
+use integration_tests::peers::{KillOnDrop, demo_upstream, free_port, wait_port};
 
 use crate::proxy::bin;
 
 const KEY: &str = "bench-key-of-acme-0123456789";
 
-fn sha256(s: &str) -> String {
-    let out = Command::new("sh")
-        .args(["-c", &format!("printf %s '{s}' | sha256sum")])
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+/// Lowercase hex SHA-256, as `[[auth.api_keys]] sha256` wants it.
+pub(crate) fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A realistic policy: three tenants, an API key, a dozen tool rules with argument rules, rates,
@@ -101,7 +102,7 @@ path = "/mcp"
 upstream = "github"
 auth = ["api_key"]
 "#,
-        sha = sha256(KEY)
+        sha = sha256_hex(KEY)
     );
     Config::from_toml(&text).expect("bench policy config")
 }
@@ -207,19 +208,7 @@ pub struct RateAccuracy {
 pub fn rate_accuracy(seconds: f64) -> RateAccuracy {
     let (rate, burst, workers, connections) = (2_000u64, 100u64, 2usize, 16usize);
     let up_port = free_port();
-    let _upstream = KillOnDrop(
-        Command::new(bin("mcp-upstream"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--workers",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mcp-upstream"),
-    );
-    wait_port(up_port, Duration::from_secs(5));
+    let _upstream = demo_upstream(up_port);
     let port = free_port();
     let path = std::env::temp_dir().join(format!("bench-rate-{}.toml", std::process::id()));
     std::fs::write(

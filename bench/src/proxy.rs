@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::peers::{KillOnDrop, free_port, wait_port};
+use integration_tests::peers::{KillOnDrop, demo_upstream, free_port, wait_port};
 
 use crate::load::{self, LoadResult, LoadSpec};
 
@@ -96,8 +96,6 @@ pub struct ProxyReport {
     pub contextforge_missing: Option<String>,
 }
 
-/// A gateway (passthrough to `up_port`, one unpinned worker, kernel program off) with `extra`
-/// configuration; its port, process and configuration file.
 /// Every load request carries it (the upstream and nginx ignore it); the policy gateway knows its
 /// SHA-256.
 pub(crate) const BENCH_API_KEY: &str = "bench-api-key-0123456789";
@@ -106,11 +104,7 @@ pub(crate) const BENCH_API_KEY: &str = "bench-api-key-0123456789";
 /// argument rules, tenant and agent rates and budgets (high enough never to refuse the load),
 /// and the loop breaker.
 fn realistic_policy() -> String {
-    let out = Command::new("sh")
-        .args(["-c", &format!("printf %s '{BENCH_API_KEY}' | sha256sum")])
-        .output()
-        .expect("sha256sum");
-    let sha = String::from_utf8_lossy(&out.stdout)[..64].to_owned();
+    let sha = crate::policy::sha256_hex(BENCH_API_KEY);
     let mut rules = String::new();
     for i in 0..10 {
         rules.push_str(&format!(
@@ -128,6 +122,8 @@ fn realistic_policy() -> String {
     )
 }
 
+/// A gateway (passthrough to `up_port`, one unpinned worker, kernel program off) with `extra`
+/// configuration and `route_extra` on its route; its port, process and configuration file.
 fn start_gateway(up_port: u16, name: &str, extra: &str, route_extra: &str) -> (u16, Proc, PathBuf) {
     let gw_port = free_port();
     let config = std::env::temp_dir().join(format!("bench-gw-{name}-{}.toml", std::process::id()));
@@ -165,35 +161,11 @@ fn start_gateway(up_port: u16, name: &str, extra: &str, route_extra: &str) -> (u
 
 pub fn run(quick: bool) -> ProxyReport {
     let up_port = free_port();
-    let upstream = Proc(KillOnDrop(
-        Command::new(bin("mcp-upstream"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--workers",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mcp-upstream"),
-    ));
-    wait_port(up_port, Duration::from_secs(5));
+    let upstream = Proc(demo_upstream(up_port));
     // A second upstream: the plain gateway also serves `/fed`, one virtual server over both
     // (`add` belongs to the first, which has no prefix).
     let up2_port = free_port();
-    let upstream2 = Proc(KillOnDrop(
-        Command::new(bin("mcp-upstream"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up2_port}"),
-                "--workers",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mcp-upstream"),
-    ));
-    wait_port(up2_port, Duration::from_secs(5));
+    let upstream2 = Proc(demo_upstream(up2_port));
     let federation = format!(
         "[[upstreams]]\nname = \"up2\"\nurl = \"http://127.0.0.1:{up2_port}/mcp\"\n\
          [[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"up\", prefix = \"\" }}, {{ upstream = \"up2\", prefix = \"b_\" }}]\n"
