@@ -77,16 +77,7 @@ fn setup() -> Setup {
     let instance = unique("gwpol");
     let config = format!(
         r#"
-[gateway]
-instance = "{instance}"
-workers = 2
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
-default_tenant = "public"
+{header}default_tenant = "public"
 [audit]
 path = "{audit}"
 
@@ -145,6 +136,7 @@ path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
 auth = ["api_key", "jwt"]
 "#,
+        header = header(&instance, port, admin),
         audit = audit.display(),
         acme_sha = sha256_hex(ACME_KEY),
         jwks = jwks.display(),
@@ -399,6 +391,15 @@ fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
     assert_eq!(last_allowed["outcome"], "ok");
 }
 
+/// What every gateway of these tests has: two workers on loopback, the kernel program off. The
+/// `[kernel]` table comes last, so that a caller may go on with its keys.
+fn header(instance: &str, port: u16, admin: u16) -> String {
+    format!(
+        "[gateway]\ninstance = \"{instance}\"\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\
+         [admin]\naddress = \"127.0.0.1:{admin}\"\n[kernel]\nenabled = false\n"
+    )
+}
+
 /// A stateless (2026-07-28) `tools/call` of `tool` on `path`, over a new connection.
 fn call_2026(
     port: u16,
@@ -429,16 +430,7 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     let breaker = "breaker = { consecutive_failures = 3, open_ms = 700 }";
     let config = format!(
         r#"
-[gateway]
-instance = "{instance}"
-workers = 2
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
-[[upstreams]]
+{header}[[upstreams]]
 name = "demo"
 url = "http://127.0.0.1:{demo_port}/mcp"
 connect_timeout_ms = 300
@@ -454,7 +446,7 @@ upstream = "demo"
 path = "/py"
 upstream = "py"
 "#,
-        admin = free_port(),
+        header = header(&instance, port, free_port()),
         py = py.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
@@ -534,16 +526,7 @@ fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it
     let instance = unique("gwpin");
     let config = format!(
         r#"
-[gateway]
-instance = "{instance}"
-workers = 2
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
-[policy]
+{header}[policy]
 pin_tools = true
 [[upstreams]]
 name = "u0"
@@ -554,7 +537,8 @@ upstream = "u0"
 [[routes]]
 path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
-"#
+"#,
+        header = header(&instance, port, admin),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let all = [
