@@ -8,6 +8,7 @@
 
 mod contextforge;
 mod env;
+mod flood;
 mod load;
 mod plot;
 mod policy;
@@ -29,7 +30,7 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy); all when omitted.
+    /// Only these scenarios (xdp, proxy, policy, flood); all when omitted.
     scenarios: Vec<String>,
 }
 
@@ -162,6 +163,9 @@ fn main() -> anyhow::Result<()> {
     if wants("policy") {
         policy_report(&args, &env, &dir, suffix)?;
     }
+    if wants("flood") {
+        flood_report(&args, &env, &dir, suffix)?;
+    }
     Ok(())
 }
 
@@ -233,6 +237,138 @@ fn policy_report(
                           "seconds": r.seconds, "admitted": r.admitted, "refused": r.refused, "allowed": r.allowed, "ratio": ratio},
     });
     write_report(dir, &format!("{}-policy{suffix}", env.date), &md, &json)
+}
+
+fn flood_report(
+    args: &Args,
+    env: &env::Environment,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    let r = flood::run(args.quick);
+    let mut md = format!(
+        "# Under a SYN flood: legitimate load with the kernel program attached and detached\n\n{}\n\n\
+         Two network namespaces joined by veth. The gateway's namespace runs `mcp-upstream` (1 worker) and the gateway \
+         (1 worker, listening on 198.18.0.1) with the XDP program attached in native mode, or not at all. The client's \
+         namespace holds the legitimate tenant, whose {} keep-alive connections call `tools/call` (2026-07-28 form) for \
+         {:.0} s after 1 s of warm-up, and the abusive tenant (198.19.0.0/16, limited to 200 new connections/s and 5 per \
+         source): {} spoofed SYNs/s from random addresses of its prefix, sent as raw frames (`AF_PACKET`), plus {} threads \
+         connecting from 198.19.0.1 and resetting at once. Open-loop runs are offered {:.0} rps, half of the legitimate \
+         peak with the program attached and no flood (first round); latency is measured from each request's intended send time. \
+         Everything shares this machine's 2 cores, the flood's sender included. Every condition is measured once per round, \
+         rounds interleaved; a row is the condition's median round (by peak rps in closed loop, by p99 in open loop) and \
+         the last column gives the range across rounds.\n\n\
+         | XDP program | flood | mode | offered rps | achieved rps | errors | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | SYNs sent/s | abusive connects ok / failed | gateway CPU s / 1k req | host busy | of which softirq | rounds: range |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        env.markdown(),
+        r.connections,
+        r.seconds,
+        flood::FLOOD_PPS,
+        flood::CONNECTORS,
+        r.rate,
+    );
+    let onoff = |b: bool| if b { "attached" } else { "detached" };
+    let mut rows_json = Vec::new();
+    for run in &r.runs {
+        let h = run.result.latency.as_ref().expect("histogram");
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.0}% | {:.0}% | {} |\n",
+            onoff(run.kernel),
+            if run.flood { "yes" } else { "no" },
+            if run.rate.is_some() { "open loop" } else { "closed loop (peak)" },
+            run.rate.map_or("-".into(), |o| format!("{o:.0}")),
+            run.result.rps(),
+            run.result.errors,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max(),
+            if run.flood { format!("{:.0}", run.flood_pps) } else { "-".into() },
+            if run.flood { format!("{} / {}", run.abusive_connected, run.abusive_failed) } else { "-".into() },
+            run.gateway_cpu_per_k,
+            run.host_busy * 100.0,
+            run.host_softirq * 100.0,
+            match run.range {
+                None => format!("{}", run.rounds),
+                Some((lo, hi)) if run.rate.is_some() => format!("{}: p99 {lo:.0}–{hi:.0} µs", run.rounds),
+                Some((lo, hi)) => format!("{}: {lo:.0}–{hi:.0} rps", run.rounds),
+            },
+        ));
+        rows_json.push(serde_json::json!({
+            "kernel_program": run.kernel, "flood": run.flood, "offered_rps": run.rate, "achieved_rps": run.result.rps(),
+            "ok": run.result.ok, "errors": run.result.errors,
+            "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
+            "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
+            "flood_syn_per_s": run.flood_pps, "abusive_connected": run.abusive_connected, "abusive_failed": run.abusive_failed,
+            "abusive_tenant_packets": run.abusive_counters.map(|c| gateway_common::Verdict::ALL.iter().map(|v| (v.name(), c.packets(*v))).collect::<std::collections::BTreeMap<_, _>>()),
+            "legit_tenant_packets": run.legit_counters.map(|c| gateway_common::Verdict::ALL.iter().map(|v| (v.name(), c.packets(*v))).collect::<std::collections::BTreeMap<_, _>>()),
+            "tcp": run.tcp.iter().map(|(n, v)| (*n, *v)).collect::<std::collections::BTreeMap<_, _>>(),
+            "gateway_cpu_seconds_per_1k": run.gateway_cpu_per_k, "host_busy": run.host_busy, "host_softirq": run.host_softirq,
+            "rounds": run.rounds, "range": run.range.map(|(lo, hi)| [lo, hi]),
+        }));
+    }
+    md.push_str("\n## What the kernel did with the flood\n\nPackets per verdict during each flooded run, from the program's counters (attached only), and the gateway namespace's TCP counters.\n\n\
+                 | XDP program | mode | abusive: passed | abusive: dropped (tenant rate) | abusive: dropped (source rate) | legitimate: passed | legitimate: dropped |");
+    for (n, _) in &r.runs[0].tcp {
+        md.push_str(&format!(" {n} |"));
+    }
+    md.push_str("\n|---|---|---:|---:|---:|---:|---:|");
+    md.push_str(&"---:|".repeat(r.runs[0].tcp.len()));
+    md.push('\n');
+    for run in r.runs.iter().filter(|x| x.flood) {
+        let v = |c: Option<gateway::kernel::TenantTotals>,
+                 f: &dyn Fn(&gateway::kernel::TenantTotals) -> u64| {
+            c.map_or("-".to_owned(), |c| f(&c).to_string())
+        };
+        use gateway_common::Verdict as V;
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            onoff(run.kernel),
+            if run.rate.is_some() {
+                "open loop"
+            } else {
+                "closed loop"
+            },
+            v(run.abusive_counters, &|c| c.packets(V::Passed)),
+            v(run.abusive_counters, &|c| c.packets(V::TenantRate)),
+            v(run.abusive_counters, &|c| c.packets(V::SourceRate)),
+            v(run.legit_counters, &|c| c.packets(V::Passed)),
+            v(run.legit_counters, &|c| V::ALL
+                .iter()
+                .skip(1)
+                .map(|x| c.packets(*x))
+                .sum()),
+        ));
+        for (_, n) in &run.tcp {
+            md.push_str(&format!(" {n} |"));
+        }
+        md.push('\n');
+    }
+    let find = |kernel: bool, flood: bool, open: bool| {
+        r.runs
+            .iter()
+            .find(|x| x.kernel == kernel && x.flood == flood && x.rate.is_some() == open)
+    };
+    let p99 = |x: Option<&flood::Run>| {
+        x.and_then(|x| x.result.latency.as_ref())
+            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
+    };
+    let peak = |x: Option<&flood::Run>| x.map_or(0.0, |x| x.result.rps());
+    md.push_str(&format!(
+        "\nLegitimate p99 under the flood / without it, at {:.0} rps: **{:.2}× with the program attached**, {:.2}× detached \
+         (goal: within 2× attached). Legitimate peak under the flood / without it: {:.2} attached, {:.2} detached.\n",
+        r.rate,
+        p99(find(true, true, true)) / p99(find(true, false, true)).max(1.0),
+        p99(find(false, true, true)) / p99(find(false, false, true)).max(1.0),
+        peak(find(true, true, false)) / peak(find(true, false, false)).max(1.0),
+        peak(find(false, true, false)) / peak(find(false, false, false)).max(1.0),
+    ));
+    let json = serde_json::json!({
+        "scenario": "flood", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
+        "offered_rps": r.rate, "flood_syn_per_s_target": flood::FLOOD_PPS, "runs": rows_json,
+    });
+    write_report(dir, &format!("{}-flood{suffix}", env.date), &md, &json)
 }
 
 /// Writes `<stem>.md` and `<stem>.json` under bench/results/ and prints the Markdown.

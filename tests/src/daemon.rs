@@ -4,7 +4,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
-    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -74,18 +73,9 @@ impl Daemon {
             .append(true)
             .open(&log)
             .expect("log file");
-        // Enter only the network namespace (`ip netns exec` would also remount /sys and hide
-        // the host's bpffs, and with it the pins the test reads).
         let mut cmd = Command::new(gateway_bin());
         if let Some(ns) = ns {
-            let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
-            // SAFETY: setns is async-signal-safe; the closure only calls it.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
-            }
+            crate::netns::enter_before_exec(&mut cmd, ns);
         }
         let child = cmd
             .args(["--log-json", "run", "--config"])
@@ -189,6 +179,11 @@ impl Daemon {
     /// SIGHUP: reload the configuration file.
     pub fn hangup(&self) {
         self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// The running daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// SIGKILL, as a crash would.

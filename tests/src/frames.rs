@@ -40,6 +40,23 @@ pub fn tcp(src: IpAddr, dst_port: u16, flags: Flags) -> Vec<u8> {
     out
 }
 
+/// A SYN between the given MAC and IPv4 addresses and ports, with sequence number `seq`: what a
+/// spoofing flood sends (the flood in `cargo xtask bench` builds its frames with it).
+pub fn syn_v4(
+    macs: ([u8; 6], [u8; 6]),
+    src: (std::net::Ipv4Addr, u16),
+    dst: (std::net::Ipv4Addr, u16),
+    seq: u32,
+) -> Vec<u8> {
+    let t = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, seq, 64240)
+        .syn();
+    let mut out = Vec::with_capacity(t.size(0));
+    t.write(&mut out, &[]).expect("write frame");
+    out
+}
+
 /// A UDP datagram to `dst_port`.
 pub fn udp(src: std::net::Ipv4Addr, dst_port: u16) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)

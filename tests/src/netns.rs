@@ -11,6 +11,8 @@ pub struct Topology {
     pub client: String,
     /// The veth end inside the gateway namespace.
     pub gw_if: String,
+    /// The veth end inside the client namespace.
+    pub client_if: String,
 }
 
 pub const GW_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -39,8 +41,9 @@ impl Topology {
             gw: format!("{tag}gw"),
             client: format!("{tag}cl"),
             gw_if: format!("{tag}g"),
+            client_if: format!("{tag}c"),
         };
-        let cl_if = format!("{tag}c");
+        let cl_if = t.client_if.clone();
         ip(&["netns", "add", &t.gw]);
         // From here on, Drop cleans up even if a later step fails.
         ip(&["netns", "add", &t.client]);
@@ -75,6 +78,18 @@ impl Topology {
         t
     }
 
+    /// The MAC address of interface `dev` in namespace `ns`.
+    pub fn mac(ns: &str, dev: &str) -> [u8; 6] {
+        let json = ip_output(&["-n", ns, "-j", "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
+        let text = v[0]["address"].as_str().expect("link address");
+        let mut mac = [0u8; 6];
+        for (b, part) in mac.iter_mut().zip(text.split(':')) {
+            *b = u8::from_str_radix(part, 16).expect("hex octet");
+        }
+        mac
+    }
+
     /// `ip link show` of the gateway's veth end (shows `xdp`/`xdpgeneric` and the program id).
     pub fn gw_link(&self) -> String {
         ip_output(&["-n", &self.gw, "-d", "link", "show", "dev", &self.gw_if])
@@ -86,6 +101,17 @@ impl Drop for Topology {
         for ns in [&self.gw, &self.client] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// Makes `cmd` enter network namespace `ns` before it executes. Only the network namespace:
+/// `ip netns exec` would also remount /sys and hide the host's bpffs, and with it the pins.
+pub fn enter_before_exec(cmd: &mut std::process::Command, ns: &str) {
+    use std::os::unix::process::CommandExt as _;
+    let netns = File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+    // SAFETY: setns is async-signal-safe; the closure only calls it.
+    unsafe {
+        cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
     }
 }
 

@@ -58,19 +58,32 @@ impl Drop for KillOnDrop {
 
 /// The project's own MCP server (`mcp-upstream`, release build) on `port`.
 pub fn demo_upstream(port: u16) -> KillOnDrop {
+    demo_upstream_in(None, port)
+}
+
+/// As [`demo_upstream`], on 127.0.0.1 of network namespace `ns` (this one if `None`).
+pub fn demo_upstream_in(ns: Option<&str>, port: u16) -> KillOnDrop {
     let bin = root().join("target/release/mcp-upstream");
     assert!(
         bin.exists(),
         "{} missing: run `cargo xtask test`",
         bin.display()
     );
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if let Some(ns) = ns {
+        crate::netns::enter_before_exec(&mut cmd, ns);
+    }
+    let child = cmd
         .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
         .stderr(Stdio::null())
         .spawn()
         .expect("start mcp-upstream");
-    wait_port(port, Duration::from_secs(10));
-    KillOnDrop(child)
+    let child = KillOnDrop(child);
+    match ns {
+        Some(ns) => crate::netns::in_netns(ns, || wait_port(port, Duration::from_secs(10))),
+        None => wait_port(port, Duration::from_secs(10)),
+    }
+    child
 }
 
 /// `.tools/node/node_modules/.bin` first on PATH: Node 22 and the npm peers installed by setup.
