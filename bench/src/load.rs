@@ -38,6 +38,9 @@ pub struct LoadSpec {
 pub struct LoadResult {
     pub ok: u64,
     pub errors: u64,
+    /// Open loop: requests due within the measured time that were not answered by 1 s after
+    /// its end (not sent in time, or answered too late). They are not in the histograms.
+    pub missed: u64,
     pub elapsed: Duration,
     /// Corrected latency (from intended send time), microseconds.
     pub latency: Option<Histogram<u64>>,
@@ -169,6 +172,7 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
         let r = h.join().expect("load thread");
         total.ok += r.ok;
         total.errors += r.errors;
+        total.missed += r.missed;
         if let (Some(a), Some(b)) = (total.latency.as_mut(), r.latency.as_ref()) {
             a.add(b).expect("same bounds");
         }
@@ -203,6 +207,7 @@ async fn thread_load(
         let r = t.await;
         out.ok += r.ok;
         out.errors += r.errors;
+        out.missed += r.missed;
         out.latency
             .as_mut()
             .expect("set")
@@ -246,7 +251,13 @@ async fn connection(
         });
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut n = index as u64 * 1_000_000;
-    while Instant::now() < end {
+    // Open loop: everything due in the measured time is sent, however late (up to 2 s after
+    // it); closed loop: until the end.
+    let more = |due: Instant| match interval {
+        Some(_) => due < end && Instant::now() < end + Duration::from_secs(2),
+        None => Instant::now() < end,
+    };
+    while more(due) {
         if interval.is_some() {
             // Behind schedule: send at once. (monoio's timer ticks every millisecond, so even a
             // zero-length sleep would wait for the next tick and the schedule would slip.)
@@ -258,15 +269,24 @@ async fn connection(
         }
         n += 1;
         let sent = Instant::now();
-        let (w, _) = stream.write_all(request(&spec, n)).await;
-        let answer = if w.is_ok() {
-            read_response(&mut stream, &mut buf).await
-        } else {
-            None
+        // Bounded: a target that stops answering ends this connection at `end` + 2 s.
+        let grace = end + Duration::from_secs(2);
+        let exchange = async {
+            let (w, _) = stream.write_all(request(&spec, n)).await;
+            if w.is_ok() {
+                read_response(&mut stream, &mut buf).await
+            } else {
+                None
+            }
         };
+        let answer = monoio::time::timeout(grace.saturating_duration_since(sent), exchange)
+            .await
+            .ok()
+            .flatten();
         let status = answer.map(|(s, _)| s);
         let reconnect = answer.is_none_or(|(_, close)| close);
         let done = Instant::now();
+        let in_window = due >= measure_from && due < end;
         if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {
             match status {
                 Some(200) => {
@@ -284,18 +304,41 @@ async fn connection(
                 }
                 _ => out.errors += 1,
             }
+        } else if interval.is_some() && in_window {
+            out.missed += 1;
+        }
+        if done >= grace {
+            if let Some(i) = interval {
+                due += i;
+            }
+            break;
         }
         if reconnect {
             // Closed by the server (after `Connection: close`) or lost: reconnect and carry on.
-            match monoio::net::TcpStream::connect(spec.target).await {
-                Ok(s) => {
-                    stream = s;
-                    buf.clear();
+            let again = monoio::time::timeout(
+                Duration::from_secs(2),
+                monoio::net::TcpStream::connect(spec.target),
+            );
+            if let Ok(Ok(s)) = again.await {
+                stream = s;
+                buf.clear();
+            } else {
+                if let Some(i) = interval {
+                    due += i;
                 }
-                Err(_) => return out,
+                break;
             }
         }
         if let Some(i) = interval {
+            due += i;
+        }
+    }
+    // Open loop: what was due in the measured time but never sent.
+    if let Some(i) = interval {
+        while due < end {
+            if due >= measure_from {
+                out.missed += 1;
+            }
             due += i;
         }
     }

@@ -258,7 +258,7 @@ fn flood_report(
          Everything shares this machine's 2 cores, the flood's sender included. Every condition is measured once per round, \
          rounds interleaved; a row is the condition's median round (by peak rps in closed loop, by p99 in open loop) and \
          the last column gives the range across rounds.\n\n\
-         | XDP program | flood | mode | offered rps | achieved rps | errors | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | SYNs sent/s | abusive connects ok / failed | gateway CPU s / 1k req | host busy | of which softirq | rounds: range |\n\
+         | XDP program | flood | mode | offered rps | achieved rps | errors (missed) | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | SYNs sent/s | abusive connects ok / failed | gateway CPU s / 1k req | host busy | of which softirq | rounds: range |\n\
          |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         env.markdown(),
         r.connections,
@@ -272,13 +272,13 @@ fn flood_report(
     for run in &r.runs {
         let h = run.result.latency.as_ref().expect("histogram");
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.0}% | {:.0}% | {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {} |\n",
             onoff(run.kernel),
             if run.flood { "yes" } else { "no" },
             if run.rate.is_some() { "open loop" } else { "closed loop (peak)" },
             run.rate.map_or("-".into(), |o| format!("{o:.0}")),
             run.result.rps(),
-            run.result.errors,
+            errors_cell(&run.result),
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.9),
             h.value_at_quantile(0.99),
@@ -286,7 +286,11 @@ fn flood_report(
             h.max(),
             if run.flood { format!("{:.0}", run.flood_pps) } else { "-".into() },
             if run.flood { format!("{} / {}", run.abusive_connected, run.abusive_failed) } else { "-".into() },
-            run.gateway_cpu_per_k,
+            if run.result.ok > 0 {
+                format!("{:.3}", run.gateway_cpu_per_k)
+            } else {
+                "-".to_owned()
+            },
             run.host_busy * 100.0,
             run.host_softirq * 100.0,
             match run.range {
@@ -297,7 +301,7 @@ fn flood_report(
         ));
         rows_json.push(serde_json::json!({
             "kernel_program": run.kernel, "flood": run.flood, "offered_rps": run.rate, "achieved_rps": run.result.rps(),
-            "ok": run.result.ok, "errors": run.result.errors,
+            "ok": run.result.ok, "errors": run.result.errors, "missed": run.result.missed,
             "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
             "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
             "flood_syn_per_s": run.flood_pps, "abusive_connected": run.abusive_connected, "abusive_failed": run.abusive_failed,
@@ -351,24 +355,71 @@ fn flood_report(
             .find(|x| x.kernel == kernel && x.flood == flood && x.rate.is_some() == open)
     };
     let p99 = |x: Option<&flood::Run>| {
-        x.and_then(|x| x.result.latency.as_ref())
-            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
+        x.filter(|x| x.result.ok > 0)
+            .and_then(|x| x.result.latency.as_ref())
+            .map(|h| h.value_at_quantile(0.99) as f64)
     };
+    let p99_ratio =
+        |flooded: Option<&flood::Run>, calm: Option<&flood::Run>| match (p99(flooded), p99(calm)) {
+            (Some(a), Some(b)) => format!("{:.2}×", a / b.max(1.0)),
+            (None, _) => {
+                "unbounded (no request answered within 1 s of the measured time)".to_owned()
+            }
+            (_, None) => "not measured".to_owned(),
+        };
     let peak = |x: Option<&flood::Run>| x.map_or(0.0, |x| x.result.rps());
     md.push_str(&format!(
-        "\nLegitimate p99 under the flood / without it, at {:.0} rps: **{:.2}× with the program attached**, {:.2}× detached \
+        "\nLegitimate p99 under the flood / without it, at {:.0} rps: **{} with the program attached**, {} detached \
          (goal: within 2× attached). Legitimate peak under the flood / without it: {:.2} attached, {:.2} detached.\n",
         r.rate,
-        p99(find(true, true, true)) / p99(find(true, false, true)).max(1.0),
-        p99(find(false, true, true)) / p99(find(false, false, true)).max(1.0),
+        p99_ratio(find(true, true, true), find(true, false, true)),
+        p99_ratio(find(false, true, true), find(false, false, true)),
         peak(find(true, true, false)) / peak(find(true, false, false)).max(1.0),
         peak(find(false, true, false)) / peak(find(false, false, false)).max(1.0),
     ));
+    // Open-loop latency by percentile; the detached run under the flood is seconds, off this scale.
+    let label = |x: &flood::Run| {
+        format!(
+            "XDP {}, {}",
+            onoff(x.kernel),
+            if x.flood { "flood" } else { "no flood" }
+        )
+    };
+    let open: Vec<(String, &hdrhistogram::Histogram<u64>)> = r
+        .runs
+        .iter()
+        .filter(|x| x.rate.is_some() && (x.kernel || !x.flood))
+        .filter_map(|x| x.result.latency.as_ref().map(|h| (label(x), h)))
+        .collect();
+    let svg = format!("{}-flood{suffix}.svg", env.date);
+    let series: Vec<(&str, &hdrhistogram::Histogram<u64>)> =
+        open.iter().map(|(n, h)| (n.as_str(), *h)).collect();
+    match plot::percentiles(
+        &dir.join(&svg),
+        &format!(
+            "legitimate tools/call at {:.0} rps under a SYN flood (detached + flood: seconds, not shown), {}",
+            r.rate, env.date
+        ),
+        &series,
+    ) {
+        Ok(()) => md.push_str(&format!("\n![latency by percentile]({svg})\n")),
+        Err(e) => eprintln!("plot failed: {e}"),
+    }
     let json = serde_json::json!({
         "scenario": "flood", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "offered_rps": r.rate, "flood_syn_per_s_target": flood::FLOOD_PPS, "runs": rows_json,
     });
     write_report(dir, &format!("{}-flood{suffix}", env.date), &md, &json)
+}
+
+/// The errors column: errors, and in open loop the requests due in the measured time that were
+/// not answered by 1 s after it.
+fn errors_cell(r: &load::LoadResult) -> String {
+    if r.missed > 0 {
+        format!("{} ({} missed)", r.errors, r.missed)
+    } else {
+        r.errors.to_string()
+    }
 }
 
 /// Writes `<stem>.md` and `<stem>.json` under bench/results/ and prints the Markdown.
@@ -407,7 +458,7 @@ fn proxy_report(
          Each target is measured in rounds, interleaved with the others (every target once per round), so that the \
          drift of this shared machine touches all alike; a row is the target's median round (by peak rps in closed loop, \
          by p99 in open loop) and the last column gives the range across rounds.\n\n\
-         | scenario | mode | offered rps | achieved rps | errors | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | uncorrected p99 µs | CPU s / 1k req | rounds: range |\n\
+         | scenario | mode | offered rps | achieved rps | errors (missed) | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | uncorrected p99 µs | CPU s / 1k req | rounds: range |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
         env.markdown(),
         r.connections,
@@ -428,7 +479,7 @@ fn proxy_report(
             row.mode,
             row.offered_rps.map_or("-".into(), |o| format!("{o:.0}")),
             row.result.rps(),
-            row.result.errors,
+            errors_cell(&row.result),
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.9),
             h.value_at_quantile(0.99),
@@ -446,7 +497,7 @@ fn proxy_report(
         ));
         rows_json.push(serde_json::json!({
             "scenario": row.scenario, "mode": row.mode, "offered_rps": row.offered_rps, "achieved_rps": row.result.rps(),
-            "ok": row.result.ok, "errors": row.result.errors,
+            "ok": row.result.ok, "errors": row.result.errors, "missed": row.result.missed,
             "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
             "p999_us": h.value_at_quantile(0.999), "max_us": h.max(), "uncorrected_p99_us": u.value_at_quantile(0.99),
             "rounds": row.rounds, "range": row.range.map(|(lo, hi)| [lo, hi]),
