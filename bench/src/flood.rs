@@ -339,6 +339,7 @@ impl Bed<'_> {
             tool: "add".into(),
             headers: String::new(),
             legacy: false,
+            mix: load::Mix::default(),
         };
         let maps = kernel.then(|| KernelMaps::open(&daemon.pin_dir).expect("pinned maps"));
         let counters = |t| {

@@ -32,6 +32,20 @@ pub struct LoadSpec {
     /// Send the 2025-11-25 form (no 2026-07-28 envelope or routing headers) for a peer that
     /// does not speak 2026-07-28.
     pub legacy: bool,
+    /// The mix; [`Mix::default`] is `tools/call` alone, stateless, one identity.
+    pub mix: Mix,
+}
+
+/// What the load is made of beyond a single stateless `tools/call`.
+#[derive(Debug, Clone, Default)]
+pub struct Mix {
+    /// Header lines of each agent (e.g. its API key); connection `i` is agent `i % len`.
+    pub agents: Vec<String>,
+    /// Every n-th request of a connection is `tools/list` (0: none).
+    pub list_every: u64,
+    /// Every k-th connection works in the session era: `initialize` and
+    /// `notifications/initialized` once, then 2025-11-25 requests with `Mcp-Session-Id` (0: none).
+    pub sessions_every: usize,
 }
 
 #[derive(Debug, Default)]
@@ -58,28 +72,47 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
+/// One request of a connection: `tools/list` or `tools/call`, stateless (2026-07-28) or in the
+/// 2025-11-25 form (with the session's id, if any).
+fn request(spec: &LoadSpec, n: u64, agent: &str, list: bool, session: Option<&str>) -> Vec<u8> {
     let tool = &spec.tool;
-    let (body, routing) = if spec.legacy {
+    let legacy = spec.legacy || session.is_some();
+    let params = if list {
+        String::new()
+    } else {
+        format!(r#""name":"{tool}","arguments":{{"a":{n},"b":1}}"#)
+    };
+    let method = if list { "tools/list" } else { "tools/call" };
+    let (body, routing) = if legacy {
         (
-            format!(
-                r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"{tool}","arguments":{{"a":{n},"b":1}}}}}}"#
-            ),
-            "mcp-protocol-version: 2025-11-25\r\n".to_owned(),
+            format!(r#"{{"jsonrpc":"2.0","id":{n},"method":"{method}","params":{{{params}}}}}"#),
+            match session {
+                Some(id) => format!("mcp-protocol-version: 2025-11-25\r\nmcp-session-id: {id}\r\n"),
+                None => "mcp-protocol-version: 2025-11-25\r\n".to_owned(),
+            },
         )
     } else {
+        let sep = if list { "" } else { "," };
         (
             format!(
-                r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"{tool}","arguments":{{"a":{n},"b":1}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+                r#"{{"jsonrpc":"2.0","id":{n},"method":"{method}","params":{{{params}{sep}"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
             ),
-            format!(
-                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
-            ),
+            if list {
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n".to_owned()
+            } else {
+                format!(
+                    "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+                )
+            },
         )
     };
+    post(spec, agent, &routing, &body)
+}
+
+fn post(spec: &LoadSpec, agent: &str, routing: &str, body: &str) -> Vec<u8> {
     format!(
         "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
-         {routing}{}content-length: {}\r\n\r\n{body}",
+         {routing}{}{agent}content-length: {}\r\n\r\n{body}",
         spec.path,
         spec.headers,
         body.len()
@@ -87,18 +120,51 @@ fn request(spec: &LoadSpec, n: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads one response with a Content-Length body; returns its status and whether the server
-/// closes the connection after it.
-async fn read_response(
+/// `initialize` and `notifications/initialized` on `stream`; the session's id.
+async fn open_session(
+    spec: &LoadSpec,
+    agent: &str,
     stream: &mut monoio::net::TcpStream,
     buf: &mut Vec<u8>,
-) -> Option<(u16, bool)> {
+) -> Option<String> {
+    let init = post(
+        spec,
+        agent,
+        "",
+        r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}"#,
+    );
+    let (w, _) = stream.write_all(init).await;
+    w.ok()?;
+    let answer = read_response(stream, buf).await?;
+    let id = answer.session.filter(|_| answer.status == 200)?;
+    let done = post(
+        spec,
+        agent,
+        &format!("mcp-protocol-version: 2025-11-25\r\nmcp-session-id: {id}\r\n"),
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    );
+    let (w, _) = stream.write_all(done).await;
+    w.ok()?;
+    let answer = read_response(stream, buf).await?;
+    (answer.status == 202).then_some(id)
+}
+
+struct Answer {
+    status: u16,
+    /// The server closes the connection after it.
+    close: bool,
+    /// `Mcp-Session-Id`, if the answer carries one.
+    session: Option<String>,
+}
+
+/// Reads one response with a Content-Length body.
+async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> Option<Answer> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(head)) = resp.parse(buf) {
             if std::env::var_os("BENCH_DEBUG").is_some()
-                && (resp.code != Some(200)
+                && (!matches!(resp.code, Some(200 | 202))
                     || !resp
                         .headers
                         .iter()
@@ -109,22 +175,26 @@ async fn read_response(
                     String::from_utf8_lossy(&buf[..buf.len().min(600)])
                 );
             }
-            let len: usize = resp
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())?;
-            let status = resp.code?;
-            let close = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
-            });
+            let header = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            };
+            let len: usize = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())?;
+            let answer = Answer {
+                status: resp.code?,
+                close: header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close")),
+                session: header("mcp-session-id").map(|v| String::from_utf8_lossy(v).into_owned()),
+            };
             while buf.len() < head + len {
                 if !read_more(stream, buf).await {
                     return None;
                 }
             }
             buf.drain(..head + len);
-            return Some((status, close));
+            return Some(answer);
         }
         if !read_more(stream, buf).await {
             return None;
@@ -250,6 +320,28 @@ async fn connection(
             i.mul_f64(index as f64 / spec.connections as f64)
         });
     let mut buf = Vec::with_capacity(16 * 1024);
+    let mix = &spec.mix;
+    let agent = if mix.agents.is_empty() {
+        ""
+    } else {
+        mix.agents[index % mix.agents.len()].as_str()
+    };
+    // A session era connection opens its session before the load starts (not measured); the
+    // session outlives reconnects.
+    let session = if mix.sessions_every > 0 && index.is_multiple_of(mix.sessions_every) {
+        let opened = monoio::time::timeout(
+            Duration::from_secs(5),
+            open_session(&spec, agent, &mut stream, &mut buf),
+        )
+        .await;
+        let Ok(Some(id)) = opened else {
+            out.errors += 1;
+            return out;
+        };
+        Some(id)
+    } else {
+        None
+    };
     let mut n = index as u64 * 1_000_000;
     // Open loop: everything due in the measured time is sent, however late (up to 2 s after
     // it); closed loop: until the end.
@@ -272,7 +364,10 @@ async fn connection(
         // Bounded: a target that stops answering ends this connection at `end` + 2 s.
         let grace = end + Duration::from_secs(2);
         let exchange = async {
-            let (w, _) = stream.write_all(request(&spec, n)).await;
+            let list = mix.list_every > 0 && n.is_multiple_of(mix.list_every);
+            let (w, _) = stream
+                .write_all(request(&spec, n, agent, list, session.as_deref()))
+                .await;
             if w.is_ok() {
                 read_response(&mut stream, &mut buf).await
             } else {
@@ -283,8 +378,8 @@ async fn connection(
             .await
             .ok()
             .flatten();
-        let status = answer.map(|(s, _)| s);
-        let reconnect = answer.is_none_or(|(_, close)| close);
+        let status = answer.as_ref().map(|a| a.status);
+        let reconnect = answer.as_ref().is_none_or(|a| a.close);
         let done = Instant::now();
         let in_window = due >= measure_from && due < end;
         if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {

@@ -10,7 +10,7 @@ use std::{
 
 use integration_tests::peers::{KillOnDrop, demo_upstream, free_port, wait_port};
 
-use crate::load::{self, LoadResult, LoadSpec};
+use crate::load::{self, LoadResult, LoadSpec, Mix};
 
 pub(crate) fn bin(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -71,6 +71,7 @@ struct Target<'a> {
     legacy: bool,
     /// Longer warm-up for a peer that starts slowly.
     warmup: Duration,
+    mix: Mix,
     procs: Vec<(&'static str, &'a Proc)>,
 }
 
@@ -103,8 +104,56 @@ pub(crate) const BENCH_API_KEY: &str = "bench-api-key-0123456789";
 /// A realistic policy for the `add` calls of the load: identity by API key, a dozen tool rules,
 /// argument rules, tenant and agent rates and budgets (high enough never to refuse the load),
 /// and the loop breaker.
+pub(crate) const MIX_TENANTS: usize = 8;
+pub(crate) const MIX_AGENTS_PER_TENANT: usize = 4;
+
+fn mix_key(tenant: usize, agent: usize) -> String {
+    format!("bench-key-t{tenant}-a{agent}")
+}
+
+/// `target` under the mixed load: 32 agents of 8 tenants (one per connection, each with its own
+/// API key), one request in 10 a `tools/list`, every other connection in a session.
+fn mixed<'a>(target: Target<'a>, scenario: &'static str) -> Target<'a> {
+    Target {
+        scenario,
+        mix: mixed_load(),
+        ..target
+    }
+}
+
+fn mixed_load() -> Mix {
+    Mix {
+        agents: (0..MIX_TENANTS * MIX_AGENTS_PER_TENANT)
+            .map(|i| {
+                format!(
+                    "x-api-key: {}\r\n",
+                    mix_key(i % MIX_TENANTS, i / MIX_TENANTS)
+                )
+            })
+            .collect(),
+        list_every: 10,
+        sessions_every: 2,
+    }
+}
+
 fn realistic_policy() -> String {
     let sha = crate::policy::sha256_hex(BENCH_API_KEY);
+    let tenant_policy = "requests_per_sec = 1000000000\nagent_requests_per_sec = 1000000000\n\
+         budget = { window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }\n\
+         loop_breaker = { max_repeats = 1000, window_s = 60 }\n";
+    let mut tenants = String::new();
+    for t in 0..MIX_TENANTS {
+        tenants.push_str(&format!(
+            "[[tenants]]\nname = \"mix{t}\"\nid = {}\n[tenants.policy]\n{tenant_policy}",
+            t + 2
+        ));
+        for a in 0..MIX_AGENTS_PER_TENANT {
+            tenants.push_str(&format!(
+                "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"mix{t}\"\nagent = \"agent{a}\"\n",
+                crate::policy::sha256_hex(&mix_key(t, a))
+            ));
+        }
+    }
     let mut rules = String::new();
     for i in 0..10 {
         rules.push_str(&format!(
@@ -115,10 +164,8 @@ fn realistic_policy() -> String {
         "default_tenant = \"bench\"\n{rules}[[policy.tools]]\nmatch = \"up/add\"\ncost = 1\n\
          [[policy.tools.arguments]]\npointer = \"/a\"\ntype = \"integer\"\nminimum = 0\n\
          [[policy.tools.arguments]]\npointer = \"/b\"\ntype = \"integer\"\nmaximum = 1000\n\
-         [[tenants]]\nname = \"bench\"\nid = 1\n[tenants.policy]\nrequests_per_sec = 1000000000\n\
-         agent_requests_per_sec = 1000000000\nbudget = {{ window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }}\n\
-         loop_breaker = {{ max_repeats = 1000, window_s = 60 }}\n\
-         [[auth.api_keys]]\nsha256 = \"{sha}\"\ntenant = \"bench\"\nagent = \"load\"\n"
+         [[tenants]]\nname = \"bench\"\nid = 1\n[tenants.policy]\n{tenant_policy}\
+         [[auth.api_keys]]\nsha256 = \"{sha}\"\ntenant = \"bench\"\nagent = \"load\"\n{tenants}"
     )
 }
 
@@ -223,6 +270,7 @@ pub fn run(quick: bool) -> ProxyReport {
         duration: Duration::from_secs_f64(seconds),
         warmup: t.warmup,
         rate,
+        mix: t.mix.clone(),
     };
     let t = |scenario, port, path: &str, procs| Target {
         scenario,
@@ -232,8 +280,10 @@ pub fn run(quick: bool) -> ProxyReport {
         headers: format!("x-api-key: {BENCH_API_KEY}\r\n"),
         legacy: false,
         warmup: Duration::from_secs(1),
+        mix: Mix::default(),
         procs,
     };
+
     let mut targets = vec![
         t(
             "direct to upstream",
@@ -275,6 +325,28 @@ pub fn run(quick: bool) -> ProxyReport {
             "/mcp",
             vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
         ),
+        mixed(
+            t("", up_port, "/mcp", vec![("mcp-upstream", &upstream)]),
+            "mixed load: direct to upstream",
+        ),
+        mixed(
+            t(
+                "",
+                policy_port,
+                "/mcp",
+                vec![("mcp-upstream", &upstream), ("gateway", &policy_gateway)],
+            ),
+            "mixed load: through gateway, realistic policy",
+        ),
+        mixed(
+            t(
+                "",
+                ngx_port,
+                "/mcp",
+                vec![("mcp-upstream", &upstream), ("nginx", &nginx)],
+            ),
+            "mixed load: through nginx",
+        ),
     ];
     let contextforge = crate::contextforge::start(up_port);
     let contextforge_note = match &contextforge {
@@ -287,6 +359,7 @@ pub fn run(quick: bool) -> ProxyReport {
                 headers: format!("authorization: Bearer {}\r\n", cf.token),
                 legacy: true,
                 warmup: Duration::from_secs(5),
+                mix: Mix::default(),
                 procs: vec![("mcp-upstream", &upstream), ("contextforge", &cf.proc)],
             });
             None
