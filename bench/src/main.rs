@@ -32,6 +32,54 @@ struct Args {
     quick: bool,
     /// Only these scenarios (xdp, proxy, policy, flood); all when omitted.
     scenarios: Vec<String>,
+    /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
+    /// the latency percentiles (e.g. to load a running gateway while profiling it).
+    #[arg(long)]
+    target: Option<std::net::SocketAddr>,
+    /// With `--target`: the MCP endpoint's path.
+    #[arg(long, default_value = "/mcp")]
+    path: String,
+    /// With `--target`: seconds of measured load (after 1 s of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// With `--target`: requests per second (open loop); closed loop when omitted.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// With `--target`: keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// With `--target`: an extra request header, `name: value` (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+}
+
+/// `--target`: one load run against a running server.
+fn load_target(args: &Args, target: std::net::SocketAddr) {
+    let r = load::run(&load::LoadSpec {
+        target,
+        path: args.path.clone(),
+        connections: args.connections,
+        threads: 1,
+        duration: Duration::from_secs_f64(args.seconds),
+        warmup: Duration::from_secs(1),
+        rate: args.rate,
+        tool: "add".into(),
+        headers: args.header.iter().map(|h| format!("{h}\r\n")).collect(),
+        legacy: false,
+        mix: load::Mix::default(),
+    });
+    let h = r.latency.as_ref().expect("histogram");
+    println!(
+        "{:.0} rps, {} errors, {} missed; µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
+        r.rps(),
+        r.errors,
+        r.missed,
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
 }
 
 const PORT: u16 = 8080;
@@ -149,6 +197,10 @@ fn pin_to_cpu(cpu: usize) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(target) = args.target {
+        load_target(&args, target);
+        return Ok(());
+    }
     let wants = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|x| x == s);
     let env = env::Environment::read();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
