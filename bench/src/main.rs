@@ -503,7 +503,9 @@ fn proxy_report(
          connections from one load thread, {:.0} s per run after 1 s of warm-up. Upstream: `mcp-upstream` (1 worker); gateway: \
          passthrough, 1 worker (unpinned), kernel program off (a second gateway process has per-request telemetry off; a third \
          applies a realistic policy: API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and budgets, the loop breaker; \
-         the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner); nginx: plain reverse proxy, 1 worker, upstream keep-alive. The processes share \
+         the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner, and serves the SDK upstream at `/sdk`); \
+         nginx: plain reverse proxy, 1 worker, upstream keep-alive. Rows `mixed load` use a mix (below); rows `SDK upstream` \
+         have the Python SDK's server as the upstream instead of `mcp-upstream`, as a second point. The processes share \
          this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
          that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it. \
@@ -586,6 +588,26 @@ fn proxy_report(
         p99("through gateway, realistic policy") as i64 - p99("direct to upstream") as i64,
         p99("through nginx") as i64 - p99("direct to upstream") as i64,
         r.peak_rss_mib.iter().map(|(n, m)| format!("{n} {m:.1} MiB")).collect::<Vec<_>>().join(", "),
+    ));
+    md.push_str(&format!(
+        "\nMixed load (32 agents of 8 tenants, each with its own API key; 1 request in 10 a `tools/list`, which the policy \
+         gateway filters; every other connection in a session of the 2025-11-25 era): peak through the gateway with the \
+         realistic policy / through nginx: {:.2}; added p99 at half load: gateway {} µs, nginx {} µs.\n",
+        peak("mixed load: through gateway, realistic policy") / peak("mixed load: through nginx").max(1.0),
+        p99("mixed load: through gateway, realistic policy") as i64 - p99("mixed load: direct to upstream") as i64,
+        p99("mixed load: through nginx") as i64 - p99("mixed load: direct to upstream") as i64,
+    ));
+    md.push_str(&format!(
+        "\nThe Python SDK's server (PyPI `mcp`, JSON answers, one process) as the upstream: peak direct {:.0} rps, through the \
+         gateway {:.0} ({:.2}× direct), through nginx {:.0} ({:.2}× direct); added p99 at half of that group's lowest peak: \
+         gateway {} µs, nginx {} µs.\n",
+        peak("SDK upstream: direct"),
+        peak("SDK upstream: through gateway"),
+        peak("SDK upstream: through gateway") / peak("SDK upstream: direct").max(1.0),
+        peak("SDK upstream: through nginx"),
+        peak("SDK upstream: through nginx") / peak("SDK upstream: direct").max(1.0),
+        p99("SDK upstream: through gateway") as i64 - p99("SDK upstream: direct") as i64,
+        p99("SDK upstream: through nginx") as i64 - p99("SDK upstream: direct") as i64,
     ));
     match &r.contextforge_missing {
         Some(why) => md.push_str(&format!("\nContextForge (the MCP-aware peer) was not measured: {why}\n")),

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::peers::{KillOnDrop, demo_upstream, free_port, wait_port};
+use integration_tests::peers::{KillOnDrop, PyServer, demo_upstream, free_port, wait_port};
 
 use crate::load::{self, LoadResult, LoadSpec, Mix};
 
@@ -72,6 +72,9 @@ struct Target<'a> {
     /// Longer warm-up for a peer that starts slowly.
     warmup: Duration,
     mix: Mix,
+    /// Targets of one group share an upstream and an open-loop rate (half of the group's lowest
+    /// peak): the fast upstream, the Python SDK upstream, ContextForge.
+    group: Group,
     procs: Vec<(&'static str, &'a Proc)>,
 }
 
@@ -95,6 +98,13 @@ pub struct ProxyReport {
     pub seconds: f64,
     /// Why ContextForge was not measured, if it was not.
     pub contextforge_missing: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Fast,
+    Sdk,
+    ContextForge,
 }
 
 /// Every load request carries it (the upstream and nginx ignore it); the policy gateway knows its
@@ -217,6 +227,14 @@ pub fn run(quick: bool) -> ProxyReport {
         "[[upstreams]]\nname = \"up2\"\nurl = \"http://127.0.0.1:{up2_port}/mcp\"\n\
          [[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"up\", prefix = \"\" }}, {{ upstream = \"up2\", prefix = \"b_\" }}]\n"
     );
+    // The second point: the Python SDK's server (PyPI `mcp`, JSON answers) as the upstream, at
+    // `/sdk` of the plain gateway and of nginx.
+    let sdk = PyServer::start(true);
+    let sdk_port = sdk.port;
+    let sdk_proc = Proc(sdk.child);
+    let federation = format!(
+        "{federation}[[upstreams]]\nname = \"sdk\"\nurl = \"http://127.0.0.1:{sdk_port}/mcp\"\n[[routes]]\npath = \"/sdk\"\nupstream = \"sdk\"\n"
+    );
     let (gw_port, gateway, config) = start_gateway(up_port, "on", "", &federation);
     // The same gateway with per-request telemetry off: what recording costs.
     let (quiet_port, quiet_gateway, quiet_config) =
@@ -239,8 +257,10 @@ pub fn run(quick: bool) -> ProxyReport {
             "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream mcp {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n\
+               upstream sdk {{ server 127.0.0.1:{sdk_port}; keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{ngx_port};\n    location / {{\n      proxy_pass http://mcp;\n\
-                  proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+                  proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n\
+                  location = /sdk {{\n      proxy_pass http://sdk/mcp;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
             dir = ngx_dir.display()
         ),
     )
@@ -281,6 +301,7 @@ pub fn run(quick: bool) -> ProxyReport {
         legacy: false,
         warmup: Duration::from_secs(1),
         mix: Mix::default(),
+        group: Group::Fast,
         procs,
     };
 
@@ -348,6 +369,31 @@ pub fn run(quick: bool) -> ProxyReport {
             "mixed load: through nginx",
         ),
     ];
+    for (scenario, port, path, procs) in [
+        (
+            "SDK upstream: direct",
+            sdk_port,
+            "/mcp",
+            vec![("SDK server", &sdk_proc)],
+        ),
+        (
+            "SDK upstream: through gateway",
+            gw_port,
+            "/sdk",
+            vec![("SDK server", &sdk_proc), ("gateway", &gateway)],
+        ),
+        (
+            "SDK upstream: through nginx",
+            ngx_port,
+            "/sdk",
+            vec![("SDK server", &sdk_proc), ("nginx", &nginx)],
+        ),
+    ] {
+        targets.push(Target {
+            group: Group::Sdk,
+            ..t(scenario, port, path, procs)
+        });
+    }
     let contextforge = crate::contextforge::start(up_port);
     let contextforge_note = match &contextforge {
         Ok(cf) => {
@@ -360,6 +406,7 @@ pub fn run(quick: bool) -> ProxyReport {
                 legacy: true,
                 warmup: Duration::from_secs(5),
                 mix: Mix::default(),
+                group: Group::ContextForge,
                 procs: vec![("mcp-upstream", &upstream), ("contextforge", &cf.proc)],
             });
             None
@@ -430,32 +477,19 @@ pub fn run(quick: bool) -> ProxyReport {
             .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
     };
     let mut rows: Vec<Row> = run_rounds(&|_| Some(None), &|r: &Row| r.result.rps());
-    // Half of the lowest peak among the gateway, nginx and direct; ContextForge, far slower,
-    // is offered half of its own peak (or not measured open loop if it served nothing).
-    let half = 0.5
-        * rows
+    // Each group is offered half of its lowest peak (the gateway, nginx and direct share one
+    // rate; the SDK upstream's targets another; ContextForge, far slower, its own), and is not
+    // measured open loop if a target of it served nothing.
+    let half_of_group = |g: Group| {
+        let low = targets
             .iter()
-            .filter(|r| r.scenario != "through ContextForge")
-            .map(|r| r.result.rps())
+            .zip(&rows)
+            .filter(|(t, _)| t.group == g)
+            .map(|(_, r)| r.result.rps())
             .fold(f64::INFINITY, f64::min);
-    let peaks: Vec<(&str, f64)> = rows
-        .iter()
-        .map(|r| (r.scenario.as_str(), r.result.rps()))
-        .collect();
-    let open = run_rounds(
-        &|t: &Target<'_>| {
-            if t.scenario == "through ContextForge" {
-                let own = peaks
-                    .iter()
-                    .find(|(s, _)| *s == t.scenario)
-                    .map_or(0.0, |(_, r)| *r);
-                (own >= 1.0).then_some(Some((own * 0.5).min(half)))
-            } else {
-                Some(Some(half))
-            }
-        },
-        &p99,
-    );
+        (low >= 2.0).then(|| (0.5 * low).round())
+    };
+    let open = run_rounds(&|t: &Target<'_>| half_of_group(t.group).map(Some), &p99);
     rows.extend(open);
     let procs = [
         ("mcp-upstream", &upstream),
@@ -463,6 +497,7 @@ pub fn run(quick: bool) -> ProxyReport {
         ("gateway, telemetry off", &quiet_gateway),
         ("gateway, realistic policy", &policy_gateway),
         ("nginx", &nginx),
+        ("SDK server", &sdk_proc),
     ]
     .into_iter()
     .chain(

@@ -144,7 +144,7 @@ pub fn conformance(url: &str) -> std::collections::BTreeMap<String, bool> {
 
 /// The Python SDK's MCP server (tests/fixtures/mcp_server.py), killed on drop.
 pub struct PyServer {
-    _child: KillOnDrop,
+    pub child: KillOnDrop,
     pub port: u16,
 }
 
@@ -171,7 +171,7 @@ impl PyServer {
             .expect("start the Python MCP server");
         wait_port(port, Duration::from_secs(30));
         Self {
-            _child: KillOnDrop(child),
+            child: KillOnDrop(child),
             port,
         }
     }
