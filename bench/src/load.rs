@@ -111,9 +111,10 @@ fn request(spec: &LoadSpec, n: u64, agent: &str, list: bool, session: Option<&st
 
 fn post(spec: &LoadSpec, agent: &str, routing: &str, body: &str) -> Vec<u8> {
     format!(
-        "POST {} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+        "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
          {routing}{}{agent}content-length: {}\r\n\r\n{body}",
         spec.path,
+        spec.target,
         spec.headers,
         body.len()
     )

@@ -260,7 +260,7 @@ pub fn run(quick: bool) -> ProxyReport {
                upstream sdk {{ server 127.0.0.1:{sdk_port}; keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{ngx_port};\n    location / {{\n      proxy_pass http://mcp;\n\
                   proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n\
-                  location = /sdk {{\n      proxy_pass http://sdk/mcp;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+                  location = /sdk {{\n      proxy_pass http://sdk/mcp;\n      proxy_set_header Host 127.0.0.1:{sdk_port};\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
             dir = ngx_dir.display()
         ),
     )

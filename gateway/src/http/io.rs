@@ -111,6 +111,25 @@ impl Io {
         }
     }
 
+    /// For an idle connection: nothing pending, and the peer has neither closed it nor sent
+    /// anything (a non-blocking one-byte peek would block).
+    pub fn idle_and_open(&self) -> bool {
+        if !self.pending().is_empty() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: a one-byte peek into a local buffer on a socket this Io owns.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    }
+
     /// Shuts the socket down at once, in both directions. A read still in flight on it (one
     /// whose future was dropped; on io_uring it stays in the ring and keeps the socket open)
     /// completes, so the socket really closes and the peer sees it now.

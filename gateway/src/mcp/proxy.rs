@@ -112,11 +112,16 @@ fn last_event_data(buf: &[u8]) -> Vec<u8> {
     data
 }
 
+/// How long a pooled connection may sit idle before it is checked for a close by the upstream.
+const POOL_CHECK_AFTER: Duration = Duration::from_millis(500);
+
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub(super) parser: RefCell<Parser>,
-    pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
+    /// Idle upstream connections by address, each with the time it went idle; the most recently
+    /// used on top.
+    pool: RefCell<HashMap<SocketAddr, Vec<(Io, Instant)>>>,
     /// This worker's telemetry, shipped to the control thread once a second.
     pub recorder: RefCell<Recorder>,
 }
@@ -132,15 +137,27 @@ impl WorkerCtx {
         })
     }
 
+    /// An idle connection to `addr`, if one is still open. Servers close idle keep-alive
+    /// connections on their own schedule (uvicorn after 5 s, Node after 5 s): one idle for more
+    /// than [`POOL_CHECK_AFTER`] is checked first (a non-blocking peek) and dropped if the
+    /// upstream has closed it, so that a burst after a quiet spell does not meet a pool of dead
+    /// connections.
     pub(super) fn checkout(&self, addr: SocketAddr) -> Option<Io> {
-        self.pool.borrow_mut().get_mut(&addr).and_then(Vec::pop)
+        let mut pool = self.pool.borrow_mut();
+        let idle = pool.get_mut(&addr)?;
+        while let Some((io, since)) = idle.pop() {
+            if since.elapsed() < POOL_CHECK_AFTER || io.idle_and_open() {
+                return Some(io);
+            }
+        }
+        None
     }
 
     pub(super) fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
         let mut pool = self.pool.borrow_mut();
         let idle = pool.entry(addr).or_default();
         if idle.len() < max_idle {
-            idle.push(io);
+            idle.push((io, Instant::now()));
         }
     }
 }
@@ -997,7 +1014,12 @@ pub(super) async fn open(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let pooled = ctx.checkout(up.addr);
+        // The retry goes over a new connection: the pool's others went idle as long ago.
+        let pooled = if attempt == 1 {
+            ctx.checkout(up.addr)
+        } else {
+            None
+        };
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,

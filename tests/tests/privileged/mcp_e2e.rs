@@ -771,3 +771,51 @@ fn a_client_that_closes_its_connection_cancels_the_upstream_request_at_once() {
     }
     d.stop();
 }
+
+/// Bursts of overlapping calls to the Python SDK's server (uvicorn, which closes keep-alive
+/// connections idle for 5 s) with a quiet spell between them longer than that: the pool's
+/// connections are all dead when the second burst arrives, and it must not see a single 502.
+#[test]
+fn a_burst_after_the_upstream_closed_the_pools_idle_connections_is_served_in_full() {
+    let sdk = PyServer::start(true);
+    let (mut d, port) = start_gateway(&[("/mcp", sdk.url())], "");
+    let burst = || {
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8)
+                .map(|i| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        // `count_with_progress` sleeps 10 ms a step: the eight calls overlap, so
+                        // each worker's pool ends up holding several connections.
+                        let body = format!(
+                            r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"count_with_progress","arguments":{{"steps":3}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+                        );
+                        let req = post(
+                            "/mcp",
+                            &body,
+                            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: count_with_progress\r\n",
+                        );
+                        barrier.wait();
+                        let (r, _) = raw(port, &req);
+                        (r.status, r.json())
+                    })
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("call thread"))
+                .collect::<Vec<_>>()
+        })
+    };
+    for (status, body) in burst() {
+        assert_eq!(status, 200, "first burst: {body}");
+    }
+    // uvicorn's default keep-alive timeout is 5 s.
+    std::thread::sleep(Duration::from_millis(6000));
+    for (status, body) in burst() {
+        assert_eq!(status, 200, "after the quiet spell: {body}");
+        assert_eq!(body["result"]["content"][0]["text"], "counted 3", "{body}");
+    }
+    d.stop();
+}
