@@ -278,7 +278,7 @@ pub fn run(quick: bool) -> ProxyReport {
     wait_port(ngx_port, Duration::from_secs(5));
 
     let connections = 32;
-    let seconds = if quick { 2.0 } else { 8.0 };
+    let seconds = if quick { 2.0 } else { 6.0 };
     let spec = |t: &Target<'_>, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], t.port).into(),
         path: t.path.clone(),

@@ -76,6 +76,7 @@ pub fn spawn_workers(
                     tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
                 }
                 let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .uring_builder(uring_builder())
                     .enable_timer()
                     .build();
                 match runtime {
@@ -85,6 +86,27 @@ pub fn spawn_workers(
             })
         })
         .collect()
+}
+
+/// io_uring settings of a worker. With `COOP_TASKRUN` (Linux 5.19) a completion does not
+/// interrupt the worker to run its task work; that waits until the worker next enters the kernel,
+/// which a busy worker does all the time and an idle one does to wait. A/B on 2026-11-25 (same
+/// build, realistic policy, 3 runs each): 40.7k vs 35.1k rps, 20 vs 25 µs of CPU per request.
+/// Where the kernel lacks it, the defaults (monoio falls back to epoll only if io_uring itself is
+/// missing).
+fn uring_builder() -> io_uring::Builder {
+    static COOP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let coop = *COOP.get_or_init(|| {
+        io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+            .setup_coop_taskrun()
+            .build(8)
+            .is_ok()
+    });
+    let mut b = io_uring::IoUring::builder();
+    if coop {
+        b.setup_coop_taskrun();
+    }
+    b
 }
 
 async fn worker(
