@@ -169,21 +169,6 @@ fn host_cpu() -> (u64, u64, u64) {
     (total - idle, f.get(6).copied().unwrap_or(0), total.max(1))
 }
 
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// Spoofed SYNs from 198.19.1.0–198.19.255.255 (random source addresses and ports) to the
 /// gateway's port, as ready-made frames.
 fn spoofed_frames(macs: ([u8; 6], [u8; 6]), n: usize) -> Vec<Vec<u8>> {
@@ -348,7 +333,7 @@ impl Bed<'_> {
         };
         let (ab0, le0) = (counters(ABUSIVE_TENANT), counters(LEGIT_TENANT));
         let tcp0 = tcp_counters(&self.topo.gw);
-        let cpu0 = process_cpu_seconds(pid);
+        let cpu0 = crate::proxy::cpu_seconds(pid);
         let host0 = host_cpu();
         // The flood covers the load's start, warm-up and measured time.
         let deadline = Instant::now() + spec.warmup + spec.duration + Duration::from_millis(400);
@@ -392,7 +377,7 @@ impl Bed<'_> {
                 .zip(&tcp0)
                 .map(|((n, a), (_, b))| (*n, a - b))
                 .collect(),
-            gateway_cpu_per_k: (process_cpu_seconds(pid) - cpu0)
+            gateway_cpu_per_k: (crate::proxy::cpu_seconds(pid) - cpu0)
                 / (result.ok.max(1) as f64 / 1000.0),
             host_busy: (host1.0 - host0.0) as f64 / total,
             host_softirq: (host1.1 - host0.1) as f64 / total,

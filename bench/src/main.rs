@@ -307,7 +307,9 @@ fn flood_report(
          source): {} spoofed SYNs/s from random addresses of its prefix, sent as raw frames (`AF_PACKET`), plus {} threads \
          connecting from 198.19.0.1 and resetting at once. Open-loop runs are offered {:.0} rps, half of the legitimate \
          peak with the program attached and no flood (first round); latency is measured from each request's intended send time. \
-         Everything shares this machine's 2 cores, the flood's sender included. Every condition is measured once per round, \
+         Everything shares this machine's 2 cores, the flood's sender included: a real attacker's own work (building \
+         and sending the frames) would not land on the gateway host, and here it does (compare the host's busy share \
+         with and without the flood). Every condition is measured once per round, \
          rounds interleaved; a row is the condition's median round (by peak rps in closed loop, by p99 in open loop) and \
          the last column gives the range across rounds.\n\n\
          | XDP program | flood | mode | offered rps | achieved rps | errors (missed) | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | SYNs sent/s | abusive connects ok / failed | gateway CPU s / 1k req | host busy | of which softirq | rounds: range |\n\

@@ -24,6 +24,22 @@ pub(crate) fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// CPU seconds process `pid` has used so far (user + system), from /proc.
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// A process under measurement, killed on drop.
 pub(crate) struct Proc(pub(crate) KillOnDrop);
 
@@ -34,19 +50,7 @@ impl Proc {
 
     /// CPU seconds used so far (user + system), from /proc.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-        });
-        // SAFETY: sysconf has no preconditions.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        cpu_seconds(self.pid())
     }
 
     /// Peak resident memory in MiB (VmHWM).

@@ -12,6 +12,16 @@ use super::{BodyKind, ChunkedDecoder, HttpError};
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// What a peek at a socket found.
+enum Peek {
+    /// The peer closed its side, or the socket failed.
+    Closed,
+    /// Bytes are waiting.
+    Data,
+    /// Neither (it would block).
+    Nothing,
+}
+
 pub struct Io {
     pub stream: TcpStream,
     buf: Vec<u8>,
@@ -90,33 +100,22 @@ impl Io {
             if self.stream.readable(false).await.is_err() {
                 return;
             }
-            let mut b = [0u8; 1];
-            // SAFETY: a one-byte peek into a local buffer on a socket this Io owns.
-            let n = unsafe {
-                libc::recv(
-                    self.stream.as_raw_fd(),
-                    b.as_mut_ptr().cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            match n {
-                0 => return,
-                n if n > 0 => return std::future::pending().await,
-                _ => match std::io::Error::last_os_error().kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
-                    _ => return,
-                },
+            match self.peek() {
+                Peek::Closed => return,
+                Peek::Data => return std::future::pending().await,
+                Peek::Nothing => {}
             }
         }
     }
 
     /// For an idle connection: nothing pending, and the peer has neither closed it nor sent
-    /// anything (a non-blocking one-byte peek would block).
+    /// anything.
     pub fn idle_and_open(&self) -> bool {
-        if !self.pending().is_empty() {
-            return false;
-        }
+        self.pending().is_empty() && matches!(self.peek(), Peek::Nothing)
+    }
+
+    /// A non-blocking one-byte peek at the socket: nothing is consumed.
+    fn peek(&self) -> Peek {
         let mut b = [0u8; 1];
         // SAFETY: a one-byte peek into a local buffer on a socket this Io owns.
         let n = unsafe {
@@ -127,7 +126,15 @@ impl Io {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+        match n {
+            0 => Peek::Closed,
+            n if n > 0 => Peek::Data,
+            _ => match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peek::Nothing,
+                // A failed socket is as good as closed.
+                _ => Peek::Closed,
+            },
+        }
     }
 
     /// Shuts the socket down at once, in both directions. A read still in flight on it (one
