@@ -160,11 +160,16 @@ impl TenantPolicy {
             .and_then(|o| o.loop_breaker.clone())
             .or_else(|| defaults.loop_breaker.clone());
         if let Some(l) = &loop_breaker
-            && (l.window_s == 0 || l.max_repeats == 0)
+            && (l.window_s == 0
+                || l.max_repeats == 0
+                || u64::from(l.max_repeats) >= limits::LOOP_COUNT_MAX)
         {
             return Err((
                 format!("{scope}.loop_breaker"),
-                "`window_s` and `max_repeats` must be above 0".into(),
+                format!(
+                    "`window_s` and `max_repeats` must be above 0, `max_repeats` below {}",
+                    limits::LOOP_COUNT_MAX
+                ),
             ));
         }
         Ok(Self {
