@@ -302,6 +302,7 @@ struct Bed<'a> {
     topo: &'a Topology,
     frames: &'a [Vec<u8>],
     seconds: f64,
+    warmup: Duration,
 }
 
 impl Bed<'_> {
@@ -319,7 +320,7 @@ impl Bed<'_> {
             connections: CONNECTIONS,
             threads: 1,
             duration: Duration::from_secs_f64(self.seconds),
-            warmup: Duration::from_secs(1),
+            warmup: self.warmup,
             rate,
             tool: "add".into(),
             headers: String::new(),
@@ -409,7 +410,8 @@ pub fn run(quick: bool) -> FloodReport {
     let bed = Bed {
         topo: &topo,
         frames: &frames,
-        seconds: if quick { 2.0 } else { 5.0 },
+        seconds: if quick { 1.0 } else { 5.0 },
+        warmup: Duration::from_millis(if quick { 500 } else { 1000 }),
     };
     // Rounds, each measuring every condition once, so that the drift of this shared machine
     // touches all alike; a condition's median round is reported with the range across rounds.

@@ -52,6 +52,9 @@ pub struct Mix {
 pub struct LoadResult {
     pub ok: u64,
     pub errors: u64,
+    /// The errors by kind: `HTTP <status>`, `no answer` (closed, failed or timed out),
+    /// `connect failed`, `session refused`.
+    pub error_kinds: std::collections::BTreeMap<String, u64>,
     /// Open loop: requests due within the measured time that were not answered by 1 s after
     /// its end (not sent in time, or answered too late). They are not in the histograms.
     pub missed: u64,
@@ -63,6 +66,11 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    fn error(&mut self, kind: &str) {
+        self.errors += 1;
+        *self.error_kinds.entry(kind.to_owned()).or_default() += 1;
+    }
+
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -243,6 +251,9 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
         let r = h.join().expect("load thread");
         total.ok += r.ok;
         total.errors += r.errors;
+        for (k, n) in r.error_kinds {
+            *total.error_kinds.entry(k).or_default() += n;
+        }
         total.missed += r.missed;
         if let (Some(a), Some(b)) = (total.latency.as_mut(), r.latency.as_ref()) {
             a.add(b).expect("same bounds");
@@ -278,6 +289,9 @@ async fn thread_load(
         let r = t.await;
         out.ok += r.ok;
         out.errors += r.errors;
+        for (k, n) in r.error_kinds {
+            *out.error_kinds.entry(k).or_default() += n;
+        }
         out.missed += r.missed;
         out.latency
             .as_mut()
@@ -308,7 +322,7 @@ async fn connection(
     let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
     sleep_until(start).await;
     let Ok(mut stream) = monoio::net::TcpStream::connect(spec.target).await else {
-        out.errors += 1;
+        out.error("connect failed");
         return out;
     };
     let _ = stream.set_nodelay(true);
@@ -336,7 +350,7 @@ async fn connection(
         )
         .await;
         let Ok(Some(id)) = opened else {
-            out.errors += 1;
+            out.error("session refused");
             return out;
         };
         Some(id)
@@ -398,7 +412,8 @@ async fn connection(
                         .expect("set")
                         .record((done - sent).as_micros().max(1) as u64);
                 }
-                _ => out.errors += 1,
+                Some(status) => out.error(&format!("HTTP {status}")),
+                None => out.error("no answer"),
             }
         } else if interval.is_some() && in_window {
             out.missed += 1;

@@ -70,10 +70,9 @@ fn load_target(args: &Args, target: std::net::SocketAddr) {
     });
     let h = r.latency.as_ref().expect("histogram");
     println!(
-        "{:.0} rps, {} errors, {} missed; µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
+        "{:.0} rps, errors {}; µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
         r.rps(),
-        r.errors,
-        r.missed,
+        errors_cell(&r),
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.9),
         h.value_at_quantile(0.99),
@@ -243,7 +242,8 @@ fn policy_report(
             "A typical `tools/call` (`search_issues` with four arguments), already parsed: identity from an API key \
              (SHA-256 of the key, table lookup), the first of 12 tool rules that matches (globs per upstream), three \
              argument rules (type, pattern, range, length), the tenant's and the agent's rates, the tenant's and the \
-             agent's budgets, and the loop breaker (a digest of the arguments). Timed one decision at a time over {} \
+             agent's budgets, and the loop breaker (a digest of the arguments). 1,024 versions of the call, differing in the \
+             query, taken in turn (so that the loop breaker follows as many distinct calls). Timed one decision at a time over {} \
              decisions after as many for warm-up; the times include one clock read, measured alone beside them.",
             d.decisions
         ),
@@ -303,7 +303,7 @@ fn flood_report(
          Two network namespaces joined by veth. The gateway's namespace runs `mcp-upstream` (1 worker) and the gateway \
          (1 worker, listening on 198.18.0.1) with the XDP program attached in native mode, or not at all. The client's \
          namespace holds the legitimate tenant, whose {} keep-alive connections call `tools/call` (2026-07-28 form) for \
-         {:.0} s after 1 s of warm-up, and the abusive tenant (198.19.0.0/16, limited to 200 new connections/s and 5 per \
+         {:.0} s after a warm-up (1 s; 0.5 s with `--quick`), and the abusive tenant (198.19.0.0/16, limited to 200 new connections/s and 5 per \
          source): {} spoofed SYNs/s from random addresses of its prefix, sent as raw frames (`AF_PACKET`), plus {} threads \
          connecting from 198.19.0.1 and resetting at once. Open-loop runs are offered {:.0} rps, half of the legitimate \
          peak with the program attached and no flood (first round); latency is measured from each request's intended send time. \
@@ -355,7 +355,7 @@ fn flood_report(
         ));
         rows_json.push(serde_json::json!({
             "kernel_program": run.kernel, "flood": run.flood, "offered_rps": run.rate, "achieved_rps": run.result.rps(),
-            "ok": run.result.ok, "errors": run.result.errors, "missed": run.result.missed,
+            "ok": run.result.ok, "errors": run.result.errors, "error_kinds": run.result.error_kinds, "missed": run.result.missed,
             "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
             "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
             "flood_syn_per_s": run.flood_pps, "abusive_connected": run.abusive_connected, "abusive_failed": run.abusive_failed,
@@ -469,10 +469,18 @@ fn flood_report(
 /// The errors column: errors, and in open loop the requests due in the measured time that were
 /// not answered by 1 s after it.
 fn errors_cell(r: &load::LoadResult) -> String {
+    let mut parts: Vec<String> = r
+        .error_kinds
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
     if r.missed > 0 {
-        format!("{} ({} missed)", r.errors, r.missed)
-    } else {
+        parts.push(format!("{} missed", r.missed));
+    }
+    if parts.is_empty() {
         r.errors.to_string()
+    } else {
+        format!("{} ({})", r.errors, parts.join(", "))
     }
 }
 
@@ -502,7 +510,7 @@ fn proxy_report(
     let r = proxy::run(args.quick);
     let mut md = format!(
         "# MCP tools/call: direct vs through the gateway\n\n{}\n\nA small `tools/call` (`add`, stateless 2026-07-28 form) over {} keep-alive \
-         connections from one load thread, {:.0} s per run after 1 s of warm-up. Upstream: `mcp-upstream` (1 worker); gateway: \
+         connections from one load thread, {:.0} s per run after a warm-up (1 s; 0.5 s with `--quick`). Upstream: `mcp-upstream` (1 worker); gateway: \
          passthrough, 1 worker (unpinned), kernel program off (a second gateway process has per-request telemetry off; a third \
          applies a realistic policy: API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and budgets, the loop breaker; \
          the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner, and serves the SDK upstream at `/sdk`); \
@@ -553,7 +561,7 @@ fn proxy_report(
         ));
         rows_json.push(serde_json::json!({
             "scenario": row.scenario, "mode": row.mode, "offered_rps": row.offered_rps, "achieved_rps": row.result.rps(),
-            "ok": row.result.ok, "errors": row.result.errors, "missed": row.result.missed,
+            "ok": row.result.ok, "errors": row.result.errors, "error_kinds": row.result.error_kinds, "missed": row.result.missed,
             "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
             "p999_us": h.value_at_quantile(0.999), "max_us": h.max(), "uncorrected_p99_us": u.value_at_quantile(0.99),
             "rounds": row.rounds, "range": row.range.map(|(lo, hi)| [lo, hi]),

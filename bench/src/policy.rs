@@ -66,7 +66,7 @@ id = 1
 requests_per_sec = 1000000000
 agent_requests_per_sec = 1000000000
 budget = {{ window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }}
-loop_breaker = {{ max_repeats = 1000000000, window_s = 60 }}
+loop_breaker = {{ max_repeats = 100000, window_s = 60 }}
 [[tenants.policy.tools]]
 match = "github/delete_*"
 action = "deny"
@@ -107,7 +107,16 @@ auth = ["api_key"]
     Config::from_toml(&text).expect("bench policy config")
 }
 
-const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":4711,"method":"tools/call","params":{"name":"search_issues","arguments":{"repo":"acme/gateway","query":"label:bug state:open sort:updated","limit":25,"fields":["title","url","labels","updated_at"]},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+/// The typical call, in [`VARIANTS`] versions that differ in the query's page (so that the loop
+/// breaker follows as many distinct calls, as it would in real traffic).
+fn call(page: usize) -> Vec<u8> {
+    format!(
+        r#"{{"jsonrpc":"2.0","id":4711,"method":"tools/call","params":{{"name":"search_issues","arguments":{{"repo":"acme/gateway","query":"label:bug state:open sort:updated page:{page}","limit":25,"fields":["title","url","labels","updated_at"]}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}}}}"#
+    )
+    .into_bytes()
+}
+
+const VARIANTS: usize = 1024;
 
 pub struct DecisionCost {
     pub decisions: u64,
@@ -132,9 +141,15 @@ pub fn decision_cost(n: u64) -> DecisionCost {
     let policy = Policy::compile(&c).expect("compiles");
     let state = Arc::new(State::default());
     let route = &c.routes[0];
-    let Ok(Parsed::Single(m)) = Parser::default().parse(CALL) else {
-        panic!("the call parses");
-    };
+    let calls: Vec<(usize, _)> = (0..VARIANTS)
+        .map(|i| {
+            let bytes = call(i + 1);
+            let Ok(Parsed::Single(m)) = Parser::default().parse(&bytes) else {
+                panic!("the call parses");
+            };
+            (bytes.len(), m)
+        })
+        .collect();
     let source = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
     let headers = [("x-api-key", KEY), ("host", "gw")];
     let header = |name: &str| {
@@ -148,7 +163,8 @@ pub fn decision_cost(n: u64) -> DecisionCost {
     let mut clock = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
     // Warm up, then measure.
     for pass in 0..2 {
-        for _ in 0..n {
+        for i in 0..n {
+            let (len, m) = &calls[i as usize % VARIANTS];
             let t = Instant::now();
             let who = policy.authenticate(route, header, 0).expect("identified");
             let identified = t.elapsed();
@@ -156,7 +172,7 @@ pub fn decision_cost(n: u64) -> DecisionCost {
                 is_request: true,
                 tool: Some(("github", m.name.as_deref().unwrap_or_default())),
                 arguments: m.arguments.as_ref(),
-                message_bytes: CALL.len(),
+                message_bytes: *len,
                 source,
             };
             let admitted = policy.admit(&state, &who, &ask).expect("admitted");
