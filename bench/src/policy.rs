@@ -26,15 +26,6 @@ use crate::proxy::bin;
 
 const KEY: &str = "bench-key-of-acme-0123456789";
 
-/// Lowercase hex SHA-256, as `[[auth.api_keys]] sha256` wants it.
-pub(crate) fn sha256_hex(s: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(s)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A realistic policy: three tenants, an API key, a dozen tool rules with argument rules, rates,
 /// budgets and the loop breaker (limits high enough that the measured calls are admitted).
 fn config() -> Config {
@@ -102,7 +93,7 @@ path = "/mcp"
 upstream = "github"
 auth = ["api_key"]
 "#,
-        sha = sha256_hex(KEY)
+        sha = gateway::policy::sha256_hex(KEY)
     );
     Config::from_toml(&text).expect("bench policy config")
 }

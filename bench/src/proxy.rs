@@ -151,7 +151,7 @@ fn mixed_load() -> Mix {
 }
 
 fn realistic_policy() -> String {
-    let sha = crate::policy::sha256_hex(BENCH_API_KEY);
+    let sha = gateway::policy::sha256_hex(BENCH_API_KEY);
     let tenant_policy = "requests_per_sec = 1000000000\nagent_requests_per_sec = 1000000000\n\
          budget = { window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }\n\
          loop_breaker = { max_repeats = 1000, window_s = 60 }\n";
@@ -164,7 +164,7 @@ fn realistic_policy() -> String {
         for a in 0..MIX_AGENTS_PER_TENANT {
             tenants.push_str(&format!(
                 "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"mix{t}\"\nagent = \"agent{a}\"\n",
-                crate::policy::sha256_hex(&mix_key(t, a))
+                gateway::policy::sha256_hex(mix_key(t, a))
             ));
         }
     }

@@ -101,6 +101,15 @@ pub struct Identity {
 
 const MAX_MATCHED: usize = 10_000;
 
+/// Lowercase hex SHA-256 of `bytes`: how `[[auth.api_keys]] sha256` names a key, and how tool
+/// pins are written.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// One tenant's compiled rules and limits: its own rules, then the defaults'.
 #[derive(Debug)]
 pub struct TenantPolicy {
@@ -447,26 +456,27 @@ impl Policy {
 
     /// The protected resource metadata URL for `route_path`, as `WWW-Authenticate` names it.
     pub fn metadata_url(&self, host: Option<&str>, route_path: &str) -> String {
+        format!(
+            "{}/.well-known/oauth-protected-resource{route_path}",
+            self.public_base(host)
+        )
+    }
+
+    /// Where clients reach the gateway: `auth.metadata.public_url`, else `http://` and the
+    /// request's `Host`; without a trailing slash.
+    fn public_base(&self, host: Option<&str>) -> String {
         let base = self
             .metadata
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", host.unwrap_or("localhost")));
-        format!(
-            "{}/.well-known/oauth-protected-resource{route_path}",
-            base.trim_end_matches('/')
-        )
+        base.trim_end_matches('/').to_owned()
     }
 
     /// The RFC 9728 document for `route_path`.
     pub fn metadata_document(&self, host: Option<&str>, route_path: &str) -> Value {
-        let base = self
-            .metadata
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", host.unwrap_or("localhost")));
         let mut doc = json!({
-            "resource": format!("{}{route_path}", base.trim_end_matches('/')),
+            "resource": format!("{}{route_path}", self.public_base(host)),
             "bearer_methods_supported": ["header"],
         });
         if !self.metadata.authorization_servers.is_empty() {

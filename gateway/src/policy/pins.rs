@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// What is known of one tool.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,10 +60,7 @@ pub fn digest(tool: &Value) -> String {
     }
     let mut bytes = Vec::new();
     canonical(&pinned_part(tool), &mut bytes);
-    Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::sha256_hex(&bytes)
 }
 
 /// Every pin, by `<upstream>/<tool>`; shared by the workers, kept across reloads.

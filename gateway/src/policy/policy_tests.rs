@@ -7,13 +7,6 @@ use super::*;
 const KEY_A: &str = "key-of-acme-0123456789";
 const KEY_B: &str = "key-of-beta-0123456789";
 
-fn sha(s: &str) -> String {
-    Sha256::digest(s)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn config(extra: &str) -> Config {
     let text = format!(
         r#"
@@ -57,8 +50,8 @@ path = "/open"
 upstream = "up"
 {extra}
 "#,
-        a = sha(KEY_A),
-        b = sha(KEY_B)
+        a = sha256_hex(KEY_A),
+        b = sha256_hex(KEY_B)
     );
     Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -168,6 +161,13 @@ fn admit(
     )
 }
 
+/// A policy compiled from `config(extra)`, fresh limit state, and acme's bot as the caller.
+fn acme_policy(extra: &str) -> (Policy, Arc<State>, Identity) {
+    let p = Policy::compile(&config(extra)).unwrap();
+    let who = acme(&p);
+    (p, Arc::new(State::default()), who)
+}
+
 fn acme(p: &Policy) -> Identity {
     Identity {
         tenant: p.by_name["acme"],
@@ -242,7 +242,7 @@ upstream = "up"
 
 #[test]
 fn argument_violations_name_the_rule() {
-    let c = config(
+    let (p, state, who) = acme_policy(
         r#"
 [[policy.tools]]
 match = "read_file"
@@ -252,9 +252,6 @@ required = true
 pattern = "^/srv/"
 "#,
     );
-    let p = Policy::compile(&c).unwrap();
-    let state = Arc::new(State::default());
-    let who = acme(&p);
     assert!(admit(&p, &state, &who, "read_file", json!({"path": "/srv/a"})).is_ok());
     let r = admit(
         &p,
@@ -272,7 +269,7 @@ pattern = "^/srv/"
 
 #[test]
 fn budgets_run_out_per_scope_refund_and_say_what_is_left() {
-    let c = config(
+    let (p, state, who) = acme_policy(
         r#"
 [policy]
 budget = { window_s = 3600, tenant = 100, agent = 10, run = 5 }
@@ -281,9 +278,6 @@ match = "search"
 cost = 2
 "#,
     );
-    let p = Policy::compile(&c).unwrap();
-    let state = Arc::new(State::default());
-    let who = acme(&p);
     let a = admit(&p, &state, &who, "search", json!({"q": 1})).unwrap();
     assert_eq!(a.budget_left.as_deref(), Some("tenant=98; agent=8; run=3"));
     admit(&p, &state, &who, "search", json!({"q": 2})).unwrap();
@@ -302,10 +296,8 @@ cost = 2
 
 #[test]
 fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
-    let c = config("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
-    let p = Policy::compile(&c).unwrap();
-    let state = Arc::new(State::default());
-    let who = acme(&p);
+    let (p, state, who) =
+        acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
     for args in [
         json!({"a": 1, "b": [1, 2]}),
         json!({"b": [1, 2], "a": 1}),
@@ -328,12 +320,9 @@ fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
 
 #[test]
 fn rates_per_tenant_and_per_agent() {
-    let c = config(
+    let (p, state, who) = acme_policy(
         "[policy]\nrequests_per_sec = 1000\nburst = 5\nagent_requests_per_sec = 1000\nagent_burst = 2\n",
     );
-    let p = Policy::compile(&c).unwrap();
-    let state = Arc::new(State::default());
-    let who = acme(&p);
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
     let r = admit(&p, &state, &who, "t", json!({})).unwrap_err();
@@ -424,12 +413,9 @@ fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
 
 #[test]
 fn concurrency_caps_per_tenant_and_tool_free_their_slot_when_the_request_ends() {
-    let c = config(
+    let (p, state, who) = acme_policy(
         "[policy]\nmax_concurrent = 3\n[[policy.tools]]\nmatch = \"slow\"\nmax_concurrent = 1\n",
     );
-    let p = Policy::compile(&c).unwrap();
-    let state = Arc::new(State::default());
-    let who = acme(&p);
     let first = admit(&p, &state, &who, "slow", json!({"n": 1})).unwrap();
     let r = admit(&p, &state, &who, "slow", json!({"n": 2})).unwrap_err();
     assert_eq!(
