@@ -368,11 +368,18 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => return respond(200, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
-            let ready = lock(control).ready;
-            return if ready {
-                respond(200, "text/plain", "ready\n".into())
-            } else {
+            let c = lock(control);
+            let down = c.shared.workers_down();
+            return if !c.ready {
                 respond(503, "text/plain", "not ready\n".into())
+            } else if !down.is_empty() {
+                respond(
+                    503,
+                    "text/plain",
+                    format!("not ready: workers down {down:?}\n"),
+                )
+            } else {
+                respond(200, "text/plain", "ready\n".into())
             };
         }
         _ => {}

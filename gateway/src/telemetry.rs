@@ -47,6 +47,23 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         )
         .collect();
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_workers_up Data-plane workers serving now (one per core).\n# TYPE mcp_gateway_workers_up gauge\nmcp_gateway_workers_up {}",
+        shared.workers_up.len() - shared.workers_down().len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_panics_total Connection tasks that panicked (answered 500 and closed; the worker lived on).\n# TYPE mcp_gateway_panics_total counter\nmcp_gateway_panics_total {}",
+        shared.panics.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_worker_restarts_total Worker runtimes that panicked and were started again.\n# TYPE mcp_gateway_worker_restarts_total counter\nmcp_gateway_worker_restarts_total {}",
+        shared
+            .worker_restarts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     let breakers = shared.breakers.states();
     if !breakers.is_empty() {
         let _ = writeln!(

@@ -226,6 +226,7 @@ async fn handle(
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
+    crate::runtime::inject_fault(req);
     let config = &snapshot.config;
     let started = Instant::now();
     let obs = Obs::default();

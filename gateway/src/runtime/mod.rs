@@ -8,10 +8,10 @@
 pub mod shared;
 
 use std::{
-    cell::Cell,
     net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
     rc::Rc,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -70,23 +70,108 @@ pub fn spawn_workers(
         .map(|(index, sockets)| {
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
-            std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
-                block_process_signals();
-                if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
-                    tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
-                }
-                let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .uring_builder(uring_builder())
-                    .enable_timer()
-                    .build();
-                match runtime {
-                    Ok(mut rt) => rt.block_on(worker(index, sockets, shared, shutdown, grace)),
-                    Err(e) => tracing::error!(worker = index, error = %e, "worker runtime failed to start"),
-                }
-            })
+            std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    block_process_signals();
+                    if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
+                        tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
+                    }
+                    supervise(index, sockets, &shared, &shutdown, grace);
+                })
         })
         .collect()
 }
+
+/// Runs worker `index` on this thread until shutdown, starting its runtime again whenever it
+/// panics: a connection task's panic is contained in [`serve_contained`], so reaching this means
+/// the worker's own loop failed. A dead monoio runtime cannot be cleaned up: its pending tasks
+/// and their io_uring operations are leaked, and a leaked accept would go on taking connections
+/// that nobody serves. So the dead incarnation's listening sockets and connections are shut
+/// down (the peers see them close; the descriptors stay with the leaked tasks), and the next
+/// incarnation listens on new sockets bound to the same addresses. `/readyz` reports the worker
+/// down until it serves again.
+fn supervise(
+    index: usize,
+    mut sockets: Vec<TcpListener>,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let up = &shared.workers_up[index];
+    loop {
+        let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .uring_builder(uring_builder())
+            .enable_timer()
+            .build();
+        let incarnation: std::io::Result<Vec<TcpListener>> =
+            sockets.iter().map(TcpListener::try_clone).collect();
+        let (mut rt, incarnation) = match (runtime, incarnation) {
+            (Ok(rt), Ok(s)) => (rt, s),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(worker = index, error = %e, "worker runtime failed to start");
+                return;
+            }
+        };
+        let open = OpenConns::default();
+        up.store(true, Ordering::Relaxed);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(worker(
+                index,
+                incarnation,
+                Arc::clone(shared),
+                shutdown.clone(),
+                grace,
+                Rc::clone(&open),
+            ));
+        }));
+        up.store(false, Ordering::Relaxed);
+        if run.is_ok() || *shutdown.borrow() {
+            return;
+        }
+        shared.worker_restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            worker = index,
+            connections = open.borrow().len(),
+            "worker panicked; closing its connections and starting it again"
+        );
+        for fd in open.borrow().iter() {
+            // SAFETY: shutdown(2) only; the descriptor stays open, owned by the leaked task.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        shared.conns.reset(index);
+        drop(rt);
+        sockets = match rebind(&sockets) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(worker = index, error = %e, "cannot listen again; worker stays down");
+                return;
+            }
+        };
+        // No tight loop if it fails at once again.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// New listening sockets on the addresses of `old`, which stop listening (taking them out of
+/// the `SO_REUSEPORT` group, so that no new connection waits on a dead worker's socket).
+fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
+    let addrs: Vec<SocketAddr> = old
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    for l in old {
+        // SAFETY: shutdown(2) on a socket this thread holds.
+        unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    addrs
+        .into_iter()
+        .map(|a| bind_reuseport(a, 1).map(|mut v| v.remove(0)))
+        .collect()
+}
+
+/// The descriptors of a worker's open client connections (their count is its load).
+type OpenConns = Rc<std::cell::RefCell<rustc_hash::FxHashSet<std::os::fd::RawFd>>>;
 
 /// io_uring settings of a worker. With `COOP_TASKRUN` (Linux 5.19) a completion does not
 /// interrupt the worker to run its task work; that waits until the worker next enters the kernel,
@@ -115,8 +200,8 @@ async fn worker(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
+    active: OpenConns,
 ) {
-    let active = Rc::new(Cell::new(0usize));
     let ctx = WorkerCtx::new(Arc::clone(&shared), index);
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
     for socket in sockets {
@@ -137,16 +222,16 @@ async fn worker(
     }
     stopped(&mut shutdown).await;
     let deadline = monoio::time::Instant::now() + grace;
-    while active.get() > 0 && monoio::time::Instant::now() < deadline {
+    while !active.borrow().is_empty() && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     if let Some(last) = ctx.recorder.borrow_mut().take() {
         let _ = shared.stats_tx.send(last);
     }
-    if active.get() > 0 {
+    if !active.borrow().is_empty() {
         tracing::warn!(
             worker = index,
-            open = active.get(),
+            open = active.borrow().len(),
             "grace period over; closing connections"
         );
     }
@@ -157,7 +242,7 @@ async fn accept_loop(
     listener: monoio::net::TcpListener,
     ctx: Rc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
-    active: Rc<Cell<usize>>,
+    active: OpenConns,
 ) {
     loop {
         let accepted = monoio::select! {
@@ -197,16 +282,54 @@ async fn accept_loop(
             continue;
         }
         shared.conns.opened(worker, tenant);
-        active.set(active.get() + 1);
+        let fd = stream.as_raw_fd();
+        active.borrow_mut().insert(fd);
         let ctx = Rc::clone(&ctx);
         let active = Rc::clone(&active);
         let shutdown = shutdown.clone();
         monoio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            mcp::proxy::serve(stream, peer, Rc::clone(&ctx), shutdown).await;
+            serve_contained(stream, peer, &ctx, shutdown).await;
             ctx.shared.conns.closed(worker, tenant);
-            active.set(active.get() - 1);
+            active.borrow_mut().remove(&fd);
         });
+    }
+}
+
+/// Serves a connection; a panic in it is contained: the client is answered 500 (best effort:
+/// the connection may be mid-answer), the connection closed and the panic counted, and the
+/// worker goes on with its other connections.
+async fn serve_contained(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &Rc<WorkerCtx>,
+    shutdown: watch::Receiver<bool>,
+) {
+    use futures_util::FutureExt as _;
+    let fd = stream.as_raw_fd();
+    let served = mcp::proxy::serve(stream, peer, Rc::clone(ctx), shutdown);
+    // Pinned here so that the stream (inside) stays open until the 500 is written.
+    let mut served = std::pin::pin!(std::panic::AssertUnwindSafe(served).catch_unwind());
+    if (&mut served).await.is_err() {
+        ctx.shared.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%peer, "a connection task panicked; answered 500 and closed");
+        let body =
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}"#;
+        let resp = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // SAFETY: `fd` belongs to the stream, which `served` still owns; a non-blocking send
+        // and a shutdown (so that a read the ring still holds completes and the drop closes it).
+        unsafe {
+            libc::send(
+                fd,
+                resp.as_ptr().cast(),
+                resp.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
     }
 }
 
@@ -267,4 +390,25 @@ async fn refuse_at_cap(mut stream: TcpStream) {
         body.len()
     );
     let _ = stream.write_all(resp.into_bytes()).await;
+}
+
+/// Test-only fault injection, off unless the process was started with
+/// `MCP_GATEWAY_FAULT_INJECTION=1` (the containment tests use it; nothing else should): a
+/// request carrying `x-fault-inject: panic-connection` panics its connection task, one carrying
+/// `panic-worker` panics the worker's runtime.
+pub(crate) fn inject_fault(req: &crate::http::Request) {
+    static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var_os("MCP_GATEWAY_FAULT_INJECTION").is_some_and(|v| v == "1")
+    });
+    if !*ENABLED {
+        return;
+    }
+    match req.header_str("x-fault-inject") {
+        Some("panic-connection") => panic!("fault injection: a connection task panics"),
+        Some("panic-worker") => {
+            // A task of its own, outside any connection's containment: the runtime dies.
+            monoio::spawn(async { panic!("fault injection: a worker panics") });
+        }
+        _ => {}
+    }
 }

@@ -95,6 +95,13 @@ impl ConnTable {
         self.rows[worker][tenant as usize].fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Forgets a worker's connections: its runtime died and took them with it.
+    pub fn reset(&self, worker: usize) {
+        for c in &self.rows[worker] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Open connections of `tenant` over all workers.
     pub fn total(&self, tenant: u32) -> u64 {
         self.rows
@@ -125,6 +132,13 @@ pub struct Shared {
     pub ban_rx:
         std::sync::Mutex<std::sync::mpsc::Receiver<(std::net::IpAddr, std::time::Duration)>>,
     pub audit: crate::policy::audit::AuditLog,
+    /// Which workers are serving (a worker whose runtime panicked is down until it restarts);
+    /// `/readyz` answers 503 while any is down.
+    pub workers_up: Box<[AtomicBool]>,
+    /// Connection tasks that panicked (each answered 500 and was closed; the worker lived on).
+    pub panics: AtomicU64,
+    /// Worker runtimes that panicked and were started again.
+    pub worker_restarts: AtomicU64,
 }
 
 impl Shared {
@@ -152,6 +166,9 @@ impl Shared {
             stats_rx: std::sync::Mutex::new(stats_rx),
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             conns: ConnTable::new(workers),
+            workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            panics: AtomicU64::new(0),
+            worker_restarts: AtomicU64::new(0),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
         }
@@ -163,6 +180,16 @@ impl Shared {
 
     pub fn set_at_cap(&self, tenant: u32, v: bool) {
         self.at_cap[tenant as usize].store(v, Ordering::Relaxed);
+    }
+
+    /// The workers that are not serving now.
+    pub fn workers_down(&self) -> Vec<usize> {
+        self.workers_up
+            .iter()
+            .enumerate()
+            .filter(|(_, up)| !up.load(Ordering::Relaxed))
+            .map(|(i, _)| i)
+            .collect()
     }
 }
 
