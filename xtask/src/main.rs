@@ -39,6 +39,15 @@ enum Verb {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Fuzz the parsers (cargo-fuzz, libFuzzer, nightly): one target or all of them in turn,
+    /// each for `--seconds`; new inputs go to fuzz/corpus/<target>, crashes to fuzz/artifacts.
+    Fuzz {
+        /// One of the targets in fuzz/Cargo.toml; all of them when absent.
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Benchmarks; results go to bench/results/.
     Bench {
         /// A short sanity run.
@@ -51,7 +60,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
-    let test_peers = matches!(cli.verb, Verb::Setup | Verb::Test { .. });
+    let test_peers = matches!(
+        cli.verb,
+        Verb::Setup | Verb::Test { .. } | Verb::Fuzz { .. }
+    );
     let bench_peers = matches!(cli.verb, Verb::Setup | Verb::Bench { .. });
     setup::ensure(test_peers, bench_peers).context("setup failed")?;
     match cli.verb {
@@ -78,6 +90,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Test { filter, no_lint } => test(filter, no_lint),
+        Verb::Fuzz { target, seconds } => {
+            let targets = match target {
+                Some(t) => vec![t],
+                None => fuzz_targets()?,
+            };
+            for t in &targets {
+                fuzz(t, seconds)?;
+            }
+            Ok(())
+        }
         Verb::Bench { quick } => {
             build_release()?;
             require_root("cargo xtask bench (BPF_PROG_TEST_RUN)")?;
@@ -194,6 +216,14 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     }
     run(&mut unit)?;
 
+    // Every fuzz target over its committed corpus, briefly: a regression of a fixed input
+    // (or one close to it) fails here; long runs are `cargo xtask fuzz`.
+    if filter.is_none() {
+        for t in fuzz_targets()? {
+            fuzz(&t, 15)?;
+        }
+    }
+
     // Privileged tests: a real kernel program through BPF_PROG_TEST_RUN and in network
     // namespaces. They need the release daemon binary and root.
     build_release()?;
@@ -225,6 +255,35 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
         it.arg(f);
     }
     run(&mut it)
+}
+
+/// The fuzz targets: the `[[bin]]` names of fuzz/Cargo.toml.
+fn fuzz_targets() -> anyhow::Result<Vec<String>> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fuzz", "list"])
+        .output()
+        .context("cargo fuzz list")?;
+    if !out.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs fuzz target `target` for `seconds` over its corpus (fuzz/corpus/<target>); a crash
+/// fails, with the input left in fuzz/artifacts/<target>.
+fn fuzz(target: &str, seconds: u64) -> anyhow::Result<()> {
+    eprintln!("fuzz: {target} for {seconds} s");
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-print_final_stats=1"))
+    .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}"))
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -14,6 +14,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds and runs the fuzz targets in `fuzz/` (libFuzzer, on the nightly toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The benchmark's peer: nginx as a plain reverse proxy (run with its own configuration; the
 /// package's service is not used).
@@ -34,8 +36,27 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
         apt(&["tmux"])?;
         python_peers()?;
         node_peers()?;
+        cargo_fuzz()?;
     }
     Ok(())
+}
+
+/// cargo-fuzz, pinned: `cargo xtask test` runs every fuzz target over its corpus, and
+/// `cargo xtask fuzz` runs them for longer.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let have = output(crate::cargo().args(["fuzz", "--version"])).unwrap_or_default();
+    if have.contains(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    crate::run(crate::cargo().args([
+        "install",
+        "--locked",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+    .context("cargo install cargo-fuzz")
 }
 
 /// Node 22 (the conformance suite needs it; the machine's Node may be older), the MCP
