@@ -892,10 +892,8 @@ async fn pump(
         }
         let filled = monoio::select! {
             r = conn.fill(idle) => r,
-            _ = &mut stopped => {
-                conn.abort();
-                return;
-            }
+            // Dropping `conn` closes it.
+            _ = &mut stopped => return,
         };
         match filled {
             Ok(n) if n > 0 => {}
@@ -920,7 +918,10 @@ fn request_id(m: &Option<Message>) -> Option<Id> {
 fn describe(f: UpstreamFailure) -> String {
     match f {
         UpstreamFailure::Timeout => "did not answer in time".into(),
-        UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => d,
+        UpstreamFailure::Connect(d)
+        | UpstreamFailure::Unsent(d)
+        | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::ClientGone => "the client left".into(),
     }
 }
