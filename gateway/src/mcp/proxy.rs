@@ -965,10 +965,16 @@ async fn exchange(
         .await
         .map_err(|e| UpstreamFailure::Unsent(e.to_string()))?;
     let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let mut end = http::HeadEnd::default();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(conn.pending()) {
+        let status = if end.may_be_complete(conn.pending()) {
+            resp.parse(conn.pending())
+        } else {
+            Ok(httparse::Status::Partial)
+        };
+        match status {
             Ok(httparse::Status::Complete(n)) => {
                 let head = ResponseHead {
                     status: resp.code.unwrap_or(502),
@@ -980,7 +986,9 @@ async fn exchange(
                 };
                 conn.consume(n);
                 if (100..200).contains(&head.status) {
-                    continue; // 100 Continue and other interim responses
+                    // 100 Continue and other interim responses; the next head starts here.
+                    end = http::HeadEnd::default();
+                    continue;
                 }
                 return Ok(head);
             }
@@ -1185,16 +1193,6 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// End of the last complete SSE event in `buf` (events end with a blank line).
-pub(super) fn sse_boundary(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    lf.max(crlf)
-}
-
 /// Streams the upstream's response to the client. Returns whether the client connection can
 /// carry another request. Inside a federation (`member`), the upstream's session header is
 /// dropped (the client holds the gateway's) and each SSE event is rewritten.
@@ -1298,7 +1296,9 @@ async fn relay(
     };
 
     let mut decoder = ChunkedDecoder::default();
-    let mut sse_buf: Vec<u8> = Vec::new();
+    // One event is held at most as large as a request body may be.
+    let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
+    let mut sse_buf = super::sse::EventBuffer::new(max_event);
     let mut piece = Vec::new();
     let finished = loop {
         // Take what has arrived.
@@ -1328,16 +1328,14 @@ async fn relay(
         // Forward it; SSE only at event boundaries, so that an error event can always be
         // appended cleanly.
         let data: Vec<u8> = if sse {
-            sse_buf.extend_from_slice(&piece);
-            match sse_boundary(&sse_buf) {
-                Some(end) => {
-                    let events: Vec<u8> = sse_buf.drain(..end).collect();
-                    match member {
-                        Some(name) => super::federation::rewrite_events(name, &events),
-                        None => events,
-                    }
-                }
-                None => Vec::new(),
+            sse_buf.push(&piece);
+            match sse_buf.take_events() {
+                Ok(Some(events)) => match member {
+                    Some(name) => super::federation::rewrite_events(name, &events),
+                    None => events,
+                },
+                Ok(None) => Vec::new(),
+                Err(_) => break Err("upstream event larger than the body limit"),
             }
         } else {
             std::mem::take(&mut piece)
@@ -1389,7 +1387,7 @@ async fn relay(
         Ok(()) => {
             if classify_answer {
                 if sse && !sse_buf.is_empty() {
-                    answer = sse_buf.clone();
+                    answer = sse_buf.rest().to_vec();
                 }
                 let message = if sse {
                     last_event_data(&answer)
@@ -1402,9 +1400,10 @@ async fn relay(
             }
             if !sse_buf.is_empty() {
                 // A last event without its blank line.
+                let rest = sse_buf.take_rest();
                 let last = match member {
-                    Some(name) => super::federation::rewrite_events(name, &sse_buf),
-                    None => sse_buf,
+                    Some(name) => super::federation::rewrite_events(name, &rest),
+                    None => rest,
                 };
                 let _ = client.write_all(chunk(&last)).await;
             }

@@ -23,12 +23,20 @@ use integration_tests::{
 /// Timeouts of the gateway under test: request, idle and upstream response.
 const TIMEOUT_MS: u64 = 400;
 
-/// `extra` is appended; a line starting with `default_tenant` goes into `[kernel]`.
-fn config(instance: &str, port: u16, upstream: u16, extra: &str) -> String {
-    let (kernel, extra) = match extra.strip_prefix("default_tenant") {
-        Some(_) => extra.split_once('\n').unwrap_or((extra, "")),
-        None => ("", extra),
-    };
+/// Extra configuration: lines for `[kernel]`, lines for `[http]`, tables appended.
+#[derive(Default, Clone, Copy)]
+struct Extra<'a> {
+    kernel: &'a str,
+    http: &'a str,
+    tables: &'a str,
+}
+
+fn config(instance: &str, port: u16, upstream: u16, extra: Extra<'_>) -> String {
+    let Extra {
+        kernel,
+        http,
+        tables,
+    } = extra;
     format!(
         r#"
 [gateway]
@@ -45,6 +53,7 @@ enabled = false
 [http]
 request_timeout_ms = {TIMEOUT_MS}
 idle_timeout_ms = {TIMEOUT_MS}
+{http}
 [[upstreams]]
 name = "u"
 url = "http://127.0.0.1:{upstream}/mcp"
@@ -53,7 +62,7 @@ stream_idle_timeout_ms = {TIMEOUT_MS}
 [[routes]]
 path = "/mcp"
 upstream = "u"
-{extra}
+{tables}
 "#,
         admin = free_port()
     )
@@ -78,7 +87,7 @@ fn settled(pid: u32, baseline: usize) -> usize {
 
 /// A gateway in front of `upstream`, warmed up (one request answered locally), and its
 /// descriptor count at rest.
-fn gateway(upstream: u16, extra: &str) -> (Daemon, u16, usize) {
+fn gateway(upstream: u16, extra: Extra<'_>) -> (Daemon, u16, usize) {
     let port = free_port();
     let instance = unique("gwio");
     let d = Daemon::start_local(&instance, &config(&instance, port, upstream, extra));
@@ -269,7 +278,7 @@ fn connect(port: u16) -> TcpStream {
 
 #[test]
 fn idle_and_slow_clients_are_closed_with_their_sockets() {
-    let (d, port, baseline) = gateway(free_port(), "");
+    let (d, port, baseline) = gateway(free_port(), Extra::default());
     // Idle: connected, nothing sent.
     let mut idle: Vec<TcpStream> = (0..4).map(|_| connect(port)).collect();
     for s in &mut idle {
@@ -309,7 +318,7 @@ fn an_upstream_that_never_answers_gets_504_and_its_socket_closed() {
             seen.lock().unwrap().push(b);
         }
     }));
-    let (d, port, baseline) = gateway(fake.port, "");
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
     let mut client = connect(port);
     for id in 1..=3 {
         client.write_all(&call(id, "echo")).unwrap();
@@ -345,7 +354,7 @@ fn an_upstream_closing_mid_chunk_closes_the_client_connection() {
             let _ = conn.shutdown(Shutdown::Both);
         }
     }));
-    let (d, port, baseline) = gateway(fake.port, "");
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
     let mut client = connect(port);
     client.write_all(&call(1, "echo")).unwrap();
     let got = read_until_closed(&mut client, Duration::from_secs(3), "truncated answer");
@@ -395,7 +404,7 @@ fn a_client_that_never_reads_is_cut_off_and_releases_the_upstream() {
             }
         }
     }));
-    let (d, port, baseline) = gateway(fake.port, "");
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
     let mut client = connect(port);
     client.write_all(&call(1, "echo")).unwrap();
     // Never read; the gateway must give up on this client after its send timeout.
@@ -414,7 +423,11 @@ fn a_client_that_never_reads_is_cut_off_and_releases_the_upstream() {
 
 #[test]
 fn max_connections_counts_sockets_that_are_really_open() {
-    let extra = "default_tenant = \"other\"\n[[tenants]]\nname = \"other\"\nid = 0\n[[tenants]]\nname = \"local\"\nid = 1\nsources = [\"127.0.0.1/32\"]\nmax_connections = 2\n";
+    let extra = Extra {
+        kernel: "default_tenant = \"other\"",
+        tables: "[[tenants]]\nname = \"other\"\nid = 0\n[[tenants]]\nname = \"local\"\nid = 1\nsources = [\"127.0.0.1/32\"]\nmax_connections = 2\n",
+        ..Extra::default()
+    };
     let (d, port, baseline) = gateway(free_port(), extra);
     let mut held = Vec::new();
     for round in 0..3 {
@@ -463,7 +476,7 @@ fn smuggling_upstream(delay: Duration) -> Fake {
 fn a_pooled_connection_with_bytes_pending_is_never_reused() {
     for delay in [Duration::ZERO, Duration::from_millis(50)] {
         let fake = smuggling_upstream(delay);
-        let (_d, port, _) = gateway(fake.port, "");
+        let (_d, port, _) = gateway(fake.port, Extra::default());
         for id in 1..=3u64 {
             // Each request on a connection of its own, as different clients.
             let mut client = connect(port);
@@ -496,7 +509,7 @@ fn a_tools_call_the_upstream_may_have_received_is_not_replayed() {
             )));
         }
     }));
-    let (_d, port, _) = gateway(fake.port, "");
+    let (_d, port, _) = gateway(fake.port, Extra::default());
     let mut client = connect(port);
     client.write_all(&call(1, "first")).unwrap();
     assert_eq!(read_response(&mut client).expect("an answer").status, 200);
@@ -513,4 +526,50 @@ fn a_tools_call_the_upstream_may_have_received_is_not_replayed() {
     assert_eq!(executed, 1, "the call reached the upstream exactly once");
     assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["id"], 2);
+}
+
+#[test]
+fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
+    // One event of 256 KiB, trickled, against a 64 KiB body limit.
+    let fake = Fake::start(Box::new(|conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        let _ = conn.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        let first = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+        let _ = write!(conn, "{:x}\r\n", first.len());
+        let _ = conn.write_all(first);
+        let _ = conn.write_all(b"\r\n");
+        let _ = conn.write_all(b"6\r\ndata: \r\n");
+        let piece = vec![b'x'; 4096];
+        for _ in 0..64 {
+            let _ = write!(conn, "{:x}\r\n", piece.len());
+            let _ = conn.write_all(&piece);
+            if conn.write_all(b"\r\n").is_err() {
+                return;
+            }
+        }
+    }));
+    let (_d, port, _) = gateway(
+        fake.port,
+        Extra {
+            http: "max_body_bytes = 65536",
+            ..Extra::default()
+        },
+    );
+    let mut client = connect(port);
+    client.write_all(&call(7, "echo")).unwrap();
+    let r = read_response(&mut client).expect("a complete (chunked) answer");
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("notifications/progress"), "{body}");
+    assert!(!body.contains("xxxx"), "the oversized event is not relayed");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    assert!(
+        last.contains("\"id\":7") && last.contains("larger than the body limit"),
+        "the stream ends with an error for the request: {last}"
+    );
+    assert!(fake.all_closed(), "the upstream stream is closed");
 }
