@@ -5,11 +5,13 @@
 //! line is an error that closes the connection.
 
 mod body;
+mod head;
 mod io;
 
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
+pub use head::HeadEnd;
 pub use io::Io;
 
 /// Limits of the server side, each with the status it answers.
@@ -153,10 +155,16 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
         return Err(HttpError::Closed);
     }
     let deadline = monoio::time::Instant::now() + limits.request_timeout;
+    let mut end = HeadEnd::default();
     let (head_len, mut req) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(io.pending()) {
+        let status = if end.may_be_complete(io.pending()) {
+            parsed.parse(io.pending())
+        } else {
+            Ok(httparse::Status::Partial)
+        };
+        match status {
             Ok(httparse::Status::Complete(n)) => {
                 let req = Request {
                     method: parsed.method.unwrap_or_default().to_owned(),

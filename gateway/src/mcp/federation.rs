@@ -21,7 +21,7 @@ use super::{
     Id, Kind, Message, RpcError, error,
     proxy::{self, Obs, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession},
-    version,
+    sse, version,
 };
 use crate::{
     config::{Config, Member, Upstream},
@@ -803,6 +803,7 @@ impl<'c> Federation<'_, 'c> {
                         conn,
                         kind,
                         up.stream_idle_timeout,
+                        self.config.http.max_body_bytes,
                         tx.clone(),
                         stopped,
                     ));
@@ -856,46 +857,57 @@ impl<'c> Federation<'_, 'c> {
     }
 }
 
-/// Moves one member's stream into the merged one, event by event, rewritten.
+/// Moves one member's stream into the merged one, event by event, rewritten. An event over
+/// `max_event` bytes ends this member's stream (the merged one stays at an event boundary).
 async fn pump(
     name: String,
     mut conn: Io,
     kind: BodyKind,
     idle: Duration,
+    max_event: usize,
     mut tx: mpsc::Sender<Vec<u8>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut decoder = ChunkedDecoder::default();
-    let mut buf = Vec::new();
+    let mut events = sse::EventBuffer::new(max_event);
+    let mut piece = Vec::new();
     loop {
-        match kind {
-            BodyKind::Chunked => match decoder.decode(conn.pending(), &mut buf) {
+        let done = match kind {
+            BodyKind::Chunked => match decoder.decode(conn.pending(), &mut piece) {
                 Ok((used, done)) => {
                     conn.consume(used);
-                    if done {
-                        return;
-                    }
+                    done
                 }
                 Err(_) => return,
             },
             _ => {
                 let n = conn.pending().len();
-                buf.extend_from_slice(conn.pending());
+                piece.extend_from_slice(conn.pending());
                 conn.consume(n);
+                false
             }
-        }
-        if let Some(end) = proxy::sse_boundary(&buf) {
-            let events: Vec<u8> = buf.drain(..end).collect();
-            if tx.send(rewrite_events(&name, &events)).await.is_err() {
+        };
+        events.push(&piece);
+        piece.clear();
+        match events.take_events() {
+            Ok(Some(complete)) => {
+                if tx.send(rewrite_events(&name, &complete)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                tracing::warn!(upstream = %name, "event larger than the body limit: stream ended");
                 return;
             }
+        }
+        if done {
+            return;
         }
         let filled = monoio::select! {
             r = conn.fill(idle) => r,
-            _ = &mut stopped => {
-                conn.abort();
-                return;
-            }
+            // Dropping `conn` closes it.
+            _ = &mut stopped => return,
         };
         match filled {
             Ok(n) if n > 0 => {}
@@ -920,7 +932,10 @@ fn request_id(m: &Option<Message>) -> Option<Id> {
 fn describe(f: UpstreamFailure) -> String {
     match f {
         UpstreamFailure::Timeout => "did not answer in time".into(),
-        UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => d,
+        UpstreamFailure::Connect(d)
+        | UpstreamFailure::Unsent(d)
+        | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::ClientGone => "the client left".into(),
     }
 }
@@ -953,7 +968,7 @@ pub(super) fn response_message(
     let is_answer =
         |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
     if head.is_sse() {
-        for event in split_events(body) {
+        for event in sse::split(body) {
             if let Some(v) =
                 event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok())
                 && is_answer(&v)
@@ -981,30 +996,6 @@ fn response_result(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<
             v["error"]["code"], v["error"]["message"]
         )),
     }
-}
-
-/// SSE events in `buf` (each without its blank line).
-fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        while !rest.is_empty() {
-            let (event, next) = match (find(rest, b"\n\n"), find(rest, b"\r\n\r\n")) {
-                (Some(a), Some(b)) if b < a => (&rest[..b], &rest[b + 4..]),
-                (Some(a), _) => (&rest[..a], &rest[a + 2..]),
-                (None, Some(b)) => (&rest[..b], &rest[b + 4..]),
-                (None, None) => (rest, &rest[rest.len()..]),
-            };
-            rest = next;
-            if !event.is_empty() {
-                return Some(event);
-            }
-        }
-        None
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -1057,7 +1048,7 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 /// member's tag. Everything else passes as it is.
 pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
-    for event in split_events(events) {
+    for event in sse::split(events) {
         let mut data = event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok());
         let changed = match data.as_mut() {
             Some(v) if v.get("method").is_some() => {

@@ -7,6 +7,7 @@ pub mod headers;
 pub mod jsonrpc;
 pub mod proxy;
 pub mod session;
+pub mod sse;
 pub mod version;
 
 pub use error::RpcError;

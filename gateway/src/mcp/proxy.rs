@@ -112,16 +112,12 @@ fn last_event_data(buf: &[u8]) -> Vec<u8> {
     data
 }
 
-/// How long a pooled connection may sit idle before it is checked for a close by the upstream.
-const POOL_CHECK_AFTER: Duration = Duration::from_millis(500);
-
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub(super) parser: RefCell<Parser>,
-    /// Idle upstream connections by address, each with the time it went idle; the most recently
-    /// used on top.
-    pool: RefCell<HashMap<SocketAddr, Vec<(Io, Instant)>>>,
+    /// Idle upstream connections by address, the most recently used on top.
+    pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
     /// This worker's telemetry, shipped to the control thread once a second.
     pub recorder: RefCell<Recorder>,
 }
@@ -137,27 +133,32 @@ impl WorkerCtx {
         })
     }
 
-    /// An idle connection to `addr`, if one is still open. Servers close idle keep-alive
-    /// connections on their own schedule (uvicorn after 5 s, Node after 5 s): one idle for more
-    /// than [`POOL_CHECK_AFTER`] is checked first (a non-blocking peek) and dropped if the
-    /// upstream has closed it, so that a burst after a quiet spell does not meet a pool of dead
-    /// connections.
+    /// An idle connection to `addr`, if one is still open and silent. Each is checked first (a
+    /// non-blocking peek): one the upstream closed (servers close idle keep-alive connections
+    /// on their own schedule: uvicorn after 5 s, Node after 5 s) or sent anything on since its
+    /// last answer is dropped. Bytes sent after an answer belong to no request: read as the
+    /// next answer they would reach another client.
     pub(super) fn checkout(&self, addr: SocketAddr) -> Option<Io> {
         let mut pool = self.pool.borrow_mut();
         let idle = pool.get_mut(&addr)?;
-        while let Some((io, since)) = idle.pop() {
-            if since.elapsed() < POOL_CHECK_AFTER || io.idle_and_open() {
+        while let Some(io) = idle.pop() {
+            if io.idle_and_open() {
                 return Some(io);
             }
         }
         None
     }
 
+    /// Returns a connection whose exchange is complete to the pool; one with bytes read past
+    /// its answer, or with an abandoned read or write, is closed instead.
     pub(super) fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
+        if !io.intact() {
+            return;
+        }
         let mut pool = self.pool.borrow_mut();
         let idle = pool.entry(addr).or_default();
         if idle.len() < max_idle {
-            idle.push((io, Instant::now()));
+            idle.push(io);
         }
     }
 }
@@ -178,10 +179,12 @@ pub async fn serve(
     ctx: Rc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut io = Io::new(stream);
+    let mut io = Io::new(stream, Duration::ZERO);
     loop {
         let snapshot = ctx.shared.snapshot.load_full();
         let limits = limits(&snapshot.config);
+        // A client must take each write of an answer within the request timeout.
+        io.set_send_timeout(limits.request_timeout);
         // Idle between requests: a shutdown closes the connection here, never mid-request.
         if io.pending().is_empty() {
             let first = monoio::select! {
@@ -925,7 +928,11 @@ impl ResponseHead {
 pub(super) enum UpstreamFailure {
     Connect(String),
     Timeout,
-    /// Failed before any response byte: on a reused connection, worth one retry.
+    /// The request could not be written: certainly not processed, so on a reused connection
+    /// worth one retry.
+    Unsent(String),
+    /// The request was written, then the connection failed before any response byte: the
+    /// upstream may have executed it, so it is retried only if it is idempotent.
     NoResponse(String),
     Bad(String),
     /// The client left while waiting (not an upstream failure).
@@ -944,7 +951,7 @@ async fn connect(up: &Upstream) -> Result<Io, UpstreamFailure> {
         ))),
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(Io::new(s))
+            Ok(Io::new(s, up.response_timeout))
         }
     }
 }
@@ -957,12 +964,18 @@ async fn exchange(
 ) -> Result<ResponseHead, UpstreamFailure> {
     conn.write_all(request)
         .await
-        .map_err(|e| UpstreamFailure::NoResponse(e.to_string()))?;
+        .map_err(|e| UpstreamFailure::Unsent(e.to_string()))?;
     let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let mut end = http::HeadEnd::default();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(conn.pending()) {
+        let status = if end.may_be_complete(conn.pending()) {
+            resp.parse(conn.pending())
+        } else {
+            Ok(httparse::Status::Partial)
+        };
+        match status {
             Ok(httparse::Status::Complete(n)) => {
                 let head = ResponseHead {
                     status: resp.code.unwrap_or(502),
@@ -974,7 +987,9 @@ async fn exchange(
                 };
                 conn.consume(n);
                 if (100..200).contains(&head.status) {
-                    continue; // 100 Continue and other interim responses
+                    // 100 Continue and other interim responses; the next head starts here.
+                    end = http::HeadEnd::default();
+                    continue;
                 }
                 return Ok(head);
             }
@@ -1012,6 +1027,7 @@ pub(super) async fn open(
     mut request: Vec<u8>,
     client: Option<&Io>,
 ) -> Result<(Io, ResponseHead), UpstreamFailure> {
+    let idempotent = idempotent(&request);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -1037,16 +1053,29 @@ pub(super) async fn open(
             None => Some(exchange(&mut conn, bytes, up).await),
         };
         let Some(exchanged) = exchanged else {
-            conn.abort();
+            // Dropping `conn` closes it, which cancels there.
             return Err(UpstreamFailure::ClientGone);
         };
         match exchanged {
             Ok(head) => return Ok((conn, head)),
-            // The upstream closed an idle pooled connection as we reused it: try a fresh one.
-            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 => continue,
+            // The upstream closed an idle pooled connection as we reused it: try a fresh one,
+            // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
+            Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,
+            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 && idempotent => {
+                continue;
+            }
             Err(f) => return Err(f),
         }
     }
+}
+
+/// Whether the request in `request` (a whole HTTP request) may be sent twice: an idempotent
+/// method (RFC 9110 section 9.2.2). A POST (every JSON-RPC request: a `tools/call` above all)
+/// is not.
+fn idempotent(request: &[u8]) -> bool {
+    [&b"GET "[..], b"HEAD ", b"OPTIONS ", b"DELETE "]
+        .iter()
+        .any(|m| request.starts_with(m))
 }
 
 /// Sends `request` to `up` and reads the whole response (at most `max` bytes of body); the
@@ -1143,9 +1172,10 @@ pub(super) async fn fail(
             504,
             format!("upstream `{}` did not answer in time", up.name),
         ),
-        UpstreamFailure::Connect(d) | UpstreamFailure::NoResponse(d) | UpstreamFailure::Bad(d) => {
-            (502, format!("upstream `{}` failed: {d}", up.name))
-        }
+        UpstreamFailure::Connect(d)
+        | UpstreamFailure::Unsent(d)
+        | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
         UpstreamFailure::ClientGone => return false,
     };
     tracing::warn!(upstream = %up.name, status, "{detail}");
@@ -1162,16 +1192,6 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// End of the last complete SSE event in `buf` (events end with a blank line).
-pub(super) fn sse_boundary(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    lf.max(crlf)
 }
 
 /// Streams the upstream's response to the client. Returns whether the client connection can
@@ -1277,7 +1297,9 @@ async fn relay(
     };
 
     let mut decoder = ChunkedDecoder::default();
-    let mut sse_buf: Vec<u8> = Vec::new();
+    // One event is held at most as large as a request body may be.
+    let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
+    let mut sse_buf = super::sse::EventBuffer::new(max_event);
     let mut piece = Vec::new();
     let finished = loop {
         // Take what has arrived.
@@ -1307,16 +1329,14 @@ async fn relay(
         // Forward it; SSE only at event boundaries, so that an error event can always be
         // appended cleanly.
         let data: Vec<u8> = if sse {
-            sse_buf.extend_from_slice(&piece);
-            match sse_boundary(&sse_buf) {
-                Some(end) => {
-                    let events: Vec<u8> = sse_buf.drain(..end).collect();
-                    match member {
-                        Some(name) => super::federation::rewrite_events(name, &events),
-                        None => events,
-                    }
-                }
-                None => Vec::new(),
+            sse_buf.push(&piece);
+            match sse_buf.take_events() {
+                Ok(Some(events)) => match member {
+                    Some(name) => super::federation::rewrite_events(name, &events),
+                    None => events,
+                },
+                Ok(None) => Vec::new(),
+                Err(_) => break Err("upstream event larger than the body limit"),
             }
         } else {
             std::mem::take(&mut piece)
@@ -1353,7 +1373,7 @@ async fn relay(
         };
         // The client closed the stream: in 2026-07-28 that is the request's cancellation.
         let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
-            conn.abort();
+            // Dropping `conn` closes it, which cancels there.
             return false;
         };
         match filled {
@@ -1368,7 +1388,7 @@ async fn relay(
         Ok(()) => {
             if classify_answer {
                 if sse && !sse_buf.is_empty() {
-                    answer = sse_buf.clone();
+                    answer = sse_buf.rest().to_vec();
                 }
                 let message = if sse {
                     last_event_data(&answer)
@@ -1381,9 +1401,10 @@ async fn relay(
             }
             if !sse_buf.is_empty() {
                 // A last event without its blank line.
+                let rest = sse_buf.take_rest();
                 let last = match member {
-                    Some(name) => super::federation::rewrite_events(name, &sse_buf),
-                    None => sse_buf,
+                    Some(name) => super::federation::rewrite_events(name, &rest),
+                    None => rest,
                 };
                 let _ = client.write_all(chunk(&last)).await;
             }

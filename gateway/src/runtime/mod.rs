@@ -389,7 +389,10 @@ async fn refuse_at_cap(mut stream: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = stream.write_all(resp.into_bytes()).await;
+    // Bounded like every write: a client that does not read is not waited for. The dropped
+    // write is cancelled in the ring (monoio `async-cancel`), so the socket closes with it.
+    let _ =
+        monoio::time::timeout(Duration::from_secs(1), stream.write_all(resp.into_bytes())).await;
 }
 
 /// Test-only fault injection, off unless the process was started with

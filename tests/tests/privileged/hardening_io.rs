@@ -1,0 +1,575 @@
+//! Sockets on every timeout and failure path, at the socket level: the gateway's own file
+//! descriptors (`/proc/<pid>/fd`) are counted before and after each path and must come back,
+//! and the peer on the other side must see the connection closed. Also the upstream pool: a
+//! pooled connection with bytes pending is never reused, and a request the upstream may have
+//! received is never replayed. Fake upstreams on raw sockets; small timeouts, bounded waits.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{free_port, post, read_response},
+    unique,
+};
+
+/// Timeouts of the gateway under test: request, idle and upstream response.
+const TIMEOUT_MS: u64 = 400;
+
+/// Extra configuration: lines for `[kernel]`, lines for `[http]`, tables appended.
+#[derive(Default, Clone, Copy)]
+struct Extra<'a> {
+    kernel: &'a str,
+    http: &'a str,
+    tables: &'a str,
+}
+
+fn config(instance: &str, port: u16, upstream: u16, extra: Extra<'_>) -> String {
+    let Extra {
+        kernel,
+        http,
+        tables,
+    } = extra;
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+shutdown_grace_ms = 500
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+{kernel}
+[http]
+request_timeout_ms = {TIMEOUT_MS}
+idle_timeout_ms = {TIMEOUT_MS}
+{http}
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:{upstream}/mcp"
+response_timeout_ms = {TIMEOUT_MS}
+stream_idle_timeout_ms = {TIMEOUT_MS}
+[[routes]]
+path = "/mcp"
+upstream = "u"
+{tables}
+"#,
+        admin = free_port()
+    )
+}
+
+/// The gateway's open file descriptors.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Waits (at most 3 s) until the gateway's descriptors are back to `baseline`; the last count.
+fn settled(pid: u32, baseline: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let n = fds(pid);
+        if n <= baseline || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A gateway in front of `upstream`, warmed up (one request answered locally), and its
+/// descriptor count at rest.
+fn gateway(upstream: u16, extra: Extra<'_>) -> (Daemon, u16, usize) {
+    let port = free_port();
+    let instance = unique("gwio");
+    let d = Daemon::start_local(&instance, &config(&instance, port, upstream, extra));
+    let (r, s) = integration_tests::peers::raw(
+        port,
+        b"GET /nowhere HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 404);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = fds(d.pid());
+    (d, port, baseline)
+}
+
+/// Reads until the gateway closes the connection; panics if it is still open after `within`.
+/// Returns everything read.
+fn read_until_closed(s: &mut TcpStream, within: Duration, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{what}: the gateway did not close the connection within {within:?} (read {:?})",
+            String::from_utf8_lossy(&out)
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // A reset is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(_) => {}
+        }
+    }
+}
+
+/// What a fake upstream connection handler gets: its connection, its index, the counters.
+struct Fake {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// Connections on which the fake saw the gateway close (or reset).
+    closed: Arc<AtomicUsize>,
+    /// Request bodies received, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+type Handler = dyn Fn(&mut TcpStream, usize, &Mutex<Vec<String>>) + Send + Sync;
+
+impl Fake {
+    /// Serves each accepted connection with `handler` on its own thread; when the handler
+    /// returns, the fake waits (at most 10 s) for the gateway to close the connection and
+    /// counts it in `closed`.
+    fn start(handler: Box<Handler>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Handler> = Arc::from(handler);
+        {
+            let (stop, accepted, closed, seen) = (
+                Arc::clone(&stop),
+                Arc::clone(&accepted),
+                Arc::clone(&closed),
+                Arc::clone(&seen),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    conn.set_nonblocking(false).unwrap();
+                    let index = accepted.fetch_add(1, Ordering::SeqCst);
+                    let (handler, closed, seen) =
+                        (Arc::clone(&handler), Arc::clone(&closed), Arc::clone(&seen));
+                    std::thread::spawn(move || {
+                        handler(&mut conn, index, &seen);
+                        // Wait for the gateway's side to close.
+                        conn.set_read_timeout(Some(Duration::from_secs(10)))
+                            .unwrap();
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            match conn.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                                    break;
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+        Self {
+            port,
+            stop,
+            accepted,
+            closed,
+            seen,
+        }
+    }
+
+    /// Waits (at most 3 s) until every accepted connection was closed by the gateway.
+    fn all_closed(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if self.closed.load(Ordering::SeqCst) == self.accepted.load(Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        false
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads one request (head and Content-Length body) off `conn`; `None` at end of stream.
+fn read_upstream_request(conn: &mut TcpStream) -> Option<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+    while data.len() < head_end + len {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&data[head_end..head_end + len]).into_owned())
+}
+
+fn json_answer(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The JSON-RPC id in a request body (a number).
+fn id_of(body: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["id"].as_u64().unwrap_or(0)
+}
+
+fn call(id: u64, tool: &str) -> Vec<u8> {
+    post(
+        "/mcp",
+        &format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#
+        ),
+        "",
+    )
+}
+
+fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+#[test]
+fn idle_and_slow_clients_are_closed_with_their_sockets() {
+    let (d, port, baseline) = gateway(free_port(), Extra::default());
+    // Idle: connected, nothing sent.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| connect(port)).collect();
+    for s in &mut idle {
+        let got = read_until_closed(s, Duration::from_secs(3), "idle connection");
+        assert!(got.is_empty(), "nothing is answered to an idle connection");
+    }
+    // A head that never completes, then a body that never completes: 408, then closed.
+    let mut slow_head = connect(port);
+    slow_head
+        .write_all(b"POST /mcp HTTP/1.1\r\nhost: g")
+        .unwrap();
+    let mut slow_body = connect(port);
+    slow_body
+        .write_all(b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"jsonrpc\"")
+        .unwrap();
+    for (s, what) in [(&mut slow_head, "slow head"), (&mut slow_body, "slow body")] {
+        let got = read_until_closed(s, Duration::from_secs(3), what);
+        assert!(
+            got.starts_with(b"HTTP/1.1 408 "),
+            "{what}: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The clients still hold their ends open: the gateway's are closed nonetheless.
+    assert_eq!(
+        settled(d.pid(), baseline),
+        baseline,
+        "descriptors after timeouts"
+    );
+    drop((idle, slow_head, slow_body));
+}
+
+#[test]
+fn an_upstream_that_never_answers_gets_504_and_its_socket_closed() {
+    let fake = Fake::start(Box::new(|conn, _, seen| {
+        if let Some(b) = read_upstream_request(conn) {
+            seen.lock().unwrap().push(b);
+        }
+    }));
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
+    let mut client = connect(port);
+    for id in 1..=3 {
+        client.write_all(&call(id, "echo")).unwrap();
+        let r = read_response(&mut client).expect("an answer");
+        assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(fake.accepted.load(Ordering::SeqCst), 3);
+    assert!(
+        fake.all_closed(),
+        "the gateway closes each upstream connection it gave up on ({} of {})",
+        fake.closed.load(Ordering::SeqCst),
+        fake.accepted.load(Ordering::SeqCst)
+    );
+    // The client's keep-alive connection is still open: one descriptor over the baseline.
+    assert_eq!(
+        settled(d.pid(), baseline + 1),
+        baseline + 1,
+        "descriptors after 504s"
+    );
+    drop(client);
+    assert_eq!(settled(d.pid(), baseline), baseline);
+}
+
+#[test]
+fn an_upstream_closing_mid_chunk_closes_the_client_connection() {
+    let fake = Fake::start(Box::new(|conn, _, _| {
+        if read_upstream_request(conn).is_some() {
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"jso\r\n",
+            );
+            // Long enough for the gateway to start watching the client.
+            std::thread::sleep(Duration::from_millis(150));
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }));
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
+    let mut client = connect(port);
+    client.write_all(&call(1, "echo")).unwrap();
+    let got = read_until_closed(&mut client, Duration::from_secs(3), "truncated answer");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the truncation is not disguised as a complete body: {text}"
+    );
+    assert_eq!(settled(d.pid(), baseline), baseline, "descriptors");
+    drop(client);
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_off_and_releases_the_upstream() {
+    // The upstream sends a body far larger than the socket buffers as fast as it can.
+    let wrote_until_closed = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&wrote_until_closed);
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        conn.set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let total = 1usize << 30;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {total}\r\n\r\n"
+        );
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let block = vec![b' '; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            match conn.write(&block) {
+                Ok(n) => sent += n,
+                Err(e) => {
+                    // Refused (closed by the gateway), not timed out.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    return;
+                }
+            }
+        }
+    }));
+    let (d, port, baseline) = gateway(fake.port, Extra::default());
+    let mut client = connect(port);
+    client.write_all(&call(1, "echo")).unwrap();
+    // Never read; the gateway must give up on this client after its send timeout.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !wrote_until_closed.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        wrote_until_closed.load(Ordering::SeqCst),
+        "the upstream connection is closed once the client stops reading"
+    );
+    assert!(fake.all_closed());
+    assert_eq!(settled(d.pid(), baseline), baseline, "descriptors");
+    drop(client);
+}
+
+#[test]
+fn max_connections_counts_sockets_that_are_really_open() {
+    let extra = Extra {
+        kernel: "default_tenant = \"other\"",
+        tables: "[[tenants]]\nname = \"other\"\nid = 0\n[[tenants]]\nname = \"local\"\nid = 1\nsources = [\"127.0.0.1/32\"]\nmax_connections = 2\n",
+        ..Extra::default()
+    };
+    let (d, port, baseline) = gateway(free_port(), extra);
+    let mut held = Vec::new();
+    for round in 0..3 {
+        let mut pair: Vec<TcpStream> = (0..2).map(|_| connect(port)).collect();
+        std::thread::sleep(Duration::from_millis(150));
+        // At the cap: a third connection is refused.
+        let mut third = connect(port);
+        let r = read_response(&mut third).expect("an answer at the cap");
+        assert_eq!(r.status, 503, "round {round}: over the cap");
+        // The idle pair times out: closed for real, so the cap frees up.
+        for s in &mut pair {
+            read_until_closed(s, Duration::from_secs(3), "idle connection at the cap");
+        }
+        // The clients keep their ends open; the gateway holds nothing for them.
+        assert_eq!(settled(d.pid(), baseline), baseline, "round {round}");
+        held.extend(pair);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    drop(held);
+}
+
+/// The upstream answers each request with its own id and then, unasked, a second answer:
+/// right behind the first (`delay` zero) or a little later.
+fn smuggling_upstream(delay: Duration) -> Fake {
+    Fake::start(Box::new(move |conn, _, seen| {
+        while let Some(body) = read_upstream_request(conn) {
+            let id = id_of(&body);
+            seen.lock().unwrap().push(body);
+            let mut out = json_answer(&format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{"from":"answer"}}}}"#
+            ));
+            let extra = json_answer(r#"{"jsonrpc":"2.0","id":2,"result":{"from":"smuggled"}}"#);
+            if delay.is_zero() {
+                out.extend_from_slice(&extra);
+                let _ = conn.write_all(&out);
+            } else {
+                let _ = conn.write_all(&out);
+                std::thread::sleep(delay);
+                let _ = conn.write_all(&extra);
+            }
+        }
+    }))
+}
+
+#[test]
+fn a_pooled_connection_with_bytes_pending_is_never_reused() {
+    for delay in [Duration::ZERO, Duration::from_millis(50)] {
+        let fake = smuggling_upstream(delay);
+        let (_d, port, _) = gateway(fake.port, Extra::default());
+        for id in 1..=3u64 {
+            // Each request on a connection of its own, as different clients.
+            let mut client = connect(port);
+            client.write_all(&call(id, "echo")).unwrap();
+            let r = read_response(&mut client).expect("an answer");
+            let v = r.json();
+            assert_eq!(v["id"], id, "delay {delay:?}: {v}");
+            assert_eq!(v["result"]["from"], "answer", "delay {delay:?}: {v}");
+            // Let the unasked answer arrive.
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+}
+
+#[test]
+fn a_tools_call_the_upstream_may_have_received_is_not_replayed() {
+    // The first connection answers one request, then reads the next and closes without an
+    // answer; later connections answer everything.
+    let fake = Fake::start(Box::new(|conn, index, seen| {
+        while let Some(body) = read_upstream_request(conn) {
+            let id = id_of(&body);
+            seen.lock().unwrap().push(body);
+            if index == 0 && id == 2 {
+                // Received, maybe executed; the answer is lost.
+                let _ = conn.shutdown(Shutdown::Write);
+                return;
+            }
+            let _ = conn.write_all(&json_answer(&format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#
+            )));
+        }
+    }));
+    let (_d, port, _) = gateway(fake.port, Extra::default());
+    let mut client = connect(port);
+    client.write_all(&call(1, "first")).unwrap();
+    assert_eq!(read_response(&mut client).expect("an answer").status, 200);
+    client.write_all(&call(2, "delete_everything")).unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    std::thread::sleep(Duration::from_millis(200));
+    let executed = fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|b| b.contains("delete_everything"))
+        .count();
+    assert_eq!(executed, 1, "the call reached the upstream exactly once");
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["id"], 2);
+}
+
+#[test]
+fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
+    // One event of 256 KiB, trickled, against a 64 KiB body limit.
+    let fake = Fake::start(Box::new(|conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        let _ = conn.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        let first = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+        let _ = write!(conn, "{:x}\r\n", first.len());
+        let _ = conn.write_all(first);
+        let _ = conn.write_all(b"\r\n");
+        let _ = conn.write_all(b"6\r\ndata: \r\n");
+        let piece = vec![b'x'; 4096];
+        for _ in 0..64 {
+            let _ = write!(conn, "{:x}\r\n", piece.len());
+            let _ = conn.write_all(&piece);
+            if conn.write_all(b"\r\n").is_err() {
+                return;
+            }
+        }
+    }));
+    let (_d, port, _) = gateway(
+        fake.port,
+        Extra {
+            http: "max_body_bytes = 65536",
+            ..Extra::default()
+        },
+    );
+    let mut client = connect(port);
+    client.write_all(&call(7, "echo")).unwrap();
+    let r = read_response(&mut client).expect("a complete (chunked) answer");
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("notifications/progress"), "{body}");
+    assert!(!body.contains("xxxx"), "the oversized event is not relayed");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    assert!(
+        last.contains("\"id\":7") && last.contains("larger than the body limit"),
+        "the stream ends with an error for the request: {last}"
+    );
+    assert!(fake.all_closed(), "the upstream stream is closed");
+}
