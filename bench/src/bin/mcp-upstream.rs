@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
                     let listener = monoio::net::TcpListener::from_std(socket).expect("listener");
                     while let Ok((stream, _)) = listener.accept().await {
                         let _ = stream.set_nodelay(true);
-                        monoio::spawn(serve(Io::new(stream)));
+                        monoio::spawn(serve(Io::new(stream, Duration::from_secs(10))));
                     }
                 });
             })

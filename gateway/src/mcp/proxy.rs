@@ -195,20 +195,45 @@ pub async fn serve(
                 return;
             }
         }
-        let req = match http::read_request(&mut io, &limits).await {
-            Ok(req) => req,
-            Err(HttpError::Closed) => return,
-            Err(e) => {
-                let err = RpcError::invalid_request(e.to_string());
-                let _ = io.write_all(json_response(e.status(), &err, false)).await;
+        // A panic while reading or answering a request is contained here, where the
+        // connection outlives it: the client is answered 500 (best effort: the answer may have
+        // begun) and the connection closed; the worker goes on.
+        let exchange =
+            std::panic::AssertUnwindSafe(serve_one(&mut io, &limits, peer, &snapshot, &ctx));
+        match futures_util::FutureExt::catch_unwind(exchange).await {
+            Ok(true) if !*shutdown.borrow() => {}
+            Ok(_) => return,
+            Err(_) => {
+                ctx.shared
+                    .panics
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(%peer, "a request panicked; answered 500 and closed the connection");
+                let err = RpcError::new(error::INTERNAL_ERROR, "internal error", 500);
+                let _ = io.write_all(json_response(500, &err, false)).await;
                 return;
             }
-        };
-        let keep = handle(&mut io, &req, peer, &snapshot, &ctx).await;
-        if !keep || !req.keep_alive || *shutdown.borrow() {
-            return;
         }
     }
+}
+
+/// Reads one request and answers it; returns whether the connection can carry another.
+async fn serve_one(
+    io: &mut Io,
+    limits: &Limits,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+) -> bool {
+    let req = match http::read_request(io, limits).await {
+        Ok(req) => req,
+        Err(HttpError::Closed) => return false,
+        Err(e) => {
+            let err = RpcError::invalid_request(e.to_string());
+            let _ = io.write_all(json_response(e.status(), &err, false)).await;
+            return false;
+        }
+    };
+    handle(io, &req, peer, snapshot, ctx).await && req.keep_alive
 }
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {

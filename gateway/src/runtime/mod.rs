@@ -296,9 +296,10 @@ async fn accept_loop(
     }
 }
 
-/// Serves a connection; a panic in it is contained: the client is answered 500 (best effort:
-/// the connection may be mid-answer), the connection closed and the panic counted, and the
-/// worker goes on with its other connections.
+/// Serves a connection. A panic while a request is read or answered is contained (and
+/// answered 500) in [`mcp::proxy::serve`]; this is the backstop for one anywhere else in the
+/// connection's task: the connection is closed as the unwinding drops it, the panic is counted,
+/// and the worker goes on.
 async fn serve_contained(
     stream: TcpStream,
     peer: SocketAddr,
@@ -306,30 +307,14 @@ async fn serve_contained(
     shutdown: watch::Receiver<bool>,
 ) {
     use futures_util::FutureExt as _;
-    let fd = stream.as_raw_fd();
     let served = mcp::proxy::serve(stream, peer, Rc::clone(ctx), shutdown);
-    // Pinned here so that the stream (inside) stays open until the 500 is written.
-    let mut served = std::pin::pin!(std::panic::AssertUnwindSafe(served).catch_unwind());
-    if (&mut served).await.is_err() {
+    if std::panic::AssertUnwindSafe(served)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
         ctx.shared.panics.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(%peer, "a connection task panicked; answered 500 and closed");
-        let body =
-            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}"#;
-        let resp = format!(
-            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        // SAFETY: `fd` belongs to the stream, which `served` still owns; a non-blocking send
-        // and a shutdown (so that a read the ring still holds completes and the drop closes it).
-        unsafe {
-            libc::send(
-                fd,
-                resp.as_ptr().cast(),
-                resp.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            );
-            libc::shutdown(fd, libc::SHUT_RDWR);
-        }
+        tracing::error!(%peer, "a connection task panicked; closed");
     }
 }
 
