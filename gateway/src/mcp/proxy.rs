@@ -645,7 +645,7 @@ fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
 /// `00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>` with neither id all zeros.
 /// Nothing is trimmed and nothing may follow: the value is forwarded as it is, so what is
 /// checked here is all there is.
-pub(super) fn trace_id(traceparent: &str) -> Option<&str> {
+fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
