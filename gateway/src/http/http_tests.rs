@@ -103,3 +103,258 @@ fn response_frames_its_body() {
         "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
     );
 }
+
+fn request(minor: u8, target: &str, pairs: &[(&str, &str)]) -> Request {
+    Request {
+        method: "POST".into(),
+        target: target.into(),
+        minor,
+        headers: h(pairs),
+        body: Vec::new(),
+        keep_alive: true,
+    }
+}
+
+fn checked(minor: u8, target: &str, pairs: &[(&str, &str)]) -> Result<bool, HttpError> {
+    let mut req = request(minor, target, pairs);
+    check_head(&mut req).map(|()| req.keep_alive)
+}
+
+#[test]
+fn every_connection_line_counts() {
+    let host = ("host", "gw");
+    assert_eq!(checked(1, "/mcp", &[host]), Ok(true));
+    assert_eq!(
+        checked(
+            1,
+            "/mcp",
+            &[host, ("connection", "keep-alive"), ("connection", "close")]
+        ),
+        Ok(false),
+        "keep-alive then close: closed"
+    );
+    assert_eq!(
+        checked(1, "/mcp", &[host, ("Connection", "x, Close")]),
+        Ok(false)
+    );
+    assert_eq!(
+        checked(0, "/mcp", &[]),
+        Ok(false),
+        "HTTP/1.0 closes by default"
+    );
+    assert_eq!(
+        checked(0, "/mcp", &[("connection", "keep-alive")]),
+        Ok(true)
+    );
+    assert_eq!(
+        checked(
+            0,
+            "/mcp",
+            &[("connection", "keep-alive"), ("connection", "close")]
+        ),
+        Ok(false)
+    );
+    let headers = h(&[("connection", "keep-alive"), ("connection", "x-secret")]);
+    assert!(has_connection_option(&headers, "X-Secret"));
+    assert!(!has_connection_option(&headers, "x-other"));
+    // A connection option naming a field the gateway decides on would drop it after the check.
+    for named in [
+        "mcp-protocol-version",
+        "Mcp-Name",
+        "content-type",
+        "traceparent",
+    ] {
+        assert!(
+            matches!(
+                checked(
+                    1,
+                    "/mcp",
+                    &[host, ("connection", "close"), ("connection", named)]
+                ),
+                Err(HttpError::BadRequest(_))
+            ),
+            "{named}"
+        );
+    }
+}
+
+#[test]
+fn host_must_be_one_valid_value() {
+    assert!(matches!(
+        checked(1, "/mcp", &[]),
+        Err(HttpError::BadRequest(_))
+    ));
+    assert_eq!(checked(0, "/mcp", &[]), Ok(false), "HTTP/1.0 may omit Host");
+    assert_eq!(
+        checked(1, "/mcp", &[("host", "a"), ("Host", "a")]),
+        Err(HttpError::DuplicateField("host".into()))
+    );
+    for good in [
+        "gw",
+        "gw:8080",
+        "127.0.0.1:1",
+        "[::1]",
+        "[2001:db8::1]:443",
+        "mcp.example.com",
+        "a_b-c~d",
+    ] {
+        assert!(is_valid_host(good.as_bytes()), "{good}");
+        assert_eq!(checked(1, "/mcp", &[("host", good)]), Ok(true), "{good}");
+    }
+    for bad in [
+        "",
+        "gw:",
+        "gw:99999",
+        "gw:80:80",
+        "gw:+80",
+        "a\"b",
+        "evil.example/x",
+        "a b",
+        "user@gw",
+        "[::1",
+        "[zz]",
+        "[::1]x",
+        "gw\", error=\"x",
+        "%41",
+        "ü.example",
+    ] {
+        assert!(!is_valid_host(bad.as_bytes()), "{bad}");
+        assert_eq!(
+            checked(1, "/mcp", &[("host", bad)]),
+            Err(HttpError::BadRequest("invalid Host header")),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn mcp_and_other_deciding_fields_may_not_repeat() {
+    let host = ("host", "gw");
+    for name in [
+        "Mcp-Name",
+        "mcp-session-id",
+        "MCP-Protocol-Version",
+        "mcp-method",
+        "mcp-run-id",
+        "content-type",
+        "authorization",
+        "x-api-key",
+        "traceparent",
+        "origin",
+    ] {
+        assert_eq!(
+            checked(1, "/mcp", &[host, (name, "a"), ("x", "y"), (name, "b")]),
+            Err(HttpError::DuplicateField(name.to_ascii_lowercase())),
+            "{name}"
+        );
+    }
+    // List fields may be split over lines.
+    assert_eq!(
+        checked(1, "/mcp", &[host, ("accept", "a/b"), ("accept", "c/d")]),
+        Ok(true)
+    );
+}
+
+#[test]
+fn http_1_0_with_transfer_encoding_is_refused() {
+    assert!(matches!(
+        checked(
+            0,
+            "/mcp",
+            &[
+                ("transfer-encoding", "chunked"),
+                ("connection", "keep-alive")
+            ]
+        ),
+        Err(HttpError::BadRequest(_))
+    ));
+    assert_eq!(
+        checked(
+            1,
+            "/mcp",
+            &[("host", "gw"), ("transfer-encoding", "chunked")]
+        ),
+        Ok(true)
+    );
+}
+
+#[test]
+fn access_token_in_the_query_is_refused() {
+    let host = [("host", "gw")];
+    for target in [
+        "/mcp?access_token=abc",
+        "/mcp?x=1&access_token=abc",
+        "/mcp?x=1;access_token",
+        "/mcp?ACCESS_TOKEN=abc",
+        "/mcp?access%5Ftoken=abc",
+        "/mcp?%61ccess_token=abc",
+    ] {
+        assert!(
+            matches!(checked(1, target, &host), Err(HttpError::BadRequest(_))),
+            "{target}"
+        );
+    }
+    for target in [
+        "/mcp",
+        "/mcp?x=access_token",
+        "/mcp?access_tokens=1",
+        "/mcp?a=%",
+    ] {
+        assert_eq!(checked(1, target, &host), Ok(true), "{target}");
+    }
+}
+
+#[test]
+fn control_characters_in_a_received_field_are_refused() {
+    for value in ["a\rb", "a\nb", "a\0b", "a\x7fb", "a\x0bb"] {
+        assert_eq!(
+            checked(1, "/mcp", &[("host", "gw"), ("x-thing", value)]),
+            Err(HttpError::BadRequest("invalid header field")),
+            "{value:?}"
+        );
+    }
+    assert_eq!(
+        checked(1, "/mcp", &[("host", "gw"), ("x-thing", "a\tb ü")]),
+        Ok(true)
+    );
+}
+
+#[test]
+fn no_field_with_a_control_character_is_ever_written() {
+    let mut out = b"kept".to_vec();
+    for value in ["a\r\nb", "a\nb", "a\rb", "\0", "\x1b[31m", "\x7f"] {
+        assert_eq!(
+            push_field(&mut out, "x-thing", value.as_bytes()),
+            Err(UnsafeField {
+                name: "x-thing".into()
+            }),
+            "{value:?}"
+        );
+    }
+    for name in ["", "a b", "a:b", "a\r\nb"] {
+        assert!(push_field(&mut out, name, b"v").is_err(), "{name:?}");
+    }
+    assert_eq!(out, b"kept", "nothing of a refused field is written");
+    push_field(&mut out, "x-thing", b"a\tb \xc3\xbc").unwrap();
+    assert_eq!(out, b"keptx-thing: a\tb \xc3\xbc\r\n");
+    let mut line = Vec::new();
+    assert!(push_request_line(&mut line, "POST", "/mcp?a=1\r\nx: y").is_err());
+    assert!(push_request_line(&mut line, "POST", "/mcp x").is_err());
+    assert!(push_request_line(&mut line, "PO ST", "/mcp").is_err());
+    push_request_line(&mut line, "POST", "/mcp?a=1").unwrap();
+    assert_eq!(line, b"POST /mcp?a=1 HTTP/1.1\r\n");
+}
+
+#[test]
+fn a_response_with_an_unsafe_header_becomes_a_500_that_closes() {
+    let r = response(
+        401,
+        &[("www-authenticate", "Bearer x\r\nset-cookie: a=b")],
+        b"{}",
+        true,
+    );
+    let text = String::from_utf8(r).unwrap();
+    assert!(text.starts_with("HTTP/1.1 500 "), "{text}");
+    assert!(!text.contains("set-cookie"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+}

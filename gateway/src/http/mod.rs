@@ -2,16 +2,20 @@
 //! side, and writing responses. Framing is strict, because a proxy that frames differently from
 //! the servers behind it invites request smuggling: Content-Length together with
 //! Transfer-Encoding, conflicting Content-Lengths, an unknown transfer coding or any malformed
-//! line is an error that closes the connection.
+//! line is an error that closes the connection. So is a head whose meaning could differ between
+//! the gateway and an upstream: a second Host or MCP routing field, an invalid Host, HTTP/1.0
+//! with Transfer-Encoding. Heads the gateway writes go through [`head`].
 
 mod body;
 mod head;
+mod head_end;
 mod io;
 
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
-pub use head::HeadEnd;
+pub use head::{UnsafeField, is_clean_value, push_field, push_request_line};
+pub use head_end::HeadEnd;
 pub use io::Io;
 
 /// Limits of the server side, each with the status it answers.
@@ -53,13 +57,15 @@ pub enum HttpError {
     Timeout,
     #[error("transfer coding not supported")]
     UnsupportedCoding,
+    #[error("more than one `{0}` header")]
+    DuplicateField(String),
 }
 
 impl HttpError {
     pub const fn status(&self) -> u16 {
         match self {
             HttpError::Closed => 0,
-            HttpError::BadRequest(_) => 400,
+            HttpError::BadRequest(_) | HttpError::DuplicateField(_) => 400,
             HttpError::HeadTooLarge(_) => 431,
             HttpError::BodyTooLarge(_) => 413,
             HttpError::Timeout => 408,
@@ -97,6 +103,12 @@ impl Request {
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")
     }
+
+    /// Whether a response body of unknown length may be sent chunked: HTTP/1.0 knows no
+    /// chunked coding, so such a body is delimited by closing the connection instead.
+    pub fn accepts_chunked(&self) -> bool {
+        self.minor >= 1
+    }
 }
 
 pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
@@ -106,10 +118,175 @@ pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u
         .map(|(_, v)| v.as_slice())
 }
 
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+/// Whether `option` is named by any `Connection` line of `headers` (the lines form one list,
+/// RFC 9110 §5.3): a header named only in a second line is hop-by-hop all the same.
+pub fn has_connection_option(headers: &[(String, Vec<u8>)], option: &str) -> bool {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+}
+
+/// Fields the gateway decides on by their one value. A second line could mean something else
+/// to the upstream (which may take the last, or join them), so a request with two is refused.
+/// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
+/// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
+const SINGLE: &[&str] = &[
+    "host",
+    "content-type",
+    "authorization",
+    "x-api-key",
+    "origin",
+    "traceparent",
+    "last-event-id",
+    "expect",
+];
+
+fn is_single(name: &str) -> bool {
+    SINGLE.iter().any(|s| name.eq_ignore_ascii_case(s))
+        || name
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-"))
+}
+
+/// Whether `v` is a valid `Host` value (RFC 9112 §3.2, RFC 3986 §3.2.2), strictly: a name of
+/// letters, digits, `-`, `.`, `_` and `~`, an IPv4 address or a bracketed IPv6 address, and an
+/// optional port. It is reflected into `WWW-Authenticate` and the RFC 9728 document, so nothing
+/// that could end a quoted string or a URL authority passes.
+pub fn is_valid_host(v: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(v) else {
+        return false;
+    };
+    let (host, port) = if let Some(rest) = v.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => (None, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (None, Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        match v.split_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(v), None),
+        }
+    };
+    let host_ok = host.is_none_or(|h| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    });
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    });
+    host_ok && port_ok
+}
+
+/// Whether the query of `target` has an `access_token` parameter (also percent-encoded): the
+/// MCP authorization spec forbids tokens in the URI, where logs and the upstream would see it.
+fn has_access_token(target: &str) -> bool {
+    let Some((_, query)) = target.split_once('?') else {
+        return false;
+    };
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        percent_decode(name.as_bytes()).eq_ignore_ascii_case(b"access_token")
+    })
+}
+
+/// Percent-decodes `s`; a `%` not followed by two hex digits stays as it is.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(&b) = s.get(i) {
+        let decoded = (b == b'%')
+            .then(|| Some((hex(*s.get(i + 1)?)?, hex(*s.get(i + 2)?)?)))
+            .flatten();
+        match decoded {
+            Some((hi, lo)) => {
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'%'));
+                i += 3;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Checks what the parser leaves to the gateway in a request head and decides whether the
+/// connection may carry another request.
+pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
+    for (i, (name, value)) in req.headers.iter().enumerate() {
+        // The parser refuses these already; the gateway relays these bytes, so it says so itself.
+        if !head::is_token(name.as_bytes()) || !is_clean_value(value) {
+            return Err(HttpError::BadRequest("invalid header field"));
+        }
+        if is_single(name)
+            && req
+                .headers
+                .iter()
+                .skip(i + 1)
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
+            return Err(HttpError::DuplicateField(name.to_ascii_lowercase()));
+        }
+    }
+    // RFC 9110 §7.6.1: a connection option never names a field meant for every recipient. One
+    // of the fields the gateway decides on would be checked here and dropped before the upstream.
+    if req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .any(|o| std::str::from_utf8(o.trim_ascii()).is_ok_and(is_single))
+    {
+        return Err(HttpError::BadRequest(
+            "Connection names a field that is meant for the upstream",
+        ));
+    }
+    match req.header("host") {
+        None if req.minor == 1 => {
+            return Err(HttpError::BadRequest("HTTP/1.1 request without Host"));
+        }
+        Some(host) if !is_valid_host(host) => {
+            return Err(HttpError::BadRequest("invalid Host header"));
+        }
+        _ => {}
+    }
+    if req.minor == 0 && req.header("transfer-encoding").is_some() {
+        // RFC 9112 §6.1: the framing of such a message is faulty.
+        return Err(HttpError::BadRequest(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    if has_access_token(&req.target) {
+        return Err(HttpError::BadRequest(
+            "access_token in the query string: send the token in the Authorization header",
+        ));
+    }
+    req.keep_alive = if has_connection_option(&req.headers, "close") {
+        false
+    } else if req.minor == 0 {
+        has_connection_option(&req.headers, "keep-alive")
+    } else {
+        true
+    };
+    Ok(())
 }
 
 /// Framing of a message body from its headers (RFC 9112 section 6), shared by requests and
@@ -148,6 +325,55 @@ pub fn framing(headers: &[(String, Vec<u8>)], max: usize) -> Result<Option<BodyK
     }
 }
 
+/// A request head and its body's framing from the bytes that have arrived (`buf`, from the
+/// head's first byte; it only grows between calls with the same `end`): `Ok(None)` until the
+/// head is complete. Returns the head's length too. The head is checked whole here
+/// ([`check_head`], [`framing`]), so what arrives in pieces is decided as if it came at once.
+pub fn parse_head(
+    buf: &[u8],
+    end: &mut HeadEnd,
+    limits: &Limits,
+) -> Result<Option<(usize, Request, Option<BodyKind>)>, HttpError> {
+    if !end.may_be_complete(buf) {
+        return if buf.len() > limits.max_head {
+            Err(HttpError::HeadTooLarge(limits.max_head))
+        } else {
+            Ok(None)
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > limits.max_head => {
+            return Err(HttpError::HeadTooLarge(limits.max_head));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpError::HeadTooLarge(limits.max_head));
+        }
+        Err(_) => return Err(HttpError::BadRequest("malformed request line or header")),
+    };
+    if head_len > limits.max_head {
+        return Err(HttpError::HeadTooLarge(limits.max_head));
+    }
+    let mut req = Request {
+        method: parsed.method.unwrap_or_default().to_owned(),
+        target: parsed.path.unwrap_or_default().to_owned(),
+        minor: parsed.version.unwrap_or(1),
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+        body: Vec::new(),
+        keep_alive: true,
+    };
+    check_head(&mut req)?;
+    let kind = framing(&req.headers, limits.max_body)?;
+    Ok(Some((head_len, req, kind)))
+}
+
 /// Reads one request (head and whole body) from `io`.
 pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpError> {
     // Wait for the first byte with the idle timeout; from then on, the request timeout.
@@ -156,62 +382,18 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
     }
     let deadline = monoio::time::Instant::now() + limits.request_timeout;
     let mut end = HeadEnd::default();
-    let (head_len, mut req) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Request::new(&mut headers);
-        let status = if end.may_be_complete(io.pending()) {
-            parsed.parse(io.pending())
-        } else {
-            Ok(httparse::Status::Partial)
-        };
-        match status {
-            Ok(httparse::Status::Complete(n)) => {
-                let req = Request {
-                    method: parsed.method.unwrap_or_default().to_owned(),
-                    target: parsed.path.unwrap_or_default().to_owned(),
-                    minor: parsed.version.unwrap_or(1),
-                    headers: parsed
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                        .collect(),
-                    body: Vec::new(),
-                    keep_alive: true,
-                };
-                break (n, req);
-            }
-            Ok(httparse::Status::Partial) => {
-                if io.pending().len() > limits.max_head {
-                    return Err(HttpError::HeadTooLarge(limits.max_head));
-                }
-            }
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(HttpError::HeadTooLarge(limits.max_head));
-            }
-            Err(_) => return Err(HttpError::BadRequest("malformed request line or header")),
+    let (mut req, kind) = loop {
+        if let Some((head_len, req, kind)) = parse_head(io.pending(), &mut end, limits)? {
+            io.consume(head_len);
+            break (req, kind);
         }
         if io.fill_until(deadline).await? == 0 {
             return Err(HttpError::BadRequest("connection closed mid-request"));
         }
     };
-    if head_len > limits.max_head {
-        return Err(HttpError::HeadTooLarge(limits.max_head));
-    }
-    io.consume(head_len);
-    if req.minor == 1 && req.header("host").is_none() {
-        return Err(HttpError::BadRequest("HTTP/1.1 request without Host"));
-    }
-    let connection = req
-        .header("connection")
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default();
-    req.keep_alive = if req.minor == 0 {
-        has_token(&connection, "keep-alive")
-    } else {
-        !has_token(&connection, "close")
-    };
-    let kind = framing(&req.headers, limits.max_body)?;
+    // RFC 9110 §10.1.1: never an interim response to an HTTP/1.0 client.
     if kind.is_some()
+        && req.minor >= 1
         && req
             .header("expect")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
@@ -254,23 +436,35 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A complete response with a body (Content-Length framing).
+/// A complete response with a body (Content-Length framing). A header value that cannot be
+/// written (see [`head`]) turns it into a 500 that closes the connection: the gateway never
+/// sends a head it did not mean.
 pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8], keep_alive: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.len());
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
-    for (n, v) in headers {
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
+    let build = || -> Result<Vec<u8>, UnsafeField> {
+        let mut out = Vec::with_capacity(128 + body.len());
+        out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+        for (n, v) in headers {
+            push_field(&mut out, n, v.as_bytes())?;
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
         out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-    out
+        out.extend_from_slice(body);
+        Ok(out)
+    };
+    build().unwrap_or_else(|e| {
+        tracing::error!(status, "refused to write a response: {e}");
+        let body = br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"the gateway refused to write an unsafe response header"}}"#;
+        let mut out = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        out
+    })
 }
 
 #[cfg(test)]

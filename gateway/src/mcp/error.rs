@@ -81,3 +81,10 @@ impl RpcError {
         serde_json::to_vec(&self.to_json()).expect("a JSON value serializes")
     }
 }
+
+/// A value that would have put a control character into an outgoing head: refused with 400.
+impl From<crate::http::UnsafeField> for RpcError {
+    fn from(e: crate::http::UnsafeField) -> Self {
+        Self::invalid_request(e.to_string())
+    }
+}

@@ -132,13 +132,15 @@ impl<'c> Federation<'_, 'c> {
     }
 
     /// The request for member `m`: the client's headers, `body`, and the member's session.
+    /// Refused when a value would put a control character into the head (see
+    /// [`proxy::upstream_request`]).
     fn request_for(
         &self,
         m: &Member,
         era: Era<'_>,
         body: &[u8],
         extra: &[(&str, Option<&str>)],
-    ) -> Vec<u8> {
+    ) -> Result<Vec<u8>, http::UnsafeField> {
         let up = self.upstream(m);
         let mut replace: Vec<(&str, Option<&str>)> = extra.to_vec();
         if let Era::Session(s) = era {
@@ -304,12 +306,14 @@ impl<'c> Federation<'_, 'c> {
         id: Option<&Id>,
     ) -> Result<(Option<String>, Value), String> {
         let up = self.upstream(member);
-        let request = self.request_for(
-            member,
-            Era::Stateless,
-            body,
-            &[("mcp-session-id", None), ("mcp-protocol-version", None)],
-        );
+        let request = self
+            .request_for(
+                member,
+                Era::Stateless,
+                body,
+                &[("mcp-session-id", None), ("mcp-protocol-version", None)],
+            )
+            .map_err(|e| e.to_string())?;
         let (head, bytes) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
             .await
             .map_err(describe)?;
@@ -318,17 +322,21 @@ impl<'c> Federation<'_, 'c> {
             .map(str::to_owned);
         let result = response_result(&head, &bytes, id)?;
         let version = result["protocolVersion"].as_str().unwrap_or_default();
-        // The gateway is the client here: it completes the handshake at once.
+        // The gateway is the client here: it completes the handshake at once. The member's
+        // session id and version are written into this head first, so a member whose values
+        // would not fit in a head fails here and never reaches a sealed session.
         let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-        let request = self.request_for(
-            member,
-            Era::Stateless,
-            initialized,
-            &[
-                ("mcp-session-id", session.as_deref()),
-                ("mcp-protocol-version", Some(version)),
-            ],
-        );
+        let request = self
+            .request_for(
+                member,
+                Era::Stateless,
+                initialized,
+                &[
+                    ("mcp-session-id", session.as_deref()),
+                    ("mcp-protocol-version", Some(version)),
+                ],
+            )
+            .map_err(|e| format!("its answer to initialize: {e}"))?;
         let (head, _) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
             .await
             .map_err(describe)?;
@@ -421,7 +429,10 @@ impl<'c> Federation<'_, 'c> {
         if self.req.header("mcp-name").is_some() {
             extra.push(("mcp-name", mcp_name));
         }
-        let request = self.request_for(member, era, &bytes, &extra);
+        let request = match self.request_for(member, era, &bytes, &extra) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(io, RpcError::from(e).with_id(id)).await,
+        };
         let up = self.upstream(member);
         proxy::forward(
             io,
@@ -445,11 +456,14 @@ impl<'c> Federation<'_, 'c> {
         let sent = std::time::Instant::now();
         let answers = join_all(bodies.into_iter().map(|(i, body)| async move {
             let member = &self.members[i];
-            let request = self.request_for(member, era, &body, &[]);
-            (
-                i,
-                proxy::call(self.ctx, self.upstream(member), request, MAX_COLLECTED).await,
-            )
+            let answer = match self.request_for(member, era, &body, &[]) {
+                Ok(request) => {
+                    proxy::call(self.ctx, self.upstream(member), request, MAX_COLLECTED).await
+                }
+                // Nothing was sent.
+                Err(e) => Err(UpstreamFailure::Bad(e.to_string())),
+            };
+            (i, answer)
         }))
         .await;
         self.obs.waited(sent.elapsed());
@@ -741,7 +755,10 @@ impl<'c> Federation<'_, 'c> {
         let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
         body["id"] = original;
         let bytes = serde_json::to_vec(&body).expect("JSON serializes");
-        let request = self.request_for(member, era, &bytes, &[]);
+        let request = match self.request_for(member, era, &bytes, &[]) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(io, RpcError::from(e)).await,
+        };
         let up = self.upstream(member);
         proxy::forward(
             io,
@@ -780,7 +797,13 @@ impl<'c> Federation<'_, 'c> {
                 .filter(|(name, _)| *name == up.name)
                 .map(|(_, id)| id.as_str());
             let request = self.request_for(member, era, b"", &[("last-event-id", last_id)]);
-            async move { (up, proxy::open(self.ctx, up, request, Some(client)).await) }
+            async move {
+                let opened = match request {
+                    Ok(request) => proxy::open(self.ctx, up, request, Some(client)).await,
+                    Err(e) => Err(UpstreamFailure::Bad(e.to_string())),
+                };
+                (up, opened)
+            }
         }))
         .await;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
@@ -823,10 +846,18 @@ impl<'c> Federation<'_, 'c> {
             let resp = http::response(status, &[("allow", "POST, DELETE")], b"", self.keep_alive());
             return io.write_all(resp).await.is_ok();
         }
+        // HTTP/1.0 knows no chunked coding: the stream ends when the connection closes.
+        let chunked = self.req.accepts_chunked();
+        let keep_alive = self.keep_alive() && chunked;
         let head = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-             x-accel-buffering: no\r\ntransfer-encoding: chunked\r\n{}\r\n",
-            if self.keep_alive() {
+             x-accel-buffering: no\r\n{}{}\r\n",
+            if chunked {
+                "transfer-encoding: chunked\r\n"
+            } else {
+                ""
+            },
+            if keep_alive {
                 ""
             } else {
                 "connection: close\r\n"
@@ -848,12 +879,16 @@ impl<'c> Federation<'_, 'c> {
                 Some(None) => break,
                 None => b": keep-alive\n\n".to_vec(),
             };
-            if io.write_all(chunk(&data)).await.is_err() {
+            let framed = if chunked { chunk(&data) } else { data };
+            if io.write_all(framed).await.is_err() {
                 // The client went away: dropping the receiver ends the pumps.
                 return false;
             }
         }
-        io.write_all(b"0\r\n\r\n".to_vec()).await.is_ok() && self.keep_alive()
+        if chunked && io.write_all(b"0\r\n\r\n".to_vec()).await.is_err() {
+            return false;
+        }
+        keep_alive
     }
 }
 

@@ -386,6 +386,16 @@ async fn handle_inner<'a, 'c>(
         .with_data(serde_json::json!({ "supported": version::SUPPORTED }));
         return io.write_all(reply(400, err)).await.is_ok();
     }
+    let header_trace = match req.header("traceparent") {
+        None => None,
+        Some(v) => match std::str::from_utf8(v).ok().and_then(trace_id) {
+            Some(t) => Some(t.to_owned()),
+            None => {
+                let err = invalid_traceparent("the traceparent header");
+                return io.write_all(reply(400, err)).await.is_ok();
+            }
+        },
+    };
     let who = match policy.authenticate(
         route,
         |h| req.header_str(h),
@@ -400,10 +410,7 @@ async fn handle_inner<'a, 'c>(
         d.tenant = Some(tenant.name.clone());
         d.agent.clone_from(&who.agent);
         d.run.clone_from(&who.run);
-        d.trace_id = req
-            .header_str("traceparent")
-            .and_then(trace_id)
-            .map(str::to_owned);
+        d.trace_id = header_trace;
     }
     let mut request_id = None;
     let mut message = None;
@@ -474,6 +481,15 @@ async fn handle_inner<'a, 'c>(
             );
             return io.write_all(resp).await.is_ok();
         }
+    }
+    if let Some(m) = message.iter().chain(batch.iter()).find(|m| {
+        m.meta_traceparent
+            .as_deref()
+            .is_some_and(|tp| trace_id(tp).is_none())
+    }) {
+        let id = if batch.is_empty() { m.id.clone() } else { None };
+        let err = invalid_traceparent("params._meta.traceparent").with_id(id);
+        return io.write_all(reply(400, err)).await.is_ok();
     }
     // Policy: every message of the request is admitted, or the request is refused. The
     // admissions hold their in-flight slots until the answer has been relayed.
@@ -601,8 +617,13 @@ async fn handle_inner<'a, 'c>(
                 .map(|tp| ("traceparent", Some(tp)))
                 .into_iter()
                 .collect();
-            let bytes = upstream_request(req, peer, up, &req.body, &extra);
-            forward(io, req, bytes, up, request_id, ctx, None, obs).await
+            match upstream_request(req, peer, up, &req.body, &extra) {
+                Ok(bytes) => forward(io, req, bytes, up, request_id, ctx, None, obs).await,
+                Err(e) => {
+                    let err = RpcError::from(e).with_id(request_id);
+                    io.write_all(reply(400, err)).await.is_ok()
+                }
+            }
         }
         Target::Federation(members) => {
             let fed = super::federation::Federation {
@@ -649,18 +670,33 @@ fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
+/// The trace id of a W3C `traceparent`, if the whole value is exactly
+/// `00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>` with neither id all zeros.
+/// Nothing is trimmed and nothing may follow: the value is forwarded as it is, so what is
+/// checked here is all there is.
 fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.trim().split('-');
+    let mut parts = traceparent.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(version, 2)
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    (parts.next().is_none()
+        && version == "00"
         && hex(trace, 32)
         && hex(parent, 16)
         && hex(flags, 2)
-        && trace.bytes().any(|b| b != b'0'))
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0'))
     .then_some(trace)
+}
+
+/// A request whose trace context is not valid: refused, so that the trace the gateway records
+/// is the one the upstream receives.
+fn invalid_traceparent(where_: &str) -> RpcError {
+    RpcError::invalid_request(format!(
+        "{where_} is not a valid W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>, lowercase)"
+    ))
 }
 
 /// Answers a refusal: the rule's status and JSON-RPC error, with `Retry-After` and
@@ -808,14 +844,18 @@ async fn filtered_tools_list<'c>(
     id: Option<Id>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
+    let request = match upstream_request(req, peer, up, &req.body, &[]) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = RpcError::from(e).with_id(id);
+            return io
+                .write_all(json_response(400, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
+    };
     let sent = Instant::now();
-    let answer = call(
-        ctx,
-        up,
-        upstream_request(req, peer, up, &req.body, &[]),
-        16 * 1024 * 1024,
-    )
-    .await;
+    let answer = call(ctx, up, request, 16 * 1024 * 1024).await;
     obs.waited(sent.elapsed());
     let (head, body) = match answer {
         Ok(a) => a,
@@ -842,6 +882,15 @@ async fn filtered_tools_list<'c>(
     let session = http::header(&head.headers, "mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
+    // Relayed to the client: an upstream is not trusted to produce a clean head.
+    if session
+        .as_deref()
+        .is_some_and(|s| !http::is_clean_value(s.as_bytes()))
+    {
+        obs.set(Outcome::UpstreamFailure);
+        let f = UpstreamFailure::Bad("a control character in its Mcp-Session-Id".into());
+        return fail(io, req, up, id, f).await;
+    }
     let mut headers = vec![("content-type", "application/json")];
     if let Some(s) = &session {
         headers.push(("mcp-session-id", s));
@@ -852,8 +901,9 @@ async fn filtered_tools_list<'c>(
         .is_ok()
 }
 
-/// Hop-by-hop headers and those the gateway sets itself are not forwarded.
-fn is_hop_by_hop(name: &str, connection: &[u8]) -> bool {
+/// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
+/// gateway sets itself are not forwarded.
+fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
     const DROP: &[&str] = &[
         "connection",
         "keep-alive",
@@ -871,61 +921,51 @@ fn is_hop_by_hop(name: &str, connection: &[u8]) -> bool {
         "x-api-key",
         "cookie",
     ];
-    DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
-        || connection
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d)) || http::has_connection_option(headers, name)
 }
 
 /// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the
-/// headers named in `replace` dropped and, where a value is given, set to it.
+/// headers named in `replace` dropped and, where a value is given, set to it. Values taken from
+/// a message body (a trace context, a tool name) may hold anything: every field is written by
+/// [`http::push_field`], which refuses a control character, and then nothing is sent.
 pub(super) fn upstream_request(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
     body: &[u8],
     replace: &[(&str, Option<&str>)],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, http::UnsafeField> {
     let query = req.target.find('?').map_or("", |i| &req.target[i..]);
-    let connection = req.header("connection").unwrap_or_default();
     let mut out = Vec::with_capacity(512 + body.len());
-    out.extend_from_slice(
-        format!(
-            "{} {}{query} HTTP/1.1\r\nhost: {}\r\n",
-            req.method, up.path, up.authority
-        )
-        .as_bytes(),
-    );
+    http::push_request_line(&mut out, &req.method, &format!("{}{query}", up.path))?;
+    http::push_field(&mut out, "host", up.authority.as_bytes())?;
     for (name, value) in &req.headers {
-        if !is_hop_by_hop(name, connection)
+        if !is_hop_by_hop(name, &req.headers)
             && !name.eq_ignore_ascii_case("x-forwarded-for")
             && !replace.iter().any(|(r, _)| name.eq_ignore_ascii_case(r))
         {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            http::push_field(&mut out, name, value)?;
         }
     }
     let forwarded_for = match req.header_str("x-forwarded-for") {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
-    out.extend_from_slice(format!("x-forwarded-for: {forwarded_for}\r\n").as_bytes());
+    http::push_field(&mut out, "x-forwarded-for", forwarded_for.as_bytes())?;
     for (name, value) in replace {
         if let Some(value) = value {
-            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            http::push_field(&mut out, name, value.as_bytes())?;
         }
     }
     if let Some(auth) = &up.authorization {
-        out.extend_from_slice(format!("authorization: {auth}\r\n").as_bytes());
+        http::push_field(&mut out, "authorization", auth.as_bytes())?;
     }
     if req.method == "POST" || !body.is_empty() {
         out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-    out
+    Ok(out)
 }
 
 pub(super) struct ResponseHead {
@@ -943,10 +983,7 @@ impl ResponseHead {
     }
 
     fn closes(&self) -> bool {
-        http::header(&self.headers, "connection").is_some_and(|c| {
-            c.split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        })
+        http::has_connection_option(&self.headers, "close")
     }
 }
 
@@ -1259,39 +1296,48 @@ async fn relay(
     };
     let sse = head.is_sse();
     let upstream_close = head.closes();
-    let connection = http::header(&head.headers, "connection")
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default();
+    // A body of unknown length goes chunked to HTTP/1.1 clients; to HTTP/1.0 clients it goes as
+    // it is and ends when the gateway closes the connection.
+    let chunked = req.accepts_chunked();
+    let until_close = !chunked && matches!(kind, Some(BodyKind::Chunked | BodyKind::UntilClose));
+    let keep_alive = req.keep_alive && !until_close;
 
     let mut out =
         format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
+    let mut written = Ok(());
     for (name, value) in &head.headers {
-        let keep = (!is_hop_by_hop(name, &connection) || name.eq_ignore_ascii_case("authorization"))
+        let keep = (!is_hop_by_hop(name, &head.headers)
+            || name.eq_ignore_ascii_case("authorization"))
             // Set below for every event stream.
             && !(sse
                 && (name.eq_ignore_ascii_case("x-accel-buffering")
                     || name.eq_ignore_ascii_case("cache-control")));
         if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            // Relayed from the upstream, which is not trusted to produce a clean head.
+            written = written.and_then(|()| http::push_field(&mut out, name, value));
         }
+    }
+    if let Some(left) = &obs.decision.borrow().budget_left {
+        written = written.and_then(|()| {
+            http::push_field(&mut out, "mcp-gateway-budget-remaining", left.as_bytes())
+        });
+    }
+    if let Err(e) = written {
+        let f = UpstreamFailure::Bad(format!("unsafe response head: {e}"));
+        return fail(client, req, up, request_id, f).await;
     }
     match kind {
         None => out.extend_from_slice(b"content-length: 0\r\n"),
         Some(BodyKind::Length(n)) => {
             out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
         }
-        Some(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Some(_) if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Some(_) => {}
     }
     if sse {
         out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
     }
-    if let Some(left) = &obs.decision.borrow().budget_left {
-        out.extend_from_slice(format!("mcp-gateway-budget-remaining: {left}\r\n").as_bytes());
-    }
-    if !req.keep_alive {
+    if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1318,7 +1364,7 @@ async fn relay(
         if !upstream_close {
             ctx.checkin(up.addr, conn, up.max_idle);
         }
-        return req.keep_alive;
+        return keep_alive;
     };
 
     let mut decoder = ChunkedDecoder::default();
@@ -1378,7 +1424,7 @@ async fn relay(
             }
         }
         if !data.is_empty() {
-            let framed = if matches!(kind, BodyKind::Length(_)) {
+            let framed = if matches!(kind, BodyKind::Length(_)) || !chunked {
                 data
             } else {
                 chunk(&data)
@@ -1431,9 +1477,12 @@ async fn relay(
                     Some(name) => super::federation::rewrite_events(name, &rest),
                     None => rest,
                 };
-                let _ = client.write_all(chunk(&last)).await;
+                let _ = client
+                    .write_all(if chunked { chunk(&last) } else { last })
+                    .await;
             }
             if !matches!(kind, BodyKind::Length(_))
+                && chunked
                 && client.write_all(b"0\r\n\r\n".to_vec()).await.is_err()
             {
                 return false;
@@ -1441,7 +1490,7 @@ async fn relay(
             if kind != BodyKind::UntilClose && !upstream_close {
                 ctx.checkin(up.addr, conn, up.max_idle);
             }
-            req.keep_alive
+            keep_alive
         }
         Err(why) => {
             obs.set(Outcome::UpstreamFailure);
@@ -1453,12 +1502,20 @@ async fn relay(
                 let mut event = b"event: message\ndata: ".to_vec();
                 event.extend_from_slice(&err.body());
                 event.extend_from_slice(b"\n\n");
+                if !chunked {
+                    let _ = client.write_all(event).await;
+                    return false;
+                }
                 let ok = client.write_all(chunk(&event)).await.is_ok()
                     && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok();
-                return ok && req.keep_alive;
+                return ok && keep_alive;
             }
             // A fixed-length or non-SSE body cannot be completed: close the client connection.
             false
         }
     }
 }
+
+#[cfg(test)]
+#[path = "proxy_head_tests.rs"]
+mod head_tests;

@@ -3,6 +3,7 @@
 //! disturbed by each other on small machines.
 
 mod containment;
+mod hardening_http;
 mod hardening_io;
 mod mcp_e2e;
 mod netns_e2e;

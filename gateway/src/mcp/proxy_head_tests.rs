@@ -1,0 +1,116 @@
+//! What the gateway writes into the heads it sends upstream and to clients.
+
+use super::*;
+
+const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[test]
+fn traceparent_is_validated_whole_and_never_trimmed() {
+    assert_eq!(trace_id(TP), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    let smuggle = format!(
+        "{TP}-\r\ncontent-length: 0\r\n\r\nPOST /mcp HTTP/1.1\r\nhost: u\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    for bad in [
+        smuggle.as_str(),
+        &format!("{TP}-"),
+        &format!("{TP}-01"),
+        &format!(" {TP}"),
+        &format!("{TP} "),
+        &format!("{TP}\r\n"),
+        &format!("{TP}\t"),
+        &TP.to_uppercase(),
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00F067AA0BA902B7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "",
+    ] {
+        assert_eq!(trace_id(bad), None, "{bad:?}");
+    }
+}
+
+fn upstream() -> Upstream {
+    Upstream {
+        name: "u".into(),
+        url: "http://127.0.0.1:9/mcp".into(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+        authority: "127.0.0.1:9".into(),
+        path: "/mcp".into(),
+        connect_timeout: Duration::from_secs(1),
+        response_timeout: Duration::from_secs(1),
+        stream_idle_timeout: Duration::from_secs(1),
+        authorization: Some("Bearer up".into()),
+        max_idle: 1,
+        breaker: None,
+    }
+}
+
+fn client_request(headers: &[(&str, &str)]) -> Request {
+    Request {
+        method: "POST".into(),
+        target: "/mcp?x=1".into(),
+        minor: 1,
+        headers: headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        body: b"{}".to_vec(),
+        keep_alive: true,
+    }
+}
+
+#[test]
+fn a_value_from_a_message_never_adds_a_line_to_the_upstream_head() {
+    let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let req = client_request(&[("host", "gw"), ("content-type", "application/json")]);
+    let up = upstream();
+    let ok = upstream_request(&req, peer, &up, b"{}", &[("traceparent", Some(TP))]).unwrap();
+    let text = String::from_utf8(ok).unwrap();
+    assert!(
+        text.starts_with("POST /mcp?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\r\ntraceparent: {TP}\r\n")),
+        "{text}"
+    );
+    assert!(text.ends_with("content-length: 2\r\n\r\n{}"), "{text}");
+    for (name, value) in [
+        (
+            "traceparent",
+            "x\r\ncontent-length: 0\r\n\r\nPOST /mcp HTTP/1.1",
+        ),
+        ("mcp-name", "echo\r\nx: y"),
+        ("mcp-name", "echo\nx: y"),
+        ("mcp-name", "echo\rx"),
+        ("mcp-name", "echo\0"),
+        ("mcp-session-id", "s\x0b"),
+    ] {
+        let e = upstream_request(&req, peer, &up, b"{}", &[(name, Some(value))]).unwrap_err();
+        assert_eq!(e.name, name);
+        let rpc = RpcError::from(e);
+        assert_eq!((rpc.code, rpc.http_status), (error::INVALID_REQUEST, 400));
+    }
+}
+
+#[test]
+fn every_connection_line_names_hop_by_hop_fields() {
+    let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let req = client_request(&[
+        ("host", "gw"),
+        ("connection", "keep-alive"),
+        ("connection", "x-second"),
+        ("x-second", "dropped"),
+        ("x-kept", "kept"),
+    ]);
+    let text =
+        String::from_utf8(upstream_request(&req, peer, &upstream(), b"{}", &[]).unwrap()).unwrap();
+    assert!(!text.contains("x-second"), "{text}");
+    assert!(text.contains("x-kept: kept\r\n"), "{text}");
+}

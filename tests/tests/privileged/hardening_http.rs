@@ -1,0 +1,526 @@
+//! The HTTP layer under attack, on loopback (no privileges: the kernel program is off here): a
+//! real gateway in front of an upstream on raw sockets that records every request head it
+//! receives, so that a smuggled second request would be seen. Values from a message body with
+//! CR/LF (a trace context, a federated tool name) must be refused before anything is sent;
+//! heads that could mean one thing to the gateway and another to the upstream are refused;
+//! HTTP/1.0 clients get HTTP/1.0 framing.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{RawResponse, free_port, post, raw, read_response},
+    unique,
+};
+
+/// How the recording upstream answers.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// A JSON-RPC result for the request's id, Content-Length framed.
+    Json,
+    /// The same result as one SSE event, chunked.
+    ChunkedSse,
+    /// These bytes, as they are, then close.
+    Raw(&'static [u8]),
+}
+
+/// An upstream on raw sockets: records each request head it reads (a smuggled request shows up
+/// as a head of its own) and answers every request. Stops listening on drop.
+struct Recorder {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Recorder {
+    fn start(reply: Reply) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (log, stopped) = (Arc::clone(&heads), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { return };
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || serve(conn, reply, &log));
+            }
+        });
+        Self { port, heads, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag and closes the listener.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve(conn: TcpStream, reply: Reply, log: &Mutex<Vec<String>>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut out = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut head = String::new();
+        let mut len = 0;
+        loop {
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            head.push_str(&line);
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        log.lock().unwrap().push(head);
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .unwrap_or(serde_json::Value::Null);
+        let result =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}}).to_string();
+        let written = match reply {
+            Reply::Json => write!(
+                out,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{result}",
+                result.len()
+            ),
+            Reply::ChunkedSse => {
+                let event = format!("event: message\ndata: {result}\n\n");
+                write!(
+                    out,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n0\r\n\r\n",
+                    event.len()
+                )
+            }
+            Reply::Raw(bytes) => {
+                let _ = out.write_all(bytes);
+                return;
+            }
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+fn config(instance: &str, port: u16, upstream: &str, federated: bool) -> String {
+    let route = if federated {
+        "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u0\", prefix = \"\" }]\n"
+    } else {
+        "[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n"
+    };
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+shutdown_grace_ms = 2000
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[http]
+max_body_bytes = 65536
+max_header_bytes = 4096
+request_timeout_ms = 2000
+[[upstreams]]
+name = "u0"
+url = "{upstream}"
+response_timeout_ms = 1500
+{route}"#,
+        admin = free_port()
+    )
+}
+
+/// A gateway with route `/mcp` to `upstream`, or `/fed` federating it alone (no prefix).
+fn start(upstream: &str, federated: bool) -> (Daemon, u16) {
+    let port = free_port();
+    let instance = unique("gwhttp");
+    let d = Daemon::start_local(&instance, &config(&instance, port, upstream, federated));
+    (d, port)
+}
+
+const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A second request, to follow an injected `content-length: 0` and blank line.
+const SMUGGLED: &str = "POST /mcp HTTP/1.1\r\nhost: u\r\ncontent-type: application/json\r\ncontent-length: 59\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":66,\"method\":\"tools/call\",\"params\":{}}";
+
+fn assert_refused(resp: &RawResponse, what: &str) {
+    assert_eq!(
+        resp.status,
+        400,
+        "{what}: {resp:?} {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(resp.json()["error"]["code"], -32600, "{what}");
+}
+
+/// Reads until the gateway closes the connection, `enough` holds for what was read, or 3 s
+/// pass without a byte; returns what was read and whether the connection was closed.
+fn read_until(s: &mut TcpStream, enough: impl Fn(&[u8]) -> bool) -> (Vec<u8>, bool) {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (all, true),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(_) => return (all, false),
+        }
+        if enough(&all) {
+            return (all, false);
+        }
+    }
+}
+
+/// Whether the gateway closes the connection (within 3 s) without sending anything more.
+fn closed_silently(s: &mut TcpStream) -> bool {
+    read_until(s, |_| false) == (Vec::new(), true)
+}
+
+#[test]
+fn crlf_in_a_trace_context_is_refused_and_smuggles_no_request_upstream() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), false);
+    // `_meta.traceparent`: a valid trace context, then a fifth field carrying the injection.
+    let tp =
+        serde_json::to_string(&format!("{TP}-\r\ncontent-length: 0\r\n\r\n{SMUGGLED}")).unwrap();
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{}},"_meta":{{"traceparent":{tp}}}}}}}"#
+    );
+    let (resp, _) = raw(port, &post("/mcp", &body, ""));
+    assert_refused(&resp, "CR/LF in _meta.traceparent");
+    assert_eq!(resp.json()["id"], 1);
+    // Nor a value with anything around it, nor in the header.
+    for tp in [format!(" {TP}"), format!("{TP}-01"), TP.to_uppercase()] {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{{"_meta":{{"traceparent":"{tp}"}}}}}}"#
+        );
+        let (resp, _) = raw(port, &post("/mcp", &body, ""));
+        assert_refused(&resp, &tp);
+    }
+    let list = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    let (resp, _) = raw(
+        port,
+        &post("/mcp", list, &format!("traceparent: {TP}-01\r\n")),
+    );
+    assert_refused(&resp, "traceparent header with a fifth field");
+    assert_eq!(
+        up.heads(),
+        Vec::<String>::new(),
+        "nothing reached the upstream"
+    );
+
+    // A valid trace context reaches the upstream as it is, as the only extra line.
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":4,"method":"tools/list","params":{{"_meta":{{"traceparent":"{TP}"}}}}}}"#
+    );
+    let (resp, _) = raw(port, &post("/mcp", &body, ""));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["id"], 4);
+    let heads = up.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].contains(&format!("\r\ntraceparent: {TP}\r\n")),
+        "{heads:?}"
+    );
+    d.stop();
+}
+
+#[test]
+fn crlf_in_a_federated_tool_name_is_refused_and_smuggles_no_request_upstream() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), true);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (resp, _) = raw(port, &post("/fed", init, ""));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let session = resp.header("mcp-session-id").expect("a session").to_owned();
+    let before = up.heads().len();
+    assert_eq!(before, 2, "initialize and notifications/initialized");
+
+    // The member's name for the tool is written into `Mcp-Name` for the upstream.
+    let name = serde_json::to_string(&format!("x\r\ncontent-length: 0\r\n\r\n{SMUGGLED}")).unwrap();
+    let call = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":{name},"arguments":{{}}}}}}"#
+    );
+    let extra = format!("mcp-session-id: {session}\r\nmcp-name: x\r\n");
+    let (resp, _) = raw(port, &post("/fed", &call, &extra));
+    assert_refused(&resp, "CR/LF in a federated tool name");
+    assert_eq!(resp.json()["id"], 7);
+    assert_eq!(up.heads().len(), before, "{:?}", up.heads());
+
+    // A clean name is routed, and the upstream sees exactly one more request.
+    let call =
+        r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/fed",
+            call,
+            &format!("mcp-session-id: {session}\r\nmcp-name: echo\r\n"),
+        ),
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["id"], 8);
+    let heads = up.heads();
+    assert_eq!(heads.len(), before + 1, "{heads:?}");
+    assert!(
+        heads[before].contains("\r\nmcp-name: echo\r\n"),
+        "{heads:?}"
+    );
+    d.stop();
+}
+
+#[test]
+fn heads_that_could_mean_two_things_are_refused_before_the_upstream() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), false);
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let head = |extra: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+            list.len()
+        )
+        .into_bytes()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("two Host", head("host: gw\r\nhost: other\r\n")),
+        ("invalid Host", head("host: gw/evil\r\n")),
+        ("Host with a quote", head("host: gw\"x\r\n")),
+        (
+            "two Mcp-Name",
+            post("/mcp", list, "mcp-name: echo\r\nmcp-name: delete_file\r\n"),
+        ),
+        (
+            "two Mcp-Session-Id",
+            post("/mcp", list, "mcp-session-id: a\r\nmcp-session-id: b\r\n"),
+        ),
+        (
+            "two Mcp-Protocol-Version",
+            post(
+                "/mcp",
+                list,
+                "mcp-protocol-version: 2025-06-18\r\nmcp-protocol-version: 2025-03-26\r\n",
+            ),
+        ),
+        (
+            "two Mcp-Method",
+            post(
+                "/mcp",
+                list,
+                "mcp-method: tools/list\r\nmcp-method: tools/call\r\n",
+            ),
+        ),
+        (
+            "two Mcp-Run-Id",
+            post("/mcp", list, "mcp-run-id: a\r\nmcp-run-id: b\r\n"),
+        ),
+        (
+            "access_token in the query",
+            post("/mcp?access_token=secret", list, ""),
+        ),
+        (
+            "access_token percent-encoded",
+            post("/mcp?x=1&access%5Ftoken=secret", list, ""),
+        ),
+        (
+            "Connection naming an MCP field",
+            post(
+                "/mcp",
+                list,
+                "connection: keep-alive\r\nconnection: mcp-protocol-version\r\nmcp-protocol-version: 2025-06-18\r\n",
+            ),
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            head("host: gw\r\ntransfer-encoding: chunked\r\n"),
+        ),
+        (
+            "two different Content-Lengths",
+            post("/mcp", list, "content-length: 3\r\n"),
+        ),
+        ("obs-fold", post("/mcp", list, "x-folded: a\r\n b\r\n")),
+        (
+            "whitespace before the colon",
+            post("/mcp", list, "x-space : a\r\n"),
+        ),
+    ];
+    for (what, request) in &cases {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(request).unwrap();
+        let resp = read_response(&mut s).unwrap_or_else(|| panic!("{what}: no answer"));
+        assert_refused(&resp, what);
+        assert!(
+            closed_silently(&mut s),
+            "{what}: the connection is closed after the refusal"
+        );
+    }
+    assert_eq!(
+        up.heads(),
+        Vec::<String>::new(),
+        "nothing reached the upstream"
+    );
+
+    // The RFC 9728 document only names a Host that is valid.
+    let (resp, _) = raw(
+        port,
+        b"GET /.well-known/oauth-protected-resource/mcp HTTP/1.1\r\nhost: evil.example/phish?\r\n\r\n",
+    );
+    assert_eq!(resp.status, 400, "{resp:?}");
+    let (resp, _) = raw(
+        port,
+        b"GET /.well-known/oauth-protected-resource/mcp HTTP/1.1\r\nhost: gw.test:8080\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["resource"], "http://gw.test:8080/mcp");
+    d.stop();
+}
+
+#[test]
+fn every_connection_line_is_honoured() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), false);
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    // A field named in the second Connection line is hop-by-hop: the upstream never sees it.
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            list,
+            "connection: keep-alive\r\nconnection: x-hop\r\nx-hop: secret\r\nx-end: kept\r\n",
+        ),
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let heads = up.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("x-hop"),
+        "{heads:?}"
+    );
+    assert!(heads[0].contains("x-end: kept"), "{heads:?}");
+    // `keep-alive` then `close`: the gateway says it closes, and reads no further request.
+    let (resp, mut s) = raw(
+        port,
+        &post(
+            "/mcp",
+            list,
+            "connection: keep-alive\r\nconnection: close\r\n",
+        ),
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("connection"), Some("close"));
+    let _ = s.write_all(&post("/mcp", list, ""));
+    let (more, _) = read_until(&mut s, |_| false);
+    assert_eq!(
+        String::from_utf8_lossy(&more),
+        "",
+        "no answer after `Connection: close`"
+    );
+    assert_eq!(up.heads().len(), 2, "{:?}", up.heads());
+    d.stop();
+}
+
+#[test]
+fn http_1_0_clients_get_no_chunked_coding_and_no_100_continue() {
+    let up = Recorder::start(Reply::ChunkedSse);
+    let (mut d, port) = start(&up.url(), false);
+    let list = r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#;
+    let request = |version: &str, extra: &str| {
+        format!(
+            "POST /mcp HTTP/{version}\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n{extra}content-length: {}\r\n\r\n{list}",
+            list.len()
+        )
+    };
+    // The upstream answers chunked; an HTTP/1.0 client gets the body as it is, ended by close.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(request("1.0", "connection: keep-alive\r\nexpect: 100-continue\r\n").as_bytes())
+        .unwrap();
+    let (all, _) = read_until(&mut s, |b| {
+        String::from_utf8_lossy(b).contains(r#""id":5,"result":{"ok":true}}"#)
+    });
+    let text = String::from_utf8_lossy(&all).into_owned();
+    assert!(!text.contains("100 Continue"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{text}");
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("transfer-encoding"), "{text}");
+    assert!(lower.contains("connection: close"), "{text}");
+    assert!(
+        body.starts_with("event: message\ndata: "),
+        "no chunk framing: {text}"
+    );
+    assert!(body.contains(r#""id":5"#), "{text}");
+
+    // HTTP/1.1 still gets it chunked, and the connection stays open.
+    let (resp, mut s) = raw(port, request("1.1", "").as_bytes());
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("transfer-encoding"), Some("chunked"));
+    s.write_all(request("1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut s).expect("a second answer").status, 200);
+
+    // HTTP/1.0 with Transfer-Encoding has faulty framing: refused, and the connection closed.
+    let chunked = format!(
+        "POST /mcp HTTP/1.0\r\nhost: gw\r\nconnection: keep-alive\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{list}\r\n0\r\n\r\n",
+        list.len()
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(chunked.as_bytes()).unwrap();
+    s.write_all(request("1.0", "connection: keep-alive\r\n").as_bytes())
+        .unwrap();
+    let resp = read_response(&mut s).expect("an answer");
+    assert_refused(&resp, "HTTP/1.0 with Transfer-Encoding");
+    assert!(closed_silently(&mut s), "nothing more on that connection");
+    d.stop();
+}
+
+#[test]
+fn an_upstream_head_with_a_control_character_never_reaches_the_client() {
+    let up = Recorder::start(Reply::Raw(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nmcp-session-id: a\x0bb\r\ncontent-length: 2\r\n\r\n{}",
+    ));
+    let (mut d, port) = start(&up.url(), false);
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            "",
+        ),
+    );
+    assert_eq!(resp.status, 502, "{resp:?}");
+    assert!(resp.header("mcp-session-id").is_none(), "{resp:?}");
+    d.stop();
+}
