@@ -359,7 +359,7 @@ async fn handle_inner<'a, 'c>(
     }
     let who = match policy.authenticate(
         route,
-        |h| req.header_str(h),
+        &req.headers,
         snapshot.classifier.tenant_of(peer.ip()),
     ) {
         Ok(who) => who,
@@ -446,9 +446,40 @@ async fn handle_inner<'a, 'c>(
             return io.write_all(resp).await.is_ok();
         }
     }
-    // Policy: every message of the request is admitted, or the request is refused. The
-    // admissions hold their in-flight slots until the answer has been relayed.
-    let mut admissions = Vec::new();
+    // Messages policy cannot decide are refused before anything is charged: a request sent
+    // without an id (policy limits requests; the upstream would still run it), and a batched
+    // `tools/list` for a tenant whose lists are filtered (only a lone one is).
+    for m in message.iter().chain(batch.iter()) {
+        let method = m.method.as_deref().unwrap_or_default();
+        let why = if m.kind == Kind::Notification && !method.starts_with("notifications/") {
+            format!("`{method}` is a request, not a notification: it needs an `id`")
+        } else if !batch.is_empty()
+            && m.kind == Kind::Request
+            && method == "tools/list"
+            && (tenant.filters() || policy.pinning)
+        {
+            "`tools/list` is answered per tenant here: send it alone, not in a batch".to_owned()
+        } else {
+            continue;
+        };
+        let r = Refusal::new(
+            400,
+            policy::code::INVALID_REQUEST,
+            format!("routes[{}]", route.path),
+            why,
+        );
+        let id = if batch.is_empty() { m.id.clone() } else { None };
+        return refuse(io, req, &r, id, obs, ctx, peer, config).await;
+    }
+    // Policy: every message of the request is admitted, or the request is refused and what the
+    // admitted ones charged is given back. The admissions hold their in-flight slots until the
+    // answer has been relayed.
+    let mut admissions: Vec<policy::Admission> = Vec::new();
+    let give_back = |admissions: &mut Vec<policy::Admission>| {
+        for a in admissions.iter_mut() {
+            a.give_back(&ctx.shared.limits);
+        }
+    };
     for m in message.iter().chain(batch.iter()) {
         let tool = (m.method.as_deref() == Some("tools/call"))
             .then_some(m.name.as_deref())
@@ -480,6 +511,7 @@ async fn handle_inner<'a, 'c>(
                     "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
                 ),
             );
+            give_back(&mut admissions);
             return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
         }
         // Breakers first: a call refused for an open circuit charges no budget.
@@ -488,10 +520,7 @@ async fn handle_inner<'a, 'c>(
             && let Some(c) = &config.upstreams[up].breaker
         {
             let now = ctx.shared.limits.now();
-            for (name, tool_level) in [
-                (upstream.to_owned(), false),
-                (format!("{upstream}/{local}"), true),
-            ] {
+            for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
                 match ctx.shared.breakers.allow(&name, now, c) {
                     Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
                     Err(wait) => {
@@ -511,6 +540,7 @@ async fn handle_inner<'a, 'c>(
                             ),
                         )
                         .retry(wait);
+                        give_back(&mut admissions);
                         return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
                     }
                 }
@@ -536,6 +566,7 @@ async fn handle_inner<'a, 'c>(
             }
             Err(r) => {
                 give_back_probes(obs, ctx);
+                give_back(&mut admissions);
                 let id = if batch.is_empty() { m.id.clone() } else { None };
                 return refuse(io, req, &r, id, obs, ctx, peer, config).await;
             }
