@@ -575,6 +575,22 @@ async fn handle_inner<'a, 'c>(
     let keep = match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
+            if let Some(id) = req.header("mcp-session-id")
+                && !ctx.shared.session_owners.may_use(
+                    session_key(ctx, up, id),
+                    session_owner(ctx, obs),
+                    policy::limits::State::unix_s(),
+                )
+            {
+                // Unknown, or another caller's: either way the caller must initialize.
+                let err = RpcError::new(
+                    error::SESSION_NOT_FOUND,
+                    "unknown or expired session: initialize again",
+                    404,
+                )
+                .with_id(request_id);
+                return io.write_all(reply(404, err)).await.is_ok();
+            }
             if (tenant.filters() || policy.pinning)
                 && let Some(m) = &message
                 && m.kind == Kind::Request
@@ -642,6 +658,31 @@ pub(super) fn visible(
             .pins
             .observe(upstream, tool, policy.configured_pin(upstream, name));
     pinned && tenant.allows(upstream, name)
+}
+
+/// Who owns the passthrough sessions a request opens or uses: a keyed hash of its tenant and
+/// agent.
+fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
+    let d = obs.decision.borrow();
+    ctx.shared
+        .limits
+        .key(("session-owner", d.tenant.as_deref(), d.agent.as_deref()))
+}
+
+/// A keyed hash of an upstream's session id.
+fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
+    ctx.shared.limits.key(("session", up.name.as_str(), id))
+}
+
+/// Remembers the caller as the owner of the session a passthrough upstream's answer opens.
+fn bind_session(ctx: &WorkerCtx, up: &Upstream, head: &ResponseHead, obs: &Obs<'_>) {
+    if let Some(id) = http::header(&head.headers, "mcp-session-id") {
+        ctx.shared.session_owners.bind(
+            session_key(ctx, up, id),
+            session_owner(ctx, obs),
+            policy::limits::State::unix_s(),
+        );
+    }
 }
 
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
@@ -826,6 +867,7 @@ async fn filtered_tools_list<'c>(
             return fail(io, req, up, id, f).await;
         }
     };
+    bind_session(ctx, up, &head, obs);
     let mut message = match super::federation::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
@@ -1130,7 +1172,12 @@ pub(super) async fn forward<'c>(
     let opened = open(ctx, up, request, Some(client)).await;
     obs.waited(sent.elapsed());
     match opened {
-        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,
+        Ok((conn, head)) => {
+            if member.is_none() {
+                bind_session(ctx, up, &head, obs);
+            }
+            relay(client, conn, req, head, up, request_id, ctx, member, obs).await
+        }
         // The client gave up waiting; the upstream connection was closed, which cancels there.
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
