@@ -320,7 +320,7 @@ fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
 #[test]
 fn rates_per_tenant_and_per_agent() {
     let (p, state, who) = acme_policy(
-        "[policy]\nrequests_per_sec = 1000\nburst = 5\nagent_requests_per_sec = 1000\nagent_burst = 2\n",
+        "[policy]\nrequests_per_sec = 1\nburst = 5\nagent_requests_per_sec = 1\nagent_burst = 2\n",
     );
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
