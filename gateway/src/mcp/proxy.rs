@@ -471,6 +471,24 @@ async fn handle_inner<'a, 'c>(
         let id = if batch.is_empty() { m.id.clone() } else { None };
         return refuse(io, req, &r, id, obs, ctx, peer, config).await;
     }
+    // A passthrough session is its opener's: one never seen opened, or another caller's, is
+    // unknown (before anything is charged).
+    if let Target::Passthrough(u) = &route.target
+        && let Some(id) = req.header("mcp-session-id")
+        && !ctx.shared.session_owners.may_use(
+            session_key(ctx, &config.upstreams[*u], id),
+            session_owner(ctx, obs),
+            policy::limits::State::unix_s(),
+        )
+    {
+        let err = RpcError::new(
+            error::SESSION_NOT_FOUND,
+            "unknown or expired session: initialize again",
+            404,
+        )
+        .with_id(request_id);
+        return io.write_all(reply(404, err)).await.is_ok();
+    }
     // Policy: every message of the request is admitted, or the request is refused and what the
     // admitted ones charged is given back. The admissions hold their in-flight slots until the
     // answer has been relayed.
@@ -575,22 +593,6 @@ async fn handle_inner<'a, 'c>(
     let keep = match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
-            if let Some(id) = req.header("mcp-session-id")
-                && !ctx.shared.session_owners.may_use(
-                    session_key(ctx, up, id),
-                    session_owner(ctx, obs),
-                    policy::limits::State::unix_s(),
-                )
-            {
-                // Unknown, or another caller's: either way the caller must initialize.
-                let err = RpcError::new(
-                    error::SESSION_NOT_FOUND,
-                    "unknown or expired session: initialize again",
-                    404,
-                )
-                .with_id(request_id);
-                return io.write_all(reply(404, err)).await.is_ok();
-            }
             if (tenant.filters() || policy.pinning)
                 && let Some(m) = &message
                 && m.kind == Kind::Request
