@@ -344,6 +344,54 @@ fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
+/// Why a state-changing request must be refused as one a browser may have sent from another
+/// site (the admin API has no token on loopback by default, and any page can POST there):
+/// `Origin` (browsers send it with every cross-origin POST, `null` included), `Sec-Fetch-Site`
+/// other than `none`/`same-origin`, or a body that is not JSON (a form can send text without a
+/// CORS preflight; JSON cannot).
+fn cross_site(
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+) -> Option<(u16, &'static str)> {
+    if matches!(
+        *method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    ) {
+        return None;
+    }
+    if headers.contains_key("origin") {
+        return Some((
+            403,
+            "state-changing admin requests from a browser page (with `Origin`) are refused",
+        ));
+    }
+    if headers
+        .get_all("sec-fetch-site")
+        .iter()
+        .any(|v| !matches!(v.as_bytes(), b"none" | b"same-origin"))
+    {
+        return Some((403, "cross-site admin requests are refused"));
+    }
+    let has_body = headers
+        .get("content-length")
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || headers.contains_key("transfer-encoding");
+    let json = headers.get_all("content-type").iter().count() == 1
+        && headers.get("content-type").is_some_and(|ct| {
+            ct.to_str()
+                .ok()
+                .and_then(|ct| ct.split(';').next())
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if (has_body || headers.contains_key("content-type")) && !json {
+        return Some((
+            415,
+            "admin request bodies must be `Content-Type: application/json`",
+        ));
+    }
+    None
+}
+
 fn parse_window(query: &str) -> Result<Option<Duration>, String> {
     let w = query
         .split('&')
@@ -408,6 +456,9 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             )];
             return r;
         }
+    }
+    if let Some((status, why)) = cross_site(&method, req.headers()) {
+        return json_reply(status, &serde_json::json!({ "error": why }));
     }
     let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
         Ok(b) => b,

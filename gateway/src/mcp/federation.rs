@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 use super::{
     Id, Kind, Message, RpcError, error,
     proxy::{self, Obs, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
-    session::{self, FedSession, MemberSession},
+    session::{self, FedSession, MemberSession, Owner},
     sse, version,
 };
 use crate::{
@@ -219,13 +219,24 @@ impl<'c> Federation<'_, 'c> {
                 "Mcp-Session-Id is required after initialize",
             ));
         };
-        session::open(&self.ctx.shared.session_key, id).ok_or_else(|| {
-            RpcError::new(
-                error::SESSION_NOT_FOUND,
-                "unknown or expired session: initialize again",
-                404,
-            )
-        })
+        // Another caller's session is as unknown as a forged one.
+        session::open(&self.ctx.shared.session_key, id)
+            .filter(|s| s.owner == self.caller())
+            .ok_or_else(|| {
+                RpcError::new(
+                    error::SESSION_NOT_FOUND,
+                    "unknown or expired session: initialize again",
+                    404,
+                )
+            })
+    }
+
+    /// The caller, who owns the sessions it opens.
+    fn caller(&self) -> Owner {
+        Owner(
+            self.tenant.name.clone(),
+            self.obs.decision.borrow().agent.clone(),
+        )
     }
 
     /// Session era: initializes every member with the client's parameters, then answers the
@@ -285,6 +296,7 @@ impl<'c> Federation<'_, 'c> {
         let fed = FedSession {
             version: agreed.clone(),
             members,
+            owner: self.caller(),
         };
         let token = session::seal(&self.ctx.shared.session_key, &fed);
         let mut result = json!({

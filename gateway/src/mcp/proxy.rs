@@ -398,7 +398,7 @@ async fn handle_inner<'a, 'c>(
     };
     let who = match policy.authenticate(
         route,
-        |h| req.header_str(h),
+        &req.headers,
         snapshot.classifier.tenant_of(peer.ip()),
     ) {
         Ok(who) => who,
@@ -491,9 +491,58 @@ async fn handle_inner<'a, 'c>(
         let err = invalid_traceparent("params._meta.traceparent").with_id(id);
         return io.write_all(reply(400, err)).await.is_ok();
     }
-    // Policy: every message of the request is admitted, or the request is refused. The
-    // admissions hold their in-flight slots until the answer has been relayed.
-    let mut admissions = Vec::new();
+    // Messages policy cannot decide are refused before anything is charged: a request sent
+    // without an id (policy limits requests; the upstream would still run it), and a batched
+    // `tools/list` for a tenant whose lists are filtered (only a lone one is).
+    for m in message.iter().chain(batch.iter()) {
+        let method = m.method.as_deref().unwrap_or_default();
+        let why = if m.kind == Kind::Notification && !method.starts_with("notifications/") {
+            format!("`{method}` is a request, not a notification: it needs an `id`")
+        } else if !batch.is_empty()
+            && m.kind == Kind::Request
+            && method == "tools/list"
+            && (tenant.filters() || policy.pinning)
+        {
+            "`tools/list` is answered per tenant here: send it alone, not in a batch".to_owned()
+        } else {
+            continue;
+        };
+        let r = Refusal::new(
+            400,
+            policy::code::INVALID_REQUEST,
+            format!("routes[{}]", route.path),
+            why,
+        );
+        let id = if batch.is_empty() { m.id.clone() } else { None };
+        return refuse(io, req, &r, id, obs, ctx, peer, config).await;
+    }
+    // A passthrough session is its opener's: one never seen opened, or another caller's, is
+    // unknown (before anything is charged).
+    if let Target::Passthrough(u) = &route.target
+        && let Some(id) = req.header("mcp-session-id")
+        && !ctx.shared.session_owners.may_use(
+            session_key(ctx, &config.upstreams[*u], id),
+            session_owner(ctx, obs),
+            policy::limits::State::unix_s(),
+        )
+    {
+        let err = RpcError::new(
+            error::SESSION_NOT_FOUND,
+            "unknown or expired session: initialize again",
+            404,
+        )
+        .with_id(request_id);
+        return io.write_all(reply(404, err)).await.is_ok();
+    }
+    // Policy: every message of the request is admitted, or the request is refused and what the
+    // admitted ones charged is given back. The admissions hold their in-flight slots until the
+    // answer has been relayed.
+    let mut admissions: Vec<policy::Admission> = Vec::new();
+    let give_back = |admissions: &mut Vec<policy::Admission>| {
+        for a in admissions.iter_mut() {
+            a.give_back(&ctx.shared.limits);
+        }
+    };
     for m in message.iter().chain(batch.iter()) {
         let tool = (m.method.as_deref() == Some("tools/call"))
             .then_some(m.name.as_deref())
@@ -525,6 +574,7 @@ async fn handle_inner<'a, 'c>(
                     "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
                 ),
             );
+            give_back(&mut admissions);
             return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
         }
         // Breakers first: a call refused for an open circuit charges no budget.
@@ -533,10 +583,7 @@ async fn handle_inner<'a, 'c>(
             && let Some(c) = &config.upstreams[up].breaker
         {
             let now = ctx.shared.limits.now();
-            for (name, tool_level) in [
-                (upstream.to_owned(), false),
-                (format!("{upstream}/{local}"), true),
-            ] {
+            for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
                 match ctx.shared.breakers.allow(&name, now, c) {
                     Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
                     Err(wait) => {
@@ -556,6 +603,7 @@ async fn handle_inner<'a, 'c>(
                             ),
                         )
                         .retry(wait);
+                        give_back(&mut admissions);
                         return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
                     }
                 }
@@ -581,6 +629,7 @@ async fn handle_inner<'a, 'c>(
             }
             Err(r) => {
                 give_back_probes(obs, ctx);
+                give_back(&mut admissions);
                 let id = if batch.is_empty() { m.id.clone() } else { None };
                 return refuse(io, req, &r, id, obs, ctx, peer, config).await;
             }
@@ -661,6 +710,31 @@ pub(super) fn visible(
             .pins
             .observe(upstream, tool, policy.configured_pin(upstream, name));
     pinned && tenant.allows(upstream, name)
+}
+
+/// Who owns the passthrough sessions a request opens or uses: a keyed hash of its tenant and
+/// agent.
+fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
+    let d = obs.decision.borrow();
+    ctx.shared
+        .limits
+        .key(("session-owner", d.tenant.as_deref(), d.agent.as_deref()))
+}
+
+/// A keyed hash of an upstream's session id.
+fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
+    ctx.shared.limits.key(("session", up.name.as_str(), id))
+}
+
+/// Remembers the caller as the owner of the session a passthrough upstream's answer opens.
+fn bind_session(ctx: &WorkerCtx, up: &Upstream, head: &ResponseHead, obs: &Obs<'_>) {
+    if let Some(id) = http::header(&head.headers, "mcp-session-id") {
+        ctx.shared.session_owners.bind(
+            session_key(ctx, up, id),
+            session_owner(ctx, obs),
+            policy::limits::State::unix_s(),
+        );
+    }
 }
 
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
@@ -864,6 +938,7 @@ async fn filtered_tools_list<'c>(
             return fail(io, req, up, id, f).await;
         }
     };
+    bind_session(ctx, up, &head, obs);
     let mut message = match super::federation::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
@@ -1191,7 +1266,12 @@ pub(super) async fn forward<'c>(
     let opened = open(ctx, up, request, Some(client)).await;
     obs.waited(sent.elapsed());
     match opened {
-        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,
+        Ok((conn, head)) => {
+            if member.is_none() {
+                bind_session(ctx, up, &head, obs);
+            }
+            relay(client, conn, req, head, up, request_id, ctx, member, obs).await
+        }
         // The client gave up waiting; the upstream connection was closed, which cancels there.
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);

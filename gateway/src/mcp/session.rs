@@ -3,6 +3,12 @@
 //! Any worker can serve any request of the session (no lookup, no lock, no cross-core traffic);
 //! a forged or altered id fails the check and gets 404, as an unknown session must. A restart
 //! makes a new key, so clients start new sessions, as they would with a restarted server.
+//!
+//! Sessions belong to the caller (tenant and agent) that opened them: a sealed session names its
+//! owner, and the upstream sessions of passthrough routes are remembered with theirs in
+//! [`Owners`]. Another caller presenting the id gets 404, as for an unknown session.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
@@ -19,7 +25,14 @@ pub struct FedSession {
     pub version: String,
     #[serde(rename = "m")]
     pub members: Vec<MemberSession>,
+    /// Who opened it: tenant and agent.
+    #[serde(rename = "o")]
+    pub owner: Owner,
 }
+
+/// The caller a session belongs to: tenant name and agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner(pub String, pub Option<String>);
 
 /// One member's upstream session: upstream name, its `Mcp-Session-Id` (if it gave one) and the
 /// version it agreed to.
@@ -69,6 +82,46 @@ pub fn open(key: &[u8; 32], id: &str) -> Option<FedSession> {
     serde_json::from_slice(&payload).ok()
 }
 
+/// Passthrough sessions seen at most this many at once (24 bytes each, and the map's own).
+const MAX_OWNED: usize = 1 << 16;
+
+/// The owner of each passthrough upstream session the gateway has seen opened, shared by the
+/// workers: a keyed hash of (upstream, session id) → a keyed hash of the owner, and when it was
+/// last used (s). Bounded: when full, the least recently used quarter is forgotten (their
+/// clients get 404 and initialize again, as after a restart).
+#[derive(Debug, Default)]
+pub struct Owners {
+    map: papaya::HashMap<u64, (u64, AtomicU64), rustc_hash::FxBuildHasher>,
+}
+
+impl Owners {
+    /// Remembers that `session` belongs to `owner`.
+    pub fn bind(&self, session: u64, owner: u64, now_s: u64) {
+        let map = self.map.pin();
+        if map.len() >= MAX_OWNED && !map.contains_key(&session) {
+            let mut used: Vec<u64> = map
+                .iter()
+                .map(|(_, (_, t))| t.load(Ordering::Relaxed))
+                .collect();
+            used.sort_unstable();
+            let cut = used.get(used.len() / 4).copied().unwrap_or(0);
+            map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
+        }
+        map.insert(session, (owner, AtomicU64::new(now_s)));
+    }
+
+    /// Whether `owner` may use `session`: only the owner of a session the gateway saw opened.
+    pub fn may_use(&self, session: u64, owner: u64, now_s: u64) -> bool {
+        match self.map.pin().get(&session) {
+            Some((o, t)) if *o == owner => {
+                t.store(now_s, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +135,7 @@ mod tests {
                 MemberSession("a".into(), Some("3f2c-é".into()), "2025-11-25".into()),
                 MemberSession("b".into(), None, "2025-06-18".into()),
             ],
+            owner: Owner("acme".into(), Some("bot".into())),
         };
         let id = seal(&key, &s);
         assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
@@ -104,5 +158,22 @@ mod tests {
         );
         assert_eq!(open(&key, payload), None);
         assert_eq!(open(&key, ""), None);
+    }
+
+    #[test]
+    fn passthrough_sessions_are_usable_by_their_owner_only_and_the_table_is_bounded() {
+        let owners = Owners::default();
+        owners.bind(1, 10, 5);
+        assert!(owners.may_use(1, 10, 6));
+        assert!(!owners.may_use(1, 11, 6), "another owner");
+        assert!(!owners.may_use(2, 10, 6), "never seen opened");
+        for i in 0..MAX_OWNED as u64 + 10 {
+            owners.bind(100 + i, 10, 7 + i);
+        }
+        assert!(owners.map.len() <= MAX_OWNED);
+        assert!(
+            owners.may_use(100 + MAX_OWNED as u64, 10, 9),
+            "recent ones stay"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Circuit breakers shared by all workers, lock-free: one cell per upstream and per tool of an
-//! upstream, created on first use.
+//! upstream and tenant, created on first use.
 
 use std::{
     sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
@@ -136,7 +136,18 @@ impl Breaker {
 
 const MAX_BREAKERS: usize = 10_000;
 
-/// Every breaker, by name: `<upstream>` or `<upstream>/<tool>`.
+/// The breakers a call of `tool` at `upstream` by `tenant` passes, each with whether it is the
+/// tool's: the upstream's, shared (its failures are everyone's), and the tool's, one per tenant
+/// (a tool's errors may be the caller's own arguments: one tenant's must not cut the tool off
+/// for the others).
+pub fn names(upstream: &str, tool: &str, tenant: &str) -> [(String, bool); 2] {
+    [
+        (upstream.to_owned(), false),
+        (format!("{upstream}/{tool}@{tenant}"), true),
+    ]
+}
+
+/// Every breaker, by name: `<upstream>` or `<upstream>/<tool>@<tenant>` ([`names`]).
 #[derive(Debug, Default)]
 pub struct Breakers {
     map: papaya::HashMap<String, Breaker>,

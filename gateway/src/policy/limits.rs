@@ -42,6 +42,16 @@ impl Gcra {
         }
     }
 
+    /// Gives back one request admitted at `rate` (its admission was undone).
+    pub fn give_back(&self, rate: u64) {
+        let interval = 1_000_000_000 / rate.max(1);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(interval))
+            });
+    }
+
     fn idle_at(&self, now: u64) -> bool {
         self.tat.load(Ordering::Relaxed) < now
     }
@@ -197,6 +207,38 @@ impl LoopTable {
         // Lost four races on this set in a row: let the call through uncounted.
         true
     }
+
+    /// Uncounts one of call `key` in `window` (its admission was undone).
+    pub fn forget(&self, key: u64, window: u64) {
+        let set = (key as usize) & (LOOP_SETS - 1);
+        let tag = (key >> (WINDOW_BITS + COUNT_BITS)).max(1);
+        let window = window & ((1 << WINDOW_BITS) - 1);
+        for cell in &self.cells[set * LOOP_WAYS..(set + 1) * LOOP_WAYS] {
+            let updated = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let (t, w, n) = (
+                    v >> (WINDOW_BITS + COUNT_BITS),
+                    (v >> COUNT_BITS) & ((1 << WINDOW_BITS) - 1),
+                    v & LOOP_COUNT_MAX,
+                );
+                (v != 0 && t == tag && w == window && n > 0).then(|| Self::pack(t, w, n - 1))
+            });
+            if updated.is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// One thing an admission counted, so that it can be given back when the request it admitted
+/// is refused after all (a later rule, or a later member of its batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// A request of a token bucket at `rate` per second.
+    Rate { key: u64, rate: u64 },
+    /// A count of the loop breaker in windows of `len_s` seconds, at `unix_s`.
+    Repeat { key: u64, unix_s: u64, len_s: u64 },
+    /// `amount` of a budget in windows of `len_s` seconds.
+    Budget { key: u64, len_s: u64, amount: u64 },
 }
 
 /// What the limits count, across reloads.
@@ -290,6 +332,21 @@ impl State {
     /// is not counted). See [`LoopTable`] for what a flood of distinct calls does.
     pub fn repeat(&self, key: u64, unix_s: u64, len_s: u64, max: u64) -> bool {
         self.loops.repeat(key, unix_s / len_s.max(1), max)
+    }
+
+    /// Undoes `charge`.
+    pub fn give_back(&self, charge: Charge) {
+        match charge {
+            Charge::Rate { key, rate } => {
+                if let Some(b) = self.buckets.pin().get(&key) {
+                    b.give_back(rate);
+                }
+            }
+            Charge::Repeat { key, unix_s, len_s } => {
+                self.loops.forget(key, unix_s / len_s.max(1));
+            }
+            Charge::Budget { key, len_s, amount } => self.refund(key, len_s, amount),
+        }
     }
 
     pub fn refund(&self, key: u64, len_s: u64, amount: u64) {

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{
     Action, AuthMethod, Config, ConfigError, RawBudget, RawLoopBreaker, RawPolicy, Route,
 };
-use limits::{InFlight, State};
+use limits::{Charge, InFlight, State};
 use rules::ToolRule;
 
 /// Gateway-defined JSON-RPC codes for refusals (server error range).
@@ -30,6 +30,8 @@ pub mod code {
     pub const LOOP_DETECTED: i64 = -32044;
     pub const CIRCUIT_OPEN: i64 = -32045;
     pub const PENDING_APPROVAL: i64 = -32046;
+    /// JSON-RPC's own: the request is malformed (here: an identity header given twice).
+    pub const INVALID_REQUEST: i64 = -32600;
 }
 
 /// A refusal: what the client is told, and which rule decided it.
@@ -97,6 +99,28 @@ pub struct Identity {
     pub agent: Option<String>,
     pub run: Option<String>,
     pub via: Via,
+}
+
+/// One credential of a request, and whom it names.
+struct Credential {
+    tenant: usize,
+    agent: Option<String>,
+    /// The run a signed token names.
+    run: Option<String>,
+    via: Via,
+}
+
+/// Headers that say who is calling or whose state a request uses, besides each tenant's run
+/// header: each may appear at most once.
+const IDENTITY_HEADERS: [&str; 3] = ["authorization", "x-api-key", "mcp-session-id"];
+
+/// The first value of header `name` (case-insensitive), trimmed; `None` when absent or not UTF-8.
+fn header_value<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(str::trim)
 }
 
 const MAX_MATCHED: usize = 10_000;
@@ -275,6 +299,8 @@ pub struct Policy {
     /// SHA-256 of each key → (tenant, agent).
     api_keys: HashMap<[u8; 32], (usize, Option<String>)>,
     jwt: Option<Jwt>,
+    /// [`IDENTITY_HEADERS`] and every tenant's run header, lowercase.
+    identity_headers: Vec<String>,
     pub metadata: crate::config::RawResourceMetadata,
     /// Tool pinning on, and the pins given in the configuration (`<upstream>/<tool>` → digest).
     pub pinning: bool,
@@ -373,15 +399,24 @@ impl Policy {
                 validation.algorithms = vec![Algorithm::HS256, Algorithm::RS256, Algorithm::ES256];
                 validation.leeway = j.leeway_s;
                 validation.validate_nbf = true;
-                validation.set_required_spec_claims(&["exp"]);
+                // A configured issuer or audience is required: jsonwebtoken checks them only
+                // when the token has them.
+                let mut required = vec!["exp"];
                 match &j.issuer {
-                    Some(iss) => validation.set_issuer(&[iss]),
+                    Some(iss) => {
+                        validation.set_issuer(&[iss]);
+                        required.push("iss");
+                    }
                     None => validation.iss = None,
                 }
                 match &j.audience {
-                    Some(aud) => validation.set_audience(&[aud]),
+                    Some(aud) => {
+                        validation.set_audience(&[aud]);
+                        required.push("aud");
+                    }
                     None => validation.validate_aud = false,
                 }
+                validation.set_required_spec_claims(&required);
                 Some(Jwt {
                     keys,
                     validation,
@@ -423,7 +458,12 @@ impl Policy {
                 )));
             }
         }
+        let mut identity_headers: Vec<String> = IDENTITY_HEADERS.map(str::to_owned).into();
+        identity_headers.extend(tenants.iter().map(|t| t.run_header.clone()));
+        identity_headers.sort();
+        identity_headers.dedup();
         Ok(Self {
+            identity_headers,
             tenants,
             by_id,
             by_name,
@@ -488,14 +528,40 @@ impl Policy {
         doc
     }
 
-    /// Identifies the caller of a request on `route`. `header` looks up request headers;
+    /// Identifies the caller of a request on `route` from its `headers` (as received, in order);
     /// `address_tenant` is the source address's tenant id.
-    pub fn authenticate<'h>(
+    ///
+    /// Every credential the request carries is checked and all must name the same caller: two
+    /// credentials are never silently resolved to one of them. A header that carries identity
+    /// may appear once: the gateway would decide on one value while the upstream reads another.
+    pub fn authenticate(
         &self,
         route: &Route,
-        header: impl Fn(&str) -> Option<&'h str>,
+        headers: &[(String, Vec<u8>)],
         address_tenant: u32,
     ) -> Result<Identity, Box<Refusal>> {
+        let rule = || format!("routes[{}].auth", route.path);
+        for name in &self.identity_headers {
+            let mut values = headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v);
+            let first = values.next();
+            let problem = if values.next().is_some() {
+                "is given more than once"
+            } else if first.is_some_and(|v| std::str::from_utf8(v).is_err()) {
+                "is not UTF-8"
+            } else {
+                continue;
+            };
+            return Err(Refusal::new(
+                400,
+                code::INVALID_REQUEST,
+                rule(),
+                format!("header `{name}` {problem}"),
+            ));
+        }
+        let header = |name: &str| header_value(headers, name);
         let by_address = self.tenant_index(address_tenant);
         let address_classified = by_address != self.default_tenant;
         let run_of = |tenant: usize| header(&self.tenants[tenant].run_header).map(str::to_owned);
@@ -508,12 +574,7 @@ impl Policy {
             });
         }
         let unauthenticated = |message: &str, invalid: bool| {
-            let mut r = Refusal::new(
-                401,
-                code::UNAUTHENTICATED,
-                format!("routes[{}].auth", route.path),
-                message,
-            );
+            let mut r = Refusal::new(401, code::UNAUTHENTICATED, rule(), message);
             let url = self.metadata_url(header("host"), &route.path);
             r.www_authenticate = Some(if invalid {
                 format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
@@ -522,33 +583,49 @@ impl Policy {
             });
             r
         };
-        let bearer = header("authorization").and_then(|a| {
-            let (scheme, rest) = a.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-        let api_key = header("x-api-key").map(str::trim);
         let accepts = |m| route.auth.contains(&m);
-        let mut found = None;
-        if let Some(key) = api_key.filter(|_| accepts(AuthMethod::ApiKey)) {
-            let Some((tenant, agent)) = self.api_keys.get(&<[u8; 32]>::from(Sha256::digest(key)))
+        let api_key = |key: &str| {
+            self.api_keys
+                .get(&<[u8; 32]>::from(Sha256::digest(key)))
+                .map(|(tenant, agent)| Credential {
+                    tenant: *tenant,
+                    agent: agent.clone(),
+                    run: None,
+                    via: Via::ApiKey,
+                })
+                .ok_or_else(|| unauthenticated("the API key is not valid", true))
+        };
+        let mut credentials: Vec<Credential> = Vec::with_capacity(2);
+        if let Some(key) = header("x-api-key") {
+            if !accepts(AuthMethod::ApiKey) {
+                return Err(unauthenticated("API keys are not accepted here", true));
+            }
+            credentials.push(api_key(key)?);
+        }
+        if let Some(authorization) = header("authorization") {
+            let Some(token) = authorization
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
             else {
-                return Err(unauthenticated("the API key is not valid", true));
+                return Err(unauthenticated(
+                    "the Authorization header must be `Bearer <credential>`",
+                    true,
+                ));
             };
-            found = Some((*tenant, agent.clone(), None, Via::ApiKey));
-        } else if let Some(token) = bearer {
             let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
             if looks_like_jwt && accepts(AuthMethod::Jwt) && self.jwt.is_some() {
                 let (tenant, agent, run) = self.verify_jwt(token).map_err(|why| {
                     unauthenticated(&format!("the token is not valid: {why}"), true)
                 })?;
-                found = Some((tenant, agent, run, Via::Jwt));
+                credentials.push(Credential {
+                    tenant,
+                    agent,
+                    run,
+                    via: Via::Jwt,
+                });
             } else if accepts(AuthMethod::ApiKey) {
-                let Some((tenant, agent)) =
-                    self.api_keys.get(&<[u8; 32]>::from(Sha256::digest(token)))
-                else {
-                    return Err(unauthenticated("the API key is not valid", true));
-                };
-                found = Some((*tenant, agent.clone(), None, Via::ApiKey));
+                credentials.push(api_key(token)?);
             } else {
                 return Err(unauthenticated(
                     "this kind of credential is not accepted here",
@@ -556,28 +633,66 @@ impl Policy {
                 ));
             }
         }
-        let (tenant, agent, claimed_run, via) = match found {
-            Some(f) => f,
-            None if accepts(AuthMethod::Address) && address_classified => {
-                (by_address, None, None, Via::Address)
-            }
+        if let [a, b] = credentials.as_slice()
+            && (a.tenant != b.tenant || a.agent != b.agent)
+        {
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                rule(),
+                "the request carries credentials of different callers (Authorization and X-API-Key)",
+            ));
+        }
+        // The signed token's, when there is one: it names the run.
+        let found = credentials.pop().map(|c| Credential {
+            run: c.run.or_else(|| credentials.pop().and_then(|o| o.run)),
+            ..c
+        });
+        let Credential {
+            tenant,
+            agent,
+            run: signed_run,
+            via,
+        } = match found {
+            Some(c) => c,
+            None if accepts(AuthMethod::Address) && address_classified => Credential {
+                tenant: by_address,
+                agent: None,
+                run: None,
+                via: Via::Address,
+            },
             None => return Err(unauthenticated("credentials are required", false)),
         };
         if via != Via::Address && address_classified && tenant != by_address {
             return Err(Refusal::new(
                 403,
                 code::FORBIDDEN,
-                format!("routes[{}].auth", route.path),
+                rule(),
                 format!(
                     "the credential belongs to tenant `{}` but the address is tenant `{}`'s",
                     self.tenants[tenant].name, self.tenants[by_address].name
                 ),
             ));
         }
+        let run = match (signed_run, run_of(tenant)) {
+            (Some(signed), Some(sent)) if signed != sent => {
+                return Err(Refusal::new(
+                    403,
+                    code::FORBIDDEN,
+                    rule(),
+                    format!(
+                        "header `{}` contradicts the run the token was signed for",
+                        self.tenants[tenant].run_header
+                    ),
+                ));
+            }
+            (Some(signed), _) => Some(signed),
+            (None, sent) => sent,
+        };
         Ok(Identity {
             tenant,
             agent,
-            run: run_of(tenant).or(claimed_run),
+            run,
             via,
         })
     }
@@ -587,6 +702,11 @@ impl Policy {
         let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
         if !jwt.validation.algorithms.contains(&header.alg) {
             return Err(format!("algorithm {:?} is not accepted", header.alg));
+        }
+        // RFC 7515 §4.1.11: a token naming extensions its recipient must understand is refused
+        // by a recipient that understands none.
+        if header.crit.is_some() {
+            return Err("the token has critical header parameters (`crit`)".into());
         }
         let candidates: Vec<&JwtKey> = match &header.kid {
             Some(kid) => jwt
@@ -609,6 +729,10 @@ impl Policy {
             jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
                 .map_err(|e| e.to_string())?;
         let claims = data.claims;
+        // RFC 7519 §4.1.1: a string. (jsonwebtoken accepts an array that contains the issuer.)
+        if claims.get("iss").is_some_and(|iss| !iss.is_string()) {
+            return Err("`iss` is not a string".into());
+        }
         let text = |name: &Option<String>| {
             name.as_ref()
                 .and_then(|n| claims.get(n))
@@ -647,21 +771,51 @@ pub struct Admission {
     pub budget_left: Option<String>,
     /// The tool rule that applied.
     pub rule: Option<String>,
+    /// What it counted against rates, the loop breaker and budgets.
+    pub charges: Vec<Charge>,
+}
+
+impl Admission {
+    /// Undoes what this admission counted: the request it admitted is refused after all (a
+    /// later member of its batch was).
+    pub fn give_back(&mut self, state: &State) {
+        for c in self.charges.drain(..) {
+            state.give_back(c);
+        }
+    }
 }
 
 impl Policy {
     /// Decides a request: tool rules and arguments, then rates, concurrency, the loop breaker,
-    /// and budgets (charged last, so that a refusal charges nothing).
+    /// and budgets. A refused request charges nothing: what was counted before the refusal is
+    /// given back.
     pub fn admit(
         &self,
         state: &Arc<State>,
         who: &Identity,
         ask: &Ask<'_>,
     ) -> Result<Admission, Box<Refusal>> {
-        let t = self.tenant(who);
         let mut admission = Admission::default();
+        match self.decide(state, who, ask, &mut admission) {
+            Ok(()) => Ok(admission),
+            Err(r) => {
+                admission.give_back(state);
+                Err(r)
+            }
+        }
+    }
+
+    /// [`Self::admit`], recording in `admission` what it charges as it goes.
+    fn decide(
+        &self,
+        state: &Arc<State>,
+        who: &Identity,
+        ask: &Ask<'_>,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        let t = self.tenant(who);
         if !ask.is_request {
-            return Ok(admission);
+            return Ok(());
         }
         let now = state.now();
         let unix_s = State::unix_s();
@@ -706,48 +860,48 @@ impl Policy {
             }
         };
         if let Some((rate, burst)) = t.rate {
-            state
-                .admit(state.key(("tenant", &t.name)), now, rate, burst)
-                .map_err(|wait| {
-                    Refusal::new(
-                        429,
-                        code::RATE_LIMITED,
-                        format!("tenants[{}].requests_per_sec", t.name),
-                        format!("tenant `{}` is over its rate of {rate}/s", t.name),
-                    )
-                    .retry(wait)
-                })?;
+            let key = state.key(("tenant", &t.name));
+            state.admit(key, now, rate, burst).map_err(|wait| {
+                Refusal::new(
+                    429,
+                    code::RATE_LIMITED,
+                    format!("tenants[{}].requests_per_sec", t.name),
+                    format!("tenant `{}` is over its rate of {rate}/s", t.name),
+                )
+                .retry(wait)
+            })?;
+            admission.charges.push(Charge::Rate { key, rate });
         }
         if let Some((rate, burst)) = t.agent_rate {
-            state
-                .admit(state.key(("agent", &t.name, agent_key)), now, rate, burst)
-                .map_err(|wait| {
-                    Refusal::new(
-                        429,
-                        code::RATE_LIMITED,
-                        format!("tenants[{}].agent_requests_per_sec", t.name),
-                        format!("agent `{agent_key}` is over its rate of {rate}/s"),
-                    )
-                    .retry(wait)
-                })?;
+            let key = state.key(("agent", &t.name, agent_key));
+            state.admit(key, now, rate, burst).map_err(|wait| {
+                Refusal::new(
+                    429,
+                    code::RATE_LIMITED,
+                    format!("tenants[{}].agent_requests_per_sec", t.name),
+                    format!("agent `{agent_key}` is over its rate of {rate}/s"),
+                )
+                .retry(wait)
+            })?;
+            admission.charges.push(Charge::Rate { key, rate });
         }
         if let Some(r) = rule
             && let Some((rate, burst)) = r.rate
         {
-            state
-                .admit(state.key(("tool", &t.name, &r.label)), now, rate, burst)
-                .map_err(|wait| {
-                    Refusal::new(
-                        429,
-                        code::RATE_LIMITED,
-                        format!("{}.requests_per_sec", r.label),
-                        format!(
-                            "tools matching `{}` are over their rate of {rate}/s",
-                            r.pattern
-                        ),
-                    )
-                    .retry(wait)
-                })?;
+            let key = state.key(("tool", &t.name, &r.label));
+            state.admit(key, now, rate, burst).map_err(|wait| {
+                Refusal::new(
+                    429,
+                    code::RATE_LIMITED,
+                    format!("{}.requests_per_sec", r.label),
+                    format!(
+                        "tools matching `{}` are over their rate of {rate}/s",
+                        r.pattern
+                    ),
+                )
+                .retry(wait)
+            })?;
+            admission.charges.push(Charge::Rate { key, rate });
         }
         if let Some(max) = t.max_concurrent {
             let guard = state
@@ -781,7 +935,7 @@ impl Policy {
             admission.guards.push(guard);
         }
         let Some((upstream, tool)) = ask.tool else {
-            return Ok(admission);
+            return Ok(());
         };
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
@@ -798,6 +952,11 @@ impl Policy {
                 )
                 .retry(State::window_left(lb.window_s)));
             }
+            admission.charges.push(Charge::Repeat {
+                key,
+                unix_s,
+                len_s: lb.window_s,
+            });
         }
         if let Some(b) = &t.budget {
             let cost = rule.map_or(1, |r| r.cost);
@@ -806,8 +965,6 @@ impl Policy {
                 ("agent", b.agent, Some(agent_key)),
                 ("run", b.run, who.run.as_deref()),
             ];
-            let mut charged = [0u64; 3];
-            let mut n = 0;
             let mut left = String::new();
             for (scope, limit, subject) in scopes {
                 let (Some(limit), Some(subject)) = (limit, subject) else {
@@ -816,17 +973,17 @@ impl Policy {
                 let key = state.key(("budget", scope, &t.name, &subject));
                 match state.charge(key, unix_s, b.window_s, cost, limit) {
                     Ok(l) => {
-                        charged[n] = key;
-                        n += 1;
+                        admission.charges.push(Charge::Budget {
+                            key,
+                            len_s: b.window_s,
+                            amount: cost,
+                        });
                         if !left.is_empty() {
                             left.push_str("; ");
                         }
                         let _ = write!(left, "{scope}={l}");
                     }
                     Err(l) => {
-                        for k in &charged[..n] {
-                            state.refund(*k, b.window_s, cost);
-                        }
                         let mut r = Refusal::new(
                             429,
                             code::BUDGET_EXHAUSTED,
@@ -846,7 +1003,7 @@ impl Policy {
                 admission.budget_left = Some(left);
             }
         }
-        Ok(admission)
+        Ok(())
     }
 }
 

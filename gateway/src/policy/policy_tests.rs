@@ -56,13 +56,12 @@ upstream = "up"
     Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> {
-    move |name| {
-        pairs
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
-    }
+/// Request headers as the HTTP layer gives them.
+fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+        .collect()
 }
 
 fn src(last: u8, net: u8) -> IpAddr {
@@ -76,13 +75,13 @@ fn api_keys_in_either_header_identify_tenant_and_agent() {
     let route = &c.routes[0];
     let bearer = format!("Bearer {KEY_A}");
     let who = p
-        .authenticate(route, headers(&[("authorization", &bearer)]), 0)
+        .authenticate(route, &headers(&[("authorization", &bearer)]), 0)
         .unwrap();
     assert_eq!(p.tenant(&who).name, "acme");
     assert_eq!(who.agent.as_deref(), Some("acme-bot"));
     assert_eq!(who.via, Via::ApiKey);
     let who = p
-        .authenticate(route, headers(&[("x-api-key", KEY_B)]), 0)
+        .authenticate(route, &headers(&[("x-api-key", KEY_B)]), 0)
         .unwrap();
     assert_eq!(p.tenant(&who).name, "beta");
 }
@@ -93,7 +92,7 @@ fn missing_or_wrong_credentials_get_401_naming_the_metadata() {
     let p = Policy::compile(&c).unwrap();
     let route = &c.routes[0];
     let r = p
-        .authenticate(route, headers(&[("host", "gw.example:8080")]), 0)
+        .authenticate(route, &headers(&[("host", "gw.example:8080")]), 0)
         .unwrap_err();
     assert_eq!(r.status, 401);
     assert_eq!(
@@ -103,7 +102,7 @@ fn missing_or_wrong_credentials_get_401_naming_the_metadata() {
         )
     );
     let r = p
-        .authenticate(route, headers(&[("x-api-key", "wrong")]), 0)
+        .authenticate(route, &headers(&[("x-api-key", "wrong")]), 0)
         .unwrap_err();
     assert_eq!(r.status, 401);
     assert!(
@@ -119,16 +118,16 @@ fn an_address_identifies_where_allowed_and_must_agree_with_a_key() {
     let p = Policy::compile(&c).unwrap();
     let route = &c.routes[0];
     // The address alone (tenant acme = id 1) is accepted on this route.
-    let who = p.authenticate(route, headers(&[]), 1).unwrap();
+    let who = p.authenticate(route, &headers(&[]), 1).unwrap();
     assert_eq!(p.tenant(&who).name, "acme");
     // The unclassified (default) address alone is not.
     assert_eq!(
-        p.authenticate(route, headers(&[]), 0).unwrap_err().status,
+        p.authenticate(route, &headers(&[]), 0).unwrap_err().status,
         401
     );
     // Beta's key from acme's address: refused.
     let r = p
-        .authenticate(route, headers(&[("x-api-key", KEY_B)]), 1)
+        .authenticate(route, &headers(&[("x-api-key", KEY_B)]), 1)
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(
@@ -137,7 +136,7 @@ fn an_address_identifies_where_allowed_and_must_agree_with_a_key() {
         r.message
     );
     // An open route takes the address's tenant and ignores credentials.
-    let who = p.authenticate(&c.routes[1], headers(&[]), 2).unwrap();
+    let who = p.authenticate(&c.routes[1], &headers(&[]), 2).unwrap();
     assert_eq!(p.tenant(&who).name, "beta");
 }
 
@@ -321,7 +320,7 @@ fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
 #[test]
 fn rates_per_tenant_and_per_agent() {
     let (p, state, who) = acme_policy(
-        "[policy]\nrequests_per_sec = 1000\nburst = 5\nagent_requests_per_sec = 1000\nagent_burst = 2\n",
+        "[policy]\nrequests_per_sec = 1\nburst = 5\nagent_requests_per_sec = 1\nagent_burst = 2\n",
     );
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
     assert!(admit(&p, &state, &who, "t", json!({})).is_ok());
@@ -331,8 +330,8 @@ fn rates_per_tenant_and_per_agent() {
         (429, "tenants[acme].agent_requests_per_sec")
     );
     assert!(r.retry_after.is_some());
-    // Other agents share the tenant's burst of 5 (3 left, one was spent by the refused call's
-    // tenant check).
+    // Other agents share the tenant's burst of 5: 3 left (the refused call's tenant token was
+    // given back).
     let ok = (0..10)
         .filter(|i| {
             let w = Identity {
@@ -342,7 +341,7 @@ fn rates_per_tenant_and_per_agent() {
             admit(&p, &state, &w, "t", json!({})).is_ok()
         })
         .count();
-    assert_eq!(ok, 2);
+    assert_eq!(ok, 3);
 }
 
 #[test]
@@ -375,7 +374,7 @@ fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
     let good = json!({"iss": "https://idp.test", "aud": "gw", "exp": now + 60, "tenant": "beta", "sub": "agent-7", "run": "r9"});
     let auth = |t: &str| {
         let v = format!("Bearer {t}");
-        p.authenticate(&c.routes[0], headers(&[("authorization", v.as_str())]), 0)
+        p.authenticate(&c.routes[0], &headers(&[("authorization", v.as_str())]), 0)
     };
     let who = auth(&token(good.clone(), "k1")).unwrap();
     assert_eq!(p.tenant(&who).name, "beta");
@@ -429,4 +428,267 @@ fn concurrency_caps_per_tenant_and_tool_free_their_slot_when_the_request_ends() 
     drop((first, second));
     assert!(admit(&p, &state, &who, "slow", json!({"n": 3})).is_ok());
     drop(third);
+}
+
+/// A JWKS with one HS256 key (`kid` k1) in a temporary directory, and a policy whose first route
+/// takes JWTs and API keys, with issuer `https://idp.test`, audience `gw` and run claim `run`.
+struct JwtSetup {
+    dir: std::path::PathBuf,
+    c: Config,
+    p: Policy,
+}
+
+const SECRET: &[u8] = b"secret-of-the-test-0123456789abcd";
+
+impl JwtSetup {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("jwks-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jwks = dir.join("jwks.json");
+        let k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, SECRET);
+        std::fs::write(
+            &jwks,
+            json!({"keys": [{"kty": "oct", "kid": "k1", "alg": "HS256", "k": k}]}).to_string(),
+        )
+        .unwrap();
+        let mut c = config(&format!(
+            "[auth.jwt]\njwks_file = \"{}\"\nissuer = \"https://idp.test\"\naudience = \"gw\"\nrun_claim = \"run\"\n",
+            jwks.display()
+        ));
+        c.routes[0].auth = vec![AuthMethod::Jwt, AuthMethod::ApiKey];
+        let p = Policy::compile(&c).unwrap();
+        Self { dir, c, p }
+    }
+
+    fn token_with(header: jsonwebtoken::Header, claims: &Value) -> String {
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn token(claims: &Value) -> String {
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        Self::token_with(h, claims)
+    }
+
+    /// Claims of a valid token for beta's agent-7, run r9.
+    fn good() -> Value {
+        let now = jsonwebtoken::get_current_timestamp();
+        json!({"iss": "https://idp.test", "aud": "gw", "exp": now + 60, "tenant": "beta", "sub": "agent-7", "run": "r9"})
+    }
+
+    fn auth(&self, pairs: &[(&str, &str)]) -> Result<Identity, Box<Refusal>> {
+        self.p.authenticate(&self.c.routes[0], &headers(pairs), 0)
+    }
+
+    fn bearer(&self, token: &str) -> Result<Identity, Box<Refusal>> {
+        self.auth(&[("authorization", &format!("Bearer {token}"))])
+    }
+}
+
+impl Drop for JwtSetup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn jwts_must_carry_the_configured_issuer_and_audience_a_string_issuer_and_no_crit() {
+    let s = JwtSetup::new("claims");
+    assert!(s.bearer(&JwtSetup::token(&JwtSetup::good())).is_ok());
+    for claim in ["iss", "aud"] {
+        let mut without = JwtSetup::good();
+        without.as_object_mut().unwrap().remove(claim);
+        let r = s.bearer(&JwtSetup::token(&without)).unwrap_err();
+        assert_eq!(r.status, 401, "without `{claim}`");
+        assert!(r.message.contains(claim), "{}", r.message);
+    }
+    // An array holding the issuer is not an issuer.
+    let mut array = JwtSetup::good();
+    array["iss"] = json!(["https://idp.test", "https://evil.test"]);
+    let r = s.bearer(&JwtSetup::token(&array)).unwrap_err();
+    assert_eq!(r.status, 401);
+    assert!(r.message.contains("`iss` is not a string"), "{}", r.message);
+    // A critical extension the gateway does not understand.
+    let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    h.crit = Some(vec!["exp-policy".into()]);
+    let r = s
+        .bearer(&JwtSetup::token_with(h, &JwtSetup::good()))
+        .unwrap_err();
+    assert_eq!(r.status, 401);
+    assert!(r.message.contains("crit"), "{}", r.message);
+}
+
+#[test]
+fn the_signed_run_wins_over_a_run_header_that_contradicts_it() {
+    let s = JwtSetup::new("run");
+    let bearer = format!("Bearer {}", JwtSetup::token(&JwtSetup::good()));
+    let who = s.auth(&[("authorization", &bearer)]).unwrap();
+    assert_eq!(who.run.as_deref(), Some("r9"));
+    let who = s
+        .auth(&[("authorization", &bearer), ("mcp-run-id", "r9")])
+        .unwrap();
+    assert_eq!(who.run.as_deref(), Some("r9"), "the same run: fine");
+    let r = s
+        .auth(&[("authorization", &bearer), ("Mcp-Run-Id", "someone-elses")])
+        .unwrap_err();
+    assert_eq!((r.status, r.code), (403, code::FORBIDDEN));
+    assert!(r.message.contains("mcp-run-id"), "{}", r.message);
+    // Without a run claim, the header names the run.
+    let mut no_run = JwtSetup::good();
+    no_run.as_object_mut().unwrap().remove("run");
+    let bearer = format!("Bearer {}", JwtSetup::token(&no_run));
+    let who = s
+        .auth(&[("authorization", &bearer), ("mcp-run-id", "mine")])
+        .unwrap();
+    assert_eq!(who.run.as_deref(), Some("mine"));
+}
+
+#[test]
+fn conflicting_credentials_are_refused_not_resolved() {
+    let s = JwtSetup::new("conflict");
+    let jwt = format!("Bearer {}", JwtSetup::token(&JwtSetup::good()));
+    let bearer_a = format!("Bearer {KEY_A}");
+    // Two tenants' keys.
+    let r = s
+        .auth(&[("authorization", &bearer_a), ("x-api-key", KEY_B)])
+        .unwrap_err();
+    assert_eq!((r.status, r.code), (403, code::FORBIDDEN));
+    assert!(r.message.contains("different callers"), "{}", r.message);
+    // A key of acme and a token of beta.
+    let r = s.auth(&[("authorization", &jwt), ("x-api-key", KEY_A)]);
+    assert_eq!(r.unwrap_err().status, 403);
+    // A valid key with an invalid token, and an invalid key with a valid token.
+    let mut forged = JwtSetup::token(&JwtSetup::good());
+    forged.push('x');
+    let r = s.auth(&[
+        ("authorization", &format!("Bearer {forged}")),
+        ("x-api-key", KEY_A),
+    ]);
+    assert_eq!(r.unwrap_err().status, 401);
+    let r = s.auth(&[("authorization", &jwt), ("x-api-key", "wrong")]);
+    assert_eq!(r.unwrap_err().status, 401);
+    // An Authorization header the gateway cannot read is not ignored next to a valid key.
+    let r = s.auth(&[("authorization", "Basic YTpi"), ("x-api-key", KEY_A)]);
+    assert_eq!(r.unwrap_err().status, 401);
+    // The same key twice names one caller.
+    let who = s
+        .auth(&[("authorization", &bearer_a), ("x-api-key", KEY_A)])
+        .unwrap();
+    assert_eq!(s.p.tenant(&who).name, "acme");
+    // A key where the route takes only tokens is refused, not ignored.
+    let mut c = config("");
+    c.routes[0].auth = vec![AuthMethod::Address];
+    let p = Policy::compile(&c).unwrap();
+    let r = p.authenticate(&c.routes[0], &headers(&[("x-api-key", KEY_B)]), 1);
+    assert_eq!(r.unwrap_err().status, 401);
+}
+
+#[test]
+fn identity_headers_given_twice_are_refused_even_on_an_open_route() {
+    let c = config("");
+    let p = Policy::compile(&c).unwrap();
+    let bearer = format!("Bearer {KEY_A}");
+    for pairs in [
+        vec![("x-api-key", KEY_A), ("X-Api-Key", KEY_B)],
+        vec![
+            ("authorization", bearer.as_str()),
+            ("authorization", "Bearer x"),
+        ],
+        vec![
+            ("x-api-key", KEY_A),
+            ("mcp-run-id", "a"),
+            ("Mcp-Run-Id", "b"),
+        ],
+        vec![
+            ("x-api-key", KEY_A),
+            ("mcp-session-id", "s1"),
+            ("mcp-session-id", "s2"),
+        ],
+    ] {
+        for route in &c.routes {
+            let r = p
+                .authenticate(route, &headers(&pairs), 1)
+                .expect_err("refused");
+            assert_eq!(
+                (r.status, r.code),
+                (400, code::INVALID_REQUEST),
+                "{pairs:?}"
+            );
+            assert!(r.message.contains("more than once"), "{}", r.message);
+        }
+    }
+    let mut not_utf8 = headers(&[("x-api-key", KEY_A)]);
+    not_utf8.push(("mcp-run-id".into(), vec![0xff, 0xfe]));
+    assert_eq!(
+        p.authenticate(&c.routes[0], &not_utf8, 0)
+            .unwrap_err()
+            .status,
+        400
+    );
+}
+
+#[test]
+fn an_admission_given_back_leaves_budgets_rates_and_loop_counts_as_they_were() {
+    let (p, state, who) = acme_policy(
+        "[policy]\nrequests_per_sec = 1\nburst = 3\nbudget = { window_s = 3600, agent = 2 }\nloop_breaker = { max_repeats = 1, window_s = 60 }\n",
+    );
+    // A batch of two: the first is admitted, the second refused (the loop breaker); the
+    // first's charges go back.
+    let mut first = admit(&p, &state, &who, "t", json!({"n": 1})).unwrap();
+    assert_eq!(first.budget_left.as_deref(), Some("agent=1"));
+    let r = admit(&p, &state, &who, "t", json!({"n": 1})).unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED);
+    first.give_back(&state);
+    // All of the budget, the burst and the loop count are there again.
+    let a = admit(&p, &state, &who, "t", json!({"n": 1})).unwrap();
+    assert_eq!(a.budget_left.as_deref(), Some("agent=1"));
+    let b = admit(&p, &state, &who, "t", json!({"n": 2})).unwrap();
+    assert_eq!(b.budget_left.as_deref(), Some("agent=0"));
+    // A request refused by its budget gives back its rate token (a burst of 3, two taken): the
+    // next is refused by the budget again, not by the rate.
+    for n in [3, 4] {
+        let r = admit(&p, &state, &who, "t", json!({ "n": n })).unwrap_err();
+        assert_eq!(r.code, code::BUDGET_EXHAUSTED);
+    }
+    let mut b = b;
+    b.give_back(&state);
+    assert!(admit(&p, &state, &who, "t", json!({"n": 5})).is_ok());
+}
+
+#[test]
+fn a_tenants_tool_errors_open_its_own_breaker_not_the_others() {
+    use breaker::{Breakers, names};
+    let c: crate::config::RawBreaker =
+        toml::from_str("consecutive_failures = 2\nopen_ms = 60000").unwrap();
+    let breakers = Breakers::default();
+    let now = 1_000_000;
+    let acme = names("up", "search", "acme");
+    let beta = names("up", "search", "beta");
+    assert_eq!(acme[0], beta[0], "the upstream's breaker is shared");
+    assert_ne!(acme[1], beta[1], "the tool's is per tenant");
+    for _ in 0..2 {
+        for (name, tool_level) in &acme {
+            let pass = breakers.allow(name, now, &c).unwrap();
+            // acme's calls end in `isError`: a failure of the tool, not of the upstream.
+            breakers.record(name, now, &c, pass, !tool_level);
+        }
+    }
+    assert!(
+        breakers.allow(&acme[1].0, now, &c).is_err(),
+        "acme's tool: open"
+    );
+    assert!(
+        breakers.allow(&beta[1].0, now, &c).is_ok(),
+        "beta's tool: closed"
+    );
+    assert!(
+        breakers.allow(&beta[0].0, now, &c).is_ok(),
+        "the upstream: closed"
+    );
 }

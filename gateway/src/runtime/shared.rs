@@ -117,6 +117,8 @@ pub struct Shared {
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids (made at start, never leaves the process).
     pub session_key: [u8; 32],
+    /// Who opened each passthrough upstream session.
+    pub session_owners: crate::mcp::session::Owners,
     /// Workers send their telemetry here, once a second; the control thread takes it.
     pub stats_tx: std::sync::mpsc::Sender<crate::stats::Interval>,
     pub stats_rx: std::sync::Mutex<std::sync::mpsc::Receiver<crate::stats::Interval>>,
@@ -171,6 +173,7 @@ impl Shared {
             worker_restarts: AtomicU64::new(0),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
+            session_owners: crate::mcp::session::Owners::default(),
         }
     }
 

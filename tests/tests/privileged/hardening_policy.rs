@@ -1,0 +1,327 @@
+//! Policy that cannot be stepped around, end to end on loopback: requests sent as
+//! notifications, batched lists and refused batches, identity headers given twice, conflicting
+//! credentials, sessions used by another tenant, per-tenant tool breakers, and cross-site
+//! requests to the admin API.
+
+use serde_json::{Value, json};
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, raw},
+    unique,
+};
+
+const ACME_KEY: &str = "acme-hardening-key-0123456789";
+const BETA_KEY: &str = "beta-hardening-key-0123456789";
+
+fn sha256_hex(s: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+struct Setup {
+    daemon: Daemon,
+    port: u16,
+    admin: u16,
+    fake: FakeUpstream,
+    _py: PyServer,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.daemon.stop();
+    }
+}
+
+/// Tenants acme (whose lists are filtered: no `add`) and beta (a budget of 2 calls an hour),
+/// each with an API key; a Python SDK upstream (JSON answers, with a tool breaker) under
+/// `/mcp` and `/fed`, and a raw upstream that records what reaches it under `/fake`.
+fn setup() -> Setup {
+    let py = PyServer::start(true);
+    let fake = FakeUpstream::start(Misbehave::Answer);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwhard");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+default_tenant = "public"
+
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[tenants]]
+name = "beta"
+id = 2
+[tenants.policy]
+budget = {{ window_s = 3600, agent = 2 }}
+
+[[auth.api_keys]]
+sha256 = "{acme}"
+tenant = "acme"
+agent = "acme-bot"
+[[auth.api_keys]]
+sha256 = "{beta}"
+tenant = "beta"
+agent = "beta-bot"
+
+[[upstreams]]
+name = "u0"
+url = "{py}"
+breaker = {{ consecutive_failures = 2, open_ms = 60000 }}
+[[upstreams]]
+name = "fake"
+url = "{fake}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["api_key"]
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+auth = ["api_key"]
+[[routes]]
+path = "/fake"
+upstream = "fake"
+auth = ["api_key"]
+"#,
+        acme = sha256_hex(ACME_KEY),
+        beta = sha256_hex(BETA_KEY),
+        py = py.url(),
+        fake = fake.url(),
+    );
+    let daemon = Daemon::start_local(&instance, &config);
+    Setup {
+        daemon,
+        port,
+        admin,
+        fake,
+        _py: py,
+    }
+}
+
+fn key(k: &str) -> String {
+    format!("x-api-key: {k}\r\n")
+}
+
+fn code(r: &integration_tests::peers::RawResponse) -> Option<i64> {
+    r.json()["error"]["code"].as_i64()
+}
+
+/// Requests that reached the raw upstream so far.
+fn reached(s: &Setup) -> usize {
+    s.fake.seen.lock().unwrap().len()
+}
+
+#[test]
+fn a_request_sent_as_a_notification_is_refused_and_never_reaches_the_upstream() {
+    let s = setup();
+    let call = r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let (r, _) = raw(s.port, &post("/fake", call, &key(ACME_KEY)));
+    assert_eq!((r.status, code(&r)), (400, Some(-32600)), "{r:?}");
+    // In a batch too, and nothing of the batch is forwarded.
+    let batch = format!(r#"[{{"jsonrpc":"2.0","id":1,"method":"ping"}},{call}]"#);
+    let headers = format!("{}mcp-protocol-version: 2025-03-26\r\n", key(BETA_KEY));
+    let (r, _) = raw(s.port, &post("/fake", &batch, &headers));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(reached(&s), 0, "the upstream never ran it");
+    // A real notification still goes through.
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (r, _) = raw(s.port, &post("/fake", note, &key(ACME_KEY)));
+    assert!(r.status < 300, "{r:?}");
+    assert_eq!(reached(&s), 1);
+}
+
+#[test]
+fn a_batched_tools_list_of_a_filtered_tenant_is_refused_and_a_refused_batch_charges_nothing() {
+    let s = setup();
+    let v = "mcp-protocol-version: 2025-03-26\r\n";
+    // acme's lists hide `add`: a batched one would not be filtered.
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#;
+    let (r, _) = raw(
+        s.port,
+        &post("/fake", batch, &format!("{}{v}", key(ACME_KEY))),
+    );
+    assert_eq!((r.status, code(&r)), (400, Some(-32600)), "{r:?}");
+    assert_eq!(reached(&s), 0);
+    // beta's budget is 2 calls: a batch of 3 is refused, and charges nothing.
+    let call = |id: u32| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{id}"}}}}}}"#
+        )
+    };
+    let beta = format!("{}{v}", key(BETA_KEY));
+    let batch = format!("[{},{},{}]", call(1), call(2), call(3));
+    let (r, _) = raw(s.port, &post("/fake", &batch, &beta));
+    assert_eq!((r.status, code(&r)), (429, Some(-32043)), "{r:?}");
+    assert_eq!(reached(&s), 0);
+    // Both calls of the budget are still there.
+    for id in [4, 5] {
+        let (r, _) = raw(s.port, &post("/fake", &call(id), &beta));
+        assert_eq!(r.status, 200, "call {id}: {r:?}");
+    }
+    let (r, _) = raw(s.port, &post("/fake", &call(6), &beta));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(reached(&s), 2);
+}
+
+#[test]
+fn identity_headers_given_twice_and_conflicting_credentials_are_refused() {
+    let s = setup();
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let twice = format!(
+        "{}mcp-run-id: run-a\r\nMcp-Run-Id: run-b\r\n",
+        key(BETA_KEY)
+    );
+    let (r, _) = raw(s.port, &post("/fake", ping, &twice));
+    assert_eq!((r.status, code(&r)), (400, Some(-32600)), "{r:?}");
+    let two_keys = format!("{}authorization: Bearer {BETA_KEY}\r\n", key(ACME_KEY));
+    let (r, _) = raw(s.port, &post("/fake", ping, &two_keys));
+    assert_eq!((r.status, code(&r)), (403, Some(-32041)), "{r:?}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("different callers"),
+        "{r:?}"
+    );
+    let bad_token = format!("{}authorization: Bearer a.b.c\r\n", key(ACME_KEY));
+    let (r, _) = raw(s.port, &post("/fake", ping, &bad_token));
+    assert_eq!((r.status, code(&r)), (401, Some(-32040)), "{r:?}");
+    assert_eq!(reached(&s), 0);
+    let (r, _) = raw(s.port, &post("/fake", ping, &key(ACME_KEY)));
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn sessions_opened_by_one_tenant_are_refused_to_another() {
+    let s = setup();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    for path in ["/mcp", "/fed"] {
+        let (r, _) = raw(s.port, &post(path, init, &key(ACME_KEY)));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        let acme = format!("{}{session}", key(ACME_KEY));
+        let (r, _) = raw(s.port, &post(path, initialized, &acme));
+        assert!(r.status < 300, "{path}: {r:?}");
+        let (r, _) = raw(s.port, &post(path, list, &acme));
+        assert_eq!(r.status, 200, "{path}: the owner: {r:?}");
+        assert!(r.json()["result"]["tools"].is_array(), "{r:?}");
+        let beta = format!("{}{session}", key(BETA_KEY));
+        let (r, _) = raw(s.port, &post(path, list, &beta));
+        assert_eq!(
+            (r.status, code(&r)),
+            (404, Some(-32001)),
+            "{path}: another tenant: {r:?}"
+        );
+    }
+    // A passthrough session id the gateway never saw opened.
+    let made_up = format!(
+        "{}mcp-session-id: 0123456789abcdef\r\nmcp-protocol-version: 2025-06-18\r\n",
+        key(ACME_KEY)
+    );
+    let (r, _) = raw(s.port, &post("/mcp", list, &made_up));
+    assert_eq!(r.status, 404, "{r:?}");
+}
+
+/// A stateless (2026-07-28) `tools/call` of `tool` with `key`.
+fn call_2026(
+    port: u16,
+    k: &str,
+    tool: &str,
+    args: &Value,
+) -> integration_tests::peers::RawResponse {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}},
+    })
+    .to_string();
+    let headers = format!(
+        "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n",
+        key(k)
+    );
+    raw(port, &post("/mcp", &body, &headers)).0
+}
+
+#[test]
+fn one_tenants_tool_errors_do_not_open_the_tool_for_another() {
+    let s = setup();
+    let args = json!({"reason": "bad arguments"});
+    for _ in 0..2 {
+        let r = call_2026(s.port, ACME_KEY, "fail", &args);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
+    }
+    let r = call_2026(s.port, ACME_KEY, "fail", &args);
+    assert_eq!(
+        (r.status, code(&r)),
+        (503, Some(-32045)),
+        "acme's: open: {r:?}"
+    );
+    let r = call_2026(s.port, BETA_KEY, "fail", &args);
+    assert_eq!(r.status, 200, "beta's: still closed: {r:?}");
+    assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
+}
+
+#[test]
+fn the_admin_api_refuses_cross_site_requests_that_change_state() {
+    let s = setup();
+    let approve = |extra: &str, ct: &str| {
+        let body = r#"{"upstream":"u0","tool":"echo"}"#;
+        format!(
+            "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-type: {ct}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (r, _) = raw(
+        s.admin,
+        approve("origin: http://evil.example\r\n", "application/json").as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let (r, _) = raw(s.admin, approve("", "text/plain").as_bytes());
+    assert_eq!(r.status, 415, "a form's text body: {r:?}");
+    let (r, _) = raw(
+        s.admin,
+        approve("sec-fetch-site: cross-site\r\n", "application/json").as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    // Nothing awaits approval: the request itself is served (404 from the handler).
+    let (r, _) = raw(s.admin, approve("", "application/json").as_bytes());
+    assert_eq!(r.status, 404, "{r:?}");
+    let reload = |extra: &str| {
+        format!("POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-length: 0\r\n\r\n")
+    };
+    let (r, _) = raw(
+        s.admin,
+        reload("origin: http://evil.example\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let (r, _) = raw(s.admin, reload("").as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+}
