@@ -2,6 +2,7 @@
 //! `cargo xtask test`, one at a time (`--test-threads=1`) so that timing-based checks are not
 //! disturbed by each other on small machines.
 
+mod hardening_parse;
 mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
