@@ -164,11 +164,6 @@ impl Daemon {
         }
     }
 
-    /// The running daemon's process id (for /proc readings).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     /// Sends `signal` to the running daemon without waiting.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let child = self.child.as_ref().expect("running");

@@ -33,6 +33,7 @@ impl Recorder {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
+                let _ = conn.set_nodelay(true);
                 let log = Arc::clone(&log);
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -75,10 +76,13 @@ impl Recorder {
                             continue;
                         }
                         let b = answer.to_string();
-                        let _ = write!(
-                            conn,
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
-                            b.len()
+                        // One write: no Nagle wait between head and body.
+                        let _ = conn.write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
+                                b.len()
+                            )
+                            .as_bytes(),
                         );
                     }
                 });
@@ -116,13 +120,13 @@ fn setup() -> Setup {
 [gateway]
 instance = "{instance}"
 workers = 1
-default_tenant = "public"
 [[listeners]]
 address = "127.0.0.1:{port}"
 [admin]
 address = "127.0.0.1:{admin}"
 [kernel]
 enabled = false
+default_tenant = "public"
 
 [[tenants]]
 name = "public"
@@ -252,6 +256,7 @@ fn distinct_long_names_do_not_grow_memory() {
     assert!(!s.upstream.saw(&long));
 
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    conn.set_nodelay(true).unwrap();
     let mut call = |i: u32| {
         let name = format!("{i:0>128}");
         let body = format!(
