@@ -242,7 +242,11 @@ impl<'c> Federation<'_, 'c> {
             version::LATEST_SESSION_ERA.to_owned()
         };
         let mut upstream_body = body.clone();
-        set_in(&mut upstream_body, &["params", "protocolVersion"], json!(agreed));
+        set_in(
+            &mut upstream_body,
+            &["params", "protocolVersion"],
+            json!(agreed),
+        );
         let upstream_body = serde_json::to_vec(&upstream_body).expect("JSON serializes");
         let results = join_all(
             self.members

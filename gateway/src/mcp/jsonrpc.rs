@@ -157,7 +157,7 @@ fn message(v: &Value<'_, '_>) -> Result<Message, RpcError> {
             "a JSON-RPC message must be an object",
         ));
     };
-    if !obj.get("jsonrpc").is_some_and(|j| j.as_str() == Some("2.0")) {
+    if obj.get("jsonrpc").is_none_or(|j| j.as_str() != Some("2.0")) {
         return Err(RpcError::invalid_request("`jsonrpc` must be \"2.0\""));
     }
     let id = match obj.get("id") {
@@ -233,7 +233,9 @@ fn message(v: &Value<'_, '_>) -> Result<Message, RpcError> {
             method: Some(method.to_owned()),
             name,
             arguments,
-            has_progress_token: meta.as_ref().is_some_and(|m| m.get("progressToken").is_some()),
+            has_progress_token: meta
+                .as_ref()
+                .is_some_and(|m| m.get("progressToken").is_some()),
             meta_protocol_version: meta
                 .as_ref()
                 .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))

@@ -264,7 +264,12 @@ fn parser_gaps_are_refused() {
         assert_eq!(e.http_status, 400);
     }
     // Ids beyond i64 or not integers have no single meaning across parsers.
-    for id in ["18446744073709551616", "1e400", "1.0", "9223372036854775808"] {
+    for id in [
+        "18446744073709551616",
+        "1e400",
+        "1.0",
+        "9223372036854775808",
+    ] {
         let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
         let e = refused(&body);
         assert!(
@@ -282,7 +287,10 @@ fn names_are_capped() {
     let ok = "a".repeat(MAX_NAME_CHARS);
     assert_eq!(single(&call(&ok)).name.as_deref(), Some(ok.as_str()));
     let e = refused(&call(&"a".repeat(MAX_NAME_CHARS + 1)));
-    assert_eq!((e.code, e.http_status, e.id), (INVALID_PARAMS, 400, Some(Id::Num(1))));
+    assert_eq!(
+        (e.code, e.http_status, e.id),
+        (INVALID_PARAMS, 400, Some(Id::Num(1)))
+    );
     // Characters, not bytes: 128 two-byte characters pass.
     assert!(parse(&call(&"é".repeat(MAX_NAME_CHARS))).is_ok());
     let prompt = format!(

@@ -69,10 +69,13 @@ impl Recorder {
                             "initialize" => serde_json::json!({"jsonrpc":"2.0","id":id,"result":{
                                 "protocolVersion":"2025-06-18","capabilities":{"tools":{}},
                                 "serverInfo":{"name":"rec","version":"1"}}}),
-                            _ => serde_json::json!({"jsonrpc":"2.0","id":id,"result":{"content":[]}}),
+                            _ => {
+                                serde_json::json!({"jsonrpc":"2.0","id":id,"result":{"content":[]}})
+                            }
                         };
                         if method.starts_with("notifications/") {
-                            let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
+                            let _ =
+                                write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
                             continue;
                         }
                         let b = answer.to_string();
@@ -92,7 +95,11 @@ impl Recorder {
     }
 
     fn saw(&self, needle: &str) -> bool {
-        self.bodies.lock().unwrap().iter().any(|b| b.contains(needle))
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.contains(needle))
     }
 }
 
@@ -159,7 +166,10 @@ const V2026: &str = "mcp-protocol-version: 2026-07-28\r\n";
 
 fn ping_ok(port: u16, path: &str) {
     let body = r#"{"jsonrpc":"2.0","id":77,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
-    let (r, _) = raw(port, &post(path, body, &format!("{V2026}mcp-method: ping\r\n")));
+    let (r, _) = raw(
+        port,
+        &post(path, body, &format!("{V2026}mcp-method: ping\r\n")),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["id"], 77);
 }
@@ -175,7 +185,12 @@ fn duplicate_keys_never_reach_the_upstream() {
     ];
     for body in bodies {
         let (r, _) = raw(s.port, &post("/mcp", body, ""));
-        assert_eq!(r.status, 400, "{body}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(r.json()["error"]["code"], -32600, "{body}");
     }
     // The same request without the duplicate: denied by policy, never forwarded either.
@@ -188,7 +203,10 @@ fn duplicate_keys_never_reach_the_upstream() {
         ),
     );
     assert_ne!(r.status, 200);
-    assert!(!s.upstream.saw("delete_file"), "the upstream saw the denied tool");
+    assert!(
+        !s.upstream.saw("delete_file"),
+        "the upstream saw the denied tool"
+    );
 }
 
 #[test]
@@ -202,7 +220,12 @@ fn malformed_input_and_answers_leave_the_worker_alive() {
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{},"params":[1]}"#,
     ] {
         let (r, _) = raw(s.port, &post("/fed", body, ""));
-        assert_eq!(r.status, 400, "{body}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(r.json()["error"]["code"], -32600);
     }
     ping_ok(s.port, "/mcp");
