@@ -1135,6 +1135,48 @@ pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn set_in_is_total() {
+        // Where serde_json's IndexMut panicked: a non-object on the way is left as it is.
+        for mut v in [
+            json!(5),
+            json!({"params": 5}),
+            json!({"params": [1]}),
+            json!("x"),
+        ] {
+            let before = v.clone();
+            set_in(&mut v, &["params", "name"], json!("n"));
+            assert_eq!(v, before);
+        }
+        let mut v = Value::Null;
+        set_in(&mut v, &["params", "name"], json!("n"));
+        assert_eq!(v, json!({"params": {"name": "n"}}));
+        let mut v = json!({"id": 1, "params": {"a": 1}});
+        set_in(&mut v, &["params", "name"], json!("n"));
+        set_in(&mut v, &["id"], json!("t"));
+        assert_eq!(v, json!({"id": "t", "params": {"a": 1, "name": "n"}}));
+    }
+
+    #[test]
+    fn a_result_that_is_not_an_object_is_an_error() {
+        let head = ResponseHead {
+            status: 200,
+            headers: Vec::new(),
+        };
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":5}"#,
+            Some(&Id::Num(1)),
+        );
+        assert!(r.is_err(), "{r:?}");
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+            Some(&Id::Num(1)),
+        );
+        assert_eq!(r, Ok(json!({})));
+    }
+
     use super::*;
 
     #[test]
