@@ -255,7 +255,11 @@ impl<'c> Federation<'_, 'c> {
             version::LATEST_SESSION_ERA.to_owned()
         };
         let mut upstream_body = body.clone();
-        upstream_body["params"]["protocolVersion"] = json!(agreed);
+        set_in(
+            &mut upstream_body,
+            &["params", "protocolVersion"],
+            json!(agreed),
+        );
         let upstream_body = serde_json::to_vec(&upstream_body).expect("JSON serializes");
         let results = join_all(
             self.members
@@ -391,7 +395,7 @@ impl<'c> Federation<'_, 'c> {
                         .await;
                 };
                 let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
-                body["params"]["name"] = json!(local);
+                set_in(&mut body, &["params", "name"], json!(local));
                 self.routed(io, era, member, &body, Some(local), id).await
             }
             "completion/complete" => {
@@ -402,7 +406,7 @@ impl<'c> Federation<'_, 'c> {
                     && let Some((member, local)) = self.owner(name)
                 {
                     let local = local.to_owned();
-                    body["params"]["ref"]["name"] = json!(local);
+                    set_in(&mut body, &["params", "ref", "name"], json!(local));
                     return self.routed(io, era, member, &body, None, id).await;
                 }
                 self.first_success(io, era, m).await
@@ -519,7 +523,7 @@ impl<'c> Federation<'_, 'c> {
                 .map(|i| {
                     let mut body = base.clone();
                     match &cursors[*i] {
-                        Some(Some(c)) => body["params"]["cursor"] = json!(c),
+                        Some(Some(c)) => set_in(&mut body, &["params", "cursor"], json!(c)),
                         _ => {
                             if let Some(p) = body.get_mut("params").and_then(Value::as_object_mut) {
                                 p.remove("cursor");
@@ -733,7 +737,7 @@ impl<'c> Federation<'_, 'c> {
                     .and_then(untag)
                     .and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
                 {
-                    body["params"]["requestId"] = original;
+                    set_in(&mut body, &["params", "requestId"], original);
                     let bytes = serde_json::to_vec(&body).expect("JSON serializes");
                     let i = self.members.iter().position(|x| std::ptr::eq(x, member));
                     if let Some(i) = i {
@@ -765,7 +769,7 @@ impl<'c> Federation<'_, 'c> {
             return self.reply_error(io, err).await;
         };
         let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
-        body["id"] = original;
+        set_in(&mut body, &["id"], original);
         let bytes = serde_json::to_vec(&body).expect("JSON serializes");
         let request = match self.request_for(member, era, &bytes, &[]) {
             Ok(r) => r,
@@ -1033,11 +1037,39 @@ pub(super) fn response_message(
     }
 }
 
+/// Sets `v[path[0]][path[1]]... = new`, creating missing objects (and an absent body, `Null`).
+/// A non-object on the way is left as it is: unlike `IndexMut`, this never panics, whatever
+/// a client or an upstream sent.
+pub fn set_in(v: &mut Value, path: &[&str], new: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = v;
+    for key in parents {
+        if cur.is_null() {
+            *cur = Value::Object(Map::new());
+        }
+        let Some(obj) = cur.as_object_mut() else {
+            return;
+        };
+        cur = obj.entry(*key).or_insert(Value::Null);
+    }
+    if cur.is_null() {
+        *cur = Value::Object(Map::new());
+    }
+    if let Some(obj) = cur.as_object_mut() {
+        obj.insert((*last).to_owned(), new);
+    }
+}
+
 /// The `result` of the answer to `id`; a JSON-RPC error becomes `Err`.
 fn response_result(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<Value, String> {
     let v = response_message(head, body, id)?;
     match v.get("result") {
-        Some(r) => Ok(r.clone()),
+        // Every result the gateway merges or rewrites is an object; anything else is a
+        // malformed answer (and indexing into it would not be total).
+        Some(r) if r.is_object() => Ok(r.clone()),
+        Some(_) => Err("the answer's `result` is not an object".into()),
         None => Err(format!(
             "JSON-RPC error {}: {}",
             v["error"]["code"], v["error"]["message"]
@@ -1101,13 +1133,13 @@ pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
             Some(v) if v.get("method").is_some() => {
                 let mut changed = false;
                 if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
-                    v["id"] = t;
+                    set_in(v, &["id"], t);
                     changed = true;
                 }
                 if v["method"] == "notifications/cancelled"
                     && let Some(t) = tag(member, &v["params"]["requestId"])
                 {
-                    v["params"]["requestId"] = t;
+                    set_in(v, &["params", "requestId"], t);
                     changed = true;
                 }
                 changed
@@ -1141,6 +1173,48 @@ pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn set_in_is_total() {
+        // Where serde_json's IndexMut panicked: a non-object on the way is left as it is.
+        for mut v in [
+            json!(5),
+            json!({"params": 5}),
+            json!({"params": [1]}),
+            json!("x"),
+        ] {
+            let before = v.clone();
+            set_in(&mut v, &["params", "name"], json!("n"));
+            assert_eq!(v, before);
+        }
+        let mut v = Value::Null;
+        set_in(&mut v, &["params", "name"], json!("n"));
+        assert_eq!(v, json!({"params": {"name": "n"}}));
+        let mut v = json!({"id": 1, "params": {"a": 1}});
+        set_in(&mut v, &["params", "name"], json!("n"));
+        set_in(&mut v, &["id"], json!("t"));
+        assert_eq!(v, json!({"id": "t", "params": {"a": 1, "name": "n"}}));
+    }
+
+    #[test]
+    fn a_result_that_is_not_an_object_is_an_error() {
+        let head = ResponseHead {
+            status: 200,
+            headers: Vec::new(),
+        };
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":5}"#,
+            Some(&Id::Num(1)),
+        );
+        assert!(r.is_err(), "{r:?}");
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+            Some(&Id::Num(1)),
+        );
+        assert_eq!(r, Ok(json!({})));
+    }
+
     use super::*;
 
     #[test]

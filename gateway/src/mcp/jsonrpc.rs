@@ -1,13 +1,29 @@
 //! JSON-RPC 2.0 as MCP uses it, parsed with simd-json into a per-worker reused buffer (the
 //! client's bytes stay untouched, so they can be forwarded as they are). The parse extracts
 //! once what routing and policy need: kind, id, method, tool name and arguments.
+//!
+//! Because the client's bytes are forwarded, they must have exactly one meaning: the one policy
+//! decided on. JSON leaves duplicate keys open (simd-json's lookups find the first, every MCP
+//! server keeps the last), so a message with two equal keys (compared after escape decoding) in
+//! any object at any depth is refused with -32600. simd-json itself refuses the other known gaps
+//! (lone surrogate escapes, trailing bytes after the value, a byte order mark, invalid UTF-8).
+//! Names that key caches are capped here, before they reach any table (`MAX_NAME_CHARS`).
 
-use simd_json::{BorrowedValue as Value, prelude::*};
+use std::collections::HashSet;
+
+use simd_json::{Node, prelude::*, tape::Value};
 
 use super::error::RpcError;
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// Longest tool or prompt name accepted, in characters (the 2025-11-25 spec: 1–128).
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest resource URI accepted, in bytes.
+pub const MAX_URI_BYTES: usize = 2048;
+/// Objects with at most this many keys are checked for duplicates by linear comparison.
+const LINEAR_KEYS: usize = 16;
 
 /// A JSON-RPC id: MCP allows a string or an integer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -77,16 +93,21 @@ impl Parser {
     pub fn parse(&mut self, body: &[u8]) -> Result<Parsed, RpcError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(body);
-        let value =
-            simd_json::value::borrowed::to_value_with_buffers(&mut self.scratch, &mut self.buffers)
-                .map_err(RpcError::parse)?;
+        let tape = simd_json::to_tape_with_buffers(&mut self.scratch, &mut self.buffers)
+            .map_err(RpcError::parse)?;
+        if let Some(key) = duplicate_key(&tape.0) {
+            return Err(RpcError::invalid_request(format!(
+                "duplicate key {key:?} in an object: a message must have one meaning"
+            )));
+        }
+        let value = tape.as_value();
         if let Some(items) = value.as_array() {
             if items.is_empty() {
                 return Err(RpcError::invalid_request("empty batch"));
             }
             return items
                 .iter()
-                .map(message)
+                .map(|v| message(&v))
                 .collect::<Result<_, _>>()
                 .map(Parsed::Batch);
         }
@@ -94,19 +115,55 @@ impl Parser {
     }
 }
 
-fn message(v: &Value<'_>) -> Result<Message, RpcError> {
+/// The first key that appears twice in one object of the tape, at any depth. Tape strings are
+/// already unescaped, so `"n\u0061me"` and `"name"` compare equal.
+fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<&'a str> {
+    let mut keys: Vec<&'a str> = Vec::new();
+    let mut large: HashSet<&'a str> = HashSet::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let Node::Object { len, .. } = *node else {
+            continue;
+        };
+        keys.clear();
+        large.clear();
+        let mut at = i + 1;
+        for _ in 0..len {
+            let Some(Node::String(key)) = nodes.get(at) else {
+                // Not a tape simd-json makes; nothing to compare.
+                break;
+            };
+            let key: &'a str = key;
+            if len <= LINEAR_KEYS {
+                if keys.contains(&key) {
+                    return Some(key);
+                }
+                keys.push(key);
+            } else if !large.insert(key) {
+                return Some(key);
+            }
+            // Skip the key and its value (with everything nested in it).
+            at += 1 + match nodes.get(at + 1) {
+                Some(Node::Object { count, .. } | Node::Array { count, .. }) => count + 1,
+                _ => 1,
+            };
+        }
+    }
+    None
+}
+
+fn message(v: &Value<'_, '_>) -> Result<Message, RpcError> {
     let Some(obj) = v.as_object() else {
         return Err(RpcError::invalid_request(
             "a JSON-RPC message must be an object",
         ));
     };
-    if obj.get("jsonrpc").and_then(|j| j.as_str()) != Some("2.0") {
+    if obj.get("jsonrpc").is_none_or(|j| j.as_str() != Some("2.0")) {
         return Err(RpcError::invalid_request("`jsonrpc` must be \"2.0\""));
     }
     let id = match obj.get("id") {
         None => None,
         Some(raw) => Some(
-            parse_id(raw)
+            parse_id(&raw)
                 .ok_or_else(|| RpcError::invalid_request("`id` must be a string or an integer"))?,
         ),
     };
@@ -120,7 +177,7 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
             return Err(RpcError::invalid_request("`params` must be an object").with_id(id));
         }
         let p = params.and_then(|p| p.as_object());
-        let field = |name: &str| p.and_then(|p| p.get(name));
+        let field = |name: &str| p.as_ref().and_then(|p| p.get(name));
         let meta = field("_meta").and_then(|m| m.as_object());
         let name_key = match method {
             "tools/call" | "prompts/get" => Some("name"),
@@ -128,8 +185,20 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
             _ => None,
         };
         let name = match name_key {
-            Some(key) => match field(key).and_then(|n| n.as_str()) {
-                Some(n) => Some(n.to_owned()),
+            Some(key) => match field(key).and_then(|n| n.as_str().map(str::to_owned)) {
+                Some(n) if key == "name" && n.chars().count() > MAX_NAME_CHARS => {
+                    return Err(RpcError::invalid_params(format!(
+                        "`params.name` is longer than {MAX_NAME_CHARS} characters"
+                    ))
+                    .with_id(id));
+                }
+                Some(n) if n.len() > MAX_URI_BYTES => {
+                    return Err(RpcError::invalid_params(format!(
+                        "`params.uri` is longer than {MAX_URI_BYTES} bytes"
+                    ))
+                    .with_id(id));
+                }
+                Some(n) => Some(n),
                 None if id.is_some() => {
                     return Err(RpcError::invalid_params(format!(
                         "{method} needs a string `params.{key}`"
@@ -143,7 +212,7 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
         let arguments = if method == "tools/call" {
             match field("arguments") {
                 None => None,
-                Some(a) if a.as_object().is_some() => Some(to_serde(a)),
+                Some(a) if a.as_object().is_some() => Some(to_serde(&a)),
                 Some(_) => {
                     return Err(
                         RpcError::invalid_params("`params.arguments` must be an object")
@@ -164,15 +233,16 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
             method: Some(method.to_owned()),
             name,
             arguments,
-            has_progress_token: meta.is_some_and(|m| m.get("progressToken").is_some()),
+            has_progress_token: meta
+                .as_ref()
+                .is_some_and(|m| m.get("progressToken").is_some()),
             meta_protocol_version: meta
+                .as_ref()
                 .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
+                .and_then(|v| v.as_str().map(str::to_owned)),
             meta_traceparent: meta
                 .and_then(|m| m.get("traceparent"))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
+                .and_then(|v| v.as_str().map(str::to_owned)),
         });
     }
     // A response (from the client: to a server request such as sampling or elicitation).
@@ -196,25 +266,25 @@ fn message(v: &Value<'_>) -> Result<Message, RpcError> {
     })
 }
 
-fn parse_id(v: &Value<'_>) -> Option<Id> {
+fn parse_id(v: &Value<'_, '_>) -> Option<Id> {
     if let Some(s) = v.as_str() {
         return Some(Id::Str(s.to_owned()));
     }
     v.as_i64().map(Id::Num)
 }
 
-fn to_serde(v: &Value<'_>) -> serde_json::Value {
+fn to_serde(v: &Value<'_, '_>) -> serde_json::Value {
     use serde_json::Value as J;
     // A direct walk: no text round trip (and no depth limit below simd-json's own).
     if let Some(s) = v.as_str() {
         J::from(s)
     } else if let Some(items) = v.as_array() {
-        J::Array(items.iter().map(to_serde).collect())
+        J::Array(items.iter().map(|v| to_serde(&v)).collect())
     } else if let Some(fields) = v.as_object() {
         J::Object(
             fields
                 .iter()
-                .map(|(k, v)| (k.to_string(), to_serde(v)))
+                .map(|(k, v)| (k.to_owned(), to_serde(&v)))
                 .collect(),
         )
     } else if let Some(b) = v.as_bool() {

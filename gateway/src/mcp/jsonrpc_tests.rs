@@ -176,3 +176,134 @@ fn error_body_is_json_rpc() {
         serde_json::json!({"jsonrpc":"2.0","id":"x","error":{"code":-32602,"message":"bad"}})
     );
 }
+
+fn refused(body: &str) -> RpcError {
+    match parse(body) {
+        Err(e) => e,
+        Ok(p) => panic!("accepted {body}: {p:?}"),
+    }
+}
+
+#[test]
+fn duplicate_keys_are_refused_at_every_depth() {
+    let cases = [
+        // Top level: method, id, params, jsonrpc.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"params":{"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","jsonrpc":"1.0","id":1,"method":"ping"}"#,
+        // In params: the tool name, the arguments.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"p":"/srv/ok"},"arguments":{"p":"/etc/shadow"}}}"#,
+        // In the arguments and deep inside them.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"p":"/srv/ok","p":"/etc/shadow"}}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":[1,{"b":{"c":[{"d":1,"d":2}]}}]}}}"#,
+        // In _meta, in a response's result.
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"traceparent":"a","traceparent":"b"}}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"result":{"x":1,"x":2}}"#,
+        // Escaped spellings of the same key.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","n\u0061me":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","\u006e\u0061\u006d\u0065":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","\u0070arams":{"name":"x"},"params":{"name":"echo"}}"#,
+        // Inside batch items.
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","name":"delete_file"}}]"#,
+        // A duplicate params whose last value is not an object (panicked federation).
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{},"params":5}"#,
+    ];
+    for body in cases {
+        let e = refused(body);
+        assert_eq!(e.code, INVALID_REQUEST, "{body}: {e:?}");
+        assert_eq!(e.http_status, 400, "{body}");
+        assert!(e.message.contains("duplicate key"), "{body}: {}", e.message);
+    }
+}
+
+#[test]
+fn duplicate_keys_in_large_objects_are_refused() {
+    // More keys than the linear comparison handles: the hash-set path.
+    let mut fields: Vec<String> = (0..100).map(|i| format!("\"k{i}\":{i}")).collect();
+    let clean = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{{}}}}}}}"#,
+        fields.join(",")
+    );
+    assert!(parse(&clean).is_ok());
+    fields.push("\"k\\u0037\":7".to_owned());
+    let dup = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{{}}}}}}}"#,
+        fields.join(",")
+    );
+    assert_eq!(refused(&dup).code, INVALID_REQUEST);
+}
+
+#[test]
+fn equal_keys_in_different_objects_are_fine() {
+    let m = single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"name":"a","x":{"name":"b","x":[{"name":"c"},{"name":"d"}]}}}}"#,
+    );
+    assert_eq!(m.name.as_deref(), Some("t"));
+}
+
+#[test]
+fn parser_gaps_are_refused() {
+    let cases = [
+        // Lone surrogates (Python keeps them, serde_json refuses them).
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\ud800"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\udc00b"}}"#,
+        // Trailing bytes after the value.
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"} {"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}x"#,
+        // A byte order mark.
+        "\u{feff}{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}",
+    ];
+    for body in cases {
+        let e = refused(body);
+        assert!(
+            e.code == PARSE_ERROR || e.code == INVALID_REQUEST,
+            "{body}: {e:?}"
+        );
+        assert_eq!(e.http_status, 400);
+    }
+    // Ids beyond i64 or not integers have no single meaning across parsers.
+    for id in [
+        "18446744073709551616",
+        "1e400",
+        "1.0",
+        "9223372036854775808",
+    ] {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
+        let e = refused(&body);
+        assert!(
+            e.code == PARSE_ERROR || e.code == INVALID_REQUEST,
+            "{id}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn names_are_capped() {
+    let call = |name: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}"}}}}"#)
+    };
+    let ok = "a".repeat(MAX_NAME_CHARS);
+    assert_eq!(single(&call(&ok)).name.as_deref(), Some(ok.as_str()));
+    let e = refused(&call(&"a".repeat(MAX_NAME_CHARS + 1)));
+    assert_eq!(
+        (e.code, e.http_status, e.id),
+        (INVALID_PARAMS, 400, Some(Id::Num(1)))
+    );
+    // Characters, not bytes: 128 two-byte characters pass.
+    assert!(parse(&call(&"é".repeat(MAX_NAME_CHARS))).is_ok());
+    let prompt = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{{"name":"{}"}}}}"#,
+        "p".repeat(MAX_NAME_CHARS + 1)
+    );
+    assert_eq!(refused(&prompt).code, INVALID_PARAMS);
+    let read = |len: usize| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{{"uri":"file:///{}"}}}}"#,
+            "u".repeat(len)
+        )
+    };
+    assert!(parse(&read(MAX_URI_BYTES - 8)).is_ok());
+    assert_eq!(refused(&read(MAX_URI_BYTES)).code, INVALID_PARAMS);
+}

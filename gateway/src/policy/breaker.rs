@@ -2,7 +2,7 @@
 //! upstream and tenant, created on first use.
 
 use std::{
-    sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -134,7 +134,9 @@ impl Breaker {
     }
 }
 
+/// Bounds of the breaker table: entries, and bytes of names (tool names are the client's).
 const MAX_BREAKERS: usize = 10_000;
+const MAX_BREAKER_BYTES: usize = 1 << 20;
 
 /// The breakers a call of `tool` at `upstream` by `tenant` passes, each with whether it is the
 /// tool's: the upstream's, shared (its failures are everyone's), and the tool's, one per tenant
@@ -151,6 +153,8 @@ pub fn names(upstream: &str, tool: &str, tenant: &str) -> [(String, bool); 2] {
 #[derive(Debug, Default)]
 pub struct Breakers {
     map: papaya::HashMap<String, Breaker>,
+    /// Bytes of the names in `map`.
+    bytes: AtomicUsize,
 }
 
 impl Breakers {
@@ -160,6 +164,16 @@ impl Breakers {
             Some(b) => b.allow(now, c),
             // Tool names come from clients: past this many, new names get no breaker.
             None if map.len() >= MAX_BREAKERS => Ok(Pass::Closed),
+            None if self
+                .bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                    b.checked_add(name.len())
+                        .filter(|n| *n <= MAX_BREAKER_BYTES)
+                })
+                .is_err() =>
+            {
+                Ok(Pass::Closed)
+            }
             None => map
                 .get_or_insert_with(name.to_owned(), Breaker::default)
                 .allow(now, c),
@@ -205,6 +219,21 @@ mod tests {
     }
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn the_table_is_bounded_in_bytes() {
+        let c = cfg("consecutive_failures = 3\nopen_ms = 100");
+        let breakers = Breakers::default();
+        // 2,000 names of 2 KiB would be 4 MiB: past 1 MiB, new names get no breaker.
+        for i in 0..2_000 {
+            let name = format!("up/{i:0>2048}");
+            assert_eq!(breakers.allow(&name, MS, &c), Ok(Pass::Closed));
+        }
+        let states = breakers.states();
+        let bytes: usize = states.iter().map(|(n, _)| n.len()).sum();
+        assert!(bytes <= MAX_BREAKER_BYTES, "{bytes} bytes of names");
+        assert!(states.len() < 600, "{} breakers", states.len());
+    }
 
     #[test]
     fn opens_after_consecutive_failures_probes_and_closes_on_success() {

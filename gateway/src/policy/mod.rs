@@ -123,7 +123,10 @@ fn header_value<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h 
         .map(str::trim)
 }
 
+/// The rule cache's bounds: entries, and bytes of keys (names are capped at parse time, URIs
+/// are longer), so that client-chosen names cannot grow it past about 1 MiB per tenant.
 const MAX_MATCHED: usize = 10_000;
+const MAX_MATCHED_BYTES: usize = 1 << 20;
 
 /// Lowercase hex SHA-256 of `bytes`: how `[[auth.api_keys]] sha256` names a key, and how tool
 /// pins are written.
@@ -149,6 +152,8 @@ pub struct TenantPolicy {
     pub run_header: String,
     /// `<upstream>/<tool>` → index of the first matching rule: globs run once per tool name.
     matched: papaya::HashMap<String, Option<usize>, foldhash::fast::RandomState>,
+    /// Bytes of the keys in `matched`.
+    matched_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl TenantPolicy {
@@ -233,6 +238,7 @@ impl TenantPolicy {
                 .unwrap_or_else(|| "mcp-run-id".into())
                 .to_ascii_lowercase(),
             matched: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            matched_bytes: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -251,13 +257,33 @@ impl TenantPolicy {
             None => {
                 let i = self.rules.iter().position(|r| r.matches(upstream, tool));
                 // Tool names come from clients: the cache stops growing at a bound.
-                if map.len() < MAX_MATCHED {
+                if map.len() < MAX_MATCHED && self.charge_matched(key.len()) {
                     map.insert(key, i);
                 }
                 i
             }
         };
         index.map(|i| &self.rules[i])
+    }
+
+    /// Takes `bytes` from the rule cache's byte bound; false when they do not fit.
+    fn charge_matched(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.matched_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(bytes).filter(|n| *n <= MAX_MATCHED_BYTES)
+            })
+            .is_ok()
+    }
+
+    /// Entries and key bytes of the rule cache (for the bounds' tests).
+    #[cfg(test)]
+    pub fn matched_size(&self) -> (usize, usize) {
+        (
+            self.matched.pin().len(),
+            self.matched_bytes
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     /// Whether the tool is offered to this tenant at all.

@@ -692,3 +692,19 @@ fn a_tenants_tool_errors_open_its_own_breaker_not_the_others() {
         "the upstream: closed"
     );
 }
+
+#[test]
+fn the_rule_cache_is_bounded_in_bytes() {
+    let (p, _, who) = acme_policy("[[policy.tools]]\nmatch = \"fail\"\naction = \"deny\"\n");
+    let t = p.tenant(&who);
+    // 2 KiB keys (resource URIs are allowed that long): 2,000 of them would be 4 MiB.
+    for i in 0..2_000 {
+        let name = format!("{i:0>2048}");
+        assert!(t.allows("up", &name));
+    }
+    let (entries, bytes) = t.matched_size();
+    assert!(bytes <= MAX_MATCHED_BYTES, "{bytes} bytes cached");
+    assert!(entries < 600, "{entries} entries of 2 KiB cached");
+    // Past the bound, rules still apply (they are matched, only not cached).
+    assert!(!t.allows("up", "fail"));
+}

@@ -5,6 +5,7 @@
 mod containment;
 mod hardening_http;
 mod hardening_io;
+mod hardening_parse;
 mod hardening_policy;
 mod mcp_e2e;
 mod netns_e2e;

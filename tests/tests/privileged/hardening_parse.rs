@@ -1,0 +1,305 @@
+//! One meaning per message, no panic from input, bounded memory per name: duplicate keys are
+//! refused before the upstream sees them, a federated request with a duplicate `params` and an
+//! upstream answering `"result": 5` leave the (single) worker answering, and 10,000 calls with
+//! distinct 128-character tool names do not grow the gateway's memory.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+};
+
+use serde_json::Value;
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{free_port, post, raw, read_response},
+    unique,
+};
+
+/// An upstream on raw sockets that records every body and answers `tools/list` with the
+/// malformed `"result": 5` and anything else with an empty object result.
+struct Recorder {
+    port: u16,
+    bodies: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&bodies);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let _ = conn.set_nodelay(true);
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut len = 0;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                        let id = v.get("id").cloned().unwrap_or(Value::Null);
+                        let method = v["method"].as_str().unwrap_or_default().to_owned();
+                        log.lock().unwrap().push(text);
+                        let answer = match method.as_str() {
+                            "tools/list" | "server/discover" => {
+                                serde_json::json!({"jsonrpc":"2.0","id":id,"result":5})
+                            }
+                            "initialize" => serde_json::json!({"jsonrpc":"2.0","id":id,"result":{
+                                "protocolVersion":"2025-06-18","capabilities":{"tools":{}},
+                                "serverInfo":{"name":"rec","version":"1"}}}),
+                            _ => {
+                                serde_json::json!({"jsonrpc":"2.0","id":id,"result":{"content":[]}})
+                            }
+                        };
+                        if method.starts_with("notifications/") {
+                            let _ =
+                                write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
+                            continue;
+                        }
+                        let b = answer.to_string();
+                        // One write: no Nagle wait between head and body.
+                        let _ = conn.write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
+                                b.len()
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                });
+            }
+        });
+        Self { port, bodies }
+    }
+
+    fn saw(&self, needle: &str) -> bool {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.contains(needle))
+    }
+}
+
+struct Setup {
+    daemon: Daemon,
+    port: u16,
+    upstream: Recorder,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.daemon.stop();
+    }
+}
+
+/// A gateway with one worker (a panic would take every later request with it), a passthrough
+/// route and a federated route to the recording upstream, and `delete_file` denied.
+fn setup() -> Setup {
+    let upstream = Recorder::start();
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwparse");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+default_tenant = "public"
+
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "delete_file"
+action = "deny"
+
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#,
+        up = upstream.port,
+    );
+    let daemon = Daemon::start_local(&instance, &config);
+    Setup {
+        daemon,
+        port,
+        upstream,
+    }
+}
+
+const V2026: &str = "mcp-protocol-version: 2026-07-28\r\n";
+
+fn ping_ok(port: u16, path: &str) {
+    let body = r#"{"jsonrpc":"2.0","id":77,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let (r, _) = raw(
+        port,
+        &post(path, body, &format!("{V2026}mcp-method: ping\r\n")),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["id"], 77);
+}
+
+#[test]
+fn duplicate_keys_never_reach_the_upstream() {
+    let s = setup();
+    let bodies = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"n\u0061me":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"params":{"name":"delete_file"}}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"delete_file"}}]"#,
+    ];
+    for body in bodies {
+        let (r, _) = raw(s.port, &post("/mcp", body, ""));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], -32600, "{body}");
+    }
+    // The same request without the duplicate: denied by policy, never forwarded either.
+    let (r, _) = raw(
+        s.port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_file","arguments":{}}}"#,
+            "",
+        ),
+    );
+    assert_ne!(r.status, 200);
+    assert!(
+        !s.upstream.saw("delete_file"),
+        "the upstream saw the denied tool"
+    );
+}
+
+#[test]
+fn malformed_input_and_answers_leave_the_worker_alive() {
+    let s = setup();
+    // A federated initialize and a tools/call with a duplicate `params` whose last value is not
+    // an object: panicked the worker (serde_json IndexMut) before the duplicate check.
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"c","version":"1"}},"params":5}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"p_echo"},"params":"x"}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{},"params":[1]}"#,
+    ] {
+        let (r, _) = raw(s.port, &post("/fed", body, ""));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], -32600);
+    }
+    ping_ok(s.port, "/mcp");
+    // The upstream answers `"result": 5` to tools/list: on the filtered passthrough and the
+    // federated route, a clean upstream error, and the worker keeps answering.
+    let list = r#"{"jsonrpc":"2.0","id":5,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let discover = r#"{"jsonrpc":"2.0","id":5,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    for (path, body, method) in [
+        ("/mcp", list, "tools/list"),
+        ("/fed", list, "tools/list"),
+        ("/fed", discover, "server/discover"),
+    ] {
+        let (r, _) = raw(
+            s.port,
+            &post(path, body, &format!("{V2026}mcp-method: {method}\r\n")),
+        );
+        assert!(
+            r.status >= 400,
+            "{path} {method}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r.json();
+        assert_eq!(v["id"], 5, "{path} {method}: {v}");
+        assert!(v["error"]["code"].is_i64(), "{path} {method}: {v}");
+        ping_ok(s.port, "/mcp");
+    }
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn distinct_long_names_do_not_grow_memory() {
+    let s = setup();
+    let pid = s.daemon.pid();
+    // Over the cap: refused at parse time.
+    let long = "a".repeat(129);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{long}","arguments":{{}}}}}}"#
+    );
+    let (r, _) = raw(s.port, &post("/mcp", &body, ""));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], -32602);
+    assert!(!s.upstream.saw(&long));
+
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let mut call = |i: u32| {
+        let name = format!("{i:0>128}");
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"{name}","arguments":{{}}}}}}"#
+        );
+        conn.write_all(&post("/mcp", &body, "")).unwrap();
+        let r = read_response(&mut conn).expect("an answer");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    // Warm-up: allocator arenas and pools settle.
+    for i in 0..1_000 {
+        call(i);
+    }
+    let before = vm_rss_kib(pid);
+    for i in 1_000..11_000 {
+        call(i);
+    }
+    let after = vm_rss_kib(pid);
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB over 10,000 distinct names"
+    );
+}
