@@ -5,6 +5,19 @@
 //! line is an error that closes the connection. So is a head whose meaning could differ between
 //! the gateway and an upstream: a second Host or MCP routing field, an invalid Host, HTTP/1.0
 //! with Transfer-Encoding. Heads the gateway writes go through [`head`].
+// The request path: input from clients and upstreams must never panic here (a panic that
+// still happens is contained per request in `proxy::serve`, but it is a defect).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 
 mod body;
 mod head;

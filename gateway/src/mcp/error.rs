@@ -78,7 +78,7 @@ impl RpcError {
     }
 
     pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_json()).expect("a JSON value serializes")
+        super::json_bytes(&self.to_json())
     }
 }
 

@@ -109,12 +109,11 @@ impl<'c> Federation<'_, 'c> {
         session: Option<&str>,
     ) -> bool {
         self.obs.set(crate::stats::Outcome::Ok);
-        let body = serde_json::to_vec(&json!({
+        let body = super::json_bytes(&json!({
             "jsonrpc": "2.0",
             "id": id.map_or(Value::Null, Id::to_json),
             "result": result,
-        }))
-        .expect("JSON serializes");
+        }));
         let mut headers = vec![("content-type", "application/json")];
         if let Some(s) = session {
             headers.push(("mcp-session-id", s));
@@ -260,7 +259,7 @@ impl<'c> Federation<'_, 'c> {
             &["params", "protocolVersion"],
             json!(agreed),
         );
-        let upstream_body = serde_json::to_vec(&upstream_body).expect("JSON serializes");
+        let upstream_body = super::json_bytes(&upstream_body);
         let results = join_all(
             self.members
                 .iter()
@@ -440,7 +439,7 @@ impl<'c> Federation<'_, 'c> {
         mcp_name: Option<&str>,
         id: Option<Id>,
     ) -> bool {
-        let bytes = serde_json::to_vec(body).expect("JSON serializes");
+        let bytes = super::json_bytes(body);
         let mut extra = vec![];
         if self.req.header("mcp-name").is_some() {
             extra.push(("mcp-name", mcp_name));
@@ -530,7 +529,7 @@ impl<'c> Federation<'_, 'c> {
                             }
                         }
                     }
-                    (*i, serde_json::to_vec(&body).expect("JSON serializes"))
+                    (*i, super::json_bytes(&body))
                 })
                 .collect();
             if bodies.is_empty() {
@@ -639,7 +638,7 @@ impl<'c> Federation<'_, 'c> {
         }
         match last {
             Some(msg) => {
-                let body = serde_json::to_vec(&msg).expect("JSON serializes");
+                let body = super::json_bytes(&msg);
                 let resp = http::response(
                     200,
                     &[("content-type", "application/json")],
@@ -738,7 +737,7 @@ impl<'c> Federation<'_, 'c> {
                     .and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
                 {
                     set_in(&mut body, &["params", "requestId"], original);
-                    let bytes = serde_json::to_vec(&body).expect("JSON serializes");
+                    let bytes = super::json_bytes(&body);
                     let i = self.members.iter().position(|x| std::ptr::eq(x, member));
                     if let Some(i) = i {
                         let _ = self.fan_out(era, vec![(i, bytes)]).await;
@@ -770,7 +769,7 @@ impl<'c> Federation<'_, 'c> {
         };
         let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
         set_in(&mut body, &["id"], original);
-        let bytes = serde_json::to_vec(&body).expect("JSON serializes");
+        let bytes = super::json_bytes(&body);
         let request = match self.request_for(member, era, &bytes, &[]) {
             Ok(r) => r,
             Err(e) => return self.reply_error(io, RpcError::from(e)).await,
@@ -1152,12 +1151,13 @@ pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
                 out.extend_from_slice(format!("id: {member}.").as_bytes());
                 out.extend_from_slice(id);
                 out.push(b'\n');
-            } else if changed && field(line, b"data").is_some() {
+            } else if changed
+                && let Some(data) = &data
+                && field(line, b"data").is_some()
+            {
                 if !data_written {
                     out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(
-                        &serde_json::to_vec(data.as_ref().expect("changed data")).expect("JSON"),
-                    );
+                    out.extend_from_slice(&super::json_bytes(data));
                     out.push(b'\n');
                     data_written = true;
                 }

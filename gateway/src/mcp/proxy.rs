@@ -886,7 +886,7 @@ async fn protected_resource_metadata(
             .is_ok();
     }
     let doc = policy.metadata_document(req.header_str("host"), rest);
-    let body = serde_json::to_vec(&doc).expect("JSON serializes");
+    let body = super::json_bytes(&doc);
     io.write_all(http::response(
         200,
         &[
@@ -980,7 +980,7 @@ async fn filtered_tools_list<'c>(
     if let Some(s) = &session {
         headers.push(("mcp-session-id", s));
     }
-    let body = serde_json::to_vec(&message).expect("JSON serializes");
+    let body = super::json_bytes(&message);
     io.write_all(http::response(head.status, &headers, &body, req.keep_alive))
         .await
         .is_ok()

@@ -45,17 +45,29 @@ impl FedSession {
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "at start only: no randomness, no gateway"
+)]
 pub fn new_key() -> [u8; 32] {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).expect("the OS random source works");
     key
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "HMAC takes keys of any length: cannot fail"
+)]
 fn mac(key: &[u8; 32]) -> Hmac<Sha256> {
     Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length")
 }
 
 /// The session id for `s`: visible ASCII, as MCP requires.
+#[expect(
+    clippy::expect_used,
+    reason = "a struct of strings serializes: cannot fail"
+)]
 pub fn seal(key: &[u8; 32], s: &FedSession) -> String {
     let payload = serde_json::to_vec(s).expect("a session serializes");
     let mut m = mac(key);

@@ -2,6 +2,19 @@
 //! calling (API key, JWT or source address), which tools they may see and call with which
 //! arguments, and the limits shared by all workers (rates, concurrency, budgets, the loop
 //! breaker). Every decision goes to the audit log.
+// The request path: input from clients and upstreams must never panic here (a panic that
+// still happens is contained per request in `proxy::serve`, but it is a defect).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 
 pub mod audit;
 pub mod breaker;
@@ -379,9 +392,12 @@ impl Policy {
                     "64 hex digits (printf %s \"$KEY\" | sha256sum)".into(),
                 )));
             }
-            for (j, pair) in hex.chunks(2).enumerate() {
-                let s = std::str::from_utf8(pair).expect("ascii");
-                digest[j] = u8::from_str_radix(s, 16).expect("hex checked");
+            for (d, pair) in digest.iter_mut().zip(hex.chunks(2)) {
+                // Checked above: ASCII hex digits.
+                *d = std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|s| u8::from_str_radix(s, 16).ok())
+                    .unwrap_or_default();
             }
             let Some(tenant) = by_name.get(&k.tenant) else {
                 return Err(err((
