@@ -101,17 +101,47 @@ impl Parser {
             )));
         }
         let value = tape.as_value();
-        if let Some(items) = value.as_array() {
+        let parsed = if let Some(items) = value.as_array() {
             if items.is_empty() {
                 return Err(RpcError::invalid_request("empty batch"));
             }
-            return items
+            items
                 .iter()
                 .map(|v| message(&v))
                 .collect::<Result<_, _>>()
-                .map(Parsed::Batch);
+                .map(Parsed::Batch)?
+        } else {
+            Parsed::Single(message(&value)?)
+        };
+        if negative_zero_id(body, &parsed) {
+            return Err(RpcError::invalid_request(
+                "`id` must be a string or an integer (-0 is read as 0 by some servers and as a float by others)",
+            ));
         }
-        message(&value).map(Parsed::Single)
+        Ok(parsed)
+    }
+}
+
+/// Whether an id reads as 0 here but was written `-0`: simd-json reads that as the integer 0,
+/// Python too, while serde_json and Go read a float (not an id). Only looked into (with a
+/// second, exact parse) when an id is 0 and the body holds `-0` somewhere.
+fn negative_zero_id(body: &[u8], parsed: &Parsed) -> bool {
+    let zero = |m: &Message| m.id == Some(Id::Num(0));
+    let any_zero = match parsed {
+        Parsed::Single(m) => zero(m),
+        Parsed::Batch(ms) => ms.iter().any(zero),
+    };
+    if !any_zero || !body.windows(2).any(|w| w == b"-0") {
+        return false;
+    }
+    let not_integer = |v: &serde_json::Value| {
+        v.get("id")
+            .is_some_and(|id| id.is_number() && id.as_i64().is_none())
+    };
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Array(items)) => items.iter().any(not_integer),
+        Ok(v) => not_integer(&v),
+        Err(_) => true,
     }
 }
 

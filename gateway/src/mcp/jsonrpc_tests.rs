@@ -307,3 +307,17 @@ fn names_are_capped() {
     assert!(parse(&read(MAX_URI_BYTES - 8)).is_ok());
     assert_eq!(refused(&read(MAX_URI_BYTES)).code, INVALID_PARAMS);
 }
+
+#[test]
+fn a_negative_zero_id_is_refused_and_zero_is_fine() {
+    let mut p = Parser::default();
+    for body in [
+        r#"{"jsonrpc":"2.0","id":-0,"method":"tools/list"}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":-0,"method":"ping"}]"#,
+    ] {
+        let e = p.parse(body.as_bytes()).unwrap_err();
+        assert_eq!(e.code, INVALID_REQUEST, "{body}");
+    }
+    let ok = r#"{"jsonrpc":"2.0","id":0,"method":"tools/call","params":{"name":"t","arguments":{"x":-0.5,"y":-0}}}"#;
+    assert!(p.parse(ok.as_bytes()).is_ok());
+}
