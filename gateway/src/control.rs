@@ -349,6 +349,35 @@ fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
 /// `Origin` (browsers send it with every cross-origin POST, `null` included), `Sec-Fetch-Site`
 /// other than `none`/`same-origin`, or a body that is not JSON (a form can send text without a
 /// CORS preflight; JSON cannot).
+/// Whether the admin request's `Host` names an address, not a DNS name: a page whose name an
+/// attacker re-points at this host (DNS rebinding) is same-origin to the browser, and could read
+/// (or, without a browser's `Origin`, drive) a token-less admin API. An IP literal or
+/// `localhost`, with an optional port, cannot be rebound.
+fn host_is_address(headers: &axum::http::HeaderMap) -> bool {
+    let mut hosts = headers.get_all("host").iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok()))
+        });
+    }
+    let name = match host.split_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 fn cross_site(
     method: &axum::http::Method,
     headers: &axum::http::HeaderMap,
@@ -456,6 +485,11 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             )];
             return r;
         }
+    } else if !host_is_address(req.headers()) {
+        return json_reply(
+            403,
+            &serde_json::json!({"error": "without an admin token, the admin API is reached by address (Host an IP literal or localhost)"}),
+        );
     }
     if let Some((status, why)) = cross_site(&method, req.headers()) {
         return json_reply(status, &serde_json::json!({ "error": why }));

@@ -465,6 +465,15 @@ async fn handle_inner<'a, 'c>(
                 Ok(Parsed::Batch(items)) => batch = items,
             }
         }
+        // A GET opens a stream and a DELETE ends a session: neither carries a message. A body
+        // on them would reach the upstream unchecked by policy, so it is refused.
+        "GET" | "DELETE" if !req.body.is_empty() => {
+            let err = RpcError::invalid_request(format!(
+                "a {} carries no body: JSON-RPC messages are POSTed",
+                req.method
+            ));
+            return io.write_all(reply(400, err)).await.is_ok();
+        }
         "GET" | "DELETE" => {}
         _ => {
             let err =
@@ -1396,8 +1405,9 @@ async fn relay(
         format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
     let mut written = Ok(());
     for (name, value) in &head.headers {
-        let keep = (!is_hop_by_hop(name, &head.headers)
-            || name.eq_ignore_ascii_case("authorization"))
+        let keep = !is_hop_by_hop(name, &head.headers)
+            // An upstream's credentials are not the client's business.
+            && !name.eq_ignore_ascii_case("authorization")
             // Set below for every event stream.
             && !(sse
                 && (name.eq_ignore_ascii_case("x-accel-buffering")

@@ -107,9 +107,13 @@ pub struct Owners {
 }
 
 impl Owners {
-    /// Remembers that `session` belongs to `owner`.
+    /// Remembers that `session` belongs to `owner`. A session that already has another owner
+    /// keeps it (an upstream that hands out a session id twice does not transfer it).
     pub fn bind(&self, session: u64, owner: u64, now_s: u64) {
         let map = self.map.pin();
+        if map.get(&session).is_some_and(|(o, _)| *o != owner) {
+            return;
+        }
         if map.len() >= MAX_OWNED && !map.contains_key(&session) {
             let mut used: Vec<u64> = map
                 .iter()
@@ -179,6 +183,9 @@ mod tests {
         assert!(owners.may_use(1, 10, 6));
         assert!(!owners.may_use(1, 11, 6), "another owner");
         assert!(!owners.may_use(2, 10, 6), "never seen opened");
+        // An upstream that hands the same id out again does not move it to another owner.
+        owners.bind(1, 11, 6);
+        assert!(owners.may_use(1, 10, 6) && !owners.may_use(1, 11, 6));
         for i in 0..MAX_OWNED as u64 + 10 {
             owners.bind(100 + i, 10, 7 + i);
         }

@@ -272,7 +272,11 @@ fn crlf_in_a_federated_tool_name_is_refused_and_smuggles_no_request_upstream() {
     assert_eq!(before, 2, "initialize and notifications/initialized");
 
     // The member's name for the tool is written into `Mcp-Name` for the upstream.
-    let name = serde_json::to_string(&format!("x\r\ncontent-length: 0\r\n\r\n{SMUGGLED}")).unwrap();
+    // Short enough to pass the 128-character cap on names, so that the head writer decides.
+    let name = serde_json::to_string(
+        "x\r\ncontent-length: 0\r\n\r\nDELETE /mcp HTTP/1.1\r\nhost: u\r\n\r\n",
+    )
+    .unwrap();
     let call = format!(
         r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":{name},"arguments":{{}}}}}}"#
     );
@@ -522,5 +526,33 @@ fn an_upstream_head_with_a_control_character_never_reaches_the_client() {
     );
     assert_eq!(resp.status, 502, "{resp:?}");
     assert!(resp.header("mcp-session-id").is_none(), "{resp:?}");
+    d.stop();
+}
+
+#[test]
+fn a_get_or_delete_with_a_body_is_refused_and_never_forwarded() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), false);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    for method in ["GET", "DELETE"] {
+        // The message would be decided by no policy at all on these methods.
+        let req = format!(
+            "{method} /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: text/event-stream\r\ncontent-length: {}\r\n\r\n{call}",
+            call.len()
+        );
+        let (resp, _) = raw(port, req.as_bytes());
+        assert_refused(&resp, method);
+        let chunked = format!(
+            "{method} /mcp HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{call}\r\n0\r\n\r\n",
+            call.len()
+        );
+        let (resp, _) = raw(port, chunked.as_bytes());
+        assert_refused(&resp, &format!("{method}, chunked"));
+    }
+    assert_eq!(
+        up.heads(),
+        Vec::<String>::new(),
+        "nothing reached the upstream"
+    );
     d.stop();
 }

@@ -324,4 +324,24 @@ fn the_admin_api_refuses_cross_site_requests_that_change_state() {
     assert_eq!(r.status, 403, "{r:?}");
     let (r, _) = raw(s.admin, reload("").as_bytes());
     assert_eq!(r.status, 200, "{r:?}");
+    // DNS rebinding: a page whose name now points here is same-origin to the browser, and could
+    // read the token-less admin API. Only an address (or localhost) as Host is served.
+    let get =
+        |host: &str| format!("GET /stats HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    for host in [
+        "attacker.example",
+        "attacker.example:9090",
+        "127.0.0.1.nip.io",
+    ] {
+        let (r, _) = raw(s.admin, get(host).as_bytes());
+        assert_eq!(r.status, 403, "{host}: {r:?}");
+    }
+    for host in [
+        format!("127.0.0.1:{}", s.admin),
+        "localhost".into(),
+        "[::1]:80".into(),
+    ] {
+        let (r, _) = raw(s.admin, get(&host).as_bytes());
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+    }
 }
