@@ -42,7 +42,7 @@ upstream = "demo"
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {
-    let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
     let (r, _) = raw(port, req.as_bytes());
     (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }

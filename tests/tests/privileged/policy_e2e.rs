@@ -375,7 +375,7 @@ fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
         "3 calls of agent-es and 1 of agent-rs: {lines:?}"
     );
     // Refusals by rule in /metrics.
-    let (metrics, _) = raw(s.admin, b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n");
+    let (metrics, _) = raw(s.admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     for line in [
         "mcp_gateway_refusals_total{rule=\"tenants[beta].policy.loop_breaker\"} 1",
@@ -589,7 +589,7 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     );
 
     // The operator sees the change and approves it.
-    let (pins, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: a\r\n\r\n");
+    let (pins, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
     assert_eq!(pins.status, 200);
     let pins = pins.json();
     let echo = pins
@@ -608,7 +608,7 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     );
     let body = r#"{"upstream":"u0","tool":"echo"}"#;
     let approve = format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     let (resp, _) = raw(admin, approve.as_bytes());
