@@ -102,7 +102,8 @@ fn admin_get(admin: u16, path: &str, token: bool) -> integration_tests::peers::R
     };
     raw(
         admin,
-        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}connection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .0
 }
