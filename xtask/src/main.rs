@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
                 None => fuzz_targets()?,
             };
             for t in &targets {
-                fuzz(t, seconds)?;
+                fuzz(t, seconds, &[])?;
             }
             Ok(())
         }
@@ -225,12 +225,7 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
             let dir = scratch.join(&t);
             std::fs::create_dir_all(&dir)?;
             let corpus = workspace_root().join("fuzz/corpus").join(&t);
-            eprintln!("fuzz: {t} for 15 s over its corpus");
-            run(Command::new("rustup")
-                .args(["run", "nightly", "cargo", "fuzz", "run", &t])
-                .args([&dir, &corpus])
-                .args(["--", "-max_total_time=15"]))
-            .with_context(|| format!("fuzz target {t} failed: see fuzz/artifacts/{t}"))?;
+            fuzz(&t, 15, &[&dir, &corpus])?;
         }
     }
 
@@ -287,10 +282,13 @@ fn fuzz_targets() -> anyhow::Result<Vec<String>> {
 
 /// Runs fuzz target `target` for `seconds` over its corpus (fuzz/corpus/<target>); a crash
 /// fails, with the input left in fuzz/artifacts/<target>.
-fn fuzz(target: &str, seconds: u64) -> anyhow::Result<()> {
+/// `corpora` overrides the default corpus folder: new inputs go to the first one.
+fn fuzz(target: &str, seconds: u64, corpora: &[&Path]) -> anyhow::Result<()> {
     eprintln!("fuzz: {target} for {seconds} s");
     run(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+        .args(["run", "nightly", "cargo", "fuzz", "run", target])
+        .args(corpora)
+        .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1"))
     .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}"))
