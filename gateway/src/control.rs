@@ -186,9 +186,9 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
 
     let workers = config.workers;
     let mut per_worker: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    for addr in &config.listeners {
+    for addr in config.listeners.iter().map(|l| l.address) {
         let sockets =
-            runtime::bind_reuseport(*addr, workers).with_context(|| format!("binding {addr}"))?;
+            runtime::bind_reuseport(addr, workers).with_context(|| format!("binding {addr}"))?;
         for (i, s) in sockets.into_iter().enumerate() {
             per_worker[i].push(s);
         }
@@ -239,7 +239,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         "data plane running"
     );
     for l in &listeners {
-        tracing::info!("MCP endpoint: http://{l}/mcp");
+        tracing::info!("MCP endpoint: http://{}/mcp", l.address);
     }
     tracing::info!("metrics: http://{admin_addr}/metrics  health: http://{admin_addr}/healthz");
 

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod frames;
 pub mod netns;
 pub mod peers;
+pub mod pki;
 
 use std::{path::PathBuf, sync::atomic::AtomicU32};
 

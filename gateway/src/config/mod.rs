@@ -319,7 +319,7 @@ pub struct Config {
     pub workers: usize,
     pub pin_workers: bool,
     pub shutdown_grace: Duration,
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<Listener>,
     pub admin: SocketAddr,
     /// Bearer token of the admin API, if any.
     pub admin_token: Option<String>,
@@ -337,6 +337,12 @@ pub struct Config {
     pub policy: RawPolicy,
     pub audit: RawAudit,
     pub auto_ban: Option<RawAutoBan>,
+}
+
+/// One client-facing listener. Workers know it by its index in [`Config::listeners`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub address: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -454,7 +460,7 @@ impl Config {
 
     /// The gateway's listening ports, which the kernel program guards.
     pub fn ports(&self) -> BTreeSet<u16> {
-        self.listeners.iter().map(SocketAddr::port).collect()
+        self.listeners.iter().map(|l| l.address.port()).collect()
     }
 }
 
@@ -522,13 +528,13 @@ impl RawConfig {
                     "port 0 is not allowed: the kernel program must know the port",
                 ));
             }
-            if listeners.contains(&addr) {
+            if listeners.iter().any(|l: &Listener| l.address == addr) {
                 return Err(invalid(format!("listeners[{i}].address"), "listed twice"));
             }
-            listeners.push(addr);
+            listeners.push(Listener { address: addr });
         }
         let admin = parse_addr("admin.address", &self.admin.address)?;
-        if listeners.iter().any(|l| l.port() == admin.port()) {
+        if listeners.iter().any(|l| l.address.port() == admin.port()) {
             return Err(invalid("admin.address", "shares a port with a listener"));
         }
         let admin_token = match &self.admin.token_env {

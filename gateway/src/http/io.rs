@@ -11,6 +11,11 @@
 //! may have been taken from the socket into a buffer that is gone, or half a request written),
 //! so the `Io` remembers it and is never used for another exchange: reads answer
 //! [`HttpError::Closed`], and [`Io::idle_and_open`] (the pool's test) is false.
+//!
+//! A connection may carry TLS (a listener's or an https upstream's): rustls does the protocol
+//! and the crypto, this type only moves its records between the socket and rustls, so that
+//! the socket stays in reach for the readiness waits, peeks and shutdowns above. Plaintext is
+//! never sent on a connection whose handshake has not completed.
 
 use std::{os::fd::AsRawFd as _, time::Duration};
 
@@ -19,6 +24,8 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRentExt},
     net::TcpStream,
 };
+
+use std::io::{Read as _, Write as _};
 
 use super::{BodyKind, ChunkedDecoder, HttpError};
 
@@ -36,6 +43,11 @@ enum Peek {
 
 pub struct Io {
     stream: TcpStream,
+    /// The TLS session, when the connection carries one.
+    tls: Option<Box<rustls::Connection>>,
+    /// Records read from the socket and not yet taken by rustls (TLS only).
+    raw: Vec<u8>,
+    raw_pos: usize,
     buf: Vec<u8>,
     pos: usize,
     /// How long one write may wait for the peer to take the bytes.
@@ -48,6 +60,7 @@ pub struct Io {
 
 impl Drop for Io {
     fn drop(&mut self) {
+        self.close_notify();
         self.shutdown(libc::SHUT_RDWR);
     }
 }
@@ -57,6 +70,9 @@ impl Io {
     pub fn new(stream: TcpStream, send_timeout: Duration) -> Self {
         Self {
             stream,
+            tls: None,
+            raw: Vec::new(),
+            raw_pos: 0,
             buf: Vec::with_capacity(READ_CHUNK),
             pos: 0,
             send_timeout,
@@ -97,13 +113,10 @@ impl Io {
         if self.read_lost {
             return Err(HttpError::Closed);
         }
-        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+        if self.tls.is_some() {
+            return self.fill_tls(monoio::time::Instant::now() + timeout).await;
         }
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-            self.buf.reserve(READ_CHUNK);
-        }
+        self.compact();
         // The buffer goes into the read; until it comes back the connection counts as lost
         // (and `pending()` is empty rather than out of bounds), in case this future is dropped.
         let buf = std::mem::take(&mut self.buf);
@@ -130,6 +143,17 @@ impl Io {
         }
     }
 
+    /// Drops consumed bytes once they are half the buffer, and keeps room for a read.
+    fn compact(&mut self) {
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
     /// [`Io::fill`] against a deadline.
     pub async fn fill_until(
         &mut self,
@@ -151,6 +175,15 @@ impl Io {
             if self.stream.readable(false).await.is_err() {
                 return;
             }
+            if self.tls.is_some() {
+                // Records cannot be looked into without taking them; a close shows as a
+                // hang-up. Readiness stays raised while records wait, so look again later.
+                if self.hung_up() {
+                    return;
+                }
+                monoio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             match self.peek() {
                 Peek::Closed => return,
                 Peek::Data => return std::future::pending().await,
@@ -162,13 +195,24 @@ impl Io {
     /// For an idle connection: nothing pending, nothing lost, and the peer has neither closed it
     /// nor sent anything. Only such a connection may carry another exchange: bytes an upstream
     /// sent after its answer would otherwise be read as the answer to the next request.
-    pub fn idle_and_open(&self) -> bool {
-        self.intact() && matches!(self.peek(), Peek::Nothing)
+    pub fn idle_and_open(&mut self) -> bool {
+        if !self.intact() {
+            return false;
+        }
+        match self.peek() {
+            Peek::Nothing => true,
+            Peek::Data if self.tls.is_some() => self.absorb_idle_records(),
+            _ => false,
+        }
     }
 
     /// Nothing pending and no read or write abandoned (no system call).
     pub fn intact(&self) -> bool {
-        !self.read_lost && !self.write_lost && self.pending().is_empty()
+        !self.read_lost
+            && !self.write_lost
+            && self.pending().is_empty()
+            && self.raw_pos == self.raw.len()
+            && self.tls.as_deref().is_none_or(|t| !t.is_handshaking())
     }
 
     /// A non-blocking one-byte peek at the socket: nothing is consumed.
@@ -212,6 +256,30 @@ impl Io {
     /// that stops reading cannot hold the connection (and what feeds it) forever. A write that
     /// times out or fails shuts the connection down.
     pub async fn write_all(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.write_raw(bytes).await;
+        };
+        if self.write_lost || tls.is_handshaking() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let Some(tls) = self.tls.as_deref_mut() else {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            };
+            // rustls takes up to its buffer limit at a time; each part is sent before the next.
+            let n = tls.writer().write(rest)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            rest = &rest[n..];
+            self.flush_tls().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes bytes to the socket as they are (records, when the connection carries TLS).
+    async fn write_raw(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
         if self.write_lost {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
@@ -278,5 +346,309 @@ impl Io {
                 }
             },
         }
+    }
+}
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The peer closed, or the socket failed, first.
+    Closed,
+    /// The deadline passed first.
+    Timeout,
+    /// The peer broke the protocol or failed verification (the alert was sent).
+    Tls(rustls::Error),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("the peer closed the connection during the TLS handshake"),
+            Self::Timeout => f.write_str("the TLS handshake timed out"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
+        }
+    }
+}
+
+/// TLS: records move between the socket and rustls here; rustls does the rest.
+impl Io {
+    /// Runs the handshake of `conn` (a client or server session) on this connection, within
+    /// `deadline`; from then on every read and write goes through it. Bytes already read and
+    /// not consumed are taken as the peer's first records. The send timeout is left as it was.
+    pub async fn handshake(
+        &mut self,
+        conn: rustls::Connection,
+        deadline: monoio::time::Instant,
+    ) -> Result<(), HandshakeError> {
+        // Bytes already read (after a PROXY protocol header, say) are the first records.
+        let early = self.take(self.pending().len());
+        self.raw.extend_from_slice(&early);
+        self.tls = Some(Box::new(conn));
+        let send_timeout = self.send_timeout;
+        let result = self.drive_handshake(deadline).await;
+        self.send_timeout = send_timeout;
+        result
+    }
+
+    async fn drive_handshake(
+        &mut self,
+        deadline: monoio::time::Instant,
+    ) -> Result<(), HandshakeError> {
+        loop {
+            let Some(tls) = self.tls.as_deref_mut() else {
+                return Err(HandshakeError::Closed);
+            };
+            let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+            if left.is_zero() {
+                return Err(HandshakeError::Timeout);
+            }
+            if tls.wants_write() {
+                self.send_timeout = left;
+                self.flush_tls().await.map_err(|e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => HandshakeError::Timeout,
+                    _ => HandshakeError::Closed,
+                })?;
+                continue;
+            }
+            if !tls.is_handshaking() {
+                return Ok(());
+            }
+            if self.raw_pos == self.raw.len() {
+                match self.read_raw(deadline).await {
+                    Ok(0) => return Err(HandshakeError::Closed),
+                    Ok(_) => {}
+                    Err(HttpError::Timeout) => return Err(HandshakeError::Timeout),
+                    Err(_) => return Err(HandshakeError::Closed),
+                }
+            }
+            if let Err(e) = self.feed_tls() {
+                // The alert rustls queued tells the peer why.
+                self.send_timeout = left;
+                let _ = self.flush_tls().await;
+                return Err(HandshakeError::Tls(e));
+            }
+        }
+    }
+
+    /// The TLS session, when the connection carries one (for its SNI, ALPN, peer certificates).
+    pub fn tls(&self) -> Option<&rustls::Connection> {
+        self.tls.as_deref()
+    }
+
+    /// [`Io::fill`] on a TLS connection: decrypted bytes already held come first, then records
+    /// already read, then the socket.
+    async fn fill_tls(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
+        loop {
+            if let Some(r) = self.take_plaintext() {
+                return r;
+            }
+            if self.raw_pos < self.raw.len() {
+                if self.feed_tls().is_err() {
+                    let _ = self.flush_tls().await;
+                    self.shutdown(libc::SHUT_RDWR);
+                    return Err(HttpError::Closed);
+                }
+                continue;
+            }
+            // A record that asked for an answer (a key update) is answered before waiting.
+            if self.tls.as_deref().is_some_and(|t| t.wants_write())
+                && self.flush_tls().await.is_err()
+            {
+                return Err(HttpError::Closed);
+            }
+            if self.read_raw(deadline).await? == 0 {
+                // End of stream: rustls tells a clean close (close_notify) from a cut one.
+                if let Some(tls) = self.tls.as_deref_mut() {
+                    let _ = tls.read_tls(&mut &[][..]);
+                }
+                return match self.take_plaintext() {
+                    Some(r) => r,
+                    None => Err(HttpError::Closed),
+                };
+            }
+        }
+    }
+
+    /// Moves decrypted bytes from rustls into the buffer: `None` when it holds none yet;
+    /// `Some(Ok(0))` once the peer closed cleanly; an error when it closed without close_notify
+    /// (a truncation: the bytes so far are not a whole message).
+    fn take_plaintext(&mut self) -> Option<Result<usize, HttpError>> {
+        self.compact();
+        let tls = self.tls.as_deref_mut()?;
+        let len = self.buf.len();
+        let room = self.buf.capacity() - len;
+        self.buf.resize(len + room, 0);
+        let read = tls.reader().read(&mut self.buf[len..]);
+        match read {
+            Ok(n) => {
+                self.buf.truncate(len + n);
+                Some(Ok(n))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.buf.truncate(len);
+                None
+            }
+            Err(_) => {
+                self.buf.truncate(len);
+                Some(Err(HttpError::Closed))
+            }
+        }
+    }
+
+    /// Hands records read from the socket to rustls, as many as it takes.
+    fn feed_tls(&mut self) -> Result<(), rustls::Error> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok(());
+        };
+        while self.raw_pos < self.raw.len() {
+            let mut rest = &self.raw[self.raw_pos..];
+            match tls.read_tls(&mut rest) {
+                // close_notify came: nothing after it is read.
+                Ok(0) => break,
+                Ok(n) => self.raw_pos += n,
+                // Its plaintext buffer is full: that is taken first.
+                Err(_) => break,
+            }
+            tls.process_new_packets()?;
+        }
+        if self.raw_pos == self.raw.len() {
+            self.raw.clear();
+            self.raw_pos = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads records from the socket into `raw`, within `deadline`.
+    async fn read_raw(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
+        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+        if left.is_zero() {
+            self.shutdown(libc::SHUT_RD);
+            return Err(HttpError::Timeout);
+        }
+        if self.raw_pos == self.raw.len() {
+            self.raw.clear();
+            self.raw_pos = 0;
+        }
+        if self.raw.capacity() - self.raw.len() < READ_CHUNK / 2 {
+            self.raw.reserve(READ_CHUNK);
+        }
+        let raw = std::mem::take(&mut self.raw);
+        self.read_lost = true;
+        let len = raw.len();
+        let cap = raw.capacity();
+        match monoio::time::timeout(left, self.stream.read(raw.slice_mut(len..cap))).await {
+            Err(_) => {
+                self.shutdown(libc::SHUT_RD);
+                Err(HttpError::Timeout)
+            }
+            Ok((result, slice)) => {
+                self.raw = slice.into_inner();
+                match result {
+                    Ok(n) => {
+                        self.read_lost = false;
+                        Ok(n)
+                    }
+                    Err(_) => Err(HttpError::Closed),
+                }
+            }
+        }
+    }
+
+    /// Sends the records rustls has queued.
+    async fn flush_tls(&mut self) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut out)?;
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.write_raw(out).await
+    }
+
+    /// Takes, without waiting, records that arrived on an idle TLS connection (a TLS 1.3
+    /// server sends session tickets after its first answer): whether the connection is still
+    /// idle after them, that is, open and with nothing decrypted waiting.
+    fn absorb_idle_records(&mut self) -> bool {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return false;
+        };
+        let mut chunk = [0u8; 4096];
+        loop {
+            // SAFETY: a non-blocking receive into a local buffer on a socket this Io owns.
+            let n = unsafe {
+                libc::recv(
+                    self.stream.as_raw_fd(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return false;
+            }
+            if n < 0 {
+                return matches!(
+                    std::io::Error::last_os_error().kind(),
+                    std::io::ErrorKind::WouldBlock
+                ) && matches!(tls.process_new_packets(), Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed());
+            }
+            let mut rest = &chunk[..n.unsigned_abs()];
+            while !rest.is_empty() {
+                if !matches!(tls.read_tls(&mut rest), Ok(m) if m > 0) {
+                    return false;
+                }
+                match tls.process_new_packets() {
+                    Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {}
+                    _ => return false,
+                }
+            }
+        }
+    }
+
+    /// Whether the peer has closed its side (or the socket failed), even with bytes still
+    /// waiting to be read.
+    fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor this Io owns, without waiting.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n < 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// On a TLS connection whose handshake completed, sends close_notify if the socket takes
+    /// it at once (a clean end the peer can tell from a cut); never waits.
+    fn close_notify(&mut self) {
+        if self.write_lost {
+            return;
+        }
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        if tls.is_handshaking() {
+            return;
+        }
+        tls.send_close_notify();
+        let mut out = Vec::new();
+        while tls.wants_write() {
+            if tls.write_tls(&mut out).is_err() {
+                return;
+            }
+        }
+        // SAFETY: a non-blocking send of a local buffer on a socket this Io owns.
+        unsafe {
+            libc::send(
+                self.stream.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
     }
 }

@@ -141,7 +141,7 @@ impl WorkerCtx {
     pub(super) fn checkout(&self, addr: SocketAddr) -> Option<Io> {
         let mut pool = self.pool.borrow_mut();
         let idle = pool.get_mut(&addr)?;
-        while let Some(io) = idle.pop() {
+        while let Some(mut io) = idle.pop() {
             if io.idle_and_open() {
                 return Some(io);
             }
@@ -176,10 +176,13 @@ fn limits(c: &Config) -> Limits {
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    listener: usize,
     ctx: Rc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut io = Io::new(stream, Duration::ZERO);
+    // Which listener accepted it: the index of its entry in `Config::listeners`.
+    let _ = listener;
     loop {
         let snapshot = ctx.shared.snapshot.load_full();
         let limits = limits(&snapshot.config);

@@ -204,7 +204,8 @@ async fn worker(
 ) {
     let ctx = WorkerCtx::new(Arc::clone(&shared), index);
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
-    for socket in sockets {
+    // The sockets come in the order of `Config::listeners`: the index names the listener.
+    for (listener_index, socket) in sockets.into_iter().enumerate() {
         let listener = match monoio::net::TcpListener::from_std(socket) {
             Ok(l) => l,
             Err(e) => {
@@ -214,6 +215,7 @@ async fn worker(
         };
         monoio::spawn(accept_loop(
             index,
+            listener_index,
             listener,
             Rc::clone(&ctx),
             shutdown.clone(),
@@ -239,6 +241,7 @@ async fn worker(
 
 async fn accept_loop(
     worker: usize,
+    listener_index: usize,
     listener: monoio::net::TcpListener,
     ctx: Rc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
@@ -289,7 +292,7 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         monoio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            serve_contained(stream, peer, &ctx, shutdown).await;
+            serve_contained(stream, peer, listener_index, &ctx, shutdown).await;
             ctx.shared.conns.closed(worker, tenant);
             active.borrow_mut().remove(&fd);
         });
@@ -303,11 +306,12 @@ async fn accept_loop(
 async fn serve_contained(
     stream: TcpStream,
     peer: SocketAddr,
+    listener: usize,
     ctx: &Rc<WorkerCtx>,
     shutdown: watch::Receiver<bool>,
 ) {
     use futures_util::FutureExt as _;
-    let served = mcp::proxy::serve(stream, peer, Rc::clone(ctx), shutdown);
+    let served = mcp::proxy::serve(stream, peer, listener, Rc::clone(ctx), shutdown);
     if std::panic::AssertUnwindSafe(served)
         .catch_unwind()
         .await
