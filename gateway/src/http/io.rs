@@ -652,3 +652,7 @@ impl Io {
         };
     }
 }
+
+#[cfg(test)]
+#[path = "io_tests.rs"]
+mod tests;

@@ -1,0 +1,188 @@
+//! The TLS seam of `Io`, over a real loopback socket with real rustls sessions on both ends.
+
+use std::{sync::Arc, time::Duration};
+
+use monoio::net::{TcpListener, TcpStream};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::{HandshakeError, Io};
+use crate::http::HttpError;
+
+struct Pair {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+fn configs() -> Pair {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    let cert = params.self_signed(&key).expect("self-signed");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("root");
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Pair {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    }
+}
+
+fn soon() -> monoio::time::Instant {
+    monoio::time::Instant::now() + Duration::from_secs(5)
+}
+
+fn client_conn(p: &Pair) -> rustls::Connection {
+    let name = "localhost".try_into().expect("name");
+    rustls::Connection::Client(
+        rustls::ClientConnection::new(Arc::clone(&p.client), name).expect("client"),
+    )
+}
+
+fn server_conn(p: &Pair) -> rustls::Connection {
+    rustls::Connection::Server(
+        rustls::ServerConnection::new(Arc::clone(&p.server)).expect("server"),
+    )
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime")
+        .block_on(f);
+}
+
+/// Requests and answers of several sizes cross in both directions, on one connection, and the
+/// connection is then idle and open (the pool's test) on both ends.
+#[test]
+fn exchanges_cross_a_tls_connection_and_leave_it_idle() {
+    run(async {
+        let p = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server_side = server_conn(&p);
+        let server = monoio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let mut io = Io::new(s, Duration::from_secs(5));
+            io.handshake(server_side, soon())
+                .await
+                .expect("server handshake");
+            for size in [1usize, 5_000, 100_000] {
+                let mut got = 0;
+                while got < size {
+                    let n = io.fill(Duration::from_secs(5)).await.expect("server read");
+                    assert!(n > 0, "closed early");
+                    got = io.pending().len();
+                }
+                let req = io.take(size);
+                assert!(req.iter().all(|b| *b == b'q'));
+                io.write_all(vec![b'a'; size * 2])
+                    .await
+                    .expect("server write");
+            }
+            assert_eq!(io.fill(Duration::from_secs(5)).await.expect("eof"), 0);
+        });
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut io = Io::new(s, Duration::from_secs(5));
+        io.handshake(client_conn(&p), soon())
+            .await
+            .expect("client handshake");
+        for size in [1usize, 5_000, 100_000] {
+            io.write_all(vec![b'q'; size]).await.expect("client write");
+            while io.pending().len() < size * 2 {
+                let n = io.fill(Duration::from_secs(5)).await.expect("client read");
+                assert!(n > 0, "closed early");
+            }
+            assert_eq!(io.take(size * 2), vec![b'a'; size * 2]);
+            // The session tickets the server sent after the handshake were taken with the
+            // answer: nothing is left to make the connection look used.
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            assert!(io.idle_and_open(), "idle after an exchange of {size}");
+        }
+        drop(io);
+        server.await;
+    });
+}
+
+/// Plaintext sent to a TLS server ends the handshake with a protocol error, not a wait.
+#[test]
+fn plaintext_to_a_tls_server_fails_the_handshake() {
+    run(async {
+        let p = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server_side = server_conn(&p);
+        let server = monoio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let mut io = Io::new(s, Duration::from_secs(5));
+            io.handshake(server_side, soon()).await
+        });
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let (r, _) = monoio::io::AsyncWriteRentExt::write_all(
+            &mut s,
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        )
+        .await;
+        r.expect("write");
+        assert!(matches!(server.await, Err(HandshakeError::Tls(_))));
+    });
+}
+
+/// A peer that opens the connection and sends nothing is cut off at the deadline.
+#[test]
+fn a_silent_peer_times_the_handshake_out() {
+    run(async {
+        let p = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server_side = server_conn(&p);
+        let server = monoio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let mut io = Io::new(s, Duration::from_secs(5));
+            let deadline = monoio::time::Instant::now() + Duration::from_millis(200);
+            io.handshake(server_side, deadline).await
+        });
+        let _s = TcpStream::connect(addr).await.expect("connect");
+        assert!(matches!(server.await, Err(HandshakeError::Timeout)));
+    });
+}
+
+/// A peer that closes without close_notify in the middle of a body: the reader sees a failure,
+/// not a clean end (a truncated message is never taken for a whole one).
+#[test]
+fn a_cut_without_close_notify_is_not_a_clean_end() {
+    run(async {
+        let p = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server_side = server_conn(&p);
+        let server = monoio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let mut io = Io::new(s, Duration::from_secs(5));
+            io.handshake(server_side, soon()).await.expect("handshake");
+            loop {
+                match io.fill(Duration::from_secs(5)).await {
+                    Ok(0) => return Ok(io.pending().len()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut io = Io::new(s, Duration::from_secs(5));
+        io.handshake(client_conn(&p), soon())
+            .await
+            .expect("handshake");
+        io.write_all(b"half a body".to_vec()).await.expect("write");
+        // Skip close_notify: shut the socket down under the session.
+        io.write_lost = true;
+        io.shutdown(libc::SHUT_RDWR);
+        assert!(matches!(server.await, Err(HttpError::Closed)));
+    });
+}
