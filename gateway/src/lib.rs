@@ -12,5 +12,6 @@ pub mod mcp;
 pub mod policy;
 pub mod runtime;
 pub mod stats;
+pub mod stdio;
 pub mod telemetry;
 pub mod top;

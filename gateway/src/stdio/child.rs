@@ -1,0 +1,588 @@
+//! The supervisor of one stdio upstream: a tokio task on the control thread that owns the
+//! child process and everything written to or read from it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    process::{Child, ChildStdin, ChildStdout},
+};
+
+use super::{
+    Handle, StdioError, StdioSpec, ToChild,
+    mux::{Inbound, Mux},
+    sandbox,
+};
+
+/// The protocol version the gateway asks a child for (the newest of the session era).
+const PROTOCOL_VERSION: &str = "2025-11-25";
+
+/// Starts the supervisor of `spec` on the current tokio runtime (the control thread's) and
+/// returns the workers' handle. The child itself starts on the first call.
+pub fn spawn(spec: StdioSpec) -> Handle {
+    let (tx, rx) = mpsc::unbounded();
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    tokio::spawn(supervise(spec, rx));
+    Handle { tx, name }
+}
+
+/// A line from the child, bounded.
+enum Line {
+    Text(Vec<u8>),
+    /// Longer than the limit: it was skipped without being kept.
+    TooLong,
+    Eof,
+}
+
+/// Reads lines of at most `max` bytes. Cancel-safe: its state lives here, not in the future,
+/// so it can sit in a `select!`.
+struct Lines<R> {
+    inner: R,
+    line: Vec<u8>,
+    skipping: bool,
+    max: usize,
+}
+
+impl<R: AsyncBufRead + Unpin> Lines<R> {
+    fn new(inner: R, max: usize) -> Self {
+        Self {
+            inner,
+            line: Vec::new(),
+            skipping: false,
+            max,
+        }
+    }
+
+    async fn next(&mut self) -> std::io::Result<Line> {
+        loop {
+            let buf = self.inner.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(Line::Eof);
+            }
+            let (part, used, end) = match memchr(buf) {
+                Some(i) => (&buf[..i], i + 1, true),
+                None => (buf, buf.len(), false),
+            };
+            if !self.skipping {
+                if self.line.len() + part.len() > self.max {
+                    self.skipping = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            self.inner.consume(used);
+            if end {
+                if std::mem::take(&mut self.skipping) {
+                    return Ok(Line::TooLong);
+                }
+                return Ok(Line::Text(std::mem::take(&mut self.line)));
+            }
+        }
+    }
+}
+
+fn memchr(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|b| *b == b'\n')
+}
+
+/// A running child.
+struct Running {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    pgid: i32,
+    /// The child's answer to `initialize` (what clients are told).
+    init: Value,
+}
+
+/// A call in flight.
+struct Waiter {
+    events: mpsc::Sender<Vec<u8>>,
+    done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
+    deadline: tokio::time::Instant,
+}
+
+struct Supervisor {
+    spec: StdioSpec,
+    mux: Mux,
+    waiters: HashMap<u64, Waiter>,
+    starts: VecDeque<Instant>,
+    down_until: Option<Instant>,
+    last_call: Instant,
+}
+
+async fn supervise(spec: StdioSpec, mut rx: mpsc::UnboundedReceiver<ToChild>) {
+    let mut s = Supervisor {
+        spec,
+        mux: Mux::new(),
+        waiters: HashMap::new(),
+        starts: VecDeque::new(),
+        down_until: None,
+        last_call: Instant::now(),
+    };
+    let mut running: Option<Running> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            msg = rx.next() => match msg {
+                None => {
+                    if let Some(r) = running.take() {
+                        stop(r, s.spec.stop_grace).await;
+                    }
+                    s.fail_all(&StdioError::Gone(s.spec.name.clone()));
+                    return;
+                }
+                Some(msg) => s.take_from_worker(msg, &mut running).await,
+            },
+            line = next_line(&mut running) => match line {
+                Ok(Line::Text(bytes)) => s.take_from_child(&bytes, &mut running).await,
+                Ok(Line::TooLong) => s.too_long(),
+                Ok(Line::Eof) | Err(_) => {
+                    if let Some(r) = running.take() {
+                        let status = exit_status(r).await;
+                        tracing::warn!(upstream = %s.spec.name, %status, "stdio upstream exited");
+                        s.fail_all(&StdioError::Exited(s.spec.name.clone(), status));
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                s.expire(&mut running).await;
+                if let (Some(idle), true) = (s.spec.idle_shutdown, running.is_some())
+                    && s.mux.in_flight() == 0
+                    && s.last_call.elapsed() >= idle
+                    && let Some(r) = running.take()
+                {
+                    tracing::info!(upstream = %s.spec.name, "stdio upstream idle; stopped");
+                    stop(r, s.spec.stop_grace).await;
+                }
+            }
+        }
+    }
+}
+
+async fn next_line(running: &mut Option<Running>) -> std::io::Result<Line> {
+    match running {
+        Some(r) => r.stdout.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    fn name(&self) -> String {
+        self.spec.name.clone()
+    }
+
+    async fn take_from_worker(&mut self, msg: ToChild, running: &mut Option<Running>) {
+        self.last_call = Instant::now();
+        match msg {
+            ToChild::Request {
+                caller,
+                message,
+                events,
+                done,
+            } => {
+                let parsed: Value = match serde_json::from_slice(&message) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        let _ = done.send(Err(StdioError::Refused(self.name(), "not JSON".into())));
+                        return;
+                    }
+                };
+                if let Err(e) = self.ensure_started(running).await {
+                    let _ = done.send(Err(e));
+                    return;
+                }
+                let Some(r) = running.as_mut() else {
+                    return;
+                };
+                // The child was initialized once, by the gateway: a client's initialize is
+                // answered from that.
+                if parsed.get("method").and_then(Value::as_str) == Some("initialize") {
+                    let answer = json!({"jsonrpc": "2.0", "id": parsed.get("id").cloned().unwrap_or(Value::Null), "result": r.init});
+                    let _ = done.send(Ok(answer.to_string().into_bytes()));
+                    return;
+                }
+                let (call, out) = match self.mux.request(caller, parsed) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = done.send(Err(StdioError::Refused(self.name(), format!("{e:?}"))));
+                        return;
+                    }
+                };
+                self.waiters.insert(
+                    call,
+                    Waiter {
+                        events,
+                        done,
+                        deadline: tokio::time::Instant::now() + self.spec.call_timeout,
+                    },
+                );
+                self.write(running, &out).await;
+            }
+            ToChild::Notification { caller, message } => {
+                let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
+                    return;
+                };
+                if let Some(out) = self.mux.notification(caller, parsed)
+                    && running.is_some()
+                {
+                    self.write(running, &out).await;
+                }
+            }
+            ToChild::Response { caller, message } => {
+                let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
+                    return;
+                };
+                if let Ok(out) = self.mux.response(caller, parsed)
+                    && running.is_some()
+                {
+                    self.write(running, &out).await;
+                }
+            }
+        }
+    }
+
+    async fn take_from_child(&mut self, bytes: &[u8], running: &mut Option<Running>) {
+        let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
+            tracing::warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
+            return;
+        };
+        match self.mux.inbound(message) {
+            Inbound::Done { call, message } => {
+                if let Some(w) = self.waiters.remove(&call) {
+                    let _ = w.done.send(Ok(message.to_string().into_bytes()));
+                }
+            }
+            Inbound::Event { call, message } => {
+                if let Some(w) = self.waiters.get_mut(&call) {
+                    // A full queue drops the event: a flood is never buffered without bound.
+                    let _ = w.events.try_send(message.to_string().into_bytes());
+                }
+            }
+            Inbound::Reply(answer) => self.write(running, &answer).await,
+            Inbound::ListChanged(what) => {
+                tracing::info!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
+            }
+            Inbound::Drop(why) => {
+                tracing::debug!(upstream = %self.spec.name, why, "stdio message dropped");
+            }
+        }
+    }
+
+    /// A line over the limit was skipped: if one call was in flight it was its answer.
+    fn too_long(&mut self) {
+        tracing::warn!(upstream = %self.spec.name, max = self.spec.max_line_bytes, "stdio upstream wrote a line over the limit; skipped");
+        let calls = self.mux.calls();
+        if let [call] = calls[..] {
+            self.mux.forget(call);
+            if let Some(w) = self.waiters.remove(&call) {
+                let _ = w.done.send(Err(StdioError::Refused(
+                    self.name(),
+                    format!("answer longer than {} bytes", self.spec.max_line_bytes),
+                )));
+            }
+        }
+    }
+
+    async fn write(&mut self, running: &mut Option<Running>, message: &Value) {
+        let Some(r) = running.as_mut() else {
+            return;
+        };
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        let written = tokio::time::timeout(self.spec.call_timeout, r.stdin.write_all(&line)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!(upstream = %self.spec.name, "stdio upstream does not take its input; stopping it");
+            if let Some(r) = running.take() {
+                stop(r, self.spec.stop_grace).await;
+            }
+            self.fail_all(&StdioError::Exited(self.name(), "stdin blocked".into()));
+        }
+    }
+
+    /// Calls past their deadline fail; the child is told to cancel them.
+    async fn expire(&mut self, running: &mut Option<Running>) {
+        let now = tokio::time::Instant::now();
+        let late: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for call in late {
+            self.mux.forget(call);
+            if let Some(w) = self.waiters.remove(&call) {
+                let _ = w.done.send(Err(StdioError::Timeout(
+                    self.name(),
+                    self.spec.call_timeout.as_millis(),
+                )));
+            }
+            let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "timed out at the gateway"}});
+            self.write(running, &cancel).await;
+        }
+        // A caller that went away: its call is forgotten (the child may still answer; dropped).
+        let gone: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.done.is_canceled())
+            .map(|(c, _)| *c)
+            .collect();
+        for call in gone {
+            self.mux.forget(call);
+            self.waiters.remove(&call);
+            let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
+            self.write(running, &cancel).await;
+        }
+    }
+
+    fn fail_all(&mut self, err: &StdioError) {
+        for call in self.mux.calls() {
+            self.mux.forget(call);
+        }
+        for (_, w) in self.waiters.drain() {
+            let _ = w.done.send(Err(err.clone()));
+        }
+    }
+
+    /// Starts and initializes the child unless it runs; refuses during a crash loop.
+    async fn ensure_started(&mut self, running: &mut Option<Running>) -> Result<(), StdioError> {
+        if running.is_some() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if let Some(until) = self.down_until {
+            if now < until {
+                return Err(StdioError::CrashLoop(
+                    self.name(),
+                    self.spec.restart_window.as_secs(),
+                ));
+            }
+            self.down_until = None;
+            self.starts.clear();
+        }
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.spec.restart_window)
+        {
+            self.starts.pop_front();
+        }
+        if self.starts.len() as u32 >= self.spec.max_restarts {
+            tracing::error!(upstream = %self.spec.name, starts = self.starts.len(), "stdio upstream in a crash loop; down for the restart window");
+            self.down_until = Some(now + self.spec.restart_window);
+            return Err(StdioError::CrashLoop(
+                self.name(),
+                self.spec.restart_window.as_secs(),
+            ));
+        }
+        // Backoff: 0, 100 ms, 200 ms, 400 ms ... after each recent start.
+        if let Some(n) = self.starts.len().checked_sub(1) {
+            let wait = Duration::from_millis(100u64 << n.min(6));
+            tokio::time::sleep(wait).await;
+        }
+        self.starts.push_back(Instant::now());
+        let r = start(&self.spec).await?;
+        *running = Some(r);
+        Ok(())
+    }
+}
+
+/// Spawns the child in its sandbox and initializes it.
+async fn start(spec: &StdioSpec) -> Result<Running, StdioError> {
+    let fail = |why: String| StdioError::Start(spec.name.clone(), why);
+    let Some((program, args)) = spec.command.split_first() else {
+        return Err(fail("empty command".into()));
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let home = std::env::temp_dir().join(format!(
+        "mcp-gateway-stdio-{}-{}",
+        std::process::id(),
+        spec.name
+    ));
+    sandbox::apply(&mut cmd, &spec.sandbox, &home).map_err(|e| fail(e.to_string()))?;
+    let mut child = cmd.spawn().map_err(|e| fail(format!("{program}: {e}")))?;
+    let pgid = child.id().map_or(0, |p| p as i32);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(fail("no pipes".into()));
+    };
+    tokio::spawn(log_stderr(spec.name.clone(), stderr));
+    let mut r = Running {
+        child,
+        stdin,
+        stdout: Lines::new(BufReader::new(stdout), spec.max_line_bytes),
+        pgid,
+        init: Value::Null,
+    };
+    match tokio::time::timeout(spec.start_timeout, initialize(&mut r)).await {
+        Ok(Ok(init)) => {
+            r.init = init;
+            tracing::info!(upstream = %spec.name, pid = pgid, "stdio upstream started");
+            Ok(r)
+        }
+        Ok(Err(why)) => {
+            stop(r, spec.stop_grace).await;
+            Err(fail(why))
+        }
+        Err(_) => {
+            stop(r, spec.stop_grace).await;
+            Err(fail(format!(
+                "no answer to initialize within {} ms",
+                spec.start_timeout.as_millis()
+            )))
+        }
+    }
+}
+
+/// The gateway's own `initialize`: the answer's result is kept for clients.
+async fn initialize(r: &mut Running) -> Result<Value, String> {
+    let init = json!({
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": PROTOCOL_VERSION,
+            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": false}},
+            "clientInfo": {"name": "mcp-gateway", "version": env!("CARGO_PKG_VERSION")},
+        },
+    });
+    let mut line = init.to_string().into_bytes();
+    line.push(b'\n');
+    r.stdin
+        .write_all(&line)
+        .await
+        .map_err(|e| format!("writing initialize: {e}"))?;
+    loop {
+        match r.stdout.next().await {
+            Ok(Line::Text(bytes)) => {
+                let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+                    continue;
+                };
+                if v.get("id") != Some(&json!(0)) {
+                    continue;
+                }
+                if let Some(result) = v.get("result") {
+                    let mut note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                        .to_string()
+                        .into_bytes();
+                    note.push(b'\n');
+                    r.stdin
+                        .write_all(&note)
+                        .await
+                        .map_err(|e| format!("writing initialized: {e}"))?;
+                    return Ok(result.clone());
+                }
+                return Err(format!(
+                    "initialize refused: {}",
+                    v.get("error").cloned().unwrap_or(Value::Null)
+                ));
+            }
+            Ok(Line::TooLong) => continue,
+            Ok(Line::Eof) | Err(_) => return Err("exited during initialize".into()),
+        }
+    }
+}
+
+/// Stops a child: stdin closed, then `SIGTERM`, then `SIGKILL`, to its whole process group.
+async fn stop(r: Running, grace: Duration) {
+    let Running {
+        mut child,
+        stdin,
+        pgid,
+        ..
+    } = r;
+    drop(stdin);
+    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+        signal_group(pgid, libc::SIGKILL);
+        return;
+    }
+    signal_group(pgid, libc::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        signal_group(pgid, libc::SIGKILL);
+        let _ = child.wait().await;
+    }
+    // Whatever the child left in its group goes with it.
+    signal_group(pgid, libc::SIGKILL);
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: kill(2) on the child's own process group (it called setsid).
+        unsafe { libc::kill(-pgid, sig) };
+    }
+}
+
+async fn exit_status(r: Running) -> String {
+    let Running {
+        mut child, pgid, ..
+    } = r;
+    let status = match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+        Ok(Ok(s)) => s.to_string(),
+        _ => {
+            signal_group(pgid, libc::SIGKILL);
+            let _ = child.wait().await;
+            "closed its output; killed".into()
+        }
+    };
+    signal_group(pgid, libc::SIGKILL);
+    status
+}
+
+/// How many stderr lines per second an upstream may put in the log; the rest are counted.
+const STDERR_LINES_PER_SEC: u32 = 20;
+
+async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
+    let mut lines = Lines::new(BufReader::new(stderr), 8 << 10);
+    let mut window = Instant::now();
+    let mut logged = 0u32;
+    let mut dropped = 0u64;
+    loop {
+        let line = match lines.next().await {
+            Ok(Line::Text(l)) => l,
+            Ok(Line::TooLong) => b"(a line over 8 KiB)".to_vec(),
+            Ok(Line::Eof) | Err(_) => break,
+        };
+        if window.elapsed() >= Duration::from_secs(1) {
+            if dropped > 0 {
+                tracing::warn!(upstream = %name, dropped, "stdio upstream stderr lines not logged (rate limit)");
+            }
+            window = Instant::now();
+            logged = 0;
+            dropped = 0;
+        }
+        if logged < STDERR_LINES_PER_SEC {
+            logged += 1;
+            tracing::info!(upstream = %name, "stderr: {}", String::from_utf8_lossy(&line));
+        } else {
+            dropped += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "child_tests.rs"]
+mod tests;

@@ -1,0 +1,320 @@
+//! The supervisor against real child processes: a small stdio MCP server in Python (standard
+//! library only) that misbehaves on request.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::super::{Handle, StdioError, StdioSpec, spawn};
+
+const SERVER: &str = r#"
+import json, os, sys, time
+mode = sys.argv[1]
+if mode == "exit":
+    sys.exit(3)
+def send(o):
+    sys.stdout.write(json.dumps(o) + "\n")
+    sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    meth = m.get("method")
+    if meth == "initialize":
+        if mode == "hang_init":
+            time.sleep(100)
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}}, "serverInfo": {"name": "fixture", "version": "1"}}})
+        continue
+    if "id" not in m:
+        continue
+    args = m.get("params", {}).get("arguments", {})
+    do = args.get("do")
+    if mode == "noise":
+        print("this is not JSON", flush=True)
+        sys.stderr.write("noise on stderr\n")
+    if do == "die":
+        os._exit(9)
+    if do == "never":
+        continue
+    if do == "huge":
+        sys.stdout.write('{"pad": "' + "x" * args["n"] + '"}\n')
+        sys.stdout.flush()
+        continue
+    if do == "flood":
+        token = m["params"]["_meta"]["progressToken"]
+        for i in range(args["n"]):
+            send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": token, "progress": i}})
+    if do == "env":
+        args = {"env": sorted(os.environ.keys()), "uid": os.getuid()}
+    if do == "read":
+        try:
+            with open(args["path"]) as f:
+                args = {"read": f.read()}
+        except OSError as e:
+            args = {"error": e.errno}
+    send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": json.dumps(args)}]}})
+"#;
+
+struct Fixture {
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = std::env::temp_dir().join(format!(
+        "stdio-fixture-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("server.py"), SERVER).unwrap();
+    // Readable by the unprivileged user the child runs as under root.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Fixture { dir }
+}
+
+fn spec(f: &Fixture, name: &str, mode: &str) -> StdioSpec {
+    let mut s = StdioSpec::new(
+        name,
+        vec![
+            "/usr/bin/python3".into(),
+            f.dir.join("server.py").display().to_string(),
+            mode.into(),
+        ],
+    );
+    s.start_timeout = Duration::from_secs(5);
+    s.call_timeout = Duration::from_secs(5);
+    s.stop_grace = Duration::from_millis(300);
+    s
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn call(h: &Handle, caller: u64, id: Value, args: Value) -> Result<Value, StdioError> {
+    let p = h.call(
+        caller,
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "t", "arguments": args}})
+            .to_string()
+            .into_bytes(),
+    );
+    let done = tokio::time::timeout(Duration::from_secs(20), p.done)
+        .await
+        .expect("an answer or an error within 20 s")
+        .expect("the supervisor answered");
+    done.map(|b| serde_json::from_slice(&b).unwrap())
+}
+
+fn text(v: &Value) -> Value {
+    serde_json::from_str(v["result"]["content"][0]["text"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn answers_reach_their_own_callers_with_their_own_ids() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "shared", "ok"));
+        let calls = (0..32u64).map(|i| {
+            let h = h.clone();
+            async move { (i, call(&h, i, json!(1), json!({"who": i})).await) }
+        });
+        for (i, r) in futures_util::future::join_all(calls).await {
+            let v = r.expect("answered");
+            assert_eq!(v["id"], 1, "the caller's own id");
+            assert_eq!(text(&v)["who"], i, "caller {i} got its own answer");
+        }
+        // The gateway answers a client's initialize from the child's.
+        let p = h.call(
+            9,
+            br#"{"jsonrpc":"2.0","id":"i","method":"initialize","params":{}}"#.to_vec(),
+        );
+        let v: Value = serde_json::from_slice(&p.done.await.unwrap().unwrap()).unwrap();
+        assert_eq!(v["id"], "i");
+        assert_eq!(v["result"]["serverInfo"]["name"], "fixture");
+    });
+}
+
+#[test]
+fn the_child_gets_a_cleared_environment_and_an_unprivileged_user() {
+    let f = fixture();
+    // cargo runs tests with this in their environment: it must not reach the child.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    rt().block_on(async {
+        let mut s = spec(&f, "env", "ok");
+        s.env = vec![("ALLOWED".into(), "1".into())];
+        let h = spawn(s);
+        let v = text(&call(&h, 1, json!(1), json!({"do": "env"})).await.unwrap());
+        let env: Vec<String> = serde_json::from_value(v["env"].clone()).unwrap();
+        assert!(env.contains(&"ALLOWED".to_string()), "{env:?}");
+        assert!(!env.contains(&"CARGO_MANIFEST_DIR".to_string()), "{env:?}");
+        assert!(env.contains(&"HOME".to_string()) && env.contains(&"PATH".to_string()));
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(v["uid"], 65534, "root's children run as nobody");
+        }
+    });
+}
+
+#[test]
+fn landlock_confines_reads_to_the_configured_paths() {
+    if !super::super::sandbox::landlock_available() {
+        eprintln!("no Landlock on this kernel: skipped");
+        return;
+    }
+    let f = fixture();
+    let inside = f.dir.join("inside.txt");
+    std::fs::write(&inside, "allowed").unwrap();
+    let outside_dir = std::env::temp_dir().join(format!("stdio-outside-{}", std::process::id()));
+    std::fs::create_dir_all(&outside_dir).unwrap();
+    let outside = outside_dir.join("secret.txt");
+    std::fs::write(&outside, "secret").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for p in [&inside, &outside] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&outside_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rt().block_on(async {
+        let mut s = spec(&f, "landlock", "ok");
+        s.sandbox.landlock = Some(super::super::FsAccess {
+            read: vec![f.dir.clone()],
+            write: vec![],
+        });
+        let h = spawn(s);
+        let v = text(
+            &call(&h, 1, json!(1), json!({"do": "read", "path": inside}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(v["read"], "allowed");
+        let v = text(
+            &call(&h, 1, json!(2), json!({"do": "read", "path": outside}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            v["error"],
+            libc::EACCES,
+            "a read outside the paths is refused: {v}"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&outside_dir);
+}
+
+#[test]
+fn a_child_that_dies_mid_request_fails_that_request_and_is_restarted() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "dies", "ok"));
+        let e = call(&h, 1, json!(1), json!({"do": "die"}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StdioError::Exited(ref n, _) if n == "dies"),
+            "{e}"
+        );
+        let v = call(&h, 1, json!(2), json!({"x": 1}))
+            .await
+            .expect("restarted");
+        assert_eq!(text(&v)["x"], 1);
+    });
+}
+
+#[test]
+fn a_request_never_answered_times_out_alone() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "never", "ok");
+        s.call_timeout = Duration::from_millis(500);
+        let h = spawn(s);
+        let e = call(&h, 1, json!(1), json!({"do": "never"}))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StdioError::Timeout(..)), "{e}");
+        // The child still serves the next one.
+        assert!(call(&h, 1, json!(2), json!({})).await.is_ok());
+    });
+}
+
+#[test]
+fn noise_on_stdout_is_skipped() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "noise", "noise"));
+        let v = call(&h, 1, json!(1), json!({"a": 1}))
+            .await
+            .expect("answered");
+        assert_eq!(text(&v)["a"], 1);
+    });
+}
+
+#[test]
+fn a_line_over_the_limit_fails_its_call_without_being_held() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "huge", "ok");
+        s.max_line_bytes = 1 << 20;
+        let h = spawn(s);
+        let e = call(&h, 1, json!(1), json!({"do": "huge", "n": 100_000_000}))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StdioError::Refused(..)), "{e}");
+        assert!(call(&h, 1, json!(2), json!({})).await.is_ok());
+    });
+}
+
+#[test]
+fn a_notification_flood_is_bounded_and_the_answer_still_arrives() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "flood", "ok"));
+        let p = h.call(
+            1,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "flood", "n": 5000}, "_meta": {"progressToken": "mine"}}})
+                .to_string()
+                .into_bytes(),
+        );
+        let done = tokio::time::timeout(Duration::from_secs(20), p.done).await.unwrap();
+        assert!(done.unwrap().is_ok());
+        let mut events = p.events;
+        let mut n = 0;
+        while let Ok(e) = events.try_recv() {
+            let v: Value = serde_json::from_slice(&e).unwrap();
+            assert_eq!(v["params"]["progressToken"], "mine");
+            n += 1;
+        }
+        assert!(n > 0 && n <= 65, "{n} progress events kept");
+    });
+}
+
+#[test]
+fn a_child_that_exits_at_start_or_hangs_in_initialize_fails_the_call_and_crash_loops() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "exits", "exit");
+        s.max_restarts = 3;
+        let h = spawn(s);
+        for _ in 0..3 {
+            let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
+            assert!(matches!(e, StdioError::Start(..)), "{e}");
+        }
+        let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
+        assert!(matches!(e, StdioError::CrashLoop(..)), "{e}");
+
+        let mut s = spec(&f, "hangs", "hang_init");
+        s.start_timeout = Duration::from_millis(500);
+        let h = spawn(s);
+        let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
+        assert!(
+            matches!(e, StdioError::Start(_, ref why) if why.contains("initialize")),
+            "{e}"
+        );
+    });
+}

@@ -1,0 +1,160 @@
+//! stdio upstreams: MCP servers run as child processes of the gateway, speaking JSON-RPC one
+//! message per line on stdin and stdout.
+//!
+//! A supervisor task on the control thread owns each upstream's child: it starts it (lazily,
+//! on the first call), initializes it once, restarts it with backoff when it dies, stops a
+//! crash loop, stops it when idle, and stops it gracefully (stdin closed, `SIGTERM`, then
+//! `SIGKILL` to its process group). Workers never touch a child: they send a [`ToChild`] over a
+//! channel through a [`Handle`] and await the answer on another, so a slow or dead child never
+//! blocks a core, and no lock is taken on their side. Concurrent clients share one child
+//! through [`mux`], which rewrites ids and tokens both ways.
+//!
+//! The child runs in a [`sandbox`]. What a child prints to stderr goes to the log, rate
+//! limited; what it prints to stdout that is not JSON is logged and skipped; a line longer than
+//! the limit is discarded without being held in memory.
+
+mod child;
+pub mod mux;
+pub mod sandbox;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use futures_channel::{mpsc, oneshot};
+
+pub use child::spawn;
+pub use mux::Caller;
+pub use sandbox::{FsAccess, SandboxSpec};
+
+/// One stdio upstream, from configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StdioSpec {
+    /// The upstream's name (in errors, logs and metrics).
+    pub name: String,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// The only variables of the child's environment, besides `PATH`, `HOME`, `TMPDIR`, `LANG`.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub sandbox: SandboxSpec,
+    /// From start to the answer to `initialize`.
+    pub start_timeout: Duration,
+    /// From a request written to its answer.
+    pub call_timeout: Duration,
+    /// Stop the child after this long without a call (`None`: keep it).
+    pub idle_shutdown: Option<Duration>,
+    /// From stdin closed to `SIGTERM`, and from `SIGTERM` to `SIGKILL`.
+    pub stop_grace: Duration,
+    /// The longest line read from the child.
+    pub max_line_bytes: usize,
+    /// More starts than this within `restart_window` is a crash loop: the upstream stays down
+    /// for the window.
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+}
+
+impl StdioSpec {
+    /// A spec with the defaults for everything but the name and the command.
+    pub fn new(name: &str, command: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            command,
+            env: Vec::new(),
+            cwd: None,
+            sandbox: SandboxSpec::default(),
+            start_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(60),
+            idle_shutdown: None,
+            stop_grace: Duration::from_secs(2),
+            max_line_bytes: 16 << 20,
+            max_restarts: 5,
+            restart_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a call to a stdio upstream failed: each says so in a JSON-RPC error naming the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StdioError {
+    #[error("stdio upstream {0}: could not start: {1}")]
+    Start(String, String),
+    #[error("stdio upstream {0}: the process exited ({1}) before answering")]
+    Exited(String, String),
+    #[error("stdio upstream {0}: no answer within {1} ms")]
+    Timeout(String, u128),
+    #[error("stdio upstream {0}: restarted too often; down for {1} s")]
+    CrashLoop(String, u64),
+    #[error("stdio upstream {0}: {1}")]
+    Refused(String, String),
+    #[error("stdio upstream {0} is shut down")]
+    Gone(String),
+}
+
+/// A message for the child, from a worker.
+#[derive(Debug)]
+pub enum ToChild {
+    /// A request; what the child sends back for it (progress, its own requests) goes to
+    /// `events`, its answer to `done`.
+    Request {
+        caller: Caller,
+        message: Vec<u8>,
+        events: mpsc::Sender<Vec<u8>>,
+        done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
+    },
+    /// A notification (a cancellation, say).
+    Notification { caller: Caller, message: Vec<u8> },
+    /// A client's answer to a request of the child's.
+    Response { caller: Caller, message: Vec<u8> },
+}
+
+/// A worker's end of a stdio upstream: cheap to clone, `Send`, never blocks.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<ToChild>,
+    name: Arc<str>,
+}
+
+/// The two ends a caller reads: the child's messages before its answer, and the answer.
+pub struct Pending {
+    pub events: mpsc::Receiver<Vec<u8>>,
+    pub done: oneshot::Receiver<Result<Vec<u8>, StdioError>>,
+}
+
+/// How many messages before its answer one call may have waiting; more (a notification
+/// flood) are dropped, never buffered without bound.
+const EVENTS_PER_CALL: usize = 64;
+
+impl Handle {
+    /// Sends a request (one JSON-RPC message); see [`Pending`].
+    pub fn call(&self, caller: Caller, message: Vec<u8>) -> Pending {
+        let (events_tx, events) = mpsc::channel(EVENTS_PER_CALL);
+        let (done_tx, done) = oneshot::channel();
+        if let Err(e) = self.tx.unbounded_send(ToChild::Request {
+            caller,
+            message,
+            events: events_tx,
+            done: done_tx,
+        }) && let ToChild::Request { done, .. } = e.into_inner()
+        {
+            let _ = done.send(Err(StdioError::Gone(self.name.to_string())));
+        }
+        Pending { events, done }
+    }
+
+    /// Sends a notification; nothing comes back.
+    pub fn notify(&self, caller: Caller, message: Vec<u8>) {
+        let _ = self
+            .tx
+            .unbounded_send(ToChild::Notification { caller, message });
+    }
+
+    /// Sends a client's answer to a request of the child's.
+    pub fn respond(&self, caller: Caller, message: Vec<u8>) {
+        let _ = self
+            .tx
+            .unbounded_send(ToChild::Response { caller, message });
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,267 @@
+//! Many clients on one child: the ids and tokens each client chose are rewritten on the way in
+//! to ones the gateway chose, and back on the way out, so that concurrent clients never see
+//! each other's answers however they number their requests.
+//!
+//! - A client's request gets a fresh numeric id; the answer gets the client's id back.
+//! - A client's progress token (`params._meta.progressToken`) becomes the gateway's
+//!   `"p<N>"`, so the child's progress notifications reach the client that asked for them.
+//! - A client's `notifications/cancelled` names the gateway's id for its own request (a
+//!   client can only cancel its own requests).
+//! - A request from the child (sampling, elicitation, roots) goes to the one client with a
+//!   call in flight, under a fresh gateway id; the client's answer goes back under the child's
+//!   id. With no call in flight, or several, the child is answered with an error: which client
+//!   it meant cannot be known (run such servers one child per session).
+//!
+//! Pure bookkeeping: no I/O, so each rule is tested alone.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+/// Who a message is for or from: a key the caller chose per client.
+pub type Caller = u64;
+
+/// What to do with a message read from the child.
+#[derive(Debug, PartialEq)]
+pub enum Inbound {
+    /// The final answer to a call (id restored).
+    Done { call: u64, message: Value },
+    /// Something for the client of a call in flight, before its answer (progress, a request
+    /// from the child, a cancellation of one).
+    Event { call: u64, message: Value },
+    /// An answer to write back to the child (it asked something no client can answer).
+    Reply(Value),
+    /// A list the child serves changed (tools, resources, prompts): caches and pins must look
+    /// again.
+    ListChanged(String),
+    /// Nothing to deliver (a log message, an answer nobody waits for any more).
+    Drop(&'static str),
+}
+
+/// Why a client's message cannot be sent to the child.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a JSON-RPC object with a method, or a response without a known id.
+    Malformed(&'static str),
+}
+
+struct Call {
+    caller: Caller,
+    /// The client's own id.
+    id: Value,
+    /// The client's own progress token and the gateway's, if it sent one.
+    progress: Option<(Value, String)>,
+}
+
+#[derive(Default)]
+pub struct Mux {
+    next: u64,
+    /// Calls in flight by the gateway's id.
+    calls: HashMap<u64, Call>,
+    /// The gateway's id for a call, by the client's (caller, id).
+    by_client: HashMap<(Caller, String), u64>,
+    /// Progress tokens the gateway chose: the call each belongs to.
+    tokens: HashMap<String, u64>,
+    /// Requests from the child handed to a client: the gateway's id -> (child's id, caller,
+    /// call).
+    server_requests: HashMap<u64, (Value, Caller, u64)>,
+}
+
+fn key(v: &Value) -> String {
+    v.to_string()
+}
+
+impl Mux {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    fn fresh(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// A client's request: returns the gateway's id for it (the call) and the message to write
+    /// to the child.
+    pub fn request(&mut self, caller: Caller, mut message: Value) -> Result<(u64, Value), Refused> {
+        let Some(obj) = message.as_object_mut() else {
+            return Err(Refused::Malformed("not a JSON-RPC object"));
+        };
+        let Some(id) = obj.get("id").cloned() else {
+            return Err(Refused::Malformed("a request without an id"));
+        };
+        if !obj.get("method").is_some_and(Value::is_string) {
+            return Err(Refused::Malformed("a request without a method"));
+        }
+        let call = self.fresh();
+        obj.insert("id".into(), json!(call));
+        let mut progress = None;
+        if let Some(token) = obj
+            .get_mut("params")
+            .and_then(|p| p.get_mut("_meta"))
+            .and_then(|m| m.get_mut("progressToken"))
+        {
+            let ours = format!("p{call}");
+            progress = Some((std::mem::replace(token, json!(ours)), ours.clone()));
+            self.tokens.insert(ours, call);
+        }
+        self.by_client.insert((caller, key(&id)), call);
+        self.calls.insert(
+            call,
+            Call {
+                caller,
+                id,
+                progress,
+            },
+        );
+        Ok((call, message))
+    }
+
+    /// A client's notification: the message to write to the child, if any.
+    pub fn notification(&mut self, caller: Caller, mut message: Value) -> Option<Value> {
+        let method = message.get("method")?.as_str()?.to_owned();
+        match method.as_str() {
+            // The gateway initialized the child itself, once.
+            "notifications/initialized" => None,
+            "notifications/cancelled" => {
+                let params = message.get_mut("params")?;
+                let theirs = params.get("requestId")?;
+                let call = *self.by_client.get(&(caller, key(theirs)))?;
+                params["requestId"] = json!(call);
+                Some(message)
+            }
+            _ => Some(message),
+        }
+    }
+
+    /// A client's answer to a request the child sent it: the message to write to the child.
+    pub fn response(&mut self, caller: Caller, mut message: Value) -> Result<Value, Refused> {
+        let ours = message
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or(Refused::Malformed("an answer to no request of the server"))?;
+        match self.server_requests.get(&ours) {
+            Some((_, owner, _)) if *owner == caller => {}
+            _ => return Err(Refused::Malformed("an answer to no request of the server")),
+        }
+        let Some((theirs, _, _)) = self.server_requests.remove(&ours) else {
+            return Err(Refused::Malformed("an answer to no request of the server"));
+        };
+        message["id"] = theirs;
+        Ok(message)
+    }
+
+    /// Forgets a call (answered, timed out, or its client left); the requests the child sent
+    /// to that client are forgotten too.
+    pub fn forget(&mut self, call: u64) -> Option<Caller> {
+        let c = self.calls.remove(&call)?;
+        self.by_client.remove(&(c.caller, key(&c.id)));
+        if let Some((_, ours)) = &c.progress {
+            self.tokens.remove(ours);
+        }
+        self.server_requests.retain(|_, (_, _, of)| *of != call);
+        Some(c.caller)
+    }
+
+    /// Every call in flight (to fail them all when the child dies).
+    pub fn calls(&self) -> Vec<u64> {
+        self.calls.keys().copied().collect()
+    }
+
+    /// A message the child wrote.
+    pub fn inbound(&mut self, mut message: Value) -> Inbound {
+        let method = message
+            .get("method")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let has_id = message.get("id").is_some_and(|i| !i.is_null());
+        match (method, has_id) {
+            // An answer.
+            (None, true) => {
+                let Some(call) = message.get("id").and_then(Value::as_u64) else {
+                    return Inbound::Drop("an answer with an id the gateway never sent");
+                };
+                let Some(c) = self.calls.get(&call) else {
+                    return Inbound::Drop("an answer to no call in flight");
+                };
+                message["id"] = c.id.clone();
+                self.forget(call);
+                Inbound::Done { call, message }
+            }
+            (None, false) => Inbound::Drop("neither a request, a notification nor an answer"),
+            // A request of the child's own.
+            (Some(_), true) => {
+                let theirs = message["id"].clone();
+                let mut flying = self.calls.iter();
+                let (call, caller) = match (flying.next(), flying.next()) {
+                    (Some((call, c)), None) => (*call, c.caller),
+                    _ => {
+                        return Inbound::Reply(json!({
+                            "jsonrpc": "2.0",
+                            "id": theirs,
+                            "error": {
+                                "code": -32603,
+                                "message": "the gateway cannot tell which client this request is for (no call, or several, in flight); run this server with one child per session",
+                            },
+                        }));
+                    }
+                };
+                let ours = self.fresh();
+                self.server_requests.insert(ours, (theirs, caller, call));
+                message["id"] = json!(ours);
+                Inbound::Event { call, message }
+            }
+            (Some(method), false) => self.inbound_notification(&method, message),
+        }
+    }
+
+    fn inbound_notification(&mut self, method: &str, mut message: Value) -> Inbound {
+        match method {
+            "notifications/progress" => {
+                let Some(ours) = message
+                    .get("params")
+                    .and_then(|p| p.get("progressToken"))
+                    .and_then(Value::as_str)
+                else {
+                    return Inbound::Drop("progress for a token the gateway never sent");
+                };
+                let Some(&call) = self.tokens.get(ours) else {
+                    return Inbound::Drop("progress for no call in flight");
+                };
+                let Some((theirs, _)) = self.calls.get(&call).and_then(|c| c.progress.clone())
+                else {
+                    return Inbound::Drop("progress for no call in flight");
+                };
+                message["params"]["progressToken"] = theirs;
+                Inbound::Event { call, message }
+            }
+            "notifications/cancelled" => {
+                // The child withdraws a request it sent a client.
+                let Some(ours) = message
+                    .get("params")
+                    .and_then(|p| p.get("requestId"))
+                    .and_then(Value::as_u64)
+                else {
+                    return Inbound::Drop("a cancellation of no request");
+                };
+                let Some((_, _, call)) = self.server_requests.remove(&ours) else {
+                    return Inbound::Drop("a cancellation of no request");
+                };
+                Inbound::Event { call, message }
+            }
+            "notifications/tools/list_changed"
+            | "notifications/resources/list_changed"
+            | "notifications/prompts/list_changed" => Inbound::ListChanged(method.to_owned()),
+            _ => Inbound::Drop("a notification for no client"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "mux_tests.rs"]
+mod tests;

@@ -1,0 +1,166 @@
+use serde_json::json;
+
+use super::{Inbound, Mux, Refused};
+
+#[test]
+fn two_clients_with_the_same_id_each_get_their_own_answer() {
+    let mut m = Mux::new();
+    let (a, to_child_a) = m
+        .request(1, json!({"jsonrpc":"2.0","id":7,"method":"tools/call"}))
+        .unwrap();
+    let (b, to_child_b) = m
+        .request(2, json!({"jsonrpc":"2.0","id":7,"method":"tools/call"}))
+        .unwrap();
+    assert_ne!(to_child_a["id"], to_child_b["id"]);
+    // The child answers b first.
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":to_child_b["id"],"result":{"v":"b"}}));
+    assert_eq!(
+        got,
+        Inbound::Done {
+            call: b,
+            message: json!({"jsonrpc":"2.0","id":7,"result":{"v":"b"}})
+        }
+    );
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":to_child_a["id"],"result":{"v":"a"}}));
+    assert_eq!(
+        got,
+        Inbound::Done {
+            call: a,
+            message: json!({"jsonrpc":"2.0","id":7,"result":{"v":"a"}})
+        }
+    );
+    assert_eq!(m.in_flight(), 0);
+    // A second answer to the same id reaches nobody.
+    assert!(matches!(
+        m.inbound(json!({"jsonrpc":"2.0","id":to_child_a["id"],"result":{}})),
+        Inbound::Drop(_)
+    ));
+}
+
+#[test]
+fn progress_reaches_the_client_that_asked_under_its_own_token() {
+    let mut m = Mux::new();
+    let (a, ca) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"_meta":{"progressToken":"same"}}}),
+        )
+        .unwrap();
+    let (b, cb) = m
+        .request(
+            2,
+            json!({"jsonrpc":"2.0","id":"y","method":"tools/call","params":{"_meta":{"progressToken":"same"}}}),
+        )
+        .unwrap();
+    let ta = ca["params"]["_meta"]["progressToken"].clone();
+    let tb = cb["params"]["_meta"]["progressToken"].clone();
+    assert_ne!(ta, tb);
+    let got = m.inbound(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tb,"progress":1}}));
+    assert_eq!(
+        got,
+        Inbound::Event {
+            call: b,
+            message: json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"same","progress":1}})
+        }
+    );
+    m.forget(a);
+    assert!(matches!(
+        m.inbound(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":ta,"progress":1}})),
+        Inbound::Drop(_)
+    ));
+}
+
+#[test]
+fn a_client_cancels_only_its_own_request() {
+    let mut m = Mux::new();
+    let (_, ca) = m
+        .request(1, json!({"jsonrpc":"2.0","id":5,"method":"tools/call"}))
+        .unwrap();
+    let cancel =
+        json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}});
+    let out = m.notification(1, cancel.clone()).unwrap();
+    assert_eq!(out["params"]["requestId"], ca["id"]);
+    // Caller 2 has no request 5: nothing reaches the child.
+    assert_eq!(m.notification(2, cancel), None);
+    // The client's initialized notification is the gateway's business.
+    assert_eq!(
+        m.notification(
+            1,
+            json!({"jsonrpc":"2.0","method":"notifications/initialized"})
+        ),
+        None
+    );
+}
+
+#[test]
+fn a_server_request_goes_to_the_one_client_in_flight_and_its_answer_back() {
+    let mut m = Mux::new();
+    let (a, _) = m
+        .request(9, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let got =
+        m.inbound(json!({"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{}}));
+    let Inbound::Event { call, message } = got else {
+        panic!("not routed: {got:?}")
+    };
+    assert_eq!(call, a);
+    let ours = message["id"].clone();
+    // Another client cannot answer it.
+    assert_eq!(
+        m.response(8, json!({"jsonrpc":"2.0","id":ours,"result":{}})),
+        Err(Refused::Malformed("an answer to no request of the server"))
+    );
+    let back = m
+        .response(9, json!({"jsonrpc":"2.0","id":ours,"result":{"ok":true}}))
+        .unwrap();
+    assert_eq!(
+        back,
+        json!({"jsonrpc":"2.0","id":"s1","result":{"ok":true}})
+    );
+    // Answered once only.
+    assert!(
+        m.response(9, json!({"jsonrpc":"2.0","id":ours,"result":{}}))
+            .is_err()
+    );
+}
+
+#[test]
+fn a_server_request_with_several_clients_in_flight_is_refused_to_the_child() {
+    let mut m = Mux::new();
+    m.request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    m.request(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":3,"method":"elicitation/create"}));
+    let Inbound::Reply(r) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(r["id"], 3);
+    assert_eq!(r["error"]["code"], -32603);
+}
+
+#[test]
+fn list_changes_and_logs_are_not_delivered_to_a_client() {
+    let mut m = Mux::new();
+    assert_eq!(
+        m.inbound(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"})),
+        Inbound::ListChanged("notifications/tools/list_changed".into())
+    );
+    assert!(matches!(
+        m.inbound(json!({"jsonrpc":"2.0","method":"notifications/message","params":{}})),
+        Inbound::Drop(_)
+    ));
+    assert!(matches!(m.inbound(json!([1, 2])), Inbound::Drop(_)));
+    assert!(matches!(
+        m.inbound(json!({"id": "nope", "result": 1})),
+        Inbound::Drop(_)
+    ));
+}
+
+#[test]
+fn requests_without_an_id_or_method_are_refused() {
+    let mut m = Mux::new();
+    assert!(m.request(1, json!({"jsonrpc":"2.0","method":"x"})).is_err());
+    assert!(m.request(1, json!({"jsonrpc":"2.0","id":1})).is_err());
+    assert!(m.request(1, json!("x")).is_err());
+}

@@ -1,0 +1,193 @@
+//! What a child process may do: set up between fork and exec, so it holds from the child's
+//! first instruction.
+//!
+//! - The environment is cleared: only the configured variables pass, plus `PATH`, `HOME`,
+//!   `TMPDIR` and `LANG` the gateway sets; the gateway's own secrets (token variables, keys)
+//!   never reach a child.
+//! - `no_new_privs`: no setuid binary or file capability gives the child more than it has.
+//! - An unprivileged user when the gateway runs as root (`nobody` unless configured).
+//! - rlimits: address space, open files, processes.
+//! - Landlock, where the kernel has it: the filesystem is limited to the configured paths
+//!   (read-only ones and writable ones) plus what a program needs to start.
+//! - Its own process group and session, and `SIGKILL` when the gateway's thread that started
+//!   it dies, so no child outlives the gateway; the group is what a stop signals.
+//!
+//! Only async-signal-safe calls happen after the fork: everything that allocates (the Landlock
+//! ruleset, the user lookup) is prepared before it.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+};
+
+use landlock::{
+    ABI, Access, AccessFs, CompatLevel, Compatible as _, PathBeneath, PathFd, Ruleset,
+    RulesetAttr as _, RulesetCreated, RulesetCreatedAttr as _,
+};
+
+/// The sandbox of one upstream's children, from configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxSpec {
+    /// Run as this user and group (numeric), else `nobody` when the gateway is root.
+    pub user: Option<(u32, u32)>,
+    /// RLIMIT_AS in bytes (0: unlimited).
+    pub max_memory_bytes: u64,
+    /// RLIMIT_NOFILE.
+    pub max_open_files: u64,
+    /// RLIMIT_NPROC (counted per user).
+    pub max_processes: u64,
+    /// Landlock: paths the child may read (and execute) and paths it may also write. `None`:
+    /// the whole filesystem may be read, and only the child's own home folder written.
+    pub landlock: Option<FsAccess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FsAccess {
+    pub read: Vec<PathBuf>,
+    pub write: Vec<PathBuf>,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        Self {
+            user: None,
+            max_memory_bytes: 4 << 30,
+            max_open_files: 1024,
+            max_processes: 256,
+            landlock: None,
+        }
+    }
+}
+
+/// What every program needs to start (the loader, libraries, locale, certificates, devices).
+const SYSTEM_READ: &[&str] = &[
+    "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys",
+];
+
+/// The user `nobody` (65534 on Debian and most distributions).
+const NOBODY: (u32, u32) = (65534, 65534);
+
+/// Whether Landlock restricted the child, as far as the parent can tell before the fork.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confinement {
+    Landlock,
+    /// The kernel lacks Landlock: the rest of the sandbox still holds.
+    NoLandlock,
+}
+
+/// Applies `spec` to `cmd`, whose child will live in `home` (created and handed to the child's
+/// user). Returns whether Landlock will confine it.
+pub fn apply(
+    cmd: &mut tokio::process::Command,
+    spec: &SandboxSpec,
+    home: &Path,
+) -> std::io::Result<Confinement> {
+    std::fs::create_dir_all(home)?;
+    // SAFETY: geteuid(2) cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let user = spec.user.or(root.then_some(NOBODY));
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(home, Some(uid), Some(gid))?;
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.env("HOME", home).env("TMPDIR", home);
+
+    let mut ruleset = landlock_ruleset(spec, home)?;
+    let confinement = if ruleset.is_some() {
+        Confinement::Landlock
+    } else {
+        Confinement::NoLandlock
+    };
+    let limits = [
+        (libc::RLIMIT_AS, spec.max_memory_bytes),
+        (libc::RLIMIT_NOFILE, spec.max_open_files),
+        (libc::RLIMIT_NPROC, spec.max_processes),
+    ];
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe system calls (setsid, prctl, setrlimit, landlock_restrict_self); the
+    // ruleset was built before the fork.
+    unsafe {
+        cmd.as_std_mut().pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (resource, value) in limits {
+                if value > 0 {
+                    let l = libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    };
+                    if libc::setrlimit(resource, &l) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(r) = ruleset.take() {
+                r.restrict_self()
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::PermissionDenied))?;
+            }
+            Ok(())
+        });
+    }
+    Ok(confinement)
+}
+
+/// The Landlock ruleset for `spec`, or `None` where the kernel has no Landlock.
+fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<RulesetCreated>> {
+    let abi = ABI::V3;
+    let read = AccessFs::from_read(abi);
+    let all = AccessFs::from_all(abi);
+    let (read_paths, write_paths): (Vec<PathBuf>, Vec<PathBuf>) = match &spec.landlock {
+        None => (vec![PathBuf::from("/")], vec![home.to_path_buf()]),
+        Some(fs) => {
+            let mut r: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
+            r.extend(fs.read.iter().cloned());
+            let mut w = fs.write.clone();
+            w.push(home.to_path_buf());
+            (r, w)
+        }
+    };
+    let other = |e: landlock::RulesetError| std::io::Error::other(e.to_string());
+    let created = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)
+        .map_err(other)?
+        .create()
+        .map_err(other)?;
+    let mut created = created;
+    for (paths, access) in [(&read_paths, read), (&write_paths, all)] {
+        for p in paths {
+            // A path that does not exist on this host is skipped (the system list is generic).
+            let Ok(fd) = PathFd::new(p) else { continue };
+            created = created
+                .add_rule(PathBeneath::new(fd, access))
+                .map_err(other)?;
+        }
+    }
+    if landlock_available() {
+        Ok(Some(created))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether this kernel enforces Landlock (its ABI version is known).
+pub fn landlock_available() -> bool {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only reports
+    // the ABI version.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            1u32,
+        )
+    };
+    v > 0
+}
