@@ -31,8 +31,99 @@ pub fn driver_name() -> &'static str {
 }
 
 /// Binds `count` sockets with `SO_REUSEPORT` on `addr`, one per worker; the kernel spreads
-/// incoming connections across them.
+/// incoming connections across them. Refused if another process already listens there:
+/// `SO_REUSEPORT` would otherwise let a second gateway (of the same user) join the group
+/// silently and take a share of the traffic under its own policy.
 pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {
+    ensure_unclaimed(addr)?;
+    reuseport_group(addr, count)
+}
+
+/// Fails with `AddrInUse`, naming the holder where /proc tells it, if anything is bound to
+/// `addr`: a socket bound without `SO_REUSEPORT` conflicts with every other one on the address.
+fn ensure_unclaimed(addr: SocketAddr) -> std::io::Result<()> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Only SO_REUSEADDR, which lets a socket in TIME_WAIT (a gateway that just stopped) be
+    // reused but never a live listener.
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let holder = holder_of(addr.port())
+                .map(|h| format!(" (held by {h})"))
+                .unwrap_or_default();
+            Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{addr} is already in use{holder}: another process listens there; only this gateway's own workers may share its port"
+                ),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The process listening on `port`, as "pid N (comm)", from /proc (where permissions allow).
+fn holder_of(port: u16) -> Option<String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is "ADDR:PORT" in hex; state 0A is LISTEN; the inode is field 9.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let listening_here = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+                && *state == "0A";
+            if listening_here {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_dir
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                let comm =
+                    std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+                return Some(format!("pid {pid} ({})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
+/// `count` sockets in one `SO_REUSEPORT` group on `addr`.
+fn reuseport_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {
     (0..count)
         .map(|_| {
             let socket = socket2::Socket::new(
@@ -166,7 +257,7 @@ fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
     }
     addrs
         .into_iter()
-        .map(|a| bind_reuseport(a, 1).map(|mut v| v.remove(0)))
+        .map(|a| reuseport_group(a, 1).map(|mut v| v.remove(0)))
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! `cargo xtask test`, one at a time (`--test-threads=1`) so that timing-based checks are not
 //! disturbed by each other on small machines.
 
+mod appliance;
 mod containment;
 mod hardening_http;
 mod hardening_io;
