@@ -203,6 +203,11 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let shared = Arc::new(Shared::new(config));
+    let open_files = runtime::raise_open_files_limit();
+    shared
+        .open_files_limit
+        .store(open_files, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(open_files, "open-file limit");
     // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
     // listening itself, at once, whatever the workers are doing.
     let listening: Vec<TcpListener> = per_worker

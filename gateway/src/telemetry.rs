@@ -64,6 +64,20 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             .worker_restarts
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_open_files_limit The open-file limit the gateway runs with (raised to the hard limit at start).\n# TYPE mcp_gateway_open_files_limit gauge\nmcp_gateway_open_files_limit {}",
+        shared
+            .open_files_limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_out_of_descriptors_total Accepts and upstream connects that failed for want of a file descriptor.\n# TYPE mcp_gateway_out_of_descriptors_total counter\nmcp_gateway_out_of_descriptors_total {}",
+        shared
+            .out_of_descriptors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     let breakers = shared.breakers.states();
     if !breakers.is_empty() {
         let _ = writeln!(

@@ -52,13 +52,25 @@ impl Daemon {
         Self::start_in(None, instance, config, env)
     }
 
-    fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
+    /// Like [`Daemon::start_local`], started with the open-file limits `(soft, hard)`, as a
+    /// service manager or a shell's `ulimit -n` would.
+    pub fn start_local_with_open_files(instance: &str, config: &str, limits: (u64, u64)) -> Self {
+        let (config_path, log) = Self::files(instance, config);
+        Self::spawn(None, instance, config_path, log, &[], Some(limits))
+    }
+
+    fn files(instance: &str, config: &str) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.join(format!("{instance}.log"));
         let _ = std::fs::remove_file(&log);
-        Self::spawn(ns, instance, config_path, log, env)
+        (config_path, log)
+    }
+
+    fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
+        let (config_path, log) = Self::files(instance, config);
+        Self::spawn(ns, instance, config_path, log, env, None)
     }
 
     fn spawn(
@@ -67,6 +79,7 @@ impl Daemon {
         config: PathBuf,
         log: PathBuf,
         env: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
     ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -76,6 +89,22 @@ impl Daemon {
         let mut cmd = Command::new(gateway_bin());
         if let Some(ns) = ns {
             crate::netns::enter_before_exec(&mut cmd, ns);
+        }
+        if let Some((soft, hard)) = open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .args(["--log-json", "run", "--config"])
@@ -103,7 +132,7 @@ impl Daemon {
         let config = std::mem::take(&mut prev.config);
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(Some(ns), instance, config, log, &[])
+        Self::spawn(Some(ns), instance, config, log, &[], None)
     }
 
     pub fn log(&self) -> String {

@@ -261,6 +261,61 @@ fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
         .collect()
 }
 
+/// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// At most one log line a second for a repeated event on the request path; the lines not
+/// written are counted and reported with the next one.
+#[derive(Default)]
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(suppressed since the last line)` when a line may be written now.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (a gateway holds two descriptors per
+/// proxied request; 1,024 is the common default) and returns the limit in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 0;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l.rlim_cur = l.rlim_max;
+            }
+        }
+    }
+    l.rlim_cur
+}
+
 /// The descriptors of a worker's open client connections (their count is its load).
 type OpenConns = Rc<std::cell::RefCell<rustc_hash::FxHashSet<std::os::fd::RawFd>>>;
 
@@ -338,6 +393,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     active: OpenConns,
 ) {
+    let mut accept_warnings = Throttle::default();
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),
@@ -361,8 +417,16 @@ async fn accept_loop(
             // The control thread shut the listener down: stop.
             Err(_) if *shutdown.borrow() => return,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(worker, error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning, and say so once a second
+                // at most (with how many were not said).
+                if is_out_of_descriptors(&e) {
+                    ctx.shared
+                        .out_of_descriptors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(suppressed) = accept_warnings.allow() {
+                    tracing::warn!(worker, error = %e, suppressed, "accept failed; backing off");
+                }
                 monoio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -141,6 +141,10 @@ pub struct Shared {
     pub panics: AtomicU64,
     /// Worker runtimes that panicked and were started again.
     pub worker_restarts: AtomicU64,
+    /// The open-file limit the process runs with (raised to the hard limit at start).
+    pub open_files_limit: AtomicU64,
+    /// Accepts and upstream connects that failed for want of a file descriptor.
+    pub out_of_descriptors: AtomicU64,
 }
 
 impl Shared {
@@ -171,6 +175,8 @@ impl Shared {
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
             worker_restarts: AtomicU64::new(0),
+            open_files_limit: AtomicU64::new(0),
+            out_of_descriptors: AtomicU64::new(0),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),

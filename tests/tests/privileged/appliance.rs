@@ -83,3 +83,37 @@ fn a_second_gateway_on_a_live_port_is_refused_naming_the_holder() {
     // The first one still serves.
     assert!(d.log().contains("data plane running"));
 }
+
+/// The soft open-file limit a service starts with (1,024 is common) is raised to the hard
+/// limit at start, and the figure in force is exported.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_and_exported() {
+    let up_port = free_port();
+    let _up = demo_upstream(up_port);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwnofile");
+    let d = Daemon::start_local_with_open_files(
+        &instance,
+        &config(&instance, port, admin, up_port),
+        (256, 4096),
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        (fields[3], fields[4]),
+        ("4096", "4096"),
+        "soft raised to hard: {line}"
+    );
+    let req = "GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n";
+    let (r, _) = integration_tests::peers::raw(admin, req.as_bytes());
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.lines()
+            .any(|l| l == "mcp_gateway_open_files_limit 4096"),
+        "{text}"
+    );
+}
