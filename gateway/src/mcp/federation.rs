@@ -19,9 +19,11 @@ use serde_json::{Map, Value, json};
 
 use super::{
     Id, Kind, Message, RpcError, error,
-    proxy::{self, Obs, ResponseHead, UpstreamFailure, WorkerCtx, json_response},
+    proxy::{self, Obs, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession, Owner},
-    sse, version,
+    sse,
+    upstream::{self, ResponseHead, UpstreamFailure},
+    version,
 };
 use crate::{
     config::{Config, Member, Upstream},
@@ -329,7 +331,7 @@ impl<'c> Federation<'_, 'c> {
                 &[("mcp-session-id", None), ("mcp-protocol-version", None)],
             )
             .map_err(|e| e.to_string())?;
-        let (head, bytes) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
+        let (head, bytes) = upstream::call(&self.ctx.pool, up, request, MAX_COLLECTED)
             .await
             .map_err(describe)?;
         let session = http::header(&head.headers, "mcp-session-id")
@@ -352,7 +354,7 @@ impl<'c> Federation<'_, 'c> {
                 ],
             )
             .map_err(|e| format!("its answer to initialize: {e}"))?;
-        let (head, _) = proxy::call(self.ctx, up, request, MAX_COLLECTED)
+        let (head, _) = upstream::call(&self.ctx.pool, up, request, MAX_COLLECTED)
             .await
             .map_err(describe)?;
         if !(200..300).contains(&head.status) {
@@ -473,7 +475,13 @@ impl<'c> Federation<'_, 'c> {
             let member = &self.members[i];
             let answer = match self.request_for(member, era, &body, &[]) {
                 Ok(request) => {
-                    proxy::call(self.ctx, self.upstream(member), request, MAX_COLLECTED).await
+                    upstream::call(
+                        &self.ctx.pool,
+                        self.upstream(member),
+                        request,
+                        MAX_COLLECTED,
+                    )
+                    .await
                 }
                 // Nothing was sent.
                 Err(e) => Err(UpstreamFailure::Bad(e.to_string())),
@@ -814,7 +822,7 @@ impl<'c> Federation<'_, 'c> {
             let request = self.request_for(member, era, b"", &[("last-event-id", last_id)]);
             async move {
                 let opened = match request {
-                    Ok(request) => proxy::open(self.ctx, up, request, Some(client)).await,
+                    Ok(request) => upstream::open(&self.ctx.pool, up, request, Some(client)).await,
                     Err(e) => Err(UpstreamFailure::Bad(e.to_string())),
                 };
                 (up, opened)

@@ -21,6 +21,7 @@ pub mod jsonrpc;
 pub mod proxy;
 pub mod session;
 pub mod sse;
+pub mod upstream;
 pub mod version;
 
 pub use error::RpcError;

@@ -6,7 +6,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -16,7 +15,11 @@ use std::{
 use monoio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{Id, Kind, Parsed, Parser, RpcError, error, version};
+use super::{
+    Id, Kind, Parsed, Parser, RpcError, error,
+    upstream::{Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
+    version,
+};
 use crate::{
     config::{Config, Target, Upstream},
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
@@ -116,8 +119,8 @@ fn last_event_data(buf: &[u8]) -> Vec<u8> {
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub(super) parser: RefCell<Parser>,
-    /// Idle upstream connections by address, the most recently used on top.
-    pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
+    /// Idle upstream connections.
+    pub(super) pool: Pool,
     /// This worker's telemetry, shipped to the control thread once a second.
     pub recorder: RefCell<Recorder>,
 }
@@ -128,38 +131,9 @@ impl WorkerCtx {
         Rc::new(Self {
             shared,
             parser: RefCell::default(),
-            pool: RefCell::default(),
+            pool: Pool::default(),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
         })
-    }
-
-    /// An idle connection to `addr`, if one is still open and silent. Each is checked first (a
-    /// non-blocking peek): one the upstream closed (servers close idle keep-alive connections
-    /// on their own schedule: uvicorn after 5 s, Node after 5 s) or sent anything on since its
-    /// last answer is dropped. Bytes sent after an answer belong to no request: read as the
-    /// next answer they would reach another client.
-    pub(super) fn checkout(&self, addr: SocketAddr) -> Option<Io> {
-        let mut pool = self.pool.borrow_mut();
-        let idle = pool.get_mut(&addr)?;
-        while let Some(mut io) = idle.pop() {
-            if io.idle_and_open() {
-                return Some(io);
-            }
-        }
-        None
-    }
-
-    /// Returns a connection whose exchange is complete to the pool; one with bytes read past
-    /// its answer, or with an abandoned read or write, is closed instead.
-    pub(super) fn checkin(&self, addr: SocketAddr, io: Io, max_idle: usize) {
-        if !io.intact() {
-            return;
-        }
-        let mut pool = self.pool.borrow_mut();
-        let idle = pool.entry(addr).or_default();
-        if idle.len() < max_idle {
-            idle.push(io);
-        }
     }
 }
 
@@ -941,7 +915,7 @@ async fn filtered_tools_list<'c>(
         }
     };
     let sent = Instant::now();
-    let answer = call(ctx, up, request, 16 * 1024 * 1024).await;
+    let answer = call(&ctx.pool, up, request, 16 * 1024 * 1024).await;
     obs.waited(sent.elapsed());
     let (head, body) = match answer {
         Ok(a) => a,
@@ -1065,208 +1039,6 @@ pub(super) fn upstream_request(
     Ok(out)
 }
 
-pub(super) struct ResponseHead {
-    pub status: u16,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl ResponseHead {
-    pub fn is_sse(&self) -> bool {
-        http::header(&self.headers, "content-type").is_some_and(|ct| {
-            ct.trim_ascii()
-                .to_ascii_lowercase()
-                .starts_with(b"text/event-stream")
-        })
-    }
-
-    fn closes(&self) -> bool {
-        http::has_connection_option(&self.headers, "close")
-    }
-}
-
-pub(super) enum UpstreamFailure {
-    Connect(String),
-    Timeout,
-    /// The request could not be written: certainly not processed, so on a reused connection
-    /// worth one retry.
-    Unsent(String),
-    /// The request was written, then the connection failed before any response byte: the
-    /// upstream may have executed it, so it is retried only if it is idempotent.
-    NoResponse(String),
-    Bad(String),
-    /// The client left while waiting (not an upstream failure).
-    ClientGone,
-}
-
-async fn connect(up: &Upstream) -> Result<Io, UpstreamFailure> {
-    match monoio::time::timeout(up.connect_timeout, TcpStream::connect(up.addr)).await {
-        Err(_) => Err(UpstreamFailure::Connect(format!(
-            "connecting to {} timed out",
-            up.name
-        ))),
-        Ok(Err(e)) => Err(UpstreamFailure::Connect(format!(
-            "connecting to {}: {e}",
-            up.name
-        ))),
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(Io::new(s, up.response_timeout))
-        }
-    }
-}
-
-/// Sends the request and reads the response head.
-async fn exchange(
-    conn: &mut Io,
-    request: Vec<u8>,
-    up: &Upstream,
-) -> Result<ResponseHead, UpstreamFailure> {
-    conn.write_all(request)
-        .await
-        .map_err(|e| UpstreamFailure::Unsent(e.to_string()))?;
-    let deadline = monoio::time::Instant::now() + up.response_timeout;
-    let mut end = http::HeadEnd::default();
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        let status = if end.may_be_complete(conn.pending()) {
-            resp.parse(conn.pending())
-        } else {
-            Ok(httparse::Status::Partial)
-        };
-        match status {
-            Ok(httparse::Status::Complete(n)) => {
-                let head = ResponseHead {
-                    status: resp.code.unwrap_or(502),
-                    headers: resp
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                        .collect(),
-                };
-                conn.consume(n);
-                if (100..200).contains(&head.status) {
-                    // 100 Continue and other interim responses; the next head starts here.
-                    end = http::HeadEnd::default();
-                    continue;
-                }
-                return Ok(head);
-            }
-            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
-                return Err(UpstreamFailure::Bad("response head too large".into()));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(UpstreamFailure::Bad(format!("malformed response: {e}"))),
-        }
-        let had_bytes = !conn.pending().is_empty();
-        match conn.fill_until(deadline).await {
-            Ok(0) if had_bytes => {
-                return Err(UpstreamFailure::Bad(
-                    "closed inside the response head".into(),
-                ));
-            }
-            Ok(0) => {
-                return Err(UpstreamFailure::NoResponse(
-                    "closed without a response".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
-            Err(e) => return Err(UpstreamFailure::NoResponse(e.to_string())),
-        }
-    }
-}
-
-/// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
-/// turns out to be closed) and reads the response head. With a `client` to watch, gives up
-/// (closing the upstream connection) if that client leaves first.
-pub(super) async fn open(
-    ctx: &WorkerCtx,
-    up: &Upstream,
-    mut request: Vec<u8>,
-    client: Option<&Io>,
-) -> Result<(Io, ResponseHead), UpstreamFailure> {
-    let idempotent = idempotent(&request);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        // The retry goes over a new connection: the pool's others went idle as long ago.
-        let pooled = if attempt == 1 {
-            ctx.checkout(up.addr)
-        } else {
-            None
-        };
-        let reused = pooled.is_some();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => connect(up).await?,
-        };
-        // Keep a copy only when a retry is possible (a pooled connection, first attempt).
-        let bytes = if reused && attempt == 1 {
-            request.clone()
-        } else {
-            std::mem::take(&mut request)
-        };
-        let exchanged = match client {
-            Some(client) => unless_client_leaves(client, exchange(&mut conn, bytes, up)).await,
-            None => Some(exchange(&mut conn, bytes, up).await),
-        };
-        let Some(exchanged) = exchanged else {
-            // Dropping `conn` closes it, which cancels there.
-            return Err(UpstreamFailure::ClientGone);
-        };
-        match exchanged {
-            Ok(head) => return Ok((conn, head)),
-            // The upstream closed an idle pooled connection as we reused it: try a fresh one,
-            // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
-            Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,
-            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 && idempotent => {
-                continue;
-            }
-            Err(f) => return Err(f),
-        }
-    }
-}
-
-/// Whether the request in `request` (a whole HTTP request) may be sent twice: an idempotent
-/// method (RFC 9110 section 9.2.2). A POST (every JSON-RPC request: a `tools/call` above all)
-/// is not.
-fn idempotent(request: &[u8]) -> bool {
-    [&b"GET "[..], b"HEAD ", b"OPTIONS ", b"DELETE "]
-        .iter()
-        .any(|m| request.starts_with(m))
-}
-
-/// Sends `request` to `up` and reads the whole response (at most `max` bytes of body); the
-/// connection goes back to the pool.
-pub(super) async fn call(
-    ctx: &WorkerCtx,
-    up: &Upstream,
-    request: Vec<u8>,
-    max: usize,
-) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
-    let (mut conn, head) = open(ctx, up, request, None).await?;
-    let kind = if head.status == 204 || head.status == 304 {
-        BodyKind::Length(0)
-    } else {
-        match http::framing(&head.headers, max) {
-            Ok(Some(k)) => k,
-            Ok(None) => BodyKind::UntilClose,
-            Err(e) => return Err(UpstreamFailure::Bad(format!("unframeable response: {e}"))),
-        }
-    };
-    let deadline = monoio::time::Instant::now() + up.response_timeout;
-    let body = match conn.read_body(kind, max, deadline).await {
-        Ok(b) => b,
-        Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
-        Err(e) => return Err(UpstreamFailure::Bad(e.to_string())),
-    };
-    if kind != BodyKind::UntilClose && !head.closes() {
-        ctx.checkin(up.addr, conn, up.max_idle);
-    }
-    Ok((head, body))
-}
-
 /// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
 /// names the upstream inside a federation, whose events are rewritten on the way.
 #[expect(
@@ -1285,7 +1057,7 @@ pub(super) async fn forward<'c>(
 ) -> bool {
     obs.upstream.set(Some(&up.name));
     let sent = Instant::now();
-    let opened = open(ctx, up, request, Some(client)).await;
+    let opened = open(&ctx.pool, up, request, Some(client)).await;
     obs.waited(sent.elapsed());
     match opened {
         Ok((conn, head)) => {
@@ -1303,24 +1075,6 @@ pub(super) async fn forward<'c>(
             obs.set(Outcome::UpstreamFailure);
             fail(client, req, up, request_id, f).await
         }
-    }
-}
-
-/// How long a wait on the upstream runs before the gateway also watches the client: quick
-/// answers cost no extra system call.
-const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Runs `fut`; `None` if the client closes its connection first.
-async fn unless_client_leaves<F: std::future::Future>(client: &Io, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    monoio::select! {
-        r = &mut fut => return Some(r),
-        _ = monoio::time::sleep(WATCH_CLIENT_AFTER) => {}
-    }
-    tracing::debug!("watching the client");
-    monoio::select! {
-        r = &mut fut => Some(r),
-        _ = client.peer_gone() => None,
     }
 }
 
@@ -1465,7 +1219,7 @@ async fn relay(
     let Some(kind) = kind else {
         obs.set(Outcome::Ok);
         if !upstream_close {
-            ctx.checkin(up.addr, conn, up.max_idle);
+            ctx.pool.checkin(up.addr, conn, up.max_idle);
         }
         return keep_alive;
     };
@@ -1591,7 +1345,7 @@ async fn relay(
                 return false;
             }
             if kind != BodyKind::UntilClose && !upstream_close {
-                ctx.checkin(up.addr, conn, up.max_idle);
+                ctx.pool.checkin(up.addr, conn, up.max_idle);
             }
             keep_alive
         }

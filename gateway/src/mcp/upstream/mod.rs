@@ -1,0 +1,221 @@
+//! The upstream side of forwarding: one seam, [`open`], that sends a request to an upstream
+//! whatever carries it (today HTTP/1.1 over TCP, [`transport`]) and gives back the connection
+//! with the response head, plus the per-worker pool of idle connections beside it ([`pool`]).
+//! What the client sees of an answer (relaying, rewriting, errors) is the caller's business;
+//! nothing here writes to a client connection.
+
+mod pool;
+mod transport;
+
+pub use pool::Pool;
+
+use crate::{
+    config::Upstream,
+    http::{self, BodyKind, HttpError, Io},
+};
+
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ResponseHead {
+    pub fn is_sse(&self) -> bool {
+        http::header(&self.headers, "content-type").is_some_and(|ct| {
+            ct.trim_ascii()
+                .to_ascii_lowercase()
+                .starts_with(b"text/event-stream")
+        })
+    }
+
+    pub fn closes(&self) -> bool {
+        http::has_connection_option(&self.headers, "close")
+    }
+}
+
+pub enum UpstreamFailure {
+    Connect(String),
+    Timeout,
+    /// The request could not be written: certainly not processed, so on a reused connection
+    /// worth one retry.
+    Unsent(String),
+    /// The request was written, then the connection failed before any response byte: the
+    /// upstream may have executed it, so it is retried only if it is idempotent.
+    NoResponse(String),
+    Bad(String),
+    /// The client left while waiting (not an upstream failure).
+    ClientGone,
+}
+
+/// Sends the request and reads the response head.
+async fn exchange(
+    conn: &mut Io,
+    request: Vec<u8>,
+    up: &Upstream,
+) -> Result<ResponseHead, UpstreamFailure> {
+    conn.write_all(request)
+        .await
+        .map_err(|e| UpstreamFailure::Unsent(e.to_string()))?;
+    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let mut end = http::HeadEnd::default();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        let status = if end.may_be_complete(conn.pending()) {
+            resp.parse(conn.pending())
+        } else {
+            Ok(httparse::Status::Partial)
+        };
+        match status {
+            Ok(httparse::Status::Complete(n)) => {
+                let head = ResponseHead {
+                    status: resp.code.unwrap_or(502),
+                    headers: resp
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                        .collect(),
+                };
+                conn.consume(n);
+                if (100..200).contains(&head.status) {
+                    // 100 Continue and other interim responses; the next head starts here.
+                    end = http::HeadEnd::default();
+                    continue;
+                }
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
+                return Err(UpstreamFailure::Bad("response head too large".into()));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(UpstreamFailure::Bad(format!("malformed response: {e}"))),
+        }
+        let had_bytes = !conn.pending().is_empty();
+        match conn.fill_until(deadline).await {
+            Ok(0) if had_bytes => {
+                return Err(UpstreamFailure::Bad(
+                    "closed inside the response head".into(),
+                ));
+            }
+            Ok(0) => {
+                return Err(UpstreamFailure::NoResponse(
+                    "closed without a response".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
+            Err(e) => return Err(UpstreamFailure::NoResponse(e.to_string())),
+        }
+    }
+}
+
+/// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
+/// turns out to be closed) and reads the response head. With a `client` to watch, gives up
+/// (closing the upstream connection) if that client leaves first.
+pub async fn open(
+    pool: &Pool,
+    up: &Upstream,
+    mut request: Vec<u8>,
+    client: Option<&Io>,
+) -> Result<(Io, ResponseHead), UpstreamFailure> {
+    let idempotent = idempotent(&request);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // The retry goes over a new connection: the pool's others went idle as long ago.
+        let pooled = if attempt == 1 {
+            pool.checkout(up.addr)
+        } else {
+            None
+        };
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => transport::connect(up).await?,
+        };
+        // Keep a copy only when a retry is possible (a pooled connection, first attempt).
+        let bytes = if reused && attempt == 1 {
+            request.clone()
+        } else {
+            std::mem::take(&mut request)
+        };
+        let exchanged = match client {
+            Some(client) => unless_client_leaves(client, exchange(&mut conn, bytes, up)).await,
+            None => Some(exchange(&mut conn, bytes, up).await),
+        };
+        let Some(exchanged) = exchanged else {
+            // Dropping `conn` closes it, which cancels there.
+            return Err(UpstreamFailure::ClientGone);
+        };
+        match exchanged {
+            Ok(head) => return Ok((conn, head)),
+            // The upstream closed an idle pooled connection as we reused it: try a fresh one,
+            // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
+            Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,
+            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 && idempotent => {
+                continue;
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+/// Whether the request in `request` (a whole HTTP request) may be sent twice: an idempotent
+/// method (RFC 9110 section 9.2.2). A POST (every JSON-RPC request: a `tools/call` above all)
+/// is not.
+fn idempotent(request: &[u8]) -> bool {
+    [&b"GET "[..], b"HEAD ", b"OPTIONS ", b"DELETE "]
+        .iter()
+        .any(|m| request.starts_with(m))
+}
+
+/// Sends `request` to `up` and reads the whole response (at most `max` bytes of body); the
+/// connection goes back to the pool.
+pub async fn call(
+    pool: &Pool,
+    up: &Upstream,
+    request: Vec<u8>,
+    max: usize,
+) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
+    let (mut conn, head) = open(pool, up, request, None).await?;
+    let kind = if head.status == 204 || head.status == 304 {
+        BodyKind::Length(0)
+    } else {
+        match http::framing(&head.headers, max) {
+            Ok(Some(k)) => k,
+            Ok(None) => BodyKind::UntilClose,
+            Err(e) => return Err(UpstreamFailure::Bad(format!("unframeable response: {e}"))),
+        }
+    };
+    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let body = match conn.read_body(kind, max, deadline).await {
+        Ok(b) => b,
+        Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
+        Err(e) => return Err(UpstreamFailure::Bad(e.to_string())),
+    };
+    if kind != BodyKind::UntilClose && !head.closes() {
+        pool.checkin(up.addr, conn, up.max_idle);
+    }
+    Ok((head, body))
+}
+
+/// How long a wait on the upstream runs before the gateway also watches the client: quick
+/// answers cost no extra system call.
+const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs `fut`; `None` if the client closes its connection first.
+pub(crate) async fn unless_client_leaves<F: std::future::Future>(
+    client: &Io,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    monoio::select! {
+        r = &mut fut => return Some(r),
+        _ = monoio::time::sleep(WATCH_CLIENT_AFTER) => {}
+    }
+    tracing::debug!("watching the client");
+    monoio::select! {
+        r = &mut fut => Some(r),
+        _ = client.peer_gone() => None,
+    }
+}
