@@ -21,6 +21,7 @@ pub mod jsonrpc;
 pub mod proxy;
 pub mod session;
 pub mod sse;
+mod stages;
 pub mod upstream;
 pub mod version;
 

@@ -16,16 +16,15 @@ use monoio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    Id, Kind, Parsed, Parser, RpcError, error,
+    Id, Parser, RpcError, error,
     upstream::{Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
-    version,
 };
 use crate::{
-    config::{Config, Target, Upstream},
+    config::{Config, Upstream},
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
-    policy::{self, Ask, Refusal, TenantPolicy, audit},
+    policy::{self, Refusal, TenantPolicy},
     runtime::{Shared, Snapshot},
-    stats::{self, Observation, Outcome, Recorder},
+    stats::{Outcome, Recorder},
 };
 
 /// What the request path learns about one request, for telemetry.
@@ -210,7 +209,7 @@ async fn serve_one(
             return false;
         }
     };
-    handle(io, &req, peer, snapshot, ctx).await && req.keep_alive
+    super::stages::handle(io, &req, peer, snapshot, ctx).await && req.keep_alive
 }
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
@@ -220,462 +219,6 @@ pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Ve
         &err.body(),
         keep_alive,
     )
-}
-
-/// Answers one request and records it; returns whether the client connection can carry
-/// another.
-async fn handle(
-    io: &mut Io,
-    req: &Request,
-    peer: SocketAddr,
-    snapshot: &Snapshot,
-    ctx: &WorkerCtx,
-) -> bool {
-    crate::runtime::inject_fault(req);
-    let config = &snapshot.config;
-    let started = Instant::now();
-    let obs = Obs::default();
-    obs.method.set(stats::method_label(&req.method));
-    let keep = handle_inner(io, req, peer, snapshot, ctx, &obs).await;
-    let passed = std::mem::take(&mut *obs.breakers.borrow_mut());
-    if !passed.is_empty() {
-        let now = ctx.shared.limits.now();
-        let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
-        for (name, up, tool_level, pass) in passed {
-            // A tool fails with an error or `isError`; an upstream only when it fails.
-            let ok = match outcome {
-                Outcome::Refused => {
-                    ctx.shared.breakers.release(&name, pass);
-                    continue;
-                }
-                Outcome::Ok => true,
-                Outcome::ToolError | Outcome::RpcError => !tool_level,
-                Outcome::UpstreamFailure => false,
-            };
-            if let Some(c) = &config.upstreams[up].breaker {
-                ctx.shared.breakers.record(&name, now, c, pass, ok);
-            }
-        }
-    }
-    let audit = &ctx.shared.audit;
-    if !config.telemetry.enabled && !audit.enabled() {
-        return keep;
-    }
-    let decision = obs.decision.borrow();
-    let tenant = decision.tenant.as_deref().unwrap_or_else(|| {
-        let tenant_id = snapshot.classifier.tenant_of(peer.ip());
-        config
-            .tenants
-            .iter()
-            .find(|t| t.id == tenant_id)
-            .map_or("default", |t| t.name.as_str())
-    });
-    let route = config
-        .routes
-        .iter()
-        .find(|r| r.path == req.path())
-        .map_or("unmatched", |r| r.path.as_str());
-    let tool = obs.tool.borrow();
-    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
-    if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
-        audit.send(audit::Record {
-            ts: audit::now(),
-            decision: if decision.refused {
-                "refused"
-            } else {
-                "allowed"
-            },
-            rule: decision.rule.clone(),
-            reason: decision.reason.clone(),
-            tenant: tenant.to_owned(),
-            agent: decision.agent.clone(),
-            run: decision.run.clone(),
-            source: peer.ip().to_string(),
-            route: route.to_owned(),
-            method: obs.method.get().to_owned(),
-            tool: tool.clone(),
-            upstream: obs.upstream.get().map(str::to_owned),
-            outcome: outcome.label(),
-            budget_left: decision.budget_left.clone(),
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            trace_id: decision.trace_id.clone(),
-        });
-    }
-    if !config.telemetry.enabled {
-        return keep;
-    }
-    ctx.recorder.borrow_mut().record(&Observation {
-        route,
-        upstream: obs.upstream.get(),
-        method: obs.method.get(),
-        tool: tool.as_deref(),
-        tenant,
-        // Nothing else set it: the gateway answered with an error of its own.
-        outcome,
-        total: started.elapsed(),
-        upstream_wait: obs.upstream_wait.get(),
-    });
-    keep
-}
-
-async fn handle_inner<'a, 'c>(
-    io: &mut Io,
-    req: &'a Request,
-    peer: SocketAddr,
-    snapshot: &'c Snapshot,
-    ctx: &'a WorkerCtx,
-    obs: &'a Obs<'c>,
-) -> bool {
-    let config = &snapshot.config;
-    let policy = &snapshot.policy;
-    let reply = |status: u16, err: RpcError| json_response(status, &err, req.keep_alive);
-    if let Some(rest) = req
-        .path()
-        .strip_prefix("/.well-known/oauth-protected-resource")
-    {
-        return protected_resource_metadata(io, req, rest, config, policy).await;
-    }
-    let Some(route) = config.routes.iter().find(|r| r.path == req.path()) else {
-        let paths: Vec<&str> = config.routes.iter().map(|r| r.path.as_str()).collect();
-        let err = RpcError::new(
-            error::METHOD_NOT_FOUND,
-            format!("no MCP endpoint at {}", req.path()),
-            404,
-        )
-        .with_data(serde_json::json!({ "endpoints": paths }));
-        return io.write_all(reply(404, err)).await.is_ok();
-    };
-    if let Some(origin) = req.header_str("origin")
-        && !config.http.allowed_origins.iter().any(|o| o == origin)
-    {
-        let err = RpcError::invalid_request(format!("origin `{origin}` is not allowed"));
-        return io.write_all(reply(403, err)).await.is_ok();
-    }
-    let protocol = req.header_str("mcp-protocol-version");
-    if let Some(v) = protocol
-        && !version::is_supported(v)
-    {
-        let err = RpcError::new(
-            error::UNSUPPORTED_VERSION,
-            format!("unsupported MCP-Protocol-Version `{v}`"),
-            400,
-        )
-        .with_data(serde_json::json!({ "supported": version::SUPPORTED }));
-        return io.write_all(reply(400, err)).await.is_ok();
-    }
-    let header_trace = match req.header("traceparent") {
-        None => None,
-        Some(v) => match std::str::from_utf8(v).ok().and_then(trace_id) {
-            Some(t) => Some(t.to_owned()),
-            None => {
-                let err = invalid_traceparent("the traceparent header");
-                return io.write_all(reply(400, err)).await.is_ok();
-            }
-        },
-    };
-    let who = match policy.authenticate(
-        route,
-        &req.headers,
-        snapshot.classifier.tenant_of(peer.ip()),
-    ) {
-        Ok(who) => who,
-        Err(r) => return refuse(io, req, &r, None, obs, ctx, peer, config).await,
-    };
-    let tenant = &policy.tenants[who.tenant];
-    {
-        let mut d = obs.decision.borrow_mut();
-        d.tenant = Some(tenant.name.clone());
-        d.agent.clone_from(&who.agent);
-        d.run.clone_from(&who.run);
-        d.trace_id = header_trace;
-    }
-    let mut request_id = None;
-    let mut message = None;
-    let mut batch = Vec::new();
-    match req.method.as_str() {
-        "POST" => {
-            let json = req.header_str("content-type").is_some_and(|ct| {
-                ct.split(';')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-            });
-            if !json {
-                let err = RpcError::invalid_request("Content-Type must be application/json");
-                return io.write_all(reply(415, err)).await.is_ok();
-            }
-            let parsed = ctx.parser.borrow_mut().parse(&req.body);
-            match parsed {
-                Err(err) => return io.write_all(reply(err.http_status, err)).await.is_ok(),
-                Ok(Parsed::Batch(_))
-                    if !version::allows_batches(
-                        protocol.unwrap_or(version::ASSUMED_WITHOUT_HEADER),
-                    ) =>
-                {
-                    let err = RpcError::invalid_request(
-                        "JSON-RPC batches are not allowed in this protocol version",
-                    );
-                    return io.write_all(reply(400, err)).await.is_ok();
-                }
-                Ok(Parsed::Single(m)) => {
-                    obs.method.set(match m.kind {
-                        Kind::Request => stats::method_label(m.method.as_deref().unwrap_or("")),
-                        Kind::Notification => "notification",
-                        Kind::Response => "response",
-                    });
-                    if m.method.as_deref() == Some("tools/call") {
-                        *obs.tool.borrow_mut() = m.name.clone();
-                    }
-                    if let Err(err) = super::headers::check(req, &m) {
-                        return io.write_all(reply(err.http_status, err)).await.is_ok();
-                    }
-                    if m.kind == Kind::Request {
-                        request_id = m.id.clone();
-                    }
-                    message = Some(m);
-                }
-                Ok(Parsed::Batch(_)) if matches!(route.target, Target::Federation(_)) => {
-                    let err = RpcError::invalid_request(
-                        "JSON-RPC batches are not supported on a federated route",
-                    );
-                    return io.write_all(reply(400, err)).await.is_ok();
-                }
-                Ok(Parsed::Batch(items)) => batch = items,
-            }
-        }
-        // A GET opens a stream and a DELETE ends a session: neither carries a message. A body
-        // on them would reach the upstream unchecked by policy, so it is refused.
-        "GET" | "DELETE" if !req.body.is_empty() => {
-            let err = RpcError::invalid_request(format!(
-                "a {} carries no body: JSON-RPC messages are POSTed",
-                req.method
-            ));
-            return io.write_all(reply(400, err)).await.is_ok();
-        }
-        "GET" | "DELETE" => {}
-        _ => {
-            let err =
-                RpcError::invalid_request(format!("method {} is not allowed here", req.method));
-            let body = err.body();
-            let resp = http::response(
-                405,
-                &[
-                    ("content-type", "application/json"),
-                    ("allow", "GET, POST, DELETE"),
-                ],
-                &body,
-                req.keep_alive,
-            );
-            return io.write_all(resp).await.is_ok();
-        }
-    }
-    if let Some(m) = message.iter().chain(batch.iter()).find(|m| {
-        m.meta_traceparent
-            .as_deref()
-            .is_some_and(|tp| trace_id(tp).is_none())
-    }) {
-        let id = if batch.is_empty() { m.id.clone() } else { None };
-        let err = invalid_traceparent("params._meta.traceparent").with_id(id);
-        return io.write_all(reply(400, err)).await.is_ok();
-    }
-    // Messages policy cannot decide are refused before anything is charged: a request sent
-    // without an id (policy limits requests; the upstream would still run it), and a batched
-    // `tools/list` for a tenant whose lists are filtered (only a lone one is).
-    for m in message.iter().chain(batch.iter()) {
-        let method = m.method.as_deref().unwrap_or_default();
-        let why = if m.kind == Kind::Notification && !method.starts_with("notifications/") {
-            format!("`{method}` is a request, not a notification: it needs an `id`")
-        } else if !batch.is_empty()
-            && m.kind == Kind::Request
-            && method == "tools/list"
-            && (tenant.filters() || policy.pinning)
-        {
-            "`tools/list` is answered per tenant here: send it alone, not in a batch".to_owned()
-        } else {
-            continue;
-        };
-        let r = Refusal::new(
-            400,
-            policy::code::INVALID_REQUEST,
-            format!("routes[{}]", route.path),
-            why,
-        );
-        let id = if batch.is_empty() { m.id.clone() } else { None };
-        return refuse(io, req, &r, id, obs, ctx, peer, config).await;
-    }
-    // A passthrough session is its opener's: one never seen opened, or another caller's, is
-    // unknown (before anything is charged).
-    if let Target::Passthrough(u) = &route.target
-        && let Some(id) = req.header("mcp-session-id")
-        && !ctx.shared.session_owners.may_use(
-            session_key(ctx, &config.upstreams[*u], id),
-            session_owner(ctx, obs),
-            policy::limits::State::unix_s(),
-        )
-    {
-        let err = RpcError::new(
-            error::SESSION_NOT_FOUND,
-            "unknown or expired session: initialize again",
-            404,
-        )
-        .with_id(request_id);
-        return io.write_all(reply(404, err)).await.is_ok();
-    }
-    // Policy: every message of the request is admitted, or the request is refused and what the
-    // admitted ones charged is given back. The admissions hold their in-flight slots until the
-    // answer has been relayed.
-    let mut admissions: Vec<policy::Admission> = Vec::new();
-    let give_back = |admissions: &mut Vec<policy::Admission>| {
-        for a in admissions.iter_mut() {
-            a.give_back(&ctx.shared.limits);
-        }
-    };
-    for m in message.iter().chain(batch.iter()) {
-        let tool = (m.method.as_deref() == Some("tools/call"))
-            .then_some(m.name.as_deref())
-            .flatten()
-            .and_then(|name| match &route.target {
-                Target::Passthrough(u) => Some((config.upstreams[*u].name.as_str(), name)),
-                Target::Federation(members) => {
-                    super::federation::owner(members, name).map(|(member, local)| {
-                        (config.upstreams[member.upstream].name.as_str(), local)
-                    })
-                }
-            });
-        let ask = Ask {
-            is_request: m.kind == Kind::Request,
-            tool,
-            arguments: m.arguments.as_ref(),
-            message_bytes: req.body.len(),
-            source: peer.ip(),
-        };
-        if policy.pinning
-            && let Some((upstream, local)) = tool
-            && !ctx.shared.pins.callable(upstream, local)
-        {
-            let r = Refusal::new(
-                403,
-                policy::code::PENDING_APPROVAL,
-                format!("pins[{upstream}/{local}]"),
-                format!(
-                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
-                ),
-            );
-            give_back(&mut admissions);
-            return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
-        }
-        // Breakers first: a call refused for an open circuit charges no budget.
-        if let Some((upstream, local)) = tool
-            && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)
-            && let Some(c) = &config.upstreams[up].breaker
-        {
-            let now = ctx.shared.limits.now();
-            for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
-                match ctx.shared.breakers.allow(&name, now, c) {
-                    Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
-                    Err(wait) => {
-                        // Probes already taken are given back unjudged.
-                        give_back_probes(obs, ctx);
-                        let what = if tool_level {
-                            format!("tool `{local}` of upstream `{upstream}`")
-                        } else {
-                            format!("upstream `{upstream}`")
-                        };
-                        let r = Refusal::new(
-                            503,
-                            policy::code::CIRCUIT_OPEN,
-                            format!("upstreams[{upstream}].breaker"),
-                            format!(
-                                "the circuit breaker for {what} is open after repeated failures"
-                            ),
-                        )
-                        .retry(wait);
-                        give_back(&mut admissions);
-                        return refuse(io, req, &r, m.id.clone(), obs, ctx, peer, config).await;
-                    }
-                }
-            }
-        }
-        match policy.admit(&ctx.shared.limits, &who, &ask) {
-            Ok(a) => {
-                let mut d = obs.decision.borrow_mut();
-                if a.budget_left.is_some() {
-                    d.budget_left.clone_from(&a.budget_left);
-                }
-                if a.rule.is_some() {
-                    d.rule.clone_from(&a.rule);
-                }
-                if d.trace_id.is_none() {
-                    d.trace_id = m
-                        .meta_traceparent
-                        .as_deref()
-                        .and_then(trace_id)
-                        .map(str::to_owned);
-                }
-                admissions.push(a);
-            }
-            Err(r) => {
-                give_back_probes(obs, ctx);
-                give_back(&mut admissions);
-                let id = if batch.is_empty() { m.id.clone() } else { None };
-                return refuse(io, req, &r, id, obs, ctx, peer, config).await;
-            }
-        }
-    }
-    let keep = match &route.target {
-        Target::Passthrough(u) => {
-            let up = &config.upstreams[*u];
-            if (tenant.filters() || policy.pinning)
-                && let Some(m) = &message
-                && m.kind == Kind::Request
-                && m.method.as_deref() == Some("tools/list")
-            {
-                return filtered_tools_list(
-                    io,
-                    req,
-                    peer,
-                    up,
-                    ctx,
-                    obs,
-                    tenant,
-                    policy,
-                    m.id.clone(),
-                )
-                .await;
-            }
-            // W3C trace context sent only inside the message also reaches the upstream as the
-            // header.
-            let traceparent = message
-                .as_ref()
-                .and_then(|m| m.meta_traceparent.as_deref())
-                .filter(|tp| req.header("traceparent").is_none() && trace_id(tp).is_some());
-            let extra: Vec<(&str, Option<&str>)> = traceparent
-                .map(|tp| ("traceparent", Some(tp)))
-                .into_iter()
-                .collect();
-            match upstream_request(req, peer, up, &req.body, &extra) {
-                Ok(bytes) => forward(io, req, bytes, up, request_id, ctx, None, obs).await,
-                Err(e) => {
-                    let err = RpcError::from(e).with_id(request_id);
-                    io.write_all(reply(400, err)).await.is_ok()
-                }
-            }
-        }
-        Target::Federation(members) => {
-            let fed = super::federation::Federation {
-                members,
-                config,
-                ctx,
-                req,
-                peer,
-                obs,
-                tenant,
-                policy,
-            };
-            fed.handle(io, message).await
-        }
-    };
-    drop(admissions);
-    keep
 }
 
 /// Whether a listed tool is shown to the tenant: allowed by its rules and, with pinning, its
@@ -700,7 +243,7 @@ pub(super) fn visible(
 
 /// Who owns the passthrough sessions a request opens or uses: a keyed hash of its tenant and
 /// agent.
-fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
+pub(super) fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
     let d = obs.decision.borrow();
     ctx.shared
         .limits
@@ -708,7 +251,7 @@ fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
 }
 
 /// A keyed hash of an upstream's session id.
-fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
+pub(super) fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
     ctx.shared.limits.key(("session", up.name.as_str(), id))
 }
 
@@ -724,7 +267,7 @@ fn bind_session(ctx: &WorkerCtx, up: &Upstream, head: &ResponseHead, obs: &Obs<'
 }
 
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
-fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
+pub(super) fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
     for (name, _, _, pass) in std::mem::take(&mut *obs.breakers.borrow_mut()) {
         ctx.shared.breakers.release(&name, pass);
     }
@@ -734,7 +277,7 @@ fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
 /// `00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>` with neither id all zeros.
 /// Nothing is trimmed and nothing may follow: the value is forwarded as it is, so what is
 /// checked here is all there is.
-fn trace_id(traceparent: &str) -> Option<&str> {
+pub(super) fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -753,7 +296,7 @@ fn trace_id(traceparent: &str) -> Option<&str> {
 
 /// A request whose trace context is not valid: refused, so that the trace the gateway records
 /// is the one the upstream receives.
-fn invalid_traceparent(where_: &str) -> RpcError {
+pub(super) fn invalid_traceparent(where_: &str) -> RpcError {
     RpcError::invalid_request(format!(
         "{where_} is not a valid W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>, lowercase)"
     ))
@@ -765,7 +308,7 @@ fn invalid_traceparent(where_: &str) -> RpcError {
     clippy::too_many_arguments,
     reason = "each is a separate input of the answer"
 )]
-async fn refuse(
+pub(super) async fn refuse(
     io: &mut Io,
     req: &Request,
     r: &Refusal,
@@ -843,7 +386,7 @@ async fn refuse(
 }
 
 /// `GET /.well-known/oauth-protected-resource[/route path]`: the RFC 9728 document.
-async fn protected_resource_metadata(
+pub(super) async fn protected_resource_metadata(
     io: &mut Io,
     req: &Request,
     rest: &str,
@@ -892,7 +435,7 @@ async fn protected_resource_metadata(
     clippy::too_many_arguments,
     reason = "each is a separate input of the forwarding"
 )]
-async fn filtered_tools_list<'c>(
+pub(super) async fn filtered_tools_list<'c>(
     io: &mut Io,
     req: &Request,
     peer: SocketAddr,

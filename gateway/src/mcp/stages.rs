@@ -1,0 +1,661 @@
+//! The request's path on a worker, as named stages:
+//!
+//! route → origin → version → trace → identity → parse → check → admit → forward, then record.
+//!
+//! Each stage either hands the next what it learned or stops the request with a [`Stop`],
+//! which one place ([`answer`]) turns into the client's answer. Nothing reaches an upstream
+//! before every stage up to `admit` has passed for every message of the request; what `admit`
+//! charged is given back when a later message of the same request is refused.
+
+use std::{net::SocketAddr, time::Instant};
+
+use super::{
+    Id, Kind, Message, Parsed, RpcError, error,
+    proxy::{
+        Obs, WorkerCtx, filtered_tools_list, forward, give_back_probes, invalid_traceparent,
+        json_response, protected_resource_metadata, refuse, session_key, session_owner, trace_id,
+        upstream_request,
+    },
+    version,
+};
+use crate::{
+    config::{Config, Route, Target},
+    http::{self, Io, Request},
+    policy::{self, Admission, Ask, Identity, Policy, Refusal, TenantPolicy, audit},
+    runtime::Snapshot,
+    stats::{self, Observation, Outcome},
+};
+
+/// Why a request goes no further, and how it is answered.
+pub(super) enum Stop {
+    /// A JSON-RPC error with this HTTP status.
+    Reply(u16, RpcError),
+    /// A policy refusal: counted by rule, audited, and towards an auto-ban.
+    Refuse(Box<Refusal>, Option<Id>),
+    /// A complete answer of its own (a 405 with `Allow`).
+    Raw(Vec<u8>),
+}
+
+impl Stop {
+    fn reply(err: RpcError) -> Self {
+        Self::Reply(err.http_status, err)
+    }
+}
+
+/// The messages of one request.
+#[derive(Default)]
+struct Messages {
+    /// A lone message.
+    single: Option<Message>,
+    /// The members of a batch.
+    batch: Vec<Message>,
+    /// The id of a lone request.
+    request_id: Option<Id>,
+}
+
+impl Messages {
+    fn all(&self) -> impl Iterator<Item = &Message> {
+        self.single.iter().chain(self.batch.iter())
+    }
+
+    /// The id an answer about `m` carries: none inside a batch (the answer is about the batch).
+    fn id_for(&self, m: &Message) -> Option<Id> {
+        if self.batch.is_empty() {
+            m.id.clone()
+        } else {
+            None
+        }
+    }
+}
+
+/// Answers one request and records it; returns whether the client connection can carry
+/// another.
+pub(super) async fn handle(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+) -> bool {
+    crate::runtime::inject_fault(req);
+    let started = Instant::now();
+    let obs = Obs::default();
+    obs.method.set(stats::method_label(&req.method));
+    let keep = match run(io, req, peer, snapshot, ctx, &obs).await {
+        Ok(keep) => keep,
+        Err(stop) => answer(io, req, stop, &obs, ctx, peer, &snapshot.config).await,
+    };
+    record(req, peer, snapshot, ctx, &obs, started);
+    keep
+}
+
+/// The stages in order.
+async fn run<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &'c Snapshot,
+    ctx: &WorkerCtx,
+    obs: &Obs<'c>,
+) -> Result<bool, Stop> {
+    let config = &snapshot.config;
+    let policy = &snapshot.policy;
+    if let Some(rest) = req
+        .path()
+        .strip_prefix("/.well-known/oauth-protected-resource")
+    {
+        return Ok(protected_resource_metadata(io, req, rest, config, policy).await);
+    }
+    let route = route(config, req)?;
+    origin(config, req)?;
+    let protocol = version(req)?;
+    let header_trace = trace(req)?;
+    let (who, tenant) = identity(req, peer, snapshot, route, obs, header_trace)?;
+    let messages = parse(req, ctx, route, protocol, obs)?;
+    check(req, ctx, snapshot, route, tenant, &messages, obs)?;
+    let admissions = admit(
+        req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
+    )?;
+    let keep = forward_stage(io, req, peer, ctx, snapshot, route, tenant, messages, obs).await;
+    // The admissions hold their in-flight slots until the answer has been relayed.
+    drop(admissions);
+    Ok(keep)
+}
+
+/// The one place a stopped request is answered.
+async fn answer(
+    io: &mut Io,
+    req: &Request,
+    stop: Stop,
+    obs: &Obs<'_>,
+    ctx: &WorkerCtx,
+    peer: SocketAddr,
+    config: &Config,
+) -> bool {
+    match stop {
+        Stop::Reply(status, err) => io
+            .write_all(json_response(status, &err, req.keep_alive))
+            .await
+            .is_ok(),
+        Stop::Refuse(r, id) => refuse(io, req, &r, id, obs, ctx, peer, config).await,
+        Stop::Raw(bytes) => io.write_all(bytes).await.is_ok(),
+    }
+}
+
+/// route: the endpoint the path names.
+fn route<'c>(config: &'c Config, req: &Request) -> Result<&'c Route, Stop> {
+    config
+        .routes
+        .iter()
+        .find(|r| r.path == req.path())
+        .ok_or_else(|| {
+            let paths: Vec<&str> = config.routes.iter().map(|r| r.path.as_str()).collect();
+            Stop::reply(
+                RpcError::new(
+                    error::METHOD_NOT_FOUND,
+                    format!("no MCP endpoint at {}", req.path()),
+                    404,
+                )
+                .with_data(serde_json::json!({ "endpoints": paths })),
+            )
+        })
+}
+
+/// origin: a browser's request from a page not allowed is refused (DNS rebinding).
+fn origin(config: &Config, req: &Request) -> Result<(), Stop> {
+    match req.header_str("origin") {
+        Some(origin) if !config.http.allowed_origins.iter().any(|o| o == origin) => {
+            Err(Stop::Reply(
+                403,
+                RpcError::invalid_request(format!("origin `{origin}` is not allowed")),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// version: the `MCP-Protocol-Version` header, if any, names a version the gateway speaks.
+fn version(req: &Request) -> Result<Option<&str>, Stop> {
+    let protocol = req.header_str("mcp-protocol-version");
+    if let Some(v) = protocol
+        && !version::is_supported(v)
+    {
+        return Err(Stop::reply(
+            RpcError::new(
+                error::UNSUPPORTED_VERSION,
+                format!("unsupported MCP-Protocol-Version `{v}`"),
+                400,
+            )
+            .with_data(serde_json::json!({ "supported": version::SUPPORTED })),
+        ));
+    }
+    Ok(protocol)
+}
+
+/// trace: a `traceparent` header is valid whole, or refused (it is forwarded).
+fn trace(req: &Request) -> Result<Option<String>, Stop> {
+    match req.header("traceparent") {
+        None => Ok(None),
+        Some(v) => match std::str::from_utf8(v).ok().and_then(trace_id) {
+            Some(t) => Ok(Some(t.to_owned())),
+            None => Err(Stop::reply(invalid_traceparent("the traceparent header"))),
+        },
+    }
+}
+
+/// identity: who calls, from every credential the request carries.
+fn identity<'c>(
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &'c Snapshot,
+    route: &Route,
+    obs: &Obs<'_>,
+    header_trace: Option<String>,
+) -> Result<(Identity, &'c TenantPolicy), Stop> {
+    let policy = &snapshot.policy;
+    let who = policy
+        .authenticate(
+            route,
+            &req.headers,
+            snapshot.classifier.tenant_of(peer.ip()),
+        )
+        .map_err(|r| Stop::Refuse(r, None))?;
+    let tenant = &policy.tenants[who.tenant];
+    let mut d = obs.decision.borrow_mut();
+    d.tenant = Some(tenant.name.clone());
+    d.agent.clone_from(&who.agent);
+    d.run.clone_from(&who.run);
+    d.trace_id = header_trace;
+    Ok((who, tenant))
+}
+
+/// parse: the body of a POST as JSON-RPC (one parser, duplicate keys refused); GET and DELETE
+/// carry none; other methods are refused.
+fn parse(
+    req: &Request,
+    ctx: &WorkerCtx,
+    route: &Route,
+    protocol: Option<&str>,
+    obs: &Obs<'_>,
+) -> Result<Messages, Stop> {
+    let mut out = Messages::default();
+    match req.method.as_str() {
+        "POST" => {}
+        // A GET opens a stream and a DELETE ends a session: neither carries a message. A body
+        // on them would reach the upstream unchecked by policy, so it is refused.
+        "GET" | "DELETE" if !req.body.is_empty() => {
+            return Err(Stop::reply(RpcError::invalid_request(format!(
+                "a {} carries no body: JSON-RPC messages are POSTed",
+                req.method
+            ))));
+        }
+        "GET" | "DELETE" => return Ok(out),
+        _ => {
+            let err =
+                RpcError::invalid_request(format!("method {} is not allowed here", req.method));
+            return Err(Stop::Raw(http::response(
+                405,
+                &[
+                    ("content-type", "application/json"),
+                    ("allow", "GET, POST, DELETE"),
+                ],
+                &err.body(),
+                req.keep_alive,
+            )));
+        }
+    }
+    let json = req.header_str("content-type").is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json {
+        return Err(Stop::Reply(
+            415,
+            RpcError::invalid_request("Content-Type must be application/json"),
+        ));
+    }
+    let parsed = ctx.parser.borrow_mut().parse(&req.body);
+    match parsed {
+        Err(err) => Err(Stop::reply(err)),
+        Ok(Parsed::Batch(_))
+            if !version::allows_batches(protocol.unwrap_or(version::ASSUMED_WITHOUT_HEADER)) =>
+        {
+            Err(Stop::reply(RpcError::invalid_request(
+                "JSON-RPC batches are not allowed in this protocol version",
+            )))
+        }
+        Ok(Parsed::Single(m)) => {
+            obs.method.set(match m.kind {
+                Kind::Request => stats::method_label(m.method.as_deref().unwrap_or("")),
+                Kind::Notification => "notification",
+                Kind::Response => "response",
+            });
+            if m.method.as_deref() == Some("tools/call") {
+                *obs.tool.borrow_mut() = m.name.clone();
+            }
+            super::headers::check(req, &m).map_err(Stop::reply)?;
+            if m.kind == Kind::Request {
+                out.request_id = m.id.clone();
+            }
+            out.single = Some(m);
+            Ok(out)
+        }
+        Ok(Parsed::Batch(_)) if matches!(route.target, Target::Federation(_)) => Err(Stop::reply(
+            RpcError::invalid_request("JSON-RPC batches are not supported on a federated route"),
+        )),
+        Ok(Parsed::Batch(items)) => {
+            out.batch = items;
+            Ok(out)
+        }
+    }
+}
+
+/// check: what policy cannot decide is refused before anything is charged: a trace context
+/// inside a message that is not valid; a request sent without an id (policy limits requests;
+/// the upstream would still run it); a batched `tools/list` for a tenant whose lists are
+/// filtered (only a lone one is); a passthrough session that is not the caller's.
+fn check(
+    req: &Request,
+    ctx: &WorkerCtx,
+    snapshot: &Snapshot,
+    route: &Route,
+    tenant: &TenantPolicy,
+    messages: &Messages,
+    obs: &Obs<'_>,
+) -> Result<(), Stop> {
+    let (config, policy) = (&snapshot.config, &snapshot.policy);
+    if let Some(m) = messages.all().find(|m| {
+        m.meta_traceparent
+            .as_deref()
+            .is_some_and(|tp| trace_id(tp).is_none())
+    }) {
+        let err = invalid_traceparent("params._meta.traceparent").with_id(messages.id_for(m));
+        return Err(Stop::reply(err));
+    }
+    for m in messages.all() {
+        let method = m.method.as_deref().unwrap_or_default();
+        let why = if m.kind == Kind::Notification && !method.starts_with("notifications/") {
+            format!("`{method}` is a request, not a notification: it needs an `id`")
+        } else if !messages.batch.is_empty()
+            && m.kind == Kind::Request
+            && method == "tools/list"
+            && (tenant.filters() || policy.pinning)
+        {
+            "`tools/list` is answered per tenant here: send it alone, not in a batch".to_owned()
+        } else {
+            continue;
+        };
+        let r = Refusal::new(
+            400,
+            policy::code::INVALID_REQUEST,
+            format!("routes[{}]", route.path),
+            why,
+        );
+        return Err(Stop::Refuse(r, messages.id_for(m)));
+    }
+    // A passthrough session is its opener's: one never seen opened, or another caller's, is
+    // unknown.
+    if let Target::Passthrough(u) = &route.target
+        && let Some(up) = config.upstreams.get(*u)
+        && let Some(id) = req.header("mcp-session-id")
+        && !ctx.shared.session_owners.may_use(
+            session_key(ctx, up, id),
+            session_owner(ctx, obs),
+            policy::limits::State::unix_s(),
+        )
+    {
+        return Err(Stop::reply(
+            RpcError::new(
+                error::SESSION_NOT_FOUND,
+                "unknown or expired session: initialize again",
+                404,
+            )
+            .with_id(messages.request_id.clone()),
+        ));
+    }
+    Ok(())
+}
+
+/// admit: every message of the request is admitted (pins, breakers, rules, rates, budgets,
+/// loops), or the request is refused and what the admitted ones charged is given back.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the decision"
+)]
+fn admit(
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    config: &Config,
+    policy: &Policy,
+    route: &Route,
+    who: &Identity,
+    tenant: &TenantPolicy,
+    messages: &Messages,
+    obs: &Obs<'_>,
+) -> Result<Vec<Admission>, Stop> {
+    let mut admissions: Vec<Admission> = Vec::new();
+    let refuse_all = |admissions: &mut Vec<Admission>, r: Box<Refusal>, id: Option<Id>| {
+        for a in admissions.iter_mut() {
+            a.give_back(&ctx.shared.limits);
+        }
+        Stop::Refuse(r, id)
+    };
+    for m in messages.all() {
+        let tool = (m.method.as_deref() == Some("tools/call"))
+            .then_some(m.name.as_deref())
+            .flatten()
+            .and_then(|name| match &route.target {
+                Target::Passthrough(u) => Some((config.upstreams[*u].name.as_str(), name)),
+                Target::Federation(members) => {
+                    super::federation::owner(members, name).map(|(member, local)| {
+                        (config.upstreams[member.upstream].name.as_str(), local)
+                    })
+                }
+            });
+        let ask = Ask {
+            is_request: m.kind == Kind::Request,
+            tool,
+            arguments: m.arguments.as_ref(),
+            message_bytes: req.body.len(),
+            source: peer.ip(),
+        };
+        if policy.pinning
+            && let Some((upstream, local)) = tool
+            && !ctx.shared.pins.callable(upstream, local)
+        {
+            let r = Refusal::new(
+                403,
+                policy::code::PENDING_APPROVAL,
+                format!("pins[{upstream}/{local}]"),
+                format!(
+                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
+                ),
+            );
+            return Err(refuse_all(&mut admissions, r, m.id.clone()));
+        }
+        // Breakers first: a call refused for an open circuit charges no budget.
+        if let Some((upstream, local)) = tool
+            && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)
+            && let Some(c) = &config.upstreams[up].breaker
+        {
+            let now = ctx.shared.limits.now();
+            for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
+                match ctx.shared.breakers.allow(&name, now, c) {
+                    Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
+                    Err(wait) => {
+                        // Probes already taken are given back unjudged.
+                        give_back_probes(obs, ctx);
+                        let what = if tool_level {
+                            format!("tool `{local}` of upstream `{upstream}`")
+                        } else {
+                            format!("upstream `{upstream}`")
+                        };
+                        let r = Refusal::new(
+                            503,
+                            policy::code::CIRCUIT_OPEN,
+                            format!("upstreams[{upstream}].breaker"),
+                            format!(
+                                "the circuit breaker for {what} is open after repeated failures"
+                            ),
+                        )
+                        .retry(wait);
+                        return Err(refuse_all(&mut admissions, r, m.id.clone()));
+                    }
+                }
+            }
+        }
+        match policy.admit(&ctx.shared.limits, who, &ask) {
+            Ok(a) => {
+                let mut d = obs.decision.borrow_mut();
+                if a.budget_left.is_some() {
+                    d.budget_left.clone_from(&a.budget_left);
+                }
+                if a.rule.is_some() {
+                    d.rule.clone_from(&a.rule);
+                }
+                if d.trace_id.is_none() {
+                    d.trace_id = m
+                        .meta_traceparent
+                        .as_deref()
+                        .and_then(trace_id)
+                        .map(str::to_owned);
+                }
+                admissions.push(a);
+            }
+            Err(r) => {
+                give_back_probes(obs, ctx);
+                return Err(refuse_all(&mut admissions, r, messages.id_for(m)));
+            }
+        }
+    }
+    Ok(admissions)
+}
+
+/// forward: to the route's upstream (a lone `tools/list` of a filtered tenant is answered from
+/// the filtered list), or across the federation's members.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+async fn forward_stage<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    snapshot: &'c Snapshot,
+    route: &'c Route,
+    tenant: &'c TenantPolicy,
+    messages: Messages,
+    obs: &Obs<'c>,
+) -> bool {
+    let config = &snapshot.config;
+    let policy = &snapshot.policy;
+    match &route.target {
+        Target::Passthrough(u) => {
+            let up = &config.upstreams[*u];
+            if (tenant.filters() || policy.pinning)
+                && let Some(m) = &messages.single
+                && m.kind == Kind::Request
+                && m.method.as_deref() == Some("tools/list")
+            {
+                return filtered_tools_list(
+                    io,
+                    req,
+                    peer,
+                    up,
+                    ctx,
+                    obs,
+                    tenant,
+                    policy,
+                    m.id.clone(),
+                )
+                .await;
+            }
+            // W3C trace context sent only inside the message also reaches the upstream as the
+            // header.
+            let traceparent = messages
+                .single
+                .as_ref()
+                .and_then(|m| m.meta_traceparent.as_deref())
+                .filter(|tp| req.header("traceparent").is_none() && trace_id(tp).is_some());
+            let extra: Vec<(&str, Option<&str>)> = traceparent
+                .map(|tp| ("traceparent", Some(tp)))
+                .into_iter()
+                .collect();
+            match upstream_request(req, peer, up, &req.body, &extra) {
+                Ok(bytes) => forward(io, req, bytes, up, messages.request_id, ctx, None, obs).await,
+                Err(e) => {
+                    let err = RpcError::from(e).with_id(messages.request_id);
+                    io.write_all(json_response(400, &err, req.keep_alive))
+                        .await
+                        .is_ok()
+                }
+            }
+        }
+        Target::Federation(members) => {
+            let fed = super::federation::Federation {
+                members,
+                config,
+                ctx,
+                req,
+                peer,
+                obs,
+                tenant,
+                policy,
+            };
+            fed.handle(io, messages.single).await
+        }
+    }
+}
+
+/// record: breakers judged by the outcome, the audit record, the telemetry observation.
+fn record(
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+    obs: &Obs<'_>,
+    started: Instant,
+) {
+    let config = &snapshot.config;
+    let passed = std::mem::take(&mut *obs.breakers.borrow_mut());
+    if !passed.is_empty() {
+        let now = ctx.shared.limits.now();
+        let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+        for (name, up, tool_level, pass) in passed {
+            // A tool fails with an error or `isError`; an upstream only when it fails.
+            let ok = match outcome {
+                Outcome::Refused => {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
+                Outcome::Ok => true,
+                Outcome::ToolError | Outcome::RpcError => !tool_level,
+                Outcome::UpstreamFailure => false,
+            };
+            if let Some(c) = &config.upstreams[up].breaker {
+                ctx.shared.breakers.record(&name, now, c, pass, ok);
+            }
+        }
+    }
+    let audit = &ctx.shared.audit;
+    if !config.telemetry.enabled && !audit.enabled() {
+        return;
+    }
+    let decision = obs.decision.borrow();
+    let tenant = decision.tenant.as_deref().unwrap_or_else(|| {
+        let tenant_id = snapshot.classifier.tenant_of(peer.ip());
+        config
+            .tenants
+            .iter()
+            .find(|t| t.id == tenant_id)
+            .map_or("default", |t| t.name.as_str())
+    });
+    let route = config
+        .routes
+        .iter()
+        .find(|r| r.path == req.path())
+        .map_or("unmatched", |r| r.path.as_str());
+    let tool = obs.tool.borrow();
+    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+    if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
+        audit.send(audit::Record {
+            ts: audit::now(),
+            decision: if decision.refused {
+                "refused"
+            } else {
+                "allowed"
+            },
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            tenant: tenant.to_owned(),
+            agent: decision.agent.clone(),
+            run: decision.run.clone(),
+            source: peer.ip().to_string(),
+            route: route.to_owned(),
+            method: obs.method.get().to_owned(),
+            tool: tool.clone(),
+            upstream: obs.upstream.get().map(str::to_owned),
+            outcome: outcome.label(),
+            budget_left: decision.budget_left.clone(),
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            trace_id: decision.trace_id.clone(),
+        });
+    }
+    if !config.telemetry.enabled {
+        return;
+    }
+    ctx.recorder.borrow_mut().record(&Observation {
+        route,
+        upstream: obs.upstream.get(),
+        method: obs.method.get(),
+        tool: tool.as_deref(),
+        tenant,
+        // Nothing else set it: the gateway answered with an error of its own.
+        outcome,
+        total: started.elapsed(),
+        upstream_wait: obs.upstream_wait.get(),
+    });
+}
