@@ -141,6 +141,8 @@ pub struct Shared {
     pub panics: AtomicU64,
     /// Worker runtimes that panicked and were started again.
     pub worker_restarts: AtomicU64,
+    /// Upstream connections, TLS failures and re-resolutions, by upstream.
+    pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
 }
 
 impl Shared {
@@ -171,6 +173,7 @@ impl Shared {
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
             worker_restarts: AtomicU64::new(0),
+            upstream_stats: std::sync::Arc::default(),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),
