@@ -237,6 +237,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         ready: true,
     }));
     let admin = tokio::spawn(serve_admin(admin_listener, Arc::clone(&control)));
+    let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
+        Arc::clone(&shared),
+        crate::mcp::upstream::resolve::System,
+    ));
 
     tracing::info!(
         workers,
@@ -290,6 +294,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     drop(listening);
     admin.abort();
+    resolver.abort();
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();

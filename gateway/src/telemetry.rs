@@ -93,6 +93,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             );
         }
     }
+    shared.upstream_stats.render(&mut out, label);
     let mut refusals: Vec<(String, u64)> = shared
         .refusals
         .pin()

@@ -126,7 +126,21 @@ fn upstreams_and_routes() {
     assert_eq!(c.upstreams[0].authority, "127.0.0.1:9100");
     assert_eq!(c.routes[0].target, Target::Passthrough(0));
     assert!(err(&base.replace("upstream='u'", "upstream='v'")).contains("routes[0].upstream"));
-    assert!(err(&base.replace("http://127", "https://127")).contains("upstreams[0].url"));
+    assert!(err(&base.replace("http://127", "ftp://127")).contains("upstreams[0].url"));
+    assert!(err(&base.replace("http://127.0.0.1:9100", "http://127.0.0.1:0")).contains("port"));
+    // https: TLS settings only there, each file read and checked at load.
+    let tls = |extra: &str| {
+        base.replace("http://127", "https://127")
+            .replace("url=", &format!("{extra}\nurl="))
+    };
+    assert!(err(&base.replace("url=", "ca_file='/x'\nurl=")).contains("upstreams[0].ca_file"));
+    assert!(err(&tls("ca_file='/surely/missing.pem'")).contains("upstreams[0].ca_file"));
+    assert!(err(&tls("client_cert='/surely/missing.pem'")).contains("client_key"));
+    let c = Config::from_toml(&tls("server_name='mcp.internal'")).unwrap();
+    assert_eq!(c.upstreams[0].authority, "mcp.internal:9100");
+    let c = Config::from_toml(&tls("").replace(":9100", "")).unwrap();
+    assert_eq!(c.upstreams[0].addrs.first().port(), 443);
+    assert!(c.upstreams[0].tls.is_some());
     assert!(err(&base.replace("path='/mcp'", "path='mcp'")).contains("routes[0].path"));
     let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
     assert!(err(&env).contains("GW_TEST_SURELY_UNSET"));

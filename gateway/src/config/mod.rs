@@ -133,8 +133,28 @@ const fn default_idle_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,
-    /// `http://host:port/path` of the MCP server's Streamable HTTP endpoint.
+    /// `http://host:port/path` or `https://host:port/path` of the MCP server's Streamable HTTP
+    /// endpoint. An https upstream is always spoken to over verified TLS, never in plaintext.
     pub url: String,
+    /// https only: the CA certificates (PEM) the upstream's certificate must chain to. Without
+    /// it, the system trust store (the Mozilla roots built in when that store is empty).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// https only: the name sent as SNI, verified against the certificate and sent as `Host`,
+    /// instead of the URL's host (an upstream reached by address, say).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// https only: a client certificate chain (PEM) presented to an upstream that asks for one
+    /// (mTLS); with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// https only: the private key (PEM) of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
+    /// How often the URL's host name is resolved again in the background; 0: only at load. A
+    /// failed resolution keeps the last good address.
+    #[serde(default = "default_resolve_every_ms")]
+    pub resolve_every_ms: u64,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Until the response head arrives.
@@ -155,6 +175,9 @@ pub struct RawUpstream {
     pub breaker: Option<RawBreaker>,
 }
 
+const fn default_resolve_every_ms() -> u64 {
+    30_000
+}
 const fn default_connect_timeout_ms() -> u64 {
     2_000
 }
@@ -365,10 +388,14 @@ pub struct HttpConfig {
 pub struct Upstream {
     pub name: String,
     pub url: String,
-    /// Where to connect (resolved at load).
-    pub addr: SocketAddr,
-    /// `Host` header value.
+    /// Where to connect: resolved at load, then again in the background.
+    pub addrs: std::sync::Arc<crate::mcp::upstream::Addresses>,
+    /// `Host` header value: the URL's authority, or `server_name` (with the URL's port).
     pub authority: String,
+    /// TLS for an https upstream; `None` for http.
+    pub tls: Option<std::sync::Arc<crate::mcp::upstream::UpstreamTls>>,
+    /// Identity for the connection pool: a digest of the name, URL and TLS settings.
+    pub key: u64,
     /// Request target on the upstream.
     pub path: String,
     pub connect_timeout: Duration,
@@ -467,6 +494,65 @@ impl Config {
 fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse()
         .map_err(|e| invalid(key, format!("`{text}` is not an address:port ({e})")))
+}
+
+/// An upstream URL taken apart.
+struct Url {
+    https: bool,
+    /// As written in the URL (the `Host` header).
+    authority: String,
+    /// Without brackets around an IPv6 address.
+    host: String,
+    port: u16,
+    explicit_port: bool,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<Url, String> {
+    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "`{url}`: only http:// and https:// URLs are supported"
+        ));
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    if authority.is_empty() || authority.contains(['@', '?', '#', ' ']) {
+        return Err(format!("`{url}`: a host (and port) must follow the scheme"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+            (h, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port_number = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}`: `{p}` is not a port"))?,
+        None if https => 443,
+        None => 80,
+    };
+    Ok(Url {
+        https,
+        authority: authority.to_owned(),
+        host: host.to_owned(),
+        port: port_number,
+        explicit_port: port.is_some(),
+        path,
+    })
 }
 
 fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
@@ -742,29 +828,60 @@ impl RawConfig {
                     format!("`{}`: only ASCII letters, digits, `_` and `-`", u.name),
                 ));
             }
-            let (authority, path) = u
-                .url
-                .strip_prefix("http://")
-                .map(|rest| {
-                    rest.split_once('/')
-                        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")))
+            let parsed = parse_url(&u.url).map_err(|why| invalid(key("url"), why))?;
+            let https = parsed.https;
+            for (f, set) in [
+                ("ca_file", u.ca_file.is_some()),
+                ("server_name", u.server_name.is_some()),
+                ("client_cert", u.client_cert.is_some()),
+                ("client_key", u.client_key.is_some()),
+            ] {
+                if set && !https {
+                    return Err(invalid(key(f), "is for https:// upstreams only"));
+                }
+            }
+            let sni = u.server_name.as_deref().unwrap_or(&parsed.host);
+            let authority = match (&u.server_name, parsed.explicit_port) {
+                (None, _) => parsed.authority.clone(),
+                (Some(n), explicit) => {
+                    let n = if n.parse::<std::net::Ipv6Addr>().is_ok() {
+                        format!("[{n}]")
+                    } else {
+                        n.clone()
+                    };
+                    if explicit {
+                        format!("{n}:{}", parsed.port)
+                    } else {
+                        n
+                    }
+                }
+            };
+            let tls = if https {
+                let t = crate::mcp::upstream::tls::build(&crate::mcp::upstream::tls::Settings {
+                    server_name: sni,
+                    ca_file: u.ca_file.as_deref(),
+                    client_cert: u.client_cert.as_deref(),
+                    client_key: u.client_key.as_deref(),
                 })
-                .ok_or_else(|| {
-                    invalid(
-                        key("url"),
-                        format!("`{}`: only http:// URLs are supported so far", u.url),
-                    )
-                })?;
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(
-                &(if authority.contains(':') {
-                    authority.to_owned()
-                } else {
-                    format!("{authority}:80")
-                }),
+                .map_err(|(f, why)| invalid(key(f), why))?;
+                Some(std::sync::Arc::new(t))
+            } else {
+                None
+            };
+            let addrs = crate::mcp::upstream::Addresses::resolve_now(
+                &parsed.host,
+                parsed.port,
+                Duration::from_millis(u.resolve_every_ms),
             )
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| invalid(key("url"), format!("cannot resolve `{authority}`")))?;
+            .map_err(|e| invalid(key("url"), format!("cannot resolve `{}`: {e}", parsed.host)))?;
+            let path = parsed.path;
+            let pool_key = {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::hash::DefaultHasher::new();
+                (&u.name, &u.url, &authority).hash(&mut h);
+                tls.as_ref().map(|t| t.fingerprint).hash(&mut h);
+                h.finish()
+            };
             if let Some(b) = &u.breaker {
                 if b.consecutive_failures.is_none() && b.failure_ratio.is_none() {
                     return Err(invalid(
@@ -804,8 +921,10 @@ impl RawConfig {
             upstreams.push(Upstream {
                 name: u.name,
                 url: u.url.clone(),
-                addr,
-                authority: authority.to_owned(),
+                addrs: std::sync::Arc::new(addrs),
+                authority,
+                tls,
+                key: pool_key,
                 path,
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms),
                 response_timeout: Duration::from_millis(u.response_timeout_ms),

@@ -22,7 +22,7 @@ use super::{
     proxy::{self, Obs, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession, Owner},
     sse,
-    upstream::{self, ResponseHead, UpstreamFailure},
+    upstream::{self, Conn, ResponseHead, UpstreamFailure},
     version,
 };
 use crate::{
@@ -919,7 +919,7 @@ impl<'c> Federation<'_, 'c> {
 /// `max_event` bytes ends this member's stream (the merged one stays at an event boundary).
 async fn pump(
     name: String,
-    mut conn: Io,
+    mut conn: Conn,
     kind: BodyKind,
     idle: Duration,
     max_event: usize,
@@ -993,7 +993,8 @@ fn describe(f: UpstreamFailure) -> String {
         UpstreamFailure::Connect(d)
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
-        | UpstreamFailure::Bad(d) => d,
+        | UpstreamFailure::Bad(d)
+        | UpstreamFailure::Tls { detail: d, .. } => d,
         UpstreamFailure::ClientGone => "the client left".into(),
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::{
     Id, Parser, RpcError, error,
-    upstream::{Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
+    upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
 };
 use crate::{
     config::{Config, Upstream},
@@ -127,10 +127,11 @@ pub struct WorkerCtx {
 impl WorkerCtx {
     pub fn new(shared: Arc<Shared>, worker: usize) -> Rc<Self> {
         let max_tools = shared.snapshot.load().config.telemetry.max_tools;
+        let stats = Arc::clone(&shared.upstream_stats);
         Rc::new(Self {
             shared,
             parser: RefCell::default(),
-            pool: Pool::default(),
+            pool: Pool::new(stats),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
         })
     }
@@ -637,6 +638,16 @@ pub(super) async fn fail(
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
+        UpstreamFailure::Tls { reason, detail } => {
+            tracing::warn!(upstream = %up.name, reason, "{detail}");
+            let err = RpcError::upstream(format!("upstream `{}` failed: {detail}", up.name), 502)
+                .with_data(serde_json::json!({ "upstream": up.name, "reason": reason }))
+                .with_id(id);
+            return client
+                .write_all(json_response(502, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
         UpstreamFailure::ClientGone => return false,
     };
     tracing::warn!(upstream = %up.name, status, "{detail}");
@@ -664,7 +675,7 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 )]
 async fn relay(
     client: &mut Io,
-    mut conn: Io,
+    mut conn: Conn,
     req: &Request,
     head: ResponseHead,
     up: &Upstream,
@@ -762,7 +773,7 @@ async fn relay(
     let Some(kind) = kind else {
         obs.set(Outcome::Ok);
         if !upstream_close {
-            ctx.pool.checkin(up.addr, conn, up.max_idle);
+            ctx.pool.checkin(up, conn);
         }
         return keep_alive;
     };
@@ -888,7 +899,7 @@ async fn relay(
                 return false;
             }
             if kind != BodyKind::UntilClose && !upstream_close {
-                ctx.pool.checkin(up.addr, conn, up.max_idle);
+                ctx.pool.checkin(up, conn);
             }
             keep_alive
         }

@@ -39,8 +39,12 @@ fn upstream() -> Upstream {
     Upstream {
         name: "u".into(),
         url: "http://127.0.0.1:9/mcp".into(),
-        addr: "127.0.0.1:9".parse().unwrap(),
+        addrs: std::sync::Arc::new(
+            crate::mcp::upstream::Addresses::resolve_now("127.0.0.1", 9, Duration::ZERO).unwrap(),
+        ),
         authority: "127.0.0.1:9".into(),
+        tls: None,
+        key: 0,
         path: "/mcp".into(),
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(1),

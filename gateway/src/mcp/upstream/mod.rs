@@ -1,18 +1,48 @@
 //! The upstream side of forwarding: one seam, [`open`], that sends a request to an upstream
-//! whatever carries it (today HTTP/1.1 over TCP, [`transport`]) and gives back the connection
-//! with the response head, plus the per-worker pool of idle connections beside it ([`pool`]).
-//! What the client sees of an answer (relaying, rewriting, errors) is the caller's business;
-//! nothing here writes to a client connection.
+//! whatever carries it (today HTTP/1.1 over TCP or TLS, [`transport`]) and gives back the
+//! connection with the response head, plus the per-worker pool of idle connections beside it
+//! ([`pool`]). The TLS client configuration ([`tls`]) and the addresses ([`resolve`]) are
+//! made on the control thread; workers only read them. What the client sees of an answer
+//! (relaying, rewriting, errors) is the caller's business; nothing here writes to a client
+//! connection.
 
+mod counters;
 mod pool;
+pub mod resolve;
+pub mod tls;
 mod transport;
 
+pub use counters::Stats;
 pub use pool::Pool;
+pub use resolve::Addresses;
+pub use tls::UpstreamTls;
+
+use std::net::SocketAddr;
 
 use crate::{
     config::Upstream,
     http::{self, BodyKind, HttpError, Io},
 };
+
+/// A connection to an upstream, with the address it went to (so that the pool can retire it
+/// once the upstream's address changes). Reads and writes go through its [`Io`].
+pub struct Conn {
+    io: Io,
+    addr: SocketAddr,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Io;
+    fn deref(&self) -> &Io {
+        &self.io
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Io {
+        &mut self.io
+    }
+}
 
 pub struct ResponseHead {
     pub status: u16,
@@ -43,6 +73,12 @@ pub enum UpstreamFailure {
     /// upstream may have executed it, so it is retried only if it is idempotent.
     NoResponse(String),
     Bad(String),
+    /// The TLS handshake failed (a certificate that does not verify, say): `reason` is the
+    /// label counted in `/metrics` and named to the client.
+    Tls {
+        reason: &'static str,
+        detail: String,
+    },
     /// The client left while waiting (not an upstream failure).
     ClientGone,
 }
@@ -117,21 +153,23 @@ pub async fn open(
     up: &Upstream,
     mut request: Vec<u8>,
     client: Option<&Io>,
-) -> Result<(Io, ResponseHead), UpstreamFailure> {
+) -> Result<(Conn, ResponseHead), UpstreamFailure> {
     let idempotent = idempotent(&request);
+    // Read once: every attempt of this request goes to the same address.
+    let addr = up.addrs.first();
     let mut attempt = 0;
     loop {
         attempt += 1;
         // The retry goes over a new connection: the pool's others went idle as long ago.
         let pooled = if attempt == 1 {
-            pool.checkout(up.addr)
+            pool.checkout(up, addr)
         } else {
             None
         };
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => transport::connect(up).await?,
+            None => transport::connect(up, addr, &pool.stats).await?,
         };
         // Keep a copy only when a retry is possible (a pooled connection, first attempt).
         let bytes = if reused && attempt == 1 {
@@ -148,7 +186,7 @@ pub async fn open(
             return Err(UpstreamFailure::ClientGone);
         };
         match exchanged {
-            Ok(head) => return Ok((conn, head)),
+            Ok(head) => return Ok((Conn { io: conn, addr }, head)),
             // The upstream closed an idle pooled connection as we reused it: try a fresh one,
             // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
             Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,
@@ -194,7 +232,7 @@ pub async fn call(
         Err(e) => return Err(UpstreamFailure::Bad(e.to_string())),
     };
     if kind != BodyKind::UntilClose && !head.closes() {
-        pool.checkin(up.addr, conn, up.max_idle);
+        pool.checkin(up, conn);
     }
     Ok((head, body))
 }

@@ -1,0 +1,216 @@
+//! An upstream's addresses: resolved when the configuration is loaded, then again every
+//! `resolve_every_ms` by the control thread in the background; workers read the current ones
+//! without a lock for each new connection. A resolution that fails, or finds nothing, keeps
+//! the last good addresses (logged and counted). Workers never resolve names.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+
+use super::Stats;
+use crate::runtime::Shared;
+
+/// The addresses of one upstream's host. All are kept; connections go to the first (several
+/// replicas of one upstream are not balanced here).
+pub struct Addresses {
+    host: String,
+    port: u16,
+    /// Zero: never again (an address literal, or `resolve_every_ms = 0`).
+    every: Duration,
+    current: ArcSwap<Vec<SocketAddr>>,
+    /// Control thread only: a resolution is running, and when the next is due (ms after `born`).
+    in_flight: AtomicBool,
+    next_due_ms: AtomicU64,
+    born: Instant,
+}
+
+impl std::fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Addresses")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("every", &self.every)
+            .field("current", &**self.current.load())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two loads of the same settings are the same configuration, whatever the names resolve to.
+impl PartialEq for Addresses {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.host, self.port, self.every) == (&other.host, other.port, other.every)
+    }
+}
+
+impl Addresses {
+    /// Resolves `host` now (blocking: at configuration load, on the control thread).
+    pub fn resolve_now(host: &str, port: u16, every: Duration) -> std::io::Result<Self> {
+        let found: Vec<SocketAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?.collect();
+        if found.is_empty() {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        Ok(Self::new(host, port, every, found))
+    }
+
+    fn new(host: &str, port: u16, every: Duration, found: Vec<SocketAddr>) -> Self {
+        let literal = host.parse::<std::net::IpAddr>().is_ok();
+        let every = if literal { Duration::ZERO } else { every };
+        let born = Instant::now();
+        Self {
+            host: host.to_owned(),
+            port,
+            every,
+            current: ArcSwap::from_pointee(found),
+            in_flight: AtomicBool::new(false),
+            next_due_ms: AtomicU64::new(ms(every)),
+            born,
+        }
+    }
+
+    /// Where a new connection goes now.
+    pub fn first(&self) -> SocketAddr {
+        self.current
+            .load()
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Every address the last good resolution found.
+    pub fn all(&self) -> Arc<Vec<SocketAddr>> {
+        self.current.load_full()
+    }
+
+    /// Whether a background resolution should start now; if so, it is marked running.
+    fn start_if_due(&self, now: Instant) -> bool {
+        if self.every.is_zero()
+            || ms(now.duration_since(self.born)) < self.next_due_ms.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        !self.in_flight.swap(true, Ordering::AcqRel)
+    }
+
+    /// Takes a resolution's result: new addresses are published; a failure, or nothing
+    /// found, keeps the last good ones. Returns whether it succeeded.
+    pub fn apply(
+        &self,
+        name: &str,
+        found: std::io::Result<Vec<SocketAddr>>,
+        stats: &Stats,
+    ) -> bool {
+        let now = ms(self.born.elapsed());
+        self.next_due_ms
+            .store(now.saturating_add(ms(self.every)), Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::Release);
+        match found {
+            Ok(found) if !found.is_empty() => {
+                stats.bump(name, "resolve", "ok");
+                if **self.current.load() != found {
+                    tracing::info!(
+                        upstream = name,
+                        host = %self.host,
+                        was = ?**self.current.load(),
+                        now = ?found,
+                        "upstream address changed"
+                    );
+                    self.current.store(Arc::new(found));
+                }
+                true
+            }
+            other => {
+                stats.bump(name, "resolve", "failed");
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "no address".to_owned(),
+                };
+                tracing::warn!(
+                    upstream = name,
+                    host = %self.host,
+                    kept = ?**self.current.load(),
+                    "resolving the upstream's host failed ({why}); the last good address is kept"
+                );
+                false
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How the loop resolves a name (a parameter so that tests can stand in for DNS).
+pub trait Lookup: Clone + 'static {
+    fn lookup(
+        &self,
+        host: String,
+        port: u16,
+    ) -> impl Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static;
+}
+
+/// The system resolver (getaddrinfo on tokio's blocking pool), at most 5 s per name.
+#[derive(Clone)]
+pub struct System;
+
+impl Lookup for System {
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "the future must not borrow the resolver: it runs on a task of its own"
+    )]
+    fn lookup(
+        &self,
+        host: String,
+        port: u16,
+    ) -> impl Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static {
+        async move {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::lookup_host((host.as_str(), port)),
+            )
+            .await
+            {
+                Ok(found) => Ok(found?.collect()),
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+    }
+}
+
+/// The control thread's loop: every 100 ms, starts a resolution for each upstream of the
+/// current configuration whose interval has passed (each on its own task, so that one slow
+/// name holds up no other).
+pub async fn run(shared: Arc<Shared>, lookup: impl Lookup) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = shared.snapshot.load_full();
+        let now = Instant::now();
+        for up in &snapshot.config.upstreams {
+            if !up.addrs.start_if_due(now) {
+                continue;
+            }
+            let addrs = Arc::clone(&up.addrs);
+            let name = up.name.clone();
+            let stats = Arc::clone(&shared.upstream_stats);
+            let found = lookup.lookup(addrs.host.clone(), addrs.port);
+            tokio::spawn(async move {
+                addrs.apply(&name, found.await, &stats);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "resolve_tests.rs"]
+mod tests;

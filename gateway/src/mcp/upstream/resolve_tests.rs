@@ -1,0 +1,143 @@
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::*;
+use crate::{config::Config, runtime::Shared};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn a_failed_or_empty_resolution_keeps_the_last_good_address() {
+    let stats = Stats::default();
+    let a = Addresses::new(
+        "up.example",
+        443,
+        Duration::from_secs(30),
+        vec![addr("192.0.2.1:443")],
+    );
+    assert!(a.apply(
+        "u",
+        Ok(vec![addr("192.0.2.2:443"), addr("192.0.2.3:443")]),
+        &stats
+    ));
+    assert_eq!(a.first(), addr("192.0.2.2:443"));
+    assert_eq!(a.all().len(), 2, "every address is kept");
+    assert!(!a.apply("u", Err(std::io::ErrorKind::NotFound.into()), &stats));
+    assert!(!a.apply("u", Ok(Vec::new()), &stats));
+    assert_eq!(a.first(), addr("192.0.2.2:443"));
+    assert_eq!(stats.get("u", "resolve", "ok"), 1);
+    assert_eq!(stats.get("u", "resolve", "failed"), 2);
+}
+
+#[test]
+fn address_literals_and_zero_intervals_are_never_resolved_again() {
+    let far = Instant::now() + Duration::from_secs(3600);
+    let literal = Addresses::new(
+        "127.0.0.1",
+        80,
+        Duration::from_millis(1),
+        vec![addr("127.0.0.1:80")],
+    );
+    assert!(!literal.start_if_due(far));
+    let once = Addresses::new("localhost", 80, Duration::ZERO, vec![addr("127.0.0.1:80")]);
+    assert!(!once.start_if_due(far));
+    let every = Addresses::new(
+        "localhost",
+        80,
+        Duration::from_millis(1),
+        vec![addr("127.0.0.1:80")],
+    );
+    assert!(every.start_if_due(far));
+    assert!(!every.start_if_due(far), "one resolution at a time");
+}
+
+/// A resolver that answers from a script, one answer per call (the last repeats).
+#[derive(Clone)]
+struct Scripted(
+    Arc<Mutex<Vec<std::io::Result<Vec<SocketAddr>>>>>,
+    Arc<Mutex<Vec<String>>>,
+);
+
+impl Lookup for Scripted {
+    fn lookup(
+        &self,
+        host: String,
+        _port: u16,
+    ) -> impl Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static {
+        self.1.lock().unwrap().push(host);
+        let mut script = self.0.lock().unwrap();
+        let answer = if script.len() > 1 {
+            script.remove(0)
+        } else {
+            match &script[0] {
+                Ok(v) => Ok(v.clone()),
+                Err(e) => Err(e.kind().into()),
+            }
+        };
+        async move { answer }
+    }
+}
+
+#[tokio::test]
+async fn the_loop_re_resolves_the_current_configurations_hosts() {
+    let config = Config::from_toml(
+        r#"
+[gateway]
+instance = "t"
+[[listeners]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+[kernel]
+enabled = false
+[[upstreams]]
+name = "u"
+url = "http://localhost:9/mcp"
+resolve_every_ms = 200
+[[upstreams]]
+name = "fixed"
+url = "http://127.0.0.1:9/mcp"
+"#,
+    )
+    .unwrap();
+    let shared = Arc::new(Shared::new(config));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let lookup = Scripted(
+        Arc::new(Mutex::new(vec![
+            Ok(vec![addr("192.0.2.7:9")]),
+            Err(std::io::ErrorKind::NotFound.into()),
+        ])),
+        Arc::clone(&asked),
+    );
+    let task = tokio::spawn(run(Arc::clone(&shared), lookup));
+    let up = || Arc::clone(&shared.snapshot.load().config.upstreams[0].addrs);
+    assert_eq!(up().first().ip(), std::net::Ipv4Addr::LOCALHOST);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        up().first(),
+        addr("192.0.2.7:9"),
+        "the new address is published"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        up().first(),
+        addr("192.0.2.7:9"),
+        "failures keep the last good one"
+    );
+    let stats = &shared.upstream_stats;
+    assert_eq!(stats.get("u", "resolve", "ok"), 1);
+    assert!(
+        stats.get("u", "resolve", "failed") >= 3,
+        "retried every interval"
+    );
+    assert!(
+        asked.lock().unwrap().iter().all(|h| h == "localhost"),
+        "an address literal is never looked up"
+    );
+    task.abort();
+}
