@@ -129,6 +129,7 @@ impl Control {
             maps.sync(&KernelState::from_config(&new))
                 .context("syncing the kernel maps")?;
         }
+        self.shared.stdio.sync(&new.upstreams);
         self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
         Ok(format!("reloaded {}", path.display()))
     }
@@ -208,6 +209,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .open_files_limit
         .store(open_files, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(open_files, "open-file limit");
+    shared.stdio.sync(&shared.snapshot.load().config.upstreams);
     // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
     // listening itself, at once, whatever the workers are doing.
     let listening: Vec<TcpListener> = per_worker

@@ -135,7 +135,16 @@ pub struct RawUpstream {
     pub name: String,
     /// `http://host:port/path` or `https://host:port/path` of the MCP server's Streamable HTTP
     /// endpoint. An https upstream is always spoken to over verified TLS, never in plaintext.
-    pub url: String,
+    /// Exactly one of `url` and `command` is given.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A stdio MCP server: the program and its arguments, run by the gateway as a sandboxed
+    /// child process (see [`RawStdio`] for the rest).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// stdio only: how the child runs.
+    #[serde(default)]
+    pub stdio: Option<RawStdio>,
     /// https only: the CA certificates (PEM) the upstream's certificate must chain to. Without
     /// it, the system trust store (the Mozilla roots built in when that store is empty).
     #[serde(default)]
@@ -173,6 +182,59 @@ pub struct RawUpstream {
     /// given.
     #[serde(default)]
     pub breaker: Option<RawBreaker>,
+}
+
+/// How a stdio upstream's child runs. Its environment holds only `env` (plus `PATH`, `HOME`,
+/// `TMPDIR` and `LANG`); the gateway's own secrets never reach it.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStdio {
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Numeric user and group to run as; under root the default is `nobody` (65534).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    #[serde(default = "default_stdio_start_timeout_ms")]
+    pub start_timeout_ms: u64,
+    /// Stop the child after this long without a call; 0: keep it running.
+    #[serde(default)]
+    pub idle_shutdown_ms: u64,
+    #[serde(default = "default_stdio_max_memory_mb")]
+    pub max_memory_mb: u64,
+    #[serde(default = "default_stdio_max_open_files")]
+    pub max_open_files: u64,
+    #[serde(default = "default_stdio_max_processes")]
+    pub max_processes: u64,
+    /// Landlock: when either list is given, the child may read only the system folders and
+    /// `read_paths`, and write only `write_paths` and its own home folder. Without them it may
+    /// read everything and write only its home folder.
+    #[serde(default)]
+    pub read_paths: Option<Vec<String>>,
+    #[serde(default)]
+    pub write_paths: Option<Vec<String>>,
+    /// The longest line (one JSON-RPC message) read from the child.
+    #[serde(default = "default_stdio_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+const fn default_stdio_start_timeout_ms() -> u64 {
+    30_000
+}
+const fn default_stdio_max_memory_mb() -> u64 {
+    4096
+}
+const fn default_stdio_max_open_files() -> u64 {
+    1024
+}
+const fn default_stdio_max_processes() -> u64 {
+    256
+}
+const fn default_stdio_max_line_bytes() -> usize {
+    16 << 20
 }
 
 const fn default_resolve_every_ms() -> u64 {
@@ -405,6 +467,9 @@ pub struct Upstream {
     pub authorization: Option<String>,
     pub max_idle: usize,
     pub breaker: Option<RawBreaker>,
+    /// A stdio upstream (run as a child process); `None` for http and https. The HTTP fields
+    /// above are then unused.
+    pub stdio: Option<std::sync::Arc<crate::stdio::StdioSpec>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -506,6 +571,72 @@ struct Url {
     port: u16,
     explicit_port: bool,
     path: String,
+}
+
+/// A stdio upstream's spec from its configuration; errors name the field.
+fn stdio_spec(
+    name: &str,
+    command: &[String],
+    raw: Option<RawStdio>,
+    call_timeout_ms: u64,
+) -> Result<crate::stdio::StdioSpec, (&'static str, String)> {
+    if command.first().is_none_or(String::is_empty) {
+        return Err(("command", "names no program".into()));
+    }
+    let raw = raw.unwrap_or(RawStdio {
+        env: Default::default(),
+        cwd: None,
+        uid: None,
+        gid: None,
+        start_timeout_ms: default_stdio_start_timeout_ms(),
+        idle_shutdown_ms: 0,
+        max_memory_mb: default_stdio_max_memory_mb(),
+        max_open_files: default_stdio_max_open_files(),
+        max_processes: default_stdio_max_processes(),
+        read_paths: None,
+        write_paths: None,
+        max_line_bytes: default_stdio_max_line_bytes(),
+    });
+    if raw.uid.is_some() != raw.gid.is_some() {
+        return Err(("stdio.uid", "give `uid` and `gid` together".into()));
+    }
+    if raw.start_timeout_ms == 0 {
+        return Err(("stdio.start_timeout_ms", "must be above 0".into()));
+    }
+    if raw.max_line_bytes < 1024 {
+        return Err(("stdio.max_line_bytes", "must be at least 1024".into()));
+    }
+    let mut spec = crate::stdio::StdioSpec::new(name, command.to_vec());
+    spec.env = raw.env.into_iter().collect();
+    spec.cwd = raw.cwd.map(std::path::PathBuf::from);
+    spec.start_timeout = Duration::from_millis(raw.start_timeout_ms);
+    spec.call_timeout = Duration::from_millis(call_timeout_ms);
+    spec.idle_shutdown =
+        (raw.idle_shutdown_ms > 0).then(|| Duration::from_millis(raw.idle_shutdown_ms));
+    spec.max_line_bytes = raw.max_line_bytes;
+    spec.sandbox = crate::stdio::SandboxSpec {
+        user: raw.uid.zip(raw.gid),
+        max_memory_bytes: raw.max_memory_mb << 20,
+        max_open_files: raw.max_open_files,
+        max_processes: raw.max_processes,
+        landlock: (raw.read_paths.is_some() || raw.write_paths.is_some()).then(|| {
+            crate::stdio::FsAccess {
+                read: raw
+                    .read_paths
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+                write: raw
+                    .write_paths
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            }
+        }),
+    };
+    Ok(spec)
 }
 
 fn parse_url(url: &str) -> Result<Url, String> {
@@ -828,7 +959,30 @@ impl RawConfig {
                     format!("`{}`: only ASCII letters, digits, `_` and `-`", u.name),
                 ));
             }
-            let parsed = parse_url(&u.url).map_err(|why| invalid(key("url"), why))?;
+            let (url_text, stdio) = match (&u.url, &u.command) {
+                (Some(url), None) => {
+                    if u.stdio.is_some() {
+                        return Err(invalid(key("stdio"), "is for `command` upstreams only"));
+                    }
+                    (url.clone(), None)
+                }
+                (None, Some(command)) => {
+                    let spec = stdio_spec(&u.name, command, u.stdio.clone(), u.response_timeout_ms)
+                        .map_err(|(f, why)| invalid(key(f), why))?;
+                    // The HTTP fields below get inert values (an address literal: no lookup).
+                    (
+                        "http://127.0.0.1:9/".to_owned(),
+                        Some(std::sync::Arc::new(spec)),
+                    )
+                }
+                _ => {
+                    return Err(invalid(
+                        key("url"),
+                        "give exactly one of `url` (an HTTP server) and `command` (a stdio server)",
+                    ));
+                }
+            };
+            let parsed = parse_url(&url_text).map_err(|why| invalid(key("url"), why))?;
             let https = parsed.https;
             for (f, set) in [
                 ("ca_file", u.ca_file.is_some()),
@@ -878,7 +1032,7 @@ impl RawConfig {
             let pool_key = {
                 use std::hash::{Hash as _, Hasher as _};
                 let mut h = std::hash::DefaultHasher::new();
-                (&u.name, &u.url, &authority).hash(&mut h);
+                (&u.name, &url_text, &authority).hash(&mut h);
                 tls.as_ref().map(|t| t.fingerprint).hash(&mut h);
                 h.finish()
             };
@@ -919,8 +1073,11 @@ impl RawConfig {
                 )),
             };
             upstreams.push(Upstream {
+                url: match &stdio {
+                    Some(spec) => format!("stdio:{}", spec.command.join(" ")),
+                    None => url_text,
+                },
                 name: u.name,
-                url: u.url.clone(),
                 addrs: std::sync::Arc::new(addrs),
                 authority,
                 tls,
@@ -932,6 +1089,7 @@ impl RawConfig {
                 authorization,
                 max_idle: u.max_idle_connections_per_worker,
                 breaker: u.breaker,
+                stdio,
             });
         }
         let mut routes: Vec<Route> = Vec::new();
@@ -969,6 +1127,15 @@ impl RawConfig {
                     let mut out: Vec<Member> = Vec::new();
                     for (m, raw) in members.into_iter().enumerate() {
                         let upstream = find(&raw.upstream, key(m, "upstream"))?;
+                        if upstreams[upstream].stdio.is_some() {
+                            return Err(invalid(
+                                key(m, "upstream"),
+                                format!(
+                                    "`{}` is a stdio upstream: it can be a passthrough route's upstream, not yet a federation member",
+                                    raw.upstream
+                                ),
+                            ));
+                        }
                         if out.iter().any(|x| x.upstream == upstream) {
                             return Err(invalid(
                                 key(m, "upstream"),

@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod session;
 pub mod sse;
 mod stages;
+mod stdio_route;
 pub mod upstream;
 pub mod version;
 

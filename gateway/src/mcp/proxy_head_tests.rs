@@ -52,6 +52,7 @@ fn upstream() -> Upstream {
         authorization: Some("Bearer up".into()),
         max_idle: 1,
         breaker: None,
+        stdio: None,
     }
 }
 

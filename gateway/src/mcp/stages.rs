@@ -354,6 +354,17 @@ fn check(
         );
         return Err(Stop::Refuse(r, messages.id_for(m)));
     }
+    if !messages.batch.is_empty()
+        && let Target::Passthrough(u) = &route.target
+        && config
+            .upstreams
+            .get(*u)
+            .is_some_and(|up| up.stdio.is_some())
+    {
+        return Err(Stop::reply(RpcError::invalid_request(
+            "JSON-RPC batches are not supported on a route to a stdio upstream",
+        )));
+    }
     // A passthrough session is its opener's: one never seen opened, or another caller's, is
     // unknown.
     if let Target::Passthrough(u) = &route.target
@@ -515,6 +526,19 @@ async fn forward_stage<'c>(
     match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
+            if up.stdio.is_some() {
+                return super::stdio_route::forward(
+                    io,
+                    req,
+                    ctx,
+                    up,
+                    messages.single.as_ref(),
+                    obs,
+                    policy,
+                    tenant,
+                )
+                .await;
+            }
             if (tenant.filters() || policy.pinning)
                 && let Some(m) = &messages.single
                 && m.kind == Kind::Request

@@ -145,6 +145,8 @@ pub struct Shared {
     pub open_files_limit: AtomicU64,
     /// Accepts and upstream connects that failed for want of a file descriptor.
     pub out_of_descriptors: AtomicU64,
+    /// The stdio upstreams' supervisors (started by the control thread).
+    pub stdio: crate::stdio::Registry,
     /// Upstream connections, TLS failures and re-resolutions, by upstream.
     pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
 }
@@ -179,6 +181,7 @@ impl Shared {
             worker_restarts: AtomicU64::new(0),
             open_files_limit: AtomicU64::new(0),
             out_of_descriptors: AtomicU64::new(0),
+            stdio: crate::stdio::Registry::default(),
             upstream_stats: std::sync::Arc::default(),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),

@@ -158,3 +158,51 @@ impl Handle {
         &self.name
     }
 }
+
+/// The stdio upstreams' handles by upstream name, published to the workers without a lock;
+/// the control thread starts a supervisor for each new or changed upstream and drops the
+/// handles of removed ones (a supervisor stops its child when the last handle goes).
+#[derive(Default)]
+pub struct Registry {
+    published: arc_swap::ArcSwap<std::collections::HashMap<String, Handle>>,
+    /// Control thread only: the spec each handle was started with.
+    running: std::sync::Mutex<std::collections::HashMap<String, (Arc<StdioSpec>, Handle)>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A worker's handle to the stdio upstream `name`.
+    pub fn get(&self, name: &str) -> Option<Handle> {
+        self.published.load().get(name).cloned()
+    }
+
+    /// Control thread (inside its tokio runtime): brings the supervisors in line with
+    /// `upstreams`. A child whose spec did not change keeps running across a reload.
+    pub fn sync(&self, upstreams: &[crate::config::Upstream]) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        let mut next = std::collections::HashMap::new();
+        for up in upstreams {
+            let Some(spec) = &up.stdio else { continue };
+            let kept = running
+                .remove(&up.name)
+                .filter(|(old, _)| old == spec)
+                .map(|(_, h)| h);
+            let handle = kept.unwrap_or_else(|| spawn((**spec).clone()));
+            next.insert(up.name.clone(), (Arc::clone(spec), handle));
+        }
+        *running = next;
+        self.published.store(Arc::new(
+            running
+                .iter()
+                .map(|(name, (_, h))| (name.clone(), h.clone()))
+                .collect(),
+        ));
+    }
+}

@@ -67,6 +67,27 @@ pub struct Mux {
     server_requests: HashMap<u64, (Value, Caller, u64)>,
 }
 
+/// A 2026-07-28 request carries its protocol version, client capabilities and client info in
+/// `params._meta` under the reserved `io.modelcontextprotocol/` prefix; the child, initialized
+/// once by the gateway in the session era, refuses such an envelope (the Python SDK does), and
+/// what it says was said at `initialize`. Other `_meta` keys (a progress token, trace context)
+/// stay.
+fn strip_envelope(message: &mut serde_json::Map<String, Value>) {
+    let Some(meta) = message
+        .get_mut("params")
+        .and_then(|p| p.get_mut("_meta"))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+    if meta.is_empty()
+        && let Some(params) = message.get_mut("params").and_then(Value::as_object_mut)
+    {
+        params.remove("_meta");
+    }
+}
+
 fn key(v: &Value) -> String {
     v.to_string()
 }
@@ -100,6 +121,7 @@ impl Mux {
         }
         let call = self.fresh();
         obj.insert("id".into(), json!(call));
+        strip_envelope(obj);
         let mut progress = None;
         if let Some(token) = obj
             .get_mut("params")

@@ -164,3 +164,28 @@ fn requests_without_an_id_or_method_are_refused() {
     assert!(m.request(1, json!({"jsonrpc":"2.0","id":1})).is_err());
     assert!(m.request(1, json!("x")).is_err());
 }
+
+#[test]
+fn the_2026_envelope_is_taken_off_what_the_child_sees() {
+    let mut m = Mux::new();
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{
+                "io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                "io.modelcontextprotocol/clientInfo":{"name":"c"},
+                "traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}}),
+        )
+        .unwrap();
+    assert_eq!(
+        out["params"]["_meta"],
+        json!({"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    );
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}),
+        )
+        .unwrap();
+    assert_eq!(out["params"], json!({}));
+}

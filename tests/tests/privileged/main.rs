@@ -12,4 +12,5 @@ mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
 mod policy_e2e;
+mod stdio_e2e;
 mod xdp_decisions;

@@ -1,0 +1,371 @@
+//! The forward stage for a stdio upstream: the request's message goes to the upstream's
+//! supervisor over a channel (never to the child directly), and the answer comes back to the
+//! client as Streamable HTTP: JSON, or an SSE stream when the child sends progress or requests
+//! of its own before its answer and the client accepts one.
+//!
+//! The child speaks the session era and was initialized once by the gateway, so clients of
+//! every era are served from that: a session-era client's `initialize` and a 2026-07-28
+//! client's `server/discover` are answered by the gateway from the child's own answer. No
+//! `Mcp-Session-Id` is issued (the child's state is shared by its clients); GET and DELETE are
+//! answered 405.
+
+use serde_json::{Value, json};
+
+use super::{
+    Id, Kind, Message, RpcError,
+    proxy::{Obs, WorkerCtx, classify, json_response, session_owner, visible},
+    version,
+};
+use crate::{
+    config::Upstream,
+    http::{self, Io, Request},
+    policy::{Policy, TenantPolicy},
+    stats::Outcome,
+    stdio::{Handle, StdioError},
+};
+
+/// Answers `message` (a POST's lone message) from the stdio upstream `up`; GET and DELETE are
+/// refused. Returns whether the client connection can carry another request.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward(
+    io: &mut Io,
+    req: &Request,
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    message: Option<&Message>,
+    obs: &Obs<'_>,
+    policy: &Policy,
+    tenant: &TenantPolicy,
+) -> bool {
+    obs.upstream.set(None);
+    let Some(m) = message else {
+        let err = RpcError::invalid_request(format!(
+            "{} is not served by a stdio upstream: MCP messages are POSTed",
+            req.method
+        ));
+        let resp = http::response(
+            405,
+            &[("content-type", "application/json"), ("allow", "POST")],
+            &err.body(),
+            req.keep_alive,
+        );
+        return io.write_all(resp).await.is_ok();
+    };
+    let Some(handle) = ctx.shared.stdio.get(&up.name) else {
+        let err = RpcError::upstream(format!("stdio upstream {} is not running", up.name), 502)
+            .with_id(m.id.clone());
+        obs.set(Outcome::UpstreamFailure);
+        return io
+            .write_all(json_response(502, &err, req.keep_alive))
+            .await
+            .is_ok();
+    };
+    let caller = session_owner(ctx, obs);
+    match m.kind {
+        Kind::Notification => {
+            if m.method.as_deref() != Some("notifications/initialized") {
+                handle.notify(caller, req.body.clone());
+            }
+            obs.set(Outcome::Ok);
+            accepted(io, req).await
+        }
+        Kind::Response => {
+            handle.respond(caller, req.body.clone());
+            obs.set(Outcome::Ok);
+            accepted(io, req).await
+        }
+        Kind::Request => {
+            // A filtered tenant's `tools/list` is filtered like any upstream's.
+            let filter = ((tenant.filters() || policy.pinning)
+                && m.method.as_deref() == Some("tools/list"))
+            .then_some(ToolFilter {
+                ctx,
+                policy,
+                tenant,
+                upstream: &up.name,
+            });
+            request(io, req, &handle, caller, m, obs, filter).await
+        }
+    }
+}
+
+/// What a filtered `tools/list` answer passes through.
+struct ToolFilter<'a> {
+    ctx: &'a WorkerCtx,
+    policy: &'a Policy,
+    tenant: &'a TenantPolicy,
+    upstream: &'a str,
+}
+
+impl ToolFilter<'_> {
+    /// The answer with the tools the tenant may not see removed; an answer that cannot be
+    /// filtered is not passed on unfiltered.
+    fn apply(&self, bytes: &[u8]) -> Result<Vec<u8>, StdioError> {
+        let bad = || {
+            StdioError::Refused(
+                self.upstream.to_owned(),
+                "the answer to tools/list has no `result.tools` array".into(),
+            )
+        };
+        let mut v: Value = serde_json::from_slice(bytes).map_err(|_| bad())?;
+        if v.get("error").is_some() {
+            return Ok(bytes.to_vec());
+        }
+        let tools = v
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tools"))
+            .and_then(Value::as_array_mut)
+            .ok_or_else(bad)?;
+        tools.retain(|t| visible(self.ctx, self.policy, self.tenant, self.upstream, t));
+        Ok(super::json_bytes(&v))
+    }
+}
+
+async fn accepted(io: &mut Io, req: &Request) -> bool {
+    io.write_all(http::response(202, &[], b"", req.keep_alive))
+        .await
+        .is_ok()
+}
+
+async fn request(
+    io: &mut Io,
+    req: &Request,
+    handle: &Handle,
+    caller: u64,
+    m: &Message,
+    obs: &Obs<'_>,
+    filter: Option<ToolFilter<'_>>,
+) -> bool {
+    let started = std::time::Instant::now();
+    match m.method.as_deref() {
+        Some("initialize") => {
+            let asked = serde_json::from_slice::<Value>(&req.body)
+                .ok()
+                .and_then(|v| v["params"]["protocolVersion"].as_str().map(str::to_owned));
+            return from_child_init(io, req, handle, caller, m.id.clone(), obs, |mut r| {
+                // The client gets the version it asked for when the gateway speaks it (the
+                // gateway translates to the child's).
+                if let Some(v) =
+                    asked.filter(|v| version::is_supported(v) && !version::is_stateless_era(v))
+                {
+                    r["protocolVersion"] = json!(v);
+                }
+                r
+            })
+            .await;
+        }
+        Some("server/discover") => {
+            return from_child_init(io, req, handle, caller, m.id.clone(), obs, |r| {
+                let mut out = json!({
+                    "supportedVersions": version::SUPPORTED,
+                    "capabilities": r.get("capabilities").cloned().unwrap_or(json!({})),
+                    "serverInfo": r.get("serverInfo").cloned().unwrap_or(json!({})),
+                });
+                if let Some(i) = r.get("instructions") {
+                    out["instructions"] = i.clone();
+                }
+                out["resultType"] = json!("complete");
+                out["ttlMs"] = json!(0);
+                out["cacheScope"] = json!("private");
+                out
+            })
+            .await;
+        }
+        _ => {}
+    }
+    let sse_ok = accepts_sse(req) && filter.is_none();
+    let mut pending = handle.call(caller, req.body.clone());
+    let mut streaming = false;
+    loop {
+        let next = monoio::select! {
+            done = &mut pending.done => Err(done),
+            event = futures_util::StreamExt::next(&mut pending.events) => Ok(event),
+            _ = io.peer_gone() => {
+                // The client left: dropping `pending` tells the supervisor, which cancels the
+                // call at the child.
+                obs.set(Outcome::UpstreamFailure);
+                return false;
+            }
+        };
+        match next {
+            Ok(Some(event)) if sse_ok => {
+                if !streaming {
+                    streaming = true;
+                    if io.write_all(sse_head(req)).await.is_err() {
+                        return false;
+                    }
+                }
+                if io.write_all(sse_event(&event)).await.is_err() {
+                    return false;
+                }
+            }
+            // A client that takes JSON only cannot be sent the child's requests or progress.
+            Ok(Some(_)) => {}
+            // The events end only with the call.
+            Ok(None) => {}
+            Err(done) => {
+                obs.upstream_wait.set(Some(started.elapsed()));
+                let stateless = req
+                    .header_str("mcp-protocol-version")
+                    .is_some_and(version::is_stateless_era);
+                let method = m.method.as_deref().unwrap_or_default();
+                let answer = match done {
+                    Ok(Ok(bytes)) => match &filter {
+                        Some(f) => f.apply(&bytes),
+                        None => Ok(bytes),
+                    }
+                    .map(|b| {
+                        if stateless {
+                            for_stateless(method, b)
+                        } else {
+                            b
+                        }
+                    }),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StdioError::Gone(handle.name().to_owned())),
+                };
+                return finish(io, req, m.id.clone(), answer, streaming, obs).await;
+            }
+        }
+    }
+}
+
+/// Answers from the child's `initialize` result, reshaped by `shape`.
+async fn from_child_init(
+    io: &mut Io,
+    req: &Request,
+    handle: &Handle,
+    caller: u64,
+    id: Option<Id>,
+    obs: &Obs<'_>,
+    shape: impl FnOnce(Value) -> Value,
+) -> bool {
+    let probe = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}});
+    let pending = handle.call(caller, super::json_bytes(&probe));
+    let answer = match pending.done.await {
+        Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) if v.get("result").is_some() => {
+                let result = shape(v["result"].clone());
+                let mut msg = json!({"jsonrpc": "2.0", "result": result});
+                msg["id"] = id.as_ref().map_or(Value::Null, Id::to_json);
+                Ok(super::json_bytes(&msg))
+            }
+            _ => Err(StdioError::Refused(
+                handle.name().to_owned(),
+                "no initialize result".into(),
+            )),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(StdioError::Gone(handle.name().to_owned())),
+    };
+    finish(io, req, id, answer, false, obs).await
+}
+
+/// Writes the final answer: as the last SSE event when streaming, else as JSON; a failure as
+/// a JSON-RPC error naming the upstream.
+async fn finish(
+    io: &mut Io,
+    req: &Request,
+    id: Option<Id>,
+    answer: Result<Vec<u8>, StdioError>,
+    streaming: bool,
+    obs: &Obs<'_>,
+) -> bool {
+    let bytes = match answer {
+        Ok(bytes) => {
+            obs.set(classify(&bytes));
+            bytes
+        }
+        Err(e) => {
+            obs.set(Outcome::UpstreamFailure);
+            let status = match e {
+                StdioError::Timeout(..) => 504,
+                _ => 502,
+            };
+            let err = RpcError::upstream(e.to_string(), status).with_id(id);
+            if !streaming {
+                return io
+                    .write_all(json_response(status, &err, req.keep_alive))
+                    .await
+                    .is_ok();
+            }
+            err.body()
+        }
+    };
+    if streaming {
+        let mut last = sse_event(&bytes);
+        last.extend_from_slice(b"0\r\n\r\n");
+        return io.write_all(last).await.is_ok() && req.keep_alive;
+    }
+    io.write_all(http::response(
+        200,
+        &[("content-type", "application/json")],
+        &bytes,
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// A session-era child's answer, as a 2026-07-28 client must get it: results of the methods
+/// that have them carry `resultType`, and the cacheable ones `ttlMs` and `cacheScope` (0 and
+/// private: the gateway cannot know for how long the child's answer holds).
+fn for_stateless(method: &str, bytes: Vec<u8>) -> Vec<u8> {
+    const CACHEABLE: &[&str] = &[
+        "tools/list",
+        "prompts/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+    ];
+    const TYPED: &[&str] = &["tools/call", "prompts/get", "completion/complete"];
+    let cacheable = CACHEABLE.contains(&method);
+    if !cacheable && !TYPED.contains(&method) {
+        return bytes;
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return bytes;
+    };
+    let Some(result) = v.get_mut("result").and_then(Value::as_object_mut) else {
+        return bytes;
+    };
+    result.entry("resultType").or_insert(json!("complete"));
+    if cacheable {
+        result.entry("ttlMs").or_insert(json!(0));
+        result.entry("cacheScope").or_insert(json!("private"));
+    }
+    super::json_bytes(&v)
+}
+
+fn accepts_sse(req: &Request) -> bool {
+    req.header_str("accept")
+        .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// The head of a chunked SSE answer.
+fn sse_head(req: &Request) -> Vec<u8> {
+    let connection = if req.keep_alive {
+        "keep-alive"
+    } else {
+        "close"
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\nconnection: {connection}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// One SSE event carrying `data` (one JSON message, on one line), as an HTTP chunk.
+fn sse_event(data: &[u8]) -> Vec<u8> {
+    let mut event = Vec::with_capacity(data.len() + 16);
+    event.extend_from_slice(b"event: message\ndata: ");
+    event.extend_from_slice(data);
+    event.extend_from_slice(b"\n\n");
+    let mut out = format!("{:x}\r\n", event.len()).into_bytes();
+    out.extend_from_slice(&event);
+    out.extend_from_slice(b"\r\n");
+    out
+}
