@@ -170,7 +170,12 @@ fn certificates_that_do_not_verify_get_502_naming_the_upstream_and_the_reason_co
     let url = |i: usize| format!("https://127.0.0.1:{}/mcp", ports[i]);
     let (mut d, port, admin) = start(
         &[
-            upstream("expired", &url(0), &ca(&pki)),
+            // A failed handshake counts against the breaker like a failed connect.
+            upstream(
+                "expired",
+                &url(0),
+                &format!("{}\nbreaker = {{ consecutive_failures = 2 }}", ca(&pki)),
+            ),
             upstream("wrongname", &url(1), &ca(&pki)),
             // No `ca_file`: the system trust store, where the test CA is not.
             upstream("untrusted", &url(2), ""),
@@ -216,6 +221,13 @@ fn certificates_that_do_not_verify_get_502_naming_the_upstream_and_the_reason_co
             metrics(admin)
         );
     }
+    let (r, _) = raw(port, &post("/expired", CALL, ""));
+    assert_eq!(
+        r.status,
+        503,
+        "the breaker opened: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     d.stop();
 }
 
