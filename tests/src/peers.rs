@@ -61,8 +61,26 @@ pub fn demo_upstream(port: u16) -> KillOnDrop {
     demo_upstream_in(None, port)
 }
 
+/// As [`demo_upstream`], serving https with `tls`'s certificate and key.
+pub fn demo_upstream_tls(port: u16, tls: &crate::pki::Issued) -> KillOnDrop {
+    demo_upstream_args(
+        None,
+        port,
+        &[
+            "--tls-cert",
+            tls.cert.to_str().expect("utf-8 path"),
+            "--tls-key",
+            tls.key.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
 /// As [`demo_upstream`], on 127.0.0.1 of network namespace `ns` (this one if `None`).
 pub fn demo_upstream_in(ns: Option<&str>, port: u16) -> KillOnDrop {
+    demo_upstream_args(ns, port, &[])
+}
+
+fn demo_upstream_args(ns: Option<&str>, port: u16, extra: &[&str]) -> KillOnDrop {
     let bin = root().join("target/release/mcp-upstream");
     assert!(
         bin.exists(),
@@ -75,6 +93,7 @@ pub fn demo_upstream_in(ns: Option<&str>, port: u16) -> KillOnDrop {
     }
     let child = cmd
         .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
+        .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .expect("start mcp-upstream");
@@ -174,6 +193,33 @@ impl PyServer {
             child: KillOnDrop(child),
             port,
         }
+    }
+
+    /// Over https (uvicorn's TLS) with `tls`'s certificate and key; with `client_ca`, a
+    /// client certificate issued by that CA is required.
+    pub fn start_tls(
+        flags: &[&str],
+        tls: &crate::pki::Issued,
+        client_ca: Option<&std::path::Path>,
+    ) -> Self {
+        let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+        let mut args: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        args.extend([
+            "--ssl-certfile".into(),
+            path(&tls.cert),
+            "--ssl-keyfile".into(),
+            path(&tls.key),
+        ]);
+        if let Some(ca) = client_ca {
+            args.extend([
+                "--ssl-ca-certs".into(),
+                path(ca),
+                "--ssl-cert-reqs".into(),
+                "2".into(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_on(free_port(), &args)
     }
 
     pub fn url(&self) -> String {

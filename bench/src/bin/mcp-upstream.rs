@@ -4,7 +4,8 @@
 //! session era (`initialize`, `Mcp-Session-Id`) and 2026-07-28 (`server/discover`, stateless),
 //! and offers a few real tools.
 //!
-//! Usage: mcp-upstream [--listen 127.0.0.1:9100] [--workers N]
+//! Usage: mcp-upstream [--listen 127.0.0.1:9100] [--workers N] [--tls-cert PEM --tls-key PEM]
+//! (with a certificate and key it serves https: TLS 1.3 and 1.2, ALPN http/1.1, rustls).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -22,6 +23,29 @@ struct Args {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Serve https with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS server configuration, when a certificate is given.
+fn tls_config(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(std::sync::Arc::new(config)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,14 +55,17 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.workers
     };
+    let tls = tls_config(&args)?;
     let sockets = gateway::runtime::bind_reuseport(args.listen, workers)?;
     eprintln!(
-        "mcp-upstream: serving MCP at http://{}/mcp with {workers} workers",
+        "mcp-upstream: serving MCP at {}://{}/mcp with {workers} workers",
+        if tls.is_some() { "https" } else { "http" },
         args.listen
     );
     let threads: Vec<_> = sockets
         .into_iter()
         .map(|socket| {
+            let tls = tls.clone();
             std::thread::spawn(move || {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                     .enable_timer()
@@ -48,7 +75,8 @@ fn main() -> anyhow::Result<()> {
                     let listener = monoio::net::TcpListener::from_std(socket).expect("listener");
                     while let Ok((stream, _)) = listener.accept().await {
                         let _ = stream.set_nodelay(true);
-                        monoio::spawn(serve(Io::new(stream, Duration::from_secs(10))));
+                        let io = Io::new(stream, Duration::from_secs(10));
+                        monoio::spawn(handshake_then_serve(io, tls.clone()));
                     }
                 });
             })
@@ -58,6 +86,24 @@ fn main() -> anyhow::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Runs the TLS handshake first, when the upstream serves https.
+async fn handshake_then_serve(mut io: Io, tls: Option<std::sync::Arc<rustls::ServerConfig>>) {
+    if let Some(config) = tls {
+        let Ok(session) = rustls::ServerConnection::new(config) else {
+            return;
+        };
+        let deadline = monoio::time::Instant::now() + Duration::from_secs(10);
+        if io
+            .handshake(rustls::Connection::Server(session), deadline)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    serve(io).await;
 }
 
 async fn serve(mut io: Io) {
