@@ -13,4 +13,5 @@ pub mod policy;
 pub mod runtime;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;
 pub mod top;

@@ -141,6 +141,8 @@ pub struct Shared {
     pub panics: AtomicU64,
     /// Worker runtimes that panicked and were started again.
     pub worker_restarts: AtomicU64,
+    /// What the TLS listeners serve, and their counters.
+    pub tls: std::sync::Arc<crate::tls::Edge>,
 }
 
 impl Shared {
@@ -157,6 +159,7 @@ impl Shared {
                 }),
         };
         Self {
+            tls: std::sync::Arc::new(crate::tls::Edge::new(config.listeners.len())),
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),
