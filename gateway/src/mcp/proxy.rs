@@ -404,10 +404,20 @@ async fn handle_inner<'a, 'c>(
             }
         },
     };
-    let who = match policy.authenticate(
+    let peer_cert = route
+        .auth
+        .contains(&crate::config::AuthMethod::Mtls)
+        .then(|| io.tls().map(policy::mtls::PeerCert::of));
+    let cert = match &peer_cert {
+        None | Some(None) => policy::mtls::ClientCert::Plaintext,
+        Some(Some(None)) => policy::mtls::ClientCert::Absent,
+        Some(Some(Some(c))) => policy::mtls::ClientCert::Present(c),
+    };
+    let who = match policy.authenticate_with(
         route,
         &req.headers,
         snapshot.classifier.tenant_of(peer.ip()),
+        cert,
     ) {
         Ok(who) => who,
         Err(r) => return refuse(io, req, &r, None, obs, ctx, peer, config).await,
