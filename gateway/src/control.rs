@@ -127,7 +127,10 @@ impl Control {
             ("gateway.pin_workers", new.pin_workers != old.pin_workers),
             (
                 "listeners",
-                !new.listeners.iter().map(|l| l.address).eq(old.listeners.iter().map(|l| l.address)),
+                !new.listeners
+                    .iter()
+                    .map(|l| l.address)
+                    .eq(old.listeners.iter().map(|l| l.address)),
             ),
             ("admin.address", new.admin != old.admin),
             ("TLS on or off on a listener", tls_on(&new) != tls_on(old)),
@@ -177,7 +180,9 @@ impl Control {
             }
             Err(e) => {
                 self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
-                tracing::error!("TLS files changed but do not load: {e}; the running certificates are kept");
+                tracing::error!(
+                    "TLS files changed but do not load: {e}; the running certificates are kept"
+                );
             }
         }
     }
@@ -255,7 +260,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let shared = Arc::new(Shared::new(config));
     {
         let config = &shared.snapshot.load().config;
-        let tls = shared.tls.prepare(config).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let tls = shared
+            .tls
+            .prepare(config)
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
         shared.tls.publish(tls);
     }
     // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
@@ -373,11 +381,7 @@ fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    tls: bool,
-    control: Arc<Mutex<Control>>,
-) {
+async fn serve_admin(listener: tokio::net::TcpListener, tls: bool, control: Arc<Mutex<Control>>) {
     let edge = Arc::clone(&lock(&control).shared.tls);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);

@@ -120,7 +120,12 @@ impl RawTls {
         }
         let handshake_timeout = match self.handshake_timeout_ms {
             None => request_timeout,
-            Some(0) => return Err(invalid(format!("{key}.handshake_timeout_ms"), "must be above 0")),
+            Some(0) => {
+                return Err(invalid(
+                    format!("{key}.handshake_timeout_ms"),
+                    "must be above 0",
+                ));
+            }
             Some(ms) => Duration::from_millis(ms),
         };
         Ok(Tls {

@@ -137,3 +137,7 @@ impl Mapping {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "mtls_tests.rs"]
+mod tests;

@@ -48,7 +48,8 @@ pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<
                 {
                     Err(_) => edge.stats.failed(super::Failure::Timeout),
                     Ok(Err(e)) => {
-                        let why = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                        let why = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+                        {
                             Some(e) => super::classify(
                                 &crate::http::HandshakeError::Tls(e.clone()),
                                 None,

@@ -207,7 +207,10 @@ impl Edge {
                 let cas = read_certs(path).map_err(|e| format!("{key}.client_ca: {e}"))?;
                 for ca in cas {
                     roots.add(ca).map_err(|e| {
-                        format!("{key}.client_ca: `{}`: not a CA certificate: {e}", path.display())
+                        format!(
+                            "{key}.client_ca: `{}`: not a CA certificate: {e}",
+                            path.display()
+                        )
                     })?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(
@@ -404,14 +407,14 @@ pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
             return false;
         }
     };
-    match io.handshake(rustls::Connection::Server(conn), deadline).await {
+    match io
+        .handshake(rustls::Connection::Server(conn), deadline)
+        .await
+    {
         Ok(()) => {
             stats.handshakes.fetch_add(1, Ordering::Relaxed);
             if let Some(rustls::Connection::Server(s)) = io.tls()
-                && matches!(
-                    s.handshake_kind(),
-                    Some(rustls::HandshakeKind::Resumed)
-                )
+                && matches!(s.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
             {
                 stats.resumed.fetch_add(1, Ordering::Relaxed);
             }
@@ -436,7 +439,10 @@ fn classify(e: &HandshakeError, sni: Option<&str>, resolver: &SniResolver) -> Fa
         HandshakeError::Timeout => Failure::Timeout,
         HandshakeError::Closed => Failure::Closed,
         HandshakeError::Tls(e) => match e {
-            E::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => Failure::NotTls,
+            E::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+                | rustls::InvalidMessage::UnknownProtocolVersion,
+            ) => Failure::NotTls,
             E::NoCertificatesPresented => Failure::NoClientCertificate,
             E::InvalidCertificate(_) => Failure::BadCertificate,
             E::NoApplicationProtocol | E::PeerIncompatible(_) => Failure::Incompatible,
@@ -485,7 +491,12 @@ pub fn render_metrics(edge: &Edge, out: &mut String) {
 }
 
 /// What the reload watcher compares: each TLS file's modification time, length and inode.
-pub fn stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<(std::time::SystemTime, u64, u64)>)> {
+pub fn stamps(
+    config: &Config,
+) -> Vec<(
+    std::path::PathBuf,
+    Option<(std::time::SystemTime, u64, u64)>,
+)> {
     use std::os::unix::fs::MetadataExt as _;
     config
         .listeners
@@ -502,3 +513,6 @@ pub fn stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<(std::time::Sy
         .collect()
 }
 
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;
