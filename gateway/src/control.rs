@@ -32,10 +32,8 @@ struct Control {
     /// once draining starts.
     ready: bool,
     /// The TLS files as they were when last loaded (the reload watcher compares).
-    tls_stamps: Vec<TlsStamp>,
+    tls_stamps: Vec<crate::tls::Stamp>,
 }
-
-type TlsStamp = (PathBuf, Option<(std::time::SystemTime, u64, u64)>);
 
 impl Control {
     /// Merges what the workers have sent since the last call.

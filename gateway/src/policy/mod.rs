@@ -662,13 +662,13 @@ impl Policy {
             && let mtls::ClientCert::Present(c) = cert
         {
             match self.mtls.caller(c) {
-                Ok(Some((tenant, agent))) => credentials.push(Credential {
+                mtls::Mapped::Caller(tenant, agent) => credentials.push(Credential {
                     tenant,
                     agent,
                     run: None,
                     via: Via::Mtls,
                 }),
-                Ok(None) => {
+                mtls::Mapped::Nobody => {
                     return Err(Refusal::new(
                         403,
                         code::FORBIDDEN,
@@ -679,7 +679,7 @@ impl Policy {
                         ),
                     ));
                 }
-                Err(()) => {
+                mtls::Mapped::Ambiguous => {
                     return Err(Refusal::new(
                         403,
                         code::FORBIDDEN,

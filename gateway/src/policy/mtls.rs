@@ -79,6 +79,17 @@ pub enum ClientCert<'a> {
     Present(&'a PeerCert),
 }
 
+/// Whom a certificate names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mapped {
+    /// None of its names is mapped.
+    Nobody,
+    /// (tenant index, agent).
+    Caller(usize, Option<String>),
+    /// Its names map to different callers.
+    Ambiguous,
+}
+
 /// `[[auth.mtls]]`, compiled: names → (tenant index, agent).
 #[derive(Debug, Default)]
 pub struct Mapping {
@@ -120,9 +131,9 @@ impl Mapping {
         Ok(m)
     }
 
-    /// The caller `cert` names: `Ok(None)` if none of its names is mapped, `Err` if its names
-    /// map to different callers (never resolved to one of them).
-    pub fn caller(&self, cert: &PeerCert) -> Result<Option<(usize, Option<String>)>, ()> {
+    /// The caller `cert` names; names that map to different callers are never resolved to
+    /// one of them.
+    pub fn caller(&self, cert: &PeerCert) -> Mapped {
         let found: Vec<&(usize, Option<String>)> = cert
             .uris
             .iter()
@@ -131,9 +142,13 @@ impl Mapping {
             .chain(cert.cn.iter().filter_map(|c| self.cns.get(c)))
             .collect();
         match found.split_first() {
-            None => Ok(None),
-            Some((first, rest)) if rest.iter().all(|o| o == first) => Ok(Some((*first).clone())),
-            Some(_) => Err(()),
+            None => Mapped::Nobody,
+            Some(((tenant, agent), rest))
+                if rest.iter().all(|o| o.0 == *tenant && o.1 == *agent) =>
+            {
+                Mapped::Caller(*tenant, agent.clone())
+            }
+            Some(_) => Mapped::Ambiguous,
         }
     }
 }

@@ -490,13 +490,15 @@ pub fn render_metrics(edge: &Edge, out: &mut String) {
     );
 }
 
-/// What the reload watcher compares: each TLS file's modification time, length and inode.
-pub fn stamps(
-    config: &Config,
-) -> Vec<(
+/// One TLS file as the reload watcher saw it: its path, and its modification time, length and
+/// inode (none if it could not be read).
+pub type Stamp = (
     std::path::PathBuf,
     Option<(std::time::SystemTime, u64, u64)>,
-)> {
+);
+
+/// What the reload watcher compares: each TLS file's modification time, length and inode.
+pub fn stamps(config: &Config) -> Vec<Stamp> {
     use std::os::unix::fs::MetadataExt as _;
     config
         .listeners

@@ -116,7 +116,7 @@ fn served(port: u16, args: &[&str]) -> Option<String> {
     let (ok, fp) = run(
         "openssl",
         &["x509", "-noout", "-fingerprint", "-sha256"],
-        out[start..end].as_bytes(),
+        &out.as_bytes()[start..end],
     );
     ok.then(|| fp.trim().to_owned())
 }
