@@ -651,13 +651,34 @@ fn certificates_reload_under_load_without_a_failed_request() {
     let load = std::thread::spawn(move || py_script_env(LOAD, &[&url, "12", &ca], &[]));
     std::thread::sleep(Duration::from_millis(1500));
 
+    // A TLS 1.3 session from before the reloads, resumed after them (one ticketer for good).
+    let sess = pki.dir().join("session");
+    let sess = sess.to_str().unwrap();
+    let first = s_client(
+        port,
+        &["-servername", "localhost", "-tls1_3", "-sess_out", sess],
+        CLOSE,
+    );
+    assert!(first.contains("HTTP/1.1 404"), "{first}");
+
     // SIGHUP: the new certificate at once.
     install(&combined, &v2);
     d.hangup();
     wait_served(port, &fingerprint_of(&v2.cert), Duration::from_millis(1500));
+    // By the signal (the configuration was read again), not only by the file watcher.
+    d.wait_for_log("\"message\":\"reloaded /", Duration::from_secs(2));
     // The file changes (no signal): picked up by the watcher within its 2 s poll.
     install(&combined, &v3);
     wait_served(port, &fingerprint_of(&v3.cert), Duration::from_secs(5));
+    let again = s_client(
+        port,
+        &["-servername", "localhost", "-tls1_3", "-sess_in", sess],
+        CLOSE,
+    );
+    assert!(
+        again.contains("Reused, TLSv1.3"),
+        "resumed across two reloads: {again}"
+    );
     // A broken file: a certificate with another's key, then garbage. Refused and counted; the
     // running certificate stays.
     let reload_failures = |_: &Daemon| {
@@ -727,6 +748,7 @@ fn certificates_reload_under_load_without_a_failed_request() {
     }
 
     let report = load.join().expect("the load thread");
+    eprintln!("requests during the reloads: {report}");
     assert_eq!(report["failures"], serde_json::json!([]), "{report}");
     assert!(report["keepalive"].as_u64().unwrap() > 20, "{report}");
     assert!(report["new"].as_u64().unwrap() > 20, "{report}");
