@@ -747,6 +747,24 @@ fn certificates_reload_under_load_without_a_failed_request() {
         );
     }
 
+    // POST /reload: a good certificate again.
+    install(&combined, &v4);
+    let (ok, out) = run(
+        "curl",
+        &[
+            "-s",
+            "-X",
+            "POST",
+            &format!("http://127.0.0.1:{admin}/reload"),
+        ],
+        b"",
+    );
+    assert!(ok && out.contains("\"result\""), "{out}");
+    assert_eq!(
+        served(port, &["-servername", "localhost"]),
+        Some(fingerprint_of(&v4.cert))
+    );
+
     let report = load.join().expect("the load thread");
     eprintln!("requests during the reloads: {report}");
     assert_eq!(report["failures"], serde_json::json!([]), "{report}");
