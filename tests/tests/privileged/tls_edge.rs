@@ -206,8 +206,13 @@ fn sdk_client_and_curl_over_https_in_both_eras() {
     let pki = Pki::new("sdk");
     let server = pki.server("server", &["localhost", "127.0.0.1"], KeyKind::EcdsaP256);
     let upstream = PyServer::start(false);
+    let demo_port = free_port();
+    let _demo = integration_tests::peers::demo_upstream(demo_port);
     let (port, admin) = (free_port(), free_port());
     let instance = unique("gwtls");
+    let demo_route = format!(
+        "[[upstreams]]\nname = \"demo\"\nurl = \"http://127.0.0.1:{demo_port}/mcp\"\n[[routes]]\npath = \"/demo\"\nupstream = \"demo\"\n"
+    );
     let mut d = Daemon::start_local(
         &instance,
         &config(
@@ -216,7 +221,7 @@ fn sdk_client_and_curl_over_https_in_both_eras() {
             admin,
             &certs(&[&server]),
             &upstream.url(),
-            "",
+            &demo_route,
         ),
     );
     let ca = pki.ca.to_str().unwrap();
@@ -230,6 +235,26 @@ fn sdk_client_and_curl_over_https_in_both_eras() {
         assert_eq!(
             through, direct,
             "{mode}: over https the gateway changes nothing"
+        );
+        // The project's demo upstream behind the same TLS listener.
+        let demo = py_script_env(
+            r#"
+import asyncio, json, sys
+from mcp import Client
+async def main(url, mode):
+    async with Client(url, mode=mode) as c:
+        t = await c.list_tools()
+        r = await c.call_tool("add", {"a": 2, "b": 40})
+        print(json.dumps({"tools": [x.name for x in t.tools], "add": r.content[0].text}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#,
+            &[&format!("https://localhost:{port}/demo"), mode],
+            &[("SSL_CERT_FILE", ca)],
+        );
+        assert_eq!(
+            demo,
+            serde_json::json!({"tools": ["echo", "add", "word_count", "utc_now"], "add": "42"}),
+            "{mode}"
         );
     }
     // Without the test CA, the SDK client refuses the certificate: it really was TLS.
