@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use anyhow::{Context as _, bail};
 use tokio::{signal::unix::SignalKind, sync::watch};
 
@@ -29,6 +31,8 @@ struct Control {
     /// Serving: workers running (and the kernel program attached, when enabled); false again
     /// once draining starts.
     ready: bool,
+    /// The TLS files as they were when last loaded (the reload watcher compares).
+    tls_stamps: Vec<crate::tls::Stamp>,
 }
 
 impl Control {
@@ -108,12 +112,26 @@ impl Control {
         };
         let new = Config::from_file(path).with_context(|| format!("{} refused", path.display()))?;
         let old = &self.shared.snapshot.load().config;
+        let tls_on = |c: &Config| -> Vec<bool> {
+            c.listeners
+                .iter()
+                .map(|l| l.tls.is_some())
+                .chain([c.admin_tls.is_some()])
+                .collect()
+        };
         for (what, changed) in [
             ("gateway.instance", new.instance != old.instance),
             ("gateway.workers", new.workers != old.workers),
             ("gateway.pin_workers", new.pin_workers != old.pin_workers),
-            ("listeners", new.listeners != old.listeners),
+            (
+                "listeners",
+                !new.listeners
+                    .iter()
+                    .map(|l| l.address)
+                    .eq(old.listeners.iter().map(|l| l.address)),
+            ),
             ("admin.address", new.admin != old.admin),
+            ("TLS on or off on a listener", tls_on(&new) != tls_on(old)),
             ("kernel.enabled", new.kernel.enabled != old.kernel.enabled),
             (
                 "kernel.interfaces",
@@ -125,13 +143,47 @@ impl Control {
                 bail!("`{what}` changed: that needs a restart; the running configuration is kept");
             }
         }
+        // Certificates are read again on every reload, even when their paths did not change.
+        let stamps = crate::tls::stamps(&new);
+        let tls = self.shared.tls.prepare(&new).map_err(|e| {
+            self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
+            anyhow::anyhow!("{e}; the running certificates and configuration are kept")
+        })?;
         if let Some(maps) = &mut self.maps {
             maps.sync(&KernelState::from_config(&new))
                 .context("syncing the kernel maps")?;
         }
         self.shared.stdio.sync(&new.upstreams);
         self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
+        self.shared.tls.publish(tls);
+        self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+        self.tls_stamps = stamps;
         Ok(format!("reloaded {}", path.display()))
+    }
+
+    /// Reloads the certificates when one of their files changed since they were loaded (the
+    /// configuration itself is not read again). A set that does not load is refused and
+    /// counted, the running one kept; it is tried again when its files change again.
+    fn watch_tls_files(&mut self) {
+        let config = &self.shared.snapshot.load().config;
+        let stamps = crate::tls::stamps(config);
+        if stamps == self.tls_stamps {
+            return;
+        }
+        self.tls_stamps = stamps;
+        match self.shared.tls.prepare(config) {
+            Ok(tls) => {
+                self.shared.tls.publish(tls);
+                self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+                tracing::info!("TLS files changed: certificates reloaded");
+            }
+            Err(e) => {
+                self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
+                tracing::error!(
+                    "TLS files changed but do not load: {e}; the running certificates are kept"
+                );
+            }
+        }
     }
 
     /// Raises or lowers each capped tenant's flag from the workers' connection counts.
@@ -203,6 +255,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let cap_poll = config.kernel.cap_poll;
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
+    let tls_stamps = crate::tls::stamps(&config);
     let shared = Arc::new(Shared::new(config));
     let open_files = runtime::raise_open_files_limit();
     shared
@@ -210,6 +263,14 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .store(open_files, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(open_files, "open-file limit");
     shared.stdio.sync(&shared.snapshot.load().config.upstreams);
+    {
+        let config = &shared.snapshot.load().config;
+        let tls = shared
+            .tls
+            .prepare(config)
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        shared.tls.publish(tls);
+    }
     // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
     // listening itself, at once, whatever the workers are doing.
     let listening: Vec<TcpListener> = per_worker
@@ -237,8 +298,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         config_path,
         stats: Aggregator::new(max_tools, log),
         ready: true,
+        tls_stamps,
     }));
-    let admin = tokio::spawn(serve_admin(admin_listener, Arc::clone(&control)));
+    let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
+    let admin = tokio::spawn(serve_admin(admin_listener, admin_tls, Arc::clone(&control)));
     let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
         Arc::clone(&shared),
         crate::mcp::upstream::resolve::System,
@@ -250,9 +313,13 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         "data plane running"
     );
     for l in &listeners {
-        tracing::info!("MCP endpoint: http://{}/mcp", l.address);
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        tracing::info!("MCP endpoint: {scheme}://{}/mcp", l.address);
     }
-    tracing::info!("metrics: http://{admin_addr}/metrics  health: http://{admin_addr}/healthz");
+    let scheme = if admin_tls { "https" } else { "http" };
+    tracing::info!(
+        "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
+    );
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -262,8 +329,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut merge = tokio::time::interval(Duration::from_secs(1));
     let mut bans = tokio::time::interval(Duration::from_millis(100));
     let mut prune = tokio::time::interval(Duration::from_secs(10));
+    let mut tls_files = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = tls_files.tick() => lock(&control).watch_tls_files(),
             _ = caps.tick() => lock(&control).update_caps(),
             _ = merge.tick() => lock(&control).drain_stats(),
             _ = bans.tick() => lock(&control).apply_auto_bans(),
@@ -322,12 +391,21 @@ fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, control: Arc<Mutex<Control>>) {
+async fn serve_admin(listener: tokio::net::TcpListener, tls: bool, control: Arc<Mutex<Control>>) {
+    let edge = Arc::clone(&lock(&control).shared.tls);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);
         async move { admin(req, &control).await }
     });
-    if let Err(e) = axum::serve(listener, app).await {
+    let served = if tls {
+        match crate::tls::admin::listen(listener, edge) {
+            Ok(l) => axum::serve(l, app).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        axum::serve(listener, app).await
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "admin listener failed");
     }
 }

@@ -14,4 +14,5 @@ pub mod runtime;
 pub mod stats;
 pub mod stdio;
 pub mod telemetry;
+pub mod tls;
 pub mod top;

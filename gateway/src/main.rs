@@ -93,6 +93,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let c = Config::from_file(&config)?;
+            // The certificate, key and CA files are read as a start would read them.
+            gateway::tls::Edge::new(c.listeners.len())
+                .prepare(&c)
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
             println!(
                 "{}: valid ({} listeners, {} tenants)",
                 config.display(),

@@ -277,12 +277,31 @@ pub fn py_script(script: &str, args: &[&str]) -> serde_json::Value {
     run_python(&all)
 }
 
+/// [`py_client`] with extra environment variables (`SSL_CERT_FILE`: the CA an https URL's
+/// certificate is checked against).
+pub fn py_client_env(url: &str, mode: &str, env: &[(&str, &str)]) -> serde_json::Value {
+    let client = root().join("tests/fixtures/mcp_client.py");
+    run_python_env(&[client.to_str().expect("utf-8 path"), url, mode], env)
+}
+
+/// [`py_script`] with extra environment variables.
+pub fn py_script_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let mut all = vec!["-c", script];
+    all.extend_from_slice(args);
+    run_python_env(&all, env)
+}
+
 /// Runs the venv's Python (at most 60 s) and parses the one JSON value it prints.
 fn run_python(args: &[&str]) -> serde_json::Value {
+    run_python_env(args, &[])
+}
+
+fn run_python_env(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let out = Command::new("timeout")
         .arg("60")
         .arg(python())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run python");
     assert!(

@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 mod policy;
 pub use policy::*;
+mod tls;
+pub use tls::*;
 
 /// The configuration that `gateway run` serves when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -305,6 +307,9 @@ const fn default_grace_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub address: String,
+    /// TLS on this listener; plaintext HTTP without it.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -315,6 +320,9 @@ pub struct RawAdmin {
     /// listener is not on loopback; `/healthz` and `/readyz` never need it.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// TLS on the admin listener (the same shape as a listener's).
+    #[serde(default)]
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -406,6 +414,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub listeners: Vec<Listener>,
     pub admin: SocketAddr,
+    pub admin_tls: Option<Tls>,
     /// Bearer token of the admin API, if any.
     pub admin_token: Option<String>,
     pub telemetry: TelemetryConfig,
@@ -428,6 +437,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub address: SocketAddr,
+    pub tls: Option<Tls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -737,7 +747,9 @@ impl RawConfig {
             ));
         }
         let mut listeners = Vec::new();
-        for (i, l) in self.listeners.iter().enumerate() {
+        // A handshake's default limit (a zero timeout is refused below, with `http`).
+        let request_timeout = Duration::from_millis(self.http.request_timeout_ms);
+        for (i, l) in self.listeners.into_iter().enumerate() {
             let addr = parse_addr(&format!("listeners[{i}].address"), &l.address)?;
             if addr.port() == 0 {
                 return Err(invalid(
@@ -748,9 +760,18 @@ impl RawConfig {
             if listeners.iter().any(|l: &Listener| l.address == addr) {
                 return Err(invalid(format!("listeners[{i}].address"), "listed twice"));
             }
-            listeners.push(Listener { address: addr });
+            let tls = l
+                .tls
+                .map(|t| t.validate(&format!("listeners[{i}].tls"), request_timeout))
+                .transpose()?;
+            listeners.push(Listener { address: addr, tls });
         }
         let admin = parse_addr("admin.address", &self.admin.address)?;
+        let admin_tls = self
+            .admin
+            .tls
+            .map(|t| t.validate("admin.tls", request_timeout))
+            .transpose()?;
         if listeners.iter().any(|l| l.address.port() == admin.port()) {
             return Err(invalid("admin.address", "shares a port with a listener"));
         }
@@ -1180,6 +1201,16 @@ impl RawConfig {
                     ));
                 }
             };
+            if r.auth.contains(&AuthMethod::Mtls)
+                && !listeners
+                    .iter()
+                    .any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()))
+            {
+                return Err(invalid(
+                    format!("routes[{i}].auth"),
+                    "`mtls` needs a listener with TLS and `client_ca` (client certificates)",
+                ));
+            }
             if r.auth.contains(&AuthMethod::Jwt) && self.auth.jwt.is_none() {
                 return Err(invalid(
                     format!("routes[{i}].auth"),
@@ -1225,6 +1256,7 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(g.shutdown_grace_ms),
             listeners,
             admin,
+            admin_tls,
             admin_token,
             telemetry,
             kernel: KernelConfig {

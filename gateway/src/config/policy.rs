@@ -13,6 +13,9 @@ pub struct RawAuth {
     pub api_keys: Vec<RawApiKey>,
     #[serde(default)]
     pub jwt: Option<RawJwt>,
+    /// Client certificates (verified by a listener's `client_ca`) and the callers they name.
+    #[serde(default)]
+    pub mtls: Vec<super::RawMtlsIdentity>,
     /// The RFC 9728 protected resource metadata served at
     /// `/.well-known/oauth-protected-resource[/route path]` and named in `WWW-Authenticate`.
     #[serde(default)]
@@ -92,6 +95,9 @@ pub enum AuthMethod {
     Jwt,
     /// A source address that the tenant prefixes classify to a tenant other than the default.
     Address,
+    /// A client certificate verified on a TLS listener with `client_ca`, mapped to a caller by
+    /// `[[auth.mtls]]`.
+    Mtls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]

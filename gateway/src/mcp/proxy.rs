@@ -155,8 +155,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut io = Io::new(stream, Duration::ZERO);
-    // Which listener accepted it: the index of its entry in `Config::listeners`.
-    let _ = listener;
+    // Which listener accepted it (the index of its entry in `Config::listeners`) says whether
+    // the connection starts with a TLS handshake.
+    if let Some(tls) = ctx.shared.tls.listener(listener)
+        && !crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats).await
+    {
+        return;
+    }
     loop {
         let snapshot = ctx.shared.snapshot.load_full();
         let limits = limits(&snapshot.config);

@@ -110,7 +110,7 @@ async fn run<'c>(
     origin(config, req)?;
     let protocol = version(req)?;
     let header_trace = trace(req)?;
-    let (who, tenant) = identity(req, peer, snapshot, route, obs, header_trace)?;
+    let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
     let messages = parse(req, ctx, route, protocol, obs)?;
     check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     let admissions = admit(
@@ -203,8 +203,10 @@ fn trace(req: &Request) -> Result<Option<String>, Stop> {
     }
 }
 
-/// identity: who calls, from every credential the request carries.
+/// identity: who calls, from every credential the request carries (a verified client
+/// certificate among them, on a route that accepts `mtls`).
 fn identity<'c>(
+    io: &Io,
     req: &Request,
     peer: SocketAddr,
     snapshot: &'c Snapshot,
@@ -213,11 +215,21 @@ fn identity<'c>(
     header_trace: Option<String>,
 ) -> Result<(Identity, &'c TenantPolicy), Stop> {
     let policy = &snapshot.policy;
+    let peer_cert = route
+        .auth
+        .contains(&crate::config::AuthMethod::Mtls)
+        .then(|| io.tls().map(policy::mtls::PeerCert::of));
+    let cert = match &peer_cert {
+        None | Some(None) => policy::mtls::ClientCert::Plaintext,
+        Some(Some(None)) => policy::mtls::ClientCert::Absent,
+        Some(Some(Some(c))) => policy::mtls::ClientCert::Present(c),
+    };
     let who = policy
-        .authenticate(
+        .authenticate_with(
             route,
             &req.headers,
             snapshot.classifier.tenant_of(peer.ip()),
+            cert,
         )
         .map_err(|r| Stop::Refuse(r, None))?;
     let tenant = &policy.tenants[who.tenant];

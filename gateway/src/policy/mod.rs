@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod breaker;
 pub mod limits;
+pub mod mtls;
 pub mod pins;
 pub mod rules;
 
@@ -102,6 +103,8 @@ pub enum Via {
     ApiKey,
     Jwt,
     Address,
+    /// A client certificate (`[[auth.mtls]]`).
+    Mtls,
 }
 
 /// Who is calling.
@@ -338,6 +341,8 @@ pub struct Policy {
     /// SHA-256 of each key → (tenant, agent).
     api_keys: HashMap<[u8; 32], (usize, Option<String>)>,
     jwt: Option<Jwt>,
+    /// Client certificate names → (tenant, agent).
+    mtls: mtls::Mapping,
     /// [`IDENTITY_HEADERS`] and every tenant's run header, lowercase.
     identity_headers: Vec<String>,
     pub metadata: crate::config::RawResourceMetadata,
@@ -504,7 +509,9 @@ impl Policy {
         identity_headers.extend(tenants.iter().map(|t| t.run_header.clone()));
         identity_headers.sort();
         identity_headers.dedup();
+        let mtls = mtls::Mapping::compile(c, &by_name)?;
         Ok(Self {
+            mtls,
             identity_headers,
             tenants,
             by_id,
@@ -582,6 +589,19 @@ impl Policy {
         headers: &[(String, Vec<u8>)],
         address_tenant: u32,
     ) -> Result<Identity, Box<Refusal>> {
+        self.authenticate_with(route, headers, address_tenant, mtls::ClientCert::Plaintext)
+    }
+
+    /// [`Policy::authenticate`] on a connection that may carry a client certificate. On a route
+    /// that accepts `mtls`, a certificate is a credential like the others (checked, and it must
+    /// name the same caller as any other); elsewhere it is not looked at.
+    pub fn authenticate_with(
+        &self,
+        route: &Route,
+        headers: &[(String, Vec<u8>)],
+        address_tenant: u32,
+        cert: mtls::ClientCert<'_>,
+    ) -> Result<Identity, Box<Refusal>> {
         let rule = || format!("routes[{}].auth", route.path);
         for name in &self.identity_headers {
             let mut values = headers
@@ -638,6 +658,40 @@ impl Policy {
                 .ok_or_else(|| unauthenticated("the API key is not valid", true))
         };
         let mut credentials: Vec<Credential> = Vec::with_capacity(2);
+        if accepts(AuthMethod::Mtls)
+            && let mtls::ClientCert::Present(c) = cert
+        {
+            match self.mtls.caller(c) {
+                mtls::Mapped::Caller(tenant, agent) => credentials.push(Credential {
+                    tenant,
+                    agent,
+                    run: None,
+                    via: Via::Mtls,
+                }),
+                mtls::Mapped::Nobody => {
+                    return Err(Refusal::new(
+                        403,
+                        code::FORBIDDEN,
+                        rule(),
+                        format!(
+                            "the client certificate ({}) is mapped to no caller by [[auth.mtls]]",
+                            c.describe()
+                        ),
+                    ));
+                }
+                mtls::Mapped::Ambiguous => {
+                    return Err(Refusal::new(
+                        403,
+                        code::FORBIDDEN,
+                        rule(),
+                        format!(
+                            "the client certificate ({}) names different callers in [[auth.mtls]]",
+                            c.describe()
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(key) = header("x-api-key") {
             if !accepts(AuthMethod::ApiKey) {
                 return Err(unauthenticated("API keys are not accepted here", true));
@@ -675,19 +729,23 @@ impl Policy {
                 ));
             }
         }
-        if let [a, b] = credentials.as_slice()
-            && (a.tenant != b.tenant || a.agent != b.agent)
+        if let Some((a, rest)) = credentials.split_first()
+            && rest
+                .iter()
+                .any(|b| a.tenant != b.tenant || a.agent != b.agent)
         {
             return Err(Refusal::new(
                 403,
                 code::FORBIDDEN,
                 rule(),
-                "the request carries credentials of different callers (Authorization and X-API-Key)",
+                "the request carries credentials of different callers (Authorization, X-API-Key, client certificate)",
             ));
         }
         // The signed token's, when there is one: it names the run.
         let found = credentials.pop().map(|c| Credential {
-            run: c.run.or_else(|| credentials.pop().and_then(|o| o.run)),
+            run: c
+                .run
+                .or_else(|| credentials.iter_mut().find_map(|o| o.run.take())),
             ..c
         });
         let Credential {
@@ -703,6 +761,18 @@ impl Policy {
                 run: None,
                 via: Via::Address,
             },
+            None if accepts(AuthMethod::Mtls) && matches!(cert, mtls::ClientCert::Plaintext) => {
+                return Err(unauthenticated(
+                    "credentials are required; this route accepts client certificates (mtls), which need a TLS listener with `client_ca`",
+                    false,
+                ));
+            }
+            None if accepts(AuthMethod::Mtls) => {
+                return Err(unauthenticated(
+                    "credentials are required: no client certificate was presented",
+                    false,
+                ));
+            }
             None => return Err(unauthenticated("credentials are required", false)),
         };
         if via != Via::Address && address_classified && tenant != by_address {

@@ -149,6 +149,8 @@ pub struct Shared {
     pub stdio: crate::stdio::Registry,
     /// Upstream connections, TLS failures and re-resolutions, by upstream.
     pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
+    /// What the TLS listeners serve, and their counters.
+    pub tls: std::sync::Arc<crate::tls::Edge>,
 }
 
 impl Shared {
@@ -165,6 +167,7 @@ impl Shared {
                 }),
         };
         Self {
+            tls: std::sync::Arc::new(crate::tls::Edge::new(config.listeners.len())),
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),

@@ -14,4 +14,5 @@ mod netns_e2e;
 mod observability_e2e;
 mod policy_e2e;
 mod stdio_e2e;
+mod tls_edge;
 mod xdp_decisions;

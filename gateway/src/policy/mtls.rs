@@ -1,0 +1,158 @@
+//! Client certificates as a credential (the `mtls` route auth method): the names a verified
+//! leaf certificate carries (SAN URIs such as SPIFFE ids, SAN DNS names, the subject CN) and
+//! the `[[auth.mtls]]` table that maps them to a tenant and agent.
+//!
+//! The chain was verified by rustls against the listener's `client_ca` during the handshake;
+//! this module only reads names from a certificate that passed, and never accepts one that
+//! maps to two different callers.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, ConfigError};
+
+/// The names of a verified client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCert {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub cn: Option<String>,
+}
+
+impl PeerCert {
+    /// The names in a DER certificate (none if it does not parse: such a certificate maps to
+    /// no caller).
+    pub fn from_der(der: &[u8]) -> Self {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return Self::default();
+        };
+        let mut out = Self {
+            cn: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+            ..Self::default()
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::URI(u) => out.uris.push((*u).to_owned()),
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        out.dns.push(d.to_ascii_lowercase());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// The leaf certificate a TLS client presented, if any.
+    pub fn of(conn: &rustls::Connection) -> Option<Self> {
+        conn.peer_certificates()
+            .and_then(<[_]>::first)
+            .map(|der| Self::from_der(der))
+    }
+
+    /// For messages: the names, shortest form.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.uris.iter().map(|u| format!("uri {u}")).collect();
+        parts.extend(self.dns.iter().map(|d| format!("dns {d}")));
+        parts.extend(self.cn.iter().map(|c| format!("cn {c}")));
+        if parts.is_empty() {
+            "no names".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// What the connection offers as a client certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCert<'a> {
+    /// The connection is plaintext: no certificate can be presented.
+    Plaintext,
+    /// TLS, and the client presented no certificate.
+    Absent,
+    /// TLS, with this verified certificate.
+    Present(&'a PeerCert),
+}
+
+/// Whom a certificate names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mapped {
+    /// None of its names is mapped.
+    Nobody,
+    /// (tenant index, agent).
+    Caller(usize, Option<String>),
+    /// Its names map to different callers.
+    Ambiguous,
+}
+
+/// `[[auth.mtls]]`, compiled: names → (tenant index, agent).
+#[derive(Debug, Default)]
+pub struct Mapping {
+    uris: HashMap<String, (usize, Option<String>)>,
+    dns: HashMap<String, (usize, Option<String>)>,
+    cns: HashMap<String, (usize, Option<String>)>,
+}
+
+impl Mapping {
+    pub fn compile(c: &Config, by_name: &HashMap<String, usize>) -> Result<Self, ConfigError> {
+        let mut m = Self::default();
+        for (i, e) in c.auth.mtls.iter().enumerate() {
+            let key = |f: &str| format!("auth.mtls[{i}].{f}");
+            let invalid = |k: String, p: String| ConfigError::Invalid { key: k, problem: p };
+            let Some(tenant) = by_name.get(&e.tenant) else {
+                return Err(invalid(
+                    key("tenant"),
+                    format!("no tenant is named `{}`", e.tenant),
+                ));
+            };
+            let (table, field, name) = match (&e.uri, &e.dns, &e.cn) {
+                (Some(u), None, None) => (&mut m.uris, "uri", u.clone()),
+                (None, Some(d), None) => (&mut m.dns, "dns", d.to_ascii_lowercase()),
+                (None, None, Some(c)) => (&mut m.cns, "cn", c.clone()),
+                _ => {
+                    return Err(invalid(
+                        format!("auth.mtls[{i}]"),
+                        "give exactly one of `uri`, `dns` and `cn`".into(),
+                    ));
+                }
+            };
+            if name.is_empty() {
+                return Err(invalid(key(field), "must not be empty".into()));
+            }
+            if table.insert(name, (*tenant, e.agent.clone())).is_some() {
+                return Err(invalid(key(field), "is mapped twice".into()));
+            }
+        }
+        Ok(m)
+    }
+
+    /// The caller `cert` names; names that map to different callers are never resolved to
+    /// one of them.
+    pub fn caller(&self, cert: &PeerCert) -> Mapped {
+        let found: Vec<&(usize, Option<String>)> = cert
+            .uris
+            .iter()
+            .filter_map(|u| self.uris.get(u))
+            .chain(cert.dns.iter().filter_map(|d| self.dns.get(d)))
+            .chain(cert.cn.iter().filter_map(|c| self.cns.get(c)))
+            .collect();
+        match found.split_first() {
+            None => Mapped::Nobody,
+            Some(((tenant, agent), rest))
+                if rest.iter().all(|o| o.0 == *tenant && o.1 == *agent) =>
+            {
+                Mapped::Caller(*tenant, agent.clone())
+            }
+            Some(_) => Mapped::Ambiguous,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "mtls_tests.rs"]
+mod tests;

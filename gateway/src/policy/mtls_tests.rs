@@ -1,0 +1,153 @@
+use super::*;
+use crate::policy::{Policy, Via};
+
+const KEY: &str = "key-of-beta-0123456789";
+
+fn config(extra: &str, tls: bool) -> Result<Config, ConfigError> {
+    use sha2::Digest as _;
+    let digest: String = sha2::Sha256::digest(KEY)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tls = if tls {
+        "[listeners.tls]\ncertificates = [{ cert = \"c.pem\", key = \"k.pem\" }]\nclient_ca = \"ca.pem\"\n"
+    } else {
+        ""
+    };
+    Config::from_toml(&format!(
+        r#"
+[gateway]
+instance = "mtls-test"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:2"
+{tls}
+[admin]
+address = "127.0.0.1:1"
+[kernel]
+enabled = false
+default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants]]
+name = "beta"
+id = 2
+[[auth.api_keys]]
+sha256 = "{digest}"
+tenant = "beta"
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+auth = ["mtls", "api_key"]
+{extra}
+"#
+    ))
+}
+
+const MAP: &str = r#"
+[[auth.mtls]]
+uri = "spiffe://example.org/agent/a"
+tenant = "acme"
+agent = "agent-a"
+[[auth.mtls]]
+dns = "Robot.Example.org"
+tenant = "beta"
+[[auth.mtls]]
+cn = "both"
+tenant = "beta"
+"#;
+
+fn cert(uris: &[&str], dns: &[&str], cn: Option<&str>) -> PeerCert {
+    PeerCert {
+        uris: uris.iter().map(|s| (*s).to_owned()).collect(),
+        dns: dns.iter().map(|s| (*s).to_owned()).collect(),
+        cn: cn.map(str::to_owned),
+    }
+}
+
+#[test]
+fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
+    let c = config(MAP, true).unwrap();
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    let a = cert(&["spiffe://example.org/agent/a"], &[], Some("x"));
+    let who = p
+        .authenticate_with(route, &[], 0, ClientCert::Present(&a))
+        .unwrap();
+    assert_eq!(
+        (who.tenant, who.agent.as_deref(), who.via),
+        (1, Some("agent-a"), Via::Mtls)
+    );
+    // DNS names compare without case.
+    let b = cert(&[], &["robot.example.org"], None);
+    let who = p
+        .authenticate_with(route, &[], 0, ClientCert::Present(&b))
+        .unwrap();
+    assert_eq!(who.tenant, 2);
+    // Two names of one certificate naming different callers: refused, not resolved.
+    let two = cert(&["spiffe://example.org/agent/a"], &[], Some("both"));
+    let r = p
+        .authenticate_with(route, &[], 0, ClientCert::Present(&two))
+        .unwrap_err();
+    assert_eq!(r.status, 403);
+    assert!(r.message.contains("different callers"), "{}", r.message);
+    // Unmapped: 403.
+    let none = cert(&["spiffe://example.org/agent/z"], &[], Some("z"));
+    let r = p
+        .authenticate_with(route, &[], 0, ClientCert::Present(&none))
+        .unwrap_err();
+    assert_eq!(r.status, 403);
+    // Beside an API key of another tenant: 403; of the same caller: the key's identity.
+    let key = [("x-api-key".to_owned(), KEY.as_bytes().to_vec())];
+    let r = p
+        .authenticate_with(route, &key, 0, ClientCert::Present(&a))
+        .unwrap_err();
+    assert_eq!(r.status, 403);
+    assert!(
+        p.authenticate_with(route, &key, 0, ClientCert::Present(&b))
+            .is_ok()
+    );
+    // No certificate, or a plaintext connection: 401, saying which.
+    for (cert, says) in [
+        (ClientCert::Absent, "no client certificate"),
+        (ClientCert::Plaintext, "TLS listener"),
+    ] {
+        let r = p.authenticate_with(route, &[], 0, cert).unwrap_err();
+        assert_eq!(r.status, 401);
+        assert!(r.message.contains(says), "{}", r.message);
+    }
+}
+
+#[test]
+fn the_mapping_and_mtls_routes_are_checked_at_load() {
+    let e = config(MAP, false).unwrap_err().to_string();
+    assert!(
+        e.contains("routes[0].auth") && e.contains("client_ca"),
+        "{e}"
+    );
+    let e = config(
+        "[[auth.mtls]]\nuri = \"u\"\ncn = \"c\"\ntenant = \"acme\"\n",
+        true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("exactly one"), "{e}");
+    let e = config("[[auth.mtls]]\ncn = \"c\"\ntenant = \"nope\"\n", true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("auth.mtls[0].tenant"), "{e}");
+    let e = config(
+        "[[auth.mtls]]\ncn = \"c\"\ntenant = \"acme\"\n[[auth.mtls]]\ncn = \"c\"\ntenant = \"beta\"\n",
+        true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mapped twice"), "{e}");
+}

@@ -1,0 +1,95 @@
+//! TLS on the admin listener (control thread, tokio): connections are accepted and their
+//! handshakes run in tasks of their own, so one slow client cannot hold the others' accepts;
+//! finished ones are handed to axum. The configuration is the published `Edge::admin`, read
+//! per connection, so a reload changes what new connections get.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_rustls::server::TlsStream;
+
+use super::Edge;
+
+pub struct Listener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+/// Accepts on `tcp` and runs each handshake with what `edge.admin` holds at that moment.
+pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<Listener> {
+    let local = tcp.local_addr()?;
+    let (tx, ready) = mpsc::channel(64);
+    let accepting = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(listening) = edge.admin.load_full() else {
+                continue;
+            };
+            let tx = tx.clone();
+            let edge = Arc::clone(&edge);
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&listening.server));
+                match tokio::time::timeout(listening.handshake_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Err(_) => edge.stats.failed(super::Failure::Timeout),
+                    Ok(Err(e)) => {
+                        let why = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+                        {
+                            Some(e) => super::classify(
+                                &crate::http::HandshakeError::Tls(e.clone()),
+                                None,
+                                &listening.resolver,
+                            ),
+                            None => super::Failure::Closed,
+                        };
+                        tracing::debug!(%peer, reason = why.label(), "admin TLS handshake failed: {e}");
+                        edge.stats.failed(why);
+                    }
+                    Ok(Ok(tls)) => {
+                        edge.stats
+                            .handshakes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Listener {
+        ready,
+        local,
+        accepting,
+    })
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task ended (only when aborted): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}

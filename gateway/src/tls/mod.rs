@@ -1,0 +1,520 @@
+//! TLS termination on the listeners (and the admin listener): building each listener's
+//! `rustls::ServerConfig` from PEM files, choosing a certificate by SNI, running the server
+//! handshake on a worker's connection, and counting what happens.
+//!
+//! The control thread owns the files: it builds the configurations at start and on every
+//! reload (SIGHUP, `POST /reload`, a certificate file changing) and publishes them through
+//! `ArcSwap`s that workers read without a lock, once per connection. A new file that does not
+//! load (unparseable, a key that does not match its certificate, an expired certificate) is
+//! refused whole and the running configuration stays. Workers never read a file. One ticket
+//! key set (rotated by rustls) and one session cache serve every listener and survive reloads,
+//! so a client resumes whichever worker or reload it meets.
+
+pub mod admin;
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+
+use crate::{
+    config::{ClientAuth, Config, Tls, UnknownSni},
+    http::{HandshakeError, Io},
+};
+
+/// What one TLS listener serves now.
+pub struct Listening {
+    pub server: Arc<ServerConfig>,
+    pub handshake_timeout: Duration,
+    resolver: Arc<SniResolver>,
+}
+
+impl std::fmt::Debug for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listening")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a handshake failed, as counted in `mcp_gateway_tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Not finished within the handshake timeout (a silent or slow client).
+    Timeout,
+    /// The client closed (or the socket failed) first.
+    Closed,
+    /// The first bytes were not a TLS record (plaintext HTTP to a TLS port, say).
+    NotTls,
+    /// The client named a server (SNI) no certificate covers, and `unknown_sni = "refuse"`.
+    UnknownSni,
+    /// No client certificate where `client_auth = "required"`.
+    NoClientCertificate,
+    /// A client certificate that does not verify (expired, another CA, wrong usage).
+    BadCertificate,
+    /// Nothing in common: protocol version, cipher suite, key exchange or ALPN protocol.
+    Incompatible,
+    /// Anything else the client got wrong.
+    Protocol,
+}
+
+impl Failure {
+    pub const ALL: [Self; 8] = [
+        Self::Timeout,
+        Self::Closed,
+        Self::NotTls,
+        Self::UnknownSni,
+        Self::NoClientCertificate,
+        Self::BadCertificate,
+        Self::Incompatible,
+        Self::Protocol,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Closed => "closed",
+            Self::NotTls => "not_tls",
+            Self::UnknownSni => "unknown_sni",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::BadCertificate => "bad_certificate",
+            Self::Incompatible => "incompatible",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// Counters (workers and the control thread add, `/metrics` reads).
+#[derive(Default)]
+pub struct Stats {
+    pub handshakes: AtomicU64,
+    pub resumed: AtomicU64,
+    failures: [AtomicU64; Failure::ALL.len()],
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn failed(&self, why: Failure) {
+        self.failures[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failures(&self, why: Failure) -> u64 {
+        self.failures[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The TLS state every worker and the control thread share.
+pub struct Edge {
+    /// Per listener (by index in `Config::listeners`): what it serves, none for plaintext.
+    listeners: Box<[ArcSwapOption<Listening>]>,
+    pub admin: ArcSwapOption<Listening>,
+    /// TLS 1.3 (and 1.2) session tickets: one key set, rotated by rustls, for all workers and
+    /// across reloads. None if the system's RNG failed at start (then only the cache resumes).
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    /// Session-id resumption (TLS 1.2 clients without tickets); rustls guards it with a mutex
+    /// taken during handshakes only.
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+    pub stats: Stats,
+}
+
+/// Every TLS configuration of a gateway configuration, built and not yet published.
+pub struct Prepared {
+    listeners: Vec<Option<Arc<Listening>>>,
+    admin: Option<Arc<Listening>>,
+}
+
+impl Edge {
+    pub fn new(listeners: usize) -> Self {
+        let ticketer = match rustls::crypto::aws_lc_rs::Ticketer::new() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!("TLS session tickets are off: {e}");
+                None
+            }
+        };
+        Self {
+            listeners: (0..listeners).map(|_| ArcSwapOption::empty()).collect(),
+            admin: ArcSwapOption::empty(),
+            ticketer,
+            cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            stats: Stats::default(),
+        }
+    }
+
+    /// What listener `index` serves now (none: plaintext).
+    pub fn listener(&self, index: usize) -> Option<Arc<Listening>> {
+        self.listeners.get(index).and_then(ArcSwapOption::load_full)
+    }
+
+    /// Reads every certificate, key and CA file `config` names and builds its TLS
+    /// configurations; the first problem refuses them all, naming the key and the file.
+    pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            listeners.push(
+                l.tls
+                    .as_ref()
+                    .map(|t| self.build(t, &format!("listeners[{i}].tls")))
+                    .transpose()?,
+            );
+        }
+        let admin = config
+            .admin_tls
+            .as_ref()
+            .map(|t| self.build(t, "admin.tls"))
+            .transpose()?;
+        Ok(Prepared { listeners, admin })
+    }
+
+    /// Makes `prepared` what new connections get; established connections keep theirs.
+    pub fn publish(&self, prepared: Prepared) {
+        for (slot, l) in self.listeners.iter().zip(prepared.listeners) {
+            slot.store(l);
+        }
+        self.admin.store(prepared.admin);
+    }
+
+    fn build(&self, tls: &Tls, key: &str) -> Result<Arc<Listening>, String> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut certs = Vec::new();
+        for (i, files) in tls.certificates.iter().enumerate() {
+            let cert = load_certified(&files.cert, &files.key, &provider)
+                .map_err(|e| format!("{key}.certificates[{i}]: {e}"))?;
+            certs.push(cert);
+        }
+        let resolver = Arc::new(SniResolver::new(certs, tls.unknown_sni));
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("{key}: {e}"))?;
+        let builder = match &tls.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                let cas = read_certs(path).map_err(|e| format!("{key}.client_ca: {e}"))?;
+                for ca in cas {
+                    roots.add(ca).map_err(|e| {
+                        format!(
+                            "{key}.client_ca: `{}`: not a CA certificate: {e}",
+                            path.display()
+                        )
+                    })?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::clone(&provider),
+                );
+                let verifier = match tls.client_auth {
+                    ClientAuth::Required => verifier,
+                    ClientAuth::Optional => verifier.allow_unauthenticated(),
+                };
+                builder.with_client_cert_verifier(
+                    verifier
+                        .build()
+                        .map_err(|e| format!("{key}.client_ca: {e}"))?,
+                )
+            }
+        };
+        let mut server = builder.with_cert_resolver(Arc::clone(&resolver) as _);
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        server.session_storage = Arc::clone(&self.cache);
+        if let Some(t) = &self.ticketer {
+            server.ticketer = Arc::clone(t);
+        }
+        Ok(Arc::new(Listening {
+            server: Arc::new(server),
+            handshake_timeout: tls.handshake_timeout,
+            resolver,
+        }))
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("`{}`: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{}`: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// One certificate chain with its key, checked: both parse, the key is the certificate's, and
+/// the certificate is valid now.
+fn load_certified(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, Vec<String>), String> {
+    let chain = read_certs(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("`{}`: no private key: {e}", key.display()))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("`{}`: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "`{}` is not the key of `{}`: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    let leaf = certified
+        .cert
+        .first()
+        .ok_or_else(|| format!("`{}` holds no certificate", cert.display()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("`{}`: {e}", cert.display()))?;
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(format!(
+            "`{}` is not valid now (valid from {} to {})",
+            cert.display(),
+            validity.not_before,
+            validity.not_after
+        ));
+    }
+    let mut names: Vec<String> = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        Some(d.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        // A certificate without DNS names: its subject CN (what old clients matched).
+        names.extend(
+            parsed
+                .subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    Ok((certified, names))
+}
+
+/// Chooses a certificate by the client's SNI: an exact name first, then a wildcard
+/// (`*.example.com` covers one label); among certificates covering the name, the first whose
+/// key can sign with a scheme the client offers (so an ECDSA and an RSA certificate for one
+/// name serve both kinds of client). No SNI: the first certificate.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<(Arc<CertifiedKey>, Vec<String>)>,
+    unknown: UnknownSni,
+}
+
+impl SniResolver {
+    fn new(certs: Vec<(CertifiedKey, Vec<String>)>, unknown: UnknownSni) -> Self {
+        Self {
+            certs: certs.into_iter().map(|(c, n)| (Arc::new(c), n)).collect(),
+            unknown,
+        }
+    }
+
+    fn covers(pattern: &str, name: &str) -> bool {
+        match pattern.strip_prefix("*.") {
+            Some(suffix) => name
+                .split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+            None => pattern == name,
+        }
+    }
+
+    /// Whether some certificate covers `name`.
+    fn knows(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.certs
+            .iter()
+            .any(|(_, names)| names.iter().any(|p| Self::covers(p, &name)))
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let first = || self.certs.first().map(|(c, _)| Arc::clone(c));
+        let Some(name) = hello.server_name() else {
+            return first();
+        };
+        let name = name.to_ascii_lowercase();
+        let schemes = hello.signature_schemes();
+        let mut covering = Vec::new();
+        for exact in [true, false] {
+            for (c, names) in &self.certs {
+                if names
+                    .iter()
+                    .any(|p| p.starts_with("*.") != exact && Self::covers(p, &name))
+                {
+                    covering.push(c);
+                }
+            }
+            if !covering.is_empty() {
+                break;
+            }
+        }
+        if let Some(c) = covering
+            .iter()
+            .find(|c| c.key.choose_scheme(schemes).is_some())
+            .or(covering.first())
+        {
+            return Some(Arc::clone(c));
+        }
+        match self.unknown {
+            UnknownSni::Default => first(),
+            // rustls answers with a fatal alert.
+            UnknownSni::Refuse => None,
+        }
+    }
+}
+
+/// Runs the server handshake of `listening` on a fresh connection (after anything that must
+/// come before it, such as a PROXY protocol header: bytes already read are taken as the
+/// client's first records). Whether the connection can go on; a failure is counted by reason
+/// and the connection is to be closed (the alert, if any, was sent).
+pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
+    let deadline = monoio::time::Instant::now() + listening.handshake_timeout;
+    let conn = match rustls::ServerConnection::new(Arc::clone(&listening.server)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot start a TLS session: {e}");
+            stats.failed(Failure::Protocol);
+            return false;
+        }
+    };
+    match io
+        .handshake(rustls::Connection::Server(conn), deadline)
+        .await
+    {
+        Ok(()) => {
+            stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            if let Some(rustls::Connection::Server(s)) = io.tls()
+                && matches!(s.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
+            {
+                stats.resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        }
+        Err(e) => {
+            let sni = match io.tls() {
+                Some(rustls::Connection::Server(s)) => s.server_name(),
+                _ => None,
+            };
+            let why = classify(&e, sni, &listening.resolver);
+            tracing::debug!(reason = why.label(), "TLS handshake failed: {e}");
+            stats.failed(why);
+            false
+        }
+    }
+}
+
+fn classify(e: &HandshakeError, sni: Option<&str>, resolver: &SniResolver) -> Failure {
+    use rustls::Error as E;
+    match e {
+        HandshakeError::Timeout => Failure::Timeout,
+        HandshakeError::Closed => Failure::Closed,
+        HandshakeError::Tls(e) => match e {
+            E::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+                | rustls::InvalidMessage::UnknownProtocolVersion,
+            ) => Failure::NotTls,
+            E::NoCertificatesPresented => Failure::NoClientCertificate,
+            E::InvalidCertificate(_) => Failure::BadCertificate,
+            E::NoApplicationProtocol | E::PeerIncompatible(_) => Failure::Incompatible,
+            E::General(_) if sni.is_some_and(|n| !resolver.knows(n)) => Failure::UnknownSni,
+            _ => Failure::Protocol,
+        },
+    }
+}
+
+/// The `mcp_gateway_tls_*` series.
+pub fn render_metrics(edge: &Edge, out: &mut String) {
+    use std::fmt::Write as _;
+    let s = &edge.stats;
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_tls_handshakes_total TLS handshakes completed on the listeners.\n# TYPE mcp_gateway_tls_handshakes_total counter\nmcp_gateway_tls_handshakes_total {}",
+        s.handshakes.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_tls_resumed_total TLS handshakes that resumed a session (ticket or cache).\n# TYPE mcp_gateway_tls_resumed_total counter\nmcp_gateway_tls_resumed_total {}",
+        s.resumed.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_tls_handshake_failures_total TLS handshakes that failed (the connection was closed), by reason.\n# TYPE mcp_gateway_tls_handshake_failures_total counter"
+    );
+    for why in Failure::ALL {
+        let _ = writeln!(
+            out,
+            "mcp_gateway_tls_handshake_failures_total{{reason=\"{}\"}} {}",
+            why.label(),
+            s.failures(why)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_tls_reloads_total Certificate sets loaded and published after start.\n# TYPE mcp_gateway_tls_reloads_total counter\nmcp_gateway_tls_reloads_total {}",
+        s.reloads.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_tls_reload_failures_total Certificate reloads refused (the running certificates were kept).\n# TYPE mcp_gateway_tls_reload_failures_total counter\nmcp_gateway_tls_reload_failures_total {}",
+        s.reload_failures.load(Ordering::Relaxed)
+    );
+}
+
+/// One TLS file as the reload watcher saw it: its path, and its modification time, length and
+/// inode (none if it could not be read).
+pub type Stamp = (
+    std::path::PathBuf,
+    Option<(std::time::SystemTime, u64, u64)>,
+);
+
+/// What the reload watcher compares: each TLS file's modification time, length and inode.
+pub fn stamps(config: &Config) -> Vec<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .chain(config.admin_tls.as_ref())
+        .flat_map(Tls::files)
+        .map(|p| {
+            let meta = std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
+            (p.clone(), meta)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;
