@@ -53,6 +53,13 @@ struct Args {
     /// With `--target`: an extra request header, `name: value` (repeatable).
     #[arg(long)]
     header: Vec<String>,
+    /// With `--target`: TLS, asking for this server name (the load generator's TLS client of the
+    /// `tls` scenario: TLS 1.3, X25519, no resumption, the chain not checked).
+    #[arg(long)]
+    tls: Option<String>,
+    /// With `--target`: a new connection for every request (with `--tls`, a full handshake).
+    #[arg(long)]
+    per_request: bool,
 }
 
 /// `--target`: one load run against a running server.
@@ -69,7 +76,10 @@ fn load_target(args: &Args, target: std::net::SocketAddr) {
         headers: args.header.iter().map(|h| format!("{h}\r\n")).collect(),
         legacy: false,
         mix: load::Mix::default(),
-        connect: load::Connect::default(),
+        connect: load::Connect {
+            tls: args.tls.as_deref().map(tls::load_client),
+            per_request: args.per_request,
+        },
     });
     let h = r.latency.as_ref().expect("histogram");
     println!(

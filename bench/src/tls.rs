@@ -136,8 +136,8 @@ impl ServerCertVerifier for SignatureOnly {
 }
 
 /// The load's client: TLS 1.3 only, X25519, ALPN `http/1.1`, no resumption (every new
-/// connection is a full handshake), SNI `localhost`.
-fn load_client() -> TlsClient {
+/// connection is a full handshake), asking for `name` (SNI).
+pub fn load_client(name: &str) -> TlsClient {
     let provider = provider();
     let verifier = Arc::new(SignatureOnly(provider.signature_verification_algorithms));
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -150,7 +150,7 @@ fn load_client() -> TlsClient {
     config.resumption = rustls::client::Resumption::disabled();
     TlsClient {
         config: Arc::new(config),
-        server_name: ServerName::try_from("localhost").expect("a DNS name"),
+        server_name: ServerName::try_from(name.to_owned()).expect("a server name"),
     }
 }
 
@@ -385,7 +385,7 @@ pub fn run(quick: bool) -> TlsReport {
     .map_err(|e| gateway_missing.push(format!("https upstream: {e}")))
     .ok();
 
-    let tls = load_client();
+    let tls = load_client("localhost");
     let handshakes = Connect {
         tls: Some(tls.clone()),
         per_request: true,
