@@ -821,8 +821,11 @@ fn tls_report(
          handshakes) answered in it. Every target is measured once per round, rounds interleaved; a row is the median \
          round by rate, the last column the range across rounds. All processes, the load generator included, share \
          this machine's cores.\n\n\
-         | round | server | achieved /s | errors | p50 µs | p90 µs | p99 µs | server CPU µs / req | others' CPU µs / req | rounds: range |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---|---|\n",
+         The column `server on / waiting for a CPU` gives the server's threads' time running and runnable-but-waiting \
+         (from /proc/<pid>/task/*/schedstat) as shares of the measured time: a server that waits much for a CPU is \
+         held back by the other work on the machine, and its rate says more about the scheduler than about itself.\n\n\
+         | round | server | achieved /s | errors | p50 µs | p90 µs | p99 µs | server CPU µs / req | server on / waiting for a CPU | others' CPU µs / req | rounds: range |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
         env.markdown(),
         r.connections,
         r.seconds,
@@ -839,7 +842,7 @@ fn tls_report(
             .map(|(n, c)| format!("{n} {c:.1}"))
             .collect();
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | **{:.1}** | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | **{:.1}** | {:.0}% / {:.0}% | {} | {} |\n",
             row.round.title(),
             row.server,
             row.result.rps(),
@@ -848,6 +851,8 @@ fn tls_report(
             h.value_at_quantile(0.9),
             h.value_at_quantile(0.99),
             row.server_cpu_us,
+            row.server_running * 100.0,
+            row.server_waiting * 100.0,
             others.join(", "),
             match row.range {
                 None => format!("{}", row.rounds),
@@ -860,6 +865,7 @@ fn tls_report(
             "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
             "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
             "server_cpu_us_per_request": row.server_cpu_us,
+            "server_running_share": row.server_running, "server_waiting_for_cpu_share": row.server_waiting,
             "other_cpu_us_per_request": row.other_cpu_us.iter().map(|(n, c)| (n.clone(), *c)).collect::<std::collections::BTreeMap<_, _>>(),
             "rounds": row.rounds, "range": row.range.map(|(lo, hi)| [lo, hi]),
         }));
@@ -918,7 +924,9 @@ fn tls_report(
             .join("; "),
     );
     md.push_str(&format!(
-        ".\n\nPeak memory: {}.\n",
+        ".\n\nThe machine's load average (1, 5, 15 min): {} before, {} after.\n\nPeak memory: {}.\n",
+        r.loadavg[0],
+        r.loadavg[1],
         r.peak_rss_mib
             .iter()
             .map(|(n, m)| format!("{n} {m:.1} MiB"))
@@ -927,7 +935,7 @@ fn tls_report(
     ));
     let json = serde_json::json!({
         "scenario": "tls", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
-        "rows": rows_json, "gateway_missing": r.gateway_missing,
+        "rows": rows_json, "gateway_missing": r.gateway_missing, "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
         "negotiated": r.negotiated.iter().map(|(s, w)| (s.clone(), w.clone())).collect::<std::collections::BTreeMap<_, _>>(),
         "goals": goals.iter().map(|(round, rate, cpu, _)| serde_json::json!({"round": round.key(), "rate_ratio": rate, "cpu_ratio": cpu})).collect::<Vec<_>>(),
         "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),

@@ -68,6 +68,11 @@ pub struct Row {
     /// The same for the other processes on the path (upstream, TLS front), and the load
     /// generator.
     pub other_cpu_us: Vec<(String, f64)>,
+    /// The server's threads' time on a CPU, and runnable but waiting for one, as shares of the
+    /// measured time (summed over its threads): on a machine shared with other work, a server
+    /// that waits for a CPU is slowed by the scheduler, not by its own cost.
+    pub server_running: f64,
+    pub server_waiting: f64,
     /// Across the rounds: the lowest and highest rps; the row is the median round.
     pub range: Option<(f64, f64)>,
     pub rounds: usize,
@@ -82,6 +87,17 @@ pub struct TlsReport {
     pub connections: usize,
     pub seconds: f64,
     pub peak_rss_mib: Vec<(String, f64)>,
+    /// The machine's load average (1, 5, 15 min) before and after the scenario.
+    pub loadavg: [String; 2],
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A provider with X25519 as the only key exchange, so that both servers do the same work (a
@@ -305,6 +321,25 @@ fn gateway(
     Ok(p)
 }
 
+/// Nanoseconds the threads of `pid` have run and waited to run (runnable, not on a CPU), from
+/// /proc/<pid>/task/*/schedstat.
+fn schedstat(pid: u32) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let mut f = stat
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0));
+        total.0 += f.next().unwrap_or(0.0);
+        total.1 += f.next().unwrap_or(0.0);
+    }
+    total
+}
+
 struct Target<'a> {
     round: Round,
     server: &'static str,
@@ -316,6 +351,7 @@ struct Target<'a> {
 }
 
 pub fn run(quick: bool) -> TlsReport {
+    let load_before = loadavg();
     let dir = std::env::temp_dir().join(integration_tests::unique("bench-tls"));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let pki = Pki::new("bench-tls");
@@ -502,14 +538,17 @@ pub fn run(quick: bool) -> TlsReport {
             connect: t.connect.clone(),
         };
         let cpu = || {
-            t.procs
+            let cpu = t
+                .procs
                 .iter()
                 .map(|(_, p)| p.cpu_seconds())
                 .chain([cpu_seconds(me)])
-                .collect::<Vec<f64>>()
+                .collect::<Vec<f64>>();
+            (cpu, schedstat(t.procs[0].1.pid()), Instant::now())
         };
-        let (result, [before, after]) = load::run_sampled(&spec, &mut { cpu });
+        let (result, [(before, s0, t0), (after, s1, t1)]) = load::run_sampled(&spec, &mut { cpu });
         let per = |i: usize| (after[i] - before[i]) * 1e6 / result.ok.max(1) as f64;
+        let window = (t1 - t0).as_secs_f64() * 1e9;
         let mut other_cpu_us: Vec<(String, f64)> = t.procs[1..]
             .iter()
             .enumerate()
@@ -521,6 +560,8 @@ pub fn run(quick: bool) -> TlsReport {
             server: t.server,
             server_cpu_us: per(0),
             other_cpu_us,
+            server_running: (s1.0 - s0.0) / window,
+            server_waiting: (s1.1 - s0.1) / window,
             result,
             range: None,
             rounds: 1,
@@ -563,5 +604,6 @@ pub fn run(quick: bool) -> TlsReport {
         connections,
         seconds,
         peak_rss_mib,
+        loadavg: [load_before, loadavg()],
     }
 }
