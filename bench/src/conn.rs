@@ -179,3 +179,7 @@ impl TlsConn {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;
