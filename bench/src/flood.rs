@@ -326,6 +326,7 @@ impl Bed<'_> {
             headers: String::new(),
             legacy: false,
             mix: load::Mix::default(),
+            connect: load::Connect::default(),
         };
         let maps = kernel.then(|| KernelMaps::open(&daemon.pin_dir).expect("pinned maps"));
         let counters = |t| {

@@ -1,5 +1,7 @@
 //! The load generator: many keep-alive connections sending MCP `tools/call` (stateless
 //! 2026-07-28 form, so no session setup is measured), on monoio, one thread per core.
+//! Connections are plain or TLS ([`crate::conn`]), kept alive or made anew for every request
+//! (to measure full TLS handshakes).
 //!
 //! Closed loop (`rate = None`): each connection sends its next request when the previous answer
 //! arrives, to find the peak. Open loop (`rate = Some(r)`): requests are due at a fixed schedule
@@ -13,7 +15,9 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+pub use crate::conn::Connect;
+use crate::conn::{Conn, connect};
 
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -34,6 +38,8 @@ pub struct LoadSpec {
     pub legacy: bool,
     /// The mix; [`Mix::default`] is `tools/call` alone, stateless, one identity.
     pub mix: Mix,
+    /// Plain or TLS, keep-alive or a connection per request.
+    pub connect: Connect,
 }
 
 /// What the load is made of beyond a single stateless `tools/call`.
@@ -53,7 +59,7 @@ pub struct LoadResult {
     pub ok: u64,
     pub errors: u64,
     /// The errors by kind: `HTTP <status>`, `no answer` (closed, failed or timed out),
-    /// `connect failed`, `session refused`.
+    /// `connect failed`, `handshake failed`, `session refused`.
     pub error_kinds: std::collections::BTreeMap<String, u64>,
     /// Open loop: requests due within the measured time that were not answered by 1 s after
     /// its end (not sent in time, or answered too late). They are not in the histograms.
@@ -133,7 +139,7 @@ fn post(spec: &LoadSpec, agent: &str, routing: &str, body: &str) -> Vec<u8> {
 async fn open_session(
     spec: &LoadSpec,
     agent: &str,
-    stream: &mut monoio::net::TcpStream,
+    stream: &mut Conn,
     buf: &mut Vec<u8>,
 ) -> Option<String> {
     let init = post(
@@ -142,8 +148,7 @@ async fn open_session(
         "",
         r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}"#,
     );
-    let (w, _) = stream.write_all(init).await;
-    w.ok()?;
+    stream.write_all(init).await.ok()?;
     let answer = read_response(stream, buf).await?;
     let id = answer.session.filter(|_| answer.status == 200)?;
     let done = post(
@@ -152,8 +157,7 @@ async fn open_session(
         &format!("mcp-protocol-version: 2025-11-25\r\nmcp-session-id: {id}\r\n"),
         r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
     );
-    let (w, _) = stream.write_all(done).await;
-    w.ok()?;
+    stream.write_all(done).await.ok()?;
     let answer = read_response(stream, buf).await?;
     (answer.status == 202).then_some(id)
 }
@@ -167,7 +171,7 @@ struct Answer {
 }
 
 /// Reads one response with a Content-Length body.
-async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> Option<Answer> {
+async fn read_response(stream: &mut Conn, buf: &mut Vec<u8>) -> Option<Answer> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -198,33 +202,27 @@ async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -
                 session: header("mcp-session-id").map(|v| String::from_utf8_lossy(v).into_owned()),
             };
             while buf.len() < head + len {
-                if !read_more(stream, buf).await {
+                if !stream.read_more(buf).await {
                     return None;
                 }
             }
             buf.drain(..head + len);
             return Some(answer);
         }
-        if !read_more(stream, buf).await {
+        if !stream.read_more(buf).await {
             return None;
         }
     }
 }
 
-async fn read_more(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
-    let chunk = vec![0u8; 16 * 1024];
-    let (r, chunk) = stream.read(chunk).await;
-    match r {
-        Ok(n) if n > 0 => {
-            buf.extend_from_slice(&chunk[..n]);
-            true
-        }
-        _ => false,
-    }
-}
-
 /// Runs the load and returns merged results.
 pub fn run(spec: &LoadSpec) -> LoadResult {
+    run_sampled(spec, &mut || ()).0
+}
+
+/// Runs the load like [`run`], and calls `sample` when the measured time starts and when it ends
+/// (e.g. to read the CPU time processes used within it).
+pub fn run_sampled<T>(spec: &LoadSpec, sample: &mut dyn FnMut() -> T) -> (LoadResult, [T; 2]) {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
@@ -241,6 +239,10 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
             })
         })
         .collect();
+    std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+    let first = sample();
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    let last = sample();
     let mut total = LoadResult {
         elapsed: spec.duration,
         latency: Some(histogram()),
@@ -262,7 +264,7 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
             a.add(b).expect("same bounds");
         }
     }
-    total
+    (total, [first, last])
 }
 
 async fn thread_load(
@@ -321,11 +323,19 @@ async fn connection(
     };
     let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
     sleep_until(start).await;
-    let Ok(mut stream) = monoio::net::TcpStream::connect(spec.target).await else {
-        out.error("connect failed");
-        return out;
-    };
-    let _ = stream.set_nodelay(true);
+    let mix = &spec.mix;
+    let wants_session = mix.sessions_every > 0 && index.is_multiple_of(mix.sessions_every);
+    // A connection per request connects in each request's exchange (timed with it).
+    let mut stream = None;
+    if !spec.connect.per_request || wants_session {
+        match connect(spec.target, &spec.connect).await {
+            Ok(s) => stream = Some(s),
+            Err(kind) => {
+                out.error(kind);
+                return out;
+            }
+        }
+    }
     // Open loop: this connection's share of the rate, its first send staggered.
     let interval = spec
         .rate
@@ -335,7 +345,6 @@ async fn connection(
             i.mul_f64(index as f64 / spec.connections as f64)
         });
     let mut buf = Vec::with_capacity(16 * 1024);
-    let mix = &spec.mix;
     let agent = if mix.agents.is_empty() {
         ""
     } else {
@@ -343,10 +352,10 @@ async fn connection(
     };
     // A session era connection opens its session before the load starts (not measured); the
     // session outlives reconnects.
-    let session = if mix.sessions_every > 0 && index.is_multiple_of(mix.sessions_every) {
+    let session = if let (true, Some(s)) = (wants_session, stream.as_mut()) {
         let opened = monoio::time::timeout(
             Duration::from_secs(5),
-            open_session(&spec, agent, &mut stream, &mut buf),
+            open_session(&spec, agent, s, &mut buf),
         )
         .await;
         let Ok(Some(id)) = opened else {
@@ -379,27 +388,33 @@ async fn connection(
         // Bounded: a target that stops answering ends this connection at `end` + 2 s.
         let grace = end + Duration::from_secs(2);
         let exchange = async {
+            let s = match &mut stream {
+                Some(s) => s,
+                None => stream.insert(connect(spec.target, &spec.connect).await?),
+            };
             let list = mix.list_every > 0 && n.is_multiple_of(mix.list_every);
-            let (w, _) = stream
-                .write_all(request(&spec, n, agent, list, session.as_deref()))
-                .await;
-            if w.is_ok() {
-                read_response(&mut stream, &mut buf).await
-            } else {
-                None
-            }
+            s.write_all(request(&spec, n, agent, list, session.as_deref()))
+                .await
+                .map_err(|_| "no answer")?;
+            read_response(s, &mut buf).await.ok_or("no answer")
         };
         let answer = monoio::time::timeout(grace.saturating_duration_since(sent), exchange)
             .await
-            .ok()
-            .flatten();
+            .unwrap_or(Err("no answer"));
         let status = answer.as_ref().map(|a| a.status);
-        let reconnect = answer.as_ref().is_none_or(|a| a.close);
+        let reconnect = answer.as_ref().map_or(true, |a| a.close);
         let done = Instant::now();
+        if spec.connect.per_request {
+            // Done with it: closed as a client does (close_notify), outside the timed exchange.
+            if let Some(s) = stream.take() {
+                s.close().await;
+            }
+            buf.clear();
+        }
         let in_window = due >= measure_from && due < end;
         if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {
             match status {
-                Some(200) => {
+                Ok(200) => {
                     out.ok += 1;
                     let _ = out
                         .latency
@@ -412,8 +427,8 @@ async fn connection(
                         .expect("set")
                         .record((done - sent).as_micros().max(1) as u64);
                 }
-                Some(status) => out.error(&format!("HTTP {status}")),
-                None => out.error("no answer"),
+                Ok(status) => out.error(&format!("HTTP {status}")),
+                Err(kind) => out.error(kind),
             }
         } else if interval.is_some() && in_window {
             out.missed += 1;
@@ -424,14 +439,12 @@ async fn connection(
             }
             break;
         }
-        if reconnect {
+        if reconnect && !spec.connect.per_request {
             // Closed by the server (after `Connection: close`) or lost: reconnect and carry on.
-            let again = monoio::time::timeout(
-                Duration::from_secs(2),
-                monoio::net::TcpStream::connect(spec.target),
-            );
+            let again =
+                monoio::time::timeout(Duration::from_secs(2), connect(spec.target, &spec.connect));
             if let Ok(Ok(s)) = again.await {
-                stream = s;
+                stream = Some(s);
                 buf.clear();
             } else {
                 if let Some(i) = interval {

@@ -6,6 +6,7 @@
 //! program's early exit (a packet to a port that is not the gateway's): the ratio says what the
 //! gateway's decisions add over merely looking at a packet.
 
+mod conn;
 mod contextforge;
 mod env;
 mod flood;
@@ -13,6 +14,7 @@ mod load;
 mod plot;
 mod policy;
 mod proxy;
+mod tls;
 
 use std::{net::IpAddr, time::Duration};
 
@@ -30,7 +32,7 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy, flood); all when omitted.
+    /// Only these scenarios (xdp, proxy, policy, flood, tls); all when omitted.
     scenarios: Vec<String>,
     /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
     /// the latency percentiles (e.g. to load a running gateway while profiling it).
@@ -51,6 +53,13 @@ struct Args {
     /// With `--target`: an extra request header, `name: value` (repeatable).
     #[arg(long)]
     header: Vec<String>,
+    /// With `--target`: TLS, asking for this server name (the load generator's TLS client of the
+    /// `tls` scenario: TLS 1.3, X25519, no resumption, the chain not checked).
+    #[arg(long)]
+    tls: Option<String>,
+    /// With `--target`: a new connection for every request (with `--tls`, a full handshake).
+    #[arg(long)]
+    per_request: bool,
 }
 
 /// `--target`: one load run against a running server.
@@ -67,6 +76,10 @@ fn load_target(args: &Args, target: std::net::SocketAddr) {
         headers: args.header.iter().map(|h| format!("{h}\r\n")).collect(),
         legacy: false,
         mix: load::Mix::default(),
+        connect: load::Connect {
+            tls: args.tls.as_deref().map(tls::load_client),
+            per_request: args.per_request,
+        },
     });
     let h = r.latency.as_ref().expect("histogram");
     println!(
@@ -216,6 +229,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("flood") {
         flood_report(&args, &env, &dir, suffix)?;
+    }
+    if wants("tls") {
+        tls_report(&args, &env, &dir, suffix)?;
     }
     Ok(())
 }
@@ -776,4 +792,153 @@ fn xdp(
         })).collect::<Vec<_>>(),
     });
     write_report(dir, &format!("{}-xdp{suffix}", env.date), &md, &json)
+}
+
+fn tls_report(
+    args: &Args,
+    env: &env::Environment,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    let r = tls::run(args.quick);
+    let mut md = format!(
+        "# TLS: the gateway's against nginx's, same certificate, same run\n\n{}\n\n\
+         One certificate (ECDSA P-256, issued by a CA made for the run with rcgen) served by both. The gateway: 1 worker, \
+         unpinned, kernel program off; nginx: `worker_processes 1`, `ssl_protocols TLSv1.2 TLSv1.3`, session tickets and \
+         cache left at nginx's defaults. Both proxy to `mcp-upstream` (1 worker, plain HTTP, upstream keep-alive). \
+         The load: {} connections, closed loop (peak), {:.0} s measured after a warm-up, `tools/call` (2026-07-28 form); \
+         its TLS client is rustls offering TLS 1.3 only, X25519 only (what nginx's OpenSSL 3.0 would pick; a rustls \
+         server would otherwise take the post-quantum hybrid rustls offers first), ALPN `http/1.1`, SNI `localhost`, \
+         resumption off (every new connection is a full handshake). It checks the server's handshake signature but not \
+         the chain (as `h2load` and `wrk` check nothing); each TLS listener is first checked once with full verification \
+         against the CA. Rounds:\n\n\
+         1. {}: connect, handshake, one `tools/call`, close_notify and close; rate = handshakes/s.\n\
+         2. {}.\n\
+         3. {}: nginx terminating TLS (same certificate, its own process) in front of `mcp-upstream` is the https upstream \
+         of both proxies, which verify it against the CA (nginx: `proxy_ssl_verify on`, TLS 1.2–1.3, upstream keep-alive \
+         and session reuse).\n\n\
+         CPU is user + system time of each process within the measured time only, divided by the requests (round 1: \
+         handshakes) answered in it. Every target is measured once per round, rounds interleaved; a row is the median \
+         round by rate, the last column the range across rounds. All processes, the load generator included, share \
+         this machine's cores.\n\n\
+         The column `server on / waiting for a CPU` gives the server's threads' time running and runnable-but-waiting \
+         (from /proc/<pid>/task/*/schedstat) as shares of the measured time: a server that waits much for a CPU is \
+         held back by the other work on the machine, and its rate says more about the scheduler than about itself.\n\n\
+         | round | server | achieved /s | errors | p50 µs | p90 µs | p99 µs | server CPU µs / req | server on / waiting for a CPU | others' CPU µs / req | rounds: range |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        env.markdown(),
+        r.connections,
+        r.seconds,
+        tls::Round::Handshakes.title(),
+        tls::Round::KeepAlive.title(),
+        tls::Round::HttpsUpstream.title(),
+    );
+    let mut rows_json = Vec::new();
+    for row in &r.rows {
+        let h = row.result.latency.as_ref().expect("histogram");
+        let others: Vec<String> = row
+            .other_cpu_us
+            .iter()
+            .map(|(n, c)| format!("{n} {c:.1}"))
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} | **{:.1}** | {:.0}% / {:.0}% | {} | {} |\n",
+            row.round.title(),
+            row.server,
+            row.result.rps(),
+            errors_cell(&row.result),
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            row.server_cpu_us,
+            row.server_running * 100.0,
+            row.server_waiting * 100.0,
+            others.join(", "),
+            match row.range {
+                None => format!("{}", row.rounds),
+                Some((lo, hi)) => format!("{}: {lo:.0}–{hi:.0}/s", row.rounds),
+            },
+        ));
+        rows_json.push(serde_json::json!({
+            "round": row.round.key(), "server": row.server, "achieved_per_s": row.result.rps(),
+            "ok": row.result.ok, "errors": row.result.errors, "error_kinds": row.result.error_kinds,
+            "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9), "p99_us": h.value_at_quantile(0.99),
+            "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
+            "server_cpu_us_per_request": row.server_cpu_us,
+            "server_running_share": row.server_running, "server_waiting_for_cpu_share": row.server_waiting,
+            "other_cpu_us_per_request": row.other_cpu_us.iter().map(|(n, c)| (n.clone(), *c)).collect::<std::collections::BTreeMap<_, _>>(),
+            "rounds": row.rounds, "range": row.range.map(|(lo, hi)| [lo, hi]),
+        }));
+    }
+    let find = |round: tls::Round, server: &str| {
+        r.rows
+            .iter()
+            .find(|x| x.round == round && x.server == server && x.result.ok > 0)
+    };
+    let mut goals = Vec::new();
+    for (round, what) in [
+        (tls::Round::Handshakes, "handshakes/s"),
+        (tls::Round::KeepAlive, "keep-alive TLS"),
+        (tls::Round::HttpsUpstream, "https upstream"),
+    ] {
+        if let (Some(g), Some(n)) = (find(round, "gateway"), find(round, "nginx")) {
+            goals.push((
+                round,
+                g.result.rps() / n.result.rps(),
+                g.server_cpu_us / n.server_cpu_us.max(1e-9),
+                what,
+            ));
+        }
+    }
+    md.push('\n');
+    for (round, rate, cpu, what) in &goals {
+        md.push_str(&format!(
+            "- {what}: gateway / nginx rate {rate:.2}×, CPU per {} {cpu:.2}×{}\n",
+            if *round == tls::Round::Handshakes {
+                "handshake"
+            } else {
+                "request"
+            },
+            match round {
+                tls::Round::Handshakes => format!(
+                    " (goal: handshakes/s ≥ nginx's: {})",
+                    if *rate >= 1.0 { "met" } else { "not met" }
+                ),
+                tls::Round::KeepAlive => format!(
+                    " (goal: CPU per request ≤ 0.8× nginx's: {})",
+                    if *cpu <= 0.8 { "met" } else { "not met" }
+                ),
+                tls::Round::HttpsUpstream => String::new(),
+            }
+        ));
+    }
+    for why in &r.gateway_missing {
+        md.push_str(&format!("- Not measured on the gateway's side: {why}\n"));
+    }
+    md.push_str("\nNegotiated (the checking handshake): ");
+    md.push_str(
+        &r.negotiated
+            .iter()
+            .map(|(s, w)| format!("{s}: {w}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    md.push_str(&format!(
+        ".\n\nThe machine's load average (1, 5, 15 min): {} before, {} after.\n\nPeak memory: {}.\n",
+        r.loadavg[0],
+        r.loadavg[1],
+        r.peak_rss_mib
+            .iter()
+            .map(|(n, m)| format!("{n} {m:.1} MiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let json = serde_json::json!({
+        "scenario": "tls", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
+        "rows": rows_json, "gateway_missing": r.gateway_missing, "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
+        "negotiated": r.negotiated.iter().map(|(s, w)| (s.clone(), w.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        "goals": goals.iter().map(|(round, rate, cpu, _)| serde_json::json!({"round": round.key(), "rate_ratio": rate, "cpu_ratio": cpu})).collect::<Vec<_>>(),
+        "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    write_report(dir, &format!("{}-tls{suffix}", env.date), &md, &json)
 }

@@ -44,17 +44,17 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
 pub(crate) struct Proc(pub(crate) KillOnDrop);
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.0.id()
     }
 
     /// CPU seconds used so far (user + system), from /proc.
-    fn cpu_seconds(&self) -> f64 {
+    pub(crate) fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.pid())
     }
 
     /// Peak resident memory in MiB (VmHWM).
-    fn peak_rss_mib(&self) -> f64 {
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
@@ -296,6 +296,7 @@ pub fn run(quick: bool) -> ProxyReport {
         warmup: t.warmup,
         rate,
         mix: t.mix.clone(),
+        connect: load::Connect::default(),
     };
     let t = |scenario, port, path: &str, procs| Target {
         scenario,
