@@ -64,6 +64,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             .worker_restarts
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    shared.proxy_protocol.render(&mut out);
     let breakers = shared.breakers.states();
     if !breakers.is_empty() {
         let _ = writeln!(

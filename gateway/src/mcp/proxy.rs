@@ -115,6 +115,8 @@ fn last_event_data(buf: &[u8]) -> Vec<u8> {
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
+    /// This worker's index (its row in the connection table).
+    pub worker: usize,
     pub(super) parser: RefCell<Parser>,
     /// Idle upstream connections by address, the most recently used on top.
     pool: RefCell<HashMap<SocketAddr, Vec<Io>>>,
@@ -127,6 +129,7 @@ impl WorkerCtx {
         let max_tools = shared.snapshot.load().config.telemetry.max_tools;
         Rc::new(Self {
             shared,
+            worker,
             parser: RefCell::default(),
             pool: RefCell::default(),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
@@ -181,8 +184,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut io = Io::new(stream, Duration::ZERO);
-    // Which listener accepted it: the index of its entry in `Config::listeners`.
-    let _ = listener;
+    // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
+    // PROXY protocol header names the client, which is the peer from here on.
+    let Some((peer, _counted)) =
+        http::proxy_protocol::admit(&mut io, peer, listener, &ctx.shared, ctx.worker).await
+    else {
+        return;
+    };
     loop {
         let snapshot = ctx.shared.snapshot.load_full();
         let limits = limits(&snapshot.config);
