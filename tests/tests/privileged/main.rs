@@ -11,4 +11,5 @@ mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
 mod policy_e2e;
+mod proxy_protocol;
 mod xdp_decisions;
