@@ -258,6 +258,18 @@ fn the_client_a_header_names_is_classified_policed_and_audited() {
     let r = via(p, &[v1("192.0.2.10", 40003), call("echo")].concat());
     assert_eq!(r.status, 401);
 
+    // Only the balancer's header counts: a second one (a client's own, relayed) is not HTTP.
+    let r = via(
+        p,
+        &[
+            v1("192.0.2.10", 40010),
+            v1("198.18.5.9", 40011),
+            call("echo"),
+        ]
+        .concat(),
+    );
+    assert_eq!(r.status, 400);
+
     // v2 with TLVs, over IPv4 and IPv6.
     let r = via(
         p,
@@ -336,7 +348,7 @@ fn the_client_a_header_names_is_classified_policed_and_audited() {
             s.admin,
             "mcp_gateway_proxy_protocol_accepted_total{command=\"proxy\"}"
         ),
-        10
+        11
     );
     assert_eq!(
         metric(
@@ -369,6 +381,10 @@ fn the_client_a_header_names_is_classified_policed_and_audited() {
     ] {
         assert!(seen.contains(&expected), "{expected:?} in {seen:?}");
     }
+    assert!(
+        !lines.iter().any(|l| l["source"] == "198.18.5.9"),
+        "{lines:?}"
+    );
     assert!(
         !lines
             .iter()
