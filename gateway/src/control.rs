@@ -33,6 +33,11 @@ struct Control {
     ready: bool,
     /// The TLS files as they were when last loaded (the reload watcher compares).
     tls_stamps: Vec<crate::tls::Stamp>,
+    /// Bans in force: address → expiry (`CLOCK_MONOTONIC` ns, the kernel's clock). With the
+    /// kernel program on, a copy of its ban map (which the `gateway kernel ban` command and
+    /// earlier runs also write); without it, the only record. Published to the workers as
+    /// `Shared::bans`, for the clients named by PROXY protocol headers.
+    bans: std::collections::BTreeMap<std::net::IpAddr, u64>,
 }
 
 impl Control {
@@ -61,22 +66,108 @@ impl Control {
             wanted.insert(ip, ttl);
         }
         drop(rx);
+        let snapshot = self.shared.snapshot.load_full();
         for (ip, ttl) in wanted {
-            match &mut self.maps {
-                Some(maps) => match maps.ban(ip, ttl) {
-                    Ok(()) => tracing::warn!(
-                        source = %ip,
-                        ban_s = ttl.as_secs(),
-                        "auto-ban: repeated refusals; the kernel drops this source now"
-                    ),
-                    Err(e) => tracing::error!(source = %ip, "auto-ban failed: {e}"),
-                },
-                None => tracing::warn!(
+            // A load balancer's own address earns refusals only through its own connections
+            // (v2 LOCAL: health checks); banning it would cut off every client behind it.
+            if snapshot.config.listeners.iter().any(|l| {
+                l.proxy_protocol
+                    .as_ref()
+                    .is_some_and(|p| p.trusted.iter().any(|n| n.contains(&ip.to_canonical())))
+            }) {
+                tracing::warn!(
                     source = %ip,
-                    "auto-ban wanted, but the kernel program is off"
+                    "auto-ban wanted for a trusted load balancer's address; not banned"
+                );
+                continue;
+            }
+            match self.ban(ip, ttl) {
+                Ok(()) if self.maps.is_some() => tracing::warn!(
+                    source = %ip,
+                    ban_s = ttl.as_secs(),
+                    "auto-ban: repeated refusals; the kernel drops this source now"
                 ),
+                Ok(()) => tracing::warn!(
+                    source = %ip,
+                    ban_s = ttl.as_secs(),
+                    "auto-ban: repeated refusals; the kernel program is off, so only PROXY protocol listeners refuse this source"
+                ),
+                Err(e) => tracing::error!(source = %ip, "auto-ban failed: {e}"),
             }
         }
+    }
+
+    /// Bans `ip` for `ttl`: in the kernel's ban map (when the program is on) and for the
+    /// workers.
+    fn ban(&mut self, ip: std::net::IpAddr, ttl: Duration) -> Result<(), kernel::KernelError> {
+        let ip = ip.to_canonical();
+        if let Some(maps) = &mut self.maps {
+            maps.ban(ip, ttl)?;
+        }
+        let until =
+            kernel::monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        self.bans.insert(ip, until);
+        self.publish_bans();
+        Ok(())
+    }
+
+    /// Lifts a ban; returns whether there was one.
+    fn unban(&mut self, ip: std::net::IpAddr) -> Result<bool, kernel::KernelError> {
+        let ip = ip.to_canonical();
+        let in_kernel = match &mut self.maps {
+            Some(maps) => maps.unban(ip)?,
+            None => false,
+        };
+        let here = self.bans.remove(&ip).is_some();
+        self.publish_bans();
+        Ok(in_kernel || here)
+    }
+
+    /// Takes the kernel's ban map as the record (bans written by the CLI or an earlier run
+    /// included), sweeps expired entries, and publishes the bans in force to the workers.
+    fn refresh_bans(&mut self) {
+        let now = kernel::monotonic_ns();
+        if let Some(maps) = &mut self.maps {
+            if let Err(e) = maps.sweep_bans() {
+                tracing::warn!(error = %e, "sweeping expired bans failed");
+            }
+            match maps.bans() {
+                Ok(list) => {
+                    self.bans = list
+                        .into_iter()
+                        .map(|b| {
+                            let left = b.remaining.as_nanos().min(u128::from(u64::MAX)) as u64;
+                            (b.addr.to_canonical(), now.saturating_add(left))
+                        })
+                        .collect();
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the ban map failed"),
+            }
+        }
+        self.bans.retain(|_, until| *until > now);
+        self.publish_bans();
+    }
+
+    fn publish_bans(&self) {
+        let current = self.shared.bans.load();
+        if current.is_empty() && self.bans.is_empty() {
+            return;
+        }
+        self.shared
+            .bans
+            .store(Arc::new(runtime::shared::BanSet::new(
+                self.bans.iter().map(|(ip, until)| (*ip, *until)),
+            )));
+    }
+
+    /// The bans in force, with the time each has left.
+    fn list_bans(&mut self) -> Vec<(std::net::IpAddr, Duration)> {
+        self.refresh_bans();
+        let now = kernel::monotonic_ns();
+        self.bans
+            .iter()
+            .map(|(ip, until)| (*ip, Duration::from_nanos(until.saturating_sub(now))))
+            .collect()
     }
 
     /// Kernel packet counts per tenant and verdict, for `/stats`.
@@ -299,7 +390,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         stats: Aggregator::new(max_tools, log),
         ready: true,
         tls_stamps,
+        bans: std::collections::BTreeMap::new(),
     }));
+    // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
+    lock(&control).refresh_bans();
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
     let admin = tokio::spawn(serve_admin(admin_listener, admin_tls, Arc::clone(&control)));
     let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
@@ -337,13 +431,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             _ = merge.tick() => lock(&control).drain_stats(),
             _ = bans.tick() => lock(&control).apply_auto_bans(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
-            _ = sweep.tick() => {
-                if let Some(maps) = &mut lock(&control).maps
-                    && let Err(e) = maps.sweep_bans()
-                {
-                    tracing::warn!(error = %e, "sweeping expired bans failed");
-                }
-            }
+            _ = sweep.tick() => lock(&control).refresh_bans(),
             _ = hup.recv() => match lock(&control).reload() {
                 Ok(msg) => tracing::info!("{msg}"),
                 Err(e) => tracing::error!("reload refused: {e:#}"),
@@ -630,19 +718,14 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                 },
             }
         }
-        (&Method::GET, "/bans") => match &c.maps {
-            None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
-            Some(m) => match m.bans() {
-                Ok(bans) => json_reply(
-                    200,
-                    &serde_json::json!(bans
-                        .iter()
-                        .map(|b| serde_json::json!({"address": b.addr.to_string(), "remaining_seconds": b.remaining.as_secs()}))
-                        .collect::<Vec<_>>()),
-                ),
-                Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
-            },
-        },
+        (&Method::GET, "/bans") => json_reply(
+            200,
+            &serde_json::json!(c
+                .list_bans()
+                .iter()
+                .map(|(addr, left)| serde_json::json!({"address": addr.to_string(), "remaining_seconds": left.as_secs()}))
+                .collect::<Vec<_>>()),
+        ),
         (&Method::POST, "/bans") => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -656,28 +739,22 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     return json_reply(400, &serde_json::json!({"error": format!("expected {{\"address\": IP, \"seconds\": N}}: {e}")}));
                 }
             };
-            match &mut c.maps {
-                None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
-                Some(m) => match m.ban(ban.address, Duration::from_secs(ban.seconds)) {
-                    Ok(()) => {
-                        tracing::info!(address = %ban.address, seconds = ban.seconds, "banned via the admin API");
-                        json_reply(200, &serde_json::json!({"banned": ban.address.to_string(), "seconds": ban.seconds}))
-                    }
-                    Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
-                },
+            match c.ban(ban.address, Duration::from_secs(ban.seconds)) {
+                Ok(()) => {
+                    tracing::info!(address = %ban.address, seconds = ban.seconds, "banned via the admin API");
+                    json_reply(200, &serde_json::json!({"banned": ban.address.to_string(), "seconds": ban.seconds}))
+                }
+                Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
         }
         (&Method::DELETE, p) if p.starts_with("/bans/") => {
             let Ok(addr) = p["/bans/".len()..].parse::<std::net::IpAddr>() else {
                 return json_reply(400, &serde_json::json!({"error": "not an IP address"}));
             };
-            match &mut c.maps {
-                None => json_reply(409, &serde_json::json!({"error": "the kernel program is off"})),
-                Some(m) => match m.unban(addr) {
-                    Ok(true) => json_reply(200, &serde_json::json!({"unbanned": addr.to_string()})),
-                    Ok(false) => json_reply(404, &serde_json::json!({"error": "not banned"})),
-                    Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
-                },
+            match c.unban(addr) {
+                Ok(true) => json_reply(200, &serde_json::json!({"unbanned": addr.to_string()})),
+                Ok(false) => json_reply(404, &serde_json::json!({"error": "not banned"})),
+                Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
         }
         (_, "/metrics" | "/stats" | "/reload" | "/bans" | "/pins" | "/pins/approve") => {

@@ -79,6 +79,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             .out_of_descriptors
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    shared.proxy_protocol.render(&mut out);
     let breakers = shared.breakers.states();
     if !breakers.is_empty() {
         let _ = writeln!(

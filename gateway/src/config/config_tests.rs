@@ -210,3 +210,60 @@ fn the_json_schema_in_docs_is_current() {
     );
     assert!(committed.contains("\"tenants\"") && committed.contains("\"upstreams\""));
 }
+
+#[test]
+fn proxy_protocol_listeners() {
+    let base = r#"
+[gateway]
+instance = "t"
+[admin]
+address = "127.0.0.1:19090"
+[kernel]
+enabled = false
+[[listeners]]
+address = "127.0.0.1:18080"
+"#;
+    let c = Config::from_toml(&format!(
+        "{base}[listeners.proxy_protocol]\ntrusted = ['10.0.0.0/8', '127.0.0.1', '2001:db8::/32']\n"
+    ))
+    .unwrap();
+    let pp = c.listeners[0].proxy_protocol.as_ref().unwrap();
+    assert_eq!(pp.version, ProxyVersion::Any);
+    assert_eq!(pp.header_timeout, Duration::from_secs(3));
+    assert_eq!(
+        pp.trusted,
+        ["10.0.0.0/8", "127.0.0.1/32", "2001:db8::/32"].map(|n| n.parse::<IpNet>().unwrap())
+    );
+    let c = Config::from_toml(&format!(
+        "{base}[listeners.proxy_protocol]\ntrusted = ['10.0.0.0/8']\nversion = 'v2'\nheader_timeout_ms = 500\n"
+    ))
+    .unwrap();
+    let pp = c.listeners[0].proxy_protocol.as_ref().unwrap();
+    assert_eq!(
+        (pp.version, pp.header_timeout),
+        (ProxyVersion::V2, Duration::from_millis(500))
+    );
+    assert!(
+        Config::from_toml(base).unwrap().listeners[0]
+            .proxy_protocol
+            .is_none()
+    );
+    for (text, key) in [
+        ("trusted = []", "listeners[0].proxy_protocol.trusted"),
+        (
+            "trusted = ['10.0.0.1/8']",
+            "listeners[0].proxy_protocol.trusted[0]",
+        ),
+        (
+            "trusted = ['10.0.0.0/8']\nheader_timeout_ms = 0",
+            "listeners[0].proxy_protocol.header_timeout_ms",
+        ),
+    ] {
+        let e = err(&format!("{base}[listeners.proxy_protocol]\n{text}\n"));
+        assert!(e.contains(key), "{e}");
+    }
+    let e = err(&format!(
+        "{base}[listeners.proxy_protocol]\ntrusted = ['10.0.0.0/8']\nversion = 'v3'\n"
+    ));
+    assert!(e.contains("v3"), "{e}");
+}

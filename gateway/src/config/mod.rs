@@ -310,6 +310,43 @@ pub struct RawListener {
     /// TLS on this listener; plaintext HTTP without it.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// Expect a PROXY protocol header (from a load balancer) before anything else on each
+    /// connection: its client address then stands for the connection everywhere.
+    #[serde(default)]
+    pub proxy_protocol: Option<RawProxyProtocol>,
+}
+
+/// `[listeners.proxy_protocol]`: the listener sits behind load balancers that announce each
+/// client with a PROXY protocol header.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyProtocol {
+    /// Source prefixes (CIDR or address) of the balancers. A connection from anywhere else is
+    /// closed at once; one from here must start with a valid header.
+    pub trusted: Vec<String>,
+    /// Which header versions are accepted.
+    #[serde(default)]
+    pub version: ProxyVersion,
+    /// How long a connection may take to send its whole header.
+    #[serde(default = "default_proxy_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+}
+
+const fn default_proxy_header_timeout_ms() -> u64 {
+    3000
+}
+
+/// PROXY protocol versions a listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header only.
+    V1,
+    /// The binary header only.
+    V2,
+    /// Either.
+    #[default]
+    Any,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -438,6 +475,15 @@ pub struct Config {
 pub struct Listener {
     pub address: SocketAddr,
     pub tls: Option<Tls>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A listener's PROXY protocol settings (see [`RawProxyProtocol`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyProtocol {
+    pub trusted: Vec<IpNet>,
+    pub version: ProxyVersion,
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -764,7 +810,40 @@ impl RawConfig {
                 .tls
                 .map(|t| t.validate(&format!("listeners[{i}].tls"), request_timeout))
                 .transpose()?;
-            listeners.push(Listener { address: addr, tls });
+            let proxy_protocol = match &l.proxy_protocol {
+                None => None,
+                Some(p) => {
+                    let key = |field: &str| format!("listeners[{i}].proxy_protocol.{field}");
+                    if p.trusted.is_empty() {
+                        return Err(invalid(
+                            key("trusted"),
+                            "name the load balancers' source prefixes (every other source is refused)",
+                        ));
+                    }
+                    let trusted = p
+                        .trusted
+                        .iter()
+                        .enumerate()
+                        .map(|(j, n)| parse_net(&key(&format!("trusted[{j}]")), n))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if !(1..=60_000).contains(&p.header_timeout_ms) {
+                        return Err(invalid(
+                            key("header_timeout_ms"),
+                            "must be between 1 and 60000",
+                        ));
+                    }
+                    Some(ProxyProtocol {
+                        trusted,
+                        version: p.version,
+                        header_timeout: Duration::from_millis(p.header_timeout_ms),
+                    })
+                }
+            };
+            listeners.push(Listener {
+                address: addr,
+                tls,
+                proxy_protocol,
+            });
         }
         let admin = parse_addr("admin.address", &self.admin.address)?;
         let admin_tls = self

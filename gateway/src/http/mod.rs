@@ -23,6 +23,7 @@ mod body;
 mod head;
 mod head_end;
 mod io;
+pub mod proxy_protocol;
 
 use std::time::Duration;
 

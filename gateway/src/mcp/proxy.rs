@@ -117,6 +117,8 @@ fn last_event_data(buf: &[u8]) -> Vec<u8> {
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
+    /// This worker's index (its row in the connection table).
+    pub worker: usize,
     pub(super) parser: RefCell<Parser>,
     /// Idle upstream connections.
     pub(super) pool: Pool,
@@ -130,6 +132,7 @@ impl WorkerCtx {
         let stats = Arc::clone(&shared.upstream_stats);
         Rc::new(Self {
             shared,
+            worker,
             parser: RefCell::default(),
             pool: Pool::new(stats),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
@@ -155,8 +158,14 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut io = Io::new(stream, Duration::ZERO);
-    // Which listener accepted it (the index of its entry in `Config::listeners`) says whether
-    // the connection starts with a TLS handshake.
+    // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
+    // PROXY protocol header names the client, which is the peer from here on; it comes before
+    // the TLS handshake (the balancer writes it in the clear).
+    let Some((peer, _counted)) =
+        http::proxy_protocol::admit(&mut io, peer, listener, &ctx.shared, ctx.worker).await
+    else {
+        return;
+    };
     if let Some(tls) = ctx.shared.tls.listener(listener)
         && !crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats).await
     {

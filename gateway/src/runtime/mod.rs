@@ -432,23 +432,39 @@ async fn accept_loop(
             }
         };
         let shared = &ctx.shared;
-        let tenant = shared.snapshot.load().classifier.tenant_of(peer.ip());
-        // The kernel drops SYNs once the control thread raises the flag; until then (and for
-        // connections already in the accept queue) the worker refuses them itself.
-        if shared.at_cap(tenant) {
-            monoio::spawn(refuse_at_cap(stream));
-            continue;
-        }
-        shared.conns.opened(worker, tenant);
+        let snapshot = shared.snapshot.load();
+        // Behind a load balancer (PROXY protocol) the peer is the balancer: the connection is
+        // attributed to the client's tenant, and counted, once the header has named the client
+        // (`http::proxy_protocol::admit`). Listeners cannot change without a restart, so this
+        // and that agree.
+        let proxied = snapshot
+            .config
+            .listeners
+            .get(listener_index)
+            .is_some_and(|l| l.proxy_protocol.is_some());
+        let tenant = if proxied {
+            None
+        } else {
+            let tenant = snapshot.classifier.tenant_of(peer.ip());
+            // The kernel drops SYNs once the control thread raises the flag; until then (and
+            // for connections already in the accept queue) the worker refuses them itself.
+            if shared.at_cap(tenant) {
+                monoio::spawn(refuse_at_cap(stream));
+                continue;
+            }
+            Some(tenant)
+        };
+        drop(snapshot);
         let fd = stream.as_raw_fd();
         active.borrow_mut().insert(fd);
         let ctx = Rc::clone(&ctx);
         let active = Rc::clone(&active);
         let shutdown = shutdown.clone();
         monoio::spawn(async move {
+            let counted = tenant.map(|t| ctx.shared.conns.open(worker, t));
             let _ = stream.set_nodelay(true);
             serve_contained(stream, peer, listener_index, &ctx, shutdown).await;
-            ctx.shared.conns.closed(worker, tenant);
+            drop(counted);
             active.borrow_mut().remove(&fd);
         });
     }

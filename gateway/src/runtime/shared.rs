@@ -87,6 +87,16 @@ impl ConnTable {
         }
     }
 
+    /// Counts a connection of `tenant` on `worker` until the returned guard is dropped.
+    pub fn open(&self, worker: usize, tenant: u32) -> Counted<'_> {
+        self.opened(worker, tenant);
+        Counted {
+            table: self,
+            worker,
+            tenant,
+        }
+    }
+
     pub fn opened(&self, worker: usize, tenant: u32) {
         self.rows[worker][tenant as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -111,8 +121,62 @@ impl ConnTable {
     }
 }
 
+/// One open connection in a [`ConnTable`]; dropping it uncounts the connection.
+pub struct Counted<'a> {
+    table: &'a ConnTable,
+    worker: usize,
+    tenant: u32,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.table.closed(self.worker, self.tenant);
+    }
+}
+
+/// The bans in force (addresses with their expiry on `CLOCK_MONOTONIC`, the kernel's clock), as
+/// the control thread last published them: the kernel's ban map and the auto-bans and admin
+/// API's bans. Workers read it for addresses the XDP program cannot see (those carried in
+/// PROXY protocol headers).
+#[derive(Debug, Default)]
+pub struct BanSet {
+    until: rustc_hash::FxHashMap<IpAddr, u64>,
+}
+
+impl BanSet {
+    pub fn new(bans: impl IntoIterator<Item = (IpAddr, u64)>) -> Self {
+        Self {
+            until: bans
+                .into_iter()
+                .map(|(ip, t)| (ip.to_canonical(), t))
+                .collect(),
+        }
+    }
+
+    /// Whether `ip` is banned at `now_ns` (`CLOCK_MONOTONIC`).
+    pub fn is_banned(&self, ip: IpAddr, now_ns: u64) -> bool {
+        !self.until.is_empty()
+            && self
+                .until
+                .get(&ip.to_canonical())
+                .is_some_and(|until| *until > now_ns)
+    }
+
+    pub fn len(&self) -> usize {
+        self.until.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.until.is_empty()
+    }
+}
+
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Bans in force, published by the control thread.
+    pub bans: ArcSwap<BanSet>,
+    /// PROXY protocol headers accepted and refused, by reason.
+    pub proxy_protocol: crate::http::proxy_protocol::Counters,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids (made at start, never leaves the process).
@@ -178,6 +242,8 @@ impl Shared {
             stats_tx,
             stats_rx: std::sync::Mutex::new(stats_rx),
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+            bans: ArcSwap::from_pointee(BanSet::default()),
+            proxy_protocol: crate::http::proxy_protocol::Counters::default(),
             conns: ConnTable::new(workers),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),

@@ -13,6 +13,7 @@ mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
 mod policy_e2e;
+mod proxy_protocol;
 mod stdio_e2e;
 mod tls_edge;
 mod xdp_decisions;

@@ -1,0 +1,578 @@
+//! PROXY protocol listeners end to end on loopback (the kernel program is off here): the real
+//! gateway behind a "balancer" that is this test on 127.0.0.1, writing v1 and v2 headers by
+//! hand on raw sockets. The client a header names is what `address` auth, the tenant's rules,
+//! the audit log, the tenant's connection count and cap, bans and auto-ban see; every refusal
+//! is a close without a byte, counted by reason in /metrics.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use integration_tests::{
+    daemon::{Daemon, connect_from},
+    peers::{FakeUpstream, Misbehave, RawResponse, free_port, post, read_response},
+    unique,
+};
+
+struct Setup {
+    daemon: Daemon,
+    port: u16,
+    admin: u16,
+    audit: std::path::PathBuf,
+    _fake: FakeUpstream,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.daemon.stop();
+        let _ = std::fs::remove_file(&self.audit);
+    }
+}
+
+/// One PROXY protocol listener trusting 127.0.0.1 only (headers within 600 ms). Tenants:
+/// `public` (the default, where the balancer's own address falls),
+/// `edge` (198.18.0.0/15 and 2001:db8:5::/48; may not call `add`), `far` (203.0.113.0/24; at
+/// most one connection). `/mcp` takes callers by address only; three refusals ban a source.
+fn setup() -> Setup {
+    let fake = FakeUpstream::start(Misbehave::Answer);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwpp");
+    let audit = std::env::temp_dir().join(format!("{instance}-audit.jsonl"));
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[listeners.proxy_protocol]
+trusted = ["127.0.0.1/32"]
+header_timeout_ms = 600
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+cap_poll_ms = 10
+default_tenant = "public"
+deny = ["198.19.255.0/24"]
+[audit]
+path = "{audit}"
+[auto_ban]
+max_refusals = 3
+window_s = 60
+ban_s = 60
+
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "edge"
+id = 1
+sources = ["198.18.0.0/15", "2001:db8:5::/48"]
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[tenants]]
+name = "far"
+id = 2
+sources = ["203.0.113.0/24"]
+max_connections = 1
+
+[[upstreams]]
+name = "u0"
+url = "{url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["address"]
+"#,
+        audit = audit.display(),
+        url = fake.url(),
+    );
+    let daemon = Daemon::start_local(&instance, &config);
+    Setup {
+        daemon,
+        port,
+        admin,
+        audit,
+        _fake: fake,
+    }
+}
+
+fn v1(client: &str, client_port: u16) -> Vec<u8> {
+    let family = if client.contains(':') { "TCP6" } else { "TCP4" };
+    let dst = if client.contains(':') {
+        "::1"
+    } else {
+        "127.0.0.1"
+    };
+    format!("PROXY {family} {client} {dst} {client_port} 8080\r\n").into_bytes()
+}
+
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+fn v2(ver_cmd: u8, fam_proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = V2_SIGNATURE.to_vec();
+    h.extend_from_slice(&[ver_cmd, fam_proto]);
+    h.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
+    let mut t = vec![kind];
+    t.extend_from_slice(&u16::try_from(value.len()).unwrap().to_be_bytes());
+    t.extend_from_slice(value);
+    t
+}
+
+/// A v2 PROXY header for a TCP client over IPv4 (or IPv6), with TLVs as AWS and HAProxy send
+/// them: the authority (SNI), a unique id, an AWS VPC endpoint id, and a NOOP.
+fn v2_client(client: IpAddr, client_port: u16) -> Vec<u8> {
+    let (fam, mut payload) = match client {
+        IpAddr::V4(a) => (0x11, [a.octets().as_slice(), &[127, 0, 0, 1]].concat()),
+        IpAddr::V6(a) => (
+            0x21,
+            [a.octets().as_slice(), &Ipv6Addr::LOCALHOST.octets()].concat(),
+        ),
+    };
+    payload.extend_from_slice(&client_port.to_be_bytes());
+    payload.extend_from_slice(&8080u16.to_be_bytes());
+    payload.extend(tlv(0x02, b"mcp.example.com"));
+    payload.extend(tlv(0x05, b"\x00\x01\x02\x03"));
+    payload.extend(tlv(0xEA, b"\x01vpce-0123456789abcdef0"));
+    payload.extend(tlv(0x04, b""));
+    v2(0x21, fam, &payload)
+}
+
+fn call(tool: &str) -> Vec<u8> {
+    post(
+        "/mcp",
+        &format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#
+        ),
+        "",
+    )
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Sends `bytes` on a new connection from the trusted balancer address and reads the answer.
+fn via(port: u16, bytes: &[u8]) -> RawResponse {
+    let mut s = connect(port);
+    s.write_all(bytes).unwrap();
+    read_response(&mut s).unwrap_or_else(|| panic!("no answer to {bytes:?}"))
+}
+
+/// Waits (at most 5 s) for the gateway to close `s`; panics if it sends a byte first. Returns
+/// how long it took.
+fn closed_without_a_byte(s: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!(
+            "answered instead of closed: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed within 5 s: {e}"),
+    }
+    start.elapsed()
+}
+
+/// Sends `bytes` (then keeps the connection open) and expects a close without an answer.
+fn refused(port: u16, bytes: &[u8]) -> Duration {
+    let mut s = connect(port);
+    s.write_all(bytes).unwrap();
+    closed_without_a_byte(&mut s)
+}
+
+fn metrics(admin: u16) -> String {
+    let mut s = connect(admin);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    String::from_utf8(read_response(&mut s).unwrap().body).unwrap()
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+fn metric(admin: u16, series: &str) -> u64 {
+    let text = metrics(admin);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+fn refusals(admin: u16, reason: &str) -> u64 {
+    metric(
+        admin,
+        &format!("mcp_gateway_proxy_protocol_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn admin_request(admin: u16, method: &str, path: &str, body: &str) -> RawResponse {
+    let mut s = connect(admin);
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    read_response(&mut s).unwrap()
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn is_result(r: &RawResponse) -> bool {
+    r.status == 200 && r.json().get("result").is_some()
+}
+
+#[test]
+fn the_client_a_header_names_is_classified_policed_and_audited() {
+    let s = setup();
+    let p = s.port;
+
+    // v1: 198.18.5.7 is tenant `edge` by address; without the header's client the socket's
+    // 127.0.0.1 is the default tenant, which `address` auth refuses (401).
+    let r = via(p, &[v1("198.18.5.7", 40001), call("echo")].concat());
+    assert!(is_result(&r), "{} {:?}", r.status, r.json());
+    // `edge`'s own rule refuses `add`; the same call for a client of no tenant is a 401.
+    let r = via(p, &[v1("198.18.5.7", 40002), call("add")].concat());
+    assert!(r.json().get("error").is_some(), "{:?}", r.json());
+    let r = via(p, &[v1("192.0.2.10", 40003), call("echo")].concat());
+    assert_eq!(r.status, 401);
+
+    // Only the balancer's header counts: a second one (a client's own, relayed) is not HTTP.
+    let r = via(
+        p,
+        &[
+            v1("192.0.2.10", 40010),
+            v1("198.18.5.9", 40011),
+            call("echo"),
+        ]
+        .concat(),
+    );
+    assert_eq!(r.status, 400);
+
+    // v2 with TLVs, over IPv4 and IPv6.
+    let r = via(
+        p,
+        &[
+            v2_client("198.18.9.9".parse().unwrap(), 40004),
+            call("echo"),
+        ]
+        .concat(),
+    );
+    assert!(is_result(&r), "{} {:?}", r.status, r.json());
+    let r = via(
+        p,
+        &[
+            v2_client("2001:db8:5::7".parse().unwrap(), 40005),
+            call("echo"),
+        ]
+        .concat(),
+    );
+    assert!(is_result(&r), "{} {:?}", r.status, r.json());
+    let r = via(p, &[v1("2001:db8:5::8", 40006), call("echo")].concat());
+    assert!(is_result(&r), "{} {:?}", r.status, r.json());
+
+    // A header in pieces, with pauses (all of it within the 600 ms header timeout), and the
+    // request after it in pieces too.
+    for header in [
+        v1("198.18.5.7", 40007),
+        v2_client("198.18.5.7".parse().unwrap(), 40008),
+    ] {
+        let mut c = connect(p);
+        for piece in header.chunks(7) {
+            c.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let request = call("echo");
+        let (a, b) = request.split_at(20);
+        c.write_all(a).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        c.write_all(b).unwrap();
+        let r = read_response(&mut c).unwrap();
+        assert!(is_result(&r), "{} {:?}", r.status, r.json());
+    }
+
+    // v2 LOCAL (the balancer's health check) is served as the balancer: 127.0.0.1 is tenant
+    // `public`, which `address` auth refuses.
+    let r = via(p, &[v2(0x20, 0x00, &[]), call("echo")].concat());
+    assert_eq!(r.status, 401);
+
+    // The connection counts follow the header's client, not the balancer's address (which
+    // is tenant `public`).
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut c = connect(p);
+            c.write_all(&v1("198.18.5.7", 41000 + i)).unwrap();
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(s.admin, "mcp_gateway_connections{tenant=\"edge\"}") != 2 {
+        assert!(Instant::now() < deadline, "{}", metrics(s.admin));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        metric(s.admin, "mcp_gateway_connections{tenant=\"public\"}"),
+        0
+    );
+    for c in &mut held {
+        c.write_all(&call("echo")).unwrap();
+        let r = read_response(c).unwrap();
+        assert!(is_result(&r), "{} {:?}", r.status, r.json());
+    }
+    drop(held);
+
+    assert_eq!(
+        metric(
+            s.admin,
+            "mcp_gateway_proxy_protocol_accepted_total{command=\"proxy\"}"
+        ),
+        11
+    );
+    assert_eq!(
+        metric(
+            s.admin,
+            "mcp_gateway_proxy_protocol_accepted_total{command=\"local\"}"
+        ),
+        1
+    );
+
+    // The audit log names the clients, each with its tenant.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = audit_lines(&s.audit);
+    let seen: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .filter(|l| l["method"] == "tools/call")
+        .map(|l| {
+            (
+                l["source"].as_str().unwrap(),
+                l["tenant"].as_str().unwrap_or("-"),
+                l["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("198.18.5.7", "edge", "allowed"),
+        ("198.18.5.7", "edge", "refused"),
+        ("198.18.9.9", "edge", "allowed"),
+        ("2001:db8:5::7", "edge", "allowed"),
+        ("2001:db8:5::8", "edge", "allowed"),
+    ] {
+        assert!(seen.contains(&expected), "{expected:?} in {seen:?}");
+    }
+    assert!(
+        !lines.iter().any(|l| l["source"] == "198.18.5.9"),
+        "{lines:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["source"] == "127.0.0.1" && l["method"] == "tools/call"),
+        "only the LOCAL connection is the balancer's, and it was refused before its body: {lines:?}"
+    );
+}
+
+#[test]
+fn refusals_close_the_connection_and_are_counted() {
+    let s = setup();
+    let p = s.port;
+    let a = s.admin;
+
+    // An untrusted source (127.0.0.2 is loopback too, but not 127.0.0.1/32) is closed at
+    // once, even with a valid header.
+    let mut c = connect_from(
+        "127.0.0.2".parse().unwrap(),
+        ([127, 0, 0, 1], p).into(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    c.write_all(&[v1("198.18.5.7", 1), call("echo")].concat())
+        .unwrap();
+    let took = closed_without_a_byte(&mut c);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(refusals(a, "untrusted_source"), 1);
+
+    // No header (a client straight to the port), a broken v1, a v2 with a TLV longer than
+    // its header: refused as soon as that is known.
+    for bad in [
+        call("echo"),
+        b"PROXY TCP4 198.18.5.7 127.0.0.1 99999 8080\r\n".to_vec(),
+        {
+            let mut payload = vec![198, 18, 5, 7, 127, 0, 0, 1, 0, 1, 0, 2];
+            payload.extend_from_slice(&[0x02, 0x00, 0x20, b'x']);
+            v2(0x21, 0x11, &payload)
+        },
+    ] {
+        let took = refused(p, &bad);
+        assert!(took < Duration::from_millis(500), "{took:?}");
+    }
+    assert_eq!(refusals(a, "malformed"), 3);
+
+    // Valid headers that name no TCP client: v1 UNKNOWN, v2 PROXY over UDP, v2 UNSPEC.
+    for bad in [
+        b"PROXY UNKNOWN\r\n".to_vec(),
+        v2(0x21, 0x12, &[198, 18, 5, 7, 127, 0, 0, 1, 0, 1, 0, 2]),
+        v2(0x21, 0x00, &[]),
+    ] {
+        refused(p, &bad);
+    }
+    assert_eq!(refusals(a, "unsupported"), 3);
+
+    // Truncated: the balancer closes its side in the middle of a header.
+    for header in [
+        v1("198.18.5.7", 1),
+        v2_client("198.18.5.7".parse().unwrap(), 1),
+    ] {
+        let mut c = connect(p);
+        c.write_all(&header[..header.len() / 2]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        closed_without_a_byte(&mut c);
+    }
+    assert_eq!(refusals(a, "truncated"), 2);
+
+    // A header that never completes, and a connection that never sends: closed after the
+    // header timeout (600 ms).
+    let mut started = connect(p);
+    started.write_all(b"PROXY TCP4 198.18.").unwrap();
+    let mut silent = connect(p);
+    let took = closed_without_a_byte(&mut started);
+    assert!(
+        took > Duration::from_millis(400) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    let took = closed_without_a_byte(&mut silent);
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    assert_eq!(refusals(a, "timeout"), 2);
+
+    // A balancer's TCP health check: connect and close.
+    drop(connect(p));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while refusals(a, "empty") != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // `kernel.deny` holds for clients named by headers (the kernel sees only the balancer).
+    refused(p, &[v1("198.19.255.1", 1), call("echo")].concat());
+    assert_eq!(refusals(a, "denied"), 1);
+
+    // The tenant's connection cap counts the header's client: `far` may hold one.
+    let mut first = connect(p);
+    first.write_all(&v1("203.0.113.1", 1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(a, "mcp_gateway_tenant_at_connection_cap{tenant=\"far\"}") != 1 {
+        assert!(Instant::now() < deadline, "{}", metrics(a));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    refused(p, &[v1("203.0.113.2", 1), call("echo")].concat());
+    assert_eq!(refusals(a, "tenant_at_cap"), 1);
+    // Other tenants are served meanwhile.
+    assert_eq!(
+        via(p, &[v1("192.0.2.10", 1), call("echo")].concat()).status,
+        401
+    );
+    drop(first);
+
+    // /metrics names every reason.
+    let text = metrics(a);
+    for reason in [
+        "untrusted_source",
+        "empty",
+        "malformed",
+        "truncated",
+        "timeout",
+        "unsupported",
+        "banned",
+        "denied",
+        "tenant_at_cap",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "mcp_gateway_proxy_protocol_refused_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn banned_clients_named_by_headers_are_refused_in_user_space() {
+    let s = setup();
+    let p = s.port;
+    let a = s.admin;
+    let ok = |client: &str| via(p, &[v1(client, 1), call("echo")].concat());
+
+    // A ban through the admin API (the kernel program is off: the bans live in user space).
+    assert!(is_result(&ok("198.18.7.7")));
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"198.18.7.7","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut c = connect(p);
+        c.write_all(&[v1("198.18.7.7", 1), call("echo")].concat())
+            .unwrap();
+        match read_response(&mut c) {
+            None => break,
+            Some(r) => assert!(is_result(&r)),
+        }
+        assert!(Instant::now() < deadline, "the ban did not take");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(refusals(a, "banned"), 1);
+    // Also as IPv4 in IPv6 form, and from a v2 header.
+    refused(p, &v2_client("::ffff:198.18.7.7".parse().unwrap(), 1));
+    assert_eq!(refusals(a, "banned"), 2);
+    let bans = admin_request(a, "GET", "/bans", "").json();
+    assert_eq!(bans[0]["address"], "198.18.7.7", "{bans}");
+    // Others are served; lifting the ban serves the client again.
+    assert!(is_result(&ok("198.18.7.8")));
+    assert_eq!(
+        admin_request(a, "DELETE", "/bans/198.18.7.7", "").status,
+        200
+    );
+    assert!(is_result(&ok("198.18.7.7")));
+
+    // Auto-ban: a client that keeps earning refusals (401s) is banned, and refused from then
+    // on, though every connection comes from the balancer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = connect(p);
+        c.write_all(&[v1("192.0.2.66", 1), call("echo")].concat())
+            .unwrap();
+        match read_response(&mut c) {
+            None => break,
+            Some(r) => assert_eq!(r.status, 401),
+        }
+        assert!(Instant::now() < deadline, "no auto-ban");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(refusals(a, "banned"), 3);
+    // The balancer itself is never banned: other clients are still served.
+    assert!(is_result(&ok("198.18.5.7")));
+}
