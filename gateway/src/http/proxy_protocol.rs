@@ -179,9 +179,15 @@ pub fn parse(input: &[u8], accept: ProxyVersion) -> Parsed {
     let v1 = starts_like(input, V1_PREFIX);
     match (v1, v2, accept) {
         (false, false, _) => Parsed::Refused(Reason::Malformed),
-        (true, _, ProxyVersion::V2) | (_, true, ProxyVersion::V1) => {
+        // The other version than the listener takes: known once its whole signature is here
+        // (until then the bytes may still turn out to be no header at all).
+        (true, _, ProxyVersion::V2) if input.len() >= V1_PREFIX.len() => {
             Parsed::Refused(Reason::Unsupported)
         }
+        (_, true, ProxyVersion::V1) if input.len() >= V2_SIGNATURE.len() => {
+            Parsed::Refused(Reason::Unsupported)
+        }
+        (true, _, ProxyVersion::V2) | (_, true, ProxyVersion::V1) => Parsed::Incomplete,
         (true, _, _) => parse_v1(input),
         (_, true, _) => parse_v2(input),
     }

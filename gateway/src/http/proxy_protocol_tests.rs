@@ -282,3 +282,27 @@ fn metrics_name_every_reason() {
     }
     assert!(out.contains("mcp_gateway_proxy_protocol_accepted_total{command=\"proxy\"} 0\n"));
 }
+
+#[test]
+fn the_other_version_is_refused_only_once_its_signature_is_whole() {
+    // Found by the fuzz target: "PROX" then "OXY" was `unsupported` in pieces on a v2 listener
+    // but `malformed` at once.
+    assert_eq!(parse(b"PROX", ProxyVersion::V2), Parsed::Incomplete);
+    assert_eq!(
+        parse(b"PROXOXY", ProxyVersion::V2),
+        Parsed::Refused(Reason::Malformed)
+    );
+    assert_eq!(
+        parse(b"PROXY ", ProxyVersion::V2),
+        Parsed::Refused(Reason::Unsupported)
+    );
+    assert_eq!(parse(b"\r\n\r\n", ProxyVersion::V1), Parsed::Incomplete);
+    assert_eq!(
+        parse(b"\r\n\r\nGET", ProxyVersion::V1),
+        Parsed::Refused(Reason::Malformed)
+    );
+    assert_eq!(
+        parse(V2_SIGNATURE, ProxyVersion::V1),
+        Parsed::Refused(Reason::Unsupported)
+    );
+}
