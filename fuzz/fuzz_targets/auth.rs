@@ -137,6 +137,7 @@ fuzz_target!(|data: &[u8]| {
         ),
         Via::Jwt => panic!("a JWT identity from a token the fuzzer cannot sign: {headers:?}"),
         Via::Address => {}
+        Via::Mtls => panic!("an mTLS identity on a connection without a certificate: {headers:?}"),
     }
     let (tool, args) = match rest.iter().position(|b| *b == 0) {
         Some(i) => (&rest[..i], &rest[i + 1..]),

@@ -42,6 +42,10 @@ fuzz_target!(|data: &[u8]| {
     );
     if let Parsed::Header { len, .. } = whole {
         assert!(len > 0 && len <= rest.len(), "{len} of {}", rest.len());
-        assert_eq!(parse(&rest[..len], accept), whole, "what follows changed it");
+        assert_eq!(
+            parse(&rest[..len], accept),
+            whole,
+            "what follows changed it"
+        );
     }
 });
