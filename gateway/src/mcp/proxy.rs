@@ -553,6 +553,29 @@ fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
     DROP.iter().any(|d| name.eq_ignore_ascii_case(d)) || http::has_connection_option(headers, name)
 }
 
+/// Response headers that are the upstream's own business, never relayed: its credentials, what
+/// it runs on (`Server`, `X-Powered-By`: a map for an attacker), its CORS policy (the gateway
+/// is the origin the browser talks to; an upstream's `Access-Control-Allow-Origin: *` would
+/// open the gateway's routes to every page), its cookies (the gateway never forwards a
+/// client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
+/// upstream's own endpoint).
+fn is_upstream_private(name: &str) -> bool {
+    const DROP: &[&str] = &[
+        "authorization",
+        "server",
+        "x-powered-by",
+        "x-aspnet-version",
+        "x-aspnetmvc-version",
+        "set-cookie",
+        "alt-svc",
+        "strict-transport-security",
+    ];
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
+        || name
+            .get(..15)
+            .is_some_and(|p| p.eq_ignore_ascii_case("access-control-"))
+}
+
 /// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the
 /// headers named in `replace` dropped and, where a value is given, set to it. Values taken from
 /// a message body (a trace context, a tool name) may hold anything: every field is written by
@@ -731,8 +754,7 @@ async fn relay(
     let mut written = Ok(());
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &head.headers)
-            // An upstream's credentials are not the client's business.
-            && !name.eq_ignore_ascii_case("authorization")
+            && !is_upstream_private(name)
             // Set below for every event stream.
             && !(sse
                 && (name.eq_ignore_ascii_case("x-accel-buffering")

@@ -815,3 +815,43 @@ fn a_burst_after_the_upstream_closed_the_pools_idle_connections_is_served_in_ful
     }
     d.stop();
 }
+
+/// What an upstream says of itself stays with it: server-everything (Express) answers with
+/// `X-Powered-By` and CORS headers that allow every origin; relayed, they would tell an attacker
+/// what runs behind the gateway and let any web page's script read the gateway's answers. Its
+/// MCP headers still pass.
+#[test]
+fn the_upstreams_own_headers_are_not_relayed() {
+    let up_port = free_port();
+    let _everything = integration_tests::peers::server_everything(up_port);
+    let (mut d, port) = start_gateway(&[("/mcp", format!("http://127.0.0.1:{up_port}/mcp"))], "");
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let req = post("/mcp", init, "mcp-protocol-version: 2025-11-25\r\n");
+    let (direct, _) = raw(up_port, &req);
+    let private = |r: &integration_tests::peers::RawResponse| -> Vec<String> {
+        r.headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .filter(|n| n == "x-powered-by" || n.starts_with("access-control-"))
+            .collect()
+    };
+    assert!(
+        !private(&direct).is_empty(),
+        "the upstream sends headers of its own: {:?}",
+        direct.headers
+    );
+    let (through, _) = raw(port, &req);
+    assert_eq!(through.status, 200, "{:?}", through.headers);
+    assert_eq!(
+        private(&through),
+        Vec::<String>::new(),
+        "{:?}",
+        through.headers
+    );
+    assert!(
+        through.header("mcp-session-id").is_some(),
+        "MCP headers pass: {:?}",
+        through.headers
+    );
+    d.stop();
+}
