@@ -69,3 +69,88 @@ fn python_sdk_stdio_server_through_the_gateway_matches_its_http_self_in_both_era
     }
     d.stop();
 }
+
+/// The reference server from npm, `@modelcontextprotocol/server-everything`, in its stdio mode,
+/// run with the default sandbox (under root: the user `nobody`, a cleared environment), served
+/// to a session-era client and to a 2026-07-28 client through the gateway.
+#[test]
+fn server_everything_over_stdio_serves_both_eras_through_the_gateway() {
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert!(
+        std::path::Path::new(&bin).exists(),
+        "{bin} missing: run `cargo xtask setup`"
+    );
+    let (mut d, port) = gateway(&format!(r#"["{bin}", "stdio"]"#), "");
+    let call = |body: &str, extra: &str| {
+        let (r, _) = integration_tests::peers::raw(
+            port,
+            &integration_tests::peers::post("/mcp", body, extra),
+        );
+        r
+    };
+    let session = "mcp-protocol-version: 2025-11-25\r\n";
+    let r = call(
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        session,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["result"]["protocolVersion"], "2025-11-25", "{v}");
+    assert!(
+        v["result"]["serverInfo"]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("everything")),
+        "{v}"
+    );
+    let r = call(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, session);
+    let tools: Vec<String> = r.json()["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&r.body)))
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(tools.iter().any(|t| t == "echo"), "{tools:?}");
+    let r = call(
+        r#"{"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}}"#,
+        session,
+    );
+    let v = r.json();
+    assert_eq!(v["id"], "x", "{v}");
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("hi")),
+        "{v}"
+    );
+
+    // A 2026-07-28 client: no initialize; discovery answered from the child's own.
+    let stateless = "mcp-protocol-version: 2026-07-28\r\nmcp-method: server/discover\r\n";
+    let r = call(
+        r#"{"jsonrpc":"2.0","id":3,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        stateless,
+    );
+    let v = r.json();
+    assert!(v["result"]["capabilities"]["tools"].is_object(), "{v}");
+    let r = call(
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo","arguments":{"message":"again"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n",
+    );
+    let v = r.json();
+    assert_eq!(v["result"]["resultType"], "complete", "{v}");
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("again")),
+        "{v}"
+    );
+    // GET (a session-era stream) is not offered.
+    let (r, _) = integration_tests::peers::raw(
+        port,
+        b"GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+    d.stop();
+}
