@@ -2,7 +2,7 @@
 //! member's SSE events never panics, whatever the member sent.
 #![no_main]
 
-use gateway::mcp::federation::{rewrite_events, tag, untag};
+use gateway::mcp::messages::{rewrite_events, tag, untag};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 

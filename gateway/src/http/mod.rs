@@ -6,7 +6,7 @@
 //! the gateway and an upstream: a second Host or MCP routing field, an invalid Host, HTTP/1.0
 //! with Transfer-Encoding. Heads the gateway writes go through [`head`].
 // The request path: input from clients and upstreams must never panic here (a panic that
-// still happens is contained per request in `proxy::serve`, but it is a defect).
+// still happens is contained per request in `conn::serve`, but it is a defect).
 #![cfg_attr(
     not(test),
     deny(

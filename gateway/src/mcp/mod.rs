@@ -1,7 +1,7 @@
 //! MCP over Streamable HTTP: JSON-RPC parsing and validation, protocol versions, the errors the
 //! gateway answers itself, and forwarding to upstream servers.
 // The request path: input from clients and upstreams must never panic here (a panic that
-// still happens is contained per request in `proxy::serve`, but it is a defect).
+// still happens is contained per request in `conn::serve`, but it is a defect).
 #![cfg_attr(
     not(test),
     deny(
@@ -14,10 +14,12 @@
     )
 )]
 
+pub mod conn;
 pub mod error;
 pub mod federation;
 pub mod headers;
 pub mod jsonrpc;
+pub mod messages;
 pub mod proxy;
 pub mod session;
 pub mod sse;

@@ -12,18 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monoio::net::TcpStream;
-use tokio::sync::watch;
-
 use super::{
     Id, Parser, RpcError, error,
     upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
 };
 use crate::{
     config::{Config, Upstream},
-    http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Limits, Request},
+    http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Request},
     policy::{self, Refusal, TenantPolicy},
-    runtime::{Shared, Snapshot},
+    runtime::Shared,
     stats::{Outcome, Recorder},
 };
 
@@ -138,93 +135,6 @@ impl WorkerCtx {
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
         })
     }
-}
-
-fn limits(c: &Config) -> Limits {
-    Limits {
-        max_head: c.http.max_header_bytes,
-        max_body: c.http.max_body_bytes,
-        request_timeout: c.http.request_timeout,
-        idle_timeout: c.http.idle_timeout,
-    }
-}
-
-/// Serves one client connection until it closes, fails, or the worker shuts down.
-pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener: usize,
-    ctx: Rc<WorkerCtx>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut io = Io::new(stream, Duration::ZERO);
-    // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
-    // PROXY protocol header names the client, which is the peer from here on; it comes before
-    // the TLS handshake (the balancer writes it in the clear).
-    let Some((peer, _counted)) =
-        http::proxy_protocol::admit(&mut io, peer, listener, &ctx.shared, ctx.worker).await
-    else {
-        return;
-    };
-    if let Some(tls) = ctx.shared.tls.listener(listener)
-        && !crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats).await
-    {
-        return;
-    }
-    loop {
-        let snapshot = ctx.shared.snapshot.load_full();
-        let limits = limits(&snapshot.config);
-        // A client must take each write of an answer within the request timeout.
-        io.set_send_timeout(limits.request_timeout);
-        // Idle between requests: a shutdown closes the connection here, never mid-request.
-        if io.pending().is_empty() {
-            let first = monoio::select! {
-                r = io.fill(limits.idle_timeout) => r,
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            };
-            if !matches!(first, Ok(n) if n > 0) {
-                return;
-            }
-        }
-        // A panic while reading or answering a request is contained here, where the
-        // connection outlives it: the client is answered 500 (best effort: the answer may have
-        // begun) and the connection closed; the worker goes on.
-        let exchange =
-            std::panic::AssertUnwindSafe(serve_one(&mut io, &limits, peer, &snapshot, &ctx));
-        match futures_util::FutureExt::catch_unwind(exchange).await {
-            Ok(true) if !*shutdown.borrow() => {}
-            Ok(_) => return,
-            Err(_) => {
-                ctx.shared
-                    .panics
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(%peer, "a request panicked; answered 500 and closed the connection");
-                let err = RpcError::new(error::INTERNAL_ERROR, "internal error", 500);
-                let _ = io.write_all(json_response(500, &err, false)).await;
-                return;
-            }
-        }
-    }
-}
-
-/// Reads one request and answers it; returns whether the connection can carry another.
-async fn serve_one(
-    io: &mut Io,
-    limits: &Limits,
-    peer: SocketAddr,
-    snapshot: &Snapshot,
-    ctx: &WorkerCtx,
-) -> bool {
-    let req = match http::read_request(io, limits).await {
-        Ok(req) => req,
-        Err(HttpError::Closed) => return false,
-        Err(e) => {
-            let err = RpcError::invalid_request(e.to_string());
-            let _ = io.write_all(json_response(e.status(), &err, false)).await;
-            return false;
-        }
-    };
-    super::stages::handle(io, &req, peer, snapshot, ctx).await && req.keep_alive
 }
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
@@ -483,7 +393,7 @@ pub(super) async fn filtered_tools_list<'c>(
         }
     };
     bind_session(ctx, up, &head, obs);
-    let mut message = match super::federation::response_message(&head, &body, id.as_ref()) {
+    let mut message = match super::messages::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
             obs.set(Outcome::UpstreamFailure);
@@ -850,7 +760,7 @@ async fn relay(
             sse_buf.push(&piece);
             match sse_buf.take_events() {
                 Ok(Some(events)) => match member {
-                    Some(name) => super::federation::rewrite_events(name, &events),
+                    Some(name) => super::messages::rewrite_events(name, &events),
                     None => events,
                 },
                 Ok(None) => Vec::new(),
@@ -921,7 +831,7 @@ async fn relay(
                 // A last event without its blank line.
                 let rest = sse_buf.take_rest();
                 let last = match member {
-                    Some(name) => super::federation::rewrite_events(name, &rest),
+                    Some(name) => super::messages::rewrite_events(name, &rest),
                     None => rest,
                 };
                 let _ = client

@@ -3,7 +3,7 @@
 //! arguments, and the limits shared by all workers (rates, concurrency, budgets, the loop
 //! breaker). Every decision goes to the audit log.
 // The request path: input from clients and upstreams must never panic here (a panic that
-// still happens is contained per request in `proxy::serve`, but it is a defect).
+// still happens is contained per request in `conn::serve`, but it is a defect).
 #![cfg_attr(
     not(test),
     deny(

@@ -471,7 +471,7 @@ async fn accept_loop(
 }
 
 /// Serves a connection. A panic while a request is read or answered is contained (and
-/// answered 500) in [`mcp::proxy::serve`]; this is the backstop for one anywhere else in the
+/// answered 500) in [`mcp::conn::serve`]; this is the backstop for one anywhere else in the
 /// connection's task: the connection is closed as the unwinding drops it, the panic is counted,
 /// and the worker goes on.
 async fn serve_contained(
@@ -482,7 +482,7 @@ async fn serve_contained(
     shutdown: watch::Receiver<bool>,
 ) {
     use futures_util::FutureExt as _;
-    let served = mcp::proxy::serve(stream, peer, listener, Rc::clone(ctx), shutdown);
+    let served = mcp::conn::serve(stream, peer, listener, Rc::clone(ctx), shutdown);
     if std::panic::AssertUnwindSafe(served)
         .catch_unwind()
         .await

@@ -1,0 +1,273 @@
+//! JSON-RPC messages inside upstream answers: the answer to a request found in a JSON or an SSE
+//! body, an SSE event's data, a value set at a path, and the member tags a federation puts on
+//! ids (`<upstream>.n.<id>`, `<upstream>.s.<id>`) and SSE event ids. Used by passthrough and
+//! federation alike; nothing here does I/O.
+
+use serde_json::{Map, Value, json};
+
+use super::{Id, sse, upstream::ResponseHead};
+
+pub fn response_message(
+    head: &ResponseHead,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<Value, String> {
+    if !(200..300).contains(&head.status) {
+        return Err(format!("HTTP {}", head.status));
+    }
+    let want = id.map_or(Value::Null, Id::to_json);
+    let is_answer =
+        |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
+    if head.is_sse() {
+        for event in sse::split(body) {
+            if let Some(v) =
+                event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok())
+                && is_answer(&v)
+            {
+                return Ok(v);
+            }
+        }
+        return Err("the event stream ended without the response".into());
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    if is_answer(&v) {
+        Ok(v)
+    } else {
+        Err("the answer is not a JSON-RPC response to the request".into())
+    }
+}
+
+/// Sets `v[path[0]][path[1]]... = new`, creating missing objects (and an absent body, `Null`).
+/// A non-object on the way is left as it is: unlike `IndexMut`, this never panics, whatever
+/// a client or an upstream sent.
+pub fn set_in(v: &mut Value, path: &[&str], new: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = v;
+    for key in parents {
+        if cur.is_null() {
+            *cur = Value::Object(Map::new());
+        }
+        let Some(obj) = cur.as_object_mut() else {
+            return;
+        };
+        cur = obj.entry(*key).or_insert(Value::Null);
+    }
+    if cur.is_null() {
+        *cur = Value::Object(Map::new());
+    }
+    if let Some(obj) = cur.as_object_mut() {
+        obj.insert((*last).to_owned(), new);
+    }
+}
+
+/// The `result` of the answer to `id`; a JSON-RPC error becomes `Err`.
+pub fn response_result(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Result<Value, String> {
+    let v = response_message(head, body, id)?;
+    match v.get("result") {
+        // Every result the gateway merges or rewrites is an object; anything else is a
+        // malformed answer (and indexing into it would not be total).
+        Some(r) if r.is_object() => Ok(r.clone()),
+        Some(_) => Err("the answer's `result` is not an object".into()),
+        None => Err(format!(
+            "JSON-RPC error {}: {}",
+            v["error"]["code"], v["error"]["message"]
+        )),
+    }
+}
+
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    event
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+}
+
+fn field<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
+    let rest = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in lines(event) {
+        if let Some(d) = field(line, b"data") {
+            let buf = data.get_or_insert_with(Vec::new);
+            if !buf.is_empty() {
+                buf.push(b'\n');
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    data
+}
+
+/// A member's id as the client sees it.
+pub fn tag(member: &str, id: &Value) -> Option<Value> {
+    match id {
+        Value::Number(n) => Some(json!(format!("{member}.n.{n}"))),
+        Value::String(s) => Some(json!(format!("{member}.s.{s}"))),
+        _ => None,
+    }
+}
+
+/// The member and original id behind a tagged id.
+pub fn untag(tagged: &str) -> Option<(&str, Value)> {
+    let (member, rest) = tagged.split_once('.')?;
+    let (kind, id) = rest.split_once('.')?;
+    let id = match kind {
+        "n" => json!(id.parse::<i64>().ok()?),
+        "s" => json!(id),
+        _ => return None,
+    };
+    Some((member, id))
+}
+
+/// Rewrites a member's SSE events for the client: its requests' ids and its event ids get the
+/// member's tag. Everything else passes as it is.
+pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events.len() + 32);
+    for event in sse::split(events) {
+        let mut data = event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok());
+        let changed = match data.as_mut() {
+            Some(v) if v.get("method").is_some() => {
+                let mut changed = false;
+                if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
+                    set_in(v, &["id"], t);
+                    changed = true;
+                }
+                if v["method"] == "notifications/cancelled"
+                    && let Some(t) = tag(member, &v["params"]["requestId"])
+                {
+                    set_in(v, &["params", "requestId"], t);
+                    changed = true;
+                }
+                changed
+            }
+            _ => false,
+        };
+        let mut data_written = false;
+        for line in lines(event) {
+            if let Some(id) = field(line, b"id") {
+                out.extend_from_slice(format!("id: {member}.").as_bytes());
+                out.extend_from_slice(id);
+                out.push(b'\n');
+            } else if changed
+                && let Some(data) = &data
+                && field(line, b"data").is_some()
+            {
+                if !data_written {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&super::json_bytes(data));
+                    out.push(b'\n');
+                    data_written = true;
+                }
+            } else {
+                out.extend_from_slice(line);
+                out.push(b'\n');
+            }
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_in_is_total() {
+        // Where serde_json's IndexMut panicked: a non-object on the way is left as it is.
+        for mut v in [
+            json!(5),
+            json!({"params": 5}),
+            json!({"params": [1]}),
+            json!("x"),
+        ] {
+            let before = v.clone();
+            set_in(&mut v, &["params", "name"], json!("n"));
+            assert_eq!(v, before);
+        }
+        let mut v = Value::Null;
+        set_in(&mut v, &["params", "name"], json!("n"));
+        assert_eq!(v, json!({"params": {"name": "n"}}));
+        let mut v = json!({"id": 1, "params": {"a": 1}});
+        set_in(&mut v, &["params", "name"], json!("n"));
+        set_in(&mut v, &["id"], json!("t"));
+        assert_eq!(v, json!({"id": "t", "params": {"a": 1, "name": "n"}}));
+    }
+
+    #[test]
+    fn a_result_that_is_not_an_object_is_an_error() {
+        let head = ResponseHead {
+            status: 200,
+            headers: Vec::new(),
+        };
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":5}"#,
+            Some(&Id::Num(1)),
+        );
+        assert!(r.is_err(), "{r:?}");
+        let r = response_result(
+            &head,
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+            Some(&Id::Num(1)),
+        );
+        assert_eq!(r, Ok(json!({})));
+    }
+
+    #[test]
+    fn member_requests_and_event_ids_are_tagged_and_untag_back() {
+        let events = b"id: 7\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n\
+id: 8\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\r\n\r\n\
+data: {\"jsonrpc\":\"2.0\",\"id\":\"x.y\",\"method\":\"elicitation/create\"}\n\n\
+data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"requestId\":3}}\n\n\
+: comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        let out = String::from_utf8(rewrite_events("py", events)).unwrap();
+        let got: Vec<&str> = out.split("\n\n").collect();
+        assert_eq!(
+            got[0],
+            "id: py.7\nevent: message\ndata: {\"id\":\"py.n.3\",\"jsonrpc\":\"2.0\",\"method\":\"sampling/createMessage\",\"params\":{}}"
+        );
+        // Untouched data keeps its bytes; CRLF lines come out as LF.
+        assert_eq!(
+            got[1],
+            "id: py.8\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}"
+        );
+        assert!(got[2].contains("\"id\":\"py.s.x.y\""), "{}", got[2]);
+        assert!(got[3].contains("\"requestId\":\"py.n.3\""), "{}", got[3]);
+        assert_eq!(
+            got[4],
+            ": comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}"
+        );
+        assert_eq!(untag("py.n.3"), Some(("py", json!(3))));
+        assert_eq!(untag("py.s.x.y"), Some(("py", json!("x.y"))));
+        assert_eq!(untag("py.n.x"), None);
+        assert_eq!(untag("py.q.3"), None);
+        assert_eq!(untag("plain"), None);
+    }
+
+    #[test]
+    fn the_answer_is_found_in_json_and_in_sse() {
+        let head = |ct: &str| ResponseHead {
+            status: 200,
+            headers: vec![("content-type".into(), ct.as_bytes().to_vec())],
+        };
+        let id = Id::Num(4);
+        let sse = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"ok\":1}}\n\n";
+        assert_eq!(
+            response_result(&head("text/event-stream"), sse, Some(&id)),
+            Ok(json!({"ok": 1}))
+        );
+        let err = br#"{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"no"}}"#;
+        assert!(
+            response_result(&head("application/json"), err, Some(&id))
+                .unwrap_err()
+                .contains("-32601")
+        );
+        assert!(response_result(&head("application/json"), b"{", Some(&id)).is_err());
+        assert!(response_result(&head("text/event-stream"), b"data: {}\n\n", Some(&id)).is_err());
+    }
+}
