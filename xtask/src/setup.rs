@@ -32,8 +32,9 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     if test_peers {
-        // `gateway top` is tested in a real terminal.
-        apt(&["tmux"])?;
+        // `gateway top` is tested in a real terminal; the TLS edge with the curl and openssl
+        // command-line clients.
+        apt(&["tmux", "curl", "openssl"])?;
         python_peers()?;
         node_peers()?;
         cargo_fuzz()?;
