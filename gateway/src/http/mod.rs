@@ -453,6 +453,15 @@ pub fn reason(status: u16) -> &'static str {
 /// A complete response with a body (Content-Length framing). A header value that cannot be
 /// written (see [`head`]) turns it into a 500 that closes the connection: the gateway never
 /// sends a head it did not mean.
+/// `data` as one chunk of a chunked body (`data` must not be empty: an empty chunk ends it).
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 12);
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8], keep_alive: bool) -> Vec<u8> {
     let build = || -> Result<Vec<u8>, UnsafeField> {
         let mut out = Vec::with_capacity(128 + body.len());

@@ -903,7 +903,7 @@ impl<'c> Federation<'_, 'c> {
                 Some(None) => break,
                 None => b": keep-alive\n\n".to_vec(),
             };
-            let framed = if chunked { chunk(&data) } else { data };
+            let framed = if chunked { http::chunk(&data) } else { data };
             if io.write_all(framed).await.is_err() {
                 // The client went away: dropping the receiver ends the pumps.
                 return false;
@@ -973,13 +973,6 @@ async fn pump(
             _ => return,
         }
     }
-}
-
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 fn request_id(m: &Option<Message>) -> Option<Id> {

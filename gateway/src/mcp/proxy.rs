@@ -605,14 +605,6 @@ pub(super) async fn fail(
         .is_ok()
 }
 
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 12);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
 /// Streams the upstream's response to the client. Returns whether the client connection can
 /// carry another request. Inside a federation (`member`), the upstream's session header is
 /// dropped (the client holds the gateway's) and each SSE event is rewritten.
@@ -784,7 +776,7 @@ async fn relay(
             let framed = if matches!(kind, BodyKind::Length(_)) || !chunked {
                 data
             } else {
-                chunk(&data)
+                http::chunk(&data)
             };
             if client.write_all(framed).await.is_err() {
                 // The client went away: the upstream connection is abandoned mid-response.
@@ -835,7 +827,7 @@ async fn relay(
                     None => rest,
                 };
                 let _ = client
-                    .write_all(if chunked { chunk(&last) } else { last })
+                    .write_all(if chunked { http::chunk(&last) } else { last })
                     .await;
             }
             if !matches!(kind, BodyKind::Length(_))
@@ -863,7 +855,7 @@ async fn relay(
                     let _ = client.write_all(event).await;
                     return false;
                 }
-                let ok = client.write_all(chunk(&event)).await.is_ok()
+                let ok = client.write_all(http::chunk(&event)).await.is_ok()
                     && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok();
                 return ok && keep_alive;
             }

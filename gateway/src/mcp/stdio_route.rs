@@ -364,8 +364,5 @@ fn sse_event(data: &[u8]) -> Vec<u8> {
     event.extend_from_slice(b"event: message\ndata: ");
     event.extend_from_slice(data);
     event.extend_from_slice(b"\n\n");
-    let mut out = format!("{:x}\r\n", event.len()).into_bytes();
-    out.extend_from_slice(&event);
-    out.extend_from_slice(b"\r\n");
-    out
+    http::chunk(&event)
 }
