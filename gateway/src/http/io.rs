@@ -476,7 +476,9 @@ impl Io {
         self.compact();
         let tls = self.tls.as_deref_mut()?;
         let len = self.buf.len();
-        let room = self.buf.capacity() - len;
+        // One read's worth at most: the buffer may have grown for a large body, and this
+        // window is zeroed before rustls copies into it.
+        let room = (self.buf.capacity() - len).min(READ_CHUNK);
         self.buf.resize(len + room, 0);
         let read = tls.reader().read(&mut self.buf[len..]);
         match read {
