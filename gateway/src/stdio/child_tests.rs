@@ -318,3 +318,23 @@ fn a_child_that_exits_at_start_or_hangs_in_initialize_fails_the_call_and_crash_l
         );
     });
 }
+
+#[test]
+fn a_home_folder_someone_else_planted_is_refused() {
+    let f = fixture();
+    // A folder of the gateway's user that a planted link points at.
+    let target = f.dir.join("victim");
+    std::fs::create_dir_all(&target).unwrap();
+    let home = f.dir.join("home-link");
+    std::os::unix::fs::symlink(&target, &home).unwrap();
+    let mut cmd = tokio::process::Command::new("/bin/true");
+    let r = super::super::sandbox::apply(&mut cmd, &super::super::SandboxSpec::default(), &home);
+    assert!(r.is_err(), "a symlink as the home folder must be refused");
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().uid(),
+        // SAFETY: geteuid(2) cannot fail.
+        unsafe { libc::geteuid() },
+        "the folder behind it keeps its owner"
+    );
+}

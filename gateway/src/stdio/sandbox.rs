@@ -84,10 +84,27 @@ pub fn apply(
 ) -> std::io::Result<Confinement> {
     std::fs::create_dir_all(home)?;
     // SAFETY: geteuid(2) cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let user = spec.user.or(root.then_some(NOBODY));
+    let euid = unsafe { libc::geteuid() };
+    // The home is in the shared temporary folder: one that someone else made first (a symlink
+    // there would have the chown below hand any file to the child's user) is refused.
+    let made = std::fs::symlink_metadata(home)?;
+    let (uid_now, gid_now) = (
+        std::os::unix::fs::MetadataExt::uid(&made),
+        std::os::unix::fs::MetadataExt::gid(&made),
+    );
+    let user = spec.user.or((euid == 0).then_some(NOBODY));
+    let ours = uid_now == euid || user.is_some_and(|(u, g)| (u, g) == (uid_now, gid_now));
+    if !made.file_type().is_dir() || !ours {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} exists and is not the gateway's own folder",
+                home.display()
+            ),
+        ));
+    }
     if let Some((uid, gid)) = user {
-        std::os::unix::fs::chown(home, Some(uid), Some(gid))?;
+        std::os::unix::fs::lchown(home, Some(uid), Some(gid))?;
         cmd.uid(uid).gid(gid);
     }
     cmd.env("HOME", home).env("TMPDIR", home);
