@@ -184,6 +184,39 @@ pub struct RawUpstream {
     /// given.
     #[serde(default)]
     pub breaker: Option<RawBreaker>,
+    /// Which protocol era the upstream speaks. `auto`: a 2026-07-28 request goes as the client
+    /// sent it, and an upstream that refuses it for want of a session is remembered (five
+    /// minutes, per worker) as of the session era; `session` and `stateless` say so. A
+    /// 2026-07-28 client in front of a session-era upstream is served over a session the
+    /// gateway opens and holds itself.
+    #[serde(default)]
+    pub era: UpstreamEra,
+    /// Whose state a gateway-held session of a session-era upstream carries: one session per
+    /// `tenant`, or per `caller` (tenant and agent) for an upstream that keeps per-user state.
+    #[serde(default)]
+    pub held_session: HeldScope,
+}
+
+/// The protocol era of an HTTP upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamEra {
+    /// Learnt from the upstream's answers.
+    #[default]
+    Auto,
+    /// `initialize` and `Mcp-Session-Id` (2025-11-25 and before).
+    Session,
+    /// 2026-07-28: no sessions.
+    Stateless,
+}
+
+/// The owner of a gateway-held upstream session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldScope {
+    #[default]
+    Tenant,
+    Caller,
 }
 
 /// How a stdio upstream's child runs. Its environment holds only `env` (plus `PATH`, `HOME`,
@@ -526,6 +559,8 @@ pub struct Upstream {
     /// A stdio upstream (run as a child process); `None` for http and https. The HTTP fields
     /// above are then unused.
     pub stdio: Option<std::sync::Arc<crate::stdio::StdioSpec>>,
+    pub era: UpstreamEra,
+    pub held_session: HeldScope,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1190,6 +1225,8 @@ impl RawConfig {
                 max_idle: u.max_idle_connections_per_worker,
                 breaker: u.breaker,
                 stdio,
+                era: u.era,
+                held_session: u.held_session,
             });
         }
         let mut routes: Vec<Route> = Vec::new();

@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     Id, Kind, Message, RpcError, error,
+    held::{self, describe},
     messages::{response_message, response_result, rewrite_events, set_in, untag},
     proxy::{self, Obs, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession, Owner},
@@ -154,6 +155,25 @@ impl<'c> Federation<'_, 'c> {
             replace.push(("last-event-id", None));
         }
         proxy::upstream_request(self.req, self.peer, up, body, &replace)
+    }
+
+    /// For a stateless client: the exchange with a member, over a gateway-held session if the
+    /// member needs one ([`held::call_learning`]). `None` in the session era.
+    async fn held_call(
+        &self,
+        era: Era<'_>,
+        member: &Member,
+        body: &[u8],
+        extra: &[(&str, Option<&str>)],
+    ) -> Option<Result<held::Answer, UpstreamFailure>> {
+        if !matches!(era, Era::Stateless) {
+            return None;
+        }
+        let up = self.upstream(member);
+        let owner = held::owner(self.ctx, up, self.obs);
+        let mut extra = extra.to_vec();
+        extra.push(("last-event-id", None));
+        Some(held::call_learning(self.ctx, self.req, self.peer, up, owner, body, &extra).await)
     }
 
     /// Serves one request on a federated route.
@@ -323,48 +343,15 @@ impl<'c> Federation<'_, 'c> {
         body: &[u8],
         id: Option<&Id>,
     ) -> Result<(Option<String>, Value), String> {
-        let up = self.upstream(member);
-        let request = self
-            .request_for(
-                member,
-                Era::Stateless,
-                body,
-                &[("mcp-session-id", None), ("mcp-protocol-version", None)],
-            )
-            .map_err(|e| e.to_string())?;
-        let (head, bytes) = upstream::call(&self.ctx.pool, up, request, MAX_COLLECTED)
-            .await
-            .map_err(describe)?;
-        let session = http::header(&head.headers, "mcp-session-id")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned);
-        let result = response_result(&head, &bytes, id)?;
-        let version = result["protocolVersion"].as_str().unwrap_or_default();
-        // The gateway is the client here: it completes the handshake at once. The member's
-        // session id and version are written into this head first, so a member whose values
-        // would not fit in a head fails here and never reaches a sealed session.
-        let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-        let request = self
-            .request_for(
-                member,
-                Era::Stateless,
-                initialized,
-                &[
-                    ("mcp-session-id", session.as_deref()),
-                    ("mcp-protocol-version", Some(version)),
-                ],
-            )
-            .map_err(|e| format!("its answer to initialize: {e}"))?;
-        let (head, _) = upstream::call(&self.ctx.pool, up, request, MAX_COLLECTED)
-            .await
-            .map_err(describe)?;
-        if !(200..300).contains(&head.status) {
-            return Err(format!(
-                "notifications/initialized got HTTP {}",
-                head.status
-            ));
-        }
-        Ok((session, result))
+        held::initialize(
+            self.ctx,
+            self.req,
+            self.peer,
+            self.upstream(member),
+            body,
+            id,
+        )
+        .await
     }
 
     async fn request(&self, io: &mut Io, era: Era<'_>, m: &Message, stateless: bool) -> bool {
@@ -398,7 +385,7 @@ impl<'c> Federation<'_, 'c> {
                 };
                 let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
                 set_in(&mut body, &["params", "name"], json!(local));
-                self.routed(io, era, member, &body, Some(local), id).await
+                self.routed(io, era, member, &body, Some(local), m).await
             }
             "completion/complete" => {
                 let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
@@ -409,7 +396,7 @@ impl<'c> Federation<'_, 'c> {
                 {
                     let local = local.to_owned();
                     set_in(&mut body, &["params", "ref", "name"], json!(local));
-                    return self.routed(io, era, member, &body, None, id).await;
+                    return self.routed(io, era, member, &body, None, m).await;
                 }
                 self.first_success(io, era, m).await
             }
@@ -440,12 +427,39 @@ impl<'c> Federation<'_, 'c> {
         member: &Member,
         body: &Value,
         mcp_name: Option<&str>,
-        id: Option<Id>,
+        message: &Message,
     ) -> bool {
+        let id = message.id.clone();
         let bytes = super::json_bytes(body);
         let mut extra = vec![];
         if self.req.header("mcp-name").is_some() {
             extra.push(("mcp-name", mcp_name));
+        }
+        let up = self.upstream(member);
+        if matches!(era, Era::Stateless) {
+            extra.push(("last-event-id", None));
+            if held::known_session(self.ctx, up) == Some(true) {
+                let sent = std::time::Instant::now();
+                let owner = held::owner(self.ctx, up, self.obs);
+                let answer =
+                    held::call(self.ctx, self.req, self.peer, up, owner, &bytes, &extra).await;
+                self.obs.waited(sent.elapsed());
+                self.obs.upstream.set(Some(&up.name));
+                return held::reply(io, self.req, up, message, answer, self.obs, None).await;
+            }
+            return held::forward_learning(
+                io,
+                self.req,
+                self.peer,
+                self.ctx,
+                up,
+                message,
+                &bytes,
+                &extra,
+                Some(&up.name),
+                self.obs,
+            )
+            .await;
         }
         let request = match self.request_for(member, era, &bytes, &extra) {
             Ok(r) => r,
@@ -474,6 +488,9 @@ impl<'c> Federation<'_, 'c> {
         let sent = std::time::Instant::now();
         let answers = join_all(bodies.into_iter().map(|(i, body)| async move {
             let member = &self.members[i];
+            if let Some(held) = self.held_call(era, member, &body, &[]).await {
+                return (i, held.map(|a| (a.head, a.body)));
+            }
             let answer = match self.request_for(member, era, &body, &[]) {
                 Ok(request) => {
                     upstream::call(
@@ -979,18 +996,6 @@ fn request_id(m: &Option<Message>) -> Option<Id> {
     m.as_ref()
         .filter(|m| m.kind == Kind::Request)
         .and_then(|m| m.id.clone())
-}
-
-fn describe(f: UpstreamFailure) -> String {
-    match f {
-        UpstreamFailure::Timeout => "did not answer in time".into(),
-        UpstreamFailure::Connect(d)
-        | UpstreamFailure::Unsent(d)
-        | UpstreamFailure::NoResponse(d)
-        | UpstreamFailure::Bad(d)
-        | UpstreamFailure::Tls { detail: d, .. } => d,
-        UpstreamFailure::ClientGone => "the client left".into(),
-    }
 }
 
 /// Adds `b`'s capabilities to `a`: objects merge, flags are true if either is.

@@ -172,6 +172,53 @@ pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A session-era child's answer, as a 2026-07-28 client must get it: results of the methods
+/// that have them carry `resultType`, and the cacheable ones `ttlMs` and `cacheScope` (0 and
+/// private: the gateway cannot know for how long the child's answer holds).
+pub fn for_stateless(method: &str, bytes: Vec<u8>) -> Vec<u8> {
+    const CACHEABLE: &[&str] = &[
+        "tools/list",
+        "prompts/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+    ];
+    const TYPED: &[&str] = &["tools/call", "prompts/get", "completion/complete"];
+    let cacheable = CACHEABLE.contains(&method);
+    if !cacheable && !TYPED.contains(&method) {
+        return bytes;
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return bytes;
+    };
+    let Some(result) = v.get_mut("result").and_then(Value::as_object_mut) else {
+        return bytes;
+    };
+    result.entry("resultType").or_insert(json!("complete"));
+    if cacheable {
+        result.entry("ttlMs").or_insert(json!(0));
+        result.entry("cacheScope").or_insert(json!("private"));
+    }
+    super::json_bytes(&v)
+}
+
+/// The 2026-07-28 `server/discover` result of a session-era server, from its `initialize`
+/// result: the gateway translates every version it speaks onto that session.
+pub fn discover_from_initialize(init: &Value) -> Value {
+    let mut out = json!({
+        "supportedVersions": super::version::SUPPORTED,
+        "capabilities": init.get("capabilities").cloned().unwrap_or(json!({})),
+        "serverInfo": init.get("serverInfo").cloned().unwrap_or(json!({})),
+    });
+    if let Some(i) = init.get("instructions") {
+        out["instructions"] = i.clone();
+    }
+    out["resultType"] = json!("complete");
+    out["ttlMs"] = json!(0);
+    out["cacheScope"] = json!("private");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

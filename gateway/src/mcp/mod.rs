@@ -18,6 +18,7 @@ pub mod conn;
 pub mod error;
 pub mod federation;
 pub mod headers;
+mod held;
 pub mod jsonrpc;
 pub mod messages;
 pub mod proxy;

@@ -121,6 +121,8 @@ pub struct WorkerCtx {
     pub(super) pool: Pool,
     /// This worker's telemetry, shipped to the control thread once a second.
     pub recorder: RefCell<Recorder>,
+    /// Upstream sessions the gateway holds for stateless clients.
+    pub(super) held: super::held::Held,
 }
 
 impl WorkerCtx {
@@ -133,6 +135,7 @@ impl WorkerCtx {
             parser: RefCell::default(),
             pool: Pool::new(stats),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
+            held: super::held::Held::default(),
         })
     }
 }
@@ -552,10 +555,7 @@ pub(super) async fn forward<'c>(
     obs.waited(sent.elapsed());
     match opened {
         Ok((conn, head)) => {
-            if member.is_none() {
-                bind_session(ctx, up, &head, obs);
-            }
-            relay(client, conn, req, head, up, request_id, ctx, member, obs).await
+            relay_opened(client, conn, req, head, up, request_id, ctx, member, obs).await
         }
         // The client gave up waiting; the upstream connection was closed, which cancels there.
         Err(UpstreamFailure::ClientGone) => {
@@ -567,6 +567,25 @@ pub(super) async fn forward<'c>(
             fail(client, req, up, request_id, f).await
         }
     }
+}
+
+/// Relays the answer of an exchange already opened: what [`forward`] does once the head is in.
+#[expect(clippy::too_many_arguments, reason = "the inputs of `relay`")]
+pub(super) async fn relay_opened(
+    client: &mut Io,
+    conn: Conn,
+    req: &Request,
+    head: ResponseHead,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+    obs: &Obs<'_>,
+) -> bool {
+    if member.is_none() {
+        bind_session(ctx, up, &head, obs);
+    }
+    relay(client, conn, req, head, up, request_id, ctx, member, obs).await
 }
 
 pub(super) async fn fail(

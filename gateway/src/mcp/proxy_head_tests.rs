@@ -53,6 +53,8 @@ fn upstream() -> Upstream {
         max_idle: 1,
         breaker: None,
         stdio: None,
+        era: crate::config::UpstreamEra::Auto,
+        held_session: crate::config::HeldScope::Tenant,
     }
 }
 

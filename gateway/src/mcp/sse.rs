@@ -110,6 +110,34 @@ impl EventBuffer {
     }
 }
 
+/// Whether the client takes an event stream as an answer.
+pub fn accepts_sse(req: &crate::http::Request) -> bool {
+    req.header_str("accept")
+        .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// The head of a chunked SSE answer.
+pub fn sse_head(req: &crate::http::Request) -> Vec<u8> {
+    let connection = if req.keep_alive {
+        "keep-alive"
+    } else {
+        "close"
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\nconnection: {connection}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// One SSE event carrying `data` (one JSON message, on one line), as an HTTP chunk.
+pub fn sse_event(data: &[u8]) -> Vec<u8> {
+    let mut event = Vec::with_capacity(data.len() + 16);
+    event.extend_from_slice(b"event: message\ndata: ");
+    event.extend_from_slice(data);
+    event.extend_from_slice(b"\n\n");
+    crate::http::chunk(&event)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -551,6 +551,35 @@ async fn forward_stage<'c>(
                 )
                 .await;
             }
+            // A stateless client and an upstream that may speak only the session era.
+            if req.method == "POST"
+                && let Some(m) = &messages.single
+                && super::held::client_is_stateless(req, Some(m))
+                && let known @ (Some(true) | None) = super::held::known_session(ctx, up)
+            {
+                let filtering = (tenant.filters() || policy.pinning)
+                    && m.kind == Kind::Request
+                    && m.method.as_deref() == Some("tools/list");
+                if known.is_none() && !filtering {
+                    return super::held::forward_learning(
+                        io,
+                        req,
+                        peer,
+                        ctx,
+                        up,
+                        m,
+                        &req.body,
+                        &[],
+                        None,
+                        obs,
+                    )
+                    .await;
+                }
+                let keep =
+                    |t: &serde_json::Value| super::proxy::visible(ctx, policy, tenant, &up.name, t);
+                let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
+                return super::held::forward(io, req, peer, ctx, up, m, obs, filter).await;
+            }
             if (tenant.filters() || policy.pinning)
                 && let Some(m) = &messages.single
                 && m.kind == Kind::Request

@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 
 use super::{
     Id, Kind, Message, RpcError,
+    messages::{discover_from_initialize, for_stateless},
     proxy::{Obs, WorkerCtx, classify, json_response, session_owner, visible},
+    sse::{accepts_sse, sse_event, sse_head},
     version,
 };
 use crate::{
@@ -159,18 +161,7 @@ async fn request(
         }
         Some("server/discover") => {
             return from_child_init(io, req, handle, caller, m.id.clone(), obs, |r| {
-                let mut out = json!({
-                    "supportedVersions": version::SUPPORTED,
-                    "capabilities": r.get("capabilities").cloned().unwrap_or(json!({})),
-                    "serverInfo": r.get("serverInfo").cloned().unwrap_or(json!({})),
-                });
-                if let Some(i) = r.get("instructions") {
-                    out["instructions"] = i.clone();
-                }
-                out["resultType"] = json!("complete");
-                out["ttlMs"] = json!(0);
-                out["cacheScope"] = json!("private");
-                out
+                discover_from_initialize(&r)
             })
             .await;
         }
@@ -308,61 +299,4 @@ async fn finish(
     ))
     .await
     .is_ok()
-}
-
-/// A session-era child's answer, as a 2026-07-28 client must get it: results of the methods
-/// that have them carry `resultType`, and the cacheable ones `ttlMs` and `cacheScope` (0 and
-/// private: the gateway cannot know for how long the child's answer holds).
-fn for_stateless(method: &str, bytes: Vec<u8>) -> Vec<u8> {
-    const CACHEABLE: &[&str] = &[
-        "tools/list",
-        "prompts/list",
-        "resources/list",
-        "resources/templates/list",
-        "resources/read",
-    ];
-    const TYPED: &[&str] = &["tools/call", "prompts/get", "completion/complete"];
-    let cacheable = CACHEABLE.contains(&method);
-    if !cacheable && !TYPED.contains(&method) {
-        return bytes;
-    }
-    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
-        return bytes;
-    };
-    let Some(result) = v.get_mut("result").and_then(Value::as_object_mut) else {
-        return bytes;
-    };
-    result.entry("resultType").or_insert(json!("complete"));
-    if cacheable {
-        result.entry("ttlMs").or_insert(json!(0));
-        result.entry("cacheScope").or_insert(json!("private"));
-    }
-    super::json_bytes(&v)
-}
-
-fn accepts_sse(req: &Request) -> bool {
-    req.header_str("accept")
-        .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
-}
-
-/// The head of a chunked SSE answer.
-fn sse_head(req: &Request) -> Vec<u8> {
-    let connection = if req.keep_alive {
-        "keep-alive"
-    } else {
-        "close"
-    };
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\nconnection: {connection}\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-/// One SSE event carrying `data` (one JSON message, on one line), as an HTTP chunk.
-fn sse_event(data: &[u8]) -> Vec<u8> {
-    let mut event = Vec::with_capacity(data.len() + 16);
-    event.extend_from_slice(b"event: message\ndata: ");
-    event.extend_from_slice(data);
-    event.extend_from_slice(b"\n\n");
-    http::chunk(&event)
 }

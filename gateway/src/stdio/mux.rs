@@ -72,7 +72,7 @@ pub struct Mux {
 /// once by the gateway in the session era, refuses such an envelope (the Python SDK does), and
 /// what it says was said at `initialize`. Other `_meta` keys (a progress token, trace context)
 /// stay.
-fn strip_envelope(message: &mut serde_json::Map<String, Value>) {
+pub fn strip_envelope(message: &mut serde_json::Map<String, Value>) {
     let Some(meta) = message
         .get_mut("params")
         .and_then(|p| p.get_mut("_meta"))

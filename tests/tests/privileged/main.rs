@@ -9,6 +9,7 @@ mod hardening_http;
 mod hardening_io;
 mod hardening_parse;
 mod hardening_policy;
+mod held_sessions;
 mod https_upstream;
 mod mcp_e2e;
 mod netns_e2e;

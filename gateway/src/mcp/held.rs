@@ -1,0 +1,719 @@
+//! Gateway-held upstream sessions: a 2026-07-28 (stateless) client in front of a session-era
+//! upstream.
+//!
+//! A stateless client sends no `initialize` and carries no `Mcp-Session-Id`; a session-era
+//! server refuses every request without one ("Server not initialized"). So the gateway opens
+//! the upstream's session itself (`initialize`, then `notifications/initialized`), keeps it per
+//! worker for the tenant (or the caller, `held_session = "caller"`, for an upstream that keeps
+//! per-user state), and sends each stateless request on it: the 2026-07-28 envelope in
+//! `params._meta` is taken out (what it says was said at `initialize`), and the answer is
+//! reshaped for the client ([`for_stateless`]). `server/discover` is answered from the held
+//! session's `initialize` result. An upstream that lost the session (404) gets a new one and
+//! the request once more: a 404 says the request was not processed.
+//!
+//! Which upstreams need this is configured (`era`), or learnt (`era = "auto"`, the default):
+//! a stateless request goes as the client sent it, and an upstream that refuses it for want of
+//! a session (a 400 "Server not initialized" or "No valid session ID") is remembered for five
+//! minutes per worker while the request goes again over a held session. Such a refusal means
+//! the request was not processed, so nothing runs twice; nothing is sent to learn it.
+//!
+//! The gateway declares no client capabilities on a held session: a stateless client cannot
+//! be sent the server's own requests (sampling, elicitation), so the server must not count on
+//! them. Progress and log notifications the server sends before its answer reach a client
+//! that takes an event stream, after the answer is complete.
+//!
+//! What it must never do: let two tenants share a session (the key is the upstream and the
+//! tenant, or the caller), or let a client name the session (it has no say in it).
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use futures_channel::oneshot;
+use serde_json::{Value, json};
+
+use super::{
+    Id, Kind, Message,
+    messages::{discover_from_initialize, for_stateless, response_result},
+    proxy::{Obs, WorkerCtx, classify, fail, session_owner, upstream_request},
+    sse, upstream,
+    upstream::{ResponseHead, UpstreamFailure},
+    version,
+};
+use crate::{
+    config::{HeldScope, Upstream, UpstreamEra},
+    http::{self, Io, Request},
+    stats::Outcome,
+};
+
+/// Largest upstream answer read whole on a held session.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// How long an upstream's era, once learnt, is taken as known; then one request tells again.
+const ERA_TTL: Duration = Duration::from_secs(300);
+/// Held sessions per worker; beyond, the oldest is forgotten (the upstream expires it).
+const MAX_SESSIONS: usize = 4096;
+/// The id of the gateway's own requests on a held session.
+const OWN_ID: &str = "mcp-gateway";
+
+/// An upstream session the gateway opened and holds.
+pub(super) struct HeldSession {
+    /// The upstream's `Mcp-Session-Id`; `None` for a server that issues none.
+    pub id: Option<String>,
+    /// The version agreed at `initialize`.
+    pub version: String,
+    /// The `initialize` result.
+    pub init: Value,
+    opened: Instant,
+}
+
+enum Slot {
+    Ready(Rc<HeldSession>),
+    /// Being opened by one request; the others wait here (a dropped sender wakes them).
+    Opening(Vec<oneshot::Sender<()>>),
+}
+
+/// This worker's held sessions and what it knows of its upstreams' eras.
+#[derive(Default)]
+pub struct Held {
+    /// By upstream key: since when it is known to speak only the session era.
+    eras: RefCell<HashMap<u64, Instant>>,
+    /// By (upstream key, owner).
+    sessions: RefCell<HashMap<(u64, u64), Slot>>,
+}
+
+/// Whether the request speaks the stateless era (its header or its envelope says so).
+pub(super) fn client_is_stateless(req: &Request, m: Option<&Message>) -> bool {
+    req.header_str("mcp-protocol-version")
+        .is_some_and(version::is_stateless_era)
+        || m.and_then(|m| m.meta_protocol_version.as_deref())
+            .is_some_and(version::is_stateless_era)
+}
+
+/// Whether `up` is known to speak only the session era: configured so, or (`era = "auto"`)
+/// learnt lately from its refusal of a stateless request. `None`: not known either way, so
+/// the request goes as the client sent it and the answer tells ([`forward_learning`],
+/// [`call_learning`]).
+pub(super) fn known_session(ctx: &WorkerCtx, up: &Upstream) -> Option<bool> {
+    match up.era {
+        UpstreamEra::Session => Some(true),
+        UpstreamEra::Stateless => Some(false),
+        UpstreamEra::Auto => ctx
+            .held
+            .eras
+            .borrow()
+            .get(&up.key)
+            .is_some_and(|at| at.elapsed() < ERA_TTL)
+            .then_some(true),
+    }
+}
+
+fn learn(ctx: &WorkerCtx, up: &Upstream) {
+    tracing::info!(upstream = %up.name, "speaks the session era only: stateless clients are served over a held session");
+    ctx.held.eras.borrow_mut().insert(up.key, Instant::now());
+}
+
+/// Whether a 400 says the request needs a session (so it was not processed): "Server not
+/// initialized", "No valid session ID provided". Other 400s are the request's own fault.
+fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
+    if head.status != 400 || body.len() > 4096 {
+        return false;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    v["error"]["message"].as_str().is_some_and(|m| {
+        let m = m.to_ascii_lowercase();
+        m.contains("session") || m.contains("not initialized")
+    })
+}
+
+/// The owner of the caller's held session at `up`.
+pub(super) fn owner(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>) -> u64 {
+    match up.held_session {
+        HeldScope::Caller => session_owner(ctx, obs),
+        HeldScope::Tenant => {
+            let d = obs.decision.borrow();
+            ctx.shared.limits.key(("held-tenant", d.tenant.as_deref()))
+        }
+    }
+}
+
+/// Takes the `Opening` slot back out (waking its waiters) if the opening request is dropped
+/// before it finished, so that the next request opens the session instead of waiting forever.
+struct Opening<'a> {
+    held: &'a Held,
+    key: (u64, u64),
+    done: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.held.sessions.borrow_mut().remove(&self.key);
+        }
+    }
+}
+
+/// The held session of `owner` at `up`, opened if there is none.
+async fn session(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    owner: u64,
+) -> Result<Rc<HeldSession>, UpstreamFailure> {
+    let key = (up.key, owner);
+    loop {
+        let wait = {
+            let mut sessions = ctx.held.sessions.borrow_mut();
+            match sessions.get_mut(&key) {
+                Some(Slot::Ready(s)) => return Ok(Rc::clone(s)),
+                Some(Slot::Opening(waiters)) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    if sessions.len() >= MAX_SESSIONS {
+                        evict_oldest(&mut sessions);
+                    }
+                    sessions.insert(key, Slot::Opening(Vec::new()));
+                    None
+                }
+            }
+        };
+        if let Some(rx) = wait {
+            // Woken when the opening request is done, or dropped; then looked up again.
+            let _ = rx.await;
+            continue;
+        }
+        let mut guard = Opening {
+            held: &ctx.held,
+            key,
+            done: false,
+        };
+        let opened = open(ctx, req, peer, up).await;
+        guard.done = true;
+        let mut sessions = ctx.held.sessions.borrow_mut();
+        // Dropping the waiters' senders wakes them.
+        return match opened {
+            Ok(s) => {
+                let s = Rc::new(s);
+                sessions.insert(key, Slot::Ready(Rc::clone(&s)));
+                Ok(s)
+            }
+            Err(f) => {
+                sessions.remove(&key);
+                Err(f)
+            }
+        };
+    }
+}
+
+fn evict_oldest(sessions: &mut HashMap<(u64, u64), Slot>) {
+    let oldest = sessions
+        .iter()
+        .filter_map(|(k, slot)| match slot {
+            Slot::Ready(s) => Some((*k, s.opened)),
+            Slot::Opening(_) => None,
+        })
+        .min_by_key(|(_, at)| *at)
+        .map(|(k, _)| k);
+    if let Some(k) = oldest {
+        sessions.remove(&k);
+    }
+}
+
+/// Forgets `stale` (the upstream said it no longer knows it), unless it was replaced already.
+fn forget(ctx: &WorkerCtx, key: (u64, u64), stale: &Rc<HeldSession>) {
+    let mut sessions = ctx.held.sessions.borrow_mut();
+    if let Some(Slot::Ready(s)) = sessions.get(&key)
+        && Rc::ptr_eq(s, stale)
+    {
+        sessions.remove(&key);
+    }
+}
+
+/// Opens a session at `up` as a session-era client of the newest session-era version.
+async fn open(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+) -> Result<HeldSession, UpstreamFailure> {
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": OWN_ID,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": version::LATEST_SESSION_ERA,
+            "capabilities": {},
+            "clientInfo": { "name": "mcp-gateway", "version": env!("CARGO_PKG_VERSION") },
+        },
+    });
+    let own = Id::Str(OWN_ID.to_owned());
+    let (id, init) = initialize(ctx, req, peer, up, &super::json_bytes(&body), Some(&own))
+        .await
+        .map_err(UpstreamFailure::Bad)?;
+    let version = init["protocolVersion"]
+        .as_str()
+        .filter(|v| version::is_supported(v))
+        .unwrap_or(version::LATEST_SESSION_ERA)
+        .to_owned();
+    tracing::debug!(upstream = %up.name, "held session opened");
+    Ok(HeldSession {
+        id,
+        version,
+        init,
+        opened: Instant::now(),
+    })
+}
+
+/// Initializes `up` with `body` (an `initialize` request with id `id`) and completes the
+/// handshake (`notifications/initialized`): the upstream's session id and the `initialize`
+/// result. The session id and version are written into a head first, so an upstream whose
+/// values would not fit in a head fails here and never reaches a held or sealed session.
+pub(super) async fn initialize(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<(Option<String>, Value), String> {
+    let unsent = [
+        ("mcp-session-id", None),
+        ("mcp-protocol-version", None),
+        ("mcp-method", None),
+        ("mcp-name", None),
+        ("last-event-id", None),
+    ];
+    let request = upstream_request(req, peer, up, body, &unsent).map_err(|e| e.to_string())?;
+    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER)
+        .await
+        .map_err(describe)?;
+    let session = http::header(&head.headers, "mcp-session-id")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned);
+    let result = response_result(&head, &bytes, id)?;
+    let version = result["protocolVersion"].as_str().unwrap_or_default();
+    let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let request = upstream_request(
+        req,
+        peer,
+        up,
+        initialized,
+        &[
+            ("mcp-session-id", session.as_deref()),
+            ("mcp-protocol-version", Some(version)),
+            ("mcp-method", None),
+            ("mcp-name", None),
+            ("last-event-id", None),
+        ],
+    )
+    .map_err(|e| format!("its answer to initialize: {e}"))?;
+    let (head, _) = upstream::call(&ctx.pool, up, request, MAX_ANSWER)
+        .await
+        .map_err(describe)?;
+    if !(200..300).contains(&head.status) {
+        return Err(format!(
+            "notifications/initialized got HTTP {}",
+            head.status
+        ));
+    }
+    Ok((session, result))
+}
+
+/// A held session's answer, as the stateless client gets it.
+pub(super) struct Answer {
+    /// The upstream's head, or for a request answered in full a plain JSON one.
+    pub head: ResponseHead,
+    /// The answer to the request (one JSON-RPC message), or for anything else the upstream's
+    /// body as it came.
+    pub body: Vec<u8>,
+    /// Notifications the upstream sent before its answer (progress, logs), each one JSON
+    /// message.
+    pub notes: Vec<Vec<u8>>,
+}
+
+/// Sends a stateless client's message `body` (a request with `id`, or a notification or
+/// response without) to `up` over the held session of `owner`. A request's answer comes back
+/// as one JSON message reshaped for the stateless era; `server/discover` is answered from the
+/// session's `initialize` result.
+pub(super) async fn call(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    owner: u64,
+    body: &[u8],
+    extra: &[(&str, Option<&str>)],
+) -> Result<Answer, UpstreamFailure> {
+    let mut message: Value = serde_json::from_slice(body)
+        .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
+    let method = message["method"].as_str().unwrap_or_default().to_owned();
+    let id = match &message["id"] {
+        Value::String(s) => Some(Id::Str(s.clone())),
+        Value::Number(n) => n.as_i64().map(Id::Num),
+        _ => None,
+    };
+    if method == "server/discover" {
+        let s = session(ctx, req, peer, up, owner).await?;
+        let answer = json!({
+            "jsonrpc": "2.0",
+            "id": message["id"].clone(),
+            "result": discover_from_initialize(&s.init),
+        });
+        return Ok(Answer {
+            head: json_head(),
+            body: super::json_bytes(&answer),
+            notes: Vec::new(),
+        });
+    }
+    if let Some(m) = message.as_object_mut() {
+        crate::stdio::mux::strip_envelope(m);
+    }
+    let body = super::json_bytes(&message);
+    let key = (up.key, owner);
+    let mut attempt = 0;
+    let (head, bytes) = loop {
+        attempt += 1;
+        let s = session(ctx, req, peer, up, owner).await?;
+        let mut replace = extra.to_vec();
+        replace.extend([
+            ("mcp-session-id", s.id.as_deref()),
+            ("mcp-protocol-version", Some(s.version.as_str())),
+            ("mcp-method", None),
+            ("mcp-name", None),
+            ("last-event-id", None),
+        ]);
+        let request = upstream_request(req, peer, up, &body, &replace)
+            .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+        let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+        if attempt == 1 && session_lost(&head, &bytes) {
+            // The upstream lost the session (restarted, expired): the request was not
+            // processed, so it goes once more on a new one.
+            tracing::info!(upstream = %up.name, "held session lost (404): opening a new one");
+            forget(ctx, key, &s);
+            continue;
+        }
+        break (head, bytes);
+    };
+    normalized(head, bytes, id.as_ref(), &method)
+}
+
+/// Like [`call`] for an upstream whose era is not known: the message goes as the client sent
+/// it first, and over a held session only if the upstream refuses it for want of one. Either
+/// way the answer comes back as [`call`] gives it.
+pub(super) async fn call_learning(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    owner: u64,
+    body: &[u8],
+    extra: &[(&str, Option<&str>)],
+) -> Result<Answer, UpstreamFailure> {
+    if known_session(ctx, up) == Some(true) {
+        return call(ctx, req, peer, up, owner, body, extra).await;
+    }
+    let request = upstream_request(req, peer, up, body, extra)
+        .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+    if up.era == UpstreamEra::Auto && wants_session(&head, &bytes) {
+        learn(ctx, up);
+        return call(ctx, req, peer, up, owner, body, extra).await;
+    }
+    let message: Value = serde_json::from_slice(body).unwrap_or_default();
+    let id = match &message["id"] {
+        Value::String(s) => Some(Id::Str(s.clone())),
+        Value::Number(n) => n.as_i64().map(Id::Num),
+        _ => None,
+    };
+    normalized(
+        head,
+        bytes,
+        id.as_ref(),
+        message["method"].as_str().unwrap_or_default(),
+    )
+}
+
+/// A request's answer as one JSON message reshaped for the stateless era, with the
+/// notifications before it; anything else as it came.
+fn normalized(
+    head: ResponseHead,
+    bytes: Vec<u8>,
+    id: Option<&Id>,
+    method: &str,
+) -> Result<Answer, UpstreamFailure> {
+    if id.is_none() || !(200..300).contains(&head.status) {
+        return Ok(Answer {
+            head,
+            body: bytes,
+            notes: Vec::new(),
+        });
+    }
+    let (answer, notes) = answer_and_notes(&head, &bytes, id)?;
+    Ok(Answer {
+        head: json_head(),
+        body: for_stateless(method, answer),
+        notes,
+    })
+}
+
+/// Passthrough or a federation's routed call to an upstream whose era is not known: sent as
+/// the client sent it and relayed as it arrives, unless the upstream refuses it for want of a
+/// session (a small 400, read before anything is relayed): then the era is learnt and the
+/// message goes over a held session.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward_learning<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &'c Upstream,
+    m: &Message,
+    body: &[u8],
+    extra: &[(&str, Option<&str>)],
+    member: Option<&str>,
+    obs: &Obs<'c>,
+) -> bool {
+    let request = match upstream_request(req, peer, up, body, extra) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = super::RpcError::from(e).with_id(m.id.clone());
+            return io
+                .write_all(super::proxy::json_response(400, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
+    };
+    obs.upstream.set(Some(&up.name));
+    let sent = Instant::now();
+    let opened = upstream::open(&ctx.pool, up, request, Some(io)).await;
+    obs.waited(sent.elapsed());
+    let (mut conn, head) = match opened {
+        Ok(o) => o,
+        Err(UpstreamFailure::ClientGone) => {
+            obs.set(Outcome::UpstreamFailure);
+            return false;
+        }
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(io, req, up, m.id.clone(), f).await;
+        }
+    };
+    if up.era == UpstreamEra::Auto
+        && head.status == 400
+        && refused_for_session(&mut conn, &head, up).await
+    {
+        learn(ctx, up);
+        drop(conn);
+        let owner = owner(ctx, up, obs);
+        let sent = Instant::now();
+        let answer = call(ctx, req, peer, up, owner, body, extra).await;
+        obs.waited(sent.elapsed());
+        return reply(io, req, up, m, answer, obs, None).await;
+    }
+    super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, member, obs).await
+}
+
+/// Reads a small fixed-length 400 body into the connection's buffer (consuming nothing, so
+/// that it can still be relayed) and tells whether it refuses the request for want of a
+/// session.
+async fn refused_for_session(
+    conn: &mut upstream::Conn,
+    head: &ResponseHead,
+    up: &Upstream,
+) -> bool {
+    let Ok(Some(http::BodyKind::Length(n))) = http::framing(&head.headers, 4096) else {
+        return false;
+    };
+    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    while conn.pending().len() < n {
+        match conn.fill_until(deadline).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    conn.pending()
+        .get(..n)
+        .is_some_and(|b| wants_session(head, b))
+}
+
+/// Whether the upstream no longer knows the session: 404, as the specification says, or the
+/// 400 some servers answer instead. Other 400s are not retried (a client could otherwise make
+/// every bad request cost the upstream a new session).
+fn session_lost(head: &ResponseHead, body: &[u8]) -> bool {
+    head.status == 404 || wants_session(head, body)
+}
+
+/// The answer to `id` in a JSON or SSE body, and the notifications before it. The server's
+/// own requests are dropped: a stateless client cannot answer them.
+fn answer_and_notes(
+    head: &ResponseHead,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), UpstreamFailure> {
+    let want = id.map_or(Value::Null, Id::to_json);
+    let is_answer =
+        |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
+    if !head.is_sse() {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| UpstreamFailure::Bad(format!("malformed JSON: {e}")))?;
+        return if is_answer(&v) {
+            Ok((super::json_bytes(&v), Vec::new()))
+        } else {
+            Err(UpstreamFailure::Bad(
+                "the answer is not a JSON-RPC response to the request".into(),
+            ))
+        };
+    }
+    let mut notes = Vec::new();
+    for event in sse::split(body) {
+        let Some(v) = super::messages::event_data(event)
+            .and_then(|d| serde_json::from_slice::<Value>(&d).ok())
+        else {
+            continue;
+        };
+        if is_answer(&v) {
+            return Ok((super::json_bytes(&v), notes));
+        }
+        if v.get("method").is_some() && v.get("id").is_none() {
+            notes.push(super::json_bytes(&v));
+        }
+    }
+    Err(UpstreamFailure::Bad(
+        "the event stream ended without the response".into(),
+    ))
+}
+
+fn json_head() -> ResponseHead {
+    ResponseHead {
+        status: 200,
+        headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+    }
+}
+
+/// Passthrough: answers a stateless client's POSTed message `m` from `up`, over a held session
+/// if `up` needs one ([`call_learning`]), read whole. With `filter`, a `tools/list` answer
+/// keeps only what it keeps.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &'c Upstream,
+    m: &Message,
+    obs: &Obs<'c>,
+    filter: Option<&dyn Fn(&Value) -> bool>,
+) -> bool {
+    obs.upstream.set(Some(&up.name));
+    let owner = owner(ctx, up, obs);
+    let sent = Instant::now();
+    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &[]).await;
+    obs.waited(sent.elapsed());
+    reply(io, req, up, m, answer, obs, filter).await
+}
+
+/// Writes a held session's `answer` to message `m` for the stateless client: 202 for a
+/// notification or a response, the answer as JSON (or, with notifications before it and a
+/// client that takes a stream, as SSE), a failure as a JSON-RPC error naming the upstream.
+pub(super) async fn reply(
+    io: &mut Io,
+    req: &Request,
+    up: &Upstream,
+    m: &Message,
+    answer: Result<Answer, UpstreamFailure>,
+    obs: &Obs<'_>,
+    filter: Option<&dyn Fn(&Value) -> bool>,
+) -> bool {
+    let id = m.id.clone();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(io, req, up, id, f).await;
+        }
+    };
+    if !(200..300).contains(&answer.head.status) {
+        obs.set(Outcome::UpstreamFailure);
+        let f = UpstreamFailure::Bad(format!("answered HTTP {}", answer.head.status));
+        return fail(io, req, up, id, f).await;
+    }
+    if m.kind != Kind::Request {
+        obs.set(Outcome::Ok);
+        return io
+            .write_all(http::response(202, &[], b"", req.keep_alive))
+            .await
+            .is_ok();
+    }
+    let mut body = answer.body;
+    if let Some(keep) = filter {
+        match filtered(&body, keep) {
+            Ok(b) => body = b,
+            Err(why) => {
+                obs.set(Outcome::UpstreamFailure);
+                return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
+            }
+        }
+    }
+    obs.set(classify(&body));
+    if !answer.notes.is_empty() && sse::accepts_sse(req) {
+        let mut out = sse::sse_head(req);
+        for note in &answer.notes {
+            out.extend_from_slice(&sse::sse_event(note));
+        }
+        out.extend_from_slice(&sse::sse_event(&body));
+        out.extend_from_slice(b"0\r\n\r\n");
+        return io.write_all(out).await.is_ok() && req.keep_alive;
+    }
+    io.write_all(http::response(
+        200,
+        &[("content-type", "application/json")],
+        &body,
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// A `tools/list` answer with only the tools `keep` keeps; an answer that cannot be filtered
+/// is not passed on unfiltered.
+fn filtered(body: &[u8], keep: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>, String> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if v.get("error").is_some() {
+        return Ok(body.to_vec());
+    }
+    let tools = v
+        .get_mut("result")
+        .and_then(|r| r.get_mut("tools"))
+        .and_then(Value::as_array_mut)
+        .ok_or("the answer to tools/list has no `result.tools` array")?;
+    tools.retain(|t| keep(t));
+    Ok(super::json_bytes(&v))
+}
+
+/// A failure as a line for the log and the client.
+pub(super) fn describe(f: UpstreamFailure) -> String {
+    match f {
+        UpstreamFailure::Timeout => "did not answer in time".into(),
+        UpstreamFailure::Connect(d)
+        | UpstreamFailure::Unsent(d)
+        | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Bad(d) => d,
+        UpstreamFailure::Tls { detail, .. } => detail,
+        UpstreamFailure::ClientGone => "the client left".into(),
+    }
+}

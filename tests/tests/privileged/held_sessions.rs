@@ -1,0 +1,195 @@
+//! A 2026-07-28 client (the default of the current SDKs) in front of an upstream that speaks
+//! only the session era: the gateway opens and holds the upstream's session and translates.
+//! The upstream is the reference server from npm (`@modelcontextprotocol/server-everything`,
+//! session era only), the client the Python SDK's; passthrough and federation.
+
+use integration_tests::{
+    daemon::Daemon,
+    peers::{PyServer, free_port, post, py_client_prefixed, py_script, raw, server_everything},
+    unique,
+};
+
+/// Lists the tools and calls `echo` (server-everything's, under the given name); prints what
+/// it saw, or the error.
+const CLIENT: &str = r#"
+import asyncio, json, sys
+from mcp import Client
+
+async def main(url, mode, echo):
+    out = {}
+    try:
+        async with Client(url, mode=mode) as c:
+            t = await c.list_tools()
+            out["tools"] = sorted(x.name for x in t.tools)
+            r = await c.call_tool(echo, {"message": "héllo"})
+            out["echo"] = r.content[0].text
+    except BaseException as e:  # noqa: BLE001 - reported for the test
+        out["error"] = repr(e)
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+"#;
+
+fn client(url: &str, mode: &str, echo: &str) -> serde_json::Value {
+    py_script(CLIENT, &[url, mode, echo])
+}
+
+fn config(instance: &str, port: u16, rest: &str) -> String {
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+shutdown_grace_ms = 2000
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+{rest}
+"#,
+        admin = free_port()
+    )
+}
+
+fn tools_of(report: &serde_json::Value) -> Vec<String> {
+    report["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools: {report}"))
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_stateless_client_is_served_over_a_held_session_in_passthrough() {
+    let up_port = free_port();
+    let up = format!("http://127.0.0.1:{up_port}/mcp");
+    let mut everything = server_everything(up_port);
+    // Direct, the gap: the session-era server refuses a 2026-07-28 client.
+    let direct = client(&up, "2026-07-28", "echo");
+    assert!(
+        direct["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not initialized")),
+        "{direct}"
+    );
+    let legacy = client(&up, "legacy", "echo");
+    let all = tools_of(&legacy);
+    assert!(all.len() > 5, "{legacy}");
+
+    let port = free_port();
+    let instance = unique("gwheld");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"everything\"\nurl = \"{up}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"everything\"\n"
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let through = client(&url, "2026-07-28", "echo");
+    assert_eq!(tools_of(&through), all, "{through}");
+    assert_eq!(through["echo"], "Echo: héllo", "{through}");
+    // The session era still passes as it is.
+    assert_eq!(client(&url, "legacy", "echo"), legacy);
+
+    // server/discover is answered for the upstream, from the held session's initialize.
+    let discover = r#"{"jsonrpc":"2.0","id":7,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            discover,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: server/discover\r\n",
+        ),
+    );
+    assert_eq!(resp.status, 200);
+    let v = resp.json();
+    assert_eq!(v["id"], 7, "{v}");
+    let versions = v["result"]["supportedVersions"].to_string();
+    assert!(versions.contains("2026-07-28"), "{v}");
+    assert!(
+        v["result"]["serverInfo"]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("everything")),
+        "{v}"
+    );
+    assert!(v["result"]["capabilities"]["tools"].is_object(), "{v}");
+
+    // The upstream restarts and forgets every session: the gateway opens a new one, and the
+    // client never sees it.
+    drop(everything);
+    everything = server_everything(up_port);
+    let again = client(&url, "2026-07-28", "echo");
+    assert_eq!(again["echo"], "Echo: héllo", "{again}");
+    drop(everything);
+    d.stop();
+}
+
+/// The reported case: a federated route with a session-era member, a 2026-07-28 client. Every
+/// tool of both members is listed and callable; the Python SDK's fixture (which speaks both
+/// eras) is served as before.
+#[test]
+fn a_stateless_client_sees_and_calls_every_tool_of_a_session_era_member() {
+    let up_port = free_port();
+    let up = format!("http://127.0.0.1:{up_port}/mcp");
+    let _everything = server_everything(up_port);
+    let py = PyServer::start(false);
+    let everything_tools = tools_of(&client(&up, "legacy", "echo"));
+
+    let port = free_port();
+    let instance = unique("gwheldfed");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"everything\"\nurl = \"{up}\"\n[[upstreams]]\nname = \"py\"\nurl = \"{}\"\n[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"everything\", prefix = \"e_\" }}, {{ upstream = \"py\", prefix = \"p_\" }}]\n",
+            py.url()
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let url = format!("http://127.0.0.1:{port}/fed");
+    for mode in ["2026-07-28", "legacy"] {
+        let report = client(&url, mode, "e_echo");
+        let tools = tools_of(&report);
+        for t in &everything_tools {
+            assert!(
+                tools.contains(&format!("e_{t}")),
+                "{mode}: e_{t} in {report}"
+            );
+        }
+        for t in ["p_add", "p_echo", "p_fail"] {
+            assert!(tools.contains(&t.to_owned()), "{mode}: {t} in {report}");
+        }
+        assert_eq!(report["echo"], "Echo: héllo", "{mode}: {report}");
+    }
+    // The other member, through the same route, in the stateless era: tools, progress,
+    // resources and prompts as the fixture serves them.
+    let py_report = py_client_prefixed(&url, "2026-07-28", "p_");
+    assert_eq!(py_report["add"], "42", "{py_report}");
+    assert_eq!(py_report["progress_result"], "counted 3", "{py_report}");
+    assert_eq!(py_report["prompt"], "Please review:\nx = 1", "{py_report}");
+
+    // server/discover of the route offers 2026-07-28: every member can now be served in it.
+    let discover = r#"{"jsonrpc":"2.0","id":8,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/fed",
+            discover,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: server/discover\r\n",
+        ),
+    );
+    assert_eq!(resp.status, 200);
+    let v = resp.json();
+    assert!(
+        v["result"]["supportedVersions"]
+            .to_string()
+            .contains("2026-07-28"),
+        "{v}"
+    );
+    d.stop();
+}
