@@ -125,9 +125,14 @@ fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return false;
     };
+    // Narrow phrases: an upstream that echoes a client's input in its errors must not let a
+    // client flip it into the session era for everyone.
     v["error"]["message"].as_str().is_some_and(|m| {
         let m = m.to_ascii_lowercase();
-        m.contains("session") || m.contains("not initialized")
+        m.contains("server not initialized")
+            || m.contains("no valid session id")
+            || m.contains("mcp-session-id header is required")
+            || m.contains("missing session id")
     })
 }
 
@@ -208,6 +213,12 @@ async fn session(
             }
             Err(f) => {
                 sessions.remove(&key);
+                drop(sessions);
+                // What was learnt may be wrong (an upstream that cannot be initialized):
+                // the next request goes as the client sent it again.
+                if up.era == UpstreamEra::Auto {
+                    ctx.held.eras.borrow_mut().remove(&up.key);
+                }
                 Err(f)
             }
         };
