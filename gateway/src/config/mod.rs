@@ -1264,15 +1264,6 @@ impl RawConfig {
                     let mut out: Vec<Member> = Vec::new();
                     for (m, raw) in members.into_iter().enumerate() {
                         let upstream = find(&raw.upstream, key(m, "upstream"))?;
-                        if upstreams[upstream].stdio.is_some() {
-                            return Err(invalid(
-                                key(m, "upstream"),
-                                format!(
-                                    "`{}` is a stdio upstream: it can be a passthrough route's upstream, not yet a federation member",
-                                    raw.upstream
-                                ),
-                            ));
-                        }
                         if out.iter().any(|x| x.upstream == upstream) {
                             return Err(invalid(
                                 key(m, "upstream"),

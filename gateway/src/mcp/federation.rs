@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 use super::{
     Id, Kind, Message, RpcError, error,
     held::{self, describe},
-    messages::{response_message, response_result, rewrite_events, set_in, untag},
+    messages::{self, response_message, response_result, rewrite_events, set_in, untag},
     proxy::{self, Obs, WorkerCtx, json_response},
     session::{self, FedSession, MemberSession, Owner},
     sse,
@@ -157,6 +157,85 @@ impl<'c> Federation<'_, 'c> {
         proxy::upstream_request(self.req, self.peer, up, body, &replace)
     }
 
+    /// A stdio member's supervisor; `None` for an HTTP member.
+    fn stdio_of(&self, member: &Member) -> Option<Result<crate::stdio::Handle, UpstreamFailure>> {
+        let up = self.upstream(member);
+        up.stdio.as_ref()?;
+        Some(self.ctx.shared.stdio.get(&up.name).ok_or_else(|| {
+            UpstreamFailure::Bad(format!("stdio upstream {} is not running", up.name))
+        }))
+    }
+
+    /// The exchange of `body` with a stdio member, as an HTTP member's answer would come: a
+    /// request's answer as JSON (reshaped for a stateless client; `server/discover` from the
+    /// child's `initialize`), 202 for a notification or a response. `None` for an HTTP member.
+    async fn stdio_exchange(
+        &self,
+        era: Era<'_>,
+        member: &Member,
+        body: &[u8],
+    ) -> Option<Result<(ResponseHead, Vec<u8>), UpstreamFailure>> {
+        let handle = match self.stdio_of(member)? {
+            Ok(h) => h,
+            Err(f) => return Some(Err(f)),
+        };
+        let caller = proxy::session_owner(self.ctx, self.obs);
+        let json = |bytes: Vec<u8>| {
+            let head = ResponseHead {
+                status: 200,
+                headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+            };
+            (head, bytes)
+        };
+        let accepted = ResponseHead {
+            status: 202,
+            headers: Vec::new(),
+        };
+        // DELETE: the child's session is the gateway's, not the client's.
+        let Ok(message) = serde_json::from_slice::<Value>(body) else {
+            return Some(Ok((accepted, Vec::new())));
+        };
+        let method = message["method"].as_str().unwrap_or_default().to_owned();
+        let has_id = message.get("id").is_some_and(|id| !id.is_null());
+        if method.is_empty() {
+            handle.respond(caller, body.to_vec());
+            return Some(Ok((accepted, Vec::new())));
+        }
+        if !has_id {
+            if method != "notifications/initialized" {
+                handle.notify(caller, body.to_vec());
+            }
+            return Some(Ok((accepted, Vec::new())));
+        }
+        let stateless = matches!(era, Era::Stateless);
+        let (sent, discover) = if method == "server/discover" {
+            let probe = json!({"jsonrpc": "2.0", "id": message["id"].clone(), "method": "initialize", "params": {}});
+            (super::json_bytes(&probe), true)
+        } else {
+            (body.to_vec(), false)
+        };
+        let started = std::time::Instant::now();
+        let done = handle.call(caller, sent).done.await;
+        self.obs.waited(started.elapsed());
+        Some(match done {
+            Ok(Ok(bytes)) if discover => {
+                let mut v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                if let Some(init) = v.get("result").cloned() {
+                    v["result"] = messages::discover_from_initialize(&init);
+                }
+                Ok(json(super::json_bytes(&v)))
+            }
+            Ok(Ok(bytes)) if stateless => Ok(json(messages::for_stateless(&method, bytes))),
+            Ok(Ok(bytes)) => Ok(json(bytes)),
+            Ok(Err(crate::stdio::StdioError::Timeout(..))) => Err(UpstreamFailure::Timeout),
+            Ok(Err(e)) => Err(UpstreamFailure::Bad(e.to_string())),
+            Err(_) => Err(UpstreamFailure::Bad(format!(
+                "stdio upstream {} went away",
+                handle.name()
+            ))),
+        })
+    }
+
     /// For a stateless client: the exchange with a member, over a gateway-held session if the
     /// member needs one ([`held::call_learning`]). `None` in the session era.
     async fn held_call(
@@ -170,6 +249,9 @@ impl<'c> Federation<'_, 'c> {
             return None;
         }
         let up = self.upstream(member);
+        if up.stdio.is_some() {
+            return None;
+        }
         let owner = held::owner(self.ctx, up, self.obs);
         let mut extra = extra.to_vec();
         extra.push(("last-event-id", None));
@@ -343,6 +425,20 @@ impl<'c> Federation<'_, 'c> {
         body: &[u8],
         id: Option<&Id>,
     ) -> Result<(Option<String>, Value), String> {
+        if self.upstream(member).stdio.is_some() {
+            // The child was initialized by the gateway; its answer is that one.
+            let probe = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+            let (_, bytes) = match self.stdio_exchange(Era::Stateless, member, probe).await {
+                Some(Ok(answer)) => answer,
+                Some(Err(f)) => return Err(describe(f)),
+                None => return Err("not a stdio upstream".into()),
+            };
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            return match v.get("result") {
+                Some(r) if r.is_object() => Ok((None, r.clone())),
+                _ => Err("no initialize result".into()),
+            };
+        }
         held::initialize(
             self.ctx,
             self.req,
@@ -436,6 +532,29 @@ impl<'c> Federation<'_, 'c> {
             extra.push(("mcp-name", mcp_name));
         }
         let up = self.upstream(member);
+        if let Some(handle) = self.stdio_of(member) {
+            let handle = match handle {
+                Ok(h) => h,
+                Err(f) => {
+                    self.obs.set(crate::stats::Outcome::UpstreamFailure);
+                    return proxy::fail(io, self.req, up, id, f).await;
+                }
+            };
+            self.obs.upstream.set(Some(&up.name));
+            let caller = proxy::session_owner(self.ctx, self.obs);
+            return super::stdio_route::request(
+                io,
+                self.req,
+                &handle,
+                caller,
+                message,
+                self.obs,
+                None,
+                &bytes,
+                Some(&up.name),
+            )
+            .await;
+        }
         if matches!(era, Era::Stateless) {
             extra.push(("last-event-id", None));
             if held::known_session(self.ctx, up) == Some(true) {
@@ -488,6 +607,9 @@ impl<'c> Federation<'_, 'c> {
         let sent = std::time::Instant::now();
         let answers = join_all(bodies.into_iter().map(|(i, body)| async move {
             let member = &self.members[i];
+            if let Some(answer) = self.stdio_exchange(era, member, &body).await {
+                return (i, answer);
+            }
             if let Some(held) = self.held_call(era, member, &body, &[]).await {
                 return (i, held.map(|a| (a.head, a.body)));
             }
@@ -796,6 +918,12 @@ impl<'c> Federation<'_, 'c> {
         let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
         set_in(&mut body, &["id"], original);
         let bytes = super::json_bytes(&body);
+        if let Some(handle) = self.stdio_of(member) {
+            if let Ok(handle) = handle {
+                handle.respond(proxy::session_owner(self.ctx, self.obs), bytes);
+            }
+            return self.accepted(io).await;
+        }
         let request = match self.request_for(member, era, &bytes, &[]) {
             Ok(r) => r,
             Err(e) => return self.reply_error(io, RpcError::from(e)).await,
@@ -830,7 +958,11 @@ impl<'c> Federation<'_, 'c> {
             .and_then(|v| v.split_once('.'))
             .map(|(name, id)| (name.to_owned(), id.to_owned()));
         let client: &Io = io;
-        let opened = join_all(self.active(era).into_iter().map(|i| {
+        let http_members = self
+            .active(era)
+            .into_iter()
+            .filter(|i| self.upstream(&self.members[*i]).stdio.is_none());
+        let opened = join_all(http_members.map(|i| {
             let member = &self.members[i];
             let up = self.upstream(member);
             let last_id = last

@@ -89,13 +89,13 @@ pub(super) async fn forward(
                 tenant,
                 upstream: &up.name,
             });
-            request(io, req, &handle, caller, m, obs, filter).await
+            request(io, req, &handle, caller, m, obs, filter, &req.body, None).await
         }
     }
 }
 
 /// What a filtered `tools/list` answer passes through.
-struct ToolFilter<'a> {
+pub(super) struct ToolFilter<'a> {
     ctx: &'a WorkerCtx,
     policy: &'a Policy,
     tenant: &'a TenantPolicy,
@@ -132,7 +132,14 @@ async fn accepted(io: &mut Io, req: &Request) -> bool {
         .is_ok()
 }
 
-async fn request(
+/// Answers request `m` (sent as `body`) from the child. Inside a federation (`member`), the
+/// child's own requests reach the client with ids that name the member, so that the client's
+/// answers find their way back.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn request(
     io: &mut Io,
     req: &Request,
     handle: &Handle,
@@ -140,11 +147,13 @@ async fn request(
     m: &Message,
     obs: &Obs<'_>,
     filter: Option<ToolFilter<'_>>,
+    body: &[u8],
+    member: Option<&str>,
 ) -> bool {
     let started = std::time::Instant::now();
     match m.method.as_deref() {
         Some("initialize") => {
-            let asked = serde_json::from_slice::<Value>(&req.body)
+            let asked = serde_json::from_slice::<Value>(body)
                 .ok()
                 .and_then(|v| v["params"]["protocolVersion"].as_str().map(str::to_owned));
             return from_child_init(io, req, handle, caller, m.id.clone(), obs, |mut r| {
@@ -168,7 +177,7 @@ async fn request(
         _ => {}
     }
     let sse_ok = accepts_sse(req) && filter.is_none();
-    let mut pending = handle.call(caller, req.body.clone());
+    let mut pending = handle.call(caller, body.to_vec());
     let mut streaming = false;
     loop {
         let next = monoio::select! {
@@ -189,6 +198,10 @@ async fn request(
                         return false;
                     }
                 }
+                let event = match member {
+                    Some(name) => tagged(name, event),
+                    None => event,
+                };
                 if io.write_all(sse_event(&event)).await.is_err() {
                     return false;
                 }
@@ -299,4 +312,22 @@ async fn finish(
     ))
     .await
     .is_ok()
+}
+
+/// A request of the child's with its id tagged with the federation member's name; other
+/// messages as they are.
+fn tagged(member: &str, event: Vec<u8>) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<Value>(&event) else {
+        return event;
+    };
+    if v.get("method").is_none() {
+        return event;
+    }
+    match v.get("id").and_then(|id| super::messages::tag(member, id)) {
+        Some(t) => {
+            v["id"] = t;
+            super::json_bytes(&v)
+        }
+        None => event,
+    }
 }

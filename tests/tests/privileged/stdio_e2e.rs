@@ -154,3 +154,69 @@ fn server_everything_over_stdio_serves_both_eras_through_the_gateway() {
     assert_eq!(r.status, 405);
     d.stop();
 }
+
+/// A stdio upstream as a federation member, beside the same server over HTTP: through one
+/// federated route, the stdio member (prefix `s_`) answers the Python SDK client exactly as its
+/// HTTP twin (prefix `h_`) does, in both eras, including (session era) sampling and
+/// elicitation requests from the child, whose ids the federation tags and routes back.
+#[test]
+fn a_stdio_upstream_is_a_federation_member_like_its_http_twin() {
+    let http = PyServer::start(false);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstdiofed");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[[upstreams]]
+name = "local"
+command = ["{python}", "{fixture}", "stdio"]
+response_timeout_ms = 10000
+[upstreams.stdio]
+uid = 0
+gid = 0
+[[upstreams]]
+name = "remote"
+url = "{url}"
+response_timeout_ms = 10000
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "local", prefix = "s_" }}, {{ upstream = "remote", prefix = "h_" }}]
+"#,
+        python = python().display(),
+        fixture = fixture("mcp_server.py"),
+        url = http.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let url = format!("http://127.0.0.1:{port}/fed");
+    for mode in ["legacy", "2026-07-28"] {
+        let mut stdio = integration_tests::peers::py_client_prefixed(&url, mode, "s_");
+        let mut twin = integration_tests::peers::py_client_prefixed(&url, mode, "h_");
+        // Both members' tools are listed, each under its own prefix.
+        let tools = stdio["tools"].to_string();
+        for t in ["s_echo", "s_ask_model", "h_echo", "h_ask_model"] {
+            assert!(tools.contains(t), "{mode}: {t} in {tools}");
+        }
+        stdio["tools"] = serde_json::Value::Null;
+        twin["tools"] = serde_json::Value::Null;
+        assert_eq!(stdio, twin, "{mode}: the stdio member = its HTTP twin");
+        if mode == "legacy" {
+            assert_eq!(stdio["ask_model"], "model: 42", "{stdio}");
+            assert_eq!(stdio["ask_user"], "user: accept True", "{stdio}");
+        }
+        assert_eq!(
+            stdio["progress"],
+            serde_json::json!([1.0, 2.0, 3.0]),
+            "{stdio}"
+        );
+    }
+    d.stop();
+}
