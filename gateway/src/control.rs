@@ -353,6 +353,9 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .open_files_limit
         .store(open_files, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(open_files, "open-file limit");
+    shared
+        .stdio
+        .set_gate(Arc::new(StdioPins(Arc::downgrade(&shared))));
     shared.stdio.sync(&shared.snapshot.load().config.upstreams);
     {
         let config = &shared.snapshot.load().config;
@@ -764,5 +767,35 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             404,
             &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans", "/pins", "/pins/approve"]}),
         ),
+    }
+}
+
+/// The tool pins, as the stdio supervisors consult them (weakly: the registry lives in
+/// `Shared`).
+struct StdioPins(std::sync::Weak<Shared>);
+
+impl crate::stdio::PinGate for StdioPins {
+    fn enabled(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|s| s.snapshot.load().policy.pinning)
+    }
+
+    fn observe(&self, upstream: &str, tools: &[serde_json::Value]) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let snapshot = shared.snapshot.load();
+        for tool in tools {
+            let name = tool.get("name").and_then(serde_json::Value::as_str);
+            let configured = name.and_then(|n| snapshot.policy.configured_pin(upstream, n));
+            shared.pins.observe(upstream, tool, configured);
+        }
+    }
+
+    fn callable(&self, upstream: &str, tool: &str) -> bool {
+        self.0
+            .upgrade()
+            .is_none_or(|s| s.pins.callable(upstream, tool))
     }
 }

@@ -283,6 +283,29 @@ async fn finish(
             obs.set(classify(&bytes));
             bytes
         }
+        Err(StdioError::Unapproved(upstream, tool)) if !streaming => {
+            // As the check stage refuses it, had it known of the restart.
+            let r = crate::policy::Refusal::new(
+                403,
+                crate::policy::code::PENDING_APPROVAL,
+                format!("pins[{upstream}/{tool}]"),
+                StdioError::Unapproved(upstream, tool).to_string(),
+            );
+            obs.set(Outcome::Refused);
+            {
+                let mut d = obs.decision.borrow_mut();
+                d.refused = true;
+                d.rule = Some(r.rule.clone());
+                d.reason = Some(r.message.clone());
+            }
+            let err = RpcError::new(r.code, r.message.clone(), r.status)
+                .with_data(r.data())
+                .with_id(id);
+            return io
+                .write_all(json_response(403, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
         Err(e) => {
             obs.set(Outcome::UpstreamFailure);
             let status = match e {

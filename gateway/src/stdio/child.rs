@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    Handle, StdioError, StdioSpec, ToChild,
+    Handle, PinGate, StdioError, StdioSpec, ToChild,
     mux::{Inbound, Mux},
     sandbox,
 };
@@ -27,10 +27,10 @@ const PROTOCOL_VERSION: &str = "2025-11-25";
 
 /// Starts the supervisor of `spec` on the current tokio runtime (the control thread's) and
 /// returns the workers' handle. The child itself starts on the first call.
-pub fn spawn(spec: StdioSpec) -> Handle {
+pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
     let (tx, rx) = mpsc::unbounded();
     let name: Arc<str> = Arc::from(spec.name.as_str());
-    tokio::spawn(supervise(spec, rx));
+    tokio::spawn(supervise(spec, gate, rx));
     Handle { tx, name }
 }
 
@@ -118,11 +118,17 @@ struct Supervisor {
     starts: VecDeque<Instant>,
     down_until: Option<Instant>,
     last_call: Instant,
+    gate: Option<Arc<dyn PinGate>>,
 }
 
-async fn supervise(spec: StdioSpec, mut rx: mpsc::UnboundedReceiver<ToChild>) {
+async fn supervise(
+    spec: StdioSpec,
+    gate: Option<Arc<dyn PinGate>>,
+    mut rx: mpsc::UnboundedReceiver<ToChild>,
+) {
     let mut s = Supervisor {
         spec,
+        gate,
         mux: Mux::new(),
         waiters: HashMap::new(),
         starts: VecDeque::new(),
@@ -204,6 +210,10 @@ impl Supervisor {
                 let Some(r) = running.as_mut() else {
                     return;
                 };
+                if let Some(refusal) = self.refused_by_pins(&parsed) {
+                    let _ = done.send(Err(refusal));
+                    return;
+                }
                 // The child was initialized once, by the gateway: a client's initialize is
                 // answered from that.
                 if parsed.get("method").and_then(Value::as_str) == Some("initialize") {
@@ -390,10 +400,88 @@ impl Supervisor {
             tokio::time::sleep(wait).await;
         }
         self.starts.push_back(Instant::now());
-        let r = start(&self.spec).await?;
+        let mut r = start(&self.spec).await?;
+        if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled())
+            && r.init["capabilities"].get("tools").is_some()
+        {
+            // Every start: the tools as this child defines them, observed before any call.
+            match tokio::time::timeout(self.spec.start_timeout, list_tools(&mut r)).await {
+                Ok(Ok(tools)) => gate.observe(&self.spec.name, &tools),
+                Ok(Err(why)) => {
+                    stop(r, self.spec.stop_grace).await;
+                    return Err(StdioError::Start(self.name(), why));
+                }
+                Err(_) => {
+                    stop(r, self.spec.stop_grace).await;
+                    return Err(StdioError::Start(
+                        self.name(),
+                        "no answer to tools/list at start".into(),
+                    ));
+                }
+            }
+        }
         *running = Some(r);
         Ok(())
     }
+
+    /// A `tools/call` of a tool whose pin does not allow it.
+    fn refused_by_pins(&self, message: &Value) -> Option<StdioError> {
+        let gate = self.gate.as_ref().filter(|g| g.enabled())?;
+        if message.get("method").and_then(Value::as_str) != Some("tools/call") {
+            return None;
+        }
+        let tool = message["params"]["name"].as_str().unwrap_or_default();
+        (!gate.callable(&self.spec.name, tool))
+            .then(|| StdioError::Unapproved(self.name(), tool.to_owned()))
+    }
+}
+
+/// The child's tools, every page, asked by the gateway itself before clients reach the child.
+async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
+    let mut tools = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0..100 {
+        let id = format!("mcp-gateway-pins-{page}");
+        let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
+        if let Some(c) = &cursor {
+            request["params"]["cursor"] = json!(c);
+        }
+        let mut line = request.to_string().into_bytes();
+        line.push(b'\n');
+        r.stdin
+            .write_all(&line)
+            .await
+            .map_err(|e| format!("writing tools/list: {e}"))?;
+        let result = loop {
+            match r.stdout.next().await {
+                Ok(Line::Text(bytes)) => {
+                    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+                        continue;
+                    };
+                    if v.get("id") != Some(&json!(id)) {
+                        continue;
+                    }
+                    match v.get("result") {
+                        Some(result) => break result.clone(),
+                        None => {
+                            return Err(format!(
+                                "tools/list refused: {}",
+                                v.get("error").cloned().unwrap_or(Value::Null)
+                            ));
+                        }
+                    }
+                }
+                Ok(Line::TooLong) => continue,
+                Ok(Line::Eof) | Err(_) => return Err("exited during tools/list".into()),
+            }
+        };
+        tools.extend(result["tools"].as_array().cloned().unwrap_or_default());
+        cursor = result["nextCursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    Ok(tools)
 }
 
 /// Spawns the child in its sandbox and initializes it.

@@ -121,7 +121,7 @@ fn text(v: &Value) -> Value {
 fn answers_reach_their_own_callers_with_their_own_ids() {
     let f = fixture();
     rt().block_on(async {
-        let h = spawn(spec(&f, "shared", "ok"));
+        let h = spawn(spec(&f, "shared", "ok"), None);
         let calls = (0..32u64).map(|i| {
             let h = h.clone();
             async move { (i, call(&h, i, json!(1), json!({"who": i})).await) }
@@ -150,7 +150,7 @@ fn the_child_gets_a_cleared_environment_and_an_unprivileged_user() {
     rt().block_on(async {
         let mut s = spec(&f, "env", "ok");
         s.env = vec![("ALLOWED".into(), "1".into())];
-        let h = spawn(s);
+        let h = spawn(s, None);
         let v = text(&call(&h, 1, json!(1), json!({"do": "env"})).await.unwrap());
         let env: Vec<String> = serde_json::from_value(v["env"].clone()).unwrap();
         assert!(env.contains(&"ALLOWED".to_string()), "{env:?}");
@@ -187,7 +187,7 @@ fn landlock_confines_reads_to_the_configured_paths() {
             read: vec![f.dir.clone()],
             write: vec![],
         });
-        let h = spawn(s);
+        let h = spawn(s, None);
         let v = text(
             &call(&h, 1, json!(1), json!({"do": "read", "path": inside}))
                 .await
@@ -212,7 +212,7 @@ fn landlock_confines_reads_to_the_configured_paths() {
 fn a_child_that_dies_mid_request_fails_that_request_and_is_restarted() {
     let f = fixture();
     rt().block_on(async {
-        let h = spawn(spec(&f, "dies", "ok"));
+        let h = spawn(spec(&f, "dies", "ok"), None);
         let e = call(&h, 1, json!(1), json!({"do": "die"}))
             .await
             .unwrap_err();
@@ -233,7 +233,7 @@ fn a_request_never_answered_times_out_alone() {
     rt().block_on(async {
         let mut s = spec(&f, "never", "ok");
         s.call_timeout = Duration::from_millis(500);
-        let h = spawn(s);
+        let h = spawn(s, None);
         let e = call(&h, 1, json!(1), json!({"do": "never"}))
             .await
             .unwrap_err();
@@ -247,7 +247,7 @@ fn a_request_never_answered_times_out_alone() {
 fn noise_on_stdout_is_skipped() {
     let f = fixture();
     rt().block_on(async {
-        let h = spawn(spec(&f, "noise", "noise"));
+        let h = spawn(spec(&f, "noise", "noise"), None);
         let v = call(&h, 1, json!(1), json!({"a": 1}))
             .await
             .expect("answered");
@@ -261,7 +261,7 @@ fn a_line_over_the_limit_fails_its_call_without_being_held() {
     rt().block_on(async {
         let mut s = spec(&f, "huge", "ok");
         s.max_line_bytes = 1 << 20;
-        let h = spawn(s);
+        let h = spawn(s, None);
         let e = call(&h, 1, json!(1), json!({"do": "huge", "n": 100_000_000}))
             .await
             .unwrap_err();
@@ -274,7 +274,7 @@ fn a_line_over_the_limit_fails_its_call_without_being_held() {
 fn a_notification_flood_is_bounded_and_the_answer_still_arrives() {
     let f = fixture();
     rt().block_on(async {
-        let h = spawn(spec(&f, "flood", "ok"));
+        let h = spawn(spec(&f, "flood", "ok"), None);
         let p = h.call(
             1,
             json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "flood", "n": 5000}, "_meta": {"progressToken": "mine"}}})
@@ -300,7 +300,7 @@ fn a_child_that_exits_at_start_or_hangs_in_initialize_fails_the_call_and_crash_l
     rt().block_on(async {
         let mut s = spec(&f, "exits", "exit");
         s.max_restarts = 3;
-        let h = spawn(s);
+        let h = spawn(s, None);
         for _ in 0..3 {
             let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
             assert!(matches!(e, StdioError::Start(..)), "{e}");
@@ -310,7 +310,7 @@ fn a_child_that_exits_at_start_or_hangs_in_initialize_fails_the_call_and_crash_l
 
         let mut s = spec(&f, "hangs", "hang_init");
         s.start_timeout = Duration::from_millis(500);
-        let h = spawn(s);
+        let h = spawn(s, None);
         let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
         assert!(
             matches!(e, StdioError::Start(_, ref why) if why.contains("initialize")),

@@ -87,6 +87,11 @@ pub enum StdioError {
     Refused(String, String),
     #[error("stdio upstream {0} is shut down")]
     Gone(String),
+    /// The child restarted with another definition of the tool, which awaits approval.
+    #[error(
+        "the definition of tool `{1}` at upstream `{0}` changed; an operator must approve it (POST /pins/approve)"
+    )]
+    Unapproved(String, String),
 }
 
 /// A message for the child, from a worker.
@@ -165,6 +170,8 @@ impl Handle {
 #[derive(Default)]
 pub struct Registry {
     published: arc_swap::ArcSwap<std::collections::HashMap<String, Handle>>,
+    /// The tool pins every supervisor consults; set once at start.
+    gate: std::sync::OnceLock<Arc<dyn PinGate>>,
     /// Control thread only: the spec each handle was started with.
     running: std::sync::Mutex<std::collections::HashMap<String, (Arc<StdioSpec>, Handle)>>,
 }
@@ -175,7 +182,25 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// What the supervisors ask of the gateway's tool pins. A child that starts (the first time or
+/// after a crash, an idle stop or a reload) may come back with other tool definitions: its
+/// tools are listed at once and observed, so a definition that changed is held for approval,
+/// and a call of a tool that is not callable is refused before it reaches the child (the
+/// worker's check ran before the restart and cannot have seen the change).
+pub trait PinGate: Send + Sync {
+    /// Whether pinning is on (else nothing is listed at start).
+    fn enabled(&self) -> bool;
+    fn observe(&self, upstream: &str, tools: &[serde_json::Value]);
+    fn callable(&self, upstream: &str, tool: &str) -> bool;
+}
+
 impl Registry {
+    /// Control thread, once, before the first [`Registry::sync`]: the pins the supervisors
+    /// consult.
+    pub fn set_gate(&self, gate: Arc<dyn PinGate>) {
+        let _ = self.gate.set(gate);
+    }
+
     /// A worker's handle to the stdio upstream `name`.
     pub fn get(&self, name: &str) -> Option<Handle> {
         self.published.load().get(name).cloned()
@@ -194,7 +219,7 @@ impl Registry {
                 .remove(&up.name)
                 .filter(|(old, _)| old == spec)
                 .map(|(_, h)| h);
-            let handle = kept.unwrap_or_else(|| spawn((**spec).clone()));
+            let handle = kept.unwrap_or_else(|| spawn((**spec).clone(), self.gate.get().cloned()));
             next.insert(up.name.clone(), (Arc::clone(spec), handle));
         }
         *running = next;

@@ -220,3 +220,148 @@ federate = [{{ upstream = "local", prefix = "s_" }}, {{ upstream = "remote", pre
     }
     d.stop();
 }
+
+/// A rug pull through a restart: the stdio child comes back with another definition of a
+/// pinned tool. The gateway lists the tools of every start before any call reaches the child,
+/// so the very first call after the restart (made without listing) is refused, the tool is
+/// hidden, and an operator's approval lets it through again.
+#[test]
+fn tool_pins_are_checked_again_after_the_child_restarts() {
+    let dir = std::env::temp_dir().join(unique("gwstdiopins"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("changed");
+    let _ = std::fs::remove_file(&marker);
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstdiopin");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "local"
+command = ["{python}", "{fixture}", "stdio", "--changed-echo-if={marker}"]
+response_timeout_ms = 10000
+[upstreams.stdio]
+uid = 0
+gid = 0
+[[routes]]
+path = "/mcp"
+upstream = "local"
+"#,
+        python = python().display(),
+        fixture = fixture("mcp_server.py"),
+        marker = marker.display(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}"#;
+    let list = || {
+        let body =
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{{meta}}}}}"#);
+        let (r, _) = integration_tests::peers::raw(
+            port,
+            &integration_tests::peers::post(
+                "/mcp",
+                &body,
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+            ),
+        );
+        r.json()["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let call = || {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"hi"}},{meta}}}}}"#
+        );
+        integration_tests::peers::raw(
+            port,
+            &integration_tests::peers::post(
+                "/mcp",
+                &body,
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n",
+            ),
+        )
+        .0
+    };
+    assert!(list().contains(&"echo".to_owned()));
+    assert_eq!(call().status, 200);
+
+    // The child dies and its next start defines `echo` otherwise.
+    std::fs::write(&marker, b"").unwrap();
+    let killed = std::process::Command::new("pkill")
+        .args([
+            "-KILL",
+            "-f",
+            &format!("changed-echo-if={}", marker.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "the child was found and killed");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // The first call after the restart, without a listing first: refused.
+    let r = call();
+    assert_eq!(r.status, 403, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["code"], -32046, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[local/echo]");
+    assert!(
+        !list().contains(&"echo".to_owned()),
+        "hidden until approved"
+    );
+
+    // An operator approves the new definition.
+    let body = r#"{"upstream":"local","tool":"echo"}"#;
+    let approve = format!(
+        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (r, _) = integration_tests::peers::raw(admin, approve.as_bytes());
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(call().status, 200);
+    assert!(list().contains(&"echo".to_owned()));
+    d.stop();
+}
+
+/// The MCP conformance suite's server scenarios against server-everything's own Streamable
+/// HTTP mode, directly, and against its stdio mode exposed by the gateway: the same
+/// scenarios pass (the gateway holds the child's one session and serves every client from it).
+#[test]
+fn conformance_scenarios_pass_over_stdio_as_they_do_over_the_servers_own_http() {
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let up_port = free_port();
+    let _everything = integration_tests::peers::server_everything(up_port);
+    let direct = integration_tests::peers::conformance(&format!("http://127.0.0.1:{up_port}/mcp"));
+    let (mut d, port) = gateway(&format!(r#"["{bin}", "stdio"]"#), "");
+    let through = integration_tests::peers::conformance(&format!("http://127.0.0.1:{port}/mcp"));
+    assert!(direct.len() >= 30, "the suite ran: {direct:?}");
+    let differ: Vec<_> = direct
+        .iter()
+        .filter(|(name, passed)| through.get(*name) != Some(passed))
+        .map(|(name, passed)| format!("{name}: direct {passed}, stdio {:?}", through.get(name)))
+        .collect();
+    assert!(differ.is_empty(), "{differ:#?}");
+    d.stop();
+}
