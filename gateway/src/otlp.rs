@@ -68,12 +68,13 @@ impl SpanCtx {
 
     /// The `traceparent` the upstream receives: this trace, this span as its parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            if self.sampled { "01" } else { "00" }
-        )
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        s.push_str(&hex(&self.trace_id));
+        s.push('-');
+        s.push_str(&hex(&self.span_id));
+        s.push_str(if self.sampled { "-01" } else { "-00" });
+        s
     }
 
     pub fn trace_hex(&self) -> String {
@@ -121,12 +122,13 @@ fn unhex(s: &str, out: &mut [u8]) -> Option<()> {
 }
 
 fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
+    s
 }
 
 thread_local! {
