@@ -77,3 +77,18 @@ mod telemetry {
         classify(black_box(ANSWER))
     }
 }
+
+/// What OTLP adds to a request that head sampling does not keep: the span's ids and the
+/// `traceparent` the upstream receives.
+mod otlp {
+    use super::*;
+
+    #[divan::bench]
+    fn unsampled_span_context(b: Bencher) {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        b.bench_local(|| {
+            let ctx = gateway::otlp::SpanCtx::start(black_box(Some(tp)), 0.01);
+            black_box(ctx.traceparent())
+        });
+    }
+}

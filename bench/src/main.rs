@@ -11,6 +11,7 @@ mod contextforge;
 mod env;
 mod flood;
 mod load;
+mod otlp;
 mod plot;
 mod policy;
 mod proxy;
@@ -32,7 +33,7 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy, flood, tls); all when omitted.
+    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp); all when omitted.
     scenarios: Vec<String>,
     /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
     /// the latency percentiles (e.g. to load a running gateway while profiling it).
@@ -233,7 +234,64 @@ fn main() -> anyhow::Result<()> {
     if wants("tls") {
         tls_report(&args, &env, &dir, suffix)?;
     }
+    if wants("otlp") {
+        otlp_report(&args, &env, &dir, suffix)?;
+    }
     Ok(())
+}
+
+/// Scenario `otlp`: the gateway's CPU per request without span export and with it at 1 % and
+/// 100 % sampling, same run, same offered rate.
+fn otlp_report(
+    args: &Args,
+    env: &env::Environment,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    let r = otlp::run(args.quick);
+    let base = r
+        .rows
+        .first()
+        .map_or(1.0, |row| row.cpu_us.max(f64::MIN_POSITIVE));
+    let mut md = format!(
+        "# OTLP span export: cost ({date})\n\n{env}\n\n\
+         `tools/call add` through a gateway (1 worker, passthrough, kernel program off) to `mcp-upstream`, \
+         32 keep-alive connections, open loop at {rate:.0} rps (half the no-OTLP peak), {rounds} interleaved \
+         rounds of {seconds:.0} s; OTLP/HTTP export to a sink on loopback that reads and answers 200. \
+         Gateway CPU (user + system, /proc) per answered request, median round (range).\n\n\
+         | gateway | CPU µs / request | vs no OTLP | answered | errors | p99 µs |\n|---|---|---|---|---|---|\n",
+        date = env.date,
+        env = env.markdown(),
+        rate = r.rate,
+        rounds = r.rounds,
+        seconds = r.seconds,
+    );
+    for row in &r.rows {
+        md.push_str(&format!(
+            "| {} | {:.1} ({:.1}–{:.1}) | {:+.1} % | {} | {} | {:.0} |\n",
+            row.mode,
+            row.cpu_us,
+            row.cpu_range.0,
+            row.cpu_range.1,
+            (row.cpu_us / base - 1.0) * 100.0,
+            row.ok,
+            row.errors,
+            row.p99_us
+        ));
+    }
+    md.push_str(&format!(
+        "\nThe sink received {} export requests ({} bytes).\n",
+        r.exports, r.export_bytes
+    ));
+    let json = serde_json::json!({
+        "scenario": "otlp", "environment": env.json(), "rate": r.rate, "rounds": r.rounds,
+        "seconds": r.seconds, "exports": r.exports, "export_bytes": r.export_bytes,
+        "rows": r.rows.iter().map(|row| serde_json::json!({
+            "mode": row.mode, "cpu_us_per_request": row.cpu_us, "cpu_range": [row.cpu_range.0, row.cpu_range.1],
+            "ok": row.ok, "errors": row.errors, "p99_us": row.p99_us,
+        })).collect::<Vec<_>>(),
+    });
+    write_report(dir, &format!("{}-otlp{suffix}", env.date), &md, &json)
 }
 
 fn policy_report(

@@ -185,7 +185,12 @@ fn realistic_policy() -> String {
 
 /// A gateway (passthrough to `up_port`, one unpinned worker, kernel program off) with `extra`
 /// configuration and `route_extra` on its route; its port, process and configuration file.
-fn start_gateway(up_port: u16, name: &str, extra: &str, route_extra: &str) -> (u16, Proc, PathBuf) {
+pub(crate) fn start_gateway(
+    up_port: u16,
+    name: &str,
+    extra: &str,
+    route_extra: &str,
+) -> (u16, Proc, PathBuf) {
     let gw_port = free_port();
     let config = std::env::temp_dir().join(format!("bench-gw-{name}-{}.toml", std::process::id()));
     std::fs::write(

@@ -399,6 +399,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     lock(&control).refresh_bans();
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
     let admin = tokio::spawn(serve_admin(admin_listener, admin_tls, Arc::clone(&control)));
+    let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared)));
     let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
         Arc::clone(&shared),
         crate::mcp::upstream::resolve::System,
@@ -457,6 +458,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     drop(listening);
     admin.abort();
     resolver.abort();
+    spans.abort();
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();

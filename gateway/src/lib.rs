@@ -9,6 +9,7 @@ pub mod control;
 pub mod http;
 pub mod kernel;
 pub mod mcp;
+pub mod otlp;
 pub mod policy;
 pub mod runtime;
 pub mod stats;

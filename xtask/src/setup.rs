@@ -101,7 +101,12 @@ fn node_peers() -> anyhow::Result<()> {
 /// The Python MCP SDK (a real client and server for the end-to-end tests) and Prometheus's
 /// Python client (its text-format parser checks `/metrics`), pinned, in a venv inside the
 /// project: `.tools/venv`.
-const PY_PACKAGES: &[&str] = &["mcp==2.3.0", "prometheus_client==0.26.0"];
+const PY_PACKAGES: &[&str] = &[
+    "mcp==2.3.0",
+    "prometheus_client==0.26.0",
+    // The OTLP receiver fixture (tests/fixtures/otlp_receiver.py) decodes spans with it.
+    "opentelemetry-proto==1.45.2",
+];
 
 fn python_peers() -> anyhow::Result<()> {
     let venv = std::path::Path::new(".tools/venv");

@@ -100,6 +100,106 @@ pub struct RawTelemetry {
     /// in the HdrHistogram log format.
     #[serde(default)]
     pub histogram_log: Option<String>,
+    /// Export a span per request to an OpenTelemetry collector over OTLP/HTTP (protobuf).
+    #[serde(default)]
+    pub otlp: Option<RawOtlp>,
+}
+
+/// `[telemetry.otlp]`: where spans go and which are kept.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// The collector's OTLP/HTTP traces endpoint (`http://`), e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: String,
+    /// The share of traces kept at the start of a request (0.0 to 1.0), decided on the trace id.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Keep the span of every refused or failed request, whatever `sample_ratio` decided.
+    #[serde(default = "yes")]
+    pub always_sample_errors: bool,
+    /// Extra HTTP headers sent with every export (e.g. a collector's API key).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// How long one export may take before it counts as failed (and is retried).
+    #[serde(default = "default_otlp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Spans in one export request.
+    #[serde(default = "default_otlp_batch_max")]
+    pub batch_max: usize,
+    /// Spans waiting per worker and in the exporter; more are dropped and counted. Read at start.
+    #[serde(default = "default_otlp_queue_max")]
+    pub queue_max: usize,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+const fn default_sample_ratio() -> f64 {
+    0.01
+}
+const fn default_otlp_timeout_ms() -> u64 {
+    2_000
+}
+const fn default_otlp_batch_max() -> usize {
+    512
+}
+const fn default_otlp_queue_max() -> usize {
+    4_096
+}
+fn default_service_name() -> String {
+    "mcp-gateway".to_owned()
+}
+
+impl RawOtlp {
+    fn validate(self) -> Result<OtlpConfig, ConfigError> {
+        let uri: hyper::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e| invalid("telemetry.otlp.endpoint", format!("not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(invalid(
+                "telemetry.otlp.endpoint",
+                "must be an http:// URL with a host (an OTLP/HTTP collector)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid(
+                "telemetry.otlp.sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        for (key, value, zero) in [
+            ("timeout_ms", self.timeout_ms, 0),
+            ("batch_max", self.batch_max as u64, 0),
+            ("queue_max", self.queue_max as u64, 0),
+        ] {
+            if value == zero {
+                return Err(invalid(format!("telemetry.otlp.{key}"), "must be above 0"));
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in self.headers {
+            let ok = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && hyper::header::HeaderValue::from_str(&value).is_ok();
+            if !ok {
+                return Err(invalid(
+                    format!("telemetry.otlp.headers.{name}"),
+                    "not a valid HTTP header name and value",
+                ));
+            }
+            headers.push((name, value));
+        }
+        Ok(OtlpConfig {
+            endpoint: self.endpoint,
+            sample_ratio: self.sample_ratio,
+            always_sample_errors: self.always_sample_errors,
+            headers,
+            timeout: Duration::from_millis(self.timeout_ms),
+            batch_max: self.batch_max,
+            queue_max: self.queue_max,
+            service_name: self.service_name,
+        })
+    }
 }
 
 const fn default_max_tools() -> usize {
@@ -524,6 +624,20 @@ pub struct TelemetryConfig {
     pub enabled: bool,
     pub max_tools: usize,
     pub histogram_log: Option<std::path::PathBuf>,
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// Validated `[telemetry.otlp]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    pub endpoint: String,
+    pub sample_ratio: f64,
+    pub always_sample_errors: bool,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub batch_max: usize,
+    pub queue_max: usize,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -920,6 +1034,7 @@ impl RawConfig {
             enabled: self.telemetry.enabled,
             max_tools: self.telemetry.max_tools,
             histogram_log: self.telemetry.histogram_log.map(std::path::PathBuf::from),
+            otlp: self.telemetry.otlp.map(RawOtlp::validate).transpose()?,
         };
 
         let k = self.kernel;

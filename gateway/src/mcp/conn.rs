@@ -93,7 +93,7 @@ async fn serve_one(
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
-    let req = match http::read_request(io, limits).await {
+    let mut req = match http::read_request(io, limits).await {
         Ok(req) => req,
         Err(HttpError::Closed) => return false,
         Err(e) => {
@@ -102,5 +102,5 @@ async fn serve_one(
             return false;
         }
     };
-    super::stages::handle(io, &req, peer, snapshot, ctx).await && req.keep_alive
+    super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
 }

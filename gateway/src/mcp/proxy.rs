@@ -35,6 +35,8 @@ pub(super) struct Obs<'a> {
     pub decision: RefCell<Decision>,
     /// Breakers this request passed: (name, upstream index, tool level, how).
     pub breakers: RefCell<Vec<(String, usize, bool, policy::breaker::Pass)>>,
+    /// The request's span, once its trace context is known (with `[telemetry.otlp]`).
+    pub span: Cell<Option<crate::otlp::SpanCtx>>,
 }
 
 /// Who called and what policy decided, for telemetry and the audit log.

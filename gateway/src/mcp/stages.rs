@@ -7,7 +7,10 @@
 //! before every stage up to `admit` has passed for every message of the request; what `admit`
 //! charged is given back when a later message of the same request is refused.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Instant, SystemTime},
+};
 
 use super::{
     Id, Kind, Message, Parsed, RpcError, error,
@@ -72,13 +75,19 @@ impl Messages {
 /// another.
 pub(super) async fn handle(
     io: &mut Io,
-    req: &Request,
+    req: &mut Request,
     peer: SocketAddr,
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
     crate::runtime::inject_fault(req);
     let started = Instant::now();
+    let wall = snapshot
+        .config
+        .telemetry
+        .otlp
+        .is_some()
+        .then(SystemTime::now);
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
     let keep = match run(io, req, peer, snapshot, ctx, &obs).await {
@@ -86,13 +95,16 @@ pub(super) async fn handle(
         Err(stop) => answer(io, req, stop, &obs, ctx, peer, &snapshot.config).await,
     };
     record(req, peer, snapshot, ctx, &obs, started);
+    if let Some(wall) = wall {
+        record_span(req, peer, snapshot, ctx, &obs, started, wall);
+    }
     keep
 }
 
 /// The stages in order.
 async fn run<'c>(
     io: &mut Io,
-    req: &Request,
+    req: &mut Request,
     peer: SocketAddr,
     snapshot: &'c Snapshot,
     ctx: &WorkerCtx,
@@ -113,6 +125,8 @@ async fn run<'c>(
     let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
     let messages = parse(req, ctx, route, protocol, obs)?;
     check(req, ctx, snapshot, route, tenant, &messages, obs)?;
+    propagate(req, &messages, config, obs);
+    let req = &*req;
     let admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
@@ -200,6 +214,56 @@ fn trace(req: &Request) -> Result<Option<String>, Stop> {
             Some(t) => Ok(Some(t.to_owned())),
             None => Err(Stop::reply(invalid_traceparent("the traceparent header"))),
         },
+    }
+}
+
+/// propagate: the trace context the upstream receives. With `[telemetry.otlp]` the request's
+/// span starts here, under the client's `traceparent` (the header's, else the message's
+/// `_meta`, both validated whole by now), and every `traceparent` line is replaced by one naming
+/// the gateway's span. A `tracestate` is forwarded only when valid per W3C and only alongside
+/// the client's own `traceparent` header; otherwise it is dropped.
+fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<'_>) {
+    let header_parent = req
+        .header_str("traceparent")
+        .filter(|tp| trace_id(tp).is_some())
+        .map(str::to_owned);
+    let states: Vec<&[u8]> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("tracestate"))
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    let state = (!states.is_empty())
+        .then(|| {
+            let joined = states.join(&b","[..]);
+            String::from_utf8(joined)
+                .ok()
+                .filter(|s| crate::otlp::valid_tracestate(s))
+        })
+        .flatten();
+    let Some(otlp) = &config.telemetry.otlp else {
+        if !states.is_empty() && state.is_none() {
+            req.headers
+                .retain(|(n, _)| !n.eq_ignore_ascii_case("tracestate"));
+        }
+        return;
+    };
+    let parent = header_parent.clone().or_else(|| {
+        messages
+            .all()
+            .find_map(|m| m.meta_traceparent.clone())
+            .filter(|tp| trace_id(tp).is_some())
+    });
+    let span = crate::otlp::SpanCtx::start(parent.as_deref(), otlp.sample_ratio);
+    obs.span.set(Some(span));
+    req.headers.retain(|(n, _)| {
+        !n.eq_ignore_ascii_case("traceparent") && !n.eq_ignore_ascii_case("tracestate")
+    });
+    req.headers
+        .push(("traceparent".to_owned(), span.traceparent().into_bytes()));
+    if let Some(state) = state.filter(|_| header_parent.is_some()) {
+        req.headers
+            .push(("tracestate".to_owned(), state.into_bytes()));
     }
 }
 
@@ -723,4 +787,73 @@ fn record(
         total: started.elapsed(),
         upstream_wait: obs.upstream_wait.get(),
     });
+}
+
+/// The request's span, kept when the head decision sampled it or, with
+/// `always_sample_errors`, when it was refused or failed (decided here, at its end). Pushed to
+/// this worker's own queue; the control thread exports it.
+fn record_span(
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+    obs: &Obs<'_>,
+    started: Instant,
+    wall: SystemTime,
+) {
+    let config = &snapshot.config;
+    let Some(otlp) = &config.telemetry.otlp else {
+        return;
+    };
+    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+    // A request stopped before `propagate` still has a span, under a valid header parent.
+    let span = obs.span.get().unwrap_or_else(|| {
+        let parent = req
+            .header_str("traceparent")
+            .filter(|tp| trace_id(tp).is_some());
+        crate::otlp::SpanCtx::start(parent, otlp.sample_ratio)
+    });
+    let keep = span.sampled || (otlp.always_sample_errors && outcome != Outcome::Ok);
+    if !keep {
+        return;
+    }
+    let total = started.elapsed();
+    let upstream = obs.upstream_wait.get();
+    let decision = obs.decision.borrow();
+    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let start_unix_ns = crate::otlp::unix_ns(wall);
+    let route = config
+        .routes
+        .iter()
+        .find(|r| r.path == req.path())
+        .map_or("unmatched", |r| r.path.as_str());
+    let tenant = decision.tenant.clone().unwrap_or_else(|| {
+        let tenant_id = snapshot.classifier.tenant_of(peer.ip());
+        config
+            .tenants
+            .iter()
+            .find(|t| t.id == tenant_id)
+            .map_or_else(|| "default".to_owned(), |t| t.name.clone())
+    });
+    ctx.shared.spans.push(
+        ctx.worker,
+        crate::otlp::SpanRecord {
+            ctx: span,
+            start_unix_ns,
+            end_unix_ns: start_unix_ns.saturating_add(micros(total).saturating_mul(1000)),
+            http_method: req.method.clone(),
+            route: route.to_owned(),
+            method: obs.method.get(),
+            tool: obs.tool.borrow().clone(),
+            tenant,
+            agent: decision.agent.clone(),
+            run: decision.run.clone(),
+            upstream: obs.upstream.get().map(str::to_owned),
+            outcome: outcome.label(),
+            rule: decision.rule.clone().filter(|_| decision.refused),
+            gateway_us: micros(total.saturating_sub(upstream.unwrap_or_default())),
+            upstream_us: upstream.map(micros),
+            client: peer.ip().to_string(),
+        },
+    );
 }

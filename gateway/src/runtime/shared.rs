@@ -215,6 +215,8 @@ pub struct Shared {
     pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
     /// What the TLS listeners serve, and their counters.
     pub tls: std::sync::Arc<crate::tls::Edge>,
+    /// Request spans waiting for the OTLP exporter (one queue per worker) and its counters.
+    pub spans: crate::otlp::Spans,
 }
 
 impl Shared {
@@ -230,7 +232,10 @@ impl Shared {
                     crate::policy::audit::AuditLog::off()
                 }),
         };
+        // The span queues are sized at start; without `[telemetry.otlp]` then, small ones.
+        let span_queue = config.telemetry.otlp.as_ref().map_or(256, |o| o.queue_max);
         Self {
+            spans: crate::otlp::Spans::new(workers, span_queue),
             tls: std::sync::Arc::new(crate::tls::Edge::new(config.listeners.len())),
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
