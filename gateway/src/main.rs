@@ -52,6 +52,15 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// The state store of an instance (budgets spent, pins and approvals, bans): check it,
+    /// export it, or move it aside.
+    State {
+        /// Configuration file of the instance (names the store's folder).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
         /// Pin directory of the instance.
@@ -60,6 +69,19 @@ enum Command {
         #[command(subcommand)]
         action: KernelAction,
     },
+}
+
+/// Exit status of a start refused because the state store cannot be used (sysexits' EX_DATAERR).
+const EXIT_STATE: i32 = 65;
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Check every page and record of the store (the gateway must not be running).
+    Check,
+    /// Print everything the store holds as JSON.
+    Export,
+    /// Move the store's file aside (never deleted); the next start begins with empty state.
+    Reset,
 }
 
 #[derive(Subcommand)]
@@ -89,8 +111,16 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => Config::from_file(path)?,
                 None => Config::embedded_default(),
             };
-            gateway::control::run(cfg, config)
+            let r = gateway::control::run(cfg, config);
+            if let Err(e) = &r
+                && let Some(e) = e.downcast_ref::<gateway::state::StoreError>()
+            {
+                tracing::error!("{e}");
+                std::process::exit(EXIT_STATE);
+            }
+            r
         }
+        Command::State { config, action } => state_command(&config, action),
         Command::Check { config } => {
             let c = Config::from_file(&config)?;
             // The certificate, key and CA files are read as a start would read them.
@@ -135,6 +165,40 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn state_command(config: &std::path::Path, action: StateAction) -> anyhow::Result<()> {
+    use gateway::state::Store;
+    let c = Config::from_file(config)?;
+    let Some(dir) = c.state.dir else {
+        anyhow::bail!("{}: `[state] disabled = true`: no store", config.display());
+    };
+    match action {
+        StateAction::Check => {
+            let mut store = Store::open(&dir)?;
+            store.check()?;
+            println!(
+                "{}: readable ({} bytes)",
+                store.path().display(),
+                store.bytes()
+            );
+        }
+        StateAction::Export => {
+            let store = Store::open(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&store.export()?)?);
+        }
+        StateAction::Reset => match Store::reset(&dir)
+            .with_context(|| format!("moving {} aside", Store::file(&dir).display()))?
+        {
+            Some(aside) => println!(
+                "{} moved to {}; the next start begins with empty state",
+                Store::file(&dir).display(),
+                aside.display()
+            ),
+            None => println!("{}: no store", Store::file(&dir).display()),
+        },
+    }
+    Ok(())
 }
 
 fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Result<()> {

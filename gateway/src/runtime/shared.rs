@@ -215,6 +215,8 @@ pub struct Shared {
     pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
     /// What the TLS listeners serve, and their counters.
     pub tls: std::sync::Arc<crate::tls::Edge>,
+    /// The state store's counters (the store itself is the control thread's).
+    pub state: crate::state::Stats,
 }
 
 impl Shared {
@@ -255,6 +257,7 @@ impl Shared {
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),
+            state: crate::state::Stats::default(),
         }
     }
 
