@@ -55,9 +55,6 @@ enum Command {
     /// The state store of an instance (budgets spent, pins and approvals, bans): check it,
     /// export it, or move it aside.
     State {
-        /// Configuration file of the instance (names the store's folder).
-        #[arg(long, short)]
-        config: PathBuf,
         #[command(subcommand)]
         action: StateAction,
     },
@@ -74,14 +71,21 @@ enum Command {
 /// Exit status of a start refused because the state store cannot be used (sysexits' EX_DATAERR).
 const EXIT_STATE: i32 = 65;
 
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Configuration file of the instance (names the store's folder).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum StateAction {
     /// Check every page and record of the store (the gateway must not be running).
-    Check,
+    Check(StateArgs),
     /// Print everything the store holds as JSON.
-    Export,
+    Export(StateArgs),
     /// Move the store's file aside (never deleted); the next start begins with empty state.
-    Reset,
+    Reset(StateArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,7 +124,7 @@ fn main() -> anyhow::Result<()> {
             }
             r
         }
-        Command::State { config, action } => state_command(&config, action),
+        Command::State { action } => state_command(action),
         Command::Check { config } => {
             let c = Config::from_file(&config)?;
             // The certificate, key and CA files are read as a start would read them.
@@ -167,14 +171,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn state_command(config: &std::path::Path, action: StateAction) -> anyhow::Result<()> {
+fn state_command(action: StateAction) -> anyhow::Result<()> {
     use gateway::state::Store;
+    let (StateAction::Check(a) | StateAction::Export(a) | StateAction::Reset(a)) = &action;
+    let config = a.config.as_path();
     let c = Config::from_file(config)?;
     let Some(dir) = c.state.dir else {
         anyhow::bail!("{}: `[state] disabled = true`: no store", config.display());
     };
     match action {
-        StateAction::Check => {
+        StateAction::Check(_) => {
             let mut store = Store::open(&dir)?;
             store.check()?;
             println!(
@@ -183,11 +189,11 @@ fn state_command(config: &std::path::Path, action: StateAction) -> anyhow::Resul
                 store.bytes()
             );
         }
-        StateAction::Export => {
+        StateAction::Export(_) => {
             let store = Store::open(&dir)?;
             println!("{}", serde_json::to_string_pretty(&store.export()?)?);
         }
-        StateAction::Reset => match Store::reset(&dir)
+        StateAction::Reset(_) => match Store::reset(&dir)
             .with_context(|| format!("moving {} aside", Store::file(&dir).display()))?
         {
             Some(aside) => println!(

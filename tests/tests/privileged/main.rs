@@ -15,6 +15,7 @@ mod netns_e2e;
 mod observability_e2e;
 mod policy_e2e;
 mod proxy_protocol;
+mod state_store;
 mod stdio_e2e;
 mod tls_edge;
 mod xdp_decisions;
