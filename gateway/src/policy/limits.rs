@@ -381,7 +381,6 @@ impl State {
 
     /// As [`State::charge`], for a count the state store keeps: `what` names it (called only
     /// when the count is new).
-    #[expect(clippy::too_many_arguments, reason = "charge's arguments and the name")]
     pub fn charge_kept(
         &self,
         key: u64,

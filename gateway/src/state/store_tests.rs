@@ -152,8 +152,7 @@ fn a_record_that_does_not_read_stops_the_load() {
     let mut store = Store::open(&d).unwrap();
     let e = store
         .load(&Pins::default(), &State::default())
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(e.to_string().contains("pin `u/echo`"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
