@@ -38,6 +38,9 @@ struct Control {
     /// earlier runs also write); without it, the only record. Published to the workers as
     /// `Shared::bans`, for the clients named by PROXY protocol headers.
     bans: std::collections::BTreeMap<std::net::IpAddr, u64>,
+    /// The state store (none when `[state] disabled`), and whether its last flush failed.
+    store: Option<crate::state::Store>,
+    store_failing: bool,
 }
 
 impl Control {
@@ -170,6 +173,52 @@ impl Control {
             .collect()
     }
 
+    /// Writes what changed to the state store (every flush interval, and at shutdown after
+    /// the workers stopped). A failure is logged once, counted, and tried again next time.
+    fn flush_state(&mut self) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        let now = kernel::monotonic_ns();
+        let bans = self
+            .bans
+            .iter()
+            .map(|(ip, until)| (*ip, Duration::from_nanos(until.saturating_sub(now))));
+        let shared = &self.shared;
+        match store.flush_counted(&shared.state, &shared.pins, &shared.limits, bans) {
+            Ok(f) => {
+                if self.store_failing {
+                    tracing::info!(file = %store.path().display(), "state store written again");
+                }
+                self.store_failing = false;
+                if f.written + f.deleted > 0 {
+                    tracing::debug!(written = f.written, deleted = f.deleted, "state flushed");
+                }
+            }
+            Err(e) => {
+                if !self.store_failing {
+                    tracing::error!("{e}; kept in memory and tried again every flush interval");
+                }
+                self.store_failing = true;
+            }
+        }
+    }
+
+    /// Bans again what the store's mirror holds, when the kernel's map has none (a fresh map
+    /// after a reboot) or the kernel program is off; a map that has bans is the record.
+    fn restore_bans(&mut self, kept: Vec<(std::net::IpAddr, Duration)>) {
+        if kept.is_empty() || (self.maps.is_some() && !self.bans.is_empty()) {
+            return;
+        }
+        let n = kept.len();
+        for (ip, left) in kept {
+            if let Err(e) = self.ban(ip, left) {
+                tracing::error!(source = %ip, "restoring a kept ban failed: {e}");
+            }
+        }
+        tracing::info!(bans = n, "bans restored from the state store");
+    }
+
     /// Kernel packet counts per tenant and verdict, for `/stats`.
     fn kernel_json(&self) -> serde_json::Value {
         let Some(maps) = &self.maps else {
@@ -229,6 +278,7 @@ impl Control {
                 new.kernel.interfaces != old.kernel.interfaces,
             ),
             ("kernel.mode", new.kernel.mode != old.kernel.mode),
+            ("state", new.state != old.state),
         ] {
             if changed {
                 bail!("`{what}` changed: that needs a restart; the running configuration is kept");
@@ -347,7 +397,37 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let tls_stamps = crate::tls::stamps(&config);
+    let state = config.state.clone();
     let shared = Arc::new(Shared::new(config));
+    // The kept state is in place before any worker serves.
+    let (store, kept_bans) = match &state.dir {
+        Some(dir) => {
+            let mut store = crate::state::Store::open(dir)?;
+            let loaded = store.load(&shared.pins, &shared.limits)?;
+            tracing::info!(
+                file = %store.path().display(),
+                pins = loaded.pins,
+                windows = loaded.windows,
+                bans = loaded.bans.len(),
+                "state store loaded"
+            );
+            shared.state.enabled.store(true, Relaxed);
+            shared.state.bytes.store(store.bytes(), Relaxed);
+            (Some(store), loaded.bans)
+        }
+        None => {
+            tracing::warn!("state.disabled: budgets, pins and approvals start afresh on every run");
+            (None, Vec::new())
+        }
+    };
+    if !kept_bans.is_empty() && !config_kernel_enabled(&shared) {
+        shared.bans.store(Arc::new(runtime::shared::BanSet::new(
+            kept_bans.iter().map(|(ip, left)| {
+                let left = left.as_nanos().min(u128::from(u64::MAX)) as u64;
+                (*ip, kernel::monotonic_ns().saturating_add(left))
+            }),
+        )));
+    }
     let open_files = runtime::raise_open_files_limit();
     shared
         .open_files_limit
@@ -394,9 +474,12 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         ready: true,
         tls_stamps,
         bans: std::collections::BTreeMap::new(),
+        store,
+        store_failing: false,
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();
+    lock(&control).restore_bans(kept_bans);
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
     let admin = tokio::spawn(serve_admin(admin_listener, admin_tls, Arc::clone(&control)));
     let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared)));
@@ -428,8 +511,11 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut bans = tokio::time::interval(Duration::from_millis(100));
     let mut prune = tokio::time::interval(Duration::from_secs(10));
     let mut tls_files = tokio::time::interval(Duration::from_secs(2));
+    let mut flush = tokio::time::interval(state.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = flush.tick() => lock(&control).flush_state(),
             _ = tls_files.tick() => lock(&control).watch_tls_files(),
             _ = caps.tick() => lock(&control).update_caps(),
             _ = merge.tick() => lock(&control).drain_stats(),
@@ -470,6 +556,8 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     {
         tracing::warn!("workers did not stop in time");
     }
+    // After the workers: what they counted while draining is written too.
+    lock(&control).flush_state();
     if let Some(k) = &mut kernel {
         k.detach_all()?;
         tracing::info!(
@@ -478,6 +566,10 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         );
     }
     Ok(())
+}
+
+fn config_kernel_enabled(shared: &Shared) -> bool {
+    shared.snapshot.load().config.kernel.enabled
 }
 
 fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {

@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod otlp;
 pub mod policy;
 pub mod runtime;
+pub mod state;
 pub mod stats;
 pub mod stdio;
 pub mod telemetry;

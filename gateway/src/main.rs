@@ -52,6 +52,12 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// The state store of an instance (budgets spent, pins and approvals, bans): check it,
+    /// export it, or move it aside.
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
         /// Pin directory of the instance.
@@ -60,6 +66,26 @@ enum Command {
         #[command(subcommand)]
         action: KernelAction,
     },
+}
+
+/// Exit status of a start refused because the state store cannot be used (sysexits' EX_DATAERR).
+const EXIT_STATE: i32 = 65;
+
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Configuration file of the instance (names the store's folder).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Check every page and record of the store (the gateway must not be running).
+    Check(StateArgs),
+    /// Print everything the store holds as JSON.
+    Export(StateArgs),
+    /// Move the store's file aside (never deleted); the next start begins with empty state.
+    Reset(StateArgs),
 }
 
 #[derive(Subcommand)]
@@ -89,8 +115,16 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => Config::from_file(path)?,
                 None => Config::embedded_default(),
             };
-            gateway::control::run(cfg, config)
+            let r = gateway::control::run(cfg, config);
+            if let Err(e) = &r
+                && let Some(e) = e.downcast_ref::<gateway::state::StoreError>()
+            {
+                tracing::error!("{e}");
+                std::process::exit(EXIT_STATE);
+            }
+            r
         }
+        Command::State { action } => state_command(action),
         Command::Check { config } => {
             let c = Config::from_file(&config)?;
             // The certificate, key and CA files are read as a start would read them.
@@ -135,6 +169,42 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn state_command(action: StateAction) -> anyhow::Result<()> {
+    use gateway::state::Store;
+    let (StateAction::Check(a) | StateAction::Export(a) | StateAction::Reset(a)) = &action;
+    let config = a.config.as_path();
+    let c = Config::from_file(config)?;
+    let Some(dir) = c.state.dir else {
+        anyhow::bail!("{}: `[state] disabled = true`: no store", config.display());
+    };
+    match action {
+        StateAction::Check(_) => {
+            let mut store = Store::open(&dir)?;
+            store.check()?;
+            println!(
+                "{}: readable ({} bytes)",
+                store.path().display(),
+                store.bytes()
+            );
+        }
+        StateAction::Export(_) => {
+            let store = Store::open(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&store.export()?)?);
+        }
+        StateAction::Reset(_) => match Store::reset(&dir)
+            .with_context(|| format!("moving {} aside", Store::file(&dir).display()))?
+        {
+            Some(aside) => println!(
+                "{} moved to {}; the next start begins with empty state",
+                Store::file(&dir).display(),
+                aside.display()
+            ),
+            None => println!("{}: no store", Store::file(&dir).display()),
+        },
+    }
+    Ok(())
 }
 
 fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Result<()> {

@@ -14,6 +14,15 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     log: PathBuf,
     config: PathBuf,
+    /// The state store's folder the test harness gave this run (kept across restarts,
+    /// removed on drop).
+    state: PathBuf,
+}
+
+/// The state store's folder of a test instance: a fresh one in the temporary folder, so that no
+/// run inherits another's budgets and pins (a configuration with its own `[state]` keeps it).
+pub fn state_dir(instance: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{instance}.state"))
 }
 
 /// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
@@ -62,6 +71,15 @@ impl Daemon {
     fn files(instance: &str, config: &str) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));
+        let _ = std::fs::remove_dir_all(state_dir(instance));
+        let config = if config.lines().any(|l| l.trim() == "[state]") {
+            config.to_owned()
+        } else {
+            format!(
+                "{config}\n[state]\npath = \"{}\"\n",
+                state_dir(instance).display()
+            )
+        };
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.join(format!("{instance}.log"));
         let _ = std::fs::remove_file(&log);
@@ -121,6 +139,7 @@ impl Daemon {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(instance),
             log,
             config,
+            state: state_dir(instance),
         };
         d.wait_for_log("data plane running", Duration::from_secs(20));
         d
@@ -130,9 +149,36 @@ impl Daemon {
     pub fn restart(ns: &str, instance: &str, prev: &mut Daemon) -> Self {
         // The previous run keeps its config file; this run logs to a file of its own.
         let config = std::mem::take(&mut prev.config);
+        // The state store too: the previous run's drop leaves it.
+        prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
         Self::spawn(Some(ns), instance, config, log, &[], None)
+    }
+
+    /// As [`Daemon::restart`], in this process's namespace (loopback tests).
+    pub fn restart_local(instance: &str, prev: &mut Daemon) -> Self {
+        let config = std::mem::take(&mut prev.config);
+        prev.state = PathBuf::new();
+        let log = prev.log.with_extension("restart.log");
+        let _ = std::fs::remove_file(&log);
+        Self::spawn(None, instance, config, log, &[], None)
+    }
+
+    /// The exit status of a run that ended by itself (waits at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -229,6 +275,9 @@ impl Drop for Daemon {
         self.crash();
         let _ = gateway::kernel::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_file(&self.config);
+        if !self.state.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
     }
 }
 

@@ -77,6 +77,28 @@ fn main() -> anyhow::Result<()> {
                 .args(["--listen", "127.0.0.1:9100", "--workers", "1"])
                 .spawn()
                 .context("starting the demo upstream")?;
+            // Without a configuration of the user's, the embedded default runs with its state
+            // store under target/ rather than /var/lib.
+            let mut args = args;
+            if !args
+                .iter()
+                .any(|a| a == "--config" || a == "-c" || a.starts_with("--config="))
+            {
+                let out = Command::new(root.join("target/release/gateway"))
+                    .arg("default-config")
+                    .output()
+                    .context("reading the default configuration")?;
+                let dir = root.join("target/xtask-run");
+                std::fs::create_dir_all(&dir)?;
+                let config = dir.join("gateway.toml");
+                let mut text = String::from_utf8(out.stdout)?;
+                text.push_str(&format!(
+                    "\n[state]\npath = \"{}\"\n",
+                    dir.join("state").display()
+                ));
+                std::fs::write(&config, text)?;
+                args.extend(["--config".to_owned(), config.display().to_string()]);
+            }
             let status = Command::new(root.join("target/release/gateway"))
                 .arg("run")
                 .args(args)

@@ -16,6 +16,8 @@ mod policy;
 pub use policy::*;
 mod tls;
 pub use tls::*;
+mod state;
+pub use state::*;
 
 /// The configuration that `gateway run` serves when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -68,6 +70,9 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub auto_ban: Option<RawAutoBan>,
+    /// The store of policy state kept across restarts.
+    #[serde(default)]
+    pub state: RawState,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -601,6 +606,7 @@ pub struct Config {
     pub policy: RawPolicy,
     pub audit: RawAudit,
     pub auto_ban: Option<RawAutoBan>,
+    pub state: StateConfig,
 }
 
 /// One client-facing listener. Workers know it by its index in [`Config::listeners`].
@@ -1471,6 +1477,7 @@ impl RawConfig {
                 .map_err(|e| invalid("audit.path", format!("cannot append to `{p}`: {e}")))?;
         }
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);
+        let state = self.state.validate(&g.instance)?;
         let config = Config {
             instance: g.instance,
             workers,
@@ -1499,6 +1506,7 @@ impl RawConfig {
             policy: self.policy,
             audit: self.audit,
             auto_ban: self.auto_ban,
+            state,
         };
         // Globs, patterns, keys and names are checked by compiling them.
         crate::policy::Policy::compile(&config)?;

@@ -265,8 +265,9 @@ pub(super) async fn refuse(
         let limits = &ctx.shared.limits;
         let key = limits.key(("refusals", peer.ip()));
         if limits
-            .charge(
+            .charge_kept(
                 key,
+                || policy::limits::Counted::Refusals { source: peer.ip() },
                 policy::limits::State::unix_s(),
                 b.window_s,
                 1,

@@ -229,6 +229,53 @@ impl LoopTable {
     }
 }
 
+/// What a window counts, in words that mean the same to the next process (the map's keys are
+/// hashes seeded per process): the state store keeps windows under it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Counted {
+    /// A budget's spend: `scope` (tenant, agent, run) of `subject` in `tenant`.
+    Budget {
+        scope: String,
+        tenant: String,
+        subject: String,
+    },
+    /// Refusals earned by a source address (auto-ban).
+    Refusals { source: std::net::IpAddr },
+}
+
+impl Counted {
+    /// The key the request path computes for the same count.
+    pub fn key(&self, state: &State) -> u64 {
+        match self {
+            Self::Budget {
+                scope,
+                tenant,
+                subject,
+            } => state.key(("budget", scope.as_str(), tenant.as_str(), subject.as_str())),
+            Self::Refusals { source } => state.key(("refusals", *source)),
+        }
+    }
+}
+
+/// A window's count as the store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowCount {
+    pub len_s: u64,
+    /// The window's number (`unix_s / len_s`).
+    pub window: u64,
+    pub used: u64,
+}
+
+/// A window of a budget or of the refusal counts, with what it counts.
+#[derive(Debug)]
+struct Counter {
+    len_s: u64,
+    window: Window,
+    /// `None` for a count made without naming it (kept in memory only).
+    what: Option<Box<Counted>>,
+}
+
 /// One thing an admission counted, so that it can be given back when the request it admitted
 /// is refused after all (a later rule, or a later member of its batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +297,7 @@ pub struct State {
     // Keys are already keyed hashes: the maps only mix them.
     buckets: papaya::HashMap<u64, Gcra, rustc_hash::FxBuildHasher>,
     /// Windows, keyed with their length (a budget of another length is another count).
-    windows: papaya::HashMap<u64, (u64, Window), rustc_hash::FxBuildHasher>,
+    windows: papaya::HashMap<u64, Counter, rustc_hash::FxBuildHasher>,
     /// The loop breaker's counts, one per agent and distinct call: bounded, because every new
     /// argument makes a new one.
     loops: LoopTable,
@@ -323,9 +370,79 @@ impl State {
         limit: u64,
     ) -> Result<u64, u64> {
         let map = self.windows.pin();
-        map.get_or_insert_with(key, || (len_s, Window::default()))
-            .1
-            .charge(unix_s / len_s.max(1), amount, limit)
+        map.get_or_insert_with(key, || Counter {
+            len_s,
+            window: Window::default(),
+            what: None,
+        })
+        .window
+        .charge(unix_s / len_s.max(1), amount, limit)
+    }
+
+    /// As [`State::charge`], for a count the state store keeps: `what` names it (called only
+    /// when the count is new).
+    pub fn charge_kept(
+        &self,
+        key: u64,
+        what: impl FnOnce() -> Counted,
+        unix_s: u64,
+        len_s: u64,
+        amount: u64,
+        limit: u64,
+    ) -> Result<u64, u64> {
+        let map = self.windows.pin();
+        map.get_or_insert_with(key, || Counter {
+            len_s,
+            window: Window::default(),
+            what: Some(Box::new(what())),
+        })
+        .window
+        .charge(unix_s / len_s.max(1), amount, limit)
+    }
+
+    /// Every named count of a window not yet ended, for the state store.
+    pub fn kept_counts(&self) -> Vec<(u64, Counted, WindowCount)> {
+        self.windows
+            .pin()
+            .iter()
+            .filter_map(|(key, c)| {
+                let what = c.what.as_deref()?;
+                let window = c.window.id.load(Ordering::Acquire);
+                (window >= Self::window_of(c.len_s)).then(|| {
+                    (
+                        *key,
+                        what.clone(),
+                        WindowCount {
+                            len_s: c.len_s,
+                            window,
+                            used: c.window.used.load(Ordering::Acquire),
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Puts back a count the state store kept, if its window has not ended; a count the
+    /// request path already made here is raised to it, never lowered. Returns whether it
+    /// was taken.
+    pub fn restore(&self, what: Counted, count: WindowCount) -> bool {
+        if count.len_s == 0 || count.window != Self::window_of(count.len_s) {
+            return false;
+        }
+        let key = what.key(self);
+        let map = self.windows.pin();
+        let c = map.get_or_insert_with(key, || Counter {
+            len_s: count.len_s,
+            window: Window::default(),
+            what: Some(Box::new(what)),
+        });
+        if c.len_s != count.len_s {
+            return false;
+        }
+        c.window.roll(count.window);
+        c.window.used.fetch_max(count.used, Ordering::AcqRel);
+        true
     }
 
     /// Counts one more of a call for the loop breaker; `false` once it is over `max` (that call
@@ -350,8 +467,8 @@ impl State {
     }
 
     pub fn refund(&self, key: u64, len_s: u64, amount: u64) {
-        if let Some((_, w)) = self.windows.pin().get(&key) {
-            w.refund(Self::window_of(len_s), amount);
+        if let Some(c) = self.windows.pin().get(&key) {
+            c.window.refund(Self::window_of(len_s), amount);
         }
     }
 
@@ -359,7 +476,7 @@ impl State {
         self.windows
             .pin()
             .get(&key)
-            .map_or(limit, |(_, w)| w.left(Self::window_of(len_s), limit))
+            .map_or(limit, |c| c.window.left(Self::window_of(len_s), limit))
     }
 
     /// Takes one of `max` in-flight slots; the guard gives it back.
@@ -384,7 +501,7 @@ impl State {
         self.buckets.pin().retain(|_, b| !b.idle_at(now));
         self.windows
             .pin()
-            .retain(|_, (len, w)| !w.stale(Self::window_of(*len)));
+            .retain(|_, c| !c.window.stale(Self::window_of(c.len_s)));
     }
 
     pub fn sizes(&self) -> (usize, usize) {

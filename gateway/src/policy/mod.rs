@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{
     Action, AuthMethod, Config, ConfigError, RawBudget, RawLoopBreaker, RawPolicy, Route,
 };
-use limits::{Charge, InFlight, State};
+use limits::{Charge, Counted, InFlight, State};
 use rules::ToolRule;
 
 /// Gateway-defined JSON-RPC codes for refusals (server error range).
@@ -1082,8 +1082,13 @@ impl Policy {
                 let (Some(limit), Some(subject)) = (limit, subject) else {
                     continue;
                 };
-                let key = state.key(("budget", scope, &t.name, &subject));
-                match state.charge(key, unix_s, b.window_s, cost, limit) {
+                let key = state.key(("budget", scope, t.name.as_str(), subject));
+                let what = || Counted::Budget {
+                    scope: scope.to_owned(),
+                    tenant: t.name.clone(),
+                    subject: subject.to_owned(),
+                };
+                match state.charge_kept(key, what, unix_s, b.window_s, cost, limit) {
                     Ok(l) => {
                         admission.charges.push(Charge::Budget {
                             key,

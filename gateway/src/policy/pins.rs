@@ -8,8 +8,12 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 /// What is known of one tool.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pin {
+    /// The digest the configuration pinned the tool to when this pin was made; a
+    /// configuration that pins it to another digest later replaces the pin.
+    #[serde(default)]
+    pub configured: Option<String>,
     pub approved: String,
     /// The approved definition, when the gateway has seen it (not for a pin from the
     /// configuration that was never listed).
@@ -82,18 +86,27 @@ impl Pins {
         let seen = digest(tool);
         let map = self.map.pin();
         let current = match map.get(&key) {
-            Some(p) => Arc::clone(p),
-            None => {
-                if map.len() >= MAX_PINS {
+            // A pin from the configuration wins over what was seen or approved under an older one.
+            Some(p) if configured.is_none() || p.configured.as_deref() == configured => {
+                Arc::clone(p)
+            }
+            existing => {
+                if existing.is_none() && map.len() >= MAX_PINS {
                     return false;
                 }
                 let approved = configured.map_or_else(|| seen.clone(), str::to_owned);
                 let first = Arc::new(Pin {
+                    configured: configured.map(str::to_owned),
                     approved_definition: (approved == seen).then(|| pinned_part(tool)),
                     approved,
                     pending: None,
                 });
-                Arc::clone(map.get_or_insert(key.clone(), first))
+                if existing.is_some() {
+                    map.insert(key.clone(), Arc::clone(&first));
+                    first
+                } else {
+                    Arc::clone(map.get_or_insert(key.clone(), first))
+                }
             }
         };
         if current.approved == seen {
@@ -143,6 +156,7 @@ impl Pins {
         map.insert(
             key,
             Arc::new(Pin {
+                configured: current.configured.clone(),
                 approved: digest.clone(),
                 approved_definition: Some(definition),
                 pending: None,
@@ -150,6 +164,22 @@ impl Pins {
         );
         tracing::info!(upstream, tool, approved = %digest, "tool definition approved");
         Some(digest)
+    }
+
+    /// Every pin by `<upstream>/<tool>`, for the state store (an unchanged pin keeps its `Arc`).
+    pub fn snapshot(&self) -> Vec<(String, Arc<Pin>)> {
+        self.map
+            .pin()
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
+    /// Puts back a pin the state store kept (at start, before any listing).
+    pub fn restore(&self, key: String, pin: Pin) -> Arc<Pin> {
+        let pin = Arc::new(pin);
+        self.map.pin().insert(key, Arc::clone(&pin));
+        pin
     }
 
     /// Every pin as JSON, sorted by tool.

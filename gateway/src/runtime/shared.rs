@@ -217,6 +217,8 @@ pub struct Shared {
     pub tls: std::sync::Arc<crate::tls::Edge>,
     /// Request spans waiting for the OTLP exporter (one queue per worker) and its counters.
     pub spans: crate::otlp::Spans,
+    /// The state store's counters (the store itself is the control thread's).
+    pub state: crate::state::Stats,
 }
 
 impl Shared {
@@ -260,6 +262,7 @@ impl Shared {
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),
+            state: crate::state::Stats::default(),
         }
     }
 

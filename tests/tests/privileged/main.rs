@@ -17,6 +17,7 @@ mod observability_e2e;
 mod otlp;
 mod policy_e2e;
 mod proxy_protocol;
+mod state_store;
 mod stdio_e2e;
 mod tls_edge;
 mod xdp_decisions;

@@ -1,0 +1,497 @@
+//! The state store: policy state that outlives the process, in one transactional file
+//! (`state.redb`, [redb]) under `[state] path`. It keeps the pins and approvals, the spend of
+//! budgets in windows not yet ended, the refusal counts that feed auto-ban, and a mirror of the
+//! bans (the kernel's pinned ban map stays the record for packets; the mirror restores it after
+//! a reboot and is the only record when the kernel program is off).
+//!
+//! The request path never reads or writes it: workers count in their lock-free cells
+//! ([`crate::policy::limits::State`], [`crate::policy::pins::Pins`]); the control thread loads
+//! the store before the workers start and writes what changed every flush interval and at
+//! shutdown, in one transaction (all or nothing), so a crash loses at most the changes of one
+//! interval. A file that cannot be read is an error that names it and stops the start; it is
+//! never replaced silently (`gateway state check|export|reset`).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+
+use crate::policy::{
+    limits::{Counted, State, WindowCount},
+    pins::{Pin, Pins},
+};
+
+/// The layout this gateway writes; a store of a higher one is refused.
+pub const SCHEMA: u64 = 1;
+/// The store's file inside `[state] path`.
+pub const FILE: &str = "state.redb";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `<upstream>/<tool>` → the pin as JSON.
+const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
+/// A [`Counted`] as JSON → its [`WindowCount`] as JSON.
+const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
+/// An address → when its ban ends, in ms since the Unix epoch.
+const BANS: TableDefinition<&str, u64> = TableDefinition::new("bans");
+
+/// What to do about a store that cannot be used (said in every such error).
+pub const RECOVERY: &str = "the gateway does not start on state it cannot read; see what is wrong with `gateway state check --config <file>`, save what can be read with `gateway state export --config <file>`, then `gateway state reset --config <file>` moves the file aside and the next start begins with empty state (budgets spent, pins and approvals are forgotten)";
+
+/// Why the store cannot be used; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path} cannot be read: {problem}; {RECOVERY}")]
+    Unreadable { path: PathBuf, problem: String },
+    #[error(
+        "state store {path} was written by a newer gateway (schema {found}; this one reads up to {SCHEMA}): run that version, or {RECOVERY}"
+    )]
+    Newer { path: PathBuf, found: u64 },
+    #[error(
+        "state store {path} is open in another process (another gateway with the same instance name or `[state] path`?)"
+    )]
+    InUse { path: PathBuf },
+    #[error("state store {path}: writing failed: {problem}")]
+    Write { path: PathBuf, problem: String },
+}
+
+/// Counters for `/metrics` (written by the control thread).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub enabled: std::sync::atomic::AtomicBool,
+    pub flushes: AtomicU64,
+    pub failures: AtomicU64,
+    /// Sum and last of the flushes' durations, in µs.
+    pub flush_us_total: AtomicU64,
+    pub last_flush_us: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// What a load put back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    pub pins: usize,
+    /// Counts of windows not yet ended (ended ones are dropped at the next flush).
+    pub windows: usize,
+    /// Bans not yet ended, with the time each has left.
+    pub bans: Vec<(IpAddr, Duration)>,
+}
+
+/// What a flush wrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+/// The open store and what it holds now (so that a flush writes only what changed).
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    pins: HashMap<String, Arc<Pin>>,
+    windows: HashMap<String, WindowCount>,
+    bans: BTreeMap<String, u64>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+impl Store {
+    /// The store's file in `dir`.
+    pub fn file(dir: &Path) -> PathBuf {
+        dir.join(FILE)
+    }
+
+    /// Opens (or makes) the store in `dir`. A file that is not a store, is damaged, or was
+    /// written by a newer gateway is an error naming it; nothing is changed then.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = Self::file(dir);
+        let unreadable = |problem: String| StoreError::Unreadable {
+            path: path.clone(),
+            problem,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| unreadable(format!("making the folder {}: {e}", dir.display())))?;
+        // Pins, approvals and the bans are the operator's business only.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let db = match Database::builder().create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse { path });
+            }
+            Err(e) => return Err(unreadable(e.to_string())),
+        };
+        let store = Self {
+            db,
+            path,
+            pins: HashMap::new(),
+            windows: HashMap::new(),
+            bans: BTreeMap::new(),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| self.unreadable(e))?;
+            let found = meta
+                .get("schema")
+                .map_err(|e| self.unreadable(e))?
+                .map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA => {
+                    return Err(StoreError::Newer {
+                        path: self.path.clone(),
+                        found: v,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema", SCHEMA)
+                        .map_err(|e| self.unreadable(e))?;
+                }
+            }
+            tx.open_table(PINS).map_err(|e| self.unreadable(e))?;
+            tx.open_table(WINDOWS).map_err(|e| self.unreadable(e))?;
+            tx.open_table(BANS).map_err(|e| self.unreadable(e))?;
+        }
+        tx.commit().map_err(|e| self.unreadable(e))
+    }
+
+    fn unreadable(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unreadable {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        }
+    }
+
+    fn write_error(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Write {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Everything in the store as JSON (`gateway state export`).
+    pub fn export(&self) -> Result<serde_json::Value, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let mut pins = serde_json::Map::new();
+        for row in tx
+            .open_table(PINS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(v.value()).unwrap_or(serde_json::Value::Null);
+            pins.insert(k.value().to_owned(), v);
+        }
+        let mut windows = Vec::new();
+        for row in tx
+            .open_table(WINDOWS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            windows.push(serde_json::json!({
+                "counts": serde_json::from_str::<serde_json::Value>(k.value()).unwrap_or(serde_json::Value::Null),
+                "window": serde_json::from_slice::<serde_json::Value>(v.value()).unwrap_or(serde_json::Value::Null),
+            }));
+        }
+        let mut bans = serde_json::Map::new();
+        for row in tx
+            .open_table(BANS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            bans.insert(
+                k.value().to_owned(),
+                serde_json::json!({"until_unix_ms": v.value()}),
+            );
+        }
+        Ok(serde_json::json!({
+            "file": self.path.display().to_string(),
+            "schema": SCHEMA,
+            "pins": pins,
+            "windows": windows,
+            "bans": bans,
+        }))
+    }
+
+    /// Checks every page of the file (`gateway state check`).
+    pub fn check(&mut self) -> Result<(), StoreError> {
+        match self.db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.unreadable("damaged pages were found (and repaired)"));
+            }
+            Err(e) => return Err(self.unreadable(e)),
+        }
+        // Every record must read as this gateway reads it at start.
+        self.load(&Pins::default(), &State::default()).map(|_| ())
+    }
+
+    /// Puts the stored state into `pins` and `limits` (at start, before the workers serve); a
+    /// record that does not read is an error naming it, not skipped.
+    pub fn load(&mut self, pins: &Pins, limits: &State) -> Result<Loaded, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let mut loaded = Loaded::default();
+        for row in tx
+            .open_table(PINS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let key = k.value().to_owned();
+            let pin: Pin = serde_json::from_slice(v.value())
+                .map_err(|e| self.unreadable(format!("pin `{key}`: {e}")))?;
+            let pin = pins.restore(key.clone(), pin);
+            self.pins.insert(key, pin);
+            loaded.pins += 1;
+        }
+        for row in tx
+            .open_table(WINDOWS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let key = k.value().to_owned();
+            let what: Counted = serde_json::from_str(&key)
+                .map_err(|e| self.unreadable(format!("count `{key}`: {e}")))?;
+            let count: WindowCount = serde_json::from_slice(v.value())
+                .map_err(|e| self.unreadable(format!("count `{key}`: {e}")))?;
+            if limits.restore(what, count) {
+                loaded.windows += 1;
+            }
+            // An ended window stays recorded here, so that the next flush deletes it.
+            self.windows.insert(key, count);
+        }
+        let now = unix_ms();
+        for row in tx
+            .open_table(BANS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let key = k.value().to_owned();
+            let ip: IpAddr = key
+                .parse()
+                .map_err(|e| self.unreadable(format!("ban `{key}`: {e}")))?;
+            let until = v.value();
+            if until > now {
+                loaded.bans.push((ip, Duration::from_millis(until - now)));
+            }
+            self.bans.insert(key, until);
+        }
+        Ok(loaded)
+    }
+
+    /// Writes what changed since the last flush or load, in one transaction: pins, counts of
+    /// windows not yet ended, and `bans` (each with the time it has left). Nothing is written
+    /// (and no sync made) when nothing changed. On failure nothing is taken as written, so the
+    /// next flush tries it all again.
+    pub fn flush(
+        &mut self,
+        pins: &Pins,
+        limits: &State,
+        bans: impl IntoIterator<Item = (IpAddr, Duration)>,
+    ) -> Result<Flushed, StoreError> {
+        let mut pin_puts: Vec<(String, Arc<Pin>)> = Vec::new();
+        for (k, p) in pins.snapshot() {
+            if self.pins.get(&k).is_none_or(|w| !Arc::ptr_eq(w, &p)) {
+                pin_puts.push((k, p));
+            }
+        }
+        let mut live: HashMap<String, WindowCount> = HashMap::new();
+        for (_, what, count) in limits.kept_counts() {
+            let Ok(key) = serde_json::to_string(&what) else {
+                continue;
+            };
+            live.insert(key, count);
+        }
+        let window_puts: Vec<(&String, &WindowCount)> = live
+            .iter()
+            .filter(|(k, c)| self.windows.get(*k) != Some(*c))
+            .collect();
+        let window_dels: Vec<String> = self
+            .windows
+            .keys()
+            .filter(|k| !live.contains_key(*k))
+            .cloned()
+            .collect();
+        let now = unix_ms();
+        let bans: BTreeMap<String, u64> = bans
+            .into_iter()
+            .map(|(ip, left)| {
+                let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                (ip.to_canonical().to_string(), now.saturating_add(left))
+            })
+            .collect();
+        // The kernel's clock and the wall clock drift apart by a few ms between flushes: a
+        // ban's end is written again only when it moved by more than a second.
+        let ban_puts: Vec<(&String, &u64)> = bans
+            .iter()
+            .filter(|(k, until)| self.bans.get(*k).is_none_or(|w| w.abs_diff(**until) > 1000))
+            .collect();
+        let ban_dels: Vec<String> = self
+            .bans
+            .keys()
+            .filter(|k| !bans.contains_key(*k))
+            .cloned()
+            .collect();
+        let written = pin_puts.len() + window_puts.len() + ban_puts.len();
+        let deleted = window_dels.len() + ban_dels.len();
+        if written + deleted == 0 {
+            return Ok(Flushed::default());
+        }
+        let tx = self.db.begin_write().map_err(|e| self.write_error(e))?;
+        {
+            let mut t = tx.open_table(PINS).map_err(|e| self.write_error(e))?;
+            for (k, p) in &pin_puts {
+                let v = serde_json::to_vec(&**p).map_err(|e| self.write_error(e))?;
+                t.insert(k.as_str(), v.as_slice())
+                    .map_err(|e| self.write_error(e))?;
+            }
+            let mut t = tx.open_table(WINDOWS).map_err(|e| self.write_error(e))?;
+            for (k, c) in &window_puts {
+                let v = serde_json::to_vec(c).map_err(|e| self.write_error(e))?;
+                t.insert(k.as_str(), v.as_slice())
+                    .map_err(|e| self.write_error(e))?;
+            }
+            for k in &window_dels {
+                t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
+            }
+            let mut t = tx.open_table(BANS).map_err(|e| self.write_error(e))?;
+            for (k, until) in &ban_puts {
+                t.insert(k.as_str(), **until)
+                    .map_err(|e| self.write_error(e))?;
+            }
+            for k in &ban_dels {
+                t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.write_error(e))?;
+        for (k, p) in pin_puts {
+            self.pins.insert(k, p);
+        }
+        let window_puts: Vec<(String, WindowCount)> = window_puts
+            .into_iter()
+            .map(|(k, c)| (k.clone(), *c))
+            .collect();
+        for k in window_dels {
+            self.windows.remove(&k);
+        }
+        self.windows.extend(window_puts);
+        let ban_puts: Vec<(String, u64)> =
+            ban_puts.into_iter().map(|(k, u)| (k.clone(), *u)).collect();
+        for k in ban_dels {
+            self.bans.remove(&k);
+        }
+        self.bans.extend(ban_puts);
+        Ok(Flushed { written, deleted })
+    }
+
+    /// Flushes and counts it in `stats`.
+    pub fn flush_counted(
+        &mut self,
+        stats: &Stats,
+        pins: &Pins,
+        limits: &State,
+        bans: impl IntoIterator<Item = (IpAddr, Duration)>,
+    ) -> Result<Flushed, StoreError> {
+        let start = Instant::now();
+        let r = self.flush(pins, limits, bans);
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        stats.flushes.fetch_add(1, Relaxed);
+        stats.flush_us_total.fetch_add(us, Relaxed);
+        stats.last_flush_us.store(us, Relaxed);
+        if r.is_err() {
+            stats.failures.fetch_add(1, Relaxed);
+        }
+        stats.bytes.store(self.bytes(), Relaxed);
+        r
+    }
+
+    /// Moves the file in `dir` aside (`state.redb.<unix s>.bad`) without reading it; returns
+    /// where it went, or `None` when there was none.
+    pub fn reset(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+        let path = Self::file(dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let aside = dir.join(format!("{FILE}.{}.bad", unix_ms() / 1000));
+        std::fs::rename(&path, &aside)?;
+        Ok(Some(aside))
+    }
+}
+
+/// `/metrics` lines of the store.
+pub fn render_metrics(stats: &Stats, out: &mut String) {
+    use std::fmt::Write as _;
+    if !stats.enabled.load(Relaxed) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_flushes_total Flushes of the state store (writes of what changed since the last).\n# TYPE mcp_gateway_state_flushes_total counter\nmcp_gateway_state_flushes_total {}",
+        stats.flushes.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_flush_failures_total Flushes of the state store that failed (tried again at the next interval).\n# TYPE mcp_gateway_state_flush_failures_total counter\nmcp_gateway_state_flush_failures_total {}",
+        stats.failures.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_flush_seconds_total Time spent flushing the state store.\n# TYPE mcp_gateway_state_flush_seconds_total counter\nmcp_gateway_state_flush_seconds_total {:.6}",
+        stats.flush_us_total.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_last_flush_seconds How long the last flush of the state store took.\n# TYPE mcp_gateway_state_last_flush_seconds gauge\nmcp_gateway_state_last_flush_seconds {:.6}",
+        stats.last_flush_us.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_store_bytes Size of the state store's file.\n# TYPE mcp_gateway_state_store_bytes gauge\nmcp_gateway_state_store_bytes {}",
+        stats.bytes.load(Relaxed)
+    );
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,201 @@
+use std::{net::IpAddr, time::Duration};
+
+use serde_json::json;
+
+use super::*;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gw-state-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tool(desc: &str) -> serde_json::Value {
+    json!({"name": "echo", "description": desc, "inputSchema": {"type": "object"}})
+}
+
+fn budget(subject: &str) -> Counted {
+    Counted::Budget {
+        scope: "agent".into(),
+        tenant: "acme".into(),
+        subject: subject.into(),
+    }
+}
+
+#[test]
+fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
+    let d = dir("roundtrip");
+    let ip: IpAddr = "192.0.2.7".parse().unwrap();
+    {
+        let mut store = Store::open(&d).unwrap();
+        let pins = Pins::default();
+        let limits = State::default();
+        assert!(pins.observe("u", &tool("first"), None));
+        assert!(!pins.observe("u", &tool("changed"), None), "held");
+        // A second tool, approved after a change.
+        let other = json!({"name": "other", "description": "a"});
+        assert!(pins.observe("u", &other, None));
+        let other2 = json!({"name": "other", "description": "b"});
+        assert!(!pins.observe("u", &other2, None));
+        assert!(pins.approve("u", "other").is_some());
+        let what = budget("bot");
+        let key = what.key(&limits);
+        let now = State::unix_s();
+        limits
+            .charge_kept(key, || what.clone(), now, 3600, 7, 10)
+            .unwrap();
+        let refusals = Counted::Refusals { source: ip };
+        limits
+            .charge_kept(refusals.key(&limits), || refusals.clone(), now, 60, 2, 5)
+            .unwrap();
+        let f = store
+            .flush(&pins, &limits, [(ip, Duration::from_secs(600))])
+            .unwrap();
+        assert_eq!(f.written, 2 + 2 + 1);
+        // Nothing changed: nothing written.
+        assert_eq!(
+            store
+                .flush(&pins, &limits, [(ip, Duration::from_secs(600))])
+                .unwrap(),
+            Flushed::default()
+        );
+    }
+    // A new process: other hash seeds, empty cells.
+    let mut store = Store::open(&d).unwrap();
+    let pins = Pins::default();
+    let limits = State::default();
+    let loaded = store.load(&pins, &limits).unwrap();
+    assert_eq!((loaded.pins, loaded.windows), (2, 2));
+    assert_eq!(loaded.bans.len(), 1);
+    assert_eq!(loaded.bans[0].0, ip);
+    assert!(loaded.bans[0].1 > Duration::from_secs(590));
+    // The change is still held, the approval still stands.
+    assert!(!pins.callable("u", "echo"));
+    assert!(!pins.observe("u", &tool("changed"), None));
+    assert!(pins.observe("u", &tool("first"), None));
+    assert!(pins.observe("u", &json!({"name": "other", "description": "b"}), None));
+    // The spend is there: 3 of 10 left, so 4 is refused.
+    let what = budget("bot");
+    let key = limits.key(("budget", "agent", "acme", "bot"));
+    assert_eq!(what.key(&limits), key, "the request path's key");
+    assert_eq!(limits.left(key, 3600, 10), 3);
+    assert_eq!(
+        limits.charge_kept(key, || what.clone(), State::unix_s(), 3600, 4, 10),
+        Err(3)
+    );
+    let refusals = Counted::Refusals { source: ip };
+    assert_eq!(limits.left(refusals.key(&limits), 60, 5), 3);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn ended_windows_are_not_restored_and_are_deleted() {
+    let d = dir("ended");
+    {
+        let store = Store::open(&d).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(WINDOWS).unwrap();
+            let k = serde_json::to_string(&budget("old")).unwrap();
+            let v = serde_json::to_vec(&WindowCount {
+                len_s: 60,
+                window: 1,
+                used: 5,
+            })
+            .unwrap();
+            t.insert(k.as_str(), v.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let mut store = Store::open(&d).unwrap();
+    let limits = State::default();
+    let pins = Pins::default();
+    assert_eq!(store.load(&pins, &limits).unwrap().windows, 0);
+    assert_eq!(limits.kept_counts().len(), 0);
+    assert_eq!(store.flush(&pins, &limits, []).unwrap().deleted, 1);
+    assert_eq!(store.export().unwrap()["windows"], json!([]));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_damaged_file_is_an_error_naming_it_and_is_left_alone() {
+    let d = dir("damaged");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = Store::file(&d);
+    let junk = vec![0x5a_u8; 64 * 1024];
+    std::fs::write(&file, &junk).unwrap();
+    let e = Store::open(&d).err().expect("refused");
+    let msg = e.to_string();
+    assert!(matches!(e, StoreError::Unreadable { .. }), "{msg}");
+    assert!(msg.contains(&file.display().to_string()), "{msg}");
+    assert!(msg.contains("gateway state reset"), "{msg}");
+    assert_eq!(std::fs::read(&file).unwrap(), junk, "never reset silently");
+    // The recovery path: moved aside, then a fresh store.
+    let aside = Store::reset(&d).unwrap().unwrap();
+    assert_eq!(std::fs::read(&aside).unwrap(), junk);
+    Store::open(&d).unwrap();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_record_that_does_not_read_stops_the_load() {
+    let d = dir("record");
+    {
+        let store = Store::open(&d).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(PINS)
+            .unwrap()
+            .insert("u/echo", b"{not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let mut store = Store::open(&d).unwrap();
+    let e = store
+        .load(&Pins::default(), &State::default())
+        .expect_err("refused");
+    assert!(e.to_string().contains("pin `u/echo`"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_store_of_a_newer_schema_is_refused() {
+    let d = dir("newer");
+    {
+        let store = Store::open(&d).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(META)
+            .unwrap()
+            .insert("schema", SCHEMA + 1)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let e = Store::open(&d).err().expect("refused");
+    assert!(
+        matches!(e, StoreError::Newer { found, .. } if found == SCHEMA + 1),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_second_process_on_the_same_store_is_refused() {
+    let d = dir("twice");
+    let _first = Store::open(&d).unwrap();
+    let e = Store::open(&d).err().expect("refused");
+    assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_pin_from_a_changed_configuration_replaces_a_kept_one() {
+    let pins = Pins::default();
+    let old = tool("old");
+    let new = tool("new");
+    assert!(pins.observe("u", &old, Some(&crate::policy::pins::digest(&old))));
+    // The operator pins the new definition: it is shown, the old one is not.
+    assert!(pins.observe("u", &new, Some(&crate::policy::pins::digest(&new))));
+    assert!(!pins.observe("u", &old, Some(&crate::policy::pins::digest(&new))));
+    // The pin is dropped from the configuration: the last one stays.
+    assert!(pins.observe("u", &new, None));
+    assert!(!pins.observe("u", &old, None));
+}
