@@ -1,6 +1,7 @@
 //! Scenario `otlp`: what span export costs. One upstream (`mcp-upstream`), three gateways in the
 //! same run (no OTLP; OTLP at 1 %; at 100 %) exporting to a sink collector on loopback, each
-//! offered the same open-loop rate (half the no-OTLP gateway's peak), in interleaved rounds:
+//! offered the same open-loop rate (half the no-OTLP gateway's peak), in interleaved rounds
+//! (each starting with another gateway):
 //! the gateway process's CPU per request, the median round reported.
 
 use std::{
@@ -122,8 +123,12 @@ pub fn run(quick: bool) -> Report {
         ("OTLP, 100 % sampled", all_port, &all),
     ];
     let mut runs: Vec<Vec<(f64, u64, u64, f64)>> = vec![Vec::new(); gateways.len()];
-    for _ in 0..rounds {
-        for (i, (_, port, proc_)) in gateways.iter().enumerate() {
+    for round in 0..rounds {
+        // Each round starts with another gateway, so a drift of this shared machine within a
+        // round does not always favour the same one.
+        for k in 0..gateways.len() {
+            let i = (round + k) % gateways.len();
+            let (_, port, proc_) = &gateways[i];
             let before = proc_.cpu_seconds();
             let r = load::run(&spec(*port, Some(rate)));
             let cpu = proc_.cpu_seconds() - before;
