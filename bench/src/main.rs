@@ -15,6 +15,7 @@ mod otlp;
 mod plot;
 mod policy;
 mod proxy;
+mod stdio;
 mod tls;
 
 use std::{net::IpAddr, time::Duration};
@@ -33,7 +34,7 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp); all when omitted.
+    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp, stdio); all when omitted.
     scenarios: Vec<String>,
     /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
     /// the latency percentiles (e.g. to load a running gateway while profiling it).
@@ -237,7 +238,56 @@ fn main() -> anyhow::Result<()> {
     if wants("otlp") {
         otlp_report(&args, &env, &dir, suffix)?;
     }
+    if wants("stdio") {
+        stdio_report(&args, &env, &dir, suffix)?;
+    }
     Ok(())
+}
+
+/// Scenario `stdio`: the gateway against supergateway in front of the same stdio server.
+fn stdio_report(
+    args: &Args,
+    env: &env::Environment,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    let r = stdio::run(args.quick);
+    let base = r.rows.first().map_or(1.0, |row| row.rps);
+    let mut md = format!(
+        "# stdio servers over Streamable HTTP: the gateway and supergateway ({date})\n\n{env}\n\n\
+         `tools/call get-sum` to server-everything's stdio mode (npm), closed loop, {conns} keep-alive \
+         connections, {rounds} interleaved rounds of {seconds:.0} s; median round (range of rps). The gateway \
+         (1 worker) shares one child among its clients; supergateway runs a child per session (`--stateful`, \
+         each connection initializes once, not measured) or per request (stateless).\n\n\
+         | bridge | rps | gateway's rps ÷ this | p99 µs | answered | errors |\n|---|---|---|---|---|---|\n",
+        date = env.date,
+        env = env.markdown(),
+        conns = r.connections,
+        rounds = r.rounds,
+        seconds = r.seconds,
+    );
+    for row in &r.rows {
+        md.push_str(&format!(
+            "| {} | {:.0} ({:.0}–{:.0}) | {:.1}× | {:.0} | {} | {} |\n",
+            row.peer,
+            row.rps,
+            row.rps_range.0,
+            row.rps_range.1,
+            base / row.rps.max(f64::MIN_POSITIVE),
+            row.p99_us,
+            row.ok,
+            row.errors
+        ));
+    }
+    let json = serde_json::json!({
+        "scenario": "stdio", "environment": env.json(), "connections": r.connections,
+        "rounds": r.rounds, "seconds": r.seconds,
+        "rows": r.rows.iter().map(|row| serde_json::json!({
+            "peer": row.peer, "rps": row.rps, "rps_range": [row.rps_range.0, row.rps_range.1],
+            "p99_us": row.p99_us, "ok": row.ok, "errors": row.errors,
+        })).collect::<Vec<_>>(),
+    });
+    write_report(dir, &format!("{}-stdio{suffix}", env.date), &md, &json)
 }
 
 /// Scenario `otlp`: the gateway's CPU per request without span export and with it at 1 % and

@@ -61,11 +61,14 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
 }
 
 /// Node 22 (the conformance suite needs it; the machine's Node may be older), the MCP
-/// conformance suite and the reference `server-everything`, pinned, in `.tools/node`.
+/// conformance suite, the reference `server-everything` and `supergateway`, pinned, in
+/// `.tools/node`.
 const NPM_PACKAGES: &[&str] = &[
     "node@22.23.3",
     "@modelcontextprotocol/conformance@0.1.16",
     "@modelcontextprotocol/server-everything@2026.8.31",
+    // The stdio-to-HTTP bridge the `stdio` benchmark compares with.
+    "supergateway@4.0.0",
 ];
 
 fn node_peers() -> anyhow::Result<()> {
