@@ -3,7 +3,34 @@
 //! `cargo xtask setup` installs what this needs.
 use anyhow::{Context as _, anyhow};
 
+/// The commit being built, for `mcp_gateway_build_info` ("unknown" outside a git checkout or
+/// without git); rebuilt when HEAD moves.
+fn git_commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=GATEWAY_GIT_COMMIT={commit}");
+    for path in [
+        git(&["rev-parse", "--git-path", "HEAD"]),
+        git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        println!("cargo:rerun-if-changed={path}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    git_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

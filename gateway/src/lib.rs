@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod mcp;
 pub mod policy;
 pub mod runtime;
+pub mod standard_metrics;
 pub mod stats;
 pub mod stdio;
 pub mod telemetry;

@@ -40,7 +40,7 @@ enum Command {
     /// drops, from its admin API.
     Top {
         /// Admin listener of the gateway.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long, default_value = "127.0.0.1:9181")]
         admin: String,
         /// Environment variable holding the admin token, if the gateway has one.
         #[arg(long)]

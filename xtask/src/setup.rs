@@ -35,6 +35,8 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
         // `gateway top` is tested in a real terminal; the TLS edge with the curl and openssl
         // command-line clients.
         apt(&["tmux", "curl", "openssl"])?;
+        // The observability stack is tested against a real Prometheus (and its promtool).
+        apt(&["prometheus"])?;
         python_peers()?;
         node_peers()?;
         cargo_fuzz()?;

@@ -693,5 +693,6 @@ fn record(
         outcome,
         total: started.elapsed(),
         upstream_wait: obs.upstream_wait.get(),
+        trace_id: decision.trace_id.as_deref(),
     });
 }
