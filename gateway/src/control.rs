@@ -684,11 +684,8 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
     if let Some((status, why)) = cross_site(&method, req.headers()) {
         return json_reply(status, &serde_json::json!({ "error": why }));
     }
-    let openmetrics = telemetry::wants_openmetrics(
-        req.headers()
-            .get("accept")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let openmetrics =
+        telemetry::wants_openmetrics(req.headers().get("accept").and_then(|v| v.to_str().ok()));
     let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
         Ok(b) => b,
         Err(e) => return json_reply(413, &serde_json::json!({"error": e.to_string()})),

@@ -51,6 +51,10 @@ enum Command {
         /// Refresh interval in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        /// Print the figures once as plain text and exit (for scripts and ssh; also what
+        /// happens when stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
     },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
@@ -119,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             token_env,
             window,
             interval_ms,
+            once,
         } => {
             let token = match token_env {
                 Some(var) => Some(
@@ -132,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 token,
                 window,
                 interval: Duration::from_millis(interval_ms.max(100)),
+                once,
             })
         }
     }

@@ -34,31 +34,8 @@ pub const OTHER: &str = "other";
 /// Upper bounds (µs) of the latency histograms' Prometheus buckets: 1-2-5 per decade from 1 µs
 /// to 60 s, so the gateway's own share (tens of µs) lands in buckets of its own.
 pub const BUCKETS_US: [u64; 25] = [
-    1,
-    2,
-    5,
-    10,
-    20,
-    50,
-    100,
-    200,
-    500,
-    1_000,
-    2_000,
-    5_000,
-    10_000,
-    20_000,
-    50_000,
-    100_000,
-    200_000,
-    500_000,
-    1_000_000,
-    2_000_000,
-    5_000_000,
-    10_000_000,
-    20_000_000,
-    50_000_000,
-    MAX_US,
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+    200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000, 50_000_000, MAX_US,
 ];
 /// Bucket slots for exemplars: one per bound and `+Inf`.
 const EXEMPLAR_SLOTS: usize = BUCKETS_US.len() + 1;

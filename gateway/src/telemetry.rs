@@ -10,12 +10,24 @@ use crate::{
     stats::{Aggregator, BUCKETS_US, Dim, Exemplar},
 };
 
+/// Colour codes only for a person at a terminal: never into a file, a pipe or journald, and
+/// never when `NO_COLOR` is set to anything (<https://no-color.org>).
+pub fn colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
+}
+
 /// `RUST_LOG`-style filter (default `info`), optionally as JSON lines.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -287,11 +299,10 @@ fn seconds(us: u64) -> String {
 /// ` # {trace_id="…"} value timestamp`: an OpenMetrics exemplar, or nothing.
 fn exemplar(e: Option<&Exemplar>) -> String {
     let Some(e) = e else { return String::new() };
-    let ts = e
-        .at
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let ts =
+        e.at.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
     format!(
         " # {{trace_id=\"{}\"}} {} {ts:.3}",
         e.trace_id(),
@@ -412,3 +423,7 @@ pub fn render_requests(agg: &Aggregator, out: &mut String, exemplars: bool) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "telemetry_tests.rs"]
+mod tests;
