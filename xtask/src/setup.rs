@@ -103,7 +103,12 @@ fn node_peers() -> anyhow::Result<()> {
 /// The Python MCP SDK (a real client and server for the end-to-end tests) and Prometheus's
 /// Python client (its text-format parser checks `/metrics`), pinned, in a venv inside the
 /// project: `.tools/venv`.
-const PY_PACKAGES: &[&str] = &["mcp==2.3.0", "prometheus_client==0.26.0"];
+/// HdrHistogram's Python port reads the gateway's histogram log in a test (the format's own reader).
+const PY_PACKAGES: &[&str] = &[
+    "mcp==2.3.0",
+    "prometheus_client==0.26.0",
+    "hdrhistogram==0.10.8",
+];
 
 fn python_peers() -> anyhow::Result<()> {
     let venv = std::path::Path::new(".tools/venv");
