@@ -3,7 +3,32 @@
 //! `cargo xtask setup` installs what this needs.
 use anyhow::{Context as _, anyhow};
 
+/// The commit being built, for `mcp_gateway_build_info` and `--version`: `MCP_GATEWAY_COMMIT`
+/// when set (packaging sets it), else what git says when this script runs ("unknown" outside a
+/// checkout). The script is not rerun when HEAD moves: that would rebuild the kernel program
+/// and the gateway on every commit; a development build may name the commit of its last full
+/// build.
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=MCP_GATEWAY_COMMIT");
+    let commit = std::env::var("MCP_GATEWAY_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| {
+            std::process::Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=GATEWAY_GIT_COMMIT={commit}");
+}
+
 fn main() -> anyhow::Result<()> {
+    git_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -41,6 +41,8 @@ struct Control {
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
+    /// XDP attachments as made at start: (interface, mode), for `/metrics`.
+    xdp: Vec<(String, &'static str)>,
 }
 
 impl Control {
@@ -458,6 +460,15 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .context("starting workers")?;
 
     let maps = kernel.as_ref().map(Kernel::maps).transpose()?;
+    let xdp = kernel
+        .as_ref()
+        .map(|k| {
+            k.attachments()
+                .iter()
+                .map(|a| (a.interface.clone(), a.mode.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
     let log = match &shared.snapshot.load().config.telemetry.histogram_log {
         Some(path) => Some(
             HistogramLog::create(path)
@@ -476,6 +487,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         bans: std::collections::BTreeMap::new(),
         store,
         store_failing: false,
+        xdp,
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();
@@ -769,6 +781,8 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
     if let Some((status, why)) = cross_site(&method, req.headers()) {
         return json_reply(status, &serde_json::json!({ "error": why }));
     }
+    let openmetrics =
+        telemetry::wants_openmetrics(req.headers().get("accept").and_then(|v| v.to_str().ok()));
     let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
         Ok(b) => b,
         Err(e) => return json_reply(413, &serde_json::json!({"error": e.to_string()})),
@@ -778,8 +792,27 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
     match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
             let mut text = telemetry::render_metrics(&c.shared, c.maps.as_ref());
-            telemetry::render_requests(&c.stats, &mut text);
-            respond(200, "text/plain; version=0.0.4", text)
+            crate::standard_metrics::render_process(&mut text);
+            crate::standard_metrics::render_build_info(&mut text);
+            if c.maps.is_some() {
+                crate::standard_metrics::render_xdp(&mut text, &c.xdp);
+            }
+            crate::standard_metrics::render_certificates(
+                &mut text,
+                &c.shared.snapshot.load().config,
+            );
+            telemetry::render_upstream_health(&c.stats, &c.shared.snapshot.load().config, &mut text);
+            if openmetrics {
+                telemetry::render_requests(&c.stats, &mut text, true);
+                respond(
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    telemetry::to_openmetrics(&text),
+                )
+            } else {
+                telemetry::render_requests(&c.stats, &mut text, false);
+                respond(200, "text/plain; version=0.0.4; charset=utf-8", text)
+            }
         }
         (&Method::GET, "/stats") => match parse_window(&query) {
             Ok(window) => {

@@ -40,7 +40,7 @@ enum Command {
     /// drops, from its admin API.
     Top {
         /// Admin listener of the gateway.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long, default_value = "127.0.0.1:9181")]
         admin: String,
         /// Environment variable holding the admin token, if the gateway has one.
         #[arg(long)]
@@ -51,6 +51,10 @@ enum Command {
         /// Refresh interval in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        /// Print the figures once as plain text and exit (for scripts and ssh; also what
+        /// happens when stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
     },
     /// The state store of an instance (budgets spent, pins and approvals, bans): check it,
     /// export it, or move it aside.
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             token_env,
             window,
             interval_ms,
+            once,
         } => {
             let token = match token_env {
                 Some(var) => Some(
@@ -166,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                 token,
                 window,
                 interval: Duration::from_millis(interval_ms.max(100)),
+                once,
             })
         }
     }

@@ -31,6 +31,19 @@ pub const SLOT: Duration = Duration::from_secs(10);
 const SLOTS: usize = 30;
 /// The label of everything past a bound on distinct names.
 pub const OTHER: &str = "other";
+/// Upper bounds (µs) of the latency histograms' Prometheus buckets: 1-2-5 per decade from 1 µs
+/// to 60 s, so the gateway's own share (tens of µs) lands in buckets of its own.
+pub const BUCKETS_US: [u64; 25] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+    200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000, 50_000_000, MAX_US,
+];
+/// Bucket slots for exemplars: one per bound and `+Inf`.
+const EXEMPLAR_SLOTS: usize = BUCKETS_US.len() + 1;
+
+/// Index of the Prometheus bucket a value (µs) falls into.
+pub fn bucket_of(us: u64) -> usize {
+    BUCKETS_US.partition_point(|b| *b < us)
+}
 
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_US, SIGFIG).expect("valid histogram bounds")
@@ -129,7 +142,28 @@ pub struct Observation<'a> {
     pub outcome: Outcome,
     pub total: Duration,
     pub upstream_wait: Option<Duration>,
+    /// The W3C trace id (32 lowercase hex digits) the request carried, for exemplars.
+    pub trace_id: Option<&'a str>,
 }
+
+/// A traced request that landed in a bucket: shown next to it as an OpenMetrics exemplar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exemplar {
+    pub value_us: u64,
+    pub trace_id: [u8; 32],
+    pub at: SystemTime,
+}
+
+impl Exemplar {
+    pub fn trace_id(&self) -> &str {
+        // Only ever filled from a validated traceparent (ASCII hex).
+        std::str::from_utf8(&self.trace_id).unwrap_or("")
+    }
+}
+
+/// The latest traced request per bucket of one histogram: fixed size, so recording one is a
+/// copy, never an allocation.
+pub type Exemplars = [Option<Exemplar>; EXEMPLAR_SLOTS];
 
 /// A request count's labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -148,6 +182,10 @@ pub struct Latency {
     pub gateway: Histogram<u64>,
     pub upstream: Histogram<u64>,
     pub errors: u64,
+    /// Requests the upstream failed (no answer: connect error, timeout, closed mid-answer).
+    pub failures: u64,
+    /// Exemplars of `total`, `gateway` and `upstream`, in that order.
+    pub exemplars: [Exemplars; 3],
 }
 
 impl Default for Latency {
@@ -157,6 +195,8 @@ impl Default for Latency {
             gateway: hist(),
             upstream: hist(),
             errors: 0,
+            failures: 0,
+            exemplars: [[None; EXEMPLAR_SLOTS]; 3],
         }
     }
 }
@@ -168,6 +208,26 @@ impl Latency {
         let _ = self.gateway.add(&other.gateway);
         let _ = self.upstream.add(&other.upstream);
         self.errors += other.errors;
+        self.failures += other.failures;
+        for (mine, theirs) in self.exemplars.iter_mut().zip(&other.exemplars) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                if let Some(t) = t
+                    && m.is_none_or(|m| m.at <= t.at)
+                {
+                    *m = Some(*t);
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, kind: usize, value_us: u64, trace: Option<([u8; 32], SystemTime)>) {
+        if let Some((trace_id, at)) = trace {
+            self.exemplars[kind][bucket_of(value_us)] = Some(Exemplar {
+                value_us,
+                trace_id,
+                at,
+            });
+        }
     }
 }
 
@@ -249,15 +309,24 @@ impl Recorder {
         let upstream = o.upstream_wait.map(micros);
         let gateway = total.saturating_sub(upstream.unwrap_or(0)).max(1);
         let upstream_name = o.upstream.map(|u| self.name(u));
+        // A trace id is 32 hex digits once validated; anything else is not an exemplar.
+        let trace = o
+            .trace_id
+            .and_then(|t| <[u8; 32]>::try_from(t.as_bytes()).ok())
+            .map(|t| (t, SystemTime::now()));
         let series = &mut self.series;
         let mut add = |dim: Dim, name: Rc<str>| {
             let l = series.entry((dim, name)).or_default();
             let _ = l.total.record(total);
             let _ = l.gateway.record(gateway);
+            l.note(0, total, trace);
+            l.note(1, gateway, trace);
             if let Some(u) = upstream {
                 let _ = l.upstream.record(u);
+                l.note(2, u, trace);
             }
             l.errors += u64::from(o.outcome.is_error());
+            l.failures += u64::from(o.outcome == Outcome::UpstreamFailure);
         };
         add(Dim::Route, route);
         add(Dim::Tenant, tenant);
@@ -298,6 +367,8 @@ impl Recorder {
                 l.gateway.reset();
                 l.upstream.reset();
                 l.errors = 0;
+                l.failures = 0;
+                l.exemplars = [[None; EXEMPLAR_SLOTS]; 3];
                 ((*dim, name.to_string()), out)
             })
             .collect();
@@ -388,6 +459,20 @@ impl Aggregator {
             let slot = self.slots.back_mut().expect("a slot was pushed");
             slot.series.entry((dim, name)).or_default().add(&l);
         }
+    }
+
+    /// Per upstream, (requests, failed) over about the last 10–20 s (the last two slots).
+    pub fn recent_upstreams(&self) -> BTreeMap<String, (u64, u64)> {
+        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let (_, _, series) = self.window(Some(SLOT));
+        for ((dim, name), l) in series {
+            if dim == Dim::Upstream {
+                let e = out.entry(name).or_default();
+                e.0 += l.total.len();
+                e.1 += l.failures;
+            }
+        }
+        out
     }
 
     /// Counts and latency over the last `window` (rounded up to whole slots), or since start.
@@ -577,6 +662,7 @@ mod tests {
             outcome,
             total: Duration::from_millis(ms),
             upstream_wait: Some(Duration::from_millis(ms.saturating_sub(1))),
+            trace_id: None,
         }
     }
 

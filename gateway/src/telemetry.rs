@@ -7,15 +7,27 @@ use gateway_common::Verdict;
 use crate::{
     kernel::KernelMaps,
     runtime::Shared,
-    stats::{Aggregator, Dim},
+    stats::{Aggregator, BUCKETS_US, Dim, Exemplar},
 };
+
+/// Colour codes only for a person at a terminal: never into a file, a pipe or journald, and
+/// never when `NO_COLOR` is set to anything (<https://no-color.org>).
+pub fn colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
+}
 
 /// `RUST_LOG`-style filter (default `info`), optionally as JSON lines.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -245,14 +257,108 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     out
 }
 
-/// Upper bounds (seconds) of the latency histograms' Prometheus buckets.
-const BUCKETS_S: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0,
-];
+/// `mcp_gateway_upstream_up{upstream}`: 0 when every request sent to the upstream over about
+/// the last 10–20 s failed (no answer), 1 otherwise (an idle upstream counts as up: no news);
+/// `mcp_gateway_upstream_failures_total{upstream}` counts the failed requests.
+pub fn render_upstream_health(agg: &Aggregator, config: &crate::config::Config, out: &mut String) {
+    let recent = agg.recent_upstreams();
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_upstream_up 0 while every recent request (last 10-20 s) to the upstream failed without an answer, else 1.\n# TYPE mcp_gateway_upstream_up gauge"
+    );
+    for u in &config.upstreams {
+        let (n, failed) = recent.get(&u.name).copied().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "mcp_gateway_upstream_up{{upstream=\"{}\"}} {}",
+            label(&u.name),
+            u8::from(n == 0 || failed < n)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_upstream_failures_total Requests the upstream failed: connect error, timeout or closed mid-answer.\n# TYPE mcp_gateway_upstream_failures_total counter"
+    );
+    for u in &config.upstreams {
+        let failed = agg
+            .series
+            .get(&(Dim::Upstream, u.name.clone()))
+            .map_or(0, |l| l.failures);
+        let _ = writeln!(
+            out,
+            "mcp_gateway_upstream_failures_total{{upstream=\"{}\"}} {failed}",
+            label(&u.name)
+        );
+    }
+}
 
-/// Request counts and latency histograms, in the Prometheus text format.
-pub fn render_requests(agg: &Aggregator, out: &mut String) {
+/// A bucket bound in seconds, as Prometheus writes it (`0.000001`, `60`).
+fn seconds(us: u64) -> String {
+    let s = format!("{:.6}", us as f64 / 1e6);
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// ` # {trace_id="…"} value timestamp`: an OpenMetrics exemplar, or nothing.
+fn exemplar(e: Option<&Exemplar>) -> String {
+    let Some(e) = e else { return String::new() };
+    let ts =
+        e.at.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+    format!(
+        " # {{trace_id=\"{}\"}} {} {ts:.3}",
+        e.trace_id(),
+        e.value_us as f64 / 1e6
+    )
+}
+
+/// Whether the scraper asked for OpenMetrics (Prometheus does by default): exemplars are only
+/// part of that format; everyone else gets the classic text format.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            params
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !params.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.trim().parse::<f64>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                })
+        })
+    })
+}
+
+/// The classic text rewritten as OpenMetrics 1.0: a counter's family is named without its
+/// `_total` suffix (its samples keep it), and the exposition ends with `# EOF`.
+pub fn to_openmetrics(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines() {
+        let family = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+            .and_then(|rest| rest.split(' ').next());
+        match family {
+            Some(f) if counters.contains(f) && f.ends_with("_total") => {
+                out.push_str(&line.replacen(f, &f[..f.len() - "_total".len()], 1));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+/// Request counts and latency histograms, in the Prometheus text format; with `exemplars`, the
+/// latest traced request of each bucket follows the bucket (OpenMetrics only).
+pub fn render_requests(agg: &Aggregator, out: &mut String, exemplars: bool) {
     let _ = writeln!(
         out,
         "# HELP mcp_gateway_requests_total MCP requests by route, method, tool, tenant and outcome."
@@ -269,6 +375,7 @@ pub fn render_requests(agg: &Aggregator, out: &mut String) {
             k.outcome.label()
         );
     }
+    let bounds: Vec<String> = BUCKETS_US.iter().map(|b| seconds(*b)).collect();
     for dim in [Dim::Route, Dim::Upstream, Dim::Tool, Dim::Tenant] {
         let name = format!("mcp_gateway_{}_latency_seconds", dim.label());
         let _ = writeln!(
@@ -281,21 +388,36 @@ pub fn render_requests(agg: &Aggregator, out: &mut String) {
             if *d != dim {
                 continue;
             }
-            for (kind, h) in [
+            for (i, (kind, h)) in [
                 ("total", &l.total),
                 ("gateway", &l.gateway),
                 ("upstream", &l.upstream),
-            ] {
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 let labels = format!("{}=\"{}\",kind=\"{kind}\"", dim.label(), label(series));
-                for le in BUCKETS_S {
-                    let upper = (le * 1e6) as u64;
+                let ex = |b: usize| {
+                    if exemplars {
+                        exemplar(l.exemplars[i][b].as_ref())
+                    } else {
+                        String::new()
+                    }
+                };
+                for (b, (upper, le)) in BUCKETS_US.iter().zip(&bounds).enumerate() {
                     let _ = writeln!(
                         out,
-                        "{name}_bucket{{{labels},le=\"{le}\"}} {}",
-                        h.count_between(0, upper)
+                        "{name}_bucket{{{labels},le=\"{le}\"}} {}{}",
+                        h.count_between(0, *upper),
+                        ex(b)
                     );
                 }
-                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.len());
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{{labels},le=\"+Inf\"}} {}{}",
+                    h.len(),
+                    ex(BUCKETS_US.len())
+                );
                 let sum = h.mean() * h.len() as f64 / 1e6;
                 let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
                 let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.len());
@@ -303,3 +425,7 @@ pub fn render_requests(agg: &Aggregator, out: &mut String) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "telemetry_tests.rs"]
+mod tests;

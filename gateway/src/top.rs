@@ -1,6 +1,8 @@
 //! `gateway top`: a live view of a running gateway, from its admin API's `/stats`: requests per
 //! second, error rates and latency percentiles per tool and tenant, the kernel's drops per
-//! tenant, and the latency distribution of the busiest tool.
+//! tenant, and the latency distribution of the busiest tool. `--once` (and any run without a
+//! terminal) prints the same figures once as plain text, for scripts and ssh; an admin API that
+//! cannot be read is said plainly, never a blank screen.
 
 use std::time::{Duration, Instant};
 
@@ -20,17 +22,122 @@ pub struct Options {
     pub token: Option<String>,
     pub window: String,
     pub interval: Duration,
+    /// Print the figures once as plain text and exit (also what happens without a terminal).
+    pub once: bool,
 }
 
 fn fetch(o: &Options) -> anyhow::Result<Value> {
     let url = format!("http://{}/stats?window={}", o.admin, o.window);
-    let mut req = ureq::get(&url);
+    let mut req = ureq::get(&url)
+        .config()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build();
     if let Some(t) = &o.token {
         req = req.header("authorization", &format!("Bearer {t}"));
     }
-    let mut resp = req.call().with_context(|| format!("GET {url}"))?;
-    let text = resp.body_mut().read_to_string()?;
-    serde_json::from_str(&text).context("the answer is not JSON")
+    let mut resp = req
+        .call()
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {}: {e}", o.admin))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    match status {
+        200 => {}
+        401 => anyhow::bail!(
+            "the admin API at {} refused the token (401): {}",
+            o.admin,
+            if o.token.is_some() {
+                "the token given is not the gateway's admin token"
+            } else {
+                "it needs one; pass --token-env VAR with the token in $VAR"
+            }
+        ),
+        s => {
+            let why = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            anyhow::bail!("the admin API at {} answered {s}: {why}", o.admin)
+        }
+    }
+    serde_json::from_str(&text).context("the answer from /stats is not JSON")
+}
+
+/// One line of totals over every route: rate, requests and error share.
+fn totals(stats: &Value) -> String {
+    let routes = series(stats, "route");
+    let rps: f64 = routes
+        .iter()
+        .map(|r| r["rps"].as_f64().unwrap_or(0.0))
+        .sum();
+    let count: u64 = routes
+        .iter()
+        .map(|r| r["count"].as_u64().unwrap_or(0))
+        .sum();
+    let errors: u64 = routes
+        .iter()
+        .map(|r| r["errors"].as_u64().unwrap_or(0))
+        .sum();
+    format!(
+        "total {rps:.1} req/s   {count} requests   errors {:.2}%",
+        errors as f64 * 100.0 / count.max(1) as f64
+    )
+}
+
+/// The cells of one series row: name, req/s, err%, p50, p90, p99, p99.9, max, gw p99, up p99.
+const COLUMNS: [&str; 9] = [
+    "req/s", "err%", "p50", "p90", "p99", "p99.9", "max", "gw p99", "up p99",
+];
+
+fn cells(s: &Value) -> [String; 10] {
+    let count = s["count"].as_u64().unwrap_or(0).max(1);
+    let err = s["errors"].as_u64().unwrap_or(0) as f64 * 100.0 / count as f64;
+    let t = &s["total_us"];
+    [
+        s["name"].as_str().unwrap_or("").to_owned(),
+        format!("{:.1}", s["rps"].as_f64().unwrap_or(0.0)),
+        format!("{err:.1}%"),
+        us(&t["p50"]),
+        us(&t["p90"]),
+        us(&t["p99"]),
+        us(&t["p999"]),
+        us(&t["max"]),
+        us(&s["gateway_us"]["p99"]),
+        us(&s["upstream_us"]["p99"]),
+    ]
+}
+
+/// The figures as plain text (`--once`).
+pub fn plain(o: &Options, stats: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "mcp-gateway {}   window {}\n{}\n",
+        o.admin,
+        o.window,
+        totals(stats)
+    );
+    for (title, dim) in [("TOOL", "tool"), ("TENANT", "tenant"), ("ROUTE", "route")] {
+        let _ = write!(out, "\n{title:<22}");
+        for c in COLUMNS {
+            let _ = write!(out, " {c:>9}");
+        }
+        out.push('\n');
+        for s in series(stats, dim) {
+            let c = cells(s);
+            let _ = write!(out, "{:<22}", c[0]);
+            for v in &c[1..] {
+                let _ = write!(out, " {v:>9}");
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(kernel) = stats["kernel"].as_object() {
+        let _ = writeln!(out, "\nKERNEL (packets since start)");
+        for (tenant, verdicts) in kernel {
+            let _ = writeln!(out, "{tenant:<22} {verdicts}");
+        }
+    }
+    out
 }
 
 /// Kernel packets per tenant and verdict, and when they were read: rates come from two reads.
@@ -74,26 +181,7 @@ fn series_table<'a>(title: &'a str, rows: &[&Value]) -> Table<'a> {
         title, "req/s", "err%", "p50", "p90", "p99", "p99.9", "max", "gw p99", "up p99",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
-    let body: Vec<Row> = rows
-        .iter()
-        .map(|s| {
-            let count = s["count"].as_u64().unwrap_or(0).max(1);
-            let err = s["errors"].as_u64().unwrap_or(0) as f64 * 100.0 / count as f64;
-            let t = &s["total_us"];
-            Row::new([
-                s["name"].as_str().unwrap_or("").to_owned(),
-                format!("{:.1}", s["rps"].as_f64().unwrap_or(0.0)),
-                format!("{err:.1}%"),
-                us(&t["p50"]),
-                us(&t["p90"]),
-                us(&t["p99"]),
-                us(&t["p999"]),
-                us(&t["max"]),
-                us(&s["gateway_us"]["p99"]),
-                us(&s["upstream_us"]["p99"]),
-            ])
-        })
-        .collect();
+    let body: Vec<Row> = rows.iter().map(|s| Row::new(cells(s))).collect();
     let widths = [
         Constraint::Length(22),
         Constraint::Length(9),
@@ -111,7 +199,8 @@ fn series_table<'a>(title: &'a str, rows: &[&Value]) -> Table<'a> {
 
 fn draw(f: &mut Frame, o: &Options, v: &View) {
     let [head, tools, tenants, kernel, hist] = Layout::vertical([
-        Constraint::Length(3),
+        // Two lines inside the border: the title and the totals (or what went wrong).
+        Constraint::Length(4),
         Constraint::Min(6),
         Constraint::Min(5),
         Constraint::Length(5),
@@ -123,26 +212,10 @@ fn draw(f: &mut Frame, o: &Options, v: &View) {
         o.admin, o.window, o.interval
     ))];
     match (&v.stats, &v.error) {
-        (_, Some(e)) => lines.push(Line::from(format!("cannot read /stats: {e}"))),
-        (Some(s), None) => {
-            let routes = series(s, "route");
-            let rps: f64 = routes
-                .iter()
-                .map(|r| r["rps"].as_f64().unwrap_or(0.0))
-                .sum();
-            let count: u64 = routes
-                .iter()
-                .map(|r| r["count"].as_u64().unwrap_or(0))
-                .sum();
-            let errors: u64 = routes
-                .iter()
-                .map(|r| r["errors"].as_u64().unwrap_or(0))
-                .sum();
-            lines.push(Line::from(format!(
-                "total {rps:.1} req/s   {count} requests   errors {:.2}%",
-                errors as f64 * 100.0 / count.max(1) as f64
-            )));
-        }
+        (_, Some(e)) => lines.push(
+            Line::from(format!("ERROR: {e}")).style(Style::default().add_modifier(Modifier::BOLD)),
+        ),
+        (Some(s), None) => lines.push(Line::from(totals(s))),
         (None, None) => lines.push(Line::from("waiting for the first answer…")),
     }
     f.render_widget(Paragraph::new(lines).block(Block::bordered()), head);
@@ -256,9 +329,16 @@ fn update(o: &Options, v: &mut View) {
     }
 }
 
-/// Runs the live view until `q` or Esc.
+/// Runs the live view until `q` or Esc; with `--once` or without a terminal, prints the figures
+/// once (an admin API that cannot be read is an error, said on stderr).
 pub fn run(o: Options) -> anyhow::Result<()> {
-    let mut terminal = ratatui::init();
+    use std::io::IsTerminal as _;
+    if o.once || !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        let stats = fetch(&o)?;
+        print!("{}", plain(&o, &stats));
+        return Ok(());
+    }
+    let mut terminal = ratatui::try_init().context("setting up the terminal (try --once)")?;
     let mut view = View {
         stats: None,
         error: None,

@@ -35,6 +35,8 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
         // `gateway top` is tested in a real terminal; the TLS edge with the curl and openssl
         // command-line clients.
         apt(&["tmux", "curl", "openssl"])?;
+        // The observability stack is tested against a real Prometheus (and its promtool).
+        apt(&["prometheus"])?;
         python_peers()?;
         node_peers()?;
         cargo_fuzz()?;
@@ -103,12 +105,14 @@ fn node_peers() -> anyhow::Result<()> {
 
 /// The Python MCP SDK (a real client and server for the end-to-end tests) and Prometheus's
 /// Python client (its text-format parser checks `/metrics`), pinned, in a venv inside the
-/// project: `.tools/venv`.
+/// project: `.tools/venv`. HdrHistogram's Python port reads the gateway's histogram log in a
+/// test (the format's own reader).
 const PY_PACKAGES: &[&str] = &[
     "mcp==2.3.0",
     "prometheus_client==0.26.0",
     // The OTLP receiver fixture (tests/fixtures/otlp_receiver.py) decodes spans with it.
     "opentelemetry-proto==1.45.2",
+    "hdrhistogram==0.10.8",
 ];
 
 fn python_peers() -> anyhow::Result<()> {

@@ -786,6 +786,7 @@ fn record(
         outcome,
         total: started.elapsed(),
         upstream_wait: obs.upstream_wait.get(),
+        trace_id: decision.trace_id.as_deref(),
     });
 }
 

@@ -14,6 +14,7 @@ mod https_upstream;
 mod mcp_e2e;
 mod netns_e2e;
 mod observability_e2e;
+mod observability_stack;
 mod otlp;
 mod policy_e2e;
 mod proxy_protocol;
