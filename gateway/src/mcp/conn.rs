@@ -57,7 +57,7 @@ pub async fn serve(
         // Idle between requests: a shutdown closes the connection here, never mid-request.
         if io.pending().is_empty() {
             let first = monoio::select! {
-                r = io.fill(limits.idle_timeout) => r,
+                r = io.fill_idle(limits.idle_timeout) => r,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             if !matches!(first, Ok(n) if n > 0) {
