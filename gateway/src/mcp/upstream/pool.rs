@@ -135,7 +135,7 @@ impl Pool {
     /// its answer, with an abandoned read or write, or to an address the upstream no longer
     /// has, is closed instead.
     pub(crate) fn checkin(&self, up: &Upstream, conn: Conn) {
-        let Conn { io, addr, .. } = conn;
+        let Conn { mut io, addr, .. } = conn;
         if !io.intact() || addr != up.addrs.first() {
             return;
         }
@@ -160,6 +160,8 @@ impl Pool {
             idle.addr = addr;
         }
         if idle.conns.len() < keep {
+            // An idle connection holds no read buffer; the next exchange takes one.
+            io.release_buffers();
             idle.conns.push(io);
         }
     }
