@@ -7,7 +7,7 @@
 //!
 //! The pool is sized to the concurrency it serves: it keeps as many idle connections as were
 //! in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
-//! `max_idle_connections_per_worker` if that is more. A fixed cap below the concurrency closes
+//! `max_idle_connections_per_worker` if that is more (0 still turns pooling off). A fixed cap below the concurrency closes
 //! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
 //! ~10,600 new upstream connections a second, which doubled the CPU per request.
 
@@ -98,8 +98,11 @@ impl Pool {
     }
 
     /// How many idle connections to `up` are kept: the recent peak in use, at least its
-    /// configured `max_idle`.
+    /// configured `max_idle`; none when that is 0 (pooling turned off for this upstream).
     fn keep(&self, up: &Upstream) -> usize {
+        if up.max_idle == 0 {
+            return 0;
+        }
         let peak = self
             .in_use
             .borrow()
