@@ -57,7 +57,7 @@ pub async fn serve(
         // Idle between requests: a shutdown closes the connection here, never mid-request.
         if io.pending().is_empty() {
             let first = monoio::select! {
-                r = io.fill(limits.idle_timeout) => r,
+                r = io.fill_idle(limits.idle_timeout) => r,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             if !matches!(first, Ok(n) if n > 0) {
@@ -67,8 +67,12 @@ pub async fn serve(
         // A panic while reading or answering a request is contained here, where the
         // connection outlives it: the client is answered 500 (best effort: the answer may have
         // begun) and the connection closed; the worker goes on.
-        let exchange =
-            std::panic::AssertUnwindSafe(serve_one(&mut io, &limits, peer, &snapshot, &ctx));
+        // Boxed: the request's state (parsing, policy, the upstream exchange) is many KiB; held
+        // inline it would be part of every idle connection's task, which is allocated once at
+        // its largest. One allocation per request instead keeps idle connections small.
+        let exchange = std::panic::AssertUnwindSafe(Box::pin(serve_one(
+            &mut io, &limits, peer, &snapshot, &ctx,
+        )));
         match futures_util::FutureExt::catch_unwind(exchange).await {
             Ok(true) if !*shutdown.borrow() => {}
             Ok(_) => return,

@@ -29,6 +29,8 @@ use crate::{
 pub struct Conn {
     io: Io,
     addr: SocketAddr,
+    /// Counted in use (for the pool's size) while this lives.
+    _lease: pool::Lease,
 }
 
 impl std::ops::Deref for Conn {
@@ -157,6 +159,7 @@ pub async fn open(
     let idempotent = idempotent(&request);
     // Read once: every attempt of this request goes to the same address.
     let addr = up.addrs.first();
+    let lease = pool.lease(up);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -186,7 +189,14 @@ pub async fn open(
             return Err(UpstreamFailure::ClientGone);
         };
         match exchanged {
-            Ok(head) => return Ok((Conn { io: conn, addr }, head)),
+            Ok(head) => {
+                let conn = Conn {
+                    io: conn,
+                    addr,
+                    _lease: lease,
+                };
+                return Ok((conn, head));
+            }
             // The upstream closed an idle pooled connection as we reused it: try a fresh one,
             // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
             Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,

@@ -4,11 +4,18 @@
 //! per address: two upstreams on one address with different names or certificates never share
 //! a connection. When an upstream's address changes (a re-resolution), its idle connections to
 //! the old one are retired.
+//!
+//! The pool is sized to the concurrency it serves: it keeps as many idle connections as were
+//! in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
+//! `max_idle_connections_per_worker` if that is more (0 still turns pooling off). A fixed cap below the concurrency closes
+//! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
+//! ~10,600 new upstream connections a second, which doubled the CPU per request.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     net::SocketAddr,
+    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,6 +27,9 @@ use crate::{config::Upstream, http::Io};
 /// made (left behind by a reload that changed the upstream's settings).
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
+/// How long a peak of connections in use is remembered (between one and two windows).
+const PEAK_WINDOW: Duration = Duration::from_secs(10);
+
 struct Idle {
     /// The address these connections go to.
     addr: SocketAddr,
@@ -28,8 +38,34 @@ struct Idle {
     used: Instant,
 }
 
+/// How many connections to one upstream are in use (leased to a request) now, and the most
+/// that were at once in this window and the one before.
+#[derive(Default)]
+struct InUse {
+    now: Cell<usize>,
+    peak: Cell<usize>,
+    previous_peak: Cell<usize>,
+    window_start: Cell<Option<Instant>>,
+}
+
+impl InUse {
+    fn recent_peak(&self) -> usize {
+        self.peak.get().max(self.previous_peak.get())
+    }
+}
+
+/// A connection's place in its upstream's count of connections in use; given back on drop.
+pub(crate) struct Lease(Rc<InUse>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.now.set(self.0.now.get().saturating_sub(1));
+    }
+}
+
 pub struct Pool {
     idle: RefCell<HashMap<u64, Idle>>,
+    in_use: RefCell<HashMap<u64, Rc<InUse>>>,
     /// Counters shared with the other workers and the control thread.
     pub(super) stats: Arc<Stats>,
 }
@@ -38,8 +74,41 @@ impl Pool {
     pub fn new(stats: Arc<Stats>) -> Self {
         Self {
             idle: RefCell::default(),
+            in_use: RefCell::default(),
             stats,
         }
+    }
+
+    /// Counts one more connection to `up` in use until the lease is dropped.
+    pub(crate) fn lease(&self, up: &Upstream) -> Lease {
+        let counter = Rc::clone(self.in_use.borrow_mut().entry(up.key).or_default());
+        let now = Instant::now();
+        let c = &counter;
+        match c.window_start.get() {
+            Some(start) if now.duration_since(start) < PEAK_WINDOW => {}
+            _ => {
+                c.previous_peak.set(c.peak.get());
+                c.peak.set(0);
+                c.window_start.set(Some(now));
+            }
+        }
+        c.now.set(c.now.get() + 1);
+        c.peak.set(c.peak.get().max(c.now.get()));
+        Lease(counter)
+    }
+
+    /// How many idle connections to `up` are kept: the recent peak in use, at least its
+    /// configured `max_idle`; none when that is 0 (pooling turned off for this upstream).
+    fn keep(&self, up: &Upstream) -> usize {
+        if up.max_idle == 0 {
+            return 0;
+        }
+        let peak = self
+            .in_use
+            .borrow()
+            .get(&up.key)
+            .map_or(0, |c| c.recent_peak());
+        up.max_idle.max(peak)
     }
 
     /// An idle connection to `up` at `addr`, if one is still open and silent. Each is checked
@@ -69,14 +138,19 @@ impl Pool {
     /// its answer, with an abandoned read or write, or to an address the upstream no longer
     /// has, is closed instead.
     pub(crate) fn checkin(&self, up: &Upstream, conn: Conn) {
-        let Conn { io, addr } = conn;
+        let Conn { mut io, addr, .. } = conn;
         if !io.intact() || addr != up.addrs.first() {
             return;
         }
+        let keep = self.keep(up);
         let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
         if !pool.contains_key(&up.key) {
             pool.retain(|_, idle| now.duration_since(idle.used) < FORGET_AFTER);
+            let idle = &*pool;
+            self.in_use
+                .borrow_mut()
+                .retain(|key, c| c.now.get() > 0 || idle.contains_key(key));
         }
         let idle = pool.entry(up.key).or_insert_with(|| Idle {
             addr,
@@ -88,7 +162,9 @@ impl Pool {
             idle.conns.clear();
             idle.addr = addr;
         }
-        if idle.conns.len() < up.max_idle {
+        if idle.conns.len() < keep {
+            // An idle connection holds no read buffer; the next exchange takes one.
+            io.release_buffers();
             idle.conns.push(io);
         }
     }
