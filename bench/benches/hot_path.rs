@@ -67,6 +67,7 @@ mod telemetry {
                 outcome: Outcome::Ok,
                 total: Duration::from_micros(300 + n % 700),
                 upstream_wait: Some(Duration::from_micros(250 + n % 600)),
+                trace_id: None,
             }));
         });
     }
