@@ -38,6 +38,8 @@ struct Control {
     /// earlier runs also write); without it, the only record. Published to the workers as
     /// `Shared::bans`, for the clients named by PROXY protocol headers.
     bans: std::collections::BTreeMap<std::net::IpAddr, u64>,
+    /// Configuration changes applied and refused, by source.
+    reloads: Reloads,
 }
 
 impl Control {
@@ -197,7 +199,18 @@ impl Control {
 
     /// Re-reads the configuration file, validates it and applies it. On any error the running
     /// configuration stays as it was.
-    fn reload(&mut self) -> anyhow::Result<String> {
+    /// [`Control::reload_file`], logged with its source and counted.
+    fn reload(&mut self, source: &'static str) -> anyhow::Result<String> {
+        let result = self.reload_file();
+        match &result {
+            Ok(msg) => tracing::info!(source, "{msg}"),
+            Err(e) => tracing::error!(source, "reload refused: {e:#}"),
+        }
+        self.reloads.record(source, result.is_ok());
+        result
+    }
+
+    fn reload_file(&mut self) -> anyhow::Result<String> {
         let Some(path) = &self.config_path else {
             bail!("running on the embedded default configuration: there is no file to reload");
         };
@@ -244,12 +257,13 @@ impl Control {
             maps.sync(&KernelState::from_config(&new))
                 .context("syncing the kernel maps")?;
         }
+        let diff = crate::config::diff::ConfigDiff::new(old, &new);
         self.shared.stdio.sync(&new.upstreams);
         self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;
-        Ok(format!("reloaded {}", path.display()))
+        Ok(format!("reloaded {}: {diff}", path.display()))
     }
 
     /// Reloads the certificates when one of their files changed since they were loaded (the
@@ -266,14 +280,32 @@ impl Control {
             Ok(tls) => {
                 self.shared.tls.publish(tls);
                 self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
-                tracing::info!("TLS files changed: certificates reloaded");
+                self.reloads.record("file_change", true);
+                tracing::info!(
+                    source = "file_change",
+                    "TLS files changed: certificates reloaded"
+                );
             }
             Err(e) => {
                 self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
+                self.reloads.record("file_change", false);
                 tracing::error!(
+                    source = "file_change",
                     "TLS files changed but do not load: {e}; the running certificates are kept"
                 );
             }
+        }
+    }
+
+    /// Reopens the audit and histogram logs at their paths (SIGHUP, SIGUSR1: after logrotate
+    /// moved them). The audit thread reopens between two records; nothing is lost.
+    fn reopen_logs(&mut self) {
+        self.shared.audit.reopen();
+        match self.stats.reopen_log() {
+            Ok(()) => tracing::info!("log files reopened"),
+            Err(e) => tracing::error!(
+                "the histogram log cannot be reopened: {e}; writing on to the old file"
+            ),
         }
     }
 
@@ -391,6 +423,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         ready: true,
         tls_stamps,
         bans: std::collections::BTreeMap::new(),
+        reloads: Reloads::default(),
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();
@@ -416,6 +449,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     );
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut caps = tokio::time::interval(cap_poll);
@@ -432,10 +466,13 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             _ = bans.tick() => lock(&control).apply_auto_bans(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
             _ = sweep.tick() => lock(&control).refresh_bans(),
-            _ = hup.recv() => match lock(&control).reload() {
-                Ok(msg) => tracing::info!("{msg}"),
-                Err(e) => tracing::error!("reload refused: {e:#}"),
-            },
+            _ = hup.recv() => {
+                let mut c = lock(&control);
+                c.reopen_logs();
+                // Logged and counted by `reload`.
+                let _ = c.reload("signal");
+            }
+            _ = usr1.recv() => lock(&control).reopen_logs(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -682,6 +719,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         (&Method::GET, "/metrics") => {
             let mut text = telemetry::render_metrics(&c.shared, c.maps.as_ref());
             telemetry::render_requests(&c.stats, &mut text);
+            c.reloads.render(&mut text);
             respond(200, "text/plain; version=0.0.4", text)
         }
         (&Method::GET, "/stats") => match parse_window(&query) {
@@ -692,7 +730,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             }
             Err(e) => json_reply(400, &serde_json::json!({ "error": e })),
         },
-        (&Method::POST, "/reload") => match c.reload() {
+        (&Method::POST, "/reload") => match c.reload("admin_api") {
             Ok(msg) => json_reply(200, &serde_json::json!({ "result": msg })),
             Err(e) => json_reply(422, &serde_json::json!({ "error": format!("{e:#}") })),
         },
@@ -764,5 +802,50 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             404,
             &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans", "/pins", "/pins/approve"]}),
         ),
+    }
+}
+
+/// Configuration changes by source (`signal`, `admin_api`, `file_change`) and result, and when
+/// the last of each result happened; exported on `/metrics`.
+#[derive(Default)]
+struct Reloads {
+    counts: std::collections::BTreeMap<(&'static str, &'static str), u64>,
+    /// Seconds since the epoch of the last applied and the last refused change.
+    last: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Reloads {
+    fn record(&mut self, source: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        *self.counts.entry((source, result)).or_default() += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.last.insert(result, now);
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_config_reloads_total Configuration changes applied (success) and refused (failure), by source: signal, admin_api, file_change.\n# TYPE mcp_gateway_config_reloads_total counter"
+        );
+        for ((source, result), n) in &self.counts {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_config_reloads_total{{source=\"{source}\",result=\"{result}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_config_last_reload_timestamp_seconds When the last configuration change was applied (success) or refused (failure).\n# TYPE mcp_gateway_config_last_reload_timestamp_seconds gauge"
+        );
+        for (result, at) in &self.last {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_config_last_reload_timestamp_seconds{{result=\"{result}\"}} {at:.3}"
+            );
+        }
     }
 }
