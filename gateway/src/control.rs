@@ -43,6 +43,8 @@ struct Control {
     store_failing: bool,
     /// XDP attachments as made at start: (interface, mode), for `/metrics`.
     xdp: Vec<(String, &'static str)>,
+    /// Configuration changes applied and refused, by source.
+    reloads: Reloads,
 }
 
 impl Control {
@@ -248,7 +250,18 @@ impl Control {
 
     /// Re-reads the configuration file, validates it and applies it. On any error the running
     /// configuration stays as it was.
-    fn reload(&mut self) -> anyhow::Result<String> {
+    /// [`Control::reload_file`], logged with its source and counted.
+    fn reload(&mut self, source: &'static str) -> anyhow::Result<String> {
+        let result = self.reload_file();
+        match &result {
+            Ok(msg) => tracing::info!(source, "{msg}"),
+            Err(e) => tracing::error!(source, "reload refused: {e:#}"),
+        }
+        self.reloads.record(source, result.is_ok());
+        result
+    }
+
+    fn reload_file(&mut self) -> anyhow::Result<String> {
         let Some(path) = &self.config_path else {
             bail!("running on the embedded default configuration: there is no file to reload");
         };
@@ -296,12 +309,13 @@ impl Control {
             maps.sync(&KernelState::from_config(&new))
                 .context("syncing the kernel maps")?;
         }
+        let diff = crate::config::diff::ConfigDiff::new(old, &new);
         self.shared.stdio.sync(&new.upstreams);
         self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;
-        Ok(format!("reloaded {}", path.display()))
+        Ok(format!("reloaded {}: {diff}", path.display()))
     }
 
     /// Reloads the certificates when one of their files changed since they were loaded (the
@@ -318,14 +332,32 @@ impl Control {
             Ok(tls) => {
                 self.shared.tls.publish(tls);
                 self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
-                tracing::info!("TLS files changed: certificates reloaded");
+                self.reloads.record("file_change", true);
+                tracing::info!(
+                    source = "file_change",
+                    "TLS files changed: certificates reloaded"
+                );
             }
             Err(e) => {
                 self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
+                self.reloads.record("file_change", false);
                 tracing::error!(
+                    source = "file_change",
                     "TLS files changed but do not load: {e}; the running certificates are kept"
                 );
             }
+        }
+    }
+
+    /// Reopens the audit and histogram logs at their paths (SIGHUP, SIGUSR1: after logrotate
+    /// moved them). The audit thread reopens between two records; nothing is lost.
+    fn reopen_logs(&mut self) {
+        self.shared.audit.reopen();
+        match self.stats.reopen_log() {
+            Ok(()) => tracing::info!("log files reopened"),
+            Err(e) => tracing::error!(
+                "the histogram log cannot be reopened: {e}; writing on to the old file"
+            ),
         }
     }
 
@@ -488,6 +520,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         store,
         store_failing: false,
         xdp,
+        reloads: Reloads::default(),
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();
@@ -515,6 +548,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     );
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut caps = tokio::time::interval(cap_poll);
@@ -534,10 +568,13 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             _ = bans.tick() => lock(&control).apply_auto_bans(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
             _ = sweep.tick() => lock(&control).refresh_bans(),
-            _ = hup.recv() => match lock(&control).reload() {
-                Ok(msg) => tracing::info!("{msg}"),
-                Err(e) => tracing::error!("reload refused: {e:#}"),
-            },
+            _ = hup.recv() => {
+                let mut c = lock(&control);
+                c.reopen_logs();
+                // Logged and counted by `reload`.
+                let _ = c.reload("signal");
+            }
+            _ = usr1.recv() => lock(&control).reopen_logs(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -802,6 +839,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                 &c.shared.snapshot.load().config,
             );
             telemetry::render_upstream_health(&c.stats, &c.shared.snapshot.load().config, &mut text);
+            c.reloads.render(&mut text);
             if openmetrics {
                 telemetry::render_requests(&c.stats, &mut text, true);
                 respond(
@@ -822,7 +860,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             }
             Err(e) => json_reply(400, &serde_json::json!({ "error": e })),
         },
-        (&Method::POST, "/reload") => match c.reload() {
+        (&Method::POST, "/reload") => match c.reload("admin_api") {
             Ok(msg) => json_reply(200, &serde_json::json!({ "result": msg })),
             Err(e) => json_reply(422, &serde_json::json!({ "error": format!("{e:#}") })),
         },
@@ -924,5 +962,50 @@ impl crate::stdio::PinGate for StdioPins {
         self.0
             .upgrade()
             .is_none_or(|s| s.pins.callable(upstream, tool))
+    }
+}
+
+/// Configuration changes by source (`signal`, `admin_api`, `file_change`) and result, and when
+/// the last of each result happened; exported on `/metrics`.
+#[derive(Default)]
+struct Reloads {
+    counts: std::collections::BTreeMap<(&'static str, &'static str), u64>,
+    /// Seconds since the epoch of the last applied and the last refused change.
+    last: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Reloads {
+    fn record(&mut self, source: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        *self.counts.entry((source, result)).or_default() += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.last.insert(result, now);
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_config_reloads_total Configuration changes applied (success) and refused (failure), by source: signal, admin_api, file_change.\n# TYPE mcp_gateway_config_reloads_total counter"
+        );
+        for ((source, result), n) in &self.counts {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_config_reloads_total{{source=\"{source}\",result=\"{result}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_config_last_reload_timestamp_seconds When the last configuration change was applied (success) or refused (failure).\n# TYPE mcp_gateway_config_last_reload_timestamp_seconds gauge"
+        );
+        for (result, at) in &self.last {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_config_last_reload_timestamp_seconds{{result=\"{result}\"}} {at:.3}"
+            );
+        }
     }
 }

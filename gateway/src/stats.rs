@@ -412,6 +412,11 @@ impl Aggregator {
         }
     }
 
+    /// Reopens the histogram log, if there is one (see [`HistogramLog::reopen`]).
+    pub fn reopen_log(&mut self) -> std::io::Result<()> {
+        self.log.as_mut().map_or(Ok(()), HistogramLog::reopen)
+    }
+
     /// Folds tools past the bound into `other` (workers bound their own sets; the union may
     /// be larger).
     fn bounded(&self, dim: Dim, name: String) -> String {
@@ -579,6 +584,7 @@ fn distribution(h: &Histogram<u64>) -> Vec<(u64, u64)> {
 /// worker, series and interval, tagged `<dim>=<name>`; read by HistogramLogAnalyzer,
 /// hdr-plot and the other tools of that format.
 pub struct HistogramLog {
+    path: std::path::PathBuf,
     file: std::io::BufWriter<std::fs::File>,
     started: SystemTime,
     serializer: hdrhistogram::serialization::V2DeflateSerializer,
@@ -587,7 +593,7 @@ pub struct HistogramLog {
 impl HistogramLog {
     pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
         use std::io::Write as _;
-        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut file = std::io::BufWriter::new(crate::telemetry::open_log_file(path, false)?);
         let started = SystemTime::now();
         let secs = started
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -605,10 +611,20 @@ impl HistogramLog {
         )?;
         file.flush()?;
         Ok(Self {
+            path: path.to_path_buf(),
             file,
             started,
             serializer: hdrhistogram::serialization::V2DeflateSerializer::new(),
         })
+    }
+
+    /// Starts a new file at the same path (after a rotation moved the old one): a log of its
+    /// own, with its own header, so each file reads alone. On failure the old file is kept.
+    pub fn reopen(&mut self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        self.file.flush()?;
+        *self = Self::create(&self.path)?;
+        Ok(())
     }
 
     fn write(&mut self, interval: &Interval) {

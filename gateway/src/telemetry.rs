@@ -91,6 +91,10 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         shared
             .out_of_descriptors
             .load(std::sync::atomic::Ordering::Relaxed)
+            + shared
+                .upstream_stats
+                .out_of_descriptors
+                .load(std::sync::atomic::Ordering::Relaxed)
     );
     shared.proxy_protocol.render(&mut out);
     shared.spans.render(&mut out);
@@ -424,6 +428,21 @@ pub fn render_requests(agg: &Aggregator, out: &mut String, exemplars: bool) {
             }
         }
     }
+}
+
+/// Opens one of the gateway's own log files (audit, histogram), creating it with mode 0640: the
+/// owner is the user the gateway runs as (the service user), its group may read, others not.
+/// `append` keeps what is there; otherwise the file starts empty.
+pub fn open_log_file(path: &std::path::Path, append: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).mode(0o640);
+    if append {
+        options.append(true);
+    } else {
+        options.write(true).truncate(true);
+    }
+    options.open(path)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 mod policy;
 pub use policy::*;
+pub mod diff;
 mod tls;
 pub use tls::*;
 mod state;
@@ -727,6 +728,24 @@ pub struct Tenant {
     pub policy: Option<RawPolicy>,
 }
 
+/// Whether the gateway could append to the log file `path` (an existing file it may write, or
+/// a new one in a directory it may write), found out without creating or changing anything.
+fn writable_log_path(path: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    if path.exists() {
+        return access(path, AccessFlags::W_OK).map_err(|e| e.desc().to_owned());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("the directory {} does not exist", dir.display()));
+    }
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
+        .map_err(|e| format!("the directory {}: {}", dir.display(), e.desc()))
+}
+
 /// The JSON schema of the configuration file (kept in docs/config.schema.json, checked for drift
 /// by a test).
 pub fn json_schema() -> String {
@@ -1035,6 +1054,14 @@ impl RawConfig {
         };
         if self.telemetry.max_tools == 0 {
             return Err(invalid("telemetry.max_tools", "must be above 0"));
+        }
+        if let Some(p) = &self.telemetry.histogram_log {
+            writable_log_path(Path::new(p)).map_err(|e| {
+                invalid(
+                    "telemetry.histogram_log",
+                    format!("cannot write `{p}`: {e}"),
+                )
+            })?;
         }
         let telemetry = TelemetryConfig {
             enabled: self.telemetry.enabled,
@@ -1470,10 +1497,8 @@ impl RawConfig {
             ));
         }
         if let Some(p) = &self.audit.path {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            // Checked without creating anything (`gateway check` leaves no file behind).
+            writable_log_path(Path::new(p))
                 .map_err(|e| invalid("audit.path", format!("cannot append to `{p}`: {e}")))?;
         }
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);

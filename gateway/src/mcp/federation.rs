@@ -389,7 +389,7 @@ impl<'c> Federation<'_, 'c> {
                     }
                 }
                 Err(why) => {
-                    tracing::warn!(upstream = %name, "federated initialize: {why}");
+                    crate::throttled_warn!(upstream = %name, "federated initialize: {why}");
                     failures.push(format!("{name}: {why}"));
                 }
             }
@@ -753,7 +753,7 @@ impl<'c> Federation<'_, 'c> {
         }
         if !failed.is_empty() {
             for (i, why) in &failed {
-                tracing::warn!(upstream = %self.upstream(&self.members[*i]).name, "federated list: {why}");
+                crate::throttled_warn!(upstream = %self.upstream(&self.members[*i]).name, "federated list: {why}");
             }
             let names: Vec<&str> = failed
                 .iter()
@@ -1007,7 +1007,9 @@ impl<'c> Federation<'_, 'c> {
                 Ok((_, head)) => {
                     refused.get_or_insert(head.status);
                 }
-                Err(f) => tracing::warn!(upstream = %up.name, "GET stream: {}", describe(f)),
+                Err(f) => {
+                    crate::throttled_warn!(upstream = %up.name, "GET stream: {}", describe(f))
+                }
             }
         }
         drop(tx);
@@ -1105,7 +1107,7 @@ async fn pump(
             }
             Ok(None) => {}
             Err(_) => {
-                tracing::warn!(upstream = %name, "event larger than the body limit: stream ended");
+                crate::throttled_warn!(upstream = %name, "event larger than the body limit: stream ended");
                 return;
             }
         }

@@ -726,5 +726,6 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::Tls { detail, .. } => detail,
         UpstreamFailure::ClientGone => "the client left".into(),
+        UpstreamFailure::OutOfDescriptors => "the gateway is out of file descriptors".into(),
     }
 }

@@ -565,6 +565,11 @@ pub(super) async fn forward<'c>(
             obs.set(Outcome::UpstreamFailure);
             false
         }
+        // The gateway's own shortage: refused here, and no breaker holds it against the upstream.
+        Err(f @ UpstreamFailure::OutOfDescriptors) => {
+            obs.set(Outcome::Refused);
+            fail(client, req, up, request_id, f).await
+        }
         Err(f) => {
             obs.set(Outcome::UpstreamFailure);
             fail(client, req, up, request_id, f).await
@@ -607,8 +612,26 @@ pub(super) async fn fail(
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
+        UpstreamFailure::OutOfDescriptors => {
+            crate::throttled_warn!(
+                upstream = %up.name,
+                "out of file descriptors connecting to the upstream: answered 503 (raise LimitNOFILE)"
+            );
+            // The gateway's own error (not UPSTREAM_ERROR): the alert goes to whoever runs it.
+            let err = RpcError::new(
+                crate::mcp::error::INTERNAL_ERROR,
+                "the gateway is out of file descriptors; retry later",
+                503,
+            )
+            .with_data(serde_json::json!({ "reason": "out_of_descriptors" }))
+            .with_id(id);
+            return client
+                .write_all(json_response(503, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
         UpstreamFailure::Tls { reason, detail } => {
-            tracing::warn!(upstream = %up.name, reason, "{detail}");
+            crate::throttled_warn!(upstream = %up.name, reason, "{detail}");
             let err = RpcError::upstream(format!("upstream `{}` failed: {detail}", up.name), 502)
                 .with_data(serde_json::json!({ "upstream": up.name, "reason": reason }))
                 .with_id(id);
@@ -619,7 +642,7 @@ pub(super) async fn fail(
         }
         UpstreamFailure::ClientGone => return false,
     };
-    tracing::warn!(upstream = %up.name, status, "{detail}");
+    crate::throttled_warn!(upstream = %up.name, status, "{detail}");
     let err = RpcError::upstream(detail, status).with_id(id);
     client
         .write_all(json_response(status, &err, req.keep_alive))
@@ -865,7 +888,7 @@ async fn relay(
         }
         Err(why) => {
             obs.set(Outcome::UpstreamFailure);
-            tracing::warn!(upstream = %up.name, "{why}");
+            crate::throttled_warn!(upstream = %up.name, "{why}");
             if sse && matches!(kind, BodyKind::Chunked | BodyKind::UntilClose) {
                 // The client gets a JSON-RPC error for exactly the request this stream answered.
                 let err = RpcError::upstream(format!("upstream `{}`: {why}", up.name), 502)

@@ -1,6 +1,8 @@
 //! The audit log: one JSON line per decision, written by its own thread so that the request
 //! path only hands a record over (a bounded channel; when it is full the record is counted as
-//! dropped rather than the request waiting).
+//! dropped rather than the request waiting). The file is reopened at its path on request
+//! (SIGHUP, SIGUSR1: logrotate's `create` mode) by that thread, between two records, so a
+//! rotation loses none: what was buffered goes to the moved file first.
 
 use std::{
     io::Write,
@@ -51,6 +53,8 @@ pub struct AuditLog {
     tx: Option<SyncSender<Record>>,
     pub dropped: AtomicU64,
     pub written: std::sync::Arc<AtomicU64>,
+    /// Set by [`AuditLog::reopen`]; the writer thread clears it once it has reopened.
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuditLog {
@@ -59,26 +63,36 @@ impl AuditLog {
             tx: None,
             dropped: AtomicU64::new(0),
             written: std::sync::Arc::default(),
+            reopen: std::sync::Arc::default(),
         }
     }
 
     /// Appends to `path` from a thread of its own.
     pub fn start(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = crate::telemetry::open_log_file(path, true)?;
         let (tx, rx) = sync_channel(65_536);
         let written = std::sync::Arc::new(AtomicU64::new(0));
         let count = std::sync::Arc::clone(&written);
+        let reopen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = Writer {
+            path: path.to_path_buf(),
+            reopen: std::sync::Arc::clone(&reopen),
+            written: count,
+        };
         std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || write_loop(&rx, file, &count))?;
+            .spawn(move || writer.run(&rx, file))?;
         Ok(Self {
             tx: Some(tx),
             dropped: AtomicU64::new(0),
             written,
+            reopen,
         })
+    }
+
+    /// Asks the writer thread to reopen the file at its path (after a rotation moved it).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     pub fn enabled(&self) -> bool {
@@ -97,21 +111,41 @@ impl AuditLog {
     }
 }
 
-fn write_loop(rx: &Receiver<Record>, file: std::fs::File, written: &AtomicU64) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
-    loop {
-        // Flush when idle: a line is on disk within ~50 ms of its decision.
-        let record = match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
+struct Writer {
+    path: std::path::PathBuf,
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(&self, rx: &Receiver<Record>, file: std::fs::File) {
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
+        loop {
+            // Flush when idle: a line is on disk within ~50 ms of its decision.
+            let record = match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = out.flush();
+                    None
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if self.reopen.swap(false, Ordering::Relaxed) {
+                // Everything buffered belongs to the file as it was (moved or not).
                 let _ = out.flush();
-                continue;
+                match crate::telemetry::open_log_file(&self.path, true) {
+                    Ok(file) => out = std::io::BufWriter::with_capacity(64 * 1024, file),
+                    Err(e) => tracing::error!(
+                        path = %self.path.display(),
+                        "audit log cannot be reopened: {e}; writing on to the old file"
+                    ),
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        if serde_json::to_writer(&mut out, &record).is_ok() && out.write_all(b"\n").is_ok() {
-            written.fetch_add(1, Ordering::Relaxed);
+            let Some(record) = record else { continue };
+            if serde_json::to_writer(&mut out, &record).is_ok() && out.write_all(b"\n").is_ok() {
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        let _ = out.flush();
     }
-    let _ = out.flush();
 }

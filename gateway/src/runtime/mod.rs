@@ -291,6 +291,22 @@ impl Throttle {
     }
 }
 
+/// A WARN on the request path, at most once a second per call site and worker thread, with
+/// the count of the lines suppressed since the last one (`suppressed`): a failure repeated for
+/// every request must not flood the log. Takes `tracing::warn!`'s arguments.
+#[macro_export]
+macro_rules! throttled_warn {
+    ($($arg:tt)+) => {{
+        ::std::thread_local! {
+            static THROTTLE: ::std::cell::RefCell<$crate::runtime::Throttle> =
+                ::std::cell::RefCell::new($crate::runtime::Throttle::default());
+        }
+        if let Some(suppressed) = THROTTLE.with(|t| t.borrow_mut().allow()) {
+            ::tracing::warn!(suppressed, $($arg)+);
+        }
+    }};
+}
+
 /// Raises the open-file soft limit to the hard limit (a gateway holds two descriptors per
 /// proxied request; 1,024 is the common default) and returns the limit in force.
 pub fn raise_open_files_limit() -> u64 {

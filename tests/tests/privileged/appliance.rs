@@ -117,3 +117,307 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_exported() {
         "{text}"
     );
 }
+
+/// Files a test made, removed even when it fails.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn logged_config(
+    instance: &str,
+    port: u16,
+    admin: u16,
+    up_url: &str,
+    audit: &str,
+    hist: &str,
+) -> String {
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[telemetry]
+histogram_log = "{hist}"
+[audit]
+path = "{audit}"
+[[upstreams]]
+name = "u0"
+url = "{up_url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#
+    )
+}
+
+/// `n` JSON-RPC calls, each on its own connection, each answered 200.
+fn calls(port: u16, n: usize) {
+    for i in 0..n {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#);
+        let (r, _) = integration_tests::peers::raw(
+            port,
+            &integration_tests::peers::post("/mcp", &body, "connection: close\r\n"),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+}
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+fn admin_get(admin: u16, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    let (r, _) = integration_tests::peers::raw(admin, req.as_bytes());
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// logrotate's default `create` mode: the file is moved, then the gateway is signalled. After
+/// SIGUSR1, and again after SIGHUP, new records go to a new file at the configured path (mode
+/// 0640) and none is lost: the moved files and the new one hold every record between them.
+/// Without the reopen the gateway kept writing to the moved file.
+#[test]
+fn audit_and_histogram_logs_are_reopened_on_sigusr1_and_sighup() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fake =
+        integration_tests::peers::FakeUpstream::start(integration_tests::peers::Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwrotate");
+    let dir = std::env::temp_dir();
+    let audit = dir.join(format!("{instance}-audit.jsonl"));
+    let hist = dir.join(format!("{instance}.hlog"));
+    let moved = |p: &std::path::Path, n: u32| p.with_extension(format!("{n}"));
+    let _files = RemoveOnDrop(vec![
+        audit.clone(),
+        hist.clone(),
+        moved(&audit, 1),
+        moved(&audit, 2),
+        moved(&hist, 1),
+        moved(&hist, 2),
+    ]);
+    let mut d = Daemon::start_local(
+        &instance,
+        &logged_config(
+            &instance,
+            port,
+            admin,
+            &fake.url(),
+            &audit.display().to_string(),
+            &hist.display().to_string(),
+        ),
+    );
+    let mode = std::fs::metadata(&audit)
+        .expect("audit log")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode & !0o640,
+        0,
+        "audit log mode {mode:o}: not more than 0640"
+    );
+    let mode = std::fs::metadata(&hist)
+        .expect("histogram log")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode & !0o640,
+        0,
+        "histogram log mode {mode:o}: not more than 0640"
+    );
+
+    let mut total = 0;
+    for (round, signal, needle_count) in [
+        (1, nix::sys::signal::Signal::SIGUSR1, 1),
+        (2, nix::sys::signal::Signal::SIGHUP, 2),
+    ] {
+        calls(port, 10);
+        std::fs::rename(&audit, moved(&audit, round)).expect("move the audit log");
+        std::fs::rename(&hist, moved(&hist, round)).expect("move the histogram log");
+        // Written after the move, before the signal: these belong to the moved file.
+        calls(port, 10);
+        d.signal(signal);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.log().matches("log files reopened").count() < needle_count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reopen; log:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        calls(port, 10);
+        total += 30;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let old: usize = (1..=round).map(|n| lines(&moved(&audit, n))).sum();
+            let new = lines(&audit);
+            if old + new == total && new >= 10 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round} ({signal}): {old} records in the moved files, {new} in the new one, {total} sent"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mode = std::fs::metadata(&audit)
+            .expect("new audit log")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode & !0o640, 0, "new audit log mode {mode:o}");
+        // The histogram log starts again with its header, then the next intervals.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&hist).unwrap_or_default();
+            if text.starts_with("#[Histogram log") && text.contains("\nTag=") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the new histogram log has no interval:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    d.stop();
+}
+
+/// Every configuration change is logged with its source and what changed, and counted by
+/// source and result with the time of the last one. Without it a reload through the admin API
+/// left no log line.
+#[test]
+fn configuration_changes_are_logged_with_source_and_diff_and_counted() {
+    let fake =
+        integration_tests::peers::FakeUpstream::start(integration_tests::peers::Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwreload");
+    let dir = std::env::temp_dir();
+    let audit = dir.join(format!("{instance}-audit.jsonl"));
+    let hist = dir.join(format!("{instance}.hlog"));
+    let _files = RemoveOnDrop(vec![audit.clone(), hist.clone()]);
+    let base = logged_config(
+        &instance,
+        port,
+        admin,
+        &fake.url(),
+        &audit.display().to_string(),
+        &hist.display().to_string(),
+    );
+    let mut d = Daemon::start_local(&instance, &base);
+    let config_path = dir.join(format!("{instance}.toml"));
+
+    // Through the admin API: a route added.
+    let extra = format!("{base}\n[[routes]]\npath = \"/extra\"\nupstream = \"u0\"\n");
+    std::fs::write(&config_path, &extra).expect("write config");
+    let (r, _) = integration_tests::peers::raw(
+        admin,
+        b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    d.wait_for_log("routes +/extra", Duration::from_secs(5));
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("routes +/extra"))
+        .map(str::to_owned)
+        .expect("checked above");
+    assert!(line.contains(r#""source":"admin_api""#), "{line}");
+
+    // By signal: the route removed again, and an upstream added.
+    let signal = format!(
+        "{base}\n[[upstreams]]\nname = \"u1\"\nurl = \"{}\"\n",
+        fake.url()
+    );
+    std::fs::write(&config_path, &signal).expect("write config");
+    d.hangup();
+    d.wait_for_log("routes -/extra; upstreams +u1", Duration::from_secs(5));
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("routes -/extra; upstreams +u1"))
+        .map(str::to_owned)
+        .expect("checked above");
+    assert!(line.contains(r#""source":"signal""#), "{line}");
+
+    // A refused change is logged with its source and counted as a failure.
+    std::fs::write(&config_path, "not toml [").expect("write config");
+    d.hangup();
+    d.wait_for_log("reload refused", Duration::from_secs(5));
+
+    let metrics = admin_get(admin, "/metrics");
+    for want in [
+        r#"mcp_gateway_config_reloads_total{source="admin_api",result="success"} 1"#,
+        r#"mcp_gateway_config_reloads_total{source="signal",result="success"} 1"#,
+        r#"mcp_gateway_config_reloads_total{source="signal",result="failure"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == want),
+            "no `{want}` in:\n{metrics}"
+        );
+    }
+    for result in ["success", "failure"] {
+        let prefix =
+            format!(r#"mcp_gateway_config_last_reload_timestamp_seconds{{result="{result}"}} "#);
+        let at: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+            .parse()
+            .expect("a number");
+        assert!(at > 1.7e9, "{at}");
+    }
+    d.stop();
+}
+
+/// `gateway check` reads and validates; it creates no file (no audit log, no histogram log).
+#[test]
+fn gateway_check_creates_nothing() {
+    let instance = unique("gwcheck");
+    let dir = std::env::temp_dir();
+    let audit = dir.join(format!("{instance}-audit.jsonl"));
+    let hist = dir.join(format!("{instance}.hlog"));
+    let path = dir.join(format!("{instance}.toml"));
+    let _files = RemoveOnDrop(vec![audit.clone(), hist.clone(), path.clone()]);
+    std::fs::write(
+        &path,
+        logged_config(
+            &instance,
+            free_port(),
+            free_port(),
+            "http://127.0.0.1:9/mcp",
+            &audit.display().to_string(),
+            &hist.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(gateway_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("run gateway check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!audit.exists(), "check created the audit log");
+    assert!(!hist.exists(), "check created the histogram log");
+}

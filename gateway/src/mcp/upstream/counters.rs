@@ -11,6 +11,9 @@ use std::{
 pub struct Stats {
     /// (upstream, what, label) -> count.
     counts: papaya::HashMap<(String, &'static str, &'static str), AtomicU64>,
+    /// Upstream connects that failed for want of a file descriptor (exported with the
+    /// accepts that did, as `mcp_gateway_out_of_descriptors_total`).
+    pub out_of_descriptors: AtomicU64,
 }
 
 /// Metric name and label name of each `what`, with its help text.

@@ -83,6 +83,9 @@ pub enum UpstreamFailure {
     },
     /// The client left while waiting (not an upstream failure).
     ClientGone,
+    /// The gateway itself is out of file descriptors (EMFILE, ENFILE): not the upstream's
+    /// fault, so the client gets 503 and the breakers are not told.
+    OutOfDescriptors,
 }
 
 /// Sends the request and reads the response head.

@@ -20,6 +20,12 @@ pub async fn connect(
                 up.name
             )));
         }
+        Ok(Err(e)) if crate::runtime::is_out_of_descriptors(&e) => {
+            stats
+                .out_of_descriptors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(UpstreamFailure::OutOfDescriptors);
+        }
         Ok(Err(e)) => {
             return Err(UpstreamFailure::Connect(format!(
                 "connecting to {}: {e}",
