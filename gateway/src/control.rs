@@ -353,6 +353,7 @@ impl Control {
     /// moved them). The audit thread reopens between two records; nothing is lost.
     fn reopen_logs(&mut self) {
         self.shared.audit.reopen();
+        self.shared.access.reopen();
         match self.stats.reopen_log() {
             Ok(()) => tracing::info!("log files reopened"),
             Err(e) => tracing::error!(

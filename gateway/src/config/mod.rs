@@ -109,6 +109,63 @@ pub struct RawTelemetry {
     /// Export a span per request to an OpenTelemetry collector over OTLP/HTTP (protobuf).
     #[serde(default)]
     pub otlp: Option<RawOtlp>,
+    /// An access log: one JSON line per request, separate from the audit log (which records
+    /// decisions). Read at start; reopened on SIGHUP and SIGUSR1 like the audit log.
+    #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+}
+
+/// `[telemetry.access_log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// The file lines are appended to (created with mode 0640).
+    pub path: String,
+    /// The fields of each line, in this order; all of them when not given.
+    #[serde(default = "AccessField::all")]
+    pub fields: Vec<AccessField>,
+}
+
+/// A field of the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessField {
+    /// RFC 3339 time the request ended, in microseconds.
+    Ts,
+    /// The client's address (from the PROXY header behind a balancer).
+    Source,
+    /// The HTTP method.
+    Method,
+    /// The request target's path.
+    Path,
+    /// The HTTP status answered (0: the connection ended before an answer).
+    Status,
+    /// The JSON-RPC method, or `other`.
+    RpcMethod,
+    Tool,
+    Tenant,
+    Agent,
+    Run,
+    Upstream,
+    /// ok, refused, tool_error, rpc_error, upstream_failure.
+    Outcome,
+    /// The rule that refused the request.
+    Rule,
+    /// The whole request, and the upstream's share, in microseconds.
+    LatencyUs,
+    UpstreamUs,
+    TraceId,
+    UserAgent,
+}
+
+impl AccessField {
+    pub fn all() -> Vec<AccessField> {
+        use AccessField::*;
+        vec![
+            Ts, Source, Method, Path, Status, RpcMethod, Tool, Tenant, Agent, Run, Upstream,
+            Outcome, Rule, LatencyUs, UpstreamUs, TraceId, UserAgent,
+        ]
+    }
 }
 
 /// `[telemetry.otlp]`: where spans go and which are kept.
@@ -632,6 +689,7 @@ pub struct TelemetryConfig {
     pub max_tools: usize,
     pub histogram_log: Option<std::path::PathBuf>,
     pub otlp: Option<OtlpConfig>,
+    pub access_log: Option<RawAccessLog>,
 }
 
 /// Validated `[telemetry.otlp]`.
@@ -1068,6 +1126,22 @@ impl RawConfig {
             max_tools: self.telemetry.max_tools,
             histogram_log: self.telemetry.histogram_log.map(std::path::PathBuf::from),
             otlp: self.telemetry.otlp.map(RawOtlp::validate).transpose()?,
+            access_log: self
+                .telemetry
+                .access_log
+                .map(|a| {
+                    writable_log_path(Path::new(&a.path)).map_err(|e| {
+                        invalid(
+                            "telemetry.access_log.path",
+                            format!("cannot append to `{}`: {e}", a.path),
+                        )
+                    })?;
+                    if a.fields.is_empty() {
+                        return Err(invalid("telemetry.access_log.fields", "names no field"));
+                    }
+                    Ok(a)
+                })
+                .transpose()?,
         };
 
         let k = self.kernel;

@@ -66,6 +66,9 @@ pub struct Io {
     read_lost: bool,
     /// A write was abandoned or failed.
     write_lost: bool,
+    /// The status of the first response head written since [`Io::begin_response`] (0: none
+    /// yet), for the access log.
+    status: u16,
 }
 
 impl Drop for Io {
@@ -88,6 +91,7 @@ impl Io {
             pos: 0,
             send_timeout,
             read_lost: false,
+            status: 0,
             write_lost: false,
         }
     }
@@ -375,7 +379,27 @@ impl Io {
     /// Writes all of `bytes`, each write waiting at most the send timeout for the peer: a peer
     /// that stops reading cannot hold the connection (and what feeds it) forever. A write that
     /// times out or fails shuts the connection down.
+    /// A new request's answer begins: the next head written is its status.
+    pub fn begin_response(&mut self) {
+        self.status = 0;
+    }
+
+    /// The status of the answer's head, once written (0: none).
+    pub fn response_status(&self) -> u16 {
+        self.status
+    }
+
     pub async fn write_all(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        // The first write of an answer is its head ("HTTP/1.1 200 ..."); later writes are body.
+        if self.status == 0
+            && let Some(code) = bytes
+                .strip_prefix(b"HTTP/1.")
+                .and_then(|rest| rest.get(2..5))
+                .and_then(|c| std::str::from_utf8(c).ok())
+                .and_then(|c| c.parse::<u16>().ok())
+        {
+            self.status = code;
+        }
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.write_raw(bytes).await;
         };

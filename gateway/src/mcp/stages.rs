@@ -90,11 +90,23 @@ pub(super) async fn handle(
         .then(SystemTime::now);
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
+    io.begin_response();
     let keep = match run(io, req, peer, snapshot, ctx, &obs).await {
         Ok(keep) => keep,
         Err(stop) => answer(io, req, stop, &obs, ctx, peer, &snapshot.config).await,
     };
     record(req, peer, snapshot, ctx, &obs, started);
+    if ctx.shared.access.enabled() {
+        record_access(
+            req,
+            peer,
+            snapshot,
+            ctx,
+            &obs,
+            started,
+            io.response_status(),
+        );
+    }
     if let Some(wall) = wall {
         record_span(req, peer, snapshot, ctx, &obs, started, wall);
     }
@@ -697,6 +709,65 @@ async fn forward_stage<'c>(
             fed.handle(io, messages.single).await
         }
     }
+}
+
+/// The access log's line for this request: the configured fields, in their order.
+fn record_access(
+    req: &Request,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+    obs: &Obs<'_>,
+    started: Instant,
+    status: u16,
+) {
+    use crate::config::AccessField as F;
+    use serde_json::Value;
+    let config = &snapshot.config;
+    let Some(access) = &config.telemetry.access_log else {
+        return;
+    };
+    let decision = obs.decision.borrow();
+    let text = |v: Option<&str>| v.map_or(Value::Null, |s| Value::String(s.to_owned()));
+    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let mut line = serde_json::Map::new();
+    for field in &access.fields {
+        let (name, value) = match field {
+            F::Ts => ("ts", Value::String(audit::now())),
+            F::Source => ("source", Value::String(peer.ip().to_string())),
+            F::Method => ("method", Value::String(req.method.clone())),
+            F::Path => ("path", Value::String(req.path().to_owned())),
+            F::Status => ("status", Value::from(status)),
+            F::RpcMethod => ("rpc_method", Value::String(obs.method.get().to_owned())),
+            F::Tool => ("tool", text(obs.tool.borrow().as_deref())),
+            F::Tenant => ("tenant", text(decision.tenant.as_deref())),
+            F::Agent => ("agent", text(decision.agent.as_deref())),
+            F::Run => ("run", text(decision.run.as_deref())),
+            F::Upstream => ("upstream", text(obs.upstream.get())),
+            F::Outcome => (
+                "outcome",
+                Value::String(
+                    obs.outcome
+                        .get()
+                        .unwrap_or(Outcome::Refused)
+                        .label()
+                        .to_owned(),
+                ),
+            ),
+            F::Rule => ("rule", text(decision.rule.as_deref())),
+            F::LatencyUs => ("latency_us", Value::from(micros(started.elapsed()))),
+            F::UpstreamUs => (
+                "upstream_us",
+                obs.upstream_wait
+                    .get()
+                    .map_or(Value::Null, |d| Value::from(micros(d))),
+            ),
+            F::TraceId => ("trace_id", text(decision.trace_id.as_deref())),
+            F::UserAgent => ("user_agent", text(req.header_str("user-agent"))),
+        };
+        line.insert(name.to_owned(), value);
+    }
+    ctx.shared.access.send(line);
 }
 
 /// record: breakers judged by the outcome, the audit record, the telemetry observation.

@@ -3,6 +3,9 @@
 //! dropped rather than the request waiting). The file is reopened at its path on request
 //! (SIGHUP, SIGUSR1: logrotate's `create` mode) by that thread, between two records, so a
 //! rotation loses none: what was buffered goes to the moved file first.
+//!
+//! The access log (`[telemetry.access_log]`, one line per request with the fields configured)
+//! is the same writer with other records.
 
 use std::{
     io::Write,
@@ -48,16 +51,19 @@ pub fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
+/// The access log's records: the configured fields of one request.
+pub type AccessLog = AuditLog<serde_json::Map<String, serde_json::Value>>;
+
 /// The sending side, one per process; cheap to call from any worker.
-pub struct AuditLog {
-    tx: Option<SyncSender<Record>>,
+pub struct AuditLog<T = Record> {
+    tx: Option<SyncSender<T>>,
     pub dropped: AtomicU64,
     pub written: std::sync::Arc<AtomicU64>,
     /// Set by [`AuditLog::reopen`]; the writer thread clears it once it has reopened.
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl AuditLog {
+impl<T: Serialize + Send + 'static> AuditLog<T> {
     pub fn off() -> Self {
         Self {
             tx: None,
@@ -67,8 +73,8 @@ impl AuditLog {
         }
     }
 
-    /// Appends to `path` from a thread of its own.
-    pub fn start(path: &std::path::Path) -> std::io::Result<Self> {
+    /// Appends to `path` from a thread of its own (named `thread`).
+    pub fn start(path: &std::path::Path, thread: &str) -> std::io::Result<Self> {
         let file = crate::telemetry::open_log_file(path, true)?;
         let (tx, rx) = sync_channel(65_536);
         let written = std::sync::Arc::new(AtomicU64::new(0));
@@ -80,7 +86,7 @@ impl AuditLog {
             written: count,
         };
         std::thread::Builder::new()
-            .name("audit".into())
+            .name(thread.into())
             .spawn(move || writer.run(&rx, file))?;
         Ok(Self {
             tx: Some(tx),
@@ -99,7 +105,7 @@ impl AuditLog {
         self.tx.is_some()
     }
 
-    pub fn send(&self, record: Record) {
+    pub fn send(&self, record: T) {
         if let Some(tx) = &self.tx {
             match tx.try_send(record) {
                 Ok(()) => {}
@@ -118,7 +124,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&self, rx: &Receiver<Record>, file: std::fs::File) {
+    fn run<T: Serialize>(&self, rx: &Receiver<T>, file: std::fs::File) {
         let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
         loop {
             // Flush when idle: a line is on disk within ~50 ms of its decision.
@@ -137,7 +143,7 @@ impl Writer {
                     Ok(file) => out = std::io::BufWriter::with_capacity(64 * 1024, file),
                     Err(e) => tracing::error!(
                         path = %self.path.display(),
-                        "audit log cannot be reopened: {e}; writing on to the old file"
+                        "log cannot be reopened: {e}; writing on to the old file"
                     ),
                 }
             }

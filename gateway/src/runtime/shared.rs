@@ -198,6 +198,8 @@ pub struct Shared {
     pub ban_rx:
         std::sync::Mutex<std::sync::mpsc::Receiver<(std::net::IpAddr, std::time::Duration)>>,
     pub audit: crate::policy::audit::AuditLog,
+    /// The access log (`[telemetry.access_log]`), one line per request.
+    pub access: crate::policy::audit::AccessLog,
     /// Which workers are serving (a worker whose runtime panicked is down until it restarts);
     /// `/readyz` answers 503 while any is down.
     pub workers_up: Box<[AtomicBool]>,
@@ -228,11 +230,21 @@ impl Shared {
         let (ban_tx, ban_rx) = std::sync::mpsc::channel();
         let audit = match &config.audit.path {
             None => crate::policy::audit::AuditLog::off(),
-            Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p))
+            Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p), "audit")
                 .unwrap_or_else(|e| {
                     tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
                     crate::policy::audit::AuditLog::off()
                 }),
+        };
+        let access = match &config.telemetry.access_log {
+            None => crate::policy::audit::AccessLog::off(),
+            Some(a) => {
+                crate::policy::audit::AccessLog::start(std::path::Path::new(&a.path), "access")
+                    .unwrap_or_else(|e| {
+                        tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);
+                        crate::policy::audit::AccessLog::off()
+                    })
+            }
         };
         // The span queues are sized at start; without `[telemetry.otlp]` then, small ones.
         let span_queue = config.telemetry.otlp.as_ref().map_or(256, |o| o.queue_max);
@@ -246,6 +258,7 @@ impl Shared {
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),
             audit,
+            access,
             stats_tx,
             stats_rx: std::sync::Mutex::new(stats_rx),
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),

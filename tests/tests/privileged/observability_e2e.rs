@@ -485,3 +485,114 @@ fn w3c_trace_context_reaches_the_upstream_and_the_audit_log() {
     d.stop();
     let _ = std::fs::remove_file(&audit);
 }
+
+/// The access log: one JSON line per request with exactly the configured fields, in their
+/// order, the answered status included, whatever answered (the upstream, a refusal, an unknown
+/// route); separate from the audit log (which is off here).
+#[test]
+fn the_access_log_has_a_line_per_request_with_the_configured_fields() {
+    let demo_port = free_port();
+    let _demo = demo_upstream(demo_port);
+    let dir = std::env::temp_dir().join(unique("gwaccess"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let log = dir.join("access.log");
+    let port = free_port();
+    let instance = unique("gwaccess");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[telemetry.access_log]
+path = "{log}"
+fields = ["path", "status", "rpc_method", "tool", "outcome", "latency_us", "user_agent"]
+[[upstreams]]
+name = "demo"
+url = "http://127.0.0.1:{demo_port}/mcp"
+[[routes]]
+path = "/demo"
+upstream = "demo"
+"#,
+        admin = free_port(),
+        log = log.display(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let (r, _) = raw(
+        port,
+        &post(
+            "/demo",
+            &call("add", r#"{"a":2,"b":40}"#, 1),
+            &headers("add"),
+        ),
+    );
+    assert_eq!(r.status, 200);
+    let (r, _) = raw(
+        port,
+        &post("/nowhere", &call("add", "{}", 2), &headers("add")),
+    );
+    assert_eq!(r.status, 404);
+    let (r, _) = raw(port, &post("/demo", "{not json", &headers("add")));
+    assert_eq!(r.status, 400);
+    // Written within ~50 ms by the log's own thread.
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let keys: Vec<&str> = lines[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "path",
+            "status",
+            "rpc_method",
+            "tool",
+            "outcome",
+            "latency_us",
+            "user_agent"
+        ],
+        "exactly the configured fields, in order"
+    );
+    assert_eq!(lines[0]["path"], "/demo");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["rpc_method"], "tools/call");
+    assert_eq!(lines[0]["tool"], "add");
+    assert_eq!(lines[0]["outcome"], "ok");
+    assert!(lines[0]["latency_us"].as_u64().is_some_and(|us| us > 0));
+    assert_eq!(lines[1]["path"], "/nowhere");
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[2]["status"], 400);
+    assert_ne!(lines[2]["outcome"], "ok");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    d.stop();
+}
