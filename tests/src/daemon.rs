@@ -25,6 +25,19 @@ pub fn state_dir(instance: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{instance}.state"))
 }
 
+/// `config` with the harness's `[state]` section (unless it has its own): what a test writes
+/// for a reload must name the same state folder, which cannot change without a restart.
+pub fn with_state(instance: &str, config: &str) -> String {
+    if config.lines().any(|l| l.trim() == "[state]") {
+        config.to_owned()
+    } else {
+        format!(
+            "{config}\n[state]\npath = \"{}\"\n",
+            state_dir(instance).display()
+        )
+    }
+}
+
 /// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
 pub fn gateway_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GATEWAY_BIN") {
@@ -72,15 +85,7 @@ impl Daemon {
         let dir = std::env::temp_dir();
         let config_path = dir.join(format!("{instance}.toml"));
         let _ = std::fs::remove_dir_all(state_dir(instance));
-        let config = if config.lines().any(|l| l.trim() == "[state]") {
-            config.to_owned()
-        } else {
-            format!(
-                "{config}\n[state]\npath = \"{}\"\n",
-                state_dir(instance).display()
-            )
-        };
-        std::fs::write(&config_path, config).expect("write config");
+        std::fs::write(&config_path, with_state(instance, config)).expect("write config");
         let log = dir.join(format!("{instance}.log"));
         let _ = std::fs::remove_file(&log);
         (config_path, log)

@@ -730,7 +730,7 @@ fn record_access(
     let decision = obs.decision.borrow();
     let text = |v: Option<&str>| v.map_or(Value::Null, |s| Value::String(s.to_owned()));
     let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    let mut line = serde_json::Map::new();
+    let mut line = audit::AccessLine(Vec::with_capacity(access.fields.len()));
     for field in &access.fields {
         let (name, value) = match field {
             F::Ts => ("ts", Value::String(audit::now())),
@@ -765,7 +765,7 @@ fn record_access(
             F::TraceId => ("trace_id", text(decision.trace_id.as_deref())),
             F::UserAgent => ("user_agent", text(req.header_str("user-agent"))),
         };
-        line.insert(name.to_owned(), value);
+        line.0.push((name, value));
     }
     ctx.shared.access.send(line);
 }

@@ -51,8 +51,23 @@ pub fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
-/// The access log's records: the configured fields of one request.
-pub type AccessLog = AuditLog<serde_json::Map<String, serde_json::Value>>;
+/// One access-log line: the configured fields, in their configured order.
+#[derive(Debug, Default)]
+pub struct AccessLine(pub Vec<(&'static str, serde_json::Value)>);
+
+impl Serialize for AccessLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// The access log's records.
+pub type AccessLog = AuditLog<AccessLine>;
 
 /// The sending side, one per process; cheap to call from any worker.
 pub struct AuditLog<T = Record> {

@@ -326,7 +326,11 @@ fn configuration_changes_are_logged_with_source_and_diff_and_counted() {
 
     // Through the admin API: a route added.
     let extra = format!("{base}\n[[routes]]\npath = \"/extra\"\nupstream = \"u0\"\n");
-    std::fs::write(&config_path, &extra).expect("write config");
+    std::fs::write(
+        &config_path,
+        integration_tests::daemon::with_state(&instance, &extra),
+    )
+    .expect("write config");
     let (r, _) = integration_tests::peers::raw(
         admin,
         b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -346,7 +350,11 @@ fn configuration_changes_are_logged_with_source_and_diff_and_counted() {
         "{base}\n[[upstreams]]\nname = \"u1\"\nurl = \"{}\"\n",
         fake.url()
     );
-    std::fs::write(&config_path, &signal).expect("write config");
+    std::fs::write(
+        &config_path,
+        integration_tests::daemon::with_state(&instance, &signal),
+    )
+    .expect("write config");
     d.hangup();
     d.wait_for_log("routes -/extra; upstreams +u1", Duration::from_secs(5));
     let line = d

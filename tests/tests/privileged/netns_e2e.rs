@@ -265,6 +265,7 @@ fn sighup_reload_syncs_the_maps_and_a_bad_file_is_refused() {
         "cap_poll_ms = 10",
         &format!("cap_poll_ms = 10\ndeny = [\"{BETA}/32\"]"),
     );
+    let good = integration_tests::daemon::with_state(&s.instance, &good);
     std::fs::write(&config_path, &good).unwrap();
     s.daemon.hangup();
     s.daemon.wait_for_log("reloaded", Duration::from_secs(5));
