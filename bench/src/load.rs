@@ -170,7 +170,25 @@ struct Answer {
     session: Option<String>,
 }
 
-/// Reads one response with a Content-Length body.
+/// Where a chunked body that starts at `at` ends, if all of it is in `buf`.
+fn chunked_end(buf: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let line = buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(buf.get(at..at + line)?).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        let data = at + line + 2;
+        if size == 0 {
+            // No trailers: the blank line ends the body.
+            return (buf.len() >= data + 2).then_some(data + 2);
+        }
+        if buf.len() < data + size + 2 {
+            return None;
+        }
+        at = data + size + 2;
+    }
+}
+
+/// Reads one response with a Content-Length or chunked body.
 async fn read_response(stream: &mut Conn, buf: &mut Vec<u8>) -> Option<Answer> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -194,19 +212,36 @@ async fn read_response(stream: &mut Conn, buf: &mut Vec<u8>) -> Option<Answer> {
                     .find(|h| h.name.eq_ignore_ascii_case(name))
                     .map(|h| h.value)
             };
-            let len: usize = header("content-length")
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())?;
+            let chunked = header("transfer-encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+            let len: Option<usize> = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
             let answer = Answer {
                 status: resp.code?,
                 close: header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close")),
                 session: header("mcp-session-id").map(|v| String::from_utf8_lossy(v).into_owned()),
             };
-            while buf.len() < head + len {
-                if !stream.read_more(buf).await {
-                    return None;
+            let end = match (len, chunked) {
+                (_, true) => loop {
+                    // An SSE answer (supergateway, SDK servers): chunks up to the last one.
+                    if let Some(end) = chunked_end(buf, head) {
+                        break end;
+                    }
+                    if !stream.read_more(buf).await {
+                        return None;
+                    }
+                },
+                (Some(len), false) => {
+                    while buf.len() < head + len {
+                        if !stream.read_more(buf).await {
+                            return None;
+                        }
+                    }
+                    head + len
                 }
-            }
-            buf.drain(..head + len);
+                (None, false) => return None,
+            };
+            buf.drain(..end);
             return Some(answer);
         }
         if !stream.read_more(buf).await {
