@@ -212,8 +212,8 @@ async fn read_response(stream: &mut Conn, buf: &mut Vec<u8>) -> Option<Answer> {
                     .find(|h| h.name.eq_ignore_ascii_case(name))
                     .map(|h| h.value)
             };
-            let chunked = header("transfer-encoding")
-                .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+            let chunked =
+                header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
             let len: Option<usize> = header("content-length")
                 .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
             let answer = Answer {
