@@ -180,13 +180,7 @@ impl<'c> Federation<'_, 'c> {
             Err(f) => return Some(Err(f)),
         };
         let caller = proxy::session_owner(self.ctx, self.obs);
-        let json = |bytes: Vec<u8>| {
-            let head = ResponseHead {
-                status: 200,
-                headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
-            };
-            (head, bytes)
-        };
+        let json = |bytes: Vec<u8>| (held::json_head(), bytes);
         let accepted = ResponseHead {
             status: 202,
             headers: Vec::new(),

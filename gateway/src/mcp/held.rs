@@ -367,11 +367,7 @@ pub(super) async fn call(
     let mut message: Value = serde_json::from_slice(body)
         .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
     let method = message["method"].as_str().unwrap_or_default().to_owned();
-    let id = match &message["id"] {
-        Value::String(s) => Some(Id::Str(s.clone())),
-        Value::Number(n) => n.as_i64().map(Id::Num),
-        _ => None,
-    };
+    let id = id_of(&message);
     if method == "server/discover" {
         let s = session(ctx, req, peer, up, owner).await?;
         let answer = json!({
@@ -440,11 +436,7 @@ pub(super) async fn call_learning(
         return call(ctx, req, peer, up, owner, body, extra).await;
     }
     let message: Value = serde_json::from_slice(body).unwrap_or_default();
-    let id = match &message["id"] {
-        Value::String(s) => Some(Id::Str(s.clone())),
-        Value::Number(n) => n.as_i64().map(Id::Num),
-        _ => None,
-    };
+    let id = id_of(&message);
     normalized(
         head,
         bytes,
@@ -606,7 +598,17 @@ fn answer_and_notes(
     ))
 }
 
-fn json_head() -> ResponseHead {
+/// The id of a request message, as the answer must carry it.
+fn id_of(message: &Value) -> Option<Id> {
+    match &message["id"] {
+        Value::String(s) => Some(Id::Str(s.clone())),
+        Value::Number(n) => n.as_i64().map(Id::Num),
+        _ => None,
+    }
+}
+
+/// The head of an answer the gateway reshaped into one JSON message.
+pub(super) fn json_head() -> ResponseHead {
     ResponseHead {
         status: 200,
         headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
