@@ -201,28 +201,28 @@ impl<'c> Federation<'_, 'c> {
             }
             return Some(Ok((accepted, Vec::new())));
         }
-        let stateless = matches!(era, Era::Stateless);
-        let (sent, discover) = if method == "server/discover" {
-            let probe = json!({"jsonrpc": "2.0", "id": message["id"].clone(), "method": "initialize", "params": {}});
-            (super::json_bytes(&probe), true)
-        } else {
-            (body.to_vec(), false)
+        let failure = |e: crate::stdio::StdioError| match e {
+            crate::stdio::StdioError::Timeout(..) => UpstreamFailure::Timeout,
+            e => UpstreamFailure::Bad(e.to_string()),
         };
         let started = std::time::Instant::now();
-        let done = handle.call(caller, sent).done.await;
+        if method == "server/discover" {
+            let init = super::stdio_route::child_init(&handle, caller).await;
+            self.obs.waited(started.elapsed());
+            return Some(init.map_err(failure).map(|init| {
+                let v = json!({"jsonrpc": "2.0", "id": message["id"].clone(),
+                    "result": messages::discover_from_initialize(&init)});
+                json(super::json_bytes(&v))
+            }));
+        }
+        let done = handle.call(caller, body.to_vec()).done.await;
         self.obs.waited(started.elapsed());
         Some(match done {
-            Ok(Ok(bytes)) if discover => {
-                let mut v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                if let Some(init) = v.get("result").cloned() {
-                    v["result"] = messages::discover_from_initialize(&init);
-                }
-                Ok(json(super::json_bytes(&v)))
+            Ok(Ok(bytes)) if matches!(era, Era::Stateless) => {
+                Ok(json(messages::for_stateless(&method, bytes)))
             }
-            Ok(Ok(bytes)) if stateless => Ok(json(messages::for_stateless(&method, bytes))),
             Ok(Ok(bytes)) => Ok(json(bytes)),
-            Ok(Err(crate::stdio::StdioError::Timeout(..))) => Err(UpstreamFailure::Timeout),
-            Ok(Err(e)) => Err(UpstreamFailure::Bad(e.to_string())),
+            Ok(Err(e)) => Err(failure(e)),
             Err(_) => Err(UpstreamFailure::Bad(format!(
                 "stdio upstream {} went away",
                 handle.name()

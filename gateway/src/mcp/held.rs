@@ -565,36 +565,11 @@ fn answer_and_notes(
     body: &[u8],
     id: Option<&Id>,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), UpstreamFailure> {
-    let want = id.map_or(Value::Null, Id::to_json);
-    let is_answer =
-        |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
-    if !head.is_sse() {
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|e| UpstreamFailure::Bad(format!("malformed JSON: {e}")))?;
-        return if is_answer(&v) {
-            Ok((super::json_bytes(&v), Vec::new()))
-        } else {
-            Err(UpstreamFailure::Bad(
-                "the answer is not a JSON-RPC response to the request".into(),
-            ))
-        };
-    }
-    let mut notes = Vec::new();
-    for event in sse::split(body) {
-        let Some(v) = super::messages::event_data(event)
-            .and_then(|d| serde_json::from_slice::<Value>(&d).ok())
-        else {
-            continue;
-        };
-        if is_answer(&v) {
-            return Ok((super::json_bytes(&v), notes));
-        }
-        if v.get("method").is_some() && v.get("id").is_none() {
-            notes.push(super::json_bytes(&v));
-        }
-    }
-    Err(UpstreamFailure::Bad(
-        "the event stream ended without the response".into(),
+    let (answer, notes) =
+        super::messages::answer_and_notes(head, body, id).map_err(UpstreamFailure::Bad)?;
+    Ok((
+        super::json_bytes(&answer),
+        notes.iter().map(super::json_bytes).collect(),
     ))
 }
 

@@ -15,26 +15,42 @@ pub fn response_message(
     if !(200..300).contains(&head.status) {
         return Err(format!("HTTP {}", head.status));
     }
+    answer_and_notes(head, body, id).map(|(answer, _)| answer)
+}
+
+/// The response to request `id` in an upstream's answer body (plain JSON or an event
+/// stream), with the notifications the stream carried before it, in order. The HTTP status
+/// is the caller's business.
+pub fn answer_and_notes(
+    head: &ResponseHead,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<(Value, Vec<Value>), String> {
     let want = id.map_or(Value::Null, Id::to_json);
     let is_answer =
         |v: &Value| v["id"] == want && (v.get("result").is_some() || v.get("error").is_some());
-    if head.is_sse() {
-        for event in sse::split(body) {
-            if let Some(v) =
-                event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok())
-                && is_answer(&v)
-            {
-                return Ok(v);
-            }
+    if !head.is_sse() {
+        let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+        return if is_answer(&v) {
+            Ok((v, Vec::new()))
+        } else {
+            Err("the answer is not a JSON-RPC response to the request".into())
+        };
+    }
+    let mut notes = Vec::new();
+    for event in sse::split(body) {
+        let Some(v) = event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok())
+        else {
+            continue;
+        };
+        if is_answer(&v) {
+            return Ok((v, notes));
         }
-        return Err("the event stream ended without the response".into());
+        if v.get("method").is_some() && v.get("id").is_none() {
+            notes.push(v);
+        }
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
-    if is_answer(&v) {
-        Ok(v)
-    } else {
-        Err("the answer is not a JSON-RPC response to the request".into())
-    }
+    Err("the event stream ended without the response".into())
 }
 
 /// Sets `v[path[0]][path[1]]... = new`, creating missing objects (and an absent body, `Null`).

@@ -237,6 +237,23 @@ pub(super) async fn request(
     }
 }
 
+/// The child's own `initialize` result. The supervisor initialized the child when it
+/// started; an `initialize` probe with no parameters asks it again for its capabilities.
+pub(super) async fn child_init(handle: &Handle, caller: u64) -> Result<Value, StdioError> {
+    let probe = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}});
+    match handle.call(caller, super::json_bytes(&probe)).done.await {
+        Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(mut v) if v.get("result").is_some() => Ok(v["result"].take()),
+            _ => Err(StdioError::Refused(
+                handle.name().to_owned(),
+                "no initialize result".into(),
+            )),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(StdioError::Gone(handle.name().to_owned())),
+    }
+}
+
 /// Answers from the child's `initialize` result, reshaped by `shape`.
 async fn from_child_init(
     io: &mut Io,
@@ -247,24 +264,11 @@ async fn from_child_init(
     obs: &Obs<'_>,
     shape: impl FnOnce(Value) -> Value,
 ) -> bool {
-    let probe = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}});
-    let pending = handle.call(caller, super::json_bytes(&probe));
-    let answer = match pending.done.await {
-        Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v) if v.get("result").is_some() => {
-                let result = shape(v["result"].clone());
-                let mut msg = json!({"jsonrpc": "2.0", "result": result});
-                msg["id"] = id.as_ref().map_or(Value::Null, Id::to_json);
-                Ok(super::json_bytes(&msg))
-            }
-            _ => Err(StdioError::Refused(
-                handle.name().to_owned(),
-                "no initialize result".into(),
-            )),
-        },
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(StdioError::Gone(handle.name().to_owned())),
-    };
+    let answer = child_init(handle, caller).await.map(|init| {
+        let mut msg = json!({"jsonrpc": "2.0", "result": shape(init)});
+        msg["id"] = id.as_ref().map_or(Value::Null, Id::to_json);
+        super::json_bytes(&msg)
+    });
     finish(io, req, id, answer, false, obs).await
 }
 
