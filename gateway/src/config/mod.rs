@@ -91,6 +91,28 @@ pub struct RawHttp {
     /// (DNS-rebinding protection); requests without `Origin` (agents, SDKs) are not affected.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// The CORS answers given to the `allowed_origins` (browser clients such as the MCP
+    /// Inspector). Upstreams' own CORS headers are never relayed.
+    #[serde(default)]
+    pub cors: RawCors,
+}
+
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Request headers a page may send besides the MCP ones (`authorization`, `content-type`,
+    /// `mcp-session-id`, `mcp-protocol-version`, `last-event-id`, trace context ...).
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// Response headers a page may read besides `mcp-session-id`, `mcp-protocol-version`,
+    /// `www-authenticate` and `retry-after`.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// How long a browser may cache a preflight's answer. Default 600.
+    pub max_age_s: Option<u64>,
+    /// Allow credentials (cookies, TLS client certificates) on cross-origin requests.
+    #[serde(default)]
+    pub allow_credentials: bool,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -712,6 +734,7 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub allowed_origins: Vec<String>,
+    pub cors: crate::http::cors::Cors,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1295,7 +1318,31 @@ impl RawConfig {
             request_timeout: Duration::from_millis(h.request_timeout_ms),
             idle_timeout: Duration::from_millis(h.idle_timeout_ms),
             allowed_origins: h.allowed_origins,
+            cors: crate::http::cors::Cors {
+                allow_headers: h.cors.allow_headers,
+                expose_headers: h.cors.expose_headers,
+                max_age: Duration::from_secs(h.cors.max_age_s.unwrap_or(600)),
+                allow_credentials: h.cors.allow_credentials,
+            },
         };
+        for (key, names) in [
+            ("http.cors.allow_headers", &http.cors.allow_headers),
+            ("http.cors.expose_headers", &http.cors.expose_headers),
+        ] {
+            if let Some(bad) = names.iter().find(|n| !crate::http::is_token(n.as_bytes())) {
+                return Err(invalid(key, format!("`{bad}` is not a header name")));
+            }
+        }
+        if let Some(bad) = http
+            .allowed_origins
+            .iter()
+            .find(|o| !crate::http::is_clean_value(o.as_bytes()) || o.is_empty())
+        {
+            return Err(invalid(
+                "http.allowed_origins",
+                format!("{bad:?} is not an origin"),
+            ));
+        }
 
         let mut upstreams: Vec<Upstream> = Vec::new();
         for (i, u) in self.upstreams.into_iter().enumerate() {

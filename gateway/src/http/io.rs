@@ -69,6 +69,8 @@ pub struct Io {
     /// The status of the first response head written since [`Io::begin_response`] (0: none
     /// yet), for the access log.
     status: u16,
+    /// Header lines the current answer's head carries besides its own (the CORS policy's).
+    head_lines: Vec<u8>,
 }
 
 impl Drop for Io {
@@ -92,6 +94,7 @@ impl Io {
             send_timeout,
             read_lost: false,
             status: 0,
+            head_lines: Vec::new(),
             write_lost: false,
         }
     }
@@ -382,6 +385,13 @@ impl Io {
     /// A new request's answer begins: the next head written is its status.
     pub fn begin_response(&mut self) {
         self.status = 0;
+        self.head_lines.clear();
+    }
+
+    /// Adds header lines (each `name: value\r\n`, already checked) to the head of the
+    /// current answer, whoever writes it: a relayed upstream head, an event stream, a refusal.
+    pub fn add_head_lines(&mut self, lines: &[u8]) {
+        self.head_lines.extend_from_slice(lines);
     }
 
     /// The status of the answer's head, once written (0: none).
@@ -399,7 +409,15 @@ impl Io {
                 .and_then(|c| c.parse::<u16>().ok())
         {
             self.status = code;
+            if !self.head_lines.is_empty() {
+                let lines = std::mem::take(&mut self.head_lines);
+                return self.write_out(super::cors::with_lines(bytes, &lines)).await;
+            }
         }
+        self.write_out(bytes).await
+    }
+
+    async fn write_out(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.write_raw(bytes).await;
         };

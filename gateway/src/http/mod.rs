@@ -20,6 +20,7 @@
 )]
 
 mod body;
+pub mod cors;
 mod head;
 mod head_end;
 mod io;
@@ -28,7 +29,7 @@ pub mod proxy_protocol;
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
-pub use head::{UnsafeField, is_clean_value, push_field, push_request_line};
+pub use head::{UnsafeField, is_clean_value, is_token, push_field, push_request_line};
 pub use head_end::HeadEnd;
 pub use io::{HandshakeError, Io};
 

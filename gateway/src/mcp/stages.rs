@@ -1,6 +1,6 @@
 //! The request's path on a worker, as named stages:
 //!
-//! route → origin → version → trace → identity → parse → check → admit → forward, then record.
+//! origin (and CORS) → route → version → trace → identity → parse → check → admit → forward, then record.
 //!
 //! Each stage either hands the next what it learned or stops the request with a [`Stop`],
 //! which one place ([`answer`]) turns into the client's answer. Nothing reaches an upstream
@@ -124,6 +124,13 @@ async fn run<'c>(
 ) -> Result<bool, Stop> {
     let config = &snapshot.config;
     let policy = &snapshot.policy;
+    let page = origin(config, req)?;
+    if req.method == "OPTIONS" {
+        return Ok(preflight(io, req, config, page).await);
+    }
+    if let Some(page) = page {
+        cors(io, config, page);
+    }
     if let Some(rest) = req
         .path()
         .strip_prefix("/.well-known/oauth-protected-resource")
@@ -131,7 +138,6 @@ async fn run<'c>(
         return Ok(protected_resource_metadata(io, req, rest, config, policy).await);
     }
     let route = route(config, req)?;
-    origin(config, req)?;
     let protocol = version(req)?;
     let header_trace = trace(req)?;
     let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
@@ -187,8 +193,9 @@ fn route<'c>(config: &'c Config, req: &Request) -> Result<&'c Route, Stop> {
         })
 }
 
-/// origin: a browser's request from a page not allowed is refused (DNS rebinding).
-fn origin(config: &Config, req: &Request) -> Result<(), Stop> {
+/// origin: a browser's request from a page not allowed is refused (DNS rebinding). The
+/// allowed page, if a browser's, is returned for the CORS answer.
+fn origin<'r>(config: &Config, req: &'r Request) -> Result<Option<&'r str>, Stop> {
     match req.header_str("origin") {
         Some(origin) if !config.http.allowed_origins.iter().any(|o| o == origin) => {
             Err(Stop::Reply(
@@ -196,8 +203,31 @@ fn origin(config: &Config, req: &Request) -> Result<(), Stop> {
                 RpcError::invalid_request(format!("origin `{origin}` is not allowed")),
             ))
         }
-        _ => Ok(()),
+        page => Ok(page),
     }
+}
+
+/// The CORS lines for an allowed page go on whatever answer this request gets.
+fn cors(io: &mut Io, config: &Config, page: &str) {
+    match config.http.cors.response_lines(page) {
+        Ok(lines) => io.add_head_lines(&lines),
+        Err(e) => crate::throttled_warn!("CORS headers not written: {e}"),
+    }
+}
+
+/// A CORS preflight (`OPTIONS`) on an MCP endpoint or the protected-resource metadata: the
+/// gateway's own policy, answered before identity (a preflight carries no credentials).
+async fn preflight(io: &mut Io, req: &Request, config: &Config, page: Option<&str>) -> bool {
+    let known = config.routes.iter().any(|r| r.path == req.path())
+        || req
+            .path()
+            .starts_with("/.well-known/oauth-protected-resource");
+    let out = if known {
+        config.http.cors.preflight(page, req.keep_alive)
+    } else {
+        crate::http::response(404, &[], b"", req.keep_alive)
+    };
+    io.write_all(out).await.is_ok() && req.keep_alive
 }
 
 /// version: the `MCP-Protocol-Version` header, if any, names a version the gateway speaks.

@@ -4,6 +4,7 @@
 
 mod appliance;
 mod containment;
+mod cors;
 mod edge_combined;
 mod hardening_http;
 mod hardening_io;
