@@ -69,6 +69,8 @@ const NPM_PACKAGES: &[&str] = &[
     "node@22.23.3",
     "@modelcontextprotocol/conformance@0.1.16",
     "@modelcontextprotocol/server-everything@2026.8.31",
+    // A real filesystem server, confined by Landlock in a test.
+    "@modelcontextprotocol/server-filesystem@2026.8.31",
     // The stdio-to-HTTP bridge the `stdio` benchmark compares with.
     "supergateway@4.0.0",
 ];

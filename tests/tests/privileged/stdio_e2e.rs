@@ -365,3 +365,91 @@ fn conformance_scenarios_pass_over_stdio_as_they_do_over_the_servers_own_http() 
     assert!(differ.is_empty(), "{differ:#?}");
     d.stop();
 }
+
+/// `@modelcontextprotocol/server-filesystem` (npm) confined by Landlock. The server keeps its
+/// own list of allowed folders, but that list is the server's to keep (a client's MCP roots
+/// replace it at run time); the kernel's confinement is what holds whatever the server is told.
+/// Here the server is told a parent folder, and Landlock gives it only one child of that
+/// folder: a read inside works, a read of the sibling fails, and the same server unconfined
+/// reads the sibling (so the refusal is Landlock's, not the server's).
+#[test]
+fn server_filesystem_confined_by_landlock_cannot_read_outside_its_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-filesystem",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert!(
+        std::path::Path::new(&bin).exists(),
+        "{bin} missing: run `cargo xtask setup`"
+    );
+    let modules = format!("{}/../.tools/node", env!("CARGO_MANIFEST_DIR"));
+    let root = std::env::temp_dir().join(unique("gwland"));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(root.clone());
+    let (inside, outside) = (root.join("inside"), root.join("outside"));
+    for dir in [&root, &inside, &outside] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for (path, text) in [
+        (inside.join("note.txt"), "inside text"),
+        (outside.join("secret.txt"), "outside secret"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let read = |port: u16, path: &std::path::Path| -> serde_json::Value {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"read_text_file","arguments":{{"path":"{}"}}}}}}"#,
+            path.display()
+        );
+        let (r, _) = integration_tests::peers::raw(
+            port,
+            &integration_tests::peers::post("/mcp", &body, "mcp-protocol-version: 2025-11-25\r\n"),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        // The answer may come as an event stream: the server asks for the client's roots
+        // on the way.
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: ").or(Some(l)))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|m| m["id"] == 1 && m.get("method").is_none())
+            .unwrap_or_else(|| panic!("no answer in {body}"))
+    };
+    let text = |v: &serde_json::Value| {
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let command = format!(r#"["{bin}", "{}"]"#, root.display());
+
+    // Unconfined: the server's own rule allows the whole parent folder.
+    let (mut open, port) = gateway(&command, "");
+    let v = read(port, &outside.join("secret.txt"));
+    assert_eq!(text(&v).as_deref(), Some("outside secret"), "{v}");
+    open.stop();
+
+    // Confined to `inside` (and the node modules it runs from).
+    let (mut confined, port) = gateway(
+        &command,
+        &format!(r#"read_paths = ["{}", "{modules}"]"#, inside.display()),
+    );
+    let v = read(port, &inside.join("note.txt"));
+    assert_eq!(text(&v).as_deref(), Some("inside text"), "{v}");
+    let v = read(port, &outside.join("secret.txt"));
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    let said = text(&v).unwrap_or_default();
+    assert!(!said.contains("outside secret"), "{v}");
+    assert!(
+        said.contains("EACCES") || said.to_lowercase().contains("permission denied"),
+        "the refusal should be the kernel's: {v}"
+    );
+    confined.stop();
+}
