@@ -233,6 +233,21 @@ pub fn py_client(url: &str, mode: &str) -> serde_json::Value {
     run_python(&[client.to_str().expect("utf-8 path"), url, mode])
 }
 
+/// Like [`py_client`], for a client expected to fail: its report, or why it failed.
+pub fn py_client_result(url: &str, mode: &str) -> Result<serde_json::Value, String> {
+    let client = root().join("tests/fixtures/mcp_client.py");
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(python())
+        .args([client.to_str().expect("utf-8 path"), url, mode])
+        .output()
+        .expect("run python");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
 /// Like [`py_client`], with the fixture server's tools and prompts under `prefix` (federation).
 pub fn py_client_prefixed(url: &str, mode: &str, prefix: &str) -> serde_json::Value {
     let client = root().join("tests/fixtures/mcp_client.py");

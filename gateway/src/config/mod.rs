@@ -369,11 +369,14 @@ pub struct RawUpstream {
     /// given.
     #[serde(default)]
     pub breaker: Option<RawBreaker>,
-    /// Which protocol era the upstream speaks. `auto`: a 2026-07-28 request goes as the client
-    /// sent it, and an upstream that refuses it for want of a session is remembered (five
-    /// minutes, per worker) as of the session era; `session` and `stateless` say so. A
-    /// 2026-07-28 client in front of a session-era upstream is served over a session the
-    /// gateway opens and holds itself.
+    /// Which protocol era the upstream speaks. `auto`: a request goes as the client sent it; an
+    /// upstream that refuses a 2026-07-28 request for want of a session is remembered (five
+    /// minutes, per worker) as of the session era, and one that refuses a session-era request
+    /// with -32022 listing only 2026 versions (five minutes, every worker) as stateless;
+    /// `session` and `stateless` say so. A 2026-07-28 client in front of a session-era upstream
+    /// is served over a session the gateway opens and holds itself; a session-era client in
+    /// front of a stateless upstream is bridged (`initialize` answered from `server/discover`,
+    /// the session the gateway's own).
     #[serde(default)]
     pub era: UpstreamEra,
     /// Whose state a gateway-held session of a session-era upstream carries: one session per

@@ -536,6 +536,18 @@ async fn refused_for_session(
     head: &ResponseHead,
     up: &Upstream,
 ) -> bool {
+    small_body(conn, head, up, wants_session).await
+}
+
+/// Reads a small (at most 4 KiB) fixed-length body into the connection's buffer, consuming
+/// nothing so that it can still be relayed, and gives it to `judge`. A body that is larger,
+/// chunked or does not arrive in time is not judged (false).
+pub(super) async fn small_body(
+    conn: &mut upstream::Conn,
+    head: &ResponseHead,
+    up: &Upstream,
+    judge: impl FnOnce(&ResponseHead, &[u8]) -> bool,
+) -> bool {
     let Ok(Some(http::BodyKind::Length(n))) = http::framing(&head.headers, 4096) else {
         return false;
     };
@@ -546,9 +558,7 @@ async fn refused_for_session(
             Ok(_) => {}
         }
     }
-    conn.pending()
-        .get(..n)
-        .is_some_and(|b| wants_session(head, b))
+    conn.pending().get(..n).is_some_and(|b| judge(head, b))
 }
 
 /// Whether the upstream no longer knows the session: 404, as the specification says, or the

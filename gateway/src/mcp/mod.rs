@@ -14,6 +14,7 @@
     )
 )]
 
+mod bridge;
 pub mod conn;
 pub mod error;
 pub mod federation;

@@ -657,6 +657,24 @@ async fn forward_stage<'c>(
                 )
                 .await;
             }
+            // A session-era client and an upstream that speaks only the stateless era.
+            if !super::held::client_is_stateless(req, messages.single.as_ref())
+                && super::bridge::known_stateless(ctx, up)
+            {
+                if req.method != "POST" {
+                    return super::bridge::other_method(io, req).await;
+                }
+                if let Some(m) = &messages.single {
+                    let filtering = (tenant.filters() || policy.pinning)
+                        && m.kind == Kind::Request
+                        && m.method.as_deref() == Some("tools/list");
+                    let keep = |t: &serde_json::Value| {
+                        super::proxy::visible(ctx, policy, tenant, &up.name, t)
+                    };
+                    let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
+                    return super::bridge::forward(io, req, peer, ctx, up, m, obs, filter).await;
+                }
+            }
             // A stateless client and an upstream that may speak only the session era.
             if req.method == "POST"
                 && let Some(m) = &messages.single
@@ -715,6 +733,15 @@ async fn forward_stage<'c>(
                 .map(|tp| ("traceparent", Some(tp)))
                 .into_iter()
                 .collect();
+            // A session-era message to an upstream that may speak only the stateless era.
+            if up.era == crate::config::UpstreamEra::Auto
+                && req.method == "POST"
+                && let Some(m) = &messages.single
+                && !super::held::client_is_stateless(req, Some(m))
+            {
+                return super::bridge::forward_learning(io, req, peer, ctx, up, m, &extra, obs)
+                    .await;
+            }
             match upstream_request(req, peer, up, &req.body, &extra) {
                 Ok(bytes) => forward(io, req, bytes, up, messages.request_id, ctx, None, obs).await,
                 Err(e) => {

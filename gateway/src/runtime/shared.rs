@@ -183,6 +183,9 @@ pub struct Shared {
     pub session_key: [u8; 32],
     /// Who opened each passthrough upstream session.
     pub session_owners: crate::mcp::session::Owners,
+    /// Upstreams learnt to speak only the stateless era, and since when: one refusal teaches
+    /// every worker (a session's requests reach any of them).
+    pub stateless_upstreams: papaya::HashMap<u64, std::time::Instant>,
     /// Workers send their telemetry here, once a second; the control thread takes it.
     pub stats_tx: std::sync::mpsc::Sender<crate::stats::Interval>,
     pub stats_rx: std::sync::Mutex<std::sync::mpsc::Receiver<crate::stats::Interval>>,
@@ -275,6 +278,7 @@ impl Shared {
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),
+            stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
         }
     }

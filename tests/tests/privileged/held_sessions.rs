@@ -193,3 +193,100 @@ fn a_stateless_client_sees_and_calls_every_tool_of_a_session_era_member() {
     );
     d.stop();
 }
+
+/// The reverse: a session-era client (the Python SDK's legacy mode) in front of an upstream
+/// that speaks only 2026-07-28 (the Python SDK's server, refusing every other version with its
+/// own -32022). Directly the client cannot even initialize; through the gateway (era learnt
+/// from that refusal) it gets what a 2026-07-28 client gets directly: tools, calls, progress,
+/// resources, prompts; `ping` and the session are the gateway's; the server's requests for
+/// input cannot reach a session-era client and fail as errors, never hang.
+#[test]
+fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
+    let up = PyServer::start_with(&["--stateless-only"]);
+    let direct_url = format!("http://127.0.0.1:{}/mcp", up.port);
+    let direct_legacy = integration_tests::peers::py_client_result(&direct_url, "legacy");
+    assert!(direct_legacy.is_err(), "{direct_legacy:?}");
+    let modern = integration_tests::peers::py_client(&direct_url, "2026-07-28");
+    assert!(
+        modern["tools"].as_array().is_some_and(|t| t.len() > 3),
+        "{modern}"
+    );
+
+    let port = free_port();
+    let instance = unique("gwbridge");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"modern\"\nurl = \"{direct_url}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"modern\"\n"
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let legacy = integration_tests::peers::py_client(&url, "legacy");
+    for key in [
+        "tools",
+        "echo",
+        "add",
+        "fail_is_error",
+        "progress_result",
+        "progress",
+        "resource",
+        "prompt",
+    ] {
+        assert_eq!(legacy[key], modern[key], "{key}: {legacy} vs {modern}");
+    }
+    assert_eq!(legacy["ping"], true, "{legacy}");
+    for tool in ["ask_model", "ask_user"] {
+        assert!(
+            legacy[tool]
+                .as_str()
+                .is_some_and(|t| t.starts_with("error")),
+            "{tool}: {legacy}"
+        );
+    }
+    // The 2026-07-28 client still passes as it is.
+    let through_modern = integration_tests::peers::py_client(&url, "2026-07-28");
+    assert_eq!(through_modern["tools"], modern["tools"], "{through_modern}");
+
+    // The session is the gateway's, bound to its opener; GET has no stream to offer.
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/mcp", init, ""));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["result"]["protocolVersion"], "2025-06-18");
+    let session = r.header("mcp-session-id").expect("a session id").to_owned();
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            list,
+            &format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n"),
+        ),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["result"]["tools"].is_array(),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.json()["result"].get("resultType").is_none());
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            list,
+            "mcp-session-id: 00000000000000000000000000000000\r\nmcp-protocol-version: 2025-06-18\r\n",
+        ),
+    );
+    assert_eq!(r.status, 404, "a session the gateway never opened");
+    let (r, _) = raw(
+        port,
+        format!(
+            "GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 405);
+    d.stop();
+}

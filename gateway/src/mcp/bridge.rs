@@ -1,0 +1,423 @@
+//! Session-era clients in front of an upstream that speaks only the 2026-07-28 (stateless)
+//! era: the reverse of [`super::held`].
+//!
+//! A session-era client opens with `initialize`, carries `Mcp-Session-Id` and the negotiated
+//! `MCP-Protocol-Version`, and may `ping`; a stateless-only server knows none of that and
+//! wants the 2026 envelope (`params._meta` with the protocol version and the client's
+//! capabilities) and the routing headers (`Mcp-Method`, `Mcp-Name`) on every request. So for
+//! such an upstream the gateway:
+//! - answers `initialize` itself from the upstream's `server/discover` (the client's own
+//!   session-era version if the gateway speaks it, else the newest session era), with a session
+//!   id of its own, bound to the caller like any passthrough session;
+//! - sends every other request with the envelope and headers added and the session id taken
+//!   out, reads the answer whole and gives the client the response (as JSON, or as an event
+//!   stream with the notifications that came before it) without the 2026-only fields;
+//! - answers `ping`, notifications (`notifications/initialized`, `cancelled`: the 2026 era has
+//!   none from clients) and `DELETE` itself; a GET stream is not offered (405, as the session
+//!   era allows).
+//!
+//! The envelope declares no client capabilities, as a held session does: the upstream must not
+//! count on asking this client anything (a `resultType: "input_required"` answer could not be
+//! relayed to it, and is an error naming the upstream).
+//!
+//! Which upstreams need this is configured (`era = "stateless"`) or learnt (`era = "auto"`):
+//! a session-era message goes as the client sent it, and an upstream that refuses it with
+//! -32022 (unsupported protocol version) listing only stateless-era versions is remembered for
+//! five minutes by every worker (the client's next request may reach another) while the
+//! message is bridged. Such a refusal means the request was not processed; nothing is sent to
+//! learn it.
+//!
+//! What it must never do: send the client's session id or the header values it did not check;
+//! every value in the head it writes comes from the body the parse stage checked.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use serde_json::{Map, Value, json};
+
+use super::{
+    Id, Kind, Message,
+    held::{self, Answer},
+    messages::answer_and_notes,
+    proxy::{Obs, WorkerCtx, fail, session_key, session_owner, upstream_request},
+    upstream,
+    upstream::{ResponseHead, UpstreamFailure},
+    version,
+};
+use crate::{
+    config::{Upstream, UpstreamEra},
+    http::{self, Io, Request},
+    stats::Outcome,
+};
+
+/// Largest upstream answer read whole.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// How long an upstream's era, once learnt, is taken as known.
+const ERA_TTL: Duration = Duration::from_secs(300);
+/// The envelope's keys (2026-07-28, "Per-request protocol fields").
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_CLIENT: &str = "io.modelcontextprotocol/clientInfo";
+const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
+
+/// Whether `up` is known to speak only the stateless era: configured so, or learnt lately.
+pub(super) fn known_stateless(ctx: &WorkerCtx, up: &Upstream) -> bool {
+    match up.era {
+        UpstreamEra::Stateless => true,
+        UpstreamEra::Session => false,
+        UpstreamEra::Auto => ctx
+            .shared
+            .stateless_upstreams
+            .pin()
+            .get(&up.key)
+            .is_some_and(|at| at.elapsed() < ERA_TTL),
+    }
+}
+
+fn learn(ctx: &WorkerCtx, up: &Upstream) {
+    tracing::info!(upstream = %up.name, "speaks the stateless era only: session-era clients are bridged");
+    ctx.shared
+        .stateless_upstreams
+        .pin()
+        .insert(up.key, Instant::now());
+}
+
+/// Whether a 400 refuses a session-era request because the upstream speaks only the stateless
+/// era: JSON-RPC -32022 whose `supported` list names stateless-era versions only.
+pub(super) fn refuses_session_era(head: &ResponseHead, body: &[u8]) -> bool {
+    if head.status != 400 {
+        return false;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let error = &v["error"];
+    error["code"] == -32022
+        && error["data"]["supported"].as_array().is_some_and(|s| {
+            !s.is_empty()
+                && s.iter()
+                    .all(|x| x.as_str().is_some_and(version::is_stateless_era))
+        })
+}
+
+/// Passthrough: a session-era message to an upstream whose era is not known goes as the client
+/// sent it and is relayed as it arrives, unless the upstream refuses it as
+/// [`refuses_session_era`] says (a small 400, read before anything is relayed): then the era
+/// is learnt, for every worker, and the message is bridged.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward_learning<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &'c Upstream,
+    m: &Message,
+    extra: &[(&str, Option<&str>)],
+    obs: &Obs<'c>,
+) -> bool {
+    let request = match upstream_request(req, peer, up, &req.body, extra) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = super::RpcError::from(e).with_id(m.id.clone());
+            return io
+                .write_all(super::proxy::json_response(400, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
+    };
+    obs.upstream.set(Some(&up.name));
+    let sent = Instant::now();
+    let opened = upstream::open(&ctx.pool, up, request, Some(io)).await;
+    obs.waited(sent.elapsed());
+    let (mut conn, head) = match opened {
+        Ok(o) => o,
+        Err(UpstreamFailure::ClientGone) => {
+            obs.set(Outcome::UpstreamFailure);
+            return false;
+        }
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(io, req, up, m.id.clone(), f).await;
+        }
+    };
+    if head.status == 400
+        && held::small_body(&mut conn, &head, up, |head, body| {
+            refuses_session_era(head, body)
+        })
+        .await
+    {
+        learn(ctx, up);
+        drop(conn);
+        return forward(io, req, peer, ctx, up, m, obs, None).await;
+    }
+    super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, None, obs).await
+}
+
+/// Passthrough: answers a session-era client's request `m` from a stateless-only `up`. With
+/// `filter`, a `tools/list` answer keeps only what it keeps.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &'c Upstream,
+    m: &Message,
+    obs: &Obs<'c>,
+    filter: Option<&dyn Fn(&Value) -> bool>,
+) -> bool {
+    obs.upstream.set(Some(&up.name));
+    let local = |body: Value| {
+        Ok(Answer {
+            head: held::json_head(),
+            body: super::json_bytes(&body),
+            notes: Vec::new(),
+        })
+    };
+    let method = m.method.as_deref().unwrap_or_default();
+    let answer = if m.kind != Kind::Request {
+        // Notifications and responses: the stateless era takes none from a client.
+        obs.set(Outcome::Ok);
+        return io
+            .write_all(http::response(202, &[], b"", req.keep_alive))
+            .await
+            .is_ok();
+    } else if method == "ping" {
+        local(json!({"jsonrpc": "2.0", "id": id_json(m.id.as_ref()), "result": {}}))
+    } else {
+        let sent = Instant::now();
+        let answer = if method == "initialize" {
+            initialize(ctx, req, peer, up, m).await
+        } else {
+            call(ctx, req, peer, up, m).await
+        };
+        obs.waited(sent.elapsed());
+        answer
+    };
+    if method == "initialize"
+        && let Ok(a) = answer
+    {
+        // The gateway's own session id, bound to the caller like an upstream's.
+        if let Some(id) = http::header(&a.head.headers, "mcp-session-id") {
+            ctx.shared.session_owners.bind(
+                session_key(ctx, up, id),
+                session_owner(ctx, obs),
+                crate::policy::limits::State::unix_s(),
+            );
+        }
+        return reply_with_session(io, req, a.head, a.body, obs).await;
+    }
+    held::reply(io, req, up, m, answer, obs, filter).await
+}
+
+/// The answer to `initialize`, made from the upstream's `server/discover`.
+async fn initialize(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    m: &Message,
+) -> Result<Answer, UpstreamFailure> {
+    let params: Value = serde_json::from_slice::<Value>(&req.body)
+        .map(|mut v| v["params"].take())
+        .unwrap_or_default();
+    let mut meta = Map::new();
+    if params["clientInfo"].is_object() {
+        meta.insert(META_CLIENT.into(), params["clientInfo"].clone());
+    }
+    let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
+    let (head, body) = exchange(ctx, req, peer, up, discover, meta).await?;
+    if !(200..300).contains(&head.status) {
+        return Err(UpstreamFailure::Bad(format!(
+            "server/discover answered HTTP {}",
+            head.status
+        )));
+    }
+    let (discovered, _) =
+        answer_and_notes(&head, &body, Some(&Id::Num(0))).map_err(UpstreamFailure::Bad)?;
+    let Some(found) = discovered.get("result") else {
+        return Err(UpstreamFailure::Bad(format!(
+            "server/discover failed: {}",
+            discovered["error"]
+        )));
+    };
+    let version = params["protocolVersion"]
+        .as_str()
+        .filter(|v| version::is_supported(v) && !version::is_stateless_era(v))
+        .unwrap_or(version::LATEST_SESSION_ERA);
+    let mut result = json!({
+        "protocolVersion": version,
+        "capabilities": found.get("capabilities").cloned().unwrap_or_else(|| json!({})),
+        "serverInfo": found
+            .get("serverInfo")
+            .or_else(|| found["_meta"].get(META_SERVER))
+            .cloned()
+            .unwrap_or_else(|| json!({"name": up.name, "version": ""})),
+    });
+    if let Some(text) = found.get("instructions") {
+        result["instructions"] = text.clone();
+    }
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+    let session: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Answer {
+        head: ResponseHead {
+            status: 200,
+            headers: vec![
+                ("content-type".to_owned(), b"application/json".to_vec()),
+                ("mcp-session-id".to_owned(), session.into_bytes()),
+            ],
+        },
+        body: super::json_bytes(
+            &json!({"jsonrpc": "2.0", "id": id_json(m.id.as_ref()), "result": result}),
+        ),
+        notes: Vec::new(),
+    })
+}
+
+/// Any other request: sent with the 2026 envelope, its answer read whole and given back
+/// without the stateless era's own fields.
+async fn call(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    m: &Message,
+) -> Result<Answer, UpstreamFailure> {
+    let message: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
+    let (head, body) = exchange(ctx, req, peer, up, message, Map::new()).await?;
+    if !(200..300).contains(&head.status) {
+        return Ok(Answer {
+            head,
+            body,
+            notes: Vec::new(),
+        });
+    }
+    let (mut answer, notes) =
+        answer_and_notes(&head, &body, m.id.as_ref()).map_err(UpstreamFailure::Bad)?;
+    if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
+        if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
+            return Err(UpstreamFailure::Bad(
+                "it asks the client for input (2026-07-28 input_required), which a session-era client cannot be asked through the gateway".into(),
+            ));
+        }
+        for field in ["resultType", "ttlMs", "cacheScope"] {
+            result.remove(field);
+        }
+    }
+    Ok(Answer {
+        head: held::json_head(),
+        body: super::json_bytes(&answer),
+        notes: notes.iter().map(super::json_bytes).collect(),
+    })
+}
+
+/// Sends `message` to `up` as a 2026-07-28 request: the envelope in `params._meta` (with
+/// `meta` besides), the routing headers from the message itself, no session.
+async fn exchange(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    mut message: Value,
+    meta: Map<String, Value>,
+) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
+    let method = message["method"].as_str().unwrap_or_default().to_owned();
+    let name = match method.as_str() {
+        "tools/call" | "prompts/get" => message["params"]["name"].as_str(),
+        "resources/read" => message["params"]["uri"].as_str(),
+        _ => None,
+    }
+    .map(header_text);
+    if !message["params"].is_object() {
+        message["params"] = json!({});
+    }
+    let params = &mut message["params"];
+    if !params["_meta"].is_object() {
+        params["_meta"] = json!({});
+    }
+    if let Some(m) = params["_meta"].as_object_mut() {
+        m.extend(meta);
+        m.insert(META_VERSION.into(), json!(version::STATELESS));
+        m.insert(META_CAPABILITIES.into(), json!({}));
+    }
+    let body = super::json_bytes(&message);
+    let replace = [
+        ("mcp-session-id", None),
+        ("mcp-protocol-version", Some(version::STATELESS)),
+        ("mcp-method", Some(method.as_str())),
+        ("mcp-name", name.as_deref()),
+        ("last-event-id", None),
+    ];
+    let request = upstream_request(req, peer, up, &body, &replace)
+        .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+    upstream::call(&ctx.pool, up, request, MAX_ANSWER).await
+}
+
+/// A value for `Mcp-Name`: as it is when it is safe header text, else in the specification's
+/// `=?base64?...?=` form.
+fn header_text(s: &str) -> String {
+    let plain = s.bytes().all(|b| (0x21..0x7f).contains(&b)) && !s.starts_with("=?");
+    if plain {
+        s.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
+    }
+}
+
+fn id_json(id: Option<&Id>) -> Value {
+    id.map_or(Value::Null, Id::to_json)
+}
+
+/// `initialize`'s answer with the session id the gateway made.
+async fn reply_with_session(
+    io: &mut Io,
+    req: &Request,
+    head: ResponseHead,
+    body: Vec<u8>,
+    obs: &Obs<'_>,
+) -> bool {
+    obs.set(Outcome::Ok);
+    let session = http::header(&head.headers, "mcp-session-id")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or_default();
+    io.write_all(http::response(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("mcp-session-id", session),
+        ],
+        &body,
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// A session-era client's GET (a stream the stateless era does not have) or DELETE (the
+/// gateway's own session ends with it).
+pub(super) async fn other_method(io: &mut Io, req: &Request) -> bool {
+    let out = if req.method == "DELETE" {
+        http::response(200, &[], b"", req.keep_alive)
+    } else {
+        http::response(405, &[("allow", "POST, DELETE")], b"", req.keep_alive)
+    };
+    io.write_all(out).await.is_ok() && req.keep_alive
+}
+
+#[cfg(test)]
+#[path = "bridge_tests.rs"]
+mod tests;
