@@ -147,6 +147,7 @@ fn mixed_load() -> Mix {
             .collect(),
         list_every: 10,
         sessions_every: 2,
+        ..Mix::default()
     }
 }
 
