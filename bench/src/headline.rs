@@ -130,7 +130,7 @@ impl Report {
     pub fn floor_of(&self, row: &Row) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.target == Target::Floor && r.kind == row.kind)
+            .find(|r| r.target == Target::Floor && r.kind == row.kind && r.result.ok > 0)
     }
 }
 
@@ -174,7 +174,7 @@ fn nginx_config(dir: &std::path::Path) -> String {
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 600s;\n  tcp_nodelay on;\n\
            client_max_body_size 8m;\n  client_body_buffer_size 2m;\n\
            upstream mcp {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 2048; keepalive_requests 10000000; }}\n\
-           server {{\n    listen {GW_ADDR}:{NGINX_PORT} backlog 4096;\n    location / {{\n      proxy_pass http://mcp;\n\
+           server {{\n    listen {GW_ADDR}:{NGINX_PORT} backlog=4096;\n    location / {{\n      proxy_pass http://mcp;\n\
               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
               proxy_buffering on;\n      proxy_buffer_size 64k;\n      proxy_buffers 32 64k;\n      proxy_busy_buffers_size 128k;\n\
               proxy_max_temp_file_size 0;\n    }}\n  }}\n}}\n",
@@ -195,10 +195,7 @@ fn core_jiffies() -> [(u64, u64); 2] {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let mut out = [(0, 0); 2];
     for (i, slot) in out.iter_mut().enumerate() {
-        let Some(line) = stat
-            .lines()
-            .find(|l| l.starts_with(&format!("cpu{i} ")))
-        else {
+        let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) else {
             continue;
         };
         let f: Vec<u64> = line
@@ -277,9 +274,11 @@ impl Bed {
                 .expect("start the floor"),
         ));
         pin_pid(floor.pid(), PROXY_CPU);
-        let nginx_dir = std::env::temp_dir().join(format!("bench-head-nginx-{}", std::process::id()));
+        let nginx_dir =
+            std::env::temp_dir().join(format!("bench-head-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
-        std::fs::write(nginx_dir.join("nginx.conf"), nginx_config(&nginx_dir)).expect("nginx config");
+        std::fs::write(nginx_dir.join("nginx.conf"), nginx_config(&nginx_dir))
+            .expect("nginx config");
         let nginx = Proc(KillOnDrop(
             in_ns(&topo.gw, std::path::Path::new("nginx"))
                 .arg("-p")
@@ -295,7 +294,9 @@ impl Bed {
             for t in Target::ALL {
                 let addr = SocketAddr::new(GW_ADDR.into(), t.port());
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    .is_err()
+                {
                     assert!(Instant::now() < deadline, "{} does not listen", t.name());
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -308,8 +309,8 @@ impl Bed {
             floor,
             nginx,
             nginx_dir,
-            seconds: if quick { 0.6 } else { 3.0 },
-            warmup: Duration::from_millis(if quick { 300 } else { 1000 }),
+            seconds: if quick { 0.5 } else { 3.0 },
+            warmup: Duration::from_millis(if quick { 250 } else { 1000 }),
         }
     }
 
@@ -321,7 +322,13 @@ impl Bed {
         }
     }
 
-    fn spec(&self, t: Target, connections: usize, rate: Option<f64>, echo_bytes: usize) -> LoadSpec {
+    fn spec(
+        &self,
+        t: Target,
+        connections: usize,
+        rate: Option<f64>,
+        echo_bytes: usize,
+    ) -> LoadSpec {
         LoadSpec {
             target: SocketAddr::new(GW_ADDR.into(), t.port()),
             path: "/mcp".into(),
@@ -355,16 +362,27 @@ impl Bed {
         })
     }
 
-    fn measure(&self, kind: &str, t: Target, connections: usize, rate: Option<f64>, echo: usize) -> Row {
-        let spec = self.spec(t, connections, rate, echo);
+    fn measure(
+        &self,
+        kind: &str,
+        t: Target,
+        connections: usize,
+        rate: Option<f64>,
+        echo: usize,
+    ) -> Row {
+        let mut spec = self.spec(t, connections, rate, echo);
+        if echo >= 1_000_000 || connections >= 2048 {
+            // Hundreds of ms per request, or 2,048 connects before the first answer: a short
+            // window would measure the warm-up's tail.
+            spec.warmup = spec.warmup.max(Duration::from_secs(1));
+            spec.duration = spec.duration.max(Duration::from_secs(2));
+        }
         let pid = self.pid(t);
         let (result, samples) = self.load(&spec, spec.duration, &mut |_| {
             (crate::proxy::cpu_seconds(pid), core_jiffies())
         });
         let ((cpu0, j0), (cpu1, j1)) = (samples[0], samples[samples.len() - 1]);
-        let busy = |i: usize| {
-            (j1[i].0 - j0[i].0) as f64 / (j1[i].1 - j0[i].1).max(1) as f64
-        };
+        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / (j1[i].1 - j0[i].1).max(1) as f64;
         Row {
             kind: kind.to_owned(),
             target: t,
@@ -378,7 +396,7 @@ impl Bed {
 
     /// Holds `n` connections to `t`, each after one `tools/call`, and reads the proxy's RSS
     /// before, while they are held (2 s after the last answer: the gateway drops an idle
-    /// connection's buffers after 500 ms) and 3 s after they closed.
+    /// connection's buffers after 500 ms) and 2 s after they closed.
     fn idle(&self, t: Target, n: usize) -> Idle {
         let pid = self.pid(t);
         let before = rss_mib(pid);
@@ -386,7 +404,9 @@ impl Bed {
         let (opened, held, after) = in_netns(&self.topo.client, || {
             crate::pin_to_cpu(LOAD_CPU);
             let mut conns: Vec<std::net::TcpStream> = (0..n)
-                .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()
+                })
                 .collect();
             let request = idle_request(addr);
             conns.retain_mut(|s| std::io::Write::write_all(s, &request).is_ok());
@@ -395,7 +415,7 @@ impl Bed {
             let held = rss_mib(pid);
             let opened = conns.len();
             drop(conns);
-            std::thread::sleep(Duration::from_secs(3));
+            std::thread::sleep(Duration::from_secs(2));
             (opened, held, rss_mib(pid))
         });
         Idle {
@@ -483,12 +503,21 @@ pub fn run(quick: bool) -> Report {
     }
     for o in open {
         rows.push(median(o, &|r: &Row| {
-            r.result.latency.as_ref().map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
+            r.result
+                .latency
+                .as_ref()
+                .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
         }));
     }
     for size in SIZES {
         for t in Target::ALL {
-            rows.push(bed.measure(&format!("peak, 32 connections, echo {}", bytes(size)), t, 32, None, size));
+            rows.push(bed.measure(
+                &format!("peak, 32 connections, echo {}", bytes(size)),
+                t,
+                32,
+                None,
+                size,
+            ));
         }
     }
     for n in CONNECTIONS.into_iter().skip(1) {
@@ -509,7 +538,11 @@ pub fn run(quick: bool) -> Report {
     let mut events = Vec::new();
     {
         let spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
-        let every = if quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
+        let every = if quick {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
         let mut n = 0;
         let gw = &bed.gateway;
         let (result, _) = bed.load(&spec, every, &mut |at: Duration| {

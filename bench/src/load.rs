@@ -109,7 +109,10 @@ fn request(spec: &LoadSpec, n: u64, agent: &str, list: bool, session: Option<&st
     let params = if list {
         String::new()
     } else if echo > 0 {
-        format!(r#""name":"{tool}","arguments":{{"text":"{}"}}"#, "x".repeat(echo))
+        format!(
+            r#""name":"{tool}","arguments":{{"text":"{}"}}"#,
+            "x".repeat(echo)
+        )
     } else {
         format!(r#""name":"{tool}","arguments":{{"a":{n},"b":1}}"#)
     };

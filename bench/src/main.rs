@@ -364,7 +364,13 @@ fn stdio_report(
             "p99_us": row.p99_us, "ok": row.ok, "errors": row.errors,
         })).collect::<Vec<_>>(),
     });
-    write_report(ledger, dir, &format!("{}-stdio{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-stdio{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 /// Scenario `otlp`: the gateway's CPU per request without span export and with it at 1 % and
@@ -427,7 +433,13 @@ fn otlp_report(
             "ok": row.ok, "errors": row.errors, "p99_us": row.p99_us,
         })).collect::<Vec<_>>(),
     });
-    write_report(ledger, dir, &format!("{}-otlp{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-otlp{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn policy_report(
@@ -499,7 +511,13 @@ fn policy_report(
         "rate_accuracy": {"workers": r.workers, "connections": r.connections, "rate": r.rate, "burst": r.burst,
                           "seconds": r.seconds, "admitted": r.admitted, "refused": r.refused, "allowed": r.allowed, "ratio": ratio},
     });
-    write_report(ledger, dir, &format!("{}-policy{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-policy{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn flood_report(
@@ -688,7 +706,13 @@ fn flood_report(
         "scenario": "flood", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "offered_rps": r.rate, "flood_syn_per_s_target": flood::FLOOD_PPS, "runs": rows_json,
     });
-    write_report(ledger, dir, &format!("{}-flood{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-flood{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 /// The errors column: errors, and in open loop the requests due in the measured time that were
@@ -750,8 +774,8 @@ fn proxy_report(
          the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner, and serves the SDK upstream at `/sdk`); \
          nginx: plain reverse proxy, 1 worker, upstream keep-alive. Rows `mixed load` use a mix (below); rows `SDK upstream` \
          have the Python SDK's server as the upstream instead of `mcp-upstream`, as a second point. The processes share \
-         this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
-         that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
+         this machine's cores. Open-loop sends are woken by a ticker thread with µs precision \
+         (its lateness, charged to the latency, is in the JSON: `ticker_late_p50_us`). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it. \
          Each target is measured in rounds, interleaved with the others (every target once per round), so that the \
          drift of this shared machine touches all alike; a row is the target's median round (by peak rps in closed loop, \
@@ -904,7 +928,13 @@ fn proxy_report(
         "scenario": "proxy", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "rows": rows_json, "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    write_report(ledger, dir, &format!("{}-proxy{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-proxy{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn xdp(
@@ -1018,7 +1048,13 @@ fn xdp(
             "path": n, "median_ns": med, "min_ns": min, "max_ns": max, "ratio_to_peer": *med as f64 / peer,
         })).collect::<Vec<_>>(),
     });
-    write_report(ledger, dir, &format!("{}-xdp{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-xdp{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn tls_report(
@@ -1175,7 +1211,13 @@ fn tls_report(
         "goals": goals.iter().map(|(round, rate, cpu, _)| serde_json::json!({"round": round.key(), "rate_ratio": rate, "cpu_ratio": cpu})).collect::<Vec<_>>(),
         "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    write_report(ledger, dir, &format!("{}-tls{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-tls{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 /// Scenario `headline`: the gateway with XDP attached, nginx tuned, and the floor; CPU per
@@ -1208,22 +1250,29 @@ fn headline_report(
         env = env.markdown(),
         half = r.half_rate,
         seconds = r.seconds,
-        rounds = if args.quick { "" } else { "; the first two rows: median of 3 interleaved rounds" },
+        rounds = if args.quick {
+            ""
+        } else {
+            "; the first two rows: median of 3 interleaved rounds"
+        },
     );
     let q = |h: Option<&hdrhistogram::Histogram<u64>>, q: f64| {
-        h.filter(|h| !h.is_empty()).map_or(0, |h| h.value_at_quantile(q))
+        h.filter(|h| !h.is_empty())
+            .map_or(0, |h| h.value_at_quantile(q))
     };
     for row in &r.rows {
-        let floor = r.floor_of(row);
+        // Ratios only between rows that answered something.
+        let floor = r.floor_of(row).filter(|_| row.result.ok > 0);
         let (h, u) = (row.result.latency.as_ref(), row.result.service.as_ref());
         let cpu_ratio = floor.map(|f| row.cpu_us / f.cpu_us.max(1e-9));
         let rps_ratio = floor.map(|f| row.result.rps() / f.result.rps().max(1e-9));
-        let p99_delta = floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
+        let p99_delta =
+            floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
         md.push_str(&format!(
-            "| {} | {} | **{:.1}** | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
+            "| {} | {} | **{}** | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
             row.kind,
             row.target.name(),
-            row.cpu_us,
+            if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
             cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
             row.result.rps(),
             rps_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
@@ -1257,7 +1306,7 @@ fn headline_report(
     }
     md.push_str(
         "\n## Idle connections\n\nEach connection makes one `tools/call` and is then held idle; resident memory (VmRSS) of \
-         the proxy before, 2 s after the last answer, and 3 s after all closed.\n\n\
+         the proxy before, 2 s after the last answer, and 2 s after all closed.\n\n\
          | proxy | held | RSS before MiB | held MiB | KiB per connection | after close MiB | after close vs before |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
@@ -1269,7 +1318,11 @@ fn headline_report(
             "| {} | {}{} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.0} % |\n",
             i.target.name(),
             i.opened,
-            if i.opened < i.held { format!(" of {}", i.held) } else { String::new() },
+            if i.opened < i.held {
+                format!(" of {}", i.held)
+            } else {
+                String::new()
+            },
             i.before_mib,
             i.held_mib,
             per,
@@ -1285,9 +1338,11 @@ fn headline_report(
             serde_json::json!({"rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib,
                 "kib_per_connection": per, "rss_after_close_mib": i.after_close_mib}),
         );
-        idle_json.push(serde_json::json!({"proxy": i.target.name(), "held": i.held, "opened": i.opened,
+        idle_json.push(
+            serde_json::json!({"proxy": i.target.name(), "held": i.held, "opened": i.opened,
             "rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib, "kib_per_connection": per,
-            "rss_after_close_mib": i.after_close_mib}));
+            "rss_after_close_mib": i.after_close_mib}),
+        );
     }
     md.push_str(&format!(
         "\n## Under load: reloads and an upstream restart\n\nOpen loop at {:.0} rps, 32 connections.\n\n\
@@ -1305,7 +1360,8 @@ fn headline_report(
             e.result.ok,
             errors_cell(&e.result),
             q(h, 0.99),
-            h.filter(|h| !h.is_empty()).map_or(0, hdrhistogram::Histogram::max),
+            h.filter(|h| !h.is_empty())
+                .map_or(0, hdrhistogram::Histogram::max),
         ));
         ledger.load_row(
             "headline",
@@ -1331,7 +1387,13 @@ fn headline_report(
         for (t, rss, ok, failed) in &s.samples {
             md.push_str(&format!("| {t:.0} | {rss:.1} | {ok} | {failed} |\n"));
         }
-        ledger.load_row("headline", "soak, gateway", &s.result, true, serde_json::json!({"offered_rps": s.rate}));
+        ledger.load_row(
+            "headline",
+            "soak, gateway",
+            &s.result,
+            true,
+            serde_json::json!({"offered_rps": s.rate}),
+        );
         soak_json = serde_json::json!({"offered_rps": s.rate, "ok": s.result.ok, "errors": s.result.errors,
             "missed": s.result.missed,
             "samples": s.samples.iter().map(|(t, rss, ok, f)| serde_json::json!({"s": t, "rss_mib": rss, "ok": ok, "failed": f})).collect::<Vec<_>>()});
@@ -1361,5 +1423,11 @@ fn headline_report(
         "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
         "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    write_report(ledger, dir, &format!("{}-headline{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-headline{suffix}", env.date),
+        &md,
+        &json,
+    )
 }

@@ -68,7 +68,12 @@ impl TickRx {
 /// Waits until request `k` (due at `due`) may be sent: its tick arrived, or (should the tick
 /// have been dropped) `due` plus 5 ms passed on monoio's coarse timer. Ticks of earlier requests
 /// (sent late, without waiting) are skipped.
-pub async fn wait(rx: &mut monoio::net::UnixStream, buf: &mut Option<Vec<u8>>, k: u64, due: Instant) {
+pub async fn wait(
+    rx: &mut monoio::net::UnixStream,
+    buf: &mut Option<Vec<u8>>,
+    k: u64,
+    due: Instant,
+) {
     use monoio::io::AsyncReadRent as _;
     let fallback = due + Duration::from_millis(5);
     loop {
@@ -81,7 +86,10 @@ pub async fn wait(rx: &mut monoio::net::UnixStream, buf: &mut Option<Vec<u8>>, k
             return;
         };
         let got = match res {
-            Ok(8) => b.get(..8).and_then(|x| x.try_into().ok()).map(u64::from_le_bytes),
+            Ok(8) => b
+                .get(..8)
+                .and_then(|x| x.try_into().ok())
+                .map(u64::from_le_bytes),
             _ => None,
         };
         b.clear();
@@ -160,7 +168,8 @@ impl Ticker {
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                let _ = late.record(Instant::now().saturating_duration_since(due).as_micros() as u64);
+                let _ =
+                    late.record(Instant::now().saturating_duration_since(due).as_micros() as u64);
                 let (conn, k) = schedule.owner(j);
                 let record = k.to_le_bytes();
                 // SAFETY: a live descriptor and an 8-byte buffer; MSG_DONTWAIT: a connection

@@ -64,6 +64,7 @@ impl Ledger {
             "p50_us": q(h, 0.5), "p90_us": q(h, 0.9), "p99_us": q(h, 0.99), "p999_us": q(h, 0.999),
             "max_us": h.filter(|h| !h.is_empty()).map(hdrhistogram::Histogram::max),
             "uncorrected_p50_us": q(u, 0.5), "uncorrected_p99_us": q(u, 0.99),
+            "ticker_ticks": r.ticks.map(|t| t.ticks),
             "ticker_late_p50_us": r.ticks.map(|t| t.late_p50_us),
             "ticker_late_p99_us": r.ticks.map(|t| t.late_p99_us),
         });
@@ -106,7 +107,11 @@ impl Ledger {
 
     /// 0, or [`EXIT_ERRORS`] when a checked row is over the threshold.
     pub fn exit_code(&self) -> i32 {
-        if self.over().is_empty() { 0 } else { EXIT_ERRORS }
+        if self.over().is_empty() {
+            0
+        } else {
+            EXIT_ERRORS
+        }
     }
 
     /// The loud line(s) for a failed run, if it failed.

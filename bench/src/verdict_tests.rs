@@ -59,7 +59,14 @@ fn every_row_has_the_same_json_shape() {
         true,
         json!({"cpu_us_per_request": 12.5, "floor_cpu_ratio": 1.4}),
     );
-    l.counts("otlp", "no OTLP", 500, 0, true, json!({"cpu_us_per_request": 9.0}));
+    l.counts(
+        "otlp",
+        "no OTLP",
+        500,
+        0,
+        true,
+        json!({"cpu_us_per_request": 9.0}),
+    );
     l.report(json!({"scenario": "headline"}));
     let v = l.json();
     assert_eq!(v["error_threshold"], json!(0.01));
@@ -68,7 +75,15 @@ fn every_row_has_the_same_json_shape() {
     let rows = v["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 2);
     for r in rows {
-        for key in ["scenario", "row", "ok", "failed", "failed_share", "checked", "over_threshold"] {
+        for key in [
+            "scenario",
+            "row",
+            "ok",
+            "failed",
+            "failed_share",
+            "checked",
+            "over_threshold",
+        ] {
             assert!(r.get(key).is_some(), "{key} missing in {r}");
         }
     }
