@@ -73,7 +73,7 @@ fn ticks_wake_connections_within_a_fraction_of_a_millisecond() {
             .map(|(conn, rx)| {
                 monoio::spawn(async move {
                     let mut rx = rx.into_stream();
-                    let mut buf = None;
+                    let mut buf: Option<Vec<u8>> = None;
                     let mut late = Vec::new();
                     let mut k = 0;
                     loop {
