@@ -309,8 +309,8 @@ impl Bed {
             floor,
             nginx,
             nginx_dir,
-            seconds: if quick { 0.5 } else { 3.0 },
-            warmup: Duration::from_millis(if quick { 250 } else { 1000 }),
+            seconds: if quick { 0.3 } else { 3.0 },
+            warmup: Duration::from_millis(if quick { 200 } else { 1000 }),
         }
     }
 
@@ -374,8 +374,8 @@ impl Bed {
         if echo >= 1_000_000 || connections >= 2048 {
             // Hundreds of ms per request, or 2,048 connects before the first answer: a short
             // window would measure the warm-up's tail.
-            spec.warmup = spec.warmup.max(Duration::from_secs(1));
-            spec.duration = spec.duration.max(Duration::from_secs(2));
+            spec.warmup = spec.warmup.max(Duration::from_millis(600));
+            spec.duration = spec.duration.max(Duration::from_secs(1));
         }
         let pid = self.pid(t);
         let (result, samples) = self.load(&spec, spec.duration, &mut |_| {
@@ -562,7 +562,7 @@ pub fn run(quick: bool) -> Report {
     // The upstream restarted in the middle of a half-load run, through the gateway and nginx.
     for t in [Target::Gateway, Target::Nginx] {
         let mut spec = bed.spec(t, 32, Some(half_rate), 0);
-        spec.duration = Duration::from_secs_f64(bed.seconds.max(2.0));
+        spec.duration = Duration::from_secs_f64(bed.seconds.max(1.2));
         let ns = bed.topo.gw.clone();
         let mut upstream = bed.upstream.take();
         let (result, _) = bed.load(&spec, spec.duration / 2, &mut |at: Duration| {

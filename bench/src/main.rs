@@ -336,12 +336,13 @@ fn stdio_report(
         seconds = r.seconds,
     );
     for row in &r.rows {
+        // The peers' own failures (supergateway under load) are counted, not checked.
         ledger.counts(
             "stdio",
             row.peer,
             row.ok,
             row.errors,
-            true,
+            row.peer.starts_with("mcp-gateway"),
             serde_json::json!({"achieved_rps": row.rps, "p99_us": row.p99_us}),
         );
         md.push_str(&format!(

@@ -131,6 +131,9 @@ fn mixed<'a>(target: Target<'a>, scenario: &'static str) -> Target<'a> {
     Target {
         scenario,
         mix: mixed_load(),
+        // Each agent sends its own key; a second `x-api-key` would be a duplicate header, which
+        // the gateway and `mcp-upstream` refuse with 400.
+        headers: String::new(),
         ..target
     }
 }
