@@ -168,9 +168,9 @@ upstream = "up"
 /// 2 MiB and never to disk, upstream keep-alive for as many connections as the load holds.
 fn nginx_config(dir: &std::path::Path) -> String {
     format!(
-        "worker_processes 1;\nworker_rlimit_nofile 30000;\nmaster_process off;\ndaemon off;\npid {dir}/nginx.pid;\n\
+        "worker_processes 1;\nworker_rlimit_nofile 20000;\nmaster_process off;\ndaemon off;\npid {dir}/nginx.pid;\n\
          error_log {dir}/error.log warn;\n\
-         events {{ worker_connections 24000; multi_accept on; }}\n\
+         events {{ worker_connections 16000; multi_accept on; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 600s;\n  tcp_nodelay on;\n\
            client_max_body_size 8m;\n  client_body_buffer_size 2m;\n\
            upstream mcp {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 2048; keepalive_requests 10000000; }}\n\
@@ -410,7 +410,7 @@ impl Bed {
                 .collect();
             let request = idle_request(addr);
             conns.retain_mut(|s| std::io::Write::write_all(s, &request).is_ok());
-            conns.retain_mut(|s| read_answer(s));
+            conns.retain_mut(read_answer);
             std::thread::sleep(Duration::from_secs(2));
             let held = rss_mib(pid);
             let opened = conns.len();

@@ -291,7 +291,7 @@ pub fn run(quick: bool) -> ProxyReport {
     wait_port(ngx_port, Duration::from_secs(5));
 
     let connections = 32;
-    let seconds = if quick { 1.0 } else { 4.0 };
+    let seconds = if quick { 0.5 } else { 4.0 };
     let warmup = Duration::from_millis(if quick { 500 } else { 1000 });
     let spec = |t: &Target<'_>, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], t.port).into(),
