@@ -5,19 +5,24 @@
 //!
 //! Closed loop (`rate = None`): each connection sends its next request when the previous answer
 //! arrives, to find the peak. Open loop (`rate = Some(r)`): requests are due at a fixed schedule
-//! and latency is measured from each request's *intended* send time, so a stall is charged to
-//! every request it delayed (no coordinated omission); the uncorrected figure (from the actual
-//! send) is kept beside it.
+//! ([`crate::schedule`]: a ticker thread wakes each connection at its due instants with
+//! microsecond precision) and latency is measured from each request's *intended* send time, so
+//! a stall is charged to every request it delayed (no coordinated omission); the uncorrected
+//! figure (from the actual send) is kept beside it.
 
 use std::{
     net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use hdrhistogram::Histogram;
 
 pub use crate::conn::Connect;
-use crate::conn::{Conn, connect};
+use crate::{
+    conn::{Conn, connect},
+    schedule::{Schedule, TickRx, Ticker},
+};
 
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -52,6 +57,8 @@ pub struct Mix {
     /// Every k-th connection works in the session era: `initialize` and
     /// `notifications/initialized` once, then 2025-11-25 requests with `Mcp-Session-Id` (0: none).
     pub sessions_every: usize,
+    /// Instead of `add`: `echo` with a text of this many bytes (the answer carries it back).
+    pub echo_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +76,8 @@ pub struct LoadResult {
     pub latency: Option<Histogram<u64>>,
     /// Uncorrected latency (from the actual send), microseconds.
     pub service: Option<Histogram<u64>>,
+    /// Open loop: how late the schedule's ticker woke (its precision on this machine).
+    pub ticks: Option<crate::schedule::TickStats>,
 }
 
 impl LoadResult {
@@ -82,6 +91,11 @@ impl LoadResult {
     }
 }
 
+/// Answered and failed requests so far, over every connection of the load running now (one at
+/// a time): what a soak samples while it runs.
+pub static LIVE_OK: AtomicU64 = AtomicU64::new(0);
+pub static LIVE_FAILED: AtomicU64 = AtomicU64::new(0);
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
@@ -89,10 +103,16 @@ fn histogram() -> Histogram<u64> {
 /// One request of a connection: `tools/list` or `tools/call`, stateless (2026-07-28) or in the
 /// 2025-11-25 form (with the session's id, if any).
 fn request(spec: &LoadSpec, n: u64, agent: &str, list: bool, session: Option<&str>) -> Vec<u8> {
-    let tool = &spec.tool;
+    let echo = spec.mix.echo_bytes;
+    let tool = if echo > 0 { "echo" } else { spec.tool.as_str() };
     let legacy = spec.legacy || session.is_some();
     let params = if list {
         String::new()
+    } else if echo > 0 {
+        format!(
+            r#""name":"{tool}","arguments":{{"text":"{}"}}"#,
+            "x".repeat(echo)
+        )
     } else {
         format!(r#""name":"{tool}","arguments":{{"a":{n},"b":1}}"#)
     };
@@ -258,26 +278,67 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
 /// Runs the load like [`run`], and calls `sample` when the measured time starts and when it ends
 /// (e.g. to read the CPU time processes used within it).
 pub fn run_sampled<T>(spec: &LoadSpec, sample: &mut dyn FnMut() -> T) -> (LoadResult, [T; 2]) {
+    let (r, mut s) = run_every(spec, spec.duration, &mut |_| sample());
+    let last = s.pop().expect("two samples");
+    let first = s.pop().expect("two samples");
+    (r, [first, last])
+}
+
+/// Runs the load like [`run`], and calls `sample` with the time since the measured time began
+/// at its start and every `every` after it, up to its end (a soak's RSS every 10 s).
+pub fn run_every<T>(
+    spec: &LoadSpec,
+    every: Duration,
+    sample: &mut dyn FnMut(Duration) -> T,
+) -> (LoadResult, Vec<T>) {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
     let per_thread = spec.connections.div_ceil(spec.threads);
+    // Open loop: one ticker for the whole load, a receiver per connection.
+    let schedule = spec.rate.map(|rate| Schedule {
+        start,
+        rate,
+        connections: spec.connections,
+    });
+    let (ticker, mut receivers) = match schedule {
+        Some(s) => {
+            let (t, rx) = Ticker::start(s, end);
+            (Some(t), rx.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
     let handles: Vec<_> = (0..spec.threads)
         .map(|t| {
             let spec = spec.clone();
+            let ticks: Vec<Option<TickRx>> = (0..per_thread)
+                .map(|c| receivers.get_mut(t * per_thread + c).and_then(Option::take))
+                .collect();
             std::thread::spawn(move || {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                     .enable_timer()
                     .build()
                     .expect("runtime");
-                rt.block_on(thread_load(spec, t, per_thread, start, measure_from, end))
+                let window = Window {
+                    start,
+                    measure_from,
+                    end,
+                    schedule,
+                };
+                rt.block_on(thread_load(spec, t, per_thread, window, ticks))
             })
         })
         .collect();
-    std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-    let first = sample();
-    std::thread::sleep(end.saturating_duration_since(Instant::now()));
-    let last = sample();
+    let mut samples = Vec::new();
+    let mut at = measure_from;
+    loop {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        samples.push(sample(at - measure_from));
+        if at >= end {
+            break;
+        }
+        at = (at + every.max(Duration::from_millis(1))).min(end);
+    }
     let mut total = LoadResult {
         elapsed: spec.duration,
         latency: Some(histogram()),
@@ -299,22 +360,34 @@ pub fn run_sampled<T>(spec: &LoadSpec, sample: &mut dyn FnMut() -> T) -> (LoadRe
             a.add(b).expect("same bounds");
         }
     }
-    (total, [first, last])
+    total.ticks = ticker.map(Ticker::finish);
+    (total, samples)
+}
+
+/// The load's time line.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    /// Open loop only.
+    schedule: Option<Schedule>,
 }
 
 async fn thread_load(
     spec: LoadSpec,
     thread: usize,
     connections: usize,
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
+    mut ticks: Vec<Option<TickRx>>,
 ) -> LoadResult {
     let tasks: Vec<_> = (0..connections)
+        .filter(|c| thread * connections + c < spec.connections)
         .map(|c| {
             let spec = spec.clone();
             let index = thread * connections + c;
-            monoio::spawn(connection(spec, index, start, measure_from, end))
+            let tick = ticks.get_mut(c).and_then(Option::take);
+            monoio::spawn(connection(spec, index, window, tick))
         })
         .collect();
     let mut out = LoadResult {
@@ -347,10 +420,15 @@ async fn thread_load(
 async fn connection(
     spec: LoadSpec,
     index: usize,
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
+    tick: Option<TickRx>,
 ) -> LoadResult {
+    let Window {
+        start,
+        measure_from,
+        end,
+        schedule,
+    } = window;
     let mut out = LoadResult {
         latency: Some(histogram()),
         service: Some(histogram()),
@@ -358,6 +436,8 @@ async fn connection(
     };
     let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
     sleep_until(start).await;
+    let mut tick = tick.map(TickRx::into_stream);
+    let mut tick_buf = None;
     let mix = &spec.mix;
     let wants_session = mix.sessions_every > 0 && index.is_multiple_of(mix.sessions_every);
     // A connection per request connects in each request's exchange (timed with it).
@@ -371,14 +451,10 @@ async fn connection(
             }
         }
     }
-    // Open loop: this connection's share of the rate, its first send staggered.
-    let interval = spec
-        .rate
-        .map(|r| Duration::from_secs_f64(spec.connections as f64 / r));
-    let mut due = start
-        + interval.map_or(Duration::ZERO, |i| {
-            i.mul_f64(index as f64 / spec.connections as f64)
-        });
+    // Open loop: this connection's requests are due at the schedule's instants for it.
+    let interval = schedule.map(|s| s.interval());
+    let mut k = 0u64;
+    let mut due = schedule.map_or(start, |s| s.due(index, 0));
     let mut buf = Vec::with_capacity(16 * 1024);
     let agent = if mix.agents.is_empty() {
         ""
@@ -410,10 +486,13 @@ async fn connection(
     };
     while more(due) {
         if interval.is_some() {
-            // Behind schedule: send at once. (monoio's timer ticks every millisecond, so even a
-            // zero-length sleep would wait for the next tick and the schedule would slip.)
+            // Behind schedule: send at once. Otherwise the ticker's record for request `k`
+            // (monoio's own timer ticks every millisecond: it would make a 30 µs call look 1 ms).
             if due > Instant::now() {
-                sleep_until(due).await;
+                match tick.as_mut() {
+                    Some(rx) => crate::schedule::wait(rx, &mut tick_buf, k, due).await,
+                    None => sleep_until(due).await,
+                }
             }
         } else {
             due = Instant::now();
@@ -449,6 +528,10 @@ async fn connection(
         let in_window = due >= measure_from && due < end;
         if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {
             match status {
+                Ok(200) => LIVE_OK.fetch_add(1, Ordering::Relaxed),
+                _ => LIVE_FAILED.fetch_add(1, Ordering::Relaxed),
+            };
+            match status {
                 Ok(200) => {
                     out.ok += 1;
                     let _ = out
@@ -469,8 +552,9 @@ async fn connection(
             out.missed += 1;
         }
         if done >= grace {
-            if let Some(i) = interval {
-                due += i;
+            if let Some(s) = schedule {
+                k += 1;
+                due = s.due(index, k);
             }
             break;
         }
@@ -482,23 +566,26 @@ async fn connection(
                 stream = Some(s);
                 buf.clear();
             } else {
-                if let Some(i) = interval {
-                    due += i;
+                if let Some(s) = schedule {
+                    k += 1;
+                    due = s.due(index, k);
                 }
                 break;
             }
         }
-        if let Some(i) = interval {
-            due += i;
+        if let Some(s) = schedule {
+            k += 1;
+            due = s.due(index, k);
         }
     }
     // Open loop: what was due in the measured time but never sent.
-    if let Some(i) = interval {
+    if let Some(s) = schedule {
         while due < end {
             if due >= measure_from {
                 out.missed += 1;
             }
-            due += i;
+            k += 1;
+            due = s.due(index, k);
         }
     }
     out

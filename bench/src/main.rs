@@ -10,13 +10,17 @@ mod conn;
 mod contextforge;
 mod env;
 mod flood;
+mod floor;
+mod headline;
 mod load;
 mod otlp;
 mod plot;
 mod policy;
 mod proxy;
+mod schedule;
 mod stdio;
 mod tls;
+mod verdict;
 
 use std::{net::IpAddr, time::Duration};
 
@@ -34,8 +38,23 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp, stdio); all when omitted.
+    /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio); all when
+    /// omitted.
     scenarios: Vec<String>,
+    /// Print every row (and every scenario's report) as one JSON document on stdout; the
+    /// Markdown goes to stderr.
+    #[arg(long)]
+    json: bool,
+    /// Fail the run (exit code 3, a loud line) when a row's failed requests exceed this share,
+    /// in percent.
+    #[arg(long, default_value_t = 1.0)]
+    max_error_percent: f64,
+    /// Internal: run the floor's forwarder on this address (for the `headline` scenario).
+    #[arg(long, hide = true, requires = "floor_upstream")]
+    floor_listen: Option<std::net::SocketAddr>,
+    /// Internal: the floor's upstream.
+    #[arg(long, hide = true)]
+    floor_upstream: Option<std::net::SocketAddr>,
     /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
     /// the latency percentiles (e.g. to load a running gateway while profiling it).
     #[arg(long)]
@@ -65,7 +84,7 @@ struct Args {
 }
 
 /// `--target`: one load run against a running server.
-fn load_target(args: &Args, target: std::net::SocketAddr) {
+fn load_target(args: &Args, ledger: &mut verdict::Ledger, target: std::net::SocketAddr) {
     let r = load::run(&load::LoadSpec {
         target,
         path: args.path.clone(),
@@ -84,16 +103,31 @@ fn load_target(args: &Args, target: std::net::SocketAddr) {
         },
     });
     let h = r.latency.as_ref().expect("histogram");
-    println!(
-        "{:.0} rps, errors {}; µs: p50 {} p90 {} p99 {} p99.9 {} max {}",
+    let u = r.service.as_ref().expect("histogram");
+    ledger.load_row(
+        "target",
+        &target.to_string(),
+        &r,
+        true,
+        serde_json::json!({"offered_rps": args.rate, "connections": args.connections}),
+    );
+    let line = format!(
+        "{:.0} rps, errors {}; µs: p50 {} p90 {} p99 {} p99.9 {} max {}; uncorrected p50 {} p99 {}",
         r.rps(),
         errors_cell(&r),
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.9),
         h.value_at_quantile(0.99),
         h.value_at_quantile(0.999),
-        h.max()
+        h.max(),
+        u.value_at_quantile(0.5),
+        u.value_at_quantile(0.99),
     );
+    if args.json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
 }
 
 const PORT: u16 = 8080;
@@ -200,7 +234,7 @@ fn bucket_accuracy(seconds: f64) -> Vec<Accuracy> {
     out
 }
 
-fn pin_to_cpu(cpu: usize) {
+pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -211,35 +245,69 @@ fn pin_to_cpu(cpu: usize) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(target) = args.target {
-        load_target(&args, target);
-        return Ok(());
+    if let (Some(listen), Some(upstream)) = (args.floor_listen, args.floor_upstream) {
+        return floor::serve(listen, upstream);
     }
+    raise_open_files();
+    let mut ledger = verdict::Ledger::new(args.max_error_percent / 100.0);
+    ledger.json_stdout = args.json;
+    if let Some(target) = args.target {
+        load_target(&args, &mut ledger, target);
+    } else {
+        scenarios(&args, &mut ledger)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&ledger.json())?);
+    }
+    if let Some(alarm) = ledger.alarm() {
+        eprintln!("\n{alarm}");
+        std::process::exit(ledger.exit_code());
+    }
+    Ok(())
+}
+
+/// The open-files limit raised to its hard limit: 2,048 load connections and 10,000 held ones
+/// (the gateway and nginx, started from here, inherit it).
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     let wants = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|x| x == s);
     let env = env::Environment::read();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
     let suffix = if args.quick { "-quick" } else { "" };
     if wants("xdp") {
-        xdp(&args, &env, &dir, suffix)?;
+        xdp(args, ledger, &env, &dir, suffix)?;
+    }
+    if wants("headline") {
+        headline_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("proxy") {
-        proxy_report(&args, &env, &dir, suffix)?;
+        proxy_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("policy") {
-        policy_report(&args, &env, &dir, suffix)?;
+        policy_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("flood") {
-        flood_report(&args, &env, &dir, suffix)?;
+        flood_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("tls") {
-        tls_report(&args, &env, &dir, suffix)?;
+        tls_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("otlp") {
-        otlp_report(&args, &env, &dir, suffix)?;
+        otlp_report(args, ledger, &env, &dir, suffix)?;
     }
     if wants("stdio") {
-        stdio_report(&args, &env, &dir, suffix)?;
+        stdio_report(args, ledger, &env, &dir, suffix)?;
     }
     Ok(())
 }
@@ -247,6 +315,7 @@ fn main() -> anyhow::Result<()> {
 /// Scenario `stdio`: the gateway against supergateway in front of the same stdio server.
 fn stdio_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -267,6 +336,15 @@ fn stdio_report(
         seconds = r.seconds,
     );
     for row in &r.rows {
+        // The peers' own failures (supergateway under load) are counted, not checked.
+        ledger.counts(
+            "stdio",
+            row.peer,
+            row.ok,
+            row.errors,
+            row.peer.starts_with("mcp-gateway"),
+            serde_json::json!({"achieved_rps": row.rps, "p99_us": row.p99_us}),
+        );
         md.push_str(&format!(
             "| {} | {:.0} ({:.0}–{:.0}) | {:.1}× | {:.0} | {} | {} |\n",
             row.peer,
@@ -287,13 +365,20 @@ fn stdio_report(
             "p99_us": row.p99_us, "ok": row.ok, "errors": row.errors,
         })).collect::<Vec<_>>(),
     });
-    write_report(dir, &format!("{}-stdio{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-stdio{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 /// Scenario `otlp`: the gateway's CPU per request without span export and with it at 1 % and
 /// 100 % sampling, same run, same offered rate.
 fn otlp_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -317,6 +402,14 @@ fn otlp_report(
         seconds = r.seconds,
     );
     for row in &r.rows {
+        ledger.counts(
+            "otlp",
+            row.mode,
+            row.ok,
+            row.errors,
+            true,
+            serde_json::json!({"cpu_us_per_request": row.cpu_us, "p99_us": row.p99_us}),
+        );
         md.push_str(&format!(
             "| {} | {:.1} ({:.1}–{:.1}) | {:+.1} % | {} | {} | {:.0} |\n",
             row.mode,
@@ -341,11 +434,18 @@ fn otlp_report(
             "ok": row.ok, "errors": row.errors, "p99_us": row.p99_us,
         })).collect::<Vec<_>>(),
     });
-    write_report(dir, &format!("{}-otlp{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-otlp{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn policy_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -412,11 +512,18 @@ fn policy_report(
         "rate_accuracy": {"workers": r.workers, "connections": r.connections, "rate": r.rate, "burst": r.burst,
                           "seconds": r.seconds, "admitted": r.admitted, "refused": r.refused, "allowed": r.allowed, "ratio": ratio},
     });
-    write_report(dir, &format!("{}-policy{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-policy{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn flood_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -448,6 +555,19 @@ fn flood_report(
     let onoff = |b: bool| if b { "attached" } else { "detached" };
     let mut rows_json = Vec::new();
     for run in &r.runs {
+        // Detached under the flood, failures are the finding: counted, not checked.
+        ledger.load_row(
+            "flood",
+            &format!(
+                "XDP {}, {}, {}",
+                onoff(run.kernel),
+                if run.flood { "flood" } else { "no flood" },
+                if run.rate.is_some() { "open loop" } else { "closed loop" }
+            ),
+            &run.result,
+            run.kernel || !run.flood,
+            serde_json::json!({"offered_rps": run.rate, "gateway_cpu_seconds_per_1k": run.gateway_cpu_per_k}),
+        );
         let h = run.result.latency.as_ref().expect("histogram");
         md.push_str(&format!(
             "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {} |\n",
@@ -587,7 +707,13 @@ fn flood_report(
         "scenario": "flood", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "offered_rps": r.rate, "flood_syn_per_s_target": flood::FLOOD_PPS, "runs": rows_json,
     });
-    write_report(dir, &format!("{}-flood{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-flood{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 /// The errors column: errors, and in open loop the requests due in the measured time that were
@@ -608,8 +734,10 @@ fn errors_cell(r: &load::LoadResult) -> String {
     }
 }
 
-/// Writes `<stem>.md` and `<stem>.json` under bench/results/ and prints the Markdown.
+/// Writes `<stem>.md` and `<stem>.json` under bench/results/, keeps the JSON for `--json` and
+/// prints the Markdown (to stderr with `--json`, whose document alone goes to stdout).
 fn write_report(
+    ledger: &mut verdict::Ledger,
     dir: &std::path::Path,
     stem: &str,
     md: &str,
@@ -620,13 +748,20 @@ fn write_report(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(json)?,
     )?;
-    print!("{md}");
-    println!("\nwritten: bench/results/{stem}.md and .json");
+    ledger.report(json.clone());
+    if ledger.json_stdout {
+        eprint!("{md}");
+        eprintln!("\nwritten: bench/results/{stem}.md and .json");
+    } else {
+        print!("{md}");
+        println!("\nwritten: bench/results/{stem}.md and .json");
+    }
     Ok(())
 }
 
 fn proxy_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -640,8 +775,8 @@ fn proxy_report(
          the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner, and serves the SDK upstream at `/sdk`); \
          nginx: plain reverse proxy, 1 worker, upstream keep-alive. Rows `mixed load` use a mix (below); rows `SDK upstream` \
          have the Python SDK's server as the upstream instead of `mcp-upstream`, as a second point. The processes share \
-         this machine's cores. The load generator's timer has 1 ms resolution, so open-loop sends can start up to 1 ms late; \
-         that lateness is charged to the latency (it is the same for every scenario). Open-loop latency is measured \
+         this machine's cores. Open-loop sends are woken by a ticker thread with µs precision \
+         (its lateness, charged to the latency, is in the JSON: `ticker_late_p50_us`). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it. \
          Each target is measured in rounds, interleaved with the others (every target once per round), so that the \
          drift of this shared machine touches all alike; a row is the target's median round (by peak rps in closed loop, \
@@ -654,6 +789,14 @@ fn proxy_report(
     );
     let mut rows_json = Vec::new();
     for row in &r.rows {
+        ledger.load_row(
+            "proxy",
+            &format!("{}, {}", row.scenario, row.mode),
+            &row.result,
+            true,
+            serde_json::json!({"offered_rps": row.offered_rps,
+                "cpu_seconds_per_1k": row.cpu_per_k.iter().map(|(n, c)| (n.clone(), *c)).collect::<std::collections::BTreeMap<_, _>>()}),
+        );
         let h = row.result.latency.as_ref().expect("histogram");
         let u = row.result.service.as_ref().expect("histogram");
         let cpu: Vec<String> = row
@@ -786,11 +929,18 @@ fn proxy_report(
         "scenario": "proxy", "environment": env.json(), "connections": r.connections, "seconds": r.seconds,
         "rows": rows_json, "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    write_report(dir, &format!("{}-proxy{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-proxy{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn xdp(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -899,11 +1049,18 @@ fn xdp(
             "path": n, "median_ns": med, "min_ns": min, "max_ns": max, "ratio_to_peer": *med as f64 / peer,
         })).collect::<Vec<_>>(),
     });
-    write_report(dir, &format!("{}-xdp{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-xdp{suffix}", env.date),
+        &md,
+        &json,
+    )
 }
 
 fn tls_report(
     args: &Args,
+    ledger: &mut verdict::Ledger,
     env: &env::Environment,
     dir: &std::path::Path,
     suffix: &str,
@@ -943,6 +1100,13 @@ fn tls_report(
     );
     let mut rows_json = Vec::new();
     for row in &r.rows {
+        ledger.load_row(
+            "tls",
+            &format!("{}, {}", row.round.title(), row.server),
+            &row.result,
+            true,
+            serde_json::json!({"server_cpu_us_per_request": row.server_cpu_us}),
+        );
         let h = row.result.latency.as_ref().expect("histogram");
         let others: Vec<String> = row
             .other_cpu_us
@@ -1048,5 +1212,223 @@ fn tls_report(
         "goals": goals.iter().map(|(round, rate, cpu, _)| serde_json::json!({"round": round.key(), "rate_ratio": rate, "cpu_ratio": cpu})).collect::<Vec<_>>(),
         "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
     });
-    write_report(dir, &format!("{}-tls{suffix}", env.date), &md, &json)
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-tls{suffix}", env.date),
+        &md,
+        &json,
+    )
+}
+
+/// Scenario `headline`: the gateway with XDP attached, nginx tuned, and the floor; CPU per
+/// request first, then the rate, and every row's distance from the floor.
+fn headline_report(
+    args: &Args,
+    ledger: &mut verdict::Ledger,
+    env: &env::Environment,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    let r = headline::run(args.quick);
+    let mut md = format!(
+        "# Headline: the gateway, nginx and the floor ({date})\n\n{env}\n\n\
+         Two network namespaces joined by veth; the proxies listen on 198.18.0.1 with the gateway's XDP program attached \
+         to the veth in native mode (packets to nginx's and the floor's ports take its early exit). `mcp-upstream` \
+         (1 worker) on loopback behind them. Cores: **CPU 0 runs the load generator and `mcp-upstream`, CPU 1 the proxy \
+         under test** (one loaded at a time; all pinned with `taskset`/`sched_setaffinity`). The floor is a byte relay \
+         (a connection upstream per client connection, no parsing, one monoio thread): what any proxy costs at least. \
+         The gateway: 1 worker, passthrough, telemetry on. nginx: 1 worker, upstream keep-alive, request bodies and \
+         answers buffered in memory (up to 2 MiB, never to disk). Closed-loop rows give the peak; open-loop rows are \
+         offered {half:.0} rps (half of the lowest peak of the first row) on a schedule kept by a ticker thread with µs \
+         precision; latency is measured from each request's intended send time (corrected for coordinated omission), \
+         the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
+         CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
+         context is not all charged to it); busy is each core's busy share during the row.\n\n\
+         | row | proxy | CPU µs / req | × floor CPU | rps | × floor rps | errors (missed) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        date = env.date,
+        env = env.markdown(),
+        half = r.half_rate,
+        seconds = r.seconds,
+        rounds = if args.quick {
+            ""
+        } else {
+            "; the first two rows: median of 3 interleaved rounds"
+        },
+    );
+    let q = |h: Option<&hdrhistogram::Histogram<u64>>, q: f64| {
+        h.filter(|h| !h.is_empty())
+            .map_or(0, |h| h.value_at_quantile(q))
+    };
+    for row in &r.rows {
+        // Ratios only between rows that answered something.
+        let floor = r.floor_of(row).filter(|_| row.result.ok > 0);
+        let (h, u) = (row.result.latency.as_ref(), row.result.service.as_ref());
+        let cpu_ratio = floor.map(|f| row.cpu_us / f.cpu_us.max(1e-9));
+        let rps_ratio = floor.map(|f| row.result.rps() / f.result.rps().max(1e-9));
+        let p99_delta =
+            floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
+        md.push_str(&format!(
+            "| {} | {} | **{}** | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
+            row.kind,
+            row.target.name(),
+            if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
+            cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+            row.result.rps(),
+            rps_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+            errors_cell(&row.result),
+            q(h, 0.5),
+            q(h, 0.99),
+            p99_delta.map_or("-".into(), |d| format!("{d:+}")),
+            q(u, 0.5),
+            q(u, 0.99),
+            row.busy[0] * 100.0,
+            row.busy[1] * 100.0,
+        ));
+        ledger.load_row(
+            "headline",
+            &format!("{}, {}", row.kind, row.target.name()),
+            &row.result,
+            true,
+            serde_json::json!({
+                "kind": row.kind, "proxy": row.target.name(), "connections": row.connections,
+                "offered_rps": row.offered_rps, "cpu_us_per_request": row.cpu_us,
+                "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
+                "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
+            }),
+        );
+    }
+    if let Some(t) = r.rows.iter().find_map(|x| x.result.ticks) {
+        md.push_str(&format!(
+            "\nThe schedule's ticker woke {} µs late at p50, {} µs at p99 (first open-loop row).\n",
+            t.late_p50_us, t.late_p99_us
+        ));
+    }
+    md.push_str(
+        "\n## Idle connections\n\nEach connection makes one `tools/call` and is then held idle; resident memory (VmRSS) of \
+         the proxy before, 2 s after the last answer, and 2 s after all closed.\n\n\
+         | proxy | held | RSS before MiB | held MiB | KiB per connection | after close MiB | after close vs before |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut idle_json = Vec::new();
+    for i in &r.idle {
+        let per = (i.held_mib - i.before_mib) * 1024.0 / i.opened.max(1) as f64;
+        let after = (i.after_close_mib / i.before_mib.max(1e-9) - 1.0) * 100.0;
+        md.push_str(&format!(
+            "| {} | {}{} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.0} % |\n",
+            i.target.name(),
+            i.opened,
+            if i.opened < i.held {
+                format!(" of {}", i.held)
+            } else {
+                String::new()
+            },
+            i.before_mib,
+            i.held_mib,
+            per,
+            i.after_close_mib,
+            after
+        ));
+        ledger.counts(
+            "headline",
+            &format!("idle {} connections, {}", i.held, i.target.name()),
+            i.opened as u64,
+            (i.held - i.opened) as u64,
+            true,
+            serde_json::json!({"rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib,
+                "kib_per_connection": per, "rss_after_close_mib": i.after_close_mib}),
+        );
+        idle_json.push(
+            serde_json::json!({"proxy": i.target.name(), "held": i.held, "opened": i.opened,
+            "rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib, "kib_per_connection": per,
+            "rss_after_close_mib": i.after_close_mib}),
+        );
+    }
+    md.push_str(&format!(
+        "\n## Under load: reloads and an upstream restart\n\nOpen loop at {:.0} rps, 32 connections.\n\n\
+         | event | proxy | events | answered | failed (missed) | p99 µs | max µs |\n|---|---|---:|---:|---:|---:|---:|\n",
+        r.half_rate
+    ));
+    let mut events_json = Vec::new();
+    for e in &r.events {
+        let h = e.result.latency.as_ref();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            e.what,
+            e.target.name(),
+            e.events,
+            e.result.ok,
+            errors_cell(&e.result),
+            q(h, 0.99),
+            h.filter(|h| !h.is_empty())
+                .map_or(0, hdrhistogram::Histogram::max),
+        ));
+        ledger.load_row(
+            "headline",
+            &format!("{}, {}", e.what, e.target.name()),
+            &e.result,
+            e.checked,
+            serde_json::json!({"events": e.events}),
+        );
+        events_json.push(serde_json::json!({"event": e.what, "proxy": e.target.name(), "events": e.events,
+            "ok": e.result.ok, "errors": e.result.errors, "missed": e.result.missed, "error_kinds": e.result.error_kinds}));
+    }
+    let mut soak_json = serde_json::Value::Null;
+    if let Some(s) = &r.soak {
+        md.push_str(&format!(
+            "\n## Soak: 10 minutes at {:.0} rps through the gateway\n\nAnswered {}, {}; p99 {} µs, max {} µs.\n\n\
+             | s | gateway RSS MiB | answered in 10 s | failed in 10 s |\n|---:|---:|---:|---:|\n",
+            s.rate,
+            s.result.ok,
+            errors_cell(&s.result),
+            q(s.result.latency.as_ref(), 0.99),
+            s.result.latency.as_ref().map_or(0, hdrhistogram::Histogram::max),
+        ));
+        for (t, rss, ok, failed) in &s.samples {
+            md.push_str(&format!("| {t:.0} | {rss:.1} | {ok} | {failed} |\n"));
+        }
+        ledger.load_row(
+            "headline",
+            "soak, gateway",
+            &s.result,
+            true,
+            serde_json::json!({"offered_rps": s.rate}),
+        );
+        soak_json = serde_json::json!({"offered_rps": s.rate, "ok": s.result.ok, "errors": s.result.errors,
+            "missed": s.result.missed,
+            "samples": s.samples.iter().map(|(t, rss, ok, f)| serde_json::json!({"s": t, "rss_mib": rss, "ok": ok, "failed": f})).collect::<Vec<_>>()});
+    }
+    md.push_str(&format!(
+        "\nLoad average (1, 5, 15 min): {} before, {} after. Peak memory: {}.\n",
+        r.loadavg[0],
+        r.loadavg[1],
+        r.peak_rss_mib
+            .iter()
+            .map(|(n, m)| format!("{n} {m:.1} MiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let json = serde_json::json!({
+        "scenario": "headline", "environment": env.json(), "seconds": r.seconds, "half_rate": r.half_rate,
+        "cores": {"load_generator_and_upstream": 0, "proxy": 1},
+        "rows": r.rows.iter().map(|row| serde_json::json!({
+            "kind": row.kind, "proxy": row.target.name(), "connections": row.connections, "offered_rps": row.offered_rps,
+            "cpu_us_per_request": row.cpu_us, "achieved_rps": row.result.rps(), "ok": row.result.ok,
+            "errors": row.result.errors, "missed": row.result.missed, "error_kinds": row.result.error_kinds,
+            "p50_us": q(row.result.latency.as_ref(), 0.5), "p99_us": q(row.result.latency.as_ref(), 0.99),
+            "uncorrected_p50_us": q(row.result.service.as_ref(), 0.5), "uncorrected_p99_us": q(row.result.service.as_ref(), 0.99),
+            "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
+        })).collect::<Vec<_>>(),
+        "idle": idle_json, "events": events_json, "soak": soak_json,
+        "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
+        "peak_rss_mib": r.peak_rss_mib.iter().map(|(n, m)| (n.clone(), *m)).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    write_report(
+        ledger,
+        dir,
+        &format!("{}-headline{suffix}", env.date),
+        &md,
+        &json,
+    )
 }

@@ -131,6 +131,9 @@ fn mixed<'a>(target: Target<'a>, scenario: &'static str) -> Target<'a> {
     Target {
         scenario,
         mix: mixed_load(),
+        // Each agent sends its own key; a second `x-api-key` would be a duplicate header, which
+        // the gateway and `mcp-upstream` refuse with 400.
+        headers: String::new(),
         ..target
     }
 }
@@ -147,6 +150,7 @@ fn mixed_load() -> Mix {
             .collect(),
         list_every: 10,
         sessions_every: 2,
+        ..Mix::default()
     }
 }
 
@@ -287,7 +291,7 @@ pub fn run(quick: bool) -> ProxyReport {
     wait_port(ngx_port, Duration::from_secs(5));
 
     let connections = 32;
-    let seconds = if quick { 1.0 } else { 6.0 };
+    let seconds = if quick { 0.5 } else { 4.0 };
     let warmup = Duration::from_millis(if quick { 500 } else { 1000 });
     let spec = |t: &Target<'_>, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], t.port).into(),

@@ -1,0 +1,641 @@
+//! Scenario `headline`: the figures to quote. The gateway with its kernel program attached
+//! (native XDP on a veth, in a network namespace, as the flood scenario sets it up), nginx with
+//! tuned proxy buffers, and the floor ([`crate::floor`]: a forwarder that copies bytes and
+//! nothing else), measured in the same run on the same cores; every row says how far it is from
+//! the floor.
+//!
+//! Cores (2 here): CPU 0 runs the load generator (and its ticker) and `mcp-upstream`, CPU 1
+//! the proxy under test (one at a time is loaded: the floor, the gateway or nginx). Their CPU
+//! per request is read from /proc, and each core's busy share is reported so that a row limited
+//! by CPU 0 (the generator and the upstream) is visible as such.
+//!
+//! Rows: peak (closed loop) and latency at half load (open loop) of a small `tools/call`;
+//! message sizes; connection counts; memory of idle connections and after they close;
+//! reload and upstream restart under load; a soak at half load (full run only).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    netns::{GW_ADDR, Topology, in_netns},
+    peers::{KillOnDrop, demo_upstream_in},
+    unique,
+};
+
+use crate::{
+    load::{self, LoadResult, LoadSpec, Mix},
+    proxy::Proc,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const UPSTREAM_PORT: u16 = 9000;
+const GATEWAY_PORT: u16 = 8080;
+const FLOOR_PORT: u16 = 8081;
+const NGINX_PORT: u16 = 8082;
+/// The generator's and the upstream's core; the proxy's.
+const LOAD_CPU: usize = 0;
+const PROXY_CPU: usize = 1;
+
+pub const SIZES: [usize; 4] = [100, 10_000, 100_000, 1_000_000];
+pub const CONNECTIONS: [usize; 3] = [32, 256, 2048];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Target {
+    Floor,
+    Gateway,
+    Nginx,
+}
+
+impl Target {
+    pub const ALL: [Target; 3] = [Target::Floor, Target::Gateway, Target::Nginx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Floor => "floor (byte relay)",
+            Target::Gateway => "gateway (XDP attached)",
+            Target::Nginx => "nginx (tuned buffers)",
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Target::Floor => FLOOR_PORT,
+            Target::Gateway => GATEWAY_PORT,
+            Target::Nginx => NGINX_PORT,
+        }
+    }
+}
+
+/// One measured row.
+pub struct Row {
+    /// What was measured, e.g. `peak, 32 connections, add`.
+    pub kind: String,
+    pub target: Target,
+    pub offered_rps: Option<f64>,
+    pub connections: usize,
+    pub result: LoadResult,
+    /// The proxy's CPU (user + system) per answered request, µs.
+    pub cpu_us: f64,
+    /// Busy share of CPU 0 (generator, upstream) and CPU 1 (the proxy) in the measured time.
+    pub busy: [f64; 2],
+}
+
+/// Memory of held idle connections.
+pub struct Idle {
+    pub target: Target,
+    pub held: usize,
+    /// Connections that completed their call and were held.
+    pub opened: usize,
+    pub before_mib: f64,
+    pub held_mib: f64,
+    pub after_close_mib: f64,
+}
+
+/// Failed requests around an event under load.
+pub struct Event {
+    pub what: String,
+    pub target: Target,
+    pub events: usize,
+    pub result: LoadResult,
+    /// Failures are expected (an upstream restart): counted, not checked.
+    pub checked: bool,
+}
+
+/// The soak: every 10 s, the seconds since its start, the gateway's RSS (MiB) and the
+/// answered and failed requests in those 10 s.
+pub struct Soak {
+    pub rate: f64,
+    pub result: LoadResult,
+    pub samples: Vec<(f64, f64, u64, u64)>,
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub idle: Vec<Idle>,
+    pub events: Vec<Event>,
+    pub soak: Option<Soak>,
+    pub half_rate: f64,
+    pub seconds: f64,
+    pub loadavg: [String; 2],
+    /// Peak RSS of the processes.
+    pub peak_rss_mib: Vec<(String, f64)>,
+}
+
+impl Report {
+    /// The floor's row of the same kind as `row`.
+    pub fn floor_of(&self, row: &Row) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.target == Target::Floor && r.kind == row.kind && r.result.ok > 0)
+    }
+}
+
+fn gateway_config(instance: &str, iface: &str) -> String {
+    format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+pin_workers = false
+[[listeners]]
+address = "{GW_ADDR}:{GATEWAY_PORT}"
+[admin]
+address = "127.0.0.1:19090"
+[kernel]
+enabled = true
+interfaces = ["{iface}"]
+mode = "native"
+default_tenant = "load"
+[[tenants]]
+name = "load"
+id = 0
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:{UPSTREAM_PORT}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+"#
+    )
+}
+
+/// nginx as a reverse proxy tuned for these messages: request bodies up to 2 MiB kept in
+/// memory (the default 16 KiB spills to a temporary file), answers buffered in memory up to
+/// 2 MiB and never to disk, upstream keep-alive for as many connections as the load holds.
+fn nginx_config(dir: &std::path::Path) -> String {
+    format!(
+        "worker_processes 1;\nworker_rlimit_nofile 20000;\nmaster_process off;\ndaemon off;\npid {dir}/nginx.pid;\n\
+         error_log {dir}/error.log warn;\n\
+         events {{ worker_connections 16000; multi_accept on; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 600s;\n  tcp_nodelay on;\n\
+           client_max_body_size 8m;\n  client_body_buffer_size 2m;\n\
+           upstream mcp {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 2048; keepalive_requests 10000000; }}\n\
+           server {{\n    listen {GW_ADDR}:{NGINX_PORT} backlog=4096;\n    location / {{\n      proxy_pass http://mcp;\n\
+              proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+              proxy_buffering on;\n      proxy_buffer_size 64k;\n      proxy_buffers 32 64k;\n      proxy_busy_buffers_size 128k;\n\
+              proxy_max_temp_file_size 0;\n    }}\n  }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+/// Pins every thread of `pid` (and those it makes later) to `cpu`.
+fn pin_pid(pid: u32, cpu: usize) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
+
+/// (busy, total) jiffies of CPU 0 and CPU 1, from /proc/stat.
+fn core_jiffies() -> [(u64, u64); 2] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut out = [(0, 0); 2];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) else {
+            continue;
+        };
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: u64 = f.iter().take(8).sum();
+        let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+        *slot = (total - idle, total);
+    }
+    out
+}
+
+/// Resident memory now (VmRSS), MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Dropped in field order after `drop`: the processes, then the namespaces.
+struct Bed {
+    upstream: Option<KillOnDrop>,
+    gateway: Daemon,
+    floor: Proc,
+    nginx: Proc,
+    nginx_dir: std::path::PathBuf,
+    seconds: f64,
+    warmup: Duration,
+    topo: Topology,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.gateway.stop();
+        let _ = std::fs::remove_dir_all(&self.nginx_dir);
+    }
+}
+
+impl Bed {
+    fn start(quick: bool) -> Self {
+        integration_tests::require_root();
+        let topo = Topology::new(&[CLIENT]);
+        let upstream = demo_upstream_in(Some(&topo.gw), UPSTREAM_PORT);
+        pin_pid(upstream.0.id(), LOAD_CPU);
+        let instance = unique("gwhead");
+        let gateway = Daemon::start(&topo.gw, &instance, &gateway_config(&instance, &topo.gw_if));
+        pin_pid(gateway.pid(), PROXY_CPU);
+        let in_ns = |ns: &str, program: &std::path::Path| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        };
+        let exe = std::env::current_exe().expect("own path");
+        let floor = Proc(KillOnDrop(
+            in_ns(&topo.gw, &exe)
+                .arg("--floor-listen")
+                .arg(format!("{GW_ADDR}:{FLOOR_PORT}"))
+                .arg("--floor-upstream")
+                .arg(format!("127.0.0.1:{UPSTREAM_PORT}"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the floor"),
+        ));
+        pin_pid(floor.pid(), PROXY_CPU);
+        let nginx_dir =
+            std::env::temp_dir().join(format!("bench-head-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+        std::fs::write(nginx_dir.join("nginx.conf"), nginx_config(&nginx_dir))
+            .expect("nginx config");
+        let nginx = Proc(KillOnDrop(
+            in_ns(&topo.gw, std::path::Path::new("nginx"))
+                .arg("-p")
+                .arg(&nginx_dir)
+                .arg("-c")
+                .arg(nginx_dir.join("nginx.conf"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nginx (cargo xtask setup installs nginx-light)"),
+        ));
+        pin_pid(nginx.pid(), PROXY_CPU);
+        in_netns(&topo.client, || {
+            for t in Target::ALL {
+                let addr = SocketAddr::new(GW_ADDR.into(), t.port());
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    .is_err()
+                {
+                    assert!(Instant::now() < deadline, "{} does not listen", t.name());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        Bed {
+            topo,
+            upstream: Some(upstream),
+            gateway,
+            floor,
+            nginx,
+            nginx_dir,
+            seconds: if quick { 0.3 } else { 3.0 },
+            warmup: Duration::from_millis(if quick { 200 } else { 1000 }),
+        }
+    }
+
+    fn pid(&self, t: Target) -> u32 {
+        match t {
+            Target::Floor => self.floor.pid(),
+            Target::Gateway => self.gateway.pid(),
+            Target::Nginx => self.nginx.pid(),
+        }
+    }
+
+    fn spec(
+        &self,
+        t: Target,
+        connections: usize,
+        rate: Option<f64>,
+        echo_bytes: usize,
+    ) -> LoadSpec {
+        LoadSpec {
+            target: SocketAddr::new(GW_ADDR.into(), t.port()),
+            path: "/mcp".into(),
+            connections,
+            threads: 1,
+            duration: Duration::from_secs_f64(self.seconds),
+            warmup: self.warmup,
+            rate,
+            tool: "add".into(),
+            headers: String::new(),
+            legacy: false,
+            mix: Mix {
+                echo_bytes,
+                ..Mix::default()
+            },
+            connect: load::Connect::default(),
+        }
+    }
+
+    /// Runs `spec` from the client namespace on the generator's core, calling `sample` as
+    /// [`load::run_every`] does.
+    fn load<T: Send>(
+        &self,
+        spec: &LoadSpec,
+        every: Duration,
+        sample: &mut (dyn FnMut(Duration) -> T + Send),
+    ) -> (LoadResult, Vec<T>) {
+        in_netns(&self.topo.client, || {
+            crate::pin_to_cpu(LOAD_CPU);
+            load::run_every(spec, every, sample)
+        })
+    }
+
+    fn measure(
+        &self,
+        kind: &str,
+        t: Target,
+        connections: usize,
+        rate: Option<f64>,
+        echo: usize,
+    ) -> Row {
+        let mut spec = self.spec(t, connections, rate, echo);
+        if echo >= 1_000_000 || connections >= 2048 {
+            // Hundreds of ms per request, or 2,048 connects before the first answer: a short
+            // window would measure the warm-up's tail.
+            spec.warmup = spec.warmup.max(Duration::from_millis(600));
+            spec.duration = spec.duration.max(Duration::from_secs(1));
+        }
+        let pid = self.pid(t);
+        let (result, samples) = self.load(&spec, spec.duration, &mut |_| {
+            (crate::proxy::cpu_seconds(pid), core_jiffies())
+        });
+        let ((cpu0, j0), (cpu1, j1)) = (samples[0], samples[samples.len() - 1]);
+        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / (j1[i].1 - j0[i].1).max(1) as f64;
+        Row {
+            kind: kind.to_owned(),
+            target: t,
+            offered_rps: rate,
+            connections,
+            cpu_us: (cpu1 - cpu0) * 1e6 / result.ok.max(1) as f64,
+            busy: [busy(0), busy(1)],
+            result,
+        }
+    }
+
+    /// Holds `n` connections to `t`, each after one `tools/call`, and reads the proxy's RSS
+    /// before, while they are held (2 s after the last answer: the gateway drops an idle
+    /// connection's buffers after 500 ms) and 2 s after they closed.
+    fn idle(&self, t: Target, n: usize) -> Idle {
+        let pid = self.pid(t);
+        let before = rss_mib(pid);
+        let addr = SocketAddr::new(GW_ADDR.into(), t.port());
+        let (opened, held, after) = in_netns(&self.topo.client, || {
+            crate::pin_to_cpu(LOAD_CPU);
+            let mut conns: Vec<std::net::TcpStream> = (0..n)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()
+                })
+                .collect();
+            let request = idle_request(addr);
+            conns.retain_mut(|s| std::io::Write::write_all(s, &request).is_ok());
+            conns.retain_mut(read_answer);
+            std::thread::sleep(Duration::from_secs(2));
+            let held = rss_mib(pid);
+            let opened = conns.len();
+            drop(conns);
+            std::thread::sleep(Duration::from_secs(2));
+            (opened, held, rss_mib(pid))
+        });
+        Idle {
+            target: t,
+            held: n,
+            opened,
+            before_mib: before,
+            held_mib: held,
+            after_close_mib: after,
+        }
+    }
+}
+
+fn idle_request(addr: SocketAddr) -> Vec<u8> {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    format!(
+        "POST /mcp HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads one answer with a Content-Length body; true if it is a 200.
+fn read_answer(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = s.read(&mut chunk) else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = resp.parse(&buf) {
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= head + len {
+                return resp.code == Some(200);
+            }
+        }
+    }
+}
+
+pub fn run(quick: bool) -> Report {
+    let load_before = loadavg();
+    let mut bed = Bed::start(quick);
+    let mut rows = Vec::new();
+    let rounds = if quick { 1 } else { 3 };
+    // Peak: every target once per round, interleaved; the median round by CPU per request.
+    let mut peaks: Vec<Vec<Row>> = Target::ALL.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, t) in Target::ALL.iter().enumerate() {
+            peaks[i].push(bed.measure("peak, 32 connections, add", *t, 32, None, 0));
+        }
+    }
+    let median = |mut r: Vec<Row>, key: &dyn Fn(&Row) -> f64| {
+        r.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        let n = r.len();
+        r.swap_remove(n / 2)
+    };
+    for p in peaks {
+        rows.push(median(p, &|r: &Row| r.cpu_us));
+    }
+    // Half of the lowest peak, offered to every target.
+    let low = rows
+        .iter()
+        .map(|r| r.result.rps())
+        .fold(f64::INFINITY, f64::min);
+    let half_rate = (0.5 * low).round().max(10.0);
+    let mut open: Vec<Vec<Row>> = Target::ALL.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, t) in Target::ALL.iter().enumerate() {
+            open[i].push(bed.measure("half load, 32 connections, add", *t, 32, Some(half_rate), 0));
+        }
+    }
+    for o in open {
+        rows.push(median(o, &|r: &Row| {
+            r.result
+                .latency
+                .as_ref()
+                .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
+        }));
+    }
+    for size in SIZES {
+        for t in Target::ALL {
+            rows.push(bed.measure(
+                &format!("peak, 32 connections, echo {}", bytes(size)),
+                t,
+                32,
+                None,
+                size,
+            ));
+        }
+    }
+    for n in CONNECTIONS.into_iter().skip(1) {
+        for t in Target::ALL {
+            rows.push(bed.measure(&format!("peak, {n} connections, add"), t, n, None, 0));
+        }
+    }
+    // Memory of idle connections (the floor holds one upstream connection per client one:
+    // its memory is the upstream's, so it is not a peer here).
+    let mut idle = Vec::new();
+    let helds: &[usize] = if quick { &[1000] } else { &[1000, 10_000] };
+    for &n in helds {
+        for t in [Target::Gateway, Target::Nginx] {
+            idle.push(bed.idle(t, n));
+        }
+    }
+    // Reloads under load: SIGHUP every second (every 0.2 s with --quick) at half load.
+    let mut events = Vec::new();
+    {
+        let spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
+        let every = if quick {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
+        let mut n = 0;
+        let gw = &bed.gateway;
+        let (result, _) = bed.load(&spec, every, &mut |at: Duration| {
+            if !at.is_zero() && at < spec.duration {
+                gw.hangup();
+                n += 1;
+            }
+        });
+        events.push(Event {
+            what: "configuration reload (SIGHUP)".into(),
+            target: Target::Gateway,
+            events: n,
+            result,
+            checked: true,
+        });
+    }
+    // The upstream restarted in the middle of a half-load run, through the gateway and nginx.
+    for t in [Target::Gateway, Target::Nginx] {
+        let mut spec = bed.spec(t, 32, Some(half_rate), 0);
+        spec.duration = Duration::from_secs_f64(bed.seconds.max(1.2));
+        let ns = bed.topo.gw.clone();
+        let mut upstream = bed.upstream.take();
+        let (result, _) = bed.load(&spec, spec.duration / 2, &mut |at: Duration| {
+            if !at.is_zero() && at < spec.duration {
+                drop(upstream.take());
+                let up = demo_upstream_in(Some(&ns), UPSTREAM_PORT);
+                pin_pid(up.0.id(), LOAD_CPU);
+                upstream = Some(up);
+            }
+        });
+        bed.upstream = upstream;
+        events.push(Event {
+            what: "upstream killed and started again".into(),
+            target: t,
+            events: 1,
+            result,
+            checked: false,
+        });
+    }
+    // The soak: 10 minutes at half load through the gateway, RSS and failures every 10 s.
+    let soak = (!quick).then(|| {
+        let mut spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
+        spec.duration = Duration::from_secs(600);
+        let pid = bed.gateway.pid();
+        let mut last = (0, 0);
+        let (result, samples) = bed.load(&spec, Duration::from_secs(10), &mut |at: Duration| {
+            let now = (
+                load::LIVE_OK.load(std::sync::atomic::Ordering::Relaxed),
+                load::LIVE_FAILED.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let d = (now.0 - last.0, now.1 - last.1);
+            last = now;
+            (at.as_secs_f64(), rss_mib(pid), d.0, d.1)
+        });
+        Soak {
+            rate: half_rate,
+            result,
+            // The first sample opens the measured time (its counts are the warm-up's).
+            samples: samples.into_iter().skip(1).collect(),
+        }
+    });
+    let peak_rss_mib = vec![
+        ("gateway".to_owned(), peak_rss(bed.gateway.pid())),
+        ("nginx".to_owned(), bed.nginx.peak_rss_mib()),
+        ("floor".to_owned(), bed.floor.peak_rss_mib()),
+    ];
+    let seconds = bed.seconds;
+    drop(bed);
+    Report {
+        rows,
+        idle,
+        events,
+        soak,
+        half_rate,
+        seconds,
+        loadavg: [load_before, loadavg()],
+        peak_rss_mib,
+    }
+}
+
+fn peak_rss(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+pub fn bytes(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{} MB", n / 1_000_000),
+        n if n >= 1000 => format!("{} KB", n / 1000),
+        n => format!("{n} B"),
+    }
+}
