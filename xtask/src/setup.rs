@@ -178,11 +178,12 @@ fn python_peers_venv(venv: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Builds the Debian package (`cargo xtask package`) and checks it (the package test): cargo-deb,
-/// pinned, and lintian.
+/// pinned, lintian and logrotate.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn packaging() -> anyhow::Result<()> {
-    apt(&["lintian"])?;
+    // logrotate: the package test rotates the audit log with the shipped snippet.
+    apt(&["lintian", "logrotate"])?;
     let have = output(crate::cargo().args(["deb", "--version"])).unwrap_or_default();
     if have.contains(CARGO_DEB_VERSION) {
         return Ok(());

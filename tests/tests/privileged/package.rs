@@ -441,6 +441,51 @@ fn package_installs_serves_as_the_service_user_and_purges() {
         "audit log"
     );
 
+    // logrotate with the shipped snippet, as cron would run it: the file moved, a new one made
+    // as `create` says. Its postrotate (`systemctl kill -s USR1`) needs systemd: the signal is
+    // sent here as it would send it. Lines after that go to the new file, none to the old.
+    let current = Path::new("/var/log/mcp-gateway/audit.jsonl");
+    let rotated = Path::new("/var/log/mcp-gateway/audit.jsonl.1");
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let before = len(current);
+    assert!(before > 0, "the client's calls are in the audit log");
+    run(Command::new("logrotate")
+        .arg("-f")
+        .arg("-s")
+        .arg(scratch.join("logrotate.state"))
+        .arg("/etc/logrotate.d/mcp-gateway"));
+    assert_eq!(len(rotated), before, "moved aside");
+    let adm = id_of("group", "adm").expect("the adm group");
+    let fresh = std::fs::metadata(current).expect("logrotate created the new file");
+    assert_eq!(
+        (fresh.uid(), fresh.gid(), fresh.mode() & 0o777, fresh.len()),
+        (uid, adm, 0o640, 0)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("SIGUSR1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("log files reopened")
+    {
+        assert!(Instant::now() < deadline, "no reopen after SIGUSR1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = in_netns(&topo.client, || py_client(&url, "2026-07-28"));
+    assert_eq!(out["add"], "42", "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while len(current) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing written to the new audit log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(len(rotated), before, "nothing more in the rotated file");
+
     // SIGTERM (systemctl stop): STOPPING=1, then a clean exit.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
