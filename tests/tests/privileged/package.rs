@@ -545,6 +545,37 @@ fn package_installs_serves_as_the_service_user_and_purges() {
     );
 
     drop(short);
+
+    // A listener on a privileged port, which the unit grants no capability for: the error says
+    // which one would.
+    let shipped_edit = std::fs::read_to_string(CONFIG).expect("read the configuration");
+    std::fs::write(
+        CONFIG,
+        shipped_edit.replace(&format!("{GW_ADDR}:{port}"), &format!("{GW_ADDR}:443")),
+    )
+    .expect("write the configuration");
+    let log3 = scratch.join("gateway-443.log");
+    let mut low = KillOnDrop(
+        as_the_unit(&unit, &caps, &topo.gw, &notify_path, &log3)
+            .spawn()
+            .expect("start on :443"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = low.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "a start on :443 did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log3).unwrap_or_default();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("ports below 1024 need CAP_NET_BIND_SERVICE"),
+        "the error names the capability a low port needs: {text}"
+    );
+
+    drop(low);
     drop(gateway);
     drop(server);
     drop(topo);
