@@ -547,6 +547,13 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     tracing::info!(
         "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
     );
+    // Listeners bound and the XDP program attached (both above): systemd may route traffic.
+    crate::service::ready(&format!(
+        "serving: {} listeners, {workers} workers",
+        listeners.len()
+    ));
+    let watchdog = crate::service::watchdog_period();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
@@ -576,6 +583,12 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
                 let _ = c.reload("signal");
             }
             _ = usr1.recv() => lock(&control).reopen_logs(),
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                // A dead worker stops the pings: systemd restarts the gateway.
+                if lock(&control).shared.workers_down().is_empty() {
+                    crate::service::watchdog();
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -586,6 +599,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         "shutting down: no new connections, draining"
     );
     lock(&control).ready = false;
+    crate::service::stopping();
     let _ = stop_tx.send(true);
     for l in &listening {
         // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.

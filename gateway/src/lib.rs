@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod otlp;
 pub mod policy;
 pub mod runtime;
+pub mod service;
 pub mod standard_metrics;
 pub mod state;
 pub mod stats;

@@ -70,6 +70,23 @@ enum Command {
         #[command(subcommand)]
         action: KernelAction,
     },
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell), for
+    /// packaging.
+    #[command(hide = true)]
+    Completions {
+        shell: clap_complete::Shell,
+        /// The command's name as installed.
+        #[arg(long, default_value = "gateway")]
+        name: String,
+    },
+    /// Write the man pages (one per command) into a directory, for packaging.
+    #[command(hide = true)]
+    Man {
+        dir: PathBuf,
+        /// The command's name as installed.
+        #[arg(long, default_value = "gateway")]
+        name: String,
+    },
 }
 
 /// Exit status of a start refused because the state store cannot be used (sysexits' EX_DATAERR).
@@ -152,6 +169,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kernel { pin_dir, action } => kernel_command(&pin_dir, action),
+        Command::Completions { shell, name } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir, name } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // clap names commands with `&'static str`; this command runs once and exits.
+            let name: &'static str = Box::leak(name.into_boxed_str());
+            let cmd = <Cli as clap::CommandFactory>::command()
+                .name(name)
+                .bin_name(name);
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
         Command::Top {
             admin,
             token_env,

@@ -48,6 +48,10 @@ enum Verb {
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
+    /// Build the Debian package (cargo-deb): the binary with its kernel program, the systemd
+    /// units, the configuration, completions, man pages, dashboard and alert rules; checked by
+    /// lintian. Prints the .deb's path.
+    Package,
     /// Benchmarks; results go to bench/results/. Exits with 3 when a row's failed requests
     /// exceed the threshold.
     Bench {
@@ -75,6 +79,9 @@ fn main() -> anyhow::Result<()> {
     );
     let bench_peers = matches!(cli.verb, Verb::Setup | Verb::Bench { .. });
     setup::ensure(test_peers, bench_peers).context("setup failed")?;
+    if matches!(cli.verb, Verb::Setup | Verb::Package | Verb::Test { .. }) {
+        setup::packaging().context("setup failed")?;
+    }
     match cli.verb {
         Verb::Setup => Ok(()),
         Verb::Build => build_release(),
@@ -121,6 +128,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Test { filter, no_lint } => test(filter, no_lint),
+        Verb::Package => {
+            let deb = package()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Verb::Fuzz { target, seconds } => {
             let targets = match target {
                 Some(t) => vec![t],
@@ -215,6 +227,68 @@ fn build_release() -> anyhow::Result<()> {
     ]))
 }
 
+/// Builds the gateway, generates what the package ships beside the binary (completions and man
+/// pages, from the binary's own command line), runs cargo-deb and lintian; returns the .deb.
+fn package() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "gateway", "--bin", "gateway"]))?;
+    let root = workspace_root();
+    let gateway = root.join("target/release/gateway");
+    // Generated assets live under target/release/, where cargo-deb's asset paths expect build
+    // output (gateway/Cargo.toml, [package.metadata.deb]).
+    let out = root.join("target/release/package");
+    let _ = std::fs::remove_dir_all(&out);
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for (shell, file) in [
+        ("bash", "mcp-gateway.bash"),
+        ("zsh", "_mcp-gateway"),
+        ("fish", "mcp-gateway.fish"),
+    ] {
+        let o = Command::new(&gateway)
+            .args(["completions", shell, "--name", "mcp-gateway"])
+            .output()
+            .context("generating completions")?;
+        if !o.status.success() {
+            bail!(
+                "gateway completions {shell}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::fs::write(completions.join(file), o.stdout)?;
+    }
+    let man = out.join("man");
+    run(Command::new(&gateway)
+        .args(["man", "--name", "mcp-gateway"])
+        .arg(&man))?;
+    // Debian ships man pages compressed, without a time stamp (-n) so that builds repeat.
+    for page in std::fs::read_dir(&man)? {
+        run(Command::new("gzip").args(["-9nf"]).arg(page?.path()))?;
+    }
+    let deb_dir = root.join("target/debian");
+    let _ = std::fs::remove_dir_all(&deb_dir);
+    std::fs::create_dir_all(&deb_dir)?;
+    run(cargo()
+        .args(["deb", "-p", "gateway", "--no-build", "--output"])
+        .arg(&deb_dir))?;
+    let deb = std::fs::read_dir(&deb_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("cargo deb wrote no .deb")?;
+    // Clean: every tag lintian would show is fixed or overridden with a reason
+    // (packaging/lintian-overrides).
+    run(Command::new("lintian")
+        .args([
+            "--fail-on",
+            "error,warning,info,pedantic",
+            "-I",
+            "--pedantic",
+        ])
+        .arg(&deb))
+    .context("lintian found problems in the package")?;
+    Ok(deb)
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -298,6 +372,8 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
             "the privileged tests need root: run `sudo -E cargo xtask test` (nothing was skipped silently)"
         );
     }
+    // The package test installs this .deb (tests/tests/privileged/package.rs).
+    let deb = package()?;
     let mut it = cargo();
     it.args([
         "test",
@@ -310,7 +386,8 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     .env(
         "GATEWAY_BIN",
         workspace_root().join("target/release/gateway"),
-    );
+    )
+    .env("MCP_GATEWAY_DEB", deb);
     if let Some(f) = &filter {
         it.arg(f);
     }

@@ -179,6 +179,28 @@ fn python_peers_venv(venv: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the Debian package (`cargo xtask package`) and checks it (the package test): cargo-deb,
+/// pinned, lintian and logrotate.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+pub fn packaging() -> anyhow::Result<()> {
+    // logrotate: the package test rotates the audit log with the shipped snippet.
+    apt(&["lintian", "logrotate"])?;
+    let have = output(crate::cargo().args(["deb", "--version"])).unwrap_or_default();
+    if have.contains(CARGO_DEB_VERSION) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION} (about a minute)");
+    crate::run(crate::cargo().args([
+        "install",
+        "--locked",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))
+    .context("cargo install cargo-deb")
+}
+
 fn quiet(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -10,7 +10,8 @@ use super::{ConfigError, invalid};
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
-    /// The folder of the store (`state.redb` inside); default `/var/lib/mcp-gateway/<instance>/`.
+    /// The folder of the store (`state.redb` inside); default `/var/lib/mcp-gateway/<instance>/`
+    /// (`$STATE_DIRECTORY/<instance>/` under systemd's `StateDirectory=`).
     #[serde(default)]
     pub path: Option<String>,
     /// How often the control thread writes what changed (the most spend a crash can lose is
@@ -30,8 +31,22 @@ pub struct StateConfig {
     pub flush_interval: Duration,
 }
 
-/// Where the store lives when `[state] path` is not given.
+/// Where the store lives when `[state] path` is not given (and systemd did not name a state
+/// directory).
 pub const DEFAULT_STATE_ROOT: &str = "/var/lib/mcp-gateway";
+
+/// The folder the stores of instances go in: systemd's `StateDirectory=` (`$STATE_DIRECTORY`, its
+/// first entry) when set, else [`DEFAULT_STATE_ROOT`].
+pub fn state_root() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+}
 
 impl RawState {
     pub fn validate(&self, instance: &str) -> Result<StateConfig, ConfigError> {
@@ -46,10 +61,9 @@ impl RawState {
             return Err(invalid("state.path", "must not be empty"));
         }
         let dir = (!self.disabled).then(|| {
-            self.path.as_ref().map_or_else(
-                || PathBuf::from(DEFAULT_STATE_ROOT).join(instance),
-                PathBuf::from,
-            )
+            self.path
+                .as_ref()
+                .map_or_else(|| state_root().join(instance), PathBuf::from)
         });
         Ok(StateConfig {
             dir,

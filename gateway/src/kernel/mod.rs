@@ -33,10 +33,19 @@ pub static EBPF_OBJECT: &[u8] =
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "loading the XDP program needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid {uid}); \
-         run as root or set kernel.enabled = false"
+        "loading the XDP program needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid {uid}, \
+         missing from the effective set: {missing}); run as root, grant them (systemd: AmbientCapabilities=), \
+         or set kernel.enabled = false"
     )]
-    Permission { uid: u32 },
+    Permission { uid: u32, missing: String },
+    #[error("{what} {path}: permission denied for uid {uid} ({detail}); {fix}")]
+    Access {
+        what: &'static str,
+        path: String,
+        uid: u32,
+        detail: String,
+        fix: &'static str,
+    },
     #[error(
         "kernel {release} is too old or lacks BTF: the gateway needs Linux >= 5.15 with /sys/kernel/btf/vmlinux"
     )]
@@ -128,23 +137,82 @@ pub fn preflight() -> Result<(), KernelError> {
     if (major, minor) < (5, 15) || !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(KernelError::KernelTooOld { release });
     }
-    let uid = nix::unistd::geteuid();
-    if !uid.is_root() && !has_bpf_caps() {
-        return Err(KernelError::Permission { uid: uid.as_raw() });
+    let missing = missing_bpf_caps();
+    if !missing.is_empty() {
+        return Err(permission(&missing));
     }
     Ok(())
 }
 
-fn has_bpf_caps() -> bool {
-    // CapEff in /proc/self/status: CAP_NET_ADMIN = 12, CAP_PERFMON = 38, CAP_BPF = 39.
+fn permission(missing: &[&str]) -> KernelError {
+    KernelError::Permission {
+        uid: nix::unistd::geteuid().as_raw(),
+        missing: if missing.is_empty() {
+            "none, yet the kernel refused".into()
+        } else {
+            missing.join(", ")
+        },
+    }
+}
+
+/// The capabilities loading and attaching need that the effective set lacks (root has them
+/// all unless a bounding set took them away, so the set is read for root too).
+pub fn missing_bpf_caps() -> Vec<&'static str> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    [12, 38, 39].iter().all(|bit| eff & (1 << bit) != 0)
+    [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect()
 }
+
+/// Turns a permission failure on `path` into an error naming the user, the path's owner and
+/// mode, and the fix; other failures keep their context.
+fn access_error(
+    what: &'static str,
+    path: &Path,
+    fix: &'static str,
+) -> impl FnOnce(io::Error) -> KernelError {
+    move |source| {
+        if source.kind() != io::ErrorKind::PermissionDenied {
+            return KernelError::Io {
+                context: format!("{what} {}", path.display()),
+                source,
+            };
+        }
+        // The nearest existing ancestor is the one whose permissions refused.
+        let detail = path
+            .ancestors()
+            .find_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
+            .map(|(p, m)| {
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                format!(
+                    "{} is owned by uid {} gid {}, mode {:o}",
+                    p.display(),
+                    m.uid(),
+                    m.gid(),
+                    m.permissions().mode() & 0o7777
+                )
+            })
+            .unwrap_or_default();
+        KernelError::Access {
+            what,
+            path: path.display().to_string(),
+            uid: nix::unistd::geteuid().as_raw(),
+            detail,
+            fix,
+        }
+    }
+}
+
+const PIN_DIR_FIX: &str = "the pin directory's parent must be writable by the gateway's user: \
+     the package's tmpfiles.d entry makes /sys/fs/bpf/mcp-gateway for the mcp-gateway user; else, as root, \
+     `install -d -o USER -g USER -m 0750 DIR`; pins an earlier root run left need `gateway kernel reset` as root";
 
 /// Makes sure `root` is a mounted bpffs (mounting it if needed) and `dir` exists inside it.
 fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
@@ -168,16 +236,39 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
             problem: format!("not a bpf filesystem and mounting one failed: {e}"),
         })?;
     }
-    std::fs::create_dir_all(dir).map_err(KernelError::io(format!("creating {}", dir.display())))
+    std::fs::create_dir_all(dir).map_err(access_error("creating", dir, PIN_DIR_FIX))
 }
 
-/// One process per instance: an exclusive lock under /run, released by the kernel on exit.
+/// Where the instance locks live: systemd's `RuntimeDirectory=` (`$RUNTIME_DIRECTORY`, its
+/// first entry) when set, else `/run/mcp-gateway`.
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/mcp-gateway"))
+}
+
+/// One process per instance: an exclusive lock under the runtime directory, released by the
+/// kernel on exit.
 fn lock_instance(instance: &str) -> Result<File, KernelError> {
-    let dir = Path::new("/run/mcp-gateway");
-    std::fs::create_dir_all(dir).map_err(KernelError::io(format!("creating {}", dir.display())))?;
+    let dir = runtime_dir();
+    const LOCK_FIX: &str = "run under systemd with RuntimeDirectory=mcp-gateway (sets $RUNTIME_DIRECTORY), \
+         or create the directory owned by this user";
+    std::fs::create_dir_all(&dir).map_err(access_error("creating", &dir, LOCK_FIX))?;
     let path = dir.join(format!("{instance}.lock"));
-    let file =
-        File::create(&path).map_err(KernelError::io(format!("creating {}", path.display())))?;
+    // Read-only: a lock file an earlier run under another user (root) left behind, mode 0644,
+    // still serves; `flock` needs no write access.
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CREAT)
+        .mode(0o644)
+        .open(&path)
+        .map_err(access_error("opening", &path, LOCK_FIX))?;
     // SAFETY: flock on a valid descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(KernelError::AlreadyRunning {
@@ -201,9 +292,15 @@ pub fn load(instance: &str, pin_dir: &Path) -> Result<Kernel, KernelError> {
             aya::EbpfError::MapError(aya::maps::MapError::SyscallError(ref s))
                 if s.io_error.raw_os_error() == Some(libc::EPERM) =>
             {
-                KernelError::Permission {
-                    uid: nix::unistd::geteuid().as_raw(),
-                }
+                permission(&missing_bpf_caps())
+            }
+            // A pin made by another user (an earlier run as root) is not ours to open.
+            aya::EbpfError::MapError(aya::maps::MapError::SyscallError(ref s))
+                if s.io_error.raw_os_error() == Some(libc::EACCES) =>
+            {
+                access_error("opening the pinned maps in", pin_dir, PIN_DIR_FIX)(
+                    io::Error::from_raw_os_error(libc::EACCES),
+                )
             }
             source => KernelError::Ebpf {
                 context: "loading the eBPF object",

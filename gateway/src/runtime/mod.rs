@@ -66,6 +66,21 @@ fn ensure_unclaimed(addr: SocketAddr) -> std::io::Result<()> {
                 ),
             ))
         }
+        // The port is privileged here and this user may not bind it: say what grants it.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+                .ok()
+                .and_then(|s| s.trim().parse::<u16>().ok())
+                .unwrap_or(1024);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "binding {addr}: permission denied (uid {}): ports below {start} need CAP_NET_BIND_SERVICE \
+                     (systemd: add it to AmbientCapabilities= and CapabilityBoundingSet= in a drop-in) or root",
+                    nix::unistd::geteuid().as_raw()
+                ),
+            ))
+        }
         Err(e) => Err(e),
     }
 }

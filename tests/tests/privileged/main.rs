@@ -17,6 +17,7 @@ mod netns_e2e;
 mod observability_e2e;
 mod observability_stack;
 mod otlp;
+mod package;
 mod policy_e2e;
 mod proxy_protocol;
 mod state_store;
