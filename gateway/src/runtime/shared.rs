@@ -221,6 +221,8 @@ pub struct Shared {
     pub spans: crate::otlp::Spans,
     /// The state store's counters (the store itself is the control thread's).
     pub state: crate::state::Stats,
+    /// The fleet agent's counters (`[state] redis`).
+    pub fleet: crate::fleet::Stats,
 }
 
 impl Shared {
@@ -276,6 +278,7 @@ impl Shared {
             session_key: crate::mcp::session::new_key(),
             session_owners: crate::mcp::session::Owners::default(),
             state: crate::state::Stats::default(),
+            fleet: crate::fleet::Stats::default(),
         }
     }
 
