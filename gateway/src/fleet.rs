@@ -66,11 +66,20 @@ return out
 ";
 
 /// Adds this host's budget spend and answers every budget window's total: `KEYS[1]` the hash
-/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `ARGV` pairs of field and
-/// spend since the last round. Windows that ended are deleted.
+/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `ARGV[1]` `add` or `max`,
+/// then pairs of field and spend since the last round (`add`), or this host's whole count
+/// (`max`: after Redis came back, perhaps empty, each host offers what it knows and the
+/// highest is kept, never the sum). Windows that ended are deleted.
 const BUDGETS: &str = r"
-for i = 1, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+for i = 2, #ARGV, 2 do
+  if ARGV[1] == 'max' then
+    local have = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0
+    if tonumber(ARGV[i + 1]) > have then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
 end
 local now = tonumber(redis.call('TIME')[1])
 local all = redis.call('HGETALL', KEYS[1])
@@ -244,6 +253,8 @@ struct Agent<B> {
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
     agreed_pins: HashMap<String, String>,
+    /// Budgets are offered whole at the next round (Redis was lost, and may have lost them).
+    resync: bool,
 }
 
 /// Runs the agent until the task is dropped.
@@ -274,6 +285,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         idle: HashMap::new(),
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
+        resync: true,
     };
     tracing::info!(
         redis = shown(&agent.fleet.redis),
@@ -338,6 +350,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             }
             Err(e) => {
                 conn = None;
+                agent.resync = true;
                 stats.failures.fetch_add(1, Relaxed);
                 stats.connected.store(false, Relaxed);
                 let hosts = stats.hosts.load(Relaxed).max(1);
@@ -448,17 +461,25 @@ impl<B: Bans> Agent<B> {
         };
         let mut sent: HashMap<String, i64> = HashMap::new();
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(BUDGETS).arg(1).arg(self.keys.budgets());
+        cmd.arg(BUDGETS)
+            .arg(1)
+            .arg(self.keys.budgets())
+            .arg(if self.resync { "max" } else { "add" });
         for count in &counts {
-            if count.delta == 0 {
+            if count.delta == 0 && !self.resync {
                 continue;
             }
             if let Some(f) = field(&count.what, count.len_s, count.window) {
-                cmd.arg(&f).arg(count.delta);
+                if self.resync {
+                    cmd.arg(&f).arg(count.used);
+                } else {
+                    cmd.arg(&f).arg(count.delta);
+                }
                 sent.insert(f, count.delta);
             }
         }
         let totals: Vec<(String, i64)> = cmd.query_async(c).await?;
+        self.resync = false;
         for (f, total) in totals {
             let mut parts = f.splitn(4, '|');
             let (Some(_), Some(len_s), Some(window), Some(what)) =
@@ -553,7 +574,9 @@ impl<B: Bans> Agent<B> {
                 tracing::info!(source = %ip, "fleet: ban lifted here as it was lifted in the fleet");
             }
         }
-        let _: () = pipe.query_async(c).await?;
+        if pipe.cmd_iter().next().is_some() {
+            let _: () = pipe.query_async(c).await?;
+        }
         Ok(())
     }
 

@@ -338,6 +338,8 @@ pub struct FleetCount {
     pub window: u64,
     /// Spent here since the fleet's total was last read (negative: refunds).
     pub delta: i64,
+    /// This host's count (the fleet's total as last read, plus `delta`).
+    pub used: u64,
 }
 
 /// One thing an admission counted, so that it can be given back when the request it admitted
@@ -528,6 +530,7 @@ impl State {
                     window,
                     delta: i64::try_from(used).unwrap_or(i64::MAX)
                         - i64::try_from(base).unwrap_or(i64::MAX),
+                    used,
                 })
             })
             .collect()
@@ -881,6 +884,70 @@ mod tests {
         assert_eq!(w.left(7, 10), 2);
         assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
         assert_eq!(w.charge(8, 5, 10), Ok(5), "a new window starts full");
+    }
+
+    #[test]
+    fn a_lease_admits_what_the_fleet_granted_and_nothing_more() {
+        let state = State::default();
+        state.set_fleet(FLEET_LEASED, 2);
+        let now = state.now();
+        let name = || "tenant/acme".to_owned();
+        // Not leased yet: the host's share (10/s ÷ 2 hosts, burst 4 ÷ 2 = 2).
+        assert!(state.admit_rate(1, name, now, 10, 4).is_ok());
+        assert!(state.admit_rate(1, name, now, 10, 4).is_ok());
+        assert!(state.admit_rate(1, name, now, 10, 4).is_err());
+        let mut demand = 0;
+        state.for_each_lease(|_, l| {
+            demand = l.take_demand();
+            l.grant(3);
+        });
+        assert_eq!(demand, 3, "every request asked, admitted or not");
+        let charges: Vec<_> = (0..5)
+            .filter_map(|_| state.admit_rate(1, name, now, 10, 4).ok())
+            .collect();
+        assert_eq!(charges.len(), 3, "what was granted");
+        state.give_back(charges[0]);
+        assert!(
+            state.admit_rate(1, name, now, 10, 4).is_ok(),
+            "a token given back"
+        );
+        // Redis gone: the local bucket at the share again.
+        state.set_fleet(FLEET_FALLBACK, 2);
+        assert!(state.budgets_closed());
+        state.set_fleet_fail_open(true);
+        assert!(!state.budgets_closed());
+    }
+
+    #[test]
+    fn the_fleet_total_replaces_the_local_count_keeping_spend_made_meanwhile() {
+        let state = State::default();
+        let what = Counted::Budget {
+            scope: "tenant".into(),
+            tenant: "acme".into(),
+            subject: "acme".into(),
+        };
+        let key = what.key(&state);
+        let now = State::unix_s();
+        let w = || what.clone();
+        state.charge_kept(key, w, now, 1_000_000, 3, 100).unwrap();
+        let counts = state.fleet_counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].delta, counts[0].used), (3, 3));
+        // Spent here after the delta was read: kept.
+        state.charge_kept(key, w, now, 1_000_000, 2, 100).unwrap();
+        // The fleet's total: others spent 10.
+        state.fleet_merge(what.clone(), 1_000_000, counts[0].window, 3, 13);
+        assert_eq!(state.left(key, 1_000_000, 100), 100 - 15);
+        let counts = state.fleet_counts();
+        assert_eq!(counts[0].delta, 2, "only what was not sent yet");
+        // A count learnt only from the fleet.
+        let other = Counted::Budget {
+            scope: "agent".into(),
+            tenant: "acme".into(),
+            subject: "bot".into(),
+        };
+        state.fleet_merge(other.clone(), 1_000_000, counts[0].window, 0, 7);
+        assert_eq!(state.left(other.key(&state), 1_000_000, 10), 3);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod appliance;
 mod containment;
 mod edge_combined;
+mod fleet;
 mod hardening_http;
 mod hardening_io;
 mod hardening_parse;
