@@ -315,15 +315,15 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 None => conn.insert(connect(&client, agent.fleet.round).await?),
             };
             // Heartbeat first after (re)connecting: the live hosts count shares.
-            if round % beat_every == 0 || down != Some(false) {
+            if round.is_multiple_of(beat_every) || down != Some(false) {
                 agent.heartbeat(c).await?;
             }
             agent.rates(c).await?;
             agent.budgets(c).await?;
-            if round % bans_every == 0 {
+            if round.is_multiple_of(bans_every) {
                 agent.exchange_bans(c).await?;
             }
-            if round % pins_every == 0 {
+            if round.is_multiple_of(pins_every) {
                 agent.exchange_pins(c).await?;
             }
             Ok::<_, redis::RedisError>(())
@@ -437,11 +437,10 @@ impl<B: Bans> Agent<B> {
             cmd.arg(*rate).arg((*burst).max(1)).arg(*want);
         }
         let granted: Vec<u64> = cmd.query_async(c).await?;
+        let granted: HashMap<u64, u64> = asks.iter().map(|a| a.0).zip(granted).collect();
         let mut total = 0;
         self.shared.limits.for_each_lease(|key, lease| {
-            if let Some(i) = asks.iter().position(|a| a.0 == key)
-                && let Some(n) = granted.get(i)
-            {
+            if let Some(n) = granted.get(&key) {
                 lease.grant(*n);
                 total += *n;
             }

@@ -88,7 +88,7 @@ impl RawState {
                     ));
                 }
                 if let Err(e) = redis::Client::open(url.as_str()) {
-                    return Err(invalid("state.redis", &format!("not a Redis address: {e}")));
+                    return Err(invalid("state.redis", format!("not a Redis address: {e}")));
                 }
                 let name = self.fleet.clone().unwrap_or_else(|| "default".to_owned());
                 if name.is_empty()
