@@ -9,6 +9,7 @@
 mod conn;
 mod contextforge;
 mod env;
+mod fleet;
 mod flood;
 mod load;
 mod otlp;
@@ -34,7 +35,7 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp, stdio); all when omitted.
+    /// Only these scenarios (xdp, proxy, policy, flood, tls, otlp, stdio, fleet); all when omitted.
     scenarios: Vec<String>,
     /// Instead of the scenarios: load this address (`host:port`) with `tools/call add` and print
     /// the latency percentiles (e.g. to load a running gateway while profiling it).
@@ -240,6 +241,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("stdio") {
         stdio_report(&args, &env, &dir, suffix)?;
+    }
+    if wants("fleet") {
+        fleet::report(args.quick, &env, &dir, suffix)?;
     }
     Ok(())
 }
