@@ -9,6 +9,7 @@
 mod conn;
 mod contextforge;
 mod env;
+mod fleet;
 mod flood;
 mod floor;
 mod headline;
@@ -38,8 +39,8 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio); all when
-    /// omitted.
+    /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet); all
+    /// when omitted.
     scenarios: Vec<String>,
     /// Print every row (and every scenario's report) as one JSON document on stdout; the
     /// Markdown goes to stderr.
@@ -308,6 +309,9 @@ fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     }
     if wants("stdio") {
         stdio_report(args, ledger, &env, &dir, suffix)?;
+    }
+    if wants("fleet") {
+        fleet::report(ledger, args.quick, &env, &dir, suffix)?;
     }
     Ok(())
 }

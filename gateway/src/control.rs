@@ -433,7 +433,17 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let admin_addr = config.admin;
     let tls_stamps = crate::tls::stamps(&config);
     let state = config.state.clone();
-    let shared = Arc::new(Shared::new(config));
+    let instance = config.instance.clone();
+    // A fleet seals session ids with one key, so that any of its gateways continues a session.
+    let fleet_key = match &state.fleet {
+        Some(f) => crate::fleet::session_key(f).await,
+        None => None,
+    };
+    let mut shared = Shared::new(config);
+    if let Some(key) = fleet_key {
+        shared.session_key = key;
+    }
+    let shared = Arc::new(shared);
     // The kept state is in place before any worker serves.
     let (store, kept_bans) = match &state.dir {
         Some(dir) => {
@@ -533,6 +543,14 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         Arc::clone(&shared),
         crate::mcp::upstream::resolve::System,
     ));
+    let fleet = state.fleet.clone().map(|f| {
+        tokio::spawn(crate::fleet::run(
+            Arc::clone(&shared),
+            f,
+            instance,
+            FleetBans(Arc::clone(&control)),
+        ))
+    });
 
     tracing::info!(
         workers,
@@ -609,6 +627,9 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     admin.abort();
     resolver.abort();
     spans.abort();
+    if let Some(f) = &fleet {
+        f.abort();
+    }
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();
@@ -630,6 +651,27 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         );
     }
     Ok(())
+}
+
+/// The control thread's ban path, as the fleet agent uses it.
+struct FleetBans(Arc<Mutex<Control>>);
+
+impl crate::fleet::Bans for FleetBans {
+    fn local(&self) -> Vec<(std::net::IpAddr, Duration)> {
+        lock(&self.0).list_bans()
+    }
+
+    fn ban(&self, ip: std::net::IpAddr, ttl: Duration) {
+        if let Err(e) = lock(&self.0).ban(ip, ttl) {
+            tracing::error!(source = %ip, "fleet: banning failed: {e}");
+        }
+    }
+
+    fn unban(&self, ip: std::net::IpAddr) {
+        if let Err(e) = lock(&self.0).unban(ip) {
+            tracing::error!(source = %ip, "fleet: lifting a ban failed: {e}");
+        }
+    }
 }
 
 fn config_kernel_enabled(shared: &Shared) -> bool {

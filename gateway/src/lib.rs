@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod http;
 pub mod kernel;
 pub mod mcp;

@@ -61,6 +61,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     let mut out = String::new();
     crate::tls::render_metrics(&shared.tls, &mut out);
     crate::state::render_metrics(&shared.state, &mut out);
+    crate::fleet::render_metrics(&shared.fleet, &shared.limits, &mut out);
     let _ = writeln!(
         out,
         "# HELP mcp_gateway_workers_up Data-plane workers serving now (one per core).\n# TYPE mcp_gateway_workers_up gauge\nmcp_gateway_workers_up {}",

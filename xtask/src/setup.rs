@@ -37,6 +37,9 @@ pub fn ensure(test_peers: bool, bench_peers: bool) -> anyhow::Result<()> {
         apt(&["tmux", "curl", "openssl"])?;
         // The observability stack is tested against a real Prometheus (and its promtool).
         apt(&["prometheus"])?;
+        // The fleet tests share state through a real Redis (started by the test on loopback;
+        // the package's service is not used).
+        apt(&["redis-server"])?;
         python_peers()?;
         node_peers()?;
         cargo_fuzz()?;

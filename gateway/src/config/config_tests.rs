@@ -267,3 +267,29 @@ address = "127.0.0.1:18080"
     ));
     assert!(e.contains("v3"), "{e}");
 }
+
+#[test]
+fn a_fleet_needs_a_redis_address_and_sane_settings() {
+    let ok = Config::from_toml(&format!(
+        "{MINIMAL}[state]\nredis = 'redis://127.0.0.1:6379/0'\nfleet = 'edge'\n"
+    ))
+    .unwrap();
+    let f = ok.state.fleet.expect("a fleet");
+    assert_eq!(
+        (f.name.as_str(), f.round.as_millis(), f.fail_open),
+        ("edge", 25, false)
+    );
+    for (key, extra) in [
+        ("state.redis", "redis = 'rediss://127.0.0.1/'"),
+        ("state.redis", "redis = 'http://127.0.0.1/'"),
+        ("state.fleet", "redis = 'redis://127.0.0.1/'\nfleet = 'a b'"),
+        (
+            "state.fleet_round_ms",
+            "redis = 'redis://127.0.0.1/'\nfleet_round_ms = 0",
+        ),
+        ("state.fleet", "fleet_fail_open = true"),
+    ] {
+        let e = err(&format!("{MINIMAL}[state]\n{extra}\n"));
+        assert!(e.contains(key), "expected `{key}` in: {e}");
+    }
+}

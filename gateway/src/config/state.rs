@@ -21,6 +21,21 @@ pub struct RawState {
     /// Keep nothing across restarts (budgets, pins and approvals start afresh each run).
     #[serde(default)]
     pub disabled: bool,
+    /// A fleet of gateways shares its state through this Redis (`redis://host:port/db`):
+    /// tenant, agent and tool rates, budgets, pins and approvals, bans, and the key that seals
+    /// session ids. Unset: this gateway is alone.
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// The fleet's name: gateways with the same Redis and name share their state (default
+    /// `default`).
+    #[serde(default)]
+    pub fleet: Option<String>,
+    /// How often the fleet agent exchanges leases and spend with Redis. Default 25.
+    #[serde(default)]
+    pub fleet_round_ms: Option<u64>,
+    /// With Redis unreachable, budgets admit on this host's own counts instead of refusing.
+    #[serde(default)]
+    pub fleet_fail_open: bool,
 }
 
 /// The validated `[state]`.
@@ -29,6 +44,17 @@ pub struct StateConfig {
     /// The store's folder; `None` when the store is disabled.
     pub dir: Option<PathBuf>,
     pub flush_interval: Duration,
+    /// `[state] redis`: the fleet this gateway belongs to.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The validated fleet settings of `[state]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    pub redis: String,
+    pub name: String,
+    pub round: Duration,
+    pub fail_open: bool,
 }
 
 /// Where the store lives when `[state] path` is not given (and systemd did not name a state
@@ -65,9 +91,58 @@ impl RawState {
                 .as_ref()
                 .map_or_else(|| state_root().join(instance), PathBuf::from)
         });
+        let fleet = match &self.redis {
+            None => None,
+            Some(url) => {
+                let scheme = url.split_once("://").map(|(s, _)| s);
+                if scheme != Some("redis") {
+                    return Err(invalid(
+                        "state.redis",
+                        "must be a `redis://host:port[/db]` address (`rediss://` is not supported yet)",
+                    ));
+                }
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    return Err(invalid("state.redis", format!("not a Redis address: {e}")));
+                }
+                let name = self.fleet.clone().unwrap_or_else(|| "default".to_owned());
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(invalid(
+                        "state.fleet",
+                        "must be 1 to 64 letters, digits, `-` or `_`",
+                    ));
+                }
+                let round = self.fleet_round_ms.unwrap_or(25);
+                if !(5..=1000).contains(&round) {
+                    return Err(invalid(
+                        "state.fleet_round_ms",
+                        "must be between 5 and 1000",
+                    ));
+                }
+                Some(FleetConfig {
+                    redis: url.clone(),
+                    name,
+                    round: Duration::from_millis(round),
+                    fail_open: self.fleet_fail_open,
+                })
+            }
+        };
+        if self.redis.is_none()
+            && (self.fleet.is_some() || self.fleet_round_ms.is_some() || self.fleet_fail_open)
+        {
+            return Err(invalid(
+                "state.fleet",
+                "the fleet settings need `state.redis`",
+            ));
+        }
         Ok(StateConfig {
             dir,
             flush_interval: Duration::from_millis(ms),
+            fleet,
         })
     }
 }

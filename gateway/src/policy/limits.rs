@@ -7,7 +7,7 @@ use std::{
     hash::{BuildHasher, Hash},
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -268,12 +268,78 @@ pub struct WindowCount {
 }
 
 /// A window of a budget or of the refusal counts, with what it counts.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Counter {
     len_s: u64,
     window: Window,
     /// `None` for a count made without naming it (kept in memory only).
     what: Option<Box<Counted>>,
+    /// The fleet's total as last read from Redis (this host's spend then included), and the
+    /// window it was read in: what is above it is this host's spend not yet sent.
+    fleet_base: AtomicU64,
+    fleet_window: AtomicU64,
+}
+
+/// How rates are counted: by this host alone, from the fleet's leases, or (Redis unreachable)
+/// at this host's share of the fleet's limit.
+pub const FLEET_OFF: u8 = 0;
+pub const FLEET_LEASED: u8 = 1;
+pub const FLEET_FALLBACK: u8 = 2;
+
+/// Tokens of one fleet-wide rate leased to this host (`[state] redis`): the workers take them
+/// with one atomic operation; the fleet agent on the control thread adds what Redis granted
+/// and reads the demand, every round.
+#[derive(Debug)]
+pub struct Lease {
+    /// What Redis counts it under (the same words on every host).
+    pub name: String,
+    pub rate: AtomicU64,
+    pub burst: AtomicU64,
+    tokens: AtomicI64,
+    /// Requests that asked since the agent's last round, admitted or not.
+    demand: AtomicU64,
+    /// Whether Redis granted for it yet; until then the host's share applies.
+    leased: std::sync::atomic::AtomicBool,
+}
+
+impl Lease {
+    fn take(&self) -> bool {
+        self.tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t > 0).then(|| t - 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes the demand counted since the last call (the agent, once a round).
+    pub fn take_demand(&self) -> u64 {
+        self.demand.swap(0, Ordering::AcqRel)
+    }
+
+    /// Tokens held and not yet used.
+    pub fn tokens(&self) -> u64 {
+        u64::try_from(self.tokens.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// Adds what Redis granted (the agent).
+    pub fn grant(&self, n: u64) {
+        self.tokens
+            .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+        self.leased.store(true, Ordering::Release);
+    }
+}
+
+/// A budget's count as the fleet agent sends and merges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetCount {
+    pub key: u64,
+    pub what: Counted,
+    pub len_s: u64,
+    pub window: u64,
+    /// Spent here since the fleet's total was last read (negative: refunds).
+    pub delta: i64,
+    /// This host's count (the fleet's total as last read, plus `delta`).
+    pub used: u64,
 }
 
 /// One thing an admission counted, so that it can be given back when the request it admitted
@@ -282,6 +348,8 @@ struct Counter {
 pub enum Charge {
     /// A request of a token bucket at `rate` per second.
     Rate { key: u64, rate: u64 },
+    /// A token of a fleet-wide rate's lease.
+    Lease { key: u64 },
     /// A count of the loop breaker in windows of `len_s` seconds, at `unix_s`.
     Repeat { key: u64, unix_s: u64, len_s: u64 },
     /// `amount` of a budget in windows of `len_s` seconds.
@@ -302,6 +370,13 @@ pub struct State {
     /// argument makes a new one.
     loops: LoopTable,
     in_flight: papaya::HashMap<u64, AtomicU32, rustc_hash::FxBuildHasher>,
+    /// `FLEET_OFF`, `FLEET_LEASED` or `FLEET_FALLBACK` (set by the fleet agent).
+    fleet: AtomicU8,
+    /// Gateways of the fleet alive at the last heartbeat (this one included).
+    fleet_hosts: AtomicU64,
+    /// Budgets admit on local counts while Redis is unreachable (`[state] fleet_fail_open`).
+    fleet_fail_open: std::sync::atomic::AtomicBool,
+    leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
 }
 
 impl Default for State {
@@ -313,6 +388,10 @@ impl Default for State {
             windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             loops: LoopTable::default(),
             in_flight: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            fleet: AtomicU8::new(FLEET_OFF),
+            fleet_hosts: AtomicU64::new(1),
+            fleet_fail_open: std::sync::atomic::AtomicBool::new(false),
+            leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
         }
     }
 }
@@ -332,6 +411,164 @@ impl State {
         let map = self.buckets.pin();
         map.get_or_insert_with(key, Gcra::default)
             .admit(now, rate, burst)
+    }
+
+    /// Admits one request of a rate that may be fleet-wide: with the fleet connected, from
+    /// this host's lease of tokens (`name`: what the fleet counts it under, made on first
+    /// use); with Redis unreachable, or before the first lease, at this host's share of the
+    /// limit (`rate ÷ live hosts`); without a fleet, by the local bucket. Never waits.
+    pub fn admit_rate(
+        &self,
+        key: u64,
+        name: impl FnOnce() -> String,
+        now: u64,
+        rate: u64,
+        burst: u64,
+    ) -> Result<Charge, Duration> {
+        match self.fleet.load(Ordering::Acquire) {
+            FLEET_LEASED => {
+                let map = self.leases.pin();
+                let lease = map.get_or_insert_with(key, || Lease {
+                    name: name(),
+                    rate: AtomicU64::new(rate),
+                    burst: AtomicU64::new(burst),
+                    tokens: AtomicI64::new(0),
+                    demand: AtomicU64::new(0),
+                    leased: std::sync::atomic::AtomicBool::new(false),
+                });
+                // A reload may have changed the limit.
+                if lease.rate.load(Ordering::Relaxed) != rate {
+                    lease.rate.store(rate, Ordering::Relaxed);
+                    lease.burst.store(burst, Ordering::Relaxed);
+                }
+                lease.demand.fetch_add(1, Ordering::AcqRel);
+                if !lease.leased.load(Ordering::Acquire) {
+                    return self.admit_share(key, now, rate, burst);
+                }
+                if lease.take() {
+                    Ok(Charge::Lease { key })
+                } else {
+                    Err(Duration::from_nanos(1_000_000_000 / rate.max(1)))
+                }
+            }
+            FLEET_FALLBACK => self.admit_share(key, now, rate, burst),
+            _ => self
+                .admit(key, now, rate, burst)
+                .map(|()| Charge::Rate { key, rate }),
+        }
+    }
+
+    /// This host's share of a fleet-wide rate: `rate ÷ live hosts` (at least 1/s).
+    fn admit_share(&self, key: u64, now: u64, rate: u64, burst: u64) -> Result<Charge, Duration> {
+        let hosts = self.fleet_hosts.load(Ordering::Relaxed).max(1);
+        let rate = (rate / hosts).max(1);
+        self.admit(key, now, rate, (burst / hosts).max(1))
+            .map(|()| Charge::Rate { key, rate })
+    }
+
+    /// The fleet mode (`FLEET_*`).
+    pub fn fleet_mode(&self) -> u8 {
+        self.fleet.load(Ordering::Acquire)
+    }
+
+    /// Sets the fleet mode and the live hosts (the fleet agent).
+    pub fn set_fleet(&self, mode: u8, hosts: u64) {
+        self.fleet_hosts.store(hosts.max(1), Ordering::Relaxed);
+        self.fleet.store(mode, Ordering::Release);
+    }
+
+    pub fn set_fleet_fail_open(&self, v: bool) {
+        self.fleet_fail_open.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether budgets must refuse now: the fleet's totals cannot be read (Redis unreachable)
+    /// and `fleet_fail_open` is off.
+    pub fn budgets_closed(&self) -> bool {
+        self.fleet.load(Ordering::Acquire) == FLEET_FALLBACK
+            && !self.fleet_fail_open.load(Ordering::Relaxed)
+    }
+
+    /// Calls `f` with every lease (the fleet agent).
+    pub fn for_each_lease(&self, mut f: impl FnMut(u64, &Lease)) {
+        for (k, l) in &self.leases.pin() {
+            f(*k, l);
+        }
+    }
+
+    /// Forgets leases (idle ones, or all when the fleet is lost).
+    pub fn drop_leases(&self, keys: &[u64]) {
+        let map = self.leases.pin();
+        for k in keys {
+            map.remove(k);
+        }
+    }
+
+    /// Every budget's spend here not yet sent to the fleet (the fleet agent, once a round).
+    pub fn fleet_counts(&self) -> Vec<FleetCount> {
+        self.windows
+            .pin()
+            .iter()
+            .filter_map(|(key, c)| {
+                let what = c.what.as_deref()?;
+                if !matches!(what, Counted::Budget { .. }) {
+                    return None;
+                }
+                let window = c.window.id.load(Ordering::Acquire);
+                if window < Self::window_of(c.len_s) {
+                    return None;
+                }
+                let used = c.window.used.load(Ordering::Acquire);
+                let base = if c.fleet_window.load(Ordering::Acquire) == window {
+                    c.fleet_base.load(Ordering::Acquire)
+                } else {
+                    0
+                };
+                Some(FleetCount {
+                    key: *key,
+                    what: what.clone(),
+                    len_s: c.len_s,
+                    window,
+                    delta: i64::try_from(used).unwrap_or(i64::MAX)
+                        - i64::try_from(base).unwrap_or(i64::MAX),
+                    used,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the fleet's `total` for a budget's window: this host's count becomes the total
+    /// plus what was spent here since `sent` (the delta sent with it) was read.
+    pub fn fleet_merge(&self, what: Counted, len_s: u64, window: u64, sent: i64, total: u64) {
+        if len_s == 0 || window != Self::window_of(len_s) {
+            return;
+        }
+        let key = what.key(self);
+        let map = self.windows.pin();
+        let c = map.get_or_insert_with(key, || Counter {
+            len_s,
+            what: Some(Box::new(what)),
+            ..Counter::default()
+        });
+        if c.len_s != len_s {
+            return;
+        }
+        c.window.roll(window);
+        let base = if c.fleet_window.load(Ordering::Acquire) == window {
+            c.fleet_base.load(Ordering::Acquire)
+        } else {
+            0
+        };
+        // used = total + (used - base - sent): what the workers added after the delta was read
+        // stays theirs to send next round.
+        let shift = i128::from(total) - i128::from(base) - i128::from(sent);
+        let _ = c
+            .window
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u64::try_from((i128::from(u) + shift).max(0)).ok()
+            });
+        c.fleet_base.store(total, Ordering::Release);
+        c.fleet_window.store(window, Ordering::Release);
     }
 
     /// Seconds since the Unix epoch.
@@ -372,8 +609,8 @@ impl State {
         let map = self.windows.pin();
         map.get_or_insert_with(key, || Counter {
             len_s,
-            window: Window::default(),
             what: None,
+            ..Counter::default()
         })
         .window
         .charge(unix_s / len_s.max(1), amount, limit)
@@ -393,8 +630,8 @@ impl State {
         let map = self.windows.pin();
         map.get_or_insert_with(key, || Counter {
             len_s,
-            window: Window::default(),
             what: Some(Box::new(what())),
+            ..Counter::default()
         })
         .window
         .charge(unix_s / len_s.max(1), amount, limit)
@@ -434,8 +671,8 @@ impl State {
         let map = self.windows.pin();
         let c = map.get_or_insert_with(key, || Counter {
             len_s: count.len_s,
-            window: Window::default(),
             what: Some(Box::new(what)),
+            ..Counter::default()
         });
         if c.len_s != count.len_s {
             return false;
@@ -457,6 +694,11 @@ impl State {
             Charge::Rate { key, rate } => {
                 if let Some(b) = self.buckets.pin().get(&key) {
                     b.give_back(rate);
+                }
+            }
+            Charge::Lease { key } => {
+                if let Some(l) = self.leases.pin().get(&key) {
+                    l.tokens.fetch_add(1, Ordering::AcqRel);
                 }
             }
             Charge::Repeat { key, unix_s, len_s } => {
@@ -642,6 +884,70 @@ mod tests {
         assert_eq!(w.left(7, 10), 2);
         assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
         assert_eq!(w.charge(8, 5, 10), Ok(5), "a new window starts full");
+    }
+
+    #[test]
+    fn a_lease_admits_what_the_fleet_granted_and_nothing_more() {
+        let state = State::default();
+        state.set_fleet(FLEET_LEASED, 2);
+        let now = state.now();
+        let name = || "tenant/acme".to_owned();
+        // Not leased yet: the host's share (10/s ÷ 2 hosts, burst 4 ÷ 2 = 2).
+        assert!(state.admit_rate(1, name, now, 10, 4).is_ok());
+        assert!(state.admit_rate(1, name, now, 10, 4).is_ok());
+        assert!(state.admit_rate(1, name, now, 10, 4).is_err());
+        let mut demand = 0;
+        state.for_each_lease(|_, l| {
+            demand = l.take_demand();
+            l.grant(3);
+        });
+        assert_eq!(demand, 3, "every request asked, admitted or not");
+        let charges: Vec<_> = (0..5)
+            .filter_map(|_| state.admit_rate(1, name, now, 10, 4).ok())
+            .collect();
+        assert_eq!(charges.len(), 3, "what was granted");
+        state.give_back(charges[0]);
+        assert!(
+            state.admit_rate(1, name, now, 10, 4).is_ok(),
+            "a token given back"
+        );
+        // Redis gone: the local bucket at the share again.
+        state.set_fleet(FLEET_FALLBACK, 2);
+        assert!(state.budgets_closed());
+        state.set_fleet_fail_open(true);
+        assert!(!state.budgets_closed());
+    }
+
+    #[test]
+    fn the_fleet_total_replaces_the_local_count_keeping_spend_made_meanwhile() {
+        let state = State::default();
+        let what = Counted::Budget {
+            scope: "tenant".into(),
+            tenant: "acme".into(),
+            subject: "acme".into(),
+        };
+        let key = what.key(&state);
+        let now = State::unix_s();
+        let w = || what.clone();
+        state.charge_kept(key, w, now, 1_000_000, 3, 100).unwrap();
+        let counts = state.fleet_counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].delta, counts[0].used), (3, 3));
+        // Spent here after the delta was read: kept.
+        state.charge_kept(key, w, now, 1_000_000, 2, 100).unwrap();
+        // The fleet's total: others spent 10.
+        state.fleet_merge(what.clone(), 1_000_000, counts[0].window, 3, 13);
+        assert_eq!(state.left(key, 1_000_000, 100), 100 - 15);
+        let counts = state.fleet_counts();
+        assert_eq!(counts[0].delta, 2, "only what was not sent yet");
+        // A count learnt only from the fleet.
+        let other = Counted::Budget {
+            scope: "agent".into(),
+            tenant: "acme".into(),
+            subject: "bot".into(),
+        };
+        state.fleet_merge(other.clone(), 1_000_000, counts[0].window, 0, 7);
+        assert_eq!(state.left(other.key(&state), 1_000_000, 10), 3);
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub mod code {
     pub const LOOP_DETECTED: i64 = -32044;
     pub const CIRCUIT_OPEN: i64 = -32045;
     pub const PENDING_APPROVAL: i64 = -32046;
+    /// The fleet's shared state (Redis) cannot be reached, and budgets fail closed.
+    pub const STATE_UNAVAILABLE: i64 = -32047;
     /// JSON-RPC's own: the request is malformed (here: an identity header given twice).
     pub const INVALID_REQUEST: i64 = -32600;
 }
@@ -973,47 +975,56 @@ impl Policy {
         };
         if let Some((rate, burst)) = t.rate {
             let key = state.key(("tenant", &t.name));
-            state.admit(key, now, rate, burst).map_err(|wait| {
-                Refusal::new(
-                    429,
-                    code::RATE_LIMITED,
-                    format!("tenants[{}].requests_per_sec", t.name),
-                    format!("tenant `{}` is over its rate of {rate}/s", t.name),
-                )
-                .retry(wait)
-            })?;
-            admission.charges.push(Charge::Rate { key, rate });
+            let name = || format!("tenant/{}", t.name);
+            let charge = state
+                .admit_rate(key, name, now, rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].requests_per_sec", t.name),
+                        format!("tenant `{}` is over its rate of {rate}/s", t.name),
+                    )
+                    .retry(wait)
+                })?;
+            admission.charges.push(charge);
         }
         if let Some((rate, burst)) = t.agent_rate {
             let key = state.key(("agent", &t.name, agent_key));
-            state.admit(key, now, rate, burst).map_err(|wait| {
-                Refusal::new(
-                    429,
-                    code::RATE_LIMITED,
-                    format!("tenants[{}].agent_requests_per_sec", t.name),
-                    format!("agent `{agent_key}` is over its rate of {rate}/s"),
-                )
-                .retry(wait)
-            })?;
-            admission.charges.push(Charge::Rate { key, rate });
+            let name = || format!("agent/{}/{agent_key}", t.name);
+            let charge = state
+                .admit_rate(key, name, now, rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].agent_requests_per_sec", t.name),
+                        format!("agent `{agent_key}` is over its rate of {rate}/s"),
+                    )
+                    .retry(wait)
+                })?;
+            admission.charges.push(charge);
         }
         if let Some(r) = rule
             && let Some((rate, burst)) = r.rate
         {
             let key = state.key(("tool", &t.name, &r.label));
-            state.admit(key, now, rate, burst).map_err(|wait| {
-                Refusal::new(
-                    429,
-                    code::RATE_LIMITED,
-                    format!("{}.requests_per_sec", r.label),
-                    format!(
-                        "tools matching `{}` are over their rate of {rate}/s",
-                        r.pattern
-                    ),
-                )
-                .retry(wait)
-            })?;
-            admission.charges.push(Charge::Rate { key, rate });
+            let name = || format!("tool/{}/{}", t.name, r.label);
+            let charge = state
+                .admit_rate(key, name, now, rate, burst)
+                .map_err(|wait| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("{}.requests_per_sec", r.label),
+                        format!(
+                            "tools matching `{}` are over their rate of {rate}/s",
+                            r.pattern
+                        ),
+                    )
+                    .retry(wait)
+                })?;
+            admission.charges.push(charge);
         }
         if let Some(max) = t.max_concurrent {
             let guard = state
@@ -1071,6 +1082,18 @@ impl Policy {
             });
         }
         if let Some(b) = &t.budget {
+            if state.budgets_closed() {
+                return Err(Refusal::new(
+                    503,
+                    code::STATE_UNAVAILABLE,
+                    format!("tenants[{}].policy.budget", t.name),
+                    format!(
+                        "the budget of tenant `{}` cannot be checked: the fleet's shared state (Redis) is unreachable, and budgets fail closed (`[state] fleet_fail_open`)",
+                        t.name
+                    ),
+                )
+                .retry(Duration::from_secs(1)));
+            }
             let cost = rule.map_or(1, |r| r.cost);
             let scopes = [
                 ("tenant", b.tenant, Some(t.name.as_str())),

@@ -224,6 +224,8 @@ pub struct Shared {
     pub spans: crate::otlp::Spans,
     /// The state store's counters (the store itself is the control thread's).
     pub state: crate::state::Stats,
+    /// The fleet agent's counters (`[state] redis`).
+    pub fleet: crate::fleet::Stats,
 }
 
 impl Shared {
@@ -280,6 +282,7 @@ impl Shared {
             session_owners: crate::mcp::session::Owners::default(),
             stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
+            fleet: crate::fleet::Stats::default(),
         }
     }
 

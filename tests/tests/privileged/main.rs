@@ -6,6 +6,7 @@ mod appliance;
 mod containment;
 mod cors;
 mod edge_combined;
+mod fleet;
 mod hardening_http;
 mod hardening_io;
 mod hardening_parse;

@@ -1,0 +1,725 @@
+//! The fleet agent (`[state] redis`): one task on the control thread that shares this
+//! gateway's policy state with the other gateways of its fleet through Redis.
+//!
+//! Every round (`fleet_round_ms`, default 25 ms) it makes one exchange with Redis, with atomic
+//! Lua scripts: it asks for the tokens of fleet-wide rates that this host's workers will need
+//! (each rate is one token bucket in Redis; what it grants becomes this host's lease, which
+//! the workers take with one atomic operation), sends the budget spend made here since the
+//! last round and reads the fleet's totals, and, less often, beats its heartbeat, exchanges
+//! bans and pin approvals. It also agrees the key that seals session ids at start.
+//!
+//! It never runs on the request path and the workers never wait for it: they read what it
+//! published (leases, totals, the fleet mode) without locks. When Redis cannot be reached,
+//! rates fall back to this host's share (`limit ÷ live hosts`) and budgets refuse (unless
+//! `fleet_fail_open`); recovery is automatic at the next round that reaches Redis.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use redis::aio::MultiplexedConnection;
+
+use crate::{
+    config::FleetConfig,
+    policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED},
+    runtime::Shared,
+};
+
+/// A host not heard from for this long is no longer counted live.
+const HOST_TTL: Duration = Duration::from_secs(3);
+/// A lease nobody asked for in this many rounds is dropped (its tokens with it).
+const IDLE_ROUNDS: u32 = 400;
+
+/// Takes tokens from the fleet's bucket of each rate: `KEYS` the buckets, `ARGV` triples of
+/// rate per second, burst and tokens wanted; answers the tokens granted for each. Redis's own
+/// clock refills the buckets, so the hosts' clocks do not matter.
+const RATES: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
+  local v = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(v[1])
+  local at = tonumber(v[2])
+  if tokens == nil or at == nil then
+    tokens = burst
+    at = now
+  end
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000000)
+  local grant = math.max(0, math.min(want, math.floor(tokens)))
+  tokens = tokens - grant
+  redis.call('HSET', key, 'tokens', string.format('%.6f', tokens), 'at', string.format('%.0f', now))
+  redis.call('PEXPIRE', key, 60000)
+  out[i] = grant
+end
+return out
+";
+
+/// Adds this host's budget spend and answers every budget window's total: `KEYS[1]` the hash
+/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `ARGV[1]` `add` or `max`,
+/// then pairs of field and spend since the last round (`add`), or this host's whole count
+/// (`max`: after Redis came back, perhaps empty, each host offers what it knows and the
+/// highest is kept, never the sum). Windows that ended are deleted.
+const BUDGETS: &str = r"
+for i = 2, #ARGV, 2 do
+  if ARGV[1] == 'max' then
+    local have = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0
+    if tonumber(ARGV[i + 1]) > have then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local now = tonumber(redis.call('TIME')[1])
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local ends = tonumber(string.match(all[i], '^(%d+)|'))
+  if ends == nil or ends <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  end
+end
+return out
+";
+
+/// Beats this host's heartbeat and answers how many hosts are live: `KEYS[1]` the set of
+/// hosts (score: when the host expires, in ms of Redis's clock), `ARGV` the host and the TTL.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// Counters for `/metrics` (written by the agent).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub enabled: AtomicBool,
+    pub connected: AtomicBool,
+    pub hosts: AtomicU64,
+    pub rounds: AtomicU64,
+    pub round_us_total: AtomicU64,
+    pub failures: AtomicU64,
+    pub tokens_granted: AtomicU64,
+    pub leases: AtomicU64,
+    pub bans_received: AtomicU64,
+    pub bans_sent: AtomicU64,
+    pub approvals_received: AtomicU64,
+}
+
+/// The control thread's bans, as the agent sees them.
+pub trait Bans: Send + 'static {
+    /// The bans in force here, with the time each has left.
+    fn local(&self) -> Vec<(IpAddr, Duration)>;
+    /// Bans `ip` here (kernel map and workers), as the ban path does.
+    fn ban(&self, ip: IpAddr, ttl: Duration);
+    /// Lifts a ban here.
+    fn unban(&self, ip: IpAddr);
+}
+
+/// The names the fleet's keys live under in Redis.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(fleet: &str) -> Self {
+        Self {
+            prefix: format!("mcp-gateway:{fleet}"),
+        }
+    }
+    fn rate(&self, name: &str) -> String {
+        format!("{}:rate:{name}", self.prefix)
+    }
+    fn hosts(&self) -> String {
+        format!("{}:hosts", self.prefix)
+    }
+    fn budgets(&self) -> String {
+        format!("{}:budgets", self.prefix)
+    }
+    fn bans(&self) -> String {
+        format!("{}:bans", self.prefix)
+    }
+    fn pins(&self) -> String {
+        format!("{}:pins", self.prefix)
+    }
+    fn session_key(&self) -> String {
+        format!("{}:session-key", self.prefix)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// Where the Redis of `url` is, without the password a URL may carry (for the log).
+fn shown(url: &str) -> &str {
+    url.rsplit_once('@').map_or(url, |(_, host)| host)
+}
+
+async fn connect(
+    client: &redis::Client,
+    round: Duration,
+) -> redis::RedisResult<MultiplexedConnection> {
+    // A round's exchange that takes longer than a few rounds is a Redis that is not there.
+    let wait = (round * 8).max(Duration::from_millis(200));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(wait))
+        .set_response_timeout(Some(wait));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// The key that seals session ids, agreed by the fleet: the first gateway to reach Redis sets
+/// it, the others read it. `None` when Redis cannot be reached (this gateway then seals with a
+/// key of its own, and its sessions continue only through it).
+pub async fn session_key(fleet: &FleetConfig) -> Option<[u8; 32]> {
+    let client = redis::Client::open(fleet.redis.as_str()).ok()?;
+    let attempt = async {
+        let mut conn = connect(&client, Duration::from_millis(250)).await?;
+        let key = Keys::new(&fleet.name).session_key();
+        let mine = URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key());
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(&mine)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let agreed: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        Ok::<_, redis::RedisError>(agreed)
+    };
+    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+        Ok(Ok(agreed)) => match URL_SAFE_NO_PAD
+            .decode(agreed.trim())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        {
+            Some(key) => Some(key),
+            None => {
+                tracing::error!(
+                    "the fleet's session key in Redis is not 32 bytes in base64; sessions are sealed with this gateway's own key"
+                );
+                None
+            }
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(
+                redis = shown(&fleet.redis),
+                "the fleet's session key could not be read ({e}); sessions are sealed with this gateway's own key and continue only through it"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                redis = shown(&fleet.redis),
+                "the fleet's session key could not be read in time; sessions are sealed with this gateway's own key and continue only through it"
+            );
+            None
+        }
+    }
+}
+
+/// What the agent keeps between rounds.
+struct Agent<B> {
+    shared: Arc<Shared>,
+    fleet: FleetConfig,
+    keys: Keys,
+    host: String,
+    bans: B,
+    /// Rounds each lease went unasked.
+    idle: HashMap<u64, u32>,
+    /// Bans this host knows the fleet has (sent or received).
+    known_bans: HashSet<IpAddr>,
+    /// Pins as last agreed with the fleet: key → approved digest.
+    agreed_pins: HashMap<String, String>,
+    /// Budgets are offered whole at the next round (Redis was lost, and may have lost them).
+    resync: bool,
+}
+
+/// Runs the agent until the task is dropped.
+pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans: impl Bans) {
+    let host = format!(
+        "{}/{instance}/{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    );
+    let client = match redis::Client::open(fleet.redis.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Validated with the configuration: cannot happen.
+            tracing::error!("fleet: Redis address refused: {e}");
+            return;
+        }
+    };
+    shared.fleet.enabled.store(true, Relaxed);
+    shared.limits.set_fleet_fail_open(fleet.fail_open);
+    let mut agent = Agent {
+        keys: Keys::new(&fleet.name),
+        shared,
+        host,
+        bans,
+        fleet,
+        idle: HashMap::new(),
+        known_bans: HashSet::new(),
+        agreed_pins: HashMap::new(),
+        resync: true,
+    };
+    tracing::info!(
+        redis = shown(&agent.fleet.redis),
+        fleet = %agent.fleet.name,
+        host = %agent.host,
+        round_ms = agent.fleet.round.as_millis() as u64,
+        "fleet agent started"
+    );
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut tick = tokio::time::interval(agent.fleet.round);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: u64 = 0;
+    // Whether the last round failed (`None` before the first).
+    let mut down: Option<bool> = None;
+    let beat_every = (Duration::from_millis(250).as_millis() / agent.fleet.round.as_millis().max(1))
+        .max(1) as u64;
+    let bans_every = (Duration::from_millis(200).as_millis() / agent.fleet.round.as_millis().max(1))
+        .max(1) as u64;
+    let pins_every = (Duration::from_millis(500).as_millis() / agent.fleet.round.as_millis().max(1))
+        .max(1) as u64;
+    loop {
+        tick.tick().await;
+        let start = Instant::now();
+        let result = async {
+            let c = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(connect(&client, agent.fleet.round).await?),
+            };
+            // Heartbeat first after (re)connecting: the live hosts count shares.
+            if round.is_multiple_of(beat_every) || down != Some(false) {
+                agent.heartbeat(c).await?;
+            }
+            agent.rates(c).await?;
+            agent.budgets(c).await?;
+            if round.is_multiple_of(bans_every) {
+                agent.exchange_bans(c).await?;
+            }
+            if round.is_multiple_of(pins_every) {
+                agent.exchange_pins(c).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        }
+        .await;
+        round += 1;
+        let stats = &agent.shared.fleet;
+        stats.rounds.fetch_add(1, Relaxed);
+        stats.round_us_total.fetch_add(
+            u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+        match result {
+            Ok(()) => {
+                if down != Some(false) {
+                    tracing::info!(
+                        redis = shown(&agent.fleet.redis),
+                        hosts = stats.hosts.load(Relaxed),
+                        "fleet connected: rates, budgets, bans and approvals are shared"
+                    );
+                }
+                down = Some(false);
+                stats.connected.store(true, Relaxed);
+            }
+            Err(e) => {
+                conn = None;
+                agent.resync = true;
+                stats.failures.fetch_add(1, Relaxed);
+                stats.connected.store(false, Relaxed);
+                let hosts = stats.hosts.load(Relaxed).max(1);
+                agent.shared.limits.set_fleet(FLEET_FALLBACK, hosts);
+                if down != Some(true) {
+                    tracing::error!(
+                        redis = shown(&agent.fleet.redis),
+                        hosts,
+                        budgets = if agent.fleet.fail_open {
+                            "admitted on this host's counts (fleet_fail_open)"
+                        } else {
+                            "refused (fail closed)"
+                        },
+                        "fleet: Redis unreachable ({e}); rates fall back to this host's share (limit ÷ {hosts} live hosts); tried again every round"
+                    );
+                }
+                down = Some(true);
+            }
+        }
+    }
+}
+
+impl<B: Bans> Agent<B> {
+    async fn heartbeat(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let ttl = u64::try_from(HOST_TTL.as_millis()).unwrap_or(u64::MAX);
+        let hosts: u64 = redis::cmd("EVAL")
+            .arg(HEARTBEAT)
+            .arg(1)
+            .arg(self.keys.hosts())
+            .arg(&self.host)
+            .arg(ttl)
+            .query_async(c)
+            .await?;
+        self.shared.fleet.hosts.store(hosts.max(1), Relaxed);
+        self.shared.limits.set_fleet(FLEET_LEASED, hosts.max(1));
+        Ok(())
+    }
+
+    /// Asks for each lease the tokens the last round's demand suggests (and one spare), at
+    /// most two rounds of the fleet's rate: what a host holds unused is the bound by which the
+    /// fleet may exceed its limit.
+    async fn rates(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let round_s = self.fleet.round.as_secs_f64();
+        let mut asks: Vec<(u64, String, u64, u64, u64)> = Vec::new();
+        let mut idle: Vec<u64> = Vec::new();
+        let mut leases = 0u64;
+        self.shared.limits.for_each_lease(|key, lease| {
+            leases += 1;
+            let demand = lease.take_demand();
+            let rounds_idle = self.idle.entry(key).or_insert(0);
+            if demand == 0 {
+                *rounds_idle += 1;
+                if *rounds_idle > IDLE_ROUNDS {
+                    idle.push(key);
+                    return;
+                }
+            } else {
+                *rounds_idle = 0;
+            }
+            let rate = lease.rate.load(Relaxed);
+            let burst = lease.burst.load(Relaxed);
+            let cap = ((rate as f64 * round_s * 2.0).ceil() as u64).max(1);
+            let want = (demand + 1).saturating_sub(lease.tokens()).min(cap);
+            if want > 0 {
+                asks.push((key, self.keys.rate(&lease.name), rate, burst, want));
+            }
+        });
+        self.shared.fleet.leases.store(leases, Relaxed);
+        if !idle.is_empty() {
+            for k in &idle {
+                self.idle.remove(k);
+            }
+            self.shared.limits.drop_leases(&idle);
+        }
+        if asks.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RATES).arg(asks.len());
+        for (_, name, ..) in &asks {
+            cmd.arg(name);
+        }
+        for (_, _, rate, burst, want) in &asks {
+            cmd.arg(*rate).arg((*burst).max(1)).arg(*want);
+        }
+        let granted: Vec<u64> = cmd.query_async(c).await?;
+        let granted: HashMap<u64, u64> = asks.iter().map(|a| a.0).zip(granted).collect();
+        let mut total = 0;
+        self.shared.limits.for_each_lease(|key, lease| {
+            if let Some(n) = granted.get(&key) {
+                lease.grant(*n);
+                total += *n;
+            }
+        });
+        self.shared.fleet.tokens_granted.fetch_add(total, Relaxed);
+        Ok(())
+    }
+
+    /// Sends the spend made here since the last round and takes the fleet's totals.
+    async fn budgets(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let counts = self.shared.limits.fleet_counts();
+        let field = |what: &Counted, len_s: u64, window: u64| {
+            let ends = window.saturating_add(1).saturating_mul(len_s);
+            serde_json::to_string(what)
+                .ok()
+                .map(|w| format!("{ends}|{len_s}|{window}|{w}"))
+        };
+        let mut sent: HashMap<String, i64> = HashMap::new();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(BUDGETS)
+            .arg(1)
+            .arg(self.keys.budgets())
+            .arg(if self.resync { "max" } else { "add" });
+        for count in &counts {
+            if count.delta == 0 && !self.resync {
+                continue;
+            }
+            if let Some(f) = field(&count.what, count.len_s, count.window) {
+                if self.resync {
+                    cmd.arg(&f).arg(count.used);
+                } else {
+                    cmd.arg(&f).arg(count.delta);
+                }
+                sent.insert(f, count.delta);
+            }
+        }
+        let totals: Vec<(String, i64)> = cmd.query_async(c).await?;
+        self.resync = false;
+        for (f, total) in totals {
+            let mut parts = f.splitn(4, '|');
+            let (Some(_), Some(len_s), Some(window), Some(what)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(len_s), Ok(window), Ok(what)) = (
+                len_s.parse::<u64>(),
+                window.parse::<u64>(),
+                serde_json::from_str::<Counted>(what),
+            ) else {
+                continue;
+            };
+            let sent = sent.get(&f).copied().unwrap_or(0);
+            self.shared.limits.fleet_merge(
+                what,
+                len_s,
+                window,
+                sent,
+                u64::try_from(total.max(0)).unwrap_or(0),
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
+    /// the control thread's ban path); a ban lifted here is lifted in the fleet.
+    async fn exchange_bans(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let key = self.keys.bans();
+        let remote: HashMap<String, u64> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        let now = unix_ms();
+        let mut remote_live: HashMap<IpAddr, u64> = HashMap::new();
+        let mut ended: Vec<String> = Vec::new();
+        for (k, until) in remote {
+            match k.parse::<IpAddr>() {
+                Ok(ip) if until > now => {
+                    remote_live.insert(ip.to_canonical(), until);
+                }
+                _ => ended.push(k),
+            }
+        }
+        let local: HashMap<IpAddr, Duration> = self
+            .bans
+            .local()
+            .into_iter()
+            .map(|(ip, left)| (ip.to_canonical(), left))
+            .collect();
+        let mut pipe = redis::pipe();
+        for k in &ended {
+            pipe.hdel(&key, k).ignore();
+        }
+        for (ip, until) in &remote_live {
+            if !local.contains_key(ip) {
+                if self.known_bans.contains(ip) {
+                    // Known to the fleet, gone here: lifted by the operator here.
+                    pipe.hdel(&key, ip.to_string()).ignore();
+                    self.known_bans.remove(ip);
+                    continue;
+                }
+                let left = Duration::from_millis(until - now);
+                self.bans.ban(*ip, left);
+                self.known_bans.insert(*ip);
+                self.shared.fleet.bans_received.fetch_add(1, Relaxed);
+                tracing::warn!(source = %ip, ban_s = left.as_secs(), "fleet: banned here as another gateway of the fleet banned it");
+            } else {
+                self.known_bans.insert(*ip);
+            }
+        }
+        let mut sent: HashSet<IpAddr> = HashSet::new();
+        for (ip, left) in &local {
+            if !self.known_bans.contains(ip) && !remote_live.contains_key(ip) {
+                let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                pipe.hset(&key, ip.to_string(), now.saturating_add(left))
+                    .ignore();
+                self.known_bans.insert(*ip);
+                sent.insert(*ip);
+                self.shared.fleet.bans_sent.fetch_add(1, Relaxed);
+            }
+        }
+        // Known, gone from the fleet (lifted elsewhere, or ended): lifted here too.
+        let gone: Vec<IpAddr> = self
+            .known_bans
+            .iter()
+            .filter(|ip| !remote_live.contains_key(ip) && !sent.contains(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            self.known_bans.remove(&ip);
+            if local.contains_key(&ip) {
+                self.bans.unban(ip);
+                tracing::info!(source = %ip, "fleet: ban lifted here as it was lifted in the fleet");
+            }
+        }
+        if pipe.cmd_iter().next().is_some() {
+            let _: () = pipe.query_async(c).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends pins first seen or approved here, and takes approvals made elsewhere (an approval
+    /// on one host unhides the tool on all).
+    async fn exchange_pins(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let key = self.keys.pins();
+        let remote: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (name, pin) in self.shared.pins.snapshot() {
+            let theirs = remote
+                .get(&name)
+                .and_then(|j| serde_json::from_str::<crate::policy::pins::Pin>(j).ok());
+            let agreed = self.agreed_pins.get(&name);
+            match theirs {
+                None => {
+                    if let Ok(j) = serde_json::to_string(&strip(&pin)) {
+                        pipe.hset_nx(&key, &name, j).ignore();
+                        any = true;
+                    }
+                    self.agreed_pins.insert(name, pin.approved.clone());
+                }
+                Some(theirs) if theirs.approved == pin.approved => {
+                    self.agreed_pins.insert(name, pin.approved.clone());
+                }
+                Some(theirs) => {
+                    let changed_here = agreed.is_some_and(|a| *a != pin.approved);
+                    if changed_here || pin.configured.is_some() {
+                        // Approved here since the last agreement: the fleet takes it.
+                        if let Ok(j) = serde_json::to_string(&strip(&pin)) {
+                            pipe.hset(&key, &name, j).ignore();
+                            any = true;
+                        }
+                        self.agreed_pins.insert(name, pin.approved.clone());
+                    } else {
+                        // Approved elsewhere: taken here; what waits here for approval stays
+                        // waiting unless it is what was approved.
+                        let mut adopted = theirs;
+                        adopted.configured = None;
+                        adopted.pending =
+                            pin.pending.clone().filter(|(d, _)| *d != adopted.approved);
+                        tracing::info!(
+                            tool = %name,
+                            approved = %adopted.approved,
+                            "fleet: tool definition approved by another gateway of the fleet"
+                        );
+                        self.agreed_pins
+                            .insert(name.clone(), adopted.approved.clone());
+                        self.shared.pins.restore(name, adopted);
+                        self.shared.fleet.approvals_received.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        if any {
+            let _: () = pipe.query_async(c).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A pin as the fleet keeps it: what is approved, without what waits here.
+fn strip(pin: &crate::policy::pins::Pin) -> crate::policy::pins::Pin {
+    let mut p = pin.clone();
+    p.pending = None;
+    p.configured = None;
+    p
+}
+
+/// `/metrics` lines of the fleet agent.
+pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out: &mut String) {
+    use std::fmt::Write as _;
+    if !stats.enabled.load(Relaxed) {
+        return;
+    }
+    let fallback = limits.fleet_mode() == FLEET_FALLBACK;
+    let lines: [(&str, &str, &str, String); 10] = [
+        (
+            "mcp_gateway_fleet_connected",
+            "gauge",
+            "1 while the fleet agent reaches Redis.",
+            u64::from(stats.connected.load(Relaxed)).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_fallback_active",
+            "gauge",
+            "1 while Redis is unreachable: rates at this host's share, budgets fail closed unless fleet_fail_open.",
+            u64::from(fallback).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_hosts_live",
+            "gauge",
+            "Gateways of the fleet alive at the last heartbeat (this one included).",
+            stats.hosts.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_rounds_total",
+            "counter",
+            "Exchanges with Redis (lease round trips).",
+            stats.rounds.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_round_seconds_total",
+            "counter",
+            "Time spent in exchanges with Redis.",
+            format!("{:.6}", stats.round_us_total.load(Relaxed) as f64 / 1e6),
+        ),
+        (
+            "mcp_gateway_fleet_round_failures_total",
+            "counter",
+            "Exchanges with Redis that failed.",
+            stats.failures.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_tokens_granted_total",
+            "counter",
+            "Tokens of fleet-wide rates leased to this host.",
+            stats.tokens_granted.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_leases",
+            "gauge",
+            "Fleet-wide rates this host holds a lease of.",
+            stats.leases.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_bans_received_total",
+            "counter",
+            "Bans made by another gateway of the fleet, applied here.",
+            stats.bans_received.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_approvals_received_total",
+            "counter",
+            "Tool approvals made by another gateway of the fleet, taken here.",
+            stats.approvals_received.load(Relaxed).to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in lines {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
