@@ -651,24 +651,6 @@ async fn run_async(
     tracing::info!(
         "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
     );
-    if let (Some(s), Some(h)) = (handover, &handed) {
-        if let Err(e) = s.ready() {
-            tracing::warn!("the gateway handing over did not hear this one is ready: {e}");
-        }
-        // Interfaces the old configuration named and the new one does not: detached now.
-        if let Some(k) = &kernel {
-            for (iface, _) in &h.offer.attachments {
-                if !k.attachments().iter().any(|a| &a.interface == iface) {
-                    let pin = k.pin_dir().join(format!("link_{iface}"));
-                    match kernel::remove_stale_link(&pin) {
-                        Ok(_) => tracing::info!(interface = %iface, "XDP program detached (no longer configured)"),
-                        Err(e) => tracing::error!(interface = %iface, "detaching the XDP program failed: {e}"),
-                    }
-                }
-            }
-        }
-        tracing::info!(from = h.offer.pid, "took over from the running gateway");
-    }
     let upgrade_socket = match upgrade::listen(&upgrade::socket_path(&instance), handover.is_some()) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -693,6 +675,25 @@ async fn run_async(
     let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // After the signal handlers: systemd may send SIGHUP to this process from here on.
+    if let (Some(s), Some(h)) = (handover, &handed) {
+        if let Err(e) = s.ready() {
+            tracing::warn!("the gateway handing over did not hear this one is ready: {e}");
+        }
+        // Interfaces the old configuration named and the new one does not: detached now.
+        if let Some(k) = &kernel {
+            for (iface, _) in &h.offer.attachments {
+                if !k.attachments().iter().any(|a| &a.interface == iface) {
+                    let pin = k.pin_dir().join(format!("link_{iface}"));
+                    match kernel::remove_stale_link(&pin) {
+                        Ok(_) => tracing::info!(interface = %iface, "XDP program detached (no longer configured)"),
+                        Err(e) => tracing::error!(interface = %iface, "detaching the XDP program failed: {e}"),
+                    }
+                }
+            }
+        }
+        tracing::info!(from = h.offer.pid, "took over from the running gateway");
+    }
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut merge = tokio::time::interval(Duration::from_secs(1));

@@ -98,7 +98,11 @@ impl Channel {
         setsockopt(
             &self.0,
             sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(timeout.as_secs() as _, 0),
+            // Zero would mean no timeout at all.
+            &nix::sys::time::TimeVal::new(
+                timeout.as_secs() as _,
+                timeout.subsec_micros().max(1) as _,
+            ),
         )?;
         let mut buf = vec![0u8; 64 * 1024];
         let mut cmsg = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
@@ -232,6 +236,10 @@ impl Successor {
             },
             &[],
         );
+        // What the old process sent and this one did not read (an offer, when the
+        // configuration failed first) is read now: closing a socket with unread data resets
+        // it, and the reset would discard the reason on its way.
+        while self.0.recv(Duration::from_millis(1)).is_ok() {}
     }
 }
 
@@ -273,6 +281,9 @@ impl Predecessor {
         let mut cmd = std::process::Command::new(&origin.exe);
         cmd.args(&origin.args)
             .env(HANDOVER_ENV, CHILD_FD.to_string())
+            // systemd's watchdog names the old main process; the new one pings as the service's
+            // main process once it told systemd `MAINPID=` (sd_watchdog_enabled(3)).
+            .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null());
         use std::os::unix::process::CommandExt as _;
         // SAFETY: dup2/fcntl only, between fork and exec. The copy at CHILD_FD is not
