@@ -16,11 +16,10 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
     config::Config,
-    upgrade,
     kernel::{self, Kernel, KernelMaps, KernelState},
     runtime::{self, Shared, Snapshot},
     stats::{Aggregator, HistogramLog},
-    telemetry,
+    telemetry, upgrade,
 };
 
 /// What the admin API and the control loop share (on the control thread only).
@@ -450,7 +449,8 @@ async fn run_async(
                 .as_ref()
                 .and_then(|h| h.offer.attachments.iter().find(|(i, _)| i == iface))
             {
-                let mode = kernel::AttachedMode::parse(mode).unwrap_or(kernel::AttachedMode::Generic);
+                let mode =
+                    kernel::AttachedMode::parse(mode).unwrap_or(kernel::AttachedMode::Generic);
                 taken_over.push((iface.clone(), mode));
                 continue;
             }
@@ -483,8 +483,9 @@ async fn run_async(
                 }
                 sockets
             }
-            None => runtime::bind_reuseport(addr, workers)
-                .with_context(|| format!("binding {addr}"))?,
+            None => {
+                runtime::bind_reuseport(addr, workers).with_context(|| format!("binding {addr}"))?
+            }
         };
         for (i, s) in sockets.into_iter().enumerate() {
             per_worker[i].push(s);
@@ -506,7 +507,9 @@ async fn run_async(
     };
     admin_std.set_nonblocking(true)?;
     // Kept to hand over in an upgrade, and to serve again if one fails.
-    let admin_keep = admin_std.try_clone().context("duplicating the admin socket")?;
+    let admin_keep = admin_std
+        .try_clone()
+        .context("duplicating the admin socket")?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
     if let Some(s) = handover {
         // Everything that can fail on the configuration is checked before the running gateway
@@ -651,7 +654,8 @@ async fn run_async(
     tracing::info!(
         "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
     );
-    let upgrade_socket = match upgrade::listen(&upgrade::socket_path(&instance), handover.is_some()) {
+    let upgrade_socket = match upgrade::listen(&upgrade::socket_path(&instance), handover.is_some())
+    {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::warn!(
@@ -686,8 +690,12 @@ async fn run_async(
                 if !k.attachments().iter().any(|a| &a.interface == iface) {
                     let pin = k.pin_dir().join(format!("link_{iface}"));
                     match kernel::remove_stale_link(&pin) {
-                        Ok(_) => tracing::info!(interface = %iface, "XDP program detached (no longer configured)"),
-                        Err(e) => tracing::error!(interface = %iface, "detaching the XDP program failed: {e}"),
+                        Ok(_) => {
+                            tracing::info!(interface = %iface, "XDP program detached (no longer configured)")
+                        }
+                        Err(e) => {
+                            tracing::error!(interface = %iface, "detaching the XDP program failed: {e}")
+                        }
                     }
                 }
             }
@@ -926,7 +934,11 @@ async fn upgrade_logged(
     tracing::info!(source, "binary upgrade: starting the new process");
     let r = upgrade(ctx, control, kernel, admin).await;
     match &r {
-        Ok(pid) => tracing::info!(source, new_pid = pid, "binary upgrade: the new process serves"),
+        Ok(pid) => tracing::info!(
+            source,
+            new_pid = pid,
+            "binary upgrade: the new process serves"
+        ),
         Err(e) => tracing::error!(source, "binary upgrade failed: {e}; this gateway serves on"),
     }
     r
@@ -973,7 +985,10 @@ async fn upgrade(
     let new = upgrade::Predecessor::start(origin, offer, &fds)
         .map_err(|e| format!("starting the new process: {e}"))?;
     let pid = new.pid();
-    tracing::info!(new_pid = pid, "binary upgrade: new process started; waiting until it has loaded");
+    tracing::info!(
+        new_pid = pid,
+        "binary upgrade: new process started; waiting until it has loaded"
+    );
     let (new, prepared) = tokio::task::spawn_blocking(move || {
         let r = new.wait_prepared();
         (new, r)

@@ -180,7 +180,9 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => Config::embedded_default().instance,
             };
             let pid = gateway::upgrade::request(&instance)?;
-            println!("upgraded: the new gateway process (pid {pid}) serves; the old one drains and exits");
+            println!(
+                "upgraded: the new gateway process (pid {pid}) serves; the old one drains and exits"
+            );
             Ok(())
         }
         Command::Top {

@@ -126,7 +126,11 @@ impl Channel {
         for c in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(rights) = c {
                 // SAFETY: the kernel just installed these descriptors in this process.
-                fds.extend(rights.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    rights
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         let n = msg.bytes;
@@ -169,7 +173,8 @@ impl Successor {
                 "expected the handover offer, got {step:?}"
             )));
         };
-        let want = offer.listeners.iter().map(|(_, n)| n).sum::<usize>() + 1 + usize::from(offer.lock);
+        let want =
+            offer.listeners.iter().map(|(_, n)| n).sum::<usize>() + 1 + usize::from(offer.lock);
         let mut fds = Vec::with_capacity(want);
         while fds.len() < want {
             let (step, got) = self.0.recv(STEP_TIMEOUT)?;
@@ -189,8 +194,11 @@ impl Successor {
         let mut fds = fds.into_iter();
         let mut listeners = Vec::new();
         for (addr, n) in &offer.listeners {
-            let sockets: Vec<std::net::TcpListener> =
-                fds.by_ref().take(*n).map(std::net::TcpListener::from).collect();
+            let sockets: Vec<std::net::TcpListener> = fds
+                .by_ref()
+                .take(*n)
+                .map(std::net::TcpListener::from)
+                .collect();
             listeners.push((*addr, sockets));
         }
         let admin = fds.next().map(std::net::TcpListener::from);
@@ -300,9 +308,9 @@ impl Predecessor {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", origin.exe.display())))?;
+        let child = cmd.spawn().map_err(|e| {
+            io::Error::new(e.kind(), format!("starting {}: {e}", origin.exe.display()))
+        })?;
         drop(theirs);
         let p = Self {
             channel: Channel(ours),
@@ -362,7 +370,10 @@ impl Predecessor {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        tracing::warn!(pid, "the new process did not exit after a failed upgrade; killed");
+        tracing::warn!(
+            pid,
+            "the new process did not exit after a failed upgrade; killed"
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -450,8 +461,8 @@ pub fn request(instance: &str) -> anyhow::Result<u32> {
     std::io::BufReader::new(&stream)
         .read_line(&mut line)
         .context("waiting for the outcome")?;
-    let outcome: Outcome = serde_json::from_str(&line)
-        .with_context(|| format!("unexpected answer {line:?}"))?;
+    let outcome: Outcome =
+        serde_json::from_str(&line).with_context(|| format!("unexpected answer {line:?}"))?;
     match (outcome.pid, outcome.error) {
         (Some(pid), None) => Ok(pid),
         (_, Some(e)) => anyhow::bail!("upgrade failed, the running gateway serves on: {e}"),

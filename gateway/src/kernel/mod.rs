@@ -115,6 +115,9 @@ pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
     pin: PathBuf,
+    /// Taken over from the gateway being upgraded: an error exit before serving leaves it to
+    /// that one (which puts its program back), rather than detaching.
+    taken_over: bool,
 }
 
 /// The loaded program and its attachments. Owned by the control thread.
@@ -337,6 +340,7 @@ impl Kernel {
                         interface: interface.into(),
                         mode: *attached,
                         pin,
+                        taken_over: false,
                     });
                     return Ok(*attached);
                 }
@@ -367,6 +371,7 @@ impl Kernel {
             interface: interface.into(),
             mode,
             pin,
+            taken_over: true,
         });
         Ok(())
     }
@@ -407,10 +412,14 @@ impl Kernel {
                 source,
             })?;
         // The pin holds the link; this process keeps no descriptor of it (as after `attach`).
-        drop(program.take_link(id).map_err(|source| KernelError::Program {
-            context: context("taking"),
-            source,
-        })?);
+        drop(
+            program
+                .take_link(id)
+                .map_err(|source| KernelError::Program {
+                    context: context("taking"),
+                    source,
+                })?,
+        );
         Ok(())
     }
 
@@ -425,6 +434,9 @@ impl Kernel {
 
 impl Drop for Kernel {
     fn drop(&mut self) {
+        // Not a clean stop (that detaches first): links taken over in an upgrade that did
+        // not finish belong to the gateway that is serving on.
+        self.attachments.retain(|a| !a.taken_over);
         if let Err(e) = self.detach_all() {
             tracing::error!(error = %e, "detaching the XDP program failed");
         }

@@ -2,7 +2,7 @@
 //! Python SDK's MCP server, under continuous load from keep-alive clients and clients that open
 //! a connection per request, takes 20 configuration reloads (SIGHUP, `systemctl reload`) and one
 //! `gateway upgrade`: no request fails, the new process serves, the old one drains and exits, the
-//! XDP program (on a dummy interface) stays attached throughout, replaced by the new process's,
+//! XDP program (on a veth interface) stays attached throughout, replaced by the new process's,
 //! and the pinned maps keep their state. An upgrade whose configuration is invalid leaves the
 //! running gateway serving, and says why.
 
@@ -24,17 +24,21 @@ use integration_tests::{
     require_root, unique,
 };
 
-/// A dummy interface for the XDP program (generic mode), removed on drop.
+/// A veth interface for the XDP program (generic mode; no traffic needs to cross it), removed
+/// with its peer on drop.
 struct Dummy(String);
 
 impl Dummy {
     fn new(name: &str) -> Self {
+        let peer = format!("p{}", &name[1..]);
         let ok = Command::new("ip")
-            .args(["link", "add", name, "type", "dummy"])
+            .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "ip link add {name} type dummy");
-        let _ = Command::new("ip").args(["link", "set", name, "up"]).status();
+        assert!(ok, "ip link add {name} type veth");
+        let _ = Command::new("ip")
+            .args(["link", "set", name, "up"])
+            .status();
         Dummy(name.into())
     }
 
@@ -52,9 +56,7 @@ impl Dummy {
 
 impl Drop for Dummy {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.0])
-            .status();
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
     }
 }
 
@@ -259,6 +261,25 @@ fn gateway_kernel(pin_dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// SIGHUP to `pid`, and a wait until it is applied (the `n`th reload in the log) before the
+/// next: signals sent close together coalesce.
+fn hup(d: &Daemon, pid: i32, n: usize) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches("reloaded ").count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "reload {n} not applied within 10 s; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     require_root();
@@ -266,7 +287,10 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     // SAFETY: prctl(2) on this process only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let instance = unique("upg");
-    let dummy = Dummy::new(&format!("u{}", &instance[instance.len().saturating_sub(10)..]));
+    let dummy = Dummy::new(&format!(
+        "u{}",
+        &instance[instance.len().saturating_sub(10)..]
+    ));
     let runtime = std::env::temp_dir().join(format!("{instance}.run"));
     let mut successor = Successor {
         pid: None,
@@ -308,16 +332,10 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     std::thread::sleep(Duration::from_millis(500));
 
     // 10 reloads on the old process, the upgrade, 10 on the new one.
-    let hup = |pid: i32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("SIGHUP");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut reloads = 0;
     for _ in 0..10 {
-        hup(old_pid);
+        reloads += 1;
+        hup(&d, old_pid, reloads);
     }
     let out = upgrade(&instance, &runtime);
     let pid = new_pid(&out);
@@ -329,7 +347,8 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     assert!(status.success(), "old gateway: {status}; log:\n{}", d.log());
     let served_by_old = tally.ok.load(Ordering::Relaxed);
     for _ in 0..10 {
-        hup(pid);
+        reloads += 1;
+        hup(&d, pid, reloads);
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -375,7 +394,10 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
         looks.load(Ordering::Relaxed)
     );
     let after = dummy.xdp_prog().expect("XDP attached after the upgrade");
-    assert_ne!(after, before, "the new process's program replaces the old one's");
+    assert_ne!(
+        after, before,
+        "the new process's program replaces the old one's"
+    );
     // The pinned state is kept.
     let bans = gateway_kernel(&d.pin_dir, &["bans"]);
     assert!(bans.contains("198.18.99.7"), "ban lost: {bans}");
@@ -408,7 +430,10 @@ fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving()
 
     let out = upgrade(&instance, &runtime);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the upgrade succeeded on a bad config");
+    assert!(
+        !out.status.success(),
+        "the upgrade succeeded on a bad config"
+    );
     assert!(
         stderr.contains("serves on") && stderr.contains("surprise"),
         "the reason is not given: {stderr}"
@@ -423,7 +448,11 @@ fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving()
     let pid = new_pid(&upgrade(&instance, &runtime));
     successor.pid = Some(pid);
     let exited = d.wait_exit(Duration::from_secs(15));
-    assert!(exited.is_some(), "the old gateway did not exit; log:\n{}", d.log());
+    assert!(
+        exited.is_some(),
+        "the old gateway did not exit; log:\n{}",
+        d.log()
+    );
     let deadline = Instant::now() + Duration::from_millis(300);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
