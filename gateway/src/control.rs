@@ -19,7 +19,7 @@ use crate::{
     kernel::{self, Kernel, KernelMaps, KernelState},
     runtime::{self, Shared, Snapshot},
     stats::{Aggregator, HistogramLog},
-    telemetry,
+    telemetry, upgrade,
 };
 
 /// What the admin API and the control loop share (on the control thread only).
@@ -208,6 +208,22 @@ impl Control {
         }
     }
 
+    /// Writes what changed and closes the state store (a binary upgrade: the new process opens
+    /// it next; redb allows one process at a time).
+    fn close_store(&mut self) {
+        self.flush_state();
+        self.store = None;
+    }
+
+    /// Opens the state store again after an upgrade that failed (what is in memory is the
+    /// record; the next flush writes it).
+    fn reopen_store(&mut self, dir: &std::path::Path) {
+        match crate::state::Store::open(dir) {
+            Ok(store) => self.store = Some(store),
+            Err(e) => tracing::error!("{e}; state is kept in memory only until a restart"),
+        }
+    }
+
     /// Bans again what the store's mirror holds, when the kernel's map has none (a fresh map
     /// after a reboot) or the kernel program is off; a map that has bans is the record.
     fn restore_bans(&mut self, kept: Vec<(std::net::IpAddr, Duration)>) {
@@ -385,25 +401,59 @@ impl Control {
     }
 }
 
-/// Runs the gateway until SIGINT or SIGTERM.
-pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the gateway until SIGINT or SIGTERM, or until it handed over to an upgraded process.
+/// `handover`: this process was started by a running gateway to take over from it (see
+/// [`crate::upgrade`]).
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    handover: Option<&upgrade::Successor>,
+) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("control")
         .build()
         .context("starting the control runtime")?
-        .block_on(run_async(config, config_path))
+        .block_on(run_async(config, config_path, handover))
 }
 
-async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_async(
+    config: Config,
+    config_path: Option<PathBuf>,
+    handover: Option<&upgrade::Successor>,
+) -> anyhow::Result<()> {
+    let origin = upgrade::Origin::record()
+        .inspect_err(|e| tracing::warn!("the binary's path is unknown ({e}): no upgrades"))
+        .ok();
+    let mut handed = match handover {
+        Some(s) => {
+            let h = s.receive().context("receiving the handover")?;
+            tracing::info!(from = h.offer.pid, "taking over from the running gateway");
+            Some(h)
+        }
+        None => None,
+    };
+    // Attachments of the running gateway this one takes over once it releases (its program
+    // keeps enforcing until then).
+    let mut taken_over = Vec::new();
     let mut kernel = if config.kernel.enabled {
-        let mut k = kernel::load(&config.instance, &config.kernel.pin_dir)?;
+        let lock = handed.as_mut().and_then(|h| h.lock.take());
+        let mut k = kernel::load_as(&config.instance, &config.kernel.pin_dir, lock)?;
         let report = k
             .maps()?
             .sync(&KernelState::from_config(&config))
             .context("syncing the kernel maps")?;
         tracing::debug!(?report, "kernel maps synced");
         for iface in &config.kernel.interfaces {
+            if let Some((_, mode)) = handed
+                .as_ref()
+                .and_then(|h| h.offer.attachments.iter().find(|(i, _)| i == iface))
+            {
+                let mode =
+                    kernel::AttachedMode::parse(mode).unwrap_or(kernel::AttachedMode::Generic);
+                taken_over.push((iface.clone(), mode));
+                continue;
+            }
             let mode = k.attach(iface, config.kernel.mode)?;
             tracing::info!(interface = %iface, mode = mode.as_str(), "XDP program attached");
         }
@@ -415,25 +465,70 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
 
     let workers = config.workers;
     let mut per_worker: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut offered = handed
+        .as_mut()
+        .map(|h| std::mem::take(&mut h.listeners))
+        .unwrap_or_default();
     for addr in config.listeners.iter().map(|l| l.address) {
-        let sockets =
-            runtime::bind_reuseport(addr, workers).with_context(|| format!("binding {addr}"))?;
+        // The running gateway's sockets for this address, when taking over: the same sockets,
+        // so what waits in their accept queues is served, not refused.
+        let sockets = match offered.iter().position(|(a, _)| *a == addr) {
+            Some(i) => {
+                let (_, sockets) = offered.swap_remove(i);
+                if sockets.len() != workers {
+                    bail!(
+                        "`gateway.workers` changed ({} to {workers}): an upgrade takes over one listening socket per worker; restart to change the worker count",
+                        sockets.len()
+                    );
+                }
+                sockets
+            }
+            None => {
+                runtime::bind_reuseport(addr, workers).with_context(|| format!("binding {addr}"))?
+            }
+        };
         for (i, s) in sockets.into_iter().enumerate() {
             per_worker[i].push(s);
         }
     }
-    let admin_listener = tokio::net::TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("binding the admin listener {}", config.admin))?;
+    // Listeners the new configuration no longer has: closed here; the old process closes its
+    // copies when it exits.
+    drop(offered);
+    let admin_std = match handed
+        .as_mut()
+        .filter(|h| h.offer.admin == config.admin)
+        .and_then(|h| h.admin.take())
+    {
+        Some(admin) => admin,
+        None => tokio::net::TcpListener::bind(config.admin)
+            .await
+            .and_then(tokio::net::TcpListener::into_std)
+            .with_context(|| format!("binding the admin listener {}", config.admin))?,
+    };
+    admin_std.set_nonblocking(true)?;
+    // Kept to hand over in an upgrade, and to serve again if one fails.
+    let admin_keep = admin_std
+        .try_clone()
+        .context("duplicating the admin socket")?;
+    let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
+    if let Some(s) = handover {
+        // Everything that can fail on the configuration is checked before the running gateway
+        // stops accepting: certificates too.
+        crate::tls::Edge::new(config.listeners.len())
+            .prepare(&config)
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        s.prepared()
+            .context("waiting for the running gateway to release")?;
+    }
 
     let grace = config.shutdown_grace;
     let pin = config.pin_workers;
     let cap_poll = config.kernel.cap_poll;
     let listeners = config.listeners.clone();
+    let instance = config.instance.clone();
     let admin_addr = config.admin;
     let tls_stamps = crate::tls::stamps(&config);
     let state = config.state.clone();
-    let instance = config.instance.clone();
     // A fleet seals session ids with one key, so that any of its gateways continues a session.
     let fleet_key = match &state.fleet {
         Some(f) => crate::fleet::session_key(f).await,
@@ -442,6 +537,9 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut shared = Shared::new(config);
     if let Some(key) = fleet_key {
         shared.session_key = key;
+    } else if let Some(h) = &handed {
+        // Federated sessions opened before the upgrade stay valid.
+        shared.session_key = h.offer.session_key;
     }
     let shared = Arc::new(shared);
     // The kept state is in place before any worker serves.
@@ -472,6 +570,12 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
                 (*ip, kernel::monotonic_ns().saturating_add(left))
             }),
         )));
+    }
+    if let Some(k) = &mut kernel {
+        for (iface, mode) in &taken_over {
+            k.take_over(iface, *mode)?;
+            tracing::info!(interface = %iface, mode = mode.as_str(), "XDP program replaced through the pinned link");
+        }
     }
     let open_files = runtime::raise_open_files_limit();
     shared
@@ -537,7 +641,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     lock(&control).refresh_bans();
     lock(&control).restore_bans(kept_bans);
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
-    let admin = tokio::spawn(serve_admin(admin_listener, admin_tls, Arc::clone(&control)));
+    let mut admin = AdminServer::start(admin_listener, admin_keep, admin_tls, Arc::clone(&control));
     let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared)));
     let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
         Arc::clone(&shared),
@@ -547,7 +651,7 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tokio::spawn(crate::fleet::run(
             Arc::clone(&shared),
             f,
-            instance,
+            instance.clone(),
             FleetBans(Arc::clone(&control)),
         ))
     });
@@ -572,11 +676,54 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     ));
     let watchdog = crate::service::watchdog_period();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let upgrade_socket = match upgrade::listen(&upgrade::socket_path(&instance), handover.is_some())
+    {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                "no upgrade socket: {e}; `gateway upgrade` cannot reach this gateway (SIGUSR2 still upgrades it)"
+            );
+            None
+        }
+    };
+    let upgrade_ctx = UpgradeCtx {
+        origin: origin.as_ref(),
+        listening: &listening,
+        addrs: listeners.iter().map(|l| l.address).collect(),
+        workers,
+        admin_addr,
+        state_dir: state.dir.clone(),
+    };
+    let mut handed_to = None;
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
+    let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // After the signal handlers: systemd may send SIGHUP to this process from here on.
+    if let (Some(s), Some(h)) = (handover, &handed) {
+        if let Err(e) = s.ready() {
+            tracing::warn!("the gateway handing over did not hear this one is ready: {e}");
+        }
+        // Interfaces the old configuration named and the new one does not: detached now.
+        if let Some(k) = &kernel {
+            for (iface, _) in &h.offer.attachments {
+                if !k.attachments().iter().any(|a| &a.interface == iface) {
+                    let pin = k.pin_dir().join(format!("link_{iface}"));
+                    match kernel::remove_stale_link(&pin) {
+                        Ok(_) => {
+                            tracing::info!(interface = %iface, "XDP program detached (no longer configured)")
+                        }
+                        Err(e) => {
+                            tracing::error!(interface = %iface, "detaching the XDP program failed: {e}")
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(from = h.offer.pid, "took over from the running gateway");
+    }
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut merge = tokio::time::interval(Duration::from_secs(1));
@@ -607,21 +754,50 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
                     crate::service::watchdog();
                 }
             }
+            _ = usr2.recv() => {
+                if let Ok(pid) = upgrade_logged(&upgrade_ctx, "signal", &control, &mut kernel, &mut admin).await {
+                    handed_to = Some(pid);
+                    break;
+                }
+            }
+            stream = upgrade_request(upgrade_socket.as_ref()) => {
+                if let Some(pid) = answer_upgrade(stream, &upgrade_ctx, &control, &mut kernel, &mut admin).await {
+                    handed_to = Some(pid);
+                    break;
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    drop(upgrade_ctx);
 
-    tracing::info!(
-        grace_ms = grace.as_millis() as u64,
-        "shutting down: no new connections, draining"
-    );
+    if let Some(pid) = handed_to {
+        // The listening sockets are the new process's now: no shutdown(2) on them (that
+        // would stop them for it too); the workers stopped accepting already.
+        shared.handing_over.store(true, Relaxed);
+        tracing::info!(
+            new_pid = pid,
+            grace_ms = grace.as_millis() as u64,
+            "handed over to the upgraded gateway: draining"
+        );
+    } else {
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: no new connections, draining"
+        );
+    }
     lock(&control).ready = false;
-    crate::service::stopping();
+    if handed_to.is_none() {
+        // After a handover the service goes on in the new process.
+        crate::service::stopping();
+    }
     let _ = stop_tx.send(true);
-    for l in &listening {
-        // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.
-        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+    if handed_to.is_none() {
+        for l in &listening {
+            // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+        }
     }
     drop(listening);
     admin.abort();
@@ -644,11 +820,19 @@ async fn run_async(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     // After the workers: what they counted while draining is written too.
     lock(&control).flush_state();
     if let Some(k) = &mut kernel {
-        k.detach_all()?;
-        tracing::info!(
-            "XDP program detached; maps stay pinned under {}",
-            k.pin_dir().display()
-        );
+        if handed_to.is_some() {
+            // The links run the new process's program now.
+            k.release();
+        } else {
+            k.detach_all()?;
+            tracing::info!(
+                "XDP program detached; maps stay pinned under {}",
+                k.pin_dir().display()
+            );
+        }
+    }
+    if handed_to.is_some() {
+        tracing::info!("drained; exiting");
     }
     Ok(())
 }
@@ -674,6 +858,241 @@ impl crate::fleet::Bans for FleetBans {
     }
 }
 
+/// The admin API's server task. An upgrade stops it gracefully (requests in flight are
+/// answered; the socket goes on in the new process) and, if the upgrade fails, starts it again
+/// on the same socket.
+struct AdminServer {
+    socket: TcpListener,
+    tls: bool,
+    control: Arc<Mutex<Control>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    fn start(
+        listener: tokio::net::TcpListener,
+        socket: TcpListener,
+        tls: bool,
+        control: Arc<Mutex<Control>>,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve_admin(listener, tls, Arc::clone(&control), stopped));
+        Self {
+            socket,
+            tls,
+            control,
+            stop,
+            task,
+        }
+    }
+
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn restart(&mut self) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::from_std(self.socket.try_clone()?)?;
+        let (stop, stopped) = watch::channel(false);
+        self.task.abort();
+        self.task = tokio::spawn(serve_admin(
+            listener,
+            self.tls,
+            Arc::clone(&self.control),
+            stopped,
+        ));
+        self.stop = stop;
+        Ok(())
+    }
+
+    fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// What an upgrade hands over, from `run_async`.
+struct UpgradeCtx<'a> {
+    origin: Option<&'a upgrade::Origin>,
+    /// The workers' listening sockets (duplicates), worker by worker, each worker's in the
+    /// order of `addrs`.
+    listening: &'a [TcpListener],
+    addrs: Vec<std::net::SocketAddr>,
+    workers: usize,
+    admin_addr: std::net::SocketAddr,
+    state_dir: Option<PathBuf>,
+}
+
+/// Waits for the next connection to the upgrade socket (forever without one).
+async fn upgrade_request(socket: Option<&tokio::net::UnixListener>) -> tokio::net::UnixStream {
+    let Some(socket) = socket else {
+        return std::future::pending().await;
+    };
+    loop {
+        match socket.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(e) => {
+                tracing::warn!("upgrade socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves one request on the upgrade socket: `upgrade\n` from this user or root, answered
+/// with the outcome. Returns the new process's pid when it took over.
+async fn answer_upgrade(
+    mut stream: tokio::net::UnixStream,
+    ctx: &UpgradeCtx<'_>,
+    control: &Arc<Mutex<Control>>,
+    kernel: &mut Option<Kernel>,
+    admin: &mut AdminServer,
+) -> Option<u32> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    if !upgrade::peer_allowed(&stream) {
+        tracing::warn!("upgrade request from another user refused");
+        return None;
+    }
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::BufReader::new((&mut stream).take(64)).read_line(&mut line),
+    )
+    .await;
+    let outcome = if !matches!(read, Ok(Ok(_))) || line.trim() != "upgrade" {
+        Err("expected `upgrade`".to_owned())
+    } else {
+        upgrade_logged(ctx, "upgrade_socket", control, kernel, admin).await
+    };
+    let answer = match &outcome {
+        Ok(pid) => upgrade::Outcome {
+            pid: Some(*pid),
+            error: None,
+        },
+        Err(e) => upgrade::Outcome {
+            pid: None,
+            error: Some(e.clone()),
+        },
+    };
+    let mut text = serde_json::to_string(&answer).unwrap_or_default();
+    text.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text.as_bytes())).await;
+    outcome.ok()
+}
+
+/// [`upgrade`], logged with what asked for it.
+async fn upgrade_logged(
+    ctx: &UpgradeCtx<'_>,
+    source: &'static str,
+    control: &Arc<Mutex<Control>>,
+    kernel: &mut Option<Kernel>,
+    admin: &mut AdminServer,
+) -> Result<u32, String> {
+    tracing::info!(source, "binary upgrade: starting the new process");
+    let r = upgrade(ctx, control, kernel, admin).await;
+    match &r {
+        Ok(pid) => tracing::info!(
+            source,
+            new_pid = pid,
+            "binary upgrade: the new process serves"
+        ),
+        Err(e) => tracing::error!(source, "binary upgrade failed: {e}; this gateway serves on"),
+    }
+    r
+}
+
+/// Hands the listening sockets, the admin socket, the instance lock and the session key to a
+/// new process of the binary at this one's path; see [`crate::upgrade`]. Until the new process
+/// says it is ready, a failure leaves this one serving as before.
+async fn upgrade(
+    ctx: &UpgradeCtx<'_>,
+    control: &Arc<Mutex<Control>>,
+    kernel: &mut Option<Kernel>,
+    admin: &mut AdminServer,
+) -> Result<u32, String> {
+    use std::os::fd::AsFd;
+    let origin = ctx.origin.ok_or("the path of this binary is unknown")?;
+    let shared = Arc::clone(&lock(control).shared);
+    let offer = upgrade::Offer {
+        pid: std::process::id(),
+        listeners: ctx.addrs.iter().map(|a| (*a, ctx.workers)).collect(),
+        admin: ctx.admin_addr,
+        lock: kernel.is_some(),
+        session_key: shared.session_key,
+        attachments: kernel
+            .as_ref()
+            .map(|k| {
+                k.attachments()
+                    .iter()
+                    .map(|a| (a.interface.clone(), a.mode.as_str().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    // Listener by listener, each with its sockets in worker order.
+    let n = ctx.addrs.len();
+    let mut fds: Vec<std::os::fd::BorrowedFd<'_>> = (0..n)
+        .flat_map(|l| (0..ctx.workers).map(move |w| w * n + l))
+        .filter_map(|i| ctx.listening.get(i).map(AsFd::as_fd))
+        .collect();
+    fds.push(admin.socket.as_fd());
+    if let Some(k) = kernel.as_ref() {
+        fds.push(k.lock_file().as_fd());
+    }
+    let new = upgrade::Predecessor::start(origin, offer, &fds)
+        .map_err(|e| format!("starting the new process: {e}"))?;
+    let pid = new.pid();
+    tracing::info!(
+        new_pid = pid,
+        "binary upgrade: new process started; waiting until it has loaded"
+    );
+    let (new, prepared) = tokio::task::spawn_blocking(move || {
+        let r = new.wait_prepared();
+        (new, r)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Err(e) = prepared {
+        tokio::task::spawn_blocking(move || new.abandon());
+        return Err(e);
+    }
+    // Stop accepting (the workers look every 50 ms and take back the accepts in flight), stop
+    // the admin server, and write and close the state store: the new process opens it next.
+    shared.accepting.store(false, Relaxed);
+    admin.stop();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    lock(control).close_store();
+    let (new, released) = tokio::task::spawn_blocking(move || {
+        let r = new.release();
+        (new, r)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match released {
+        Ok(ready_pid) => {
+            // Not killed when dropped; it outlives this process.
+            drop(new);
+            Ok(ready_pid)
+        }
+        Err(e) => {
+            if let Some(k) = kernel.as_mut()
+                && let Err(e) = k.reclaim()
+            {
+                tracing::error!("putting this process's XDP program back failed: {e}");
+            }
+            shared.accepting.store(true, Relaxed);
+            if let Err(e) = admin.restart() {
+                tracing::error!("the admin API cannot serve again: {e}");
+            }
+            // The new process may have opened the store: it closes it when it exits.
+            let _ = tokio::task::spawn_blocking(move || new.abandon()).await;
+            if let Some(dir) = &ctx.state_dir {
+                lock(control).reopen_store(dir);
+            }
+            Err(e)
+        }
+    }
+}
+
 fn config_kernel_enabled(shared: &Shared) -> bool {
     shared.snapshot.load().config.kernel.enabled
 }
@@ -682,19 +1101,29 @@ fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, tls: bool, control: Arc<Mutex<Control>>) {
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    tls: bool,
+    control: Arc<Mutex<Control>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let edge = Arc::clone(&lock(&control).shared.tls);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);
         async move { admin(req, &control).await }
     });
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     let served = if tls {
         match crate::tls::admin::listen(listener, edge) {
-            Ok(l) => axum::serve(l, app).await,
+            Ok(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
             Err(e) => Err(e),
         }
     } else {
-        axum::serve(listener, app).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
     };
     if let Err(e) = served {
         tracing::error!(error = %e, "admin listener failed");

@@ -21,3 +21,4 @@ pub mod stdio;
 pub mod telemetry;
 pub mod tls;
 pub mod top;
+pub mod upgrade;

@@ -62,6 +62,18 @@ enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
+    /// Upgrade the running gateway of an instance to the binary now at its path, without
+    /// dropping a connection: a new process takes over its sockets and the old one drains and
+    /// exits. If the new process cannot start (its configuration invalid, say), the running one
+    /// serves on and this says why. (SIGUSR2 to the gateway does the same.)
+    Upgrade {
+        /// Instance name of the gateway (`gateway.instance`).
+        #[arg(long, conflicts_with = "config")]
+        instance: Option<String>,
+        /// Configuration file of the instance (names the instance).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
         /// Pin directory of the instance.
@@ -128,15 +140,24 @@ enum KernelAction {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread: a gateway being upgraded started this process to take over.
+    let handover = gateway::upgrade::take_handover();
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_json);
     match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::Run { config } => {
-            let cfg = match &config {
-                Some(path) => Config::from_file(path)?,
-                None => Config::embedded_default(),
+            let run = || {
+                let cfg = match &config {
+                    Some(path) => Config::from_file(path)?,
+                    None => Config::embedded_default(),
+                };
+                gateway::control::run(cfg, config.clone(), handover.as_ref())
             };
-            let r = gateway::control::run(cfg, config);
+            let r = run();
+            if let (Err(e), Some(h)) = (&r, &handover) {
+                // The running gateway serves on, and says why.
+                h.fail(&format!("{e:#}"));
+            }
             if let Err(e) = &r
                 && let Some(e) = e.downcast_ref::<gateway::state::StoreError>()
             {
@@ -183,6 +204,18 @@ fn main() -> anyhow::Result<()> {
                 .bin_name(name);
             clap_mangen::generate_to(cmd, &dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
+        Command::Upgrade { instance, config } => {
+            let instance = match (instance, config) {
+                (Some(i), _) => i,
+                (None, Some(path)) => Config::from_file(&path)?.instance,
+                (None, None) => Config::embedded_default().instance,
+            };
+            let pid = gateway::upgrade::request(&instance)?;
+            println!(
+                "upgraded: the new gateway process (pid {pid}) serves; the old one drains and exits"
+            );
+            Ok(())
         }
         Command::Top {
             admin,

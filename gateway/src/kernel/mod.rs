@@ -100,6 +100,15 @@ pub enum AttachedMode {
 }
 
 impl AttachedMode {
+    /// The mode named by [`AttachedMode::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "native" => Some(Self::Native),
+            "generic" => Some(Self::Generic),
+            _ => None,
+        }
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             AttachedMode::Native => "native",
@@ -115,6 +124,9 @@ pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
     pin: PathBuf,
+    /// Taken over from the gateway being upgraded: an error exit before serving leaves it to
+    /// that one (which puts its program back), rather than detaching.
+    taken_over: bool,
 }
 
 /// The loaded program and its attachments. Owned by the control thread.
@@ -282,8 +294,17 @@ fn lock_instance(instance: &str) -> Result<File, KernelError> {
 /// Loads the program with every map pinned under `pin_dir`, reusing maps already pinned there
 /// (so bans, buckets and counters survive a restart). Does not attach.
 pub fn load(instance: &str, pin_dir: &Path) -> Result<Kernel, KernelError> {
+    load_as(instance, pin_dir, None)
+}
+
+/// [`load`], with the instance lock the running gateway handed over during a binary upgrade
+/// (`lock`: the same open file, so the lock is held throughout) instead of taking it.
+pub fn load_as(instance: &str, pin_dir: &Path, lock: Option<File>) -> Result<Kernel, KernelError> {
     preflight()?;
-    let lock = lock_instance(instance)?;
+    let lock = match lock {
+        Some(lock) => lock,
+        None => lock_instance(instance)?,
+    };
     prepare_pin_dir(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -416,6 +437,7 @@ impl Kernel {
                         interface: interface.into(),
                         mode: *attached,
                         pin,
+                        taken_over: false,
                     });
                     return Ok(*attached);
                 }
@@ -431,6 +453,73 @@ impl Kernel {
         Err(last_err.expect("at least one attach mode was tried"))
     }
 
+    /// The instance lock, for handing over to the upgraded gateway.
+    pub fn lock_file(&self) -> &File {
+        &self._lock
+    }
+
+    /// Takes over the attachment to `interface` that the running gateway (the one being
+    /// upgraded) pinned: its link is made to run this program instead (`bpf_link_update`), so
+    /// the interface is never without a program. The link keeps its mode, `mode`.
+    pub fn take_over(&mut self, interface: &str, mode: AttachedMode) -> Result<(), KernelError> {
+        let pin = self.pin_dir.join(format!("link_{interface}"));
+        self.replace_program(&pin)?;
+        self.attachments.push(Attachment {
+            interface: interface.into(),
+            mode,
+            pin,
+            taken_over: true,
+        });
+        Ok(())
+    }
+
+    /// Puts this program back on this process's links: an upgrade that failed after the new
+    /// process had replaced it.
+    pub fn reclaim(&mut self) -> Result<(), KernelError> {
+        let pins: Vec<PathBuf> = self.attachments.iter().map(|a| a.pin.clone()).collect();
+        for pin in pins {
+            self.replace_program(&pin)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the attachments without detaching: the upgraded gateway owns the links now.
+    pub fn release(&mut self) {
+        self.attachments.clear();
+    }
+
+    /// Makes the link pinned at `pin` run this process's program, atomically; the pin stays.
+    fn replace_program(&mut self, pin: &Path) -> Result<(), KernelError> {
+        let context = |what: &str| format!("{what} the XDP link pinned at {}", pin.display());
+        let link = PinnedLink::from_pin(pin).map_err(|e| KernelError::Io {
+            context: context("opening"),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(link)).map_err(|e| {
+            KernelError::Io {
+                context: context("reading"),
+                source: io::Error::other(e.to_string()),
+            }
+        })?;
+        let program = self.program()?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|source| KernelError::Program {
+                context: context("replacing the program of"),
+                source,
+            })?;
+        // The pin holds the link; this process keeps no descriptor of it (as after `attach`).
+        drop(
+            program
+                .take_link(id)
+                .map_err(|source| KernelError::Program {
+                    context: context("taking"),
+                    source,
+                })?,
+        );
+        Ok(())
+    }
+
     /// Detaches from every interface and removes the link pins. Maps stay pinned.
     pub fn detach_all(&mut self) -> Result<(), KernelError> {
         for a in self.attachments.drain(..) {
@@ -442,6 +531,9 @@ impl Kernel {
 
 impl Drop for Kernel {
     fn drop(&mut self) {
+        // Not a clean stop (that detaches first): links taken over in an upgrade that did
+        // not finish belong to the gateway that is serving on.
+        self.attachments.retain(|a| !a.taken_over);
         if let Err(e) = self.detach_all() {
             tracing::error!(error = %e, "detaching the XDP program failed");
         }
@@ -449,7 +541,7 @@ impl Drop for Kernel {
 }
 
 /// Unpins and closes a pinned link, which detaches its program. Returns whether one was there.
-fn remove_stale_link(pin: &Path) -> Result<bool, KernelError> {
+pub fn remove_stale_link(pin: &Path) -> Result<bool, KernelError> {
     if !pin.exists() {
         return Ok(false);
     }

@@ -27,6 +27,10 @@ fn limits(c: &Config) -> Limits {
     }
 }
 
+/// How long a connection idle between requests is kept open after a binary upgrade handed the
+/// listeners over, for a next request already on its way.
+const HANDOVER_LINGER: Duration = Duration::from_secs(1);
+
 /// Serves one client connection until it closes, fails, or the worker shuts down.
 pub async fn serve(
     stream: TcpStream,
@@ -56,9 +60,26 @@ pub async fn serve(
         io.set_send_timeout(limits.request_timeout);
         // Idle between requests: a shutdown closes the connection here, never mid-request.
         if io.pending().is_empty() {
-            let first = monoio::select! {
-                r = io.fill_idle(limits.idle_timeout) => r,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+            let handing_over = &ctx.shared.handing_over;
+            let mut fill = std::pin::pin!(io.fill_idle(limits.idle_timeout));
+            let interrupted = monoio::select! {
+                r = &mut fill => Ok(r),
+                _ = shutdown.wait_for(|stop| *stop) => Err(()),
+            };
+            let first = match interrupted {
+                Ok(r) => r,
+                // After a binary upgrade handed the listeners over, a client between two
+                // requests gets a moment to send its next one, answered with
+                // `connection: close` (it goes to the new process after that): closing at once
+                // could race a request already on its way. The same read goes on, so that no
+                // byte it took is lost.
+                Err(()) if handing_over.load(std::sync::atomic::Ordering::Relaxed) => {
+                    match monoio::time::timeout(HANDOVER_LINGER, &mut fill).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+                Err(()) => return,
             };
             if !matches!(first, Ok(n) if n > 0) {
                 return;
@@ -70,11 +91,21 @@ pub async fn serve(
         // Boxed: the request's state (parsing, policy, the upstream exchange) is many KiB; held
         // inline it would be part of every idle connection's task, which is allocated once at
         // its largest. One allocation per request instead keeps idle connections small.
+        // Read after a shutdown began: answered with `connection: close`, the last on this
+        // connection.
+        let last = *shutdown.borrow();
         let exchange = std::panic::AssertUnwindSafe(Box::pin(serve_one(
-            &mut io, &limits, peer, &snapshot, &ctx,
+            &mut io, &limits, peer, &snapshot, &ctx, last,
         )));
         match futures_util::FutureExt::catch_unwind(exchange).await {
             Ok(true) if !*shutdown.borrow() => {}
+            // Answered as keep-alive before the handover began: the next request (if it comes
+            // soon) is answered with `connection: close`.
+            Ok(true)
+                if ctx
+                    .shared
+                    .handing_over
+                    .load(std::sync::atomic::Ordering::Relaxed) => {}
             Ok(_) => return,
             Err(_) => {
                 ctx.shared
@@ -96,8 +127,13 @@ async fn serve_one(
     peer: SocketAddr,
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
+    last: bool,
 ) -> bool {
     let mut req = match http::read_request(io, limits).await {
+        Ok(req) if last => http::Request {
+            keep_alive: false,
+            ..req
+        },
         Ok(req) => req,
         Err(HttpError::Closed) => return false,
         Err(e) => {

@@ -427,12 +427,36 @@ async fn accept_loop(
 ) {
     let mut accept_warnings = Throttle::default();
     loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => Some(r),
-            _ = stopped(&mut shutdown) => None,
+        if !ctx.shared.accepting.load(Ordering::Relaxed) {
+            // A binary upgrade holds the socket: the new process accepts from it now. It stays
+            // listening (no shutdown: that would stop it for the new process too).
+            if resumed_or_stopped(&ctx.shared, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        // Cancelable, so that a pause for an upgrade can take back the accept in flight
+        // without losing a connection it completed meanwhile (io_uring).
+        let canceller = monoio::io::Canceller::new();
+        let accept = listener.cancelable_accept(canceller.handle());
+        let mut accept = std::pin::pin!(accept);
+        let first = monoio::select! {
+            r = &mut accept => Ok(r),
+            i = interrupted(&ctx.shared, &mut shutdown) => Err(i),
+        };
+        let accepted = match first {
+            Ok(r) => Some(r),
+            Err(Interrupt::Stop) => None,
+            Err(Interrupt::Pause) => {
+                canceller.cancel();
+                Some(accept.await)
+            }
         };
         let accepted = match accepted {
+            // Taken back for a pause: nothing was accepted.
+            Some(Err(_)) if !ctx.shared.accepting.load(Ordering::Relaxed) => continue,
             Some(r) => r,
+            None if ctx.shared.handing_over.load(Ordering::Relaxed) => return,
             None => {
                 // Stop listening now. Dropping the listener is not enough with io_uring: the
                 // kernel keeps the socket listening until the cancelled accept completes, and
@@ -666,6 +690,46 @@ fn block_process_signals() {
     }
     if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
         tracing::warn!(error = %e, "could not block signals on a worker thread");
+    }
+}
+
+/// What interrupts an accept.
+enum Interrupt {
+    Stop,
+    Pause,
+}
+
+/// Resolves once `shutdown` is true (`Stop`) or accepting is paused for a binary upgrade
+/// (`Pause`); checked like [`stopped`].
+async fn interrupted(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> Interrupt {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return Interrupt::Stop;
+        }
+        if !shared.accepting.load(Ordering::Relaxed) {
+            return Interrupt::Pause;
+        }
+        monoio::select! {
+            _ = shutdown.changed() => {}
+            _ = monoio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Waits while accepting is paused: `true` when the worker stops meanwhile, `false` when
+/// accepting resumes (an upgrade that failed).
+async fn resumed_or_stopped(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return true;
+        }
+        if shared.accepting.load(Ordering::Relaxed) {
+            return false;
+        }
+        monoio::select! {
+            _ = shutdown.changed() => {}
+            _ = monoio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }
 

@@ -214,6 +214,14 @@ pub struct Shared {
     pub open_files_limit: AtomicU64,
     /// Accepts and upstream connects that failed for want of a file descriptor.
     pub out_of_descriptors: AtomicU64,
+    /// False while a binary upgrade hands the listening sockets over: the workers stop
+    /// accepting but leave the sockets listening (the new process has them too); true again if
+    /// the upgrade fails.
+    pub accepting: AtomicBool,
+    /// Set when this process drains after handing over to an upgraded one: connections idle
+    /// between requests get a moment to send their next request (answered with
+    /// `connection: close`) rather than a close that could race it.
+    pub handing_over: AtomicBool,
     /// The stdio upstreams' supervisors (started by the control thread).
     pub stdio: crate::stdio::Registry,
     /// Upstream connections, TLS failures and re-resolutions, by upstream.
@@ -275,6 +283,8 @@ impl Shared {
             worker_restarts: AtomicU64::new(0),
             open_files_limit: AtomicU64::new(0),
             out_of_descriptors: AtomicU64::new(0),
+            accepting: AtomicBool::new(true),
+            handing_over: AtomicBool::new(false),
             stdio: crate::stdio::Registry::default(),
             upstream_stats: std::sync::Arc::default(),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),

@@ -24,4 +24,5 @@ mod proxy_protocol;
 mod state_store;
 mod stdio_e2e;
 mod tls_edge;
+mod upgrade;
 mod xdp_decisions;

@@ -1,0 +1,473 @@
+//! Zero-downtime binary upgrade, end to end: a real gateway between raw HTTP clients and the
+//! Python SDK's MCP server, under continuous load from keep-alive clients and clients that open
+//! a connection per request, takes 20 configuration reloads (SIGHUP, `systemctl reload`) and one
+//! `gateway upgrade`: no request fails, the new process serves, the old one drains and exits, the
+//! XDP program (on a veth interface) stays attached throughout, replaced by the new process's,
+//! and the pinned maps keep their state. An upgrade whose configuration is invalid leaves the
+//! running gateway serving, and says why.
+
+use std::{
+    io::Write as _,
+    net::TcpStream,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::{Daemon, gateway_bin},
+    peers::{PyServer, free_port, post, raw, read_response},
+    require_root, unique,
+};
+
+/// A veth interface for the XDP program (generic mode; no traffic needs to cross it), removed
+/// with its peer on drop.
+struct Dummy(String);
+
+impl Dummy {
+    fn new(name: &str) -> Self {
+        let peer = format!("p{}", &name[1..]);
+        let ok = Command::new("ip")
+            .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip link add {name} type veth");
+        let _ = Command::new("ip")
+            .args(["link", "set", name, "up"])
+            .status();
+        Dummy(name.into())
+    }
+
+    /// The id of the XDP program attached, if any (`ip -d link show`: `prog/xdp id N`).
+    fn xdp_prog(&self) -> Option<u32> {
+        let out = Command::new("ip")
+            .args(["-d", "link", "show", "dev", &self.0])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rest = text.split("prog/xdp id ").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// The process that took over (not our child until its parent exits: this test process is
+/// made a subreaper so it can reap it), killed and reaped on drop; and the runtime folder.
+struct Successor {
+    pid: Option<i32>,
+    runtime: PathBuf,
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            for _ in 0..200 {
+                match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not serving: look at the state too.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+}
+
+fn config(instance: &str, port: u16, admin: u16, up: u16, kernel: Option<&str>) -> String {
+    let kernel = match kernel {
+        Some(iface) => format!("interfaces = [\"{iface}\"]\nmode = \"generic\""),
+        None => "enabled = false".into(),
+    };
+    format!(
+        r#"[gateway]
+instance = "{instance}"
+workers = 2
+shutdown_grace_ms = 5000
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+{kernel}
+default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#
+    )
+}
+
+/// A stateless `tools/list`, as raw bytes.
+fn list_request() -> Vec<u8> {
+    let body = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    post(
+        "/mcp",
+        body,
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+    )
+}
+
+/// Requests answered (200 with the upstream's tools) and failed, with a few failures described.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    closes: AtomicU64,
+    samples: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() < 10 {
+            s.push(what);
+        }
+    }
+}
+
+/// One request on `stream`: whether the connection may carry another.
+fn exchange(stream: &mut TcpStream, tally: &Tally) -> bool {
+    if let Err(e) = stream.write_all(&list_request()) {
+        tally.fail(format!("write: {e}"));
+        return false;
+    }
+    match read_response(stream) {
+        Some(r) if r.status == 200 && String::from_utf8_lossy(&r.body).contains("\"tools\"") => {
+            tally.ok.fetch_add(1, Ordering::Relaxed);
+            let close = r
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            if close {
+                tally.closes.fetch_add(1, Ordering::Relaxed);
+            }
+            !close
+        }
+        Some(r) => {
+            tally.fail(format!(
+                "{}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ));
+            false
+        }
+        None => {
+            tally.fail("no response (connection closed or reset)".into());
+            false
+        }
+    }
+}
+
+/// Clients until `stop`: `keep_alive` of them keep their connection for as long as the gateway
+/// does (a new one after `connection: close`), `fresh` open one per request.
+fn load(
+    port: u16,
+    keep_alive: usize,
+    fresh: usize,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for i in 0..keep_alive + fresh {
+        let stop = Arc::clone(stop);
+        let tally = Arc::clone(tally);
+        threads.push(std::thread::spawn(move || {
+            let mut conn: Option<TcpStream> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let mut s = match conn.take() {
+                    Some(s) => s,
+                    None => match TcpStream::connect(("127.0.0.1", port)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tally.fail(format!("connect: {e}"));
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    },
+                };
+                if exchange(&mut s, &tally) && i < keep_alive {
+                    conn = Some(s);
+                }
+            }
+        }));
+    }
+    threads
+}
+
+fn upgrade(instance: &str, runtime: &PathBuf) -> std::process::Output {
+    Command::new(gateway_bin())
+        .args(["upgrade", "--instance", instance])
+        .env("RUNTIME_DIRECTORY", runtime)
+        .output()
+        .expect("run gateway upgrade")
+}
+
+fn new_pid(out: &std::process::Output) -> i32 {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "gateway upgrade failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.split("pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"))
+}
+
+fn ready(admin: u16) -> bool {
+    let (r, _) = raw(admin, b"GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    r.status == 200
+}
+
+fn gateway_kernel(pin_dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(gateway_bin())
+        .arg("kernel")
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .output()
+        .expect("gateway kernel");
+    assert!(
+        out.status.success(),
+        "gateway kernel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// SIGHUP to `pid`, and a wait until it is applied (the `n`th reload in the log) before the
+/// next: signals sent close together coalesce.
+fn hup(d: &Daemon, pid: i32, n: usize) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches("reloaded ").count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "reload {n} not applied within 10 s; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
+    require_root();
+    // The new process is the old one's child; once that exits, ours, to reap.
+    // SAFETY: prctl(2) on this process only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let instance = unique("upg");
+    let dummy = Dummy::new(&format!(
+        "u{}",
+        &instance[instance.len().saturating_sub(10)..]
+    ));
+    let runtime = std::env::temp_dir().join(format!("{instance}.run"));
+    let mut successor = Successor {
+        pid: None,
+        runtime: runtime.clone(),
+    };
+    let upstream = PyServer::start(true);
+    let (port, admin) = (free_port(), free_port());
+    let mut d = Daemon::start_local_with_env(
+        &instance,
+        &config(&instance, port, admin, upstream.port, Some(&dummy.0)),
+        &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
+    );
+    let old_pid = d.pid() as i32;
+    let before = dummy.xdp_prog().expect("XDP attached at start");
+    // State in the pinned maps: a ban.
+    gateway_kernel(&d.pin_dir, &["ban", "198.18.99.7", "--seconds", "600"]);
+
+    // The XDP program, looked at every 5 ms throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let gaps = Arc::new(AtomicU64::new(0));
+    let looks = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (stop, gaps, looks) = (Arc::clone(&stop), Arc::clone(&gaps), Arc::clone(&looks));
+        let dummy = Dummy(dummy.0.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                looks.fetch_add(1, Ordering::Relaxed);
+                if dummy.xdp_prog().is_none() {
+                    gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Not ours to remove.
+            std::mem::forget(dummy);
+        })
+    };
+    let tally = Arc::new(Tally::default());
+    let clients = load(port, 4, 2, &stop, &tally);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 10 reloads on the old process, the upgrade, 10 on the new one.
+    let mut reloads = 0;
+    for _ in 0..10 {
+        reloads += 1;
+        hup(&d, old_pid, reloads);
+    }
+    let out = upgrade(&instance, &runtime);
+    let pid = new_pid(&out);
+    successor.pid = Some(pid);
+    assert_ne!(pid, old_pid);
+    let status = d
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the old gateway did not exit; log:\n{}", d.log()));
+    assert!(status.success(), "old gateway: {status}; log:\n{}", d.log());
+    let served_by_old = tally.ok.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        reloads += 1;
+        hup(&d, pid, reloads);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    watcher.join().expect("watcher");
+
+    let log = d.log();
+    let (ok, failed) = (
+        tally.ok.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {:?}; log:\n{log}",
+        ok + failed,
+        tally.samples.lock().unwrap_or_else(|e| e.into_inner())
+    );
+    assert!(
+        ok > served_by_old,
+        "the new process answered nothing ({ok} in all); log:\n{log}"
+    );
+    assert!(
+        tally.closes.load(Ordering::Relaxed) > 0,
+        "no keep-alive client was told `connection: close`"
+    );
+    assert!(alive(pid), "the new gateway is not running; log:\n{log}");
+    assert!(ready(admin), "the new gateway is not ready");
+    // Every reload applied: 10 by each process.
+    assert_eq!(
+        log.matches("reloaded ").count(),
+        20,
+        "expected 20 applied reloads; log:\n{log}"
+    );
+    // The XDP program: attached at every look, now the new process's.
+    assert_eq!(
+        gaps.load(Ordering::Relaxed),
+        0,
+        "the interface was without an XDP program in {} of {} looks",
+        gaps.load(Ordering::Relaxed),
+        looks.load(Ordering::Relaxed)
+    );
+    let after = dummy.xdp_prog().expect("XDP attached after the upgrade");
+    assert_ne!(
+        after, before,
+        "the new process's program replaces the old one's"
+    );
+    // The pinned state is kept.
+    let bans = gateway_kernel(&d.pin_dir, &["bans"]);
+    assert!(bans.contains("198.18.99.7"), "ban lost: {bans}");
+    drop(successor);
+    drop(upstream);
+}
+
+#[test]
+fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving() {
+    require_root();
+    // SAFETY: prctl(2) on this process only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let instance = unique("upgbad");
+    let runtime = std::env::temp_dir().join(format!("{instance}.run"));
+    let mut successor = Successor {
+        pid: None,
+        runtime: runtime.clone(),
+    };
+    let upstream = PyServer::start(true);
+    let (port, admin) = (free_port(), free_port());
+    let text = config(&instance, port, admin, upstream.port, None);
+    let mut d = Daemon::start_local_with_env(
+        &instance,
+        &text,
+        &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
+    );
+    let path = std::env::temp_dir().join(format!("{instance}.toml"));
+    let good = std::fs::read_to_string(&path).expect("the harness's config");
+    std::fs::write(&path, format!("{good}\n[surprise]\nfield = 1\n")).expect("write");
+
+    let out = upgrade(&instance, &runtime);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the upgrade succeeded on a bad config"
+    );
+    assert!(
+        stderr.contains("serves on") && stderr.contains("surprise"),
+        "the reason is not given: {stderr}"
+    );
+    // The running gateway serves on: new connections, readiness, and a good upgrade after.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients = load(port, 1, 1, &stop, &tally);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ready(admin), "not ready after the failed upgrade");
+    std::fs::write(&path, &good).expect("write");
+    let pid = new_pid(&upgrade(&instance, &runtime));
+    successor.pid = Some(pid);
+    let exited = d.wait_exit(Duration::from_secs(15));
+    assert!(
+        exited.is_some(),
+        "the old gateway did not exit; log:\n{}",
+        d.log()
+    );
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    assert_eq!(
+        tally.failed.load(Ordering::Relaxed),
+        0,
+        "{:?}; log:\n{}",
+        tally.samples.lock().unwrap_or_else(|e| e.into_inner()),
+        d.log()
+    );
+    assert!(tally.ok.load(Ordering::Relaxed) > 0);
+    drop(successor);
+}
