@@ -1336,14 +1336,14 @@ impl RawConfig {
                 return Err(invalid(key, format!("`{bad}` is not a header name")));
             }
         }
-        if let Some(bad) = http
-            .allowed_origins
-            .iter()
-            .find(|o| !crate::http::is_clean_value(o.as_bytes()) || o.is_empty())
-        {
+        if let Some(bad) = http.allowed_origins.iter().find(|o| {
+            !crate::http::is_clean_value(o.as_bytes())
+                || o.is_empty()
+                || o.eq_ignore_ascii_case("null")
+        }) {
             return Err(invalid(
                 "http.allowed_origins",
-                format!("{bad:?} is not an origin"),
+                format!("{bad:?} is not an origin (`null` is every sandboxed page's)"),
             ));
         }
 

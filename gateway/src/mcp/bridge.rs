@@ -216,6 +216,23 @@ pub(super) async fn forward<'c>(
         }
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
+    // The upstream's own refusal of the request (a JSON-RPC error with a 4xx) is the client's
+    // answer, as in passthrough: the request's fault, not the upstream's, so no breaker counts it.
+    if let Ok(a) = &answer
+        && (400..500).contains(&a.head.status)
+        && serde_json::from_slice::<Value>(&a.body).is_ok_and(|v| v.get("error").is_some())
+    {
+        obs.set(Outcome::RpcError);
+        return io
+            .write_all(http::response(
+                a.head.status,
+                &[("content-type", "application/json")],
+                &a.body,
+                req.keep_alive,
+            ))
+            .await
+            .is_ok();
+    }
     held::reply(io, req, up, m, answer, obs, filter).await
 }
 
@@ -409,8 +426,19 @@ async fn reply_with_session(
 
 /// A session-era client's GET (a stream the stateless era does not have) or DELETE (the
 /// gateway's own session ends with it).
-pub(super) async fn other_method(io: &mut Io, req: &Request) -> bool {
+pub(super) async fn other_method(
+    io: &mut Io,
+    req: &Request,
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+) -> bool {
     let out = if req.method == "DELETE" {
+        if let Some(id) = req.header("mcp-session-id") {
+            ctx.shared
+                .session_owners
+                .end(session_key(ctx, up, id), session_owner(ctx, obs));
+        }
         http::response(200, &[], b"", req.keep_alive)
     } else {
         http::response(405, &[("allow", "POST, DELETE")], b"", req.keep_alive)

@@ -126,6 +126,14 @@ impl Owners {
         map.insert(session, (owner, AtomicU64::new(now_s)));
     }
 
+    /// Forgets `session` if `owner` owns it (its `DELETE`): later uses get 404.
+    pub fn end(&self, session: u64, owner: u64) {
+        self.map
+            .pin()
+            .remove_if(&session, |_, (o, _)| *o == owner)
+            .ok();
+    }
+
     /// Whether `owner` may use `session`: only the owner of a session the gateway saw opened.
     pub fn may_use(&self, session: u64, owner: u64, now_s: u64) -> bool {
         match self.map.pin().get(&session) {

@@ -130,6 +130,9 @@ async fn run<'c>(
     }
     if let Some(page) = page {
         cors(io, config, page);
+    } else if !config.http.allowed_origins.is_empty() {
+        // Answers differ by Origin: a cache must not give this one to a page.
+        io.add_head_lines(b"vary: origin\r\n");
     }
     if let Some(rest) = req
         .path()
@@ -662,7 +665,17 @@ async fn forward_stage<'c>(
                 && super::bridge::known_stateless(ctx, up)
             {
                 if req.method != "POST" {
-                    return super::bridge::other_method(io, req).await;
+                    return super::bridge::other_method(io, req, ctx, up, obs).await;
+                }
+                if messages.single.is_none() {
+                    let err = RpcError::invalid_request(format!(
+                        "JSON-RPC batches cannot be sent to `{}`, which speaks only 2026-07-28",
+                        up.name
+                    ));
+                    return io
+                        .write_all(json_response(400, &err, req.keep_alive))
+                        .await
+                        .is_ok();
                 }
                 if let Some(m) = &messages.single {
                     let filtering = (tenant.filters() || policy.pinning)

@@ -143,4 +143,6 @@ upstream = "everything"
         agent.headers
     );
     assert!(agent.header("x-powered-by").is_none());
+    // Answers differ by Origin, so a cache is told so even when there was none.
+    assert_eq!(agent.header("vary"), Some("origin"), "{:?}", agent.headers);
 }

@@ -288,5 +288,27 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
         .as_bytes(),
     );
     assert_eq!(r.status, 405);
+    // A batch (2025-03-26) cannot be bridged: refused, never sent.
+    let batch = r#"[{"jsonrpc":"2.0","id":5,"method":"tools/list"},{"jsonrpc":"2.0","id":6,"method":"tools/list"}]"#;
+    let (r, _) = raw(port, &post("/mcp", batch, ""));
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    // DELETE ends the gateway's session: it is unknown afterwards.
+    let (r, _) = raw(
+        port,
+        format!(
+            "DELETE /mcp HTTP/1.1\r\nhost: gw\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            list,
+            &format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n"),
+        ),
+    );
+    assert_eq!(r.status, 404, "a session its owner deleted");
     d.stop();
 }
