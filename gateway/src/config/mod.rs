@@ -1142,7 +1142,7 @@ impl RawConfig {
             return Err(invalid("telemetry.max_tools", "must be above 0"));
         }
         if let Some(p) = &self.telemetry.histogram_log {
-            writable_log_path(Path::new(p)).map_err(|e| {
+            opts.writable_log_path(Path::new(p)).map_err(|e| {
                 invalid(
                     "telemetry.histogram_log",
                     format!("cannot write `{p}`: {e}"),
@@ -1158,7 +1158,7 @@ impl RawConfig {
                 .telemetry
                 .access_log
                 .map(|a| {
-                    writable_log_path(Path::new(&a.path)).map_err(|e| {
+                    opts.writable_log_path(Path::new(&a.path)).map_err(|e| {
                         invalid(
                             "telemetry.access_log.path",
                             format!("cannot append to `{}`: {e}", a.path),
@@ -1616,7 +1616,7 @@ impl RawConfig {
         }
         if let Some(p) = &self.audit.path {
             // Checked without creating anything (`gateway check` leaves no file behind).
-            writable_log_path(Path::new(p))
+            opts.writable_log_path(Path::new(p))
                 .map_err(|e| invalid("audit.path", format!("cannot append to `{p}`: {e}")))?;
         }
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);
