@@ -3,6 +3,7 @@
 //! disturbed by each other on small machines.
 
 mod appliance;
+mod config_help;
 mod containment;
 mod edge_combined;
 mod hardening_http;
