@@ -42,6 +42,11 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("gateway-ebpf manifest has no parent directory"))?;
+    // aya_build relays every line the nested cargo prints as a `cargo:warning`, so a plain
+    // build showed its progress as a dozen warnings. Quiet, it prints only what matters: the
+    // kernel crate's own compiler warnings and errors (relayed from its JSON messages).
+    // SAFETY: the build script is single-threaded here; no other thread reads the environment.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

@@ -24,6 +24,7 @@ pub mod map_names {
     pub const TENANT_NETS: &str = "GW_TENANT_NETS";
     pub const DENY_NETS: &str = "GW_DENY_NETS";
     pub const BANS: &str = "GW_BANS";
+    pub const BAN_NETS: &str = "GW_BAN_NETS";
     pub const SOURCE_BUCKETS: &str = "GW_SRC_BUCKETS";
     pub const TENANT_BUCKETS: &str = "GW_TEN_BUCKETS";
     pub const TENANT_LIMITS: &str = "GW_TEN_LIMITS";

@@ -27,8 +27,8 @@ use gateway_common::{Addr, GlobalCounter, MAX_TENANTS, Take, Verdict, gcra_take,
 
 use crate::{
     maps::{
-        BANS, COUNTERS, DENY_NETS, GLOBAL, PORTS, SETTINGS, SOURCE_BUCKETS, TENANT_BUCKETS,
-        TENANT_LIMITS, TENANT_NETS, TENANT_OVER_CAP,
+        BAN_NETS, BANS, COUNTERS, DENY_NETS, GLOBAL, PORTS, SETTINGS, SOURCE_BUCKETS,
+        TENANT_BUCKETS, TENANT_LIMITS, TENANT_NETS, TENANT_OVER_CAP,
     },
     packet::{
         ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK,
@@ -180,18 +180,21 @@ fn decide(ctx: &XdpContext, src: &Addr, tenant: u32, l4: usize) -> Verdict {
 
 #[inline(always)]
 fn is_banned(src: &Addr) -> bool {
-    let Some(expiry) = BANS.get_ptr(src) else {
-        return false;
-    };
-    // SAFETY: a pointer returned by a map lookup is valid for the value's size.
-    let expiry = unsafe { *expiry };
     // SAFETY: helper without preconditions.
-    if expiry > unsafe { bpf_ktime_get_ns() } {
-        return true;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(expiry) = BANS.get_ptr(src) {
+        // SAFETY: a pointer returned by a map lookup is valid for the value's size.
+        if unsafe { *expiry } > now {
+            return true;
+        }
+        // Expired: forget it. Failure only means user space or another CPU removed it first.
+        let _already_gone = BANS.remove(src);
     }
-    // Expired: forget it. Failure only means user space or another CPU removed it first.
-    let _already_gone = BANS.remove(src);
-    false
+    // A banned prefix: the longest one holding the source decides (an expired one stays until
+    // user space sweeps it, hiding a shorter one below it for that long).
+    BAN_NETS
+        .get(Key::new(128, *src))
+        .is_some_and(|expiry| *expiry > now)
 }
 
 #[inline(always)]

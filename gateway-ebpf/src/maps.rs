@@ -27,6 +27,12 @@ pub static DENY_NETS: LpmTrie<Addr, u8> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map(name = "GW_BANS")]
 pub static BANS: HashMap<Addr, u64> = HashMap::pinned(MAX_BANS, 0);
 
+/// Banned prefixes (`gateway kernel ban 198.51.100.0/24`) -> ban expiry, on the clock of
+/// [`BANS`]. Expired entries are ignored here and swept by user space (a lookup does not say
+/// which prefix matched, so the program cannot remove one).
+#[map(name = "GW_BAN_NETS")]
+pub static BAN_NETS: LpmTrie<Addr, u64> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
 /// Per-source GCRA state (theoretical arrival time, ns). LRU: a spoofed flood evicts, never fills.
 #[map(name = "GW_SRC_BUCKETS")]
 pub static SOURCE_BUCKETS: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_SOURCES, 0);

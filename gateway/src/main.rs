@@ -1,10 +1,14 @@
 //! `gateway`: the daemon and its operator commands.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gateway::{config::Config, kernel, telemetry};
+use gateway::{
+    config::{Config, LoadOptions},
+    kernel, telemetry,
+};
+use ipnet::IpNet;
 
 // Each request allocates and frees dozens of small buffers on one worker thread; glibc's malloc
 // spent a quarter of the worker's time on them (perf, realistic policy, 2026-11-25). mimalloc's
@@ -12,8 +16,16 @@ use gateway::{config::Config, kernel, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--version`: the package version and the commit it was built from (gateway/build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GATEWAY_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(version, about = "eBPF-accelerated gateway for MCP traffic")]
+#[command(version = VERSION, about = "eBPF-accelerated gateway for MCP traffic")]
 struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true)]
@@ -30,8 +42,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and exit.
-    Check { config: PathBuf },
+    /// Validate a configuration file and what a start would need of this host (files it reads,
+    /// log directories, interfaces), then exit. Creates nothing.
+    Check {
+        config: PathBuf,
+        /// Do not read the environment variables the file names (tokens, credentials): check
+        /// without the production secrets.
+        #[arg(long)]
+        no_env: bool,
+        /// Do not resolve upstream host names (no network needed).
+        #[arg(long)]
+        offline: bool,
+        /// The file is for another host: do not look at the files, directories and interfaces
+        /// it names here.
+        #[arg(long)]
+        no_host: bool,
+    },
     /// Print the embedded default configuration.
     DefaultConfig,
     /// Print the JSON schema of the configuration file.
@@ -76,9 +102,8 @@ enum Command {
     },
     /// Kernel state of an instance, read from its pinned maps.
     Kernel {
-        /// Pin directory of the instance.
-        #[arg(long, default_value = "/sys/fs/bpf/mcp-gateway")]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        which: KernelInstance,
         #[command(subcommand)]
         action: KernelAction,
     },
@@ -121,29 +146,106 @@ enum StateAction {
     Reset(StateArgs),
 }
 
+/// Which instance `gateway kernel` talks to: the default instance `mcp-gateway` unless one of
+/// these says otherwise.
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct KernelInstance {
+    /// Configuration file of the instance: its pin directory, and its tenants' names in the
+    /// output. Read without the environment or network (as `check --no-env --offline`).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Instance name (`[gateway] instance`), pinned under /sys/fs/bpf/<instance>.
+    #[arg(long, global = true)]
+    instance: Option<String>,
+    /// Pin directory of the instance.
+    #[arg(long, global = true)]
+    pin_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum KernelAction {
     /// Counters per tenant and verdict, and packets passed as not ours.
     Stats,
-    /// List bans.
+    /// List bans (addresses and prefixes).
     Bans,
-    /// Ban an address for a number of seconds.
+    /// Ban an address or a prefix (CIDR, e.g. 198.51.100.0/24).
     Ban {
-        addr: IpAddr,
-        #[arg(long, default_value_t = 300)]
-        seconds: u64,
+        #[arg(value_parser = parse_target)]
+        target: IpNet,
+        /// How long: seconds (`300`) or a duration (`10m`, `2h 30m`, `1d`).
+        #[arg(long, default_value = "300", value_parser = parse_duration)]
+        seconds: Duration,
     },
-    /// Lift a ban.
-    Unban { addr: IpAddr },
+    /// Lift a ban (of exactly that address or prefix).
+    Unban {
+        #[arg(value_parser = parse_target)]
+        target: IpNet,
+    },
     /// Detach and remove every pin of the instance (maps included: bans and counters are lost).
     Reset,
 }
 
-fn main() -> anyhow::Result<()> {
+/// An address or a prefix: `198.51.100.7`, `198.51.100.0/24`, `2001:db8::/48`. Host bits
+/// below the prefix are refused (they would hide a typo).
+fn parse_target(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .parse()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or a CIDR prefix"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "`{text}` has host bits set; did you mean `{}`?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// Seconds as a bare number, or a humantime duration (`10m`, `1h 30m`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = match text.parse::<u64>() {
+        Ok(s) => Duration::from_secs(s),
+        Err(_) => humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e}"))?,
+    };
+    if d.is_zero() {
+        return Err("a ban of no time bans nothing".into());
+    }
+    Ok(d)
+}
+
+/// An error as one line: its causes appended once each. thiserror messages often repeat their
+/// source (`cannot read x: No such file`), which anyhow's report would print again below.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn main() -> ExitCode {
     // First, before any thread: a gateway being upgraded started this process to take over.
     let handover = gateway::upgrade::take_handover();
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_json);
+    match run(cli, handover) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, handover: Option<gateway::upgrade::Successor>) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::Run { config } => {
             let run = || {
@@ -151,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                     Some(path) => Config::from_file(path)?,
                     None => Config::embedded_default(),
                 };
+                gateway::config::warn_demo_key(&cfg);
                 gateway::control::run(cfg, config.clone(), handover.as_ref())
             };
             let r = run();
@@ -167,12 +270,27 @@ fn main() -> anyhow::Result<()> {
             r
         }
         Command::State { action } => state_command(action),
-        Command::Check { config } => {
-            let c = Config::from_file(&config)?;
-            // The certificate, key and CA files are read as a start would read them.
-            gateway::tls::Edge::new(c.listeners.len())
-                .prepare(&c)
-                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        Command::Check {
+            config,
+            no_env,
+            offline,
+            no_host,
+        } => {
+            let c = Config::from_file_with(
+                &config,
+                LoadOptions {
+                    no_env,
+                    offline,
+                    no_host,
+                },
+            )?;
+            if !no_host {
+                c.check_host()?;
+                // The certificate, key and CA files are read as a start would read them.
+                gateway::tls::Edge::new(c.listeners.len())
+                    .prepare(&c)
+                    .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            }
             println!(
                 "{}: valid ({} listeners, {} tenants)",
                 config.display(),
@@ -189,7 +307,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", gateway::config::json_schema());
             Ok(())
         }
-        Command::Kernel { pin_dir, action } => kernel_command(&pin_dir, action),
+        Command::Kernel { which, action } => kernel_command(which, action),
         Command::Completions { shell, name } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
@@ -278,12 +396,35 @@ fn state_command(action: StateAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Result<()> {
+fn kernel_command(which: KernelInstance, action: KernelAction) -> anyhow::Result<()> {
+    let (pin_dir, config) = match (which.config, which.instance, which.pin_dir) {
+        (Some(path), _, _) => {
+            let c = Config::from_file_with(
+                &path,
+                LoadOptions {
+                    no_env: true,
+                    offline: true,
+                    no_host: true,
+                },
+            )?;
+            (c.kernel.pin_dir.clone(), Some(c))
+        }
+        (None, Some(instance), _) => (PathBuf::from("/sys/fs/bpf").join(instance), None),
+        (None, None, Some(dir)) => (dir, None),
+        (None, None, None) => (PathBuf::from("/sys/fs/bpf/mcp-gateway"), None),
+    };
+    let pin_dir = pin_dir.as_path();
     if let KernelAction::Reset = action {
         return Ok(kernel::remove_pins(pin_dir)?);
     }
     let mut maps = kernel::KernelMaps::open(pin_dir)
         .with_context(|| format!("no gateway maps pinned under {}", pin_dir.display()))?;
+    let tenant_name = |id: u32| {
+        config.as_ref().and_then(|c| c.tenant(id)).map_or_else(
+            || format!("tenant {id}"),
+            |t| format!("tenant {} ({id})", t.name),
+        )
+    };
     match action {
         KernelAction::Stats => {
             for (tenant, c) in maps.all_counters()? {
@@ -291,7 +432,7 @@ fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Re
                     .iter()
                     .map(|v| format!("{}={}", v.name(), c.packets(*v)))
                     .collect();
-                println!("tenant {tenant}: {}", parts.join(" "));
+                println!("{}: {}", tenant_name(tenant), parts.join(" "));
             }
             let other: Vec<String> = maps
                 .global_counters()?
@@ -304,11 +445,14 @@ fn kernel_command(pin_dir: &std::path::Path, action: KernelAction) -> anyhow::Re
             for b in maps.bans()? {
                 println!("{} {}s", b.addr, b.remaining.as_secs());
             }
+            for b in maps.net_bans()? {
+                println!("{} {}s", b.net, b.remaining.as_secs());
+            }
         }
-        KernelAction::Ban { addr, seconds } => maps.ban(addr, Duration::from_secs(seconds))?,
-        KernelAction::Unban { addr } => {
-            if !maps.unban(addr)? {
-                println!("{addr} was not banned");
+        KernelAction::Ban { target, seconds } => maps.ban_net(target, seconds)?,
+        KernelAction::Unban { target } => {
+            if !maps.unban_net(target)? {
+                println!("{target} was not banned");
             }
         }
         KernelAction::Reset => unreachable!("handled above"),

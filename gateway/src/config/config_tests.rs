@@ -23,7 +23,7 @@ fn embedded_default_is_valid() {
     assert_eq!(c.instance, "mcp-gateway");
     assert_eq!(c.ports().into_iter().collect::<Vec<_>>(), vec![8080]);
     assert_eq!(c.default_tenant, 0);
-    assert_eq!(c.tenant(1).map(|t| t.name.as_str()), Some("local"));
+    assert_eq!(c.tenant(2).map(|t| t.name.as_str()), Some("demo"));
     assert!(c.workers >= 1);
     assert_eq!(c.routes[0].path, "/mcp");
     assert_eq!(

@@ -19,6 +19,8 @@ mod tls;
 pub use tls::*;
 mod state;
 pub use state::*;
+mod checks;
+pub use checks::{DEMO_API_KEY, ENV_PLACEHOLDER, LoadOptions, MS_FLOOR, warn_demo_key};
 
 /// The configuration that `gateway run` serves when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -648,12 +650,16 @@ pub struct RawTenant {
     pub id: u32,
     #[serde(default)]
     pub sources: Vec<String>,
+    /// New connections per second for the whole tenant, enforced by the kernel program; 0: no limit.
     #[serde(default)]
     pub new_connections_per_sec: u64,
+    /// New connections admitted at once; default: the rate (one second's worth).
     #[serde(default)]
     pub new_connections_burst: u64,
+    /// New connections per second from each source address; 0: no limit.
     #[serde(default)]
     pub per_source_new_connections_per_sec: u64,
+    /// Default: the rate (one second's worth).
     #[serde(default)]
     pub per_source_new_connections_burst: u64,
     #[serde(default)]
@@ -812,6 +818,11 @@ pub struct Tenant {
     pub policy: Option<RawPolicy>,
 }
 
+/// The burst of a rate: as configured, else the rate itself (one second's worth), at least 1.
+fn default_burst(rate: u64, burst: u64) -> u64 {
+    if burst == 0 { rate.max(1) } else { burst }
+}
+
 /// Whether the gateway could append to the log file `path` (an existing file it may write, or
 /// a new one in a directory it may write), found out without creating or changing anything.
 fn writable_log_path(path: &Path) -> Result<(), String> {
@@ -841,6 +852,15 @@ impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str::<RawConfig>(text)?.validate()
+    }
+
+    /// Reads, parses and validates a file as `opts` allows (see [`LoadOptions`]).
+    pub fn from_file_with(path: &Path, opts: LoadOptions) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str::<RawConfig>(&text)?.validate_with(opts)
     }
 
     /// Reads, parses and validates a file.
@@ -1019,6 +1039,14 @@ fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
 
 impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
+        self.validate_with(LoadOptions::default())
+    }
+
+    /// Validates as [`RawConfig::validate`] does, reading the environment and resolving host
+    /// names only as `opts` allows.
+    pub fn validate_with(self, opts: LoadOptions) -> Result<Config, ConfigError> {
+        self.check_ms_floors()?;
+        self.check_rule_upstreams()?;
         let g = self.gateway;
         if g.instance.is_empty()
             || g.instance.len() > 64
@@ -1120,7 +1148,7 @@ impl RawConfig {
                 ));
             }
             None => None,
-            Some(var) => match std::env::var(var) {
+            Some(var) => match opts.env(var) {
                 Ok(t) if t.len() >= 16 => Some(t),
                 Ok(_) => {
                     return Err(invalid(
@@ -1140,7 +1168,7 @@ impl RawConfig {
             return Err(invalid("telemetry.max_tools", "must be above 0"));
         }
         if let Some(p) = &self.telemetry.histogram_log {
-            writable_log_path(Path::new(p)).map_err(|e| {
+            opts.writable_log_path(Path::new(p)).map_err(|e| {
                 invalid(
                     "telemetry.histogram_log",
                     format!("cannot write `{p}`: {e}"),
@@ -1156,7 +1184,7 @@ impl RawConfig {
                 .telemetry
                 .access_log
                 .map(|a| {
-                    writable_log_path(Path::new(&a.path)).map_err(|e| {
+                    opts.writable_log_path(Path::new(&a.path)).map_err(|e| {
                         invalid(
                             "telemetry.access_log.path",
                             format!("cannot append to `{}`: {e}", a.path),
@@ -1265,10 +1293,17 @@ impl RawConfig {
                 id: t.id,
                 sources,
                 new_connections_per_sec: t.new_connections_per_sec,
-                // A rate without a burst admits one at a time.
-                new_connections_burst: t.new_connections_burst.max(1),
+                // A rate without a burst admits one second's worth at once, as the policy's
+                // rates do (one at a time would refuse a client's few parallel connections).
+                new_connections_burst: default_burst(
+                    t.new_connections_per_sec,
+                    t.new_connections_burst,
+                ),
                 per_source_new_connections_per_sec: t.per_source_new_connections_per_sec,
-                per_source_new_connections_burst: t.per_source_new_connections_burst.max(1),
+                per_source_new_connections_burst: default_burst(
+                    t.per_source_new_connections_per_sec,
+                    t.per_source_new_connections_burst,
+                ),
                 max_connections: t.max_connections,
                 policy: t.policy,
             });
@@ -1429,12 +1464,15 @@ impl RawConfig {
             } else {
                 None
             };
-            let addrs = crate::mcp::upstream::Addresses::resolve_now(
-                &parsed.host,
-                parsed.port,
-                Duration::from_millis(u.resolve_every_ms),
-            )
-            .map_err(|e| invalid(key("url"), format!("cannot resolve `{}`: {e}", parsed.host)))?;
+            let every = Duration::from_millis(u.resolve_every_ms);
+            let addrs = if opts.offline && parsed.host.parse::<std::net::IpAddr>().is_err() {
+                crate::mcp::upstream::Addresses::unresolved(&parsed.host, parsed.port, every)
+            } else {
+                crate::mcp::upstream::Addresses::resolve_now(&parsed.host, parsed.port, every)
+                    .map_err(|e| {
+                        invalid(key("url"), format!("cannot resolve `{}`: {e}", parsed.host))
+                    })?
+            };
             let path = parsed.path;
             let pool_key = {
                 use std::hash::{Hash as _, Hasher as _};
@@ -1473,7 +1511,7 @@ impl RawConfig {
                 None => None,
                 Some(var) => Some(format!(
                     "Bearer {}",
-                    std::env::var(var).map_err(|_| invalid(
+                    opts.env(var).map_err(|_| invalid(
                         key("bearer_token_env"),
                         format!("environment variable `{var}` is not set")
                     ))?
@@ -1590,6 +1628,12 @@ impl RawConfig {
                     "`mtls` needs a listener with TLS and `client_ca` (client certificates)",
                 ));
             }
+            if r.auth.contains(&AuthMethod::ApiKey) && self.auth.api_keys.is_empty() {
+                return Err(invalid(
+                    format!("routes[{i}].auth"),
+                    "`api_key` needs at least one [[auth.api_keys]] entry (no key could pass)",
+                ));
+            }
             if r.auth.contains(&AuthMethod::Jwt) && self.auth.jwt.is_none() {
                 return Err(invalid(
                     format!("routes[{i}].auth"),
@@ -1622,7 +1666,7 @@ impl RawConfig {
         }
         if let Some(p) = &self.audit.path {
             // Checked without creating anything (`gateway check` leaves no file behind).
-            writable_log_path(Path::new(p))
+            opts.writable_log_path(Path::new(p))
                 .map_err(|e| invalid("audit.path", format!("cannot append to `{p}`: {e}")))?;
         }
         let pin_dir = Path::new(&k.bpffs).join(&g.instance);

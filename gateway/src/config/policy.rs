@@ -122,11 +122,13 @@ pub struct RawPolicy {
     /// JSON-RPC requests per second for the whole tenant, over all workers.
     #[serde(default)]
     pub requests_per_sec: Option<u64>,
+    /// Requests admitted at once; default: `requests_per_sec` (one second's worth).
     #[serde(default)]
     pub burst: Option<u64>,
     /// Requests per second for each agent of the tenant.
     #[serde(default)]
     pub agent_requests_per_sec: Option<u64>,
+    /// Default: `agent_requests_per_sec`.
     #[serde(default)]
     pub agent_burst: Option<u64>,
     /// Requests of the tenant in flight at once.
@@ -172,6 +174,7 @@ pub struct RawToolRule {
     /// Calls per second of the matching tools, per tenant.
     #[serde(default)]
     pub requests_per_sec: Option<u64>,
+    /// Default: `requests_per_sec` (one second's worth).
     #[serde(default)]
     pub burst: Option<u64>,
     /// Calls of the matching tools in flight at once, per tenant.

@@ -90,6 +90,13 @@ pub struct Ban {
     pub remaining: Duration,
 }
 
+/// A banned prefix as stored: the prefix and how long it still holds (zero when expired).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetBan {
+    pub net: IpNet,
+    pub remaining: Duration,
+}
+
 /// Handles on every map of one gateway instance.
 pub struct KernelMaps {
     pin_dir: PathBuf,
@@ -97,6 +104,8 @@ pub struct KernelMaps {
     tenant_nets: LpmTrie<MapData, Addr, u32>,
     deny_nets: LpmTrie<MapData, Addr, u8>,
     bans: HashMap<MapData, Addr, u64>,
+    /// `None` for maps pinned by a gateway from before prefix bans (until it restarts).
+    ban_nets: Option<LpmTrie<MapData, Addr, u64>>,
     tenant_limits: Array<MapData, TenantLimits>,
     tenant_over_cap: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
@@ -131,6 +140,11 @@ impl KernelMaps {
             tenant_nets: typed!(pin_dir, names::TENANT_NETS),
             deny_nets: typed!(pin_dir, names::DENY_NETS),
             bans: typed!(pin_dir, names::BANS),
+            ban_nets: if pin_dir.join(names::BAN_NETS).exists() {
+                Some(typed!(pin_dir, names::BAN_NETS))
+            } else {
+                None
+            },
             tenant_limits: typed!(pin_dir, names::TENANT_LIMITS),
             tenant_over_cap: typed!(pin_dir, names::TENANT_OVER_CAP),
             settings: typed!(pin_dir, names::SETTINGS),
@@ -175,9 +189,75 @@ impl KernelMaps {
         Ok(out)
     }
 
-    /// Removes expired bans; returns how many.
+    /// Bans every address of `net` for `ttl`. A single address (`/32`, `/128`) goes to the
+    /// address ban map, as [`KernelMaps::ban`]; a wider prefix to the prefix ban map.
+    pub fn ban_net(&mut self, net: IpNet, ttl: Duration) -> Result<(), KernelError> {
+        if net.prefix_len() == net.max_prefix_len() {
+            return self.ban(net.addr(), ttl);
+        }
+        let expiry = monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        self.ban_nets_mut()?
+            .insert(&net_key(&net.trunc()), expiry, 0)
+            .map_err(map_err(names::BAN_NETS))
+    }
+
+    /// Lifts the ban of exactly `net` (not of a prefix inside or around it). Returns whether
+    /// there was one.
+    pub fn unban_net(&mut self, net: IpNet) -> Result<bool, KernelError> {
+        if net.prefix_len() == net.max_prefix_len() {
+            return self.unban(net.addr());
+        }
+        match self.ban_nets_mut()?.remove(&net_key(&net.trunc())) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_enoent(&e) => Ok(false),
+            Err(e) => Err(map_err(names::BAN_NETS)(e)),
+        }
+    }
+
+    /// Banned prefixes, expired ones included until they are swept.
+    pub fn net_bans(&self) -> Result<Vec<NetBan>, KernelError> {
+        let Some(map) = &self.ban_nets else {
+            return Ok(Vec::new());
+        };
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (key, expiry) = item.map_err(map_err(names::BAN_NETS))?;
+            if let Some(net) = key_net(&key) {
+                out.push(NetBan {
+                    net,
+                    remaining: Duration::from_nanos(expiry.saturating_sub(now)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn ban_nets_mut(&mut self) -> Result<&mut LpmTrie<MapData, Addr, u64>, KernelError> {
+        let path = self.pin_dir.join(names::BAN_NETS);
+        self.ban_nets.as_mut().ok_or_else(|| KernelError::Bpffs {
+            path: path.display().to_string(),
+            problem: "no prefix ban map: the running gateway predates prefix bans (restart it with this version)".into(),
+        })
+    }
+
+    /// Removes expired bans (addresses and prefixes); returns how many.
     pub fn sweep_bans(&mut self) -> Result<usize, KernelError> {
         let now = monotonic_ns();
+        let mut swept = 0;
+        if let Some(map) = &mut self.ban_nets {
+            let expired: Vec<Key<Addr>> = map
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, expiry)| *expiry <= now)
+                .map(|(k, _)| k)
+                .collect();
+            for key in &expired {
+                let _gone_already = map.remove(key);
+            }
+            swept += expired.len();
+        }
         let expired: Vec<Addr> = self
             .bans
             .iter()
@@ -189,7 +269,7 @@ impl KernelMaps {
             // Racing with the kernel, which also removes expired entries: gone is fine.
             let _gone_already = self.bans.remove(key);
         }
-        Ok(expired.len())
+        Ok(swept + expired.len())
     }
 
     /// Counters of one tenant, summed over CPUs.

@@ -20,8 +20,8 @@ use aya::{
     },
 };
 pub use maps::{
-    Ban, KernelMaps, KernelState, SyncReport, TenantTotals, addr_key, key_addr, monotonic_ns,
-    net_key,
+    Ban, KernelMaps, KernelState, NetBan, SyncReport, TenantTotals, addr_key, key_addr,
+    monotonic_ns, net_key,
 };
 
 use crate::config::AttachMode;

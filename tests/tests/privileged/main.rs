@@ -3,6 +3,7 @@
 //! disturbed by each other on small machines.
 
 mod appliance;
+mod config_help;
 mod containment;
 mod cors;
 mod edge_combined;

@@ -346,6 +346,10 @@ url = "http://127.0.0.1:9/mcp"
 path = "/mcp"
 upstream = "nowhere"
 auth = ["api_key"]
+# A key no request shows (a route needing keys must have one).
+[[auth.api_keys]]
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+tenant = "other"
 "#;
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
     let statuses: Vec<u16> = (0..4)

@@ -61,6 +61,12 @@ impl Addresses {
         Ok(Self::new(host, port, every, found))
     }
 
+    /// A host name not resolved yet (`gateway check --offline`: no network); the background
+    /// resolution fills it in where it runs.
+    pub fn unresolved(host: &str, port: u16, every: Duration) -> Self {
+        Self::new(host, port, every, Vec::new())
+    }
+
     fn new(host: &str, port: u16, every: Duration, found: Vec<SocketAddr>) -> Self {
         let literal = host.parse::<std::net::IpAddr>().is_ok();
         let every = if literal { Duration::ZERO } else { every };
