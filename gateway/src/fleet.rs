@@ -437,7 +437,12 @@ impl<B: Bans> Agent<B> {
             cmd.arg(*rate).arg((*burst).max(1)).arg(*want);
         }
         let granted: Vec<u64> = cmd.query_async(c).await?;
-        let granted: HashMap<u64, u64> = asks.iter().map(|a| a.0).zip(granted).collect();
+        // Never take more than was asked, whatever Redis answers.
+        let granted: HashMap<u64, u64> = asks
+            .iter()
+            .zip(granted)
+            .map(|(a, n)| (a.0, n.min(a.4)))
+            .collect();
         let mut total = 0;
         self.shared.limits.for_each_lease(|key, lease| {
             if let Some(n) = granted.get(&key) {
