@@ -510,8 +510,17 @@ impl State {
             .iter()
             .filter_map(|(key, c)| {
                 let what = c.what.as_deref()?;
-                if !matches!(what, Counted::Budget { .. }) {
-                    return None;
+                match what {
+                    // A caller known only by its address (no agent identity) is counted on
+                    // this host alone: addresses are the client's to choose, and the fleet's
+                    // shared state must not grow with them.
+                    Counted::Budget { scope, subject, .. }
+                        if scope == "agent" && subject.parse::<std::net::IpAddr>().is_ok() =>
+                    {
+                        return None;
+                    }
+                    Counted::Budget { .. } => {}
+                    Counted::Refusals { .. } => return None,
                 }
                 let window = c.window.id.load(Ordering::Acquire);
                 if window < Self::window_of(c.len_s) {
@@ -916,6 +925,32 @@ mod tests {
         assert!(state.budgets_closed());
         state.set_fleet_fail_open(true);
         assert!(!state.budgets_closed());
+    }
+
+    #[test]
+    fn a_caller_known_only_by_its_address_is_never_offered_to_the_fleet() {
+        let state = State::default();
+        let now = State::unix_s();
+        for subject in ["bot", "198.51.100.7", "2001:db8::1"] {
+            let what = Counted::Budget {
+                scope: "agent".into(),
+                tenant: "acme".into(),
+                subject: subject.into(),
+            };
+            let key = what.key(&state);
+            state
+                .charge_kept(key, || what.clone(), now, 1_000_000, 1, 100)
+                .unwrap();
+        }
+        let offered: Vec<String> = state
+            .fleet_counts()
+            .into_iter()
+            .filter_map(|c| match c.what {
+                Counted::Budget { subject, .. } => Some(subject),
+                Counted::Refusals { .. } => None,
+            })
+            .collect();
+        assert_eq!(offered, vec!["bot".to_owned()]);
     }
 
     #[test]

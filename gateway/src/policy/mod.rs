@@ -992,17 +992,25 @@ impl Policy {
         if let Some((rate, burst)) = t.agent_rate {
             let key = state.key(("agent", &t.name, agent_key));
             let name = || format!("agent/{}/{agent_key}", t.name);
-            let charge = state
-                .admit_rate(key, name, now, rate, burst)
-                .map_err(|wait| {
-                    Refusal::new(
-                        429,
-                        code::RATE_LIMITED,
-                        format!("tenants[{}].agent_requests_per_sec", t.name),
-                        format!("agent `{agent_key}` is over its rate of {rate}/s"),
-                    )
-                    .retry(wait)
-                })?;
+            // A caller known only by its address counts on this host alone: an address is
+            // the client's to choose (an IPv6 client has billions), and the fleet's shared
+            // state must not grow with them.
+            let admitted = if who.agent.is_some() {
+                state.admit_rate(key, name, now, rate, burst)
+            } else {
+                state
+                    .admit(key, now, rate, burst)
+                    .map(|()| limits::Charge::Rate { key, rate })
+            };
+            let charge = admitted.map_err(|wait| {
+                Refusal::new(
+                    429,
+                    code::RATE_LIMITED,
+                    format!("tenants[{}].agent_requests_per_sec", t.name),
+                    format!("agent `{agent_key}` is over its rate of {rate}/s"),
+                )
+                .retry(wait)
+            })?;
             admission.charges.push(charge);
         }
         if let Some(r) = rule
