@@ -88,8 +88,12 @@ fn main() -> anyhow::Result<()> {
         Verb::Run { args } => {
             build_release()?;
             require_root("cargo xtask run (loading XDP)")?;
+            // Stopping `cargo xtask run` stops what it started: this process goes when cargo
+            // goes (a SIGTERM to cargo is not passed on), and the gateway and the demo upstream
+            // get SIGTERM when this process goes, however it goes (Ctrl-C, SIGTERM, a panic).
+            die_with_parent();
             // The embedded default configuration routes /mcp to the demo upstream on :9100.
-            let mut upstream = Command::new(root.join("target/release/mcp-upstream"))
+            let mut upstream = with_parent(Command::new(root.join("target/release/mcp-upstream")))
                 .args(["--listen", "127.0.0.1:9100", "--workers", "1"])
                 .spawn()
                 .context("starting the demo upstream")?;
@@ -115,7 +119,7 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(&config, text)?;
                 args.extend(["--config".to_owned(), config.display().to_string()]);
             }
-            let status = Command::new(root.join("target/release/gateway"))
+            let status = with_parent(Command::new(root.join("target/release/gateway")))
                 .arg("run")
                 .args(args)
                 .status();
@@ -424,6 +428,26 @@ fn fuzz(target: &str, seconds: u64, corpora: &[&Path]) -> anyhow::Result<()> {
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1"))
     .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}"))
+}
+
+/// SIGTERM to this process when its parent exits.
+fn die_with_parent() {
+    // SAFETY: prctl(2) with PR_SET_PDEATHSIG and a signal number changes only this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+}
+
+/// `cmd`, whose process gets SIGTERM when this one exits.
+fn with_parent(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
