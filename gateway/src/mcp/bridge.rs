@@ -42,7 +42,7 @@ use super::{
     Id, Kind, Message,
     held::{self, Answer},
     messages::answer_and_notes,
-    proxy::{Obs, WorkerCtx, fail, session_key, session_owner, upstream_request},
+    proxy::{Obs, WorkerCtx, session_key, session_owner, upstream_request},
     upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
@@ -121,42 +121,18 @@ pub(super) async fn forward_learning<'c>(
     extra: &[(&str, Option<&str>)],
     obs: &Obs<'c>,
 ) -> bool {
-    let request = match upstream_request(req, peer, up, &req.body, extra) {
-        Ok(r) => r,
-        Err(e) => {
-            let err = super::RpcError::from(e).with_id(m.id.clone());
-            return io
-                .write_all(super::proxy::json_response(400, &err, req.keep_alive))
-                .await
-                .is_ok();
-        }
-    };
     obs.upstream.set(Some(&up.name));
-    let sent = Instant::now();
-    let opened = upstream::open(&ctx.pool, up, request, Some(io)).await;
-    obs.waited(sent.elapsed());
-    let (mut conn, head) = match opened {
-        Ok(o) => o,
-        Err(UpstreamFailure::ClientGone) => {
-            obs.set(Outcome::UpstreamFailure);
-            return false;
+    let refused = Some(refuses_session_era as held::Judge);
+    match held::open_judging(io, req, peer, ctx, up, m, &req.body, extra, obs, refused).await {
+        held::Opened::Answered(keep) => keep,
+        held::Opened::Refused => {
+            learn(ctx, up);
+            forward(io, req, peer, ctx, up, m, obs, None).await
         }
-        Err(f) => {
-            obs.set(Outcome::UpstreamFailure);
-            return fail(io, req, up, m.id.clone(), f).await;
+        held::Opened::Relay(conn, head) => {
+            super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, None, obs).await
         }
-    };
-    if head.status == 400
-        && held::small_body(&mut conn, &head, up, |head, body| {
-            refuses_session_era(head, body)
-        })
-        .await
-    {
-        learn(ctx, up);
-        drop(conn);
-        return forward(io, req, peer, ctx, up, m, obs, None).await;
     }
-    super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, None, obs).await
 }
 
 /// Passthrough: answers a session-era client's request `m` from a stateless-only `up`. With

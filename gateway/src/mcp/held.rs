@@ -488,17 +488,73 @@ pub(super) async fn forward_learning<'c>(
     member: Option<&str>,
     obs: &Obs<'c>,
 ) -> bool {
+    obs.upstream.set(Some(&up.name));
+    let refused = (up.era == UpstreamEra::Auto).then_some(wants_session as Judge);
+    match open_judging(io, req, peer, ctx, up, m, body, extra, obs, refused).await {
+        Opened::Answered(keep) => keep,
+        Opened::Refused => {
+            learn(ctx, up);
+            let owner = owner(ctx, up, obs);
+            let sent = Instant::now();
+            let answer = call(ctx, req, peer, up, owner, body, extra).await;
+            obs.waited(sent.elapsed());
+            reply(io, req, up, m, answer, obs, None).await
+        }
+        Opened::Relay(conn, head) => {
+            super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, member, obs)
+                .await
+        }
+    }
+}
+
+/// Judges a small 400 answer: whether it refuses the request for an era reason (so it was not
+/// processed).
+pub(super) type Judge = fn(&ResponseHead, &[u8]) -> bool;
+
+/// What [`open_judging`] found.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once and taken apart at once; a box would cost an allocation per request"
+)]
+pub(super) enum Opened {
+    /// The client has its answer (a failure), or is gone: whether to keep the connection.
+    Answered(bool),
+    /// The upstream refused the message as the judge says; the connection is dropped.
+    Refused,
+    /// Anything else: to be relayed.
+    Relay(upstream::Conn, ResponseHead),
+}
+
+/// Sends `body` to `up` as the client sent it (with `extra`) and reads the head. A 400 of at
+/// most 4 KiB is read into the connection's buffer (consuming nothing, so that it can still be
+/// relayed) and given to `refused`. Failures are answered to the client here.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn open_judging(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    m: &Message,
+    body: &[u8],
+    extra: &[(&str, Option<&str>)],
+    obs: &Obs<'_>,
+    refused: Option<Judge>,
+) -> Opened {
     let request = match upstream_request(req, peer, up, body, extra) {
         Ok(r) => r,
         Err(e) => {
             let err = super::RpcError::from(e).with_id(m.id.clone());
-            return io
+            let kept = io
                 .write_all(super::proxy::json_response(400, &err, req.keep_alive))
                 .await
                 .is_ok();
+            return Opened::Answered(kept);
         }
     };
-    obs.upstream.set(Some(&up.name));
     let sent = Instant::now();
     let opened = upstream::open(&ctx.pool, up, request, Some(io)).await;
     obs.waited(sent.elapsed());
@@ -506,43 +562,26 @@ pub(super) async fn forward_learning<'c>(
         Ok(o) => o,
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
-            return false;
+            return Opened::Answered(false);
         }
         Err(f) => {
             obs.set(Outcome::UpstreamFailure);
-            return fail(io, req, up, m.id.clone(), f).await;
+            return Opened::Answered(fail(io, req, up, m.id.clone(), f).await);
         }
     };
-    if up.era == UpstreamEra::Auto
+    if let Some(judge) = refused
         && head.status == 400
-        && refused_for_session(&mut conn, &head, up).await
+        && small_body(&mut conn, &head, up, judge).await
     {
-        learn(ctx, up);
-        drop(conn);
-        let owner = owner(ctx, up, obs);
-        let sent = Instant::now();
-        let answer = call(ctx, req, peer, up, owner, body, extra).await;
-        obs.waited(sent.elapsed());
-        return reply(io, req, up, m, answer, obs, None).await;
+        return Opened::Refused;
     }
-    super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, member, obs).await
-}
-
-/// Reads a small fixed-length 400 body into the connection's buffer (consuming nothing, so
-/// that it can still be relayed) and tells whether it refuses the request for want of a
-/// session.
-async fn refused_for_session(
-    conn: &mut upstream::Conn,
-    head: &ResponseHead,
-    up: &Upstream,
-) -> bool {
-    small_body(conn, head, up, wants_session).await
+    Opened::Relay(conn, head)
 }
 
 /// Reads a small (at most 4 KiB) fixed-length body into the connection's buffer, consuming
 /// nothing so that it can still be relayed, and gives it to `judge`. A body that is larger,
 /// chunked or does not arrive in time is not judged (false).
-pub(super) async fn small_body(
+async fn small_body(
     conn: &mut upstream::Conn,
     head: &ResponseHead,
     up: &Upstream,
