@@ -429,3 +429,125 @@ fn gateway_check_creates_nothing() {
     assert!(!audit.exists(), "check created the audit log");
     assert!(!hist.exists(), "check created the histogram log");
 }
+
+/// The gateway out of file descriptors says so: a call that needs a new upstream connection
+/// gets 503 with the gateway's own JSON-RPC error (`reason: out_of_descriptors`), not a 502
+/// that blames the upstream; the upstream's breaker and failure count are untouched; the WARN
+/// lines are rate limited; accepting backs off and resumes once descriptors are free again.
+#[test]
+fn out_of_descriptors_is_a_503_of_the_gateway_not_an_upstream_failure() {
+    use integration_tests::peers::{FakeUpstream, Misbehave, post, read_response};
+    use std::io::Write;
+
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwemfile");
+    const LIMIT: u64 = 96;
+    let mut d = Daemon::start_local_with_open_files(
+        &instance,
+        &config(&instance, port, admin, up.port),
+        (LIMIT, LIMIT),
+    );
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let base = fds(d.pid());
+    assert!(
+        (base as u64) < LIMIT - 8,
+        "the test needs room above the {base} descriptors the gateway holds at start"
+    );
+
+    // A connection accepted while descriptors are free; the call on it comes later.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fds(d.pid()) <= base && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Then a flood that takes every descriptor left (the kernel completes the handshakes; the
+    // gateway accepts until it runs out, and the rest wait in the queue).
+    let flood: Vec<std::net::TcpStream> = (0..2 * LIMIT)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (fds(d.pid()) as u64) < LIMIT && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // (The count may pass the limit by one: a descriptor the kernel gives the process without
+    // a new number checked against it.)
+    assert!(
+        fds(d.pid()) as u64 >= LIMIT,
+        "the flood took every descriptor"
+    );
+
+    const CALLS: usize = 20;
+    for i in 0..CALLS {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"add","arguments":{{}}}}}}"#
+        );
+        held.write_all(&post("/mcp", &body, "")).expect("send");
+        let r = read_response(&mut held).expect("an answer, not a hang or a close");
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 503, "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON-RPC error");
+        assert_eq!(v["id"], i, "{text}");
+        assert_eq!(v["error"]["data"]["reason"], "out_of_descriptors", "{text}");
+        assert!(
+            !text.contains("upstream `"),
+            "the upstream is not blamed: {text}"
+        );
+    }
+    drop(flood);
+
+    // Descriptors free again: new connections are accepted and served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{}}}"#;
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            if s.write_all(&post("/mcp", body, "connection: close\r\n"))
+                .is_ok()
+                && let Some(r) = read_response(&mut s)
+                && r.status == 200
+            {
+                break true;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(served, "accepting resumed once descriptors were free");
+
+    let metrics = admin_get(admin, "/metrics");
+    let counted = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        counted("mcp_gateway_out_of_descriptors_total") >= CALLS as f64,
+        "every refusal counted: {metrics}"
+    );
+    assert_eq!(
+        counted("mcp_gateway_upstream_failures_total{upstream=\"demo\"}"),
+        0.0,
+        "nothing held against the upstream"
+    );
+    d.stop();
+    let warned = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("out of file descriptors"))
+        .count();
+    assert!(
+        (1..=8).contains(&warned),
+        "{warned} WARN lines for {CALLS} refused calls and the refused accepts: rate limited, \
+         with a count of what was suppressed"
+    );
+}
