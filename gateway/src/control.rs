@@ -12,6 +12,7 @@ use std::{
 use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::{Context as _, bail};
+use ipnet::IpNet;
 use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
@@ -33,11 +34,12 @@ struct Control {
     ready: bool,
     /// The TLS files as they were when last loaded (the reload watcher compares).
     tls_stamps: Vec<crate::tls::Stamp>,
-    /// Bans in force: address → expiry (`CLOCK_MONOTONIC` ns, the kernel's clock). With the
-    /// kernel program on, a copy of its ban map (which the `gateway kernel ban` command and
-    /// earlier runs also write); without it, the only record. Published to the workers as
-    /// `Shared::bans`, for the clients named by PROXY protocol headers.
-    bans: std::collections::BTreeMap<std::net::IpAddr, u64>,
+    /// Bans in force: address (a one-address prefix) or prefix → expiry (`CLOCK_MONOTONIC`
+    /// ns, the kernel's clock). With the kernel program on, a copy of its two ban maps (which
+    /// the `gateway kernel ban` command and earlier runs also write); without it, the only
+    /// record. Published to the workers as `Shared::bans`, for the clients named by PROXY
+    /// protocol headers.
+    bans: std::collections::BTreeMap<IpNet, u64>,
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
@@ -107,25 +109,36 @@ impl Control {
     /// Bans `ip` for `ttl`: in the kernel's ban map (when the program is on) and for the
     /// workers.
     fn ban(&mut self, ip: std::net::IpAddr, ttl: Duration) -> Result<(), kernel::KernelError> {
-        let ip = ip.to_canonical();
+        self.ban_net(IpNet::from(ip.to_canonical()), ttl)
+    }
+
+    /// Bans every address of `net` for `ttl` (one address when it is a `/32` or `/128`).
+    fn ban_net(&mut self, net: IpNet, ttl: Duration) -> Result<(), kernel::KernelError> {
+        let net = canonical_net(net);
         if let Some(maps) = &mut self.maps {
-            maps.ban(ip, ttl)?;
+            maps.ban_net(net, ttl)?;
         }
         let until =
             kernel::monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
-        self.bans.insert(ip, until);
+        self.bans.insert(net, until);
         self.publish_bans();
         Ok(())
     }
 
     /// Lifts a ban; returns whether there was one.
     fn unban(&mut self, ip: std::net::IpAddr) -> Result<bool, kernel::KernelError> {
-        let ip = ip.to_canonical();
+        self.unban_net(IpNet::from(ip.to_canonical()))
+    }
+
+    /// Lifts the ban of exactly `net` (not of a prefix inside or around it); returns whether
+    /// there was one.
+    fn unban_net(&mut self, net: IpNet) -> Result<bool, kernel::KernelError> {
+        let net = canonical_net(net);
         let in_kernel = match &mut self.maps {
-            Some(maps) => maps.unban(ip)?,
+            Some(maps) => maps.unban_net(net)?,
             None => false,
         };
-        let here = self.bans.remove(&ip).is_some();
+        let here = self.bans.remove(&net).is_some();
         self.publish_bans();
         Ok(in_kernel || here)
     }
@@ -138,17 +151,23 @@ impl Control {
             if let Err(e) = maps.sweep_bans() {
                 tracing::warn!(error = %e, "sweeping expired bans failed");
             }
-            match maps.bans() {
-                Ok(list) => {
-                    self.bans = list
+            let until = |left: Duration| {
+                now.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64)
+            };
+            match (maps.bans(), maps.net_bans()) {
+                (Ok(addrs), Ok(nets)) => {
+                    self.bans = addrs
                         .into_iter()
-                        .map(|b| {
-                            let left = b.remaining.as_nanos().min(u128::from(u64::MAX)) as u64;
-                            (b.addr.to_canonical(), now.saturating_add(left))
-                        })
+                        .map(|b| (IpNet::from(b.addr.to_canonical()), until(b.remaining)))
+                        .chain(
+                            nets.into_iter()
+                                .map(|b| (canonical_net(b.net), until(b.remaining))),
+                        )
                         .collect();
                 }
-                Err(e) => tracing::warn!(error = %e, "reading the ban map failed"),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "reading the ban maps failed");
+                }
             }
         }
         self.bans.retain(|_, until| *until > now);
@@ -167,13 +186,13 @@ impl Control {
             )));
     }
 
-    /// The bans in force, with the time each has left.
-    fn list_bans(&mut self) -> Vec<(std::net::IpAddr, Duration)> {
+    /// The bans in force (addresses as one-address prefixes), with the time each has left.
+    fn list_bans(&mut self) -> Vec<(IpNet, Duration)> {
         self.refresh_bans();
         let now = kernel::monotonic_ns();
         self.bans
             .iter()
-            .map(|(ip, until)| (*ip, Duration::from_nanos(until.saturating_sub(now))))
+            .map(|(net, until)| (*net, Duration::from_nanos(until.saturating_sub(now))))
             .collect()
     }
 
@@ -187,7 +206,7 @@ impl Control {
         let bans = self
             .bans
             .iter()
-            .map(|(ip, until)| (*ip, Duration::from_nanos(until.saturating_sub(now))));
+            .map(|(net, until)| (*net, Duration::from_nanos(until.saturating_sub(now))));
         let shared = &self.shared;
         match store.flush_counted(&shared.state, &shared.pins, &shared.limits, bans) {
             Ok(f) => {
@@ -226,14 +245,14 @@ impl Control {
 
     /// Bans again what the store's mirror holds, when the kernel's map has none (a fresh map
     /// after a reboot) or the kernel program is off; a map that has bans is the record.
-    fn restore_bans(&mut self, kept: Vec<(std::net::IpAddr, Duration)>) {
+    fn restore_bans(&mut self, kept: Vec<(IpNet, Duration)>) {
         if kept.is_empty() || (self.maps.is_some() && !self.bans.is_empty()) {
             return;
         }
         let n = kept.len();
-        for (ip, left) in kept {
-            if let Err(e) = self.ban(ip, left) {
-                tracing::error!(source = %ip, "restoring a kept ban failed: {e}");
+        for (net, left) in kept {
+            if let Err(e) = self.ban_net(net, left) {
+                tracing::error!(source = %net, "restoring a kept ban failed: {e}");
             }
         }
         tracing::info!(bans = n, "bans restored from the state store");
@@ -841,8 +860,14 @@ async fn run_async(
 struct FleetBans(Arc<Mutex<Control>>);
 
 impl crate::fleet::Bans for FleetBans {
+    /// Address bans only: prefix bans stay on the host they were made on.
     fn local(&self) -> Vec<(std::net::IpAddr, Duration)> {
-        lock(&self.0).list_bans()
+        lock(&self.0)
+            .list_bans()
+            .into_iter()
+            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .map(|(net, left)| (net.addr(), left))
+            .collect()
     }
 
     fn ban(&self, ip: std::net::IpAddr, ttl: Duration) {
@@ -1377,36 +1402,46 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             &serde_json::json!(c
                 .list_bans()
                 .iter()
-                .map(|(addr, left)| serde_json::json!({"address": addr.to_string(), "remaining_seconds": left.as_secs()}))
+                .map(|(net, left)| serde_json::json!({"address": ban_text(*net), "remaining_seconds": left.as_secs()}))
                 .collect::<Vec<_>>()),
         ),
         (&Method::POST, "/bans") => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct BanRequest {
-                address: std::net::IpAddr,
+                address: String,
                 seconds: u64,
             }
+            let expected = "expected {\"address\": an IP address or a CIDR prefix, \"seconds\": N}";
             let ban: BanRequest = match serde_json::from_slice(&body) {
                 Ok(b) => b,
                 Err(e) => {
-                    return json_reply(400, &serde_json::json!({"error": format!("expected {{\"address\": IP, \"seconds\": N}}: {e}")}));
+                    return json_reply(400, &serde_json::json!({"error": format!("{expected}: {e}")}));
                 }
             };
-            match c.ban(ban.address, Duration::from_secs(ban.seconds)) {
+            let Some(net) = parse_ban(&ban.address) else {
+                return json_reply(400, &serde_json::json!({"error": format!("{expected}: `{}` is neither", ban.address)}));
+            };
+            if ban.seconds == 0 {
+                return json_reply(400, &serde_json::json!({"error": "seconds must be at least 1 (DELETE /bans/<address> lifts a ban)"}));
+            }
+            match c.ban_net(net, Duration::from_secs(ban.seconds)) {
                 Ok(()) => {
-                    tracing::info!(address = %ban.address, seconds = ban.seconds, "banned via the admin API");
-                    json_reply(200, &serde_json::json!({"banned": ban.address.to_string(), "seconds": ban.seconds}))
+                    let address = ban_text(canonical_net(net));
+                    tracing::info!(address, seconds = ban.seconds, "banned via the admin API");
+                    json_reply(200, &serde_json::json!({"banned": address, "seconds": ban.seconds}))
                 }
                 Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
         }
         (&Method::DELETE, p) if p.starts_with("/bans/") => {
-            let Ok(addr) = p["/bans/".len()..].parse::<std::net::IpAddr>() else {
-                return json_reply(400, &serde_json::json!({"error": "not an IP address"}));
+            let target = &p["/bans/".len()..];
+            // `/bans/198.18.0.0/24`, or with the slash escaped.
+            let Some(net) = parse_ban(&target.replace("%2F", "/").replace("%2f", "/")) else {
+                return json_reply(400, &serde_json::json!({"error": "not an IP address or a CIDR prefix"}));
             };
-            match c.unban(addr) {
-                Ok(true) => json_reply(200, &serde_json::json!({"unbanned": addr.to_string()})),
+            match c.unban_net(net) {
+                Ok(true) => json_reply(200, &serde_json::json!({"unbanned": ban_text(canonical_net(net))})),
                 Ok(false) => json_reply(404, &serde_json::json!({"error": "not banned"})),
                 Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
@@ -1493,5 +1528,30 @@ impl Reloads {
                 "mcp_gateway_config_last_reload_timestamp_seconds{{result=\"{result}\"}} {at:.3}"
             );
         }
+    }
+}
+
+/// A ban's target from the admin API: an address, or a prefix in CIDR notation.
+fn parse_ban(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// A prefix with its host bits cleared, and an IPv4-mapped IPv6 address as IPv4 (the form the
+/// kernel maps and the workers compare).
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() == 128 => IpNet::from(v6.addr().to_canonical()),
+        other => other.trunc(),
+    }
+}
+
+/// How the admin API shows a ban: the address alone for one address, else the prefix.
+fn ban_text(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
     }
 }

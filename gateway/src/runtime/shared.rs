@@ -141,33 +141,45 @@ impl Drop for Counted<'_> {
 #[derive(Debug, Default)]
 pub struct BanSet {
     until: rustc_hash::FxHashMap<IpAddr, u64>,
+    /// Banned prefixes wider than one address (an operator's ranges: few), each with its end.
+    nets: Vec<(ipnet::IpNet, u64)>,
 }
 
 impl BanSet {
-    pub fn new(bans: impl IntoIterator<Item = (IpAddr, u64)>) -> Self {
-        Self {
-            until: bans
-                .into_iter()
-                .map(|(ip, t)| (ip.to_canonical(), t))
-                .collect(),
+    /// The bans in force: a prefix of one address (`/32`, `/128`) bans that address.
+    pub fn new(bans: impl IntoIterator<Item = (ipnet::IpNet, u64)>) -> Self {
+        let mut until = rustc_hash::FxHashMap::default();
+        let mut nets = Vec::new();
+        for (net, t) in bans {
+            if net.prefix_len() == net.max_prefix_len() {
+                until.insert(net.addr().to_canonical(), t);
+            } else {
+                nets.push((net.trunc(), t));
+            }
         }
+        Self { until, nets }
     }
 
-    /// Whether `ip` is banned at `now_ns` (`CLOCK_MONOTONIC`).
+    /// Whether `ip` is banned at `now_ns` (`CLOCK_MONOTONIC`), by its address or a prefix
+    /// holding it.
     pub fn is_banned(&self, ip: IpAddr, now_ns: u64) -> bool {
-        !self.until.is_empty()
-            && self
-                .until
-                .get(&ip.to_canonical())
-                .is_some_and(|until| *until > now_ns)
+        if self.is_empty() {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        self.until.get(&ip).is_some_and(|until| *until > now_ns)
+            || self
+                .nets
+                .iter()
+                .any(|(net, until)| *until > now_ns && net.contains(&ip))
     }
 
     pub fn len(&self) -> usize {
-        self.until.len()
+        self.until.len() + self.nets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.until.is_empty()
+        self.until.is_empty() && self.nets.is_empty()
     }
 }
 

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use ipnet::IpNet;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
 use crate::policy::{
@@ -80,8 +81,8 @@ pub struct Loaded {
     pub pins: usize,
     /// Counts of windows not yet ended (ended ones are dropped at the next flush).
     pub windows: usize,
-    /// Bans not yet ended, with the time each has left.
-    pub bans: Vec<(IpAddr, Duration)>,
+    /// Bans not yet ended (addresses as one-address prefixes), with the time each has left.
+    pub bans: Vec<(IpNet, Duration)>,
 }
 
 /// What a flush wrote.
@@ -308,12 +309,11 @@ impl Store {
         {
             let (k, v) = row.map_err(|e| self.unreadable(e))?;
             let key = k.value().to_owned();
-            let ip: IpAddr = key
-                .parse()
-                .map_err(|e| self.unreadable(format!("ban `{key}`: {e}")))?;
+            let net = ban_key_net(&key)
+                .ok_or_else(|| self.unreadable(format!("ban `{key}`: not an address or prefix")))?;
             let until = v.value();
             if until > now {
-                loaded.bans.push((ip, Duration::from_millis(until - now)));
+                loaded.bans.push((net, Duration::from_millis(until - now)));
             }
             self.bans.insert(key, until);
         }
@@ -328,7 +328,7 @@ impl Store {
         &mut self,
         pins: &Pins,
         limits: &State,
-        bans: impl IntoIterator<Item = (IpAddr, Duration)>,
+        bans: impl IntoIterator<Item = (IpNet, Duration)>,
     ) -> Result<Flushed, StoreError> {
         let mut pin_puts: Vec<(String, Arc<Pin>)> = Vec::new();
         for (k, p) in pins.snapshot() {
@@ -356,9 +356,9 @@ impl Store {
         let now = unix_ms();
         let bans: BTreeMap<String, u64> = bans
             .into_iter()
-            .map(|(ip, left)| {
+            .map(|(net, left)| {
                 let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-                (ip.to_canonical().to_string(), now.saturating_add(left))
+                (ban_key(net), now.saturating_add(left))
             })
             .collect();
         // The kernel's clock and the wall clock drift apart by a few ms between flushes: a
@@ -431,7 +431,7 @@ impl Store {
         stats: &Stats,
         pins: &Pins,
         limits: &State,
-        bans: impl IntoIterator<Item = (IpAddr, Duration)>,
+        bans: impl IntoIterator<Item = (IpNet, Duration)>,
     ) -> Result<Flushed, StoreError> {
         let start = Instant::now();
         let r = self.flush(pins, limits, bans);
@@ -495,3 +495,22 @@ pub fn render_metrics(stats: &Stats, out: &mut String) {
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
+
+/// A ban's key in the store: the address alone for one address (as earlier versions wrote
+/// it), the prefix in CIDR notation otherwise.
+fn ban_key(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_canonical().to_string()
+    } else {
+        net.trunc().to_string()
+    }
+}
+
+/// Reads a key [`ban_key`] wrote.
+fn ban_key_net(key: &str) -> Option<IpNet> {
+    key.parse::<IpNet>().ok().or_else(|| {
+        key.parse::<IpAddr>()
+            .ok()
+            .map(|ip| IpNet::from(ip.to_canonical()))
+    })
+}

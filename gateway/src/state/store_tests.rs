@@ -26,6 +26,11 @@ fn budget(subject: &str) -> Counted {
 fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     let d = dir("roundtrip");
     let ip: IpAddr = "192.0.2.7".parse().unwrap();
+    let net: ipnet::IpNet = "198.18.4.0/24".parse().unwrap();
+    let bans = [
+        (ipnet::IpNet::from(ip), Duration::from_secs(600)),
+        (net, Duration::from_secs(600)),
+    ];
     {
         let mut store = Store::open(&d).unwrap();
         let pins = Pins::default();
@@ -48,15 +53,11 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
         limits
             .charge_kept(refusals.key(&limits), || refusals.clone(), now, 60, 2, 5)
             .unwrap();
-        let f = store
-            .flush(&pins, &limits, [(ip, Duration::from_secs(600))])
-            .unwrap();
-        assert_eq!(f.written, 2 + 2 + 1);
+        let f = store.flush(&pins, &limits, bans).unwrap();
+        assert_eq!(f.written, 2 + 2 + 2);
         // Nothing changed: nothing written.
         assert_eq!(
-            store
-                .flush(&pins, &limits, [(ip, Duration::from_secs(600))])
-                .unwrap(),
+            store.flush(&pins, &limits, bans).unwrap(),
             Flushed::default()
         );
     }
@@ -66,9 +67,16 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     let limits = State::default();
     let loaded = store.load(&pins, &limits).unwrap();
     assert_eq!((loaded.pins, loaded.windows), (2, 2));
-    assert_eq!(loaded.bans.len(), 1);
-    assert_eq!(loaded.bans[0].0, ip);
-    assert!(loaded.bans[0].1 > Duration::from_secs(590));
+    // An address and a prefix (kept as `192.0.2.7` and `198.18.4.0/24`).
+    let mut kept: Vec<_> = loaded.bans.iter().map(|(n, _)| *n).collect();
+    kept.sort();
+    assert_eq!(kept, vec![ipnet::IpNet::from(ip), net]);
+    assert!(
+        loaded
+            .bans
+            .iter()
+            .all(|(_, left)| *left > Duration::from_secs(590))
+    );
     // The change is still held, the approval still stands.
     assert!(!pins.callable("u", "echo"));
     assert!(!pins.observe("u", &tool("changed"), None));

@@ -343,6 +343,7 @@ const FAR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
 fn the_kernel_command_finds_an_instance_by_file_or_name_and_bans_a_prefix() {
     let topo = Topology::new(&[NEAR, FAR]);
     let instance = unique("gwkcli");
+    let admin_port = free_port();
     let config = format!(
         r#"
 [gateway]
@@ -352,7 +353,7 @@ shutdown_grace_ms = 1000
 [[listeners]]
 address = "{GW_ADDR}:{PORT}"
 [admin]
-address = "127.0.0.1:{admin}"
+address = "127.0.0.1:{admin_port}"
 [kernel]
 interfaces = ["{iface}"]
 default_tenant = "outside"
@@ -364,7 +365,6 @@ name = "lab"
 id = 4
 sources = ["198.18.0.0/26"]
 "#,
-        admin = free_port(),
         iface = topo.gw_if
     );
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
@@ -414,5 +414,63 @@ sources = ["198.18.0.0/26"]
     let (ok, _, err) = gateway(&["kernel", "--instance", &instance, "unban", "198.18.0.0/26"]);
     assert!(ok, "{err}");
     assert!(connects(NEAR), "lifted");
+
+    // The same through the admin API, which also keeps the prefix in the workers' copy and
+    // the state store.
+    let admin = |method: &str, path: &str, body: &str| {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        in_netns(&topo.gw, || {
+            let (r, _) = raw(admin_port, req.as_bytes());
+            (
+                r.status,
+                serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null),
+            )
+        })
+    };
+    let (status, v) = admin(
+        "POST",
+        "/bans",
+        r#"{"address":"198.18.0.7/26","seconds":600}"#,
+    );
+    assert_eq!(
+        (status, &v["banned"]),
+        (200, &json!("198.18.0.0/26")),
+        "{v}"
+    );
+    assert!(!connects(NEAR), "inside the banned prefix");
+    assert!(connects(FAR), "outside it");
+    let (status, v) = admin("GET", "/bans", "");
+    assert_eq!(status, 200);
+    let listed = v
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["address"] == "198.18.0.0/26"))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(listed["remaining_seconds"].as_u64().unwrap() > 590, "{v}");
+    for bad in [
+        r#"{"address":"198.18.0.0/33","seconds":60}"#,
+        r#"{"address":"lab","seconds":60}"#,
+        r#"{"address":"198.18.0.0/26","seconds":0}"#,
+    ] {
+        let (status, v) = admin("POST", "/bans", bad);
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    assert!(!connects(NEAR), "a refused request changes nothing");
+    let (status, v) = admin("DELETE", "/bans/198.18.0.0%2F26", "");
+    assert_eq!(
+        (status, &v["unbanned"]),
+        (200, &json!("198.18.0.0/26")),
+        "{v}"
+    );
+    assert!(connects(NEAR), "lifted through the admin API");
+    assert_eq!(
+        admin("DELETE", "/bans/198.18.0.0/26", "").0,
+        404,
+        "already lifted"
+    );
     daemon.stop();
 }

@@ -558,6 +558,24 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     );
     assert!(is_result(&ok("198.18.7.7")));
 
+    // A prefix: every client inside it is refused, the rest served.
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"198.18.9.0/24","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    refused(p, &v1("198.18.9.200", 1));
+    refused(p, &v2_client("::ffff:198.18.9.1".parse().unwrap(), 1));
+    assert!(is_result(&ok("198.18.10.1")));
+    assert_eq!(refusals(a, "banned"), 4);
+    assert_eq!(
+        admin_request(a, "DELETE", "/bans/198.18.9.0%2F24", "").status,
+        200
+    );
+    assert!(is_result(&ok("198.18.9.200")));
+
     // Auto-ban: a client that keeps earning refusals (401s) is banned, and refused from then
     // on, though every connection comes from the balancer.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -572,7 +590,7 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
         assert!(Instant::now() < deadline, "no auto-ban");
         std::thread::sleep(Duration::from_millis(30));
     }
-    assert_eq!(refusals(a, "banned"), 3);
+    assert_eq!(refusals(a, "banned"), 5);
     // The balancer itself is never banned: other clients are still served.
     assert!(is_result(&ok("198.18.5.7")));
 }
