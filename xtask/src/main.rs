@@ -27,6 +27,9 @@ enum Verb {
     Build,
     /// Build and run the gateway; arguments after `--` go to `gateway run`.
     Run {
+        /// Run what the last build made, without building (the test of this command).
+        #[arg(long)]
+        no_build: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -85,8 +88,10 @@ fn main() -> anyhow::Result<()> {
     match cli.verb {
         Verb::Setup => Ok(()),
         Verb::Build => build_release(),
-        Verb::Run { args } => {
-            build_release()?;
+        Verb::Run { no_build, args } => {
+            if !no_build {
+                build_release()?;
+            }
             require_root("cargo xtask run (loading XDP)")?;
             // Stopping `cargo xtask run` stops what it started: this process goes when cargo
             // goes (a SIGTERM to cargo is not passed on), and the gateway and the demo upstream
@@ -391,7 +396,9 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
         "GATEWAY_BIN",
         workspace_root().join("target/release/gateway"),
     )
-    .env("MCP_GATEWAY_DEB", deb);
+    .env("MCP_GATEWAY_DEB", deb)
+    // The test of `cargo xtask run` runs this very program (tests/tests/privileged/xtask_run.rs).
+    .env("XTASK_BIN", std::env::current_exe()?);
     if let Some(f) = &filter {
         it.arg(f);
     }

@@ -27,3 +27,4 @@ mod stdio_e2e;
 mod tls_edge;
 mod upgrade;
 mod xdp_decisions;
+mod xtask_run;
