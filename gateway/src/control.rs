@@ -530,13 +530,15 @@ async fn run_async(
         .try_clone()
         .context("duplicating the admin socket")?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
+    let mut owners = Vec::new();
     if let Some(s) = handover {
         // Everything that can fail on the configuration is checked before the running gateway
         // stops accepting: certificates too.
         crate::tls::Edge::new(config.listeners.len())
             .prepare(&config)
             .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
-        s.prepared()
+        owners = s
+            .prepared()
             .context("waiting for the running gateway to release")?;
     }
 
@@ -559,6 +561,12 @@ async fn run_async(
     } else if let Some(h) = &handed {
         // Federated sessions opened before the upgrade stay valid.
         shared.session_key = h.offer.session_key;
+    }
+    if let Some(h) = &handed {
+        // Keyed hashes mean what they meant in the old process: passthrough sessions stay
+        // their owners'.
+        shared.limits = Arc::new(crate::policy::limits::State::with_seed(h.offer.hash_seed));
+        shared.session_owners.import(owners);
     }
     let shared = Arc::new(shared);
     // The kept state is in place before any worker serves.
@@ -1043,6 +1051,7 @@ async fn upgrade(
         admin: ctx.admin_addr,
         lock: kernel.is_some(),
         session_key: shared.session_key,
+        hash_seed: shared.limits.hash_seed(),
         attachments: kernel
             .as_ref()
             .map(|k| {
@@ -1086,8 +1095,11 @@ async fn upgrade(
     admin.stop();
     tokio::time::sleep(Duration::from_millis(150)).await;
     lock(control).close_store();
+    // The sessions opened so far stay their owners' in the new process (one opened while this
+    // one drains is not handed over: its client initializes again after a 404).
+    let owners = shared.session_owners.export();
     let (new, released) = tokio::task::spawn_blocking(move || {
-        let r = new.release();
+        let r = new.release(owners);
         (new, r)
     })
     .await

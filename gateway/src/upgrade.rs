@@ -47,6 +47,9 @@ pub struct Offer {
     pub lock: bool,
     /// The key that seals federated session ids: sessions opened before the upgrade stay valid.
     pub session_key: [u8; 32],
+    /// The secret the policy's keyed hashes are made with: the passthrough sessions' owners
+    /// handed over at release are keyed with it.
+    pub hash_seed: u64,
     /// XDP attachments: interface and mode (`native`, `generic`).
     pub attachments: Vec<(String, String)>,
 }
@@ -59,9 +62,16 @@ enum Step {
     Offer(Offer),
     Fds,
     Prepared,
+    /// Passthrough sessions and their owners (keyed hashes, last use), a chunk per message,
+    /// sent just before `Released`.
+    Owners(Vec<(u64, u64, u64)>),
     Released,
-    Ready { pid: u32 },
-    Failed { reason: String },
+    Ready {
+        pid: u32,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// The handed-over descriptors, sorted.
@@ -212,12 +222,18 @@ impl Successor {
     }
 
     /// Tells the old process everything is loaded, and waits until it has stopped accepting
-    /// and closed the state store.
-    pub fn prepared(&self) -> io::Result<()> {
+    /// and closed the state store. Returns the passthrough sessions' owners it handed over.
+    pub fn prepared(&self) -> io::Result<Vec<(u64, u64, u64)>> {
         self.0.send(&Step::Prepared, &[])?;
-        match self.0.recv(STEP_TIMEOUT)?.0 {
-            Step::Released => Ok(()),
-            other => Err(io::Error::other(format!("expected release, got {other:?}"))),
+        let mut owners = Vec::new();
+        loop {
+            match self.0.recv(STEP_TIMEOUT)?.0 {
+                Step::Owners(chunk) => owners.extend(chunk),
+                Step::Released => return Ok(owners),
+                other => {
+                    return Err(io::Error::other(format!("expected release, got {other:?}")));
+                }
+            }
         }
     }
 
@@ -333,9 +349,15 @@ impl Predecessor {
         self.expect(|s| matches!(s, Step::Prepared).then_some(()))
     }
 
-    /// Tells the new process accepting stopped and the state store is closed; waits until it
-    /// serves. Returns its pid.
-    pub fn release(&self) -> Result<u32, String> {
+    /// Hands over the passthrough sessions' owners, tells the new process accepting stopped
+    /// and the state store is closed; waits until it serves. Returns its pid.
+    pub fn release(&self, owners: Vec<(u64, u64, u64)>) -> Result<u32, String> {
+        // A chunk stays well inside one message's 64 KiB (an entry is at most 64 bytes).
+        for chunk in owners.chunks(800) {
+            self.channel
+                .send(&Step::Owners(chunk.to_vec()), &[])
+                .map_err(|e| format!("the new process is gone: {e}"))?;
+        }
         self.channel
             .send(&Step::Released, &[])
             .map_err(|e| format!("the new process is gone: {e}"))?;

@@ -134,6 +134,23 @@ impl Owners {
             .ok();
     }
 
+    /// Every session with its owner and when it was last used: what a binary upgrade hands to
+    /// the new process (whose keyed hashes match: it takes over the hash seed too).
+    pub fn export(&self) -> Vec<(u64, u64, u64)> {
+        self.map
+            .pin()
+            .iter()
+            .map(|(s, (o, t))| (*s, *o, t.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Takes over what [`Owners::export`] gave (bounded like [`Owners::bind`]).
+    pub fn import(&self, entries: impl IntoIterator<Item = (u64, u64, u64)>) {
+        for (session, owner, used) in entries.into_iter().take(MAX_OWNED) {
+            self.bind(session, owner, used);
+        }
+    }
+
     /// Whether `owner` may use `session`: only the owner of a session the gateway saw opened.
     pub fn may_use(&self, session: u64, owner: u64, now_s: u64) -> bool {
         match self.map.pin().get(&session) {

@@ -360,8 +360,11 @@ pub enum Charge {
 #[derive(Debug)]
 pub struct State {
     epoch: Instant,
-    /// Seeded per process: clients cannot steer two counts onto one cell.
-    keys: foldhash::fast::RandomState,
+    /// Seeded with a secret random per process (handed to the new process in a binary
+    /// upgrade, so that the keys it inherits still mean the same): clients cannot steer two
+    /// counts onto one cell.
+    keys: foldhash::fast::FixedState,
+    seed: u64,
     // Keys are already keyed hashes: the maps only mix them.
     buckets: papaya::HashMap<u64, Gcra, rustc_hash::FxBuildHasher>,
     /// Windows, keyed with their length (a budget of another length is another count).
@@ -381,9 +384,22 @@ pub struct State {
 
 impl Default for State {
     fn default() -> Self {
+        // The OS's random source; should it fail, foldhash's own per-process randomness.
+        let seed = getrandom::u64().unwrap_or_else(|_| {
+            std::hash::BuildHasher::hash_one(&foldhash::fast::RandomState::default(), 0u64)
+        });
+        Self::with_seed(seed)
+    }
+}
+
+impl State {
+    /// A fresh state whose keys are hashed with `seed` (another process's
+    /// [`State::hash_seed`], in an upgrade).
+    pub fn with_seed(seed: u64) -> Self {
         Self {
             epoch: Instant::now(),
-            keys: foldhash::fast::RandomState::default(),
+            keys: foldhash::fast::FixedState::with_seed(seed),
+            seed,
             buckets: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             loops: LoopTable::default(),
@@ -394,9 +410,13 @@ impl Default for State {
             leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
         }
     }
-}
 
-impl State {
+    /// The secret the keys are hashed with (for the process that takes over in an upgrade;
+    /// never logged or exported).
+    pub fn hash_seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Monotonic ns since this state began (never 0, so a fresh bucket is full).
     pub fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1

@@ -121,6 +121,38 @@ upstream = "u0"
     )
 }
 
+/// Opens a session-era session through the gateway (initialize, then initialized); returns
+/// its id.
+fn open_session(port: u16) -> String {
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"upgrade-test","version":"1"}}}"#;
+    let (r, _) = integration_tests::peers::raw(port, &post("/mcp", init, "connection: close\r\n"));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let sid = r
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("mcp-session-id"))
+        .map(|(_, v)| v.clone())
+        .expect("a session id");
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let extra = format!(
+        "mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\nconnection: close\r\n"
+    );
+    let (r, _) = integration_tests::peers::raw(port, &post("/mcp", note, &extra));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    sid
+}
+
+/// The status of a `tools/list` in session `sid`.
+fn session_list(port: u16, sid: &str) -> u16 {
+    let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let extra = format!(
+        "mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\nconnection: close\r\n"
+    );
+    integration_tests::peers::raw(port, &post("/mcp", body, &extra))
+        .0
+        .status
+}
+
 /// A stateless `tools/list`, as raw bytes.
 fn list_request() -> Vec<u8> {
     let body = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
@@ -307,6 +339,9 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     let before = dummy.xdp_prog().expect("XDP attached at start");
     // State in the pinned maps: a ban.
     gateway_kernel(&d.pin_dir, &["ban", "198.18.99.7", "--seconds", "600"]);
+    // State in the old process: a passthrough session and who opened it.
+    let sid = open_session(port);
+    assert_eq!(session_list(port, &sid), 200);
 
     // The XDP program, looked at every 5 ms throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -401,6 +436,13 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     // The pinned state is kept.
     let bans = gateway_kernel(&d.pin_dir, &["bans"]);
     assert!(bans.contains("198.18.99.7"), "ban lost: {bans}");
+    // So is the session: its client goes on without initializing again (a 404 without the
+    // handover of the sessions' owners and the hash seed).
+    assert_eq!(
+        session_list(port, &sid),
+        200,
+        "the session was lost in the upgrade"
+    );
     drop(successor);
     drop(upstream);
 }
