@@ -293,3 +293,18 @@ fn a_fleet_needs_a_redis_address_and_sane_settings() {
         assert!(e.contains(key), "expected `{key}` in: {e}");
     }
 }
+
+#[test]
+fn stdio_children_per_caller_are_bounded() {
+    let base = format!(
+        "{MINIMAL}[[upstreams]]\nname='s'\ncommand=['srv']\n[upstreams.stdio]\nchildren='caller'\nmax_children=3\n[[routes]]\npath='/mcp'\nupstream='s'\n"
+    );
+    let c = Config::from_toml(&base).unwrap();
+    let spec = c.upstreams[0].stdio.as_ref().unwrap();
+    assert_eq!(spec.per_caller, Some(3));
+    assert!(err(&base.replace("max_children=3", "max_children=0")).contains("max_children"));
+    let shared =
+        Config::from_toml(&base.replace("children='caller'", "children='shared'")).unwrap();
+    assert_eq!(shared.upstreams[0].stdio.as_ref().unwrap().per_caller, None);
+    assert!(err(&base.replace("'caller'", "'session'")).contains("children"));
+}

@@ -444,6 +444,30 @@ pub struct RawStdio {
     /// The longest line (one JSON-RPC message) read from the child.
     #[serde(default = "default_stdio_max_line_bytes")]
     pub max_line_bytes: usize,
+    /// `shared`: one child serves every caller (ids rewritten between them). `caller`: each
+    /// caller (tenant and agent) gets a child of its own, for a server that keeps per-user
+    /// state; stopped after `idle_shutdown_ms` without a call (default 300000).
+    #[serde(default)]
+    pub children: StdioChildren,
+    /// With `children = "caller"`: at most this many children at once; a further caller gets
+    /// a 503.
+    #[serde(default = "default_stdio_max_children")]
+    pub max_children: u32,
+}
+
+/// Who a stdio upstream's child serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StdioChildren {
+    /// One child for every caller.
+    #[default]
+    Shared,
+    /// One child per caller (tenant and agent).
+    Caller,
+}
+
+const fn default_stdio_max_children() -> u32 {
+    16
 }
 
 const fn default_stdio_start_timeout_ms() -> u64 {
@@ -930,6 +954,8 @@ fn stdio_spec(
         read_paths: None,
         write_paths: None,
         max_line_bytes: default_stdio_max_line_bytes(),
+        children: StdioChildren::Shared,
+        max_children: default_stdio_max_children(),
     });
     if raw.uid.is_some() != raw.gid.is_some() {
         return Err(("stdio.uid", "give `uid` and `gid` together".into()));
@@ -940,7 +966,11 @@ fn stdio_spec(
     if raw.max_line_bytes < 1024 {
         return Err(("stdio.max_line_bytes", "must be at least 1024".into()));
     }
+    if raw.children == StdioChildren::Caller && !(1..=1024).contains(&raw.max_children) {
+        return Err(("stdio.max_children", "must be from 1 to 1024".into()));
+    }
     let mut spec = crate::stdio::StdioSpec::new(name, command.to_vec());
+    spec.per_caller = (raw.children == StdioChildren::Caller).then_some(raw.max_children);
     spec.env = raw.env.into_iter().collect();
     spec.cwd = raw.cwd.map(std::path::PathBuf::from);
     spec.start_timeout = Duration::from_millis(raw.start_timeout_ms);

@@ -311,9 +311,17 @@ async fn finish(
                 .is_ok();
         }
         Err(e) => {
-            obs.set(Outcome::UpstreamFailure);
+            // Every per-caller child is another caller's: the gateway's own limit, not a
+            // failure of the upstream.
+            let busy = matches!(e, StdioError::Busy(..));
+            obs.set(if busy {
+                Outcome::Refused
+            } else {
+                Outcome::UpstreamFailure
+            });
             let status = match e {
                 StdioError::Timeout(..) => 504,
+                StdioError::Busy(..) => 503,
                 _ => 502,
             };
             let err = RpcError::upstream(e.to_string(), status).with_id(id);

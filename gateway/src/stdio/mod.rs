@@ -15,13 +15,13 @@
 
 mod child;
 pub mod mux;
+mod per_caller;
 pub mod sandbox;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use futures_channel::{mpsc, oneshot};
 
-pub use child::spawn;
 pub use mux::Caller;
 pub use sandbox::{FsAccess, SandboxSpec};
 
@@ -50,6 +50,9 @@ pub struct StdioSpec {
     /// for the window.
     pub max_restarts: u32,
     pub restart_window: Duration,
+    /// `Some(max)`: one child per caller, at most `max` at once ([`per_caller`]); `None`: one
+    /// child shared by every caller.
+    pub per_caller: Option<u32>,
 }
 
 impl StdioSpec {
@@ -68,6 +71,7 @@ impl StdioSpec {
             max_line_bytes: 16 << 20,
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
+            per_caller: None,
         }
     }
 }
@@ -87,11 +91,25 @@ pub enum StdioError {
     Refused(String, String),
     #[error("stdio upstream {0} is shut down")]
     Gone(String),
+    /// Every one of the upstream's per-caller children is another caller's.
+    #[error("stdio upstream {0}: all {1} children (one per caller) are in use; try again later")]
+    Busy(String, u32),
     /// The child restarted with another definition of the tool, which awaits approval.
     #[error(
         "the definition of tool `{1}` at upstream `{0}` changed; an operator must approve it (POST /pins/approve)"
     )]
     Unapproved(String, String),
+}
+
+/// Starts what serves `spec` on the current tokio runtime (the control thread's): the
+/// supervisor of its one child, or the dispatcher of its per-caller children. The workers'
+/// handle is the same for both; a child starts on the first call.
+pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
+    if spec.per_caller.is_some() {
+        per_caller::spawn(spec, gate)
+    } else {
+        child::spawn(spec, gate)
+    }
 }
 
 /// A message for the child, from a worker.

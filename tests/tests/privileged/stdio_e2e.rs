@@ -3,7 +3,7 @@
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{PyServer, free_port, py_client, python},
+    peers::{PyServer, free_port, post, py_client, py_script, python, raw},
     unique,
 };
 
@@ -452,4 +452,163 @@ fn server_filesystem_confined_by_landlock_cannot_read_outside_its_folder() {
         "the refusal should be the kernel's: {v}"
     );
     confined.stop();
+}
+
+/// A stateless `tools/call` of `tool` with `args`, as the agent whose API key is `key`:
+/// the status and the answer.
+fn call_as(port: u16, key: &str, tool: &str, args: serde_json::Value) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}})
+    .to_string();
+    let extra = format!(
+        "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\nconnection: close\r\n"
+    );
+    let (r, _) = raw(port, &post("/mcp", &body, &extra));
+    let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+    (r.status, v)
+}
+
+/// What `recall` answered: the text remembered and the pid of the child that remembered it.
+fn recalled(v: &serde_json::Value) -> (String, u32) {
+    let text = v["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text: {v}"));
+    let (memory, pid) = text.rsplit_once('|').expect("text|pid");
+    (memory.to_owned(), pid.parse().expect("a pid"))
+}
+
+/// Whether process `pid` runs (a zombie, dead and not yet reaped by whoever inherited it, does
+/// not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Waits up to 10 s for every process of `pids` to end.
+fn wait_gone(pids: &[u32], what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `children = "caller"`: a server that keeps per-user state (here: a text in its memory) gets
+/// a process per caller, so one agent never reads what another stored; a caller beyond
+/// `max_children` is refused with a 503 (never put on another's child); a child idle for
+/// `idle_shutdown_ms` is stopped (its process gone) and its place serves a new caller.
+#[test]
+fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
+    let keys = [
+        "alpha-key-0123456789",
+        "beta-key-0123456789",
+        "gamma-key-0123456789",
+    ];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwcaller");
+    let mut api_keys = String::new();
+    for (i, agent) in ["a", "b", "c"].iter().enumerate() {
+        api_keys.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"default\"\nagent = \"{agent}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+{api_keys}
+[[upstreams]]
+name = "stateful"
+command = ["{python}", "{server}"]
+response_timeout_ms = 10000
+[upstreams.stdio]
+uid = 0
+gid = 0
+children = "caller"
+max_children = 2
+idle_shutdown_ms = 5000
+[[routes]]
+path = "/mcp"
+upstream = "stateful"
+auth = ["api_key"]
+"#,
+        python = python().display(),
+        server = fixture("stateful_server.py"),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let [a, b, c] = keys;
+
+    for (key, text) in [(a, "alpha"), (b, "beta")] {
+        let (status, v) = call_as(port, key, "remember", serde_json::json!({"text": text}));
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = call_as(port, a, "recall", serde_json::json!({}));
+    assert_eq!(status, 200, "{v}");
+    let (memory_a, pid_a) = recalled(&v);
+    let (status, v) = call_as(port, b, "recall", serde_json::json!({}));
+    assert_eq!(status, 200, "{v}");
+    let (memory_b, pid_b) = recalled(&v);
+    assert_eq!((memory_a.as_str(), memory_b.as_str()), ("alpha", "beta"));
+    assert_ne!(pid_a, pid_b, "one process per caller");
+    assert!(alive(pid_a) && alive(pid_b));
+
+    // A third caller while both places are taken: refused, not served by a's or b's child.
+    let (status, v) = call_as(port, c, "remember", serde_json::json!({"text": "gamma"}));
+    assert_eq!(status, 503, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("stateful") && message.contains("in use"),
+        "{v}"
+    );
+    let (_, v) = call_as(port, a, "recall", serde_json::json!({}));
+    assert_eq!(
+        recalled(&v).0,
+        "alpha",
+        "the refused call reached a's child"
+    );
+
+    // Once a's and b's children are idle they stop, and c gets a place.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let v = loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let (status, v) = call_as(port, c, "remember", serde_json::json!({"text": "gamma"}));
+        if status == 200 {
+            break v;
+        }
+        assert_eq!(status, 503, "{v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no place after the others went idle"
+        );
+    };
+    assert!(v["result"].is_object(), "{v}");
+    let (_, v) = call_as(port, c, "recall", serde_json::json!({}));
+    let (memory_c, pid_c) = recalled(&v);
+    assert_eq!(memory_c, "gamma");
+    assert!(pid_c != pid_a && pid_c != pid_b);
+    // An idle child's process is gone, not left behind.
+    wait_gone(&[pid_a, pid_b], "an idle caller's child still runs");
+    assert!(alive(pid_c));
+    d.stop();
+    wait_gone(&[pid_c], "a child survived the gateway");
 }
