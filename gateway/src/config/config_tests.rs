@@ -139,7 +139,7 @@ fn upstreams_and_routes() {
     let c = Config::from_toml(&tls("server_name='mcp.internal'")).unwrap();
     assert_eq!(c.upstreams[0].authority, "mcp.internal:9100");
     let c = Config::from_toml(&tls("").replace(":9100", "")).unwrap();
-    assert_eq!(c.upstreams[0].addrs.first().port(), 443);
+    assert_eq!(c.upstreams[0].replicas.first().port(), 443);
     assert!(c.upstreams[0].tls.is_some());
     assert!(err(&base.replace("path='/mcp'", "path='mcp'")).contains("routes[0].path"));
     let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
