@@ -341,6 +341,7 @@ pub struct RawUpstream {
     /// `eject_max_ms`. Then one request is let through as a trial.
     #[serde(default = "default_eject_base_ms")]
     pub eject_base_ms: u64,
+    /// The longest an ejection lasts (ms).
     #[serde(default = "default_eject_max_ms")]
     pub eject_max_ms: u64,
     /// A stdio MCP server: the program and its arguments, run by the gateway as a sandboxed
@@ -1441,6 +1442,9 @@ impl RawConfig {
                     let Some(first) = list.first() else {
                         return Err(invalid(key("endpoints"), "must list at least one URL"));
                     };
+                    if list.len() > 64 {
+                        return Err(invalid(key("endpoints"), "at most 64 URLs"));
+                    }
                     (first.clone(), None)
                 }
                 (None, None, Some(command)) => {
@@ -1459,7 +1463,12 @@ impl RawConfig {
                     ));
                 }
             };
-            let parsed = parse_url(&url_text).map_err(|why| invalid(key("url"), why))?;
+            let first_key = if u.endpoints.is_some() {
+                "endpoints[0]"
+            } else {
+                "url"
+            };
+            let parsed = parse_url(&url_text).map_err(|why| invalid(key(first_key), why))?;
             let https = parsed.https;
             for (f, set) in [
                 ("ca_file", u.ca_file.is_some()),
@@ -1510,15 +1519,7 @@ impl RawConfig {
                         .map_err(|e| invalid(f, format!("cannot resolve `{host}`: {e}")))
                 }
             };
-            let mut sources = vec![resolve(
-                &parsed.host,
-                parsed.port,
-                key(if u.endpoints.is_some() {
-                    "endpoints[0]"
-                } else {
-                    "url"
-                }),
-            )?];
+            let mut sources = vec![resolve(&parsed.host, parsed.port, key(first_key))?];
             for (j, other) in u.endpoints.iter().flatten().enumerate().skip(1) {
                 let f = key(&format!("endpoints[{j}]"));
                 let p = parse_url(other).map_err(|why| invalid(f.clone(), why))?;
@@ -1538,9 +1539,6 @@ impl RawConfig {
                     return Err(invalid(f, format!("`{other}` is listed twice")));
                 }
                 sources.push(resolve(&p.host, p.port, f)?);
-            }
-            if u.endpoints.as_ref().is_some_and(|l| l.len() > 64) {
-                return Err(invalid(key("endpoints"), "at most 64"));
             }
             if u.eject_base_ms == 0 || u.eject_max_ms < u.eject_base_ms {
                 return Err(invalid(

@@ -98,7 +98,12 @@ impl UpstreamFailure {
     fn counts_against_endpoint(&self) -> bool {
         matches!(
             self,
-            Self::Connect(_) | Self::Timeout | Self::NoResponse(_) | Self::Bad(_) | Self::Unsent(_)
+            Self::Connect(_)
+                | Self::Tls { .. }
+                | Self::Timeout
+                | Self::NoResponse(_)
+                | Self::Bad(_)
+                | Self::Unsent(_)
         )
     }
 }
@@ -183,11 +188,14 @@ pub async fn open(
     client: Option<&Io>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
     let idempotent = idempotent(&request);
+    let request_was_delete = request.starts_with(b"DELETE ");
     let replicas = &up.replicas;
-    let session = replicas
+    // Owned: the request's bytes are given away when sent.
+    let session: Option<Vec<u8>> = replicas
         .pins_sessions()
-        .then(|| replicas::session_of(&request))
+        .then(|| replicas::session_of(&request).map(<[u8]>::to_vec))
         .flatten();
+    let session = session.as_deref();
     let minting = replicas.pins_sessions() && session.is_none();
     let pinned = match replicas.sticky(session) {
         replicas::Sticky::Any => None,
@@ -234,9 +242,16 @@ pub async fn open(
                     if f.counts_against_endpoint() {
                         report_failure(up, &endpoint);
                     }
+                    let unreachable =
+                        matches!(f, UpstreamFailure::Connect(_) | UpstreamFailure::Tls { .. });
+                    // The replica that holds the session cannot be reached: the session is
+                    // lost for the client (never sent to a replica that does not know it).
+                    if unreachable && pinned.is_some() && endpoints.len() > 1 {
+                        return Err(UpstreamFailure::SessionLost);
+                    }
                     tried.push(addr);
                     // Not connected, nothing sent: another endpoint may take it.
-                    if matches!(f, UpstreamFailure::Connect(_))
+                    if unreachable
                         && pinned.is_none()
                         && tried.len() < MAX_ENDPOINTS_TRIED
                         && let Some(next) = choose(&tried)
@@ -267,13 +282,21 @@ pub async fn open(
         };
         match exchanged {
             Ok(head) => {
-                if head.status >= 500 {
+                // A replica that cannot serve (a proxy in front of a dead one, overload); a
+                // 500 may be one request's bug, which a client could repeat at will.
+                if matches!(head.status, 502..=504) {
                     report_failure(up, &endpoint);
                 } else if endpoint.succeeded(replicas::now_ms()) {
                     tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
                 }
                 if minting && let Some(id) = http::header(&head.headers, "mcp-session-id") {
                     replicas.bind(id, addr);
+                }
+                // The session ended there (404) or was closed (DELETE): forgotten.
+                if let Some(id) = session
+                    && (head.status == 404 || (request_was_delete && head.status < 300))
+                {
+                    replicas.forget(id);
                 }
                 let conn = Conn {
                     io: conn,
@@ -298,9 +321,16 @@ pub async fn open(
     }
 }
 
-/// Tells an endpoint's health of a failure; logs an ejection.
+/// Tells an endpoint's health of a failure; logs an ejection. The last endpoint in rotation is
+/// never ejected: failures of every replica at once (or a flood that provokes them) leave one
+/// serving rather than none.
 fn report_failure(up: &Upstream, endpoint: &replicas::Endpoint) {
-    if endpoint.failed(replicas::now_ms(), &up.replicas.ejection) {
+    let others_serve = up
+        .replicas
+        .endpoints()
+        .iter()
+        .any(|e| e.addr != endpoint.addr && !e.ejected());
+    if endpoint.failed(replicas::now_ms(), &up.replicas.ejection, others_serve) {
         tracing::warn!(
             upstream = %up.name,
             endpoint = %endpoint.addr,

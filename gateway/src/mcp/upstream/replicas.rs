@@ -9,8 +9,9 @@
 //! out, a reset, a 5xx answer head) take an endpoint out of rotation for `eject_base_ms`,
 //! doubled on each repeat up to `eject_max_ms`; once that time has passed, one real request
 //! (across all workers) is let through as a half-open trial: a success puts the endpoint back,
-//! a failure ejects it again for longer. The last endpoint is never ejected into nothing: when
-//! all are out, the one that failed least recently is tried.
+//! a failure ejects it again for longer. The last endpoint in rotation is never ejected (a flood
+//! of failures leaves one serving); should all be out at once (a race), the one that failed
+//! least recently is used.
 //!
 //! Stickiness: the endpoint whose answer minted an `Mcp-Session-Id` is remembered for that id;
 //! every later request carrying it goes there. When that endpoint is ejected or gone, the
@@ -124,7 +125,9 @@ impl Endpoint {
     }
 
     /// A failure; returns whether it ejected the endpoint (now or again after a failed trial).
-    pub fn failed(&self, now: u64, e: &Ejection) -> bool {
+    /// Without `others_serve` (no other endpoint in rotation) a failure is counted but does not
+    /// eject: the last endpoint in rotation stays.
+    pub fn failed(&self, now: u64, e: &Ejection, others_serve: bool) -> bool {
         self.last_failure.store(now, Ordering::Relaxed);
         let n = self
             .failures
@@ -140,7 +143,7 @@ impl Endpoint {
             self.ejections.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        if n < e.after_failures {
+        if n < e.after_failures || !others_serve {
             return false;
         }
         // Back in rotation long enough: an old streak is forgotten.
@@ -255,6 +258,10 @@ impl Sessions {
             map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
         }
         map.insert(id.into(), (addr, AtomicU64::new(now)));
+    }
+
+    pub fn forget(&self, id: &[u8]) {
+        self.map.pin().remove(id);
     }
 
     pub fn get(&self, id: &[u8], now: u64) -> Option<SocketAddr> {
@@ -381,6 +388,13 @@ impl Replicas {
     pub fn bind(&self, id: &[u8], addr: SocketAddr) {
         if !self.fixed {
             self.sessions.load().bind(id, addr, now_ms());
+        }
+    }
+
+    /// Forgets the session `id` (ended or closed).
+    pub fn forget(&self, id: &[u8]) {
+        if !self.fixed {
+            self.sessions.load().forget(id);
         }
     }
 

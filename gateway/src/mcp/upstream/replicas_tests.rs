@@ -80,13 +80,13 @@ fn consecutive_failures_eject_then_one_trial_brings_it_back_or_ejects_it_longer(
     let eps = endpoints(2);
     let bad = &eps[0];
     let mut random = counter();
-    assert!(!bad.failed(10, &e) && !bad.failed(11, &e));
+    assert!(!bad.failed(10, &e, true) && !bad.failed(11, &e, true));
     bad.succeeded(12);
     assert!(
-        !bad.failed(13, &e) && !bad.failed(14, &e),
+        !bad.failed(13, &e, true) && !bad.failed(14, &e, true),
         "a success resets the count"
     );
-    assert!(bad.failed(15, &e), "the third in a row ejects");
+    assert!(bad.failed(15, &e, true), "the third in a row ejects");
     assert!(bad.ejected());
     assert_eq!(bad.ejections.load(Ordering::Relaxed), 1);
     for _ in 0..50 {
@@ -98,11 +98,11 @@ fn consecutive_failures_eject_then_one_trial_brings_it_back_or_ejects_it_longer(
         assert_eq!(pick(&eps, 117, &mut random), eps[1].addr);
     }
     // The trial fails: ejected again, for twice as long.
-    assert!(bad.failed(120, &e));
+    assert!(bad.failed(120, &e, true));
     assert_eq!(bad.ejections.load(Ordering::Relaxed), 2);
     assert_eq!(pick(&eps, 310, &mut random), eps[1].addr, "200 ms now");
     assert_eq!(pick(&eps, 321, &mut random), bad.addr, "the second trial");
-    assert!(bad.failed(322, &e));
+    assert!(bad.failed(322, &e, true));
     assert_eq!(pick(&eps, 671, &mut random), eps[1].addr, "capped at max");
     assert_eq!(pick(&eps, 673, &mut random), bad.addr, "the third trial");
     assert!(bad.succeeded(680), "a passed trial puts it back");
@@ -120,11 +120,11 @@ fn a_trial_that_never_reports_is_given_again_later_and_failures_of_older_request
     let eps = endpoints(2);
     let bad = &eps[0];
     for t in 0..3 {
-        bad.failed(t, &e);
+        bad.failed(t, &e, true);
     }
     let until = bad.ejected_until.load(Ordering::Relaxed);
     // Late failures of requests sent before the ejection.
-    assert!(!bad.failed(5, &e));
+    assert!(!bad.failed(5, &e, true));
     assert_eq!(bad.ejected_until.load(Ordering::Relaxed), until);
     assert!(bad.claim_trial(until, e.base));
     assert!(!bad.claim_trial(until + 1, e.base), "one trial at a time");
@@ -138,7 +138,7 @@ fn with_every_endpoint_ejected_the_least_recently_failed_is_tried() {
     let mut random = counter();
     for (i, ep) in eps.iter().enumerate() {
         for t in 0..3 {
-            ep.failed(1000 + (i as u64) * 10 + t, &e);
+            ep.failed(1000 + (i as u64) * 10 + t, &e, true);
         }
     }
     assert!(eps.iter().all(|ep| ep.ejected()));
@@ -146,7 +146,7 @@ fn with_every_endpoint_ejected_the_least_recently_failed_is_tried() {
     // A single endpoint is used whatever its state.
     let one = endpoints(1);
     for t in 0..3 {
-        one[0].failed(t, &e);
+        one[0].failed(t, &e, true);
     }
     assert_eq!(pick(&one, 10, &mut random), one[0].addr);
 }
@@ -164,7 +164,7 @@ fn sessions_stick_to_their_endpoint_and_a_lost_one_is_not_sent_elsewhere() {
     assert!(matches!(r.sticky(Some(b"s-b")), Sticky::Pinned(e) if e.addr == b));
     assert!(matches!(r.sticky(Some(b"never")), Sticky::Lost), "no guess");
     for t in 0..3 {
-        r.endpoints()[1].failed(t, &ejection());
+        r.endpoints()[1].failed(t, &ejection(), true);
     }
     assert!(matches!(r.sticky(Some(b"s-b")), Sticky::Lost), "ejected");
     // A reload carries health and sessions over.
@@ -184,4 +184,27 @@ fn the_session_id_is_read_from_the_request_head_only() {
     assert_eq!(session_of(req), Some(&b"abc"[..]));
     let req = b"POST /mcp HTTP/1.1\r\nhost: x\r\n\r\nmcp-session-id: body";
     assert_eq!(session_of(req), None);
+}
+
+#[test]
+fn the_last_endpoint_in_rotation_is_never_ejected_and_an_ended_session_is_forgotten() {
+    let e = ejection();
+    let eps = endpoints(2);
+    for t in 0..3 {
+        eps[0].failed(t, &e, true);
+    }
+    assert!(eps[0].ejected());
+    // The other is the last one serving: however many failures, it stays.
+    for t in 0..100 {
+        assert!(!eps[1].failed(10 + t, &e, false));
+    }
+    assert!(!eps[1].ejected());
+    assert_eq!(eps[1].ejections.load(Ordering::Relaxed), 0);
+    let source = |ip: &str| Addresses::resolve_now(ip, 80, Duration::ZERO).unwrap();
+    let r = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], e);
+    let a = r.endpoints()[0].addr;
+    r.bind(b"s", a);
+    assert!(matches!(r.sticky(Some(b"s")), Sticky::Pinned(_)));
+    r.forget(b"s");
+    assert!(matches!(r.sticky(Some(b"s")), Sticky::Lost));
 }
