@@ -3,7 +3,8 @@
 //! mint) behind one `[[upstreams]]` with `endpoints`. Calls are spread over all three; a killed
 //! one is ejected (in `/metrics`) with no more client errors than the configured failures;
 //! restarted on its port, it is probed back and served again; a session stays on the replica
-//! that minted it, gets 404 once that replica is gone, and a new `initialize` works.
+//! that minted it, gets 404 once that replica is gone, and a new `initialize` works; a reload
+//! keeps sessions and health.
 
 use std::{
     collections::HashMap,
@@ -238,6 +239,21 @@ upstream = "r"
         let who = named(status, &body).unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
         assert_ne!(who, holder);
     }
+    // A reload keeps the sessions' replicas and the health: the session goes on, the dead
+    // replica stays out.
+    let dead = series("mcp_gateway_upstream_endpoint_ejections_total", ports[i]);
+    let ejected = sample(admin, &dead).unwrap_or(0);
+    assert!(ejected >= 1, "{}", metrics(admin));
+    d.hangup();
+    d.wait_for_log("reloaded", Duration::from_secs(5));
+    let (status, body) = whoami_in(port, &again);
+    let who = named(status, &body).unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert_ne!(who, holder);
+    assert!(sample(admin, &dead).unwrap_or(0) >= ejected);
+    assert_eq!(
+        sample(admin, &series("mcp_gateway_upstream_endpoint_up", ports[i])),
+        Some(0)
+    );
     d.stop();
     assert!(started.elapsed() < Duration::from_secs(60));
 }
