@@ -4,7 +4,7 @@
 //! one is ejected (in `/metrics`) with no more client errors than the configured failures;
 //! restarted on its port, it is probed back and served again; a session stays on the replica
 //! that minted it, gets 404 once that replica is gone, and a new `initialize` works; a reload
-//! keeps sessions and health.
+//! keeps sessions and health; the last replica in rotation is never ejected.
 
 use std::{
     collections::HashMap,
@@ -254,6 +254,31 @@ upstream = "r"
         sample(admin, &series("mcp_gateway_upstream_endpoint_up", ports[i])),
         Some(0)
     );
+
+    // The last replica in rotation is never ejected: with the others dead or out, its own
+    // failures (it is down too) leave it in, and it serves the moment it is back.
+    let [j, k] = [(i + 1) % 3, (i + 2) % 3];
+    procs[j] = None;
+    refused(ports[j]);
+    let mut errors = 0;
+    for _ in 0..20 {
+        match whoami(port) {
+            Ok(who) => assert_eq!(who, names[k]),
+            Err(_) => errors += 1,
+        }
+    }
+    assert!(errors <= FAILURES, "{errors} errors");
+    let up = |x: usize| sample(admin, &series("mcp_gateway_upstream_endpoint_up", ports[x]));
+    assert_eq!((up(i), up(j), up(k)), (Some(0), Some(0), Some(1)));
+    procs[k] = None;
+    refused(ports[k]);
+    for _ in 0..10 {
+        let e = whoami(port).expect_err("nothing serves");
+        assert!(e.starts_with("502"), "{e}");
+    }
+    assert_eq!(up(k), Some(1), "the last one in rotation stays in");
+    procs[k] = Some(replica(ports[k], names[k]));
+    assert_eq!(whoami(port).as_deref(), Ok(names[k]), "served at once");
     d.stop();
     assert!(started.elapsed() < Duration::from_secs(60));
 }
