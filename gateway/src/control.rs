@@ -346,6 +346,12 @@ impl Control {
         }
         let diff = crate::config::diff::ConfigDiff::new(old, &new);
         self.shared.stdio.sync(&new.upstreams);
+        // Replicas keep their health and their sessions' endpoints across a reload.
+        for up in &new.upstreams {
+            if let Some(o) = old.upstreams.iter().find(|o| o.name == up.name) {
+                up.replicas.carry_over(&o.replicas);
+            }
+        }
         self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);

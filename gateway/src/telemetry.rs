@@ -115,6 +115,11 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         }
     }
     shared.upstream_stats.render(&mut out, label);
+    crate::mcp::upstream::replicas::render(
+        &shared.snapshot.load().config.upstreams,
+        &mut out,
+        label,
+    );
     let mut refusals: Vec<(String, u64)> = shared
         .refusals
         .pin()

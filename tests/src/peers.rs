@@ -80,6 +80,11 @@ pub fn demo_upstream_in(ns: Option<&str>, port: u16) -> KillOnDrop {
     demo_upstream_args(ns, port, &[])
 }
 
+/// As [`demo_upstream`], with more of its arguments (`--name`, `--strict-sessions`).
+pub fn demo_upstream_with(port: u16, extra: &[&str]) -> KillOnDrop {
+    demo_upstream_args(None, port, extra)
+}
+
 fn demo_upstream_args(ns: Option<&str>, port: u16, extra: &[&str]) -> KillOnDrop {
     let bin = root().join("target/release/mcp-upstream");
     assert!(

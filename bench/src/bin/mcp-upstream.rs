@@ -5,7 +5,10 @@
 //! and offers a few real tools.
 //!
 //! Usage: mcp-upstream [--listen 127.0.0.1:9100] [--workers N] [--tls-cert PEM --tls-key PEM]
-//! (with a certificate and key it serves https: TLS 1.3 and 1.2, ALPN http/1.1, rustls).
+//! [--name NAME] [--strict-sessions]
+//! (with a certificate and key it serves https: TLS 1.3 and 1.2, ALPN http/1.1, rustls; with a
+//! name it offers a `whoami` tool that answers it, to tell replicas apart; with strict sessions
+//! a request naming a session this process did not mint gets 404, as from a real replica).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -29,7 +32,19 @@ struct Args {
     /// ...and this private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Offer a `whoami` tool that answers this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Answer 404 to a request whose `Mcp-Session-Id` this process did not mint.
+    #[arg(long)]
+    strict_sessions: bool,
 }
+
+/// `--name`, when given.
+static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The sessions minted, with `--strict-sessions`.
+static SESSIONS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::OnceLock::new();
 
 /// The TLS server configuration, when a certificate is given.
 fn tls_config(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
@@ -56,6 +71,12 @@ fn main() -> anyhow::Result<()> {
         args.workers
     };
     let tls = tls_config(&args)?;
+    if let Some(name) = &args.name {
+        let _ = NAME.set(name.clone());
+    }
+    if args.strict_sessions {
+        let _ = SESSIONS.set(std::sync::Mutex::default());
+    }
     let sockets = gateway::runtime::bind_reuseport(args.listen, workers)?;
     eprintln!(
         "mcp-upstream: serving MCP at {}://{}/mcp with {workers} workers",
@@ -175,6 +196,17 @@ fn answer(req: &http::Request, parser: &mut Parser) -> (u16, Option<String>, Vec
         }
         Err(e) => return (e.http_status, None, e.body()),
     };
+    if let (Some(known), Some(id)) = (SESSIONS.get(), req.header_str("mcp-session-id"))
+        && !known.lock().expect("not poisoned").contains(id)
+    {
+        return (
+            404,
+            None,
+            RpcError::new(error::SESSION_NOT_FOUND, "unknown session", 404)
+                .with_id(msg.id.clone())
+                .body(),
+        );
+    }
     if msg.kind != Kind::Request {
         return (202, None, Vec::new());
     }
@@ -195,7 +227,11 @@ fn answer(req: &http::Request, parser: &mut Parser) -> (u16, Option<String>, Vec
             } else {
                 "2025-11-25"
             };
-            session = Some(new_session_id());
+            let id = new_session_id();
+            if let Some(known) = SESSIONS.get() {
+                known.lock().expect("not poisoned").insert(id.clone());
+            }
+            session = Some(id);
             Ok(json!({
                 "protocolVersion": version,
                 "capabilities": { "tools": { "listChanged": false } },
@@ -255,6 +291,16 @@ fn tools() -> Value {
         { "name": "utc_now", "description": "The current time in UTC (RFC 3339).",
           "inputSchema": { "type": "object", "properties": {} } },
     ])
+    .as_array()
+    .cloned()
+    .map(|mut list| {
+        if NAME.get().is_some() {
+            list.push(json!({ "name": "whoami", "description": "The name of this replica.",
+                "inputSchema": { "type": "object", "properties": {} } }));
+        }
+        Value::Array(list)
+    })
+    .expect("a list")
 }
 
 fn call(name: &str, args: &Value) -> Value {
@@ -288,6 +334,7 @@ fn call(name: &str, args: &Value) -> Value {
         "utc_now" => {
             ok(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
         }
+        "whoami" if NAME.get().is_some() => ok(NAME.get().cloned().unwrap_or_default()),
         other => err(format!("unknown tool `{other}`")),
     }
 }

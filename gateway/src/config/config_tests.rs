@@ -139,11 +139,53 @@ fn upstreams_and_routes() {
     let c = Config::from_toml(&tls("server_name='mcp.internal'")).unwrap();
     assert_eq!(c.upstreams[0].authority, "mcp.internal:9100");
     let c = Config::from_toml(&tls("").replace(":9100", "")).unwrap();
-    assert_eq!(c.upstreams[0].addrs.first().port(), 443);
+    assert_eq!(c.upstreams[0].replicas.first().port(), 443);
     assert!(c.upstreams[0].tls.is_some());
     assert!(err(&base.replace("path='/mcp'", "path='mcp'")).contains("routes[0].path"));
     let env = base.replace("url=", "bearer_token_env='GW_TEST_SURELY_UNSET'\nurl=");
     assert!(err(&env).contains("GW_TEST_SURELY_UNSET"));
+}
+
+#[test]
+fn replica_endpoints() {
+    let with = |endpoints: &str, extra: &str| {
+        format!(
+            "{MINIMAL}[[upstreams]]\nname='u'\nendpoints=[{endpoints}]\n{extra}\n[[routes]]\npath='/mcp'\nupstream='u'\n"
+        )
+    };
+    let two = "'http://127.0.0.1:9001/mcp','http://127.0.0.1:9002/mcp'";
+    let c = Config::from_toml(&with(two, "")).unwrap();
+    let up = &c.upstreams[0];
+    let addrs: Vec<_> = up
+        .replicas
+        .endpoints()
+        .iter()
+        .map(|e| e.addr.port())
+        .collect();
+    assert_eq!(addrs, [9001, 9002]);
+    assert_eq!(up.authority, "127.0.0.1:9001", "Host: the first one's");
+    assert!(up.replicas.pins_sessions());
+    assert_eq!(up.replicas.ejection.after_failures, 5);
+    assert!(err(&with("", "")).contains("upstreams[0].endpoints"));
+    let both = with(two, "url='http://127.0.0.1:9001/mcp'");
+    assert!(err(&both).contains("exactly one of"));
+    assert!(err(&with("'ftp://127.0.0.1:9001/mcp'", "")).contains("upstreams[0].endpoints[0]"));
+    let other_path = "'http://127.0.0.1:9001/mcp','http://127.0.0.1:9002/other'";
+    assert!(err(&with(other_path, "")).contains("endpoints[1]"));
+    let twice = "'http://127.0.0.1:9001/mcp','http://127.0.0.1:9001/mcp'";
+    assert!(err(&with(twice, "")).contains("listed twice"));
+    let many = (0..65)
+        .map(|i| format!("'http://127.0.0.1:{}/mcp'", 9000 + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(err(&with(&many, "")).contains("at most 64"));
+    let tls_hosts = "'https://127.0.0.1:9001/mcp','https://127.0.0.2:9002/mcp'";
+    assert!(err(&with(tls_hosts, "")).contains("server_name"));
+    assert!(err(&with(two, "eject_base_ms=0")).contains("eject_base_ms"));
+    assert!(err(&with(two, "eject_base_ms=5000\neject_max_ms=1000")).contains("eject_base_ms"));
+    // One address literal: nothing to balance, no session to pin.
+    let one = Config::from_toml(&with("'http://127.0.0.1:9001/mcp'", "")).unwrap();
+    assert!(!one.upstreams[0].replicas.pins_sessions());
 }
 
 #[test]

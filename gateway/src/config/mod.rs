@@ -324,9 +324,26 @@ pub struct RawUpstream {
     pub name: String,
     /// `http://host:port/path` or `https://host:port/path` of the MCP server's Streamable HTTP
     /// endpoint. An https upstream is always spoken to over verified TLS, never in plaintext.
-    /// Exactly one of `url` and `command` is given.
+    /// Exactly one of `url`, `endpoints` and `command` is given. A host name that resolves to
+    /// several addresses gives one endpoint (replica) per address.
     #[serde(default)]
     pub url: Option<String>,
+    /// Replicas of one MCP server: several URLs of one scheme and one path, balanced, with
+    /// failing ones ejected and sessions kept on the replica that opened them. `Host` and SNI
+    /// are the first one's (or `server_name`).
+    #[serde(default)]
+    pub endpoints: Option<Vec<String>>,
+    /// Consecutive failures (connect refused or timed out, a reset, a 5xx answer) that take
+    /// one endpoint out of rotation; 0: never.
+    #[serde(default = "default_eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// How long the first ejection of an endpoint lasts; each repeat doubles it, up to
+    /// `eject_max_ms`. Then one request is let through as a trial.
+    #[serde(default = "default_eject_base_ms")]
+    pub eject_base_ms: u64,
+    /// The longest an ejection lasts (ms).
+    #[serde(default = "default_eject_max_ms")]
+    pub eject_max_ms: u64,
     /// A stdio MCP server: the program and its arguments, run by the gateway as a sandboxed
     /// child process (see [`RawStdio`] for the rest).
     #[serde(default)]
@@ -486,6 +503,15 @@ const fn default_stdio_max_line_bytes() -> usize {
     16 << 20
 }
 
+const fn default_eject_after_failures() -> u32 {
+    5
+}
+const fn default_eject_base_ms() -> u64 {
+    10_000
+}
+const fn default_eject_max_ms() -> u64 {
+    300_000
+}
 const fn default_resolve_every_ms() -> u64 {
     30_000
 }
@@ -774,8 +800,9 @@ pub struct HttpConfig {
 pub struct Upstream {
     pub name: String,
     pub url: String,
-    /// Where to connect: resolved at load, then again in the background.
-    pub addrs: std::sync::Arc<crate::mcp::upstream::Addresses>,
+    /// Where to connect: every address of every configured URL (resolved at load, then again
+    /// in the background), balanced, with their health and sessions.
+    pub replicas: std::sync::Arc<crate::mcp::upstream::Replicas>,
     /// `Host` header value: the URL's authority, or `server_name` (with the URL's port).
     pub authority: String,
     /// TLS for an https upstream; `None` for http.
@@ -1431,14 +1458,26 @@ impl RawConfig {
                     format!("`{}`: only ASCII letters, digits, `_` and `-`", u.name),
                 ));
             }
-            let (url_text, stdio) = match (&u.url, &u.command) {
-                (Some(url), None) => {
+            let (url_text, stdio) = match (&u.url, &u.endpoints, &u.command) {
+                (Some(url), None, None) => {
                     if u.stdio.is_some() {
                         return Err(invalid(key("stdio"), "is for `command` upstreams only"));
                     }
                     (url.clone(), None)
                 }
-                (None, Some(command)) => {
+                (None, Some(list), None) => {
+                    if u.stdio.is_some() {
+                        return Err(invalid(key("stdio"), "is for `command` upstreams only"));
+                    }
+                    let Some(first) = list.first() else {
+                        return Err(invalid(key("endpoints"), "must list at least one URL"));
+                    };
+                    if list.len() > 64 {
+                        return Err(invalid(key("endpoints"), "at most 64 URLs"));
+                    }
+                    (first.clone(), None)
+                }
+                (None, None, Some(command)) => {
                     let spec = stdio_spec(&u.name, command, u.stdio.clone(), u.response_timeout_ms)
                         .map_err(|(f, why)| invalid(key(f), why))?;
                     // The HTTP fields below get inert values (an address literal: no lookup).
@@ -1450,11 +1489,16 @@ impl RawConfig {
                 _ => {
                     return Err(invalid(
                         key("url"),
-                        "give exactly one of `url` (an HTTP server) and `command` (a stdio server)",
+                        "give exactly one of `url` (an HTTP server), `endpoints` (replicas of one) and `command` (a stdio server)",
                     ));
                 }
             };
-            let parsed = parse_url(&url_text).map_err(|why| invalid(key("url"), why))?;
+            let first_key = if u.endpoints.is_some() {
+                "endpoints[0]"
+            } else {
+                "url"
+            };
+            let parsed = parse_url(&url_text).map_err(|why| invalid(key(first_key), why))?;
             let https = parsed.https;
             for (f, set) in [
                 ("ca_file", u.ca_file.is_some()),
@@ -1495,13 +1539,54 @@ impl RawConfig {
                 None
             };
             let every = Duration::from_millis(u.resolve_every_ms);
-            let addrs = if opts.offline && parsed.host.parse::<std::net::IpAddr>().is_err() {
-                crate::mcp::upstream::Addresses::unresolved(&parsed.host, parsed.port, every)
-            } else {
-                crate::mcp::upstream::Addresses::resolve_now(&parsed.host, parsed.port, every)
-                    .map_err(|e| {
-                        invalid(key("url"), format!("cannot resolve `{}`: {e}", parsed.host))
-                    })?
+            let resolve = |host: &str, port: u16, f: String| {
+                if opts.offline && host.parse::<std::net::IpAddr>().is_err() {
+                    Ok(crate::mcp::upstream::Addresses::unresolved(
+                        host, port, every,
+                    ))
+                } else {
+                    crate::mcp::upstream::Addresses::resolve_now(host, port, every)
+                        .map_err(|e| invalid(f, format!("cannot resolve `{host}`: {e}")))
+                }
+            };
+            let mut sources = vec![resolve(&parsed.host, parsed.port, key(first_key))?];
+            for (j, other) in u.endpoints.iter().flatten().enumerate().skip(1) {
+                let f = key(&format!("endpoints[{j}]"));
+                let p = parse_url(other).map_err(|why| invalid(f.clone(), why))?;
+                if p.https != parsed.https || p.path != parsed.path {
+                    return Err(invalid(
+                        f,
+                        format!("`{other}`: every endpoint has the first one's scheme and path"),
+                    ));
+                }
+                if parsed.https && u.server_name.is_none() && p.host != parsed.host {
+                    return Err(invalid(
+                        f,
+                        "https endpoints on different hosts need `server_name` (the name their certificates carry)",
+                    ));
+                }
+                if u.endpoints.iter().flatten().take(j).any(|x| x == other) {
+                    return Err(invalid(f, format!("`{other}` is listed twice")));
+                }
+                sources.push(resolve(&p.host, p.port, f)?);
+            }
+            if u.eject_base_ms == 0 || u.eject_max_ms < u.eject_base_ms {
+                return Err(invalid(
+                    key("eject_base_ms"),
+                    "must be above 0 and at most `eject_max_ms`",
+                ));
+            }
+            let replicas = crate::mcp::upstream::Replicas::new(
+                sources,
+                crate::mcp::upstream::Ejection {
+                    after_failures: u.eject_after_failures,
+                    base: Duration::from_millis(u.eject_base_ms),
+                    max: Duration::from_millis(u.eject_max_ms),
+                },
+            );
+            let url_text = match &u.endpoints {
+                Some(list) => list.join(" "),
+                None => url_text,
             };
             let path = parsed.path;
             let pool_key = {
@@ -1553,7 +1638,7 @@ impl RawConfig {
                     None => url_text,
                 },
                 name: u.name,
-                addrs: std::sync::Arc::new(addrs),
+                replicas: std::sync::Arc::new(replicas),
                 authority,
                 tls,
                 key: pool_key,

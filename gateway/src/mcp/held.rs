@@ -753,5 +753,6 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         UpstreamFailure::Tls { detail, .. } => detail,
         UpstreamFailure::ClientGone => "the client left".into(),
         UpstreamFailure::OutOfDescriptors => "the gateway is out of file descriptors".into(),
+        UpstreamFailure::SessionLost => "the replica holding the session is gone".into(),
     }
 }

@@ -641,6 +641,23 @@ pub(super) async fn fail(
                 .is_ok();
         }
         UpstreamFailure::ClientGone => return false,
+        // The replica that holds the client's session is ejected or gone: the protocol's
+        // answer for a lost session, so that the client initializes again elsewhere.
+        UpstreamFailure::SessionLost => {
+            let err = RpcError::new(
+                error::SESSION_NOT_FOUND,
+                format!(
+                    "the replica of upstream `{}` holding this session is unavailable: initialize again",
+                    up.name
+                ),
+                404,
+            )
+            .with_id(id);
+            return client
+                .write_all(json_response(404, &err, req.keep_alive))
+                .await
+                .is_ok();
+        }
     };
     crate::throttled_warn!(upstream = %up.name, status, "{detail}");
     let err = RpcError::upstream(detail, status).with_id(id);

@@ -39,9 +39,17 @@ fn upstream() -> Upstream {
     Upstream {
         name: "u".into(),
         url: "http://127.0.0.1:9/mcp".into(),
-        addrs: std::sync::Arc::new(
-            crate::mcp::upstream::Addresses::resolve_now("127.0.0.1", 9, Duration::ZERO).unwrap(),
-        ),
+        replicas: std::sync::Arc::new(crate::mcp::upstream::Replicas::new(
+            vec![
+                crate::mcp::upstream::Addresses::resolve_now("127.0.0.1", 9, Duration::ZERO)
+                    .unwrap(),
+            ],
+            crate::mcp::upstream::Ejection {
+                after_failures: 5,
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(1),
+            },
+        )),
         authority: "127.0.0.1:9".into(),
         tls: None,
         key: 0,

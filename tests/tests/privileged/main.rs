@@ -22,6 +22,7 @@ mod otlp;
 mod package;
 mod policy_e2e;
 mod proxy_protocol;
+mod replicas;
 mod state_store;
 mod stdio_e2e;
 mod tls_edge;

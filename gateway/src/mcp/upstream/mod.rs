@@ -8,12 +8,14 @@
 
 mod counters;
 mod pool;
+pub mod replicas;
 pub mod resolve;
 pub mod tls;
 mod transport;
 
 pub use counters::Stats;
 pub use pool::Pool;
+pub use replicas::{Ejection, Replicas};
 pub use resolve::Addresses;
 pub use tls::UpstreamTls;
 
@@ -86,7 +88,28 @@ pub enum UpstreamFailure {
     /// The gateway itself is out of file descriptors (EMFILE, ENFILE): not the upstream's
     /// fault, so the client gets 503 and the breakers are not told.
     OutOfDescriptors,
+    /// The request's upstream session lives on a replica that is ejected or gone: nothing was
+    /// sent; the client is told the session is lost (404) and initializes again.
+    SessionLost,
 }
+
+impl UpstreamFailure {
+    /// Whether the failure speaks against the endpoint (and counts towards its ejection).
+    fn counts_against_endpoint(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::Tls { .. }
+                | Self::Timeout
+                | Self::NoResponse(_)
+                | Self::Bad(_)
+                | Self::Unsent(_)
+        )
+    }
+}
+
+/// Endpoints one request may try when connecting fails (nothing was sent to the others).
+const MAX_ENDPOINTS_TRIED: usize = 3;
 
 /// Sends the request and reads the response head.
 async fn exchange(
@@ -153,6 +176,11 @@ async fn exchange(
 /// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
 /// turns out to be closed) and reads the response head. With a `client` to watch, gives up
 /// (closing the upstream connection) if that client leaves first.
+///
+/// With several endpoints ([`Replicas`]): a request carrying an upstream session goes to the
+/// endpoint that minted it (or fails with [`UpstreamFailure::SessionLost`]); any other goes to
+/// the balancer's choice, and to another endpoint when connecting fails (nothing was sent).
+/// Every outcome is reported to the endpoint's health.
 pub async fn open(
     pool: &Pool,
     up: &Upstream,
@@ -160,9 +188,42 @@ pub async fn open(
     client: Option<&Io>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
     let idempotent = idempotent(&request);
-    // Read once: every attempt of this request goes to the same address.
-    let addr = up.addrs.first();
-    let lease = pool.lease(up);
+    let request_was_delete = request.starts_with(b"DELETE ");
+    let replicas = &up.replicas;
+    // Owned: the request's bytes are given away when sent.
+    let session: Option<Vec<u8>> = replicas
+        .pins_sessions()
+        .then(|| replicas::session_of(&request).map(<[u8]>::to_vec))
+        .flatten();
+    let session = session.as_deref();
+    let minting = replicas.pins_sessions() && session.is_none();
+    let pinned = match replicas.sticky(session) {
+        replicas::Sticky::Any => None,
+        replicas::Sticky::Pinned(e) => Some(e),
+        replicas::Sticky::Lost => return Err(UpstreamFailure::SessionLost),
+    };
+    let endpoints = replicas.endpoints();
+    let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+    let choose = |tried: &[std::net::SocketAddr]| {
+        replicas::Choice {
+            endpoints: &endpoints,
+            avoid: tried,
+        }
+        .pick(
+            replicas::now_ms(),
+            &replicas.ejection,
+            &mut || pool.random(),
+            &|addr| pool.in_flight(up, addr),
+        )
+    };
+    // Every attempt of this request goes to one endpoint, unless connecting to it fails.
+    let mut endpoint = match pinned.clone() {
+        Some(e) => e,
+        None => choose(&tried)
+            .unwrap_or_else(|| std::sync::Arc::new(replicas::Endpoint::new(replicas.first()))),
+    };
+    let mut addr = endpoint.addr;
+    let mut lease = pool.lease(up, addr);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -175,7 +236,35 @@ pub async fn open(
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => transport::connect(up, addr, &pool.stats).await?,
+            None => match transport::connect(up, addr, &pool.stats).await {
+                Ok(c) => c,
+                Err(f) => {
+                    if f.counts_against_endpoint() {
+                        report_failure(up, &endpoint);
+                    }
+                    let unreachable =
+                        matches!(f, UpstreamFailure::Connect(_) | UpstreamFailure::Tls { .. });
+                    // The replica that holds the session cannot be reached: the session is
+                    // lost for the client (never sent to a replica that does not know it).
+                    if unreachable && pinned.is_some() && endpoints.len() > 1 {
+                        return Err(UpstreamFailure::SessionLost);
+                    }
+                    tried.push(addr);
+                    // Not connected, nothing sent: another endpoint may take it.
+                    if unreachable
+                        && pinned.is_none()
+                        && tried.len() < MAX_ENDPOINTS_TRIED
+                        && let Some(next) = choose(&tried)
+                    {
+                        endpoint = next;
+                        addr = endpoint.addr;
+                        lease = pool.lease(up, addr);
+                        attempt = 0;
+                        continue;
+                    }
+                    return Err(f);
+                }
+            },
         };
         // Keep a copy only when a retry is possible (a pooled connection, first attempt).
         let bytes = if reused && attempt == 1 {
@@ -193,6 +282,22 @@ pub async fn open(
         };
         match exchanged {
             Ok(head) => {
+                // A replica that cannot serve (a proxy in front of a dead one, overload); a
+                // 500 may be one request's bug, which a client could repeat at will.
+                if matches!(head.status, 502..=504) {
+                    report_failure(up, &endpoint);
+                } else if endpoint.succeeded(replicas::now_ms()) {
+                    tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
+                }
+                if minting && let Some(id) = http::header(&head.headers, "mcp-session-id") {
+                    replicas.bind(id, addr);
+                }
+                // The session ended there (404) or was closed (DELETE): forgotten.
+                if let Some(id) = session
+                    && (head.status == 404 || (request_was_delete && head.status < 300))
+                {
+                    replicas.forget(id);
+                }
                 let conn = Conn {
                     io: conn,
                     addr,
@@ -206,8 +311,31 @@ pub async fn open(
             Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 && idempotent => {
                 continue;
             }
-            Err(f) => return Err(f),
+            Err(f) => {
+                if f.counts_against_endpoint() {
+                    report_failure(up, &endpoint);
+                }
+                return Err(f);
+            }
         }
+    }
+}
+
+/// Tells an endpoint's health of a failure; logs an ejection. The last endpoint in rotation is
+/// never ejected: failures of every replica at once (or a flood that provokes them) leave one
+/// serving rather than none.
+fn report_failure(up: &Upstream, endpoint: &replicas::Endpoint) {
+    let others_serve = up
+        .replicas
+        .endpoints()
+        .iter()
+        .any(|e| e.addr != endpoint.addr && !e.ejected());
+    if endpoint.failed(replicas::now_ms(), &up.replicas.ejection, others_serve) {
+        tracing::warn!(
+            upstream = %up.name,
+            endpoint = %endpoint.addr,
+            "endpoint ejected after repeated failures"
+        );
     }
 }
 
@@ -228,7 +356,20 @@ pub async fn call(
     request: Vec<u8>,
     max: usize,
 ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
-    let (mut conn, head) = open(pool, up, request, None).await?;
+    let (mut conn, head) = match open(pool, up, request, None).await {
+        Ok(opened) => opened,
+        // What the replica would have said had it been asked: a held session opens a new one.
+        Err(UpstreamFailure::SessionLost) => {
+            return Ok((
+                ResponseHead {
+                    status: 404,
+                    headers: Vec::new(),
+                },
+                Vec::new(),
+            ));
+        }
+        Err(f) => return Err(f),
+    };
     let kind = if head.status == 204 || head.status == 304 {
         BodyKind::Length(0)
     } else {

@@ -1,9 +1,10 @@
 //! A worker's idle upstream connections, kept for reuse. Never shared between workers.
 //!
-//! Connections are pooled per upstream (its [`Upstream::key`]: name, URL and TLS settings), not
-//! per address: two upstreams on one address with different names or certificates never share
-//! a connection. When an upstream's address changes (a re-resolution), its idle connections to
-//! the old one are retired.
+//! Connections are pooled per upstream endpoint (its [`Upstream::key`]: name, URL and TLS
+//! settings, and the endpoint's address): two upstreams on one address with different names or
+//! certificates never share a connection. Connections to an address the upstream no longer has
+//! (a re-resolution) are not kept. The count of connections in use per endpoint is also the
+//! balancer's measure of load on this worker.
 //!
 //! The pool is sized to the concurrency it serves: it keeps as many idle connections as were
 //! in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
@@ -31,8 +32,6 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 const PEAK_WINDOW: Duration = Duration::from_secs(10);
 
 struct Idle {
-    /// The address these connections go to.
-    addr: SocketAddr,
     /// The most recently used on top.
     conns: Vec<Io>,
     used: Instant,
@@ -63,9 +62,14 @@ impl Drop for Lease {
     }
 }
 
+/// An upstream's endpoint: its pool key and the address.
+type Key = (u64, SocketAddr);
+
 pub struct Pool {
-    idle: RefCell<HashMap<u64, Idle>>,
-    in_use: RefCell<HashMap<u64, Rc<InUse>>>,
+    idle: RefCell<HashMap<Key, Idle>>,
+    in_use: RefCell<HashMap<Key, Rc<InUse>>>,
+    /// The balancer's random choices (xorshift; not for secrets).
+    random: Cell<u64>,
     /// Counters shared with the other workers and the control thread.
     pub(super) stats: Arc<Stats>,
 }
@@ -75,13 +79,37 @@ impl Pool {
         Self {
             idle: RefCell::default(),
             in_use: RefCell::default(),
+            random: Cell::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
+                    | 1,
+            ),
             stats,
         }
     }
 
-    /// Counts one more connection to `up` in use until the lease is dropped.
-    pub(crate) fn lease(&self, up: &Upstream) -> Lease {
-        let counter = Rc::clone(self.in_use.borrow_mut().entry(up.key).or_default());
+    /// A pseudo-random number for the balancer.
+    pub(super) fn random(&self) -> u64 {
+        let mut x = self.random.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.set(x);
+        x
+    }
+
+    /// Requests of this worker in flight to `up` at `addr`.
+    pub(super) fn in_flight(&self, up: &Upstream, addr: SocketAddr) -> usize {
+        self.in_use
+            .borrow()
+            .get(&(up.key, addr))
+            .map_or(0, |c| c.now.get())
+    }
+
+    /// Counts one more connection to `up` at `addr` in use until the lease is dropped.
+    pub(crate) fn lease(&self, up: &Upstream, addr: SocketAddr) -> Lease {
+        let counter = Rc::clone(self.in_use.borrow_mut().entry((up.key, addr)).or_default());
         let now = Instant::now();
         let c = &counter;
         match c.window_start.get() {
@@ -99,14 +127,14 @@ impl Pool {
 
     /// How many idle connections to `up` are kept: the recent peak in use, at least its
     /// configured `max_idle`; none when that is 0 (pooling turned off for this upstream).
-    fn keep(&self, up: &Upstream) -> usize {
+    fn keep(&self, up: &Upstream, addr: SocketAddr) -> usize {
         if up.max_idle == 0 {
             return 0;
         }
         let peak = self
             .in_use
             .borrow()
-            .get(&up.key)
+            .get(&(up.key, addr))
             .map_or(0, |c| c.recent_peak());
         up.max_idle.max(peak)
     }
@@ -119,13 +147,7 @@ impl Pool {
     /// no data, such as a TLS 1.3 server's session tickets, are taken and do not count.)
     pub(super) fn checkout(&self, up: &Upstream, addr: SocketAddr) -> Option<Io> {
         let mut pool = self.idle.borrow_mut();
-        let idle = pool.get_mut(&up.key)?;
-        if idle.addr != addr {
-            // The upstream moved: connections to its old address are retired.
-            idle.conns.clear();
-            idle.addr = addr;
-            return None;
-        }
+        let idle = pool.get_mut(&(up.key, addr))?;
         while let Some(mut io) = idle.conns.pop() {
             if io.idle_and_open() {
                 return Some(io);
@@ -139,29 +161,25 @@ impl Pool {
     /// has, is closed instead.
     pub(crate) fn checkin(&self, up: &Upstream, conn: Conn) {
         let Conn { mut io, addr, .. } = conn;
-        if !io.intact() || addr != up.addrs.first() {
+        if !io.intact() || !up.replicas.contains(addr) {
             return;
         }
-        let keep = self.keep(up);
+        let key = (up.key, addr);
+        let keep = self.keep(up, addr);
         let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
-        if !pool.contains_key(&up.key) {
+        if !pool.contains_key(&key) {
             pool.retain(|_, idle| now.duration_since(idle.used) < FORGET_AFTER);
             let idle = &*pool;
             self.in_use
                 .borrow_mut()
                 .retain(|key, c| c.now.get() > 0 || idle.contains_key(key));
         }
-        let idle = pool.entry(up.key).or_insert_with(|| Idle {
-            addr,
+        let idle = pool.entry(key).or_insert_with(|| Idle {
             conns: Vec::new(),
             used: now,
         });
         idle.used = now;
-        if idle.addr != addr {
-            idle.conns.clear();
-            idle.addr = addr;
-        }
         if idle.conns.len() < keep {
             // An idle connection holds no read buffer; the next exchange takes one.
             io.release_buffers();

@@ -18,10 +18,11 @@ use arc_swap::ArcSwap;
 use super::Stats;
 use crate::runtime::Shared;
 
-/// The addresses of one upstream's host. All are kept; connections go to the first (several
-/// replicas of one upstream are not balanced here).
+/// The addresses of one upstream's host (one `url` or `endpoints` entry). Every address is an
+/// endpoint of the upstream's [`super::Replicas`].
 pub struct Addresses {
     host: String,
+    literal: bool,
     port: u16,
     /// Zero: never again (an address literal, or `resolve_every_ms = 0`).
     every: Duration,
@@ -73,6 +74,7 @@ impl Addresses {
         let born = Instant::now();
         Self {
             host: host.to_owned(),
+            literal,
             port,
             every,
             current: ArcSwap::from_pointee(found),
@@ -82,7 +84,12 @@ impl Addresses {
         }
     }
 
-    /// Where a new connection goes now.
+    /// Whether the host is an address literal (never resolved).
+    pub fn is_literal(&self) -> bool {
+        self.literal
+    }
+
+    /// The first address found.
     pub fn first(&self) -> SocketAddr {
         self.current
             .load()
@@ -203,16 +210,22 @@ pub async fn run(shared: Arc<Shared>, lookup: impl Lookup) {
         let snapshot = shared.snapshot.load_full();
         let now = Instant::now();
         for up in &snapshot.config.upstreams {
-            if !up.addrs.start_if_due(now) {
-                continue;
+            for addrs in &up.replicas.sources {
+                if !addrs.start_if_due(now) {
+                    continue;
+                }
+                let addrs = Arc::clone(addrs);
+                let replicas = Arc::clone(&up.replicas);
+                let name = up.name.clone();
+                let stats = Arc::clone(&shared.upstream_stats);
+                let found = lookup.lookup(addrs.host.clone(), addrs.port);
+                tokio::spawn(async move {
+                    if addrs.apply(&name, found.await, &stats) {
+                        // Every address is an endpoint: the upstream's list follows.
+                        replicas.refresh();
+                    }
+                });
             }
-            let addrs = Arc::clone(&up.addrs);
-            let name = up.name.clone();
-            let stats = Arc::clone(&shared.upstream_stats);
-            let found = lookup.lookup(addrs.host.clone(), addrs.port);
-            tokio::spawn(async move {
-                addrs.apply(&name, found.await, &stats);
-            });
         }
     }
 }

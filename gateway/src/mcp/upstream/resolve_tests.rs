@@ -109,13 +109,13 @@ url = "http://127.0.0.1:9/mcp"
     let asked = Arc::new(Mutex::new(Vec::new()));
     let lookup = Scripted(
         Arc::new(Mutex::new(vec![
-            Ok(vec![addr("192.0.2.7:9")]),
+            Ok(vec![addr("192.0.2.7:9"), addr("192.0.2.8:9")]),
             Err(std::io::ErrorKind::NotFound.into()),
         ])),
         Arc::clone(&asked),
     );
     let task = tokio::spawn(run(Arc::clone(&shared), lookup));
-    let up = || Arc::clone(&shared.snapshot.load().config.upstreams[0].addrs);
+    let up = || Arc::clone(&shared.snapshot.load().config.upstreams[0].replicas);
     assert_eq!(up().first().ip(), std::net::Ipv4Addr::LOCALHOST);
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(
@@ -123,12 +123,21 @@ url = "http://127.0.0.1:9/mcp"
         addr("192.0.2.7:9"),
         "the new address is published"
     );
+    let endpoints = |u: &crate::mcp::upstream::Replicas| -> Vec<SocketAddr> {
+        u.endpoints().iter().map(|e| e.addr).collect()
+    };
+    assert_eq!(
+        endpoints(&up()),
+        [addr("192.0.2.7:9"), addr("192.0.2.8:9")],
+        "every address found is an endpoint"
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         up().first(),
         addr("192.0.2.7:9"),
         "failures keep the last good one"
     );
+    assert_eq!(endpoints(&up()).len(), 2, "and the last good set");
     let stats = &shared.upstream_stats;
     assert_eq!(stats.get("u", "resolve", "ok"), 1);
     assert!(

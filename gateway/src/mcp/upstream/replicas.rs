@@ -1,0 +1,484 @@
+//! Replicas of one upstream: its endpoints (every address of every configured `url` or
+//! `endpoints` entry), which of them are in rotation, and which endpoint holds each upstream
+//! session. Workers pick an endpoint per request without a lock (atomics, an `ArcSwap` list and
+//! a lock-free map); the control thread only rebuilds the list when a re-resolution changes the
+//! addresses. Nothing here ever waits.
+//!
+//! Balancing: power of two choices on the worker's own count of requests in flight to each
+//! endpoint. Ejection: `eject_after_failures` consecutive failures (connect refused or timed
+//! out, a reset, a 5xx answer head) take an endpoint out of rotation for `eject_base_ms`,
+//! doubled on each repeat up to `eject_max_ms`; once that time has passed, one real request
+//! (across all workers) is let through as a half-open trial: a success puts the endpoint back,
+//! a failure ejects it again for longer. The last endpoint in rotation is never ejected (a flood
+//! of failures leaves one serving); should all be out at once (a race), the one that failed
+//! least recently is used.
+//!
+//! Stickiness: the endpoint whose answer minted an `Mcp-Session-Id` is remembered for that id;
+//! every later request carrying it goes there. When that endpoint is ejected or gone, the
+//! request is not sent to a replica that does not know the session: the caller answers 404 (the
+//! protocol's "initialize again").
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+
+use super::Addresses;
+
+/// Ejection settings of one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive failures that eject an endpoint; 0: never.
+    pub after_failures: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+/// Milliseconds since the process's first use of this clock (one clock for every upstream, so
+/// that states carried over a reload keep their meaning).
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    ms(EPOCH.get_or_init(Instant::now).elapsed()).saturating_add(1)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One endpoint (address) of an upstream and its health, shared by every worker.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Failures since the last success.
+    failures: AtomicU32,
+    /// 0: in rotation; else out of it until then (ms of [`now_ms`]).
+    ejected_until: AtomicU64,
+    /// A half-open trial was let through and has not reported yet.
+    on_trial: AtomicBool,
+    /// Ejections in a row (the next lasts `base * 2^streak`, at most `max`).
+    streak: AtomicU32,
+    last_failure: AtomicU64,
+    /// When it last came back into rotation (ms), to forget an old streak.
+    back_at: AtomicU64,
+    /// Ejections so far (a counter in `/metrics`).
+    pub ejections: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            on_trial: AtomicBool::new(false),
+            streak: AtomicU32::new(0),
+            last_failure: AtomicU64::new(0),
+            back_at: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether it is out of rotation (also while a trial runs).
+    pub fn ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Claims the half-open trial once the ejection has run out: exactly one caller wins it,
+    /// and another trial can be claimed only after `window` (a trial that never reports).
+    fn claim_trial(&self, now: u64, window: Duration) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 || now < until {
+            return false;
+        }
+        let won = self
+            .ejected_until
+            .compare_exchange(
+                until,
+                now.saturating_add(ms(window)),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        if won {
+            self.on_trial.store(true, Ordering::Release);
+        }
+        won
+    }
+
+    /// An answer that is not a 5xx: a passed trial puts the endpoint back into rotation.
+    pub fn succeeded(&self, now: u64) -> bool {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.on_trial.swap(false, Ordering::AcqRel) {
+            self.ejected_until.store(0, Ordering::Release);
+            self.back_at.store(now, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// A failure; returns whether it ejected the endpoint (now or again after a failed trial).
+    /// Without `others_serve` (no other endpoint in rotation) a failure is counted but does not
+    /// eject: the last endpoint in rotation stays.
+    pub fn failed(&self, now: u64, e: &Ejection, others_serve: bool) -> bool {
+        self.last_failure.store(now, Ordering::Relaxed);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if e.after_failures == 0 {
+            return false;
+        }
+        if self.on_trial.swap(false, Ordering::AcqRel) {
+            let streak = self.streak.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+            self.ejected_until
+                .store(now.saturating_add(backoff(e, streak)), Ordering::Release);
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if n < e.after_failures || !others_serve {
+            return false;
+        }
+        // Back in rotation long enough: an old streak is forgotten.
+        if now.saturating_sub(self.back_at.load(Ordering::Relaxed)) > ms(e.max) {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+        let streak = self.streak.load(Ordering::Acquire).saturating_add(1);
+        let until = now.saturating_add(backoff(e, streak));
+        if self
+            .ejected_until
+            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.streak.store(streak, Ordering::Release);
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// How long the `streak`-th ejection in a row lasts (ms).
+fn backoff(e: &Ejection, streak: u32) -> u64 {
+    let base = ms(e.base).max(1);
+    let factor = 1u64 << streak.saturating_sub(1).min(20);
+    base.saturating_mul(factor).min(ms(e.max).max(base))
+}
+
+/// The endpoints in the order of a list, and which to use for one request.
+pub struct Choice<'a> {
+    pub endpoints: &'a [Arc<Endpoint>],
+    /// Endpoints this request already failed to connect to.
+    pub avoid: &'a [SocketAddr],
+}
+
+impl Choice<'_> {
+    /// The endpoint for a request: a due half-open trial first, else the less loaded of two
+    /// random endpoints in rotation, else (all ejected) the one that failed least recently.
+    /// `None` only when every endpoint is to be avoided.
+    pub fn pick(
+        &self,
+        now: u64,
+        e: &Ejection,
+        random: &mut dyn FnMut() -> u64,
+        in_flight: &dyn Fn(SocketAddr) -> usize,
+    ) -> Option<Arc<Endpoint>> {
+        let usable = |ep: &&Arc<Endpoint>| !self.avoid.contains(&ep.addr);
+        if let [only] = self.endpoints {
+            return usable(&only).then(|| Arc::clone(only));
+        }
+        if let Some(ep) = self
+            .endpoints
+            .iter()
+            .filter(usable)
+            .find(|ep| ep.claim_trial(now, e.base))
+        {
+            return Some(Arc::clone(ep));
+        }
+        let healthy = || {
+            self.endpoints
+                .iter()
+                .filter(usable)
+                .filter(|ep| !ep.ejected())
+        };
+        let k = healthy().count();
+        match k {
+            0 => self
+                .endpoints
+                .iter()
+                .filter(usable)
+                .min_by_key(|ep| ep.last_failure.load(Ordering::Relaxed))
+                .map(Arc::clone),
+            1 => healthy().next().map(Arc::clone),
+            _ => {
+                let k64 = k as u64;
+                let i = (random() % k64) as usize;
+                let mut j = (random() % (k64 - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let a = healthy().nth(i)?;
+                let b = healthy().nth(j)?;
+                Some(Arc::clone(if in_flight(b.addr) < in_flight(a.addr) {
+                    b
+                } else {
+                    a
+                }))
+            }
+        }
+    }
+}
+
+/// Upstream sessions remembered at most this many at once per upstream.
+const MAX_SESSIONS: usize = 1 << 16;
+
+/// Which endpoint minted each upstream session id, and when it was last used (ms).
+#[derive(Default)]
+pub struct Sessions {
+    map: papaya::HashMap<Box<[u8]>, (SocketAddr, AtomicU64)>,
+}
+
+impl Sessions {
+    pub fn bind(&self, id: &[u8], addr: SocketAddr, now: u64) {
+        let map = self.map.pin();
+        if map.len() >= MAX_SESSIONS && !map.contains_key(id) {
+            let mut used: Vec<u64> = map
+                .iter()
+                .map(|(_, (_, t))| t.load(Ordering::Relaxed))
+                .collect();
+            used.sort_unstable();
+            let cut = used.get(used.len() / 4).copied().unwrap_or(0);
+            map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
+        }
+        map.insert(id.into(), (addr, AtomicU64::new(now)));
+    }
+
+    pub fn forget(&self, id: &[u8]) {
+        self.map.pin().remove(id);
+    }
+
+    pub fn get(&self, id: &[u8], now: u64) -> Option<SocketAddr> {
+        let map = self.map.pin();
+        let (addr, used) = map.get(id)?;
+        used.store(now, Ordering::Relaxed);
+        Some(*addr)
+    }
+}
+
+/// Where one request goes, as far as its session decides.
+pub enum Sticky {
+    /// No session, or one this upstream can only have on its single endpoint.
+    Any,
+    Pinned(Arc<Endpoint>),
+    /// Its endpoint is ejected or gone (or, with several endpoints, unknown): 404.
+    Lost,
+}
+
+/// The endpoints of one upstream. Part of the configuration; its state (health, sessions) is
+/// carried over a reload by [`Replicas::carry_over`].
+pub struct Replicas {
+    /// One per `url` or `endpoints` entry, each resolved in the background.
+    pub sources: Vec<Arc<Addresses>>,
+    /// A single address literal: nothing to balance, no session to pin.
+    fixed: bool,
+    pub ejection: Ejection,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    sessions: ArcSwap<Sessions>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("sources", &self.sources)
+            .field("ejection", &self.ejection)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two loads of the same settings are the same configuration, whatever the names resolve to.
+impl PartialEq for Replicas {
+    fn eq(&self, other: &Self) -> bool {
+        self.sources == other.sources && self.ejection == other.ejection
+    }
+}
+
+impl Replicas {
+    pub fn new(sources: Vec<Addresses>, ejection: Ejection) -> Self {
+        let sources: Vec<Arc<Addresses>> = sources.into_iter().map(Arc::new).collect();
+        let fixed = matches!(&sources[..], [one] if one.is_literal());
+        let r = Self {
+            sources,
+            fixed,
+            ejection,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            sessions: ArcSwap::from_pointee(Sessions::default()),
+        };
+        r.refresh();
+        r
+    }
+
+    /// Rebuilds the endpoint list from the sources' current addresses, keeping the state of
+    /// endpoints that stay (control thread, after a resolution).
+    pub fn refresh(&self) {
+        let old = self.endpoints.load_full();
+        let mut next: Vec<Arc<Endpoint>> = Vec::new();
+        for s in &self.sources {
+            for addr in s.all().iter() {
+                if next.iter().any(|e| e.addr == *addr) {
+                    continue;
+                }
+                next.push(match old.iter().find(|e| e.addr == *addr) {
+                    Some(e) => Arc::clone(e),
+                    None => Arc::new(Endpoint::new(*addr)),
+                });
+            }
+        }
+        if next.len() != old.len() || next.iter().zip(old.iter()).any(|(a, b)| a.addr != b.addr) {
+            self.endpoints.store(Arc::new(next));
+        }
+    }
+
+    /// Takes over the health and the sessions of the same upstream in the configuration a
+    /// reload replaces (before the new one is published).
+    pub fn carry_over(&self, old: &Self) {
+        self.sessions.store(old.sessions.load_full());
+        let old = old.endpoints.load_full();
+        let mine: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|e| match old.iter().find(|o| o.addr == e.addr) {
+                Some(o) => Arc::clone(o),
+                None => Arc::clone(e),
+            })
+            .collect();
+        self.endpoints.store(Arc::new(mine));
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// The first address (an upstream with one endpoint has only that).
+    pub fn first(&self) -> SocketAddr {
+        self.endpoints
+            .load()
+            .first()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| e.addr)
+    }
+
+    /// Whether `addr` is still one of the endpoints.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.endpoints.load().iter().any(|e| e.addr == addr)
+    }
+
+    /// Whether sessions are pinned to endpoints (all but a single address literal).
+    pub fn pins_sessions(&self) -> bool {
+        !self.fixed
+    }
+
+    /// Remembers that `addr` minted the session `id`.
+    pub fn bind(&self, id: &[u8], addr: SocketAddr) {
+        if !self.fixed {
+            self.sessions.load().bind(id, addr, now_ms());
+        }
+    }
+
+    /// Forgets the session `id` (ended or closed).
+    pub fn forget(&self, id: &[u8]) {
+        if !self.fixed {
+            self.sessions.load().forget(id);
+        }
+    }
+
+    /// Where a request carrying the session `id` goes.
+    pub fn sticky(&self, id: Option<&[u8]>) -> Sticky {
+        let Some(id) = id.filter(|_| !self.fixed) else {
+            return Sticky::Any;
+        };
+        let endpoints = self.endpoints.load();
+        match self.sessions.load().get(id, now_ms()) {
+            Some(addr) => match endpoints.iter().find(|e| e.addr == addr) {
+                Some(e) if !e.ejected() || endpoints.len() == 1 => Sticky::Pinned(Arc::clone(e)),
+                _ => Sticky::Lost,
+            },
+            // Not minted through this gateway (or forgotten): with one endpoint it can only be
+            // there; with several, no replica is guessed.
+            None if endpoints.len() <= 1 => Sticky::Any,
+            None => Sticky::Lost,
+        }
+    }
+}
+
+/// `/metrics`: each endpoint of the HTTP upstreams that have replicas (or a host name), up
+/// (1) or ejected (0), and its ejections so far.
+pub fn render(
+    upstreams: &[crate::config::Upstream],
+    out: &mut String,
+    label: impl Fn(&str) -> String,
+) {
+    use std::fmt::Write as _;
+    let rows: Vec<(&str, Arc<Vec<Arc<Endpoint>>>)> = upstreams
+        .iter()
+        .filter(|u| u.stdio.is_none() && u.replicas.pins_sessions())
+        .map(|u| (u.name.as_str(), u.replicas.endpoints()))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    for (metric, kind, help) in [
+        (
+            "mcp_gateway_upstream_endpoint_up",
+            "gauge",
+            "Endpoints (replicas) of an upstream: 1 in rotation, 0 ejected after failures.",
+        ),
+        (
+            "mcp_gateway_upstream_endpoint_ejections_total",
+            "counter",
+            "Ejections of an upstream endpoint after consecutive failures.",
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, endpoints) in &rows {
+            for e in endpoints.iter() {
+                let v = if kind == "gauge" {
+                    u64::from(!e.ejected())
+                } else {
+                    e.ejections.load(Ordering::Relaxed)
+                };
+                let _ = writeln!(
+                    out,
+                    "{metric}{{upstream=\"{}\",endpoint=\"{}\"}} {v}",
+                    label(name),
+                    e.addr
+                );
+            }
+        }
+    }
+}
+
+/// The `Mcp-Session-Id` of a whole HTTP request as the gateway wrote it (its head only).
+pub fn session_of(request: &[u8]) -> Option<&[u8]> {
+    const NAME: &[u8] = b"mcp-session-id:";
+    let end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
+    request[..end]
+        .split(|b| *b == b'\n')
+        .skip(1)
+        .find_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let head = line.get(..NAME.len())?;
+            head.eq_ignore_ascii_case(NAME)
+                .then(|| line[NAME.len()..].trim_ascii())
+        })
+}
+
+#[cfg(test)]
+#[path = "replicas_tests.rs"]
+mod tests;
