@@ -266,14 +266,18 @@ fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
         .iter()
         .map(TcpListener::local_addr)
         .collect::<Result<_, _>>()?;
+    // The new sockets listen before the old ones stop, so there is no moment with nobody
+    // listening (a client would be refused); only connections already queued on the old
+    // sockets are reset.
+    let new = addrs
+        .into_iter()
+        .map(|a| reuseport_group(a, 1).map(|mut v| v.remove(0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
     for l in old {
         // SAFETY: shutdown(2) on a socket this thread holds.
         unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
     }
-    addrs
-        .into_iter()
-        .map(|a| reuseport_group(a, 1).map(|mut v| v.remove(0)))
-        .collect()
+    Ok(new)
 }
 
 /// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
