@@ -7,7 +7,8 @@
 //! Usage: mcp-upstream [--listen 127.0.0.1:9100] [--workers N] [--tls-cert PEM --tls-key PEM]
 //! [--name NAME] [--strict-sessions]
 //! (with a certificate and key it serves https: TLS 1.3 and 1.2, ALPN http/1.1, rustls; with a
-//! name it offers a `whoami` tool that answers it, to tell replicas apart; with strict sessions
+//! name it offers a `whoami` tool that answers it, to tell replicas apart, and a `sleep` tool
+//! (`ms`) that answers late; with strict sessions
 //! a request naming a session this process did not mint gets 404, as from a real replica).
 
 use std::{net::SocketAddr, time::Duration};
@@ -45,6 +46,10 @@ static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// The sessions minted, with `--strict-sessions`.
 static SESSIONS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
     std::sync::OnceLock::new();
+thread_local! {
+    /// Set by the `sleep` tool: how long to wait before answering the request in hand.
+    static SLEEP_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// The TLS server configuration, when a certificate is given.
 fn tls_config(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
@@ -151,6 +156,11 @@ async fn serve(mut io: Io) {
             }
         };
         let (status, session, body) = answer(&req, &mut parser);
+        // The replicas' `sleep` tool: a slow call, answered after `ms`.
+        let slept = SLEEP_MS.replace(0);
+        if slept > 0 {
+            monoio::time::sleep(Duration::from_millis(slept)).await;
+        }
         let mut headers = vec![("content-type", "application/json")];
         if let Some(s) = &session {
             headers.push(("mcp-session-id", s.as_str()));
@@ -297,6 +307,8 @@ fn tools() -> Value {
         if NAME.get().is_some() {
             list.push(json!({ "name": "whoami", "description": "The name of this replica.",
                 "inputSchema": { "type": "object", "properties": {} } }));
+            list.push(json!({ "name": "sleep", "description": "Answers after `ms` milliseconds.",
+                "inputSchema": { "type": "object", "properties": { "ms": { "type": "integer" } } } }));
         }
         Value::Array(list)
     })
@@ -335,6 +347,11 @@ fn call(name: &str, args: &Value) -> Value {
             ok(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
         }
         "whoami" if NAME.get().is_some() => ok(NAME.get().cloned().unwrap_or_default()),
+        "sleep" if NAME.get().is_some() => {
+            let ms = i("ms").and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0);
+            SLEEP_MS.set(ms.min(60_000));
+            ok(format!("slept {ms} ms"))
+        }
         other => err(format!("unknown tool `{other}`")),
     }
 }

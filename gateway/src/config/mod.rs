@@ -442,7 +442,9 @@ pub struct RawStdio {
     pub gid: Option<u32>,
     #[serde(default = "default_stdio_start_timeout_ms")]
     pub start_timeout_ms: u64,
-    /// Stop the child after this long without a call; 0: keep it running.
+    /// Stop the child after this long without a call; 0 (the default): a shared child keeps
+    /// running, per-caller children stop after 300000 (5 minutes), so that callers who left
+    /// do not hold `max_children` forever.
     #[serde(default)]
     pub idle_shutdown_ms: u64,
     #[serde(default = "default_stdio_max_memory_mb")]
@@ -463,7 +465,7 @@ pub struct RawStdio {
     pub max_line_bytes: usize,
     /// `shared`: one child serves every caller (ids rewritten between them). `caller`: each
     /// caller (tenant and agent) gets a child of its own, for a server that keeps per-user
-    /// state; stopped after `idle_shutdown_ms` without a call (default 300000).
+    /// state; stopped after `idle_shutdown_ms` without a call (0 or unset: 300000).
     #[serde(default)]
     pub children: StdioChildren,
     /// With `children = "caller"`: at most this many children at once; a further caller gets

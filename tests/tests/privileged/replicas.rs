@@ -130,7 +130,7 @@ endpoints = [{endpoints}]
 eject_after_failures = {FAILURES}
 eject_base_ms = 300
 eject_max_ms = 600
-response_timeout_ms = 5000
+response_timeout_ms = 1000
 [[routes]]
 path = "/mcp"
 upstream = "r"
@@ -151,6 +151,35 @@ upstream = "r"
         assert_eq!(
             sample(admin, &series("mcp_gateway_upstream_endpoint_up", p)),
             Some(1)
+        );
+    }
+
+    // (1b) A slow tool is the tool's fault, not the replicas': calls that time out (the
+    // client chose the tool) eject nobody, however many.
+    let slow: Vec<_> = (0..3 * FAILURES)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let body = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sleep","arguments":{"ms":1500}}}"#;
+                raw(port, &post("/mcp", body, "connection: close\r\n")).0.status
+            })
+        })
+        .collect();
+    for t in slow {
+        assert_eq!(t.join().expect("a slow call"), 504);
+    }
+    for p in ports {
+        assert_eq!(
+            sample(admin, &series("mcp_gateway_upstream_endpoint_up", p)),
+            Some(1),
+            "{}",
+            metrics(admin)
+        );
+        assert_eq!(
+            sample(
+                admin,
+                &series("mcp_gateway_upstream_endpoint_ejections_total", p)
+            ),
+            Some(0)
         );
     }
 

@@ -197,6 +197,9 @@ pub async fn open(
         .flatten();
     let session = session.as_deref();
     let minting = replicas.pins_sessions() && session.is_none();
+    // Whether this request's failure says anything of the replica (only worth knowing when
+    // there are replicas to eject).
+    let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&request);
     let pinned = match replicas.sticky(session) {
         replicas::Sticky::Any => None,
         replicas::Sticky::Pinned(e) => Some(e),
@@ -285,7 +288,9 @@ pub async fn open(
                 // A replica that cannot serve (a proxy in front of a dead one, overload); a
                 // 500 may be one request's bug, which a client could repeat at will.
                 if matches!(head.status, 502..=504) {
-                    report_failure(up, &endpoint);
+                    if of_replica {
+                        report_failure(up, &endpoint);
+                    }
                 } else if endpoint.succeeded(replicas::now_ms()) {
                     tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
                 }
@@ -312,7 +317,7 @@ pub async fn open(
                 continue;
             }
             Err(f) => {
-                if f.counts_against_endpoint() {
+                if f.counts_against_endpoint() && of_replica {
                     report_failure(up, &endpoint);
                 }
                 return Err(f);

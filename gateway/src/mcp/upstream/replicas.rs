@@ -6,7 +6,8 @@
 //!
 //! Balancing: power of two choices on the worker's own count of requests in flight to each
 //! endpoint. Ejection: `eject_after_failures` consecutive failures (connect refused or timed
-//! out, a reset, a 5xx answer head) take an endpoint out of rotation for `eject_base_ms`,
+//! out; a reset, a timeout or a 502–504 only where [`says_of_replica`]) take an endpoint out of
+//! rotation for `eject_base_ms`,
 //! doubled on each repeat up to `eject_max_ms`; once that time has passed, one real request
 //! (across all workers) is let through as a half-open trial: a success puts the endpoint back,
 //! a failure ejects it again for longer. The last endpoint in rotation is never ejected (a flood
@@ -202,30 +203,29 @@ impl Choice<'_> {
         {
             return Some(Arc::clone(ep));
         }
-        let healthy = || {
-            self.endpoints
-                .iter()
-                .filter(usable)
-                .filter(|ep| !ep.ejected())
-        };
-        let k = healthy().count();
-        match k {
-            0 => self
+        // One look at the health (another worker may eject one meanwhile).
+        let healthy: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(usable)
+            .filter(|ep| !ep.ejected())
+            .collect();
+        match healthy[..] {
+            [] => self
                 .endpoints
                 .iter()
                 .filter(usable)
                 .min_by_key(|ep| ep.last_failure.load(Ordering::Relaxed))
                 .map(Arc::clone),
-            1 => healthy().next().map(Arc::clone),
+            [one] => Some(Arc::clone(one)),
             _ => {
-                let k64 = k as u64;
+                let k64 = healthy.len() as u64;
                 let i = (random() % k64) as usize;
                 let mut j = (random() % (k64 - 1)) as usize;
                 if j >= i {
                     j += 1;
                 }
-                let a = healthy().nth(i)?;
-                let b = healthy().nth(j)?;
+                let (a, b) = (healthy[i], healthy[j]);
                 Some(Arc::clone(if in_flight(b.addr) < in_flight(a.addr) {
                     b
                 } else {
@@ -239,16 +239,30 @@ impl Choice<'_> {
 /// Upstream sessions remembered at most this many at once per upstream.
 const MAX_SESSIONS: usize = 1 << 16;
 
-/// Which endpoint minted each upstream session id, and when it was last used (ms).
+/// Which endpoint minted each upstream session id, and when it was last used (ms). Keyed by a
+/// hash of the id under this process's random seed, so the memory is the same whatever length
+/// of id an upstream hands out. An id two endpoints both minted is nobody's: `None`, and its
+/// requests are answered 404 (sending them to either could give one caller the other's
+/// session).
 #[derive(Default)]
 pub struct Sessions {
-    map: papaya::HashMap<Box<[u8]>, (SocketAddr, AtomicU64)>,
+    seed: std::hash::RandomState,
+    map: papaya::HashMap<u64, (Option<SocketAddr>, AtomicU64), rustc_hash::FxBuildHasher>,
 }
 
 impl Sessions {
+    fn key(&self, id: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.seed, id)
+    }
+
     pub fn bind(&self, id: &[u8], addr: SocketAddr, now: u64) {
+        let key = self.key(id);
         let map = self.map.pin();
-        if map.len() >= MAX_SESSIONS && !map.contains_key(id) {
+        let addr = match map.get(&key) {
+            Some((held, _)) if *held != Some(addr) => None,
+            _ => Some(addr),
+        };
+        if map.len() >= MAX_SESSIONS && !map.contains_key(&key) {
             let mut used: Vec<u64> = map
                 .iter()
                 .map(|(_, (_, t))| t.load(Ordering::Relaxed))
@@ -257,16 +271,18 @@ impl Sessions {
             let cut = used.get(used.len() / 4).copied().unwrap_or(0);
             map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
         }
-        map.insert(id.into(), (addr, AtomicU64::new(now)));
+        map.insert(key, (addr, AtomicU64::new(now)));
     }
 
     pub fn forget(&self, id: &[u8]) {
-        self.map.pin().remove(id);
+        let key = self.key(id);
+        self.map.pin().remove_if(&key, |_, (a, _)| a.is_some()).ok();
     }
 
-    pub fn get(&self, id: &[u8], now: u64) -> Option<SocketAddr> {
+    /// `Some(None)`: minted by two endpoints, nobody's.
+    pub fn get(&self, id: &[u8], now: u64) -> Option<Option<SocketAddr>> {
         let map = self.map.pin();
-        let (addr, used) = map.get(id)?;
+        let (addr, used) = map.get(&self.key(id))?;
         used.store(now, Ordering::Relaxed);
         Some(*addr)
     }
@@ -405,7 +421,8 @@ impl Replicas {
         };
         let endpoints = self.endpoints.load();
         match self.sessions.load().get(id, now_ms()) {
-            Some(addr) => match endpoints.iter().find(|e| e.addr == addr) {
+            Some(None) => Sticky::Lost,
+            Some(Some(addr)) => match endpoints.iter().find(|e| e.addr == addr) {
                 Some(e) if !e.ejected() || endpoints.len() == 1 => Sticky::Pinned(Arc::clone(e)),
                 _ => Sticky::Lost,
             },
@@ -461,6 +478,45 @@ pub fn render(
                 );
             }
         }
+    }
+}
+
+/// Whether a failure answering `request` (a timeout, a close, a bad answer, a 502–504) counts
+/// against the replica's health. Not for a request whose content the client chose (a
+/// `tools/call`, a `resources/read`, a batch, anything not known): a slow or crashing tool is
+/// the tool's fault, and a client could otherwise eject healthy replicas for everybody by
+/// calling one. A replica that cannot even initialize, answer a ping or list, or open a
+/// stream is failing. (Not connecting at all always counts.) The method is read as the
+/// gateway's own parser read it: a body with the key twice is nobody's. Those requests are
+/// small; a larger body is not read again.
+pub fn says_of_replica(request: &[u8]) -> bool {
+    if !request.starts_with(b"POST ") {
+        return true;
+    }
+    let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    if request.len() - at > 16 * 1024 {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Method<'a> {
+        method: Option<&'a str>,
+    }
+    match serde_json::from_slice::<Method<'_>>(&request[at + 4..]) {
+        Ok(Method { method: Some(m) }) => {
+            matches!(
+                m,
+                "initialize"
+                    | "ping"
+                    | "server/discover"
+                    | "tools/list"
+                    | "resources/list"
+                    | "resources/templates/list"
+                    | "prompts/list"
+            ) || m.starts_with("notifications/")
+        }
+        _ => false,
     }
 }
 

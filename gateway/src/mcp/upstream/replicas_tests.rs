@@ -208,3 +208,59 @@ fn the_last_endpoint_in_rotation_is_never_ejected_and_an_ended_session_is_forgot
     r.forget(b"s");
     assert!(matches!(r.sticky(Some(b"s")), Sticky::Lost));
 }
+
+#[test]
+fn an_id_two_endpoints_minted_goes_to_neither() {
+    let source = |ip: &str| Addresses::resolve_now(ip, 80, Duration::ZERO).unwrap();
+    let r = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], ejection());
+    let [a, b] = [r.endpoints()[0].addr, r.endpoints()[1].addr];
+    // Replicas counting their sessions from 1 both mint "1": the caller of A's "1" must not
+    // be sent to B's (another caller's) session.
+    r.bind(b"1", a);
+    r.bind(b"1", a);
+    assert!(matches!(r.sticky(Some(b"1")), Sticky::Pinned(e) if e.addr == a));
+    r.bind(b"1", b);
+    assert!(matches!(r.sticky(Some(b"1")), Sticky::Lost));
+    // Nor does it become anybody's again: a later mint keeps it nobody's, a forget keeps it.
+    r.bind(b"1", a);
+    r.forget(b"1");
+    assert!(matches!(r.sticky(Some(b"1")), Sticky::Lost));
+    // Ids of any length cost the same.
+    let long = vec![b'x'; 60_000];
+    r.bind(&long, b);
+    assert!(matches!(r.sticky(Some(&long)), Sticky::Pinned(e) if e.addr == b));
+}
+
+#[test]
+fn only_failures_a_client_cannot_cause_count_against_a_replica() {
+    let post = |body: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    ] {
+        assert!(says_of_replica(&post(body)), "{body}");
+    }
+    assert!(says_of_replica(b"GET /mcp HTTP/1.1\r\nhost: x\r\n\r\n"));
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"params":{{"pad":"{}"}},"method":"ping"}}"#,
+        "x".repeat(20_000)
+    );
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"x"}}"#,
+        // What the gateway judged is what counts: a second key, a batch, an escape.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"p\u0069ng"}"#,
+        big.as_str(),
+    ] {
+        assert!(!says_of_replica(&post(body)), "{body}");
+    }
+}
