@@ -179,7 +179,8 @@ impl<'c> Federation<'_, 'c> {
             Ok(h) => h,
             Err(f) => return Some(Err(f)),
         };
-        let caller = proxy::session_owner(self.ctx, self.obs);
+        let who = proxy::stdio_caller(self.ctx, self.obs);
+        let caller = who.caller;
         let json = |bytes: Vec<u8>| (held::json_head(), bytes);
         let accepted = ResponseHead {
             status: 202,
@@ -207,7 +208,7 @@ impl<'c> Federation<'_, 'c> {
         };
         let started = std::time::Instant::now();
         if method == "server/discover" {
-            let init = super::stdio_route::child_init(&handle, caller).await;
+            let init = super::stdio_route::child_init(&handle, who).await;
             self.obs.waited(started.elapsed());
             return Some(init.map_err(failure).map(|init| {
                 let v = json!({"jsonrpc": "2.0", "id": message["id"].clone(),
@@ -215,7 +216,7 @@ impl<'c> Federation<'_, 'c> {
                 json(super::json_bytes(&v))
             }));
         }
-        let done = handle.call(caller, body.to_vec()).done.await;
+        let done = handle.call(who, body.to_vec()).done.await;
         self.obs.waited(started.elapsed());
         Some(match done {
             Ok(Ok(bytes)) if matches!(era, Era::Stateless) => {
@@ -535,12 +536,12 @@ impl<'c> Federation<'_, 'c> {
                 }
             };
             self.obs.upstream.set(Some(&up.name));
-            let caller = proxy::session_owner(self.ctx, self.obs);
+            let who = proxy::stdio_caller(self.ctx, self.obs);
             return super::stdio_route::request(
                 io,
                 self.req,
                 &handle,
-                caller,
+                who,
                 message,
                 self.obs,
                 None,

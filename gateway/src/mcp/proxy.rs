@@ -180,6 +180,18 @@ pub(super) fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
         .key(("session-owner", d.tenant.as_deref(), d.agent.as_deref()))
 }
 
+/// Who calls a stdio upstream: the session owner, and its tenant alone.
+pub(super) fn stdio_caller(ctx: &WorkerCtx, obs: &Obs<'_>) -> crate::stdio::Who {
+    let tenant = ctx
+        .shared
+        .limits
+        .key(("stdio-tenant", obs.decision.borrow().tenant.as_deref()));
+    crate::stdio::Who {
+        caller: session_owner(ctx, obs),
+        tenant,
+    }
+}
+
 /// A keyed hash of an upstream's session id.
 pub(super) fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
     ctx.shared.limits.key(("session", up.name.as_str(), id))

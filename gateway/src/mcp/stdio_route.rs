@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::{
     Id, Kind, Message, RpcError,
     messages::{discover_from_initialize, for_stateless},
-    proxy::{Obs, WorkerCtx, classify, json_response, session_owner, visible},
+    proxy::{Obs, WorkerCtx, classify, json_response, stdio_caller, visible},
     sse::{accepts_sse, sse_event, sse_head},
     version,
 };
@@ -23,7 +23,7 @@ use crate::{
     http::{self, Io, Request},
     policy::{Policy, TenantPolicy},
     stats::Outcome,
-    stdio::{Handle, StdioError},
+    stdio::{Handle, StdioError, Who},
 };
 
 /// Answers `message` (a POST's lone message) from the stdio upstream `up`; GET and DELETE are
@@ -65,7 +65,8 @@ pub(super) async fn forward(
             .await
             .is_ok();
     };
-    let caller = session_owner(ctx, obs);
+    let who = stdio_caller(ctx, obs);
+    let caller = who.caller;
     match m.kind {
         Kind::Notification => {
             if m.method.as_deref() != Some("notifications/initialized") {
@@ -89,7 +90,7 @@ pub(super) async fn forward(
                 tenant,
                 upstream: &up.name,
             });
-            request(io, req, &handle, caller, m, obs, filter, &req.body, None).await
+            request(io, req, &handle, who, m, obs, filter, &req.body, None).await
         }
     }
 }
@@ -143,7 +144,7 @@ pub(super) async fn request(
     io: &mut Io,
     req: &Request,
     handle: &Handle,
-    caller: u64,
+    who: Who,
     m: &Message,
     obs: &Obs<'_>,
     filter: Option<ToolFilter<'_>>,
@@ -156,7 +157,7 @@ pub(super) async fn request(
             let asked = serde_json::from_slice::<Value>(body)
                 .ok()
                 .and_then(|v| v["params"]["protocolVersion"].as_str().map(str::to_owned));
-            return from_child_init(io, req, handle, caller, m.id.clone(), obs, |mut r| {
+            return from_child_init(io, req, handle, who, m.id.clone(), obs, |mut r| {
                 // The client gets the version it asked for when the gateway speaks it (the
                 // gateway translates to the child's).
                 if let Some(v) =
@@ -169,7 +170,7 @@ pub(super) async fn request(
             .await;
         }
         Some("server/discover") => {
-            return from_child_init(io, req, handle, caller, m.id.clone(), obs, |r| {
+            return from_child_init(io, req, handle, who, m.id.clone(), obs, |r| {
                 discover_from_initialize(&r)
             })
             .await;
@@ -177,7 +178,7 @@ pub(super) async fn request(
         _ => {}
     }
     let sse_ok = accepts_sse(req) && filter.is_none();
-    let mut pending = handle.call(caller, body.to_vec());
+    let mut pending = handle.call(who, body.to_vec());
     let mut streaming = false;
     loop {
         let next = monoio::select! {
@@ -239,9 +240,9 @@ pub(super) async fn request(
 
 /// The child's own `initialize` result. The supervisor initialized the child when it
 /// started; an `initialize` probe with no parameters asks it again for its capabilities.
-pub(super) async fn child_init(handle: &Handle, caller: u64) -> Result<Value, StdioError> {
+pub(super) async fn child_init(handle: &Handle, who: Who) -> Result<Value, StdioError> {
     let probe = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}});
-    match handle.call(caller, super::json_bytes(&probe)).done.await {
+    match handle.call(who, super::json_bytes(&probe)).done.await {
         Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
             Ok(mut v) if v.get("result").is_some() => Ok(v["result"].take()),
             _ => Err(StdioError::Refused(
@@ -259,12 +260,12 @@ async fn from_child_init(
     io: &mut Io,
     req: &Request,
     handle: &Handle,
-    caller: u64,
+    who: Who,
     id: Option<Id>,
     obs: &Obs<'_>,
     shape: impl FnOnce(Value) -> Value,
 ) -> bool {
-    let answer = child_init(handle, caller).await.map(|init| {
+    let answer = child_init(handle, who).await.map(|init| {
         let mut msg = json!({"jsonrpc": "2.0", "result": shape(init)});
         msg["id"] = id.as_ref().map_or(Value::Null, Id::to_json);
         super::json_bytes(&msg)

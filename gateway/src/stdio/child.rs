@@ -191,7 +191,7 @@ impl Supervisor {
         self.last_call = Instant::now();
         match msg {
             ToChild::Request {
-                caller,
+                who: super::Who { caller, .. },
                 message,
                 events,
                 done,

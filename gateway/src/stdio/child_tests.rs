@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::super::{Handle, StdioError, StdioSpec, spawn};
+use super::super::{Handle, StdioError, StdioSpec, Who, spawn};
+
+fn who(caller: u64) -> Who {
+    Who { caller, tenant: 0 }
+}
 
 const SERVER: &str = r#"
 import json, os, sys, time
@@ -101,7 +105,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 async fn call(h: &Handle, caller: u64, id: Value, args: Value) -> Result<Value, StdioError> {
     let p = h.call(
-        caller,
+        who(caller),
         json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "t", "arguments": args}})
             .to_string()
             .into_bytes(),
@@ -133,7 +137,7 @@ fn answers_reach_their_own_callers_with_their_own_ids() {
         }
         // The gateway answers a client's initialize from the child's.
         let p = h.call(
-            9,
+            who(9),
             br#"{"jsonrpc":"2.0","id":"i","method":"initialize","params":{}}"#.to_vec(),
         );
         let v: Value = serde_json::from_slice(&p.done.await.unwrap().unwrap()).unwrap();
@@ -276,7 +280,7 @@ fn a_notification_flood_is_bounded_and_the_answer_still_arrives() {
     rt().block_on(async {
         let h = spawn(spec(&f, "flood", "ok"), None);
         let p = h.call(
-            1,
+            who(1),
             json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "flood", "n": 5000}, "_meta": {"progressToken": "mine"}}})
                 .to_string()
                 .into_bytes(),

@@ -118,7 +118,7 @@ pub enum ToChild {
     /// A request; what the child sends back for it (progress, its own requests) goes to
     /// `events`, its answer to `done`.
     Request {
-        caller: Caller,
+        who: Who,
         message: Vec<u8>,
         events: mpsc::Sender<Vec<u8>>,
         done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
@@ -127,6 +127,15 @@ pub enum ToChild {
     Notification { caller: Caller, message: Vec<u8> },
     /// A client's answer to a request of the child's.
     Response { caller: Caller, message: Vec<u8> },
+}
+
+/// Who sends a request: the caller (a keyed hash of its tenant and agent: whose ids the
+/// shared child's answers go back to, whose child a per-caller upstream uses) and its tenant
+/// alone (per-caller children are shared fairly between tenants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who {
+    pub caller: Caller,
+    pub tenant: u64,
 }
 
 /// A worker's end of a stdio upstream: cheap to clone, `Send`, never blocks.
@@ -148,11 +157,11 @@ const EVENTS_PER_CALL: usize = 64;
 
 impl Handle {
     /// Sends a request (one JSON-RPC message); see [`Pending`].
-    pub fn call(&self, caller: Caller, message: Vec<u8>) -> Pending {
+    pub fn call(&self, who: Who, message: Vec<u8>) -> Pending {
         let (events_tx, events) = mpsc::channel(EVENTS_PER_CALL);
         let (done_tx, done) = oneshot::channel();
         if let Err(e) = self.tx.unbounded_send(ToChild::Request {
-            caller,
+            who,
             message,
             events: events_tx,
             done: done_tx,

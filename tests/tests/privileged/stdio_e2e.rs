@@ -14,12 +14,12 @@ fn fixture(name: &str) -> String {
 /// A gateway whose `/mcp` route goes to a stdio upstream run as `command` (TOML array) with
 /// the `[upstreams.stdio]` lines `stdio`.
 fn gateway(command: &str, stdio: &str) -> (Daemon, u16) {
-    gateway_with(command, stdio, "")
+    gateway_with(command, stdio, "", "")
 }
 
 /// [`gateway`], with `route` appended to the route's table (its own keys first, then any
-/// further tables).
-fn gateway_with(command: &str, stdio: &str, route: &str) -> (Daemon, u16) {
+/// further tables) and `kernel` to the `[kernel]` table (then tenants, say).
+fn gateway_with(command: &str, stdio: &str, route: &str, kernel: &str) -> (Daemon, u16) {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwstdio");
@@ -34,6 +34,7 @@ address = "127.0.0.1:{port}"
 address = "127.0.0.1:{admin}"
 [kernel]
 enabled = false
+{kernel}
 [[upstreams]]
 name = "local"
 command = {command}
@@ -496,9 +497,10 @@ fn wait_gone(pids: &[u32], what: &str) {
 }
 
 /// `children = "caller"`: a server that keeps per-user state (here: a text in its memory) gets
-/// a process per caller, so one agent never reads what another stored; a caller beyond
-/// `max_children` is refused with a 503 (never put on another's child); a child idle for
-/// `idle_shutdown_ms` is stopped (its process gone) and its place serves a new caller.
+/// a process per caller, so one agent never reads what another stored; with `max_children`
+/// taken, a caller of another tenant takes the place of the largest tenant's child at rest
+/// (never its process), and with every child busy it is refused with a 503 (never put on
+/// another's child); a child idle for `idle_shutdown_ms` is stopped (its process gone).
 #[test]
 fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
     let keys = [
@@ -510,10 +512,14 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
         "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
         &keys,
     );
+    // a and b are agents of one tenant, c of another.
     let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, agent) in ["a", "b", "c"].iter().enumerate() {
+    for (i, (agent, tenant)) in [("a", "one"), ("b", "one"), ("c", "two")]
+        .iter()
+        .enumerate()
+    {
         route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"default\"\nagent = \"{agent}\"\n",
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
             shas[i].as_str().expect("a digest")
         ));
     }
@@ -523,8 +529,9 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
             python().display(),
             fixture("stateful_server.py")
         ),
-        "uid = 0\ngid = 0\nchildren = \"caller\"\nmax_children = 2\nidle_shutdown_ms = 5000",
+        "uid = 0\ngid = 0\nchildren = \"caller\"\nmax_children = 2\nidle_shutdown_ms = 3000",
         &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
     );
     let [a, b, c] = keys;
 
@@ -542,43 +549,46 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
     assert_ne!(pid_a, pid_b, "one process per caller");
     assert!(alive(pid_a) && alive(pid_b));
 
-    // A third caller while both places are taken: refused, not served by a's or b's child.
+    // Both places are tenant one's: c, of tenant two, takes the one used least recently (a's,
+    // at rest), a child of its own, never a's or b's process.
     let (status, v) = call_as(port, c, "remember", serde_json::json!({"text": "gamma"}));
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = call_as(port, c, "recall", serde_json::json!({}));
+    let (memory_c, pid_c) = recalled(&v);
+    assert_eq!(memory_c, "gamma");
+    assert!(pid_c != pid_a && pid_c != pid_b);
+    wait_gone(&[pid_a], "the child that gave up its place still runs");
+    let (_, v) = call_as(port, b, "recall", serde_json::json!({}));
+    assert_eq!(recalled(&v), ("beta".to_owned(), pid_b), "b kept its child");
+
+    // Both places busy (a call in flight on each): a third caller is refused, and its call
+    // reaches neither child.
+    let busy: Vec<_> = [b, c]
+        .into_iter()
+        .map(|key| {
+            std::thread::spawn(move || {
+                call_as(port, key, "wait", serde_json::json!({"seconds": 2}))
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let (status, v) = call_as(port, a, "remember", serde_json::json!({"text": "again"}));
     assert_eq!(status, 503, "{v}");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("local") && message.contains("in use"),
         "{v}"
     );
-    let (_, v) = call_as(port, a, "recall", serde_json::json!({}));
-    assert_eq!(
-        recalled(&v).0,
-        "alpha",
-        "the refused call reached a's child"
-    );
+    for t in busy {
+        let (status, v) = t.join().expect("a waiting call");
+        assert_eq!(status, 200, "{v}");
+    }
+    for (key, memory) in [(b, "beta"), (c, "gamma")] {
+        let (_, v) = call_as(port, key, "recall", serde_json::json!({}));
+        assert_eq!(recalled(&v).0, memory, "the refused call reached a child");
+    }
 
-    // Once a's and b's children are idle they stop, and c gets a place.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let v = loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let (status, v) = call_as(port, c, "remember", serde_json::json!({"text": "gamma"}));
-        if status == 200 {
-            break v;
-        }
-        assert_eq!(status, 503, "{v}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no place after the others went idle"
-        );
-    };
-    assert!(v["result"].is_object(), "{v}");
-    let (_, v) = call_as(port, c, "recall", serde_json::json!({}));
-    let (memory_c, pid_c) = recalled(&v);
-    assert_eq!(memory_c, "gamma");
-    assert!(pid_c != pid_a && pid_c != pid_b);
-    // An idle child's process is gone, not left behind.
-    wait_gone(&[pid_a, pid_b], "an idle caller's child still runs");
-    assert!(alive(pid_c));
+    // Idle children stop by themselves: their processes are gone, not left behind.
+    wait_gone(&[pid_b, pid_c], "an idle caller's child still runs");
     d.stop();
-    wait_gone(&[pid_c], "a child survived the gateway");
 }
