@@ -51,11 +51,28 @@ impl PartialEq for Addresses {
     }
 }
 
+/// The most addresses one name contributes (each is an endpoint with its pool and health): a
+/// DNS answer with more is cut to the first this many, in the resolver's order, without
+/// repeats.
+pub const MAX_ADDRESSES: usize = 32;
+
+fn bounded(found: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in found {
+        if out.len() == MAX_ADDRESSES {
+            break;
+        }
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 impl Addresses {
     /// Resolves `host` now (blocking: at configuration load, on the control thread).
     pub fn resolve_now(host: &str, port: u16, every: Duration) -> std::io::Result<Self> {
-        let found: Vec<SocketAddr> =
-            std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?.collect();
+        let found = bounded(std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?);
         if found.is_empty() {
             return Err(std::io::ErrorKind::NotFound.into());
         }
@@ -125,7 +142,7 @@ impl Addresses {
         self.next_due_ms
             .store(now.saturating_add(ms(self.every)), Ordering::Relaxed);
         self.in_flight.store(false, Ordering::Release);
-        match found {
+        match found.map(bounded) {
             Ok(found) if !found.is_empty() => {
                 stats.bump(name, "resolve", "ok");
                 if **self.current.load() != found {

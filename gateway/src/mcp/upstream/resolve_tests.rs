@@ -150,3 +150,18 @@ url = "http://127.0.0.1:9/mcp"
     );
     task.abort();
 }
+
+#[test]
+fn a_huge_dns_answer_is_cut_and_repeats_are_dropped() {
+    let stats = Stats::default();
+    let a = Addresses::new("up.example", 443, Duration::from_secs(30), Vec::new());
+    let mut answer: Vec<SocketAddr> = (0..5000u32)
+        .map(|i| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 443)))
+        .collect();
+    answer.insert(1, answer[0]);
+    assert!(a.apply("u", Ok(answer.clone()), &stats));
+    let mut expected = answer;
+    expected.remove(1);
+    expected.truncate(MAX_ADDRESSES);
+    assert_eq!(*a.all(), expected);
+}
