@@ -36,7 +36,7 @@ use sha2::Sha256;
 
 use crate::{
     config::{FleetConfig, FleetSecret},
-    policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED},
+    policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED, MILLI},
     runtime::Shared,
 };
 
@@ -45,28 +45,50 @@ const HOST_TTL: Duration = Duration::from_secs(3);
 /// A lease nobody asked for in this many rounds is dropped (its tokens with it).
 const IDLE_ROUNDS: u32 = 400;
 
-/// Takes tokens from the fleet's bucket of each rate: `KEYS` the buckets, `ARGV` triples of
-/// rate per second, burst and tokens wanted; answers the tokens granted for each. Redis's own
-/// clock refills the buckets, so the hosts' clocks do not matter.
+/// Leases tokens of each fleet-wide rate, shared fairly between the hosts that want them:
+/// `KEYS` the rates, `ARGV[1]` this host, `ARGV[2]` the round in microseconds, then triples of
+/// rate per second, burst and tokens wanted. Each host has its own bucket in the rate's hash
+/// (`host → want|at|level`), refilled at its share of the rate, the share being its want over
+/// the wants of every host that asked in the last four rounds; so the hosts' shares add up to
+/// the rate whatever order their rounds reach Redis in (one bucket taken first come, first
+/// served starves a host whose rounds fall just after another's). A bucket holds at most its
+/// share of the burst or of two rounds, whichever is more. Answers the thousandths of a token
+/// granted for each rate (fractions add up on the host). Redis's own clock refills the
+/// buckets, so the hosts' clocks do not matter; a host silent for a minute is forgotten.
 const RATES: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local host = ARGV[1]
+local round = tonumber(ARGV[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[3 * i - 2])
-  local burst = tonumber(ARGV[3 * i - 1])
-  local want = tonumber(ARGV[3 * i])
-  local v = redis.call('HMGET', key, 'tokens', 'at')
-  local tokens = tonumber(v[1])
-  local at = tonumber(v[2])
-  if tokens == nil or at == nil then
-    tokens = burst
-    at = now
+  local rate = tonumber(ARGV[3 * i])
+  local burst = tonumber(ARGV[3 * i + 1])
+  local want = tonumber(ARGV[3 * i + 2])
+  local total = want
+  local at, level = nil, nil
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    local w, a, l = string.match(all[j + 1], '^([^|]+)|([^|]+)|([^|]+)$')
+    w, a, l = tonumber(w), tonumber(a), tonumber(l)
+    if w == nil or a == nil or l == nil or now - a > 60000000 then
+      redis.call('HDEL', key, all[j])
+    elseif all[j] == host then
+      at, level = a, l
+    elseif now - a < 4 * round then
+      total = total + w
+    end
   end
-  tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000000)
-  local grant = math.max(0, math.min(want, math.floor(tokens)))
-  tokens = tokens - grant
-  redis.call('HSET', key, 'tokens', string.format('%.6f', tokens), 'at', string.format('%.0f', now))
+  local share = want / total
+  local cap = math.max(burst, rate * 2 * round / 1000000) * share
+  if level == nil then
+    level = cap
+  else
+    level = math.min(cap, level + math.max(0, now - at) * rate * share / 1000000)
+  end
+  local grant = math.floor(math.max(0, math.min(want, level)) * 1000)
+  level = level - grant / 1000
+  redis.call('HSET', key, host, string.format('%d|%.0f|%.6f', want, now, level))
   redis.call('PEXPIRE', key, 60000)
   out[i] = grant
 end
@@ -142,6 +164,7 @@ pub struct Stats {
     pub rounds: AtomicU64,
     pub round_us_total: AtomicU64,
     pub failures: AtomicU64,
+    /// In thousandths of a token.
     pub tokens_granted: AtomicU64,
     pub leases: AtomicU64,
     pub bans_received: AtomicU64,
@@ -656,20 +679,25 @@ impl<B: Bans> Agent<B> {
         for (_, name, ..) in &asks {
             cmd.arg(name);
         }
+        cmd.arg(&self.host).arg(
+            u64::try_from(self.fleet.round.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
         for (_, _, rate, burst, want) in &asks {
             cmd.arg(*rate).arg((*burst).max(1)).arg(*want);
         }
         let granted: Vec<u64> = cmd.query_async(c).await?;
-        // Never take more than was asked, whatever Redis answers.
+        // Never take more than was asked, whatever Redis answers (thousandths of a token).
         let granted: HashMap<u64, u64> = asks
             .iter()
             .zip(granted)
-            .map(|(a, n)| (a.0, n.min(a.4)))
+            .map(|(a, n)| (a.0, n.min(a.4.saturating_mul(MILLI as u64))))
             .collect();
         let mut total = 0;
         self.shared.limits.for_each_lease(|key, lease| {
             if let Some(n) = granted.get(&key) {
-                lease.grant(*n);
+                lease.grant_milli(*n);
                 total += *n;
             }
         });
@@ -968,7 +996,10 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
             "mcp_gateway_fleet_tokens_granted_total",
             "counter",
             "Tokens of fleet-wide rates leased to this host.",
-            stats.tokens_granted.load(Relaxed).to_string(),
+            format!(
+                "{:.3}",
+                stats.tokens_granted.load(Relaxed) as f64 / MILLI as f64
+            ),
         ),
         (
             "mcp_gateway_fleet_leases",

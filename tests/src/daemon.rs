@@ -39,6 +39,15 @@ pub fn with_state(instance: &str, config: &str) -> String {
 }
 
 /// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
+/// Whether process `pid` runs: a zombie (exited, not yet reaped by whoever inherited it) does
+/// not.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
 pub fn gateway_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GATEWAY_BIN") {
         return p.into();

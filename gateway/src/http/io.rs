@@ -175,8 +175,10 @@ impl Io {
                 .tls
                 .as_deref()
                 .is_some_and(|t| t.wants_write() || t.is_handshaking());
+        // The rare and the later paths are boxed: this future is what an idle connection's
+        // task holds while it waits, so only the readiness wait below is kept in it.
         if held || timeout <= IDLE_GRACE {
-            return self.fill(timeout).await;
+            return Box::pin(self.fill(timeout)).await;
         }
         // Plaintext rustls decrypted already (a second request that came with the first).
         if self.tls.is_some()
@@ -189,7 +191,7 @@ impl Io {
             None => {}
             Some(n) if self.tls.is_none() => return Ok(n),
             // Records (or the end of the stream) arrived: rustls makes plaintext of them.
-            Some(_) => return self.fill_tls(deadline).await,
+            Some(_) => return Box::pin(self.fill_tls(deadline)).await,
         }
         self.release_buffers();
         let left = deadline.saturating_duration_since(monoio::time::Instant::now());
@@ -199,7 +201,7 @@ impl Io {
                 Err(HttpError::Timeout)
             }
             Ok(Err(_)) => Err(HttpError::Closed),
-            Ok(Ok(())) => self.fill_until(deadline).await,
+            Ok(Ok(())) => Box::pin(self.fill_until(deadline)).await,
         }
     }
 

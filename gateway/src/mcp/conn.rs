@@ -43,13 +43,22 @@ pub async fn serve(
     // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
     // PROXY protocol header names the client, which is the peer from here on; it comes before
     // the TLS handshake (the balancer writes it in the clear).
-    let Some((peer, _counted)) =
-        http::proxy_protocol::admit(&mut io, peer, listener, &ctx.shared, ctx.worker).await
+    // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
+    // session under construction, KiBs) would otherwise be part of the connection's task for
+    // its whole life, which is allocated at its largest.
+    let Some((peer, _counted)) = Box::pin(http::proxy_protocol::admit(
+        &mut io,
+        peer,
+        listener,
+        &ctx.shared,
+        ctx.worker,
+    ))
+    .await
     else {
         return;
     };
     if let Some(tls) = ctx.shared.tls.listener(listener)
-        && !crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats).await
+        && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
     {
         return;
     }
@@ -113,7 +122,7 @@ pub async fn serve(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(%peer, "a request panicked; answered 500 and closed the connection");
                 let err = RpcError::new(error::INTERNAL_ERROR, "internal error", 500);
-                let _ = io.write_all(json_response(500, &err, false)).await;
+                let _ = Box::pin(io.write_all(json_response(500, &err, false))).await;
                 return;
             }
         }

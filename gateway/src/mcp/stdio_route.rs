@@ -311,19 +311,14 @@ async fn finish(
                 .is_ok();
         }
         Err(e) => {
-            // Every per-caller child is another caller's: the gateway's own limit, not a
-            // failure of the upstream.
-            let busy = matches!(e, StdioError::Busy(..));
-            obs.set(if busy {
-                Outcome::Refused
-            } else {
-                Outcome::UpstreamFailure
-            });
-            let status = match e {
-                StdioError::Timeout(..) => 504,
-                StdioError::Busy(..) => 503,
-                _ => 502,
+            let (status, outcome) = match e {
+                StdioError::Timeout(..) => (504, Outcome::UpstreamFailure),
+                // Every per-caller child is another caller's: the gateway's own limit, not a
+                // failure of the upstream.
+                StdioError::Busy(..) => (503, Outcome::Refused),
+                _ => (502, Outcome::UpstreamFailure),
             };
+            obs.set(outcome);
             let err = RpcError::upstream(e.to_string(), status).with_id(id);
             if !streaming {
                 return io

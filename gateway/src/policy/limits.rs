@@ -286,6 +286,9 @@ pub const FLEET_OFF: u8 = 0;
 pub const FLEET_LEASED: u8 = 1;
 pub const FLEET_FALLBACK: u8 = 2;
 
+/// A lease's unit: a thousandth of a token.
+pub const MILLI: i64 = 1000;
+
 /// Tokens of one fleet-wide rate leased to this host (`[state] redis`): the workers take them
 /// with one atomic operation; the fleet agent on the control thread adds what Redis granted
 /// and reads the demand, every round.
@@ -295,6 +298,8 @@ pub struct Lease {
     pub name: String,
     pub rate: AtomicU64,
     pub burst: AtomicU64,
+    /// In thousandths of a token: Redis grants fractions, so a host whose rounds come just
+    /// after another's still gathers its share instead of being starved by rounding down.
     tokens: AtomicI64,
     /// Requests that asked since the agent's last round, admitted or not.
     demand: AtomicU64,
@@ -306,7 +311,7 @@ impl Lease {
     fn take(&self) -> bool {
         self.tokens
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t > 0).then(|| t - 1)
+                (t >= MILLI).then(|| t - MILLI)
             })
             .is_ok()
     }
@@ -316,13 +321,13 @@ impl Lease {
         self.demand.swap(0, Ordering::AcqRel)
     }
 
-    /// Tokens held and not yet used.
+    /// Whole tokens held and not yet used.
     pub fn tokens(&self) -> u64 {
-        u64::try_from(self.tokens.load(Ordering::Acquire)).unwrap_or(0)
+        u64::try_from(self.tokens.load(Ordering::Acquire) / MILLI).unwrap_or(0)
     }
 
-    /// Adds what Redis granted (the agent).
-    pub fn grant(&self, n: u64) {
+    /// Adds what Redis granted (the agent), in thousandths of a token.
+    pub fn grant_milli(&self, n: u64) {
         self.tokens
             .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
         self.leased.store(true, Ordering::Release);
@@ -727,7 +732,7 @@ impl State {
             }
             Charge::Lease { key } => {
                 if let Some(l) = self.leases.pin().get(&key) {
-                    l.tokens.fetch_add(1, Ordering::AcqRel);
+                    l.tokens.fetch_add(MILLI, Ordering::AcqRel);
                 }
             }
             Charge::Repeat { key, unix_s, len_s } => {
@@ -928,7 +933,7 @@ mod tests {
         let mut demand = 0;
         state.for_each_lease(|_, l| {
             demand = l.take_demand();
-            l.grant(3);
+            l.grant_milli(3_000);
         });
         assert_eq!(demand, 3, "every request asked, admitted or not");
         let charges: Vec<_> = (0..5)

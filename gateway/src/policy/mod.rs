@@ -159,7 +159,12 @@ pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
 #[derive(Debug)]
 pub struct TenantPolicy {
     pub name: String,
-    pub rules: Vec<ToolRule>,
+    /// The tenant's own rules, matched first.
+    own: Vec<ToolRule>,
+    /// The rules of `[policy]`, compiled once per configuration and shared by every tenant
+    /// (a rule's rate and concurrency are keyed by tenant and label, so sharing the compiled
+    /// matcher shares no limit).
+    global: Arc<[ToolRule]>,
     pub default_action: Action,
     /// (requests per second, burst) for the tenant, and for each of its agents.
     pub rate: Option<(u64, u64)>,
@@ -175,10 +180,21 @@ pub struct TenantPolicy {
 }
 
 impl TenantPolicy {
+    /// The rules of `[policy]`, compiled once for every tenant.
+    fn compile_global(defaults: &RawPolicy) -> Result<Arc<[ToolRule]>, (String, String)> {
+        defaults
+            .tools
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ToolRule::compile(format!("policy.tools[{i}]"), r))
+            .collect()
+    }
+
     fn compile(
         name: &str,
         own: Option<&RawPolicy>,
         defaults: &RawPolicy,
+        global: &Arc<[ToolRule]>,
     ) -> Result<Self, (String, String)> {
         let mut rules = Vec::new();
         if let Some(own) = own {
@@ -188,9 +204,6 @@ impl TenantPolicy {
                     r,
                 )?);
             }
-        }
-        for (i, r) in defaults.tools.iter().enumerate() {
-            rules.push(ToolRule::compile(format!("policy.tools[{i}]"), r)?);
         }
         let pick = |f: fn(&RawPolicy) -> Option<u64>| own.and_then(f).or_else(|| f(defaults));
         let rate = |r: Option<u64>, b: Option<u64>, key: &str| match (r, b) {
@@ -230,7 +243,8 @@ impl TenantPolicy {
         }
         Ok(Self {
             name: name.to_owned(),
-            rules,
+            own: rules,
+            global: Arc::clone(global),
             default_action: own
                 .and_then(|o| o.default_action)
                 .or(defaults.default_action)
@@ -260,9 +274,21 @@ impl TenantPolicy {
         })
     }
 
+    /// Every rule in the order they are matched: the tenant's own, then `[policy]`'s.
+    pub fn rules(&self) -> impl Iterator<Item = &ToolRule> {
+        self.own.iter().chain(self.global.iter())
+    }
+
+    /// The rule at `i` of [`TenantPolicy::rules`].
+    fn rule(&self, i: usize) -> Option<&ToolRule> {
+        self.own
+            .get(i)
+            .or_else(|| self.global.get(i.checked_sub(self.own.len())?))
+    }
+
     /// The first rule covering the tool, if any.
     pub fn rule_for(&self, upstream: &str, tool: &str) -> Option<&ToolRule> {
-        if self.rules.is_empty() {
+        if self.own.is_empty() && self.global.is_empty() {
             return None;
         }
         let mut key = String::with_capacity(upstream.len() + tool.len() + 1);
@@ -273,7 +299,7 @@ impl TenantPolicy {
         let index = match map.get(&key) {
             Some(i) => *i,
             None => {
-                let i = self.rules.iter().position(|r| r.matches(upstream, tool));
+                let i = self.rules().position(|r| r.matches(upstream, tool));
                 // Tool names come from clients: the cache stops growing at a bound.
                 if map.len() < MAX_MATCHED && self.charge_matched(key.len()) {
                     map.insert(key, i);
@@ -281,7 +307,7 @@ impl TenantPolicy {
                 i
             }
         };
-        index.map(|i| &self.rules[i])
+        index.and_then(|i| self.rule(i))
     }
 
     /// Takes `bytes` from the rule cache's byte bound; false when they do not fit.
@@ -313,7 +339,7 @@ impl TenantPolicy {
 
     /// Whether any rule or the default hides a tool (lists then need filtering).
     pub fn filters(&self) -> bool {
-        self.default_action == Action::Deny || self.rules.iter().any(|r| r.action == Action::Deny)
+        self.default_action == Action::Deny || self.rules().any(|r| r.action == Action::Deny)
     }
 }
 
@@ -374,17 +400,21 @@ impl Policy {
         let mut tenants = Vec::new();
         let mut by_id = HashMap::new();
         let mut by_name = HashMap::new();
+        let global = TenantPolicy::compile_global(&c.policy).map_err(err)?;
         for t in &c.tenants {
             by_id.insert(t.id, tenants.len());
             by_name.insert(t.name.clone(), tenants.len());
-            tenants
-                .push(TenantPolicy::compile(&t.name, t.policy.as_ref(), &c.policy).map_err(err)?);
+            tenants.push(
+                TenantPolicy::compile(&t.name, t.policy.as_ref(), &c.policy, &global)
+                    .map_err(err)?,
+            );
         }
         let default_tenant = match by_id.get(&c.default_tenant) {
             Some(i) => *i,
             None => {
                 by_name.insert("default".into(), tenants.len());
-                tenants.push(TenantPolicy::compile("default", None, &c.policy).map_err(err)?);
+                tenants
+                    .push(TenantPolicy::compile("default", None, &c.policy, &global).map_err(err)?);
                 tenants.len() - 1
             }
         };

@@ -237,6 +237,19 @@ upstream = "up"
         !p.tenant(&beta).allows("other", "add"),
         "up/add names one upstream"
     );
+    // `[policy]`'s rules are compiled once: every tenant holds the same ones.
+    let (a, b) = (p.tenant(&acme), p.tenant(&beta));
+    assert!(Arc::ptr_eq(&a.global, &b.global));
+    assert_eq!(a.global.len(), 2);
+    let labels: Vec<&str> = a.rules().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "tenants[acme].policy.tools[0]",
+            "policy.tools[0]",
+            "policy.tools[1]"
+        ]
+    );
 }
 
 #[test]

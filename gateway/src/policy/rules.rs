@@ -6,7 +6,8 @@ use serde_json::Value;
 
 use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
 
-/// A compiled tool rule. Each tenant has its own copies (its limits are its own).
+/// A compiled tool rule: a tenant's own, or one of `[policy]`'s shared by every tenant (its
+/// limits are kept per tenant and label, not in the rule).
 #[derive(Debug)]
 pub struct ToolRule {
     /// Where it came from, e.g. `tenants[acme].policy.tools[2]` or `policy.tools[0]`.

@@ -27,24 +27,28 @@ use super::{Caller, Handle, PinGate, StdioError, StdioSpec, ToChild};
 struct Child {
     handle: Handle,
     activity: Arc<Activity>,
-    /// The last message sent to it.
-    last: Instant,
 }
 
-/// What the answers of a child's calls tell the dispatcher.
+/// What the dispatcher and the answers of a child's calls tell about its use (control thread
+/// only).
 struct Activity {
     /// Requests sent and not yet answered (or given up by their client).
     in_flight: AtomicUsize,
-    /// When the last of them ended.
-    ended: std::sync::Mutex<Option<Instant>>,
+    /// The last message sent to it, or the last answer, whichever came later.
+    last: std::sync::Mutex<Instant>,
 }
 
 impl Activity {
+    fn touch(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Instant::now();
+        }
+    }
+
     /// Whether the child has had nothing to do for `idle`.
-    fn idle(&self, last: Instant, idle: Duration) -> bool {
-        let ended = self.ended.lock().ok().and_then(|e| *e);
+    fn idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
-            && ended.map_or(last, |e| e.max(last)).elapsed() >= idle
+            && self.last.lock().is_ok_and(|last| last.elapsed() >= idle)
     }
 }
 
@@ -87,7 +91,7 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 
 fn retire_idle(name: &str, idle: Duration, children: &mut HashMap<Caller, Child>) {
     children.retain(|caller, c| {
-        let keep = !c.activity.idle(c.last, idle);
+        let keep = !c.activity.idle(idle);
         if !keep {
             tracing::info!(upstream = %name, caller = %format_args!("{caller:016x}"),
                 "stdio child of one caller idle; stopped");
@@ -113,8 +117,8 @@ fn route(
         ToChild::Notification { caller, .. } | ToChild::Response { caller, .. } => {
             // A notification or an answer for a child the caller does not have (stopped as
             // idle, say) has nobody to go to.
-            if let Some(c) = children.get_mut(&caller) {
-                c.last = Instant::now();
+            if let Some(c) = children.get(&caller) {
+                c.activity.touch();
                 let _ = c.handle.tx.unbounded_send(msg);
             }
             return;
@@ -131,12 +135,11 @@ fn route(
             handle: super::child::spawn(spec.clone(), gate.clone()),
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
-                ended: std::sync::Mutex::new(None),
+                last: std::sync::Mutex::new(Instant::now()),
             }),
-            last: Instant::now(),
         }
     });
-    child.last = Instant::now();
+    child.activity.touch();
     child.activity.in_flight.fetch_add(1, Ordering::AcqRel);
     // The answer passes through here to count it; a client that gives up is passed on to the
     // supervisor (which cancels the call at the child) by dropping its end.
@@ -150,9 +153,7 @@ fn route(
             },
             () = done.cancellation() => {}
         }
-        if let Ok(mut ended) = activity.ended.lock() {
-            *ended = Some(Instant::now());
-        }
+        activity.touch();
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     });
     if let Err(e) = child.handle.tx.unbounded_send(ToChild::Request {

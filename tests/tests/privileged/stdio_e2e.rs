@@ -2,7 +2,7 @@
 //! the gateway's sandboxed children, used by the Python SDK client in both protocol eras.
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, alive},
     peers::{PyServer, free_port, post, py_client, py_script, python, raw},
     unique,
 };
@@ -14,6 +14,12 @@ fn fixture(name: &str) -> String {
 /// A gateway whose `/mcp` route goes to a stdio upstream run as `command` (TOML array) with
 /// the `[upstreams.stdio]` lines `stdio`.
 fn gateway(command: &str, stdio: &str) -> (Daemon, u16) {
+    gateway_with(command, stdio, "")
+}
+
+/// [`gateway`], with `route` appended to the route's table (its own keys first, then any
+/// further tables).
+fn gateway_with(command: &str, stdio: &str, route: &str) -> (Daemon, u16) {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwstdio");
@@ -37,6 +43,7 @@ response_timeout_ms = 10000
 [[routes]]
 path = "/mcp"
 upstream = "local"
+{route}
 "#
     );
     (Daemon::start_local(&instance, &config), port)
@@ -479,18 +486,6 @@ fn recalled(v: &serde_json::Value) -> (String, u32) {
     (memory.to_owned(), pid.parse().expect("a pid"))
 }
 
-/// Whether process `pid` runs (a zombie, dead and not yet reaped by whoever inherited it, does
-/// not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
-            Some(state != 'Z' && state != 'X')
-        })
-        .unwrap_or(false)
-}
-
 /// Waits up to 10 s for every process of `pids` to end.
 fn wait_gone(pids: &[u32], what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -515,47 +510,22 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
         "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
         &keys,
     );
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwcaller");
-    let mut api_keys = String::new();
+    let mut route = String::from("auth = [\"api_key\"]\n");
     for (i, agent) in ["a", "b", "c"].iter().enumerate() {
-        api_keys.push_str(&format!(
+        route.push_str(&format!(
             "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"default\"\nagent = \"{agent}\"\n",
             shas[i].as_str().expect("a digest")
         ));
     }
-    let config = format!(
-        r#"
-[gateway]
-instance = "{instance}"
-workers = 2
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
-{api_keys}
-[[upstreams]]
-name = "stateful"
-command = ["{python}", "{server}"]
-response_timeout_ms = 10000
-[upstreams.stdio]
-uid = 0
-gid = 0
-children = "caller"
-max_children = 2
-idle_shutdown_ms = 5000
-[[routes]]
-path = "/mcp"
-upstream = "stateful"
-auth = ["api_key"]
-"#,
-        python = python().display(),
-        server = fixture("stateful_server.py"),
+    let (mut d, port) = gateway_with(
+        &format!(
+            r#"["{}", "{}"]"#,
+            python().display(),
+            fixture("stateful_server.py")
+        ),
+        "uid = 0\ngid = 0\nchildren = \"caller\"\nmax_children = 2\nidle_shutdown_ms = 5000",
+        &route,
     );
-    let mut d = Daemon::start_local(&instance, &config);
     let [a, b, c] = keys;
 
     for (key, text) in [(a, "alpha"), (b, "beta")] {
@@ -577,7 +547,7 @@ auth = ["api_key"]
     assert_eq!(status, 503, "{v}");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("stateful") && message.contains("in use"),
+        message.contains("local") && message.contains("in use"),
         "{v}"
     );
     let (_, v) = call_as(port, a, "recall", serde_json::json!({}));

@@ -19,7 +19,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{Daemon, gateway_bin},
+    daemon::{Daemon, alive, gateway_bin},
     peers::{PyServer, free_port, post, raw, read_response},
     require_root, unique,
 };
@@ -83,12 +83,6 @@ impl Drop for Successor {
         }
         let _ = std::fs::remove_dir_all(&self.runtime);
     }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie is not serving: look at the state too.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
 }
 
 fn config(instance: &str, port: u16, admin: u16, up: u16, kernel: Option<&str>) -> String {
@@ -412,7 +406,10 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
         tally.closes.load(Ordering::Relaxed) > 0,
         "no keep-alive client was told `connection: close`"
     );
-    assert!(alive(pid), "the new gateway is not running; log:\n{log}");
+    assert!(
+        u32::try_from(pid).is_ok_and(alive),
+        "the new gateway is not running; log:\n{log}"
+    );
     assert!(ready(admin), "the new gateway is not ready");
     // Every reload applied: 10 by each process.
     assert_eq!(

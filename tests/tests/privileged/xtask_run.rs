@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use integration_tests::daemon::alive;
 use nix::{
     sys::signal::{Signal, kill, killpg},
     unistd::Pid,
@@ -34,15 +35,6 @@ fn children(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie has exited: only its parent's wait is missing.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
 }
 
 fn listening(port: u16) -> bool {
