@@ -17,7 +17,9 @@
 //! `rediss://` (never plaintext then); a Redis that lost its data (an `epoch` key gone) is
 //! re-seeded from what the hosts know rather than trusted at zero; with a fleet secret
 //! (`fleet_secret_env`) the session key is derived from the secret (Redis holds only a salt)
-//! and approvals carry a MAC, so a Redis writer without the secret cannot approve a tool.
+//! and approvals and bans carry a MAC, so a Redis writer without the secret can neither approve
+//! a tool nor ban an address (it can still delete what is there, and loosen or tighten the
+//! fleet-wide rates and budgets, which Redis counts).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -794,16 +796,55 @@ impl<B: Bans> Agent<B> {
     /// the control thread's ban path); a ban lifted here is lifted in the fleet.
     async fn exchange_bans(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let key = self.keys.bans();
-        let remote: HashMap<String, u64> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        // Read with the epoch, atomically: bans read from a Redis that lost its data since this
+        // round's budgets would look lifted everywhere; the next round re-seeds it instead.
+        // As text: a value this host cannot read is ignored, never a failed round.
+        let (epoch, remote): (Option<String>, HashMap<String, String>) = redis::pipe()
+            .atomic()
+            .get(self.keys.epoch())
+            .hgetall(&key)
+            .query_async(c)
+            .await?;
+        if epoch.is_none() || epoch != self.epoch {
+            return Ok(());
+        }
         let now = unix_ms();
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
         let mut remote_live: HashMap<IpAddr, u64> = HashMap::new();
+        // With a secret, a lift is a sealed `lifted:<end>` left until the ban's end, so that a
+        // ban deleted from Redis by someone without the secret is not lifted.
+        let mut lifted: HashSet<IpAddr> = HashSet::new();
         let mut ended: Vec<String> = Vec::new();
-        for (k, until) in remote {
-            match k.parse::<IpAddr>() {
-                Ok(ip) if until > now => {
+        // Bans in Redis not sealed with the fleet's secret (or unreadable): never applied.
+        let mut forged: HashSet<IpAddr> = HashSet::new();
+        for (k, raw) in remote {
+            let Ok(ip) = k.parse::<IpAddr>() else {
+                ended.push(k);
+                continue;
+            };
+            let value = open(secret, fleet, "bans", &k, &raw).and_then(|v| {
+                match v.strip_prefix("lifted:") {
+                    Some(until) if secret.is_some() => until.parse::<u64>().ok().map(|u| (u, true)),
+                    Some(_) => None,
+                    None => v.parse::<u64>().ok().map(|u| (u, false)),
+                }
+            });
+            match value {
+                Some((until, false)) if until > now => {
                     remote_live.insert(ip.to_canonical(), until);
                 }
-                _ => ended.push(k),
+                Some((until, true)) if until > now => {
+                    lifted.insert(ip.to_canonical());
+                }
+                Some(_) => ended.push(k),
+                None => {
+                    self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                    tracing::warn!(source = %ip, "fleet: a ban in Redis is not sealed with the fleet's secret (or unreadable); ignored");
+                    // Replaced below by this host's own ban if it has one, else removed.
+                    ended.push(k);
+                    forged.insert(ip.to_canonical());
+                }
             }
         }
         let local: HashMap<IpAddr, Duration> = self
@@ -820,7 +861,13 @@ impl<B: Bans> Agent<B> {
             if !local.contains_key(ip) {
                 if self.known_bans.contains(ip) {
                     // Known to the fleet, gone here: lifted by the operator here.
-                    pipe.hdel(&key, ip.to_string()).ignore();
+                    if secret.is_some() {
+                        let field = ip.to_string();
+                        let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
+                        pipe.hset(&key, field, lift).ignore();
+                    } else {
+                        pipe.hdel(&key, ip.to_string()).ignore();
+                    }
                     self.known_bans.remove(ip);
                     continue;
                 }
@@ -835,16 +882,35 @@ impl<B: Bans> Agent<B> {
         }
         let mut sent: HashSet<IpAddr> = HashSet::new();
         for (ip, left) in &local {
-            if !self.known_bans.contains(ip) && !remote_live.contains_key(ip) {
+            let known = self.known_bans.contains(ip);
+            // With a secret, a known ban gone from Redis without a sealed lift (and not about
+            // to end) was deleted by someone without the secret: published again, not lifted.
+            let deleted = secret.is_some()
+                && known
+                && !remote_live.contains_key(ip)
+                && !lifted.contains(ip)
+                && *left > Duration::from_secs(2);
+            if deleted && !forged.contains(ip) {
+                tracing::warn!(source = %ip, "fleet: a ban was deleted from Redis without a sealed lift; published again");
+            }
+            if forged.contains(ip) || deleted || !known && !remote_live.contains_key(ip) {
                 let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-                pipe.hset(&key, ip.to_string(), now.saturating_add(left))
-                    .ignore();
+                let field = ip.to_string();
+                let until = seal(
+                    secret,
+                    fleet,
+                    "bans",
+                    &field,
+                    &now.saturating_add(left).to_string(),
+                );
+                pipe.hset(&key, field, until).ignore();
                 self.known_bans.insert(*ip);
                 sent.insert(*ip);
                 self.shared.fleet.bans_sent.fetch_add(1, Relaxed);
             }
         }
-        // Known, gone from the fleet (lifted elsewhere, or ended): lifted here too.
+        // Known, gone from the fleet (lifted elsewhere, or ended; with a secret, by a sealed
+        // lift): lifted here too.
         let gone: Vec<IpAddr> = self
             .known_bans
             .iter()

@@ -48,10 +48,10 @@ pub struct RawState {
     #[serde(default)]
     pub redis_client_key_file: Option<String>,
     /// The environment variable holding the fleet's secret (at least 32 characters, the same
-    /// on every gateway of the fleet): the session key is derived from it and approvals in
-    /// Redis carry a MAC made with it, so that reading Redis does not give the session key and
-    /// writing Redis does not approve a tool. Unset: Redis is trusted with both (warned at
-    /// start).
+    /// on every gateway of the fleet): the session key is derived from it and approvals and
+    /// bans in Redis carry a MAC made with it, so that reading Redis does not give the session
+    /// key and writing Redis neither approves a tool nor bans an address. Unset: Redis is
+    /// trusted with all three (warned at start).
     #[serde(default)]
     pub fleet_secret_env: Option<String>,
 }
