@@ -558,7 +558,7 @@ async fn run_async(
     let state = config.state.clone();
     // A fleet seals session ids with one key, so that any of its gateways continues a session.
     let fleet_key = match &state.fleet {
-        Some(f) => crate::fleet::session_key(f).await,
+        Some(f) => crate::fleet::start(f).await.session_key,
         None => None,
     };
     let mut shared = Shared::new(config);

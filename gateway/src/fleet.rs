@@ -12,6 +12,14 @@
 //! published (leases, totals, the fleet mode) without locks. When Redis cannot be reached,
 //! rates fall back to this host's share (`limit ÷ live hosts`) and budgets refuse (unless
 //! `fleet_fail_open`); recovery is automatic at the next round that reaches Redis.
+//!
+//! Redis is a shared store, not a trusted one: the connection is TLS when the address is
+//! `rediss://` (never plaintext then); a Redis that lost its data (an `epoch` key gone) is
+//! re-seeded from what the hosts know rather than trusted at zero; with a fleet secret
+//! (`fleet_secret_env`) the session key is derived from the secret (Redis holds only a salt)
+//! and approvals and bans carry a MAC, so a Redis writer without the secret can neither approve
+//! a tool nor ban an address (it can still delete what is there, and loosen or tighten the
+//! fleet-wide rates and budgets, which Redis counts).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,10 +32,12 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac};
 use redis::aio::MultiplexedConnection;
+use sha2::Sha256;
 
 use crate::{
-    config::FleetConfig,
+    config::{FleetConfig, FleetSecret},
     policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED, MILLI},
     runtime::Shared,
 };
@@ -88,12 +98,24 @@ return out
 ";
 
 /// Adds this host's budget spend and answers every budget window's total: `KEYS[1]` the hash
-/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `ARGV[1]` `add` or `max`,
-/// then pairs of field and spend since the last round (`add`), or this host's whole count
-/// (`max`: after Redis came back, perhaps empty, each host offers what it knows and the
-/// highest is kept, never the sum). Windows that ended are deleted.
+/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `KEYS[2]` the fleet's epoch;
+/// `ARGV[1]` `add` or `max`, `ARGV[2]` the epoch this host knows, `ARGV[3]` an epoch to set if
+/// there is none, then pairs of field and spend since the last round (`add`), or this host's
+/// whole count (`max`: each host offers what it knows and the highest is kept, never the sum).
+/// An `add` against another epoch than the host's (Redis lost its data: FLUSHALL, eviction, a
+/// restart without persistence) changes nothing and answers `lost`: the host then offers its
+/// whole counts (`max`), so that spent budgets are not reopened. Otherwise answers the epoch,
+/// then pairs of field and total. Windows that ended are deleted.
 const BUDGETS: &str = r"
-for i = 2, #ARGV, 2 do
+local epoch = redis.call('GET', KEYS[2])
+if ARGV[1] == 'add' and epoch ~= ARGV[2] then
+  return {'lost'}
+end
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[2], epoch)
+end
+for i = 4, #ARGV, 2 do
   if ARGV[1] == 'max' then
     local have = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0
     if tonumber(ARGV[i + 1]) > have then
@@ -105,7 +127,7 @@ for i = 2, #ARGV, 2 do
 end
 local now = tonumber(redis.call('TIME')[1])
 local all = redis.call('HGETALL', KEYS[1])
-local out = {}
+local out = {epoch}
 for i = 1, #all, 2 do
   local ends = tonumber(string.match(all[i], '^(%d+)|'))
   if ends == nil or ends <= now then
@@ -116,6 +138,13 @@ for i = 1, #all, 2 do
   end
 end
 return out
+";
+
+/// The live hosts of the fleet (`KEYS[1]`, as [`HEARTBEAT`] keeps them), without beating.
+const LIVE_HOSTS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 ";
 
 /// Beats this host's heartbeat and answers how many hosts are live: `KEYS[1]` the set of
@@ -143,6 +172,11 @@ pub struct Stats {
     pub bans_received: AtomicU64,
     pub bans_sent: AtomicU64,
     pub approvals_received: AtomicU64,
+    /// Values found in Redis that this host ignored: not sealed with the fleet's secret (or
+    /// sealed when this host has none), or not readable.
+    pub unsealed_ignored: AtomicU64,
+    /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
+    pub reseeds: AtomicU64,
 }
 
 /// The control thread's bans, as the agent sees them.
@@ -166,8 +200,19 @@ impl Keys {
             prefix: format!("mcp-gateway:{fleet}"),
         }
     }
-    fn rate(&self, name: &str) -> String {
-        format!("{}:rate:{name}", self.prefix)
+    /// A rate's bucket, named with its settings: a changed limit (a reload, or hosts of a
+    /// rolling reload with different settings) counts in a fresh bucket of its own instead of
+    /// inheriting tokens refilled at another rate.
+    fn rate(&self, name: &str, rate: u64, burst: u64) -> String {
+        format!("{}:rate:{rate}/{burst}:{name}", self.prefix)
+    }
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+    /// With a fleet secret: the salt the session key is derived with (the key itself is never
+    /// in Redis).
+    fn session_salt(&self) -> String {
+        format!("{}:session-salt", self.prefix)
     }
     fn hosts(&self) -> String {
         format!("{}:hosts", self.prefix)
@@ -200,6 +245,36 @@ fn shown(url: &str) -> &str {
     url.rsplit_once('@').map_or(url, |(_, host)| host)
 }
 
+/// The client of the fleet's Redis: plaintext for `redis://`, TLS for `rediss://` (with the
+/// configured CA, else the system's roots, and perhaps a client certificate). A `rediss://`
+/// address never falls back to plaintext: a connection that cannot be made with TLS fails.
+pub fn client(fleet: &FleetConfig) -> Result<redis::Client, String> {
+    if !fleet.redis.starts_with("rediss://") {
+        return redis::Client::open(fleet.redis.as_str()).map_err(|e| e.to_string());
+    }
+    // The redis crate's rustls takes the process's provider; the gateway's is aws-lc-rs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let read = |file: &std::path::Path| {
+        std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))
+    };
+    let root_cert = fleet.ca_file.as_deref().map(read).transpose()?;
+    let client_tls = match &fleet.client_cert {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        fleet.redis.as_str(),
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 async fn connect(
     client: &redis::Client,
     round: Duration,
@@ -214,14 +289,142 @@ async fn connect(
         .await
 }
 
-/// The key that seals session ids, agreed by the fleet: the first gateway to reach Redis sets
-/// it, the others read it. `None` when Redis cannot be reached (this gateway then seals with a
-/// key of its own, and its sessions continue only through it).
-pub async fn session_key(fleet: &FleetConfig) -> Option<[u8; 32]> {
-    let client = redis::Client::open(fleet.redis.as_str()).ok()?;
+/// HMAC-SHA256 of `parts` under `key`, each part length-prefixed.
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    #[expect(
+        clippy::expect_used,
+        reason = "HMAC takes a key of any length: this cannot fail"
+    )]
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u64).to_be_bytes());
+        m.update(p);
+    }
+    m
+}
+
+/// The session key of a fleet with a secret: derived from the secret and a salt kept in
+/// Redis, so that who reads Redis cannot seal a session id.
+fn derive_session_key(secret: &FleetSecret, fleet: &str, salt: &str) -> [u8; 32] {
+    hmac(
+        &secret.0,
+        &[
+            b"mcp-gateway fleet session key v1",
+            fleet.as_bytes(),
+            salt.as_bytes(),
+        ],
+    )
+    .finalize()
+    .into_bytes()
+    .into()
+}
+
+/// The prefix of a value sealed with the fleet's secret.
+const SEALED: &str = "sealed1:";
+
+/// `value` as the fleet keeps it under `field` of `what`: with a secret, a MAC over the three
+/// comes first, so that a Redis writer without the secret cannot make one the hosts take.
+fn seal(secret: Option<&FleetSecret>, fleet: &str, what: &str, field: &str, value: &str) -> String {
+    match secret {
+        None => value.to_owned(),
+        Some(s) => {
+            let mac = hmac(
+                &s.0,
+                &[
+                    b"mcp-gateway fleet value v1",
+                    fleet.as_bytes(),
+                    what.as_bytes(),
+                    field.as_bytes(),
+                    value.as_bytes(),
+                ],
+            )
+            .finalize()
+            .into_bytes();
+            format!("{SEALED}{}:{value}", URL_SAFE_NO_PAD.encode(mac))
+        }
+    }
+}
+
+/// The value of a sealed `raw` (see [`seal`]), or `None` when it is not sealed with this
+/// fleet's secret (or is sealed and this host has no secret).
+fn open<'a>(
+    secret: Option<&FleetSecret>,
+    fleet: &str,
+    what: &str,
+    field: &str,
+    raw: &'a str,
+) -> Option<&'a str> {
+    match (secret, raw.strip_prefix(SEALED)) {
+        (None, None) => Some(raw),
+        (None, Some(_)) | (Some(_), None) => None,
+        (Some(s), Some(rest)) => {
+            let (mac, value) = rest.split_once(':')?;
+            let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
+            hmac(
+                &s.0,
+                &[
+                    b"mcp-gateway fleet value v1",
+                    fleet.as_bytes(),
+                    what.as_bytes(),
+                    field.as_bytes(),
+                    value.as_bytes(),
+                ],
+            )
+            .verify_slice(&mac)
+            .ok()?;
+            Some(value)
+        }
+    }
+}
+
+/// What a gateway learns from the fleet at start.
+#[derive(Debug)]
+pub struct Start {
+    /// The key that seals session ids, agreed by the fleet; `None` when Redis cannot be
+    /// reached (this gateway then seals with a key of its own, and its sessions continue only
+    /// through it).
+    pub session_key: Option<[u8; 32]>,
+    /// The live hosts of the fleet, this one included (2 when Redis cannot be reached): until
+    /// its first round, this gateway admits each fleet-wide rate at `limit ÷ hosts`.
+    pub hosts: u64,
+}
+
+/// The fleet at start: the session key (the first gateway to reach Redis sets it, or with a
+/// secret its salt; the others read it) and how many hosts are live.
+pub async fn start(fleet: &FleetConfig) -> Start {
+    if fleet.secret.is_none() {
+        tracing::warn!(
+            fleet = %fleet.name,
+            "fleet: no `[state] fleet_secret_env`: whoever reads this Redis can seal session ids, and whoever writes it can approve tools and ban addresses for every gateway of the fleet; keep Redis private, or set a fleet secret"
+        );
+    }
+    let unreachable = Start {
+        session_key: None,
+        hosts: 2,
+    };
+    let client = match client(fleet) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                redis = shown(&fleet.redis),
+                "fleet: Redis client refused: {e}"
+            );
+            return unreachable;
+        }
+    };
+    let keys = Keys::new(&fleet.name);
     let attempt = async {
         let mut conn = connect(&client, Duration::from_millis(250)).await?;
-        let key = Keys::new(&fleet.name).session_key();
+        let hosts: u64 = redis::cmd("EVAL")
+            .arg(LIVE_HOSTS)
+            .arg(1)
+            .arg(keys.hosts())
+            .query_async(&mut conn)
+            .await?;
+        let key = match fleet.secret {
+            Some(_) => keys.session_salt(),
+            None => keys.session_key(),
+        };
         let mine = URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key());
         let _: () = redis::cmd("SET")
             .arg(&key)
@@ -230,35 +433,42 @@ pub async fn session_key(fleet: &FleetConfig) -> Option<[u8; 32]> {
             .query_async(&mut conn)
             .await?;
         let agreed: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-        Ok::<_, redis::RedisError>(agreed)
+        Ok::<_, redis::RedisError>((agreed, hosts))
     };
     match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-        Ok(Ok(agreed)) => match URL_SAFE_NO_PAD
-            .decode(agreed.trim())
-            .ok()
-            .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        {
-            Some(key) => Some(key),
-            None => {
-                tracing::error!(
-                    "the fleet's session key in Redis is not 32 bytes in base64; sessions are sealed with this gateway's own key"
-                );
-                None
-            }
-        },
+        Ok(Ok((agreed, hosts))) => {
+            let hosts = hosts.saturating_add(1);
+            let session_key = match &fleet.secret {
+                Some(secret) => Some(derive_session_key(secret, &fleet.name, agreed.trim())),
+                None => match URL_SAFE_NO_PAD
+                    .decode(agreed.trim())
+                    .ok()
+                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                {
+                    Some(key) => Some(key),
+                    None => {
+                        tracing::error!(
+                            "the fleet's session key in Redis is not 32 bytes in base64; sessions are sealed with this gateway's own key"
+                        );
+                        None
+                    }
+                },
+            };
+            Start { session_key, hosts }
+        }
         Ok(Err(e)) => {
             tracing::warn!(
                 redis = shown(&fleet.redis),
                 "the fleet's session key could not be read ({e}); sessions are sealed with this gateway's own key and continue only through it"
             );
-            None
+            unreachable
         }
         Err(_) => {
             tracing::warn!(
                 redis = shown(&fleet.redis),
                 "the fleet's session key could not be read in time; sessions are sealed with this gateway's own key and continue only through it"
             );
-            None
+            unreachable
         }
     }
 }
@@ -278,6 +488,8 @@ struct Agent<B> {
     agreed_pins: HashMap<String, String>,
     /// Budgets are offered whole at the next round (Redis was lost, and may have lost them).
     resync: bool,
+    /// The fleet's epoch as this host last saw it (`None` before the first budget round).
+    epoch: Option<String>,
 }
 
 /// Runs the agent until the task is dropped.
@@ -289,11 +501,17 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             .unwrap_or_default(),
         std::process::id()
     );
-    let client = match redis::Client::open(fleet.redis.as_str()) {
+    let client = match client(&fleet) {
         Ok(c) => c,
         Err(e) => {
-            // Validated with the configuration: cannot happen.
-            tracing::error!("fleet: Redis address refused: {e}");
+            // The address was validated; a TLS file unreadable now: never plaintext instead.
+            tracing::error!(
+                redis = shown(&fleet.redis),
+                "fleet: Redis client refused: {e}"
+            );
+            shared.fleet.enabled.store(true, Relaxed);
+            shared.limits.set_fleet_fail_open(fleet.fail_open);
+            shared.limits.set_fleet(FLEET_FALLBACK, 1);
             return;
         }
     };
@@ -309,6 +527,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
         resync: true,
+        epoch: None,
     };
     tracing::info!(
         redis = shown(&agent.fleet.redis),
@@ -438,7 +657,13 @@ impl<B: Bans> Agent<B> {
             let cap = ((rate as f64 * round_s * 2.0).ceil() as u64).max(1);
             let want = (demand + 1).saturating_sub(lease.tokens()).min(cap);
             if want > 0 {
-                asks.push((key, self.keys.rate(&lease.name), rate, burst, want));
+                asks.push((
+                    key,
+                    self.keys.rate(&lease.name, rate, burst.max(1)),
+                    rate,
+                    burst,
+                    want,
+                ));
             }
         });
         self.shared.fleet.leases.store(leases, Relaxed);
@@ -494,9 +719,12 @@ impl<B: Bans> Agent<B> {
         let mut sent: HashMap<String, i64> = HashMap::new();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(BUDGETS)
-            .arg(1)
+            .arg(2)
             .arg(self.keys.budgets())
-            .arg(if self.resync { "max" } else { "add" });
+            .arg(self.keys.epoch())
+            .arg(if self.resync { "max" } else { "add" })
+            .arg(self.epoch.as_deref().unwrap_or(""))
+            .arg(URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key()));
         for count in &counts {
             if count.delta == 0 && !self.resync {
                 continue;
@@ -510,8 +738,34 @@ impl<B: Bans> Agent<B> {
                 sent.insert(f, count.delta);
             }
         }
-        let totals: Vec<(String, i64)> = cmd.query_async(c).await?;
+        let answer: Vec<String> = cmd.query_async(c).await?;
+        let mut answer = answer.into_iter();
+        let epoch = answer.next().unwrap_or_default();
+        if epoch == "lost" {
+            // Redis lost the fleet's state: offer whole counts (the highest is kept, so a spent
+            // budget stays spent) and publish again what this host knows.
+            tracing::warn!(
+                redis = shown(&self.fleet.redis),
+                "fleet: Redis lost the fleet's state (its epoch is gone or changed); budgets, bans and approvals are published again from here"
+            );
+            self.shared.fleet.reseeds.fetch_add(1, Relaxed);
+            self.resync = true;
+            self.known_bans.clear();
+            self.agreed_pins.clear();
+            return Box::pin(self.budgets(c)).await;
+        }
+        if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
+            // Another host re-seeded a Redis that lost its data: publish again from here too.
+            self.shared.fleet.reseeds.fetch_add(1, Relaxed);
+            self.known_bans.clear();
+            self.agreed_pins.clear();
+        }
+        self.epoch = Some(epoch);
         self.resync = false;
+        let mut totals = Vec::new();
+        while let (Some(f), Some(t)) = (answer.next(), answer.next()) {
+            totals.push((f, t.parse::<i64>().unwrap_or(0)));
+        }
         for (f, total) in totals {
             let mut parts = f.splitn(4, '|');
             let (Some(_), Some(len_s), Some(window), Some(what)) =
@@ -542,16 +796,55 @@ impl<B: Bans> Agent<B> {
     /// the control thread's ban path); a ban lifted here is lifted in the fleet.
     async fn exchange_bans(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let key = self.keys.bans();
-        let remote: HashMap<String, u64> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        // Read with the epoch, atomically: bans read from a Redis that lost its data since this
+        // round's budgets would look lifted everywhere; the next round re-seeds it instead.
+        // As text: a value this host cannot read is ignored, never a failed round.
+        let (epoch, remote): (Option<String>, HashMap<String, String>) = redis::pipe()
+            .atomic()
+            .get(self.keys.epoch())
+            .hgetall(&key)
+            .query_async(c)
+            .await?;
+        if epoch.is_none() || epoch != self.epoch {
+            return Ok(());
+        }
         let now = unix_ms();
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
         let mut remote_live: HashMap<IpAddr, u64> = HashMap::new();
+        // With a secret, a lift is a sealed `lifted:<end>` left until the ban's end, so that a
+        // ban deleted from Redis by someone without the secret is not lifted.
+        let mut lifted: HashSet<IpAddr> = HashSet::new();
         let mut ended: Vec<String> = Vec::new();
-        for (k, until) in remote {
-            match k.parse::<IpAddr>() {
-                Ok(ip) if until > now => {
+        // Bans in Redis not sealed with the fleet's secret (or unreadable): never applied.
+        let mut forged: HashSet<IpAddr> = HashSet::new();
+        for (k, raw) in remote {
+            let Ok(ip) = k.parse::<IpAddr>() else {
+                ended.push(k);
+                continue;
+            };
+            let value = open(secret, fleet, "bans", &k, &raw).and_then(|v| {
+                match v.strip_prefix("lifted:") {
+                    Some(until) if secret.is_some() => until.parse::<u64>().ok().map(|u| (u, true)),
+                    Some(_) => None,
+                    None => v.parse::<u64>().ok().map(|u| (u, false)),
+                }
+            });
+            match value {
+                Some((until, false)) if until > now => {
                     remote_live.insert(ip.to_canonical(), until);
                 }
-                _ => ended.push(k),
+                Some((until, true)) if until > now => {
+                    lifted.insert(ip.to_canonical());
+                }
+                Some(_) => ended.push(k),
+                None => {
+                    self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                    tracing::warn!(source = %ip, "fleet: a ban in Redis is not sealed with the fleet's secret (or unreadable); ignored");
+                    // Replaced below by this host's own ban if it has one, else removed.
+                    ended.push(k);
+                    forged.insert(ip.to_canonical());
+                }
             }
         }
         let local: HashMap<IpAddr, Duration> = self
@@ -568,7 +861,13 @@ impl<B: Bans> Agent<B> {
             if !local.contains_key(ip) {
                 if self.known_bans.contains(ip) {
                     // Known to the fleet, gone here: lifted by the operator here.
-                    pipe.hdel(&key, ip.to_string()).ignore();
+                    if secret.is_some() {
+                        let field = ip.to_string();
+                        let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
+                        pipe.hset(&key, field, lift).ignore();
+                    } else {
+                        pipe.hdel(&key, ip.to_string()).ignore();
+                    }
                     self.known_bans.remove(ip);
                     continue;
                 }
@@ -583,16 +882,35 @@ impl<B: Bans> Agent<B> {
         }
         let mut sent: HashSet<IpAddr> = HashSet::new();
         for (ip, left) in &local {
-            if !self.known_bans.contains(ip) && !remote_live.contains_key(ip) {
+            let known = self.known_bans.contains(ip);
+            // With a secret, a known ban gone from Redis without a sealed lift (and not about
+            // to end) was deleted by someone without the secret: published again, not lifted.
+            let deleted = secret.is_some()
+                && known
+                && !remote_live.contains_key(ip)
+                && !lifted.contains(ip)
+                && *left > Duration::from_secs(2);
+            if deleted && !forged.contains(ip) {
+                tracing::warn!(source = %ip, "fleet: a ban was deleted from Redis without a sealed lift; published again");
+            }
+            if forged.contains(ip) || deleted || !known && !remote_live.contains_key(ip) {
                 let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-                pipe.hset(&key, ip.to_string(), now.saturating_add(left))
-                    .ignore();
+                let field = ip.to_string();
+                let until = seal(
+                    secret,
+                    fleet,
+                    "bans",
+                    &field,
+                    &now.saturating_add(left).to_string(),
+                );
+                pipe.hset(&key, field, until).ignore();
                 self.known_bans.insert(*ip);
                 sent.insert(*ip);
                 self.shared.fleet.bans_sent.fetch_add(1, Relaxed);
             }
         }
-        // Known, gone from the fleet (lifted elsewhere, or ended): lifted here too.
+        // Known, gone from the fleet (lifted elsewhere, or ended; with a secret, by a sealed
+        // lift): lifted here too.
         let gone: Vec<IpAddr> = self
             .known_bans
             .iter()
@@ -620,15 +938,30 @@ impl<B: Bans> Agent<B> {
             redis::cmd("HGETALL").arg(&key).query_async(c).await?;
         let mut pipe = redis::pipe();
         let mut any = false;
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
         for (name, pin) in self.shared.pins.snapshot() {
-            let theirs = remote
-                .get(&name)
+            let raw = remote.get(&name);
+            let theirs = raw
+                .and_then(|r| open(secret, fleet, "pins", &name, r))
                 .and_then(|j| serde_json::from_str::<crate::policy::pins::Pin>(j).ok());
+            let forged = raw.is_some() && theirs.is_none();
+            if forged {
+                // Not sealed with the fleet's secret (or unreadable): ignored, and replaced by
+                // what this host knows.
+                self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                tracing::warn!(tool = %name, "fleet: a pin in Redis is not sealed with the fleet's secret (or unreadable); ignored");
+            }
             let agreed = self.agreed_pins.get(&name);
             match theirs {
                 None => {
                     if let Ok(j) = serde_json::to_string(&strip(&pin)) {
-                        pipe.hset_nx(&key, &name, j).ignore();
+                        let j = seal(secret, fleet, "pins", &name, &j);
+                        if forged {
+                            pipe.hset(&key, &name, j).ignore();
+                        } else {
+                            pipe.hset_nx(&key, &name, j).ignore();
+                        }
                         any = true;
                     }
                     self.agreed_pins.insert(name, pin.approved.clone());
@@ -641,6 +974,7 @@ impl<B: Bans> Agent<B> {
                     if changed_here || pin.configured.is_some() {
                         // Approved here since the last agreement: the fleet takes it.
                         if let Ok(j) = serde_json::to_string(&strip(&pin)) {
+                            let j = seal(secret, fleet, "pins", &name, &j);
                             pipe.hset(&key, &name, j).ignore();
                             any = true;
                         }
@@ -687,7 +1021,7 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
         return;
     }
     let fallback = limits.fleet_mode() == FLEET_FALLBACK;
-    let lines: [(&str, &str, &str, String); 10] = [
+    let lines: [(&str, &str, &str, String); 12] = [
         (
             "mcp_gateway_fleet_connected",
             "gauge",
@@ -750,6 +1084,18 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
             "counter",
             "Tool approvals made by another gateway of the fleet, taken here.",
             stats.approvals_received.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_unsealed_ignored_total",
+            "counter",
+            "Values in Redis ignored here: not sealed with the fleet's secret, or unreadable.",
+            stats.unsealed_ignored.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_reseeds_total",
+            "counter",
+            "Times Redis had lost the fleet's state and was published again from here.",
+            stats.reseeds.load(Relaxed).to_string(),
         ),
     ];
     for (name, kind, help, value) in lines {

@@ -321,9 +321,34 @@ fn a_fleet_needs_a_redis_address_and_sane_settings() {
         (f.name.as_str(), f.round.as_millis(), f.fail_open),
         ("edge", 25, false)
     );
+    let tls = Config::from_toml(&format!(
+        "{MINIMAL}[state]\nredis = 'rediss://127.0.0.1:6380/0'\nredis_ca_file = '/etc/hostname'\n"
+    ))
+    .unwrap();
+    let f = tls.state.fleet.expect("a fleet over TLS");
+    assert_eq!(
+        f.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/hostname"))
+    );
     for (key, extra) in [
-        ("state.redis", "redis = 'rediss://127.0.0.1/'"),
         ("state.redis", "redis = 'http://127.0.0.1/'"),
+        ("state.redis", "redis = 'rediss://127.0.0.1/#insecure'"),
+        (
+            "state.redis_ca_file",
+            "redis = 'redis://127.0.0.1/'\nredis_ca_file = '/etc/hostname'",
+        ),
+        (
+            "state.redis_ca_file",
+            "redis = 'rediss://127.0.0.1/'\nredis_ca_file = '/nonexistent/ca.pem'",
+        ),
+        (
+            "state.redis_client_cert_file",
+            "redis = 'rediss://127.0.0.1/'\nredis_client_cert_file = '/etc/hostname'",
+        ),
+        (
+            "state.fleet_secret_env",
+            "redis = 'redis://127.0.0.1/'\nfleet_secret_env = 'MCP_GATEWAY_TEST_UNSET_SECRET'",
+        ),
         ("state.fleet", "redis = 'redis://127.0.0.1/'\nfleet = 'a b'"),
         (
             "state.fleet_round_ms",

@@ -36,6 +36,24 @@ pub struct RawState {
     /// With Redis unreachable, budgets admit on this host's own counts instead of refusing.
     #[serde(default)]
     pub fleet_fail_open: bool,
+    /// With `rediss://`: the CA (PEM) that signed Redis's certificate, for a private CA
+    /// (default: the system's roots). The connection is TLS or nothing, never plaintext.
+    #[serde(default)]
+    pub redis_ca_file: Option<String>,
+    /// With `rediss://`: this gateway's client certificate (PEM) for a Redis that asks for
+    /// one (`tls-auth-clients`); needs `redis_client_key_file`.
+    #[serde(default)]
+    pub redis_client_cert_file: Option<String>,
+    /// With `rediss://`: the private key (PEM) of `redis_client_cert_file`.
+    #[serde(default)]
+    pub redis_client_key_file: Option<String>,
+    /// The environment variable holding the fleet's secret (at least 32 characters, the same
+    /// on every gateway of the fleet): the session key is derived from it and approvals and
+    /// bans in Redis carry a MAC made with it, so that reading Redis does not give the session
+    /// key and writing Redis neither approves a tool nor bans an address. Unset: Redis is
+    /// trusted with all three (warned at start).
+    #[serde(default)]
+    pub fleet_secret_env: Option<String>,
 }
 
 /// The validated `[state]`.
@@ -55,7 +73,25 @@ pub struct FleetConfig {
     pub name: String,
     pub round: Duration,
     pub fail_open: bool,
+    /// `rediss://`: the CA and client certificate files (read when the agent connects).
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The fleet's secret, read from `fleet_secret_env` at validation.
+    pub secret: Option<FleetSecret>,
 }
+
+/// The fleet's secret (SHA-256 of the environment variable's value); never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetSecret(pub [u8; 32]);
+
+impl std::fmt::Debug for FleetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetSecret(<redacted>)")
+    }
+}
+
+/// The shortest fleet secret accepted, in bytes.
+const MIN_SECRET: usize = 32;
 
 /// Where the store lives when `[state] path` is not given (and systemd did not name a state
 /// directory).
@@ -95,12 +131,76 @@ impl RawState {
             None => None,
             Some(url) => {
                 let scheme = url.split_once("://").map(|(s, _)| s);
-                if scheme != Some("redis") {
+                let tls = scheme == Some("rediss");
+                if scheme != Some("redis") && !tls {
                     return Err(invalid(
                         "state.redis",
-                        "must be a `redis://host:port[/db]` address (`rediss://` is not supported yet)",
+                        "must be a `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS) address",
                     ));
                 }
+                if url.contains('#') {
+                    // `#insecure` would ask the client not to verify Redis's certificate.
+                    return Err(invalid(
+                        "state.redis",
+                        "must not carry a `#` fragment (certificates are always verified)",
+                    ));
+                }
+                let ca_file = self.redis_ca_file.as_ref().map(PathBuf::from);
+                let client_cert = match (&self.redis_client_cert_file, &self.redis_client_key_file)
+                {
+                    (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(invalid(
+                            "state.redis_client_cert_file",
+                            "needs `redis_client_key_file`, and the other way round",
+                        ));
+                    }
+                };
+                if !tls && (ca_file.is_some() || client_cert.is_some()) {
+                    return Err(invalid(
+                        "state.redis_ca_file",
+                        "the Redis TLS settings need a `rediss://` address",
+                    ));
+                }
+                for (field, file) in [
+                    ("state.redis_ca_file", ca_file.as_ref()),
+                    (
+                        "state.redis_client_cert_file",
+                        client_cert.as_ref().map(|c| &c.0),
+                    ),
+                    (
+                        "state.redis_client_key_file",
+                        client_cert.as_ref().map(|c| &c.1),
+                    ),
+                ] {
+                    if let Some(file) = file
+                        && let Err(e) = std::fs::metadata(file)
+                    {
+                        return Err(invalid(field, format!("{}: {e}", file.display())));
+                    }
+                }
+                let secret = match &self.fleet_secret_env {
+                    None => None,
+                    Some(var) => match std::env::var(var) {
+                        Ok(v) if v.len() >= MIN_SECRET => {
+                            use sha2::Digest as _;
+                            Some(FleetSecret(sha2::Sha256::digest(v.as_bytes()).into()))
+                        }
+                        Ok(_) => {
+                            return Err(invalid(
+                                "state.fleet_secret_env",
+                                format!("`{var}` holds fewer than {MIN_SECRET} characters"),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(invalid(
+                                "state.fleet_secret_env",
+                                format!("`{var}` is not set in the environment"),
+                            ));
+                        }
+                    },
+                };
                 if let Err(e) = redis::Client::open(url.as_str()) {
                     return Err(invalid("state.redis", format!("not a Redis address: {e}")));
                 }
@@ -128,11 +228,20 @@ impl RawState {
                     name,
                     round: Duration::from_millis(round),
                     fail_open: self.fleet_fail_open,
+                    ca_file,
+                    client_cert,
+                    secret,
                 })
             }
         };
         if self.redis.is_none()
-            && (self.fleet.is_some() || self.fleet_round_ms.is_some() || self.fleet_fail_open)
+            && (self.fleet.is_some()
+                || self.fleet_round_ms.is_some()
+                || self.fleet_fail_open
+                || self.redis_ca_file.is_some()
+                || self.redis_client_cert_file.is_some()
+                || self.redis_client_key_file.is_some()
+                || self.fleet_secret_env.is_some())
         {
             return Err(invalid(
                 "state.fleet",

@@ -3,7 +3,10 @@
 //! fleet, a budget spent on one gateway is refused on another, an approval made on one unhides
 //! the tool on another, a ban made on one reaches the others, a federated session opened
 //! through one continues through another; Redis killed and started again mid-run: rates fall
-//! back to each gateway's share and budgets fail closed, then all recovers by itself.
+//! back to each gateway's share and budgets fail closed, then all recovers by itself. Over
+//! `rediss://` only with the right CA, never in plaintext; a Redis flushed mid-run is re-seeded
+//! (the highest count, not the sum); with a fleet secret, approvals and bans written into Redis
+//! without it are ignored.
 
 use std::{
     process::{Command, Stdio},
@@ -19,13 +22,17 @@ use serde_json::{Value, json};
 use integration_tests::{
     daemon::Daemon,
     peers::{KillOnDrop, PyServer, free_port, post, raw, wait_port},
+    pki::{Issued, KeyKind, Pki},
     unique,
 };
 
 /// A `redis-server` of the test's own on loopback (no persistence: a restart forgets all, the
-/// hardest case for the fleet), killed on drop.
+/// hardest case for the fleet), killed on drop; with TLS, it listens on its TLS port only (no
+/// plaintext port at all).
 struct Redis {
     port: u16,
+    /// `--tls-*` arguments of the server, and `redis-cli`'s to reach it.
+    tls: Option<(Vec<String>, Vec<String>)>,
     child: Option<KillOnDrop>,
 }
 
@@ -33,6 +40,40 @@ impl Redis {
     fn start() -> Self {
         let mut r = Self {
             port: free_port(),
+            tls: None,
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    /// Over TLS only, with `server`'s certificate, asking clients for a certificate of `pki`'s
+    /// CA (`cli`: the client certificate `redis-cli` uses).
+    fn start_tls(pki: &Pki, server: &Issued, cli: &Issued) -> Self {
+        let p = |f: &std::path::Path| f.display().to_string();
+        let mut r = Self {
+            port: free_port(),
+            tls: Some((
+                vec![
+                    "--tls-cert-file".into(),
+                    p(&server.cert),
+                    "--tls-key-file".into(),
+                    p(&server.key),
+                    "--tls-ca-cert-file".into(),
+                    p(&pki.ca),
+                    "--tls-auth-clients".into(),
+                    "yes".into(),
+                ],
+                vec![
+                    "--tls".into(),
+                    "--cacert".into(),
+                    p(&pki.ca),
+                    "--cert".into(),
+                    p(&cli.cert),
+                    "--key".into(),
+                    p(&cli.key),
+                ],
+            )),
             child: None,
         };
         r.up();
@@ -40,10 +81,17 @@ impl Redis {
     }
 
     fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
+        let port = self.port.to_string();
+        let mut args: Vec<String> = match &self.tls {
+            None => vec!["--port".into(), port],
+            Some((server, _)) => {
+                let mut a = vec!["--port".into(), "0".into(), "--tls-port".into(), port];
+                a.extend(server.iter().cloned());
+                a
+            }
+        };
+        args.extend(
+            [
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -52,7 +100,11 @@ impl Redis {
                 "no",
                 "--protected-mode",
                 "no",
-            ])
+            ]
+            .map(String::from),
+        );
+        let child = Command::new("redis-server")
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,6 +116,34 @@ impl Redis {
     fn kill(&mut self) {
         self.child = None;
     }
+
+    fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// `redis-cli` against this server (at most 10 s): its output.
+    fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("timeout");
+        cmd.args([
+            "10",
+            "redis-cli",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+        ]);
+        if let Some((_, cli)) = &self.tls {
+            cmd.args(cli);
+        }
+        let out = cmd.args(args).output().expect("run redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 struct Fleet {
@@ -71,6 +151,31 @@ struct Fleet {
     gateways: Vec<Gw>,
     upstream: Option<PyServer>,
     up_port: u16,
+    name: String,
+    settings: Settings,
+}
+
+/// What every gateway of a fleet is started with.
+#[derive(Clone)]
+struct Settings {
+    rate: u64,
+    burst: u64,
+    budget: bool,
+    /// More of `[state]` (TLS files, the fleet secret's variable).
+    state_extra: String,
+    env: Vec<(String, String)>,
+}
+
+impl Settings {
+    fn new(rate: u64, burst: u64, budget: bool) -> Self {
+        Self {
+            rate,
+            burst,
+            budget,
+            state_extra: String::new(),
+            env: Vec::new(),
+        }
+    }
 }
 
 struct Gw {
@@ -90,11 +195,12 @@ fn config(
     port: u16,
     admin: u16,
     up_port: u16,
-    redis: u16,
+    redis: &str,
     fleet: &str,
     rate: u64,
     burst: u64,
     budget: bool,
+    state_extra: &str,
 ) -> String {
     let budget = if budget {
         "budget = { window_s = 1000000000, tenant = 5 }"
@@ -131,8 +237,9 @@ path = "/fed"
 federate = [{{ upstream = "u0", prefix = "" }}]
 [state]
 path = "{state}"
-redis = "redis://127.0.0.1:{redis}/"
+redis = "{redis}"
 fleet = "{fleet}"
+{state_extra}
 "#,
         state = std::env::temp_dir()
             .join(format!("{instance}.state"))
@@ -142,41 +249,75 @@ fleet = "{fleet}"
 
 impl Fleet {
     fn start(rate: u64, burst: u64, budget: bool) -> Self {
-        let redis = Redis::start();
+        Self::start_with(Redis::start(), 3, Settings::new(rate, burst, budget))
+    }
+
+    /// `n` gateways sharing `redis`.
+    fn start_with(redis: Redis, n: usize, settings: Settings) -> Self {
         let up_port = free_port();
         let upstream = PyServer::start_on(up_port, &[]);
-        let fleet = unique("fl");
-        let gateways = (0..3)
-            .map(|i| {
-                let (port, admin) = (free_port(), free_port());
-                let instance = unique(&format!("gwfleet{i}"));
-                let daemon = Daemon::start_local(
-                    &instance,
-                    &config(
-                        &instance, port, admin, up_port, redis.port, &fleet, rate, burst, budget,
-                    ),
-                );
-                Gw {
-                    daemon,
-                    port,
-                    admin,
-                }
-            })
-            .collect();
-        let f = Self {
+        let mut f = Self {
             redis,
-            gateways,
+            gateways: Vec::new(),
             upstream: Some(upstream),
             up_port,
+            name: unique("fl"),
+            settings,
         };
-        f.wait_metric_all("mcp_gateway_fleet_hosts_live", 3.0);
+        for _ in 0..n {
+            let g = f.gateway(&f.settings.clone());
+            f.gateways.push(g);
+        }
+        f.wait_metric_all("mcp_gateway_fleet_hosts_live", n as f64);
         f
+    }
+
+    /// A gateway of this fleet started with `settings` (not added to the fleet's list).
+    fn gateway(&self, settings: &Settings) -> Gw {
+        self.gateway_at(settings, &self.redis.url())
+    }
+
+    /// A gateway of this fleet's name that reaches Redis at `url`.
+    fn gateway_at(&self, settings: &Settings, url: &str) -> Gw {
+        let (port, admin) = (free_port(), free_port());
+        let instance = unique("gwfleet");
+        let env: Vec<(&str, &str)> = settings
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let daemon = Daemon::start_local_with_env(
+            &instance,
+            &config(
+                &instance,
+                port,
+                admin,
+                self.up_port,
+                url,
+                &self.name,
+                settings.rate,
+                settings.burst,
+                settings.budget,
+                &settings.state_extra,
+            ),
+            &env,
+        );
+        Gw {
+            daemon,
+            port,
+            admin,
+        }
     }
 
     fn wait_metric_all(&self, name: &str, value: f64) {
         for g in &self.gateways {
             wait_metric(g.admin, name, value);
         }
+    }
+
+    /// A Redis key of this fleet.
+    fn key(&self, what: &str) -> String {
+        format!("mcp-gateway:{}:{what}", self.name)
     }
 }
 
@@ -284,6 +425,7 @@ fn load(fleet: &Fleet, span: Duration) -> Vec<u64> {
 const RATE_LIMITED: i64 = -32042;
 const BUDGET_EXHAUSTED: i64 = -32043;
 const STATE_UNAVAILABLE: i64 = -32047;
+const PENDING_APPROVAL: i64 = -32046;
 
 /// Admitted over `span` at `rate`/s: within `tolerance` (a fraction) of `rate × span`.
 fn assert_rate(what: &str, admitted: u64, rate: u64, span: Duration, tolerance: f64) {
@@ -378,29 +520,7 @@ fn a_budget_spent_on_one_gateway_is_refused_on_another_and_fails_closed_without_
     // Redis gone: budgets cannot be checked, and fail closed with a clear error.
     fleet.redis.kill();
     fleet.wait_metric_all("mcp_gateway_fleet_fallback_active", 1.0);
-    let body = json!({
-        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": "add", "arguments": {"a": 1, "b": 2}, "_meta": meta()},
-    })
-    .to_string();
-    let r = raw(
-        c,
-        &post(
-            "/mcp",
-            &body,
-            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\n",
-        ),
-    )
-    .0;
-    assert_eq!(r.status, 503, "{r:?}");
-    let j = r.json();
-    assert_eq!(j["error"]["code"].as_i64(), Some(STATE_UNAVAILABLE), "{j}");
-    assert!(
-        j["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("Redis") && m.contains("unreachable")),
-        "{j}"
-    );
+    assert_state_unavailable(c);
 
     // Redis back, empty: the gateways offer what they know, and the spend is not forgotten
     // (nor counted three times: a new gateway of the fleet learns 5 of 5).
@@ -673,4 +793,435 @@ enabled = false
     assert!(connects(GAMMA), "others unaffected");
     peer.stop();
     drop(edge);
+}
+
+/// `[state]` lines for a fleet over TLS: the CA that checks Redis's certificate and this
+/// gateway's client certificate.
+fn tls_state(ca: &std::path::Path, client: &Issued) -> String {
+    format!(
+        "redis_ca_file = \"{}\"\nredis_client_cert_file = \"{}\"\nredis_client_key_file = \"{}\"\n",
+        ca.display(),
+        client.cert.display(),
+        client.key.display()
+    )
+}
+
+/// A budgeted `tools/call` refused because the fleet's state cannot be reached: 503 with the
+/// JSON-RPC error that says so.
+fn assert_state_unavailable(port: u16) {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "add", "arguments": {"a": 1, "b": 2}, "_meta": meta()},
+    })
+    .to_string();
+    let r = raw(
+        port,
+        &post(
+            "/mcp",
+            &body,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\n",
+        ),
+    )
+    .0;
+    assert_eq!(r.status, 503, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["error"]["code"].as_i64(), Some(STATE_UNAVAILABLE), "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Redis") && m.contains("unreachable")),
+        "{j}"
+    );
+}
+
+#[test]
+fn a_fleet_over_rediss_shares_a_budget_and_never_connects_with_a_wrong_ca_nor_in_plaintext() {
+    let pki = Pki::new("fleet-redis");
+    let server = pki.server("redis", &["127.0.0.1"], KeyKind::EcdsaP256);
+    let client = pki.client("gateway", "gateway", None);
+    // Redis on a TLS port only, asking every client for a certificate of the test's CA.
+    let redis = Redis::start_tls(&pki, &server, &client);
+    let mut settings = Settings::new(1000, 1000, true);
+    settings.state_extra = tls_state(&pki.ca, &client);
+    let mut fleet = Fleet::start_with(redis, 2, settings.clone());
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    fleet.wait_metric_all("mcp_gateway_fleet_connected", 1.0);
+    assert_eq!(
+        fleet.redis.cli(&["ZCARD", &fleet.key("hosts")]).trim(),
+        "2",
+        "both gateways beat in the TLS-only Redis"
+    );
+    for _ in 0..5 {
+        assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
+        // Spaced by two rounds: a fleet-wide rate's lease holds only the last round's demand
+        // plus one, so calls in a quick row after an idle spell meet 429 despite the burst.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for port in [b, a] {
+        assert_eq!(
+            call(port, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "5 of 5 spent on A over TLS: refused on :{port}"
+        );
+    }
+
+    // A gateway that trusts another CA: Redis's certificate is refused, and it never connects.
+    let other = Pki::new("fleet-other");
+    let mut wrong = settings.clone();
+    wrong.state_extra = tls_state(&other.ca, &client);
+    let mut bad = fleet.gateway(&wrong);
+    wait_metric(bad.admin, "mcp_gateway_fleet_fallback_active", 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(metric(bad.admin, "mcp_gateway_fleet_connected"), 0.0);
+    assert!(metric(bad.admin, "mcp_gateway_fleet_round_failures_total") >= 5.0);
+    let log = bad.daemon.log();
+    assert!(
+        log.contains("Redis unreachable") && log.to_lowercase().contains("certificate"),
+        "the log says why: {log}"
+    );
+    assert_state_unavailable(bad.port);
+    assert_eq!(
+        fleet.redis.cli(&["ZCARD", &fleet.key("hosts")]).trim(),
+        "2",
+        "the gateway with the wrong CA never beat"
+    );
+
+    // `rediss://` to a Redis that speaks plaintext only: no fallback to plaintext, nothing is
+    // written there.
+    let plain = Redis::start();
+    let mut to_plain = fleet.gateway_at(&settings, &format!("rediss://127.0.0.1:{}/", plain.port));
+    wait_metric(to_plain.admin, "mcp_gateway_fleet_fallback_active", 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(metric(to_plain.admin, "mcp_gateway_fleet_connected"), 0.0);
+    assert_state_unavailable(to_plain.port);
+    assert_eq!(
+        plain.cli(&["DBSIZE"]).trim(),
+        "0",
+        "nothing reached the plaintext Redis"
+    );
+    bad.daemon.stop();
+    to_plain.daemon.stop();
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+/// `HGETALL` of `key` as (field, value) pairs.
+fn hgetall(redis: &Redis, key: &str) -> Vec<(String, String)> {
+    let out = redis.cli(&["HGETALL", key]);
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|p| p.len() == 2)
+        .map(|p| (p[0].to_owned(), p[1].to_owned()))
+        .collect()
+}
+
+fn ban(admin: u16, ip: &str) {
+    let body = format!(r#"{{"address":"{ip}","seconds":600}}"#);
+    let req = format!(
+        "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (r, _) = raw(admin, req.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// Waits up to `within` for `f`.
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_again() {
+    let mut fleet = Fleet::start(1000, 1000, true);
+    let ports: Vec<u16> = fleet.gateways.iter().map(|g| g.port).collect();
+    for _ in 0..3 {
+        assert_eq!(call(ports[0], "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        assert_eq!(call(ports[1], "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for p in &ports {
+        assert_eq!(
+            call(*p, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED))
+        );
+    }
+    ban(fleet.gateways[1].admin, "198.18.7.8");
+    let bans_key = fleet.key("bans");
+    wait_for("the ban in Redis", Duration::from_secs(2), || {
+        hgetall(&fleet.redis, &bans_key)
+            .iter()
+            .any(|(ip, _)| ip == "198.18.7.8")
+    });
+    let budgets_key = fleet.key("budgets");
+    let spent = |redis: &Redis| -> Vec<String> {
+        hgetall(redis, &budgets_key)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    };
+    assert_eq!(spent(&fleet.redis), ["5"], "one budget, 5 spent");
+    for g in &fleet.gateways {
+        assert_eq!(metric(g.admin, "mcp_gateway_fleet_reseeds_total"), 0.0);
+    }
+
+    // Redis loses everything while the fleet runs.
+    assert_eq!(fleet.redis.cli(&["FLUSHALL"]).trim(), "OK");
+    for g in &fleet.gateways {
+        wait_for(
+            "every gateway notices the loss",
+            Duration::from_secs(5),
+            || metric(g.admin, "mcp_gateway_fleet_reseeds_total") >= 1.0,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Each gateway offered its whole count (5): the highest is kept, not the sum (15).
+    assert_eq!(spent(&fleet.redis), ["5"], "re-seeded with the max");
+    assert_eq!(
+        fleet.redis.cli(&["EXISTS", &fleet.key("epoch")]).trim(),
+        "1"
+    );
+    for p in &ports {
+        assert_eq!(
+            call(*p, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "still spent after the flush on :{p}"
+        );
+    }
+    wait_for("the ban published again", Duration::from_secs(2), || {
+        hgetall(&fleet.redis, &bans_key)
+            .iter()
+            .any(|(ip, _)| ip == "198.18.7.8")
+    });
+
+    // A gateway that starts after the flush learns both.
+    let mut late = fleet.gateway(&fleet.settings.clone());
+    wait_for(
+        "the ban reaches the late gateway",
+        Duration::from_secs(3),
+        || bans(late.admin).to_string().contains("198.18.7.8"),
+    );
+    assert_eq!(
+        call(late.port, "add", json!({"a": 1, "b": 2})),
+        (429, Some(BUDGET_EXHAUSTED)),
+        "5 of 5 learned by a gateway that started after the flush"
+    );
+    assert_eq!(spent(&fleet.redis), ["5"]);
+    late.daemon.stop();
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+const SECRET_VAR: &str = "MCP_GATEWAY_TEST_FLEET_SECRET";
+
+/// The sum of `name` over the fleet's gateways.
+fn metric_sum(fleet: &Fleet, name: &str) -> f64 {
+    fleet.gateways.iter().map(|g| metric(g.admin, name)).sum()
+}
+
+#[test]
+fn with_a_fleet_secret_approvals_and_bans_forged_in_redis_are_ignored_and_real_ones_spread() {
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+    settings.env = vec![(
+        SECRET_VAR.to_owned(),
+        unique("a-fleet-secret-of-at-least-32-characters"),
+    )];
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let ports: Vec<u16> = fleet.gateways.iter().map(|g| g.port).collect();
+    for p in &ports {
+        assert!(echo_listed(*p), "first sight: shown");
+    }
+    let pins_key = fleet.key("pins");
+    wait_for("the pins sealed in Redis", Duration::from_secs(3), || {
+        let pins = hgetall(&fleet.redis, &pins_key);
+        pins.iter().any(|(k, _)| k == "u0/echo")
+            && pins.iter().all(|(_, v)| v.starts_with("sealed1:"))
+    });
+    assert_eq!(
+        fleet
+            .redis
+            .cli(&["EXISTS", &fleet.key("session-key")])
+            .trim(),
+        "0",
+        "with a secret, Redis holds only a salt, never the session key"
+    );
+    assert_eq!(
+        fleet
+            .redis
+            .cli(&["EXISTS", &fleet.key("session-salt")])
+            .trim(),
+        "1"
+    );
+
+    // The upstream changes `echo`: held everywhere until an operator approves it.
+    fleet.upstream = None;
+    fleet.upstream = Some(PyServer::start_on(fleet.up_port, &["--changed-echo"]));
+    for p in &ports {
+        assert!(!echo_listed(*p), "changed: hidden on :{p}");
+    }
+    let (r, _) = raw(
+        fleet.gateways[0].admin,
+        b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    );
+    let pins = r.json();
+    let echo = pins
+        .as_array()
+        .expect("pins")
+        .iter()
+        .find(|p| p["tool"] == "echo")
+        .expect("echo's pin")
+        .clone();
+    let pending = &echo["pending"];
+    assert!(pending["sha256"].is_string(), "{echo}");
+    // What an approval of the changed definition looks like, written into Redis by someone
+    // without the secret: bare, then with a made-up seal.
+    let approval = json!({
+        "configured": null,
+        "approved": pending["sha256"],
+        "approved_definition": pending["definition"],
+        "pending": null,
+    })
+    .to_string();
+    let bogus_mac = "A".repeat(43);
+    for forged in [approval.clone(), format!("sealed1:{bogus_mac}:{approval}")] {
+        let before = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+        fleet.redis.cli(&["HSET", &pins_key, "u0/echo", &forged]);
+        wait_for("the forgery is counted", Duration::from_secs(3), || {
+            metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") > before
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        for p in &ports {
+            assert!(!echo_listed(*p), "a forged approval unhid echo on :{p}");
+            assert_eq!(
+                call(*p, "echo", json!({"text": "hi"})),
+                (403, Some(PENDING_APPROVAL)),
+                "a forged approval made echo callable on :{p}"
+            );
+        }
+        let now = hgetall(&fleet.redis, &pins_key);
+        let (_, v) = now
+            .iter()
+            .find(|(k, _)| k == "u0/echo")
+            .expect("echo's pin");
+        assert!(
+            v.starts_with("sealed1:") && *v != forged,
+            "replaced by a sealed pin: {v}"
+        );
+    }
+    assert_eq!(
+        metric_sum(&fleet, "mcp_gateway_fleet_approvals_received_total"),
+        0.0
+    );
+
+    // A ban written into Redis without the secret bans nobody.
+    let bans_key = fleet.key("bans");
+    let until = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 600_000)
+        .to_string();
+    let before = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+    fleet.redis.cli(&["HSET", &bans_key, "198.18.9.9", &until]);
+    wait_for("the forged ban is counted", Duration::from_secs(3), || {
+        metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") > before
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    for g in &fleet.gateways {
+        assert!(
+            !bans(g.admin).to_string().contains("198.18.9.9"),
+            "a forged ban applied on :{}",
+            g.admin
+        );
+    }
+    assert!(
+        !hgetall(&fleet.redis, &bans_key)
+            .iter()
+            .any(|(ip, _)| ip == "198.18.9.9"),
+        "the forged ban is removed from Redis"
+    );
+    // A real ban, sealed, still reaches every gateway; a forgery over it does not lift it.
+    ban(fleet.gateways[1].admin, "198.18.7.9");
+    for g in &fleet.gateways {
+        wait_for(
+            "the real ban reaches every gateway",
+            Duration::from_secs(2),
+            || bans(g.admin).to_string().contains("198.18.7.9"),
+        );
+    }
+    fleet.redis.cli(&["HSET", &bans_key, "198.18.7.9", "1"]);
+    std::thread::sleep(Duration::from_millis(800));
+    for g in &fleet.gateways {
+        assert!(
+            bans(g.admin).to_string().contains("198.18.7.9"),
+            "a forged value lifted the ban on :{}",
+            g.admin
+        );
+    }
+    wait_for(
+        "the ban sealed again in Redis",
+        Duration::from_secs(2),
+        || {
+            hgetall(&fleet.redis, &bans_key)
+                .iter()
+                .any(|(ip, v)| ip == "198.18.7.9" && v.starts_with("sealed1:"))
+        },
+    );
+
+    // Deleted from Redis by someone without the secret: not lifted, published again.
+    fleet.redis.cli(&["HDEL", &bans_key, "198.18.7.9"]);
+    wait_for(
+        "the deleted ban published again",
+        Duration::from_secs(2),
+        || {
+            hgetall(&fleet.redis, &bans_key)
+                .iter()
+                .any(|(ip, v)| ip == "198.18.7.9" && v.starts_with("sealed1:"))
+        },
+    );
+    for g in &fleet.gateways {
+        assert!(
+            bans(g.admin).to_string().contains("198.18.7.9"),
+            "a deletion in Redis lifted the ban on :{}",
+            g.admin
+        );
+    }
+    // Lifted by an operator on one gateway: the sealed lift reaches every gateway.
+    let (r, _) = raw(
+        fleet.gateways[2].admin,
+        b"DELETE /bans/198.18.7.9 HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    for g in &fleet.gateways {
+        wait_for(
+            "the lift reaches every gateway",
+            Duration::from_secs(2),
+            || !bans(g.admin).to_string().contains("198.18.7.9"),
+        );
+    }
+
+    // A real approval on one gateway still reaches the others.
+    approve(fleet.gateways[0].admin);
+    assert!(echo_listed(ports[0]), "approved here");
+    wait_for(
+        "the approval on one gateway unhides the tool on the others",
+        Duration::from_secs(5),
+        || echo_listed(ports[1]) && echo_listed(ports[2]),
+    );
+    assert_eq!(call(ports[2], "echo", json!({"text": "hi"})).0, 200);
+    assert!(metric_sum(&fleet, "mcp_gateway_fleet_approvals_received_total") >= 2.0);
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
 }
