@@ -48,13 +48,13 @@ const HOST_TTL: Duration = Duration::from_secs(3);
 const IDLE_ROUNDS: u32 = 400;
 
 /// Leases tokens of each fleet-wide rate, shared fairly between the hosts that want them:
-/// `KEYS` the rates, `ARGV[1]` this host, `ARGV[2]` the round in microseconds, then triples of
-/// rate per second, burst and tokens wanted. Each host has its own bucket in the rate's hash
+/// `KEYS` the rates, `ARGV[1]` this host, `ARGV[2]` the round in microseconds, then for each
+/// rate its rate per second, burst, the tokens wanted and those the host holds unused. Each host has its own bucket in the rate's hash
 /// (`host → want|at|level`), refilled at its share of the rate, the share being its want over
 /// the wants of every host that asked in the last four rounds; so the hosts' shares add up to
 /// the rate whatever order their rounds reach Redis in (one bucket taken first come, first
-/// served starves a host whose rounds fall just after another's). A bucket holds at most its
-/// share of the burst or of two rounds, whichever is more. Answers the thousandths of a token
+/// served starves a host whose rounds fall just after another's). A bucket and what its host
+/// holds unused come to at most its share of the burst or of two rounds, whichever is more. Answers the thousandths of a token
 /// granted for each rate (fractions add up on the host). Redis's own clock refills the
 /// buckets, so the hosts' clocks do not matter; a host silent for a minute is forgotten.
 const RATES: &str = r"
@@ -64,9 +64,10 @@ local host = ARGV[1]
 local round = tonumber(ARGV[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[3 * i])
-  local burst = tonumber(ARGV[3 * i + 1])
-  local want = tonumber(ARGV[3 * i + 2])
+  local rate = tonumber(ARGV[4 * i - 1])
+  local burst = tonumber(ARGV[4 * i])
+  local want = tonumber(ARGV[4 * i + 1])
+  local held = tonumber(ARGV[4 * i + 2])
   local total = want
   local at, level = nil, nil
   local all = redis.call('HGETALL', key)
@@ -82,7 +83,7 @@ for i, key in ipairs(KEYS) do
     end
   end
   local share = want / total
-  local cap = math.max(burst, rate * 2 * round / 1000000) * share
+  local cap = math.max(0, math.max(burst, rate * 2 * round / 1000000) * share - held)
   if level == nil then
     level = cap
   else
@@ -636,7 +637,8 @@ impl<B: Bans> Agent<B> {
     /// fleet may exceed its limit.
     async fn rates(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let round_s = self.fleet.round.as_secs_f64();
-        let mut asks: Vec<(u64, String, u64, u64, u64)> = Vec::new();
+        let mut asks: Vec<(u64, String, u64, u64, u64, u64)> = Vec::new();
+        let hosts = self.shared.fleet.hosts.load(Relaxed).max(1);
         let mut idle: Vec<u64> = Vec::new();
         let mut leases = 0u64;
         self.shared.limits.for_each_lease(|key, lease| {
@@ -655,7 +657,14 @@ impl<B: Bans> Agent<B> {
             let rate = lease.rate.load(Relaxed);
             let burst = lease.burst.load(Relaxed);
             let cap = ((rate as f64 * round_s * 2.0).ceil() as u64).max(1);
-            let want = (demand + 1).saturating_sub(lease.tokens()).min(cap);
+            // Kept at hand: this host's share of the burst, so that a burst arriving between
+            // two rounds is served (one spare token met 429 on the second of five quick calls).
+            let reserve = burst.div_ceil(hosts).max(1);
+            let held = lease.tokens();
+            let want = (demand + 1)
+                .max(reserve)
+                .saturating_sub(held)
+                .min(cap.max(reserve));
             if want > 0 {
                 asks.push((
                     key,
@@ -663,6 +672,7 @@ impl<B: Bans> Agent<B> {
                     rate,
                     burst,
                     want,
+                    held,
                 ));
             }
         });
@@ -686,8 +696,8 @@ impl<B: Bans> Agent<B> {
                 .unwrap_or(u64::MAX)
                 .max(1),
         );
-        for (_, _, rate, burst, want) in &asks {
-            cmd.arg(*rate).arg((*burst).max(1)).arg(*want);
+        for (_, _, rate, burst, want, held) in &asks {
+            cmd.arg(*rate).arg((*burst).max(1)).arg(*want).arg(*held);
         }
         let granted: Vec<u64> = cmd.query_async(c).await?;
         // Never take more than was asked, whatever Redis answers (thousandths of a token).
