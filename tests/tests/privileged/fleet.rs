@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{KillOnDrop, PyServer, free_port, post, raw, wait_port},
+    peers::{KillOnDrop, PyServer, RawResponse, free_port, post, raw, wait_port},
     pki::{Issued, KeyKind, Pki},
     unique,
 };
@@ -353,6 +353,12 @@ fn meta() -> Value {
 
 /// A stateless `tools/call`: its status and JSON-RPC error code.
 fn call(port: u16, tool: &str, args: Value) -> (u16, Option<i64>) {
+    let r = call_raw(port, tool, args);
+    (r.status, r.json()["error"]["code"].as_i64())
+}
+
+/// A stateless `tools/call` of `tool`: the whole response.
+fn call_raw(port: u16, tool: &str, args: Value) -> RawResponse {
     let body = json!({
         "jsonrpc": "2.0", "id": 9, "method": "tools/call",
         "params": {"name": tool, "arguments": args, "_meta": meta()},
@@ -361,8 +367,7 @@ fn call(port: u16, tool: &str, args: Value) -> (u16, Option<i64>) {
     let headers = format!(
         "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
     );
-    let r = raw(port, &post("/mcp", &body, &headers)).0;
-    (r.status, r.json()["error"]["code"].as_i64())
+    raw(port, &post("/mcp", &body, &headers)).0
 }
 
 /// A stateless `tools/list`: whether `echo` is shown.
@@ -809,20 +814,7 @@ fn tls_state(ca: &std::path::Path, client: &Issued) -> String {
 /// A budgeted `tools/call` refused because the fleet's state cannot be reached: 503 with the
 /// JSON-RPC error that says so.
 fn assert_state_unavailable(port: u16) {
-    let body = json!({
-        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": "add", "arguments": {"a": 1, "b": 2}, "_meta": meta()},
-    })
-    .to_string();
-    let r = raw(
-        port,
-        &post(
-            "/mcp",
-            &body,
-            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\n",
-        ),
-    )
-    .0;
+    let r = call_raw(port, "add", json!({"a": 1, "b": 2}));
     assert_eq!(r.status, 503, "{r:?}");
     let j = r.json();
     assert_eq!(j["error"]["code"].as_i64(), Some(STATE_UNAVAILABLE), "{j}");
@@ -1167,14 +1159,15 @@ fn with_a_fleet_secret_approvals_and_bans_forged_in_redis_are_ignored_and_real_o
             g.admin
         );
     }
+    let sealed_in_redis = || {
+        hgetall(&fleet.redis, &bans_key)
+            .iter()
+            .any(|(ip, v)| ip == "198.18.7.9" && v.starts_with("sealed1:"))
+    };
     wait_for(
         "the ban sealed again in Redis",
         Duration::from_secs(2),
-        || {
-            hgetall(&fleet.redis, &bans_key)
-                .iter()
-                .any(|(ip, v)| ip == "198.18.7.9" && v.starts_with("sealed1:"))
-        },
+        sealed_in_redis,
     );
 
     // Deleted from Redis by someone without the secret: not lifted, published again.
@@ -1182,11 +1175,7 @@ fn with_a_fleet_secret_approvals_and_bans_forged_in_redis_are_ignored_and_real_o
     wait_for(
         "the deleted ban published again",
         Duration::from_secs(2),
-        || {
-            hgetall(&fleet.redis, &bans_key)
-                .iter()
-                .any(|(ip, v)| ip == "198.18.7.9" && v.starts_with("sealed1:"))
-        },
+        sealed_in_redis,
     );
     for g in &fleet.gateways {
         assert!(
