@@ -269,15 +269,17 @@ fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
     // The new sockets listen before the old ones stop, so there is no moment with nobody
     // listening (a client would be refused); only connections already queued on the old
     // sockets are reset.
+    // The old ones stop whether or not new ones could be made: left listening, the dead
+    // incarnation's accept would take connections that nobody serves.
     let new = addrs
         .into_iter()
         .map(|a| reuseport_group(a, 1).map(|mut v| v.remove(0)))
-        .collect::<std::io::Result<Vec<_>>>()?;
+        .collect::<std::io::Result<Vec<_>>>();
     for l in old {
         // SAFETY: shutdown(2) on a socket this thread holds.
         unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
     }
-    Ok(new)
+    new
 }
 
 /// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
