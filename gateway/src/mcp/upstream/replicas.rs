@@ -493,7 +493,7 @@ pub fn says_of_replica(request: &[u8]) -> bool {
     if !request.starts_with(b"POST ") {
         return true;
     }
-    let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let Some(at) = head_end(request) else {
         return false;
     };
     if request.len() - at > 16 * 1024 {
@@ -520,10 +520,15 @@ pub fn says_of_replica(request: &[u8]) -> bool {
     }
 }
 
+/// Where the head of a whole HTTP request (as the gateway wrote it) ends: its blank line.
+fn head_end(request: &[u8]) -> Option<usize> {
+    request.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
 /// The `Mcp-Session-Id` of a whole HTTP request as the gateway wrote it (its head only).
 pub fn session_of(request: &[u8]) -> Option<&[u8]> {
     const NAME: &[u8] = b"mcp-session-id:";
-    let end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let end = head_end(request)?;
     request[..end]
         .split(|b| *b == b'\n')
         .skip(1)
