@@ -536,15 +536,13 @@ async fn run_async(
         .try_clone()
         .context("duplicating the admin socket")?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
-    let mut owners = Vec::new();
     if let Some(s) = handover {
         // Everything that can fail on the configuration is checked before the running gateway
         // stops accepting: certificates too.
         crate::tls::Edge::new(config.listeners.len())
             .prepare(&config)
             .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
-        owners = s
-            .prepared()
+        s.prepared()
             .context("waiting for the running gateway to release")?;
     }
 
@@ -565,14 +563,13 @@ async fn run_async(
     if let Some(key) = fleet_key {
         shared.session_key = key;
     } else if let Some(h) = &handed {
-        // Federated sessions opened before the upgrade stay valid.
+        // Sessions opened before the upgrade stay valid.
         shared.session_key = h.offer.session_key;
     }
     if let Some(h) = &handed {
-        // Keyed hashes mean what they meant in the old process: passthrough sessions stay
-        // their owners'.
+        // Keyed hashes mean what they meant in the old process (the owners of held sessions
+        // and stdio children).
         shared.limits = Arc::new(crate::policy::limits::State::with_seed(h.offer.hash_seed));
-        shared.session_owners.import(owners);
     }
     let shared = Arc::new(shared);
     // The kept state is in place before any worker serves.
@@ -1101,11 +1098,8 @@ async fn upgrade(
     admin.stop();
     tokio::time::sleep(Duration::from_millis(150)).await;
     lock(control).close_store();
-    // The sessions opened so far stay their owners' in the new process (one opened while this
-    // one drains is not handed over: its client initializes again after a 404).
-    let owners = shared.session_owners.export();
     let (new, released) = tokio::task::spawn_blocking(move || {
-        let r = new.release(owners);
+        let r = new.release();
         (new, r)
     })
     .await

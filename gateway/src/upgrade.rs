@@ -47,8 +47,8 @@ pub struct Offer {
     pub lock: bool,
     /// The key that seals federated session ids: sessions opened before the upgrade stay valid.
     pub session_key: [u8; 32],
-    /// The secret the policy's keyed hashes are made with: the passthrough sessions' owners
-    /// handed over at release are keyed with it.
+    /// The secret the policy's keyed hashes are made with (the owners of held sessions and of
+    /// stdio children are keyed with it).
     pub hash_seed: u64,
     /// XDP attachments: interface and mode (`native`, `generic`).
     pub attachments: Vec<(String, String)>,
@@ -62,8 +62,8 @@ enum Step {
     Offer(Offer),
     Fds,
     Prepared,
-    /// Passthrough sessions and their owners (keyed hashes, last use), a chunk per message,
-    /// sent just before `Released`.
+    /// Passthrough sessions and their owners, sent by gateways that kept them in a table (their
+    /// ids are signed now): read and ignored.
     Owners(Vec<(u64, u64, u64)>),
     Released,
     Ready {
@@ -222,14 +222,13 @@ impl Successor {
     }
 
     /// Tells the old process everything is loaded, and waits until it has stopped accepting
-    /// and closed the state store. Returns the passthrough sessions' owners it handed over.
-    pub fn prepared(&self) -> io::Result<Vec<(u64, u64, u64)>> {
+    /// and closed the state store.
+    pub fn prepared(&self) -> io::Result<()> {
         self.0.send(&Step::Prepared, &[])?;
-        let mut owners = Vec::new();
         loop {
             match self.0.recv(STEP_TIMEOUT)?.0 {
-                Step::Owners(chunk) => owners.extend(chunk),
-                Step::Released => return Ok(owners),
+                Step::Owners(_) => {}
+                Step::Released => return Ok(()),
                 other => {
                     return Err(io::Error::other(format!("expected release, got {other:?}")));
                 }
@@ -349,15 +348,9 @@ impl Predecessor {
         self.expect(|s| matches!(s, Step::Prepared).then_some(()))
     }
 
-    /// Hands over the passthrough sessions' owners, tells the new process accepting stopped
-    /// and the state store is closed; waits until it serves. Returns its pid.
-    pub fn release(&self, owners: Vec<(u64, u64, u64)>) -> Result<u32, String> {
-        // A chunk stays well inside one message's 64 KiB (an entry is at most 64 bytes).
-        for chunk in owners.chunks(800) {
-            self.channel
-                .send(&Step::Owners(chunk.to_vec()), &[])
-                .map_err(|e| format!("the new process is gone: {e}"))?;
-        }
+    /// Tells the new process accepting stopped and the state store is closed; waits until it
+    /// serves. Returns its pid.
+    pub fn release(&self) -> Result<u32, String> {
         self.channel
             .send(&Step::Released, &[])
             .map_err(|e| format!("the new process is gone: {e}"))?;

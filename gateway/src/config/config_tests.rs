@@ -183,9 +183,26 @@ fn replica_endpoints() {
     assert!(err(&with(tls_hosts, "")).contains("server_name"));
     assert!(err(&with(two, "eject_base_ms=0")).contains("eject_base_ms"));
     assert!(err(&with(two, "eject_base_ms=5000\neject_max_ms=1000")).contains("eject_base_ms"));
-    // One address literal: nothing to balance, no session to pin.
+    // One address literal: nothing to balance, no session to pin, nothing to eject.
     let one = Config::from_toml(&with("'http://127.0.0.1:9001/mcp'", "")).unwrap();
     assert!(!one.upstreams[0].replicas.pins_sessions());
+    for setting in [
+        "eject_after_failures=2",
+        "eject_base_ms=100",
+        "eject_max_ms=100000",
+    ] {
+        let e = err(&with("'http://127.0.0.1:9001/mcp'", setting));
+        assert!(e.contains("nothing to eject"), "{setting}: {e}");
+    }
+    let stdio = format!(
+        "{MINIMAL}[[upstreams]]\nname='s'\ncommand=['srv']\neject_after_failures=2\n[[routes]]\npath='/mcp'\nupstream='s'\n"
+    );
+    assert!(
+        err(&stdio).contains("upstreams[0].eject_after_failures"),
+        "{}",
+        err(&stdio)
+    );
+    assert!(Config::from_toml(&with(two, "eject_after_failures=2")).is_ok());
 }
 
 #[test]

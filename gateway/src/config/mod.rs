@@ -334,16 +334,18 @@ pub struct RawUpstream {
     #[serde(default)]
     pub endpoints: Option<Vec<String>>,
     /// Consecutive failures (connect refused or timed out, a reset, a 5xx answer) that take
-    /// one endpoint out of rotation; 0: never.
-    #[serde(default = "default_eject_after_failures")]
-    pub eject_after_failures: u32,
+    /// one endpoint out of rotation; 0: never. Default 5. Only where there can be several
+    /// endpoints (`endpoints`, or a `url` with a host name): refused on a `command` upstream or
+    /// a `url` with an address literal, which have nothing to eject.
+    #[serde(default)]
+    pub eject_after_failures: Option<u32>,
     /// How long the first ejection of an endpoint lasts; each repeat doubles it, up to
-    /// `eject_max_ms`. Then one request is let through as a trial.
-    #[serde(default = "default_eject_base_ms")]
-    pub eject_base_ms: u64,
-    /// The longest an ejection lasts (ms).
-    #[serde(default = "default_eject_max_ms")]
-    pub eject_max_ms: u64,
+    /// `eject_max_ms`. Then one request is let through as a trial. Default 10000.
+    #[serde(default)]
+    pub eject_base_ms: Option<u64>,
+    /// The longest an ejection lasts (ms). Default 300000.
+    #[serde(default)]
+    pub eject_max_ms: Option<u64>,
     /// A stdio MCP server: the program and its arguments, run by the gateway as a sandboxed
     /// child process (see [`RawStdio`] for the rest).
     #[serde(default)]
@@ -1572,20 +1574,35 @@ impl RawConfig {
                 }
                 sources.push(resolve(&p.host, p.port, f)?);
             }
-            if u.eject_base_ms == 0 || u.eject_max_ms < u.eject_base_ms {
+            let ejection = crate::mcp::upstream::Ejection {
+                after_failures: u
+                    .eject_after_failures
+                    .unwrap_or(default_eject_after_failures()),
+                base: Duration::from_millis(u.eject_base_ms.unwrap_or(default_eject_base_ms())),
+                max: Duration::from_millis(u.eject_max_ms.unwrap_or(default_eject_max_ms())),
+            };
+            if ejection.base.is_zero() || ejection.max < ejection.base {
                 return Err(invalid(
                     key("eject_base_ms"),
                     "must be above 0 and at most `eject_max_ms`",
                 ));
             }
-            let replicas = crate::mcp::upstream::Replicas::new(
-                sources,
-                crate::mcp::upstream::Ejection {
-                    after_failures: u.eject_after_failures,
-                    base: Duration::from_millis(u.eject_base_ms),
-                    max: Duration::from_millis(u.eject_max_ms),
-                },
-            );
+            let replicas = crate::mcp::upstream::Replicas::new(sources, ejection);
+            let set = [
+                ("eject_after_failures", u.eject_after_failures.is_some()),
+                ("eject_base_ms", u.eject_base_ms.is_some()),
+                ("eject_max_ms", u.eject_max_ms.is_some()),
+            ];
+            if let Some((f, _)) = set.iter().find(|(_, set)| *set)
+                && (stdio.is_some() || !replicas.pins_sessions())
+            {
+                let why = if stdio.is_some() {
+                    "is for HTTP upstreams (`url`, `endpoints`): a `command` upstream has no endpoints to eject"
+                } else {
+                    "has nothing to eject: the upstream is one address literal (list several `endpoints`, or give a host name)"
+                };
+                return Err(invalid(key(f), why));
+            }
             let url_text = match &u.endpoints {
                 Some(list) => list.join(" "),
                 None => url_text,

@@ -42,7 +42,7 @@ use super::{
     Id, Kind, Message,
     held::{self, Answer},
     messages::answer_and_notes,
-    proxy::{Obs, WorkerCtx, session_key, session_owner, upstream_request},
+    proxy::{Obs, WorkerCtx, client_session, ended_key, upstream_request},
     upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
@@ -180,15 +180,16 @@ pub(super) async fn forward<'c>(
         answer
     };
     if method == "initialize"
-        && let Ok(a) = answer
+        && let Ok(mut a) = answer
     {
-        // The gateway's own session id, bound to the caller like an upstream's.
-        if let Some(id) = http::header(&a.head.headers, "mcp-session-id") {
-            ctx.shared.session_owners.bind(
-                session_key(ctx, up, id),
-                session_owner(ctx, obs),
-                crate::policy::limits::State::unix_s(),
-            );
+        // The gateway's own session id, signed for the caller like an upstream's.
+        if let Some((_, id)) = a
+            .head
+            .headers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+        {
+            *id = client_session(ctx, up, obs, id);
         }
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
@@ -401,19 +402,19 @@ async fn reply_with_session(
 }
 
 /// A session-era client's GET (a stream the stateless era does not have) or DELETE (the
-/// gateway's own session ends with it).
+/// gateway's own session ends with it: the upstream holds none).
 pub(super) async fn other_method(
     io: &mut Io,
     req: &Request,
     ctx: &WorkerCtx,
     up: &Upstream,
-    obs: &Obs<'_>,
 ) -> bool {
     let out = if req.method == "DELETE" {
         if let Some(id) = req.header("mcp-session-id") {
-            ctx.shared
-                .session_owners
-                .end(session_key(ctx, up, id), session_owner(ctx, obs));
+            ctx.shared.ended_sessions.end(
+                ended_key(ctx, up, id),
+                crate::policy::limits::State::unix_s(),
+            );
         }
         http::response(200, &[], b"", req.keep_alive)
     } else {

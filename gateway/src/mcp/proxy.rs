@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    Id, Parser, RpcError, error,
+    Id, Parser, RpcError, error, session,
     upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
 };
 use crate::{
@@ -131,11 +131,12 @@ impl WorkerCtx {
     pub fn new(shared: Arc<Shared>, worker: usize) -> Rc<Self> {
         let max_tools = shared.snapshot.load().config.telemetry.max_tools;
         let stats = Arc::clone(&shared.upstream_stats);
+        let session_key = shared.session_key;
         Rc::new(Self {
             shared,
             worker,
             parser: RefCell::default(),
-            pool: Pool::new(stats),
+            pool: Pool::new(stats, session_key),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
             held: super::held::Held::default(),
         })
@@ -192,19 +193,79 @@ pub(super) fn stdio_caller(ctx: &WorkerCtx, obs: &Obs<'_>) -> crate::stdio::Who 
     }
 }
 
-/// A keyed hash of an upstream's session id.
-pub(super) fn session_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
-    ctx.shared.limits.key(("session", up.name.as_str(), id))
+/// What a passthrough session id is signed over: the upstream, and the caller that opened it.
+fn owner_context<'a>(
+    up: &'a Upstream,
+    tenant: Option<&'a str>,
+    agent: Option<&'a str>,
+) -> [&'a [u8]; 5] {
+    const PRESENT: [&[u8]; 4] = [b"--", b"-a", b"t-", b"ta"];
+    [
+        b"owner",
+        up.name.as_bytes(),
+        PRESENT[usize::from(tenant.is_some()) * 2 + usize::from(agent.is_some())],
+        tenant.unwrap_or_default().as_bytes(),
+        agent.unwrap_or_default().as_bytes(),
+    ]
 }
 
-/// Remembers the caller as the owner of the session a passthrough upstream's answer opens.
-fn bind_session(ctx: &WorkerCtx, up: &Upstream, head: &ResponseHead, obs: &Obs<'_>) {
-    if let Some(id) = http::header(&head.headers, "mcp-session-id") {
-        ctx.shared.session_owners.bind(
-            session_key(ctx, up, id),
-            session_owner(ctx, obs),
-            policy::limits::State::unix_s(),
-        );
+/// The session id a passthrough client is given for its upstream's `id`: signed for its owner
+/// (tenant and agent), so that it is this caller's alone on every worker, after an upgrade and
+/// on any gateway of a fleet, with nothing remembered.
+pub(super) fn client_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: &[u8]) -> Vec<u8> {
+    let d = obs.decision.borrow();
+    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    session::sign(&ctx.shared.session_key, &context, &[], id)
+}
+
+/// The upstream's own session id in a passthrough client's `id`, if the gateway gave it to
+/// this caller; `None` for a session never opened here, another caller's, an altered id, or
+/// one of the gateway's own its client ended.
+pub(super) fn upstream_session<'a>(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+    id: &'a [u8],
+) -> Option<&'a str> {
+    let d = obs.decision.borrow();
+    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    let (own, []) = session::verify::<0>(&ctx.shared.session_key, &context, id)?;
+    if ctx.shared.ended_sessions.ended(ended_key(ctx, up, id)) {
+        return None;
+    }
+    std::str::from_utf8(own).ok()
+}
+
+/// A keyed hash of a client's session id, for [`session::Ended`].
+pub(super) fn ended_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
+    ctx.shared.limits.key(("ended", up.name.as_str(), id))
+}
+
+/// The upstream session of a passthrough request, as the upstream knows it: what the request's
+/// header goes to the upstream as (dropped when it has none; [`check`] refused one not the
+/// caller's).
+///
+/// [`check`]: super::stages
+pub(super) fn session_header<'a>(
+    req: &'a Request,
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+) -> (&'static str, Option<&'a str>) {
+    let own = req
+        .header("mcp-session-id")
+        .and_then(|id| upstream_session(ctx, up, obs, id));
+    ("mcp-session-id", own)
+}
+
+/// Signs for the caller the session id a passthrough upstream's answer carries.
+fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
+    if let Some((_, id)) = head
+        .headers
+        .iter_mut()
+        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+    {
+        *id = client_session(ctx, up, obs, id);
     }
 }
 
@@ -390,7 +451,13 @@ pub(super) async fn filtered_tools_list<'c>(
     id: Option<Id>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
-    let request = match upstream_request(req, peer, up, &req.body, &[]) {
+    let request = match upstream_request(
+        req,
+        peer,
+        up,
+        &req.body,
+        &[session_header(req, ctx, up, obs)],
+    ) {
         Ok(r) => r,
         Err(e) => {
             let err = RpcError::from(e).with_id(id);
@@ -403,14 +470,14 @@ pub(super) async fn filtered_tools_list<'c>(
     let sent = Instant::now();
     let answer = call(&ctx.pool, up, request, 16 * 1024 * 1024).await;
     obs.waited(sent.elapsed());
-    let (head, body) = match answer {
+    let (mut head, body) = match answer {
         Ok(a) => a,
         Err(f) => {
             obs.set(Outcome::UpstreamFailure);
             return fail(io, req, up, id, f).await;
         }
     };
-    bind_session(ctx, up, &head, obs);
+    sign_session(ctx, up, &mut head, obs);
     let mut message = match super::messages::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
@@ -595,7 +662,7 @@ pub(super) async fn relay_opened(
     client: &mut Io,
     conn: Conn,
     req: &Request,
-    head: ResponseHead,
+    mut head: ResponseHead,
     up: &Upstream,
     request_id: Option<Id>,
     ctx: &WorkerCtx,
@@ -603,7 +670,7 @@ pub(super) async fn relay_opened(
     obs: &Obs<'_>,
 ) -> bool {
     if member.is_none() {
-        bind_session(ctx, up, &head, obs);
+        sign_session(ctx, up, &mut head, obs);
     }
     relay(client, conn, req, head, up, request_id, ctx, member, obs).await
 }

@@ -5,10 +5,9 @@
 //! makes a new key, so clients start new sessions, as they would with a restarted server.
 //!
 //! Sessions belong to the caller (tenant and agent) that opened them: a sealed session names its
-//! owner, and the upstream sessions of passthrough routes are remembered with theirs in
-//! [`Owners`]. Another caller presenting the id gets 404, as for an unknown session.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! owner, and a passthrough client holds its upstream's session id [`sign`]ed with its owner.
+//! Another caller presenting the id gets 404, as for an unknown session. The same signature
+//! names the replica that minted an upstream session ([`endpoint_tag`]).
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
@@ -94,73 +93,105 @@ pub fn open(key: &[u8; 32], id: &str) -> Option<FedSession> {
     serde_json::from_slice(&payload).ok()
 }
 
-/// Passthrough sessions seen at most this many at once (24 bytes each, and the map's own).
-const MAX_OWNED: usize = 1 << 16;
+/// Sessions of the gateway's own ended at most this many at once remembered.
+const MAX_ENDED: usize = 1 << 16;
 
-/// The owner of each passthrough upstream session the gateway has seen opened, shared by the
-/// workers: a keyed hash of (upstream, session id) → a keyed hash of the owner, and when it was
-/// last used (s). Bounded: when full, the least recently used quarter is forgotten (their
-/// clients get 404 and initialize again, as after a restart).
+/// The gateway's own sessions (those it makes for a session-era client of a stateless
+/// upstream, which holds none) that their client ended with `DELETE`: a keyed hash of
+/// (upstream, id) → when (s). A signed id needs no table to be valid; ending one does. Later
+/// uses get 404, as the protocol wants. Bounded: when full, the oldest quarter is forgotten.
 #[derive(Debug, Default)]
-pub struct Owners {
-    map: papaya::HashMap<u64, (u64, AtomicU64), rustc_hash::FxBuildHasher>,
+pub struct Ended {
+    map: papaya::HashMap<u64, u64, rustc_hash::FxBuildHasher>,
 }
 
-impl Owners {
-    /// Remembers that `session` belongs to `owner`. A session that already has another owner
-    /// keeps it (an upstream that hands out a session id twice does not transfer it).
-    pub fn bind(&self, session: u64, owner: u64, now_s: u64) {
+impl Ended {
+    pub fn end(&self, session: u64, now_s: u64) {
         let map = self.map.pin();
-        if map.get(&session).is_some_and(|(o, _)| *o != owner) {
-            return;
+        if map.len() >= MAX_ENDED {
+            let mut when: Vec<u64> = map.values().copied().collect();
+            when.sort_unstable();
+            let cut = when.get(when.len() / 4).copied().unwrap_or(0);
+            map.retain(|_, t| *t > cut);
         }
-        if map.len() >= MAX_OWNED && !map.contains_key(&session) {
-            let mut used: Vec<u64> = map
-                .iter()
-                .map(|(_, (_, t))| t.load(Ordering::Relaxed))
-                .collect();
-            used.sort_unstable();
-            let cut = used.get(used.len() / 4).copied().unwrap_or(0);
-            map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
-        }
-        map.insert(session, (owner, AtomicU64::new(now_s)));
+        map.insert(session, now_s);
     }
 
-    /// Forgets `session` if `owner` owns it (its `DELETE`): later uses get 404.
-    pub fn end(&self, session: u64, owner: u64) {
-        self.map
-            .pin()
-            .remove_if(&session, |_, (o, _)| *o == owner)
-            .ok();
+    pub fn ended(&self, session: u64) -> bool {
+        self.map.pin().contains_key(&session)
     }
+}
 
-    /// Every session with its owner and when it was last used: what a binary upgrade hands to
-    /// the new process (whose keyed hashes match: it takes over the hash seed too).
-    pub fn export(&self) -> Vec<(u64, u64, u64)> {
-        self.map
-            .pin()
-            .iter()
-            .map(|(s, (o, t))| (*s, *o, t.load(Ordering::Relaxed)))
-            .collect()
-    }
+/// Bytes of the tag on a client's passthrough session id, and of an endpoint's tag (64 bits:
+/// a forger's guess succeeds once in 2^64 tries).
+const SIGNED_TAG: usize = 16;
+pub const ENDPOINT_TAG: usize = 8;
 
-    /// Takes over what [`Owners::export`] gave (bounded like [`Owners::bind`]).
-    pub fn import(&self, entries: impl IntoIterator<Item = (u64, u64, u64)>) {
-        for (session, owner, used) in entries.into_iter().take(MAX_OWNED) {
-            self.bind(session, owner, used);
-        }
-    }
+/// `value` (an upstream's session id: visible ASCII) with `extra` and a tag under `key` over
+/// `context`, `extra` and the value: `{value}.{base64url(extra ‖ tag)}`. What the client holds
+/// instead of the upstream's id, so that the gateway needs no table to know what the id is
+/// bound to (its owner, the replica that minted it): any worker, a new process after an
+/// upgrade, or another gateway of a fleet (same key) reads it from the id itself.
+pub fn sign(key: &[u8; 32], context: &[&[u8]], extra: &[u8], value: &[u8]) -> Vec<u8> {
+    let tag = signed_tag(key, context, extra, value);
+    let mut tail = Vec::with_capacity(extra.len() + SIGNED_TAG);
+    tail.extend_from_slice(extra);
+    tail.extend_from_slice(&tag);
+    let mut out = Vec::with_capacity(value.len() + 1 + (tail.len() * 4).div_ceil(3));
+    out.extend_from_slice(value);
+    out.push(b'.');
+    out.extend_from_slice(URL_SAFE_NO_PAD.encode(&tail).as_bytes());
+    out
+}
 
-    /// Whether `owner` may use `session`: only the owner of a session the gateway saw opened.
-    pub fn may_use(&self, session: u64, owner: u64, now_s: u64) -> bool {
-        match self.map.pin().get(&session) {
-            Some((o, t)) if *o == owner => {
-                t.store(now_s, Ordering::Relaxed);
-                true
-            }
-            _ => false,
-        }
+/// The value and its `N` bytes of extra from what [`sign`] made with the same key and context;
+/// `None` for anything else (altered, forged, another context).
+pub fn verify<'a, const N: usize>(
+    key: &[u8; 32],
+    context: &[&[u8]],
+    signed: &'a [u8],
+) -> Option<(&'a [u8], [u8; N])> {
+    let dot = signed.iter().rposition(|b| *b == b'.')?;
+    let (value, tail) = (&signed[..dot], &signed[dot + 1..]);
+    if tail.len() > 64 {
+        return None;
     }
+    let tail = URL_SAFE_NO_PAD.decode(tail).ok()?;
+    if tail.len() != N + SIGNED_TAG {
+        return None;
+    }
+    let (extra, tag) = tail.split_at(N);
+    let m = tagged(key, context, extra, value);
+    m.verify_truncated_left(tag).ok()?;
+    Some((value, extra.try_into().ok()?))
+}
+
+fn tagged(key: &[u8; 32], context: &[&[u8]], extra: &[u8], value: &[u8]) -> Hmac<Sha256> {
+    let mut m = mac(key);
+    // Each part with its length: no two different contexts make the same input.
+    for part in context.iter().chain([&extra, &value]) {
+        m.update(&(part.len() as u64).to_le_bytes());
+        m.update(part);
+    }
+    m
+}
+
+fn signed_tag(key: &[u8; 32], context: &[&[u8]], extra: &[u8], value: &[u8]) -> [u8; SIGNED_TAG] {
+    let full = tagged(key, context, extra, value).finalize().into_bytes();
+    let mut tag = [0u8; SIGNED_TAG];
+    tag.copy_from_slice(&full[..SIGNED_TAG]);
+    tag
+}
+
+/// A replica's name in the session ids it mints: a keyed hash of its address (the address
+/// itself is not shown to clients).
+pub fn endpoint_tag(key: &[u8; 32], addr: std::net::SocketAddr) -> [u8; ENDPOINT_TAG] {
+    let full = tagged(key, &[b"endpoint"], &[], addr.to_string().as_bytes())
+        .finalize()
+        .into_bytes();
+    let mut tag = [0u8; ENDPOINT_TAG];
+    tag.copy_from_slice(&full[..ENDPOINT_TAG]);
+    tag
 }
 
 #[cfg(test)]
@@ -202,22 +233,70 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_sessions_are_usable_by_their_owner_only_and_the_table_is_bounded() {
-        let owners = Owners::default();
-        owners.bind(1, 10, 5);
-        assert!(owners.may_use(1, 10, 6));
-        assert!(!owners.may_use(1, 11, 6), "another owner");
-        assert!(!owners.may_use(2, 10, 6), "never seen opened");
-        // An upstream that hands the same id out again does not move it to another owner.
-        owners.bind(1, 11, 6);
-        assert!(owners.may_use(1, 10, 6) && !owners.may_use(1, 11, 6));
-        for i in 0..MAX_OWNED as u64 + 10 {
-            owners.bind(100 + i, 10, 7 + i);
-        }
-        assert!(owners.map.len() <= MAX_OWNED);
+    fn signed_ids_verify_only_unaltered_under_their_key_and_context() {
+        let key = new_key();
+        let ctx: [&[u8]; 3] = [b"owner", b"up", b"acme"];
+        let id = String::from_utf8(sign(&key, &ctx, &[7; 8], b"3f2c.a-b")).unwrap();
+        assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         assert!(
-            owners.may_use(100 + MAX_OWNED as u64, 10, 9),
-            "recent ones stay"
+            id.starts_with("3f2c.a-b."),
+            "the upstream's id stays readable"
         );
+        assert_eq!(
+            verify::<8>(&key, &ctx, id.as_bytes()),
+            Some((&b"3f2c.a-b"[..], [7; 8]))
+        );
+        assert_eq!(
+            verify::<8>(&new_key(), &ctx, id.as_bytes()),
+            None,
+            "another key"
+        );
+        let other: [&[u8]; 3] = [b"owner", b"up", b"acmf"];
+        assert_eq!(
+            verify::<8>(&key, &other, id.as_bytes()),
+            None,
+            "another owner"
+        );
+        // Parts are length-prefixed: moving a byte between them is another context.
+        let shifted: [&[u8]; 3] = [b"owner", b"upa", b"cme"];
+        assert_eq!(verify::<8>(&key, &shifted, id.as_bytes()), None);
+        assert_eq!(
+            verify::<0>(&key, &ctx, id.as_bytes()),
+            None,
+            "another shape"
+        );
+        for i in 0..id.len() {
+            let mut bytes = id.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            if bytes != id.as_bytes() {
+                assert_eq!(verify::<8>(&key, &ctx, &bytes), None, "byte {i}");
+            }
+        }
+        assert_eq!(
+            verify::<8>(&key, &ctx, b"3f2c"),
+            None,
+            "the bare upstream id"
+        );
+        assert_eq!(verify::<8>(&key, &ctx, b""), None);
+        // Without extra.
+        let plain = sign(&key, &ctx, &[], b"s1");
+        assert_eq!(verify::<0>(&key, &ctx, &plain), Some((&b"s1"[..], [])));
+        let a = "127.0.0.1:1".parse().unwrap();
+        let b = "127.0.0.1:2".parse().unwrap();
+        assert_eq!(endpoint_tag(&key, a), endpoint_tag(&key, a));
+        assert_ne!(endpoint_tag(&key, a), endpoint_tag(&key, b));
+    }
+
+    #[test]
+    fn ended_sessions_are_remembered_within_a_bound() {
+        let ended = Ended::default();
+        assert!(!ended.ended(1));
+        ended.end(1, 5);
+        assert!(ended.ended(1));
+        for i in 0..MAX_ENDED as u64 + 10 {
+            ended.end(100 + i, 6 + i);
+        }
+        assert!(ended.map.len() <= MAX_ENDED);
+        assert!(ended.ended(100 + MAX_ENDED as u64), "recent ones stay");
     }
 }

@@ -16,8 +16,8 @@ use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
         Obs, WorkerCtx, filtered_tools_list, forward, give_back_probes, invalid_traceparent,
-        json_response, protected_resource_metadata, refuse, session_key, session_owner, trace_id,
-        upstream_request,
+        json_response, protected_resource_metadata, refuse, session_header, trace_id,
+        upstream_request, upstream_session,
     },
     version,
 };
@@ -486,16 +486,12 @@ fn check(
             "JSON-RPC batches are not supported on a route to a stdio upstream",
         )));
     }
-    // A passthrough session is its opener's: one never seen opened, or another caller's, is
-    // unknown.
+    // A passthrough session is its opener's: one never opened here (or on the fleet), another
+    // caller's or an altered id is unknown.
     if let Target::Passthrough(u) = &route.target
         && let Some(up) = config.upstreams.get(*u)
         && let Some(id) = req.header("mcp-session-id")
-        && !ctx.shared.session_owners.may_use(
-            session_key(ctx, up, id),
-            session_owner(ctx, obs),
-            policy::limits::State::unix_s(),
-        )
+        && upstream_session(ctx, up, obs, id).is_none()
     {
         return Err(Stop::reply(
             RpcError::new(
@@ -665,7 +661,7 @@ async fn forward_stage<'c>(
                 && super::bridge::known_stateless(ctx, up)
             {
                 if req.method != "POST" {
-                    return super::bridge::other_method(io, req, ctx, up, obs).await;
+                    return super::bridge::other_method(io, req, ctx, up).await;
                 }
                 if messages.single.is_none() {
                     let err = RpcError::invalid_request(format!(
@@ -745,6 +741,7 @@ async fn forward_stage<'c>(
             let extra: Vec<(&str, Option<&str>)> = traceparent
                 .map(|tp| ("traceparent", Some(tp)))
                 .into_iter()
+                .chain([session_header(req, ctx, up, obs)])
                 .collect();
             // A session-era message to an upstream that may speak only the stateless era.
             if up.era == crate::config::UpstreamEra::Auto

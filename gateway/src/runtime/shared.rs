@@ -191,10 +191,11 @@ pub struct Shared {
     pub proxy_protocol: crate::http::proxy_protocol::Counters,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
-    /// Seals federated sessions into their ids (made at start, never leaves the process).
+    /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
+    /// to the new process of an upgrade; a fleet's is shared by its gateways).
     pub session_key: [u8; 32],
-    /// Who opened each passthrough upstream session.
-    pub session_owners: crate::mcp::session::Owners,
+    /// The gateway's own sessions their clients ended.
+    pub ended_sessions: crate::mcp::session::Ended,
     /// Upstreams learnt to speak only the stateless era, and since when: one refusal teaches
     /// every worker (a session's requests reach any of them).
     pub stateless_upstreams: papaya::HashMap<u64, std::time::Instant>,
@@ -301,7 +302,7 @@ impl Shared {
             upstream_stats: std::sync::Arc::default(),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
-            session_owners: crate::mcp::session::Owners::default(),
+            ended_sessions: crate::mcp::session::Ended::default(),
             stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
             fleet: crate::fleet::Stats::default(),

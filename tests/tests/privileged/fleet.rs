@@ -235,6 +235,12 @@ upstream = "u0"
 [[routes]]
 path = "/fed"
 federate = [{{ upstream = "u0", prefix = "" }}]
+[[upstreams]]
+name = "u0r"
+endpoints = ["http://127.0.0.1:{up_port}/mcp", "http://localhost:{up_port}/mcp"]
+[[routes]]
+path = "/rep"
+upstream = "u0r"
 [state]
 path = "{state}"
 redis = "{redis}"
@@ -626,8 +632,10 @@ fn an_approval_and_a_ban_on_one_gateway_reach_the_others() {
     }
 }
 
+/// Federated, passthrough and replicated passthrough sessions alike: the id carries what the
+/// gateway needs (sealed or signed with the fleet's key), so another gateway continues it.
 #[test]
-fn a_federated_session_opened_through_one_gateway_continues_through_another() {
+fn a_session_opened_through_one_gateway_continues_through_another() {
     let mut fleet = Fleet::start(1000, 1000, false);
     let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
     let init = json!({
@@ -636,30 +644,39 @@ fn a_federated_session_opened_through_one_gateway_continues_through_another() {
                    "clientInfo": {"name": "fleet-test", "version": "1"}},
     })
     .to_string();
-    let r = raw(a, &post("/fed", &init, "")).0;
-    assert_eq!(r.status, 200, "{r:?}");
-    let session = r
-        .header("mcp-session-id")
-        .expect("a federated session id")
-        .to_owned();
     let call_body = json!({
         "jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "add", "arguments": {"a": 2, "b": 3}},
     })
     .to_string();
-    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
-    let r = raw(b, &post("/fed", &call_body, &headers)).0;
-    assert_eq!(
-        r.status, 200,
-        "the session continues through another gateway: {r:?}"
-    );
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    assert!(text.contains("\"result\"") && text.contains('5'), "{text}");
-    // A session id this fleet did not seal is still unknown.
-    let last = if session.ends_with('A') { 'B' } else { 'A' };
-    let forged = format!("{}{last}", &session[..session.len() - 1]);
-    let headers = format!("mcp-session-id: {forged}\r\nmcp-protocol-version: 2025-06-18\r\n");
-    assert_eq!(raw(b, &post("/fed", &call_body, &headers)).0.status, 404);
+    for path in ["/fed", "/mcp", "/rep"] {
+        let r = raw(a, &post(path, &init, "")).0;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let session = r
+            .header("mcp-session-id")
+            .unwrap_or_else(|| panic!("{path}: a session id"))
+            .to_owned();
+        let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        let r = raw(b, &post(path, &call_body, &headers)).0;
+        assert_eq!(
+            r.status, 200,
+            "{path}: the session continues through another gateway: {r:?}"
+        );
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(
+            text.contains("\"result\"") && text.contains('5'),
+            "{path}: {text}"
+        );
+        // A session id this fleet did not seal or sign is still unknown.
+        let last = if session.ends_with('A') { 'B' } else { 'A' };
+        let forged = format!("{}{last}", &session[..session.len() - 1]);
+        let headers = format!("mcp-session-id: {forged}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        assert_eq!(
+            raw(b, &post(path, &call_body, &headers)).0.status,
+            404,
+            "{path}"
+        );
+    }
     for g in &mut fleet.gateways {
         g.daemon.stop();
     }

@@ -177,8 +177,9 @@ async fn exchange(
 /// turns out to be closed) and reads the response head. With a `client` to watch, gives up
 /// (closing the upstream connection) if that client leaves first.
 ///
-/// With several endpoints ([`Replicas`]): a request carrying an upstream session goes to the
-/// endpoint that minted it (or fails with [`UpstreamFailure::SessionLost`]); any other goes to
+/// With several endpoints ([`Replicas`]): the session id of an answer is handed on signed with
+/// its endpoint; a request carrying one goes to that endpoint with the endpoint's own id (or
+/// fails with [`UpstreamFailure::SessionLost`]); any other goes to
 /// the balancer's choice, and to another endpoint when connecting fails (nothing was sent).
 /// Every outcome is reported to the endpoint's health.
 pub async fn open(
@@ -188,21 +189,18 @@ pub async fn open(
     client: Option<&Io>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
     let idempotent = idempotent(&request);
-    let request_was_delete = request.starts_with(b"DELETE ");
     let replicas = &up.replicas;
-    // Owned: the request's bytes are given away when sent.
-    let session: Option<Vec<u8>> = replicas
-        .pins_sessions()
-        .then(|| replicas::session_of(&request).map(<[u8]>::to_vec))
-        .flatten();
-    let session = session.as_deref();
-    let minting = replicas.pins_sessions() && session.is_none();
+    let key = &pool.session_key;
     // Whether this request's failure says anything of the replica (only worth knowing when
     // there are replicas to eject).
     let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&request);
-    let pinned = match replicas.sticky(session) {
+    let pinned = match replicas.open_session(key, &up.name, replicas::session_of(&request)) {
         replicas::Sticky::Any => None,
-        replicas::Sticky::Pinned(e) => Some(e),
+        replicas::Sticky::Pinned(e, own) => {
+            // The endpoint gets its own id back.
+            replicas::set_session(&mut request, &own);
+            Some(e)
+        }
         replicas::Sticky::Lost => return Err(UpstreamFailure::SessionLost),
     };
     let endpoints = replicas.endpoints();
@@ -284,7 +282,7 @@ pub async fn open(
             return Err(UpstreamFailure::ClientGone);
         };
         match exchanged {
-            Ok(head) => {
+            Ok(mut head) => {
                 // A replica that cannot serve (a proxy in front of a dead one, overload); a
                 // 500 may be one request's bug, which a client could repeat at will.
                 if matches!(head.status, 502..=504) {
@@ -294,14 +292,14 @@ pub async fn open(
                 } else if endpoint.succeeded(replicas::now_ms()) {
                     tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
                 }
-                if minting && let Some(id) = http::header(&head.headers, "mcp-session-id") {
-                    replicas.bind(id, addr);
-                }
-                // The session ended there (404) or was closed (DELETE): forgotten.
-                if let Some(id) = session
-                    && (head.status == 404 || (request_was_delete && head.status < 300))
+                // A session id goes on signed with the endpoint that has it.
+                if replicas.pins_sessions()
+                    && let Some((_, id)) = head
+                        .headers
+                        .iter_mut()
+                        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
                 {
-                    replicas.forget(id);
+                    *id = replicas.sign_session(key, &up.name, &endpoint, id);
                 }
                 let conn = Conn {
                     io: conn,

@@ -72,10 +72,12 @@ pub struct Pool {
     random: Cell<u64>,
     /// Counters shared with the other workers and the control thread.
     pub(super) stats: Arc<Stats>,
+    /// The key that signs the session ids replicas mint with their endpoint.
+    pub(super) session_key: [u8; 32],
 }
 
 impl Pool {
-    pub fn new(stats: Arc<Stats>) -> Self {
+    pub fn new(stats: Arc<Stats>, session_key: [u8; 32]) -> Self {
         Self {
             idle: RefCell::default(),
             in_use: RefCell::default(),
@@ -86,6 +88,7 @@ impl Pool {
                     | 1,
             ),
             stats,
+            session_key,
         }
     }
 

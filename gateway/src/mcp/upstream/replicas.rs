@@ -14,10 +14,16 @@
 //! of failures leaves one serving); should all be out at once (a race), the one that failed
 //! least recently is used.
 //!
-//! Stickiness: the endpoint whose answer minted an `Mcp-Session-Id` is remembered for that id;
-//! every later request carrying it goes there. When that endpoint is ejected or gone, the
-//! request is not sent to a replica that does not know the session: the caller answers 404 (the
-//! protocol's "initialize again").
+//! Stickiness: an `Mcp-Session-Id` an endpoint's answer carries is handed on [`sign`]ed with a
+//! keyed tag of that endpoint ([`Replicas::sign_session`]); every later request carrying it goes
+//! there, with the endpoint's own id ([`Replicas::open_session`]). No table: any worker, the new
+//! process after an upgrade and another gateway of the fleet (one key) read the endpoint from
+//! the id, and replicas that count their sessions from 1 never have their ids confused. When
+//! that endpoint is ejected or gone, or the id was not signed here, the request is not sent to
+//! a replica that does not know the session: the caller answers 404 (the protocol's "initialize
+//! again").
+//!
+//! [`sign`]: crate::mcp::session::sign
 
 use std::{
     net::SocketAddr,
@@ -31,6 +37,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 use super::Addresses;
+use crate::mcp::session::{self, ENDPOINT_TAG};
 
 /// Ejection settings of one upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +76,9 @@ pub struct Endpoint {
     back_at: AtomicU64,
     /// Ejections so far (a counter in `/metrics`).
     pub ejections: AtomicU64,
+    /// Its name in session ids ([`session::endpoint_tag`]), made on first use (the key is the
+    /// process's for its whole life).
+    tag: OnceLock<[u8; ENDPOINT_TAG]>,
 }
 
 impl Endpoint {
@@ -82,7 +92,14 @@ impl Endpoint {
             last_failure: AtomicU64::new(0),
             back_at: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            tag: OnceLock::new(),
         }
+    }
+
+    fn tag(&self, key: &[u8; 32]) -> [u8; ENDPOINT_TAG] {
+        *self
+            .tag
+            .get_or_init(|| session::endpoint_tag(key, self.addr))
     }
 
     /// Whether it is out of rotation (also while a trial runs).
@@ -237,63 +254,13 @@ impl Choice<'_> {
 }
 
 /// Upstream sessions remembered at most this many at once per upstream.
-const MAX_SESSIONS: usize = 1 << 16;
-
-/// Which endpoint minted each upstream session id, and when it was last used (ms). Keyed by a
-/// hash of the id under this process's random seed, so the memory is the same whatever length
-/// of id an upstream hands out. An id two endpoints both minted is nobody's: `None`, and its
-/// requests are answered 404 (sending them to either could give one caller the other's
-/// session).
-#[derive(Default)]
-pub struct Sessions {
-    seed: std::hash::RandomState,
-    map: papaya::HashMap<u64, (Option<SocketAddr>, AtomicU64), rustc_hash::FxBuildHasher>,
-}
-
-impl Sessions {
-    fn key(&self, id: &[u8]) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.seed, id)
-    }
-
-    pub fn bind(&self, id: &[u8], addr: SocketAddr, now: u64) {
-        let key = self.key(id);
-        let map = self.map.pin();
-        let addr = match map.get(&key) {
-            Some((held, _)) if *held != Some(addr) => None,
-            _ => Some(addr),
-        };
-        if map.len() >= MAX_SESSIONS && !map.contains_key(&key) {
-            let mut used: Vec<u64> = map
-                .iter()
-                .map(|(_, (_, t))| t.load(Ordering::Relaxed))
-                .collect();
-            used.sort_unstable();
-            let cut = used.get(used.len() / 4).copied().unwrap_or(0);
-            map.retain(|_, (_, t)| t.load(Ordering::Relaxed) > cut);
-        }
-        map.insert(key, (addr, AtomicU64::new(now)));
-    }
-
-    pub fn forget(&self, id: &[u8]) {
-        let key = self.key(id);
-        self.map.pin().remove_if(&key, |_, (a, _)| a.is_some()).ok();
-    }
-
-    /// `Some(None)`: minted by two endpoints, nobody's.
-    pub fn get(&self, id: &[u8], now: u64) -> Option<Option<SocketAddr>> {
-        let map = self.map.pin();
-        let (addr, used) = map.get(&self.key(id))?;
-        used.store(now, Ordering::Relaxed);
-        Some(*addr)
-    }
-}
-
 /// Where one request goes, as far as its session decides.
 pub enum Sticky {
     /// No session, or one this upstream can only have on its single endpoint.
     Any,
-    Pinned(Arc<Endpoint>),
-    /// Its endpoint is ejected or gone (or, with several endpoints, unknown): 404.
+    /// To this endpoint, with the endpoint's own session id.
+    Pinned(Arc<Endpoint>, Vec<u8>),
+    /// Its endpoint is ejected or gone, or the id was not signed here: 404.
     Lost,
 }
 
@@ -306,7 +273,6 @@ pub struct Replicas {
     fixed: bool,
     pub ejection: Ejection,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
-    sessions: ArcSwap<Sessions>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -334,7 +300,6 @@ impl Replicas {
             fixed,
             ejection,
             endpoints: ArcSwap::from_pointee(Vec::new()),
-            sessions: ArcSwap::from_pointee(Sessions::default()),
         };
         r.refresh();
         r
@@ -361,10 +326,9 @@ impl Replicas {
         }
     }
 
-    /// Takes over the health and the sessions of the same upstream in the configuration a
-    /// reload replaces (before the new one is published).
+    /// Takes over the health of the same upstream in the configuration a reload replaces
+    /// (before the new one is published).
     pub fn carry_over(&self, old: &Self) {
-        self.sessions.store(old.sessions.load_full());
         let old = old.endpoints.load_full();
         let mine: Vec<Arc<Endpoint>> = self
             .endpoints
@@ -400,36 +364,33 @@ impl Replicas {
         !self.fixed
     }
 
-    /// Remembers that `addr` minted the session `id`.
-    pub fn bind(&self, id: &[u8], addr: SocketAddr) {
-        if !self.fixed {
-            self.sessions.load().bind(id, addr, now_ms());
-        }
+    /// What the gateway hands on for the session `id` minted by `endpoint` of upstream `name`.
+    pub fn sign_session(
+        &self,
+        key: &[u8; 32],
+        name: &str,
+        endpoint: &Endpoint,
+        id: &[u8],
+    ) -> Vec<u8> {
+        session::sign(key, &[b"replica", name.as_bytes()], &endpoint.tag(key), id)
     }
 
-    /// Forgets the session `id` (ended or closed).
-    pub fn forget(&self, id: &[u8]) {
-        if !self.fixed {
-            self.sessions.load().forget(id);
-        }
-    }
-
-    /// Where a request carrying the session `id` goes.
-    pub fn sticky(&self, id: Option<&[u8]>) -> Sticky {
+    /// Where a request carrying the session `id` (as [`Replicas::sign_session`] made it) goes.
+    pub fn open_session(&self, key: &[u8; 32], name: &str, id: Option<&[u8]>) -> Sticky {
         let Some(id) = id.filter(|_| !self.fixed) else {
             return Sticky::Any;
         };
+        let Some((own, tag)) =
+            session::verify::<ENDPOINT_TAG>(key, &[b"replica", name.as_bytes()], id)
+        else {
+            return Sticky::Lost;
+        };
         let endpoints = self.endpoints.load();
-        match self.sessions.load().get(id, now_ms()) {
-            Some(None) => Sticky::Lost,
-            Some(Some(addr)) => match endpoints.iter().find(|e| e.addr == addr) {
-                Some(e) if !e.ejected() || endpoints.len() == 1 => Sticky::Pinned(Arc::clone(e)),
-                _ => Sticky::Lost,
-            },
-            // Not minted through this gateway (or forgotten): with one endpoint it can only be
-            // there; with several, no replica is guessed.
-            None if endpoints.len() <= 1 => Sticky::Any,
-            None => Sticky::Lost,
+        match endpoints.iter().find(|e| e.tag(key) == tag) {
+            Some(e) if !e.ejected() || endpoints.len() == 1 => {
+                Sticky::Pinned(Arc::clone(e), own.to_vec())
+            }
+            _ => Sticky::Lost,
         }
     }
 }
@@ -527,17 +488,39 @@ fn head_end(request: &[u8]) -> Option<usize> {
 
 /// The `Mcp-Session-Id` of a whole HTTP request as the gateway wrote it (its head only).
 pub fn session_of(request: &[u8]) -> Option<&[u8]> {
+    session_span(request).map(|r| &request[r])
+}
+
+/// Sets the value of the request's `Mcp-Session-Id` (which it has).
+pub fn set_session(request: &mut Vec<u8>, value: &[u8]) {
+    if let Some(r) = session_span(request) {
+        request.splice(r, value.iter().copied());
+    }
+}
+
+/// Where the value of the `Mcp-Session-Id` line of a request's head is.
+fn session_span(request: &[u8]) -> Option<std::ops::Range<usize>> {
     const NAME: &[u8] = b"mcp-session-id:";
     let end = head_end(request)?;
-    request[..end]
-        .split(|b| *b == b'\n')
-        .skip(1)
-        .find_map(|line| {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let head = line.get(..NAME.len())?;
-            head.eq_ignore_ascii_case(NAME)
-                .then(|| line[NAME.len()..].trim_ascii())
-        })
+    let mut at = 0;
+    for line in request[..end].split(|b| *b == b'\n') {
+        let start = at;
+        at += line.len() + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if start == 0
+            || !line
+                .get(..NAME.len())
+                .is_some_and(|h| h.eq_ignore_ascii_case(NAME))
+        {
+            continue;
+        }
+        let value = &line[NAME.len()..];
+        let lead = value.len() - value.trim_ascii_start().len();
+        let trimmed = value.trim_ascii();
+        let from = start + NAME.len() + lead;
+        return Some(from..from + trimmed.len());
+    }
+    None
 }
 
 #[cfg(test)]

@@ -152,42 +152,96 @@ fn with_every_endpoint_ejected_the_least_recently_failed_is_tried() {
 }
 
 #[test]
-fn sessions_stick_to_their_endpoint_and_a_lost_one_is_not_sent_elsewhere() {
+fn sessions_stick_to_the_endpoint_signed_into_their_id_and_a_lost_one_is_not_sent_elsewhere() {
+    let key = crate::mcp::session::new_key();
     let source = |ip: &str| Addresses::resolve_now(ip, 80, Duration::ZERO).unwrap();
     let r = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], ejection());
     assert!(r.pins_sessions());
-    let [a, b] = [r.endpoints()[0].addr, r.endpoints()[1].addr];
-    r.bind(b"s-a", a);
-    r.bind(b"s-b", b);
-    assert!(matches!(r.sticky(None), Sticky::Any));
-    assert!(matches!(r.sticky(Some(b"s-a")), Sticky::Pinned(e) if e.addr == a));
-    assert!(matches!(r.sticky(Some(b"s-b")), Sticky::Pinned(e) if e.addr == b));
-    assert!(matches!(r.sticky(Some(b"never")), Sticky::Lost), "no guess");
+    let eps = r.endpoints();
+    let [a, b] = [eps[0].addr, eps[1].addr];
+    // Replicas counting their sessions from 1 both mint "1": each caller keeps its own.
+    let of_a = r.sign_session(&key, "up", &eps[0], b"1");
+    let of_b = r.sign_session(&key, "up", &eps[1], b"1");
+    assert_ne!(of_a, of_b);
+    let pinned = |id: &[u8]| match r.open_session(&key, "up", Some(id)) {
+        Sticky::Pinned(e, own) => Some((e.addr, own)),
+        _ => None,
+    };
+    assert!(matches!(r.open_session(&key, "up", None), Sticky::Any));
+    assert_eq!(pinned(&of_a), Some((a, b"1".to_vec())));
+    assert_eq!(pinned(&of_b), Some((b, b"1".to_vec())));
+    // The endpoint is not shown: the id is the upstream's and a tag.
+    let shown = String::from_utf8(of_a.clone()).unwrap();
+    assert!(
+        !shown.contains("10.0.0.1") && shown.starts_with("1."),
+        "{shown}"
+    );
+    // Unsigned, altered, another upstream's or another key's: no guess.
+    assert!(matches!(
+        r.open_session(&key, "up", Some(b"1")),
+        Sticky::Lost
+    ));
+    let mut altered = of_a.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        r.open_session(&key, "up", Some(&altered)),
+        Sticky::Lost
+    ));
+    assert!(matches!(
+        r.open_session(&key, "other", Some(&of_a)),
+        Sticky::Lost
+    ));
+    let other_key = crate::mcp::session::new_key();
+    assert!(matches!(
+        r.open_session(&other_key, "up", Some(&of_a)),
+        Sticky::Lost
+    ));
     for t in 0..3 {
-        r.endpoints()[1].failed(t, &ejection(), true);
+        eps[1].failed(t, &ejection(), true);
     }
-    assert!(matches!(r.sticky(Some(b"s-b")), Sticky::Lost), "ejected");
-    // A reload carries health and sessions over.
-    let again = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], ejection());
-    again.carry_over(&r);
-    assert!(again.endpoints()[1].ejected());
-    assert!(matches!(again.sticky(Some(b"s-a")), Sticky::Pinned(e) if e.addr == a));
-    // A single address literal pins nothing.
+    assert!(
+        matches!(r.open_session(&key, "up", Some(&of_b)), Sticky::Lost),
+        "ejected"
+    );
+    // Another configuration (a reload, a new process, another gateway with the key) reads the
+    // same ids; an endpoint no longer listed loses its sessions.
+    let again = Replicas::new(vec![source("10.0.0.2"), source("10.0.0.1")], ejection());
+    assert!(
+        matches!(again.open_session(&key, "up", Some(&of_a)), Sticky::Pinned(e, _) if e.addr == a)
+    );
+    let gone = Replicas::new(vec![source("10.0.0.2"), source("10.0.0.3")], ejection());
+    assert!(matches!(
+        gone.open_session(&key, "up", Some(&of_a)),
+        Sticky::Lost
+    ));
+    // A single address literal signs nothing and pins nothing.
     let fixed = Replicas::new(vec![source("10.0.0.1")], ejection());
     assert!(!fixed.pins_sessions());
-    assert!(matches!(fixed.sticky(Some(b"s-a")), Sticky::Any));
+    assert!(matches!(
+        fixed.open_session(&key, "up", Some(b"1")),
+        Sticky::Any
+    ));
 }
 
 #[test]
-fn the_session_id_is_read_from_the_request_head_only() {
+fn the_session_id_is_read_and_set_in_the_request_head_only() {
     let req = b"POST /mcp HTTP/1.1\r\nhost: x\r\nMcp-Session-Id:  abc \r\ncontent-length: 5\r\n\r\nmcp-session-id: body";
     assert_eq!(session_of(req), Some(&b"abc"[..]));
+    let mut set = req.to_vec();
+    set_session(&mut set, b"own-id");
+    assert_eq!(
+        set,
+        b"POST /mcp HTTP/1.1\r\nhost: x\r\nMcp-Session-Id:  own-id \r\ncontent-length: 5\r\n\r\nmcp-session-id: body"
+    );
     let req = b"POST /mcp HTTP/1.1\r\nhost: x\r\n\r\nmcp-session-id: body";
     assert_eq!(session_of(req), None);
+    let mut unset = req.to_vec();
+    set_session(&mut unset, b"own-id");
+    assert_eq!(unset, req);
 }
 
 #[test]
-fn the_last_endpoint_in_rotation_is_never_ejected_and_an_ended_session_is_forgotten() {
+fn the_last_endpoint_in_rotation_is_never_ejected() {
     let e = ejection();
     let eps = endpoints(2);
     for t in 0..3 {
@@ -200,35 +254,6 @@ fn the_last_endpoint_in_rotation_is_never_ejected_and_an_ended_session_is_forgot
     }
     assert!(!eps[1].ejected());
     assert_eq!(eps[1].ejections.load(Ordering::Relaxed), 0);
-    let source = |ip: &str| Addresses::resolve_now(ip, 80, Duration::ZERO).unwrap();
-    let r = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], e);
-    let a = r.endpoints()[0].addr;
-    r.bind(b"s", a);
-    assert!(matches!(r.sticky(Some(b"s")), Sticky::Pinned(_)));
-    r.forget(b"s");
-    assert!(matches!(r.sticky(Some(b"s")), Sticky::Lost));
-}
-
-#[test]
-fn an_id_two_endpoints_minted_goes_to_neither() {
-    let source = |ip: &str| Addresses::resolve_now(ip, 80, Duration::ZERO).unwrap();
-    let r = Replicas::new(vec![source("10.0.0.1"), source("10.0.0.2")], ejection());
-    let [a, b] = [r.endpoints()[0].addr, r.endpoints()[1].addr];
-    // Replicas counting their sessions from 1 both mint "1": the caller of A's "1" must not
-    // be sent to B's (another caller's) session.
-    r.bind(b"1", a);
-    r.bind(b"1", a);
-    assert!(matches!(r.sticky(Some(b"1")), Sticky::Pinned(e) if e.addr == a));
-    r.bind(b"1", b);
-    assert!(matches!(r.sticky(Some(b"1")), Sticky::Lost));
-    // Nor does it become anybody's again: a later mint keeps it nobody's, a forget keeps it.
-    r.bind(b"1", a);
-    r.forget(b"1");
-    assert!(matches!(r.sticky(Some(b"1")), Sticky::Lost));
-    // Ids of any length cost the same.
-    let long = vec![b'x'; 60_000];
-    r.bind(&long, b);
-    assert!(matches!(r.sticky(Some(&long)), Sticky::Pinned(e) if e.addr == b));
 }
 
 #[test]
