@@ -1,5 +1,6 @@
 //! Session-era clients in front of an upstream that speaks only the 2026-07-28 (stateless)
-//! era: the reverse of [`super::held`].
+//! era: the reverse of [`super::held`]. Passthrough here; federation members through
+//! [`initialize_result`] and [`call_with`].
 //!
 //! A session-era client opens with `initialize`, carries `Mcp-Session-Id` and the negotiated
 //! `MCP-Protocol-Version`, and may `ping`; a stateless-only server knows none of that and
@@ -77,7 +78,7 @@ pub(super) fn known_stateless(ctx: &WorkerCtx, up: &Upstream) -> bool {
     }
 }
 
-fn learn(ctx: &WorkerCtx, up: &Upstream) {
+pub(super) fn learn(ctx: &WorkerCtx, up: &Upstream) {
     tracing::info!(upstream = %up.name, "speaks the stateless era only: session-era clients are bridged");
     ctx.shared
         .stateless_upstreams
@@ -193,8 +194,21 @@ pub(super) async fn forward<'c>(
         }
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
-    // The upstream's own refusal of the request (a JSON-RPC error with a 4xx) is the client's
-    // answer, as in passthrough: the request's fault, not the upstream's, so no breaker counts it.
+    reply(io, req, up, m, answer, obs, filter).await
+}
+
+/// The client's answer from a bridged exchange: as [`held::reply`] gives it, but the upstream's
+/// own refusal of the request (a JSON-RPC error with a 4xx) is the client's answer, as in
+/// passthrough: the request's fault, not the upstream's, so no breaker counts it.
+pub(super) async fn reply(
+    io: &mut Io,
+    req: &Request,
+    up: &Upstream,
+    m: &Message,
+    answer: Result<Answer, UpstreamFailure>,
+    obs: &Obs<'_>,
+    filter: Option<&dyn Fn(&Value) -> bool>,
+) -> bool {
     if let Ok(a) = &answer
         && (400..500).contains(&a.head.status)
         && serde_json::from_slice::<Value>(&a.body).is_ok_and(|v| v.get("error").is_some())
@@ -213,7 +227,8 @@ pub(super) async fn forward<'c>(
     held::reply(io, req, up, m, answer, obs, filter).await
 }
 
-/// The answer to `initialize`, made from the upstream's `server/discover`.
+/// The answer to `initialize`, made from the upstream's `server/discover`, with a session id of
+/// the gateway's own.
 async fn initialize(
     ctx: &WorkerCtx,
     req: &Request,
@@ -224,6 +239,34 @@ async fn initialize(
     let params: Value = serde_json::from_slice::<Value>(&req.body)
         .map(|mut v| v["params"].take())
         .unwrap_or_default();
+    let result = initialize_result(ctx, req, peer, up, &params).await?;
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+    let session: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Answer {
+        head: ResponseHead {
+            status: 200,
+            headers: vec![
+                ("content-type".to_owned(), b"application/json".to_vec()),
+                ("mcp-session-id".to_owned(), session.into_bytes()),
+            ],
+        },
+        body: super::json_bytes(
+            &json!({"jsonrpc": "2.0", "id": id_json(m.id.as_ref()), "result": result}),
+        ),
+        notes: Vec::new(),
+    })
+}
+
+/// The result of `initialize` with `params` (a session-era client's), made from the upstream's
+/// `server/discover`: what a session-era server would have answered.
+pub(super) async fn initialize_result(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    params: &Value,
+) -> Result<Value, UpstreamFailure> {
     let mut meta = Map::new();
     if params["clientInfo"].is_object() {
         meta.insert(META_CLIENT.into(), params["clientInfo"].clone());
@@ -260,22 +303,7 @@ async fn initialize(
     if let Some(text) = found.get("instructions") {
         result["instructions"] = text.clone();
     }
-    let mut raw = [0u8; 16];
-    getrandom::fill(&mut raw).map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
-    let session: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Answer {
-        head: ResponseHead {
-            status: 200,
-            headers: vec![
-                ("content-type".to_owned(), b"application/json".to_vec()),
-                ("mcp-session-id".to_owned(), session.into_bytes()),
-            ],
-        },
-        body: super::json_bytes(
-            &json!({"jsonrpc": "2.0", "id": id_json(m.id.as_ref()), "result": result}),
-        ),
-        notes: Vec::new(),
-    })
+    Ok(result)
 }
 
 /// Any other request: sent with the 2026 envelope, its answer read whole and given back
@@ -287,7 +315,19 @@ async fn call(
     up: &Upstream,
     m: &Message,
 ) -> Result<Answer, UpstreamFailure> {
-    let message: Value = serde_json::from_slice(&req.body)
+    call_with(ctx, req, peer, up, &req.body, m.id.as_ref()).await
+}
+
+/// A session-era request `body` (id `id`) to a stateless-only `up`, as [`call`] sends it.
+pub(super) async fn call_with(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    body: &[u8],
+    id: Option<&Id>,
+) -> Result<Answer, UpstreamFailure> {
+    let message: Value = serde_json::from_slice(body)
         .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
     let (head, body) = exchange(ctx, req, peer, up, message, Map::new()).await?;
     if !(200..300).contains(&head.status) {
@@ -297,8 +337,7 @@ async fn call(
             notes: Vec::new(),
         });
     }
-    let (mut answer, notes) =
-        answer_and_notes(&head, &body, m.id.as_ref()).map_err(UpstreamFailure::Bad)?;
+    let (mut answer, notes) = answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Bad)?;
     if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
         if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
             return Err(UpstreamFailure::Bad(

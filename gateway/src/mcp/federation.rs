@@ -253,6 +253,43 @@ impl<'c> Federation<'_, 'c> {
         Some(held::call_learning(self.ctx, self.req, self.peer, up, owner, body, &extra).await)
     }
 
+    /// Whether `member` speaks only the stateless era behind this session-era client: its
+    /// requests are bridged ([`super::bridge`]), marked in the session by the version
+    /// 2026-07-28.
+    fn bridged(&self, era: Era<'_>, member: &Member) -> bool {
+        match era {
+            Era::Session(s) => s
+                .member(&self.upstream(member).name)
+                .is_some_and(|m| version::is_stateless_era(&m.2)),
+            Era::Stateless => false,
+        }
+    }
+
+    /// A session-era message to a bridged member, its answer read whole: a request is sent
+    /// with the 2026 envelope; a notification or a response (the stateless era takes none from
+    /// a client) and a `DELETE` (no session there) are answered here.
+    async fn bridged_exchange(
+        &self,
+        member: &Member,
+        body: &[u8],
+    ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
+        let accepted = ResponseHead {
+            status: 202,
+            headers: Vec::new(),
+        };
+        let id = serde_json::from_slice::<Value>(body)
+            .ok()
+            .filter(|m| m["method"].is_string())
+            .and_then(|m| Id::from_json(&m["id"]));
+        let Some(id) = id else {
+            return Ok((accepted, Vec::new()));
+        };
+        let up = self.upstream(member);
+        super::bridge::call_with(self.ctx, self.req, self.peer, up, body, Some(&id))
+            .await
+            .map(|a| (a.head, a.body))
+    }
+
     /// Serves one request on a federated route.
     pub async fn handle(&self, io: &mut Io, message: Option<Message>) -> bool {
         let stateless = self
@@ -434,15 +471,26 @@ impl<'c> Federation<'_, 'c> {
                 _ => Err("no initialize result".into()),
             };
         }
-        held::initialize(
-            self.ctx,
-            self.req,
-            self.peer,
-            self.upstream(member),
-            body,
-            id,
-        )
-        .await
+        let up = self.upstream(member);
+        if !super::bridge::known_stateless(self.ctx, up) {
+            match held::initialize(self.ctx, self.req, self.peer, up, body, id).await {
+                // Unless it was just learnt to speak only the stateless era.
+                Err(why) if !super::bridge::known_stateless(self.ctx, up) => return Err(why),
+                Err(_) => {}
+                ok => return ok,
+            }
+        }
+        // Bridged: what a session-era server would have answered, from its `server/discover`;
+        // the session marks it with the stateless era's version.
+        let params = serde_json::from_slice::<Value>(body)
+            .map(|mut v| v["params"].take())
+            .unwrap_or_default();
+        let mut result =
+            super::bridge::initialize_result(self.ctx, self.req, self.peer, up, &params)
+                .await
+                .map_err(describe)?;
+        result["protocolVersion"] = json!(version::STATELESS);
+        Ok((None, result))
     }
 
     async fn request(&self, io: &mut Io, era: Era<'_>, m: &Message, stateless: bool) -> bool {
@@ -550,6 +598,21 @@ impl<'c> Federation<'_, 'c> {
             )
             .await;
         }
+        if self.bridged(era, member) {
+            let sent = std::time::Instant::now();
+            let answer = super::bridge::call_with(
+                self.ctx,
+                self.req,
+                self.peer,
+                up,
+                &bytes,
+                message.id.as_ref(),
+            )
+            .await;
+            self.obs.waited(sent.elapsed());
+            self.obs.upstream.set(Some(&up.name));
+            return super::bridge::reply(io, self.req, up, message, answer, self.obs, None).await;
+        }
         if matches!(era, Era::Stateless) {
             extra.push(("last-event-id", None));
             if held::known_session(self.ctx, up) == Some(true) {
@@ -604,6 +667,9 @@ impl<'c> Federation<'_, 'c> {
             let member = &self.members[i];
             if let Some(answer) = self.stdio_exchange(era, member, &body).await {
                 return (i, answer);
+            }
+            if self.bridged(era, member) {
+                return (i, self.bridged_exchange(member, &body).await);
             }
             if let Some(held) = self.held_call(era, member, &body, &[]).await {
                 return (i, held.map(|a| (a.head, a.body)));
@@ -953,10 +1019,11 @@ impl<'c> Federation<'_, 'c> {
             .and_then(|v| v.split_once('.'))
             .map(|(name, id)| (name.to_owned(), id.to_owned()));
         let client: &Io = io;
-        let http_members = self
-            .active(era)
-            .into_iter()
-            .filter(|i| self.upstream(&self.members[*i]).stdio.is_none());
+        // stdio and bridged members have no stream of their own.
+        let http_members = self.active(era).into_iter().filter(|i| {
+            let member = &self.members[*i];
+            self.upstream(member).stdio.is_none() && !self.bridged(era, member)
+        });
         let opened = join_all(http_members.map(|i| {
             let member = &self.members[i];
             let up = self.upstream(member);

@@ -307,6 +307,13 @@ pub(super) async fn initialize(
     let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER)
         .await
         .map_err(describe)?;
+    // An upstream that speaks only the stateless era: learnt, for the callers to bridge.
+    if up.era == crate::config::UpstreamEra::Auto
+        && super::bridge::refuses_session_era(&head, &bytes)
+    {
+        super::bridge::learn(ctx, up);
+        return Err("it speaks only the stateless era (2026-07-28)".into());
+    }
     let session = http::header(&head.headers, "mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);

@@ -194,6 +194,53 @@ fn a_stateless_client_sees_and_calls_every_tool_of_a_session_era_member() {
     d.stop();
 }
 
+/// The reverse in federation: a session-era client (the Python SDK's legacy mode) on a route
+/// whose members are a fixture speaking both eras and one speaking only 2026-07-28 (era learnt
+/// from its refusal of `initialize`). The client sees and calls the tools of both; the
+/// stateless-only member's progress, resources and prompts reach it as from a session-era
+/// server; the session goes on (its id seals the bridged member as such).
+#[test]
+fn a_session_era_client_sees_and_calls_every_tool_of_a_stateless_only_member() {
+    let both = PyServer::start(false);
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let direct = integration_tests::peers::py_client(&modern.url(), "2026-07-28");
+
+    let port = free_port();
+    let instance = unique("gwbridgefed");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"both\"\nurl = \"{}\"\n[[upstreams]]\nname = \"modern\"\nurl = \"{}\"\n[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"both\", prefix = \"b_\" }}, {{ upstream = \"modern\", prefix = \"m_\" }}]\n",
+            both.url(),
+            modern.url()
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let url = format!("http://127.0.0.1:{port}/fed");
+    let report = py_client_prefixed(&url, "legacy", "m_");
+    let tools = tools_of(&report);
+    for t in tools_of(&direct) {
+        assert!(tools.contains(&format!("m_{t}")), "m_{t} in {report}");
+        assert!(tools.contains(&format!("b_{t}")), "b_{t} in {report}");
+    }
+    for key in [
+        "echo",
+        "add",
+        "fail_is_error",
+        "progress_result",
+        "progress",
+        "resource",
+        "prompt",
+    ] {
+        assert_eq!(report[key], direct[key], "{key}: {report} vs {direct}");
+    }
+    // The other member through the same session era route, as before.
+    let b = py_client_prefixed(&url, "legacy", "b_");
+    assert_eq!(b["add"], "42", "{b}");
+    d.stop();
+}
+
 /// The reverse: a session-era client (the Python SDK's legacy mode) in front of an upstream
 /// that speaks only 2026-07-28 (the Python SDK's server, refusing every other version with its
 /// own -32022). Directly the client cannot even initialize; through the gateway (era learnt
