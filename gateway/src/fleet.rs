@@ -359,8 +359,10 @@ impl Keys {
     fn hosts(&self) -> String {
         format!("{}:hosts", self.prefix)
     }
+    /// Each host's budget spend (a `budgets` hash of totals was the layout before: gateways of
+    /// the two layouts do not share budgets, nor disturb each other's).
     fn budgets(&self) -> String {
-        format!("{}:budgets", self.prefix)
+        format!("{}:spend", self.prefix)
     }
     fn bans(&self) -> String {
         format!("{}:bans", self.prefix)

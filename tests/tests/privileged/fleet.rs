@@ -908,7 +908,7 @@ fn hgetall(redis: &Redis, key: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A host's spend as published in the budgets' hash (`<amount>|<seq>`, perhaps sealed).
+/// A host's spend as published in the budgets' hash (`spend`) (`<amount>|<seq>`, perhaps sealed).
 fn spend(value: &str) -> Option<i64> {
     let bare = match value.strip_prefix("sealed1:") {
         Some(rest) => rest.split_once(':')?.1,
@@ -969,7 +969,7 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
             .iter()
             .any(|(ip, _)| ip == "198.18.7.8")
     });
-    let budgets_key = fleet.key("budgets");
+    let budgets_key = fleet.key("spend");
     let spent = |redis: &Redis| spent_in(redis, &budgets_key);
     assert_eq!(spent(&fleet.redis), 5, "one budget, 5 spent (3 and 2)");
     for g in &fleet.gateways {
@@ -1236,7 +1236,7 @@ fn garbage_wrong_types_and_a_flood_in_redis_never_stop_a_round_and_a_budget_stil
     for _ in 0..3 {
         assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
     }
-    let budgets = fleet.key("budgets");
+    let budgets = fleet.key("spend");
     wait_for("A's spend in Redis", Duration::from_secs(2), || {
         hgetall(&fleet.redis, &budgets).len() == 1
     });
@@ -1292,7 +1292,7 @@ fn garbage_wrong_types_and_a_flood_in_redis_never_stop_a_round_and_a_budget_stil
         assert_eq!(metric(g.admin, "mcp_gateway_fleet_connected"), 1.0);
         assert_eq!(metric(g.admin, "mcp_gateway_fleet_hosts_live"), 2.0);
     }
-    for (key, kind) in [("hosts", "zset"), ("epoch", "string"), ("budgets", "hash")] {
+    for (key, kind) in [("hosts", "zset"), ("epoch", "string"), ("spend", "hash")] {
         assert_eq!(fleet.redis.cli(&["TYPE", &fleet.key(key)]).trim(), kind);
     }
     // A's spend survived (published again), and the budget holds across the fleet.
@@ -1324,7 +1324,7 @@ fn with_a_fleet_secret_a_spent_budget_stays_spent_whatever_is_written_in_redis()
     )];
     let mut fleet = Fleet::start_with(Redis::start(), 2, settings.clone());
     let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
-    let budgets = fleet.key("budgets");
+    let budgets = fleet.key("spend");
     let published = |amount: i64| {
         let all = hgetall(&fleet.redis, &budgets);
         all.len() == 1 && all[0].1.starts_with("sealed1:") && spend(&all[0].1) == Some(amount)
