@@ -17,9 +17,12 @@
 //! `rediss://` (never plaintext then); a Redis that lost its data (an `epoch` key gone) is
 //! re-seeded from what the hosts know rather than trusted at zero; with a fleet secret
 //! (`fleet_secret_env`) the session key is derived from the secret (Redis holds only a salt)
-//! and approvals and bans carry a MAC, so a Redis writer without the secret can neither approve
-//! a tool nor ban an address (it can still delete what is there, and loosen or tighten the
-//! fleet-wide rates and budgets, which Redis counts).
+//! and approvals, bans, each host's budget spend and its entry in the live-hosts registry carry
+//! a MAC, so a Redis writer without the secret can neither approve a tool, nor ban an address,
+//! nor lower or replay a spend (it can still delete what is there, which the hosts write back,
+//! and loosen or tighten the fleet-wide rates, which Redis counts). Whatever Redis holds, a
+//! round goes on: keys of the wrong type and values that do not parse are deleted and counted,
+//! and a round's work is bounded by what the host knows, not by what is in Redis.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -47,39 +50,97 @@ const HOST_TTL: Duration = Duration::from_secs(3);
 /// A lease nobody asked for in this many rounds is dropped (its tokens with it).
 const IDLE_ROUNDS: u32 = 400;
 
+/// Lua helpers every script starts with. `fix` deletes a key of another type than the script
+/// expects (a `SET` over a hash, by anyone: a WRONGTYPE error would fail every round of every
+/// host) and answers 1 for the count of what was ignored; `num` reads a finite number ≥ 0.
+macro_rules! lua_prelude {
+    () => {
+        r"
+local function fix(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= kind and t ~= 'none' then
+    redis.call('DEL', key)
+    return 1
+  end
+  return 0
+end
+local function num(s)
+  local n = tonumber(s)
+  if n == nil or n ~= n or n < 0 or n == math.huge then
+    return nil
+  end
+  return n
+end
+"
+    };
+}
+
 /// Leases tokens of each fleet-wide rate, shared fairly between the hosts that want them:
-/// `KEYS` the rates, `ARGV[1]` this host, `ARGV[2]` the round in microseconds, then for each
-/// rate its rate per second, burst, the tokens wanted and those the host holds unused. Each host has its own bucket in the rate's hash
-/// (`host → want|at|level`), refilled at its share of the rate, the share being its want over
-/// the wants of every host that asked in the last four rounds; so the hosts' shares add up to
-/// the rate whatever order their rounds reach Redis in (one bucket taken first come, first
-/// served starves a host whose rounds fall just after another's). A bucket and what its host
-/// holds unused come to at most its share of the burst or of two rounds, whichever is more. Answers the thousandths of a token
-/// granted for each rate (fractions add up on the host). Redis's own clock refills the
-/// buckets, so the hosts' clocks do not matter; a host silent for a minute is forgotten.
-const RATES: &str = r"
+/// `KEYS` the rates, `ARGV[1]` this host, `ARGV[2]` the round in microseconds, `ARGV[3]` how
+/// many other live hosts follow (their names), then for each rate its rate per second, burst,
+/// the tokens wanted and those the host holds unused. Each host has its own bucket in the
+/// rate's hash (`host → want|at|level`), refilled at its share of the rate, the share being its
+/// want over the wants of every live host that asked in the last four rounds; so the hosts'
+/// shares add up to the rate whatever order their rounds reach Redis in (one bucket taken first
+/// come, first served starves a host whose rounds fall just after another's). A bucket and what
+/// its host holds unused come to at most its share of the burst or of two rounds, whichever is
+/// more. Only the live hosts' fields are read (`HMGET`), and a host's want counts at most what
+/// a host may ask (a field written by someone else cannot shrink the others' shares beyond
+/// that); a field that does not parse is deleted, and a hash grown well beyond the live hosts
+/// is cut back to them. Answers the thousandths of a token granted for each rate (fractions add
+/// up on the host), then the count of what was ignored. Redis's own clock refills the buckets,
+/// so the hosts' clocks do not matter; a host silent for a minute is forgotten.
+const RATES: &str = concat!(
+    lua_prelude!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local host = ARGV[1]
 local round = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local hosts = {host}
+for j = 1, n do
+  hosts[j + 1] = ARGV[3 + j]
+end
+local bad = 0
 local out = {}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[4 * i - 1])
-  local burst = tonumber(ARGV[4 * i])
-  local want = tonumber(ARGV[4 * i + 1])
-  local held = tonumber(ARGV[4 * i + 2])
+  local b = 3 + n + 4 * (i - 1)
+  local rate = tonumber(ARGV[b + 1])
+  local burst = tonumber(ARGV[b + 2])
+  local want = tonumber(ARGV[b + 3])
+  local held = tonumber(ARGV[b + 4])
+  local most = math.max(burst, rate * 2 * round / 1000000) + 1
+  bad = bad + fix(key, 'hash')
   local total = want
   local at, level = nil, nil
-  local all = redis.call('HGETALL', key)
-  for j = 1, #all, 2 do
-    local w, a, l = string.match(all[j + 1], '^([^|]+)|([^|]+)|([^|]+)$')
-    w, a, l = tonumber(w), tonumber(a), tonumber(l)
-    if w == nil or a == nil or l == nil or now - a > 60000000 then
-      redis.call('HDEL', key, all[j])
-    elseif all[j] == host then
-      at, level = a, l
-    elseif now - a < 4 * round then
-      total = total + w
+  local kept = {}
+  local vals = redis.call('HMGET', key, unpack(hosts))
+  for j = 1, #hosts do
+    local raw = vals[j]
+    if raw then
+      local w, a, l = string.match(raw, '^([^|]+)|([^|]+)|([^|]+)$')
+      w, a, l = num(w), num(a), num(l)
+      if w == nil or a == nil or l == nil then
+        redis.call('HDEL', key, hosts[j])
+        bad = bad + 1
+      elseif now - a > 60000000 then
+        redis.call('HDEL', key, hosts[j])
+      elseif j == 1 then
+        at, level = a, l
+      else
+        kept[#kept + 1] = hosts[j]
+        kept[#kept + 1] = raw
+        if now - a < 4 * round then
+          total = total + math.min(w, most)
+        end
+      end
+    end
+  end
+  if redis.call('HLEN', key) > #hosts + 16 then
+    redis.call('DEL', key)
+    if #kept > 0 then
+      redis.call('HSET', key, unpack(kept))
     end
   end
   local share = want / total
@@ -95,68 +156,147 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, 60000)
   out[i] = grant
 end
+out[#KEYS + 1] = bad
 return out
-";
+"
+);
 
-/// Adds this host's budget spend and answers every budget window's total: `KEYS[1]` the hash
-/// (field `<end unix s>|<len s>|<window>|<what as JSON>` → total), `KEYS[2]` the fleet's epoch;
-/// `ARGV[1]` `add` or `max`, `ARGV[2]` the epoch this host knows, `ARGV[3]` an epoch to set if
-/// there is none, then pairs of field and spend since the last round (`add`), or this host's
-/// whole count (`max`: each host offers what it knows and the highest is kept, never the sum).
-/// An `add` against another epoch than the host's (Redis lost its data: FLUSHALL, eviction, a
-/// restart without persistence) changes nothing and answers `lost`: the host then offers its
-/// whole counts (`max`), so that spent budgets are not reopened. Otherwise answers the epoch,
-/// then pairs of field and total. Windows that ended are deleted.
-const BUDGETS: &str = r"
+/// How many fields of the budgets' hash a round looks through for counts this host does not
+/// know yet (an `HSCAN` step; a hash flooded with fields costs more rounds, not more work).
+const BUDGET_SCAN: u64 = 512;
+/// At most this many budget fields are asked for by name in a round, and remembered.
+const BUDGET_GETS: usize = 4096;
+const BUDGET_SEEN: usize = 16384;
+
+/// Publishes this host's budget spend and reads the others': `KEYS[1]` the hash (field
+/// `<end unix s>|<len s>|<window>|<what as JSON>|<host>` → `<spend>|<seq>`, sealed with a
+/// fleet secret: each host's whole spend in the window, `seq` growing with each change),
+/// `KEYS[2]` the fleet's epoch. `ARGV[1]` an epoch to set if there is none, `ARGV[2]` the
+/// `HSCAN` cursor, `ARGV[3]` its step, `ARGV[4]` and `ARGV[5]` how many fields to delete and
+/// how many field and value pairs to write follow, then those, then the fields to read. A
+/// value is written only over one with a lower `seq` (or none, or one without), so the hosts
+/// that publish again what they know after a loss never go back. Answers the epoch, the count
+/// of what was ignored here, the next cursor, how many values read follow (`''`: none), them,
+/// then the fields and values of the scan step; fields of windows that ended, or that do not
+/// parse, are deleted.
+const BUDGETS: &str = concat!(
+    lua_prelude!(),
+    r"
+local bad = fix(KEYS[1], 'hash') + fix(KEYS[2], 'string')
 local epoch = redis.call('GET', KEYS[2])
-if ARGV[1] == 'add' and epoch ~= ARGV[2] then
-  return {'lost'}
-end
 if not epoch then
-  epoch = ARGV[3]
+  epoch = ARGV[1]
   redis.call('SET', KEYS[2], epoch)
 end
-for i = 4, #ARGV, 2 do
-  if ARGV[1] == 'max' then
-    local have = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0
-    if tonumber(ARGV[i + 1]) > have then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-    end
-  else
-    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+local nd, np = tonumber(ARGV[4]), tonumber(ARGV[5])
+local i = 6
+for j = 1, nd do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  i = i + 1
+end
+for j = 1, np do
+  local f, v = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local old = redis.call('HGET', KEYS[1], f)
+  local had = old and tonumber(string.match(old, '|(%d+)$'))
+  local new = tonumber(string.match(v, '|(%d+)$'))
+  if new and (not had or new > had) then
+    redis.call('HSET', KEYS[1], f, v)
+  end
+end
+local gets = {}
+for j = i, #ARGV do
+  gets[#gets + 1] = ARGV[j]
+end
+local out = {epoch, 0, '0', #gets}
+if #gets > 0 then
+  local vals = redis.call('HMGET', KEYS[1], unpack(gets))
+  for j = 1, #gets do
+    out[#out + 1] = vals[j] or ''
   end
 end
 local now = tonumber(redis.call('TIME')[1])
-local all = redis.call('HGETALL', KEYS[1])
-local out = {epoch}
-for i = 1, #all, 2 do
-  local ends = tonumber(string.match(all[i], '^(%d+)|'))
-  if ends == nil or ends <= now then
-    redis.call('HDEL', KEYS[1], all[i])
+local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
+out[3] = scan[1]
+local all = scan[2]
+for j = 1, #all, 2 do
+  local ends = tonumber(string.match(all[j], '^(%d+)|'))
+  if ends == nil then
+    redis.call('HDEL', KEYS[1], all[j])
+    bad = bad + 1
+  elseif ends <= now then
+    redis.call('HDEL', KEYS[1], all[j])
   else
-    out[#out + 1] = all[i]
-    out[#out + 1] = all[i + 1]
+    out[#out + 1] = all[j]
+    out[#out + 1] = all[j + 1]
   end
 end
+out[2] = bad
 return out
-";
+"
+);
+
+/// Reads a hash (`KEYS[1]`) with the fleet's epoch (`KEYS[2]`), atomically: answers the count
+/// of keys of the wrong type deleted, the epoch (`''`: none), then the fields and values.
+const READ_HASH: &str = concat!(
+    lua_prelude!(),
+    r"
+local bad = fix(KEYS[1], 'hash') + fix(KEYS[2], 'string')
+local out = {bad, redis.call('GET', KEYS[2]) or ''}
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all do
+  out[#out + 1] = all[j]
+end
+return out
+"
+);
 
 /// The live hosts of the fleet (`KEYS[1]`, as [`HEARTBEAT`] keeps them), without beating.
 const LIVE_HOSTS: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
+  return 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZCOUNT', KEYS[1], now, '+inf')
+return redis.call('ZCOUNT', KEYS[1], now, now + 2 * tonumber(ARGV[1]))
 ";
 
-/// Beats this host's heartbeat and answers how many hosts are live: `KEYS[1]` the set of
-/// hosts (score: when the host expires, in ms of Redis's clock), `ARGV` the host and the TTL.
-const HEARTBEAT: &str = r"
+/// Agrees a value (`KEYS[1]`): sets `ARGV[1]` unless there is one, answers the one there. A key
+/// of another type is replaced.
+const AGREE: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+";
+
+/// Beats this host's heartbeat and answers the live hosts: `KEYS[1]` the set of hosts (score:
+/// when the host expires, in ms of Redis's clock), `ARGV` this host's member, the TTL, then
+/// members to remove (found not sealed with the fleet's secret). Members expiring later than
+/// a heartbeat could set are removed (not set by a host). Answers the count of what was
+/// ignored here, then at most 256 live members.
+const HEARTBEAT: &str = concat!(
+    lua_prelude!(),
+    r"
+local bad = fix(KEYS[1], 'zset')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local ttl = tonumber(ARGV[2])
+for j = 3, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[j])
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
-";
+bad = bad + redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + 2 * ttl), '+inf')
+local out = {bad}
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'LIMIT', 0, 256)
+for j = 1, #live do
+  out[j + 1] = live[j]
+end
+return out
+"
+);
 
 /// Counters for `/metrics` (written by the agent).
 #[derive(Debug, Default)]
@@ -174,7 +314,8 @@ pub struct Stats {
     pub bans_sent: AtomicU64,
     pub approvals_received: AtomicU64,
     /// Values found in Redis that this host ignored: not sealed with the fleet's secret (or
-    /// sealed when this host has none), or not readable.
+    /// sealed when this host has none), not readable, older than one seen, or keys of the
+    /// wrong type.
     pub unsealed_ignored: AtomicU64,
     /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
     pub reseeds: AtomicU64,
@@ -218,8 +359,10 @@ impl Keys {
     fn hosts(&self) -> String {
         format!("{}:hosts", self.prefix)
     }
+    /// Each host's budget spend (a `budgets` hash of totals was the layout before: gateways of
+    /// the two layouts do not share budgets, nor disturb each other's).
     fn budgets(&self) -> String {
-        format!("{}:budgets", self.prefix)
+        format!("{}:spend", self.prefix)
     }
     fn bans(&self) -> String {
         format!("{}:bans", self.prefix)
@@ -378,6 +521,78 @@ fn open<'a>(
     }
 }
 
+/// The bytes of a reply's string (bulk or simple).
+fn bytes(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A reply's string as text (`None`: not a string, or not UTF-8).
+fn text(v: &redis::Value) -> Option<&str> {
+    std::str::from_utf8(bytes(v)?).ok()
+}
+
+/// A reply's integer.
+fn int(v: &redis::Value) -> Option<i64> {
+    match v {
+        redis::Value::Int(n) => Some(*n),
+        _ => text(v)?.parse().ok(),
+    }
+}
+
+/// A budget window as the fleet names it: `<end unix s>|<len s>|<window>|<what as JSON>`.
+fn window_field(what: &Counted, len_s: u64, window: u64) -> Option<String> {
+    let ends = window.saturating_add(1).saturating_mul(len_s);
+    serde_json::to_string(what)
+        .ok()
+        .map(|w| format!("{ends}|{len_s}|{window}|{w}"))
+}
+
+/// A budget window read back from its field.
+#[derive(Debug, PartialEq, Eq)]
+struct WindowField {
+    end: u64,
+    len_s: u64,
+    window: u64,
+    what: Counted,
+}
+
+/// Reads a window field (see [`window_field`]): `None` unless it is one this host would write
+/// (a budget's, its end matching its window).
+fn parse_window_field(wf: &str) -> Option<WindowField> {
+    let mut parts = wf.splitn(4, '|');
+    let end = parts.next()?.parse::<u64>().ok()?;
+    let len_s = parts.next()?.parse::<u64>().ok()?;
+    let window = parts.next()?.parse::<u64>().ok()?;
+    let what = serde_json::from_str::<Counted>(parts.next()?).ok()?;
+    let ok = len_s > 0
+        && window.checked_add(1).and_then(|w| w.checked_mul(len_s)) == Some(end)
+        && matches!(what, Counted::Budget { .. });
+    ok.then_some(WindowField {
+        end,
+        len_s,
+        window,
+        what,
+    })
+}
+
+/// A host's budget field, `<window field>|<host>`, split (host names never hold a `|`).
+fn split_host(field: &str) -> Option<(&str, &str)> {
+    field
+        .rsplit_once('|')
+        .filter(|(wf, host)| !wf.is_empty() && !host.is_empty())
+}
+
+/// A host's spend in a window as published: `<amount>|<seq>`.
+fn parse_spend(v: &str) -> Option<(i64, u64)> {
+    let (amount, seq) = v.split_once('|')?;
+    let amount = amount.parse::<i64>().ok().filter(|a| *a >= 0)?;
+    Some((amount, seq.parse().ok()?))
+}
+
 /// What a gateway learns from the fleet at start.
 #[derive(Debug)]
 pub struct Start {
@@ -420,6 +635,7 @@ pub async fn start(fleet: &FleetConfig) -> Start {
             .arg(LIVE_HOSTS)
             .arg(1)
             .arg(keys.hosts())
+            .arg(u64::try_from(HOST_TTL.as_millis()).unwrap_or(u64::MAX))
             .query_async(&mut conn)
             .await?;
         let key = match fleet.secret {
@@ -427,13 +643,14 @@ pub async fn start(fleet: &FleetConfig) -> Start {
             None => keys.session_key(),
         };
         let mine = URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key());
-        let _: () = redis::cmd("SET")
+        let agreed: Vec<u8> = redis::cmd("EVAL")
+            .arg(AGREE)
+            .arg(1)
             .arg(&key)
             .arg(&mine)
-            .arg("NX")
             .query_async(&mut conn)
             .await?;
-        let agreed: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        let agreed = String::from_utf8_lossy(&agreed).into_owned();
         Ok::<_, redis::RedisError>((agreed, hosts))
     };
     match tokio::time::timeout(Duration::from_secs(3), attempt).await {
@@ -487,21 +704,53 @@ struct Agent<B> {
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
     agreed_pins: HashMap<String, String>,
-    /// Budgets are offered whole at the next round (Redis was lost, and may have lost them).
-    resync: bool,
     /// The fleet's epoch as this host last saw it (`None` before the first budget round).
     epoch: Option<String>,
+    /// Budgets: this host's whole spend in each window (by window field), as published.
+    own: HashMap<String, Spend>,
+    /// The other hosts' spend in each window (window field → host → spend): the value with
+    /// the highest sequence number seen, kept so that a value deleted from Redis or written
+    /// back older never lowers this host's totals (and is published again from here).
+    seen: HashMap<String, HashMap<String, Spend>>,
+    /// How many spends `seen` holds (at most [`BUDGET_SEEN`]).
+    seen_count: usize,
+    /// The sequence number of this host's last published spend.
+    seq: u64,
+    /// Where the scan of the budgets' hash goes on from.
+    cursor: String,
+    /// Budget fields to delete at the next round (values not sealed with the fleet's secret, or
+    /// unreadable) and values to write again (known here, lost or older in Redis).
+    drop_fields: Vec<Vec<u8>>,
+    rewrite: HashMap<String, String>,
+    /// Whether a budgets round has read the fleet since start: until then nothing is published
+    /// (this host's counts may hold others' spend, restored from its state file).
+    learned: bool,
+    /// The other live hosts (members of the registry sealed with the fleet's secret), and
+    /// members to remove from it at the next heartbeat.
+    peers: Vec<String>,
+    drop_hosts: Vec<Vec<u8>>,
+}
+
+/// A host's whole spend in a budget window, as published (`<amount>|<seq>`, perhaps sealed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Spend {
+    amount: i64,
+    seq: u64,
+    raw: String,
 }
 
 /// Runs the agent until the task is dropped.
 pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans: impl Bans) {
+    // Never with a `|`: it ends the budget fields it names.
     let host = format!(
-        "{}/{instance}/{}",
+        "{}/{instance}/{}/{}",
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default(),
-        std::process::id()
-    );
+        std::process::id(),
+        unix_ms()
+    )
+    .replace('|', "_");
     let client = match client(&fleet) {
         Ok(c) => c,
         Err(e) => {
@@ -527,8 +776,18 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         idle: HashMap::new(),
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
-        resync: true,
         epoch: None,
+        own: HashMap::new(),
+        seen: HashMap::new(),
+        seen_count: 0,
+        // Above any value an earlier process of the same name could have published.
+        seq: unix_ms().saturating_mul(1000),
+        cursor: "0".to_owned(),
+        drop_fields: Vec::new(),
+        rewrite: HashMap::new(),
+        learned: false,
+        peers: Vec::new(),
+        drop_hosts: Vec::new(),
     };
     tracing::info!(
         redis = shown(&agent.fleet.redis),
@@ -593,7 +852,6 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             }
             Err(e) => {
                 conn = None;
-                agent.resync = true;
                 stats.failures.fetch_add(1, Relaxed);
                 stats.connected.store(false, Relaxed);
                 let hosts = stats.hosts.load(Relaxed).max(1);
@@ -619,17 +877,57 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
 impl<B: Bans> Agent<B> {
     async fn heartbeat(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let ttl = u64::try_from(HOST_TTL.as_millis()).unwrap_or(u64::MAX);
-        let hosts: u64 = redis::cmd("EVAL")
-            .arg(HEARTBEAT)
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        let member = seal(secret, fleet, "hosts", "", &self.host);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(HEARTBEAT)
             .arg(1)
             .arg(self.keys.hosts())
-            .arg(&self.host)
-            .arg(ttl)
-            .query_async(c)
-            .await?;
-        self.shared.fleet.hosts.store(hosts.max(1), Relaxed);
-        self.shared.limits.set_fleet(FLEET_LEASED, hosts.max(1));
+            .arg(&member)
+            .arg(ttl);
+        for m in &self.drop_hosts {
+            cmd.arg(m);
+        }
+        let reply: Vec<redis::Value> = cmd.query_async(c).await?;
+        self.drop_hosts.clear();
+        let mut ignored = reply.first().and_then(int).unwrap_or(0).max(0) as u64;
+        let mut live = 0u64;
+        let mut peers = Vec::new();
+        for m in reply.iter().skip(1) {
+            let Some(raw) = bytes(m) else { continue };
+            match std::str::from_utf8(raw)
+                .ok()
+                .and_then(|r| open(secret, fleet, "hosts", "", r))
+            {
+                Some(h) if h == self.host => live += 1,
+                Some(h) => {
+                    live += 1;
+                    peers.push(h.to_owned());
+                }
+                None => {
+                    // Not a host of this fleet's (no seal, or not sealed with its secret).
+                    ignored += 1;
+                    self.drop_hosts.push(raw.to_vec());
+                }
+            }
+        }
+        self.count_ignored(ignored);
+        self.peers = peers;
+        let hosts = live.max(1);
+        self.shared.fleet.hosts.store(hosts, Relaxed);
+        self.shared.limits.set_fleet(FLEET_LEASED, hosts);
         Ok(())
+    }
+
+    fn count_ignored(&self, n: u64) {
+        if n > 0 {
+            self.shared.fleet.unsealed_ignored.fetch_add(n, Relaxed);
+            tracing::debug!(
+                n,
+                "fleet: values in Redis ignored (not sealed with the fleet's secret, unreadable, older than known, or of the wrong type)"
+            );
+        }
     }
 
     /// Asks for each lease the tokens the last round's demand suggests (and one spare), at
@@ -691,15 +989,24 @@ impl<B: Bans> Agent<B> {
         for (_, name, ..) in &asks {
             cmd.arg(name);
         }
-        cmd.arg(&self.host).arg(
-            u64::try_from(self.fleet.round.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+        cmd.arg(&self.host)
+            .arg(
+                u64::try_from(self.fleet.round.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .arg(self.peers.len());
+        for p in &self.peers {
+            cmd.arg(p);
+        }
         for (_, _, rate, burst, want, held) in &asks {
             cmd.arg(*rate).arg((*burst).max(1)).arg(*want).arg(*held);
         }
-        let granted: Vec<u64> = cmd.query_async(c).await?;
+        let mut granted: Vec<u64> = cmd.query_async(c).await?;
+        if granted.len() > asks.len() {
+            self.count_ignored(granted[asks.len()]);
+            granted.truncate(asks.len());
+        }
         // Never take more than was asked, whatever Redis answers (thousandths of a token).
         let granted: HashMap<u64, u64> = asks
             .iter()
@@ -717,89 +1024,259 @@ impl<B: Bans> Agent<B> {
         Ok(())
     }
 
-    /// Sends the spend made here since the last round and takes the fleet's totals.
+    /// Publishes this host's spend in each budget window and takes the fleet's totals: the sum
+    /// over the hosts of the highest-numbered valid spend seen of each (see [`BUDGETS`]).
     async fn budgets(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let secret = self.fleet.secret.clone();
+        let fleet = self.fleet.name.clone();
         let counts = self.shared.limits.fleet_counts();
-        let field = |what: &Counted, len_s: u64, window: u64| {
-            let ends = window.saturating_add(1).saturating_mul(len_s);
-            serde_json::to_string(what)
-                .ok()
-                .map(|w| format!("{ends}|{len_s}|{window}|{w}"))
-        };
+        let mut seq = self.seq;
+        // This host's spend after this round, kept once Redis has answered.
+        let mut changed: Vec<(String, Spend)> = Vec::new();
+        let mut puts: Vec<(String, String)> =
+            std::mem::take(&mut self.rewrite).into_iter().collect();
+        let mut gets: Vec<String> = Vec::new();
         let mut sent: HashMap<String, i64> = HashMap::new();
+        for count in &counts {
+            let Some(wf) = window_field(&count.what, count.len_s, count.window) else {
+                continue;
+            };
+            let mine = format!("{wf}|{}", self.host);
+            if self.learned {
+                let amount = match self.own.get(&wf) {
+                    Some(s) => s.amount.saturating_add(count.delta),
+                    // First spend here in this window: what is above the others' spend.
+                    None => {
+                        (i64::try_from(count.used).unwrap_or(i64::MAX) - self.others(&wf)).max(0)
+                    }
+                };
+                if self
+                    .own
+                    .get(&wf)
+                    .map_or(amount != 0, |s| s.amount != amount)
+                {
+                    seq += 1;
+                    let raw = seal(
+                        secret.as_ref(),
+                        &fleet,
+                        "budgets",
+                        &mine,
+                        &format!("{amount}|{seq}"),
+                    );
+                    puts.push((mine.clone(), raw.clone()));
+                    changed.push((wf.clone(), Spend { amount, seq, raw }));
+                }
+                sent.insert(wf.clone(), count.delta);
+            }
+            if gets.len() < BUDGET_GETS {
+                gets.push(mine);
+                if let Some(hosts) = self.seen.get(&wf) {
+                    gets.extend(
+                        hosts
+                            .keys()
+                            .take(BUDGET_GETS.saturating_sub(gets.len()))
+                            .map(|h| format!("{wf}|{h}")),
+                    );
+                }
+            }
+        }
+        let drops = std::mem::take(&mut self.drop_fields);
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(BUDGETS)
             .arg(2)
             .arg(self.keys.budgets())
             .arg(self.keys.epoch())
-            .arg(if self.resync { "max" } else { "add" })
-            .arg(self.epoch.as_deref().unwrap_or(""))
-            .arg(URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key()));
-        for count in &counts {
-            if count.delta == 0 && !self.resync {
-                continue;
-            }
-            if let Some(f) = field(&count.what, count.len_s, count.window) {
-                if self.resync {
-                    cmd.arg(&f).arg(count.used);
-                } else {
-                    cmd.arg(&f).arg(count.delta);
-                }
-                sent.insert(f, count.delta);
-            }
+            .arg(URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key()))
+            .arg(&self.cursor)
+            .arg(BUDGET_SCAN)
+            .arg(drops.len())
+            .arg(puts.len());
+        for f in &drops {
+            cmd.arg(f);
         }
-        let answer: Vec<String> = cmd.query_async(c).await?;
-        let mut answer = answer.into_iter();
-        let epoch = answer.next().unwrap_or_default();
-        if epoch == "lost" {
-            // Redis lost the fleet's state: offer whole counts (the highest is kept, so a spent
-            // budget stays spent) and publish again what this host knows.
+        for (f, v) in &puts {
+            cmd.arg(f).arg(v);
+        }
+        for f in &gets {
+            cmd.arg(f);
+        }
+        let reply: Vec<redis::Value> = match cmd.query_async(c).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Sent again next round.
+                self.drop_fields = drops;
+                self.rewrite.extend(puts);
+                return Err(e);
+            }
+        };
+        self.seq = seq;
+        for (wf, s) in changed {
+            self.own.insert(wf, s);
+        }
+        let mut reply = reply.iter();
+        let epoch = reply.next().and_then(text).unwrap_or_default().to_owned();
+        let mut ignored = reply.next().and_then(int).unwrap_or(0).max(0) as u64;
+        self.cursor = reply
+            .next()
+            .and_then(text)
+            .filter(|c| c.parse::<u64>().is_ok())
+            .unwrap_or("0")
+            .to_owned();
+        let n = usize::try_from(reply.next().and_then(int).unwrap_or(0)).unwrap_or(0);
+        if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
+            // Redis lost the fleet's state (FLUSHALL, eviction, a restart without persistence,
+            // its epoch deleted): everything known here is published again.
             tracing::warn!(
                 redis = shown(&self.fleet.redis),
                 "fleet: Redis lost the fleet's state (its epoch is gone or changed); budgets, bans and approvals are published again from here"
             );
             self.shared.fleet.reseeds.fetch_add(1, Relaxed);
-            self.resync = true;
             self.known_bans.clear();
             self.agreed_pins.clear();
-            return Box::pin(self.budgets(c)).await;
-        }
-        if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
-            // Another host re-seeded a Redis that lost its data: publish again from here too.
-            self.shared.fleet.reseeds.fetch_add(1, Relaxed);
-            self.known_bans.clear();
-            self.agreed_pins.clear();
+            let own = self
+                .own
+                .iter()
+                .map(|(wf, s)| (format!("{wf}|{}", self.host), s.raw.clone()));
+            let others = self.seen.iter().flat_map(|(wf, hosts)| {
+                hosts
+                    .iter()
+                    .map(move |(h, s)| (format!("{wf}|{h}"), s.raw.clone()))
+            });
+            let all: Vec<(String, String)> = own.chain(others).collect();
+            self.rewrite.extend(all);
         }
         self.epoch = Some(epoch);
-        self.resync = false;
-        let mut totals = Vec::new();
-        while let (Some(f), Some(t)) = (answer.next(), answer.next()) {
-            totals.push((f, t.parse::<i64>().unwrap_or(0)));
+        for (field, value) in gets.iter().zip(reply.by_ref().take(n)) {
+            match bytes(value) {
+                Some([]) | None => {
+                    // Gone from Redis (deleted by someone, or lost): published again.
+                    if let Some(known) = self.known(field) {
+                        self.rewrite.insert(field.clone(), known.raw.clone());
+                    }
+                }
+                Some(raw) => ignored += self.absorb(field.as_bytes(), raw),
+            }
         }
-        for (f, total) in totals {
-            let mut parts = f.splitn(4, '|');
-            let (Some(_), Some(len_s), Some(window), Some(what)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
+        let rest: Vec<&redis::Value> = reply.collect();
+        for pair in rest.chunks(2) {
+            if let [f, v] = pair {
+                let (Some(f), Some(v)) = (bytes(f), bytes(v)) else {
+                    continue;
+                };
+                ignored += self.absorb(f, v);
+            }
+        }
+        self.count_ignored(ignored);
+        // Windows that ended are forgotten.
+        let now = crate::policy::limits::State::unix_s();
+        let live = |wf: &String| parse_window_field(wf).is_some_and(|w| w.end > now);
+        self.own.retain(|wf, _| live(wf));
+        self.seen.retain(|wf, hosts| live(wf) && !hosts.is_empty());
+        self.seen_count = self.seen.values().map(HashMap::len).sum();
+        if !self.learned {
+            // The first read: this host's counts are taken as they are (its spend is set at
+            // the next round, to what they hold above the others').
+            self.learned = true;
+            return Ok(());
+        }
+        let mut windows: HashSet<&String> = self.seen.keys().collect();
+        windows.extend(self.own.keys());
+        windows.extend(sent.keys());
+        for wf in windows {
+            let Some(w) = parse_window_field(wf) else {
                 continue;
             };
-            let (Ok(len_s), Ok(window), Ok(what)) = (
-                len_s.parse::<u64>(),
-                window.parse::<u64>(),
-                serde_json::from_str::<Counted>(what),
-            ) else {
-                continue;
-            };
-            let sent = sent.get(&f).copied().unwrap_or(0);
+            let total = self.own.get(wf).map_or(0, |s| s.amount) + self.others(wf);
             self.shared.limits.fleet_merge(
-                what,
-                len_s,
-                window,
-                sent,
+                w.what,
+                w.len_s,
+                w.window,
+                sent.get(wf).copied().unwrap_or(0),
                 u64::try_from(total.max(0)).unwrap_or(0),
             );
         }
         Ok(())
+    }
+
+    /// The other hosts' spend in window `wf`, as known here.
+    fn others(&self, wf: &str) -> i64 {
+        self.seen
+            .get(wf)
+            .map_or(0, |h| h.values().map(|s| s.amount).sum())
+    }
+
+    /// What this host knows of a budget field (`<window field>|<host>`).
+    fn known(&self, field: &str) -> Option<&Spend> {
+        let (wf, host) = split_host(field)?;
+        if host == self.host {
+            self.own.get(wf)
+        } else {
+            self.seen.get(wf)?.get(host)
+        }
+    }
+
+    /// Takes a budget field read from Redis: a valid value newer than known is remembered; one
+    /// older than known (written back), or one this host does not write under its own name,
+    /// is replaced by what is known; one that is not valid (unsealed, unreadable) is deleted.
+    /// Answers how many values were ignored.
+    fn absorb(&mut self, field: &[u8], raw: &[u8]) -> u64 {
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        let parsed = std::str::from_utf8(field).ok().and_then(|f| {
+            let (wf, host) = split_host(f)?;
+            parse_window_field(wf)?;
+            let value = std::str::from_utf8(raw).ok()?;
+            let spend = open(secret, fleet, "budgets", f, value).and_then(parse_spend)?;
+            Some((f, wf, host, spend, value))
+        });
+        let Some((f, wf, host, (amount, seq), value)) = parsed else {
+            self.drop_fields.push(field.to_vec());
+            if let Some(known) = std::str::from_utf8(field).ok().and_then(|f| self.known(f)) {
+                self.rewrite.insert(
+                    String::from_utf8_lossy(field).into_owned(),
+                    known.raw.clone(),
+                );
+            }
+            return 1;
+        };
+        if host == self.host {
+            return match self.own.get(wf) {
+                Some(mine) if mine.seq != seq => {
+                    // Not this host's latest: written back, or not by this host.
+                    self.rewrite.insert(f.to_owned(), mine.raw.clone());
+                    if seq > mine.seq {
+                        self.drop_fields.push(field.to_vec());
+                    }
+                    1
+                }
+                _ => 0,
+            };
+        }
+        let full = self.seen_count >= BUDGET_SEEN;
+        let hosts = self.seen.entry(wf.to_owned()).or_default();
+        match hosts.get(host) {
+            Some(known) if known.seq > seq => {
+                // An older value written back: what is known here stands, and is published.
+                self.rewrite.insert(f.to_owned(), known.raw.clone());
+                1
+            }
+            Some(known) if known.seq == seq => 0,
+            None if full => 1,
+            known => {
+                if known.is_none() {
+                    self.seen_count += 1;
+                }
+                hosts.insert(
+                    host.to_owned(),
+                    Spend {
+                        amount,
+                        seq,
+                        raw: value.to_owned(),
+                    },
+                );
+                0
+            }
+        }
     }
 
     /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
@@ -808,13 +1285,8 @@ impl<B: Bans> Agent<B> {
         let key = self.keys.bans();
         // Read with the epoch, atomically: bans read from a Redis that lost its data since this
         // round's budgets would look lifted everywhere; the next round re-seeds it instead.
-        // As text: a value this host cannot read is ignored, never a failed round.
-        let (epoch, remote): (Option<String>, HashMap<String, String>) = redis::pipe()
-            .atomic()
-            .get(self.keys.epoch())
-            .hgetall(&key)
-            .query_async(c)
-            .await?;
+        // A value this host cannot read is ignored (and deleted), never a failed round.
+        let (epoch, remote) = self.read_hash(c, &key).await?;
         if epoch.is_none() || epoch != self.epoch {
             return Ok(());
         }
@@ -825,15 +1297,20 @@ impl<B: Bans> Agent<B> {
         // With a secret, a lift is a sealed `lifted:<end>` left until the ban's end, so that a
         // ban deleted from Redis by someone without the secret is not lifted.
         let mut lifted: HashSet<IpAddr> = HashSet::new();
-        let mut ended: Vec<String> = Vec::new();
+        let mut ended: Vec<Vec<u8>> = Vec::new();
         // Bans in Redis not sealed with the fleet's secret (or unreadable): never applied.
         let mut forged: HashSet<IpAddr> = HashSet::new();
-        for (k, raw) in remote {
-            let Ok(ip) = k.parse::<IpAddr>() else {
-                ended.push(k);
+        for (field, raw) in remote {
+            let Some((k, ip)) = std::str::from_utf8(&field)
+                .ok()
+                .and_then(|k| Some((k, k.parse::<IpAddr>().ok()?)))
+            else {
+                self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                ended.push(field);
                 continue;
             };
-            let value = open(secret, fleet, "bans", &k, &raw).and_then(|v| {
+            let raw = String::from_utf8_lossy(&raw);
+            let value = open(secret, fleet, "bans", k, &raw).and_then(|v| {
                 match v.strip_prefix("lifted:") {
                     Some(until) if secret.is_some() => until.parse::<u64>().ok().map(|u| (u, true)),
                     Some(_) => None,
@@ -847,12 +1324,12 @@ impl<B: Bans> Agent<B> {
                 Some((until, true)) if until > now => {
                     lifted.insert(ip.to_canonical());
                 }
-                Some(_) => ended.push(k),
+                Some(_) => ended.push(field),
                 None => {
                     self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
                     tracing::warn!(source = %ip, "fleet: a ban in Redis is not sealed with the fleet's secret (or unreadable); ignored");
                     // Replaced below by this host's own ban if it has one, else removed.
-                    ended.push(k);
+                    ended.push(field);
                     forged.insert(ip.to_canonical());
                 }
             }
@@ -940,12 +1417,53 @@ impl<B: Bans> Agent<B> {
         Ok(())
     }
 
+    /// A hash of the fleet's and the epoch, read atomically ([`READ_HASH`]); either key of the
+    /// wrong type is deleted (and counted).
+    async fn read_hash(
+        &self,
+        c: &mut MultiplexedConnection,
+        key: &str,
+    ) -> redis::RedisResult<(Option<String>, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let reply: Vec<redis::Value> = redis::cmd("EVAL")
+            .arg(READ_HASH)
+            .arg(2)
+            .arg(key)
+            .arg(self.keys.epoch())
+            .query_async(c)
+            .await?;
+        let mut reply = reply.iter();
+        self.count_ignored(reply.next().and_then(int).unwrap_or(0).max(0) as u64);
+        let epoch = reply
+            .next()
+            .and_then(text)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned);
+        let rest: Vec<&redis::Value> = reply.collect();
+        let pairs = rest
+            .chunks(2)
+            .filter_map(|p| match p {
+                [k, v] => Some((bytes(k)?.to_vec(), bytes(v)?.to_vec())),
+                _ => None,
+            })
+            .collect();
+        Ok((epoch, pairs))
+    }
+
     /// Sends pins first seen or approved here, and takes approvals made elsewhere (an approval
     /// on one host unhides the tool on all).
     async fn exchange_pins(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let key = self.keys.pins();
-        let remote: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        let (_, remote) = self.read_hash(c, &key).await?;
+        let remote: HashMap<String, String> = remote
+            .into_iter()
+            .filter_map(|(k, v)| {
+                // A field that is not UTF-8 names no tool of this host's: left alone.
+                Some((
+                    String::from_utf8(k).ok()?,
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
+            .collect();
         let mut pipe = redis::pipe();
         let mut any = false;
         let secret = self.fleet.secret.as_ref();
@@ -1098,7 +1616,7 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
         (
             "mcp_gateway_fleet_unsealed_ignored_total",
             "counter",
-            "Values in Redis ignored here: not sealed with the fleet's secret, or unreadable.",
+            "Values in Redis ignored here: not sealed with the fleet's secret, unreadable, older than one seen, or keys of the wrong type.",
             stats.unsealed_ignored.load(Relaxed).to_string(),
         ),
         (
@@ -1113,5 +1631,98 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> Counted {
+        Counted::Budget {
+            scope: "tenant".into(),
+            tenant: "a|b".into(),
+            subject: "x".into(),
+        }
+    }
+
+    #[test]
+    fn a_window_field_reads_back_and_a_malformed_one_does_not() {
+        let wf = window_field(&budget(), 60, 1000).expect("field");
+        assert_eq!(
+            parse_window_field(&wf),
+            Some(WindowField {
+                end: 60_060,
+                len_s: 60,
+                window: 1000,
+                what: budget()
+            })
+        );
+        // The host comes after the last `|`, whatever the JSON holds.
+        let field = format!("{wf}|host/gw/1/2");
+        assert_eq!(split_host(&field), Some((wf.as_str(), "host/gw/1/2")));
+        for bad in [
+            "abc".to_owned(),
+            "1|2|3".to_owned(),
+            // An end that is not the window's.
+            wf.replacen("60060", "99999999999", 1),
+            "60060|0|1000|{}".to_owned(),
+            format!(
+                "60060|60|1000|{}",
+                r#"{"kind":"refusals","source":"1.2.3.4"}"#
+            ),
+        ] {
+            assert_eq!(parse_window_field(&bad), None, "{bad}");
+        }
+        assert_eq!(split_host("abc|"), None);
+        assert_eq!(split_host("|h"), None);
+    }
+
+    #[test]
+    fn a_spend_reads_only_as_amount_and_sequence() {
+        assert_eq!(parse_spend("5|17"), Some((5, 17)));
+        for bad in ["abc", "5", "-1|3", "5|x", "5|3|1", "1e3|2", ""] {
+            assert_eq!(parse_spend(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_sealed_spend_opens_only_under_its_field_and_the_secret() {
+        let secret = FleetSecret([7; 32]);
+        let field = "60060|60|1000|{}|h1";
+        let raw = seal(Some(&secret), "f", "budgets", field, "5|17");
+        assert_eq!(
+            open(Some(&secret), "f", "budgets", field, &raw),
+            Some("5|17")
+        );
+        // Moved to another host's field, another fleet, or changed: refused.
+        assert_eq!(
+            open(Some(&secret), "f", "budgets", "60060|60|1000|{}|h2", &raw),
+            None
+        );
+        assert_eq!(open(Some(&secret), "g", "budgets", field, &raw), None);
+        let lowered = raw.replace(":5|17", ":0|18");
+        assert_eq!(open(Some(&secret), "f", "budgets", field, &lowered), None);
+        // Bare, or under another secret: refused; without a secret, a bare value is taken.
+        assert_eq!(open(Some(&secret), "f", "budgets", field, "5|17"), None);
+        assert_eq!(
+            open(Some(&FleetSecret([8; 32])), "f", "budgets", field, &raw),
+            None
+        );
+        assert_eq!(open(None, "f", "budgets", field, "5|17"), Some("5|17"));
+        // A host's member of the registry.
+        let member = seal(Some(&secret), "f", "hosts", "", "h1");
+        assert_eq!(open(Some(&secret), "f", "hosts", "", &member), Some("h1"));
+        assert_eq!(open(Some(&secret), "f", "hosts", "", "h1"), None);
+    }
+
+    #[test]
+    fn replies_are_read_as_bytes_never_failing_on_what_is_not_utf8() {
+        let v = redis::Value::BulkString(vec![0xff, b'a']);
+        assert_eq!(bytes(&v), Some(&[0xff, b'a'][..]));
+        assert_eq!(text(&v), None);
+        assert_eq!(int(&redis::Value::Int(3)), Some(3));
+        assert_eq!(int(&redis::Value::BulkString(b"12".to_vec())), Some(12));
+        assert_eq!(int(&redis::Value::Nil), None);
     }
 }

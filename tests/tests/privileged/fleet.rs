@@ -925,6 +925,23 @@ fn hgetall(redis: &Redis, key: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A host's spend as published in the budgets' hash (`spend`) (`<amount>|<seq>`, perhaps sealed).
+fn spend(value: &str) -> Option<i64> {
+    let bare = match value.strip_prefix("sealed1:") {
+        Some(rest) => rest.split_once(':')?.1,
+        None => value,
+    };
+    bare.split_once('|')?.0.parse().ok()
+}
+
+/// The spend of every host in the budgets' hash `key`, summed.
+fn spent_in(redis: &Redis, key: &str) -> i64 {
+    hgetall(redis, key)
+        .iter()
+        .map(|(_, v)| spend(v).unwrap_or_else(|| panic!("not a spend: {v}")))
+        .sum()
+}
+
 fn ban(admin: u16, ip: &str) {
     let body = format!(r#"{{"address":"{ip}","seconds":600}}"#);
     let req = format!(
@@ -969,14 +986,9 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
             .iter()
             .any(|(ip, _)| ip == "198.18.7.8")
     });
-    let budgets_key = fleet.key("budgets");
-    let spent = |redis: &Redis| -> Vec<String> {
-        hgetall(redis, &budgets_key)
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect()
-    };
-    assert_eq!(spent(&fleet.redis), ["5"], "one budget, 5 spent");
+    let budgets_key = fleet.key("spend");
+    let spent = |redis: &Redis| spent_in(redis, &budgets_key);
+    assert_eq!(spent(&fleet.redis), 5, "one budget, 5 spent (3 and 2)");
     for g in &fleet.gateways {
         assert_eq!(metric(g.admin, "mcp_gateway_fleet_reseeds_total"), 0.0);
     }
@@ -992,7 +1004,11 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
     }
     std::thread::sleep(Duration::from_millis(300));
     // Each gateway offered its whole count (5): the highest is kept, not the sum (15).
-    assert_eq!(spent(&fleet.redis), ["5"], "re-seeded with the max");
+    assert_eq!(
+        spent(&fleet.redis),
+        5,
+        "each host's spend published again, not once per gateway"
+    );
     assert_eq!(
         fleet.redis.cli(&["EXISTS", &fleet.key("epoch")]).trim(),
         "1"
@@ -1022,7 +1038,7 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
         (429, Some(BUDGET_EXHAUSTED)),
         "5 of 5 learned by a gateway that started after the flush"
     );
-    assert_eq!(spent(&fleet.redis), ["5"]);
+    assert_eq!(spent(&fleet.redis), 5);
     late.daemon.stop();
     for g in &mut fleet.gateways {
         g.daemon.stop();
@@ -1225,6 +1241,179 @@ fn with_a_fleet_secret_approvals_and_bans_forged_in_redis_are_ignored_and_real_o
     );
     assert_eq!(call(ports[2], "echo", json!({"text": "hi"})).0, 200);
     assert!(metric_sum(&fleet, "mcp_gateway_fleet_approvals_received_total") >= 2.0);
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
+fn garbage_wrong_types_and_a_flood_in_redis_never_stop_a_round_and_a_budget_still_holds() {
+    let mut fleet = Fleet::start_with(Redis::start(), 2, Settings::new(1000, 1000, true));
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    for _ in 0..3 {
+        assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    let budgets = fleet.key("spend");
+    wait_for("A's spend in Redis", Duration::from_secs(2), || {
+        hgetall(&fleet.redis, &budgets).len() == 1
+    });
+    let (field, _) = hgetall(&fleet.redis, &budgets).remove(0);
+    let (window, _) = field.rsplit_once('|').expect("<window>|<host>");
+    let rate = fleet
+        .redis
+        .cli(&["KEYS", &format!("{}:rate:*", fleet.key(""))]);
+    let rate = rate.lines().next().expect("a rate's key").to_owned();
+    let ignored = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+
+    // What anyone who can write to Redis may leave there: values that are not numbers (under
+    // A's own field, and under a made-up host's), a field that names no window, 20,000 such
+    // fields at once, and every key of the fleet replaced by another type.
+    fleet.redis.cli(&["HSET", &budgets, &field, "abc"]);
+    fleet
+        .redis
+        .cli(&["HSET", &budgets, &format!("{window}|intruder"), "abc"]);
+    fleet.redis.cli(&["HSET", &budgets, "junk", "1"]);
+    fleet.redis.cli(&[
+        "EVAL",
+        "for i = 1, 20000 do redis.call('HSET', KEYS[1], ARGV[1] .. i, 'abc') end",
+        "1",
+        &budgets,
+        &format!("{window}|flood-"),
+    ]);
+    for key in [
+        rate.clone(),
+        fleet.key("hosts"),
+        fleet.key("bans"),
+        fleet.key("pins"),
+    ] {
+        fleet.redis.cli(&["DEL", &key]);
+        fleet.redis.cli(&["SET", &key, "x"]);
+    }
+    let epoch = fleet.key("epoch");
+    fleet.redis.cli(&["DEL", &epoch]);
+    fleet.redis.cli(&["HSET", &epoch, "a", "b"]);
+
+    wait_for("the garbage is counted", Duration::from_secs(3), || {
+        metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") >= ignored + 7.0
+    });
+    wait_for("the flood is gone", Duration::from_secs(5), || {
+        fleet.redis.cli(&["HLEN", &budgets]).trim() == "1"
+    });
+    for g in &fleet.gateways {
+        assert_eq!(
+            metric(g.admin, "mcp_gateway_fleet_round_failures_total"),
+            0.0,
+            "a round failed on :{}",
+            g.admin
+        );
+        assert_eq!(metric(g.admin, "mcp_gateway_fleet_connected"), 1.0);
+        assert_eq!(metric(g.admin, "mcp_gateway_fleet_hosts_live"), 2.0);
+    }
+    for (key, kind) in [("hosts", "zset"), ("epoch", "string"), ("spend", "hash")] {
+        assert_eq!(fleet.redis.cli(&["TYPE", &fleet.key(key)]).trim(), kind);
+    }
+    // A's spend survived (published again), and the budget holds across the fleet.
+    assert_eq!(spent_in(&fleet.redis, &budgets), 3);
+    for _ in 0..2 {
+        assert_eq!(call(b, "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for port in [a, b] {
+        assert_eq!(
+            call(port, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "5 of 5 spent across the fleet: refused on :{port}"
+        );
+    }
+    assert_eq!(spent_in(&fleet.redis, &budgets), 5);
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
+fn with_a_fleet_secret_a_spent_budget_stays_spent_whatever_is_written_in_redis() {
+    let mut settings = Settings::new(1000, 1000, true);
+    settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+    settings.env = vec![(
+        SECRET_VAR.to_owned(),
+        unique("a-fleet-secret-of-at-least-32-characters"),
+    )];
+    let mut fleet = Fleet::start_with(Redis::start(), 2, settings.clone());
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let budgets = fleet.key("spend");
+    let published = |amount: i64| {
+        let all = hgetall(&fleet.redis, &budgets);
+        all.len() == 1 && all[0].1.starts_with("sealed1:") && spend(&all[0].1) == Some(amount)
+    };
+    for _ in 0..3 {
+        assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    wait_for("3 spent, sealed in Redis", Duration::from_secs(2), || {
+        published(3)
+    });
+    let (field, three) = hgetall(&fleet.redis, &budgets).remove(0);
+    for _ in 0..2 {
+        assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    wait_for("5 spent, sealed in Redis", Duration::from_secs(2), || {
+        published(5)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for port in [a, b] {
+        assert_eq!(
+            call(port, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "5 of 5 spent on A: refused on :{port}"
+        );
+    }
+
+    // Someone without the secret lowers the spend (bare, or with a made-up seal), writes back
+    // the value A sealed at 3, deletes A's field, deletes the whole hash.
+    let bogus = format!("sealed1:{}:0|99999999999999", "A".repeat(43));
+    let attacks: [(&str, Vec<&str>); 5] = [
+        (
+            "lowered",
+            vec!["HSET", &budgets, &field, "0|99999999999999"],
+        ),
+        ("forged", vec!["HSET", &budgets, &field, &bogus]),
+        ("replayed", vec!["HSET", &budgets, &field, &three]),
+        ("deleted", vec!["HDEL", &budgets, &field]),
+        ("the hash deleted", vec!["DEL", &budgets]),
+    ];
+    for (what, cmd) in attacks {
+        let before = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+        fleet.redis.cli(&cmd);
+        std::thread::sleep(Duration::from_millis(300));
+        for port in [b, a] {
+            assert_eq!(
+                call(port, "add", json!({"a": 1, "b": 2})),
+                (429, Some(BUDGET_EXHAUSTED)),
+                "{what} in Redis: the spent budget reopened on :{port}"
+            );
+        }
+        if !what.contains("deleted") {
+            assert!(
+                metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") > before,
+                "{what}: not counted"
+            );
+        }
+        wait_for(
+            &format!("{what}: A's spend published again"),
+            Duration::from_secs(2),
+            || published(5),
+        );
+    }
+    // A gateway started now learns 5 of 5 from what the others published again.
+    let mut late = fleet.gateway(&settings);
+    wait_metric(late.admin, "mcp_gateway_fleet_connected", 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        call(late.port, "add", json!({"a": 1, "b": 2})),
+        (429, Some(BUDGET_EXHAUSTED)),
+        "5 of 5 learned by a gateway started after the tampering"
+    );
+    late.daemon.stop();
     for g in &mut fleet.gateways {
         g.daemon.stop();
     }
