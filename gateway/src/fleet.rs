@@ -1174,9 +1174,23 @@ impl<B: Bans> Agent<B> {
         self.seen.retain(|wf, hosts| live(wf) && !hosts.is_empty());
         self.seen_count = self.seen.values().map(HashMap::len).sum();
         if !self.learned {
-            // The first read: this host's counts are taken as they are (its spend is set at
-            // the next round, to what they hold above the others').
+            // The first read: this host's counts rise to the others' spend at once (a gateway
+            // that starts after a budget was spent refuses from its first request); its own
+            // spend is set at the next round, to what they hold above the others'.
             self.learned = true;
+            let firsts: Vec<(String, i64)> = self
+                .seen
+                .keys()
+                .map(|wf| (wf.clone(), self.others(wf)))
+                .collect();
+            for (wf, others) in firsts {
+                if let Some(w) = parse_window_field(&wf) {
+                    let total = u64::try_from(others.max(0)).unwrap_or(0);
+                    self.shared
+                        .limits
+                        .fleet_floor(w.what, w.len_s, w.window, total);
+                }
+            }
             return Ok(());
         }
         let mut windows: HashSet<&String> = self.seen.keys().collect();

@@ -605,6 +605,29 @@ impl State {
         c.fleet_window.store(window, Ordering::Release);
     }
 
+    /// The fleet's spend in a window as first read from Redis (`total`, other hosts'): this
+    /// host's count rises to it (never falls: what it holds above is its own, published next
+    /// round) and the rounds after count from it.
+    pub fn fleet_floor(&self, what: Counted, len_s: u64, window: u64, total: u64) {
+        if len_s == 0 || window != Self::window_of(len_s) {
+            return;
+        }
+        let key = what.key(self);
+        let map = self.windows.pin();
+        let c = map.get_or_insert_with(key, || Counter {
+            len_s,
+            what: Some(Box::new(what)),
+            ..Counter::default()
+        });
+        if c.len_s != len_s {
+            return;
+        }
+        c.window.roll(window);
+        c.window.used.fetch_max(total, Ordering::AcqRel);
+        c.fleet_base.store(total, Ordering::Release);
+        c.fleet_window.store(window, Ordering::Release);
+    }
+
     /// Seconds since the Unix epoch.
     pub fn unix_s() -> u64 {
         SystemTime::now()
