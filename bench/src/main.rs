@@ -1244,7 +1244,8 @@ fn idle_report(
         date = env.date,
         env = env.markdown(),
     );
-    let json = serde_json::json!({"scenario": "idle", "environment": env.json(), "idle": idle_json});
+    let json =
+        serde_json::json!({"scenario": "idle", "environment": env.json(), "idle": idle_json});
     write_report(ledger, dir, &format!("{}-idle", env.date), &md, &json)
 }
 
