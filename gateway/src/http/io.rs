@@ -200,7 +200,11 @@ impl Io {
             return r;
         }
         let deadline = monoio::time::Instant::now() + timeout;
-        match self.read_for(IDLE_GRACE).await? {
+        // Boxed too, like the readiness wait below: each holds a timer entry (hundreds of
+        // bytes, aligned to 128, which pads every future around it); inline, the larger of the
+        // two would stay in the task of every idle connection. One allocation per request
+        // (the grace read) and per connection gone idle (the wait) instead.
+        match Box::pin(self.read_for(IDLE_GRACE)).await? {
             None => {}
             Some(n) if self.tls.is_none() => return Ok(n),
             // Records (or the end of the stream) arrived: rustls makes plaintext of them.
@@ -209,7 +213,7 @@ impl Io {
         self.release_buffers();
         IDLE_RELEASES.set(IDLE_RELEASES.get() + 1);
         let left = deadline.saturating_duration_since(monoio::time::Instant::now());
-        match monoio::time::timeout(left, self.stream.readable(false)).await {
+        match Box::pin(monoio::time::timeout(left, self.stream.readable(false))).await {
             Err(_) => {
                 self.shutdown(libc::SHUT_RD);
                 Err(HttpError::Timeout)
