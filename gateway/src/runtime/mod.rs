@@ -662,11 +662,12 @@ async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats
 
 /// Gives the memory of closed and idle connections back to the system: once a second, if at
 /// least half of this worker's connections (and at least [`PURGE_AFTER`]) closed since the
-/// last look, or at least [`PURGE_AFTER`] went idle and freed their read buffers, the
-/// allocator's free pages on this thread are purged. mimalloc keeps freed pages for reuse and
-/// purges them lazily, on later allocations; a worker whose 10,000 connections closed (or went
-/// quiet) allocates little, so without this the gateway stayed at ~10x its idle RSS after they
-/// closed, and 1,000 idle connections kept ~16 KiB each of freed buffers resident. Runs on the
+/// last look, or at least [`PURGE_AFTER`] went idle and freed their read buffers (or
+/// [`PURGE_AFTER_QUIET`], once no more follow), the allocator's free pages on this thread are
+/// purged. mimalloc keeps freed pages for reuse and purges them lazily, on later allocations;
+/// a worker whose 10,000 connections closed (or went quiet) allocates little, so without this
+/// the gateway stayed at ~10x its idle RSS after they closed, and 1,000 idle connections kept
+/// ~16 KiB each of freed buffers resident. Runs on the
 /// worker because mimalloc's heaps are per thread; it takes a few ms at most, at most once a
 /// second, and only after many connections closed or went idle (a busy connection does not).
 async fn purge_after_closes(active: OpenConns) {
@@ -675,8 +676,12 @@ async fn purge_after_closes(active: OpenConns) {
         monoio::time::sleep(Duration::from_secs(1)).await;
         let now = active.borrow().len();
         peak = peak.max(now);
-        released += crate::http::take_idle_releases();
-        if (peak - now >= PURGE_AFTER && now <= peak / 2) || released >= PURGE_AFTER {
+        let fresh = crate::http::take_idle_releases();
+        released += fresh;
+        // Many buffers freed, or a few once connections stopped going idle (the last of a
+        // wave: nothing else would purge them).
+        let idle = released >= PURGE_AFTER || (fresh == 0 && released >= PURGE_AFTER_QUIET);
+        if (peak - now >= PURGE_AFTER && now <= peak / 2) || idle {
             // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
             unsafe { libmimalloc_sys::mi_collect(true) };
             (peak, released) = (now, 0);
@@ -687,6 +692,10 @@ async fn purge_after_closes(active: OpenConns) {
 /// Connections that must have closed (and half of the worker's), or gone idle, before its
 /// memory is purged.
 const PURGE_AFTER: usize = 256;
+
+/// Connections gone idle (their read buffers freed) that are purged once no more follow
+/// within a second.
+const PURGE_AFTER_QUIET: usize = 16;
 
 /// Keeps the process's signals (SIGTERM, SIGHUP, ...) away from a worker thread: they are the
 /// control thread's to handle, and a worker's io_uring wait should not be interrupted by them.
