@@ -469,6 +469,22 @@ fn read_answer(s: &mut std::net::TcpStream) -> bool {
     }
 }
 
+/// The idle-memory rows alone (scenario `idle`): one warm-up row per proxy, so that "before"
+/// is a process that has served load, then 1,000 and 10,000 connections held.
+pub fn run_idle() -> Vec<Idle> {
+    let bed = Bed::start(true);
+    for t in [Target::Gateway, Target::Nginx] {
+        bed.measure("warm-up", t, 32, None, 0);
+    }
+    let mut idle = Vec::new();
+    for n in [1000, 10_000] {
+        for t in [Target::Gateway, Target::Nginx] {
+            idle.push(bed.idle(t, n));
+        }
+    }
+    idle
+}
+
 pub fn run(quick: bool) -> Report {
     let load_before = loadavg();
     let mut bed = Bed::start(quick);

@@ -40,7 +40,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet); all
-    /// when omitted.
+    /// when omitted. `idle` (only when named): the headline's idle-memory rows alone.
     scenarios: Vec<String>,
     /// Print every row (and every scenario's report) as one JSON document on stdout; the
     /// Markdown goes to stderr.
@@ -291,6 +291,10 @@ fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     }
     if wants("headline") {
         headline_report(args, ledger, &env, &dir, suffix)?;
+    }
+    // Only when named: the headline's idle-memory rows alone, at 1,000 and 10,000 connections.
+    if args.scenarios.iter().any(|x| x == "idle") {
+        idle_report(ledger, &env, &dir)?;
     }
     if wants("proxy") {
         proxy_report(args, ledger, &env, &dir, suffix)?;
@@ -1225,6 +1229,75 @@ fn tls_report(
     )
 }
 
+/// Scenario `idle` (only when named): the headline bed, one warm-up row per proxy, then
+/// 1,000 and 10,000 idle connections held on the gateway and on nginx.
+fn idle_report(
+    ledger: &mut verdict::Ledger,
+    env: &env::Environment,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let idle = headline::run_idle();
+    let (table, idle_json) = idle_table(ledger, &idle);
+    let md = format!(
+        "# Idle connections: the gateway and nginx ({date})\n\n{env}\n\nThe headline's bed; \
+         one 32-connection warm-up row per proxy first.\n{table}",
+        date = env.date,
+        env = env.markdown(),
+    );
+    let json =
+        serde_json::json!({"scenario": "idle", "environment": env.json(), "idle": idle_json});
+    write_report(ledger, dir, &format!("{}-idle", env.date), &md, &json)
+}
+
+/// The idle-connection table (Markdown) and its JSON rows; each row also goes to the ledger.
+fn idle_table(
+    ledger: &mut verdict::Ledger,
+    idle: &[headline::Idle],
+) -> (String, Vec<serde_json::Value>) {
+    let mut md = String::new();
+    md.push_str(
+        "\n## Idle connections\n\nEach connection makes one `tools/call` and is then held idle; resident memory (VmRSS) of \
+         the proxy before, 2 s after the last answer, and 2 s after all closed.\n\n\
+         | proxy | held | RSS before MiB | held MiB | KiB per connection | after close MiB | after close vs before |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut idle_json = Vec::new();
+    for i in idle {
+        let per = (i.held_mib - i.before_mib) * 1024.0 / i.opened.max(1) as f64;
+        let after = (i.after_close_mib / i.before_mib.max(1e-9) - 1.0) * 100.0;
+        md.push_str(&format!(
+            "| {} | {}{} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.0} % |\n",
+            i.target.name(),
+            i.opened,
+            if i.opened < i.held {
+                format!(" of {}", i.held)
+            } else {
+                String::new()
+            },
+            i.before_mib,
+            i.held_mib,
+            per,
+            i.after_close_mib,
+            after
+        ));
+        ledger.counts(
+            "headline",
+            &format!("idle {} connections, {}", i.held, i.target.name()),
+            i.opened as u64,
+            (i.held - i.opened) as u64,
+            true,
+            serde_json::json!({"rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib,
+                "kib_per_connection": per, "rss_after_close_mib": i.after_close_mib}),
+        );
+        idle_json.push(
+            serde_json::json!({"proxy": i.target.name(), "held": i.held, "opened": i.opened,
+            "rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib, "kib_per_connection": per,
+            "rss_after_close_mib": i.after_close_mib}),
+        );
+    }
+    (md, idle_json)
+}
+
 /// Scenario `headline`: the gateway with XDP attached, nginx tuned, and the floor; CPU per
 /// request first, then the rate, and every row's distance from the floor.
 fn headline_report(
@@ -1309,46 +1382,8 @@ fn headline_report(
             t.late_p50_us, t.late_p99_us
         ));
     }
-    md.push_str(
-        "\n## Idle connections\n\nEach connection makes one `tools/call` and is then held idle; resident memory (VmRSS) of \
-         the proxy before, 2 s after the last answer, and 2 s after all closed.\n\n\
-         | proxy | held | RSS before MiB | held MiB | KiB per connection | after close MiB | after close vs before |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut idle_json = Vec::new();
-    for i in &r.idle {
-        let per = (i.held_mib - i.before_mib) * 1024.0 / i.opened.max(1) as f64;
-        let after = (i.after_close_mib / i.before_mib.max(1e-9) - 1.0) * 100.0;
-        md.push_str(&format!(
-            "| {} | {}{} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.0} % |\n",
-            i.target.name(),
-            i.opened,
-            if i.opened < i.held {
-                format!(" of {}", i.held)
-            } else {
-                String::new()
-            },
-            i.before_mib,
-            i.held_mib,
-            per,
-            i.after_close_mib,
-            after
-        ));
-        ledger.counts(
-            "headline",
-            &format!("idle {} connections, {}", i.held, i.target.name()),
-            i.opened as u64,
-            (i.held - i.opened) as u64,
-            true,
-            serde_json::json!({"rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib,
-                "kib_per_connection": per, "rss_after_close_mib": i.after_close_mib}),
-        );
-        idle_json.push(
-            serde_json::json!({"proxy": i.target.name(), "held": i.held, "opened": i.opened,
-            "rss_before_mib": i.before_mib, "rss_held_mib": i.held_mib, "kib_per_connection": per,
-            "rss_after_close_mib": i.after_close_mib}),
-        );
-    }
+    let (idle_md, idle_json) = idle_table(ledger, &r.idle);
+    md.push_str(&idle_md);
     md.push_str(&format!(
         "\n## Under load: reloads and an upstream restart\n\nOpen loop at {:.0} rps, 32 connections.\n\n\
          | event | proxy | events | answered | failed (missed) | p99 µs | max µs |\n|---|---|---:|---:|---:|---:|---:|\n",

@@ -41,6 +41,19 @@ const READ_CHUNK: usize = 16 * 1024;
 /// stay on the one-operation path; idle ones hold no buffer.
 const IDLE_GRACE: Duration = Duration::from_millis(500);
 
+thread_local! {
+    /// Connections of this thread that went idle and gave their read buffers back, since
+    /// [`take_idle_releases`] last looked.
+    static IDLE_RELEASES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many of this thread's connections gave their read buffers back (idle for
+/// [`IDLE_GRACE`]) since the last call; the worker purges the allocator's free pages after many
+/// (they are freed, not returned to the system, until the allocator is next busy).
+pub fn take_idle_releases() -> usize {
+    IDLE_RELEASES.replace(0)
+}
+
 /// What a peek at a socket found.
 enum Peek {
     /// The peer closed its side, or the socket failed.
@@ -187,15 +200,20 @@ impl Io {
             return r;
         }
         let deadline = monoio::time::Instant::now() + timeout;
-        match self.read_for(IDLE_GRACE).await? {
+        // Boxed too, like the readiness wait below: each holds a timer entry (hundreds of
+        // bytes, aligned to 128, which pads every future around it); inline, the larger of the
+        // two would stay in the task of every idle connection. One allocation per request
+        // (the grace read) and per connection gone idle (the wait) instead.
+        match Box::pin(self.read_for(IDLE_GRACE)).await? {
             None => {}
             Some(n) if self.tls.is_none() => return Ok(n),
             // Records (or the end of the stream) arrived: rustls makes plaintext of them.
             Some(_) => return Box::pin(self.fill_tls(deadline)).await,
         }
         self.release_buffers();
+        IDLE_RELEASES.set(IDLE_RELEASES.get() + 1);
         let left = deadline.saturating_duration_since(monoio::time::Instant::now());
-        match monoio::time::timeout(left, self.stream.readable(false)).await {
+        match Box::pin(monoio::time::timeout(left, self.stream.readable(false))).await {
             Err(_) => {
                 self.shutdown(libc::SHUT_RD);
                 Err(HttpError::Timeout)

@@ -31,7 +31,7 @@ use std::time::Duration;
 pub use body::{BodyKind, ChunkedDecoder};
 pub use head::{UnsafeField, is_clean_value, is_token, push_field, push_request_line};
 pub use head_end::HeadEnd;
-pub use io::{HandshakeError, Io};
+pub use io::{HandshakeError, Io, take_idle_releases};
 
 /// Limits of the server side, each with the status it answers.
 #[derive(Debug, Clone, Copy)]

@@ -83,7 +83,8 @@ pub async fn serve(
                 // could race a request already on its way. The same read goes on, so that no
                 // byte it took is lost.
                 Err(()) if handing_over.load(std::sync::atomic::Ordering::Relaxed) => {
-                    match monoio::time::timeout(HANDOVER_LINGER, &mut fill).await {
+                    // Boxed: its timer would widen every idle connection's task.
+                    match Box::pin(monoio::time::timeout(HANDOVER_LINGER, &mut fill)).await {
                         Ok(r) => r,
                         Err(_) => return,
                     }
