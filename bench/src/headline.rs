@@ -409,8 +409,17 @@ impl Bed {
                 })
                 .collect();
             let request = idle_request(addr);
-            conns.retain_mut(|s| std::io::Write::write_all(s, &request).is_ok());
-            conns.retain_mut(read_answer);
+            // In waves: what is measured is memory held, not a burst of 10,000 requests at once
+            // (which makes a proxy open as many upstream connections in a moment).
+            let mut answered = Vec::with_capacity(conns.len());
+            while !conns.is_empty() {
+                let rest = conns.split_off(conns.len().min(IDLE_WAVE));
+                let mut wave = std::mem::replace(&mut conns, rest);
+                wave.retain_mut(|s| std::io::Write::write_all(s, &request).is_ok());
+                wave.retain_mut(read_answer);
+                answered.append(&mut wave);
+            }
+            let conns = answered;
             std::thread::sleep(Duration::from_secs(2));
             let held = rss_mib(pid);
             let opened = conns.len();
@@ -428,6 +437,9 @@ impl Bed {
         }
     }
 }
+
+/// Connections that send their one request at once, before their answers are read.
+const IDLE_WAVE: usize = 256;
 
 fn idle_request(addr: SocketAddr) -> Vec<u8> {
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
