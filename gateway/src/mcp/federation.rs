@@ -146,10 +146,14 @@ impl<'c> Federation<'_, 'c> {
     ) -> Result<Vec<u8>, http::UnsafeField> {
         let up = self.upstream(m);
         let mut replace: Vec<(&str, Option<&str>)> = extra.to_vec();
-        if let Era::Session(s) = era {
-            let ms = s.member(&up.name);
-            replace.push(("mcp-session-id", ms.and_then(|m| m.1.as_deref())));
-            replace.push(("mcp-protocol-version", ms.map(|m| m.2.as_str())));
+        match era {
+            Era::Session(s) => {
+                let ms = s.member(&up.name);
+                replace.push(("mcp-session-id", ms.and_then(|m| m.1.as_deref())));
+                replace.push(("mcp-protocol-version", ms.map(|m| m.2.as_str())));
+            }
+            // The client's own id (a stateless client has none) never reaches a member.
+            Era::Stateless => replace.push(("mcp-session-id", None)),
         }
         if self.req.method != "GET" {
             replace.push(("last-event-id", None));
@@ -250,6 +254,7 @@ impl<'c> Federation<'_, 'c> {
         let owner = held::owner(self.ctx, up, self.obs);
         let mut extra = extra.to_vec();
         extra.push(("last-event-id", None));
+        extra.push(("mcp-session-id", None));
         Some(held::call_learning(self.ctx, self.req, self.peer, up, owner, body, &extra).await)
     }
 
@@ -410,8 +415,17 @@ impl<'c> Federation<'_, 'c> {
         for (member, r) in self.members.iter().zip(results) {
             let name = &self.upstream(member).name;
             match r {
-                Ok((session, result)) => {
-                    let v = result["protocolVersion"].as_str().unwrap_or(&agreed);
+                Ok((session, result, bridged)) => {
+                    // The stateless era's version marks a bridged member, and only that: a
+                    // member's own answer is kept only if it is a session-era version.
+                    let v = if bridged {
+                        version::STATELESS
+                    } else {
+                        result["protocolVersion"]
+                            .as_str()
+                            .filter(|v| version::is_supported(v) && !version::is_stateless_era(v))
+                            .unwrap_or(&agreed)
+                    };
                     members.push(MemberSession(name.clone(), session, v.to_owned()));
                     if let Some(c) = result["capabilities"].as_object() {
                         merge(&mut capabilities, c);
@@ -456,7 +470,7 @@ impl<'c> Federation<'_, 'c> {
         member: &Member,
         body: &[u8],
         id: Option<&Id>,
-    ) -> Result<(Option<String>, Value), String> {
+    ) -> Result<(Option<String>, Value, bool), String> {
         if self.upstream(member).stdio.is_some() {
             // The child was initialized by the gateway; its answer is that one.
             let probe = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
@@ -467,7 +481,7 @@ impl<'c> Federation<'_, 'c> {
             };
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
             return match v.get("result") {
-                Some(r) if r.is_object() => Ok((None, r.clone())),
+                Some(r) if r.is_object() => Ok((None, r.clone(), false)),
                 _ => Err("no initialize result".into()),
             };
         }
@@ -477,20 +491,17 @@ impl<'c> Federation<'_, 'c> {
                 // Unless it was just learnt to speak only the stateless era.
                 Err(why) if !super::bridge::known_stateless(self.ctx, up) => return Err(why),
                 Err(_) => {}
-                ok => return ok,
+                Ok((session, result)) => return Ok((session, result, false)),
             }
         }
-        // Bridged: what a session-era server would have answered, from its `server/discover`;
-        // the session marks it with the stateless era's version.
+        // Bridged: what a session-era server would have answered, from its `server/discover`.
         let params = serde_json::from_slice::<Value>(body)
             .map(|mut v| v["params"].take())
             .unwrap_or_default();
-        let mut result =
-            super::bridge::initialize_result(self.ctx, self.req, self.peer, up, &params)
-                .await
-                .map_err(describe)?;
-        result["protocolVersion"] = json!(version::STATELESS);
-        Ok((None, result))
+        let result = super::bridge::initialize_result(self.ctx, self.req, self.peer, up, &params)
+            .await
+            .map_err(describe)?;
+        Ok((None, result, true))
     }
 
     async fn request(&self, io: &mut Io, era: Era<'_>, m: &Message, stateless: bool) -> bool {
@@ -615,6 +626,7 @@ impl<'c> Federation<'_, 'c> {
         }
         if matches!(era, Era::Stateless) {
             extra.push(("last-event-id", None));
+            extra.push(("mcp-session-id", None));
             if held::known_session(self.ctx, up) == Some(true) {
                 let sent = std::time::Instant::now();
                 let owner = held::owner(self.ctx, up, self.obs);
@@ -746,7 +758,10 @@ impl<'c> Federation<'_, 'c> {
             }
             for (i, r) in self.fan_out(era, bodies).await {
                 let outcome = r.map_err(describe).and_then(|(head, bytes)| {
-                    if head.status == 404 && matches!(era, Era::Session(_)) {
+                    if head.status == 404
+                        && matches!(era, Era::Session(_))
+                        && !self.bridged(era, &self.members[i])
+                    {
                         expired = Some(i);
                     }
                     response_result(&head, &bytes, id.as_ref())

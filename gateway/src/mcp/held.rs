@@ -666,7 +666,9 @@ pub(super) async fn forward<'c>(
     obs.upstream.set(Some(&up.name));
     let owner = owner(ctx, up, obs);
     let sent = Instant::now();
-    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &[]).await;
+    // A stateless client has no session: an id it sends is not passed on.
+    let unsent = [("mcp-session-id", None)];
+    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &unsent).await;
     obs.waited(sent.elapsed());
     reply(io, req, up, m, answer, obs, filter).await
 }

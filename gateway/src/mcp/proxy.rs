@@ -260,10 +260,10 @@ pub(super) fn session_header<'a>(
 
 /// Signs for the caller the session id a passthrough upstream's answer carries.
 fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
-    if let Some((_, id)) = head
+    for (_, id) in head
         .headers
         .iter_mut()
-        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+        .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
     {
         *id = client_session(ctx, up, obs, id);
     }

@@ -694,6 +694,7 @@ async fn forward_stage<'c>(
                     && m.kind == Kind::Request
                     && m.method.as_deref() == Some("tools/list");
                 if known.is_none() && !filtering {
+                    // A stateless client has no session: an id it sends is not passed on.
                     return super::held::forward_learning(
                         io,
                         req,
@@ -702,7 +703,7 @@ async fn forward_stage<'c>(
                         up,
                         m,
                         &req.body,
-                        &[],
+                        &[("mcp-session-id", None)],
                         None,
                         obs,
                     )

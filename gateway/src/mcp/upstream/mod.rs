@@ -293,13 +293,14 @@ pub async fn open(
                     tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
                 }
                 // A session id goes on signed with the endpoint that has it.
-                if replicas.pins_sessions()
-                    && let Some((_, id)) = head
+                if replicas.pins_sessions() {
+                    for (_, id) in head
                         .headers
                         .iter_mut()
-                        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-                {
-                    *id = replicas.sign_session(key, &up.name, &endpoint, id);
+                        .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+                    {
+                        *id = replicas.sign_session(key, &up.name, &endpoint, id);
+                    }
                 }
                 let conn = Conn {
                     io: conn,
