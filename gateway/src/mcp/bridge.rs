@@ -43,7 +43,7 @@ use super::{
     Id, Kind, Message,
     held::{self, Answer},
     messages::answer_and_notes,
-    proxy::{Obs, WorkerCtx, client_session, ended_key, upstream_request},
+    proxy::{Obs, WorkerCtx, ended_key, sign_session, upstream_request},
     upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
@@ -184,14 +184,7 @@ pub(super) async fn forward<'c>(
         && let Ok(mut a) = answer
     {
         // The gateway's own session id, signed for the caller like an upstream's.
-        if let Some((_, id)) = a
-            .head
-            .headers
-            .iter_mut()
-            .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-        {
-            *id = client_session(ctx, up, obs, id);
-        }
+        sign_session(ctx, up, &mut a.head, obs);
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
     reply(io, req, up, m, answer, obs, filter).await

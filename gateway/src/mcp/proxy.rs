@@ -258,8 +258,9 @@ pub(super) fn session_header<'a>(
     ("mcp-session-id", own)
 }
 
-/// Signs for the caller the session id a passthrough upstream's answer carries.
-fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
+/// Signs for the caller the session ids a passthrough answer carries (the upstream's, or the
+/// bridge's own).
+pub(super) fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
     for (_, id) in head
         .headers
         .iter_mut()

@@ -573,42 +573,43 @@ impl State {
     /// Takes the fleet's `total` for a budget's window: this host's count becomes the total
     /// plus what was spent here since `sent` (the delta sent with it) was read.
     pub fn fleet_merge(&self, what: Counted, len_s: u64, window: u64, sent: i64, total: u64) {
-        if len_s == 0 || window != Self::window_of(len_s) {
-            return;
-        }
-        let key = what.key(self);
-        let map = self.windows.pin();
-        let c = map.get_or_insert_with(key, || Counter {
-            len_s,
-            what: Some(Box::new(what)),
-            ..Counter::default()
+        self.with_fleet_counter(what, len_s, window, total, |c| {
+            let base = if c.fleet_window.load(Ordering::Acquire) == window {
+                c.fleet_base.load(Ordering::Acquire)
+            } else {
+                0
+            };
+            // used = total + (used - base - sent): what the workers added after the delta was read
+            // stays theirs to send next round.
+            let shift = i128::from(total) - i128::from(base) - i128::from(sent);
+            let _ = c
+                .window
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    u64::try_from((i128::from(u) + shift).max(0)).ok()
+                });
         });
-        if c.len_s != len_s {
-            return;
-        }
-        c.window.roll(window);
-        let base = if c.fleet_window.load(Ordering::Acquire) == window {
-            c.fleet_base.load(Ordering::Acquire)
-        } else {
-            0
-        };
-        // used = total + (used - base - sent): what the workers added after the delta was read
-        // stays theirs to send next round.
-        let shift = i128::from(total) - i128::from(base) - i128::from(sent);
-        let _ = c
-            .window
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                u64::try_from((i128::from(u) + shift).max(0)).ok()
-            });
-        c.fleet_base.store(total, Ordering::Release);
-        c.fleet_window.store(window, Ordering::Release);
     }
 
     /// The fleet's spend in a window as first read from Redis (`total`, other hosts'): this
     /// host's count rises to it (never falls: what it holds above is its own, published next
     /// round) and the rounds after count from it.
     pub fn fleet_floor(&self, what: Counted, len_s: u64, window: u64, total: u64) {
+        self.with_fleet_counter(what, len_s, window, total, |c| {
+            c.window.used.fetch_max(total, Ordering::AcqRel);
+        });
+    }
+
+    /// The count of a budget's current window (made if new), changed by `f`; then `total` is
+    /// what the fleet's next merge counts from. Nothing for a window that is not current.
+    fn with_fleet_counter(
+        &self,
+        what: Counted,
+        len_s: u64,
+        window: u64,
+        total: u64,
+        f: impl FnOnce(&Counter),
+    ) {
         if len_s == 0 || window != Self::window_of(len_s) {
             return;
         }
@@ -623,7 +624,7 @@ impl State {
             return;
         }
         c.window.roll(window);
-        c.window.used.fetch_max(total, Ordering::AcqRel);
+        f(c);
         c.fleet_base.store(total, Ordering::Release);
         c.fleet_window.store(window, Ordering::Release);
     }
