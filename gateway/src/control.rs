@@ -849,6 +849,7 @@ async fn run_async(
     }
     // After the workers: what they counted while draining is written too.
     lock(&control).flush_state();
+    shared.stdio.stop_all().await;
     if let Some(k) = &mut kernel {
         if handed_to.is_some() {
             // The links run the new process's program now.

@@ -255,7 +255,7 @@ fn supervise(
             }
         };
         // No tight loop if it fails at once again.
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(restart_pause());
     }
 }
 
@@ -785,15 +785,30 @@ async fn refuse_at_cap(mut stream: TcpStream) {
         monoio::time::timeout(Duration::from_secs(1), stream.write_all(resp.into_bytes())).await;
 }
 
+fn fault_injection() -> bool {
+    static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var_os("MCP_GATEWAY_FAULT_INJECTION").is_some_and(|v| v == "1")
+    });
+    *ENABLED
+}
+
+/// How long a panicked worker stays down before it is started again: 100 ms, enough that a
+/// worker failing at once again does not spin. Under fault injection, 1 s, so that a test on a
+/// loaded machine sees `/readyz` report the gap (a 100 ms window can fall between two polls).
+fn restart_pause() -> Duration {
+    if fault_injection() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(100)
+    }
+}
+
 /// Test-only fault injection, off unless the process was started with
 /// `MCP_GATEWAY_FAULT_INJECTION=1` (the containment tests use it; nothing else should): a
 /// request carrying `x-fault-inject: panic-connection` panics its connection task, one carrying
 /// `panic-worker` panics the worker's runtime.
 pub(crate) fn inject_fault(req: &crate::http::Request) {
-    static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::env::var_os("MCP_GATEWAY_FAULT_INJECTION").is_some_and(|v| v == "1")
-    });
-    if !*ENABLED {
+    if !fault_injection() {
         return;
     }
     match req.header_str("x-fault-inject") {

@@ -119,6 +119,9 @@ struct Supervisor {
     down_until: Option<Instant>,
     last_call: Instant,
     gate: Option<Arc<dyn PinGate>>,
+    /// The child's home folder, made at its first start and kept across restarts; removed when
+    /// the supervisor ends (after the child: `running` is dropped first).
+    home: Option<sandbox::Home>,
 }
 
 async fn supervise(
@@ -126,6 +129,7 @@ async fn supervise(
     gate: Option<Arc<dyn PinGate>>,
     mut rx: mpsc::UnboundedReceiver<ToChild>,
 ) {
+    let _live = super::Live::new();
     let mut s = Supervisor {
         spec,
         gate,
@@ -134,6 +138,7 @@ async fn supervise(
         starts: VecDeque::new(),
         down_until: None,
         last_call: Instant::now(),
+        home: None,
     };
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -400,7 +405,15 @@ impl Supervisor {
             tokio::time::sleep(wait).await;
         }
         self.starts.push_back(Instant::now());
-        let mut r = start(&self.spec).await?;
+        let home = match &self.home {
+            Some(h) => h.path().to_owned(),
+            None => {
+                let h = sandbox::Home::make(&self.spec.name)
+                    .map_err(|e| StdioError::Start(self.name(), format!("home folder: {e}")))?;
+                self.home.insert(h).path().to_owned()
+            }
+        };
+        let mut r = start(&self.spec, &home).await?;
         if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled())
             && r.init["capabilities"].get("tools").is_some()
         {
@@ -485,7 +498,7 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
 }
 
 /// Spawns the child in its sandbox and initializes it.
-async fn start(spec: &StdioSpec) -> Result<Running, StdioError> {
+async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, StdioError> {
     let fail = |why: String| StdioError::Start(spec.name.clone(), why);
     let Some((program, args)) = spec.command.split_first() else {
         return Err(fail("empty command".into()));
@@ -505,12 +518,7 @@ async fn start(spec: &StdioSpec) -> Result<Running, StdioError> {
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    let home = std::env::temp_dir().join(format!(
-        "mcp-gateway-stdio-{}-{}",
-        std::process::id(),
-        spec.name
-    ));
-    sandbox::apply(&mut cmd, &spec.sandbox, &home).map_err(|e| fail(e.to_string()))?;
+    sandbox::apply(&mut cmd, &spec.sandbox, home).map_err(|e| fail(e.to_string()))?;
     let mut child = cmd.spawn().map_err(|e| fail(format!("{program}: {e}")))?;
     let pgid = child.id().map_or(0, |p| p as i32);
     let (Some(stdin), Some(stdout), Some(stderr)) =

@@ -48,6 +48,11 @@ for line in sys.stdin:
             send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": token, "progress": i}})
     if do == "env":
         args = {"env": sorted(os.environ.keys()), "uid": os.getuid()}
+    if do == "home":
+        home = os.environ["HOME"]
+        with open(os.path.join(home, "note"), "w") as f:
+            f.write("x")
+        args = {"home": home}
     if do == "read":
         try:
             with open(args["path"]) as f:
@@ -341,4 +346,70 @@ fn a_home_folder_someone_else_planted_is_refused() {
         unsafe { libc::geteuid() },
         "the folder behind it keeps its owner"
     );
+}
+
+#[test]
+fn each_supervisor_has_its_own_home_folder_and_removes_it_when_it_ends() {
+    let f = fixture();
+    rt().block_on(async {
+        let a = spawn(spec(&f, "home", "ok"), None);
+        let b = spawn(spec(&f, "home", "ok"), None);
+        let home_of = |v: Value| std::path::PathBuf::from(text(&v)["home"].as_str().unwrap());
+        let ha = home_of(call(&a, 1, json!(1), json!({"do": "home"})).await.unwrap());
+        let hb = home_of(call(&b, 1, json!(1), json!({"do": "home"})).await.unwrap());
+        assert_ne!(
+            ha, hb,
+            "two children of one upstream (two callers) share no folder"
+        );
+        // A restart keeps the folder (and what the child wrote there).
+        let _ = call(&a, 1, json!(2), json!({"do": "die"})).await;
+        let again = home_of(call(&a, 1, json!(3), json!({"do": "home"})).await.unwrap());
+        assert_eq!(again, ha);
+        assert!(ha.join("note").exists() && hb.join("note").exists());
+        // The last handle gone, the supervisor stops its child and removes the folder.
+        drop(a);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ha.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} left behind",
+                ha.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hb.exists(), "the other child's folder stays while it runs");
+    });
+}
+
+#[test]
+fn folders_of_gateways_that_are_gone_are_swept_and_others_kept() {
+    let f = fixture();
+    let dir = f.dir.join("tmp");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A pid that is not running: beyond the kernel's pid_max.
+    let dead = dir.join("mcp-gateway-stdio-2147483000-0-local");
+    std::fs::create_dir_all(dead.join("sub")).unwrap();
+    std::fs::write(dead.join("sub/file"), "x").unwrap();
+    let old_name = dir.join("mcp-gateway-stdio-2147483001-local");
+    std::fs::create_dir_all(&old_name).unwrap();
+    // A running process's (the parent of this test), another program's folder, and a link.
+    let live = dir.join(format!(
+        "mcp-gateway-stdio-{}-0-local",
+        std::os::unix::process::parent_id()
+    ));
+    std::fs::create_dir_all(&live).unwrap();
+    let other = dir.join("something-else-2147483000");
+    std::fs::create_dir_all(&other).unwrap();
+    let target = f.dir.join("kept");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("file"), "x").unwrap();
+    let link = dir.join("mcp-gateway-stdio-2147483002-0-local");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    super::super::sandbox::sweep(&dir);
+    assert!(
+        !dead.exists() && !old_name.exists(),
+        "the folders of gone gateways are removed"
+    );
+    assert!(live.exists() && other.exists(), "others are kept");
+    assert!(target.join("file").exists(), "a link is not followed");
 }

@@ -221,7 +221,46 @@ pub trait PinGate: Send + Sync {
     fn callable(&self, upstream: &str, tool: &str) -> bool;
 }
 
+/// Supervisors running, each holding one [`Live`].
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a supervisor as running for as long as it is held.
+struct Live;
+
+impl Live {
+    fn new() -> Self {
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Registry {
+    /// Control thread, at exit (after the workers): stops every child the way a removed
+    /// upstream's is stopped and waits for their supervisors to end, so that no child, and no
+    /// home folder, outlives the gateway. Bounded by the longest stop grace (twice: stdin closed,
+    /// then `SIGTERM`) and a second.
+    pub async fn stop_all(&self) {
+        let grace = self.running.lock().map_or(Duration::ZERO, |r| {
+            r.values()
+                .map(|(spec, _)| spec.stop_grace)
+                .max()
+                .unwrap_or_default()
+        });
+        self.sync(&[]);
+        let deadline = tokio::time::Instant::now() + grace * 2 + Duration::from_secs(1);
+        while LIVE.load(std::sync::atomic::Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Control thread, once, before the first [`Registry::sync`]: the pins the supervisors
     /// consult.
     pub fn set_gate(&self, gate: Arc<dyn PinGate>) {

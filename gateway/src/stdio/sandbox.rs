@@ -67,6 +67,114 @@ const SYSTEM_READ: &[&str] = &[
 /// The user `nobody` (65534 on Debian and most distributions).
 const NOBODY: (u32, u32) = (65534, 65534);
 
+/// Where the children's home folders are made: `mcp-gateway-stdio-<pid>-<n>-<upstream>`.
+const HOME_PREFIX: &str = "mcp-gateway-stdio-";
+
+/// A child's home folder (its `HOME` and `TMPDIR`, the one place it may write when Landlock
+/// confines it): made new for each supervisor, never one that was there before, and removed
+/// with everything in it when dropped (the supervisor ends: its upstream was removed, its
+/// caller's child retired, or the gateway stopped). Each child of a per-caller upstream has
+/// its own, so one caller's child never sees another's files.
+#[derive(Debug)]
+pub struct Home(PathBuf);
+
+impl Home {
+    /// A new folder for a child of `upstream`, only the gateway's user's (0700) until
+    /// [`apply`] hands it to the child's user. The first one of a process first removes what
+    /// earlier gateways left behind (killed before they could).
+    pub fn make(upstream: &str) -> std::io::Result<Self> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = std::env::temp_dir();
+        SWEPT.call_once(|| sweep(&dir));
+        // Upstream names are config names (letters, digits, `-`, `_`); nothing else reaches
+        // the path.
+        let upstream: String = upstream
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!(
+                "{HOME_PREFIX}{}-{n}-{upstream}",
+                std::process::id()
+            ));
+            match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .create(&path)
+            {
+                Ok(()) => return Ok(Self(path)),
+                // Someone made it first (or a gateway killed with this pid left it): another.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("no new home folder could be made in {}", dir.display()),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // Not following links: what the child linked to from its home stays.
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(home = %self.0.display(), error = %e, "a stdio child's home folder was not removed");
+        }
+    }
+}
+
+/// Removes the home folders of gateways that are gone (their pid is not running, or is this
+/// process, which has made none yet): folders of the gateway's user or of `nobody` only, not
+/// following links.
+pub(super) fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(HOME_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+        if !meta.file_type().is_dir() || (owner != euid && owner != NOBODY.0) {
+            continue;
+        }
+        let gone = pid == me
+            || i32::try_from(pid).is_ok_and(|p| {
+                // SAFETY: kill(2) with signal 0 only checks that the process exists.
+                let r = unsafe { libc::kill(p, 0) };
+                r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+            });
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Whether Landlock restricted the child, as far as the parent can tell before the fork.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Confinement {
@@ -75,14 +183,13 @@ pub enum Confinement {
     NoLandlock,
 }
 
-/// Applies `spec` to `cmd`, whose child will live in `home` (created and handed to the child's
+/// Applies `spec` to `cmd`, whose child will live in `home` (a [`Home`], handed to the child's
 /// user). Returns whether Landlock will confine it.
 pub fn apply(
     cmd: &mut tokio::process::Command,
     spec: &SandboxSpec,
     home: &Path,
 ) -> std::io::Result<Confinement> {
-    std::fs::create_dir_all(home)?;
     // SAFETY: geteuid(2) cannot fail.
     let euid = unsafe { libc::geteuid() };
     // The home is in the shared temporary folder: one that someone else made first (a symlink

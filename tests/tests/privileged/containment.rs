@@ -101,7 +101,7 @@ fn a_panicking_worker_is_restarted_and_readyz_tells() {
         &post("/mcp", CALL, "x-fault-inject: panic-worker\r\n"),
     )
     .unwrap();
-    // While it is down (at least the supervisor's 100 ms pause), /readyz says so.
+    // While it is down (the supervisor pauses 1 s under fault injection), /readyz says so.
     let deadline = Instant::now() + Duration::from_secs(3);
     let down = loop {
         let (status, body) = get(admin, "/readyz");

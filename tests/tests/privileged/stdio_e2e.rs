@@ -226,7 +226,11 @@ federate = [{{ upstream = "local", prefix = "s_" }}, {{ upstream = "remote", pre
             "{stdio}"
         );
     }
+    let pid = d.pid();
+    assert_eq!(homes(pid).len(), 1, "the child's home folder");
     d.stop();
+    // A stopped gateway leaves no child's folder behind.
+    assert_eq!(homes(pid), Vec::<std::path::PathBuf>::new());
 }
 
 /// A rug pull through a restart: the stdio child comes back with another definition of a
@@ -487,6 +491,26 @@ fn recalled(v: &serde_json::Value) -> (String, u32) {
     (memory.to_owned(), pid.parse().expect("a pid"))
 }
 
+/// The home folders of the stdio children of the gateway whose pid is `pid`.
+fn homes(pid: u32) -> Vec<std::path::PathBuf> {
+    let prefix = format!("mcp-gateway-stdio-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Waits up to 10 s for the gateway whose pid is `pid` to have `n` home folders of children.
+fn wait_homes(pid: u32, n: usize, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while homes(pid).len() != n {
+        assert!(std::time::Instant::now() < deadline, "{what}: {:?}", homes(pid));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Waits up to 10 s for every process of `pids` to end.
 fn wait_gone(pids: &[u32], what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -560,6 +584,8 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
     wait_gone(&[pid_a], "the child that gave up its place still runs");
     let (_, v) = call_as(port, b, "recall", serde_json::json!({}));
     assert_eq!(recalled(&v), ("beta".to_owned(), pid_b), "b kept its child");
+    // Each child has a home folder of its own; a's went with it.
+    wait_homes(d.pid(), 2, "one home folder per running child");
 
     // Both places busy (a call in flight on each): a third caller is refused, and its call
     // reaches neither child.
@@ -588,7 +614,9 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
         assert_eq!(recalled(&v).0, memory, "the refused call reached a child");
     }
 
-    // Idle children stop by themselves: their processes are gone, not left behind.
+    // Idle children stop by themselves: their processes are gone, not left behind, nor their
+    // folders.
     wait_gone(&[pid_b, pid_c], "an idle caller's child still runs");
+    wait_homes(d.pid(), 0, "an idle caller's child's folder is left behind");
     d.stop();
 }
