@@ -536,13 +536,15 @@ async fn run_async(
         .try_clone()
         .context("duplicating the admin socket")?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
+    let mut ended_sessions = Vec::new();
     if let Some(s) = handover {
         // Everything that can fail on the configuration is checked before the running gateway
         // stops accepting: certificates too.
         crate::tls::Edge::new(config.listeners.len())
             .prepare(&config)
             .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
-        s.prepared()
+        ended_sessions = s
+            .prepared()
             .context("waiting for the running gateway to release")?;
     }
 
@@ -570,6 +572,10 @@ async fn run_async(
         // Keyed hashes mean what they meant in the old process (the owners of held sessions
         // and stdio children).
         shared.limits = Arc::new(crate::policy::limits::State::with_seed(h.offer.hash_seed));
+        // Sessions its clients ended stay ended.
+        for (session, when) in ended_sessions {
+            shared.ended_sessions.end(session, when);
+        }
     }
     let shared = Arc::new(shared);
     // The kept state is in place before any worker serves.
@@ -1099,8 +1105,9 @@ async fn upgrade(
     admin.stop();
     tokio::time::sleep(Duration::from_millis(150)).await;
     lock(control).close_store();
+    let ended = shared.ended_sessions.entries();
     let (new, released) = tokio::task::spawn_blocking(move || {
-        let r = new.release();
+        let r = new.release(ended);
         (new, r)
     })
     .await

@@ -65,6 +65,9 @@ enum Step {
     /// Passthrough sessions and their owners, sent by gateways that kept them in a table (their
     /// ids are signed now): read and ignored.
     Owners(Vec<(u64, u64, u64)>),
+    /// The gateway's own sessions its clients ended ([`crate::mcp::session::Ended`]: keyed
+    /// hash, when), sent before `Released` when there are any.
+    Ended(Vec<(u64, u64)>),
     Released,
     Ready {
         pid: u32,
@@ -223,12 +226,15 @@ impl Successor {
 
     /// Tells the old process everything is loaded, and waits until it has stopped accepting
     /// and closed the state store.
-    pub fn prepared(&self) -> io::Result<()> {
+    /// Returns the sessions the old process's clients ended.
+    pub fn prepared(&self) -> io::Result<Vec<(u64, u64)>> {
         self.0.send(&Step::Prepared, &[])?;
+        let mut ended = Vec::new();
         loop {
             match self.0.recv(STEP_TIMEOUT)?.0 {
                 Step::Owners(_) => {}
-                Step::Released => return Ok(()),
+                Step::Ended(e) => ended.extend(e),
+                Step::Released => return Ok(ended),
                 other => {
                     return Err(io::Error::other(format!("expected release, got {other:?}")));
                 }
@@ -348,9 +354,14 @@ impl Predecessor {
         self.expect(|s| matches!(s, Step::Prepared).then_some(()))
     }
 
-    /// Tells the new process accepting stopped and the state store is closed; waits until it
-    /// serves. Returns its pid.
-    pub fn release(&self) -> Result<u32, String> {
+    /// Tells the new process accepting stopped and the state store is closed (and which
+    /// sessions were `ended`); waits until it serves. Returns its pid.
+    pub fn release(&self, ended: Vec<(u64, u64)>) -> Result<u32, String> {
+        if !ended.is_empty() {
+            self.channel
+                .send(&Step::Ended(ended), &[])
+                .map_err(|e| format!("the new process is gone: {e}"))?;
+        }
         self.channel
             .send(&Step::Released, &[])
             .map_err(|e| format!("the new process is gone: {e}"))?;

@@ -43,7 +43,7 @@ use super::{
     Id, Kind, Message,
     held::{self, Answer},
     messages::answer_and_notes,
-    proxy::{Obs, WorkerCtx, ended_key, sign_session, upstream_request},
+    proxy::{Obs, WorkerCtx, bridge_session, ended_key, upstream_request},
     upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
@@ -183,8 +183,16 @@ pub(super) async fn forward<'c>(
     if method == "initialize"
         && let Ok(mut a) = answer
     {
-        // The gateway's own session id, signed for the caller like an upstream's.
-        sign_session(ctx, up, &mut a.head, obs);
+        // The gateway's own session id, signed for the caller like an upstream's and marked
+        // as bridged.
+        for (_, id) in a
+            .head
+            .headers
+            .iter_mut()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+        {
+            *id = bridge_session(ctx, up, obs, id);
+        }
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
     reply(io, req, up, m, answer, obs, filter).await

@@ -360,9 +360,11 @@ impl<'c> Federation<'_, 'c> {
                 "Mcp-Session-Id is required after initialize",
             ));
         };
-        // Another caller's session is as unknown as a forged one.
+        // Another caller's session is as unknown as a forged one, and one its client ended
+        // too.
         session::open(&self.ctx.shared.session_key, id)
             .filter(|s| s.owner == self.caller())
+            .filter(|_| !self.ctx.shared.ended_sessions.ended(self.ended_key(id)))
             .ok_or_else(|| {
                 RpcError::new(
                     error::SESSION_NOT_FOUND,
@@ -1018,8 +1020,24 @@ impl<'c> Federation<'_, 'c> {
         .await
     }
 
+    /// A keyed hash of a federated session id, for [`session::Ended`].
+    fn ended_key(&self, id: &str) -> u64 {
+        self.ctx.shared.limits.key(("ended-federated", id))
+    }
+
+    /// Ends the session: at every member that holds one of its own, and here (members without
+    /// one, stdio or bridged, hold nothing to end; the sealed id would still open).
     async fn delete(&self, io: &mut Io, era: Era<'_>) -> bool {
         self.broadcast(era, b"").await;
+        // Only a session its caller was checked to own (the stateless era has none).
+        if let Era::Session(_) = era
+            && let Some(id) = self.req.header_str("mcp-session-id")
+        {
+            self.ctx
+                .shared
+                .ended_sessions
+                .end(self.ended_key(id), crate::policy::limits::State::unix_s());
+        }
         io.write_all(http::response(200, &[], b"", self.keep_alive()))
             .await
             .is_ok()

@@ -218,22 +218,52 @@ pub(super) fn client_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: 
     session::sign(&ctx.shared.session_key, &context, &[], id)
 }
 
-/// The upstream's own session id in a passthrough client's `id`, if the gateway gave it to
-/// this caller; `None` for a session never opened here, another caller's, an altered id, or
-/// one of the gateway's own its client ended.
+/// What marks a session id as the bridge's own ([`bridge_session`]): one signed byte, so that
+/// no id an upstream mints can pass for one.
+const BRIDGED: [u8; 1] = [b'b'];
+
+/// The session id a session-era client of a stateless-only upstream is given for the
+/// gateway's own `id` ([`super::bridge`]): signed for its owner like [`client_session`], and
+/// marked, so that its requests are bridged whatever the gateway knows of the upstream's era
+/// at the time (that knowledge expires; the session does not).
+pub(super) fn bridge_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: &[u8]) -> Vec<u8> {
+    let d = obs.decision.borrow();
+    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    session::sign(&ctx.shared.session_key, &context, &BRIDGED, id)
+}
+
+/// What a passthrough client's session id stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Session<'a> {
+    /// The upstream's own session, with its id.
+    Upstream(&'a str),
+    /// The gateway's own session in front of a stateless-only upstream ([`bridge_session`]).
+    Bridged,
+}
+
+/// What a passthrough client's session `id` stands for, if the gateway gave it to this caller;
+/// `None` for a session never opened here, another caller's, an altered id, or one its client
+/// ended.
 pub(super) fn upstream_session<'a>(
     ctx: &WorkerCtx,
     up: &Upstream,
     obs: &Obs<'_>,
     id: &'a [u8],
-) -> Option<&'a str> {
+) -> Option<Session<'a>> {
     let d = obs.decision.borrow();
     let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
-    let (own, []) = session::verify::<0>(&ctx.shared.session_key, &context, id)?;
+    let key = &ctx.shared.session_key;
+    let session = match session::verify::<0>(key, &context, id) {
+        Some((own, [])) => Session::Upstream(std::str::from_utf8(own).ok()?),
+        None => match session::verify::<1>(key, &context, id)? {
+            (_, BRIDGED) => Session::Bridged,
+            _ => return None,
+        },
+    };
     if ctx.shared.ended_sessions.ended(ended_key(ctx, up, id)) {
         return None;
     }
-    std::str::from_utf8(own).ok()
+    Some(session)
 }
 
 /// A keyed hash of a client's session id, for [`session::Ended`].
@@ -252,14 +282,16 @@ pub(super) fn session_header<'a>(
     up: &Upstream,
     obs: &Obs<'_>,
 ) -> (&'static str, Option<&'a str>) {
-    let own = req
-        .header("mcp-session-id")
-        .and_then(|id| upstream_session(ctx, up, obs, id));
+    let own =
+        req.header("mcp-session-id")
+            .and_then(|id| match upstream_session(ctx, up, obs, id)? {
+                Session::Upstream(own) => Some(own),
+                Session::Bridged => None,
+            });
     ("mcp-session-id", own)
 }
 
-/// Signs for the caller the session ids a passthrough answer carries (the upstream's, or the
-/// bridge's own).
+/// Signs for the caller the session ids a passthrough answer carries (the upstream's).
 pub(super) fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
     for (_, id) in head
         .headers

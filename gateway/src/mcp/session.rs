@@ -120,6 +120,12 @@ impl Ended {
     pub fn ended(&self, session: u64) -> bool {
         self.map.pin().contains_key(&session)
     }
+
+    /// Every entry (keyed hash, when), to hand over to the next process of an upgrade (its
+    /// keyed hashes are this one's: the seed is handed over too).
+    pub fn entries(&self) -> Vec<(u64, u64)> {
+        self.map.pin().iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 /// Bytes of the tag on a client's passthrough session id, and of an endpoint's tag (64 bits:

@@ -621,6 +621,19 @@ fn admit(
     Ok(admissions)
 }
 
+/// Whether the request carries a session of the gateway's own in front of a stateless-only
+/// upstream ([`super::proxy::bridge_session`]).
+fn bridged_session(
+    req: &Request,
+    ctx: &WorkerCtx,
+    up: &crate::config::Upstream,
+    obs: &Obs<'_>,
+) -> bool {
+    req.header("mcp-session-id")
+        .and_then(|id| upstream_session(ctx, up, obs, id))
+        == Some(super::proxy::Session::Bridged)
+}
+
 /// forward: to the route's upstream (a lone `tools/list` of a filtered tenant is answered from
 /// the filtered list), or across the federation's members.
 #[expect(
@@ -656,9 +669,10 @@ async fn forward_stage<'c>(
                 )
                 .await;
             }
-            // A session-era client and an upstream that speaks only the stateless era.
+            // A session-era client and an upstream that speaks only the stateless era (known
+            // now, or when the client's session was opened: a bridged session stays bridged).
             if !super::held::client_is_stateless(req, messages.single.as_ref())
-                && super::bridge::known_stateless(ctx, up)
+                && (super::bridge::known_stateless(ctx, up) || bridged_session(req, ctx, up, obs))
             {
                 if req.method != "POST" {
                     return super::bridge::other_method(io, req, ctx, up).await;

@@ -211,7 +211,7 @@ fn a_session_era_client_sees_and_calls_every_tool_of_a_stateless_only_member() {
         &instance,
         port,
         &format!(
-            "[[upstreams]]\nname = \"both\"\nurl = \"{}\"\n[[upstreams]]\nname = \"modern\"\nurl = \"{}\"\n[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"both\", prefix = \"b_\" }}, {{ upstream = \"modern\", prefix = \"m_\" }}]\n",
+            "[[upstreams]]\nname = \"both\"\nurl = \"{}\"\n[[upstreams]]\nname = \"modern\"\nurl = \"{}\"\n[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"both\", prefix = \"b_\" }}, {{ upstream = \"modern\", prefix = \"m_\" }}]\n[[routes]]\npath = \"/alone\"\nfederate = [{{ upstream = \"modern\", prefix = \"m_\" }}]\n",
             both.url(),
             modern.url()
         ),
@@ -238,6 +238,20 @@ fn a_session_era_client_sees_and_calls_every_tool_of_a_stateless_only_member() {
     // The other member through the same session era route, as before.
     let b = py_client_prefixed(&url, "legacy", "b_");
     assert_eq!(b["add"], "42", "{b}");
+    // A route of the stateless-only member alone: no member holds a session of its own, yet a
+    // session its client ended is over (the gateway remembers the end).
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/alone", init, ""));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let session = r.header("mcp-session-id").expect("a session id").to_owned();
+    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let (r, _) = raw(port, &post("/alone", list, &headers));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let delete = format!("DELETE /alone HTTP/1.1\r\nhost: gw\r\n{headers}\r\n");
+    assert_eq!(raw(port, delete.as_bytes()).0.status, 200);
+    let (r, _) = raw(port, &post("/alone", list, &headers));
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     d.stop();
 }
 

@@ -506,7 +506,11 @@ fn homes(pid: u32) -> Vec<std::path::PathBuf> {
 fn wait_homes(pid: u32, n: usize, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while homes(pid).len() != n {
-        assert!(std::time::Instant::now() < deadline, "{what}: {:?}", homes(pid));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:?}",
+            homes(pid)
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -86,6 +86,18 @@ impl Drop for Successor {
 }
 
 fn config(instance: &str, port: u16, admin: u16, up: u16, kernel: Option<&str>) -> String {
+    config_with(instance, port, admin, up, kernel, "")
+}
+
+/// [`config`] with `more` at its end.
+fn config_with(
+    instance: &str,
+    port: u16,
+    admin: u16,
+    up: u16,
+    kernel: Option<&str>,
+    more: &str,
+) -> String {
     let kernel = match kernel {
         Some(iface) => format!("interfaces = [\"{iface}\"]\nmode = \"generic\""),
         None => "enabled = false".into(),
@@ -111,6 +123,7 @@ url = "http://127.0.0.1:{up}/mcp"
 [[routes]]
 path = "/mcp"
 upstream = "u0"
+{more}
 "#
     )
 }
@@ -118,8 +131,12 @@ upstream = "u0"
 /// Opens a session-era session through the gateway (initialize, then initialized); returns
 /// its id.
 fn open_session(port: u16) -> String {
+    open_session_on(port, "/mcp")
+}
+
+fn open_session_on(port: u16, path: &str) -> String {
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"upgrade-test","version":"1"}}}"#;
-    let (r, _) = integration_tests::peers::raw(port, &post("/mcp", init, "connection: close\r\n"));
+    let (r, _) = integration_tests::peers::raw(port, &post(path, init, "connection: close\r\n"));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let sid = r
         .headers
@@ -131,18 +148,22 @@ fn open_session(port: u16) -> String {
     let extra = format!(
         "mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\nconnection: close\r\n"
     );
-    let (r, _) = integration_tests::peers::raw(port, &post("/mcp", note, &extra));
+    let (r, _) = integration_tests::peers::raw(port, &post(path, note, &extra));
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     sid
 }
 
 /// The status of a `tools/list` in session `sid`.
 fn session_list(port: u16, sid: &str) -> u16 {
+    session_list_on(port, "/mcp", sid)
+}
+
+fn session_list_on(port: u16, path: &str, sid: &str) -> u16 {
     let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
     let extra = format!(
         "mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\nconnection: close\r\n"
     );
-    integration_tests::peers::raw(port, &post("/mcp", body, &extra))
+    integration_tests::peers::raw(port, &post(path, body, &extra))
         .0
         .status
 }
@@ -323,10 +344,24 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
         runtime: runtime.clone(),
     };
     let upstream = PyServer::start(true);
+    // A server of the 2026-07-28 era only, behind two endpoints (a replicated upstream): its
+    // session-era clients are bridged, in sessions of the gateway's own.
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let bridged = format!(
+        "[[upstreams]]\nname = \"modern\"\nendpoints = [\"http://127.0.0.1:{0}/mcp\", \"http://localhost:{0}/mcp\"]\n[[routes]]\npath = \"/bridge\"\nupstream = \"modern\"\n",
+        modern.port
+    );
     let (port, admin) = (free_port(), free_port());
     let mut d = Daemon::start_local_with_env(
         &instance,
-        &config(&instance, port, admin, upstream.port, Some(&dummy.0)),
+        &config_with(
+            &instance,
+            port,
+            admin,
+            upstream.port,
+            Some(&dummy.0),
+            &bridged,
+        ),
         &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
     );
     let old_pid = d.pid() as i32;
@@ -336,6 +371,15 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
     // State in the old process: a passthrough session and who opened it.
     let sid = open_session(port);
     assert_eq!(session_list(port, &sid), 200);
+    let bridged_sid = open_session_on(port, "/bridge");
+    assert_eq!(session_list_on(port, "/bridge", &bridged_sid), 200);
+    // And one its client ended: the upstream holds nothing, the gateway remembers the end.
+    let ended_sid = open_session_on(port, "/bridge");
+    let delete = format!(
+        "DELETE /bridge HTTP/1.1\r\nhost: gw\r\nmcp-session-id: {ended_sid}\r\nmcp-protocol-version: 2025-11-25\r\nconnection: close\r\n\r\n"
+    );
+    assert_eq!(raw(port, delete.as_bytes()).0.status, 200);
+    assert_eq!(session_list_on(port, "/bridge", &ended_sid), 404);
 
     // The XDP program, looked at every 5 ms throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -439,6 +483,18 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
         session_list(port, &sid),
         200,
         "the session was lost in the upgrade"
+    );
+    // A bridged one too, though the new process has not yet learnt that the upstream speaks
+    // only the stateless era: the session says so.
+    assert_eq!(
+        session_list_on(port, "/bridge", &bridged_sid),
+        200,
+        "the bridged session was lost in the upgrade"
+    );
+    assert_eq!(
+        session_list_on(port, "/bridge", &ended_sid),
+        404,
+        "a session ended before the upgrade is valid again after it"
     );
     drop(successor);
     drop(upstream);
