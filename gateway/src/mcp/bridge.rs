@@ -162,7 +162,13 @@ pub(super) async fn forward<'c>(
     };
     let method = m.method.as_deref().unwrap_or_default();
     let answer = if m.kind != Kind::Request {
-        // Notifications and responses: the stateless era takes none from a client.
+        // Notifications and responses: the stateless era takes none from a client. A
+        // cancellation is the gateway's to carry out: it closes the call's upstream exchange.
+        if method == "notifications/cancelled"
+            && let Some(session) = req.header("mcp-session-id")
+        {
+            cancel(ctx, session, &req.body);
+        }
         obs.set(Outcome::Ok);
         return io
             .write_all(http::response(202, &[], b"", req.keep_alive))
@@ -173,9 +179,20 @@ pub(super) async fn forward<'c>(
     } else {
         let sent = Instant::now();
         let answer = if method == "initialize" {
+            // Never cancelled (the protocol says so).
             initialize(ctx, req, peer, up, m).await
         } else {
-            call(ctx, req, peer, up, m).await
+            let key = req
+                .header("mcp-session-id")
+                .zip(m.id.as_ref())
+                .map(|(session, id)| cancel_key(ctx, session, &id.to_json()));
+            match cancellable(ctx, io, key, call(ctx, req, peer, up, m)).await {
+                Some(answer) => answer,
+                None => {
+                    obs.waited(sent.elapsed());
+                    return cancelled(io, req, m.id.as_ref(), obs).await;
+                }
+            }
         };
         obs.waited(sent.elapsed());
         answer
@@ -198,9 +215,71 @@ pub(super) async fn forward<'c>(
     reply(io, req, up, m, answer, obs, filter).await
 }
 
+/// A keyed hash naming the request `id` of a client's `session`, for [`super::session::Cancels`].
+pub(super) fn cancel_key(ctx: &WorkerCtx, session: &[u8], id: &Value) -> u64 {
+    ctx.shared
+        .limits
+        .key(("cancel", session, id.to_string().as_str()))
+}
+
+/// Carries out a client's `notifications/cancelled` (`body`) in its `session`: the bridged call
+/// it names, if one is in flight, ends.
+pub(super) fn cancel(ctx: &WorkerCtx, session: &[u8], body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let id = &v["params"]["requestId"];
+    if id.is_string() || id.is_number() {
+        ctx.shared.cancels.cancel(cancel_key(ctx, session, id));
+    }
+}
+
+/// Runs a bridged call `fut` until it is answered; `None` when its client cancels it first
+/// (`key`, see [`cancel`]) or leaves. Either way the call's upstream exchange is dropped, its
+/// connection closed: the stateless era's cancellation.
+pub(super) async fn cancellable<F: std::future::Future>(
+    ctx: &WorkerCtx,
+    client: &Io,
+    key: Option<u64>,
+    fut: F,
+) -> Option<F::Output> {
+    let registered = key.map(|k| ctx.shared.cancels.register(k));
+    let cancelled = async {
+        match &registered {
+            Some(r) => r.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    monoio::select! {
+        r = upstream::unless_client_leaves(client, fut) => r,
+        () = cancelled => None,
+    }
+}
+
+/// The answer to a request its client cancelled (or left): a JSON-RPC error, as SDK servers
+/// answer one (the client no longer waits for it; the HTTP exchange still needs an end).
+pub(super) async fn cancelled(io: &mut Io, req: &Request, id: Option<&Id>, obs: &Obs<'_>) -> bool {
+    obs.set(Outcome::RpcError);
+    let body = json!({"jsonrpc": "2.0", "id": id_json(id),
+        "error": {"code": REQUEST_CANCELLED, "message": "request cancelled by the client"}});
+    io.write_all(http::response(
+        200,
+        &[("content-type", "application/json")],
+        &super::json_bytes(&body),
+        req.keep_alive,
+    ))
+    .await
+    .is_ok()
+}
+
+/// The JSON-RPC error code of a cancelled request (as in LSP: MCP defines none).
+const REQUEST_CANCELLED: i64 = -32800;
+
 /// The client's answer from a bridged exchange: as [`held::reply`] gives it, but the upstream's
 /// own refusal of the request (a JSON-RPC error with a 4xx) is the client's answer, as in
-/// passthrough: the request's fault, not the upstream's, so no breaker counts it.
+/// passthrough: the request's fault, not the upstream's, so no breaker counts it. It goes with
+/// 200, as a session-era server answers a JSON-RPC error: the stateless era's statuses mean
+/// something else to a session-era client (404: its session is gone, initialize again).
 pub(super) async fn reply(
     io: &mut Io,
     req: &Request,
@@ -217,7 +296,7 @@ pub(super) async fn reply(
         obs.set(Outcome::RpcError);
         return io
             .write_all(http::response(
-                a.head.status,
+                200,
                 &[("content-type", "application/json")],
                 &a.body,
                 req.keep_alive,

@@ -613,15 +613,20 @@ impl<'c> Federation<'_, 'c> {
         }
         if self.bridged(era, member) {
             let sent = std::time::Instant::now();
-            let answer = super::bridge::call_with(
+            let call = super::bridge::call_with(
                 self.ctx,
                 self.req,
                 self.peer,
                 up,
                 &bytes,
                 message.id.as_ref(),
-            )
-            .await;
+            );
+            let key = self.cancel_key(message);
+            let Some(answer) = super::bridge::cancellable(self.ctx, io, key, call).await else {
+                self.obs.waited(sent.elapsed());
+                self.obs.upstream.set(Some(&up.name));
+                return super::bridge::cancelled(io, self.req, message.id.as_ref(), self.obs).await;
+            };
             self.obs.waited(sent.elapsed());
             self.obs.upstream.set(Some(&up.name));
             return super::bridge::reply(io, self.req, up, message, answer, self.obs, None).await;
@@ -969,7 +974,13 @@ impl<'c> Federation<'_, 'c> {
                         let _ = self.fan_out(era, vec![(i, bytes)]).await;
                     }
                 } else {
-                    // A client request's id: the members that do not know it ignore it.
+                    // A client request's id: the members that do not know it ignore it, and
+                    // the gateway ends a bridged call of it.
+                    if let Era::Session(_) = era
+                        && let Some(session) = self.req.header("mcp-session-id")
+                    {
+                        super::bridge::cancel(self.ctx, session, &self.req.body);
+                    }
                     self.broadcast(era, &self.req.body).await;
                 }
                 self.accepted(io).await
@@ -1002,6 +1013,10 @@ impl<'c> Federation<'_, 'c> {
             }
             return self.accepted(io).await;
         }
+        if self.bridged(era, member) {
+            // A bridged member asks the client nothing: there is nothing to answer.
+            return self.accepted(io).await;
+        }
         let request = match self.request_for(member, era, &bytes, &[]) {
             Ok(r) => r,
             Err(e) => return self.reply_error(io, RpcError::from(e)).await,
@@ -1018,6 +1033,17 @@ impl<'c> Federation<'_, 'c> {
             self.obs,
         )
         .await
+    }
+
+    /// What names the client's request `m` for its `notifications/cancelled`: its session
+    /// and id.
+    fn cancel_key(&self, m: &Message) -> Option<u64> {
+        let session = self.req.header("mcp-session-id")?;
+        Some(super::bridge::cancel_key(
+            self.ctx,
+            session,
+            &m.id.as_ref()?.to_json(),
+        ))
     }
 
     /// A keyed hash of a federated session id, for [`session::Ended`].

@@ -128,6 +128,87 @@ impl Ended {
     }
 }
 
+/// Requests in flight that their client may cancel with `notifications/cancelled`, where the
+/// gateway, not the upstream, must act on it (a bridged call: closing its connection to the
+/// stateless-era upstream is the cancellation there). The notification comes in another HTTP
+/// request, maybe on another core: a keyed hash of (route, session, request id) → the call's
+/// [`Cancel`], lock-free. An entry lives as long as its call ([`Registered`]).
+#[derive(Debug, Default)]
+pub struct Cancels {
+    map: papaya::HashMap<u64, std::sync::Arc<Cancel>, rustc_hash::FxBuildHasher>,
+}
+
+#[derive(Debug, Default)]
+pub struct Cancel {
+    done: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+/// A call registered in [`Cancels`]; removed when dropped.
+#[derive(Debug)]
+pub struct Registered<'a> {
+    cancels: &'a Cancels,
+    key: u64,
+    cancel: std::sync::Arc<Cancel>,
+}
+
+impl Cancels {
+    pub fn register(&self, key: u64) -> Registered<'_> {
+        let cancel = std::sync::Arc::new(Cancel::default());
+        self.map.pin().insert(key, std::sync::Arc::clone(&cancel));
+        Registered {
+            cancels: self,
+            key,
+            cancel,
+        }
+    }
+
+    /// Cancels the call registered as `key`; whether there was one.
+    pub fn cancel(&self, key: u64) -> bool {
+        let map = self.map.pin();
+        let Some(c) = map.get(&key) else {
+            return false;
+        };
+        c.done.store(true, std::sync::atomic::Ordering::Release);
+        c.waker.wake();
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Registered<'_> {
+    /// Resolves when the call is cancelled.
+    pub async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            self.cancel.waker.register(cx.waker());
+            if self.cancel.done.load(std::sync::atomic::Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // Only this call's entry: a later call with the same id may have taken the key.
+        let _ = self
+            .cancels
+            .map
+            .pin()
+            .remove_if(&self.key, |_, c| std::sync::Arc::ptr_eq(c, &self.cancel));
+    }
+}
+
 /// Bytes of the tag on a client's passthrough session id, and of an endpoint's tag (64 bits:
 /// a forger's guess succeeds once in 2^64 tries).
 const SIGNED_TAG: usize = 16;

@@ -196,6 +196,8 @@ pub struct Shared {
     pub session_key: [u8; 32],
     /// The gateway's own sessions their clients ended.
     pub ended_sessions: crate::mcp::session::Ended,
+    /// Bridged calls in flight, for their clients' `notifications/cancelled`.
+    pub cancels: crate::mcp::session::Cancels,
     /// Upstreams learnt to speak only the stateless era, and since when: one refusal teaches
     /// every worker (a session's requests reach any of them).
     pub stateless_upstreams: papaya::HashMap<u64, std::time::Instant>,
@@ -303,6 +305,7 @@ impl Shared {
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
             session_key: crate::mcp::session::new_key(),
             ended_sessions: crate::mcp::session::Ended::default(),
+            cancels: crate::mcp::session::Cancels::default(),
             stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
             fleet: crate::fleet::Stats::default(),

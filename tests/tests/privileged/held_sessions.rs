@@ -248,6 +248,29 @@ fn a_session_era_client_sees_and_calls_every_tool_of_a_stateless_only_member() {
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
     let (r, _) = raw(port, &post("/alone", list, &headers));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A call of the bridged member its client cancels ends at once.
+    let running = {
+        let headers = headers.clone();
+        std::thread::spawn(move || {
+            let call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"m_count_with_progress","arguments":{"steps":1000}}}"#;
+            let started = std::time::Instant::now();
+            let (r, _) = raw(port, &post("/alone", call, &headers));
+            (r.status, r.json(), started.elapsed())
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":9}}"#;
+    assert_eq!(raw(port, &post("/alone", note, &headers)).0.status, 202);
+    let (status, v, took) = running.join().unwrap();
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (200, &serde_json::json!(-32800)),
+        "{v}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "cancelled after {took:?}"
+    );
     let delete = format!("DELETE /alone HTTP/1.1\r\nhost: gw\r\n{headers}\r\n");
     assert_eq!(raw(port, delete.as_bytes()).0.status, 200);
     let (r, _) = raw(port, &post("/alone", list, &headers));
@@ -341,6 +364,59 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
         ),
     );
     assert_eq!(r.status, 404, "a session the gateway never opened");
+    // The upstream's JSON-RPC error reaches the client as a session-era server gives one (200):
+    // the stateless era's 404 for an unknown method would tell it its session is gone.
+    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let unknown = r#"{"jsonrpc":"2.0","id":3,"method":"no/such/method","params":{}}"#;
+    let (r, _) = raw(port, &post("/mcp", unknown, &headers));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["error"]["code"],
+        -32601,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // A call its client cancels ends at once (the upstream's exchange closed), answered with an
+    // error; a cancellation from another session of the same id cancels nothing.
+    let slow = |id: u32, steps: u32| {
+        let headers = headers.clone();
+        std::thread::spawn(move || {
+            let call = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"count_with_progress","arguments":{{"steps":{steps}}}}}}}"#
+            );
+            let started = std::time::Instant::now();
+            let (r, _) = raw(port, &post("/mcp", &call, &headers));
+            (r.status, r.json(), started.elapsed())
+        })
+    };
+    let cancel = |id: u32, session: &str| {
+        let note = format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{id},"reason":"test"}}}}"#
+        );
+        let h = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        raw(port, &post("/mcp", &note, &h)).0.status
+    };
+    let running = slow(77, 1000);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(cancel(77, &session), 202);
+    let (status, v, took) = running.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["error"]["code"], -32800, "{v}");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "cancelled after {took:?}"
+    );
+    let (r, _) = raw(port, &post("/mcp", init, ""));
+    let other = r.header("mcp-session-id").expect("a session id").to_owned();
+    let running = slow(78, 100);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(cancel(78, &other), 202);
+    let (status, v, _) = running.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["result"]["content"].is_array(),
+        "another session cancelled it: {v}"
+    );
     let (r, _) = raw(
         port,
         format!(
