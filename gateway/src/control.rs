@@ -300,7 +300,8 @@ impl Control {
         let Some(path) = &self.config_path else {
             bail!("running on the embedded default configuration: there is no file to reload");
         };
-        let new = Config::from_file(path).with_context(|| format!("{} refused", path.display()))?;
+        let (new, policy) = Config::from_file_compiled(path)
+            .with_context(|| format!("{} refused", path.display()))?;
         let old = &self.shared.snapshot.load().config;
         let tls_on = |c: &Config| -> Vec<bool> {
             c.listeners
@@ -352,10 +353,17 @@ impl Control {
                 up.replicas.carry_over(&o.replicas);
             }
         }
-        self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
+        self.shared
+            .snapshot
+            .store(Arc::new(Snapshot::with_policy(new, policy)));
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;
+        // What parsing, validating and the old snapshot (when no worker still holds it) freed
+        // goes back to the system now: this thread is otherwise idle, and mimalloc purges freed
+        // pages only on later allocations.
+        // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         Ok(format!("reloaded {}: {diff}", path.display()))
     }
 
