@@ -288,6 +288,12 @@ impl Control {
     /// [`Control::reload_file`], logged with its source and counted.
     fn reload(&mut self, source: &'static str) -> anyhow::Result<String> {
         let result = self.reload_file();
+        // What parsing, validating and the old snapshot (its last guard dropped as
+        // `reload_file` returned, unless a worker still holds it) freed goes back to the system
+        // now: this thread is otherwise idle, and mimalloc purges freed pages only on later
+        // allocations.
+        // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         match &result {
             Ok(msg) => tracing::info!(source, "{msg}"),
             Err(e) => tracing::error!(source, "reload refused: {e:#}"),
@@ -359,11 +365,6 @@ impl Control {
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;
-        // What parsing, validating and the old snapshot (when no worker still holds it) freed
-        // goes back to the system now: this thread is otherwise idle, and mimalloc purges freed
-        // pages only on later allocations.
-        // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
-        unsafe { libmimalloc_sys::mi_collect(true) };
         Ok(format!("reloaded {}: {diff}", path.display()))
     }
 

@@ -1,6 +1,6 @@
 use globset::GlobBuilder;
 
-use super::Glob;
+use super::{Glob, compile_pattern};
 
 /// The direct matcher answers as `globset` does (with `*` not matching `/`) on globs of literals
 /// and `*`, over names that straddle every literal, separator and empty piece.
@@ -118,4 +118,58 @@ fn other_globs_go_to_globset() {
     assert!(Glob::new("{a,b").is_err());
     let g = Glob::new("{read,list}_*").expect("a valid glob");
     assert!(g.is_match("read_x") && g.is_match("list_") && !g.is_match("write_x"));
+}
+
+/// Argument patterns compiled without the full DFA match as `regex::Regex` does, and a bad one
+/// is refused with the same words.
+#[test]
+fn patterns_answer_as_the_regex_crate_does() {
+    let patterns = [
+        "^/srv/data1/[a-z0-9_/]+$",
+        "^[a-z]{2,4}$",
+        "\\d+",
+        "(?i)select",
+        "^é.$",
+        "a|b|",
+        "^$",
+        "",
+        "\\bword\\b",
+        "[^/]*\\.txt$",
+    ];
+    let texts = [
+        "",
+        "/srv/data1/a_b/c",
+        "/srv/data1/A",
+        "/srv/data10/a",
+        "ab",
+        "abcde",
+        "x12",
+        "SeLeCt *",
+        "éa",
+        "éab",
+        "a",
+        "c",
+        "a word here",
+        "words",
+        "x/y.txt",
+        "y.txt",
+        "\u{0660}",
+    ];
+    for p in patterns {
+        let ours = compile_pattern(p).expect("a valid pattern");
+        let theirs = regex::Regex::new(p).expect("a valid pattern");
+        for t in texts {
+            assert_eq!(ours.is_match(t), theirs.is_match(t), "`{p}` on `{t}`");
+        }
+    }
+    for bad in ["(", "[z-a]", "a{2,1}", "\\p{Nope}", "(?<n>a)(?<n>b)"] {
+        let ours = compile_pattern(bad).expect_err("refused");
+        let theirs = regex::Regex::new(bad).expect_err("refused").to_string();
+        assert_eq!(ours, theirs, "`{bad}`");
+    }
+    let huge = "\\w{1000}{1000}";
+    assert_eq!(
+        compile_pattern(huge).expect_err("too big"),
+        regex::Regex::new(huge).expect_err("too big").to_string()
+    );
 }

@@ -1,7 +1,7 @@
 //! Tool matching and argument rules, compiled from the configuration.
 
 use globset::{GlobBuilder, GlobMatcher};
-use regex::Regex;
+use regex_automata::meta::Regex;
 use serde_json::Value;
 
 use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
@@ -188,7 +188,7 @@ pub struct ArgRule {
     one_of: Option<Vec<Value>>,
     minimum: Option<f64>,
     maximum: Option<f64>,
-    pattern: Option<Regex>,
+    pattern: Option<(Regex, Box<str>)>,
     min_length: Option<usize>,
     max_length: Option<usize>,
 }
@@ -204,9 +204,9 @@ impl ArgRule {
         let pattern = raw
             .pattern
             .as_deref()
-            .map(Regex::new)
+            .map(|p| compile_pattern(p).map(|re| (re, Box::from(p))))
             .transpose()
-            .map_err(|e| (format!("{label}.pattern"), e.to_string()))?;
+            .map_err(|e| (format!("{label}.pattern"), e))?;
         if let (Some(lo), Some(hi)) = (raw.minimum, raw.maximum)
             && lo > hi
         {
@@ -302,7 +302,7 @@ impl ArgRule {
                 ));
             }
         }
-        if let Some(re) = &self.pattern {
+        if let Some((re, source)) = &self.pattern {
             let Some(s) = v.as_str() else {
                 return Err(format!(
                     "argument `{p}` must be a string, not {}",
@@ -311,13 +311,41 @@ impl ArgRule {
             };
             if !re.is_match(s) {
                 return Err(format!(
-                    "argument `{p}` does not match the pattern `{}`",
-                    re.as_str()
+                    "argument `{p}` does not match the pattern `{source}`"
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// An argument's `pattern`, as `regex::Regex::new` compiles it (same syntax, limits, matches and
+/// error messages) but without the full DFA that the meta engine builds for a small pattern when
+/// `regex-automata`'s `dfa-build` is on (tracing's filter turns it on): that DFA took ~27 ms and
+/// ~5 KiB per pattern to build, and much more in pages freed after the build; the lazy DFA
+/// answers as fast for an argument's few bytes.
+fn compile_pattern(pattern: &str) -> Result<Regex, String> {
+    use regex_automata::{MatchKind, meta, util::syntax};
+    let config = meta::Config::new()
+        .nfa_size_limit(Some(10 * (1 << 20)))
+        .hybrid_cache_capacity(2 * (1 << 20))
+        .match_kind(MatchKind::LeftmostFirst)
+        .utf8_empty(true)
+        .dfa(false);
+    Regex::builder()
+        .configure(config)
+        .syntax(syntax::Config::new().utf8(true))
+        .build(pattern)
+        .map_err(|e| {
+            // What `regex::Error` says for the same failures.
+            if let Some(limit) = e.size_limit() {
+                format!("Compiled regex exceeds size limit of {limit} bytes.")
+            } else if let Some(syntax) = e.syntax_error() {
+                syntax.to_string()
+            } else {
+                e.to_string()
+            }
+        })
 }
 
 impl ArgRule {
@@ -552,5 +580,5 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "glob_tests.rs"]
-mod glob_tests;
+#[path = "compile_tests.rs"]
+mod compile_tests;
