@@ -6,6 +6,7 @@
 //! program's early exit (a packet to a port that is not the gateway's): the ratio says what the
 //! gateway's decisions add over merely looking at a packet.
 
+mod config_scale;
 mod conn;
 mod contextforge;
 mod env;
@@ -39,8 +40,8 @@ struct Args {
     /// Fewer repetitions, for a sanity check.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet); all
-    /// when omitted. `idle` (only when named): the headline's idle-memory rows alone.
+    /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet,
+    /// config); all when omitted. `idle` (only when named): the headline's idle-memory rows alone.
     scenarios: Vec<String>,
     /// Print every row (and every scenario's report) as one JSON document on stdout; the
     /// Markdown goes to stderr.
@@ -316,6 +317,9 @@ fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     }
     if wants("fleet") {
         fleet::report(ledger, args.quick, &env, &dir, suffix)?;
+    }
+    if wants("config") {
+        config_scale::report(ledger, args.quick, &env, &dir, suffix)?;
     }
     Ok(())
 }

@@ -288,6 +288,12 @@ impl Control {
     /// [`Control::reload_file`], logged with its source and counted.
     fn reload(&mut self, source: &'static str) -> anyhow::Result<String> {
         let result = self.reload_file();
+        // What parsing, validating and the old snapshot (its last guard dropped as
+        // `reload_file` returned, unless a worker still holds it) freed goes back to the system
+        // now: this thread is otherwise idle, and mimalloc purges freed pages only on later
+        // allocations.
+        // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         match &result {
             Ok(msg) => tracing::info!(source, "{msg}"),
             Err(e) => tracing::error!(source, "reload refused: {e:#}"),
@@ -300,7 +306,8 @@ impl Control {
         let Some(path) = &self.config_path else {
             bail!("running on the embedded default configuration: there is no file to reload");
         };
-        let new = Config::from_file(path).with_context(|| format!("{} refused", path.display()))?;
+        let (new, policy) = Config::from_file_compiled(path)
+            .with_context(|| format!("{} refused", path.display()))?;
         let old = &self.shared.snapshot.load().config;
         let tls_on = |c: &Config| -> Vec<bool> {
             c.listeners
@@ -352,7 +359,9 @@ impl Control {
                 up.replicas.carry_over(&o.replicas);
             }
         }
-        self.shared.snapshot.store(Arc::new(Snapshot::new(new)));
+        self.shared
+            .snapshot
+            .store(Arc::new(Snapshot::with_policy(new, policy)));
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;

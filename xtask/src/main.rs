@@ -67,7 +67,8 @@ enum Verb {
         /// The largest share of failed requests a row may have, in percent (default 1).
         #[arg(long)]
         max_error_percent: Option<f64>,
-        /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio).
+        /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet,
+        /// config; `idle` only when named).
         scenarios: Vec<String>,
     },
 }

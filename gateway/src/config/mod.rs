@@ -918,6 +918,15 @@ impl Config {
         toml::from_str::<RawConfig>(&text)?.validate_with(opts)
     }
 
+    /// Reads, parses and validates a file; also returns the policy that validation compiled.
+    pub fn from_file_compiled(path: &Path) -> Result<(Self, crate::policy::Policy), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str::<RawConfig>(&text)?.validate_compiled(LoadOptions::default())
+    }
+
     /// Reads, parses and validates a file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1106,6 +1115,15 @@ impl RawConfig {
     /// Validates as [`RawConfig::validate`] does, reading the environment and resolving host
     /// names only as `opts` allows.
     pub fn validate_with(self, opts: LoadOptions) -> Result<Config, ConfigError> {
+        self.validate_compiled(opts).map(|(config, _)| config)
+    }
+
+    /// Validates as [`RawConfig::validate_with`] does, and also returns the policy that
+    /// validation compiled (a reload swaps it in rather than compiling it a second time).
+    pub fn validate_compiled(
+        self,
+        opts: LoadOptions,
+    ) -> Result<(Config, crate::policy::Policy), ConfigError> {
         self.check_ms_floors()?;
         self.check_rule_upstreams()?;
         let g = self.gateway;
@@ -1836,8 +1854,8 @@ impl RawConfig {
             state,
         };
         // Globs, patterns, keys and names are checked by compiling them.
-        crate::policy::Policy::compile(&config)?;
-        Ok(config)
+        let policy = crate::policy::Policy::compile(&config)?;
+        Ok((config, policy))
     }
 }
 

@@ -24,9 +24,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(config: Config) -> Self {
-        let classifier = Classifier::new(&config);
         let policy =
             crate::policy::Policy::compile(&config).expect("validation compiled this policy");
+        Self::with_policy(config, policy)
+    }
+
+    /// The snapshot of `config` with `policy`, compiled from it when it was validated.
+    pub fn with_policy(config: Config, policy: crate::policy::Policy) -> Self {
+        let classifier = Classifier::new(&config);
         Self {
             config,
             classifier,
