@@ -785,6 +785,8 @@ struct Agent<B> {
     bans: B,
     /// Rounds each lease went unasked.
     idle: HashMap<u64, u32>,
+    /// Leases in use not asked for in the last round (they held enough).
+    rested: HashSet<u64>,
     /// Bans this host knows the fleet has (sent or received).
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
@@ -859,6 +861,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         bans,
         fleet,
         idle: HashMap::new(),
+        rested: HashSet::new(),
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
         epoch: None,
@@ -1103,6 +1106,21 @@ impl<B: Bans> Agent<B> {
         let mut leases = 0u64;
         self.shared.limits.for_each_lease(|key, lease| {
             leases += 1;
+            // A lease in use that holds two rounds of what it was asked for since the last
+            // round, and most of its share of the burst, is not asked for in every other round:
+            // its demand counts at the next (so its want stays among the live wants Redis
+            // shares the rate by, which are those of the last four rounds).
+            let pending = lease.demand();
+            let held = lease.tokens();
+            let reserve = lease.burst.load(Relaxed).div_ceil(hosts).max(1);
+            if pending > 0
+                && held >= pending.saturating_add(1).saturating_mul(2)
+                && held >= reserve - reserve / 4
+                && self.rested.insert(key)
+            {
+                return;
+            }
+            self.rested.remove(&key);
             let demand = lease.take_demand();
             let rounds_idle = self.idle.entry(key).or_insert(0);
             if demand == 0 {
@@ -1117,10 +1135,9 @@ impl<B: Bans> Agent<B> {
             let rate = lease.rate.load(Relaxed);
             let burst = lease.burst.load(Relaxed);
             let cap = ((rate as f64 * round_s * 2.0).ceil() as u64).max(1);
-            // Kept at hand: this host's share of the burst, so that a burst arriving between
-            // two rounds is served (one spare token met 429 on the second of five quick calls).
-            let reserve = burst.div_ceil(hosts).max(1);
-            let held = lease.tokens();
+            // Kept at hand: this host's share of the burst (`reserve`), so that a burst arriving
+            // between two rounds is served (one spare token met 429 on the second of five quick
+            // calls).
             let want = (demand + 1)
                 .max(reserve)
                 .saturating_sub(held)
@@ -1140,6 +1157,7 @@ impl<B: Bans> Agent<B> {
         if !idle.is_empty() {
             for k in &idle {
                 self.idle.remove(k);
+                self.rested.remove(k);
             }
             self.shared.limits.drop_leases(&idle);
         }
