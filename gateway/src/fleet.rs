@@ -298,6 +298,91 @@ return out
 "
 );
 
+/// The scripts of a round, called by their SHA1 (`EVALSHA`): Redis keeps each compiled, and a
+/// round sends its hash instead of its text. A Redis that does not know one (a new connection,
+/// a restart, `SCRIPT FLUSH`) answers `NOSCRIPT`, and the round loads them and is sent again.
+static ROUND_SCRIPTS: std::sync::LazyLock<[(&str, String); 4]> = std::sync::LazyLock::new(|| {
+    [RATES, BUDGETS, READ_HASH, HEARTBEAT]
+        .map(|src| (src, redis::Script::new(src).get_hash().to_owned()))
+});
+/// Indexes of [`ROUND_SCRIPTS`].
+const S_RATES: usize = 0;
+const S_BUDGETS: usize = 1;
+const S_READ_HASH: usize = 2;
+const S_HEARTBEAT: usize = 3;
+
+/// An `EVALSHA` of the script `script` of [`ROUND_SCRIPTS`] over `keys` keys.
+fn evalsha(script: usize, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(ROUND_SCRIPTS[script].1.as_str()).arg(keys);
+    cmd
+}
+
+/// Sends a round's commands in one exchange (a pipeline): answers each command's reply, a
+/// server error among them as a value. Scripts Redis does not know are loaded, and the
+/// round sent again (scripts that ran are not: a `NOSCRIPT` answers them all).
+async fn exchange(
+    c: &mut MultiplexedConnection,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<redis::Value>> {
+    let no_script = |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript));
+    let mut replies: Vec<redis::Value> = pipe.query_async(c).await?;
+    if replies.iter().any(no_script) {
+        let mut load = redis::pipe();
+        for (src, _) in ROUND_SCRIPTS.iter() {
+            load.cmd("SCRIPT").arg("LOAD").arg(*src).ignore();
+        }
+        let () = load.query_async(c).await?;
+        replies = pipe.query_async(c).await?;
+    }
+    Ok(replies)
+}
+
+/// A pipeline for [`exchange`]: each command's reply is answered, errors as values.
+fn round_pipe() -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    pipe
+}
+
+/// A script's reply as the array it answers, or the error Redis answered instead.
+fn array(v: redis::Value) -> redis::RedisResult<Vec<redis::Value>> {
+    match v {
+        redis::Value::Array(a) => Ok(a),
+        redis::Value::ServerError(e) => Err(e.into()),
+        _ => Err((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a fleet script answered no array",
+        )
+            .into()),
+    }
+}
+
+/// A hash of the fleet's as read with the epoch (`None`: no epoch): its fields and values.
+type HashRead = (Option<String>, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// One part of a round's exchange, with what its reply is read with.
+enum Part {
+    Heartbeat,
+    Rates(Vec<(u64, u64)>),
+    Budgets(Box<BudgetRound>),
+    Bans,
+    Pins,
+}
+
+/// What a budgets exchange sent, kept until Redis answers (or put back if it does not).
+struct BudgetRound {
+    /// This host's last sequence number after the round.
+    seq: u64,
+    /// This host's spend after this round, kept once Redis has answered.
+    changed: Vec<(String, Spend)>,
+    puts: Vec<(String, String)>,
+    gets: Vec<String>,
+    /// The delta sent for each window.
+    sent: HashMap<String, i64>,
+    drops: Vec<Vec<u8>>,
+}
+
 /// Counters for `/metrics` (written by the agent).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -700,6 +785,8 @@ struct Agent<B> {
     bans: B,
     /// Rounds each lease went unasked.
     idle: HashMap<u64, u32>,
+    /// Leases in use not asked for in the last round (they held enough).
+    rested: HashSet<u64>,
     /// Bans this host knows the fleet has (sent or received).
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
@@ -774,6 +861,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         bans,
         fleet,
         idle: HashMap::new(),
+        rested: HashSet::new(),
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
         epoch: None,
@@ -802,12 +890,11 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
     let mut round: u64 = 0;
     // Whether the last round failed (`None` before the first).
     let mut down: Option<bool> = None;
+    // The heartbeat, and with it the bans and (every other time) the approvals, every 250 ms:
+    // an idle round with nothing to report sends nothing.
     let beat_every = (Duration::from_millis(250).as_millis() / agent.fleet.round.as_millis().max(1))
         .max(1) as u64;
-    let bans_every = (Duration::from_millis(200).as_millis() / agent.fleet.round.as_millis().max(1))
-        .max(1) as u64;
-    let pins_every = (Duration::from_millis(500).as_millis() / agent.fleet.round.as_millis().max(1))
-        .max(1) as u64;
+    let pins_every = beat_every * 2;
     loop {
         tick.tick().await;
         let start = Instant::now();
@@ -816,19 +903,89 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 Some(c) => c,
                 None => conn.insert(connect(&client, agent.fleet.round).await?),
             };
+            let mut beat = round.is_multiple_of(beat_every);
             // Heartbeat first after (re)connecting: the live hosts count shares.
-            if round.is_multiple_of(beat_every) || down != Some(false) {
-                agent.heartbeat(c).await?;
+            if down != Some(false) {
+                let mut pipe = round_pipe();
+                pipe.add_command(agent.heartbeat_cmd());
+                let reply = exchange(c, &pipe).await?.into_iter().next();
+                agent.absorb_heartbeat(array(reply.unwrap_or(redis::Value::Nil))?);
+                beat = false;
             }
-            agent.rates(c).await?;
-            agent.budgets(c).await?;
-            if round.is_multiple_of(bans_every) {
-                agent.exchange_bans(c).await?;
+            let bans = round.is_multiple_of(beat_every);
+            let pins = round.is_multiple_of(pins_every);
+            // Every part of the round in one exchange.
+            let mut pipe = round_pipe();
+            let mut parts: Vec<Part> = Vec::new();
+            if beat {
+                pipe.add_command(agent.heartbeat_cmd());
+                parts.push(Part::Heartbeat);
             }
-            if round.is_multiple_of(pins_every) {
-                agent.exchange_pins(c).await?;
+            if let Some((cmd, asks)) = agent.rates_cmd() {
+                pipe.add_command(cmd);
+                parts.push(Part::Rates(asks));
             }
-            Ok::<_, redis::RedisError>(())
+            // The bans' read is compared with the epoch the budgets' exchange reads.
+            if let Some((cmd, b)) = agent.budgets_cmd(bans || pins) {
+                pipe.add_command(cmd);
+                parts.push(Part::Budgets(Box::new(b)));
+            }
+            if bans {
+                pipe.add_command(agent.read_hash_cmd(&agent.keys.bans()));
+                parts.push(Part::Bans);
+            }
+            if pins {
+                pipe.add_command(agent.read_hash_cmd(&agent.keys.pins()));
+                parts.push(Part::Pins);
+            }
+            if parts.is_empty() {
+                return Ok(());
+            }
+            let replies = match exchange(c, &pipe).await {
+                Ok(r) if r.len() == parts.len() => r,
+                other => {
+                    for part in parts {
+                        if let Part::Budgets(b) = part {
+                            agent.budgets_failed(*b);
+                        }
+                    }
+                    return Err(other.err().unwrap_or_else(|| {
+                        (
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "a fleet round's replies do not match its commands",
+                        )
+                            .into()
+                    }));
+                }
+            };
+            // The first part that failed fails the round; the others are taken.
+            let mut failed: Option<redis::RedisError> = None;
+            for (part, reply) in parts.into_iter().zip(replies) {
+                let reply = match array(reply) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if let Part::Budgets(b) = part {
+                            agent.budgets_failed(*b);
+                        }
+                        failed.get_or_insert(e);
+                        continue;
+                    }
+                };
+                match part {
+                    Part::Heartbeat => agent.absorb_heartbeat(reply),
+                    Part::Rates(asks) => agent.absorb_rates(&asks, &reply),
+                    Part::Budgets(b) => agent.absorb_budgets(*b, reply),
+                    Part::Bans => {
+                        let read = agent.parse_read_hash(reply);
+                        agent.exchange_bans(c, read).await?;
+                    }
+                    Part::Pins => {
+                        let read = agent.parse_read_hash(reply);
+                        agent.exchange_pins(c, read).await?;
+                    }
+                }
+            }
+            failed.map_or(Ok(()), Err)
         }
         .await;
         round += 1;
@@ -875,21 +1032,28 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
 }
 
 impl<B: Bans> Agent<B> {
-    async fn heartbeat(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    /// This host's heartbeat (see [`HEARTBEAT`]), read with [`Agent::absorb_heartbeat`].
+    fn heartbeat_cmd(&self) -> redis::Cmd {
         let ttl = u64::try_from(HOST_TTL.as_millis()).unwrap_or(u64::MAX);
-        let secret = self.fleet.secret.as_ref();
-        let fleet = self.fleet.name.as_str();
-        let member = seal(secret, fleet, "hosts", "", &self.host);
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(HEARTBEAT)
-            .arg(1)
-            .arg(self.keys.hosts())
-            .arg(&member)
-            .arg(ttl);
+        let member = seal(
+            self.fleet.secret.as_ref(),
+            &self.fleet.name,
+            "hosts",
+            "",
+            &self.host,
+        );
+        let mut cmd = evalsha(S_HEARTBEAT, 1);
+        cmd.arg(self.keys.hosts()).arg(&member).arg(ttl);
         for m in &self.drop_hosts {
             cmd.arg(m);
         }
-        let reply: Vec<redis::Value> = cmd.query_async(c).await?;
+        cmd
+    }
+
+    /// Takes the live hosts a heartbeat answered.
+    fn absorb_heartbeat(&mut self, reply: Vec<redis::Value>) {
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
         self.drop_hosts.clear();
         let mut ignored = reply.first().and_then(int).unwrap_or(0).max(0) as u64;
         let mut live = 0u64;
@@ -917,7 +1081,6 @@ impl<B: Bans> Agent<B> {
         let hosts = live.max(1);
         self.shared.fleet.hosts.store(hosts, Relaxed);
         self.shared.limits.set_fleet(FLEET_LEASED, hosts);
-        Ok(())
     }
 
     fn count_ignored(&self, n: u64) {
@@ -933,7 +1096,9 @@ impl<B: Bans> Agent<B> {
     /// Asks for each lease the tokens the last round's demand suggests (and one spare), at
     /// most two rounds of the fleet's rate: what a host holds unused is the bound by which the
     /// fleet may exceed its limit.
-    async fn rates(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    /// Answers the command (see [`RATES`]) and, for each lease asked for, its key and the
+    /// tokens asked; `None` when no lease needs tokens.
+    fn rates_cmd(&mut self) -> Option<(redis::Cmd, Vec<(u64, u64)>)> {
         let round_s = self.fleet.round.as_secs_f64();
         let mut asks: Vec<(u64, String, u64, u64, u64, u64)> = Vec::new();
         let hosts = self.shared.fleet.hosts.load(Relaxed).max(1);
@@ -941,6 +1106,21 @@ impl<B: Bans> Agent<B> {
         let mut leases = 0u64;
         self.shared.limits.for_each_lease(|key, lease| {
             leases += 1;
+            // A lease in use that holds two rounds of what it was asked for since the last
+            // round, and most of its share of the burst, is not asked for in every other round:
+            // its demand counts at the next (so its want stays among the live wants Redis
+            // shares the rate by, which are those of the last four rounds).
+            let pending = lease.demand();
+            let held = lease.tokens();
+            let reserve = lease.burst.load(Relaxed).div_ceil(hosts).max(1);
+            if pending > 0
+                && held >= pending.saturating_add(1).saturating_mul(2)
+                && held >= reserve - reserve / 4
+                && self.rested.insert(key)
+            {
+                return;
+            }
+            self.rested.remove(&key);
             let demand = lease.take_demand();
             let rounds_idle = self.idle.entry(key).or_insert(0);
             if demand == 0 {
@@ -955,10 +1135,9 @@ impl<B: Bans> Agent<B> {
             let rate = lease.rate.load(Relaxed);
             let burst = lease.burst.load(Relaxed);
             let cap = ((rate as f64 * round_s * 2.0).ceil() as u64).max(1);
-            // Kept at hand: this host's share of the burst, so that a burst arriving between
-            // two rounds is served (one spare token met 429 on the second of five quick calls).
-            let reserve = burst.div_ceil(hosts).max(1);
-            let held = lease.tokens();
+            // Kept at hand: this host's share of the burst (`reserve`), so that a burst arriving
+            // between two rounds is served (one spare token met 429 on the second of five quick
+            // calls).
             let want = (demand + 1)
                 .max(reserve)
                 .saturating_sub(held)
@@ -978,14 +1157,14 @@ impl<B: Bans> Agent<B> {
         if !idle.is_empty() {
             for k in &idle {
                 self.idle.remove(k);
+                self.rested.remove(k);
             }
             self.shared.limits.drop_leases(&idle);
         }
         if asks.is_empty() {
-            return Ok(());
+            return None;
         }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(RATES).arg(asks.len());
+        let mut cmd = evalsha(S_RATES, asks.len());
         for (_, name, ..) in &asks {
             cmd.arg(name);
         }
@@ -1002,16 +1181,25 @@ impl<B: Bans> Agent<B> {
         for (_, _, rate, burst, want, held) in &asks {
             cmd.arg(*rate).arg((*burst).max(1)).arg(*want).arg(*held);
         }
-        let mut granted: Vec<u64> = cmd.query_async(c).await?;
-        if granted.len() > asks.len() {
-            self.count_ignored(granted[asks.len()]);
-            granted.truncate(asks.len());
+        Some((
+            cmd,
+            asks.into_iter()
+                .map(|(key, .., want, _)| (key, want))
+                .collect(),
+        ))
+    }
+
+    /// Adds to each lease what Redis granted of what [`Agent::rates_cmd`] asked.
+    fn absorb_rates(&mut self, asks: &[(u64, u64)], reply: &[redis::Value]) {
+        let count = |v: &redis::Value| u64::try_from(int(v).unwrap_or(0)).unwrap_or(0);
+        if let Some(bad) = reply.get(asks.len()) {
+            self.count_ignored(count(bad));
         }
         // Never take more than was asked, whatever Redis answers (thousandths of a token).
         let granted: HashMap<u64, u64> = asks
             .iter()
-            .zip(granted)
-            .map(|(a, n)| (a.0, n.min(a.4.saturating_mul(MILLI as u64))))
+            .zip(reply)
+            .map(|((key, want), n)| (*key, count(n).min(want.saturating_mul(MILLI as u64))))
             .collect();
         let mut total = 0;
         self.shared.limits.for_each_lease(|key, lease| {
@@ -1021,15 +1209,34 @@ impl<B: Bans> Agent<B> {
             }
         });
         self.shared.fleet.tokens_granted.fetch_add(total, Relaxed);
-        Ok(())
     }
 
     /// Publishes this host's spend in each budget window and takes the fleet's totals: the sum
     /// over the hosts of the highest-numbered valid spend seen of each (see [`BUDGETS`]).
-    async fn budgets(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    /// Answers the command and what it sent, read with [`Agent::absorb_budgets`]; `None` when
+    /// the round has nothing to say or to learn of budgets (no budget configured, none
+    /// counted or known here, nothing to write back) and `force` is not set.
+    fn budgets_cmd(&mut self, force: bool) -> Option<(redis::Cmd, BudgetRound)> {
+        let counts = self.shared.limits.fleet_counts();
+        let quiet = counts.is_empty()
+            && self.learned
+            && self.own.is_empty()
+            && self.seen.is_empty()
+            && self.rewrite.is_empty()
+            && self.drop_fields.is_empty()
+            && !self
+                .shared
+                .snapshot
+                .load()
+                .policy
+                .tenants
+                .iter()
+                .any(|t| t.budget.is_some());
+        if quiet && !force {
+            return None;
+        }
         let secret = self.fleet.secret.clone();
         let fleet = self.fleet.name.clone();
-        let counts = self.shared.limits.fleet_counts();
         let mut seq = self.seq;
         // This host's spend after this round, kept once Redis has answered.
         let mut changed: Vec<(String, Spend)> = Vec::new();
@@ -1081,10 +1288,8 @@ impl<B: Bans> Agent<B> {
             }
         }
         let drops = std::mem::take(&mut self.drop_fields);
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(BUDGETS)
-            .arg(2)
-            .arg(self.keys.budgets())
+        let mut cmd = evalsha(S_BUDGETS, 2);
+        cmd.arg(self.keys.budgets())
             .arg(self.keys.epoch())
             .arg(URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key()))
             .arg(&self.cursor)
@@ -1100,15 +1305,44 @@ impl<B: Bans> Agent<B> {
         for f in &gets {
             cmd.arg(f);
         }
-        let reply: Vec<redis::Value> = match cmd.query_async(c).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Sent again next round.
-                self.drop_fields = drops;
-                self.rewrite.extend(puts);
-                return Err(e);
-            }
-        };
+        Some((
+            cmd,
+            BudgetRound {
+                seq,
+                changed,
+                puts,
+                gets,
+                sent,
+                drops,
+            },
+        ))
+    }
+
+    /// A budgets exchange that failed: what it would have deleted or written back is sent again
+    /// next round (this host's new spend is worked out again from its counts).
+    fn budgets_failed(&mut self, round: BudgetRound) {
+        self.drop_fields.extend(round.drops);
+        // This host's own spend of the round is not: its sequence number was not kept, and the
+        // next round publishes the spend anew, with it (the same number again would not
+        // replace the older value in Redis).
+        let own: HashSet<String> = round
+            .changed
+            .iter()
+            .map(|(wf, _)| format!("{wf}|{}", self.host))
+            .collect();
+        self.rewrite
+            .extend(round.puts.into_iter().filter(|(f, _)| !own.contains(f)));
+    }
+
+    /// Takes what a budgets exchange answered: the fleet's spend, merged into this host's counts.
+    fn absorb_budgets(&mut self, round: BudgetRound, reply: Vec<redis::Value>) {
+        let BudgetRound {
+            seq,
+            changed,
+            gets,
+            sent,
+            ..
+        } = round;
         self.seq = seq;
         for (wf, s) in changed {
             self.own.insert(wf, s);
@@ -1191,7 +1425,7 @@ impl<B: Bans> Agent<B> {
                         .fleet_floor(w.what, w.len_s, w.window, total);
                 }
             }
-            return Ok(());
+            return;
         }
         let mut windows: HashSet<&String> = self.seen.keys().collect();
         windows.extend(self.own.keys());
@@ -1209,7 +1443,6 @@ impl<B: Bans> Agent<B> {
                 u64::try_from(total.max(0)).unwrap_or(0),
             );
         }
-        Ok(())
     }
 
     /// The other hosts' spend in window `wf`, as known here.
@@ -1295,12 +1528,17 @@ impl<B: Bans> Agent<B> {
 
     /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
     /// the control thread's ban path); a ban lifted here is lifted in the fleet.
-    async fn exchange_bans(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    /// `read`: the bans' hash as [`Agent::read_hash_cmd`] read it.
+    async fn exchange_bans(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        read: HashRead,
+    ) -> redis::RedisResult<()> {
         let key = self.keys.bans();
         // Read with the epoch, atomically: bans read from a Redis that lost its data since this
         // round's budgets would look lifted everywhere; the next round re-seeds it instead.
         // A value this host cannot read is ignored (and deleted), never a failed round.
-        let (epoch, remote) = self.read_hash(c, &key).await?;
+        let (epoch, remote) = read;
         if epoch.is_none() || epoch != self.epoch {
             return Ok(());
         }
@@ -1431,20 +1669,16 @@ impl<B: Bans> Agent<B> {
         Ok(())
     }
 
-    /// A hash of the fleet's and the epoch, read atomically ([`READ_HASH`]); either key of the
-    /// wrong type is deleted (and counted).
-    async fn read_hash(
-        &self,
-        c: &mut MultiplexedConnection,
-        key: &str,
-    ) -> redis::RedisResult<(Option<String>, Vec<(Vec<u8>, Vec<u8>)>)> {
-        let reply: Vec<redis::Value> = redis::cmd("EVAL")
-            .arg(READ_HASH)
-            .arg(2)
-            .arg(key)
-            .arg(self.keys.epoch())
-            .query_async(c)
-            .await?;
+    /// Reads a hash of the fleet's and the epoch, atomically ([`READ_HASH`]); either key of the
+    /// wrong type is deleted (and counted). The reply is read with [`Agent::parse_read_hash`].
+    fn read_hash_cmd(&self, key: &str) -> redis::Cmd {
+        let mut cmd = evalsha(S_READ_HASH, 2);
+        cmd.arg(key).arg(self.keys.epoch());
+        cmd
+    }
+
+    /// The epoch and the fields and values a [`READ_HASH`] answered.
+    fn parse_read_hash(&self, reply: Vec<redis::Value>) -> HashRead {
         let mut reply = reply.iter();
         self.count_ignored(reply.next().and_then(int).unwrap_or(0).max(0) as u64);
         let epoch = reply
@@ -1460,14 +1694,19 @@ impl<B: Bans> Agent<B> {
                 _ => None,
             })
             .collect();
-        Ok((epoch, pairs))
+        (epoch, pairs)
     }
 
     /// Sends pins first seen or approved here, and takes approvals made elsewhere (an approval
     /// on one host unhides the tool on all).
-    async fn exchange_pins(&mut self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    /// `read`: the pins' hash as [`Agent::read_hash_cmd`] read it.
+    async fn exchange_pins(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        read: HashRead,
+    ) -> redis::RedisResult<()> {
         let key = self.keys.pins();
-        let (_, remote) = self.read_hash(c, &key).await?;
+        let (_, remote) = read;
         let remote: HashMap<String, String> = remote
             .into_iter()
             .filter_map(|(k, v)| {

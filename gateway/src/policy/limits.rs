@@ -316,6 +316,11 @@ impl Lease {
             .is_ok()
     }
 
+    /// The demand counted since the last [`Lease::take_demand`].
+    pub fn demand(&self) -> u64 {
+        self.demand.load(Ordering::Acquire)
+    }
+
     /// Takes the demand counted since the last call (the agent, once a round).
     pub fn take_demand(&self) -> u64 {
         self.demand.swap(0, Ordering::AcqRel)
