@@ -514,8 +514,22 @@ fn a_budget_spent_on_one_gateway_is_refused_on_another_and_fails_closed_without_
     for _ in 0..3 {
         assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
     }
+    // Redis forgets the agents' scripts (as after a restart or a failover): their next round
+    // is refused (NOSCRIPT), loads them again and is sent again.
+    let loads = || {
+        fleet
+            .redis
+            .cli(&["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_script|load:calls="))
+            .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let loaded = loads();
+    assert_eq!(fleet.redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
     // A few rounds: B and C know of A's spend.
     std::thread::sleep(Duration::from_millis(500));
+    assert!(loads() > loaded, "the scripts were not loaded again");
     for _ in 0..2 {
         assert_eq!(call(b, "add", json!({"a": 1, "b": 2})), (200, None));
     }
