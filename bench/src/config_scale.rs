@@ -83,16 +83,6 @@ impl Measure {
     }
 }
 
-/// Resident memory now (VmRSS), MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn measure(rules: usize, thp: bool, reloads: usize) -> anyhow::Result<Measure> {
     let (port, admin) = (free_port(), free_port());
     let stem = std::env::temp_dir().join(format!("bench-config-{rules}-{}", std::process::id()));
@@ -123,7 +113,7 @@ fn measure(rules: usize, thp: bool, reloads: usize) -> anyhow::Result<Measure> {
         std::thread::sleep(Duration::from_millis(5));
     };
     std::thread::sleep(Duration::from_secs(1));
-    let rss_start_mib = rss_mib(gateway.pid());
+    let rss_start_mib = crate::headline::rss_mib(gateway.pid());
     let mut reloads_ms = Vec::new();
     for _ in 0..reloads {
         let t = Instant::now();
@@ -140,7 +130,7 @@ fn measure(rules: usize, thp: bool, reloads: usize) -> anyhow::Result<Measure> {
         ready_ms,
         rss_start_mib,
         reloads_ms,
-        rss_after_mib: rss_mib(gateway.pid()),
+        rss_after_mib: crate::headline::rss_mib(gateway.pid()),
         cpu_s: gateway.cpu_seconds(),
     };
     drop(gateway);

@@ -211,7 +211,7 @@ fn core_jiffies() -> [(u64, u64); 2] {
 }
 
 /// Resident memory now (VmRSS), MiB.
-fn rss_mib(pid: u32) -> f64 {
+pub(crate) fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -241,6 +241,16 @@ pub(super) enum Session<'a> {
     Bridged,
 }
 
+impl<'a> Session<'a> {
+    /// The id the upstream knows the session by (a bridged one it does not know).
+    pub(super) fn upstream_id(self) -> Option<&'a str> {
+        match self {
+            Session::Upstream(own) => Some(own),
+            Session::Bridged => None,
+        }
+    }
+}
+
 /// What a passthrough client's session `id` stands for, if the gateway gave it to this caller;
 /// `None` for a session never opened here, another caller's, an altered id, or one its client
 /// ended.
@@ -282,12 +292,9 @@ pub(super) fn session_header<'a>(
     up: &Upstream,
     obs: &Obs<'_>,
 ) -> (&'static str, Option<&'a str>) {
-    let own =
-        req.header("mcp-session-id")
-            .and_then(|id| match upstream_session(ctx, up, obs, id)? {
-                Session::Upstream(own) => Some(own),
-                Session::Bridged => None,
-            });
+    let own = req
+        .header("mcp-session-id")
+        .and_then(|id| upstream_session(ctx, up, obs, id)?.upstream_id());
     ("mcp-session-id", own)
 }
 

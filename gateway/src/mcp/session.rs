@@ -131,7 +131,7 @@ impl Ended {
 /// Requests in flight that their client may cancel with `notifications/cancelled`, where the
 /// gateway, not the upstream, must act on it (a bridged call: closing its connection to the
 /// stateless-era upstream is the cancellation there). The notification comes in another HTTP
-/// request, maybe on another core: a keyed hash of (route, session, request id) → the call's
+/// request, maybe on another core: a keyed hash of (session, request id) → the call's
 /// [`Cancel`], lock-free. An entry lives as long as its call ([`Registered`]).
 #[derive(Debug, Default)]
 pub struct Cancels {
@@ -163,23 +163,12 @@ impl Cancels {
         }
     }
 
-    /// Cancels the call registered as `key`; whether there was one.
-    pub fn cancel(&self, key: u64) -> bool {
-        let map = self.map.pin();
-        let Some(c) = map.get(&key) else {
-            return false;
-        };
-        c.done.store(true, std::sync::atomic::Ordering::Release);
-        c.waker.wake();
-        true
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+    /// Cancels the call registered as `key`, if there is one.
+    pub fn cancel(&self, key: u64) {
+        if let Some(c) = self.map.pin().get(&key) {
+            c.done.store(true, std::sync::atomic::Ordering::Release);
+            c.waker.wake();
+        }
     }
 }
 

@@ -16,8 +16,8 @@ use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
         Obs, WorkerCtx, filtered_tools_list, forward, give_back_probes, invalid_traceparent,
-        json_response, protected_resource_metadata, refuse, session_header, trace_id,
-        upstream_request, upstream_session,
+        json_response, protected_resource_metadata, refuse, trace_id, upstream_request,
+        upstream_session,
     },
     version,
 };
@@ -621,19 +621,6 @@ fn admit(
     Ok(admissions)
 }
 
-/// Whether the request carries a session of the gateway's own in front of a stateless-only
-/// upstream ([`super::proxy::bridge_session`]).
-fn bridged_session(
-    req: &Request,
-    ctx: &WorkerCtx,
-    up: &crate::config::Upstream,
-    obs: &Obs<'_>,
-) -> bool {
-    req.header("mcp-session-id")
-        .and_then(|id| upstream_session(ctx, up, obs, id))
-        == Some(super::proxy::Session::Bridged)
-}
-
 /// forward: to the route's upstream (a lone `tools/list` of a filtered tenant is answered from
 /// the filtered list), or across the federation's members.
 #[expect(
@@ -669,10 +656,15 @@ async fn forward_stage<'c>(
                 )
                 .await;
             }
+            // The client's session, read once here (`check` refused one not the caller's).
+            let session = req
+                .header("mcp-session-id")
+                .and_then(|id| upstream_session(ctx, up, obs, id));
             // A session-era client and an upstream that speaks only the stateless era (known
             // now, or when the client's session was opened: a bridged session stays bridged).
             if !super::held::client_is_stateless(req, messages.single.as_ref())
-                && (super::bridge::known_stateless(ctx, up) || bridged_session(req, ctx, up, obs))
+                && (super::bridge::known_stateless(ctx, up)
+                    || session == Some(super::proxy::Session::Bridged))
             {
                 if req.method != "POST" {
                     return super::bridge::other_method(io, req, ctx, up).await;
@@ -756,7 +748,10 @@ async fn forward_stage<'c>(
             let extra: Vec<(&str, Option<&str>)> = traceparent
                 .map(|tp| ("traceparent", Some(tp)))
                 .into_iter()
-                .chain([session_header(req, ctx, up, obs)])
+                .chain([(
+                    "mcp-session-id",
+                    session.and_then(super::proxy::Session::upstream_id),
+                )])
                 .collect();
             // A session-era message to an upstream that may speak only the stateless era.
             if up.era == crate::config::UpstreamEra::Auto
