@@ -83,6 +83,9 @@ struct Args {
     /// With `--target`: a new connection for every request (with `--tls`, a full handshake).
     #[arg(long)]
     per_request: bool,
+    /// With `--target`: `echo` with a text of this many bytes instead of `add`.
+    #[arg(long, default_value_t = 0)]
+    echo_bytes: usize,
 }
 
 /// `--target`: one load run against a running server.
@@ -98,7 +101,10 @@ fn load_target(args: &Args, ledger: &mut verdict::Ledger, target: std::net::Sock
         tool: "add".into(),
         headers: args.header.iter().map(|h| format!("{h}\r\n")).collect(),
         legacy: false,
-        mix: load::Mix::default(),
+        mix: load::Mix {
+            echo_bytes: args.echo_bytes,
+            ..load::Mix::default()
+        },
         connect: load::Connect {
             tls: args.tls.as_deref().map(tls::load_client),
             per_request: args.per_request,

@@ -36,6 +36,12 @@ use super::{BodyKind, ChunkedDecoder, HttpError};
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Pieces at least this large are handed over rather than copied ([`Io::take`]).
+const HAND_OVER: usize = 64 * 1024;
+
+/// Most room made for a body before its bytes arrive ([`Io::expect`]).
+const EXPECT_MAX: usize = 256 * 1024;
+
 /// How long a connection waiting for its next request keeps a read (and its buffer) pending
 /// before it gives the buffer back and waits for readiness alone. Busy keep-alive connections
 /// stay on the one-operation path; idle ones hold no buffer.
@@ -129,12 +135,44 @@ impl Io {
         }
     }
 
-    /// Takes up to `n` pending bytes.
+    /// Takes up to `n` pending bytes. A large piece that is the whole buffer is handed over as
+    /// it is (no copy; the next read takes a new buffer); a small one is copied, which costs
+    /// less than a new read buffer.
     pub fn take(&mut self, n: usize) -> Vec<u8> {
         let n = n.min(self.pending().len());
+        if n >= HAND_OVER && self.pos == 0 && self.buf.len() == n {
+            return std::mem::take(&mut self.buf);
+        }
         let out = self.pending()[..n].to_vec();
         self.consume(n);
         out
+    }
+
+    /// Makes room for `n` more bytes in one allocation before they are read (a body of known
+    /// length), instead of growing the buffer as they arrive (each growth copies what it held).
+    /// Bounded by the caller (a body limit).
+    pub fn expect(&mut self, n: usize) {
+        if self.tls.is_some() || self.read_lost {
+            return;
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < n {
+            self.buf.reserve_exact(n);
+        }
+    }
+
+    /// Gives the connection a buffer to read into next (one a write handed back), when it holds
+    /// none of its own: a relay's buffers go back and forth instead of being made anew.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.buf.capacity() == 0 && self.tls.is_none() {
+            buf.clear();
+            self.buf = buf;
+            self.pos = 0;
+        }
     }
 
     /// Reads more bytes; 0 at end of stream. Times out with [`HttpError::Timeout`], after which
@@ -437,14 +475,31 @@ impl Io {
         self.write_out(bytes).await
     }
 
+    /// [`Io::write_all`] that gives the bytes back once written or refused (for a retry, or
+    /// to read into next), unless the write was abandoned midway (then an empty buffer).
+    pub async fn write_back(&mut self, bytes: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+        if self.tls.is_some() {
+            let r = self.write_tls(&bytes).await;
+            return (r, bytes);
+        }
+        self.write_raw_back(bytes).await
+    }
+
     async fn write_out(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
-        let Some(tls) = self.tls.as_deref_mut() else {
+        if self.tls.is_none() {
             return self.write_raw(bytes).await;
+        }
+        self.write_tls(&bytes).await
+    }
+
+    async fn write_tls(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
         };
         if self.write_lost || tls.is_handshaking() {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
-        let mut rest = &bytes[..];
+        let mut rest = bytes;
         while !rest.is_empty() {
             let Some(tls) = self.tls.as_deref_mut() else {
                 return Err(std::io::ErrorKind::BrokenPipe.into());
@@ -462,23 +517,29 @@ impl Io {
 
     /// Writes bytes to the socket as they are (records, when the connection carries TLS).
     async fn write_raw(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        self.write_raw_back(bytes).await.0
+    }
+
+    /// [`Io::write_raw`], giving the buffer back (empty when the write timed out: the
+    /// operation that held it was abandoned).
+    async fn write_raw_back(&mut self, bytes: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
         if self.write_lost {
-            return Err(std::io::ErrorKind::BrokenPipe.into());
+            return (Err(std::io::ErrorKind::BrokenPipe.into()), bytes);
         }
         // Lost until it completes, in case this future is dropped midway.
         self.write_lost = true;
         match monoio::time::timeout(self.send_timeout, self.stream.write_all(bytes)).await {
-            Ok((Ok(_), _)) => {
+            Ok((Ok(_), back)) => {
                 self.write_lost = false;
-                Ok(())
+                (Ok(()), back)
             }
-            Ok((Err(e), _)) => {
+            Ok((Err(e), back)) => {
                 self.shutdown(libc::SHUT_RDWR);
-                Err(e)
+                (Err(e), back)
             }
             Err(_) => {
                 self.shutdown(libc::SHUT_RDWR);
-                Err(std::io::ErrorKind::TimedOut.into())
+                (Err(std::io::ErrorKind::TimedOut.into()), Vec::new())
             }
         }
     }
@@ -492,6 +553,11 @@ impl Io {
     ) -> Result<Vec<u8>, HttpError> {
         match kind {
             BodyKind::Length(n) => {
+                // Room made at once for most bodies, instead of growing as they arrive. Capped:
+                // a peer that announces a large body and sends nothing holds little.
+                if self.pending().len() < n {
+                    self.expect((n - self.pending().len()).min(max).min(EXPECT_MAX));
+                }
                 while self.pending().len() < n {
                     if self.fill_until(deadline).await? == 0 {
                         return Err(HttpError::BadRequest("body shorter than Content-Length"));

@@ -499,13 +499,14 @@ pub(super) async fn forward_learning<'c>(
     let refused = (up.era == UpstreamEra::Auto).then_some(wants_session as Judge);
     match open_judging(io, req, peer, ctx, up, m, body, extra, obs, refused).await {
         Opened::Answered(keep) => keep,
+        // Once per upstream and era change: boxed, not to widen every request's future.
         Opened::Refused => {
             learn(ctx, up);
             let owner = owner(ctx, up, obs);
             let sent = Instant::now();
-            let answer = call(ctx, req, peer, up, owner, body, extra).await;
+            let answer = Box::pin(call(ctx, req, peer, up, owner, body, extra)).await;
             obs.waited(sent.elapsed());
-            reply(io, req, up, m, answer, obs, None).await
+            Box::pin(reply(io, req, up, m, answer, obs, None)).await
         }
         Opened::Relay(conn, head) => {
             super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, member, obs)

@@ -98,8 +98,15 @@ impl Default for Parser {
 }
 
 impl Parser {
-    /// Parses and validates a POST body.
+    /// Parses and validates a POST body, with the arguments of `tools/call`.
     pub fn parse(&mut self, body: &[u8]) -> Result<Parsed, RpcError> {
+        self.parse_for(body, true)
+    }
+
+    /// [`Parser::parse`], taking the arguments of `tools/call` out only when `arguments` (a
+    /// copy of what may be most of the message: only policy reads them). They are validated
+    /// either way.
+    pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(body);
         let tape = simd_json::to_tape_with_buffers(&mut self.scratch, &mut self.buffers)
@@ -116,11 +123,11 @@ impl Parser {
             }
             items
                 .iter()
-                .map(|v| message(&v))
+                .map(|v| message(&v, arguments))
                 .collect::<Result<_, _>>()
                 .map(Parsed::Batch)?
         } else {
-            Parsed::Single(message(&value)?)
+            Parsed::Single(message(&value, arguments)?)
         };
         if negative_zero_id(body, &parsed) {
             return Err(RpcError::invalid_request(
@@ -190,7 +197,7 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<&'a str> {
     None
 }
 
-fn message(v: &Value<'_, '_>) -> Result<Message, RpcError> {
+fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError> {
     let Some(obj) = v.as_object() else {
         return Err(RpcError::invalid_request(
             "a JSON-RPC message must be an object",
@@ -251,7 +258,7 @@ fn message(v: &Value<'_, '_>) -> Result<Message, RpcError> {
         let arguments = if method == "tools/call" {
             match field("arguments") {
                 None => None,
-                Some(a) if a.as_object().is_some() => Some(to_serde(&a)),
+                Some(a) if a.as_object().is_some() => want_arguments.then(|| to_serde(&a)),
                 Some(_) => {
                     return Err(
                         RpcError::invalid_params("`params.arguments` must be an object")

@@ -14,6 +14,7 @@
     )
 )]
 
+pub mod answer;
 mod bridge;
 pub mod conn;
 pub mod error;

@@ -66,32 +66,14 @@ impl Obs<'_> {
     }
 }
 
-/// Largest answer kept to tell a result from an error and a tool's failure.
+/// Largest event kept to tell a result from an error and a tool's failure (an event stream's
+/// answer is its last event; other answers are scanned as they pass, whatever their size).
 const CLASSIFY_MAX: usize = 64 * 1024;
 
-/// What an upstream's JSON-RPC answer says: a result, a tool that failed, or an error.
-pub fn classify(message: &[u8]) -> Outcome {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        error: Option<serde::de::IgnoredAny>,
-        #[serde(default)]
-        result: Option<ToolResult>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ToolResult {
-        #[serde(rename = "isError", default)]
-        is_error: bool,
-    }
-    match serde_json::from_slice::<Answer>(message) {
-        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
-        Ok(Answer {
-            result: Some(ToolResult { is_error: true }),
-            ..
-        }) => Outcome::ToolError,
-        _ => Outcome::Ok,
-    }
-}
+/// The room a large answer's body is read into, a piece at a time.
+const RELAY_READ: usize = 128 * 1024;
+
+pub use super::answer::classify;
 
 /// The data of the last complete event in an SSE buffer.
 fn last_event_data(buf: &[u8]) -> Vec<u8> {
@@ -804,8 +786,10 @@ async fn relay(
     member: Option<&str>,
     obs: &Obs<'_>,
 ) -> bool {
-    // Enough of the answer to classify it: the body of a JSON answer, the last events of SSE.
+    // An event stream's answer is its last event, kept to classify it; any other answer is
+    // scanned as it passes.
     let mut answer: Vec<u8> = Vec::new();
+    let mut scan = super::answer::AnswerScan::default();
     if head.status >= 500 {
         obs.set(Outcome::UpstreamFailure);
     } else if head.status >= 400 {
@@ -879,12 +863,19 @@ async fn relay(
     let classify_answer = request_id.is_some();
     if let Some(BodyKind::Length(_)) = kind {
         let n = remaining.min(conn.pending().len());
-        out.extend_from_slice(&conn.pending()[..n]);
-        if classify_answer && n <= CLASSIFY_MAX {
-            answer.extend_from_slice(&conn.pending()[..n]);
+        let first = &conn.pending()[..n];
+        out.extend_from_slice(first);
+        if classify_answer && !sse {
+            scan.feed(first);
+        } else if classify_answer && n <= CLASSIFY_MAX {
+            answer.extend_from_slice(first);
         }
         conn.consume(n);
         remaining -= n;
+        // A large body is read in large pieces, each handed to the client without a copy.
+        if remaining > RELAY_READ / 2 {
+            conn.expect(remaining.min(RELAY_READ));
+        }
     }
     if client.write_all(out).await.is_err() {
         return false;
@@ -903,13 +894,12 @@ async fn relay(
     let mut sse_buf = super::sse::EventBuffer::new(max_event);
     let mut piece = Vec::new();
     let finished = loop {
-        // Take what has arrived.
+        // Take what has arrived (a large piece is taken without a copy).
         piece.clear();
         let done = match kind {
             BodyKind::Length(_) => {
                 let n = remaining.min(conn.pending().len());
-                piece.extend_from_slice(&conn.pending()[..n]);
-                conn.consume(n);
+                piece = conn.take(n);
                 remaining -= n;
                 remaining == 0
             }
@@ -922,8 +912,7 @@ async fn relay(
             },
             BodyKind::UntilClose => {
                 let n = conn.pending().len();
-                piece.extend_from_slice(&conn.pending()[..n]);
-                conn.consume(n);
+                piece = conn.take(n);
                 false
             }
         };
@@ -943,26 +932,24 @@ async fn relay(
             std::mem::take(&mut piece)
         };
         if !data.is_empty() && classify_answer {
-            if sse {
+            if !sse {
+                scan.feed(&data);
+            } else if data.len() <= CLASSIFY_MAX {
                 // The answer is the stream's last event.
-                if data.len() <= CLASSIFY_MAX {
-                    answer.clear();
-                    answer.extend_from_slice(&data);
-                }
-            } else if answer.len() + data.len() <= CLASSIFY_MAX {
+                answer.clear();
                 answer.extend_from_slice(&data);
             }
         }
         if !data.is_empty() {
-            let framed = if matches!(kind, BodyKind::Length(_)) || !chunked {
-                data
-            } else {
-                http::chunk(&data)
-            };
-            if client.write_all(framed).await.is_err() {
+            let as_is = matches!(kind, BodyKind::Length(_)) || !chunked;
+            let framed = if as_is { data } else { http::chunk(&data) };
+            let (written, back) = client.write_back(framed).await;
+            if written.is_err() {
                 // The client went away: the upstream connection is abandoned mid-response.
                 return false;
             }
+            // The buffer read into next, when the piece was the connection's own.
+            conn.recycle(back);
         }
         if done {
             break Ok(());
@@ -991,12 +978,11 @@ async fn relay(
                 if sse && !sse_buf.is_empty() {
                     answer = sse_buf.rest().to_vec();
                 }
-                let message = if sse {
-                    last_event_data(&answer)
+                obs.set(if sse {
+                    classify(&last_event_data(&answer))
                 } else {
-                    std::mem::take(&mut answer)
-                };
-                obs.set(classify(&message));
+                    scan.outcome()
+                });
             } else {
                 obs.set(Outcome::Ok);
             }

@@ -144,7 +144,7 @@ async fn run<'c>(
     let protocol = version(req)?;
     let header_trace = trace(req)?;
     let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
-    let messages = parse(req, ctx, route, protocol, obs)?;
+    let messages = parse(req, ctx, route, tenant, protocol, obs)?;
     check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
     let req = &*req;
@@ -356,6 +356,7 @@ fn parse(
     req: &Request,
     ctx: &WorkerCtx,
     route: &Route,
+    tenant: &TenantPolicy,
     protocol: Option<&str>,
     obs: &Obs<'_>,
 ) -> Result<Messages, Stop> {
@@ -396,7 +397,10 @@ fn parse(
             RpcError::invalid_request("Content-Type must be application/json"),
         ));
     }
-    let parsed = ctx.parser.borrow_mut().parse(&req.body);
+    let parsed = ctx
+        .parser
+        .borrow_mut()
+        .parse_for(&req.body, tenant.needs_arguments);
     match parsed {
         Err(err) => Err(Stop::reply(err)),
         Ok(Parsed::Batch(_))
@@ -640,11 +644,14 @@ async fn forward_stage<'c>(
 ) -> bool {
     let config = &snapshot.config;
     let policy = &snapshot.policy;
+    // Every branch but the plain forward is boxed: a request's future is as large as its
+    // largest branch (a federation's is ~34 KiB), and it is allocated and moved whole for
+    // every request. The plain forward stays inline, the others cost one allocation.
     match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
             if up.stdio.is_some() {
-                return super::stdio_route::forward(
+                return Box::pin(super::stdio_route::forward(
                     io,
                     req,
                     ctx,
@@ -653,7 +660,7 @@ async fn forward_stage<'c>(
                     obs,
                     policy,
                     tenant,
-                )
+                ))
                 .await;
             }
             // The client's session, read once here (`check` refused one not the caller's).
@@ -667,7 +674,7 @@ async fn forward_stage<'c>(
                     || session == Some(super::proxy::Session::Bridged))
             {
                 if req.method != "POST" {
-                    return super::bridge::other_method(io, req, ctx, up).await;
+                    return Box::pin(super::bridge::other_method(io, req, ctx, up)).await;
                 }
                 if messages.single.is_none() {
                     let err = RpcError::invalid_request(format!(
@@ -687,7 +694,10 @@ async fn forward_stage<'c>(
                         super::proxy::visible(ctx, policy, tenant, &up.name, t)
                     };
                     let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
-                    return super::bridge::forward(io, req, peer, ctx, up, m, obs, filter).await;
+                    return Box::pin(super::bridge::forward(
+                        io, req, peer, ctx, up, m, obs, filter,
+                    ))
+                    .await;
                 }
             }
             // A stateless client and an upstream that may speak only the session era.
@@ -718,14 +728,15 @@ async fn forward_stage<'c>(
                 let keep =
                     |t: &serde_json::Value| super::proxy::visible(ctx, policy, tenant, &up.name, t);
                 let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
-                return super::held::forward(io, req, peer, ctx, up, m, obs, filter).await;
+                return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, filter))
+                    .await;
             }
             if (tenant.filters() || policy.pinning)
                 && let Some(m) = &messages.single
                 && m.kind == Kind::Request
                 && m.method.as_deref() == Some("tools/list")
             {
-                return filtered_tools_list(
+                return Box::pin(filtered_tools_list(
                     io,
                     req,
                     peer,
@@ -735,7 +746,7 @@ async fn forward_stage<'c>(
                     tenant,
                     policy,
                     m.id.clone(),
-                )
+                ))
                 .await;
             }
             // W3C trace context sent only inside the message also reaches the upstream as the
@@ -759,8 +770,10 @@ async fn forward_stage<'c>(
                 && let Some(m) = &messages.single
                 && !super::held::client_is_stateless(req, Some(m))
             {
-                return super::bridge::forward_learning(io, req, peer, ctx, up, m, &extra, obs)
-                    .await;
+                return Box::pin(super::bridge::forward_learning(
+                    io, req, peer, ctx, up, m, &extra, obs,
+                ))
+                .await;
             }
             match upstream_request(req, peer, up, &req.body, &extra) {
                 Ok(bytes) => forward(io, req, bytes, up, messages.request_id, ctx, None, obs).await,
@@ -783,7 +796,7 @@ async fn forward_stage<'c>(
                 tenant,
                 policy,
             };
-            fed.handle(io, messages.single).await
+            Box::pin(fed.handle(io, messages.single)).await
         }
     }
 }

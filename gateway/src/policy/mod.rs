@@ -173,6 +173,9 @@ pub struct TenantPolicy {
     pub budget: Option<RawBudget>,
     pub loop_breaker: Option<RawLoopBreaker>,
     pub run_header: String,
+    /// Whether any decision of this tenant's reads a call's arguments (an argument rule, a
+    /// size cap, the loop breaker): if none does, they are not taken out of the message.
+    pub needs_arguments: bool,
     /// `<upstream>/<tool>` → index of the first matching rule: globs run once per tool name.
     matched: papaya::HashMap<String, Option<usize>, foldhash::fast::RandomState>,
     /// Bytes of the keys in `matched`.
@@ -241,10 +244,16 @@ impl TenantPolicy {
                 ),
             ));
         }
+        let reads_arguments =
+            |r: &ToolRule| !r.arguments.is_empty() || r.max_arguments_bytes.is_some();
+        let needs_arguments = loop_breaker.is_some()
+            || rules.iter().any(reads_arguments)
+            || global.iter().any(reads_arguments);
         Ok(Self {
             name: name.to_owned(),
             own: rules,
             global: Arc::clone(global),
+            needs_arguments,
             default_action: own
                 .and_then(|o| o.default_action)
                 .or(defaults.default_action)

@@ -116,10 +116,19 @@ async fn exchange(
     conn: &mut Io,
     request: Vec<u8>,
     up: &Upstream,
-) -> Result<ResponseHead, UpstreamFailure> {
-    conn.write_all(request)
-        .await
-        .map_err(|e| UpstreamFailure::Unsent(e.to_string()))?;
+    keep: bool,
+) -> (Result<ResponseHead, UpstreamFailure>, Vec<u8>) {
+    let (written, request) = conn.write_back(request).await;
+    if let Err(e) = written {
+        return (Err(UpstreamFailure::Unsent(e.to_string())), request);
+    }
+    // Kept for a retry only where one is possible.
+    let request = if keep { request } else { Vec::new() };
+    (read_head(conn, up).await, request)
+}
+
+/// Reads the head of the answer to a request just sent (interim 1xx heads skipped).
+async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, UpstreamFailure> {
     let deadline = monoio::time::Instant::now() + up.response_timeout;
     let mut end = http::HeadEnd::default();
     loop {
@@ -194,7 +203,12 @@ pub async fn open(
     // Whether this request's failure says anything of the replica (only worth knowing when
     // there are replicas to eject).
     let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&request);
-    let pinned = match replicas.open_session(key, &up.name, replicas::session_of(&request)) {
+    // Only replicas pin sessions: a lone endpoint's requests are not searched for one.
+    let session = replicas
+        .pins_sessions()
+        .then(|| replicas::session_of(&request))
+        .flatten();
+    let pinned = match replicas.open_session(key, &up.name, session) {
         replicas::Sticky::Any => None,
         replicas::Sticky::Pinned(e, own) => {
             // The endpoint gets its own id back.
@@ -267,20 +281,22 @@ pub async fn open(
                 }
             },
         };
-        // Keep a copy only when a retry is possible (a pooled connection, first attempt).
-        let bytes = if reused && attempt == 1 {
-            request.clone()
-        } else {
-            std::mem::take(&mut request)
-        };
+        // The request comes back for a retry only where one is possible (a pooled connection,
+        // first attempt): written from its own buffer, never copied.
+        let retry = reused && attempt == 1;
+        let bytes = std::mem::take(&mut request);
         let exchanged = match client {
-            Some(client) => unless_client_leaves(client, exchange(&mut conn, bytes, up)).await,
-            None => Some(exchange(&mut conn, bytes, up).await),
+            Some(client) => {
+                unless_client_leaves(client, exchange(&mut conn, bytes, up, retry)).await
+            }
+            None => Some(exchange(&mut conn, bytes, up, retry).await),
         };
-        let Some(exchanged) = exchanged else {
+        let Some((exchanged, back)) = exchanged else {
             // Dropping `conn` closes it, which cancels there.
             return Err(UpstreamFailure::ClientGone);
         };
+        // Empty when the write was abandoned (timed out): nothing to send again.
+        request = back;
         match exchanged {
             Ok(mut head) => {
                 // A replica that cannot serve (a proxy in front of a dead one, overload); a
@@ -311,8 +327,8 @@ pub async fn open(
             }
             // The upstream closed an idle pooled connection as we reused it: try a fresh one,
             // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
-            Err(UpstreamFailure::Unsent(_)) if reused && attempt == 1 => continue,
-            Err(UpstreamFailure::NoResponse(_)) if reused && attempt == 1 && idempotent => {
+            Err(UpstreamFailure::Unsent(_)) if retry && !request.is_empty() => continue,
+            Err(UpstreamFailure::NoResponse(_)) if retry && idempotent && !request.is_empty() => {
                 continue;
             }
             Err(f) => {

@@ -1,0 +1,276 @@
+//! What an upstream's JSON-RPC answer says (a result, a tool that failed, an error), read as
+//! its bytes stream by to the client: nothing is kept or copied, and an answer of any size is
+//! read whole (a 1 MB result is classified as exactly as a 100-byte one).
+//!
+//! The scan follows the JSON's structure (strings, with their escapes, and nesting) and looks
+//! at three places only: the top-level `error` (present and not `null`: an error), the
+//! top-level `result` and, inside it, `isError` (`true`: the tool failed). Anything that is
+//! not a JSON object, or does not end, reads as a result, as a parser that gave up would.
+//! It only labels metrics and breakers; what reaches the client is the upstream's bytes.
+
+use crate::stats::Outcome;
+
+/// The value the scan waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    None,
+    /// The value of the top-level `error`.
+    Error,
+    /// The value of the top-level `result`.
+    Result,
+    /// The value of `result.isError`.
+    IsError,
+}
+
+/// Longest key compared (`isError`); longer keys are none of the three.
+const KEY: usize = 8;
+
+/// A streaming classifier: [`AnswerScan::feed`] each piece, then [`AnswerScan::outcome`].
+#[derive(Debug)]
+pub struct AnswerScan {
+    /// Containers open around the current byte.
+    depth: u32,
+    /// Bit `d`: the container at depth `d + 1` is an object (tracked for the first 64).
+    objects: u64,
+    in_string: bool,
+    escaped: bool,
+    /// The current string is a key.
+    in_key: bool,
+    /// The next string of the current object is a key.
+    expect_key: bool,
+    key: [u8; KEY],
+    key_len: usize,
+    /// The key held something that is compared as none of the three (too long, an escape).
+    key_odd: bool,
+    target: Target,
+    /// The literal of the awaited value, as far as it came (`null`, `true`).
+    lit: [u8; 5],
+    lit_len: usize,
+    in_lit: bool,
+    /// Inside the top-level `result` object, at its own level.
+    in_result: bool,
+    /// The answer is not a JSON object.
+    not_object: bool,
+    started: bool,
+    error: bool,
+    tool_error: bool,
+}
+
+impl Default for AnswerScan {
+    fn default() -> Self {
+        Self {
+            depth: 0,
+            objects: 0,
+            in_string: false,
+            escaped: false,
+            in_key: false,
+            expect_key: false,
+            key: [0; KEY],
+            key_len: 0,
+            key_odd: false,
+            target: Target::None,
+            lit: [0; 5],
+            lit_len: 0,
+            in_lit: false,
+            in_result: false,
+            not_object: false,
+            started: false,
+            error: false,
+            tool_error: false,
+        }
+    }
+}
+
+/// The outcome of a whole answer.
+pub fn classify(message: &[u8]) -> Outcome {
+    let mut scan = AnswerScan::default();
+    scan.feed(message);
+    scan.outcome()
+}
+
+impl AnswerScan {
+    /// What the answer said: only once it ended (its top-level object closed).
+    pub fn outcome(&self) -> Outcome {
+        if self.not_object || !self.started || self.depth != 0 || self.in_string {
+            Outcome::Ok
+        } else if self.error {
+            Outcome::RpcError
+        } else if self.tool_error {
+            Outcome::ToolError
+        } else {
+            Outcome::Ok
+        }
+    }
+
+    fn in_object(&self) -> bool {
+        self.depth > 0 && self.depth <= 64 && self.objects & (1 << (self.depth - 1)) != 0
+    }
+
+    /// A value begins with `b` (not a literal's later bytes).
+    fn value_starts(&mut self, b: u8) {
+        match self.target {
+            Target::Error => self.error |= b != b'n',
+            Target::Result if b == b'{' && self.depth == 1 => self.in_result = true,
+            _ => {}
+        }
+        if matches!(b, b'{' | b'[' | b'"') {
+            self.target = Target::None;
+        } else if self.target != Target::None {
+            // A literal: `null` and `true` are told apart at its end.
+            self.in_lit = true;
+            self.lit_len = 0;
+        }
+    }
+
+    fn end_literal(&mut self) {
+        if self.in_lit {
+            let lit = &self.lit[..self.lit_len];
+            match self.target {
+                Target::Error if lit != b"null" => self.error = true,
+                Target::IsError if lit == b"true" => self.tool_error = true,
+                _ => {}
+            }
+            self.in_lit = false;
+        }
+        self.target = Target::None;
+    }
+
+    fn end_key(&mut self) {
+        let key = &self.key[..self.key_len];
+        self.target = match (self.depth, self.key_odd) {
+            (_, true) => Target::None,
+            (1, false) if key == b"error" => Target::Error,
+            (1, false) if key == b"result" => Target::Result,
+            (2, false) if self.in_result && key == b"isError" => Target::IsError,
+            _ => Target::None,
+        };
+    }
+
+    /// Reads the next piece of the answer.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    self.key_odd |= self.in_key;
+                    bytes = &bytes[1..];
+                    continue;
+                }
+                // Most of an answer is string contents: skipped in one search.
+                let Some(at) = memchr::memchr2(b'"', b'\\', bytes) else {
+                    self.key_bytes(bytes);
+                    return;
+                };
+                self.key_bytes(&bytes[..at]);
+                if bytes[at] == b'\\' {
+                    self.escaped = true;
+                } else {
+                    self.in_string = false;
+                    if self.in_key {
+                        self.in_key = false;
+                        self.end_key();
+                    }
+                }
+                bytes = &bytes[at + 1..];
+                continue;
+            }
+            let b = bytes[0];
+            bytes = &bytes[1..];
+            if self.not_object {
+                return;
+            }
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' => {
+                    if self.in_lit {
+                        self.end_literal();
+                    }
+                }
+                b'{' | b'[' => {
+                    if self.depth == 0 {
+                        if self.started || b != b'{' {
+                            self.not_object = true;
+                            return;
+                        }
+                        self.started = true;
+                    } else {
+                        self.value_starts(b);
+                    }
+                    if self.depth < 64 {
+                        if b == b'{' {
+                            self.objects |= 1 << self.depth;
+                        } else {
+                            self.objects &= !(1 << self.depth);
+                        }
+                    }
+                    self.depth = self.depth.saturating_add(1);
+                    self.expect_key = b == b'{';
+                }
+                b'}' | b']' => {
+                    self.end_literal();
+                    if self.depth == 0 {
+                        self.not_object = true;
+                        return;
+                    }
+                    if self.depth == 2 {
+                        self.in_result = false;
+                    }
+                    self.depth -= 1;
+                    self.expect_key = false;
+                }
+                b',' => {
+                    self.end_literal();
+                    self.expect_key = self.in_object();
+                }
+                b':' => {}
+                b'"' => {
+                    if self.depth == 0 {
+                        self.not_object = true;
+                        return;
+                    }
+                    self.in_string = true;
+                    if self.expect_key && self.in_object() {
+                        self.expect_key = false;
+                        self.in_key = true;
+                        self.key_len = 0;
+                        self.key_odd = false;
+                    } else {
+                        self.value_starts(b);
+                    }
+                }
+                _ => {
+                    if self.depth == 0 {
+                        self.not_object = true;
+                        return;
+                    }
+                    if !self.in_lit {
+                        self.value_starts(b);
+                    }
+                    if self.in_lit {
+                        if self.lit_len < self.lit.len() {
+                            self.lit[self.lit_len] = b;
+                        }
+                        // One past the buffer: `truex` is not `true`.
+                        self.lit_len = (self.lit_len + 1).min(self.lit.len());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes of a string's contents: kept while they may be a key compared.
+    fn key_bytes(&mut self, bytes: &[u8]) {
+        if !self.in_key || self.key_odd || bytes.is_empty() {
+            return;
+        }
+        if self.key_len + bytes.len() > KEY || self.depth > 2 {
+            self.key_odd = true;
+            return;
+        }
+        self.key[self.key_len..self.key_len + bytes.len()].copy_from_slice(bytes);
+        self.key_len += bytes.len();
+    }
+}
+
+#[cfg(test)]
+#[path = "answer_tests.rs"]
+mod tests;

@@ -1,0 +1,135 @@
+use super::*;
+
+/// What a full parse says (the classification before the streaming scan).
+fn parsed(message: &[u8]) -> Outcome {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        result: Option<ToolResult>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ToolResult {
+        #[serde(rename = "isError", default)]
+        is_error: bool,
+    }
+    match serde_json::from_slice::<Answer>(message) {
+        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
+        Ok(Answer {
+            result: Some(ToolResult { is_error: true }),
+            ..
+        }) => Outcome::ToolError,
+        _ => Outcome::Ok,
+    }
+}
+
+/// Fed whole and in every split into two pieces, and byte by byte.
+fn scanned_every_way(message: &[u8]) -> Outcome {
+    let whole = classify(message);
+    for at in 0..=message.len() {
+        let mut s = AnswerScan::default();
+        s.feed(&message[..at]);
+        s.feed(&message[at..]);
+        assert_eq!(
+            s.outcome(),
+            whole,
+            "split at {at}: {}",
+            String::from_utf8_lossy(message)
+        );
+    }
+    let mut s = AnswerScan::default();
+    for b in message {
+        s.feed(std::slice::from_ref(b));
+    }
+    assert_eq!(s.outcome(), whole);
+    whole
+}
+
+const CASES: &[&str] = &[
+    r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"5"}]}}"#,
+    r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#,
+    r#"{"jsonrpc":"2.0","id":1,"result":{"isError":false,"content":[]}}"#,
+    r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#,
+    r#"{"jsonrpc":"2.0","id":1,"error":null,"result":{"isError":true}}"#,
+    r#"{"jsonrpc":"2.0","id":1,"error":"x"}"#,
+    r#"{"jsonrpc":"2.0","id":1,"error":0}"#,
+    r#" { "result" : { "content" : [ ] , "isError" : true } } "#,
+    r#"{"result":{"content":[{"text":"\"isError\":true"}]}}"#,
+    r#"{"result":{"nested":{"isError":true}}}"#,
+    r#"{"other":{"isError":true},"result":{}}"#,
+    r#"{"result":{"content":[{"type":"text","text":"a\\"}],"isError":true}}"#,
+    r#"{"result":{"text":"}]}{[","isError":true}}"#,
+    r#"{"result":[{"isError":true}]}"#,
+    r#"{"result":{"isError":1}}"#,
+    r#"{"result":{"isError":truex}}"#,
+    r#"{"result":{"isError":true}"#,
+    r#""error""#,
+    r#"{"error":{}}{"#,
+    r#"{"error":{}} "#,
+    r#"{"error":{}}"#,
+    r#"{"result":{"isError":true,"more":{"a":[1,2,{"b":null}]}}}"#,
+    r#"{"id":"x\\","result":{"isError":true}}"#,
+    "",
+    "   ",
+];
+
+#[test]
+fn the_scan_says_what_a_full_parse_says() {
+    for case in CASES {
+        assert_eq!(
+            scanned_every_way(case.as_bytes()),
+            parsed(case.as_bytes()),
+            "{case}"
+        );
+    }
+}
+
+/// A batch's answers (an array) are no one answer: a result. (serde reads a struct from an
+/// array by position, so the full parse called `[{"jsonrpc":"2.0","result":{}}]` an error.)
+#[test]
+fn a_batch_answer_is_not_read_as_an_error() {
+    assert_eq!(classify(br#"[{"error":{}}]"#), Outcome::Ok);
+    assert_eq!(
+        classify(br#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#),
+        Outcome::Ok
+    );
+}
+
+/// An escaped key is compared as none of the three (a parse would decode it): a label of
+/// metrics, never a decision on what the client receives.
+#[test]
+fn an_escaped_key_is_not_read_as_one_of_the_three() {
+    assert_eq!(
+        classify(br#"{"result":{"is\u0045rror":true}}"#),
+        Outcome::Ok
+    );
+}
+
+#[test]
+fn a_large_answer_is_read_whole_and_a_failure_after_a_megabyte_is_seen() {
+    let text = "x\\\"y".repeat(300_000);
+    let message = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"result":{{"content":[{{"type":"text","text":"{text}"}}],"isError":true}}}}"#
+    );
+    assert_eq!(parsed(message.as_bytes()), Outcome::ToolError);
+    let mut s = AnswerScan::default();
+    for piece in message.as_bytes().chunks(16 * 1024 + 3) {
+        s.feed(piece);
+    }
+    assert_eq!(s.outcome(), Outcome::ToolError);
+}
+
+/// Deep nesting (beyond the 64 levels whose kind is tracked) neither panics nor confuses the
+/// levels that matter.
+#[test]
+fn deep_nesting_is_read_without_harm() {
+    let deep = format!(
+        r#"{{"result":{{"a":{}1{},"isError":true}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    assert_eq!(classify(deep.as_bytes()), parsed(deep.as_bytes()));
+    let closes = "}".repeat(10);
+    assert_eq!(classify(closes.as_bytes()), Outcome::Ok);
+}
