@@ -459,6 +459,7 @@ impl<'c> Federation<'_, 'c> {
             version: agreed.clone(),
             members,
             owner: self.caller(),
+            nonce: session::nonce(),
         };
         let token = session::seal(&self.ctx.shared.session_key, &fed);
         let mut result = json!({

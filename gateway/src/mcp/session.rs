@@ -31,6 +31,11 @@ pub struct FedSession {
     /// Who opened it: tenant and agent.
     #[serde(rename = "o")]
     pub owner: Owner,
+    /// Random ([`nonce`]): without it, the sessions one caller opens on a route whose members
+    /// hold none of their own (stateless-only, stdio) would all be one id, and ending one would
+    /// end every later one too. Ids sealed before it read as 0.
+    #[serde(rename = "n", default)]
+    pub nonce: u64,
 }
 
 /// The caller a session belongs to: tenant name and agent.
@@ -56,6 +61,21 @@ pub fn new_key() -> [u8; 32] {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).expect("the OS random source works");
     key
+}
+
+/// A random number for a new session ([`FedSession::nonce`]); should the OS random source fail,
+/// the clock and a count, still one of its own.
+pub fn nonce() -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    getrandom::u64().unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos
+            ^ COUNT
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .rotate_left(40)
+    })
 }
 
 #[expect(
@@ -387,8 +407,15 @@ mod tests {
                 MemberSession("b".into(), None, "2025-06-18".into()),
             ],
             owner: Owner("acme".into(), Some("bot".into())),
+            nonce: nonce(),
         };
         let id = seal(&key, &s);
+        // The same session made again is another id.
+        let again = FedSession {
+            nonce: nonce(),
+            ..s.clone()
+        };
+        assert_ne!(seal(&key, &again), id);
         assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         assert_eq!(open(&key, &id), Some(s.clone()));
         assert_eq!(open(&new_key(), &id), None, "another key");

@@ -1533,7 +1533,9 @@ fn a_session_the_gateway_holds_ended_on_one_gateway_is_ended_on_every_gateway_of
     let mut live = Vec::new();
     for path in ["/bridge", "/alone"] {
         let ended = open_session(a, path);
+        // The same client's next session is another: ending one ends only it.
         let other = open_session(a, path);
+        assert_ne!(ended, other, "{path}");
         for port in [b, c] {
             assert_eq!(
                 session_list(port, path, &ended),
