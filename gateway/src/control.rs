@@ -583,7 +583,7 @@ async fn run_async(
         shared.limits = Arc::new(crate::policy::limits::State::with_seed(h.offer.hash_seed));
         // Sessions its clients ended stay ended.
         for (session, when) in ended_sessions {
-            shared.ended_sessions.end(session, when);
+            shared.ended_sessions.absorb(session, when);
         }
     }
     let shared = Arc::new(shared);

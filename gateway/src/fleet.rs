@@ -6,7 +6,9 @@
 //! (each rate is one token bucket in Redis; what it grants becomes this host's lease, which
 //! the workers take with one atomic operation), sends the budget spend made here since the
 //! last round and reads the fleet's totals, and, less often, beats its heartbeat, exchanges
-//! bans and pin approvals. It also agrees the key that seals session ids at start.
+//! bans and pin approvals and the sessions their clients ended (of those the gateway itself
+//! holds: a session ended on one gateway is ended on all). It also agrees the key that seals
+//! session ids at start.
 //!
 //! It never runs on the request path and the workers never wait for it: they read what it
 //! published (leases, totals, the fleet mode) without locks. When Redis cannot be reached,
@@ -17,12 +19,13 @@
 //! `rediss://` (never plaintext then); a Redis that lost its data (an `epoch` key gone) is
 //! re-seeded from what the hosts know rather than trusted at zero; with a fleet secret
 //! (`fleet_secret_env`) the session key is derived from the secret (Redis holds only a salt)
-//! and approvals, bans, each host's budget spend and its entry in the live-hosts registry carry
-//! a MAC, so a Redis writer without the secret can neither approve a tool, nor ban an address,
-//! nor lower or replay a spend (it can still delete what is there, which the hosts write back,
-//! and loosen or tighten the fleet-wide rates, which Redis counts). Whatever Redis holds, a
-//! round goes on: keys of the wrong type and values that do not parse are deleted and counted,
-//! and a round's work is bounded by what the host knows, not by what is in Redis.
+//! and approvals, bans, ended sessions, each host's budget spend and its entry in the
+//! live-hosts registry carry a MAC, so a Redis writer without the secret can neither approve a
+//! tool, nor ban an address, nor end a session, nor lower or replay a spend (it can still
+//! delete what is there, which the hosts write back, and loosen or tighten the fleet-wide
+//! rates, which Redis counts). Whatever Redis holds, a round goes on: keys of the wrong type
+//! and values that do not parse are deleted and counted, and a round's work is bounded by what
+//! the host knows, not by what is in Redis.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -41,6 +44,7 @@ use sha2::Sha256;
 
 use crate::{
     config::{FleetConfig, FleetSecret},
+    mcp::session::MAX_ENDED,
     policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED, MILLI},
     runtime::Shared,
 };
@@ -298,11 +302,62 @@ return out
 "
 );
 
+/// At most this many sessions ended here are sent in a round, and this many entries of the
+/// stream of ended sessions read (a host behind, a new one reading from the start, reads on at
+/// the next round).
+const ENDED_SEND: usize = 1024;
+const ENDED_READ: usize = 4096;
+
+/// Sessions ended on the gateways of the fleet (`KEYS[1]`, a stream, each entry `k` → the
+/// session's [`crate::mcp::session::ended_key`] in hex, sealed with a fleet secret): `ARGV[1]`
+/// the id of the last entry this host read (`0-0`: none), `ARGV[2]` how many to read,
+/// `ARGV[3]` the stream's length kept (about: `MAXLEN ~`), then the values to add. When the
+/// entry at the cursor is gone (Redis lost the stream, someone deleted it, or the host fell
+/// more than the length kept behind), the stream is read from the start. Answers the count of
+/// what was ignored here, 1 if the stream was read again from the start (else 0), the new
+/// cursor, then the id and value of each entry read (`''`: an entry without a `k`). Entry ids
+/// are Redis's, so the hosts' clocks do not matter.
+const ENDED: &str = concat!(
+    lua_prelude!(),
+    r"
+local bad = fix(KEYS[1], 'stream')
+local cursor = ARGV[1]
+local count = tonumber(ARGV[2])
+if not string.match(cursor, '^%d+%-%d+$') then
+  cursor = '0-0'
+end
+local reset = 0
+if cursor ~= '0-0' and #redis.call('XRANGE', KEYS[1], cursor, cursor) == 0 then
+  reset, cursor = 1, '0-0'
+end
+for j = 4, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'k', ARGV[j])
+end
+local read = redis.call('XRANGE', KEYS[1], cursor, '+', 'COUNT', count + 1)
+local out = {bad, reset, cursor}
+local n = 0
+for _, e in ipairs(read) do
+  if e[1] ~= cursor and n < count then
+    n = n + 1
+    local f = e[2]
+    local v = ''
+    if f[1] == 'k' and f[2] then
+      v = f[2]
+    end
+    out[#out + 1] = e[1]
+    out[#out + 1] = v
+    out[3] = e[1]
+  end
+end
+return out
+"
+);
+
 /// The scripts of a round, called by their SHA1 (`EVALSHA`): Redis keeps each compiled, and a
 /// round sends its hash instead of its text. A Redis that does not know one (a new connection,
 /// a restart, `SCRIPT FLUSH`) answers `NOSCRIPT`, and the round loads them and is sent again.
-static ROUND_SCRIPTS: std::sync::LazyLock<[(&str, String); 4]> = std::sync::LazyLock::new(|| {
-    [RATES, BUDGETS, READ_HASH, HEARTBEAT]
+static ROUND_SCRIPTS: std::sync::LazyLock<[(&str, String); 5]> = std::sync::LazyLock::new(|| {
+    [RATES, BUDGETS, READ_HASH, HEARTBEAT, ENDED]
         .map(|src| (src, redis::Script::new(src).get_hash().to_owned()))
 });
 /// Indexes of [`ROUND_SCRIPTS`].
@@ -310,6 +365,7 @@ const S_RATES: usize = 0;
 const S_BUDGETS: usize = 1;
 const S_READ_HASH: usize = 2;
 const S_HEARTBEAT: usize = 3;
+const S_ENDED: usize = 4;
 
 /// An `EVALSHA` of the script `script` of [`ROUND_SCRIPTS`] over `keys` keys.
 fn evalsha(script: usize, keys: usize) -> redis::Cmd {
@@ -368,6 +424,8 @@ enum Part {
     Budgets(Box<BudgetRound>),
     Bans,
     Pins,
+    /// The sessions ended here sent in the round.
+    Ended(Vec<u64>),
 }
 
 /// What a budgets exchange sent, kept until Redis answers (or put back if it does not).
@@ -404,6 +462,9 @@ pub struct Stats {
     pub unsealed_ignored: AtomicU64,
     /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
     pub reseeds: AtomicU64,
+    /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
+    pub sessions_ended_sent: AtomicU64,
+    pub sessions_ended_received: AtomicU64,
 }
 
 /// The control thread's bans, as the agent sees them.
@@ -457,6 +518,10 @@ impl Keys {
     }
     fn session_key(&self) -> String {
         format!("{}:session-key", self.prefix)
+    }
+    /// The stream of sessions ended on the fleet's gateways.
+    fn ended(&self) -> String {
+        format!("{}:ended", self.prefix)
     }
 }
 
@@ -618,6 +683,15 @@ fn bytes(v: &redis::Value) -> Option<&[u8]> {
 /// A reply's string as text (`None`: not a string, or not UTF-8).
 fn text(v: &redis::Value) -> Option<&str> {
     std::str::from_utf8(bytes(v)?).ok()
+}
+
+/// Whether `id` reads as a stream entry's id (`<ms>-<seq>`).
+fn is_stream_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
+    })
 }
 
 /// A reply's integer.
@@ -816,6 +890,14 @@ struct Agent<B> {
     /// members to remove from it at the next heartbeat.
     peers: Vec<String>,
     drop_hosts: Vec<Vec<u8>>,
+    /// Sessions ended here to send (at most [`MAX_ENDED`], the oldest dropped beyond).
+    outbox: std::collections::VecDeque<u64>,
+    /// The id of the last entry read of the stream of ended sessions (`0-0`: none yet).
+    ended_cursor: String,
+    /// Whether the last read of that stream was cut short (more to read at the next round).
+    ended_more: bool,
+    /// When (unix s) the ends made here were last taken.
+    ended_taken_s: u64,
 }
 
 /// A host's whole spend in a budget window, as published (`<amount>|<seq>`, perhaps sealed).
@@ -876,7 +958,13 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         learned: false,
         peers: Vec::new(),
         drop_hosts: Vec::new(),
+        outbox: std::collections::VecDeque::new(),
+        ended_cursor: "0-0".to_owned(),
+        ended_more: false,
+        ended_taken_s: crate::policy::limits::State::unix_s(),
     };
+    // From now on the sessions ended here are queued for the fleet.
+    agent.shared.ended_sessions.share();
     tracing::info!(
         redis = shown(&agent.fleet.redis),
         fleet = %agent.fleet.name,
@@ -898,6 +986,8 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
     loop {
         tick.tick().await;
         let start = Instant::now();
+        // Taken every round, Redis reached or not: the queue stays short.
+        agent.take_ended();
         let result = async {
             let c = match &mut conn {
                 Some(c) => c,
@@ -938,6 +1028,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 pipe.add_command(agent.read_hash_cmd(&agent.keys.pins()));
                 parts.push(Part::Pins);
             }
+            if let Some((cmd, sent)) = agent.ended_cmd(bans) {
+                pipe.add_command(cmd);
+                parts.push(Part::Ended(sent));
+            }
             if parts.is_empty() {
                 return Ok(());
             }
@@ -945,8 +1039,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 Ok(r) if r.len() == parts.len() => r,
                 other => {
                     for part in parts {
-                        if let Part::Budgets(b) = part {
-                            agent.budgets_failed(*b);
+                        match part {
+                            Part::Budgets(b) => agent.budgets_failed(*b),
+                            Part::Ended(sent) => agent.ended_failed(sent),
+                            _ => {}
                         }
                     }
                     return Err(other.err().unwrap_or_else(|| {
@@ -964,8 +1060,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 let reply = match array(reply) {
                     Ok(r) => r,
                     Err(e) => {
-                        if let Part::Budgets(b) = part {
-                            agent.budgets_failed(*b);
+                        match part {
+                            Part::Budgets(b) => agent.budgets_failed(*b),
+                            Part::Ended(sent) => agent.ended_failed(sent),
+                            _ => {}
                         }
                         failed.get_or_insert(e);
                         continue;
@@ -983,6 +1081,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                         let read = agent.parse_read_hash(reply);
                         agent.exchange_pins(c, read).await?;
                     }
+                    Part::Ended(sent) => agent.absorb_ended(&sent, &reply),
                 }
             }
             failed.map_or(Ok(()), Err)
@@ -1001,7 +1100,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                     tracing::info!(
                         redis = shown(&agent.fleet.redis),
                         hosts = stats.hosts.load(Relaxed),
-                        "fleet connected: rates, budgets, bans and approvals are shared"
+                        "fleet connected: rates, budgets, bans, approvals and ended sessions are shared"
                     );
                 }
                 down = Some(false);
@@ -1362,11 +1461,12 @@ impl<B: Bans> Agent<B> {
             // its epoch deleted): everything known here is published again.
             tracing::warn!(
                 redis = shown(&self.fleet.redis),
-                "fleet: Redis lost the fleet's state (its epoch is gone or changed); budgets, bans and approvals are published again from here"
+                "fleet: Redis lost the fleet's state (its epoch is gone or changed); budgets, bans, approvals and ended sessions are published again from here"
             );
             self.shared.fleet.reseeds.fetch_add(1, Relaxed);
             self.known_bans.clear();
             self.agreed_pins.clear();
+            self.republish_ended();
             let own = self
                 .own
                 .iter()
@@ -1524,6 +1624,125 @@ impl<B: Bans> Agent<B> {
                 0
             }
         }
+    }
+
+    /// Takes the sessions ended here since the last round into the outbox; if the queue
+    /// dropped some, those ended since the last take are found in the table.
+    fn take_ended(&mut self) {
+        let ended = &self.shared.ended_sessions;
+        let (fresh, overflowed) = ended.take_fresh(MAX_ENDED);
+        let since = self.ended_taken_s.saturating_sub(1);
+        self.ended_taken_s = crate::policy::limits::State::unix_s();
+        self.outbox.extend(fresh);
+        if overflowed {
+            let missed = ended
+                .entries()
+                .into_iter()
+                .filter(|(_, when)| *when >= since)
+                .map(|(k, _)| k);
+            self.outbox.extend(missed);
+        }
+        let over = self.outbox.len().saturating_sub(MAX_ENDED);
+        self.outbox.drain(..over);
+    }
+
+    /// Every session ended known here, to be sent again (Redis lost them).
+    fn republish_ended(&mut self) {
+        let mut all = self.shared.ended_sessions.entries();
+        all.sort_unstable_by_key(|(_, when)| *when);
+        self.outbox.extend(all.into_iter().map(|(k, _)| k));
+        let over = self.outbox.len().saturating_sub(MAX_ENDED);
+        self.outbox.drain(..over);
+    }
+
+    /// Sends sessions ended here and reads those ended elsewhere (see [`ENDED`]): when some
+    /// wait to be sent, when the last read was cut short, or when `due` (the heartbeat's
+    /// cadence). Answers the command and what it sends, read with [`Agent::absorb_ended`].
+    fn ended_cmd(&mut self, due: bool) -> Option<(redis::Cmd, Vec<u64>)> {
+        if !due && self.outbox.is_empty() && !self.ended_more {
+            return None;
+        }
+        let n = self.outbox.len().min(ENDED_SEND);
+        let sent: Vec<u64> = self.outbox.drain(..n).collect();
+        let mut cmd = evalsha(S_ENDED, 1);
+        cmd.arg(self.keys.ended())
+            .arg(&self.ended_cursor)
+            .arg(ENDED_READ)
+            .arg(MAX_ENDED);
+        let secret = self.fleet.secret.as_ref();
+        for k in &sent {
+            cmd.arg(seal(
+                secret,
+                &self.fleet.name,
+                "ended",
+                "",
+                &format!("{k:016x}"),
+            ));
+        }
+        Some((cmd, sent))
+    }
+
+    /// What an ended sessions' exchange would have sent is sent at the next round.
+    fn ended_failed(&mut self, sent: Vec<u64>) {
+        for k in sent.into_iter().rev() {
+            self.outbox.push_front(k);
+        }
+    }
+
+    /// Takes the sessions ended elsewhere that an [`ENDED`] exchange read. An entry not sealed
+    /// with the fleet's secret, or unreadable, is ignored (and counted): who writes Redis
+    /// without the secret ends no session.
+    fn absorb_ended(&mut self, sent: &[u64], reply: &[redis::Value]) {
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        let stats = &self.shared.fleet;
+        stats
+            .sessions_ended_sent
+            .fetch_add(sent.len() as u64, Relaxed);
+        let mut ignored = reply.first().and_then(int).unwrap_or(0).max(0) as u64;
+        let reset = reply.get(1).and_then(int) == Some(1);
+        let cursor = reply
+            .get(2)
+            .and_then(text)
+            .filter(|c| is_stream_id(c))
+            .unwrap_or("0-0")
+            .to_owned();
+        let entries = reply.get(3..).unwrap_or_default();
+        let now_s = crate::policy::limits::State::unix_s();
+        let mut received = 0u64;
+        for pair in entries.chunks(2) {
+            let [id, value] = pair else { continue };
+            // When Redis added it: the hosts' clocks do not matter.
+            let when = text(id)
+                .and_then(|id| id.split_once('-'))
+                .and_then(|(ms, _)| ms.parse::<u64>().ok())
+                .map_or(now_s, |ms| ms / 1000);
+            let key = text(value)
+                .and_then(|raw| open(secret, fleet, "ended", "", raw))
+                .filter(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            match key {
+                Some(k) => {
+                    if self.shared.ended_sessions.absorb(k, when) {
+                        received += 1;
+                    }
+                }
+                None => ignored += 1,
+            }
+        }
+        stats.sessions_ended_received.fetch_add(received, Relaxed);
+        self.count_ignored(ignored);
+        self.ended_more = entries.len() / 2 >= ENDED_READ;
+        if reset {
+            // The entry this host read last is gone: Redis lost the stream (or someone deleted
+            // it). Read again from the start, and what is known here is sent again.
+            tracing::warn!(
+                redis = shown(&self.fleet.redis),
+                "fleet: the stream of ended sessions lost entries this host had read; the sessions ended known here are published again"
+            );
+            self.republish_ended();
+        }
+        self.ended_cursor = cursor;
     }
 
     /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
@@ -1885,6 +2104,13 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    let name = "mcp_gateway_fleet_sessions_ended_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The gateway's own sessions ended by their client: sent to the fleet from here, or ended on another gateway and taken here.\n# TYPE {name} counter\n{name}{{direction=\"sent\"}} {}\n{name}{{direction=\"received\"}} {}",
+        stats.sessions_ended_sent.load(Relaxed),
+        stats.sessions_ended_received.load(Relaxed),
+    );
 }
 
 #[cfg(test)]
@@ -1967,6 +2193,28 @@ mod tests {
         let member = seal(Some(&secret), "f", "hosts", "", "h1");
         assert_eq!(open(Some(&secret), "f", "hosts", "", &member), Some("h1"));
         assert_eq!(open(Some(&secret), "f", "hosts", "", "h1"), None);
+    }
+
+    #[test]
+    fn an_ended_session_opens_only_sealed_for_this_fleet_and_cursors_read_as_stream_ids() {
+        let secret = FleetSecret([7; 32]);
+        let hex = format!("{:016x}", 0x0123_4567_89ab_cdefu64);
+        let sealed = seal(Some(&secret), "f", "ended", "", &hex);
+        assert_eq!(
+            open(Some(&secret), "f", "ended", "", &sealed),
+            Some(hex.as_str())
+        );
+        // Bare, of another fleet, or as another kind of value: refused.
+        assert_eq!(open(Some(&secret), "f", "ended", "", &hex), None);
+        assert_eq!(open(Some(&secret), "g", "ended", "", &sealed), None);
+        let ban = seal(Some(&secret), "f", "bans", "", &hex);
+        assert_eq!(open(Some(&secret), "f", "ended", "", &ban), None);
+        for ok in ["0-0", "1732800000000-0", "1-17"] {
+            assert!(is_stream_id(ok), "{ok}");
+        }
+        for bad in ["", "-", "1-", "-1", "1", "1-2-3", "a-1", "1-+2", "+1-2"] {
+            assert!(!is_stream_id(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -364,7 +364,13 @@ impl<'c> Federation<'_, 'c> {
         // too.
         session::open(&self.ctx.shared.session_key, id)
             .filter(|s| s.owner == self.caller())
-            .filter(|_| !self.ctx.shared.ended_sessions.ended(self.ended_key(id)))
+            .filter(|_| {
+                !self.ctx.shared.ended_sessions.is_ended(
+                    &self.ctx.shared.session_key,
+                    session::Scope::Federated,
+                    id.as_bytes(),
+                )
+            })
             .ok_or_else(|| {
                 RpcError::new(
                     error::SESSION_NOT_FOUND,
@@ -453,6 +459,7 @@ impl<'c> Federation<'_, 'c> {
             version: agreed.clone(),
             members,
             owner: self.caller(),
+            nonce: session::nonce(),
         };
         let token = session::seal(&self.ctx.shared.session_key, &fed);
         let mut result = json!({
@@ -1046,9 +1053,14 @@ impl<'c> Federation<'_, 'c> {
         ))
     }
 
-    /// A keyed hash of a federated session id, for [`session::Ended`].
+    /// The key a federated session id is remembered by once ended ([`session::Ended`]): the
+    /// same on every gateway of a fleet.
     fn ended_key(&self, id: &str) -> u64 {
-        self.ctx.shared.limits.key(("ended-federated", id))
+        session::ended_key(
+            &self.ctx.shared.session_key,
+            session::Scope::Federated,
+            id.as_bytes(),
+        )
     }
 
     /// Ends the session: at every member that holds one of its own, and here (members without

@@ -252,15 +252,24 @@ pub(super) fn upstream_session<'a>(
             _ => return None,
         },
     };
-    if ctx.shared.ended_sessions.ended(ended_key(ctx, up, id)) {
+    if ctx
+        .shared
+        .ended_sessions
+        .is_ended(key, session::Scope::Upstream(&up.name), id)
+    {
         return None;
     }
     Some(session)
 }
 
-/// A keyed hash of a client's session id, for [`session::Ended`].
+/// The key a client's session id is remembered by once ended ([`session::Ended`]): the same
+/// on every gateway of a fleet.
 pub(super) fn ended_key(ctx: &WorkerCtx, up: &Upstream, id: &[u8]) -> u64 {
-    ctx.shared.limits.key(("ended", up.name.as_str(), id))
+    session::ended_key(
+        &ctx.shared.session_key,
+        session::Scope::Upstream(&up.name),
+        id,
+    )
 }
 
 /// The upstream session of a passthrough request, as the upstream knows it: what the request's

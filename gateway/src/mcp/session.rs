@@ -13,6 +13,10 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{AcqRel, Acquire, Release},
+};
 
 /// Bytes of the HMAC-SHA256 tag kept (128 bits).
 const TAG: usize = 16;
@@ -27,6 +31,11 @@ pub struct FedSession {
     /// Who opened it: tenant and agent.
     #[serde(rename = "o")]
     pub owner: Owner,
+    /// Random ([`nonce`]): without it, the sessions one caller opens on a route whose members
+    /// hold none of their own (stateless-only, stdio) would all be one id, and ending one would
+    /// end every later one too. Ids sealed before it read as 0.
+    #[serde(rename = "n", default)]
+    pub nonce: u64,
 }
 
 /// The caller a session belongs to: tenant name and agent.
@@ -52,6 +61,21 @@ pub fn new_key() -> [u8; 32] {
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).expect("the OS random source works");
     key
+}
+
+/// A random number for a new session ([`FedSession::nonce`]); should the OS random source fail,
+/// the clock and a count, still one of its own.
+pub fn nonce() -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    getrandom::u64().unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos
+            ^ COUNT
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .rotate_left(40)
+    })
 }
 
 #[expect(
@@ -94,37 +118,136 @@ pub fn open(key: &[u8; 32], id: &str) -> Option<FedSession> {
 }
 
 /// Sessions of the gateway's own ended at most this many at once remembered.
-const MAX_ENDED: usize = 1 << 16;
+pub const MAX_ENDED: usize = 1 << 16;
+/// Fresh ends waiting for the fleet agent at most (a round takes them every 25 ms or so; more
+/// between two rounds, and the agent looks through the table for what it missed).
+const FRESH: usize = 1 << 14;
+
+/// Where a session the gateway gives its client ids for lives, in [`ended_key`].
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// A passthrough session bridged in front of this upstream (its name).
+    Upstream(&'a str),
+    /// A federated session.
+    Federated,
+}
+
+/// The key a session id is remembered by in [`Ended`]: the first 8 bytes of an HMAC-SHA256
+/// under the session key over the scope and the id (each part length-prefixed, in a context of
+/// its own). The same on every gateway of a fleet (which agree the session key) and after an
+/// upgrade (the key is handed over), and not to be made without the key: what the fleet shares
+/// of an ended session is this, never its id.
+pub fn ended_key(key: &[u8; 32], scope: Scope<'_>, id: &[u8]) -> u64 {
+    let context: &[&[u8]] = match scope {
+        Scope::Upstream(name) => &[b"ended", b"upstream", name.as_bytes()],
+        Scope::Federated => &[b"ended", b"federated"],
+    };
+    let full = tagged(key, context, &[], id).finalize().into_bytes();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&full[..8]);
+    u64::from_le_bytes(first)
+}
 
 /// The gateway's own sessions (those it makes for a session-era client of a stateless
-/// upstream, which holds none) that their client ended with `DELETE`: a keyed hash of
-/// (upstream, id) → when (s). A signed id needs no table to be valid; ending one does. Later
-/// uses get 404, as the protocol wants. Bounded: when full, the oldest quarter is forgotten.
-#[derive(Debug, Default)]
+/// upstream, which holds none) that their client ended with `DELETE`: [`ended_key`] → when
+/// (unix s). A signed id needs no table to be valid; ending one does. Later uses get 404, as
+/// the protocol wants. Bounded: when full, the oldest quarter is forgotten.
+///
+/// In a fleet, the agent [`share`](Ended::share)s: from then on each end made here is also
+/// queued (lock-free, bounded) for the agent to send to the other gateways, and what they
+/// ended comes in through [`absorb`](Ended::absorb), which queues nothing.
+#[derive(Debug)]
 pub struct Ended {
     map: papaya::HashMap<u64, u64, rustc_hash::FxBuildHasher>,
+    /// Whether anything was ever ended: until then a check costs no hash.
+    any: AtomicBool,
+    /// Ends made here not yet taken by the fleet agent (only once it shares).
+    fresh: std::sync::OnceLock<crossbeam_queue::ArrayQueue<u64>>,
+    /// Whether `fresh` dropped ends since the agent last took it.
+    overflowed: AtomicBool,
+}
+
+impl Default for Ended {
+    fn default() -> Self {
+        Self {
+            map: papaya::HashMap::default(),
+            any: AtomicBool::new(false),
+            fresh: std::sync::OnceLock::new(),
+            overflowed: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Ended {
+    /// Ends `session` here (and, when shared, in the fleet).
     pub fn end(&self, session: u64, now_s: u64) {
+        self.insert(session, now_s, true);
+        if let Some(q) = self.fresh.get()
+            && q.force_push(session).is_some()
+        {
+            self.overflowed.store(true, Release);
+        }
+    }
+
+    /// Ends `session` as another gateway of the fleet (or the process before an upgrade) did,
+    /// at `when_s`: never queued to be sent. Answers whether it was not known here.
+    pub fn absorb(&self, session: u64, when_s: u64) -> bool {
+        self.insert(session, when_s, false)
+    }
+
+    fn insert(&self, session: u64, when_s: u64, refresh: bool) -> bool {
+        self.any.store(true, Release);
         let map = self.map.pin();
-        if map.len() >= MAX_ENDED {
+        if map.len() >= MAX_ENDED && !map.contains_key(&session) {
             let mut when: Vec<u64> = map.values().copied().collect();
             when.sort_unstable();
             let cut = when.get(when.len() / 4).copied().unwrap_or(0);
             map.retain(|_, t| *t > cut);
         }
-        map.insert(session, now_s);
+        if refresh {
+            map.insert(session, when_s).is_none()
+        } else {
+            map.try_insert(session, when_s).is_ok()
+        }
     }
 
     pub fn ended(&self, session: u64) -> bool {
-        self.map.pin().contains_key(&session)
+        self.any.load(Acquire) && self.map.pin().contains_key(&session)
     }
 
-    /// Every entry (keyed hash, when), to hand over to the next process of an upgrade (its
-    /// keyed hashes are this one's: the seed is handed over too).
+    /// Whether the session `id` of `scope` was ended: no hash at all while nothing ever was.
+    pub fn is_ended(&self, key: &[u8; 32], scope: Scope<'_>, id: &[u8]) -> bool {
+        self.any.load(Acquire) && self.ended(ended_key(key, scope, id))
+    }
+
+    /// Every entry (key, when), to hand over to the next process of an upgrade (its keys are
+    /// this one's: the session key is handed over too) or to publish to the fleet again.
     pub fn entries(&self) -> Vec<(u64, u64)> {
         self.map.pin().iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// From now on, ends made here are queued for the fleet agent ([`Ended::take_fresh`]).
+    pub fn share(&self) {
+        let _ = self
+            .fresh
+            .get_or_init(|| crossbeam_queue::ArrayQueue::new(FRESH));
+    }
+
+    /// The ends made here since the last call (at most `max`), and whether some were dropped
+    /// from the queue since (the caller then looks through [`Ended::entries`]).
+    pub fn take_fresh(&self, max: usize) -> (Vec<u64>, bool) {
+        let overflowed = self.overflowed.swap(false, AcqRel);
+        let Some(q) = self.fresh.get() else {
+            return (Vec::new(), overflowed);
+        };
+        let mut out = Vec::with_capacity(q.len().min(max));
+        while out.len() < max {
+            match q.pop() {
+                Some(k) => out.push(k),
+                None => break,
+            }
+        }
+        (out, overflowed)
     }
 }
 
@@ -284,8 +407,15 @@ mod tests {
                 MemberSession("b".into(), None, "2025-06-18".into()),
             ],
             owner: Owner("acme".into(), Some("bot".into())),
+            nonce: nonce(),
         };
         let id = seal(&key, &s);
+        // The same session made again is another id.
+        let again = FedSession {
+            nonce: nonce(),
+            ..s.clone()
+        };
+        assert_ne!(seal(&key, &again), id);
         assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         assert_eq!(open(&key, &id), Some(s.clone()));
         assert_eq!(open(&new_key(), &id), None, "another key");
@@ -374,5 +504,60 @@ mod tests {
         }
         assert!(ended.map.len() <= MAX_ENDED);
         assert!(ended.ended(100 + MAX_ENDED as u64), "recent ones stay");
+    }
+
+    #[test]
+    fn an_ended_key_is_the_same_wherever_the_session_key_is_and_differs_by_scope() {
+        let key = new_key();
+        let id = b"eyJ2IjoiMjAyNS0wNi0xOCJ9.AAAA";
+        let (here, there) = (Ended::default(), Ended::default());
+        // Ended on one gateway, its key absorbed by another of the fleet: ended there too.
+        assert!(!there.is_ended(&key, Scope::Federated, id));
+        here.end(ended_key(&key, Scope::Federated, id), 10);
+        for (k, when) in here.entries() {
+            assert!(there.absorb(k, when));
+            assert!(!there.absorb(k, when), "known already");
+        }
+        assert!(there.is_ended(&key, Scope::Federated, id));
+        assert_eq!(
+            ended_key(&key, Scope::Upstream("u"), id),
+            ended_key(&key, Scope::Upstream("u"), id)
+        );
+        // Another scope, upstream, id or session key: another key.
+        let other = [
+            ended_key(&key, Scope::Upstream("u"), id),
+            ended_key(&key, Scope::Upstream("v"), id),
+            ended_key(&key, Scope::Upstream("federated"), id),
+            ended_key(&key, Scope::Federated, b"eyJ2IjoiMjAyNS0wNi0xOCJ9.AAAB"),
+            ended_key(&new_key(), Scope::Federated, id),
+        ];
+        for k in other {
+            assert!(!there.ended(k));
+        }
+        let unique: std::collections::HashSet<u64> = other.iter().copied().collect();
+        assert_eq!(unique.len(), other.len());
+    }
+
+    #[test]
+    fn ends_made_here_are_queued_for_the_fleet_only_once_shared_and_never_those_absorbed() {
+        let ended = Ended::default();
+        ended.end(1, 5);
+        assert_eq!(ended.take_fresh(10), (vec![], false), "not shared yet");
+        ended.share();
+        ended.end(2, 6);
+        ended.absorb(3, 6);
+        ended.end(4, 7);
+        assert_eq!(ended.take_fresh(1), (vec![2], false));
+        assert_eq!(ended.take_fresh(10), (vec![4], false));
+        assert_eq!(ended.take_fresh(10), (vec![], false));
+        // More than the queue holds between two takes: the oldest are dropped, and said to be.
+        for i in 0..FRESH as u64 + 3 {
+            ended.end(1000 + i, 8);
+        }
+        let (fresh, overflowed) = ended.take_fresh(usize::MAX);
+        assert!(overflowed);
+        assert_eq!(fresh.len(), FRESH);
+        assert_eq!(fresh.first(), Some(&1003));
+        assert!((1..4).all(|k| ended.ended(k)));
     }
 }

@@ -2,11 +2,12 @@
 //! test on loopback, on a free port, and stopped after): a tenant's rate holds across the
 //! fleet, a budget spent on one gateway is refused on another, an approval made on one unhides
 //! the tool on another, a ban made on one reaches the others, a federated session opened
-//! through one continues through another; Redis killed and started again mid-run: rates fall
+//! through one continues through another, a session the gateway holds ended on one is ended on
+//! all; Redis killed and started again mid-run: rates fall
 //! back to each gateway's share and budgets fail closed, then all recovers by itself. Over
 //! `rediss://` only with the right CA, never in plaintext; a Redis flushed mid-run is re-seeded
-//! (the highest count, not the sum); with a fleet secret, approvals and bans written into Redis
-//! without it are ignored.
+//! (the highest count, not the sum); with a fleet secret, approvals, bans and ended sessions
+//! written into Redis without it are ignored.
 
 use std::{
     process::{Command, Stdio},
@@ -163,6 +164,8 @@ struct Settings {
     budget: bool,
     /// More of `[state]` (TLS files, the fleet secret's variable).
     state_extra: String,
+    /// More upstreams and routes.
+    routes_extra: String,
     env: Vec<(String, String)>,
 }
 
@@ -173,6 +176,7 @@ impl Settings {
             burst,
             budget,
             state_extra: String::new(),
+            routes_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -201,6 +205,7 @@ fn config(
     burst: u64,
     budget: bool,
     state_extra: &str,
+    routes_extra: &str,
 ) -> String {
     let budget = if budget {
         "budget = { window_s = 1000000000, tenant = 5 }"
@@ -241,6 +246,7 @@ endpoints = ["http://127.0.0.1:{up_port}/mcp", "http://localhost:{up_port}/mcp"]
 [[routes]]
 path = "/rep"
 upstream = "u0r"
+{routes_extra}
 [state]
 path = "{state}"
 redis = "{redis}"
@@ -305,6 +311,7 @@ impl Fleet {
                 settings.burst,
                 settings.budget,
                 &settings.state_extra,
+                &settings.routes_extra,
             ),
             &env,
         );
@@ -1299,6 +1306,7 @@ fn garbage_wrong_types_and_a_flood_in_redis_never_stop_a_round_and_a_budget_stil
         fleet.key("hosts"),
         fleet.key("bans"),
         fleet.key("pins"),
+        fleet.key("ended"),
     ] {
         fleet.redis.cli(&["DEL", &key]);
         fleet.redis.cli(&["SET", &key, "x"]);
@@ -1431,4 +1439,235 @@ fn with_a_fleet_secret_a_spent_budget_stays_spent_whatever_is_written_in_redis()
     for g in &mut fleet.gateways {
         g.daemon.stop();
     }
+}
+
+/// Routes whose sessions the gateway itself holds, `stateless` being an upstream that speaks
+/// only 2026-07-28: `/bridge` (passthrough, bridged) and `/alone` (federated, that upstream its
+/// only member).
+fn stateless_routes(stateless: &str) -> String {
+    format!(
+        r#"[[upstreams]]
+name = "modern"
+url = "{stateless}"
+[[routes]]
+path = "/bridge"
+upstream = "modern"
+[[routes]]
+path = "/alone"
+federate = [{{ upstream = "modern", prefix = "m_" }}]
+"#
+    )
+}
+
+/// The distinct keys of ended sessions in the fleet's stream (no fleet secret: bare hex).
+fn ended_keys(fleet: &Fleet) -> std::collections::BTreeSet<String> {
+    fleet
+        .redis
+        .cli(&["XRANGE", &fleet.key("ended"), "-", "+"])
+        .lines()
+        .filter(|l| l.len() == 16 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A session-era client's session opened on `port`'s `path`: its id.
+fn open_session(port: u16, path: &str) -> String {
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"fleet-test","version":"1"}}}"#;
+    let r = raw(port, &post(path, init, "")).0;
+    assert_eq!(r.status, 200, "{path}: {r:?}");
+    r.header("mcp-session-id")
+        .unwrap_or_else(|| panic!("{path}: a session id"))
+        .to_owned()
+}
+
+/// `tools/list` in `session` on `port`'s `path`: the status, and the JSON-RPC error's code.
+fn session_list(port: u16, path: &str, session: &str) -> (u16, Option<i64>) {
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let r = raw(port, &post(path, list, &headers)).0;
+    // A 200 may come as an event stream; a refusal is JSON.
+    let error = serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_i64());
+    (r.status, error)
+}
+
+/// The client ends `session` with `DELETE`.
+fn end_session(port: u16, path: &str, session: &str) {
+    let delete = format!(
+        "DELETE {path} HTTP/1.1\r\nhost: gw\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+    );
+    assert_eq!(raw(port, delete.as_bytes()).0.status, 200, "{path}");
+}
+
+const SESSION_NOT_FOUND: i64 = -32001;
+
+/// Waits (at most `within`) until `session` is refused on `port` as an unknown one.
+fn wait_refused(port: u16, path: &str, session: &str, within: Duration) {
+    wait_for(
+        &format!("{path}: the ended session refused on :{port}"),
+        within,
+        || match session_list(port, path, session) {
+            (404, Some(SESSION_NOT_FOUND)) => true,
+            (200, None) => false,
+            other => panic!("{path} on :{port}: {other:?}"),
+        },
+    );
+}
+
+const ENDED_SENT: &str = "mcp_gateway_fleet_sessions_ended_total{direction=\"sent\"}";
+const ENDED_RECEIVED: &str = "mcp_gateway_fleet_sessions_ended_total{direction=\"received\"}";
+
+/// The sessions the gateway holds itself (bridged in front of a stateless-only upstream,
+/// federated of a stateless-only member alone: the upstream holds none to end) are ended on
+/// every gateway of the fleet when their client ends them on one: within a bounded wait, on a
+/// gateway started afterwards, and after Redis lost everything; a session not ended goes on.
+#[test]
+fn a_session_the_gateway_holds_ended_on_one_gateway_is_ended_on_every_gateway_of_the_fleet() {
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.routes_extra = stateless_routes(&modern.url());
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let ports: Vec<u16> = fleet.gateways.iter().map(|g| g.port).collect();
+    let (a, b, c) = (ports[0], ports[1], ports[2]);
+    let mut live = Vec::new();
+    for path in ["/bridge", "/alone"] {
+        let ended = open_session(a, path);
+        // The same client's next session is another: ending one ends only it.
+        let other = open_session(a, path);
+        assert_ne!(ended, other, "{path}");
+        for port in [b, c] {
+            assert_eq!(
+                session_list(port, path, &ended),
+                (200, None),
+                "{path}: continues on :{port}"
+            );
+        }
+        end_session(a, path, &ended);
+        assert_eq!(
+            session_list(a, path, &ended),
+            (404, Some(SESSION_NOT_FOUND)),
+            "{path}: ended where it was ended"
+        );
+        let at = Instant::now();
+        for port in [b, c] {
+            wait_refused(port, path, &ended, Duration::from_secs(3));
+        }
+        eprintln!(
+            "{path}: refused on the two other gateways after {:?}",
+            at.elapsed()
+        );
+        // The other session of the same client goes on everywhere.
+        for port in [a, b, c] {
+            assert_eq!(session_list(port, path, &other), (200, None), "{path}");
+        }
+        live.push((path, ended, other));
+    }
+    assert!(metric(fleet.gateways[0].admin, ENDED_SENT) >= 2.0);
+    for g in &fleet.gateways[1..] {
+        assert!(metric(g.admin, ENDED_RECEIVED) >= 2.0);
+    }
+    // Redis holds the ends' keys, never a session id.
+    let stream = fleet.redis.cli(&["XRANGE", &fleet.key("ended"), "-", "+"]);
+    for (_, ended, _) in &live {
+        assert!(!stream.contains(ended.as_str()), "{stream}");
+    }
+    let keys = ended_keys(&fleet);
+    assert_eq!(keys.len(), 2, "{stream}");
+
+    // A gateway started afterwards refuses them (and serves the others).
+    let mut late = fleet.gateway(&fleet.settings.clone());
+    for (path, ended, other) in &live {
+        wait_refused(late.port, path, ended, Duration::from_secs(3));
+        assert_eq!(session_list(late.port, path, other), (200, None), "{path}");
+    }
+    late.daemon.stop();
+
+    // Redis loses everything: the gateways publish the ends again.
+    assert_eq!(fleet.redis.cli(&["FLUSHALL"]).trim(), "OK");
+    for g in &fleet.gateways {
+        wait_for("the loss noticed", Duration::from_secs(5), || {
+            metric(g.admin, "mcp_gateway_fleet_reseeds_total") >= 1.0
+        });
+    }
+    wait_for("the ends published again", Duration::from_secs(3), || {
+        ended_keys(&fleet) == keys
+    });
+    for g in &mut fleet.gateways {
+        assert_eq!(
+            metric(g.admin, "mcp_gateway_fleet_round_failures_total"),
+            0.0
+        );
+        g.daemon.stop();
+    }
+    drop(modern);
+}
+
+/// With a fleet secret, an end in Redis is sealed; what a Redis writer without the secret adds
+/// to the stream (a session's key bare, a sealed value altered, an entry of its own shape) is
+/// ignored and counted, and the rounds go on; the stream deleted and replaced by such entries,
+/// the gateways publish the real ends again, and a gateway started afterwards refuses them.
+#[test]
+fn with_a_fleet_secret_ends_written_into_redis_without_it_are_ignored() {
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.routes_extra = stateless_routes(&modern.url());
+    settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+    settings.env = vec![(
+        SECRET_VAR.to_owned(),
+        unique("a-fleet-secret-of-at-least-32-characters"),
+    )];
+    let mut fleet = Fleet::start_with(Redis::start(), 2, settings);
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let ended = open_session(a, "/bridge");
+    let other = open_session(a, "/bridge");
+    end_session(a, "/bridge", &ended);
+    wait_refused(b, "/bridge", &ended, Duration::from_secs(3));
+    let key = fleet.key("ended");
+    let stream = fleet.redis.cli(&["XRANGE", &key, "-", "+"]);
+    let sealed: Vec<&str> = stream
+        .lines()
+        .filter(|l| l.starts_with("sealed1:"))
+        .collect();
+    assert_eq!(sealed.len(), 1, "one end, sealed: {stream}");
+    let (mac, hex) = sealed[0].rsplit_once(':').expect("sealed1:<mac>:<key>");
+    assert_eq!(hex.len(), 16, "{stream}");
+    let ignored = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+
+    // The stream replaced: the real end's key bare, its seal over another key, an entry of
+    // another shape.
+    let flipped = if hex.starts_with('0') { '1' } else { '0' };
+    let altered = format!("{mac}:{flipped}{}", &hex[1..]);
+    fleet.redis.cli(&["DEL", &key]);
+    fleet.redis.cli(&["XADD", &key, "*", "k", hex]);
+    fleet.redis.cli(&["XADD", &key, "*", "k", &altered]);
+    fleet.redis.cli(&["XADD", &key, "*", "intruder", "x"]);
+    wait_for("the forged entries counted", Duration::from_secs(3), || {
+        metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") >= ignored + 6.0
+    });
+    wait_for(
+        "the real end published again",
+        Duration::from_secs(3),
+        || {
+            fleet
+                .redis
+                .cli(&["XRANGE", &key, "-", "+"])
+                .lines()
+                .any(|l| l == sealed[0])
+        },
+    );
+    let mut late = fleet.gateway(&fleet.settings.clone());
+    wait_refused(late.port, "/bridge", &ended, Duration::from_secs(3));
+    assert_eq!(session_list(late.port, "/bridge", &other), (200, None));
+    assert!(metric(late.admin, "mcp_gateway_fleet_unsealed_ignored_total") >= 3.0);
+    late.daemon.stop();
+    for g in &mut fleet.gateways {
+        assert_eq!(
+            metric(g.admin, "mcp_gateway_fleet_round_failures_total"),
+            0.0
+        );
+        assert_eq!(metric(g.admin, "mcp_gateway_fleet_connected"), 1.0);
+        g.daemon.stop();
+    }
+    drop(modern);
 }
