@@ -983,9 +983,25 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
     let beat_every = (Duration::from_millis(250).as_millis() / agent.fleet.round.as_millis().max(1))
         .max(1) as u64;
     let pins_every = beat_every * 2;
+    // Rounds in a row that had nothing to send.
+    let mut quiet: u32 = 0;
     loop {
-        tick.tick().await;
+        // A host with no lease in use and nothing to send for two rounds wakes only for its
+        // heartbeat (4 times a second instead of 40): a lease first asked for, a spend or an
+        // ended session waits at most until then (the workers admit at this host's share of a
+        // rate meanwhile, as before a first lease).
+        let idle = quiet >= 2 && agent.shared.fleet.leases.load(Relaxed) == 0;
+        if idle && !round.is_multiple_of(beat_every) {
+            let skip = beat_every - round % beat_every;
+            tokio::time::sleep(agent.fleet.round * u32::try_from(skip).unwrap_or(1)).await;
+            round += skip;
+            tick.reset();
+        } else {
+            tick.tick().await;
+        }
         let start = Instant::now();
+        // Whether the round had work beyond the heartbeat's (see below).
+        let mut sent = false;
         // Taken every round, Redis reached or not: the queue stays short.
         agent.take_ended();
         let result = async {
@@ -1035,6 +1051,14 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             if parts.is_empty() {
                 return Ok(());
             }
+            // Work of its own, beyond what every heartbeat carries: a lease asked for, spend
+            // sent between heartbeats, ended sessions sent or more of them to read.
+            sent = parts.iter().any(|p| match p {
+                Part::Rates(_) => true,
+                Part::Budgets(_) => !(bans || pins),
+                Part::Ended(s) => !s.is_empty() || agent.ended_more,
+                _ => false,
+            });
             let replies = match exchange(c, &pipe).await {
                 Ok(r) if r.len() == parts.len() => r,
                 other => {
@@ -1088,6 +1112,11 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         }
         .await;
         round += 1;
+        quiet = if sent || result.is_err() {
+            0
+        } else {
+            quiet + 1
+        };
         let stats = &agent.shared.fleet;
         stats.rounds.fetch_add(1, Relaxed);
         stats.round_us_total.fetch_add(
