@@ -366,6 +366,9 @@ fn each_supervisor_has_its_own_home_folder_and_removes_it_when_it_ends() {
         let again = home_of(call(&a, 1, json!(3), json!({"do": "home"})).await.unwrap());
         assert_eq!(again, ha);
         assert!(ha.join("note").exists() && hb.join("note").exists());
+        // In the gateway's own folder, where no other user can make a name.
+        assert_eq!(ha.parent(), hb.parent());
+        super::super::sandbox::private(ha.parent().unwrap()).unwrap();
         // The last handle gone, the supervisor stops its child and removes the folder.
         drop(a);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -405,11 +408,182 @@ fn folders_of_gateways_that_are_gone_are_swept_and_others_kept() {
     std::fs::write(target.join("file"), "x").unwrap();
     let link = dir.join("mcp-gateway-stdio-2147483002-0-local");
     std::os::unix::fs::symlink(&target, &link).unwrap();
+    // Folders of homes (the layout since): a gone gateway's, with a home in it, and a running
+    // one's.
+    let dead_parent = dir.join("mcp-gateway-stdio-2147483003-0123456789abcdef");
+    std::fs::create_dir_all(dead_parent.join("0-local/sub")).unwrap();
+    std::fs::write(dead_parent.join("0-local/sub/file"), "x").unwrap();
+    let live_parent = dir.join(format!(
+        "mcp-gateway-stdio-{}-0123456789abcdef",
+        std::os::unix::process::parent_id()
+    ));
+    std::fs::create_dir_all(live_parent.join("0-local")).unwrap();
     super::super::sandbox::sweep(&dir);
     assert!(
-        !dead.exists() && !old_name.exists(),
+        !dead.exists() && !old_name.exists() && !dead_parent.exists(),
         "the folders of gone gateways are removed"
     );
-    assert!(live.exists() && other.exists(), "others are kept");
+    assert!(
+        live.exists() && other.exists() && live_parent.join("0-local").exists(),
+        "others are kept"
+    );
     assert!(target.join("file").exists(), "a link is not followed");
+}
+
+/// A folder like the shared temporary folder (anyone may write, the sticky bit set).
+fn shared_dir(path: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    path.to_owned()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn names_taken_in_the_temporary_folder_do_not_stop_homes_from_being_made() {
+    use super::super::sandbox::{Base, Homes};
+    use std::os::unix::fs::MetadataExt as _;
+    let f = fixture();
+    let tmp = shared_dir(&f.dir.join("tmp"));
+    // Another user made every name the homes had in the temporary folder before (this pid,
+    // the next numbers, the upstream): the 64 a home was tried under, and more.
+    // SAFETY: geteuid(2) cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let taken: Vec<_> = (0..256)
+        .map(|n| {
+            tmp.join(format!(
+                "mcp-gateway-stdio-{}-{n}-local",
+                std::process::id()
+            ))
+        })
+        .collect();
+    for t in &taken {
+        std::fs::create_dir(t).unwrap();
+        if root {
+            std::os::unix::fs::lchown(t, Some(4242), Some(4242)).unwrap();
+        }
+    }
+    let homes = Homes::new(vec![Base::Shared(tmp.clone())]);
+    let a = homes.make("local").unwrap();
+    let b = homes.make("local").unwrap();
+    assert_ne!(a.path(), b.path());
+    let parent = homes.parent().unwrap();
+    assert_eq!(a.path().parent(), Some(parent.as_path()));
+    assert_eq!(b.path().parent(), Some(parent.as_path()));
+    assert_eq!(parent.parent(), Some(tmp.as_path()));
+    // Named by this gateway's pid (for the sweep) and 64 random bits no one can guess first.
+    let name = parent.file_name().unwrap().to_str().unwrap().to_owned();
+    let random = name
+        .strip_prefix(&format!("mcp-gateway-stdio-{}-", std::process::id()))
+        .unwrap();
+    assert!(
+        random.len() == 16 && u64::from_str_radix(random, 16).is_ok(),
+        "{name}"
+    );
+    // Ours, not a link, only ours to write, passable to reach a home; each home ours alone.
+    let meta = std::fs::symlink_metadata(&parent).unwrap();
+    assert!(meta.is_dir());
+    // SAFETY: geteuid(2) cannot fail.
+    assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    assert_eq!(mode(&parent), 0o711);
+    assert_eq!(mode(a.path()) & 0o077, 0);
+    if root {
+        assert!(
+            taken.iter().all(|t| t.exists()),
+            "another user's folders are neither used nor removed"
+        );
+    }
+    // Every home gone, the folder goes at exit.
+    drop((a, b));
+    homes.remove_parent();
+    assert!(!parent.exists());
+    // A home made after makes a new folder.
+    let c = homes.make("local").unwrap();
+    assert_ne!(homes.parent().unwrap(), parent);
+    drop(c);
+    homes.remove_parent();
+}
+
+#[test]
+fn an_unfit_folder_for_homes_is_refused_and_another_used() {
+    use super::super::sandbox::{Base, Homes, private};
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = fixture();
+    // A link to a folder that would do: refused, as a link.
+    let real = f.dir.join("run-real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = f.dir.join("run-link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = private(&link).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+    // The group may write.
+    let group = f.dir.join("run-group");
+    std::fs::create_dir(&group).unwrap();
+    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let e = private(&group).unwrap_err().to_string();
+    assert!(e.contains("written by group or others"), "{e}");
+    // Anyone may write, without the sticky bit (anyone could rename the folder away).
+    let open = f.dir.join("tmp-open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let tmp = shared_dir(&f.dir.join("tmp"));
+    let homes = Homes::new(vec![
+        Base::Owned(link.clone()),
+        Base::Owned(group.clone()),
+        Base::Shared(open.clone()),
+        Base::Shared(tmp.clone()),
+    ]);
+    let a = homes.make("local").unwrap();
+    let first = homes.parent().unwrap();
+    assert_eq!(first.parent(), Some(tmp.as_path()), "the fit base is used");
+    for unfit in [&real, &group, &open] {
+        assert_eq!(
+            std::fs::read_dir(unfit).unwrap().count(),
+            0,
+            "nothing made in {}",
+            unfit.display()
+        );
+    }
+    // A fit folder of the gateway's own is used first.
+    let own = f.dir.join("run-own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // (Its own shared folder: the first home of a `Homes` sweeps its bases of this pid's folders.)
+    let tmp2 = shared_dir(&f.dir.join("tmp2"));
+    let in_own = Homes::new(vec![Base::Owned(own.clone()), Base::Shared(tmp2)]);
+    let o = in_own.make("local").unwrap();
+    assert_eq!(in_own.parent().unwrap().parent(), Some(own.as_path()));
+    drop(o);
+    in_own.remove_parent();
+
+    // The folder made writable by others after it was made: the next home goes in a new one.
+    std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let b = homes.make("local").unwrap();
+    let second = homes.parent().unwrap();
+    assert_ne!(second, first);
+    assert_eq!(b.path().parent(), Some(second.as_path()));
+    // The folder replaced by a link (removed by a cleaner, its name taken): a new one, and
+    // nothing made behind the link.
+    let away = f.dir.join("away");
+    std::fs::rename(&second, &away).unwrap();
+    let target = f.dir.join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &second).unwrap();
+    let c = homes.make("local").unwrap();
+    let third = homes.parent().unwrap();
+    assert!(third != first && third != second);
+    assert_eq!(c.path().parent(), Some(third.as_path()));
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+    drop((a, b, c));
+    homes.remove_parent();
+    assert!(!third.exists());
 }

@@ -243,8 +243,8 @@ impl Drop for Live {
 impl Registry {
     /// Control thread, at exit (after the workers): stops every child the way a removed
     /// upstream's is stopped and waits for their supervisors to end, so that no child, and no
-    /// home folder, outlives the gateway. Bounded by the longest stop grace (twice: stdin closed,
-    /// then `SIGTERM`) and a second.
+    /// home folder (nor the folder they are in), outlives the gateway. Bounded by the longest
+    /// stop grace (twice: stdin closed, then `SIGTERM`) and a second.
     pub async fn stop_all(&self) {
         let grace = self.running.lock().map_or(Duration::ZERO, |r| {
             r.values()
@@ -259,6 +259,9 @@ impl Registry {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Each supervisor removed its child's home as it ended: the folder they were in goes
+        // too (left, with a warning, if one did not end in time; the next gateway sweeps it).
+        sandbox::remove_homes_folder();
     }
 
     /// Control thread, once, before the first [`Registry::sync`]: the pins the supervisors

@@ -67,26 +67,131 @@ const SYSTEM_READ: &[&str] = &[
 /// The user `nobody` (65534 on Debian and most distributions).
 const NOBODY: (u32, u32) = (65534, 65534);
 
-/// Where the children's home folders are made: `mcp-gateway-stdio-<pid>-<n>-<upstream>`.
+/// The name of each gateway's folder of homes, `mcp-gateway-stdio-<pid>-<random>` (and of the
+/// homes themselves in the shared temporary folder before they had one:
+/// `mcp-gateway-stdio-<pid>-<n>-<upstream>`, still swept).
 const HOME_PREFIX: &str = "mcp-gateway-stdio-";
 
-/// A child's home folder (its `HOME` and `TMPDIR`, the one place it may write when Landlock
-/// confines it): made new for each supervisor, never one that was there before, and removed
-/// with everything in it when dropped (the supervisor ends: its upstream was removed, its
-/// caller's child retired, or the gateway stopped). Each child of a per-caller upstream has
-/// its own, so one caller's child never sees another's files.
-#[derive(Debug)]
-pub struct Home(PathBuf);
+/// A folder the folder of homes may be made in.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Base {
+    /// A folder of the gateway's own (systemd's `RuntimeDirectory=`): used only if it is
+    /// (not a link, owned by this user, written by no one else).
+    Owned(PathBuf),
+    /// The shared temporary folder: anyone may write there, so it must have the sticky bit
+    /// (no one removes or renames another user's entries) when others can write it.
+    Shared(PathBuf),
+}
 
-impl Home {
-    /// A new folder for a child of `upstream`, only the gateway's user's (0700) until
-    /// [`apply`] hands it to the child's user. The first one of a process first removes what
-    /// earlier gateways left behind (killed before they could).
-    pub fn make(upstream: &str) -> std::io::Result<Self> {
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let dir = std::env::temp_dir();
-        SWEPT.call_once(|| sweep(&dir));
+impl Base {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Owned(p) | Self::Shared(p) => p,
+        }
+    }
+
+    /// Whether a folder of this gateway's user can safely be made here.
+    fn check(&self) -> std::io::Result<()> {
+        match self {
+            Self::Owned(p) => private(p),
+            Self::Shared(p) => {
+                let meta = std::fs::metadata(p)?;
+                let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+                if !meta.is_dir() {
+                    Err(refused(p, "is not a folder".into()))
+                } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                    Err(refused(
+                        p,
+                        format!("can be written by others without the sticky bit (mode {mode:o})"),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn refused(path: &Path, why: String) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("{} {why}", path.display()),
+    )
+}
+
+/// `Ok` when `path` is a folder (not a link to one) of this process's user that no group or
+/// other user may write: no one else can make, remove or rename anything in it.
+pub(super) fn private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::symlink_metadata(path)?;
+    // SAFETY: geteuid(2) cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.permissions().mode();
+    if meta.file_type().is_symlink() {
+        Err(refused(path, "is a symbolic link".into()))
+    } else if !meta.is_dir() {
+        Err(refused(path, "is not a folder".into()))
+    } else if meta.uid() != euid {
+        Err(refused(
+            path,
+            format!("belongs to uid {}, not this user ({euid})", meta.uid()),
+        ))
+    } else if mode & 0o022 != 0 {
+        Err(refused(
+            path,
+            format!(
+                "can be written by group or others (mode {:o})",
+                mode & 0o7777
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Where a gateway's children's homes go: a folder of its own, `<base>/mcp-gateway-stdio-<pid>-
+/// <random>`, in the first base that is fit (its runtime directory, else the temporary folder),
+/// made by this process (never one that was there), 0711 (the children's user, `nobody` under
+/// root, may pass through to its home but not list), checked again before each home is made in
+/// it. No other user can make a name in it, so none can stop a home from being made; the random
+/// name keeps it from being made first in the temporary folder.
+#[derive(Debug)]
+pub(super) struct Homes {
+    bases: Vec<Base>,
+    parent: std::sync::Mutex<Option<PathBuf>>,
+    next: std::sync::atomic::AtomicU64,
+    swept: std::sync::Once,
+}
+
+impl Homes {
+    pub(super) fn new(bases: Vec<Base>) -> Self {
+        Self {
+            bases,
+            parent: std::sync::Mutex::new(None),
+            next: std::sync::atomic::AtomicU64::new(0),
+            swept: std::sync::Once::new(),
+        }
+    }
+
+    /// The gateway's: `$RUNTIME_DIRECTORY` (else `/run/mcp-gateway`), then the temporary folder.
+    fn process() -> &'static Self {
+        static HOMES: std::sync::LazyLock<Homes> = std::sync::LazyLock::new(|| {
+            Homes::new(vec![
+                Base::Owned(crate::kernel::runtime_dir()),
+                Base::Shared(std::env::temp_dir()),
+            ])
+        });
+        &HOMES
+    }
+
+    /// A new home for a child of `upstream`. The first one first removes what earlier
+    /// gateways left in the bases (killed before they could).
+    pub(super) fn make(&self, upstream: &str) -> std::io::Result<Home> {
+        self.swept.call_once(|| {
+            for b in &self.bases {
+                sweep(b.path());
+            }
+        });
         // Upstream names are config names (letters, digits, `-`, `_`); nothing else reaches
         // the path.
         let upstream: String = upstream
@@ -99,17 +204,29 @@ impl Home {
                 }
             })
             .collect();
+        let mut parent = self
+            .parent
+            .lock()
+            .map_err(|_| std::io::Error::other("the home folders' lock is poisoned"))?;
+        // Checked every time: removed (a cleaner of the temporary folder) or changed, another.
+        if let Some(p) = parent.as_ref()
+            && let Err(e) = private(p)
+        {
+            tracing::warn!(error = %e, "the stdio children's folder is unfit; making another");
+            *parent = None;
+        }
+        let dir = match parent.as_ref() {
+            Some(p) => p.clone(),
+            None => parent.insert(self.make_parent()?).clone(),
+        };
         for _ in 0..64 {
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = dir.join(format!(
-                "{HOME_PREFIX}{}-{n}-{upstream}",
-                std::process::id()
-            ));
+            let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!("{n}-{upstream}"));
             match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
                 .create(&path)
             {
-                Ok(()) => return Ok(Self(path)),
-                // Someone made it first (or a gateway killed with this pid left it): another.
+                Ok(()) => return Ok(Home(path)),
+                // Left by an earlier supervisor of this process that could not remove it.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
             }
@@ -118,6 +235,104 @@ impl Home {
             std::io::ErrorKind::AlreadyExists,
             format!("no new home folder could be made in {}", dir.display()),
         ))
+    }
+
+    /// A new folder of homes in the first fit base.
+    fn make_parent(&self) -> std::io::Result<PathBuf> {
+        let mut why = Vec::new();
+        for base in &self.bases {
+            match Self::make_parent_in(base) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    tracing::debug!(base = %base.path().display(), error = %e, "not making the stdio children's folder here");
+                    why.push(e.to_string());
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "no private folder for the children's homes: {}",
+                why.join("; ")
+            ),
+        ))
+    }
+
+    fn make_parent_in(base: &Base) -> std::io::Result<PathBuf> {
+        base.check()?;
+        let mut last = None;
+        for _ in 0..8 {
+            let random = getrandom::u64().map_err(|e| std::io::Error::other(e.to_string()))?;
+            let path = base
+                .path()
+                .join(format!("{HOME_PREFIX}{}-{random:016x}", std::process::id()));
+            match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .create(&path)
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            // Made by this mkdir, so not a link; checked before it is opened up to 0711.
+            if let Err(e) = private(&path) {
+                let _ = std::fs::remove_dir(&path);
+                last = Some(e);
+                continue;
+            }
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(&path)?;
+            opened.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+            return Ok(path);
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no folder made")))
+    }
+
+    /// Removes the folder of homes if it is empty (every supervisor ended); a home made after
+    /// makes a new one.
+    pub(super) fn remove_parent(&self) {
+        let Ok(mut parent) = self.parent.lock() else {
+            return;
+        };
+        if let Some(p) = parent.take()
+            && let Err(e) = std::fs::remove_dir(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(folder = %p.display(), error = %e, "the stdio children's folder was not removed");
+        }
+    }
+
+    /// The folder of homes, once one is made.
+    #[cfg(test)]
+    pub(super) fn parent(&self) -> Option<PathBuf> {
+        self.parent.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// The gateway at exit, after its supervisors ended: removes its folder of homes if empty.
+pub(super) fn remove_homes_folder() {
+    Homes::process().remove_parent();
+}
+
+/// A child's home folder (its `HOME` and `TMPDIR`, the one place it may write when Landlock
+/// confines it): made new for each supervisor in the gateway's private folder of homes
+/// ([`Homes`]), never one that was there before, and removed with everything in it when dropped
+/// (the supervisor ends: its upstream was removed, its caller's child retired, or the gateway
+/// stopped). Each child of a per-caller upstream has its own, so one caller's child never sees
+/// another's files.
+#[derive(Debug)]
+pub struct Home(PathBuf);
+
+impl Home {
+    /// A new folder for a child of `upstream`, only the gateway's user's (0700) until
+    /// [`apply`] hands it to the child's user.
+    pub fn make(upstream: &str) -> std::io::Result<Self> {
+        Homes::process().make(upstream)
     }
 
     pub fn path(&self) -> &Path {
@@ -136,9 +351,9 @@ impl Drop for Home {
     }
 }
 
-/// Removes the home folders of gateways that are gone (their pid is not running, or is this
-/// process, which has made none yet): folders of the gateway's user or of `nobody` only, not
-/// following links.
+/// Removes, in `dir`, the folders of homes (and the flat homes of older versions) of gateways
+/// that are gone (their pid is not running, or is this process, which has made none yet):
+/// folders of the gateway's user or of `nobody` only, not following links.
 pub(super) fn sweep(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -192,8 +407,8 @@ pub fn apply(
 ) -> std::io::Result<Confinement> {
     // SAFETY: geteuid(2) cannot fail.
     let euid = unsafe { libc::geteuid() };
-    // The home is in the shared temporary folder: one that someone else made first (a symlink
-    // there would have the chown below hand any file to the child's user) is refused.
+    // The home is one [`Homes`] made; anything else (a symlink would have the chown below hand
+    // any file to the child's user) is refused.
     let made = std::fs::symlink_metadata(home)?;
     let (uid_now, gid_now) = (
         std::os::unix::fs::MetadataExt::uid(&made),

@@ -228,9 +228,22 @@ federate = [{{ upstream = "local", prefix = "s_" }}, {{ upstream = "remote", pre
     }
     let pid = d.pid();
     assert_eq!(homes(pid).len(), 1, "the child's home folder");
+    // In a folder of the gateway's own that no other user may write (so none can take the
+    // names of homes first).
+    let folders = home_folders(pid);
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        // SAFETY: geteuid(2) cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let meta = std::fs::symlink_metadata(&folders[0]).unwrap();
+        assert!(meta.is_dir() && meta.uid() == euid);
+        assert_eq!(meta.permissions().mode() & 0o022, 0, "{:?}", folders[0]);
+    }
     d.stop();
-    // A stopped gateway leaves no child's folder behind.
+    // A stopped gateway leaves no child's folder behind, nor the folder they were in.
     assert_eq!(homes(pid), Vec::<std::path::PathBuf>::new());
+    assert_eq!(home_folders(pid), Vec::<std::path::PathBuf>::new());
 }
 
 /// A rug pull through a restart: the stdio child comes back with another definition of a
@@ -491,13 +504,31 @@ fn recalled(v: &serde_json::Value) -> (String, u32) {
     (memory.to_owned(), pid.parse().expect("a pid"))
 }
 
-/// The home folders of the stdio children of the gateway whose pid is `pid`.
-fn homes(pid: u32) -> Vec<std::path::PathBuf> {
+/// The folders the gateway whose pid is `pid` makes its stdio children's homes in
+/// (`mcp-gateway-stdio-<pid>-<random>`): in its runtime directory when that is its own, else in
+/// the temporary folder.
+fn home_folders(pid: u32) -> Vec<std::path::PathBuf> {
     let prefix = format!("mcp-gateway-stdio-{pid}-");
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
+    let runtime = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/run/mcp-gateway".into());
+    [runtime, std::env::temp_dir()]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The home folders of the stdio children of the gateway whose pid is `pid`.
+fn homes(pid: u32) -> Vec<std::path::PathBuf> {
+    home_folders(pid)
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
         .map(|e| e.path())
         .collect()
 }
