@@ -1001,7 +1001,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         }
         let start = Instant::now();
         // Whether the round had work beyond the heartbeat's (see below).
-        let mut sent = false;
+        let mut worked = false;
         // Taken every round, Redis reached or not: the queue stays short.
         agent.take_ended();
         let result = async {
@@ -1053,7 +1053,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             }
             // Work of its own, beyond what every heartbeat carries: a lease asked for, spend
             // sent between heartbeats, ended sessions sent or more of them to read.
-            sent = parts.iter().any(|p| match p {
+            worked = parts.iter().any(|p| match p {
                 Part::Rates(_) => true,
                 Part::Budgets(_) => !(bans || pins),
                 Part::Ended(s) => !s.is_empty() || agent.ended_more,
@@ -1112,7 +1112,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         }
         .await;
         round += 1;
-        quiet = if sent || result.is_err() {
+        quiet = if worked || result.is_err() {
             0
         } else {
             quiet + 1
@@ -1662,15 +1662,22 @@ impl<B: Bans> Agent<B> {
         let (fresh, overflowed) = ended.take_fresh(MAX_ENDED);
         let since = self.ended_taken_s.saturating_sub(1);
         self.ended_taken_s = crate::policy::limits::State::unix_s();
-        self.outbox.extend(fresh);
-        if overflowed {
-            let missed = ended
+        let missed: Vec<u64> = if overflowed {
+            ended
                 .entries()
                 .into_iter()
                 .filter(|(_, when)| *when >= since)
-                .map(|(k, _)| k);
-            self.outbox.extend(missed);
-        }
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.queue_ended(fresh.into_iter().chain(missed));
+    }
+
+    /// Queues ends to send, keeping the last [`MAX_ENDED`] (what the stream keeps).
+    fn queue_ended(&mut self, keys: impl IntoIterator<Item = u64>) {
+        self.outbox.extend(keys);
         let over = self.outbox.len().saturating_sub(MAX_ENDED);
         self.outbox.drain(..over);
     }
@@ -1679,9 +1686,7 @@ impl<B: Bans> Agent<B> {
     fn republish_ended(&mut self) {
         let mut all = self.shared.ended_sessions.entries();
         all.sort_unstable_by_key(|(_, when)| *when);
-        self.outbox.extend(all.into_iter().map(|(k, _)| k));
-        let over = self.outbox.len().saturating_sub(MAX_ENDED);
-        self.outbox.drain(..over);
+        self.queue_ended(all.into_iter().map(|(k, _)| k));
     }
 
     /// Sends sessions ended here and reads those ended elsewhere (see [`ENDED`]): when some
