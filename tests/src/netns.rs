@@ -104,6 +104,85 @@ impl Drop for Topology {
     }
 }
 
+/// The hub's address on a [`Lan`]'s bridge.
+pub const HUB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// Namespaces joined by a bridge, as hosts on one LAN: a hub namespace holding the bridge (at
+/// [`HUB_ADDR`]), a client namespace with the given addresses, and `hosts` host namespaces,
+/// host `i` at 198.18.0.(11 + i). Each member's side of its veth pair is the interface an XDP
+/// program attaches to. Dropped: every namespace, and with them the links.
+pub struct Lan {
+    pub hub: String,
+    pub client: String,
+    /// (namespace, interface, address) of each host.
+    pub hosts: Vec<(String, String, Ipv4Addr)>,
+}
+
+impl Lan {
+    pub fn new(client_addrs: &[Ipv4Addr], hosts: u8) -> Self {
+        crate::require_root();
+        let tag = crate::unique("l");
+        let mut lan = Lan {
+            hub: format!("{tag}hub"),
+            client: format!("{tag}cl"),
+            hosts: Vec::new(),
+        };
+        ip(&["netns", "add", &lan.hub]);
+        // From here on, Drop cleans up even if a later step fails.
+        ip(&["netns", "add", &lan.client]);
+        for i in 0..hosts {
+            let ns = format!("{tag}h{i}");
+            ip(&["netns", "add", &ns]);
+            lan.hosts
+                .push((ns, format!("{tag}x{i}"), Ipv4Addr::new(198, 18, 0, 11 + i)));
+        }
+        let hub = lan.hub.clone();
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &hub,
+            "addr",
+            "add",
+            &format!("{HUB_ADDR}/24"),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        let mut members: Vec<(String, String, Vec<Ipv4Addr>)> =
+            vec![(lan.client.clone(), format!("{tag}c"), client_addrs.to_vec())];
+        members.extend(
+            lan.hosts
+                .iter()
+                .map(|(ns, dev, a)| (ns.clone(), dev.clone(), vec![*a])),
+        );
+        for (i, (ns, dev, addrs)) in members.iter().enumerate() {
+            let port = format!("{tag}b{i}");
+            ip(&[
+                "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", &port, "netns",
+                &hub,
+            ]);
+            ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &hub, "link", "set", &port, "up"]);
+            for a in addrs {
+                ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", dev]);
+            }
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let hosts = self.hosts.iter().map(|(ns, _, _)| ns);
+        for ns in [&self.client, &self.hub].into_iter().chain(hosts) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
 /// Makes `cmd` enter network namespace `ns` before it executes. Only the network namespace:
 /// `ip netns exec` would also remount /sys and hide the host's bpffs, and with it the pins.
 pub fn enter_before_exec(cmd: &mut std::process::Command, ns: &str) {

@@ -36,11 +36,16 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts on `port`.
 pub fn wait_port(port: u16, timeout: Duration) {
+    wait_addr(addr(port), timeout)
+}
+
+/// Waits until something accepts connections on `at`.
+pub fn wait_addr(at: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while TcpStream::connect(at).is_err() {
         assert!(
             Instant::now() < deadline,
-            "nothing listens on {port} after {timeout:?}"
+            "nothing listens on {at} after {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -86,6 +91,11 @@ pub fn demo_upstream_with(port: u16, extra: &[&str]) -> KillOnDrop {
 }
 
 fn demo_upstream_args(ns: Option<&str>, port: u16, extra: &[&str]) -> KillOnDrop {
+    demo_upstream_at(ns, SocketAddr::from(([127, 0, 0, 1], port)), extra)
+}
+
+/// As [`demo_upstream`], listening on `listen` in namespace `ns` (this one if `None`).
+pub fn demo_upstream_at(ns: Option<&str>, listen: SocketAddr, extra: &[&str]) -> KillOnDrop {
     let bin = root().join("target/release/mcp-upstream");
     assert!(
         bin.exists(),
@@ -97,15 +107,15 @@ fn demo_upstream_args(ns: Option<&str>, port: u16, extra: &[&str]) -> KillOnDrop
         crate::netns::enter_before_exec(&mut cmd, ns);
     }
     let child = cmd
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
+        .args(["--listen", &listen.to_string(), "--workers", "1"])
         .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .expect("start mcp-upstream");
     let child = KillOnDrop(child);
     match ns {
-        Some(ns) => crate::netns::in_netns(ns, || wait_port(port, Duration::from_secs(10))),
-        None => wait_port(port, Duration::from_secs(10)),
+        Some(ns) => crate::netns::in_netns(ns, || wait_addr(listen, Duration::from_secs(10))),
+        None => wait_addr(listen, Duration::from_secs(10)),
     }
     child
 }

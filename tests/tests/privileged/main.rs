@@ -8,6 +8,7 @@ mod containment;
 mod cors;
 mod edge_combined;
 mod fleet;
+mod fleet_lan;
 mod hardening_http;
 mod hardening_io;
 mod hardening_parse;
