@@ -233,6 +233,30 @@ impl<'a> Session<'a> {
     }
 }
 
+/// A client's session id as [`verify_session`] found it, owning nothing: `check` verifies the
+/// id once and the forward reads it from the same header (`propagate`, in between, rewrites
+/// only the trace context's headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verified {
+    /// The upstream's own session: the id's first `own` bytes.
+    Upstream {
+        own: usize,
+    },
+    Bridged,
+}
+
+impl Verified {
+    /// The session `id` stands for: `id` is the header this was verified from.
+    pub(super) fn session(self, id: &[u8]) -> Option<Session<'_>> {
+        match self {
+            Verified::Upstream { own } => {
+                Some(Session::Upstream(std::str::from_utf8(id.get(..own)?).ok()?))
+            }
+            Verified::Bridged => Some(Session::Bridged),
+        }
+    }
+}
+
 /// What a passthrough client's session `id` stands for, if the gateway gave it to this caller;
 /// `None` for a session never opened here, another caller's, an altered id, or one its client
 /// ended.
@@ -242,13 +266,26 @@ pub(super) fn upstream_session<'a>(
     obs: &Obs<'_>,
     id: &'a [u8],
 ) -> Option<Session<'a>> {
+    verify_session(ctx, up, obs, id)?.session(id)
+}
+
+/// As [`upstream_session`], in a form that does not borrow `id`.
+pub(super) fn verify_session(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+    id: &[u8],
+) -> Option<Verified> {
     let d = obs.decision.borrow();
     let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
     let key = &ctx.shared.session_key;
-    let session = match session::verify::<0>(key, &context, id) {
-        Some((own, [])) => Session::Upstream(std::str::from_utf8(own).ok()?),
+    let verified = match session::verify::<0>(key, &context, id) {
+        Some((own, [])) => {
+            std::str::from_utf8(own).ok()?;
+            Verified::Upstream { own: own.len() }
+        }
         None => match session::verify::<1>(key, &context, id)? {
-            (_, BRIDGED) => Session::Bridged,
+            (_, BRIDGED) => Verified::Bridged,
             _ => return None,
         },
     };
@@ -259,7 +296,7 @@ pub(super) fn upstream_session<'a>(
     {
         return None;
     }
-    Some(session)
+    Some(verified)
 }
 
 /// The key a client's session id is remembered by once ended ([`session::Ended`]): the same

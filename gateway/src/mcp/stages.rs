@@ -15,9 +15,9 @@ use std::{
 use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
-        Obs, WorkerCtx, filtered_tools_list, forward, give_back_probes, invalid_traceparent,
-        json_response, protected_resource_metadata, refuse, trace_id, upstream_request,
-        upstream_session,
+        Obs, Verified, WorkerCtx, filtered_tools_list, forward, give_back_probes,
+        invalid_traceparent, json_response, protected_resource_metadata, refuse, trace_id,
+        upstream_request, verify_session,
     },
     version,
 };
@@ -145,13 +145,16 @@ async fn run<'c>(
     let header_trace = trace(req)?;
     let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
     let messages = parse(req, ctx, route, tenant, protocol, obs)?;
-    check(req, ctx, snapshot, route, tenant, &messages, obs)?;
+    let session = check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
     let req = &*req;
     let admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
-    let keep = forward_stage(io, req, peer, ctx, snapshot, route, tenant, messages, obs).await;
+    let keep = forward_stage(
+        io, req, peer, ctx, snapshot, route, tenant, messages, session, obs,
+    )
+    .await;
     // The admissions hold their in-flight slots until the answer has been relayed.
     drop(admissions);
     Ok(keep)
@@ -439,7 +442,8 @@ fn parse(
 /// check: what policy cannot decide is refused before anything is charged: a trace context
 /// inside a message that is not valid; a request sent without an id (policy limits requests;
 /// the upstream would still run it); a batched `tools/list` for a tenant whose lists are
-/// filtered (only a lone one is); a passthrough session that is not the caller's.
+/// filtered (only a lone one is); a passthrough session that is not the caller's. The session
+/// a passthrough request continues, verified here, is what the forward sends on.
 fn check(
     req: &Request,
     ctx: &WorkerCtx,
@@ -448,7 +452,7 @@ fn check(
     tenant: &TenantPolicy,
     messages: &Messages,
     obs: &Obs<'_>,
-) -> Result<(), Stop> {
+) -> Result<Option<Verified>, Stop> {
     let (config, policy) = (&snapshot.config, &snapshot.policy);
     if let Some(m) = messages.all().find(|m| {
         m.meta_traceparent
@@ -495,18 +499,20 @@ fn check(
     if let Target::Passthrough(u) = &route.target
         && let Some(up) = config.upstreams.get(*u)
         && let Some(id) = req.header("mcp-session-id")
-        && upstream_session(ctx, up, obs, id).is_none()
     {
-        return Err(Stop::reply(
-            RpcError::new(
-                error::SESSION_NOT_FOUND,
-                "unknown or expired session: initialize again",
-                404,
-            )
-            .with_id(messages.request_id.clone()),
-        ));
+        return match verify_session(ctx, up, obs, id) {
+            Some(v) => Ok(Some(v)),
+            None => Err(Stop::reply(
+                RpcError::new(
+                    error::SESSION_NOT_FOUND,
+                    "unknown or expired session: initialize again",
+                    404,
+                )
+                .with_id(messages.request_id.clone()),
+            )),
+        };
     }
-    Ok(())
+    Ok(None)
 }
 
 /// admit: every message of the request is admitted (pins, breakers, rules, rates, budgets,
@@ -640,6 +646,7 @@ async fn forward_stage<'c>(
     route: &'c Route,
     tenant: &'c TenantPolicy,
     messages: Messages,
+    verified: Option<Verified>,
     obs: &Obs<'c>,
 ) -> bool {
     let config = &snapshot.config;
@@ -663,10 +670,8 @@ async fn forward_stage<'c>(
                 ))
                 .await;
             }
-            // The client's session, read once here (`check` refused one not the caller's).
-            let session = req
-                .header("mcp-session-id")
-                .and_then(|id| upstream_session(ctx, up, obs, id));
+            // The client's session, as `check` verified it (it refused one not the caller's).
+            let session = verified.and_then(|v| v.session(req.header("mcp-session-id")?));
             // A session-era client and an upstream that speaks only the stateless era (known
             // now, or when the client's session was opened: a bridged session stays bridged).
             if !super::held::client_is_stateless(req, messages.single.as_ref())
