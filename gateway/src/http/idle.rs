@@ -1,8 +1,8 @@
 //! The idle timeouts of the connections waiting for their next request: one table per worker
 //! thread, swept by one timer, instead of a timer each. monoio's `Sleep` is 640 bytes aligned to
 //! 128; boxed in every idle connection's wait it was 0.75 KiB or more of each one's memory. An
-//! entry here is a deadline and a waker (40 bytes), and the table is freed once no connection
-//! waits.
+//! entry here is a deadline and a waker (40 bytes), and a large table is freed once no
+//! connection waits.
 //!
 //! The sweep runs at the earliest deadline, at most every [`SWEEP_FLOOR`] (deadlines that close
 //! together are served by one sweep): a timeout fires up to that late. Nothing runs while no
@@ -20,6 +20,10 @@ use monoio::time::Instant;
 
 /// The shortest time between two sweeps.
 const SWEEP_FLOOR: Duration = Duration::from_millis(50);
+
+/// Slots kept once none is used (10 KiB): fewer are not freed and made again for every
+/// request of a worker with one connection.
+const KEEP_SLOTS: usize = 256;
 
 thread_local! {
     static TABLE: RefCell<Table> = RefCell::new(Table::default());
@@ -75,9 +79,15 @@ impl Table {
             *slot = Slot::Free;
             self.used -= 1;
             if self.used == 0 {
-                // 10,000 connections gone: their slots go too.
-                self.slots = Vec::new();
-                self.free = Vec::new();
+                if self.slots.capacity() > KEEP_SLOTS {
+                    // 10,000 connections gone: their slots go too.
+                    self.slots = Vec::new();
+                    self.free = Vec::new();
+                } else {
+                    // A few: kept for the next (each request registers again).
+                    self.slots.clear();
+                    self.free.clear();
+                }
             } else {
                 self.free.push(key);
             }
@@ -348,11 +358,33 @@ mod tests {
                     "{ms} ms fired at {late:?}"
                 );
             }
-            // The sweeper saw the table empty and ended; the slots are freed.
+            // The sweeper saw the table empty and ended; the slots are empty.
             monoio::time::sleep(SWEEP_FLOOR * 2).await;
             TABLE.with_borrow(|t| {
                 assert_eq!(t.used, 0);
                 assert!(!t.sweeping);
+                assert!(t.slots.is_empty());
+            });
+        });
+    }
+
+    /// Many deadlines at once (10,000 idle connections) are served by one sweep, and once they
+    /// are gone their slots are freed, not kept.
+    #[test]
+    fn a_crowd_of_deadlines_leaves_no_table_behind() {
+        run(async {
+            let at = Instant::now() + Duration::from_millis(100);
+            let tasks: Vec<_> = (0..2000)
+                .map(|_| monoio::spawn(Deadline::new(at)))
+                .collect();
+            monoio::time::sleep(Duration::from_millis(10)).await;
+            TABLE.with_borrow(|t| assert_eq!(t.used, 2000));
+            for t in tasks {
+                t.await;
+            }
+            assert!(Instant::now() >= at);
+            TABLE.with_borrow(|t| {
+                assert_eq!(t.used, 0);
                 assert_eq!(t.slots.capacity(), 0);
             });
         });
