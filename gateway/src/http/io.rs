@@ -238,10 +238,9 @@ impl Io {
             return r;
         }
         let deadline = monoio::time::Instant::now() + timeout;
-        // Boxed too, like the readiness wait below: each holds a timer entry (hundreds of
-        // bytes, aligned to 128, which pads every future around it); inline, the larger of the
-        // two would stay in the task of every idle connection. One allocation per request
-        // (the grace read) and per connection gone idle (the wait) instead.
+        // Boxed: it holds a timer entry (640 bytes aligned to 128, which pads every future
+        // around it); inline, it would stay in the task of every idle connection. One
+        // allocation per request instead.
         match Box::pin(self.read_for(IDLE_GRACE)).await? {
             None => {}
             Some(n) if self.tls.is_none() => return Ok(n),
@@ -250,14 +249,19 @@ impl Io {
         }
         self.release_buffers();
         IDLE_RELEASES.set(IDLE_RELEASES.get() + 1);
-        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
-        match Box::pin(monoio::time::timeout(left, self.stream.readable(false))).await {
-            Err(_) => {
+        // The idle timeout is an entry in the worker's table of idle deadlines, not a timer of
+        // its own (which, boxed or inline, was most of an idle connection's memory).
+        let ready = monoio::select! {
+            r = self.stream.readable(false) => Some(r),
+            () = super::idle::Deadline::new(deadline) => None,
+        };
+        match ready {
+            None => {
                 self.shutdown(libc::SHUT_RD);
                 Err(HttpError::Timeout)
             }
-            Ok(Err(_)) => Err(HttpError::Closed),
-            Ok(Ok(())) => Box::pin(self.fill_until(deadline)).await,
+            Some(Err(_)) => Err(HttpError::Closed),
+            Some(Ok(())) => Box::pin(self.fill_until(deadline)).await,
         }
     }
 

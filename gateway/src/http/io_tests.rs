@@ -186,3 +186,52 @@ fn a_cut_without_close_notify_is_not_a_clean_end() {
         assert!(matches!(server.await, Err(HttpError::Closed)));
     });
 }
+
+/// A plaintext connection waiting for its next request past the grace read (it then holds no
+/// buffer, and its idle timeout is an entry in the worker's shared table): bytes that come
+/// then are read whole, and silence is closed at the idle timeout (not before it, not long
+/// after), with its read side shut down. On io_uring where the kernel has it.
+#[test]
+fn an_idle_wait_past_the_grace_read_gets_its_bytes_or_times_out() {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            use monoio::io::AsyncWriteRentExt as _;
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let idle = Duration::from_millis(1200);
+            let server = monoio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for _ in 0..2 {
+                    let (s, _) = listener.accept().await.expect("accept");
+                    let mut io = Io::new(s, Duration::from_secs(5));
+                    let start = std::time::Instant::now();
+                    let r = io.fill_idle(idle).await;
+                    outcomes.push((r, start.elapsed(), io.take(usize::MAX)));
+                }
+                outcomes
+            });
+            // The first client speaks after the grace read gave its buffer back.
+            let mut a = TcpStream::connect(addr).await.expect("connect");
+            monoio::time::sleep(Duration::from_millis(800)).await;
+            let (w, _) = a.write_all(b"after the grace".to_vec()).await;
+            w.expect("write");
+            // The second one never speaks.
+            let b = TcpStream::connect(addr).await.expect("connect");
+            let outcomes = server.await;
+            let (r, took, bytes) = &outcomes[0];
+            assert!(matches!(r, Ok(n) if *n > 0), "{r:?}");
+            assert!(*took >= Duration::from_millis(700), "{took:?}");
+            assert_eq!(bytes, b"after the grace");
+            let (r, took, _) = &outcomes[1];
+            assert!(matches!(r, Err(HttpError::Timeout)), "{r:?}");
+            assert!(*took >= idle, "timed out after {took:?}");
+            assert!(
+                *took < idle + Duration::from_millis(600),
+                "timed out after {took:?}"
+            );
+            drop((a, b));
+        });
+}

@@ -23,6 +23,7 @@ mod body;
 pub mod cors;
 mod head;
 mod head_end;
+pub mod idle;
 mod io;
 pub mod proxy_protocol;
 

@@ -32,99 +32,116 @@ fn limits(c: &Config) -> Limits {
 const HANDOVER_LINGER: Duration = Duration::from_secs(1);
 
 /// Serves one client connection until it closes, fails, or the worker shuts down.
-pub async fn serve(
+///
+/// Not an `async fn`: an async fn's arguments stay in its future for its whole life beside the
+/// locals they are moved into (rust-lang/rust#62958), 144 bytes of every idle connection's task
+/// here. The `Io` is made first and the block uses what it captures in place.
+pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
     ctx: Rc<WorkerCtx>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
     let mut io = Io::new(stream, Duration::ZERO);
-    // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
-    // PROXY protocol header names the client, which is the peer from here on; it comes before
-    // the TLS handshake (the balancer writes it in the clear).
-    // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
-    // session under construction, KiBs) would otherwise be part of the connection's task for
-    // its whole life, which is allocated at its largest.
-    let Some((peer, _counted)) = Box::pin(http::proxy_protocol::admit(
-        &mut io,
-        peer,
-        listener,
-        &ctx.shared,
-        ctx.worker,
-    ))
-    .await
-    else {
-        return;
-    };
-    if let Some(tls) = ctx.shared.tls.listener(listener)
-        && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
-    {
-        return;
-    }
-    loop {
-        let snapshot = ctx.shared.snapshot.load_full();
-        let limits = limits(&snapshot.config);
-        // A client must take each write of an answer within the request timeout.
-        io.set_send_timeout(limits.request_timeout);
-        // Idle between requests: a shutdown closes the connection here, never mid-request.
-        if io.pending().is_empty() {
-            let handing_over = &ctx.shared.handing_over;
-            let mut fill = std::pin::pin!(io.fill_idle(limits.idle_timeout));
-            let interrupted = monoio::select! {
-                r = &mut fill => Ok(r),
-                _ = shutdown.wait_for(|stop| *stop) => Err(()),
-            };
-            let first = match interrupted {
-                Ok(r) => r,
-                // After a binary upgrade handed the listeners over, a client between two
-                // requests gets a moment to send its next one, answered with
-                // `connection: close` (it goes to the new process after that): closing at once
-                // could race a request already on its way. The same read goes on, so that no
-                // byte it took is lost.
-                Err(()) if handing_over.load(std::sync::atomic::Ordering::Relaxed) => {
-                    // Boxed: its timer would widen every idle connection's task.
-                    match Box::pin(monoio::time::timeout(HANDOVER_LINGER, &mut fill)).await {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    }
-                }
-                Err(()) => return,
-            };
-            if !matches!(first, Ok(n) if n > 0) {
-                return;
-            }
+    async move {
+        // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
+        // PROXY protocol header names the client, which is the peer from here on; it comes before
+        // the TLS handshake (the balancer writes it in the clear).
+        // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
+        // session under construction, KiBs) would otherwise be part of the connection's task for
+        // its whole life, which is allocated at its largest.
+        let Some((peer, _counted)) = Box::pin(http::proxy_protocol::admit(
+            &mut io,
+            peer,
+            listener,
+            &ctx.shared,
+            ctx.worker,
+        ))
+        .await
+        else {
+            return;
+        };
+        if let Some(tls) = ctx.shared.tls.listener(listener)
+            && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
+        {
+            return;
         }
-        // A panic while reading or answering a request is contained here, where the
-        // connection outlives it: the client is answered 500 (best effort: the answer may have
-        // begun) and the connection closed; the worker goes on.
-        // Boxed: the request's state (parsing, policy, the upstream exchange) is many KiB; held
-        // inline it would be part of every idle connection's task, which is allocated once at
-        // its largest. One allocation per request instead keeps idle connections small.
-        // Read after a shutdown began: answered with `connection: close`, the last on this
-        // connection.
-        let last = *shutdown.borrow();
-        let exchange = std::panic::AssertUnwindSafe(Box::pin(serve_one(
-            &mut io, &limits, peer, &snapshot, &ctx, last,
-        )));
-        match futures_util::FutureExt::catch_unwind(exchange).await {
-            Ok(true) if !*shutdown.borrow() => {}
-            // Answered as keep-alive before the handover began: the next request (if it comes
-            // soon) is answered with `connection: close`.
-            Ok(true)
-                if ctx
-                    .shared
-                    .handing_over
-                    .load(std::sync::atomic::Ordering::Relaxed) => {}
-            Ok(_) => return,
-            Err(_) => {
-                ctx.shared
-                    .panics
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(%peer, "a request panicked; answered 500 and closed the connection");
-                let err = RpcError::new(error::INTERNAL_ERROR, "internal error", 500);
-                let _ = Box::pin(io.write_all(json_response(500, &err, false))).await;
-                return;
+        loop {
+            // Idle between requests: a shutdown closes the connection here, never mid-request.
+            // The configuration is taken again once the next request came (an idle connection
+            // holds none: a reload's old one is not kept by connections gone quiet).
+            if io.pending().is_empty() {
+                let (idle_timeout, request_timeout) = {
+                    let snapshot = ctx.shared.snapshot.load();
+                    let http = &snapshot.config.http;
+                    (http.idle_timeout, http.request_timeout)
+                };
+                // A client must take each write (TLS records while waiting too) within the request
+                // timeout.
+                io.set_send_timeout(request_timeout);
+                let handing_over = &ctx.shared.handing_over;
+                let mut fill = std::pin::pin!(io.fill_idle(idle_timeout));
+                let interrupted = monoio::select! {
+                    r = &mut fill => Ok(r),
+                    // The worker's stop (the shutdown), without a watch of its own (its wait
+                    // was 144 bytes of every idle connection's task).
+                    () = http::idle::Stop::default() => Err(()),
+                };
+                let first = match interrupted {
+                    Ok(r) => r,
+                    // After a binary upgrade handed the listeners over, a client between two
+                    // requests gets a moment to send its next one, answered with
+                    // `connection: close` (it goes to the new process after that): closing at once
+                    // could race a request already on its way. The same read goes on, so that no
+                    // byte it took is lost.
+                    Err(()) if handing_over.load(std::sync::atomic::Ordering::Relaxed) => {
+                        // Boxed: its timer would widen every idle connection's task.
+                        match Box::pin(monoio::time::timeout(HANDOVER_LINGER, &mut fill)).await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(()) => return,
+                };
+                if !matches!(first, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+            let snapshot = ctx.shared.snapshot.load_full();
+            let limits = limits(&snapshot.config);
+            io.set_send_timeout(limits.request_timeout);
+            // A panic while reading or answering a request is contained here, where the
+            // connection outlives it: the client is answered 500 (best effort: the answer may have
+            // begun) and the connection closed; the worker goes on.
+            // Boxed: the request's state (parsing, policy, the upstream exchange) is many KiB; held
+            // inline it would be part of every idle connection's task, which is allocated once at
+            // its largest. One allocation per request instead keeps idle connections small.
+            // Read after a shutdown began: answered with `connection: close`, the last on this
+            // connection.
+            let last = *shutdown.borrow();
+            let exchange = std::panic::AssertUnwindSafe(Box::pin(serve_one(
+                &mut io, &limits, peer, &snapshot, &ctx, last,
+            )));
+            match futures_util::FutureExt::catch_unwind(exchange).await {
+                Ok(true) if !*shutdown.borrow() => {}
+                // Answered as keep-alive before the handover began: the next request (if it comes
+                // soon) is answered with `connection: close`.
+                Ok(true)
+                    if ctx
+                        .shared
+                        .handing_over
+                        .load(std::sync::atomic::Ordering::Relaxed) => {}
+                Ok(_) => return,
+                Err(_) => {
+                    ctx.shared
+                        .panics
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(%peer, "a request panicked; answered 500 and closed the connection");
+                    let err = RpcError::new(error::INTERNAL_ERROR, "internal error", 500);
+                    let _ = Box::pin(io.write_all(json_response(500, &err, false))).await;
+                    return;
+                }
             }
         }
     }

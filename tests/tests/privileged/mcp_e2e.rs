@@ -426,6 +426,43 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
     d.stop();
 }
 
+/// A keep-alive connection idle past its grace read (it waits on the worker's table of idle
+/// connections, holding no timer and no read) is closed as soon as a shutdown begins, not
+/// at the end of the grace period nor at its idle timeout, and the gateway exits without
+/// waiting for it.
+#[test]
+fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    use std::io::Read as _;
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let (mut d, port) = start_gateway(&[("/mcp", up.url())], "");
+    let (r, mut s) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            "",
+        ),
+    );
+    assert_eq!(r.status, 200);
+    // Past the 500 ms grace read: the connection waits on readiness alone.
+    std::thread::sleep(Duration::from_millis(900));
+    let started = std::time::Instant::now();
+    d.terminate();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    let n = s.read(&mut b).map_err(|e| e.kind());
+    let took = started.elapsed();
+    assert_eq!(n, Ok(0), "the idle connection is closed, nothing sent");
+    // The grace period is 2 s, the idle timeout 60 s.
+    assert!(took < Duration::from_millis(1500), "closed after {took:?}");
+    d.stop();
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "exited after {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn an_interrupted_answer_resumes_with_last_event_id_in_passthrough_and_federation() {
     let upstream = PyServer::start_with(&["--resumable"]);

@@ -1,0 +1,438 @@
+//! The idle timeouts of the connections waiting for their next request: one table per worker
+//! thread, swept by one timer, instead of a timer each. monoio's `Sleep` is 640 bytes aligned to
+//! 128; boxed in every idle connection's wait it was 0.75 KiB or more of each one's memory. An
+//! entry here is a deadline and a waker (40 bytes), and a large table is freed once no
+//! connection waits.
+//!
+//! The sweep runs at the earliest deadline, at most every [`SWEEP_FLOOR`] (deadlines that close
+//! together are served by one sweep): a timeout fires up to that late. Nothing runs while no
+//! connection waits.
+
+use std::{
+    cell::RefCell,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use monoio::time::Instant;
+
+/// The shortest time between two sweeps.
+const SWEEP_FLOOR: Duration = Duration::from_millis(50);
+
+/// Slots kept once none is used (10 KiB): fewer are not freed and made again for every
+/// request of a worker with one connection.
+const KEEP_SLOTS: usize = 256;
+
+thread_local! {
+    static TABLE: RefCell<Table> = RefCell::new(Table::default());
+}
+
+#[derive(Default)]
+struct Table {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Slots in use (waiting or due).
+    used: usize,
+    /// Changes when the table is forgotten (a worker's runtime died): deadlines and sweepers of
+    /// an older epoch are not this table's.
+    epoch: u64,
+    /// A sweeper task runs (it ends when no deadline waits).
+    sweeping: bool,
+    /// When the sweeper wakes next, while it sleeps.
+    planned: Option<Instant>,
+    /// Wakes the sleeping sweeper early (a deadline earlier than it planned for).
+    kick: Option<Waker>,
+    kicked: bool,
+    /// The worker stops ([`stop_all`]).
+    stopping: bool,
+}
+
+enum Slot {
+    Free,
+    Waiting {
+        deadline: Instant,
+        waker: Waker,
+    },
+    Due,
+    /// A [`Stop`] waiting for the worker to stop.
+    Stop(Waker),
+}
+
+impl Table {
+    fn insert(&mut self, slot: Slot) -> usize {
+        self.used += 1;
+        if let Some(key) = self.free.pop() {
+            self.slots[key] = slot;
+            key
+        } else {
+            self.slots.push(slot);
+            self.slots.len() - 1
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key)
+            && !matches!(slot, Slot::Free)
+        {
+            *slot = Slot::Free;
+            self.used -= 1;
+            if self.used == 0 {
+                if self.slots.capacity() > KEEP_SLOTS {
+                    // 10,000 connections gone: their slots go too.
+                    self.slots = Vec::new();
+                    self.free = Vec::new();
+                } else {
+                    // A few: kept for the next (each request registers again).
+                    self.slots.clear();
+                    self.free.clear();
+                }
+            } else {
+                self.free.push(key);
+            }
+        }
+    }
+
+    /// Marks the deadlines past `now` due and takes their wakers; the earliest deadline left.
+    fn sweep(&mut self, now: Instant, due: &mut Vec<Waker>) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        for slot in &mut self.slots {
+            if let Slot::Waiting { deadline, .. } = slot {
+                if *deadline <= now {
+                    if let Slot::Waiting { waker, .. } = std::mem::replace(slot, Slot::Due) {
+                        due.push(waker);
+                    }
+                } else {
+                    earliest = Some(earliest.map_or(*deadline, |e| e.min(*deadline)));
+                }
+            }
+        }
+        earliest
+    }
+}
+
+/// Resolves at `deadline` (up to [`SWEEP_FLOOR`] later), on a worker thread's shared sweep.
+/// 32 bytes; nothing is registered until it is first polled, and dropping it unregisters it.
+pub struct Deadline {
+    deadline: Instant,
+    /// The slot and the table's epoch, once registered.
+    key: Option<(usize, u64)>,
+}
+
+impl Deadline {
+    pub fn new(deadline: Instant) -> Self {
+        Self {
+            deadline,
+            key: None,
+        }
+    }
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        TABLE.with_borrow_mut(|t| match this.key {
+            Some((key, epoch)) if epoch == t.epoch => match t.slots.get_mut(key) {
+                Some(Slot::Waiting { waker, .. }) => {
+                    if !waker.will_wake(cx.waker()) {
+                        waker.clone_from(cx.waker());
+                    }
+                    Poll::Pending
+                }
+                _ => {
+                    t.remove(key);
+                    this.key = None;
+                    Poll::Ready(())
+                }
+            },
+            // Registered in a table since forgotten: this task outlived its runtime.
+            Some(_) => Poll::Pending,
+            None => {
+                if Instant::now() >= this.deadline {
+                    return Poll::Ready(());
+                }
+                let key = t.insert(Slot::Waiting {
+                    deadline: this.deadline,
+                    waker: cx.waker().clone(),
+                });
+                this.key = Some((key, t.epoch));
+                if !t.sweeping {
+                    t.sweeping = true;
+                    t.planned = None;
+                    monoio::spawn(sweeper(t.epoch));
+                } else if t.planned.is_some_and(|p| this.deadline < p) {
+                    t.kicked = true;
+                    if let Some(k) = t.kick.take() {
+                        k.wake();
+                    }
+                }
+                Poll::Pending
+            }
+        })
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let Some((key, epoch)) = self.key {
+            // The thread may be ending (its table gone): nothing to unregister then.
+            let _ = TABLE.try_with(|t| {
+                let mut t = t.borrow_mut();
+                if t.epoch == epoch {
+                    t.remove(key);
+                }
+            });
+        }
+    }
+}
+
+/// Resolves once this worker stops ([`stop_all`]); at once if it did already. 24 bytes where
+/// the shutdown watch's `wait_for` was 144, in every idle connection's task.
+#[derive(Default)]
+pub struct Stop {
+    key: Option<(usize, u64)>,
+}
+
+impl Future for Stop {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        TABLE.with_borrow_mut(|t| {
+            if t.stopping {
+                return Poll::Ready(());
+            }
+            match this.key {
+                Some((key, epoch)) if epoch == t.epoch => {
+                    if let Some(Slot::Stop(waker)) = t.slots.get_mut(key)
+                        && !waker.will_wake(cx.waker())
+                    {
+                        waker.clone_from(cx.waker());
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let key = t.insert(Slot::Stop(cx.waker().clone()));
+                    this.key = Some((key, t.epoch));
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        if let Some((key, epoch)) = self.key {
+            let _ = TABLE.try_with(|t| {
+                let mut t = t.borrow_mut();
+                if t.epoch == epoch {
+                    t.remove(key);
+                }
+            });
+        }
+    }
+}
+
+/// The worker stops: every [`Stop`] of this thread resolves, now and from now on.
+pub fn stop_all() {
+    let wakers: Vec<Waker> = TABLE.with_borrow_mut(|t| {
+        t.stopping = true;
+        t.slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Stop(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect()
+    });
+    for w in wakers {
+        w.wake();
+    }
+}
+
+/// Wakes the deadlines that came due, then sleeps until the earliest left (or a kick); ends
+/// when none is left.
+async fn sweeper(epoch: u64) {
+    let mut due = Vec::new();
+    loop {
+        let next = TABLE.with_borrow_mut(|t| {
+            if t.epoch != epoch {
+                return None;
+            }
+            let now = Instant::now();
+            let next = t.sweep(now, &mut due).map(|e| e.max(now + SWEEP_FLOOR));
+            t.planned = next;
+            t.kicked = false;
+            if next.is_none() {
+                t.sweeping = false;
+                t.kick = None;
+            }
+            next
+        });
+        // Woken outside the table's borrow (a waker may run code that registers again).
+        for waker in due.drain(..) {
+            waker.wake();
+        }
+        let Some(at) = next else {
+            return;
+        };
+        let kicked = std::future::poll_fn(|cx| {
+            TABLE.with_borrow_mut(|t| {
+                if t.kicked || t.epoch != epoch {
+                    Poll::Ready(())
+                } else {
+                    t.kick = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+        });
+        monoio::select! {
+            () = monoio::time::sleep_until(at) => {}
+            () = kicked => {}
+        }
+    }
+}
+
+/// Forgets this thread's table, after its worker's runtime died with tasks that hold entries
+/// (they are leaked with the runtime, and so are their wakers): the next runtime starts anew.
+pub fn forget_all() {
+    TABLE.with_borrow_mut(|t| {
+        let epoch = t.epoch + 1;
+        std::mem::forget(std::mem::take(t));
+        t.epoch = epoch;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<F: Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// Deadlines fire in their order, not before their time and not much after, on one sweep
+    /// for all of them; a dropped one never fires; the table is emptied and the sweeper ends.
+    #[test]
+    fn deadlines_fire_in_time_and_leave_nothing_behind() {
+        run(async {
+            let start = Instant::now();
+            let order = std::rc::Rc::new(RefCell::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for ms in [300u64, 100, 200] {
+                let order = std::rc::Rc::clone(&order);
+                tasks.push(monoio::spawn(async move {
+                    Deadline::new(start + Duration::from_millis(ms)).await;
+                    let late = Instant::now() - start;
+                    order.borrow_mut().push(ms);
+                    late
+                }));
+            }
+            // One that is dropped before its time.
+            let dropped = monoio::time::timeout(
+                Duration::from_millis(50),
+                Deadline::new(start + Duration::from_millis(150)),
+            )
+            .await;
+            assert!(dropped.is_err());
+            let mut lates = Vec::new();
+            for t in tasks {
+                lates.push(t.await);
+            }
+            assert_eq!(*order.borrow(), vec![100, 200, 300]);
+            for (late, ms) in lates.iter().zip([300u64, 100, 200]) {
+                assert!(
+                    *late >= Duration::from_millis(ms),
+                    "{ms} ms fired at {late:?}"
+                );
+                assert!(
+                    *late < Duration::from_millis(ms) + Duration::from_millis(500),
+                    "{ms} ms fired at {late:?}"
+                );
+            }
+            // The sweeper saw the table empty and ended; the slots are empty.
+            monoio::time::sleep(SWEEP_FLOOR * 2).await;
+            TABLE.with_borrow(|t| {
+                assert_eq!(t.used, 0);
+                assert!(!t.sweeping);
+                assert!(t.slots.is_empty());
+            });
+        });
+    }
+
+    /// Many deadlines at once (10,000 idle connections) are served by one sweep, and once they
+    /// are gone their slots are freed, not kept.
+    #[test]
+    fn a_crowd_of_deadlines_leaves_no_table_behind() {
+        run(async {
+            let at = Instant::now() + Duration::from_millis(100);
+            let tasks: Vec<_> = (0..2000)
+                .map(|_| monoio::spawn(Deadline::new(at)))
+                .collect();
+            monoio::time::sleep(Duration::from_millis(10)).await;
+            TABLE.with_borrow(|t| assert_eq!(t.used, 2000));
+            for t in tasks {
+                t.await;
+            }
+            assert!(Instant::now() >= at);
+            TABLE.with_borrow(|t| {
+                assert_eq!(t.used, 0);
+                assert_eq!(t.slots.capacity(), 0);
+            });
+        });
+    }
+
+    /// Every waiting `Stop` resolves when the worker stops, and a new one at once; the deadlines
+    /// waiting beside them are not disturbed.
+    #[test]
+    fn stop_wakes_every_waiter_and_later_ones_at_once() {
+        run(async {
+            let woken = std::rc::Rc::new(std::cell::Cell::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..3 {
+                let woken = std::rc::Rc::clone(&woken);
+                tasks.push(monoio::spawn(async move {
+                    Stop::default().await;
+                    woken.set(woken.get() + 1);
+                }));
+            }
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let timer = monoio::spawn(Deadline::new(deadline));
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(woken.get(), 0);
+            stop_all();
+            for t in tasks {
+                t.await;
+            }
+            assert_eq!(woken.get(), 3);
+            let started = Instant::now();
+            Stop::default().await;
+            assert!(Instant::now() - started < Duration::from_millis(10));
+            timer.await;
+            assert!(Instant::now() >= deadline);
+            monoio::time::sleep(SWEEP_FLOOR * 2).await;
+            TABLE.with_borrow(|t| assert_eq!(t.used, 0));
+        });
+    }
+
+    /// A deadline earlier than the one the sweeper sleeps towards wakes it early.
+    #[test]
+    fn an_earlier_deadline_is_not_kept_waiting() {
+        run(async {
+            let start = Instant::now();
+            let far = monoio::spawn(Deadline::new(start + Duration::from_secs(5)));
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            Deadline::new(Instant::now() + Duration::from_millis(100)).await;
+            assert!(Instant::now() - start < Duration::from_secs(1));
+            drop(far);
+        });
+    }
+}
