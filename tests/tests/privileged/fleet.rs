@@ -166,8 +166,9 @@ struct Settings {
     state_extra: String,
     /// More upstreams and routes.
     routes_extra: String,
-    /// More of the tenants' `[policy]`.
+    /// More of the tenants' `[policy]`, and of tenant `public`.
     policy_extra: String,
+    tenant_extra: String,
     env: Vec<(String, String)>,
 }
 
@@ -180,6 +181,7 @@ impl Settings {
             state_extra: String::new(),
             routes_extra: String::new(),
             policy_extra: String::new(),
+            tenant_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -210,6 +212,7 @@ fn config(
     state_extra: &str,
     routes_extra: &str,
     policy_extra: &str,
+    tenant_extra: &str,
 ) -> String {
     let budget = if budget {
         "budget = { window_s = 1000000000, tenant = 5 }"
@@ -230,6 +233,7 @@ default_tenant = "public"
 [[tenants]]
 name = "public"
 id = 0
+{tenant_extra}
 [policy]
 pin_tools = true
 requests_per_sec = {rate}
@@ -318,6 +322,7 @@ impl Fleet {
                 &settings.state_extra,
                 &settings.routes_extra,
                 &settings.policy_extra,
+                &settings.tenant_extra,
             ),
             &env,
         );
@@ -657,6 +662,53 @@ fn a_concurrency_cap_holds_across_the_fleet_and_falls_back_to_each_share_without
     assert_eq!(admitted(more), 0, "A holds its share already");
     assert_eq!(admitted(vec![one]), 1);
     assert_eq!(add(a), (200, None), "A's share is free again");
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
+fn a_tenant_connection_cap_holds_across_the_fleet() {
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.tenant_extra = "max_connections = 3".into();
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let admin_b = fleet.gateways[1].admin;
+    fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
+    let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
+    assert_eq!(add(b), (200, None));
+    // Three connections kept open on A (keep-alive after a call): the tenant's cap of the
+    // fleet is full, and B refuses new connections of the tenant.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let body = json!({
+                "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                "params": {"name": "add", "arguments": {"a": 1, "b": 2}, "_meta": meta()},
+            })
+            .to_string();
+            let headers =
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\n";
+            let (r, stream) = raw(a, &post("/mcp", &body, headers));
+            assert_eq!(r.status, 200, "{r:?}");
+            stream
+        })
+        .collect();
+    wait_metric(
+        admin_b,
+        "mcp_gateway_tenant_at_connection_cap{tenant=\"public\"}",
+        1.0,
+    );
+    let r = call_raw(b, "add", json!({"a": 1, "b": 2}));
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], -32000, "{r:?}");
+    // A's connections closed: B accepts again.
+    drop(held);
+    wait_metric(
+        admin_b,
+        "mcp_gateway_tenant_at_connection_cap{tenant=\"public\"}",
+        0.0,
+    );
+    assert_eq!(add(b), (200, None));
     for g in &mut fleet.gateways {
         g.daemon.stop();
     }
