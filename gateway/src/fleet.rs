@@ -492,7 +492,9 @@ enum Part {
     Pins,
     /// The sessions ended here sent in the round.
     Ended(Vec<u64>),
-    Caps(Vec<CapSent>),
+    /// The caps, and the other hosts whose counts were asked for (in the reply's order: a
+    /// heartbeat earlier in the round may change the live hosts).
+    Caps(Vec<CapSent>, Vec<String>),
 }
 
 /// What a concurrency cap counts.
@@ -1162,7 +1164,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             }
             if let Some((cmd, sent)) = agent.caps_cmd(bans) {
                 pipe.add_command(cmd);
-                parts.push(Part::Caps(sent));
+                parts.push(Part::Caps(sent, agent.peers.clone()));
             }
             if parts.is_empty() {
                 return Ok(());
@@ -1174,7 +1176,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 Part::Budgets(_) => !(bans || pins),
                 Part::Ended(s) => !s.is_empty() || agent.ended_more,
                 // Read every round: the others' counts are at most a round old.
-                Part::Caps(_) => true,
+                Part::Caps(..) => true,
                 _ => false,
             });
             let replies = match exchange(c, &pipe).await {
@@ -1224,7 +1226,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                         agent.exchange_pins(c, read).await?;
                     }
                     Part::Ended(sent) => agent.absorb_ended(&sent, &reply),
-                    Part::Caps(sent) => agent.absorb_caps(sent, &reply),
+                    Part::Caps(sent, peers) => agent.absorb_caps(sent, &peers, &reply),
                 }
             }
             failed.map_or(Ok(()), Err)
@@ -1988,11 +1990,12 @@ impl<B: Bans> Agent<B> {
         Some((cmd, sent))
     }
 
-    /// Takes the other hosts' counts a caps exchange read: each cap's sum over the live hosts
+    /// Takes the other hosts' counts a caps exchange read (`peers`: the hosts it asked for, in
+    /// order): each cap's sum over the live hosts
     /// becomes what its workers count as held elsewhere. A value not sealed with the fleet's
     /// secret, or unreadable, counts nothing (and is counted as ignored; its host writes it
     /// again at its next heartbeat).
-    fn absorb_caps(&mut self, sent: Vec<CapSent>, reply: &[redis::Value]) {
+    fn absorb_caps(&mut self, sent: Vec<CapSent>, peers: &[String], reply: &[redis::Value]) {
         let secret = self.fleet.secret.as_ref();
         let fleet = self.fleet.name.as_str();
         let mut ignored = reply.get(sent.len()).and_then(int).unwrap_or(0).max(0) as u64;
@@ -2010,7 +2013,7 @@ impl<B: Bans> Agent<B> {
             shared += 1;
             let mut others = 0u64;
             if let redis::Value::Array(row) = row {
-                for (peer, v) in self.peers.iter().zip(row) {
+                for (peer, v) in peers.iter().zip(row) {
                     let raw = text(v).unwrap_or_default();
                     if raw.is_empty() {
                         continue;
