@@ -309,7 +309,7 @@ const CAPS_MAX: usize = 1024;
 /// Publishes what this host holds under each concurrency cap and reads what the other live
 /// hosts hold: `KEYS` one hash per cap (field: host → count, sealed with a fleet secret),
 /// `ARGV[1]` this host, `ARGV[2]` how many other live hosts follow (their names), then for each
-/// cap this host's value: `''` leaves it as it is, `-` deletes it. Only the live hosts' fields
+/// cap this host's value (`''`: left as it is). Only the live hosts' fields
 /// are read (`HMGET`): a host's count goes with its liveness; a hash grown 16 fields past the
 /// live hosts is cut back to them. Answers for each cap the others' values in the order of
 /// the hosts (`''`: none), then the count of what was ignored.
@@ -327,9 +327,7 @@ local out = {}
 for i, key in ipairs(KEYS) do
   bad = bad + fix(key, 'hash')
   local mine = ARGV[2 + n + i]
-  if mine == '-' then
-    redis.call('HDEL', key, host)
-  elseif mine ~= '' then
+  if mine ~= '' then
     redis.call('HSET', key, host, mine)
     redis.call('PEXPIRE', key, 60000)
   end
@@ -511,7 +509,7 @@ enum CapOf {
 struct CapSent {
     /// What the fleet counts it under (the same words on every host).
     name: String,
-    /// `None`: removed here (the field deleted).
+    /// `None`: removed here (0 published, once).
     of: Option<CapOf>,
     /// This host's count, if sent.
     here: Option<u64>,
@@ -1011,6 +1009,9 @@ struct Agent<B> {
     ended_taken_s: u64,
     /// The count of each concurrency cap this host last published (by the cap's name).
     caps_sent: HashMap<String, u64>,
+    /// The last valid count read of each live host under each cap (by [`cap_field`]): a value
+    /// found forged or unreadable counts as that, never lower.
+    caps_seen: HashMap<String, u64>,
 }
 
 /// A host's whole spend in a budget window, as published (`<amount>|<seq>`, perhaps sealed).
@@ -1076,6 +1077,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         ended_more: false,
         ended_taken_s: crate::policy::limits::State::unix_s(),
         caps_sent: HashMap::new(),
+        caps_seen: HashMap::new(),
     };
     // From now on the sessions ended here are queued for the fleet.
     agent.shared.ended_sessions.share();
@@ -1932,7 +1934,8 @@ impl<B: Bans> Agent<B> {
 
     /// Publishes what this host holds under each concurrency cap (when it changed, and at
     /// every heartbeat) and reads the other live hosts' counts (see [`CAPS`]), every round
-    /// while a cap is configured; a cap no longer configured is deleted once. `None`: no cap.
+    /// while a cap is configured; a cap no longer configured is published once as 0 (a field
+    /// gone counts as its last value on the other hosts). `None`: no cap.
     fn caps_cmd(&mut self, beat: bool) -> Option<(redis::Cmd, Vec<CapSent>)> {
         let caps = self.caps();
         if caps.is_empty() && self.caps_sent.is_empty() {
@@ -1963,7 +1966,7 @@ impl<B: Bans> Agent<B> {
         sent.extend(gone.into_iter().map(|name| CapSent {
             name,
             of: None,
-            here: None,
+            here: Some(0),
         }));
         let mut cmd = evalsha(S_CAPS, sent.len());
         for c in &sent {
@@ -1975,10 +1978,9 @@ impl<B: Bans> Agent<B> {
         }
         let secret = self.fleet.secret.as_ref();
         for c in &sent {
-            match (c.of, c.here) {
-                (None, _) => cmd.arg("-"),
-                (Some(_), None) => cmd.arg(""),
-                (Some(_), Some(n)) => cmd.arg(seal(
+            match c.here {
+                None => cmd.arg(""),
+                Some(n) => cmd.arg(seal(
                     secret,
                     &self.fleet.name,
                     "caps",
@@ -1991,10 +1993,10 @@ impl<B: Bans> Agent<B> {
     }
 
     /// Takes the other hosts' counts a caps exchange read (`peers`: the hosts it asked for, in
-    /// order): each cap's sum over the live hosts
-    /// becomes what its workers count as held elsewhere. A value not sealed with the fleet's
-    /// secret, or unreadable, counts nothing (and is counted as ignored; its host writes it
-    /// again at its next heartbeat).
+    /// order): each cap's sum over the live hosts becomes what its workers count as held
+    /// elsewhere. A value not sealed with the fleet's secret, or unreadable (counted as
+    /// ignored), or gone counts as the host's last valid count (its host writes it again at
+    /// its next heartbeat): who writes Redis without the secret cannot lower a count.
     fn absorb_caps(&mut self, sent: Vec<CapSent>, peers: &[String], reply: &[redis::Value]) {
         let secret = self.fleet.secret.as_ref();
         let fleet = self.fleet.name.as_str();
@@ -2002,6 +2004,7 @@ impl<B: Bans> Agent<B> {
         let mut conns: Vec<(u32, u64)> = Vec::new();
         let mut in_flight = 0u64;
         let mut shared = 0u64;
+        let mut seen: HashMap<String, u64> = HashMap::new();
         for (cap, row) in sent.into_iter().zip(reply) {
             let Some(of) = cap.of else {
                 self.caps_sent.remove(&cap.name);
@@ -2015,15 +2018,26 @@ impl<B: Bans> Agent<B> {
             if let redis::Value::Array(row) = row {
                 for (peer, v) in peers.iter().zip(row) {
                     let raw = text(v).unwrap_or_default();
-                    if raw.is_empty() {
-                        continue;
-                    }
-                    match open(secret, fleet, "caps", &cap_field(&cap.name, peer), raw)
-                        .and_then(parse_count)
-                    {
-                        Some(n) => others = others.saturating_add(n),
-                        None => ignored += 1,
-                    }
+                    let field = cap_field(&cap.name, peer);
+                    let last = self.caps_seen.get(&field).copied();
+                    let n = match open(secret, fleet, "caps", &field, raw).and_then(parse_count) {
+                        Some(n) => n,
+                        // Not published yet (0), or gone (Redis lost it, or someone deleted
+                        // it): the host's last count stands until it writes it again, at its
+                        // next heartbeat at the latest.
+                        None if raw.is_empty() => match last {
+                            Some(n) => n,
+                            None => continue,
+                        },
+                        None => {
+                            // Not sealed with the fleet's secret, or unreadable: the host's
+                            // last valid count stands until it writes its own again.
+                            ignored += 1;
+                            last.unwrap_or(0)
+                        }
+                    };
+                    others = others.saturating_add(n);
+                    seen.insert(field, n);
                 }
             }
             match of {
@@ -2036,6 +2050,7 @@ impl<B: Bans> Agent<B> {
                 CapOf::Conns(id) => conns.push((id, others)),
             }
         }
+        self.caps_seen = seen;
         self.shared.limits.set_conns_others(&conns);
         self.shared.fleet.caps.store(shared, Relaxed);
         self.shared.fleet.in_flight_others.store(in_flight, Relaxed);

@@ -668,6 +668,77 @@ fn a_concurrency_cap_holds_across_the_fleet_and_falls_back_to_each_share_without
 }
 
 #[test]
+fn with_a_fleet_secret_a_concurrency_cap_holds_whatever_is_written_in_redis() {
+    const CAP: usize = 2;
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.policy_extra = format!("max_concurrent = {CAP}");
+    settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+    settings.env = vec![(
+        SECRET_VAR.to_owned(),
+        unique("a-fleet-secret-of-at-least-32-characters"),
+    )];
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let admin_b = fleet.gateways[1].admin;
+    fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
+    let key = fleet.key("cap:in-flight/tenant/public");
+    let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
+    let held: Vec<_> = (0..CAP).map(|_| slow_call(a, 600)).collect();
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    let fields = hgetall(&fleet.redis, &key);
+    assert_eq!(fields.len(), 3, "{fields:?}");
+    assert!(
+        fields.iter().all(|(_, v)| v.starts_with("sealed1:")),
+        "{fields:?}"
+    );
+
+    // Every host's count lowered to 0, bare or under a wrong seal: ignored (and counted), the
+    // hosts' last counts stand and B still refuses.
+    let bogus_mac = "A".repeat(43);
+    for forged in ["0".to_owned(), format!("sealed1:{bogus_mac}:0")] {
+        let before = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+        for (host, _) in &fields {
+            fleet.redis.cli(&["HSET", &key, host, &forged]);
+        }
+        wait_for("the forgery is counted", Duration::from_secs(3), || {
+            metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") > before
+        });
+        assert_eq!(add(b), (429, Some(RATE_LIMITED)), "forged {forged}");
+        assert_eq!(
+            metric(admin_b, "mcp_gateway_fleet_in_flight_others"),
+            CAP as f64
+        );
+    }
+    // A flood of fields is cut back to the live hosts; a key of another type is replaced. The
+    // cap holds again within a heartbeat.
+    let mut flood = vec!["HSET".to_owned(), key.clone()];
+    for i in 0..5000 {
+        flood.push(format!("junk{i}"));
+        flood.push("1".into());
+    }
+    let flood: Vec<&str> = flood.iter().map(String::as_str).collect();
+    fleet.redis.cli(&flood);
+    wait_for("the hash is cut back", Duration::from_secs(3), || {
+        hgetall(&fleet.redis, &key).len() <= 3 + 16
+    });
+    fleet.redis.cli(&["SET", &key, "junk"]);
+    wait_for(
+        "the cap's hash is a hash again",
+        Duration::from_secs(3),
+        || fleet.redis.cli(&["TYPE", &key]).trim() == "hash",
+    );
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    assert_eq!(add(b), (429, Some(RATE_LIMITED)));
+    assert_eq!(admitted(held), CAP);
+    wait_for("B admits again", Duration::from_secs(2), || {
+        add(b) == (200, None)
+    });
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
 fn a_tenant_connection_cap_holds_across_the_fleet() {
     let mut settings = Settings::new(1000, 1000, false);
     settings.tenant_extra = "max_connections = 3".into();
