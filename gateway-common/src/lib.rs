@@ -161,6 +161,20 @@ impl TenantLimits {
         let burst = if burst == 0 { 1 } else { burst };
         (interval, interval.saturating_mul(burst))
     }
+
+    /// One host's share of a limit a fleet of `hosts` gateways shares: `rate ÷ hosts` per second
+    /// (the interval `hosts` times as long) with `burst ÷ hosts` (at least 1) admitted at once.
+    pub const fn gcra_share(rate_per_sec: u64, burst: u64, hosts: u64) -> (u64, u64) {
+        if rate_per_sec == 0 {
+            return (0, 0);
+        }
+        let hosts = if hosts == 0 { 1 } else { hosts };
+        let (interval, _) = Self::gcra(rate_per_sec, burst);
+        let interval = interval.saturating_mul(hosts);
+        let burst = burst / hosts;
+        let burst = if burst == 0 { 1 } else { burst };
+        (interval, interval.saturating_mul(burst))
+    }
 }
 
 /// Program-wide settings, the only element of the settings array.
@@ -259,6 +273,32 @@ mod tests {
         // The bucket is one interval in debt: after one interval there is still no token.
         assert_eq!(gcra_take(tat, now + i, i, t), Take::Refuse);
         assert_eq!(gcra_take(tat, now + 2 * i, i, t), Take::Charge);
+    }
+
+    #[test]
+    fn a_hosts_share_is_the_rate_and_burst_divided_by_the_live_hosts() {
+        assert_eq!(
+            TenantLimits::gcra_share(10, 3, 1),
+            TenantLimits::gcra(10, 3)
+        );
+        assert_eq!(
+            TenantLimits::gcra_share(10, 3, 0),
+            TenantLimits::gcra(10, 3)
+        );
+        // 2/s with 8 at once over two hosts: 1/s with 4 at once each.
+        assert_eq!(
+            TenantLimits::gcra_share(2, 8, 2),
+            (1_000_000_000, 4_000_000_000)
+        );
+        // A burst smaller than the hosts: still one at once.
+        let (i, t) = TenantLimits::gcra_share(3, 2, 3);
+        assert_eq!((i, t), (999_999_999, 999_999_999));
+        assert_eq!(TenantLimits::gcra_share(0, 5, 3), (0, 0));
+        let (i, t) = TenantLimits::gcra_share(10, 6, 3);
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        let admitted = (0..6).filter(|_| take(&mut tat, now, i, t)).count();
+        assert_eq!(admitted, 2, "a third of the burst at once");
     }
 
     #[test]

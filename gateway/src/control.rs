@@ -47,6 +47,9 @@ struct Control {
     xdp: Vec<(String, &'static str)>,
     /// Configuration changes applied and refused, by source.
     reloads: Reloads,
+    /// The live hosts of the fleet the kernel's tenant rates were last divided by (1 without
+    /// a fleet).
+    kernel_hosts: u64,
 }
 
 impl Control {
@@ -347,9 +350,11 @@ impl Control {
             self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
             anyhow::anyhow!("{e}; the running certificates and configuration are kept")
         })?;
+        let hosts = self.fleet_hosts();
         if let Some(maps) = &mut self.maps {
-            maps.sync(&KernelState::from_config(&new))
+            maps.sync(&KernelState::shared_by(&new, hosts))
                 .context("syncing the kernel maps")?;
+            self.kernel_hosts = hosts;
         }
         let diff = crate::config::diff::ConfigDiff::new(old, &new);
         self.shared.stdio.sync(&new.upstreams);
@@ -408,6 +413,41 @@ impl Control {
             Ok(()) => tracing::info!("log files reopened"),
             Err(e) => tracing::error!(
                 "the histogram log cannot be reopened: {e}; writing on to the old file"
+            ),
+        }
+    }
+
+    /// The live hosts of the fleet, as the fleet agent last counted them (1 without a fleet).
+    fn fleet_hosts(&self) -> u64 {
+        self.shared.fleet.hosts.load(Relaxed).max(1)
+    }
+
+    /// Writes this host's share of each tenant's new-connection rate into the kernel's maps
+    /// when the fleet's live hosts changed (a host joined, or was not heard from for
+    /// `HOST_TTL`).
+    fn follow_fleet_hosts(&mut self) {
+        let hosts = self.fleet_hosts();
+        if hosts == self.kernel_hosts {
+            return;
+        }
+        let Some(maps) = &mut self.maps else {
+            return;
+        };
+        let snap = self.shared.snapshot.load();
+        if snap.config.state.fleet.is_none() {
+            return;
+        }
+        match maps.sync(&KernelState::shared_by(&snap.config, hosts)) {
+            Ok(_) => {
+                tracing::info!(
+                    hosts,
+                    was = self.kernel_hosts,
+                    "fleet: the kernel's tenant new-connection rates are this host's share (rate ÷ {hosts} live hosts)"
+                );
+                self.kernel_hosts = hosts;
+            }
+            Err(e) => tracing::error!(
+                "fleet: writing the kernel's share of the tenant rates failed: {e}; tried again"
             ),
         }
     }
@@ -567,10 +607,11 @@ async fn run_async(
     let tls_stamps = crate::tls::stamps(&config);
     let state = config.state.clone();
     // A fleet seals session ids with one key, so that any of its gateways continues a session.
-    let fleet_key = match &state.fleet {
-        Some(f) => crate::fleet::start(f).await.session_key,
+    let fleet_start = match &state.fleet {
+        Some(f) => Some(crate::fleet::start(f).await),
         None => None,
     };
+    let fleet_key = fleet_start.as_ref().and_then(|s| s.session_key);
     let mut shared = Shared::new(config);
     if let Some(key) = fleet_key {
         shared.session_key = key;
@@ -588,6 +629,13 @@ async fn run_async(
         }
     }
     let shared = Arc::new(shared);
+    if let Some(start) = &fleet_start {
+        // Until the agent's first round: rates at this host's share of the live hosts.
+        shared.fleet.hosts.store(start.hosts, Relaxed);
+        shared
+            .limits
+            .set_fleet(crate::policy::limits::FLEET_LEASED, start.hosts);
+    }
     // The kept state is in place before any worker serves.
     let (store, kept_bans) = match &state.dir {
         Some(dir) => {
@@ -682,6 +730,7 @@ async fn run_async(
         store_failing: false,
         xdp,
         reloads: Reloads::default(),
+        kernel_hosts: 1,
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();
@@ -776,6 +825,7 @@ async fn run_async(
     let mut bans = tokio::time::interval(Duration::from_millis(100));
     let mut prune = tokio::time::interval(Duration::from_secs(10));
     let mut tls_files = tokio::time::interval(Duration::from_secs(2));
+    let mut hosts = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(state.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -785,6 +835,7 @@ async fn run_async(
             _ = caps.tick() => lock(&control).update_caps(),
             _ = merge.tick() => lock(&control).drain_stats(),
             _ = bans.tick() => lock(&control).apply_auto_bans(),
+            _ = hosts.tick(), if state.fleet.is_some() => lock(&control).follow_fleet_hosts(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
             _ = sweep.tick() => lock(&control).refresh_bans(),
             _ = hup.recv() => {

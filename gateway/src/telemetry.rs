@@ -252,6 +252,27 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_kernel_tenant_new_connections_per_sec New connections per second the XDP program admits for the tenant (in a fleet, this host's share; 0: no limit)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mcp_gateway_kernel_tenant_new_connections_per_sec gauge"
+    );
+    for (id, name) in &tenants {
+        let Ok(l) = maps.tenant_limits(*id) else {
+            continue;
+        };
+        let rate = match l.conn_interval_ns {
+            0 => 0.0,
+            ns => 1e9 / ns as f64,
+        };
+        let _ = writeln!(
+            out,
+            "mcp_gateway_kernel_tenant_new_connections_per_sec{{tenant=\"{name}\"}} {rate}"
+        );
+    }
     if let Ok(bans) = maps.bans() {
         let _ = writeln!(
             out,

@@ -420,6 +420,13 @@ impl KernelMaps {
         Ok(report)
     }
 
+    /// A tenant's new-connection limits as the program reads them.
+    pub fn tenant_limits(&self, tenant: u32) -> Result<TenantLimits, KernelError> {
+        self.tenant_limits
+            .get(&tenant, 0)
+            .map_err(map_err(names::TENANT_LIMITS))
+    }
+
     /// The ports the program currently guards.
     pub fn ports(&self) -> Result<BTreeSet<u16>, KernelError> {
         let mut out = BTreeSet::new();
@@ -450,6 +457,20 @@ pub struct KernelState {
 
 impl KernelState {
     pub fn from_config(c: &crate::config::Config) -> Self {
+        Self::shared_by(c, 1)
+    }
+
+    /// As [`Self::from_config`], for one of `hosts` live gateways of a fleet (`[state] redis`):
+    /// each tenant's new-connection rate and burst is this host's share, `÷ hosts`, so that the
+    /// fleet as a whole admits about the configured rate. Per-source rates stay whole: a
+    /// source's connections usually reach one host (a balancer's affinity, one DNS answer), and
+    /// a share would refuse it at a rate it never spreads across.
+    pub fn shared_by(c: &crate::config::Config, hosts: u64) -> Self {
+        let hosts = if c.state.fleet.is_some() {
+            hosts.max(1)
+        } else {
+            1
+        };
         let mut s = KernelState {
             ports: c.ports(),
             deny: c.kernel.deny.clone(),
@@ -458,7 +479,8 @@ impl KernelState {
         };
         for t in &c.tenants {
             s.tenant_nets.extend(t.sources.iter().map(|n| (*n, t.id)));
-            let (ci, ct) = TenantLimits::gcra(t.new_connections_per_sec, t.new_connections_burst);
+            let (ci, ct) =
+                TenantLimits::gcra_share(t.new_connections_per_sec, t.new_connections_burst, hosts);
             let (si, st) = TenantLimits::gcra(
                 t.per_source_new_connections_per_sec,
                 t.per_source_new_connections_burst,

@@ -917,65 +917,69 @@ fn a_session_opened_through_one_gateway_continues_through_another() {
     }
 }
 
+const XDP_PORT: u16 = 18080;
+const ALPHA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 2);
+const BETA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 3);
+const GAMMA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 4);
+
 /// Two gateways of a fleet in one network namespace with their Redis: one (`edge`) with the
-/// XDP program on the namespace's veth end, the other (`peer`) without. A ban made through the
-/// peer's admin API reaches the edge's kernel ban map, and the edge's XDP program drops the
-/// banned source's packets.
-#[test]
-fn a_ban_on_one_gateway_drops_packets_in_another_gateways_xdp_program() {
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+/// XDP program on the namespace's veth end, the other (`peer`) without. Clients ALPHA (tenant
+/// `alpha`: 2 new connections a second for the fleet, 8 at once), BETA and GAMMA (the default
+/// tenant) in the client namespace. Dropped in reverse order: gateways, Redis, namespaces.
+struct XdpPair {
+    edge: Daemon,
+    edge_admin: u16,
+    peer: Daemon,
+    peer_admin: u16,
+    _redis: KillOnDrop,
+    topo: integration_tests::netns::Topology,
+}
 
-    use gateway::kernel::KernelMaps;
-    use gateway_common::Verdict;
-    use integration_tests::{
-        daemon::connect_from,
-        netns::{GW_ADDR, Topology, enter_before_exec, in_netns},
-    };
+impl XdpPair {
+    fn start() -> Self {
+        use integration_tests::netns::{GW_ADDR, Topology, enter_before_exec, in_netns};
 
-    const BETA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
-    const GAMMA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
-    const PORT: u16 = 18080;
-    let topo = Topology::new(&[BETA, GAMMA]);
-    let redis_port = free_port();
-    let mut cmd = Command::new("redis-server");
-    enter_before_exec(&mut cmd, &topo.gw);
-    let _redis = KillOnDrop(
-        cmd.args([
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start redis-server"),
-    );
-    in_netns(&topo.gw, || wait_port(redis_port, Duration::from_secs(10)));
-    let fleet = unique("flx");
-    let state = |instance: &str| {
-        format!(
-            "[state]\npath = \"{}\"\nredis = \"redis://127.0.0.1:{redis_port}/\"\nfleet = \"{fleet}\"\n",
-            std::env::temp_dir()
-                .join(format!("{instance}.state"))
-                .display()
-        )
-    };
-    let edge_instance = unique("gwflxe");
-    let edge_admin = free_port();
-    let edge = Daemon::start(
-        &topo.gw,
-        &edge_instance,
-        &format!(
-            r#"[gateway]
+        let topo = Topology::new(&[ALPHA, BETA, GAMMA]);
+        let redis_port = free_port();
+        let mut cmd = Command::new("redis-server");
+        enter_before_exec(&mut cmd, &topo.gw);
+        let redis = KillOnDrop(
+            cmd.args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server"),
+        );
+        in_netns(&topo.gw, || wait_port(redis_port, Duration::from_secs(10)));
+        let fleet = unique("flx");
+        let state = |instance: &str| {
+            format!(
+                "[state]\npath = \"{}\"\nredis = \"redis://127.0.0.1:{redis_port}/\"\nfleet = \"{fleet}\"\n",
+                std::env::temp_dir()
+                    .join(format!("{instance}.state"))
+                    .display()
+            )
+        };
+        let edge_instance = unique("gwflxe");
+        let edge_admin = free_port();
+        let edge = Daemon::start(
+            &topo.gw,
+            &edge_instance,
+            &format!(
+                r#"[gateway]
 instance = "{edge_instance}"
 workers = 2
 [[listeners]]
-address = "{GW_ADDR}:{PORT}"
+address = "{GW_ADDR}:{XDP_PORT}"
 [admin]
 address = "127.0.0.1:{edge_admin}"
 [kernel]
@@ -985,18 +989,24 @@ default_tenant = "other"
 [[tenants]]
 name = "other"
 id = 0
+[[tenants]]
+name = "alpha"
+id = 1
+sources = ["{ALPHA}/32"]
+new_connections_per_sec = 2
+new_connections_burst = 8
 {state}"#,
-            iface = topo.gw_if,
-            state = state(&edge_instance),
-        ),
-    );
-    let peer_instance = unique("gwflxp");
-    let (peer_port, peer_admin) = (free_port(), free_port());
-    let mut peer = Daemon::start(
-        &topo.gw,
-        &peer_instance,
-        &format!(
-            r#"[gateway]
+                iface = topo.gw_if,
+                state = state(&edge_instance),
+            ),
+        );
+        let peer_instance = unique("gwflxp");
+        let (peer_port, peer_admin) = (free_port(), free_port());
+        let peer = Daemon::start(
+            &topo.gw,
+            &peer_instance,
+            &format!(
+                r#"[gateway]
 instance = "{peer_instance}"
 workers = 1
 [[listeners]]
@@ -1006,28 +1016,65 @@ address = "127.0.0.1:{peer_admin}"
 [kernel]
 enabled = false
 {state}"#,
-            state = state(&peer_instance),
-        ),
-    );
-    in_netns(&topo.gw, || {
-        wait_metric(edge_admin, "mcp_gateway_fleet_hosts_live", 2.0)
-    });
-    let dst = SocketAddr::new(IpAddr::V4(GW_ADDR), PORT);
-    let connects = |src: Ipv4Addr| {
-        in_netns(&topo.client, || {
-            connect_from(IpAddr::V4(src), dst, Duration::from_millis(250)).is_some()
+                state = state(&peer_instance),
+            ),
+        );
+        in_netns(&topo.gw, || {
+            wait_metric(edge_admin, "mcp_gateway_fleet_hosts_live", 2.0)
+        });
+        XdpPair {
+            edge,
+            edge_admin,
+            peer,
+            peer_admin,
+            _redis: redis,
+            topo,
+        }
+    }
+
+    /// `n` connections to the edge opened from `src` one after another (each given 250 ms):
+    /// how many were accepted.
+    fn connects(&self, src: std::net::Ipv4Addr, n: usize) -> usize {
+        use integration_tests::{
+            daemon::connect_from,
+            netns::{GW_ADDR, in_netns},
+        };
+        use std::net::{IpAddr, SocketAddr};
+        let dst = SocketAddr::new(IpAddr::V4(GW_ADDR), XDP_PORT);
+        in_netns(&self.topo.client, || {
+            let open: Vec<_> = (0..n)
+                .filter_map(|_| connect_from(IpAddr::V4(src), dst, Duration::from_millis(250)))
+                .collect();
+            open.len()
         })
-    };
-    assert!(connects(BETA), "not banned yet");
+    }
+
+    fn edge_metric(&self, name: &str) -> f64 {
+        integration_tests::netns::in_netns(&self.topo.gw, || metric(self.edge_admin, name))
+    }
+}
+
+/// A ban made through the peer's admin API reaches the edge's kernel ban map, and the edge's
+/// XDP program drops the banned source's packets.
+#[test]
+fn a_ban_on_one_gateway_drops_packets_in_another_gateways_xdp_program() {
+    use std::net::IpAddr;
+
+    use gateway::kernel::KernelMaps;
+    use gateway_common::Verdict;
+    use integration_tests::netns::in_netns;
+
+    let mut pair = XdpPair::start();
+    assert_eq!(pair.connects(BETA, 1), 1, "not banned yet");
 
     let body = format!(r#"{{"address":"{BETA}","seconds":600}}"#);
     let req = format!(
         "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let (r, _) = in_netns(&topo.gw, || raw(peer_admin, req.as_bytes()));
+    let (r, _) = in_netns(&pair.topo.gw, || raw(pair.peer_admin, req.as_bytes()));
     assert_eq!(r.status, 200, "{r:?}");
-    let maps = KernelMaps::open(&edge.pin_dir).expect("the edge's pinned maps");
+    let maps = KernelMaps::open(&pair.edge.pin_dir).expect("the edge's pinned maps");
     let start = Instant::now();
     while !maps
         .bans()
@@ -1042,14 +1089,65 @@ enabled = false
         std::thread::sleep(Duration::from_millis(10));
     }
     let banned_before = maps.tenant_counters(0).unwrap().packets(Verdict::Banned);
-    assert!(!connects(BETA), "dropped by the edge's XDP program");
+    assert_eq!(
+        pair.connects(BETA, 1),
+        0,
+        "dropped by the edge's XDP program"
+    );
     assert!(
         maps.tenant_counters(0).unwrap().packets(Verdict::Banned) > banned_before,
         "counted as banned by the kernel"
     );
-    assert!(connects(GAMMA), "others unaffected");
-    peer.stop();
-    drop(edge);
+    assert_eq!(pair.connects(GAMMA, 1), 1, "others unaffected");
+    pair.peer.stop();
+    pair.edge.stop();
+}
+
+/// The kernel side of a fleet-wide tenant rate: with two live gateways, the edge's XDP program
+/// admits its share of the tenant's new connections (2/s with 8 at once for the fleet: 1/s
+/// with 4 at once here); once the peer is gone (not heard from for 3 s), the whole rate again.
+#[test]
+fn each_gateways_xdp_program_admits_its_share_of_a_tenants_new_connection_rate() {
+    use gateway::kernel::KernelMaps;
+    use gateway_common::TenantLimits;
+
+    const RATE: &str = "mcp_gateway_kernel_tenant_new_connections_per_sec{tenant=\"alpha\"}";
+    let mut pair = XdpPair::start();
+    let maps = KernelMaps::open(&pair.edge.pin_dir).expect("the edge's pinned maps");
+    wait_for(
+        "the edge's share of alpha's rate",
+        Duration::from_secs(5),
+        || pair.edge_metric(RATE) == 1.0,
+    );
+    let share = TenantLimits::gcra_share(2, 8, 2);
+    let l = maps.tenant_limits(1).expect("alpha's limits");
+    assert_eq!(
+        (l.conn_interval_ns, l.conn_tolerance_ns),
+        share,
+        "the share in the kernel's map: {l:?}"
+    );
+    // 8 at once would all pass the whole rate; the share admits 4 at once and one a second
+    // after (the 4 refused take 250 ms each).
+    let admitted = pair.connects(ALPHA, 8);
+    assert!(
+        (4..=6).contains(&admitted),
+        "{admitted} of 8 new connections admitted at the share of 4 at once"
+    );
+    assert_eq!(pair.connects(BETA, 3), 3, "other tenants unaffected");
+
+    pair.peer.stop();
+    wait_for(
+        "the edge's whole rate once the peer is gone",
+        Duration::from_secs(10),
+        || pair.edge_metric(RATE) == 2.0,
+    );
+    let whole = TenantLimits::gcra(2, 8);
+    let l = maps.tenant_limits(1).expect("alpha's limits");
+    assert_eq!((l.conn_interval_ns, l.conn_tolerance_ns), whole, "{l:?}");
+    // The bucket refilled (8 at 2/s): all 8 at once.
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(pair.connects(ALPHA, 8), 8, "the whole burst of 8 again");
+    pair.edge.stop();
 }
 
 /// `[state]` lines for a fleet over TLS: the CA that checks Redis's certificate and this
