@@ -417,7 +417,6 @@ impl Control {
         }
     }
 
-    /// Raises or lowers each capped tenant's flag from the workers' connection counts.
     /// The live hosts of the fleet, as the fleet agent last counted them (1 without a fleet).
     fn fleet_hosts(&self) -> u64 {
         self.shared.fleet.hosts.load(Relaxed).max(1)
@@ -453,13 +452,15 @@ impl Control {
         }
     }
 
+    /// Raises or lowers each capped tenant's flag from the workers' connection counts (in a
+    /// fleet, with the other gateways' as the fleet agent last read them).
     fn update_caps(&mut self) {
         let snap = self.shared.snapshot.load();
         for t in &snap.config.tenants {
             let Some(cap) = t.max_connections else {
                 continue;
             };
-            let at_cap = self.shared.conns.total(t.id) >= cap;
+            let at_cap = self.shared.conns.total(t.id) >= self.shared.limits.conn_cap(t.id, cap);
             if at_cap == self.shared.at_cap(t.id) {
                 continue;
             }

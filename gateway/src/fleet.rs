@@ -302,6 +302,69 @@ return out
 "
 );
 
+/// At most this many concurrency caps are shared (each a hash in Redis, read every round);
+/// beyond, a cap counts on each host alone.
+const CAPS_MAX: usize = 1024;
+
+/// Publishes what this host holds under each concurrency cap and reads what the other live
+/// hosts hold: `KEYS` one hash per cap (field: host → count, sealed with a fleet secret),
+/// `ARGV[1]` this host, `ARGV[2]` how many other live hosts follow (their names), then for each
+/// cap this host's value (`''`: left as it is). Only the live hosts' fields
+/// are read (`HMGET`): a host's count goes with its liveness; a hash grown 16 fields past the
+/// live hosts is cut back to them. Answers for each cap the others' values in the order of
+/// the hosts (`''`: none), then the count of what was ignored.
+const CAPS: &str = concat!(
+    lua_prelude!(),
+    r"
+local host = ARGV[1]
+local n = tonumber(ARGV[2])
+local hosts = {}
+for j = 1, n do
+  hosts[j] = ARGV[2 + j]
+end
+local bad = 0
+local out = {}
+for i, key in ipairs(KEYS) do
+  bad = bad + fix(key, 'hash')
+  local mine = ARGV[2 + n + i]
+  if mine ~= '' then
+    redis.call('HSET', key, host, mine)
+    redis.call('PEXPIRE', key, 60000)
+  end
+  local vals = {}
+  if n > 0 then
+    vals = redis.call('HMGET', key, unpack(hosts))
+  end
+  if redis.call('HLEN', key) > n + 17 then
+    local own = redis.call('HGET', key, host)
+    local kept = {}
+    for j = 1, n do
+      if vals[j] then
+        kept[#kept + 1] = hosts[j]
+        kept[#kept + 1] = vals[j]
+      end
+    end
+    if own then
+      kept[#kept + 1] = host
+      kept[#kept + 1] = own
+    end
+    redis.call('DEL', key)
+    if #kept > 0 then
+      redis.call('HSET', key, unpack(kept))
+      redis.call('PEXPIRE', key, 60000)
+    end
+  end
+  local row = {}
+  for j = 1, n do
+    row[j] = vals[j] or ''
+  end
+  out[i] = row
+end
+out[#KEYS + 1] = bad
+return out
+"
+);
+
 /// At most this many sessions ended here are sent in a round, and this many entries of the
 /// stream of ended sessions read (a host behind, a new one reading from the start, reads on at
 /// the next round).
@@ -356,8 +419,8 @@ return out
 /// The scripts of a round, called by their SHA1 (`EVALSHA`): Redis keeps each compiled, and a
 /// round sends its hash instead of its text. A Redis that does not know one (a new connection,
 /// a restart, `SCRIPT FLUSH`) answers `NOSCRIPT`, and the round loads them and is sent again.
-static ROUND_SCRIPTS: std::sync::LazyLock<[(&str, String); 5]> = std::sync::LazyLock::new(|| {
-    [RATES, BUDGETS, READ_HASH, HEARTBEAT, ENDED]
+static ROUND_SCRIPTS: std::sync::LazyLock<[(&str, String); 6]> = std::sync::LazyLock::new(|| {
+    [RATES, BUDGETS, READ_HASH, HEARTBEAT, ENDED, CAPS]
         .map(|src| (src, redis::Script::new(src).get_hash().to_owned()))
 });
 /// Indexes of [`ROUND_SCRIPTS`].
@@ -366,6 +429,7 @@ const S_BUDGETS: usize = 1;
 const S_READ_HASH: usize = 2;
 const S_HEARTBEAT: usize = 3;
 const S_ENDED: usize = 4;
+const S_CAPS: usize = 5;
 
 /// An `EVALSHA` of the script `script` of [`ROUND_SCRIPTS`] over `keys` keys.
 fn evalsha(script: usize, keys: usize) -> redis::Cmd {
@@ -426,6 +490,29 @@ enum Part {
     Pins,
     /// The sessions ended here sent in the round.
     Ended(Vec<u64>),
+    /// The caps, and the other hosts whose counts were asked for (in the reply's order: a
+    /// heartbeat earlier in the round may change the live hosts).
+    Caps(Vec<CapSent>, Vec<String>),
+}
+
+/// What a concurrency cap counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CapOf {
+    /// Requests in flight (`max_concurrent`), under this key of the limits' state.
+    InFlight(u64),
+    /// Live connections of the tenant of this id (`max_connections`).
+    Conns(u32),
+}
+
+/// A concurrency cap as a caps exchange sent it.
+#[derive(Debug)]
+struct CapSent {
+    /// What the fleet counts it under (the same words on every host).
+    name: String,
+    /// `None`: removed here (0 published, once).
+    of: Option<CapOf>,
+    /// This host's count, if sent.
+    here: Option<u64>,
 }
 
 /// What a budgets exchange sent, kept until Redis answers (or put back if it does not).
@@ -465,6 +552,10 @@ pub struct Stats {
     /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
     pub sessions_ended_sent: AtomicU64,
     pub sessions_ended_received: AtomicU64,
+    /// Concurrency caps shared with the fleet, and the requests in flight on the other
+    /// gateways under them (summed over the caps).
+    pub caps: AtomicU64,
+    pub in_flight_others: AtomicU64,
 }
 
 /// The control thread's bans, as the agent sees them.
@@ -522,6 +613,10 @@ impl Keys {
     /// The stream of sessions ended on the fleet's gateways.
     fn ended(&self) -> String {
         format!("{}:ended", self.prefix)
+    }
+    /// What each host holds under a concurrency cap (`name`: see [`Agent::caps`]).
+    fn cap(&self, name: &str) -> String {
+        format!("{}:cap:{name}", self.prefix)
     }
 }
 
@@ -752,6 +847,20 @@ fn parse_spend(v: &str) -> Option<(i64, u64)> {
     Some((amount, seq.parse().ok()?))
 }
 
+/// What a host's count under a concurrency cap is sealed with: the cap's name and the host.
+fn cap_field(name: &str, host: &str) -> String {
+    format!("{name}|{host}")
+}
+
+/// A host's count under a concurrency cap as published: digits only, at most a million (no
+/// host holds more requests or connections at once; a larger value is not a host's).
+fn parse_count(v: &str) -> Option<u64> {
+    if v.is_empty() || v.len() > 7 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|n| *n <= 1_000_000)
+}
+
 /// What a gateway learns from the fleet at start.
 #[derive(Debug)]
 pub struct Start {
@@ -898,6 +1007,11 @@ struct Agent<B> {
     ended_more: bool,
     /// When (unix s) the ends made here were last taken.
     ended_taken_s: u64,
+    /// The count of each concurrency cap this host last published (by the cap's name).
+    caps_sent: HashMap<String, u64>,
+    /// The last valid count read of each live host under each cap (by [`cap_field`]): a value
+    /// found forged or unreadable counts as that, never lower.
+    caps_seen: HashMap<String, u64>,
 }
 
 /// A host's whole spend in a budget window, as published (`<amount>|<seq>`, perhaps sealed).
@@ -962,6 +1076,8 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         ended_cursor: "0-0".to_owned(),
         ended_more: false,
         ended_taken_s: crate::policy::limits::State::unix_s(),
+        caps_sent: HashMap::new(),
+        caps_seen: HashMap::new(),
     };
     // From now on the sessions ended here are queued for the fleet.
     agent.shared.ended_sessions.share();
@@ -1048,6 +1164,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 pipe.add_command(cmd);
                 parts.push(Part::Ended(sent));
             }
+            if let Some((cmd, sent)) = agent.caps_cmd(bans) {
+                pipe.add_command(cmd);
+                parts.push(Part::Caps(sent, agent.peers.clone()));
+            }
             if parts.is_empty() {
                 return Ok(());
             }
@@ -1057,6 +1177,8 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 Part::Rates(_) => true,
                 Part::Budgets(_) => !(bans || pins),
                 Part::Ended(s) => !s.is_empty() || agent.ended_more,
+                // Read every round: the others' counts are at most a round old.
+                Part::Caps(..) => true,
                 _ => false,
             });
             let replies = match exchange(c, &pipe).await {
@@ -1106,6 +1228,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                         agent.exchange_pins(c, read).await?;
                     }
                     Part::Ended(sent) => agent.absorb_ended(&sent, &reply),
+                    Part::Caps(sent, peers) => agent.absorb_caps(sent, &peers, &reply),
                 }
             }
             failed.map_or(Ok(()), Err)
@@ -1129,7 +1252,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                     tracing::info!(
                         redis = shown(&agent.fleet.redis),
                         hosts = stats.hosts.load(Relaxed),
-                        "fleet connected: rates, budgets, bans, approvals and ended sessions are shared"
+                        "fleet connected: rates, budgets, concurrency caps, bans, approvals and ended sessions are shared"
                     );
                 }
                 down = Some(false);
@@ -1150,7 +1273,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                         } else {
                             "refused (fail closed)"
                         },
-                        "fleet: Redis unreachable ({e}); rates fall back to this host's share (limit ÷ {hosts} live hosts); tried again every round"
+                        "fleet: Redis unreachable ({e}); rates and concurrency caps fall back to this host's share (limit ÷ {hosts} live hosts); tried again every round"
                     );
                 }
                 down = Some(true);
@@ -1779,6 +1902,161 @@ impl<B: Bans> Agent<B> {
         self.ended_cursor = cursor;
     }
 
+    /// The concurrency caps configured, as the fleet names them, with what each counts:
+    /// `in-flight/tenant/<tenant>`, `in-flight/tool/<tenant>/<rule's label>` (the keys the
+    /// policy takes their slots under) and `connections/<tenant>`; at most [`CAPS_MAX`].
+    fn caps(&self) -> Vec<(String, CapOf)> {
+        let snap = self.shared.snapshot.load();
+        let limits = &self.shared.limits;
+        let mut caps = Vec::new();
+        for t in &snap.policy.tenants {
+            if t.max_concurrent.is_some() {
+                caps.push((
+                    format!("in-flight/tenant/{}", t.name),
+                    CapOf::InFlight(limits.key(("in-flight", &t.name))),
+                ));
+            }
+            for r in t.rules().filter(|r| r.max_concurrent.is_some()) {
+                caps.push((
+                    format!("in-flight/tool/{}/{}", t.name, r.label),
+                    CapOf::InFlight(limits.key(("in-flight", &t.name, &r.label))),
+                ));
+            }
+        }
+        for t in &snap.config.tenants {
+            if t.max_connections.is_some() {
+                caps.push((format!("connections/{}", t.name), CapOf::Conns(t.id)));
+            }
+        }
+        caps.truncate(CAPS_MAX);
+        caps
+    }
+
+    /// Publishes what this host holds under each concurrency cap (when it changed, and at
+    /// every heartbeat) and reads the other live hosts' counts (see [`CAPS`]), every round
+    /// while a cap is configured; a cap no longer configured is published once as 0 (a field
+    /// gone counts as its last value on the other hosts). `None`: no cap.
+    fn caps_cmd(&mut self, beat: bool) -> Option<(redis::Cmd, Vec<CapSent>)> {
+        let caps = self.caps();
+        if caps.is_empty() && self.caps_sent.is_empty() {
+            self.shared.fleet.caps.store(0, Relaxed);
+            self.shared.fleet.in_flight_others.store(0, Relaxed);
+            return None;
+        }
+        let limits = &self.shared.limits;
+        let mut sent: Vec<CapSent> = Vec::with_capacity(caps.len());
+        for (name, of) in caps {
+            let here = match of {
+                CapOf::InFlight(key) => u64::from(limits.in_flight_here(key)),
+                CapOf::Conns(id) => self.shared.conns.total(id),
+            };
+            let send = beat || self.caps_sent.get(&name) != Some(&here);
+            sent.push(CapSent {
+                name,
+                of: Some(of),
+                here: send.then_some(here),
+            });
+        }
+        let gone: Vec<String> = self
+            .caps_sent
+            .keys()
+            .filter(|n| !sent.iter().any(|c| c.name == **n))
+            .cloned()
+            .collect();
+        sent.extend(gone.into_iter().map(|name| CapSent {
+            name,
+            of: None,
+            here: Some(0),
+        }));
+        let mut cmd = evalsha(S_CAPS, sent.len());
+        for c in &sent {
+            cmd.arg(self.keys.cap(&c.name));
+        }
+        cmd.arg(&self.host).arg(self.peers.len());
+        for p in &self.peers {
+            cmd.arg(p);
+        }
+        let secret = self.fleet.secret.as_ref();
+        for c in &sent {
+            match c.here {
+                None => cmd.arg(""),
+                Some(n) => cmd.arg(seal(
+                    secret,
+                    &self.fleet.name,
+                    "caps",
+                    &cap_field(&c.name, &self.host),
+                    &n.to_string(),
+                )),
+            };
+        }
+        Some((cmd, sent))
+    }
+
+    /// Takes the other hosts' counts a caps exchange read (`peers`: the hosts it asked for, in
+    /// order): each cap's sum over the live hosts becomes what its workers count as held
+    /// elsewhere. A value not sealed with the fleet's secret, or unreadable (counted as
+    /// ignored), or gone counts as the host's last valid count (its host writes it again at
+    /// its next heartbeat): who writes Redis without the secret cannot lower a count.
+    fn absorb_caps(&mut self, sent: Vec<CapSent>, peers: &[String], reply: &[redis::Value]) {
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        let mut ignored = reply.get(sent.len()).and_then(int).unwrap_or(0).max(0) as u64;
+        let mut conns: Vec<(u32, u64)> = Vec::new();
+        let mut in_flight = 0u64;
+        let mut shared = 0u64;
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        for (cap, row) in sent.into_iter().zip(reply) {
+            let Some(of) = cap.of else {
+                self.caps_sent.remove(&cap.name);
+                continue;
+            };
+            if let Some(n) = cap.here {
+                self.caps_sent.insert(cap.name.clone(), n);
+            }
+            shared += 1;
+            let mut others = 0u64;
+            if let redis::Value::Array(row) = row {
+                for (peer, v) in peers.iter().zip(row) {
+                    let raw = text(v).unwrap_or_default();
+                    let field = cap_field(&cap.name, peer);
+                    let last = self.caps_seen.get(&field).copied();
+                    let n = match open(secret, fleet, "caps", &field, raw).and_then(parse_count) {
+                        Some(n) => n,
+                        // Not published yet (0), or gone (Redis lost it, or someone deleted
+                        // it): the host's last count stands until it writes it again, at its
+                        // next heartbeat at the latest.
+                        None if raw.is_empty() => match last {
+                            Some(n) => n,
+                            None => continue,
+                        },
+                        None => {
+                            // Not sealed with the fleet's secret, or unreadable: the host's
+                            // last valid count stands until it writes its own again.
+                            ignored += 1;
+                            last.unwrap_or(0)
+                        }
+                    };
+                    others = others.saturating_add(n);
+                    seen.insert(field, n);
+                }
+            }
+            match of {
+                CapOf::InFlight(key) => {
+                    in_flight = in_flight.saturating_add(others);
+                    self.shared
+                        .limits
+                        .set_in_flight_others(key, u32::try_from(others).unwrap_or(u32::MAX));
+                }
+                CapOf::Conns(id) => conns.push((id, others)),
+            }
+        }
+        self.caps_seen = seen;
+        self.shared.limits.set_conns_others(&conns);
+        self.shared.fleet.caps.store(shared, Relaxed);
+        self.shared.fleet.in_flight_others.store(in_flight, Relaxed);
+        self.count_ignored(ignored);
+    }
+
     /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
     /// the control thread's ban path); a ban lifted here is lifted in the fleet.
     /// `read`: the bans' hash as [`Agent::read_hash_cmd`] read it.
@@ -2055,7 +2333,7 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
         return;
     }
     let fallback = limits.fleet_mode() == FLEET_FALLBACK;
-    let lines: [(&str, &str, &str, String); 12] = [
+    let lines: [(&str, &str, &str, String); 14] = [
         (
             "mcp_gateway_fleet_connected",
             "gauge",
@@ -2124,6 +2402,18 @@ pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out:
             "counter",
             "Values in Redis ignored here: not sealed with the fleet's secret, unreadable, older than one seen, or keys of the wrong type.",
             stats.unsealed_ignored.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_caps_shared",
+            "gauge",
+            "Concurrency caps (max_concurrent, max_connections) shared with the fleet.",
+            stats.caps.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_in_flight_others",
+            "gauge",
+            "Requests in flight on the other gateways of the fleet under the caps shared (summed), as last read.",
+            stats.in_flight_others.load(Relaxed).to_string(),
         ),
         (
             "mcp_gateway_fleet_reseeds_total",
@@ -2249,6 +2539,46 @@ mod tests {
         for bad in ["", "-", "1-", "-1", "1", "1-2-3", "a-1", "1-+2", "+1-2"] {
             assert!(!is_stream_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cap_count_opens_only_under_its_cap_and_host_and_reads_only_as_digits() {
+        let secret = FleetSecret([7; 32]);
+        let field = cap_field("in-flight/tenant/a", "h1");
+        let raw = seal(Some(&secret), "f", "caps", &field, "4");
+        let read = |s: Option<&FleetSecret>, field: &str, raw: &str| {
+            open(s, "f", "caps", field, raw).and_then(parse_count)
+        };
+        assert_eq!(read(Some(&secret), &field, &raw), Some(4));
+        // Moved to another host or cap, lowered, bare, or of another kind: refused.
+        assert_eq!(
+            read(Some(&secret), &cap_field("in-flight/tenant/a", "h2"), &raw),
+            None
+        );
+        assert_eq!(
+            read(Some(&secret), &cap_field("connections/a", "h1"), &raw),
+            None
+        );
+        assert_eq!(read(Some(&secret), &field, &raw.replace(":4", ":0")), None);
+        assert_eq!(read(Some(&secret), &field, "0"), None);
+        let spend = seal(Some(&secret), "f", "budgets", &field, "4");
+        assert_eq!(read(Some(&secret), &field, &spend), None);
+        // Without a secret: digits, at most a million.
+        assert_eq!(read(None, &field, "17"), Some(17));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1.5",
+            "1e3",
+            " 1",
+            "x",
+            "99999999999999999999",
+            "1000001",
+        ] {
+            assert_eq!(read(None, &field, bad), None, "{bad}");
+        }
+        assert_eq!(read(None, &field, "1000000"), Some(1_000_000));
     }
 
     #[test]

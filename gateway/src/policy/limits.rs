@@ -382,7 +382,10 @@ pub struct State {
     /// The loop breaker's counts, one per agent and distinct call: bounded, because every new
     /// argument makes a new one.
     loops: LoopTable,
-    in_flight: papaya::HashMap<u64, AtomicU32, rustc_hash::FxBuildHasher>,
+    in_flight: papaya::HashMap<u64, Slots, rustc_hash::FxBuildHasher>,
+    /// Live connections of each capped tenant (by id) on the other gateways of the fleet, as
+    /// the fleet agent last read them.
+    conns_others: papaya::HashMap<u32, AtomicU64, rustc_hash::FxBuildHasher>,
     /// `FLEET_OFF`, `FLEET_LEASED` or `FLEET_FALLBACK` (set by the fleet agent).
     fleet: AtomicU8,
     /// Gateways of the fleet alive at the last heartbeat (this one included).
@@ -414,6 +417,7 @@ impl State {
             windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             loops: LoopTable::default(),
             in_flight: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            conns_others: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             fleet: AtomicU8::new(FLEET_OFF),
             fleet_hosts: AtomicU64::new(1),
             fleet_fail_open: std::sync::atomic::AtomicBool::new(false),
@@ -784,11 +788,15 @@ impl State {
             .map_or(limit, |c| c.window.left(Self::window_of(len_s), limit))
     }
 
-    /// Takes one of `max` in-flight slots; the guard gives it back.
+    /// Takes one of `max` in-flight slots; the guard gives it back. With the fleet connected,
+    /// the slots taken on the other gateways (as the fleet agent last read them) count too;
+    /// with Redis unreachable, this host admits its share (`max ÷ live hosts`, at least 1).
     pub fn enter(self: &Arc<Self>, key: u64, max: u32) -> Option<InFlight> {
         let map = self.in_flight.pin();
-        let n = map.get_or_insert_with(key, || AtomicU32::new(0));
+        let n = map.get_or_insert_with(key, Slots::default);
+        let max = self.fleet_cap(max, || n.others.load(Ordering::Acquire));
         let taken = n
+            .here
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
                 (c < max).then_some(c + 1)
             })
@@ -796,6 +804,64 @@ impl State {
         taken.then(|| InFlight {
             state: Arc::clone(self),
             key,
+        })
+    }
+
+    /// What this host may hold of a cap of `max` shared by the fleet: `max` less what the
+    /// others hold (`others`) with the fleet connected, `max ÷ live hosts` (at least 1) with
+    /// Redis unreachable, `max` without a fleet.
+    fn fleet_cap<T>(&self, max: T, others: impl FnOnce() -> T) -> T
+    where
+        T: Copy + Ord + From<u8> + TryFrom<u64> + Into<u64> + std::ops::Sub<Output = T>,
+    {
+        match self.fleet.load(Ordering::Acquire) {
+            FLEET_LEASED => max - others().min(max),
+            FLEET_FALLBACK => {
+                let hosts = self.fleet_hosts.load(Ordering::Relaxed).max(1);
+                T::try_from(max.into() / hosts)
+                    .unwrap_or(max)
+                    .max(T::from(1))
+            }
+            _ => max,
+        }
+    }
+
+    /// The requests in flight here under the cap of `key` (the fleet agent).
+    pub fn in_flight_here(&self, key: u64) -> u32 {
+        self.in_flight
+            .pin()
+            .get(&key)
+            .map_or(0, |n| n.here.load(Ordering::Acquire))
+    }
+
+    /// Sets what the other gateways of the fleet hold in flight under the cap of `key` (the
+    /// fleet agent, for the caps configured: bounded by the configuration).
+    pub fn set_in_flight_others(&self, key: u64, others: u32) {
+        let map = self.in_flight.pin();
+        let n = map.get_or_insert_with(key, Slots::default);
+        n.others.store(others, Ordering::Release);
+    }
+
+    /// Sets the live connections of the capped tenants on the other gateways (the fleet
+    /// agent): tenant id → connections; tenants not named count none elsewhere.
+    pub fn set_conns_others(&self, others: &[(u32, u64)]) {
+        let map = self.conns_others.pin();
+        map.retain(|id, _| others.iter().any(|(t, _)| t == id));
+        for (t, n) in others {
+            map.get_or_insert_with(*t, || AtomicU64::new(0))
+                .store(*n, Ordering::Relaxed);
+        }
+    }
+
+    /// How many connections of tenant `id` this host may hold under its cap of `cap`
+    /// (`max_connections`): as for [`State::enter`], less the other gateways' with the fleet
+    /// connected, this host's share with Redis unreachable.
+    pub fn conn_cap(&self, id: u32, cap: u64) -> u64 {
+        self.fleet_cap(cap, || {
+            self.conns_others
+                .pin()
+                .get(&id)
+                .map_or(0, |n| n.load(Ordering::Relaxed))
         })
     }
 
@@ -814,6 +880,14 @@ impl State {
     }
 }
 
+/// The in-flight slots of one concurrency cap: those taken here, and those the other gateways
+/// of the fleet hold (as the fleet agent last read them).
+#[derive(Debug, Default)]
+pub struct Slots {
+    here: AtomicU32,
+    others: AtomicU32,
+}
+
 /// One request in flight against a concurrency cap.
 #[derive(Debug)]
 pub struct InFlight {
@@ -824,7 +898,7 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(n) = self.state.in_flight.pin().get(&self.key) {
-            n.fetch_sub(1, Ordering::AcqRel);
+            n.here.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -1048,5 +1122,52 @@ mod tests {
         assert!(state.enter(key, 2).is_none(), "cap reached");
         drop(a);
         assert!(state.enter(key, 2).is_some(), "a slot came back");
+    }
+
+    #[test]
+    fn in_flight_on_other_gateways_counts_and_without_redis_each_takes_its_share() {
+        let state = Arc::new(State::default());
+        let key = state.key("t");
+        // Without a fleet, what others hold does not count.
+        state.set_in_flight_others(key, 3);
+        let a = state.enter(key, 4).expect("first");
+        let b = state.enter(key, 4).expect("second");
+        // The fleet connected: 3 elsewhere + 2 here of 4.
+        state.set_fleet(FLEET_LEASED, 3);
+        assert!(state.enter(key, 4).is_none(), "3 elsewhere, 2 here, cap 4");
+        assert_eq!(state.in_flight_here(key), 2);
+        drop(b);
+        state.set_in_flight_others(key, 2);
+        assert!(state.enter(key, 4).is_some(), "2 elsewhere, 1 here, cap 4");
+        // Others above the cap (a stale or forged count): none here, never an underflow.
+        state.set_in_flight_others(key, 9);
+        assert!(state.enter(key, 4).is_none());
+        // Redis unreachable: this host's share, 4 ÷ 3 hosts = 1, already taken by `a`.
+        state.set_fleet(FLEET_FALLBACK, 3);
+        assert!(state.enter(key, 4).is_none());
+        drop(a);
+        let c = state.enter(key, 4).expect("its share");
+        assert!(state.enter(key, 4).is_none());
+        // A share never falls to 0.
+        state.set_fleet(FLEET_FALLBACK, 9);
+        drop(c);
+        assert!(state.enter(key, 4).is_some());
+
+        // Connections: the same arithmetic.
+        state.set_fleet(FLEET_OFF, 1);
+        state.set_conns_others(&[(0, 7)]);
+        assert_eq!(state.conn_cap(0, 10), 10);
+        state.set_fleet(FLEET_LEASED, 2);
+        assert_eq!(state.conn_cap(0, 10), 3);
+        assert_eq!(state.conn_cap(1, 10), 10);
+        state.set_conns_others(&[(1, 12)]);
+        assert_eq!(
+            state.conn_cap(0, 10),
+            10,
+            "tenant 0 no longer counted elsewhere"
+        );
+        assert_eq!(state.conn_cap(1, 10), 0);
+        state.set_fleet(FLEET_FALLBACK, 4);
+        assert_eq!(state.conn_cap(1, 10), 2);
     }
 }

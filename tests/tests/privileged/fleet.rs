@@ -166,6 +166,9 @@ struct Settings {
     state_extra: String,
     /// More upstreams and routes.
     routes_extra: String,
+    /// More of the tenants' `[policy]`, and of tenant `public`.
+    policy_extra: String,
+    tenant_extra: String,
     env: Vec<(String, String)>,
 }
 
@@ -177,6 +180,8 @@ impl Settings {
             budget,
             state_extra: String::new(),
             routes_extra: String::new(),
+            policy_extra: String::new(),
+            tenant_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -206,6 +211,8 @@ fn config(
     budget: bool,
     state_extra: &str,
     routes_extra: &str,
+    policy_extra: &str,
+    tenant_extra: &str,
 ) -> String {
     let budget = if budget {
         "budget = { window_s = 1000000000, tenant = 5 }"
@@ -226,11 +233,13 @@ default_tenant = "public"
 [[tenants]]
 name = "public"
 id = 0
+{tenant_extra}
 [policy]
 pin_tools = true
 requests_per_sec = {rate}
 burst = {burst}
 {budget}
+{policy_extra}
 [[upstreams]]
 name = "u0"
 url = "http://127.0.0.1:{up_port}/mcp"
@@ -312,6 +321,8 @@ impl Fleet {
                 settings.budget,
                 &settings.state_extra,
                 &settings.routes_extra,
+                &settings.policy_extra,
+                &settings.tenant_extra,
             ),
             &env,
         );
@@ -566,6 +577,209 @@ fn a_budget_spent_on_one_gateway_is_refused_on_another_and_fails_closed_without_
             "still spent after Redis came back: :{port}"
         );
     }
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+/// A call held in flight for `steps` × 10 ms (`count_with_progress`) through `port`, in a
+/// thread: its status and JSON-RPC error code.
+fn slow_call(port: u16, steps: u64) -> std::thread::JoinHandle<(u16, Option<i64>)> {
+    std::thread::spawn(move || call(port, "count_with_progress", json!({"steps": steps})))
+}
+
+fn admitted(calls: Vec<std::thread::JoinHandle<(u16, Option<i64>)>>) -> usize {
+    calls
+        .into_iter()
+        .map(|h| h.join().expect("call thread"))
+        .filter(|r| match r {
+            (200, None) => true,
+            (429, Some(RATE_LIMITED)) => false,
+            other => panic!("unexpected answer {other:?}"),
+        })
+        .count()
+}
+
+#[test]
+fn a_concurrency_cap_holds_across_the_fleet_and_falls_back_to_each_share_without_redis() {
+    const CAP: usize = 4;
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.policy_extra = format!("max_concurrent = {CAP}");
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let ports: Vec<u16> = fleet.gateways.iter().map(|g| g.port).collect();
+    let (a, b, c) = (ports[0], ports[1], ports[2]);
+    let (admin_b, admin_c) = (fleet.gateways[1].admin, fleet.gateways[2].admin);
+    fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
+    let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
+
+    // Four calls held on A fill the fleet's cap: B and C refuse, with the local cap's error.
+    let held: Vec<_> = (0..CAP).map(|_| slow_call(a, 400)).collect();
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    wait_metric(admin_c, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    for port in [a, b, c] {
+        assert_eq!(add(port), (429, Some(RATE_LIMITED)), "cap full: :{port}");
+    }
+    // Each host's count is a field of its own, sealed or not, in one hash per cap.
+    let fields = hgetall(&fleet.redis, &fleet.key("cap:in-flight/tenant/public"));
+    assert_eq!(fields.len(), 3, "{fields:?}");
+    assert!(fields.iter().any(|(_, v)| v == "4"), "{fields:?}");
+    // A's calls end: B admits again within a round or two.
+    assert_eq!(admitted(held), CAP);
+    let ended = Instant::now();
+    wait_for("B admits again", Duration::from_secs(2), || {
+        add(b) == (200, None)
+    });
+    eprintln!("B admits {:?} after A's calls ended", ended.elapsed());
+
+    // Calls arriving one at a time on A, B, C in turn, a few rounds apart: the fleet admits
+    // exactly its cap.
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        calls.push(slow_call(ports[i % 3], 400));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(admitted(calls), CAP, "spaced calls across the fleet");
+
+    // The bound: calls reaching the three gateways within one round may each be admitted
+    // before the others know (at most CAP on each).
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", 0.0);
+    let burst: Vec<_> = (0..3 * CAP).map(|i| slow_call(ports[i % 3], 200)).collect();
+    let n = admitted(burst);
+    eprintln!(
+        "a burst of {} calls on the three gateways at once: {n} admitted (cap {CAP})",
+        3 * CAP
+    );
+    assert!((CAP..=3 * CAP).contains(&n), "{n}");
+
+    // Redis gone: each gateway admits its share, 4 ÷ 3 live hosts = 1.
+    fleet.redis.kill();
+    fleet.wait_metric_all("mcp_gateway_fleet_fallback_active", 1.0);
+    let one = slow_call(a, 300);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(add(a), (429, Some(RATE_LIMITED)), "A holds its share");
+    assert_eq!(add(b), (200, None), "B's share is its own");
+    let more: Vec<_> = (0..3).map(|_| slow_call(a, 100)).collect();
+    assert_eq!(admitted(more), 0, "A holds its share already");
+    assert_eq!(admitted(vec![one]), 1);
+    assert_eq!(add(a), (200, None), "A's share is free again");
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
+fn with_a_fleet_secret_a_concurrency_cap_holds_whatever_is_written_in_redis() {
+    const CAP: usize = 2;
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.policy_extra = format!("max_concurrent = {CAP}");
+    settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+    settings.env = vec![(
+        SECRET_VAR.to_owned(),
+        unique("a-fleet-secret-of-at-least-32-characters"),
+    )];
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let admin_b = fleet.gateways[1].admin;
+    fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
+    let key = fleet.key("cap:in-flight/tenant/public");
+    let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
+    let held: Vec<_> = (0..CAP).map(|_| slow_call(a, 600)).collect();
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    let fields = hgetall(&fleet.redis, &key);
+    assert_eq!(fields.len(), 3, "{fields:?}");
+    assert!(
+        fields.iter().all(|(_, v)| v.starts_with("sealed1:")),
+        "{fields:?}"
+    );
+
+    // Every host's count lowered to 0, bare or under a wrong seal: ignored (and counted), the
+    // hosts' last counts stand and B still refuses.
+    let bogus_mac = "A".repeat(43);
+    for forged in ["0".to_owned(), format!("sealed1:{bogus_mac}:0")] {
+        let before = metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total");
+        for (host, _) in &fields {
+            fleet.redis.cli(&["HSET", &key, host, &forged]);
+        }
+        wait_for("the forgery is counted", Duration::from_secs(3), || {
+            metric_sum(&fleet, "mcp_gateway_fleet_unsealed_ignored_total") > before
+        });
+        assert_eq!(add(b), (429, Some(RATE_LIMITED)), "forged {forged}");
+        assert_eq!(
+            metric(admin_b, "mcp_gateway_fleet_in_flight_others"),
+            CAP as f64
+        );
+    }
+    // A flood of fields is cut back to the live hosts; a key of another type is replaced. The
+    // cap holds again within a heartbeat.
+    let mut flood = vec!["HSET".to_owned(), key.clone()];
+    for i in 0..5000 {
+        flood.push(format!("junk{i}"));
+        flood.push("1".into());
+    }
+    let flood: Vec<&str> = flood.iter().map(String::as_str).collect();
+    fleet.redis.cli(&flood);
+    wait_for("the hash is cut back", Duration::from_secs(3), || {
+        hgetall(&fleet.redis, &key).len() <= 3 + 16
+    });
+    fleet.redis.cli(&["SET", &key, "junk"]);
+    wait_for(
+        "the cap's hash is a hash again",
+        Duration::from_secs(3),
+        || fleet.redis.cli(&["TYPE", &key]).trim() == "hash",
+    );
+    wait_metric(admin_b, "mcp_gateway_fleet_in_flight_others", CAP as f64);
+    assert_eq!(add(b), (429, Some(RATE_LIMITED)));
+    assert_eq!(admitted(held), CAP);
+    wait_for("B admits again", Duration::from_secs(2), || {
+        add(b) == (200, None)
+    });
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
+#[test]
+fn a_tenant_connection_cap_holds_across_the_fleet() {
+    let mut settings = Settings::new(1000, 1000, false);
+    settings.tenant_extra = "max_connections = 3".into();
+    let mut fleet = Fleet::start_with(Redis::start(), 3, settings);
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    let admin_b = fleet.gateways[1].admin;
+    fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
+    let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
+    assert_eq!(add(b), (200, None));
+    // Three connections kept open on A (keep-alive after a call): the tenant's cap of the
+    // fleet is full, and B refuses new connections of the tenant.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let body = json!({
+                "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                "params": {"name": "add", "arguments": {"a": 1, "b": 2}, "_meta": meta()},
+            })
+            .to_string();
+            let headers =
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: add\r\n";
+            let (r, stream) = raw(a, &post("/mcp", &body, headers));
+            assert_eq!(r.status, 200, "{r:?}");
+            stream
+        })
+        .collect();
+    wait_metric(
+        admin_b,
+        "mcp_gateway_tenant_at_connection_cap{tenant=\"public\"}",
+        1.0,
+    );
+    let r = call_raw(b, "add", json!({"a": 1, "b": 2}));
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], -32000, "{r:?}");
+    // A's connections closed: B accepts again.
+    drop(held);
+    wait_metric(
+        admin_b,
+        "mcp_gateway_tenant_at_connection_cap{tenant=\"public\"}",
+        0.0,
+    );
+    assert_eq!(add(b), (200, None));
     for g in &mut fleet.gateways {
         g.daemon.stop();
     }
