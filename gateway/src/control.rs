@@ -511,12 +511,21 @@ async fn run_async(
     // Attachments of the running gateway this one takes over once it releases (its program
     // keeps enforcing until then).
     let mut taken_over = Vec::new();
+    // A fleet seals session ids with one key, so that any of its gateways continues a session;
+    // its live hosts set this host's share of the tenants' new-connection rates from the
+    // first sync of the kernel's maps on (during an upgrade, the maps the running gateway's
+    // program reads).
+    let fleet_start = match &config.state.fleet {
+        Some(f) => Some(crate::fleet::start(f).await),
+        None => None,
+    };
+    let kernel_hosts = fleet_start.as_ref().map_or(1, |s| s.hosts);
     let mut kernel = if config.kernel.enabled {
         let lock = handed.as_mut().and_then(|h| h.lock.take());
         let mut k = kernel::load_as(&config.instance, &config.kernel.pin_dir, lock)?;
         let report = k
             .maps()?
-            .sync(&KernelState::from_config(&config))
+            .sync(&KernelState::shared_by(&config, kernel_hosts))
             .context("syncing the kernel maps")?;
         tracing::debug!(?report, "kernel maps synced");
         for iface in &config.kernel.interfaces {
@@ -606,11 +615,6 @@ async fn run_async(
     let admin_addr = config.admin;
     let tls_stamps = crate::tls::stamps(&config);
     let state = config.state.clone();
-    // A fleet seals session ids with one key, so that any of its gateways continues a session.
-    let fleet_start = match &state.fleet {
-        Some(f) => Some(crate::fleet::start(f).await),
-        None => None,
-    };
     let fleet_key = fleet_start.as_ref().and_then(|s| s.session_key);
     let mut shared = Shared::new(config);
     if let Some(key) = fleet_key {
@@ -730,7 +734,7 @@ async fn run_async(
         store_failing: false,
         xdp,
         reloads: Reloads::default(),
-        kernel_hosts: 1,
+        kernel_hosts,
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();

@@ -118,13 +118,20 @@ pub struct Deadline {
     deadline: Instant,
     /// The slot and the table's epoch, once registered.
     key: Option<(usize, u64)>,
+    /// Never sent to another thread: its slot is in this thread's table.
+    _here: ThisThread,
 }
+
+/// Makes a type `!Send`: a registration names a slot of this thread's table only (another
+/// thread's table has the same epochs).
+type ThisThread = std::marker::PhantomData<*const ()>;
 
 impl Deadline {
     pub fn new(deadline: Instant) -> Self {
         Self {
             deadline,
             key: None,
+            _here: std::marker::PhantomData,
         }
     }
 }
@@ -194,6 +201,7 @@ impl Drop for Deadline {
 #[derive(Default)]
 pub struct Stop {
     key: Option<(usize, u64)>,
+    _here: ThisThread,
 }
 
 impl Future for Stop {

@@ -245,10 +245,12 @@ fn supervise(
             // SAFETY: shutdown(2) only; the descriptor stays open, owned by the leaked task.
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
-        shared.conns.reset(index);
         drop(rt);
         // The dead runtime's idle connections stay registered with their wakers: forgotten.
         crate::http::idle::forget_all();
+        // After the runtime is gone: a connection task it dropped has given its count back
+        // already, one it leaked never will.
+        shared.conns.reset(index);
         sockets = match rebind(&sockets) {
             Ok(s) => s,
             Err(e) => {
