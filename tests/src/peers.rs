@@ -193,6 +193,23 @@ impl PyServer {
     }
 
     /// On `port`, with the fixture's flags.
+    /// As [`PyServer::start_on`], in network namespace `ns` (on its loopback).
+    pub fn start_in(ns: &str, port: u16, flags: &[&str]) -> Self {
+        let mut cmd = Command::new(python());
+        crate::netns::enter_before_exec(&mut cmd, ns);
+        cmd.arg(root().join("tests/fixtures/mcp_server.py"))
+            .arg(port.to_string())
+            .args(flags);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the Python MCP server");
+        let child = KillOnDrop(child);
+        crate::netns::in_netns(ns, || wait_port(port, Duration::from_secs(30)));
+        Self { child, port }
+    }
+
     pub fn start_on(port: u16, flags: &[&str]) -> Self {
         let mut cmd = Command::new(python());
         cmd.arg(root().join("tests/fixtures/mcp_server.py"))

@@ -1,14 +1,19 @@
 //! A fleet as it is deployed: three gateways, each in its own network namespace with its own
-//! XDP program on its own interface, on one LAN (a bridge) with their Redis and their upstream
-//! on a fourth host, and clients on a fifth. What one gateway learns reaches the others over
-//! the network: a ban made on one drops packets in the others' XDP programs, each kernel admits
-//! its share of a tenant's new connections, and a session opened through one continues through
-//! another.
+//! XDP program on its own interface and its own MCP server (the Python SDK's, on the host's
+//! loopback), on one LAN (a bridge) with their Redis and a shared upstream on a hub host, and
+//! clients on another. Everything the gateways share goes over the network: a tenant's rate
+//! loaded through all three holds fleet-wide, a budget spent through one is refused through
+//! another, an approval made on one unhides the tool on the others, a ban made on one drops
+//! packets in the others' XDP programs, each kernel admits its share of a tenant's new
+//! connections, a session opened through one continues through another, and Redis killed and
+//! started again mid-run: rates fall back to each host's share and budgets fail closed, then
+//! everything recovers by itself.
 
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,42 +23,138 @@ use integration_tests::{
     daemon::{Daemon, connect_from},
     netns::{HUB_ADDR, Lan, enter_before_exec, in_netns},
     peers::{
-        KillOnDrop, RawResponse, demo_upstream_at, free_port, post, raw, read_response, wait_addr,
+        KillOnDrop, PyServer, RawResponse, demo_upstream_at, free_port, post, raw, read_response,
+        wait_addr,
     },
     unique,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 const PORT: u16 = 18080;
+/// Tenant `alpha`: 3 new connections a second for the fleet, 9 at once.
 const ALPHA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The default tenant, `other`: 120 requests a second for the fleet.
 const BETA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// Tenant `gamma`: a budget of 5 calls for the fleet.
 const GAMMA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+const RATE: u64 = 120;
+const RATE_LIMITED: i64 = -32042;
+const BUDGET_EXHAUSTED: i64 = -32043;
+const STATE_UNAVAILABLE: i64 = -32047;
 
 struct Host {
     daemon: Daemon,
     ns: String,
     addr: Ipv4Addr,
     admin: u16,
+    /// The host's own MCP server (upstream `u0`), on its loopback at `py_port`.
+    py: Option<PyServer>,
 }
 
-/// Dropped in order: gateways, then the upstream and Redis, then the namespaces.
+/// Dropped in order: gateways (and their MCP servers), the shared upstream, Redis, then the
+/// namespaces.
 struct LanFleet {
     hosts: Vec<Host>,
+    py_port: u16,
     _upstream: KillOnDrop,
-    _redis: KillOnDrop,
+    redis: Option<KillOnDrop>,
+    redis_at: SocketAddr,
     lan: Lan,
 }
 
 impl LanFleet {
     fn start() -> Self {
         let lan = Lan::new(&[ALPHA, BETA, GAMMA], 3);
-        let redis_port = free_port();
+        let redis_at = SocketAddr::new(IpAddr::V4(HUB_ADDR), free_port());
+        let up_at = SocketAddr::new(IpAddr::V4(HUB_ADDR), free_port());
+        let upstream = demo_upstream_at(Some(&lan.hub), up_at, &[]);
+        let py_port = free_port();
+        let fleet = unique("fll");
+        let mut f = LanFleet {
+            hosts: Vec::new(),
+            py_port,
+            _upstream: upstream,
+            redis: None,
+            redis_at,
+            lan,
+        };
+        f.redis_up();
+        for (ns, iface, addr) in f.lan.hosts.clone() {
+            let instance = unique("gwfll");
+            let admin = free_port();
+            let config = format!(
+                r#"[gateway]
+instance = "{instance}"
+workers = 1
+[[listeners]]
+address = "{addr}:{PORT}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+interfaces = ["{iface}"]
+mode = "native"
+default_tenant = "other"
+[policy]
+pin_tools = true
+requests_per_sec = {RATE}
+burst = 6
+[[tenants]]
+name = "other"
+id = 0
+[[tenants]]
+name = "alpha"
+id = 1
+sources = ["{ALPHA}/32"]
+new_connections_per_sec = 3
+new_connections_burst = 9
+[[tenants]]
+name = "gamma"
+id = 2
+sources = ["{GAMMA}/32"]
+[tenants.policy]
+budget = {{ window_s = 1000000000, tenant = 5 }}
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{py_port}/mcp"
+[[upstreams]]
+name = "d0"
+url = "http://{up_at}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "d0", prefix = "" }}]
+[state]
+path = "{state}"
+redis = "redis://{redis_at}/"
+fleet = "{fleet}"
+"#,
+                state = std::env::temp_dir()
+                    .join(format!("{instance}.state"))
+                    .display(),
+            );
+            let py = PyServer::start_in(&ns, py_port, &[]);
+            f.hosts.push(Host {
+                daemon: Daemon::start(&ns, &instance, &config),
+                ns,
+                addr,
+                admin,
+                py: Some(py),
+            });
+        }
+        f.wait_all("three live gateways", "mcp_gateway_fleet_hosts_live", 3.0);
+        f
+    }
+
+    /// Starts Redis on the hub (again: empty, as after a restart without persistence).
+    fn redis_up(&mut self) {
         let mut cmd = Command::new("redis-server");
-        enter_before_exec(&mut cmd, &lan.hub);
-        let redis = KillOnDrop(
-            cmd.args([
+        enter_before_exec(&mut cmd, &self.lan.hub);
+        let child = cmd
+            .args([
                 "--port",
-                &redis_port.to_string(),
+                &self.redis_at.port().to_string(),
                 "--bind",
                 &HUB_ADDR.to_string(),
                 "--protected-mode",
@@ -66,75 +167,10 @@ impl LanFleet {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start redis-server"),
-        );
-        let redis_at = SocketAddr::new(IpAddr::V4(HUB_ADDR), redis_port);
-        in_netns(&lan.hub, || wait_addr(redis_at, Duration::from_secs(10)));
-        let up_at = SocketAddr::new(IpAddr::V4(HUB_ADDR), free_port());
-        let upstream = demo_upstream_at(Some(&lan.hub), up_at, &[]);
-        let fleet = unique("fll");
-        let hosts = lan
-            .hosts
-            .iter()
-            .map(|(ns, iface, addr)| {
-                let instance = unique("gwfll");
-                let admin = free_port();
-                let config = format!(
-                    r#"[gateway]
-instance = "{instance}"
-workers = 1
-[[listeners]]
-address = "{addr}:{PORT}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-interfaces = ["{iface}"]
-mode = "native"
-default_tenant = "other"
-[[tenants]]
-name = "other"
-id = 0
-[[tenants]]
-name = "alpha"
-id = 1
-sources = ["{ALPHA}/32"]
-new_connections_per_sec = 3
-new_connections_burst = 9
-[[upstreams]]
-name = "u0"
-url = "http://{up_at}/mcp"
-[[routes]]
-path = "/fed"
-federate = [{{ upstream = "u0", prefix = "" }}]
-[state]
-path = "{state}"
-redis = "redis://{redis_at}/"
-fleet = "{fleet}"
-"#,
-                    state = std::env::temp_dir()
-                        .join(format!("{instance}.state"))
-                        .display(),
-                );
-                Host {
-                    daemon: Daemon::start(ns, &instance, &config),
-                    ns: ns.clone(),
-                    addr: *addr,
-                    admin,
-                }
-            })
-            .collect();
-        let f = LanFleet {
-            hosts,
-            _upstream: upstream,
-            _redis: redis,
-            lan,
-        };
-        for h in &f.hosts {
-            f.wait_for("three live gateways", Duration::from_secs(10), || {
-                f.metric(h, "mcp_gateway_fleet_hosts_live") == 3.0
-            });
-        }
-        f
+            .expect("start redis-server");
+        self.redis = Some(KillOnDrop(child));
+        let at = self.redis_at;
+        in_netns(&self.lan.hub, || wait_addr(at, Duration::from_secs(10)));
     }
 
     fn metric(&self, h: &Host, name: &str) -> f64 {
@@ -148,12 +184,16 @@ fleet = "{fleet}"
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
     }
 
-    fn wait_for(&self, what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !f() {
-            assert!(start.elapsed() < within, "{what}: not within {within:?}");
-            std::thread::sleep(Duration::from_millis(50));
+    fn wait_all(&self, what: &str, name: &str, value: f64) {
+        for h in &self.hosts {
+            wait_for(what, Duration::from_secs(10), || {
+                (self.metric(h, name) - value).abs() < 0.01
+            });
         }
+    }
+
+    fn admin(&self, h: &Host, request: &[u8]) -> RawResponse {
+        in_netns(&h.ns, || raw(h.admin, request).0)
     }
 
     fn dst(h: &Host) -> SocketAddr {
@@ -175,26 +215,138 @@ fleet = "{fleet}"
 
     /// One HTTP request from `src` (client namespace) to `h`'s listener over the LAN.
     fn http(&self, src: Ipv4Addr, h: &Host, request: &[u8]) -> RawResponse {
+        in_netns(&self.lan.client, || http_from(src, Self::dst(h), request))
+    }
+
+    fn call(&self, src: Ipv4Addr, h: &Host, tool: &str, args: Value) -> (u16, Option<i64>) {
+        let r = self.http(src, h, &call_request(tool, args));
+        (r.status, r.json()["error"]["code"].as_i64())
+    }
+
+    fn echo_listed(&self, h: &Host) -> bool {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": meta()}})
+                .to_string();
+        let r = self.http(
+            BETA,
+            h,
+            &post(
+                "/mcp",
+                &body,
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+            ),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let names: Vec<String> = r.json()["result"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect();
+        assert!(names.iter().any(|n| n == "add"), "{names:?}");
+        names.iter().any(|n| n == "echo")
+    }
+
+    /// Calls `add` from BETA through every gateway at once for `span` (a thread each, in the
+    /// client namespace): what each admitted.
+    fn load(&self, span: Duration) -> Vec<u64> {
+        let stop = AtomicBool::new(false);
+        let dsts: Vec<SocketAddr> = self.hosts.iter().map(Self::dst).collect();
         in_netns(&self.lan.client, || {
-            let mut s = connect_from(IpAddr::V4(src), Self::dst(h), Duration::from_secs(2))
-                .expect("connect over the LAN");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(request).expect("write");
-            read_response(&mut s).expect("an answer")
+            std::thread::scope(|s| {
+                // Threads made here are in the client namespace too.
+                let threads: Vec<_> = dsts
+                    .iter()
+                    .map(|dst| {
+                        let stop = &stop;
+                        s.spawn(move || {
+                            let mut admitted = 0;
+                            while !stop.load(Ordering::Relaxed) {
+                                let r = http_from(
+                                    BETA,
+                                    *dst,
+                                    &call_request("add", json!({"a": 1, "b": 2})),
+                                );
+                                match (r.status, r.json()["error"]["code"].as_i64()) {
+                                    (200, None) => admitted += 1,
+                                    (429, Some(RATE_LIMITED)) => {}
+                                    other => panic!("unexpected answer {other:?}"),
+                                }
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            admitted
+                        })
+                    })
+                    .collect();
+                std::thread::sleep(span);
+                stop.store(true, Ordering::Relaxed);
+                threads
+                    .into_iter()
+                    .map(|t| t.join().expect("load thread"))
+                    .collect()
+            })
         })
     }
 }
 
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http_from(src: Ipv4Addr, dst: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = connect_from(IpAddr::V4(src), dst, Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("connect from {src} to {dst} over the LAN"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).expect("write");
+    read_response(&mut s).expect("an answer")
+}
+
+fn meta() -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}
+    })
+}
+
+fn call_request(tool: &str, args: Value) -> Vec<u8> {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": meta()},
+    })
+    .to_string();
+    let headers = format!(
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+    );
+    post("/mcp", &body, &headers)
+}
+
+/// Admitted over `span` at `RATE`/s: within `tolerance` (a fraction) of `RATE × span`.
+fn assert_rate(what: &str, admitted: u64, span: Duration, tolerance: f64) {
+    let expected = RATE as f64 * span.as_secs_f64();
+    let off = (admitted as f64 - expected) / expected;
+    eprintln!(
+        "{what}: {admitted} admitted in {span:?}, expected {expected:.0} ({:+.1} %)",
+        off * 100.0
+    );
+    assert!(
+        off.abs() <= tolerance,
+        "{what}: {admitted} admitted in {span:?}, expected {expected:.0} ± {:.0} %",
+        tolerance * 100.0
+    );
+}
+
 #[test]
-fn three_gateways_in_their_own_namespaces_share_bans_kernel_shares_and_sessions_over_the_lan() {
+fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     let mut f = LanFleet::start();
 
     // Each kernel admits a third of alpha's 3/s with 9 at once: 1/s, 3 at once.
-    const RATE: &str = "mcp_gateway_kernel_tenant_new_connections_per_sec{tenant=\"alpha\"}";
+    const CONN_RATE: &str = "mcp_gateway_kernel_tenant_new_connections_per_sec{tenant=\"alpha\"}";
+    f.wait_all("each host's share", CONN_RATE, 1.0);
     for h in &f.hosts {
-        f.wait_for("each host's share", Duration::from_secs(5), || {
-            (f.metric(h, RATE) - 1.0).abs() < 0.01
-        });
         let maps = KernelMaps::open(&h.daemon.pin_dir).expect("pinned maps");
         let l = maps.tenant_limits(1).expect("alpha's limits");
         assert_eq!(
@@ -209,6 +361,56 @@ fn three_gateways_in_their_own_namespaces_share_bans_kernel_shares_and_sessions_
         (3..=4).contains(&admitted),
         "{admitted} of 6 at once through one gateway, whose share is 3 at once"
     );
+
+    // The default tenant's 120/s, loaded through all three over the LAN, holds fleet-wide.
+    f.load(Duration::from_secs(1));
+    let span = Duration::from_secs(5);
+    let each = f.load(span);
+    eprintln!("admitted by each gateway: {each:?}");
+    assert_rate("fleet-wide over the LAN", each.iter().sum(), span, 0.05);
+
+    // A budget spent through one gateway is spent for all.
+    for _ in 0..5 {
+        assert_eq!(
+            f.call(GAMMA, &f.hosts[0], "add", json!({"a": 1, "b": 2})),
+            (200, None)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for h in &f.hosts {
+        assert_eq!(
+            f.call(GAMMA, h, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "5 of 5 spent across the fleet: refused through {}",
+            h.ns
+        );
+    }
+
+    // An approval on one gateway unhides a changed tool on the others.
+    for h in &f.hosts {
+        assert!(f.echo_listed(h), "{}: first sight, shown", h.ns);
+    }
+    let py_port = f.py_port;
+    for h in &mut f.hosts {
+        h.py = None;
+        h.py = Some(PyServer::start_in(&h.ns, py_port, &["--changed-echo"]));
+    }
+    for h in &f.hosts {
+        assert!(!f.echo_listed(h), "{}: changed, hidden", h.ns);
+    }
+    let body = r#"{"upstream":"u0","tool":"echo"}"#;
+    let req = format!(
+        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(f.admin(&f.hosts[0], req.as_bytes()).status, 200);
+    for h in &f.hosts {
+        wait_for(
+            "the approval on another gateway",
+            Duration::from_secs(5),
+            || f.echo_listed(h),
+        );
+    }
 
     // A session opened through one gateway continues through another.
     let init = json!({
@@ -231,6 +433,35 @@ fn three_gateways_in_their_own_namespaces_share_bans_kernel_shares_and_sessions_
     let text = String::from_utf8_lossy(&r.body).into_owned();
     assert!(text.contains("\"result\"") && text.contains('5'), "{text}");
 
+    // Redis killed: each gateway admits its share of the rate, budgets fail closed; Redis
+    // started again (empty): all recovers by itself, and the spent budget stays spent.
+    f.redis = None;
+    f.wait_all("fallback", "mcp_gateway_fleet_fallback_active", 1.0);
+    assert_eq!(
+        f.call(GAMMA, &f.hosts[2], "add", json!({"a": 1, "b": 2})),
+        (503, Some(STATE_UNAVAILABLE))
+    );
+    f.load(Duration::from_millis(500));
+    let span = Duration::from_secs(3);
+    let n = f.load(span).iter().sum();
+    assert_rate("each gateway's share, Redis down", n, span, 0.10);
+    f.redis_up();
+    f.wait_all("reconnected", "mcp_gateway_fleet_connected", 1.0);
+    f.wait_all("no fallback", "mcp_gateway_fleet_fallback_active", 0.0);
+    std::thread::sleep(Duration::from_millis(300));
+    for h in &f.hosts {
+        assert_eq!(
+            f.call(GAMMA, h, "add", json!({"a": 1, "b": 2})),
+            (429, Some(BUDGET_EXHAUSTED)),
+            "still spent after Redis came back: {}",
+            h.ns
+        );
+    }
+    f.load(Duration::from_secs(1));
+    let span = Duration::from_secs(4);
+    let n = f.load(span).iter().sum();
+    assert_rate("fleet-wide after Redis came back", n, span, 0.05);
+
     // A ban made on the second gateway drops BETA's packets in the first's and the third's
     // XDP programs within a second; GAMMA still connects.
     for h in &f.hosts {
@@ -241,12 +472,11 @@ fn three_gateways_in_their_own_namespaces_share_bans_kernel_shares_and_sessions_
         "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let banning = &f.hosts[1];
-    let (r, _) = in_netns(&banning.ns, || raw(banning.admin, req.as_bytes()));
+    let r = f.admin(&f.hosts[1], req.as_bytes());
     assert_eq!(r.status, 200, "{r:?}");
     for h in [&f.hosts[0], &f.hosts[2]] {
         let maps = KernelMaps::open(&h.daemon.pin_dir).expect("pinned maps");
-        f.wait_for(
+        wait_for(
             "the ban in another host's kernel ban map",
             Duration::from_secs(1),
             || {
