@@ -2052,6 +2052,11 @@ impl<B: Bans> Agent<B> {
         }
         self.caps_seen = seen;
         self.shared.limits.set_conns_others(&conns);
+        // The first exchange of a new host reads no peers (the heartbeat that names them is
+        // answered in the same round): its caps stay at its share until one that did.
+        if !peers.is_empty() || self.shared.fleet.hosts.load(Relaxed) <= 1 {
+            self.shared.limits.set_fleet_caps_read();
+        }
         self.shared.fleet.caps.store(shared, Relaxed);
         self.shared.fleet.in_flight_others.store(in_flight, Relaxed);
         self.count_ignored(ignored);

@@ -392,6 +392,9 @@ pub struct State {
     fleet_hosts: AtomicU64,
     /// Budgets admit on local counts while Redis is unreachable (`[state] fleet_fail_open`).
     fleet_fail_open: std::sync::atomic::AtomicBool,
+    /// The fleet agent has read the other hosts' concurrency counts once: until then a
+    /// concurrency cap admits this host's share, not the whole cap.
+    fleet_caps_read: std::sync::atomic::AtomicBool,
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
 }
 
@@ -421,6 +424,7 @@ impl State {
             fleet: AtomicU8::new(FLEET_OFF),
             fleet_hosts: AtomicU64::new(1),
             fleet_fail_open: std::sync::atomic::AtomicBool::new(false),
+            fleet_caps_read: std::sync::atomic::AtomicBool::new(false),
             leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
         }
     }
@@ -809,14 +813,14 @@ impl State {
 
     /// What this host may hold of a cap of `max` shared by the fleet: `max` less what the
     /// others hold (`others`) with the fleet connected, `max ÷ live hosts` (at least 1) with
-    /// Redis unreachable, `max` without a fleet.
+    /// Redis unreachable or before the others' counts were first read, `max` without a fleet.
     fn fleet_cap<T>(&self, max: T, others: impl FnOnce() -> T) -> T
     where
         T: Copy + Ord + From<u8> + TryFrom<u64> + Into<u64> + std::ops::Sub<Output = T>,
     {
         match self.fleet.load(Ordering::Acquire) {
-            FLEET_LEASED => max - others().min(max),
-            FLEET_FALLBACK => {
+            FLEET_LEASED if self.fleet_caps_read.load(Ordering::Acquire) => max - others().min(max),
+            FLEET_LEASED | FLEET_FALLBACK => {
                 let hosts = self.fleet_hosts.load(Ordering::Relaxed).max(1);
                 T::try_from(max.into() / hosts)
                     .unwrap_or(max)
@@ -824,6 +828,11 @@ impl State {
             }
             _ => max,
         }
+    }
+
+    /// The fleet agent read the other hosts' concurrency counts (see [`State::fleet_cap`]).
+    pub fn set_fleet_caps_read(&self) {
+        self.fleet_caps_read.store(true, Ordering::Release);
     }
 
     /// The requests in flight here under the cap of `key` (the fleet agent).
@@ -1132,8 +1141,16 @@ mod tests {
         state.set_in_flight_others(key, 3);
         let a = state.enter(key, 4).expect("first");
         let b = state.enter(key, 4).expect("second");
-        // The fleet connected: 3 elsewhere + 2 here of 4.
+        // The fleet connected, the others' counts not read yet: this host's share, 4 ÷ 3 = 1,
+        // taken already.
         state.set_fleet(FLEET_LEASED, 3);
+        assert!(
+            state.enter(key, 4).is_none(),
+            "before the first read: the share"
+        );
+        assert_eq!(state.conn_cap(0, 10), 3, "before the first read: the share");
+        // Read: 3 elsewhere + 2 here of 4.
+        state.set_fleet_caps_read();
         assert!(state.enter(key, 4).is_none(), "3 elsewhere, 2 here, cap 4");
         assert_eq!(state.in_flight_here(key), 2);
         drop(b);
