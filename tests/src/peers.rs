@@ -193,10 +193,20 @@ impl PyServer {
     }
 
     /// On `port`, with the fixture's flags.
+    pub fn start_on(port: u16, flags: &[&str]) -> Self {
+        Self::spawn_in(None, port, flags)
+    }
+
     /// As [`PyServer::start_on`], in network namespace `ns` (on its loopback).
     pub fn start_in(ns: &str, port: u16, flags: &[&str]) -> Self {
+        Self::spawn_in(Some(ns), port, flags)
+    }
+
+    fn spawn_in(ns: Option<&str>, port: u16, flags: &[&str]) -> Self {
         let mut cmd = Command::new(python());
-        crate::netns::enter_before_exec(&mut cmd, ns);
+        if let Some(ns) = ns {
+            crate::netns::enter_before_exec(&mut cmd, ns);
+        }
         cmd.arg(root().join("tests/fixtures/mcp_server.py"))
             .arg(port.to_string())
             .args(flags);
@@ -206,25 +216,11 @@ impl PyServer {
             .spawn()
             .expect("start the Python MCP server");
         let child = KillOnDrop(child);
-        crate::netns::in_netns(ns, || wait_port(port, Duration::from_secs(30)));
-        Self { child, port }
-    }
-
-    pub fn start_on(port: u16, flags: &[&str]) -> Self {
-        let mut cmd = Command::new(python());
-        cmd.arg(root().join("tests/fixtures/mcp_server.py"))
-            .arg(port.to_string())
-            .args(flags);
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the Python MCP server");
-        wait_port(port, Duration::from_secs(30));
-        Self {
-            child: KillOnDrop(child),
-            port,
+        match ns {
+            Some(ns) => crate::netns::in_netns(ns, || wait_port(port, Duration::from_secs(30))),
+            None => wait_port(port, Duration::from_secs(30)),
         }
+        Self { child, port }
     }
 
     /// Over https (uvicorn's TLS) with `tls`'s certificate and key; with `client_ca`, a

@@ -184,15 +184,20 @@ impl Future for Deadline {
 
 impl Drop for Deadline {
     fn drop(&mut self) {
-        if let Some((key, epoch)) = self.key {
-            // The thread may be ending (its table gone): nothing to unregister then.
-            let _ = TABLE.try_with(|t| {
-                let mut t = t.borrow_mut();
-                if t.epoch == epoch {
-                    t.remove(key);
-                }
-            });
-        }
+        unregister(self.key);
+    }
+}
+
+/// Frees a [`Deadline`]'s or a [`Stop`]'s slot, if it took one in this table.
+fn unregister(key: Option<(usize, u64)>) {
+    if let Some((key, epoch)) = key {
+        // The thread may be ending (its table gone): nothing to unregister then.
+        let _ = TABLE.try_with(|t| {
+            let mut t = t.borrow_mut();
+            if t.epoch == epoch {
+                t.remove(key);
+            }
+        });
     }
 }
 
@@ -234,14 +239,7 @@ impl Future for Stop {
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        if let Some((key, epoch)) = self.key {
-            let _ = TABLE.try_with(|t| {
-                let mut t = t.borrow_mut();
-                if t.epoch == epoch {
-                    t.remove(key);
-                }
-            });
-        }
+        unregister(self.key);
     }
 }
 

@@ -368,7 +368,7 @@ fn wait_metric(admin: u16, name: &str, value: f64) {
     );
 }
 
-fn meta() -> Value {
+pub(super) fn meta() -> Value {
     json!({
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {}
@@ -383,6 +383,11 @@ fn call(port: u16, tool: &str, args: Value) -> (u16, Option<i64>) {
 
 /// A stateless `tools/call` of `tool`: the whole response.
 fn call_raw(port: u16, tool: &str, args: Value) -> RawResponse {
+    raw(port, &call_request(tool, args)).0
+}
+
+/// A 2026-07-28 `tools/call` of `tool` on `/mcp`.
+pub(super) fn call_request(tool: &str, args: Value) -> Vec<u8> {
     let body = json!({
         "jsonrpc": "2.0", "id": 9, "method": "tools/call",
         "params": {"name": tool, "arguments": args, "_meta": meta()},
@@ -391,7 +396,7 @@ fn call_raw(port: u16, tool: &str, args: Value) -> RawResponse {
     let headers = format!(
         "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
     );
-    raw(port, &post("/mcp", &body, &headers)).0
+    post("/mcp", &body, &headers)
 }
 
 /// A stateless `tools/list`: whether `echo` is shown.
@@ -451,13 +456,13 @@ fn load(fleet: &Fleet, span: Duration) -> Vec<u64> {
         .collect()
 }
 
-const RATE_LIMITED: i64 = -32042;
-const BUDGET_EXHAUSTED: i64 = -32043;
-const STATE_UNAVAILABLE: i64 = -32047;
+pub(super) const RATE_LIMITED: i64 = -32042;
+pub(super) const BUDGET_EXHAUSTED: i64 = -32043;
+pub(super) const STATE_UNAVAILABLE: i64 = -32047;
 const PENDING_APPROVAL: i64 = -32046;
 
 /// Admitted over `span` at `rate`/s: within `tolerance` (a fraction) of `rate × span`.
-fn assert_rate(what: &str, admitted: u64, rate: u64, span: Duration, tolerance: f64) {
+pub(super) fn assert_rate(what: &str, admitted: u64, rate: u64, span: Duration, tolerance: f64) {
     let expected = rate as f64 * span.as_secs_f64();
     let off = (admitted as f64 - expected) / expected;
     eprintln!(
@@ -1286,7 +1291,7 @@ fn ban(admin: u16, ip: &str) {
 }
 
 /// Waits up to `within` for `f`.
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+pub(super) fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < within, "{what}: not within {within:?}");

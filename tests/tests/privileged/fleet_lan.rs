@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use gateway::kernel::KernelMaps;
@@ -30,6 +30,10 @@ use integration_tests::{
 };
 use serde_json::{Value, json};
 
+use super::fleet::{
+    BUDGET_EXHAUSTED, RATE_LIMITED, STATE_UNAVAILABLE, assert_rate, call_request, meta, wait_for,
+};
+
 const PORT: u16 = 18080;
 /// Tenant `alpha`: 3 new connections a second for the fleet, 9 at once.
 const ALPHA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -38,9 +42,6 @@ const BETA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 /// Tenant `gamma`: a budget of 5 calls for the fleet.
 const GAMMA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 const RATE: u64 = 120;
-const RATE_LIMITED: i64 = -32042;
-const BUDGET_EXHAUSTED: i64 = -32043;
-const STATE_UNAVAILABLE: i64 = -32047;
 
 struct Host {
     daemon: Daemon,
@@ -289,54 +290,12 @@ fleet = "{fleet}"
     }
 }
 
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn http_from(src: Ipv4Addr, dst: SocketAddr, request: &[u8]) -> RawResponse {
     let mut s = connect_from(IpAddr::V4(src), dst, Duration::from_secs(2))
         .unwrap_or_else(|| panic!("connect from {src} to {dst} over the LAN"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request).expect("write");
     read_response(&mut s).expect("an answer")
-}
-
-fn meta() -> Value {
-    json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientCapabilities": {}
-    })
-}
-
-fn call_request(tool: &str, args: Value) -> Vec<u8> {
-    let body = json!({
-        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": tool, "arguments": args, "_meta": meta()},
-    })
-    .to_string();
-    let headers = format!(
-        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
-    );
-    post("/mcp", &body, &headers)
-}
-
-/// Admitted over `span` at `RATE`/s: within `tolerance` (a fraction) of `RATE × span`.
-fn assert_rate(what: &str, admitted: u64, span: Duration, tolerance: f64) {
-    let expected = RATE as f64 * span.as_secs_f64();
-    let off = (admitted as f64 - expected) / expected;
-    eprintln!(
-        "{what}: {admitted} admitted in {span:?}, expected {expected:.0} ({:+.1} %)",
-        off * 100.0
-    );
-    assert!(
-        off.abs() <= tolerance,
-        "{what}: {admitted} admitted in {span:?}, expected {expected:.0} ± {:.0} %",
-        tolerance * 100.0
-    );
 }
 
 #[test]
@@ -367,7 +326,13 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     let span = Duration::from_secs(5);
     let each = f.load(span);
     eprintln!("admitted by each gateway: {each:?}");
-    assert_rate("fleet-wide over the LAN", each.iter().sum(), span, 0.05);
+    assert_rate(
+        "fleet-wide over the LAN",
+        each.iter().sum(),
+        RATE,
+        span,
+        0.05,
+    );
 
     // A budget spent through one gateway is spent for all. (Spaced: a rate this gateway has
     // no lease of yet admits its share of the burst, 2 at once, until the next round.)
@@ -446,7 +411,7 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     f.load(Duration::from_millis(500));
     let span = Duration::from_secs(3);
     let n = f.load(span).iter().sum();
-    assert_rate("each gateway's share, Redis down", n, span, 0.10);
+    assert_rate("each gateway's share, Redis down", n, RATE, span, 0.10);
     f.redis_up();
     f.wait_all("reconnected", "mcp_gateway_fleet_connected", 1.0);
     f.wait_all("no fallback", "mcp_gateway_fleet_fallback_active", 0.0);
@@ -462,7 +427,7 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     f.load(Duration::from_secs(1));
     let span = Duration::from_secs(4);
     let n = f.load(span).iter().sum();
-    assert_rate("fleet-wide after Redis came back", n, span, 0.05);
+    assert_rate("fleet-wide after Redis came back", n, RATE, span, 0.05);
 
     // A ban made on the second gateway drops BETA's packets in the first's and the third's
     // XDP programs within a second; GAMMA still connects.
