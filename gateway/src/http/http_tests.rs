@@ -110,7 +110,7 @@ fn request(minor: u8, target: &str, pairs: &[(&str, &str)]) -> Request {
         target: target.into(),
         minor,
         headers: h(pairs),
-        body: Vec::new(),
+        body: bytes::Bytes::new(),
         keep_alive: true,
     }
 }

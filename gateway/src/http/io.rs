@@ -26,13 +26,13 @@ use std::{os::fd::AsRawFd as _, time::Duration};
 
 use monoio::{
     buf::IoBufMut as _,
-    io::{AsyncReadRent, AsyncWriteRentExt},
+    io::{AsyncReadRent, AsyncWriteRent as _, AsyncWriteRentExt},
     net::TcpStream,
 };
 
 use std::io::{Read as _, Write as _};
 
-use super::{BodyKind, ChunkedDecoder, HttpError};
+use super::{BodyKind, ChunkedDecoder, HttpError, Outgoing, outgoing::Unsent};
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -489,6 +489,46 @@ impl Io {
         self.write_raw_back(bytes).await
     }
 
+    /// Sends a message built for a peer, head and body in one vectored write (the body is not
+    /// copied), each write waiting at most the send timeout. Gives the message back once
+    /// written or refused (for a retry), `None` when the write was abandoned midway.
+    pub async fn send(&mut self, out: Outgoing) -> (std::io::Result<()>, Option<Outgoing>) {
+        if self.tls.is_some() {
+            let r = self.write_tls_parts(&[&out.head, &out.body]).await;
+            return (r, Some(out));
+        }
+        if self.write_lost {
+            return (Err(std::io::ErrorKind::BrokenPipe.into()), Some(out));
+        }
+        // Lost until it completes, in case this future is dropped midway.
+        self.write_lost = true;
+        let mut unsent = Unsent::new(out);
+        loop {
+            if unsent.done() {
+                self.write_lost = false;
+                return (Ok(()), Some(unsent.into_inner()));
+            }
+            match monoio::time::timeout(self.send_timeout, self.stream.writev(unsent)).await {
+                Ok((Ok(n), back)) if n > 0 => {
+                    unsent = back;
+                    unsent.advance(n);
+                }
+                Ok((Err(e), back)) if e.kind() == std::io::ErrorKind::Interrupted => unsent = back,
+                Ok((result, back)) => {
+                    self.shutdown(libc::SHUT_RDWR);
+                    let e = result
+                        .err()
+                        .unwrap_or_else(|| std::io::ErrorKind::WriteZero.into());
+                    return (Err(e), Some(back.into_inner()));
+                }
+                Err(_) => {
+                    self.shutdown(libc::SHUT_RDWR);
+                    return (Err(std::io::ErrorKind::TimedOut.into()), None);
+                }
+            }
+        }
+    }
+
     async fn write_out(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
         if self.tls.is_none() {
             return self.write_raw(bytes).await;
@@ -497,26 +537,39 @@ impl Io {
     }
 
     async fn write_tls(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_tls_parts(&[bytes]).await
+    }
+
+    /// Writes `parts`, one after the other, as TLS records: what rustls takes at a time (up to
+    /// its buffer limit) is sent before the rest.
+    async fn write_tls_parts(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         };
         if self.write_lost || tls.is_handshaking() {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let Some(tls) = self.tls.as_deref_mut() else {
-                return Err(std::io::ErrorKind::BrokenPipe.into());
-            };
-            // rustls takes up to its buffer limit at a time; each part is sent before the next.
-            let n = tls.writer().write(rest)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+        let mut flushed = false;
+        for part in parts {
+            let mut rest = *part;
+            while !rest.is_empty() {
+                let Some(tls) = self.tls.as_deref_mut() else {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                };
+                let n = tls.writer().write(rest)?;
+                if n == 0 && flushed {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                rest = &rest[n..];
+                flushed = false;
+                if !rest.is_empty() {
+                    // rustls's buffer is full: what it holds goes out first.
+                    self.flush_tls().await?;
+                    flushed = true;
+                }
             }
-            rest = &rest[n..];
-            self.flush_tls().await?;
         }
-        Ok(())
+        self.flush_tls().await
     }
 
     /// Writes bytes to the socket as they are (records, when the connection carries TLS).
@@ -563,6 +616,13 @@ impl Io {
                     self.expect((n - self.pending().len()).min(max).min(EXPECT_MAX));
                 }
                 while self.pending().len() < n {
+                    // Full: room for the rest in one step (each growth copies what arrived),
+                    // up to three times what arrived: a peer holds at most four times what
+                    // it sent.
+                    if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+                        let have = self.pending().len();
+                        self.expect((n - have).min(3 * have.max(READ_CHUNK)).min(max));
+                    }
                     if self.fill_until(deadline).await? == 0 {
                         return Err(HttpError::BadRequest("body shorter than Content-Length"));
                     }

@@ -235,3 +235,63 @@ fn an_idle_wait_past_the_grace_read_gets_its_bytes_or_times_out() {
             drop((a, b));
         });
 }
+
+/// A message given to `send` (a head and a shared body, one vectored write) arrives whole and
+/// in order, also when the socket takes it in many writes (a small send buffer, a reader that
+/// starts late), over plaintext and over TLS (records across rustls's buffer limit); the
+/// message comes back for a retry.
+#[test]
+fn send_delivers_head_and_body_whole_across_partial_writes() {
+    for tls in [false, true] {
+        run(async move {
+            let p = configs();
+            let head = vec![b'h'; 300];
+            let body: bytes::Bytes = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+            let mut expected = head.clone();
+            expected.extend_from_slice(&body);
+            let total = expected.len();
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server_side = server_conn(&p);
+            let server = monoio::spawn(async move {
+                let (s, _) = listener.accept().await.expect("accept");
+                let mut io = Io::new(s, Duration::from_secs(5));
+                if tls {
+                    io.handshake(server_side, soon())
+                        .await
+                        .expect("server handshake");
+                }
+                monoio::time::sleep(Duration::from_millis(50)).await;
+                while io.pending().len() < total {
+                    let n = io.fill(Duration::from_secs(5)).await.expect("server read");
+                    assert!(n > 0, "closed early at {}", io.pending().len());
+                }
+                assert!(io.take(total) == expected, "tls {tls}: the bytes differ");
+            });
+            let s = TcpStream::connect(addr).await.expect("connect");
+            let small: libc::c_int = 4096;
+            // SAFETY: a valid socket and option value of the right size.
+            let set = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&raw const small).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0, "SO_SNDBUF");
+            let mut io = Io::new(s, Duration::from_secs(5));
+            if tls {
+                io.handshake(client_conn(&p), soon())
+                    .await
+                    .expect("client handshake");
+            }
+            let out = super::Outgoing { head, body };
+            let (sent, back) = io.send(out).await;
+            sent.expect("sent");
+            assert_eq!(back.map(|b| b.len()), Some(total), "given back whole");
+            server.await;
+        });
+    }
+}

@@ -25,6 +25,7 @@ mod head;
 mod head_end;
 pub mod idle;
 mod io;
+mod outgoing;
 pub mod proxy_protocol;
 
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub use body::{BodyKind, ChunkedDecoder};
 pub use head::{UnsafeField, is_clean_value, is_token, push_field, push_request_line};
 pub use head_end::HeadEnd;
 pub use io::{HandshakeError, Io, take_idle_releases};
+pub use outgoing::Outgoing;
 
 /// Limits of the server side, each with the status it answers.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +100,8 @@ pub struct Request {
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
     pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
+    /// Shared, so that forwarding it sends these bytes without a copy.
+    pub body: bytes::Bytes,
     /// Whether the connection may carry another request after this one.
     pub keep_alive: bool,
 }
@@ -382,7 +385,7 @@ pub fn parse_head(
             .iter()
             .map(|h| (h.name.to_owned(), h.value.to_vec()))
             .collect(),
-        body: Vec::new(),
+        body: bytes::Bytes::new(),
         keep_alive: true,
     };
     check_head(&mut req)?;
@@ -419,8 +422,8 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
             .map_err(|_| HttpError::Closed)?;
     }
     req.body = match kind {
-        None => Vec::new(),
-        Some(kind) => io.read_body(kind, limits.max_body, deadline).await?,
+        None => bytes::Bytes::new(),
+        Some(kind) => io.read_body(kind, limits.max_body, deadline).await?.into(),
     };
     Ok(req)
 }

@@ -464,7 +464,7 @@ async fn exchange(
         m.insert(META_VERSION.into(), json!(version::STATELESS));
         m.insert(META_CAPABILITIES.into(), json!({}));
     }
-    let body = super::json_bytes(&message);
+    let body = bytes::Bytes::from(super::json_bytes(&message));
     let replace = [
         ("mcp-session-id", None),
         ("mcp-protocol-version", Some(version::STATELESS)),

@@ -13,6 +13,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::{SinkExt as _, StreamExt as _, future::join_all};
 use serde_json::{Map, Value, json};
@@ -141,9 +142,9 @@ impl<'c> Federation<'_, 'c> {
         &self,
         m: &Member,
         era: Era<'_>,
-        body: &[u8],
+        body: &Bytes,
         extra: &[(&str, Option<&str>)],
-    ) -> Result<Vec<u8>, http::UnsafeField> {
+    ) -> Result<http::Outgoing, http::UnsafeField> {
         let up = self.upstream(m);
         let mut replace: Vec<(&str, Option<&str>)> = extra.to_vec();
         match era {
@@ -177,7 +178,7 @@ impl<'c> Federation<'_, 'c> {
         &self,
         era: Era<'_>,
         member: &Member,
-        body: &[u8],
+        body: &Bytes,
     ) -> Option<Result<(ResponseHead, Vec<u8>), UpstreamFailure>> {
         let handle = match self.stdio_of(member)? {
             Ok(h) => h,
@@ -241,7 +242,7 @@ impl<'c> Federation<'_, 'c> {
         &self,
         era: Era<'_>,
         member: &Member,
-        body: &[u8],
+        body: &Bytes,
         extra: &[(&str, Option<&str>)],
     ) -> Option<Result<held::Answer, UpstreamFailure>> {
         if !matches!(era, Era::Stateless) {
@@ -276,7 +277,7 @@ impl<'c> Federation<'_, 'c> {
     async fn bridged_exchange(
         &self,
         member: &Member,
-        body: &[u8],
+        body: &Bytes,
     ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
         let accepted = ResponseHead {
             status: 202,
@@ -409,7 +410,7 @@ impl<'c> Federation<'_, 'c> {
             &["params", "protocolVersion"],
             json!(agreed),
         );
-        let upstream_body = super::json_bytes(&upstream_body);
+        let upstream_body = Bytes::from(super::json_bytes(&upstream_body));
         let results = join_all(
             self.members
                 .iter()
@@ -477,13 +478,15 @@ impl<'c> Federation<'_, 'c> {
     async fn initialize_member(
         &self,
         member: &Member,
-        body: &[u8],
+        body: &Bytes,
         id: Option<&Id>,
     ) -> Result<(Option<String>, Value, bool), String> {
         if self.upstream(member).stdio.is_some() {
             // The child was initialized by the gateway; its answer is that one.
-            let probe = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
-            let (_, bytes) = match self.stdio_exchange(Era::Stateless, member, probe).await {
+            let probe = Bytes::from_static(
+                br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#,
+            );
+            let (_, bytes) = match self.stdio_exchange(Era::Stateless, member, &probe).await {
                 Some(Ok(answer)) => answer,
                 Some(Err(f)) => return Err(describe(f)),
                 None => return Err("not a stdio upstream".into()),
@@ -589,7 +592,7 @@ impl<'c> Federation<'_, 'c> {
         message: &Message,
     ) -> bool {
         let id = message.id.clone();
-        let bytes = super::json_bytes(body);
+        let bytes = Bytes::from(super::json_bytes(body));
         let mut extra = vec![];
         if self.req.header("mcp-name").is_some() {
             extra.push(("mcp-name", mcp_name));
@@ -686,7 +689,7 @@ impl<'c> Federation<'_, 'c> {
     async fn fan_out(
         &self,
         era: Era<'_>,
-        bodies: Vec<(usize, Vec<u8>)>,
+        bodies: Vec<(usize, Bytes)>,
     ) -> Vec<(usize, Result<(ResponseHead, Vec<u8>), UpstreamFailure>)> {
         let sent = std::time::Instant::now();
         let answers = join_all(bodies.into_iter().map(|(i, body)| async move {
@@ -750,7 +753,7 @@ impl<'c> Federation<'_, 'c> {
         let mut result_type: Option<Value> = None;
         let mut expired = None;
         for _ in 0..MAX_PAGES {
-            let bodies: Vec<(usize, Vec<u8>)> = active
+            let bodies: Vec<(usize, Bytes)> = active
                 .iter()
                 .filter(|i| !failed.iter().any(|(f, _)| f == *i))
                 .filter(|i| !matches!(cursors[**i], Some(None)))
@@ -764,7 +767,7 @@ impl<'c> Federation<'_, 'c> {
                             }
                         }
                     }
-                    (*i, super::json_bytes(&body))
+                    (*i, super::json_bytes(&body).into())
                 })
                 .collect();
             if bodies.is_empty() {
@@ -948,11 +951,11 @@ impl<'c> Federation<'_, 'c> {
     }
 
     /// Sends `body` to every member, ignoring the answers (notifications, setLevel).
-    async fn broadcast(&self, era: Era<'_>, body: &[u8]) {
+    async fn broadcast(&self, era: Era<'_>, body: &Bytes) {
         let bodies = self
             .active(era)
             .into_iter()
-            .map(|i| (i, body.to_vec()))
+            .map(|i| (i, body.clone()))
             .collect();
         for (i, r) in self.fan_out(era, bodies).await {
             if let Err(f) = r {
@@ -978,7 +981,7 @@ impl<'c> Federation<'_, 'c> {
                     let bytes = super::json_bytes(&body);
                     let i = self.members.iter().position(|x| std::ptr::eq(x, member));
                     if let Some(i) = i {
-                        let _ = self.fan_out(era, vec![(i, bytes)]).await;
+                        let _ = self.fan_out(era, vec![(i, bytes.into())]).await;
                     }
                 } else {
                     // A client request's id: the members that do not know it ignore it, and
@@ -1013,10 +1016,10 @@ impl<'c> Federation<'_, 'c> {
         };
         let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
         set_in(&mut body, &["id"], original);
-        let bytes = super::json_bytes(&body);
+        let bytes = Bytes::from(super::json_bytes(&body));
         if let Some(handle) = self.stdio_of(member) {
             if let Ok(handle) = handle {
-                handle.respond(proxy::session_owner(self.ctx, self.obs), bytes);
+                handle.respond(proxy::session_owner(self.ctx, self.obs), bytes.to_vec());
             }
             return self.accepted(io).await;
         }
@@ -1066,7 +1069,7 @@ impl<'c> Federation<'_, 'c> {
     /// Ends the session: at every member that holds one of its own, and here (members without
     /// one, stdio or bridged, hold nothing to end; the sealed id would still open).
     async fn delete(&self, io: &mut Io, era: Era<'_>) -> bool {
-        self.broadcast(era, b"").await;
+        self.broadcast(era, &Bytes::new()).await;
         // Only a session its caller was checked to own (the stateless era has none).
         if let Era::Session(_) = era
             && let Some(id) = self.req.header_str("mcp-session-id")
@@ -1102,7 +1105,8 @@ impl<'c> Federation<'_, 'c> {
                 .as_ref()
                 .filter(|(name, _)| *name == up.name)
                 .map(|(_, id)| id.as_str());
-            let request = self.request_for(member, era, b"", &[("last-event-id", last_id)]);
+            let request =
+                self.request_for(member, era, &Bytes::new(), &[("last-event-id", last_id)]);
             async move {
                 let opened = match request {
                     Ok(request) => upstream::open(&self.ctx.pool, up, request, Some(client)).await,

@@ -83,7 +83,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
                 .collect(),
-            body: body.as_bytes().to_vec(),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             keep_alive: true,
         };
         let msg = match Parser::default().parse(body.as_bytes()).unwrap() {

@@ -33,6 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures_channel::oneshot;
 use serde_json::{Value, json};
 
@@ -267,9 +268,16 @@ async fn open(
         },
     });
     let own = Id::Str(OWN_ID.to_owned());
-    let (id, init) = initialize(ctx, req, peer, up, &super::json_bytes(&body), Some(&own))
-        .await
-        .map_err(UpstreamFailure::Bad)?;
+    let (id, init) = initialize(
+        ctx,
+        req,
+        peer,
+        up,
+        &super::json_bytes(&body).into(),
+        Some(&own),
+    )
+    .await
+    .map_err(UpstreamFailure::Bad)?;
     let version = init["protocolVersion"]
         .as_str()
         .filter(|v| version::is_supported(v))
@@ -293,7 +301,7 @@ pub(super) async fn initialize(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
-    body: &[u8],
+    body: &Bytes,
     id: Option<&Id>,
 ) -> Result<(Option<String>, Value), String> {
     let unsent = [
@@ -324,7 +332,7 @@ pub(super) async fn initialize(
         req,
         peer,
         up,
-        initialized,
+        &Bytes::from_static(initialized),
         &[
             ("mcp-session-id", session.as_deref()),
             ("mcp-protocol-version", Some(version)),
@@ -391,7 +399,7 @@ pub(super) async fn call(
     if let Some(m) = message.as_object_mut() {
         crate::stdio::mux::strip_envelope(m);
     }
-    let body = super::json_bytes(&message);
+    let body = Bytes::from(super::json_bytes(&message));
     let key = (up.key, owner);
     let mut attempt = 0;
     let (head, bytes) = loop {
@@ -429,7 +437,7 @@ pub(super) async fn call_learning(
     peer: SocketAddr,
     up: &Upstream,
     owner: u64,
-    body: &[u8],
+    body: &Bytes,
     extra: &[(&str, Option<&str>)],
 ) -> Result<Answer, UpstreamFailure> {
     if known_session(ctx, up) == Some(true) {
@@ -490,7 +498,7 @@ pub(super) async fn forward_learning<'c>(
     ctx: &WorkerCtx,
     up: &'c Upstream,
     m: &Message,
-    body: &[u8],
+    body: &Bytes,
     extra: &[(&str, Option<&str>)],
     member: Option<&str>,
     obs: &Obs<'c>,
@@ -547,7 +555,7 @@ pub(super) async fn open_judging(
     ctx: &WorkerCtx,
     up: &Upstream,
     m: &Message,
-    body: &[u8],
+    body: &Bytes,
     extra: &[(&str, Option<&str>)],
     obs: &Obs<'_>,
     refused: Option<Judge>,

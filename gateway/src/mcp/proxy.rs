@@ -647,11 +647,11 @@ pub(super) fn upstream_request(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
-    body: &[u8],
+    body: &bytes::Bytes,
     replace: &[(&str, Option<&str>)],
-) -> Result<Vec<u8>, http::UnsafeField> {
+) -> Result<http::Outgoing, http::UnsafeField> {
     let query = req.target.find('?').map_or("", |i| &req.target[i..]);
-    let mut out = Vec::with_capacity(512 + body.len());
+    let mut out = Vec::with_capacity(512);
     http::push_request_line(&mut out, &req.method, &format!("{}{query}", up.path))?;
     http::push_field(&mut out, "host", up.authority.as_bytes())?;
     for (name, value) in &req.headers {
@@ -679,8 +679,10 @@ pub(super) fn upstream_request(
         out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-    Ok(out)
+    Ok(http::Outgoing {
+        head: out,
+        body: body.clone(),
+    })
 }
 
 /// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
@@ -692,7 +694,7 @@ pub(super) fn upstream_request(
 pub(super) async fn forward<'c>(
     client: &mut Io,
     req: &Request,
-    request: Vec<u8>,
+    request: http::Outgoing,
     up: &'c Upstream,
     request_id: Option<Id>,
     ctx: &WorkerCtx,

@@ -75,7 +75,7 @@ fn client_request(headers: &[(&str, &str)]) -> Request {
             .iter()
             .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
             .collect(),
-        body: b"{}".to_vec(),
+        body: bytes::Bytes::from_static(b"{}"),
         keep_alive: true,
     }
 }
@@ -85,8 +85,8 @@ fn a_value_from_a_message_never_adds_a_line_to_the_upstream_head() {
     let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
     let req = client_request(&[("host", "gw"), ("content-type", "application/json")]);
     let up = upstream();
-    let ok = upstream_request(&req, peer, &up, b"{}", &[("traceparent", Some(TP))]).unwrap();
-    let text = String::from_utf8(ok).unwrap();
+    let ok = upstream_request(&req, peer, &up, &req.body, &[("traceparent", Some(TP))]).unwrap();
+    let text = String::from_utf8(ok.to_vec()).unwrap();
     assert!(
         text.starts_with("POST /mcp?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"),
         "{text}"
@@ -107,7 +107,7 @@ fn a_value_from_a_message_never_adds_a_line_to_the_upstream_head() {
         ("mcp-name", "echo\0"),
         ("mcp-session-id", "s\x0b"),
     ] {
-        let e = upstream_request(&req, peer, &up, b"{}", &[(name, Some(value))]).unwrap_err();
+        let e = upstream_request(&req, peer, &up, &req.body, &[(name, Some(value))]).unwrap_err();
         assert_eq!(e.name, name);
         let rpc = RpcError::from(e);
         assert_eq!((rpc.code, rpc.http_status), (error::INVALID_REQUEST, 400));
@@ -124,8 +124,12 @@ fn every_connection_line_names_hop_by_hop_fields() {
         ("x-second", "dropped"),
         ("x-kept", "kept"),
     ]);
-    let text =
-        String::from_utf8(upstream_request(&req, peer, &upstream(), b"{}", &[]).unwrap()).unwrap();
+    let text = String::from_utf8(
+        upstream_request(&req, peer, &upstream(), &req.body, &[])
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(!text.contains("x-second"), "{text}");
     assert!(text.contains("x-kept: kept\r\n"), "{text}");
 }

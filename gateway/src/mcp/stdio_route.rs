@@ -70,13 +70,13 @@ pub(super) async fn forward(
     match m.kind {
         Kind::Notification => {
             if m.method.as_deref() != Some("notifications/initialized") {
-                handle.notify(caller, req.body.clone());
+                handle.notify(caller, req.body.to_vec());
             }
             obs.set(Outcome::Ok);
             accepted(io, req).await
         }
         Kind::Response => {
-            handle.respond(caller, req.body.clone());
+            handle.respond(caller, req.body.to_vec());
             obs.set(Outcome::Ok);
             accepted(io, req).await
         }

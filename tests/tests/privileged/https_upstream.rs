@@ -16,7 +16,10 @@ use std::{
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{PyServer, demo_upstream_tls, free_port, post, py_client, py_client_prefixed, raw},
+    peers::{
+        PyServer, demo_upstream, demo_upstream_tls, free_port, post, py_client, py_client_prefixed,
+        raw,
+    },
     pki::{KeyKind, Pki},
     unique,
 };
@@ -152,6 +155,54 @@ fn demo_upstream_over_https_in_passthrough() {
     let (r, _) = raw(port, &post("/mcp", CALL, ""));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["result"]["content"][0]["text"], "42");
+    d.stop();
+}
+
+/// A large message reaches the upstream as the client sent it, over a plain and an https
+/// upstream, on a new and on a pooled connection: the head the gateway writes and the client's
+/// body leave in one vectored write (plain) or as records across rustls's buffer limit (TLS),
+/// and the answer comes back whole. The echo tool answers the text it was sent.
+#[test]
+fn large_messages_reach_plain_and_https_upstreams_byte_for_byte() {
+    let pki = Pki::new("large");
+    let cert = pki.server("demo", &["127.0.0.1"], KeyKind::EcdsaP256);
+    let (plain_port, tls_port) = (free_port(), free_port());
+    let _plain = demo_upstream(plain_port);
+    let _tls = demo_upstream_tls(tls_port, &cert);
+    let (mut d, port, _) = start(
+        &[
+            upstream("plain", &format!("http://127.0.0.1:{plain_port}/mcp"), ""),
+            upstream(
+                "tls",
+                &format!("https://127.0.0.1:{tls_port}/mcp"),
+                &ca(&pki),
+            ),
+        ]
+        .concat(),
+        &[route("/plain", "plain"), route("/tls", "tls")].concat(),
+    );
+    // Escapes, quotes and multi-byte characters, as a file's contents have them.
+    let line = "a \"quoted\" line, a tab\t, a backslash \\ and \u{2713} \u{fc}n\u{ef}code\n";
+    for path in ["/plain", "/tls"] {
+        for (i, lines) in [1, 1_200, 20_000, 55_000, 55_000].into_iter().enumerate() {
+            let text = format!("{i}:{}", line.repeat(lines));
+            let body = serde_json::json!({
+                "jsonrpc": "2.0", "id": i, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": text}},
+            })
+            .to_string();
+            assert!(body.len() < 4 * 1024 * 1024, "{} bytes", body.len());
+            let (r, _) = raw(port, &post(path, &body, ""));
+            let answer = r.json();
+            assert_eq!(r.status, 200, "{path}, {} bytes: {answer}", body.len());
+            assert_eq!(
+                answer["result"]["content"][0]["text"].as_str(),
+                Some(text.as_str()),
+                "{path}, {} bytes: the text came back changed",
+                body.len()
+            );
+        }
+    }
     d.stop();
 }
 

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 
 use crate::{
     config::Upstream,
-    http::{self, BodyKind, HttpError, Io},
+    http::{self, BodyKind, HttpError, Io, Outgoing},
 };
 
 /// A connection to an upstream, with the address it went to (so that the pool can retire it
@@ -114,16 +114,16 @@ const MAX_ENDPOINTS_TRIED: usize = 3;
 /// Sends the request and reads the response head.
 async fn exchange(
     conn: &mut Io,
-    request: Vec<u8>,
+    request: Outgoing,
     up: &Upstream,
     keep: bool,
-) -> (Result<ResponseHead, UpstreamFailure>, Vec<u8>) {
-    let (written, request) = conn.write_back(request).await;
+) -> (Result<ResponseHead, UpstreamFailure>, Option<Outgoing>) {
+    let (written, request) = conn.send(request).await;
     if let Err(e) = written {
         return (Err(UpstreamFailure::Unsent(e.to_string())), request);
     }
     // Kept for a retry only where one is possible.
-    let request = if keep { request } else { Vec::new() };
+    let request = request.filter(|_| keep);
     (read_head(conn, up).await, request)
 }
 
@@ -194,25 +194,25 @@ async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, Upstrea
 pub async fn open(
     pool: &Pool,
     up: &Upstream,
-    mut request: Vec<u8>,
+    mut first: Outgoing,
     client: Option<&Io>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
-    let idempotent = idempotent(&request);
+    let idempotent = idempotent(&first.head);
     let replicas = &up.replicas;
     let key = &pool.session_key;
     // Whether this request's failure says anything of the replica (only worth knowing when
     // there are replicas to eject).
-    let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&request);
+    let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&first);
     // Only replicas pin sessions: a lone endpoint's requests are not searched for one.
     let session = replicas
         .pins_sessions()
-        .then(|| replicas::session_of(&request))
+        .then(|| replicas::session_of(&first.head))
         .flatten();
     let pinned = match replicas.open_session(key, &up.name, session) {
         replicas::Sticky::Any => None,
         replicas::Sticky::Pinned(e, own) => {
             // The endpoint gets its own id back.
-            replicas::set_session(&mut request, &own);
+            replicas::set_session(&mut first.head, &own);
             Some(e)
         }
         replicas::Sticky::Lost => return Err(UpstreamFailure::SessionLost),
@@ -240,6 +240,8 @@ pub async fn open(
     let mut addr = endpoint.addr;
     let mut lease = pool.lease(up, addr);
     let mut attempt = 0;
+    // Given back by a write for a retry; `None` once it cannot be sent again.
+    let mut request = Some(first);
     loop {
         attempt += 1;
         // The retry goes over a new connection: the pool's others went idle as long ago.
@@ -284,7 +286,10 @@ pub async fn open(
         // The request comes back for a retry only where one is possible (a pooled connection,
         // first attempt): written from its own buffer, never copied.
         let retry = reused && attempt == 1;
-        let bytes = std::mem::take(&mut request);
+        // A retry is only made with the request given back.
+        let Some(bytes) = request.take() else {
+            return Err(UpstreamFailure::Unsent("nothing left to send".into()));
+        };
         let exchanged = match client {
             Some(client) => {
                 unless_client_leaves(client, exchange(&mut conn, bytes, up, retry)).await
@@ -295,7 +300,7 @@ pub async fn open(
             // Dropping `conn` closes it, which cancels there.
             return Err(UpstreamFailure::ClientGone);
         };
-        // Empty when the write was abandoned (timed out): nothing to send again.
+        // None when the write was abandoned (timed out) or no retry is possible.
         request = back;
         match exchanged {
             Ok(mut head) => {
@@ -327,8 +332,8 @@ pub async fn open(
             }
             // The upstream closed an idle pooled connection as we reused it: try a fresh one,
             // but only where a second execution cannot happen (RFC 9110 section 9.2.2).
-            Err(UpstreamFailure::Unsent(_)) if retry && !request.is_empty() => continue,
-            Err(UpstreamFailure::NoResponse(_)) if retry && idempotent && !request.is_empty() => {
+            Err(UpstreamFailure::Unsent(_)) if retry && request.is_some() => continue,
+            Err(UpstreamFailure::NoResponse(_)) if retry && idempotent && request.is_some() => {
                 continue;
             }
             Err(f) => {
@@ -359,7 +364,7 @@ fn report_failure(up: &Upstream, endpoint: &replicas::Endpoint) {
     }
 }
 
-/// Whether the request in `request` (a whole HTTP request) may be sent twice: an idempotent
+/// Whether the request whose head is `request` may be sent twice: an idempotent
 /// method (RFC 9110 section 9.2.2). A POST (every JSON-RPC request: a `tools/call` above all)
 /// is not.
 fn idempotent(request: &[u8]) -> bool {
@@ -373,7 +378,7 @@ fn idempotent(request: &[u8]) -> bool {
 pub async fn call(
     pool: &Pool,
     up: &Upstream,
-    request: Vec<u8>,
+    request: Outgoing,
     max: usize,
 ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
     let (mut conn, head) = match open(pool, up, request, None).await {

@@ -450,21 +450,18 @@ pub fn render(
 /// stream is failing. (Not connecting at all always counts.) The method is read as the
 /// gateway's own parser read it: a body with the key twice is nobody's. Those requests are
 /// small; a larger body is not read again.
-pub fn says_of_replica(request: &[u8]) -> bool {
-    if !request.starts_with(b"POST ") {
+pub fn says_of_replica(request: &crate::http::Outgoing) -> bool {
+    if !request.head.starts_with(b"POST ") {
         return true;
     }
-    let Some(at) = head_end(request) else {
-        return false;
-    };
-    if request.len() - at > 16 * 1024 {
+    if request.body.len() > 16 * 1024 {
         return false;
     }
     #[derive(serde::Deserialize)]
     struct Method<'a> {
         method: Option<&'a str>,
     }
-    match serde_json::from_slice::<Method<'_>>(&request[at + 4..]) {
+    match serde_json::from_slice::<Method<'_>>(&request.body) {
         Ok(Method { method: Some(m) }) => {
             matches!(
                 m,
@@ -481,12 +478,12 @@ pub fn says_of_replica(request: &[u8]) -> bool {
     }
 }
 
-/// Where the head of a whole HTTP request (as the gateway wrote it) ends: its blank line.
+/// Where a request head (as the gateway wrote it) ends: its blank line.
 fn head_end(request: &[u8]) -> Option<usize> {
     request.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
-/// The `Mcp-Session-Id` of a whole HTTP request as the gateway wrote it (its head only).
+/// The `Mcp-Session-Id` of a request head as the gateway wrote it.
 pub fn session_of(request: &[u8]) -> Option<&[u8]> {
     session_span(request).map(|r| &request[r])
 }

@@ -258,12 +258,13 @@ fn the_last_endpoint_in_rotation_is_never_ejected() {
 
 #[test]
 fn only_failures_a_client_cannot_cause_count_against_a_replica() {
-    let post = |body: &str| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+    let post = |body: &str| crate::http::Outgoing {
+        head: format!(
+            "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
             body.len()
         )
-        .into_bytes()
+        .into_bytes(),
+        body: body.to_owned().into(),
     };
     for body in [
         r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#,
@@ -272,7 +273,10 @@ fn only_failures_a_client_cannot_cause_count_against_a_replica() {
     ] {
         assert!(says_of_replica(&post(body)), "{body}");
     }
-    assert!(says_of_replica(b"GET /mcp HTTP/1.1\r\nhost: x\r\n\r\n"));
+    assert!(says_of_replica(&crate::http::Outgoing {
+        head: b"GET /mcp HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        body: bytes::Bytes::new(),
+    }));
     let big = format!(
         r#"{{"jsonrpc":"2.0","id":1,"params":{{"pad":"{}"}},"method":"ping"}}"#,
         "x".repeat(20_000)
