@@ -788,9 +788,13 @@ impl Io {
         self.compact();
         let tls = self.tls.as_deref_mut()?;
         let len = self.buf.len();
-        // One read's worth at most: the buffer may have grown for a large body, and this
-        // window is zeroed before rustls copies into it.
-        let room = (self.buf.capacity() - len).min(READ_CHUNK);
+        // The window rustls copies into is zeroed first: only as much as it holds (one byte
+        // when it holds none, to learn whether the peer closed), and one read's worth at most
+        // (the buffer may have grown for a large body).
+        let held = tls
+            .process_new_packets()
+            .map_or(READ_CHUNK, |s| s.plaintext_bytes_to_read());
+        let room = (self.buf.capacity() - len).min(READ_CHUNK).min(held.max(1));
         self.buf.resize(len + room, 0);
         let read = tls.reader().read(&mut self.buf[len..]);
         match read {
