@@ -490,25 +490,30 @@ impl Io {
     }
 
     /// Sends a message built for a peer, head and body in one vectored write (the body is not
-    /// copied), each write waiting at most the send timeout. Gives the message back once
-    /// written or refused (for a retry), `None` when the write was abandoned midway.
+    /// copied), all of it within the send timeout (over TLS: each flush). Gives the message
+    /// back once written or refused (for a retry), `None` when the write timed out: it may
+    /// still have reached the peer whole, and must not be sent again.
     pub async fn send(&mut self, out: Outgoing) -> (std::io::Result<()>, Option<Outgoing>) {
         if self.tls.is_some() {
             let r = self.write_tls_parts(&[&out.head, &out.body]).await;
-            return (r, Some(out));
+            let timed_out = r
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+            return (r, (!timed_out).then_some(out));
         }
         if self.write_lost {
             return (Err(std::io::ErrorKind::BrokenPipe.into()), Some(out));
         }
         // Lost until it completes, in case this future is dropped midway.
         self.write_lost = true;
+        let deadline = monoio::time::Instant::now() + self.send_timeout;
         let mut unsent = Unsent::new(out);
         loop {
             if unsent.done() {
                 self.write_lost = false;
                 return (Ok(()), Some(unsent.into_inner()));
             }
-            match monoio::time::timeout(self.send_timeout, self.stream.writev(unsent)).await {
+            match monoio::time::timeout_at(deadline, self.stream.writev(unsent)).await {
                 Ok((Ok(n), back)) if n > 0 => {
                     unsent = back;
                     unsent.advance(n);
@@ -612,8 +617,12 @@ impl Io {
             BodyKind::Length(n) => {
                 // Room made at once for most bodies, instead of growing as they arrive. Capped:
                 // a peer that announces a large body and sends nothing holds little.
+                // The room is a little more than the body: a read's worth left free, so that
+                // the last read does not make room by doubling the buffer.
                 if self.pending().len() < n {
-                    self.expect((n - self.pending().len()).min(max).min(EXPECT_MAX));
+                    self.expect(
+                        (n - self.pending().len()).min(max).min(EXPECT_MAX) + READ_CHUNK / 2,
+                    );
                 }
                 while self.pending().len() < n {
                     // Full: room for the rest in one step (each growth copies what arrived),
@@ -621,7 +630,7 @@ impl Io {
                     // it sent.
                     if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
                         let have = self.pending().len();
-                        self.expect((n - have).min(3 * have.max(READ_CHUNK)).min(max));
+                        self.expect((n - have).min(3 * have.max(READ_CHUNK)) + READ_CHUNK / 2);
                     }
                     if self.fill_until(deadline).await? == 0 {
                         return Err(HttpError::BadRequest("body shorter than Content-Length"));

@@ -24,6 +24,7 @@ mod held;
 pub mod jsonrpc;
 pub mod messages;
 pub mod proxy;
+mod relay;
 pub mod session;
 pub mod sse;
 mod stages;

@@ -14,11 +14,11 @@ use std::{
 
 use super::{
     Id, Parser, RpcError, error, session,
-    upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open, unless_client_leaves},
+    upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open},
 };
 use crate::{
     config::{Config, Upstream},
-    http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Request},
+    http::{self, Io, Request},
     policy::{self, Refusal, TenantPolicy},
     runtime::Shared,
     stats::{Outcome, Recorder},
@@ -66,34 +66,7 @@ impl Obs<'_> {
     }
 }
 
-/// Largest event kept to tell a result from an error and a tool's failure (an event stream's
-/// answer is its last event; other answers are scanned as they pass, whatever their size).
-const CLASSIFY_MAX: usize = 64 * 1024;
-
-/// The room a large answer's body is read into, a piece at a time.
-const RELAY_READ: usize = 128 * 1024;
-
 pub use super::answer::classify;
-
-/// The data of the last complete event in an SSE buffer.
-fn last_event_data(buf: &[u8]) -> Vec<u8> {
-    let trimmed = buf.trim_ascii_end();
-    let start = trimmed
-        .windows(2)
-        .rposition(|w| w == b"\n\n")
-        .map_or(0, |i| i + 2);
-    let mut data = Vec::new();
-    for line in trimmed[start..].split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(d) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
-            }
-            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
-        }
-    }
-    data
-}
 
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
@@ -595,7 +568,7 @@ pub(super) async fn filtered_tools_list<'c>(
 
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
 /// gateway sets itself are not forwarded.
-fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
+pub(super) fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
     const DROP: &[&str] = &[
         "connection",
         "keep-alive",
@@ -622,7 +595,7 @@ fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
 /// open the gateway's routes to every page), its cookies (the gateway never forwards a
 /// client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
 /// upstream's own endpoint).
-fn is_upstream_private(name: &str) -> bool {
+pub(super) fn is_upstream_private(name: &str) -> bool {
     const DROP: &[&str] = &[
         "authorization",
         "server",
@@ -742,7 +715,7 @@ pub(super) async fn relay_opened(
     if member.is_none() {
         sign_session(ctx, up, &mut head, obs);
     }
-    relay(client, conn, req, head, up, request_id, ctx, member, obs).await
+    super::relay::relay(client, conn, req, head, up, request_id, ctx, member, obs).await
 }
 
 pub(super) async fn fail(
@@ -814,270 +787,6 @@ pub(super) async fn fail(
         .write_all(json_response(status, &err, req.keep_alive))
         .await
         .is_ok()
-}
-
-/// Streams the upstream's response to the client. Returns whether the client connection can
-/// carry another request. Inside a federation (`member`), the upstream's session header is
-/// dropped (the client holds the gateway's) and each SSE event is rewritten.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site each; a struct would only rename them"
-)]
-async fn relay(
-    client: &mut Io,
-    mut conn: Conn,
-    req: &Request,
-    head: ResponseHead,
-    up: &Upstream,
-    request_id: Option<Id>,
-    ctx: &WorkerCtx,
-    member: Option<&str>,
-    obs: &Obs<'_>,
-) -> bool {
-    // An event stream's answer is its last event, kept to classify it; any other answer is
-    // scanned as it passes.
-    let mut answer: Vec<u8> = Vec::new();
-    let mut scan = super::answer::AnswerScan::default();
-    if head.status >= 500 {
-        obs.set(Outcome::UpstreamFailure);
-    } else if head.status >= 400 {
-        obs.set(Outcome::RpcError);
-    }
-    let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
-    let kind = if bodiless {
-        None
-    } else {
-        match http::framing(&head.headers, usize::MAX) {
-            Ok(Some(k)) => Some(k),
-            Ok(None) => Some(BodyKind::UntilClose),
-            Err(e) => {
-                let f = UpstreamFailure::Bad(format!("unframeable response: {e}"));
-                return fail(client, req, up, request_id, f).await;
-            }
-        }
-    };
-    let sse = head.is_sse();
-    let upstream_close = head.closes();
-    // A body of unknown length goes chunked to HTTP/1.1 clients; to HTTP/1.0 clients it goes as
-    // it is and ends when the gateway closes the connection.
-    let chunked = req.accepts_chunked();
-    let until_close = !chunked && matches!(kind, Some(BodyKind::Chunked | BodyKind::UntilClose));
-    let keep_alive = req.keep_alive && !until_close;
-
-    let mut out =
-        format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
-    let mut written = Ok(());
-    for (name, value) in &head.headers {
-        let keep = !is_hop_by_hop(name, &head.headers)
-            && !is_upstream_private(name)
-            // Set below for every event stream.
-            && !(sse
-                && (name.eq_ignore_ascii_case("x-accel-buffering")
-                    || name.eq_ignore_ascii_case("cache-control")));
-        if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
-            // Relayed from the upstream, which is not trusted to produce a clean head.
-            written = written.and_then(|()| http::push_field(&mut out, name, value));
-        }
-    }
-    if let Some(left) = &obs.decision.borrow().budget_left {
-        written = written.and_then(|()| {
-            http::push_field(&mut out, "mcp-gateway-budget-remaining", left.as_bytes())
-        });
-    }
-    if let Err(e) = written {
-        let f = UpstreamFailure::Bad(format!("unsafe response head: {e}"));
-        return fail(client, req, up, request_id, f).await;
-    }
-    match kind {
-        None => out.extend_from_slice(b"content-length: 0\r\n"),
-        Some(BodyKind::Length(n)) => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
-        }
-        Some(_) if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Some(_) => {}
-    }
-    if sse {
-        out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
-    }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    // A fixed-length body that has already arrived goes out with the head in one write.
-    let mut remaining = match kind {
-        Some(BodyKind::Length(n)) => n,
-        _ => usize::MAX,
-    };
-    let classify_answer = request_id.is_some();
-    if let Some(BodyKind::Length(_)) = kind {
-        let n = remaining.min(conn.pending().len());
-        let first = &conn.pending()[..n];
-        out.extend_from_slice(first);
-        if classify_answer && !sse {
-            scan.feed(first);
-        } else if classify_answer && n <= CLASSIFY_MAX {
-            answer.extend_from_slice(first);
-        }
-        conn.consume(n);
-        remaining -= n;
-        // A large body is read in large pieces, each handed to the client without a copy.
-        if remaining > RELAY_READ / 2 {
-            conn.expect(remaining.min(RELAY_READ));
-        }
-    }
-    if client.write_all(out).await.is_err() {
-        return false;
-    }
-    let Some(kind) = kind else {
-        obs.set(Outcome::Ok);
-        if !upstream_close {
-            ctx.pool.checkin(up, conn);
-        }
-        return keep_alive;
-    };
-
-    let mut decoder = ChunkedDecoder::default();
-    // One event is held at most as large as a request body may be.
-    let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
-    let mut sse_buf = super::sse::EventBuffer::new(max_event);
-    let mut piece = Vec::new();
-    let finished = loop {
-        // Take what has arrived (a large piece is taken without a copy).
-        piece.clear();
-        let done = match kind {
-            BodyKind::Length(_) => {
-                let n = remaining.min(conn.pending().len());
-                piece = conn.take(n);
-                remaining -= n;
-                remaining == 0
-            }
-            BodyKind::Chunked => match decoder.decode(conn.pending(), &mut piece) {
-                Ok((used, done)) => {
-                    conn.consume(used);
-                    done
-                }
-                Err(_) => break Err("malformed chunked body from upstream"),
-            },
-            BodyKind::UntilClose => {
-                let n = conn.pending().len();
-                piece = conn.take(n);
-                false
-            }
-        };
-        // Forward it; SSE only at event boundaries, so that an error event can always be
-        // appended cleanly.
-        let data: Vec<u8> = if sse {
-            sse_buf.push(&piece);
-            match sse_buf.take_events() {
-                Ok(Some(events)) => match member {
-                    Some(name) => super::messages::rewrite_events(name, &events),
-                    None => events,
-                },
-                Ok(None) => Vec::new(),
-                Err(_) => break Err("upstream event larger than the body limit"),
-            }
-        } else {
-            std::mem::take(&mut piece)
-        };
-        if !data.is_empty() && classify_answer {
-            if !sse {
-                scan.feed(&data);
-            } else if data.len() <= CLASSIFY_MAX {
-                // The answer is the stream's last event.
-                answer.clear();
-                answer.extend_from_slice(&data);
-            }
-        }
-        if !data.is_empty() {
-            let as_is = matches!(kind, BodyKind::Length(_)) || !chunked;
-            let framed = if as_is { data } else { http::chunk(&data) };
-            let (written, back) = client.write_back(framed).await;
-            if written.is_err() {
-                // The client went away: the upstream connection is abandoned mid-response.
-                return false;
-            }
-            // The buffer read into next, when the piece was the connection's own.
-            conn.recycle(back);
-        }
-        if done {
-            break Ok(());
-        }
-        let timeout = if sse {
-            up.stream_idle_timeout
-        } else {
-            up.response_timeout
-        };
-        // The client closed the stream: in 2026-07-28 that is the request's cancellation.
-        let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
-            // Dropping `conn` closes it, which cancels there.
-            return false;
-        };
-        match filled {
-            Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
-            Ok(0) => break Err("upstream closed the connection mid-response"),
-            Ok(_) => {}
-            Err(HttpError::Timeout) => break Err("upstream stalled mid-response"),
-            Err(_) => break Err("upstream connection failed mid-response"),
-        }
-    };
-    match finished {
-        Ok(()) => {
-            if classify_answer {
-                if sse && !sse_buf.is_empty() {
-                    answer = sse_buf.rest().to_vec();
-                }
-                obs.set(if sse {
-                    classify(&last_event_data(&answer))
-                } else {
-                    scan.outcome()
-                });
-            } else {
-                obs.set(Outcome::Ok);
-            }
-            if !sse_buf.is_empty() {
-                // A last event without its blank line.
-                let rest = sse_buf.take_rest();
-                let last = match member {
-                    Some(name) => super::messages::rewrite_events(name, &rest),
-                    None => rest,
-                };
-                let _ = client
-                    .write_all(if chunked { http::chunk(&last) } else { last })
-                    .await;
-            }
-            if !matches!(kind, BodyKind::Length(_))
-                && chunked
-                && client.write_all(b"0\r\n\r\n".to_vec()).await.is_err()
-            {
-                return false;
-            }
-            if kind != BodyKind::UntilClose && !upstream_close {
-                ctx.pool.checkin(up, conn);
-            }
-            keep_alive
-        }
-        Err(why) => {
-            obs.set(Outcome::UpstreamFailure);
-            crate::throttled_warn!(upstream = %up.name, "{why}");
-            if sse && matches!(kind, BodyKind::Chunked | BodyKind::UntilClose) {
-                // The client gets a JSON-RPC error for exactly the request this stream answered.
-                let err = RpcError::upstream(format!("upstream `{}`: {why}", up.name), 502)
-                    .with_id(request_id);
-                let mut event = b"event: message\ndata: ".to_vec();
-                event.extend_from_slice(&err.body());
-                event.extend_from_slice(b"\n\n");
-                if !chunked {
-                    let _ = client.write_all(event).await;
-                    return false;
-                }
-                let ok = client.write_all(http::chunk(&event)).await.is_ok()
-                    && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok();
-                return ok && keep_alive;
-            }
-            // A fixed-length or non-SSE body cannot be completed: close the client connection.
-            false
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,438 @@
+//! The answer's way back to the client: the upstream's response head made safe to relay
+//! ([`client_head`]), its body streamed as it arrives ([`Body`]: taken from the upstream
+//! connection a piece at a time, classified as it passes, SSE events held until whole and
+//! rewritten for a federation, framed for the client), then the upstream connection pooled
+//! again or dropped. Nothing more is read from the upstream until the client has taken what
+//! was read (backpressure).
+
+use super::{
+    Id, RpcError,
+    answer::{AnswerScan, classify},
+    proxy::{Obs, WorkerCtx, fail, is_hop_by_hop, is_upstream_private},
+    sse::EventBuffer,
+    upstream::{Conn, ResponseHead, UpstreamFailure, unless_client_leaves},
+};
+use crate::{
+    config::Upstream,
+    http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Request},
+    stats::Outcome,
+};
+
+/// Largest event kept to tell a result from an error and a tool's failure (an event stream's
+/// answer is its last event; other answers are scanned as they pass, whatever their size).
+const CLASSIFY_MAX: usize = 64 * 1024;
+
+/// The room a large answer's body is read into, a piece at a time.
+const RELAY_READ: usize = 128 * 1024;
+
+/// Streams the upstream's response to the client. Returns whether the client connection can
+/// carry another request. Inside a federation (`member`), the upstream's session header is
+/// dropped (the client holds the gateway's) and each SSE event is rewritten.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site each; a struct would only rename them"
+)]
+pub(super) async fn relay(
+    client: &mut Io,
+    mut conn: Conn,
+    req: &Request,
+    head: ResponseHead,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+    obs: &Obs<'_>,
+) -> bool {
+    if head.status >= 500 {
+        obs.set(Outcome::UpstreamFailure);
+    } else if head.status >= 400 {
+        obs.set(Outcome::RpcError);
+    }
+    let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
+    let kind = if bodiless {
+        None
+    } else {
+        match http::framing(&head.headers, usize::MAX) {
+            Ok(Some(k)) => Some(k),
+            Ok(None) => Some(BodyKind::UntilClose),
+            Err(e) => {
+                let f = UpstreamFailure::Bad(format!("unframeable response: {e}"));
+                return fail(client, req, up, request_id, f).await;
+            }
+        }
+    };
+    let upstream_close = head.closes();
+    let Some(kind) = kind else {
+        let out = match client_head(&head, None, req, member, obs) {
+            Ok((out, _)) => out,
+            Err(f) => return fail(client, req, up, request_id, f).await,
+        };
+        if client.write_all(out).await.is_err() {
+            return false;
+        }
+        obs.set(Outcome::Ok);
+        if !upstream_close {
+            ctx.pool.checkin(up, conn);
+        }
+        return req.keep_alive;
+    };
+    let (mut out, framing) = match client_head(&head, Some(kind), req, member, obs) {
+        Ok(o) => o,
+        Err(f) => return fail(client, req, up, request_id, f).await,
+    };
+    // One event is held at most as large as a request body may be.
+    let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
+    let mut body = Body::new(
+        kind,
+        framing,
+        head.is_sse(),
+        member,
+        request_id.is_some(),
+        max_event,
+    );
+    // What has already arrived goes out with the head in one write.
+    match body.take(&mut conn) {
+        Ok((first, _)) => {
+            body.observe(&first);
+            out.extend_from_slice(&body.framed(first));
+        }
+        // Nothing is written yet: the client gets a whole error.
+        Err(why) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(
+                client,
+                req,
+                up,
+                request_id,
+                UpstreamFailure::Bad(why.into()),
+            )
+            .await;
+        }
+    }
+    // A large body is read in large pieces, each handed to the client without a copy.
+    if let BodyKind::Length(_) = kind
+        && body.remaining > RELAY_READ / 2
+    {
+        conn.expect(body.remaining.min(RELAY_READ));
+    }
+    if client.write_all(out).await.is_err() {
+        return false;
+    }
+    let finished = loop {
+        if body.done() {
+            break Ok(());
+        }
+        let timeout = if body.sse {
+            up.stream_idle_timeout
+        } else {
+            up.response_timeout
+        };
+        // The client closed the stream: in 2026-07-28 that is the request's cancellation.
+        let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
+            // Dropping `conn` closes it, which cancels there.
+            return false;
+        };
+        match filled {
+            Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
+            Ok(0) => break Err("upstream closed the connection mid-response"),
+            Ok(_) => {}
+            Err(HttpError::Timeout) => break Err("upstream stalled mid-response"),
+            Err(_) => break Err("upstream connection failed mid-response"),
+        }
+        let data = match body.take(&mut conn) {
+            Ok((data, _)) => data,
+            Err(why) => break Err(why),
+        };
+        if data.is_empty() {
+            continue;
+        }
+        body.observe(&data);
+        let (written, back) = client.write_back(body.framed(data)).await;
+        if written.is_err() {
+            // The client went away: the upstream connection is abandoned mid-response.
+            return false;
+        }
+        // The buffer read into next, when the piece was the connection's own.
+        conn.recycle(back);
+    };
+    if let Err(why) = finished {
+        obs.set(Outcome::UpstreamFailure);
+        return body.failed(client, up, request_id, why).await && req.keep_alive;
+    }
+    obs.set(body.outcome());
+    if let Some(last) = body.rest() {
+        // A last event without its blank line.
+        let _ = client.write_all(body.framed(last)).await;
+    }
+    if body.framing == Framing::Chunked && client.write_all(b"0\r\n\r\n".to_vec()).await.is_err() {
+        return false;
+    }
+    if kind != BodyKind::UntilClose && !upstream_close {
+        ctx.pool.checkin(up, conn);
+    }
+    body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// How the body goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// With the upstream's Content-Length: the bytes as they came.
+    Length,
+    /// In chunks (HTTP/1.1 clients), ended by the last chunk.
+    Chunked,
+    /// As it comes, ended by closing the connection (HTTP/1.0 clients).
+    UntilClose,
+}
+
+/// The head of the answer as the client gets it, and how its body is framed: the upstream's
+/// end-to-end fields (nothing hop-by-hop, nothing the upstream keeps to itself, no session id
+/// of a federation's member), each checked again (the upstream is not trusted to produce a
+/// clean head). A body whose length the client cannot be told goes chunked to an HTTP/1.1
+/// client, as it is to an HTTP/1.0 one (ended by a close); so does a federation member's
+/// event stream, whose events are rewritten (their length changes).
+fn client_head(
+    head: &ResponseHead,
+    kind: Option<BodyKind>,
+    req: &Request,
+    member: Option<&str>,
+    obs: &Obs<'_>,
+) -> Result<(Vec<u8>, Framing), UpstreamFailure> {
+    let sse = head.is_sse();
+    let framing = match kind {
+        Some(BodyKind::Length(_)) if !(sse && member.is_some()) => Framing::Length,
+        None => Framing::Length,
+        Some(_) if req.accepts_chunked() => Framing::Chunked,
+        Some(_) => Framing::UntilClose,
+    };
+    let unsafe_head =
+        |e: http::UnsafeField| UpstreamFailure::Bad(format!("unsafe response head: {e}"));
+    let mut out =
+        format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
+    for (name, value) in &head.headers {
+        let keep = !is_hop_by_hop(name, &head.headers)
+            && !is_upstream_private(name)
+            // Set below for every event stream.
+            && !(sse
+                && (name.eq_ignore_ascii_case("x-accel-buffering")
+                    || name.eq_ignore_ascii_case("cache-control")));
+        if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
+            http::push_field(&mut out, name, value).map_err(unsafe_head)?;
+        }
+    }
+    if let Some(left) = &obs.decision.borrow().budget_left {
+        http::push_field(&mut out, "mcp-gateway-budget-remaining", left.as_bytes())
+            .map_err(unsafe_head)?;
+    }
+    match (kind, framing) {
+        (None, _) => out.extend_from_slice(b"content-length: 0\r\n"),
+        (Some(BodyKind::Length(n)), Framing::Length) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        (_, Framing::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if sse {
+        out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
+    }
+    if framing == Framing::UntilClose || !req.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok((out, framing))
+}
+
+/// An answer's body on its way: taken from the upstream connection as it arrives, framed for
+/// the client, and watched for the answer's outcome.
+struct Body<'m> {
+    kind: BodyKind,
+    framing: Framing,
+    /// Bytes of a fixed-length body still to come.
+    remaining: usize,
+    decoder: ChunkedDecoder,
+    /// The body has ended (its length reached, its last chunk read).
+    complete: bool,
+    sse: bool,
+    /// An event stream's bytes, held until each event is whole: an error event can always be
+    /// appended cleanly, and a federation rewrites each.
+    events: EventBuffer,
+    member: Option<&'m str>,
+    /// Whether the answer is classified (the answer to a request).
+    classify: bool,
+    scan: AnswerScan,
+    /// An event stream's last event: its answer.
+    answer: Vec<u8>,
+}
+
+impl<'m> Body<'m> {
+    fn new(
+        kind: BodyKind,
+        framing: Framing,
+        sse: bool,
+        member: Option<&'m str>,
+        classify: bool,
+        max_event: usize,
+    ) -> Self {
+        Self {
+            kind,
+            framing,
+            remaining: match kind {
+                BodyKind::Length(n) => n,
+                _ => usize::MAX,
+            },
+            decoder: ChunkedDecoder::default(),
+            complete: false,
+            sse,
+            events: EventBuffer::new(max_event),
+            member,
+            classify,
+            scan: AnswerScan::default(),
+            answer: Vec::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.complete
+    }
+
+    /// What `conn` holds of the body, as it goes to the client (unframed): a large piece is
+    /// taken without a copy; an event stream's only up to its last whole event.
+    fn take(&mut self, conn: &mut Conn) -> Result<(Vec<u8>, bool), &'static str> {
+        let piece = match self.kind {
+            BodyKind::Length(_) => {
+                let n = self.remaining.min(conn.pending().len());
+                self.remaining -= n;
+                self.complete = self.remaining == 0;
+                conn.take(n)
+            }
+            BodyKind::Chunked => {
+                let mut piece = Vec::new();
+                let (used, done) = self
+                    .decoder
+                    .decode(conn.pending(), &mut piece)
+                    .map_err(|_| "malformed chunked body from upstream")?;
+                conn.consume(used);
+                self.complete = done;
+                piece
+            }
+            BodyKind::UntilClose => {
+                let n = conn.pending().len();
+                conn.take(n)
+            }
+        };
+        if !self.sse {
+            return Ok((piece, self.complete));
+        }
+        self.events.push(&piece);
+        let events = match self.events.take_events() {
+            Ok(Some(events)) => events,
+            Ok(None) => Vec::new(),
+            Err(_) => return Err("upstream event larger than the body limit"),
+        };
+        Ok((self.rewritten(events), self.complete))
+    }
+
+    /// Events as the client gets them: a federation's member's rewritten.
+    fn rewritten(&self, events: Vec<u8>) -> Vec<u8> {
+        match self.member {
+            Some(name) => super::messages::rewrite_events(name, &events),
+            None => events,
+        }
+    }
+
+    /// Notes what passes, for the answer's outcome: a body is scanned as it passes; an event
+    /// stream's answer is its last event.
+    fn observe(&mut self, data: &[u8]) {
+        if !self.classify || data.is_empty() {
+            return;
+        }
+        if !self.sse {
+            self.scan.feed(data);
+        } else if data.len() <= CLASSIFY_MAX {
+            self.answer.clear();
+            self.answer.extend_from_slice(data);
+        }
+    }
+
+    /// Bytes for the client's connection.
+    fn framed(&self, data: Vec<u8>) -> Vec<u8> {
+        if self.framing == Framing::Chunked && !data.is_empty() {
+            http::chunk(&data)
+        } else {
+            data
+        }
+    }
+
+    /// The answer's outcome, once the body has ended.
+    fn outcome(&mut self) -> Outcome {
+        if !self.classify {
+            return Outcome::Ok;
+        }
+        if !self.sse {
+            return self.scan.outcome();
+        }
+        if !self.events.is_empty() {
+            self.answer = self.events.rest().to_vec();
+        }
+        classify(&last_event_data(&self.answer))
+    }
+
+    /// A last event the stream ended without its blank line.
+    fn rest(&mut self) -> Option<Vec<u8>> {
+        if self.events.is_empty() {
+            return None;
+        }
+        let rest = self.events.take_rest();
+        Some(self.rewritten(rest))
+    }
+
+    /// The upstream failed mid-answer: an event stream the client can still be told in gets a
+    /// JSON-RPC error event for exactly the request it answered and ends cleanly; any other
+    /// answer cannot be completed, so the client's connection is closed.
+    async fn failed(
+        &self,
+        client: &mut Io,
+        up: &Upstream,
+        request_id: Option<Id>,
+        why: &str,
+    ) -> bool {
+        crate::throttled_warn!(upstream = %up.name, "{why}");
+        if !self.sse || self.framing == Framing::Length {
+            return false;
+        }
+        let err =
+            RpcError::upstream(format!("upstream `{}`: {why}", up.name), 502).with_id(request_id);
+        let mut event = b"event: message\ndata: ".to_vec();
+        event.extend_from_slice(&err.body());
+        event.extend_from_slice(b"\n\n");
+        if self.framing == Framing::UntilClose {
+            let _ = client.write_all(event).await;
+            return false;
+        }
+        client.write_all(http::chunk(&event)).await.is_ok()
+            && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok()
+    }
+}
+
+/// The data of the last complete event in an SSE buffer.
+fn last_event_data(buf: &[u8]) -> Vec<u8> {
+    let trimmed = buf.trim_ascii_end();
+    let start = trimmed
+        .windows(2)
+        .rposition(|w| w == b"\n\n")
+        .map_or(0, |i| i + 2);
+    let mut data = Vec::new();
+    for line in trimmed[start..].split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(d) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    data
+}
+
+#[cfg(test)]
+#[path = "relay_tests.rs"]
+mod tests;

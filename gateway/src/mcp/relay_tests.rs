@@ -1,0 +1,79 @@
+//! How an answer's head is framed for the client.
+
+use super::*;
+
+fn request(minor: u8) -> Request {
+    Request {
+        method: "POST".into(),
+        target: "/mcp".into(),
+        minor,
+        headers: vec![("host".into(), b"gw".to_vec())],
+        body: bytes::Bytes::new(),
+        keep_alive: true,
+    }
+}
+
+fn sse_head(len: usize) -> ResponseHead {
+    ResponseHead {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), b"text/event-stream".to_vec()),
+            ("content-length".into(), len.to_string().into_bytes()),
+        ],
+    }
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).to_ascii_lowercase()
+}
+
+/// An event stream with a length goes out with that length as it is; a federation's member's
+/// events are rewritten (ids prefixed: their length changes), so that body must not carry the
+/// member's length: chunked to an HTTP/1.1 client, ended by a close for HTTP/1.0. Announced
+/// as it came, the client would read the rewritten stream's tail as the next answer.
+#[test]
+fn a_members_event_stream_is_not_relayed_with_the_members_length() {
+    let obs = Obs::default();
+    let kind = Some(BodyKind::Length(120));
+    let (out, framing) = client_head(&sse_head(120), kind, &request(1), None, &obs)
+        .ok()
+        .unwrap();
+    assert_eq!(framing, Framing::Length);
+    assert!(
+        text(&out).contains("content-length: 120\r\n"),
+        "{}",
+        text(&out)
+    );
+
+    let (out, framing) = client_head(&sse_head(120), kind, &request(1), Some("member"), &obs)
+        .ok()
+        .unwrap();
+    assert_eq!(framing, Framing::Chunked);
+    assert!(!text(&out).contains("content-length"), "{}", text(&out));
+    assert!(
+        text(&out).contains("transfer-encoding: chunked\r\n"),
+        "{}",
+        text(&out)
+    );
+
+    let (out, framing) = client_head(&sse_head(120), kind, &request(0), Some("member"), &obs)
+        .ok()
+        .unwrap();
+    assert_eq!(framing, Framing::UntilClose);
+    assert!(!text(&out).contains("content-length"), "{}", text(&out));
+    assert!(
+        text(&out).contains("connection: close\r\n"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A head field the upstream made unsafe (a control character) fails the answer, whole.
+#[test]
+fn an_unsafe_upstream_field_is_refused() {
+    let obs = Obs::default();
+    let mut head = sse_head(1);
+    head.headers
+        .push(("x-evil".into(), b"a\r\ncontent-length: 0".to_vec()));
+    assert!(client_head(&head, Some(BodyKind::Length(1)), &request(1), None, &obs).is_err());
+}
