@@ -768,6 +768,11 @@ async fn run_async(
     tracing::info!(
         "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
     );
+    // What the start freed (the eBPF object and the kernel's BTF parsed to load it, the
+    // configuration's sources) goes back to the system now: this thread allocates little from
+    // here on, and mimalloc purges freed pages only on later allocations.
+    // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     // Listeners bound and the XDP program attached (both above): systemd may route traffic.
     crate::service::ready(&format!(
         "serving: {} listeners, {workers} workers",

@@ -447,6 +447,9 @@ pub fn apply(
     // ruleset was built before the fork.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
+            // The gateway turned transparent huge pages off for itself (main.rs): the child's
+            // memory is its own, as it would be started by anything else.
+            libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -426,6 +426,32 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
     d.stop();
 }
 
+/// The gateway runs without transparent huge pages (memory it gives back after connections
+/// close was refilled into 2 MiB pages by the kernel), unless `MIMALLOC_ALLOW_THP` says
+/// otherwise.
+#[test]
+fn transparent_huge_pages_are_off_unless_the_environment_allows_them() {
+    let thp = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("the gateway's status")
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim().to_owned())
+    };
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let (mut d, _) = start_gateway(&[("/mcp", up.url())], "");
+    assert_eq!(thp(d.pid()).as_deref(), Some("0"), "by default");
+    d.stop();
+    let (port, instance) = (free_port(), unique("gwmcp"));
+    let mut d = Daemon::start_local_with_env(
+        &instance,
+        &config(&instance, port, &[("/mcp", up.url())], ""),
+        &[("MIMALLOC_ALLOW_THP", "1")],
+    );
+    assert_eq!(thp(d.pid()).as_deref(), Some("1"), "MIMALLOC_ALLOW_THP=1");
+    d.stop();
+}
+
 /// A keep-alive connection idle past its grace read (it waits on the worker's table of idle
 /// connections, holding no timer and no read) is closed as soon as a shutdown begins, not
 /// at the end of the grace period nor at its idle timeout, and the gateway exits without
