@@ -294,9 +294,10 @@ impl Control {
         // What parsing, validating and the old snapshot (its last guard dropped as
         // `reload_file` returned, unless a worker still holds it) freed goes back to the system
         // now: this thread is otherwise idle, and mimalloc purges freed pages only on later
-        // allocations.
+        // allocations. Not forced: a forced collect also purges the arenas the workers allocate
+        // from, and a worker sharing the core waited for it (reload under load, p99 40-357 ms).
         // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
-        unsafe { libmimalloc_sys::mi_collect(true) };
+        unsafe { libmimalloc_sys::mi_collect(false) };
         match &result {
             Ok(msg) => tracing::info!(source, "{msg}"),
             Err(e) => tracing::error!(source, "reload refused: {e:#}"),
