@@ -50,6 +50,20 @@ fn server_conn(p: &Pair) -> rustls::Connection {
     )
 }
 
+/// The next connection to `listener`, its writes timing out after 5 s.
+async fn accepted(listener: &TcpListener) -> Io {
+    let (s, _) = listener.accept().await.expect("accept");
+    Io::new(s, Duration::from_secs(5))
+}
+
+/// A connection to `addr`, its writes timing out after 5 s.
+async fn connected(addr: std::net::SocketAddr) -> Io {
+    Io::new(
+        TcpStream::connect(addr).await.expect("connect"),
+        Duration::from_secs(5),
+    )
+}
+
 fn run<F: std::future::Future<Output = ()>>(f: F) {
     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
@@ -68,8 +82,7 @@ fn exchanges_cross_a_tls_connection_and_leave_it_idle() {
         let addr = listener.local_addr().expect("addr");
         let server_side = server_conn(&p);
         let server = monoio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            let mut io = Io::new(s, Duration::from_secs(5));
+            let mut io = accepted(&listener).await;
             io.handshake(server_side, soon())
                 .await
                 .expect("server handshake");
@@ -88,8 +101,7 @@ fn exchanges_cross_a_tls_connection_and_leave_it_idle() {
             }
             assert_eq!(io.fill(Duration::from_secs(5)).await.expect("eof"), 0);
         });
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let mut io = Io::new(s, Duration::from_secs(5));
+        let mut io = connected(addr).await;
         io.handshake(client_conn(&p), soon())
             .await
             .expect("client handshake");
@@ -119,8 +131,7 @@ fn plaintext_to_a_tls_server_fails_the_handshake() {
         let addr = listener.local_addr().expect("addr");
         let server_side = server_conn(&p);
         let server = monoio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            let mut io = Io::new(s, Duration::from_secs(5));
+            let mut io = accepted(&listener).await;
             io.handshake(server_side, soon()).await
         });
         let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -143,8 +154,7 @@ fn a_silent_peer_times_the_handshake_out() {
         let addr = listener.local_addr().expect("addr");
         let server_side = server_conn(&p);
         let server = monoio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            let mut io = Io::new(s, Duration::from_secs(5));
+            let mut io = accepted(&listener).await;
             let deadline = monoio::time::Instant::now() + Duration::from_millis(200);
             io.handshake(server_side, deadline).await
         });
@@ -163,8 +173,7 @@ fn a_cut_without_close_notify_is_not_a_clean_end() {
         let addr = listener.local_addr().expect("addr");
         let server_side = server_conn(&p);
         let server = monoio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            let mut io = Io::new(s, Duration::from_secs(5));
+            let mut io = accepted(&listener).await;
             io.handshake(server_side, soon()).await.expect("handshake");
             loop {
                 match io.fill(Duration::from_secs(5)).await {
@@ -174,8 +183,7 @@ fn a_cut_without_close_notify_is_not_a_clean_end() {
                 }
             }
         });
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let mut io = Io::new(s, Duration::from_secs(5));
+        let mut io = connected(addr).await;
         io.handshake(client_conn(&p), soon())
             .await
             .expect("handshake");
@@ -205,8 +213,7 @@ fn an_idle_wait_past_the_grace_read_gets_its_bytes_or_times_out() {
             let server = monoio::spawn(async move {
                 let mut outcomes = Vec::new();
                 for _ in 0..2 {
-                    let (s, _) = listener.accept().await.expect("accept");
-                    let mut io = Io::new(s, Duration::from_secs(5));
+                    let mut io = accepted(&listener).await;
                     let start = std::time::Instant::now();
                     let r = io.fill_idle(idle).await;
                     outcomes.push((r, start.elapsed(), io.take(usize::MAX)));
@@ -254,8 +261,7 @@ fn send_delivers_head_and_body_whole_across_partial_writes() {
             let addr = listener.local_addr().expect("addr");
             let server_side = server_conn(&p);
             let server = monoio::spawn(async move {
-                let (s, _) = listener.accept().await.expect("accept");
-                let mut io = Io::new(s, Duration::from_secs(5));
+                let mut io = accepted(&listener).await;
                 if tls {
                     io.handshake(server_side, soon())
                         .await

@@ -4,15 +4,15 @@
 
 use bytes::Bytes;
 
-#[derive(Debug, Clone, Default)]
+/// Not `Debug`: its head carries the upstream's credentials.
 pub struct Outgoing {
     pub head: Vec<u8>,
     pub body: Bytes,
 }
 
 impl Outgoing {
-    /// All of it, head and body, as one buffer (for the few places that read a whole request:
-    /// tests, and requests small enough not to matter).
+    /// All of it, head and body, as one buffer.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
         let mut all = Vec::with_capacity(self.head.len() + self.body.len());
         all.extend_from_slice(&self.head);

@@ -107,7 +107,9 @@ fn a_value_from_a_message_never_adds_a_line_to_the_upstream_head() {
         ("mcp-name", "echo\0"),
         ("mcp-session-id", "s\x0b"),
     ] {
-        let e = upstream_request(&req, peer, &up, &req.body, &[(name, Some(value))]).unwrap_err();
+        let Err(e) = upstream_request(&req, peer, &up, &req.body, &[(name, Some(value))]) else {
+            panic!("{name}: {value:?} was written into the head");
+        };
         assert_eq!(e.name, name);
         let rpc = RpcError::from(e);
         assert_eq!((rpc.code, rpc.http_status), (error::INVALID_REQUEST, 400));

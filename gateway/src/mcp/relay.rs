@@ -92,7 +92,7 @@ pub(super) async fn relay(
     );
     // What has already arrived goes out with the head in one write.
     match body.take(&mut conn) {
-        Ok((first, _)) => {
+        Ok(first) => {
             body.observe(&first);
             out.extend_from_slice(&body.framed(first));
         }
@@ -140,7 +140,7 @@ pub(super) async fn relay(
             Err(_) => break Err("upstream connection failed mid-response"),
         }
         let data = match body.take(&mut conn) {
-            Ok((data, _)) => data,
+            Ok(data) => data,
             Err(why) => break Err(why),
         };
         if data.is_empty() {
@@ -296,7 +296,7 @@ impl<'m> Body<'m> {
 
     /// What `conn` holds of the body, as it goes to the client (unframed): a large piece is
     /// taken without a copy; an event stream's only up to its last whole event.
-    fn take(&mut self, conn: &mut Conn) -> Result<(Vec<u8>, bool), &'static str> {
+    fn take(&mut self, conn: &mut Conn) -> Result<Vec<u8>, &'static str> {
         let piece = match self.kind {
             BodyKind::Length(_) => {
                 let n = self.remaining.min(conn.pending().len());
@@ -320,7 +320,7 @@ impl<'m> Body<'m> {
             }
         };
         if !self.sse {
-            return Ok((piece, self.complete));
+            return Ok(piece);
         }
         self.events.push(&piece);
         let events = match self.events.take_events() {
@@ -328,7 +328,7 @@ impl<'m> Body<'m> {
             Ok(None) => Vec::new(),
             Err(_) => return Err("upstream event larger than the body limit"),
         };
-        Ok((self.rewritten(events), self.complete))
+        Ok(self.rewritten(events))
     }
 
     /// Events as the client gets them: a federation's member's rewritten.
