@@ -397,6 +397,26 @@ impl Bed {
     /// Holds `n` connections to `t`, each after one `tools/call`, and reads the proxy's RSS
     /// before, while they are held (2 s after the last answer: the gateway drops an idle
     /// connection's buffers after 500 ms) and 2 s after they closed.
+    /// An open-loop run through the gateway at `rate` with a SIGHUP every `every`.
+    fn reloads(&self, rate: f64, every: Duration) -> Event {
+        let spec = self.spec(Target::Gateway, 32, Some(rate), 0);
+        let mut n = 0;
+        let gw = &self.gateway;
+        let (result, _) = self.load(&spec, every, &mut |at: Duration| {
+            if !at.is_zero() && at < spec.duration {
+                gw.hangup();
+                n += 1;
+            }
+        });
+        Event {
+            what: "configuration reload (SIGHUP)".into(),
+            target: Target::Gateway,
+            events: n,
+            result,
+            checked: true,
+        }
+    }
+
     fn idle(&self, t: Target, n: usize) -> Idle {
         let pid = self.pid(t);
         let before = rss_mib(pid);
@@ -497,6 +517,37 @@ pub fn run_idle() -> Vec<Idle> {
     idle
 }
 
+/// Reloads under load alone (scenario `reload`): the same load without reloads first, then a
+/// SIGHUP every second at 13,000 rps, on a gateway fresh from its warm-up, then again after 10,000 idle connections came and went
+/// (the order of the headline, where reloads follow the idle rows). Each run is described by
+/// what came before it.
+pub fn run_reload() -> Vec<(String, Event)> {
+    const RATE: f64 = 13_000.0;
+    // Full-length runs (3 s): two reloads in each.
+    let bed = Bed::start(false);
+    bed.measure("warm-up", Target::Gateway, 32, None, 0);
+    let mut out = vec![
+        (
+            "no reloads (the same load, for comparison)".to_owned(),
+            bed.reloads(RATE, Duration::from_secs(3600)),
+        ),
+        (
+            "after a warm-up".to_owned(),
+            bed.reloads(RATE, Duration::from_secs(1)),
+        ),
+    ];
+    let _ = bed.idle(Target::Gateway, 10_000);
+    out.push((
+        "after 10,000 idle connections closed".to_owned(),
+        bed.reloads(RATE, Duration::from_secs(1)),
+    ));
+    out.push((
+        "again".to_owned(),
+        bed.reloads(RATE, Duration::from_secs(1)),
+    ));
+    out
+}
+
 pub fn run(quick: bool) -> Report {
     let load_before = loadavg();
     let mut bed = Bed::start(quick);
@@ -563,30 +614,12 @@ pub fn run(quick: bool) -> Report {
         }
     }
     // Reloads under load: SIGHUP every second (every 0.2 s with --quick) at half load.
-    let mut events = Vec::new();
-    {
-        let spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
-        let every = if quick {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(1)
-        };
-        let mut n = 0;
-        let gw = &bed.gateway;
-        let (result, _) = bed.load(&spec, every, &mut |at: Duration| {
-            if !at.is_zero() && at < spec.duration {
-                gw.hangup();
-                n += 1;
-            }
-        });
-        events.push(Event {
-            what: "configuration reload (SIGHUP)".into(),
-            target: Target::Gateway,
-            events: n,
-            result,
-            checked: true,
-        });
-    }
+    let every = if quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut events = vec![bed.reloads(half_rate, every)];
     // The upstream restarted in the middle of a half-load run, through the gateway and nginx.
     for t in [Target::Gateway, Target::Nginx] {
         let mut spec = bed.spec(t, 32, Some(half_rate), 0);

@@ -41,7 +41,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet,
-    /// config); all when omitted. `idle` (only when named): the headline's idle-memory rows alone.
+    /// config); all when omitted. `idle` (only when named): the headline's idle-memory rows alone; `reload` (only when named): reloads under load, before and after 10,000 idle connections.
     scenarios: Vec<String>,
     /// Print every row (and every scenario's report) as one JSON document on stdout; the
     /// Markdown goes to stderr.
@@ -302,6 +302,10 @@ fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     // Only when named: the headline's idle-memory rows alone, at 1,000 and 10,000 connections.
     if args.scenarios.iter().any(|x| x == "idle") {
         idle_report(ledger, &env, &dir)?;
+    }
+    // Only when named: reloads under load, before and after the idle rows.
+    if args.scenarios.iter().any(|x| x == "reload") {
+        reload_report(ledger, &env, &dir)?;
     }
     if wants("proxy") {
         proxy_report(args, ledger, &env, &dir, suffix)?;
@@ -1257,6 +1261,49 @@ fn idle_report(
     let json =
         serde_json::json!({"scenario": "idle", "environment": env.json(), "idle": idle_json});
     write_report(ledger, dir, &format!("{}-idle", env.date), &md, &json)
+}
+
+/// Scenario `reload` (only when named): the headline bed, reloads under load through the
+/// gateway before and after 10,000 idle connections.
+fn reload_report(
+    ledger: &mut verdict::Ledger,
+    env: &env::Environment,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let runs = headline::run_reload();
+    let mut md = format!(
+        "# Reloads under load ({date})\n\n{env}\n\nThe headline's bed; a SIGHUP every second \
+         during an open-loop run at 13,000 rps (32 connections) through the gateway.\n\n\
+         | run | reloads | answered | failed (missed) | p50 µs | p99 µs | max µs |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+        date = env.date,
+        env = env.markdown(),
+    );
+    let q = |h: Option<&hdrhistogram::Histogram<u64>>, q: f64| {
+        h.filter(|h| !h.is_empty())
+            .map_or(0, |h| h.value_at_quantile(q))
+    };
+    let mut rows = Vec::new();
+    for (what, e) in &runs {
+        let h = e.result.latency.as_ref();
+        let max = h
+            .filter(|h| !h.is_empty())
+            .map_or(0, hdrhistogram::Histogram::max);
+        md.push_str(&format!(
+            "| {what} | {} | {} | {} | {} | {} | {max} |\n",
+            e.events,
+            e.result.ok,
+            errors_cell(&e.result),
+            q(h, 0.5),
+            q(h, 0.99),
+        ));
+        let row = serde_json::json!({"run": what, "reloads": e.events, "ok": e.result.ok,
+            "p50_us": q(h, 0.5), "p99_us": q(h, 0.99), "max_us": max});
+        ledger.load_row("reload", what, &e.result, e.checked, row.clone());
+        rows.push(row);
+    }
+    let json = serde_json::json!({"scenario": "reload", "environment": env.json(), "runs": rows});
+    write_report(ledger, dir, &format!("{}-reload", env.date), &md, &json)
 }
 
 /// The idle-connection table (Markdown) and its JSON rows; each row also goes to the ledger.

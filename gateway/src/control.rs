@@ -521,11 +521,13 @@ async fn run_async(
         None => None,
     };
     let kernel_hosts = fleet_start.as_ref().map_or(1, |s| s.hosts);
+    // The one handle the control thread writes the maps through (it mirrors what it wrote).
+    let mut maps = None;
     let mut kernel = if config.kernel.enabled {
         let lock = handed.as_mut().and_then(|h| h.lock.take());
         let mut k = kernel::load_as(&config.instance, &config.kernel.pin_dir, lock)?;
-        let report = k
-            .maps()?
+        let report = maps
+            .insert(k.maps()?)
             .sync(&KernelState::shared_by(&config, kernel_hosts))
             .context("syncing the kernel maps")?;
         tracing::debug!(?report, "kernel maps synced");
@@ -705,7 +707,6 @@ async fn run_async(
     let threads = runtime::spawn_workers(Arc::clone(&shared), per_worker, stop_rx, grace, pin)
         .context("starting workers")?;
 
-    let maps = kernel.as_ref().map(Kernel::maps).transpose()?;
     let xdp = kernel
         .as_ref()
         .map(|k| {

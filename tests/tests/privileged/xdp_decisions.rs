@@ -373,3 +373,53 @@ fn reload_replaces_prefixes_without_losing_classification() {
         vec![PORT, 9090]
     );
 }
+
+/// The control thread keeps one handle and syncs it on every reload; that handle reads the
+/// configuration arrays once and mirrors its own writes after that. Each sync must still
+/// leave the maps (as another handle reads them) exactly as wanted: ports switched off and on
+/// again, limits set and cleared, an over-cap flag raised through the same handle lowered
+/// when its tenant loses its cap.
+#[test]
+fn repeated_syncs_through_one_handle_follow_each_change() {
+    let mut k = TestKernel::load(&state());
+    let mut maps = k.maps();
+    let strict = limits((1, 1), (1, 1));
+    let mut wider = state();
+    wider.ports = [PORT, 9090].into();
+    wider.limits = vec![(A, strict)];
+    wider.capped = [B].into();
+
+    maps.sync(&wider).unwrap();
+    assert_eq!(ports(&k), vec![PORT, 9090]);
+    assert_eq!(k.maps().tenant_limits(A).unwrap(), strict);
+    maps.set_over_cap(B, true).unwrap();
+    assert_eq!(
+        k.run(&frames::tcp(ip("198.18.2.1"), PORT, Flags::Syn)),
+        XDP_DROP,
+        "B is over its cap"
+    );
+
+    maps.sync(&state()).unwrap();
+    assert_eq!(ports(&k), vec![PORT], "9090 switched off");
+    assert_eq!(
+        k.maps().tenant_limits(A).unwrap(),
+        TenantLimits::default(),
+        "A's limit cleared"
+    );
+    assert!(
+        !k.maps().over_cap(B).unwrap(),
+        "B has no cap any more: its flag is lowered"
+    );
+    assert_eq!(
+        k.run(&frames::tcp(ip("198.18.2.1"), PORT, Flags::Syn)),
+        XDP_PASS
+    );
+
+    maps.sync(&wider).unwrap();
+    assert_eq!(ports(&k), vec![PORT, 9090], "9090 switched on again");
+    assert_eq!(k.maps().tenant_limits(A).unwrap(), strict);
+}
+
+fn ports(k: &TestKernel) -> Vec<u16> {
+    k.maps().ports().unwrap().into_iter().collect()
+}
