@@ -82,10 +82,15 @@ pub enum Parsed {
     Batch(Vec<Message>),
 }
 
-/// A worker's parser: the scratch copy and simd-json's buffers are reused across requests.
+/// A worker's parser: the scratch copy, simd-json's buffers and its tape are reused across
+/// requests.
 pub struct Parser {
+    /// The body and simd-json's padding after it: the parse reads this copy (unescaping
+    /// strings in it) and no other, so the client's bytes stay as they came.
     scratch: Vec<u8>,
     buffers: simd_json::Buffers,
+    /// Empty between parses; it keeps its allocation.
+    tape: Option<simd_json::Tape<'static>>,
 }
 
 impl Default for Parser {
@@ -93,6 +98,7 @@ impl Default for Parser {
         Self {
             scratch: Vec::with_capacity(16 * 1024),
             buffers: simd_json::Buffers::new(16 * 1024),
+            tape: None,
         }
     }
 }
@@ -107,10 +113,29 @@ impl Parser {
     /// copy of what may be most of the message: only policy reads them). They are validated
     /// either way.
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
+        // Padded by us: simd-json then reads the copy in place instead of making its own.
         self.scratch.clear();
+        self.scratch.reserve(body.len() + simd_json::INPUT_PADDING);
         self.scratch.extend_from_slice(body);
-        let tape = simd_json::to_tape_with_buffers(&mut self.scratch, &mut self.buffers)
-            .map_err(RpcError::parse)?;
+        self.scratch
+            .resize(body.len() + simd_json::INPUT_PADDING, 0);
+        let mut tape = self
+            .tape
+            .take()
+            .map_or_else(simd_json::Tape::null, simd_json::Tape::reset);
+        let parsed = simd_json::fill_tape_padded(
+            &mut self.scratch,
+            body.len(),
+            &mut self.buffers,
+            &mut tape,
+        )
+        .map_err(RpcError::parse)
+        .and_then(|()| Self::read(&tape, body, arguments));
+        self.tape = Some(tape.reset());
+        parsed
+    }
+
+    fn read(tape: &simd_json::Tape<'_>, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
         if let Some(key) = duplicate_key(&tape.0) {
             return Err(RpcError::invalid_request(format!(
                 "duplicate key {key:?} in an object: a message must have one meaning"
