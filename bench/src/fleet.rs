@@ -92,7 +92,7 @@ fn run(quick: bool) -> (Vec<Row>, f64, usize, f64, Accuracy) {
     let _redis = redis_server(redis_port);
     let pid = std::process::id();
     let seconds = if quick { 1.0 } else { 5.0 };
-    let rounds = if quick { 1 } else { 5 };
+    let rounds = if quick { 1 } else { 3 };
 
     // The `[kernel]` table of start_gateway ends with `enabled = false`: the tenant's lines
     // continue it (`default_tenant`).

@@ -411,7 +411,7 @@ pub fn run(quick: bool) -> FloodReport {
     let bed = Bed {
         topo: &topo,
         frames: &frames,
-        seconds: if quick { 1.0 } else { 5.0 },
+        seconds: if quick { 1.0 } else { 3.0 },
         warmup: Duration::from_millis(if quick { 500 } else { 1000 }),
     };
     // Rounds, each measuring every condition once, so that the drift of this shared machine

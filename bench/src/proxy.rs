@@ -291,8 +291,8 @@ pub fn run(quick: bool) -> ProxyReport {
     wait_port(ngx_port, Duration::from_secs(5));
 
     let connections = 32;
-    let seconds = if quick { 0.5 } else { 4.0 };
-    let warmup = Duration::from_millis(if quick { 500 } else { 1000 });
+    let seconds = if quick { 0.5 } else { 2.0 };
+    let warmup = Duration::from_millis(500);
     let spec = |t: &Target<'_>, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], t.port).into(),
         path: t.path.clone(),

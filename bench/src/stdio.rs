@@ -97,7 +97,7 @@ fn gateway() -> (u16, Proc, PathBuf) {
 
 pub fn run(quick: bool) -> Report {
     let connections = 32;
-    let seconds = if quick { 2.0 } else { 5.0 };
+    let seconds = if quick { 2.0 } else { 3.0 };
     let rounds = if quick { 1 } else { 3 };
     let (gw_port, _gw, config) = gateway();
     let (sf_port, _sf) = supergateway(true);

@@ -519,7 +519,7 @@ pub fn run(quick: bool) -> TlsReport {
     });
 
     let connections = 32;
-    let seconds = if quick { 1.0 } else { 6.0 };
+    let seconds = if quick { 1.0 } else { 3.0 };
     let warmup = Duration::from_millis(if quick { 500 } else { 1000 });
     let me = std::process::id();
     let measure = |t: &Target<'_>| {
