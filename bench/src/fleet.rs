@@ -91,7 +91,7 @@ fn run(quick: bool) -> (Vec<Row>, f64, usize, f64, Accuracy) {
     let redis_port = free_port();
     let _redis = redis_server(redis_port);
     let pid = std::process::id();
-    let seconds = if quick { 1.0 } else { 5.0 };
+    let seconds = if quick { 1.0 } else { 3.0 };
     let rounds = if quick { 1 } else { 3 };
 
     // The `[kernel]` table of start_gateway ends with `enabled = false`: the tenant's lines
@@ -167,7 +167,7 @@ fn run(quick: bool) -> (Vec<Row>, f64, usize, f64, Accuracy) {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let acc_seconds = if quick { 2.0 } else { 10.0 };
+    let acc_seconds = if quick { 2.0 } else { 5.0 };
     let results: Vec<load::LoadResult> = std::thread::scope(|s| {
         let handles: Vec<_> = members
             .iter()

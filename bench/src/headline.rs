@@ -536,6 +536,11 @@ pub fn run_reload() -> Vec<(String, Event)> {
             bed.reloads(RATE, Duration::from_secs(1)),
         ),
     ];
+    bed.measure("peak, 2048 connections", Target::Gateway, 2048, None, 0);
+    out.push((
+        "after 2,048 connections at peak".to_owned(),
+        bed.reloads(RATE, Duration::from_secs(1)),
+    ));
     let _ = bed.idle(Target::Gateway, 10_000);
     out.push((
         "after 10,000 idle connections closed".to_owned(),

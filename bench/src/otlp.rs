@@ -97,7 +97,7 @@ pub fn run(quick: bool) -> Report {
     let (off_port, off, off_cfg) = start_gateway(up_port, "otlp-off", "", "");
     let (one_port, one, one_cfg) = start_gateway(up_port, "otlp-1", &otlp(0.01), "");
     let (all_port, all, all_cfg) = start_gateway(up_port, "otlp-100", &otlp(1.0), "");
-    let seconds = if quick { 1.0 } else { 5.0 };
+    let seconds = if quick { 1.0 } else { 3.0 };
     let rounds = if quick { 1 } else { 3 };
     let spec = |port: u16, rate: Option<f64>| LoadSpec {
         target: ([127, 0, 0, 1], port).into(),
