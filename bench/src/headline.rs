@@ -394,9 +394,6 @@ impl Bed {
         }
     }
 
-    /// Holds `n` connections to `t`, each after one `tools/call`, and reads the proxy's RSS
-    /// before, while they are held (2 s after the last answer: the gateway drops an idle
-    /// connection's buffers after 500 ms) and 2 s after they closed.
     /// An open-loop run through the gateway at `rate` with a SIGHUP every `every`.
     fn reloads(&self, rate: f64, every: Duration) -> Event {
         let spec = self.spec(Target::Gateway, 32, Some(rate), 0);
@@ -417,6 +414,9 @@ impl Bed {
         }
     }
 
+    /// Holds `n` connections to `t`, each after one `tools/call`, and reads the proxy's RSS
+    /// before, while they are held (2 s after the last answer: the gateway drops an idle
+    /// connection's buffers after 500 ms) and 2 s after they closed.
     fn idle(&self, t: Target, n: usize) -> Idle {
         let pid = self.pid(t);
         let before = rss_mib(pid);
@@ -518,9 +518,9 @@ pub fn run_idle() -> Vec<Idle> {
 }
 
 /// Reloads under load alone (scenario `reload`): the same load without reloads first, then a
-/// SIGHUP every second at 13,000 rps, on a gateway fresh from its warm-up, then again after 10,000 idle connections came and went
-/// (the order of the headline, where reloads follow the idle rows). Each run is described by
-/// what came before it.
+/// SIGHUP every second at 13,000 rps on a gateway fresh from its warm-up, after a 2,048-connection
+/// peak row and after 10,000 idle connections came and went (what precedes the headline's reload
+/// row). Each run is described by what came before it.
 pub fn run_reload() -> Vec<(String, Event)> {
     const RATE: f64 = 13_000.0;
     // Full-length runs (3 s): two reloads in each.

@@ -41,7 +41,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these scenarios (xdp, headline, proxy, policy, flood, tls, otlp, stdio, fleet,
-    /// config); all when omitted. `idle` (only when named): the headline's idle-memory rows alone; `reload` (only when named): reloads under load, before and after 10,000 idle connections.
+    /// config); all when omitted. `idle` (only when named): the headline's idle-memory rows alone.
+    /// `reload` (only when named): reloads under load, alone.
     scenarios: Vec<String>,
     /// Print every row (and every scenario's report) as one JSON document on stdout; the
     /// Markdown goes to stderr.
@@ -303,7 +304,7 @@ fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     if args.scenarios.iter().any(|x| x == "idle") {
         idle_report(ledger, &env, &dir)?;
     }
-    // Only when named: reloads under load, before and after the idle rows.
+    // Only when named: reloads under load, alone.
     if args.scenarios.iter().any(|x| x == "reload") {
         reload_report(ledger, &env, &dir)?;
     }
@@ -1264,7 +1265,7 @@ fn idle_report(
 }
 
 /// Scenario `reload` (only when named): the headline bed, reloads under load through the
-/// gateway before and after 10,000 idle connections.
+/// gateway (see [`headline::run_reload`]).
 fn reload_report(
     ledger: &mut verdict::Ledger,
     env: &env::Environment,
@@ -1279,16 +1280,10 @@ fn reload_report(
         date = env.date,
         env = env.markdown(),
     );
-    let q = |h: Option<&hdrhistogram::Histogram<u64>>, q: f64| {
-        h.filter(|h| !h.is_empty())
-            .map_or(0, |h| h.value_at_quantile(q))
-    };
     let mut rows = Vec::new();
     for (what, e) in &runs {
         let h = e.result.latency.as_ref();
-        let max = h
-            .filter(|h| !h.is_empty())
-            .map_or(0, hdrhistogram::Histogram::max);
+        let max = max_of(h);
         md.push_str(&format!(
             "| {what} | {} | {} | {} | {} | {} | {max} |\n",
             e.events,
@@ -1304,6 +1299,18 @@ fn reload_report(
     }
     let json = serde_json::json!({"scenario": "reload", "environment": env.json(), "runs": rows});
     write_report(ledger, dir, &format!("{}-reload", env.date), &md, &json)
+}
+
+/// The value at quantile `q` of a latency histogram (µs); 0 when nothing was recorded.
+fn q(h: Option<&hdrhistogram::Histogram<u64>>, q: f64) -> u64 {
+    h.filter(|h| !h.is_empty())
+        .map_or(0, |h| h.value_at_quantile(q))
+}
+
+/// The largest value of a latency histogram (µs); 0 when nothing was recorded.
+fn max_of(h: Option<&hdrhistogram::Histogram<u64>>) -> u64 {
+    h.filter(|h| !h.is_empty())
+        .map_or(0, hdrhistogram::Histogram::max)
 }
 
 /// The idle-connection table (Markdown) and its JSON rows; each row also goes to the ledger.
@@ -1391,10 +1398,6 @@ fn headline_report(
             "; the first two rows: median of 3 interleaved rounds"
         },
     );
-    let q = |h: Option<&hdrhistogram::Histogram<u64>>, q: f64| {
-        h.filter(|h| !h.is_empty())
-            .map_or(0, |h| h.value_at_quantile(q))
-    };
     for row in &r.rows {
         // Ratios only between rows that answered something.
         let floor = r.floor_of(row).filter(|_| row.result.ok > 0);
@@ -1457,8 +1460,7 @@ fn headline_report(
             e.result.ok,
             errors_cell(&e.result),
             q(h, 0.99),
-            h.filter(|h| !h.is_empty())
-                .map_or(0, hdrhistogram::Histogram::max),
+            max_of(h),
         ));
         ledger.load_row(
             "headline",

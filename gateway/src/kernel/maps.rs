@@ -412,9 +412,8 @@ impl KernelMaps {
                 mirror.limits[t] = want;
             }
             if !desired.capped.contains(&tenant) && mirror.over_cap[t] {
-                self.tenant_over_cap
-                    .set(tenant, 0, 0)
-                    .map_err(map_err(names::TENANT_OVER_CAP))?;
+                // The mirror is out of `self` while this runs: kept here.
+                self.set_over_cap(tenant, false)?;
                 mirror.over_cap[t] = false;
             }
         }
