@@ -403,7 +403,77 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     if let Some(f) = &filter {
         it.arg(f);
     }
-    run(&mut it)
+    run_summarized(&mut it)
+}
+
+/// Runs a libtest command, its output passed through as it comes; when it fails, each failed
+/// test's message is printed again at the very end, without its backtrace: a CI log kept only
+/// by its head and tail still says what failed, and why.
+fn run_summarized(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = child.stdout.take().context("the tests' output")?;
+    let mut summary = FailureSummary::default();
+    let mut stdout = std::io::stdout();
+    for line in std::io::BufReader::new(out).split(b'\n') {
+        let line = line.context("reading the tests' output")?;
+        stdout.write_all(&line)?;
+        stdout.write_all(b"\n")?;
+        stdout.flush()?;
+        summary.take(&String::from_utf8_lossy(&line));
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        let text = summary.text();
+        if !text.is_empty() {
+            println!("\n==== the failures again, without their backtraces ====\n{text}");
+        }
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The failed tests' messages in libtest's output: each `---- <test> stdout ----` block up to
+/// its backtrace, at most [`FailureSummary::LINES`] lines of [`FailureSummary::WIDTH`] bytes.
+#[derive(Default)]
+struct FailureSummary {
+    blocks: Vec<Vec<String>>,
+    /// Whether lines go to the last block (cleared at its backtrace or the final list).
+    open: bool,
+}
+
+impl FailureSummary {
+    const LINES: usize = 40;
+    const WIDTH: usize = 400;
+
+    fn take(&mut self, line: &str) {
+        if line.starts_with("---- ") && line.ends_with(" ----") {
+            self.blocks.push(vec![line.to_owned()]);
+            self.open = true;
+        } else if line.starts_with("stack backtrace:") || line == "failures:" {
+            self.open = false;
+        } else if self.open
+            && let Some(block) = self.blocks.last_mut()
+            && block.len() < Self::LINES
+        {
+            let mut end = line.len().min(Self::WIDTH);
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            block.push(line[..end].to_owned());
+        }
+    }
+
+    fn text(&self) -> String {
+        self.blocks
+            .iter()
+            .map(|b| b.join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    }
 }
 
 /// The fuzz targets: the `[[bin]]` names of fuzz/Cargo.toml.
@@ -466,4 +536,35 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureSummary;
+
+    #[test]
+    fn the_summary_keeps_each_failures_message_and_drops_its_backtrace() {
+        let out = "test a::one ... FAILED\ntest a::two ... ok\n\nfailures:\n\n---- a::one stdout ----\n\
+                   log line\n\nthread 'main' panicked at tests/x.rs:1:5:\nassertion `left == right` failed\n  left: 1\n right: 2\n\
+                   stack backtrace:\n   0: std::panicking\n\n---- a::three stdout ----\nthread 'main' panicked at y.rs:2:1:\nboom\n\n\
+                   failures:\n    a::one\n    a::three\n\ntest result: FAILED. 1 passed; 2 failed";
+        let mut s = FailureSummary::default();
+        for line in out.lines() {
+            s.take(line);
+        }
+        assert_eq!(
+            s.text(),
+            "---- a::one stdout ----\nlog line\n\nthread 'main' panicked at tests/x.rs:1:5:\n\
+             assertion `left == right` failed\n  left: 1\n right: 2\n\n\
+             ---- a::three stdout ----\nthread 'main' panicked at y.rs:2:1:\nboom\n"
+        );
+        let mut long = FailureSummary::default();
+        long.take("---- b stdout ----");
+        for _ in 0..100 {
+            long.take(&"é".repeat(300));
+        }
+        let text = long.text();
+        assert_eq!(text.lines().count(), FailureSummary::LINES);
+        assert!(text.lines().all(|l| l.len() <= FailureSummary::WIDTH));
+    }
 }
