@@ -13,7 +13,9 @@
 //! It never runs on the request path and the workers never wait for it: they read what it
 //! published (leases, totals, the fleet mode) without locks. When Redis cannot be reached,
 //! rates fall back to this host's share (`limit ÷ live hosts`) and budgets refuse (unless
-//! `fleet_fail_open`); recovery is automatic at the next round that reaches Redis.
+//! `fleet_fail_open`); recovery is automatic at the next round that reaches Redis. Rounds that
+//! fail for under a second once the fleet was reached (a slow command in Redis, a connection
+//! made again) keep the fleet's state instead ([`FALLBACK_AFTER`]).
 //!
 //! Redis is a shared store, not a trusted one: the connection is TLS when the address is
 //! `rediss://` (never plaintext then); a Redis that lost its data (an `epoch` key gone) is
@@ -51,6 +53,11 @@ use crate::{
 
 /// A host not heard from for this long is no longer counted live.
 const HOST_TTL: Duration = Duration::from_secs(3);
+/// Rounds that fail for less than this after the fleet was reached keep its state (leases,
+/// totals, the others' counts): a Redis that is slow for a moment, or a connection that has to
+/// be made again, does not make every gateway refuse budgets at once. A gateway that has not
+/// reached Redis since it started, or rounds failing for longer, fall back.
+const FALLBACK_AFTER: Duration = Duration::from_secs(1);
 /// A lease nobody asked for in this many rounds is dropped (its tokens with it).
 const IDLE_ROUNDS: u32 = 400;
 
@@ -1092,8 +1099,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
     let mut tick = tokio::time::interval(agent.fleet.round);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round: u64 = 0;
-    // Whether the last round failed (`None` before the first).
+    // Whether the fleet's state is given up for the fallback (`None` before the first round).
     let mut down: Option<bool> = None;
+    // Since when rounds fail, while the fleet's state is kept (see `FALLBACK_AFTER`).
+    let mut failing_since: Option<Instant> = None;
     // The heartbeat, and with it the bans and (every other time) the approvals, every 250 ms:
     // an idle round with nothing to report sends nothing.
     let beat_every = (Duration::from_millis(250).as_millis() / agent.fleet.round.as_millis().max(1))
@@ -1121,13 +1130,14 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         // Taken every round, Redis reached or not: the queue stays short.
         agent.take_ended();
         let result = async {
+            let fresh = conn.is_none();
             let c = match &mut conn {
                 Some(c) => c,
                 None => conn.insert(connect(&client, agent.fleet.round).await?),
             };
             let mut beat = round.is_multiple_of(beat_every);
             // Heartbeat first after (re)connecting: the live hosts count shares.
-            if down != Some(false) {
+            if fresh || down != Some(false) {
                 let mut pipe = round_pipe();
                 pipe.add_command(agent.heartbeat_cmd());
                 let reply = exchange(c, &pipe).await?.into_iter().next();
@@ -1248,6 +1258,12 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         );
         match result {
             Ok(()) => {
+                if failing_since.take().is_some() && down == Some(false) {
+                    tracing::info!(
+                        redis = shown(&agent.fleet.redis),
+                        "fleet: Redis answers again; the fleet's state was kept"
+                    );
+                }
                 if down != Some(false) {
                     tracing::info!(
                         redis = shown(&agent.fleet.redis),
@@ -1262,6 +1278,18 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 conn = None;
                 stats.failures.fetch_add(1, Relaxed);
                 stats.connected.store(false, Relaxed);
+                let first = failing_since.is_none();
+                let since = *failing_since.get_or_insert(start);
+                if down == Some(false) && since.elapsed() < FALLBACK_AFTER {
+                    if first {
+                        tracing::warn!(
+                            redis = shown(&agent.fleet.redis),
+                            "fleet: a round failed ({e}); the fleet's state is kept while Redis is tried again every round, for up to {} ms before falling back",
+                            FALLBACK_AFTER.as_millis()
+                        );
+                    }
+                    continue;
+                }
                 let hosts = stats.hosts.load(Relaxed).max(1);
                 agent.shared.limits.set_fleet(FLEET_FALLBACK, hosts);
                 if down != Some(true) {
