@@ -306,13 +306,15 @@ fn stats_percentiles_agree_with_the_clients_own_measurement() {
         .clone();
     assert_eq!(wait["count"], 201, "{wait}");
     // The gateway's figure leaves out the client's side of loopback, and the histogram keeps two
-    // significant digits: it agrees within 1% plus 1.5 ms.
+    // significant digits: it is never above the client's by more than 1% plus 1.5 ms. Below it,
+    // by what the client's own threads wait for a core on a busy machine: 3% plus 3 ms (a run
+    // beside a build measured 92.7 ms against the client's 95.9).
     for (q, key) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
         let client = percentile(&seen, q);
         let gateway = wait["total_us"][key].as_u64().unwrap();
         let slack = client / 100 + 1_500;
         assert!(
-            gateway <= client + slack && gateway + slack >= client,
+            gateway <= client + slack && gateway + client * 3 / 100 + 3_000 >= client,
             "{key}: gateway {gateway} µs, client {client} µs"
         );
         // And nearly all of it was the upstream's.
