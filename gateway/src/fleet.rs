@@ -56,7 +56,9 @@ const HOST_TTL: Duration = Duration::from_secs(3);
 /// Rounds that fail for less than this after the fleet was reached keep its state (leases,
 /// totals, the others' counts): a Redis that is slow for a moment, or a connection that has to
 /// be made again, does not make every gateway refuse budgets at once. A gateway that has not
-/// reached Redis since it started, or rounds failing for longer, fall back.
+/// reached Redis since it started, or rounds failing for longer, fall back. The grace is
+/// given again only after this long without a failed round: whoever can slow Redis cannot keep
+/// the gateways on state a second old by letting a round through now and then.
 const FALLBACK_AFTER: Duration = Duration::from_secs(1);
 /// A lease nobody asked for in this many rounds is dropped (its tokens with it).
 const IDLE_ROUNDS: u32 = 400;
@@ -1101,8 +1103,10 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
     let mut round: u64 = 0;
     // Whether the fleet's state is given up for the fallback (`None` before the first round).
     let mut down: Option<bool> = None;
-    // Since when rounds fail, while the fleet's state is kept (see `FALLBACK_AFTER`).
+    // Since when rounds fail, while the fleet's state is kept (see `FALLBACK_AFTER`), and
+    // since when they succeed again (the grace is given again after `FALLBACK_AFTER` of them).
     let mut failing_since: Option<Instant> = None;
+    let mut healthy_since: Option<Instant> = None;
     // The heartbeat, and with it the bans and (every other time) the approvals, every 250 ms:
     // an idle round with nothing to report sends nothing.
     let beat_every = (Duration::from_millis(250).as_millis() / agent.fleet.round.as_millis().max(1))
@@ -1258,11 +1262,12 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         );
         match result {
             Ok(()) => {
-                if failing_since.take().is_some() && down == Some(false) {
-                    tracing::info!(
-                        redis = shown(&agent.fleet.redis),
-                        "fleet: Redis answers again; the fleet's state was kept"
-                    );
+                if failing_since.is_some() {
+                    let healthy = *healthy_since.get_or_insert(start);
+                    if healthy.elapsed() >= FALLBACK_AFTER {
+                        failing_since = None;
+                        healthy_since = None;
+                    }
                 }
                 if down != Some(false) {
                     tracing::info!(
@@ -1276,6 +1281,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
             }
             Err(e) => {
                 conn = None;
+                healthy_since = None;
                 stats.failures.fetch_add(1, Relaxed);
                 stats.connected.store(false, Relaxed);
                 let first = failing_since.is_none();
