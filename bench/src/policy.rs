@@ -142,10 +142,7 @@ pub fn decision_cost(n: u64) -> DecisionCost {
         })
         .collect();
     let source = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
-    let headers: Vec<(String, Vec<u8>)> = [("x-api-key", KEY), ("host", "gw")]
-        .iter()
-        .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
-        .collect();
+    let headers: gateway::http::Fields = [("x-api-key", KEY), ("host", "gw")].into_iter().collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
     let mut ident = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
     let mut clock = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");

@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),
     };
-    let headers: Vec<(String, Vec<u8>)> = head
+    let headers: gateway::http::Fields = head
         .split(|b| *b == b'\n')
         .filter_map(|line| {
             let i = line.iter().position(|b| *b == b':')?;

@@ -1,6 +1,6 @@
 use super::*;
 
-fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+fn h(pairs: &[(&str, &str)]) -> Fields {
     pairs
         .iter()
         .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))

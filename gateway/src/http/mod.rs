@@ -21,6 +21,7 @@
 
 mod body;
 pub mod cors;
+mod fields;
 mod head;
 mod head_end;
 pub mod idle;
@@ -31,6 +32,7 @@ pub mod proxy_protocol;
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
+pub use fields::Fields;
 pub use head::{UnsafeField, is_clean_value, is_token, push_field, push_request_line};
 pub use head_end::HeadEnd;
 pub use io::{HandshakeError, Io, take_idle_releases};
@@ -99,7 +101,7 @@ pub struct Request {
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Fields,
     /// Shared, so that forwarding it sends these bytes without a copy.
     pub body: bytes::Bytes,
     /// Whether the connection may carry another request after this one.
@@ -130,16 +132,13 @@ impl Request {
     }
 }
 
-pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_slice())
+pub fn header<'a>(headers: &'a Fields, name: &str) -> Option<&'a [u8]> {
+    headers.get(name)
 }
 
 /// Whether `option` is named by any `Connection` line of `headers` (the lines form one list,
 /// RFC 9110 §5.3): a header named only in a second line is hop-by-hop all the same.
-pub fn has_connection_option(headers: &[(String, Vec<u8>)], option: &str) -> bool {
+pub fn has_connection_option(headers: &Fields, option: &str) -> bool {
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
@@ -310,7 +309,7 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
 
 /// Framing of a message body from its headers (RFC 9112 section 6), shared by requests and
 /// responses. `Ok(None)` means no framing headers.
-pub fn framing(headers: &[(String, Vec<u8>)], max: usize) -> Result<Option<BodyKind>, HttpError> {
+pub fn framing(headers: &Fields, max: usize) -> Result<Option<BodyKind>, HttpError> {
     let mut length: Option<usize> = None;
     let mut chunked = false;
     for (name, value) in headers {
@@ -380,11 +379,7 @@ pub fn parse_head(
         method: parsed.method.unwrap_or_default().to_owned(),
         target: parsed.path.unwrap_or_default().to_owned(),
         minor: parsed.version.unwrap_or(1),
-        headers: parsed
-            .headers
-            .iter()
-            .map(|h| (h.name.to_owned(), h.value.to_vec()))
-            .collect(),
+        headers: Fields::from_parsed(parsed.headers),
         body: bytes::Bytes::new(),
         keep_alive: true,
     };

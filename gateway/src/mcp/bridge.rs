@@ -202,14 +202,9 @@ pub(super) async fn forward<'c>(
     {
         // The gateway's own session id, signed for the caller like an upstream's and marked
         // as bridged.
-        for (_, id) in a
-            .head
+        a.head
             .headers
-            .iter_mut()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-        {
-            *id = bridge_session(ctx, up, obs, id);
-        }
+            .replace_values("mcp-session-id", |id| bridge_session(ctx, up, obs, id));
         return reply_with_session(io, req, a.head, a.body, obs).await;
     }
     reply(io, req, up, m, answer, obs, filter).await
@@ -326,10 +321,12 @@ async fn initialize(
     Ok(Answer {
         head: ResponseHead {
             status: 200,
-            headers: vec![
-                ("content-type".to_owned(), b"application/json".to_vec()),
-                ("mcp-session-id".to_owned(), session.into_bytes()),
-            ],
+            headers: [
+                ("content-type", b"application/json".as_slice()),
+                ("mcp-session-id", session.as_bytes()),
+            ]
+            .into_iter()
+            .collect(),
         },
         body: super::json_bytes(
             &json!({"jsonrpc": "2.0", "id": id_json(m.id.as_ref()), "result": result}),

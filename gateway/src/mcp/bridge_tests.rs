@@ -3,7 +3,7 @@ use super::*;
 fn head(status: u16) -> ResponseHead {
     ResponseHead {
         status,
-        headers: Vec::new(),
+        headers: crate::http::Fields::default(),
     }
 }
 

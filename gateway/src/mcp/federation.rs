@@ -189,7 +189,7 @@ impl<'c> Federation<'_, 'c> {
         let json = |bytes: Vec<u8>| (held::json_head(), bytes);
         let accepted = ResponseHead {
             status: 202,
-            headers: Vec::new(),
+            headers: http::Fields::default(),
         };
         // DELETE: the child's session is the gateway's, not the client's.
         let Ok(message) = serde_json::from_slice::<Value>(body) else {
@@ -281,7 +281,7 @@ impl<'c> Federation<'_, 'c> {
     ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
         let accepted = ResponseHead {
             status: 202,
-            headers: Vec::new(),
+            headers: http::Fields::default(),
         };
         let id = serde_json::from_slice::<Value>(body)
             .ok()

@@ -651,7 +651,7 @@ fn id_of(message: &Value) -> Option<Id> {
 pub(super) fn json_head() -> ResponseHead {
     ResponseHead {
         status: 200,
-        headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+        headers: [("content-type", "application/json")].into_iter().collect(),
     }
 }
 

@@ -265,7 +265,7 @@ mod tests {
     fn a_result_that_is_not_an_object_is_an_error() {
         let head = ResponseHead {
             status: 200,
-            headers: Vec::new(),
+            headers: crate::http::Fields::default(),
         };
         let r = response_result(
             &head,
@@ -316,7 +316,7 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
     fn the_answer_is_found_in_json_and_in_sse() {
         let head = |ct: &str| ResponseHead {
             status: 200,
-            headers: vec![("content-type".into(), ct.as_bytes().to_vec())],
+            headers: [("content-type", ct)].into_iter().collect(),
         };
         let id = Id::Num(4);
         let sse = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"ok\":1}}\n\n";

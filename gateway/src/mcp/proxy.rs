@@ -6,6 +6,7 @@
 
 use std::{
     cell::{Cell, RefCell},
+    io::Write as _,
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -301,13 +302,8 @@ pub(super) fn session_header<'a>(
 
 /// Signs for the caller the session ids a passthrough answer carries (the upstream's).
 pub(super) fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHead, obs: &Obs<'_>) {
-    for (_, id) in head
-        .headers
-        .iter_mut()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-    {
-        *id = client_session(ctx, up, obs, id);
-    }
+    head.headers
+        .replace_values("mcp-session-id", |id| client_session(ctx, up, obs, id));
 }
 
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
@@ -568,7 +564,7 @@ pub(super) async fn filtered_tools_list<'c>(
 
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
 /// gateway sets itself are not forwarded.
-pub(super) fn is_hop_by_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
+pub(super) fn is_hop_by_hop(name: &str, headers: &http::Fields) -> bool {
     const DROP: &[&str] = &[
         "connection",
         "keep-alive",
@@ -625,7 +621,12 @@ pub(super) fn upstream_request(
 ) -> Result<http::Outgoing, http::UnsafeField> {
     let query = req.target.find('?').map_or("", |i| &req.target[i..]);
     let mut out = Vec::with_capacity(512);
-    http::push_request_line(&mut out, &req.method, &format!("{}{query}", up.path))?;
+    let target = if query.is_empty() {
+        std::borrow::Cow::Borrowed(up.path.as_str())
+    } else {
+        std::borrow::Cow::Owned(format!("{}{query}", up.path))
+    };
+    http::push_request_line(&mut out, &req.method, &target)?;
     http::push_field(&mut out, "host", up.authority.as_bytes())?;
     for (name, value) in &req.headers {
         if !is_hop_by_hop(name, &req.headers)
@@ -635,11 +636,21 @@ pub(super) fn upstream_request(
             http::push_field(&mut out, name, value)?;
         }
     }
-    let forwarded_for = match req.header_str("x-forwarded-for") {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+    // The address written out on the stack: at most 45 bytes (an IPv6 address with an IPv4 tail).
+    let mut text = [0u8; 64];
+    let ip = {
+        let mut w: &mut [u8] = &mut text;
+        let _ = write!(w, "{}", peer.ip());
+        let left = w.len();
+        &text[..text.len() - left]
     };
-    http::push_field(&mut out, "x-forwarded-for", forwarded_for.as_bytes())?;
+    match req.header_str("x-forwarded-for") {
+        Some(prev) => {
+            let joined = [prev.as_bytes(), b", ", ip].concat();
+            http::push_field(&mut out, "x-forwarded-for", &joined)?;
+        }
+        None => http::push_field(&mut out, "x-forwarded-for", ip)?,
+    }
     for (name, value) in replace {
         if let Some(value) = value {
             http::push_field(&mut out, name, value.as_bytes())?;
@@ -649,7 +660,7 @@ pub(super) fn upstream_request(
         http::push_field(&mut out, "authorization", auth.as_bytes())?;
     }
     if req.method == "POST" || !body.is_empty() {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        let _ = write!(out, "content-length: {}\r\n", body.len());
     }
     out.extend_from_slice(b"\r\n");
     Ok(http::Outgoing {

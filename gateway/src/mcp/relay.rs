@@ -5,6 +5,8 @@
 //! again or dropped. Nothing more is read from the upstream until the client has taken what
 //! was read (backpressure).
 
+use std::io::Write as _;
+
 use super::{
     Id, RpcError,
     answer::{AnswerScan, classify},
@@ -206,8 +208,13 @@ fn client_head(
     };
     let unsafe_head =
         |e: http::UnsafeField| UpstreamFailure::Bad(format!("unsafe response head: {e}"));
-    let mut out =
-        format!("HTTP/1.1 {} {}\r\n", head.status, http::reason(head.status)).into_bytes();
+    let mut out = Vec::with_capacity(256);
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        head.status,
+        http::reason(head.status)
+    );
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &head.headers)
             && !is_upstream_private(name)
@@ -226,7 +233,7 @@ fn client_head(
     match (kind, framing) {
         (None, _) => out.extend_from_slice(b"content-length: 0\r\n"),
         (Some(BodyKind::Length(n)), Framing::Length) => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         (_, Framing::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}

@@ -7,7 +7,7 @@ fn request(minor: u8) -> Request {
         method: "POST".into(),
         target: "/mcp".into(),
         minor,
-        headers: vec![("host".into(), b"gw".to_vec())],
+        headers: [("host", "gw")].into_iter().collect(),
         body: bytes::Bytes::new(),
         keep_alive: true,
     }
@@ -16,10 +16,12 @@ fn request(minor: u8) -> Request {
 fn sse_head(len: usize) -> ResponseHead {
     ResponseHead {
         status: 200,
-        headers: vec![
-            ("content-type".into(), b"text/event-stream".to_vec()),
-            ("content-length".into(), len.to_string().into_bytes()),
-        ],
+        headers: [
+            ("content-type", "text/event-stream".to_owned()),
+            ("content-length", len.to_string()),
+        ]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -73,7 +75,21 @@ fn a_members_event_stream_is_not_relayed_with_the_members_length() {
 fn an_unsafe_upstream_field_is_refused() {
     let obs = Obs::default();
     let mut head = sse_head(1);
-    head.headers
-        .push(("x-evil".into(), b"a\r\ncontent-length: 0".to_vec()));
+    head.headers.push("x-evil", b"a\r\ncontent-length: 0");
     assert!(client_head(&head, Some(BodyKind::Length(1)), &request(1), None, &obs).is_err());
+}
+
+/// An event stream is known by its content type's start, in any case, whatever follows.
+#[test]
+fn event_streams_are_known_by_their_content_type() {
+    let head = |ct: &str| ResponseHead {
+        status: 200,
+        headers: [("Content-Type", ct)].into_iter().collect(),
+    };
+    for ct in ["text/event-stream", " Text/Event-Stream; charset=utf-8"] {
+        assert!(head(ct).is_sse(), "{ct}");
+    }
+    for ct in ["text/event", "application/json", "", "x text/event-stream"] {
+        assert!(!head(ct).is_sse(), "{ct}");
+    }
 }

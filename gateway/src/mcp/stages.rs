@@ -279,7 +279,7 @@ fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<
         .headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("tracestate"))
-        .map(|(_, v)| v.as_slice())
+        .map(|(_, v)| v)
         .collect();
     let state = (!states.is_empty())
         .then(|| {
@@ -292,7 +292,7 @@ fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<
     let Some(otlp) = &config.telemetry.otlp else {
         if !states.is_empty() && state.is_none() {
             req.headers
-                .retain(|(n, _)| !n.eq_ignore_ascii_case("tracestate"));
+                .retain(|n, _| !n.eq_ignore_ascii_case("tracestate"));
         }
         return;
     };
@@ -304,14 +304,13 @@ fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<
     });
     let span = crate::otlp::SpanCtx::start(parent.as_deref(), otlp.sample_ratio);
     obs.span.set(Some(span));
-    req.headers.retain(|(n, _)| {
+    req.headers.retain(|n, _| {
         !n.eq_ignore_ascii_case("traceparent") && !n.eq_ignore_ascii_case("tracestate")
     });
     req.headers
-        .push(("traceparent".to_owned(), span.traceparent().into_bytes()));
+        .push("traceparent", span.traceparent().as_bytes());
     if let Some(state) = state.filter(|_| header_parent.is_some()) {
-        req.headers
-            .push(("tracestate".to_owned(), state.into_bytes()));
+        req.headers.push("tracestate", state.as_bytes());
     }
 }
 

@@ -133,7 +133,7 @@ struct Credential {
 const IDENTITY_HEADERS: [&str; 3] = ["authorization", "x-api-key", "mcp-session-id"];
 
 /// The first value of header `name` (case-insensitive), trimmed; `None` when absent or not UTF-8.
-fn header_value<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h str> {
+fn header_value<'h>(headers: &'h crate::http::Fields, name: &str) -> Option<&'h str> {
     headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -627,7 +627,7 @@ impl Policy {
     pub fn authenticate(
         &self,
         route: &Route,
-        headers: &[(String, Vec<u8>)],
+        headers: &crate::http::Fields,
         address_tenant: u32,
     ) -> Result<Identity, Box<Refusal>> {
         self.authenticate_with(route, headers, address_tenant, mtls::ClientCert::Plaintext)
@@ -639,7 +639,7 @@ impl Policy {
     pub fn authenticate_with(
         &self,
         route: &Route,
-        headers: &[(String, Vec<u8>)],
+        headers: &crate::http::Fields,
         address_tenant: u32,
         cert: mtls::ClientCert<'_>,
     ) -> Result<Identity, Box<Refusal>> {
@@ -1004,13 +1004,12 @@ impl Policy {
             }
             None => None,
         };
-        let by_address;
-        let agent_key: &str = match &who.agent {
-            Some(a) => a,
-            None => {
-                by_address = ask.source.to_string();
-                &by_address
-            }
+        // Written out only for a rule that counts by agent (most calls need no copy of it).
+        let by_address = std::cell::OnceCell::new();
+        let agent_key = || -> &str {
+            who.agent
+                .as_deref()
+                .unwrap_or_else(|| by_address.get_or_init(|| ask.source.to_string()))
         };
         if let Some((rate, burst)) = t.rate {
             let key = state.key(("tenant", &t.name));
@@ -1029,8 +1028,8 @@ impl Policy {
             admission.charges.push(charge);
         }
         if let Some((rate, burst)) = t.agent_rate {
-            let key = state.key(("agent", &t.name, agent_key));
-            let name = || format!("agent/{}/{agent_key}", t.name);
+            let key = state.key(("agent", &t.name, agent_key()));
+            let name = || format!("agent/{}/{}", t.name, agent_key());
             // A caller known only by its address counts on this host alone: an address is
             // the client's to choose (an IPv6 client has billions), and the fleet's shared
             // state must not grow with them.
@@ -1046,7 +1045,7 @@ impl Policy {
                     429,
                     code::RATE_LIMITED,
                     format!("tenants[{}].agent_requests_per_sec", t.name),
-                    format!("agent `{agent_key}` is over its rate of {rate}/s"),
+                    format!("agent `{}` is over its rate of {rate}/s", agent_key()),
                 )
                 .retry(wait)
             })?;
@@ -1109,15 +1108,17 @@ impl Policy {
         };
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
-            let key = state.key(("loop", &t.name, agent_key, digest));
+            let key = state.key(("loop", &t.name, agent_key(), digest));
             if !state.repeat(key, unix_s, lb.window_s, u64::from(lb.max_repeats)) {
                 return Err(Refusal::new(
                     429,
                     code::LOOP_DETECTED,
                     format!("tenants[{}].policy.loop_breaker", t.name),
                     format!(
-                        "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by `{agent_key}`",
-                        lb.max_repeats, lb.window_s
+                        "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by `{}`",
+                        lb.max_repeats,
+                        lb.window_s,
+                        agent_key()
                     ),
                 )
                 .retry(State::window_left(lb.window_s)));
@@ -1144,7 +1145,7 @@ impl Policy {
             let cost = rule.map_or(1, |r| r.cost);
             let scopes = [
                 ("tenant", b.tenant, Some(t.name.as_str())),
-                ("agent", b.agent, Some(agent_key)),
+                ("agent", b.agent, Some(agent_key())),
                 ("run", b.run, who.run.as_deref()),
             ];
             let mut left = String::new();

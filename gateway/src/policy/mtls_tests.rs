@@ -1,5 +1,8 @@
 use super::*;
-use crate::policy::{Policy, Via};
+use crate::{
+    http::Fields,
+    policy::{Policy, Via},
+};
 
 const KEY: &str = "key-of-beta-0123456789";
 
@@ -79,7 +82,7 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
     let route = &c.routes[0];
     let a = cert(&["spiffe://example.org/agent/a"], &[], Some("x"));
     let who = p
-        .authenticate_with(route, &[], 0, ClientCert::Present(&a))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&a))
         .unwrap();
     assert_eq!(
         (who.tenant, who.agent.as_deref(), who.via),
@@ -88,24 +91,24 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
     // DNS names compare without case.
     let b = cert(&[], &["robot.example.org"], None);
     let who = p
-        .authenticate_with(route, &[], 0, ClientCert::Present(&b))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&b))
         .unwrap();
     assert_eq!(who.tenant, 2);
     // Two names of one certificate naming different callers: refused, not resolved.
     let two = cert(&["spiffe://example.org/agent/a"], &[], Some("both"));
     let r = p
-        .authenticate_with(route, &[], 0, ClientCert::Present(&two))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&two))
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(r.message.contains("different callers"), "{}", r.message);
     // Unmapped: 403.
     let none = cert(&["spiffe://example.org/agent/z"], &[], Some("z"));
     let r = p
-        .authenticate_with(route, &[], 0, ClientCert::Present(&none))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&none))
         .unwrap_err();
     assert_eq!(r.status, 403);
     // Beside an API key of another tenant: 403; of the same caller: the key's identity.
-    let key = [("x-api-key".to_owned(), KEY.as_bytes().to_vec())];
+    let key: Fields = [("x-api-key", KEY)].into_iter().collect();
     let r = p
         .authenticate_with(route, &key, 0, ClientCert::Present(&a))
         .unwrap_err();
@@ -119,7 +122,9 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
         (ClientCert::Absent, "no client certificate"),
         (ClientCert::Plaintext, "TLS listener"),
     ] {
-        let r = p.authenticate_with(route, &[], 0, cert).unwrap_err();
+        let r = p
+            .authenticate_with(route, &Fields::default(), 0, cert)
+            .unwrap_err();
         assert_eq!(r.status, 401);
         assert!(r.message.contains(says), "{}", r.message);
     }

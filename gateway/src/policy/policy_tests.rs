@@ -57,7 +57,7 @@ upstream = "up"
 }
 
 /// Request headers as the HTTP layer gives them.
-fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+fn headers(pairs: &[(&str, &str)]) -> crate::http::Fields {
     pairs
         .iter()
         .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
@@ -637,7 +637,7 @@ fn identity_headers_given_twice_are_refused_even_on_an_open_route() {
         }
     }
     let mut not_utf8 = headers(&[("x-api-key", KEY_A)]);
-    not_utf8.push(("mcp-run-id".into(), vec![0xff, 0xfe]));
+    not_utf8.push("mcp-run-id", &[0xff, 0xfe]);
     assert_eq!(
         p.authenticate(&c.routes[0], &not_utf8, 0)
             .unwrap_err()

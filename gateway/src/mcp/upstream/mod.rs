@@ -50,15 +50,16 @@ impl std::ops::DerefMut for Conn {
 
 pub struct ResponseHead {
     pub status: u16,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: http::Fields,
 }
 
 impl ResponseHead {
     pub fn is_sse(&self) -> bool {
+        const SSE: &[u8] = b"text/event-stream";
         http::header(&self.headers, "content-type").is_some_and(|ct| {
             ct.trim_ascii()
-                .to_ascii_lowercase()
-                .starts_with(b"text/event-stream")
+                .get(..SSE.len())
+                .is_some_and(|t| t.eq_ignore_ascii_case(SSE))
         })
     }
 
@@ -143,11 +144,7 @@ async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, Upstrea
             Ok(httparse::Status::Complete(n)) => {
                 let head = ResponseHead {
                     status: resp.code.unwrap_or(502),
-                    headers: resp
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                        .collect(),
+                    headers: http::Fields::from_parsed(resp.headers),
                 };
                 conn.consume(n);
                 if (100..200).contains(&head.status) {
@@ -315,13 +312,9 @@ pub async fn open(
                 }
                 // A session id goes on signed with the endpoint that has it.
                 if replicas.pins_sessions() {
-                    for (_, id) in head
-                        .headers
-                        .iter_mut()
-                        .filter(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-                    {
-                        *id = replicas.sign_session(key, &up.name, &endpoint, id);
-                    }
+                    head.headers.replace_values("mcp-session-id", |id| {
+                        replicas.sign_session(key, &up.name, &endpoint, id)
+                    });
                 }
                 let conn = Conn {
                     io: conn,
@@ -388,7 +381,7 @@ pub async fn call(
             return Ok((
                 ResponseHead {
                     status: 404,
-                    headers: Vec::new(),
+                    headers: http::Fields::default(),
                 },
                 Vec::new(),
             ));

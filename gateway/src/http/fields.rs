@@ -1,0 +1,250 @@
+//! A message's header fields as received: every name in one buffer, every value in another,
+//! with their places beside them. A request head costs three allocations this way, not two per
+//! field, and reading a name is a slice of a `String` (no UTF-8 check per look-up).
+
+/// Header fields in order (names as sent; compared case-insensitively by the readers).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Fields {
+    names: String,
+    values: Vec<u8>,
+    /// Where each field's name ends in `names` and its value in `values` (each starts where the
+    /// field before ends).
+    at: Vec<[u32; 2]>,
+}
+
+impl Fields {
+    /// Room for `fields` fields of `bytes` bytes in all.
+    pub fn with_capacity(fields: usize, names: usize, values: usize) -> Self {
+        Self {
+            names: String::with_capacity(names),
+            values: Vec::with_capacity(values),
+            at: Vec::with_capacity(fields),
+        }
+    }
+
+    /// The fields httparse found, copied into one buffer.
+    pub fn from_parsed(parsed: &[httparse::Header<'_>]) -> Self {
+        let names = parsed.iter().map(|h| h.name.len()).sum();
+        let values = parsed.iter().map(|h| h.value.len()).sum();
+        let mut fields = Self::with_capacity(parsed.len(), names, values);
+        for h in parsed {
+            fields.push(h.name, h.value);
+        }
+        fields
+    }
+
+    /// Adds a field at the end. Buffers are bounded by the head limits of whoever reads one (1
+    /// MiB at most for a request, 64 KiB for an answer), far below 4 GiB; a field that would not
+    /// fit is not added (never reached: nothing is checked before all its fields are in).
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        let (Ok(n), Ok(v)) = (
+            u32::try_from(self.names.len() + name.len()),
+            u32::try_from(self.values.len() + value.len()),
+        ) else {
+            return;
+        };
+        self.names.push_str(name);
+        self.values.extend_from_slice(value);
+        self.at.push([n, v]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Each field as (name, value), in order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            fields: self,
+            front: 0,
+            back: self.at.len(),
+        }
+    }
+
+    /// Field `i` (`i < self.len()`).
+    fn field(&self, i: usize) -> (&str, &[u8]) {
+        let [n0, v0] = match i.checked_sub(1) {
+            Some(p) => self.at[p],
+            None => [0, 0],
+        };
+        let [n1, v1] = self.at[i];
+        (
+            &self.names[n0 as usize..n1 as usize],
+            &self.values[v0 as usize..v1 as usize],
+        )
+    }
+
+    /// The first value of field `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Replaces the value of every field named `name` (case-insensitive) by what `f` makes of
+    /// it.
+    pub fn replace_values(&mut self, name: &str, mut f: impl FnMut(&[u8]) -> Vec<u8>) {
+        if self.get(name).is_none() {
+            return;
+        }
+        let mut out = Self::with_capacity(self.len(), self.names.len(), self.values.len());
+        for (n, v) in self.iter() {
+            if n.eq_ignore_ascii_case(name) {
+                out.push(n, &f(v));
+            } else {
+                out.push(n, v);
+            }
+        }
+        *self = out;
+    }
+
+    /// Keeps the fields `keep` says yes to (asked once for each, in order).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &[u8]) -> bool) {
+        let Some(first) = self.iter().position(|(n, v)| !keep(n, v)) else {
+            return;
+        };
+        let mut out = Self::with_capacity(self.len(), self.names.len(), self.values.len());
+        for (n, v) in self.iter().take(first) {
+            out.push(n, v);
+        }
+        for (n, v) in self.iter().skip(first + 1) {
+            if keep(n, v) {
+                out.push(n, v);
+            }
+        }
+        *self = out;
+    }
+}
+
+/// The fields of [`Fields`] as (name, value), in order.
+#[derive(Clone)]
+pub struct Iter<'a> {
+    fields: &'a Fields,
+    /// The fields `front..back` are still to come.
+    front: usize,
+    back: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.front == self.back {
+            return None;
+        }
+        self.front += 1;
+        Some(self.fields.field(self.front - 1))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.back - self.front, Some(self.back - self.front))
+    }
+}
+
+impl DoubleEndedIterator for Iter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        if self.front == self.back {
+            return None;
+        }
+        self.back -= 1;
+        Some(self.fields.field(self.back))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+impl<'a> IntoIterator for &'a Fields {
+    type Item = (&'a str, &'a [u8]);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Self {
+        let mut out = Self::default();
+        for (n, v) in fields {
+            out.push(n.as_ref(), v.as_ref());
+        }
+        out
+    }
+}
+
+/// Fields whose values are credentials: `Debug` leaves them out.
+const SECRET: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "set-cookie",
+    "mcp-session-id",
+];
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(n, v)| {
+                let v = if SECRET.iter().any(|s| n.eq_ignore_ascii_case(s)) {
+                    "<redacted>".into()
+                } else {
+                    String::from_utf8_lossy(v)
+                };
+                (n, v)
+            }))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fields;
+
+    #[test]
+    fn fields_keep_their_order_names_and_bytes() {
+        let mut f: Fields = [("Host", "gw"), ("X-A", "1"), ("x-a", "2")]
+            .into_iter()
+            .collect();
+        f.push("x-raw", &[0xff, b'\t', 0x80]);
+        assert_eq!(f.len(), 4);
+        assert_eq!(f.get("host"), Some(&b"gw"[..]));
+        assert_eq!(f.get("X-A"), Some(&b"1"[..]), "the first of two");
+        assert_eq!(f.get("x-raw"), Some(&[0xff, b'\t', 0x80][..]));
+        assert_eq!(f.get("x-b"), None);
+        let all: Vec<(&str, &[u8])> = f.iter().collect();
+        assert_eq!(all[1], ("X-A", &b"1"[..]));
+        assert_eq!(f.iter().next_back().map(|(n, _)| n), Some("x-raw"));
+        assert_eq!(format!("{f:?}").matches("x-a").count(), 1);
+
+        f.retain(|n, v| !(n.eq_ignore_ascii_case("x-a") && v == b"1"));
+        assert_eq!(f.get("x-a"), Some(&b"2"[..]));
+        f.push("empty", b"");
+        assert_eq!(f.get("empty"), Some(&b""[..]));
+
+        let mut asked = 0;
+        f.retain(|_, _| {
+            asked += 1;
+            true
+        });
+        assert_eq!(asked, 4, "once each");
+        f.replace_values("HOST", |v| [v, b"!"].concat());
+        assert_eq!(f.get("host"), Some(&b"gw!"[..]));
+        let names: Vec<&str> = f.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["Host", "x-a", "x-raw", "empty"], "order kept");
+        assert_eq!(f, f.clone());
+        assert!(Fields::default().is_empty());
+        let secret: Fields = [("Authorization", "Bearer s3cret"), ("x-api-key", "k3y")]
+            .into_iter()
+            .collect();
+        let shown = format!("{secret:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("k3y"),
+            "{shown}"
+        );
+    }
+}
