@@ -13,7 +13,7 @@ pub struct Fields {
 }
 
 impl Fields {
-    /// Room for `fields` fields of `bytes` bytes in all.
+    /// Room for `fields` fields whose names take `names` bytes and values `values`.
     pub fn with_capacity(fields: usize, names: usize, values: usize) -> Self {
         Self {
             names: String::with_capacity(names),
@@ -22,7 +22,7 @@ impl Fields {
         }
     }
 
-    /// The fields httparse found, copied into one buffer.
+    /// The fields httparse found, copied.
     pub fn from_parsed(parsed: &[httparse::Header<'_>]) -> Self {
         let names = parsed.iter().map(|h| h.name.len()).sum();
         let values = parsed.iter().map(|h| h.value.len()).sum();

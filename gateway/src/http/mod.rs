@@ -111,7 +111,7 @@ pub struct Request {
 impl Request {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        header(&self.headers, name)
+        self.headers.get(name)
     }
 
     pub fn header_str(&self, name: &str) -> Option<&str> {
@@ -130,10 +130,6 @@ impl Request {
     pub fn accepts_chunked(&self) -> bool {
         self.minor >= 1
     }
-}
-
-pub fn header<'a>(headers: &'a Fields, name: &str) -> Option<&'a [u8]> {
-    headers.get(name)
 }
 
 /// Whether `option` is named by any `Connection` line of `headers` (the lines form one list,

@@ -501,7 +501,9 @@ async fn reply_with_session(
     obs: &Obs<'_>,
 ) -> bool {
     obs.set(Outcome::Ok);
-    let session = http::header(&head.headers, "mcp-session-id")
+    let session = head
+        .headers
+        .get("mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or_default();
     io.write_all(http::response(

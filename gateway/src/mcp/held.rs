@@ -322,7 +322,9 @@ pub(super) async fn initialize(
         super::bridge::learn(ctx, up);
         return Err("it speaks only the stateless era (2026-07-28)".into());
     }
-    let session = http::header(&head.headers, "mcp-session-id")
+    let session = head
+        .headers
+        .get("mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
     let result = response_result(&head, &bytes, id)?;

@@ -540,7 +540,9 @@ pub(super) async fn filtered_tools_list<'c>(
     } else {
         Outcome::Ok
     });
-    let session = http::header(&head.headers, "mcp-session-id")
+    let session = head
+        .headers
+        .get("mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
     // Relayed to the client: an upstream is not trusted to produce a clean head.

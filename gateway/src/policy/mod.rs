@@ -135,9 +135,8 @@ const IDENTITY_HEADERS: [&str; 3] = ["authorization", "x-api-key", "mcp-session-
 /// The first value of header `name` (case-insensitive), trimmed; `None` when absent or not UTF-8.
 fn header_value<'h>(headers: &'h crate::http::Fields, name: &str) -> Option<&'h str> {
     headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::trim)
 }
 

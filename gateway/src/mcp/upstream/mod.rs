@@ -56,7 +56,7 @@ pub struct ResponseHead {
 impl ResponseHead {
     pub fn is_sse(&self) -> bool {
         const SSE: &[u8] = b"text/event-stream";
-        http::header(&self.headers, "content-type").is_some_and(|ct| {
+        self.headers.get("content-type").is_some_and(|ct| {
             ct.trim_ascii()
                 .get(..SSE.len())
                 .is_some_and(|t| t.eq_ignore_ascii_case(SSE))
