@@ -80,9 +80,21 @@ impl Fields {
 
     /// The first value of field `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.all(name).next()
+    }
+
+    /// Every value of field `name` (case-insensitive), in order. Looked up a dozen times for
+    /// each request: lengths are compared first, and no field is sliced whose name is of
+    /// another length.
+    pub fn all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        let names = self.names.as_bytes();
+        let mut start = [0usize; 2];
+        self.at.iter().filter_map(move |&[n1, v1]| {
+            let [n0, v0] = std::mem::replace(&mut start, [n1 as usize, v1 as usize]);
+            let n1 = n1 as usize;
+            (n1 - n0 == name.len() && names[n0..n1].eq_ignore_ascii_case(name.as_bytes()))
+                .then(|| &self.values[v0..v1 as usize])
+        })
     }
 
     /// Replaces the value of every field named `name` (case-insensitive) by what `f` makes of
@@ -142,6 +154,12 @@ impl<'a> Iterator for Iter<'a> {
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         (self.back - self.front, Some(self.back - self.front))
+    }
+
+    /// Skips without slicing the fields skipped (`skip` asks for this).
+    fn nth(&mut self, n: usize) -> Option<Self::Item> {
+        self.front = self.front.saturating_add(n).min(self.back);
+        self.next()
     }
 }
 
@@ -216,9 +234,15 @@ mod tests {
         assert_eq!(f.get("X-A"), Some(&b"1"[..]), "the first of two");
         assert_eq!(f.get("x-raw"), Some(&[0xff, b'\t', 0x80][..]));
         assert_eq!(f.get("x-b"), None);
+        assert_eq!(f.all("x-a").collect::<Vec<_>>(), [&b"1"[..], &b"2"[..]]);
+        assert_eq!(f.all("x").count(), 0);
         let all: Vec<(&str, &[u8])> = f.iter().collect();
         assert_eq!(all[1], ("X-A", &b"1"[..]));
         assert_eq!(f.iter().next_back().map(|(n, _)| n), Some("x-raw"));
+        assert_eq!(f.iter().nth(2).map(|(_, v)| v), Some(&b"2"[..]));
+        assert_eq!(f.iter().skip(3).count(), 1);
+        assert_eq!(f.iter().nth(4), None);
+        assert_eq!(f.iter().skip(9).next_back(), None);
         assert_eq!(format!("{f:?}").matches("x-a").count(), 1);
 
         f.retain(|n, v| !(n.eq_ignore_ascii_case("x-a") && v == b"1"));

@@ -32,7 +32,7 @@ use monoio::{
 
 use std::io::{Read as _, Write as _};
 
-use super::{BodyKind, ChunkedDecoder, HttpError, Outgoing, outgoing::Unsent};
+use super::{BodyKind, ChunkedDecoder, HttpError, Outgoing, deadline::within, outgoing::Unsent};
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -193,7 +193,8 @@ impl Io {
         self.read_lost = true;
         let len = buf.len();
         let cap = buf.capacity();
-        match monoio::time::timeout(timeout, self.stream.read(buf.slice_mut(len..cap))).await {
+        let deadline = monoio::time::Instant::now() + timeout;
+        match within(deadline, self.stream.read(buf.slice_mut(len..cap))).await {
             Err(_) => {
                 self.shutdown(libc::SHUT_RD);
                 Err(HttpError::Timeout)
@@ -238,9 +239,8 @@ impl Io {
             return r;
         }
         let deadline = monoio::time::Instant::now() + timeout;
-        // Boxed: it holds a timer entry (640 bytes aligned to 128, which pads every future
-        // around it); inline, it would stay in the task of every idle connection. One
-        // allocation per request instead.
+        // Boxed: the pending read's state would otherwise stay in the task of every idle
+        // connection. One allocation per request instead.
         match Box::pin(self.read_for(IDLE_GRACE)).await? {
             None => {}
             Some(n) if self.tls.is_none() => return Ok(n),
@@ -253,7 +253,7 @@ impl Io {
         // its own (which, boxed or inline, was most of an idle connection's memory).
         let ready = monoio::select! {
             r = self.stream.readable(false) => Some(r),
-            () = super::idle::Deadline::new(deadline) => None,
+            () = super::deadline::Deadline::new(deadline) => None,
         };
         match ready {
             None => {
@@ -295,7 +295,7 @@ impl Io {
         let mut read = std::pin::pin!(read);
         let (result, slice) = monoio::select! {
             r = &mut read => r,
-            () = monoio::time::sleep(grace) => {
+            () = super::deadline::Deadline::new(monoio::time::Instant::now() + grace) => {
                 let _canceller = canceller.cancel();
                 read.await
             }
@@ -513,7 +513,7 @@ impl Io {
                 self.write_lost = false;
                 return (Ok(()), Some(unsent.into_inner()));
             }
-            match monoio::time::timeout_at(deadline, self.stream.writev(unsent)).await {
+            match within(deadline, self.stream.writev(unsent)).await {
                 Ok((Ok(n), back)) if n > 0 => {
                     unsent = back;
                     unsent.advance(n);
@@ -590,7 +590,8 @@ impl Io {
         }
         // Lost until it completes, in case this future is dropped midway.
         self.write_lost = true;
-        match monoio::time::timeout(self.send_timeout, self.stream.write_all(bytes)).await {
+        let deadline = monoio::time::Instant::now() + self.send_timeout;
+        match within(deadline, self.stream.write_all(bytes)).await {
             Ok((Ok(_), back)) => {
                 self.write_lost = false;
                 (Ok(()), back)
@@ -847,8 +848,7 @@ impl Io {
 
     /// Reads records from the socket into `raw`, within `deadline`.
     async fn read_raw(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
-        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
-        if left.is_zero() {
+        if monoio::time::Instant::now() >= deadline {
             self.shutdown(libc::SHUT_RD);
             return Err(HttpError::Timeout);
         }
@@ -863,7 +863,7 @@ impl Io {
         self.read_lost = true;
         let len = raw.len();
         let cap = raw.capacity();
-        match monoio::time::timeout(left, self.stream.read(raw.slice_mut(len..cap))).await {
+        match within(deadline, self.stream.read(raw.slice_mut(len..cap))).await {
             Err(_) => {
                 self.shutdown(libc::SHUT_RD);
                 Err(HttpError::Timeout)

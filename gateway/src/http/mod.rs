@@ -21,10 +21,10 @@
 
 mod body;
 pub mod cors;
+pub mod deadline;
 mod fields;
 mod head;
 mod head_end;
-pub mod idle;
 mod io;
 mod outgoing;
 pub mod proxy_protocol;
@@ -135,11 +135,29 @@ impl Request {
 /// Whether `option` is named by any `Connection` line of `headers` (the lines form one list,
 /// RFC 9110 §5.3): a header named only in a second line is hop-by-hop all the same.
 pub fn has_connection_option(headers: &Fields, option: &str) -> bool {
-    headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+    ConnectionOptions::of(headers).names(option)
+}
+
+/// The options named by a head's `Connection` lines, looked at once for a head whose every
+/// field is asked about (none: no allocation).
+pub struct ConnectionOptions<'a>(Vec<&'a [u8]>);
+
+impl<'a> ConnectionOptions<'a> {
+    pub fn of(headers: &'a Fields) -> Self {
+        Self(
+            headers
+                .all("connection")
+                .flat_map(|v| v.split(|b| *b == b','))
+                .map(<[u8]>::trim_ascii)
+                .collect(),
+        )
+    }
+
+    pub fn names(&self, option: &str) -> bool {
+        self.0
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(option.as_bytes()))
+    }
 }
 
 /// Fields the gateway decides on by their one value. A second line could mean something else
@@ -245,18 +263,12 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
 /// Checks what the parser leaves to the gateway in a request head and decides whether the
 /// connection may carry another request.
 pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
-    for (i, (name, value)) in req.headers.iter().enumerate() {
+    for (name, value) in &req.headers {
         // The parser refuses these already; the gateway relays these bytes, so it says so itself.
         if !head::is_token(name.as_bytes()) || !is_clean_value(value) {
             return Err(HttpError::BadRequest("invalid header field"));
         }
-        if is_single(name)
-            && req
-                .headers
-                .iter()
-                .skip(i + 1)
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        {
+        if is_single(name) && req.headers.all(name).nth(1).is_some() {
             return Err(HttpError::DuplicateField(name.to_ascii_lowercase()));
         }
     }
@@ -264,9 +276,8 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
     // of the fields the gateway decides on would be checked here and dropped before the upstream.
     if req
         .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .all("connection")
+        .flat_map(|v| v.split(|b| *b == b','))
         .any(|o| std::str::from_utf8(o.trim_ascii()).is_ok_and(is_single))
     {
         return Err(HttpError::BadRequest(

@@ -86,7 +86,7 @@ pub fn serve(
                     r = &mut fill => Ok(r),
                     // The worker's stop (the shutdown), without a watch of its own (its wait
                     // was 144 bytes of every idle connection's task).
-                    () = http::idle::Stop::default() => Err(()),
+                    () = http::deadline::Stop::default() => Err(()),
                 };
                 let first = match interrupted {
                     Ok(r) => r,

@@ -566,7 +566,7 @@ pub(super) async fn filtered_tools_list<'c>(
 
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
 /// gateway sets itself are not forwarded.
-pub(super) fn is_hop_by_hop(name: &str, headers: &http::Fields) -> bool {
+pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>) -> bool {
     const DROP: &[&str] = &[
         "connection",
         "keep-alive",
@@ -584,7 +584,7 @@ pub(super) fn is_hop_by_hop(name: &str, headers: &http::Fields) -> bool {
         "x-api-key",
         "cookie",
     ];
-    DROP.iter().any(|d| name.eq_ignore_ascii_case(d)) || http::has_connection_option(headers, name)
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d)) || connection.names(name)
 }
 
 /// Response headers that are the upstream's own business, never relayed: its credentials, what
@@ -630,8 +630,9 @@ pub(super) fn upstream_request(
     };
     http::push_request_line(&mut out, &req.method, &target)?;
     http::push_field(&mut out, "host", up.authority.as_bytes())?;
+    let connection = http::ConnectionOptions::of(&req.headers);
     for (name, value) in &req.headers {
-        if !is_hop_by_hop(name, &req.headers)
+        if !is_hop_by_hop(name, &connection)
             && !name.eq_ignore_ascii_case("x-forwarded-for")
             && !replace.iter().any(|(r, _)| name.eq_ignore_ascii_case(r))
         {

@@ -215,8 +215,9 @@ fn client_head(
         head.status,
         http::reason(head.status)
     );
+    let connection = http::ConnectionOptions::of(&head.headers);
     for (name, value) in &head.headers {
-        let keep = !is_hop_by_hop(name, &head.headers)
+        let keep = !is_hop_by_hop(name, &connection)
             && !is_upstream_private(name)
             // Set below for every event stream.
             && !(sse

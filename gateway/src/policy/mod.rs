@@ -644,10 +644,7 @@ impl Policy {
     ) -> Result<Identity, Box<Refusal>> {
         let rule = || format!("routes[{}].auth", route.path);
         for name in &self.identity_headers {
-            let mut values = headers
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v);
+            let mut values = headers.all(name);
             let first = values.next();
             let problem = if values.next().is_some() {
                 "is given more than once"

@@ -247,7 +247,7 @@ fn supervise(
         }
         drop(rt);
         // The dead runtime's idle connections stay registered with their wakers: forgotten.
-        crate::http::idle::forget_all();
+        crate::http::deadline::forget_all();
         // After the runtime is gone: a connection task it dropped has given its count back
         // already, one it leaked never will.
         shared.conns.reset(index);
@@ -412,7 +412,7 @@ async fn worker(
     }
     stopped(&mut shutdown).await;
     // Connections waiting idle close now (or linger through a handover).
-    crate::http::idle::stop_all();
+    crate::http::deadline::stop_all();
     let deadline = monoio::time::Instant::now() + grace;
     while !active.borrow().is_empty() && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;

@@ -19,7 +19,7 @@ pub use replicas::{Ejection, Replicas};
 pub use resolve::Addresses;
 pub use tls::UpstreamTls;
 
-use std::net::SocketAddr;
+use std::{future::Future, net::SocketAddr};
 
 use crate::{
     config::Upstream,
@@ -133,32 +133,8 @@ async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, Upstrea
     let deadline = monoio::time::Instant::now() + up.response_timeout;
     let mut end = http::HeadEnd::default();
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        let status = if end.may_be_complete(conn.pending()) {
-            resp.parse(conn.pending())
-        } else {
-            Ok(httparse::Status::Partial)
-        };
-        match status {
-            Ok(httparse::Status::Complete(n)) => {
-                let head = ResponseHead {
-                    status: resp.code.unwrap_or(502),
-                    headers: http::Fields::from_parsed(resp.headers),
-                };
-                conn.consume(n);
-                if (100..200).contains(&head.status) {
-                    // 100 Continue and other interim responses; the next head starts here.
-                    end = http::HeadEnd::default();
-                    continue;
-                }
-                return Ok(head);
-            }
-            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
-                return Err(UpstreamFailure::Bad("response head too large".into()));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(UpstreamFailure::Bad(format!("malformed response: {e}"))),
+        if let Some(head) = parse_response_head(conn, &mut end)? {
+            return Ok(head);
         }
         let had_bytes = !conn.pending().is_empty();
         match conn.fill_until(deadline).await {
@@ -176,6 +152,44 @@ async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, Upstrea
             Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
             Err(e) => return Err(UpstreamFailure::NoResponse(e.to_string())),
         }
+    }
+}
+
+/// The response head at the start of what `conn` holds, if it is all there (interim 1xx heads
+/// before it are consumed). Not part of [`read_head`]'s future: httparse's table of 64 fields
+/// (2 KiB) would be kept in it across every read.
+fn parse_response_head(
+    conn: &mut Io,
+    end: &mut http::HeadEnd,
+) -> Result<Option<ResponseHead>, UpstreamFailure> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        let status = if end.may_be_complete(conn.pending()) {
+            resp.parse(conn.pending())
+        } else {
+            Ok(httparse::Status::Partial)
+        };
+        return match status {
+            Ok(httparse::Status::Complete(n)) => {
+                let head = ResponseHead {
+                    status: resp.code.unwrap_or(502),
+                    headers: http::Fields::from_parsed(resp.headers),
+                };
+                conn.consume(n);
+                if (100..200).contains(&head.status) {
+                    // 100 Continue and other interim responses; the next head starts here.
+                    *end = http::HeadEnd::default();
+                    continue;
+                }
+                Ok(Some(head))
+            }
+            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
+                Err(UpstreamFailure::Bad("response head too large".into()))
+            }
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(e) => Err(UpstreamFailure::Bad(format!("malformed response: {e}"))),
+        };
     }
 }
 
@@ -250,7 +264,9 @@ pub async fn open(
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => match transport::connect(up, addr, &pool.stats).await {
+            // Boxed: a new connection is rare beside a pooled one, and its state (KiBs) would
+            // otherwise be part of every request's.
+            None => match Box::pin(transport::connect(up, addr, &pool.stats)).await {
                 Ok(c) => c,
                 Err(f) => {
                     if f.counts_against_endpoint() {
@@ -409,23 +425,59 @@ pub async fn call(
     Ok((head, body))
 }
 
-/// How long a wait on the upstream runs before the gateway also watches the client: quick
-/// answers cost no extra system call.
+/// How long a wait on the upstream runs before the gateway also watches the client (up to the
+/// worker's sweep of deadlines, 50 ms, later): quick answers cost no extra system call.
 const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Runs `fut`; `None` if the client closes its connection first.
-pub(crate) async fn unless_client_leaves<F: std::future::Future>(
-    client: &Io,
-    fut: F,
-) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    monoio::select! {
-        r = &mut fut => return Some(r),
-        _ = monoio::time::sleep(WATCH_CLIENT_AFTER) => {}
+pub(crate) fn unless_client_leaves<F: Future>(client: &Io, fut: F) -> UnlessClientLeaves<'_, F> {
+    UnlessClientLeaves {
+        fut,
+        client,
+        // On the worker's table of deadlines, not a timer of its own (a timer wheel entry and
+        // 640 bytes in the future of every wait on an upstream).
+        watch_from: crate::http::deadline::Deadline::new(
+            monoio::time::Instant::now() + WATCH_CLIENT_AFTER,
+        ),
+        watching: None,
     }
-    tracing::debug!("watching the client");
-    monoio::select! {
-        r = &mut fut => Some(r),
-        _ = client.peer_gone() => None,
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`unless_client_leaves`]: written out rather than an async fn, which would
+    /// keep `fut` twice (as its argument and pinned in its body, rust-lang/rust#62958), and the
+    /// watch of the client, taken only by a slow answer, boxed.
+    pub(crate) struct UnlessClientLeaves<'a, F> {
+        #[pin]
+        fut: F,
+        client: &'a Io,
+        watch_from: crate::http::deadline::Deadline,
+        watching: Option<std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>>,
+    }
+}
+
+impl<F: Future> Future for UnlessClientLeaves<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if this.watching.is_none() {
+            if std::pin::Pin::new(this.watch_from).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            tracing::debug!("watching the client");
+            *this.watching = Some(Box::pin(this.client.peer_gone()));
+        }
+        match this.watching.as_mut().map(|w| w.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
     }
 }

@@ -14,7 +14,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -64,6 +63,10 @@ impl Drop for Lease {
 
 /// An upstream's endpoint: its pool key and the address.
 type Key = (u64, SocketAddr);
+
+/// Hashed with Fx, not SipHash: the keys are the gateway's own (upstream ids and addresses from
+/// its configuration), looked up three times a request.
+type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 pub struct Pool {
     idle: RefCell<HashMap<Key, Idle>>,

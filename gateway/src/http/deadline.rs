@@ -1,12 +1,15 @@
-//! The idle timeouts of the connections waiting for their next request: one table per worker
-//! thread, swept by one timer, instead of a timer each. monoio's `Sleep` is 640 bytes aligned to
-//! 128; boxed in every idle connection's wait it was 0.75 KiB or more of each one's memory. An
-//! entry here is a deadline and a waker (40 bytes), and a large table is freed once no
-//! connection waits.
+//! The worker's deadlines: the idle timeouts of the connections waiting for their next request,
+//! and the timeouts of every read and write of a request and its upstream exchange ([`within`]),
+//! in one table per worker thread swept by one timer, instead of a timer each. monoio's `Sleep`
+//! is 640 bytes aligned to 128: boxed in every idle connection's wait it was 0.75 KiB or more of
+//! each one's memory, and inline in each read and write it made every future of a request's path
+//! 128-aligned and KiBs large (a request's boxed state was 13 KiB, copied once a request), beside
+//! a timer wheel entry made and removed for each. An entry here is a deadline and a waker (40
+//! bytes), and a large table is freed once no connection waits.
 //!
 //! The sweep runs at the earliest deadline, at most every [`SWEEP_FLOOR`] (deadlines that close
-//! together are served by one sweep): a timeout fires up to that late. Nothing runs while no
-//! connection waits.
+//! together are served by one sweep): a timeout fires up to that late. Nothing runs while
+//! nothing waits.
 
 use std::{
     cell::RefCell,
@@ -170,7 +173,11 @@ impl Future for Deadline {
                     t.sweeping = true;
                     t.planned = None;
                     monoio::spawn(sweeper(t.epoch));
-                } else if t.planned.is_some_and(|p| this.deadline < p) {
+                } else if t.planned.is_some_and(|p| this.deadline + SWEEP_FLOOR < p) {
+                    // Only a deadline the planned sweep would serve late by more than the
+                    // floor wakes the sweeper early: under load (a deadline a request,
+                    // each a few ms ahead) the sweep already planned serves them all, instead
+                    // of a sweep and a new timer for each.
                     t.kicked = true;
                     if let Some(k) = t.kick.take() {
                         k.wake();
@@ -198,6 +205,40 @@ fn unregister(key: Option<(usize, u64)>) {
                 t.remove(key);
             }
         });
+    }
+}
+
+/// `fut`, or [`Elapsed`] if `deadline` passes first (up to [`SWEEP_FLOOR`] later). `fut` is
+/// polled first: one that is ready at once never registers its deadline.
+pub fn within<F: Future>(deadline: Instant, fut: F) -> Within<F> {
+    Within {
+        fut,
+        deadline: Deadline::new(deadline),
+    }
+}
+
+/// The deadline of [`within`] passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+pin_project_lite::pin_project! {
+    /// The future of [`within`]: `fut` and a [`Deadline`] side by side, nothing else.
+    pub struct Within<F> {
+        #[pin]
+        fut: F,
+        deadline: Deadline,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        Pin::new(this.deadline).poll(cx).map(|()| Err(Elapsed))
     }
 }
 
@@ -426,6 +467,58 @@ mod tests {
             assert!(Instant::now() >= deadline);
             monoio::time::sleep(SWEEP_FLOOR * 2).await;
             TABLE.with_borrow(|t| assert_eq!(t.used, 0));
+        });
+    }
+
+    /// `within` gives the future's output when it comes first, registering nothing if it is
+    /// ready at once, and `Elapsed` (not early, not much late) when the deadline comes first.
+    #[test]
+    fn within_times_out_on_the_table() {
+        run(async {
+            let soon = Instant::now() + Duration::from_millis(100);
+            assert_eq!(within(soon, std::future::ready(7)).await, Ok(7));
+            TABLE.with_borrow(|t| assert_eq!(t.used, 0, "a ready future registers nothing"));
+            let late = within(soon, monoio::time::sleep(Duration::from_millis(20))).await;
+            assert_eq!(late, Ok(()));
+            TABLE.with_borrow(|t| assert_eq!(t.used, 0, "its entry is gone with it"));
+            let start = Instant::now();
+            let never = within(
+                start + Duration::from_millis(100),
+                std::future::pending::<()>(),
+            );
+            assert_eq!(never.await, Err(Elapsed));
+            let took = Instant::now() - start;
+            assert!(took >= Duration::from_millis(100), "{took:?}");
+            assert!(
+                took < Duration::from_millis(100) + SWEEP_FLOOR * 4,
+                "{took:?}"
+            );
+        });
+    }
+
+    /// Deadlines a few ms apart, registered one after the other as requests do, are served by
+    /// the sweeps already planned: the sweeper is not woken for each.
+    #[test]
+    fn close_deadlines_do_not_wake_the_sweeper_each() {
+        run(async {
+            let far = monoio::spawn(Deadline::new(Instant::now() + Duration::from_secs(5)));
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            let mut kicks = 0;
+            let start = Instant::now();
+            for i in 0..20u64 {
+                let mut d = std::pin::pin!(Deadline::new(
+                    Instant::now() + Duration::from_millis(20 + i)
+                ));
+                // Registered by a first poll, as a request's wait does.
+                let _ = futures_util::poll!(d.as_mut());
+                TABLE.with_borrow(|t| kicks += usize::from(t.kicked));
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(kicks <= 2, "{kicks} kicks for 20 deadlines");
+            // And one that would be served too late by the planned sweep still is not kept.
+            Deadline::new(Instant::now() + Duration::from_millis(30)).await;
+            assert!(Instant::now() - start < Duration::from_secs(1));
+            drop(far);
         });
     }
 
