@@ -179,11 +179,16 @@ impl Io {
     /// nothing more is read from this connection (its read side is shut down; a response can
     /// still be written). Dropping the future midway has the same effect.
     pub async fn fill(&mut self, timeout: Duration) -> Result<usize, HttpError> {
+        self.fill_by(monoio::time::Instant::now() + timeout).await
+    }
+
+    /// [`Io::fill`] within `deadline`.
+    async fn fill_by(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
         if self.read_lost {
             return Err(HttpError::Closed);
         }
         if self.tls.is_some() {
-            return self.fill_tls(monoio::time::Instant::now() + timeout).await;
+            return self.fill_tls(deadline).await;
         }
         self.compact();
         // The buffer goes into the read; until it comes back the connection counts as lost
@@ -193,7 +198,6 @@ impl Io {
         self.read_lost = true;
         let len = buf.len();
         let cap = buf.capacity();
-        let deadline = monoio::time::Instant::now() + timeout;
         match within(deadline, self.stream.read(buf.slice_mut(len..cap))).await {
             Err(_) => {
                 self.shutdown(libc::SHUT_RD);
@@ -348,11 +352,10 @@ impl Io {
         &mut self,
         deadline: monoio::time::Instant,
     ) -> Result<usize, HttpError> {
-        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
-        if left.is_zero() {
+        if monoio::time::Instant::now() >= deadline {
             return Err(HttpError::Timeout);
         }
-        self.fill(left).await
+        self.fill_by(deadline).await
     }
 
     /// Resolves once the peer has closed its side (or the socket failed), without consuming

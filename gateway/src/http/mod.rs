@@ -274,11 +274,11 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
     }
     // RFC 9110 §7.6.1: a connection option never names a field meant for every recipient. One
     // of the fields the gateway decides on would be checked here and dropped before the upstream.
-    if req
-        .headers
-        .all("connection")
-        .flat_map(|v| v.split(|b| *b == b','))
-        .any(|o| std::str::from_utf8(o.trim_ascii()).is_ok_and(is_single))
+    let connection = ConnectionOptions::of(&req.headers);
+    if connection
+        .0
+        .iter()
+        .any(|o| std::str::from_utf8(o).is_ok_and(is_single))
     {
         return Err(HttpError::BadRequest(
             "Connection names a field that is meant for the upstream",
@@ -304,10 +304,10 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
             "access_token in the query string: send the token in the Authorization header",
         ));
     }
-    req.keep_alive = if has_connection_option(&req.headers, "close") {
+    req.keep_alive = if connection.names("close") {
         false
     } else if req.minor == 0 {
-        has_connection_option(&req.headers, "keep-alive")
+        connection.names("keep-alive")
     } else {
         true
     };
