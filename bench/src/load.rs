@@ -9,10 +9,18 @@
 //! microsecond precision) and latency is measured from each request's *intended* send time, so
 //! a stall is charged to every request it delayed (no coordinated omission); the uncorrected
 //! figure (from the actual send) is kept beside it.
+//!
+//! The load's time (warm-up, then the measured time) starts once every connection is connected
+//! and has had one answer, so that no row measures connecting. Latencies are those of answered
+//! requests; a request that waited through the measured time and had no answer by 1 s after
+//! it is *missed*, and [`LoadResult::fairness`] says whether every connection was served.
 
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -68,16 +76,25 @@ pub struct LoadResult {
     /// The errors by kind: `HTTP <status>`, `no answer` (closed, failed or timed out),
     /// `connect failed`, `handshake failed`, `session refused`.
     pub error_kinds: std::collections::BTreeMap<String, u64>,
-    /// Open loop: requests due within the measured time that were not answered by 1 s after
-    /// its end (not sent in time, or answered too late). They are not in the histograms.
+    /// Requests not answered by 1 s after the measured time's end (they are not in the
+    /// histograms). Open loop: those due within it (not sent in time, or answered too late).
+    /// Closed loop: those that waited during it (however early sent), so a connection left
+    /// waiting shows here or in the latencies rather than vanishing from both.
     pub missed: u64,
     pub elapsed: Duration,
-    /// Corrected latency (from intended send time), microseconds.
+    /// Corrected latency (from intended send time), microseconds. Closed loop: of every
+    /// request answered that waited during the measured time, also those sent in the warm-up
+    /// or answered (by 1 s) after the end, which `ok` does not count.
     pub latency: Option<Histogram<u64>>,
     /// Uncorrected latency (from the actual send), microseconds.
     pub service: Option<Histogram<u64>>,
     /// Open loop: how late the schedule's ticker woke (its precision on this machine).
     pub ticks: Option<crate::schedule::TickStats>,
+    /// Requests answered within the measured time, per connection (in no order): whether the
+    /// target served every connection or left some waiting (a closed loop's latencies count
+    /// only the answered, so a target that starves connections looks faster than one that
+    /// serves them all).
+    pub per_connection: Vec<u64>,
 }
 
 impl LoadResult {
@@ -88,6 +105,40 @@ impl LoadResult {
 
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// How evenly the connections were served: connections with no answer in the measured
+    /// time, and the fewest, median and most answers of one connection.
+    pub fn fairness(&self) -> Fairness {
+        let mut n = self.per_connection.clone();
+        n.sort_unstable();
+        Fairness {
+            connections: n.len(),
+            unanswered: n.iter().take_while(|&&k| k == 0).count(),
+            min: n.first().copied().unwrap_or(0),
+            median: n.get(n.len() / 2).copied().unwrap_or(0),
+            max: n.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// See [`LoadResult::fairness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fairness {
+    pub connections: usize,
+    pub unanswered: usize,
+    pub min: u64,
+    pub median: u64,
+    pub max: u64,
+}
+
+impl std::fmt::Display for Fairness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} unanswered; {} / {} / {}",
+            self.unanswered, self.connections, self.min, self.median, self.max
+        )
     }
 }
 
@@ -291,26 +342,20 @@ pub fn run_every<T>(
     every: Duration,
     sample: &mut dyn FnMut(Duration) -> T,
 ) -> (LoadResult, Vec<T>) {
-    let start = Instant::now() + Duration::from_millis(200);
-    let measure_from = start + spec.warmup;
-    let end = measure_from + spec.duration;
     let per_thread = spec.connections.div_ceil(spec.threads);
     // Open loop: one ticker for the whole load, a receiver per connection.
-    let schedule = spec.rate.map(|rate| Schedule {
-        start,
-        rate,
-        connections: spec.connections,
-    });
-    let (ticker, mut receivers) = match schedule {
-        Some(s) => {
-            let (t, rx) = Ticker::start(s, end);
-            (Some(t), rx.into_iter().map(Some).collect())
+    let (senders, mut receivers) = match spec.rate {
+        Some(_) => {
+            let (tx, rx) = Ticker::channels(spec.connections);
+            (Some(tx), rx.into_iter().map(Some).collect())
         }
         None => (None, Vec::new()),
     };
+    let gate = Arc::new(Gate::default());
     let handles: Vec<_> = (0..spec.threads)
         .map(|t| {
             let spec = spec.clone();
+            let gate = gate.clone();
             let ticks: Vec<Option<TickRx>> = (0..per_thread)
                 .map(|c| receivers.get_mut(t * per_thread + c).and_then(Option::take))
                 .collect();
@@ -319,16 +364,33 @@ pub fn run_every<T>(
                     .enable_timer()
                     .build()
                     .expect("runtime");
-                let window = Window {
-                    start,
-                    measure_from,
-                    end,
-                    schedule,
-                };
-                rt.block_on(thread_load(spec, t, per_thread, window, ticks))
+                rt.block_on(thread_load(spec, t, per_thread, gate, ticks))
             })
         })
         .collect();
+    // The load's time starts once every connection has had its first answer (or given up), so
+    // that the warm-up and the measured time see connections at work, not connecting: 2,048
+    // connects at once take a proxy a while to accept, and a connection's first request waits
+    // for that.
+    let cap = Instant::now() + FIRST_ANSWER_WITHIN + Duration::from_secs(1);
+    while gate.arrived.load(Ordering::Acquire) < spec.connections && Instant::now() < cap {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let schedule = spec.rate.map(|rate| Schedule {
+        start,
+        rate,
+        connections: spec.connections,
+    });
+    let ticker = senders.zip(schedule).map(|(tx, s)| tx.start(s, end));
+    let _ = gate.window.set(Window {
+        start,
+        measure_from,
+        end,
+        schedule,
+    });
     let mut samples = Vec::new();
     let mut at = measure_from;
     loop {
@@ -353,6 +415,7 @@ pub fn run_every<T>(
             *total.error_kinds.entry(k).or_default() += n;
         }
         total.missed += r.missed;
+        total.per_connection.extend(r.per_connection);
         if let (Some(a), Some(b)) = (total.latency.as_mut(), r.latency.as_ref()) {
             a.add(b).expect("same bounds");
         }
@@ -362,6 +425,33 @@ pub fn run_every<T>(
     }
     total.ticks = ticker.map(Ticker::finish);
     (total, samples)
+}
+
+/// How long a connection may take to connect and have its first answer before the load's
+/// time starts without it.
+const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Where the connections meet before the load's time starts: each arrives once connected and
+/// answered once (or failed), and waits for the window the load then runs in.
+#[derive(Default)]
+struct Gate {
+    arrived: AtomicUsize,
+    window: OnceLock<Window>,
+}
+
+impl Gate {
+    fn arrive(&self) {
+        self.arrived.fetch_add(1, Ordering::Release);
+    }
+
+    async fn window(&self) -> Window {
+        loop {
+            if let Some(w) = self.window.get() {
+                return *w;
+            }
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// The load's time line.
@@ -378,7 +468,7 @@ async fn thread_load(
     spec: LoadSpec,
     thread: usize,
     connections: usize,
-    window: Window,
+    gate: Arc<Gate>,
     mut ticks: Vec<Option<TickRx>>,
 ) -> LoadResult {
     let tasks: Vec<_> = (0..connections)
@@ -387,7 +477,7 @@ async fn thread_load(
             let spec = spec.clone();
             let index = thread * connections + c;
             let tick = ticks.get_mut(c).and_then(Option::take);
-            monoio::spawn(connection(spec, index, window, tick))
+            monoio::spawn(connection(spec, index, gate.clone(), tick))
         })
         .collect();
     let mut out = LoadResult {
@@ -403,6 +493,7 @@ async fn thread_load(
             *out.error_kinds.entry(k).or_default() += n;
         }
         out.missed += r.missed;
+        out.per_connection.extend(r.per_connection);
         out.latency
             .as_mut()
             .expect("set")
@@ -420,22 +511,14 @@ async fn thread_load(
 async fn connection(
     spec: LoadSpec,
     index: usize,
-    window: Window,
+    gate: Arc<Gate>,
     tick: Option<TickRx>,
 ) -> LoadResult {
-    let Window {
-        start,
-        measure_from,
-        end,
-        schedule,
-    } = window;
     let mut out = LoadResult {
         latency: Some(histogram()),
         service: Some(histogram()),
         ..Default::default()
     };
-    let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
-    sleep_until(start).await;
     let mut tick = tick.map(TickRx::into_stream);
     let mut tick_buf = None;
     let mix = &spec.mix;
@@ -447,14 +530,12 @@ async fn connection(
             Ok(s) => stream = Some(s),
             Err(kind) => {
                 out.error(kind);
+                out.per_connection.push(0);
+                gate.arrive();
                 return out;
             }
         }
     }
-    // Open loop: this connection's requests are due at the schedule's instants for it.
-    let interval = schedule.map(|s| s.interval());
-    let mut k = 0u64;
-    let mut due = schedule.map_or(start, |s| s.due(index, 0));
     let mut buf = Vec::with_capacity(16 * 1024);
     let agent = if mix.agents.is_empty() {
         ""
@@ -471,6 +552,8 @@ async fn connection(
         .await;
         let Ok(Some(id)) = opened else {
             out.error("session refused");
+            out.per_connection.push(0);
+            gate.arrive();
             return out;
         };
         Some(id)
@@ -478,6 +561,47 @@ async fn connection(
         None
     };
     let mut n = index as u64 * 1_000_000;
+    // A kept-alive connection's first exchange, before the load's time starts (not measured).
+    if !spec.connect.per_request
+        && let Some(s) = stream.as_mut()
+    {
+        n += 1;
+        let first = monoio::time::timeout(FIRST_ANSWER_WITHIN, async {
+            s.write_all(request(&spec, n, agent, false, session.as_deref()))
+                .await
+                .ok()?;
+            read_response(s, &mut buf).await
+        })
+        .await;
+        if !matches!(first, Ok(Some(ref a)) if !a.close) {
+            // Lost, closed or still waiting: start the load on a new connection.
+            buf.clear();
+            let again =
+                monoio::time::timeout(Duration::from_secs(2), connect(spec.target, &spec.connect));
+            match again.await {
+                Ok(Ok(s)) => stream = Some(s),
+                _ => {
+                    out.error("connect failed");
+                    out.per_connection.push(0);
+                    gate.arrive();
+                    return out;
+                }
+            }
+        }
+    }
+    gate.arrive();
+    let Window {
+        start,
+        measure_from,
+        end,
+        schedule,
+    } = gate.window().await;
+    monoio::time::sleep(start.saturating_duration_since(Instant::now())).await;
+    // Open loop: this connection's requests are due at the schedule's instants for it.
+    let interval = schedule.map(|s| s.interval());
+    let mut k = 0u64;
+    let mut due = schedule.map_or(start, |s| s.due(index, 0));
+    let sleep_until = |t: Instant| monoio::time::sleep(t.saturating_duration_since(Instant::now()));
     // Open loop: everything due in the measured time is sent, however late (up to 2 s after
     // it); closed loop: until the end.
     let more = |due: Instant| match interval {
@@ -525,15 +649,27 @@ async fn connection(
             }
             buf.clear();
         }
-        let in_window = due >= measure_from && due < end;
-        if done >= measure_from && due >= measure_from && done <= end + Duration::from_secs(1) {
+        // What a request counts for. Open loop: those due in the measured time. Closed loop:
+        // those that waited during it (sent before its end, answered after its start), however
+        // early they were sent: a connection left waiting since the warm-up shows in the
+        // latencies (or as missed) instead of vanishing from them. Either way, answered by 1 s
+        // after the end, or missed.
+        let counts = match interval {
+            Some(_) => due >= measure_from && due < end,
+            None => done >= measure_from && due < end,
+        };
+        let late = done > end + Duration::from_secs(1);
+        if counts && !late {
             match status {
                 Ok(200) => LIVE_OK.fetch_add(1, Ordering::Relaxed),
                 _ => LIVE_FAILED.fetch_add(1, Ordering::Relaxed),
             };
             match status {
                 Ok(200) => {
-                    out.ok += 1;
+                    // Closed loop: the rate counts the answers within the measured time.
+                    if interval.is_some() || done <= end {
+                        out.ok += 1;
+                    }
                     let _ = out
                         .latency
                         .as_mut()
@@ -548,7 +684,7 @@ async fn connection(
                 Ok(status) => out.error(&format!("HTTP {status}")),
                 Err(kind) => out.error(kind),
             }
-        } else if interval.is_some() && in_window {
+        } else if counts {
             out.missed += 1;
         }
         if done >= grace {
@@ -588,5 +724,10 @@ async fn connection(
             due = s.due(index, k);
         }
     }
+    out.per_connection.push(out.ok);
     out
 }
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

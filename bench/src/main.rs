@@ -121,7 +121,7 @@ fn load_target(args: &Args, ledger: &mut verdict::Ledger, target: std::net::Sock
         serde_json::json!({"offered_rps": args.rate, "connections": args.connections}),
     );
     let line = format!(
-        "{:.0} rps, errors {}; µs: p50 {} p90 {} p99 {} p99.9 {} max {}; uncorrected p50 {} p99 {}",
+        "{:.0} rps, errors {}; µs: p50 {} p90 {} p99 {} p99.9 {} max {}; uncorrected p50 {} p99 {}; answers per connection (fewest / median / most): {}",
         r.rps(),
         errors_cell(&r),
         h.value_at_quantile(0.5),
@@ -131,6 +131,7 @@ fn load_target(args: &Args, ledger: &mut verdict::Ledger, target: std::net::Sock
         h.max(),
         u.value_at_quantile(0.5),
         u.value_at_quantile(0.99),
+        r.fairness(),
     );
     if args.json {
         eprintln!("{line}");
@@ -755,6 +756,19 @@ fn errors_cell(r: &load::LoadResult) -> String {
     } else {
         format!("{} ({})", r.errors, parts.join(", "))
     }
+}
+
+/// The served column: connections with an answer in the measured time (bold when some had
+/// none), and the fewest and median answers of one connection.
+fn served_cell(r: &load::LoadResult) -> String {
+    let f = r.fairness();
+    let served = f.connections - f.unanswered;
+    let count = if f.unanswered > 0 {
+        format!("**{served} of {}**", f.connections)
+    } else {
+        format!("{served} of {}", f.connections)
+    };
+    format!("{count} ({} / {})", f.min, f.median)
 }
 
 /// Writes `<stem>.md` and `<stem>.json` under bench/results/, keeps the JSON for `--json` and
@@ -1385,9 +1399,12 @@ fn headline_report(
          precision; latency is measured from each request's intended send time (corrected for coordinated omission), \
          the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
          CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
-         context is not all charged to it); busy is each core's busy share during the row.\n\n\
-         | row | proxy | CPU µs / req | × floor CPU | rps | × floor rps | errors (missed) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         context is not all charged to it); busy is each core's busy share during the row. Latencies are those of \
+         answered requests, so a proxy that leaves some connections waiting would look faster than one that serves \
+         them all: *served* says how many connections had an answer in the measured time, and the fewest and the \
+         median answers of one connection; a request still unanswered 1 s after the measured time is *missed*.\n\n\
+         | row | proxy | CPU µs / req | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         date = env.date,
         env = env.markdown(),
         half = r.half_rate,
@@ -1406,8 +1423,9 @@ fn headline_report(
         let rps_ratio = floor.map(|f| row.result.rps() / f.result.rps().max(1e-9));
         let p99_delta =
             floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
+        let fair = row.result.fairness();
         md.push_str(&format!(
-            "| {} | {} | **{}** | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
+            "| {} | {} | **{}** | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
             row.kind,
             row.target.name(),
             if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
@@ -1415,6 +1433,7 @@ fn headline_report(
             row.result.rps(),
             rps_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
             errors_cell(&row.result),
+            served_cell(&row.result),
             q(h, 0.5),
             q(h, 0.99),
             p99_delta.map_or("-".into(), |d| format!("{d:+}")),
@@ -1433,6 +1452,9 @@ fn headline_report(
                 "offered_rps": row.offered_rps, "cpu_us_per_request": row.cpu_us,
                 "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
                 "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
+                "connections_served": fair.connections - fair.unanswered,
+                "answers_per_connection_fewest": fair.min, "answers_per_connection_median": fair.median,
+                "answers_per_connection_most": fair.max,
             }),
         );
     }

@@ -139,16 +139,44 @@ fn pair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
+/// The sending ends of every connection's ticks, before the schedule is known.
+pub struct Senders(Vec<OwnedFd>);
+
 impl Ticker {
-    /// Starts ticking `schedule` for every due instant before `until`; one receiver per
-    /// connection, in connection order.
-    pub fn start(schedule: Schedule, until: Instant) -> (Self, Vec<TickRx>) {
-        let (tx, rx): (Vec<OwnedFd>, Vec<TickRx>) = (0..schedule.connections)
+    /// A channel per connection, in connection order: the connections take their receivers
+    /// first, and [`Senders::start`] ticks once the schedule's start is known.
+    pub fn channels(connections: usize) -> (Senders, Vec<TickRx>) {
+        let (tx, rx) = (0..connections)
             .map(|_| {
                 let (t, r) = pair();
                 (t, TickRx(r))
             })
             .unzip();
+        (Senders(tx), rx)
+    }
+
+    /// Stops the ticker and says how late it woke.
+    pub fn finish(mut self) -> TickStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Senders {
+    /// Starts ticking `schedule` (its connections: those of [`Ticker::channels`]) for every due
+    /// instant before `until`.
+    pub fn start(self, schedule: Schedule, until: Instant) -> Ticker {
+        let tx = self.0;
+        assert_eq!(tx.len(), schedule.connections, "a channel per connection");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -190,28 +218,10 @@ impl Ticker {
                 late_p99_us: late.value_at_quantile(0.99),
             }
         });
-        (
-            Self {
-                stop,
-                thread: Some(thread),
-            },
-            rx,
-        )
-    }
-
-    /// Stops the ticker and says how late it woke.
-    pub fn finish(mut self) -> TickStats {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        Ticker {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 

@@ -61,7 +61,8 @@ fn ticks_wake_connections_within_a_fraction_of_a_millisecond() {
         connections: 4,
     };
     let until = schedule.start + Duration::from_millis(400);
-    let (ticker, rx) = Ticker::start(schedule, until);
+    let (senders, rx) = Ticker::channels(schedule.connections);
+    let ticker = senders.start(schedule, until);
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
