@@ -9,6 +9,7 @@ use std::{
 };
 
 use monoio::{
+    buf::IoBufMut,
     io::{AsyncReadRent, AsyncWriteRentExt},
     net::TcpStream,
 };
@@ -84,15 +85,15 @@ impl Conn {
     pub async fn read_more(&mut self, buf: &mut Vec<u8>) -> bool {
         match self {
             Conn::Plain(tcp) => {
-                let chunk = vec![0u8; CHUNK];
-                let (r, chunk) = tcp.read(chunk).await;
-                match r {
-                    Ok(n) if n > 0 => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        true
-                    }
-                    _ => false,
+                // Into the buffer's free room: no chunk zeroed, filled and copied per read.
+                if buf.capacity() - buf.len() < CHUNK / 2 {
+                    buf.reserve(CHUNK);
                 }
+                let owned = std::mem::take(buf);
+                let (len, cap) = (owned.len(), owned.capacity());
+                let (r, slice) = tcp.read(owned.slice_mut(len..cap)).await;
+                *buf = slice.into_inner();
+                matches!(r, Ok(n) if n > 0)
             }
             Conn::Tls(t) => t.read_more(buf).await,
         }

@@ -4,7 +4,7 @@
 //! nothing else), measured in the same run on the same cores; every row says how far it is from
 //! the floor.
 //!
-//! Cores (2 here): CPU 0 runs the load generator (and its ticker) and `mcp-upstream`, CPU 1
+//! Cores (2 here): CPU 0 runs the load generator (and its clock) and `mcp-upstream`, CPU 1
 //! the proxy under test (one at a time is loaded: the floor, the gateway or nginx). Their CPU
 //! per request is read from /proc, and each core's busy share is reported so that a row limited
 //! by CPU 0 (the generator and the upstream) is visible as such.

@@ -5,7 +5,7 @@
 //!
 //! Closed loop (`rate = None`): each connection sends its next request when the previous answer
 //! arrives, to find the peak. Open loop (`rate = Some(r)`): requests are due at a fixed schedule
-//! ([`crate::schedule`]: a ticker thread wakes each connection at its due instants with
+//! ([`crate::schedule`]: each thread's clock wakes each connection at its due instants with
 //! microsecond precision) and latency is measured from each request's *intended* send time, so
 //! a stall is charged to every request it delayed (no coordinated omission); the uncorrected
 //! figure (from the actual send) is kept beside it.
@@ -16,7 +16,9 @@
 //! it is *missed*, and [`LoadResult::fairness`] says whether every connection was served.
 
 use std::{
+    cell::RefCell,
     net::SocketAddr,
+    rc::Rc,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -29,7 +31,7 @@ use hdrhistogram::Histogram;
 pub use crate::conn::Connect;
 use crate::{
     conn::{Conn, connect},
-    schedule::{Schedule, TickRx, Ticker},
+    schedule::{Clock, Schedule, TickStats},
 };
 
 #[derive(Debug, Clone)]
@@ -88,8 +90,11 @@ pub struct LoadResult {
     pub latency: Option<Histogram<u64>>,
     /// Uncorrected latency (from the actual send), microseconds.
     pub service: Option<Histogram<u64>>,
-    /// Open loop: how late the schedule's ticker woke (its precision on this machine).
-    pub ticks: Option<crate::schedule::TickStats>,
+    /// Open loop: how late the schedule's clock woke connections (its precision on this
+    /// machine).
+    pub ticks: Option<TickStats>,
+    /// A thread's lateness of its clock's wake-ups, µs (merged into `ticks`).
+    pub late: Option<Histogram<u64>>,
     /// Requests answered within the measured time, per connection (in no order): whether the
     /// target served every connection or left some waiting (a closed loop's latencies count
     /// only the answered, so a target that starves connections looks faster than one that
@@ -343,28 +348,17 @@ pub fn run_every<T>(
     sample: &mut dyn FnMut(Duration) -> T,
 ) -> (LoadResult, Vec<T>) {
     let per_thread = spec.connections.div_ceil(spec.threads);
-    // Open loop: one ticker for the whole load, a receiver per connection.
-    let (senders, mut receivers) = match spec.rate {
-        Some(_) => {
-            let (tx, rx) = Ticker::channels(spec.connections);
-            (Some(tx), rx.into_iter().map(Some).collect())
-        }
-        None => (None, Vec::new()),
-    };
     let gate = Arc::new(Gate::default());
     let handles: Vec<_> = (0..spec.threads)
         .map(|t| {
             let spec = spec.clone();
             let gate = gate.clone();
-            let ticks: Vec<Option<TickRx>> = (0..per_thread)
-                .map(|c| receivers.get_mut(t * per_thread + c).and_then(Option::take))
-                .collect();
             std::thread::spawn(move || {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                     .enable_timer()
                     .build()
                     .expect("runtime");
-                rt.block_on(thread_load(spec, t, per_thread, gate, ticks))
+                rt.block_on(thread_load(spec, t, per_thread, gate))
             })
         })
         .collect();
@@ -384,7 +378,6 @@ pub fn run_every<T>(
         rate,
         connections: spec.connections,
     });
-    let ticker = senders.zip(schedule).map(|(tx, s)| tx.start(s, end));
     let _ = gate.window.set(Window {
         start,
         measure_from,
@@ -407,6 +400,7 @@ pub fn run_every<T>(
         service: Some(histogram()),
         ..Default::default()
     };
+    let mut late: Option<Histogram<u64>> = None;
     for h in handles {
         let r = h.join().expect("load thread");
         total.ok += r.ok;
@@ -422,8 +416,13 @@ pub fn run_every<T>(
         if let (Some(a), Some(b)) = (total.service.as_mut(), r.service.as_ref()) {
             a.add(b).expect("same bounds");
         }
+        if let Some(b) = r.late.as_ref() {
+            late.get_or_insert_with(|| Histogram::new(3).expect("histogram"))
+                .add(b)
+                .expect("same bounds");
+        }
     }
-    total.ticks = ticker.map(Ticker::finish);
+    total.ticks = late.as_ref().map(TickStats::of);
     (total, samples)
 }
 
@@ -469,22 +468,32 @@ async fn thread_load(
     thread: usize,
     connections: usize,
     gate: Arc<Gate>,
-    mut ticks: Vec<Option<TickRx>>,
 ) -> LoadResult {
+    // Open loop: the thread's clock wakes its connections at their due instants.
+    let clock = spec.rate.map(|_| {
+        let (clock, driver) = Clock::new();
+        monoio::spawn(driver);
+        clock
+    });
+    // One pair of histograms for the thread's connections (a pair each would be 280 KiB per
+    // connection, touched page by page while the load runs).
+    let histograms = Rc::new(RefCell::new([histogram(), histogram()]));
     let tasks: Vec<_> = (0..connections)
         .filter(|c| thread * connections + c < spec.connections)
         .map(|c| {
             let spec = spec.clone();
             let index = thread * connections + c;
-            let tick = ticks.get_mut(c).and_then(Option::take);
-            monoio::spawn(connection(spec, index, gate.clone(), tick))
+            let clock = clock.clone();
+            monoio::spawn(connection(
+                spec,
+                index,
+                gate.clone(),
+                clock,
+                histograms.clone(),
+            ))
         })
         .collect();
-    let mut out = LoadResult {
-        latency: Some(histogram()),
-        service: Some(histogram()),
-        ..Default::default()
-    };
+    let mut out = LoadResult::default();
     for t in tasks {
         let r = t.await;
         out.ok += r.ok;
@@ -494,17 +503,11 @@ async fn thread_load(
         }
         out.missed += r.missed;
         out.per_connection.extend(r.per_connection);
-        out.latency
-            .as_mut()
-            .expect("set")
-            .add(r.latency.as_ref().expect("set"))
-            .expect("bounds");
-        out.service
-            .as_mut()
-            .expect("set")
-            .add(r.service.as_ref().expect("set"))
-            .expect("bounds");
     }
+    let [latency, service] = histograms.replace([histogram(), histogram()]);
+    out.latency = Some(latency);
+    out.service = Some(service);
+    out.late = clock.map(|c| c.late());
     out
 }
 
@@ -512,15 +515,10 @@ async fn connection(
     spec: LoadSpec,
     index: usize,
     gate: Arc<Gate>,
-    tick: Option<TickRx>,
+    clock: Option<Clock>,
+    histograms: Rc<RefCell<[Histogram<u64>; 2]>>,
 ) -> LoadResult {
-    let mut out = LoadResult {
-        latency: Some(histogram()),
-        service: Some(histogram()),
-        ..Default::default()
-    };
-    let mut tick = tick.map(TickRx::into_stream);
-    let mut tick_buf = None;
+    let mut out = LoadResult::default();
     let mix = &spec.mix;
     let wants_session = mix.sessions_every > 0 && index.is_multiple_of(mix.sessions_every);
     // A connection per request connects in each request's exchange (timed with it).
@@ -610,13 +608,11 @@ async fn connection(
     };
     while more(due) {
         if interval.is_some() {
-            // Behind schedule: send at once. Otherwise the ticker's record for request `k`
+            // Behind schedule: send at once. Otherwise at `due` on the thread's clock
             // (monoio's own timer ticks every millisecond: it would make a 30 µs call look 1 ms).
-            if due > Instant::now() {
-                match tick.as_mut() {
-                    Some(rx) => crate::schedule::wait(rx, &mut tick_buf, k, due).await,
-                    None => sleep_until(due).await,
-                }
+            match clock.as_ref() {
+                Some(c) => c.until(due).await,
+                None => sleep_until(due).await,
             }
         } else {
             due = Instant::now();
@@ -670,16 +666,9 @@ async fn connection(
                     if interval.is_some() || done <= end {
                         out.ok += 1;
                     }
-                    let _ = out
-                        .latency
-                        .as_mut()
-                        .expect("set")
-                        .record((done - due).as_micros().max(1) as u64);
-                    let _ = out
-                        .service
-                        .as_mut()
-                        .expect("set")
-                        .record((done - sent).as_micros().max(1) as u64);
+                    let mut h = histograms.borrow_mut();
+                    let _ = h[0].record((done - due).as_micros().max(1) as u64);
+                    let _ = h[1].record((done - sent).as_micros().max(1) as u64);
                 }
                 Ok(status) => out.error(&format!("HTTP {status}")),
                 Err(kind) => out.error(kind),

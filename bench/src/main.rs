@@ -812,8 +812,8 @@ fn proxy_report(
          the first gateway also federates two upstreams at `/fed`, where `add` is routed to its owner, and serves the SDK upstream at `/sdk`); \
          nginx: plain reverse proxy, 1 worker, upstream keep-alive. Rows `mixed load` use a mix (below); rows `SDK upstream` \
          have the Python SDK's server as the upstream instead of `mcp-upstream`, as a second point. The processes share \
-         this machine's cores. Open-loop sends are woken by a ticker thread with µs precision \
-         (its lateness, charged to the latency, is in the JSON: `ticker_late_p50_us`). Open-loop latency is measured \
+         this machine's cores. Open-loop sends are woken by each generator thread's clock (a timerfd) with µs precision \
+         (its lateness, charged to the latency, is in the JSON: `clock_late_p50_us`). Open-loop latency is measured \
          from each request's intended send time (corrected for coordinated omission); the uncorrected p99 is beside it. \
          Each target is measured in rounds, interleaved with the others (every target once per round), so that the \
          drift of this shared machine touches all alike; a row is the target's median round (by peak rps in closed loop, \
@@ -1395,7 +1395,7 @@ fn headline_report(
          (a connection upstream per client connection, no parsing, one monoio thread): what any proxy costs at least. \
          The gateway: 1 worker, passthrough, telemetry on. nginx: 1 worker, upstream keep-alive, request bodies and \
          answers buffered in memory (up to 2 MiB, never to disk). Closed-loop rows give the peak; open-loop rows are \
-         offered {half:.0} rps (half of the lowest peak of the first row) on a schedule kept by a ticker thread with µs \
+         offered {half:.0} rps (half of the lowest peak of the first row) on a schedule kept by a timerfd clock with µs \
          precision; latency is measured from each request's intended send time (corrected for coordinated omission), \
          the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
          CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
@@ -1460,7 +1460,7 @@ fn headline_report(
     }
     if let Some(t) = r.rows.iter().find_map(|x| x.result.ticks) {
         md.push_str(&format!(
-            "\nThe schedule's ticker woke {} µs late at p50, {} µs at p99 (first open-loop row).\n",
+            "\nThe schedule's clock woke connections {} µs late at p50, {} µs at p99 (first open-loop row).\n",
             t.late_p50_us, t.late_p99_us
         ));
     }

@@ -1,22 +1,26 @@
 //! The open-loop schedule and its clock: when each request of each connection is due, and a
-//! ticker thread that wakes each connection at its due instants with microsecond precision.
+//! clock that wakes each connection at its due instants with microsecond precision.
 //!
 //! monoio's timer wheel ticks every millisecond, so a connection that slept on it sent up to
-//! 1 ms late and a 30 µs call measured ~1 ms at p50. Here one std thread (its timer slack set to
-//! 1 ns) sleeps on the kernel's high-resolution timer until the next due instant of the whole
-//! load, and writes that request's sequence number to the connection's `SOCK_SEQPACKET` pair;
-//! the connection's task awaits the record on its monoio runtime. The ticker never spins (it
-//! would take a core from the gateway on this 2-core machine) and never waits on a connection
-//! (a full socket drops the tick; the connection falls back to its own timer).
+//! 1 ms late and a 30 µs call measured ~1 ms at p50. Each generator thread has a [`Clock`]
+//! instead: one `timerfd`, armed for the earliest instant a connection of the thread waits for
+//! and read on the thread's own runtime, which wakes the connections whose instants passed.
+//! (A ticker thread that wrote each due instant to its connection's socket did the same at the
+//! cost of two more context switches and a send per request on the generator's core: at half
+//! load it kept that core busy and its queueing in every latency.)
 
 use std::{
+    cell::RefCell,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    future::Future,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    rc::Rc,
+    task::{Poll, Waker},
     time::{Duration, Instant},
 };
+
+use hdrhistogram::Histogram;
 
 /// Request `k` of connection `i` is due at `start + (k · n + i) / rate`: the connections'
 /// schedules interleave evenly into one schedule of the whole load at `rate`. Computed from the
@@ -41,79 +45,14 @@ impl Schedule {
         self.start + Duration::from_nanos((j as f64 * 1e9 / self.rate).round() as u64)
     }
 
-    /// The connection and its request number of the `j`-th due instant.
-    pub fn owner(&self, j: u64) -> (usize, u64) {
-        let n = self.connections as u64;
-        ((j % n) as usize, j / n)
-    }
-
     /// The interval between two requests of one connection.
     pub fn interval(&self) -> Duration {
         Duration::from_secs_f64(self.connections as f64 / self.rate)
     }
 }
 
-/// The receiving end of a connection's ticks.
-pub struct TickRx(OwnedFd);
-
-impl TickRx {
-    /// On the connection's monoio runtime.
-    pub fn into_stream(self) -> monoio::net::UnixStream {
-        // A SOCK_SEQPACKET socket read with recv(): one record per read, never half of one.
-        let std = std::os::unix::net::UnixStream::from(self.0);
-        monoio::net::UnixStream::from_std(std).expect("register tick socket")
-    }
-}
-
-/// Waits until request `k` (due at `due`) may be sent: its tick arrived, or (should the tick
-/// have been dropped) `due` plus 5 ms passed on monoio's coarse timer. Ticks of earlier requests
-/// (sent late, without waiting) are skipped.
-pub async fn wait(
-    rx: &mut monoio::net::UnixStream,
-    buf: &mut Option<Vec<u8>>,
-    k: u64,
-    due: Instant,
-) {
-    use monoio::io::AsyncReadRent as _;
-    let fallback = due + Duration::from_millis(5);
-    loop {
-        let left = fallback.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        let b = buf.take().unwrap_or_else(|| Vec::with_capacity(8));
-        let Ok((res, mut b)) = monoio::time::timeout(left, rx.read(b)).await else {
-            return;
-        };
-        let got = match res {
-            Ok(8) => b
-                .get(..8)
-                .and_then(|x| x.try_into().ok())
-                .map(u64::from_le_bytes),
-            _ => None,
-        };
-        b.clear();
-        *buf = Some(b);
-        match got {
-            Some(seq) if seq >= k => return,
-            Some(_) => {}
-            // Closed or failed: the ticker is gone; the fallback timer is all there is.
-            None => {
-                let left = fallback.saturating_duration_since(Instant::now());
-                monoio::time::sleep(left).await;
-                return;
-            }
-        }
-    }
-}
-
-/// The ticker thread; it stops at `until` or when dropped.
-pub struct Ticker {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<TickStats>>,
-}
-
-/// How late the ticker woke, over all ticks: what the schedule's precision is on this machine.
+/// How late the clock woke connections, over all wake-ups: what the schedule's precision is on
+/// this machine.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TickStats {
     pub ticks: u64,
@@ -122,106 +61,207 @@ pub struct TickStats {
     pub late_p99_us: u64,
 }
 
-/// A `SOCK_SEQPACKET` pair: (sender, receiver).
-fn pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`, owned from here on.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert!(r == 0, "socketpair: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors are fresh and owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// The sending ends of every connection's ticks, before the schedule is known.
-pub struct Senders(Vec<OwnedFd>);
-
-impl Ticker {
-    /// A channel per connection, in connection order: the connections take their receivers
-    /// first, and [`Senders::start`] ticks once the schedule's start is known.
-    pub fn channels(connections: usize) -> (Senders, Vec<TickRx>) {
-        let (tx, rx) = (0..connections)
-            .map(|_| {
-                let (t, r) = pair();
-                (t, TickRx(r))
-            })
-            .unzip();
-        (Senders(tx), rx)
-    }
-
-    /// Stops the ticker and says how late it woke.
-    pub fn finish(mut self) -> TickStats {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Senders {
-    /// Starts ticking `schedule` (its connections: those of [`Ticker::channels`]) for every due
-    /// instant before `until`.
-    pub fn start(self, schedule: Schedule, until: Instant) -> Ticker {
-        let tx = self.0;
-        assert_eq!(tx.len(), schedule.connections, "a channel per connection");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            // SAFETY: prctl with PR_SET_TIMERSLACK takes a plain integer; 1 ns of slack (the
-            // default is 50 µs) lets the kernel wake this thread at the instant asked for.
-            unsafe {
-                libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
-            }
-            let mut late = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-            let mut j = 0u64;
-            loop {
-                let due = schedule.nth(j);
-                if due >= until || flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                let _ =
-                    late.record(Instant::now().saturating_duration_since(due).as_micros() as u64);
-                let (conn, k) = schedule.owner(j);
-                let record = k.to_le_bytes();
-                // SAFETY: a live descriptor and an 8-byte buffer; MSG_DONTWAIT: a connection
-                // that does not read drops its ticks rather than stopping the others'.
-                unsafe {
-                    libc::send(
-                        tx[conn].as_raw_fd(),
-                        record.as_ptr().cast(),
-                        record.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    );
-                }
-                j += 1;
-            }
-            TickStats {
-                ticks: j,
-                late_p50_us: late.value_at_quantile(0.5),
-                late_p99_us: late.value_at_quantile(0.99),
-            }
-        });
-        Ticker {
-            stop,
-            thread: Some(thread),
+impl TickStats {
+    pub fn of(late: &Histogram<u64>) -> Self {
+        Self {
+            ticks: late.len(),
+            late_p50_us: late.value_at_quantile(0.5),
+            late_p99_us: late.value_at_quantile(0.99),
         }
+    }
+}
+
+/// One generator thread's clock (see the module's documentation). Clones share it.
+#[derive(Clone)]
+pub struct Clock(Rc<Inner>);
+
+struct Inner {
+    timer: OwnedFd,
+    /// An instant and the same moment on `CLOCK_MONOTONIC` (what `Instant` reads on Linux):
+    /// instants become the timer's absolute expirations.
+    base: (Instant, Duration),
+    state: RefCell<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Due instants waited for, earliest first, each with its waiter's key.
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Wakers of waiters not yet woken (a dropped waiter's key is gone from here).
+    waiting: HashMap<u64, Waker>,
+    next_key: u64,
+    /// The expiration the timer is armed for.
+    armed: Option<Instant>,
+    /// How late each wake-up was, µs.
+    late: Option<Histogram<u64>>,
+}
+
+fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Clock {
+    /// The clock, and the task that drives it (spawn it on the thread's runtime).
+    pub fn new() -> (Self, impl Future<Output = ()>) {
+        // SAFETY: timerfd_create takes plain integers and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        assert!(fd >= 0, "timerfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, owned from here on.
+        let timer = unsafe { OwnedFd::from_raw_fd(fd) };
+        let base = (Instant::now(), monotonic_now());
+        let clock = Clock(Rc::new(Inner {
+            timer,
+            base,
+            state: RefCell::new(State {
+                late: Some(Histogram::new(3).expect("histogram")),
+                ..State::default()
+            }),
+        }));
+        let driver = clock.clone().drive();
+        (clock, driver)
+    }
+
+    /// Resolves at `due` (a few µs after it; later when the thread is busy).
+    pub async fn until(&self, due: Instant) {
+        if Instant::now() >= due {
+            return;
+        }
+        let key = {
+            let mut st = self.0.state.borrow_mut();
+            let key = st.next_key;
+            st.next_key += 1;
+            st.due.push(Reverse((due, key)));
+            if st.armed.is_none_or(|a| due < a) {
+                self.arm(due);
+                st.armed = Some(due);
+            }
+            key
+        };
+        let wait = Waiting {
+            clock: self,
+            key,
+            registered: false,
+        };
+        wait.await;
+    }
+
+    /// How late the wake-ups were (the driver stops with the thread's runtime).
+    pub fn late(&self) -> Histogram<u64> {
+        self.0
+            .state
+            .borrow_mut()
+            .late
+            .take()
+            .unwrap_or_else(|| Histogram::new(3).expect("histogram"))
+    }
+
+    /// Arms the timer for `at` (absolute; at once if past).
+    fn arm(&self, at: Instant) {
+        let (i0, m0) = self.0.base;
+        let t = m0 + at.saturating_duration_since(i0);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: t.as_secs() as libc::time_t,
+                // Never all zero (that would disarm it): monotonic time is past boot.
+                tv_nsec: t.subsec_nanos().max(1) as libc::c_long,
+            },
+        };
+        // SAFETY: a live timerfd and a valid itimerspec; the old value is not asked for.
+        unsafe {
+            libc::timerfd_settime(
+                self.0.timer.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            );
+        }
+    }
+
+    /// Reads the timer's expirations and wakes every waiter whose instant passed, then arms the
+    /// timer for the earliest one left (or leaves it disarmed until a waiter arms it).
+    async fn drive(self) {
+        use monoio::io::AsyncReadRent as _;
+        // A timerfd is read like any descriptor: readv (IORING_OP_READV, or readv(2) on the
+        // epoll driver) does not need a socket, where monoio's read (recv) would.
+        let dup = self.0.timer.try_clone().expect("dup timerfd");
+        let std = std::os::unix::net::UnixStream::from(dup);
+        let mut timer = monoio::net::UnixStream::from_std(std).expect("register timerfd");
+        let mut woken = Vec::new();
+        loop {
+            let buf: monoio::buf::VecBuf = vec![vec![0u8; 8]].into();
+            let (r, _) = timer.readv(buf).await;
+            if r.is_err() {
+                return;
+            }
+            let now = Instant::now();
+            {
+                let mut st = self.0.state.borrow_mut();
+                while let Some(&Reverse((due, key))) = st.due.peek() {
+                    if due > now {
+                        break;
+                    }
+                    st.due.pop();
+                    if let Some(w) = st.waiting.remove(&key) {
+                        if let Some(late) = st.late.as_mut() {
+                            let _ =
+                                late.record(now.saturating_duration_since(due).as_micros() as u64);
+                        }
+                        woken.push(w);
+                    }
+                }
+                st.armed = st.due.peek().map(|&Reverse((due, _))| due);
+                if let Some(at) = st.armed {
+                    self.arm(at);
+                }
+            }
+            for w in woken.drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// A waiter of [`Clock::until`]: ready once the driver has taken its key out of `waiting`.
+struct Waiting<'a> {
+    clock: &'a Clock,
+    key: u64,
+    registered: bool,
+}
+
+impl Future for Waiting<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut st = self.clock.0.state.borrow_mut();
+        if self.registered && !st.waiting.contains_key(&self.key) {
+            return Poll::Ready(());
+        }
+        st.waiting.insert(self.key, cx.waker().clone());
+        drop(st);
+        self.registered = true;
+        Poll::Pending
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Its heap entry stays; the driver skips a key nobody waits on.
+        self.clock.0.state.borrow_mut().waiting.remove(&self.key);
     }
 }
 

@@ -40,8 +40,7 @@ fn connections_interleave_evenly_into_one_schedule() {
     };
     let mut last = s.start;
     for j in 0..1000 {
-        let (conn, k) = s.owner(j);
-        assert_eq!(conn, (j % 4) as usize);
+        let (conn, k) = ((j % 4) as usize, j / 4);
         assert_eq!(s.due(conn, k), s.nth(j));
         assert!(s.nth(j) >= last);
         // 1 ms apart over the whole load, whichever connection sends.
@@ -50,31 +49,28 @@ fn connections_interleave_evenly_into_one_schedule() {
     }
 }
 
-/// The ticks wake connections within a fraction of a millisecond of their due instants; the
-/// monoio timer this replaced woke them at the next 1 ms tick (median lateness ~500 µs or more).
+/// The clock wakes connections within a fraction of a millisecond of their due instants; the
+/// monoio timer it replaced woke them at the next 1 ms tick (median lateness ~500 µs or more).
 /// A bound on precision, not speed: 300 µs at the median, kept loose for a shared machine.
 #[test]
-fn ticks_wake_connections_within_a_fraction_of_a_millisecond() {
+fn the_clock_wakes_connections_within_a_fraction_of_a_millisecond() {
     let schedule = Schedule {
         start: Instant::now() + Duration::from_millis(50),
         rate: 2000.0,
         connections: 4,
     };
     let until = schedule.start + Duration::from_millis(400);
-    let (senders, rx) = Ticker::channels(schedule.connections);
-    let ticker = senders.start(schedule, until);
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
         .expect("runtime");
-    let late: Vec<u64> = rt.block_on(async move {
-        let tasks: Vec<_> = rx
-            .into_iter()
-            .enumerate()
-            .map(|(conn, rx)| {
+    let (late, clock_late) = rt.block_on(async move {
+        let (clock, driver) = Clock::new();
+        monoio::spawn(driver);
+        let tasks: Vec<_> = (0..schedule.connections)
+            .map(|conn| {
+                let clock = clock.clone();
                 monoio::spawn(async move {
-                    let mut rx = rx.into_stream();
-                    let mut buf: Option<Vec<u8>> = None;
                     let mut late = Vec::new();
                     let mut k = 0;
                     loop {
@@ -82,7 +78,7 @@ fn ticks_wake_connections_within_a_fraction_of_a_millisecond() {
                         if due >= until {
                             break late;
                         }
-                        wait(&mut rx, &mut buf, k, due).await;
+                        clock.until(due).await;
                         late.push(Instant::now().saturating_duration_since(due).as_micros() as u64);
                         k += 1;
                     }
@@ -93,17 +89,18 @@ fn ticks_wake_connections_within_a_fraction_of_a_millisecond() {
         for t in tasks {
             all.extend(t.await);
         }
-        all
+        (all, TickStats::of(&clock.late()))
     });
-    let stats = ticker.finish();
     let mut late = late;
     late.sort_unstable();
     let median = late[late.len() / 2];
     assert!(late.len() >= 700, "{} wake-ups", late.len());
     assert!(
         median < 300,
-        "median lateness {median} µs (ticker's own: p50 {} µs, p99 {} µs)",
-        stats.late_p50_us,
-        stats.late_p99_us
+        "median lateness {median} µs (the clock's own: p50 {} µs, p99 {} µs)",
+        clock_late.late_p50_us,
+        clock_late.late_p99_us
     );
+    // Every wake-up but those due before the first poll went through the clock.
+    assert!(clock_late.ticks >= 700, "{clock_late:?}");
 }

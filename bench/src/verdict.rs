@@ -64,9 +64,9 @@ impl Ledger {
             "p50_us": q(h, 0.5), "p90_us": q(h, 0.9), "p99_us": q(h, 0.99), "p999_us": q(h, 0.999),
             "max_us": h.filter(|h| !h.is_empty()).map(hdrhistogram::Histogram::max),
             "uncorrected_p50_us": q(u, 0.5), "uncorrected_p99_us": q(u, 0.99),
-            "ticker_ticks": r.ticks.map(|t| t.ticks),
-            "ticker_late_p50_us": r.ticks.map(|t| t.late_p50_us),
-            "ticker_late_p99_us": r.ticks.map(|t| t.late_p99_us),
+            "clock_ticks": r.ticks.map(|t| t.ticks),
+            "clock_late_p50_us": r.ticks.map(|t| t.late_p50_us),
+            "clock_late_p99_us": r.ticks.map(|t| t.late_p99_us),
         });
         merge(&mut v, extra);
         self.counts(scenario, row, r.ok, r.errors + r.missed, checked, v);
