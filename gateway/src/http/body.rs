@@ -20,7 +20,13 @@ enum State {
     Done,
 }
 
-/// Decodes chunked framing incrementally: feed it whatever bytes have arrived.
+/// Longest chunk size line (with its extensions and CRLF), in bytes.
+const MAX_SIZE_LINE: usize = 1024;
+/// Longest trailer line (with its CRLF), in bytes.
+const MAX_TRAILER_LINE: usize = 8 * 1024;
+
+/// Decodes chunked framing incrementally: feed it whatever bytes have arrived. It decides the
+/// same however the bytes are split: a line over its limit is refused whole as it is in part.
 #[derive(Debug, Default)]
 pub struct ChunkedDecoder {
     state: State,
@@ -36,6 +42,9 @@ impl ChunkedDecoder {
             match self.state {
                 State::Done => return Ok((used, true)),
                 State::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, _))) if n > MAX_SIZE_LINE => {
+                        return Err(HttpError::BadRequest("chunk size line too long"));
+                    }
                     Ok(httparse::Status::Complete((n, size))) => {
                         used += n;
                         let size = usize::try_from(size)
@@ -47,7 +56,8 @@ impl ChunkedDecoder {
                         };
                     }
                     Ok(httparse::Status::Partial) => {
-                        if rest.len() > 1024 {
+                        // A line still incomplete at the limit is longer than it.
+                        if rest.len() >= MAX_SIZE_LINE {
                             return Err(HttpError::BadRequest("chunk size line too long"));
                         }
                         return Ok((used, false));
@@ -80,11 +90,14 @@ impl ChunkedDecoder {
                 State::Trailers => {
                     // Trailer fields are read and dropped; an empty line ends the body.
                     let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                        if rest.len() > 8 * 1024 {
+                        if rest.len() >= MAX_TRAILER_LINE {
                             return Err(HttpError::BadRequest("trailers too long"));
                         }
                         return Ok((used, false));
                     };
+                    if eol + 2 > MAX_TRAILER_LINE {
+                        return Err(HttpError::BadRequest("trailers too long"));
+                    }
                     used += eol + 2;
                     if eol == 0 {
                         self.state = State::Done;

@@ -95,6 +95,70 @@ fn chunked_decoder_rejects_garbage() {
     }
 }
 
+/// A size line or trailer line over its limit is refused whether it arrives whole or in
+/// pieces, and one at its limit is accepted either way (the fuzz target `chunked` found a long
+/// extension refused in pieces but accepted whole).
+#[test]
+fn chunked_decoder_limits_lines_however_they_arrive() {
+    let decode = |wire: &[u8], cut: usize| {
+        let mut d = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        let (used, done) = d.decode(&wire[..cut], &mut out)?;
+        if done {
+            return Ok(out);
+        }
+        let (_, done) = d.decode(&wire[used..], &mut out)?;
+        assert!(done, "the whole body is there");
+        Ok::<_, crate::http::HttpError>(out)
+    };
+    // "4;" + extension + CRLF: the line is `len` bytes.
+    let size_line = |len: usize| {
+        let mut w = b"4;".to_vec();
+        w.resize(len - 2, b'x');
+        w.extend_from_slice(b"\r\nWiki\r\n0\r\n\r\n");
+        w
+    };
+    // A trailer line of `len` bytes.
+    let trailer = |len: usize| {
+        let mut w = b"4\r\nWiki\r\n0\r\nx-t: ".to_vec();
+        w.resize(w.len() + len - 7, b'y');
+        w.extend_from_slice(b"\r\n\r\n");
+        w
+    };
+    for (wire, limit) in [
+        (size_line(1024), true),
+        (size_line(1025), false),
+        (trailer(8 * 1024), true),
+        (trailer(8 * 1024 + 1), false),
+    ] {
+        for cut in [
+            wire.len(),
+            1,
+            3,
+            600,
+            1023,
+            1024,
+            1025,
+            8000,
+            8191,
+            8192,
+            8193,
+        ] {
+            let cut = cut.min(wire.len());
+            let got = decode(&wire, cut);
+            assert_eq!(
+                got.is_ok(),
+                limit,
+                "{} bytes cut at {cut}: {got:?}",
+                wire.len()
+            );
+            if let Ok(out) = got {
+                assert_eq!(out, b"Wiki");
+            }
+        }
+    }
+}
+
 #[test]
 fn response_frames_its_body() {
     let r = response(404, &[("content-type", "application/json")], b"{}", false);

@@ -74,11 +74,19 @@ impl EventBuffer {
     }
 
     /// Takes out every complete event buffered (with their blank lines, bytes unchanged), if
-    /// any. Fails once the incomplete rest is over the limit.
+    /// any. An event may take `max_event` bytes with its blank line: one over that fails the
+    /// stream whether it arrived whole or in pieces (an incomplete rest that long can only
+    /// become longer).
     pub fn take_events(&mut self) -> Result<Option<Vec<u8>>, EventTooLarge> {
         let mut from = self.scanned.saturating_sub(3);
         let mut last = None;
+        // Each event starts where the one before it ended; the buffer starts with one.
+        let mut start = 0;
         while let Some((_, next)) = next_end(&self.buf, from) {
+            if next - start > self.max_event {
+                return Err(EventTooLarge(self.max_event));
+            }
+            start = next;
             last = Some(next);
             from = next;
         }
@@ -88,7 +96,7 @@ impl EventBuffer {
             std::mem::replace(&mut self.buf, rest)
         });
         self.scanned = self.buf.len();
-        if self.buf.len() > self.max_event {
+        if self.buf.len() >= self.max_event {
             return Err(EventTooLarge(self.max_event));
         }
         Ok(events)
@@ -214,10 +222,41 @@ mod tests {
     #[test]
     fn an_event_over_the_limit_fails_the_stream() {
         let mut b = EventBuffer::new(16);
-        b.push(b"data: 1\n\ndata: 0123456789");
-        // The complete event is within the limit; the incomplete one, 16 bytes, is too.
+        b.push(b"data: 1\n\ndata: 012345678");
+        // The complete event is within the limit; the incomplete one, 15 bytes, may still
+        // end within it.
         assert_eq!(b.take_events(), Ok(Some(b"data: 1\n\n".to_vec())));
-        b.push(b"a");
+        b.push(b"9");
         assert_eq!(b.take_events(), Err(EventTooLarge(16)));
+    }
+
+    /// The limit holds however the bytes arrive: an event of 17 bytes (with its blank line)
+    /// over a limit of 16 is refused whole, after a smaller one, as in pieces; one of 16 passes
+    /// either way (a whole event used to pass at any size).
+    #[test]
+    fn the_event_limit_holds_however_the_event_arrives() {
+        let small = b"data: 1\n\n";
+        for (event, fits) in [
+            (&b"data: 012345678\n\n"[..], false),
+            (b"data: 01234567\n\n", true),
+            (b"data: 0123456\r\n\r\n", false),
+            (b"data: 012345\r\n\r\n", true),
+        ] {
+            let stream = [&small[..], event].concat();
+            for cut in 1..=stream.len() {
+                let mut b = EventBuffer::new(16);
+                b.push(&stream[..cut]);
+                let first = b.take_events();
+                b.push(&stream[cut..]);
+                let second = b.take_events();
+                let refused = first.is_err() || second.is_err();
+                assert_eq!(
+                    refused,
+                    !fits,
+                    "{:?} cut at {cut}: {first:?} {second:?}",
+                    String::from_utf8_lossy(event)
+                );
+            }
+        }
     }
 }

@@ -573,3 +573,39 @@ fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
     );
     assert!(fake.all_closed(), "the upstream stream is closed");
 }
+
+/// An upstream's answer head over 64 KiB is refused (502) however its bytes arrive: written
+/// in pieces that leave the head incomplete at 60 KiB and complete at 70 KiB in the gateway's
+/// next read (accepted whole before, refused when seen incomplete over the limit). One of 60
+/// KiB arriving the same way is relayed.
+#[test]
+fn an_answer_head_over_the_limit_is_refused_however_it_arrives() {
+    let fake = Fake::start(Box::new(|conn, index, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        let pad = if index == 0 { 70 * 1024 } else { 60 * 1024 };
+        let body = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-pad: {}\r\ncontent-length: {}\r\n\r\n",
+            "p".repeat(pad),
+            body.len()
+        );
+        let bytes = [head.as_bytes(), body.as_bytes()].concat();
+        // Most of the head, a pause (the gateway reads it: incomplete, under the limit), the
+        // rest at once.
+        let first = (58 * 1024).min(bytes.len());
+        let _ = conn.write_all(&bytes[..first]);
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = conn.write_all(&bytes[first..]);
+    }));
+    let (_d, port, _) = gateway(fake.port, Extra::default());
+    let mut client = connect(port);
+    client.write_all(&call(1, "echo")).unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    let mut client = connect(port);
+    client.write_all(&call(2, "echo")).unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

@@ -155,6 +155,9 @@ async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, Upstrea
     }
 }
 
+/// Longest response head accepted from an upstream, in bytes.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// The response head at the start of what `conn` holds, if it is all there (interim 1xx heads
 /// before it are consumed). Not part of [`read_head`]'s future: httparse's table of 64 fields
 /// (2 KiB) would be kept in it across every read.
@@ -176,6 +179,11 @@ fn parse_response_head(
             Ok(httparse::Status::Partial)
         };
         return match status {
+            // Refused whole as in part: what an upstream's head is does not depend on how its
+            // bytes arrive.
+            Ok(httparse::Status::Complete(n)) if n > MAX_RESPONSE_HEAD => {
+                Err(UpstreamFailure::Bad("response head too large".into()))
+            }
             Ok(httparse::Status::Complete(n)) => {
                 let head = ResponseHead {
                     status: resp.code.unwrap_or(502),
@@ -189,7 +197,7 @@ fn parse_response_head(
                 }
                 Ok(Some(head))
             }
-            Ok(httparse::Status::Partial) if conn.pending().len() > 64 * 1024 => {
+            Ok(httparse::Status::Partial) if conn.pending().len() > MAX_RESPONSE_HEAD => {
                 Err(UpstreamFailure::Bad("response head too large".into()))
             }
             Ok(httparse::Status::Partial) => Ok(None),
