@@ -94,6 +94,8 @@ struct State {
     armed: Option<Instant>,
     /// How late each wake-up was, µs.
     late: Option<Histogram<u64>>,
+    /// The load is over: the driver returns at its next read.
+    stopped: bool,
 }
 
 fn monotonic_now() -> Duration {
@@ -119,7 +121,17 @@ impl Clock {
         assert!(fd >= 0, "timerfd: {}", std::io::Error::last_os_error());
         // SAFETY: a fresh descriptor, owned from here on.
         let timer = unsafe { OwnedFd::from_raw_fd(fd) };
-        let base = (Instant::now(), monotonic_now());
+        // The pair read closest together of three (a preemption between the two reads would
+        // make every wake-up late by it).
+        let base = (0..3)
+            .map(|_| {
+                let i = Instant::now();
+                let m = monotonic_now();
+                (i.elapsed(), (i, m))
+            })
+            .min_by_key(|(gap, _)| *gap)
+            .map(|(_, pair)| pair)
+            .expect("three pairs");
         let clock = Clock(Rc::new(Inner {
             timer,
             base,
@@ -156,7 +168,13 @@ impl Clock {
         wait.await;
     }
 
-    /// How late the wake-ups were (the driver stops with the thread's runtime).
+    /// Ends the driver (at once: the timer fires now); await the driver's task after it.
+    pub fn stop(&self) {
+        self.0.state.borrow_mut().stopped = true;
+        self.arm(Instant::now());
+    }
+
+    /// How late the wake-ups were.
     pub fn late(&self) -> Histogram<u64> {
         self.0
             .state
@@ -205,7 +223,20 @@ impl Clock {
         loop {
             let buf: monoio::buf::VecBuf = vec![vec![0u8; 8]].into();
             let (r, _) = timer.readv(buf).await;
-            if r.is_err() {
+            match r {
+                Ok(_) => {}
+                // A kernel whose timerfd cannot wait inside io_uring answers at once (the
+                // descriptor is non-blocking, for the epoll driver): wait for it to be readable.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Err(e) = timer.readable(false).await {
+                        panic!("the open loop's clock (a timerfd) cannot be waited on: {e}");
+                    }
+                    continue;
+                }
+                // Waiters would wait forever: fail loudly instead.
+                Err(e) => panic!("the open loop's clock (a timerfd) cannot be read: {e}"),
+            }
+            if self.0.state.borrow().stopped {
                 return;
             }
             let now = Instant::now();
