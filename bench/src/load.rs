@@ -81,8 +81,8 @@ pub struct LoadResult {
     pub error_kinds: std::collections::BTreeMap<String, u64>,
     /// Requests not answered by 1 s after the measured time's end (they are not in the
     /// histograms). Open loop: those due within it (not sent in time, or answered too late).
-    /// Closed loop: those that waited during it (however early sent), so a connection left
-    /// waiting shows here or in the latencies rather than vanishing from both.
+    /// Closed loop: those sent before it began, which waited through all of it, so a
+    /// connection left waiting shows here or in the latencies rather than vanishing from both.
     pub missed: u64,
     pub elapsed: Duration,
     /// Corrected latency (from intended send time), microseconds. Closed loop: of every
@@ -684,16 +684,22 @@ async fn connection(
             }
             buf.clear();
         }
-        // What a request counts for. Open loop: those due in the measured time. Closed loop:
-        // those that waited during it (sent before its end, answered after its start), however
-        // early they were sent: a connection left waiting since the warm-up shows in the
-        // latencies (or as missed) instead of vanishing from them. Either way, answered by 1 s
-        // after the end, or missed.
+        // What a request counts for. Open loop: those due in the measured time, answered by 1 s
+        // after it, or missed. Closed loop: those that waited during it (sent before its end,
+        // answered after its start) and were answered by 1 s after it, however early they were
+        // sent: a connection left waiting since the warm-up shows in the latencies instead of
+        // vanishing from them; one that waited through all of it unanswered is missed. (One sent
+        // within it and still waiting is in flight at the end, as in any closed loop: a slow
+        // server's last requests are not failures.)
         let counts = match interval {
             Some(_) => due >= measure_from && due < end,
             None => done >= measure_from && due < end,
         };
         let late = done > end + Duration::from_secs(1);
+        let missed = match interval {
+            Some(_) => counts && late,
+            None => counts && late && due < measure_from,
+        };
         if counts && !late {
             match status {
                 Ok(200) => LIVE_OK.fetch_add(1, Ordering::Relaxed),
@@ -713,7 +719,7 @@ async fn connection(
                 Ok(status) => out.error(&format!("HTTP {status}")),
                 Err(kind) => out.error(kind),
             }
-        } else if counts {
+        } else if missed {
             out.missed += 1;
         }
         if done >= grace {

@@ -1402,7 +1402,7 @@ fn headline_report(
          context is not all charged to it); busy is each core's busy share during the row. Latencies are those of \
          answered requests, so a proxy that leaves some connections waiting would look faster than one that serves \
          them all: *served* says how many connections had an answer in the measured time, and the fewest and the \
-         median answers of one connection; a request still unanswered 1 s after the measured time is *missed*.\n\n\
+         median answers of one connection; a request that waited through the measured time, still unanswered 1 s after it, is *missed*.\n\n\
          | row | proxy | CPU µs / req | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         date = env.date,

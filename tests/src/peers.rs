@@ -95,6 +95,11 @@ fn demo_upstream_args(ns: Option<&str>, port: u16, extra: &[&str]) -> KillOnDrop
 }
 
 /// As [`demo_upstream`], listening on `listen` in namespace `ns` (this one if `None`).
+///
+/// Started again until it is the one listening: a killed predecessor's socket can outlive it
+/// for a moment (io_uring releases it after the process is gone), `mcp-upstream` refuses a
+/// port something is bound to, and a connect would then reach the dying socket, not a server.
+/// So the new server's own word that it listens is waited for (its first line on stderr).
 pub fn demo_upstream_at(ns: Option<&str>, listen: SocketAddr, extra: &[&str]) -> KillOnDrop {
     let bin = root().join("target/release/mcp-upstream");
     assert!(
@@ -102,22 +107,45 @@ pub fn demo_upstream_at(ns: Option<&str>, listen: SocketAddr, extra: &[&str]) ->
         "{} missing: run `cargo xtask test`",
         bin.display()
     );
-    let mut cmd = Command::new(bin);
-    if let Some(ns) = ns {
-        crate::netns::enter_before_exec(&mut cmd, ns);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut cmd = Command::new(&bin);
+        if let Some(ns) = ns {
+            crate::netns::enter_before_exec(&mut cmd, ns);
+        }
+        let mut child = KillOnDrop(
+            cmd.args(["--listen", &listen.to_string(), "--workers", "1"])
+                .args(extra)
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start mcp-upstream"),
+        );
+        let stderr = child.0.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stderr);
+            let mut first = String::new();
+            let _ = lines.read_line(&mut first);
+            let _ = tx.send(first);
+            // The rest is read and dropped, so the server never blocks on a full pipe.
+            let _ = std::io::copy(&mut lines, &mut std::io::sink());
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        let first = rx.recv_timeout(left).unwrap_or_default();
+        if first.contains("serving MCP") {
+            match ns {
+                Some(ns) => crate::netns::in_netns(ns, || wait_addr(listen, left)),
+                None => wait_addr(listen, left),
+            }
+            return child;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mcp-upstream does not listen on {listen} after 10 s: {first}"
+        );
+        drop(child);
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let child = cmd
-        .args(["--listen", &listen.to_string(), "--workers", "1"])
-        .args(extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mcp-upstream");
-    let child = KillOnDrop(child);
-    match ns {
-        Some(ns) => crate::netns::in_netns(ns, || wait_addr(listen, Duration::from_secs(10))),
-        None => wait_addr(listen, Duration::from_secs(10)),
-    }
-    child
 }
 
 /// `.tools/node/node_modules/.bin` first on PATH: Node 22 and the npm peers installed by setup.
