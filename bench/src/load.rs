@@ -12,9 +12,10 @@
 //!
 //! The load's time (warm-up, then the measured time) starts once every connection is connected
 //! and has had one answer (or at most 6 s after they began: one later than that, say a slow
-//! handshake and a session to open, starts late), so that no row measures connecting. Latencies are those of answered
-//! requests; a request that waited through the measured time and had no answer by 1 s after
-//! it is *missed*, and [`LoadResult::fairness`] says whether every connection was served.
+//! handshake and a session to open, starts late), so that no row measures connecting.
+//! Latencies are those of answered requests; a request that waited through the measured time
+//! and had no answer by 1 s after it is *missed*, and [`LoadResult::fairness`] says whether
+//! every connection was served.
 
 use std::{
     cell::RefCell,
@@ -550,6 +551,15 @@ impl LocalWindow {
     }
 }
 
+/// A connection that failed before the load's time: its error, no answers, and its arrival at
+/// the gate (which would otherwise wait for it).
+fn gave_up(mut out: LoadResult, kind: &str, gate: &Gate) -> LoadResult {
+    out.error(kind);
+    out.per_connection.push(0);
+    gate.arrive();
+    out
+}
+
 async fn connection(
     spec: LoadSpec,
     index: usize,
@@ -565,12 +575,7 @@ async fn connection(
     if !spec.connect.per_request || wants_session {
         match connect(spec.target, &spec.connect).await {
             Ok(s) => stream = Some(s),
-            Err(kind) => {
-                out.error(kind);
-                out.per_connection.push(0);
-                gate.arrive();
-                return out;
-            }
+            Err(kind) => return gave_up(out, kind, &gate),
         }
     }
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -588,10 +593,7 @@ async fn connection(
         )
         .await;
         let Ok(Some(id)) = opened else {
-            out.error("session refused");
-            out.per_connection.push(0);
-            gate.arrive();
-            return out;
+            return gave_up(out, "session refused", &gate);
         };
         Some(id)
     } else {
@@ -617,12 +619,7 @@ async fn connection(
                 monoio::time::timeout(Duration::from_secs(2), connect(spec.target, &spec.connect));
             match again.await {
                 Ok(Ok(s)) => stream = Some(s),
-                _ => {
-                    out.error("connect failed");
-                    out.per_connection.push(0);
-                    gate.arrive();
-                    return out;
-                }
+                _ => return gave_up(out, "connect failed", &gate),
             }
         }
     }

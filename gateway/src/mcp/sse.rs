@@ -80,13 +80,11 @@ impl EventBuffer {
     pub fn take_events(&mut self) -> Result<Option<Vec<u8>>, EventTooLarge> {
         let mut from = self.scanned.saturating_sub(3);
         let mut last = None;
-        // Each event starts where the one before it ended; the buffer starts with one.
-        let mut start = 0;
         while let Some((_, next)) = next_end(&self.buf, from) {
-            if next - start > self.max_event {
+            // Each event starts where the one before it ended; the buffer starts with one.
+            if next - last.unwrap_or(0) > self.max_event {
                 return Err(EventTooLarge(self.max_event));
             }
-            start = next;
             last = Some(next);
             from = next;
         }
