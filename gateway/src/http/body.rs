@@ -46,6 +46,7 @@ impl ChunkedDecoder {
                         return Err(HttpError::BadRequest("chunk size line too long"));
                     }
                     Ok(httparse::Status::Complete((n, size))) => {
+                        strict_size_line(&rest[..n])?;
                         used += n;
                         let size = usize::try_from(size)
                             .map_err(|_| HttpError::BadRequest("chunk too large"))?;
@@ -98,6 +99,9 @@ impl ChunkedDecoder {
                     if eol + 2 > MAX_TRAILER_LINE {
                         return Err(HttpError::BadRequest("trailers too long"));
                     }
+                    if eol > 0 {
+                        strict_trailer_line(&rest[..eol])?;
+                    }
                     used += eol + 2;
                     if eol == 0 {
                         self.state = State::Done;
@@ -106,4 +110,45 @@ impl ChunkedDecoder {
             }
         }
     }
+}
+
+/// What httparse's `parse_chunk_size` lets through and RFC 9112 does not: a line without a
+/// size (httparse reads an empty line as the last chunk) and control bytes in an extension
+/// (httparse skips any byte there, a bare LF too). Either could end the body or a line at
+/// another place for a proxy in front of the gateway than for the gateway: refused.
+/// `line` is the whole size line, with its CRLF.
+fn strict_size_line(line: &[u8]) -> Result<(), HttpError> {
+    let body = line.strip_suffix(b"\r\n").unwrap_or(line);
+    if !body.first().is_some_and(u8::is_ascii_hexdigit) {
+        return Err(HttpError::BadRequest("chunk size line without a size"));
+    }
+    if body.iter().any(|&b| is_ctl(b)) {
+        return Err(HttpError::BadRequest("control byte in a chunk size line"));
+    }
+    Ok(())
+}
+
+/// A trailer line (without its CRLF) must be a field line: a token, a colon, and a value
+/// without control bytes. A bare CR or LF would end the line (and so the body) at another
+/// place for a proxy in front that takes it as a line end. Trailers are dropped, not forwarded.
+fn strict_trailer_line(line: &[u8]) -> Result<(), HttpError> {
+    let colon = line.iter().position(|&b| b == b':');
+    let valid = colon.is_some_and(|c| {
+        c > 0 && line[..c].iter().all(|&b| is_tchar(b)) && !line[c..].iter().any(|&b| is_ctl(b))
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(HttpError::BadRequest("invalid trailer line"))
+    }
+}
+
+/// A control byte other than horizontal tab.
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+/// A byte of an RFC 9110 token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }

@@ -95,6 +95,58 @@ fn chunked_decoder_rejects_garbage() {
     }
 }
 
+/// Lines httparse accepts but a proxy in front may end or read otherwise are refused, whole or
+/// in pieces: no size, a bare LF or CR in an extension or a trailer, a trailer that is not a
+/// field line. Lines RFC 9112 allows are still accepted.
+#[test]
+fn chunked_decoder_refuses_ambiguous_lines() {
+    let decode = |wire: &[u8], cut: usize| {
+        let mut d = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        let (used, done) = d.decode(&wire[..cut], &mut out)?;
+        if !done {
+            d.decode(&wire[used..], &mut out)?;
+        }
+        Ok::<_, crate::http::HttpError>(out)
+    };
+    let refused: [&[u8]; 9] = [
+        b"\r\n",
+        b" \r\n\r\n",
+        b";x\r\n\r\n",
+        b"4;a\nb\r\nWiki\r\n0\r\n\r\n",
+        b"4;a\rb\r\nWiki\r\n0\r\n\r\n",
+        b"4;a\x00\r\nWiki\r\n0\r\n\r\n",
+        b"4\r\nWiki\r\n0\r\nx: 1\nGET / HTTP/1.1\r\n\r\n",
+        b"4\r\nWiki\r\n0\r\nnot a field\r\n\r\n",
+        b"4\r\nWiki\r\n0\r\n: empty name\r\n\r\n",
+    ];
+    for wire in refused {
+        for cut in 0..=wire.len() {
+            assert!(
+                decode(wire, cut).is_err(),
+                "{:?} cut at {cut}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+    let accepted: [&[u8]; 4] = [
+        b"4\r\nWiki\r\n0\r\n\r\n",
+        b"4 ;ext=\"q v\"\r\nWiki\r\n0\r\n\r\n",
+        b"4;a\tb\r\nWiki\r\n0;last\r\nx-t: v\tw\r\nx-u:\r\n\r\n",
+        b"0004\r\nWiki\r\n000\r\n\r\n",
+    ];
+    for wire in accepted {
+        for cut in 0..=wire.len() {
+            assert_eq!(
+                decode(wire, cut).map_err(|e| e.to_string()).as_deref(),
+                Ok(&b"Wiki"[..]),
+                "{:?} cut at {cut}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+}
+
 /// A size line or trailer line over its limit is refused whether it arrives whole or in
 /// pieces, and one at its limit is accepted either way (the fuzz target `chunked` found a long
 /// extension refused in pieces but accepted whole).

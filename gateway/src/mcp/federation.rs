@@ -1126,7 +1126,12 @@ impl<'c> Federation<'_, 'c> {
                 Ok((conn, head)) if (200..300).contains(&head.status) && head.is_sse() => {
                     let kind = match http::framing(&head.headers, usize::MAX) {
                         Ok(Some(k)) => k,
-                        _ => BodyKind::UntilClose,
+                        Ok(None) => BodyKind::UntilClose,
+                        Err(e) => {
+                            // Dropping the connection closes it.
+                            crate::throttled_warn!(upstream = %up.name, "GET stream: unframeable response: {e}");
+                            continue;
+                        }
                     };
                     streams += 1;
                     let (stop, stopped) = oneshot::channel::<()>();
@@ -1218,6 +1223,11 @@ async fn pump(
     let mut decoder = ChunkedDecoder::default();
     let mut events = sse::EventBuffer::new(max_event);
     let mut piece = Vec::new();
+    // What is left of a body of known length: bytes after it are not the stream's.
+    let mut left = match kind {
+        BodyKind::Length(n) => Some(n),
+        _ => None,
+    };
     loop {
         let done = match kind {
             BodyKind::Chunked => match decoder.decode(conn.pending(), &mut piece) {
@@ -1228,10 +1238,14 @@ async fn pump(
                 Err(_) => return,
             },
             _ => {
-                let n = conn.pending().len();
-                piece.extend_from_slice(conn.pending());
+                let pending = conn.pending();
+                let n = left.map_or(pending.len(), |left| left.min(pending.len()));
+                piece.extend_from_slice(&pending[..n]);
                 conn.consume(n);
-                false
+                left.as_mut().is_some_and(|left| {
+                    *left -= n;
+                    *left == 0
+                })
             }
         };
         events.push(&piece);

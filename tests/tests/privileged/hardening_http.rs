@@ -30,6 +30,9 @@ enum Reply {
     ChunkedSse,
     /// These bytes, as they are, then close.
     Raw(&'static [u8]),
+    /// A POST gets [`Reply::Json`]; a GET gets these bytes as they are, and the connection is
+    /// held open for a second, then closed.
+    GetStream(&'static [u8]),
 }
 
 /// An upstream on raw sockets: records each request head it reads (a smuggled request shows up
@@ -102,6 +105,7 @@ fn serve(conn: TcpStream, reply: Reply, log: &Mutex<Vec<String>>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let get = head.starts_with("GET ");
         log.lock().unwrap().push(head);
         let id = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -110,7 +114,12 @@ fn serve(conn: TcpStream, reply: Reply, log: &Mutex<Vec<String>>) {
         let result =
             serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}}).to_string();
         let written = match reply {
-            Reply::Json => write!(
+            Reply::GetStream(bytes) if get => {
+                let _ = out.write_all(bytes);
+                std::thread::sleep(Duration::from_secs(1));
+                return;
+            }
+            Reply::Json | Reply::GetStream(_) => write!(
                 out,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{result}",
                 result.len()
@@ -320,7 +329,25 @@ fn heads_that_could_mean_two_things_are_refused_before_the_upstream() {
         )
         .into_bytes()
     };
+    // A chunked body whose size line for `list` is `size_line`, then `end` (the last chunk
+    // and trailers): lines a proxy in front may end elsewhere than the gateway does.
+    let chunked = |size_line: &str, end: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{size_line}\r\n{list}\r\n{end}"
+        )
+        .into_bytes()
+    };
+    let n = format!("{:x}", list.len());
     let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "bare LF in a chunk extension",
+            chunked(&format!("{n};x\nGET /x HTTP/1.1"), "0\r\n\r\n"),
+        ),
+        ("an empty chunk size line", chunked(&n, "\r\n\r\n")),
+        (
+            "bare LF in a trailer",
+            chunked(&n, &format!("0\r\nx: 1\n{SMUGGLED}\r\n\r\n")),
+        ),
         ("two Host", head("host: gw\r\nhost: other\r\n")),
         ("invalid Host", head("host: gw/evil\r\n")),
         ("Host with a quote", head("host: gw\"x\r\n")),
@@ -555,4 +582,47 @@ fn a_get_or_delete_with_a_body_is_refused_and_never_forwarded() {
         "nothing reached the upstream"
     );
     d.stop();
+}
+
+/// A member's event stream of known length ends where its length says; bytes after it are not
+/// relayed as events. A member whose stream head is unframeable (two lengths) is left out, not
+/// read until it closes.
+#[test]
+fn a_members_event_stream_ends_where_its_framing_says() {
+    const EVENT: &str = "id: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/first\"}\n\n";
+    const AFTER: &str =
+        "id: 2\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/smuggled\"}\n\n";
+    fn stream(lengths: &str) -> &'static [u8] {
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{lengths}\r\n{EVENT}{AFTER}")
+            .into_bytes()
+            .leak()
+    }
+    let len = format!("content-length: {}\r\n", EVENT.len());
+    let two = format!("{len}content-length: {}\r\n", EVENT.len() + AFTER.len());
+    for (lengths, relayed) in [(len, true), (two, false)] {
+        let up = Recorder::start(Reply::GetStream(stream(&lengths)));
+        let (mut d, port) = start(&up.url(), true);
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+        let (resp, _) = raw(port, &post("/fed", init, ""));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let session = resp.header("mcp-session-id").expect("a session").to_owned();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+        )
+        .unwrap();
+        let (got, _) = read_until(&mut s, |all| {
+            String::from_utf8_lossy(all).contains("smuggled") || all.ends_with(b"0\r\n\r\n")
+        });
+        let got = String::from_utf8_lossy(&got);
+        assert!(!got.contains("smuggled"), "{lengths:?}: {got}");
+        if relayed {
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+            assert!(got.contains("notifications/first"), "{got}");
+        } else {
+            assert!(!got.starts_with("HTTP/1.1 200"), "{got}");
+        }
+        d.stop();
+    }
 }
