@@ -19,6 +19,10 @@ fn framing_rejects_smuggling_shapes() {
         Ok(Some(BodyKind::Chunked))
     );
     assert_eq!(framing(&h(&[]), max), Ok(None));
+    assert_eq!(
+        framing(&h(&[("Content-Length", " 07\t")]), max),
+        Ok(Some(BodyKind::Length(7)))
+    );
     for bad in [
         h(&[("Content-Length", "5"), ("Transfer-Encoding", "chunked")]),
         h(&[("Content-Length", "5"), ("Content-Length", "6")]),
@@ -26,6 +30,9 @@ fn framing_rejects_smuggling_shapes() {
         h(&[("Content-Length", "+5")]),
         h(&[("Content-Length", "5, 5")]),
         h(&[("Content-Length", "")]),
+        h(&[("Content-Length", "5\u{a0}")]),
+        h(&[("Content-Length", "\u{2003}5")]),
+        h(&[("Content-Length", "99999999999999999999999")]),
     ] {
         assert!(
             matches!(framing(&bad, max), Err(HttpError::BadRequest(_))),

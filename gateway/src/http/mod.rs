@@ -321,11 +321,20 @@ pub fn framing(headers: &Fields, max: usize) -> Result<Option<BodyKind>, HttpErr
     let mut chunked = false;
     for (name, value) in headers {
         if name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(value)
-                .ok()
-                .map(str::trim)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<usize>().ok())
+            // Digits only, with spaces or tabs around: `str::trim` would also drop a
+            // no-break space (UTF-8 in a field value), a length a proxy in front refuses or
+            // ignores.
+            let v = value
+                .trim_ascii()
+                .iter()
+                .try_fold(None::<usize>, |n, b| {
+                    b.is_ascii_digit().then_some(())?;
+                    n.unwrap_or(0)
+                        .checked_mul(10)?
+                        .checked_add(usize::from(b - b'0'))
+                        .map(Some)
+                })
+                .flatten()
                 .ok_or(HttpError::BadRequest("invalid Content-Length"))?;
             if length.is_some_and(|l| l != v) {
                 return Err(HttpError::BadRequest("conflicting Content-Length headers"));
