@@ -1263,6 +1263,9 @@ async fn pump(
             }
         }
         if done {
+            if events.check().is_err() {
+                crate::throttled_warn!(upstream = %name, "event larger than the body limit: stream ended");
+            }
             return;
         }
         let filled = monoio::select! {

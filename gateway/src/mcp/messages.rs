@@ -93,29 +93,51 @@ pub fn response_result(head: &ResponseHead, body: &[u8], id: Option<&Id>) -> Res
     }
 }
 
+/// An event's lines, each without its line end (CRLF, LF or a lone CR).
 fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
-    event
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+    let mut rest = Some(event);
+    std::iter::from_fn(move || {
+        let buf = rest?;
+        let Some(i) = memchr::memchr2(b'\r', b'\n', buf) else {
+            rest = None;
+            return Some(buf);
+        };
+        let end = if buf[i] == b'\r' && buf.get(i + 1) == Some(&b'\n') {
+            i + 2
+        } else {
+            i + 1
+        };
+        rest = Some(&buf[end..]);
+        Some(&buf[..i])
+    })
 }
 
+/// A field line's value: `name` alone, or `name:` and the value (one space after the colon
+/// is not part of it).
 fn field<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
-    let rest = line.strip_prefix(name)?.strip_prefix(b":")?;
+    let rest = line.strip_prefix(name)?;
+    if rest.is_empty() {
+        return Some(rest);
+    }
+    let rest = rest.strip_prefix(b":")?;
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
+/// An event's data: its data lines' values joined by LF, as a client reads it; `None` when it
+/// has no data line.
 pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
     let mut data: Option<Vec<u8>> = None;
     for line in lines(event) {
         if let Some(d) = field(line, b"data") {
             let buf = data.get_or_insert_with(Vec::new);
-            if !buf.is_empty() {
-                buf.push(b'\n');
-            }
             buf.extend_from_slice(d);
+            buf.push(b'\n');
         }
     }
-    data
+    data.map(|mut d| {
+        d.pop();
+        d
+    })
 }
 
 /// A member's id as the client sees it.
@@ -140,11 +162,23 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 }
 
 /// Rewrites a member's SSE events for the client: its requests' ids and its event ids get the
-/// member's tag. Everything else passes as it is.
+/// member's tag. An event whose data is not one JSON object is dropped: the gateway could not
+/// tag what it cannot read, and a client whose parser reads it anyway (a lone surrogate, a
+/// batch) would answer another member's id. Everything else passes as it is, with LF line
+/// ends.
 pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
     for event in sse::split(events) {
-        let mut data = event_data(event).and_then(|d| serde_json::from_slice::<Value>(&d).ok());
+        let mut data = match event_data(event) {
+            Some(d) if !d.is_empty() => match serde_json::from_slice::<Value>(&d) {
+                Ok(v @ Value::Object(_)) => Some(v),
+                _ => {
+                    crate::throttled_warn!(upstream = %member, "event whose data is not a JSON object: dropped");
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let changed = match data.as_mut() {
             Some(v) if v.get("method").is_some() => {
                 let mut changed = false;
@@ -310,6 +344,42 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         assert_eq!(untag("py.n.x"), None);
         assert_eq!(untag("py.q.3"), None);
         assert_eq!(untag("plain"), None);
+    }
+
+    /// A member's request ends a line or an event with a lone CR or LF-CR-LF, as every client
+    /// reads it: the gateway sees the same events and tags their ids. What it cannot read as
+    /// one JSON object never reaches the client untagged.
+    #[test]
+    fn a_members_event_is_tagged_however_its_lines_end() {
+        let req = |id: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":"{id}","method":"elicitation/create","params":{{}}}}"#
+            )
+        };
+        let events = format!(
+            "data: {a}\n\r\ndata: {b}\r\rx\rdata: {c}\n\nid: 5\rdata: {d}\n\n\
+             data: {{\"jsonrpc\":\"2.0\",\"id\":\"o.n.1\",\"method\":\"m\",\"x\":\"\\ud800\"}}\n\n\
+             data: [{e}]\n\ndata: {{\"jsonrpc\":\n\
+             data: \"2.0\",\"id\":\"o.n.3\",\"method\":\"m\"}}\n\n: keep\n\n",
+            a = req("a"),
+            b = req("o.n.1"),
+            c = req("c"),
+            d = req("d"),
+            e = req("o.n.2"),
+        );
+        let out = String::from_utf8(rewrite_events("m", events.as_bytes())).unwrap();
+        let got: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(got.len(), 6, "{out}");
+        for (event, id) in got
+            .iter()
+            .zip(["m.s.a", "m.s.o.n.1", "m.s.c", "m.s.d", "m.s.o.n.3"])
+        {
+            assert!(event.contains(&format!("\"id\":\"{id}\"")), "{id}: {out}");
+        }
+        assert!(got[3].starts_with("id: m.5\n"), "{out}");
+        assert_eq!(got[5], ": keep");
+        assert!(!out.contains("o.n.2") && !out.contains("ud800"), "{out}");
+        assert!(!out.contains('\r'), "{out:?}");
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::{
 /// answer is its last event; other answers are scanned as they pass, whatever their size).
 const CLASSIFY_MAX: usize = 64 * 1024;
 
+const EVENT_TOO_LARGE: &str = "upstream event larger than the body limit";
+
 /// The room a large answer's body is read into, a piece at a time.
 const RELAY_READ: usize = 128 * 1024;
 
@@ -93,7 +95,10 @@ pub(super) async fn relay(
         max_event,
     );
     // What has already arrived goes out with the head in one write.
-    match body.take(&mut conn) {
+    match body
+        .take(&mut conn)
+        .and_then(|first| body.check().map(|()| first))
+    {
         Ok(first) => {
             body.observe(&first);
             out.extend_from_slice(&body.framed(first));
@@ -156,6 +161,10 @@ pub(super) async fn relay(
         }
         // The buffer read into next, when the piece was the connection's own.
         conn.recycle(back);
+        // An event over the limit after those: the stream fails now, not when more comes.
+        if let Err(why) = body.check() {
+            break Err(why);
+        }
     };
     if let Err(why) = finished {
         obs.set(Outcome::UpstreamFailure);
@@ -334,7 +343,7 @@ impl<'m> Body<'m> {
         let events = match self.events.take_events() {
             Ok(Some(events)) => events,
             Ok(None) => Vec::new(),
-            Err(_) => return Err("upstream event larger than the body limit"),
+            Err(_) => return Err(EVENT_TOO_LARGE),
         };
         Ok(self.rewritten(events))
     }
@@ -348,16 +357,28 @@ impl<'m> Body<'m> {
     }
 
     /// Notes what passes, for the answer's outcome: a body is scanned as it passes; an event
-    /// stream's answer is its last event.
+    /// stream's answer is its last event, whichever piece of the stream brought it (an event
+    /// over [`CLASSIFY_MAX`] is not kept: the answer is then not known to be an error).
     fn observe(&mut self, data: &[u8]) {
         if !self.classify || data.is_empty() {
             return;
         }
         if !self.sse {
             self.scan.feed(data);
-        } else if data.len() <= CLASSIFY_MAX {
+        } else if let Some(last) = super::sse::split(data).last() {
             self.answer.clear();
-            self.answer.extend_from_slice(data);
+            if last.len() <= CLASSIFY_MAX {
+                self.answer.extend_from_slice(last);
+            }
+        }
+    }
+
+    /// Fails when an event over the limit is held after the events taken out: it is not
+    /// passed on, and the answer fails once those are.
+    fn check(&self) -> Result<(), &'static str> {
+        match self.events.check() {
+            Ok(()) => Ok(()),
+            Err(_) => Err(EVENT_TOO_LARGE),
         }
     }
 
@@ -378,10 +399,9 @@ impl<'m> Body<'m> {
         if !self.sse {
             return self.scan.outcome();
         }
-        if !self.events.is_empty() {
-            self.answer = self.events.rest().to_vec();
-        }
-        classify(&last_event_data(&self.answer))
+        let rest = self.events.rest();
+        let answer = super::sse::split(rest).last().unwrap_or(&self.answer);
+        classify(&super::messages::event_data(answer).unwrap_or_default())
     }
 
     /// A last event the stream ended without its blank line.
@@ -419,26 +439,6 @@ impl<'m> Body<'m> {
         client.write_all(http::chunk(&event)).await.is_ok()
             && client.write_all(b"0\r\n\r\n".to_vec()).await.is_ok()
     }
-}
-
-/// The data of the last complete event in an SSE buffer.
-fn last_event_data(buf: &[u8]) -> Vec<u8> {
-    let trimmed = buf.trim_ascii_end();
-    let start = trimmed
-        .windows(2)
-        .rposition(|w| w == b"\n\n")
-        .map_or(0, |i| i + 2);
-    let mut data = Vec::new();
-    for line in trimmed[start..].split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(d) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
-            }
-            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
-        }
-    }
-    data
 }
 
 #[cfg(test)]

@@ -93,3 +93,58 @@ fn event_streams_are_known_by_their_content_type() {
         assert!(!head(ct).is_sse(), "{ct}");
     }
 }
+
+/// An event stream's outcome is its last event's, however the stream is cut into the pieces
+/// the relay takes, whatever its line ends (CR, LF, CRLF), and however large the events
+/// before it (a batch over 64 KiB used to leave an earlier batch's answer in place).
+#[test]
+fn an_event_streams_outcome_is_its_last_events_however_it_arrives() {
+    let big = format!(
+        "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}\"}}}}\r\r",
+        "x".repeat(70 * 1024)
+    );
+    let cases = [
+        (
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-1,\"message\":\"m\"}}\r\r",
+            Outcome::RpcError,
+        ),
+        (
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\r\ndata: \"result\":{\"isError\":true}}\n\r\n",
+            Outcome::ToolError,
+        ),
+        (
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"isError\":false}}\r\n\r\n",
+            Outcome::Ok,
+        ),
+    ];
+    for (answer, want) in cases {
+        let ok = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        let stream = [ok, &big, answer].concat();
+        for cut in [
+            1,
+            100,
+            ok.len(),
+            ok.len() + 1,
+            ok.len() + big.len() - 1,
+            ok.len() + big.len() + 3,
+            stream.len() - 1,
+            stream.len(),
+        ] {
+            let mut body = Body::new(
+                BodyKind::Chunked,
+                Framing::Chunked,
+                true,
+                None,
+                true,
+                1 << 20,
+            );
+            for piece in [&stream.as_bytes()[..cut], &stream.as_bytes()[cut..]] {
+                body.events.push(piece);
+                if let Some(events) = body.events.take_events().unwrap() {
+                    body.observe(&events);
+                }
+            }
+            assert_eq!(body.outcome(), want, "{answer:?} cut at {cut}");
+        }
+    }
+}

@@ -1,41 +1,128 @@
 //! Server-sent events (`text/event-stream`, how MCP answers stream): where events end, found in
-//! one pass over each byte. An event ends with an empty line; `\n\n` and `\r\n\r\n` are
-//! recognised (what the gateway's upstreams write).
+//! one pass over each byte. An event ends with an empty line, and a line with CRLF, LF or a
+//! lone CR, as every client's parser reads them (the WHATWG event stream format): a stream
+//! the gateway cut elsewhere would carry events it never saw, unrewritten and unclassified.
 //!
-//! A stream arrives in pieces; [`EventBuffer`] remembers where its last search stopped, so each
-//! byte is scanned a bounded number of times however the stream is cut, and it bounds the one
-//! event it may hold incomplete: an upstream cannot make a worker rescan or buffer without end.
+//! A stream arrives in pieces; [`EventBuffer`] keeps where its scan stopped (even between the
+//! CR and LF of one line end), so each byte is scanned once however the stream is cut, and the
+//! events found are the same; it bounds the one event it may hold incomplete: an upstream
+//! cannot make a worker rescan or buffer without end.
 
-/// The first event end in `buf` found from `from` on: (end of the event's content, start of
-/// what follows its blank line). A `\r\n\r\n` starting just before `from` is found too (the
-/// search looks one byte back).
-pub fn next_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
-    let mut i = from;
-    while i < buf.len() {
-        let nl = i + buf.get(i..)?.iter().position(|b| *b == b'\n')?;
-        match buf.get(nl + 1) {
-            Some(b'\n') => return Some((nl, nl + 2)),
-            Some(b'\r')
-                if nl > 0 && buf.get(nl - 1) == Some(&b'\r') && buf.get(nl + 2) == Some(&b'\n') =>
-            {
-                return Some((nl - 1, nl + 3));
-            }
-            _ => {}
-        }
-        i = nl + 1;
-    }
-    None
+/// The byte order mark a client skips at the start of a stream.
+const BOM: &[u8] = "\u{feff}".as_bytes();
+
+/// Where a search for event ends stands between bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scan {
+    /// The next byte to look at.
+    at: usize,
+    /// The line being read has no byte yet: a line end here is an empty line, the event's end.
+    line_empty: bool,
+    /// The end of the event's content so far: where its last line's end began.
+    content_end: usize,
+    /// A CR was the last byte looked at: whether a LF follows (one line end) is not known yet.
+    cr: Option<usize>,
 }
 
-/// The events in `buf`, each without its blank line; empty ones skipped. The last may lack its
-/// blank line (the end of a stream).
+impl Scan {
+    fn at(at: usize) -> Self {
+        Self {
+            at,
+            line_empty: true,
+            content_end: at,
+            cr: None,
+        }
+    }
+
+    /// The next event end from where the scan stands: (end of the event's content, start of
+    /// what follows its empty line). `None` when `buf` has none yet; the scan then stands at its
+    /// end, to go on when more bytes come.
+    fn next(&mut self, buf: &[u8]) -> Option<(usize, usize)> {
+        while self.at < buf.len() {
+            if let Some(cr) = self.cr.take() {
+                // The CR ended a line; a LF right after it is part of that line end.
+                let end = if buf[self.at] == b'\n' {
+                    self.at + 1
+                } else {
+                    self.at
+                };
+                self.at = end;
+                if let Some(found) = self.line_end(cr, end) {
+                    return Some(found);
+                }
+                continue;
+            }
+            let Some(i) = memchr::memchr2(b'\r', b'\n', &buf[self.at..]) else {
+                self.line_empty = false;
+                self.at = buf.len();
+                return None;
+            };
+            let i = self.at + i;
+            if i > self.at {
+                self.line_empty = false;
+            }
+            self.at = i + 1;
+            if buf[i] == b'\r' {
+                self.cr = Some(i);
+            } else if let Some(found) = self.line_end(i, i + 1) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// A line ended at `start..end`: an empty one ends the event.
+    fn line_end(&mut self, start: usize, end: usize) -> Option<(usize, usize)> {
+        if self.line_empty {
+            let found = (self.content_end, end);
+            *self = Self::at(end);
+            Some(found)
+        } else {
+            self.content_end = start;
+            self.line_empty = true;
+            None
+        }
+    }
+
+    /// At the end of a stream: a CR last is a line end.
+    fn finish(&mut self, len: usize) -> Option<(usize, usize)> {
+        self.cr.take().and_then(|cr| self.line_end(cr, len))
+    }
+
+    /// Whether the event read so far could end at `len`, its last byte: a CR on an empty line
+    /// (the next byte tells only where what follows starts).
+    fn may_end_at(&self, len: usize) -> bool {
+        self.line_empty && self.cr == Some(len.wrapping_sub(1))
+    }
+
+    /// The same scan over a buffer whose first `n` bytes were taken out.
+    fn rebase(&mut self, n: usize) {
+        self.at -= n;
+        self.content_end -= n;
+        if let Some(cr) = &mut self.cr {
+            *cr -= n;
+        }
+    }
+}
+
+/// The events in `buf`, each without its empty line; empty ones skipped. The last may lack its
+/// empty line (the end of a stream). A byte order mark at the start is skipped, as a client
+/// skips it at the start of a stream.
 pub fn split(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut at = 0;
+    let buf = buf.strip_prefix(BOM).unwrap_or(buf);
+    let mut scan = Scan::at(0);
+    let mut ended = false;
     std::iter::from_fn(move || {
-        while at < buf.len() {
-            let (end, next) = next_end(buf, at).unwrap_or((buf.len(), buf.len()));
-            let event = buf.get(at..end).unwrap_or_default();
-            at = next;
+        while !ended {
+            let start = scan.at;
+            let (end, _) = scan
+                .next(buf)
+                .or_else(|| scan.finish(buf.len()))
+                .unwrap_or_else(|| {
+                    ended = true;
+                    (buf.len(), buf.len())
+                });
+            let event = buf.get(start..end).unwrap_or_default();
             if !event.is_empty() {
                 return Some(event);
             }
@@ -53,18 +140,20 @@ pub struct EventTooLarge(pub usize);
 #[derive(Debug)]
 pub struct EventBuffer {
     buf: Vec<u8>,
-    /// `buf[..scanned]` holds no event end (but for its last bytes, which a later byte may
-    /// complete: the search resumes 3 bytes back).
-    scanned: usize,
+    /// How far `buf` was searched for event ends; it starts with an event.
+    scan: Scan,
     max_event: usize,
+    /// An event over the limit is whole in `buf`, after the events last taken out.
+    too_large: bool,
 }
 
 impl EventBuffer {
     pub fn new(max_event: usize) -> Self {
         Self {
             buf: Vec::new(),
-            scanned: 0,
+            scan: Scan::at(0),
             max_event,
+            too_large: false,
         }
     }
 
@@ -73,31 +162,54 @@ impl EventBuffer {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Takes out every complete event buffered (with their blank lines, bytes unchanged), if
-    /// any. An event may take `max_event` bytes with its blank line: one over that fails the
+    /// Takes out every complete event buffered (with their empty lines, bytes unchanged), if
+    /// any. An event may take `max_event` bytes with its empty line: one over that fails the
     /// stream whether it arrived whole or in pieces (an incomplete rest that long can only
-    /// become longer).
+    /// become longer). The events before it are taken out first; the next call fails.
     pub fn take_events(&mut self) -> Result<Option<Vec<u8>>, EventTooLarge> {
-        let mut from = self.scanned.saturating_sub(3);
+        self.check()?;
         let mut last = None;
-        while let Some((_, next)) = next_end(&self.buf, from) {
-            // Each event starts where the one before it ended; the buffer starts with one.
-            if next - last.unwrap_or(0) > self.max_event {
-                return Err(EventTooLarge(self.max_event));
+        let mut start = 0;
+        let mut scan = self.scan;
+        while let Some((_, next)) = scan.next(&self.buf) {
+            if next - start > self.max_event {
+                self.too_large = true;
+                break;
             }
             last = Some(next);
-            from = next;
+            start = next;
+            self.scan = scan;
+        }
+        if !self.too_large {
+            self.scan = scan;
         }
         let events = last.map(|end| {
-            // The rest (at most one incomplete event) moves, not the events.
+            // The rest (at most one incomplete event, or the one too large) moves, not the
+            // events.
             let rest = self.buf.split_off(end);
+            self.scan.rebase(end);
             std::mem::replace(&mut self.buf, rest)
         });
-        self.scanned = self.buf.len();
-        if self.buf.len() >= self.max_event {
-            return Err(EventTooLarge(self.max_event));
+        let held = self.buf.len();
+        // The incomplete event can only grow: unless a CR on an empty line ends it with the
+        // byte it holds last.
+        if held > self.max_event || (held == self.max_event && !self.scan.may_end_at(held)) {
+            self.too_large = true;
+        }
+        if events.is_none() {
+            self.check()?;
         }
         Ok(events)
+    }
+
+    /// Fails if an event over the limit is held: at the end of a body, after the events before
+    /// it were passed on.
+    pub fn check(&self) -> Result<(), EventTooLarge> {
+        if self.too_large {
+            Err(EventTooLarge(self.max_event))
+        } else {
+            Ok(())
+        }
     }
 
     /// The bytes not taken out yet.
@@ -105,9 +217,9 @@ impl EventBuffer {
         &self.buf
     }
 
-    /// What is left: a last event without its blank line, at the end of a stream.
+    /// What is left: a last event without its empty line, at the end of a stream.
     pub fn take_rest(&mut self) -> Vec<u8> {
-        self.scanned = 0;
+        self.scan = Scan::at(0);
         std::mem::take(&mut self.buf)
     }
 
@@ -149,21 +261,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_end_at_blank_lines_of_either_kind() {
-        let buf = b"data: a\n\ndata: b\r\n\r\n\n\ndata: c";
+    fn events_end_at_empty_lines_of_every_kind() {
+        let buf = b"data: a\n\ndata: b\r\n\r\n\n\ndata: c\r\rdata: d\n\r\ndata: e\r\n\ndata: f\r\r\ndata: g";
         let got: Vec<&[u8]> = split(buf).collect();
-        assert_eq!(got, [&b"data: a"[..], b"data: b", b"data: c"]);
-        assert_eq!(next_end(b"x\r\n\r\n", 0), Some((1, 5)));
-        assert_eq!(next_end(b"x\r\n\r", 0), None);
-        assert_eq!(next_end(b"x\n", 0), None);
+        assert_eq!(
+            got,
+            [
+                &b"data: a"[..],
+                b"data: b",
+                b"data: c",
+                b"data: d",
+                b"data: e",
+                b"data: f",
+                b"data: g"
+            ]
+        );
+        // Lines end with CR, LF or CRLF; only an empty line ends an event.
+        let got: Vec<&[u8]> = split(b"id: 1\rdata: x\ndata: y\r\n\r\n").collect();
+        assert_eq!(got, [&b"id: 1\rdata: x\ndata: y"[..]]);
+        // A CR last ends a line at the end of a stream.
+        let got: Vec<&[u8]> = split(b"data: x\r\r").collect();
+        assert_eq!(got, [&b"data: x"[..]]);
+        // A byte order mark at the start is not part of the first line.
+        let got: Vec<&[u8]> = split("\u{feff}data: x\n\n".as_bytes()).collect();
+        assert_eq!(got, [&b"data: x"[..]]);
     }
 
     /// Cut anywhere, byte by byte or in pieces, the events taken out are the stream's bytes
     /// cut at its event ends, the same as when it arrives at once.
     #[test]
     fn the_buffer_takes_out_the_same_events_however_the_stream_is_cut() {
-        let stream =
-            b"id: 1\ndata: {}\n\n: c\r\ndata: x\r\n\r\ndata: y\n\n\ndata: z\r\n\r\ndata: tail";
+        let stream = b"id: 1\ndata: {}\n\n: c\r\ndata: x\r\n\r\ndata: y\n\n\ndata: z\r\n\r\ndata: r\r\rdata: s\r\n\rdata: t\n\r\ndata: tail";
         let at_once = {
             let mut b = EventBuffer::new(1024);
             b.push(stream);
@@ -226,6 +354,17 @@ mod tests {
         assert_eq!(b.take_events(), Ok(Some(b"data: 1\n\n".to_vec())));
         b.push(b"9");
         assert_eq!(b.take_events(), Err(EventTooLarge(16)));
+        // Events before one over the limit in the same piece are passed on first; the stream
+        // fails next, or at its end.
+        let mut b = EventBuffer::new(16);
+        b.push(b"data: 1\n\ndata: 2\n\ndata: 0123456789\n\n");
+        assert_eq!(b.check(), Ok(()));
+        assert_eq!(
+            b.take_events(),
+            Ok(Some(b"data: 1\n\ndata: 2\n\n".to_vec()))
+        );
+        assert_eq!(b.check(), Err(EventTooLarge(16)));
+        assert_eq!(b.take_events(), Err(EventTooLarge(16)));
     }
 
     /// The limit holds however the bytes arrive: an event of 17 bytes (with its blank line)
@@ -239,15 +378,20 @@ mod tests {
             (b"data: 01234567\n\n", true),
             (b"data: 0123456\r\n\r\n", false),
             (b"data: 012345\r\n\r\n", true),
+            (b"data: 01234567\r\r", true),
+            (b"data: 012345678\r\r", false),
+            (b"data: 0123456\r\r\n", true),
+            (b"data: 01234567\r\r\n", false),
         ] {
-            let stream = [&small[..], event].concat();
+            // What follows the event tells where a lone CR's line end stops.
+            let stream = [&small[..], event, b"data: 2\n\n"].concat();
             for cut in 1..=stream.len() {
                 let mut b = EventBuffer::new(16);
                 b.push(&stream[..cut]);
                 let first = b.take_events();
                 b.push(&stream[cut..]);
                 let second = b.take_events();
-                let refused = first.is_err() || second.is_err();
+                let refused = first.is_err() || second.is_err() || b.check().is_err();
                 assert_eq!(
                     refused,
                     !fits,

@@ -574,6 +574,55 @@ fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
     assert!(fake.all_closed(), "the upstream stream is closed");
 }
 
+/// Events before an event over the limit in the same read are relayed; the stream then ends
+/// at once with the error event (not when the upstream, which holds the stream open, sends
+/// more or stalls), and the events are read with CR line ends as a client reads them.
+#[test]
+fn events_before_one_over_the_limit_are_relayed_and_the_stream_fails_at_once() {
+    let fake = Fake::start(Box::new(|conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        let progress = |n: u32| {
+            format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":1,\"progress\":{n}}}}}\r\r"
+            )
+        };
+        let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+        let first = progress(1);
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{}",
+            chunk(&first)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let rest = format!("{}data: {}\r\r", progress(2), "x".repeat(70 * 1024));
+        let _ = conn.write_all(chunk(&rest).as_bytes());
+        // The stream stays open, silent, past the gateway's idle timeout.
+        std::thread::sleep(Duration::from_millis(3 * TIMEOUT_MS));
+    }));
+    let (_d, port, _) = gateway(
+        fake.port,
+        Extra {
+            http: "max_body_bytes = 65536",
+            ..Extra::default()
+        },
+    );
+    let mut client = connect(port);
+    client.write_all(&call(7, "echo")).unwrap();
+    let r = read_response(&mut client).expect("a complete (chunked) answer");
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("\"progress\":1"), "{body}");
+    assert!(body.contains("\"progress\":2"), "{body}");
+    assert!(!body.contains("xxxx"), "the oversized event is not relayed");
+    assert!(
+        body.contains("\"id\":7") && body.contains("larger than the body limit"),
+        "the stream ends with the error for the request, not a stall: {body}"
+    );
+    assert!(fake.all_closed(), "the upstream stream is closed");
+}
+
 /// An upstream's answer head over 64 KiB is refused (502) however its bytes arrive: written
 /// in pieces that leave the head incomplete at 60 KiB and complete at 70 KiB in the gateway's
 /// next read (accepted whole before, refused when seen incomplete over the limit). One of 60
