@@ -16,7 +16,8 @@ enum State {
     Size,
     Data(usize),
     DataEnd,
-    Trailers,
+    /// In the trailer section: the bytes of its current line already searched for its end.
+    Trailers(usize),
     Done,
 }
 
@@ -24,12 +25,17 @@ enum State {
 const MAX_SIZE_LINE: usize = 1024;
 /// Longest trailer line (with its CRLF), in bytes.
 const MAX_TRAILER_LINE: usize = 8 * 1024;
+/// Most bytes of chunk extensions and trailer lines in one body: they are read and dropped,
+/// and a body of one-byte chunks would otherwise carry a KiB of them per byte.
+const MAX_OVERHEAD: usize = 16 * 1024;
 
 /// Decodes chunked framing incrementally: feed it whatever bytes have arrived. It decides the
 /// same however the bytes are split: a line over its limit is refused whole as it is in part.
 #[derive(Debug, Default)]
 pub struct ChunkedDecoder {
     state: State,
+    /// Bytes of chunk extensions and trailer lines so far.
+    overhead: usize,
 }
 
 impl ChunkedDecoder {
@@ -47,11 +53,13 @@ impl ChunkedDecoder {
                     }
                     Ok(httparse::Status::Complete((n, size))) => {
                         strict_size_line(&rest[..n])?;
+                        let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                        self.add_overhead(n - 2 - digits)?;
                         used += n;
                         let size = usize::try_from(size)
                             .map_err(|_| HttpError::BadRequest("chunk too large"))?;
                         self.state = if size == 0 {
-                            State::Trailers
+                            State::Trailers(0)
                         } else {
                             State::Data(size)
                         };
@@ -88,12 +96,17 @@ impl ChunkedDecoder {
                     used += 2;
                     self.state = State::Size;
                 }
-                State::Trailers => {
-                    // Trailer fields are read and dropped; an empty line ends the body.
-                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                State::Trailers(searched) => {
+                    // Trailer fields are read and dropped; an empty line ends the body. The
+                    // search for a line's end goes on where it stopped (a CR last may be
+                    // followed by its LF).
+                    let from = searched.min(rest.len());
+                    let Some(eol) = memchr::memmem::find(&rest[from..], b"\r\n").map(|i| from + i)
+                    else {
                         if rest.len() >= MAX_TRAILER_LINE {
                             return Err(HttpError::BadRequest("trailers too long"));
                         }
+                        self.state = State::Trailers(rest.len().saturating_sub(1));
                         return Ok((used, false));
                     };
                     if eol + 2 > MAX_TRAILER_LINE {
@@ -102,13 +115,28 @@ impl ChunkedDecoder {
                     if eol > 0 {
                         strict_trailer_line(&rest[..eol])?;
                     }
+                    self.add_overhead(eol + 2)?;
                     used += eol + 2;
-                    if eol == 0 {
-                        self.state = State::Done;
-                    }
+                    self.state = if eol == 0 {
+                        State::Done
+                    } else {
+                        State::Trailers(0)
+                    };
                 }
             }
         }
+    }
+}
+
+impl ChunkedDecoder {
+    fn add_overhead(&mut self, n: usize) -> Result<(), HttpError> {
+        self.overhead += n;
+        if self.overhead > MAX_OVERHEAD {
+            return Err(HttpError::BadRequest(
+                "chunk extensions and trailers over 16 KiB",
+            ));
+        }
+        Ok(())
     }
 }
 

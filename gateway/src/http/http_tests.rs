@@ -154,6 +154,44 @@ fn chunked_decoder_refuses_ambiguous_lines() {
     }
 }
 
+/// Chunk extensions and trailers are read and dropped: 16 KiB of them per body, whole or in
+/// pieces; a body of one-byte chunks cannot carry a KiB of them per byte.
+#[test]
+fn chunked_decoder_bounds_extensions_and_trailers() {
+    let decode = |wire: &[u8], piece: usize| {
+        let mut d = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        for p in wire.chunks(piece) {
+            pending.extend_from_slice(p);
+            let (used, done) = d.decode(&pending, &mut out)?;
+            pending.drain(..used);
+            if done {
+                return Ok(out);
+            }
+        }
+        Ok::<_, crate::http::HttpError>(Vec::new())
+    };
+    let extensions = |n: usize| {
+        let mut w = format!("1;{}\r\nx\r\n", "e".repeat(98)).repeat(n);
+        w.push_str("0\r\n\r\n");
+        w.into_bytes()
+    };
+    let trailers = |n: usize| {
+        format!(
+            "1\r\nx\r\n0\r\n{}\r\n",
+            format!("x-t: {}\r\n", "v".repeat(95)).repeat(n)
+        )
+        .into_bytes()
+    };
+    for piece in [1, 7, 4096, usize::MAX] {
+        assert_eq!(decode(&extensions(160), piece).unwrap(), vec![b'x'; 160]);
+        assert!(decode(&extensions(170), piece).is_err(), "piece {piece}");
+        assert_eq!(decode(&trailers(160), piece).unwrap(), b"x");
+        assert!(decode(&trailers(170), piece).is_err(), "piece {piece}");
+    }
+}
+
 /// A size line or trailer line over its limit is refused whether it arrives whole or in
 /// pieces, and one at its limit is accepted either way (the fuzz target `chunked` found a long
 /// extension refused in pieces but accepted whole).
