@@ -155,14 +155,21 @@ impl Io {
         if self.tls.is_some() || self.read_lost {
             return;
         }
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+        // The body starts the buffer (so that it can be handed over whole), and only what is
+        // pending moves, once: into new room when there is too little. (Draining, then
+        // growing, copied it twice; growing by `realloc` copies the old room whole, used or
+        // not.)
+        if self.buf.capacity() - self.buf.len() >= n {
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            return;
         }
-        let spare = self.buf.capacity() - self.buf.len();
-        if spare < n {
-            self.buf.reserve_exact(n);
-        }
+        let mut room = Vec::with_capacity(self.buf.len() - self.pos + n);
+        room.extend_from_slice(self.pending());
+        self.buf = room;
+        self.pos = 0;
     }
 
     /// Gives the connection a buffer to read into next (one a write handed back), when it holds
