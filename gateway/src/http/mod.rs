@@ -471,7 +471,11 @@ pub fn reason(status: u16) -> &'static str {
 /// written (see [`head`]) turns it into a 500 that closes the connection: the gateway never
 /// sends a head it did not mean.
 /// `data` as one chunk of a chunked body (`data` must not be empty: an empty chunk ends it).
+/// `data` as one chunk; nothing for no data (a chunk of size 0 would end the body).
 pub fn chunk(data: &[u8]) -> Vec<u8> {
+    if data.is_empty() {
+        return Vec::new();
+    }
     let mut out = Vec::with_capacity(data.len() + 12);
     out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
     out.extend_from_slice(data);

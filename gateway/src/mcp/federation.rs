@@ -1191,6 +1191,7 @@ impl<'c> Federation<'_, 'c> {
                 _ = io.peer_gone() => return false,
             };
             let data = match next {
+                Some(Some(events)) if events.is_empty() => continue,
                 Some(Some(events)) => events,
                 // Every member's stream ended.
                 Some(None) => break,
@@ -1252,7 +1253,8 @@ async fn pump(
         piece.clear();
         match events.take_events() {
             Ok(Some(complete)) => {
-                if tx.send(rewrite_events(&name, &complete)).await.is_err() {
+                let rewritten = rewrite_events(&name, &complete);
+                if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
                 }
             }

@@ -123,6 +123,11 @@ fn field<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
+/// Whether an event carries data (a client dispatches only those).
+pub fn has_data(event: &[u8]) -> bool {
+    lines(event).any(|l| field(l, b"data").is_some())
+}
+
 /// An event's data: its data lines' values joined by LF, as a client reads it; `None` when it
 /// has no data line.
 pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
@@ -162,64 +167,133 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 }
 
 /// Rewrites a member's SSE events for the client: its requests' ids and its event ids get the
-/// member's tag. An event whose data is not one JSON object is dropped: the gateway could not
-/// tag what it cannot read, and a client whose parser reads it anyway (a lone surrogate, a
-/// batch) would answer another member's id. Everything else passes as it is, with LF line
-/// ends.
+/// member's tag. Only the fields a client reads (`data`, `id`, `event`, `retry`) are written,
+/// with LF line ends; comments and other fields are dropped. An event is dropped whole when
+/// the gateway could not tag what a client may read in it: data that is not one JSON object
+/// (a lone surrogate serde refuses and `JSON.parse` reads, a batch), or a field holding a byte
+/// order mark or a character some clients end lines at (Python's `splitlines`: VT, FF,
+/// U+001C–U+001E, U+0085, U+2028, U+2029). Those three in data, valid JSON in a string, are
+/// written escaped.
 pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
     for event in sse::split(events) {
-        let mut data = match event_data(event) {
-            Some(d) if !d.is_empty() => match serde_json::from_slice::<Value>(&d) {
-                Ok(v @ Value::Object(_)) => Some(v),
-                _ => {
-                    crate::throttled_warn!(upstream = %member, "event whose data is not a JSON object: dropped");
+        if let Err(why) = rewrite_event(member, event, &mut out) {
+            crate::throttled_warn!(upstream = %member, "event dropped: {why}");
+        }
+    }
+    out
+}
+
+/// Characters some clients end a line at, as UTF-8 (with a byte order mark, which one strips
+/// at the start of a stream).
+const SEPARATORS: [&[u8]; 4] = [
+    b"\xc2\x85",
+    b"\xe2\x80\xa8",
+    b"\xe2\x80\xa9",
+    b"\xef\xbb\xbf",
+];
+
+fn has_separator(bytes: &[u8]) -> bool {
+    bytes.iter().any(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
+        || SEPARATORS
+            .iter()
+            .any(|s| memchr::memmem::find(bytes, s).is_some())
+}
+
+/// JSON with U+0085, U+2028 and U+2029 escaped (they can only be in its strings).
+fn escape_separators(json: Vec<u8>) -> Vec<u8> {
+    if !SEPARATORS[..3]
+        .iter()
+        .any(|s| memchr::memmem::find(&json, s).is_some())
+    {
+        return json;
+    }
+    let text = String::from_utf8_lossy(&json);
+    text.replace('\u{85}', "\\u0085")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+        .into_bytes()
+}
+
+/// Appends one rewritten event to `out`, or nothing when it has no field a client reads.
+fn rewrite_event(member: &str, event: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
+    for line in lines(event) {
+        if line.is_empty() || line[0] == b':' {
+            continue;
+        }
+        let (name, value) = match memchr::memchr(b':', line) {
+            Some(c) => {
+                let v = &line[c + 1..];
+                (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        if matches!(name, b"data" | b"id" | b"event" | b"retry") {
+            if name != b"data" && has_separator(line) {
+                return Err("a field holds a character some clients end a line at");
+            }
+            fields.push((name, value));
+        } else if has_separator(name) {
+            return Err("a field name holds a character some clients end a line at");
+        }
+    }
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let raw_data = event_data(event).filter(|d| !d.is_empty());
+    let mut data = match &raw_data {
+        Some(d) => match serde_json::from_slice::<Value>(d) {
+            Ok(v @ Value::Object(_)) => Some(v),
+            _ => return Err("its data is not a JSON object"),
+        },
+        None => None,
+    };
+    let mut changed = false;
+    if let Some(v) = data.as_mut().filter(|v| v.get("method").is_some()) {
+        if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
+            set_in(v, &["id"], t);
+            changed = true;
+        }
+        if v["method"] == "notifications/cancelled"
+            && let Some(t) = tag(member, &v["params"]["requestId"])
+        {
+            set_in(v, &["params", "requestId"], t);
+            changed = true;
+        }
+    }
+    // Data as it came, unless it changed or holds a separator: then written once, escaped.
+    let rewritten = match (&data, &raw_data) {
+        (Some(v), Some(raw)) if changed || has_separator(raw) => {
+            Some(escape_separators(super::json_bytes(v)))
+        }
+        _ => None,
+    };
+    let mut data_written = false;
+    for (name, value) in fields {
+        match (name, &rewritten) {
+            (b"id", _) => {
+                out.extend_from_slice(format!("id: {member}.").as_bytes());
+                out.extend_from_slice(value);
+            }
+            (b"data", Some(json)) => {
+                if data_written {
                     continue;
                 }
-            },
-            _ => None,
-        };
-        let changed = match data.as_mut() {
-            Some(v) if v.get("method").is_some() => {
-                let mut changed = false;
-                if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
-                    set_in(v, &["id"], t);
-                    changed = true;
-                }
-                if v["method"] == "notifications/cancelled"
-                    && let Some(t) = tag(member, &v["params"]["requestId"])
-                {
-                    set_in(v, &["params", "requestId"], t);
-                    changed = true;
-                }
-                changed
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(json);
+                data_written = true;
             }
-            _ => false,
-        };
-        let mut data_written = false;
-        for line in lines(event) {
-            if let Some(id) = field(line, b"id") {
-                out.extend_from_slice(format!("id: {member}.").as_bytes());
-                out.extend_from_slice(id);
-                out.push(b'\n');
-            } else if changed
-                && let Some(data) = &data
-                && field(line, b"data").is_some()
-            {
-                if !data_written {
-                    out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(&super::json_bytes(data));
-                    out.push(b'\n');
-                    data_written = true;
-                }
-            } else {
-                out.extend_from_slice(line);
-                out.push(b'\n');
+            _ => {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
             }
         }
         out.push(b'\n');
     }
-    out
+    out.push(b'\n');
+    Ok(())
 }
 
 /// A session-era child's answer, as a 2026-07-28 client must get it: results of the methods
@@ -336,8 +410,8 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         assert!(got[2].contains("\"id\":\"py.s.x.y\""), "{}", got[2]);
         assert!(got[3].contains("\"requestId\":\"py.n.3\""), "{}", got[3]);
         assert_eq!(
-            got[4],
-            ": comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}"
+            got[4], "retry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+            "a comment is dropped"
         );
         assert_eq!(untag("py.n.3"), Some(("py", json!(3))));
         assert_eq!(untag("py.s.x.y"), Some(("py", json!("x.y"))));
@@ -360,12 +434,19 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
             "data: {a}\n\r\ndata: {b}\r\rx\rdata: {c}\n\nid: 5\rdata: {d}\n\n\
              data: {{\"jsonrpc\":\"2.0\",\"id\":\"o.n.1\",\"method\":\"m\",\"x\":\"\\ud800\"}}\n\n\
              data: [{e}]\n\ndata: {{\"jsonrpc\":\n\
-             data: \"2.0\",\"id\":\"o.n.3\",\"method\":\"m\"}}\n\n: keep\n\n",
+             data: \"2.0\",\"id\":\"o.n.3\",\"method\":\"m\"}}\n\n: keep\n\n\
+             \u{feff}data: {f}\n\n\
+             id: 6\u{2028}\u{2028}data: {g}\n\n\
+             x: \u{2028}\u{2028}data: {g}\n\n\
+             data: {h}\n\n",
             a = req("a"),
             b = req("o.n.1"),
             c = req("c"),
             d = req("d"),
             e = req("o.n.2"),
+            f = req("o.n.4"),
+            g = req("o.n.5"),
+            h = "{\"jsonrpc\":\"2.0\",\"id\":\"h\",\"method\":\"m\",\"params\":{\"s\":\"\u{2028}data: x\u{2029}\u{85}\"}}",
         );
         let out = String::from_utf8(rewrite_events("m", events.as_bytes())).unwrap();
         let got: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -377,8 +458,12 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
             assert!(event.contains(&format!("\"id\":\"{id}\"")), "{id}: {out}");
         }
         assert!(got[3].starts_with("id: m.5\n"), "{out}");
-        assert_eq!(got[5], ": keep");
-        assert!(!out.contains("o.n.2") && !out.contains("ud800"), "{out}");
+        assert!(!out.contains("keep"), "a comment is dropped: {out}");
+        for dropped in ["o.n.2", "ud800", "o.n.4", "o.n.5", "\u{feff}"] {
+            assert!(!out.contains(dropped), "{dropped}: {out}");
+        }
+        // Line separators in a JSON string are written escaped.
+        assert!(out.contains(r#""s":"\u2028data: x\u2029\u0085""#), "{out}");
         assert!(!out.contains('\r'), "{out:?}");
     }
 

@@ -151,6 +151,10 @@ pub(super) async fn relay(
             Err(why) => break Err(why),
         };
         if data.is_empty() {
+            // Every event in the piece was dropped (a federation), or none is whole yet.
+            if let Err(why) = body.check() {
+                break Err(why);
+            }
             continue;
         }
         body.observe(&data);
@@ -166,7 +170,7 @@ pub(super) async fn relay(
             break Err(why);
         }
     };
-    if let Err(why) = finished {
+    if let Err(why) = finished.and_then(|()| body.check()) {
         obs.set(Outcome::UpstreamFailure);
         return body.failed(client, up, request_id, why).await && req.keep_alive;
     }
@@ -357,7 +361,7 @@ impl<'m> Body<'m> {
     }
 
     /// Notes what passes, for the answer's outcome: a body is scanned as it passes; an event
-    /// stream's answer is its last event, whichever piece of the stream brought it (an event
+    /// stream's answer is its last event with data, whichever piece of the stream brought it (an event
     /// over [`CLASSIFY_MAX`] is not kept: the answer is then not known to be an error).
     fn observe(&mut self, data: &[u8]) {
         if !self.classify || data.is_empty() {
@@ -365,7 +369,10 @@ impl<'m> Body<'m> {
         }
         if !self.sse {
             self.scan.feed(data);
-        } else if let Some(last) = super::sse::split(data).last() {
+        } else if let Some(last) = super::sse::split(data)
+            .filter(|e| super::messages::has_data(e))
+            .last()
+        {
             self.answer.clear();
             if last.len() <= CLASSIFY_MAX {
                 self.answer.extend_from_slice(last);
@@ -400,7 +407,10 @@ impl<'m> Body<'m> {
             return self.scan.outcome();
         }
         let rest = self.events.rest();
-        let answer = super::sse::split(rest).last().unwrap_or(&self.answer);
+        let answer = super::sse::split(rest)
+            .filter(|e| super::messages::has_data(e))
+            .last()
+            .unwrap_or(&self.answer);
         classify(&super::messages::event_data(answer).unwrap_or_default())
     }
 

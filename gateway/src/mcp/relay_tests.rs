@@ -119,7 +119,8 @@ fn an_event_streams_outcome_is_its_last_events_however_it_arrives() {
     ];
     for (answer, want) in cases {
         let ok = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
-        let stream = [ok, &big, answer].concat();
+        // A comment after the answer is not an answer.
+        let stream = [ok, &big, answer, ": ping\n\n"].concat();
         for cut in [
             1,
             100,

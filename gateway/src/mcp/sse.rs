@@ -8,48 +8,59 @@
 //! events found are the same; it bounds the one event it may hold incomplete: an upstream
 //! cannot make a worker rescan or buffer without end.
 
-/// The byte order mark a client skips at the start of a stream.
-const BOM: &[u8] = "\u{feff}".as_bytes();
-
 /// Where a search for event ends stands between bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Scan {
     /// The next byte to look at.
     at: usize,
+    /// Where the event being read starts (after a LF that belongs to the last event's end).
+    start: usize,
     /// The line being read has no byte yet: a line end here is an empty line, the event's end.
     line_empty: bool,
     /// The end of the event's content so far: where its last line's end began.
     content_end: usize,
-    /// A CR was the last byte looked at: whether a LF follows (one line end) is not known yet.
-    cr: Option<usize>,
+    /// The last byte looked at was a CR, which ended a line: a LF right after it is part of
+    /// that line end, not a line of its own.
+    after_cr: bool,
+}
+
+/// An event found by [`Scan::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    start: usize,
+    /// The end of its content (before the end of its last line).
+    content_end: usize,
+    /// Where a client dispatches it: after the line end that ends its empty line, or after
+    /// the CR of a CRLF there (a client need not wait for the LF).
+    dispatch: usize,
+    /// Where what follows starts: after that LF too, when it was there to see.
+    next: usize,
 }
 
 impl Scan {
     fn at(at: usize) -> Self {
         Self {
             at,
+            start: at,
             line_empty: true,
             content_end: at,
-            cr: None,
+            after_cr: false,
         }
     }
 
-    /// The next event end from where the scan stands: (end of the event's content, start of
-    /// what follows its empty line). `None` when `buf` has none yet; the scan then stands at its
-    /// end, to go on when more bytes come.
-    fn next(&mut self, buf: &[u8]) -> Option<(usize, usize)> {
+    /// The next event from where the scan stands; `None` when `buf` has no end of one yet: the
+    /// scan then stands at its end, to go on when more bytes come. The events, their starts and
+    /// dispatch points are the same however the bytes are cut; only a LF after a CR may come
+    /// with the next event when it was not there yet.
+    fn next(&mut self, buf: &[u8]) -> Option<Found> {
         while self.at < buf.len() {
-            if let Some(cr) = self.cr.take() {
-                // The CR ended a line; a LF right after it is part of that line end.
-                let end = if buf[self.at] == b'\n' {
-                    self.at + 1
-                } else {
-                    self.at
-                };
-                self.at = end;
-                if let Some(found) = self.line_end(cr, end) {
-                    return Some(found);
+            if std::mem::take(&mut self.after_cr) && buf[self.at] == b'\n' {
+                if self.start == self.at {
+                    // The LF of the CR that ended the last event.
+                    self.start += 1;
+                    self.content_end += 1;
                 }
+                self.at += 1;
                 continue;
             }
             let Some(i) = memchr::memchr2(b'\r', b'\n', &buf[self.at..]) else {
@@ -62,67 +73,51 @@ impl Scan {
                 self.line_empty = false;
             }
             self.at = i + 1;
-            if buf[i] == b'\r' {
-                self.cr = Some(i);
-            } else if let Some(found) = self.line_end(i, i + 1) {
-                return Some(found);
+            let cr = buf[i] == b'\r';
+            if !self.line_empty {
+                self.content_end = i;
+                self.line_empty = true;
+                self.after_cr = cr;
+                continue;
             }
+            // An empty line: the event ends.
+            let lf = cr && buf.get(i + 1) == Some(&b'\n');
+            let found = Found {
+                start: self.start,
+                content_end: self.content_end,
+                dispatch: i + 1,
+                next: i + 1 + usize::from(lf),
+            };
+            *self = Self::at(found.next);
+            self.after_cr = cr && !lf;
+            return Some(found);
         }
         None
-    }
-
-    /// A line ended at `start..end`: an empty one ends the event.
-    fn line_end(&mut self, start: usize, end: usize) -> Option<(usize, usize)> {
-        if self.line_empty {
-            let found = (self.content_end, end);
-            *self = Self::at(end);
-            Some(found)
-        } else {
-            self.content_end = start;
-            self.line_empty = true;
-            None
-        }
-    }
-
-    /// At the end of a stream: a CR last is a line end.
-    fn finish(&mut self, len: usize) -> Option<(usize, usize)> {
-        self.cr.take().and_then(|cr| self.line_end(cr, len))
-    }
-
-    /// Whether the event read so far could end at `len`, its last byte: a CR on an empty line
-    /// (the next byte tells only where what follows starts).
-    fn may_end_at(&self, len: usize) -> bool {
-        self.line_empty && self.cr == Some(len.wrapping_sub(1))
     }
 
     /// The same scan over a buffer whose first `n` bytes were taken out.
     fn rebase(&mut self, n: usize) {
         self.at -= n;
+        self.start -= n;
         self.content_end -= n;
-        if let Some(cr) = &mut self.cr {
-            *cr -= n;
-        }
     }
 }
 
 /// The events in `buf`, each without its empty line; empty ones skipped. The last may lack its
-/// empty line (the end of a stream). A byte order mark at the start is skipped, as a client
-/// skips it at the start of a stream.
+/// empty line (the end of a stream).
 pub fn split(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let buf = buf.strip_prefix(BOM).unwrap_or(buf);
     let mut scan = Scan::at(0);
     let mut ended = false;
     std::iter::from_fn(move || {
         while !ended {
-            let start = scan.at;
-            let (end, _) = scan
-                .next(buf)
-                .or_else(|| scan.finish(buf.len()))
-                .unwrap_or_else(|| {
+            let event = match scan.next(buf) {
+                Some(found) => buf.get(found.start..found.content_end),
+                None => {
                     ended = true;
-                    (buf.len(), buf.len())
-                });
-            let event = buf.get(start..end).unwrap_or_default();
+                    buf.get(scan.start.min(buf.len())..)
+                }
+            }
+            .unwrap_or_default();
             if !event.is_empty() {
                 return Some(event);
             }
@@ -169,15 +164,13 @@ impl EventBuffer {
     pub fn take_events(&mut self) -> Result<Option<Vec<u8>>, EventTooLarge> {
         self.check()?;
         let mut last = None;
-        let mut start = 0;
         let mut scan = self.scan;
-        while let Some((_, next)) = scan.next(&self.buf) {
-            if next - start > self.max_event {
+        while let Some(found) = scan.next(&self.buf) {
+            if found.dispatch - found.start > self.max_event {
                 self.too_large = true;
                 break;
             }
-            last = Some(next);
-            start = next;
+            last = Some(found.next);
             self.scan = scan;
         }
         if !self.too_large {
@@ -190,10 +183,9 @@ impl EventBuffer {
             self.scan.rebase(end);
             std::mem::replace(&mut self.buf, rest)
         });
-        let held = self.buf.len();
-        // The incomplete event can only grow: unless a CR on an empty line ends it with the
-        // byte it holds last.
-        if held > self.max_event || (held == self.max_event && !self.scan.may_end_at(held)) {
+        // An incomplete event that long can only become longer.
+        let held = self.buf.len() - self.scan.start.min(self.buf.len());
+        if held >= self.max_event {
             self.too_large = true;
         }
         if events.is_none() {
@@ -279,12 +271,9 @@ mod tests {
         // Lines end with CR, LF or CRLF; only an empty line ends an event.
         let got: Vec<&[u8]> = split(b"id: 1\rdata: x\ndata: y\r\n\r\n").collect();
         assert_eq!(got, [&b"id: 1\rdata: x\ndata: y"[..]]);
-        // A CR last ends a line at the end of a stream.
-        let got: Vec<&[u8]> = split(b"data: x\r\r").collect();
-        assert_eq!(got, [&b"data: x"[..]]);
-        // A byte order mark at the start is not part of the first line.
-        let got: Vec<&[u8]> = split("\u{feff}data: x\n\n".as_bytes()).collect();
-        assert_eq!(got, [&b"data: x"[..]]);
+        // An event ends at the CR of its empty line; a LF after it is not a line.
+        let got: Vec<&[u8]> = split(b"data: x\r\r\ndata: y\r\r").collect();
+        assert_eq!(got, [&b"data: x"[..], b"data: y"]);
     }
 
     /// Cut anywhere, byte by byte or in pieces, the events taken out are the stream's bytes
@@ -312,8 +301,14 @@ mod tests {
             let mut whole = events.clone();
             whole.extend_from_slice(&rest);
             assert_eq!(whole, stream, "piece {piece}");
-            assert_eq!(rest, at_once.1, "piece {piece}");
             let split_events = |v: &[u8]| split(v).map(<[u8]>::to_vec).collect::<Vec<_>>();
+            // A LF after a CR that ended an event comes with the next piece when it was not
+            // there yet: the same events either way.
+            assert_eq!(
+                split_events(&rest),
+                split_events(&at_once.1),
+                "piece {piece}"
+            );
             assert_eq!(
                 split_events(&events),
                 split_events(&at_once.0),
@@ -376,12 +371,13 @@ mod tests {
         for (event, fits) in [
             (&b"data: 012345678\n\n"[..], false),
             (b"data: 01234567\n\n", true),
-            (b"data: 0123456\r\n\r\n", false),
-            (b"data: 012345\r\n\r\n", true),
+            // The event ends at the CR of its empty line: the LF after it is not counted.
+            (b"data: 01234567\r\n\r\n", false),
+            (b"data: 0123456\r\n\r\n", true),
             (b"data: 01234567\r\r", true),
             (b"data: 012345678\r\r", false),
-            (b"data: 0123456\r\r\n", true),
-            (b"data: 01234567\r\r\n", false),
+            (b"data: 01234567\r\r\n", true),
+            (b"data: 012345678\r\r\n", false),
         ] {
             // What follows the event tells where a lone CR's line end stops.
             let stream = [&small[..], event, b"data: 2\n\n"].concat();

@@ -30,9 +30,9 @@ enum Reply {
     ChunkedSse,
     /// These bytes, as they are, then close.
     Raw(&'static [u8]),
-    /// A POST gets [`Reply::Json`]; a GET gets these bytes as they are, and the connection is
-    /// held open for a second, then closed.
-    GetStream(&'static [u8]),
+    /// A POST gets [`Reply::Json`]; a GET gets these pieces as they are, 150 ms apart, and the
+    /// connection is held open for a second, then closed.
+    GetStream(&'static [&'static [u8]]),
 }
 
 /// An upstream on raw sockets: records each request head it reads (a smuggled request shows up
@@ -114,8 +114,11 @@ fn serve(conn: TcpStream, reply: Reply, log: &Mutex<Vec<String>>) {
         let result =
             serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}}).to_string();
         let written = match reply {
-            Reply::GetStream(bytes) if get => {
-                let _ = out.write_all(bytes);
+            Reply::GetStream(pieces) if get => {
+                for piece in pieces {
+                    let _ = out.write_all(piece);
+                    std::thread::sleep(Duration::from_millis(150));
+                }
                 std::thread::sleep(Duration::from_secs(1));
                 return;
             }
@@ -592,10 +595,13 @@ fn a_members_event_stream_ends_where_its_framing_says() {
     const EVENT: &str = "id: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/first\"}\n\n";
     const AFTER: &str =
         "id: 2\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/smuggled\"}\n\n";
-    fn stream(lengths: &str) -> &'static [u8] {
-        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{lengths}\r\n{EVENT}{AFTER}")
-            .into_bytes()
-            .leak()
+    fn stream(lengths: &str) -> &'static [&'static [u8]] {
+        let bytes: &'static [u8] = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{lengths}\r\n{EVENT}{AFTER}"
+        )
+        .into_bytes()
+        .leak();
+        vec![bytes].leak()
     }
     let len = format!("content-length: {}\r\n", EVENT.len());
     let two = format!("{len}content-length: {}\r\n", EVENT.len() + AFTER.len());
@@ -625,4 +631,36 @@ fn a_members_event_stream_ends_where_its_framing_says() {
         }
         d.stop();
     }
+}
+
+/// A member's merged stream goes on past events the gateway drops (data that is not a JSON
+/// object, a blank line: an empty piece once ended the client's stream with a last chunk),
+/// and a member's request ended by a lone CR is tagged as a client reads it.
+#[test]
+fn a_members_stream_goes_on_past_dropped_events_and_is_tagged_however_its_lines_end() {
+    const PIECES: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n",
+        b"\n",
+        b": ping\n\n",
+        b"data: {\"jsonrpc\":\"2.0\",\"id\":\"o.n.9\",\"method\":\"elicitation/create\",\"params\":{}}\r\r",
+    ];
+    let up = Recorder::start(Reply::GetStream(PIECES));
+    let (mut d, port) = start(&up.url(), true);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (resp, _) = raw(port, &post("/fed", init, ""));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let session = resp.header("mcp-session-id").expect("a session").to_owned();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+    )
+    .unwrap();
+    let (got, _) = read_until(&mut s, |all| {
+        String::from_utf8_lossy(all).contains("o.n.9") || all.ends_with(b"\r\n0\r\n\r\n")
+    });
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains(r#""id":"u0.s.o.n.9""#), "{got}");
+    d.stop();
 }
