@@ -159,7 +159,7 @@ impl Io {
         // pending moves, once: into new room when there is too little. (Draining, then
         // growing, copied it twice; growing by `realloc` copies the old room whole, used or
         // not.)
-        if self.buf.capacity() - self.buf.len() >= n {
+        if self.buf.capacity() - (self.buf.len() - self.pos) >= n {
             if self.pos > 0 {
                 self.buf.drain(..self.pos);
                 self.pos = 0;

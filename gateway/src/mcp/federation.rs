@@ -1257,6 +1257,12 @@ async fn pump(
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
                 }
+                // An event over the limit after those: the stream ends now, not at the idle
+                // timeout.
+                if events.check().is_err() {
+                    crate::throttled_warn!(upstream = %name, "event larger than the body limit: stream ended");
+                    return;
+                }
             }
             Ok(None) => {}
             Err(_) => {
