@@ -465,6 +465,16 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         // Line separators in a JSON string are written escaped.
         assert!(out.contains(r#""s":"\u2028data: x\u2029\u0085""#), "{out}");
         assert!(!out.contains('\r'), "{out:?}");
+        // A stream's first event after a byte order mark is read (and tagged) as a client reads
+        // it; after two, the second is part of a field's name for a client too: dropped.
+        let first = format!("\u{feff}data: {}\n\n", req("q"));
+        let out = String::from_utf8(rewrite_events("m", first.as_bytes())).unwrap();
+        assert!(
+            out.contains(r#""id":"m.s.q""#) && !out.contains('\u{feff}'),
+            "{out}"
+        );
+        let two = format!("\u{feff}{first}");
+        assert_eq!(rewrite_events("m", two.as_bytes()), b"");
     }
 
     #[test]

@@ -103,9 +103,17 @@ impl Scan {
     }
 }
 
+/// The byte order mark a client skips at the start of a stream.
+pub const BOM: &[u8] = "\u{feff}".as_bytes();
+
 /// The events in `buf`, each without its empty line; empty ones skipped. The last may lack its
-/// empty line (the end of a stream).
+/// empty line (the end of a stream). One byte order mark at the start is skipped, as a client
+/// skips it at the start of a stream: `buf` is a stream, or a piece of one that starts with an
+/// event, where a client would read the mark as part of a field's name. A federation writes
+/// only the fields it read and drops an event with a mark in a name, so a mark skipped there
+/// means an event tagged, not one passed on untagged.
 pub fn split(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let buf = buf.strip_prefix(BOM).unwrap_or(buf);
     let mut scan = Scan::at(0);
     let mut ended = false;
     std::iter::from_fn(move || {
@@ -271,6 +279,9 @@ mod tests {
         // Lines end with CR, LF or CRLF; only an empty line ends an event.
         let got: Vec<&[u8]> = split(b"id: 1\rdata: x\ndata: y\r\n\r\n").collect();
         assert_eq!(got, [&b"id: 1\rdata: x\ndata: y"[..]]);
+        // One byte order mark at the start is not part of the first line.
+        let got: Vec<&[u8]> = split("\u{feff}data: x\n\n".as_bytes()).collect();
+        assert_eq!(got, [&b"data: x"[..]]);
         // An event ends at the CR of its empty line; a LF after it is not a line.
         let got: Vec<&[u8]> = split(b"data: x\r\r\ndata: y\r\r").collect();
         assert_eq!(got, [&b"data: x"[..], b"data: y"]);
