@@ -1191,7 +1191,6 @@ impl<'c> Federation<'_, 'c> {
                 _ = io.peer_gone() => return false,
             };
             let data = match next {
-                Some(Some(events)) if events.is_empty() => continue,
                 Some(Some(events)) => events,
                 // Every member's stream ended.
                 Some(None) => break,
@@ -1271,9 +1270,6 @@ async fn pump(
             }
         }
         if done {
-            if events.check().is_err() {
-                crate::throttled_warn!(upstream = %name, "event larger than the body limit: stream ended");
-            }
             return;
         }
         let filled = monoio::select! {

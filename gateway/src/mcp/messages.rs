@@ -241,7 +241,14 @@ fn rewrite_event(member: &str, event: &[u8], out: &mut Vec<u8>) -> Result<(), &'
     if fields.is_empty() {
         return Ok(());
     }
-    let raw_data = event_data(event).filter(|d| !d.is_empty());
+    // The data as a client reads it: the data fields' values joined by LF.
+    let raw_data = fields
+        .iter()
+        .filter(|(name, _)| *name == b"data")
+        .map(|(_, value)| *value)
+        .collect::<Vec<_>>()
+        .join(&b'\n');
+    let raw_data = Some(raw_data).filter(|d| !d.is_empty());
     let mut data = match &raw_data {
         Some(d) => match serde_json::from_slice::<Value>(d) {
             Ok(v @ Value::Object(_)) => Some(v),

@@ -150,27 +150,24 @@ pub(super) async fn relay(
             Ok(data) => data,
             Err(why) => break Err(why),
         };
-        if data.is_empty() {
-            // Every event in the piece was dropped (a federation), or none is whole yet.
-            if let Err(why) = body.check() {
-                break Err(why);
+        // An event over the limit after those passed on: the stream fails once they are
+        // written, not when more comes.
+        let held = body.check();
+        if !data.is_empty() {
+            body.observe(&data);
+            let (written, back) = client.write_back(body.framed(data)).await;
+            if written.is_err() {
+                // The client went away: the upstream connection is abandoned mid-response.
+                return false;
             }
-            continue;
+            // The buffer read into next, when the piece was the connection's own.
+            conn.recycle(back);
         }
-        body.observe(&data);
-        let (written, back) = client.write_back(body.framed(data)).await;
-        if written.is_err() {
-            // The client went away: the upstream connection is abandoned mid-response.
-            return false;
-        }
-        // The buffer read into next, when the piece was the connection's own.
-        conn.recycle(back);
-        // An event over the limit after those: the stream fails now, not when more comes.
-        if let Err(why) = body.check() {
+        if let Err(why) = held {
             break Err(why);
         }
     };
-    if let Err(why) = finished.and_then(|()| body.check()) {
+    if let Err(why) = finished {
         obs.set(Outcome::UpstreamFailure);
         return body.failed(client, up, request_id, why).await && req.keep_alive;
     }
