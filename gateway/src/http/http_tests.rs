@@ -90,6 +90,25 @@ fn chunked_decoder_handles_any_split() {
     }
 }
 
+/// Feeds `pieces` to a chunked decoder as a connection does (unused bytes presented again with
+/// the next piece): what it decoded, and whether the body ended.
+fn decode_in_pieces<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(Vec<u8>, bool), crate::http::HttpError> {
+    let mut d = ChunkedDecoder::default();
+    let mut out = Vec::new();
+    let mut pending = Vec::new();
+    for p in pieces {
+        pending.extend_from_slice(p);
+        let (used, done) = d.decode(&pending, &mut out)?;
+        pending.drain(..used);
+        if done {
+            return Ok((out, true));
+        }
+    }
+    Ok((out, false))
+}
+
 #[test]
 fn chunked_decoder_rejects_garbage() {
     for wire in [&b"zz\r\n"[..], b"4\r\nWikiXX", b"fffffffffffffffffffff\r\n"] {
@@ -108,13 +127,7 @@ fn chunked_decoder_rejects_garbage() {
 #[test]
 fn chunked_decoder_refuses_ambiguous_lines() {
     let decode = |wire: &[u8], cut: usize| {
-        let mut d = ChunkedDecoder::default();
-        let mut out = Vec::new();
-        let (used, done) = d.decode(&wire[..cut], &mut out)?;
-        if !done {
-            d.decode(&wire[used..], &mut out)?;
-        }
-        Ok::<_, crate::http::HttpError>(out)
+        decode_in_pieces([&wire[..cut], &wire[cut..]]).map(|(out, _)| out)
     };
     let refused: [&[u8]; 9] = [
         b"\r\n",
@@ -158,20 +171,7 @@ fn chunked_decoder_refuses_ambiguous_lines() {
 /// pieces; a body of one-byte chunks cannot carry a KiB of them per byte.
 #[test]
 fn chunked_decoder_bounds_extensions_and_trailers() {
-    let decode = |wire: &[u8], piece: usize| {
-        let mut d = ChunkedDecoder::default();
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        for p in wire.chunks(piece) {
-            pending.extend_from_slice(p);
-            let (used, done) = d.decode(&pending, &mut out)?;
-            pending.drain(..used);
-            if done {
-                return Ok(out);
-            }
-        }
-        Ok::<_, crate::http::HttpError>(Vec::new())
-    };
+    let decode = |wire: &[u8], piece: usize| decode_in_pieces(wire.chunks(piece));
     let extensions = |n: usize| {
         let mut w = format!("1;{}\r\nx\r\n", "e".repeat(98)).repeat(n);
         w.push_str("0\r\n\r\n");
@@ -185,9 +185,15 @@ fn chunked_decoder_bounds_extensions_and_trailers() {
         .into_bytes()
     };
     for piece in [1, 7, 4096, usize::MAX] {
-        assert_eq!(decode(&extensions(160), piece).unwrap(), vec![b'x'; 160]);
+        assert_eq!(
+            decode(&extensions(160), piece).unwrap(),
+            (vec![b'x'; 160], true)
+        );
         assert!(decode(&extensions(170), piece).is_err(), "piece {piece}");
-        assert_eq!(decode(&trailers(160), piece).unwrap(), b"x");
+        assert_eq!(
+            decode(&trailers(160), piece).unwrap(),
+            (b"x".to_vec(), true)
+        );
         assert!(decode(&trailers(170), piece).is_err(), "piece {piece}");
     }
 }
@@ -198,15 +204,10 @@ fn chunked_decoder_bounds_extensions_and_trailers() {
 #[test]
 fn chunked_decoder_limits_lines_however_they_arrive() {
     let decode = |wire: &[u8], cut: usize| {
-        let mut d = ChunkedDecoder::default();
-        let mut out = Vec::new();
-        let (used, done) = d.decode(&wire[..cut], &mut out)?;
-        if done {
-            return Ok(out);
-        }
-        let (_, done) = d.decode(&wire[used..], &mut out)?;
-        assert!(done, "the whole body is there");
-        Ok::<_, crate::http::HttpError>(out)
+        decode_in_pieces([&wire[..cut], &wire[cut..]]).map(|(out, done)| {
+            assert!(done, "the whole body is there");
+            out
+        })
     };
     // "4;" + extension + CRLF: the line is `len` bytes.
     let size_line = |len: usize| {

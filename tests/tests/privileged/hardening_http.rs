@@ -185,6 +185,25 @@ fn start(upstream: &str, federated: bool) -> (Daemon, u16) {
     (d, port)
 }
 
+/// Opens a federated session on `/fed` (a 2025-06-18 initialize); its id.
+fn fed_session(port: u16) -> String {
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (resp, _) = raw(port, &post("/fed", init, ""));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.header("mcp-session-id").expect("a session").to_owned()
+}
+
+/// Asks for `session`'s merged event stream (GET `/fed`); the connection, its answer unread.
+fn merged_stream(port: u16, session: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
 const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// A second request, to follow an injected `content-length: 0` and blank line.
@@ -276,10 +295,7 @@ fn crlf_in_a_trace_context_is_refused_and_smuggles_no_request_upstream() {
 fn crlf_in_a_federated_tool_name_is_refused_and_smuggles_no_request_upstream() {
     let up = Recorder::start(Reply::Json);
     let (mut d, port) = start(&up.url(), true);
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let (resp, _) = raw(port, &post("/fed", init, ""));
-    assert_eq!(resp.status, 200, "{resp:?}");
-    let session = resp.header("mcp-session-id").expect("a session").to_owned();
+    let session = fed_session(port);
     let before = up.heads().len();
     assert_eq!(before, 2, "initialize and notifications/initialized");
 
@@ -608,16 +624,8 @@ fn a_members_event_stream_ends_where_its_framing_says() {
     for (lengths, relayed) in [(len, true), (two, false)] {
         let up = Recorder::start(Reply::GetStream(stream(&lengths)));
         let (mut d, port) = start(&up.url(), true);
-        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        let (resp, _) = raw(port, &post("/fed", init, ""));
-        assert_eq!(resp.status, 200, "{resp:?}");
-        let session = resp.header("mcp-session-id").expect("a session").to_owned();
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(
-            s,
-            "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
-        )
-        .unwrap();
+        let session = fed_session(port);
+        let mut s = merged_stream(port, &session);
         let (got, _) = read_until(&mut s, |all| {
             String::from_utf8_lossy(all).contains("smuggled") || all.ends_with(b"0\r\n\r\n")
         });
@@ -646,16 +654,8 @@ fn a_members_stream_goes_on_past_dropped_events_and_is_tagged_however_its_lines_
     ];
     let up = Recorder::start(Reply::GetStream(PIECES));
     let (mut d, port) = start(&up.url(), true);
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let (resp, _) = raw(port, &post("/fed", init, ""));
-    assert_eq!(resp.status, 200, "{resp:?}");
-    let session = resp.header("mcp-session-id").expect("a session").to_owned();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
-    )
-    .unwrap();
+    let session = fed_session(port);
+    let mut s = merged_stream(port, &session);
     let (got, _) = read_until(&mut s, |all| {
         String::from_utf8_lossy(all).contains("o.n.9") || all.ends_with(b"\r\n0\r\n\r\n")
     });

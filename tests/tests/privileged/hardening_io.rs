@@ -528,6 +528,23 @@ fn a_tools_call_the_upstream_may_have_received_is_not_replayed() {
     assert_eq!(r.json()["id"], 2);
 }
 
+/// A `tools/call` (id 7) through a gateway with a 64 KiB body limit in front of `upstream`,
+/// whose answer must be a complete 200; the gateway, and the answer's body.
+fn event_stream_answer(upstream: u16) -> (Daemon, String) {
+    let (d, port, _) = gateway(
+        upstream,
+        Extra {
+            http: "max_body_bytes = 65536",
+            ..Extra::default()
+        },
+    );
+    let mut client = connect(port);
+    client.write_all(&call(7, "echo")).unwrap();
+    let r = read_response(&mut client).expect("a complete (chunked) answer");
+    assert_eq!(r.status, 200);
+    (d, String::from_utf8_lossy(&r.body).into_owned())
+}
+
 #[test]
 fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
     // One event of 256 KiB, trickled, against a 64 KiB body limit.
@@ -552,18 +569,7 @@ fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
             }
         }
     }));
-    let (_d, port, _) = gateway(
-        fake.port,
-        Extra {
-            http: "max_body_bytes = 65536",
-            ..Extra::default()
-        },
-    );
-    let mut client = connect(port);
-    client.write_all(&call(7, "echo")).unwrap();
-    let r = read_response(&mut client).expect("a complete (chunked) answer");
-    assert_eq!(r.status, 200);
-    let body = String::from_utf8_lossy(&r.body);
+    let (_d, body) = event_stream_answer(fake.port);
     assert!(body.contains("notifications/progress"), "{body}");
     assert!(!body.contains("xxxx"), "the oversized event is not relayed");
     let last = body.trim_end().rsplit("\n\n").next().unwrap_or_default();
@@ -601,18 +607,7 @@ fn events_before_one_over_the_limit_are_relayed_and_the_stream_fails_at_once() {
         // The stream stays open, silent, past the gateway's idle timeout.
         std::thread::sleep(Duration::from_millis(3 * TIMEOUT_MS));
     }));
-    let (_d, port, _) = gateway(
-        fake.port,
-        Extra {
-            http: "max_body_bytes = 65536",
-            ..Extra::default()
-        },
-    );
-    let mut client = connect(port);
-    client.write_all(&call(7, "echo")).unwrap();
-    let r = read_response(&mut client).expect("a complete (chunked) answer");
-    assert_eq!(r.status, 200);
-    let body = String::from_utf8_lossy(&r.body);
+    let (_d, body) = event_stream_answer(fake.port);
     assert!(body.contains("\"progress\":1"), "{body}");
     assert!(body.contains("\"progress\":2"), "{body}");
     assert!(!body.contains("xxxx"), "the oversized event is not relayed");
