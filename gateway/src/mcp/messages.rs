@@ -154,12 +154,13 @@ pub fn tag(member: &str, id: &Value) -> Option<Value> {
     }
 }
 
-/// The member and original id behind a tagged id.
+/// The member and original id behind a tagged id. A number is read back as [`tag`] wrote it,
+/// so that every number a member may use as an id (`1.5`, `1e3`, beyond `i64`) comes back.
 pub fn untag(tagged: &str) -> Option<(&str, Value)> {
     let (member, rest) = tagged.split_once('.')?;
     let (kind, id) = rest.split_once('.')?;
     let id = match kind {
-        "n" => json!(id.parse::<i64>().ok()?),
+        "n" => Value::Number(id.parse::<serde_json::Number>().ok()?),
         "s" => json!(id),
         _ => return None,
     };
@@ -423,6 +424,21 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         assert_eq!(untag("py.n.3"), Some(("py", json!(3))));
         assert_eq!(untag("py.s.x.y"), Some(("py", json!("x.y"))));
         assert_eq!(untag("py.n.x"), None);
+        // Every number a member may send as an id comes back as the same number.
+        for raw in [
+            "-7",
+            "1.0",
+            "1e3",
+            "2.5e-3",
+            "18446744073709551615",
+            "-9223372036854775808",
+        ] {
+            let id: Value = serde_json::from_str(raw).unwrap();
+            let Some(Value::String(t)) = tag("py", &id) else {
+                panic!("{raw} is not tagged")
+            };
+            assert_eq!(untag(&t), Some(("py", id)), "{raw} as {t}");
+        }
         assert_eq!(untag("py.q.3"), None);
         assert_eq!(untag("plain"), None);
     }
