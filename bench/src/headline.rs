@@ -555,7 +555,17 @@ pub fn run_reload() -> Vec<(String, Event)> {
 
 pub fn run(quick: bool) -> Report {
     let load_before = loadavg();
+    // Each phase's wall-clock time, on stderr: what a full run's length is made of.
+    let mut clock = Instant::now();
+    let mut lap = |what: &str| {
+        eprintln!(
+            "headline: {what} took {:.0} s",
+            clock.elapsed().as_secs_f64()
+        );
+        clock = Instant::now();
+    };
     let mut bed = Bed::start(quick);
+    lap("starting the bed");
     let mut rows = Vec::new();
     let rounds = if quick { 1 } else { 3 };
     // Peak: every target once per round, interleaved; the median round by CPU per request.
@@ -573,6 +583,7 @@ pub fn run(quick: bool) -> Report {
     for p in peaks {
         rows.push(median(p, &|r: &Row| r.cpu_us));
     }
+    lap("the peak rows");
     // Half of the lowest peak, offered to every target.
     let low = rows
         .iter()
@@ -593,6 +604,7 @@ pub fn run(quick: bool) -> Report {
                 .map_or(0.0, |h| h.value_at_quantile(0.99) as f64)
         }));
     }
+    lap("the half-load rows");
     for size in SIZES {
         for t in Target::ALL {
             rows.push(bed.measure(
@@ -604,11 +616,13 @@ pub fn run(quick: bool) -> Report {
             ));
         }
     }
+    lap("the message-size rows");
     for n in CONNECTIONS.into_iter().skip(1) {
         for t in Target::ALL {
             rows.push(bed.measure(&format!("peak, {n} connections, add"), t, n, None, 0));
         }
     }
+    lap("the connection rows");
     // Memory of idle connections (the floor holds one upstream connection per client one:
     // its memory is the upstream's, so it is not a peer here).
     let mut idle = Vec::new();
@@ -618,6 +632,7 @@ pub fn run(quick: bool) -> Report {
             idle.push(bed.idle(t, n));
         }
     }
+    lap("the idle-memory rows");
     // Reloads under load: SIGHUP every second (every 0.2 s with --quick) at half load.
     let every = if quick {
         Duration::from_millis(200)
@@ -648,6 +663,7 @@ pub fn run(quick: bool) -> Report {
             checked: false,
         });
     }
+    lap("reloads and upstream restarts");
     // The soak: 10 minutes at half load through the gateway, RSS and failures every 10 s.
     let soak = (!quick).then(|| {
         let mut spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
@@ -670,6 +686,7 @@ pub fn run(quick: bool) -> Report {
             samples: samples.into_iter().skip(1).collect(),
         }
     });
+    lap("the soak");
     let peak_rss_mib = vec![
         ("gateway".to_owned(), peak_rss(bed.gateway.pid())),
         ("nginx".to_owned(), bed.nginx.peak_rss_mib()),

@@ -291,47 +291,47 @@ fn raise_open_files() {
 
 fn scenarios(args: &Args, ledger: &mut verdict::Ledger) -> anyhow::Result<()> {
     let wants = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|x| x == s);
+    // `idle` and `reload` run only when named.
+    let named = |s: &str| args.scenarios.iter().any(|x| x == s);
     let env = env::Environment::read();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
     let suffix = if args.quick { "-quick" } else { "" };
-    if wants("xdp") {
-        xdp(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("headline") {
-        headline_report(args, ledger, &env, &dir, suffix)?;
-    }
-    // Only when named: the headline's idle-memory rows alone, at 1,000 and 10,000 connections.
-    if args.scenarios.iter().any(|x| x == "idle") {
-        idle_report(ledger, &env, &dir)?;
-    }
-    // Only when named: reloads under load, alone.
-    if args.scenarios.iter().any(|x| x == "reload") {
-        reload_report(ledger, &env, &dir)?;
-    }
-    if wants("proxy") {
-        proxy_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("policy") {
-        policy_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("flood") {
-        flood_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("tls") {
-        tls_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("otlp") {
-        otlp_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("stdio") {
-        stdio_report(args, ledger, &env, &dir, suffix)?;
-    }
-    if wants("fleet") {
-        fleet::report(ledger, args.quick, &env, &dir, suffix)?;
-    }
-    if wants("config") {
-        config_scale::report(ledger, args.quick, &env, &dir, suffix)?;
+    type Scenario = fn(
+        &Args,
+        &mut verdict::Ledger,
+        &env::Environment,
+        &std::path::Path,
+        &str,
+    ) -> anyhow::Result<()>;
+    let all: [(&str, bool, Scenario); 12] = [
+        ("xdp", wants("xdp"), xdp),
+        ("headline", wants("headline"), headline_report),
+        ("idle", named("idle"), |_, l, e, d, _| idle_report(l, e, d)),
+        ("reload", named("reload"), |_, l, e, d, _| {
+            reload_report(l, e, d)
+        }),
+        ("proxy", wants("proxy"), proxy_report),
+        ("policy", wants("policy"), policy_report),
+        ("flood", wants("flood"), flood_report),
+        ("tls", wants("tls"), tls_report),
+        ("otlp", wants("otlp"), otlp_report),
+        ("stdio", wants("stdio"), stdio_report),
+        ("fleet", wants("fleet"), |a, l, e, d, s| {
+            fleet::report(l, a.quick, e, d, s)
+        }),
+        ("config", wants("config"), |a, l, e, d, s| {
+            config_scale::report(l, a.quick, e, d, s)
+        }),
+    ];
+    for (name, wanted, run) in all {
+        if !wanted {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        run(args, ledger, &env, &dir, suffix)?;
+        ledger.times.push((name.to_owned(), started.elapsed()));
+        eprintln!("{}", ledger.times_line());
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ pub struct Ledger {
     rows: Vec<Value>,
     /// Each scenario's whole report, as written to bench/results/.
     reports: Vec<Value>,
+    /// Each scenario's wall-clock time, in the order they ran.
+    pub times: Vec<(String, std::time::Duration)>,
 }
 
 /// Failed requests (errors, and open-loop requests not answered in time) over all requests.
@@ -41,7 +43,24 @@ impl Ledger {
             json_stdout: false,
             rows: Vec::new(),
             reports: Vec::new(),
+            times: Vec::new(),
         }
+    }
+
+    /// One line of each scenario's wall-clock time and their sum, as the run ends.
+    pub fn times_line(&self) -> String {
+        let total: std::time::Duration = self.times.iter().map(|(_, d)| *d).sum();
+        let each: Vec<String> = self
+            .times
+            .iter()
+            .map(|(s, d)| format!("{s} {:.0} s", d.as_secs_f64()))
+            .collect();
+        format!(
+            "scenarios took {}:{:02} ({})",
+            total.as_secs() / 60,
+            total.as_secs() % 60,
+            each.join(", ")
+        )
     }
 
     /// A row measured by the load generator; `extra` (an object) is merged into its JSON.
@@ -148,6 +167,7 @@ impl Ledger {
             "passed": self.exit_code() == 0,
             "rows": self.rows,
             "reports": self.reports,
+            "seconds": self.times.iter().map(|(s, d)| json!({"scenario": s, "seconds": d.as_secs_f64()})).collect::<Vec<_>>(),
         })
     }
 }

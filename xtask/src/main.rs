@@ -159,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             max_error_percent,
             scenarios,
         } => {
+            let started = std::time::Instant::now();
             build_release()?;
             require_root("cargo xtask bench (BPF_PROG_TEST_RUN)")?;
             let mut cmd = cargo();
@@ -207,6 +208,12 @@ fn main() -> anyhow::Result<()> {
             let path = root.join(format!("bench/results/{date}-hot-path{suffix}.txt"));
             std::fs::write(&path, text.as_bytes())?;
             eprintln!("written: {}", path.display());
+            let took = started.elapsed().as_secs();
+            eprintln!(
+                "cargo xtask bench took {}:{:02} (build, scenarios and micro-benchmarks)",
+                took / 60,
+                took % 60
+            );
             Ok(())
         }
     }
