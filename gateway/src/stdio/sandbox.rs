@@ -467,6 +467,20 @@ pub fn apply(
                     }
                 }
             }
+            // A gateway run by systemd holds its capabilities as ambient ones (CAP_BPF,
+            // CAP_NET_ADMIN, CAP_PERFMON), which execve hands to a child of the same user: the
+            // child would load BPF programs, detach the gateway's, and read its memory. The
+            // child gets none (no_new_privs below keeps file capabilities from giving any).
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -124,6 +124,29 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The pid of `gateway`'s first child process (its stdio server), waited for.
+fn stdio_child(gateway: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let children = std::fs::read_dir(format!("/proc/{gateway}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .next();
+        if let Some(child) = children {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "no stdio child of the gateway");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The unit's `ExecStart=` run as systemd would run it: as `User=`/`Group=` with exactly the
 /// capability sets and `NoNewPrivileges=` the unit names (`setpriv`), `LimitNOFILE=`, a clean
 /// environment with the directories' variables and a notify socket, in namespace `ns`.
@@ -332,6 +355,13 @@ fn package_installs_serves_as_the_service_user_and_purges() {
         .replace("127.0.0.1:8080", &format!("{GW_ADDR}:{port}"))
         .replace("127.0.0.1:9181", &format!("127.0.0.1:{admin}"))
         .replace("127.0.0.1:9100", &format!("127.0.0.1:{}", server.port));
+    // And a stdio server beside it, as the shipped file's comment suggests (npm's reference
+    // server, which the service user may run).
+    let edited = format!(
+        "{edited}\n[[upstreams]]\nname = \"child\"\ncommand = [\"/usr/bin/node\", \"{}/../.tools/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js\", \"stdio\"]\n\
+         [[routes]]\npath = \"/child\"\nupstream = \"child\"\n",
+        env!("CARGO_MANIFEST_DIR"),
+    );
     assert_ne!(edited, shipped);
     std::fs::write(CONFIG, edited).expect("write the configuration");
 
@@ -425,7 +455,6 @@ fn package_installs_serves_as_the_service_user_and_purges() {
     let out = in_netns(&topo.client, || py_client(&url, "legacy"));
     assert_eq!(out["echo"], "héllo ✓", "{out}");
     assert_eq!(out["add"], "42", "{out}");
-
     // What it made is the service user's: the pins, the state store, the lock, the audit log.
     let pins = Path::new("/sys/fs/bpf/mcp-gateway").join(&instance);
     let state = Path::new("/var/lib/mcp-gateway").join(&instance);
@@ -485,6 +514,41 @@ fn package_installs_serves_as_the_service_user_and_purges() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(len(rotated), before, "nothing more in the rotated file");
+
+    // The stdio server serves it too, and runs with none of the gateway's capabilities:
+    // ambient capabilities pass through execve to a child of the same user unless cleared.
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let listed = in_netns(&topo.client, || {
+        let mut s = std::net::TcpStream::connect(dst).expect("connect");
+        std::io::Write::write_all(
+            &mut s,
+            &integration_tests::peers::post(
+                "/child",
+                list,
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+            ),
+        )
+        .expect("send");
+        integration_tests::peers::read_response(&mut s).expect("an answer")
+    });
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    assert!(
+        listed.json()["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty()),
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    let child = stdio_child(pid);
+    for field in ["CapAmb:", "CapPrm:", "CapEff:"] {
+        let set = u64::from_str_radix(&status_field(child, field), 16).expect(field);
+        assert_eq!(set, 0, "the stdio child's {field} {set:x}");
+    }
 
     // SIGTERM (systemctl stop): STOPPING=1, then a clean exit.
     nix::sys::signal::kill(
