@@ -268,7 +268,8 @@ impl Supervisor {
 
     async fn take_from_child(&mut self, bytes: &[u8], running: &mut Option<Running>) {
         let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
-            tracing::warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
+            // Throttled, as its stderr is: a child writing noise in a loop must not fill the log.
+            crate::throttled_warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
             return;
         };
         match self.mux.inbound(message) {
@@ -295,7 +296,7 @@ impl Supervisor {
 
     /// A line over the limit was skipped: if one call was in flight it was its answer.
     fn too_long(&mut self) {
-        tracing::warn!(upstream = %self.spec.name, max = self.spec.max_line_bytes, "stdio upstream wrote a line over the limit; skipped");
+        crate::throttled_warn!(upstream = %self.spec.name, max = self.spec.max_line_bytes, "stdio upstream wrote a line over the limit; skipped");
         let calls = self.mux.calls();
         if let [call] = calls[..] {
             self.mux.forget(call);

@@ -6,11 +6,15 @@
 //! - A client's progress token (`params._meta.progressToken`) becomes the gateway's
 //!   `"p<N>"`, so the child's progress notifications reach the client that asked for them.
 //! - A client's `notifications/cancelled` names the gateway's id for its own request (a
-//!   client can only cancel its own requests).
+//!   client can only cancel its own requests). Two requests in flight under one caller and
+//!   one id (two anonymous clients both numbering from 1) cannot be told apart: a
+//!   cancellation of that id reaches neither.
 //! - A request from the child (sampling, elicitation, roots) goes to the one client with a
 //!   call in flight, under a fresh gateway id; the client's answer goes back under the child's
 //!   id. With no call in flight, or several, the child is answered with an error: which client
-//!   it meant cannot be known (run such servers one child per session).
+//!   it meant cannot be known (run such servers one child per session). At most
+//!   [`MAX_SERVER_REQUESTS`] wait for their answers, each with an id of at most
+//!   [`MAX_SERVER_ID`] bytes: a child asks no more than that of the gateway's memory.
 //!
 //! Pure bookkeeping: no I/O, so each rule is tested alone.
 
@@ -20,6 +24,11 @@ use serde_json::{Value, json};
 
 /// Who a message is for or from: a key the caller chose per client.
 pub type Caller = u64;
+
+/// Requests from the child waiting for a client's answer, at most.
+pub const MAX_SERVER_REQUESTS: usize = 64;
+/// The longest id (as JSON) of a request from the child that the gateway keeps.
+pub const MAX_SERVER_ID: usize = 256;
 
 /// What to do with a message read from the child.
 #[derive(Debug, PartialEq)]
@@ -58,8 +67,9 @@ pub struct Mux {
     next: u64,
     /// Calls in flight by the gateway's id.
     calls: HashMap<u64, Call>,
-    /// The gateway's id for a call, by the client's (caller, id).
-    by_client: HashMap<(Caller, String), u64>,
+    /// The gateway's ids for the calls in flight under the client's (caller, id): one,
+    /// unless two clients the caller cannot tell apart chose the same id.
+    by_client: HashMap<(Caller, String), Vec<u64>>,
     /// Progress tokens the gateway chose: the call each belongs to.
     tokens: HashMap<String, u64>,
     /// Requests from the child handed to a client: the gateway's id -> (child's id, caller,
@@ -132,7 +142,10 @@ impl Mux {
             progress = Some((std::mem::replace(token, json!(ours)), ours.clone()));
             self.tokens.insert(ours, call);
         }
-        self.by_client.insert((caller, key(&id)), call);
+        self.by_client
+            .entry((caller, key(&id)))
+            .or_default()
+            .push(call);
         self.calls.insert(
             call,
             Call {
@@ -153,7 +166,10 @@ impl Mux {
             "notifications/cancelled" => {
                 let params = message.get_mut("params")?;
                 let theirs = params.get("requestId")?;
-                let call = *self.by_client.get(&(caller, key(theirs)))?;
+                // Two of this caller's requests under that id: which one is meant is unknown.
+                let [call] = self.by_client.get(&(caller, key(theirs)))?[..] else {
+                    return None;
+                };
                 params["requestId"] = json!(call);
                 Some(message)
             }
@@ -182,7 +198,13 @@ impl Mux {
     /// to that client are forgotten too.
     pub fn forget(&mut self, call: u64) -> Option<Caller> {
         let c = self.calls.remove(&call)?;
-        self.by_client.remove(&(c.caller, key(&c.id)));
+        let k = (c.caller, key(&c.id));
+        if let Some(calls) = self.by_client.get_mut(&k) {
+            calls.retain(|x| *x != call);
+            if calls.is_empty() {
+                self.by_client.remove(&k);
+            }
+        }
         if let Some((_, ours)) = &c.progress {
             self.tokens.remove(ours);
         }
@@ -219,18 +241,26 @@ impl Mux {
             // A request of the child's own.
             (Some(_), true) => {
                 let theirs = message["id"].clone();
+                let refuse = |why: &str| {
+                    Inbound::Reply(json!({
+                        "jsonrpc": "2.0",
+                        "id": theirs,
+                        "error": {"code": -32603, "message": why},
+                    }))
+                };
+                if self.server_requests.len() >= MAX_SERVER_REQUESTS {
+                    return refuse("too many requests to clients wait for an answer");
+                }
+                if key(&theirs).len() > MAX_SERVER_ID {
+                    return refuse("a request id longer than the gateway keeps");
+                }
                 let mut flying = self.calls.iter();
                 let (call, caller) = match (flying.next(), flying.next()) {
                     (Some((call, c)), None) => (*call, c.caller),
                     _ => {
-                        return Inbound::Reply(json!({
-                            "jsonrpc": "2.0",
-                            "id": theirs,
-                            "error": {
-                                "code": -32603,
-                                "message": "the gateway cannot tell which client this request is for (no call, or several, in flight); run this server with one child per session",
-                            },
-                        }));
+                        return refuse(
+                            "the gateway cannot tell which client this request is for (no call, or several, in flight); run this server with one child per session",
+                        );
                     }
                 };
                 let ours = self.fresh();

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use super::{Inbound, Mux, Refused};
+use super::{Inbound, MAX_SERVER_ID, MAX_SERVER_REQUESTS, Mux, Refused};
 
 #[test]
 fn two_clients_with_the_same_id_each_get_their_own_answer() {
@@ -90,6 +90,56 @@ fn a_client_cancels_only_its_own_request() {
         ),
         None
     );
+}
+
+/// Two clients the caller cannot tell apart (one caller) both send id 1: a cancellation of 1
+/// reaches neither, and each one's end leaves the other's call as it was; once one is left,
+/// its cancellation is its own again.
+#[test]
+fn a_cancellation_that_could_mean_two_calls_reaches_neither() {
+    let mut m = Mux::new();
+    let (a, _) = m
+        .request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let (b, to_child_b) = m
+        .request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let cancel =
+        json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}});
+    assert_eq!(m.notification(1, cancel.clone()), None);
+    // a ends (its client left): b's call is still known by its id.
+    assert_eq!(m.forget(a), Some(1));
+    let out = m.notification(1, cancel.clone()).unwrap();
+    assert_eq!(out["params"]["requestId"], to_child_b["id"]);
+    assert_eq!(m.forget(b), Some(1));
+    assert_eq!(m.notification(1, cancel), None);
+}
+
+/// A child that asks without end holds a bounded number of ids, each bounded in size; the
+/// rest are refused to it.
+#[test]
+fn requests_from_the_child_are_bounded_in_number_and_size() {
+    let mut m = Mux::new();
+    m.request(9, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let long = "x".repeat(MAX_SERVER_ID);
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":long,"method":"roots/list"}));
+    let Inbound::Reply(r) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        (r["id"].as_str(), &r["error"]["code"]),
+        (Some(&*long), &json!(-32603))
+    );
+    for n in 0..MAX_SERVER_REQUESTS {
+        let got = m.inbound(json!({"jsonrpc":"2.0","id":n,"method":"roots/list"}));
+        assert!(matches!(got, Inbound::Event { .. }), "{n}: {got:?}");
+    }
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":"one more","method":"roots/list"}));
+    let Inbound::Reply(r) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(r["id"], "one more");
 }
 
 #[test]
