@@ -398,6 +398,28 @@ pub(super) async fn call(
             notes: Vec::new(),
         });
     }
+    // The session is shared (by a tenant's callers, by default): two callers' requests with
+    // one id would meet there, and the upstream would give one's answer to the other. Each
+    // goes under an id of the gateway's, and its answer gets the caller's back. A caller's
+    // cancellation names its own id, which no request on the session carries: not sent.
+    if method == "notifications/cancelled" {
+        return Ok(Answer {
+            head: ResponseHead {
+                status: 202,
+                headers: http::Fields::default(),
+            },
+            body: Vec::new(),
+            notes: Vec::new(),
+        });
+    }
+    let sent = id.as_ref().map(|_| {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Id::Str(format!("mcp-gateway.{n}"))
+    });
+    if let Some(ours) = &sent {
+        super::messages::set_in(&mut message, &["id"], ours.to_json());
+    }
     if let Some(m) = message.as_object_mut() {
         crate::stdio::mux::strip_envelope(m);
     }
@@ -427,7 +449,23 @@ pub(super) async fn call(
         }
         break (head, bytes);
     };
-    normalized(head, bytes, id.as_ref(), &method)
+    let mut answer = normalized(head, bytes, sent.as_ref(), &method)?;
+    if let (Some(ours), Some(theirs)) = (&sent, &id) {
+        answer.body = with_id(answer.body, ours, theirs);
+    }
+    Ok(answer)
+}
+
+/// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
+/// as it is.
+fn with_id(body: Vec<u8>, ours: &Id, theirs: &Id) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(mut v) if v.get("id") == Some(&ours.to_json()) => {
+            super::messages::set_in(&mut v, &["id"], theirs.to_json());
+            super::json_bytes(&v)
+        }
+        _ => body,
+    }
 }
 
 /// Like [`call`] for an upstream whose era is not known: the message goes as the client sent

@@ -129,6 +129,73 @@ fn a_stateless_client_is_served_over_a_held_session_in_passthrough() {
     d.stop();
 }
 
+/// Callers of one tenant share its held session, and each numbers its requests from 1. Over the
+/// session each request goes under an id of the gateway's: a slow call's answer reaches its own
+/// caller, not the one whose call with the same id came meanwhile (the TypeScript SDK's server
+/// routes an answer by its id, so the second request took the first one's place and the slow
+/// call was never answered).
+#[test]
+fn callers_sharing_a_held_session_get_their_own_answers_whatever_their_ids() {
+    let up_port = free_port();
+    let up = format!("http://127.0.0.1:{up_port}/mcp");
+    let everything = server_everything(up_port);
+    let port = free_port();
+    let instance = unique("gwheldids");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"everything\"\nurl = \"{up}\"\nresponse_timeout_ms = 8000\n[[routes]]\npath = \"/mcp\"\nupstream = \"everything\"\n"
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let call = move |tool: &str, args: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+        );
+        let headers = format!(
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+        );
+        let (r, _) = raw(port, &post("/mcp", &body, &headers));
+        (r.status, r.json())
+    };
+    let text = |v: &serde_json::Value| {
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    // The session is opened by the first call.
+    let (status, first) = call("echo", r#"{"message":"first"}"#);
+    assert_eq!(
+        (status, text(&first).as_deref()),
+        (200, Some("Echo: first")),
+        "{first}"
+    );
+    let slow = std::thread::spawn(move || {
+        call(
+            "trigger-long-running-operation",
+            r#"{"duration":1.5,"steps":1}"#,
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, second) = call("echo", r#"{"message":"second"}"#);
+    assert_eq!(
+        (status, text(&second).as_deref()),
+        (200, Some("Echo: second")),
+        "{second}"
+    );
+    assert_eq!(second["id"], 1, "{second}");
+    let (status, long) = slow.join().unwrap();
+    assert_eq!(status, 200, "{long}");
+    assert_eq!(long["id"], 1, "{long}");
+    assert!(
+        text(&long).is_some_and(|t| t.starts_with("Long running operation completed")),
+        "{long}"
+    );
+    drop(everything);
+    d.stop();
+}
+
 /// The reported case: a federated route with a session-era member, a 2026-07-28 client. Every
 /// tool of both members is listed and callable; the Python SDK's fixture (which speaks both
 /// eras) is served as before.
