@@ -2,6 +2,8 @@
 
 use globset::{GlobBuilder, GlobMatcher};
 use regex_automata::meta::Regex;
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
@@ -237,7 +239,8 @@ impl ArgRule {
         let empty = Value::Object(serde_json::Map::new());
         let root = arguments.unwrap_or(&empty);
         let p = &self.pointer;
-        let Some(v) = self.find(root) else {
+        let found = self.find(root)?;
+        let Some(v) = found.as_deref() else {
             return if self.required {
                 Err(format!("argument `{p}` is required"))
             } else {
@@ -259,19 +262,19 @@ impl ArgRule {
             return Err(format!("argument `{p}` must be one of {}", list(allowed)));
         }
         if self.minimum.is_some() || self.maximum.is_some() {
-            let Some(n) = v.as_f64() else {
+            let Value::Number(n) = v else {
                 return Err(format!(
                     "argument `{p}` must be a number, not {}",
                     describe(v)
                 ));
             };
             if let Some(lo) = self.minimum
-                && n < lo
+                && compare(n, lo).is_lt()
             {
                 return Err(format!("argument `{p}` is {v}; the minimum is {lo}"));
             }
             if let Some(hi) = self.maximum
-                && n > hi
+                && compare(n, hi).is_gt()
             {
                 return Err(format!("argument `{p}` is {v}; the maximum is {hi}"));
             }
@@ -349,18 +352,118 @@ fn compile_pattern(pattern: &str) -> Result<Regex, String> {
 }
 
 impl ArgRule {
-    /// The value the pointer names (RFC 6901), without allocating.
-    fn find<'v>(&self, root: &'v Value) -> Option<&'v Value> {
-        self.tokens.iter().try_fold(root, |v, t| match v {
-            Value::Object(o) => o.get(t.as_str()),
-            Value::Array(a) => {
-                if t.len() > 1 && t.starts_with('0') {
-                    return None;
-                }
-                a.get(t.parse::<usize>().ok()?)
+    /// The value the pointer names (RFC 6901), read as the servers behind the gateway may read
+    /// the arguments, so that no server acts on a value the rule did not see:
+    /// - a key is also found spelled in another case, as Go's `encoding/json` matches struct
+    ///   fields ([`key_in`]); an object with two such spellings of the key is refused;
+    /// - a string on the way that holds a JSON object or array is read as that (the Python
+    ///   SDK's servers decode such a string into the object their tool takes).
+    ///
+    /// Borrowed, unless it went through such a string.
+    fn find<'v>(&self, root: &'v Value) -> Result<Option<Cow<'v, Value>>, String> {
+        let mut at: Cow<'v, Value> = Cow::Borrowed(root);
+        for (i, t) in self.tokens.iter().enumerate() {
+            if let Value::String(s) = &*at
+                && let Ok(inner @ (Value::Object(_) | Value::Array(_))) =
+                    serde_json::from_str::<Value>(s)
+            {
+                at = Cow::Owned(inner);
             }
-            _ => None,
-        })
+            let next = match at {
+                Cow::Borrowed(v) => step(v, t)
+                    .map_err(|e| self.ambiguous(i, e))?
+                    .map(Cow::Borrowed),
+                Cow::Owned(v) => step(&v, t)
+                    .map_err(|e| self.ambiguous(i, e))?
+                    .map(|x| Cow::Owned(x.clone())),
+            };
+            let Some(next) = next else {
+                return Ok(None);
+            };
+            at = next;
+        }
+        Ok(Some(at))
+    }
+
+    fn ambiguous(&self, depth: usize, keys: (String, String)) -> String {
+        let at: String = self.tokens[..depth]
+            .iter()
+            .map(|t| format!("/{}", t.replace('~', "~0").replace('/', "~1")))
+            .collect();
+        format!(
+            "argument `{}`: the object at `{at}` holds both {:?} and {:?}, which some servers read as one key",
+            self.pointer, keys.0, keys.1
+        )
+    }
+}
+
+/// One step of a pointer: the member `token` names in `v`, or `None`. Err: two keys of an
+/// object a server could read as `token`.
+fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, (String, String)> {
+    match v {
+        Value::Object(o) => key_in(o, token),
+        Value::Array(a) => {
+            if token.len() > 1 && token.starts_with('0') {
+                return Ok(None);
+            }
+            Ok(token.parse::<usize>().ok().and_then(|i| a.get(i)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The value under `token` in `o`, as Go's `encoding/json` finds a field: the key itself, or
+/// a key equal to it under simple case folding. Two keys that both fold to `token` (`sql`
+/// and `ſql`, `path` and `Path`) are an error: Go keeps the last one in the text, the rule
+/// would see the first.
+fn key_in<'v>(
+    o: &'v serde_json::Map<String, Value>,
+    token: &str,
+) -> Result<Option<&'v Value>, (String, String)> {
+    let mut found: Option<(&String, &Value)> = None;
+    for (k, v) in o {
+        if !k.chars().map(fold).eq(token.chars().map(fold)) {
+            continue;
+        }
+        if let Some((first, _)) = found {
+            return Err((first.clone(), k.clone()));
+        }
+        found = Some((k, v));
+    }
+    Ok(found.map(|(_, v)| v))
+}
+
+/// One character under simple case folding, as Go's `bytes.EqualFold` compares them: `S` and
+/// `ſ` are `s`, the Kelvin sign is `k`; a character whose case maps to several (`ß`) is itself.
+fn fold(c: char) -> char {
+    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
+        let c = it.next()?;
+        it.next().is_none().then_some(c)
+    }
+    let upper = single(c.to_uppercase()).unwrap_or(c);
+    single(upper.to_lowercase()).unwrap_or(upper)
+}
+
+/// How the number `n` compares with the bound `b`, exactly: an integer beyond 2^53 is not
+/// rounded to the nearest float first (Python and Go read it exactly).
+fn compare(n: &serde_json::Number, b: f64) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let exact = n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+    match exact {
+        // An integer against the integers around the bound: n < b ⟺ n < ⌈b⌉, n > b ⟺ n > ⌊b⌋.
+        Some(i) if b.is_finite() && b.abs() < 1e38 => {
+            if i < b.ceil() as i128 {
+                Ordering::Less
+            } else if i > b.floor() as i128 {
+                Ordering::Greater
+            } else {
+                Ordering::Equal
+            }
+        }
+        _ => n
+            .as_f64()
+            .and_then(|x| x.partial_cmp(&b))
+            .unwrap_or(Ordering::Greater),
     }
 }
 
@@ -405,10 +508,15 @@ fn describe(v: &Value) -> &'static str {
     }
 }
 
-/// Equality where numbers compare by value (`1` equals `1.0`).
+/// Equality where numbers compare by value (`1` equals `1.0`), integers exactly (two
+/// integers beyond 2^53 that round to one float are two values).
 fn same(a: &Value, b: &Value) -> bool {
+    let int = |n: &serde_json::Number| n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Number(x), Value::Number(y)) => match (int(x), int(y)) {
+            (Some(i), Some(j)) => i == j,
+            _ => x.as_f64() == y.as_f64(),
+        },
         _ => a == b,
     }
 }
@@ -432,6 +540,81 @@ mod tests {
     fn tool(toml_text: &str) -> ToolRule {
         let raw: RawToolRule = toml::from_str(toml_text).expect("rule parses");
         ToolRule::compile("t".into(), &raw).expect("rule compiles")
+    }
+
+    /// A server may read a nested argument through a string holding JSON (the Python SDK
+    /// decodes it) or under another spelling of its key (Go): the rule reads it there too.
+    #[test]
+    fn nested_arguments_are_read_as_servers_read_them() {
+        let r = rule("pointer = \"/opts/path\"\npattern = \"^/srv/\"");
+        assert!(r.check(Some(&json!({"opts": {"path": "/srv/a"}}))).is_ok());
+        assert!(
+            r.check(Some(&json!({"opts": {"path": "/etc/shadow"}})))
+                .is_err()
+        );
+        // The parent sent as JSON text.
+        let text = json!({"opts": "{\"path\": \"/etc/shadow\"}"});
+        assert!(r.check(Some(&text)).unwrap_err().contains("does not match"));
+        assert!(
+            r.check(Some(&json!({"opts": "{\"path\": \"/srv/b\"}"})))
+                .is_ok()
+        );
+        // A string that is not a JSON object or array holds nothing.
+        assert!(r.check(Some(&json!({"opts": "plain"}))).is_ok());
+        let items = rule("pointer = \"/paths/0\"\npattern = \"^/srv/\"");
+        assert!(
+            items
+                .check(Some(&json!({"paths": "[\"/etc/shadow\"]"})))
+                .is_err()
+        );
+        // Another spelling of a key, alone: checked; beside the exact one: refused.
+        for spelled in ["Path", "PATH", "pAth"] {
+            let args = json!({"opts": {spelled: "/etc/shadow"}});
+            assert!(r.check(Some(&args)).is_err(), "{spelled}");
+        }
+        let sql = rule("pointer = \"/sql\"\nrequired = true\npattern = \"^SELECT \"");
+        assert!(sql.check(Some(&json!({"ſql": "SELECT 1"}))).is_ok());
+        let err = sql
+            .check(Some(&json!({"sql": "SELECT 1", "ſql": "DROP TABLE t"})))
+            .unwrap_err();
+        assert!(err.contains("read as one key"), "{err}");
+        let k = rule("pointer = \"/key\"\nrequired = true\nmax_length = 3");
+        assert!(k.check(Some(&json!({"\u{212a}ey": "long value"}))).is_err());
+        // Folding is one character to one: `ß` is not `ss`.
+        let ss = rule("pointer = \"/strasse\"\nrequired = true");
+        assert!(ss.check(Some(&json!({"straße": 1}))).is_err());
+    }
+
+    /// Integers beyond 2^53 are compared exactly, in lists and against bounds.
+    #[test]
+    fn large_integers_are_compared_exactly() {
+        let one_of = rule("pointer = \"/id\"\nenum = [1234567890123456789]");
+        assert!(
+            one_of
+                .check(Some(&json!({"id": 1_234_567_890_123_456_789_u64})))
+                .is_ok()
+        );
+        assert!(
+            one_of
+                .check(Some(&json!({"id": 1_234_567_890_123_456_790_u64})))
+                .is_err()
+        );
+        let max = rule("pointer = \"/n\"\nmaximum = 9007199254740992");
+        assert!(
+            max.check(Some(&json!({"n": 9_007_199_254_740_992_u64})))
+                .is_ok()
+        );
+        assert!(
+            max.check(Some(&json!({"n": 9_007_199_254_740_993_u64})))
+                .is_err()
+        );
+        let min = rule("pointer = \"/n\"\nminimum = 0.5\nmaximum = 2.5");
+        assert!(min.check(Some(&json!({"n": 0}))).is_err());
+        assert!(min.check(Some(&json!({"n": 1}))).is_ok());
+        assert!(min.check(Some(&json!({"n": 2}))).is_ok());
+        assert!(min.check(Some(&json!({"n": 3}))).is_err());
+        assert!(min.check(Some(&json!({"n": 2.5}))).is_ok());
+        assert!(min.check(Some(&json!({"n": 2.6}))).is_err());
     }
 
     #[test]
