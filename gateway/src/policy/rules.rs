@@ -352,29 +352,41 @@ fn compile_pattern(pattern: &str) -> Result<Regex, String> {
 }
 
 impl ArgRule {
-    /// The value the pointer names (RFC 6901), read as the servers behind the gateway may read
-    /// the arguments, so that no server acts on a value the rule did not see:
-    /// - a key is also found spelled in another case, as Go's `encoding/json` matches struct
-    ///   fields ([`key_in`]); an object with two such spellings of the key is refused;
+    /// The value the pointer names (RFC 6901), read so that no server acts on a value the rule
+    /// did not see:
     /// - a string on the way that holds a JSON object or array is read as that (the Python
-    ///   SDK's servers decode such a string into the object their tool takes).
+    ///   SDK's servers decode such a string into the object their tool takes); one that looks
+    ///   like one but does not parse here (`NaN`, `1e400`, a lone surrogate, which Python
+    ///   reads) is refused;
+    /// - an object on the way that holds another spelling of the key (`Path`, `ſql`: Go's
+    ///   `encoding/json` matches fields ignoring case, Python and TypeScript do not) is
+    ///   refused ([`key_in`]).
     ///
     /// Borrowed, unless it went through such a string.
     fn find<'v>(&self, root: &'v Value) -> Result<Option<Cow<'v, Value>>, String> {
         let mut at: Cow<'v, Value> = Cow::Borrowed(root);
         for (i, t) in self.tokens.iter().enumerate() {
             if let Value::String(s) = &*at
-                && let Ok(inner @ (Value::Object(_) | Value::Array(_))) =
-                    serde_json::from_str::<Value>(s)
+                && s.trim_start_matches([' ', '\t', '\n', '\r'])
+                    .starts_with(['{', '['])
             {
-                at = Cow::Owned(inner);
+                match serde_json::from_str::<Value>(s) {
+                    Ok(inner) => at = Cow::Owned(inner),
+                    Err(_) => {
+                        return Err(format!(
+                            "argument `{}`: `{}` holds text that looks like JSON but is not JSON the gateway can read as every server does",
+                            self.pointer,
+                            self.prefix(i)
+                        ));
+                    }
+                }
             }
             let next = match at {
                 Cow::Borrowed(v) => step(v, t)
-                    .map_err(|e| self.ambiguous(i, e))?
+                    .map_err(|k| self.spelling(i, &k))?
                     .map(Cow::Borrowed),
                 Cow::Owned(v) => step(&v, t)
-                    .map_err(|e| self.ambiguous(i, e))?
+                    .map_err(|k| self.spelling(i, &k))?
                     .map(|x| Cow::Owned(x.clone())),
             };
             let Some(next) = next else {
@@ -385,21 +397,27 @@ impl ArgRule {
         Ok(Some(at))
     }
 
-    fn ambiguous(&self, depth: usize, keys: (String, String)) -> String {
-        let at: String = self.tokens[..depth]
+    /// The pointer's first `depth` tokens, as a pointer.
+    fn prefix(&self, depth: usize) -> String {
+        self.tokens[..depth]
             .iter()
             .map(|t| format!("/{}", t.replace('~', "~0").replace('/', "~1")))
-            .collect();
+            .collect()
+    }
+
+    fn spelling(&self, depth: usize, key: &str) -> String {
         format!(
-            "argument `{}`: the object at `{at}` holds both {:?} and {:?}, which some servers read as one key",
-            self.pointer, keys.0, keys.1
+            "argument `{}`: the object at `{}` holds the key {key:?}, another spelling of {:?}, which some servers read as that key and others ignore",
+            self.pointer,
+            self.prefix(depth),
+            self.tokens[depth]
         )
     }
 }
 
-/// One step of a pointer: the member `token` names in `v`, or `None`. Err: two keys of an
-/// object a server could read as `token`.
-fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, (String, String)> {
+/// One step of a pointer: the member `token` names in `v`, or `None`. Err: a key of an
+/// object that some server could read as `token` ([`key_in`]).
+fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, String> {
     match v {
         Value::Object(o) => key_in(o, token),
         Value::Array(a) => {
@@ -412,25 +430,25 @@ fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, (String, Str
     }
 }
 
-/// The value under `token` in `o`, as Go's `encoding/json` finds a field: the key itself, or
-/// a key equal to it under simple case folding. Two keys that both fold to `token` (`sql`
-/// and `ſql`, `path` and `Path`) are an error: Go keeps the last one in the text, the rule
-/// would see the first.
+/// The value under the key `token` in `o`. Err: another key equal to it under simple case
+/// folding (`Path`, `ſql` for `sql`), which Go's `encoding/json` reads as that field (the last
+/// one in the text winning) while Python and TypeScript servers ignore it: whichever the rule
+/// checked, some server would act on another value, or on its default.
 fn key_in<'v>(
     o: &'v serde_json::Map<String, Value>,
     token: &str,
-) -> Result<Option<&'v Value>, (String, String)> {
-    let mut found: Option<(&String, &Value)> = None;
-    for (k, v) in o {
-        if !k.chars().map(fold).eq(token.chars().map(fold)) {
-            continue;
-        }
-        if let Some((first, _)) = found {
-            return Err((first.clone(), k.clone()));
-        }
-        found = Some((k, v));
+) -> Result<Option<&'v Value>, String> {
+    let other = o.keys().find(|k| {
+        k.as_str() != token
+            // Folding maps one character to one, of at most 4 bytes either way.
+            && k.len() <= 4 * token.len()
+            && token.len() <= 4 * k.len()
+            && k.chars().map(fold).eq(token.chars().map(fold))
+    });
+    match other {
+        Some(k) => Err(k.clone()),
+        None => Ok(o.get(token)),
     }
-    Ok(found.map(|(_, v)| v))
 }
 
 /// One character under simple case folding, as Go's `bytes.EqualFold` compares them: `S` and
@@ -561,25 +579,41 @@ mod tests {
         );
         // A string that is not a JSON object or array holds nothing.
         assert!(r.check(Some(&json!({"opts": "plain"}))).is_ok());
+        // One that looks like one but is not JSON here, while Python reads it: refused.
+        for text in [
+            "{\"path\": \"/etc/shadow\", \"x\": NaN}",
+            "{\"path\": \"/etc/shadow\", \"x\": 1e400}",
+            " \n[\"/etc/shadow\"",
+        ] {
+            let err = r.check(Some(&json!({"opts": text}))).unwrap_err();
+            assert!(err.contains("looks like JSON"), "{text}: {err}");
+        }
         let items = rule("pointer = \"/paths/0\"\npattern = \"^/srv/\"");
         assert!(
             items
                 .check(Some(&json!({"paths": "[\"/etc/shadow\"]"})))
                 .is_err()
         );
-        // Another spelling of a key, alone: checked; beside the exact one: refused.
+        // Another spelling of a key, alone or beside the exact one: refused, whatever its
+        // value (Go reads it as the key, Python and TypeScript ignore it).
         for spelled in ["Path", "PATH", "pAth"] {
-            let args = json!({"opts": {spelled: "/etc/shadow"}});
-            assert!(r.check(Some(&args)).is_err(), "{spelled}");
+            for value in ["/etc/shadow", "/srv/a"] {
+                let args = json!({"opts": {spelled: value}});
+                let err = r.check(Some(&args)).unwrap_err();
+                assert!(err.contains("another spelling"), "{spelled}: {err}");
+            }
         }
         let sql = rule("pointer = \"/sql\"\nrequired = true\npattern = \"^SELECT \"");
-        assert!(sql.check(Some(&json!({"ſql": "SELECT 1"}))).is_ok());
+        assert!(sql.check(Some(&json!({"sql": "SELECT 1"}))).is_ok());
+        assert!(sql.check(Some(&json!({"ſql": "SELECT 1"}))).is_err());
         let err = sql
             .check(Some(&json!({"sql": "SELECT 1", "ſql": "DROP TABLE t"})))
             .unwrap_err();
-        assert!(err.contains("read as one key"), "{err}");
+        assert!(err.contains("another spelling"), "{err}");
+        let flag = rule("pointer = \"/dry_run\"\nrequired = true\nenum = [true]");
+        assert!(flag.check(Some(&json!({"Dry_run": true}))).is_err());
         let k = rule("pointer = \"/key\"\nrequired = true\nmax_length = 3");
-        assert!(k.check(Some(&json!({"\u{212a}ey": "long value"}))).is_err());
+        assert!(k.check(Some(&json!({"\u{212a}ey": "ab"}))).is_err());
         // Folding is one character to one: `ß` is not `ss`.
         let ss = rule("pointer = \"/strasse\"\nrequired = true");
         assert!(ss.check(Some(&json!({"straße": 1}))).is_err());
