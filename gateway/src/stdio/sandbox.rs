@@ -398,6 +398,23 @@ pub enum Confinement {
     NoLandlock,
 }
 
+/// `capset(2)`'s header and data (`linux/capability.h`), version 3: two data words.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 /// Applies `spec` to `cmd`, whose child will live in `home` (a [`Home`], handed to the child's
 /// user). Returns whether Landlock will confine it.
 pub fn apply(
@@ -443,7 +460,7 @@ pub fn apply(
         (libc::RLIMIT_NPROC, spec.max_processes),
     ];
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (setsid, prctl, setrlimit, landlock_restrict_self); the
+    // async-signal-safe system calls (setsid, prctl, capset, setrlimit, landlock_restrict_self); the
     // ruleset was built before the fork.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
@@ -479,6 +496,17 @@ pub fn apply(
                 0,
             ) < 0
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Its permitted and inheritable sets too: with no_new_privs, execve caps what a
+            // program's file capabilities give at the permitted set it had (a configured
+            // command with file capabilities would otherwise keep the gateway's).
+            let header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let none = [CapData::default(); 2];
+            if libc::syscall(libc::SYS_capset, &header, none.as_ptr()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {

@@ -545,7 +545,7 @@ fn package_installs_serves_as_the_service_user_and_purges() {
         String::from_utf8_lossy(&listed.body)
     );
     let child = stdio_child(pid);
-    for field in ["CapAmb:", "CapPrm:", "CapEff:"] {
+    for field in ["CapAmb:", "CapPrm:", "CapEff:", "CapInh:"] {
         let set = u64::from_str_radix(&status_field(child, field), 16).expect(field);
         assert_eq!(set, 0, "the stdio child's {field} {set:x}");
     }
