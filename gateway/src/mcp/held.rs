@@ -404,10 +404,7 @@ pub(super) async fn call(
     // cancellation names its own id, which no request on the session carries: not sent.
     if method == "notifications/cancelled" {
         return Ok(Answer {
-            head: ResponseHead {
-                status: 202,
-                headers: http::Fields::default(),
-            },
+            head: accepted_head(),
             body: Vec::new(),
             notes: Vec::new(),
         });
@@ -684,6 +681,14 @@ fn id_of(message: &Value) -> Option<Id> {
         Value::String(s) => Some(Id::Str(s.clone())),
         Value::Number(n) => n.as_i64().map(Id::Num),
         _ => None,
+    }
+}
+
+/// The head of a message accepted without an answer (a notification, a response).
+pub(super) fn accepted_head() -> ResponseHead {
+    ResponseHead {
+        status: 202,
+        headers: http::Fields::default(),
     }
 }
 

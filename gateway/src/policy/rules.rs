@@ -1,9 +1,9 @@
 //! Tool matching and argument rules, compiled from the configuration.
 
-use globset::{GlobBuilder, GlobMatcher};
-use regex_automata::meta::Regex;
 use std::borrow::Cow;
 
+use globset::{GlobBuilder, GlobMatcher};
+use regex_automata::meta::Regex;
 use serde_json::Value;
 
 use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
@@ -462,12 +462,16 @@ fn fold(c: char) -> char {
     single(upper.to_lowercase()).unwrap_or(upper)
 }
 
+/// `n` if it is an integer (JSON without a fraction or exponent), exactly.
+fn exact_int(n: &serde_json::Number) -> Option<i128> {
+    n.as_i64().map(i128::from).or(n.as_u64().map(i128::from))
+}
+
 /// How the number `n` compares with the bound `b`, exactly: an integer beyond 2^53 is not
 /// rounded to the nearest float first (Python and Go read it exactly).
 fn compare(n: &serde_json::Number, b: f64) -> std::cmp::Ordering {
     use std::cmp::Ordering;
-    let exact = n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
-    match exact {
+    match exact_int(n) {
         // An integer against the integers around the bound: n < b ⟺ n < ⌈b⌉, n > b ⟺ n > ⌊b⌋.
         Some(i) if b.is_finite() && b.abs() < 1e38 => {
             if i < b.ceil() as i128 {
@@ -529,9 +533,8 @@ fn describe(v: &Value) -> &'static str {
 /// Equality where numbers compare by value (`1` equals `1.0`), integers exactly (two
 /// integers beyond 2^53 that round to one float are two values).
 fn same(a: &Value, b: &Value) -> bool {
-    let int = |n: &serde_json::Number| n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (int(x), int(y)) {
+        (Value::Number(x), Value::Number(y)) => match (exact_int(x), exact_int(y)) {
             (Some(i), Some(j)) => i == j,
             _ => x.as_f64() == y.as_f64(),
         },

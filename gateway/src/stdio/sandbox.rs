@@ -484,23 +484,12 @@ pub fn apply(
                     }
                 }
             }
-            // A gateway run by systemd holds its capabilities as ambient ones (CAP_BPF,
-            // CAP_NET_ADMIN, CAP_PERFMON), which execve hands to a child of the same user: the
-            // child would load BPF programs, detach the gateway's, and read its memory. The
-            // child gets none (no_new_privs below keeps file capabilities from giving any).
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Its permitted and inheritable sets too: with no_new_privs, execve caps what a
-            // program's file capabilities give at the permitted set it had (a configured
-            // command with file capabilities would otherwise keep the gateway's).
+            // No capability of the gateway's: systemd gives it CAP_BPF, CAP_NET_ADMIN and
+            // CAP_PERFMON as ambient ones, which execve hands to a child of the same user (it
+            // would load BPF programs, detach the gateway's, read its memory); and with
+            // no_new_privs, execve caps what a program's file capabilities give at the permitted
+            // set it had. Effective, permitted and inheritable all cleared; the kernel lowers
+            // the ambient set with them (capabilities(7)).
             let header = CapHeader {
                 version: LINUX_CAPABILITY_VERSION_3,
                 pid: 0,

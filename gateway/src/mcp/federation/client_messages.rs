@@ -93,22 +93,7 @@ impl<'c> Federation<'_, 'c> {
             // A bridged member asks the client nothing: there is nothing to answer.
             return self.accepted(io).await;
         }
-        let request = match self.request_for(member, era, &bytes, &[]) {
-            Ok(r) => r,
-            Err(e) => return self.reply_error(io, RpcError::from(e)).await,
-        };
-        let up = self.upstream(member);
-        proxy::forward(
-            io,
-            self.req,
-            request,
-            up,
-            None,
-            self.ctx,
-            Some(&up.name),
-            self.obs,
-        )
-        .await
+        self.forward_to(io, era, member, &bytes, &[], None).await
     }
 
     /// What names the client's request `m` for its `notifications/cancelled`: its session

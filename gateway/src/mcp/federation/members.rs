@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 use super::{Era, Federation, MAX_COLLECTED};
 use crate::{
     config::Member,
-    http::{self, Io},
+    http::Io,
     mcp::{
-        Id, Message, RpcError, held, messages, proxy,
+        Id, Message, held, messages, proxy,
         upstream::{self, ResponseHead, UpstreamFailure},
         version,
     },
@@ -45,10 +45,7 @@ impl<'c> Federation<'_, 'c> {
         let who = proxy::stdio_caller(self.ctx, self.obs);
         let caller = who.caller;
         let json = |bytes: Vec<u8>| (held::json_head(), bytes);
-        let accepted = ResponseHead {
-            status: 202,
-            headers: http::Fields::default(),
-        };
+        let accepted = held::accepted_head();
         // DELETE: the child's session is the gateway's, not the client's.
         let Ok(message) = serde_json::from_slice::<Value>(body) else {
             return Some(Ok((accepted, Vec::new())));
@@ -137,10 +134,7 @@ impl<'c> Federation<'_, 'c> {
         member: &Member,
         body: &Bytes,
     ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
-        let accepted = ResponseHead {
-            status: 202,
-            headers: http::Fields::default(),
-        };
+        let accepted = held::accepted_head();
         let id = serde_json::from_slice::<Value>(body)
             .ok()
             .filter(|m| m["method"].is_string())
@@ -243,22 +237,7 @@ impl<'c> Federation<'_, 'c> {
             )
             .await;
         }
-        let request = match self.request_for(member, era, &bytes, &extra) {
-            Ok(r) => r,
-            Err(e) => return self.reply_error(io, RpcError::from(e).with_id(id)).await,
-        };
-        let up = self.upstream(member);
-        proxy::forward(
-            io,
-            self.req,
-            request,
-            up,
-            id,
-            self.ctx,
-            Some(&up.name),
-            self.obs,
-        )
-        .await
+        self.forward_to(io, era, member, &bytes, &extra, id).await
     }
 
     /// Sends `body` to every member and reads each whole answer, concurrently.

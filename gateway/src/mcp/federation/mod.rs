@@ -168,6 +168,35 @@ impl<'c> Federation<'_, 'c> {
         proxy::upstream_request(self.req, self.peer, up, body, &replace)
     }
 
+    /// Sends `body` to HTTP member `m` over the client's session ([`Self::request_for`]) and
+    /// relays its answer as it arrives; an answer to the request `id`, if it is one.
+    async fn forward_to(
+        &self,
+        io: &mut Io,
+        era: Era<'_>,
+        m: &Member,
+        body: &Bytes,
+        extra: &[(&str, Option<&str>)],
+        id: Option<Id>,
+    ) -> bool {
+        let request = match self.request_for(m, era, body, extra) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(io, RpcError::from(e).with_id(id)).await,
+        };
+        let up = self.upstream(m);
+        proxy::forward(
+            io,
+            self.req,
+            request,
+            up,
+            id,
+            self.ctx,
+            Some(&up.name),
+            self.obs,
+        )
+        .await
+    }
+
     /// Serves one request on a federated route.
     pub async fn handle(&self, io: &mut Io, message: Option<Message>) -> bool {
         let stateless = self
