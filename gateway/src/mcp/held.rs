@@ -409,7 +409,8 @@ pub(super) async fn call(
             notes: Vec::new(),
         });
     }
-    let sent = id.as_ref().map(|_| {
+    // A request only: a client's response answers the upstream's own id.
+    let sent = id.as_ref().filter(|_| !method.is_empty()).map(|_| {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Id::Str(format!("mcp-gateway.{n}"))

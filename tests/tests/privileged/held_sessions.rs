@@ -192,6 +192,13 @@ fn callers_sharing_a_held_session_get_their_own_answers_whatever_their_ids() {
         text(&long).is_some_and(|t| t.starts_with("Long running operation completed")),
         "{long}"
     );
+    // A client's response answers the upstream's own id: it goes as it is, and is accepted.
+    let answer = r#"{"jsonrpc":"2.0","id":5,"result":{}}"#;
+    let (r, _) = raw(
+        port,
+        &post("/mcp", answer, "mcp-protocol-version: 2026-07-28\r\n"),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     drop(everything);
     d.stop();
 }
