@@ -18,7 +18,7 @@ use tokio::{
 
 use super::{
     Handle, PinGate, StdioError, StdioSpec, ToChild,
-    mux::{Inbound, Mux},
+    mux::{Inbound, Mux, Refused, unknown_task},
     sandbox,
 };
 
@@ -226,8 +226,14 @@ impl Supervisor {
                     let _ = done.send(Ok(answer.to_string().into_bytes()));
                     return;
                 }
+                let id = parsed.get("id").cloned().unwrap_or(Value::Null);
                 let (call, out) = match self.mux.request(caller, parsed) {
                     Ok(x) => x,
+                    Err(Refused::UnknownTask) => {
+                        let answer = unknown_task(id);
+                        let _ = done.send(Ok(answer.to_string().into_bytes()));
+                        return;
+                    }
                     Err(e) => {
                         let _ = done.send(Err(StdioError::Refused(self.name(), format!("{e:?}"))));
                         return;

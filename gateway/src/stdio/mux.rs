@@ -15,10 +15,17 @@
 //!   it meant cannot be known (run such servers one child per session). At most
 //!   [`MAX_SERVER_REQUESTS`] wait for their answers, each with an id of at most
 //!   [`MAX_SERVER_ID`] bytes: a child asks no more than that of the gateway's memory.
+//! - A task (2025-11-25 `tasks/*`) is its creator's: the child binds tasks to its one session,
+//!   which every client shares, so the gateway binds each task the child creates for a
+//!   client's task-augmented request to that client's caller. `tasks/get`, `tasks/result`
+//!   and `tasks/cancel` reach the child only for one of the caller's own tasks (any other is
+//!   answered as not found, as the child answers an unknown one), and `tasks/list` answers
+//!   list the caller's own tasks only. The last [`MAX_TASKS`] are kept; an older one is
+//!   nobody's.
 //!
 //! Pure bookkeeping: no I/O, so each rule is tested alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use serde_json::{Value, json};
 
@@ -29,6 +36,8 @@ pub type Caller = u64;
 pub const MAX_SERVER_REQUESTS: usize = 64;
 /// The longest id (as JSON) of a request from the child that the gateway keeps.
 pub const MAX_SERVER_ID: usize = 256;
+/// Tasks whose creator the gateway remembers, at most.
+pub const MAX_TASKS: usize = 4096;
 
 /// What to do with a message read from the child.
 #[derive(Debug, PartialEq)]
@@ -52,7 +61,33 @@ pub enum Inbound {
 pub enum Refused {
     /// Not a JSON-RPC object with a method, or a response without a known id.
     Malformed(&'static str),
+    /// A `tasks/*` request naming a task that is not the caller's: answered with
+    /// [`unknown_task`], as the child answers a task it does not know.
+    UnknownTask,
 }
+
+/// What a client that names a task that is not its own is answered (the JSON-RPC error the
+/// SDKs' servers give for an unknown task).
+pub fn unknown_task(id: Value) -> Value {
+    json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {"code": -32602, "message": "Failed to retrieve task: Task not found"},
+    })
+}
+
+/// What a client's request asks that the answer must be read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asks {
+    Plain,
+    /// A task-augmented request: its answer names the task created for it.
+    Task,
+    /// `tasks/list`: its answer lists every client's tasks.
+    TaskList,
+}
+
+/// The task a `tasks/*` request names by `params.taskId`.
+const TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
 
 struct Call {
     caller: Caller,
@@ -60,6 +95,7 @@ struct Call {
     id: Value,
     /// The client's own progress token and the gateway's, if it sent one.
     progress: Option<(Value, String)>,
+    asks: Asks,
 }
 
 #[derive(Default)]
@@ -75,6 +111,10 @@ pub struct Mux {
     /// Requests from the child handed to a client: the gateway's id -> (child's id, caller,
     /// call).
     server_requests: HashMap<u64, (Value, Caller, u64)>,
+    /// Tasks the child created for a client's request: whose each is, and the order they
+    /// came in (the oldest is forgotten beyond [`MAX_TASKS`]).
+    tasks: HashMap<String, Caller>,
+    task_order: VecDeque<String>,
 }
 
 /// A 2026-07-28 request carries its protocol version, client capabilities and client info in
@@ -126,9 +166,23 @@ impl Mux {
         let Some(id) = obj.get("id").cloned() else {
             return Err(Refused::Malformed("a request without an id"));
         };
-        if !obj.get("method").is_some_and(Value::is_string) {
+        let Some(method) = obj.get("method").and_then(Value::as_str) else {
             return Err(Refused::Malformed("a request without a method"));
-        }
+        };
+        let params = obj.get("params");
+        let asks = if method == "tasks/list" {
+            Asks::TaskList
+        } else if TASK_METHODS.contains(&method) {
+            let task = params.and_then(|p| p.get("taskId")).and_then(Value::as_str);
+            if task.and_then(|t| self.tasks.get(t)) != Some(&caller) {
+                return Err(Refused::UnknownTask);
+            }
+            Asks::Plain
+        } else if params.and_then(|p| p.get("task")).is_some() {
+            Asks::Task
+        } else {
+            Asks::Plain
+        };
         let call = self.fresh();
         obj.insert("id".into(), json!(call));
         strip_envelope(obj);
@@ -152,6 +206,7 @@ impl Mux {
                 caller,
                 id,
                 progress,
+                asks,
             },
         );
         Ok((call, message))
@@ -234,7 +289,13 @@ impl Mux {
                     return Inbound::Drop("an answer to no call in flight");
                 };
                 message["id"] = c.id.clone();
+                let (caller, asks) = (c.caller, c.asks);
                 self.forget(call);
+                match asks {
+                    Asks::Plain => {}
+                    Asks::Task => self.created(caller, &message),
+                    Asks::TaskList => self.only_own_tasks(caller, &mut message),
+                }
                 Inbound::Done { call, message }
             }
             (None, false) => Inbound::Drop("neither a request, a notification nor an answer"),
@@ -269,6 +330,43 @@ impl Mux {
                 Inbound::Event { call, message }
             }
             (Some(method), false) => self.inbound_notification(&method, message),
+        }
+    }
+
+    /// The answer to `caller`'s task-augmented request: the task it names is the caller's.
+    fn created(&mut self, caller: Caller, answer: &Value) {
+        let result = &answer["result"];
+        // 2025-11-25: `{"task": {"taskId": …}}`; the 2026-07-28 tasks extension: `{"resultType":
+        // "task", "taskId": …}`.
+        let Some(task) = result["task"]["taskId"]
+            .as_str()
+            .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
+        else {
+            return;
+        };
+        if self.tasks.insert(task.to_owned(), caller).is_none() {
+            self.task_order.push_back(task.to_owned());
+        }
+        while self.task_order.len() > MAX_TASKS {
+            if let Some(old) = self.task_order.pop_front() {
+                self.tasks.remove(&old);
+            }
+        }
+    }
+
+    /// A `tasks/list` answer, with the tasks that are not `caller`'s taken out.
+    fn only_own_tasks(&self, caller: Caller, answer: &mut Value) {
+        if let Some(list) = answer
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+        {
+            list.retain(|t| {
+                t["taskId"]
+                    .as_str()
+                    .and_then(|id| self.tasks.get(id))
+                    .is_some_and(|owner| *owner == caller)
+            });
         }
     }
 

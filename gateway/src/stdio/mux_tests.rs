@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use super::{Inbound, MAX_SERVER_ID, MAX_SERVER_REQUESTS, Mux, Refused};
+use super::{Inbound, MAX_SERVER_ID, MAX_SERVER_REQUESTS, MAX_TASKS, Mux, Refused};
 
 #[test]
 fn two_clients_with_the_same_id_each_get_their_own_answer() {
@@ -238,4 +238,101 @@ fn the_2026_envelope_is_taken_off_what_the_child_sees() {
         )
         .unwrap();
     assert_eq!(out["params"], json!({}));
+}
+
+/// The child's answer to `to_child` that creates the task `task` (2025-11-25 shape).
+fn task_created(m: &mut Mux, to_child: &serde_json::Value, task: &str) -> Inbound {
+    m.inbound(json!({"jsonrpc":"2.0","id":to_child["id"],"result":{"task":{"taskId":task,"status":"working"}}}))
+}
+
+#[test]
+fn a_task_is_its_creators_alone() {
+    let mut m = Mux::new();
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow","task":{"ttl":60000}}}),
+        )
+        .unwrap();
+    assert!(matches!(
+        task_created(&mut m, &out, "t-1"),
+        Inbound::Done { .. }
+    ));
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let ask = json!({"jsonrpc":"2.0","id":2,"method":method,"params":{"taskId":"t-1"}});
+        // Another caller (another tenant or agent sharing the child) cannot name it.
+        assert_eq!(m.request(2, ask.clone()).err(), Some(Refused::UnknownTask));
+        // Its creator can, and the child sees the task's own id.
+        let (call, out) = m.request(1, ask).unwrap();
+        assert_eq!(out["params"]["taskId"], "t-1");
+        m.forget(call);
+    }
+    // A task the child never created for anyone, and a taskId that is not a string.
+    for task in [json!("t-2"), json!(1), json!(null)] {
+        let ask = json!({"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{"taskId":task}});
+        assert_eq!(m.request(1, ask).err(), Some(Refused::UnknownTask));
+    }
+    assert_eq!(
+        m.request(1, json!({"jsonrpc":"2.0","id":3,"method":"tasks/get"}))
+            .err(),
+        Some(Refused::UnknownTask)
+    );
+
+    // The 2026-07-28 extension's shape is read too.
+    let (_, out) = m
+        .request(
+            2,
+            json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"slow","task":{}}}),
+        )
+        .unwrap();
+    m.inbound(
+        json!({"jsonrpc":"2.0","id":out["id"],"result":{"resultType":"task","taskId":"t-3"}}),
+    );
+
+    // tasks/list: each caller sees its own tasks only, whatever the child lists.
+    for (caller, own) in [(1, "t-1"), (2, "t-3"), (3, "")] {
+        let (call, out) = m
+            .request(
+                caller,
+                json!({"jsonrpc":"2.0","id":5,"method":"tasks/list"}),
+            )
+            .unwrap();
+        let got = m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":{"tasks":[
+            {"taskId":"t-1","status":"working"},{"taskId":"t-2"},{"taskId":"t-3"},{"status":"odd"}],
+            "nextCursor":"c"}}));
+        let expected: Vec<serde_json::Value> = [
+            json!({"taskId":"t-1","status":"working"}),
+            json!({"taskId":"t-3"}),
+        ]
+        .into_iter()
+        .filter(|t| t["taskId"] == own)
+        .collect();
+        assert_eq!(
+            got,
+            Inbound::Done {
+                call,
+                message: json!({"jsonrpc":"2.0","id":5,"result":{"tasks":expected,"nextCursor":"c"}})
+            },
+            "caller {caller}"
+        );
+    }
+}
+
+#[test]
+fn only_the_last_tasks_are_remembered() {
+    let mut m = Mux::new();
+    for n in 0..=MAX_TASKS {
+        let (_, out) = m
+            .request(
+                1,
+                json!({"jsonrpc":"2.0","id":n,"method":"tools/call","params":{"task":{}}}),
+            )
+            .unwrap();
+        task_created(&mut m, &out, &format!("t{n}"));
+    }
+    let get = |t: &str| json!({"jsonrpc":"2.0","id":0,"method":"tasks/get","params":{"taskId":t}});
+    // The oldest is nobody's any more; the newest is still its creator's.
+    assert_eq!(m.request(1, get("t0")).err(), Some(Refused::UnknownTask));
+    assert!(m.request(1, get(&format!("t{MAX_TASKS}"))).is_ok());
+    assert!(m.request(1, get("t1")).is_ok());
 }

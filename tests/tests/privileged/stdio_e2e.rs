@@ -655,3 +655,92 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
     wait_homes(d.pid(), 0, "an idle caller's child's folder is left behind");
     d.stop();
 }
+
+/// Tasks (2025-11-25) on a child every caller shares: server-everything binds each task to
+/// its one session, which is the gateway's, so the gateway binds it to the caller that created
+/// it. Another tenant's caller neither lists it nor reads, polls or cancels it; its creator
+/// does all of that and gets its result.
+#[test]
+fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let (mut d, port) = gateway_with(
+        &format!(r#"["{bin}", "stdio"]"#),
+        "",
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
+    );
+    // The answer to the request whose id is 1, as `key`'s caller (it may come as an event
+    // stream).
+    let ask = |key: &str, method: &str, params: serde_json::Value| -> serde_json::Value {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+            .to_string();
+        let extra = format!("x-api-key: {key}\r\nmcp-protocol-version: 2025-11-25\r\n");
+        let (r, _) = raw(port, &post("/mcp", &body, &extra));
+        assert_eq!(r.status, 200, "{method}: {}", String::from_utf8_lossy(&r.body));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: ").or(Some(l)))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|m| m["id"] == 1 && m.get("method").is_none())
+            .unwrap_or_else(|| panic!("{method}: no answer in {body}"))
+    };
+    let listed = |v: &serde_json::Value| -> Vec<String> {
+        v["result"]["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks: {v}"))
+            .iter()
+            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let [a, b] = keys;
+
+    let v = ask(
+        a,
+        "tools/call",
+        serde_json::json!({"name": "simulate-research-query", "arguments": {"topic": "tides"},
+            "task": {"ttl": 60000}}),
+    );
+    let task = v["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {v}"))
+        .to_owned();
+    let named = serde_json::json!({"taskId": task});
+
+    // The other tenant's caller: not listed, and not found however it asks.
+    let v = ask(b, "tasks/list", serde_json::json!({}));
+    assert!(!listed(&v).contains(&task), "{v}");
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let v = ask(b, method, named.clone());
+        assert_eq!(v["error"]["code"], -32602, "{method}: {v}");
+        assert!(v.get("result").is_none(), "{method}: {v}");
+    }
+
+    // Its creator: listed, polled, and its result once done (about 4 s of simulated work).
+    let v = ask(a, "tasks/list", serde_json::json!({}));
+    assert!(listed(&v).contains(&task), "{v}");
+    let v = ask(a, "tasks/get", named.clone());
+    assert_eq!(v["result"]["taskId"], task.as_str(), "{v}");
+    let v = ask(a, "tasks/result", named);
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Research Report: tides")),
+        "{v}"
+    );
+    d.stop();
+}
