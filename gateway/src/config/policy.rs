@@ -119,6 +119,11 @@ pub struct RawPolicy {
     pub default_action: Option<Action>,
     #[serde(default)]
     pub tools: Vec<RawToolRule>,
+    /// Rules on JSON-RPC methods, for what tool rules do not cover (`resources/*`, `prompts/*`,
+    /// `tasks/*`, `completion/complete`): the tenant's own, then `[policy]`'s; the first that
+    /// matches a request's method decides, and a method none matches is allowed.
+    #[serde(default)]
+    pub methods: Vec<RawMethodRule>,
     /// JSON-RPC requests per second for the whole tenant, over all workers.
     #[serde(default)]
     pub requests_per_sec: Option<u64>,
@@ -157,6 +162,17 @@ pub struct RawPin {
     pub tool: String,
     /// As `GET /pins` reports it: SHA-256 of the definition's name, description and input schema.
     pub sha256: String,
+}
+
+/// A rule on the method of a JSON-RPC request.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawMethodRule {
+    /// Glob over the method's name, in which `*` does not match `/` and `**` matches anything:
+    /// `resources/*`, `tasks/*`, `completion/complete`, `**`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub action: Action,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]

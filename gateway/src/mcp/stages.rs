@@ -553,6 +553,7 @@ fn admit(
             });
         let ask = Ask {
             is_request: m.kind == Kind::Request,
+            method: m.method.as_deref().unwrap_or_default(),
             tool,
             arguments: m.arguments.as_ref(),
             message_bytes: req.body.len(),

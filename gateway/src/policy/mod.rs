@@ -33,7 +33,7 @@ use crate::config::{
     Action, AuthMethod, Config, ConfigError, RawBudget, RawLoopBreaker, RawPolicy, Route,
 };
 use limits::{Charge, Counted, InFlight, State};
-use rules::ToolRule;
+use rules::{MethodRule, ToolRule};
 
 /// Gateway-defined JSON-RPC codes for refusals (server error range).
 pub mod code {
@@ -164,6 +164,9 @@ pub struct TenantPolicy {
     /// (a rule's rate and concurrency are keyed by tenant and label, so sharing the compiled
     /// matcher shares no limit).
     global: Arc<[ToolRule]>,
+    /// Method rules: the tenant's own, then `[policy]`'s (compiled once, shared).
+    own_methods: Vec<MethodRule>,
+    global_methods: Arc<[MethodRule]>,
     pub default_action: Action,
     /// (requests per second, burst) for the tenant, and for each of its agents.
     pub rate: Option<(u64, u64)>,
@@ -183,21 +186,37 @@ pub struct TenantPolicy {
 
 impl TenantPolicy {
     /// The rules of `[policy]`, compiled once for every tenant.
-    fn compile_global(defaults: &RawPolicy) -> Result<Arc<[ToolRule]>, (String, String)> {
-        defaults
-            .tools
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ToolRule::compile(format!("policy.tools[{i}]"), r))
-            .collect()
+    fn compile_global(defaults: &RawPolicy) -> Result<GlobalRules, (String, String)> {
+        Ok(GlobalRules {
+            tools: defaults
+                .tools
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ToolRule::compile(format!("policy.tools[{i}]"), r))
+                .collect::<Result<_, _>>()?,
+            methods: defaults
+                .methods
+                .iter()
+                .enumerate()
+                .map(|(i, r)| MethodRule::compile(format!("policy.methods[{i}]"), r))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     fn compile(
         name: &str,
         own: Option<&RawPolicy>,
         defaults: &RawPolicy,
-        global: &Arc<[ToolRule]>,
+        shared: &GlobalRules,
     ) -> Result<Self, (String, String)> {
+        let global = &shared.tools;
+        let own_methods = own
+            .map(|o| &o.methods[..])
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| MethodRule::compile(format!("tenants[{name}].policy.methods[{i}]"), r))
+            .collect::<Result<_, _>>()?;
         let mut rules = Vec::new();
         if let Some(own) = own {
             for (i, r) in own.tools.iter().enumerate() {
@@ -252,6 +271,8 @@ impl TenantPolicy {
             name: name.to_owned(),
             own: rules,
             global: Arc::clone(global),
+            own_methods,
+            global_methods: Arc::clone(&shared.methods),
             needs_arguments,
             default_action: own
                 .and_then(|o| o.default_action)
@@ -345,10 +366,24 @@ impl TenantPolicy {
             == Action::Allow
     }
 
+    /// The first method rule covering `method`, if any.
+    pub fn method_rule(&self, method: &str) -> Option<&MethodRule> {
+        self.own_methods
+            .iter()
+            .chain(self.global_methods.iter())
+            .find(|r| r.matches(method))
+    }
+
     /// Whether any rule or the default hides a tool (lists then need filtering).
     pub fn filters(&self) -> bool {
         self.default_action == Action::Deny || self.rules().any(|r| r.action == Action::Deny)
     }
+}
+
+/// The rules of `[policy]`, compiled once per configuration and shared by every tenant.
+struct GlobalRules {
+    tools: Arc<[ToolRule]>,
+    methods: Arc<[MethodRule]>,
 }
 
 struct JwtKey {
@@ -904,6 +939,8 @@ impl Policy {
 pub struct Ask<'a> {
     /// A JSON-RPC request (notifications and responses are not limited).
     pub is_request: bool,
+    /// The request's method.
+    pub method: &'a str,
     /// `tools/call`: the upstream and its own name for the tool, and the arguments.
     pub tool: Option<(&'a str, &'a str)>,
     pub arguments: Option<&'a Value>,
@@ -965,6 +1002,19 @@ impl Policy {
         let t = self.tenant(who);
         if !ask.is_request {
             return Ok(());
+        }
+        if let Some(r) = t.method_rule(ask.method)
+            && r.action == Action::Deny
+        {
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                r.label.clone(),
+                format!(
+                    "method `{}` is not allowed for tenant `{}`",
+                    ask.method, t.name
+                ),
+            ));
         }
         let now = state.now();
         let unix_s = State::unix_s();

@@ -152,6 +152,7 @@ fn admit(
         who,
         &Ask {
             is_request: true,
+            method: "tools/call",
             tool: Some(("up", tool)),
             arguments: Some(&args),
             message_bytes: usize::MAX,
@@ -720,4 +721,117 @@ fn the_rule_cache_is_bounded_in_bytes() {
     assert!(entries < 600, "{entries} entries of 2 KiB cached");
     // Past the bound, rules still apply (they are matched, only not cached).
     assert!(!t.allows("up", "fail"));
+}
+
+#[test]
+fn method_rules_refuse_what_tool_rules_do_not_cover() {
+    let text = r#"
+[gateway]
+instance = "t"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:2"
+[admin]
+address = "127.0.0.1:1"
+[kernel]
+enabled = false
+default_tenant = "beta"
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants.policy.methods]]
+match = "resources/read"
+action = "deny"
+[[tenants.policy.methods]]
+match = "completion/complete"
+action = "allow"
+[[tenants.policy.methods]]
+match = "tasks/*"
+action = "deny"
+[[tenants]]
+name = "beta"
+id = 2
+[[tenants]]
+name = "gamma"
+id = 3
+[[tenants.policy.methods]]
+match = "initialize"
+action = "allow"
+[[tenants.policy.methods]]
+match = "**"
+action = "deny"
+[policy]
+[[policy.methods]]
+match = "completion/complete"
+action = "deny"
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+"#;
+    let c = Config::from_toml(text).unwrap_or_else(|e| panic!("{e}"));
+    let p = Policy::compile(&c).unwrap();
+    let state = Arc::new(State::default());
+    let who = |name: &str| Identity {
+        tenant: p.by_name[name],
+        agent: None,
+        run: None,
+        via: Via::Address,
+    };
+    let ask = |tenant: &str, method: &str, is_request: bool| {
+        let tool = (method == "tools/call").then_some(("up", "echo"));
+        p.admit(
+            &state,
+            &who(tenant),
+            &Ask {
+                is_request,
+                method,
+                tool,
+                arguments: None,
+                message_bytes: 2,
+                source: src(9, 1),
+            },
+        )
+        .map(|_| ())
+        .map_err(|r| (r.status, r.code, r.rule))
+    };
+    let denied = |rule: &str| Err((403, code::FORBIDDEN, rule.to_owned()));
+    // acme: its own rules first, then `[policy]`'s.
+    assert_eq!(
+        ask("acme", "resources/read", true),
+        denied("tenants[acme].policy.methods[0]")
+    );
+    assert_eq!(ask("acme", "resources/list", true), Ok(()));
+    assert_eq!(ask("acme", "completion/complete", true), Ok(()));
+    for m in ["tasks/get", "tasks/result", "tasks/list", "tasks/cancel"] {
+        assert_eq!(
+            ask("acme", m, true),
+            denied("tenants[acme].policy.methods[2]")
+        );
+    }
+    // `*` stops at `/`: a method of another depth is not covered.
+    assert_eq!(ask("acme", "tasks/a/b", true), Ok(()));
+    assert_eq!(ask("acme", "tools/call", true), Ok(()));
+    // beta: `[policy]`'s alone.
+    assert_eq!(
+        ask("beta", "completion/complete", true),
+        denied("policy.methods[0]")
+    );
+    assert_eq!(ask("beta", "resources/read", true), Ok(()));
+    // gamma: an allow list; `**` covers every method, a tool call included.
+    assert_eq!(ask("gamma", "initialize", true), Ok(()));
+    for m in ["tools/call", "tools/list", "ping", "a/b/c"] {
+        assert_eq!(
+            ask("gamma", m, true),
+            denied("tenants[gamma].policy.methods[1]")
+        );
+    }
+    // Notifications (a request without an id is refused before policy) are not ruled.
+    assert_eq!(ask("gamma", "notifications/cancelled", false), Ok(()));
+    // A bad glob is refused at load, naming its key.
+    let bad = text.replace("match = \"tasks/*\"", "match = \"tasks/[\"");
+    let e = Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(e.contains("tenants[acme].policy.methods[2].match"), "{e}");
 }

@@ -6,7 +6,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use regex_automata::meta::Regex;
 use serde_json::Value;
 
-use crate::config::{Action, JsonType, RawArgRule, RawToolRule};
+use crate::config::{Action, JsonType, RawArgRule, RawMethodRule, RawToolRule};
 
 /// A compiled tool rule: a tenant's own, or one of `[policy]`'s shared by every tenant (its
 /// limits are kept per tenant and label, not in the rule).
@@ -97,6 +97,31 @@ impl ToolRule {
                 .map_err(|why| (rule.label.clone(), why))?;
         }
         Ok(())
+    }
+}
+
+/// A compiled method rule.
+#[derive(Debug)]
+pub struct MethodRule {
+    /// Where it came from, e.g. `tenants[acme].policy.methods[0]`.
+    pub label: String,
+    pub pattern: String,
+    glob: Glob,
+    pub action: Action,
+}
+
+impl MethodRule {
+    pub fn compile(label: String, raw: &RawMethodRule) -> Result<Self, (String, String)> {
+        Ok(Self {
+            glob: Glob::new(&raw.pattern).map_err(|e| (format!("{label}.match"), e))?,
+            pattern: raw.pattern.clone(),
+            action: raw.action,
+            label,
+        })
+    }
+
+    pub fn matches(&self, method: &str) -> bool {
+        self.glob.is_match(method)
     }
 }
 

@@ -97,6 +97,10 @@ match = "u0/echo"
 pointer = "/text"
 type = "string"
 max_length = 10
+# ... and reads no resources.
+[[tenants.policy.methods]]
+match = "resources/read"
+action = "deny"
 
 [[tenants]]
 name = "beta"
@@ -393,6 +397,49 @@ fn budgets_run_out_loops_are_broken_and_every_decision_is_audited() {
 
 /// What every gateway of these tests has: two workers on loopback, the kernel program off. The
 /// `[kernel]` table comes last, so that a caller may go on with its keys.
+/// A method rule covers what tool rules do not: acme reads no resource, on a passthrough or a
+/// federated route, in either era; beta, without the rule, reads it.
+#[test]
+fn a_method_rule_refuses_resource_reads_that_tool_rules_cannot_name() {
+    let s = setup();
+    let beta = format!("Bearer {}", s.tokens["es"].as_str().unwrap());
+    let read = |path: &str, credential: &str, modern: bool| -> (u16, Value) {
+        let mut params = json!({"uri": "fixture://greeting"});
+        let mut extra = format!("{credential}\r\n");
+        if modern {
+            params["_meta"] = json!({
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}});
+            extra.push_str("mcp-protocol-version: 2026-07-28\r\nmcp-method: resources/read\r\nmcp-name: fixture://greeting\r\n");
+        } else {
+            extra.push_str("mcp-protocol-version: 2025-11-25\r\n");
+        }
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "resources/read", "params": params})
+            .to_string();
+        let (r, _) = raw(s.port, &post(path, &body, &extra));
+        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    };
+    for path in ["/mcp", "/fed"] {
+        for modern in [false, true] {
+            let (status, v) = read(path, &format!("x-api-key: {ACME_KEY}"), modern);
+            assert_eq!(status, 403, "{path} {modern}: {v}");
+            assert_eq!(error_code(&v), -32041, "{v}");
+            assert_eq!(
+                v["error"]["data"]["rule"],
+                "tenants[acme].policy.methods[0]"
+            );
+            assert_eq!(v["id"], 3, "{v}");
+        }
+        let (status, v) = read(path, &format!("authorization: {beta}"), true);
+        assert_eq!(status, 200, "{path}: {v}");
+        assert!(
+            v["result"]["contents"][0]["text"].as_str().is_some(),
+            "{path}: beta reads it: {v}"
+        );
+    }
+}
+
 fn header(instance: &str, port: u16, admin: u16) -> String {
     format!(
         "[gateway]\ninstance = \"{instance}\"\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\

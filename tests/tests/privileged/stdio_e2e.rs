@@ -687,11 +687,17 @@ fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
     // The answer to the request whose id is 1, as `key`'s caller (it may come as an event
     // stream).
     let ask = |key: &str, method: &str, params: serde_json::Value| -> serde_json::Value {
-        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
-            .to_string();
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+                .to_string();
         let extra = format!("x-api-key: {key}\r\nmcp-protocol-version: 2025-11-25\r\n");
         let (r, _) = raw(port, &post("/mcp", &body, &extra));
-        assert_eq!(r.status, 200, "{method}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "{method}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let body = String::from_utf8_lossy(&r.body).into_owned();
         body.lines()
             .filter_map(|l| l.strip_prefix("data: ").or(Some(l)))
