@@ -177,6 +177,23 @@ pub fn server_everything(port: u16) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// An MCP server built as the TypeScript SDK documents it (`createMcpExpressApp()`, Express
+/// with `express.json()`, stateless), with the tools `search` and `delete_repo`, on `port`
+/// (`tests/fixtures/express_server.cjs`).
+pub fn express_server(port: u16) -> KillOnDrop {
+    let child = Command::new("node")
+        .arg(root().join("tests/fixtures/express_server.cjs"))
+        .arg(port.to_string())
+        .env("PATH", node_path())
+        .env("NODE_PATH", root().join(".tools/node/node_modules"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the Express fixture");
+    wait_port(port, Duration::from_secs(30));
+    KillOnDrop(child)
+}
+
 /// Runs the MCP conformance suite's server scenarios against `url`; returns each scenario's
 /// outcome (true: passed) as the suite's summary reports it.
 pub fn conformance(url: &str) -> std::collections::BTreeMap<String, bool> {

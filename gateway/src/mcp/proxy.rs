@@ -634,8 +634,16 @@ pub(super) fn upstream_request(
     for (name, value) in &req.headers {
         if !is_hop_by_hop(name, &connection)
             && !name.eq_ignore_ascii_case("x-forwarded-for")
+            && !name.eq_ignore_ascii_case("accept-encoding")
             && !replace.iter().any(|(r, _)| name.eq_ignore_ascii_case(r))
         {
+            // The body was read as JSON in UTF-8 (parse stage): the upstream is told no other
+            // charset, whatever parameter the client wrote.
+            let value: &[u8] = if name.eq_ignore_ascii_case("content-type") {
+                b"application/json"
+            } else {
+                value
+            };
             http::push_field(&mut out, name, value)?;
         }
     }
@@ -662,6 +670,9 @@ pub(super) fn upstream_request(
     if let Some(auth) = &up.authorization {
         http::push_field(&mut out, "authorization", auth.as_bytes())?;
     }
+    // Answers are relayed as they come and read on the way (outcome, events, lists): one the
+    // upstream compressed would be read as noise.
+    out.extend_from_slice(b"accept-encoding: identity\r\n");
     if req.method == "POST" || !body.is_empty() {
         let _ = write!(out, "content-length: {}\r\n", body.len());
     }

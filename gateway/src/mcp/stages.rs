@@ -388,16 +388,8 @@ fn parse(
             )));
         }
     }
-    let json = req.header_str("content-type").is_some_and(|ct| {
-        ct.split(';')
-            .next()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-    });
-    if !json {
-        return Err(Stop::Reply(
-            415,
-            RpcError::invalid_request("Content-Type must be application/json"),
-        ));
+    if let Err(why) = json_body_type(req) {
+        return Err(Stop::Reply(415, RpcError::invalid_request(why)));
     }
     let parsed = ctx
         .parser
@@ -443,6 +435,46 @@ fn parse(
 /// the upstream would still run it); a batched `tools/list` for a tenant whose lists are
 /// filtered (only a lone one is); a passthrough session that is not the caller's. The session
 /// a passthrough request continues, verified here, is what the forward sends on.
+/// Whether the body is JSON in UTF-8, as the gateway parses it, and as every server will read
+/// it. `Content-Type` must be `application/json`, with no charset but UTF-8: a server reads the
+/// body in the charset named (Express's `json()` decodes `utf-7`, in which `+ACI-` is a quote),
+/// so another one makes it read a message the gateway never saw. No content coding either
+/// (servers inflate a gzip body). What is forwarded says `application/json` and no more.
+fn json_body_type(req: &Request) -> Result<(), &'static str> {
+    const WANT: &str = "Content-Type must be application/json (in UTF-8)";
+    let ct = req.header_str("content-type").ok_or(WANT)?;
+    let mut parts = ct.split(';');
+    let media = parts.next().unwrap_or_default().trim_matches([' ', '\t']);
+    if !media.eq_ignore_ascii_case("application/json") {
+        return Err(WANT);
+    }
+    for p in parts {
+        let (name, value) = p.split_once('=').unwrap_or((p, ""));
+        let name = name.trim_matches([' ', '\t']);
+        if name.is_empty() && value.is_empty() {
+            continue;
+        }
+        let value = value.trim_matches([' ', '\t']);
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        if !name.eq_ignore_ascii_case("charset")
+            || !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
+        {
+            return Err(
+                "Content-Type must be application/json, with no parameter but charset=utf-8",
+            );
+        }
+    }
+    match req.header_str("content-encoding") {
+        Some(c) if !c.trim_matches([' ', '\t']).eq_ignore_ascii_case("identity") => {
+            Err("a request body must not be compressed (Content-Encoding)")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check(
     req: &Request,
     ctx: &WorkerCtx,

@@ -303,3 +303,84 @@ fn distinct_long_names_do_not_grow_memory() {
         "RSS grew from {before} KiB to {after} KiB over 10,000 distinct names"
     );
 }
+
+/// A body in a charset the gateway does not read is refused, never passed on: Express's
+/// `json()` (the TypeScript SDK's `createMcpExpressApp()`) decodes `charset=utf-7`, in which
+/// `+ACIAfQ...-` inside a string is a quote that ends it, so the upstream would run
+/// `delete_repo` where the gateway checked `search`. Checked against the real server first;
+/// then a UTF-8 charset passes, and a compressed body is refused.
+#[test]
+fn a_body_in_another_charset_or_compressed_never_reaches_the_upstream() {
+    let up_port = free_port();
+    let _express = integration_tests::peers::express_server(up_port);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwcharset");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[[policy.tools]]
+match = "delete_repo"
+action = "deny"
+[[upstreams]]
+name = "repo"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "repo"
+"#
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    // `"},"name":"delete_repo","arguments":{"q":"` in UTF-7.
+    let smuggled = "+ACIAfQAsACIAbgBhAG0AZQAiADoAIgBkAGUAbABlAHQAZQBfAHIAZQBwAG8AIgAsACIAYQByAGcAdQBtAGUAbgB0AHMAIgA6AHsAIgBxACIAOgAi-";
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"q":"x{smuggled}"}}}}}}"#
+    );
+    let send = |to: u16, extra: &str| {
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (r, _) = raw(to, request.as_bytes());
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    // The server itself reads the smuggled message.
+    let (status, text) = send(up_port, "content-type: application/json; charset=utf-7\r\n");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("delete_repo ran"), "the premise: {text}");
+
+    for ct in [
+        "application/json; charset=utf-7",
+        "application/json; charset=\"UTF-7\"",
+        "application/json;charset=utf-16",
+        "application/json; charset=utf-8; x=1",
+    ] {
+        let (status, text) = send(port, &format!("content-type: {ct}\r\n"));
+        assert_eq!(status, 415, "{ct}: {text}");
+        assert!(!text.contains("ran with"), "{ct}: {text}");
+    }
+    let (status, text) = send(
+        port,
+        "content-type: application/json\r\ncontent-encoding: gzip\r\n",
+    );
+    assert_eq!(status, 415, "gzip: {text}");
+    // UTF-8, however written, is what the gateway read: `search` runs with the text as sent.
+    for ct in [
+        "application/json; charset=UTF-8",
+        "application/json;charset=\"utf-8\"",
+    ] {
+        let (status, text) = send(port, &format!("content-type: {ct}\r\n"));
+        assert_eq!(status, 200, "{ct}: {text}");
+        assert!(text.contains("search ran with"), "{ct}: {text}");
+        assert!(!text.contains("delete_repo ran"), "{ct}: {text}");
+    }
+    d.stop();
+}
