@@ -1234,11 +1234,15 @@ async fn serve_admin(
     };
     let served = if tls {
         match crate::tls::admin::listen(listener, edge) {
-            Ok(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
+            Ok(l) => {
+                axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
             Err(e) => Err(e),
         }
     } else {
-        axum::serve(listener, app)
+        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
             .with_graceful_shutdown(stopped)
             .await
     };
@@ -1362,6 +1366,70 @@ fn parse_window(query: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// The address of an admin client, over TCP or TLS.
+#[derive(Clone, Copy)]
+struct Peer(std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::tls::admin::Listener>,
+    > for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::admin::Listener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+/// The user owning the client's end of this loopback connection, if it is a user that stdio
+/// servers run as (root aside: a child running as root needs no admin API). Without a token
+/// the admin API trusts whoever reaches it on loopback, and a stdio server is a program the
+/// gateway runs: as the gateway's own user (the packaged service), it could otherwise approve
+/// its own changed tool definition or ban every client. The owner is read from the kernel's
+/// socket table (`/proc/net/tcp{,6}` of this network namespace, which children share).
+fn peer_runs_as_a_child(req: &axum::extract::Request, control: &Mutex<Control>) -> Option<u32> {
+    let children: Vec<u32> = lock(control)
+        .shared
+        .snapshot
+        .load()
+        .config
+        .upstreams
+        .iter()
+        .filter_map(|u| u.stdio.as_ref())
+        .map(|s| s.sandbox.child_uid())
+        .filter(|uid| *uid != 0)
+        .collect();
+    if children.is_empty() {
+        return None;
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()?
+        .0
+        .0;
+    let owner = [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| e.local_address == peer)
+        .map(|e| e.uid);
+    match owner {
+        Some(uid) if children.contains(&uid) => Some(uid),
+        Some(_) => None,
+        // Not found (closed already, or not a socket of this namespace): refused, as a
+        // child's would be.
+        None => children.first().copied(),
+    }
+}
+
 /// The admin API. `/healthz` and `/readyz` are open; everything else needs the admin token
 /// when one is configured.
 async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminResponse {
@@ -1416,6 +1484,13 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         return json_reply(
             403,
             &serde_json::json!({"error": "without an admin token, the admin API is reached by address (Host an IP literal or localhost)"}),
+        );
+    } else if let Some(uid) = peer_runs_as_a_child(&req, control) {
+        return json_reply(
+            403,
+            &serde_json::json!({"error": format!(
+                "this connection is uid {uid}'s, the user stdio servers run as: without an admin token the admin API serves other users only (set `admin.token`)"
+            )}),
         );
     }
     if let Some((status, why)) = cross_site(&method, req.headers()) {

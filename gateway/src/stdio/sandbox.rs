@@ -67,6 +67,17 @@ const SYSTEM_READ: &[&str] = &[
 /// The user `nobody` (65534 on Debian and most distributions).
 const NOBODY: (u32, u32) = (65534, 65534);
 
+impl SandboxSpec {
+    /// The user a child runs as: the configured one, else `nobody` under root, else the
+    /// gateway's own.
+    pub fn child_uid(&self) -> u32 {
+        // SAFETY: geteuid(2) cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        self.user
+            .map_or(if euid == 0 { NOBODY.0 } else { euid }, |(uid, _)| uid)
+    }
+}
+
 /// The name of each gateway's folder of homes, `mcp-gateway-stdio-<pid>-<random>` (and of the
 /// homes themselves in the shared temporary folder before they had one:
 /// `mcp-gateway-stdio-<pid>-<n>-<upstream>`, still swept).

@@ -750,3 +750,95 @@ fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
     );
     d.stop();
 }
+
+/// Without an admin token the admin API serves whoever reaches it on loopback, but not the
+/// user stdio servers run as: a child (here server-everything as `nobody`, the default under
+/// root) could otherwise approve its own changed tool definition or ban every client. A
+/// process of that user is refused, on reads and changes; root is served.
+#[test]
+fn stdio_servers_users_cannot_use_the_token_less_admin_api() {
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstdioadm");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "local"
+command = ["{bin}", "stdio"]
+[[routes]]
+path = "/mcp"
+upstream = "local"
+"#
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    // curl as `user` (a numeric uid, or none for root): the status and the body.
+    let curl = |user: Option<u32>, args: &[&str]| -> (u16, String) {
+        let mut cmd = match user {
+            Some(uid) => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                    "curl".into(),
+                ]);
+                c
+            }
+            None => std::process::Command::new("curl"),
+        };
+        let out = cmd
+            .args(["-s", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    };
+    let url = |path: &str| format!("http://127.0.0.1:{admin}{path}");
+    let approve = [
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"upstream":"local","tool":"echo"}"#,
+    ];
+    for (what, args) in [
+        ("GET /pins", vec![url("/pins")]),
+        ("GET /metrics", vec![url("/metrics")]),
+        (
+            "POST /pins/approve",
+            approve
+                .iter()
+                .map(|s| s.to_string())
+                .chain([url("/pins/approve")])
+                .collect(),
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, body) = curl(Some(65534), &args);
+        assert_eq!(status, 403, "{what} as nobody: {body}");
+        assert!(body.contains("uid 65534"), "{what}: {body}");
+    }
+    // Health stays open to everyone; root is served.
+    assert_eq!(curl(Some(65534), &[&url("/healthz")]).0, 200);
+    let (status, body) = curl(None, &[&url("/pins")]);
+    assert_eq!(status, 200, "{body}");
+    d.stop();
+}
