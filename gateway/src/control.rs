@@ -50,6 +50,10 @@ struct Control {
     /// The live hosts of the fleet the kernel's tenant rates were last divided by (1 without
     /// a fleet).
     kernel_hosts: u64,
+    /// Every tenant's at-cap flag has been written since start: the kernel's copy is pinned
+    /// and may still say "at cap" from a process that stopped there, where no count would ever
+    /// change it again.
+    caps_written: bool,
 }
 
 impl Control {
@@ -453,27 +457,40 @@ impl Control {
         }
     }
 
-    /// Raises or lowers each capped tenant's flag from the workers' connection counts (in a
-    /// fleet, with the other gateways' as the fleet agent last read them).
+    /// Raises or lowers each tenant's at-cap flag, in the kernel and for the workers, from the
+    /// workers' connection counts (in a fleet, with the other gateways' as the fleet agent last
+    /// read them). A tenant without a cap (no longer, after a reload) is never at it; the first
+    /// pass writes every flag, whatever the pinned map said.
     fn update_caps(&mut self) {
         let snap = self.shared.snapshot.load();
+        let force = !self.caps_written;
+        let mut failed = false;
         for t in &snap.config.tenants {
-            let Some(cap) = t.max_connections else {
-                continue;
-            };
-            let at_cap = self.shared.conns.total(t.id) >= self.shared.limits.conn_cap(t.id, cap);
-            if at_cap == self.shared.at_cap(t.id) {
+            let at_cap = t.max_connections.is_some_and(|cap| {
+                self.shared.conns.total(t.id) >= self.shared.limits.conn_cap(t.id, cap)
+            });
+            if at_cap == self.shared.at_cap(t.id) && !force {
                 continue;
             }
             if let Some(maps) = &mut self.maps
                 && let Err(e) = maps.set_over_cap(t.id, at_cap)
             {
                 tracing::error!(tenant = %t.name, error = %e, "cannot write the at-cap flag");
+                failed = true;
                 continue;
             }
+            if at_cap != self.shared.at_cap(t.id) {
+                tracing::info!(tenant = %t.name, cap = ?t.max_connections, at_cap, "tenant connection cap");
+            }
             self.shared.set_at_cap(t.id, at_cap);
-            tracing::info!(tenant = %t.name, cap, at_cap, "tenant connection cap");
         }
+        // A tenant id the configuration no longer has (moved by a reload) is not at a cap.
+        for id in 0..gateway_common::MAX_TENANTS {
+            if self.shared.at_cap(id) && snap.config.tenant(id).is_none() {
+                self.shared.set_at_cap(id, false);
+            }
+        }
+        self.caps_written = !failed;
     }
 }
 
@@ -737,6 +754,7 @@ async fn run_async(
         xdp,
         reloads: Reloads::default(),
         kernel_hosts,
+        caps_written: false,
     }));
     // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
     lock(&control).refresh_bans();

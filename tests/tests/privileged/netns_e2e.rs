@@ -198,6 +198,41 @@ fn connection_cap_closes_the_loop_through_the_kernel() {
     s.daemon.stop();
 }
 
+/// The kernel's at-cap flag is pinned: a gateway that stopped while a tenant was at its cap
+/// left it raised, and with no connection admitted no count would ever lower it. The next
+/// process writes every flag on its first pass.
+#[test]
+fn a_crash_at_the_cap_does_not_keep_the_tenant_out_after_the_restart() {
+    let mut s = setup();
+    let (held, failed) = attempts(&s.topo.client, GAMMA, 2);
+    assert_eq!((held.len(), failed), (2, 0));
+    s.daemon
+        .wait_for_log("\"at_cap\":true", Duration::from_secs(5));
+    assert!(maps(&s).over_cap(3).unwrap(), "at the cap");
+    s.daemon.crash();
+    drop(held);
+    assert!(
+        maps(&s).over_cap(3).unwrap(),
+        "the flag outlives the process"
+    );
+    let mut d2 = Daemon::restart(&s.topo.gw, &s.instance, &mut s.daemon);
+    let m = maps(&s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while m.over_cap(3).unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted gateway left the stale flag raised"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        attempts(&s.topo.client, GAMMA, 1).0.len(),
+        1,
+        "the tenant connects again"
+    );
+    d2.stop();
+}
+
 #[test]
 fn restart_after_a_crash_keeps_bans_and_counters_and_replaces_the_stale_link() {
     let mut s = setup();
