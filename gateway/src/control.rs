@@ -978,9 +978,13 @@ impl crate::fleet::Bans for FleetBans {
             .collect()
     }
 
-    fn ban(&self, ip: std::net::IpAddr, ttl: Duration) {
-        if let Err(e) = lock(&self.0).ban(ip, ttl) {
-            tracing::error!(source = %ip, "fleet: banning failed: {e}");
+    fn ban(&self, ip: std::net::IpAddr, ttl: Duration) -> bool {
+        match lock(&self.0).ban(ip, ttl) {
+            Ok(_) => true,
+            Err(e) => {
+                crate::throttled_warn!(source = %ip, error = %e, "fleet: banning here failed; the fleet's ban stays, tried again next round");
+                false
+            }
         }
     }
 

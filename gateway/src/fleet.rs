@@ -571,8 +571,10 @@ pub struct Stats {
 pub trait Bans: Send + 'static {
     /// The bans in force here, with the time each has left.
     fn local(&self) -> Vec<(IpAddr, Duration)>;
-    /// Bans `ip` here (kernel map and workers), as the ban path does.
-    fn ban(&self, ip: IpAddr, ttl: Duration);
+    /// Bans `ip` here (kernel map and workers), as the ban path does; false when it could not
+    /// (a full ban map): the fleet's ban is then not taken as known here, so it is neither
+    /// lifted as if an operator had lifted it here nor forgotten (the next round tries again).
+    fn ban(&self, ip: IpAddr, ttl: Duration) -> bool;
     /// Lifts a ban here.
     fn unban(&self, ip: IpAddr);
 }
@@ -2181,7 +2183,9 @@ impl<B: Bans> Agent<B> {
                     continue;
                 }
                 let left = Duration::from_millis(until - now);
-                self.bans.ban(*ip, left);
+                if !self.bans.ban(*ip, left) {
+                    continue;
+                }
                 self.known_bans.insert(*ip);
                 self.shared.fleet.bans_received.fetch_add(1, Relaxed);
                 tracing::warn!(source = %ip, ban_s = left.as_secs(), "fleet: banned here as another gateway of the fleet banned it");
