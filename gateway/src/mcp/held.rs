@@ -402,7 +402,11 @@ pub(super) async fn call(
     // one id would meet there, and the upstream would give one's answer to the other. Each
     // goes under an id of the gateway's, and its answer gets the caller's back. A caller's
     // cancellation names its own id, which no request on the session carries: not sent.
-    if method == "notifications/cancelled" {
+    //
+    // The gateway declared no client capabilities on the session, so the upstream asks its
+    // clients nothing: a client's response would only answer a request the upstream made of
+    // another caller. Accepted, not sent.
+    if method == "notifications/cancelled" || (method.is_empty() && id.is_some()) {
         return Ok(Answer {
             head: accepted_head(),
             body: Vec::new(),

@@ -514,6 +514,19 @@ fn check(
         );
         return Err(Stop::Refuse(r, messages.id_for(m)));
     }
+    // A stateless client has no handshake. Sent on, an `initialize` would open an upstream
+    // session nobody uses, or (on a session the gateway holds for a tenant's callers) declare
+    // capabilities for every caller.
+    if let Some(m) = messages.single.as_ref().filter(|m| {
+        m.method.as_deref() == Some("initialize") && super::held::client_is_stateless(req, Some(m))
+    }) {
+        let err = RpcError::new(
+            super::error::METHOD_NOT_FOUND,
+            "`initialize` is not a method of the stateless era (2026-07-28)",
+            404,
+        );
+        return Err(Stop::reply(err.with_id(messages.id_for(m))));
+    }
     if !messages.batch.is_empty()
         && let Target::Passthrough(u) = &route.target
         && config

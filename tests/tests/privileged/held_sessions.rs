@@ -192,13 +192,39 @@ fn callers_sharing_a_held_session_get_their_own_answers_whatever_their_ids() {
         text(&long).is_some_and(|t| t.starts_with("Long running operation completed")),
         "{long}"
     );
-    // A client's response answers the upstream's own id: it goes as it is, and is accepted.
+    // The gateway declared no client capabilities on the session, so the upstream asked no
+    // client anything: a client's response could only answer what it asked another caller.
+    // Accepted, and not sent.
     let answer = r#"{"jsonrpc":"2.0","id":5,"result":{}}"#;
     let (r, _) = raw(
         port,
         &post("/mcp", answer, "mcp-protocol-version: 2026-07-28\r\n"),
     );
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    // Nor may a caller initialize the shared session again, declaring capabilities for
+    // every caller (a Python SDK server would take them): not a method of the era.
+    let init = r#"{"jsonrpc":"2.0","id":6,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"elicitation":{}},"clientInfo":{"name":"x","version":"1"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            init,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: initialize\r\n",
+        ),
+    );
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["error"]["code"],
+        -32601,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let (status, after) = call("echo", r#"{"message":"after"}"#);
+    assert_eq!(
+        (status, text(&after).as_deref()),
+        (200, Some("Echo: after")),
+        "{after}"
+    );
     drop(everything);
     d.stop();
 }
