@@ -516,6 +516,8 @@ pub enum Misbehave {
     Slow(Duration),
     /// Answers like `Answer` after the number of milliseconds in the body's `"delay_ms":N`.
     DelayFromBody,
+    /// Answers every request with these bytes (a whole response, head and body).
+    Raw(&'static str),
 }
 
 /// An upstream on raw sockets that records request heads.
@@ -582,6 +584,9 @@ impl FakeUpstream {
                                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
                                     b.len()
                                 );
+                            }
+                            Misbehave::Raw(bytes) => {
+                                let _ = conn.write_all(bytes.as_bytes());
                             }
                             Misbehave::DieMidStream => {
                                 let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{free_port, post, raw, read_response},
+    peers::{FakeUpstream, Misbehave, free_port, post, raw, read_response},
     unique,
 };
 
@@ -383,4 +383,61 @@ upstream = "repo"
         assert!(!text.contains("delete_repo ran"), "{ct}: {text}");
     }
     d.stop();
+}
+
+/// What an upstream answers that the client could read otherwise than the gateway does is a
+/// 502, never relayed: a 401 (its `WWW-Authenticate` would send the client to authorize where
+/// the upstream says), two `Content-Type` lines, or one that names `text/event-stream` without
+/// being it (the TypeScript SDK reads a stream wherever the string appears; the gateway would
+/// relay it unread as JSON). And what reaches the upstream says `application/json` and asks
+/// for no compression, whatever the client wrote.
+#[test]
+fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
+    let body = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+    let heads: [(&str, &'static str); 3] = [
+        (
+            "401",
+            "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer resource_metadata=\"https://evil.example/prm\"\r\ncontent-length: 0\r\n\r\n",
+        ),
+        (
+            "two types",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-type: text/event-stream\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+        (
+            "named",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json; x=\"text/event-stream\"\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+    ];
+    assert_eq!(body.len(), 36);
+    for (what, head) in heads {
+        let fake = FakeUpstream::start(Misbehave::Raw(head));
+        let port = free_port();
+        let admin = free_port();
+        let instance = unique("gwheads");
+        let config = format!(
+            "[gateway]\ninstance = \"{instance}\"\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n[kernel]\nenabled = false\n[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+            fake.url()
+        );
+        let mut d = Daemon::start_local(&instance, &config);
+        let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+        // `charset=UTF-8` is accepted, and not passed on.
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json; charset=UTF-8\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\naccept-encoding: gzip, br\r\ncontent-length: {}\r\n\r\n{call}",
+            call.len()
+        );
+        let (r, _) = raw(port, request.as_bytes());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 502, "{what}: {text}");
+        assert!(r.header("www-authenticate").is_none(), "{what}");
+        assert!(!text.contains("evil.example"), "{what}: {text}");
+        let seen = fake.seen.lock().unwrap().join("");
+        assert!(
+            seen.contains("content-type: application/json\r\n"),
+            "{seen}"
+        );
+        assert!(!seen.to_ascii_lowercase().contains("charset"), "{seen}");
+        assert!(seen.contains("accept-encoding: identity\r\n"), "{seen}");
+        assert!(!seen.contains("gzip"), "{seen}");
+        d.stop();
+    }
 }

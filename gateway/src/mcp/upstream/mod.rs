@@ -54,12 +54,40 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
+    /// The media type is `text/event-stream` (its parameters aside).
     pub fn is_sse(&self) -> bool {
-        const SSE: &[u8] = b"text/event-stream";
         self.headers.get("content-type").is_some_and(|ct| {
-            ct.trim_ascii()
-                .get(..SSE.len())
-                .is_some_and(|t| t.eq_ignore_ascii_case(SSE))
+            ct.split(|b| *b == b';')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"))
+        })
+    }
+
+    /// Why the client could read this head otherwise than the gateway does, if it could:
+    /// - 401 and 403 are about the gateway's own credential for the upstream; relayed, the
+    ///   upstream's `WWW-Authenticate` would send the client to authorize at a server of the
+    ///   upstream's choosing;
+    /// - two `Content-Type` lines, or one naming `text/event-stream` other than as its media
+    ///   type: clients that look for the string anywhere (the TypeScript SDK) would read as
+    ///   an event stream what the gateway relays, unread, as JSON.
+    fn ambiguity(&self) -> Option<String> {
+        if matches!(self.status, 401 | 403) {
+            return Some(format!(
+                "answered HTTP {}: it refused the gateway's credential (the upstream's `bearer_token_env`)",
+                self.status
+            ));
+        }
+        let mut types = self.headers.all("content-type");
+        let first = types.next();
+        if types.next().is_some() {
+            return Some("answered with two Content-Type lines".into());
+        }
+        let names_sse = first.is_some_and(|ct| {
+            ct.windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+        });
+        (names_sse && !self.is_sse()).then(|| {
+            "answered with a Content-Type that names text/event-stream without being it".into()
         })
     }
 
@@ -194,6 +222,9 @@ fn parse_response_head(
                     // 100 Continue and other interim responses; the next head starts here.
                     *end = http::HeadEnd::default();
                     continue;
+                }
+                if let Some(why) = head.ambiguity() {
+                    return Err(UpstreamFailure::Bad(why));
                 }
                 Ok(Some(head))
             }
