@@ -801,12 +801,9 @@ fn filtered(body: &[u8], keep: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>, Strin
     if v.get("error").is_some() {
         return Ok(body.to_vec());
     }
-    let tools = v
-        .get_mut("result")
-        .and_then(|r| r.get_mut("tools"))
-        .and_then(Value::as_array_mut)
+    v.get_mut("result")
+        .and_then(|r| super::messages::keep_tools(r, keep))
         .ok_or("the answer to tools/list has no `result.tools` array")?;
-    tools.retain(|t| keep(t));
     Ok(super::json_bytes(&v))
 }
 

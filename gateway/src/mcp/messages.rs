@@ -351,8 +351,39 @@ pub fn discover_from_initialize(init: &Value) -> Value {
     out
 }
 
+/// A `tools/list` result as one tenant sees it: only the tools `keep` keeps, and never
+/// `cacheScope: "public"` (the list is that tenant's, and a shared cache must not give it to
+/// another). `None`: the result has no `tools` array to filter.
+pub(super) fn keep_tools(
+    result: &mut serde_json::Value,
+    keep: impl FnMut(&serde_json::Value) -> bool,
+) -> Option<()> {
+    result.get_mut("tools")?.as_array_mut()?.retain(keep);
+    if let Some(scope) = result.get_mut("cacheScope") {
+        *scope = serde_json::json!("private");
+    }
+    Some(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_filtered_tools_list_is_never_public() {
+        let mut r = serde_json::json!({"tools": [{"name": "a"}, {"name": "b"}], "ttlMs": 60000,
+            "cacheScope": "public"});
+        super::keep_tools(&mut r, |t| t["name"] == "a").unwrap();
+        assert_eq!(
+            r,
+            serde_json::json!({"tools": [{"name": "a"}], "ttlMs": 60000, "cacheScope": "private"})
+        );
+        // Nothing to filter: told so, and nothing added.
+        let mut none = serde_json::json!({"ttlMs": 1});
+        assert!(super::keep_tools(&mut none, |_| true).is_none());
+        let mut bare = serde_json::json!({"tools": []});
+        super::keep_tools(&mut bare, |_| true).unwrap();
+        assert_eq!(bare, serde_json::json!({"tools": []}));
+    }
+
     use super::*;
 
     #[test]

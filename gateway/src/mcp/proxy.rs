@@ -525,15 +525,13 @@ pub(super) async fn filtered_tools_list<'c>(
     if let Some(result) = message.get_mut("result") {
         // A result the gateway cannot filter is not passed on unfiltered: the upstream's
         // malformed answer becomes an error for the client.
-        let Some(tools) = result
-            .get_mut("tools")
-            .and_then(serde_json::Value::as_array_mut)
-        else {
+        let kept =
+            super::messages::keep_tools(result, |t| visible(ctx, policy, tenant, &up.name, t));
+        if kept.is_none() {
             obs.set(Outcome::UpstreamFailure);
             let why = "the answer to tools/list has no `result.tools` array".to_owned();
             return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
-        };
-        tools.retain(|t| visible(ctx, policy, tenant, &up.name, t));
+        }
     }
     obs.set(if message.get("error").is_some() {
         Outcome::RpcError

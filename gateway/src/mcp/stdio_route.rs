@@ -117,12 +117,13 @@ impl ToolFilter<'_> {
         if v.get("error").is_some() {
             return Ok(bytes.to_vec());
         }
-        let tools = v
-            .get_mut("result")
-            .and_then(|r| r.get_mut("tools"))
-            .and_then(Value::as_array_mut)
+        v.get_mut("result")
+            .and_then(|r| {
+                super::messages::keep_tools(r, |t| {
+                    visible(self.ctx, self.policy, self.tenant, self.upstream, t)
+                })
+            })
             .ok_or_else(bad)?;
-        tools.retain(|t| visible(self.ctx, self.policy, self.tenant, self.upstream, t));
         Ok(super::json_bytes(&v))
     }
 }

@@ -102,7 +102,9 @@ impl<'c> Federation<'_, 'c> {
                             result_type.get_or_insert_with(|| t.clone());
                         }
                         if let Some(ttl) = result["ttlMs"].as_u64() {
-                            let private = result["cacheScope"] != "public";
+                            // A tools list filtered for the tenant is the tenant's alone.
+                            let private = result["cacheScope"] != "public"
+                                || key == "tools" && (self.tenant.filters() || self.policy.pinning);
                             cache = Some(
                                 cache.map_or((ttl, private), |(t, p)| (t.min(ttl), p || private)),
                             );
