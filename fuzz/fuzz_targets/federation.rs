@@ -7,7 +7,8 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = rewrite_events("u0", data);
+    let _ = rewrite_events("u0", data, None);
+    let _ = rewrite_events("u0", data, Some(&json!(1)));
     if let Ok(text) = std::str::from_utf8(data) {
         for id in [json!(text), json!(text.len())] {
             let tagged = tag("u0", &id).expect("strings and numbers are tagged");

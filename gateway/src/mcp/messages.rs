@@ -174,11 +174,13 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 /// (a lone surrogate serde refuses and `JSON.parse` reads, a batch), or a field holding a byte
 /// order mark or a character some clients end lines at (Python's `splitlines`: VT, FF,
 /// U+001C–U+001E, U+0085, U+2028, U+2029). Those three in data, valid JSON in a string, are
-/// written escaped.
-pub fn rewrite_events(member: &str, events: &[u8]) -> Vec<u8> {
+/// written escaped. On the stream of a request (`answers`: its id), a response to any other id
+/// is dropped too: clients match answers by id across streams, so a member could otherwise
+/// answer a request the client sent to another member.
+pub fn rewrite_events(member: &str, events: &[u8], answers: Option<&Value>) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
     for event in sse::split(events) {
-        if let Err(why) = rewrite_event(member, event, &mut out) {
+        if let Err(why) = rewrite_event(member, event, answers, &mut out) {
             crate::throttled_warn!(upstream = %member, "event dropped: {why}");
         }
     }
@@ -217,7 +219,12 @@ fn escape_separators(json: Vec<u8>) -> Vec<u8> {
 }
 
 /// Appends one rewritten event to `out`, or nothing when it has no field a client reads.
-fn rewrite_event(member: &str, event: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+fn rewrite_event(
+    member: &str,
+    event: &[u8],
+    answers: Option<&Value>,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
     let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
     for line in lines(event) {
         if line.is_empty() || line[0] == b':' {
@@ -257,6 +264,12 @@ fn rewrite_event(member: &str, event: &[u8], out: &mut Vec<u8>) -> Result<(), &'
         },
         None => None,
     };
+    if let (Some(v), Some(want)) = (&data, answers)
+        && v.get("method").is_none()
+        && v.get("id").is_some_and(|id| id != want)
+    {
+        return Err("a response to another request than this stream's");
+    }
     let mut changed = false;
     if let Some(v) = data.as_mut().filter(|v| v.get("method").is_some()) {
         if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
@@ -368,6 +381,32 @@ pub(super) fn keep_tools(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_members_stream_carries_no_answer_to_another_request() {
+        let events = concat!(
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"result\":{\"tools\":[]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":\"7\",\"result\":{}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"sampling/createMessage\"}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n",
+        );
+        let out =
+            String::from_utf8(rewrite_events("m", events.as_bytes(), Some(&json!(7)))).unwrap();
+        // The progress, the member's own request (tagged) and the answer to 7 pass; the
+        // answers to 8 and to "7" do not.
+        assert_eq!(out.matches("data: ").count(), 3, "{out}");
+        assert!(out.contains("notifications/progress"), "{out}");
+        assert!(out.contains("sampling/createMessage"), "{out}");
+        assert!(out.contains(r#""result":{"ok":true}"#), "{out}");
+        assert!(
+            !out.contains(r#""tools""#) && !out.contains(r#""id":"7""#),
+            "{out}"
+        );
+        // Without a request (the session's own stream), answers are not judged.
+        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), None)).unwrap();
+        assert_eq!(out.matches("data: ").count(), 5, "{out}");
+    }
+
+    #[test]
     fn a_filtered_tools_list_is_never_public() {
         let mut r = serde_json::json!({"tools": [{"name": "a"}, {"name": "b"}], "ttlMs": 60000,
             "cacheScope": "public"});
@@ -435,7 +474,7 @@ id: 8\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"para
 data: {\"jsonrpc\":\"2.0\",\"id\":\"x.y\",\"method\":\"elicitation/create\"}\n\n\
 data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"requestId\":3}}\n\n\
 : comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
-        let out = String::from_utf8(rewrite_events("py", events)).unwrap();
+        let out = String::from_utf8(rewrite_events("py", events, None)).unwrap();
         let got: Vec<&str> = out.split("\n\n").collect();
         assert_eq!(
             got[0],
@@ -502,7 +541,7 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
             g = req("o.n.5"),
             h = "{\"jsonrpc\":\"2.0\",\"id\":\"h\",\"method\":\"m\",\"params\":{\"s\":\"\u{2028}data: x\u{2029}\u{85}\"}}",
         );
-        let out = String::from_utf8(rewrite_events("m", events.as_bytes())).unwrap();
+        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), None)).unwrap();
         let got: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(got.len(), 6, "{out}");
         for (event, id) in got
@@ -522,13 +561,13 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         // A stream's first event after a byte order mark is read (and tagged) as a client reads
         // it; after two, the second is part of a field's name for a client too: dropped.
         let first = format!("\u{feff}data: {}\n\n", req("q"));
-        let out = String::from_utf8(rewrite_events("m", first.as_bytes())).unwrap();
+        let out = String::from_utf8(rewrite_events("m", first.as_bytes(), None)).unwrap();
         assert!(
             out.contains(r#""id":"m.s.q""#) && !out.contains('\u{feff}'),
             "{out}"
         );
         let two = format!("\u{feff}{first}");
-        assert_eq!(rewrite_events("m", two.as_bytes()), b"");
+        assert_eq!(rewrite_events("m", two.as_bytes(), None), b"");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub(super) async fn relay(
         kind,
         framing,
         head.is_sse(),
-        member,
+        member.map(|m| (m, request_id.as_ref().map(Id::to_json))),
         request_id.is_some(),
         max_event,
     );
@@ -273,7 +273,9 @@ struct Body<'m> {
     /// An event stream's bytes, held until each event is whole: an error event can always be
     /// appended cleanly, and a federation rewrites each.
     events: EventBuffer,
-    member: Option<&'m str>,
+    /// Inside a federation: the member, and the id of the request it answers (its events
+    /// answering another id are dropped: a member must not answer what was sent to another).
+    member: Option<(&'m str, Option<serde_json::Value>)>,
     /// Whether the answer is classified (the answer to a request).
     classify: bool,
     scan: AnswerScan,
@@ -286,7 +288,7 @@ impl<'m> Body<'m> {
         kind: BodyKind,
         framing: Framing,
         sse: bool,
-        member: Option<&'m str>,
+        member: Option<(&'m str, Option<serde_json::Value>)>,
         classify: bool,
         max_event: usize,
     ) -> Self {
@@ -351,8 +353,10 @@ impl<'m> Body<'m> {
 
     /// Events as the client gets them: a federation's member's rewritten.
     fn rewritten(&self, events: Vec<u8>) -> Vec<u8> {
-        match self.member {
-            Some(name) => super::messages::rewrite_events(name, &events),
+        match &self.member {
+            Some((name, answers)) => {
+                super::messages::rewrite_events(name, &events, answers.as_ref())
+            }
             None => events,
         }
     }

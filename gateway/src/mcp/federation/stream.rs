@@ -187,7 +187,9 @@ async fn pump(
         piece.clear();
         match events.take_events() {
             Ok(Some(complete)) => {
-                let rewritten = rewrite_events(&name, &complete);
+                // The session's own stream answers no request of this client's (responses on it
+                // are for a request stream being resumed, whose id is not known here).
+                let rewritten = rewrite_events(&name, &complete, None);
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
                 }
