@@ -155,6 +155,7 @@ pub fn decision_cost(n: u64) -> DecisionCost {
             let identified = t.elapsed();
             let ask = Ask {
                 is_request: true,
+                method: "tools/call",
                 tool: Some(("github", m.name.as_deref().unwrap_or_default())),
                 arguments: m.arguments.as_ref(),
                 message_bytes: *len,

@@ -147,6 +147,7 @@ fuzz_target!(|data: &[u8]| {
     let arguments: Option<serde_json::Value> = serde_json::from_slice(args).ok();
     let ask = Ask {
         is_request: true,
+        method: "tools/call",
         tool: Some(("up", &tool)),
         arguments: arguments.as_ref(),
         message_bytes: data.len(),
