@@ -1388,16 +1388,22 @@ fn parse_window(query: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-/// The address of an admin client, over TCP or TLS.
+/// An admin connection's two ends: the client's address and the gateway's, over TCP or TLS.
 #[derive(Clone, Copy)]
-struct Peer(std::net::SocketAddr);
+struct Peer {
+    client: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+}
 
 impl
     axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
     for Peer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self(*s.remote_addr())
+        Self {
+            client: *s.remote_addr(),
+            local: s.io().local_addr().ok(),
+        }
     }
 }
 
@@ -1407,17 +1413,25 @@ impl
     > for Peer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::admin::Listener>) -> Self {
-        Self(*s.remote_addr())
+        Self {
+            client: *s.remote_addr(),
+            local: s.io().get_ref().0.local_addr().ok(),
+        }
     }
 }
 
+/// Socket-table reads at once: each reads every TCP socket of the host, off the control thread.
+static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The user owning the client's end of this loopback connection, if it is a user that stdio
-/// servers run as (root aside: a child running as root needs no admin API). Without a token
-/// the admin API trusts whoever reaches it on loopback, and a stdio server is a program the
-/// gateway runs: as the gateway's own user (the packaged service), it could otherwise approve
-/// its own changed tool definition or ban every client. The owner is read from the kernel's
-/// socket table (`/proc/net/tcp{,6}` of this network namespace, which children share).
-fn peer_runs_as_a_child(req: &axum::extract::Request, control: &Mutex<Control>) -> Option<u32> {
+/// servers run as (root aside: a child running as root needs no admin API), or if that cannot
+/// be told. Without a token the admin API trusts whoever reaches it on loopback, and a stdio
+/// server is a program the gateway runs: as the gateway's own user (the packaged service), it
+/// could otherwise approve its own changed tool definition or ban every client. The owner is
+/// read from the kernel's socket table (`/proc/net/tcp{,6}` of this network namespace, which
+/// children share): the one established socket whose ends are this connection's, seen from
+/// the client's side.
+async fn peer_runs_as_a_child(peer: Option<Peer>, control: &Mutex<Control>) -> Option<u32> {
     let children: Vec<u32> = lock(control)
         .shared
         .snapshot
@@ -1429,26 +1443,40 @@ fn peer_runs_as_a_child(req: &axum::extract::Request, control: &Mutex<Control>) 
         .map(|s| s.sandbox.child_uid())
         .filter(|uid| *uid != 0)
         .collect();
+    let refused = children.first().copied();
     if children.is_empty() {
         return None;
     }
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<Peer>>()?
-        .0
-        .0;
-    let owner = [procfs::net::tcp(), procfs::net::tcp6()]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .find(|e| e.local_address == peer)
-        .map(|e| e.uid);
-    match owner {
-        Some(uid) if children.contains(&uid) => Some(uid),
-        Some(_) => None,
-        // Not found (closed already, or not a socket of this namespace): refused, as a
-        // child's would be.
-        None => children.first().copied(),
+    let Some(Peer {
+        client,
+        local: Some(local),
+    }) = peer
+    else {
+        return refused;
+    };
+    let Ok(_permit) = SOCKET_TABLE_READS.acquire().await else {
+        return refused;
+    };
+    let owners = tokio::task::spawn_blocking(move || {
+        [procfs::net::tcp(), procfs::net::tcp6()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.state == procfs::net::TcpState::Established
+                    && e.local_address == client
+                    && e.remote_address == local
+            })
+            .map(|e| e.uid)
+            .collect::<Vec<u32>>()
+    })
+    .await
+    .unwrap_or_default();
+    match owners[..] {
+        [uid] if !children.contains(&uid) => None,
+        [uid] => Some(uid),
+        // None (closed already) or several: not told apart, so refused as a child's.
+        _ => refused,
     }
 }
 
@@ -1507,7 +1535,14 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             403,
             &serde_json::json!({"error": "without an admin token, the admin API is reached by address (Host an IP literal or localhost)"}),
         );
-    } else if let Some(uid) = peer_runs_as_a_child(&req, control) {
+    } else if let Some(uid) = peer_runs_as_a_child(
+        req.extensions()
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map(|c| c.0),
+        control,
+    )
+    .await
+    {
         return json_reply(
             403,
             &serde_json::json!({"error": format!(

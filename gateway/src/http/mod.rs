@@ -167,6 +167,7 @@ impl<'a> ConnectionOptions<'a> {
 const SINGLE: &[&str] = &[
     "host",
     "content-type",
+    "content-encoding",
     "authorization",
     "x-api-key",
     "origin",

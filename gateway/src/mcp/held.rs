@@ -814,6 +814,7 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         UpstreamFailure::Connect(d)
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Denied(d)
         | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::Tls { detail, .. } => detail,
         UpstreamFailure::ClientGone => "the client left".into(),

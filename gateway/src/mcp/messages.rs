@@ -372,8 +372,10 @@ pub(super) fn keep_tools(
     keep: impl FnMut(&serde_json::Value) -> bool,
 ) -> Option<()> {
     result.get_mut("tools")?.as_array_mut()?.retain(keep);
-    if let Some(scope) = result.get_mut("cacheScope") {
-        *scope = serde_json::json!("private");
+    if let Some(r) = result.as_object_mut()
+        && (r.contains_key("cacheScope") || r.contains_key("ttlMs"))
+    {
+        r.insert("cacheScope".into(), serde_json::json!("private"));
     }
     Some(())
 }
@@ -421,6 +423,10 @@ mod tests {
         let mut bare = serde_json::json!({"tools": []});
         super::keep_tools(&mut bare, |_| true).unwrap();
         assert_eq!(bare, serde_json::json!({"tools": []}));
+        // A lifetime without a scope gets one.
+        let mut ttl = serde_json::json!({"tools": [], "ttlMs": 5});
+        super::keep_tools(&mut ttl, |_| true).unwrap();
+        assert_eq!(ttl["cacheScope"], "private");
     }
 
     use super::*;

@@ -756,6 +756,7 @@ pub(super) async fn fail(
         UpstreamFailure::Connect(d)
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
+        | UpstreamFailure::Denied(d)
         | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
         UpstreamFailure::OutOfDescriptors => {
             crate::throttled_warn!(

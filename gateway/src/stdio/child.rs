@@ -421,6 +421,7 @@ impl Supervisor {
             }
         };
         let mut r = start(&self.spec, &home).await?;
+        self.mux.child_started();
         if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled())
             && r.init["capabilities"].get("tools").is_some()
         {

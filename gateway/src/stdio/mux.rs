@@ -20,8 +20,9 @@
 //!   client's task-augmented request to that client's caller. `tasks/get`, `tasks/result`
 //!   and `tasks/cancel` reach the child only for one of the caller's own tasks (any other is
 //!   answered as not found, as the child answers an unknown one), and `tasks/list` answers
-//!   list the caller's own tasks only. The last [`MAX_TASKS`] are kept; an older one is
-//!   nobody's.
+//!   list the caller's own tasks only. The last [`MAX_TASKS_PER_CALLER`] of each caller (and
+//!   [`MAX_TASKS`] in all) are kept; an older one is nobody's, and so is every task of a child
+//!   that stopped ([`Mux::child_started`]).
 //!
 //! Pure bookkeeping: no I/O, so each rule is tested alone.
 
@@ -38,6 +39,9 @@ pub const MAX_SERVER_REQUESTS: usize = 64;
 pub const MAX_SERVER_ID: usize = 256;
 /// Tasks whose creator the gateway remembers, at most.
 pub const MAX_TASKS: usize = 4096;
+/// Of those, at most this many per caller: a caller's new task past it forgets the caller's own
+/// oldest, so no caller can push another's out.
+pub const MAX_TASKS_PER_CALLER: usize = 256;
 
 /// What to do with a message read from the child.
 #[derive(Debug, PartialEq)]
@@ -115,6 +119,8 @@ pub struct Mux {
     /// came in (the oldest is forgotten beyond [`MAX_TASKS`]).
     tasks: HashMap<String, Caller>,
     task_order: VecDeque<String>,
+    /// How many of `tasks` each caller has.
+    tasks_of: HashMap<Caller, usize>,
 }
 
 /// A 2026-07-28 request carries its protocol version, client capabilities and client info in
@@ -344,14 +350,50 @@ impl Mux {
         else {
             return;
         };
-        if self.tasks.insert(task.to_owned(), caller).is_none() {
-            self.task_order.push_back(task.to_owned());
+        if self.tasks.contains_key(task) {
+            // A child that gives one id twice: the task is nobody's.
+            if let Some(at) = self.task_order.iter().position(|t| t == task) {
+                self.forget_task(at);
+            }
+            return;
         }
+        if self.tasks_of.get(&caller).copied().unwrap_or(0) >= MAX_TASKS_PER_CALLER
+            && let Some(at) = self
+                .task_order
+                .iter()
+                .position(|t| self.tasks.get(t) == Some(&caller))
+        {
+            self.forget_task(at);
+        }
+        self.tasks.insert(task.to_owned(), caller);
+        self.task_order.push_back(task.to_owned());
+        *self.tasks_of.entry(caller).or_default() += 1;
         while self.task_order.len() > MAX_TASKS {
-            if let Some(old) = self.task_order.pop_front() {
-                self.tasks.remove(&old);
+            self.forget_task(0);
+        }
+    }
+
+    /// Forgets the task at `at` of `task_order`.
+    fn forget_task(&mut self, at: usize) {
+        let Some(task) = self.task_order.remove(at) else {
+            return;
+        };
+        if let Some(owner) = self.tasks.remove(&task)
+            && let Some(n) = self.tasks_of.get_mut(&owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.tasks_of.remove(&owner);
             }
         }
+    }
+
+    /// A new child process: the tasks of the one before are gone with it (a new one may give
+    /// the same ids to other callers).
+    pub fn child_started(&mut self) {
+        self.tasks.clear();
+        self.task_order.clear();
+        self.tasks_of.clear();
     }
 
     /// A `tasks/list` answer, with the tasks that are not `caller`'s taken out.

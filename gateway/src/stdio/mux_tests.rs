@@ -1,6 +1,8 @@
 use serde_json::json;
 
-use super::{Inbound, MAX_SERVER_ID, MAX_SERVER_REQUESTS, MAX_TASKS, Mux, Refused};
+use super::{
+    Inbound, MAX_SERVER_ID, MAX_SERVER_REQUESTS, MAX_TASKS, MAX_TASKS_PER_CALLER, Mux, Refused,
+};
 
 #[test]
 fn two_clients_with_the_same_id_each_get_their_own_answer() {
@@ -319,20 +321,57 @@ fn a_task_is_its_creators_alone() {
 }
 
 #[test]
-fn only_the_last_tasks_are_remembered() {
+fn only_the_last_tasks_are_remembered_and_no_caller_pushes_out_anothers() {
     let mut m = Mux::new();
-    for n in 0..=MAX_TASKS {
+    let create = |m: &mut Mux, caller: u64, task: &str| {
         let (_, out) = m
             .request(
-                1,
-                json!({"jsonrpc":"2.0","id":n,"method":"tools/call","params":{"task":{}}}),
+                caller,
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"task":{}}}),
             )
             .unwrap();
-        task_created(&mut m, &out, &format!("t{n}"));
-    }
+        task_created(m, &out, task);
+    };
     let get = |t: &str| json!({"jsonrpc":"2.0","id":0,"method":"tasks/get","params":{"taskId":t}});
-    // The oldest is nobody's any more; the newest is still its creator's.
+    create(&mut m, 2, "theirs");
+    for n in 0..=MAX_TASKS_PER_CALLER {
+        create(&mut m, 1, &format!("t{n}"));
+    }
+    // Caller 1's oldest is nobody's any more; its newest, and caller 2's, are still theirs.
     assert_eq!(m.request(1, get("t0")).err(), Some(Refused::UnknownTask));
-    assert!(m.request(1, get(&format!("t{MAX_TASKS}"))).is_ok());
+    assert!(
+        m.request(1, get(&format!("t{MAX_TASKS_PER_CALLER}")))
+            .is_ok()
+    );
     assert!(m.request(1, get("t1")).is_ok());
+    assert!(m.request(2, get("theirs")).is_ok());
+    // Many callers: at most MAX_TASKS in all, the oldest forgotten first.
+    for n in 0..MAX_TASKS {
+        create(&mut m, 100 + n as u64, &format!("c{n}"));
+    }
+    assert_eq!(
+        m.request(2, get("theirs")).err(),
+        Some(Refused::UnknownTask)
+    );
+    assert!(
+        m.request(
+            100 + MAX_TASKS as u64 - 1,
+            get(&format!("c{}", MAX_TASKS - 1))
+        )
+        .is_ok()
+    );
+    // An id the child gives twice is nobody's; a new child's tasks start afresh.
+    create(&mut m, 3, "dup");
+    create(&mut m, 4, "dup");
+    assert_eq!(m.request(3, get("dup")).err(), Some(Refused::UnknownTask));
+    assert_eq!(m.request(4, get("dup")).err(), Some(Refused::UnknownTask));
+    m.child_started();
+    assert_eq!(
+        m.request(
+            100 + MAX_TASKS as u64 - 1,
+            get(&format!("c{}", MAX_TASKS - 1))
+        )
+        .err(),
+        Some(Refused::UnknownTask)
+    );
 }

@@ -70,24 +70,29 @@ impl ResponseHead {
     /// - two `Content-Type` lines, or one naming `text/event-stream` other than as its media
     ///   type: clients that look for the string anywhere (the TypeScript SDK) would read as
     ///   an event stream what the gateway relays, unread, as JSON.
-    fn ambiguity(&self) -> Option<String> {
+    fn ambiguity(&self) -> Option<UpstreamFailure> {
         if matches!(self.status, 401 | 403) {
-            return Some(format!(
-                "answered HTTP {}: it refused the gateway's credential (the upstream's `bearer_token_env`)",
+            // Not held against the endpoint: a request can draw a 403 (an origin, a scope).
+            return Some(UpstreamFailure::Denied(format!(
+                "answered HTTP {}: it refused the gateway's credential or the request (the upstream's `bearer_token_env`)",
                 self.status
-            ));
+            )));
         }
         let mut types = self.headers.all("content-type");
         let first = types.next();
         if types.next().is_some() {
-            return Some("answered with two Content-Type lines".into());
+            return Some(UpstreamFailure::Bad(
+                "answered with two Content-Type lines".into(),
+            ));
         }
         let names_sse = first.is_some_and(|ct| {
             ct.windows(17)
                 .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
         });
         (names_sse && !self.is_sse()).then(|| {
-            "answered with a Content-Type that names text/event-stream without being it".into()
+            UpstreamFailure::Bad(
+                "answered with a Content-Type that names text/event-stream without being it".into(),
+            )
         })
     }
 
@@ -98,6 +103,9 @@ impl ResponseHead {
 
 pub enum UpstreamFailure {
     Connect(String),
+    /// It answered 401 or 403: not relayed (its `WWW-Authenticate` is about the gateway's
+    /// credential), and not held against the endpoint's health.
+    Denied(String),
     Timeout,
     /// The request could not be written: certainly not processed, so on a reused connection
     /// worth one retry.
@@ -223,8 +231,8 @@ fn parse_response_head(
                     *end = http::HeadEnd::default();
                     continue;
                 }
-                if let Some(why) = head.ambiguity() {
-                    return Err(UpstreamFailure::Bad(why));
+                if let Some(f) = head.ambiguity() {
+                    return Err(f);
                 }
                 Ok(Some(head))
             }
