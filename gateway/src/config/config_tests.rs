@@ -392,3 +392,20 @@ fn stdio_children_per_caller_are_bounded() {
     assert_eq!(shared.upstreams[0].stdio.as_ref().unwrap().per_caller, None);
     assert!(err(&base.replace("'caller'", "'session'")).contains("children"));
 }
+
+#[test]
+fn an_ipv4_mapped_prefix_is_refused_with_its_ipv4_form() {
+    let e = err(&format!(
+        "{MINIMAL}\n[[tenants]]\nname='a'\nid=1\nsources=['::ffff:198.18.0.0/112']\n"
+    ));
+    assert!(
+        e.contains("tenants[0].sources") || e.contains("sources"),
+        "{e}"
+    );
+    assert!(e.contains("write `198.18.0.0/16`"), "{e}");
+    // Plain IPv6 and IPv4 prefixes, and ::/0, stay.
+    Config::from_toml(&format!(
+        "{MINIMAL}default_tenant='a'\n[[tenants]]\nname='a'\nid=1\nsources=['2001:db8::/32', '198.18.0.0/16', '::/0']\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -1104,6 +1104,20 @@ fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
             ),
         ));
     }
+    // The kernel's maps and the workers key an IPv4 client by its IPv4 address: a prefix
+    // written IPv4-mapped (`::ffff:a.b.c.d/n`) would never match one.
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "`{text}` is an IPv4-mapped IPv6 prefix, which no client address matches; write `{v4}/{}`",
+                v6.prefix_len() - 96
+            ),
+        ));
+    }
     Ok(net)
 }
 
