@@ -1360,10 +1360,7 @@ fn cross_site(
         || headers.contains_key("transfer-encoding");
     let json = headers.get_all("content-type").iter().count() == 1
         && headers.get("content-type").is_some_and(|ct| {
-            ct.to_str()
-                .ok()
-                .and_then(|ct| ct.split(';').next())
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+            crate::http::media_type(ct.as_bytes()).eq_ignore_ascii_case(b"application/json")
         });
     if (has_body || headers.contains_key("content-type")) && !json {
         return Some((

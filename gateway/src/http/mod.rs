@@ -164,6 +164,16 @@ impl<'a> ConnectionOptions<'a> {
 /// to the upstream (which may take the last, or join them), so a request with two is refused.
 /// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
 /// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
+/// The media type of a `Content-Type` value, its parameters and the spaces around it left out
+/// (compared by the caller, ignoring case).
+pub fn media_type(value: &[u8]) -> &[u8] {
+    value
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
 const SINGLE: &[&str] = &[
     "host",
     "content-type",

@@ -430,11 +430,6 @@ fn parse(
     }
 }
 
-/// check: what policy cannot decide is refused before anything is charged: a trace context
-/// inside a message that is not valid; a request sent without an id (policy limits requests;
-/// the upstream would still run it); a batched `tools/list` for a tenant whose lists are
-/// filtered (only a lone one is); a passthrough session that is not the caller's. The session
-/// a passthrough request continues, verified here, is what the forward sends on.
 /// Whether the body is JSON in UTF-8, as the gateway parses it, and as every server will read
 /// it. `Content-Type` must be `application/json`, with no charset but UTF-8: a server reads the
 /// body in the charset named (Express's `json()` decodes `utf-7`, in which `+ACI-` is a quote),
@@ -443,12 +438,10 @@ fn parse(
 fn json_body_type(req: &Request) -> Result<(), &'static str> {
     const WANT: &str = "Content-Type must be application/json (in UTF-8)";
     let ct = req.header_str("content-type").ok_or(WANT)?;
-    let mut parts = ct.split(';');
-    let media = parts.next().unwrap_or_default().trim_matches([' ', '\t']);
-    if !media.eq_ignore_ascii_case("application/json") {
+    if !http::media_type(ct.as_bytes()).eq_ignore_ascii_case(b"application/json") {
         return Err(WANT);
     }
-    for p in parts {
+    for p in ct.split(';').skip(1) {
         let (name, value) = p.split_once('=').unwrap_or((p, ""));
         let name = name.trim_matches([' ', '\t']);
         if name.is_empty() && value.is_empty() {
@@ -475,6 +468,11 @@ fn json_body_type(req: &Request) -> Result<(), &'static str> {
     }
 }
 
+/// check: what policy cannot decide is refused before anything is charged: a trace context
+/// inside a message that is not valid; a request sent without an id (policy limits requests;
+/// the upstream would still run it); a batched `tools/list` for a tenant whose lists are
+/// filtered (only a lone one is); a passthrough session that is not the caller's. The session
+/// a passthrough request continues, verified here, is what the forward sends on.
 fn check(
     req: &Request,
     ctx: &WorkerCtx,

@@ -56,11 +56,9 @@ pub struct ResponseHead {
 impl ResponseHead {
     /// The media type is `text/event-stream` (its parameters aside).
     pub fn is_sse(&self) -> bool {
-        self.headers.get("content-type").is_some_and(|ct| {
-            ct.split(|b| *b == b';')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"))
-        })
+        self.headers
+            .get("content-type")
+            .is_some_and(|ct| http::media_type(ct).eq_ignore_ascii_case(b"text/event-stream"))
     }
 
     /// Why the client could read this head otherwise than the gateway does, if it could:
