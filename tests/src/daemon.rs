@@ -19,6 +19,16 @@ pub struct Daemon {
     state: PathBuf,
 }
 
+/// The head of a test configuration: the instance, `workers` workers, a listener on
+/// `127.0.0.1:{port}`, the admin API on `127.0.0.1:{admin}`, and no kernel program (its
+/// `[kernel]` table is last, so more of its keys may follow).
+pub fn local_header(instance: &str, workers: usize, port: u16, admin: u16) -> String {
+    format!(
+        "[gateway]\ninstance = \"{instance}\"\nworkers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\
+         [admin]\naddress = \"127.0.0.1:{admin}\"\n[kernel]\nenabled = false\n"
+    )
+}
+
 /// The state store's folder of a test instance: a fresh one in the temporary folder, so that no
 /// run inherits another's budgets and pins (a configuration with its own `[state]` keeps it).
 pub fn state_dir(instance: &str) -> PathBuf {

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, local_header},
     peers::{FakeUpstream, Misbehave, free_port, post, raw, read_response},
     unique,
 };
@@ -317,16 +317,7 @@ fn a_body_in_another_charset_or_compressed_never_reaches_the_upstream() {
     let admin = free_port();
     let instance = unique("gwcharset");
     let config = format!(
-        r#"
-[gateway]
-instance = "{instance}"
-workers = 1
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
+        r#"{}
 [[policy.tools]]
 match = "delete_repo"
 action = "deny"
@@ -336,7 +327,8 @@ url = "http://127.0.0.1:{up_port}/mcp"
 [[routes]]
 path = "/mcp"
 upstream = "repo"
-"#
+"#,
+        local_header(&instance, 1, port, admin)
     );
     let mut d = Daemon::start_local(&instance, &config);
     // `"},"name":"delete_repo","arguments":{"q":"` in UTF-7.
@@ -415,7 +407,8 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         let admin = free_port();
         let instance = unique("gwheads");
         let config = format!(
-            "[gateway]\ninstance = \"{instance}\"\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n[kernel]\nenabled = false\n[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+            "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+            local_header(&instance, 1, port, admin),
             fake.url()
         );
         let mut d = Daemon::start_local(&instance, &config);

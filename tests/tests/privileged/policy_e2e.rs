@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, local_header},
     peers::{PyServer, free_port, post, py_policy_client, py_script, raw},
     unique,
 };
@@ -140,7 +140,7 @@ path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
 auth = ["api_key", "jwt"]
 "#,
-        header = header(&instance, port, admin),
+        header = local_header(&instance, 2, port, admin),
         audit = audit.display(),
         acme_sha = sha256_hex(ACME_KEY),
         jwks = jwks.display(),
@@ -440,13 +440,6 @@ fn a_method_rule_refuses_resource_reads_that_tool_rules_cannot_name() {
     }
 }
 
-fn header(instance: &str, port: u16, admin: u16) -> String {
-    format!(
-        "[gateway]\ninstance = \"{instance}\"\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\
-         [admin]\naddress = \"127.0.0.1:{admin}\"\n[kernel]\nenabled = false\n"
-    )
-}
-
 /// A stateless (2026-07-28) `tools/call` of `tool` on `path`, over a new connection.
 fn call_2026(
     port: u16,
@@ -493,7 +486,7 @@ upstream = "demo"
 path = "/py"
 upstream = "py"
 "#,
-        header = header(&instance, port, free_port()),
+        header = local_header(&instance, 2, port, free_port()),
         py = py.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
@@ -585,7 +578,7 @@ upstream = "u0"
 path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
 "#,
-        header = header(&instance, port, admin),
+        header = local_header(&instance, 2, port, admin),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let all = [

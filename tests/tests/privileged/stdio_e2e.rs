@@ -2,7 +2,7 @@
 //! the gateway's sandboxed children, used by the Python SDK client in both protocol eras.
 
 use integration_tests::{
-    daemon::{Daemon, alive},
+    daemon::{Daemon, alive, local_header},
     peers::{PyServer, free_port, post, py_client, py_script, python, raw},
     unique,
 };
@@ -765,16 +765,7 @@ fn stdio_servers_users_cannot_use_the_token_less_admin_api() {
     let admin = free_port();
     let instance = unique("gwstdioadm");
     let config = format!(
-        r#"
-[gateway]
-instance = "{instance}"
-workers = 1
-[[listeners]]
-address = "127.0.0.1:{port}"
-[admin]
-address = "127.0.0.1:{admin}"
-[kernel]
-enabled = false
+        r#"{}
 [policy]
 pin_tools = true
 [[upstreams]]
@@ -783,7 +774,8 @@ command = ["{bin}", "stdio"]
 [[routes]]
 path = "/mcp"
 upstream = "local"
-"#
+"#,
+        local_header(&instance, 1, port, admin)
     );
     let mut d = Daemon::start_local(&instance, &config);
     // curl as `user` (a numeric uid, or none for root): the status and the body.
