@@ -76,6 +76,11 @@ const NPM_PACKAGES: &[&str] = &[
     "@modelcontextprotocol/server-filesystem@2026.8.31",
     // The stdio-to-HTTP bridge the `stdio` benchmark compares with.
     "supergateway@4.0.0",
+    // A server built as the TypeScript SDK documents it (tests/fixtures/express_server.cjs),
+    // which loads these by name: installed in their own right, not only as others' dependencies.
+    "@modelcontextprotocol/sdk@1.32.2",
+    "express@5.3.0",
+    "zod@4.6.7",
 ];
 
 fn node_peers() -> anyhow::Result<()> {
