@@ -192,7 +192,7 @@ pub fn valid_tracestate(v: &str) -> bool {
     }
     let mut keys: Vec<&str> = Vec::new();
     for member in v.split(',') {
-        let member = member.trim_matches([' ', '\t']);
+        let member = crate::http::ows(member);
         if member.is_empty() {
             continue;
         }

@@ -117,7 +117,7 @@ impl Request {
     pub fn header_str(&self, name: &str) -> Option<&str> {
         self.header(name)
             .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::trim)
+            .map(ows)
     }
 
     /// The path without the query string.
@@ -160,10 +160,12 @@ impl<'a> ConnectionOptions<'a> {
     }
 }
 
-/// Fields the gateway decides on by their one value. A second line could mean something else
-/// to the upstream (which may take the last, or join them), so a request with two is refused.
-/// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
-/// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
+/// `s` without the optional white space around a field value: spaces and tabs (RFC 9110
+/// §5.6.3), not Unicode's (a `U+00A0` after a value is part of it to the upstream too).
+pub fn ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
 /// The media type of a `Content-Type` value, its parameters and the spaces around it left out
 /// (compared by the caller, ignoring case).
 pub fn media_type(value: &[u8]) -> &[u8] {
@@ -174,6 +176,10 @@ pub fn media_type(value: &[u8]) -> &[u8] {
         .trim_ascii()
 }
 
+/// Fields the gateway decides on by their one value. A second line could mean something else
+/// to the upstream (which may take the last, or join them), so a request with two is refused.
+/// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
+/// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
 const SINGLE: &[&str] = &[
     "host",
     "content-type",

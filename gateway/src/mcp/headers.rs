@@ -139,6 +139,21 @@ mod tests {
         h[2] = ("mcp-name", "other");
         let (req, msg) = request(&h, CALL);
         assert!(check(&req, &msg).is_err());
+        // Only spaces and tabs around a value are not part of it: a no-break space is, to the
+        // upstream too, so the header names another method than the body.
+        let mut h = good.to_vec();
+        h[1] = ("mcp-method", " tools/call\t");
+        let (req, msg) = request(&h, CALL);
+        assert_eq!(check(&req, &msg), Ok(()));
+        for odd in [
+            "tools/call\u{a0}",
+            "\u{2003}tools/call",
+            "tools/call\u{3000}",
+        ] {
+            h[1] = ("mcp-method", odd);
+            let (req, msg) = request(&h, CALL);
+            assert!(check(&req, &msg).is_err(), "{odd:?}");
+        }
     }
 
     #[test]

@@ -443,11 +443,11 @@ fn json_body_type(req: &Request) -> Result<(), &'static str> {
     }
     for p in ct.split(';').skip(1) {
         let (name, value) = p.split_once('=').unwrap_or((p, ""));
-        let name = name.trim_matches([' ', '\t']);
+        let name = http::ows(name);
         if name.is_empty() && value.is_empty() {
             continue;
         }
-        let value = value.trim_matches([' ', '\t']);
+        let value = http::ows(value);
         let value = value
             .strip_prefix('"')
             .and_then(|v| v.strip_suffix('"'))
@@ -461,7 +461,7 @@ fn json_body_type(req: &Request) -> Result<(), &'static str> {
         }
     }
     match req.header_str("content-encoding") {
-        Some(c) if !c.trim_matches([' ', '\t']).eq_ignore_ascii_case("identity") => {
+        Some(c) if !http::ows(c).eq_ignore_ascii_case("identity") => {
             Err("a request body must not be compressed (Content-Encoding)")
         }
         _ => Ok(()),

@@ -774,7 +774,7 @@ impl Policy {
             let Some(token) = authorization
                 .split_once(' ')
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, token)| token.trim())
+                .map(|(_, token)| crate::http::ows(token))
             else {
                 return Err(unauthenticated(
                     "the Authorization header must be `Bearer <credential>`",
