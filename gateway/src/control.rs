@@ -1244,32 +1244,20 @@ async fn serve_admin(
     listener: tokio::net::TcpListener,
     tls: bool,
     control: Arc<Mutex<Control>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let edge = Arc::clone(&lock(&control).shared.tls);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);
         async move { admin(req, &control).await }
     });
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let served = if tls {
-        match crate::tls::admin::listen(listener, edge) {
-            Ok(l) => {
-                axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(stopped)
-            .await
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "admin listener failed");
+    if !tls {
+        crate::admin_server::serve(listener, app, stop).await;
+        return;
+    }
+    match crate::tls::admin::listen(listener, edge) {
+        Ok(l) => crate::admin_server::serve(l, app, stop).await,
+        Err(e) => tracing::error!(error = %e, "admin listener failed"),
     }
 }
 
@@ -1385,38 +1373,6 @@ fn parse_window(query: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-/// An admin connection's two ends: the client's address and the gateway's, over TCP or TLS.
-#[derive(Clone, Copy)]
-struct Peer {
-    client: std::net::SocketAddr,
-    local: Option<std::net::SocketAddr>,
-}
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self {
-            client: *s.remote_addr(),
-            local: s.io().local_addr().ok(),
-        }
-    }
-}
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, crate::tls::admin::Listener>,
-    > for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::admin::Listener>) -> Self {
-        Self {
-            client: *s.remote_addr(),
-            local: s.io().get_ref().0.local_addr().ok(),
-        }
-    }
-}
-
 /// Socket-table reads at once: each reads every TCP socket of the host, off the control thread.
 static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
@@ -1428,7 +1384,10 @@ static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::cons
 /// read from the kernel's socket table (`/proc/net/tcp{,6}` of this network namespace, which
 /// children share): the one established socket whose ends are this connection's, seen from
 /// the client's side.
-async fn peer_runs_as_a_child(peer: Option<Peer>, control: &Mutex<Control>) -> Option<u32> {
+async fn peer_runs_as_a_child(
+    peer: Option<crate::admin_server::Peer>,
+    control: &Mutex<Control>,
+) -> Option<u32> {
     let children: Vec<u32> = lock(control)
         .shared
         .snapshot
@@ -1444,7 +1403,7 @@ async fn peer_runs_as_a_child(peer: Option<Peer>, control: &Mutex<Control>) -> O
     if children.is_empty() {
         return None;
     }
-    let Some(Peer {
+    let Some(crate::admin_server::Peer {
         client,
         local: Some(local),
     }) = peer
@@ -1534,7 +1493,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         );
     } else if let Some(uid) = peer_runs_as_a_child(
         req.extensions()
-            .get::<axum::extract::ConnectInfo<Peer>>()
+            .get::<axum::extract::ConnectInfo<crate::admin_server::Peer>>()
             .map(|c| c.0),
         control,
     )
@@ -1552,9 +1511,23 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
     }
     let openmetrics =
         telemetry::wants_openmetrics(req.headers().get("accept").and_then(|v| v.to_str().ok()));
-    let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
-        Ok(b) => b,
-        Err(e) => return json_reply(413, &serde_json::json!({"error": e.to_string()})),
+    let body = match tokio::time::timeout(
+        crate::admin_server::BODY_TIMEOUT,
+        axum::body::to_bytes(req.into_body(), 64 * 1024),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return json_reply(413, &serde_json::json!({"error": e.to_string()})),
+        Err(_) => {
+            return json_reply(
+                408,
+                &serde_json::json!({"error": format!(
+                    "the request body did not arrive within {} s",
+                    crate::admin_server::BODY_TIMEOUT.as_secs()
+                )}),
+            );
+        }
     };
     let mut c = lock(control);
     c.drain_stats();

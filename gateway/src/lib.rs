@@ -4,6 +4,7 @@
 //! Threads: one tokio control thread ([`control`]) owns configuration, the kernel program and
 //! its maps, and the admin API; one monoio worker per core ([`runtime`]) serves traffic.
 
+pub mod admin_server;
 pub mod config;
 pub mod control;
 pub mod fleet;

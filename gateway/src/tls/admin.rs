@@ -1,6 +1,7 @@
 //! TLS on the admin listener (control thread, tokio): connections are accepted and their
 //! handshakes run in tasks of their own, so one slow client cannot hold the others' accepts;
-//! finished ones are handed to axum. The configuration is the published `Edge::admin`, read
+//! finished ones are handed to the admin server (`admin_server`), at most as many at once as
+//! it holds connections. The configuration is the published `Edge::admin`, read
 //! per connection, so a reload changes what new connections get.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -12,7 +13,6 @@ use super::Edge;
 
 pub struct Listener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -24,8 +24,12 @@ impl Drop for Listener {
 
 /// Accepts on `tcp` and runs each handshake with what `edge.admin` holds at that moment.
 pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<Listener> {
-    let local = tcp.local_addr()?;
     let (tx, ready) = mpsc::channel(64);
+    // Handshakes at once: as many as connections may be open (each ends within the handshake
+    // timeout); a connection beyond them is closed as it comes.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        crate::admin_server::MAX_CONNECTIONS,
+    ));
     let accepting = tokio::spawn(async move {
         loop {
             let (stream, peer) = match tcp.accept().await {
@@ -39,9 +43,14 @@ pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<
             let Some(listening) = edge.admin.load_full() else {
                 continue;
             };
+            let Ok(slot) = Arc::clone(&handshakes).try_acquire_owned() else {
+                edge.stats.failed(super::Failure::Closed);
+                continue;
+            };
             let tx = tx.clone();
             let edge = Arc::clone(&edge);
             tokio::spawn(async move {
+                let _slot = slot;
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&listening.server));
                 match tokio::time::timeout(listening.handshake_timeout, acceptor.accept(stream))
                     .await
@@ -70,26 +79,20 @@ pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<
             });
         }
     });
-    Ok(Listener {
-        ready,
-        local,
-        accepting,
-    })
+    Ok(Listener { ready, accepting })
 }
 
-impl axum::serve::Listener for Listener {
+impl crate::admin_server::Accept for Listener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    async fn accept(&mut self) -> (Self::Io, crate::admin_server::Peer) {
         match self.ready.recv().await {
-            Some(c) => c,
+            Some((tls, client)) => {
+                let local = tls.get_ref().0.local_addr().ok();
+                (tls, crate::admin_server::Peer { client, local })
+            }
             // The accepting task ended (only when aborted): nothing more comes.
             None => std::future::pending().await,
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

@@ -551,3 +551,115 @@ fn out_of_descriptors_is_a_503_of_the_gateway_not_an_upstream_failure() {
          with a count of what was suppressed"
     );
 }
+
+/// The admin API cannot be made to take the process's file descriptors, which the data plane
+/// shares: it holds at most 128 connections (one more is closed as it is accepted), closes one
+/// that sends no request head within 10 s (idle keep-alive included), and answers 408 to a
+/// body that does not arrive within 10 s. Before, every connection was kept for as long as its
+/// client liked: idle ones to the admin port took every descriptor and the MCP listener could
+/// accept nothing.
+#[test]
+fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
+    use integration_tests::peers::{FakeUpstream, Misbehave, post, read_response};
+    use std::io::{Read, Write};
+
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwadmincap");
+    const LIMIT: u64 = 256;
+    const CAP: usize = 128;
+    let mut d = Daemon::start_local_with_open_files(
+        &instance,
+        &config(&instance, port, admin, up.port),
+        (LIMIT, LIMIT),
+    );
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let base = fds(d.pid());
+    assert!(
+        (base + CAP) as u64 + 16 < LIMIT,
+        "the test needs room for the admin API's {CAP} connections above the {base} descriptors \
+         the gateway holds at start"
+    );
+    let call = |extra: &str| -> Option<u16> {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{}}}"#;
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.write_all(&post("/mcp", body, extra)).ok()?;
+        read_response(&mut s).map(|r| r.status)
+    };
+    assert_eq!(call("connection: close\r\n"), Some(200));
+
+    // A request whose body never comes, then far more idle connections than the cap.
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let mut slow = std::net::TcpStream::connect(admin_addr).expect("connect");
+    let slow_at = std::time::Instant::now();
+    slow.write_all(
+        b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{",
+    )
+    .expect("send");
+    let mut idle = Vec::new();
+    for _ in 0..2 * LIMIT {
+        match std::net::TcpStream::connect_timeout(&admin_addr, Duration::from_secs(1)) {
+            Ok(s) => idle.push(s),
+            // The accept queue full: the gateway took no more (as it did before).
+            Err(_) => break,
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let held = fds(d.pid());
+    assert!(
+        held <= base + CAP + 8,
+        "{held} descriptors held with {} admin connections open ({base} at start, at most {CAP} \
+         admin connections kept)",
+        idle.len()
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            call("connection: close\r\n"),
+            Some(200),
+            "the MCP listener still accepts and serves"
+        );
+    }
+
+    // The body's wait ends in a 408 (its connection holds one of the slots).
+    let r = read_response(&mut slow).expect("an answer to the slow body");
+    assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
+    let waited = slow_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "after about 10 s: {waited:?}"
+    );
+
+    // Every idle connection ends: closed as it came, or after 10 s without a request head.
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(15))).ok();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("an idle admin connection was kept open: {e}"),
+        }
+    }
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fds(d.pid()) > base + 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        admin_get(admin, "/healthz").starts_with("ok"),
+        "the admin API serves again"
+    );
+    assert!(
+        d.log()
+            .contains("connections are open, a new one is closed"),
+        "the refusals are said"
+    );
+    d.stop();
+}
