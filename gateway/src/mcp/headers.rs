@@ -25,15 +25,22 @@ pub fn decode_header_value(value: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// Whether the message uses the 2026-07-28 protocol (by header or by
+/// `params._meta.protocolVersion`).
+pub fn is_modern(req: &Request, msg: &Message) -> bool {
+    req.header_str("mcp-protocol-version")
+        .is_some_and(version::is_stateless_era)
+        || msg
+            .meta_protocol_version
+            .as_deref()
+            .is_some_and(version::is_stateless_era)
+}
+
 /// Checks a request or notification that uses the 2026-07-28 protocol (by header or by
 /// `params._meta.protocolVersion`). Older versions have no routing headers to check.
 pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
     let header_version = req.header_str("mcp-protocol-version");
-    let modern = header_version.is_some_and(version::is_stateless_era)
-        || msg
-            .meta_protocol_version
-            .as_deref()
-            .is_some_and(version::is_stateless_era);
+    let modern = is_modern(req, msg);
     let Some(method) = msg.method.as_deref() else {
         return Ok(());
     };

@@ -23,6 +23,7 @@ pub mod headers;
 mod held;
 pub mod jsonrpc;
 pub mod messages;
+pub mod param_headers;
 pub mod proxy;
 mod relay;
 pub mod session;

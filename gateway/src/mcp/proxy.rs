@@ -108,8 +108,23 @@ pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Ve
     )
 }
 
+/// Whether a `tools/list` answer is read on its way (not relayed as bytes): to keep what the
+/// tenant may see, to pin its tools, or, for a 2026-07-28 client, to learn which arguments its
+/// tools mirror into `Mcp-Param-*` headers (see `param_headers`).
+pub(super) fn reads_tool_lists(
+    req: &Request,
+    policy: &policy::Policy,
+    tenant: &TenantPolicy,
+) -> bool {
+    tenant.filters()
+        || policy.pinning
+        || req
+            .header_str("mcp-protocol-version")
+            .is_some_and(super::version::is_stateless_era)
+}
+
 /// Whether a listed tool is shown to the tenant: allowed by its rules and, with pinning, its
-/// definition is the approved one.
+/// definition is the approved one. Its `x-mcp-header` declarations are noted on the way.
 pub(super) fn visible(
     ctx: &WorkerCtx,
     policy: &policy::Policy,
@@ -120,6 +135,7 @@ pub(super) fn visible(
     let Some(name) = tool.get("name").and_then(serde_json::Value::as_str) else {
         return true;
     };
+    ctx.shared.param_headers.observe(upstream, tool);
     let pinned = !policy.pinning
         || ctx
             .shared

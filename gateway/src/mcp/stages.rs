@@ -498,7 +498,7 @@ fn check(
         } else if !messages.batch.is_empty()
             && m.kind == Kind::Request
             && method == "tools/list"
-            && (tenant.filters() || policy.pinning)
+            && super::proxy::reads_tool_lists(req, policy, tenant)
         {
             "`tools/list` is answered per tenant here: send it alone, not in a batch".to_owned()
         } else {
@@ -511,6 +511,9 @@ fn check(
             why,
         );
         return Err(Stop::Refuse(r, messages.id_for(m)));
+    }
+    if let Some(m) = &messages.single {
+        param_headers_agree(req, ctx, config, route, m)?;
     }
     // A stateless client has no handshake. Sent on, an `initialize` would open an upstream
     // session nobody uses, or (on a session the gateway holds for a tenant's callers) declare
@@ -557,6 +560,80 @@ fn check(
     Ok(None)
 }
 
+/// The upstream and the tool (as that upstream names it) a `tools/call` calls.
+fn called_tool<'c, 'm>(
+    config: &'c Config,
+    route: &Route,
+    m: &'m Message,
+) -> Option<(&'c str, &'m str)> {
+    let name = m
+        .name
+        .as_deref()
+        .filter(|_| m.method.as_deref() == Some("tools/call"))?;
+    match &route.target {
+        Target::Passthrough(u) => Some((config.upstreams[*u].name.as_str(), name)),
+        Target::Federation(members) => super::federation::owner(members, name)
+            .map(|(member, local)| (config.upstreams[member.upstream].name.as_str(), local)),
+    }
+}
+
+/// A 2026-07-28 `tools/call`'s `Mcp-Param-*` headers agree with its arguments (see
+/// `param_headers`): a router or server behind the gateway that acts on them sees what policy
+/// decided on. A disagreement is -32020 (HeaderMismatch), 400.
+fn param_headers_agree(
+    req: &Request,
+    ctx: &WorkerCtx,
+    config: &Config,
+    route: &Route,
+    m: &Message,
+) -> Result<(), Stop> {
+    if !super::headers::is_modern(req, m) {
+        return Ok(());
+    }
+    let Some((upstream, tool)) = called_tool(config, route, m) else {
+        return Ok(());
+    };
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for (name, value) in req.headers.iter() {
+        let Some(part) = name
+            .get(..10)
+            .filter(|p| p.eq_ignore_ascii_case("mcp-param-"))
+            .map(|_| &name[10..])
+        else {
+            continue;
+        };
+        let Ok(value) = std::str::from_utf8(value) else {
+            let why = format!("Mcp-Param-{part} is not UTF-8 (use the =?base64?...?= form)");
+            let err = RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone());
+            return Err(Stop::reply(err));
+        };
+        headers.push((part, http::ows(value)));
+    }
+    let declared = ctx.shared.param_headers.get(upstream, tool);
+    let needs_arguments = !headers.is_empty()
+        || declared
+            .as_deref()
+            .is_some_and(|d| d.as_ref().is_ok_and(|d| !d.is_empty()));
+    if !needs_arguments {
+        return Ok(());
+    }
+    // Parsed without them when no rule of the tenant reads arguments: parsed again, with.
+    let reparsed;
+    let arguments = match &m.arguments {
+        Some(a) => Some(a),
+        None => {
+            reparsed = match ctx.parser.borrow_mut().parse_for(&req.body, true) {
+                Ok(Parsed::Single(m)) => m.arguments,
+                _ => None,
+            };
+            reparsed.as_ref()
+        }
+    };
+    super::param_headers::check(tool, &headers, declared.as_deref(), arguments).map_err(|why| {
+        Stop::reply(RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone()))
+    })
+}
+
 /// admit: every message of the request is admitted (pins, breakers, rules, rates, budgets,
 /// loops), or the request is refused and what the admitted ones charged is given back.
 #[expect(
@@ -583,17 +660,7 @@ fn admit(
         Stop::Refuse(r, id)
     };
     for m in messages.all() {
-        let tool = (m.method.as_deref() == Some("tools/call"))
-            .then_some(m.name.as_deref())
-            .flatten()
-            .and_then(|name| match &route.target {
-                Target::Passthrough(u) => Some((config.upstreams[*u].name.as_str(), name)),
-                Target::Federation(members) => {
-                    super::federation::owner(members, name).map(|(member, local)| {
-                        (config.upstreams[member.upstream].name.as_str(), local)
-                    })
-                }
-            });
+        let tool = called_tool(config, route, m);
         let ask = Ask {
             is_request: m.kind == Kind::Request,
             method: m.method.as_deref().unwrap_or_default(),
@@ -735,7 +802,7 @@ async fn forward_stage<'c>(
                         .is_ok();
                 }
                 if let Some(m) = &messages.single {
-                    let filtering = (tenant.filters() || policy.pinning)
+                    let filtering = super::proxy::reads_tool_lists(req, policy, tenant)
                         && m.kind == Kind::Request
                         && m.method.as_deref() == Some("tools/list");
                     let keep = |t: &serde_json::Value| {
@@ -754,7 +821,7 @@ async fn forward_stage<'c>(
                 && super::held::client_is_stateless(req, Some(m))
                 && let known @ (Some(true) | None) = super::held::known_session(ctx, up)
             {
-                let filtering = (tenant.filters() || policy.pinning)
+                let filtering = super::proxy::reads_tool_lists(req, policy, tenant)
                     && m.kind == Kind::Request
                     && m.method.as_deref() == Some("tools/list");
                 if known.is_none() && !filtering {
@@ -779,7 +846,7 @@ async fn forward_stage<'c>(
                 return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, filter))
                     .await;
             }
-            if (tenant.filters() || policy.pinning)
+            if super::proxy::reads_tool_lists(req, policy, tenant)
                 && let Some(m) = &messages.single
                 && m.kind == Kind::Request
                 && m.method.as_deref() == Some("tools/list")

@@ -82,7 +82,7 @@ pub(super) async fn forward(
         }
         Kind::Request => {
             // A filtered tenant's `tools/list` is filtered like any upstream's.
-            let filter = ((tenant.filters() || policy.pinning)
+            let filter = (super::proxy::reads_tool_lists(req, policy, tenant)
                 && m.method.as_deref() == Some("tools/list"))
             .then_some(ToolFilter {
                 ctx,

@@ -213,6 +213,8 @@ pub struct Shared {
     pub limits: std::sync::Arc<crate::policy::limits::State>,
     pub breakers: crate::policy::breaker::Breakers,
     pub pins: crate::policy::pins::Pins,
+    /// Each listed tool's `x-mcp-header` declarations (2026-07-28 `Mcp-Param-*` headers).
+    pub param_headers: crate::mcp::param_headers::Declarations,
     /// Refusals by the rule (configuration key) that decided them.
     pub refusals: papaya::HashMap<String, AtomicU64>,
     /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
@@ -287,6 +289,7 @@ impl Shared {
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),
+            param_headers: crate::mcp::param_headers::Declarations::default(),
             refusals: papaya::HashMap::new(),
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),

@@ -434,3 +434,133 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         d.stop();
     }
 }
+
+/// 2026-07-28 `Mcp-Param-*` headers agree with the body the gateway decided on. A tool may
+/// mirror an argument into a header (`x-mcp-header`) so that a router can act on it without
+/// reading the body; the gateway reads the body, so it checks the two agree (the spec's MUST
+/// for anything that reads it). Shown twice:
+/// - with the Python SDK's server and client: the real client's mirrored headers pass (after
+///   its `tools/list`, which the gateway learns the declarations from), and a disagreeing
+///   header, a missing one and one for a tool never listed here are refused by the gateway
+///   itself (its words, not the server's);
+/// - with an upstream that does not check (a stand-in for a router behind the gateway): the
+///   disagreeing header never reaches it; the agreeing one does. Before, every `Mcp-Param-*`
+///   header was passed on unchecked.
+#[test]
+fn mcp_param_headers_that_disagree_with_the_body_never_reach_the_upstream() {
+    let server = integration_tests::peers::PyServer::start_with(&["--param-headers"]);
+    let fake = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 161\r\n\r\n\
+         {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"deploy\",\"inputSchema\":{\"type\":\"object\",\"properties\":{\"region\":{\"type\":\"string\",\"x-mcp-header\":\"Region\"}}}}]}}",
+    ));
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwparam");
+    let config = format!(
+        r#"{}
+[[upstreams]]
+name = "py"
+url = "{}"
+[[upstreams]]
+name = "router"
+url = "http://127.0.0.1:{}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "py"
+[[routes]]
+path = "/routed"
+upstream = "router"
+"#,
+        local_header(&instance, 2, port, admin),
+        server.url(),
+        fake.port
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
+    let send = |path: &str, method: &str, params: &str, extra: &str| {
+        let body =
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{{{params}}}}}"#);
+        let name = if method == "tools/call" {
+            "mcp-name: deploy\r\n"
+        } else {
+            ""
+        };
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+             mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n{name}{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (r, _) = raw(port, request.as_bytes());
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    let call = |path: &str, extra: &str| {
+        send(
+            path,
+            "tools/call",
+            &format!(r#""name":"deploy","arguments":{{"region":"eu-west"}},{meta}"#),
+            extra,
+        )
+    };
+    let gateways = "does not match argument `region`";
+
+    // Never listed through this gateway: a header cannot be checked, and is refused.
+    let (status, text) = call("/mcp", "mcp-param-region: eu-west\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("-32020") && text.contains("has not been listed"),
+        "{text}"
+    );
+
+    // The real client lists tools, then mirrors `region` and `dry_run` into headers.
+    let report =
+        integration_tests::peers::py_client(&format!("http://127.0.0.1:{port}/mcp"), "2026-07-28");
+    assert_eq!(
+        report["deploy"], "deployed to eu-west 1 ✓ (dry run)",
+        "{report}"
+    );
+
+    let (status, text) = call("/mcp", "mcp-param-region: eu-west\r\n");
+    assert_eq!(status, 200, "an agreeing header passes: {text}");
+    assert!(text.contains("deployed to eu-west"), "{text}");
+    for (extra, needle) in [
+        ("mcp-param-region: us-east\r\n", gateways),
+        ("mcp-param-region: =?base64?dXMtZWFzdA==?=\r\n", gateways),
+        ("", "is missing but argument `region` is present"),
+        (
+            "mcp-param-region: eu-west\r\nmcp-param-dry-run: true\r\n",
+            "is present but argument `dry_run` is not",
+        ),
+        (
+            "mcp-param-region: eu-west\r\nmcp-param-other: x\r\n",
+            "is not declared by tool `deploy`",
+        ),
+    ] {
+        let (status, text) = call("/mcp", extra);
+        assert_eq!(status, 400, "{extra:?}: {text}");
+        assert!(
+            text.contains("-32020") && text.contains(needle),
+            "{extra:?}: {text}"
+        );
+    }
+
+    // An upstream that acts on headers without reading the body.
+    let (status, text) = send("/routed", "tools/list", meta, "");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = call("/routed", "mcp-param-region: us-east\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(gateways), "{text}");
+    let seen = || {
+        fake.seen
+            .lock()
+            .unwrap()
+            .join("\n---\n")
+            .to_ascii_lowercase()
+    };
+    assert!(!seen().contains("mcp-param-region: us-east"), "{}", seen());
+    let (_, text) = call("/routed", "mcp-param-region: eu-west\r\n");
+    assert!(
+        seen().contains("mcp-param-region: eu-west"),
+        "the agreeing call went on: {text}\n{}",
+        seen()
+    );
+    d.stop();
+}
