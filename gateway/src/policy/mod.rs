@@ -1000,7 +1000,15 @@ impl Policy {
         admission: &mut Admission,
     ) -> Result<(), Box<Refusal>> {
         let t = self.tenant(who);
-        if !ask.is_request {
+        // What every session needs settled (its handshake's end, a cancellation, an answer to
+        // the server) is ruled by no method rule and counted by no limit: a client at its rate
+        // could not cancel, and an allow list of methods would end every handshake.
+        if !ask.is_request
+            && matches!(
+                ask.method,
+                "" | "notifications/cancelled" | "notifications/initialized"
+            )
+        {
             return Ok(());
         }
         if let Some(r) = t.method_rule(ask.method)
@@ -1117,6 +1125,11 @@ impl Policy {
                     .retry(wait)
                 })?;
             admission.charges.push(charge);
+        }
+        // Any other notification is ruled above and counted against the tenant's and the
+        // agent's rates; it holds nothing in flight.
+        if !ask.is_request {
+            return Ok(());
         }
         if let Some(max) = t.max_concurrent {
             let guard = state

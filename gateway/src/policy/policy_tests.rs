@@ -358,6 +358,45 @@ fn rates_per_tenant_and_per_agent() {
     assert_eq!(ok, 3);
 }
 
+/// A notification counts against the rates like a request (a flood of them reached the
+/// upstream, or a shared stdio child's queue, unlimited), but a cancellation, the end of a
+/// handshake and a client's answer never wait for a rate.
+#[test]
+fn notifications_count_against_rates_but_cancellations_do_not() {
+    let (p, state, who) = acme_policy("[policy]\nrequests_per_sec = 1\nburst = 2\n");
+    let note = |method: &str| {
+        p.admit(
+            &state,
+            &who,
+            &Ask {
+                is_request: false,
+                method,
+                tool: None,
+                arguments: None,
+                message_bytes: 2,
+                source: src(9, 1),
+            },
+        )
+        .map(|_| ())
+        .map_err(|r| (r.status, r.rule))
+    };
+    assert_eq!(note("notifications/roots/list_changed"), Ok(()));
+    assert_eq!(note("notifications/x"), Ok(()));
+    assert_eq!(
+        note("notifications/x"),
+        Err((429, "tenants[acme].requests_per_sec".to_owned()))
+    );
+    for settles in ["notifications/cancelled", "notifications/initialized", ""] {
+        for _ in 0..5 {
+            assert_eq!(note(settles), Ok(()), "{settles:?}");
+        }
+    }
+    assert!(
+        admit(&p, &state, &who, "t", json!({})).is_err(),
+        "the burst is spent"
+    );
+}
+
 #[test]
 fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
     use jsonwebtoken::{EncodingKey, Header, encode};
@@ -828,8 +867,16 @@ upstream = "up"
             denied("tenants[gamma].policy.methods[1]")
         );
     }
-    // Notifications (a request without an id is refused before policy) are not ruled.
+    // Notifications are ruled too (a request without an id is refused before policy), but
+    // for what every session needs settled: its handshake's end, a cancellation, an answer.
+    assert_eq!(
+        ask("gamma", "notifications/roots/list_changed", false),
+        denied("tenants[gamma].policy.methods[1]")
+    );
     assert_eq!(ask("gamma", "notifications/cancelled", false), Ok(()));
+    assert_eq!(ask("gamma", "notifications/initialized", false), Ok(()));
+    assert_eq!(ask("gamma", "", false), Ok(()), "a client's answer");
+    assert_eq!(ask("acme", "notifications/message", false), Ok(()));
     // A bad glob is refused at load, naming its key.
     let bad = text.replace("match = \"tasks/*\"", "match = \"tasks/[\"");
     let e = Config::from_toml(&bad).unwrap_err().to_string();
