@@ -31,7 +31,7 @@ pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
     let (tx, rx) = mpsc::unbounded();
     let name: Arc<str> = Arc::from(spec.name.as_str());
     tokio::spawn(supervise(spec, gate, rx));
-    Handle { tx, name }
+    Handle::new(tx, name)
 }
 
 /// A line from the child, bounded.
@@ -130,10 +130,16 @@ async fn supervise(
     mut rx: mpsc::UnboundedReceiver<ToChild>,
 ) {
     let _live = super::Live::new();
+    // A per-caller dispatcher's child (`per_caller` kept as `Some`) serves one caller.
+    let mux = if spec.per_caller.is_some() {
+        Mux::for_one_caller()
+    } else {
+        Mux::new()
+    };
     let mut s = Supervisor {
         spec,
         gate,
-        mux: Mux::new(),
+        mux,
         waiters: HashMap::new(),
         starts: VecDeque::new(),
         down_until: None,
@@ -249,7 +255,9 @@ impl Supervisor {
                 );
                 self.write(running, &out).await;
             }
-            ToChild::Notification { caller, message } => {
+            ToChild::Notification {
+                caller, message, ..
+            } => {
                 let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
                     return;
                 };
@@ -259,7 +267,9 @@ impl Supervisor {
                     self.write(running, &out).await;
                 }
             }
-            ToChild::Response { caller, message } => {
+            ToChild::Response {
+                caller, message, ..
+            } => {
                 let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
                     return;
                 };
@@ -341,7 +351,7 @@ impl Supervisor {
             .map(|(c, _)| *c)
             .collect();
         for call in late {
-            self.mux.forget(call);
+            self.mux.abandon(call, self.spec.call_timeout);
             if let Some(w) = self.waiters.remove(&call) {
                 let _ = w.done.send(Err(StdioError::Timeout(
                     self.name(),
@@ -359,7 +369,7 @@ impl Supervisor {
             .map(|(c, _)| *c)
             .collect();
         for call in gone {
-            self.mux.forget(call);
+            self.mux.abandon(call, self.spec.call_timeout);
             self.waiters.remove(&call);
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
             self.write(running, &cancel).await;
@@ -542,7 +552,12 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
         pgid,
         init: Value::Null,
     };
-    match tokio::time::timeout(spec.start_timeout, initialize(&mut r)).await {
+    match tokio::time::timeout(
+        spec.start_timeout,
+        initialize(&mut r, spec.per_caller.is_some()),
+    )
+    .await
+    {
         Ok(Ok(init)) => {
             r.init = init;
             tracing::info!(upstream = %spec.name, pid = pgid, "stdio upstream started");
@@ -562,15 +577,21 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     }
 }
 
-/// The gateway's own `initialize`: the answer's result is kept for clients.
-async fn initialize(r: &mut Running) -> Result<Value, String> {
+/// The gateway's own `initialize`: the answer's result is kept for clients. Roots are offered
+/// only to a child of one caller (see `mux`).
+async fn initialize(r: &mut Running, one_caller: bool) -> Result<Value, String> {
+    let capabilities = if one_caller {
+        json!({"sampling": {}, "elicitation": {}, "roots": {"listChanged": false}})
+    } else {
+        json!({"sampling": {}, "elicitation": {}})
+    };
     let init = json!({
         "jsonrpc": "2.0",
         "id": 0,
         "method": "initialize",
         "params": {
             "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": false}},
+            "capabilities": capabilities,
             "clientInfo": {"name": "mcp-gateway", "version": env!("CARGO_PKG_VERSION")},
         },
     });

@@ -124,9 +124,43 @@ pub enum ToChild {
         done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
     },
     /// A notification (a cancellation, say).
-    Notification { caller: Caller, message: Vec<u8> },
+    Notification {
+        caller: Caller,
+        message: Vec<u8>,
+        slot: Slot,
+    },
     /// A client's answer to a request of the child's.
-    Response { caller: Caller, message: Vec<u8> },
+    Response {
+        caller: Caller,
+        message: Vec<u8>,
+        slot: Slot,
+    },
+}
+
+/// Notifications and answers on their way to one upstream's child (or children) at once:
+/// they are answered 202 at once, so a client could send them faster than a child reads
+/// them; past this many, a new one is dropped (JSON-RPC gives a notification no answer to
+/// wait for), never queued without bound.
+pub const MAX_QUEUED: usize = 256;
+
+/// A place in the queue of [`MAX_QUEUED`]: given back when the message is written or dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(queued: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        use std::sync::atomic::Ordering::Relaxed;
+        queued
+            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_QUEUED).then_some(n + 1))
+            .ok()
+            .map(|_| Self(Arc::clone(queued)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Who sends a request: the caller (a keyed hash of its tenant and agent: whose ids the
@@ -143,6 +177,8 @@ pub struct Who {
 pub struct Handle {
     tx: mpsc::UnboundedSender<ToChild>,
     name: Arc<str>,
+    /// Notifications and answers queued (see [`Slot`]).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The two ends a caller reads: the child's messages before its answer, and the answer.
@@ -156,6 +192,23 @@ pub struct Pending {
 const EVENTS_PER_CALL: usize = 64;
 
 impl Handle {
+    fn new(tx: mpsc::UnboundedSender<ToChild>, name: Arc<str>) -> Self {
+        Self {
+            tx,
+            name,
+            queued: Arc::default(),
+        }
+    }
+
+    /// A place in the queue, or a (throttled) word that the message is dropped.
+    fn slot(&self) -> Option<Slot> {
+        let slot = Slot::take(&self.queued);
+        if slot.is_none() {
+            crate::throttled_warn!(upstream = %self.name, max = MAX_QUEUED, "stdio upstream: notifications and answers arrive faster than its child reads them; dropped");
+        }
+        slot
+    }
+
     /// Sends a request (one JSON-RPC message); see [`Pending`].
     pub fn call(&self, who: Who, message: Vec<u8>) -> Pending {
         let (events_tx, events) = mpsc::channel(EVENTS_PER_CALL);
@@ -174,16 +227,24 @@ impl Handle {
 
     /// Sends a notification; nothing comes back.
     pub fn notify(&self, caller: Caller, message: Vec<u8>) {
-        let _ = self
-            .tx
-            .unbounded_send(ToChild::Notification { caller, message });
+        if let Some(slot) = self.slot() {
+            let _ = self.tx.unbounded_send(ToChild::Notification {
+                caller,
+                message,
+                slot,
+            });
+        }
     }
 
     /// Sends a client's answer to a request of the child's.
     pub fn respond(&self, caller: Caller, message: Vec<u8>) {
-        let _ = self
-            .tx
-            .unbounded_send(ToChild::Response { caller, message });
+        if let Some(slot) = self.slot() {
+            let _ = self.tx.unbounded_send(ToChild::Response {
+                caller,
+                message,
+                slot,
+            });
+        }
     }
 
     pub fn name(&self) -> &str {

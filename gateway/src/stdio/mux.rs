@@ -9,10 +9,16 @@
 //!   client can only cancel its own requests). Two requests in flight under one caller and
 //!   one id (two anonymous clients both numbering from 1) cannot be told apart: a
 //!   cancellation of that id reaches neither.
-//! - A request from the child (sampling, elicitation, roots) goes to the one client with a
-//!   call in flight, under a fresh gateway id; the client's answer goes back under the child's
-//!   id. With no call in flight, or several, the child is answered with an error: which client
-//!   it meant cannot be known (run such servers one child per session). At most
+//! - A request from the child (sampling, elicitation; roots on a child of one caller) goes to
+//!   the one client with a call in flight, under a fresh gateway id; the client's answer goes
+//!   back under the child's id. With no call in flight, or several, the child is answered with
+//!   an error: which client it meant cannot be known (run such servers one child per session).
+//!   On a child shared by several callers the same holds while a call that ended at the
+//!   gateway (timed out, or its client left) may still run in the child (for the call timeout
+//!   after, or until the child answers it): its request would go to a bystander. A shared
+//!   child is offered no roots (a client's answer would set them for every caller: the
+//!   filesystem server makes them its allowed folders), and of a client's notifications only
+//!   its cancellations reach it. At most
 //!   [`MAX_SERVER_REQUESTS`] wait for their answers, each with an id of at most
 //!   [`MAX_SERVER_ID`] bytes: a child asks no more than that of the gateway's memory.
 //! - A task (2025-11-25 `tasks/*`) is its creator's: the child binds tasks to its one session,
@@ -104,6 +110,10 @@ struct Call {
 
 #[derive(Default)]
 pub struct Mux {
+    /// The child serves one caller (per-caller children): nothing it asks can reach another.
+    one_caller: bool,
+    /// Calls that ended at the gateway unanswered, until when the child may still run them.
+    abandoned: HashMap<u64, std::time::Instant>,
     next: u64,
     /// Calls in flight by the gateway's id.
     calls: HashMap<u64, Call>,
@@ -148,9 +158,35 @@ fn key(v: &Value) -> String {
     v.to_string()
 }
 
+/// Calls remembered as abandoned, at most (each is a few bytes; more than this many at once
+/// is a client leaving calls in a loop, and the child asks nobody anything meanwhile).
+pub const MAX_ABANDONED: usize = 4096;
+
 impl Mux {
+    /// For a child shared by every caller.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// For a child of one caller.
+    pub fn for_one_caller() -> Self {
+        Self {
+            one_caller: true,
+            ..Self::default()
+        }
+    }
+
+    /// Forgets a call that ended at the gateway unanswered (timed out, or its client left):
+    /// for `window` (or until the child answers it), the child's requests go to nobody.
+    pub fn abandon(&mut self, call: u64, window: std::time::Duration) {
+        if self.forget(call).is_none() || self.one_caller {
+            return;
+        }
+        let now = std::time::Instant::now();
+        self.abandoned.retain(|_, until| *until > now);
+        if self.abandoned.len() < MAX_ABANDONED {
+            self.abandoned.insert(call, now + window);
+        }
     }
 
     /// Calls in flight.
@@ -224,6 +260,9 @@ impl Mux {
         match method.as_str() {
             // The gateway initialized the child itself, once.
             "notifications/initialized" => None,
+            // A shared child has one session for every caller: a client's `roots/list_changed`
+            // (say) would make it ask, and set, roots for all.
+            m if !self.one_caller && m != "notifications/cancelled" => None,
             "notifications/cancelled" => {
                 let params = message.get_mut("params")?;
                 let theirs = params.get("requestId")?;
@@ -292,6 +331,9 @@ impl Mux {
                     return Inbound::Drop("an answer with an id the gateway never sent");
                 };
                 let Some(c) = self.calls.get(&call) else {
+                    if self.abandoned.remove(&call).is_some() {
+                        return Inbound::Drop("an answer to a call that ended at the gateway");
+                    }
                     return Inbound::Drop("an answer to no call in flight");
                 };
                 message["id"] = c.id.clone();
@@ -306,15 +348,31 @@ impl Mux {
             }
             (None, false) => Inbound::Drop("neither a request, a notification nor an answer"),
             // A request of the child's own.
-            (Some(_), true) => {
+            (Some(method), true) => {
                 let theirs = message["id"].clone();
-                let refuse = |why: &str| {
+                let refuse_with = |code: i64, why: &str| {
                     Inbound::Reply(json!({
                         "jsonrpc": "2.0",
                         "id": theirs,
-                        "error": {"code": -32603, "message": why},
+                        "error": {"code": code, "message": why},
                     }))
                 };
+                let refuse = |why: &str| refuse_with(-32603, why);
+                if !self.one_caller {
+                    if method == "roots/list" {
+                        return refuse_with(
+                            -32601,
+                            "roots are not offered to a stdio server that several callers share",
+                        );
+                    }
+                    let now = std::time::Instant::now();
+                    self.abandoned.retain(|_, until| *until > now);
+                    if !self.abandoned.is_empty() {
+                        return refuse(
+                            "the gateway cannot tell which client this request is for (a call that ended at the gateway may still run here); run this server with one child per session",
+                        );
+                    }
+                }
                 if self.server_requests.len() >= MAX_SERVER_REQUESTS {
                     return refuse("too many requests to clients wait for an answer");
                 }
@@ -391,6 +449,7 @@ impl Mux {
     /// A new child process: the tasks of the one before are gone with it (a new one may give
     /// the same ids to other callers).
     pub fn child_started(&mut self) {
+        self.abandoned.clear();
         self.tasks.clear();
         self.task_order.clear();
         self.tasks_of.clear();

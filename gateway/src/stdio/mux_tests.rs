@@ -121,7 +121,7 @@ fn a_cancellation_that_could_mean_two_calls_reaches_neither() {
 /// rest are refused to it.
 #[test]
 fn requests_from_the_child_are_bounded_in_number_and_size() {
-    let mut m = Mux::new();
+    let mut m = Mux::for_one_caller();
     m.request(9, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
         .unwrap();
     let long = "x".repeat(MAX_SERVER_ID);
@@ -374,4 +374,100 @@ fn only_the_last_tasks_are_remembered_and_no_caller_pushes_out_anothers() {
         .err(),
         Some(Refused::UnknownTask)
     );
+}
+
+/// A shared child is offered no roots: its `roots/list` reaches no client (an answer would set
+/// the roots, for a filesystem server its allowed folders, for every caller), and a client's
+/// notifications other than cancellations do not reach it. A child of one caller has both.
+#[test]
+fn a_shared_child_asks_no_client_for_roots_and_hears_only_cancellations() {
+    let mut m = Mux::new();
+    m.request(9, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let got = m.inbound(json!({"jsonrpc":"2.0","id":"r","method":"roots/list"}));
+    let Inbound::Reply(r) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        (&r["id"], &r["error"]["code"]),
+        (&json!("r"), &json!(-32601))
+    );
+    for method in [
+        "notifications/roots/list_changed",
+        "notifications/progress",
+        "notifications/message",
+    ] {
+        assert_eq!(
+            m.notification(9, json!({"jsonrpc":"2.0","method":method,"params":{}})),
+            None,
+            "{method}"
+        );
+    }
+    let cancel = m.notification(
+        9,
+        json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}),
+    );
+    assert!(cancel.is_some());
+
+    let mut one = Mux::for_one_caller();
+    one.request(9, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let got = one.inbound(json!({"jsonrpc":"2.0","id":"r","method":"roots/list"}));
+    assert!(matches!(got, Inbound::Event { .. }), "{got:?}");
+    assert!(
+        one.notification(
+            9,
+            json!({"jsonrpc":"2.0","method":"notifications/roots/list_changed"})
+        )
+        .is_some()
+    );
+}
+
+/// A call that ended at the gateway (timed out, or its client left) may still run in a shared
+/// child: while it may, the child's requests go to nobody (they could be that call's, and the
+/// one client in flight a bystander). Its late answer, or the window's end, lifts that.
+#[test]
+fn after_an_abandoned_call_a_shared_childs_request_goes_to_nobody() {
+    let sampling =
+        |id: &str| json!({"jsonrpc":"2.0","id":id,"method":"sampling/createMessage","params":{}});
+    let mut m = Mux::new();
+    let (gone, _) = m
+        .request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    m.abandon(gone, std::time::Duration::from_secs(60));
+    m.request(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    let got = m.inbound(sampling("s1"));
+    let Inbound::Reply(r) = got else {
+        panic!("went to the bystander: {got:?}")
+    };
+    assert_eq!(r["error"]["code"], -32603);
+    // The child answers the abandoned call: the bystander is then the one in flight.
+    assert!(matches!(
+        m.inbound(json!({"jsonrpc":"2.0","id":gone,"result":{}})),
+        Inbound::Drop(_)
+    ));
+    assert!(matches!(m.inbound(sampling("s2")), Inbound::Event { .. }));
+
+    // Or the window ends.
+    let mut m = Mux::new();
+    let (gone, _) = m
+        .request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    m.abandon(gone, std::time::Duration::from_millis(30));
+    m.request(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    assert!(matches!(m.inbound(sampling("s1")), Inbound::Reply(_)));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(matches!(m.inbound(sampling("s2")), Inbound::Event { .. }));
+
+    // A child of one caller asks only that caller anyway.
+    let mut one = Mux::for_one_caller();
+    let (gone, _) = one
+        .request(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    one.abandon(gone, std::time::Duration::from_secs(60));
+    one.request(1, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"}))
+        .unwrap();
+    assert!(matches!(one.inbound(sampling("s1")), Inbound::Event { .. }));
 }

@@ -71,7 +71,7 @@ pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
     let (tx, rx) = mpsc::unbounded();
     let name: Arc<str> = Arc::from(spec.name.as_str());
     tokio::spawn(dispatch(spec, gate, rx));
-    Handle { tx, name }
+    Handle::new(tx, name)
 }
 
 async fn dispatch(
@@ -84,7 +84,9 @@ async fn dispatch(
     // The dispatcher decides when a child is idle; its supervisor keeps it running until then.
     let mut child_spec = spec.clone();
     child_spec.idle_shutdown = None;
-    child_spec.per_caller = None;
+    // Kept `Some`: the child serves one caller (its supervisor offers it roots, and asks no
+    // other caller what it asks).
+    child_spec.per_caller = Some(1);
     let mut children: HashMap<Caller, Child> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -235,10 +237,7 @@ mod tests {
         held.iter()
             .map(|&(caller, tenant, busy, ago_ms)| {
                 let child = Child {
-                    handle: Handle {
-                        tx: tx.clone(),
-                        name: Arc::from("s"),
-                    },
+                    handle: Handle::new(tx.clone(), Arc::from("s")),
                     tenant,
                     activity: Arc::new(Activity {
                         in_flight: AtomicUsize::new(usize::from(busy)),

@@ -834,3 +834,99 @@ upstream = "local"
     assert_eq!(status, 200, "{body}");
     d.stop();
 }
+
+/// A stdio server shared by several tenants has one session for all of them: the roots a
+/// client gives it are every caller's. Before, the gateway offered the shared child roots and
+/// passed a client's `notifications/roots/list_changed` on, and the child's `roots/list` went to
+/// the one client with a call in flight: a tenant holding a slow call got the question and
+/// answered it, and server-everything then showed that tenant's roots to the other (for the
+/// filesystem server, the answer replaces its allowed folders). Now a shared child is offered
+/// no roots and hears only cancellations: no `roots/list` reaches the first tenant, and the
+/// second sees none of its roots.
+#[test]
+fn one_tenant_cannot_set_the_roots_of_a_stdio_server_it_shares() {
+    use std::io::{BufRead as _, Write as _};
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let (mut d, port) = gateway_with(
+        &format!(r#"["{bin}", "stdio"]"#),
+        "",
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
+    );
+    let [attacker, victim] = keys;
+    let headers = |key: &str| format!("x-api-key: {key}\r\nmcp-protocol-version: 2025-11-25\r\n");
+    let send = |key: &str, body: &serde_json::Value| {
+        raw(port, &post("/mcp", &body.to_string(), &headers(key))).0
+    };
+
+    // The attacker's slow call, read as it streams.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "trigger-long-running-operation", "arguments": {"duration": 3, "steps": 3},
+            "_meta": {"progressToken": "t1"}}});
+    stream
+        .write_all(&post("/mcp", &call.to_string(), &headers(attacker)))
+        .expect("send");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .ok();
+    let mut lines = std::io::BufReader::new(stream.try_clone().expect("clone")).lines();
+    let mut told = false;
+    let mut asked = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        let Some(Ok(line)) = lines.next() else { break };
+        if !told && line.starts_with("data: ") {
+            // The stream is open: the call is in flight. Tell the child the roots changed.
+            let note =
+                serde_json::json!({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"});
+            assert_eq!(send(attacker, &note).status, 202);
+            told = true;
+        }
+        let Some(m) =
+            serde_json::from_str::<serde_json::Value>(line.strip_prefix("data: ").unwrap_or(&line))
+                .ok()
+        else {
+            continue;
+        };
+        if m["method"] == "roots/list" {
+            asked.push(m.clone());
+            let answer = serde_json::json!({"jsonrpc": "2.0", "id": m["id"],
+                "result": {"roots": [{"uri": "file:///home/attacker-root", "name": "attacker-root"}]}});
+            send(attacker, &answer);
+        }
+        if m["id"] == 1 && m.get("method").is_none() {
+            break;
+        }
+    }
+    assert!(told, "the slow call streamed (its progress)");
+    assert!(
+        asked.is_empty(),
+        "the shared child asked a tenant for roots: {asked:?}"
+    );
+
+    // The other tenant asks the server for the roots it knows.
+    let r = send(
+        victim,
+        &serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "get-roots-list", "arguments": {}}}),
+    );
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(!text.contains("attacker-root"), "{text}");
+    d.stop();
+}
