@@ -578,6 +578,15 @@ pub(super) async fn filtered_tools_list<'c>(
         .is_ok()
 }
 
+/// A 2026-07-28 header that repeats part of the body for routers.
+fn is_mirror(name: &str) -> bool {
+    name.eq_ignore_ascii_case("mcp-method")
+        || name.eq_ignore_ascii_case("mcp-name")
+        || name
+            .get(..10)
+            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-param-"))
+}
+
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
 /// gateway sets itself are not forwarded.
 pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>) -> bool {
@@ -645,8 +654,15 @@ pub(super) fn upstream_request(
     http::push_request_line(&mut out, &req.method, &target)?;
     http::push_field(&mut out, "host", up.authority.as_bytes())?;
     let connection = http::ConnectionOptions::of(&req.headers);
+    // The headers that mirror the body (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`) are checked
+    // against it only in 2026-07-28 (see `headers`): on an older request nothing vouches for
+    // them, and a router that reads them would act on what no rule saw.
+    let mirrors_checked = req
+        .header_str("mcp-protocol-version")
+        .is_some_and(super::version::is_stateless_era);
     for (name, value) in &req.headers {
         if !is_hop_by_hop(name, &connection)
+            && (mirrors_checked || !is_mirror(name))
             && !name.eq_ignore_ascii_case("x-forwarded-for")
             && !name.eq_ignore_ascii_case("accept-encoding")
             && !replace.iter().any(|(r, _)| name.eq_ignore_ascii_case(r))

@@ -135,3 +135,42 @@ fn every_connection_line_names_hop_by_hop_fields() {
     assert!(!text.contains("x-second"), "{text}");
     assert!(text.contains("x-kept: kept\r\n"), "{text}");
 }
+
+/// `Mcp-Method`, `Mcp-Name` and `Mcp-Param-*` repeat the body for routers, and are checked
+/// against it only in 2026-07-28: on an older request they are not sent on (a router behind
+/// the gateway would act on a `Mcp-Name: delete_repo` no rule saw, beside a body calling
+/// `search`).
+#[test]
+fn mirror_headers_reach_the_upstream_only_where_they_were_checked() {
+    let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let head = |version: &str| {
+        let req = client_request(&[
+            ("host", "gw"),
+            ("mcp-protocol-version", version),
+            ("mcp-method", "tools/call"),
+            ("Mcp-Name", "delete_repo"),
+            ("mcp-param-region", "us-east"),
+            ("mcp-session-id", "s1"),
+        ]);
+        String::from_utf8(
+            upstream_request(&req, peer, &upstream(), &req.body, &[])
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+        .to_ascii_lowercase()
+    };
+    let old = head("2025-11-25");
+    for gone in ["mcp-method:", "mcp-name:", "mcp-param-region:"] {
+        assert!(!old.contains(gone), "{gone} {old}");
+    }
+    assert!(old.contains("mcp-session-id: s1\r\n"), "{old}");
+    let modern = head("2026-07-28");
+    for kept in [
+        "mcp-method: tools/call",
+        "mcp-name: delete_repo",
+        "mcp-param-region: us-east",
+    ] {
+        assert!(modern.contains(kept), "{kept} {modern}");
+    }
+}
