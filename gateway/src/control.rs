@@ -1674,9 +1674,16 @@ impl crate::stdio::PinGate for StdioPins {
     }
 
     fn callable(&self, upstream: &str, tool: &str) -> bool {
-        self.0
-            .upgrade()
-            .is_none_or(|s| s.pins.callable(upstream, tool))
+        self.0.upgrade().is_none_or(|s| {
+            let snapshot = s.snapshot.load();
+            s.pins
+                .callable(
+                    upstream,
+                    tool,
+                    snapshot.policy.configured_pin(upstream, tool),
+                )
+                .is_ok()
+        })
     }
 }
 

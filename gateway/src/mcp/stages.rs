@@ -671,15 +671,24 @@ fn admit(
         };
         if policy.pinning
             && let Some((upstream, local)) = tool
-            && !ctx.shared.pins.callable(upstream, local)
+            && let Err(why) =
+                ctx.shared
+                    .pins
+                    .callable(upstream, local, policy.configured_pin(upstream, local))
         {
+            let what = match why {
+                policy::pins::Unpinned::Changed => format!(
+                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
+                ),
+                policy::pins::Unpinned::NotSeen => format!(
+                    "tool `{local}` at upstream `{upstream}` is pinned by the configuration and no listing has shown that definition yet: list tools, then call it"
+                ),
+            };
             let r = Refusal::new(
                 403,
                 policy::code::PENDING_APPROVAL,
                 format!("pins[{upstream}/{local}]"),
-                format!(
-                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
-                ),
+                what,
             );
             return Err(refuse_all(&mut admissions, r, m.id.clone()));
         }

@@ -661,3 +661,61 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     d.stop();
     drop(upstream);
 }
+
+/// A tool the configuration pins (`[[policy.pins]]`) is callable only once a listing has shown
+/// the definition the pin names. Before, a client that never listed tools called it whatever
+/// its definition: the pin was checked only when a list passed. Here the operator pinned
+/// another `echo` than the upstream serves: a call before any listing is refused (where it ran
+/// before), and after the listing `echo` is hidden and refused as changed.
+#[test]
+fn a_configured_pin_holds_for_a_client_that_never_lists_tools() {
+    let upstream = PyServer::start(false);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwcfgpin");
+    let config = format!(
+        r#"
+{header}[policy]
+[[policy.pins]]
+upstream = "u0"
+tool = "echo"
+sha256 = "{pinned}"
+[[upstreams]]
+name = "u0"
+url = "{url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        header = local_header(&instance, 2, port, admin),
+        pinned = "ab".repeat(32),
+        url = upstream.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let text = json!({"text": "hi"});
+    let r = call_2026(port, "/mcp", "echo", &text);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0/echo]", "{r:?}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no listing has shown")),
+        "{r:?}"
+    );
+    // Tools pinned by first sight only are callable before any listing.
+    assert_eq!(
+        call_2026(port, "/mcp", "add", &json!({"a": 1, "b": 2})).status,
+        200
+    );
+    let listed = list_2026(port, "/mcp");
+    assert!(!listed.contains(&"echo".to_owned()), "{listed:?}");
+    let r = call_2026(port, "/mcp", "echo", &text);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("changed")),
+        "{r:?}"
+    );
+    d.stop();
+}
