@@ -1254,8 +1254,11 @@ impl Policy {
     }
 }
 
-/// Hashes JSON with object keys in sorted order, so that the same arguments give the same digest
-/// whatever their order.
+/// Hashes JSON as a server reads it, so that the same arguments give the same digest however
+/// they are spelled: object keys in sorted order, numbers by value (`1.0` is `1`: pydantic and
+/// zod read an integer from either), and a string that holds a JSON object or array as that
+/// value (the Python SDK decodes such a string into the object a tool takes, as argument rules
+/// read it), so that respacing it does not make another call.
 struct Canonical<'a>(Option<&'a Value>);
 
 impl std::hash::Hash for Canonical<'_> {
@@ -1266,15 +1269,34 @@ impl std::hash::Hash for Canonical<'_> {
                 Value::Bool(b) => (1u8, b).hash(h),
                 Value::Number(n) => {
                     2u8.hash(h);
+                    let whole = n.as_f64().filter(|f| {
+                        f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 // 2^53: exact
+                    });
                     if let Some(i) = n.as_i64() {
-                        i.hash(h);
+                        i128::from(i).hash(h);
                     } else if let Some(u) = n.as_u64() {
-                        u.hash(h);
+                        i128::from(u).hash(h);
+                    } else if let Some(f) = whole {
+                        #[expect(
+                            clippy::cast_possible_truncation,
+                            reason = "whole and below 2^53"
+                        )]
+                        i128::from(f as i64).hash(h);
                     } else {
                         n.as_f64().map(f64::to_bits).hash(h);
                     }
                 }
-                Value::String(s) => (3u8, s).hash(h),
+                Value::String(s) => {
+                    let inner = s.trim_start_matches([' ', '\t', '\n', '\r']);
+                    match inner
+                        .starts_with(['{', '['])
+                        .then(|| serde_json::from_str::<Value>(inner).ok())
+                        .flatten()
+                    {
+                        Some(v) => walk(&v, h),
+                        None => (3u8, s).hash(h),
+                    }
+                }
                 Value::Array(a) => {
                     (4u8, a.len()).hash(h);
                     a.iter().for_each(|x| walk(x, h));

@@ -331,6 +331,52 @@ fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
     assert!(admit(&p, &state, &other, "search", json!({"a": 1, "b": [1, 2]})).is_ok());
 }
 
+/// Another spelling of the same call is the same call: a number written as a float, an object
+/// sent as a string holding it (respaced), as the servers read them.
+#[test]
+fn the_same_call_respelled_is_still_the_loop() {
+    let (p, state, who) =
+        acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    for args in [
+        json!({"n": 1, "opts": {"a": 1}}),
+        json!({"n": 1.0, "opts": "{\"a\":1}"}),
+        json!({"n": 1, "opts": "{ \"a\": 1 }"}),
+    ] {
+        admit(&p, &state, &who, "search", args).unwrap();
+    }
+    let r = admit(
+        &p,
+        &state,
+        &who,
+        "search",
+        json!({"n": 1.0, "opts": "  {\"a\":  1}"}),
+    )
+    .unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED);
+    // Other values are other calls: 1.5, a string that is not JSON, another object.
+    assert!(
+        admit(
+            &p,
+            &state,
+            &who,
+            "search",
+            json!({"n": 1.5, "opts": {"a": 1}})
+        )
+        .is_ok()
+    );
+    assert!(admit(&p, &state, &who, "search", json!({"n": 1, "opts": "{a:1}"})).is_ok());
+    assert!(
+        admit(
+            &p,
+            &state,
+            &who,
+            "search",
+            json!({"n": 1, "opts": {"a": 2}})
+        )
+        .is_ok()
+    );
+}
+
 #[test]
 fn rates_per_tenant_and_per_agent() {
     let (p, state, who) = acme_policy(
