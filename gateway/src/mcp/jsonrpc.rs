@@ -74,6 +74,11 @@ pub struct Message {
     pub meta_protocol_version: Option<String>,
     /// `params._meta.traceparent` (W3C trace context carried in the message).
     pub meta_traceparent: Option<String>,
+    /// `params.taskId` (the task a `tasks/*` request names).
+    pub task_id: Option<String>,
+    /// `params.task` is present: the request asks for a task (2025-11-25 task augmentation),
+    /// with `params.task.ttl` (ms) if it gives one.
+    pub asks_task: Option<Option<u64>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -314,6 +319,8 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
             meta_traceparent: meta
                 .and_then(|m| m.get("traceparent"))
                 .and_then(|v| v.as_str().map(str::to_owned)),
+            task_id: field("taskId").and_then(|t| t.as_str().map(str::to_owned)),
+            asks_task: field("task").map(|t| t.get("ttl").and_then(|x| x.as_u64())),
         });
     }
     // A response (from the client: to a server request such as sampling or elicitation).
@@ -334,6 +341,8 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         has_progress_token: false,
         meta_protocol_version: None,
         meta_traceparent: None,
+        task_id: None,
+        asks_task: None,
     })
 }
 

@@ -30,6 +30,7 @@ pub mod session;
 pub mod sse;
 mod stages;
 mod stdio_route;
+pub mod tasks;
 pub mod upstream;
 pub mod version;
 

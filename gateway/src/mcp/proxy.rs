@@ -503,6 +503,39 @@ pub(super) async fn filtered_tools_list<'c>(
     policy: &policy::Policy,
     id: Option<Id>,
 ) -> bool {
+    read_whole(io, req, peer, up, ctx, obs, id, |message| {
+        // A result the gateway cannot filter is not passed on unfiltered: the upstream's
+        // malformed answer becomes an error for the client.
+        match message.get_mut("result") {
+            Some(result) => {
+                super::messages::keep_tools(result, |t| visible(ctx, policy, tenant, &up.name, t))
+                    .ok_or_else(|| {
+                        "the answer to tools/list has no `result.tools` array".to_owned()
+                    })
+            }
+            None => Ok(()),
+        }
+    })
+    .await
+}
+
+/// A passthrough request whose answer is read whole (JSON or an event stream) and `inspect`ed
+/// (filtered, or noted) before the client gets it, as one JSON message. An answer `inspect`
+/// refuses is an upstream failure (502).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn read_whole<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    up: &'c Upstream,
+    ctx: &WorkerCtx,
+    obs: &Obs<'c>,
+    id: Option<Id>,
+    inspect: impl FnOnce(&mut serde_json::Value) -> Result<(), String>,
+) -> bool {
     obs.upstream.set(Some(&up.name));
     let request = match upstream_request(
         req,
@@ -538,16 +571,9 @@ pub(super) async fn filtered_tools_list<'c>(
             return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
         }
     };
-    if let Some(result) = message.get_mut("result") {
-        // A result the gateway cannot filter is not passed on unfiltered: the upstream's
-        // malformed answer becomes an error for the client.
-        let kept =
-            super::messages::keep_tools(result, |t| visible(ctx, policy, tenant, &up.name, t));
-        if kept.is_none() {
-            obs.set(Outcome::UpstreamFailure);
-            let why = "the answer to tools/list has no `result.tools` array".to_owned();
-            return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
-        }
+    if let Err(why) = inspect(&mut message) {
+        obs.set(Outcome::UpstreamFailure);
+        return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
     }
     obs.set(if message.get("error").is_some() {
         Outcome::RpcError

@@ -750,6 +750,88 @@ fn admit(
     Ok(admissions)
 }
 
+/// Tasks on an upstream that cannot tell the gateway's callers apart (a request without a
+/// session; see `tasks`): a task is its creator's. `Some(keep-alive)` when the request was
+/// answered here; `None` when it goes on as any other.
+async fn bound_tasks<'c>(
+    io: &mut Io,
+    req: &Request,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    up: &'c crate::config::Upstream,
+    messages: &Messages,
+    obs: &Obs<'c>,
+) -> Option<bool> {
+    let is_task = |m: &Message| {
+        m.asks_task.is_some()
+            || m.method
+                .as_deref()
+                .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
+    };
+    let reply = async |io: &mut Io, err: RpcError| {
+        obs.set(crate::stats::Outcome::RpcError);
+        let status = err.http_status;
+        io.write_all(json_response(status, &err, req.keep_alive))
+            .await
+            .is_ok()
+    };
+    if messages.batch.iter().any(is_task) {
+        let err = RpcError::invalid_request(
+            "tasks are not supported in a JSON-RPC batch here: send each alone",
+        );
+        return Some(reply(io, err).await);
+    }
+    let m = messages
+        .single
+        .as_ref()
+        .filter(|m| m.kind == Kind::Request && is_task(m))?;
+    let caller = super::proxy::session_owner(ctx, obs);
+    let owners = &ctx.shared.tasks;
+    let method = m.method.as_deref().unwrap_or_default();
+    if super::tasks::NAMING.contains(&method) {
+        let own = m
+            .task_id
+            .as_deref()
+            .is_some_and(|t| owners.owns(&up.name, t, caller));
+        if !own {
+            return Some(reply(io, super::tasks::unknown(m.id.clone())).await);
+        }
+        return None;
+    }
+    if method == "tasks/list" {
+        return Some(
+            super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
+                owners.keep_own(&up.name, caller, answer);
+                Ok(())
+            })
+            .await,
+        );
+    }
+    if !owners.has_room(caller) {
+        let err = RpcError::new(
+            policy::code::RATE_LIMITED,
+            format!(
+                "this caller has {} tasks at upstream `{}` already",
+                super::tasks::MAX_PER_CALLER,
+                up.name
+            ),
+            429,
+        )
+        .with_id(m.id.clone());
+        return Some(reply(io, err).await);
+    }
+    let ttl = m.asks_task.flatten();
+    Some(
+        super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
+            if let Some(task) = super::tasks::created(answer) {
+                owners.bind(&up.name, task, caller, ttl);
+            }
+            Ok(())
+        })
+        .await,
+    )
+}
+
 /// forward: to the route's upstream (a lone `tools/list` of a filtered tenant is answered from
 /// the filtered list), or across the federation's members.
 #[expect(
@@ -854,6 +936,12 @@ async fn forward_stage<'c>(
                 let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
                 return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, filter))
                     .await;
+            }
+            if req.header("mcp-session-id").is_none()
+                && let Some(answered) =
+                    Box::pin(bound_tasks(io, req, peer, ctx, up, &messages, obs)).await
+            {
+                return answered;
             }
             if super::proxy::reads_tool_lists(req, policy, tenant)
                 && let Some(m) = &messages.single

@@ -215,6 +215,8 @@ pub struct Shared {
     pub pins: crate::policy::pins::Pins,
     /// Each listed tool's `x-mcp-header` declarations (2026-07-28 `Mcp-Param-*` headers).
     pub param_headers: crate::mcp::param_headers::Declarations,
+    /// Who created each task on an upstream that cannot tell callers apart.
+    pub tasks: crate::mcp::tasks::Owners,
     /// Refusals by the rule (configuration key) that decided them.
     pub refusals: papaya::HashMap<String, AtomicU64>,
     /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
@@ -290,6 +292,7 @@ impl Shared {
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),
             param_headers: crate::mcp::param_headers::Declarations::default(),
+            tasks: crate::mcp::tasks::Owners::default(),
             refusals: papaya::HashMap::new(),
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),

@@ -345,3 +345,90 @@ fn the_admin_api_refuses_cross_site_requests_that_change_state() {
         assert_eq!(r.status, 200, "{host}: {r:?}");
     }
 }
+
+/// A stateless upstream binds a task to the credential it came with, and every tenant reaches
+/// it with the gateway's: the TypeScript SDK's store gives a task created without a session to
+/// every caller without one. So the gateway binds each task to the caller whose task-augmented
+/// request created it: another tenant's `tasks/list` does not show it, and its `tasks/get`,
+/// `tasks/result` and `tasks/cancel` are answered as for an unknown task without reaching the
+/// upstream. Before, the second tenant listed the first's task and read its result.
+#[test]
+fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server(up_port);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwtasks");
+    let config = format!(
+        r#"{header}default_tenant = "acme"
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants]]
+name = "beta"
+id = 2
+[[auth.api_keys]]
+sha256 = "{acme}"
+tenant = "acme"
+agent = "acme-bot"
+[[auth.api_keys]]
+sha256 = "{beta}"
+tenant = "beta"
+agent = "beta-bot"
+[[upstreams]]
+name = "tasks"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "tasks"
+auth = ["api_key"]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        acme = sha256_hex(ACME_KEY),
+        beta = sha256_hex(BETA_KEY),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let ask = |k: &str, method: &str, params: Value| {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+        let headers = format!("{}mcp-protocol-version: 2025-11-25\r\n", key(k));
+        raw(port, &post("/mcp", &body, &headers)).0
+    };
+    let listed = |r: &integration_tests::peers::RawResponse| -> Vec<String> {
+        r.json()["result"]["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks: {r:?}"))
+            .iter()
+            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let r = ask(
+        ACME_KEY,
+        "tools/call",
+        json!({"name": "report", "arguments": {"topic": "tides"}, "task": {"ttl": 60000}}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let task = r.json()["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {r:?}"))
+        .to_owned();
+
+    // The other tenant: not listed, and not found however it asks.
+    let r = ask(BETA_KEY, "tasks/list", json!({}));
+    assert!(!listed(&r).contains(&task), "{r:?}");
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let r = ask(BETA_KEY, method, json!({"taskId": task}));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.json()["error"]["code"], -32602, "{method}: {text}");
+        assert!(!text.contains("secret report"), "{method}: {text}");
+    }
+
+    // Its creator: listed, and its result.
+    let r = ask(ACME_KEY, "tasks/list", json!({}));
+    assert!(listed(&r).contains(&task), "{r:?}");
+    let r = ask(ACME_KEY, "tasks/result", json!({"taskId": task}));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("secret report on tides"),
+        "{r:?}"
+    );
+    d.stop();
+}

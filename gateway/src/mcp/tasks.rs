@@ -1,0 +1,196 @@
+//! Tasks (2025-11-25 task augmentation, and the 2026-07-28 tasks extension) on an HTTP upstream
+//! that cannot tell the gateway's callers apart: a request without a session reaches it with
+//! the gateway's one credential, and a server binds a task to the session or credential it
+//! came with (the TypeScript SDK's store gives a task created without a session to every
+//! caller without one). So the gateway binds each task the upstream creates for a caller's
+//! task-augmented request to that caller, as the stdio mux does for a shared child: another
+//! caller's `tasks/get`, `tasks/result`, `tasks/cancel` or `tasks/update` is answered as an
+//! unknown task and never reaches the upstream, and `tasks/list` answers keep the caller's own
+//! tasks only. A request on an upstream session needs none of this (the session is the
+//! caller's, and the upstream scopes tasks to it).
+//!
+//! A task is remembered for its time to live (`params.task.ttl`, at least a minute and at most
+//! a day); at most [`MAX_PER_CALLER`] per caller and [`MAX_TASKS`] in all, past which a
+//! caller's new task-augmented request is refused (429) rather than another's forgotten.
+
+use serde_json::Value;
+
+/// The `tasks/*` requests that name one task by `params.taskId`.
+pub const NAMING: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
+
+pub const MAX_TASKS: usize = 65_536;
+pub const MAX_PER_CALLER: usize = 1_024;
+const MIN_TTL_S: u64 = 60;
+const MAX_TTL_S: u64 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    caller: u64,
+    /// Unix seconds after which the task is forgotten.
+    until: u64,
+}
+
+/// Who created each task, by `<upstream>\0<task id>`; shared by the workers.
+#[derive(Debug, Default)]
+pub struct Owners {
+    map: papaya::HashMap<String, Owner>,
+    per_caller: papaya::HashMap<u64, usize>,
+}
+
+fn key(upstream: &str, task: &str) -> String {
+    format!("{upstream}\0{task}")
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The id of the task an answer to a task-augmented request names: 2025-11-25's
+/// `result.task.taskId`, or the tasks extension's `result.resultType: "task"` with
+/// `result.taskId`.
+pub fn created(answer: &Value) -> Option<&str> {
+    let result = answer.get("result")?;
+    result["task"]["taskId"]
+        .as_str()
+        .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
+}
+
+impl Owners {
+    /// Whether `caller` may ask for another task now (it has fewer than [`MAX_PER_CALLER`], and
+    /// there is room); forgets tasks past their time first when it has to.
+    pub fn has_room(&self, caller: u64) -> bool {
+        let full = |s: &Self| {
+            s.map.len() >= MAX_TASKS
+                || s.per_caller.pin().get(&caller).copied().unwrap_or(0) >= MAX_PER_CALLER
+        };
+        if full(self) {
+            self.forget_expired();
+        }
+        !full(self)
+    }
+
+    /// The task `task` of `upstream` is `caller`'s, for `ttl_ms` (the request's).
+    pub fn bind(&self, upstream: &str, task: &str, caller: u64, ttl_ms: Option<u64>) {
+        let ttl = ttl_ms
+            .map_or(MAX_TTL_S, |ms| ms.div_ceil(1000))
+            .clamp(MIN_TTL_S, MAX_TTL_S);
+        let owner = Owner {
+            caller,
+            until: now_s() + ttl,
+        };
+        let map = self.map.pin();
+        match map.get(&key(upstream, task)) {
+            // An id the upstream gives twice: the task is nobody's.
+            Some(o) if o.caller != caller => {
+                map.insert(
+                    key(upstream, task),
+                    Owner {
+                        caller: 0,
+                        until: owner.until,
+                    },
+                );
+            }
+            Some(_) => {
+                map.insert(key(upstream, task), owner);
+            }
+            None => {
+                map.insert(key(upstream, task), owner);
+                let counts = self.per_caller.pin();
+                counts.update_or_insert(caller, |n| n + 1, 1);
+            }
+        }
+    }
+
+    /// Whether `caller` created `task` of `upstream` (and it has not been forgotten).
+    pub fn owns(&self, upstream: &str, task: &str, caller: u64) -> bool {
+        self.map
+            .pin()
+            .get(&key(upstream, task))
+            .is_some_and(|o| o.caller == caller && caller != 0 && o.until > now_s())
+    }
+
+    /// A `tasks/list` answer with only `caller`'s tasks of `upstream`.
+    pub fn keep_own(&self, upstream: &str, caller: u64, answer: &mut Value) {
+        if let Some(tasks) = answer
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+        {
+            tasks.retain(|t| {
+                t["taskId"]
+                    .as_str()
+                    .is_some_and(|id| self.owns(upstream, id, caller))
+            });
+        }
+    }
+
+    fn forget_expired(&self) {
+        let now = now_s();
+        let map = self.map.pin();
+        let counts = self.per_caller.pin();
+        let expired: Vec<(String, u64)> = map
+            .iter()
+            .filter(|(_, o)| o.until <= now)
+            .map(|(k, o)| (k.clone(), o.caller))
+            .collect();
+        for (k, caller) in expired {
+            if map.remove(&k).is_some() {
+                counts.update(caller, |n| n.saturating_sub(1));
+            }
+        }
+    }
+}
+
+/// What a caller that names a task not its own is answered: what the SDKs' servers answer for
+/// a task they do not know.
+pub fn unknown(id: Option<super::Id>) -> super::RpcError {
+    super::RpcError::new(-32602, "Failed to retrieve task: Task not found", 200).with_id(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_task_is_its_creators_for_its_time_to_live() {
+        let o = Owners::default();
+        assert_eq!(
+            created(&json!({"result": {"task": {"taskId": "t1"}}})),
+            Some("t1")
+        );
+        assert_eq!(
+            created(&json!({"result": {"resultType": "task", "taskId": "t2"}})),
+            Some("t2")
+        );
+        assert_eq!(created(&json!({"result": {"content": []}})), None);
+        o.bind("u", "t1", 7, Some(60_000));
+        assert!(o.owns("u", "t1", 7));
+        assert!(!o.owns("u", "t1", 8), "another caller");
+        assert!(!o.owns("v", "t1", 7), "another upstream");
+        assert!(!o.owns("u", "t2", 7), "never bound");
+        // The upstream gives the same id to another caller's task: nobody's.
+        o.bind("u", "t1", 8, None);
+        assert!(!o.owns("u", "t1", 7) && !o.owns("u", "t1", 8));
+        let mut list =
+            json!({"result": {"tasks": [{"taskId": "a"}, {"taskId": "b"}, {"taskId": "c"}]}});
+        o.bind("u", "a", 7, None);
+        o.bind("u", "c", 8, None);
+        o.keep_own("u", 7, &mut list);
+        assert_eq!(list["result"]["tasks"], json!([{"taskId": "a"}]));
+    }
+
+    #[test]
+    fn a_caller_has_room_for_its_own_tasks_only() {
+        let o = Owners::default();
+        for i in 0..MAX_PER_CALLER {
+            assert!(o.has_room(1));
+            o.bind("u", &format!("t{i}"), 1, Some(60_000));
+        }
+        assert!(!o.has_room(1), "full for its creator");
+        assert!(o.has_room(2), "others are not pushed out");
+    }
+}
