@@ -520,3 +520,27 @@ fn a_response_with_an_unsafe_header_becomes_a_500_that_closes() {
     assert!(!text.contains("set-cookie"), "{text}");
     assert!(text.contains("connection: close\r\n"), "{text}");
 }
+
+/// CGI-style servers (WSGI, PHP) read `_` and `-` in a field name as one: `Mcp_Method` or
+/// `X_Api_Key` would stand for a field the gateway decides on, unchecked. Another name with `_`
+/// passes.
+#[test]
+fn an_underscore_spelling_of_a_deciding_field_is_refused() {
+    for name in [
+        "mcp_method",
+        "Mcp_Name",
+        "mcp_param_region",
+        "x_api_key",
+        "content_type",
+        "Mcp_Session-Id",
+    ] {
+        assert!(
+            checked(1, "/mcp", &[("host", "gw"), (name, "x")]).is_err(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        checked(1, "/mcp", &[("host", "gw"), ("x_custom_thing", "x")]),
+        Ok(true)
+    );
+}

@@ -288,6 +288,13 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         if is_single(name) && req.headers.all(name).nth(1).is_some() {
             return Err(HttpError::DuplicateField(name.to_ascii_lowercase()));
         }
+        // `Mcp_Method` beside `Mcp-Method`: CGI-style servers (WSGI, PHP) read `_` and `-` as
+        // one, so such a field would stand for one the gateway decides on, unchecked.
+        if name.contains('_') && is_single(&name.replace('_', "-")) {
+            return Err(HttpError::BadRequest(
+                "a field name with `_` for `-` of a field the gateway decides on",
+            ));
+        }
     }
     // RFC 9110 §7.6.1: a connection option never names a field meant for every recipient. One
     // of the fields the gateway decides on would be checked here and dropped before the upstream.
