@@ -129,12 +129,24 @@ fn route(
             events,
             done,
         } => (who, message, events, done),
-        ToChild::Notification { caller, .. } | ToChild::Response { caller, .. } => {
-            // A notification or an answer for a child the caller does not have (stopped as
-            // idle, say) has nobody to go to.
+        // A notification or an answer for a child the caller does not have (stopped as idle,
+        // say) has nobody to go to. One that goes waits in that child's own queue (its place in
+        // the upstream's is given back): a caller whose child does not read fills only its own.
+        ToChild::Notification {
+            caller, message, ..
+        } => {
             if let Some(c) = children.get(&caller) {
                 c.activity.touch();
-                let _ = c.handle.tx.unbounded_send(msg);
+                c.handle.notify(caller, message);
+            }
+            return;
+        }
+        ToChild::Response {
+            caller, message, ..
+        } => {
+            if let Some(c) = children.get(&caller) {
+                c.activity.touch();
+                c.handle.respond(caller, message);
             }
             return;
         }
