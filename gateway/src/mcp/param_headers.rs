@@ -133,10 +133,15 @@ pub fn declarations(input_schema: &Value) -> Declared {
 #[derive(Debug, Default)]
 pub struct Declarations {
     map: papaya::HashMap<String, Arc<Declared>>,
+    /// Tools remembered per upstream.
+    per_upstream: papaya::HashMap<String, usize>,
 }
 
 /// Tools remembered; past that, a new tool stays unknown (its calls with headers are refused).
 const MAX_TOOLS: usize = 100_000;
+/// Of those, per upstream: an upstream whose tools come and go without end fills its own
+/// share, not another's.
+const MAX_PER_UPSTREAM: usize = 10_000;
 
 impl Declarations {
     /// Sees a listed tool definition.
@@ -149,9 +154,16 @@ impl Declarations {
         let map = self.map.pin();
         match map.get(&key) {
             Some(d) if **d == declared => {}
-            None if map.len() >= MAX_TOOLS => {}
-            _ => {
+            Some(_) => {
                 map.insert(key, Arc::new(declared));
+            }
+            None => {
+                let counts = self.per_upstream.pin();
+                let held = counts.get(upstream).copied().unwrap_or(0);
+                if map.len() < MAX_TOOLS && held < MAX_PER_UPSTREAM {
+                    map.insert(key, Arc::new(declared));
+                    counts.update_or_insert(upstream.to_owned(), |n| n + 1, 1);
+                }
             }
         }
     }

@@ -199,3 +199,26 @@ fn declarations_are_kept_per_upstream_and_tool_and_replaced_when_they_change() {
     );
     assert_eq!(store.get("u", "t").as_deref(), Some(&Ok(vec![])));
 }
+
+#[test]
+fn an_upstream_fills_only_its_own_share_of_the_store() {
+    let store = Declarations::default();
+    for i in 0..MAX_PER_UPSTREAM + 5 {
+        store.observe(
+            "noisy",
+            &json!({"name": format!("t{i}"), "inputSchema": {}}),
+        );
+    }
+    assert!(store.get("noisy", "t0").is_some());
+    assert!(
+        store
+            .get("noisy", &format!("t{}", MAX_PER_UPSTREAM))
+            .is_none(),
+        "past its share"
+    );
+    store.observe("quiet", &json!({"name": "t", "inputSchema": schema()}));
+    assert!(
+        store.get("quiet", "t").is_some(),
+        "another upstream still learns"
+    );
+}
