@@ -752,9 +752,15 @@ pub(super) async fn reply(
             return fail(io, req, up, id, f).await;
         }
     };
-    if !(200..300).contains(&answer.head.status) {
+    let status = answer.head.status;
+    if (400..500).contains(&status) && status != 404 {
+        // A refusal of the request (a 429 with its `Retry-After`, a 400 with the JSON-RPC
+        // error): the client's to read, as the upstream gave it.
+        return super::proxy::relay_refusal(io, req, up, id, &answer.head, &answer.body, obs).await;
+    }
+    if !(200..300).contains(&status) {
         obs.set(Outcome::UpstreamFailure);
-        let f = UpstreamFailure::Bad(format!("answered HTTP {}", answer.head.status));
+        let f = UpstreamFailure::Bad(format!("answered HTTP {status}"));
         return fail(io, req, up, id, f).await;
     }
     if m.kind != Kind::Request {

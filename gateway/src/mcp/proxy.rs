@@ -564,6 +564,11 @@ pub(super) async fn read_whole<'c>(
         }
     };
     sign_session(ctx, up, &mut head, obs);
+    if !(200..300).contains(&head.status) {
+        // Not an answer to read: a refusal (a 2026-07-28 server's -32022 with its versions, a
+        // 429 with its `Retry-After`) goes to the client as the upstream gave it.
+        return relay_refusal(io, req, up, id, &head, &body, obs).await;
+    }
     let mut message = match super::messages::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
@@ -600,6 +605,39 @@ pub(super) async fn read_whole<'c>(
     }
     let body = super::json_bytes(&message);
     io.write_all(http::response(head.status, &headers, &body, req.keep_alive))
+        .await
+        .is_ok()
+}
+
+/// An upstream's answer other than 2xx, read whole: passed on with its status, its
+/// `Content-Type` and `Retry-After` (when clean) and its body.
+pub(super) async fn relay_refusal(
+    io: &mut Io,
+    req: &Request,
+    up: &Upstream,
+    id: Option<Id>,
+    head: &super::upstream::ResponseHead,
+    body: &[u8],
+    obs: &Obs<'_>,
+) -> bool {
+    let mut headers = Vec::new();
+    for name in ["content-type", "retry-after"] {
+        match head.headers.get(name).map(std::str::from_utf8) {
+            Some(Ok(v)) if http::is_clean_value(v.as_bytes()) => headers.push((name, v)),
+            None => {}
+            Some(_) => {
+                obs.set(Outcome::UpstreamFailure);
+                let f = UpstreamFailure::Bad(format!("an unsafe {name} in its answer"));
+                return fail(io, req, up, id, f).await;
+            }
+        }
+    }
+    obs.set(if head.status >= 500 {
+        Outcome::UpstreamFailure
+    } else {
+        Outcome::RpcError
+    });
+    io.write_all(http::response(head.status, &headers, body, req.keep_alive))
         .await
         .is_ok()
 }
@@ -681,11 +719,13 @@ pub(super) fn upstream_request(
     http::push_field(&mut out, "host", up.authority.as_bytes())?;
     let connection = http::ConnectionOptions::of(&req.headers);
     // The headers that mirror the body (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`) are checked
-    // against it only in 2026-07-28 (see `headers`): on an older request nothing vouches for
-    // them, and a router that reads them would act on what no rule saw.
-    let mirrors_checked = req
-        .header_str("mcp-protocol-version")
-        .is_some_and(super::version::is_stateless_era);
+    // against it only in a 2026-07-28 POST (see `headers`, `param_headers`): on an older
+    // request, or a GET or DELETE, nothing vouches for them, and a router that reads them would
+    // act on what no rule saw.
+    let mirrors_checked = req.method == "POST"
+        && req
+            .header_str("mcp-protocol-version")
+            .is_some_and(super::version::is_stateless_era);
     for (name, value) in &req.headers {
         if !is_hop_by_hop(name, &connection)
             && (mirrors_checked || !is_mirror(name))

@@ -590,6 +590,23 @@ fn param_headers_agree(
     if !super::headers::is_modern(req, m) {
         return Ok(());
     }
+    // What the headers may mirror: `Mcp-Param-*` a `tools/call`'s arguments, `Mcp-Method` and
+    // `Mcp-Name` a message with a method (checked in `headers`). Anything else would reach a
+    // router unchecked.
+    let stray = req.headers.iter().find(|(name, _)| {
+        let param = name
+            .get(..10)
+            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-param-"));
+        (param && m.method.as_deref() != Some("tools/call"))
+            || (m.method.is_none()
+                && (name.eq_ignore_ascii_case("mcp-method")
+                    || name.eq_ignore_ascii_case("mcp-name")))
+    });
+    if let Some((name, _)) = stray {
+        let why = format!("{name} does not belong on this message: it mirrors nothing in its body");
+        let err = RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone());
+        return Err(Stop::reply(err));
+    }
     let Some((upstream, tool)) = called_tool(config, route, m) else {
         return Ok(());
     };
@@ -750,6 +767,14 @@ fn admit(
     Ok(admissions)
 }
 
+/// Whether a message asks for a task or about tasks.
+fn is_task(m: &Message) -> bool {
+    m.asks_task.is_some()
+        || m.method
+            .as_deref()
+            .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
+}
+
 /// Tasks on an upstream that cannot tell the gateway's callers apart (a request without a
 /// session; see `tasks`): a task is its creator's. `Some(keep-alive)` when the request was
 /// answered here; `None` when it goes on as any other.
@@ -762,12 +787,6 @@ async fn bound_tasks<'c>(
     messages: &Messages,
     obs: &Obs<'c>,
 ) -> Option<bool> {
-    let is_task = |m: &Message| {
-        m.asks_task.is_some()
-            || m.method
-                .as_deref()
-                .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
-    };
     let reply = async |io: &mut Io, err: RpcError| {
         obs.set(crate::stats::Outcome::RpcError);
         let status = err.http_status;
@@ -824,7 +843,7 @@ async fn bound_tasks<'c>(
     Some(
         super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
             if let Some(task) = super::tasks::created(answer) {
-                owners.bind(&up.name, task, caller, ttl);
+                owners.bind(&up.name, task, caller, super::tasks::ttl_ms(answer).or(ttl));
             }
             Ok(())
         })
@@ -893,6 +912,20 @@ async fn forward_stage<'c>(
                         .is_ok();
                 }
                 if let Some(m) = &messages.single {
+                    // Bridged, every caller reaches the upstream with the gateway's one
+                    // credential, and its answers are not read here: a task it made would be
+                    // every caller's (see `tasks`).
+                    if m.kind == Kind::Request && is_task(m) {
+                        let err = RpcError::invalid_request(format!(
+                            "tasks are not offered on a session bridged to `{}`, which speaks only 2026-07-28: call without `params.task`",
+                            up.name
+                        ))
+                        .with_id(m.id.clone());
+                        return io
+                            .write_all(json_response(400, &err, req.keep_alive))
+                            .await
+                            .is_ok();
+                    }
                     let filtering = super::proxy::reads_tool_lists(req, policy, tenant)
                         && m.kind == Kind::Request
                         && m.method.as_deref() == Some("tools/list");

@@ -9,8 +9,8 @@
 //! tasks only. A request on an upstream session needs none of this (the session is the
 //! caller's, and the upstream scopes tasks to it).
 //!
-//! A task is remembered for its time to live (`params.task.ttl`, at least a minute and at most
-//! a day); at most [`MAX_PER_CALLER`] per caller and [`MAX_TASKS`] in all, past which a
+//! A task is remembered for its time to live (the answer's, or `params.task.ttl`; an hour when
+//! neither says; at least a minute and at most a day); at most [`MAX_PER_CALLER`] per caller and [`MAX_TASKS`] in all, past which a
 //! caller's new task-augmented request is refused (429) rather than another's forgotten.
 
 use serde_json::Value;
@@ -22,6 +22,7 @@ pub const MAX_TASKS: usize = 65_536;
 pub const MAX_PER_CALLER: usize = 1_024;
 const MIN_TTL_S: u64 = 60;
 const MAX_TTL_S: u64 = 86_400;
+const DEFAULT_TTL_S: u64 = 3_600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Owner {
@@ -45,6 +46,15 @@ fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// How long (ms) the answer says the task it names lives: 2025-11-25's `result.task.ttl`, or
+/// `result.ttl`.
+pub fn ttl_ms(answer: &Value) -> Option<u64> {
+    let result = answer.get("result")?;
+    result["task"]["ttl"]
+        .as_u64()
+        .or_else(|| result["ttl"].as_u64())
 }
 
 /// The id of the task an answer to a task-augmented request names: 2025-11-25's
@@ -71,10 +81,11 @@ impl Owners {
         !full(self)
     }
 
-    /// The task `task` of `upstream` is `caller`'s, for `ttl_ms` (the request's).
+    /// The task `task` of `upstream` is `caller`'s, for `ttl_ms` (the answer's, or the
+    /// request's; an hour when neither says).
     pub fn bind(&self, upstream: &str, task: &str, caller: u64, ttl_ms: Option<u64>) {
         let ttl = ttl_ms
-            .map_or(MAX_TTL_S, |ms| ms.div_ceil(1000))
+            .map_or(DEFAULT_TTL_S, |ms| ms.div_ceil(1000))
             .clamp(MIN_TTL_S, MAX_TTL_S);
         let owner = Owner {
             caller,
@@ -84,6 +95,9 @@ impl Owners {
         match map.get(&key(upstream, task)) {
             // An id the upstream gives twice: the task is nobody's.
             Some(o) if o.caller != caller => {
+                self.per_caller
+                    .pin()
+                    .update(o.caller, |n| n.saturating_sub(1));
                 map.insert(
                     key(upstream, task),
                     Owner {
@@ -192,5 +206,14 @@ mod tests {
         }
         assert!(!o.has_room(1), "full for its creator");
         assert!(o.has_room(2), "others are not pushed out");
+        // An id the upstream gives again to another caller is nobody's, and no longer counts
+        // against its first creator.
+        o.bind("u", "t0", 2, None);
+        assert!(!o.owns("u", "t0", 1) && !o.owns("u", "t0", 2));
+        assert!(o.has_room(1));
+        assert_eq!(
+            ttl_ms(&json!({"result": {"task": {"taskId": "x", "ttl": 5000}}})),
+            Some(5000)
+        );
     }
 }

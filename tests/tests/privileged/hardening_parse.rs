@@ -542,6 +542,15 @@ upstream = "router"
         );
     }
 
+    // A header that mirrors nothing in its message's body: `Mcp-Param-*` beside another
+    // method than `tools/call`.
+    let (status, text) = send("/mcp", "tools/list", meta, "mcp-param-region: eu-west\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("-32020") && text.contains("does not belong"),
+        "{text}"
+    );
+
     // An upstream that acts on headers without reading the body.
     let (status, text) = send("/routed", "tools/list", meta, "");
     assert_eq!(status, 200, "{text}");
@@ -562,5 +571,36 @@ upstream = "router"
         "the agreeing call went on: {text}\n{}",
         seen()
     );
+    d.stop();
+}
+
+/// A 2026-07-28 client's `tools/list` answer is read whole (to learn its tools'
+/// `x-mcp-header` annotations); an upstream's refusal of it is not an answer to read, and
+/// reaches the client as the upstream gave it (status, `Retry-After`, body), not as a 502.
+#[test]
+fn an_upstreams_refusal_of_a_read_list_reaches_the_client_as_given() {
+    let fake = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 7\r\ncontent-length: 65\r\n\r\n\
+         {\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-32000,\"message\":\"slow\"}}",
+    ));
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwlist429");
+    let config = format!(
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+        local_header(&instance, 1, port, admin),
+        fake.port
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+         mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (r, _) = raw(port, request.as_bytes());
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 429, "{text}");
+    assert_eq!(r.header("retry-after"), Some("7"), "{r:?}");
+    assert!(text.contains("\"slow\""), "{text}");
     d.stop();
 }

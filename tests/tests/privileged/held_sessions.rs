@@ -476,6 +476,22 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
+    // Bridged, every session reaches the upstream with the gateway's one credential: a task it
+    // made would be every caller's, so none is asked for or about.
+    for (method, params) in [
+        (
+            "tools/call",
+            r#"{"name":"echo","arguments":{"text":"x"},"task":{"ttl":60000}}"#,
+        ),
+        ("tasks/list", "{}"),
+        ("tasks/get", r#"{"taskId":"t1"}"#),
+    ] {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":4,"method":"{method}","params":{params}}}"#);
+        let (r, _) = raw(port, &post("/mcp", &body, &headers));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{method}: {text}");
+        assert!(text.contains("bridged"), "{method}: {text}");
+    }
     // A call its client cancels ends at once (the upstream's exchange closed), answered with an
     // error; a cancellation from another session of the same id cancels nothing.
     let slow = |id: u32, steps: u32| {
