@@ -26,9 +26,10 @@
 //!   client's task-augmented request to that client's caller. `tasks/get`, `tasks/result`
 //!   and `tasks/cancel` reach the child only for one of the caller's own tasks (any other is
 //!   answered as not found, as the child answers an unknown one), and `tasks/list` answers
-//!   list the caller's own tasks only. The last [`MAX_TASKS_PER_CALLER`] of each caller (and
-//!   [`MAX_TASKS`] in all) are kept; an older one is nobody's, and so is every task of a child
-//!   that stopped ([`Mux::child_started`]).
+//!   list the caller's own tasks only. The last [`MAX_TASKS_PER_CALLER`] of each caller are
+//!   kept, and [`MAX_TASKS`] in all (past which the caller holding the most loses its oldest);
+//!   a task forgotten is nobody's, and so is every task of a child that stopped
+//!   ([`Mux::child_started`]).
 //!
 //! Pure bookkeeping: no I/O, so each rule is tested alone.
 
@@ -46,7 +47,8 @@ pub const MAX_SERVER_ID: usize = 256;
 /// Tasks whose creator the gateway remembers, at most.
 pub const MAX_TASKS: usize = 4096;
 /// Of those, at most this many per caller: a caller's new task past it forgets the caller's own
-/// oldest, so no caller can push another's out.
+/// oldest; past [`MAX_TASKS`], the caller holding the most loses its oldest, so no caller can
+/// push out the tasks of one that holds fewer.
 pub const MAX_TASKS_PER_CALLER: usize = 256;
 
 /// What to do with a message read from the child.
@@ -426,8 +428,21 @@ impl Mux {
         self.tasks.insert(task.to_owned(), caller);
         self.task_order.push_back(task.to_owned());
         *self.tasks_of.entry(caller).or_default() += 1;
+        // Past the cap, the caller holding the most loses its own oldest: a caller with few
+        // tasks keeps them however many others make.
         while self.task_order.len() > MAX_TASKS {
-            self.forget_task(0);
+            let Some((&heaviest, _)) = self.tasks_of.iter().max_by_key(|(_, n)| **n) else {
+                break;
+            };
+            let Some(at) = self
+                .task_order
+                .iter()
+                .position(|t| self.tasks.get(t) == Some(&heaviest))
+            else {
+                self.forget_task(0);
+                continue;
+            };
+            self.forget_task(at);
         }
     }
 

@@ -345,21 +345,17 @@ fn only_the_last_tasks_are_remembered_and_no_caller_pushes_out_anothers() {
     );
     assert!(m.request(1, get("t1")).is_ok());
     assert!(m.request(2, get("theirs")).is_ok());
-    // Many callers: at most MAX_TASKS in all, the oldest forgotten first.
-    for n in 0..MAX_TASKS {
-        create(&mut m, 100 + n as u64, &format!("c{n}"));
+    // Many callers, each with all it may hold: past MAX_TASKS in all, the caller holding the
+    // most loses its oldest, and one with a single task keeps it however many others make.
+    let heavy = (MAX_TASKS / MAX_TASKS_PER_CALLER) as u64 + 1;
+    for c in 0..heavy {
+        for n in 0..MAX_TASKS_PER_CALLER {
+            create(&mut m, 100 + c, &format!("c{c}-{n}"));
+        }
     }
-    assert_eq!(
-        m.request(2, get("theirs")).err(),
-        Some(Refused::UnknownTask)
-    );
-    assert!(
-        m.request(
-            100 + MAX_TASKS as u64 - 1,
-            get(&format!("c{}", MAX_TASKS - 1))
-        )
-        .is_ok()
-    );
+    assert!(m.request(2, get("theirs")).is_ok());
+    let newest = format!("c{}-{}", heavy - 1, MAX_TASKS_PER_CALLER - 1);
+    assert!(m.request(100 + heavy - 1, get(&newest)).is_ok());
     // An id the child gives twice is nobody's; a new child's tasks start afresh.
     create(&mut m, 3, "dup");
     create(&mut m, 4, "dup");
@@ -367,11 +363,7 @@ fn only_the_last_tasks_are_remembered_and_no_caller_pushes_out_anothers() {
     assert_eq!(m.request(4, get("dup")).err(), Some(Refused::UnknownTask));
     m.child_started();
     assert_eq!(
-        m.request(
-            100 + MAX_TASKS as u64 - 1,
-            get(&format!("c{}", MAX_TASKS - 1))
-        )
-        .err(),
+        m.request(100 + heavy - 1, get(&newest)).err(),
         Some(Refused::UnknownTask)
     );
 }
