@@ -1269,9 +1269,9 @@ impl std::hash::Hash for Canonical<'_> {
                 Value::Bool(b) => (1u8, b).hash(h),
                 Value::Number(n) => {
                     2u8.hash(h);
-                    let whole = n.as_f64().filter(|f| {
-                        f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 // 2^53: exact
-                    });
+                    // A whole float is an integer exactly (every float from 2^53 up is whole);
+                    // below 2^127 it fits the integer it hashes as.
+                    let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1.7e38);
                     if let Some(i) = n.as_i64() {
                         i128::from(i).hash(h);
                     } else if let Some(u) = n.as_u64() {
@@ -1279,9 +1279,9 @@ impl std::hash::Hash for Canonical<'_> {
                     } else if let Some(f) = whole {
                         #[expect(
                             clippy::cast_possible_truncation,
-                            reason = "whole and below 2^53"
+                            reason = "whole and below 2^127"
                         )]
-                        i128::from(f as i64).hash(h);
+                        (f as i128).hash(h);
                     } else {
                         n.as_f64().map(f64::to_bits).hash(h);
                     }

@@ -353,6 +353,22 @@ fn the_same_call_respelled_is_still_the_loop() {
     )
     .unwrap_err();
     assert_eq!(r.code, code::LOOP_DETECTED);
+    // Past 2^53 too: 1e16 written as a float is the integer 10000000000000000.
+    for n in [json!(10_000_000_000_000_000u64), json!(1e16), json!(1e16)] {
+        admit(&p, &state, &who, "big", json!({ "n": n })).unwrap();
+    }
+    assert_eq!(
+        admit(
+            &p,
+            &state,
+            &who,
+            "big",
+            json!({"n": 10_000_000_000_000_000u64})
+        )
+        .unwrap_err()
+        .code,
+        code::LOOP_DETECTED
+    );
     // Other values are other calls: 1.5, a string that is not JSON, another object.
     assert!(
         admit(
