@@ -7,6 +7,34 @@ use integration_tests::{
     unique,
 };
 
+/// server-everything over stdio, shared by two tenants (`one`, `two`), each with an API key
+/// (returned in that order).
+fn everything_for_two_tenants() -> (Daemon, u16, [&'static str; 2]) {
+    let bin = format!(
+        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let (d, port) = gateway_with(
+        &format!(r#"["{bin}", "stdio"]"#),
+        "",
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
+    );
+    (d, port, keys)
+}
+
 fn fixture(name: &str) -> String {
     format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -662,28 +690,7 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
 /// does all of that and gets its result.
 #[test]
 fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
-    let bin = format!(
-        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
-            shas[i].as_str().expect("a digest")
-        ));
-    }
-    let (mut d, port) = gateway_with(
-        &format!(r#"["{bin}", "stdio"]"#),
-        "",
-        &route,
-        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
-    );
+    let (mut d, port, keys) = everything_for_two_tenants();
     // The answer to the request whose id is 1, as `key`'s caller (it may come as an event
     // stream).
     let ask = |key: &str, method: &str, params: serde_json::Value| -> serde_json::Value {
@@ -846,28 +853,7 @@ upstream = "local"
 #[test]
 fn one_tenant_cannot_set_the_roots_of_a_stdio_server_it_shares() {
     use std::io::{BufRead as _, Write as _};
-    let bin = format!(
-        "{}/../.tools/node/node_modules/.bin/mcp-server-everything",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
-            shas[i].as_str().expect("a digest")
-        ));
-    }
-    let (mut d, port) = gateway_with(
-        &format!(r#"["{bin}", "stdio"]"#),
-        "",
-        &route,
-        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
-    );
+    let (mut d, port, keys) = everything_for_two_tenants();
     let [attacker, victim] = keys;
     let headers = |key: &str| format!("x-api-key: {key}\r\nmcp-protocol-version: 2025-11-25\r\n");
     let send = |key: &str, body: &serde_json::Value| {
