@@ -181,6 +181,13 @@ fn lines(path: &std::path::Path) -> usize {
         .count()
 }
 
+/// The descriptors process `pid` holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|r| r.count())
+        .unwrap_or(0)
+}
+
 fn admin_get(admin: u16, path: &str) -> String {
     let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
     let (r, _) = integration_tests::peers::raw(admin, req.as_bytes());
@@ -448,11 +455,6 @@ fn out_of_descriptors_is_a_503_of_the_gateway_not_an_upstream_failure() {
         &config(&instance, port, admin, up.port),
         (LIMIT, LIMIT),
     );
-    let fds = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|r| r.count())
-            .unwrap_or(0)
-    };
     let base = fds(d.pid());
     assert!(
         (base as u64) < LIMIT - 8,
@@ -573,11 +575,6 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
         &config(&instance, port, admin, up.port),
         (LIMIT, LIMIT),
     );
-    let fds = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|r| r.count())
-            .unwrap_or(0)
-    };
     let base = fds(d.pid());
     assert!(
         (base + CAP) as u64 + 16 < LIMIT,
