@@ -15,8 +15,9 @@
 
 use serde_json::Value;
 
-/// The `tasks/*` requests that name one task by `params.taskId`.
-pub const NAMING: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
+/// The `tasks/*` requests that name one task by `params.taskId`, and the task an answer to a
+/// task-augmented request names: as the stdio mux reads them.
+pub use crate::stdio::mux::{TASK_METHODS as NAMING, created_task as created};
 
 pub const MAX_TASKS: usize = 65_536;
 pub const MAX_PER_CALLER: usize = 1_024;
@@ -55,16 +56,6 @@ pub fn ttl_ms(answer: &Value) -> Option<u64> {
     result["task"]["ttl"]
         .as_u64()
         .or_else(|| result["ttl"].as_u64())
-}
-
-/// The id of the task an answer to a task-augmented request names: 2025-11-25's
-/// `result.task.taskId`, or the tasks extension's `result.resultType: "task"` with
-/// `result.taskId`.
-pub fn created(answer: &Value) -> Option<&str> {
-    let result = answer.get("result")?;
-    result["task"]["taskId"]
-        .as_str()
-        .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
 }
 
 impl Owners {
@@ -160,7 +151,7 @@ impl Owners {
 /// What a caller that names a task not its own is answered: what the SDKs' servers answer for
 /// a task they do not know.
 pub fn unknown(id: Option<super::Id>) -> super::RpcError {
-    super::RpcError::new(-32602, "Failed to retrieve task: Task not found", 200).with_id(id)
+    super::RpcError::new(-32602, crate::stdio::mux::TASK_NOT_FOUND, 200).with_id(id)
 }
 
 #[cfg(test)]

@@ -78,14 +78,27 @@ pub enum Refused {
     UnknownTask,
 }
 
-/// What a client that names a task that is not its own is answered (the JSON-RPC error the
-/// SDKs' servers give for an unknown task).
+/// The JSON-RPC error (-32602) the SDKs' servers give for a task they do not know: what a
+/// client that names a task that is not its own is answered (here and in `mcp::tasks`).
+pub const TASK_NOT_FOUND: &str = "Failed to retrieve task: Task not found";
+
+/// What a client that names a task that is not its own is answered.
 pub fn unknown_task(id: Value) -> Value {
     json!({
         "jsonrpc": "2.0",
         "id": id,
-        "error": {"code": -32602, "message": "Failed to retrieve task: Task not found"},
+        "error": {"code": -32602, "message": TASK_NOT_FOUND},
     })
+}
+
+/// The id of the task an answer to a task-augmented request names: 2025-11-25's
+/// `result.task.taskId`, or the 2026-07-28 tasks extension's `result.resultType: "task"` with
+/// `result.taskId`.
+pub fn created_task(answer: &Value) -> Option<&str> {
+    let result = answer.get("result")?;
+    result["task"]["taskId"]
+        .as_str()
+        .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
 }
 
 /// What a client's request asks that the answer must be read for.
@@ -98,8 +111,8 @@ enum Asks {
     TaskList,
 }
 
-/// The task a `tasks/*` request names by `params.taskId`.
-const TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
+/// The `tasks/*` requests that name one task by `params.taskId`.
+pub const TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
 
 struct Call {
     caller: Caller,
@@ -401,13 +414,7 @@ impl Mux {
 
     /// The answer to `caller`'s task-augmented request: the task it names is the caller's.
     fn created(&mut self, caller: Caller, answer: &Value) {
-        let result = &answer["result"];
-        // 2025-11-25: `{"task": {"taskId": …}}`; the 2026-07-28 tasks extension: `{"resultType":
-        // "task", "taskId": …}`.
-        let Some(task) = result["task"]["taskId"]
-            .as_str()
-            .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
-        else {
+        let Some(task) = created_task(answer) else {
             return;
         };
         if self.tasks.contains_key(task) {
