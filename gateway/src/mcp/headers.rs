@@ -25,11 +25,16 @@ pub fn decode_header_value(value: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// Whether the request's `MCP-Protocol-Version` header names the 2026-07-28 protocol.
+pub fn says_modern(req: &Request) -> bool {
+    req.header_str("mcp-protocol-version")
+        .is_some_and(version::is_stateless_era)
+}
+
 /// Whether the message uses the 2026-07-28 protocol (by header or by
 /// `params._meta.protocolVersion`).
 pub fn is_modern(req: &Request, msg: &Message) -> bool {
-    req.header_str("mcp-protocol-version")
-        .is_some_and(version::is_stateless_era)
+    says_modern(req)
         || msg
             .meta_protocol_version
             .as_deref()

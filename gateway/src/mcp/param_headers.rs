@@ -174,6 +174,14 @@ impl Declarations {
     }
 }
 
+/// The name part of a `Mcp-Param-{Name}` field (`Region`), or `None` for another field.
+pub fn name_part(field: &str) -> Option<&str> {
+    field
+        .get(..10)
+        .filter(|p| p.eq_ignore_ascii_case("mcp-param-"))
+        .map(|_| &field[10..])
+}
+
 /// The argument at `path`, `None` when absent or `null`.
 fn at<'v>(arguments: Option<&'v Value>, path: &[String]) -> Option<&'v Value> {
     let mut v = arguments?;

@@ -116,11 +116,7 @@ pub(super) fn reads_tool_lists(
     policy: &policy::Policy,
     tenant: &TenantPolicy,
 ) -> bool {
-    tenant.filters()
-        || policy.pinning
-        || req
-            .header_str("mcp-protocol-version")
-            .is_some_and(super::version::is_stateless_era)
+    tenant.filters() || policy.pinning || super::headers::says_modern(req)
 }
 
 /// Whether a listed tool is shown to the tenant: allowed by its rules and, with pinning, its
@@ -646,9 +642,7 @@ pub(super) async fn relay_refusal(
 fn is_mirror(name: &str) -> bool {
     name.eq_ignore_ascii_case("mcp-method")
         || name.eq_ignore_ascii_case("mcp-name")
-        || name
-            .get(..10)
-            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-param-"))
+        || super::param_headers::name_part(name).is_some()
 }
 
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
@@ -722,10 +716,7 @@ pub(super) fn upstream_request(
     // against it only in a 2026-07-28 POST (see `headers`, `param_headers`): on an older
     // request, or a GET or DELETE, nothing vouches for them, and a router that reads them would
     // act on what no rule saw.
-    let mirrors_checked = req.method == "POST"
-        && req
-            .header_str("mcp-protocol-version")
-            .is_some_and(super::version::is_stateless_era);
+    let mirrors_checked = req.method == "POST" && super::headers::says_modern(req);
     for (name, value) in &req.headers {
         if !is_hop_by_hop(name, &connection)
             && (mirrors_checked || !is_mirror(name))

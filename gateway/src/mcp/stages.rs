@@ -593,39 +593,34 @@ fn param_headers_agree(
     // What the headers may mirror: `Mcp-Param-*` a `tools/call`'s arguments, `Mcp-Method` and
     // `Mcp-Name` a message with a method (checked in `headers`). Anything else would reach a
     // router unchecked.
-    let stray = req.headers.iter().find(|(name, _)| {
-        let param = name
-            .get(..10)
-            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-param-"));
-        (param && m.method.as_deref() != Some("tools/call"))
-            || (m.method.is_none()
-                && (name.eq_ignore_ascii_case("mcp-method")
-                    || name.eq_ignore_ascii_case("mcp-name")))
-    });
-    if let Some((name, _)) = stray {
-        let why = format!("{name} does not belong on this message: it mirrors nothing in its body");
+    let refuse = |why: String| {
         let err = RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone());
-        return Err(Stop::reply(err));
+        Err(Stop::reply(err))
+    };
+    let calls = m.method.as_deref() == Some("tools/call");
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for (name, value) in req.headers.iter() {
+        let part = super::param_headers::name_part(name);
+        let mirrors_a_method =
+            name.eq_ignore_ascii_case("mcp-method") || name.eq_ignore_ascii_case("mcp-name");
+        if (part.is_some() && !calls) || (mirrors_a_method && m.method.is_none()) {
+            return refuse(format!(
+                "{name} does not belong on this message: it mirrors nothing in its body"
+            ));
+        }
+        let Some(part) = part else {
+            continue;
+        };
+        let Ok(value) = std::str::from_utf8(value) else {
+            return refuse(format!(
+                "Mcp-Param-{part} is not UTF-8 (use the =?base64?...?= form)"
+            ));
+        };
+        headers.push((part, http::ows(value)));
     }
     let Some((upstream, tool)) = called_tool(config, route, m) else {
         return Ok(());
     };
-    let mut headers: Vec<(&str, &str)> = Vec::new();
-    for (name, value) in req.headers.iter() {
-        let Some(part) = name
-            .get(..10)
-            .filter(|p| p.eq_ignore_ascii_case("mcp-param-"))
-            .map(|_| &name[10..])
-        else {
-            continue;
-        };
-        let Ok(value) = std::str::from_utf8(value) else {
-            let why = format!("Mcp-Param-{part} is not UTF-8 (use the =?base64?...?= form)");
-            let err = RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone());
-            return Err(Stop::reply(err));
-        };
-        headers.push((part, http::ows(value)));
-    }
     let declared = ctx.shared.param_headers.get(upstream, tool);
     let needs_arguments = !headers.is_empty()
         || declared
@@ -646,9 +641,10 @@ fn param_headers_agree(
             reparsed.as_ref()
         }
     };
-    super::param_headers::check(tool, &headers, declared.as_deref(), arguments).map_err(|why| {
-        Stop::reply(RpcError::new(error::HEADER_MISMATCH, why, 400).with_id(m.id.clone()))
-    })
+    match super::param_headers::check(tool, &headers, declared.as_deref(), arguments) {
+        Ok(()) => Ok(()),
+        Err(why) => refuse(why),
+    }
 }
 
 /// admit: every message of the request is admitted (pins, breakers, rules, rates, budgets,
@@ -926,9 +922,9 @@ async fn forward_stage<'c>(
                             .await
                             .is_ok();
                     }
-                    let filtering = super::proxy::reads_tool_lists(req, policy, tenant)
-                        && m.kind == Kind::Request
-                        && m.method.as_deref() == Some("tools/list");
+                    let filtering = m.kind == Kind::Request
+                        && m.method.as_deref() == Some("tools/list")
+                        && super::proxy::reads_tool_lists(req, policy, tenant);
                     let keep = |t: &serde_json::Value| {
                         super::proxy::visible(ctx, policy, tenant, &up.name, t)
                     };
@@ -945,9 +941,9 @@ async fn forward_stage<'c>(
                 && super::held::client_is_stateless(req, Some(m))
                 && let known @ (Some(true) | None) = super::held::known_session(ctx, up)
             {
-                let filtering = super::proxy::reads_tool_lists(req, policy, tenant)
-                    && m.kind == Kind::Request
-                    && m.method.as_deref() == Some("tools/list");
+                let filtering = m.kind == Kind::Request
+                    && m.method.as_deref() == Some("tools/list")
+                    && super::proxy::reads_tool_lists(req, policy, tenant);
                 if known.is_none() && !filtering {
                     // A stateless client has no session: an id it sends is not passed on.
                     return super::held::forward_learning(
@@ -971,15 +967,16 @@ async fn forward_stage<'c>(
                     .await;
             }
             if req.header("mcp-session-id").is_none()
+                && messages.all().any(is_task)
                 && let Some(answered) =
                     Box::pin(bound_tasks(io, req, peer, ctx, up, &messages, obs)).await
             {
                 return answered;
             }
-            if super::proxy::reads_tool_lists(req, policy, tenant)
-                && let Some(m) = &messages.single
+            if let Some(m) = &messages.single
                 && m.kind == Kind::Request
                 && m.method.as_deref() == Some("tools/list")
+                && super::proxy::reads_tool_lists(req, policy, tenant)
             {
                 return Box::pin(filtered_tools_list(
                     io,
