@@ -1286,17 +1286,10 @@ impl std::hash::Hash for Canonical<'_> {
                         n.as_f64().map(f64::to_bits).hash(h);
                     }
                 }
-                Value::String(s) => {
-                    let inner = s.trim_start_matches([' ', '\t', '\n', '\r']);
-                    match inner
-                        .starts_with(['{', '['])
-                        .then(|| serde_json::from_str::<Value>(inner).ok())
-                        .flatten()
-                    {
-                        Some(v) => walk(&v, h),
-                        None => (3u8, s).hash(h),
-                    }
-                }
+                Value::String(s) => match rules::json_held(s) {
+                    Some(Ok(v)) => walk(&v, h),
+                    _ => (3u8, s).hash(h),
+                },
                 Value::Array(a) => {
                     (4u8, a.len()).hash(h);
                     a.iter().for_each(|x| walk(x, h));

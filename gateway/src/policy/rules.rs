@@ -376,6 +376,15 @@ fn compile_pattern(pattern: &str) -> Result<Regex, String> {
         })
 }
 
+/// What a string holds when it holds a JSON object or array, as the Python SDK's servers read
+/// such a string (into the object their tool takes): `None` when it does not look like one,
+/// else what parsing it gives.
+pub(super) fn json_held(s: &str) -> Option<serde_json::Result<Value>> {
+    s.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with(['{', '['])
+        .then(|| serde_json::from_str(s))
+}
+
 impl ArgRule {
     /// The value the pointer names (RFC 6901), read so that no server acts on a value the rule
     /// did not see:
@@ -392,10 +401,9 @@ impl ArgRule {
         let mut at: Cow<'v, Value> = Cow::Borrowed(root);
         for (i, t) in self.tokens.iter().enumerate() {
             if let Value::String(s) = &*at
-                && s.trim_start_matches([' ', '\t', '\n', '\r'])
-                    .starts_with(['{', '['])
+                && let Some(parsed) = json_held(s)
             {
-                match serde_json::from_str::<Value>(s) {
+                match parsed {
                     Ok(inner) => at = Cow::Owned(inner),
                     Err(_) => {
                         return Err(format!(
