@@ -14,6 +14,7 @@
     )
 )]
 
+mod abandoned;
 pub mod answer;
 mod bridge;
 pub mod conn;

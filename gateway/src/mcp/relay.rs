@@ -123,6 +123,7 @@ pub(super) async fn relay(
         conn.expect(body.remaining.min(RELAY_READ));
     }
     if client.write_all(out).await.is_err() {
+        obs.client_left.set(true);
         return false;
     }
     let finished = loop {
@@ -136,7 +137,9 @@ pub(super) async fn relay(
         };
         // The client closed the stream: in 2026-07-28 that is the request's cancellation.
         let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
-            // Dropping `conn` closes it, which cancels there.
+            // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
+            // `abandoned`).
+            obs.client_left.set(true);
             return false;
         };
         match filled {
@@ -158,6 +161,7 @@ pub(super) async fn relay(
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
                 // The client went away: the upstream connection is abandoned mid-response.
+                obs.client_left.set(true);
                 return false;
             }
             // The buffer read into next, when the piece was the connection's own.

@@ -1007,25 +1007,45 @@ async fn forward_stage<'c>(
                 )])
                 .collect();
             // A session-era message to an upstream that may speak only the stateless era.
-            if up.era == crate::config::UpstreamEra::Auto
+            let keep = if up.era == crate::config::UpstreamEra::Auto
                 && req.method == "POST"
                 && let Some(m) = &messages.single
                 && !super::held::client_is_stateless(req, Some(m))
             {
-                return Box::pin(super::bridge::forward_learning(
+                Box::pin(super::bridge::forward_learning(
                     io, req, peer, ctx, up, m, &extra, obs,
                 ))
-                .await;
-            }
-            match upstream_request(req, peer, up, &req.body, &extra) {
-                Ok(bytes) => forward(io, req, bytes, up, messages.request_id, ctx, None, obs).await,
-                Err(e) => {
-                    let err = RpcError::from(e).with_id(messages.request_id);
-                    io.write_all(json_response(400, &err, req.keep_alive))
-                        .await
-                        .is_ok()
+                .await
+            } else {
+                match upstream_request(req, peer, up, &req.body, &extra) {
+                    Ok(bytes) => {
+                        let id = messages.request_id.clone();
+                        forward(io, req, bytes, up, id, ctx, None, obs).await
+                    }
+                    Err(e) => {
+                        let err = RpcError::from(e).with_id(messages.request_id.clone());
+                        return io
+                            .write_all(json_response(400, &err, req.keep_alive))
+                            .await
+                            .is_ok();
+                    }
                 }
+            };
+            // A session-era call whose client left runs on upstream unless cancelled.
+            if obs.client_left.get()
+                && !super::headers::says_modern(req)
+                && session
+                    .and_then(super::proxy::Session::upstream_id)
+                    .is_some()
+                && !super::bridge::known_stateless(ctx, up)
+                && let Some(body) = super::abandoned::cancellation(
+                    messages.all().filter_map(super::abandoned::cancellable),
+                )
+                && let Ok(request) = upstream_request(req, peer, up, &body, &extra)
+            {
+                super::abandoned::cancel(ctx, up, request).await;
             }
+            keep
         }
         Target::Federation(members) => {
             let fed = super::federation::Federation {

@@ -1,7 +1,7 @@
 //! Policy that cannot be stepped around, end to end on loopback: requests sent as
 //! notifications, batched lists and refused batches, identity headers given twice, conflicting
-//! credentials, sessions used by another tenant, per-tenant tool breakers, and cross-site
-//! requests to the admin API.
+//! credentials, sessions used by another tenant, per-tenant tool breakers, cross-site
+//! requests to the admin API, tasks on a stateless upstream, and calls whose client hung up.
 
 use serde_json::{Value, json};
 
@@ -430,5 +430,92 @@ auth = ["api_key"]
         String::from_utf8_lossy(&r.body).contains("secret report on tides"),
         "{r:?}"
     );
+    d.stop();
+}
+
+/// The one JSON-RPC message of an answer given as JSON or as an event stream.
+fn message_of(r: &integration_tests::peers::RawResponse) -> Value {
+    let text = String::from_utf8_lossy(&r.body);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or(Some(l)))
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v.get("id").is_some())
+        })
+        .unwrap_or_else(|| panic!("no message: {r:?}"))
+}
+
+#[test]
+fn a_session_era_call_whose_client_leaves_is_cancelled_upstream() {
+    // Up to 2025-11-25 a closed connection is no cancellation: the call runs on upstream
+    // while the gateway's concurrency slot is free again, so a client that hangs up and calls
+    // again holds the upstream past its cap. The gateway cancels it in the session instead.
+    let py = PyServer::start_with(&["--slow"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwleft");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[tenants.policy]
+max_concurrent = 2
+[[upstreams]]
+name = "u0"
+url = "{py}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        py = py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    for (path, prefix) in [("/mcp", ""), ("/fed", "p_")] {
+        let (r, _) = raw(port, &post(path, init, ""));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        let (r, _) = raw(port, &post(path, initialized, &session));
+        assert!(r.status < 300, "{path}: {r:?}");
+        let running = || {
+            let call = format!(
+                r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"{prefix}calls_running","arguments":{{}}}}}}"#
+            );
+            let (r, _) = raw(port, &post(path, &call, &session));
+            let m = message_of(&r);
+            m["result"]["structuredContent"]["result"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{path}: {m}"))
+        };
+        assert_eq!(running(), 0, "{path}");
+        let call = format!(
+            r#"{{"jsonrpc":"2.0","id":"long-1","method":"tools/call","params":{{"name":"{prefix}sleep","arguments":{{"seconds":60}}}}}}"#
+        );
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut client, &post(path, &call, &session)).unwrap();
+        let started = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            running() == 1
+        });
+        assert!(started, "{path}: the call never started upstream");
+        // The client hangs up without a word.
+        drop(client);
+        let stopped = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            running() == 0
+        });
+        assert!(
+            stopped,
+            "{path}: the call whose client left still runs upstream"
+        );
+    }
     d.stop();
 }

@@ -1,0 +1,64 @@
+//! A session-era call whose client left: the upstream is told to stop.
+//!
+//! Up to 2025-11-25 a closed connection is not a cancellation: the specification asks servers
+//! not to read it as one, and a client's request runs on in its session. Its concurrency slot at
+//! the gateway is given back when the client leaves, so a client could start calls and hang up,
+//! over and over, and hold the upstream far past its limit. Before the slot is given back, each
+//! request of the abandoned message is cancelled (`notifications/cancelled`) in the session it
+//! ran in, as the client would have cancelled it. `initialize` is never cancelled (the
+//! specification forbids it). In 2026-07-28 closing the stream is the cancellation, and nothing
+//! more is sent.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::{Id, Kind, Message, proxy::WorkerCtx, upstream::open};
+use crate::{config::Upstream, http};
+
+/// The id of `m` if it is a request that can be cancelled.
+pub(super) fn cancellable(m: &Message) -> Option<&Id> {
+    (m.kind == Kind::Request && m.method.as_deref() != Some("initialize"))
+        .then_some(m.id.as_ref())
+        .flatten()
+}
+
+/// The body that cancels the requests `ids`: one notification, or a batch of them for a batch
+/// (which only 2025-03-26, the one era that has batches, sends). None when nothing is to be
+/// cancelled.
+pub(super) fn cancellation<'m>(ids: impl Iterator<Item = &'m Id>) -> Option<Bytes> {
+    let mut each: Vec<Value> = ids
+        .map(|id| {
+            json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": id.to_json(), "reason": "the client disconnected"},
+            })
+        })
+        .collect();
+    let body = match each.len() {
+        0 => return None,
+        1 => each.pop()?,
+        _ => Value::Array(each),
+    };
+    Some(Bytes::from(super::json_bytes(&body)))
+}
+
+/// Sends the cancellation `request` (built as the abandoned one was, in its session) and reads
+/// the head of the answer. Nobody waits for it but the slot, so a failure is only logged.
+pub(super) async fn cancel(ctx: &WorkerCtx, up: &Upstream, request: http::Outgoing) {
+    match open(&ctx.pool, up, request, None).await {
+        Ok((_, head)) if head.status < 300 => {
+            tracing::debug!(upstream = %up.name, "a call whose client left was cancelled");
+        }
+        Ok((_, head)) => crate::throttled_warn!(
+            "upstream `{}` answered HTTP {} to the cancellation of a call whose client left",
+            up.name,
+            head.status
+        ),
+        Err(f) => crate::throttled_warn!(
+            "the cancellation of a call whose client left did not reach upstream `{}`: {}",
+            up.name,
+            super::held::describe(f)
+        ),
+    }
+}
