@@ -5,7 +5,8 @@
 //! the gateway is given back when the client leaves, so a client could start calls and hang up,
 //! over and over, and hold the upstream far past its limit. Before the slot is given back, each
 //! request of the abandoned message is cancelled (`notifications/cancelled`) in the session it
-//! ran in, as the client would have cancelled it. `initialize` is never cancelled (the
+//! ran in, as the client would have cancelled it. Not when an event with an id reached the
+//! client: it can resume that stream (`Last-Event-ID`), and the call must go on for it. `initialize` is never cancelled (the
 //! specification forbids it). In 2026-07-28 closing the stream is the cancellation, and nothing
 //! more is sent.
 

@@ -128,6 +128,12 @@ pub fn has_data(event: &[u8]) -> bool {
     lines(event).any(|l| field(l, b"data").is_some())
 }
 
+/// Whether an event sets the stream's last event id (an `id` field, not empty, without NUL,
+/// which a client ignores): what a client resumes from.
+pub fn has_id(event: &[u8]) -> bool {
+    lines(event).any(|l| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0)))
+}
+
 /// An event's data: its data lines' values joined by LF, as a client reads it; `None` when it
 /// has no data line.
 pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
@@ -382,6 +388,18 @@ pub(super) fn keep_tools(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_event_id_is_what_a_client_resumes_from() {
+        use super::has_id;
+        assert!(has_id(b"id: 7\ndata: {}"));
+        assert!(has_id(b"event: message\r\nid:abc"));
+        // Empty (it resets the last id), with NUL (ignored), or not a field.
+        assert!(!has_id(b"id:\ndata: {}"));
+        assert!(!has_id(b"id: a\0b\ndata: {}"));
+        assert!(!has_id(b"data: id: 7"));
+        assert!(!has_id(b": id: 7"));
+    }
+
     #[test]
     fn a_members_stream_carries_no_answer_to_another_request() {
         let events = concat!(

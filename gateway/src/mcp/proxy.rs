@@ -38,8 +38,9 @@ pub(super) struct Obs<'a> {
     pub breakers: RefCell<Vec<(String, usize, bool, policy::breaker::Pass)>>,
     /// The request's span, once its trace context is known (with `[telemetry.otlp]`).
     pub span: Cell<Option<crate::otlp::SpanCtx>>,
-    /// The client went away before its answer was relayed whole (see `abandoned`).
-    pub client_left: Cell<bool>,
+    /// The client went away before its answer was relayed whole, with no way back to it (no
+    /// event id to resume the stream from): see `abandoned`.
+    pub abandoned: Cell<bool>,
 }
 
 /// Who called and what policy decided, for telemetry and the audit log.
@@ -799,7 +800,7 @@ pub(super) async fn forward<'c>(
         // The client gave up waiting; the upstream connection was closed, which cancels there.
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
-            obs.client_left.set(true);
+            obs.abandoned.set(true);
             false
         }
         // The gateway's own shortage: refused here, and no breaker holds it against the upstream.

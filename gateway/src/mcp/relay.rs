@@ -123,7 +123,7 @@ pub(super) async fn relay(
         conn.expect(body.remaining.min(RELAY_READ));
     }
     if client.write_all(out).await.is_err() {
-        obs.client_left.set(true);
+        obs.abandoned.set(!body.resumable);
         return false;
     }
     let finished = loop {
@@ -139,7 +139,7 @@ pub(super) async fn relay(
         let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
             // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
             // `abandoned`).
-            obs.client_left.set(true);
+            obs.abandoned.set(!body.resumable);
             return false;
         };
         match filled {
@@ -161,7 +161,7 @@ pub(super) async fn relay(
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
                 // The client went away: the upstream connection is abandoned mid-response.
-                obs.client_left.set(true);
+                obs.abandoned.set(!body.resumable);
                 return false;
             }
             // The buffer read into next, when the piece was the connection's own.
@@ -285,6 +285,9 @@ struct Body<'m> {
     scan: AnswerScan,
     /// An event stream's last event: its answer.
     answer: Vec<u8>,
+    /// An event with an id went to the client: it can resume the stream (`Last-Event-ID`),
+    /// so its leaving is not the end of the call.
+    resumable: bool,
 }
 
 impl<'m> Body<'m> {
@@ -311,6 +314,7 @@ impl<'m> Body<'m> {
             classify,
             scan: AnswerScan::default(),
             answer: Vec::new(),
+            resumable: false,
         }
     }
 
@@ -352,7 +356,11 @@ impl<'m> Body<'m> {
             Ok(None) => Vec::new(),
             Err(_) => return Err(EVENT_TOO_LARGE),
         };
-        Ok(self.rewritten(events))
+        let out = self.rewritten(events);
+        if !self.resumable {
+            self.resumable = super::sse::split(&out).any(super::messages::has_id);
+        }
+        Ok(out)
     }
 
     /// Events as the client gets them: a federation's member's rewritten.

@@ -1032,7 +1032,7 @@ async fn forward_stage<'c>(
                 }
             };
             // A session-era call whose client left runs on upstream unless cancelled.
-            if obs.client_left.get()
+            if obs.abandoned.get()
                 && !super::headers::says_modern(req)
                 && session
                     .and_then(super::proxy::Session::upstream_id)

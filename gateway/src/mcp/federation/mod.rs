@@ -196,7 +196,7 @@ impl<'c> Federation<'_, 'c> {
         )
         .await;
         // A session-era call whose client left runs on in the member unless cancelled.
-        if self.obs.client_left.get()
+        if self.obs.abandoned.get()
             && let Era::Session(s) = era
             && s.member(&up.name)
                 .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2))
