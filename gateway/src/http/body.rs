@@ -39,6 +39,14 @@ pub struct ChunkedDecoder {
 }
 
 impl ChunkedDecoder {
+    /// Bytes of the current chunk's data still to come (0 between chunks).
+    pub fn data_left(&self) -> usize {
+        match self.state {
+            State::Data(left) => left,
+            _ => 0,
+        }
+    }
+
     /// Decodes from `input`, appending data to `out`. Returns the bytes used and whether the
     /// body is complete. Unused bytes must be presented again with more data.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, bool), HttpError> {

@@ -120,7 +120,12 @@ impl Parser {
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
         // Padded by us: simd-json then reads the copy in place instead of making its own.
         self.scratch.clear();
-        self.scratch.reserve(body.len() + simd_json::INPUT_PADDING);
+        if self.scratch.capacity() < body.len() + simd_json::INPUT_PADDING {
+            // Larger than any before: new room, and simd-json's buffers made for it at once.
+            // (Growing them would copy their old contents, used or not.)
+            self.scratch = Vec::with_capacity(body.len() + simd_json::INPUT_PADDING);
+            self.buffers = simd_json::Buffers::new(body.len());
+        }
         self.scratch.extend_from_slice(body);
         self.scratch
             .resize(body.len() + simd_json::INPUT_PADDING, 0);

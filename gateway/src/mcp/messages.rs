@@ -134,6 +134,49 @@ pub fn has_id(event: &[u8]) -> bool {
     lines(event).any(|l| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0)))
 }
 
+/// What a client makes of whole events (as [`sse::split`] gives them), read in one pass over
+/// their lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EventsRead {
+    /// Where the last event with data is (without its empty line).
+    pub last_with_data: Option<std::ops::Range<usize>>,
+    /// Whether an event sets the last event id ([`has_id`]).
+    pub id: bool,
+}
+
+/// Reads `events` as [`sse::split`], [`has_data`] and [`has_id`] would, in one pass.
+pub fn read_events(events: &[u8]) -> EventsRead {
+    let body = events.strip_prefix(sse::BOM).unwrap_or(events);
+    let base = events.len() - body.len();
+    let mut read = EventsRead::default();
+    // The event being read: where it starts, where its last line ends, whether it has data.
+    let mut start: Option<usize> = None;
+    let mut end = 0;
+    let mut data = false;
+    for line in lines(body) {
+        let at = line.as_ptr() as usize - body.as_ptr() as usize;
+        if line.is_empty() {
+            if let Some(from) = start.take()
+                && data
+            {
+                read.last_with_data = Some(base + from..base + end);
+            }
+            data = false;
+            continue;
+        }
+        start.get_or_insert(at);
+        end = at + line.len();
+        data |= field(line, b"data").is_some();
+        read.id |= field(line, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0));
+    }
+    if let Some(from) = start
+        && data
+    {
+        read.last_with_data = Some(base + from..base + end);
+    }
+    read
+}
+
 /// An event's data: its data lines' values joined by LF, as a client reads it; `None` when it
 /// has no data line.
 pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
@@ -388,6 +431,57 @@ pub(super) fn keep_tools(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn events_read_in_one_pass_are_read_as_split_reads_them() {
+        use super::{has_data, has_id, read_events, sse};
+        // Every stream of up to four lines from these pieces, with every line end.
+        let pieces: [&[u8]; 7] = [
+            b"data: {}",
+            b"id: 4",
+            b"id:",
+            b"",
+            b": c",
+            b"event: x",
+            b"\xef\xbb\xbfdata: 1",
+        ];
+        let ends: [&[u8]; 3] = [b"\n", b"\r\n", b"\r"];
+        let mut streams: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for s in &streams {
+                for p in pieces {
+                    for e in ends {
+                        next.push([s.as_slice(), p, e].concat());
+                    }
+                }
+            }
+            streams.extend(next);
+            streams.dedup();
+            if streams.len() > 20_000 {
+                break;
+            }
+        }
+        for stream in &streams {
+            let read = read_events(stream);
+            let last = sse::split(stream).filter(|e| has_data(e)).last();
+            // The same event (split keeps the line end of a last event without its empty
+            // line): the same data.
+            let got = read.last_with_data.clone().map(|r| &stream[r]);
+            assert_eq!(
+                got.map(super::event_data),
+                last.map(super::event_data),
+                "{:?}",
+                String::from_utf8_lossy(stream)
+            );
+            assert_eq!(
+                read.id,
+                sse::split(stream).any(has_id),
+                "{:?}",
+                String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
     #[test]
     fn an_event_id_is_what_a_client_resumes_from() {
         use super::has_id;

@@ -325,7 +325,10 @@ impl<'m> Body<'m> {
     /// What `conn` holds of the body, as it goes to the client (unframed): a large piece is
     /// taken without a copy; an event stream's only up to its last whole event.
     fn take(&mut self, conn: &mut Conn) -> Result<Vec<u8>, &'static str> {
-        let piece = match self.kind {
+        if self.sse {
+            return self.take_events(conn);
+        }
+        Ok(match self.kind {
             BodyKind::Length(_) => {
                 let n = self.remaining.min(conn.pending().len());
                 self.remaining -= n;
@@ -346,19 +349,71 @@ impl<'m> Body<'m> {
                 let n = conn.pending().len();
                 conn.take(n)
             }
+        })
+    }
+
+    /// [`Body::take`] of an event stream: what arrived joins the events held (copied once at
+    /// most: a piece handed over whole starts the buffer, chunks are decoded into it), and the
+    /// whole events go out, read once for what the client will make of them.
+    fn take_events(&mut self, conn: &mut Conn) -> Result<Vec<u8>, &'static str> {
+        let n = match self.kind {
+            BodyKind::Length(_) => {
+                let n = self.remaining.min(conn.pending().len());
+                self.remaining -= n;
+                self.complete = self.remaining == 0;
+                n
+            }
+            BodyKind::Chunked => {
+                let (used, done) = self
+                    .decoder
+                    .decode(conn.pending(), self.events.tail())
+                    .map_err(|_| "malformed chunked body from upstream")?;
+                conn.consume(used);
+                self.complete = done;
+                // A large chunk is read in large pieces too.
+                if self.decoder.data_left() > RELAY_READ / 2 {
+                    conn.expect(self.decoder.data_left().min(RELAY_READ));
+                }
+                0
+            }
+            BodyKind::UntilClose => conn.pending().len(),
         };
-        if !self.sse {
-            return Ok(piece);
+        if n > 0 {
+            if self.events.is_empty() {
+                self.events.start_with(conn.take(n));
+            } else {
+                self.events.push(&conn.pending()[..n]);
+                conn.consume(n);
+            }
         }
-        self.events.push(&piece);
+        let out = self.whole_events()?;
+        let coming = match self.kind {
+            BodyKind::Length(_) => self.remaining,
+            BodyKind::Chunked => self.decoder.data_left(),
+            BodyKind::UntilClose => 0,
+        };
+        self.events.expect(coming);
+        Ok(out)
+    }
+
+    /// The whole events held, as the client gets them, noted for the answer's outcome and
+    /// whether the client could resume after them.
+    fn whole_events(&mut self) -> Result<Vec<u8>, &'static str> {
         let events = match self.events.take_events() {
             Ok(Some(events)) => events,
             Ok(None) => Vec::new(),
             Err(_) => return Err(EVENT_TOO_LARGE),
         };
         let out = self.rewritten(events);
-        if !self.resumable {
-            self.resumable = super::sse::split(&out).any(super::messages::has_id);
+        let read = super::messages::read_events(&out);
+        self.resumable |= read.id;
+        if self.classify
+            && let Some(last) = read.last_with_data
+        {
+            self.answer.clear();
+            if last.len() <= CLASSIFY_MAX {
+                self.answer.extend_from_slice(&out[last]);
+            }
         }
         Ok(out)
     }
@@ -373,23 +428,12 @@ impl<'m> Body<'m> {
         }
     }
 
-    /// Notes what passes, for the answer's outcome: a body is scanned as it passes; an event
-    /// stream's answer is its last event with data, whichever piece of the stream brought it (an event
-    /// over [`CLASSIFY_MAX`] is not kept: the answer is then not known to be an error).
+    /// Notes what passes, for the answer's outcome: a body is scanned as it passes (an event
+    /// stream's answer is its last event with data, noted as events are taken out; one over
+    /// [`CLASSIFY_MAX`] is not kept: the answer is then not known to be an error).
     fn observe(&mut self, data: &[u8]) {
-        if !self.classify || data.is_empty() {
-            return;
-        }
-        if !self.sse {
+        if self.classify && !self.sse && !data.is_empty() {
             self.scan.feed(data);
-        } else if let Some(last) = super::sse::split(data)
-            .filter(|e| super::messages::has_data(e))
-            .last()
-        {
-            self.answer.clear();
-            if last.len() <= CLASSIFY_MAX {
-                self.answer.extend_from_slice(last);
-            }
         }
     }
 

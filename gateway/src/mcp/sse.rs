@@ -165,6 +165,31 @@ impl EventBuffer {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Adds bytes of the stream to an empty buffer: they become it, uncopied.
+    pub fn start_with(&mut self, bytes: Vec<u8>) {
+        if self.buf.is_empty() {
+            self.buf = bytes;
+            self.scan = Scan::at(0);
+        } else {
+            self.buf.extend_from_slice(&bytes);
+        }
+    }
+
+    /// Makes room at once for `more` bytes known to be coming (the rest of a body or a chunk)
+    /// while an incomplete event is held, up to the largest event: a large event then grows
+    /// its buffer once, not by doubling (each growth copies what it held).
+    pub fn expect(&mut self, more: usize) {
+        if !self.buf.is_empty() {
+            let room = more.min(self.max_event.saturating_sub(self.buf.len()));
+            self.buf.reserve(room);
+        }
+    }
+
+    /// The buffer, to append bytes of the stream to (decoded chunks) without a copy between.
+    pub fn tail(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
     /// Takes out every complete event buffered (with their empty lines, bytes unchanged), if
     /// any. An event may take `max_event` bytes with its empty line: one over that fails the
     /// stream whether it arrived whole or in pieces (an incomplete rest that long can only
