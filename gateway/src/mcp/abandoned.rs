@@ -16,9 +16,11 @@ use serde_json::{Value, json};
 use super::{Id, Kind, Message, proxy::WorkerCtx, upstream::open};
 use crate::{config::Upstream, http};
 
-/// The id of `m` if it is a request that can be cancelled.
+/// The id of `m` if it is a request that can be cancelled (not `initialize`, and not one that
+/// asks for a task: a task is cancelled with `tasks/cancel`, and its creator may still fetch
+/// its result).
 pub(super) fn cancellable(m: &Message) -> Option<&Id> {
-    (m.kind == Kind::Request && m.method.as_deref() != Some("initialize"))
+    (m.kind == Kind::Request && m.method.as_deref() != Some("initialize") && m.asks_task.is_none())
         .then_some(m.id.as_ref())
         .flatten()
 }
@@ -32,7 +34,7 @@ pub(super) fn cancellation<'m>(ids: impl Iterator<Item = &'m Id>) -> Option<Byte
             json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/cancelled",
-                "params": {"requestId": id.to_json(), "reason": "the client disconnected"},
+                "params": {"requestId": id.to_json(), "reason": "abandoned at the gateway: the client left or the call timed out"},
             })
         })
         .collect();

@@ -620,6 +620,7 @@ pub(super) async fn open_judging(
         Ok(o) => o,
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
+            obs.abandoned.set(true);
             return Opened::Answered(false);
         }
         Err(f) => {

@@ -194,6 +194,26 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// Whether a federation member's JSON answer answers request `id` and nothing else: one
+/// response whose id is `id` (or null, for an error: it names no other request). Read as a
+/// client reads it (serde_json, like `JSON.parse` and Python, takes the last of a repeated key).
+pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
+    let Some(id) = id else {
+        return true;
+    };
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    if answer.contains_key("method") {
+        return false;
+    }
+    match answer.get("id") {
+        Some(Value::Null) => answer.contains_key("error"),
+        Some(given) => *given == id.to_json(),
+        None => false,
+    }
+}
+
 /// A member's id as the client sees it.
 pub fn tag(member: &str, id: &Value) -> Option<Value> {
     match id {

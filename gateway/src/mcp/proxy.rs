@@ -38,8 +38,9 @@ pub(super) struct Obs<'a> {
     pub breakers: RefCell<Vec<(String, usize, bool, policy::breaker::Pass)>>,
     /// The request's span, once its trace context is known (with `[telemetry.otlp]`).
     pub span: Cell<Option<crate::otlp::SpanCtx>>,
-    /// The client went away before its answer was relayed whole, with no way back to it (no
-    /// event id to resume the stream from): see `abandoned`.
+    /// The call was given up before its answer was relayed whole (its client went away, or
+    /// the upstream did not answer in time), with no way back to it (no event id reached the
+    /// client to resume the stream from): see `abandoned`.
     pub abandoned: Cell<bool>,
 }
 
@@ -802,6 +803,12 @@ pub(super) async fn forward<'c>(
             obs.set(Outcome::UpstreamFailure);
             obs.abandoned.set(true);
             false
+        }
+        // The gateway gave up waiting: the call may still run there.
+        Err(f @ UpstreamFailure::Timeout) => {
+            obs.set(Outcome::UpstreamFailure);
+            obs.abandoned.set(true);
+            fail(client, req, up, request_id, f).await
         }
         // The gateway's own shortage: refused here, and no breaker holds it against the upstream.
         Err(f @ UpstreamFailure::OutOfDescriptors) => {

@@ -94,6 +94,13 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
+    // A federation member's JSON answer to a request is read whole and checked before the
+    // client gets a byte of it: it must answer that request and no other (a client matches
+    // answers by id, so a member could otherwise answer what was sent to another member, as
+    // its event streams cannot: see `messages::rewrite_events`).
+    if member.is_some() && request_id.is_some() && !body.sse && (200..300).contains(&head.status) {
+        body.whole = Some(Vec::new());
+    }
     // What has already arrived goes out with the head in one write.
     match body
         .take(&mut conn)
@@ -101,7 +108,10 @@ pub(super) async fn relay(
     {
         Ok(first) => {
             body.observe(&first);
-            out.extend_from_slice(&body.framed(first));
+            match &mut body.whole {
+                Some(whole) => whole.extend_from_slice(&first),
+                None => out.extend_from_slice(&body.framed(first)),
+            }
         }
         // Nothing is written yet: the client gets a whole error.
         Err(why) => {
@@ -122,10 +132,16 @@ pub(super) async fn relay(
     {
         conn.expect(body.remaining.min(RELAY_READ));
     }
-    if client.write_all(out).await.is_err() {
+    // The head waits with a held answer.
+    let mut unwritten = Some(out);
+    if body.whole.is_none()
+        && let Some(out) = unwritten.take()
+        && client.write_all(out).await.is_err()
+    {
         obs.abandoned.set(!body.resumable);
         return false;
     }
+    body.delivered();
     let finished = loop {
         if body.done() {
             break Ok(());
@@ -146,7 +162,11 @@ pub(super) async fn relay(
             Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
             Ok(0) => break Err("upstream closed the connection mid-response"),
             Ok(_) => {}
-            Err(HttpError::Timeout) => break Err("upstream stalled mid-response"),
+            Err(HttpError::Timeout) => {
+                // Given up here: the call may still run there.
+                obs.abandoned.set(!body.resumable);
+                break Err("upstream stalled mid-response");
+            }
             Err(_) => break Err("upstream connection failed mid-response"),
         }
         let data = match body.take(&mut conn) {
@@ -156,7 +176,14 @@ pub(super) async fn relay(
         // An event over the limit after those passed on: the stream fails once they are
         // written, not when more comes.
         let held = body.check();
-        if !data.is_empty() {
+        if let Some(len) = body.whole.as_ref().map(Vec::len) {
+            if len + data.len() > max_event {
+                break Err("member's answer larger than the body limit");
+            }
+            body.observe(&data);
+            body.whole.get_or_insert_default().extend_from_slice(&data);
+            conn.recycle(data);
+        } else if !data.is_empty() {
             body.observe(&data);
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
@@ -164,6 +191,7 @@ pub(super) async fn relay(
                 obs.abandoned.set(!body.resumable);
                 return false;
             }
+            body.delivered();
             // The buffer read into next, when the piece was the connection's own.
             conn.recycle(back);
         }
@@ -171,9 +199,35 @@ pub(super) async fn relay(
             break Err(why);
         }
     };
+    let finished = finished.and_then(|()| match &body.whole {
+        Some(whole) if !super::messages::answers_only(whole, request_id.as_ref()) => {
+            Err("member answered another request than the one sent to it")
+        }
+        _ => Ok(()),
+    });
     if let Err(why) = finished {
         obs.set(Outcome::UpstreamFailure);
+        if unwritten.is_some() {
+            // Nothing is written yet: the client gets a whole error.
+            crate::throttled_warn!(upstream = %up.name, "{why}");
+            return fail(
+                client,
+                req,
+                up,
+                request_id,
+                UpstreamFailure::Bad(why.into()),
+            )
+            .await;
+        }
         return body.failed(client, up, request_id, why).await && req.keep_alive;
+    }
+    if let Some(mut out) = unwritten
+        && let Some(whole) = body.whole.take()
+    {
+        out.extend_from_slice(&body.framed(whole));
+        if client.write_all(out).await.is_err() {
+            return false;
+        }
     }
     obs.set(body.outcome());
     if let Some(last) = body.rest() {
@@ -288,6 +342,11 @@ struct Body<'m> {
     /// An event with an id went to the client: it can resume the stream (`Last-Event-ID`),
     /// so its leaving is not the end of the call.
     resumable: bool,
+    /// An event with an id was taken out, not yet known to be written to the client.
+    id_taken: bool,
+    /// A federation member's JSON answer, held whole until it is known to answer the request
+    /// sent (see [`relay`]).
+    whole: Option<Vec<u8>>,
 }
 
 impl<'m> Body<'m> {
@@ -315,6 +374,8 @@ impl<'m> Body<'m> {
             scan: AnswerScan::default(),
             answer: Vec::new(),
             resumable: false,
+            id_taken: false,
+            whole: None,
         }
     }
 
@@ -406,7 +467,7 @@ impl<'m> Body<'m> {
         };
         let out = self.rewritten(events);
         let read = super::messages::read_events(&out);
-        self.resumable |= read.id;
+        self.id_taken |= read.id;
         if self.classify
             && let Some(last) = read.last_with_data
         {
@@ -435,6 +496,11 @@ impl<'m> Body<'m> {
         if self.classify && !self.sse && !data.is_empty() {
             self.scan.feed(data);
         }
+    }
+
+    /// What was taken out reached the client: an id among it can be resumed from.
+    fn delivered(&mut self) {
+        self.resumable |= self.id_taken;
     }
 
     /// Fails when an event over the limit is held after the events taken out: it is not

@@ -138,6 +138,9 @@ pub fn split(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventTooLarge(pub usize);
 
+/// An incomplete event this large has room made for the rest announced ([`EventBuffer::expect`]).
+const LARGE_EVENT: usize = 64 * 1024;
+
 /// The bytes of a stream not yet passed on: complete events are taken out as they arrive, an
 /// incomplete one waits for its end, up to `max_event` bytes.
 #[derive(Debug)]
@@ -179,7 +182,8 @@ impl EventBuffer {
     /// while an incomplete event is held, up to the largest event: a large event then grows
     /// its buffer once, not by doubling (each growth copies what it held).
     pub fn expect(&mut self, more: usize) {
-        if !self.buf.is_empty() {
+        // Only for an event already large: one announced large and sent small holds little.
+        if self.buf.len() >= LARGE_EVENT {
             let room = more.min(self.max_event.saturating_sub(self.buf.len()));
             self.buf.reserve(room);
         }

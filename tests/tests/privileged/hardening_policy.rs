@@ -452,6 +452,8 @@ fn a_session_era_call_whose_client_leaves_is_cancelled_upstream() {
     // while the gateway's concurrency slot is free again, so a client that hangs up and calls
     // again holds the upstream past its cap. The gateway cancels it in the session instead.
     let py = PyServer::start_with(&["--slow"]);
+    // Answering with JSON, its head comes only with the answer: the client leaves before it.
+    let py_json = PyServer::start_with(&["--slow", "--json"]);
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwleft");
@@ -468,17 +470,24 @@ url = "{py}"
 [[routes]]
 path = "/mcp"
 upstream = "u0"
+[[upstreams]]
+name = "u1"
+url = "{py_json}"
 [[routes]]
 path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
+[[routes]]
+path = "/json"
+upstream = "u1"
 "#,
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
         py = py.url(),
+        py_json = py_json.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
     let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-    for (path, prefix) in [("/mcp", ""), ("/fed", "p_")] {
+    for (path, prefix) in [("/mcp", ""), ("/fed", "p_"), ("/json", "")] {
         let (r, _) = raw(port, &post(path, init, ""));
         assert_eq!(r.status, 200, "{path}: {r:?}");
         let sid = r.header("mcp-session-id").expect("a session id").to_owned();
@@ -517,5 +526,69 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
             "{path}: the call whose client left still runs upstream"
         );
     }
+    d.stop();
+}
+
+#[test]
+fn a_federation_member_cannot_answer_a_request_sent_to_another() {
+    // A member's event stream cannot answer another id (its events are rewritten); nor may its
+    // JSON answer: a client matches answers by id, so a member that answers with the id of a
+    // request the client sent to another member would answer that one.
+    let py = PyServer::start(true);
+    let liar = FakeUpstream::start(Misbehave::Answer); // answers every request with id 1
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwliar");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[upstreams]]
+name = "py"
+url = "{py}"
+[[upstreams]]
+name = "liar"
+url = "{liar}"
+era = "stateless"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix = "l_" }}]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        py = py.url(),
+        liar = liar.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let call = |id: u64, tool: &str, args: Value| {
+        let body = json!({
+            "jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": args, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}},
+        })
+        .to_string();
+        let headers = format!(
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+        );
+        raw(port, &post("/fed", &body, &headers)).0
+    };
+    // The honest member's JSON answer passes.
+    let r = call(5, "p_add", json!({"a": 2, "b": 3}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["id"], 5, "{r:?}");
+    assert_eq!(
+        r.json()["result"]["structuredContent"]["result"],
+        5,
+        "{r:?}"
+    );
+    // The liar's answer to request 7 names request 1: refused whole, never relayed.
+    let r = call(7, "l_anything", json!({}));
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.json()["id"], 7, "{r:?}");
+    assert!(r.json()["error"]["message"].as_str().is_some(), "{r:?}");
+    // Asked as request 1, its answer is that request's.
+    let r = call(1, "l_anything", json!({}));
+    assert_eq!((r.status, r.json()["id"].clone()), (200, json!(1)), "{r:?}");
     d.stop();
 }
