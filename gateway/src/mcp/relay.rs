@@ -113,17 +113,9 @@ pub(super) async fn relay(
                 None => out.extend_from_slice(&body.framed(first)),
             }
         }
-        // Nothing is written yet: the client gets a whole error.
         Err(why) => {
             obs.set(Outcome::UpstreamFailure);
-            return fail(
-                client,
-                req,
-                up,
-                request_id,
-                UpstreamFailure::Bad(why.into()),
-            )
-            .await;
+            return unwritten_failure(client, req, up, request_id, why).await;
         }
     }
     // A large body is read in large pieces, each handed to the client without a copy.
@@ -208,16 +200,7 @@ pub(super) async fn relay(
     if let Err(why) = finished {
         obs.set(Outcome::UpstreamFailure);
         if unwritten.is_some() {
-            // Nothing is written yet: the client gets a whole error.
-            crate::throttled_warn!(upstream = %up.name, "{why}");
-            return fail(
-                client,
-                req,
-                up,
-                request_id,
-                UpstreamFailure::Bad(why.into()),
-            )
-            .await;
+            return unwritten_failure(client, req, up, request_id, why).await;
         }
         return body.failed(client, up, request_id, why).await && req.keep_alive;
     }
@@ -241,6 +224,25 @@ pub(super) async fn relay(
         ctx.pool.checkin(up, conn);
     }
     body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// The answer failed before a byte of it was written: the client gets a whole error.
+async fn unwritten_failure(
+    client: &mut Io,
+    req: &Request,
+    up: &Upstream,
+    request_id: Option<Id>,
+    why: &str,
+) -> bool {
+    crate::throttled_warn!(upstream = %up.name, "{why}");
+    fail(
+        client,
+        req,
+        up,
+        request_id,
+        UpstreamFailure::Bad(why.into()),
+    )
+    .await
 }
 
 /// How the body goes to the client.
