@@ -1,14 +1,15 @@
-//! A session-era call whose client left: the upstream is told to stop.
+//! A session-era call the gateway gave up on (its client left, or the upstream did not answer
+//! in time): the upstream is told to stop.
 //!
 //! Up to 2025-11-25 a closed connection is not a cancellation: the specification asks servers
 //! not to read it as one, and a client's request runs on in its session. Its concurrency slot at
-//! the gateway is given back when the client leaves, so a client could start calls and hang up,
-//! over and over, and hold the upstream far past its limit. Before the slot is given back, each
-//! request of the abandoned message is cancelled (`notifications/cancelled`) in the session it
-//! ran in, as the client would have cancelled it. Not when an event with an id reached the
-//! client: it can resume that stream (`Last-Event-ID`), and the call must go on for it. `initialize` is never cancelled (the
-//! specification forbids it). In 2026-07-28 closing the stream is the cancellation, and nothing
-//! more is sent.
+//! the gateway is given back when the call ends here, so a client could start calls and hang
+//! up, over and over, and hold the upstream far past its limit. Before the slot is given back,
+//! each request of the abandoned message is cancelled (`notifications/cancelled`) in the
+//! session it ran in, as the client would have cancelled it. Not when an event with an id
+//! reached the client: it can resume that stream (`Last-Event-ID`), and the call must go on for
+//! it. `initialize` is never cancelled (the specification forbids it), nor a request that asked
+//! for a task. In 2026-07-28 closing the stream is the cancellation, and nothing more is sent.
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -51,15 +52,15 @@ pub(super) fn cancellation<'m>(ids: impl Iterator<Item = &'m Id>) -> Option<Byte
 pub(super) async fn cancel(ctx: &WorkerCtx, up: &Upstream, request: http::Outgoing) {
     match open(&ctx.pool, up, request, None).await {
         Ok((_, head)) if head.status < 300 => {
-            tracing::debug!(upstream = %up.name, "a call whose client left was cancelled");
+            tracing::debug!(upstream = %up.name, "an abandoned call was cancelled");
         }
         Ok((_, head)) => crate::throttled_warn!(
-            "upstream `{}` answered HTTP {} to the cancellation of a call whose client left",
+            "upstream `{}` answered HTTP {} to the cancellation of an abandoned call",
             up.name,
             head.status
         ),
         Err(f) => crate::throttled_warn!(
-            "the cancellation of a call whose client left did not reach upstream `{}`: {}",
+            "the cancellation of an abandoned call did not reach upstream `{}`: {}",
             up.name,
             super::held::describe(f)
         ),

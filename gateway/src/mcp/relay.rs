@@ -108,9 +108,13 @@ pub(super) async fn relay(
     {
         Ok(first) => {
             body.observe(&first);
-            match &mut body.whole {
-                Some(whole) => whole.extend_from_slice(&first),
-                None => out.extend_from_slice(&body.framed(first)),
+            if body.whole.is_some() {
+                if let Err(why) = body.hold(&first, max_event) {
+                    obs.set(Outcome::UpstreamFailure);
+                    return unwritten_failure(client, req, up, request_id, why).await;
+                }
+            } else {
+                out.extend_from_slice(&body.framed(first));
             }
         }
         Err(why) => {
@@ -168,12 +172,11 @@ pub(super) async fn relay(
         // An event over the limit after those passed on: the stream fails once they are
         // written, not when more comes.
         let held = body.check();
-        if let Some(len) = body.whole.as_ref().map(Vec::len) {
-            if len + data.len() > max_event {
-                break Err("member's answer larger than the body limit");
-            }
+        if body.whole.is_some() {
             body.observe(&data);
-            body.whole.get_or_insert_default().extend_from_slice(&data);
+            if let Err(why) = body.hold(&data, max_event) {
+                break Err(why);
+            }
             conn.recycle(data);
         } else if !data.is_empty() {
             body.observe(&data);
@@ -393,9 +396,7 @@ impl<'m> Body<'m> {
         }
         Ok(match self.kind {
             BodyKind::Length(_) => {
-                let n = self.remaining.min(conn.pending().len());
-                self.remaining -= n;
-                self.complete = self.remaining == 0;
+                let n = self.length_piece(conn);
                 conn.take(n)
             }
             BodyKind::Chunked => {
@@ -415,17 +416,30 @@ impl<'m> Body<'m> {
         })
     }
 
+    /// How much of a fixed-length body `conn` holds, counted as taken.
+    fn length_piece(&mut self, conn: &Conn) -> usize {
+        let n = self.remaining.min(conn.pending().len());
+        self.remaining -= n;
+        self.complete = self.remaining == 0;
+        n
+    }
+
+    /// Adds `data` to the answer held whole, which may not outgrow `max` (the body limit).
+    fn hold(&mut self, data: &[u8], max: usize) -> Result<(), &'static str> {
+        let whole = self.whole.get_or_insert_default();
+        if whole.len() + data.len() > max {
+            return Err("member's answer larger than the body limit");
+        }
+        whole.extend_from_slice(data);
+        Ok(())
+    }
+
     /// [`Body::take`] of an event stream: what arrived joins the events held (copied once at
     /// most: a piece handed over whole starts the buffer, chunks are decoded into it), and the
     /// whole events go out, read once for what the client will make of them.
     fn take_events(&mut self, conn: &mut Conn) -> Result<Vec<u8>, &'static str> {
         let n = match self.kind {
-            BodyKind::Length(_) => {
-                let n = self.remaining.min(conn.pending().len());
-                self.remaining -= n;
-                self.complete = self.remaining == 0;
-                n
-            }
+            BodyKind::Length(_) => self.length_piece(conn),
             BodyKind::Chunked => {
                 let (used, done) = self
                     .decoder

@@ -1031,7 +1031,8 @@ async fn forward_stage<'c>(
                     }
                 }
             };
-            // A session-era call whose client left runs on upstream unless cancelled.
+            // A session-era call given up on (its client left, or it timed out) runs on upstream
+            // unless cancelled.
             if obs.abandoned.get()
                 && !super::headers::says_modern(req)
                 && session

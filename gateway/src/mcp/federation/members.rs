@@ -237,7 +237,22 @@ impl<'c> Federation<'_, 'c> {
             )
             .await;
         }
-        self.forward_to(io, era, member, &bytes, &extra, id).await
+        let keep = self.forward_to(io, era, member, &bytes, &extra, id).await;
+        // A session-era call given up on (its client left, or it timed out) runs on in the
+        // member unless cancelled (`abandoned`).
+        let up = self.upstream(member);
+        if self.obs.abandoned.get()
+            && let Era::Session(s) = era
+            && s.member(&up.name)
+                .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2))
+            && let Some(body) = crate::mcp::abandoned::cancellation(
+                crate::mcp::abandoned::cancellable(message).into_iter(),
+            )
+            && let Ok(request) = self.request_for(member, era, &body, &extra)
+        {
+            crate::mcp::abandoned::cancel(self.ctx, up, request).await;
+        }
+        keep
     }
 
     /// Sends `body` to every member and reads each whole answer, concurrently.

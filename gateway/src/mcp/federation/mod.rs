@@ -184,28 +184,17 @@ impl<'c> Federation<'_, 'c> {
             Err(e) => return self.reply_error(io, RpcError::from(e).with_id(id)).await,
         };
         let up = self.upstream(m);
-        let keep = proxy::forward(
+        proxy::forward(
             io,
             self.req,
             request,
             up,
-            id.clone(),
+            id,
             self.ctx,
             Some(&up.name),
             self.obs,
         )
-        .await;
-        // A session-era call whose client left runs on in the member unless cancelled.
-        if self.obs.abandoned.get()
-            && let Era::Session(s) = era
-            && s.member(&up.name)
-                .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2))
-            && let Some(body) = crate::mcp::abandoned::cancellation(id.iter())
-            && let Ok(request) = self.request_for(m, era, &body, extra)
-        {
-            crate::mcp::abandoned::cancel(self.ctx, up, request).await;
-        }
-        keep
+        .await
     }
 
     /// Serves one request on a federated route.
