@@ -510,6 +510,29 @@ pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A stateless (2026-07-28) `tools/call` of `tool` to `path`, as a client sends it: the
+/// envelope in `_meta`, the method and name mirrored in `Mcp-Method` and `Mcp-Name`, and
+/// `extra` header lines.
+pub fn post_call_2026(
+    path: &str,
+    id: u64,
+    tool: &str,
+    args: &serde_json::Value,
+    extra: &str,
+) -> Vec<u8> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}},
+    })
+    .to_string();
+    let headers = format!(
+        "{extra}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
+    );
+    post(path, &body, &headers)
+}
+
 /// How the fake upstream misbehaves.
 #[derive(Clone, Copy, Debug)]
 pub enum Misbehave {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, raw},
+    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, post_call_2026, raw},
     unique,
 };
 
@@ -255,18 +255,7 @@ fn call_2026(
     tool: &str,
     args: &Value,
 ) -> integration_tests::peers::RawResponse {
-    let body = json!({
-        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": tool, "arguments": args, "_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}},
-    })
-    .to_string();
-    let headers = format!(
-        "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n",
-        key(k)
-    );
-    raw(port, &post("/mcp", &body, &headers)).0
+    raw(port, &post_call_2026("/mcp", 9, tool, args, &key(k))).0
 }
 
 #[test]
@@ -561,17 +550,7 @@ federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix =
     );
     let mut d = Daemon::start_local(&instance, &config);
     let call = |id: u64, tool: &str, args: Value| {
-        let body = json!({
-            "jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": tool, "arguments": args, "_meta": {
-                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                "io.modelcontextprotocol/clientCapabilities": {}}},
-        })
-        .to_string();
-        let headers = format!(
-            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
-        );
-        raw(port, &post("/fed", &body, &headers)).0
+        raw(port, &post_call_2026("/fed", id, tool, &args, "")).0
     };
     // The honest member's JSON answer passes.
     let r = call(5, "p_add", json!({"a": 2, "b": 3}));

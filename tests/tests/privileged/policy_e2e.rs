@@ -447,17 +447,11 @@ fn call_2026(
     tool: &str,
     args: &Value,
 ) -> integration_tests::peers::RawResponse {
-    let body = json!({
-        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": tool, "arguments": args, "_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}},
-    })
-    .to_string();
-    let headers = format!(
-        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\n"
-    );
-    raw(port, &post(path, &body, &headers)).0
+    raw(
+        port,
+        &integration_tests::peers::post_call_2026(path, 9, tool, args, ""),
+    )
+    .0
 }
 
 #[test]
