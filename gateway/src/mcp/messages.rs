@@ -195,22 +195,68 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Whether a federation member's JSON answer answers request `id` and nothing else: one
-/// response whose id is `id` (or null, for an error: it names no other request). Read as a
-/// client reads it (serde_json, like `JSON.parse` and Python, takes the last of a repeated key).
+/// response whose id is `id` (or null, for an error: it names no other request), with no key
+/// of its top level given twice. The body is relayed as it came, and parsers read a repeated
+/// key differently (serde_json, `JSON.parse` and Python take the last, others the first): a
+/// member that wrote `"id"` twice could answer another member's request to some clients.
 pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     let Some(id) = id else {
         return true;
     };
-    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+    let Ok(top) = serde_json::from_slice::<Top>(body) else {
         return false;
     };
-    if answer.contains_key("method") {
+    if top.repeated || top.method {
         return false;
     }
-    match answer.get("id") {
-        Some(Value::Null) => answer.contains_key("error"),
-        Some(given) => *given == id.to_json(),
+    match top.id {
+        Some(Value::Null) => top.error,
+        Some(given) => given == id.to_json(),
         None => false,
+    }
+}
+
+/// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
+/// a method or an error, and whether any key came twice (keys compared as decoded, so an
+/// escaped `"i\u0064"` is `"id"`).
+struct Top {
+    id: Option<Value>,
+    method: bool,
+    error: bool,
+    repeated: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Top {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Top;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON-RPC message (an object)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+                let mut top = Top {
+                    id: None,
+                    method: false,
+                    error: false,
+                    repeated: false,
+                };
+                let mut keys = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "id" => top.id = Some(map.next_value()?),
+                        other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            top.method |= other == "method";
+                            top.error |= other == "error";
+                        }
+                    }
+                    top.repeated |= !keys.insert(key);
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -451,6 +497,31 @@ pub(super) fn keep_tools(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_member_answer_answers_its_request_once() {
+        use super::{super::Id, answers_only};
+        let seven = Some(Id::Num(7));
+        let yes = |b: &str| answers_only(b.as_bytes(), seven.as_ref());
+        assert!(yes(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#));
+        assert!(yes(
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-1,"message":"x"}}"#
+        ));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":null,"result":{}}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"method":"x"}"#));
+        assert!(!yes(r#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","result":{}}"#));
+        // A repeated key, however written, whichever copy is the right id.
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":1,"result":{},"id":7}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"id":1}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":1,"result":{},"i\u0064":7}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"result":{}}"#));
+        // Repeats inside the result are the member's own business.
+        assert!(yes(r#"{"jsonrpc":"2.0","id":7,"result":{"a":1,"a":2}}"#));
+        // Without an id (a notification was sent), anything goes through unread.
+        assert!(answers_only(b"{}", None));
+    }
+
     #[test]
     fn events_read_in_one_pass_are_read_as_split_reads_them() {
         use super::{has_data, has_id, read_events, sse};

@@ -525,6 +525,9 @@ fn a_federation_member_cannot_answer_a_request_sent_to_another() {
     // request the client sent to another member would answer that one.
     let py = PyServer::start(true);
     let liar = FakeUpstream::start(Misbehave::Answer); // answers every request with id 1
+    // Answers with id 1 and then id 9: read last-first it answers request 9, first-first 1.
+    const TWICE: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 43\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{},\"id\":9}";
+    let twice = FakeUpstream::start(Misbehave::Raw(TWICE));
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwliar");
@@ -540,13 +543,18 @@ url = "{py}"
 name = "liar"
 url = "{liar}"
 era = "stateless"
+[[upstreams]]
+name = "twice"
+url = "{twice}"
+era = "stateless"
 [[routes]]
 path = "/fed"
-federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix = "l_" }}]
+federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix = "l_" }}, {{ upstream = "twice", prefix = "t_" }}]
 "#,
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
         py = py.url(),
         liar = liar.url(),
+        twice = twice.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let call = |id: u64, tool: &str, args: Value| {
@@ -569,5 +577,8 @@ federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix =
     // Asked as request 1, its answer is that request's.
     let r = call(1, "l_anything", json!({}));
     assert_eq!((r.status, r.json()["id"].clone()), (200, json!(1)), "{r:?}");
+    // An answer that names its id twice has no one meaning: refused, whichever copy is right.
+    let r = call(9, "t_anything", json!({}));
+    assert_eq!((r.status, r.json()["id"].clone()), (502, json!(9)), "{r:?}");
     d.stop();
 }
