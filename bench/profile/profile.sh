@@ -3,6 +3,8 @@
 #
 #   bench/profile/profile.sh cpu GATEWAY UPSTREAM_MODE CLIENT_MODE N
 #       CPU time (user + system, from /proc) of the gateway over N requests, per request.
+#       GATEWAY `nginx` measures nginx (one worker, tuned as `cargo xtask bench` tunes it) on
+#       the same path instead: the peer, in the same conditions.
 #   bench/profile/profile.sh callgrind GATEWAY UPSTREAM_MODE CLIENT_MODE N OUT_DIR
 #       Instructions of the gateway's worker over N requests (counters zeroed after a
 #       warm-up): repeatable whatever else the machine does. Run twice with different N and
@@ -13,7 +15,8 @@
 # bigsse small 1000. Ports 18080, 18081 and 18090 on loopback must be free.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-kind=$1 gw=$(realpath "$2") up_mode=$3 client_mode=$4 n=$5
+kind=$1 gw=$2 up_mode=$3 client_mode=$4 n=$5
+[ "$gw" = nginx ] || gw=$(realpath "$gw")
 python3 "$here/upstream.py" "$up_mode" >/dev/null 2>&1 &
 up=$!
 out=${6:-}
@@ -21,6 +24,10 @@ if [ "$kind" = callgrind ]; then
     mkdir -p "$out"
     valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/cg.%p.out" \
         "$gw" run --config "$here/config.toml" >"$out/gateway.log" 2>&1 &
+elif [ "$gw" = nginx ]; then
+    dir=$(mktemp -d)
+    sed "s|@DIR@|$dir|g" "$here/nginx.conf" >"$dir/nginx.conf"
+    nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
 else
     "$gw" run --config "$here/config.toml" >/dev/null 2>&1 &
 fi

@@ -8,7 +8,8 @@
 //! each request of the abandoned message is cancelled (`notifications/cancelled`) in the
 //! session it ran in, as the client would have cancelled it. Not when an event with an id
 //! reached the client: it can resume that stream (`Last-Event-ID`), and the call must go on for
-//! it. `initialize` is never cancelled (the specification forbids it), nor a request that asked
+//! it; the gateway then reads the stream to its end as if the client were there, so the slot
+//! is held until the call ends (`relay::drain`). `initialize` is never cancelled (the specification forbids it), nor a request that asked
 //! for a task. In 2026-07-28 closing the stream is the cancellation, and nothing more is sent.
 
 use bytes::Bytes;

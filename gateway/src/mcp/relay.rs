@@ -134,7 +134,7 @@ pub(super) async fn relay(
         && let Some(out) = unwritten.take()
         && client.write_all(out).await.is_err()
     {
-        obs.abandoned.set(!body.resumable);
+        obs.abandoned.set(true);
         return false;
     }
     body.delivered();
@@ -147,12 +147,19 @@ pub(super) async fn relay(
         } else {
             up.response_timeout
         };
-        // The client closed the stream: in 2026-07-28 that is the request's cancellation.
-        let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
-            // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
-            // `abandoned`).
-            obs.abandoned.set(!body.resumable);
-            return false;
+        // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
+        // stream the client can resume is read on whether it stays or not (see `drain`): its
+        // leaving shows when a write to it fails.
+        let filled = if body.can_resume(req) {
+            conn.fill(timeout).await
+        } else {
+            let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
+                // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
+                // `abandoned`).
+                obs.abandoned.set(true);
+                return false;
+            };
+            filled
         };
         match filled {
             Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
@@ -160,7 +167,7 @@ pub(super) async fn relay(
             Ok(_) => {}
             Err(HttpError::Timeout) => {
                 // Given up here: the call may still run there.
-                obs.abandoned.set(!body.resumable);
+                obs.abandoned.set(!body.can_resume(req));
                 break Err("upstream stalled mid-response");
             }
             Err(_) => break Err("upstream connection failed mid-response"),
@@ -182,8 +189,13 @@ pub(super) async fn relay(
             body.observe(&data);
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
-                // The client went away: the upstream connection is abandoned mid-response.
-                obs.abandoned.set(!body.resumable);
+                // The client went away: the call runs on for it, or is abandoned mid-response.
+                if body.can_resume(req) {
+                    let reusable = kind != BodyKind::UntilClose && !upstream_close;
+                    drain(conn, &mut body, up, ctx, reusable).await;
+                } else {
+                    obs.abandoned.set(true);
+                }
                 return false;
             }
             body.delivered();
@@ -227,6 +239,36 @@ pub(super) async fn relay(
         ctx.pool.checkin(up, conn);
     }
     body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// The client left a stream it can resume (see [`Body::can_resume`]): the call runs on upstream
+/// for it, and so does the call's hold on its concurrency slot. The stream is read to its end
+/// as if the client were there (the upstream keeps its events to replay), so that the slot is
+/// given back when the call ends, not when the client left: a client could otherwise start
+/// slow calls and hang up, over and over, and hold the upstream past its limit.
+async fn drain(
+    mut conn: Conn,
+    body: &mut Body<'_>,
+    up: &Upstream,
+    ctx: &WorkerCtx,
+    reusable: bool,
+) {
+    while !body.done() {
+        match conn.fill(up.stream_idle_timeout).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+        match body
+            .take(&mut conn)
+            .and_then(|data| body.check().map(|()| data))
+        {
+            Ok(data) => conn.recycle(data),
+            Err(_) => return,
+        }
+    }
+    if reusable {
+        ctx.pool.checkin(up, conn);
+    }
 }
 
 /// The answer failed before a byte of it was written: the client gets a whole error.
@@ -512,6 +554,13 @@ impl<'m> Body<'m> {
         if self.classify && !self.sse && !data.is_empty() {
             self.scan.feed(data);
         }
+    }
+
+    /// Whether the client can come back for the rest of this stream: an event with an id
+    /// reached it, and its era resumes (`Last-Event-ID`; in 2026-07-28 closing a stream
+    /// cancels it, and nothing resumes).
+    fn can_resume(&self, req: &Request) -> bool {
+        self.resumable && !super::headers::says_modern(req)
     }
 
     /// What was taken out reached the client: an id among it can be resumed from.

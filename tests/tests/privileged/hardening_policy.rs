@@ -519,6 +519,100 @@ upstream = "u1"
 }
 
 #[test]
+fn a_resumable_call_whose_client_leaves_holds_its_slot_until_it_ends() {
+    // An upstream that gives its events ids (an event store: 2025-11-25 primes every stream
+    // with one) lets a client that left resume the stream, so the call runs on and is not
+    // cancelled; but its slot at the gateway must be held until it ends, or a client could
+    // start slow calls, hang up after the first event, and hold the upstream past its cap.
+    let py = PyServer::start_with(&["--slow", "--resumable"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwresumeleft");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[tenants.policy]
+max_concurrent = 2
+[[upstreams]]
+name = "u0"
+url = "{py}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        header = integration_tests::daemon::local_header(&instance, 1, port, admin),
+        py = py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/mcp", init, ""));
+    assert_eq!(r.status, 200, "{r:?}");
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\n");
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            &session,
+        ),
+    );
+    assert!(r.status < 300, "{r:?}");
+    let running = || {
+        let call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"calls_running","arguments":{}}}"#;
+        let (r, _) = raw(port, &post("/mcp", call, &session));
+        (
+            r.status,
+            message_of(&r)["result"]["structuredContent"]["result"].as_i64(),
+        )
+    };
+    // A `sleep` call, read up to its first event with an id.
+    let start_sleep = |id: &str| {
+        let call = format!(
+            r#"{{"jsonrpc":"2.0","id":"{id}","method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":4}}}}}}"#
+        );
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        std::io::Write::write_all(&mut client, &post("/mcp", &call, &session)).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\nid:") {
+            let n = std::io::Read::read(&mut client, &mut buf).expect("the stream's first event");
+            assert!(n > 0, "{id}: closed before an event with an id: {seen:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        client
+    };
+    // The first caller hangs up after the priming event: it may resume, so the call runs on.
+    drop(start_sleep("left"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        running(),
+        (200, Some(1)),
+        "the call was not to be cancelled"
+    );
+    // A second call that stays: with the first, the cap of 2 is full.
+    let stays = start_sleep("stays");
+    let (status, _) = running();
+    assert_eq!(
+        status, 429,
+        "the call whose client left still holds its slot while it runs upstream"
+    );
+    // Once both have ended, the slots are free again.
+    drop(stays);
+    let free = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        running() == (200, Some(0))
+    });
+    assert!(free, "the slots are given back when the calls end");
+    d.stop();
+}
+
+#[test]
 fn a_federation_member_cannot_answer_a_request_sent_to_another() {
     // A member's event stream cannot answer another id (its events are rewritten); nor may its
     // JSON answer: a client matches answers by id, so a member that answers with the id of a
