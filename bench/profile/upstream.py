@@ -19,6 +19,8 @@ def body_for(rid):
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # As uvicorn: TCP_NODELAY, and the head and the body in two writes.
+    disable_nagle_algorithm = True
     def log_message(self, *a):
         pass
     def do_POST(self):

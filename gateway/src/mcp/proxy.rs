@@ -738,14 +738,8 @@ pub(super) fn upstream_request(
             http::push_field(&mut out, name, value)?;
         }
     }
-    // The address written out on the stack: at most 45 bytes (an IPv6 address with an IPv4 tail).
     let mut text = [0u8; 64];
-    let ip = {
-        let mut w: &mut [u8] = &mut text;
-        let _ = write!(w, "{}", peer.ip());
-        let left = w.len();
-        &text[..text.len() - left]
-    };
+    let ip = ip_text(peer.ip(), &mut text);
     match req.header_str("x-forwarded-for") {
         Some(prev) => {
             let joined = [prev.as_bytes(), b", ", ip].concat();
@@ -765,13 +759,43 @@ pub(super) fn upstream_request(
     // upstream compressed would be read as noise.
     out.extend_from_slice(b"accept-encoding: identity\r\n");
     if req.method == "POST" || !body.is_empty() {
-        let _ = write!(out, "content-length: {}\r\n", body.len());
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     Ok(http::Outgoing {
         head: out,
         body: body.clone(),
     })
+}
+
+/// `ip` written out in `text` (at most 45 bytes: an IPv6 address with an IPv4 tail), as
+/// `Display` writes it; an IPv4 address, the usual peer, without the formatting machinery (it
+/// is written into every request).
+fn ip_text(ip: std::net::IpAddr, text: &mut [u8; 64]) -> &[u8] {
+    let len = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let d = digits.format(octet).as_bytes();
+                text[len..len + d.len()].copy_from_slice(d);
+                len += d.len();
+            }
+            len
+        }
+        std::net::IpAddr::V6(_) => {
+            let mut w: &mut [u8] = text;
+            let _ = write!(w, "{ip}");
+            64 - w.len()
+        }
+    };
+    &text[..len]
 }
 
 /// Forwards `request` (already built for `up`) and relays the answer to the client. `member`

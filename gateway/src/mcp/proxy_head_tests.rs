@@ -174,3 +174,28 @@ fn mirror_headers_reach_the_upstream_only_where_they_were_checked() {
         assert!(modern.contains(kept), "{kept} {modern}");
     }
 }
+
+#[test]
+fn a_peer_address_is_written_as_display_writes_it() {
+    let mut addrs: Vec<std::net::IpAddr> = [
+        "0.0.0.0",
+        "255.255.255.255",
+        "198.18.0.1",
+        "10.0.200.9",
+        "::1",
+        "2001:db8::ffff:1",
+        "::ffff:198.51.100.7",
+        "fe80::1:2:3:4",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    // Every octet value, in every place.
+    addrs.extend(
+        (0..=255u8).map(|o| std::net::IpAddr::from([o, 255 - o, o / 3, o.wrapping_mul(7)])),
+    );
+    for ip in addrs {
+        let mut text = [0u8; 64];
+        assert_eq!(ip_text(ip, &mut text), ip.to_string().as_bytes(), "{ip}");
+    }
+}
