@@ -246,7 +246,9 @@ impl<'de> serde::Deserialize<'de> for Top {
                     match key.as_str() {
                         "id" => top.id = Some(map.next_value()?),
                         other => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
+                            // Read as a value, not skipped: the answer is held to the JSON a
+                            // parser takes (UTF-8, escapes, numbers in range) throughout.
+                            map.next_value::<Value>()?;
                             top.method |= other == "method";
                             top.error |= other == "error";
                         }
@@ -516,6 +518,13 @@ mod tests {
         assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"id":1}"#));
         assert!(!yes(r#"{"jsonrpc":"2.0","id":1,"result":{},"i\u0064":7}"#));
         assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"result":{}}"#));
+        // Held to the JSON any parser takes, throughout.
+        assert!(!answers_only(
+            b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"t\":\"\xff\"}}",
+            seven.as_ref()
+        ));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{"n":1e400}}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{"t":"\ud800"}}"#));
         // Repeats inside the result are the member's own business.
         assert!(yes(r#"{"jsonrpc":"2.0","id":7,"result":{"a":1,"a":2}}"#));
         // Without an id (a notification was sent), anything goes through unread.

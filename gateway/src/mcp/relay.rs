@@ -116,7 +116,9 @@ pub(super) async fn relay(
         .and_then(|first| body.check().map(|()| first))
     {
         Ok(first) => {
-            body.observe(&first);
+            if body.whole.is_none() {
+                body.observe(&first);
+            }
             if body.whole.is_some() {
                 if let Err(why) = body.hold(&first, hold_max) {
                     obs.set(Outcome::UpstreamFailure);
@@ -175,8 +177,9 @@ pub(super) async fn relay(
             Ok(0) => break Err("upstream closed the connection mid-response"),
             Ok(_) => {}
             Err(HttpError::Timeout) => {
-                // Given up here: the call may still run there.
-                obs.abandoned.set(!body.can_resume(req));
+                // Given up here, and its slot given back: the call is cancelled there, even one
+                // the client could resume (a stream silent this long is not waited for).
+                obs.abandoned.set(true);
                 break Err("upstream stalled mid-response");
             }
             Err(_) => break Err("upstream connection failed mid-response"),
@@ -189,7 +192,6 @@ pub(super) async fn relay(
         // written, not when more comes.
         let held = body.check();
         if body.whole.is_some() {
-            body.observe(&data);
             if let Err(why) = body.hold(&data, hold_max) {
                 break Err(why);
             }
@@ -201,7 +203,7 @@ pub(super) async fn relay(
                 // The client went away: the call runs on for it, or is abandoned mid-response.
                 if body.can_resume(req) {
                     let reusable = kind != BodyKind::UntilClose && !upstream_close;
-                    drain(conn, &mut body, up, ctx, reusable).await;
+                    drain(conn, &mut body, up, ctx, reusable, obs).await;
                 } else {
                     obs.abandoned.set(true);
                 }
@@ -231,6 +233,7 @@ pub(super) async fn relay(
     if let Some(mut out) = unwritten
         && let Some(whole) = body.whole.take()
     {
+        body.observe_whole(&whole);
         out.extend_from_slice(&body.framed(whole));
         if client.write_all(out).await.is_err() {
             return false;
@@ -255,22 +258,32 @@ pub(super) async fn relay(
 /// as if the client were there (the upstream keeps its events to replay), so that the slot is
 /// given back when the call ends, not when the client left: a client could otherwise start
 /// slow calls and hang up, over and over, and hold the upstream past its limit.
+///
+/// Bounded: the whole drain ends within `stream_idle_timeout` (an upstream that keeps the
+/// stream alive with comments cannot hold it longer); a call not ended by then is given up
+/// like any other (`obs.abandoned`: cancelled upstream). Only the framing is read: the events
+/// are the upstream's to replay, and nobody reads them here.
 async fn drain(
     mut conn: Conn,
     body: &mut Body<'_>,
     up: &Upstream,
     ctx: &WorkerCtx,
     reusable: bool,
+    obs: &Obs<'_>,
 ) {
+    let deadline = monoio::time::Instant::now() + up.stream_idle_timeout;
+    // The body's framing only (its length, its chunks), not its events.
+    body.sse = false;
     while !body.done() {
-        match conn.fill(up.stream_idle_timeout).await {
+        match conn.fill_until(deadline).await {
             Ok(n) if n > 0 => {}
+            Err(HttpError::Timeout) => {
+                obs.abandoned.set(true);
+                return;
+            }
             _ => return,
         }
-        match body
-            .take(&mut conn)
-            .and_then(|data| body.check().map(|()| data))
-        {
+        match body.take(&mut conn) {
             Ok(data) => conn.recycle(data),
             Err(_) => return,
         }
@@ -566,11 +579,20 @@ impl<'m> Body<'m> {
         }
     }
 
-    /// Whether the client can come back for the rest of this stream: an event with an id
-    /// reached it, and its era resumes (`Last-Event-ID`; in 2026-07-28 closing a stream
-    /// cancels it, and nothing resumes).
+    /// [`Body::observe`] of an answer held whole, after one search for what each key the scan
+    /// looks at ends with (`"error"`, `"isError"`): an answer without it is a result, not scanned.
+    fn observe_whole(&mut self, whole: &[u8]) {
+        if memchr::memmem::find(whole, b"rror\"").is_some() {
+            self.observe(whole);
+        }
+    }
+
+    /// Whether the client can come back for the rest of this call's stream: an event with an
+    /// id reached it, and its era resumes (`Last-Event-ID`; in 2026-07-28 closing a stream
+    /// cancels it, and nothing resumes). Only the answer to a request (a POST with an id: what
+    /// holds a concurrency slot); a GET stream, which never ends, is dropped as before.
     fn can_resume(&self, req: &Request) -> bool {
-        self.resumable && !super::headers::says_modern(req)
+        self.resumable && self.classify && req.method == "POST" && !super::headers::says_modern(req)
     }
 
     /// What was taken out reached the client: an id among it can be resumed from.

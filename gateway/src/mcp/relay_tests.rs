@@ -147,3 +147,47 @@ fn an_event_streams_outcome_is_its_last_events_however_it_arrives() {
         }
     }
 }
+
+#[test]
+fn only_a_session_era_call_the_client_can_resume_is_read_on_without_it() {
+    // What holds a concurrency slot is a request's answer: a GET stream never ends, and a
+    // 2026-07-28 stream is cancelled by its closing.
+    let body = |classify: bool| {
+        let mut b = Body::new(
+            BodyKind::Chunked,
+            Framing::Chunked,
+            true,
+            None,
+            classify,
+            1 << 20,
+        );
+        b.id_taken = true;
+        b.delivered();
+        b
+    };
+    let mut post = request(1);
+    post.headers = [("host", "gw"), ("mcp-protocol-version", "2025-11-25")]
+        .into_iter()
+        .collect();
+    let mut get = post.clone();
+    get.method = "GET".into();
+    let mut modern = post.clone();
+    modern.headers = [("host", "gw"), ("mcp-protocol-version", "2026-07-28")]
+        .into_iter()
+        .collect();
+    assert!(body(true).can_resume(&post));
+    assert!(!body(false).can_resume(&post), "a notification's stream");
+    assert!(!body(true).can_resume(&get), "a GET stream");
+    assert!(!body(false).can_resume(&get), "a GET stream");
+    assert!(!body(true).can_resume(&modern), "2026-07-28");
+    // Nothing with an id reached the client: nothing to resume.
+    let fresh = Body::new(
+        BodyKind::Chunked,
+        Framing::Chunked,
+        true,
+        None,
+        true,
+        1 << 20,
+    );
+    assert!(!fresh.can_resume(&post));
+}

@@ -541,25 +541,36 @@ url = "{py}"
 [[routes]]
 path = "/mcp"
 upstream = "u0"
+[[upstreams]]
+name = "short"
+url = "{py}"
+stream_idle_timeout_ms = 1500
+[[routes]]
+path = "/short"
+upstream = "short"
 "#,
         header = integration_tests::daemon::local_header(&instance, 1, port, admin),
         py = py.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let (r, _) = raw(port, &post("/mcp", init, ""));
-    assert_eq!(r.status, 200, "{r:?}");
-    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
-    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\n");
-    let (r, _) = raw(
-        port,
-        &post(
-            "/mcp",
-            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-            &session,
-        ),
-    );
-    assert!(r.status < 300, "{r:?}");
+    let open_session = |path: &str| {
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+        let (r, _) = raw(port, &post(path, init, ""));
+        assert_eq!(r.status, 200, "{r:?}");
+        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\n");
+        let (r, _) = raw(
+            port,
+            &post(
+                path,
+                r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+                &session,
+            ),
+        );
+        assert!(r.status < 300, "{r:?}");
+        session
+    };
+    let session = open_session("/mcp");
     let running = || {
         let call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"calls_running","arguments":{}}}"#;
         let (r, _) = raw(port, &post("/mcp", call, &session));
@@ -569,15 +580,15 @@ upstream = "u0"
         )
     };
     // A `sleep` call, read up to its first event with an id.
-    let start_sleep = |id: &str| {
+    let start_sleep_on = |path: &str, session: &str, id: &str, seconds: u64| {
         let call = format!(
-            r#"{{"jsonrpc":"2.0","id":"{id}","method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":4}}}}}}"#
+            r#"{{"jsonrpc":"2.0","id":"{id}","method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":{seconds}}}}}}}"#
         );
         let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         client
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
-        std::io::Write::write_all(&mut client, &post("/mcp", &call, &session)).unwrap();
+        std::io::Write::write_all(&mut client, &post(path, &call, session)).unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&seen).contains("\nid:") {
@@ -587,6 +598,7 @@ upstream = "u0"
         }
         client
     };
+    let start_sleep = |id: &str| start_sleep_on("/mcp", &session, id, 4);
     // The first caller hangs up after the priming event: it may resume, so the call runs on.
     drop(start_sleep("left"));
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -609,6 +621,21 @@ upstream = "u0"
         running() == (200, Some(0))
     });
     assert!(free, "the slots are given back when the calls end");
+    // Not for ever: a call whose client left is read on for the upstream's stream idle
+    // timeout at most (1.5 s here), then cancelled like any other it gives up on.
+    let short = open_session("/short");
+    drop(start_sleep_on("/short", &short, "left-long", 30));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        running(),
+        (200, Some(1)),
+        "the call was not to be cancelled yet"
+    );
+    let cancelled = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        running() == (200, Some(0))
+    });
+    assert!(cancelled, "a call whose client left is read on for ever");
     d.stop();
 }
 
