@@ -72,6 +72,23 @@ pub fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) -> Result<(), Uns
     Ok(())
 }
 
+/// Appends `HTTP/1.1 <status> <reason>\r\n` to `out`.
+pub fn push_status_line(out: &mut Vec<u8>, status: u16) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(super::reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `content-length: <n>\r\n` to `out` (written into every head: without the
+/// formatting machinery).
+pub fn push_content_length(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends `METHOD target HTTP/1.1\r\n` to `out`: the method a token, the target visible
 /// characters only (no space, no control character).
 pub fn push_request_line(out: &mut Vec<u8>, method: &str, target: &str) -> Result<(), UnsafeField> {

@@ -33,7 +33,10 @@ use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
 pub use fields::Fields;
-pub use head::{UnsafeField, is_clean_value, is_token, push_field, push_request_line};
+pub use head::{
+    UnsafeField, is_clean_value, is_token, push_content_length, push_field, push_request_line,
+    push_status_line,
+};
 pub use head_end::HeadEnd;
 pub use io::{HandshakeError, Io, take_idle_releases};
 pub use outgoing::Outgoing;
@@ -510,11 +513,11 @@ pub fn chunk(data: &[u8]) -> Vec<u8> {
 pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8], keep_alive: bool) -> Vec<u8> {
     let build = || -> Result<Vec<u8>, UnsafeField> {
         let mut out = Vec::with_capacity(128 + body.len());
-        out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+        push_status_line(&mut out, status);
         for (n, v) in headers {
             push_field(&mut out, n, v.as_bytes())?;
         }
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        push_content_length(&mut out, body.len());
         if !keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
         }

@@ -759,9 +759,7 @@ pub(super) fn upstream_request(
     // upstream compressed would be read as noise.
     out.extend_from_slice(b"accept-encoding: identity\r\n");
     if req.method == "POST" || !body.is_empty() {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        http::push_content_length(&mut out, body.len());
     }
     out.extend_from_slice(b"\r\n");
     Ok(http::Outgoing {

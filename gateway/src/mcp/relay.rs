@@ -116,15 +116,13 @@ pub(super) async fn relay(
         .and_then(|first| body.check().map(|()| first))
     {
         Ok(first) => {
-            if body.whole.is_none() {
-                body.observe(&first);
-            }
             if body.whole.is_some() {
                 if let Err(why) = body.hold(&first, hold_max) {
                     obs.set(Outcome::UpstreamFailure);
                     return unwritten_failure(client, req, up, request_id, why).await;
                 }
             } else {
+                body.observe(&first);
                 out.extend_from_slice(&body.framed(first));
             }
         }
@@ -346,11 +344,7 @@ fn client_head(
     let unsafe_head =
         |e: http::UnsafeField| UpstreamFailure::Bad(format!("unsafe response head: {e}"));
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(head.status).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(http::reason(head.status).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    http::push_status_line(&mut out, head.status);
     let connection = http::ConnectionOptions::of(&head.headers);
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &connection)
@@ -369,11 +363,7 @@ fn client_head(
     }
     match (kind, framing) {
         (None, _) => out.extend_from_slice(b"content-length: 0\r\n"),
-        (Some(BodyKind::Length(n)), Framing::Length) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        (Some(BodyKind::Length(n)), Framing::Length) => http::push_content_length(&mut out, n),
         (_, Framing::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }

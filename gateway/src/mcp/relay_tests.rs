@@ -13,6 +13,19 @@ fn request(minor: u8) -> Request {
     }
 }
 
+/// A chunked event stream's body, relayed to a client that takes chunks (`classify`: it
+/// answers a request).
+fn chunked_events(classify: bool) -> Body<'static> {
+    Body::new(
+        BodyKind::Chunked,
+        Framing::Chunked,
+        true,
+        None,
+        classify,
+        1 << 20,
+    )
+}
+
 fn sse_head(len: usize) -> ResponseHead {
     ResponseHead {
         status: 200,
@@ -131,14 +144,7 @@ fn an_event_streams_outcome_is_its_last_events_however_it_arrives() {
             stream.len() - 1,
             stream.len(),
         ] {
-            let mut body = Body::new(
-                BodyKind::Chunked,
-                Framing::Chunked,
-                true,
-                None,
-                true,
-                1 << 20,
-            );
+            let mut body = chunked_events(true);
             for piece in [&stream.as_bytes()[..cut], &stream.as_bytes()[cut..]] {
                 body.events.push(piece);
                 body.whole_events().unwrap();
@@ -153,14 +159,7 @@ fn only_a_session_era_call_the_client_can_resume_is_read_on_without_it() {
     // What holds a concurrency slot is a request's answer: a GET stream never ends, and a
     // 2026-07-28 stream is cancelled by its closing.
     let body = |classify: bool| {
-        let mut b = Body::new(
-            BodyKind::Chunked,
-            Framing::Chunked,
-            true,
-            None,
-            classify,
-            1 << 20,
-        );
+        let mut b = chunked_events(classify);
         b.id_taken = true;
         b.delivered();
         b
@@ -181,13 +180,5 @@ fn only_a_session_era_call_the_client_can_resume_is_read_on_without_it() {
     assert!(!body(false).can_resume(&get), "a GET stream");
     assert!(!body(true).can_resume(&modern), "2026-07-28");
     // Nothing with an id reached the client: nothing to resume.
-    let fresh = Body::new(
-        BodyKind::Chunked,
-        Framing::Chunked,
-        true,
-        None,
-        true,
-        1 << 20,
-    );
-    assert!(!fresh.can_resume(&post));
+    assert!(!chunked_events(true).can_resume(&post));
 }

@@ -435,6 +435,42 @@ fn message_of(r: &integration_tests::peers::RawResponse) -> Value {
         .unwrap_or_else(|| panic!("no message: {r:?}"))
 }
 
+/// A gateway configuration with one tenant capped at two calls in flight, upstream `u0` at
+/// `url` on route `/mcp`, and `rest` after them.
+fn capped_at_two(header: String, url: &str, rest: &str) -> String {
+    format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[tenants.policy]
+max_concurrent = 2
+[[upstreams]]
+name = "u0"
+url = "{url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+{rest}"#
+    )
+}
+
+/// Opens a session of protocol `version` at `path` (`initialize`, `notifications/initialized`):
+/// the headers a request in it carries.
+fn open_session(port: u16, path: &str, version: &str) -> String {
+    let init = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"{version}","capabilities":{{}},"clientInfo":{{"name":"t","version":"1"}}}}}}"#
+    );
+    let (r, _) = raw(port, &post(path, &init, ""));
+    assert_eq!(r.status, 200, "{path}: {r:?}");
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: {version}\r\n");
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (r, _) = raw(port, &post(path, initialized, &session));
+    assert!(r.status < 300, "{path}: {r:?}");
+    session
+}
+
 #[test]
 fn a_session_era_call_whose_client_leaves_is_cancelled_upstream() {
     // Up to 2025-11-25 a closed connection is no cancellation: the call runs on upstream
@@ -446,20 +482,11 @@ fn a_session_era_call_whose_client_leaves_is_cancelled_upstream() {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwleft");
-    let config = format!(
-        r#"{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[tenants.policy]
-max_concurrent = 2
-[[upstreams]]
-name = "u0"
-url = "{py}"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-[[upstreams]]
+    let config = capped_at_two(
+        integration_tests::daemon::local_header(&instance, 2, port, admin),
+        &py.url(),
+        &format!(
+            r#"[[upstreams]]
 name = "u1"
 url = "{py_json}"
 [[routes]]
@@ -469,20 +496,12 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
 path = "/json"
 upstream = "u1"
 "#,
-        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
-        py = py.url(),
-        py_json = py_json.url(),
+            py_json = py_json.url(),
+        ),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     for (path, prefix) in [("/mcp", ""), ("/fed", "p_"), ("/json", "")] {
-        let (r, _) = raw(port, &post(path, init, ""));
-        assert_eq!(r.status, 200, "{path}: {r:?}");
-        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
-        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
-        let (r, _) = raw(port, &post(path, initialized, &session));
-        assert!(r.status < 300, "{path}: {r:?}");
+        let session = open_session(port, path, "2025-06-18");
         let running = || {
             let call = format!(
                 r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"{prefix}calls_running","arguments":{{}}}}}}"#
@@ -528,20 +547,11 @@ fn a_resumable_call_whose_client_leaves_holds_its_slot_until_it_ends() {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwresumeleft");
-    let config = format!(
-        r#"{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[tenants.policy]
-max_concurrent = 2
-[[upstreams]]
-name = "u0"
-url = "{py}"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-[[upstreams]]
+    let config = capped_at_two(
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        &py.url(),
+        &format!(
+            r#"[[upstreams]]
 name = "short"
 url = "{py}"
 stream_idle_timeout_ms = 1500
@@ -549,28 +559,11 @@ stream_idle_timeout_ms = 1500
 path = "/short"
 upstream = "short"
 "#,
-        header = integration_tests::daemon::local_header(&instance, 1, port, admin),
-        py = py.url(),
+            py = py.url(),
+        ),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let open_session = |path: &str| {
-        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        let (r, _) = raw(port, &post(path, init, ""));
-        assert_eq!(r.status, 200, "{r:?}");
-        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
-        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-11-25\r\n");
-        let (r, _) = raw(
-            port,
-            &post(
-                path,
-                r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-                &session,
-            ),
-        );
-        assert!(r.status < 300, "{r:?}");
-        session
-    };
-    let session = open_session("/mcp");
+    let session = open_session(port, "/mcp", "2025-11-25");
     let running = || {
         let call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"calls_running","arguments":{}}}"#;
         let (r, _) = raw(port, &post("/mcp", call, &session));
@@ -623,7 +616,7 @@ upstream = "short"
     assert!(free, "the slots are given back when the calls end");
     // Not for ever: a call whose client left is read on for the upstream's stream idle
     // timeout at most (1.5 s here), then cancelled like any other it gives up on.
-    let short = open_session("/short");
+    let short = open_session(port, "/short", "2025-11-25");
     drop(start_sleep_on("/short", &short, "left-long", 30));
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
