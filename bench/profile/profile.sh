@@ -2,7 +2,8 @@
 # The gateway's CPU per request on one path, natively or counted by callgrind.
 #
 #   bench/profile/profile.sh cpu GATEWAY UPSTREAM_MODE CLIENT_MODE N
-#       CPU time (user + system, from /proc) of the gateway over N requests, per request.
+#       CPU time (user + system, from /proc) and minor page faults of the gateway over N
+#       requests, per request.
 #       GATEWAY `nginx` measures nginx (one worker, tuned as `cargo xtask bench` tunes it) on
 #       the same path instead: the peer, in the same conditions.
 #   bench/profile/profile.sh callgrind GATEWAY UPSTREAM_MODE CLIENT_MODE N OUT_DIR
@@ -45,10 +46,11 @@ if [ "$kind" = callgrind ]; then
     total=$(callgrind_annotate "$(ls "$out"/cg.*.out.1-02 | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     echo "worker instructions over $n requests: $total (files in $out; the worker is *.1-02)"
 else
-    cpu() { awk '{print $14 + $15, $14}' "/proc/$gwpid/stat"; }
-    read -r a au <<<"$(cpu)"
+    # CPU time (user + system, user) and minor page faults of the process so far.
+    cpu() { awk '{print $14 + $15, $14, $10}' "/proc/$gwpid/stat"; }
+    read -r a au af <<<"$(cpu)"
     python3 "$here/client.py" "$client_mode" "$n" >/dev/null
-    read -r b bu <<<"$(cpu)"
+    read -r b bu bf <<<"$(cpu)"
     tck=$(getconf CLK_TCK)
-    echo "$up_mode answer, $client_mode request: $(((b - a) * 1000000 / tck / n)) us CPU per request (user $(((bu - au) * 1000000 / tck / n))) over $n"
+    echo "$up_mode answer, $client_mode request: $(((b - a) * 1000000 / tck / n)) us CPU per request (user $(((bu - au) * 1000000 / tck / n))), $(((bf - af) / n)) page faults, over $n"
 fi

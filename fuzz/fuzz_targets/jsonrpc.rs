@@ -2,8 +2,13 @@
 //! to a last-key-wins parser (serde_json, like the Python, Node and Go MCP servers): the same
 //! kind, id, method, tool name and arguments, message by message. Anything else is a message
 //! whose meaning the upstream could read differently from what policy decided on.
+//!
+//! And a message read from the copy with long runs of string text left out (`mcp::elide`, here
+//! from runs of 6 bytes in any body) must be the message read from the body itself, refused
+//! exactly when that is.
 #![no_main]
 
+use gateway::mcp::elide::Elision;
 use gateway::mcp::{Id, Kind, Message, Parsed, Parser};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -79,6 +84,21 @@ fn same(m: &Message, v: &Value) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let whole = Parser::with_elision(Elision {
+        from: usize::MAX,
+        long_run: usize::MAX,
+    })
+    .parse_for(data, false);
+    let copied = Parser::with_elision(Elision {
+        from: 0,
+        long_run: 6,
+    })
+    .parse_for(data, false);
+    match (&whole, &copied) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "read from the copy"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("{whole:?} from the body, {copied:?} from the copy"),
+    }
     let mut parser = Parser::default();
     let Ok(parsed) = parser.parse(data) else {
         return;

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 
 use simd_json::{Node, prelude::*, tape::Value};
 
+use super::elide::Elision;
 use super::error::RpcError;
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
@@ -87,6 +88,46 @@ pub enum Parsed {
     Batch(Vec<Message>),
 }
 
+impl Message {
+    /// Whether a string read into this message lost a run of its text in the parser's copy
+    /// ([`super::elide`]): such a string decodes with a U+0000 in it.
+    fn reads_elided(&self) -> bool {
+        // Every field named, so that a new one is not forgotten here.
+        let Message {
+            kind: _,
+            id,
+            method,
+            name,
+            arguments: _,
+            has_progress_token: _,
+            meta_protocol_version,
+            meta_traceparent,
+            task_id,
+            asks_task: _,
+        } = self;
+        let marked = |s: &Option<String>| s.as_deref().is_some_and(|s| s.contains('\0'));
+        matches!(id, Some(Id::Str(s)) if s.contains('\0'))
+            || [
+                method,
+                name,
+                meta_protocol_version,
+                meta_traceparent,
+                task_id,
+            ]
+            .into_iter()
+            .any(marked)
+    }
+}
+
+impl Parsed {
+    fn reads_elided(&self) -> bool {
+        match self {
+            Parsed::Single(m) => m.reads_elided(),
+            Parsed::Batch(ms) => ms.iter().any(Message::reads_elided),
+        }
+    }
+}
+
 /// A worker's parser: the scratch copy, simd-json's buffers and its tape are reused across
 /// requests.
 pub struct Parser {
@@ -96,15 +137,14 @@ pub struct Parser {
     buffers: simd_json::Buffers,
     /// Empty between parses; it keeps its allocation.
     tape: Option<simd_json::Tape<'static>>,
+    /// Which bodies are copied with long runs of string text left out, when the arguments
+    /// are not taken out.
+    elision: Elision,
 }
 
 impl Default for Parser {
     fn default() -> Self {
-        Self {
-            scratch: Vec::with_capacity(16 * 1024),
-            buffers: simd_json::Buffers::new(16 * 1024),
-            tape: None,
-        }
+        Self::with_elision(Elision::default())
     }
 }
 
@@ -116,8 +156,35 @@ impl Parser {
 
     /// [`Parser::parse`], taking the arguments of `tools/call` out only when `arguments` (a
     /// copy of what may be most of the message: only policy reads them). They are validated
-    /// either way.
+    /// either way. Without them, a large body is parsed from a copy with its long runs of
+    /// string text left out ([`super::elide`]), and again from the body itself if the message
+    /// read from that copy holds a string that lost a run.
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
+        if !arguments && self.elision.applies(body.len()) {
+            match self.parse_copy(body, false, true) {
+                Ok(parsed) if parsed.reads_elided() => {}
+                other => return other,
+            }
+        }
+        self.parse_copy(body, arguments, false)
+    }
+
+    /// A parser that leaves runs out as `elision` says (tests and fuzzing set low bounds).
+    pub fn with_elision(elision: Elision) -> Self {
+        Self {
+            scratch: Vec::with_capacity(16 * 1024),
+            buffers: simd_json::Buffers::new(16 * 1024),
+            tape: None,
+            elision,
+        }
+    }
+
+    fn parse_copy(
+        &mut self,
+        body: &[u8],
+        arguments: bool,
+        elide: bool,
+    ) -> Result<Parsed, RpcError> {
         // Padded by us: simd-json then reads the copy in place instead of making its own.
         self.scratch.clear();
         if self.scratch.capacity() < body.len() + simd_json::INPUT_PADDING {
@@ -126,21 +193,23 @@ impl Parser {
             self.scratch = Vec::with_capacity(body.len() + simd_json::INPUT_PADDING);
             self.buffers = simd_json::Buffers::new(body.len());
         }
-        self.scratch.extend_from_slice(body);
-        self.scratch
-            .resize(body.len() + simd_json::INPUT_PADDING, 0);
+        if elide {
+            self.elision
+                .copy(body, &mut self.scratch)
+                .map_err(RpcError::parse)?;
+        } else {
+            self.scratch.extend_from_slice(body);
+        }
+        let len = self.scratch.len();
+        self.scratch.resize(len + simd_json::INPUT_PADDING, 0);
         let mut tape = self
             .tape
             .take()
             .map_or_else(simd_json::Tape::null, simd_json::Tape::reset);
-        let parsed = simd_json::fill_tape_padded(
-            &mut self.scratch,
-            body.len(),
-            &mut self.buffers,
-            &mut tape,
-        )
-        .map_err(RpcError::parse)
-        .and_then(|()| Self::read(&tape, body, arguments));
+        let parsed =
+            simd_json::fill_tape_padded(&mut self.scratch, len, &mut self.buffers, &mut tape)
+                .map_err(RpcError::parse)
+                .and_then(|()| Self::read(&tape, body, arguments));
         self.tape = Some(tape.reset());
         parsed
     }

@@ -18,6 +18,7 @@ mod abandoned;
 pub mod answer;
 mod bridge;
 pub mod conn;
+pub mod elide;
 pub mod error;
 pub mod federation;
 pub mod headers;

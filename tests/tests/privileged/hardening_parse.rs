@@ -1,7 +1,8 @@
 //! One meaning per message, no panic from input, bounded memory per name: duplicate keys are
 //! refused before the upstream sees them, a federated request with a duplicate `params` and an
-//! upstream answering `"result": 5` leave the (single) worker answering, and 10,000 calls with
-//! distinct 128-character tool names do not grow the gateway's memory.
+//! upstream answering `"result": 5` leave the (single) worker answering, a large body is decided
+//! on what the upstream reads, and 10,000 calls with distinct 128-character tool names do not
+//! grow the gateway's memory.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -207,6 +208,100 @@ fn duplicate_keys_never_reach_the_upstream() {
         !s.upstream.saw("delete_file"),
         "the upstream saw the denied tool"
     );
+}
+
+/// A large body is parsed from a copy with its long runs of string text left out
+/// (`mcp::elide`): what policy decides on must still be what the upstream reads, and what the
+/// parser would refuse in a run left out is refused all the same.
+#[test]
+fn a_large_body_is_decided_on_what_the_upstream_reads() {
+    let s = setup();
+    let text = "a".repeat(300_000);
+    let call = |id: &str, params: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#)
+    };
+    let refused = |body: &[u8], code: i64| {
+        // `post` frames a text body; some of these bytes are not UTF-8.
+        let mut request = format!(
+            "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        let (r, _) = raw(s.port, &request);
+        let shown = String::from_utf8_lossy(&body[body.len().saturating_sub(80)..]).into_owned();
+        assert_eq!(
+            r.status,
+            400,
+            "…{shown}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], code, "…{shown}");
+    };
+    // The tool named twice around a long argument, once escaped.
+    for second in ["name", r"n\u0061me"] {
+        let body = call(
+            "1",
+            &format!(
+                r#"{{"name":"echo","arguments":{{"text":"{text}"}},"{second}":"delete_file"}}"#
+            ),
+        );
+        refused(body.as_bytes(), -32600);
+    }
+    // A long run that is not string text: a raw control character, bytes that are not UTF-8,
+    // a surrogate escape cut from its pair by the run.
+    let mut control = call(
+        "2",
+        &format!(r#"{{"name":"echo","arguments":{{"text":"{text}"}}}}"#),
+    )
+    .into_bytes();
+    let at = control.len() - 100;
+    control[at] = 0x01;
+    refused(&control, -32700);
+    let mut latin1 = control.clone();
+    latin1[at] = 0xe9;
+    refused(&latin1, -32700);
+    let split = call(
+        "3",
+        &format!(r#"{{"name":"echo","arguments":{{"text":"\ud83d{text}\ude00"}}}}"#),
+    );
+    refused(split.as_bytes(), -32700);
+    // A tool name too long to be one, with a long run: read from the body itself.
+    let long_name = call(
+        "4",
+        &format!(
+            r#"{{"name":"{}","arguments":{{"text":"{text}"}}}}"#,
+            "d".repeat(300)
+        ),
+    );
+    refused(long_name.as_bytes(), -32602);
+    assert!(!s.upstream.saw("delete_file") && !s.upstream.saw("ddd"));
+    // The denied tool with a long argument: denied, never forwarded.
+    let (r, _) = raw(
+        s.port,
+        &post(
+            "/mcp",
+            &call(
+                "5",
+                &format!(r#"{{"name":"delete_file","arguments":{{"text":"{text}"}}}}"#),
+            ),
+            "",
+        ),
+    );
+    assert_ne!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!s.upstream.saw("delete_file"));
+    // An allowed call with a long argument and a long string id: forwarded byte for byte, and
+    // answered to that id.
+    let id = format!("\"{}\"", "i".repeat(400));
+    let body = call(
+        &id,
+        &format!(r#"{{"name":"echo","arguments":{{"text":"{text}\n{text}"}}}}"#),
+    );
+    let (r, _) = raw(s.port, &post("/mcp", &body, ""));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["id"], "i".repeat(400));
+    assert!(s.upstream.bodies.lock().unwrap().iter().any(|b| *b == body));
+    ping_ok(s.port, "/mcp");
 }
 
 #[test]

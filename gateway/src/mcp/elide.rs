@@ -1,0 +1,157 @@
+//! The parser's copy of a large body, with long runs of plain text inside string values left
+//! out: policy reads a message's envelope (id, method, tool name, `_meta`), not a 1 MB argument,
+//! and simd-json's passes over every byte are most of a large request's cost.
+//!
+//! A run is the text between a string's quotes and escapes: bytes that are neither `"` nor `\`.
+//! A run of [`Elision::long_run`] bytes or more in a string value (not a key) is checked here
+//! for what the parser would check in it, a control character or invalid UTF-8, and replaced in
+//! the copy by [`MARK`], the escape `\u0000`. Everything else is copied as it is: every key,
+//! every escape, every byte outside strings. So the copy is valid JSON exactly when the body
+//! is, and has the same structure and keys (duplicate keys are found in the copy as in the
+//! body). Escapes are kept: a surrogate escape cut off from its pair by a run in the body is
+//! cut off from it by the mark in the copy too.
+//!
+//! What the copy changes is the text of the strings that lost a run, and each of them decodes
+//! with a U+0000 in it. The parser reads the message from the copy and, if any string it read
+//! holds a U+0000, reads it again from the body itself ([`super::jsonrpc::Parser`]): a string
+//! the gateway decides on is always the body's own.
+//!
+//! Where the body is not JSON, the copy need not fail the same way, only fail: every byte this
+//! module does not read as string text it copies unchanged for simd-json to refuse.
+
+use memchr::{memchr, memchr2};
+
+/// What a left-out run becomes in the copy: an escape simd-json decodes to U+0000.
+pub const MARK: &[u8] = br"\u0000";
+
+/// When runs are left out: bodies from `from` bytes, runs from `long_run`.
+#[derive(Debug, Clone, Copy)]
+pub struct Elision {
+    pub from: usize,
+    pub long_run: usize,
+}
+
+impl Default for Elision {
+    /// A small call is parsed as it came; a large body loses its runs of 256 bytes or more.
+    fn default() -> Self {
+        Self {
+            from: 8 * 1024,
+            long_run: 256,
+        }
+    }
+}
+
+impl Elision {
+    /// Whether a body of `len` bytes is copied with runs left out.
+    pub fn applies(&self, len: usize) -> bool {
+        len >= self.from
+    }
+
+    /// Copies `body` to the end of `out`, each long run of a string value replaced by
+    /// [`MARK`]. Returns whether a run was left out, or why the body is not JSON when a run
+    /// left out is not string text. The copy is never longer than the body
+    /// (`long_run >= MARK.len()`). The work is linear in the body's length, whatever it holds.
+    pub fn copy(&self, body: &[u8], out: &mut Vec<u8>) -> Result<bool, &'static str> {
+        let long_run = self.long_run.max(MARK.len());
+        let mut copied = 0;
+        let mut at = 0;
+        let mut elided = false;
+        // Searches left: a body of many short strings or escapes, where there is little to
+        // leave out, is copied as it is from where they run out, at about twice the cost of a
+        // plain copy in all.
+        let mut steps = body.len() / 16 + 64;
+        // Outside strings, a quote can only open one.
+        while let Some(open) = memchr(b'"', &body[at..]).map(|i| at + i) {
+            let Some((close, longest)) = string_end(body, open + 1, &mut steps) else {
+                // Not closed (left for the parser to refuse), or no searches left.
+                break;
+            };
+            at = close + 1;
+            if longest < long_run || is_key(&body[at..]) {
+                continue;
+            }
+            out.extend_from_slice(&body[copied..=open]);
+            copied = close;
+            if longest == close - open - 1 {
+                // No escape: one run.
+                check_text(&body[open + 1..close])?;
+                out.extend_from_slice(MARK);
+                elided = true;
+                continue;
+            }
+            let mut p = open + 1;
+            loop {
+                let end = memchr2(b'"', b'\\', &body[p..close]).map_or(close, |i| p + i);
+                let run = &body[p..end];
+                if run.len() >= long_run {
+                    check_text(run)?;
+                    out.extend_from_slice(MARK);
+                    elided = true;
+                } else {
+                    out.extend_from_slice(run);
+                }
+                if end == close {
+                    break;
+                }
+                let escape = escape_len(body, end);
+                out.extend_from_slice(&body[end..end + escape]);
+                p = end + escape;
+            }
+        }
+        out.extend_from_slice(&body[copied..]);
+        Ok(elided)
+    }
+}
+
+/// The closing quote of the string whose text starts at `from`, and its longest run. Escapes
+/// are stepped over by their length (`\uXXXX` six bytes, others two); whether they are valid
+/// is the parser's to say, as they stay in the copy. `None` if it is not closed, or when it
+/// would take more than `steps` searches (each taken off).
+fn string_end(body: &[u8], from: usize, steps: &mut usize) -> Option<(usize, usize)> {
+    let mut p = from;
+    let mut longest = 0;
+    loop {
+        *steps = steps.checked_sub(1)?;
+        let at = p + memchr2(b'"', b'\\', body.get(p..)?)?;
+        longest = longest.max(at - p);
+        if body[at] == b'"' {
+            return Some((at, longest));
+        }
+        p = at + escape_len(body, at);
+    }
+}
+
+/// The length of the escape that starts with the backslash at `at`. The loops above stop at
+/// the closing quote first, which `string_end` has found past every escape, so a `\uXXXX`
+/// cut short is never indexed past the body.
+fn escape_len(body: &[u8], at: usize) -> usize {
+    if body.get(at + 1) == Some(&b'u') {
+        6
+    } else {
+        2
+    }
+}
+
+/// Whether the string just closed is a key: a colon follows it (after JSON whitespace).
+fn is_key(after: &[u8]) -> bool {
+    after
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        == Some(&b':')
+}
+
+/// What simd-json checks in plain string text: no control character (U+0000 to U+001F must be
+/// escaped) and UTF-8. A run starts and ends at ASCII bytes, so runs valid one by one make
+/// valid text together.
+fn check_text(run: &[u8]) -> Result<(), &'static str> {
+    // A fold the compiler vectorises (a byte-wise minimum), without an early exit.
+    if run.iter().fold(u8::MAX, |least, &b| least.min(b)) < 0x20 {
+        return Err("a control character in a string must be escaped");
+    }
+    simdutf8::basic::from_utf8(run).map_err(|_| "a string is not valid UTF-8")?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "elide_tests.rs"]
+mod tests;

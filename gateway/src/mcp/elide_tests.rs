@@ -1,0 +1,145 @@
+use super::*;
+use crate::mcp::jsonrpc::{Parsed, Parser};
+
+const SMALL: Elision = Elision {
+    from: 0,
+    long_run: 8,
+};
+
+fn copy(body: &str) -> (String, bool) {
+    let mut out = Vec::new();
+    let elided = SMALL.copy(body.as_bytes(), &mut out).expect("string text");
+    (String::from_utf8(out).expect("UTF-8"), elided)
+}
+
+#[test]
+fn a_long_run_of_a_value_is_marked_and_every_key_escape_and_short_run_kept() {
+    let (out, elided) = copy(
+        r#"{"id":1,"longlonglongkey":"0123456789","v":["short","abcdefghij\nklmnopqrstuvwxyz\u00e9!"]}"#,
+    );
+    assert!(elided);
+    assert_eq!(
+        out,
+        r#"{"id":1,"longlonglongkey":"\u0000","v":["short","\u0000\n\u0000\u00e9!"]}"#
+    );
+}
+
+#[test]
+fn a_body_without_a_long_value_run_is_copied_as_it_is() {
+    let body = r#"{"key with a long run":"short","a":"x\"y\\z"}"#;
+    assert_eq!(copy(body), (body.to_owned(), false));
+}
+
+#[test]
+fn a_run_left_out_must_be_string_text() {
+    let mut out = Vec::new();
+    assert!(SMALL.copy(b"{\"a\":\"0123456789\x01\"}", &mut out).is_err());
+    out.clear();
+    assert!(SMALL.copy(b"{\"a\":\"0123456789\xff\"}", &mut out).is_err());
+    // A control character in a key or a short run is left for the parser to refuse.
+    out.clear();
+    assert_eq!(SMALL.copy(b"{\"a\x01\":\"x\"}", &mut out), Ok(false));
+}
+
+#[test]
+fn an_unclosed_string_or_a_cut_escape_is_copied_for_the_parser_to_refuse() {
+    for body in [
+        r#"{"a":"0123456789"#,
+        r#"{"a":"0123456789\u12"#,
+        r#"{"a":"x\"#,
+    ] {
+        let mut out = Vec::new();
+        let _ = SMALL.copy(body.as_bytes(), &mut out);
+        let mut parser = Parser::with_elision(SMALL);
+        assert!(parser.parse_for(body.as_bytes(), false).is_err(), "{body}");
+    }
+}
+
+/// The copy is refused exactly when the body is, and the message read is the same.
+fn agrees(body: &str) {
+    let whole = Parser::with_elision(Elision {
+        from: usize::MAX,
+        long_run: usize::MAX,
+    })
+    .parse_for(body.as_bytes(), false);
+    let copied = Parser::with_elision(SMALL).parse_for(body.as_bytes(), false);
+    match (whole, copied) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "{body}"),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("{body}: {a:?} whole, {b:?} from the copy"),
+    }
+}
+
+#[test]
+fn a_message_read_from_the_copy_is_the_bodys_own() {
+    let call = |params: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{params}}}"#)
+    };
+    for body in [
+        call(r#"{"name":"echo","arguments":{"text":"a long argument, left out"}}"#),
+        // Strings policy reads, with long runs: read again from the body.
+        call(r#"{"name":"a-tool-name-with-a-long-run","arguments":{}}"#),
+        call(r#"{"name":"echo","_meta":{"traceparent":"00-0123456789abcdef-01"}}"#),
+        r#"{"jsonrpc":"2.0","id":"an id with a long run","method":"ping"}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"a method with a long run"}"#.to_owned(),
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"long long long"}},{"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId":"a long task id"}}]"#.to_owned(),
+        // A run between a high surrogate and its low half: not a pair, in the body or the copy.
+        call(r#"{"name":"echo","arguments":{"t":"\ud83dthe long run\ude00"}}"#),
+        call(r#"{"name":"echo","arguments":{"t":"\ud83d\ude00 and a long run"}}"#),
+        call(r#"{"name":"echo","arguments":{"t":"an escape cut: \uZZ and a long run"}}"#),
+        // Duplicate keys, with long runs in their values.
+        call(r#"{"name":"echo","arguments":{"t":"0123456789","t":"0123456789"}}"#),
+        // Not JSON after a long run.
+        call(r#"{"name":"echo","arguments":{"t":"0123456789" "u":1}}"#),
+        call(r#"{"name":"echo","arguments":{"t":"0123456789"}"#),
+        // A string that holds U+0000 of its own.
+        r#"{"jsonrpc":"2.0","id":"\u0000 and a long run","method":"ping"}"#.to_owned(),
+    ] {
+        agrees(&body);
+    }
+    let Ok(Parsed::Single(m)) = Parser::with_elision(SMALL).parse_for(
+        call(r#"{"name":"a-tool-name-with-a-long-run","arguments":{}}"#).as_bytes(),
+        false,
+    ) else {
+        panic!("a valid call");
+    };
+    assert_eq!(m.name.as_deref(), Some("a-tool-name-with-a-long-run"));
+}
+
+#[test]
+fn a_default_parser_leaves_out_only_from_a_large_body() {
+    let d = Elision::default();
+    assert!(!d.applies(8 * 1024 - 1) && d.applies(8 * 1024));
+    let text = "a".repeat(1 << 20);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{text}"}}}}}}"#
+    );
+    let mut out = Vec::new();
+    assert_eq!(d.copy(body.as_bytes(), &mut out), Ok(true));
+    assert!(out.len() < 200, "{} bytes", out.len());
+    agrees(&body);
+}
+
+#[test]
+fn a_body_of_many_escapes_or_strings_is_copied_as_it_is_once_the_searches_run_out() {
+    // 40,000 escapes in one value with a long run at its end: more searches than allowed.
+    let escapes = format!(r#"{{"a":"{}{}"}}"#, r"\n".repeat(40_000), "x".repeat(300));
+    let mut out = Vec::new();
+    assert_eq!(
+        Elision::default().copy(escapes.as_bytes(), &mut out),
+        Ok(false)
+    );
+    assert_eq!(out, escapes.as_bytes());
+    // The same after a long run that was left out: that one stays left out.
+    let body = format!(
+        r#"{{"x":"{}","a":"{}{}"}}"#,
+        "y".repeat(300),
+        r"\n".repeat(40_000),
+        "x".repeat(300)
+    );
+    out.clear();
+    assert_eq!(Elision::default().copy(body.as_bytes(), &mut out), Ok(true));
+    assert!(out.starts_with(br#"{"x":"\u0000","a":"\n\n"#));
+    assert_eq!(out.len(), body.len() - 300 + MARK.len());
+    agrees(&body);
+}
