@@ -157,15 +157,17 @@ impl Parser {
     /// [`Parser::parse`], taking the arguments of `tools/call` out only when `arguments` (a
     /// copy of what may be most of the message: only policy reads them). They are validated
     /// either way. Without them, a large body is parsed from a copy with its long runs of
-    /// string text left out ([`super::elide`]), and again from the body itself if the message
-    /// read from that copy holds a string that lost a run.
+    /// string text left out ([`super::elide`]), and again from the body itself if the copy is
+    /// refused or the message read from it holds a string that lost a run.
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
-        if !arguments && self.elision.applies(body.len()) {
-            match self.parse_copy(body, false, true) {
-                Ok(parsed) if parsed.reads_elided() => {}
-                other => return other,
-            }
+        if !arguments
+            && self.elision.applies(body.len())
+            && let Ok(parsed) = self.parse_copy(body, false, true)
+            && !parsed.reads_elided()
+        {
+            return Ok(parsed);
         }
+        // A refusal is the body's own too (its id and reason): read from the body itself.
         self.parse_copy(body, arguments, false)
     }
 
