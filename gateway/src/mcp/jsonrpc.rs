@@ -253,7 +253,7 @@ fn negative_zero_id(body: &[u8], parsed: &Parsed) -> bool {
         Parsed::Single(m) => zero(m),
         Parsed::Batch(ms) => ms.iter().any(zero),
     };
-    if !any_zero || !body.windows(2).any(|w| w == b"-0") {
+    if !any_zero || memchr::memmem::find(body, b"-0").is_none() {
         return false;
     }
     let not_integer = |v: &serde_json::Value| {

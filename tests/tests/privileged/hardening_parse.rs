@@ -300,7 +300,7 @@ fn a_large_body_is_decided_on_what_the_upstream_reads() {
     let (r, _) = raw(s.port, &post("/mcp", &body, ""));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["id"], "i".repeat(400));
-    assert!(s.upstream.bodies.lock().unwrap().iter().any(|b| *b == body));
+    assert!(s.upstream.bodies.lock().unwrap().contains(&body));
     ping_ok(s.port, "/mcp");
 }
 
