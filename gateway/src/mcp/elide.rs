@@ -16,8 +16,9 @@
 //! holds a U+0000, reads it again from the body itself ([`super::jsonrpc::Parser`]): a string
 //! the gateway decides on is always the body's own.
 //!
-//! Where the body is not JSON, the copy need not fail the same way, only fail: every byte this
-//! module does not read as string text it copies unchanged for simd-json to refuse.
+//! Where the body is not JSON, the copy need not fail the same way, only fail (every byte this
+//! module does not read as string text it copies unchanged for simd-json to refuse): a refused
+//! copy is read again from the body too, so that the refusal is the body's own.
 
 use memchr::{memchr, memchr2};
 
