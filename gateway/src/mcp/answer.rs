@@ -4,9 +4,11 @@
 //!
 //! The scan follows the JSON's structure (strings, with their escapes, and nesting) and looks
 //! at three places only: the top-level `error` (present and not `null`: an error), the
-//! top-level `result` and, inside it, `isError` (`true`: the tool failed). Anything that is
-//! not a JSON object, or does not end, reads as a result, as a parser that gave up would.
-//! It only labels metrics and breakers; what reaches the client is the upstream's bytes.
+//! top-level `result` and, inside it, `isError` (`true`: the tool failed). Keys are compared
+//! as a client reads them: escapes decoded (`"is\u0045rror"` is `isError`), and of two equal
+//! keys the last one counts (as in Python, JavaScript and serde_json). Anything that is not a
+//! JSON object, or does not end, reads as a result, as a parser that gave up would. It labels
+//! metrics and breakers; what reaches the client is the upstream's bytes.
 
 use crate::stats::Outcome;
 
@@ -40,8 +42,12 @@ pub struct AnswerScan {
     expect_key: bool,
     key: [u8; KEY],
     key_len: usize,
-    /// The key held something that is compared as none of the three (too long, an escape).
+    /// The key held something that is compared as none of the three (too long, an escape of
+    /// no ASCII character).
     key_odd: bool,
+    /// Hex digits still to come of a key's `\uXXXX` escape, and the value so far.
+    hex_left: u8,
+    hex: u32,
     target: Target,
     /// The literal of the awaited value, as far as it came (`null`, `true`).
     lit: [u8; 5],
@@ -68,6 +74,8 @@ impl Default for AnswerScan {
             key: [0; KEY],
             key_len: 0,
             key_odd: false,
+            hex_left: 0,
+            hex: 0,
             target: Target::None,
             lit: [0; 5],
             lit_len: 0,
@@ -106,12 +114,17 @@ impl AnswerScan {
         self.depth > 0 && self.depth <= 64 && self.objects & (1 << (self.depth - 1)) != 0
     }
 
-    /// A value begins with `b` (not a literal's later bytes).
+    /// A value begins with `b` (not a literal's later bytes). A key given again replaces what
+    /// its first value said.
     fn value_starts(&mut self, b: u8) {
         match self.target {
-            Target::Error => self.error |= b != b'n',
-            Target::Result if b == b'{' && self.depth == 1 => self.in_result = true,
-            _ => {}
+            Target::Error => self.error = b != b'n',
+            Target::Result => {
+                self.tool_error = false;
+                self.in_result = b == b'{' && self.depth == 1;
+            }
+            Target::IsError => self.tool_error = false,
+            Target::None => {}
         }
         if matches!(b, b'{' | b'[' | b'"') {
             self.target = Target::None;
@@ -126,8 +139,8 @@ impl AnswerScan {
         if self.in_lit {
             let lit = &self.lit[..self.lit_len];
             match self.target {
-                Target::Error if lit != b"null" => self.error = true,
-                Target::IsError if lit == b"true" => self.tool_error = true,
+                Target::Error => self.error = lit != b"null",
+                Target::IsError => self.tool_error = lit == b"true",
                 _ => {}
             }
             self.in_lit = false;
@@ -150,9 +163,38 @@ impl AnswerScan {
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.in_string {
+                if self.hex_left > 0 {
+                    // A key's `\uXXXX`: its digits one by one (a byte that is none ends the
+                    // escape and is read as usual: the JSON is not valid there).
+                    let Some(digit) = (bytes[0] as char).to_digit(16) else {
+                        self.hex_left = 0;
+                        self.key_odd = true;
+                        continue;
+                    };
+                    self.hex = self.hex * 16 + digit;
+                    self.hex_left -= 1;
+                    bytes = &bytes[1..];
+                    if self.hex_left == 0 {
+                        match u8::try_from(self.hex) {
+                            Ok(c) if c.is_ascii() => self.key_bytes(&[c]),
+                            _ => self.key_odd = true,
+                        }
+                    }
+                    continue;
+                }
                 if self.escaped {
                     self.escaped = false;
-                    self.key_odd |= self.in_key;
+                    if self.in_key && !self.key_odd {
+                        match bytes[0] {
+                            b'u' => {
+                                self.hex_left = 4;
+                                self.hex = 0;
+                            }
+                            c @ (b'"' | b'\\' | b'/') => self.key_bytes(&[c]),
+                            // A control character or not an escape: none of the three.
+                            _ => self.key_odd = true,
+                        }
+                    }
                     bytes = &bytes[1..];
                     continue;
                 }

@@ -1,26 +1,21 @@
 use super::*;
 
-/// What a full parse says (the classification before the streaming scan).
+/// What a client's parse says: last of two equal keys wins, escapes decoded (serde_json, as
+/// Python's and JavaScript's parsers).
 fn parsed(message: &[u8]) -> Outcome {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        error: Option<serde::de::IgnoredAny>,
-        #[serde(default)]
-        result: Option<ToolResult>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ToolResult {
-        #[serde(rename = "isError", default)]
-        is_error: bool,
-    }
-    match serde_json::from_slice::<Answer>(message) {
-        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
-        Ok(Answer {
-            result: Some(ToolResult { is_error: true }),
-            ..
-        }) => Outcome::ToolError,
-        _ => Outcome::Ok,
+    let Ok(serde_json::Value::Object(answer)) = serde_json::from_slice(message) else {
+        return Outcome::Ok;
+    };
+    if answer.get("error").is_some_and(|e| !e.is_null()) {
+        Outcome::RpcError
+    } else if answer
+        .get("result")
+        .and_then(|r| r.get("isError"))
+        .is_some_and(|e| *e == serde_json::Value::Bool(true))
+    {
+        Outcome::ToolError
+    } else {
+        Outcome::Ok
     }
 }
 
@@ -70,6 +65,24 @@ const CASES: &[&str] = &[
     r#"{"error":{}}"#,
     r#"{"result":{"isError":true,"more":{"a":[1,2,{"b":null}]}}}"#,
     r#"{"id":"x\\","result":{"isError":true}}"#,
+    // Keys as a client reads them: escapes decoded, the last of two equal keys.
+    r#"{"result":{"is\u0045rror":true}}"#,
+    r#"{"result":{"isErro\u0072":true}}"#,
+    r#"{"\u0065rror":{"code":1}}"#,
+    r#"{"e\u0072ror":null,"result":{}}"#,
+    r#"{"result":{"is\u0045rror\u0000":true}}"#,
+    r#"{"result":{"\u0069s\u0045\u0072\u0072\u006F\u0072":true}}"#,
+    r#"{"result":{"is\/Error":true}}"#,
+    r#"{"result":{"is\uZZ":true}}"#,
+    r#"{"\ud83d\ude00":1,"error":1}"#,
+    r#"{"result":{"isError":true,"isError":false}}"#,
+    r#"{"result":{"isError":false,"isError":true}}"#,
+    r#"{"result":{"isError":true,"isError":"yes"}}"#,
+    r#"{"error":{"code":1},"error":null,"result":{}}"#,
+    r#"{"error":null,"error":{"code":1}}"#,
+    r#"{"result":{"isError":true},"result":{}}"#,
+    r#"{"result":{},"result":{"isError":true}}"#,
+    r#"{"result":{"isError":true},"result":[]}"#,
     "",
     "   ",
 ];
@@ -96,13 +109,13 @@ fn a_batch_answer_is_not_read_as_an_error() {
     );
 }
 
-/// An escaped key is compared as none of the three (a parse would decode it): a label of
-/// metrics, never a decision on what the client receives.
+/// An escaped key is read as a client reads it: a tool that hides its failure behind
+/// `is\u0045rror` is counted as failed.
 #[test]
-fn an_escaped_key_is_not_read_as_one_of_the_three() {
+fn an_escaped_key_is_read_as_a_client_reads_it() {
     assert_eq!(
         classify(br#"{"result":{"is\u0045rror":true}}"#),
-        Outcome::Ok
+        Outcome::ToolError
     );
 }
 
@@ -136,8 +149,9 @@ fn deep_nesting_is_read_without_harm() {
 
 #[test]
 fn an_answer_without_an_error_key_in_its_bytes_is_a_result() {
-    // The relay classifies a small answer held whole only if `rror"` occurs in it (every key the
-    // scan looks at ends so): without it, the scan must say Ok, whatever else the bytes hold.
+    // The relay classifies a small answer held whole only if `rror"` or `\u` occurs in it
+    // (every key the scan looks at ends so, or spells a letter with a `\u` escape): without
+    // either, the scan must say Ok, whatever else the bytes hold.
     let answers = [
         r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#,
         r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"x"}}"#,
@@ -155,7 +169,9 @@ fn an_answer_without_an_error_key_in_its_bytes_is_a_result() {
                 [&answer.as_bytes()[..i], &answer.as_bytes()[i + 1..]].concat(),
                 [&answer.as_bytes()[..i], b"\\", &answer.as_bytes()[i..]].concat(),
             ] {
-                if memchr::memmem::find(&variant, b"rror\"").is_none() {
+                if memchr::memmem::find(&variant, b"rror\"").is_none()
+                    && memchr::memmem::find(&variant, b"\\u").is_none()
+                {
                     assert_eq!(
                         classify(&variant),
                         Outcome::Ok,

@@ -569,10 +569,13 @@ impl<'m> Body<'m> {
         }
     }
 
-    /// [`Body::observe`] of an answer held whole, after one search for what each key the scan
-    /// looks at ends with (`"error"`, `"isError"`): an answer without it is a result, not scanned.
+    /// [`Body::observe`] of an answer held whole, after a search for what each key the scan
+    /// looks at ends with (`"error"`, `"isError"`), or a `\u` escape (the only one that can
+    /// spell a letter of them): an answer with neither is a result, not scanned.
     fn observe_whole(&mut self, whole: &[u8]) {
-        if memchr::memmem::find(whole, b"rror\"").is_some() {
+        if memchr::memmem::find(whole, b"rror\"").is_some()
+            || memchr::memmem::find(whole, b"\\u").is_some()
+        {
             self.observe(whole);
         }
     }

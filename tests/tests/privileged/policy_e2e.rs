@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::{Daemon, local_header},
-    peers::{PyServer, free_port, post, py_policy_client, py_script, raw},
+    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, py_policy_client, py_script, raw},
     unique,
 };
 
@@ -527,6 +527,71 @@ upstream = "py"
     assert_eq!(r.json()["result"]["content"][0]["text"], "still here");
     d.stop();
     drop(demo);
+}
+
+/// The breaker counts a tool's failure as its client reads it: an upstream that spells
+/// `isError` with an escape, or gives it twice, is read as the client's parser reads it.
+#[test]
+fn a_tool_failure_spelled_with_an_escape_opens_the_breaker_all_the_same() {
+    let answer = |result: &str| -> &'static str {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":9,"result":{result}}}"#);
+        Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        )
+    };
+    let escaped = FakeUpstream::start(Misbehave::Raw(answer(
+        r#"{"content":[{"type":"text","text":"no"}],"is\u0045rror":true}"#,
+    )));
+    // Given twice, the last counts: `false`, a result.
+    let twice = FakeUpstream::start(Misbehave::Raw(answer(
+        r#"{"content":[],"isError":true,"isError":false}"#,
+    )));
+    let port = free_port();
+    let instance = unique("gwbrkesc");
+    let breaker = "breaker = { consecutive_failures = 2, open_ms = 60000 }";
+    let config = format!(
+        r#"
+{header}[[upstreams]]
+name = "escaped"
+url = "http://127.0.0.1:{e}/mcp"
+{breaker}
+[[upstreams]]
+name = "twice"
+url = "http://127.0.0.1:{t}/mcp"
+{breaker}
+[[routes]]
+path = "/escaped"
+upstream = "escaped"
+[[routes]]
+path = "/twice"
+upstream = "twice"
+"#,
+        header = local_header(&instance, 1, port, free_port()),
+        e = escaped.port,
+        t = twice.port,
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for _ in 0..2 {
+        let r = call_2026(port, "/escaped", "fail", &json!({}));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.json()["result"]["isError"],
+            true,
+            "the client reads a failure"
+        );
+    }
+    let r = call_2026(port, "/escaped", "fail", &json!({}));
+    assert_eq!(r.status, 503, "two failures open the breaker: {r:?}");
+    for _ in 0..4 {
+        let r = call_2026(port, "/twice", "fail", &json!({}));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["result"]["isError"], false);
+    }
+    d.stop();
 }
 
 /// A stateless `tools/list` on `path`: the tool names, sorted.
