@@ -73,16 +73,15 @@ impl Elision {
             }
             out.extend_from_slice(&body[copied..=open]);
             copied = close;
-            if longest == close - open - 1 {
-                // No escape: one run.
-                check_text(&body[open + 1..close])?;
-                out.extend_from_slice(MARK);
-                elided = true;
-                continue;
-            }
+            // Without an escape, the string is one run: not searched again.
+            let escapes = longest < close - open - 1;
             let mut p = open + 1;
             loop {
-                let end = memchr2(b'"', b'\\', &body[p..close]).map_or(close, |i| p + i);
+                let end = if escapes {
+                    memchr2(b'"', b'\\', &body[p..close]).map_or(close, |i| p + i)
+                } else {
+                    close
+                };
                 let run = &body[p..end];
                 if run.len() >= long_run {
                     check_text(run)?;

@@ -160,15 +160,17 @@ impl Parser {
     /// string text left out ([`super::elide`]), and again from the body itself if the copy is
     /// refused or the message read from it holds a string that lost a run.
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
-        if !arguments
-            && self.elision.applies(body.len())
-            && let Ok(parsed) = self.parse_copy(body, false, true)
-            && !parsed.reads_elided()
-        {
-            return Ok(parsed);
+        if !arguments && self.elision.applies(body.len()) {
+            let (parsed, elided) = self.parse_copy(body, false, true);
+            match parsed {
+                Ok(p) if !p.reads_elided() => return Ok(p),
+                // Nothing was left out: the copy was the body.
+                read if !elided => return read,
+                // A refusal is the body's own too (its id and reason): read from the body.
+                _ => {}
+            }
         }
-        // A refusal is the body's own too (its id and reason): read from the body itself.
-        self.parse_copy(body, arguments, false)
+        self.parse_copy(body, arguments, false).0
     }
 
     /// A parser that leaves runs out as `elision` says (tests and fuzzing set low bounds).
@@ -181,12 +183,14 @@ impl Parser {
         }
     }
 
+    /// Parses a copy of `body`, with runs left out if `elide`; and whether any were (or the
+    /// copy was refused for one: then it is not the body either).
     fn parse_copy(
         &mut self,
         body: &[u8],
         arguments: bool,
         elide: bool,
-    ) -> Result<Parsed, RpcError> {
+    ) -> (Result<Parsed, RpcError>, bool) {
         // Padded by us: simd-json then reads the copy in place instead of making its own.
         self.scratch.clear();
         if self.scratch.capacity() < body.len() + simd_json::INPUT_PADDING {
@@ -195,13 +199,15 @@ impl Parser {
             self.scratch = Vec::with_capacity(body.len() + simd_json::INPUT_PADDING);
             self.buffers = simd_json::Buffers::new(body.len());
         }
-        if elide {
-            self.elision
-                .copy(body, &mut self.scratch)
-                .map_err(RpcError::parse)?;
+        let elided = if elide {
+            match self.elision.copy(body, &mut self.scratch) {
+                Ok(elided) => elided,
+                Err(why) => return (Err(RpcError::parse(why)), true),
+            }
         } else {
             self.scratch.extend_from_slice(body);
-        }
+            false
+        };
         let len = self.scratch.len();
         self.scratch.resize(len + simd_json::INPUT_PADDING, 0);
         let mut tape = self
@@ -213,7 +219,7 @@ impl Parser {
                 .map_err(RpcError::parse)
                 .and_then(|()| Self::read(&tape, body, arguments));
         self.tape = Some(tape.reset());
-        parsed
+        (parsed, elided)
     }
 
     fn read(tape: &simd_json::Tape<'_>, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
