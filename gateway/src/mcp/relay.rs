@@ -574,7 +574,7 @@ impl<'m> Body<'m> {
     /// spell a letter of them): an answer with neither is a result, not scanned.
     fn observe_whole(&mut self, whole: &[u8]) {
         if memchr::memmem::find(whole, b"rror\"").is_some()
-            || memchr::memmem::find(whole, b"\\u").is_some()
+            || memchr::memchr_iter(b'\\', whole).any(|i| whole.get(i + 1) == Some(&b'u'))
         {
             self.observe(whole);
         }
