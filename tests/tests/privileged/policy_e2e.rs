@@ -454,6 +454,18 @@ fn call_2026(
     .0
 }
 
+/// A configuration of `header` and upstreams (a name and the rest of its table), each with
+/// `breaker` and a route at `/<name>`.
+fn with_breakers(header: String, breaker: &str, upstreams: &[(&str, &str)]) -> String {
+    let mut config = header;
+    for (name, rest) in upstreams {
+        config.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\n{rest}\n{breaker}\n[[routes]]\npath = \"/{name}\"\nupstream = \"{name}\"\n"
+        ));
+    }
+    config
+}
+
 #[test]
 fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe() {
     let py = PyServer::start(false);
@@ -461,27 +473,16 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     let mut demo = Some(integration_tests::peers::demo_upstream(demo_port));
     let port = free_port();
     let instance = unique("gwbrk");
-    let breaker = "breaker = { consecutive_failures = 3, open_ms = 700 }";
-    let config = format!(
-        r#"
-{header}[[upstreams]]
-name = "demo"
-url = "http://127.0.0.1:{demo_port}/mcp"
-connect_timeout_ms = 300
-{breaker}
-[[upstreams]]
-name = "py"
-url = "{py}"
-{breaker}
-[[routes]]
-path = "/demo"
-upstream = "demo"
-[[routes]]
-path = "/py"
-upstream = "py"
-"#,
-        header = local_header(&instance, 2, port, free_port()),
-        py = py.url(),
+    let config = with_breakers(
+        local_header(&instance, 2, port, free_port()),
+        "breaker = { consecutive_failures = 3, open_ms = 700 }",
+        &[
+            (
+                "demo",
+                &format!("url = \"http://127.0.0.1:{demo_port}/mcp\"\nconnect_timeout_ms = 300"),
+            ),
+            ("py", &format!("url = \"{}\"", py.url())),
+        ],
     );
     let mut d = Daemon::start_local(&instance, &config);
     let add = json!({"a": 1, "b": 2});
@@ -552,27 +553,19 @@ fn a_tool_failure_spelled_with_an_escape_opens_the_breaker_all_the_same() {
     )));
     let port = free_port();
     let instance = unique("gwbrkesc");
-    let breaker = "breaker = { consecutive_failures = 2, open_ms = 60000 }";
-    let config = format!(
-        r#"
-{header}[[upstreams]]
-name = "escaped"
-url = "http://127.0.0.1:{e}/mcp"
-{breaker}
-[[upstreams]]
-name = "twice"
-url = "http://127.0.0.1:{t}/mcp"
-{breaker}
-[[routes]]
-path = "/escaped"
-upstream = "escaped"
-[[routes]]
-path = "/twice"
-upstream = "twice"
-"#,
-        header = local_header(&instance, 1, port, free_port()),
-        e = escaped.port,
-        t = twice.port,
+    let config = with_breakers(
+        local_header(&instance, 1, port, free_port()),
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
+        &[
+            (
+                "escaped",
+                &format!("url = \"http://127.0.0.1:{}/mcp\"", escaped.port),
+            ),
+            (
+                "twice",
+                &format!("url = \"http://127.0.0.1:{}/mcp\"", twice.port),
+            ),
+        ],
     );
     let mut d = Daemon::start_local(&instance, &config);
     for _ in 0..2 {
