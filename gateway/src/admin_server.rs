@@ -1,17 +1,25 @@
 //! The admin API's connections (control thread, tokio), served by hyper with bounds a listener
 //! open to a network needs: at most [`MAX_CONNECTIONS`] at once (one more is closed as it is
 //! accepted, so idle connections cannot take the process's file descriptors, which the data
-//! plane shares), a request head within [`HEAD_TIMEOUT`] (the wait for the next request on a
+//! plane shares) and at most [`MAX_PER_ADDRESS`] of them from one address (so one client
+//! cannot hold them all and keep the others' scrapes and health checks out), a request head within [`HEAD_TIMEOUT`] (the wait for the next request on a
 //! kept-alive connection counts: an idle connection is closed after it) and a body within
 //! [`BODY_TIMEOUT`] (see `control::admin`). axum's own `serve` has neither bound.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 /// Admin connections open at once.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Admin connections open at once from one address (an IPv6 /64 counts as one address).
+pub const MAX_PER_ADDRESS: usize = 16;
 /// From the connection's start, or the end of its last answer, to the end of a request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// From the request head to the end of its body.
@@ -50,27 +58,128 @@ impl Accept for tokio::net::TcpListener {
     }
 }
 
+/// Places for connections: at most `total` at once, and `per_address` from one address.
+#[derive(Clone)]
+pub struct Slots {
+    total: usize,
+    per_address: usize,
+    /// Taken in all, and by address.
+    taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
+}
+
+/// A connection's place, given back when dropped.
+pub struct Slot {
+    taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
+    address: IpAddr,
+}
+
+/// Why a connection got no place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Every place is taken.
+    Full,
+    /// Its address holds as many as one address may.
+    Address,
+}
+
+impl Slots {
+    pub fn new(total: usize, per_address: usize) -> Self {
+        Self {
+            total,
+            per_address,
+            taken: Arc::default(),
+        }
+    }
+
+    /// A place for a connection from `client`.
+    pub fn take(&self, client: IpAddr) -> Result<Slot, Refused> {
+        let address = counted_as(client);
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let (all, by) = &mut *taken;
+        if *all >= self.total {
+            return Err(Refused::Full);
+        }
+        let n = by.entry(address).or_insert(0);
+        if *n >= self.per_address {
+            return Err(Refused::Address);
+        }
+        *n += 1;
+        *all += 1;
+        Ok(Slot {
+            taken: Arc::clone(&self.taken),
+            address,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let (all, by) = &mut *taken;
+        *all -= 1;
+        if let Some(n) = by.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The address a client's connections count against: an IPv4 address (mapped into IPv6 or
+/// not) as it is, an IPv6 address by its /64 (what one host is given).
+fn counted_as(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+        },
+    }
+}
+
+/// Says a refused connection: counted, and said once per 1,000 of each kind, so that a flood
+/// is not also a flood of lines.
+pub fn say_refused(why: Refused, client: SocketAddr, refused: &mut [u64; 2]) {
+    let n = &mut refused[why as usize];
+    if n.is_multiple_of(1000) {
+        match why {
+            Refused::Full => tracing::warn!(
+                %client,
+                "admin API: {MAX_CONNECTIONS} connections are open, a new one is closed ({} so far)",
+                *n + 1
+            ),
+            Refused::Address => tracing::warn!(
+                %client,
+                "admin API: {MAX_PER_ADDRESS} connections are open from one address, a new one \
+                 from there is closed ({} so far)",
+                *n + 1
+            ),
+        }
+    }
+    *n += 1;
+}
+
 /// Serves `app` on what `listener` accepts until `stop` turns true; then accepts no more and
 /// lets each open connection finish the request it is on.
 pub async fn serve(mut listener: impl Accept, app: axum::Router, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut refused = 0u64;
+    let slots = Slots::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
+    let mut refused = [0u64; 2];
     loop {
         let (io, peer) = tokio::select! {
             () = stopped(&mut stop) => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            // Counted, and said once per 1,000, so that a flood is not also a flood of lines.
-            if refused.is_multiple_of(1000) {
-                tracing::warn!(
-                    client = %peer.client,
-                    "admin API: {MAX_CONNECTIONS} connections are open, a new one is closed ({} so far)",
-                    refused + 1
-                );
+        let slot = match slots.take(peer.client.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                say_refused(why, peer.client, &mut refused);
+                continue;
             }
-            refused += 1;
-            continue;
         };
         let app = app
             .clone()
@@ -100,4 +209,45 @@ pub async fn serve(mut listener: impl Accept, app: axum::Router, mut stop: watch
 /// Once `stop` turns true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_bounded_in_all_and_by_address() {
+        let slots = Slots::new(5, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let a_mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let b_same_64: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        let c: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let a1 = slots.take(a).unwrap();
+        let _a2 = slots.take(a_mapped).unwrap();
+        assert_eq!(
+            slots.take(a).err(),
+            Some(Refused::Address),
+            "one address, mapped or not"
+        );
+        let _b1 = slots.take(b).unwrap();
+        let _b2 = slots.take(b_same_64).unwrap();
+        assert_eq!(slots.take(b).err(), Some(Refused::Address), "one /64");
+        let _c1 = slots.take(c).unwrap();
+        assert_eq!(slots.take(c).err(), Some(Refused::Full), "five in all");
+        drop(a1);
+        let _c2 = slots.take(c).expect("a place given back is taken again");
+        assert_eq!(slots.take(a).err(), Some(Refused::Full));
+    }
+
+    #[test]
+    fn an_address_without_connections_is_forgotten() {
+        let slots = Slots::new(4, 2);
+        for i in 0..1000u32 {
+            drop(slots.take(IpAddr::from(i.to_be_bytes())).unwrap());
+        }
+        let taken = slots.taken.lock().unwrap();
+        assert_eq!(taken.0, 0);
+        assert!(taken.1.is_empty());
+    }
 }

@@ -25,11 +25,13 @@ impl Drop for Listener {
 /// Accepts on `tcp` and runs each handshake with what `edge.admin` holds at that moment.
 pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<Listener> {
     let (tx, ready) = mpsc::channel(64);
-    // Handshakes at once: as many as connections may be open (each ends within the handshake
-    // timeout); a connection beyond them is closed as it comes.
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+    // Handshakes at once: as many as connections may be open, in all and from one address
+    // (each ends within the handshake timeout); a connection beyond them is closed as it comes.
+    let handshakes = crate::admin_server::Slots::new(
         crate::admin_server::MAX_CONNECTIONS,
-    ));
+        crate::admin_server::MAX_PER_ADDRESS,
+    );
+    let mut refused = [0u64; 2];
     let accepting = tokio::spawn(async move {
         loop {
             let (stream, peer) = match tcp.accept().await {
@@ -43,9 +45,13 @@ pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<
             let Some(listening) = edge.admin.load_full() else {
                 continue;
             };
-            let Ok(slot) = Arc::clone(&handshakes).try_acquire_owned() else {
-                edge.stats.failed(super::Failure::Closed);
-                continue;
+            let slot = match handshakes.take(peer.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    crate::admin_server::say_refused(why, peer, &mut refused);
+                    edge.stats.failed(super::Failure::Closed);
+                    continue;
+                }
             };
             let tx = tx.clone();
             let edge = Arc::clone(&edge);

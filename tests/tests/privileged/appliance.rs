@@ -559,7 +559,8 @@ fn out_of_descriptors_is_a_503_of_the_gateway_not_an_upstream_failure() {
 /// that sends no request head within 10 s (idle keep-alive included), and answers 408 to a
 /// body that does not arrive within 10 s. Before, every connection was kept for as long as its
 /// client liked: idle ones to the admin port took every descriptor and the MCP listener could
-/// accept nothing.
+/// accept nothing. Nor can one address hold all 128: it keeps 16, and the others are still
+/// served (before, one client's idle connections kept every scrape and health check out).
 #[test]
 fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     use integration_tests::peers::{FakeUpstream, Misbehave, post, read_response};
@@ -593,8 +594,51 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     };
     assert_eq!(call("connection: close\r\n"), Some(200));
 
-    // A request whose body never comes, then far more idle connections than the cap.
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    // A connection to the admin port from 127.0.0.`last`.
+    let connect_from = |last: u8| -> std::io::Result<std::net::TcpStream> {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, last], 0)).into())?;
+        s.connect_timeout(&admin_addr.into(), Duration::from_secs(1))?;
+        Ok(s.into())
+    };
+    // Whether the gateway ended `s` (within `wait`), rather than keeping it open.
+    let closed = |s: &mut std::net::TcpStream, wait: Duration| -> bool {
+        s.set_read_timeout(Some(wait)).ok();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(_n) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+
+    // One address: 16 connections kept, more closed as they come; another address served.
+    const PER_ADDRESS: usize = 16;
+    let mut one: Vec<_> = (0..PER_ADDRESS + 4)
+        .map(|_| connect_from(2).expect("connect from 127.0.0.2"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let shut = one
+        .iter_mut()
+        .map(|s| closed(s, Duration::from_millis(300)))
+        .filter(|c| *c)
+        .count();
+    assert_eq!(
+        shut,
+        4,
+        "of {} idle connections from one address, all but {PER_ADDRESS} closed as they came",
+        PER_ADDRESS + 4
+    );
+    assert!(
+        admin_get(admin, "/healthz").starts_with("ok"),
+        "another address is served while one holds its {PER_ADDRESS}"
+    );
+    drop(one);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A request whose body never comes, then far more idle connections than the cap, from
+    // more addresses than it takes to fill it.
     let mut slow = std::net::TcpStream::connect(admin_addr).expect("connect");
     let slow_at = std::time::Instant::now();
     slow.write_all(
@@ -602,8 +646,8 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     )
     .expect("send");
     let mut idle = Vec::new();
-    for _ in 0..2 * LIMIT {
-        match std::net::TcpStream::connect_timeout(&admin_addr, Duration::from_secs(1)) {
+    for i in 0..2 * LIMIT {
+        match connect_from(10 + (i / PER_ADDRESS as u64) as u8) {
             Ok(s) => idle.push(s),
             // The accept queue full: the gateway took no more (as it did before).
             Err(_) => break,
@@ -636,13 +680,10 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
 
     // Every idle connection ends: closed as it came, or after 10 s without a request head.
     for s in &mut idle {
-        s.set_read_timeout(Some(Duration::from_secs(15))).ok();
-        let mut b = [0u8; 64];
-        match s.read(&mut b) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("an idle admin connection was kept open: {e}"),
-        }
+        assert!(
+            closed(s, Duration::from_secs(15)),
+            "an idle admin connection was kept open"
+        );
     }
     drop(idle);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -653,10 +694,11 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
         admin_get(admin, "/healthz").starts_with("ok"),
         "the admin API serves again"
     );
+    let log = d.log();
     assert!(
-        d.log()
-            .contains("connections are open, a new one is closed"),
-        "the refusals are said"
+        log.contains("128 connections are open, a new one is closed")
+            && log.contains("16 connections are open from one address"),
+        "both kinds of refusal are said"
     );
     d.stop();
 }
