@@ -357,8 +357,22 @@ impl Control {
         })?;
         let hosts = self.fleet_hosts();
         if let Some(maps) = &mut self.maps {
-            maps.sync(&KernelState::shared_by(&new, hosts))
-                .context("syncing the kernel maps")?;
+            if let Err(e) = maps.sync(&KernelState::shared_by(&new, hosts)) {
+                // Part of the new configuration may be in the kernel by now (limits, tenant
+                // prefixes): the running one is written back, so that the kernel and the
+                // workers keep judging by the same one.
+                let back = match maps.sync(&KernelState::shared_by(old, self.kernel_hosts)) {
+                    Ok(_) => "the running configuration's maps were written back".to_owned(),
+                    Err(b) => {
+                        tracing::error!(
+                            "writing the running configuration back into the kernel maps failed: {b}; \
+                             the kernel may judge by parts of both until the next reload or restart"
+                        );
+                        format!("writing the running configuration's maps back failed too: {b}")
+                    }
+                };
+                bail!("syncing the kernel maps: {e} ({back})");
+            }
             self.kernel_hosts = hosts;
         }
         let diff = crate::config::diff::ConfigDiff::new(old, &new);

@@ -146,6 +146,19 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> KernelError {
     move |source| KernelError::Map { map, source }
 }
 
+/// As [`map_err`] for an insert into a prefix map, which fails with ENOSPC when it is full.
+fn insert_err(map: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| match &source {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+            KernelError::Full {
+                map,
+                max: gateway_common::MAX_PREFIXES,
+            }
+        }
+        _ => KernelError::Map { map, source },
+    }
+}
+
 impl KernelMaps {
     /// Opens the maps pinned under `pin_dir` (e.g. `/sys/fs/bpf/mcp-gateway`).
     pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
@@ -436,7 +449,7 @@ impl KernelMaps {
         for (net, tenant) in &desired.tenant_nets {
             self.tenant_nets
                 .insert(&net_key(net), tenant, 0)
-                .map_err(map_err(names::TENANT_NETS))?;
+                .map_err(insert_err(names::TENANT_NETS))?;
         }
         for key in have {
             if key_net(&key).is_none_or(|n| !desired.tenant_nets.iter().any(|(d, _)| *d == n)) {
@@ -455,7 +468,7 @@ impl KernelMaps {
         for net in &desired.deny {
             self.deny_nets
                 .insert(&net_key(net), 1, 0)
-                .map_err(map_err(names::DENY_NETS))?;
+                .map_err(insert_err(names::DENY_NETS))?;
         }
         for key in have {
             if key_net(&key).is_none_or(|n| !desired.deny.contains(&n)) {

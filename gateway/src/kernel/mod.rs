@@ -64,6 +64,13 @@ pub enum KernelError {
     AlreadyRunning { instance: String, lock: String },
     #[error("bpffs at {path}: {problem}")]
     Bpffs { path: String, problem: String },
+    #[error(
+        "map {map} is full ({max} prefixes): new prefixes are written before the ones they \
+         replace are removed (so that traffic is never judged against half a configuration), so \
+         the running and the new prefixes must fit together; go through a configuration with \
+         fewer of them first"
+    )]
+    Full { map: &'static str, max: u32 },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

@@ -340,6 +340,85 @@ fn sighup_reload_syncs_the_maps_and_a_bad_file_is_refused() {
     s.daemon.stop();
 }
 
+/// A reload the kernel cannot hold (a full deny table replaced by another: new prefixes go in
+/// before the old come out, so both must fit) is refused, and the kernel keeps judging by the
+/// running configuration. Before, the maps written before the failure (tenant limits, tenant
+/// prefixes) kept the new values while the workers kept the old configuration.
+#[test]
+fn a_reload_the_kernel_cannot_hold_is_refused_and_the_kernel_keeps_the_running_configuration() {
+    let mut s = setup();
+    let config_path = std::env::temp_dir().join(format!("{}.toml", s.instance));
+    let _rm = RemoveOnDrop(config_path.clone());
+    let max = gateway_common::MAX_PREFIXES as usize;
+    // `max` /24s under `first`.x.y (BETA's /32 in place of the last one, if `beta`).
+    let deny = |first: u8, beta: bool| -> String {
+        let mut nets: Vec<String> = (0..max)
+            .map(|i| format!("\"{first}.{}.{}.0/24\"", i / 256, i % 256))
+            .collect();
+        if beta {
+            nets[max - 1] = format!("\"{BETA}/32\"");
+        }
+        nets.join(",")
+    };
+    let with = |deny: &str, alpha_burst: u32| -> String {
+        let c = config(&s.instance, &s.topo.gw_if)
+            .replace(
+                "cap_poll_ms = 10",
+                &format!("cap_poll_ms = 10\ndeny = [{deny}]"),
+            )
+            .replace(
+                "new_connections_burst = 3",
+                &format!("new_connections_burst = {alpha_burst}"),
+            );
+        integration_tests::daemon::with_state(&s.instance, &c)
+    };
+
+    std::fs::write(&config_path, with(&deny(10, true), 3)).unwrap();
+    s.daemon.hangup();
+    s.daemon.wait_for_log("reloaded", Duration::from_secs(10));
+    assert_eq!(attempts(&s.topo.client, BETA, 1).1, 1, "beta is denied");
+    let running = maps(&s).tenant_limits(1).unwrap();
+
+    // Another full table, and alpha's burst changed (its limits are written before prefixes).
+    std::fs::write(&config_path, with(&deny(11, false), 50)).unwrap();
+    s.daemon.hangup();
+    s.daemon
+        .wait_for_log("reload refused", Duration::from_secs(10));
+    assert_eq!(
+        maps(&s).tenant_limits(1).unwrap(),
+        running,
+        "alpha's limits in the kernel are the running configuration's"
+    );
+    let log = s.daemon.log();
+    assert!(
+        log.contains("is full (16384 prefixes)") && log.contains("were written back"),
+        "the refusal says why, and that the running maps were written back: {}",
+        log.lines()
+            .filter(|l| l.contains("refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        attempts(&s.topo.client, BETA, 1).1,
+        1,
+        "beta is still denied"
+    );
+    assert_eq!(
+        attempts(&s.topo.client, GAMMA, 1).0.len(),
+        1,
+        "and the gateway still serves"
+    );
+    s.daemon.stop();
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn workers_serve_on_the_epoll_driver_too() {
     let topo = Topology::new(&[BETA]);
