@@ -551,6 +551,10 @@ pub enum Misbehave {
     DelayFromBody,
     /// Answers every request with these bytes (a whole response, head and body).
     Raw(&'static str),
+    /// A session-era server in miniature: `initialize` is answered with a new
+    /// `Mcp-Session-Id` (`s1`, `s2`, ...), a notification with 202, a DELETE with 200, any
+    /// other request with its own id and an empty result.
+    SessionEra,
 }
 
 /// An upstream on raw sockets that records request heads.
@@ -591,6 +595,7 @@ impl FakeUpstream {
                         }
                         let mut body = vec![0; len];
                         let _ = reader.read_exact(&mut body);
+                        let deleted = head.starts_with("DELETE ");
                         log.lock().unwrap().push(head);
                         if let Misbehave::Slow(delay) = how {
                             std::thread::sleep(delay);
@@ -620,6 +625,9 @@ impl FakeUpstream {
                             }
                             Misbehave::Raw(bytes) => {
                                 let _ = conn.write_all(bytes.as_bytes());
+                            }
+                            Misbehave::SessionEra => {
+                                let _ = conn.write_all(&session_era_answer(deleted, &body));
                             }
                             Misbehave::DieMidStream => {
                                 let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
@@ -658,6 +666,35 @@ impl FakeUpstream {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
     }
+}
+
+/// [`Misbehave::SessionEra`]'s answer to a request (a DELETE if `deleted`) with `body`.
+fn session_era_answer(deleted: bool, body: &[u8]) -> Vec<u8> {
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let empty = |status: &str| format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+    if deleted {
+        return empty("200 OK").into_bytes();
+    }
+    let m: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(id) = m.get("id") else {
+        return empty("202 Accepted").into_bytes();
+    };
+    let (result, session) = if m["method"] == "initialize" {
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (
+            serde_json::json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                "serverInfo": {"name": "fake", "version": "1"}}),
+            format!("mcp-session-id: s{n}\r\n"),
+        )
+    } else {
+        (serde_json::json!({}), String::new())
+    };
+    let b = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{session}content-length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .into_bytes()
 }
 
 pub fn addr(port: u16) -> SocketAddr {

@@ -55,8 +55,12 @@ use crate::{
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// How long an upstream's era, once learnt, is taken as known; then one request tells again.
 const ERA_TTL: Duration = Duration::from_secs(300);
-/// Held sessions per worker; beyond, the oldest is forgotten (the upstream expires it).
+/// Held sessions per worker; beyond, the oldest is ended (DELETE) to make room.
 const MAX_SESSIONS: usize = 4096;
+/// Largest answer read to a held session's DELETE.
+const MAX_END_ANSWER: usize = 64 * 1024;
+/// How long a worker that stops waits for its held sessions' DELETEs, at most.
+const END_ALL_WITHIN: Duration = Duration::from_secs(2);
 /// The id of the gateway's own requests on a held session.
 const OWN_ID: &str = "mcp-gateway";
 
@@ -69,6 +73,11 @@ pub(super) struct HeldSession {
     /// The `initialize` result.
     pub init: Value,
     opened: Instant,
+    /// The DELETE that ends it at the upstream, with the headers it was opened with (an
+    /// upstream may hold a session to the credentials that opened it); `None` without an id.
+    /// Sent when the gateway lets the session go: evicted, or the worker stopping. Many
+    /// servers keep a session until it is DELETEd, so one that is only forgotten would stay.
+    end: Option<http::Outgoing>,
 }
 
 enum Slot {
@@ -181,28 +190,35 @@ async fn session(
                 Some(Slot::Opening(waiters)) => {
                     let (tx, rx) = oneshot::channel();
                     waiters.push(tx);
-                    Some(rx)
+                    Ok(rx)
                 }
                 None => {
-                    if sessions.len() >= MAX_SESSIONS {
-                        evict_oldest(&mut sessions);
-                    }
+                    let evicted = if sessions.len() >= MAX_SESSIONS {
+                        evict_oldest(&mut sessions)
+                    } else {
+                        None
+                    };
                     sessions.insert(key, Slot::Opening(Vec::new()));
-                    None
+                    Err(evicted)
                 }
             }
         };
-        if let Some(rx) = wait {
-            // Woken when the opening request is done, or dropped; then looked up again.
-            let _ = rx.await;
-            continue;
-        }
+        let evicted = match wait {
+            Ok(rx) => {
+                // Woken when the opening request is done, or dropped; then looked up again.
+                let _ = rx.await;
+                continue;
+            }
+            Err(evicted) => evicted,
+        };
         let mut guard = Opening {
             held: &ctx.held,
             key,
             done: false,
         };
-        let opened = open(ctx, req, peer, up).await;
+        // The evicted session is ended while this one opens (at most once per opening).
+        let (opened, ()) =
+            futures_util::future::join(open(ctx, req, peer, up), end(ctx, evicted)).await;
         guard.done = true;
         let mut sessions = ctx.held.sessions.borrow_mut();
         // Dropping the waiters' senders wakes them.
@@ -226,7 +242,8 @@ async fn session(
     }
 }
 
-fn evict_oldest(sessions: &mut HashMap<(u64, u64), Slot>) {
+/// Takes the oldest ready session out: its upstream's key and the session, to be ended.
+fn evict_oldest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<HeldSession>)> {
     let oldest = sessions
         .iter()
         .filter_map(|(k, slot)| match slot {
@@ -234,9 +251,84 @@ fn evict_oldest(sessions: &mut HashMap<(u64, u64), Slot>) {
             Slot::Opening(_) => None,
         })
         .min_by_key(|(_, at)| *at)
-        .map(|(k, _)| k);
-    if let Some(k) = oldest {
-        sessions.remove(&k);
+        .map(|(k, _)| k)?;
+    match sessions.remove(&oldest) {
+        Some(Slot::Ready(s)) => Some((oldest.0, s)),
+        _ => None,
+    }
+}
+
+/// Ends a session the gateway lets go at its upstream (the one of that key in the running
+/// configuration; none if a reload removed it), with a DELETE. Best effort: a failure is
+/// logged, and the upstream's own expiry is left to end it.
+async fn end(ctx: &WorkerCtx, evicted: Option<(u64, Rc<HeldSession>)>) {
+    let Some((up_key, s)) = evicted else {
+        return;
+    };
+    let Some(delete) = &s.end else {
+        return;
+    };
+    let snapshot = ctx.shared.snapshot.load_full();
+    let Some(up) = snapshot.config.upstreams.iter().find(|u| u.key == up_key) else {
+        return;
+    };
+    let request = http::Outgoing {
+        head: delete.head.clone(),
+        body: Bytes::new(),
+    };
+    match upstream::call(&ctx.pool, up, request, MAX_END_ANSWER).await {
+        Ok((head, _)) if (200..300).contains(&head.status) || head.status == 404 => {
+            tracing::debug!(upstream = %up.name, "held session ended");
+        }
+        // 405: a server that lets its clients end nothing (the specification allows it).
+        Ok((head, _)) => tracing::debug!(
+            upstream = %up.name,
+            status = head.status,
+            "held session: the upstream did not end it"
+        ),
+        Err(f) => tracing::info!(
+            upstream = %up.name,
+            "held session: its DELETE failed ({}); the upstream's expiry will end it",
+            describe(f)
+        ),
+    }
+}
+
+impl Held {
+    /// Ends every held session of this worker at its upstream (the worker is stopping), at
+    /// most [`END_ALL_WITHIN`]; what is not ended by then is left to the upstream's expiry.
+    pub(super) async fn end_all(ctx: &WorkerCtx) {
+        let ready: Vec<(u64, Rc<HeldSession>)> = ctx
+            .held
+            .sessions
+            .borrow_mut()
+            .drain()
+            .filter_map(|((up, _), slot)| match slot {
+                Slot::Ready(s) if s.end.is_some() => Some((up, s)),
+                _ => None,
+            })
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        let n = ready.len();
+        let all = async {
+            // A few at once: each takes an upstream connection.
+            for chunk in ready.chunks(16) {
+                futures_util::future::join_all(
+                    chunk
+                        .iter()
+                        .map(|(up, s)| end(ctx, Some((*up, Rc::clone(s))))),
+                )
+                .await;
+            }
+        };
+        if monoio::time::timeout(END_ALL_WITHIN, all).await.is_err() {
+            tracing::info!(
+                worker = ctx.worker,
+                "stopping: not every one of {n} held sessions was ended in time; their upstreams' expiry will end them"
+            );
+        }
     }
 }
 
@@ -283,12 +375,33 @@ async fn open(
         .filter(|v| version::is_supported(v))
         .unwrap_or(version::LATEST_SESSION_ERA)
         .to_owned();
+    let end = match &id {
+        Some(id) => {
+            let delete = Request {
+                method: "DELETE".to_owned(),
+                body: Bytes::new(),
+                ..req.clone()
+            };
+            let replace = [
+                ("mcp-session-id", Some(id.as_str())),
+                ("mcp-protocol-version", Some(version.as_str())),
+                ("mcp-method", None),
+                ("mcp-name", None),
+                ("last-event-id", None),
+                ("content-type", None),
+            ];
+            // The id and version were written into a head already (`initialize`).
+            upstream_request(&delete, peer, up, &Bytes::new(), &replace).ok()
+        }
+        None => None,
+    };
     tracing::debug!(upstream = %up.name, "held session opened");
     Ok(HeldSession {
         id,
         version,
         init,
         opened: Instant::now(),
+        end,
     })
 }
 

@@ -101,6 +101,11 @@ impl WorkerCtx {
             held: super::held::Held::default(),
         })
     }
+
+    /// Ends the upstream sessions this worker holds (it is stopping): see `held`.
+    pub async fn end_held_sessions(&self) {
+        super::held::Held::end_all(self).await;
+    }
 }
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {

@@ -417,6 +417,8 @@ async fn worker(
     while !active.borrow().is_empty() && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    // No request runs on them any more (or none will be answered): ended upstream.
+    ctx.end_held_sessions().await;
     if let Some(last) = ctx.recorder.borrow_mut().take() {
         let _ = shared.stats_tx.send(last);
     }

@@ -565,3 +565,126 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
     assert_eq!(r.status, 404, "a session its owner deleted");
     d.stop();
 }
+
+/// The gateway ends at the upstream (DELETE, with the session's id) every session it holds
+/// when it lets it go: the oldest when a worker holds 4,096 and a new caller comes, and all of
+/// them when it stops. Many servers (the SDKs' examples among them) keep a session until it is
+/// DELETEd, so before, every evicted session, and every session held at a restart, stayed at
+/// the upstream for good.
+#[test]
+fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
+    use integration_tests::peers::{FakeUpstream, Misbehave, post_call_2026, read_response};
+    use std::io::Write as _;
+
+    const HELD: usize = 4096;
+    let callers = HELD + 1;
+    let hashes = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib,sys\nfor i in range(int(sys.argv[1])): print(hashlib.sha256(f'held-key-{i}'.encode()).hexdigest())",
+            &callers.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    let hashes = String::from_utf8(hashes.stdout).unwrap();
+    let keys: String = hashes
+        .lines()
+        .enumerate()
+        .map(|(i, h)| {
+            format!("[[auth.api_keys]]\nsha256 = \"{h}\"\ntenant = \"t\"\nagent = \"a{i}\"\n")
+        })
+        .collect();
+    assert_eq!(hashes.lines().count(), callers);
+
+    let up = FakeUpstream::start(Misbehave::SessionEra);
+    let port = free_port();
+    let instance = unique("gwheldend");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "default_tenant = \"t\"\n[[tenants]]\nname = \"t\"\nid = 1\n{keys}[[upstreams]]\nname = \"fake\"\nurl = \"{}\"\nera = \"session\"\nheld_session = \"caller\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"fake\"\nauth = [\"api_key\"]\n",
+            up.url()
+        ),
+    )
+    // One worker: its table of held sessions is the one that fills.
+    .replace("workers = 2", "workers = 1");
+    let mut d = Daemon::start_local(&instance, &c);
+    let deletes = || -> Vec<String> {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.starts_with("DELETE "))
+            .cloned()
+            .collect()
+    };
+    let session_of = |head: &str| -> Option<String> {
+        head.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("mcp-session-id: ")
+                .map(|v| v.trim().to_owned())
+        })
+    };
+
+    // Each caller's first call opens a session of its own, over one keep-alive connection.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for i in 0..HELD {
+        s.write_all(&post_call_2026(
+            "/mcp",
+            1,
+            "add",
+            &serde_json::json!({}),
+            &format!("x-api-key: held-key-{i}\r\n"),
+        ))
+        .unwrap();
+        let r = read_response(&mut s).expect("an answer");
+        assert_eq!(
+            r.status,
+            200,
+            "caller {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert!(deletes().is_empty(), "nothing ended while {HELD} are held");
+    // The first session the gateway opened: named by its `notifications/initialized`.
+    let first = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|h| session_of(h))
+        .expect("a session id sent upstream");
+
+    // One caller more: the oldest session is ended as the new one opens.
+    s.write_all(&post_call_2026(
+        "/mcp",
+        1,
+        "add",
+        &serde_json::json!({}),
+        &format!("x-api-key: held-key-{HELD}\r\n"),
+    ))
+    .unwrap();
+    assert_eq!(read_response(&mut s).expect("an answer").status, 200);
+    let ended = deletes();
+    assert_eq!(ended.len(), 1, "the oldest is ended: {ended:?}");
+    assert_eq!(session_of(&ended[0]), Some(first.clone()), "{}", ended[0]);
+    assert!(
+        !ended[0].to_ascii_lowercase().contains("x-api-key"),
+        "the client's credential is not sent upstream: {}",
+        ended[0]
+    );
+    drop(s);
+
+    // The gateway stops: every session it still holds is ended.
+    d.stop();
+    let ended = deletes();
+    let mut ids: Vec<String> = ended.iter().filter_map(|h| session_of(h)).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (ended.len(), ids.len()),
+        (callers, callers),
+        "each of the {callers} sessions ended once"
+    );
+}
