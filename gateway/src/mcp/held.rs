@@ -55,10 +55,18 @@ use crate::{
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// How long an upstream's era, once learnt, is taken as known; then one request tells again.
 const ERA_TTL: Duration = Duration::from_secs(300);
-/// Held sessions per worker; beyond, the oldest is ended (DELETE) to make room.
+/// Held sessions per worker; beyond, the one unused longest (and not in use) is ended with a
+/// DELETE to make room.
 const MAX_SESSIONS: usize = 4096;
 /// Largest answer read to a held session's DELETE.
 const MAX_END_ANSWER: usize = 64 * 1024;
+/// How long one DELETE may take.
+const END_WITHIN: Duration = Duration::from_secs(5);
+/// DELETEs sent at once by a worker.
+const ENDING_AT_ONCE: usize = 32;
+/// Evicted sessions waiting for their DELETE; beyond, one is forgotten (its upstream's expiry
+/// ends it), so that an upstream that does not answer DELETEs cannot grow the queue.
+const MAX_ENDING: usize = 1024;
 /// How long a worker that stops waits for its held sessions' DELETEs, at most.
 const END_ALL_WITHIN: Duration = Duration::from_secs(2);
 /// The id of the gateway's own requests on a held session.
@@ -72,12 +80,10 @@ pub(super) struct HeldSession {
     pub version: String,
     /// The `initialize` result.
     pub init: Value,
-    opened: Instant,
-    /// The DELETE that ends it at the upstream, with the headers it was opened with (an
-    /// upstream may hold a session to the credentials that opened it); `None` without an id.
-    /// Sent when the gateway lets the session go: evicted, or the worker stopping. Many
-    /// servers keep a session until it is DELETEd, so one that is only forgotten would stay.
-    end: Option<http::Outgoing>,
+    /// When a request last took it.
+    used: std::cell::Cell<Instant>,
+    /// The address of the client whose request opened it (its DELETE is forwarded for it).
+    opener: SocketAddr,
 }
 
 enum Slot {
@@ -87,12 +93,21 @@ enum Slot {
 }
 
 /// This worker's held sessions and what it knows of its upstreams' eras.
+///
+/// A session the gateway lets go is ended at its upstream with a DELETE: many servers keep a
+/// session until it is DELETEd, so one only forgotten would stay there for good. An evicted
+/// one waits in `ending` for the worker's [`Held::end_evicted`] task, so that no request waits
+/// for another upstream's DELETE; when the worker stops, [`Held::end_all`] ends the rest.
 #[derive(Default)]
 pub struct Held {
     /// By upstream key: since when it is known to speak only the session era.
     eras: RefCell<HashMap<u64, Instant>>,
     /// By (upstream key, owner).
     sessions: RefCell<HashMap<(u64, u64), Slot>>,
+    /// Evicted sessions to be ended (upstream key, session), oldest first.
+    ending: RefCell<std::collections::VecDeque<(u64, Rc<HeldSession>)>>,
+    /// Wakes [`Held::end_evicted`] when `ending` gets one.
+    wake: RefCell<Option<oneshot::Sender<()>>>,
 }
 
 /// Whether the request speaks the stateless era (its header or its envelope says so).
@@ -186,39 +201,37 @@ async fn session(
         let wait = {
             let mut sessions = ctx.held.sessions.borrow_mut();
             match sessions.get_mut(&key) {
-                Some(Slot::Ready(s)) => return Ok(Rc::clone(s)),
+                Some(Slot::Ready(s)) => {
+                    s.used.set(Instant::now());
+                    return Ok(Rc::clone(s));
+                }
                 Some(Slot::Opening(waiters)) => {
                     let (tx, rx) = oneshot::channel();
                     waiters.push(tx);
-                    Ok(rx)
+                    Some(rx)
                 }
                 None => {
-                    let evicted = if sessions.len() >= MAX_SESSIONS {
-                        evict_oldest(&mut sessions)
-                    } else {
-                        None
-                    };
+                    if sessions.len() >= MAX_SESSIONS
+                        && let Some(evicted) = evict_idlest(&mut sessions)
+                    {
+                        ctx.held.to_end(evicted);
+                    }
                     sessions.insert(key, Slot::Opening(Vec::new()));
-                    Err(evicted)
+                    None
                 }
             }
         };
-        let evicted = match wait {
-            Ok(rx) => {
-                // Woken when the opening request is done, or dropped; then looked up again.
-                let _ = rx.await;
-                continue;
-            }
-            Err(evicted) => evicted,
-        };
+        if let Some(rx) = wait {
+            // Woken when the opening request is done, or dropped; then looked up again.
+            let _ = rx.await;
+            continue;
+        }
         let mut guard = Opening {
             held: &ctx.held,
             key,
             done: false,
         };
-        // The evicted session is ended while this one opens (at most once per opening).
-        let (opened, ()) =
-            futures_util::future::join(open(ctx, req, peer, up), end(ctx, evicted)).await;
+        let opened = open(ctx, req, peer, up).await;
         guard.done = true;
         let mut sessions = ctx.held.sessions.borrow_mut();
         // Dropping the waiters' senders wakes them.
@@ -242,88 +255,137 @@ async fn session(
     }
 }
 
-/// Takes the oldest ready session out: its upstream's key and the session, to be ended.
-fn evict_oldest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<HeldSession>)> {
-    let oldest = sessions
+/// Takes out the ready session unused the longest that no request holds (one in use is never
+/// ended under its requests): its upstream's key and the session, to be ended. None if every
+/// one is in use; the table then holds more for as long as they are (bounded by the requests
+/// in flight).
+fn evict_idlest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<HeldSession>)> {
+    let idlest = sessions
         .iter()
         .filter_map(|(k, slot)| match slot {
-            Slot::Ready(s) => Some((*k, s.opened)),
-            Slot::Opening(_) => None,
+            Slot::Ready(s) if Rc::strong_count(s) == 1 => Some((*k, s.used.get())),
+            _ => None,
         })
         .min_by_key(|(_, at)| *at)
         .map(|(k, _)| k)?;
-    match sessions.remove(&oldest) {
-        Some(Slot::Ready(s)) => Some((oldest.0, s)),
+    match sessions.remove(&idlest) {
+        Some(Slot::Ready(s)) => Some((idlest.0, s)),
         _ => None,
     }
 }
 
-/// Ends a session the gateway lets go at its upstream (the one of that key in the running
-/// configuration; none if a reload removed it), with a DELETE. Best effort: a failure is
-/// logged, and the upstream's own expiry is left to end it.
-async fn end(ctx: &WorkerCtx, evicted: Option<(u64, Rc<HeldSession>)>) {
-    let Some((up_key, s)) = evicted else {
-        return;
-    };
-    let Some(delete) = &s.end else {
+/// Ends a session the gateway let go at its upstream (the one of that key in the running
+/// configuration, whose credentials it takes; none if a reload removed it), with a DELETE
+/// built now: its id and version, forwarded for the client that opened it. Best effort,
+/// within [`END_WITHIN`]: a failure is logged, and the upstream's expiry is left to end it.
+async fn end(ctx: &WorkerCtx, up_key: u64, s: &HeldSession) {
+    let Some(id) = s.id.as_deref() else {
         return;
     };
     let snapshot = ctx.shared.snapshot.load_full();
     let Some(up) = snapshot.config.upstreams.iter().find(|u| u.key == up_key) else {
         return;
     };
-    let request = http::Outgoing {
-        head: delete.head.clone(),
+    let delete = Request {
+        method: "DELETE".to_owned(),
+        target: up.path.clone(),
+        minor: 1,
+        headers: http::Fields::default(),
         body: Bytes::new(),
+        keep_alive: true,
     };
-    match upstream::call(&ctx.pool, up, request, MAX_END_ANSWER).await {
-        Ok((head, _)) if (200..300).contains(&head.status) || head.status == 404 => {
+    let replace = [
+        ("mcp-session-id", Some(id)),
+        ("mcp-protocol-version", Some(s.version.as_str())),
+    ];
+    // The id and version went into a head when the session opened.
+    let Ok(request) = upstream_request(&delete, s.opener, up, &Bytes::new(), &replace) else {
+        return;
+    };
+    let sent = monoio::time::timeout(
+        END_WITHIN,
+        upstream::call(&ctx.pool, up, request, MAX_END_ANSWER),
+    )
+    .await;
+    match sent {
+        Ok(Ok((head, _))) if (200..300).contains(&head.status) => {
             tracing::debug!(upstream = %up.name, "held session ended");
         }
-        // 405: a server that lets its clients end nothing (the specification allows it).
-        Ok((head, _)) => tracing::debug!(
+        // 404: gone already; 405: a server that lets its clients end nothing (the
+        // specification allows it).
+        Ok(Ok((head, _))) => tracing::debug!(
             upstream = %up.name,
             status = head.status,
             "held session: the upstream did not end it"
         ),
-        Err(f) => tracing::info!(
+        Ok(Err(f)) => tracing::info!(
             upstream = %up.name,
             "held session: its DELETE failed ({}); the upstream's expiry will end it",
             describe(f)
+        ),
+        Err(_) => tracing::info!(
+            upstream = %up.name,
+            "held session: its DELETE got no answer in {END_WITHIN:?}; the upstream's expiry will end it"
         ),
     }
 }
 
 impl Held {
-    /// Ends every held session of this worker at its upstream (the worker is stopping), at
-    /// most [`END_ALL_WITHIN`]; what is not ended by then is left to the upstream's expiry.
+    /// Queues an evicted session for [`Held::end_evicted`].
+    fn to_end(&self, evicted: (u64, Rc<HeldSession>)) {
+        let mut ending = self.ending.borrow_mut();
+        if ending.len() >= MAX_ENDING {
+            ending.pop_front();
+            tracing::info!("held sessions: too many waiting for their DELETE; one is forgotten");
+        }
+        ending.push_back(evicted);
+        if let Some(wake) = self.wake.borrow_mut().take() {
+            let _ = wake.send(());
+        }
+    }
+
+    /// The worker's task that ends evicted sessions at their upstreams, a few at once, for as
+    /// long as the worker runs.
+    pub(super) async fn end_evicted(ctx: Rc<WorkerCtx>) {
+        loop {
+            let batch: Vec<(u64, Rc<HeldSession>)> = {
+                let mut ending = ctx.held.ending.borrow_mut();
+                let n = ending.len().min(ENDING_AT_ONCE);
+                ending.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                let (tx, rx) = oneshot::channel();
+                *ctx.held.wake.borrow_mut() = Some(tx);
+                let _ = rx.await;
+                continue;
+            }
+            futures_util::future::join_all(batch.iter().map(|(up, s)| end(&ctx, *up, s))).await;
+        }
+    }
+
+    /// Ends every held session of this worker at its upstream, the evicted ones still waiting
+    /// included (the worker is stopping), at most [`END_ALL_WITHIN`]; what is not ended by then
+    /// is left to the upstream's expiry.
     pub(super) async fn end_all(ctx: &WorkerCtx) {
-        let ready: Vec<(u64, Rc<HeldSession>)> = ctx
-            .held
-            .sessions
-            .borrow_mut()
-            .drain()
-            .filter_map(|((up, _), slot)| match slot {
-                Slot::Ready(s) if s.end.is_some() => Some((up, s)),
-                _ => None,
-            })
-            .collect();
-        if ready.is_empty() {
+        let mut all: Vec<(u64, Rc<HeldSession>)> = ctx.held.ending.borrow_mut().drain(..).collect();
+        all.extend(ctx.held.sessions.borrow_mut().drain().filter_map(
+            |((up, _), slot)| match slot {
+                Slot::Ready(s) => Some((up, s)),
+                Slot::Opening(_) => None,
+            },
+        ));
+        all.retain(|(_, s)| s.id.is_some());
+        if all.is_empty() {
             return;
         }
-        let n = ready.len();
-        let all = async {
+        let n = all.len();
+        let ending = async {
             // A few at once: each takes an upstream connection.
-            for chunk in ready.chunks(16) {
-                futures_util::future::join_all(
-                    chunk
-                        .iter()
-                        .map(|(up, s)| end(ctx, Some((*up, Rc::clone(s))))),
-                )
-                .await;
+            for chunk in all.chunks(ENDING_AT_ONCE) {
+                futures_util::future::join_all(chunk.iter().map(|(up, s)| end(ctx, *up, s))).await;
             }
         };
-        if monoio::time::timeout(END_ALL_WITHIN, all).await.is_err() {
+        if monoio::time::timeout(END_ALL_WITHIN, ending).await.is_err() {
             tracing::info!(
                 worker = ctx.worker,
                 "stopping: not every one of {n} held sessions was ended in time; their upstreams' expiry will end them"
@@ -375,33 +437,13 @@ async fn open(
         .filter(|v| version::is_supported(v))
         .unwrap_or(version::LATEST_SESSION_ERA)
         .to_owned();
-    let end = match &id {
-        Some(id) => {
-            let delete = Request {
-                method: "DELETE".to_owned(),
-                body: Bytes::new(),
-                ..req.clone()
-            };
-            let replace = [
-                ("mcp-session-id", Some(id.as_str())),
-                ("mcp-protocol-version", Some(version.as_str())),
-                ("mcp-method", None),
-                ("mcp-name", None),
-                ("last-event-id", None),
-                ("content-type", None),
-            ];
-            // The id and version were written into a head already (`initialize`).
-            upstream_request(&delete, peer, up, &Bytes::new(), &replace).ok()
-        }
-        None => None,
-    };
     tracing::debug!(upstream = %up.name, "held session opened");
     Ok(HeldSession {
         id,
         version,
         init,
-        opened: Instant::now(),
-        end,
+        used: std::cell::Cell::new(Instant::now()),
+        opener: peer,
     })
 }
 

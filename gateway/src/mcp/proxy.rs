@@ -102,6 +102,11 @@ impl WorkerCtx {
         })
     }
 
+    /// The worker's task that ends the upstream sessions it evicts: see `held`.
+    pub async fn end_evicted_sessions(self: Rc<Self>) {
+        super::held::Held::end_evicted(self).await;
+    }
+
     /// Ends the upstream sessions this worker holds (it is stopping): see `held`.
     pub async fn end_held_sessions(&self) {
         super::held::Held::end_all(self).await;

@@ -391,6 +391,7 @@ async fn worker(
 ) {
     let ctx = WorkerCtx::new(Arc::clone(&shared), index);
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
+    monoio::spawn(Rc::clone(&ctx).end_evicted_sessions());
     monoio::spawn(purge_after_closes(Rc::clone(&active)));
     // The sockets come in the order of `Config::listeners`: the index names the listener.
     for (listener_index, socket) in sockets.into_iter().enumerate() {
