@@ -58,11 +58,14 @@ impl Accept for tokio::net::TcpListener {
     }
 }
 
-/// Places for connections: at most `total` at once, and `per_address` from one address.
+/// How many connections one address may have open, asked on each accept (a reload changes it).
+pub type PerAddress = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// Places for connections: at most `total` at once, and `per_address()` from one address.
 #[derive(Clone)]
 pub struct Slots {
     total: usize,
-    per_address: usize,
+    per_address: PerAddress,
     /// Taken in all, and by address.
     taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
 }
@@ -83,7 +86,7 @@ pub enum Refused {
 }
 
 impl Slots {
-    pub fn new(total: usize, per_address: usize) -> Self {
+    pub fn new(total: usize, per_address: PerAddress) -> Self {
         Self {
             total,
             per_address,
@@ -100,7 +103,7 @@ impl Slots {
             return Err(Refused::Full);
         }
         let n = by.entry(address).or_insert(0);
-        if *n >= self.per_address {
+        if *n >= (self.per_address)() {
             return Err(Refused::Address);
         }
         *n += 1;
@@ -155,8 +158,9 @@ pub fn say_refused(why: Refused, client: SocketAddr, refused: &mut [u64; 2]) {
             ),
             Refused::Address => tracing::warn!(
                 %client,
-                "admin API: {MAX_PER_ADDRESS} connections are open from one address, a new one \
-                 from there is closed ({} so far)",
+                "admin API: as many connections as one address may have are open from one \
+                 address (admin.max_connections_per_address), a new one from there is closed \
+                 ({} so far)",
                 *n + 1
             ),
         }
@@ -166,8 +170,13 @@ pub fn say_refused(why: Refused, client: SocketAddr, refused: &mut [u64; 2]) {
 
 /// Serves `app` on what `listener` accepts until `stop` turns true; then accepts no more and
 /// lets each open connection finish the request it is on.
-pub async fn serve(mut listener: impl Accept, app: axum::Router, mut stop: watch::Receiver<bool>) {
-    let slots = Slots::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
+pub async fn serve(
+    mut listener: impl Accept,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    per_address: PerAddress,
+) {
+    let slots = Slots::new(MAX_CONNECTIONS, per_address);
     let mut refused = [0u64; 2];
     loop {
         let (io, peer) = tokio::select! {
@@ -217,7 +226,7 @@ mod tests {
 
     #[test]
     fn places_are_bounded_in_all_and_by_address() {
-        let slots = Slots::new(5, 2);
+        let slots = Slots::new(5, Arc::new(|| 2));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let a_mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
@@ -242,7 +251,7 @@ mod tests {
 
     #[test]
     fn an_address_without_connections_is_forgotten() {
-        let slots = Slots::new(4, 2);
+        let slots = Slots::new(4, Arc::new(|| 2));
         for i in 0..1000u32 {
             drop(slots.take(IpAddr::from(i.to_be_bytes())).unwrap());
         }

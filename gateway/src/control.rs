@@ -364,14 +364,20 @@ impl Control {
                 let back = match maps.sync(&KernelState::shared_by(old, self.kernel_hosts)) {
                     Ok(_) => "the running configuration's maps were written back".to_owned(),
                     Err(b) => {
+                        let b = anyhow::Error::new(b);
                         tracing::error!(
-                            "writing the running configuration back into the kernel maps failed: {b}; \
+                            "writing the running configuration back into the kernel maps failed: {b:#}; \
                              the kernel may judge by parts of both until the next reload or restart"
                         );
-                        format!("writing the running configuration's maps back failed too: {b}")
+                        format!("writing the running configuration's maps back failed too: {b:#}")
                     }
                 };
-                bail!("syncing the kernel maps: {e} ({back})");
+                // The sync lowers the at-cap flag of a tenant the new configuration leaves
+                // uncapped, and no sync raises one: every flag is written again next pass.
+                self.caps_written = false;
+                return Err(
+                    anyhow::Error::new(e).context(format!("syncing the kernel maps ({back})"))
+                );
             }
             self.kernel_hosts = hosts;
         }
@@ -1260,17 +1266,22 @@ async fn serve_admin(
     control: Arc<Mutex<Control>>,
     stop: watch::Receiver<bool>,
 ) {
-    let edge = Arc::clone(&lock(&control).shared.tls);
+    let (edge, shared) = {
+        let c = lock(&control);
+        (Arc::clone(&c.shared.tls), Arc::clone(&c.shared))
+    };
+    let per_address: crate::admin_server::PerAddress =
+        Arc::new(move || shared.snapshot.load().config.admin_per_address);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let control = Arc::clone(&control);
         async move { admin(req, &control).await }
     });
     if !tls {
-        crate::admin_server::serve(listener, app, stop).await;
+        crate::admin_server::serve(listener, app, stop, per_address).await;
         return;
     }
-    match crate::tls::admin::listen(listener, edge) {
-        Ok(l) => crate::admin_server::serve(l, app, stop).await,
+    match crate::tls::admin::listen(listener, edge, Arc::clone(&per_address)) {
+        Ok(l) => crate::admin_server::serve(l, app, stop, per_address).await,
         Err(e) => tracing::error!(error = %e, "admin listener failed"),
     }
 }

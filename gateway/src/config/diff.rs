@@ -54,7 +54,9 @@ impl ConfigDiff {
             ("listeners", old.listeners != new.listeners),
             (
                 "admin",
-                old.admin_tls != new.admin_tls || old.admin_token != new.admin_token,
+                old.admin_tls != new.admin_tls
+                    || old.admin_token != new.admin_token
+                    || old.admin_per_address != new.admin_per_address,
             ),
             ("telemetry", old.telemetry != new.telemetry),
             ("kernel", old.kernel != new.kernel),

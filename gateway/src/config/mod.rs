@@ -637,6 +637,16 @@ pub struct RawAdmin {
     /// TLS on the admin listener (the same shape as a listener's).
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// Admin connections open at once from one address (an IPv6 /64 counts as one), beside
+    /// the 128 in all, so that one client cannot keep the others' scrapes and health checks
+    /// out. 0: no such cap, for an admin port every client reaches through one address (a
+    /// sidecar, a NAT).
+    #[serde(default = "default_admin_per_address")]
+    pub max_connections_per_address: usize,
+}
+
+const fn default_admin_per_address() -> usize {
+    crate::admin_server::MAX_PER_ADDRESS
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -735,6 +745,8 @@ pub struct Config {
     pub admin_tls: Option<Tls>,
     /// Bearer token of the admin API, if any.
     pub admin_token: Option<String>,
+    /// Admin connections at once from one address (`usize::MAX`: no such cap).
+    pub admin_per_address: usize,
     pub telemetry: TelemetryConfig,
     pub kernel: KernelConfig,
     /// Sorted by id.
@@ -1225,6 +1237,10 @@ impl RawConfig {
             });
         }
         let admin = parse_addr("admin.address", &self.admin.address)?;
+        let admin_per_address = match self.admin.max_connections_per_address {
+            0 => usize::MAX,
+            n => n,
+        };
         let admin_tls = self
             .admin
             .tls
@@ -1846,6 +1862,7 @@ impl RawConfig {
             admin,
             admin_tls,
             admin_token,
+            admin_per_address,
             telemetry,
             kernel: KernelConfig {
                 enabled: k.enabled,

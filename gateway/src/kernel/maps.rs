@@ -441,17 +441,28 @@ impl KernelMaps {
             )
             .map_err(map_err(names::SETTINGS))?;
 
-        let have: Vec<Key<Addr>> = self
+        // A prefix already there with its value is not written again: a full map refuses even
+        // the rewrite of a key it holds on kernels before 6.14, which would refuse a sync (and
+        // its rollback) that changes nothing there.
+        let have: Vec<(Key<Addr>, u32)> = self
             .tenant_nets
-            .keys()
+            .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(names::TENANT_NETS))?;
+        let present: std::collections::HashMap<IpNet, u32> = have
+            .iter()
+            .filter_map(|(k, t)| key_net(k).map(|n| (n, *t)))
+            .collect();
         for (net, tenant) in &desired.tenant_nets {
+            let key = net_key(net);
+            if key_net(&key).and_then(|n| present.get(&n)) == Some(tenant) {
+                continue;
+            }
             self.tenant_nets
-                .insert(&net_key(net), tenant, 0)
+                .insert(&key, tenant, 0)
                 .map_err(insert_err(names::TENANT_NETS))?;
         }
-        for key in have {
+        for (key, _) in have {
             if key_net(&key).is_none_or(|n| !desired.tenant_nets.iter().any(|(d, _)| *d == n)) {
                 self.tenant_nets
                     .remove(&key)
@@ -465,9 +476,14 @@ impl KernelMaps {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err(names::DENY_NETS))?;
+        let present: std::collections::HashSet<IpNet> = have.iter().filter_map(key_net).collect();
         for net in &desired.deny {
+            let key = net_key(net);
+            if key_net(&key).is_some_and(|n| present.contains(&n)) {
+                continue;
+            }
             self.deny_nets
-                .insert(&net_key(net), 1, 0)
+                .insert(&key, 1, 0)
                 .map_err(insert_err(names::DENY_NETS))?;
         }
         for key in have {

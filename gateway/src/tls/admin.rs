@@ -23,14 +23,16 @@ impl Drop for Listener {
 }
 
 /// Accepts on `tcp` and runs each handshake with what `edge.admin` holds at that moment.
-pub fn listen(tcp: tokio::net::TcpListener, edge: Arc<Edge>) -> std::io::Result<Listener> {
+pub fn listen(
+    tcp: tokio::net::TcpListener,
+    edge: Arc<Edge>,
+    per_address: crate::admin_server::PerAddress,
+) -> std::io::Result<Listener> {
     let (tx, ready) = mpsc::channel(64);
     // Handshakes at once: as many as connections may be open, in all and from one address
     // (each ends within the handshake timeout); a connection beyond them is closed as it comes.
-    let handshakes = crate::admin_server::Slots::new(
-        crate::admin_server::MAX_CONNECTIONS,
-        crate::admin_server::MAX_PER_ADDRESS,
-    );
+    let handshakes =
+        crate::admin_server::Slots::new(crate::admin_server::MAX_CONNECTIONS, per_address);
     let mut refused = [0u64; 2];
     let accepting = tokio::spawn(async move {
         loop {

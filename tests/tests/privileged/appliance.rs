@@ -697,7 +697,7 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     let log = d.log();
     assert!(
         log.contains("128 connections are open, a new one is closed")
-            && log.contains("16 connections are open from one address"),
+            && log.contains("are open from one address (admin.max_connections_per_address)"),
         "both kinds of refusal are said"
     );
     d.stop();
