@@ -17,9 +17,11 @@ pub struct UnsafeField {
 /// Whether `value` may be a field value (RFC 9110 §5.5): visible ASCII, SP, HTAB and obs-text;
 /// no other control character.
 pub fn is_clean_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    // Without an early exit, so that the loop is vectorized: every field value of every message
+    // goes through here twice (checked, then written out).
+    !value.iter().fold(false, |bad, &b| {
+        bad | (b != b'\t' && (b < 0x20 || b == 0x7f))
+    })
 }
 
 /// Whether `name` is a field name (RFC 9110 §5.1: a token). Asked of every field twice a

@@ -679,7 +679,7 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
         "x-api-key",
         "cookie",
     ];
-    DROP.iter().any(|d| name.eq_ignore_ascii_case(d)) || connection.names(name)
+    http::is_one_of(name, DROP) || connection.names(name)
 }
 
 /// Response headers that are the upstream's own business, never relayed: its credentials, what
@@ -699,7 +699,7 @@ pub(super) fn is_upstream_private(name: &str) -> bool {
         "alt-svc",
         "strict-transport-security",
     ];
-    DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
+    http::is_one_of(name, DROP)
         || name
             .get(..15)
             .is_some_and(|p| p.eq_ignore_ascii_case("access-control-"))
