@@ -211,7 +211,8 @@ async fn session(
                     Some(rx)
                 }
                 None => {
-                    if sessions.len() >= MAX_SESSIONS
+                    // Back under the cap once the sessions in use that held it above are free.
+                    while sessions.len() >= MAX_SESSIONS
                         && let Some(evicted) = evict_idlest(&mut sessions)
                     {
                         ctx.held.to_end(evicted);
@@ -257,8 +258,8 @@ async fn session(
 
 /// Takes out the ready session unused the longest that no request holds (one in use is never
 /// ended under its requests): its upstream's key and the session, to be ended. None if every
-/// one is in use; the table then holds more for as long as they are (bounded by the requests
-/// in flight).
+/// one is in use; the table then holds more (bounded by the requests in flight) until the next
+/// opening finds them free.
 fn evict_idlest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<HeldSession>)> {
     let idlest = sessions
         .iter()
@@ -288,7 +289,8 @@ async fn end(ctx: &WorkerCtx, up_key: u64, s: &HeldSession) {
     };
     let delete = Request {
         method: "DELETE".to_owned(),
-        target: up.path.clone(),
+        // No query of its own: the upstream's path (with any query its URL has) is the target.
+        target: "/".to_owned(),
         minor: 1,
         headers: http::Fields::default(),
         body: Bytes::new(),
@@ -333,6 +335,9 @@ async fn end(ctx: &WorkerCtx, up_key: u64, s: &HeldSession) {
 impl Held {
     /// Queues an evicted session for [`Held::end_evicted`].
     fn to_end(&self, evicted: (u64, Rc<HeldSession>)) {
+        if evicted.1.id.is_none() {
+            return;
+        }
         let mut ending = self.ending.borrow_mut();
         if ending.len() >= MAX_ENDING {
             ending.pop_front();

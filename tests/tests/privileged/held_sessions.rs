@@ -674,6 +674,12 @@ fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
     let ended = deletes();
     assert_eq!(ended.len(), 1, "the one unused longest is ended: {ended:?}");
     assert_eq!(session_of(&ended[0]), Some(first.clone()), "{}", ended[0]);
+    assert!(
+        ended[0].starts_with("DELETE /mcp HTTP/1.1\r\n")
+            && !ended[0].to_ascii_lowercase().contains("x-api-key"),
+        "to the upstream's path, without the client's credential: {}",
+        ended[0]
+    );
     drop(s);
 
     // The gateway stops: every session it still holds is ended.
