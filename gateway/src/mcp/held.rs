@@ -84,6 +84,8 @@ pub(super) struct HeldSession {
     used: std::cell::Cell<Instant>,
     /// The address of the client whose request opened it (its DELETE is forwarded for it).
     opener: SocketAddr,
+    /// Its owner's tenant ([`Owner`]).
+    tenant: u64,
 }
 
 enum Slot {
@@ -161,15 +163,25 @@ fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
     })
 }
 
+/// Whose a held session is: the key it is held by, and its tenant's (whose sessions are
+/// evicted first when the tenant holds the most).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Owner {
+    key: u64,
+    tenant: u64,
+}
+
 /// The owner of the caller's held session at `up`.
-pub(super) fn owner(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>) -> u64 {
-    match up.held_session {
+pub(super) fn owner(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>) -> Owner {
+    let tenant = {
+        let d = obs.decision.borrow();
+        ctx.shared.limits.key(("held-tenant", d.tenant.as_deref()))
+    };
+    let key = match up.held_session {
         HeldScope::Caller => session_owner(ctx, obs),
-        HeldScope::Tenant => {
-            let d = obs.decision.borrow();
-            ctx.shared.limits.key(("held-tenant", d.tenant.as_deref()))
-        }
-    }
+        HeldScope::Tenant => tenant,
+    };
+    Owner { key, tenant }
 }
 
 /// Takes the `Opening` slot back out (waking its waiters) if the opening request is dropped
@@ -194,9 +206,9 @@ async fn session(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
-    owner: u64,
+    owner: Owner,
 ) -> Result<Rc<HeldSession>, UpstreamFailure> {
-    let key = (up.key, owner);
+    let key = (up.key, owner.key);
     loop {
         let wait = {
             let mut sessions = ctx.held.sessions.borrow_mut();
@@ -232,7 +244,7 @@ async fn session(
             key,
             done: false,
         };
-        let opened = open(ctx, req, peer, up).await;
+        let opened = open(ctx, req, peer, up, owner.tenant).await;
         guard.done = true;
         let mut sessions = ctx.held.sessions.borrow_mut();
         // Dropping the waiters' senders wakes them.
@@ -256,18 +268,27 @@ async fn session(
     }
 }
 
-/// Takes out the ready session unused the longest that no request holds (one in use is never
-/// ended under its requests): its upstream's key and the session, to be ended. None if every
-/// one is in use; the table then holds more (bounded by the requests in flight) until the next
-/// opening finds them free.
+/// Takes out a ready session that no request holds (one in use is never ended under its
+/// requests), to be ended: of the tenant that holds the most of them, so that a tenant that
+/// opens sessions fast (many agents) pushes out its own first, the one unused longest. Its
+/// upstream's key and the session; none if every one is in use (the table then holds more,
+/// bounded by the requests in flight, until the next opening finds them free). Only when the
+/// table is full: a scan of it is the cost.
 fn evict_idlest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<HeldSession>)> {
-    let idlest = sessions
-        .iter()
-        .filter_map(|(k, slot)| match slot {
-            Slot::Ready(s) if Rc::strong_count(s) == 1 => Some((*k, s.used.get())),
+    let free = || {
+        sessions.iter().filter_map(|(k, slot)| match slot {
+            Slot::Ready(s) if Rc::strong_count(s) == 1 => Some((*k, s)),
             _ => None,
         })
-        .min_by_key(|(_, at)| *at)
+    };
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for (_, s) in free() {
+        *held.entry(s.tenant).or_default() += 1;
+    }
+    let most = held.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t)?;
+    let idlest = free()
+        .filter(|(_, s)| s.tenant == most)
+        .min_by_key(|(_, s)| s.used.get())
         .map(|(k, _)| k)?;
     match sessions.remove(&idlest) {
         Some(Slot::Ready(s)) => Some((idlest.0, s)),
@@ -415,6 +436,7 @@ async fn open(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
 ) -> Result<HeldSession, UpstreamFailure> {
     let body = json!({
         "jsonrpc": "2.0",
@@ -449,6 +471,7 @@ async fn open(
         init,
         used: std::cell::Cell::new(Instant::now()),
         opener: peer,
+        tenant,
     })
 }
 
@@ -537,7 +560,7 @@ pub(super) async fn call(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
-    owner: u64,
+    owner: Owner,
     body: &[u8],
     extra: &[(&str, Option<&str>)],
 ) -> Result<Answer, UpstreamFailure> {
@@ -586,7 +609,7 @@ pub(super) async fn call(
         crate::stdio::mux::strip_envelope(m);
     }
     let body = Bytes::from(super::json_bytes(&message));
-    let key = (up.key, owner);
+    let key = (up.key, owner.key);
     let mut attempt = 0;
     let (head, bytes) = loop {
         attempt += 1;
@@ -638,7 +661,7 @@ pub(super) async fn call_learning(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
-    owner: u64,
+    owner: Owner,
     body: &Bytes,
     extra: &[(&str, Option<&str>)],
 ) -> Result<Answer, UpstreamFailure> {

@@ -567,8 +567,9 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
 }
 
 /// The gateway ends at the upstream (DELETE, with the session's id) every session it holds
-/// when it lets it go: the one unused longest when a worker holds 4,096 and a new caller
-/// comes, and all of them when it stops. Many servers (the SDKs' examples among them) keep a session until it is
+/// when it lets it go: when a worker holds 4,096 and a new caller comes, the one unused
+/// longest of the tenant that holds the most (another tenant's older one stays), and all of
+/// them when it stops. Many servers (the SDKs' examples among them) keep a session until it is
 /// DELETEd, so before, every evicted session, and every session held at a restart, stayed at
 /// the upstream for good.
 #[test]
@@ -591,7 +592,11 @@ fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
         .lines()
         .enumerate()
         .map(|(i, h)| {
-            format!("[[auth.api_keys]]\nsha256 = \"{h}\"\ntenant = \"t\"\nagent = \"a{i}\"\n")
+            // The first key is another tenant's.
+            let tenant = if i == 0 { "u" } else { "t" };
+            format!(
+                "[[auth.api_keys]]\nsha256 = \"{h}\"\ntenant = \"{tenant}\"\nagent = \"a{i}\"\n"
+            )
         })
         .collect();
     assert_eq!(hashes.lines().count(), callers);
@@ -603,7 +608,7 @@ fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
         &instance,
         port,
         &format!(
-            "default_tenant = \"t\"\n[[tenants]]\nname = \"t\"\nid = 1\n{keys}[[upstreams]]\nname = \"fake\"\nurl = \"{}\"\nera = \"session\"\nheld_session = \"caller\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"fake\"\nauth = [\"api_key\"]\n",
+            "default_tenant = \"t\"\n[[tenants]]\nname = \"t\"\nid = 1\n[[tenants]]\nname = \"u\"\nid = 2\n{keys}[[upstreams]]\nname = \"fake\"\nurl = \"{}\"\nera = \"session\"\nheld_session = \"caller\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"fake\"\nauth = [\"api_key\"]\n",
             up.url()
         ),
     )
@@ -647,16 +652,19 @@ fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
         );
     }
     assert!(deletes().is_empty(), "nothing ended while {HELD} are held");
-    // The first session the gateway opened: named by its `notifications/initialized`.
-    let first = up
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .find_map(|h| session_of(h))
-        .expect("a session id sent upstream");
+    // The sessions in the order they were opened (named first by their
+    // `notifications/initialized`): tenant u's, then tenant t's.
+    let mut opened: Vec<String> = Vec::new();
+    for id in up.seen.lock().unwrap().iter().filter_map(|h| session_of(h)) {
+        if !opened.contains(&id) {
+            opened.push(id);
+        }
+    }
+    assert_eq!(opened.len(), HELD);
+    let (u_first, t_first) = (opened[0].clone(), opened[1].clone());
 
-    // One caller more: the oldest session is ended as the new one opens.
+    // One caller of t more: t holds the most, so its session unused longest is ended, not u's
+    // older one.
     s.write_all(&post_call_2026(
         "/mcp",
         1,
@@ -672,8 +680,13 @@ fn held_sessions_are_ended_upstream_when_evicted_and_when_the_gateway_stops() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let ended = deletes();
-    assert_eq!(ended.len(), 1, "the one unused longest is ended: {ended:?}");
-    assert_eq!(session_of(&ended[0]), Some(first.clone()), "{}", ended[0]);
+    assert_eq!(ended.len(), 1, "one is ended: {ended:?}");
+    assert_eq!(
+        session_of(&ended[0]),
+        Some(t_first),
+        "t's unused longest, not u's ({u_first}): {}",
+        ended[0]
+    );
     assert!(
         ended[0].starts_with("DELETE /mcp HTTP/1.1\r\n")
             && !ended[0].to_ascii_lowercase().contains("x-api-key"),
