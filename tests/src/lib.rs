@@ -22,6 +22,17 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
+/// Files a test made, removed even when it fails.
+pub struct RemoveOnDrop(pub Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Panics unless root: these tests load kernel programs and create namespaces.
 pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {

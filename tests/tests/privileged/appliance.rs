@@ -3,6 +3,7 @@
 use std::{process::Command, time::Duration};
 
 use integration_tests::{
+    RemoveOnDrop,
     daemon::{Daemon, gateway_bin},
     peers::{demo_upstream, free_port},
     unique,
@@ -116,17 +117,6 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_exported() {
             .any(|l| l == "mcp_gateway_open_files_limit 4096"),
         "{text}"
     );
-}
-
-/// Files a test made, removed even when it fails.
-struct RemoveOnDrop(Vec<std::path::PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 fn logged_config(
@@ -596,12 +586,12 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
 
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
     // A connection to the admin port from 127.0.0.`last`.
-    let connect_from = |last: u8| -> std::io::Result<std::net::TcpStream> {
-        use socket2::{Domain, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        s.bind(&std::net::SocketAddr::from(([127, 0, 0, last], 0)).into())?;
-        s.connect_timeout(&admin_addr.into(), Duration::from_secs(1))?;
-        Ok(s.into())
+    let connect_from = |last: u8| {
+        integration_tests::daemon::connect_from(
+            std::net::Ipv4Addr::new(127, 0, 0, last).into(),
+            admin_addr,
+            Duration::from_secs(1),
+        )
     };
     // Whether the gateway ended `s` (within `wait`), rather than keeping it open.
     let closed = |s: &mut std::net::TcpStream, wait: Duration| -> bool {
@@ -648,9 +638,9 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     let mut idle = Vec::new();
     for i in 0..2 * LIMIT {
         match connect_from(10 + (i / PER_ADDRESS as u64) as u8) {
-            Ok(s) => idle.push(s),
+            Some(s) => idle.push(s),
             // The accept queue full: the gateway took no more (as it did before).
-            Err(_) => break,
+            None => break,
         }
     }
     std::thread::sleep(Duration::from_secs(1));

@@ -348,7 +348,7 @@ fn sighup_reload_syncs_the_maps_and_a_bad_file_is_refused() {
 fn a_reload_the_kernel_cannot_hold_is_refused_and_the_kernel_keeps_the_running_configuration() {
     let mut s = setup();
     let config_path = std::env::temp_dir().join(format!("{}.toml", s.instance));
-    let _rm = RemoveOnDrop(config_path.clone());
+    let _rm = integration_tests::RemoveOnDrop(vec![config_path.clone()]);
     let max = gateway_common::MAX_PREFIXES as usize;
     // `max` /24s under `first`.x.y (BETA's /32 in place of the last one, if `beta`).
     let deny = |first: u8, beta: bool| -> String {
@@ -409,14 +409,6 @@ fn a_reload_the_kernel_cannot_hold_is_refused_and_the_kernel_keeps_the_running_c
         "and the gateway still serves"
     );
     s.daemon.stop();
-}
-
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[test]
