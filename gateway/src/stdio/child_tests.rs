@@ -53,6 +53,23 @@ for line in sys.stdin:
         with open(os.path.join(home, "note"), "w") as f:
             f.write("x")
         args = {"home": home}
+    if do == "pid":
+        args = {"pid": os.getpid()}
+    if do == "signal":
+        try:
+            os.kill(args["pid"], 0)
+            args = {"signalled": True}
+        except OSError as e:
+            args = {"error": e.errno}
+    if do == "abstract":
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect("\0" + args["name"])
+            args = {"connected": True}
+        except OSError as e:
+            args = {"error": e.errno}
+        s.close()
     if do == "read":
         try:
             with open(args["path"]) as f:
@@ -215,6 +232,60 @@ fn landlock_confines_reads_to_the_configured_paths() {
         );
     });
     let _ = std::fs::remove_dir_all(&outside_dir);
+}
+
+#[test]
+fn a_child_can_signal_no_process_outside_its_own_nor_reach_an_abstract_socket() {
+    if super::super::sandbox::landlock_abi() < 6 {
+        eprintln!("Landlock before ABI 6 (Linux 6.12) has no scopes: skipped");
+        return;
+    }
+    let f = fixture();
+    // An abstract socket has no permissions: without the scope any process reaches it.
+    let name = format!("gateway-test-{}", std::process::id());
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .unwrap();
+    let _bound = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    rt().block_on(async {
+        // Two upstreams' children, of one user (`nobody` under root, else the gateway's).
+        let a = spawn(spec(&f, "a", "ok"), None);
+        let b = spawn(spec(&f, "b", "ok"), None);
+        let b_pid =
+            text(&call(&b, 1, json!(1), json!({"do": "pid"})).await.unwrap())["pid"].clone();
+        let a_pid =
+            text(&call(&a, 1, json!(1), json!({"do": "pid"})).await.unwrap())["pid"].clone();
+        for (who, pid) in [
+            ("the other upstream's child", b_pid),
+            ("the gateway", json!(std::process::id())),
+        ] {
+            let v = text(
+                &call(&a, 1, json!(2), json!({"do": "signal", "pid": pid}))
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(v["error"], libc::EPERM, "a child signals {who}: {v}");
+        }
+        // Its own process still may (the check is of the scope, not of signals at all).
+        let v = text(
+            &call(&a, 1, json!(3), json!({"do": "signal", "pid": a_pid}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(v["signalled"], true, "{v}");
+        let v = text(
+            &call(&a, 1, json!(4), json!({"do": "abstract", "name": name}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            v["error"],
+            libc::EPERM,
+            "a child reaches an abstract socket: {v}"
+        );
+    });
 }
 
 #[test]

@@ -8,7 +8,9 @@
 //! - An unprivileged user when the gateway runs as root (`nobody` unless configured).
 //! - rlimits: address space, open files, processes.
 //! - Landlock, where the kernel has it: the filesystem is limited to the configured paths
-//!   (read-only ones and writable ones) plus what a program needs to start.
+//!   (read-only ones and writable ones) plus what a program needs to start; from Linux 6.12,
+//!   no signal leaves the child's own processes and no abstract unix socket outside them is
+//!   reached.
 //! - Its own process group and session, and `SIGKILL` when the gateway's thread that started
 //!   it dies, so no child outlives the gateway; the group is what a stop signals.
 //!
@@ -22,7 +24,7 @@ use std::{
 
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible as _, PathBeneath, PathFd, Ruleset,
-    RulesetAttr as _, RulesetCreated, RulesetCreatedAttr as _,
+    RulesetAttr as _, RulesetCreated, RulesetCreatedAttr as _, Scope,
 };
 
 /// The sandbox of one upstream's children, from configuration.
@@ -542,6 +544,12 @@ fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<R
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
         .map_err(other)?
+        // Landlock 6 (Linux 6.12): no signal to a process outside the child's own domain (the
+        // gateway, another upstream's or another caller's child of the same user, any process
+        // of `nobody`), and no connection to an abstract unix socket bound outside it (those
+        // have no permissions of their own). Older kernels: the filesystem rules alone.
+        .scope(Scope::Signal | Scope::AbstractUnixSocket)
+        .map_err(other)?
         .create()
         .map_err(other)?;
     let mut created = created;
@@ -563,6 +571,11 @@ fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<R
 
 /// Whether this kernel enforces Landlock (its ABI version is known).
 pub fn landlock_available() -> bool {
+    landlock_abi() > 0
+}
+
+/// The Landlock ABI version this kernel has (0: none).
+pub fn landlock_abi() -> i64 {
     // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only reports
     // the ABI version.
     let v = unsafe {
@@ -573,5 +586,5 @@ pub fn landlock_available() -> bool {
             1u32,
         )
     };
-    v > 0
+    v.max(0)
 }
