@@ -382,7 +382,9 @@ impl Control {
             self.kernel_hosts = hosts;
         }
         let diff = crate::config::diff::ConfigDiff::new(old, &new);
-        self.shared.stdio.sync(&new.upstreams);
+        self.shared
+            .stdio
+            .sync(new.upstreams.iter().filter_map(|u| u.stdio.as_ref()));
         // Replicas keep their health and their sessions' endpoints across a reload.
         for up in &new.upstreams {
             if let Some(o) = old.upstreams.iter().find(|o| o.name == up.name) {
@@ -723,7 +725,15 @@ async fn run_async(
     shared
         .stdio
         .set_gate(Arc::new(StdioPins(Arc::downgrade(&shared))));
-    shared.stdio.sync(&shared.snapshot.load().config.upstreams);
+    shared.stdio.sync(
+        shared
+            .snapshot
+            .load()
+            .config
+            .upstreams
+            .iter()
+            .filter_map(|u| u.stdio.as_ref()),
+    );
     {
         let config = &shared.snapshot.load().config;
         let tls = shared
@@ -781,7 +791,10 @@ async fn run_async(
     lock(&control).restore_bans(kept_bans);
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
     let mut admin = AdminServer::start(admin_listener, admin_keep, admin_tls, Arc::clone(&control));
-    let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared)));
+    let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared.spans), {
+        let shared = Arc::clone(&shared);
+        move || shared.snapshot.load().config.telemetry.otlp.clone()
+    }));
     let resolver = tokio::spawn(crate::mcp::upstream::resolve::run(
         Arc::clone(&shared),
         crate::mcp::upstream::resolve::System,

@@ -46,9 +46,9 @@ use sha2::Sha256;
 
 use crate::{
     config::{FleetConfig, FleetSecret},
-    mcp::session::MAX_ENDED,
     policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED, MILLI},
     runtime::Shared,
+    session::MAX_ENDED,
 };
 
 /// A host not heard from for this long is no longer counted live.
@@ -381,7 +381,7 @@ const ENDED_SEND: usize = 1024;
 const ENDED_READ: usize = 4096;
 
 /// Sessions ended on the gateways of the fleet (`KEYS[1]`, a stream, each entry `k` → the
-/// session's [`crate::mcp::session::ended_key`] in hex, sealed with a fleet secret): `ARGV[1]`
+/// session's [`crate::session::ended_key`] in hex, sealed with a fleet secret): `ARGV[1]`
 /// the id of the last entry this host read (`0-0`: none), `ARGV[2]` how many to read,
 /// `ARGV[3]` the stream's length kept (about: `MAXLEN ~`), then the values to add. When the
 /// entry at the cursor is gone (Redis lost the stream, someone deleted it, or the host fell
@@ -921,7 +921,7 @@ pub async fn start(fleet: &FleetConfig) -> Start {
             Some(_) => keys.session_salt(),
             None => keys.session_key(),
         };
-        let mine = URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key());
+        let mine = URL_SAFE_NO_PAD.encode(crate::session::new_key());
         let agreed: Vec<u8> = redis::cmd("EVAL")
             .arg(AGREE)
             .arg(1)
@@ -1578,7 +1578,7 @@ impl<B: Bans> Agent<B> {
         let mut cmd = evalsha(S_BUDGETS, 2);
         cmd.arg(self.keys.budgets())
             .arg(self.keys.epoch())
-            .arg(URL_SAFE_NO_PAD.encode(crate::mcp::session::new_key()))
+            .arg(URL_SAFE_NO_PAD.encode(crate::session::new_key()))
             .arg(&self.cursor)
             .arg(BUDGET_SCAN)
             .arg(drops.len())

@@ -7,7 +7,9 @@
 pub mod admin_server;
 pub mod config;
 pub mod control;
+pub mod endpoints;
 pub mod fleet;
+pub mod host;
 pub mod http;
 pub mod kernel;
 pub mod mcp;
@@ -15,6 +17,7 @@ pub mod otlp;
 pub mod policy;
 pub mod runtime;
 pub mod service;
+pub mod session;
 pub mod standard_metrics;
 pub mod state;
 pub mod stats;

@@ -30,7 +30,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
-use crate::{config::OtlpConfig, runtime::Shared};
+use crate::config::OtlpConfig;
 
 /// The trace context of one request's span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,9 +286,10 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 const ATTEMPTS: u32 = 4;
 const BACKOFF: Duration = Duration::from_millis(100);
 
-/// The control thread's export loop; runs until aborted. Reads `[telemetry.otlp]` from the
-/// current snapshot on every round, so a reload changes the endpoint, headers and sampling.
-pub async fn export(shared: Arc<Shared>) {
+/// The control thread's export loop; runs until aborted. Takes `[telemetry.otlp]` from
+/// `config` (the current snapshot's) on every round, so a reload changes the endpoint, headers
+/// and sampling.
+pub async fn export(spans: Arc<Spans>, config: impl Fn() -> Option<OtlpConfig>) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut pending: VecDeque<SpanRecord> = VecDeque::new();
@@ -297,23 +298,22 @@ pub async fn export(shared: Arc<Shared>) {
     let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let snap = shared.snapshot.load_full();
-        let Some(cfg) = snap.config.telemetry.otlp.as_ref() else {
+        let Some(cfg) = config() else {
             // Turned off by a reload: what was queued is dropped.
             let mut n = pending.len() as u64;
             pending.clear();
-            for q in &shared.spans.queues {
+            for q in &spans.queues {
                 while q.pop().is_some() {
                     n += 1;
                 }
             }
-            shared.spans.dropped.fetch_add(n, Ordering::Relaxed);
+            spans.dropped.fetch_add(n, Ordering::Relaxed);
             continue;
         };
-        for q in &shared.spans.queues {
+        for q in &spans.queues {
             while let Some(span) = q.pop() {
                 if pending.len() >= cfg.queue_max {
-                    shared.spans.dropped.fetch_add(1, Ordering::Relaxed);
+                    spans.dropped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     pending.push_back(span);
                 }
@@ -322,14 +322,14 @@ pub async fn export(shared: Arc<Shared>) {
         while !pending.is_empty() {
             let n = pending.len().min(cfg.batch_max);
             let body = encode(pending.range(..n), &cfg.service_name);
-            let result = post_with_retries(&client, cfg, body).await;
+            let result = post_with_retries(&client, &cfg, body).await;
             pending.drain(..n);
             match result {
                 Ok(()) => {
-                    shared.spans.exported.fetch_add(n as u64, Ordering::Relaxed);
+                    spans.exported.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    shared.spans.failed.fetch_add(n as u64, Ordering::Relaxed);
+                    spans.failed.fetch_add(n as u64, Ordering::Relaxed);
                     if warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                         tracing::warn!(endpoint = %cfg.endpoint, "OTLP export failed: {e}");
                         warned_at = Some(tokio::time::Instant::now());

@@ -593,7 +593,7 @@ pub struct HistogramLog {
 impl HistogramLog {
     pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
         use std::io::Write as _;
-        let mut file = std::io::BufWriter::new(crate::telemetry::open_log_file(path, false)?);
+        let mut file = std::io::BufWriter::new(crate::host::open_log_file(path, false)?);
         let started = SystemTime::now();
         let secs = started
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -115,11 +115,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         }
     }
     shared.upstream_stats.render(&mut out, label);
-    crate::mcp::upstream::replicas::render(
-        &shared.snapshot.load().config.upstreams,
-        &mut out,
-        label,
-    );
+    render_endpoints(&shared.snapshot.load().config.upstreams, &mut out, label);
     let mut refusals: Vec<(String, u64)> = shared
         .refusals
         .pin()
@@ -457,19 +453,52 @@ pub fn render_requests(agg: &Aggregator, out: &mut String, exemplars: bool) {
     }
 }
 
-/// Opens one of the gateway's own log files (audit, histogram), creating it with mode 0640: the
-/// owner is the user the gateway runs as (the service user), its group may read, others not.
-/// `append` keeps what is there; otherwise the file starts empty.
-pub fn open_log_file(path: &std::path::Path, append: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).mode(0o640);
-    if append {
-        options.append(true);
-    } else {
-        options.write(true).truncate(true);
+/// `/metrics`: each endpoint of the HTTP upstreams that have replicas (or a host name), up
+/// (1) or ejected (0), and its ejections so far.
+fn render_endpoints(
+    upstreams: &[crate::config::Upstream],
+    out: &mut String,
+    label: impl Fn(&str) -> String,
+) {
+    use std::fmt::Write as _;
+    use std::sync::Arc;
+    let rows: Vec<(&str, Arc<Vec<Arc<crate::endpoints::Endpoint>>>)> = upstreams
+        .iter()
+        .filter(|u| u.stdio.is_none() && u.replicas.pins_sessions())
+        .map(|u| (u.name.as_str(), u.replicas.endpoints()))
+        .collect();
+    if rows.is_empty() {
+        return;
     }
-    options.open(path)
+    for (metric, kind, help) in [
+        (
+            "mcp_gateway_upstream_endpoint_up",
+            "gauge",
+            "Endpoints (replicas) of an upstream: 1 in rotation, 0 ejected after failures.",
+        ),
+        (
+            "mcp_gateway_upstream_endpoint_ejections_total",
+            "counter",
+            "Ejections of an upstream endpoint after consecutive failures.",
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (name, endpoints) in &rows {
+            for e in endpoints.iter() {
+                let v = if kind == "gauge" {
+                    u64::from(!e.ejected())
+                } else {
+                    e.ejections.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let _ = writeln!(
+                    out,
+                    "{metric}{{upstream=\"{}\",endpoint=\"{}\"}} {v}",
+                    label(name),
+                    e.addr
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

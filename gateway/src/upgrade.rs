@@ -65,8 +65,8 @@ enum Step {
     /// Passthrough sessions and their owners, sent by gateways that kept them in a table (their
     /// ids are signed now): read and ignored.
     Owners(Vec<(u64, u64, u64)>),
-    /// The gateway's own sessions its clients ended ([`crate::mcp::session::Ended`]: the
-    /// session key's [`crate::mcp::session::ended_key`], when), sent before `Released` when
+    /// The gateway's own sessions its clients ended ([`crate::session::Ended`]: the
+    /// session key's [`crate::session::ended_key`], when), sent before `Released` when
     /// there are any. (A process older than those keys sent its own hashes here: taken, they
     /// match no session, and what it had ended is not remembered across that one upgrade.)
     Ended(Vec<(u64, u64)>),
@@ -409,7 +409,7 @@ impl Predecessor {
 
 /// The socket `gateway upgrade` talks to, for `instance`.
 pub fn socket_path(instance: &str) -> PathBuf {
-    crate::kernel::runtime_dir().join(format!("{instance}.upgrade.sock"))
+    crate::host::runtime_dir().join(format!("{instance}.upgrade.sock"))
 }
 
 /// Listens for upgrade requests at `path` (mode 0600). A socket file there that still answers

@@ -12,6 +12,8 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use crate::http::proxy_protocol::ProxyVersion;
+
 mod policy;
 pub use policy::*;
 pub mod diff;
@@ -613,19 +615,6 @@ const fn default_proxy_header_timeout_ms() -> u64 {
     3000
 }
 
-/// PROXY protocol versions a listener accepts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyVersion {
-    /// The text header only.
-    V1,
-    /// The binary header only.
-    V2,
-    /// Either.
-    #[default]
-    Any,
-}
-
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -818,11 +807,11 @@ pub struct Upstream {
     pub url: String,
     /// Where to connect: every address of every configured URL (resolved at load, then again
     /// in the background), balanced, with their health and sessions.
-    pub replicas: std::sync::Arc<crate::mcp::upstream::Replicas>,
+    pub replicas: std::sync::Arc<crate::endpoints::Replicas>,
     /// `Host` header value: the URL's authority, or `server_name` (with the URL's port).
     pub authority: String,
     /// TLS for an https upstream; `None` for http.
-    pub tls: Option<std::sync::Arc<crate::mcp::upstream::UpstreamTls>>,
+    pub tls: Option<std::sync::Arc<crate::endpoints::UpstreamTls>>,
     /// Identity for the connection pool: a digest of the name, URL and TLS settings.
     pub key: u64,
     /// Request target on the upstream.
@@ -1579,7 +1568,7 @@ impl RawConfig {
                 }
             };
             let tls = if https {
-                let t = crate::mcp::upstream::tls::build(&crate::mcp::upstream::tls::Settings {
+                let t = crate::endpoints::tls::build(&crate::endpoints::tls::Settings {
                     server_name: sni,
                     ca_file: u.ca_file.as_deref(),
                     client_cert: u.client_cert.as_deref(),
@@ -1593,11 +1582,9 @@ impl RawConfig {
             let every = Duration::from_millis(u.resolve_every_ms);
             let resolve = |host: &str, port: u16, f: String| {
                 if opts.offline && host.parse::<std::net::IpAddr>().is_err() {
-                    Ok(crate::mcp::upstream::Addresses::unresolved(
-                        host, port, every,
-                    ))
+                    Ok(crate::endpoints::Addresses::unresolved(host, port, every))
                 } else {
-                    crate::mcp::upstream::Addresses::resolve_now(host, port, every)
+                    crate::endpoints::Addresses::resolve_now(host, port, every)
                         .map_err(|e| invalid(f, format!("cannot resolve `{host}`: {e}")))
                 }
             };
@@ -1622,7 +1609,7 @@ impl RawConfig {
                 }
                 sources.push(resolve(&p.host, p.port, f)?);
             }
-            let ejection = crate::mcp::upstream::Ejection {
+            let ejection = crate::endpoints::Ejection {
                 after_failures: u
                     .eject_after_failures
                     .unwrap_or(default_eject_after_failures()),
@@ -1635,7 +1622,7 @@ impl RawConfig {
                     "must be above 0 and at most `eject_max_ms`",
                 ));
             }
-            let replicas = crate::mcp::upstream::Replicas::new(sources, ejection);
+            let replicas = crate::endpoints::Replicas::new(sources, ejection);
             let set = [
                 ("eject_after_failures", u.eject_after_failures.is_some()),
                 ("eject_base_ms", u.eject_base_ms.is_some()),

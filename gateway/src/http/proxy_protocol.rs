@@ -23,7 +23,7 @@
 //! relays is not known yet (HTTP or TLS). Each refusal is counted by reason.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -31,10 +31,19 @@ use std::{
 use ppp::v2::{Addresses, Command, Protocol};
 
 use super::{HttpError, Io};
-use crate::{
-    config::ProxyVersion,
-    runtime::{Shared, shared::Counted},
-};
+
+/// PROXY protocol versions a listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header only.
+    V1,
+    /// The binary header only.
+    V2,
+    /// Either.
+    #[default]
+    Any,
+}
 
 /// The v2 signature.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -134,8 +143,17 @@ impl Counters {
         self.refused[reason as usize].load(Ordering::Relaxed)
     }
 
-    fn refuse(&self, reason: Reason) {
+    pub fn refuse(&self, reason: Reason) {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a header accepted.
+    pub fn accept(&self, header: &Header) {
+        match header {
+            Header::Client(_) => &self.clients,
+            Header::Local => &self.local,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text of these counters.
@@ -294,85 +312,6 @@ pub async fn read_header(
             Ok(_) | Err(_) => return Err(Reason::Truncated),
         }
     }
-}
-
-/// The first step on every client connection. On a listener without the PROXY protocol it
-/// changes nothing: the socket's peer is the client, already counted for its tenant when
-/// accepted. On one with it: an untrusted source is closed at once; otherwise the header is
-/// read, and the client it names must not be banned or denied and its tenant not at its cap.
-/// Returns the client (the peer for everything after) and the connection's count for the
-/// client's tenant, held until the connection ends; `None` when the connection is refused
-/// (and counted): the caller closes it.
-pub async fn admit<'s>(
-    io: &mut Io,
-    peer: SocketAddr,
-    listener: usize,
-    shared: &'s Shared,
-    worker: usize,
-) -> Option<(SocketAddr, Option<Counted<'s>>)> {
-    let (accept, timeout) = {
-        let snapshot = shared.snapshot.load();
-        let Some(pp) = snapshot
-            .config
-            .listeners
-            .get(listener)
-            .and_then(|l| l.proxy_protocol.as_ref())
-        else {
-            return Some((peer, None));
-        };
-        let source = peer.ip().to_canonical();
-        if !pp.trusted.iter().any(|net| net.contains(&source)) {
-            return refuse(shared, peer, Reason::UntrustedSource);
-        }
-        (pp.version, pp.header_timeout)
-    };
-    let header = match read_header(io, accept, timeout).await {
-        Ok(h) => h,
-        Err(reason) => return refuse(shared, peer, reason),
-    };
-    let client = match header {
-        Header::Client(client) => {
-            if shared
-                .bans
-                .load()
-                .is_banned(client.ip(), crate::kernel::monotonic_ns())
-            {
-                return refuse(shared, client, Reason::Banned);
-            }
-            if denied(shared, client.ip()) {
-                return refuse(shared, client, Reason::Denied);
-            }
-            client
-        }
-        Header::Local => peer,
-    };
-    let tenant = shared.snapshot.load().classifier.tenant_of(client.ip());
-    if shared.at_cap(tenant) {
-        return refuse(shared, client, Reason::TenantAtCap);
-    }
-    match header {
-        Header::Client(_) => &shared.proxy_protocol.clients,
-        Header::Local => &shared.proxy_protocol.local,
-    }
-    .fetch_add(1, Ordering::Relaxed);
-    Some((client, Some(shared.conns.open(worker, tenant))))
-}
-
-fn denied(shared: &Shared, ip: IpAddr) -> bool {
-    shared
-        .snapshot
-        .load()
-        .config
-        .kernel
-        .deny
-        .iter()
-        .any(|net| net.contains(&ip))
-}
-
-fn refuse<T>(shared: &Shared, who: SocketAddr, reason: Reason) -> Option<T> {
-    shared.proxy_protocol.refuse(reason);
-    tracing::debug!(peer = %who, reason = reason.name(), "PROXY protocol: connection refused");
-    None
 }
 
 #[cfg(test)]

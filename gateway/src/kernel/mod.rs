@@ -258,23 +258,10 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
     std::fs::create_dir_all(dir).map_err(access_error("creating", dir, PIN_DIR_FIX))
 }
 
-/// Where the instance locks live: systemd's `RuntimeDirectory=` (`$RUNTIME_DIRECTORY`, its
-/// first entry) when set, else `/run/mcp-gateway`.
-pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            v.to_str()
-                .and_then(|s| s.split(':').next())
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/run/mcp-gateway"))
-}
-
 /// One process per instance: an exclusive lock under the runtime directory, released by the
 /// kernel on exit.
 fn lock_instance(instance: &str) -> Result<File, KernelError> {
-    let dir = runtime_dir();
+    let dir = crate::host::runtime_dir();
     const LOCK_FIX: &str = "run under systemd with RuntimeDirectory=mcp-gateway (sets $RUNTIME_DIRECTORY), \
          or create the directory owned by this user";
     std::fs::create_dir_all(&dir).map_err(access_error("creating", &dir, LOCK_FIX))?;

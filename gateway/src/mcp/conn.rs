@@ -3,7 +3,11 @@
 //! through the stages of [`super::stages`]. A panic while a request is served is contained
 //! here: the client is answered 500 and the connection closed; the worker goes on.
 
-use std::{net::SocketAddr, rc::Rc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    time::Duration,
+};
 
 use monoio::net::TcpStream;
 use tokio::sync::watch;
@@ -14,8 +18,11 @@ use super::{
 };
 use crate::{
     config::Config,
-    http::{self, HttpError, Io, Limits},
-    runtime::Snapshot,
+    http::{
+        self, HttpError, Io, Limits,
+        proxy_protocol::{Header, Reason, read_header},
+    },
+    runtime::{Shared, Snapshot, shared::Counted},
 };
 
 fn limits(c: &Config) -> Limits {
@@ -51,14 +58,8 @@ pub fn serve(
         // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
         // session under construction, KiBs) would otherwise be part of the connection's task for
         // its whole life, which is allocated at its largest.
-        let Some((peer, _counted)) = Box::pin(http::proxy_protocol::admit(
-            &mut io,
-            peer,
-            listener,
-            &ctx.shared,
-            ctx.worker,
-        ))
-        .await
+        let Some((peer, _counted)) =
+            Box::pin(admit(&mut io, peer, listener, &ctx.shared, ctx.worker)).await
         else {
             return;
         };
@@ -170,4 +171,79 @@ async fn serve_one(
         }
     };
     super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
+}
+
+/// The first step on every client connection. On a listener without the PROXY protocol it
+/// changes nothing: the socket's peer is the client, already counted for its tenant when
+/// accepted. On one with it: an untrusted source is closed at once; otherwise the header is
+/// read, and the client it names must not be banned or denied and its tenant not at its cap.
+/// Returns the client (the peer for everything after) and the connection's count for the
+/// client's tenant, held until the connection ends; `None` when the connection is refused
+/// (and counted): the caller closes it.
+async fn admit<'s>(
+    io: &mut Io,
+    peer: SocketAddr,
+    listener: usize,
+    shared: &'s Shared,
+    worker: usize,
+) -> Option<(SocketAddr, Option<Counted<'s>>)> {
+    let (accept, timeout) = {
+        let snapshot = shared.snapshot.load();
+        let Some(pp) = snapshot
+            .config
+            .listeners
+            .get(listener)
+            .and_then(|l| l.proxy_protocol.as_ref())
+        else {
+            return Some((peer, None));
+        };
+        let source = peer.ip().to_canonical();
+        if !pp.trusted.iter().any(|net| net.contains(&source)) {
+            return refuse(shared, peer, Reason::UntrustedSource);
+        }
+        (pp.version, pp.header_timeout)
+    };
+    let header = match read_header(io, accept, timeout).await {
+        Ok(h) => h,
+        Err(reason) => return refuse(shared, peer, reason),
+    };
+    let client = match header {
+        Header::Client(client) => {
+            if shared
+                .bans
+                .load()
+                .is_banned(client.ip(), crate::kernel::monotonic_ns())
+            {
+                return refuse(shared, client, Reason::Banned);
+            }
+            if denied(shared, client.ip()) {
+                return refuse(shared, client, Reason::Denied);
+            }
+            client
+        }
+        Header::Local => peer,
+    };
+    let tenant = shared.snapshot.load().classifier.tenant_of(client.ip());
+    if shared.at_cap(tenant) {
+        return refuse(shared, client, Reason::TenantAtCap);
+    }
+    shared.proxy_protocol.accept(&header);
+    Some((client, Some(shared.conns.open(worker, tenant))))
+}
+
+fn denied(shared: &Shared, ip: IpAddr) -> bool {
+    shared
+        .snapshot
+        .load()
+        .config
+        .kernel
+        .deny
+        .iter()
+        .any(|net| net.contains(&ip))
+}
+
+fn refuse<T>(shared: &Shared, who: SocketAddr, reason: Reason) -> Option<T> {
+    shared.proxy_protocol.refuse(reason);
+    tracing::debug!(peer = %who, reason = reason.name(), "PROXY protocol: connection refused");
+    None
 }

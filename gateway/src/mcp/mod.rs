@@ -28,7 +28,6 @@ pub mod messages;
 pub mod param_headers;
 pub mod proxy;
 mod relay;
-pub mod session;
 pub mod sse;
 mod stages;
 mod stdio_route;

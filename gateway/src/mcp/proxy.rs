@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{
-    Id, Parser, RpcError, error, session,
+    Id, Parser, RpcError, error,
     upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open},
 };
 use crate::{
@@ -22,6 +22,7 @@ use crate::{
     http::{self, Io, Request},
     policy::{self, Refusal, TenantPolicy},
     runtime::Shared,
+    session,
     stats::{Outcome, Recorder},
 };
 

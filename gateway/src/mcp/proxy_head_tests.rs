@@ -39,12 +39,9 @@ fn upstream() -> Upstream {
     Upstream {
         name: "u".into(),
         url: "http://127.0.0.1:9/mcp".into(),
-        replicas: std::sync::Arc::new(crate::mcp::upstream::Replicas::new(
-            vec![
-                crate::mcp::upstream::Addresses::resolve_now("127.0.0.1", 9, Duration::ZERO)
-                    .unwrap(),
-            ],
-            crate::mcp::upstream::Ejection {
+        replicas: std::sync::Arc::new(crate::endpoints::Replicas::new(
+            vec![crate::endpoints::Addresses::resolve_now("127.0.0.1", 9, Duration::ZERO).unwrap()],
+            crate::endpoints::Ejection {
                 after_failures: 5,
                 base: Duration::from_secs(1),
                 max: Duration::from_secs(1),

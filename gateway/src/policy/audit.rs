@@ -90,7 +90,7 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
 
     /// Appends to `path` from a thread of its own (named `thread`).
     pub fn start(path: &std::path::Path, thread: &str) -> std::io::Result<Self> {
-        let file = crate::telemetry::open_log_file(path, true)?;
+        let file = crate::host::open_log_file(path, true)?;
         let (tx, rx) = sync_channel(65_536);
         let written = std::sync::Arc::new(AtomicU64::new(0));
         let count = std::sync::Arc::clone(&written);
@@ -154,7 +154,7 @@ impl Writer {
             if self.reopen.swap(false, Ordering::Relaxed) {
                 // Everything buffered belongs to the file as it was (moved or not).
                 let _ = out.flush();
-                match crate::telemetry::open_log_file(&self.path, true) {
+                match crate::host::open_log_file(&self.path, true) {
                     Ok(file) => out = std::io::BufWriter::with_capacity(64 * 1024, file),
                     Err(e) => tracing::error!(
                         path = %self.path.display(),

@@ -200,9 +200,9 @@ pub struct Shared {
     /// to the new process of an upgrade; a fleet's is shared by its gateways).
     pub session_key: [u8; 32],
     /// The gateway's own sessions their clients ended.
-    pub ended_sessions: crate::mcp::session::Ended,
+    pub ended_sessions: crate::session::Ended,
     /// Bridged calls in flight, for their clients' `notifications/cancelled`.
-    pub cancels: crate::mcp::session::Cancels,
+    pub cancels: crate::session::Cancels,
     /// Upstreams learnt to speak only the stateless era, and since when: one refusal teaches
     /// every worker (a session's requests reach any of them).
     pub stateless_upstreams: papaya::HashMap<u64, std::time::Instant>,
@@ -253,7 +253,7 @@ pub struct Shared {
     /// What the TLS listeners serve, and their counters.
     pub tls: std::sync::Arc<crate::tls::Edge>,
     /// Request spans waiting for the OTLP exporter (one queue per worker) and its counters.
-    pub spans: crate::otlp::Spans,
+    pub spans: std::sync::Arc<crate::otlp::Spans>,
     /// The state store's counters (the store itself is the control thread's).
     pub state: crate::state::Stats,
     /// The fleet agent's counters (`[state] redis`).
@@ -286,7 +286,7 @@ impl Shared {
         // The span queues are sized at start; without `[telemetry.otlp]` then, small ones.
         let span_queue = config.telemetry.otlp.as_ref().map_or(256, |o| o.queue_max);
         Self {
-            spans: crate::otlp::Spans::new(workers, span_queue),
+            spans: std::sync::Arc::new(crate::otlp::Spans::new(workers, span_queue)),
             tls: std::sync::Arc::new(crate::tls::Edge::new(config.listeners.len())),
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
@@ -314,9 +314,9 @@ impl Shared {
             stdio: crate::stdio::Registry::default(),
             upstream_stats: std::sync::Arc::default(),
             at_cap: (0..MAX_TENANTS).map(|_| AtomicBool::new(false)).collect(),
-            session_key: crate::mcp::session::new_key(),
-            ended_sessions: crate::mcp::session::Ended::default(),
-            cancels: crate::mcp::session::Cancels::default(),
+            session_key: crate::session::new_key(),
+            ended_sessions: crate::session::Ended::default(),
+            cancels: crate::session::Cancels::default(),
             stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
             fleet: crate::fleet::Stats::default(),

@@ -313,7 +313,7 @@ impl Registry {
                 .max()
                 .unwrap_or_default()
         });
-        self.sync(&[]);
+        self.sync([]);
         let deadline = tokio::time::Instant::now() + grace * 2 + Duration::from_secs(1);
         while LIVE.load(std::sync::atomic::Ordering::Acquire) > 0
             && tokio::time::Instant::now() < deadline
@@ -336,21 +336,21 @@ impl Registry {
         self.published.load().get(name).cloned()
     }
 
-    /// Control thread (inside its tokio runtime): brings the supervisors in line with
-    /// `upstreams`. A child whose spec did not change keeps running across a reload.
-    pub fn sync(&self, upstreams: &[crate::config::Upstream]) {
+    /// Control thread (inside its tokio runtime): brings the supervisors in line with `specs`,
+    /// the stdio upstreams of a configuration. A child whose spec did not change keeps running
+    /// across a reload.
+    pub fn sync<'a>(&self, specs: impl IntoIterator<Item = &'a Arc<StdioSpec>>) {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
         let mut next = std::collections::HashMap::new();
-        for up in upstreams {
-            let Some(spec) = &up.stdio else { continue };
+        for spec in specs {
             let kept = running
-                .remove(&up.name)
+                .remove(&spec.name)
                 .filter(|(old, _)| old == spec)
                 .map(|(_, h)| h);
             let handle = kept.unwrap_or_else(|| spawn((**spec).clone(), self.gate.get().cloned()));
-            next.insert(up.name.clone(), (Arc::clone(spec), handle));
+            next.insert(spec.name.clone(), (Arc::clone(spec), handle));
         }
         *running = next;
         self.published.store(Arc::new(

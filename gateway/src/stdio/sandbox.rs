@@ -190,7 +190,7 @@ impl Homes {
     fn process() -> &'static Self {
         static HOMES: std::sync::LazyLock<Homes> = std::sync::LazyLock::new(|| {
             Homes::new(vec![
-                Base::Owned(crate::kernel::runtime_dir()),
+                Base::Owned(crate::host::runtime_dir()),
                 Base::Shared(std::env::temp_dir()),
             ])
         });

@@ -11,8 +11,9 @@ use crate::{
         Id, Message, RpcError,
         held::describe,
         messages::{set_in, untag},
-        proxy, session,
+        proxy,
     },
+    session,
 };
 
 impl<'c> Federation<'_, 'c> {

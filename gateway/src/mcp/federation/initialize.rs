@@ -13,9 +13,9 @@ use crate::{
         Id, Message, RpcError,
         held::{self, describe},
         messages::set_in,
-        session::{self, FedSession, MemberSession},
         version,
     },
+    session::{self, FedSession, MemberSession},
 };
 
 impl<'c> Federation<'_, 'c> {

@@ -25,12 +25,12 @@ use super::{
     Id, Kind, Message, RpcError, error,
     messages::set_in,
     proxy::{self, Obs, WorkerCtx, json_response},
-    session::{self, FedSession, Owner},
     version,
 };
 use crate::{
     config::{Config, Member, Upstream},
     http::{self, Io, Request},
+    session::{self, FedSession, Owner},
 };
 
 mod client_messages;

@@ -1,23 +1,19 @@
 //! The upstream side of forwarding: one seam, [`open`], that sends a request to an upstream
 //! whatever carries it (today HTTP/1.1 over TCP or TLS, [`transport`]) and gives back the
 //! connection with the response head, plus the per-worker pool of idle connections beside it
-//! ([`pool`]). The TLS client configuration ([`tls`]) and the addresses ([`resolve`]) are
-//! made on the control thread; workers only read them. What the client sees of an answer
+//! ([`pool`]). The TLS client configuration and the addresses ([`crate::endpoints`]) are made
+//! on the control thread; workers only read them. What the client sees of an answer
 //! (relaying, rewriting, errors) is the caller's business; nothing here writes to a client
 //! connection.
 
 mod counters;
 mod pool;
-pub mod replicas;
+mod requests;
 pub mod resolve;
-pub mod tls;
 mod transport;
 
 pub use counters::Stats;
 pub use pool::Pool;
-pub use replicas::{Ejection, Replicas};
-pub use resolve::Addresses;
-pub use tls::UpstreamTls;
 
 use std::{future::Future, net::SocketAddr};
 
@@ -263,30 +259,30 @@ pub async fn open(
     let key = &pool.session_key;
     // Whether this request's failure says anything of the replica (only worth knowing when
     // there are replicas to eject).
-    let of_replica = replicas.endpoints().len() > 1 && replicas::says_of_replica(&first);
+    let of_replica = replicas.endpoints().len() > 1 && requests::says_of_replica(&first);
     // Only replicas pin sessions: a lone endpoint's requests are not searched for one.
     let session = replicas
         .pins_sessions()
-        .then(|| replicas::session_of(&first.head))
+        .then(|| requests::session_of(&first.head))
         .flatten();
     let pinned = match replicas.open_session(key, &up.name, session) {
-        replicas::Sticky::Any => None,
-        replicas::Sticky::Pinned(e, own) => {
+        crate::endpoints::Sticky::Any => None,
+        crate::endpoints::Sticky::Pinned(e, own) => {
             // The endpoint gets its own id back.
-            replicas::set_session(&mut first.head, &own);
+            requests::set_session(&mut first.head, &own);
             Some(e)
         }
-        replicas::Sticky::Lost => return Err(UpstreamFailure::SessionLost),
+        crate::endpoints::Sticky::Lost => return Err(UpstreamFailure::SessionLost),
     };
     let endpoints = replicas.endpoints();
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let choose = |tried: &[std::net::SocketAddr]| {
-        replicas::Choice {
+        crate::endpoints::Choice {
             endpoints: &endpoints,
             avoid: tried,
         }
         .pick(
-            replicas::now_ms(),
+            crate::endpoints::now_ms(),
             &replicas.ejection,
             &mut || pool.random(),
             &|addr| pool.in_flight(up, addr),
@@ -295,8 +291,9 @@ pub async fn open(
     // Every attempt of this request goes to one endpoint, unless connecting to it fails.
     let mut endpoint = match pinned.clone() {
         Some(e) => e,
-        None => choose(&tried)
-            .unwrap_or_else(|| std::sync::Arc::new(replicas::Endpoint::new(replicas.first()))),
+        None => choose(&tried).unwrap_or_else(|| {
+            std::sync::Arc::new(crate::endpoints::Endpoint::new(replicas.first()))
+        }),
     };
     let mut addr = endpoint.addr;
     let mut lease = pool.lease(up, addr);
@@ -373,7 +370,7 @@ pub async fn open(
                     if of_replica {
                         report_failure(up, &endpoint);
                     }
-                } else if endpoint.succeeded(replicas::now_ms()) {
+                } else if endpoint.succeeded(crate::endpoints::now_ms()) {
                     tracing::info!(upstream = %up.name, endpoint = %addr, "endpoint passed its trial: back in rotation");
                 }
                 // A session id goes on signed with the endpoint that has it.
@@ -408,13 +405,17 @@ pub async fn open(
 /// Tells an endpoint's health of a failure; logs an ejection. The last endpoint in rotation is
 /// never ejected: failures of every replica at once (or a flood that provokes them) leave one
 /// serving rather than none.
-fn report_failure(up: &Upstream, endpoint: &replicas::Endpoint) {
+fn report_failure(up: &Upstream, endpoint: &crate::endpoints::Endpoint) {
     let others_serve = up
         .replicas
         .endpoints()
         .iter()
         .any(|e| e.addr != endpoint.addr && !e.ejected());
-    if endpoint.failed(replicas::now_ms(), &up.replicas.ejection, others_serve) {
+    if endpoint.failed(
+        crate::endpoints::now_ms(),
+        &up.replicas.ejection,
+        others_serve,
+    ) {
         tracing::warn!(
             upstream = %up.name,
             endpoint = %endpoint.addr,

@@ -11,51 +11,6 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-#[test]
-fn a_failed_or_empty_resolution_keeps_the_last_good_address() {
-    let stats = Stats::default();
-    let a = Addresses::new(
-        "up.example",
-        443,
-        Duration::from_secs(30),
-        vec![addr("192.0.2.1:443")],
-    );
-    assert!(a.apply(
-        "u",
-        Ok(vec![addr("192.0.2.2:443"), addr("192.0.2.3:443")]),
-        &stats
-    ));
-    assert_eq!(a.first(), addr("192.0.2.2:443"));
-    assert_eq!(a.all().len(), 2, "every address is kept");
-    assert!(!a.apply("u", Err(std::io::ErrorKind::NotFound.into()), &stats));
-    assert!(!a.apply("u", Ok(Vec::new()), &stats));
-    assert_eq!(a.first(), addr("192.0.2.2:443"));
-    assert_eq!(stats.get("u", "resolve", "ok"), 1);
-    assert_eq!(stats.get("u", "resolve", "failed"), 2);
-}
-
-#[test]
-fn address_literals_and_zero_intervals_are_never_resolved_again() {
-    let far = Instant::now() + Duration::from_secs(3600);
-    let literal = Addresses::new(
-        "127.0.0.1",
-        80,
-        Duration::from_millis(1),
-        vec![addr("127.0.0.1:80")],
-    );
-    assert!(!literal.start_if_due(far));
-    let once = Addresses::new("localhost", 80, Duration::ZERO, vec![addr("127.0.0.1:80")]);
-    assert!(!once.start_if_due(far));
-    let every = Addresses::new(
-        "localhost",
-        80,
-        Duration::from_millis(1),
-        vec![addr("127.0.0.1:80")],
-    );
-    assert!(every.start_if_due(far));
-    assert!(!every.start_if_due(far), "one resolution at a time");
-}
-
 /// A resolver that answers from a script, one answer per call (the last repeats).
 #[derive(Clone)]
 struct Scripted(
@@ -123,7 +78,7 @@ url = "http://127.0.0.1:9/mcp"
         addr("192.0.2.7:9"),
         "the new address is published"
     );
-    let endpoints = |u: &crate::mcp::upstream::Replicas| -> Vec<SocketAddr> {
+    let endpoints = |u: &crate::endpoints::Replicas| -> Vec<SocketAddr> {
         u.endpoints().iter().map(|e| e.addr).collect()
     };
     assert_eq!(
@@ -149,19 +104,4 @@ url = "http://127.0.0.1:9/mcp"
         "an address literal is never looked up"
     );
     task.abort();
-}
-
-#[test]
-fn a_huge_dns_answer_is_cut_and_repeats_are_dropped() {
-    let stats = Stats::default();
-    let a = Addresses::new("up.example", 443, Duration::from_secs(30), Vec::new());
-    let mut answer: Vec<SocketAddr> = (0..5000u32)
-        .map(|i| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 443)))
-        .collect();
-    answer.insert(1, answer[0]);
-    assert!(a.apply("u", Ok(answer.clone()), &stats));
-    let mut expected = answer;
-    expected.remove(1);
-    expected.truncate(MAX_ADDRESSES);
-    assert_eq!(*a.all(), expected);
 }

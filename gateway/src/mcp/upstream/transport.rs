@@ -4,7 +4,8 @@
 
 use monoio::net::TcpStream;
 
-use super::{Stats, UpstreamFailure, tls};
+use super::{Stats, UpstreamFailure};
+use crate::endpoints::tls;
 use crate::{config::Upstream, http::Io};
 
 pub async fn connect(

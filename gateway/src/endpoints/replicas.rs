@@ -6,7 +6,8 @@
 //!
 //! Balancing: power of two choices on the worker's own count of requests in flight to each
 //! endpoint. Ejection: `eject_after_failures` consecutive failures (connect refused or timed
-//! out; a reset, a timeout or a 502–504 only where [`says_of_replica`]) take an endpoint out of
+//! out; a reset, a timeout or a 502–504 only where
+//! [`crate::mcp::upstream::requests::says_of_replica`]) take an endpoint out of
 //! rotation for `eject_base_ms`,
 //! doubled on each repeat up to `eject_max_ms`; once that time has passed, one real request
 //! (across all workers) is let through as a half-open trial: a success puts the endpoint back,
@@ -23,7 +24,7 @@
 //! a replica that does not know the session: the caller answers 404 (the protocol's "initialize
 //! again").
 //!
-//! [`sign`]: crate::mcp::session::sign
+//! [`sign`]: crate::session::sign
 
 use std::{
     net::SocketAddr,
@@ -37,7 +38,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 use super::Addresses;
-use crate::mcp::session::{self, ENDPOINT_TAG};
+use crate::session::{self, ENDPOINT_TAG};
 
 /// Ejection settings of one upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,131 +394,6 @@ impl Replicas {
             _ => Sticky::Lost,
         }
     }
-}
-
-/// `/metrics`: each endpoint of the HTTP upstreams that have replicas (or a host name), up
-/// (1) or ejected (0), and its ejections so far.
-pub fn render(
-    upstreams: &[crate::config::Upstream],
-    out: &mut String,
-    label: impl Fn(&str) -> String,
-) {
-    use std::fmt::Write as _;
-    let rows: Vec<(&str, Arc<Vec<Arc<Endpoint>>>)> = upstreams
-        .iter()
-        .filter(|u| u.stdio.is_none() && u.replicas.pins_sessions())
-        .map(|u| (u.name.as_str(), u.replicas.endpoints()))
-        .collect();
-    if rows.is_empty() {
-        return;
-    }
-    for (metric, kind, help) in [
-        (
-            "mcp_gateway_upstream_endpoint_up",
-            "gauge",
-            "Endpoints (replicas) of an upstream: 1 in rotation, 0 ejected after failures.",
-        ),
-        (
-            "mcp_gateway_upstream_endpoint_ejections_total",
-            "counter",
-            "Ejections of an upstream endpoint after consecutive failures.",
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
-        for (name, endpoints) in &rows {
-            for e in endpoints.iter() {
-                let v = if kind == "gauge" {
-                    u64::from(!e.ejected())
-                } else {
-                    e.ejections.load(Ordering::Relaxed)
-                };
-                let _ = writeln!(
-                    out,
-                    "{metric}{{upstream=\"{}\",endpoint=\"{}\"}} {v}",
-                    label(name),
-                    e.addr
-                );
-            }
-        }
-    }
-}
-
-/// Whether a failure answering `request` (a timeout, a close, a bad answer, a 502–504) counts
-/// against the replica's health. Not for a request whose content the client chose (a
-/// `tools/call`, a `resources/read`, a batch, anything not known): a slow or crashing tool is
-/// the tool's fault, and a client could otherwise eject healthy replicas for everybody by
-/// calling one. A replica that cannot even initialize, answer a ping or list, or open a
-/// stream is failing. (Not connecting at all always counts.) The method is read as the
-/// gateway's own parser read it: a body with the key twice is nobody's. Those requests are
-/// small; a larger body is not read again.
-pub fn says_of_replica(request: &crate::http::Outgoing) -> bool {
-    if !request.head.starts_with(b"POST ") {
-        return true;
-    }
-    if request.body.len() > 16 * 1024 {
-        return false;
-    }
-    #[derive(serde::Deserialize)]
-    struct Method<'a> {
-        method: Option<&'a str>,
-    }
-    match serde_json::from_slice::<Method<'_>>(&request.body) {
-        Ok(Method { method: Some(m) }) => {
-            matches!(
-                m,
-                "initialize"
-                    | "ping"
-                    | "server/discover"
-                    | "tools/list"
-                    | "resources/list"
-                    | "resources/templates/list"
-                    | "prompts/list"
-            ) || m.starts_with("notifications/")
-        }
-        _ => false,
-    }
-}
-
-/// Where a request head (as the gateway wrote it) ends: its blank line.
-fn head_end(request: &[u8]) -> Option<usize> {
-    request.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-/// The `Mcp-Session-Id` of a request head as the gateway wrote it.
-pub fn session_of(request: &[u8]) -> Option<&[u8]> {
-    session_span(request).map(|r| &request[r])
-}
-
-/// Sets the value of the request's `Mcp-Session-Id` (which it has).
-pub fn set_session(request: &mut Vec<u8>, value: &[u8]) {
-    if let Some(r) = session_span(request) {
-        request.splice(r, value.iter().copied());
-    }
-}
-
-/// Where the value of the `Mcp-Session-Id` line of a request's head is.
-fn session_span(request: &[u8]) -> Option<std::ops::Range<usize>> {
-    const NAME: &[u8] = b"mcp-session-id:";
-    let end = head_end(request)?;
-    let mut at = 0;
-    for line in request[..end].split(|b| *b == b'\n') {
-        let start = at;
-        at += line.len() + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if start == 0
-            || !line
-                .get(..NAME.len())
-                .is_some_and(|h| h.eq_ignore_ascii_case(NAME))
-        {
-            continue;
-        }
-        let value = &line[NAME.len()..];
-        let lead = value.len() - value.trim_ascii_start().len();
-        let trimmed = value.trim_ascii();
-        let from = start + NAME.len() + lead;
-        return Some(from..from + trimmed.len());
-    }
-    None
 }
 
 #[cfg(test)]
