@@ -4,7 +4,7 @@
 //! (`tools/list`, `prompts/list`, `resources/list`, `resources/templates/list`) with each
 //! member's name prefix, routes each call to the member that owns the name, and keeps one
 //! upstream session per client session per member, sealed into the client's session id
-//! ([`super::session`]), so that no state is shared between workers.
+//! ([`crate::session`]), so that no state is shared between workers.
 //!
 //! Server-to-client messages are relayed as they arrive. Requests from a member (sampling,
 //! elicitation, roots) get an id that names the member (`<upstream>.n.<id>` for a number,

@@ -243,7 +243,7 @@ fn parse_response_head(
 /// turns out to be closed) and reads the response head. With a `client` to watch, gives up
 /// (closing the upstream connection) if that client leaves first.
 ///
-/// With several endpoints ([`Replicas`]): the session id of an answer is handed on signed with
+/// With several endpoints ([`crate::endpoints::Replicas`]): the session id of an answer is handed on signed with
 /// its endpoint; a request carrying one goes to that endpoint with the endpoint's own id (or
 /// fails with [`UpstreamFailure::SessionLost`]); any other goes to
 /// the balancer's choice, and to another endpoint when connecting fails (nothing was sent).
