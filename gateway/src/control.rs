@@ -18,7 +18,8 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use crate::{
     config::Config,
     kernel::{self, Kernel, KernelMaps, KernelState},
-    runtime::{self, Shared, Snapshot},
+    runtime,
+    shared::{BanSet, Shared, Snapshot},
     stats::{Aggregator, HistogramLog},
     telemetry, upgrade,
 };
@@ -186,11 +187,9 @@ impl Control {
         if current.is_empty() && self.bans.is_empty() {
             return;
         }
-        self.shared
-            .bans
-            .store(Arc::new(runtime::shared::BanSet::new(
-                self.bans.iter().map(|(ip, until)| (*ip, *until)),
-            )));
+        self.shared.bans.store(Arc::new(BanSet::new(
+            self.bans.iter().map(|(ip, until)| (*ip, *until)),
+        )));
     }
 
     /// The bans in force (addresses as one-address prefixes), with the time each has left.
@@ -704,12 +703,12 @@ async fn run_async(
         }
     };
     if !kept_bans.is_empty() && !config_kernel_enabled(&shared) {
-        shared.bans.store(Arc::new(runtime::shared::BanSet::new(
-            kept_bans.iter().map(|(ip, left)| {
+        shared
+            .bans
+            .store(Arc::new(BanSet::new(kept_bans.iter().map(|(ip, left)| {
                 let left = left.as_nanos().min(u128::from(u64::MAX)) as u64;
                 (*ip, kernel::monotonic_ns().saturating_add(left))
-            }),
-        )));
+            }))));
     }
     if let Some(k) = &mut kernel {
         for (iface, mode) in &taken_over {

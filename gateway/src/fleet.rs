@@ -32,10 +32,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -47,8 +44,8 @@ use sha2::Sha256;
 use crate::{
     config::{FleetConfig, FleetSecret},
     policy::limits::{Counted, FLEET_FALLBACK, FLEET_LEASED, MILLI},
-    runtime::Shared,
     session::MAX_ENDED,
+    shared::{FleetStats, Shared},
 };
 
 /// A host not heard from for this long is no longer counted live.
@@ -535,36 +532,6 @@ struct BudgetRound {
     /// The delta sent for each window.
     sent: HashMap<String, i64>,
     drops: Vec<Vec<u8>>,
-}
-
-/// Counters for `/metrics` (written by the agent).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub enabled: AtomicBool,
-    pub connected: AtomicBool,
-    pub hosts: AtomicU64,
-    pub rounds: AtomicU64,
-    pub round_us_total: AtomicU64,
-    pub failures: AtomicU64,
-    /// In thousandths of a token.
-    pub tokens_granted: AtomicU64,
-    pub leases: AtomicU64,
-    pub bans_received: AtomicU64,
-    pub bans_sent: AtomicU64,
-    pub approvals_received: AtomicU64,
-    /// Values found in Redis that this host ignored: not sealed with the fleet's secret (or
-    /// sealed when this host has none), not readable, older than one seen, or keys of the
-    /// wrong type.
-    pub unsealed_ignored: AtomicU64,
-    /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
-    pub reseeds: AtomicU64,
-    /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
-    pub sessions_ended_sent: AtomicU64,
-    pub sessions_ended_received: AtomicU64,
-    /// Concurrency caps shared with the fleet, and the requests in flight on the other
-    /// gateways under them (summed over the caps).
-    pub caps: AtomicU64,
-    pub in_flight_others: AtomicU64,
 }
 
 /// The control thread's bans, as the agent sees them.
@@ -2370,7 +2337,7 @@ fn strip(pin: &crate::policy::pins::Pin) -> crate::policy::pins::Pin {
 }
 
 /// `/metrics` lines of the fleet agent.
-pub fn render_metrics(stats: &Stats, limits: &crate::policy::limits::State, out: &mut String) {
+pub fn render_metrics(stats: &FleetStats, limits: &crate::policy::limits::State, out: &mut String) {
     use std::fmt::Write as _;
     if !stats.enabled.load(Relaxed) {
         return;

@@ -1,5 +1,6 @@
-//! What the gateway takes from its host for its own files: the runtime directory (instance
-//! locks, the upgrade socket, the stdio children's homes) and how its log files are made.
+//! What the gateway takes from its host: the runtime directory (instance locks, the upgrade
+//! socket, the stdio children's homes), how its log files are made, and what running out of
+//! file descriptors looks like.
 
 use std::path::PathBuf;
 
@@ -29,4 +30,9 @@ pub fn open_log_file(path: &std::path::Path, append: bool) -> std::io::Result<st
         options.write(true).truncate(true);
     }
     options.open(path)
+}
+
+/// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }

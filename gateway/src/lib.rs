@@ -18,6 +18,7 @@ pub mod policy;
 pub mod runtime;
 pub mod service;
 pub mod session;
+pub mod shared;
 pub mod standard_metrics;
 pub mod state;
 pub mod stats;

@@ -6,7 +6,7 @@ use gateway_common::Verdict;
 
 use crate::{
     kernel::KernelMaps,
-    runtime::Shared,
+    shared::Shared,
     stats::{Aggregator, BUCKETS_US, Dim, Exemplar},
 };
 

@@ -22,7 +22,7 @@ use crate::{
         self, HttpError, Io, Limits,
         proxy_protocol::{Header, Reason, read_header},
     },
-    runtime::{Shared, Snapshot, shared::Counted},
+    shared::{Counted, Shared, Snapshot},
 };
 
 fn limits(c: &Config) -> Limits {
@@ -246,4 +246,33 @@ fn refuse<T>(shared: &Shared, who: SocketAddr, reason: Reason) -> Option<T> {
     shared.proxy_protocol.refuse(reason);
     tracing::debug!(peer = %who, reason = reason.name(), "PROXY protocol: connection refused");
     None
+}
+
+pub(crate) fn fault_injection() -> bool {
+    static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var_os("MCP_GATEWAY_FAULT_INJECTION").is_some_and(|v| v == "1")
+    });
+    *ENABLED
+}
+
+/// Test-only fault injection, off unless the process was started with
+/// `MCP_GATEWAY_FAULT_INJECTION=1` (the containment tests use it; nothing else should): a
+/// request carrying `x-fault-inject: panic-connection` panics its connection task, one carrying
+/// `panic-worker` panics the worker's runtime.
+#[cfg_attr(
+    not(test),
+    expect(clippy::panic, reason = "the panics the containment tests ask for, and only those")
+)]
+pub(crate) fn inject_fault(req: &crate::http::Request) {
+    if !fault_injection() {
+        return;
+    }
+    match req.header_str("x-fault-inject") {
+        Some("panic-connection") => panic!("fault injection: a connection task panics"),
+        Some("panic-worker") => {
+            // A task of its own, outside any connection's containment: the runtime dies.
+            monoio::spawn(async { panic!("fault injection: a worker panics") });
+        }
+        _ => {}
+    }
 }

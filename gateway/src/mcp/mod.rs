@@ -37,6 +37,17 @@ pub mod version;
 
 pub use error::RpcError;
 
+/// What the workers learn from upstreams' answers and share with each other (a list may pass
+/// one worker and the call another): the tools' declared parameter headers and who owns each
+/// task. Made once per process, by whoever starts the workers; nothing else reads it.
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// Each listed tool's `x-mcp-header` declarations (2026-07-28 `Mcp-Param-*` headers).
+    pub param_headers: param_headers::Declarations,
+    /// Who created each task on an upstream that cannot tell callers apart.
+    pub tasks: tasks::Owners,
+}
+
 /// A JSON value as bytes. Serializing a `serde_json::Value` cannot fail (its map keys are
 /// strings), so this is total; the one way to write JSON on the request path.
 pub fn json_bytes(v: &serde_json::Value) -> Vec<u8> {

@@ -21,8 +21,8 @@ use crate::{
     config::{Config, Upstream},
     http::{self, Io, Request},
     policy::{self, Refusal, TenantPolicy},
-    runtime::Shared,
     session,
+    shared::Shared,
     stats::{Outcome, Recorder},
 };
 
@@ -77,6 +77,8 @@ pub use super::answer::classify;
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
+    /// What every worker learns from answers, shared by them.
+    pub(super) learned: Arc<super::Learned>,
     /// This worker's index (its row in the connection table).
     pub worker: usize,
     pub(super) parser: RefCell<Parser>,
@@ -89,12 +91,13 @@ pub struct WorkerCtx {
 }
 
 impl WorkerCtx {
-    pub fn new(shared: Arc<Shared>, worker: usize) -> Rc<Self> {
+    pub fn new(shared: Arc<Shared>, learned: Arc<super::Learned>, worker: usize) -> Rc<Self> {
         let max_tools = shared.snapshot.load().config.telemetry.max_tools;
         let stats = Arc::clone(&shared.upstream_stats);
         let session_key = shared.session_key;
         Rc::new(Self {
             shared,
+            learned,
             worker,
             parser: RefCell::default(),
             pool: Pool::new(stats, session_key),
@@ -146,7 +149,7 @@ pub(super) fn visible(
     let Some(name) = tool.get("name").and_then(serde_json::Value::as_str) else {
         return true;
     };
-    ctx.shared.param_headers.observe(upstream, tool);
+    ctx.learned.param_headers.observe(upstream, tool);
     let pinned = !policy.pinning
         || ctx
             .shared

@@ -25,7 +25,7 @@ use crate::{
     config::{Config, Route, Target},
     http::{self, Io, Request},
     policy::{self, Admission, Ask, Identity, Policy, Refusal, TenantPolicy, audit},
-    runtime::Snapshot,
+    shared::Snapshot,
     stats::{self, Observation, Outcome},
 };
 
@@ -80,7 +80,7 @@ pub(super) async fn handle(
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
-    crate::runtime::inject_fault(req);
+    super::conn::inject_fault(req);
     let started = Instant::now();
     let wall = snapshot
         .config
@@ -621,7 +621,7 @@ fn param_headers_agree(
     let Some((upstream, tool)) = called_tool(config, route, m) else {
         return Ok(());
     };
-    let declared = ctx.shared.param_headers.get(upstream, tool);
+    let declared = ctx.learned.param_headers.get(upstream, tool);
     let needs_arguments = !headers.is_empty()
         || declared
             .as_deref()
@@ -801,7 +801,7 @@ async fn bound_tasks<'c>(
         .as_ref()
         .filter(|m| m.kind == Kind::Request && is_task(m))?;
     let caller = super::proxy::session_owner(ctx, obs);
-    let owners = &ctx.shared.tasks;
+    let owners = &ctx.learned.tasks;
     let method = m.method.as_deref().unwrap_or_default();
     if super::tasks::NAMING.contains(&method) {
         let own = m

@@ -5,8 +5,6 @@
 //! Each accepted connection is attributed to a tenant (its count feeds the kernel's connection
 //! caps) and served by [`crate::mcp::proxy`].
 
-pub mod shared;
-
 use std::{
     net::{SocketAddr, TcpListener},
     os::fd::AsRawFd as _,
@@ -15,8 +13,8 @@ use std::{
     time::Duration,
 };
 
+use crate::{host::is_out_of_descriptors, shared::Shared};
 use monoio::{io::AsyncWriteRentExt, net::TcpStream};
-pub use shared::{Classifier, ConnTable, Shared, Snapshot};
 
 use crate::mcp::{self, proxy::WorkerCtx};
 use tokio::sync::watch;
@@ -170,11 +168,13 @@ pub fn spawn_workers(
     pin: bool,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let learned = Arc::new(mcp::Learned::default());
     listeners
         .into_iter()
         .enumerate()
         .map(|(index, sockets)| {
             let shared = Arc::clone(&shared);
+            let learned = Arc::clone(&learned);
             let shutdown = shutdown.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
@@ -183,7 +183,7 @@ pub fn spawn_workers(
                     if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
                         tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
                     }
-                    supervise(index, sockets, &shared, &shutdown, grace);
+                    supervise(index, sockets, &shared, &learned, &shutdown, grace);
                 })
         })
         .collect()
@@ -201,6 +201,7 @@ fn supervise(
     index: usize,
     mut sockets: Vec<TcpListener>,
     shared: &Arc<Shared>,
+    learned: &Arc<mcp::Learned>,
     shutdown: &watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -226,6 +227,7 @@ fn supervise(
                 index,
                 incarnation,
                 Arc::clone(shared),
+                Arc::clone(learned),
                 shutdown.clone(),
                 grace,
                 Rc::clone(&open),
@@ -284,11 +286,6 @@ fn rebind(old: &[TcpListener]) -> std::io::Result<Vec<TcpListener>> {
         unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
     }
     new
-}
-
-/// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
-pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// At most one log line a second for a repeated event on the request path; the lines not
@@ -385,11 +382,12 @@ async fn worker(
     index: usize,
     sockets: Vec<TcpListener>,
     shared: Arc<Shared>,
+    learned: Arc<mcp::Learned>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     active: OpenConns,
 ) {
-    let ctx = WorkerCtx::new(Arc::clone(&shared), index);
+    let ctx = WorkerCtx::new(Arc::clone(&shared), learned, index);
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
     monoio::spawn(Rc::clone(&ctx).end_evicted_sessions());
     monoio::spawn(purge_after_closes(Rc::clone(&active)));
@@ -835,39 +833,14 @@ async fn refuse_at_cap(mut stream: TcpStream) {
         monoio::time::timeout(Duration::from_secs(1), stream.write_all(resp.into_bytes())).await;
 }
 
-fn fault_injection() -> bool {
-    static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::env::var_os("MCP_GATEWAY_FAULT_INJECTION").is_some_and(|v| v == "1")
-    });
-    *ENABLED
-}
-
 /// How long a panicked worker stays down before it is started again: 100 ms, enough that a
 /// worker failing at once again does not spin. Under fault injection, 1 s, so that a test on a
 /// loaded machine sees `/readyz` report the gap (a 100 ms window can fall between two polls).
 fn restart_pause() -> Duration {
-    if fault_injection() {
+    if crate::mcp::conn::fault_injection() {
         Duration::from_secs(1)
     } else {
         Duration::from_millis(100)
-    }
-}
-
-/// Test-only fault injection, off unless the process was started with
-/// `MCP_GATEWAY_FAULT_INJECTION=1` (the containment tests use it; nothing else should): a
-/// request carrying `x-fault-inject: panic-connection` panics its connection task, one carrying
-/// `panic-worker` panics the worker's runtime.
-pub(crate) fn inject_fault(req: &crate::http::Request) {
-    if !fault_injection() {
-        return;
-    }
-    match req.header_str("x-fault-inject") {
-        Some("panic-connection") => panic!("fault injection: a connection task panics"),
-        Some("panic-worker") => {
-            // A task of its own, outside any connection's containment: the runtime dies.
-            monoio::spawn(async { panic!("fault injection: a worker panics") });
-        }
-        _ => {}
     }
 }
 

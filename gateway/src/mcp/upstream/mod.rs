@@ -6,13 +6,11 @@
 //! (relaying, rewriting, errors) is the caller's business; nothing here writes to a client
 //! connection.
 
-mod counters;
 mod pool;
 mod requests;
 pub mod resolve;
 mod transport;
 
-pub use counters::Stats;
 pub use pool::Pool;
 
 use std::{future::Future, net::SocketAddr};

@@ -20,7 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Conn, Stats};
+use super::Conn;
+use crate::endpoints::Stats;
 use crate::{config::Upstream, http::Io};
 
 /// Idle entries of an upstream unused this long are dropped when another upstream's entry is

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::runtime::Shared;
+use crate::shared::Shared;
 
 /// How the loop resolves a name (a parameter so that tests can stand in for DNS).
 pub trait Lookup: Clone + 'static {

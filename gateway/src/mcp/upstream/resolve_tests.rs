@@ -5,7 +5,7 @@ use std::{
 };
 
 use super::*;
-use crate::{config::Config, runtime::Shared};
+use crate::{config::Config, shared::Shared};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()

@@ -4,8 +4,8 @@
 
 use monoio::net::TcpStream;
 
-use super::{Stats, UpstreamFailure};
-use crate::endpoints::tls;
+use super::UpstreamFailure;
+use crate::endpoints::{Stats, tls};
 use crate::{config::Upstream, http::Io};
 
 pub async fn connect(
@@ -21,7 +21,7 @@ pub async fn connect(
                 up.name
             )));
         }
-        Ok(Err(e)) if crate::runtime::is_out_of_descriptors(&e) => {
+        Ok(Err(e)) if crate::host::is_out_of_descriptors(&e) => {
             stats
                 .out_of_descriptors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -213,10 +213,6 @@ pub struct Shared {
     pub limits: std::sync::Arc<crate::policy::limits::State>,
     pub breakers: crate::policy::breaker::Breakers,
     pub pins: crate::policy::pins::Pins,
-    /// Each listed tool's `x-mcp-header` declarations (2026-07-28 `Mcp-Param-*` headers).
-    pub param_headers: crate::mcp::param_headers::Declarations,
-    /// Who created each task on an upstream that cannot tell callers apart.
-    pub tasks: crate::mcp::tasks::Owners,
     /// Refusals by the rule (configuration key) that decided them.
     pub refusals: papaya::HashMap<String, AtomicU64>,
     /// Source addresses to ban in the kernel, with how long (the auto-ban loop); the control
@@ -249,7 +245,7 @@ pub struct Shared {
     /// The stdio upstreams' supervisors (started by the control thread).
     pub stdio: crate::stdio::Registry,
     /// Upstream connections, TLS failures and re-resolutions, by upstream.
-    pub upstream_stats: std::sync::Arc<crate::mcp::upstream::Stats>,
+    pub upstream_stats: std::sync::Arc<crate::endpoints::Stats>,
     /// What the TLS listeners serve, and their counters.
     pub tls: std::sync::Arc<crate::tls::Edge>,
     /// Request spans waiting for the OTLP exporter (one queue per worker) and its counters.
@@ -257,7 +253,7 @@ pub struct Shared {
     /// The state store's counters (the store itself is the control thread's).
     pub state: crate::state::Stats,
     /// The fleet agent's counters (`[state] redis`).
-    pub fleet: crate::fleet::Stats,
+    pub fleet: FleetStats,
 }
 
 impl Shared {
@@ -291,8 +287,6 @@ impl Shared {
             limits: std::sync::Arc::default(),
             breakers: crate::policy::breaker::Breakers::default(),
             pins: crate::policy::pins::Pins::default(),
-            param_headers: crate::mcp::param_headers::Declarations::default(),
-            tasks: crate::mcp::tasks::Owners::default(),
             refusals: papaya::HashMap::new(),
             ban_tx,
             ban_rx: std::sync::Mutex::new(ban_rx),
@@ -319,7 +313,7 @@ impl Shared {
             cancels: crate::session::Cancels::default(),
             stateless_upstreams: papaya::HashMap::new(),
             state: crate::state::Stats::default(),
-            fleet: crate::fleet::Stats::default(),
+            fleet: FleetStats::default(),
         }
     }
 
@@ -340,6 +334,37 @@ impl Shared {
             .map(|(i, _)| i)
             .collect()
     }
+}
+
+/// The fleet agent's counters ([`crate::fleet`] writes them; `/metrics` and the control
+/// thread, which divides rates by the hosts, read them).
+#[derive(Debug, Default)]
+pub struct FleetStats {
+    pub enabled: AtomicBool,
+    pub connected: AtomicBool,
+    pub hosts: AtomicU64,
+    pub rounds: AtomicU64,
+    pub round_us_total: AtomicU64,
+    pub failures: AtomicU64,
+    /// In thousandths of a token.
+    pub tokens_granted: AtomicU64,
+    pub leases: AtomicU64,
+    pub bans_received: AtomicU64,
+    pub bans_sent: AtomicU64,
+    pub approvals_received: AtomicU64,
+    /// Values found in Redis that this host ignored: not sealed with the fleet's secret (or
+    /// sealed when this host has none), not readable, older than one seen, or keys of the
+    /// wrong type.
+    pub unsealed_ignored: AtomicU64,
+    /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
+    pub reseeds: AtomicU64,
+    /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
+    pub sessions_ended_sent: AtomicU64,
+    pub sessions_ended_received: AtomicU64,
+    /// Concurrency caps shared with the fleet, and the requests in flight on the other
+    /// gateways under them (summed over the caps).
+    pub caps: AtomicU64,
+    pub in_flight_others: AtomicU64,
 }
 
 #[cfg(test)]
