@@ -261,7 +261,10 @@ pub(crate) fn fault_injection() -> bool {
 /// `panic-worker` panics the worker's runtime.
 #[cfg_attr(
     not(test),
-    expect(clippy::panic, reason = "the panics the containment tests ask for, and only those")
+    expect(
+        clippy::panic,
+        reason = "the panics the containment tests ask for, and only those"
+    )
 )]
 pub(crate) fn inject_fault(req: &crate::http::Request) {
     if !fault_injection() {
