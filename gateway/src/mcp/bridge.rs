@@ -299,7 +299,11 @@ pub(super) async fn reply(
             .await
             .is_ok();
     }
-    held::reply(io, req, up, m, answer, obs, filter).await
+    let tools = filter.map(|keep| move |v: &mut Value| held::keep_listed(v, keep));
+    let edit = tools
+        .as_ref()
+        .map(|e| e as &dyn Fn(&mut Value) -> Result<(), String>);
+    held::reply(io, req, up, m, answer, obs, edit).await
 }
 
 /// The answer to `initialize`, made from the upstream's `server/discover`, with a session id of

@@ -889,9 +889,13 @@ pub(super) fn json_head() -> ResponseHead {
     }
 }
 
+/// What the caller of [`forward`] or [`reply`] does to the answer's message before the client
+/// has it (keeps a tenant's tools, keeps a caller's tasks, takes note of a task made); an
+/// error is the answer's fault, and the client is told so instead.
+pub(super) type Edit<'a> = Option<&'a dyn Fn(&mut Value) -> Result<(), String>>;
+
 /// Passthrough: answers a stateless client's POSTed message `m` from `up`, over a held session
-/// if `up` needs one ([`call_learning`]), read whole. With `filter`, a `tools/list` answer
-/// keeps only what it keeps.
+/// if `up` needs one ([`call_learning`]), read whole, and given to `edit`.
 #[expect(
     clippy::too_many_arguments,
     reason = "each is a separate input of the forwarding"
@@ -904,7 +908,7 @@ pub(super) async fn forward<'c>(
     up: &'c Upstream,
     m: &Message,
     obs: &Obs<'c>,
-    filter: Option<&dyn Fn(&Value) -> bool>,
+    edit: Edit<'_>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
     let owner = owner(ctx, up, obs);
@@ -913,7 +917,7 @@ pub(super) async fn forward<'c>(
     let unsent = [("mcp-session-id", None)];
     let answer = call_learning(ctx, req, peer, up, owner, &req.body, &unsent).await;
     obs.waited(sent.elapsed());
-    reply(io, req, up, m, answer, obs, filter).await
+    reply(io, req, up, m, answer, obs, edit).await
 }
 
 /// Writes a held session's `answer` to message `m` for the stateless client: 202 for a
@@ -926,7 +930,7 @@ pub(super) async fn reply(
     m: &Message,
     answer: Result<Answer, UpstreamFailure>,
     obs: &Obs<'_>,
-    filter: Option<&dyn Fn(&Value) -> bool>,
+    edit: Edit<'_>,
 ) -> bool {
     let id = m.id.clone();
     let answer = match answer {
@@ -955,8 +959,8 @@ pub(super) async fn reply(
             .is_ok();
     }
     let mut body = answer.body;
-    if let Some(keep) = filter {
-        match filtered(&body, keep) {
+    if let Some(edit) = edit {
+        match edited(&body, edit) {
             Ok(b) => body = b,
             Err(why) => {
                 obs.set(Outcome::UpstreamFailure);
@@ -984,17 +988,22 @@ pub(super) async fn reply(
     .is_ok()
 }
 
+/// The answer `body` as `edit` leaves it.
+fn edited(body: &[u8], edit: &dyn Fn(&mut Value) -> Result<(), String>) -> Result<Vec<u8>, String> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    edit(&mut v)?;
+    Ok(super::json_bytes(&v))
+}
+
 /// A `tools/list` answer with only the tools `keep` keeps; an answer that cannot be filtered
 /// is not passed on unfiltered.
-fn filtered(body: &[u8], keep: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>, String> {
-    let mut v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+pub(super) fn keep_listed(v: &mut Value, keep: &dyn Fn(&Value) -> bool) -> Result<(), String> {
     if v.get("error").is_some() {
-        return Ok(body.to_vec());
+        return Ok(());
     }
     v.get_mut("result")
         .and_then(|r| super::messages::keep_tools(r, keep))
-        .ok_or("the answer to tools/list has no `result.tools` array")?;
-    Ok(super::json_bytes(&v))
+        .ok_or_else(|| "the answer to tools/list has no `result.tools` array".to_owned())
 }
 
 /// A failure as a line for the log and the client.

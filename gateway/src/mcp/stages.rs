@@ -771,6 +771,75 @@ fn is_task(m: &Message) -> bool {
             .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
 }
 
+/// What a task-related message may do where the upstream cannot tell the gateway's callers
+/// apart (see `tasks`): decided before it is sent.
+enum TaskUse {
+    /// It names a task of the caller's: sent as it is.
+    Own,
+    /// `tasks/list`: the answer keeps the caller's tasks only.
+    List,
+    /// Task-augmented: the task the answer names becomes the caller's (for this long, in ms,
+    /// when the answer does not say).
+    Create(Option<u64>),
+}
+
+impl TaskUse {
+    /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
+    /// notification naming one included), and a new one past its share is refused. `Ok(None)`
+    /// for a message that is not about tasks, or needs nothing of them.
+    fn of(ctx: &WorkerCtx, up: &str, m: &Message, caller: u64) -> Result<Option<Self>, RpcError> {
+        if m.kind == Kind::Response || !is_task(m) {
+            return Ok(None);
+        }
+        let owners = &ctx.learned.tasks;
+        let method = m.method.as_deref().unwrap_or_default();
+        if super::tasks::NAMING.contains(&method) {
+            let own = m
+                .task_id
+                .as_deref()
+                .is_some_and(|t| owners.owns(up, t, caller));
+            return if own {
+                Ok(Some(Self::Own))
+            } else {
+                Err(super::tasks::unknown(m.id.clone()))
+            };
+        }
+        // A notification answers nothing: only a task it names is checked.
+        if m.kind != Kind::Request {
+            return Ok(None);
+        }
+        if method == "tasks/list" {
+            return Ok(Some(Self::List));
+        }
+        if !owners.has_room(caller) {
+            return Err(RpcError::new(
+                policy::code::RATE_LIMITED,
+                format!(
+                    "this caller has {} tasks at upstream `{up}` already",
+                    super::tasks::MAX_PER_CALLER,
+                ),
+                429,
+            )
+            .with_id(m.id.clone()));
+        }
+        Ok(Some(Self::Create(m.asks_task.flatten())))
+    }
+
+    /// Reads (and for a list, trims) the answer.
+    fn on_answer(&self, ctx: &WorkerCtx, up: &str, caller: u64, answer: &mut serde_json::Value) {
+        let owners = &ctx.learned.tasks;
+        match self {
+            Self::Own => {}
+            Self::List => owners.keep_own(up, caller, answer),
+            Self::Create(ttl) => {
+                if let Some(task) = super::tasks::created(answer) {
+                    owners.bind(up, task, caller, super::tasks::ttl_ms(answer).or(*ttl));
+                }
+            }
+        }
+    }
+}
+
 /// Tasks on an upstream that cannot tell the gateway's callers apart (a request without a
 /// session; see `tasks`): a task is its creator's. `Some(keep-alive)` when the request was
 /// answered here; `None` when it goes on as any other.
@@ -796,51 +865,16 @@ async fn bound_tasks<'c>(
         );
         return Some(reply(io, err).await);
     }
-    let m = messages
-        .single
-        .as_ref()
-        .filter(|m| m.kind == Kind::Request && is_task(m))?;
+    let m = messages.single.as_ref()?;
     let caller = super::proxy::session_owner(ctx, obs);
-    let owners = &ctx.learned.tasks;
-    let method = m.method.as_deref().unwrap_or_default();
-    if super::tasks::NAMING.contains(&method) {
-        let own = m
-            .task_id
-            .as_deref()
-            .is_some_and(|t| owners.owns(&up.name, t, caller));
-        if !own {
-            return Some(reply(io, super::tasks::unknown(m.id.clone())).await);
-        }
-        return None;
-    }
-    if method == "tasks/list" {
-        return Some(
-            super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-                owners.keep_own(&up.name, caller, answer);
-                Ok(())
-            })
-            .await,
-        );
-    }
-    if !owners.has_room(caller) {
-        let err = RpcError::new(
-            policy::code::RATE_LIMITED,
-            format!(
-                "this caller has {} tasks at upstream `{}` already",
-                super::tasks::MAX_PER_CALLER,
-                up.name
-            ),
-            429,
-        )
-        .with_id(m.id.clone());
-        return Some(reply(io, err).await);
-    }
-    let ttl = m.asks_task.flatten();
+    let task = match TaskUse::of(ctx, &up.name, m, caller) {
+        Ok(Some(TaskUse::Own) | None) => return None,
+        Ok(Some(task)) => task,
+        Err(err) => return Some(reply(io, err).await),
+    };
     Some(
         super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-            if let Some(task) = super::tasks::created(answer) {
-                owners.bind(&up.name, task, caller, super::tasks::ttl_ms(answer).or(ttl));
-            }
+            task.on_answer(ctx, &up.name, caller, answer);
             Ok(())
         })
         .await,
@@ -944,7 +978,20 @@ async fn forward_stage<'c>(
                 let filtering = m.kind == Kind::Request
                     && m.method.as_deref() == Some("tools/list")
                     && super::proxy::reads_tool_lists(req, policy, tenant);
-                if known.is_none() && !filtering {
+                // The held session is the tenant's (or the caller's): its tasks are bound to
+                // their callers here, as on an upstream without sessions.
+                let caller = super::proxy::session_owner(ctx, obs);
+                let task = match TaskUse::of(ctx, &up.name, m, caller) {
+                    Ok(t) => t,
+                    Err(err) => {
+                        obs.set(crate::stats::Outcome::RpcError);
+                        return io
+                            .write_all(json_response(err.http_status, &err, req.keep_alive))
+                            .await
+                            .is_ok();
+                    }
+                };
+                if known.is_none() && !filtering && task.is_none() {
                     // A stateless client has no session: an id it sends is not passed on.
                     return super::held::forward_learning(
                         io,
@@ -962,9 +1009,16 @@ async fn forward_stage<'c>(
                 }
                 let keep =
                     |t: &serde_json::Value| super::proxy::visible(ctx, policy, tenant, &up.name, t);
-                let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
-                return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, filter))
-                    .await;
+                let edit = |answer: &mut serde_json::Value| match &task {
+                    Some(task) => {
+                        task.on_answer(ctx, &up.name, caller, answer);
+                        Ok(())
+                    }
+                    None => super::held::keep_listed(answer, &keep),
+                };
+                let edit = (filtering || task.is_some())
+                    .then_some(&edit as &dyn Fn(&mut serde_json::Value) -> Result<(), String>);
+                return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, edit)).await;
             }
             if req.header("mcp-session-id").is_none()
                 && messages.all().any(is_task)

@@ -6,8 +6,9 @@
 //! task-augmented request to that caller, as the stdio mux does for a shared child: another
 //! caller's `tasks/get`, `tasks/result`, `tasks/cancel` or `tasks/update` is answered as an
 //! unknown task and never reaches the upstream, and `tasks/list` answers keep the caller's own
-//! tasks only. A request on an upstream session needs none of this (the session is the
-//! caller's, and the upstream scopes tasks to it).
+//! tasks only. So does a session the gateway holds for stateless clients (`held`), which the
+//! tenant's callers share. A request on a client's own passthrough session needs none of this
+//! (the session is the caller's, and the upstream scopes tasks to it).
 //!
 //! A task is remembered for its time to live (the answer's, or `params.task.ttl`; an hour when
 //! neither says; at least a minute and at most a day); at most [`MAX_PER_CALLER`] per caller and [`MAX_TASKS`] in all, past which a

@@ -229,6 +229,107 @@ fn callers_sharing_a_held_session_get_their_own_answers_whatever_their_ids() {
     d.stop();
 }
 
+/// Tasks over a held session: the session is the tenant's, and server-everything binds a task
+/// to the session it came on, so without the gateway every caller of the tenant would list,
+/// read and cancel every other's tasks. The gateway binds each to the caller whose
+/// task-augmented call created it, as on an upstream without sessions.
+#[test]
+fn tasks_on_a_tenants_held_session_are_their_creators_alone() {
+    let up_port = free_port();
+    let up = format!("http://127.0.0.1:{up_port}/mcp");
+    let everything = server_everything(up_port);
+    let keys = ["held-alpha-0123456789", "held-beta-0123456789"];
+    let shas = integration_tests::peers::py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut auth = String::new();
+    for (i, agent) in ["a", "b"].iter().enumerate() {
+        auth.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"t\"\nagent = \"{agent}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let port = free_port();
+    let instance = unique("gwheldtasks");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "default_tenant = \"t\"\n[[tenants]]\nname = \"t\"\nid = 1\n{auth}[[upstreams]]\nname = \"everything\"\nurl = \"{up}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"everything\"\nauth = [\"api_key\"]\n"
+        ),
+    )
+    // One worker: the held session (one per worker) is the one every request reaches.
+    .replace("workers = 2", "workers = 1");
+    let mut d = Daemon::start_local(&instance, &c);
+    let ask = |key: &str, method: &str, params: serde_json::Value| -> serde_json::Value {
+        let mut params = params;
+        params["_meta"] = serde_json::json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}
+        });
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+                .to_string();
+        let name = params["name"]
+            .as_str()
+            .map(|n| format!("mcp-name: {n}\r\n"))
+            .unwrap_or_default();
+        let extra = format!(
+            "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n{name}"
+        );
+        let (r, _) = raw(port, &post("/mcp", &body, &extra));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 200, "{method}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method}: {e}: {body}"))
+    };
+    let listed = |v: &serde_json::Value| -> Vec<String> {
+        v["result"]["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks: {v}"))
+            .iter()
+            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let [a, b] = keys;
+    let v = ask(
+        a,
+        "tools/call",
+        serde_json::json!({"name": "simulate-research-query", "arguments": {"topic": "tides"},
+            "task": {"ttl": 60000}}),
+    );
+    let task = v["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {v}"))
+        .to_owned();
+    let named = serde_json::json!({"taskId": task});
+
+    // The other caller of the tenant, on the same held session: not listed, and not found
+    // however it asks.
+    let v = ask(b, "tasks/list", serde_json::json!({}));
+    assert!(!listed(&v).contains(&task), "{v}");
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let v = ask(b, method, named.clone());
+        assert_eq!(v["error"]["code"], -32602, "{method}: {v}");
+        assert!(v.get("result").is_none(), "{method}: {v}");
+    }
+
+    // Its creator: listed, polled, and its result once done (about 4 s of simulated work).
+    let v = ask(a, "tasks/list", serde_json::json!({}));
+    assert!(listed(&v).contains(&task), "{v}");
+    let v = ask(a, "tasks/get", named.clone());
+    assert_eq!(v["result"]["taskId"], task.as_str(), "{v}");
+    let v = ask(a, "tasks/result", named);
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Research Report: tides")),
+        "{v}"
+    );
+    drop(everything);
+    d.stop();
+}
+
 /// The reported case: a federated route with a session-era member, a 2026-07-28 client. Every
 /// tool of both members is listed and callable; the Python SDK's fixture (which speaks both
 /// eras) is served as before.
