@@ -2,7 +2,7 @@
 //! with the key opens.
 #![no_main]
 
-use gateway::mcp::session;
+use gateway::session;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
