@@ -254,7 +254,6 @@ impl Choice<'_> {
     }
 }
 
-/// Upstream sessions remembered at most this many at once per upstream.
 /// Where one request goes, as far as its session decides.
 pub enum Sticky {
     /// No session, or one this upstream can only have on its single endpoint.

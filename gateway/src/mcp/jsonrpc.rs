@@ -18,6 +18,8 @@ use super::error::RpcError;
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+/// The `_meta` key that relates a message to a task (2025-11-25).
+pub const RELATED_TASK_META_KEY: &str = "io.modelcontextprotocol/related-task";
 
 /// Longest tool or prompt name accepted, in characters (the 2025-11-25 spec: 1–128).
 pub const MAX_NAME_CHARS: usize = 128;
@@ -80,6 +82,10 @@ pub struct Message {
     /// `params.task` is present: the request asks for a task (2025-11-25 task augmentation),
     /// with `params.task.ttl` (ms) if it gives one.
     pub asks_task: Option<Option<u64>>,
+    /// `params._meta["io.modelcontextprotocol/related-task"]` is present: the message belongs to
+    /// that task (`params._meta[...].taskId`, when it is a string). The TypeScript SDK's server
+    /// queues the answer of such a request into the task's queue, which its owner reads.
+    pub related_task: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +110,7 @@ impl Message {
             meta_traceparent,
             task_id,
             asks_task: _,
+            related_task,
         } = self;
         let marked = |s: &Option<String>| s.as_deref().is_some_and(|s| s.contains('\0'));
         matches!(id, Some(Id::Str(s)) if s.contains('\0'))
@@ -113,6 +120,7 @@ impl Message {
                 meta_protocol_version,
                 meta_traceparent,
                 task_id,
+                related_task.as_ref().unwrap_or(&None),
             ]
             .into_iter()
             .any(marked)
@@ -399,10 +407,15 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
                 .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))
                 .and_then(|v| v.as_str().map(str::to_owned)),
             meta_traceparent: meta
+                .as_ref()
                 .and_then(|m| m.get("traceparent"))
                 .and_then(|v| v.as_str().map(str::to_owned)),
+
             task_id: field("taskId").and_then(|t| t.as_str().map(str::to_owned)),
             asks_task: field("task").map(|t| t.get("ttl").and_then(|x| x.as_u64())),
+            related_task: meta
+                .and_then(|m| m.get(RELATED_TASK_META_KEY))
+                .map(|t| t.get("taskId").and_then(|x| x.as_str().map(str::to_owned))),
         });
     }
     // A response (from the client: to a server request such as sampling or elicitation).
@@ -425,6 +438,7 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         meta_traceparent: None,
         task_id: None,
         asks_task: None,
+        related_task: None,
     })
 }
 

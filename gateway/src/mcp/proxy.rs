@@ -167,8 +167,9 @@ pub(super) fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
         .key(("session-owner", d.tenant.as_deref(), d.agent.as_deref()))
 }
 
-/// Who calls a stdio upstream: the session owner, and its tenant alone.
-pub(super) fn stdio_caller(ctx: &WorkerCtx, obs: &Obs<'_>) -> crate::stdio::Who {
+/// Who calls: the session owner, and its tenant alone (what keeps callers apart at a stdio
+/// upstream, and in the tasks an upstream makes).
+pub(super) fn who_calls(ctx: &WorkerCtx, obs: &Obs<'_>) -> crate::stdio::Who {
     let tenant = ctx
         .shared
         .limits

@@ -766,6 +766,7 @@ fn admit(
 /// Whether a message asks for a task or about tasks.
 fn is_task(m: &Message) -> bool {
     m.asks_task.is_some()
+        || m.related_task.is_some()
         || m.method
             .as_deref()
             .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
@@ -787,11 +788,26 @@ impl TaskUse {
     /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
     /// notification naming one included), and a new one past its share is refused. `Ok(None)`
     /// for a message that is not about tasks, or needs nothing of them.
-    fn of(ctx: &WorkerCtx, up: &str, m: &Message, caller: u64) -> Result<Option<Self>, RpcError> {
+    fn of(
+        ctx: &WorkerCtx,
+        up: &str,
+        m: &Message,
+        who: crate::stdio::Who,
+    ) -> Result<Option<Self>, RpcError> {
+        let caller = who.caller;
         if m.kind == Kind::Response || !is_task(m) {
             return Ok(None);
         }
         let owners = &ctx.learned.tasks;
+        // A message related to a task (its answer goes to that task's queue) only by the task's
+        // owner.
+        if let Some(related) = &m.related_task
+            && !related
+                .as_deref()
+                .is_some_and(|t| owners.owns(up, t, caller))
+        {
+            return Err(super::tasks::unknown(m.id.clone()));
+        }
         let method = m.method.as_deref().unwrap_or_default();
         if super::tasks::NAMING.contains(&method) {
             let own = m
@@ -811,12 +827,24 @@ impl TaskUse {
         if method == "tasks/list" {
             return Ok(Some(Self::List));
         }
-        if !owners.has_room(caller) {
+        if m.asks_task.is_none() {
+            return Ok(None);
+        }
+        // A client asks for a task only on `tools/call` (2025-11-25): another request asking
+        // for one would have its answer (a list the tenant's filter trims, say) read as a task.
+        if method != "tools/call" {
+            return Err(RpcError::invalid_params(format!(
+                "`{method}` cannot ask for a task: only `tools/call` can"
+            ))
+            .with_id(m.id.clone()));
+        }
+        if !owners.has_room(who) {
             return Err(RpcError::new(
                 policy::code::RATE_LIMITED,
                 format!(
-                    "this caller has {} tasks at upstream `{up}` already",
+                    "no room for another task at upstream `{up}`: a caller may have {}, a tenant {}",
                     super::tasks::MAX_PER_CALLER,
+                    super::tasks::MAX_PER_TENANT,
                 ),
                 429,
             )
@@ -826,14 +854,20 @@ impl TaskUse {
     }
 
     /// Reads (and for a list, trims) the answer.
-    fn on_answer(&self, ctx: &WorkerCtx, up: &str, caller: u64, answer: &mut serde_json::Value) {
+    fn on_answer(
+        &self,
+        ctx: &WorkerCtx,
+        up: &str,
+        who: crate::stdio::Who,
+        answer: &mut serde_json::Value,
+    ) {
         let owners = &ctx.learned.tasks;
         match self {
             Self::Own => {}
-            Self::List => owners.keep_own(up, caller, answer),
+            Self::List => owners.keep_own(up, who.caller, answer),
             Self::Create(ttl) => {
                 if let Some(task) = super::tasks::created(answer) {
-                    owners.bind(up, task, caller, super::tasks::ttl_ms(answer).or(*ttl));
+                    owners.bind(up, task, who, super::tasks::ttl_ms(answer).or(*ttl));
                 }
             }
         }
@@ -866,15 +900,15 @@ async fn bound_tasks<'c>(
         return Some(reply(io, err).await);
     }
     let m = messages.single.as_ref()?;
-    let caller = super::proxy::session_owner(ctx, obs);
-    let task = match TaskUse::of(ctx, &up.name, m, caller) {
+    let who = super::proxy::who_calls(ctx, obs);
+    let task = match TaskUse::of(ctx, &up.name, m, who) {
         Ok(Some(TaskUse::Own) | None) => return None,
         Ok(Some(task)) => task,
         Err(err) => return Some(reply(io, err).await),
     };
     Some(
         super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-            task.on_answer(ctx, &up.name, caller, answer);
+            task.on_answer(ctx, &up.name, who, answer);
             Ok(())
         })
         .await,
@@ -980,8 +1014,8 @@ async fn forward_stage<'c>(
                     && super::proxy::reads_tool_lists(req, policy, tenant);
                 // The held session is the tenant's (or the caller's): its tasks are bound to
                 // their callers here, as on an upstream without sessions.
-                let caller = super::proxy::session_owner(ctx, obs);
-                let task = match TaskUse::of(ctx, &up.name, m, caller) {
+                let who = super::proxy::who_calls(ctx, obs);
+                let task = match TaskUse::of(ctx, &up.name, m, who) {
                     Ok(t) => t,
                     Err(err) => {
                         obs.set(crate::stats::Outcome::RpcError);
@@ -1009,18 +1043,26 @@ async fn forward_stage<'c>(
                 }
                 let keep =
                     |t: &serde_json::Value| super::proxy::visible(ctx, policy, tenant, &up.name, t);
-                let edit = |answer: &mut serde_json::Value| match &task {
-                    Some(task) => {
-                        task.on_answer(ctx, &up.name, caller, answer);
+                let edit = |answer: &mut serde_json::Value| {
+                    if let Some(task) = &task {
+                        task.on_answer(ctx, &up.name, who, answer);
+                    }
+                    if filtering {
+                        super::held::keep_listed(answer, &keep)
+                    } else {
                         Ok(())
                     }
-                    None => super::held::keep_listed(answer, &keep),
                 };
                 let edit = (filtering || task.is_some())
                     .then_some(&edit as &dyn Fn(&mut serde_json::Value) -> Result<(), String>);
                 return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, edit)).await;
             }
-            if req.header("mcp-session-id").is_none()
+            // Without the client's own upstream session (none, or one bridged: the upstream is
+            // reached with the gateway's credential either way), the upstream cannot tell the
+            // gateway's callers apart.
+            if session
+                .and_then(super::proxy::Session::upstream_id)
+                .is_none()
                 && messages.all().any(is_task)
                 && let Some(answered) =
                     Box::pin(bound_tasks(io, req, peer, ctx, up, &messages, obs)).await

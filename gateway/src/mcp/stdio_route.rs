@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::{
     Id, Kind, Message, RpcError,
     messages::{discover_from_initialize, for_stateless},
-    proxy::{Obs, WorkerCtx, classify, json_response, stdio_caller, visible},
+    proxy::{Obs, WorkerCtx, classify, json_response, visible, who_calls},
     sse::{accepts_sse, sse_event, sse_head},
     version,
 };
@@ -65,7 +65,7 @@ pub(super) async fn forward(
             .await
             .is_ok();
     };
-    let who = stdio_caller(ctx, obs);
+    let who = who_calls(ctx, obs);
     let caller = who.caller;
     match m.kind {
         Kind::Notification => {

@@ -11,10 +11,14 @@
 //! (the session is the caller's, and the upstream scopes tasks to it).
 //!
 //! A task is remembered for its time to live (the answer's, or `params.task.ttl`; an hour when
-//! neither says; at least a minute and at most a day); at most [`MAX_PER_CALLER`] per caller and [`MAX_TASKS`] in all, past which a
-//! caller's new task-augmented request is refused (429) rather than another's forgotten.
+//! neither says; at least a minute and at most a day); at most [`MAX_PER_CALLER`] per caller,
+//! [`MAX_PER_TENANT`] per tenant (one tenant's many callers cannot fill the table for the
+//! others) and [`MAX_TASKS`] in all, past which a caller's new task-augmented request is
+//! refused (429) rather than another's forgotten.
 
 use serde_json::Value;
+
+use crate::stdio::Who;
 
 /// The `tasks/*` requests that name one task by `params.taskId`, and the task an answer to a
 /// task-augmented request names: as the stdio mux reads them.
@@ -22,6 +26,7 @@ pub use crate::stdio::mux::{TASK_METHODS as NAMING, created_task as created};
 
 pub const MAX_TASKS: usize = 65_536;
 pub const MAX_PER_CALLER: usize = 1_024;
+pub const MAX_PER_TENANT: usize = MAX_TASKS / 4;
 const MIN_TTL_S: u64 = 60;
 const MAX_TTL_S: u64 = 86_400;
 const DEFAULT_TTL_S: u64 = 3_600;
@@ -29,6 +34,7 @@ const DEFAULT_TTL_S: u64 = 3_600;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Owner {
     caller: u64,
+    tenant: u64,
     /// Unix seconds after which the task is forgotten.
     until: u64,
 }
@@ -38,6 +44,7 @@ struct Owner {
 pub struct Owners {
     map: papaya::HashMap<String, Owner>,
     per_caller: papaya::HashMap<u64, usize>,
+    per_tenant: papaya::HashMap<u64, usize>,
 }
 
 fn key(upstream: &str, task: &str) -> String {
@@ -60,12 +67,14 @@ pub fn ttl_ms(answer: &Value) -> Option<u64> {
 }
 
 impl Owners {
-    /// Whether `caller` may ask for another task now (it has fewer than [`MAX_PER_CALLER`], and
-    /// there is room); forgets tasks past their time first when it has to.
-    pub fn has_room(&self, caller: u64) -> bool {
+    /// Whether `who` may ask for another task now (its caller has fewer than
+    /// [`MAX_PER_CALLER`], its tenant fewer than [`MAX_PER_TENANT`], and there is room);
+    /// forgets tasks past their time first when it has to.
+    pub fn has_room(&self, who: Who) -> bool {
         let full = |s: &Self| {
             s.map.len() >= MAX_TASKS
-                || s.per_caller.pin().get(&caller).copied().unwrap_or(0) >= MAX_PER_CALLER
+                || s.per_caller.pin().get(&who.caller).copied().unwrap_or(0) >= MAX_PER_CALLER
+                || s.per_tenant.pin().get(&who.tenant).copied().unwrap_or(0) >= MAX_PER_TENANT
         };
         if full(self) {
             self.forget_expired();
@@ -73,27 +82,28 @@ impl Owners {
         !full(self)
     }
 
-    /// The task `task` of `upstream` is `caller`'s, for `ttl_ms` (the answer's, or the
-    /// request's; an hour when neither says).
-    pub fn bind(&self, upstream: &str, task: &str, caller: u64, ttl_ms: Option<u64>) {
+    /// The task `task` of `upstream` is `who`'s, for `ttl_ms` (the answer's, or the request's;
+    /// an hour when neither says).
+    pub fn bind(&self, upstream: &str, task: &str, who: Who, ttl_ms: Option<u64>) {
+        let Who { caller, tenant } = who;
         let ttl = ttl_ms
             .map_or(DEFAULT_TTL_S, |ms| ms.div_ceil(1000))
             .clamp(MIN_TTL_S, MAX_TTL_S);
         let owner = Owner {
             caller,
+            tenant,
             until: now_s() + ttl,
         };
         let map = self.map.pin();
         match map.get(&key(upstream, task)) {
             // An id the upstream gives twice: the task is nobody's.
             Some(o) if o.caller != caller => {
-                self.per_caller
-                    .pin()
-                    .update(o.caller, |n| n.saturating_sub(1));
+                self.forgotten(o);
                 map.insert(
                     key(upstream, task),
                     Owner {
                         caller: 0,
+                        tenant: 0,
                         until: owner.until,
                     },
                 );
@@ -103,8 +113,8 @@ impl Owners {
             }
             None => {
                 map.insert(key(upstream, task), owner);
-                let counts = self.per_caller.pin();
-                counts.update_or_insert(caller, |n| n + 1, 1);
+                self.per_caller.pin().update_or_insert(caller, |n| n + 1, 1);
+                self.per_tenant.pin().update_or_insert(tenant, |n| n + 1, 1);
             }
         }
     }
@@ -132,18 +142,27 @@ impl Owners {
         }
     }
 
+    /// A task of `o`'s no longer counts against it.
+    fn forgotten(&self, o: &Owner) {
+        self.per_caller
+            .pin()
+            .update(o.caller, |n| n.saturating_sub(1));
+        self.per_tenant
+            .pin()
+            .update(o.tenant, |n| n.saturating_sub(1));
+    }
+
     fn forget_expired(&self) {
         let now = now_s();
         let map = self.map.pin();
-        let counts = self.per_caller.pin();
-        let expired: Vec<(String, u64)> = map
+        let expired: Vec<(String, Owner)> = map
             .iter()
             .filter(|(_, o)| o.until <= now)
-            .map(|(k, o)| (k.clone(), o.caller))
+            .map(|(k, o)| (k.clone(), *o))
             .collect();
-        for (k, caller) in expired {
+        for (k, o) in expired {
             if map.remove(&k).is_some() {
-                counts.update(caller, |n| n.saturating_sub(1));
+                self.forgotten(&o);
             }
         }
     }
@@ -161,6 +180,11 @@ mod tests {
 
     use super::*;
 
+    /// Caller `caller` of tenant 1.
+    fn who(caller: u64) -> Who {
+        Who { caller, tenant: 1 }
+    }
+
     #[test]
     fn a_task_is_its_creators_for_its_time_to_live() {
         let o = Owners::default();
@@ -173,18 +197,18 @@ mod tests {
             Some("t2")
         );
         assert_eq!(created(&json!({"result": {"content": []}})), None);
-        o.bind("u", "t1", 7, Some(60_000));
+        o.bind("u", "t1", who(7), Some(60_000));
         assert!(o.owns("u", "t1", 7));
         assert!(!o.owns("u", "t1", 8), "another caller");
         assert!(!o.owns("v", "t1", 7), "another upstream");
         assert!(!o.owns("u", "t2", 7), "never bound");
         // The upstream gives the same id to another caller's task: nobody's.
-        o.bind("u", "t1", 8, None);
+        o.bind("u", "t1", who(8), None);
         assert!(!o.owns("u", "t1", 7) && !o.owns("u", "t1", 8));
         let mut list =
             json!({"result": {"tasks": [{"taskId": "a"}, {"taskId": "b"}, {"taskId": "c"}]}});
-        o.bind("u", "a", 7, None);
-        o.bind("u", "c", 8, None);
+        o.bind("u", "a", who(7), None);
+        o.bind("u", "c", who(8), None);
         o.keep_own("u", 7, &mut list);
         assert_eq!(list["result"]["tasks"], json!([{"taskId": "a"}]));
     }
@@ -193,19 +217,41 @@ mod tests {
     fn a_caller_has_room_for_its_own_tasks_only() {
         let o = Owners::default();
         for i in 0..MAX_PER_CALLER {
-            assert!(o.has_room(1));
-            o.bind("u", &format!("t{i}"), 1, Some(60_000));
+            assert!(o.has_room(who(1)));
+            o.bind("u", &format!("t{i}"), who(1), Some(60_000));
         }
-        assert!(!o.has_room(1), "full for its creator");
-        assert!(o.has_room(2), "others are not pushed out");
+        assert!(!o.has_room(who(1)), "full for its creator");
+        assert!(o.has_room(who(2)), "others are not pushed out");
         // An id the upstream gives again to another caller is nobody's, and no longer counts
         // against its first creator.
-        o.bind("u", "t0", 2, None);
+        o.bind("u", "t0", who(2), None);
         assert!(!o.owns("u", "t0", 1) && !o.owns("u", "t0", 2));
-        assert!(o.has_room(1));
+        assert!(o.has_room(who(1)));
         assert_eq!(
             ttl_ms(&json!({"result": {"task": {"taskId": "x", "ttl": 5000}}})),
             Some(5000)
         );
+    }
+
+    #[test]
+    fn one_tenants_callers_cannot_fill_the_table_for_the_others() {
+        let o = Owners::default();
+        let mut made = 0;
+        'callers: for caller in 1.. {
+            for i in 0..MAX_PER_CALLER {
+                let w = who(caller);
+                if !o.has_room(w) {
+                    break 'callers;
+                }
+                o.bind("u", &format!("{caller}-{i}"), w, Some(60_000));
+                made += 1;
+            }
+        }
+        assert_eq!(made, MAX_PER_TENANT, "the tenant's share, over its callers");
+        let other = Who {
+            caller: 99_999,
+            tenant: 2,
+        };
+        assert!(o.has_room(other), "another tenant still has room");
     }
 }

@@ -411,6 +411,18 @@ auth = ["api_key"]
         assert!(!text.contains("secret report"), "{method}: {text}");
     }
 
+    // Nor may it relate a call of its own to the task (the SDK would queue the answer into the
+    // task's queue, which its creator reads).
+    let related = json!({"name": "report", "arguments": {"topic": "x"},
+        "_meta": {"io.modelcontextprotocol/related-task": {"taskId": task}}});
+    let r = ask(BETA_KEY, "tools/call", related);
+    assert_eq!(r.json()["error"]["code"], -32602, "{r:?}");
+    // A request other than `tools/call` cannot ask for a task: its answer would be read as one
+    // (and a list, say, not trimmed as the tenant's).
+    let r = ask(BETA_KEY, "tools/list", json!({"task": {}}));
+    assert_eq!(r.json()["error"]["code"], -32602, "{r:?}");
+    assert!(r.json().get("result").is_none(), "{r:?}");
+
     // Its creator: listed, and its result.
     let r = ask(ACME_KEY, "tasks/list", json!({}));
     assert!(listed(&r).contains(&task), "{r:?}");

@@ -593,6 +593,22 @@ fn a_session_era_client_is_bridged_to_a_stateless_only_upstream() {
         assert_eq!(r.status, 400, "{method}: {text}");
         assert!(text.contains("bridged"), "{method}: {text}");
     }
+    // The same session id with a 2026-07-28 marker is a stateless client's request, which the
+    // gateway sends without the id: the upstream still cannot tell callers apart, so a task
+    // is asked about only by its owner (the gateway answers, as for a task it does not know).
+    let modern = "mcp-protocol-version: 2026-07-28\r\nmcp-method: tasks/get\r\n";
+    let body = r#"{"jsonrpc":"2.0","id":5,"method":"tasks/get","params":{"taskId":"t1","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let (r, _) = raw(
+        port,
+        &post(
+            "/mcp",
+            body,
+            &format!("mcp-session-id: {session}\r\n{modern}"),
+        ),
+    );
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.json()["error"]["code"], -32602, "{text}");
+    assert!(text.contains("Task not found"), "{text}");
     // A call its client cancels ends at once (the upstream's exchange closed), answered with an
     // error; a cancellation from another session of the same id cancels nothing.
     let slow = |id: u32, steps: u32| {

@@ -42,7 +42,7 @@ impl<'c> Federation<'_, 'c> {
             Ok(h) => h,
             Err(f) => return Some(Err(f)),
         };
-        let who = proxy::stdio_caller(self.ctx, self.obs);
+        let who = proxy::who_calls(self.ctx, self.obs);
         let caller = who.caller;
         let json = |bytes: Vec<u8>| (held::json_head(), bytes);
         let accepted = held::accepted_head();
@@ -174,7 +174,7 @@ impl<'c> Federation<'_, 'c> {
                 }
             };
             self.obs.upstream.set(Some(&up.name));
-            let who = proxy::stdio_caller(self.ctx, self.obs);
+            let who = proxy::who_calls(self.ctx, self.obs);
             return crate::mcp::stdio_route::request(
                 io,
                 self.req,
