@@ -461,6 +461,7 @@ pub fn apply(
     }
     cmd.env("HOME", home).env("TMPDIR", home);
 
+    say_confinement_once();
     let mut ruleset = landlock_ruleset(spec, home)?;
     let confinement = if ruleset.is_some() {
         Confinement::Landlock
@@ -567,6 +568,23 @@ fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<R
     } else {
         Ok(None)
     }
+}
+
+/// Says once, at the first child, what this kernel's Landlock cannot hold a child to.
+fn say_confinement_once() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| match landlock_abi() {
+        0 => tracing::warn!(
+            "this kernel has no Landlock: stdio children are not held to their paths, and may \
+             signal the processes of their user and reach abstract unix sockets"
+        ),
+        abi @ 1..6 => tracing::warn!(
+            abi,
+            "Landlock before ABI 6 (Linux 6.12): stdio children are held to their paths, but may \
+             signal the processes of their user and reach abstract unix sockets"
+        ),
+        _ => {}
+    });
 }
 
 /// Whether this kernel enforces Landlock (its ABI version is known).
