@@ -1145,6 +1145,22 @@ async fn forward_stage<'c>(
             keep
         }
         Target::Federation(members) => {
+            // A federated route offers no `tasks/*`: a task a member made would be nobody's
+            // to read (and, over a held session, the tenant's).
+            if let Some(m) = &messages.single
+                && m.kind == Kind::Request
+                && (m.asks_task.is_some() || m.related_task.is_some())
+            {
+                let err = RpcError::invalid_request(
+                    "tasks are not offered on a federated route: call without `params.task`",
+                )
+                .with_id(m.id.clone());
+                obs.set(crate::stats::Outcome::RpcError);
+                return io
+                    .write_all(json_response(400, &err, req.keep_alive))
+                    .await
+                    .is_ok();
+            }
             let fed = super::federation::Federation {
                 members,
                 config,

@@ -392,6 +392,20 @@ fn a_stateless_client_sees_and_calls_every_tool_of_a_session_era_member() {
             .contains("2026-07-28"),
         "{v}"
     );
+    // A federated route offers no `tasks/*`: a task a member made over the tenant's held
+    // session would be nobody's to read, or every caller's. Asking for one is refused.
+    let call = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"e_simulate-research-query","arguments":{"topic":"tides"},"task":{"ttl":60000},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let (resp, _) = raw(
+        port,
+        &post(
+            "/fed",
+            call,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: e_simulate-research-query\r\n",
+        ),
+    );
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
+    assert_eq!(resp.status, 400, "{text}");
+    assert!(text.contains("federated route"), "{text}");
     d.stop();
 }
 
