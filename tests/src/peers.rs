@@ -181,19 +181,26 @@ pub fn server_everything(port: u16) -> KillOnDrop {
 /// with `express.json()`, stateless), with the tools `search` and `delete_repo`, on `port`
 /// (`tests/fixtures/express_server.cjs`).
 pub fn express_server(port: u16) -> KillOnDrop {
-    node_fixture("express_server.cjs", port)
+    node_fixture("express_server.cjs", port, &[])
 }
 
 /// A stateless TypeScript SDK server whose tool `report` runs as a task, with one task store
 /// for every request (`tests/fixtures/tasks_server.cjs`), on `port`.
 pub fn tasks_server(port: u16) -> KillOnDrop {
-    node_fixture("tasks_server.cjs", port)
+    node_fixture("tasks_server.cjs", port, &[])
 }
 
-fn node_fixture(script: &str, port: u16) -> KillOnDrop {
+/// [`tasks_server`], where a client that initializes gets a session of its own (one task store
+/// for every session and for requests without one).
+pub fn tasks_server_with_sessions(port: u16) -> KillOnDrop {
+    node_fixture("tasks_server.cjs", port, &["sessions"])
+}
+
+fn node_fixture(script: &str, port: u16, extra: &[&str]) -> KillOnDrop {
     let child = Command::new("node")
         .arg(root().join("tests/fixtures").join(script))
         .arg(port.to_string())
+        .args(extra)
         .env("PATH", node_path())
         .env("NODE_PATH", root().join(".tools/node/node_modules"))
         .stdout(Stdio::null())

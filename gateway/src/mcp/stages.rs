@@ -779,6 +779,8 @@ enum TaskUse {
     Own,
     /// `tasks/list`: the answer keeps the caller's tasks only.
     List,
+    /// `tasks/list` on the client's own session: the answer loses the tasks made for others.
+    ListOnSession,
     /// Task-augmented: the task the answer names becomes the caller's (for this long, in ms,
     /// when the answer does not say).
     Create(Option<u64>),
@@ -788,33 +790,37 @@ impl TaskUse {
     /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
     /// notification naming one included), and a new one past its share is refused. `Ok(None)`
     /// for a message that is not about tasks, or needs nothing of them.
+    /// On the client's own upstream session (`own_session`) a task is the session's unless it
+    /// was made here for another caller.
     fn of(
         ctx: &WorkerCtx,
         up: &str,
         m: &Message,
         who: crate::stdio::Who,
+        own_session: bool,
     ) -> Result<Option<Self>, RpcError> {
         let caller = who.caller;
         if m.kind == Kind::Response || !is_task(m) {
             return Ok(None);
         }
         let owners = &ctx.learned.tasks;
+        let may = |t: &str| {
+            if own_session {
+                !owners.foreign(up, t, caller)
+            } else {
+                owners.owns(up, t, caller)
+            }
+        };
         // A message related to a task (its answer goes to that task's queue) only by the task's
         // owner.
         if let Some(related) = &m.related_task
-            && !related
-                .as_deref()
-                .is_some_and(|t| owners.owns(up, t, caller))
+            && !related.as_deref().is_some_and(may)
         {
             return Err(super::tasks::unknown(m.id.clone()));
         }
         let method = m.method.as_deref().unwrap_or_default();
         if super::tasks::NAMING.contains(&method) {
-            let own = m
-                .task_id
-                .as_deref()
-                .is_some_and(|t| owners.owns(up, t, caller));
-            return if own {
+            return if m.task_id.as_deref().is_some_and(may) {
                 Ok(Some(Self::Own))
             } else {
                 Err(super::tasks::unknown(m.id.clone()))
@@ -825,7 +831,11 @@ impl TaskUse {
             return Ok(None);
         }
         if method == "tasks/list" {
-            return Ok(Some(Self::List));
+            return Ok(Some(if own_session {
+                Self::ListOnSession
+            } else {
+                Self::List
+            }));
         }
         if m.asks_task.is_none() {
             return Ok(None);
@@ -837,6 +847,10 @@ impl TaskUse {
                 "`{method}` cannot ask for a task: only `tools/call` can"
             ))
             .with_id(m.id.clone()));
+        }
+        // The session's own: the upstream scopes it.
+        if own_session {
+            return Ok(None);
         }
         if !owners.has_room(who) {
             return Err(RpcError::new(
@@ -865,6 +879,7 @@ impl TaskUse {
         match self {
             Self::Own => {}
             Self::List => owners.keep_own(up, who.caller, answer),
+            Self::ListOnSession => owners.drop_foreign(up, who.caller, answer),
             Self::Create(ttl) => {
                 if let Some(task) = super::tasks::created(answer) {
                     owners.bind(up, task, who, super::tasks::ttl_ms(answer).or(*ttl));
@@ -875,8 +890,13 @@ impl TaskUse {
 }
 
 /// Tasks on an upstream that cannot tell the gateway's callers apart (a request without a
-/// session; see `tasks`): a task is its creator's. `Some(keep-alive)` when the request was
-/// answered here; `None` when it goes on as any other.
+/// session; see `tasks`): a task is its creator's. On the client's own session
+/// (`own_session`), a task made here for another caller is unknown to it. `Some(keep-alive)`
+/// when the request was answered here; `None` when it goes on as any other.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
 async fn bound_tasks<'c>(
     io: &mut Io,
     req: &Request,
@@ -885,6 +905,7 @@ async fn bound_tasks<'c>(
     up: &'c crate::config::Upstream,
     messages: &Messages,
     obs: &Obs<'c>,
+    own_session: bool,
 ) -> Option<bool> {
     let reply = async |io: &mut Io, err: RpcError| {
         obs.set(crate::stats::Outcome::RpcError);
@@ -901,7 +922,7 @@ async fn bound_tasks<'c>(
     }
     let m = messages.single.as_ref()?;
     let who = super::proxy::who_calls(ctx, obs);
-    let task = match TaskUse::of(ctx, &up.name, m, who) {
+    let task = match TaskUse::of(ctx, &up.name, m, who, own_session) {
         Ok(Some(TaskUse::Own) | None) => return None,
         Ok(Some(task)) => task,
         Err(err) => return Some(reply(io, err).await),
@@ -1015,7 +1036,7 @@ async fn forward_stage<'c>(
                 // The held session is the tenant's (or the caller's): its tasks are bound to
                 // their callers here, as on an upstream without sessions.
                 let who = super::proxy::who_calls(ctx, obs);
-                let task = match TaskUse::of(ctx, &up.name, m, who) {
+                let task = match TaskUse::of(ctx, &up.name, m, who, false) {
                     Ok(t) => t,
                     Err(err) => {
                         obs.set(crate::stats::Outcome::RpcError);
@@ -1059,13 +1080,22 @@ async fn forward_stage<'c>(
             }
             // Without the client's own upstream session (none, or one bridged: the upstream is
             // reached with the gateway's credential either way), the upstream cannot tell the
-            // gateway's callers apart.
-            if session
+            // gateway's callers apart; with one, it may still show a task made without one.
+            let own_session = session
                 .and_then(super::proxy::Session::upstream_id)
-                .is_none()
-                && messages.all().any(is_task)
-                && let Some(answered) =
-                    Box::pin(bound_tasks(io, req, peer, ctx, up, &messages, obs)).await
+                .is_some();
+            if messages.all().any(is_task)
+                && let Some(answered) = Box::pin(bound_tasks(
+                    io,
+                    req,
+                    peer,
+                    ctx,
+                    up,
+                    &messages,
+                    obs,
+                    own_session,
+                ))
+                .await
             {
                 return answered;
             }

@@ -11,7 +11,8 @@
 //! (the session is the caller's, and the upstream scopes tasks to it).
 //!
 //! A task is remembered for its time to live (the answer's, or `params.task.ttl`; an hour when
-//! neither says; at least a minute and at most a day); at most [`MAX_PER_CALLER`] per caller,
+//! neither says; at least a minute and at most a day; counted again from each question its
+//! owner asks about it); at most [`MAX_PER_CALLER`] per caller,
 //! [`MAX_PER_TENANT`] per tenant (one tenant's many callers cannot fill the table for the
 //! others) and [`MAX_TASKS`] in all, past which a caller's new task-augmented request is
 //! refused (429) rather than another's forgotten.
@@ -24,9 +25,9 @@ use crate::stdio::Who;
 /// task-augmented request names: as the stdio mux reads them.
 pub use crate::stdio::mux::{TASK_METHODS as NAMING, created_task as created};
 
-pub const MAX_TASKS: usize = 65_536;
+pub const MAX_TASKS: usize = 131_072;
 pub const MAX_PER_CALLER: usize = 1_024;
-pub const MAX_PER_TENANT: usize = MAX_TASKS / 4;
+pub const MAX_PER_TENANT: usize = MAX_TASKS / 16;
 const MIN_TTL_S: u64 = 60;
 const MAX_TTL_S: u64 = 86_400;
 const DEFAULT_TTL_S: u64 = 3_600;
@@ -35,8 +36,11 @@ const DEFAULT_TTL_S: u64 = 3_600;
 struct Owner {
     caller: u64,
     tenant: u64,
-    /// Unix seconds after which the task is forgotten.
+    /// Unix seconds after which the task is forgotten: its time to live after it was made, or
+    /// after its owner last asked about it (the SDK's store counts a task's time to live again
+    /// from when it finished).
     until: u64,
+    ttl: u64,
 }
 
 /// Who created each task, by `<upstream>\0<task id>`; shared by the workers.
@@ -93,6 +97,7 @@ impl Owners {
             caller,
             tenant,
             until: now_s() + ttl,
+            ttl,
         };
         let map = self.map.pin();
         match map.get(&key(upstream, task)) {
@@ -104,7 +109,7 @@ impl Owners {
                     Owner {
                         caller: 0,
                         tenant: 0,
-                        until: owner.until,
+                        ..owner
                     },
                 );
             }
@@ -119,12 +124,47 @@ impl Owners {
         }
     }
 
-    /// Whether `caller` created `task` of `upstream` (and it has not been forgotten).
+    /// Whether `caller` created `task` of `upstream` (and it has not been forgotten); if so, it
+    /// is kept for its time to live from now.
     pub fn owns(&self, upstream: &str, task: &str, caller: u64) -> bool {
+        let now = now_s();
+        let map = self.map.pin();
+        let k = key(upstream, task);
+        let owned = map
+            .get(&k)
+            .is_some_and(|o| o.caller == caller && caller != 0 && o.until > now);
+        if owned {
+            map.update(k, |o| Owner {
+                until: now + o.ttl,
+                ..*o
+            });
+        }
+        owned
+    }
+
+    /// Whether `task` of `upstream` was made for another caller than `caller` (or is nobody's):
+    /// asked about on a client's own session, where an upstream may show tasks made without
+    /// one (the TypeScript SDK's store gives those to every session).
+    pub fn foreign(&self, upstream: &str, task: &str, caller: u64) -> bool {
         self.map
             .pin()
             .get(&key(upstream, task))
-            .is_some_and(|o| o.caller == caller && caller != 0 && o.until > now_s())
+            .is_some_and(|o| o.caller != caller || caller == 0)
+    }
+
+    /// A `tasks/list` answer on a client's own session without the tasks made for others.
+    pub fn drop_foreign(&self, upstream: &str, caller: u64, answer: &mut Value) {
+        if let Some(tasks) = answer
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+        {
+            tasks.retain(|t| {
+                t["taskId"]
+                    .as_str()
+                    .is_some_and(|id| !self.foreign(upstream, id, caller))
+            });
+        }
     }
 
     /// A `tasks/list` answer with only `caller`'s tasks of `upstream`.
@@ -211,6 +251,16 @@ mod tests {
         o.bind("u", "c", who(8), None);
         o.keep_own("u", 7, &mut list);
         assert_eq!(list["result"]["tasks"], json!([{"taskId": "a"}]));
+        // On a caller's own session: what was made for others goes, the session's own stays.
+        let mut list =
+            json!({"result": {"tasks": [{"taskId": "a"}, {"taskId": "c"}, {"taskId": "s"}]}});
+        o.drop_foreign("u", 7, &mut list);
+        assert_eq!(
+            list["result"]["tasks"],
+            json!([{"taskId": "a"}, {"taskId": "s"}])
+        );
+        assert!(o.foreign("u", "t1", 7), "nobody's is foreign to all");
+        assert!(!o.foreign("u", "never-bound", 7));
     }
 
     #[test]

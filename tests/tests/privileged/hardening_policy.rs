@@ -434,6 +434,111 @@ auth = ["api_key"]
     d.stop();
 }
 
+/// An upstream that takes requests with and without a session, with one task store: the
+/// TypeScript SDK's store shows a task made without a session on every session too. A caller
+/// on its own session still cannot list, read, cancel or feed a task the gateway bound to
+/// another caller; the tasks of its session are its own as before.
+#[test]
+fn a_task_made_without_a_session_is_not_shown_on_another_callers_session() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server_with_sessions(up_port);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwtasksess");
+    let config = format!(
+        r#"{header}default_tenant = "acme"
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants]]
+name = "beta"
+id = 2
+[[auth.api_keys]]
+sha256 = "{acme}"
+tenant = "acme"
+agent = "acme-bot"
+[[auth.api_keys]]
+sha256 = "{beta}"
+tenant = "beta"
+agent = "beta-bot"
+[[upstreams]]
+name = "tasks"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "tasks"
+auth = ["api_key"]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        acme = sha256_hex(ACME_KEY),
+        beta = sha256_hex(BETA_KEY),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let ask = |k: &str, session: Option<&str>, method: &str, params: Value| {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+        let session = session
+            .map(|s| format!("mcp-session-id: {s}\r\n"))
+            .unwrap_or_default();
+        let headers = format!("{}{session}mcp-protocol-version: 2025-11-25\r\n", key(k));
+        raw(port, &post("/mcp", &body, &headers)).0
+    };
+    let listed = |r: &integration_tests::peers::RawResponse| -> Vec<String> {
+        r.json()["result"]["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tasks: {r:?}"))
+            .iter()
+            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let made = |r: &integration_tests::peers::RawResponse| -> String {
+        r.json()["result"]["task"]["taskId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no task created: {r:?}"))
+            .to_owned()
+    };
+    let report = |topic: &str| json!({"name": "report", "arguments": {"topic": topic}, "task": {"ttl": 60000}});
+    // acme, without a session: its task is bound to it.
+    let task = made(&ask(ACME_KEY, None, "tools/call", report("tides")));
+
+    // beta opens a session of its own at the upstream.
+    let init = json!({"protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "beta", "version": "1"}});
+    let r = ask(BETA_KEY, None, "initialize", init);
+    assert_eq!(r.status, 200, "{r:?}");
+    let session = r.header("mcp-session-id").expect("a session").to_owned();
+    let on = Some(session.as_str());
+    let r = ask(BETA_KEY, on, "tasks/list", json!({}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!listed(&r).contains(&task), "{r:?}");
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let r = ask(BETA_KEY, on, method, json!({"taskId": task}));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.json()["error"]["code"], -32602, "{method}: {text}");
+        assert!(!text.contains("secret report"), "{method}: {text}");
+    }
+    let related = json!({"name": "report", "arguments": {"topic": "x"},
+        "_meta": {"io.modelcontextprotocol/related-task": {"taskId": task}}});
+    let r = ask(BETA_KEY, on, "tools/call", related);
+    assert_eq!(r.json()["error"]["code"], -32602, "{r:?}");
+
+    // Its own session's task is its own.
+    let own = made(&ask(BETA_KEY, on, "tools/call", report("reefs")));
+    let r = ask(BETA_KEY, on, "tasks/list", json!({}));
+    assert!(listed(&r).contains(&own), "{r:?}");
+    let r = ask(BETA_KEY, on, "tasks/result", json!({"taskId": own}));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("secret report on reefs"),
+        "{r:?}"
+    );
+    // And acme's is still acme's.
+    let r = ask(ACME_KEY, None, "tasks/result", json!({"taskId": task}));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("secret report on tides"),
+        "{r:?}"
+    );
+    d.stop();
+}
+
 /// The one JSON-RPC message of an answer given as JSON or as an event stream.
 fn message_of(r: &integration_tests::peers::RawResponse) -> Value {
     let text = String::from_utf8_lossy(&r.body);
