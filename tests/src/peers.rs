@@ -25,13 +25,23 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago.
+/// A port free now, and never handed out before by this process: the kernel may give a port
+/// just let go again at once, and two of a test's ports (a listener's and the admin's, say)
+/// must differ.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..10_000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+    panic!("no port free that this process has not handed out already");
 }
 
 /// Waits until something accepts on `port`.
