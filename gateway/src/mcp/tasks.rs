@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::stdio::Who;
 
+use crate::stdio::mux::retain_listed_tasks;
 /// The `tasks/*` requests that name one task by `params.taskId`, and the task an answer to a
 /// task-augmented request names: as the stdio mux reads them.
 pub use crate::stdio::mux::{TASK_METHODS as NAMING, created_task as created};
@@ -154,32 +155,12 @@ impl Owners {
 
     /// A `tasks/list` answer on a client's own session without the tasks made for others.
     pub fn drop_foreign(&self, upstream: &str, caller: u64, answer: &mut Value) {
-        if let Some(tasks) = answer
-            .get_mut("result")
-            .and_then(|r| r.get_mut("tasks"))
-            .and_then(Value::as_array_mut)
-        {
-            tasks.retain(|t| {
-                t["taskId"]
-                    .as_str()
-                    .is_some_and(|id| !self.foreign(upstream, id, caller))
-            });
-        }
+        retain_listed_tasks(answer, |id| !self.foreign(upstream, id, caller));
     }
 
     /// A `tasks/list` answer with only `caller`'s tasks of `upstream`.
     pub fn keep_own(&self, upstream: &str, caller: u64, answer: &mut Value) {
-        if let Some(tasks) = answer
-            .get_mut("result")
-            .and_then(|r| r.get_mut("tasks"))
-            .and_then(Value::as_array_mut)
-        {
-            tasks.retain(|t| {
-                t["taskId"]
-                    .as_str()
-                    .is_some_and(|id| self.owns(upstream, id, caller))
-            });
-        }
+        retain_listed_tasks(answer, |id| self.owns(upstream, id, caller));
     }
 
     /// A task of `o`'s no longer counts against it.

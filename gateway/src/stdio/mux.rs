@@ -91,6 +91,18 @@ pub fn unknown_task(id: Value) -> Value {
     })
 }
 
+/// Keeps, in a `tasks/list` answer, the tasks whose id `keep` says yes to (a task without a
+/// string id goes).
+pub fn retain_listed_tasks(answer: &mut Value, mut keep: impl FnMut(&str) -> bool) {
+    if let Some(list) = answer
+        .get_mut("result")
+        .and_then(|r| r.get_mut("tasks"))
+        .and_then(Value::as_array_mut)
+    {
+        list.retain(|t| t["taskId"].as_str().is_some_and(&mut keep));
+    }
+}
+
 /// The id of the task an answer to a task-augmented request names: 2025-11-25's
 /// `result.task.taskId`, or the 2026-07-28 tasks extension's `result.resultType: "task"` with
 /// `result.taskId`.
@@ -479,18 +491,7 @@ impl Mux {
 
     /// A `tasks/list` answer, with the tasks that are not `caller`'s taken out.
     fn only_own_tasks(&self, caller: Caller, answer: &mut Value) {
-        if let Some(list) = answer
-            .get_mut("result")
-            .and_then(|r| r.get_mut("tasks"))
-            .and_then(Value::as_array_mut)
-        {
-            list.retain(|t| {
-                t["taskId"]
-                    .as_str()
-                    .and_then(|id| self.tasks.get(id))
-                    .is_some_and(|owner| *owner == caller)
-            });
-        }
+        retain_listed_tasks(answer, |id| self.tasks.get(id) == Some(&caller));
     }
 
     fn inbound_notification(&mut self, method: &str, mut message: Value) -> Inbound {
