@@ -173,6 +173,60 @@ pub fn node_path() -> String {
     )
 }
 
+/// The task ids a `tasks/list` answer lists.
+pub fn listed_tasks(answer: &serde_json::Value) -> Vec<String> {
+    answer["result"]["tasks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tasks: {answer}"))
+        .iter()
+        .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// With server-everything behind the gateway: a task `creator` makes is its own. `other`
+/// neither lists it nor reads, polls or cancels it; its creator does all of that and gets its
+/// result. `ask(caller, method, params)` is the answer to that request as `caller`.
+pub fn everything_tasks_are_their_creators_alone(
+    ask: impl Fn(&str, &str, serde_json::Value) -> serde_json::Value,
+    creator: &str,
+    other: &str,
+) {
+    use serde_json::json;
+    let v = ask(
+        creator,
+        "tools/call",
+        json!({"name": "simulate-research-query", "arguments": {"topic": "tides"},
+            "task": {"ttl": 60000}}),
+    );
+    let task = v["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task created: {v}"))
+        .to_owned();
+    let named = json!({"taskId": task});
+
+    // The other caller: not listed, and not found however it asks.
+    let v = ask(other, "tasks/list", json!({}));
+    assert!(!listed_tasks(&v).contains(&task), "{v}");
+    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
+        let v = ask(other, method, named.clone());
+        assert_eq!(v["error"]["code"], -32602, "{method}: {v}");
+        assert!(v.get("result").is_none(), "{method}: {v}");
+    }
+
+    // Its creator: listed, polled, and its result once done (about 4 s of simulated work).
+    let v = ask(creator, "tasks/list", json!({}));
+    assert!(listed_tasks(&v).contains(&task), "{v}");
+    let v = ask(creator, "tasks/get", named.clone());
+    assert_eq!(v["result"]["taskId"], task.as_str(), "{v}");
+    let v = ask(creator, "tasks/result", named);
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Research Report: tides")),
+        "{v}"
+    );
+}
+
 /// The reference MCP server from npm (`@modelcontextprotocol/server-everything`) on `port`.
 pub fn server_everything(port: u16) -> KillOnDrop {
     let child = Command::new("mcp-server-everything")

@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, post_call_2026, raw},
+    peers::{
+        FakeUpstream, Misbehave, PyServer, free_port, listed_tasks, post, post_call_2026, raw,
+    },
     unique,
 };
 
@@ -335,18 +337,11 @@ fn the_admin_api_refuses_cross_site_requests_that_change_state() {
     }
 }
 
-/// A stateless upstream binds a task to the credential it came with, and every tenant reaches
-/// it with the gateway's: the TypeScript SDK's store gives a task created without a session to
-/// every caller without one. So the gateway binds each task to the caller whose task-augmented
-/// request created it: another tenant's `tasks/list` does not show it, and its `tasks/get`,
-/// `tasks/result` and `tasks/cancel` are answered as for an unknown task without reaching the
-/// upstream. Before, the second tenant listed the first's task and read its result.
-#[test]
-fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
-    let up_port = free_port();
-    let _server = integration_tests::peers::tasks_server(up_port);
+/// A gateway with tenants acme and beta (an API key each, its own agent) in front of the task
+/// fixture on `up_port`, and its port.
+fn tasks_gateway(up_port: u16, prefix: &str) -> (Daemon, u16) {
     let (port, admin) = (free_port(), free_port());
-    let instance = unique("gwtasks");
+    let instance = unique(prefix);
     let config = format!(
         r#"{header}default_tenant = "acme"
 [[tenants]]
@@ -375,21 +370,38 @@ auth = ["api_key"]
         acme = sha256_hex(ACME_KEY),
         beta = sha256_hex(BETA_KEY),
     );
-    let mut d = Daemon::start_local(&instance, &config);
-    let ask = |k: &str, method: &str, params: Value| {
-        let body =
-            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
-        let headers = format!("{}mcp-protocol-version: 2025-11-25\r\n", key(k));
-        raw(port, &post("/mcp", &body, &headers)).0
-    };
-    let listed = |r: &integration_tests::peers::RawResponse| -> Vec<String> {
-        r.json()["result"]["tasks"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no tasks: {r:?}"))
-            .iter()
-            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
-            .collect()
-    };
+    (Daemon::start_local(&instance, &config), port)
+}
+
+/// A request to the task gateway on `port` as `k`'s caller (on `session` if given).
+fn ask_tasks(
+    port: u16,
+    k: &str,
+    session: Option<&str>,
+    method: &str,
+    params: Value,
+) -> integration_tests::peers::RawResponse {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+    let session = session
+        .map(|s| format!("mcp-session-id: {s}\r\n"))
+        .unwrap_or_default();
+    let headers = format!("{}{session}mcp-protocol-version: 2025-11-25\r\n", key(k));
+    raw(port, &post("/mcp", &body, &headers)).0
+}
+
+/// A stateless upstream binds a task to the credential it came with, and every tenant reaches
+/// it with the gateway's: the TypeScript SDK's store gives a task created without a session to
+/// every caller without one. So the gateway binds each task to the caller whose task-augmented
+/// request created it: another tenant's `tasks/list` does not show it, and its `tasks/get`,
+/// `tasks/result` and `tasks/cancel` are answered as for an unknown task without reaching the
+/// upstream. Before, the second tenant listed the first's task and read its result.
+#[test]
+fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server(up_port);
+    let (mut d, port) = tasks_gateway(up_port, "gwtasks");
+    let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
+    let listed = |r: &integration_tests::peers::RawResponse| listed_tasks(&r.json());
     let r = ask(
         ACME_KEY,
         "tools/call",
@@ -442,54 +454,11 @@ auth = ["api_key"]
 fn a_task_made_without_a_session_is_not_shown_on_another_callers_session() {
     let up_port = free_port();
     let _server = integration_tests::peers::tasks_server_with_sessions(up_port);
-    let (port, admin) = (free_port(), free_port());
-    let instance = unique("gwtasksess");
-    let config = format!(
-        r#"{header}default_tenant = "acme"
-[[tenants]]
-name = "acme"
-id = 1
-[[tenants]]
-name = "beta"
-id = 2
-[[auth.api_keys]]
-sha256 = "{acme}"
-tenant = "acme"
-agent = "acme-bot"
-[[auth.api_keys]]
-sha256 = "{beta}"
-tenant = "beta"
-agent = "beta-bot"
-[[upstreams]]
-name = "tasks"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "tasks"
-auth = ["api_key"]
-"#,
-        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
-        acme = sha256_hex(ACME_KEY),
-        beta = sha256_hex(BETA_KEY),
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (mut d, port) = tasks_gateway(up_port, "gwtasksess");
     let ask = |k: &str, session: Option<&str>, method: &str, params: Value| {
-        let body =
-            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
-        let session = session
-            .map(|s| format!("mcp-session-id: {s}\r\n"))
-            .unwrap_or_default();
-        let headers = format!("{}{session}mcp-protocol-version: 2025-11-25\r\n", key(k));
-        raw(port, &post("/mcp", &body, &headers)).0
+        ask_tasks(port, k, session, method, params)
     };
-    let listed = |r: &integration_tests::peers::RawResponse| -> Vec<String> {
-        r.json()["result"]["tasks"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no tasks: {r:?}"))
-            .iter()
-            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
-            .collect()
-    };
+    let listed = |r: &integration_tests::peers::RawResponse| listed_tasks(&r.json());
     let made = |r: &integration_tests::peers::RawResponse| -> String {
         r.json()["result"]["task"]["taskId"]
             .as_str()

@@ -712,49 +712,8 @@ fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
             .find(|m| m["id"] == 1 && m.get("method").is_none())
             .unwrap_or_else(|| panic!("{method}: no answer in {body}"))
     };
-    let listed = |v: &serde_json::Value| -> Vec<String> {
-        v["result"]["tasks"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no tasks: {v}"))
-            .iter()
-            .filter_map(|t| t["taskId"].as_str().map(str::to_owned))
-            .collect()
-    };
     let [a, b] = keys;
-
-    let v = ask(
-        a,
-        "tools/call",
-        serde_json::json!({"name": "simulate-research-query", "arguments": {"topic": "tides"},
-            "task": {"ttl": 60000}}),
-    );
-    let task = v["result"]["task"]["taskId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no task created: {v}"))
-        .to_owned();
-    let named = serde_json::json!({"taskId": task});
-
-    // The other tenant's caller: not listed, and not found however it asks.
-    let v = ask(b, "tasks/list", serde_json::json!({}));
-    assert!(!listed(&v).contains(&task), "{v}");
-    for method in ["tasks/get", "tasks/result", "tasks/cancel"] {
-        let v = ask(b, method, named.clone());
-        assert_eq!(v["error"]["code"], -32602, "{method}: {v}");
-        assert!(v.get("result").is_none(), "{method}: {v}");
-    }
-
-    // Its creator: listed, polled, and its result once done (about 4 s of simulated work).
-    let v = ask(a, "tasks/list", serde_json::json!({}));
-    assert!(listed(&v).contains(&task), "{v}");
-    let v = ask(a, "tasks/get", named.clone());
-    assert_eq!(v["result"]["taskId"], task.as_str(), "{v}");
-    let v = ask(a, "tasks/result", named);
-    assert!(
-        v["result"]["content"][0]["text"]
-            .as_str()
-            .is_some_and(|t| t.contains("Research Report: tides")),
-        "{v}"
-    );
+    integration_tests::peers::everything_tasks_are_their_creators_alone(ask, a, b);
     d.stop();
 }
 
