@@ -56,14 +56,49 @@ fn an_unclosed_string_or_a_cut_escape_is_copied_for_the_parser_to_refuse() {
 }
 
 /// The message read, or the refusal (its code, id and reason), is the body's own.
-fn agrees(body: &str) {
+fn agrees(body: impl AsRef<[u8]>) {
+    let body = body.as_ref();
     let whole = Parser::with_elision(Elision {
         from: usize::MAX,
         long_run: usize::MAX,
     })
-    .parse_for(body.as_bytes(), false);
-    let copied = Parser::with_elision(SMALL).parse_for(body.as_bytes(), false);
-    assert_eq!(whole, copied, "{body}: whole, then from the copy");
+    .parse_for(body, false);
+    let copied = Parser::with_elision(SMALL).parse_for(body, false);
+    assert_eq!(
+        whole,
+        copied,
+        "{}: whole, then from the copy",
+        String::from_utf8_lossy(body)
+    );
+}
+
+#[test]
+fn text_outside_ascii_is_left_out_when_valid_and_refused_as_the_body_is_when_not() {
+    let (out, elided) = copy(r#"{"a":"ééééééé and a long run","b":"日本語のテキスト"}"#);
+    assert!(elided);
+    assert_eq!(out, r#"{"a":"\u0000","b":"\u0000"}"#);
+    let call = |text: &[u8]| {
+        [
+            &br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"t":""#[..],
+            text,
+            br#""}}}"#,
+        ]
+        .concat()
+    };
+    for text in [
+        // Invalid UTF-8 or a control character in a short run of a string with a long run,
+        // or in the long run itself, or in a later string.
+        &b"0123456789\n\xff"[..],
+        b"0123456789\n\x01",
+        b"\xe9\x80 and a long run",
+        b"0123456789\x1f and more",
+        b"0123456789\",\"u\":\"\x00",
+        b"0123456789\",\"u\":\"\xc3",
+        // Valid: a run of text outside ASCII, cut by an escape.
+        "0123456789é\\nü and a long run".as_bytes(),
+    ] {
+        agrees(call(text));
+    }
 }
 
 #[test]
