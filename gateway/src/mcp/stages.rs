@@ -774,7 +774,7 @@ fn is_task(m: &Message) -> bool {
 
 /// What a task-related message may do where the upstream cannot tell the gateway's callers
 /// apart (see `tasks`): decided before it is sent.
-enum TaskUse {
+enum TaskUse<'a> {
     /// It names a task of the caller's: sent as it is.
     Own,
     /// `tasks/list`: the answer keeps the caller's tasks only.
@@ -782,18 +782,18 @@ enum TaskUse {
     /// `tasks/list` on the client's own session: the answer loses the tasks made for others.
     ListOnSession,
     /// Task-augmented: the task the answer names becomes the caller's (for this long, in ms,
-    /// when the answer does not say).
-    Create(Option<u64>),
+    /// when the answer does not say), in the room held for it.
+    Create(Option<u64>, super::tasks::Room<'a>),
 }
 
-impl TaskUse {
+impl<'a> TaskUse<'a> {
     /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
     /// notification naming one included), and a new one past its share is refused. `Ok(None)`
     /// for a message that is not about tasks, or needs nothing of them.
     /// On the client's own upstream session (`own_session`) a task is the session's unless it
     /// was made here for another caller.
     fn of(
-        ctx: &WorkerCtx,
+        ctx: &'a WorkerCtx,
         up: &str,
         m: &Message,
         who: crate::stdio::Who,
@@ -852,7 +852,7 @@ impl TaskUse {
         if own_session {
             return Ok(None);
         }
-        if !owners.has_room(who) {
+        let Some(room) = owners.reserve(who) else {
             return Err(RpcError::new(
                 policy::code::RATE_LIMITED,
                 format!(
@@ -863,8 +863,8 @@ impl TaskUse {
                 429,
             )
             .with_id(m.id.clone()));
-        }
-        Ok(Some(Self::Create(m.asks_task.flatten())))
+        };
+        Ok(Some(Self::Create(m.asks_task.flatten(), room)))
     }
 
     /// Reads (and for a list, trims) the answer.
@@ -880,9 +880,9 @@ impl TaskUse {
             Self::Own => {}
             Self::List => owners.keep_own(up, who.caller, answer),
             Self::ListOnSession => owners.drop_foreign(up, who.caller, answer),
-            Self::Create(ttl) => {
+            Self::Create(ttl, room) => {
                 if let Some(task) = super::tasks::created(answer) {
-                    owners.bind(up, task, who, super::tasks::ttl_ms(answer).or(*ttl));
+                    owners.bind(up, task, room, super::tasks::ttl_ms(answer).or(*ttl));
                 }
             }
         }

@@ -48,8 +48,34 @@ struct Owner {
 #[derive(Debug, Default)]
 pub struct Owners {
     map: papaya::HashMap<String, Owner>,
+    /// Tasks bound to each caller and tenant, and the room held for their calls under way.
     per_caller: papaya::HashMap<u64, usize>,
     per_tenant: papaya::HashMap<u64, usize>,
+    /// Room held for calls under way, in all.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+/// Room for one task, held from a task-augmented call until its answer binds the task it
+/// names (or names none: then the room goes back when this is dropped). It counts against the
+/// caller's and the tenant's share from the moment the call is let through, so calls made at
+/// once cannot pass a share by their number.
+#[derive(Debug)]
+pub struct Room<'a> {
+    owners: &'a Owners,
+    who: Who,
+    /// Taken by a task bound in it.
+    taken: std::cell::Cell<bool>,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.owners
+            .held
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.taken.get() {
+            self.owners.release(self.who);
+        }
+    }
 }
 
 fn key(upstream: &str, task: &str) -> String {
@@ -72,25 +98,52 @@ pub fn ttl_ms(answer: &Value) -> Option<u64> {
 }
 
 impl Owners {
-    /// Whether `who` may ask for another task now (its caller has fewer than
-    /// [`MAX_PER_CALLER`], its tenant fewer than [`MAX_PER_TENANT`], and there is room);
-    /// forgets tasks past their time first when it has to.
-    pub fn has_room(&self, who: Who) -> bool {
-        let full = |s: &Self| {
-            s.map.len() >= MAX_TASKS
-                || s.per_caller.pin().get(&who.caller).copied().unwrap_or(0) >= MAX_PER_CALLER
-                || s.per_tenant.pin().get(&who.tenant).copied().unwrap_or(0) >= MAX_PER_TENANT
+    /// Room for another task of `who`'s, if its caller has fewer than [`MAX_PER_CALLER`] tasks
+    /// and calls under way, its tenant fewer than [`MAX_PER_TENANT`], and there is room in
+    /// all; forgets tasks past their time first when it has to. Counted first and checked
+    /// after, so that workers asking at once cannot all pass on the same last place.
+    pub fn reserve(&self, who: Who) -> Option<Room<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let take = || {
+            let held = self.held.fetch_add(1, Relaxed) + 1;
+            let caller = *self
+                .per_caller
+                .pin()
+                .update_or_insert(who.caller, |n| n + 1, 1);
+            let tenant = *self
+                .per_tenant
+                .pin()
+                .update_or_insert(who.tenant, |n| n + 1, 1);
+            let room = Room {
+                owners: self,
+                who,
+                taken: std::cell::Cell::new(false),
+            };
+            let fits = self.map.len() + held <= MAX_TASKS
+                && caller <= MAX_PER_CALLER
+                && tenant <= MAX_PER_TENANT;
+            fits.then_some(room)
         };
-        if full(self) {
+        take().or_else(|| {
             self.forget_expired();
-        }
-        !full(self)
+            take()
+        })
     }
 
-    /// The task `task` of `upstream` is `who`'s, for `ttl_ms` (the answer's, or the request's;
-    /// an hour when neither says).
-    pub fn bind(&self, upstream: &str, task: &str, who: Who, ttl_ms: Option<u64>) {
-        let Who { caller, tenant } = who;
+    /// What a room not taken gives back.
+    fn release(&self, who: Who) {
+        self.forgotten(&Owner {
+            caller: who.caller,
+            tenant: who.tenant,
+            until: 0,
+            ttl: 0,
+        });
+    }
+
+    /// The task `task` of `upstream` is the room's caller's, for `ttl_ms` (the answer's, or the
+    /// request's; an hour when neither says).
+    pub fn bind(&self, upstream: &str, task: &str, room: &Room<'_>, ttl_ms: Option<u64>) {
+        let Who { caller, tenant } = room.who;
         let ttl = ttl_ms
             .map_or(DEFAULT_TTL_S, |ms| ms.div_ceil(1000))
             .clamp(MIN_TTL_S, MAX_TTL_S);
@@ -102,7 +155,7 @@ impl Owners {
         };
         let map = self.map.pin();
         match map.get(&key(upstream, task)) {
-            // An id the upstream gives twice: the task is nobody's.
+            // An id the upstream gives twice: the task is nobody's (and the room goes back).
             Some(o) if o.caller != caller => {
                 self.forgotten(o);
                 map.insert(
@@ -114,13 +167,14 @@ impl Owners {
                     },
                 );
             }
+            // Counted already (an answer read twice, or an id given again to its caller).
             Some(_) => {
                 map.insert(key(upstream, task), owner);
             }
+            None if room.taken.get() => {}
             None => {
                 map.insert(key(upstream, task), owner);
-                self.per_caller.pin().update_or_insert(caller, |n| n + 1, 1);
-                self.per_tenant.pin().update_or_insert(tenant, |n| n + 1, 1);
+                room.taken.set(true);
             }
         }
     }
@@ -206,6 +260,12 @@ mod tests {
         Who { caller, tenant: 1 }
     }
 
+    /// A call of `who`'s let through, whose answer names `task`.
+    fn made(o: &Owners, task: &str, who: Who, ttl_ms: Option<u64>) {
+        let room = o.reserve(who).expect("room");
+        o.bind("u", task, &room, ttl_ms);
+    }
+
     #[test]
     fn a_task_is_its_creators_for_its_time_to_live() {
         let o = Owners::default();
@@ -218,18 +278,18 @@ mod tests {
             Some("t2")
         );
         assert_eq!(created(&json!({"result": {"content": []}})), None);
-        o.bind("u", "t1", who(7), Some(60_000));
+        made(&o, "t1", who(7), Some(60_000));
         assert!(o.owns("u", "t1", 7));
         assert!(!o.owns("u", "t1", 8), "another caller");
         assert!(!o.owns("v", "t1", 7), "another upstream");
         assert!(!o.owns("u", "t2", 7), "never bound");
         // The upstream gives the same id to another caller's task: nobody's.
-        o.bind("u", "t1", who(8), None);
+        made(&o, "t1", who(8), None);
         assert!(!o.owns("u", "t1", 7) && !o.owns("u", "t1", 8));
         let mut list =
             json!({"result": {"tasks": [{"taskId": "a"}, {"taskId": "b"}, {"taskId": "c"}]}});
-        o.bind("u", "a", who(7), None);
-        o.bind("u", "c", who(8), None);
+        made(&o, "a", who(7), None);
+        made(&o, "c", who(8), None);
         o.keep_own("u", 7, &mut list);
         assert_eq!(list["result"]["tasks"], json!([{"taskId": "a"}]));
         // On a caller's own session: what was made for others goes, the session's own stays.
@@ -248,16 +308,15 @@ mod tests {
     fn a_caller_has_room_for_its_own_tasks_only() {
         let o = Owners::default();
         for i in 0..MAX_PER_CALLER {
-            assert!(o.has_room(who(1)));
-            o.bind("u", &format!("t{i}"), who(1), Some(60_000));
+            made(&o, &format!("t{i}"), who(1), Some(60_000));
         }
-        assert!(!o.has_room(who(1)), "full for its creator");
-        assert!(o.has_room(who(2)), "others are not pushed out");
+        assert!(o.reserve(who(1)).is_none(), "full for its creator");
+        assert!(o.reserve(who(2)).is_some(), "others are not pushed out");
         // An id the upstream gives again to another caller is nobody's, and no longer counts
         // against its first creator.
-        o.bind("u", "t0", who(2), None);
+        made(&o, "t0", who(2), None);
         assert!(!o.owns("u", "t0", 1) && !o.owns("u", "t0", 2));
-        assert!(o.has_room(who(1)));
+        assert!(o.reserve(who(1)).is_some());
         assert_eq!(
             ttl_ms(&json!({"result": {"task": {"taskId": "x", "ttl": 5000}}})),
             Some(5000)
@@ -271,10 +330,10 @@ mod tests {
         'callers: for caller in 1.. {
             for i in 0..MAX_PER_CALLER {
                 let w = who(caller);
-                if !o.has_room(w) {
+                let Some(room) = o.reserve(w) else {
                     break 'callers;
-                }
-                o.bind("u", &format!("{caller}-{i}"), w, Some(60_000));
+                };
+                o.bind("u", &format!("{caller}-{i}"), &room, Some(60_000));
                 made += 1;
             }
         }
@@ -283,6 +342,34 @@ mod tests {
             caller: 99_999,
             tenant: 2,
         };
-        assert!(o.has_room(other), "another tenant still has room");
+        assert!(o.reserve(other).is_some(), "another tenant still has room");
+    }
+
+    #[test]
+    fn calls_under_way_hold_their_room_until_answered() {
+        let o = Owners::default();
+        // As many calls at once as the caller may have tasks: each holds a place.
+        let rooms: Vec<Room<'_>> = (0..MAX_PER_CALLER)
+            .map(|_| o.reserve(who(1)).expect("room"))
+            .collect();
+        assert!(
+            o.reserve(who(1)).is_none(),
+            "the calls under way fill the share"
+        );
+        assert!(o.reserve(who(2)).is_some(), "not another caller's");
+        // One answer names no task: its place goes back. Another names one: it stays taken.
+        let mut rooms = rooms.into_iter();
+        drop(rooms.next());
+        let room = o.reserve(who(1)).expect("a place given back");
+        o.bind("u", "t", &room, None);
+        drop(room);
+        assert!(o.owns("u", "t", 1));
+        assert!(
+            o.reserve(who(1)).is_none(),
+            "the bound task keeps its place"
+        );
+        drop(rooms);
+        assert!(o.reserve(who(1)).is_some());
+        assert_eq!(o.held.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }
