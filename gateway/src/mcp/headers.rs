@@ -72,10 +72,28 @@ pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
     if req.header_str("mcp-method") != Some(method) {
         return Err(mismatch("Mcp-Method header"));
     }
-    if let Some(name) = &msg.name {
-        let header = req.header_str("mcp-name").and_then(decode_header_value);
-        if header.as_deref() != Some(name.as_str()) {
-            return Err(mismatch("Mcp-Name header"));
+    let header = req.header_str("mcp-name");
+    match (&msg.name, &msg.task_id) {
+        (Some(name), _) => {
+            if header.and_then(decode_header_value).as_deref() != Some(name.as_str()) {
+                return Err(mismatch("Mcp-Name header"));
+            }
+        }
+        // A method that names nothing has no `Mcp-Name` for a router to read, but the task it
+        // is about (the tasks extension mirrors `taskId` there).
+        _ if header.is_none() => {}
+        (None, Some(task)) => {
+            if header.and_then(decode_header_value).as_deref() != Some(task.as_str()) {
+                return Err(mismatch("Mcp-Name header"));
+            }
+        }
+        (None, None) => {
+            return Err(RpcError::new(
+                error::HEADER_MISMATCH,
+                format!("an Mcp-Name header does not belong with `{method}`, which names nothing"),
+                400,
+            )
+            .with_id(msg.id.clone()));
         }
     }
     Ok(())

@@ -338,6 +338,16 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         let Some(method) = m.as_str() else {
             return Err(RpcError::invalid_request("`method` must be a string").with_id(id));
         };
+        // A request or a notification, never also an answer: Python's `mcp` reads a message
+        // with an `id` and an `error` (or `result`) as a response whatever else it holds, so
+        // the gateway would decide on a call the upstream never runs (and count the answer it
+        // never gives against the upstream, for every tenant).
+        if obj.get("result").is_some() || obj.get("error").is_some() {
+            return Err(RpcError::invalid_request(
+                "a message with `method` is a request or a notification: it carries no `result` nor `error`",
+            )
+            .with_id(id));
+        }
         let params = obj.get("params");
         if params.is_some_and(|p| p.as_object().is_none()) {
             return Err(RpcError::invalid_request("`params` must be an object").with_id(id));

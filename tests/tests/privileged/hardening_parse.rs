@@ -210,6 +210,32 @@ fn duplicate_keys_never_reach_the_upstream() {
     );
 }
 
+/// A message with `method` and also `result` or `error` is what Python's `mcp` reads as a
+/// response: the gateway would decide on a call the upstream never runs (and read the empty
+/// answer as the upstream failing, for every tenant's circuit breaker).
+#[test]
+fn a_request_that_also_carries_an_answer_never_reaches_the_upstream() {
+    let s = setup();
+    let bodies = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"t":"carries-an-error"}},"error":{"code":1,"message":"m"}}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"t":"carries-a-result"}},"result":{}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"carries-null","progress":1},"error":null}"#,
+        r#"[{"jsonrpc":"2.0","id":3,"method":"ping","result":{"carries-in-a-batch":1}}]"#,
+    ];
+    for body in bodies {
+        let (r, _) = raw(s.port, &post("/mcp", body, ""));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], -32600, "{body}");
+    }
+    assert!(!s.upstream.saw("carries-"), "the upstream saw one of them");
+    ping_ok(s.port, "/mcp");
+}
+
 /// A large body is parsed from a copy with its long runs of string text left out
 /// (`mcp::elide`): what policy decides on must still be what the upstream reads, and what the
 /// parser would refuse in a run left out is refused all the same.
@@ -646,12 +672,6 @@ upstream = "router"
         "{text}"
     );
 
-    // An upstream that acts on headers without reading the body.
-    let (status, text) = send("/routed", "tools/list", meta, "");
-    assert_eq!(status, 200, "{text}");
-    let (status, text) = call("/routed", "mcp-param-region: us-east\r\n");
-    assert_eq!(status, 400, "{text}");
-    assert!(text.contains(gateways), "{text}");
     let seen = || {
         fake.seen
             .lock()
@@ -659,6 +679,23 @@ upstream = "router"
             .join("\n---\n")
             .to_ascii_lowercase()
     };
+    // `Mcp-Name` beside a method that names nothing, or naming another task than the body.
+    for (method, params) in [
+        ("tools/list", meta.to_owned()),
+        ("tasks/get", format!(r#""taskId":"task-a",{meta}"#)),
+    ] {
+        let (status, text) = send("/routed", method, &params, "mcp-name: task-b\r\n");
+        assert_eq!(status, 400, "{method}: {text}");
+        assert!(text.contains("-32020"), "{method}: {text}");
+    }
+    assert!(!seen().contains("task-b"), "{}", seen());
+
+    // An upstream that acts on headers without reading the body.
+    let (status, text) = send("/routed", "tools/list", meta, "");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = call("/routed", "mcp-param-region: us-east\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(gateways), "{text}");
     assert!(!seen().contains("mcp-param-region: us-east"), "{}", seen());
     let (_, text) = call("/routed", "mcp-param-region: eu-west\r\n");
     assert!(
