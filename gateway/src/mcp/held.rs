@@ -804,6 +804,7 @@ pub(super) async fn open_judging(
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
             obs.abandoned.set(true);
+            obs.client_left.set(true);
             return Opened::Answered(false);
         }
         Err(f) => {

@@ -43,6 +43,8 @@ pub(super) struct Obs<'a> {
     /// the upstream did not answer in time), with no way back to it (no event id reached the
     /// client to resume the stream from): see `abandoned`.
     pub abandoned: Cell<bool>,
+    /// The client left before its answer: nothing the upstream did, so no breaker counts it.
+    pub client_left: Cell<bool>,
 }
 
 /// Who called and what policy decided, for telemetry and the audit log.
@@ -839,6 +841,7 @@ pub(super) async fn forward<'c>(
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
             obs.abandoned.set(true);
+            obs.client_left.set(true);
             false
         }
         // The gateway gave up waiting: the call may still run there.

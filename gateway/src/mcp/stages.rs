@@ -1282,6 +1282,11 @@ fn record(
         for (name, up, tool_level, pass) in passed {
             // A tool fails with an error or `isError`; an upstream only when it fails.
             let ok = match outcome {
+                // Judged on nothing: refused here, or its client left before the answer.
+                _ if obs.client_left.get() => {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
                 Outcome::Refused => {
                     ctx.shared.breakers.release(&name, pass);
                     continue;

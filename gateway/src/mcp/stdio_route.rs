@@ -189,6 +189,7 @@ pub(super) async fn request(
                 // The client left: dropping `pending` tells the supervisor, which cancels the
                 // call at the child.
                 obs.set(Outcome::UpstreamFailure);
+                obs.client_left.set(true);
                 return false;
             }
         };

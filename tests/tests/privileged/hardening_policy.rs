@@ -46,7 +46,7 @@ impl Drop for Setup {
 /// each with an API key; a Python SDK upstream (JSON answers, with a tool breaker) under
 /// `/mcp` and `/fed`, and a raw upstream that records what reaches it under `/fake`.
 fn setup() -> Setup {
-    let py = PyServer::start(true);
+    let py = PyServer::start_with(&["--json", "--slow"]);
     let fake = FakeUpstream::start(Misbehave::Answer);
     let port = free_port();
     let admin = free_port();
@@ -278,6 +278,24 @@ fn one_tenants_tool_errors_do_not_open_the_tool_for_another() {
     let r = call_2026(s.port, BETA_KEY, "fail", &args);
     assert_eq!(r.status, 200, "beta's: still closed: {r:?}");
     assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
+}
+
+/// A client that hangs up before its answer is no failure of the upstream: three such calls
+/// of one tenant opened the upstream's breaker for every tenant.
+#[test]
+fn a_client_that_leaves_does_not_open_the_upstream_for_others() {
+    let s = setup();
+    for id in 0..3 {
+        let call = post_call_2026("/mcp", id, "sleep", &json!({"seconds": 2}), &key(ACME_KEY));
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        std::io::Write::write_all(&mut conn, &call).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(conn);
+    }
+    // The gateway sees each leave while the upstream still works.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = call_2026(s.port, BETA_KEY, "echo", &json!({"text": "still open"}));
+    assert_eq!(r.status, 200, "beta's call after acme's hang-ups: {r:?}");
 }
 
 #[test]
