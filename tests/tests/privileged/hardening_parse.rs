@@ -502,12 +502,30 @@ upstream = "repo"
 /// 502, never relayed: a 401 (its `WWW-Authenticate` would send the client to authorize where
 /// the upstream says), two `Content-Type` lines, or one that names `text/event-stream` without
 /// being it (the TypeScript SDK reads a stream wherever the string appears; the gateway would
-/// relay it unread as JSON). And what reaches the upstream says `application/json` and asks
-/// for no compression, whatever the client wrote.
+/// relay it unread as JSON), a status outside 100-599 (relayed as `HTTP/1.1 99`, a client
+/// finds its status elsewhere, and the gateway's own reading of what it wrote spliced its CORS
+/// lines into the body), or a `Content-Encoding` it did not ask for. And what reaches the
+/// upstream says `application/json` and asks for no compression, whatever the client wrote.
 #[test]
 fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
     let body = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
-    let heads: [(&str, &'static str); 3] = [
+    let heads: [(&str, &'static str); 7] = [
+        (
+            "status 99",
+            "HTTP/1.1 099 X\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+        (
+            "status 0",
+            "HTTP/1.1 000 X\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+        (
+            "status 999",
+            "HTTP/1.1 999 X\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+        (
+            "gzip",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
         (
             "401",
             "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer resource_metadata=\"https://evil.example/prm\"\r\ncontent-length: 0\r\n\r\n",

@@ -63,6 +63,25 @@ impl ResponseHead {
     ///   type: clients that look for the string anywhere (the TypeScript SDK) would read as
     ///   an event stream what the gateway relays, unread, as JSON.
     fn ambiguity(&self) -> Option<UpstreamFailure> {
+        // A status line of another length than three digits: relayed, the client (and the
+        // gateway's own reading of what it wrote) would find its status elsewhere.
+        if !(200..=599).contains(&self.status) {
+            return Some(UpstreamFailure::Bad(format!(
+                "answered with status {}, outside 100-599",
+                self.status
+            )));
+        }
+        // Asked for `identity`: an answer in another coding is not what the gateway reads (a
+        // tool list it filters, a task it binds, an error it counts) and relays as it came.
+        if self
+            .headers
+            .all("content-encoding")
+            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"identity"))
+        {
+            return Some(UpstreamFailure::Bad(
+                "answered in a Content-Encoding the gateway did not ask for".into(),
+            ));
+        }
         if matches!(self.status, 401 | 403) {
             // Not held against the endpoint: a request can draw a 403 (an origin, a scope).
             return Some(UpstreamFailure::Denied(format!(
