@@ -811,6 +811,19 @@ fn parse_window_field(wf: &str) -> Option<WindowField> {
     })
 }
 
+/// Whether another host's spend is taken when `seen` spends are known, `runs` of them runs':
+/// runs take at most half of [`BUDGET_SEEN`], so that the windows of tenants and agents (as
+/// many as the configuration names) always find room.
+fn room_for(seen: usize, runs: usize, run: bool) -> bool {
+    seen < BUDGET_SEEN && !(run && runs >= BUDGET_SEEN / 2)
+}
+
+/// Whether a window field counts a run's budget.
+fn is_run(wf: &str) -> bool {
+    parse_window_field(wf)
+        .is_some_and(|w| matches!(w.what, Counted::Budget { scope, .. } if scope == "run"))
+}
+
 /// A host's budget field, `<window field>|<host>`, split (host names never hold a `|`).
 fn split_host(field: &str) -> Option<(&str, &str)> {
     field
@@ -960,8 +973,11 @@ struct Agent<B> {
     /// the highest sequence number seen, kept so that a value deleted from Redis or written
     /// back older never lowers this host's totals (and is published again from here).
     seen: HashMap<String, HashMap<String, Spend>>,
-    /// How many spends `seen` holds (at most [`BUDGET_SEEN`]).
+    /// How many spends `seen` holds (at most [`BUDGET_SEEN`]), and how many of them are runs'
+    /// (at most half: run ids are the clients' to choose, and must not crowd out the windows
+    /// of tenants and agents).
     seen_count: usize,
+    seen_runs: usize,
     /// The sequence number of this host's last published spend.
     seq: u64,
     /// Where the scan of the budgets' hash goes on from.
@@ -1042,6 +1058,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         own: HashMap::new(),
         seen: HashMap::new(),
         seen_count: 0,
+        seen_runs: 0,
         // Above any value an earlier process of the same name could have published.
         seq: unix_ms().saturating_mul(1000),
         cursor: "0".to_owned(),
@@ -1471,7 +1488,10 @@ impl<B: Bans> Agent<B> {
     /// the round has nothing to say or to learn of budgets (no budget configured, none
     /// counted or known here, nothing to write back) and `force` is not set.
     fn budgets_cmd(&mut self, force: bool) -> Option<(redis::Cmd, BudgetRound)> {
-        let counts = self.shared.limits.fleet_counts();
+        let mut counts = self.shared.limits.fleet_counts();
+        // Runs last: the reads of a round are bounded, and the windows of tenants and agents
+        // come first.
+        counts.sort_by_key(|c| matches!(&c.what, Counted::Budget { scope, .. } if scope == "run"));
         let quiet = counts.is_empty()
             && self.learned
             && self.own.is_empty()
@@ -1662,6 +1682,12 @@ impl<B: Bans> Agent<B> {
         self.own.retain(|wf, _| live(wf));
         self.seen.retain(|wf, hosts| live(wf) && !hosts.is_empty());
         self.seen_count = self.seen.values().map(HashMap::len).sum();
+        self.seen_runs = self
+            .seen
+            .iter()
+            .filter(|(wf, _)| is_run(wf))
+            .map(|(_, hosts)| hosts.len())
+            .sum();
         if !self.learned {
             // The first read: this host's counts rise to the others' spend at once (a gateway
             // that starts after a budget was spent refuses from its first request); its own
@@ -1754,7 +1780,8 @@ impl<B: Bans> Agent<B> {
                 _ => 0,
             };
         }
-        let full = self.seen_count >= BUDGET_SEEN;
+        let run = is_run(wf);
+        let full = !room_for(self.seen_count, self.seen_runs, run);
         let hosts = self.seen.entry(wf.to_owned()).or_default();
         match hosts.get(host) {
             Some(known) if known.seq > seq => {
@@ -1767,6 +1794,7 @@ impl<B: Bans> Agent<B> {
             known => {
                 if known.is_none() {
                     self.seen_count += 1;
+                    self.seen_runs += usize::from(run);
                 }
                 hosts.insert(
                     host.to_owned(),
@@ -2457,6 +2485,26 @@ mod tests {
             tenant: "a|b".into(),
             subject: "x".into(),
         }
+    }
+
+    #[test]
+    fn runs_fill_at_most_half_of_the_other_hosts_windows() {
+        let run = Counted::Budget {
+            scope: "run".into(),
+            tenant: "a".into(),
+            subject: "scope\":\"tenant".into(),
+        };
+        let tenant_field = window_field(&budget(), 60, 1000).expect("field");
+        let run_field = window_field(&run, 60, 1000).expect("field");
+        assert!(is_run(&run_field) && !is_run(&tenant_field));
+        let half = BUDGET_SEEN / 2;
+        assert!(room_for(half - 1, half - 1, true));
+        assert!(!room_for(half, half, true), "runs hold their half");
+        assert!(
+            room_for(half, half, false),
+            "a tenant's window still finds room"
+        );
+        assert!(!room_for(BUDGET_SEEN, 0, false));
     }
 
     #[test]

@@ -396,6 +396,9 @@ pub struct State {
     /// concurrency cap admits this host's share, not the whole cap.
     fleet_caps_read: std::sync::atomic::AtomicBool,
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
+    /// Run windows counted for each tenant (by name): taken as a run is first charged, counted
+    /// again at each prune.
+    runs: papaya::HashMap<String, AtomicU64>,
 }
 
 impl Default for State {
@@ -426,7 +429,23 @@ impl State {
             fleet_fail_open: std::sync::atomic::AtomicBool::new(false),
             fleet_caps_read: std::sync::atomic::AtomicBool::new(false),
             leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            runs: papaya::HashMap::new(),
         }
+    }
+
+    /// Whether a window is counted under `key`.
+    pub fn counts(&self, key: u64) -> bool {
+        self.windows.pin().contains_key(&key)
+    }
+
+    /// Takes a place for one more run of `tenant`, if it has fewer than `max`.
+    pub fn take_run(&self, tenant: &str, max: usize) -> bool {
+        let map = self.runs.pin();
+        let n = map.get_or_insert_with(tenant.to_owned(), AtomicU64::default);
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max as u64).then_some(n + 1)
+        })
+        .is_ok()
     }
 
     /// The secret the keys are hashed with (for the process that takes over in an upgrade;
@@ -879,9 +898,25 @@ impl State {
     pub fn prune(&self) {
         let now = self.now();
         self.buckets.pin().retain(|_, b| !b.idle_at(now));
-        self.windows
-            .pin()
-            .retain(|_, c| !c.window.stale(Self::window_of(c.len_s)));
+        let windows = self.windows.pin();
+        windows.retain(|_, c| !c.window.stale(Self::window_of(c.len_s)));
+        // The runs still counted, per tenant (a place taken by a run whose window was never
+        // made, in a race, is given back here).
+        let mut runs: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for (_, c) in &windows {
+            if let Some(Counted::Budget { scope, tenant, .. }) = c.what.as_deref()
+                && scope == "run"
+            {
+                *runs.entry(tenant.as_str()).or_default() += 1;
+            }
+        }
+        let places = self.runs.pin();
+        places.retain(|tenant, _| runs.contains_key(tenant.as_str()));
+        for (tenant, n) in runs {
+            places
+                .get_or_insert_with(tenant.to_owned(), AtomicU64::default)
+                .store(n, Ordering::Release);
+        }
     }
 
     pub fn sizes(&self) -> (usize, usize) {

@@ -142,6 +142,10 @@ fn header_value<'h>(headers: &'h crate::http::Fields, name: &str) -> Option<&'h 
 
 /// The rule cache's bounds: entries, and bytes of keys (names are capped at parse time, URIs
 /// are longer), so that client-chosen names cannot grow it past about 1 MiB per tenant.
+/// A run id is the client's to choose: at most this long, and at most [`MAX_RUNS`] of them
+/// counted per tenant at a time (each is a budget window, kept and shared with the fleet).
+pub const MAX_RUN_ID_BYTES: usize = 128;
+pub const MAX_RUNS: usize = 1_024;
 const MAX_MATCHED: usize = 10_000;
 const MAX_MATCHED_BYTES: usize = 1 << 20;
 
@@ -685,6 +689,10 @@ impl Policy {
                 "is given more than once"
             } else if first.is_some_and(|v| std::str::from_utf8(v).is_err()) {
                 "is not UTF-8"
+            } else if first.is_some_and(|v| v.len() > MAX_RUN_ID_BYTES)
+                && self.tenants.iter().any(|t| t.run_header == *name)
+            {
+                "is longer than 128 bytes"
             } else {
                 continue;
             };
@@ -1213,6 +1221,19 @@ impl Policy {
                     continue;
                 };
                 let key = state.key(("budget", scope, t.name.as_str(), subject));
+                // A run not counted yet takes one of the tenant's places for runs.
+                if scope == "run" && !state.counts(key) && !state.take_run(&t.name, MAX_RUNS) {
+                    return Err(Refusal::new(
+                        429,
+                        code::BUDGET_EXHAUSTED,
+                        format!("tenants[{}].policy.budget.run", t.name),
+                        format!(
+                            "tenant `{}` has {MAX_RUNS} runs counted in this window: a new run waits for the next",
+                            t.name
+                        ),
+                    )
+                    .retry(State::window_left(b.window_s)));
+                }
                 let what = || Counted::Budget {
                     scope: scope.to_owned(),
                     tenant: t.name.clone(),

@@ -308,6 +308,41 @@ cost = 2
 }
 
 #[test]
+fn run_ids_are_bounded_in_length_and_in_number_per_tenant() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 1000 }
+"#,
+    );
+    let c = config("");
+    let long = "r".repeat(MAX_RUN_ID_BYTES + 1);
+    let r = p
+        .authenticate(
+            &c.routes[0],
+            &headers(&[("x-api-key", KEY_A), ("mcp-run-id", &long)]),
+            1,
+        )
+        .expect_err("refused");
+    assert_eq!((r.status, r.code), (400, code::INVALID_REQUEST));
+    assert!(r.message.contains("longer than 128"), "{}", r.message);
+    let run = |i: usize| Identity {
+        run: Some(format!("run-{i}")),
+        ..who.clone()
+    };
+    for i in 0..MAX_RUNS {
+        admit(&p, &state, &run(i), "search", json!({"i": i})).expect("a place for the run");
+    }
+    let r = admit(&p, &state, &run(MAX_RUNS), "search", json!({})).unwrap_err();
+    assert_eq!((r.status, r.code), (429, code::BUDGET_EXHAUSTED), "{r:?}");
+    assert!(r.message.contains("runs counted"), "{}", r.message);
+    // A run already counted goes on; the places are counted again at a prune, not freed.
+    admit(&p, &state, &run(7), "search", json!({"again": 1})).expect("a counted run");
+    state.prune();
+    assert!(admit(&p, &state, &run(MAX_RUNS + 1), "search", json!({})).is_err());
+}
+
+#[test]
 fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
     let (p, state, who) =
         acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
