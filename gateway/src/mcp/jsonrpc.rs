@@ -19,7 +19,7 @@ use super::error::RpcError;
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 /// The `_meta` key that relates a message to a task (2025-11-25).
-pub const RELATED_TASK_META_KEY: &str = "io.modelcontextprotocol/related-task";
+pub const RELATED_TASK_META_KEY: &str = crate::stdio::mux::RELATED_TASK;
 
 /// Longest tool or prompt name accepted, in characters (the 2025-11-25 spec: 1–128).
 pub const MAX_NAME_CHARS: usize = 128;

@@ -15,7 +15,10 @@
 //!   an error: which client it meant cannot be known (run such servers one child per session).
 //!   On a child shared by several callers the same holds while a call that ended at the
 //!   gateway (timed out, or its client left) may still run in the child (for the call timeout
-//!   after, or until the child answers it): its request would go to a bystander. A shared
+//!   after, or until the child answers it): its request would go to a bystander; and while
+//!   another caller's task may still be working (no terminal status seen for it: a task's
+//!   work goes on after its call was answered), unless the request names its task
+//!   (`_meta["io.modelcontextprotocol/related-task"]`) and that task is the caller's. A shared
 //!   child is offered no roots (a client's answer would set them for every caller: the
 //!   filesystem server makes them its allowed folders), and of a client's notifications only
 //!   its cancellations reach it. At most
@@ -123,6 +126,9 @@ enum Asks {
     TaskList,
 }
 
+/// The `_meta` key that relates a message to a task.
+pub const RELATED_TASK: &str = "io.modelcontextprotocol/related-task";
+
 /// The `tasks/*` requests that name one task by `params.taskId`.
 pub const TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
 
@@ -158,6 +164,10 @@ pub struct Mux {
     task_order: VecDeque<String>,
     /// How many of `tasks` each caller has.
     tasks_of: HashMap<Caller, usize>,
+    /// Of `tasks`, those not known to have ended (no terminal status seen for them): their
+    /// work may go on in the child, and ask a client something while another's call is the
+    /// one in flight.
+    working: std::collections::HashSet<String>,
 }
 
 /// A 2026-07-28 request carries its protocol version, client capabilities and client info in
@@ -366,6 +376,7 @@ impl Mux {
                 message["id"] = c.id.clone();
                 let (caller, asks) = (c.caller, c.asks);
                 self.forget(call);
+                self.note_ended(message.get("result"));
                 match asks {
                     Asks::Plain => {}
                     Asks::Task => self.created(caller, &message),
@@ -415,6 +426,30 @@ impl Mux {
                         );
                     }
                 };
+                // A task's work goes on after its call was answered: on a shared child, a
+                // request may be that work's, for the task's creator and not for the client
+                // whose call happens to be in flight. One that names its task goes only to
+                // that task's creator; one that does not, only while no other caller's task
+                // may still be working.
+                if !self.one_caller {
+                    let related = message
+                        .get("params")
+                        .and_then(|p| p.get("_meta"))
+                        .and_then(|m| m.get(RELATED_TASK))
+                        .map(|t| t.get("taskId").and_then(Value::as_str));
+                    let for_caller = match related {
+                        Some(task) => task.is_some_and(|t| self.tasks.get(t) == Some(&caller)),
+                        None => !self
+                            .working
+                            .iter()
+                            .any(|t| self.tasks.get(t).is_some_and(|owner| *owner != caller)),
+                    };
+                    if !for_caller {
+                        return refuse(
+                            "the gateway cannot tell which client this request is for (another caller's task may be working in this child); run this server with one child per session",
+                        );
+                    }
+                }
                 let ours = self.fresh();
                 self.server_requests.insert(ours, (theirs, caller, call));
                 message["id"] = json!(ours);
@@ -445,6 +480,7 @@ impl Mux {
             self.forget_task(at);
         }
         self.tasks.insert(task.to_owned(), caller);
+        self.working.insert(task.to_owned());
         self.task_order.push_back(task.to_owned());
         *self.tasks_of.entry(caller).or_default() += 1;
         // Past the cap, the caller holding the most loses its own oldest: a caller with few
@@ -470,6 +506,7 @@ impl Mux {
         let Some(task) = self.task_order.remove(at) else {
             return;
         };
+        self.working.remove(&task);
         if let Some(owner) = self.tasks.remove(&task)
             && let Some(n) = self.tasks_of.get_mut(&owner)
         {
@@ -487,6 +524,44 @@ impl Mux {
         self.tasks.clear();
         self.task_order.clear();
         self.tasks_of.clear();
+        self.working.clear();
+    }
+
+    /// Tasks a child's answer or status notification (`of`: its `result` or `params`) shows
+    /// ended: a task's status (`tasks/get`, `tasks/cancel`, the status notification), each
+    /// listed in `tasks/list`, and the task a `tasks/result` answer is the result of.
+    fn note_ended(&mut self, of: Option<&Value>) {
+        let Some(of) = of else { return };
+        let ended = |t: &Value| {
+            matches!(
+                t.get("status").and_then(Value::as_str),
+                Some("completed" | "failed" | "cancelled")
+            )
+        };
+        let mut done: Vec<&str> = Vec::new();
+        if ended(of)
+            && let Some(t) = of.get("taskId").and_then(Value::as_str)
+        {
+            done.push(t);
+        }
+        if let Some(list) = of.get("tasks").and_then(Value::as_array) {
+            done.extend(
+                list.iter()
+                    .filter(|t| ended(t))
+                    .filter_map(|t| t.get("taskId").and_then(Value::as_str)),
+            );
+        }
+        if let Some(t) = of
+            .get("_meta")
+            .and_then(|m| m.get(RELATED_TASK))
+            .and_then(|t| t.get("taskId"))
+            .and_then(Value::as_str)
+        {
+            done.push(t);
+        }
+        for t in done {
+            self.working.remove(t);
+        }
     }
 
     /// A `tasks/list` answer, with the tasks that are not `caller`'s taken out.
@@ -527,6 +602,10 @@ impl Mux {
                     return Inbound::Drop("a cancellation of no request");
                 };
                 Inbound::Event { call, message }
+            }
+            "notifications/tasks/status" => {
+                self.note_ended(message.get("params"));
+                Inbound::Drop("a task's status, for no client in particular")
             }
             "notifications/tools/list_changed"
             | "notifications/resources/list_changed"

@@ -463,3 +463,76 @@ fn after_an_abandoned_call_a_shared_childs_request_goes_to_nobody() {
         .unwrap();
     assert!(matches!(one.inbound(sampling("s1")), Inbound::Event { .. }));
 }
+
+/// A task's work goes on in a shared child after its call was answered: what it asks is for
+/// the task's creator, not for whoever has a call in flight then.
+#[test]
+fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystander() {
+    let elicit = |id: &str, meta: serde_json::Value| json!({"jsonrpc":"2.0","id":id,"method":"elicitation/create","params":{"message":"which account?","_meta":meta}});
+    let mut m = Mux::new();
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"research","task":{}}}),
+        )
+        .unwrap();
+    task_created(&mut m, &out, "t-1");
+    // The bystander's call is the one in flight.
+    let (bystander, _) = m
+        .request(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+        .unwrap();
+    for meta in [
+        json!({}),
+        json!({"io.modelcontextprotocol/related-task": {"taskId": "t-1"}}),
+        json!({"io.modelcontextprotocol/related-task": {"taskId": "t-unknown"}}),
+    ] {
+        let got = m.inbound(elicit("e1", meta.clone()));
+        let Inbound::Reply(r) = got else {
+            panic!("reached the bystander ({meta}): {got:?}")
+        };
+        assert_eq!(r["error"]["code"], -32603);
+    }
+    m.forget(bystander);
+    // The creator polls its task: a request naming the task goes to it.
+    let (poll, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId":"t-1"}}),
+        )
+        .unwrap();
+    let got = m.inbound(elicit(
+        "e2",
+        json!({"io.modelcontextprotocol/related-task": {"taskId": "t-1"}}),
+    ));
+    assert!(
+        matches!(got, Inbound::Event { call, .. } if call == poll),
+        "{got:?}"
+    );
+    // The task ends (its status, as the child answers the poll): the bystander is asked again.
+    m.inbound(
+        json!({"jsonrpc":"2.0","id":out["id"],"result":{"taskId":"t-1","status":"completed"}}),
+    );
+    m.request(2, json!({"jsonrpc":"2.0","id":3,"method":"tools/call"}))
+        .unwrap();
+    assert!(matches!(
+        m.inbound(elicit("e3", json!({}))),
+        Inbound::Event { .. }
+    ));
+    // So does a status notification.
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"research","task":{}}}),
+        )
+        .unwrap();
+    task_created(&mut m, &out, "t-2");
+    assert!(matches!(
+        m.inbound(elicit("e4", json!({}))),
+        Inbound::Reply(_)
+    ));
+    m.inbound(json!({"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t-2","status":"failed"}}));
+    assert!(matches!(
+        m.inbound(elicit("e5", json!({}))),
+        Inbound::Event { .. }
+    ));
+}
