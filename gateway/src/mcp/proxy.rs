@@ -117,6 +117,11 @@ impl WorkerCtx {
     pub async fn end_held_sessions(&self) {
         super::held::Held::end_all(self).await;
     }
+
+    /// Closes the idle upstream connections the pool no longer keeps: see `Pool::sweep`.
+    pub fn sweep_pool(&self) {
+        self.pool.sweep();
+    }
 }
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {

@@ -389,6 +389,7 @@ async fn worker(
 ) {
     let ctx = WorkerCtx::new(Arc::clone(&shared), learned, index);
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
+    monoio::spawn(sweep_pool(Rc::clone(&ctx)));
     monoio::spawn(Rc::clone(&ctx).end_evicted_sessions());
     monoio::spawn(purge_after_closes(Rc::clone(&active)));
     // The sockets come in the order of `Config::listeners`: the index names the listener.
@@ -705,6 +706,15 @@ async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats
         {
             return;
         }
+    }
+}
+
+/// Closes, once a second, the idle upstream connections their upstream closed and those past
+/// what the pool keeps now (`Pool::sweep`).
+async fn sweep_pool(ctx: Rc<WorkerCtx>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        ctx.sweep_pool();
     }
 }
 

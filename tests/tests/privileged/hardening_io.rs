@@ -221,8 +221,12 @@ impl Drop for Fake {
 
 /// Reads one request (head and Content-Length body) off `conn`; `None` at end of stream.
 fn read_upstream_request(conn: &mut TcpStream) -> Option<String> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    read_upstream_request_within(conn, Duration::from_secs(10))
+}
+
+/// As [`read_upstream_request`]; `None` too when no byte comes for `idle`.
+fn read_upstream_request_within(conn: &mut TcpStream, idle: Duration) -> Option<String> {
+    conn.set_read_timeout(Some(idle)).unwrap();
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
     let head_end = loop {
@@ -489,6 +493,55 @@ fn a_pooled_connection_with_bytes_pending_is_never_reused() {
             std::thread::sleep(Duration::from_millis(150));
         }
     }
+}
+
+/// Servers close idle keep-alive connections on their own schedule (uvicorn after 5 s): the
+/// pool grown at a peak must not keep those sockets open while traffic goes on over its
+/// newest connection (only the top of the pool was ever looked at, so the gateway held
+/// every connection of the peak the upstream had closed).
+#[test]
+fn idle_upstream_connections_the_upstream_closed_are_closed_while_traffic_goes_on() {
+    let fake = Fake::start(Box::new(|conn, _, _| {
+        while let Some(body) = read_upstream_request_within(conn, Duration::from_secs(1)) {
+            std::thread::sleep(Duration::from_millis(250));
+            let id = id_of(&body);
+            let _ = conn.write_all(&json_answer(&format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#
+            )));
+        }
+        // Idle for a second: closed from this side.
+        let _ = conn.shutdown(Shutdown::Write);
+    }));
+    let (_d, port, _) = gateway(fake.port, Extra::default());
+    // A peak: 16 calls at once, each on an upstream connection of its own.
+    let burst: Vec<_> = (1..=16u64)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut client = connect(port);
+                client.write_all(&call(id, "echo")).unwrap();
+                read_response(&mut client).expect("an answer").status
+            })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.join().unwrap(), 200);
+    }
+    let peak = fake.accepted.load(Ordering::SeqCst);
+    assert!(peak >= 8, "{peak} upstream connections at the peak");
+    // Then one client, one call at a time, for 3 s: the upstream closes the others.
+    let mut client = connect(port);
+    for id in 100..112u64 {
+        client.write_all(&call(id, "echo")).unwrap();
+        assert_eq!(read_response(&mut client).expect("an answer").status, 200);
+    }
+    let (accepted, closed) = (
+        fake.accepted.load(Ordering::SeqCst),
+        fake.closed.load(Ordering::SeqCst),
+    );
+    assert!(
+        closed + 2 >= accepted,
+        "the gateway closed {closed} of {accepted} upstream connections, the upstream had closed all but the one in use"
+    );
 }
 
 #[test]

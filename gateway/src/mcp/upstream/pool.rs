@@ -10,7 +10,9 @@
 //! in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
 //! `max_idle_connections_per_worker` if that is more (0 still turns pooling off). A fixed cap below the concurrency closes
 //! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
-//! ~10,600 new upstream connections a second, which doubled the CPU per request.
+//! ~10,600 new upstream connections a second, which doubled the CPU per request. Past its
+//! peak, a pool gives back the least recently used first; once a second it closes what an
+//! upstream closed ([`Pool::sweep`]).
 
 use std::{
     cell::{Cell, RefCell},
@@ -35,6 +37,8 @@ struct Idle {
     /// The most recently used on top.
     conns: Vec<Io>,
     used: Instant,
+    /// The upstream's `max_idle`, as of the last check-in.
+    max_idle: usize,
 }
 
 /// How many connections to one upstream are in use (leased to a request) now, and the most
@@ -134,16 +138,27 @@ impl Pool {
 
     /// How many idle connections to `up` are kept: the recent peak in use, at least its
     /// configured `max_idle`; none when that is 0 (pooling turned off for this upstream).
-    fn keep(&self, up: &Upstream, addr: SocketAddr) -> usize {
-        if up.max_idle == 0 {
+    fn keep(&self, key: &Key, max_idle: usize) -> usize {
+        if max_idle == 0 {
             return 0;
         }
-        let peak = self
-            .in_use
-            .borrow()
-            .get(&(up.key, addr))
-            .map_or(0, |c| c.recent_peak());
-        up.max_idle.max(peak)
+        let peak = self.in_use.borrow().get(key).map_or(0, |c| c.recent_peak());
+        max_idle.max(peak)
+    }
+
+    /// Closes the idle connections an upstream closed or wrote to since (a peer that closed
+    /// leaves its socket open here until it is looked at), and those past what is kept now
+    /// (the least recently used first: the peak they were kept for has passed). Called once a
+    /// second by the worker: without it, a pool that grew at a peak kept its surplus for as
+    /// long as traffic went on, each socket closed by the upstream still held here.
+    pub fn sweep(&self) {
+        let mut pool = self.idle.borrow_mut();
+        for (key, idle) in pool.iter_mut() {
+            idle.conns.retain_mut(Io::idle_and_open);
+            let keep = self.keep(key, idle.max_idle);
+            let excess = idle.conns.len().saturating_sub(keep);
+            idle.conns.drain(..excess);
+        }
     }
 
     /// An idle connection to `up` at `addr`, if one is still open and silent. Each is checked
@@ -172,7 +187,7 @@ impl Pool {
             return;
         }
         let key = (up.key, addr);
-        let keep = self.keep(up, addr);
+        let keep = self.keep(&key, up.max_idle);
         let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
         if !pool.contains_key(&key) {
@@ -185,12 +200,17 @@ impl Pool {
         let idle = pool.entry(key).or_insert_with(|| Idle {
             conns: Vec::new(),
             used: now,
+            max_idle: up.max_idle,
         });
         idle.used = now;
+        idle.max_idle = up.max_idle;
         if idle.conns.len() < keep {
             // An idle connection holds no read buffer; the next exchange takes one.
             io.release_buffers();
             idle.conns.push(io);
         }
+        // Past the peak, the least recently used go.
+        let excess = idle.conns.len().saturating_sub(keep);
+        idle.conns.drain(..excess);
     }
 }
