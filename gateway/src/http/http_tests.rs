@@ -544,3 +544,13 @@ fn an_underscore_spelling_of_a_deciding_field_is_refused() {
         Ok(true)
     );
 }
+
+#[test]
+fn only_whole_empty_lines_before_a_request_line_are_taken_off() {
+    assert_eq!(leading_empty_lines(b"\r\n\n\r\nPOST / HTTP/1.1\r\n"), 5);
+    assert_eq!(leading_empty_lines(b"POST / HTTP/1.1\r\n"), 0);
+    // A CR whose LF has not come yet waits; a CR without one is left for the parser.
+    assert_eq!(leading_empty_lines(b"\n\r"), 1);
+    assert_eq!(leading_empty_lines(b"\rPOST"), 0);
+    assert_eq!(leading_empty_lines(b""), 0);
+}

@@ -441,6 +441,18 @@ pub fn parse_head(
     Ok(Some((head_len, req, kind)))
 }
 
+/// The length of the whole empty lines (`\r\n` or `\n`) `buf` starts with.
+fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut n = 0;
+    loop {
+        match &buf[n..] {
+            [b'\r', b'\n', ..] => n += 2,
+            [b'\n', ..] => n += 1,
+            _ => return n,
+        }
+    }
+}
+
 /// Reads one request (head and whole body) from `io`.
 pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpError> {
     // Wait for the first byte with the idle timeout; from then on, the request timeout.
@@ -449,7 +461,20 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
     }
     let deadline = monoio::time::Instant::now() + limits.request_timeout;
     let mut end = HeadEnd::default();
+    let mut blank = 0;
     let (mut req, kind) = loop {
+        // Empty lines before the request line (RFC 9112 §2.2) are taken off as they come:
+        // left in, each read would parse them all again (the parser skips them, then finds
+        // the head incomplete), quadratic in their number. Counted against the head's limit.
+        let lines = leading_empty_lines(io.pending());
+        if lines > 0 {
+            blank += lines;
+            if blank > limits.max_head {
+                return Err(HttpError::HeadTooLarge(limits.max_head));
+            }
+            io.consume(lines);
+            end = HeadEnd::default();
+        }
         if let Some((head_len, req, kind)) = parse_head(io.pending(), &mut end, limits)? {
             io.consume(head_len);
             break (req, kind);
