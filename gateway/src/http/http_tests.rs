@@ -450,6 +450,10 @@ fn access_token_in_the_query_is_refused() {
         "/mcp?ACCESS_TOKEN=abc",
         "/mcp?access%5Ftoken=abc",
         "/mcp?%61ccess_token=abc",
+        "/mcp?access_token[]=abc",
+        "/mcp?access_token%5B0%5D=abc",
+        "/mcp?access.token=abc",
+        "/mcp?access+token=abc",
     ] {
         assert!(
             matches!(checked(1, target, &host), Err(HttpError::BadRequest(_))),
@@ -460,6 +464,8 @@ fn access_token_in_the_query_is_refused() {
         "/mcp",
         "/mcp?x=access_token",
         "/mcp?access_tokens=1",
+        "/mcp?access_tokens[]=1",
+        "/mcp?accessXtoken=1",
         "/mcp?a=%",
     ] {
         assert_eq!(checked(1, target, &host), Ok(true), "{target}");

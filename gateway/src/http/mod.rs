@@ -195,6 +195,31 @@ const SINGLE: &[&str] = &[
     "expect",
 ];
 
+/// Fields a client sends that never reach the upstream: hop-by-hop ones, framing and `Host`
+/// (the gateway writes its own), credentials (the upstream gets its own), and what says where
+/// the request came from other than `X-Forwarded-For` (which the gateway appends to): an
+/// upstream that reads `X-Real-IP` or `Forwarded` would take the client's word for its address.
+pub const NOT_FORWARDED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "expect",
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
 /// Whether `name` is one of `names`, ignoring case. Asked of every field of every message a
 /// few times: lengths are compared first, inline, so that most names cost no comparison.
 #[inline]
@@ -262,7 +287,14 @@ fn has_access_token(target: &str) -> bool {
     };
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or_default();
-        percent_decode(name.as_bytes()).eq_ignore_ascii_case(b"access_token")
+        // As PHP and `qs` read a name: `access_token[]` and `access_token[x]` are arrays of
+        // it, and PHP reads `.` and ` ` as `_`.
+        let decoded = percent_decode(name.as_bytes());
+        let base = decoded.split(|b| *b == b'[').next().unwrap_or_default();
+        base.len() == b"access_token".len()
+            && base.iter().zip(b"access_token").all(|(a, b)| {
+                a.to_ascii_lowercase() == *b || (*b == b'_' && matches!(a, b'.' | b' ' | b'+'))
+            })
     })
 }
 
@@ -302,9 +334,14 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         }
         // `Mcp_Method` beside `Mcp-Method`: CGI-style servers (WSGI, PHP) read `_` and `-` as
         // one, so such a field would stand for one the gateway decides on, unchecked.
-        if name.as_bytes().contains(&b'_') && is_single(&name.replace('_', "-")) {
+        if name.as_bytes().contains(&b'_') && {
+            let dashed = name.replace('_', "-");
+            is_single(&dashed)
+                || is_one_of(&dashed, NOT_FORWARDED)
+                || dashed.eq_ignore_ascii_case("x-forwarded-for")
+        } {
             return Err(HttpError::BadRequest(
-                "a field name with `_` for `-` of a field the gateway decides on",
+                "a field name with `_` for `-` of a field the gateway decides on or drops",
             ));
         }
     }

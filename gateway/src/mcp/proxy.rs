@@ -672,26 +672,9 @@ fn is_mirror(name: &str) -> bool {
 }
 
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
-/// gateway sets itself are not forwarded.
+/// gateway sets itself are not forwarded ([`http::NOT_FORWARDED`]).
 pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>) -> bool {
-    const DROP: &[&str] = &[
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-        "expect",
-        // Never pass the client's credentials upstream: the upstream gets its own.
-        "authorization",
-        "proxy-authorization",
-        "x-api-key",
-        "cookie",
-    ];
-    http::is_one_of(name, DROP) || connection.names(name)
+    http::is_one_of(name, http::NOT_FORWARDED) || connection.names(name)
 }
 
 /// Response headers that are the upstream's own business, never relayed: its credentials, what

@@ -407,6 +407,22 @@ fn heads_that_could_mean_two_things_are_refused_before_the_upstream() {
             post("/mcp?x=1&access%5Ftoken=secret", list, ""),
         ),
         (
+            "access_token as PHP and qs read it",
+            post("/mcp?access_token[]=secret", list, ""),
+        ),
+        (
+            "access.token, which PHP reads as access_token",
+            post("/mcp?access.token=secret", list, ""),
+        ),
+        (
+            "Transfer_Encoding, which a CGI server reads as Transfer-Encoding",
+            post("/mcp", list, "transfer_encoding: chunked\r\n"),
+        ),
+        (
+            "X_Real_IP, which a CGI server reads as X-Real-IP",
+            post("/mcp", list, "x_real_ip: 203.0.113.7\r\n"),
+        ),
+        (
             "Connection naming an MCP field",
             post(
                 "/mcp",

@@ -289,7 +289,8 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
         &post(
             "/mcp?x=1",
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
-            "authorization: Bearer client-secret\r\nx-api-key: k\r\ncookie: c=1\r\n",
+            "authorization: Bearer client-secret\r\nx-api-key: k\r\ncookie: c=1\r\n\
+             x-real-ip: 203.0.113.7\r\nforwarded: for=203.0.113.8\r\nx-forwarded-host: evil.example\r\n",
         ),
     );
     assert_eq!(resp.status, 200);
@@ -298,6 +299,14 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
         !seen.contains("client-secret")
             && !seen.to_lowercase().contains("x-api-key")
             && !seen.contains("c=1"),
+        "{seen}"
+    );
+    // Where the request came from is the gateway's to say: what a client claims is not sent
+    // on (but in `X-Forwarded-For`, which the gateway appends to).
+    assert!(
+        !seen.contains("203.0.113.7")
+            && !seen.contains("203.0.113.8")
+            && !seen.contains("evil.example"),
         "{seen}"
     );
     assert!(
