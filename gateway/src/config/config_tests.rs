@@ -59,6 +59,11 @@ fn bad_values_name_their_key() {
             "[[tenants]]\nname='a'\nid=0\nsources=['10.0.0.1/8']\n",
         ),
         ("tenants[0].id", "[[tenants]]\nname='a'\nid=5000\n"),
+        // Joined into the names of shared counts: `team@corp` with tool `t` would be
+        // `corp`'s tool `t@team`; `a/b` with agent `c` would be `a`'s agent `b/c`.
+        ("tenants[0].name", "[[tenants]]\nname='team@corp'\nid=1\n"),
+        ("tenants[0].name", "[[tenants]]\nname='a/b'\nid=1\n"),
+        ("tenants[0].name", "[[tenants]]\nname='a b'\nid=1\n"),
         (
             "tenants[1].id",
             "[[tenants]]\nname='a'\nid=1\n[[tenants]]\nname='b'\nid=1\n",

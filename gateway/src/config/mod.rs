@@ -1329,8 +1329,20 @@ impl RawConfig {
         let mut source_owner: BTreeMap<IpNet, String> = BTreeMap::new();
         for (i, t) in self.tenants.into_iter().enumerate() {
             let key = |field: &str| format!("tenants[{i}].{field}");
-            if t.name.is_empty() {
-                return Err(invalid(key("name"), "must not be empty"));
+            // Tenant names are joined with others into the names of shared counts (a tool
+            // breaker `<upstream>/<tool>@<tenant>`, a fleet rate `agent/<tenant>/<agent>`):
+            // a `/` or `@` in one could make two tenants' counts one.
+            if t.name.is_empty()
+                || t.name.len() > 64
+                || !t
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            {
+                return Err(invalid(
+                    key("name"),
+                    "must be 1 to 64 ASCII letters, digits, `_`, `-` or `.`",
+                ));
             }
             if t.id >= gateway_common::MAX_TENANTS {
                 return Err(invalid(

@@ -15,7 +15,9 @@ use crate::config::{Config, ConfigError};
 pub struct PeerCert {
     pub uris: Vec<String>,
     pub dns: Vec<String>,
-    pub cn: Option<String>,
+    /// Every common name of the subject: a certificate may carry several, and software that
+    /// reads the last would name another caller than one that reads the first.
+    pub cns: Vec<String>,
 }
 
 impl PeerCert {
@@ -26,12 +28,12 @@ impl PeerCert {
             return Self::default();
         };
         let mut out = Self {
-            cn: cert
+            cns: cert
                 .subject()
                 .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .map(str::to_owned),
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_owned)
+                .collect(),
             ..Self::default()
         };
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -59,7 +61,7 @@ impl PeerCert {
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.uris.iter().map(|u| format!("uri {u}")).collect();
         parts.extend(self.dns.iter().map(|d| format!("dns {d}")));
-        parts.extend(self.cn.iter().map(|c| format!("cn {c}")));
+        parts.extend(self.cns.iter().map(|c| format!("cn {c}")));
         if parts.is_empty() {
             "no names".into()
         } else {
@@ -139,7 +141,7 @@ impl Mapping {
             .iter()
             .filter_map(|u| self.uris.get(u))
             .chain(cert.dns.iter().filter_map(|d| self.dns.get(d)))
-            .chain(cert.cn.iter().filter_map(|c| self.cns.get(c)))
+            .chain(cert.cns.iter().filter_map(|c| self.cns.get(c)))
             .collect();
         match found.split_first() {
             None => Mapped::Nobody,

@@ -71,7 +71,7 @@ fn cert(uris: &[&str], dns: &[&str], cn: Option<&str>) -> PeerCert {
     PeerCert {
         uris: uris.iter().map(|s| (*s).to_owned()).collect(),
         dns: dns.iter().map(|s| (*s).to_owned()).collect(),
-        cn: cn.map(str::to_owned),
+        cns: cn.into_iter().map(str::to_owned).collect(),
     }
 }
 
@@ -155,4 +155,35 @@ fn the_mapping_and_mtls_routes_are_checked_at_load() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("mapped twice"), "{e}");
+}
+
+/// A subject may carry several common names: each is a name of the certificate, and two that
+/// map to different callers are refused (reading the first only, the gateway named one caller
+/// where software that reads the last names another).
+#[test]
+fn every_common_name_of_a_certificate_counts() {
+    let c = config(
+        &format!("{MAP}[[auth.mtls]]\ncn = \"acme-cn\"\ntenant = \"acme\"\n"),
+        true,
+    )
+    .unwrap();
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    // rcgen keeps one value per attribute type: the second CN under its OID written out.
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]), "acme-cn");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "both");
+    let der = params.self_signed(&key).expect("certificate");
+    let two = PeerCert::from_der(der.der());
+    assert_eq!(two.cns.len(), 2, "{:?}", two.cns);
+    let r = p
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&two))
+        .unwrap_err();
+    assert_eq!(r.status, 403);
+    assert!(r.message.contains("different callers"), "{}", r.message);
 }
