@@ -257,10 +257,14 @@ impl EventBuffer {
     }
 }
 
-/// Whether the client takes an event stream as an answer.
+/// Whether the client takes an event stream the gateway writes as an answer.
 pub fn accepts_sse(req: &crate::http::Request) -> bool {
-    req.header_str("accept")
-        .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
+    // The gateway writes its own streams chunked, which an HTTP/1.0 client cannot be sent
+    // (RFC 9112 §6.1): such a client gets the answer alone, as JSON.
+    req.minor >= 1
+        && req
+            .header_str("accept")
+            .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
 }
 
 /// The head of a chunked SSE answer.

@@ -106,6 +106,37 @@ fn python_sdk_stdio_server_through_the_gateway_matches_its_http_self_in_both_era
     d.stop();
 }
 
+/// RFC 9112 §6.1: no chunked coding to an HTTP/1.0 client. A stdio call that streams progress
+/// reaches such a client as its answer alone, in JSON (it was sent chunked, which it reads as
+/// the body itself and whose end it cannot find).
+#[test]
+fn an_http_1_0_client_of_a_stdio_upstream_gets_no_chunked_coding() {
+    let (mut d, port) = gateway(
+        &format!(
+            r#"["{}", "{}", "stdio"]"#,
+            python().display(),
+            fixture("mcp_server.py")
+        ),
+        "uid = 0\ngid = 0",
+    );
+    let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"count_with_progress","arguments":{"steps":3},"_meta":{"progressToken":"p1"}}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.0\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+         mcp-protocol-version: 2025-06-18\r\nconnection: keep-alive\r\ncontent-length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    let (resp, _) = raw(port, request.as_bytes());
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("transfer-encoding"), None, "{resp:?}");
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_eq!(
+        resp.json()["result"]["structuredContent"]["result"],
+        "counted 3",
+        "{resp:?}"
+    );
+    d.stop();
+}
+
 /// The reference server from npm, `@modelcontextprotocol/server-everything`, in its stdio mode,
 /// run with the default sandbox (under root: the user `nobody`, a cleared environment), served
 /// to a session-era client and to a 2026-07-28 client through the gateway.
