@@ -159,25 +159,49 @@ pub struct Breakers {
 
 impl Breakers {
     pub fn allow(&self, name: &str, now: u64, c: &RawBreaker) -> Result<Pass, Duration> {
-        let map = self.map.pin();
-        match map.get(name) {
-            Some(b) => b.allow(now, c),
-            // Tool names come from clients: past this many, new names get no breaker.
-            None if map.len() >= MAX_BREAKERS => Ok(Pass::Closed),
-            None if self
+        if let Some(b) = self.map.pin().get(name) {
+            return b.allow(now, c);
+        }
+        // An upstream's own breaker (its name has no `/`) is the configuration's: always made.
+        // A tool's is named by clients: past the table's bounds, the closed ones give way
+        // (they hold a count of failures at most; an open one holds a decision), and if
+        // there is still no room, the call passes with no breaker.
+        let tool_level = name.contains('/');
+        if tool_level && !self.room_for(name) {
+            self.forget_closed();
+            if !self.room_for(name) {
+                return Ok(Pass::Closed);
+            }
+        }
+        self.map
+            .pin()
+            .get_or_insert_with(name.to_owned(), Breaker::default)
+            .allow(now, c)
+    }
+
+    /// Takes room for `name` in the table's bounds, if there is.
+    fn room_for(&self, name: &str) -> bool {
+        self.map.len() < MAX_BREAKERS
+            && self
                 .bytes
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                     b.checked_add(name.len())
                         .filter(|n| *n <= MAX_BREAKER_BYTES)
                 })
-                .is_err() =>
-            {
-                Ok(Pass::Closed)
+                .is_ok()
+    }
+
+    /// Forgets every closed tool breaker: one tenant's made-up tool names filled the table
+    /// for good, and no tool of another tenant (nor one added later) got a breaker again.
+    fn forget_closed(&self) {
+        let map = self.map.pin();
+        map.retain(|name, b| {
+            let keep = !name.contains('/') || b.state() != CLOSED;
+            if !keep {
+                self.bytes.fetch_sub(name.len(), Ordering::AcqRel);
             }
-            None => map
-                .get_or_insert_with(name.to_owned(), Breaker::default)
-                .allow(now, c),
-        }
+            keep
+        });
     }
 
     pub fn record(&self, name: &str, now: u64, c: &RawBreaker, pass: Pass, ok: bool) {
@@ -233,6 +257,34 @@ mod tests {
         let bytes: usize = states.iter().map(|(n, _)| n.len()).sum();
         assert!(bytes <= MAX_BREAKER_BYTES, "{bytes} bytes of names");
         assert!(states.len() < 600, "{} breakers", states.len());
+    }
+
+    #[test]
+    fn made_up_tool_names_cannot_keep_another_tenants_tool_from_its_breaker() {
+        let c = cfg("consecutive_failures = 1\nopen_ms = 60000");
+        let breakers = Breakers::default();
+        // The victim's tool opens.
+        assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed));
+        breakers.record("up/real@b", MS, &c, Pass::Closed, false);
+        // One tenant fills the table with names of its own, each failing once (below its
+        // threshold: they stay closed).
+        let c3 = cfg("consecutive_failures = 3\nopen_ms = 60000");
+        for i in 0..MAX_BREAKERS + 10 {
+            let name = format!("up/made-up-{i}@a");
+            let _ = breakers.allow(&name, MS, &c3);
+            breakers.record(&name, MS, &c3, Pass::Closed, false);
+        }
+        // Another tenant's tool, and an upstream added later, still get their breakers.
+        assert_eq!(breakers.allow("up/other@b", MS, &c), Ok(Pass::Closed));
+        breakers.record("up/other@b", MS, &c, Pass::Closed, false);
+        assert!(
+            breakers.allow("up/other@b", 2 * MS, &c).is_err(),
+            "it opened"
+        );
+        assert_eq!(breakers.allow("later", MS, &c), Ok(Pass::Closed));
+        // What was open stays open.
+        assert!(breakers.allow("up/real@b", 2 * MS, &c).is_err());
+        assert!(breakers.states().len() <= MAX_BREAKERS + 1);
     }
 
     #[test]
