@@ -777,10 +777,9 @@ fn is_task(m: &Message) -> bool {
 enum TaskUse<'a> {
     /// It names a task of the caller's: sent as it is.
     Own,
-    /// `tasks/list`: the answer keeps the caller's tasks only.
+    /// `tasks/list`: the answer keeps the caller's tasks only (on the client's own session
+    /// too: see `TaskUse::of`).
     List,
-    /// `tasks/list` on the client's own session: the answer loses the tasks made for others.
-    ListOnSession,
     /// Task-augmented: the task the answer names becomes the caller's (for this long, in ms,
     /// when the answer does not say), in the room held for it.
     Create(Option<u64>, super::tasks::Room<'a>),
@@ -790,8 +789,8 @@ impl<'a> TaskUse<'a> {
     /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
     /// notification naming one included), and a new one past its share is refused. `Ok(None)`
     /// for a message that is not about tasks, or needs nothing of them.
-    /// On the client's own upstream session (`own_session`) a task is the session's unless it
-    /// was made here for another caller.
+    /// On the client's own upstream session (`own_session`) a task named by id is the
+    /// session's unless it was made here for another caller; a list keeps the caller's own.
     fn of(
         ctx: &'a WorkerCtx,
         up: &str,
@@ -830,12 +829,12 @@ impl<'a> TaskUse<'a> {
         if m.kind != Kind::Request {
             return Ok(None);
         }
+        // On the client's own session too: an upstream that also takes requests without one
+        // may list there the tasks made without one (the TypeScript SDK's store does), and a
+        // task made through another gateway of the fleet, or before a restart, is not known
+        // here to be another's. What is listed is what this gateway bound to the caller.
         if method == "tasks/list" {
-            return Ok(Some(if own_session {
-                Self::ListOnSession
-            } else {
-                Self::List
-            }));
+            return Ok(Some(Self::List));
         }
         if m.asks_task.is_none() {
             return Ok(None);
@@ -848,10 +847,7 @@ impl<'a> TaskUse<'a> {
             ))
             .with_id(m.id.clone()));
         }
-        // The session's own: the upstream scopes it.
-        if own_session {
-            return Ok(None);
-        }
+        // On the client's own session as without one: bound to the caller, for its lists.
         let Some(room) = owners.reserve(who) else {
             return Err(RpcError::new(
                 policy::code::RATE_LIMITED,
@@ -879,7 +875,6 @@ impl<'a> TaskUse<'a> {
         match self {
             Self::Own => {}
             Self::List => owners.keep_own(up, who.caller, answer),
-            Self::ListOnSession => owners.drop_foreign(up, who.caller, answer),
             Self::Create(ttl, room) => {
                 if let Some(task) = super::tasks::created(answer) {
                     owners.bind(up, task, room, super::tasks::ttl_ms(answer).or(*ttl));

@@ -7,8 +7,12 @@
 //! caller's `tasks/get`, `tasks/result`, `tasks/cancel` or `tasks/update` is answered as an
 //! unknown task and never reaches the upstream, and `tasks/list` answers keep the caller's own
 //! tasks only. So does a session the gateway holds for stateless clients (`held`), which the
-//! tenant's callers share. A request on a client's own passthrough session needs none of this
-//! (the session is the caller's, and the upstream scopes tasks to it).
+//! tenant's callers share. On a client's own passthrough session the upstream scopes tasks to
+//! the session, but one that also takes requests without a session may list those tasks on
+//! every session (the TypeScript SDK's store does): there a task bound to another caller is
+//! unknown, and `tasks/list` keeps only what this gateway bound to the caller (a task made
+//! through another gateway of a fleet, or before a restart, is not known here to be anyone's,
+//! so it is not listed; it can still be asked about by its id).
 //!
 //! A task is remembered for its time to live (the answer's, or `params.task.ttl`; an hour when
 //! neither says; at least a minute and at most a day; counted again from each question its
@@ -207,11 +211,6 @@ impl Owners {
             .is_some_and(|o| o.caller != caller || caller == 0)
     }
 
-    /// A `tasks/list` answer on a client's own session without the tasks made for others.
-    pub fn drop_foreign(&self, upstream: &str, caller: u64, answer: &mut Value) {
-        retain_listed_tasks(answer, |id| !self.foreign(upstream, id, caller));
-    }
-
     /// A `tasks/list` answer with only `caller`'s tasks of `upstream`.
     pub fn keep_own(&self, upstream: &str, caller: u64, answer: &mut Value) {
         retain_listed_tasks(answer, |id| self.owns(upstream, id, caller));
@@ -292,14 +291,6 @@ mod tests {
         made(&o, "c", who(8), None);
         o.keep_own("u", 7, &mut list);
         assert_eq!(list["result"]["tasks"], json!([{"taskId": "a"}]));
-        // On a caller's own session: what was made for others goes, the session's own stays.
-        let mut list =
-            json!({"result": {"tasks": [{"taskId": "a"}, {"taskId": "c"}, {"taskId": "s"}]}});
-        o.drop_foreign("u", 7, &mut list);
-        assert_eq!(
-            list["result"]["tasks"],
-            json!([{"taskId": "a"}, {"taskId": "s"}])
-        );
         assert!(o.foreign("u", "t1", 7), "nobody's is foreign to all");
         assert!(!o.foreign("u", "never-bound", 7));
     }

@@ -526,6 +526,50 @@ fn a_task_made_without_a_session_is_not_shown_on_another_callers_session() {
     d.stop();
 }
 
+/// The same, through two gateways of a fleet (or one before and after a restart): the second
+/// never bound acme's task, so it cannot know it is another's. A client's own session lists
+/// only what the gateway bound to that caller.
+#[test]
+fn a_task_made_without_a_session_is_not_listed_through_another_gateway() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server_with_sessions(up_port);
+    let (mut first, first_port) = tasks_gateway(up_port, "gwtaskfleet1");
+    let (mut second, second_port) = tasks_gateway(up_port, "gwtaskfleet2");
+    let report = |topic: &str| json!({"name": "report", "arguments": {"topic": topic}, "task": {"ttl": 60000}});
+    let made = |r: &integration_tests::peers::RawResponse| -> String {
+        r.json()["result"]["task"]["taskId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no task created: {r:?}"))
+            .to_owned()
+    };
+    let task = made(&ask_tasks(
+        first_port,
+        ACME_KEY,
+        None,
+        "tools/call",
+        report("tides"),
+    ));
+    let init = json!({"protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "beta", "version": "1"}});
+    let r = ask_tasks(second_port, BETA_KEY, None, "initialize", init);
+    let session = r.header("mcp-session-id").expect("a session").to_owned();
+    let on = Some(session.as_str());
+    let own = made(&ask_tasks(
+        second_port,
+        BETA_KEY,
+        on,
+        "tools/call",
+        report("reefs"),
+    ));
+    let r = ask_tasks(second_port, BETA_KEY, on, "tasks/list", json!({}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let listed = listed_tasks(&r.json());
+    assert!(!listed.contains(&task), "acme's task listed to beta: {r:?}");
+    assert!(listed.contains(&own), "beta's own: {r:?}");
+    first.stop();
+    second.stop();
+}
+
 /// The one JSON-RPC message of an answer given as JSON or as an event stream.
 fn message_of(r: &integration_tests::peers::RawResponse) -> Value {
     let text = String::from_utf8_lossy(&r.body);
