@@ -454,6 +454,10 @@ fn access_token_in_the_query_is_refused() {
         "/mcp?access_token%5B0%5D=abc",
         "/mcp?access.token=abc",
         "/mcp?access+token=abc",
+        "/mcp?%20access_token=abc",
+        "/mcp?+access_token=abc",
+        "/mcp?access[token=abc",
+        "/mcp?access_token%00x=abc",
     ] {
         assert!(
             matches!(checked(1, target, &host), Err(HttpError::BadRequest(_))),

@@ -218,6 +218,15 @@ pub const NOT_FORWARDED: &[&str] = &[
     "x-real-ip",
     "x-forwarded-host",
     "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-original-forwarded-for",
+    "client-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
 ];
 
 /// Whether `name` is one of `names`, ignoring case. Asked of every field of every message a
@@ -287,15 +296,24 @@ fn has_access_token(target: &str) -> bool {
     };
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or_default();
-        // As PHP and `qs` read a name: `access_token[]` and `access_token[x]` are arrays of
-        // it, and PHP reads `.` and ` ` as `_`.
-        let decoded = percent_decode(name.as_bytes());
-        let base = decoded.split(|b| *b == b'[').next().unwrap_or_default();
-        base.len() == b"access_token".len()
-            && base.iter().zip(b"access_token").all(|(a, b)| {
-                a.to_ascii_lowercase() == *b || (*b == b'_' && matches!(a, b'.' | b' ' | b'+'))
-            })
+        is_access_token(&percent_decode(name.replace('+', " ").as_bytes()))
     })
+}
+
+/// Whether a decoded query name is `access_token` as PHP and `qs` read names: leading spaces
+/// dropped, cut at a NUL, `access_token[...]` an array of it (an unclosed `[` reads as `_`),
+/// and `.` and ` ` read as `_`.
+fn is_access_token(name: &[u8]) -> bool {
+    let name = name.trim_ascii_start();
+    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+    let name = match name.iter().position(|b| *b == b'[') {
+        Some(open) if name[open..].contains(&b']') => &name[..open],
+        _ => name,
+    };
+    name.len() == b"access_token".len()
+        && name.iter().zip(b"access_token").all(|(a, b)| {
+            a.to_ascii_lowercase() == *b || (*b == b'_' && matches!(a, b'.' | b' ' | b'['))
+        })
 }
 
 /// Percent-decodes `s`; a `%` not followed by two hex digits stays as it is.

@@ -255,6 +255,8 @@ pub(super) async fn cancellable<F: std::future::Future>(
 /// answer one (the client no longer waits for it; the HTTP exchange still needs an end).
 pub(super) async fn cancelled(io: &mut Io, req: &Request, id: Option<&Id>, obs: &Obs<'_>) -> bool {
     obs.set(Outcome::RpcError);
+    // Nothing the upstream did: no breaker counts it (a probe taken is given back).
+    obs.client_left.set(true);
     let body = json!({"jsonrpc": "2.0", "id": id_json(id),
         "error": {"code": REQUEST_CANCELLED, "message": "request cancelled by the client"}});
     io.write_all(http::response(

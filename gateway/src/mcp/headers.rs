@@ -82,12 +82,12 @@ pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
         // A method that names nothing has no `Mcp-Name` for a router to read, but the task it
         // is about (the tasks extension mirrors `taskId` there).
         _ if header.is_none() => {}
-        (None, Some(task)) => {
+        (None, Some(task)) if super::tasks::NAMING.contains(&method) => {
             if header.and_then(decode_header_value).as_deref() != Some(task.as_str()) {
                 return Err(mismatch("Mcp-Name header"));
             }
         }
-        (None, None) => {
+        (None, _) => {
             return Err(RpcError::new(
                 error::HEADER_MISMATCH,
                 format!("an Mcp-Name header does not belong with `{method}`, which names nothing"),

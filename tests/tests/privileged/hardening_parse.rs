@@ -701,6 +701,8 @@ upstream = "router"
     for (method, params) in [
         ("tools/list", meta.to_owned()),
         ("tasks/get", format!(r#""taskId":"task-a",{meta}"#)),
+        // A task id beside a method that is not about one names nothing either.
+        ("tools/list", format!(r#""taskId":"task-b",{meta}"#)),
     ] {
         let (status, text) = send("/routed", method, &params, "mcp-name: task-b\r\n");
         assert_eq!(status, 400, "{method}: {text}");
