@@ -16,8 +16,9 @@
 //!   On a child shared by several callers the same holds while a call that ended at the
 //!   gateway (timed out, or its client left) may still run in the child (for the call timeout
 //!   after, or until the child answers it): its request would go to a bystander; and while
-//!   another caller's task may still be working (no terminal status seen for it: a task's
-//!   work goes on after its call was answered), unless the request names its task
+//!   another caller's task may still be working (no terminal status seen for it, for its time
+//!   to live and [`WORKING_AT_MOST`] at most: a task's work goes on after its call was
+//!   answered), unless the request names its task
 //!   (`_meta["io.modelcontextprotocol/related-task"]`) and that task is the caller's. A shared
 //!   child is offered no roots (a client's answer would set them for every caller: the
 //!   filesystem server makes them its allowed folders), and of a client's notifications only
@@ -164,10 +165,12 @@ pub struct Mux {
     task_order: VecDeque<String>,
     /// How many of `tasks` each caller has.
     tasks_of: HashMap<Caller, usize>,
-    /// Of `tasks`, those not known to have ended (no terminal status seen for them): their
-    /// work may go on in the child, and ask a client something while another's call is the
-    /// one in flight.
-    working: std::collections::HashSet<String>,
+    /// Of `tasks`, those not known to have ended (no terminal status seen for them), until
+    /// when they are taken to be working: their work may go on in the child, and ask a client
+    /// something while another's call is the one in flight. For the task's time to live at
+    /// most, and [`WORKING_AT_MOST`]: a caller that never asks about its task again cannot
+    /// keep the child from asking every other caller for good.
+    working: HashMap<String, std::time::Instant>,
 }
 
 /// A 2026-07-28 request carries its protocol version, client capabilities and client info in
@@ -194,6 +197,9 @@ pub fn strip_envelope(message: &mut serde_json::Map<String, Value>) {
 fn key(v: &Value) -> String {
     v.to_string()
 }
+
+/// How long a task is taken to be working when no terminal status is seen for it.
+pub const WORKING_AT_MOST: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Calls remembered as abandoned, at most (each is a few bytes; more than this many at once
 /// is a client leaving calls in a loop, and the child asks nobody anything meanwhile).
@@ -376,12 +382,13 @@ impl Mux {
                 message["id"] = c.id.clone();
                 let (caller, asks) = (c.caller, c.asks);
                 self.forget(call);
-                self.note_ended(message.get("result"));
                 match asks {
                     Asks::Plain => {}
                     Asks::Task => self.created(caller, &message),
                     Asks::TaskList => self.only_own_tasks(caller, &mut message),
                 }
+                // After `created`: a task whose answer says it already ended is not working.
+                self.note_ended(message.get("result"));
                 Inbound::Done { call, message }
             }
             (None, false) => Inbound::Drop("neither a request, a notification nor an answer"),
@@ -437,11 +444,13 @@ impl Mux {
                         .and_then(|p| p.get("_meta"))
                         .and_then(|m| m.get(RELATED_TASK))
                         .map(|t| t.get("taskId").and_then(Value::as_str));
+                    let now = std::time::Instant::now();
+                    self.working.retain(|_, until| *until > now);
                     let for_caller = match related {
                         Some(task) => task.is_some_and(|t| self.tasks.get(t) == Some(&caller)),
                         None => !self
                             .working
-                            .iter()
+                            .keys()
                             .any(|t| self.tasks.get(t).is_some_and(|owner| *owner != caller)),
                     };
                     if !for_caller {
@@ -480,7 +489,14 @@ impl Mux {
             self.forget_task(at);
         }
         self.tasks.insert(task.to_owned(), caller);
-        self.working.insert(task.to_owned());
+        let ttl = answer
+            .get("result")
+            .and_then(|r| r["task"]["ttl"].as_u64().or_else(|| r["ttl"].as_u64()))
+            .map_or(WORKING_AT_MOST, std::time::Duration::from_millis);
+        self.working.insert(
+            task.to_owned(),
+            std::time::Instant::now() + ttl.min(WORKING_AT_MOST),
+        );
         self.task_order.push_back(task.to_owned());
         *self.tasks_of.entry(caller).or_default() += 1;
         // Past the cap, the caller holding the most loses its own oldest: a caller with few
@@ -539,10 +555,13 @@ impl Mux {
             )
         };
         let mut done: Vec<&str> = Vec::new();
-        if ended(of)
-            && let Some(t) = of.get("taskId").and_then(Value::as_str)
-        {
-            done.push(t);
+        // A task's own status, or (2025-11-25, creating it) `result.task`'s.
+        for t in [Some(of), of.get("task")].into_iter().flatten() {
+            if ended(t)
+                && let Some(id) = t.get("taskId").and_then(Value::as_str)
+            {
+                done.push(id);
+            }
         }
         if let Some(list) = of.get("tasks").and_then(Value::as_array) {
             done.extend(

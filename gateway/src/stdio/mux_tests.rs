@@ -535,4 +535,34 @@ fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystan
         m.inbound(elicit("e5", json!({}))),
         Inbound::Event { .. }
     ));
+    // A task whose creating answer says it ended already is not working.
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"research","task":{}}}),
+        )
+        .unwrap();
+    m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":{"task":{"taskId":"t-3","status":"completed"}}}));
+    assert!(matches!(
+        m.inbound(elicit("e6", json!({}))),
+        Inbound::Event { .. }
+    ));
+    // A task nobody asks about again is taken to be working for its time to live at most (and
+    // ten minutes): its creator cannot keep the child from asking the others for good.
+    let (_, out) = m
+        .request(
+            1,
+            json!({"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"research","task":{"ttl":50}}}),
+        )
+        .unwrap();
+    m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":{"task":{"taskId":"t-4","status":"working","ttl":50}}}));
+    assert!(matches!(
+        m.inbound(elicit("e7", json!({}))),
+        Inbound::Reply(_)
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    assert!(matches!(
+        m.inbound(elicit("e8", json!({}))),
+        Inbound::Event { .. }
+    ));
 }
