@@ -149,59 +149,107 @@ pub fn names(upstream: &str, tool: &str, tenant: &str) -> [(String, bool); 2] {
     ]
 }
 
+/// A tenant's share of the table's tool breakers.
+const MAX_TOOL_BREAKERS_PER_TENANT: usize = MAX_BREAKERS / 16;
+
 /// Every breaker, by name: `<upstream>` or `<upstream>/<tool>@<tenant>` ([`names`]).
 #[derive(Debug, Default)]
 pub struct Breakers {
     map: papaya::HashMap<String, Breaker>,
-    /// Bytes of the names in `map`.
+    /// Bytes of the names of the tool breakers in `map`.
     bytes: AtomicUsize,
+    /// Tool breakers in `map` of each tenant (by name).
+    per_tenant: papaya::HashMap<String, AtomicUsize>,
+}
+
+/// The tenant of a tool breaker's name (tenant names hold no `@`; upstream names no `/`).
+fn tenant_of(name: &str) -> Option<&str> {
+    name.contains('/')
+        .then(|| name.rsplit_once('@').map_or("", |(_, tenant)| tenant))
 }
 
 impl Breakers {
     pub fn allow(&self, name: &str, now: u64, c: &RawBreaker) -> Result<Pass, Duration> {
-        if let Some(b) = self.map.pin().get(name) {
+        let map = self.map.pin();
+        if let Some(b) = map.get(name) {
             return b.allow(now, c);
         }
-        // An upstream's own breaker (its name has no `/`) is the configuration's: always made.
-        // A tool's is named by clients: past the table's bounds, the closed ones give way
-        // (they hold a count of failures at most; an open one holds a decision), and if
-        // there is still no room, the call passes with no breaker.
-        let tool_level = name.contains('/');
-        if tool_level && !self.room_for(name) {
-            self.forget_closed();
-            if !self.room_for(name) {
+        // An upstream's own breaker is the configuration's: always made. A tool's is named by
+        // clients: each tenant has a share of the table, past which its own closed tool
+        // breakers give way (they hold a count of failures at most; an open one holds a
+        // decision); with still no room, the call passes with no breaker.
+        let Some(tenant) = tenant_of(name) else {
+            return map
+                .get_or_insert_with(name.to_owned(), Breaker::default)
+                .allow(now, c);
+        };
+        if !self.take(tenant, name) {
+            self.forget_closed_of(tenant);
+            if !self.take(tenant, name) {
                 return Ok(Pass::Closed);
             }
         }
-        self.map
-            .pin()
-            .get_or_insert_with(name.to_owned(), Breaker::default)
-            .allow(now, c)
+        match map.try_insert_with(name.to_owned(), Breaker::default) {
+            Ok(b) => b.allow(now, c),
+            // Made by another worker meanwhile: the room taken goes back.
+            Err(b) => {
+                self.give_back(tenant, name);
+                b.allow(now, c)
+            }
+        }
     }
 
-    /// Takes room for `name` in the table's bounds, if there is.
-    fn room_for(&self, name: &str) -> bool {
-        self.map.len() < MAX_BREAKERS
+    /// Takes room for the tool breaker `name` of `tenant`: in its share, in the table's
+    /// entries and in its bytes.
+    fn take(&self, tenant: &str, name: &str) -> bool {
+        let shares = self.per_tenant.pin();
+        let share = shares.get_or_insert_with(tenant.to_owned(), AtomicUsize::default);
+        if share
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_TOOL_BREAKERS_PER_TENANT).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let room = self.map.len() < MAX_BREAKERS
             && self
                 .bytes
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                     b.checked_add(name.len())
                         .filter(|n| *n <= MAX_BREAKER_BYTES)
                 })
-                .is_ok()
+                .is_ok();
+        if !room {
+            share.fetch_sub(1, Ordering::AcqRel);
+        }
+        room
     }
 
-    /// Forgets every closed tool breaker: one tenant's made-up tool names filled the table
-    /// for good, and no tool of another tenant (nor one added later) got a breaker again.
-    fn forget_closed(&self) {
+    /// Gives back what [`Breakers::take`] took.
+    fn give_back(&self, tenant: &str, name: &str) {
+        if let Some(share) = self.per_tenant.pin().get(tenant) {
+            share.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.bytes.fetch_sub(name.len(), Ordering::AcqRel);
+    }
+
+    /// Forgets the closed tool breakers of `tenant`: one tenant's made-up tool names filled
+    /// the table for good before, and no tool of another tenant (nor an upstream added later)
+    /// got a breaker again. Only what is removed here is given back (two workers may forget
+    /// at once).
+    fn forget_closed_of(&self, tenant: &str) {
         let map = self.map.pin();
-        map.retain(|name, b| {
-            let keep = !name.contains('/') || b.state() != CLOSED;
-            if !keep {
-                self.bytes.fetch_sub(name.len(), Ordering::AcqRel);
+        let closed: Vec<String> = map
+            .iter()
+            .filter(|(name, b)| tenant_of(name) == Some(tenant) && b.state() == CLOSED)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in closed {
+            if map.remove(&name).is_some() {
+                self.give_back(tenant, &name);
             }
-            keep
-        });
+        }
     }
 
     pub fn record(&self, name: &str, now: u64, c: &RawBreaker, pass: Pass, ok: bool) {
@@ -261,30 +309,48 @@ mod tests {
 
     #[test]
     fn made_up_tool_names_cannot_keep_another_tenants_tool_from_its_breaker() {
-        let c = cfg("consecutive_failures = 1\nopen_ms = 60000");
+        let c = cfg("consecutive_failures = 2\nopen_ms = 60000");
         let breakers = Breakers::default();
-        // The victim's tool opens.
-        assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed));
-        breakers.record("up/real@b", MS, &c, Pass::Closed, false);
-        // One tenant fills the table with names of its own, each failing once (below its
-        // threshold: they stay closed).
-        let c3 = cfg("consecutive_failures = 3\nopen_ms = 60000");
+        // The victim's tool has failed once, and another opened.
+        assert_eq!(breakers.allow("up/slow@b", MS, &c), Ok(Pass::Closed));
+        breakers.record("up/slow@b", MS, &c, Pass::Closed, false);
+        for _ in 0..2 {
+            assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed));
+            breakers.record("up/real@b", MS, &c, Pass::Closed, false);
+        }
+        // One tenant calls ever new tool names, each failing once (closed: below threshold),
+        // more than the table holds.
         for i in 0..MAX_BREAKERS + 10 {
             let name = format!("up/made-up-{i}@a");
-            let _ = breakers.allow(&name, MS, &c3);
-            breakers.record(&name, MS, &c3, Pass::Closed, false);
+            let _ = breakers.allow(&name, MS, &c);
+            breakers.record(&name, MS, &c, Pass::Closed, false);
         }
-        // Another tenant's tool, and an upstream added later, still get their breakers.
-        assert_eq!(breakers.allow("up/other@b", MS, &c), Ok(Pass::Closed));
-        breakers.record("up/other@b", MS, &c, Pass::Closed, false);
+        // It held its share at most; the other tenant's counts are as they were.
+        let states = breakers.states();
+        let of_a = states.iter().filter(|(n, _)| n.ends_with("@a")).count();
+        assert!(of_a <= MAX_TOOL_BREAKERS_PER_TENANT, "{of_a}");
         assert!(
-            breakers.allow("up/other@b", 2 * MS, &c).is_err(),
-            "it opened"
+            breakers.allow("up/real@b", 2 * MS, &c).is_err(),
+            "still open"
         );
+        assert_eq!(breakers.allow("up/slow@b", 2 * MS, &c), Ok(Pass::Closed));
+        breakers.record("up/slow@b", 2 * MS, &c, Pass::Closed, false);
+        assert!(
+            breakers.allow("up/slow@b", 3 * MS, &c).is_err(),
+            "its first failure was kept: the second opened it"
+        );
+        // Another tenant's new tool, and an upstream added later, get their breakers.
+        assert_eq!(breakers.allow("up/other@c", MS, &c), Ok(Pass::Closed));
         assert_eq!(breakers.allow("later", MS, &c), Ok(Pass::Closed));
-        // What was open stays open.
-        assert!(breakers.allow("up/real@b", 2 * MS, &c).is_err());
-        assert!(breakers.states().len() <= MAX_BREAKERS + 1);
+        assert!(states.len() < MAX_BREAKERS);
+        // The counts match what is in the table.
+        let bytes: usize = breakers
+            .states()
+            .iter()
+            .filter(|(n, _)| n.contains('/'))
+            .map(|(n, _)| n.len())
+            .sum();
+        assert_eq!(breakers.bytes.load(Ordering::Acquire), bytes);
     }
 
     #[test]
