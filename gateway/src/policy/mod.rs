@@ -939,7 +939,14 @@ impl Policy {
             .by_name
             .get(tenant_name)
             .ok_or_else(|| format!("unknown tenant `{tenant_name}`"))?;
-        Ok((tenant, text(&jwt.agent_claim), text(&jwt.run_claim)))
+        let run = text(&jwt.run_claim);
+        if run.as_ref().is_some_and(|r| r.len() > MAX_RUN_ID_BYTES) {
+            return Err(format!(
+                "the `{}` claim is longer than {MAX_RUN_ID_BYTES} bytes",
+                jwt.run_claim.as_deref().unwrap_or_default()
+            ));
+        }
+        Ok((tenant, text(&jwt.agent_claim), run))
     }
 }
 

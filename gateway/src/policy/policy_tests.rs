@@ -531,6 +531,9 @@ fn jwts_are_checked_for_signature_expiry_issuer_and_audience() {
     assert_eq!(who.agent.as_deref(), Some("agent-7"));
     assert_eq!(who.run.as_deref(), Some("r9"));
     assert_eq!(who.via, Via::Jwt);
+    let mut long_run = good.clone();
+    long_run["run"] = json!("r".repeat(MAX_RUN_ID_BYTES + 1));
+    assert_eq!(auth(&token(long_run, "k1")).unwrap_err().status, 401);
     let mut expired = good.clone();
     expired["exp"] = json!(now - 120);
     assert_eq!(auth(&token(expired, "k1")).unwrap_err().status, 401);
