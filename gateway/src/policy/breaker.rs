@@ -159,7 +159,17 @@ pub struct Breakers {
     /// Bytes of the names of the tool breakers in `map`.
     bytes: AtomicUsize,
     /// Tool breakers in `map` of each tenant (by name).
-    per_tenant: papaya::HashMap<String, AtomicUsize>,
+    per_tenant: papaya::HashMap<String, Share>,
+}
+
+/// A tenant's share of the tool breakers.
+#[derive(Debug, Default)]
+struct Share {
+    /// Its tool breakers in the table.
+    held: AtomicUsize,
+    /// When (monotonic ns) its closed breakers were last forgotten: at most once a second, so
+    /// that a share full of open breakers does not make each new name scan the table.
+    forgot_at: AtomicU64,
 }
 
 /// The tenant of a tool breaker's name (tenant names hold no `@`; upstream names no `/`).
@@ -184,6 +194,17 @@ impl Breakers {
                 .allow(now, c);
         };
         if !self.take(tenant, name) {
+            let due = self.per_tenant.pin().get(tenant).is_some_and(|share| {
+                let last = share.forgot_at.load(Ordering::Acquire);
+                (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+                    && share
+                        .forgot_at
+                        .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            });
+            if !due {
+                return Ok(Pass::Closed);
+            }
             self.forget_closed_of(tenant);
             if !self.take(tenant, name) {
                 return Ok(Pass::Closed);
@@ -203,7 +224,9 @@ impl Breakers {
     /// entries and in its bytes.
     fn take(&self, tenant: &str, name: &str) -> bool {
         let shares = self.per_tenant.pin();
-        let share = shares.get_or_insert_with(tenant.to_owned(), AtomicUsize::default);
+        let share = &shares
+            .get_or_insert_with(tenant.to_owned(), Share::default)
+            .held;
         if share
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < MAX_TOOL_BREAKERS_PER_TENANT).then_some(n + 1)
@@ -229,7 +252,7 @@ impl Breakers {
     /// Gives back what [`Breakers::take`] took.
     fn give_back(&self, tenant: &str, name: &str) {
         if let Some(share) = self.per_tenant.pin().get(tenant) {
-            share.fetch_sub(1, Ordering::AcqRel);
+            share.held.fetch_sub(1, Ordering::AcqRel);
         }
         self.bytes.fetch_sub(name.len(), Ordering::AcqRel);
     }
