@@ -818,12 +818,6 @@ fn room_for(seen: usize, runs: usize, run: bool) -> bool {
     seen < BUDGET_SEEN && !(run && runs >= BUDGET_SEEN / 2)
 }
 
-/// Whether a window field counts a run's budget.
-fn is_run(wf: &str) -> bool {
-    parse_window_field(wf)
-        .is_some_and(|w| matches!(w.what, Counted::Budget { scope, .. } if scope == "run"))
-}
-
 /// A host's budget field, `<window field>|<host>`, split (host names never hold a `|`).
 fn split_host(field: &str) -> Option<(&str, &str)> {
     field
@@ -1491,7 +1485,7 @@ impl<B: Bans> Agent<B> {
         let mut counts = self.shared.limits.fleet_counts();
         // Runs last: the reads of a round are bounded, and the windows of tenants and agents
         // come first.
-        counts.sort_by_key(|c| matches!(&c.what, Counted::Budget { scope, .. } if scope == "run"));
+        counts.sort_by_key(|c| c.what.is_run());
         let quiet = counts.is_empty()
             && self.learned
             && self.own.is_empty()
@@ -1678,16 +1672,22 @@ impl<B: Bans> Agent<B> {
         self.count_ignored(ignored);
         // Windows that ended are forgotten.
         let now = crate::policy::limits::State::unix_s();
-        let live = |wf: &String| parse_window_field(wf).is_some_and(|w| w.end > now);
-        self.own.retain(|wf, _| live(wf));
-        self.seen.retain(|wf, hosts| live(wf) && !hosts.is_empty());
-        self.seen_count = self.seen.values().map(HashMap::len).sum();
-        self.seen_runs = self
-            .seen
-            .iter()
-            .filter(|(wf, _)| is_run(wf))
-            .map(|(_, hosts)| hosts.len())
-            .sum();
+        let live = |wf: &String| parse_window_field(wf).filter(|w| w.end > now);
+        self.own.retain(|wf, _| live(wf).is_some());
+        // Each field read once: whether it is live, and whether it counts a run.
+        let (mut count, mut runs) = (0, 0);
+        self.seen.retain(|wf, hosts| {
+            let Some(w) = live(wf).filter(|_| !hosts.is_empty()) else {
+                return false;
+            };
+            count += hosts.len();
+            if w.what.is_run() {
+                runs += hosts.len();
+            }
+            true
+        });
+        self.seen_count = count;
+        self.seen_runs = runs;
         if !self.learned {
             // The first read: this host's counts rise to the others' spend at once (a gateway
             // that starts after a budget was spent refuses from its first request); its own
@@ -1752,12 +1752,12 @@ impl<B: Bans> Agent<B> {
         let fleet = self.fleet.name.as_str();
         let parsed = std::str::from_utf8(field).ok().and_then(|f| {
             let (wf, host) = split_host(f)?;
-            parse_window_field(wf)?;
+            let run = parse_window_field(wf)?.what.is_run();
             let value = std::str::from_utf8(raw).ok()?;
             let spend = open(secret, fleet, "budgets", f, value).and_then(parse_spend)?;
-            Some((f, wf, host, spend, value))
+            Some((f, wf, host, run, spend, value))
         });
-        let Some((f, wf, host, (amount, seq), value)) = parsed else {
+        let Some((f, wf, host, run, (amount, seq), value)) = parsed else {
             self.drop_fields.push(field.to_vec());
             if let Some(known) = std::str::from_utf8(field).ok().and_then(|f| self.known(f)) {
                 self.rewrite.insert(
@@ -1780,7 +1780,6 @@ impl<B: Bans> Agent<B> {
                 _ => 0,
             };
         }
-        let run = is_run(wf);
         let full = !room_for(self.seen_count, self.seen_runs, run);
         let hosts = self.seen.entry(wf.to_owned()).or_default();
         match hosts.get(host) {
@@ -2494,9 +2493,11 @@ mod tests {
             tenant: "a".into(),
             subject: "scope\":\"tenant".into(),
         };
-        let tenant_field = window_field(&budget(), 60, 1000).expect("field");
-        let run_field = window_field(&run, 60, 1000).expect("field");
-        assert!(is_run(&run_field) && !is_run(&tenant_field));
+        let is_run = |what: &Counted| {
+            let field = window_field(what, 60, 1000).expect("field");
+            parse_window_field(&field).expect("read back").what.is_run()
+        };
+        assert!(is_run(&run) && !is_run(&budget()));
         let half = BUDGET_SEEN / 2;
         assert!(room_for(half - 1, half - 1, true));
         assert!(!room_for(half, half, true), "runs hold their half");

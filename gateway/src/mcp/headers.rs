@@ -73,30 +73,27 @@ pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
         return Err(mismatch("Mcp-Method header"));
     }
     let header = req.header_str("mcp-name");
-    match (&msg.name, &msg.task_id) {
-        (Some(name), _) => {
-            if header.and_then(decode_header_value).as_deref() != Some(name.as_str()) {
-                return Err(mismatch("Mcp-Name header"));
-            }
-        }
-        // A method that names nothing has no `Mcp-Name` for a router to read, but the task it
-        // is about (the tasks extension mirrors `taskId` there).
-        _ if header.is_none() => {}
-        (None, Some(task)) if super::tasks::NAMING.contains(&method) => {
-            if header.and_then(decode_header_value).as_deref() != Some(task.as_str()) {
-                return Err(mismatch("Mcp-Name header"));
-            }
-        }
-        (None, _) => {
-            return Err(RpcError::new(
-                error::HEADER_MISMATCH,
-                format!("an Mcp-Name header does not belong with `{method}`, which names nothing"),
-                400,
-            )
-            .with_id(msg.id.clone()));
-        }
+    // What `Mcp-Name` mirrors: the name, required where the message has one; or the task a
+    // `tasks/*` request is about (the tasks extension mirrors `taskId` there), if sent.
+    let (mirrored, required) = match (&msg.name, &msg.task_id) {
+        (Some(name), _) => (Some(name), true),
+        (None, task) => (
+            task.as_ref()
+                .filter(|_| super::tasks::NAMING.contains(&method)),
+            false,
+        ),
+    };
+    match (header, mirrored) {
+        (None, _) if !required => Ok(()),
+        (header, Some(m)) if header.and_then(decode_header_value).as_ref() == Some(m) => Ok(()),
+        (Some(_), None) => Err(RpcError::new(
+            error::HEADER_MISMATCH,
+            format!("an Mcp-Name header does not belong with `{method}`, which names nothing"),
+            400,
+        )
+        .with_id(msg.id.clone())),
+        _ => Err(mismatch("Mcp-Name header")),
     }
-    Ok(())
 }
 
 #[cfg(test)]

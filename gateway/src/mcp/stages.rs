@@ -1273,15 +1273,15 @@ fn record(
     let passed = std::mem::take(&mut *obs.breakers.borrow_mut());
     if !passed.is_empty() {
         let now = ctx.shared.limits.now();
-        let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+        // A call whose client left before its answer is judged on nothing, as one refused here.
+        let outcome = if obs.client_left.get() {
+            Outcome::Refused
+        } else {
+            obs.outcome.get().unwrap_or(Outcome::Refused)
+        };
         for (name, up, tool_level, pass) in passed {
             // A tool fails with an error or `isError`; an upstream only when it fails.
             let ok = match outcome {
-                // Judged on nothing: refused here, or its client left before the answer.
-                _ if obs.client_left.get() => {
-                    ctx.shared.breakers.release(&name, pass);
-                    continue;
-                }
                 Outcome::Refused => {
                     ctx.shared.breakers.release(&name, pass);
                     continue;

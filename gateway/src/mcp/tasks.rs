@@ -28,7 +28,9 @@ use crate::stdio::Who;
 use crate::stdio::mux::retain_listed_tasks;
 /// The `tasks/*` requests that name one task by `params.taskId`, and the task an answer to a
 /// task-augmented request names: as the stdio mux reads them.
-pub use crate::stdio::mux::{TASK_METHODS as NAMING, created_task as created};
+pub use crate::stdio::mux::{
+    TASK_METHODS as NAMING, created_task as created, task_ttl_ms as ttl_ms,
+};
 
 pub const MAX_TASKS: usize = 131_072;
 pub const MAX_PER_CALLER: usize = 1_024;
@@ -77,7 +79,16 @@ impl Drop for Room<'_> {
             .held
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !self.taken.get() {
-            self.owners.release(self.who);
+            self.owners.uncount(self.who);
+        }
+    }
+}
+
+impl Owner {
+    fn who(&self) -> Who {
+        Who {
+            caller: self.caller,
+            tenant: self.tenant,
         }
     }
 }
@@ -90,15 +101,6 @@ fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// How long (ms) the answer says the task it names lives: 2025-11-25's `result.task.ttl`, or
-/// `result.ttl`.
-pub fn ttl_ms(answer: &Value) -> Option<u64> {
-    let result = answer.get("result")?;
-    result["task"]["ttl"]
-        .as_u64()
-        .or_else(|| result["ttl"].as_u64())
 }
 
 impl Owners {
@@ -134,16 +136,6 @@ impl Owners {
         })
     }
 
-    /// What a room not taken gives back.
-    fn release(&self, who: Who) {
-        self.forgotten(&Owner {
-            caller: who.caller,
-            tenant: who.tenant,
-            until: 0,
-            ttl: 0,
-        });
-    }
-
     /// The task `task` of `upstream` is the room's caller's, for `ttl_ms` (the answer's, or the
     /// request's; an hour when neither says).
     pub fn bind(&self, upstream: &str, task: &str, room: &Room<'_>, ttl_ms: Option<u64>) {
@@ -161,7 +153,7 @@ impl Owners {
         match map.get(&key(upstream, task)) {
             // An id the upstream gives twice: the task is nobody's (and the room goes back).
             Some(o) if o.caller != caller => {
-                self.forgotten(o);
+                self.uncount(o.who());
                 map.insert(
                     key(upstream, task),
                     Owner {
@@ -216,14 +208,14 @@ impl Owners {
         retain_listed_tasks(answer, |id| self.owns(upstream, id, caller));
     }
 
-    /// A task of `o`'s no longer counts against it.
-    fn forgotten(&self, o: &Owner) {
+    /// A task of `who`'s (or a room it held) no longer counts against it.
+    fn uncount(&self, who: Who) {
         self.per_caller
             .pin()
-            .update(o.caller, |n| n.saturating_sub(1));
+            .update(who.caller, |n| n.saturating_sub(1));
         self.per_tenant
             .pin()
-            .update(o.tenant, |n| n.saturating_sub(1));
+            .update(who.tenant, |n| n.saturating_sub(1));
     }
 
     fn forget_expired(&self) {
@@ -236,7 +228,7 @@ impl Owners {
             .collect();
         for (k, o) in expired {
             if map.remove(&k).is_some() {
-                self.forgotten(&o);
+                self.uncount(o.who());
             }
         }
     }

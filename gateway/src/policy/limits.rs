@@ -245,6 +245,11 @@ pub enum Counted {
 }
 
 impl Counted {
+    /// Whether it counts a run's budget (the `run` scope, whose subjects clients choose).
+    pub fn is_run(&self) -> bool {
+        matches!(self, Self::Budget { scope, .. } if scope == "run")
+    }
+
     /// The key the request path computes for the same count.
     pub fn key(&self, state: &State) -> u64 {
         match self {
@@ -904,8 +909,8 @@ impl State {
         // made, in a race, is given back here).
         let mut runs: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         for (_, c) in &windows {
-            if let Some(Counted::Budget { scope, tenant, .. }) = c.what.as_deref()
-                && scope == "run"
+            if let Some(what @ Counted::Budget { tenant, .. }) = c.what.as_deref()
+                && what.is_run()
             {
                 *runs.entry(tenant.as_str()).or_default() += 1;
             }

@@ -117,6 +117,23 @@ pub fn created_task(answer: &Value) -> Option<&str> {
         .or_else(|| (result["resultType"] == "task").then(|| result["taskId"].as_str())?)
 }
 
+/// How long (ms) an answer to a task-augmented request says the task it names lives:
+/// 2025-11-25's `result.task.ttl`, or `result.ttl`.
+pub fn task_ttl_ms(answer: &Value) -> Option<u64> {
+    let result = answer.get("result")?;
+    result["task"]["ttl"]
+        .as_u64()
+        .or_else(|| result["ttl"].as_u64())
+}
+
+/// The task a message's `_meta` relates it to: `None` without the key, `Some(None)` with one
+/// that names no task by a string id.
+fn related_task(of: &Value) -> Option<Option<&str>> {
+    of.get("_meta")
+        .and_then(|m| m.get(RELATED_TASK))
+        .map(|t| t.get("taskId").and_then(Value::as_str))
+}
+
 /// What a client's request asks that the answer must be read for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Asks {
@@ -439,11 +456,7 @@ impl Mux {
                 // that task's creator; one that does not, only while no other caller's task
                 // may still be working.
                 if !self.one_caller {
-                    let related = message
-                        .get("params")
-                        .and_then(|p| p.get("_meta"))
-                        .and_then(|m| m.get(RELATED_TASK))
-                        .map(|t| t.get("taskId").and_then(Value::as_str));
+                    let related = message.get("params").and_then(related_task);
                     let now = std::time::Instant::now();
                     self.working.retain(|_, until| *until > now);
                     let for_caller = match related {
@@ -489,10 +502,7 @@ impl Mux {
             self.forget_task(at);
         }
         self.tasks.insert(task.to_owned(), caller);
-        let ttl = answer
-            .get("result")
-            .and_then(|r| r["task"]["ttl"].as_u64().or_else(|| r["ttl"].as_u64()))
-            .map_or(WORKING_AT_MOST, std::time::Duration::from_millis);
+        let ttl = task_ttl_ms(answer).map_or(WORKING_AT_MOST, std::time::Duration::from_millis);
         self.working.insert(
             task.to_owned(),
             std::time::Instant::now() + ttl.min(WORKING_AT_MOST),
@@ -570,12 +580,7 @@ impl Mux {
                     .filter_map(|t| t.get("taskId").and_then(Value::as_str)),
             );
         }
-        if let Some(t) = of
-            .get("_meta")
-            .and_then(|m| m.get(RELATED_TASK))
-            .and_then(|t| t.get("taskId"))
-            .and_then(Value::as_str)
-        {
+        if let Some(Some(t)) = related_task(of) {
             done.push(t);
         }
         for t in done {

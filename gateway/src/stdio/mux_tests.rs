@@ -469,14 +469,19 @@ fn after_an_abandoned_call_a_shared_childs_request_goes_to_nobody() {
 #[test]
 fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystander() {
     let elicit = |id: &str, meta: serde_json::Value| json!({"jsonrpc":"2.0","id":id,"method":"elicitation/create","params":{"message":"which account?","_meta":meta}});
+    // Caller 1's task-augmented call (`ask`: its `params.task`), answered with `answer`.
+    let research = |m: &mut Mux, id: u64, ask: serde_json::Value, answer: serde_json::Value| {
+        let (_, out) = m
+            .request(
+                1,
+                json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"research","task":ask}}),
+            )
+            .unwrap();
+        m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":answer}));
+    };
+    let working = |task: &str| json!({"task":{"taskId":task,"status":"working"}});
     let mut m = Mux::new();
-    let (_, out) = m
-        .request(
-            1,
-            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"research","task":{}}}),
-        )
-        .unwrap();
-    task_created(&mut m, &out, "t-1");
+    research(&mut m, 1, json!({}), working("t-1"));
     // The bystander's call is the one in flight.
     let (bystander, _) = m
         .request(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
@@ -519,13 +524,7 @@ fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystan
         Inbound::Event { .. }
     ));
     // So does a status notification.
-    let (_, out) = m
-        .request(
-            1,
-            json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"research","task":{}}}),
-        )
-        .unwrap();
-    task_created(&mut m, &out, "t-2");
+    research(&mut m, 4, json!({}), working("t-2"));
     assert!(matches!(
         m.inbound(elicit("e4", json!({}))),
         Inbound::Reply(_)
@@ -536,26 +535,24 @@ fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystan
         Inbound::Event { .. }
     ));
     // A task whose creating answer says it ended already is not working.
-    let (_, out) = m
-        .request(
-            1,
-            json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"research","task":{}}}),
-        )
-        .unwrap();
-    m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":{"task":{"taskId":"t-3","status":"completed"}}}));
+    research(
+        &mut m,
+        5,
+        json!({}),
+        json!({"task":{"taskId":"t-3","status":"completed"}}),
+    );
     assert!(matches!(
         m.inbound(elicit("e6", json!({}))),
         Inbound::Event { .. }
     ));
     // A task nobody asks about again is taken to be working for its time to live at most (and
     // ten minutes): its creator cannot keep the child from asking the others for good.
-    let (_, out) = m
-        .request(
-            1,
-            json!({"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"research","task":{"ttl":50}}}),
-        )
-        .unwrap();
-    m.inbound(json!({"jsonrpc":"2.0","id":out["id"],"result":{"task":{"taskId":"t-4","status":"working","ttl":50}}}));
+    research(
+        &mut m,
+        6,
+        json!({"ttl":50}),
+        json!({"task":{"taskId":"t-4","status":"working","ttl":50}}),
+    );
     assert!(matches!(
         m.inbound(elicit("e7", json!({}))),
         Inbound::Reply(_)

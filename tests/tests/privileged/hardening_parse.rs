@@ -175,6 +175,20 @@ fn ping_ok(port: u16, path: &str) {
     assert_eq!(r.json()["id"], 77);
 }
 
+/// Each of `bodies` posted to `/mcp` is refused: 400, JSON-RPC -32600.
+fn refused_as_invalid(port: u16, bodies: &[&str]) {
+    for body in bodies {
+        let (r, _) = raw(port, &post("/mcp", body, ""));
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], -32600, "{body}");
+    }
+}
+
 #[test]
 fn duplicate_keys_never_reach_the_upstream() {
     let s = setup();
@@ -184,16 +198,7 @@ fn duplicate_keys_never_reach_the_upstream() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"params":{"name":"delete_file"}}"#,
         r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"delete_file"}}]"#,
     ];
-    for body in bodies {
-        let (r, _) = raw(s.port, &post("/mcp", body, ""));
-        assert_eq!(
-            r.status,
-            400,
-            "{body}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(r.json()["error"]["code"], -32600, "{body}");
-    }
+    refused_as_invalid(s.port, &bodies);
     // The same request without the duplicate: denied by policy, never forwarded either.
     let (r, _) = raw(
         s.port,
@@ -222,16 +227,7 @@ fn a_request_that_also_carries_an_answer_never_reaches_the_upstream() {
         r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"carries-null","progress":1},"error":null}"#,
         r#"[{"jsonrpc":"2.0","id":3,"method":"ping","result":{"carries-in-a-batch":1}}]"#,
     ];
-    for body in bodies {
-        let (r, _) = raw(s.port, &post("/mcp", body, ""));
-        assert_eq!(
-            r.status,
-            400,
-            "{body}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(r.json()["error"]["code"], -32600, "{body}");
-    }
+    refused_as_invalid(s.port, &bodies);
     assert!(!s.upstream.saw("carries-"), "the upstream saw one of them");
     ping_ok(s.port, "/mcp");
 }

@@ -78,6 +78,20 @@ upstream = "local"
     (Daemon::start_local(&instance, &config), port)
 }
 
+/// A gateway whose `/mcp` route runs the Python SDK's server (the test fixture) over stdio.
+/// The venv's interpreter lives under /root, which the default unprivileged user cannot read:
+/// the child runs as root, explicitly.
+fn python_sdk_over_stdio() -> (Daemon, u16) {
+    gateway(
+        &format!(
+            r#"["{}", "{}", "stdio"]"#,
+            python().display(),
+            fixture("mcp_server.py")
+        ),
+        "uid = 0\ngid = 0",
+    )
+}
+
 /// The Python SDK's own server, run over stdio by the gateway, answers the Python SDK client
 /// exactly as the same server does over Streamable HTTP, in both eras: tools, progress,
 /// resources, prompts, ping, and (session era) sampling and elicitation requests from the
@@ -85,16 +99,7 @@ upstream = "local"
 #[test]
 fn python_sdk_stdio_server_through_the_gateway_matches_its_http_self_in_both_eras() {
     let direct_server = PyServer::start(false);
-    // The venv's interpreter lives under /root, which the default unprivileged user cannot
-    // read: this child runs as root, explicitly.
-    let (mut d, port) = gateway(
-        &format!(
-            r#"["{}", "{}", "stdio"]"#,
-            python().display(),
-            fixture("mcp_server.py")
-        ),
-        "uid = 0\ngid = 0",
-    );
+    let (mut d, port) = python_sdk_over_stdio();
     for mode in ["legacy", "2026-07-28"] {
         let direct = py_client(&direct_server.url(), mode);
         let through = py_client(&format!("http://127.0.0.1:{port}/mcp"), mode);
@@ -111,14 +116,7 @@ fn python_sdk_stdio_server_through_the_gateway_matches_its_http_self_in_both_era
 /// the body itself and whose end it cannot find).
 #[test]
 fn an_http_1_0_client_of_a_stdio_upstream_gets_no_chunked_coding() {
-    let (mut d, port) = gateway(
-        &format!(
-            r#"["{}", "{}", "stdio"]"#,
-            python().display(),
-            fixture("mcp_server.py")
-        ),
-        "uid = 0\ngid = 0",
-    );
+    let (mut d, port) = python_sdk_over_stdio();
     let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"count_with_progress","arguments":{"steps":3},"_meta":{"progressToken":"p1"}}}"#;
     let request = format!(
         "POST /mcp HTTP/1.0\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\

@@ -41,6 +41,14 @@ struct Idle {
     max_idle: usize,
 }
 
+impl Idle {
+    /// Keeps `keep` connections at most: the least recently used go.
+    fn trim(&mut self, keep: usize) {
+        let excess = self.conns.len().saturating_sub(keep);
+        self.conns.drain(..excess);
+    }
+}
+
 /// How many connections to one upstream are in use (leased to a request) now, and the most
 /// that were at once in this window and the one before.
 #[derive(Default)]
@@ -155,9 +163,7 @@ impl Pool {
         let mut pool = self.idle.borrow_mut();
         for (key, idle) in pool.iter_mut() {
             idle.conns.retain_mut(Io::idle_and_open);
-            let keep = self.keep(key, idle.max_idle);
-            let excess = idle.conns.len().saturating_sub(keep);
-            idle.conns.drain(..excess);
+            idle.trim(self.keep(key, idle.max_idle));
         }
     }
 
@@ -210,7 +216,6 @@ impl Pool {
             idle.conns.push(io);
         }
         // Past the peak, the least recently used go.
-        let excess = idle.conns.len().saturating_sub(keep);
-        idle.conns.drain(..excess);
+        idle.trim(keep);
     }
 }
