@@ -564,3 +564,31 @@ fn only_whole_empty_lines_before_a_request_line_are_taken_off() {
     assert_eq!(leading_empty_lines(b"\rPOST"), 0);
     assert_eq!(leading_empty_lines(b""), 0);
 }
+
+/// A line ended by LF alone is refused wherever it is in the head; CRLF heads parse.
+#[test]
+fn a_head_line_ended_by_a_bare_lf_is_refused() {
+    let limits = Limits::default();
+    let parse =
+        |head: &[u8]| parse_head(head, &mut HeadEnd::default(), &limits).map(|r| r.is_some());
+    assert_eq!(
+        parse(b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n\r\n"),
+        Ok(true)
+    );
+    for head in [
+        &b"POST /mcp HTTP/1.1\nhost: gw\r\ncontent-length: 0\r\n\r\n"[..],
+        b"POST /mcp HTTP/1.1\r\nhost: gw\nx: y\r\ncontent-length: 0\r\n\r\n",
+        b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n\n",
+        b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\n\r\n",
+        b"GET / HTTP/1.1\nhost: gw\n\n",
+    ] {
+        assert_eq!(
+            parse(head),
+            Err(HttpError::BadRequest(
+                "a line of the head ends in LF without CR"
+            )),
+            "{:?}",
+            String::from_utf8_lossy(head)
+        );
+    }
+}

@@ -483,6 +483,11 @@ pub fn parse_head(
     if head_len > limits.max_head {
         return Err(HttpError::HeadTooLarge(limits.max_head));
     }
+    if has_bare_lf(&buf[..head_len]) {
+        return Err(HttpError::BadRequest(
+            "a line of the head ends in LF without CR",
+        ));
+    }
     let mut req = Request {
         method: parsed.method.unwrap_or_default().to_owned(),
         target: parsed.path.unwrap_or_default().to_owned(),
@@ -494,6 +499,14 @@ pub fn parse_head(
     check_head(&mut req)?;
     let kind = framing(&req.headers, limits.max_body)?;
     Ok(Some((head_len, req, kind)))
+}
+
+/// Whether a line of `head` ends in a bare LF. The parser takes one as a line's end (RFC 9112
+/// §2.2 allows it); a proxy in front that does not would read `X: a\nTransfer-Encoding: chunked`
+/// as one field, where the gateway reads two: the two would frame the connection differently.
+/// Refused, as strict servers do (the gateway writes its own heads with CRLF).
+fn has_bare_lf(head: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r')
 }
 
 /// The length of the whole empty lines (`\r\n` or `\n`) `buf` starts with.

@@ -440,6 +440,18 @@ fn heads_that_could_mean_two_things_are_refused_before_the_upstream() {
         ),
         ("obs-fold", post("/mcp", list, "x-folded: a\r\n b\r\n")),
         (
+            "a field line ended by a bare LF",
+            head("host: gw\r\nx-note: a\nx-other: b\r\n"),
+        ),
+        (
+            "a request line ended by a bare LF",
+            format!(
+                "POST /mcp HTTP/1.1\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+                list.len()
+            )
+            .into_bytes(),
+        ),
+        (
             "whitespace before the colon",
             post("/mcp", list, "x-space : a\r\n"),
         ),
