@@ -147,22 +147,29 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
+    // An event stream may go on for as long as events keep coming (each within
+    // `stream_idle_timeout`); any other body is whole within `response_timeout` of its head,
+    // not per read: an upstream that sends a byte now and then would hold the call (its
+    // concurrency slot, the client's connection) for as long as it liked.
+    let body_deadline = monoio::time::Instant::now() + up.response_timeout;
     let finished = loop {
         if body.done() {
             break Ok(());
         }
-        let timeout = if body.sse {
-            up.stream_idle_timeout
-        } else {
-            up.response_timeout
+        let read = async {
+            if body.sse {
+                conn.fill(up.stream_idle_timeout).await
+            } else {
+                conn.fill_until(body_deadline).await
+            }
         };
         // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
         // stream the client can resume is read on whether it stays or not (see `drain`): its
         // leaving shows when a write to it fails.
         let filled = if body.can_resume(req) {
-            conn.fill(timeout).await
+            read.await
         } else {
-            let Some(filled) = unless_client_leaves(client, conn.fill(timeout)).await else {
+            let Some(filled) = unless_client_leaves(client, read).await else {
                 // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
                 // `abandoned`).
                 obs.abandoned.set(true);

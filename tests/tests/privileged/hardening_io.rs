@@ -346,6 +346,70 @@ fn an_upstream_that_never_answers_gets_504_and_its_socket_closed() {
     assert_eq!(settled(d.pid(), baseline), baseline);
 }
 
+/// An upstream that sends its answer's body a few bytes at a time, each within the read
+/// timeout: the body is whole within `response_timeout` of its head or the call fails (a small
+/// answer, held whole, as a 502; a large one, whose head went out, by closing the client's
+/// connection), and the upstream's socket is closed. Before, each read had its own timeout, so
+/// the drip held the call for as long as the upstream liked.
+#[test]
+fn an_answer_body_dripped_byte_by_byte_is_cut_off_at_the_response_timeout() {
+    for length in [2_000usize, 64_000] {
+        let fake = Fake::start(Box::new(move |conn, _, _| {
+            if read_upstream_request(conn).is_none() {
+                return;
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+            );
+            let mut out = head.into_bytes();
+            // A large answer's head and most of its body come at once; the rest drips.
+            let at_once = length.saturating_sub(1_000);
+            out.extend(std::iter::repeat_n(b' ', at_once));
+            if conn.write_all(&out).is_err() {
+                return;
+            }
+            // 25 bytes every 100 ms (each read well within the 400 ms timeout): 4 s for the
+            // last thousand bytes, ten times the response timeout.
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(100));
+                if conn.write_all(&[b' '; 25]).is_err() {
+                    return;
+                }
+            }
+        }));
+        let (d, port, baseline) = gateway(fake.port, Extra::default());
+        let mut client = connect(port);
+        let started = Instant::now();
+        client.write_all(&call(1, "echo")).unwrap();
+        if length <= 16 * 1024 {
+            let r = read_response(&mut client).expect("an answer");
+            assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+        } else {
+            let got = read_until_closed(&mut client, Duration::from_secs(3), "dripped answer");
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200 "), "{length}: {text}");
+            assert!(
+                got.len() < length,
+                "{length}: the body is cut short ({} bytes)",
+                got.len()
+            );
+        }
+        // The drip lasts 4 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{length}: cut off at the deadline, not after the whole drip ({:?})",
+            started.elapsed()
+        );
+        drop(client);
+        assert!(fake.all_closed(), "{length}: the upstream socket is closed");
+        assert_eq!(
+            settled(d.pid(), baseline),
+            baseline,
+            "{length}: descriptors"
+        );
+    }
+}
+
 #[test]
 fn an_upstream_closing_mid_chunk_closes_the_client_connection() {
     let fake = Fake::start(Box::new(|conn, _, _| {
