@@ -117,6 +117,13 @@ impl Pki {
         self.issue(file, client_params(cn, uri), KeyKind::EcdsaP256)
     }
 
+    /// A client certificate like [`Pki::client`] that expires `seconds` from now.
+    pub fn client_expiring(&self, file: &str, cn: &str, seconds: i64) -> Issued {
+        let mut params = client_params(cn, None);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+        self.issue(file, params, KeyKind::EcdsaP256)
+    }
+
     /// A client certificate like [`Pki::client`] that expired in 2021.
     pub fn expired_client(&self, file: &str, cn: &str, uri: Option<&str>) -> Issued {
         let mut params = client_params(cn, uri);

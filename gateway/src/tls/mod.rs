@@ -6,9 +6,17 @@
 //! reload (SIGHUP, `POST /reload`, a certificate file changing) and publishes them through
 //! `ArcSwap`s that workers read without a lock, once per connection. A new file that does not
 //! load (unparseable, a key that does not match its certificate, an expired certificate) is
-//! refused whole and the running configuration stays. Workers never read a file. One ticket
-//! key set (rotated by rustls) and one session cache serve every listener and survive reloads,
-//! so a client resumes whichever worker or reload it meets.
+//! refused whole and the running configuration stays. Workers never read a file.
+//!
+//! Sessions resume within one listener and one client-certificate setting ([`Resumption`]): a
+//! ticket key set (rotated by rustls) and a session cache per listener and per `client_ca` and
+//! `client_auth`, kept across reloads that leave those alone, so a client resumes whichever
+//! worker or reload it meets. rustls resumes any session its ticketer or cache gives back, with
+//! the client certificate it was made with and without asking whether this configuration would
+//! have accepted it: one store for every listener let a session made without a certificate, or
+//! with one from another listener's CA, resume where a certificate of this CA is required, and
+//! a CA taken out by a reload stayed trusted for as long as its sessions lived. A resumed
+//! session's certificate is also verified again ([`accept`]): one that expired since is refused.
 
 pub mod admin;
 
@@ -25,8 +33,9 @@ use arc_swap::ArcSwapOption;
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
+    pki_types::UnixTime,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
 
@@ -40,6 +49,9 @@ pub struct Listening {
     pub server: Arc<ServerConfig>,
     pub handshake_timeout: Duration,
     resolver: Arc<SniResolver>,
+    /// The client-certificate verifier (none without `client_ca`): run again on a resumed
+    /// session's certificate.
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 impl std::fmt::Debug for Listening {
@@ -122,35 +134,76 @@ pub struct Edge {
     /// Per listener (by index in `Config::listeners`): what it serves, none for plaintext.
     listeners: Box<[ArcSwapOption<Listening>]>,
     pub admin: ArcSwapOption<Listening>,
+    /// Where sessions resume, by [`Resumption::key`]; only the control thread builds
+    /// configurations, so the lock is never taken on a connection.
+    resumption: std::sync::Mutex<std::collections::HashMap<[u8; 32], Resumption>>,
+    pub stats: Stats,
+}
+
+/// The session store of one listener under one client-certificate setting: a session resumes
+/// only where it was made and under the CA and mode that accepted its certificate.
+#[derive(Clone)]
+struct Resumption {
     /// TLS 1.3 (and 1.2) session tickets: one key set, rotated by rustls, for all workers and
-    /// across reloads. None if the system's RNG failed at start (then only the cache resumes).
+    /// across reloads. None if the system's RNG failed (then only the cache resumes).
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     /// Session-id resumption (TLS 1.2 clients without tickets); rustls guards it with a mutex
     /// taken during handshakes only.
     cache: Arc<dyn rustls::server::StoresServerSessions>,
-    pub stats: Stats,
+}
+
+impl Resumption {
+    fn new() -> Self {
+        Self {
+            ticketer: match rustls::crypto::aws_lc_rs::Ticketer::new() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!("TLS session tickets are off: {e}");
+                    None
+                }
+            },
+            cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+        }
+    }
+
+    /// The listener (its key in the configuration) and what its client certificates are
+    /// checked against: the mode and every CA certificate, in the file's order.
+    fn key(listener: &str, client_auth: Option<(ClientAuth, &[CertificateDer<'_>])>) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update((listener.len() as u64).to_le_bytes());
+        h.update(listener.as_bytes());
+        match client_auth {
+            None => h.update(b"no client certificates"),
+            Some((mode, cas)) => {
+                h.update(match mode {
+                    ClientAuth::Required => b"required",
+                    ClientAuth::Optional => b"optional",
+                });
+                for ca in cas {
+                    h.update((ca.len() as u64).to_le_bytes());
+                    h.update(ca.as_ref());
+                }
+            }
+        }
+        h.finalize().into()
+    }
 }
 
 /// Every TLS configuration of a gateway configuration, built and not yet published.
 pub struct Prepared {
     listeners: Vec<Option<Arc<Listening>>>,
     admin: Option<Arc<Listening>>,
+    /// The session stores these configurations use: published, the others are dropped.
+    resumption: Vec<[u8; 32]>,
 }
 
 impl Edge {
     pub fn new(listeners: usize) -> Self {
-        let ticketer = match rustls::crypto::aws_lc_rs::Ticketer::new() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::error!("TLS session tickets are off: {e}");
-                None
-            }
-        };
         Self {
             listeners: (0..listeners).map(|_| ArcSwapOption::empty()).collect(),
             admin: ArcSwapOption::empty(),
-            ticketer,
-            cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            resumption: std::sync::Mutex::default(),
             stats: Stats::default(),
         }
     }
@@ -163,32 +216,62 @@ impl Edge {
     /// Reads every certificate, key and CA file `config` names and builds its TLS
     /// configurations; the first problem refuses them all, naming the key and the file.
     pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
+        let mut resumption = Vec::new();
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             listeners.push(
                 l.tls
                     .as_ref()
-                    .map(|t| self.build(t, &format!("listeners[{i}].tls")))
+                    .map(|t| self.build(t, &format!("listeners[{i}].tls"), &mut resumption))
                     .transpose()?,
             );
         }
         let admin = config
             .admin_tls
             .as_ref()
-            .map(|t| self.build(t, "admin.tls"))
+            .map(|t| self.build(t, "admin.tls", &mut resumption))
             .transpose()?;
-        Ok(Prepared { listeners, admin })
+        Ok(Prepared {
+            listeners,
+            admin,
+            resumption,
+        })
     }
 
-    /// Makes `prepared` what new connections get; established connections keep theirs.
+    /// Makes `prepared` what new connections get; established connections keep theirs. The
+    /// session stores no listener uses now are dropped: their sessions resume nowhere.
     pub fn publish(&self, prepared: Prepared) {
         for (slot, l) in self.listeners.iter().zip(prepared.listeners) {
             slot.store(l);
         }
         self.admin.store(prepared.admin);
+        if let Ok(mut stores) = self.resumption.lock() {
+            stores.retain(|key, _| prepared.resumption.contains(key));
+        }
     }
 
-    fn build(&self, tls: &Tls, key: &str) -> Result<Arc<Listening>, String> {
+    /// The session store for `listener` under `client_auth`: the one it had, or a new one.
+    fn resumption(
+        &self,
+        listener: &str,
+        client_auth: Option<(ClientAuth, &[CertificateDer<'_>])>,
+        used: &mut Vec<[u8; 32]>,
+    ) -> Resumption {
+        let key = Resumption::key(listener, client_auth);
+        used.push(key);
+        match self.resumption.lock() {
+            Ok(mut stores) => stores.entry(key).or_insert_with(Resumption::new).clone(),
+            // Poisoned (a panic elsewhere): a store of its own, nothing shared.
+            Err(_) => Resumption::new(),
+        }
+    }
+
+    fn build(
+        &self,
+        tls: &Tls,
+        key: &str,
+        used: &mut Vec<[u8; 32]>,
+    ) -> Result<Arc<Listening>, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut certs = Vec::new();
         for (i, files) in tls.certificates.iter().enumerate() {
@@ -200,11 +283,17 @@ impl Edge {
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| format!("{key}: {e}"))?;
+        let mut verifier: Option<Arc<dyn ClientCertVerifier>> = None;
+        let resumption;
         let builder = match &tls.client_ca {
-            None => builder.with_no_client_auth(),
+            None => {
+                resumption = self.resumption(key, None, used);
+                builder.with_no_client_auth()
+            }
             Some(path) => {
                 let mut roots = RootCertStore::empty();
                 let cas = read_certs(path).map_err(|e| format!("{key}.client_ca: {e}"))?;
+                resumption = self.resumption(key, Some((tls.client_auth, &cas)), used);
                 for ca in cas {
                     roots.add(ca).map_err(|e| {
                         format!(
@@ -213,31 +302,32 @@ impl Edge {
                         )
                     })?;
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(
+                let client_verifier = WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     Arc::clone(&provider),
                 );
-                let verifier = match tls.client_auth {
-                    ClientAuth::Required => verifier,
-                    ClientAuth::Optional => verifier.allow_unauthenticated(),
+                let client_verifier = match tls.client_auth {
+                    ClientAuth::Required => client_verifier,
+                    ClientAuth::Optional => client_verifier.allow_unauthenticated(),
                 };
-                builder.with_client_cert_verifier(
-                    verifier
-                        .build()
-                        .map_err(|e| format!("{key}.client_ca: {e}"))?,
-                )
+                let built = client_verifier
+                    .build()
+                    .map_err(|e| format!("{key}.client_ca: {e}"))?;
+                verifier = Some(Arc::clone(&built));
+                builder.with_client_cert_verifier(built)
             }
         };
         let mut server = builder.with_cert_resolver(Arc::clone(&resolver) as _);
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        server.session_storage = Arc::clone(&self.cache);
-        if let Some(t) = &self.ticketer {
-            server.ticketer = Arc::clone(t);
+        server.session_storage = resumption.cache;
+        if let Some(t) = resumption.ticketer {
+            server.ticketer = t;
         }
         Ok(Arc::new(Listening {
             server: Arc::new(server),
             handshake_timeout: tls.handshake_timeout,
             resolver,
+            verifier,
         }))
     }
 }
@@ -417,6 +507,14 @@ pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
                 && matches!(s.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
             {
                 stats.resumed.fetch_add(1, Ordering::Relaxed);
+                if let Err(why) = still_accepted(s.peer_certificates(), listening) {
+                    tracing::debug!(
+                        reason = why.label(),
+                        "a resumed TLS session's client certificate is no longer accepted"
+                    );
+                    stats.failed(why);
+                    return false;
+                }
             }
             true
         }
@@ -430,6 +528,26 @@ pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
             stats.failed(why);
             false
         }
+    }
+}
+
+/// Whether a resumed session's client certificate (`peer`, as the session kept it) would be
+/// accepted by the listener now: verified again, at this time (it may have expired since the
+/// session was made), and present where the listener requires one.
+fn still_accepted(
+    peer: Option<&[CertificateDer<'static>]>,
+    listening: &Listening,
+) -> Result<(), Failure> {
+    let Some(verifier) = &listening.verifier else {
+        return Ok(());
+    };
+    match peer {
+        Some([end_entity, intermediates @ ..]) => verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|_| Failure::BadCertificate),
+        _ if verifier.client_auth_mandatory() => Err(Failure::NoClientCertificate),
+        _ => Ok(()),
     }
 }
 

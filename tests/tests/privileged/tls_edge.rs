@@ -563,6 +563,118 @@ tenant = "y"
     let _ = std::fs::remove_file(&audit);
 }
 
+/// A TLS session resumes only where a full handshake with its client certificate would be
+/// accepted now: not on a listener that requires a certificate when it was made without one,
+/// not on a listener whose CA did not issue its certificate, not after a reload took that CA
+/// out, and not once the certificate expired. Where it would be accepted, it resumes. (rustls
+/// resumes whatever its session store gives back, with the certificate the session was made
+/// with: one store for every listener resumed each of these, and the request was served.)
+#[test]
+fn a_session_resumes_only_where_its_client_certificate_would_be_accepted() {
+    let pki = Pki::new("resume");
+    let other = Pki::new("resume-other");
+    let server = pki.server("server", &["localhost"], KeyKind::EcdsaP256);
+    let alice = pki.client("alice", "alice", None);
+    let foreign = other.client("foreign", "alice", None);
+    let brief = pki.client_expiring("brief", "alice", 4);
+    // The CA file the `required` listener trusts; replaced by the other CA later.
+    let trusted = pki.dir().join("clients.pem");
+    std::fs::copy(&pki.ca, &trusted).unwrap();
+    let upstream = PyServer::start(false);
+    let (open, required, required_other, admin) =
+        (free_port(), free_port(), free_port(), free_port());
+    let instance = unique("gwresume");
+    let tls = certs(&[&server]);
+    let c = config(
+        &instance,
+        &[
+            (open, tls.clone()),
+            (
+                required,
+                format!("{tls}\nclient_ca = \"{}\"", trusted.display()),
+            ),
+            (
+                required_other,
+                format!("{tls}\nclient_ca = \"{}\"", other.ca.display()),
+            ),
+        ],
+        admin,
+        "",
+        &upstream.url(),
+        "",
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let dir = pki.dir().to_path_buf();
+    // A session made on `port` with `cert` (if any), saved; the handshake's output.
+    let made = |port: u16, cert: Option<&Issued>, flag: &str, name: &str| {
+        let sess = dir.join(name).display().to_string();
+        let mut args = vec!["-servername", "localhost", flag, "-sess_out", &sess];
+        let paths;
+        if let Some(c) = cert {
+            paths = (c.cert.display().to_string(), c.key.display().to_string());
+            args.extend(["-cert", &paths.0, "-key", &paths.1]);
+        }
+        let out = s_client(port, &args, CLOSE);
+        assert!(out.contains("HTTP/1.1 404"), "{name}: made: {out}");
+        sess
+    };
+    let resumed = |port: u16, sess: &str, flag: &str| {
+        s_client(
+            port,
+            &["-servername", "localhost", flag, "-sess_in", sess],
+            CLOSE,
+        )
+    };
+    for flag in ["-tls1_3", "-tls1_2"] {
+        // Where it was made, with a certificate of the listener's CA: resumed and served.
+        let own = made(required, Some(&alice), flag, &format!("own{flag}"));
+        let again = resumed(required, &own, flag);
+        assert!(
+            again.contains("Reused,") && again.contains("HTTP/1.1 404"),
+            "{flag}: resumed where it was made: {again}"
+        );
+        // Made without a certificate, or with another CA's, elsewhere: not resumed here.
+        for (from, cert, what) in [
+            (open, None, "made without a certificate"),
+            (
+                required_other,
+                Some(&foreign),
+                "made with another CA's certificate",
+            ),
+        ] {
+            let sess = made(from, cert, flag, &format!("{from}{flag}"));
+            let out = resumed(required, &sess, flag);
+            assert!(
+                !out.contains("Reused,") && !out.contains("HTTP/1.1 404"),
+                "{flag}: {what}: {out}"
+            );
+        }
+    }
+
+    // A certificate that expires: its session is refused once it has, like a new handshake.
+    let sess = made(required, Some(&brief), "-tls1_3", "brief");
+    std::thread::sleep(Duration::from_secs(5));
+    let before = failures(admin, "bad_certificate");
+    let out = resumed(required, &sess, "-tls1_3");
+    assert!(
+        !out.contains("HTTP/1.1 404"),
+        "a session of an expired certificate: {out}"
+    );
+    failures_reach(admin, "bad_certificate", before + 1);
+
+    // The CA taken out by a reload: alice's session, made before, no longer resumes.
+    let own = made(required, Some(&alice), "-tls1_3", "before-reload");
+    std::fs::copy(&other.ca, &trusted).unwrap();
+    d.hangup();
+    d.wait_for_log("\"message\":\"reloaded /", Duration::from_secs(5));
+    let out = resumed(required, &own, "-tls1_3");
+    assert!(
+        !out.contains("Reused,") && !out.contains("HTTP/1.1 404"),
+        "a session of a CA the reload took out: {out}"
+    );
+    d.stop();
+}
+
 fn sha256_hex(s: &str) -> String {
     let (ok, out) = run("sha256sum", &[], s.as_bytes());
     assert!(ok);
