@@ -1613,17 +1613,25 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             struct Approve {
                 upstream: String,
                 tool: String,
+                /// The pending definition's digest, as `GET /pins` showed it: what the operator
+                /// read is what is approved.
+                sha256: String,
             }
+            use crate::policy::pins::NotApproved;
             match serde_json::from_slice::<Approve>(&body) {
                 Err(e) => json_reply(
                     400,
-                    &serde_json::json!({"error": format!("expected {{\"upstream\": …, \"tool\": …}}: {e}")}),
+                    &serde_json::json!({"error": format!("expected {{\"upstream\": …, \"tool\": …, \"sha256\": the pending definition's digest from GET /pins}}: {e}")}),
                 ),
-                Ok(a) => match c.shared.pins.approve(&a.upstream, &a.tool) {
-                    Some(digest) => json_reply(200, &serde_json::json!({"approved": digest})),
-                    None => json_reply(
+                Ok(a) => match c.shared.pins.approve(&a.upstream, &a.tool, &a.sha256) {
+                    Ok(digest) => json_reply(200, &serde_json::json!({"approved": digest})),
+                    Err(NotApproved::NothingPending) => json_reply(
                         404,
                         &serde_json::json!({"error": format!("no changed definition of `{}` at `{}` awaits approval", a.tool, a.upstream)}),
+                    ),
+                    Err(NotApproved::Other(pending)) => json_reply(
+                        409,
+                        &serde_json::json!({"error": format!("the definition of `{}` at `{}` awaiting approval is {pending}, not {}: it changed since; read it in GET /pins", a.tool, a.upstream, a.sha256), "pending": pending}),
                     ),
                 },
             }

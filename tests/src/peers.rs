@@ -771,3 +771,37 @@ fn session_era_answer(deleted: bool, body: &[u8]) -> Vec<u8> {
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// The request that approves the definition of `tool` at `upstream` awaiting approval, named
+/// by its digest as `pins` (a `GET /pins` answer) shows it. Panics if none is pending.
+pub fn approve_request(pins: &serde_json::Value, upstream: &str, tool: &str) -> Vec<u8> {
+    let pending = pins
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|p| p["upstream"] == upstream && p["tool"] == tool)
+        })
+        .map(|p| p["pending"]["sha256"].clone())
+        .filter(serde_json::Value::is_string)
+        .unwrap_or_else(|| panic!("no definition of {upstream}/{tool} awaits approval: {pins}"));
+    let body =
+        serde_json::json!({"upstream": upstream, "tool": tool, "sha256": pending}).to_string();
+    format!(
+        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `GET /pins` on the admin API at `admin`.
+pub fn pins(admin: u16) -> serde_json::Value {
+    let (r, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+/// Approves what awaits approval for `tool` at `upstream` (the digest `GET /pins` shows); the
+/// answer.
+pub fn approve_pin(admin: u16, upstream: &str, tool: &str) -> RawResponse {
+    raw(admin, &approve_request(&pins(admin), upstream, tool)).0
+}

@@ -160,7 +160,9 @@ pub struct RawPolicy {
 pub struct RawPin {
     pub upstream: String,
     pub tool: String,
-    /// As `GET /pins` reports it: SHA-256 of the definition's name, description and input schema.
+    /// As `GET /pins` reports it: SHA-256 of the tool's whole definition (every field, object keys
+    /// sorted). An older digest of the name, description and input schema alone is still
+    /// honoured: the definition it first matches is then pinned whole.
     pub sha256: String,
 }
 

@@ -696,6 +696,9 @@ fn admit(
                 policy::pins::Unpinned::NotSeen => format!(
                     "tool `{local}` at upstream `{upstream}` is pinned by the configuration and no listing has shown that definition yet: list tools, then call it"
                 ),
+                policy::pins::Unpinned::NoRoom => format!(
+                    "tool `{local}` at upstream `{upstream}` is not pinned: the upstream's share of the pin table is full"
+                ),
             };
             let r = Refusal::new(
                 403,

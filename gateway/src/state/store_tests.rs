@@ -42,7 +42,10 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
         assert!(pins.observe("u", &other, None));
         let other2 = json!({"name": "other", "description": "b"});
         assert!(!pins.observe("u", &other2, None));
-        assert!(pins.approve("u", "other").is_some());
+        assert!(
+            pins.approve("u", "other", &crate::policy::pins::digest(&other2))
+                .is_ok()
+        );
         let what = budget("bot");
         let key = what.key(&limits);
         let now = State::unix_s();

@@ -365,12 +365,14 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     for h in &f.hosts {
         assert!(!f.echo_listed(h), "{}: changed, hidden", h.ns);
     }
-    let body = r#"{"upstream":"u0","tool":"echo"}"#;
-    let req = format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    assert_eq!(f.admin(&f.hosts[0], req.as_bytes()).status, 200);
+    let pins = f
+        .admin(
+            &f.hosts[0],
+            b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+        )
+        .json();
+    let req = integration_tests::peers::approve_request(&pins, "u0", "echo");
+    assert_eq!(f.admin(&f.hosts[0], &req).status, 200);
     for h in &f.hosts {
         wait_for(
             "the approval on another gateway",

@@ -302,7 +302,10 @@ fn a_client_that_leaves_does_not_open_the_upstream_for_others() {
 fn the_admin_api_refuses_cross_site_requests_that_change_state() {
     let s = setup();
     let approve = |extra: &str, ct: &str| {
-        let body = r#"{"upstream":"u0","tool":"echo"}"#;
+        let body = format!(
+            r#"{{"upstream":"u0","tool":"echo","sha256":"{}"}}"#,
+            "0".repeat(64)
+        );
         format!(
             "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-type: {ct}\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()

@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::{Daemon, local_header},
-    peers::{FakeUpstream, Misbehave, PyServer, free_port, post, py_policy_client, py_script, raw},
+    peers::{
+        FakeUpstream, Misbehave, PyServer, approve_pin, approve_request, free_port, post,
+        py_policy_client, py_script, raw,
+    },
     unique,
 };
 
@@ -698,18 +701,40 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
         echo["approved_definition"]["description"],
         "Returns its input."
     );
-    let body = r#"{"upstream":"u0","tool":"echo"}"#;
-    let approve = format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+    // An approval names the definition it approves: without its digest it is refused.
+    let unnamed = r#"{"upstream":"u0","tool":"echo"}"#;
+    let unnamed = format!(
+        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{unnamed}",
+        unnamed.len()
     );
-    let (resp, _) = raw(admin, approve.as_bytes());
+    let (resp, _) = raw(admin, unnamed.as_bytes());
+    assert_eq!(resp.status, 400, "{resp:?}");
+    let approve = approve_request(&pins, "u0", "echo");
+    let (resp, _) = raw(admin, &approve);
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.json()["approved"], echo["pending"]["sha256"]);
     assert_eq!(list_2026(port, "/mcp"), all, "approved: shown again");
     assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 200);
-    let (resp, _) = raw(admin, approve.as_bytes());
+    let (resp, _) = raw(admin, &approve);
     assert_eq!(resp.status, 404, "nothing left to approve");
+
+    // Only its annotations change (now destructive, the description as approved): held too.
+    drop(upstream);
+    let upstream = PyServer::start_on(up_port, &["--changed-echo", "--destructive-echo"]);
+    assert_eq!(
+        list_2026(port, "/mcp"),
+        without_echo,
+        "annotations changed: hidden"
+    );
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 403);
+    // An approval of another definition than the one pending (the one approved before, as an
+    // operator who read `GET /pins` before it changed again would send) approves nothing.
+    let (resp, _) = raw(admin, &approve_request(&pins, "u0", "echo"));
+    assert_eq!(resp.status, 409, "{resp:?}");
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 403);
+    let resp = approve_pin(admin, "u0", "echo");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(list_2026(port, "/mcp"), all, "approved: shown again");
     d.stop();
     drop(upstream);
 }

@@ -146,12 +146,7 @@ fn wait_port_free(port: u16) {
 }
 
 fn approve(admin: u16) {
-    let body = r#"{"upstream":"u0","tool":"echo"}"#;
-    let req = format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (r, _) = raw(admin, req.as_bytes());
+    let r = integration_tests::peers::approve_pin(admin, "u0", "echo");
     assert_eq!(r.status, 200, "{r:?}");
 }
 

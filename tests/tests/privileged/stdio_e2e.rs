@@ -412,12 +412,7 @@ upstream = "local"
     );
 
     // An operator approves the new definition.
-    let body = r#"{"upstream":"local","tool":"echo"}"#;
-    let approve = format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (r, _) = integration_tests::peers::raw(admin, approve.as_bytes());
+    let r = integration_tests::peers::approve_pin(admin, "local", "echo");
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(call().status, 200);
     assert!(list().contains(&"echo".to_owned()));
