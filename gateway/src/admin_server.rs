@@ -4,7 +4,13 @@
 //! plane shares) and at most [`MAX_PER_ADDRESS`] of them from one address (so one client
 //! cannot hold them all and keep the others' scrapes and health checks out), a request head within [`HEAD_TIMEOUT`] (the wait for the next request on a
 //! kept-alive connection counts: an idle connection is closed after it) and a body within
-//! [`BODY_TIMEOUT`] (see `control::admin`). axum's own `serve` has neither bound.
+//! [`BODY_TIMEOUT`] (see `control::admin`), and a write that makes no progress for
+//! [`WRITE_TIMEOUT`] ends the connection ([`WriteDeadline`]: a client that pipelines requests
+//! and never reads its answers held its connection for as long as it liked, since hyper reads
+//! no next head while an answer waits to be written). [`LOOPBACK_RESERVED`] places are kept
+//! for connections from this host: clients elsewhere, eight addresses of them, could otherwise
+//! take every place, and the host's own health checks and operator commands with them. axum's
+//! own `serve` has none of these bounds.
 
 use std::{
     collections::HashMap,
@@ -24,6 +30,10 @@ pub const MAX_PER_ADDRESS: usize = 16;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// From the request head to the end of its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write (an answer to a client that does not read it) waits at most this long for room.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Places only connections from a loopback address may take.
+pub const LOOPBACK_RESERVED: usize = 16;
 
 /// Who is at the other end of an admin connection, and on which address it arrived (what the
 /// token-less admin API asks of the socket table).
@@ -65,6 +75,8 @@ pub type PerAddress = Arc<dyn Fn() -> usize + Send + Sync>;
 #[derive(Clone)]
 pub struct Slots {
     total: usize,
+    /// Of `total`, places only loopback clients may take.
+    reserved: usize,
     per_address: PerAddress,
     /// Taken in all, and by address.
     taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
@@ -86,9 +98,10 @@ pub enum Refused {
 }
 
 impl Slots {
-    pub fn new(total: usize, per_address: PerAddress) -> Self {
+    pub fn new(total: usize, reserved: usize, per_address: PerAddress) -> Self {
         Self {
             total,
+            reserved,
             per_address,
             taken: Arc::default(),
         }
@@ -99,7 +112,12 @@ impl Slots {
         let address = counted_as(client);
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         let (all, by) = &mut *taken;
-        if *all >= self.total {
+        let total = if client.to_canonical().is_loopback() {
+            self.total
+        } else {
+            self.total.saturating_sub(self.reserved)
+        };
+        if *all >= total {
             return Err(Refused::Full);
         }
         let n = by.entry(address).or_insert(0);
@@ -176,7 +194,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     per_address: PerAddress,
 ) {
-    let slots = Slots::new(MAX_CONNECTIONS, per_address);
+    let slots = Slots::new(MAX_CONNECTIONS, LOOPBACK_RESERVED, per_address);
     let mut refused = [0u64; 2];
     loop {
         let (io, peer) = tokio::select! {
@@ -200,7 +218,7 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(
-                    TokioIo::new(io),
+                    TokioIo::new(WriteDeadline::new(io, WRITE_TIMEOUT)),
                     hyper_util::service::TowerToHyperService::new(app),
                 );
             let mut conn = std::pin::pin!(conn);
@@ -215,6 +233,99 @@ pub async fn serve(
     }
 }
 
+/// A connection whose writes fail (`TimedOut`) once one has waited [`WRITE_TIMEOUT`] for room
+/// without any progress: the answer goes nowhere, and the connection is closed.
+pub struct WriteDeadline<Io> {
+    io: Io,
+    timeout: Duration,
+    /// Armed while a write waits.
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<Io> WriteDeadline<Io> {
+    pub fn new(io: Io, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            waiting: None,
+        }
+    }
+
+    /// `poll`'s result, unless a write has waited too long: then `TimedOut`.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if poll.is_ready() {
+            self.waiting = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let timer = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the admin client read nothing of its answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<Io> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<Io> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bounded(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.bounded(cx, poll)
+    }
+}
+
 /// Once `stop` turns true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -226,7 +337,7 @@ mod tests {
 
     #[test]
     fn places_are_bounded_in_all_and_by_address() {
-        let slots = Slots::new(5, Arc::new(|| 2));
+        let slots = Slots::new(5, 0, Arc::new(|| 2));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let a_mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
@@ -249,9 +360,38 @@ mod tests {
         assert_eq!(slots.take(a).err(), Some(Refused::Full));
     }
 
+    /// Clients elsewhere leave [`LOOPBACK_RESERVED`] places to this host's own.
+    #[test]
+    fn places_are_kept_for_this_host() {
+        let slots = Slots::new(LOOPBACK_RESERVED + 2, LOOPBACK_RESERVED, Arc::new(|| 100));
+        let far: IpAddr = "192.0.2.1".parse().unwrap();
+        let _far = [slots.take(far).unwrap(), slots.take(far).unwrap()];
+        assert_eq!(slots.take(far).err(), Some(Refused::Full));
+        let mut here = Vec::new();
+        for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            here.push(slots.take(local.parse().unwrap()).unwrap());
+        }
+        assert_eq!(here.len(), 3);
+    }
+
+    /// A write that waits for room longer than its timeout fails; one that makes progress
+    /// does not.
+    #[tokio::test]
+    async fn a_write_that_waits_too_long_fails() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut near = WriteDeadline::new(near, Duration::from_millis(100));
+        near.write_all(&[0; 64]).await.unwrap();
+        let mut buf = [0; 64];
+        far.read_exact(&mut buf).await.unwrap();
+        near.write_all(&[0; 64]).await.unwrap();
+        let e = near.write_all(&[0; 1]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
     #[test]
     fn an_address_without_connections_is_forgotten() {
-        let slots = Slots::new(4, Arc::new(|| 2));
+        let slots = Slots::new(4, 0, Arc::new(|| 2));
         for i in 0..1000u32 {
             drop(slots.take(IpAddr::from(i.to_be_bytes())).unwrap());
         }

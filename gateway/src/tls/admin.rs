@@ -31,8 +31,11 @@ pub fn listen(
     let (tx, ready) = mpsc::channel(64);
     // Handshakes at once: as many as connections may be open, in all and from one address
     // (each ends within the handshake timeout); a connection beyond them is closed as it comes.
-    let handshakes =
-        crate::admin_server::Slots::new(crate::admin_server::MAX_CONNECTIONS, per_address);
+    let handshakes = crate::admin_server::Slots::new(
+        crate::admin_server::MAX_CONNECTIONS,
+        crate::admin_server::LOOPBACK_RESERVED,
+        per_address,
+    );
     let mut refused = [0u64; 2];
     let accepting = tokio::spawn(async move {
         loop {
@@ -81,6 +84,22 @@ pub fn listen(
                         edge.stats
                             .handshakes
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let session = tls.get_ref().1;
+                        if matches!(
+                            session.handshake_kind(),
+                            Some(rustls::HandshakeKind::Resumed)
+                        ) {
+                            edge.stats
+                                .resumed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Err(why) =
+                                super::still_accepted(session.peer_certificates(), &listening)
+                            {
+                                tracing::debug!(%peer, reason = why.label(), "a resumed admin TLS session's client certificate is no longer accepted");
+                                edge.stats.failed(why);
+                                return;
+                            }
+                        }
                         let _ = tx.send((tls, peer)).await;
                     }
                 }

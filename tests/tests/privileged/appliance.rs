@@ -692,3 +692,54 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     );
     d.stop();
 }
+
+/// An admin client that pipelines requests and never reads the answers is cut off once an
+/// answer has waited 10 s for room: before, hyper read no next request while an answer waited
+/// to be written, so no timeout ran and the connection stayed for as long as its client liked
+/// (a review held all 128 places so, without a token, from 8 addresses).
+#[test]
+fn an_admin_client_that_never_reads_its_answers_is_cut_off() {
+    use integration_tests::peers::FakeUpstream;
+    use std::io::{Read, Write};
+
+    let up = FakeUpstream::start(integration_tests::peers::Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwadminread");
+    let mut d = Daemon::start_local(&instance, &config(&instance, port, admin, up.port));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], admin)).into())
+        .unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    // Far more answers than the socket buffers hold (each /metrics answer is kilobytes).
+    const SENT: usize = 2_000;
+    let request = b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".repeat(SENT);
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&request);
+    // Not read for 15 s; then everything the connection still gives.
+    std::thread::sleep(Duration::from_secs(15));
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection was neither closed nor finished: {e}"),
+        }
+    }
+    let answers = memchr_count(&got, b"HTTP/1.1 200");
+    assert!(
+        answers < SENT,
+        "the connection was cut off: {answers} of {SENT} answers were written"
+    );
+    assert!(admin_get(admin, "/healthz").starts_with("ok"));
+    d.stop();
+}
+
+/// How many times `needle` occurs in `hay`.
+fn memchr_count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
