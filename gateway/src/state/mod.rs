@@ -124,28 +124,45 @@ impl Store {
             path: path.clone(),
             problem,
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| unreadable(format!("making the folder {}: {e}", dir.display())))?;
-        // Pins, approvals and the bans are the operator's business only.
-        {
-            use std::os::unix::fs::PermissionsExt as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        // Pins, approvals and the bans are the operator's business only: a folder made here is
+        // the owner's alone, and so is the file (a folder that was there, shared perhaps, keeps
+        // its permissions).
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unreadable(format!("making the folder {}: {e}", dir.display())))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        let db = match Database::builder().create(&path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::InUse { path });
-            }
-            Err(e) => return Err(unreadable(e.to_string())),
-        };
-        let store = Self {
-            db,
-            path,
-            pins: HashMap::new(),
-            windows: HashMap::new(),
-            bans: BTreeMap::new(),
-        };
-        store.check_schema()?;
+        // redb asserts on some damage (a file cut short trips `raw_file_len >= layout len`)
+        // instead of returning an error: caught, it is the error it should have been, so that
+        // `gateway state export` can still be tried and the start fails with the store's name.
+        let opened = std::panic::catch_unwind(|| -> Result<Self, StoreError> {
+            let db = match Database::builder().create(&path) {
+                Ok(db) => db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(StoreError::InUse { path: path.clone() });
+                }
+                Err(e) => return Err(unreadable(e.to_string())),
+            };
+            let store = Self {
+                db,
+                path: path.clone(),
+                pins: HashMap::new(),
+                windows: HashMap::new(),
+                bans: BTreeMap::new(),
+            };
+            store.check_schema()?;
+            Ok(store)
+        });
+        let store = opened.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the storage library gave up on it");
+            Err(unreadable(format!("damaged ({why})")))
+        })?;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         Ok(store)
     }
 

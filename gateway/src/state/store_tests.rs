@@ -148,6 +148,54 @@ fn a_damaged_file_is_an_error_naming_it_and_is_left_alone() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A store cut short (a full disk, a copy interrupted) is an error naming it, as damage is:
+/// redb asserts on it, and the start, `state check` and `state export` ended in a panic.
+#[test]
+fn a_file_cut_short_is_an_error_not_a_panic() {
+    let d = dir("cut");
+    {
+        let mut store = Store::open(&d).unwrap();
+        let pins = Pins::default();
+        for i in 0..50 {
+            pins.observe(
+                "u",
+                &json!({"name": format!("t{i}"), "description": "x".repeat(500)}),
+                None,
+            );
+        }
+        store.flush(&pins, &State::default(), []).unwrap();
+    }
+    let file = Store::file(&d);
+    let whole = std::fs::read(&file).unwrap();
+    for keep in [whole.len() / 2, 4096, 600, 100] {
+        std::fs::write(&file, &whole[..keep.min(whole.len())]).unwrap();
+        let e = Store::open(&d).err().expect("refused");
+        assert!(matches!(e, StoreError::Unreadable { .. }), "{keep}: {e}");
+        assert!(e.to_string().contains("gateway state reset"), "{keep}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A folder the store makes is its owner's alone, and so is the file; a folder that was there
+/// keeps its permissions.
+#[test]
+fn the_store_is_its_owners_alone_and_a_shared_folder_is_left_as_it_was() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let d = dir("perms");
+    drop(Store::open(&d).unwrap());
+    assert_eq!(mode(&d), 0o700);
+    assert_eq!(mode(&Store::file(&d)), 0o600);
+    let _ = std::fs::remove_dir_all(&d);
+    let shared = dir("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(Store::open(&shared).unwrap());
+    assert_eq!(mode(&shared), 0o755);
+    assert_eq!(mode(&Store::file(&shared)), 0o600);
+    let _ = std::fs::remove_dir_all(&shared);
+}
+
 #[test]
 fn a_record_that_does_not_read_stops_the_load() {
     let d = dir("record");
