@@ -493,7 +493,7 @@ pub(super) async fn protected_resource_metadata(
             .await
             .is_ok();
     }
-    let doc = policy.metadata_document(req.header_str("host"), rest);
+    let doc = policy.metadata_document(req.header_str("host"), io.tls().is_some(), rest);
     let body = super::json_bytes(&doc);
     io.write_all(http::response(
         200,

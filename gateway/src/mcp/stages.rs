@@ -341,6 +341,7 @@ fn identity<'c>(
             &req.headers,
             snapshot.classifier.tenant_of(peer.ip()),
             cert,
+            io.tls().is_some(),
         )
         .map_err(|r| Stop::Refuse(r, None))?;
     let tenant = &policy.tenants[who.tenant];

@@ -623,28 +623,29 @@ impl Policy {
     }
 
     /// The protected resource metadata URL for `route_path`, as `WWW-Authenticate` names it.
-    pub fn metadata_url(&self, host: Option<&str>, route_path: &str) -> String {
+    pub fn metadata_url(&self, host: Option<&str>, tls: bool, route_path: &str) -> String {
         format!(
             "{}/.well-known/oauth-protected-resource{route_path}",
-            self.public_base(host)
+            self.public_base(host, tls)
         )
     }
 
-    /// Where clients reach the gateway: `auth.metadata.public_url`, else `http://` and the
-    /// request's `Host`; without a trailing slash.
-    fn public_base(&self, host: Option<&str>) -> String {
-        let base = self
-            .metadata
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", host.unwrap_or("localhost")));
+    /// Where clients reach the gateway: `auth.metadata.public_url`, else the request's scheme
+    /// (`https` over TLS: an `http` resource is not what a client of `https` checks) and its
+    /// `Host` (validated, but the client's to choose: set `public_url` where a cache in front
+    /// could keep one client's answer for others); without a trailing slash.
+    fn public_base(&self, host: Option<&str>, tls: bool) -> String {
+        let base = self.metadata.public_url.clone().unwrap_or_else(|| {
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{}", host.unwrap_or("localhost"))
+        });
         base.trim_end_matches('/').to_owned()
     }
 
     /// The RFC 9728 document for `route_path`.
-    pub fn metadata_document(&self, host: Option<&str>, route_path: &str) -> Value {
+    pub fn metadata_document(&self, host: Option<&str>, tls: bool, route_path: &str) -> Value {
         let mut doc = json!({
-            "resource": format!("{}{route_path}", self.public_base(host)),
+            "resource": format!("{}{route_path}", self.public_base(host, tls)),
             "bearer_methods_supported": ["header"],
         });
         if !self.metadata.authorization_servers.is_empty() {
@@ -668,18 +669,26 @@ impl Policy {
         headers: &crate::http::Fields,
         address_tenant: u32,
     ) -> Result<Identity, Box<Refusal>> {
-        self.authenticate_with(route, headers, address_tenant, mtls::ClientCert::Plaintext)
+        self.authenticate_with(
+            route,
+            headers,
+            address_tenant,
+            mtls::ClientCert::Plaintext,
+            false,
+        )
     }
 
     /// [`Policy::authenticate`] on a connection that may carry a client certificate. On a route
     /// that accepts `mtls`, a certificate is a credential like the others (checked, and it must
-    /// name the same caller as any other); elsewhere it is not looked at.
+    /// name the same caller as any other); elsewhere it is not looked at. `tls`: the request
+    /// came over TLS (the metadata URL a refusal names is `https` then).
     pub fn authenticate_with(
         &self,
         route: &Route,
         headers: &crate::http::Fields,
         address_tenant: u32,
         cert: mtls::ClientCert<'_>,
+        tls: bool,
     ) -> Result<Identity, Box<Refusal>> {
         let rule = || format!("routes[{}].auth", route.path);
         for name in &self.identity_headers {
@@ -717,7 +726,7 @@ impl Policy {
         }
         let unauthenticated = |message: &str, invalid: bool| {
             let mut r = Refusal::new(401, code::UNAUTHENTICATED, rule(), message);
-            let url = self.metadata_url(header("host"), &route.path);
+            let url = self.metadata_url(header("host"), tls, &route.path);
             r.www_authenticate = Some(if invalid {
                 format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
             } else {

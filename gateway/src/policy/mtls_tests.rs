@@ -82,7 +82,7 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
     let route = &c.routes[0];
     let a = cert(&["spiffe://example.org/agent/a"], &[], Some("x"));
     let who = p
-        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&a))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&a), true)
         .unwrap();
     assert_eq!(
         (who.tenant, who.agent.as_deref(), who.via),
@@ -91,30 +91,42 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
     // DNS names compare without case.
     let b = cert(&[], &["robot.example.org"], None);
     let who = p
-        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&b))
+        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&b), true)
         .unwrap();
     assert_eq!(who.tenant, 2);
     // Two names of one certificate naming different callers: refused, not resolved.
     let two = cert(&["spiffe://example.org/agent/a"], &[], Some("both"));
     let r = p
-        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&two))
+        .authenticate_with(
+            route,
+            &Fields::default(),
+            0,
+            ClientCert::Present(&two),
+            true,
+        )
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(r.message.contains("different callers"), "{}", r.message);
     // Unmapped: 403.
     let none = cert(&["spiffe://example.org/agent/z"], &[], Some("z"));
     let r = p
-        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&none))
+        .authenticate_with(
+            route,
+            &Fields::default(),
+            0,
+            ClientCert::Present(&none),
+            true,
+        )
         .unwrap_err();
     assert_eq!(r.status, 403);
     // Beside an API key of another tenant: 403; of the same caller: the key's identity.
     let key: Fields = [("x-api-key", KEY)].into_iter().collect();
     let r = p
-        .authenticate_with(route, &key, 0, ClientCert::Present(&a))
+        .authenticate_with(route, &key, 0, ClientCert::Present(&a), true)
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(
-        p.authenticate_with(route, &key, 0, ClientCert::Present(&b))
+        p.authenticate_with(route, &key, 0, ClientCert::Present(&b), true)
             .is_ok()
     );
     // No certificate, or a plaintext connection: 401, saying which.
@@ -123,7 +135,7 @@ fn a_certificate_names_its_mapped_caller_and_conflicts_are_refused() {
         (ClientCert::Plaintext, "TLS listener"),
     ] {
         let r = p
-            .authenticate_with(route, &Fields::default(), 0, cert)
+            .authenticate_with(route, &Fields::default(), 0, cert, true)
             .unwrap_err();
         assert_eq!(r.status, 401);
         assert!(r.message.contains(says), "{}", r.message);
@@ -182,7 +194,13 @@ fn every_common_name_of_a_certificate_counts() {
     let two = PeerCert::from_der(der.der());
     assert_eq!(two.cns.len(), 2, "{:?}", two.cns);
     let r = p
-        .authenticate_with(route, &Fields::default(), 0, ClientCert::Present(&two))
+        .authenticate_with(
+            route,
+            &Fields::default(),
+            0,
+            ClientCert::Present(&two),
+            true,
+        )
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(r.message.contains("different callers"), "{}", r.message);

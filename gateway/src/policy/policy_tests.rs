@@ -101,6 +101,26 @@ fn missing_or_wrong_credentials_get_401_naming_the_metadata() {
             "Bearer resource_metadata=\"http://gw.example:8080/.well-known/oauth-protected-resource/mcp\""
         )
     );
+    // Over TLS the metadata is https (a client of https checks an https resource).
+    let r = p
+        .authenticate_with(
+            route,
+            &headers(&[("host", "gw.example")]),
+            0,
+            super::mtls::ClientCert::Plaintext,
+            true,
+        )
+        .unwrap_err();
+    assert_eq!(
+        r.www_authenticate.as_deref(),
+        Some(
+            "Bearer resource_metadata=\"https://gw.example/.well-known/oauth-protected-resource/mcp\""
+        )
+    );
+    assert_eq!(
+        p.metadata_document(Some("gw.example"), true, "/mcp")["resource"],
+        "https://gw.example/mcp"
+    );
     let r = p
         .authenticate(route, &headers(&[("x-api-key", "wrong")]), 0)
         .unwrap_err();
