@@ -616,8 +616,14 @@ fn shown(url: &str) -> &str {
 /// configured CA, else the system's roots, and perhaps a client certificate). A `rediss://`
 /// address never falls back to plaintext: a connection that cannot be made with TLS fails.
 pub fn client(fleet: &FleetConfig) -> Result<redis::Client, String> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(fleet.redis.as_str())
+        .map_err(|e| e.to_string())?;
+    if let Some(password) = &fleet.password {
+        let settings = info.redis_settings().clone().set_password(&password.0);
+        info = info.set_redis_settings(settings);
+    }
     if !fleet.redis.starts_with("rediss://") {
-        return redis::Client::open(fleet.redis.as_str()).map_err(|e| e.to_string());
+        return redis::Client::open(info).map_err(|e| e.to_string());
     }
     // The redis crate's rustls takes the process's provider; the gateway's is aws-lc-rs.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -633,7 +639,7 @@ pub fn client(fleet: &FleetConfig) -> Result<redis::Client, String> {
         None => None,
     };
     redis::Client::build_with_tls(
-        fleet.redis.as_str(),
+        info,
         redis::TlsCertificates {
             client_tls,
             root_cert,

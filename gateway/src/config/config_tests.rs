@@ -414,3 +414,25 @@ fn an_ipv4_mapped_prefix_is_refused_with_its_ipv4_form() {
     ))
     .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A URL's password never shows in a configuration error, which goes to the log and to the
+/// answer of `POST /reload`.
+#[test]
+fn a_password_in_a_url_is_masked_in_errors() {
+    assert_eq!(
+        super::redact_userinfo("redis = \"redis://:s3cret@10.0.0.5:6379/0\" oops"),
+        "redis = \"redis://:***@10.0.0.5:6379/0\" oops"
+    );
+    assert_eq!(
+        super::redact_userinfo("rediss://gw:s3cret@r:6380 and https://h/x?a=b@c"),
+        "rediss://gw:***@r:6380 and https://h/x?a=b@c"
+    );
+    assert_eq!(super::redact_userinfo("redis://s3cret@r"), "redis://***@r");
+    assert_eq!(super::redact_userinfo("no url here"), "no url here");
+    let text =
+        "[gateway]\ninstance = \"x\"\n[state]\nredis = \"redis://:s3cret@10.0.0.5:6379/0\" junk\n";
+    let e = Config::from_toml(text).expect_err("a syntax error");
+    let msg = e.to_string();
+    assert!(!msg.contains("s3cret"), "{msg}");
+    assert!(msg.contains("redis://:***@10.0.0.5"), "{msg}");
+}

@@ -34,11 +34,46 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// TOML syntax, a wrong type or an unknown key; the message names the key and the line.
-    #[error("{0}")]
+    /// TOML syntax, a wrong type or an unknown key; the message names the key and the line
+    /// (quoted, with any password of a URL on it masked: the message goes to the log and to
+    /// the answer of `POST /reload`).
+    #[error("{}", redact_userinfo(&.0.to_string()))]
     Parse(#[from] toml::de::Error),
     #[error("invalid value for `{key}`: {problem}")]
     Invalid { key: String, problem: String },
+}
+
+/// `text` with the password of every URL in it (`scheme://user:password@host`) masked, and
+/// the whole user part where there is no `:` (`redis://password@host` is read as a user name,
+/// but is a secret all the same).
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '/' | '`' | ',' | ']'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rsplit_once('@') {
+            Some((user, host)) => {
+                match user.split_once(':') {
+                    Some((name, _)) => {
+                        out.push_str(name);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
+                }
+                out.push('@');
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {

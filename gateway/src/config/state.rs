@@ -54,6 +54,11 @@ pub struct RawState {
     /// trusted with all three (warned at start).
     #[serde(default)]
     pub fleet_secret_env: Option<String>,
+    /// The environment variable holding the password Redis asks for (`AUTH`; with the user
+    /// named in the address, if any), so that it need not be written in this file. An address
+    /// that carries a password too is refused.
+    #[serde(default)]
+    pub redis_password_env: Option<String>,
 }
 
 /// The validated `[state]`.
@@ -78,6 +83,18 @@ pub struct FleetConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The fleet's secret, read from `fleet_secret_env` at validation.
     pub secret: Option<FleetSecret>,
+    /// Redis's password, read from `redis_password_env` at validation.
+    pub password: Option<RedisPassword>,
+}
+
+/// Redis's password; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisPassword(pub String);
+
+impl std::fmt::Debug for RedisPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisPassword(<redacted>)")
+    }
 }
 
 /// The fleet's secret (SHA-256 of the environment variable's value); never printed.
@@ -201,9 +218,30 @@ impl RawState {
                         }
                     },
                 };
-                if let Err(e) = redis::Client::open(url.as_str()) {
-                    return Err(invalid("state.redis", format!("not a Redis address: {e}")));
-                }
+                let parsed = match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                    Ok(info) => info,
+                    Err(e) => {
+                        return Err(invalid("state.redis", format!("not a Redis address: {e}")));
+                    }
+                };
+                let password = match &self.redis_password_env {
+                    None => None,
+                    Some(_) if parsed.redis_settings().password().is_some() => {
+                        return Err(invalid(
+                            "state.redis_password_env",
+                            "the address carries a password too: give it in one place (the environment)",
+                        ));
+                    }
+                    Some(var) => match std::env::var(var) {
+                        Ok(v) if !v.is_empty() => Some(RedisPassword(v)),
+                        _ => {
+                            return Err(invalid(
+                                "state.redis_password_env",
+                                format!("`{var}` is not set in the environment (or empty)"),
+                            ));
+                        }
+                    },
+                };
                 let name = self.fleet.clone().unwrap_or_else(|| "default".to_owned());
                 if name.is_empty()
                     || name.len() > 64
@@ -231,6 +269,7 @@ impl RawState {
                     ca_file,
                     client_cert,
                     secret,
+                    password,
                 })
             }
         };
@@ -241,7 +280,8 @@ impl RawState {
                 || self.redis_ca_file.is_some()
                 || self.redis_client_cert_file.is_some()
                 || self.redis_client_key_file.is_some()
-                || self.fleet_secret_env.is_some())
+                || self.fleet_secret_env.is_some()
+                || self.redis_password_env.is_some())
         {
             return Err(invalid(
                 "state.fleet",

@@ -34,6 +34,8 @@ struct Redis {
     port: u16,
     /// `--tls-*` arguments of the server, and `redis-cli`'s to reach it.
     tls: Option<(Vec<String>, Vec<String>)>,
+    /// The password it asks for (`--requirepass`), if any.
+    password: Option<String>,
     child: Option<KillOnDrop>,
 }
 
@@ -42,6 +44,19 @@ impl Redis {
         let mut r = Self {
             port: free_port(),
             tls: None,
+            password: None,
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    /// Plaintext, asking every client for `password`.
+    fn start_with_password(password: &str) -> Self {
+        let mut r = Self {
+            port: free_port(),
+            tls: None,
+            password: Some(password.to_owned()),
             child: None,
         };
         r.up();
@@ -75,6 +90,7 @@ impl Redis {
                     p(&cli.key),
                 ],
             )),
+            password: None,
             child: None,
         };
         r.up();
@@ -91,6 +107,9 @@ impl Redis {
                 a
             }
         };
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass".into(), password.clone()]);
+        }
         args.extend(
             [
                 "--bind",
@@ -143,6 +162,9 @@ impl Redis {
         ]);
         if let Some((_, cli)) = &self.tls {
             cmd.args(cli);
+        }
+        if let Some(password) = &self.password {
+            cmd.args(["--no-auth-warning", "-a", password]);
         }
         let out = cmd.args(args).output().expect("run redis-cli");
         assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
@@ -1258,6 +1280,40 @@ fn assert_state_unavailable(port: u16) {
             .is_some_and(|m| m.contains("Redis") && m.contains("unreachable")),
         "{j}"
     );
+}
+
+/// A Redis that asks for a password gets it from the environment variable
+/// `redis_password_env` names (before, it could only be written into the address, and a
+/// configuration error quoting that line printed it); a wrong one never connects.
+#[test]
+fn a_redis_password_comes_from_the_environment() {
+    const PASSWORD: &str = "redis-password-0123456789";
+    let redis = Redis::start_with_password(PASSWORD);
+    let mut settings = Settings::new(1000, 1000, true);
+    settings.state_extra = "redis_password_env = \"GW_REDIS_PASSWORD\"\n".into();
+    settings.env = vec![("GW_REDIS_PASSWORD".into(), PASSWORD.into())];
+    let mut fleet = Fleet::start_with(redis, 1, settings.clone());
+    fleet.wait_metric_all("mcp_gateway_fleet_connected", 1.0);
+    assert_eq!(
+        fleet.redis.cli(&["ZCARD", &fleet.key("hosts")]).trim(),
+        "1",
+        "the gateway beats in the Redis that asks for a password"
+    );
+    let mut wrong = settings.clone();
+    wrong.env = vec![("GW_REDIS_PASSWORD".into(), "not-the-password".into())];
+    let mut bad = fleet.gateway(&wrong);
+    wait_for("5 failed rounds", Duration::from_secs(5), || {
+        metric(bad.admin, "mcp_gateway_fleet_round_failures_total") >= 5.0
+    });
+    assert_eq!(metric(bad.admin, "mcp_gateway_fleet_connected"), 0.0);
+    assert!(
+        !bad.daemon.log().contains("not-the-password"),
+        "the password is never logged"
+    );
+    bad.daemon.stop();
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
 }
 
 #[test]
