@@ -1157,7 +1157,23 @@ async fn upgrade_logged(
     admin: &mut AdminServer,
 ) -> Result<u32, String> {
     tracing::info!(source, "binary upgrade: starting the new process");
-    let r = upgrade(ctx, control, kernel, admin).await;
+    // The control loop waits here (up to a minute a step for the new process): the service
+    // manager's watchdog is fed meanwhile, on the same terms as in the loop (no worker down),
+    // or a slow new process would get this one, which serves on, killed.
+    let work = upgrade(ctx, control, kernel, admin);
+    let mut work = std::pin::pin!(work);
+    let watchdog = crate::service::watchdog_period();
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let r = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick(), if watchdog.is_some() => {
+                if lock(control).shared.workers_down().is_empty() {
+                    crate::service::watchdog();
+                }
+            }
+        }
+    };
     match &r {
         Ok(pid) => tracing::info!(
             source,
