@@ -152,6 +152,12 @@ pub struct RawMtlsIdentity {
     /// The subject's common name.
     #[serde(default)]
     pub cn: Option<String>,
+    /// The CA (a PEM file, one of those a listener's `client_ca` trusts) that must have issued
+    /// the certificate for this entry to apply. Needed where listeners trust more than one CA
+    /// (a partner's, say): without it, a certificate of any trusted CA that carries this name
+    /// maps here.
+    #[serde(default)]
+    pub ca: Option<String>,
     pub tenant: String,
     #[serde(default)]
     pub agent: Option<String>,

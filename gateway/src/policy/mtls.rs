@@ -3,10 +3,15 @@
 //! the `[[auth.mtls]]` table that maps them to a tenant and agent.
 //!
 //! The chain was verified by rustls against the listener's `client_ca` during the handshake;
-//! this module only reads names from a certificate that passed, and never accepts one that
-//! maps to two different callers.
+//! this module reads names from a certificate that passed, never accepts one that maps to two
+//! different callers, and, for an entry that names its `ca`, verifies the chain again against
+//! that CA alone: a name is only as good as the CA that vouched for it, and a listener may
+//! trust several (each listener's CA vouched for the mapping's names before, so a partner CA
+//! trusted on one listener could issue `CN=alice` and be alice).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
+
+use rustls::{pki_types::CertificateDer, server::danger::ClientCertVerifier};
 
 use crate::config::{Config, ConfigError};
 
@@ -18,6 +23,8 @@ pub struct PeerCert {
     /// Every common name of the subject: a certificate may carry several, and software that
     /// reads the last would name another caller than one that reads the first.
     pub cns: Vec<String>,
+    /// The chain as presented (leaf first), for entries that name their CA.
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 impl PeerCert {
@@ -52,9 +59,10 @@ impl PeerCert {
 
     /// The leaf certificate a TLS client presented, if any.
     pub fn of(conn: &rustls::Connection) -> Option<Self> {
-        conn.peer_certificates()
-            .and_then(<[_]>::first)
-            .map(|der| Self::from_der(der))
+        let chain = conn.peer_certificates()?;
+        let mut cert = Self::from_der(chain.first()?);
+        cert.chain = chain.to_vec();
+        Some(cert)
     }
 
     /// For messages: the names, shortest form.
@@ -92,12 +100,34 @@ pub enum Mapped {
     Ambiguous,
 }
 
-/// `[[auth.mtls]]`, compiled: names → (tenant index, agent).
+/// One `[[auth.mtls]]` entry: the caller (tenant index, agent), and the CA that must have
+/// issued the certificate (an index into [`Mapping::cas`]), if the entry names one.
+type Entry = ((usize, Option<String>), Option<usize>);
+
+/// `[[auth.mtls]]`, compiled: names → entries.
 #[derive(Debug, Default)]
 pub struct Mapping {
-    uris: HashMap<String, (usize, Option<String>)>,
-    dns: HashMap<String, (usize, Option<String>)>,
-    cns: HashMap<String, (usize, Option<String>)>,
+    uris: HashMap<String, Entry>,
+    dns: HashMap<String, Entry>,
+    cns: HashMap<String, Entry>,
+    /// The CAs entries name, each as a verifier that trusts it alone.
+    cas: Vec<Arc<dyn ClientCertVerifier>>,
+}
+
+/// A verifier of client certificates issued by the CA(s) in `path` alone.
+fn verifier_of(path: &str) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in crate::tls::read_certs(std::path::Path::new(path))? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("`{path}`: not a CA certificate: {e}"))?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+    )
+    .build()
+    .map_err(|e| format!("`{path}`: {e}"))
 }
 
 impl Mapping {
@@ -112,10 +142,10 @@ impl Mapping {
                     format!("no tenant is named `{}`", e.tenant),
                 ));
             };
-            let (table, field, name) = match (&e.uri, &e.dns, &e.cn) {
-                (Some(u), None, None) => (&mut m.uris, "uri", u.clone()),
-                (None, Some(d), None) => (&mut m.dns, "dns", d.to_ascii_lowercase()),
-                (None, None, Some(c)) => (&mut m.cns, "cn", c.clone()),
+            let (field, name) = match (&e.uri, &e.dns, &e.cn) {
+                (Some(u), None, None) => ("uri", u.clone()),
+                (None, Some(d), None) => ("dns", d.to_ascii_lowercase()),
+                (None, None, Some(c)) => ("cn", c.clone()),
                 _ => {
                     return Err(invalid(
                         format!("auth.mtls[{i}]"),
@@ -126,9 +156,39 @@ impl Mapping {
             if name.is_empty() {
                 return Err(invalid(key(field), "must not be empty".into()));
             }
-            if table.insert(name, (*tenant, e.agent.clone())).is_some() {
+            let ca = match &e.ca {
+                None => None,
+                Some(path) => {
+                    let verifier = verifier_of(path).map_err(|p| invalid(key("ca"), p))?;
+                    m.cas.push(verifier);
+                    Some(m.cas.len() - 1)
+                }
+            };
+            let table = match field {
+                "uri" => &mut m.uris,
+                "dns" => &mut m.dns,
+                _ => &mut m.cns,
+            };
+            if table
+                .insert(name, ((*tenant, e.agent.clone()), ca))
+                .is_some()
+            {
                 return Err(invalid(key(field), "is mapped twice".into()));
             }
+        }
+        let cas: std::collections::BTreeSet<_> = c
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref()?.client_ca.as_ref())
+            .collect();
+        let unbound = c.auth.mtls.iter().filter(|e| e.ca.is_none()).count();
+        if cas.len() > 1 && unbound > 0 {
+            tracing::warn!(
+                client_cas = cas.len(),
+                entries = unbound,
+                "listeners trust {} client CAs, and {unbound} [[auth.mtls]] entries name no `ca`: a certificate of any of them that carries such an entry's name maps to its caller",
+                cas.len()
+            );
         }
         Ok(m)
     }
@@ -136,12 +196,21 @@ impl Mapping {
     /// The caller `cert` names; names that map to different callers are never resolved to
     /// one of them.
     pub fn caller(&self, cert: &PeerCert) -> Mapped {
+        let vouched = |ca: usize| match (self.cas.get(ca), cert.chain.split_first()) {
+            (Some(v), Some((leaf, intermediates))) => v
+                .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+                .is_ok(),
+            _ => false,
+        };
         let found: Vec<&(usize, Option<String>)> = cert
             .uris
             .iter()
             .filter_map(|u| self.uris.get(u))
             .chain(cert.dns.iter().filter_map(|d| self.dns.get(d)))
             .chain(cert.cns.iter().filter_map(|c| self.cns.get(c)))
+            // An entry that names its CA applies only to a certificate that CA issued.
+            .filter(|(_, ca)| ca.is_none_or(vouched))
+            .map(|(caller, _)| caller)
             .collect();
         match found.split_first() {
             None => Mapped::Nobody,

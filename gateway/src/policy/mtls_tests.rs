@@ -72,6 +72,7 @@ fn cert(uris: &[&str], dns: &[&str], cn: Option<&str>) -> PeerCert {
         uris: uris.iter().map(|s| (*s).to_owned()).collect(),
         dns: dns.iter().map(|s| (*s).to_owned()).collect(),
         cns: cn.into_iter().map(str::to_owned).collect(),
+        chain: Vec::new(),
     }
 }
 
@@ -204,4 +205,64 @@ fn every_common_name_of_a_certificate_counts() {
         .unwrap_err();
     assert_eq!(r.status, 403);
     assert!(r.message.contains("different callers"), "{}", r.message);
+}
+
+/// An entry that names its CA maps only certificates that CA issued: a partner CA trusted on
+/// another listener that issues `CN=alice` is not alice.
+#[test]
+fn an_entry_that_names_its_ca_maps_only_what_that_ca_issued() {
+    let dir = std::env::temp_dir().join(format!("gw-mtls-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A CA, and a leaf it issues with `cn`.
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        (rcgen::Issuer::new(params, key), path)
+    };
+    let leaf = |issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, cn: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, issuer).unwrap();
+        let der = cert.der().clone();
+        let mut peer = PeerCert::from_der(&der);
+        peer.chain = vec![der];
+        peer
+    };
+    let (ours, ours_path) = ca("ours");
+    let (partner, _) = ca("partner");
+    let c = config(
+        &format!(
+            "[[auth.mtls]]\ncn = \"alice\"\ntenant = \"acme\"\nca = \"{}\"\n[[auth.mtls]]\ncn = \"bob\"\ntenant = \"beta\"\n",
+            ours_path.display()
+        ),
+        true,
+    )
+    .unwrap();
+    let p = Policy::compile(&c).unwrap();
+    let m = &p.mtls;
+    assert_eq!(m.caller(&leaf(&ours, "alice")), Mapped::Caller(1, None));
+    assert_eq!(m.caller(&leaf(&partner, "alice")), Mapped::Nobody);
+    // An entry without `ca` takes any CA the listener trusts.
+    assert_eq!(m.caller(&leaf(&partner, "bob")), Mapped::Caller(2, None));
+    // A `ca` that is no CA file is refused at load.
+    let e = config(
+        "[[auth.mtls]]\ncn = \"alice\"\ntenant = \"acme\"\nca = \"/nonexistent/ca.pem\"\n",
+        true,
+    )
+    .and_then(|c| Policy::compile(&c).map(|_| ()))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("auth.mtls[0].ca"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

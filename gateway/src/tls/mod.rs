@@ -332,7 +332,7 @@ impl Edge {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("`{}`: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
