@@ -146,6 +146,15 @@ pub const MAX_PINS_PER_UPSTREAM: usize = 4_096;
 /// Bytes of definitions (approved and pending, as serialized) pinned per upstream at most.
 pub const MAX_BYTES_PER_UPSTREAM: usize = 16 << 20;
 
+/// Why a pin was not put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// A new pin, and its upstream's share is full.
+    NoRoom,
+    /// Another change of the same pin came first.
+    Raced,
+}
+
 /// An upstream's use of the table.
 #[derive(Debug, Default)]
 struct Share {
@@ -185,29 +194,55 @@ impl Pins {
         )
     }
 
-    /// Puts `pin` in place of `old` (none: a new tool) and counts it in its upstream's share.
-    /// A new pin or a heavier one does not go in past the share; false then.
-    fn put(&self, key: String, old: Option<&Pin>, pin: Pin) -> bool {
-        let upstream = key.split_once('/').map_or(key.as_str(), |(u, _)| u);
+    /// Counts the change from `old` to `new` (none: a new key) in the upstream's share.
+    fn count(&self, key: &str, old: Option<&Pin>, new: &Pin) {
+        let upstream = key.split_once('/').map_or(key, |(u, _)| u);
         let share = self.share(upstream);
-        let (before, after) = (old.map_or(0, weight), weight(&pin));
-        if after > before && share.full() {
-            return false;
-        }
         if old.is_none() {
             share.pins.fetch_add(1, Ordering::Relaxed);
         }
-        if after >= before {
-            share.bytes.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            let _ = share
-                .bytes
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                    Some(b.saturating_sub(before - after))
-                });
+        let (before, after) = (old.map_or(0, weight), weight(new));
+        let _ = share
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + after).saturating_sub(before))
+            });
+    }
+
+    /// Puts `pin` at `key` if the pin there is still `expected` (none: no pin), and counts it
+    /// in its upstream's share; false if another change came first. A new pin past the share
+    /// is not put (false too); a change of a pin that is there always is, its pending
+    /// definition not kept past the share (its digest is: the tool stays held).
+    fn put(&self, key: &str, expected: Option<&Arc<Pin>>, mut pin: Pin) -> Result<(), Refused> {
+        let upstream = key.split_once('/').map_or(key, |(u, _)| u);
+        let share = self.share(upstream);
+        if share.full() {
+            match expected {
+                None => return Err(Refused::NoRoom),
+                Some(old) if weight(&pin) > weight(old) => {
+                    if let Some((_, definition)) = &mut pin.pending {
+                        *definition = Value::Null;
+                    }
+                }
+                Some(_) => {}
+            }
         }
-        self.map.pin().insert(key, Arc::new(pin));
-        true
+        let pin = Arc::new(pin);
+        let map = self.map.pin();
+        let done = map.compute(key.to_owned(), |entry| match (entry, expected) {
+            (None, None) => papaya::Operation::Insert(Arc::clone(&pin)),
+            (Some((_, now)), Some(was)) if Arc::ptr_eq(now, was) => {
+                papaya::Operation::Insert(Arc::clone(&pin))
+            }
+            _ => papaya::Operation::Abort(()),
+        });
+        match done {
+            papaya::Compute::Aborted(()) => Err(Refused::Raced),
+            _ => {
+                self.count(key, expected.map(|p| &**p), &pin);
+                Ok(())
+            }
+        }
     }
 
     /// Sees a listed definition; returns whether it may be shown. `configured` is the digest the
@@ -218,8 +253,28 @@ impl Pins {
         };
         let key = format!("{upstream}/{name}");
         let seen = Seen::new(tool);
-        let map = self.map.pin();
-        let existing = map.get(&key).cloned();
+        // Another worker's change of the same pin between the look and the put: looked at
+        // again (a few times; then hidden, which fails closed).
+        for _ in 0..4 {
+            match self.observe_once(upstream, name, &key, tool, &seen, configured) {
+                Err(Refused::Raced) => {}
+                Err(Refused::NoRoom) => return false,
+                Ok(shown) => return shown,
+            }
+        }
+        false
+    }
+
+    fn observe_once(
+        &self,
+        upstream: &str,
+        name: &str,
+        key: &str,
+        tool: &Value,
+        seen: &Seen<'_>,
+        configured: Option<&str>,
+    ) -> Result<bool, Refused> {
+        let existing = self.map.pin().get(key).cloned();
         let current = match &existing {
             // A pin from the configuration wins over what was seen or approved under an older one.
             Some(p) if configured.is_none() || p.configured.as_deref() == configured => {
@@ -233,18 +288,19 @@ impl Pins {
                 pending: None,
             }),
         };
-        if current.approves(&seen) {
+        if current.approves(seen) {
             let known = current.whole && current.approved_definition.is_some();
             if known && current.pending.is_none() && existing.is_some() {
-                return true;
+                return Ok(true);
             }
             if !current.whole {
-                tracing::info!(
+                tracing::warn!(
                     upstream,
                     tool = name,
                     digest = %current.approved,
                     whole = %seen.whole,
-                    "a pin of the name, description and input schema now covers the tool's whole definition as listed"
+                    "a pin of the name, description and input schema only (an older digest) now covers the tool's whole definition as listed; where it comes from the configuration, pin `{}` instead",
+                    seen.whole
                 );
             }
             let approved = Pin {
@@ -254,14 +310,14 @@ impl Pins {
                 approved_definition: Some(tool.clone()),
                 pending: None,
             };
-            return self.put(key, existing.as_deref(), approved);
+            return self.put(key, existing.as_ref(), approved).map(|()| true);
         }
         if current
             .pending
             .as_ref()
             .is_some_and(|(d, _)| *d == seen.whole)
         {
-            return false;
+            return Ok(false);
         }
         let before = current.approved_definition.clone().unwrap_or_default();
         crate::throttled_warn!(
@@ -274,9 +330,8 @@ impl Pins {
             "tool definition changed: hidden and refused until approved (POST /pins/approve with its sha256)"
         );
         let mut changed = (*current).clone();
-        changed.pending = Some((seen.whole, tool.clone()));
-        self.put(key, existing.as_deref(), changed);
-        false
+        changed.pending = Some((seen.whole.clone(), tool.clone()));
+        self.put(key, existing.as_ref(), changed).map(|()| false)
     }
 
     /// Whether calls to the tool may go through: not while a changed definition awaits
@@ -314,22 +369,35 @@ impl Pins {
     /// `GET /pins`; a definition that changed again since is not approved unread); returns it.
     pub fn approve(&self, upstream: &str, tool: &str, sha256: &str) -> Result<String, NotApproved> {
         let key = format!("{upstream}/{tool}");
-        let map = self.map.pin();
-        let current = map.get(&key).ok_or(NotApproved::NothingPending)?;
-        let (digest, definition) = current.pending.clone().ok_or(NotApproved::NothingPending)?;
-        if !digest.eq_ignore_ascii_case(sha256.trim()) {
-            return Err(NotApproved::Other(digest));
+        loop {
+            let current = self
+                .map
+                .pin()
+                .get(&key)
+                .cloned()
+                .ok_or(NotApproved::NothingPending)?;
+            let (digest, definition) =
+                current.pending.clone().ok_or(NotApproved::NothingPending)?;
+            if !digest.eq_ignore_ascii_case(sha256.trim()) {
+                return Err(NotApproved::Other(digest));
+            }
+            let approved = Pin {
+                configured: current.configured.clone(),
+                approved: digest.clone(),
+                whole: true,
+                approved_definition: Some(definition),
+                pending: None,
+            };
+            // Put only over the pin read: a listing that made another definition pending in
+            // between is not approved with this one (looked at again: 409).
+            match self.put(&key, Some(&current), approved) {
+                Err(Refused::Raced) => continue,
+                _ => {
+                    tracing::info!(upstream, tool, approved = %digest, "tool definition approved");
+                    return Ok(digest);
+                }
+            }
         }
-        let approved = Pin {
-            configured: current.configured.clone(),
-            approved: digest.clone(),
-            whole: true,
-            approved_definition: Some(definition),
-            pending: None,
-        };
-        self.put(key, Some(current), approved);
-        tracing::info!(upstream, tool, approved = %digest, "tool definition approved");
-        Ok(digest)
     }
 
     /// Every pin by `<upstream>/<tool>`, for the state store (an unchanged pin keeps its `Arc`).
@@ -342,24 +410,17 @@ impl Pins {
     }
 
     /// Puts back a pin the state store or the fleet kept (counted in its upstream's share, but
-    /// never refused: an approval is not lost to a full share).
-    pub fn restore(&self, key: String, pin: Pin) -> Arc<Pin> {
-        let upstream = key.split_once('/').map_or(key.as_str(), |(u, _)| u);
-        let share = self.share(upstream);
-        let map = self.map.pin();
-        let old = map.get(&key);
-        if old.is_none() {
-            share.pins.fetch_add(1, Ordering::Relaxed);
+    /// never refused: an approval is not lost to a full share). A pending change kept by a
+    /// gateway from before every field was pinned is dropped: its digest is of another kind,
+    /// and the next listing makes the change pending again if there is one.
+    pub fn restore(&self, key: String, mut pin: Pin) -> Arc<Pin> {
+        if !pin.whole {
+            pin.pending = None;
         }
-        let before = old.map_or(0, |p| weight(p));
-        let after = weight(&pin);
-        let _ = share
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some((b + after).saturating_sub(before))
-            });
         let pin = Arc::new(pin);
-        map.insert(key, Arc::clone(&pin));
+        let map = self.map.pin();
+        let old = map.insert(key.clone(), Arc::clone(&pin)).cloned();
+        self.count(&key, old.as_deref(), &pin);
         pin
     }
 
@@ -514,6 +575,13 @@ mod tests {
         .unwrap();
         assert!(!stored.whole);
         let pins = Pins::default();
+        let mut with_pending = stored.clone();
+        with_pending.pending = Some((legacy_digest(&writable), json!({"name": "echo"})));
+        assert_eq!(
+            pins.restore("u/echo".into(), with_pending).pending,
+            None,
+            "a pending change of the older kind is dropped"
+        );
         pins.restore("u/echo".into(), stored);
         assert!(pins.observe("u", &good, None));
         assert_eq!(pins.snapshot()[0].1.approved, digest(&good));
@@ -553,6 +621,19 @@ mod tests {
             Err(Unpinned::NoRoom)
         );
         assert_eq!(pins.callable("rogue", "t0", None), Ok(()), "pinned before");
+        // A tool pinned before that changes is held however full the share is: the change is
+        // kept (its definition perhaps not), and its calls refused.
+        let t0 = json!({"name": "t0", "description": "Now deletes everything.", "annotations": {"destructiveHint": true}});
+        assert!(!pins.observe("rogue", &t0, None));
+        assert_eq!(pins.callable("rogue", "t0", None), Err(Unpinned::Changed));
+        let listed = pins.list();
+        let t0_pin = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["tool"] == "t0")
+            .unwrap();
+        assert_eq!(t0_pin["pending"]["sha256"], digest(&t0));
         // Another upstream is not touched.
         assert!(pins.observe("u", &tool("Returns its input."), None));
         assert_eq!(pins.callable("u", "echo", None), Ok(()));
@@ -568,6 +649,30 @@ mod tests {
             pins.callable("many", "one_more", None),
             Err(Unpinned::NoRoom)
         );
+    }
+
+    /// Workers see listings at once: the share counts each pin once, and an approval is of
+    /// the definition it names even while listings change what is pending.
+    #[test]
+    fn concurrent_listings_count_each_pin_once() {
+        let pins = Arc::new(Pins::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let pins = Arc::clone(&pins);
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        pins.observe("u", &json!({"name": format!("t{i}")}), None);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let share = pins.share("u");
+        assert_eq!(share.pins.load(Ordering::Relaxed), 200);
+        let bytes: usize = pins.snapshot().iter().map(|(_, p)| weight(p)).sum();
+        assert_eq!(share.bytes.load(Ordering::Relaxed), bytes);
     }
 
     #[test]
