@@ -37,15 +37,18 @@ pub enum ConfigError {
     /// TOML syntax, a wrong type or an unknown key; the message names the key and the line
     /// (quoted, with any password of a URL on it masked: the message goes to the log and to
     /// the answer of `POST /reload`).
-    #[error("{}", redact_userinfo(&.0.to_string()))]
-    Parse(#[from] toml::de::Error),
+    /// Kept as text, not as the parser's error: as the `source` of this one, the unmasked text
+    /// was printed by every `{:#}` of the chain.
+    #[error("{0}")]
+    Parse(String),
     #[error("invalid value for `{key}`: {problem}")]
     Invalid { key: String, problem: String },
 }
 
 /// `text` with the password of every URL in it (`scheme://user:password@host`) masked, and
 /// the whole user part where there is no `:` (`redis://password@host` is read as a user name,
-/// but is a secret all the same).
+/// but is a secret all the same). The user part runs to the last `@` before a space, a quote
+/// or a backtick: a password may hold `,`, `'`, `/` and more.
 pub fn redact_userinfo(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -53,27 +56,34 @@ pub fn redact_userinfo(text: &str) -> String {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '/' | '`' | ',' | ']'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '`'))
             .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rsplit_once('@') {
-            Some((user, host)) => {
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                let user = &tail[..at];
                 match user.split_once(':') {
-                    Some((name, _)) => {
+                    Some((name, _)) if !name.contains(['/', '?', '#']) => {
                         out.push_str(name);
                         out.push_str(":***");
                     }
-                    None => out.push_str("***"),
+                    _ => out.push_str("***"),
                 }
-                out.push('@');
-                out.push_str(host);
+                rest = &tail[at..];
             }
-            None => out.push_str(authority),
+            None => {
+                out.push_str(&tail[..end]);
+                rest = &tail[end..];
+            }
         }
-        rest = &tail[end..];
     }
     out.push_str(rest);
     out
+}
+
+impl From<toml::de::Error> for ConfigError {
+    fn from(e: toml::de::Error) -> Self {
+        Self::Parse(redact_userinfo(&e.to_string()))
+    }
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
