@@ -30,6 +30,10 @@ const RELAY_READ: usize = 128 * 1024;
 /// A JSON answer at most this large is written to the client with its head in one write.
 const HOLD_SMALL: usize = 16 * 1024;
 
+/// Bytes a second: a wait for an answer's body that brings at least this much is progress,
+/// however long it was (see the body's deadline in `relay`).
+const MIN_RATE: usize = 8 * 1024;
+
 /// Streams the upstream's response to the client. Returns whether the client connection can
 /// carry another request. Inside a federation (`member`), the upstream's session header is
 /// dropped (the client holds the gateway's) and each SSE event is rewritten.
@@ -150,19 +154,27 @@ pub(super) async fn relay(
     // An event stream may go on for as long as events keep coming (each within
     // `stream_idle_timeout`); any other body is whole within `response_timeout` of its head,
     // not per read: an upstream that sends a byte now and then would hold the call (its
-    // concurrency slot, the client's connection) for as long as it liked.
-    let body_deadline = monoio::time::Instant::now() + up.response_timeout;
+    // concurrency slot, the client's connection) for as long as it liked. Only waits that bring
+    // less than `MIN_RATE` count: a large answer to a slow client waits on the upstream too
+    // (TCP's flow control, each window update a delayed ACK away), at its pace, and is not the
+    // upstream stalling. Time spent writing to the client never counts (its writes have their
+    // own timeout).
+    let mut upstream_wait = std::time::Duration::ZERO;
     let finished = loop {
         if body.done() {
             break Ok(());
         }
+        let left = up.response_timeout.saturating_sub(upstream_wait);
         let read = async {
             if body.sse {
                 conn.fill(up.stream_idle_timeout).await
+            } else if left.is_zero() {
+                Err(HttpError::Timeout)
             } else {
-                conn.fill_until(body_deadline).await
+                conn.fill(left).await
             }
         };
+        let waiting = monoio::time::Instant::now();
         // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
         // stream the client can resume is read on whether it stays or not (see `drain`): its
         // leaving shows when a write to it fails.
@@ -177,6 +189,14 @@ pub(super) async fn relay(
             };
             filled
         };
+        let waited = waiting.elapsed();
+        let slow = match filled {
+            Ok(n) => (n as u128) * 1000 < waited.as_millis() * MIN_RATE as u128,
+            Err(_) => true,
+        };
+        if slow {
+            upstream_wait += waited;
+        }
         match filled {
             Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
             Ok(0) => break Err("upstream closed the connection mid-response"),
