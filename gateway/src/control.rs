@@ -906,12 +906,7 @@ async fn run_async(
                 let _ = c.reload("signal");
             }
             _ = usr1.recv() => lock(&control).reopen_logs(),
-            _ = watchdog_tick.tick(), if watchdog.is_some() => {
-                // A dead worker stops the pings: systemd restarts the gateway.
-                if lock(&control).shared.workers_down().is_empty() {
-                    crate::service::watchdog();
-                }
-            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => feed_watchdog(&control),
             _ = usr2.recv() => {
                 if let Ok(pid) = upgrade_logged(&upgrade_ctx, "signal", &control, &mut kernel, &mut admin).await {
                     handed_to = Some(pid);
@@ -1158,8 +1153,8 @@ async fn upgrade_logged(
 ) -> Result<u32, String> {
     tracing::info!(source, "binary upgrade: starting the new process");
     // The control loop waits here (up to a minute a step for the new process): the service
-    // manager's watchdog is fed meanwhile, on the same terms as in the loop (no worker down),
-    // or a slow new process would get this one, which serves on, killed.
+    // manager's watchdog is fed meanwhile, as in the loop, or a slow new process would get
+    // this one, which serves on, killed.
     let work = upgrade(ctx, control, kernel, admin);
     let mut work = std::pin::pin!(work);
     let watchdog = crate::service::watchdog_period();
@@ -1167,11 +1162,7 @@ async fn upgrade_logged(
     let r = loop {
         tokio::select! {
             r = &mut work => break r,
-            _ = tick.tick(), if watchdog.is_some() => {
-                if lock(control).shared.workers_down().is_empty() {
-                    crate::service::watchdog();
-                }
-            }
+            _ = tick.tick(), if watchdog.is_some() => feed_watchdog(control),
         }
     };
     match &r {
@@ -1277,6 +1268,14 @@ async fn upgrade(
             }
             Err(e)
         }
+    }
+}
+
+/// One watchdog ping, while no worker is down: a dead worker stops the pings, and systemd
+/// restarts the gateway.
+fn feed_watchdog(control: &Mutex<Control>) {
+    if lock(control).shared.workers_down().is_empty() {
+        crate::service::watchdog();
     }
 }
 

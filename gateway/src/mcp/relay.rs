@@ -151,11 +151,12 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
-    // An event stream may go on for as long as events keep coming (each within
-    // `stream_idle_timeout`); any other body is whole within `response_timeout` of its head,
-    // not per read: an upstream that sends a byte now and then would hold the call (its
-    // concurrency slot, the client's connection) for as long as it liked. Only waits that bring
-    // less than `MIN_RATE` count: a large answer to a slow client waits on the upstream too
+    // An event stream may go on for as long as reads keep coming (each within
+    // `stream_idle_timeout`); any other body is whole within `response_timeout` of slow waits
+    // on the upstream, all of them together, not per read: an upstream that sends a byte now
+    // and then would hold the call (its concurrency slot, the client's connection) for as long
+    // as it liked. Only waits that bring less than `MIN_RATE` count: a large answer to a slow
+    // client waits on the upstream too
     // (TCP's flow control, each window update a delayed ACK away), at its pace, and is not the
     // upstream stalling. Time spent writing to the client never counts (its writes have their
     // own timeout).

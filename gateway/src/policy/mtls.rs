@@ -142,10 +142,18 @@ impl Mapping {
                     format!("no tenant is named `{}`", e.tenant),
                 ));
             };
-            let (field, name) = match (&e.uri, &e.dns, &e.cn) {
-                (Some(u), None, None) => ("uri", u.clone()),
-                (None, Some(d), None) => ("dns", d.to_ascii_lowercase()),
-                (None, None, Some(c)) => ("cn", c.clone()),
+            let ca = match &e.ca {
+                None => None,
+                Some(path) => {
+                    let verifier = verifier_of(path).map_err(|p| invalid(key("ca"), p))?;
+                    m.cas.push(verifier);
+                    Some(m.cas.len() - 1)
+                }
+            };
+            let (table, field, name) = match (&e.uri, &e.dns, &e.cn) {
+                (Some(u), None, None) => (&mut m.uris, "uri", u.clone()),
+                (None, Some(d), None) => (&mut m.dns, "dns", d.to_ascii_lowercase()),
+                (None, None, Some(c)) => (&mut m.cns, "cn", c.clone()),
                 _ => {
                     return Err(invalid(
                         format!("auth.mtls[{i}]"),
@@ -156,19 +164,6 @@ impl Mapping {
             if name.is_empty() {
                 return Err(invalid(key(field), "must not be empty".into()));
             }
-            let ca = match &e.ca {
-                None => None,
-                Some(path) => {
-                    let verifier = verifier_of(path).map_err(|p| invalid(key("ca"), p))?;
-                    m.cas.push(verifier);
-                    Some(m.cas.len() - 1)
-                }
-            };
-            let table = match field {
-                "uri" => &mut m.uris,
-                "dns" => &mut m.dns,
-                _ => &mut m.cns,
-            };
             if table
                 .insert(name, ((*tenant, e.agent.clone()), ca))
                 .is_some()

@@ -68,8 +68,9 @@ impl<'a> Seen<'a> {
     }
 }
 
-/// Lowercase hex SHA-256 of `v` serialized with object keys sorted.
-fn canonical_digest(v: &Value) -> String {
+/// The digest of a tool's whole definition (lowercase hex SHA-256 of it serialized with object
+/// keys sorted): what `GET /pins` shows and `[[policy.pins]]` takes.
+pub fn digest(v: &Value) -> String {
     fn canonical(v: &Value, out: &mut Vec<u8>) {
         match v {
             Value::Object(o) => {
@@ -104,16 +105,10 @@ fn canonical_digest(v: &Value) -> String {
     super::sha256_hex(&bytes)
 }
 
-/// The digest of a tool's whole definition (lowercase hex SHA-256, object keys sorted): what
-/// `GET /pins` shows and `[[policy.pins]]` takes.
-pub fn digest(tool: &Value) -> String {
-    canonical_digest(tool)
-}
-
 /// The digest pins had before the whole definition was pinned: of the name, description and
 /// input schema only.
 pub fn legacy_digest(tool: &Value) -> String {
-    canonical_digest(&json!({
+    digest(&json!({
         "name": tool.get("name").cloned().unwrap_or(Value::Null),
         "description": tool.get("description").cloned().unwrap_or(Value::Null),
         "inputSchema": tool.get("inputSchema").cloned().unwrap_or(Value::Null),
@@ -163,6 +158,19 @@ struct Share {
 }
 
 impl Share {
+    /// Counts the change from `old` to `new` (none: a new key).
+    fn count(&self, old: Option<&Pin>, new: &Pin) {
+        if old.is_none() {
+            self.pins.fetch_add(1, Ordering::Relaxed);
+        }
+        let (before, after) = (old.map_or(0, weight), weight(new));
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + after).saturating_sub(before))
+            });
+    }
+
     fn full(&self) -> bool {
         self.pins.load(Ordering::Relaxed) >= MAX_PINS_PER_UPSTREAM
             || self.bytes.load(Ordering::Relaxed) >= MAX_BYTES_PER_UPSTREAM
@@ -194,19 +202,9 @@ impl Pins {
         )
     }
 
-    /// Counts the change from `old` to `new` (none: a new key) in the upstream's share.
-    fn count(&self, key: &str, old: Option<&Pin>, new: &Pin) {
-        let upstream = key.split_once('/').map_or(key, |(u, _)| u);
-        let share = self.share(upstream);
-        if old.is_none() {
-            share.pins.fetch_add(1, Ordering::Relaxed);
-        }
-        let (before, after) = (old.map_or(0, weight), weight(new));
-        let _ = share
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some((b + after).saturating_sub(before))
-            });
+    /// The share of the upstream of `key` (`<upstream>/<tool>`).
+    fn share_of(&self, key: &str) -> Arc<Share> {
+        self.share(key.split_once('/').map_or(key, |(u, _)| u))
     }
 
     /// Puts `pin` at `key` if the pin there is still `expected` (none: no pin), and counts it
@@ -214,8 +212,7 @@ impl Pins {
     /// is not put (false too); a change of a pin that is there always is, its pending
     /// definition not kept past the share (its digest is: the tool stays held).
     fn put(&self, key: &str, expected: Option<&Arc<Pin>>, mut pin: Pin) -> Result<(), Refused> {
-        let upstream = key.split_once('/').map_or(key, |(u, _)| u);
-        let share = self.share(upstream);
+        let share = self.share_of(key);
         if share.full() {
             match expected {
                 None => return Err(Refused::NoRoom),
@@ -239,7 +236,7 @@ impl Pins {
         match done {
             papaya::Compute::Aborted(()) => Err(Refused::Raced),
             _ => {
-                self.count(key, expected.map(|p| &**p), &pin);
+                share.count(expected.map(|p| &**p), &pin);
                 Ok(())
             }
         }
@@ -420,7 +417,7 @@ impl Pins {
         let pin = Arc::new(pin);
         let map = self.map.pin();
         let old = map.insert(key.clone(), Arc::clone(&pin)).cloned();
-        self.count(&key, old.as_deref(), &pin);
+        self.share_of(&key).count(old.as_deref(), &pin);
         pin
     }
 

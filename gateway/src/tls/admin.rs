@@ -81,24 +81,8 @@ pub fn listen(
                         edge.stats.failed(why);
                     }
                     Ok(Ok(tls)) => {
-                        edge.stats
-                            .handshakes
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let session = tls.get_ref().1;
-                        if matches!(
-                            session.handshake_kind(),
-                            Some(rustls::HandshakeKind::Resumed)
-                        ) {
-                            edge.stats
-                                .resumed
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if let Err(why) =
-                                super::still_accepted(session.peer_certificates(), &listening)
-                            {
-                                tracing::debug!(%peer, reason = why.label(), "a resumed admin TLS session's client certificate is no longer accepted");
-                                edge.stats.failed(why);
-                                return;
-                            }
+                        if !super::finished(tls.get_ref().1, &listening, &edge.stats) {
+                            return;
                         }
                         let _ = tx.send((tls, peer)).await;
                     }

@@ -501,23 +501,10 @@ pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
         .handshake(rustls::Connection::Server(conn), deadline)
         .await
     {
-        Ok(()) => {
-            stats.handshakes.fetch_add(1, Ordering::Relaxed);
-            if let Some(rustls::Connection::Server(s)) = io.tls()
-                && matches!(s.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
-            {
-                stats.resumed.fetch_add(1, Ordering::Relaxed);
-                if let Err(why) = still_accepted(s.peer_certificates(), listening) {
-                    tracing::debug!(
-                        reason = why.label(),
-                        "a resumed TLS session's client certificate is no longer accepted"
-                    );
-                    stats.failed(why);
-                    return false;
-                }
-            }
-            true
-        }
+        Ok(()) => match io.tls() {
+            Some(rustls::Connection::Server(s)) => finished(s, listening, stats),
+            _ => true,
+        },
         Err(e) => {
             let sni = match io.tls() {
                 Some(rustls::Connection::Server(s)) => s.server_name(),
@@ -525,6 +512,35 @@ pub async fn accept(io: &mut Io, listening: &Listening, stats: &Stats) -> bool {
             };
             let why = classify(&e, sni, &listening.resolver);
             tracing::debug!(reason = why.label(), "TLS handshake failed: {e}");
+            stats.failed(why);
+            false
+        }
+    }
+}
+
+/// Counts a completed handshake (and a resumed one), and says whether the connection may go
+/// on: a resumed session's client certificate must still be accepted ([`still_accepted`]).
+/// For the listeners and the admin listener alike.
+pub(crate) fn finished(
+    session: &rustls::ServerConnection,
+    listening: &Listening,
+    stats: &Stats,
+) -> bool {
+    stats.handshakes.fetch_add(1, Ordering::Relaxed);
+    if !matches!(
+        session.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    ) {
+        return true;
+    }
+    stats.resumed.fetch_add(1, Ordering::Relaxed);
+    match still_accepted(session.peer_certificates(), listening) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::debug!(
+                reason = why.label(),
+                "a resumed TLS session's client certificate is no longer accepted"
+            );
             stats.failed(why);
             false
         }
