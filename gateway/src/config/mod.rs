@@ -424,7 +424,8 @@ pub struct RawUpstream {
     /// Until the response head arrives.
     #[serde(default = "default_upstream_timeout_ms")]
     pub response_timeout_ms: u64,
-    /// Longest silence inside a streamed (SSE) response before the gateway gives up on it.
+    /// Longest time inside a streamed (SSE) response without a whole event (comments count)
+    /// before the gateway gives up on it: bytes that never finish an event are silence.
     #[serde(default = "default_stream_idle_timeout_ms")]
     pub stream_idle_timeout_ms: u64,
     /// The gateway's own credential for this upstream (the client's token is never forwarded),

@@ -151,8 +151,8 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
-    // An event stream may go on for as long as reads keep coming (each within
-    // `stream_idle_timeout`); any other body is whole within `response_timeout` of slow waits
+    // An event stream may go on for as long as whole events keep coming (each within
+    // `stream_idle_timeout` of the last); any other body is whole within `response_timeout` of slow waits
     // on the upstream, all of them together, not per read: an upstream that sends a byte now
     // and then would hold the call (its concurrency slot, the client's connection) for as long
     // as it liked. Only waits that bring less than `MIN_RATE` count: a large answer to a slow
@@ -161,15 +161,21 @@ pub(super) async fn relay(
     // upstream stalling. Time spent writing to the client never counts (its writes have their
     // own timeout).
     let mut upstream_wait = std::time::Duration::ZERO;
+    // An event stream's idle time runs from its last whole event, not its last read: an
+    // upstream that drips an event a byte at a time, never finishing one, is as idle as a
+    // silent one.
+    let mut last_event = monoio::time::Instant::now();
     let finished = loop {
         if body.done() {
             break Ok(());
         }
-        let left = up.response_timeout.saturating_sub(upstream_wait);
+        let left = if body.sse {
+            up.stream_idle_timeout.saturating_sub(last_event.elapsed())
+        } else {
+            up.response_timeout.saturating_sub(upstream_wait)
+        };
         let read = async {
-            if body.sse {
-                conn.fill(up.stream_idle_timeout).await
-            } else if left.is_zero() {
+            if left.is_zero() {
                 Err(HttpError::Timeout)
             } else {
                 conn.fill(left).await
@@ -223,6 +229,7 @@ pub(super) async fn relay(
             }
             conn.recycle(data);
         } else if !data.is_empty() {
+            last_event = monoio::time::Instant::now();
             body.observe(&data);
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {

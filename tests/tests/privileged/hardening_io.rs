@@ -697,6 +697,81 @@ fn an_sse_event_over_the_body_limit_ends_the_stream_with_an_error_event() {
     assert!(fake.all_closed(), "the upstream stream is closed");
 }
 
+/// An event stream's idle time runs from its last whole event: an upstream that drips an
+/// event a few bytes at a time, never finishing it, is cut off at `stream_idle_timeout` as a
+/// silent one is (before, each read restarted it, and the drip held the call as long as the
+/// upstream liked). Whole events, comments included, keep a stream going past it.
+#[test]
+fn an_event_stream_is_idle_until_a_whole_event_comes() {
+    let chunk = |s: &[u8]| [format!("{:x}\r\n", s.len()).as_bytes(), s, b"\r\n"].concat();
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let progress = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+    let answer = b"data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"done\"}]}}\n\n";
+    // The drip: one event, then another 4 bytes every 100 ms for 4 s (ten idle timeouts),
+    // never ended by a blank line.
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        let _ = conn.write_all(&[head.as_bytes(), &chunk(progress)].concat());
+        if conn.write_all(&chunk(b"data: ")).is_err() {
+            return;
+        }
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(100));
+            if conn.write_all(&chunk(b"xxxx")).is_err() {
+                return;
+            }
+        }
+        let _ = conn.write_all(&chunk(b"\n\n"));
+        let _ = conn.write_all(&chunk(answer));
+        let _ = conn.write_all(b"0\r\n\r\n");
+    }));
+    let started = Instant::now();
+    let (d, body) = event_stream_answer(fake.port);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut off at the idle timeout, not after the whole drip ({:?}): {body}",
+        started.elapsed()
+    );
+    assert!(body.contains("\"progress\":1"), "{body}");
+    assert!(
+        !body.contains("xxxx"),
+        "the unfinished event is not relayed: {body}"
+    );
+    assert!(!body.contains("done"), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    assert!(
+        last.contains("\"id\":7") && last.contains("\"error\""),
+        "the stream ends with an error for the request: {body}"
+    );
+    assert!(fake.all_closed(), "the upstream stream is closed");
+    drop(d);
+
+    // Pings: a comment event every 100 ms for 1.2 s (three idle timeouts), then the answer.
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        if read_upstream_request(conn).is_none() {
+            return;
+        }
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for _ in 0..12 {
+            if conn.write_all(&chunk(b": ping\n\n")).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = conn.write_all(&[chunk(answer), b"0\r\n\r\n".to_vec()].concat());
+    }));
+    let (_d, body) = event_stream_answer(fake.port);
+    assert!(
+        body.contains("\"text\":\"done\""),
+        "the answer after the pings: {body}"
+    );
+}
+
 /// Events before an event over the limit in the same read are relayed; the stream then ends
 /// at once with the error event (not when the upstream, which holds the stream open, sends
 /// more or stalls), and the events are read with CR line ends as a client reads them.
