@@ -63,7 +63,12 @@ impl Elision {
         let mut steps = body.len() / 16 + 64;
         // Outside strings, a quote can only open one.
         while let Some(open) = memchr(b'"', &body[at..]).map(|i| at + i) {
-            let Some((close, longest)) = string_end(body, open + 1, &mut steps) else {
+            let Some(End {
+                close,
+                longest,
+                plain,
+            }) = string_end(body, open + 1, &mut steps)
+            else {
                 // Not closed (left for the parser to refuse), or no searches left.
                 break;
             };
@@ -84,7 +89,9 @@ impl Elision {
                 };
                 let run = &body[p..end];
                 if run.len() >= long_run {
-                    check_text(run)?;
+                    if !plain {
+                        check_text(run)?;
+                    }
                     out.extend_from_slice(MARK);
                     elided = true;
                 } else {
@@ -103,22 +110,76 @@ impl Elision {
     }
 }
 
-/// The closing quote of the string whose text starts at `from`, and its longest run. Escapes
-/// are stepped over by their length (`\uXXXX` six bytes, others two); whether they are valid
-/// is the parser's to say, as they stay in the copy. `None` if it is not closed, or when it
-/// would take more than `steps` searches (each taken off).
-fn string_end(body: &[u8], from: usize, steps: &mut usize) -> Option<(usize, usize)> {
+/// Where a string ends, as [`string_end`] finds it.
+struct End {
+    /// The closing quote.
+    close: usize,
+    /// The longest run.
+    longest: usize,
+    /// Every run is printable ASCII: no control character, no byte of a multi-byte character,
+    /// so what [`check_text`] checks holds without reading the runs again.
+    plain: bool,
+}
+
+/// The closing quote of the string whose text starts at `from`, its longest run and whether
+/// its runs are plain. Escapes are stepped over by their length (`\uXXXX` six bytes, others
+/// two); whether they are valid is the parser's to say, as they stay in the copy. `None` if it
+/// is not closed, or when it would take more than `steps` searches (each taken off).
+fn string_end(body: &[u8], from: usize, steps: &mut usize) -> Option<End> {
     let mut p = from;
     let mut longest = 0;
+    let mut plain = true;
     loop {
         *steps = steps.checked_sub(1)?;
-        let at = p + memchr2(b'"', b'\\', body.get(p..)?)?;
+        let (found, run_plain) = run_end(body.get(p..)?);
+        let at = p + found?;
+        plain &= run_plain;
         longest = longest.max(at - p);
         if body[at] == b'"' {
-            return Some((at, longest));
+            return Some(End {
+                close: at,
+                longest,
+                plain,
+            });
         }
         p = at + escape_len(body, at);
     }
+}
+
+/// The first `"` or `\` in `text`, and whether every byte before it is printable ASCII. One
+/// read of the text, where a search and then the two checks of a long run read it three times
+/// (a 1 MB run is out of the core's own cache by then: each read went to memory). Blocks of
+/// [`LANES`] bytes, each compared in one go; the least and the largest byte kept per lane
+/// across blocks.
+fn run_end(text: &[u8]) -> (Option<usize>, bool) {
+    const LANES: usize = 64;
+    let mut least = [u8::MAX; LANES];
+    let mut any = [0u8; LANES];
+    let mut at = 0;
+    for block in text.as_chunks::<LANES>().0 {
+        let stop = block.iter().fold(0u8, |stop, &b| {
+            stop | u8::from(b == b'"') | u8::from(b == b'\\')
+        });
+        if stop != 0 {
+            break;
+        }
+        for ((l, a), &b) in least.iter_mut().zip(&mut any).zip(block) {
+            *l = (*l).min(b);
+            *a |= b;
+        }
+        at += LANES;
+    }
+    let mut plain = at == 0
+        || (least.iter().fold(u8::MAX, |m, &l| m.min(l)) >= 0x20
+            && any.iter().fold(0, |m, &a| m | a) < 0x80);
+    // The block that stops, or the last bytes.
+    for (i, &b) in text[at..].iter().enumerate() {
+        if b == b'"' || b == b'\\' {
+            return (Some(at + i), plain);
+        }
+        plain &= (0x20..0x80).contains(&b);
+    }
+    (None, plain)
 }
 
 /// The length of the escape that starts with the backslash at `at`. The loops above stop at

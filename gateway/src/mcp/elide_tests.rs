@@ -179,3 +179,48 @@ fn a_body_of_many_escapes_or_strings_is_copied_as_it_is_once_the_searches_run_ou
     assert_eq!(out.len(), body.len() - 300 + MARK.len());
     agrees(&body);
 }
+
+/// `run_end` against a byte-by-byte reading, for a stop (or none) and an odd byte at every
+/// place around the block edges of texts of many lengths.
+#[test]
+fn run_end_finds_the_stop_and_reads_every_byte_before_it() {
+    fn naive(text: &[u8]) -> (Option<usize>, bool) {
+        let stop = text.iter().position(|&b| b == b'"' || b == b'\\');
+        let plain = text[..stop.unwrap_or(text.len())]
+            .iter()
+            .all(|b| (0x20..0x80).contains(b));
+        (stop, plain)
+    }
+    for len in [0usize, 1, 63, 64, 65, 127, 128, 200, 1_000] {
+        let base: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        assert_eq!(run_end(&base), naive(&base), "{len}");
+        for at in (0..len).step_by(7).chain(len.checked_sub(1)) {
+            for odd in [b'"', b'\\', 0x00, 0x1f, 0x7f, 0x80, 0xc3, 0xff] {
+                let mut text = base.clone();
+                text[at] = odd;
+                assert_eq!(run_end(&text), naive(&text), "{len} {at} {odd:#x}");
+                // The odd byte after a stop is not read.
+                if at > 0 {
+                    text[at - 1] = b'"';
+                    assert_eq!(run_end(&text), naive(&text), "{len} {at} {odd:#x} stopped");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_long_run_with_text_that_is_not_ascii_is_still_checked() {
+    let mut out = Vec::new();
+    // Valid UTF-8 beyond ASCII is left out like any text; a control character or a broken
+    // sequence past the first block is refused.
+    let text = format!("{}é{}", "a".repeat(100), "b".repeat(100));
+    let body = format!(r#"{{"a":"{text}"}}"#);
+    assert!(SMALL.copy(body.as_bytes(), &mut out).expect("text"));
+    for odd in [b'\x01', b'\xff'] {
+        let mut body = format!(r#"{{"a":"{}"}}"#, "a".repeat(300)).into_bytes();
+        body[200] = odd;
+        out.clear();
+        assert!(SMALL.copy(&body, &mut out).is_err(), "{odd:#x}");
+    }
+}
