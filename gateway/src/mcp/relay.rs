@@ -216,6 +216,7 @@ pub(super) async fn relay(
             }
             Err(_) => break Err("upstream connection failed mid-response"),
         }
+        let events_before = body.events_taken;
         let data = match body.take(&mut conn) {
             Ok(data) => data,
             Err(why) => break Err(why),
@@ -229,7 +230,6 @@ pub(super) async fn relay(
             }
             conn.recycle(data);
         } else if !data.is_empty() {
-            last_event = monoio::time::Instant::now();
             body.observe(&data);
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
@@ -245,6 +245,12 @@ pub(super) async fn relay(
             body.delivered();
             // The buffer read into next, when the piece was the connection's own.
             conn.recycle(back);
+        }
+        // Whole events came (a federation member's may all have been left out of what the
+        // client gets: its comments are): the stream is not idle. From when they were written,
+        // so that a slow client's write does not count as the upstream's silence.
+        if body.events_taken != events_before {
+            last_event = monoio::time::Instant::now();
         }
         if let Err(why) = held {
             break Err(why);
@@ -439,6 +445,9 @@ struct Body<'m> {
     resumable: bool,
     /// An event with an id was taken out, not yet known to be written to the client.
     id_taken: bool,
+    /// How many times whole events were taken out (an event stream's sign of life, whether
+    /// or not the client gets them).
+    events_taken: u64,
     /// A federation member's JSON answer, held whole until it is known to answer the request
     /// sent (see [`relay`]).
     whole: Option<Vec<u8>>,
@@ -470,6 +479,7 @@ impl<'m> Body<'m> {
             answer: Vec::new(),
             resumable: false,
             id_taken: false,
+            events_taken: 0,
             whole: None,
         }
     }
@@ -567,7 +577,10 @@ impl<'m> Body<'m> {
     /// whether the client could resume after them.
     fn whole_events(&mut self) -> Result<Vec<u8>, &'static str> {
         let events = match self.events.take_events() {
-            Ok(Some(events)) => events,
+            Ok(Some(events)) => {
+                self.events_taken += 1;
+                events
+            }
             Ok(None) => Vec::new(),
             Err(_) => return Err(EVENT_TOO_LARGE),
         };

@@ -770,6 +770,51 @@ fn an_event_stream_is_idle_until_a_whole_event_comes() {
         body.contains("\"text\":\"done\""),
         "the answer after the pings: {body}"
     );
+
+    // The same through a federation, whose member's comments the client does not get: they
+    // still keep the stream going.
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        let Some(request) = read_upstream_request(conn) else {
+            return;
+        };
+        if !request.contains("tools/call") {
+            let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo","inputSchema":{"type":"object"}}]}}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+                list.len()
+            );
+            return;
+        }
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for _ in 0..12 {
+            if conn.write_all(&chunk(b": ping\n\n")).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = conn.write_all(&[chunk(answer), b"0\r\n\r\n".to_vec()].concat());
+    }));
+    let (_d, port, _) = gateway(
+        fake.port,
+        Extra {
+            tables: "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u\", prefix = \"p_\" }]",
+            ..Extra::default()
+        },
+    );
+    let mut client = connect(port);
+    let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"p_echo","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let era = "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: p_echo\r\n";
+    client.write_all(&post("/fed", call, era)).unwrap();
+    let r = read_response(&mut client).expect("a complete answer");
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        r.status == 200 && body.contains("\"text\":\"done\""),
+        "the member's answer after its pings: {} {body}",
+        r.status
+    );
 }
 
 /// Events before an event over the limit in the same read are relayed; the stream then ends
