@@ -890,3 +890,77 @@ fn an_answer_head_over_the_limit_is_refused_however_it_arrives() {
     let r = read_response(&mut client).expect("an answer");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+/// A federation's merged stream (GET): a member that drips an event a few bytes at a time,
+/// never finishing it, has its stream closed at `stream_idle_timeout` as a silent one has
+/// (before, each read restarted the timer, and the member's stream stayed open as long as it
+/// dripped).
+#[test]
+fn a_members_stream_that_never_finishes_an_event_is_closed() {
+    let cut = Arc::new(Mutex::new(None::<Duration>));
+    let seen_cut = Arc::clone(&cut);
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        while let Some(body) = read_upstream_request(conn) {
+            if body.is_empty() {
+                // The member's own stream: one byte of an event every 100 ms for 4 s.
+                let started = Instant::now();
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: x\r\n",
+                );
+                for _ in 0..40 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if conn.write_all(b"1\r\nx\r\n").is_err() {
+                        *seen_cut.lock().unwrap() = Some(started.elapsed());
+                        return;
+                    }
+                }
+                return;
+            }
+            let answer = if body.contains("\"initialize\"") {
+                let init = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"m","version":"1"}}}"#;
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nmcp-session-id: member-1\r\ncontent-length: {}\r\n\r\n{init}",
+                    init.len()
+                )
+                .into_bytes()
+            } else if !body.contains("\"id\"") {
+                b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n".to_vec()
+            } else {
+                json_answer(&format!(
+                    r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+                    id_of(&body)
+                ))
+            };
+            if conn.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    }));
+    let (_d, port, _) = gateway(
+        fake.port,
+        Extra {
+            tables: "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u\", prefix = \"\" }]",
+            ..Extra::default()
+        },
+    );
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = integration_tests::peers::raw(port, &post("/fed", init, ""));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let session = r.header("mcp-session-id").expect("a session").to_owned();
+    let mut stream = connect(port);
+    write!(
+        stream,
+        "GET /fed HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\nmcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n\r\n"
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while cut.lock().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cut = *cut.lock().unwrap();
+    assert!(
+        cut.is_some_and(|after| after < Duration::from_secs(2)),
+        "the member's stream is closed at the idle timeout, not after the 4 s drip: {cut:?}"
+    );
+    drop(stream);
+}

@@ -163,6 +163,9 @@ async fn pump(
         BodyKind::Length(n) => Some(n),
         _ => None,
     };
+    // Idle from the last whole event, not the last read (see `relay`): bytes that never
+    // finish an event are silence.
+    let mut last_event = monoio::time::Instant::now();
     loop {
         let done = match kind {
             BodyKind::Chunked => match decoder.decode(conn.pending(), &mut piece) {
@@ -193,6 +196,8 @@ async fn pump(
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
                 }
+                // From when the client's stream took them.
+                last_event = monoio::time::Instant::now();
                 // An event over the limit after those: the stream ends now, not at the idle
                 // timeout.
                 if events.check().is_err() {
@@ -209,8 +214,12 @@ async fn pump(
         if done {
             return;
         }
+        let left = idle.saturating_sub(last_event.elapsed());
+        if left.is_zero() {
+            return;
+        }
         let filled = monoio::select! {
-            r = conn.fill(idle) => r,
+            r = conn.fill(left) => r,
             // Dropping `conn` closes it.
             _ = &mut stopped => return,
         };
