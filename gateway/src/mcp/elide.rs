@@ -169,9 +169,9 @@ fn run_end(text: &[u8]) -> (Option<usize>, bool) {
         }
         at += LANES;
     }
-    let mut plain = at == 0
-        || (least.iter().fold(u8::MAX, |m, &l| m.min(l)) >= 0x20
-            && any.iter().fold(0, |m, &a| m | a) < 0x80);
+    // Before any block, the least byte is 0xff and the largest 0: plain.
+    let mut plain = least.iter().fold(u8::MAX, |m, &l| m.min(l)) >= 0x20
+        && any.iter().fold(0, |m, &a| m | a) < 0x80;
     // The block that stops, or the last bytes.
     for (i, &b) in text[at..].iter().enumerate() {
         if b == b'"' || b == b'\\' {

@@ -151,31 +151,26 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
-    // An event stream may go on for as long as whole events keep coming (each within
-    // `stream_idle_timeout` of the last); any other body is whole within `response_timeout` of slow waits
-    // on the upstream, all of them together, not per read: an upstream that sends a byte now
-    // and then would hold the call (its concurrency slot, the client's connection) for as long
-    // as it liked. Only waits that bring less than `MIN_RATE` count: a large answer to a slow
-    // client waits on the upstream too
-    // (TCP's flow control, each window update a delayed ACK away), at its pace, and is not the
-    // upstream stalling. Time spent writing to the client never counts (its writes have their
-    // own timeout).
+    // Neither kind of body is timed per read: an upstream that sends a byte now and then would
+    // hold the call (its concurrency slot, the client's connection) for as long as it liked.
+    // An event stream may go on for as long as whole events keep coming, each within
+    // `stream_idle_timeout` of the last taken from the upstream (bytes that never finish an
+    // event are silence). Any other body is whole within `response_timeout` of slow waits on
+    // the upstream, all of them together. Only waits that bring less than `MIN_RATE` count: a
+    // large answer to a slow client waits on the upstream too (TCP's flow control, each window
+    // update a delayed ACK away), at its pace, and is not the upstream stalling. Time spent
+    // writing to the client never counts (its writes have their own timeout).
     let mut upstream_wait = std::time::Duration::ZERO;
-    // An event stream's idle time runs from its last whole event, not its last read: an
-    // upstream that drips an event a byte at a time, never finishing one, is as idle as a
-    // silent one.
     let mut last_event = monoio::time::Instant::now();
     let finished = loop {
         if body.done() {
             break Ok(());
         }
-        let left = if body.sse {
-            up.stream_idle_timeout.saturating_sub(last_event.elapsed())
-        } else {
-            up.response_timeout.saturating_sub(upstream_wait)
-        };
+        let left = up.response_timeout.saturating_sub(upstream_wait);
         let read = async {
-            if left.is_zero() {
+            if body.sse {
+                conn.fill_until(last_event + up.stream_idle_timeout).await
+            } else if left.is_zero() {
                 Err(HttpError::Timeout)
             } else {
                 conn.fill(left).await

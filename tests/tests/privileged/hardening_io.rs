@@ -750,10 +750,7 @@ fn an_event_stream_is_idle_until_a_whole_event_comes() {
     drop(d);
 
     // Pings: a comment event every 100 ms for 1.2 s (three idle timeouts), then the answer.
-    let fake = Fake::start(Box::new(move |conn, _, _| {
-        if read_upstream_request(conn).is_none() {
-            return;
-        }
+    let pings_then_answer = move |conn: &mut TcpStream| {
         if conn.write_all(head.as_bytes()).is_err() {
             return;
         }
@@ -764,6 +761,11 @@ fn an_event_stream_is_idle_until_a_whole_event_comes() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = conn.write_all(&[chunk(answer), b"0\r\n\r\n".to_vec()].concat());
+    };
+    let fake = Fake::start(Box::new(move |conn, _, _| {
+        if read_upstream_request(conn).is_some() {
+            pings_then_answer(conn);
+        }
     }));
     let (_d, body) = event_stream_answer(fake.port);
     assert!(
@@ -786,16 +788,7 @@ fn an_event_stream_is_idle_until_a_whole_event_comes() {
             );
             return;
         }
-        if conn.write_all(head.as_bytes()).is_err() {
-            return;
-        }
-        for _ in 0..12 {
-            if conn.write_all(&chunk(b": ping\n\n")).is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = conn.write_all(&[chunk(answer), b"0\r\n\r\n".to_vec()].concat());
+        pings_then_answer(conn);
     }));
     let (_d, port, _) = gateway(
         fake.port,

@@ -214,12 +214,8 @@ async fn pump(
         if done {
             return;
         }
-        let left = idle.saturating_sub(last_event.elapsed());
-        if left.is_zero() {
-            return;
-        }
         let filled = monoio::select! {
-            r = conn.fill(left) => r,
+            r = conn.fill_until(last_event + idle) => r,
             // Dropping `conn` closes it.
             _ = &mut stopped => return,
         };
