@@ -16,14 +16,42 @@ pub struct Fields {
 /// case, and for few others. A look-up compares this first, so that it skips a field of
 /// another name in one comparison.
 #[inline]
-fn key(name: &[u8]) -> u32 {
+const fn key(name: &[u8]) -> u32 {
     match name {
         [] => 0,
         [first, .., last] | [first @ last] => {
             (name.len() as u32 & 0xffff)
-                | u32::from(first.to_ascii_lowercase()) << 16
-                | u32::from(last.to_ascii_lowercase()) << 24
+                | (first.to_ascii_lowercase() as u32) << 16
+                | (last.to_ascii_lowercase() as u32) << 24
         }
+    }
+}
+
+/// A set of field names, compared ignoring case. Asked of every field of every message a few
+/// times: the name's [`key`] is compared with every entry's at once (a comparison the compiler
+/// makes on whole vectors), and only a name whose key is among them is compared as text.
+pub struct Names<const N: usize> {
+    names: [&'static str; N],
+    keys: [u32; N],
+}
+
+impl<const N: usize> Names<N> {
+    pub const fn new(names: [&'static str; N]) -> Self {
+        let mut keys = [0; N];
+        let mut i = 0;
+        while i < N {
+            keys[i] = key(names[i].as_bytes());
+            i += 1;
+        }
+        Self { names, keys }
+    }
+
+    #[inline]
+    pub fn contains(&self, name: &str) -> bool {
+        let want = key(name.as_bytes());
+        // Without an early exit, so that the comparisons are vectorized.
+        self.keys.iter().fold(false, |hit, k| hit | (*k == want))
+            && self.names.iter().any(|n| name.eq_ignore_ascii_case(n))
     }
 }
 
@@ -247,7 +275,19 @@ impl std::fmt::Debug for Fields {
 
 #[cfg(test)]
 mod tests {
-    use super::Fields;
+    use super::{Fields, Names};
+
+    #[test]
+    fn names_are_found_whatever_their_case_and_only_they() {
+        const SET: Names<4> = Names::new(["host", "x-api-key", "te", "transfer-encoding"]);
+        for yes in ["host", "HOST", "Host", "X-Api-Key", "te", "TE", "Transfer-Encoding"] {
+            assert!(SET.contains(yes), "{yes}");
+        }
+        // Same length, first and last letters as an entry (the same key), or a prefix of one.
+        for no in ["hast", "x-apx-key", "tE ", "t", "", "hosts", "transfer-encodinG2", "ho"] {
+            assert!(!SET.contains(no), "{no}");
+        }
+    }
 
     #[test]
     fn fields_keep_their_order_names_and_bytes() {

@@ -32,7 +32,7 @@ pub mod proxy_protocol;
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
-pub use fields::Fields;
+pub use fields::{Fields, Names};
 pub use head::{
     UnsafeField, is_clean_value, is_token, push_content_length, push_field, push_request_line,
     push_status_line,
@@ -183,7 +183,7 @@ pub fn media_type(value: &[u8]) -> &[u8] {
 /// to the upstream (which may take the last, or join them), so a request with two is refused.
 /// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
 /// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
-const SINGLE: &[&str] = &[
+const SINGLE: Names<9> = Names::new([
     "host",
     "content-type",
     "content-encoding",
@@ -193,13 +193,13 @@ const SINGLE: &[&str] = &[
     "traceparent",
     "last-event-id",
     "expect",
-];
+]);
 
 /// Fields a client sends that never reach the upstream: hop-by-hop ones, framing and `Host`
 /// (the gateway writes its own), credentials (the upstream gets its own), and what says where
 /// the request came from other than `X-Forwarded-For` (which the gateway appends to): an
 /// upstream that reads `X-Real-IP` or `Forwarded` would take the client's word for its address.
-pub const NOT_FORWARDED: &[&str] = &[
+pub const NOT_FORWARDED: Names<27> = Names::new([
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -227,19 +227,10 @@ pub const NOT_FORWARDED: &[&str] = &[
     "x-client-ip",
     "true-client-ip",
     "x-cluster-client-ip",
-];
-
-/// Whether `name` is one of `names`, ignoring case. Asked of every field of every message a
-/// few times: lengths are compared first, inline, so that most names cost no comparison.
-#[inline]
-pub fn is_one_of(name: &str, names: &[&str]) -> bool {
-    names
-        .iter()
-        .any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
-}
+]);
 
 fn is_single(name: &str) -> bool {
-    is_one_of(name, SINGLE)
+    SINGLE.contains(name)
         || name
             .get(..4)
             .is_some_and(|p| p.eq_ignore_ascii_case("mcp-"))
@@ -355,7 +346,7 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         if name.as_bytes().contains(&b'_') && {
             let dashed = name.replace('_', "-");
             is_single(&dashed)
-                || is_one_of(&dashed, NOT_FORWARDED)
+                || NOT_FORWARDED.contains(&dashed)
                 || dashed.eq_ignore_ascii_case("x-forwarded-for")
         } {
             return Err(HttpError::BadRequest(

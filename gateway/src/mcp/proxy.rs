@@ -674,7 +674,7 @@ fn is_mirror(name: &str) -> bool {
 /// Hop-by-hop headers (also those named by any `Connection` line of `headers`) and those the
 /// gateway sets itself are not forwarded ([`http::NOT_FORWARDED`]).
 pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>) -> bool {
-    http::is_one_of(name, http::NOT_FORWARDED) || connection.names(name)
+    http::NOT_FORWARDED.contains(name) || connection.names(name)
 }
 
 /// Response headers that are the upstream's own business, never relayed: its credentials, what
@@ -684,7 +684,7 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
 /// upstream's own endpoint).
 pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: &[&str] = &[
+    const DROP: http::Names<8> = http::Names::new([
         "authorization",
         "server",
         "x-powered-by",
@@ -693,8 +693,8 @@ pub(super) fn is_upstream_private(name: &str) -> bool {
         "set-cookie",
         "alt-svc",
         "strict-transport-security",
-    ];
-    http::is_one_of(name, DROP)
+    ]);
+    DROP.contains(name)
         || name
             .get(..15)
             .is_some_and(|p| p.eq_ignore_ascii_case("access-control-"))

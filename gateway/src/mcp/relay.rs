@@ -616,7 +616,11 @@ impl<'m> Body<'m> {
     /// looks at ends with (`"error"`, `"isError"`), or a `\u` escape (the only one that can
     /// spell a letter of them): an answer with neither is a result, not scanned.
     fn observe_whole(&mut self, whole: &[u8]) {
-        if memchr::memmem::find(whole, b"rror\"").is_some()
+        // Built once: `memmem::find` builds its searcher on every call, which costs more than
+        // the search of a small answer.
+        static KEY_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"rror\""));
+        if KEY_END.find(whole).is_some()
             || memchr::memchr_iter(b'\\', whole).any(|i| whole.get(i + 1) == Some(&b'u'))
         {
             self.observe(whole);

@@ -976,9 +976,10 @@ async fn forward_stage<'c>(
             }
             // The client's session, as `check` verified it (it refused one not the caller's).
             let session = verified.and_then(|v| v.session(req.header("mcp-session-id")?));
+            let stateless = super::held::client_is_stateless(req, messages.single.as_ref());
             // A session-era client and an upstream that speaks only the stateless era (known
             // now, or when the client's session was opened: a bridged session stays bridged).
-            if !super::held::client_is_stateless(req, messages.single.as_ref())
+            if !stateless
                 && (super::bridge::known_stateless(ctx, up)
                     || session == Some(super::proxy::Session::Bridged))
             {
@@ -1025,8 +1026,8 @@ async fn forward_stage<'c>(
             }
             // A stateless client and an upstream that may speak only the session era.
             if req.method == "POST"
+                && stateless
                 && let Some(m) = &messages.single
-                && super::held::client_is_stateless(req, Some(m))
                 && let known @ (Some(true) | None) = super::held::known_session(ctx, up)
             {
                 let filtering = m.kind == Kind::Request
@@ -1134,8 +1135,8 @@ async fn forward_stage<'c>(
             // A session-era message to an upstream that may speak only the stateless era.
             let keep = if up.era == crate::config::UpstreamEra::Auto
                 && req.method == "POST"
+                && !stateless
                 && let Some(m) = &messages.single
-                && !super::held::client_is_stateless(req, Some(m))
             {
                 Box::pin(super::bridge::forward_learning(
                     io, req, peer, ctx, up, m, &extra, obs,

@@ -23,7 +23,7 @@ pub mod mtls;
 pub mod pins;
 pub mod rules;
 
-use std::{collections::HashMap, fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::{Value, json};
@@ -1262,10 +1262,13 @@ impl Policy {
                             len_s: b.window_s,
                             amount: cost,
                         });
+                        // Written into every answer's head: without the formatting machinery.
                         if !left.is_empty() {
                             left.push_str("; ");
                         }
-                        let _ = write!(left, "{scope}={l}");
+                        left.push_str(scope);
+                        left.push('=');
+                        left.push_str(itoa::Buffer::new().format(l));
                     }
                     Err(l) => {
                         let mut r = Refusal::new(
