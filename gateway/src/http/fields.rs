@@ -280,11 +280,28 @@ mod tests {
     #[test]
     fn names_are_found_whatever_their_case_and_only_they() {
         const SET: Names<4> = Names::new(["host", "x-api-key", "te", "transfer-encoding"]);
-        for yes in ["host", "HOST", "Host", "X-Api-Key", "te", "TE", "Transfer-Encoding"] {
+        for yes in [
+            "host",
+            "HOST",
+            "Host",
+            "X-Api-Key",
+            "te",
+            "TE",
+            "Transfer-Encoding",
+        ] {
             assert!(SET.contains(yes), "{yes}");
         }
         // Same length, first and last letters as an entry (the same key), or a prefix of one.
-        for no in ["hast", "x-apx-key", "tE ", "t", "", "hosts", "transfer-encodinG2", "ho"] {
+        for no in [
+            "hast",
+            "x-apx-key",
+            "tE ",
+            "t",
+            "",
+            "hosts",
+            "transfer-encodinG2",
+            "ho",
+        ] {
             assert!(!SET.contains(no), "{no}");
         }
     }
