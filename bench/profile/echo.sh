@@ -3,11 +3,12 @@
 # proxy on CPU 1, the load generator (`bench --target`) and `mcp-upstream` on CPU 0.
 #
 #   bench/profile/echo.sh BYTES SECONDS ROUNDS PROXY...
-#       PROXY: a gateway binary (run with one worker, passthrough: echo.toml, or the file
-#       $GATEWAY_CONFIG) or `nginx` (bench/profile/nginx.conf). Each round runs every proxy in
-#       turn; one line per run: requests per second and CPU (user + system, from /proc) per
-#       request. BYTES 0: `add` instead of `echo`. $LOAD_HEADER: a header every request carries
-#       (`name: value`, e.g. the API key of a policy's configuration).
+#       PROXY: a gateway binary (run with one worker, passthrough: echo.toml) or `nginx`
+#       (bench/profile/nginx.conf). Each round runs every proxy in turn; one line per run:
+#       requests per second and CPU (user + system, from /proc) per request. BYTES 0: `add` instead of `echo`. $CONNECTIONS: instead of 32. POLICY=1: the
+#       gateway applies the realistic policy of `cargo xtask bench proxy` (`bench
+#       --print-policy`: API key identity, tool and argument rules, rates, budgets, the loop
+#       breaker) and every request carries its API key.
 #
 # Example, the binary before a change against the one after and nginx, 1 MB, two rounds:
 #   bench/profile/echo.sh 1000000 6 2 /tmp/gateway.before target/release/gateway nginx
@@ -23,6 +24,16 @@ up=$!
 pid=
 trap 'kill -KILL $up $pid 2>/dev/null || true' EXIT
 tck=$(getconf CLK_TCK)
+config="$here/echo.toml" header=()
+if [ "${POLICY:-0}" = 1 ]; then
+    config=$(mktemp --suffix .toml)
+    # The policy's tables in place of echo.toml's [kernel] table, the route asking for a key.
+    policy=$("$root/target/release/bench" --print-policy)
+    awk -v policy="$policy" '/^\[kernel\]$/ { print policy; skip = 1; next }
+        skip && /^\[/ { skip = 0 } !skip { print } END { print "auth = [\"api_key\"]" }' \
+        "$here/echo.toml" >"$config"
+    header=(--header "x-api-key: bench-api-key-0123456789")
+fi
 one() {
     # The last run's listener must be gone before the next binds.
     for _ in $(seq 100); do ss -ltnH 'sport = :18080' | grep -q . || break; sleep 0.1; done
@@ -31,7 +42,7 @@ one() {
         sed "s|@DIR@|$dir|g" "$here/nginx.conf" >"$dir/nginx.conf"
         taskset -c 1 nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
     else
-        taskset -c 1 "$1" run --config "${GATEWAY_CONFIG:-$here/echo.toml}" >/dev/null 2>&1 &
+        taskset -c 1 "$1" run --config "$config" >/dev/null 2>&1 &
     fi
     pid=$!
     for _ in $(seq 100); do
@@ -41,7 +52,7 @@ one() {
     sleep 0.5
     read -r a au <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
     out=$(taskset -c 0 "$root/target/release/bench" --target 127.0.0.1:18080 --echo-bytes "$bytes" \
-        --connections 32 --seconds "$seconds" ${LOAD_HEADER:+--header "$LOAD_HEADER"} 2>&1)
+        --connections "${CONNECTIONS:-32}" --seconds "$seconds" "${header[@]}" 2>&1)
     read -r b bu <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true

@@ -36,6 +36,7 @@ const UPSTREAM_PORT: u16 = 9000;
 const GATEWAY_PORT: u16 = 8080;
 const FLOOR_PORT: u16 = 8081;
 const NGINX_PORT: u16 = 8082;
+const POLICY_PORT: u16 = 8083;
 /// The generator's and the upstream's core; the proxy's.
 const LOAD_CPU: usize = 0;
 const PROXY_CPU: usize = 1;
@@ -47,16 +48,28 @@ pub const CONNECTIONS: [usize; 3] = [32, 256, 2048];
 pub enum Target {
     Floor,
     Gateway,
+    /// A second gateway applying the `proxy` scenario's realistic policy (kernel program off:
+    /// the veth has one XDP program, the first gateway's).
+    Policy,
     Nginx,
 }
 
 impl Target {
     pub const ALL: [Target; 3] = [Target::Floor, Target::Gateway, Target::Nginx];
+    /// The rows of small calls (peak, half load, connection counts): the gateway with the
+    /// realistic policy too, whose CPU per request against nginx's is a goal of its own.
+    pub const SMALL: [Target; 4] = [
+        Target::Floor,
+        Target::Gateway,
+        Target::Policy,
+        Target::Nginx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Floor => "floor (byte relay)",
             Target::Gateway => "gateway (XDP attached)",
+            Target::Policy => "gateway, realistic policy (XDP off)",
             Target::Nginx => "nginx (tuned buffers)",
         }
     }
@@ -65,6 +78,7 @@ impl Target {
         match self {
             Target::Floor => FLOOR_PORT,
             Target::Gateway => GATEWAY_PORT,
+            Target::Policy => POLICY_PORT,
             Target::Nginx => NGINX_PORT,
         }
     }
@@ -163,6 +177,20 @@ upstream = "up"
     )
 }
 
+/// The gateway of [`Target::Policy`]: the realistic policy of the `proxy` scenario (API key
+/// identity, tool and argument rules, rates, budgets, the loop breaker), the route asking for a
+/// key.
+fn policy_config(instance: &str) -> String {
+    format!(
+        "[gateway]\ninstance = \"{instance}\"\nworkers = 1\npin_workers = false\n\
+         [[listeners]]\naddress = \"{GW_ADDR}:{POLICY_PORT}\"\n[admin]\naddress = \"127.0.0.1:19091\"\n\
+         [kernel]\nenabled = false\n{}\
+         [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{UPSTREAM_PORT}/mcp\"\n\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"up\"\nauth = [\"api_key\"]\n",
+        crate::proxy::realistic_policy()
+    )
+}
+
 /// nginx as a reverse proxy tuned for these messages: request bodies up to 2 MiB kept in
 /// memory (the default 16 KiB spills to a temporary file), answers buffered in memory up to
 /// 2 MiB and never to disk, upstream keep-alive for as many connections as the load holds.
@@ -233,6 +261,7 @@ fn loadavg() -> String {
 struct Bed {
     upstream: Option<KillOnDrop>,
     gateway: Daemon,
+    policy: Daemon,
     floor: Proc,
     nginx: Proc,
     nginx_dir: std::path::PathBuf,
@@ -244,6 +273,7 @@ struct Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         self.gateway.stop();
+        self.policy.stop();
         let _ = std::fs::remove_dir_all(&self.nginx_dir);
     }
 }
@@ -257,6 +287,9 @@ impl Bed {
         let instance = unique("gwhead");
         let gateway = Daemon::start(&topo.gw, &instance, &gateway_config(&instance, &topo.gw_if));
         pin_pid(gateway.pid(), PROXY_CPU);
+        let instance = unique("gwpolicy");
+        let policy = Daemon::start(&topo.gw, &instance, &policy_config(&instance));
+        pin_pid(policy.pid(), PROXY_CPU);
         let in_ns = |ns: &str, program: &std::path::Path| {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns]).arg(program);
@@ -291,7 +324,7 @@ impl Bed {
         ));
         pin_pid(nginx.pid(), PROXY_CPU);
         in_netns(&topo.client, || {
-            for t in Target::ALL {
+            for t in Target::SMALL {
                 let addr = SocketAddr::new(GW_ADDR.into(), t.port());
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
@@ -306,6 +339,7 @@ impl Bed {
             topo,
             upstream: Some(upstream),
             gateway,
+            policy,
             floor,
             nginx,
             nginx_dir,
@@ -318,6 +352,7 @@ impl Bed {
         match t {
             Target::Floor => self.floor.pid(),
             Target::Gateway => self.gateway.pid(),
+            Target::Policy => self.policy.pid(),
             Target::Nginx => self.nginx.pid(),
         }
     }
@@ -338,7 +373,11 @@ impl Bed {
             warmup: self.warmup,
             rate,
             tool: "add".into(),
-            headers: String::new(),
+            headers: if t == Target::Policy {
+                format!("x-api-key: {}\r\n", crate::proxy::BENCH_API_KEY)
+            } else {
+                String::new()
+            },
             legacy: false,
             mix: Mix {
                 echo_bytes,
@@ -569,9 +608,9 @@ pub fn run(quick: bool) -> Report {
     let mut rows = Vec::new();
     let rounds = if quick { 1 } else { 3 };
     // Peak: every target once per round, interleaved; the median round by CPU per request.
-    let mut peaks: Vec<Vec<Row>> = Target::ALL.iter().map(|_| Vec::new()).collect();
+    let mut peaks: Vec<Vec<Row>> = Target::SMALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
-        for (i, t) in Target::ALL.iter().enumerate() {
+        for (i, t) in Target::SMALL.iter().enumerate() {
             peaks[i].push(bed.measure("peak, 32 connections, add", *t, 32, None, 0));
         }
     }
@@ -584,15 +623,17 @@ pub fn run(quick: bool) -> Report {
         rows.push(median(p, &|r: &Row| r.cpu_us));
     }
     lap("the peak rows");
-    // Half of the lowest peak, offered to every target.
+    // Half of the lowest peak (of the floor, the passthrough gateway and nginx), offered to
+    // every target.
     let low = rows
         .iter()
+        .filter(|r| r.target != Target::Policy)
         .map(|r| r.result.rps())
         .fold(f64::INFINITY, f64::min);
     let half_rate = (0.5 * low).round().max(10.0);
-    let mut open: Vec<Vec<Row>> = Target::ALL.iter().map(|_| Vec::new()).collect();
+    let mut open: Vec<Vec<Row>> = Target::SMALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
-        for (i, t) in Target::ALL.iter().enumerate() {
+        for (i, t) in Target::SMALL.iter().enumerate() {
             open[i].push(bed.measure("half load, 32 connections, add", *t, 32, Some(half_rate), 0));
         }
     }
@@ -618,7 +659,7 @@ pub fn run(quick: bool) -> Report {
     }
     lap("the message-size rows");
     for n in CONNECTIONS.into_iter().skip(1) {
-        for t in Target::ALL {
+        for t in Target::SMALL {
             rows.push(bed.measure(&format!("peak, {n} connections, add"), t, n, None, 0));
         }
     }
@@ -689,6 +730,10 @@ pub fn run(quick: bool) -> Report {
     lap("the soak");
     let peak_rss_mib = vec![
         ("gateway".to_owned(), peak_rss(bed.gateway.pid())),
+        (
+            "gateway with the realistic policy".to_owned(),
+            peak_rss(bed.policy.pid()),
+        ),
         ("nginx".to_owned(), bed.nginx.peak_rss_mib()),
         ("floor".to_owned(), bed.floor.peak_rss_mib()),
     ];

@@ -87,6 +87,12 @@ struct Args {
     /// With `--target`: `echo` with a text of this many bytes instead of `add`.
     #[arg(long, default_value_t = 0)]
     echo_bytes: usize,
+    /// Print the realistic policy of the `proxy` scenario (tenants, API keys, tool and argument
+    /// rules, rates, budgets, the loop breaker; the load's key is `bench-api-key-0123456789`) as
+    /// a gateway configuration's `[kernel]` table (off) and the tables after it, and exit. A
+    /// route serves it with `auth = ["api_key"]` (bench/profile/echo.sh with POLICY=1).
+    #[arg(long)]
+    print_policy: bool,
 }
 
 /// `--target`: one load run against a running server.
@@ -255,6 +261,10 @@ pub(crate) fn pin_to_cpu(cpu: usize) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_policy {
+        print!("[kernel]\nenabled = false\n{}", proxy::realistic_policy());
+        return Ok(());
+    }
     if let (Some(listen), Some(upstream)) = (args.floor_listen, args.floor_upstream) {
         return floor::serve(listen, upstream);
     }
@@ -1393,7 +1403,10 @@ fn headline_report(
          (1 worker) on loopback behind them. Cores: **CPU 0 runs the load generator and `mcp-upstream`, CPU 1 the proxy \
          under test** (one loaded at a time; all pinned with `taskset`/`sched_setaffinity`). The floor is a byte relay \
          (a connection upstream per client connection, no parsing, one monoio thread): what any proxy costs at least. \
-         The gateway: 1 worker, passthrough, telemetry on. nginx: 1 worker, upstream keep-alive, request bodies and \
+         The gateway: 1 worker, passthrough, telemetry on. The gateway with the realistic policy (rows of small \
+         calls only): a second gateway, 1 worker, the kernel program off (the veth holds one XDP program), with the \
+         `proxy` scenario's policy (API key identity, 12 tool rules, 2 argument rules, tenant and agent rates and \
+         budgets, the loop breaker; the load sends its key). nginx: 1 worker, upstream keep-alive, request bodies and \
          answers buffered in memory (up to 2 MiB, never to disk). Closed-loop rows give the peak; open-loop rows are \
          offered {half:.0} rps (half of the lowest peak of the first row) on a schedule kept by a timerfd clock with µs \
          precision; latency is measured from each request's intended send time (corrected for coordinated omission), \

@@ -154,7 +154,7 @@ fn mixed_load() -> Mix {
     }
 }
 
-fn realistic_policy() -> String {
+pub(crate) fn realistic_policy() -> String {
     let sha = gateway::policy::sha256_hex(BENCH_API_KEY);
     let tenant_policy = "requests_per_sec = 1000000000\nagent_requests_per_sec = 1000000000\n\
          budget = { window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }\n\
