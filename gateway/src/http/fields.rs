@@ -109,6 +109,7 @@ impl Fields {
     }
 
     /// Field `i` (`i < self.len()`).
+    #[inline]
     fn field(&self, i: usize) -> (&str, &[u8]) {
         let [n0, v0, _] = match i.checked_sub(1) {
             Some(p) => self.at[p],
@@ -148,6 +149,28 @@ impl Fields {
             .filter_map(move |(i, _)| {
                 let (n, v) = self.field(i);
                 n.eq_ignore_ascii_case(name).then_some(v)
+            })
+    }
+
+    /// The value of every field named `a` or `b` (case-insensitive), in order, with whether it
+    /// is `b`: one loop over the keys for both names.
+    pub fn either<'a>(
+        &'a self,
+        a: &'a str,
+        b: &'a str,
+    ) -> impl Iterator<Item = (bool, &'a [u8])> + use<'a> {
+        let (ka, kb) = (key(a.as_bytes()), key(b.as_bytes()));
+        self.at
+            .iter()
+            .enumerate()
+            .filter(move |(_, at)| at[2] == ka || at[2] == kb)
+            .filter_map(move |(i, _)| {
+                let (n, v) = self.field(i);
+                if n.eq_ignore_ascii_case(a) {
+                    Some((false, v))
+                } else {
+                    n.eq_ignore_ascii_case(b).then_some((true, v))
+                }
             })
     }
 
@@ -320,6 +343,11 @@ mod tests {
         assert_eq!(f.all("x-a").collect::<Vec<_>>(), [&b"1"[..], &b"2"[..]]);
         assert_eq!(f.all("x").count(), 0);
         assert_eq!(f.all("x-A").count(), 2);
+        assert_eq!(
+            f.either("X-A", "HOST").collect::<Vec<_>>(),
+            [(true, &b"gw"[..]), (false, &b"1"[..]), (false, &b"2"[..])],
+            "in order, each with which name it is"
+        );
         assert_eq!(
             f.get("X-RBW"),
             None,

@@ -401,8 +401,8 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
 pub fn framing(headers: &Fields, max: usize) -> Result<Option<BodyKind>, HttpError> {
     let mut length: Option<usize> = None;
     let mut chunked = false;
-    for (name, value) in headers {
-        if name.eq_ignore_ascii_case("content-length") {
+    for (is_te, value) in headers.either("content-length", "transfer-encoding") {
+        if !is_te {
             // Digits only, with spaces or tabs around: `str::trim` would also drop a
             // no-break space (UTF-8 in a field value), a length a proxy in front refuses or
             // ignores.
@@ -422,7 +422,7 @@ pub fn framing(headers: &Fields, max: usize) -> Result<Option<BodyKind>, HttpErr
                 return Err(HttpError::BadRequest("conflicting Content-Length headers"));
             }
             length = Some(v);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else {
             // Only `chunked`, once, as the final coding.
             if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(HttpError::UnsupportedCoding);
