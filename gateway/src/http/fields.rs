@@ -344,6 +344,11 @@ mod tests {
         assert_eq!(f.all("x").count(), 0);
         assert_eq!(f.all("x-A").count(), 2);
         assert_eq!(
+            f.either("x-b", "HOSS").count(),
+            0,
+            "names of the keys of x-a and host"
+        );
+        assert_eq!(
             f.either("X-A", "HOST").collect::<Vec<_>>(),
             [(true, &b"gw"[..]), (false, &b"1"[..]), (false, &b"2"[..])],
             "in order, each with which name it is"

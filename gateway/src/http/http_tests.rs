@@ -64,6 +64,88 @@ fn framing_rejects_smuggling_shapes() {
         framing(&h(&[("Content-Length", "1001")]), max),
         Err(HttpError::BodyTooLarge(1000))
     );
+    // The fields are read in their order: of two faults, the first one's error.
+    assert_eq!(
+        framing(
+            &h(&[("Transfer-Encoding", "gzip"), ("Content-Length", "x")]),
+            max
+        ),
+        Err(HttpError::UnsupportedCoding)
+    );
+    assert_eq!(
+        framing(
+            &h(&[("Content-Length", "x"), ("Transfer-Encoding", "gzip")]),
+            max
+        ),
+        Err(HttpError::BadRequest("invalid Content-Length"))
+    );
+    // Names of the same length, first and last letters (the same key) are other fields.
+    assert_eq!(
+        framing(
+            &h(&[
+                ("content_length", "x"),
+                ("Content-Lxngth", "9"),
+                ("transfer_encoding", "gzip"),
+                ("content-length", "3")
+            ]),
+            max
+        ),
+        Ok(Some(BodyKind::Length(3)))
+    );
+}
+
+/// Every entry of the sets of names the gateway decides on is found in any case, and a name of
+/// the same key (a length past 65,535 wraps in it) is not.
+#[test]
+fn the_sets_of_names_find_every_spelling_and_nothing_else() {
+    let single = [
+        "host",
+        "content-type",
+        "x-api-key",
+        "traceparent",
+        "expect",
+        "origin",
+    ];
+    for name in single {
+        for spelled in [name.to_owned(), name.to_uppercase(), title_case(name)] {
+            assert!(is_single(&spelled), "{spelled}");
+        }
+    }
+    assert!(is_single("Mcp-Anything"));
+    for name in NOT_FORWARDED_NAMES {
+        for spelled in [name.to_owned(), name.to_uppercase(), title_case(name)] {
+            assert!(NOT_FORWARDED.contains(&spelled), "{spelled}");
+        }
+    }
+    let long_te = format!("t{}e", "x".repeat(65_536));
+    let long_empty = format!("\0{}\0", "x".repeat(65_534));
+    for other in [
+        long_te.as_str(),
+        long_empty.as_str(),
+        "hosT ",
+        "h0st",
+        "x-real-iq",
+        "\u{17f}et-cookie",
+        "conneKtion",
+        "connection\u{0}",
+    ] {
+        assert!(
+            !NOT_FORWARDED.contains(other) && !is_single(other),
+            "{other:?}"
+        );
+    }
+}
+
+fn title_case(name: &str) -> String {
+    name.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 #[test]

@@ -199,7 +199,9 @@ const SINGLE: Names<9> = Names::new([
 /// (the gateway writes its own), credentials (the upstream gets its own), and what says where
 /// the request came from other than `X-Forwarded-For` (which the gateway appends to): an
 /// upstream that reads `X-Real-IP` or `Forwarded` would take the client's word for its address.
-pub const NOT_FORWARDED: Names<27> = Names::new([
+pub const NOT_FORWARDED: Names<27> = Names::new(NOT_FORWARDED_NAMES);
+
+const NOT_FORWARDED_NAMES: [&str; 27] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -227,7 +229,7 @@ pub const NOT_FORWARDED: Names<27> = Names::new([
     "x-client-ip",
     "true-client-ip",
     "x-cluster-client-ip",
-]);
+];
 
 fn is_single(name: &str) -> bool {
     SINGLE.contains(name)
