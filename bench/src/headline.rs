@@ -94,8 +94,13 @@ pub struct Row {
     pub result: LoadResult,
     /// The proxy's CPU (user + system) per answered request, µs.
     pub cpu_us: f64,
+    /// Of which user time.
+    pub user_us: f64,
     /// Busy share of CPU 0 (generator, upstream) and CPU 1 (the proxy) in the measured time.
     pub busy: [f64; 2],
+    /// Share of each core's time spent in softirq (the network's receive work, charged to
+    /// whichever process it interrupted, or to none).
+    pub softirq: [f64; 2],
 }
 
 /// Memory of held idle connections.
@@ -218,10 +223,10 @@ fn pin_pid(pid: u32, cpu: usize) {
         .status();
 }
 
-/// (busy, total) jiffies of CPU 0 and CPU 1, from /proc/stat.
-fn core_jiffies() -> [(u64, u64); 2] {
+/// (busy, total, softirq) jiffies of CPU 0 and CPU 1, from /proc/stat.
+fn core_jiffies() -> [(u64, u64, u64); 2] {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut out = [(0, 0); 2];
+    let mut out = [(0, 0, 0); 2];
     for (i, slot) in out.iter_mut().enumerate() {
         let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) else {
             continue;
@@ -233,7 +238,7 @@ fn core_jiffies() -> [(u64, u64); 2] {
             .collect();
         let total: u64 = f.iter().take(8).sum();
         let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-        *slot = (total - idle, total);
+        *slot = (total - idle, total, f.get(6).copied().unwrap_or(0));
     }
     out
 }
@@ -418,17 +423,22 @@ impl Bed {
         }
         let pid = self.pid(t);
         let (result, samples) = self.load(&spec, spec.duration, &mut |_| {
-            (crate::proxy::cpu_seconds(pid), core_jiffies())
+            (crate::proxy::cpu_split(pid), core_jiffies())
         });
-        let ((cpu0, j0), (cpu1, j1)) = (samples[0], samples[samples.len() - 1]);
-        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / (j1[i].1 - j0[i].1).max(1) as f64;
+        let (((u0, s0), j0), ((u1, s1), j1)) = (samples[0], samples[samples.len() - 1]);
+        let total = |j: [(u64, u64, u64); 2], i: usize| (j1[i].1 - j[i].1).max(1) as f64;
+        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / total(j0, i);
+        let softirq = |i: usize| (j1[i].2 - j0[i].2) as f64 / total(j0, i);
+        let per_request = 1e6 / result.ok.max(1) as f64;
         Row {
             kind: kind.to_owned(),
             target: t,
             offered_rps: rate,
             connections,
-            cpu_us: (cpu1 - cpu0) * 1e6 / result.ok.max(1) as f64,
+            cpu_us: (u1 + s1 - u0 - s0) * per_request,
+            user_us: (u1 - u0) * per_request,
             busy: [busy(0), busy(1)],
+            softirq: [softirq(0), softirq(1)],
             result,
         }
     }

@@ -1412,12 +1412,13 @@ fn headline_report(
          precision; latency is measured from each request's intended send time (corrected for coordinated omission), \
          the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
          CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
-         context is not all charged to it); busy is each core's busy share during the row. Latencies are those of \
+         context is not all charged to it), user its user time; busy is each core's busy share during the row, softirq \
+         the share of it in softirq context (charged to whichever process it interrupted, or to none). Latencies are those of \
          answered requests, so a proxy that leaves some connections waiting would look faster than one that serves \
          them all: *served* says how many connections had an answer in the measured time, and the fewest and the \
          median answers of one connection; a request that waited through the measured time, still unanswered 1 s after it, is *missed*.\n\n\
-         | row | proxy | CPU µs / req | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | row | proxy | CPU µs / req | user µs | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy (softirq) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         date = env.date,
         env = env.markdown(),
         half = r.half_rate,
@@ -1438,10 +1439,11 @@ fn headline_report(
             floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
         let fair = row.result.fairness();
         md.push_str(&format!(
-            "| {} | {} | **{}** | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% / {:.0}% |\n",
+            "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) |\n",
             row.kind,
             row.target.name(),
             if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
+            if row.result.ok > 0 { format!("{:.1}", row.user_us) } else { "-".into() },
             cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
             row.result.rps(),
             rps_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
@@ -1453,7 +1455,9 @@ fn headline_report(
             q(u, 0.5),
             q(u, 0.99),
             row.busy[0] * 100.0,
+            row.softirq[0] * 100.0,
             row.busy[1] * 100.0,
+            row.softirq[1] * 100.0,
         ));
         ledger.load_row(
             "headline",
@@ -1463,6 +1467,7 @@ fn headline_report(
             serde_json::json!({
                 "kind": row.kind, "proxy": row.target.name(), "connections": row.connections,
                 "offered_rps": row.offered_rps, "cpu_us_per_request": row.cpu_us,
+                "user_us_per_request": row.user_us, "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
                 "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
                 "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
                 "connections_served": fair.connections - fair.unanswered,
@@ -1547,11 +1552,12 @@ fn headline_report(
         "cores": {"load_generator_and_upstream": 0, "proxy": 1},
         "rows": r.rows.iter().map(|row| serde_json::json!({
             "kind": row.kind, "proxy": row.target.name(), "connections": row.connections, "offered_rps": row.offered_rps,
-            "cpu_us_per_request": row.cpu_us, "achieved_rps": row.result.rps(), "ok": row.result.ok,
+            "cpu_us_per_request": row.cpu_us, "user_us_per_request": row.user_us, "achieved_rps": row.result.rps(), "ok": row.result.ok,
             "errors": row.result.errors, "missed": row.result.missed, "error_kinds": row.result.error_kinds,
             "p50_us": q(row.result.latency.as_ref(), 0.5), "p99_us": q(row.result.latency.as_ref(), 0.99),
             "uncorrected_p50_us": q(row.result.service.as_ref(), 0.5), "uncorrected_p99_us": q(row.result.service.as_ref(), 0.99),
             "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
+            "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
         })).collect::<Vec<_>>(),
         "idle": idle_json, "events": events_json, "soak": soak_json,
         "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
