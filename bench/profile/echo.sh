@@ -5,10 +5,11 @@
 #   bench/profile/echo.sh BYTES SECONDS ROUNDS PROXY...
 #       PROXY: a gateway binary (run with one worker, passthrough: echo.toml) or `nginx`
 #       (bench/profile/nginx.conf). Each round runs every proxy in turn; one line per run:
-#       requests per second and CPU (user + system, from /proc) per request. BYTES 0: `add` instead of `echo`. $CONNECTIONS: instead of 32. POLICY=1: the
-#       gateway applies the realistic policy of `cargo xtask bench proxy` (`bench
-#       --print-policy`: API key identity, tool and argument rules, rates, budgets, the loop
-#       breaker) and every request carries its API key.
+#       requests per second and CPU (user + system, from /proc) per request.
+#       BYTES 0: `add` instead of `echo`. $CONNECTIONS: instead of 32. POLICY=1: the gateway
+#       applies the realistic policy of `cargo xtask bench proxy` (`bench --print-policy`: API
+#       key identity, tool and argument rules, rates, budgets, the loop breaker) and every
+#       request carries its API key.
 #
 # Example, the binary before a change against the one after and nginx, 1 MB, two rounds:
 #   bench/profile/echo.sh 1000000 6 2 /tmp/gateway.before target/release/gateway nginx

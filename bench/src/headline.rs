@@ -189,10 +189,10 @@ fn policy_config(instance: &str) -> String {
     format!(
         "[gateway]\ninstance = \"{instance}\"\nworkers = 1\npin_workers = false\n\
          [[listeners]]\naddress = \"{GW_ADDR}:{POLICY_PORT}\"\n[admin]\naddress = \"127.0.0.1:19091\"\n\
-         [kernel]\nenabled = false\n{}\
+         {}\
          [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{UPSTREAM_PORT}/mcp\"\n\
          [[routes]]\npath = \"/mcp\"\nupstream = \"up\"\nauth = [\"api_key\"]\n",
-        crate::proxy::realistic_policy()
+        crate::proxy::realistic_policy_config()
     )
 }
 
@@ -426,9 +426,9 @@ impl Bed {
             (crate::proxy::cpu_split(pid), core_jiffies())
         });
         let (((u0, s0), j0), ((u1, s1), j1)) = (samples[0], samples[samples.len() - 1]);
-        let total = |j: [(u64, u64, u64); 2], i: usize| (j1[i].1 - j[i].1).max(1) as f64;
-        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / total(j0, i);
-        let softirq = |i: usize| (j1[i].2 - j0[i].2) as f64 / total(j0, i);
+        let total = |i: usize| (j1[i].1 - j0[i].1).max(1) as f64;
+        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / total(i);
+        let softirq = |i: usize| (j1[i].2 - j0[i].2) as f64 / total(i);
         let per_request = 1e6 / result.ok.max(1) as f64;
         Row {
             kind: kind.to_owned(),

@@ -262,7 +262,7 @@ pub(crate) fn pin_to_cpu(cpu: usize) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_policy {
-        print!("[kernel]\nenabled = false\n{}", proxy::realistic_policy());
+        print!("{}", proxy::realistic_policy_config());
         return Ok(());
     }
     if let (Some(listen), Some(upstream)) = (args.floor_listen, args.floor_upstream) {

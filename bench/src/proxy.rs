@@ -164,7 +164,13 @@ fn mixed_load() -> Mix {
     }
 }
 
-pub(crate) fn realistic_policy() -> String {
+/// [`realistic_policy`] as a configuration's `[kernel]` table (off) and the tables after it:
+/// what `bench --print-policy` prints and the headline's policy gateway runs.
+pub(crate) fn realistic_policy_config() -> String {
+    format!("[kernel]\nenabled = false\n{}", realistic_policy())
+}
+
+fn realistic_policy() -> String {
     let sha = gateway::policy::sha256_hex(BENCH_API_KEY);
     let tenant_policy = "requests_per_sec = 1000000000\nagent_requests_per_sec = 1000000000\n\
          budget = { window_s = 3600, tenant = 1000000000000, agent = 1000000000000 }\n\

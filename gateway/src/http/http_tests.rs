@@ -98,15 +98,7 @@ fn framing_rejects_smuggling_shapes() {
 /// the same key (a length past 65,535 wraps in it) is not.
 #[test]
 fn the_sets_of_names_find_every_spelling_and_nothing_else() {
-    let single = [
-        "host",
-        "content-type",
-        "x-api-key",
-        "traceparent",
-        "expect",
-        "origin",
-    ];
-    for name in single {
+    for name in SINGLE_NAMES {
         for spelled in [name.to_owned(), name.to_uppercase(), title_case(name)] {
             assert!(is_single(&spelled), "{spelled}");
         }

@@ -183,7 +183,9 @@ pub fn media_type(value: &[u8]) -> &[u8] {
 /// to the upstream (which may take the last, or join them), so a request with two is refused.
 /// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,
 /// `Mcp-Method`, `Mcp-Name`, `Mcp-Run-Id`).
-const SINGLE: Names<9> = Names::new([
+const SINGLE: Names<9> = Names::new(SINGLE_NAMES);
+
+const SINGLE_NAMES: [&str; 9] = [
     "host",
     "content-type",
     "content-encoding",
@@ -193,7 +195,7 @@ const SINGLE: Names<9> = Names::new([
     "traceparent",
     "last-event-id",
     "expect",
-]);
+];
 
 /// Fields a client sends that never reach the upstream: hop-by-hop ones, framing and `Host`
 /// (the gateway writes its own), credentials (the upstream gets its own), and what says where
