@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
 """Sends N `tools/call` requests of `echo` on one keep-alive connection and reads each answer
-whole. Usage: client.py small|big N [port]  (big: a 1 MB argument)"""
-import http.client, json, sys, time
+whole. Usage: client.py small|big|add N [port]  (big: a 1 MB argument; add: `add` of two
+small integers that vary, as `bench --target` sends it). $API_KEY: sent as x-api-key."""
+import http.client, json, os, sys, time
 MODE, N = sys.argv[1], int(sys.argv[2])
 PORT = int(sys.argv[3]) if len(sys.argv) > 3 else 18080
 text = "a" * 1_000_000 if MODE == "big" else "hi"
 H = {"content-type": "application/json", "accept": "application/json, text/event-stream",
      "mcp-protocol-version": "2025-06-18"}
+if os.environ.get("API_KEY"):
+    H["x-api-key"] = os.environ["API_KEY"]
 c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=600)
 t0 = time.time()
 for i in range(N):
     body = json.dumps({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
-                       "params": {"name": "echo", "arguments": {"text": text}}},
+                       "params": {"name": "add", "arguments": {"a": i % 100, "b": i % 7}}
+                       if MODE == "add" else
+                       {"name": "echo", "arguments": {"text": text}}},
                       separators=(",", ":")).encode()
     c.request("POST", "/mcp", body=body, headers=H)
     r = c.getresponse()

@@ -28,11 +28,7 @@ tck=$(getconf CLK_TCK)
 config="$here/echo.toml" header=()
 if [ "${POLICY:-0}" = 1 ]; then
     config=$(mktemp --suffix .toml)
-    # The policy's tables in place of echo.toml's [kernel] table, the route asking for a key.
-    policy=$("$root/target/release/bench" --print-policy)
-    awk -v policy="$policy" '/^\[kernel\]$/ { print policy; skip = 1; next }
-        skip && /^\[/ { skip = 0 } !skip { print } END { print "auth = [\"api_key\"]" }' \
-        "$here/echo.toml" >"$config"
+    "$here/policy-config.sh" >"$config"
     header=(--header "x-api-key: bench-api-key-0123456789")
 fi
 one() {

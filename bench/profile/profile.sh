@@ -11,9 +11,11 @@
 #       warm-up): repeatable whatever else the machine does. Run twice with different N and
 #       divide the difference of the totals by the difference of N.
 #
-# UPSTREAM_MODE: small | big | bigsse | bigssechunked (upstream.py); CLIENT_MODE: small | big
-# (client.py). Example, the 1 MB event-stream answer: profile.sh cpu target/release/gateway
-# bigsse small 1000. Ports 18080, 18081 and 18090 on loopback must be free.
+# UPSTREAM_MODE: small | big | bigsse | bigssechunked (upstream.py); CLIENT_MODE: small | big |
+# add (client.py). Example, the 1 MB event-stream answer: profile.sh cpu target/release/gateway
+# bigsse small 1000. POLICY=1: the gateway applies the realistic policy (policy-config.sh) and
+# the client sends its API key; with `add`, the path the headline's policy rows measure.
+# Ports 18080, 18081 and 18090 on loopback must be free.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 kind=$1 gw=$2 up_mode=$3 client_mode=$4 n=$5
@@ -21,16 +23,22 @@ kind=$1 gw=$2 up_mode=$3 client_mode=$4 n=$5
 python3 "$here/upstream.py" "$up_mode" >/dev/null 2>&1 &
 up=$!
 out=${6:-}
+config="$here/config.toml"
+if [ "${POLICY:-0}" = 1 ]; then
+    config=$(mktemp --suffix .toml)
+    "$here/policy-config.sh" >"$config"
+    export API_KEY=bench-api-key-0123456789
+fi
 if [ "$kind" = callgrind ]; then
     mkdir -p "$out"
     valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/cg.%p.out" \
-        "$gw" run --config "$here/config.toml" >"$out/gateway.log" 2>&1 &
+        "$gw" run --config "$config" >"$out/gateway.log" 2>&1 &
 elif [ "$gw" = nginx ]; then
     dir=$(mktemp -d)
     sed "s|@DIR@|$dir|g" "$here/nginx.conf" >"$dir/nginx.conf"
     nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
 else
-    "$gw" run --config "$here/config.toml" >/dev/null 2>&1 &
+    "$gw" run --config "$config" >/dev/null 2>&1 &
 fi
 gwpid=$!
 trap 'kill -KILL $gwpid $up 2>/dev/null || true' EXIT

@@ -101,6 +101,9 @@ pub struct Row {
     /// Share of each core's time spent in softirq (the network's receive work, charged to
     /// whichever process it interrupted, or to none).
     pub softirq: [f64; 2],
+    /// Share of each core's time the hypervisor gave to another guest (steal): time in which
+    /// nothing of this machine ran, counted as busy.
+    pub steal: [f64; 2],
 }
 
 /// Memory of held idle connections.
@@ -124,12 +127,34 @@ pub struct Event {
     pub checked: bool,
 }
 
-/// The soak: every 10 s, the seconds since its start, the gateway's RSS (MiB) and the
-/// answered and failed requests in those 10 s.
+/// The soak: a sample every 10 s.
 pub struct Soak {
     pub rate: f64,
     pub result: LoadResult,
-    pub samples: Vec<(f64, f64, u64, u64)>,
+    pub samples: Vec<SoakSample>,
+}
+
+/// Ten seconds of the soak, and what tells a stall of the gateway from one of the generator or
+/// of the host when the answers dip.
+pub struct SoakSample {
+    /// Seconds since the soak's measured time began.
+    pub at: f64,
+    pub rss_mib: f64,
+    pub answered: u64,
+    pub failed: u64,
+    /// The generator's slowest answer in these 10 s, µs: from its intended send time, and
+    /// from its actual send.
+    pub max_us: u64,
+    pub max_uncorrected_us: u64,
+    /// How late the generator sent its latest request against its schedule, µs: a stall on
+    /// the generator's side (or of the whole machine) shows here, not in the gateway's times.
+    pub max_send_lag_us: u64,
+    /// The gateway's own slowest request in the last 10 s of its `/stats` (from its first
+    /// byte read to its answer's last byte written), and its upstream's part of that, µs.
+    pub gateway_max_us: Option<u64>,
+    pub upstream_max_us: Option<u64>,
+    /// Time stolen from each core by the hypervisor in these 10 s, ms.
+    pub steal_ms: [f64; 2],
 }
 
 pub struct Report {
@@ -223,10 +248,20 @@ fn pin_pid(pid: u32, cpu: usize) {
         .status();
 }
 
-/// (busy, total, softirq) jiffies of CPU 0 and CPU 1, from /proc/stat.
-fn core_jiffies() -> [(u64, u64, u64); 2] {
+/// Jiffies of one core since boot, from /proc/stat.
+#[derive(Clone, Copy, Default)]
+struct Jiffies {
+    /// Not idle (steal included).
+    busy: u64,
+    total: u64,
+    softirq: u64,
+    steal: u64,
+}
+
+/// Jiffies of CPU 0 and CPU 1.
+fn core_jiffies() -> [Jiffies; 2] {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut out = [(0, 0, 0); 2];
+    let mut out = [Jiffies::default(); 2];
     for (i, slot) in out.iter_mut().enumerate() {
         let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) else {
             continue;
@@ -238,7 +273,12 @@ fn core_jiffies() -> [(u64, u64, u64); 2] {
             .collect();
         let total: u64 = f.iter().take(8).sum();
         let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-        *slot = (total - idle, total, f.get(6).copied().unwrap_or(0));
+        *slot = Jiffies {
+            busy: total - idle,
+            total,
+            softirq: f.get(6).copied().unwrap_or(0),
+            steal: f.get(7).copied().unwrap_or(0),
+        };
     }
     out
 }
@@ -251,6 +291,13 @@ pub(crate) fn rss_mib(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Clock ticks per second, the unit of /proc/stat.
+fn jiffies_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn loadavg() -> String {
@@ -426,9 +473,10 @@ impl Bed {
             (crate::proxy::cpu_split(pid), core_jiffies())
         });
         let (((u0, s0), j0), ((u1, s1), j1)) = (samples[0], samples[samples.len() - 1]);
-        let total = |i: usize| (j1[i].1 - j0[i].1).max(1) as f64;
-        let busy = |i: usize| (j1[i].0 - j0[i].0) as f64 / total(i);
-        let softirq = |i: usize| (j1[i].2 - j0[i].2) as f64 / total(i);
+        let total = |i: usize| (j1[i].total - j0[i].total).max(1) as f64;
+        let busy = |i: usize| (j1[i].busy - j0[i].busy) as f64 / total(i);
+        let softirq = |i: usize| (j1[i].softirq - j0[i].softirq) as f64 / total(i);
+        let steal = |i: usize| (j1[i].steal - j0[i].steal) as f64 / total(i);
         let per_request = 1e6 / result.ok.max(1) as f64;
         Row {
             kind: kind.to_owned(),
@@ -439,6 +487,7 @@ impl Bed {
             user_us: (u1 - u0) * per_request,
             busy: [busy(0), busy(1)],
             softirq: [softirq(0), softirq(1)],
+            steal: [steal(0), steal(1)],
             result,
         }
     }
@@ -720,15 +769,47 @@ pub fn run(quick: bool) -> Report {
         let mut spec = bed.spec(Target::Gateway, 32, Some(half_rate), 0);
         spec.duration = Duration::from_secs(600);
         let pid = bed.gateway.pid();
-        let mut last = (0, 0);
+        let gw_ns = bed.topo.gw.clone();
+        let ticks = jiffies_per_second();
+        let mut last = ((0, 0), core_jiffies());
         let (result, samples) = bed.load(&spec, Duration::from_secs(10), &mut |at: Duration| {
+            use std::sync::atomic::Ordering::Relaxed;
             let now = (
-                load::LIVE_OK.load(std::sync::atomic::Ordering::Relaxed),
-                load::LIVE_FAILED.load(std::sync::atomic::Ordering::Relaxed),
+                (load::LIVE_OK.load(Relaxed), load::LIVE_FAILED.load(Relaxed)),
+                core_jiffies(),
             );
-            let d = (now.0 - last.0, now.1 - last.1);
+            let stolen = |i: usize| (now.1[i].steal - last.1[i].steal) as f64 * 1e3 / ticks;
+            // The gateway's own view of the same 10 s, from its admin API in its namespace.
+            let stats = in_netns(&gw_ns, || {
+                ureq::get("http://127.0.0.1:19090/stats?window=10s")
+                    .call()
+                    .ok()?
+                    .body_mut()
+                    .read_json::<serde_json::Value>()
+                    .ok()
+            });
+            let route = stats.as_ref().and_then(|v| {
+                v["series"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["dim"] == "route")
+                    .cloned()
+            });
+            let max_of = |kind: &str| route.as_ref().and_then(|r| r[kind]["max"].as_u64());
+            let sample = SoakSample {
+                at: at.as_secs_f64(),
+                rss_mib: rss_mib(pid),
+                answered: now.0.0 - last.0.0,
+                failed: now.0.1 - last.0.1,
+                max_us: load::LIVE_MAX_US.swap(0, Relaxed),
+                max_uncorrected_us: load::LIVE_MAX_UNCORRECTED_US.swap(0, Relaxed),
+                max_send_lag_us: load::LIVE_MAX_SEND_LAG_US.swap(0, Relaxed),
+                gateway_max_us: max_of("total_us"),
+                upstream_max_us: max_of("upstream_us"),
+                steal_ms: [stolen(0), stolen(1)],
+            };
             last = now;
-            (at.as_secs_f64(), rss_mib(pid), d.0, d.1)
+            sample
         });
         Soak {
             rate: half_rate,

@@ -154,6 +154,12 @@ impl std::fmt::Display for Fairness {
 /// a time): what a soak samples while it runs.
 pub static LIVE_OK: AtomicU64 = AtomicU64::new(0);
 pub static LIVE_FAILED: AtomicU64 = AtomicU64::new(0);
+/// The slowest answer since a soak's last sample took these (swapped to 0), µs: from the
+/// intended send time, from the actual send, and how late a request was sent against its
+/// schedule.
+pub static LIVE_MAX_US: AtomicU64 = AtomicU64::new(0);
+pub static LIVE_MAX_UNCORRECTED_US: AtomicU64 = AtomicU64::new(0);
+pub static LIVE_MAX_SEND_LAG_US: AtomicU64 = AtomicU64::new(0);
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
@@ -702,6 +708,11 @@ async fn connection(
                 Ok(200) => LIVE_OK.fetch_add(1, Ordering::Relaxed),
                 _ => LIVE_FAILED.fetch_add(1, Ordering::Relaxed),
             };
+            let us = |d: Duration| d.as_micros() as u64;
+            LIVE_MAX_US.fetch_max(us(done.saturating_duration_since(due)), Ordering::Relaxed);
+            LIVE_MAX_UNCORRECTED_US.fetch_max(us(done - sent), Ordering::Relaxed);
+            LIVE_MAX_SEND_LAG_US
+                .fetch_max(us(sent.saturating_duration_since(due)), Ordering::Relaxed);
             match status {
                 Ok(200) => {
                     // Closed loop: the rate counts the answers within the measured time.

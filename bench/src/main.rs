@@ -1413,12 +1413,12 @@ fn headline_report(
          the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
          CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
          context is not all charged to it), user its user time; busy is each core's busy share during the row, softirq \
-         the share of it in softirq context (charged to whichever process it interrupted, or to none). Latencies are those of \
+         the share of it in softirq context (charged to whichever process it interrupted, or to none), stolen the share the hypervisor gave to another guest. Latencies are those of \
          answered requests, so a proxy that leaves some connections waiting would look faster than one that serves \
          them all: *served* says how many connections had an answer in the measured time, and the fewest and the \
          median answers of one connection; a request that waited through the measured time, still unanswered 1 s after it, is *missed*.\n\n\
-         | row | proxy | CPU µs / req | user µs | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy (softirq) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | row | proxy | CPU µs / req | user µs | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy (softirq) | stolen CPU 0 / CPU 1 |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         date = env.date,
         env = env.markdown(),
         half = r.half_rate,
@@ -1439,7 +1439,7 @@ fn headline_report(
             floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
         let fair = row.result.fairness();
         md.push_str(&format!(
-            "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) |\n",
+            "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) | {:.1}% / {:.1}% |\n",
             row.kind,
             row.target.name(),
             if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
@@ -1458,6 +1458,8 @@ fn headline_report(
             row.softirq[0] * 100.0,
             row.busy[1] * 100.0,
             row.softirq[1] * 100.0,
+            row.steal[0] * 100.0,
+            row.steal[1] * 100.0,
         ));
         ledger.load_row(
             "headline",
@@ -1468,6 +1470,7 @@ fn headline_report(
                 "kind": row.kind, "proxy": row.target.name(), "connections": row.connections,
                 "offered_rps": row.offered_rps, "cpu_us_per_request": row.cpu_us,
                 "user_us_per_request": row.user_us, "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
+                "cpu0_steal": row.steal[0], "cpu1_steal": row.steal[1],
                 "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
                 "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
                 "connections_served": fair.connections - fair.unanswered,
@@ -1515,16 +1518,35 @@ fn headline_report(
     let mut soak_json = serde_json::Value::Null;
     if let Some(s) = &r.soak {
         md.push_str(&format!(
-            "\n## Soak: 10 minutes at {:.0} rps through the gateway\n\nAnswered {}, {}; p99 {} µs, max {} µs.\n\n\
-             | s | gateway RSS MiB | answered in 10 s | failed in 10 s |\n|---:|---:|---:|---:|\n",
+            "\n## Soak: 10 minutes at {:.0} rps through the gateway\n\nAnswered {}, {}; p99 {} µs, max {} µs. \
+             Per 10 s: the slowest answer the generator saw (from its intended send time, and from the actual send), \
+             how late it sent a request against its schedule (a stall of the generator or of the whole machine), \
+             the gateway's own slowest request and its upstream's part (its `/stats?window=10s`: its last one or two \
+             10-s slots, so a stall can show in two samples), and the time the hypervisor stole from each core.\n\n\
+             | s | gateway RSS MiB | answered in 10 s | failed in 10 s | slowest answer µs (uncorrected) | latest send µs | gateway's slowest µs (upstream) | stolen ms CPU 0 / CPU 1 |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|\n",
             s.rate,
             s.result.ok,
             errors_cell(&s.result),
             q(s.result.latency.as_ref(), 0.99),
             s.result.latency.as_ref().map_or(0, hdrhistogram::Histogram::max),
         ));
-        for (t, rss, ok, failed) in &s.samples {
-            md.push_str(&format!("| {t:.0} | {rss:.1} | {ok} | {failed} |\n"));
+        let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        for x in &s.samples {
+            md.push_str(&format!(
+                "| {:.0} | {:.1} | {} | {} | {} ({}) | {} | {} ({}) | {:.0} / {:.0} |\n",
+                x.at,
+                x.rss_mib,
+                x.answered,
+                x.failed,
+                x.max_us,
+                x.max_uncorrected_us,
+                x.max_send_lag_us,
+                opt(x.gateway_max_us),
+                opt(x.upstream_max_us),
+                x.steal_ms[0],
+                x.steal_ms[1],
+            ));
         }
         ledger.load_row(
             "headline",
@@ -1535,7 +1557,10 @@ fn headline_report(
         );
         soak_json = serde_json::json!({"offered_rps": s.rate, "ok": s.result.ok, "errors": s.result.errors,
             "missed": s.result.missed,
-            "samples": s.samples.iter().map(|(t, rss, ok, f)| serde_json::json!({"s": t, "rss_mib": rss, "ok": ok, "failed": f})).collect::<Vec<_>>()});
+            "samples": s.samples.iter().map(|x| serde_json::json!({"s": x.at, "rss_mib": x.rss_mib, "ok": x.answered, "failed": x.failed,
+                "max_us": x.max_us, "max_uncorrected_us": x.max_uncorrected_us, "max_send_lag_us": x.max_send_lag_us,
+                "gateway_max_us": x.gateway_max_us, "upstream_max_us": x.upstream_max_us,
+                "cpu0_steal_ms": x.steal_ms[0], "cpu1_steal_ms": x.steal_ms[1]})).collect::<Vec<_>>()});
     }
     md.push_str(&format!(
         "\nLoad average (1, 5, 15 min): {} before, {} after. Peak memory: {}.\n",
@@ -1558,6 +1583,7 @@ fn headline_report(
             "uncorrected_p50_us": q(row.result.service.as_ref(), 0.5), "uncorrected_p99_us": q(row.result.service.as_ref(), 0.99),
             "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
             "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
+            "cpu0_steal": row.steal[0], "cpu1_steal": row.steal[1],
         })).collect::<Vec<_>>(),
         "idle": idle_json, "events": events_json, "soak": soak_json,
         "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
