@@ -231,7 +231,9 @@ pub(super) async fn relay(
                 // The client went away: the call runs on for it, or is abandoned mid-response.
                 if body.can_resume(req) {
                     let reusable = kind != BodyKind::UntilClose && !upstream_close;
-                    drain(conn, &mut body, up, ctx, reusable, obs).await;
+                    // Boxed, as the failure below and `proxy::fail`: paths taken rarely do
+                    // not make every request's future larger (see `proxy::fail`).
+                    Box::pin(drain(conn, &mut body, up, ctx, reusable, obs)).await;
                 } else {
                     obs.abandoned.set(true);
                 }
@@ -262,7 +264,7 @@ pub(super) async fn relay(
         if unwritten.is_some() {
             return unwritten_failure(client, req, up, request_id, why).await;
         }
-        return body.failed(client, up, request_id, why).await && req.keep_alive;
+        return Box::pin(body.failed(client, up, request_id, why)).await && req.keep_alive;
     }
     if let Some(mut out) = unwritten
         && let Some(whole) = body.whole.take()
