@@ -74,6 +74,15 @@ impl Target {
         }
     }
 
+    /// The admin API of a gateway (in the gateway's namespace).
+    fn admin(self) -> Option<&'static str> {
+        match self {
+            Target::Gateway => Some("127.0.0.1:19090"),
+            Target::Policy => Some("127.0.0.1:19091"),
+            Target::Floor | Target::Nginx => None,
+        }
+    }
+
     fn port(self) -> u16 {
         match self {
             Target::Floor => FLOOR_PORT,
@@ -104,6 +113,88 @@ pub struct Row {
     /// Share of each core's time the hypervisor gave to another guest (steal): time in which
     /// nothing of this machine ran, counted as busy.
     pub steal: [f64; 2],
+    /// A gateway's own time per request in the measured time, by its own histogram.
+    pub own: Option<Own>,
+}
+
+/// A gateway's own part of its requests' latency in a row: its `kind="gateway"` histogram
+/// (from a request's first byte read to its answer's last byte written, less the wait for the
+/// upstream's answer head), the difference of `/metrics` at the row's start and end. The
+/// generator's latencies also carry the other core's queueing (the generator, the upstream,
+/// the network's softirq work share it); this is what the gateway adds, whatever that core
+/// does, with the histogram's buckets (1, 2, 5, 10, 20, 50, 100, 200, 500 µs, ...) as its
+/// resolution.
+#[derive(Clone, Copy)]
+pub struct Own {
+    /// The bucket bounds (µs) that hold the median and the 99th percentile.
+    pub p50_within_us: u64,
+    pub p99_within_us: u64,
+    /// Share of requests whose own time was 100 µs or less.
+    pub within_100us: f64,
+}
+
+/// Cumulative counts of the gateway's `kind="gateway"` latency buckets, summed over its
+/// routes: (bound in µs, count), by bound; `+Inf` as `u64::MAX`.
+fn own_buckets(ns: &str, admin: &str) -> Vec<(u64, u64)> {
+    let text = in_netns(ns, || {
+        ureq::get(&format!("http://{admin}/metrics"))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    })
+    .unwrap_or_default();
+    let mut sum = std::collections::BTreeMap::<u64, u64>::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("mcp_gateway_route_latency_seconds_bucket{") else {
+            continue;
+        };
+        if !rest.contains("kind=\"gateway\"") {
+            continue;
+        }
+        let Some((labels, count)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels
+            .rsplit_once("le=\"")
+            .map(|(_, v)| v.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            u64::MAX
+        } else {
+            le.parse::<f64>()
+                .map_or(u64::MAX, |s| (s * 1e6).round() as u64)
+        };
+        *sum.entry(bound).or_default() += count.trim().parse::<u64>().unwrap_or(0);
+    }
+    sum.into_iter().collect()
+}
+
+/// The row's [`Own`] from the buckets at its start and end.
+fn own_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Option<Own> {
+    let at =
+        |b: &[(u64, u64)], bound: u64| b.iter().find(|(x, _)| *x == bound).map_or(0, |(_, n)| *n);
+    let diff: Vec<(u64, u64)> = after
+        .iter()
+        .map(|(bound, n)| (*bound, n.saturating_sub(at(before, *bound))))
+        .collect();
+    let total = diff.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let within = |q: f64| {
+        diff.iter()
+            .find(|(_, n)| *n as f64 >= q * total as f64)
+            .map_or(u64::MAX, |(bound, _)| *bound)
+    };
+    Some(Own {
+        p50_within_us: within(0.5),
+        p99_within_us: within(0.99),
+        within_100us: at(&diff, 100) as f64 / total as f64,
+    })
 }
 
 /// Memory of held idle connections.
@@ -469,10 +560,18 @@ impl Bed {
             spec.duration = spec.duration.max(Duration::from_secs(1));
         }
         let pid = self.pid(t);
-        let (result, samples) = self.load(&spec, spec.duration, &mut |_| {
-            (crate::proxy::cpu_split(pid), core_jiffies())
+        let ns = self.topo.gw.clone();
+        let (result, samples) = self.load(&spec, spec.duration, &mut |at| {
+            // The gateway's histogram read outside its CPU time of the row: before it at the
+            // start, after it at the end.
+            let scrape = || t.admin().map(|a| own_buckets(&ns, a)).unwrap_or_default();
+            let before = if at.is_zero() { scrape() } else { Vec::new() };
+            let cpu = (crate::proxy::cpu_split(pid), core_jiffies());
+            let after = if at.is_zero() { before } else { scrape() };
+            (cpu, after)
         });
-        let (((u0, s0), j0), ((u1, s1), j1)) = (samples[0], samples[samples.len() - 1]);
+        let own = own_between(&samples[0].1, &samples[samples.len() - 1].1);
+        let (((u0, s0), j0), ((u1, s1), j1)) = (samples[0].0, samples[samples.len() - 1].0);
         let total = |i: usize| (j1[i].total - j0[i].total).max(1) as f64;
         let busy = |i: usize| (j1[i].busy - j0[i].busy) as f64 / total(i);
         let softirq = |i: usize| (j1[i].softirq - j0[i].softirq) as f64 / total(i);
@@ -488,6 +587,7 @@ impl Bed {
             busy: [busy(0), busy(1)],
             softirq: [softirq(0), softirq(1)],
             steal: [steal(0), steal(1)],
+            own,
             result,
         }
     }

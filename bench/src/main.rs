@@ -752,6 +752,15 @@ fn flood_report(
 
 /// The errors column: errors, and in open loop the requests due in the measured time that were
 /// not answered by 1 s after it.
+/// A histogram bucket's bound for a table, `+Inf` as `∞`.
+fn bound(us: u64) -> String {
+    if us == u64::MAX {
+        "∞".to_owned()
+    } else {
+        us.to_string()
+    }
+}
+
 fn errors_cell(r: &load::LoadResult) -> String {
     let mut parts: Vec<String> = r
         .error_kinds
@@ -1413,12 +1422,12 @@ fn headline_report(
          the uncorrected figure (from the actual send) beside it. {seconds:.1} s measured per row after a warm-up{rounds}. \
          CPU is the proxy's user + system time per answered request (its share of kernel networking done in softirq \
          context is not all charged to it), user its user time; busy is each core's busy share during the row, softirq \
-         the share of it in softirq context (charged to whichever process it interrupted, or to none), stolen the share the hypervisor gave to another guest. Latencies are those of \
+         the share of it in softirq context (charged to whichever process it interrupted, or to none), stolen the share the hypervisor gave to another guest. A gateway's own p50 and p99 are read from its own latency histogram (`kind=\"gateway\"`: from a request's first byte read to its answer's last byte written, less the wait for the upstream's answer head; the difference of `/metrics` at the row's start and end; workers hand their histograms over once a second, so that is the row's time give or take a second of the same load, and a row shorter than that, as in `--quick`, may have none), so they are bucket bounds (1, 2, 5, 10, 20, 50, 100, 200, 500 µs, ...); in brackets the share of requests whose own time was at most 100 µs: what the gateway adds, apart from the queueing on the generator's core that the other latencies carry. Latencies are those of \
          answered requests, so a proxy that leaves some connections waiting would look faster than one that serves \
          them all: *served* says how many connections had an answer in the measured time, and the fewest and the \
          median answers of one connection; a request that waited through the measured time, still unanswered 1 s after it, is *missed*.\n\n\
-         | row | proxy | CPU µs / req | user µs | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | CPU 0 / CPU 1 busy (softirq) | stolen CPU 0 / CPU 1 |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | row | proxy | CPU µs / req | user µs | × floor CPU | rps | × floor rps | errors (missed) | served: connections (fewest / median answers) | p50 µs | p99 µs | p99 − floor's µs | uncorrected p50 / p99 µs | gateway's own p50 / p99 µs (share ≤ 100 µs) | CPU 0 / CPU 1 busy (softirq) | stolen CPU 0 / CPU 1 |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         date = env.date,
         env = env.markdown(),
         half = r.half_rate,
@@ -1439,7 +1448,7 @@ fn headline_report(
             floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
         let fair = row.result.fairness();
         md.push_str(&format!(
-            "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) | {:.1}% / {:.1}% |\n",
+            "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) | {:.1}% / {:.1}% |\n",
             row.kind,
             row.target.name(),
             if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
@@ -1454,6 +1463,12 @@ fn headline_report(
             p99_delta.map_or("-".into(), |d| format!("{d:+}")),
             q(u, 0.5),
             q(u, 0.99),
+            row.own.map_or("-".to_owned(), |o| format!(
+                "≤ {} / ≤ {} ({:.1}%)",
+                bound(o.p50_within_us),
+                bound(o.p99_within_us),
+                o.within_100us * 100.0
+            )),
             row.busy[0] * 100.0,
             row.softirq[0] * 100.0,
             row.busy[1] * 100.0,
@@ -1471,6 +1486,9 @@ fn headline_report(
                 "offered_rps": row.offered_rps, "cpu_us_per_request": row.cpu_us,
                 "user_us_per_request": row.user_us, "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
                 "cpu0_steal": row.steal[0], "cpu1_steal": row.steal[1],
+                "own_p50_within_us": row.own.map(|o| o.p50_within_us),
+                "own_p99_within_us": row.own.map(|o| o.p99_within_us),
+                "own_within_100us": row.own.map(|o| o.within_100us),
                 "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
                 "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
                 "connections_served": fair.connections - fair.unanswered,
@@ -1584,6 +1602,9 @@ fn headline_report(
             "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
             "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
             "cpu0_steal": row.steal[0], "cpu1_steal": row.steal[1],
+            "own_p50_within_us": row.own.map(|o| o.p50_within_us),
+            "own_p99_within_us": row.own.map(|o| o.p99_within_us),
+            "own_within_100us": row.own.map(|o| o.within_100us),
         })).collect::<Vec<_>>(),
         "idle": idle_json, "events": events_json, "soak": soak_json,
         "loadavg_before": r.loadavg[0], "loadavg_after": r.loadavg[1],
