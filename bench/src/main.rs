@@ -1497,6 +1497,30 @@ fn headline_report(
             }),
         );
     }
+    // Rows the host took time from: their figures are the host's as much as the proxies'.
+    let stolen: Vec<String> = r
+        .rows
+        .iter()
+        .filter(|row| row.steal.iter().any(|s| *s > 0.05))
+        .map(|row| {
+            format!(
+                "{}, {} ({:.0} % / {:.0} %)",
+                row.kind,
+                row.target.name(),
+                row.steal[0] * 100.0,
+                row.steal[1] * 100.0
+            )
+        })
+        .collect();
+    if !stolen.is_empty() {
+        let line = format!(
+            "the hypervisor took more than 5 % of a core from {} row(s), whose CPU, rates and latencies are the host's as much as the proxies': {}",
+            stolen.len(),
+            stolen.join("; ")
+        );
+        md.push_str(&format!("\n**Note: {line}.**\n"));
+        eprintln!("BENCH NOTE: {line}");
+    }
     if let Some(t) = r.rows.iter().find_map(|x| x.result.ticks) {
         md.push_str(&format!(
             "\nThe schedule's clock woke connections {} µs late at p50, {} µs at p99 (first open-loop row).\n",
