@@ -197,6 +197,26 @@ fn own_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Option<Own> {
     })
 }
 
+/// Share of a core the hypervisor may take from a row before the row is named as the host's.
+pub const STOLEN_NOTICE: f64 = 0.05;
+
+/// The rows the host took more than [`STOLEN_NOTICE`] of a core from, each as `kind, proxy
+/// (CPU 0 % / CPU 1 %)`: their CPU, rates and latencies are the host's as much as the proxies'.
+pub fn stolen_rows(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter(|row| row.steal.iter().any(|s| *s > STOLEN_NOTICE))
+        .map(|row| {
+            format!(
+                "{}, {} ({:.0} % / {:.0} %)",
+                row.kind,
+                row.target.name(),
+                row.steal[0] * 100.0,
+                row.steal[1] * 100.0
+            )
+        })
+        .collect()
+}
+
 /// Memory of held idle connections.
 pub struct Idle {
     pub target: Target,
@@ -956,5 +976,58 @@ pub fn bytes(n: usize) -> String {
         n if n >= 1_000_000 => format!("{} MB", n / 1_000_000),
         n if n >= 1000 => format!("{} KB", n / 1000),
         n => format!("{n} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(steal: [f64; 2]) -> Row {
+        Row {
+            kind: "peak, 32 connections, add".into(),
+            target: Target::Nginx,
+            offered_rps: None,
+            connections: 32,
+            result: LoadResult::default(),
+            cpu_us: 0.0,
+            user_us: 0.0,
+            busy: [0.0; 2],
+            softirq: [0.0; 2],
+            steal,
+            own: None,
+        }
+    }
+
+    #[test]
+    fn rows_the_host_took_from_are_named_and_no_others() {
+        let rows = [row([0.0, 0.05]), row([0.29, 0.51]), row([0.001, 0.0])];
+        let named = stolen_rows(&rows);
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert!(named[0].contains("(29 % / 51 %)"), "{named:?}");
+        assert!(
+            named[0].starts_with("peak, 32 connections, add, nginx"),
+            "{named:?}"
+        );
+        assert!(
+            stolen_rows(&rows[..1]).is_empty(),
+            "5 % exactly is not over"
+        );
+    }
+
+    #[test]
+    fn a_rows_own_latency_is_the_difference_of_the_buckets() {
+        // Cumulative counts at the start and the end; 100 requests in between, 97 within
+        // 100 us, 99 within 200 us.
+        let before = [(50, 10), (100, 20), (200, 20), (u64::MAX, 20)];
+        let after = [(50, 60), (100, 117), (200, 119), (u64::MAX, 120)];
+        let own = own_between(&before, &after).expect("requests in the row");
+        assert_eq!(own.p50_within_us, 50);
+        assert_eq!(own.p99_within_us, 200);
+        assert!((own.within_100us - 0.97).abs() < 1e-9);
+        assert!(
+            own_between(&after, &after).is_none(),
+            "no request, no figure"
+        );
     }
 }

@@ -1497,24 +1497,11 @@ fn headline_report(
             }),
         );
     }
-    // Rows the host took time from: their figures are the host's as much as the proxies'.
-    let stolen: Vec<String> = r
-        .rows
-        .iter()
-        .filter(|row| row.steal.iter().any(|s| *s > 0.05))
-        .map(|row| {
-            format!(
-                "{}, {} ({:.0} % / {:.0} %)",
-                row.kind,
-                row.target.name(),
-                row.steal[0] * 100.0,
-                row.steal[1] * 100.0
-            )
-        })
-        .collect();
+    let stolen = headline::stolen_rows(&r.rows);
     if !stolen.is_empty() {
         let line = format!(
-            "the hypervisor took more than 5 % of a core from {} row(s), whose CPU, rates and latencies are the host's as much as the proxies': {}",
+            "the hypervisor took more than {:.0} % of a core from {} row(s), whose CPU, rates and latencies are the host's as much as the proxies': {}",
+            headline::STOLEN_NOTICE * 100.0,
             stolen.len(),
             stolen.join("; ")
         );
