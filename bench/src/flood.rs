@@ -156,17 +156,8 @@ fn tcp_counters(ns: &str) -> Vec<(&'static str, u64)> {
 /// (busy, softirq, total) jiffies of the host, from /proc/stat.
 fn host_cpu() -> (u64, u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = f.iter().take(8).sum();
-    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-    (total - idle, f.get(6).copied().unwrap_or(0), total.max(1))
+    let j = crate::headline::Jiffies::of_line(stat.lines().next().unwrap_or(""));
+    (j.busy, j.softirq, j.total.max(1))
 }
 
 /// Spoofed SYNs from 198.19.1.0–198.19.255.255 (random source addresses and ports) to the

@@ -37,6 +37,9 @@ const GATEWAY_PORT: u16 = 8080;
 const FLOOR_PORT: u16 = 8081;
 const NGINX_PORT: u16 = 8082;
 const POLICY_PORT: u16 = 8083;
+/// The two gateways' admin APIs, in the gateway's namespace.
+const GATEWAY_ADMIN: &str = "127.0.0.1:19090";
+const POLICY_ADMIN: &str = "127.0.0.1:19091";
 /// The generator's and the upstream's core; the proxy's.
 const LOAD_CPU: usize = 0;
 const PROXY_CPU: usize = 1;
@@ -77,8 +80,8 @@ impl Target {
     /// The admin API of a gateway (in the gateway's namespace).
     fn admin(self) -> Option<&'static str> {
         match self {
-            Target::Gateway => Some("127.0.0.1:19090"),
-            Target::Policy => Some("127.0.0.1:19091"),
+            Target::Gateway => Some(GATEWAY_ADMIN),
+            Target::Policy => Some(POLICY_ADMIN),
             Target::Floor | Target::Nginx => None,
         }
     }
@@ -299,7 +302,7 @@ pin_workers = false
 [[listeners]]
 address = "{GW_ADDR}:{GATEWAY_PORT}"
 [admin]
-address = "127.0.0.1:19090"
+address = "{GATEWAY_ADMIN}"
 [kernel]
 enabled = true
 interfaces = ["{iface}"]
@@ -324,7 +327,7 @@ upstream = "up"
 fn policy_config(instance: &str) -> String {
     format!(
         "[gateway]\ninstance = \"{instance}\"\nworkers = 1\npin_workers = false\n\
-         [[listeners]]\naddress = \"{GW_ADDR}:{POLICY_PORT}\"\n[admin]\naddress = \"127.0.0.1:19091\"\n\
+         [[listeners]]\naddress = \"{GW_ADDR}:{POLICY_PORT}\"\n[admin]\naddress = \"{POLICY_ADMIN}\"\n\
          {}\
          [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{UPSTREAM_PORT}/mcp\"\n\
          [[routes]]\npath = \"/mcp\"\nupstream = \"up\"\nauth = [\"api_key\"]\n",
@@ -361,22 +364,17 @@ fn pin_pid(pid: u32, cpu: usize) {
 
 /// Jiffies of one core since boot, from /proc/stat.
 #[derive(Clone, Copy, Default)]
-struct Jiffies {
+pub(crate) struct Jiffies {
     /// Not idle (steal included).
-    busy: u64,
-    total: u64,
-    softirq: u64,
-    steal: u64,
+    pub(crate) busy: u64,
+    pub(crate) total: u64,
+    pub(crate) softirq: u64,
+    pub(crate) steal: u64,
 }
 
-/// Jiffies of CPU 0 and CPU 1.
-fn core_jiffies() -> [Jiffies; 2] {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut out = [Jiffies::default(); 2];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) else {
-            continue;
-        };
+impl Jiffies {
+    /// From a `cpu` line of /proc/stat (`cpu` for the host, `cpuN` for one core).
+    pub(crate) fn of_line(line: &str) -> Self {
         let f: Vec<u64> = line
             .split_whitespace()
             .skip(1)
@@ -384,12 +382,23 @@ fn core_jiffies() -> [Jiffies; 2] {
             .collect();
         let total: u64 = f.iter().take(8).sum();
         let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-        *slot = Jiffies {
+        Self {
             busy: total - idle,
             total,
             softirq: f.get(6).copied().unwrap_or(0),
             steal: f.get(7).copied().unwrap_or(0),
-        };
+        }
+    }
+}
+
+/// Jiffies of CPU 0 and CPU 1.
+fn core_jiffies() -> [Jiffies; 2] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut out = [Jiffies::default(); 2];
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{i} "))) {
+            *slot = Jiffies::of_line(line);
+        }
     }
     out
 }
@@ -402,13 +411,6 @@ pub(crate) fn rss_mib(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Clock ticks per second, the unit of /proc/stat.
-fn jiffies_per_second() -> f64 {
-    // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn loadavg() -> String {
@@ -890,7 +892,7 @@ pub fn run(quick: bool) -> Report {
         spec.duration = Duration::from_secs(600);
         let pid = bed.gateway.pid();
         let gw_ns = bed.topo.gw.clone();
-        let ticks = jiffies_per_second();
+        let ticks = crate::proxy::clock_ticks_per_second();
         let mut last = ((0, 0), core_jiffies());
         let (result, samples) = bed.load(&spec, Duration::from_secs(10), &mut |at: Duration| {
             use std::sync::atomic::Ordering::Relaxed;
@@ -901,7 +903,7 @@ pub fn run(quick: bool) -> Report {
             let stolen = |i: usize| (now.1[i].steal - last.1[i].steal) as f64 * 1e3 / ticks;
             // The gateway's own view of the same 10 s, from its admin API in its namespace.
             let stats = in_netns(&gw_ns, || {
-                ureq::get("http://127.0.0.1:19090/stats?window=10s")
+                ureq::get(&format!("http://{GATEWAY_ADMIN}/stats?window=10s"))
                     .call()
                     .ok()?
                     .body_mut()
@@ -1013,6 +1015,20 @@ mod tests {
             stolen_rows(&rows[..1]).is_empty(),
             "5 % exactly is not over"
         );
+    }
+
+    #[test]
+    fn a_proc_stat_line_is_read_as_busy_total_softirq_and_steal() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let j = Jiffies::of_line("cpu1 100 2 30 500 7 1 20 40 9 9");
+        assert_eq!(
+            j.total, 700,
+            "the first eight fields; guest time is in user's"
+        );
+        assert_eq!(j.busy, 700 - 507, "idle and iowait are not busy");
+        assert_eq!((j.softirq, j.steal), (20, 40));
+        let empty = Jiffies::of_line("");
+        assert_eq!((empty.busy, empty.total), (0, 0));
     }
 
     #[test]

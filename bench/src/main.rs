@@ -750,8 +750,6 @@ fn flood_report(
     )
 }
 
-/// The errors column: errors, and in open loop the requests due in the measured time that were
-/// not answered by 1 s after it.
 /// A histogram bucket's bound for a table, `+Inf` as `∞`.
 fn bound(us: u64) -> String {
     if us == u64::MAX {
@@ -761,6 +759,8 @@ fn bound(us: u64) -> String {
     }
 }
 
+/// The errors column: errors, and in open loop the requests due in the measured time that were
+/// not answered by 1 s after it.
 fn errors_cell(r: &load::LoadResult) -> String {
     let mut parts: Vec<String> = r
         .error_kinds
