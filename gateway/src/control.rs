@@ -536,6 +536,14 @@ async fn run_async(
     config_path: Option<PathBuf>,
     handover: Option<&upgrade::Successor>,
 ) -> anyhow::Result<()> {
+    // First: a SIGTERM during the start (a service manager's stop, a test's) waits in its
+    // stream for the loop below and ends the run cleanly, instead of killing the process by
+    // the signal's default action before the handlers exist.
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
+    let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let origin = upgrade::Origin::record()
         .inspect_err(|e| tracing::warn!("the binary's path is unknown ({e}): no upgrades"))
         .ok();
@@ -852,12 +860,8 @@ async fn run_async(
     };
     let mut handed_to = None;
 
-    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
-    let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    // After the signal handlers: systemd may send SIGHUP to this process from here on.
+    // The signal handlers are in place (first thing): systemd may send SIGHUP to this process
+    // from here on.
     if let (Some(s), Some(h)) = (handover, &handed) {
         if let Err(e) = s.ready() {
             tracing::warn!("the gateway handing over did not hear this one is ready: {e}");

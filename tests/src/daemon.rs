@@ -110,6 +110,13 @@ impl Daemon {
         (config_path, log)
     }
 
+    /// Like [`Daemon::start_local`], returning as soon as `needle` is in the log (which may
+    /// be before the data plane runs).
+    pub fn start_local_until(instance: &str, config: &str, needle: &str) -> Self {
+        let (config_path, log) = Self::files(instance, config);
+        Self::spawn_until(None, instance, config_path, log, &[], None, needle)
+    }
+
     fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let (config_path, log) = Self::files(instance, config);
         Self::spawn(ns, instance, config_path, log, env, None)
@@ -122,6 +129,26 @@ impl Daemon {
         log: PathBuf,
         env: &[(&str, &str)],
         open_files: Option<(u64, u64)>,
+    ) -> Self {
+        Self::spawn_until(
+            ns,
+            instance,
+            config,
+            log,
+            env,
+            open_files,
+            "data plane running",
+        )
+    }
+
+    fn spawn_until(
+        ns: Option<&str>,
+        instance: &str,
+        config: PathBuf,
+        log: PathBuf,
+        env: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
+        needle: &str,
     ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -165,7 +192,7 @@ impl Daemon {
             config,
             state: state_dir(instance),
         };
-        d.wait_for_log("data plane running", Duration::from_secs(20));
+        d.wait_for_log(needle, Duration::from_secs(20));
         d
     }
 

@@ -461,6 +461,35 @@ fn transparent_huge_pages_are_off_unless_the_environment_allows_them() {
     d.stop();
 }
 
+/// A SIGTERM while the gateway starts (here while it waits, up to 3 s, on a fleet's Redis that
+/// takes the connection and never answers) is kept until the start is done and ends the run
+/// cleanly; it does not kill the process by the signal's default action, as it did when the
+/// handlers were installed after the data plane started.
+#[test]
+fn sigterm_during_the_start_ends_the_run_cleanly() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = FakeUpstream::start(Misbehave::Answer);
+    let (port, instance) = (free_port(), unique("gwmcp"));
+    let c = config(&instance, port, &[("/mcp", up.url())], "")
+        + &format!(
+            "[state]\npath = \"{}\"\nredis = \"redis://{}\"\nfleet = \"early\"\n",
+            integration_tests::daemon::state_dir(&instance).display(),
+            silent.local_addr().unwrap()
+        );
+    let mut d = Daemon::start_local_until(&instance, &c, "no `[state] fleet_secret_env`");
+    assert!(
+        !d.log().contains("data plane running"),
+        "still starting:\n{}",
+        d.log()
+    );
+    d.terminate();
+    let status = d
+        .wait_exit(Duration::from_secs(15))
+        .expect("the gateway exits once started");
+    assert!(status.success(), "exited with {status}; log:\n{}", d.log());
+    assert!(d.log().contains("data plane running"), "{}", d.log());
+}
+
 /// A keep-alive connection idle past its grace read (it waits on the worker's table of idle
 /// connections, holding no timer and no read) is closed as soon as a shutdown begins, not
 /// at the end of the grace period nor at its idle timeout, and the gateway exits without
