@@ -182,6 +182,8 @@ fn a_body_of_many_escapes_or_strings_is_copied_as_it_is_once_the_searches_run_ou
 
 /// `run_end` against a byte-by-byte reading, for a stop (or none) and an odd byte at every
 /// place around the block edges of texts of many lengths.
+/// Both compilations of `run_end` (the one this CPU gets and the baseline's) against a byte by
+/// byte reading.
 #[test]
 fn run_end_finds_the_stop_and_reads_every_byte_before_it() {
     fn naive(text: &[u8]) -> (Option<usize>, bool) {
@@ -191,6 +193,11 @@ fn run_end_finds_the_stop_and_reads_every_byte_before_it() {
             .all(|b| (0x20..0x80).contains(b));
         (stop, plain)
     }
+    let run_end = |text: &[u8]| {
+        let found = run_end(text);
+        assert_eq!(found, run_end_in_blocks(text), "the baseline's");
+        found
+    };
     for len in [0usize, 1, 63, 64, 65, 127, 128, 200, 1_000] {
         let base: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
         assert_eq!(run_end(&base), naive(&base), "{len}");
