@@ -1547,7 +1547,7 @@ fn headline_report(
     let mut soak_json = serde_json::Value::Null;
     if let Some(s) = &r.soak {
         md.push_str(&format!(
-            "\n## Soak: 10 minutes at {:.0} rps through the gateway\n\nAnswered {}, {}; p99 {} µs, max {} µs. \
+            "\n## Soak: 10 minutes at {:.0} rps through the gateway\n\nAnswered {}, failed {}; p99 {} µs, max {} µs. \
              Per 10 s: the slowest answer the generator saw (from its intended send time, and from the actual send), \
              how late it sent a request against its schedule (a stall of the generator or of the whole machine), \
              the gateway's own slowest request and its upstream's part (its `/stats?window=10s`: its last one or two \
