@@ -29,6 +29,9 @@ pub fn local_header(instance: &str, workers: usize, port: u16, admin: u16) -> St
     )
 }
 
+/// What a started gateway logs once its data plane runs: [`Daemon`]'s starts wait for it.
+const RUNNING: &str = "data plane running";
+
 /// The state store's folder of a test instance: a fresh one in the temporary folder, so that no
 /// run inherits another's budgets and pins (a configuration with its own `[state]` keeps it).
 pub fn state_dir(instance: &str) -> PathBuf {
@@ -97,7 +100,7 @@ impl Daemon {
     /// service manager or a shell's `ulimit -n` would.
     pub fn start_local_with_open_files(instance: &str, config: &str, limits: (u64, u64)) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn(None, instance, config_path, log, &[], Some(limits))
+        Self::spawn(None, instance, config_path, log, &[], Some(limits), RUNNING)
     }
 
     fn files(instance: &str, config: &str) -> (PathBuf, PathBuf) {
@@ -114,34 +117,16 @@ impl Daemon {
     /// be before the data plane runs).
     pub fn start_local_until(instance: &str, config: &str, needle: &str) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn_until(None, instance, config_path, log, &[], None, needle)
+        Self::spawn(None, instance, config_path, log, &[], None, needle)
     }
 
     fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn(ns, instance, config_path, log, env, None)
+        Self::spawn(ns, instance, config_path, log, env, None, RUNNING)
     }
 
+    /// Starts the daemon and waits for `needle` in its log ([`RUNNING`] for a started one).
     fn spawn(
-        ns: Option<&str>,
-        instance: &str,
-        config: PathBuf,
-        log: PathBuf,
-        env: &[(&str, &str)],
-        open_files: Option<(u64, u64)>,
-    ) -> Self {
-        Self::spawn_until(
-            ns,
-            instance,
-            config,
-            log,
-            env,
-            open_files,
-            "data plane running",
-        )
-    }
-
-    fn spawn_until(
         ns: Option<&str>,
         instance: &str,
         config: PathBuf,
@@ -204,7 +189,7 @@ impl Daemon {
         prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(Some(ns), instance, config, log, &[], None)
+        Self::spawn(Some(ns), instance, config, log, &[], None, RUNNING)
     }
 
     /// As [`Daemon::restart`], in this process's namespace (loopback tests).
@@ -213,7 +198,7 @@ impl Daemon {
         prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(None, instance, config, log, &[], None)
+        Self::spawn(None, instance, config, log, &[], None, RUNNING)
     }
 
     /// The exit status of a run that ended by itself (waits at most `timeout`).
