@@ -318,9 +318,18 @@ impl Drop for Daemon {
 }
 
 /// Tries to connect from `src` to `dst` within `timeout` (a dropped SYN shows as a timeout).
+/// The source port is chosen at connect, for this destination (`IP_BIND_ADDRESS_NO_PORT`):
+/// a port chosen at bind is one no socket of `src` holds, so thousands of connections in
+/// `TIME_WAIT` made each bind search longer, then fail.
 pub fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Option<TcpStream> {
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .expect("IP_BIND_ADDRESS_NO_PORT");
     socket
         .bind(&SocketAddr::new(src, 0).into())
         .expect("bind source");
