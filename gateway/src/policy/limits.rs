@@ -154,7 +154,10 @@ impl LoopTable {
         let tag = (key >> (WINDOW_BITS + COUNT_BITS)).max(1);
         let window = window & ((1 << WINDOW_BITS) - 1);
         let cells = &self.cells[set * LOOP_WAYS..(set + 1) * LOOP_WAYS];
-        'attempt: for _ in 0..4 {
+        // Until one compare-exchange holds: each that fails does so because another thread's
+        // held, so the table as a whole always moves on. (Four tries and then the call let
+        // through uncounted let 187 calls past a limit of 5,000 with four threads on one call.)
+        'attempt: loop {
             // The cell to take if the call has none: empty, else from an ended window, else
             // the lowest count.
             let mut victim = (0, 0, u64::MAX);
@@ -204,8 +207,6 @@ impl LoopTable {
                 return true;
             }
         }
-        // Lost four races on this set in a row: let the call through uncounted.
-        true
     }
 
     /// Uncounts one of call `key` in `window` (its admission was undone).
@@ -1009,10 +1010,7 @@ mod tests {
                 });
             }
         });
-        // Four lost races in a row let a call through uncounted; with four threads on one
-        // cell that is rare, never many.
-        let n = admitted.into_inner();
-        assert!((5_000..5_040).contains(&n), "{n}");
+        assert_eq!(admitted.into_inner(), 5_000);
     }
 
     #[test]
