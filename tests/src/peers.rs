@@ -572,6 +572,34 @@ pub fn raw(port: u16, request: &[u8]) -> (RawResponse, TcpStream) {
     (r, s)
 }
 
+/// One request on `conn`, opened with `open` when there is none, or again when the server
+/// closed it between requests; kept open for the next unless the answer says `close`. A load
+/// loop on new connections slows as they pile up in `TIME_WAIT`, and its measure with it.
+pub fn keep_alive(
+    conn: &mut Option<TcpStream>,
+    open: impl Fn() -> TcpStream,
+    request: &[u8],
+) -> RawResponse {
+    for _ in 0..2 {
+        let fresh = conn.is_none();
+        let s = conn.get_or_insert_with(&open);
+        let answer = s.write_all(request).ok().and(read_response(s));
+        match answer {
+            Some(r) => {
+                if r.header("connection")
+                    .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                {
+                    *conn = None;
+                }
+                return r;
+            }
+            None if fresh => panic!("no answer on a new connection"),
+            None => *conn = None,
+        }
+    }
+    unreachable!("a new connection answers or panics")
+}
+
 /// A POST of `body` to `path` with the headers MCP clients send.
 pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
     format!(

@@ -10,6 +10,7 @@
 //! written into Redis without it are ignored.
 
 use std::{
+    net::TcpStream,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 
 use integration_tests::{
     daemon::Daemon,
-    peers::{KillOnDrop, PyServer, RawResponse, free_port, post, raw, wait_port},
+    peers::{KillOnDrop, PyServer, RawResponse, free_port, keep_alive, post, raw, wait_port},
     pki::{Issued, KeyKind, Pki},
     unique,
 };
@@ -449,9 +450,8 @@ fn echo_listed(port: u16) -> bool {
     names.iter().any(|n| n == "echo")
 }
 
-/// Loads every gateway of the fleet at once (one client each, well above the fleet's rate)
-/// for `span`; returns the calls admitted in all.
-/// Calls through every gateway at once for `span`: what each admitted.
+/// Loads every gateway of the fleet at once for `span`, one client each on a keep-alive
+/// connection, well above the fleet's rate: what each admitted.
 fn load(fleet: &Fleet, span: Duration) -> Vec<u64> {
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = fleet
@@ -461,8 +461,14 @@ fn load(fleet: &Fleet, span: Duration) -> Vec<u64> {
             let (port, stop) = (g.port, Arc::clone(&stop));
             std::thread::spawn(move || {
                 let mut admitted = 0;
+                let mut conn = None;
                 while !stop.load(Ordering::Relaxed) {
-                    match call(port, "add", json!({"a": 1, "b": 2})) {
+                    let r = keep_alive(
+                        &mut conn,
+                        || TcpStream::connect(("127.0.0.1", port)).expect("connect"),
+                        &call_request("add", json!({"a": 1, "b": 2})),
+                    );
+                    match (r.status, r.json()["error"]["code"].as_i64()) {
                         (200, None) => admitted += 1,
                         (429, Some(RATE_LIMITED)) => {}
                         other => panic!("unexpected answer {other:?}"),

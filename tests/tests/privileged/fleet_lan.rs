@@ -23,8 +23,8 @@ use integration_tests::{
     daemon::{Daemon, connect_from},
     netns::{HUB_ADDR, Lan, enter_before_exec, in_netns},
     peers::{
-        KillOnDrop, PyServer, RawResponse, demo_upstream_at, free_port, post, raw, read_response,
-        wait_addr,
+        KillOnDrop, PyServer, RawResponse, demo_upstream_at, free_port, keep_alive, post, raw,
+        read_response, wait_addr,
     },
     unique,
 };
@@ -266,8 +266,7 @@ fleet = "{fleet}"
                             while !stop.load(Ordering::Relaxed) {
                                 let r = keep_alive(
                                     &mut conn,
-                                    BETA,
-                                    *dst,
+                                    || open_from(BETA, *dst),
                                     &call_request("add", json!({"a": 1, "b": 2})),
                                 );
                                 match (r.status, r.json()["error"]["code"].as_i64()) {
@@ -303,34 +302,6 @@ fn open_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
         .unwrap_or_else(|| panic!("connect from {src} to {dst} over the LAN"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
-}
-
-/// One request on `conn` (opened from `src` to `dst` when there is none, or again when the
-/// gateway closed it between requests); kept open unless the answer says `close`.
-fn keep_alive(
-    conn: &mut Option<TcpStream>,
-    src: Ipv4Addr,
-    dst: SocketAddr,
-    request: &[u8],
-) -> RawResponse {
-    for _ in 0..2 {
-        let fresh = conn.is_none();
-        let s = conn.get_or_insert_with(|| open_from(src, dst));
-        let answer = s.write_all(request).ok().and(read_response(s));
-        match answer {
-            Some(r) => {
-                if r.header("connection")
-                    .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-                {
-                    *conn = None;
-                }
-                return r;
-            }
-            None if fresh => panic!("no answer from {dst} on a new connection"),
-            None => *conn = None,
-        }
-    }
-    unreachable!("a new connection answers or panics")
 }
 
 #[test]

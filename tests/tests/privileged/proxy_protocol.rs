@@ -33,7 +33,7 @@ impl Drop for Setup {
     }
 }
 
-/// One PROXY protocol listener trusting 127.0.0.1 only (headers within 600 ms). Tenants:
+/// One PROXY protocol listener trusting 127.0.0.1 only (headers within 3 s). Tenants:
 /// `public` (the default, where the balancer's own address falls),
 /// `edge` (198.18.0.0/15 and 2001:db8:5::/48; may not call `add`), `far` (203.0.113.0/24; at
 /// most one connection). `/mcp` takes callers by address only; three refusals ban a source.
@@ -52,7 +52,7 @@ workers = 2
 address = "127.0.0.1:{port}"
 [listeners.proxy_protocol]
 trusted = ["127.0.0.1/32"]
-header_timeout_ms = 600
+header_timeout_ms = 3000
 [admin]
 address = "127.0.0.1:{admin}"
 [kernel]
@@ -177,7 +177,7 @@ fn via(port: u16, bytes: &[u8]) -> RawResponse {
 /// how long it took.
 fn closed_without_a_byte(s: &mut TcpStream) -> Duration {
     let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     let mut buf = [0u8; 256];
     match s.read(&mut buf) {
         Ok(0) => {}
@@ -186,7 +186,7 @@ fn closed_without_a_byte(s: &mut TcpStream) -> Duration {
             String::from_utf8_lossy(&buf[..n])
         ),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("not closed within 5 s: {e}"),
+        Err(e) => panic!("not closed within 8 s: {e}"),
     }
     start.elapsed()
 }
@@ -292,7 +292,7 @@ fn the_client_a_header_names_is_classified_policed_and_audited() {
     let r = via(p, &[v1("2001:db8:5::8", 40006), call("echo")].concat());
     assert!(is_result(&r), "{} {:?}", r.status, r.json());
 
-    // A header in pieces, with pauses (all of it within the 600 ms header timeout), and the
+    // A header in pieces, with pauses (all of it within the 3 s header timeout), and the
     // request after it in pieces too.
     for header in [
         v1("198.18.5.7", 40007),
@@ -409,8 +409,9 @@ fn refusals_close_the_connection_and_are_counted() {
     .unwrap();
     c.write_all(&[v1("198.18.5.7", 1), call("echo")].concat())
         .unwrap();
+    // (At once: well before the 3 s header timeout, on a host however loaded.)
     let took = closed_without_a_byte(&mut c);
-    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
     assert_eq!(refusals(a, "untrusted_source"), 1);
 
     // No header (a client straight to the port), a broken v1, a v2 with a TLV longer than
@@ -425,7 +426,7 @@ fn refusals_close_the_connection_and_are_counted() {
         },
     ] {
         let took = refused(p, &bad);
-        assert!(took < Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_millis(2000), "{took:?}");
     }
     assert_eq!(refusals(a, "malformed"), 3);
 
@@ -452,13 +453,13 @@ fn refusals_close_the_connection_and_are_counted() {
     assert_eq!(refusals(a, "truncated"), 2);
 
     // A header that never completes, and a connection that never sends: closed after the
-    // header timeout (600 ms).
+    // header timeout (3 s).
     let mut started = connect(p);
     started.write_all(b"PROXY TCP4 198.18.").unwrap();
     let mut silent = connect(p);
     let took = closed_without_a_byte(&mut started);
     assert!(
-        took > Duration::from_millis(400) && took < Duration::from_millis(2000),
+        took > Duration::from_millis(2800) && took < Duration::from_secs(6),
         "{took:?}"
     );
     let took = closed_without_a_byte(&mut silent);
