@@ -57,57 +57,93 @@ impl Gcra {
     }
 }
 
-/// A count within a fixed window.
+/// A count within a fixed window: the window's number and the count in it, in one atomic
+/// word, so that starting a new window and counting in it are one step. (As two words, a
+/// charge that landed between another thread's move to a new window and its reset of the
+/// count was wiped out, and one taken back there wrapped the count around to refuse the
+/// rest of the window; a decision made just before a window ended moved the count back to
+/// that window, from nothing.) A window only moves forward: a charge for one already ended
+/// counts in the current one.
 #[derive(Debug, Default)]
 pub struct Window {
-    id: AtomicU64,
-    used: AtomicU64,
+    state: portable_atomic::AtomicU128,
 }
 
 impl Window {
-    fn roll(&self, window: u64) {
-        let id = self.id.load(Ordering::Acquire);
-        if id != window
-            && self
-                .id
-                .compare_exchange(id, window, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            self.used.store(0, Ordering::Release);
+    fn split(v: u128) -> (u64, u64) {
+        ((v >> 64) as u64, v as u64)
+    }
+
+    fn join(id: u64, used: u64) -> u128 {
+        (u128::from(id) << 64) | u128::from(used)
+    }
+
+    /// The window's number and its count.
+    pub fn get(&self) -> (u64, u64) {
+        Self::split(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state to what `f` makes of it as of `window` (a later window than the one
+    /// held starts at 0; an earlier one is the one held): `Ok` with the new count, or `Err`
+    /// with the count `f` refused to change.
+    fn update(&self, window: u64, mut f: impl FnMut(u64, u64) -> Option<u64>) -> Result<u64, u64> {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let (id, used) = Self::split(current);
+            let (id, used) = if id < window { (window, 0) } else { (id, used) };
+            let Some(next) = f(id, used) else {
+                return Err(used);
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                Self::join(id, next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(next),
+                Err(actual) => current = actual,
+            }
         }
     }
 
     /// Adds `amount` unless that takes the count above `limit`; returns what is left.
     pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Result<u64, u64> {
-        self.roll(window);
-        let before = self.used.fetch_add(amount, Ordering::AcqRel);
-        if before + amount > limit {
-            self.used.fetch_sub(amount, Ordering::AcqRel);
-            return Err(limit.saturating_sub(before));
-        }
-        Ok(limit - before - amount)
+        self.update(window, |_, used| {
+            used.checked_add(amount).filter(|&n| n <= limit)
+        })
+        .map(|used| limit - used)
+        .map_err(|used| limit.saturating_sub(used))
     }
 
     pub fn refund(&self, window: u64, amount: u64) {
-        if self.id.load(Ordering::Acquire) == window {
-            let _ = self
-                .used
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                    Some(u.saturating_sub(amount))
-                });
-        }
+        let _ = self.update(window, |id, used| {
+            (id == window).then(|| used.saturating_sub(amount))
+        });
+    }
+
+    /// Raises the count of `window` to `floor` (a count kept or read elsewhere).
+    pub fn raise(&self, window: u64, floor: u64) {
+        let _ = self.update(window, |id, used| (id == window).then(|| used.max(floor)));
+    }
+
+    /// Moves the count of `window` by `shift` (never below 0).
+    pub fn shift(&self, window: u64, shift: i128) {
+        let _ = self.update(window, |id, used| {
+            (id == window)
+                .then(|| u64::try_from((i128::from(used) + shift).max(0)).unwrap_or(u64::MAX))
+        });
     }
 
     /// What is left of `limit` in `window`, without charging.
     pub fn left(&self, window: u64, limit: u64) -> u64 {
-        if self.id.load(Ordering::Acquire) != window {
-            return limit;
+        match self.get() {
+            (id, used) if id == window => limit.saturating_sub(used),
+            _ => limit,
         }
-        limit.saturating_sub(self.used.load(Ordering::Acquire))
     }
 
     fn stale(&self, window: u64) -> bool {
-        self.id.load(Ordering::Relaxed) < window
+        self.get().0 < window
     }
 }
 
@@ -585,11 +621,10 @@ impl State {
                     Counted::Budget { .. } => {}
                     Counted::Refusals { .. } => return None,
                 }
-                let window = c.window.id.load(Ordering::Acquire);
+                let (window, used) = c.window.get();
                 if window < Self::window_of(c.len_s) {
                     return None;
                 }
-                let used = c.window.used.load(Ordering::Acquire);
                 let base = if c.fleet_window.load(Ordering::Acquire) == window {
                     c.fleet_base.load(Ordering::Acquire)
                 } else {
@@ -620,12 +655,7 @@ impl State {
             // used = total + (used - base - sent): what the workers added after the delta was read
             // stays theirs to send next round.
             let shift = i128::from(total) - i128::from(base) - i128::from(sent);
-            let _ = c
-                .window
-                .used
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                    u64::try_from((i128::from(u) + shift).max(0)).ok()
-                });
+            c.window.shift(window, shift);
         });
     }
 
@@ -634,7 +664,7 @@ impl State {
     /// round) and the rounds after count from it.
     pub fn fleet_floor(&self, what: Counted, len_s: u64, window: u64, total: u64) {
         self.with_fleet_counter(what, len_s, window, total, |c| {
-            c.window.used.fetch_max(total, Ordering::AcqRel);
+            c.window.raise(window, total);
         });
     }
 
@@ -661,7 +691,6 @@ impl State {
         if c.len_s != len_s {
             return;
         }
-        c.window.roll(window);
         f(c);
         c.fleet_base.store(total, Ordering::Release);
         c.fleet_window.store(window, Ordering::Release);
@@ -740,7 +769,7 @@ impl State {
             .iter()
             .filter_map(|(key, c)| {
                 let what = c.what.as_deref()?;
-                let window = c.window.id.load(Ordering::Acquire);
+                let (window, used) = c.window.get();
                 (window >= Self::window_of(c.len_s)).then(|| {
                     (
                         *key,
@@ -748,7 +777,7 @@ impl State {
                         WindowCount {
                             len_s: c.len_s,
                             window,
-                            used: c.window.used.load(Ordering::Acquire),
+                            used,
                         },
                     )
                 })
@@ -773,8 +802,7 @@ impl State {
         if c.len_s != count.len_s {
             return false;
         }
-        c.window.roll(count.window);
-        c.window.used.fetch_max(count.used, Ordering::AcqRel);
+        c.window.raise(count.window, count.used);
         true
     }
 
@@ -1068,6 +1096,49 @@ mod tests {
         assert_eq!(w.left(7, 10), 2);
         assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
         assert_eq!(w.charge(8, 5, 10), Ok(5), "a new window starts full");
+    }
+
+    #[test]
+    fn a_decision_made_just_before_a_window_ended_does_not_take_the_count_back() {
+        let w = Window::default();
+        for _ in 0..5 {
+            assert!(w.charge(8, 1, 5).is_ok());
+        }
+        // A worker that read the time just before window 8 began charges after the others:
+        // counted in window 8, which is full, not in a window 7 started again from nothing.
+        assert_eq!(w.charge(7, 1, 5), Err(0));
+        assert_eq!(w.charge(8, 1, 5), Err(0), "window 8 keeps its count");
+        assert_eq!(w.charge(9, 1, 5), Ok(4));
+    }
+
+    #[test]
+    fn windows_are_exact_when_threads_race_on_their_rollover() {
+        const THREADS: usize = 4;
+        const WINDOWS: u64 = 2_000;
+        // One compare-exchange of 16 bytes, never a lock on the request path.
+        assert!(portable_atomic::AtomicU128::is_lock_free());
+        let w = Window::default();
+        let start = std::sync::Barrier::new(THREADS);
+        let admitted: Vec<AtomicU64> = (0..WINDOWS).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    for window in 1..WINDOWS {
+                        // Every thread at the start of each window at once: they race on its
+                        // rollover, and on charges that overshoot and are taken back.
+                        start.wait();
+                        for _ in 0..3 {
+                            if w.charge(window, 2, 5).is_ok() {
+                                admitted[window as usize].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for (window, n) in admitted.iter().enumerate().skip(1) {
+            assert_eq!(n.load(Ordering::Relaxed), 2, "window {window}");
+        }
     }
 
     #[test]
