@@ -865,6 +865,11 @@ fn a_tenant_connection_cap_holds_across_the_fleet() {
     fleet.wait_metric_all("mcp_gateway_fleet_caps_shared", 1.0);
     let add = |port| call(port, "add", json!({"a": 1, "b": 2}));
     assert_eq!(add(b), (200, None));
+    // That connection gone from B's count, and from what A last read of it (B writes its count
+    // when it changes, A reads every round: 25 ms): otherwise A's third below would be one too
+    // many for the fleet, as it was once in a full run.
+    wait_metric(admin_b, "mcp_gateway_connections{tenant=\"public\"}", 0.0);
+    std::thread::sleep(Duration::from_millis(500));
     // Three connections kept open on A (keep-alive after a call): the tenant's cap of the
     // fleet is full, and B refuses new connections of the tenant.
     let held: Vec<_> = (0..3)
