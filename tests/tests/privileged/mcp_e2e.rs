@@ -411,7 +411,16 @@ fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
         .0
         .status
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // In flight once the upstream has it (not after a fixed pause, which a loaded host can
+    // outlast): it answers 1.2 s later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while up.seen.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     d.terminate();
     d.wait_for_log("shutting down", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(100));
