@@ -144,7 +144,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             let limit = b.tenant?;
             let key = shared
                 .limits
-                .key(("budget", "tenant", t.name.as_str(), t.name.as_str()));
+                .budget_key("tenant", &t.name, &t.name, b.window_s);
             Some((
                 label(&t.name),
                 shared.limits.left(key, b.window_s, limit),

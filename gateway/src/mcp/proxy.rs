@@ -411,11 +411,12 @@ pub(super) async fn refuse(
         && let Some(b) = &config.auto_ban
     {
         let limits = &ctx.shared.limits;
-        let key = limits.key(("refusals", peer.ip()));
+        let what = policy::limits::Counted::Refusals { source: peer.ip() };
+        let key = what.key(limits, b.window_s);
         if limits
             .charge_kept(
                 key,
-                || policy::limits::Counted::Refusals { source: peer.ip() },
+                || what,
                 policy::limits::State::unix_s(),
                 b.window_s,
                 1,

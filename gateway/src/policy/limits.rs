@@ -106,12 +106,15 @@ impl Window {
         }
     }
 
-    /// Adds `amount` unless that takes the count above `limit`; returns what is left.
-    pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Result<u64, u64> {
-        self.update(window, |_, used| {
+    /// Adds `amount` unless that takes the count above `limit`: the window it counted in (a
+    /// later one than `window` if that had ended) and what is left, or what is left.
+    pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Result<(u64, u64), u64> {
+        let mut counted = window;
+        self.update(window, |id, used| {
+            counted = id;
             used.checked_add(amount).filter(|&n| n <= limit)
         })
-        .map(|used| limit - used)
+        .map(|used| (counted, limit - used))
         .map_err(|used| limit.saturating_sub(used))
     }
 
@@ -287,15 +290,17 @@ impl Counted {
         matches!(self, Self::Budget { scope, .. } if scope == "run")
     }
 
-    /// The key the request path computes for the same count.
-    pub fn key(&self, state: &State) -> u64 {
+    /// The key of this count in windows of `len_s` seconds (the request path's too): a
+    /// window of another length is another count, so a reload that changes `window_s` starts
+    /// a new one, counted, pruned and shared with the fleet at its own length.
+    pub fn key(&self, state: &State, len_s: u64) -> u64 {
         match self {
             Self::Budget {
                 scope,
                 tenant,
                 subject,
-            } => state.key(("budget", scope.as_str(), tenant.as_str(), subject.as_str())),
-            Self::Refusals { source } => state.key(("refusals", *source)),
+            } => state.budget_key(scope, tenant, subject, len_s),
+            Self::Refusals { source } => state.key(("refusals", *source, len_s)),
         }
     }
 }
@@ -404,8 +409,9 @@ pub enum Charge {
     Lease { key: u64 },
     /// A count of the loop breaker in windows of `len_s` seconds, at `unix_s`.
     Repeat { key: u64, unix_s: u64, len_s: u64 },
-    /// `amount` of a budget in windows of `len_s` seconds.
-    Budget { key: u64, len_s: u64, amount: u64 },
+    /// `amount` of a budget, counted in window number `window` (given back there or nowhere:
+    /// a refund made after the window ended must not make room in the next).
+    Budget { key: u64, window: u64, amount: u64 },
 }
 
 /// What the limits count, across reloads.
@@ -504,6 +510,11 @@ impl State {
     /// A keyed hash of `parts`: callers cannot steer two counts onto one cell.
     pub fn key<T: Hash>(&self, parts: T) -> u64 {
         self.keys.hash_one(parts)
+    }
+
+    /// The key of a budget's count (`scope` of `subject` in `tenant`) in windows of `len_s`.
+    pub fn budget_key(&self, scope: &str, tenant: &str, subject: &str, len_s: u64) -> u64 {
+        self.key(("budget", scope, tenant, subject, len_s))
     }
 
     pub fn admit(&self, key: u64, now: u64, rate: u64, burst: u64) -> Result<(), Duration> {
@@ -681,7 +692,7 @@ impl State {
         if len_s == 0 || window != Self::window_of(len_s) {
             return;
         }
-        let key = what.key(self);
+        let key = what.key(self, len_s);
         let map = self.windows.pin();
         let c = map.get_or_insert_with(key, || Counter {
             len_s,
@@ -730,7 +741,7 @@ impl State {
         len_s: u64,
         amount: u64,
         limit: u64,
-    ) -> Result<u64, u64> {
+    ) -> Result<(u64, u64), u64> {
         let map = self.windows.pin();
         map.get_or_insert_with(key, || Counter {
             len_s,
@@ -751,7 +762,7 @@ impl State {
         len_s: u64,
         amount: u64,
         limit: u64,
-    ) -> Result<u64, u64> {
+    ) -> Result<(u64, u64), u64> {
         let map = self.windows.pin();
         map.get_or_insert_with(key, || Counter {
             len_s,
@@ -792,7 +803,7 @@ impl State {
         if count.len_s == 0 || count.window != Self::window_of(count.len_s) {
             return false;
         }
-        let key = what.key(self);
+        let key = what.key(self, count.len_s);
         let map = self.windows.pin();
         let c = map.get_or_insert_with(key, || Counter {
             len_s: count.len_s,
@@ -828,13 +839,15 @@ impl State {
             Charge::Repeat { key, unix_s, len_s } => {
                 self.loops.forget(key, unix_s / len_s.max(1));
             }
-            Charge::Budget { key, len_s, amount } => self.refund(key, len_s, amount),
-        }
-    }
-
-    pub fn refund(&self, key: u64, len_s: u64, amount: u64) {
-        if let Some(c) = self.windows.pin().get(&key) {
-            c.window.refund(Self::window_of(len_s), amount);
+            Charge::Budget {
+                key,
+                window,
+                amount,
+            } => {
+                if let Some(c) = self.windows.pin().get(&key) {
+                    c.window.refund(window, amount);
+                }
+            }
         }
     }
 
@@ -1089,13 +1102,13 @@ mod tests {
     #[test]
     fn windows_charge_refuse_refund_and_roll_over() {
         let w = Window::default();
-        assert_eq!(w.charge(7, 3, 10), Ok(7));
-        assert_eq!(w.charge(7, 7, 10), Ok(0));
+        assert_eq!(w.charge(7, 3, 10), Ok((7, 7)));
+        assert_eq!(w.charge(7, 7, 10), Ok((7, 0)));
         assert_eq!(w.charge(7, 1, 10), Err(0), "nothing left");
         w.refund(7, 2);
         assert_eq!(w.left(7, 10), 2);
         assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
-        assert_eq!(w.charge(8, 5, 10), Ok(5), "a new window starts full");
+        assert_eq!(w.charge(8, 5, 10), Ok((8, 5)), "a new window starts full");
     }
 
     #[test]
@@ -1108,7 +1121,79 @@ mod tests {
         // counted in window 8, which is full, not in a window 7 started again from nothing.
         assert_eq!(w.charge(7, 1, 5), Err(0));
         assert_eq!(w.charge(8, 1, 5), Err(0), "window 8 keeps its count");
-        assert_eq!(w.charge(9, 1, 5), Ok(4));
+        assert_eq!(w.charge(9, 1, 5), Ok((9, 4)));
+    }
+
+    #[test]
+    fn a_charge_given_back_after_its_window_ended_makes_no_room_in_the_next() {
+        let state = State::default();
+        let len = 1_000_000;
+        let now = State::window_of(len);
+        let key = 42;
+        let what = || Counted::Refusals {
+            source: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        // A batch charged all of the last window...
+        let (window, _) = state
+            .charge_kept(key, what, (now - 1) * len, len, 5, 5)
+            .unwrap();
+        assert_eq!(window, now - 1);
+        // ...others spent all of this one...
+        assert_eq!(
+            state.charge_kept(key, what, now * len, len, 5, 5),
+            Ok((now, 0))
+        );
+        // ...and the batch's last message is refused now: its charge goes back to where it was
+        // counted, which has ended.
+        state.give_back(Charge::Budget {
+            key,
+            window,
+            amount: 5,
+        });
+        assert_eq!(state.charge_kept(key, what, now * len, len, 1, 5), Err(0));
+        assert_eq!(state.left(key, len, 5), 0);
+    }
+
+    #[test]
+    fn a_budget_whose_window_length_changes_is_a_new_count_at_its_own_length() {
+        let state = State::default();
+        let what = Counted::Budget {
+            scope: "tenant".into(),
+            tenant: "acme".into(),
+            subject: "acme".into(),
+        };
+        let now = State::unix_s();
+        let (long, short) = (2_000_000, 1_000_000);
+        let w = || what.clone();
+        assert!(
+            state
+                .charge_kept(what.key(&state, short), w, now, short, 5, 5)
+                .is_ok()
+        );
+        // A reload made the window longer: a new window, full, and not the old count.
+        assert_eq!(
+            state.charge_kept(what.key(&state, long), w, now, long, 2, 5),
+            Ok((State::window_of(long), 3))
+        );
+        // Each shared with the fleet (and kept) at its own length and window.
+        let mut counts: Vec<_> = state
+            .fleet_counts()
+            .into_iter()
+            .map(|c| (c.len_s, c.window, c.used))
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            vec![
+                (short, State::window_of(short), 5),
+                (long, State::window_of(long), 2)
+            ]
+        );
+        assert_eq!(
+            state.budget_key("tenant", "acme", "acme", long),
+            what.key(&state, long),
+            "the request path's key"
+        );
     }
 
     #[test]
@@ -1183,7 +1268,7 @@ mod tests {
                 tenant: "acme".into(),
                 subject: subject.into(),
             };
-            let key = what.key(&state);
+            let key = what.key(&state, 1_000_000);
             state
                 .charge_kept(key, || what.clone(), now, 1_000_000, 1, 100)
                 .unwrap();
@@ -1207,7 +1292,7 @@ mod tests {
             tenant: "acme".into(),
             subject: "acme".into(),
         };
-        let key = what.key(&state);
+        let key = what.key(&state, 1_000_000);
         let now = State::unix_s();
         let w = || what.clone();
         state.charge_kept(key, w, now, 1_000_000, 3, 100).unwrap();
@@ -1228,7 +1313,7 @@ mod tests {
             subject: "bot".into(),
         };
         state.fleet_merge(other.clone(), 1_000_000, counts[0].window, 0, 7);
-        assert_eq!(state.left(other.key(&state), 1_000_000, 10), 3);
+        assert_eq!(state.left(other.key(&state, 1_000_000), 1_000_000, 10), 3);
     }
 
     #[test]

@@ -1236,7 +1236,7 @@ impl Policy {
                 let (Some(limit), Some(subject)) = (limit, subject) else {
                     continue;
                 };
-                let key = state.key(("budget", scope, t.name.as_str(), subject));
+                let key = state.budget_key(scope, &t.name, subject, b.window_s);
                 // A run not counted yet takes one of the tenant's places for runs.
                 if scope == "run" && !state.counts(key) && !state.take_run(&t.name, MAX_RUNS) {
                     return Err(Refusal::new(
@@ -1256,10 +1256,10 @@ impl Policy {
                     subject: subject.to_owned(),
                 };
                 match state.charge_kept(key, what, unix_s, b.window_s, cost, limit) {
-                    Ok(l) => {
+                    Ok((window, l)) => {
                         admission.charges.push(Charge::Budget {
                             key,
-                            len_s: b.window_s,
+                            window,
                             amount: cost,
                         });
                         // Written into every answer's head: without the formatting machinery.

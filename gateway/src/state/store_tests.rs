@@ -47,14 +47,21 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
                 .is_ok()
         );
         let what = budget("bot");
-        let key = what.key(&limits);
+        let key = what.key(&limits, 3600);
         let now = State::unix_s();
         limits
             .charge_kept(key, || what.clone(), now, 3600, 7, 10)
             .unwrap();
         let refusals = Counted::Refusals { source: ip };
         limits
-            .charge_kept(refusals.key(&limits), || refusals.clone(), now, 60, 2, 5)
+            .charge_kept(
+                refusals.key(&limits, 60),
+                || refusals.clone(),
+                now,
+                60,
+                2,
+                5,
+            )
             .unwrap();
         let f = store.flush(&pins, &limits, bans).unwrap();
         assert_eq!(f.written, 2 + 2 + 2);
@@ -87,15 +94,15 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     assert!(pins.observe("u", &json!({"name": "other", "description": "b"}), None));
     // The spend is there: 3 of 10 left, so 4 is refused.
     let what = budget("bot");
-    let key = limits.key(("budget", "agent", "acme", "bot"));
-    assert_eq!(what.key(&limits), key, "the request path's key");
+    let key = limits.budget_key("agent", "acme", "bot", 3600);
+    assert_eq!(what.key(&limits, 3600), key, "the request path's key");
     assert_eq!(limits.left(key, 3600, 10), 3);
     assert_eq!(
         limits.charge_kept(key, || what.clone(), State::unix_s(), 3600, 4, 10),
         Err(3)
     );
     let refusals = Counted::Refusals { source: ip };
-    assert_eq!(limits.left(refusals.key(&limits), 60, 5), 3);
+    assert_eq!(limits.left(refusals.key(&limits, 60), 60, 5), 3);
     let _ = std::fs::remove_dir_all(&d);
 }
 
