@@ -208,11 +208,20 @@ impl LoopTable {
                     v & LOOP_COUNT_MAX,
                 );
                 if v != 0 && t == tag {
-                    let next = if w == window { n + 1 } else { 1 };
+                    // A cell already in a later window (the call's clock was read just before
+                    // that window began, and others counted first) is counted in there, never
+                    // moved back to start again from 1. Windows are 16 bits: later is up to half
+                    // way round.
+                    let ahead = w.wrapping_sub(window) & ((1 << WINDOW_BITS) - 1);
+                    let (w, next) = if w == window || ahead < 1 << (WINDOW_BITS - 1) {
+                        (w, n + 1)
+                    } else {
+                        (window, 1)
+                    };
                     if next > max {
                         return false;
                     }
-                    let new = Self::pack(tag, window, next.min(LOOP_COUNT_MAX));
+                    let new = Self::pack(tag, w, next.min(LOOP_COUNT_MAX));
                     if cell
                         .compare_exchange(v, new, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
@@ -1034,6 +1043,26 @@ mod tests {
             !t.repeat(*looping, 5, 3),
             "and its fourth is refused: still counted"
         );
+    }
+
+    #[test]
+    fn a_loop_count_is_never_moved_back_to_an_ended_window() {
+        let t = LoopTable::default();
+        let key = 7 << 40;
+        for _ in 0..3 {
+            assert!(t.repeat(key, 8, 3));
+        }
+        // Decided with a clock read just before window 8 began: counted in 8, which is full.
+        assert!(!t.repeat(key, 7, 3));
+        assert!(!t.repeat(key, 8, 3), "window 8 keeps its count");
+        assert!(t.repeat(key, 9, 3), "a later window starts again");
+        // Round the 16-bit circle: the window after 0xffff is 0, a later one.
+        let key = 8 << 40;
+        for _ in 0..3 {
+            assert!(t.repeat(key, 0xffff, 3));
+        }
+        assert!(!t.repeat(key, 0xffff, 3));
+        assert!(t.repeat(key, 0x1_0000, 3));
     }
 
     #[test]
