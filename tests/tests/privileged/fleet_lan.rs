@@ -248,6 +248,15 @@ fleet = "{fleet}"
         names.iter().any(|n| n == "echo")
     }
 
+    /// Loads every gateway for `warm`, then for `span`: the calls admitted across the fleet
+    /// are within `tolerance` of the fleet's rate (each gateway's are printed).
+    fn assert_load_rate(&self, what: &str, warm: Duration, span: Duration, tolerance: f64) {
+        self.load(warm);
+        let each = self.load(span);
+        eprintln!("{what}: admitted by each gateway {each:?}");
+        assert_rate(what, each.iter().sum(), RATE, span, tolerance);
+    }
+
     /// Calls `add` from BETA through every gateway at once for `span` (a thread each, in the
     /// client namespace, on a keep-alive connection as agents do): what each admitted.
     fn load(&self, span: Duration) -> Vec<u64> {
@@ -328,15 +337,10 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
     );
 
     // The default tenant's 120/s, loaded through all three over the LAN, holds fleet-wide.
-    f.load(Duration::from_secs(1));
-    let span = Duration::from_secs(5);
-    let each = f.load(span);
-    eprintln!("admitted by each gateway: {each:?}");
-    assert_rate(
+    f.assert_load_rate(
         "fleet-wide over the LAN",
-        each.iter().sum(),
-        RATE,
-        span,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
         0.05,
     );
 
@@ -416,15 +420,10 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
         f.call(GAMMA, &f.hosts[2], "add", json!({"a": 1, "b": 2})),
         (503, Some(STATE_UNAVAILABLE))
     );
-    f.load(Duration::from_millis(500));
-    let span = Duration::from_secs(3);
-    let each = f.load(span);
-    eprintln!("admitted by each gateway, Redis down: {each:?}");
-    assert_rate(
+    f.assert_load_rate(
         "each gateway's share, Redis down",
-        each.iter().sum(),
-        RATE,
-        span,
+        Duration::from_millis(500),
+        Duration::from_secs(3),
         0.10,
     );
     f.redis_up();
@@ -439,15 +438,10 @@ fn three_gateways_in_their_own_namespaces_share_state_over_the_lan() {
             h.ns
         );
     }
-    f.load(Duration::from_secs(1));
-    let span = Duration::from_secs(4);
-    let each = f.load(span);
-    eprintln!("admitted by each gateway after Redis came back: {each:?}");
-    assert_rate(
+    f.assert_load_rate(
         "fleet-wide after Redis came back",
-        each.iter().sum(),
-        RATE,
-        span,
+        Duration::from_secs(1),
+        Duration::from_secs(4),
         0.05,
     );
 
