@@ -92,9 +92,9 @@ impl ConnTable {
         }
     }
 
-    /// Counts a connection of `tenant` on `worker` until the returned guard is dropped.
-    pub fn open(&self, worker: usize, tenant: u32) -> Counted<'_> {
-        self.opened(worker, tenant);
+    /// A connection of `tenant` on `worker`, counted already (by [`Shared::enter_conn`]), until
+    /// the returned guard is dropped.
+    pub fn counted(&self, worker: usize, tenant: u32) -> Counted<'_> {
         Counted {
             table: self,
             worker,
@@ -102,12 +102,14 @@ impl ConnTable {
         }
     }
 
+    /// Sequentially consistent with [`ConnTable::total`]: of two workers that each count a
+    /// connection and then sum, at least one sees the other's.
     pub fn opened(&self, worker: usize, tenant: u32) {
-        self.rows[worker][tenant as usize].fetch_add(1, Ordering::Relaxed);
+        self.rows[worker][tenant as usize].fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn closed(&self, worker: usize, tenant: u32) {
-        self.rows[worker][tenant as usize].fetch_sub(1, Ordering::Relaxed);
+        self.rows[worker][tenant as usize].fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Forgets a worker's connections: its runtime died and took them with it.
@@ -121,7 +123,7 @@ impl ConnTable {
     pub fn total(&self, tenant: u32) -> u64 {
         self.rows
             .iter()
-            .map(|r| r[tenant as usize].load(Ordering::Relaxed))
+            .map(|r| r[tenant as usize].load(Ordering::SeqCst))
             .sum()
     }
 }
@@ -325,6 +327,27 @@ impl Shared {
         self.at_cap[tenant as usize].store(v, Ordering::Relaxed);
     }
 
+    /// Counts a new connection of `tenant` on `worker` if its connection cap (`cap`, the
+    /// tenant's `max_connections`) leaves room: `false`, nothing counted, when the control
+    /// thread's flag is up or when, once counted, the workers' connections of the tenant are
+    /// more than this host may hold ([`crate::policy::limits::State::conn_cap`]). The flag alone
+    /// is polled (`cap_poll_ms`): a burst between two polls passed it whole. Counting before
+    /// summing means two workers taking the last place at once may both give it up, never both
+    /// take it.
+    pub fn enter_conn(&self, worker: usize, tenant: u32, cap: Option<u64>) -> bool {
+        if self.at_cap(tenant) {
+            return false;
+        }
+        self.conns.opened(worker, tenant);
+        if let Some(cap) = cap
+            && self.conns.total(tenant) > self.limits.conn_cap(tenant, cap)
+        {
+            self.conns.closed(worker, tenant);
+            return false;
+        }
+        true
+    }
+
     /// The workers that are not serving now.
     pub fn workers_down(&self) -> Vec<usize> {
         self.workers_up
@@ -412,5 +435,65 @@ sources = ["10.1.0.0/16", "2001:db8::/32"]
         t.closed(2, 5);
         assert_eq!(t.total(5), 2);
         assert_eq!(t.total(4), 0);
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    /// Four workers take and give back the one place of a tenant capped at 1, all at once: never
+    /// two hold it, and nothing stays counted.
+    /// (With the polled flag alone, every one of a burst between two polls was taken.)
+    #[test]
+    fn the_connection_cap_holds_when_workers_race_for_the_last_place() {
+        let text = r#"
+[gateway]
+instance = "t"
+workers = 4
+[[listeners]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+[kernel]
+enabled = false
+default_tenant = "d"
+[[tenants]]
+name = "d"
+id = 1
+max_connections = 1
+"#;
+        let shared = Shared::new(Config::from_toml(text).unwrap());
+        let (holding, most, admitted) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for worker in 0..4 {
+                let (shared, holding, most, admitted) = (&shared, &holding, &most, &admitted);
+                s.spawn(move || {
+                    for _ in 0..20_000 {
+                        if shared.enter_conn(worker, 1, Some(1)) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::Relaxed);
+                            for _ in 0..50 {
+                                std::hint::spin_loop();
+                            }
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            drop(shared.conns.counted(worker, 1));
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            most.load(Ordering::Relaxed),
+            1,
+            "more than the cap held at once"
+        );
+        assert!(admitted.load(Ordering::Relaxed) > 0);
+        assert_eq!(shared.conns.total(1), 0);
+        // The flag still refuses at once, and a tenant without a cap is never refused here.
+        shared.set_at_cap(1, true);
+        assert!(!shared.enter_conn(0, 1, Some(1)));
+        assert!(shared.enter_conn(0, 2, None));
     }
 }

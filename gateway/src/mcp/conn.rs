@@ -223,12 +223,20 @@ async fn admit<'s>(
         }
         Header::Local => peer,
     };
-    let tenant = shared.snapshot.load().classifier.tenant_of(client.ip());
-    if shared.at_cap(tenant) {
+    let (tenant, cap) = {
+        let snapshot = shared.snapshot.load();
+        let tenant = snapshot.classifier.tenant_of(client.ip());
+        let cap = snapshot
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.max_connections);
+        (tenant, cap)
+    };
+    if !shared.enter_conn(worker, tenant, cap) {
         return refuse(shared, client, Reason::TenantAtCap);
     }
     shared.proxy_protocol.accept(&header);
-    Some((client, Some(shared.conns.open(worker, tenant))))
+    Some((client, Some(shared.conns.counted(worker, tenant))))
 }
 
 fn denied(shared: &Shared, ip: IpAddr) -> bool {

@@ -604,7 +604,11 @@ fn take_connection(
         let tenant = snapshot.classifier.tenant_of(peer.ip());
         // The kernel drops SYNs once the control thread raises the flag; until then (and
         // for connections already in the accept queue) the worker refuses them itself.
-        if shared.at_cap(tenant) {
+        let cap = snapshot
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.max_connections);
+        if !shared.enter_conn(worker, tenant, cap) {
             monoio::spawn(refuse_at_cap(stream));
             return;
         }
@@ -621,9 +625,6 @@ fn take_connection(
         active: Rc::clone(active),
         fd,
     };
-    if let Some(t) = tenant {
-        ctx.shared.conns.opened(worker, t);
-    }
     monoio::spawn(serve_contained(
         stream,
         peer,

@@ -517,6 +517,48 @@ fn max_connections_counts_sockets_that_are_really_open() {
     drop(held);
 }
 
+/// A burst of connections between two polls of the at-cap flag (`cap_poll_ms`, here 10 s) gets
+/// no more than the cap: each connection is counted against it as it is accepted. Before, the
+/// worker only read the flag, and all ten were served until the next poll.
+#[test]
+fn a_burst_of_connections_between_two_polls_gets_no_more_than_the_cap() {
+    let extra = Extra {
+        kernel: "default_tenant = \"other\"\ncap_poll_ms = 10000",
+        tables: "[[tenants]]\nname = \"other\"\nid = 0\n[[tenants]]\nname = \"local\"\nid = 1\nsources = [\"127.0.0.1/32\"]\nmax_connections = 2\n",
+        ..Extra::default()
+    };
+    let (_d, port, _) = gateway(free_port(), extra);
+    let mut burst: Vec<TcpStream> = (0..10).map(|_| connect(port)).collect();
+    let mut statuses = Vec::new();
+    for s in &mut burst {
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .unwrap();
+        statuses.push(read_response(s).expect("an answer").status);
+    }
+    assert_eq!(
+        statuses,
+        [404, 404, 503, 503, 503, 503, 503, 503, 503, 503],
+        "served in order of arrival until the cap, refused after"
+    );
+    // A place given back is taken by the next connection, without waiting for a poll.
+    drop(burst.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut s = connect(port);
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .unwrap();
+        let status = read_response(&mut s).expect("an answer").status;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place given back was not taken again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The upstream answers each request with its own id and then, unasked, a second answer:
 /// right behind the first (`delay` zero) or a little later.
 fn smuggling_upstream(delay: Duration) -> Fake {
