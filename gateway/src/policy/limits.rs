@@ -186,8 +186,10 @@ impl LoopTable {
         (tag << (WINDOW_BITS + COUNT_BITS)) | (window << COUNT_BITS) | count
     }
 
-    /// Counts one more of call `key` in `window`; `false` if that would take it above `max`.
-    pub fn repeat(&self, key: u64, window: u64, max: u64) -> bool {
+    /// Counts one more of call `key` in `window`: the window it was counted in (16 bits: the
+    /// call's own, or a later one its cell is in already), for [`LoopTable::forget`]; `None`
+    /// if that would take it above `max`.
+    pub fn repeat(&self, key: u64, window: u64, max: u64) -> Option<u64> {
         let set = (key as usize) & (LOOP_SETS - 1);
         // Never 0: an empty cell is 0.
         let tag = (key >> (WINDOW_BITS + COUNT_BITS)).max(1);
@@ -219,20 +221,24 @@ impl LoopTable {
                         (window, 1)
                     };
                     if next > max {
-                        return false;
+                        return None;
                     }
                     let new = Self::pack(tag, w, next.min(LOOP_COUNT_MAX));
                     if cell
                         .compare_exchange(v, new, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                     {
-                        return true;
+                        return Some(w);
                     }
                     continue 'attempt;
                 }
+                // A cell of an ended window goes first; one in a later window (another call
+                // counted there already) is live, ranked by its count.
+                let behind = window.wrapping_sub(w) & ((1 << WINDOW_BITS) - 1);
+                let ended = behind != 0 && behind < 1 << (WINDOW_BITS - 1);
                 let rank = match v {
                     0 => 0,
-                    _ if w != window => 1,
+                    _ if ended => 1,
                     _ => 2 + n,
                 };
                 if rank < victim.2 {
@@ -240,7 +246,7 @@ impl LoopTable {
                 }
             }
             if max == 0 {
-                return false;
+                return None;
             }
             let (i, v, _) = victim;
             if cells[i]
@@ -252,16 +258,16 @@ impl LoopTable {
                 )
                 .is_ok()
             {
-                return true;
+                return Some(window);
             }
         }
     }
 
-    /// Uncounts one of call `key` in `window` (its admission was undone).
+    /// Uncounts one of call `key` in `window`, the window [`LoopTable::repeat`] counted it in
+    /// (its admission was undone). Once that window has ended, nothing is left to give back.
     pub fn forget(&self, key: u64, window: u64) {
         let set = (key as usize) & (LOOP_SETS - 1);
         let tag = (key >> (WINDOW_BITS + COUNT_BITS)).max(1);
-        let window = window & ((1 << WINDOW_BITS) - 1);
         for cell in &self.cells[set * LOOP_WAYS..(set + 1) * LOOP_WAYS] {
             let updated = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 let (t, w, n) = (
@@ -416,8 +422,9 @@ pub enum Charge {
     Rate { key: u64, rate: u64 },
     /// A token of a fleet-wide rate's lease.
     Lease { key: u64 },
-    /// A count of the loop breaker in windows of `len_s` seconds, at `unix_s`.
-    Repeat { key: u64, unix_s: u64, len_s: u64 },
+    /// A count of the loop breaker, counted in window `window` (16 bits, as the table keeps
+    /// it: not always the call's own, see [`LoopTable::repeat`]).
+    Repeat { key: u64, window: u64 },
     /// `amount` of a budget, counted in window number `window` (given back there or nowhere:
     /// a refund made after the window ended must not make room in the next).
     Budget { key: u64, window: u64, amount: u64 },
@@ -453,9 +460,9 @@ pub struct State {
     /// concurrency cap admits this host's share, not the whole cap.
     fleet_caps_read: std::sync::atomic::AtomicBool,
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
-    /// Run windows counted for each tenant (by name): taken as a run is first charged, counted
-    /// again at each prune.
-    runs: papaya::HashMap<String, AtomicU64>,
+    /// Runs counted for each tenant (by name) in its budget's current window (by length):
+    /// a place is taken as a run is first charged, and they all go when the window ends.
+    runs: papaya::HashMap<(String, u64), Window>,
 }
 
 impl Default for State {
@@ -495,14 +502,17 @@ impl State {
         self.windows.pin().contains_key(&key)
     }
 
-    /// Takes a place for one more run of `tenant`, if it has fewer than `max`.
-    pub fn take_run(&self, tenant: &str, max: usize) -> bool {
+    /// Takes a place for one more run of `tenant` in its current budget window (`len_s`
+    /// seconds long, at `unix_s`), if it has fewer than `max` there. The count starts again
+    /// with each window, in the same step as the first run counted in it. (It was one number
+    /// the prune set from the run windows it found: new runs were refused after a window
+    /// rolled over until the next prune, up to 10 s, and places taken during a prune were
+    /// overwritten.)
+    pub fn take_run(&self, tenant: &str, len_s: u64, unix_s: u64, max: usize) -> bool {
         let map = self.runs.pin();
-        let n = map.get_or_insert_with(tenant.to_owned(), AtomicU64::default);
-        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max as u64).then_some(n + 1)
-        })
-        .is_ok()
+        map.get_or_insert_with((tenant.to_owned(), len_s), Window::default)
+            .charge(unix_s / len_s.max(1), 1, max as u64)
+            .is_ok()
     }
 
     /// The secret the keys are hashed with (for the process that takes over in an upgrade;
@@ -826,10 +836,13 @@ impl State {
         true
     }
 
-    /// Counts one more of a call for the loop breaker; `false` once it is over `max` (that call
-    /// is not counted). See [`LoopTable`] for what a flood of distinct calls does.
-    pub fn repeat(&self, key: u64, unix_s: u64, len_s: u64, max: u64) -> bool {
-        self.loops.repeat(key, unix_s / len_s.max(1), max)
+    /// Counts one more of a call for the loop breaker: what gives it back if its request is
+    /// refused after all; `None` once it is over `max` (that call is not counted). See
+    /// [`LoopTable`] for what a flood of distinct calls does.
+    pub fn repeat(&self, key: u64, unix_s: u64, len_s: u64, max: u64) -> Option<Charge> {
+        self.loops
+            .repeat(key, unix_s / len_s.max(1), max)
+            .map(|window| Charge::Repeat { key, window })
     }
 
     /// Undoes `charge`.
@@ -845,9 +858,7 @@ impl State {
                     l.tokens.fetch_add(MILLI, Ordering::AcqRel);
                 }
             }
-            Charge::Repeat { key, unix_s, len_s } => {
-                self.loops.forget(key, unix_s / len_s.max(1));
-            }
+            Charge::Repeat { key, window } => self.loops.forget(key, window),
             Charge::Budget {
                 key,
                 window,
@@ -956,22 +967,24 @@ impl State {
         self.buckets.pin().retain(|_, b| !b.idle_at(now));
         let windows = self.windows.pin();
         windows.retain(|_, c| !c.window.stale(Self::window_of(c.len_s)));
-        // The runs still counted, per tenant (a place taken by a run whose window was never
-        // made, in a race, is given back here).
-        let mut runs: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        // Runs' places of ended windows go. The runs counted in a current window hold at least
+        // their places (raised, never lowered: the windows the state store restored at start
+        // take theirs).
+        let places = self.runs.pin();
+        places.retain(|(_, len_s), w| !w.stale(Self::window_of(*len_s)));
+        let mut runs: std::collections::HashMap<(&str, u64), u64> =
+            std::collections::HashMap::new();
         for (_, c) in &windows {
             if let Some(what @ Counted::Budget { tenant, .. }) = c.what.as_deref()
                 && what.is_run()
             {
-                *runs.entry(tenant.as_str()).or_default() += 1;
+                *runs.entry((tenant.as_str(), c.len_s)).or_default() += 1;
             }
         }
-        let places = self.runs.pin();
-        places.retain(|tenant, _| runs.contains_key(tenant.as_str()));
-        for (tenant, n) in runs {
+        for ((tenant, len_s), n) in runs {
             places
-                .get_or_insert_with(tenant.to_owned(), AtomicU64::default)
-                .store(n, Ordering::Release);
+                .get_or_insert_with((tenant.to_owned(), len_s), Window::default)
+                .raise(Self::window_of(len_s), n);
         }
     }
 
@@ -1016,15 +1029,18 @@ mod tests {
     fn the_loop_table_counts_per_call_and_window_and_refuses_above_max() {
         let t = LoopTable::default();
         let key = 0xdead_beef_1234_5678;
-        assert!((0..3).all(|_| t.repeat(key, 10, 3)));
-        assert!(!t.repeat(key, 10, 3), "a fourth in the window");
+        assert!((0..3).all(|_| t.repeat(key, 10, 3).is_some()));
+        assert!(t.repeat(key, 10, 3).is_none(), "a fourth in the window");
         assert!(
-            !t.repeat(key, 10, 3),
+            t.repeat(key, 10, 3).is_none(),
             "refused calls are not counted, nor let through"
         );
-        assert!(t.repeat(key ^ (1 << 50), 10, 3), "another call");
-        assert!(t.repeat(key, 11, 3), "the next window starts again");
-        assert!(t.repeat(key, 11, 3));
+        assert!(t.repeat(key ^ (1 << 50), 10, 3).is_some(), "another call");
+        assert!(
+            t.repeat(key, 11, 3).is_some(),
+            "the next window starts again"
+        );
+        assert!(t.repeat(key, 11, 3).is_some());
     }
 
     #[test]
@@ -1032,15 +1048,15 @@ mod tests {
         let t = LoopTable::default();
         let keys = same_set(1000);
         let (looping, flood) = keys.split_first().unwrap();
-        assert!(t.repeat(*looping, 5, 3));
-        assert!(t.repeat(*looping, 5, 3));
+        assert!(t.repeat(*looping, 5, 3).is_some());
+        assert!(t.repeat(*looping, 5, 3).is_some());
         // 999 distinct calls in the same set, each seen once: they take each other's places.
         for k in flood {
-            assert!(t.repeat(*k, 5, 3));
+            assert!(t.repeat(*k, 5, 3).is_some());
         }
-        assert!(t.repeat(*looping, 5, 3), "its third");
+        assert!(t.repeat(*looping, 5, 3).is_some(), "its third");
         assert!(
-            !t.repeat(*looping, 5, 3),
+            t.repeat(*looping, 5, 3).is_none(),
             "and its fourth is refused: still counted"
         );
     }
@@ -1050,19 +1066,92 @@ mod tests {
         let t = LoopTable::default();
         let key = 7 << 40;
         for _ in 0..3 {
-            assert!(t.repeat(key, 8, 3));
+            assert!(t.repeat(key, 8, 3).is_some());
         }
         // Decided with a clock read just before window 8 began: counted in 8, which is full.
-        assert!(!t.repeat(key, 7, 3));
-        assert!(!t.repeat(key, 8, 3), "window 8 keeps its count");
-        assert!(t.repeat(key, 9, 3), "a later window starts again");
+        assert!(t.repeat(key, 7, 3).is_none());
+        assert!(t.repeat(key, 8, 3).is_none(), "window 8 keeps its count");
+        assert!(t.repeat(key, 9, 3).is_some(), "a later window starts again");
         // Round the 16-bit circle: the window after 0xffff is 0, a later one.
         let key = 8 << 40;
         for _ in 0..3 {
-            assert!(t.repeat(key, 0xffff, 3));
+            assert!(t.repeat(key, 0xffff, 3).is_some());
         }
-        assert!(!t.repeat(key, 0xffff, 3));
-        assert!(t.repeat(key, 0x1_0000, 3));
+        assert!(t.repeat(key, 0xffff, 3).is_none());
+        assert!(t.repeat(key, 0x1_0000, 3).is_some());
+    }
+
+    /// A tenant's places for runs start again with its budget's window, without waiting for a
+    /// prune, and a prune does not take back places taken meanwhile.
+    #[test]
+    fn places_for_runs_start_again_with_each_window() {
+        let state = State::default();
+        // Windows of 10 s at 100..110 and 110..120.
+        assert!((0..3).all(|_| state.take_run("acme", 10, 100, 3)));
+        assert!(
+            !state.take_run("acme", 10, 105, 3),
+            "a fourth run in the window"
+        );
+        assert!(state.take_run("other", 10, 105, 3), "another tenant's");
+        assert!(state.take_run("acme", 60, 105, 3), "another length's");
+        assert!(state.take_run("acme", 10, 110, 3), "the next window");
+        assert!(state.take_run("acme", 10, 111, 3));
+        assert!(
+            state.take_run("acme", 10, 100, 3),
+            "a late one counts in the later window"
+        );
+        assert!(!state.take_run("acme", 10, 112, 3), "which it filled");
+        // Nothing counted here under the real clock's window: a prune keeps what it finds.
+        let now = State::unix_s();
+        assert!((0..3).all(|_| state.take_run("acme", 10, now, 3)));
+        state.prune();
+        assert!(
+            !state.take_run("acme", 10, now, 3),
+            "the prune gave no place back"
+        );
+    }
+
+    /// A late call counted in its cell's later window is given back there (it was given back
+    /// in its own, older window, where nothing happened, and stayed counted).
+    #[test]
+    fn a_loop_count_is_given_back_in_the_window_it_was_counted_in() {
+        let state = State::default();
+        let key = 9 << 40;
+        // Windows of 10 s: 80..90 is window 8, 70..80 window 7.
+        assert!(state.repeat(key, 80, 10, 3).is_some());
+        assert!(state.repeat(key, 80, 10, 3).is_some());
+        let late = state.repeat(key, 79, 10, 3).expect("counted in window 8");
+        assert_eq!(late, Charge::Repeat { key, window: 8 });
+        assert!(state.repeat(key, 80, 10, 3).is_none(), "window 8 is full");
+        state.give_back(late);
+        assert!(
+            state.repeat(key, 80, 10, 3).is_some(),
+            "its place was given back"
+        );
+        assert!(state.repeat(key, 80, 10, 3).is_none());
+    }
+
+    /// A new call takes the place of a cell from an ended window, never of one another call
+    /// counted in a later window than the new call's clock says.
+    #[test]
+    fn a_cell_in_a_later_window_is_not_taken_as_ended() {
+        let t = LoopTable::default();
+        let keys = same_set(5);
+        // Four calls fill the set: one in window 9 with a count of 3 (at its max), three in 8.
+        for _ in 0..3 {
+            assert!(t.repeat(keys[0], 9, 3).is_some());
+        }
+        for k in &keys[1..4] {
+            assert!(t.repeat(*k, 8, 3).is_some());
+            assert!(t.repeat(*k, 8, 3).is_some());
+        }
+        // A fifth call, its clock read just before window 9: it must take a place from window
+        // 8's calls (count 2), not the window-9 call's.
+        assert!(t.repeat(keys[4], 8, 3).is_some());
+        assert!(
+            t.repeat(keys[0], 9, 3).is_none(),
+            "window 9's call keeps its count"
+        );
     }
 
     #[test]
@@ -1073,7 +1162,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..10_000 {
-                        if t.repeat(42 << 40, 1, 5_000) {
+                        if t.repeat(42 << 40, 1, 5_000).is_some() {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     }

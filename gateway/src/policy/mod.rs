@@ -1192,7 +1192,8 @@ impl Policy {
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
             let key = state.key(("loop", &t.name, agent_key(), digest));
-            if !state.repeat(key, unix_s, lb.window_s, u64::from(lb.max_repeats)) {
+            let Some(charge) = state.repeat(key, unix_s, lb.window_s, u64::from(lb.max_repeats))
+            else {
                 return Err(Refusal::new(
                     429,
                     code::LOOP_DETECTED,
@@ -1205,12 +1206,8 @@ impl Policy {
                     ),
                 )
                 .retry(State::window_left(lb.window_s)));
-            }
-            admission.charges.push(Charge::Repeat {
-                key,
-                unix_s,
-                len_s: lb.window_s,
-            });
+            };
+            admission.charges.push(charge);
         }
         if let Some(b) = &t.budget {
             if state.budgets_closed() {
@@ -1238,7 +1235,10 @@ impl Policy {
                 };
                 let key = state.budget_key(scope, &t.name, subject, b.window_s);
                 // A run not counted yet takes one of the tenant's places for runs.
-                if scope == "run" && !state.counts(key) && !state.take_run(&t.name, MAX_RUNS) {
+                if scope == "run"
+                    && !state.counts(key)
+                    && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS)
+                {
                     return Err(Refusal::new(
                         429,
                         code::BUDGET_EXHAUSTED,
