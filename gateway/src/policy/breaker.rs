@@ -2,7 +2,7 @@
 //! upstream and tenant, created on first use.
 
 use std::{
-    sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -12,125 +12,167 @@ pub const CLOSED: u8 = 0;
 pub const OPEN: u8 = 1;
 pub const HALF_OPEN: u8 = 2;
 
-/// How a call got through.
+/// How a call got through, and in which turn of its breaker (a turn ends each time the
+/// breaker opens or closes): only a verdict of the current turn is counted. (Before, a call let
+/// through while the breaker was closed that ended while it was half-open decided the state
+/// for the probes, and a probe of an earlier turn for a later one.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
-    Closed,
+    Closed(u32),
     /// One of the half-open breaker's probes.
-    Probe,
+    Probe(u32),
 }
+
+/// Probes out at once, at most (they are counted in 24 bits).
+const MAX_PROBES: u32 = (1 << 24) - 1;
 
 #[derive(Debug, Default)]
 pub struct Breaker {
-    state: AtomicU8,
+    /// The turn (32 bits), the state (8) and the probes out (24), in one word: turning
+    /// half-open and taking the first probe are one step, as are closing or opening and
+    /// ending the turn.
+    word: AtomicU64,
     opened_at: AtomicU64,
     consecutive: AtomicU32,
-    window: AtomicU64,
-    total: AtomicU32,
-    failures: AtomicU32,
-    probes: AtomicU32,
+    /// The closed breaker's window (64 bits), its calls (32) and failures (32), in one word: a
+    /// call counted as another thread starts a new window is not wiped out.
+    counts: portable_atomic::AtomicU128,
+}
+
+fn split(v: u64) -> (u32, u8, u32) {
+    ((v >> 32) as u32, (v >> 24) as u8, (v as u32) & MAX_PROBES)
+}
+
+fn join(turn: u32, state: u8, probes: u32) -> u64 {
+    (u64::from(turn) << 32) | (u64::from(state) << 24) | u64::from(probes & MAX_PROBES)
 }
 
 impl Breaker {
     /// Lets a call through, or says how long the breaker stays open.
     pub fn allow(&self, now: u64, c: &RawBreaker) -> Result<Pass, Duration> {
         let open_ns = c.open_ms * 1_000_000;
+        let most = c.half_open_probes.clamp(1, MAX_PROBES);
+        let mut v = self.word.load(Ordering::Acquire);
         loop {
-            match self.state.load(Ordering::Acquire) {
-                CLOSED => return Ok(Pass::Closed),
+            let (turn, state, probes) = split(v);
+            let next = match state {
+                CLOSED => return Ok(Pass::Closed(turn)),
                 OPEN => {
                     let since = now.saturating_sub(self.opened_at.load(Ordering::Acquire));
                     if since < open_ns {
                         return Err(Duration::from_nanos(open_ns - since));
                     }
-                    // Time is up: the first to notice turns it half-open.
-                    if self
-                        .state
-                        .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        self.probes.store(0, Ordering::Release);
-                    }
+                    // Time is up: the first to notice turns it half-open with its probe.
+                    join(turn, HALF_OPEN, 1)
                 }
-                _ => {
-                    let took = self
-                        .probes
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                            (p < c.half_open_probes).then_some(p + 1)
-                        })
-                        .is_ok();
-                    return if took {
-                        Ok(Pass::Probe)
-                    } else {
-                        // Probes are out; their answers decide.
-                        Err(Duration::from_millis(c.open_ms.min(1_000)))
-                    };
-                }
+                // Probes are out; their answers decide.
+                _ if probes >= most => return Err(Duration::from_millis(c.open_ms.min(1_000))),
+                _ => join(turn, HALF_OPEN, probes + 1),
+            };
+            match self
+                .word
+                .compare_exchange_weak(v, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(Pass::Probe(turn)),
+                Err(actual) => v = actual,
             }
         }
     }
 
-    fn open(&self, now: u64) {
-        self.opened_at.store(now, Ordering::Release);
-        self.state.store(OPEN, Ordering::Release);
-        self.consecutive.store(0, Ordering::Release);
-        self.total.store(0, Ordering::Release);
-        self.failures.store(0, Ordering::Release);
+    /// Ends turn `turn` in `state` (`true`), unless it has ended already.
+    fn end_turn(&self, turn: u32, from: u8, state: u8, now: u64) -> bool {
+        let mut v = self.word.load(Ordering::Acquire);
+        loop {
+            let (t, s, _) = split(v);
+            if t != turn || s != from {
+                return false;
+            }
+            if state == OPEN {
+                self.opened_at.store(now, Ordering::Release);
+            }
+            match self.word.compare_exchange_weak(
+                v,
+                join(turn.wrapping_add(1), state, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // The counts start again for the next closed turn.
+                    self.consecutive.store(0, Ordering::Release);
+                    self.counts.store(0, Ordering::Release);
+                    return true;
+                }
+                Err(actual) => v = actual,
+            }
+        }
     }
 
     /// Records how a call that was let through ended; returns the state it leaves.
     pub fn record(&self, now: u64, c: &RawBreaker, pass: Pass, ok: bool) -> u8 {
-        if pass == Pass::Probe || self.state.load(Ordering::Acquire) == HALF_OPEN {
-            if ok {
-                self.consecutive.store(0, Ordering::Release);
-                self.total.store(0, Ordering::Release);
-                self.failures.store(0, Ordering::Release);
-                self.state.store(CLOSED, Ordering::Release);
-            } else {
-                self.open(now);
+        let turn = match pass {
+            Pass::Probe(turn) => {
+                // One success closes it, one failure opens it again; a verdict of an ended
+                // turn is nobody's.
+                let to = if ok { CLOSED } else { OPEN };
+                self.end_turn(turn, HALF_OPEN, to, now);
+                return self.state();
             }
-            return self.state.load(Ordering::Acquire);
+            Pass::Closed(turn) => turn,
+        };
+        let (t, state, _) = split(self.word.load(Ordering::Acquire));
+        if t != turn || state != CLOSED {
+            // Let through before the breaker opened: its verdict is made.
+            return state;
         }
-        let window = now / (c.window_s * 1_000_000_000);
-        let seen = self.window.load(Ordering::Acquire);
-        if seen != window
-            && self
-                .window
-                .compare_exchange(seen, window, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            self.total.store(0, Ordering::Release);
-            self.failures.store(0, Ordering::Release);
-        }
-        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        let window = now / (c.window_s.max(1) * 1_000_000_000);
+        let mut seen = (0, 0);
+        let _ = self
+            .counts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let (w, total, failures) = ((v >> 64) as u64, (v >> 32) as u32, v as u32);
+                // A window only moves forward; a call of an ended one counts in the current.
+                let (w, total, failures) = if w < window {
+                    (window, 0, 0)
+                } else {
+                    (w, total, failures)
+                };
+                seen = (
+                    total.saturating_add(1),
+                    failures.saturating_add(u32::from(!ok)),
+                );
+                Some((u128::from(w) << 64) | (u128::from(seen.0) << 32) | u128::from(seen.1))
+            });
         if ok {
             self.consecutive.store(0, Ordering::Release);
             return CLOSED;
         }
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let (total, failures) = seen;
         let row = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         let by_row = c.consecutive_failures.is_some_and(|n| row >= n);
         let by_ratio = c.failure_ratio.is_some_and(|r| {
             total >= c.min_requests && f64::from(failures) >= r * f64::from(total)
         });
         if by_row || by_ratio {
-            self.open(now);
-            return OPEN;
+            self.end_turn(turn, CLOSED, OPEN, now);
         }
-        CLOSED
+        self.state()
     }
 
     pub fn state(&self) -> u8 {
-        self.state.load(Ordering::Acquire)
+        split(self.word.load(Ordering::Acquire)).1
     }
 
-    /// Gives a probe back unjudged (the call never reached the upstream).
+    /// Gives a probe back unjudged (the call never reached the upstream), to its own turn.
     fn release(&self, pass: Pass) {
-        if pass == Pass::Probe {
-            let _ = self
-                .probes
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1));
-        }
+        let Pass::Probe(turn) = pass else {
+            return;
+        };
+        let _ = self
+            .word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let (t, s, probes) = split(v);
+                (t == turn && s == HALF_OPEN && probes > 0).then(|| join(t, s, probes - 1))
+            });
     }
 }
 
@@ -203,11 +245,11 @@ impl Breakers {
                         .is_ok()
             });
             if !due {
-                return Ok(Pass::Closed);
+                return Ok(Pass::Closed(0));
             }
             self.forget_closed_of(tenant);
             if !self.take(tenant, name) {
-                return Ok(Pass::Closed);
+                return Ok(Pass::Closed(0));
             }
         }
         match map.try_insert_with(name.to_owned(), Breaker::default) {
@@ -322,7 +364,7 @@ mod tests {
         // 2,000 names of 2 KiB would be 4 MiB: past 1 MiB, new names get no breaker.
         for i in 0..2_000 {
             let name = format!("up/{i:0>2048}");
-            assert_eq!(breakers.allow(&name, MS, &c), Ok(Pass::Closed));
+            assert_eq!(breakers.allow(&name, MS, &c), Ok(Pass::Closed(0)));
         }
         let states = breakers.states();
         let bytes: usize = states.iter().map(|(n, _)| n.len()).sum();
@@ -335,18 +377,18 @@ mod tests {
         let c = cfg("consecutive_failures = 2\nopen_ms = 60000");
         let breakers = Breakers::default();
         // The victim's tool has failed once, and another opened.
-        assert_eq!(breakers.allow("up/slow@b", MS, &c), Ok(Pass::Closed));
-        breakers.record("up/slow@b", MS, &c, Pass::Closed, false);
+        assert_eq!(breakers.allow("up/slow@b", MS, &c), Ok(Pass::Closed(0)));
+        breakers.record("up/slow@b", MS, &c, Pass::Closed(0), false);
         for _ in 0..2 {
-            assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed));
-            breakers.record("up/real@b", MS, &c, Pass::Closed, false);
+            assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed(0)));
+            breakers.record("up/real@b", MS, &c, Pass::Closed(0), false);
         }
         // One tenant calls ever new tool names, each failing once (closed: below threshold),
         // more than the table holds.
         for i in 0..MAX_BREAKERS + 10 {
             let name = format!("up/made-up-{i}@a");
             let _ = breakers.allow(&name, MS, &c);
-            breakers.record(&name, MS, &c, Pass::Closed, false);
+            breakers.record(&name, MS, &c, Pass::Closed(0), false);
         }
         // It held its share at most; the other tenant's counts are as they were.
         let states = breakers.states();
@@ -356,15 +398,15 @@ mod tests {
             breakers.allow("up/real@b", 2 * MS, &c).is_err(),
             "still open"
         );
-        assert_eq!(breakers.allow("up/slow@b", 2 * MS, &c), Ok(Pass::Closed));
-        breakers.record("up/slow@b", 2 * MS, &c, Pass::Closed, false);
+        assert_eq!(breakers.allow("up/slow@b", 2 * MS, &c), Ok(Pass::Closed(0)));
+        breakers.record("up/slow@b", 2 * MS, &c, Pass::Closed(0), false);
         assert!(
             breakers.allow("up/slow@b", 3 * MS, &c).is_err(),
             "its first failure was kept: the second opened it"
         );
         // Another tenant's new tool, and an upstream added later, get their breakers.
-        assert_eq!(breakers.allow("up/other@c", MS, &c), Ok(Pass::Closed));
-        assert_eq!(breakers.allow("later", MS, &c), Ok(Pass::Closed));
+        assert_eq!(breakers.allow("up/other@c", MS, &c), Ok(Pass::Closed(0)));
+        assert_eq!(breakers.allow("later", MS, &c), Ok(Pass::Closed(0)));
         assert!(states.len() < MAX_BREAKERS);
         // The counts match what is in the table.
         let bytes: usize = breakers
@@ -381,28 +423,71 @@ mod tests {
         let c = cfg("consecutive_failures = 3\nopen_ms = 100");
         let b = Breaker::default();
         for _ in 0..2 {
-            assert_eq!(b.allow(MS, &c), Ok(Pass::Closed));
-            b.record(MS, &c, Pass::Closed, false);
+            assert_eq!(b.allow(MS, &c), Ok(Pass::Closed(0)));
+            b.record(MS, &c, Pass::Closed(0), false);
         }
-        b.record(MS, &c, Pass::Closed, true);
+        b.record(MS, &c, Pass::Closed(0), true);
         for _ in 0..2 {
-            b.record(MS, &c, Pass::Closed, false);
+            b.record(MS, &c, Pass::Closed(0), false);
         }
         assert_eq!(b.state(), CLOSED, "a success broke the row");
-        b.record(MS, &c, Pass::Closed, false);
+        b.record(MS, &c, Pass::Closed(0), false);
         assert_eq!(b.state(), OPEN);
         let wait = b.allow(50 * MS, &c).unwrap_err();
         assert_eq!(wait, Duration::from_millis(51));
         // After open_ms: one probe, the others wait for it.
-        assert_eq!(b.allow(101 * MS, &c), Ok(Pass::Probe));
+        assert_eq!(b.allow(101 * MS, &c), Ok(Pass::Probe(1)));
         assert!(b.allow(101 * MS, &c).is_err());
-        b.record(102 * MS, &c, Pass::Probe, false);
+        b.record(102 * MS, &c, Pass::Probe(1), false);
         assert_eq!(b.state(), OPEN, "a failed probe opens it again");
         assert!(b.allow(150 * MS, &c).is_err());
-        assert_eq!(b.allow(203 * MS, &c), Ok(Pass::Probe));
-        b.record(204 * MS, &c, Pass::Probe, true);
+        assert_eq!(b.allow(203 * MS, &c), Ok(Pass::Probe(2)));
+        b.record(204 * MS, &c, Pass::Probe(2), true);
         assert_eq!(b.state(), CLOSED);
-        assert_eq!(b.allow(205 * MS, &c), Ok(Pass::Closed));
+        assert_eq!(b.allow(205 * MS, &c), Ok(Pass::Closed(3)));
+    }
+
+    /// Only the probes decide a half-open breaker, and only those of its current turn.
+    #[test]
+    fn a_verdict_of_an_ended_turn_decides_nothing() {
+        let c = cfg("consecutive_failures = 1\nopen_ms = 100\nhalf_open_probes = 2");
+        let b = Breaker::default();
+        // A slow call let through while closed, then a failure opens the breaker.
+        let slow = b.allow(MS, &c).unwrap();
+        b.record(MS, &c, Pass::Closed(0), false);
+        assert_eq!(b.state(), OPEN);
+        let (p1, p2) = (
+            b.allow(101 * MS, &c).unwrap(),
+            b.allow(101 * MS, &c).unwrap(),
+        );
+        assert_eq!((p1, p2), (Pass::Probe(1), Pass::Probe(1)));
+        // The slow call succeeds now: it says nothing of the upstream since it opened.
+        b.record(102 * MS, &c, slow, true);
+        assert_eq!(
+            b.state(),
+            HALF_OPEN,
+            "a call from before the opening closed it"
+        );
+        // A probe fails (open again); the other probe's success is of the turn that ended.
+        b.record(103 * MS, &c, p1, false);
+        assert_eq!(b.state(), OPEN);
+        b.record(104 * MS, &c, p2, true);
+        assert_eq!(b.state(), OPEN, "a probe of the ended turn closed it");
+        // Nor does it give its probe back to the next turn.
+        let p3 = b.allow(204 * MS, &c).unwrap();
+        let p4 = b.allow(204 * MS, &c).unwrap();
+        assert_eq!((p3, p4), (Pass::Probe(2), Pass::Probe(2)));
+        b.release(p2);
+        assert!(
+            b.allow(204 * MS, &c).is_err(),
+            "two probes of turn 2 are out"
+        );
+        b.release(p4);
+        assert_eq!(
+            b.allow(204 * MS, &c),
+            Ok(Pass::Probe(2)),
+            "its own came back"
+        );
     }
 
     #[test]
@@ -410,16 +495,16 @@ mod tests {
         let c = cfg("failure_ratio = 0.5\nmin_requests = 10\nwindow_s = 10");
         let b = Breaker::default();
         for i in 0..9 {
-            b.record(MS, &c, Pass::Closed, i % 2 == 0);
+            b.record(MS, &c, Pass::Closed(0), i % 2 == 0);
         }
         assert_eq!(b.state(), CLOSED, "9 calls: too few to judge");
-        b.record(MS, &c, Pass::Closed, false);
+        b.record(MS, &c, Pass::Closed(0), false);
         assert_eq!(b.state(), OPEN, "5 of 10 failed");
         // A new window starts from nothing.
         let c2 = cfg("failure_ratio = 0.5\nmin_requests = 2\nwindow_s = 1");
         let b = Breaker::default();
-        b.record(MS, &c2, Pass::Closed, false);
-        b.record(2_000 * MS, &c2, Pass::Closed, true);
+        b.record(MS, &c2, Pass::Closed(0), false);
+        b.record(2_000 * MS, &c2, Pass::Closed(0), true);
         assert_eq!(b.state(), CLOSED, "the failure was in the previous window");
     }
 }
