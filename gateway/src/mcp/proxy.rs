@@ -416,7 +416,7 @@ pub(super) async fn refuse(
         if limits
             .charge_kept(
                 key,
-                || what,
+                || what.clone(),
                 policy::limits::State::unix_s(),
                 b.window_s,
                 1,

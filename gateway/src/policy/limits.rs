@@ -78,21 +78,60 @@ impl Window {
         (u128::from(id) << 64) | u128::from(used)
     }
 
-    /// The window's number and its count.
+    /// The window's number and its count (a retired window reads as window 0, ended).
     pub fn get(&self) -> (u64, u64) {
-        Self::split(self.state.load(Ordering::Acquire))
+        match Self::split(self.state.load(Ordering::Acquire)) {
+            (RETIRED, _) => (0, 0),
+            held => held,
+        }
+    }
+
+    /// Retires the window if it is older than `window` (the prune, before it drops it from
+    /// its map): a worker that took it from the map before then finds it retired and counts
+    /// in the window's next cell, instead of in this one as it goes (a charge lost).
+    pub fn retire_if_stale(&self, window: u64) -> bool {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let (id, _) = Self::split(current);
+            if id == RETIRED {
+                return true;
+            }
+            if id >= window {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                current,
+                Self::join(RETIRED, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn retired(&self) -> bool {
+        Self::split(self.state.load(Ordering::Acquire)).0 == RETIRED
     }
 
     /// Sets the state to what `f` makes of it as of `window` (a later window than the one
     /// held starts at 0; an earlier one is the one held): `Ok` with the new count, or `Err`
-    /// with the count `f` refused to change.
-    fn update(&self, window: u64, mut f: impl FnMut(u64, u64) -> Option<u64>) -> Result<u64, u64> {
+    /// with the count `f` refused to change (`None`: the window is retired, nothing changes).
+    fn update(
+        &self,
+        window: u64,
+        mut f: impl FnMut(u64, u64) -> Option<u64>,
+    ) -> Result<u64, Option<u64>> {
         let mut current = self.state.load(Ordering::Acquire);
         loop {
             let (id, used) = Self::split(current);
+            if id == RETIRED {
+                return Err(None);
+            }
             let (id, used) = if id < window { (window, 0) } else { (id, used) };
             let Some(next) = f(id, used) else {
-                return Err(used);
+                return Err(Some(used));
             };
             match self.state.compare_exchange_weak(
                 current,
@@ -107,15 +146,18 @@ impl Window {
     }
 
     /// Adds `amount` unless that takes the count above `limit`: the window it counted in (a
-    /// later one than `window` if that had ended) and what is left, or what is left.
-    pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Result<(u64, u64), u64> {
+    /// later one than `window` if that had ended) and what is left, or what is left; `None`
+    /// if the window was retired (count in its map's next cell: [`State::window_charge`]).
+    pub fn charge(&self, window: u64, amount: u64, limit: u64) -> Option<Result<(u64, u64), u64>> {
         let mut counted = window;
-        self.update(window, |id, used| {
+        match self.update(window, |id, used| {
             counted = id;
             used.checked_add(amount).filter(|&n| n <= limit)
-        })
-        .map(|used| (counted, limit - used))
-        .map_err(|used| limit.saturating_sub(used))
+        }) {
+            Ok(used) => Some(Ok((counted, limit - used))),
+            Err(Some(used)) => Some(Err(limit.saturating_sub(used))),
+            Err(None) => None,
+        }
     }
 
     pub fn refund(&self, window: u64, amount: u64) {
@@ -144,11 +186,10 @@ impl Window {
             _ => limit,
         }
     }
-
-    fn stale(&self, window: u64) -> bool {
-        self.get().0 < window
-    }
 }
+
+/// A window's number once the prune has retired it (see [`Window::retire_if_stale`]).
+const RETIRED: u64 = u64::MAX;
 
 /// Sets in the loop table (a power of two), and cells per set.
 const LOOP_SETS: usize = 1 << 16;
@@ -510,9 +551,14 @@ impl State {
     /// overwritten.)
     pub fn take_run(&self, tenant: &str, len_s: u64, unix_s: u64, max: usize) -> bool {
         let map = self.runs.pin();
-        map.get_or_insert_with((tenant.to_owned(), len_s), Window::default)
-            .charge(unix_s / len_s.max(1), 1, max as u64)
-            .is_ok()
+        let key = (tenant.to_owned(), len_s);
+        loop {
+            let place = map.get_or_insert_with(key.clone(), Window::default);
+            if let Some(r) = place.charge(unix_s / len_s.max(1), 1, max as u64) {
+                return r.is_ok();
+            }
+            let _ = map.remove_if(&key, |_, w| w.retired());
+        }
     }
 
     /// The secret the keys are hashed with (for the process that takes over in an upgrade;
@@ -761,14 +807,7 @@ impl State {
         amount: u64,
         limit: u64,
     ) -> Result<(u64, u64), u64> {
-        let map = self.windows.pin();
-        map.get_or_insert_with(key, || Counter {
-            len_s,
-            what: None,
-            ..Counter::default()
-        })
-        .window
-        .charge(unix_s / len_s.max(1), amount, limit)
+        self.window_charge(key, || None, unix_s, len_s, amount, limit)
     }
 
     /// As [`State::charge`], for a count the state store keeps: `what` names it (called only
@@ -776,20 +815,39 @@ impl State {
     pub fn charge_kept(
         &self,
         key: u64,
-        what: impl FnOnce() -> Counted,
+        what: impl Fn() -> Counted,
+        unix_s: u64,
+        len_s: u64,
+        amount: u64,
+        limit: u64,
+    ) -> Result<(u64, u64), u64> {
+        self.window_charge(key, || Some(Box::new(what())), unix_s, len_s, amount, limit)
+    }
+
+    /// Charges the window under `key` (made with `what` if new). One the prune retired after
+    /// this took it from the map is dropped from the map here if the prune has not yet, and
+    /// the charge goes to the cell made after it.
+    fn window_charge(
+        &self,
+        key: u64,
+        what: impl Fn() -> Option<Box<Counted>>,
         unix_s: u64,
         len_s: u64,
         amount: u64,
         limit: u64,
     ) -> Result<(u64, u64), u64> {
         let map = self.windows.pin();
-        map.get_or_insert_with(key, || Counter {
-            len_s,
-            what: Some(Box::new(what())),
-            ..Counter::default()
-        })
-        .window
-        .charge(unix_s / len_s.max(1), amount, limit)
+        loop {
+            let c = map.get_or_insert_with(key, || Counter {
+                len_s,
+                what: what(),
+                ..Counter::default()
+            });
+            if let Some(r) = c.window.charge(unix_s / len_s.max(1), amount, limit) {
+                return r;
+            }
+            let _ = map.remove_if(&key, |_, c| c.window.retired());
+        }
     }
 
     /// Every named count of a window not yet ended, for the state store.
@@ -966,12 +1024,12 @@ impl State {
         let now = self.now();
         self.buckets.pin().retain(|_, b| !b.idle_at(now));
         let windows = self.windows.pin();
-        windows.retain(|_, c| !c.window.stale(Self::window_of(c.len_s)));
+        windows.retain(|_, c| !c.window.retire_if_stale(Self::window_of(c.len_s)));
         // Runs' places of ended windows go. The runs counted in a current window hold at least
         // their places (raised, never lowered: the windows the state store restored at start
         // take theirs).
         let places = self.runs.pin();
-        places.retain(|(_, len_s), w| !w.stale(Self::window_of(*len_s)));
+        places.retain(|(_, len_s), w| !w.retire_if_stale(Self::window_of(*len_s)));
         let mut runs: std::collections::HashMap<(&str, u64), u64> =
             std::collections::HashMap::new();
         for (_, c) in &windows {
@@ -1220,26 +1278,96 @@ mod tests {
     #[test]
     fn windows_charge_refuse_refund_and_roll_over() {
         let w = Window::default();
-        assert_eq!(w.charge(7, 3, 10), Ok((7, 7)));
-        assert_eq!(w.charge(7, 7, 10), Ok((7, 0)));
-        assert_eq!(w.charge(7, 1, 10), Err(0), "nothing left");
+        assert_eq!(w.charge(7, 3, 10).unwrap(), Ok((7, 7)));
+        assert_eq!(w.charge(7, 7, 10).unwrap(), Ok((7, 0)));
+        assert_eq!(w.charge(7, 1, 10).unwrap(), Err(0), "nothing left");
         w.refund(7, 2);
         assert_eq!(w.left(7, 10), 2);
-        assert_eq!(w.charge(7, 5, 10), Err(2), "too expensive for what is left");
-        assert_eq!(w.charge(8, 5, 10), Ok((8, 5)), "a new window starts full");
+        assert_eq!(
+            w.charge(7, 5, 10).unwrap(),
+            Err(2),
+            "too expensive for what is left"
+        );
+        assert_eq!(
+            w.charge(8, 5, 10).unwrap(),
+            Ok((8, 5)),
+            "a new window starts full"
+        );
+    }
+
+    /// The prune retires an ended window before it drops it from the map: a worker that took
+    /// the cell before then is told so, and counts in the cell made after it (before, its
+    /// charge went into the dropped cell: admitted, counted nowhere).
+    #[test]
+    fn a_charge_on_a_window_the_prune_retired_is_counted_in_the_next_cell() {
+        let w = Window::default();
+        assert_eq!(w.charge(7, 3, 10).unwrap(), Ok((7, 7)));
+        assert!(!w.retire_if_stale(7), "a current window stays");
+        assert_eq!(w.get(), (7, 3));
+        assert!(w.retire_if_stale(8));
+        assert_eq!(w.charge(8, 1, 10), None, "retired: counted elsewhere");
+        w.raise(8, 5);
+        w.refund(8, 1);
+        assert_eq!(w.get(), (0, 0), "reads as ended, and stays retired");
+        assert!(w.retire_if_stale(8));
+
+        let state = State::default();
+        let len = 3600;
+        let now = State::unix_s();
+        let what = Counted::Budget {
+            scope: "tenant".into(),
+            tenant: "t".into(),
+            subject: "t".into(),
+        };
+        let key = what.key(&state, len);
+        state
+            .charge_kept(key, || what.clone(), now, len, 2, 5)
+            .unwrap();
+        // Retired as a prune would, not yet dropped: the charge drops it and starts the next.
+        assert!(
+            state
+                .windows
+                .pin()
+                .get(&key)
+                .unwrap()
+                .window
+                .retire_if_stale(u64::MAX - 1)
+        );
+        assert_eq!(
+            state.charge_kept(key, || what.clone(), now, len, 1, 5),
+            Ok((now / len, 4))
+        );
+        let kept = state.kept_counts();
+        assert_eq!(kept.len(), 1, "named for the store");
+        assert_eq!((kept[0].1.clone(), kept[0].2.used), (what, 1));
+        // The places for runs too.
+        assert!(state.take_run("t", len, now, 1));
+        assert!(!state.take_run("t", len, now, 1));
+        let retired = state
+            .runs
+            .pin()
+            .get(&("t".to_owned(), len))
+            .unwrap()
+            .retire_if_stale(u64::MAX - 1);
+        assert!(retired);
+        assert!(state.take_run("t", len, now, 1), "a place in the next cell");
     }
 
     #[test]
     fn a_decision_made_just_before_a_window_ended_does_not_take_the_count_back() {
         let w = Window::default();
         for _ in 0..5 {
-            assert!(w.charge(8, 1, 5).is_ok());
+            assert!(w.charge(8, 1, 5).unwrap().is_ok());
         }
         // A worker that read the time just before window 8 began charges after the others:
         // counted in window 8, which is full, not in a window 7 started again from nothing.
-        assert_eq!(w.charge(7, 1, 5), Err(0));
-        assert_eq!(w.charge(8, 1, 5), Err(0), "window 8 keeps its count");
-        assert_eq!(w.charge(9, 1, 5), Ok((9, 4)));
+        assert_eq!(w.charge(7, 1, 5).unwrap(), Err(0));
+        assert_eq!(
+            w.charge(8, 1, 5).unwrap(),
+            Err(0),
+            "window 8 keeps its count"
+        );
+        assert_eq!(w.charge(9, 1, 5).unwrap(), Ok((9, 4)));
     }
 
     #[test]
@@ -1331,7 +1459,7 @@ mod tests {
                         // rollover, and on charges that overshoot and are taken back.
                         start.wait();
                         for _ in 0..3 {
-                            if w.charge(window, 2, 5).is_ok() {
+                            if w.charge(window, 2, 5).unwrap().is_ok() {
                                 admitted[window as usize].fetch_add(1, Ordering::Relaxed);
                             }
                         }
