@@ -250,13 +250,16 @@ impl LoopTable {
                     (v >> COUNT_BITS) & ((1 << WINDOW_BITS) - 1),
                     v & LOOP_COUNT_MAX,
                 );
+                // The window after the call's: a cell there is live (the call's clock was read
+                // just before that window began, and others counted first). Any other than the
+                // call's own has ended: windows are 16 bits, and one of a call last seen more
+                // than half way round the circle ago would otherwise read as later (refused for
+                // as long again).
+                let next_of_call = w == (window + 1) & ((1 << WINDOW_BITS) - 1);
                 if v != 0 && t == tag {
-                    // A cell already in a later window (the call's clock was read just before
-                    // that window began, and others counted first) is counted in there, never
-                    // moved back to start again from 1. Windows are 16 bits: later is up to half
-                    // way round.
-                    let ahead = w.wrapping_sub(window) & ((1 << WINDOW_BITS) - 1);
-                    let (w, next) = if w == window || ahead < 1 << (WINDOW_BITS - 1) {
+                    // A cell already in the next window is counted in there, never moved back
+                    // to start again from 1.
+                    let (w, next) = if w == window || next_of_call {
                         (w, n + 1)
                     } else {
                         (window, 1)
@@ -273,13 +276,11 @@ impl LoopTable {
                     }
                     continue 'attempt;
                 }
-                // A cell of an ended window goes first; one in a later window (another call
+                // A cell of an ended window goes first; one in the next window (another call
                 // counted there already) is live, ranked by its count.
-                let behind = window.wrapping_sub(w) & ((1 << WINDOW_BITS) - 1);
-                let ended = behind != 0 && behind < 1 << (WINDOW_BITS - 1);
                 let rank = match v {
                     0 => 0,
-                    _ if ended => 1,
+                    _ if w != window && !next_of_call => 1,
                     _ => 2 + n,
                 };
                 if rank < victim.2 {
@@ -538,9 +539,13 @@ impl State {
         }
     }
 
-    /// Whether a window is counted under `key`.
-    pub fn counts(&self, key: u64) -> bool {
-        self.windows.pin().contains_key(&key)
+    /// Whether a count is kept under `key` in the current window of `len_s` seconds (or a later
+    /// one) at `unix_s`: a count of a window that ended is a new one.
+    pub fn counts_in(&self, key: u64, unix_s: u64, len_s: u64) -> bool {
+        self.windows
+            .pin()
+            .get(&key)
+            .is_some_and(|c| c.window.get().0 >= unix_s / len_s.max(1))
     }
 
     /// Takes a place for one more run of `tenant` in its current budget window (`len_s`
@@ -1130,7 +1135,14 @@ mod tests {
         assert!(t.repeat(key, 7, 3).is_none());
         assert!(t.repeat(key, 8, 3).is_none(), "window 8 keeps its count");
         assert!(t.repeat(key, 9, 3).is_some(), "a later window starts again");
-        // Round the 16-bit circle: the window after 0xffff is 0, a later one.
+        // A call seen again more than half way round the 16-bit circle later (here 40,000
+        // windows: 11 h of 1 s windows) starts again; it was refused for as long again.
+        let key = 10 << 40;
+        for _ in 0..3 {
+            assert!(t.repeat(key, 100, 3).is_some());
+        }
+        assert!(t.repeat(key, 40_100, 3).is_some());
+        // Round the circle: the window after 0xffff is 0, a later one.
         let key = 8 << 40;
         for _ in 0..3 {
             assert!(t.repeat(key, 0xffff, 3).is_some());

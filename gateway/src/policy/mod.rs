@@ -1234,9 +1234,11 @@ impl Policy {
                     continue;
                 };
                 let key = state.budget_key(scope, &t.name, subject, b.window_s);
-                // A run not counted yet takes one of the tenant's places for runs.
+                // A run not counted yet in this window takes one of the tenant's places for
+                // runs. (A run counted in the window before, its cell not yet pruned, took none:
+                // after each rollover, the runs carried over came on top of the new places.)
                 if scope == "run"
-                    && !state.counts(key)
+                    && !state.counts_in(key, unix_s, b.window_s)
                     && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS)
                 {
                     return Err(Refusal::new(

@@ -362,6 +362,53 @@ budget = { window_s = 3600, run = 1000 }
     assert!(admit(&p, &state, &run(MAX_RUNS + 1), "search", json!({})).is_err());
 }
 
+/// Places for runs start again with each budget window, and a run carried over from the window
+/// before takes one like a new run. Before, a run whose last window's cell was not yet pruned
+/// took none: after each rollover, up to 1,024 new runs came on top of those carried over.
+#[test]
+fn runs_carried_over_into_a_new_window_take_places_like_new_ones() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 1, run = 1000 }
+"#,
+    );
+    let run = |i: usize| Identity {
+        run: Some(format!("run-{i}")),
+        ..who.clone()
+    };
+    // Each phase must fall within one second: tried again (at most 5 times) if one did not.
+    let start_of_next_second = || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_nanos(
+            1_000_000_000 - u64::from(now.subsec_nanos()) + 1_000_000,
+        ));
+        State::unix_s()
+    };
+    for attempt in 0..5 {
+        let first = start_of_next_second();
+        for i in 0..MAX_RUNS {
+            admit(&p, &state, &run(i), "search", json!({"i": i})).expect("a place");
+        }
+        let second = start_of_next_second();
+        // The same runs again, in the next window: each takes a place again.
+        let carried = (0..MAX_RUNS)
+            .filter(|&i| admit(&p, &state, &run(i), "search", json!({"again": i})).is_ok())
+            .count();
+        let new_run = admit(&p, &state, &run(MAX_RUNS + attempt), "search", json!({}));
+        if State::unix_s() != second || second != first + 1 {
+            continue;
+        }
+        assert_eq!(carried, MAX_RUNS);
+        let r = new_run.expect_err("the places of the window are taken");
+        assert!(r.message.contains("runs counted"), "{}", r.message);
+        return;
+    }
+    panic!("no two phases fell in consecutive seconds in 5 tries");
+}
+
 #[test]
 fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
     let (p, state, who) =
