@@ -35,8 +35,8 @@ pub(super) struct Obs<'a> {
     pub method: Cell<&'static str>,
     pub tool: RefCell<Option<String>>,
     pub decision: RefCell<Decision>,
-    /// Breakers this request passed: (name, upstream index, tool level, how).
-    pub breakers: RefCell<Vec<(String, usize, bool, policy::breaker::Pass)>>,
+    /// Breakers this request passed.
+    pub breakers: RefCell<Passed>,
     /// The request's span, once its trace context is known (with `[telemetry.otlp]`).
     pub span: Cell<Option<crate::otlp::SpanCtx>>,
     /// The call was given up before its answer was relayed whole (its client went away, or
@@ -45,6 +45,44 @@ pub(super) struct Obs<'a> {
     pub abandoned: Cell<bool>,
     /// The client left before its answer: nothing the upstream did, so no breaker counts it.
     pub client_left: Cell<bool>,
+}
+
+/// The breakers a request passed: (name, upstream index, tool level, how). Those neither
+/// judged nor given back when the request ends otherwise (its task panicked, or its worker
+/// died) are given back when it is dropped: a probe lost so kept a half-open breaker refusing
+/// every call for good (with one probe, an upstream's for every tenant).
+#[derive(Default)]
+pub(super) struct Passed {
+    list: Vec<(String, usize, bool, policy::breaker::Pass)>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl Passed {
+    pub fn push(
+        &mut self,
+        shared: &Arc<Shared>,
+        passed: (String, usize, bool, policy::breaker::Pass),
+    ) {
+        if self.shared.is_none() {
+            self.shared = Some(Arc::clone(shared));
+        }
+        self.list.push(passed);
+    }
+
+    /// The passes, to judge or give back: taken, they are the taker's.
+    pub fn take(&mut self) -> Vec<(String, usize, bool, policy::breaker::Pass)> {
+        std::mem::take(&mut self.list)
+    }
+}
+
+impl Drop for Passed {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            for (name, _, _, pass) in self.list.drain(..) {
+                shared.breakers.release(&name, pass);
+            }
+        }
+    }
 }
 
 /// Who called and what policy decided, for telemetry and the audit log.
@@ -346,7 +384,7 @@ pub(super) fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHe
 
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
 pub(super) fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
-    for (name, _, _, pass) in std::mem::take(&mut *obs.breakers.borrow_mut()) {
+    for (name, _, _, pass) in obs.breakers.borrow_mut().take() {
         ctx.shared.breakers.release(&name, pass);
     }
 }
@@ -958,3 +996,56 @@ async fn answer_failure(
 #[cfg(test)]
 #[path = "proxy_head_tests.rs"]
 mod head_tests;
+
+#[cfg(test)]
+mod passed_tests {
+    use super::*;
+    use crate::{config::Config, policy::breaker::Pass};
+
+    /// A request that ends without its breakers judged (its task panicked) gives its probe
+    /// back: with one probe, the half-open breaker refused every call after it for good.
+    #[test]
+    fn a_probe_is_given_back_when_its_request_is_dropped_unjudged() {
+        let config = Config::from_toml(
+            "[gateway]\ninstance = \"t\"\n[[listeners]]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"127.0.0.1:2\"\n[kernel]\nenabled = false\n",
+        )
+        .unwrap();
+        let shared = Arc::new(Shared::new(config));
+        let c: crate::config::RawBreaker =
+            toml::from_str("consecutive_failures = 1\nopen_ms = 1\nhalf_open_probes = 1").unwrap();
+        const MS: u64 = 1_000_000;
+        let pass = shared.breakers.allow("up", MS, &c).unwrap();
+        shared.breakers.record("up", MS, &c, pass, false);
+        let probe = shared.breakers.allow("up", 10 * MS, &c).unwrap();
+        assert!(matches!(probe, Pass::Probe(_)));
+        assert!(
+            shared.breakers.allow("up", 10 * MS, &c).is_err(),
+            "the probe is out"
+        );
+        {
+            let obs = Obs::default();
+            obs.breakers
+                .borrow_mut()
+                .push(&shared, ("up".to_owned(), 0, false, probe));
+            // Dropped as a panicking task's future is, never judged.
+        }
+        assert_eq!(
+            shared.breakers.allow("up", 11 * MS, &c),
+            Ok(probe),
+            "the probe came back"
+        );
+        // Taken to be judged, it is the taker's: dropping the rest gives nothing back twice.
+        let obs = Obs::default();
+        obs.breakers
+            .borrow_mut()
+            .push(&shared, ("up".to_owned(), 0, false, probe));
+        let taken = obs.breakers.borrow_mut().take();
+        drop(obs);
+        assert!(shared.breakers.allow("up", 12 * MS, &c).is_err());
+        shared.breakers.record("up", 12 * MS, &c, taken[0].3, true);
+        assert_eq!(
+            shared.breakers.allow("up", 13 * MS, &c),
+            Ok(Pass::Closed(2))
+        );
+    }
+}

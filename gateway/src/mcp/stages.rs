@@ -717,7 +717,10 @@ fn admit(
             let now = ctx.shared.limits.now();
             for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
                 match ctx.shared.breakers.allow(&name, now, c) {
-                    Ok(pass) => obs.breakers.borrow_mut().push((name, up, tool_level, pass)),
+                    Ok(pass) => obs
+                        .breakers
+                        .borrow_mut()
+                        .push(&ctx.shared, (name, up, tool_level, pass)),
                     Err(wait) => {
                         // Probes already taken are given back unjudged.
                         give_back_probes(obs, ctx);
@@ -1275,7 +1278,7 @@ fn record(
     started: Instant,
 ) {
     let config = &snapshot.config;
-    let passed = std::mem::take(&mut *obs.breakers.borrow_mut());
+    let passed = obs.breakers.borrow_mut().take();
     if !passed.is_empty() {
         let now = ctx.shared.limits.now();
         // A call whose client left before its answer is judged on nothing, as one refused here.

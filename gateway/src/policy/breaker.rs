@@ -88,7 +88,13 @@ impl Breaker {
                 return false;
             }
             if state == OPEN {
-                self.opened_at.store(now, Ordering::Release);
+                // Never back: a thread stalled here must not shorten a later opening.
+                self.opened_at.fetch_max(now, Ordering::AcqRel);
+            } else {
+                // The counts start again for the closed turn, before it begins (no closed call
+                // of the current turn is counted while half-open).
+                self.consecutive.store(0, Ordering::Release);
+                self.counts.store(0, Ordering::Release);
             }
             match self.word.compare_exchange_weak(
                 v,
@@ -96,12 +102,7 @@ impl Breaker {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    // The counts start again for the next closed turn.
-                    self.consecutive.store(0, Ordering::Release);
-                    self.counts.store(0, Ordering::Release);
-                    return true;
-                }
+                Ok(_) => return true,
                 Err(actual) => v = actual,
             }
         }
