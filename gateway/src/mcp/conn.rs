@@ -47,6 +47,7 @@ pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
+    proxied: bool,
     ctx: Rc<WorkerCtx>,
     shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
@@ -58,8 +59,15 @@ pub fn serve(
         // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
         // session under construction, KiBs) would otherwise be part of the connection's task for
         // its whole life, which is allocated at its largest.
-        let Some((peer, _counted)) =
-            Box::pin(admit(&mut io, peer, listener, &ctx.shared, ctx.worker)).await
+        let Some((peer, _counted)) = Box::pin(admit(
+            &mut io,
+            peer,
+            listener,
+            proxied,
+            &ctx.shared,
+            ctx.worker,
+        ))
+        .await
         else {
             return;
         };
@@ -173,20 +181,24 @@ async fn serve_one(
     super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
 }
 
-/// The first step on every client connection. On a listener without the PROXY protocol it
-/// changes nothing: the socket's peer is the client, already counted for its tenant when
-/// accepted. On one with it: an untrusted source is closed at once; otherwise the header is
-/// read, and the client it names must not be banned or denied and its tenant not at its cap.
-/// Returns the client (the peer for everything after) and the connection's count for the
-/// client's tenant, held until the connection ends; `None` when the connection is refused
-/// (and counted): the caller closes it.
+/// The first step on every client connection. On a listener without the PROXY protocol when
+/// the connection was accepted (`proxied` false) it changes nothing: the socket's peer is the
+/// client, already counted for its tenant then. On one with it: an untrusted source is closed
+/// at once; otherwise the header is read, and the client it names must not be banned or
+/// denied and its tenant not at its cap. Returns the client (the peer for everything after)
+/// and the connection's count for the client's tenant, held until the connection ends; `None`
+/// when the connection is refused (and counted): the caller closes it.
 async fn admit<'s>(
     io: &mut Io,
     peer: SocketAddr,
     listener: usize,
+    proxied: bool,
     shared: &'s Shared,
     worker: usize,
 ) -> Option<(SocketAddr, Option<Counted<'s>>)> {
+    if !proxied {
+        return Some((peer, None));
+    }
     let (accept, timeout) = {
         let snapshot = shared.snapshot.load();
         let Some(pp) = snapshot
@@ -195,7 +207,9 @@ async fn admit<'s>(
             .get(listener)
             .and_then(|l| l.proxy_protocol.as_ref())
         else {
-            return Some((peer, None));
+            // A reload took the PROXY protocol off the listener since: the peer is the
+            // client, counted as one accepted now would be (it was counted for no tenant).
+            return admit_client(shared, worker, peer, None);
         };
         let source = peer.ip().to_canonical();
         if !pp.trusted.iter().any(|net| net.contains(&source)) {
@@ -223,6 +237,16 @@ async fn admit<'s>(
         }
         Header::Local => peer,
     };
+    admit_client(shared, worker, client, Some(&header))
+}
+
+/// Counts `client`'s connection for its tenant, unless the tenant is at its cap.
+fn admit_client<'s>(
+    shared: &'s Shared,
+    worker: usize,
+    client: SocketAddr,
+    header: Option<&Header>,
+) -> Option<(SocketAddr, Option<Counted<'s>>)> {
     let (tenant, cap) = {
         let snapshot = shared.snapshot.load();
         let tenant = snapshot.classifier.tenant_of(client.ip());
@@ -235,7 +259,9 @@ async fn admit<'s>(
     if !shared.enter_conn(worker, tenant, cap) {
         return refuse(shared, client, Reason::TenantAtCap);
     }
-    shared.proxy_protocol.accept(&header);
+    if let Some(header) = header {
+        shared.proxy_protocol.accept(header);
+    }
     Some((client, Some(shared.conns.counted(worker, tenant))))
 }
 

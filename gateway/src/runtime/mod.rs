@@ -591,8 +591,8 @@ fn take_connection(
     let snapshot = shared.snapshot.load();
     // Behind a load balancer (PROXY protocol) the peer is the balancer: the connection is
     // attributed to the client's tenant, and counted, once the header has named the client
-    // (`http::proxy_protocol::admit`). Listeners cannot change without a restart, so this
-    // and that agree.
+    // (`mcp::conn::admit`, told what was decided here: a reload may change the listener's
+    // PROXY protocol in between).
     let proxied = snapshot
         .config
         .listeners
@@ -629,6 +629,7 @@ fn take_connection(
         stream,
         peer,
         listener_index,
+        proxied,
         Rc::clone(ctx),
         shutdown.clone(),
         open,
@@ -680,20 +681,23 @@ fn serve_contained(
     stream: TcpStream,
     peer: SocketAddr,
     listener: usize,
+    proxied: bool,
     ctx: Rc<WorkerCtx>,
     shutdown: watch::Receiver<bool>,
     open: OpenConn,
 ) -> impl std::future::Future<Output = ()> + 'static {
     use futures_util::FutureExt as _;
-    std::panic::AssertUnwindSafe(mcp::conn::serve(stream, peer, listener, ctx, shutdown))
-        .catch_unwind()
-        .map(move |served| {
-            if served.is_err() {
-                open.ctx.shared.panics.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%peer, "a connection task panicked; closed");
-            }
-            drop(open);
-        })
+    std::panic::AssertUnwindSafe(mcp::conn::serve(
+        stream, peer, listener, proxied, ctx, shutdown,
+    ))
+    .catch_unwind()
+    .map(move |served| {
+        if served.is_err() {
+            open.ctx.shared.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%peer, "a connection task panicked; closed");
+        }
+        drop(open);
+    })
 }
 
 /// Sends what the worker recorded to the control thread once a second (off the request path;
@@ -904,6 +908,7 @@ mod tests {
                     TcpStream,
                     SocketAddr,
                     usize,
+                    bool,
                     Rc<WorkerCtx>,
                     watch::Receiver<bool>,
                     OpenConn,
