@@ -1237,10 +1237,8 @@ impl Policy {
                 // A run not counted yet in this window takes one of the tenant's places for
                 // runs. (A run counted in the window before, its cell not yet pruned, took none:
                 // after each rollover, the runs carried over came on top of the new places.)
-                if scope == "run"
-                    && !state.counts_in(key, unix_s, b.window_s)
-                    && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS)
-                {
+                let placed = scope == "run" && !state.counts_in(key, unix_s, b.window_s);
+                if placed && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS) {
                     return Err(Refusal::new(
                         429,
                         code::BUDGET_EXHAUSTED,
@@ -1273,6 +1271,12 @@ impl Policy {
                         left.push_str(itoa::Buffer::new().format(l));
                     }
                     Err(l) => {
+                        // A run whose first charge is refused counts nothing: its place goes
+                        // back (else each retry took another, and one run id's retries took
+                        // every place of the window).
+                        if placed {
+                            state.give_back_run(&t.name, b.window_s, unix_s);
+                        }
                         let mut r = Refusal::new(
                             429,
                             code::BUDGET_EXHAUSTED,

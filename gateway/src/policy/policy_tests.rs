@@ -409,6 +409,28 @@ budget = { window_s = 1, run = 1000 }
     panic!("no two phases fell in consecutive seconds in 5 tries");
 }
 
+/// A run whose first call costs more than the run's whole budget is refused and counts nothing:
+/// its retries do not take the tenant's places for runs (each took one, and 1,024 retries of
+/// one run id kept every new run of the tenant out for the window).
+#[test]
+fn a_run_refused_at_its_first_charge_takes_no_place() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 0 }
+"#,
+    );
+    let stuck = Identity {
+        run: Some("stuck".into()),
+        ..who.clone()
+    };
+    for _ in 0..MAX_RUNS + 10 {
+        let r = admit(&p, &state, &stuck, "search", json!({})).unwrap_err();
+        assert_eq!(r.code, code::BUDGET_EXHAUSTED);
+        assert!(!r.message.contains("runs counted"), "{}", r.message);
+    }
+}
+
 #[test]
 fn the_same_call_repeated_is_a_loop_whatever_the_key_order() {
     let (p, state, who) =
