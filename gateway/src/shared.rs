@@ -327,14 +327,24 @@ impl Shared {
         self.at_cap[tenant as usize].store(v, Ordering::Relaxed);
     }
 
-    /// Counts a new connection of `tenant` on `worker` if its connection cap (`cap`, the
-    /// tenant's `max_connections`) leaves room: `false`, nothing counted, when the control
-    /// thread's flag is up or when, once counted, the workers' connections of the tenant are
-    /// more than this host may hold ([`crate::policy::limits::State::conn_cap`]). The flag alone
-    /// is polled (`cap_poll_ms`): a burst between two polls passed it whole. Counting before
-    /// summing means two workers taking the last place at once may both give it up, never both
-    /// take it.
-    pub fn enter_conn(&self, worker: usize, tenant: u32, cap: Option<u64>) -> bool {
+    /// Counts a new connection from `client` on `worker` for its tenant (as `snapshot`
+    /// classifies it) if the tenant's connection cap (`max_connections`) leaves room: the
+    /// tenant, or `None`, nothing counted, when the control thread's flag is up or when, once
+    /// counted, the workers' connections of the tenant are more than this host may hold
+    /// ([`crate::policy::limits::State::conn_cap`]). The flag alone is polled (`cap_poll_ms`):
+    /// a burst between two polls passed it whole. Counting before summing means two workers
+    /// taking the last place at once may both give it up, never both take it.
+    pub fn enter_conn(&self, snapshot: &Snapshot, worker: usize, client: IpAddr) -> Option<u32> {
+        let tenant = snapshot.classifier.tenant_of(client);
+        let cap = snapshot
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.max_connections);
+        self.enter_conn_capped(worker, tenant, cap)
+            .then_some(tenant)
+    }
+
+    fn enter_conn_capped(&self, worker: usize, tenant: u32, cap: Option<u64>) -> bool {
         if self.at_cap(tenant) {
             return false;
         }
@@ -436,11 +446,6 @@ sources = ["10.1.0.0/16", "2001:db8::/32"]
         assert_eq!(t.total(5), 2);
         assert_eq!(t.total(4), 0);
     }
-}
-
-#[cfg(test)]
-mod cap_tests {
-    use super::*;
 
     /// Four workers take and give back the one place of a tenant capped at 1, all at once: never
     /// two hold it, and nothing stays counted.
@@ -470,7 +475,7 @@ max_connections = 1
                 let (shared, holding, most, admitted) = (&shared, &holding, &most, &admitted);
                 s.spawn(move || {
                     for _ in 0..20_000 {
-                        if shared.enter_conn(worker, 1, Some(1)) {
+                        if shared.enter_conn_capped(worker, 1, Some(1)) {
                             admitted.fetch_add(1, Ordering::Relaxed);
                             let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             most.fetch_max(now, Ordering::Relaxed);
@@ -493,7 +498,7 @@ max_connections = 1
         assert_eq!(shared.conns.total(1), 0);
         // The flag still refuses at once, and a tenant without a cap is never refused here.
         shared.set_at_cap(1, true);
-        assert!(!shared.enter_conn(0, 1, Some(1)));
-        assert!(shared.enter_conn(0, 2, None));
+        assert!(!shared.enter_conn_capped(0, 1, Some(1)));
+        assert!(shared.enter_conn_capped(0, 2, None));
     }
 }

@@ -247,18 +247,9 @@ fn admit_client<'s>(
     client: SocketAddr,
     header: Option<&Header>,
 ) -> Option<(SocketAddr, Option<Counted<'s>>)> {
-    let (tenant, cap) = {
-        let snapshot = shared.snapshot.load();
-        let tenant = snapshot.classifier.tenant_of(client.ip());
-        let cap = snapshot
-            .config
-            .tenant(tenant)
-            .and_then(|t| t.max_connections);
-        (tenant, cap)
-    };
-    if !shared.enter_conn(worker, tenant, cap) {
+    let Some(tenant) = shared.enter_conn(&shared.snapshot.load(), worker, client.ip()) else {
         return refuse(shared, client, Reason::TenantAtCap);
-    }
+    };
     if let Some(header) = header {
         shared.proxy_protocol.accept(header);
     }

@@ -601,17 +601,12 @@ fn take_connection(
     let tenant = if proxied {
         None
     } else {
-        let tenant = snapshot.classifier.tenant_of(peer.ip());
         // The kernel drops SYNs once the control thread raises the flag; until then (and
         // for connections already in the accept queue) the worker refuses them itself.
-        let cap = snapshot
-            .config
-            .tenant(tenant)
-            .and_then(|t| t.max_connections);
-        if !shared.enter_conn(worker, tenant, cap) {
+        let Some(tenant) = shared.enter_conn(&snapshot, worker, peer.ip()) else {
             monoio::spawn(refuse_at_cap(stream));
             return;
-        }
+        };
         Some(tenant)
     };
     drop(snapshot);
