@@ -106,6 +106,8 @@ impl Obs<'_> {
         }
     }
 
+    /// The request went to its upstream and waited `d` for it (an answer or a failure): only
+    /// such a request is judged by the breakers it passed (see `record`).
     pub fn waited(&self, d: Duration) {
         self.upstream_wait
             .set(Some(self.upstream_wait.get().unwrap_or_default() + d));
@@ -1006,6 +1008,7 @@ mod passed_tests {
     /// back: with one probe, the half-open breaker refused every call after it for good.
     #[test]
     fn a_probe_is_given_back_when_its_request_is_dropped_unjudged() {
+        const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
         let config = Config::from_toml(
             "[gateway]\ninstance = \"t\"\n[[listeners]]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"127.0.0.1:2\"\n[kernel]\nenabled = false\n",
         )
@@ -1014,12 +1017,12 @@ mod passed_tests {
         let c: crate::config::RawBreaker =
             toml::from_str("consecutive_failures = 1\nopen_ms = 1\nhalf_open_probes = 1").unwrap();
         const MS: u64 = 1_000_000;
-        let pass = shared.breakers.allow("up", MS, &c).unwrap();
+        let pass = shared.breakers.allow("up", MS, &c, LEASE).unwrap();
         shared.breakers.record("up", MS, &c, pass, false);
-        let probe = shared.breakers.allow("up", 10 * MS, &c).unwrap();
+        let probe = shared.breakers.allow("up", 10 * MS, &c, LEASE).unwrap();
         assert!(matches!(probe, Pass::Probe(_)));
         assert!(
-            shared.breakers.allow("up", 10 * MS, &c).is_err(),
+            shared.breakers.allow("up", 10 * MS, &c, LEASE).is_err(),
             "the probe is out"
         );
         {
@@ -1030,7 +1033,7 @@ mod passed_tests {
             // Dropped as a panicking task's future is, never judged.
         }
         assert_eq!(
-            shared.breakers.allow("up", 11 * MS, &c),
+            shared.breakers.allow("up", 11 * MS, &c, LEASE),
             Ok(probe),
             "the probe came back"
         );
@@ -1041,10 +1044,10 @@ mod passed_tests {
             .push(&shared, ("up".to_owned(), 0, false, probe));
         let taken = obs.breakers.borrow_mut().take();
         drop(obs);
-        assert!(shared.breakers.allow("up", 12 * MS, &c).is_err());
+        assert!(shared.breakers.allow("up", 12 * MS, &c, LEASE).is_err());
         shared.breakers.record("up", 12 * MS, &c, taken[0].3, true);
         assert_eq!(
-            shared.breakers.allow("up", 13 * MS, &c),
+            shared.breakers.allow("up", 13 * MS, &c, LEASE),
             Ok(Pass::Closed(2))
         );
     }

@@ -715,8 +715,11 @@ fn admit(
             && let Some(c) = &config.upstreams[up].breaker
         {
             let now = ctx.shared.limits.now();
+            // The longest a call to it may be out, as a probe.
+            let lease =
+                config.upstreams[up].connect_timeout + config.upstreams[up].response_timeout;
             for (name, tool_level) in policy::breaker::names(upstream, local, &tenant.name) {
-                match ctx.shared.breakers.allow(&name, now, c) {
+                match ctx.shared.breakers.allow(&name, now, c, lease) {
                     Ok(pass) => obs
                         .breakers
                         .borrow_mut()
@@ -1281,8 +1284,12 @@ fn record(
     let passed = obs.breakers.borrow_mut().take();
     if !passed.is_empty() {
         let now = ctx.shared.limits.now();
-        // A call whose client left before its answer is judged on nothing, as one refused here.
-        let outcome = if obs.client_left.get() {
+        // Only what went to the upstream is judged: a call answered here (a batch refused for
+        // holding a task, a task not the caller's, a request that cannot be sent) says nothing
+        // of the upstream, nor does one whose client left before its answer. Judged, the first
+        // closed a half-open breaker shared by every tenant, or kept a failing one closed.
+        // Every way to an upstream notes its wait (`Obs::waited`), failures included.
+        let outcome = if obs.client_left.get() || obs.upstream_wait.get().is_none() {
             Outcome::Refused
         } else {
             obs.outcome.get().unwrap_or(Outcome::Refused)

@@ -214,7 +214,7 @@ pub(super) async fn request(
             // The events end only with the call.
             Ok(None) => {}
             Err(done) => {
-                obs.upstream_wait.set(Some(started.elapsed()));
+                obs.waited(started.elapsed());
                 let stateless = req
                     .header_str("mcp-protocol-version")
                     .is_some_and(version::is_stateless_era);

@@ -2,7 +2,7 @@
 //! upstream and tenant, created on first use.
 
 use std::{
-    sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -33,10 +33,21 @@ pub struct Breaker {
     /// ending the turn.
     word: AtomicU64,
     opened_at: AtomicU64,
-    consecutive: AtomicU32,
-    /// The closed breaker's window (64 bits), its calls (32) and failures (32), in one word: a
-    /// call counted as another thread starts a new window is not wiped out.
+    /// When the newest probe was let through: probes all out for longer than their lease
+    /// are taken to be lost (see `allow`).
+    probed_at: AtomicU64,
+    /// The closed turn's failures in a row (low 32 bits), with that turn (high 32).
+    consecutive: AtomicU64,
+    /// A closed turn (32 bits), its window (32), its calls in it (32) and failures (32), in one
+    /// word: a call counted as another thread starts a new window is not wiped out. Counts of
+    /// an earlier turn read as none, so no step resets them: a reset run by a thread that lost
+    /// the race to close wiped the new turn's first failures.
     counts: portable_atomic::AtomicU128,
+}
+
+/// Whether turn `a` came after turn `b` (turns wrap around).
+fn after(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
 }
 
 fn split(v: u64) -> (u32, u8, u32) {
@@ -48,9 +59,11 @@ fn join(turn: u32, state: u8, probes: u32) -> u64 {
 }
 
 impl Breaker {
-    /// Lets a call through, or says how long the breaker stays open.
-    pub fn allow(&self, now: u64, c: &RawBreaker) -> Result<Pass, Duration> {
+    /// Lets a call through, or says how long the breaker stays open. `lease` is the longest a
+    /// call may be out (its upstream's timeouts): probes all out for longer are lost.
+    pub fn allow(&self, now: u64, c: &RawBreaker, lease: Duration) -> Result<Pass, Duration> {
         let open_ns = c.open_ms * 1_000_000;
+        let lease_ns = u64::try_from(lease.as_nanos()).unwrap_or(u64::MAX);
         let most = c.half_open_probes.clamp(1, MAX_PROBES);
         let mut v = self.word.load(Ordering::Acquire);
         loop {
@@ -66,14 +79,26 @@ impl Breaker {
                     join(turn, HALF_OPEN, 1)
                 }
                 // Probes are out; their answers decide.
-                _ if probes >= most => return Err(Duration::from_millis(c.open_ms.min(1_000))),
+                _ if probes >= most => {
+                    let since = now.saturating_sub(self.probed_at.load(Ordering::Acquire));
+                    if since < lease_ns {
+                        return Err(Duration::from_millis(c.open_ms.min(1_000)));
+                    }
+                    // Out for longer than any call may take, they are lost (their worker died
+                    // with them, and no drop gave them back): without this, the breaker refused
+                    // every call until a restart. A new half-open turn starts with this probe;
+                    // a lost one's verdict is of an ended turn.
+                    join(turn.wrapping_add(1), HALF_OPEN, 1)
+                }
                 _ => join(turn, HALF_OPEN, probes + 1),
             };
+            // Noted before the probe is out, so that no thread finds it out and unnoted.
+            self.probed_at.fetch_max(now, Ordering::AcqRel);
             match self
                 .word
                 .compare_exchange_weak(v, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Ok(Pass::Probe(turn)),
+                Ok(_) => return Ok(Pass::Probe(split(next).0)),
                 Err(actual) => v = actual,
             }
         }
@@ -90,11 +115,6 @@ impl Breaker {
             if state == OPEN {
                 // Never back: a thread stalled here must not shorten a later opening.
                 self.opened_at.fetch_max(now, Ordering::AcqRel);
-            } else {
-                // The counts start again for the closed turn, before it begins (no closed call
-                // of the current turn is counted while half-open).
-                self.consecutive.store(0, Ordering::Release);
-                self.counts.store(0, Ordering::Release);
             }
             match self.word.compare_exchange_weak(
                 v,
@@ -125,14 +145,20 @@ impl Breaker {
             // Let through before the breaker opened: its verdict is made.
             return state;
         }
-        let window = now / (c.window_s.max(1) * 1_000_000_000);
+        // Windows in 32 bits: 136 years of 1 s windows of the monotonic clock.
+        let window = (now / (c.window_s.max(1) * 1_000_000_000)) as u32;
         let mut seen = (0, 0);
-        let _ = self
+        let counted = self
             .counts
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                let (w, total, failures) = ((v >> 64) as u64, (v >> 32) as u32, v as u32);
+                let (t, w) = ((v >> 96) as u32, (v >> 64) as u32);
+                let (total, failures) = ((v >> 32) as u32, v as u32);
+                if after(t, turn) {
+                    // A later turn's: this call's verdict is made.
+                    return None;
+                }
                 // A window only moves forward; a call of an ended one counts in the current.
-                let (w, total, failures) = if w < window {
+                let (w, total, failures) = if t != turn || w < window {
                     (window, 0, 0)
                 } else {
                     (w, total, failures)
@@ -141,14 +167,37 @@ impl Breaker {
                     total.saturating_add(1),
                     failures.saturating_add(u32::from(!ok)),
                 );
-                Some((u128::from(w) << 64) | (u128::from(seen.0) << 32) | u128::from(seen.1))
+                Some(
+                    (u128::from(turn) << 96)
+                        | (u128::from(w) << 64)
+                        | (u128::from(seen.0) << 32)
+                        | u128::from(seen.1),
+                )
+            });
+        if counted.is_err() {
+            return self.state();
+        }
+        let mut row = 0;
+        let _ = self
+            .consecutive
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let (t, n) = ((v >> 32) as u32, v as u32);
+                if after(t, turn) {
+                    return None;
+                }
+                row = if ok {
+                    0
+                } else if t == turn {
+                    n.saturating_add(1)
+                } else {
+                    1
+                };
+                Some((u64::from(turn) << 32) | u64::from(row))
             });
         if ok {
-            self.consecutive.store(0, Ordering::Release);
             return CLOSED;
         }
         let (total, failures) = seen;
-        let row = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         let by_row = c.consecutive_failures.is_some_and(|n| row >= n);
         let by_ratio = c.failure_ratio.is_some_and(|r| {
             total >= c.min_requests && f64::from(failures) >= r * f64::from(total)
@@ -222,10 +271,16 @@ fn tenant_of(name: &str) -> Option<&str> {
 }
 
 impl Breakers {
-    pub fn allow(&self, name: &str, now: u64, c: &RawBreaker) -> Result<Pass, Duration> {
+    pub fn allow(
+        &self,
+        name: &str,
+        now: u64,
+        c: &RawBreaker,
+        lease: Duration,
+    ) -> Result<Pass, Duration> {
         let map = self.map.pin();
         if let Some(b) = map.get(name) {
-            return b.allow(now, c);
+            return b.allow(now, c, lease);
         }
         // An upstream's own breaker is the configuration's: always made. A tool's is named by
         // clients: each tenant has a share of the table, past which its own closed tool
@@ -234,7 +289,7 @@ impl Breakers {
         let Some(tenant) = tenant_of(name) else {
             return map
                 .get_or_insert_with(name.to_owned(), Breaker::default)
-                .allow(now, c);
+                .allow(now, c, lease);
         };
         if !self.take(tenant, name) {
             let due = self.per_tenant.pin().get(tenant).is_some_and(|share| {
@@ -254,11 +309,11 @@ impl Breakers {
             }
         }
         match map.try_insert_with(name.to_owned(), Breaker::default) {
-            Ok(b) => b.allow(now, c),
+            Ok(b) => b.allow(now, c, lease),
             // Made by another worker meanwhile: the room taken goes back.
             Err(b) => {
                 self.give_back(tenant, name);
-                b.allow(now, c)
+                b.allow(now, c, lease)
             }
         }
     }
@@ -357,6 +412,8 @@ mod tests {
     }
 
     const MS: u64 = 1_000_000;
+    /// A call's longest time out, for the tests that are not about it.
+    const LEASE: Duration = Duration::from_secs(60);
 
     #[test]
     fn the_table_is_bounded_in_bytes() {
@@ -365,7 +422,7 @@ mod tests {
         // 2,000 names of 2 KiB would be 4 MiB: past 1 MiB, new names get no breaker.
         for i in 0..2_000 {
             let name = format!("up/{i:0>2048}");
-            assert_eq!(breakers.allow(&name, MS, &c), Ok(Pass::Closed(0)));
+            assert_eq!(breakers.allow(&name, MS, &c, LEASE), Ok(Pass::Closed(0)));
         }
         let states = breakers.states();
         let bytes: usize = states.iter().map(|(n, _)| n.len()).sum();
@@ -378,17 +435,23 @@ mod tests {
         let c = cfg("consecutive_failures = 2\nopen_ms = 60000");
         let breakers = Breakers::default();
         // The victim's tool has failed once, and another opened.
-        assert_eq!(breakers.allow("up/slow@b", MS, &c), Ok(Pass::Closed(0)));
+        assert_eq!(
+            breakers.allow("up/slow@b", MS, &c, LEASE),
+            Ok(Pass::Closed(0))
+        );
         breakers.record("up/slow@b", MS, &c, Pass::Closed(0), false);
         for _ in 0..2 {
-            assert_eq!(breakers.allow("up/real@b", MS, &c), Ok(Pass::Closed(0)));
+            assert_eq!(
+                breakers.allow("up/real@b", MS, &c, LEASE),
+                Ok(Pass::Closed(0))
+            );
             breakers.record("up/real@b", MS, &c, Pass::Closed(0), false);
         }
         // One tenant calls ever new tool names, each failing once (closed: below threshold),
         // more than the table holds.
         for i in 0..MAX_BREAKERS + 10 {
             let name = format!("up/made-up-{i}@a");
-            let _ = breakers.allow(&name, MS, &c);
+            let _ = breakers.allow(&name, MS, &c, LEASE);
             breakers.record(&name, MS, &c, Pass::Closed(0), false);
         }
         // It held its share at most; the other tenant's counts are as they were.
@@ -396,18 +459,24 @@ mod tests {
         let of_a = states.iter().filter(|(n, _)| n.ends_with("@a")).count();
         assert!(of_a <= MAX_TOOL_BREAKERS_PER_TENANT, "{of_a}");
         assert!(
-            breakers.allow("up/real@b", 2 * MS, &c).is_err(),
+            breakers.allow("up/real@b", 2 * MS, &c, LEASE).is_err(),
             "still open"
         );
-        assert_eq!(breakers.allow("up/slow@b", 2 * MS, &c), Ok(Pass::Closed(0)));
+        assert_eq!(
+            breakers.allow("up/slow@b", 2 * MS, &c, LEASE),
+            Ok(Pass::Closed(0))
+        );
         breakers.record("up/slow@b", 2 * MS, &c, Pass::Closed(0), false);
         assert!(
-            breakers.allow("up/slow@b", 3 * MS, &c).is_err(),
+            breakers.allow("up/slow@b", 3 * MS, &c, LEASE).is_err(),
             "its first failure was kept: the second opened it"
         );
         // Another tenant's new tool, and an upstream added later, get their breakers.
-        assert_eq!(breakers.allow("up/other@c", MS, &c), Ok(Pass::Closed(0)));
-        assert_eq!(breakers.allow("later", MS, &c), Ok(Pass::Closed(0)));
+        assert_eq!(
+            breakers.allow("up/other@c", MS, &c, LEASE),
+            Ok(Pass::Closed(0))
+        );
+        assert_eq!(breakers.allow("later", MS, &c, LEASE), Ok(Pass::Closed(0)));
         assert!(states.len() < MAX_BREAKERS);
         // The counts match what is in the table.
         let bytes: usize = breakers
@@ -424,7 +493,7 @@ mod tests {
         let c = cfg("consecutive_failures = 3\nopen_ms = 100");
         let b = Breaker::default();
         for _ in 0..2 {
-            assert_eq!(b.allow(MS, &c), Ok(Pass::Closed(0)));
+            assert_eq!(b.allow(MS, &c, LEASE), Ok(Pass::Closed(0)));
             b.record(MS, &c, Pass::Closed(0), false);
         }
         b.record(MS, &c, Pass::Closed(0), true);
@@ -434,18 +503,18 @@ mod tests {
         assert_eq!(b.state(), CLOSED, "a success broke the row");
         b.record(MS, &c, Pass::Closed(0), false);
         assert_eq!(b.state(), OPEN);
-        let wait = b.allow(50 * MS, &c).unwrap_err();
+        let wait = b.allow(50 * MS, &c, LEASE).unwrap_err();
         assert_eq!(wait, Duration::from_millis(51));
         // After open_ms: one probe, the others wait for it.
-        assert_eq!(b.allow(101 * MS, &c), Ok(Pass::Probe(1)));
-        assert!(b.allow(101 * MS, &c).is_err());
+        assert_eq!(b.allow(101 * MS, &c, LEASE), Ok(Pass::Probe(1)));
+        assert!(b.allow(101 * MS, &c, LEASE).is_err());
         b.record(102 * MS, &c, Pass::Probe(1), false);
         assert_eq!(b.state(), OPEN, "a failed probe opens it again");
-        assert!(b.allow(150 * MS, &c).is_err());
-        assert_eq!(b.allow(203 * MS, &c), Ok(Pass::Probe(2)));
+        assert!(b.allow(150 * MS, &c, LEASE).is_err());
+        assert_eq!(b.allow(203 * MS, &c, LEASE), Ok(Pass::Probe(2)));
         b.record(204 * MS, &c, Pass::Probe(2), true);
         assert_eq!(b.state(), CLOSED);
-        assert_eq!(b.allow(205 * MS, &c), Ok(Pass::Closed(3)));
+        assert_eq!(b.allow(205 * MS, &c, LEASE), Ok(Pass::Closed(3)));
     }
 
     /// Only the probes decide a half-open breaker, and only those of its current turn.
@@ -454,12 +523,12 @@ mod tests {
         let c = cfg("consecutive_failures = 1\nopen_ms = 100\nhalf_open_probes = 2");
         let b = Breaker::default();
         // A slow call let through while closed, then a failure opens the breaker.
-        let slow = b.allow(MS, &c).unwrap();
+        let slow = b.allow(MS, &c, LEASE).unwrap();
         b.record(MS, &c, Pass::Closed(0), false);
         assert_eq!(b.state(), OPEN);
         let (p1, p2) = (
-            b.allow(101 * MS, &c).unwrap(),
-            b.allow(101 * MS, &c).unwrap(),
+            b.allow(101 * MS, &c, LEASE).unwrap(),
+            b.allow(101 * MS, &c, LEASE).unwrap(),
         );
         assert_eq!((p1, p2), (Pass::Probe(1), Pass::Probe(1)));
         // The slow call succeeds now: it says nothing of the upstream since it opened.
@@ -475,20 +544,80 @@ mod tests {
         b.record(104 * MS, &c, p2, true);
         assert_eq!(b.state(), OPEN, "a probe of the ended turn closed it");
         // Nor does it give its probe back to the next turn.
-        let p3 = b.allow(204 * MS, &c).unwrap();
-        let p4 = b.allow(204 * MS, &c).unwrap();
+        let p3 = b.allow(204 * MS, &c, LEASE).unwrap();
+        let p4 = b.allow(204 * MS, &c, LEASE).unwrap();
         assert_eq!((p3, p4), (Pass::Probe(2), Pass::Probe(2)));
         b.release(p2);
         assert!(
-            b.allow(204 * MS, &c).is_err(),
+            b.allow(204 * MS, &c, LEASE).is_err(),
             "two probes of turn 2 are out"
         );
         b.release(p4);
         assert_eq!(
-            b.allow(204 * MS, &c),
+            b.allow(204 * MS, &c, LEASE),
             Ok(Pass::Probe(2)),
             "its own came back"
         );
+    }
+
+    /// A probe whose worker died with it is never judged nor given back: with all probes so
+    /// lost, the half-open breaker refused every call until a restart. Past their lease a new
+    /// turn starts, and a lost probe found again decides nothing.
+    #[test]
+    fn probes_out_longer_than_their_lease_are_lost() {
+        let c = cfg("consecutive_failures = 1\nopen_ms = 100");
+        let lease = Duration::from_secs(1);
+        let b = Breaker::default();
+        assert_eq!(b.allow(MS, &c, lease), Ok(Pass::Closed(0)));
+        b.record(MS, &c, Pass::Closed(0), false);
+        let lost = b.allow(101 * MS, &c, lease).unwrap();
+        assert_eq!(lost, Pass::Probe(1));
+        assert!(b.allow(1_100 * MS, &c, lease).is_err(), "within its lease");
+        let probe = b.allow(1_102 * MS, &c, lease).unwrap();
+        assert_eq!(probe, Pass::Probe(2), "past it, a new turn");
+        assert!(
+            b.allow(1_103 * MS, &c, lease).is_err(),
+            "one probe at a time"
+        );
+        b.record(1_104 * MS, &c, lost, true);
+        assert_eq!(
+            b.state(),
+            HALF_OPEN,
+            "the lost probe's verdict is of an ended turn"
+        );
+        b.record(1_105 * MS, &c, probe, false);
+        assert_eq!(b.state(), OPEN);
+        assert_eq!(b.allow(1_206 * MS, &c, lease), Ok(Pass::Probe(3)));
+    }
+
+    /// A closed turn counts from nothing: no failure of an earlier turn, in a row or in the
+    /// window, is held against it (its counts are tagged with their turn, not reset).
+    #[test]
+    fn a_closed_turn_counts_only_its_own_calls() {
+        let c =
+            cfg("consecutive_failures = 3\nfailure_ratio = 0.5\nmin_requests = 6\nopen_ms = 100");
+        let b = Breaker::default();
+        for ok in [true, true, false, false, false] {
+            b.record(MS, &c, Pass::Closed(0), ok);
+        }
+        assert_eq!(b.state(), OPEN, "3 in a row");
+        let probe = b.allow(102 * MS, &c, LEASE).unwrap();
+        b.record(103 * MS, &c, probe, true);
+        assert_eq!(b.allow(104 * MS, &c, LEASE), Ok(Pass::Closed(2)));
+        // With the first turn's 3 of 5 counted, two more failures would open it by the ratio
+        // (5 of 8), the first by the row (4).
+        for ok in [false, false, true] {
+            b.record(104 * MS, &c, Pass::Closed(2), ok);
+        }
+        assert_eq!(b.state(), CLOSED);
+        // A late call of the first turn counts in no turn.
+        b.record(105 * MS, &c, Pass::Closed(0), false);
+        for _ in 0..2 {
+            b.record(105 * MS, &c, Pass::Closed(2), false);
+        }
+        assert_eq!(b.state(), CLOSED, "2 in a row, 4 of 5");
+        b.record(105 * MS, &c, Pass::Closed(2), false);
+        assert_eq!(b.state(), OPEN, "3 in a row");
     }
 
     #[test]

@@ -908,6 +908,7 @@ fn a_tenants_tool_errors_open_its_own_breaker_not_the_others() {
     use breaker::{Breakers, names};
     let c: crate::config::RawBreaker =
         toml::from_str("consecutive_failures = 2\nopen_ms = 60000").unwrap();
+    const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
     let breakers = Breakers::default();
     let now = 1_000_000;
     let acme = names("up", "search", "acme");
@@ -916,21 +917,21 @@ fn a_tenants_tool_errors_open_its_own_breaker_not_the_others() {
     assert_ne!(acme[1], beta[1], "the tool's is per tenant");
     for _ in 0..2 {
         for (name, tool_level) in &acme {
-            let pass = breakers.allow(name, now, &c).unwrap();
+            let pass = breakers.allow(name, now, &c, LEASE).unwrap();
             // acme's calls end in `isError`: a failure of the tool, not of the upstream.
             breakers.record(name, now, &c, pass, !tool_level);
         }
     }
     assert!(
-        breakers.allow(&acme[1].0, now, &c).is_err(),
+        breakers.allow(&acme[1].0, now, &c, LEASE).is_err(),
         "acme's tool: open"
     );
     assert!(
-        breakers.allow(&beta[1].0, now, &c).is_ok(),
+        breakers.allow(&beta[1].0, now, &c, LEASE).is_ok(),
         "beta's tool: closed"
     );
     assert!(
-        breakers.allow(&beta[0].0, now, &c).is_ok(),
+        breakers.allow(&beta[0].0, now, &c, LEASE).is_ok(),
         "the upstream: closed"
     );
 }

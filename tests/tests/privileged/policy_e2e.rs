@@ -533,6 +533,66 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     drop(demo);
 }
 
+/// A call the gateway answers itself, having passed the breakers, says nothing of the
+/// upstream: judged as the upstream's success, one naming a task not the caller's closed a
+/// half-open breaker shared by every tenant (any caller could keep a failing upstream's
+/// breaker from ever holding).
+#[test]
+fn a_call_answered_by_the_gateway_itself_does_not_close_a_half_open_breaker() {
+    let demo_port = free_port();
+    let demo = integration_tests::peers::demo_upstream(demo_port);
+    let port = free_port();
+    let instance = unique("gwbrkhere");
+    let config = with_breakers(
+        local_header(&instance, 1, port, free_port()),
+        "breaker = { consecutive_failures = 2, open_ms = 500 }",
+        &[(
+            "demo",
+            &format!("url = \"http://127.0.0.1:{demo_port}/mcp\"\nconnect_timeout_ms = 300"),
+        )],
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let add = json!({"a": 1, "b": 2});
+    assert_eq!(call_2026(port, "/demo", "add", &add).status, 200);
+    drop(demo);
+    for _ in 0..2 {
+        assert_eq!(call_2026(port, "/demo", "add", &add).status, 502);
+    }
+    assert_eq!(call_2026(port, "/demo", "add", &add).status, 503);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // Half-open: a call of another tool, related to a task that is not the caller's, takes
+    // the upstream's probe and is answered here.
+    let body = json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "x"}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/related-task": {"taskId": "not-yours"}}},
+    })
+    .to_string();
+    let headers =
+        "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: echo\r\n";
+    let (r, _) = raw(port, &post("/demo", &body, headers));
+    // As an SDK server answers a task it does not know (the upstream is down: not its answer).
+    assert_eq!(r.status, 200, "answered here: {r:?}");
+    assert_eq!(r.json()["error"]["code"], -32602, "{r:?}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Task not found")),
+        "{r:?}"
+    );
+    // The probe is still out there to take: a call of a third tool goes to the upstream, fails
+    // and opens the breaker again, so the next is refused without trying. Closed by the answer
+    // made here, the breaker let both through to fail.
+    let r = call_2026(port, "/demo", "sub", &add);
+    assert_eq!(r.status, 502, "the probe: {r:?}");
+    let r = call_2026(port, "/demo", "mul", &add);
+    assert_eq!(r.status, 503, "open again after the probe failed: {r:?}");
+    assert_eq!(r.json()["error"]["data"]["rule"], "upstreams[demo].breaker");
+    d.stop();
+}
+
 /// The breaker counts a tool's failure as its client reads it: an upstream that spells
 /// `isError` with an escape, or gives it twice, is read as the client's parser reads it.
 #[test]
