@@ -338,6 +338,13 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         let Some(method) = m.as_str() else {
             return Err(RpcError::invalid_request("`method` must be a string").with_id(id));
         };
+        // No method holds a control character: an upstream that ends a string at a NUL
+        // (`tools/call\u0000x`) would run what policy took for another method.
+        if method.chars().any(char::is_control) {
+            return Err(
+                RpcError::invalid_request("`method` holds a control character").with_id(id),
+            );
+        }
         // A request or a notification, never also an answer: Python's `mcp` reads a message
         // with an `id` and an `error` (or `result`) as a response whatever else it holds, so
         // the gateway would decide on a call the upstream never runs (and count the answer it
@@ -365,6 +372,14 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
                 Some(n) if key == "name" && n.chars().count() > MAX_NAME_CHARS => {
                     return Err(RpcError::invalid_params(format!(
                         "`params.name` is longer than {MAX_NAME_CHARS} characters"
+                    ))
+                    .with_id(id));
+                }
+                // Nor does a name or a URI: `word_count\u0000` is not `word_count` to a rule, but
+                // is to an upstream that ends a string at a NUL.
+                Some(n) if n.chars().any(char::is_control) => {
+                    return Err(RpcError::invalid_params(format!(
+                        "`params.{key}` holds a control character"
                     ))
                     .with_id(id));
                 }

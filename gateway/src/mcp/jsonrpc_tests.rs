@@ -321,3 +321,42 @@ fn a_negative_zero_id_is_refused_and_zero_is_fine() {
     let ok = r#"{"jsonrpc":"2.0","id":0,"method":"tools/call","params":{"name":"t","arguments":{"x":-0.5,"y":-0}}}"#;
     assert!(p.parse(ok.as_bytes()).is_ok());
 }
+
+/// A control character in a method, a tool's name or a URI (found by an attacker's review):
+/// `word_count\u0000` is not `word_count` to a rule, but is to an upstream that ends a string
+/// at a NUL.
+#[test]
+fn control_characters_in_methods_and_names_are_refused() {
+    for (body, code) in [
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"word_count\u0000x"}}"#,
+            INVALID_PARAMS,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\nb"}}"#,
+            INVALID_PARAMS,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x\u0000.txt"}}"#,
+            INVALID_PARAMS,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call\u0000x","params":{"name":"t"}}"#,
+            INVALID_REQUEST,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled\u007f"}"#,
+            INVALID_REQUEST,
+        ),
+    ] {
+        assert_eq!(refused(body).code, code, "{body}");
+    }
+    assert_eq!(
+        single(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"wörd.count-2"}}"#
+        )
+        .name
+        .as_deref(),
+        Some("wörd.count-2")
+    );
+}

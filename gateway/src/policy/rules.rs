@@ -272,6 +272,33 @@ impl ArgRule {
                 Ok(())
             };
         };
+        // A string that holds a JSON object, array or `null` is what the Python SDK's servers
+        // run for a parameter not typed plain `str` (`str | list[str]`, say): the rule holds
+        // for both it and the string. Before, `"[\"/etc/passwd\"]"` passed a pattern that
+        // refuses `/`, and the tool got `["/etc/passwd"]`.
+        if let Value::String(s) = v
+            && let Some(held) = held_at_end(s)
+        {
+            match held {
+                Ok(Value::Null) if self.required => {
+                    return Err(format!(
+                        "argument `{p}` is required: the string `null` is none to a server that reads it as JSON"
+                    ));
+                }
+                Ok(inner) => self.check_value(&inner)?,
+                Err(_) => {
+                    return Err(format!(
+                        "argument `{p}` holds text that looks like JSON but is not JSON the gateway can read as every server does"
+                    ));
+                }
+            }
+        }
+        self.check_value(v)
+    }
+
+    /// The rule's tests of the value found (present).
+    fn check_value(&self, v: &Value) -> Result<(), String> {
+        let p = &self.pointer;
         if let Some(kind) = self.kind
             && !is_type(v, kind)
         {
@@ -383,6 +410,16 @@ pub(super) fn json_held(s: &str) -> Option<serde_json::Result<Value>> {
     s.trim_start_matches([' ', '\t', '\n', '\r'])
         .starts_with(['{', '['])
         .then(|| serde_json::from_str(s))
+}
+
+/// [`json_held`] for the value a rule tests: also `null`, which the Python SDK's servers read
+/// as `None` for a parameter not typed plain `str` (a number, a boolean or a string held is
+/// left a string there).
+fn held_at_end(s: &str) -> Option<serde_json::Result<Value>> {
+    if s.trim_matches([' ', '\t', '\n', '\r']) == "null" {
+        return Some(Ok(Value::Null));
+    }
+    json_held(s)
 }
 
 impl ArgRule {
@@ -594,6 +631,33 @@ mod tests {
     fn tool(toml_text: &str) -> ToolRule {
         let raw: RawToolRule = toml::from_str(toml_text).expect("rule parses");
         ToolRule::compile("t".into(), &raw).expect("rule compiles")
+    }
+
+    /// The value a rule tests, sent as a string holding JSON: the Python SDK's servers run what
+    /// it holds for a parameter not typed plain `str` (found by an attacker's review), so the
+    /// rule holds for that too.
+    #[test]
+    fn a_tested_value_sent_as_json_text_is_tested_as_what_it_holds() {
+        let r =
+            rule("pointer = \"/path\"\ntype = \"string\"\npattern = \"^[^/]+$\"\nrequired = true");
+        assert!(r.check(Some(&json!({"path": "notes.txt"}))).is_ok());
+        assert!(r.check(Some(&json!({"path": "/etc/passwd"}))).is_err());
+        // What the review sent: the text passed the pattern, the tool got ["/etc/passwd"].
+        let err = r
+            .check(Some(&json!({"path": "[\"\\u002fetc\\u002fpasswd\"]"})))
+            .unwrap_err();
+        assert!(err.contains("must be of type string"), "{err}");
+        let err = r.check(Some(&json!({"path": " null "}))).unwrap_err();
+        assert!(err.contains("is required"), "{err}");
+        let err = r.check(Some(&json!({"path": "[NaN]"}))).unwrap_err();
+        assert!(err.contains("looks like JSON"), "{err}");
+        // With no type, the array held meets the pattern, which takes strings only.
+        let p = rule("pointer = \"/path\"\npattern = \"^[^/]+$\"");
+        assert!(p.check(Some(&json!({"path": "[\"a\"]"}))).is_err());
+        // A number, a boolean or a string held stays a string there: tested as it is.
+        for s in ["5", "true", "\"x\""] {
+            assert!(p.check(Some(&json!({ "path": s }))).is_ok(), "{s}");
+        }
     }
 
     /// A server may read a nested argument through a string holding JSON (the Python SDK

@@ -533,6 +533,40 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     drop(demo);
 }
 
+/// An argument rule holds for what the upstream runs: the Python SDK decodes a string that
+/// holds a JSON array for a parameter not typed plain `str`. Found by an attacker's review:
+/// the text `["\u002fetc\u002fpasswd"]` passed a pattern refusing `/`, and the tool read
+/// `["/etc/passwd"]`.
+#[test]
+fn an_argument_sent_as_json_text_is_checked_as_what_the_server_runs() {
+    let py = PyServer::start_with(&["--files"]);
+    let port = free_port();
+    let instance = unique("gwargtext");
+    let config = format!(
+        "{}[[policy.tools]]\nmatch = \"read_files\"\n[[policy.tools.arguments]]\npointer = \"/path\"\npattern = \"^[^/]+$\"\n[[upstreams]]\nname = \"py\"\nurl = \"{}\"\n[[routes]]\npath = \"/py\"\nupstream = \"py\"\n",
+        local_header(&instance, 1, port, free_port()),
+        py.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let text = |r: &integration_tests::peers::RawResponse| {
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let r = call_2026(port, "/py", "read_files", &json!({"path": "notes.txt"}));
+    assert_eq!(text(&r).as_deref(), Some("\"notes.txt\""), "{r:?}");
+    let r = call_2026(port, "/py", "read_files", &json!({"path": "/etc/passwd"}));
+    assert_eq!(r.json()["error"]["code"], -32041, "{r:?}");
+    // The same path in a list sent as JSON text: the server would read ["/etc/passwd"].
+    let held = json!({"path": "[\"\\u002fetc\\u002fpasswd\"]"});
+    let r = call_2026(port, "/py", "read_files", &held);
+    assert_eq!(r.json()["error"]["code"], -32041, "read: {:?}", text(&r));
+    // As a list sent as a list is (the pattern takes strings).
+    let r = call_2026(port, "/py", "read_files", &json!({"path": ["notes.txt"]}));
+    assert_eq!(r.json()["error"]["code"], -32041, "{r:?}");
+    d.stop();
+}
+
 /// A call the gateway answers itself, having passed the breakers, says nothing of the
 /// upstream: judged as the upstream's success, one naming a task not the caller's closed a
 /// half-open breaker shared by every tenant (any caller could keep a failing upstream's
