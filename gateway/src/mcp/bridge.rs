@@ -423,7 +423,7 @@ pub(super) async fn call_with(
     let (mut answer, notes) = answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Bad)?;
     if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
         if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
-            return Err(UpstreamFailure::Bad(
+            return Err(UpstreamFailure::Unrelayable(
                 "it asks the client for input (2026-07-28 input_required), which a session-era client cannot be asked through the gateway".into(),
             ));
         }

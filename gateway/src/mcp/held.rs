@@ -808,7 +808,7 @@ pub(super) async fn open_judging(
             return Opened::Answered(false);
         }
         Err(f) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set(super::proxy::outcome_of(&f));
             return Opened::Answered(fail(io, req, up, m.id.clone(), f).await);
         }
     };
@@ -937,7 +937,7 @@ pub(super) async fn reply(
     let answer = match answer {
         Ok(a) => a,
         Err(f) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set(super::proxy::outcome_of(&f));
             return fail(io, req, up, id, f).await;
         }
     };
@@ -1015,6 +1015,7 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Denied(d)
+        | UpstreamFailure::Unrelayable(d)
         | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::Tls { detail, .. } => detail,
         UpstreamFailure::ClientGone => "the client left".into(),

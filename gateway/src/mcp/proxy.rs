@@ -622,7 +622,7 @@ pub(super) async fn read_whole<'c>(
     let (mut head, body) = match answer {
         Ok(a) => a,
         Err(f) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set(outcome_of(&f));
             return fail(io, req, up, id, f).await;
         }
     };
@@ -879,13 +879,8 @@ pub(super) async fn forward<'c>(
             obs.abandoned.set(true);
             fail(client, req, up, request_id, f).await
         }
-        // The gateway's own shortage: refused here, and no breaker holds it against the upstream.
-        Err(f @ UpstreamFailure::OutOfDescriptors) => {
-            obs.set(Outcome::Refused);
-            fail(client, req, up, request_id, f).await
-        }
         Err(f) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set(outcome_of(&f));
             fail(client, req, up, request_id, f).await
         }
     }
@@ -923,6 +918,18 @@ pub(super) fn fail<'a>(
     Box::pin(answer_failure(client, req, up, id, f))
 }
 
+/// What a failure says of the upstream, for telemetry and its breakers: the gateway's own
+/// shortage nothing (refused here); a call's answer it cannot pass on, the call's own failure
+/// (its tool's breaker counts it, the upstream's shared one does not: one tenant asking for a
+/// large file opened it for every tenant).
+pub(super) fn outcome_of(f: &UpstreamFailure) -> Outcome {
+    match f {
+        UpstreamFailure::OutOfDescriptors | UpstreamFailure::SessionLost => Outcome::Refused,
+        UpstreamFailure::Unrelayable(_) => Outcome::RpcError,
+        _ => Outcome::UpstreamFailure,
+    }
+}
+
 async fn answer_failure(
     client: &mut Io,
     req: &Request,
@@ -939,6 +946,7 @@ async fn answer_failure(
         | UpstreamFailure::Unsent(d)
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Denied(d)
+        | UpstreamFailure::Unrelayable(d)
         | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
         UpstreamFailure::OutOfDescriptors => {
             crate::throttled_warn!(

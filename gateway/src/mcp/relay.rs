@@ -23,6 +23,17 @@ use crate::{
 const CLASSIFY_MAX: usize = 64 * 1024;
 
 const EVENT_TOO_LARGE: &str = "upstream event larger than the body limit";
+const ANSWER_TOO_LARGE: &str = "member's answer larger than the body limit";
+
+/// What a relay that failed for `why` says of the upstream: an answer over the gateway's limit
+/// is the call's own failure (see `proxy::outcome_of`), anything else the upstream's.
+fn outcome_of(why: &str) -> Outcome {
+    if why == EVENT_TOO_LARGE || why == ANSWER_TOO_LARGE {
+        Outcome::RpcError
+    } else {
+        Outcome::UpstreamFailure
+    }
+}
 
 /// The room a large answer's body is read into, a piece at a time.
 const RELAY_READ: usize = 128 * 1024;
@@ -65,6 +76,7 @@ pub(super) async fn relay(
             Ok(Some(k)) => Some(k),
             Ok(None) => Some(BodyKind::UntilClose),
             Err(e) => {
+                obs.set(Outcome::UpstreamFailure);
                 let f = UpstreamFailure::Bad(format!("unframeable response: {e}"));
                 return fail(client, req, up, request_id, f).await;
             }
@@ -74,7 +86,10 @@ pub(super) async fn relay(
     let Some(kind) = kind else {
         let out = match client_head(&head, None, req, member, obs) {
             Ok((out, _)) => out,
-            Err(f) => return fail(client, req, up, request_id, f).await,
+            Err(f) => {
+                obs.set(Outcome::UpstreamFailure);
+                return fail(client, req, up, request_id, f).await;
+            }
         };
         if client.write_all(out).await.is_err() {
             return false;
@@ -87,7 +102,10 @@ pub(super) async fn relay(
     };
     let (mut out, framing) = match client_head(&head, Some(kind), req, member, obs) {
         Ok(o) => o,
-        Err(f) => return fail(client, req, up, request_id, f).await,
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(client, req, up, request_id, f).await;
+        }
     };
     // One event is held at most as large as a request body may be.
     let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
@@ -122,7 +140,7 @@ pub(super) async fn relay(
         Ok(first) => {
             if body.whole.is_some() {
                 if let Err(why) = body.hold(&first, hold_max) {
-                    obs.set(Outcome::UpstreamFailure);
+                    obs.set(outcome_of(why));
                     return unwritten_failure(client, req, up, request_id, why).await;
                 }
             } else {
@@ -131,7 +149,7 @@ pub(super) async fn relay(
             }
         }
         Err(why) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set(outcome_of(why));
             return unwritten_failure(client, req, up, request_id, why).await;
         }
     }
@@ -260,7 +278,7 @@ pub(super) async fn relay(
         _ => Ok(()),
     });
     if let Err(why) = finished {
-        obs.set(Outcome::UpstreamFailure);
+        obs.set(outcome_of(why));
         if unwritten.is_some() {
             return unwritten_failure(client, req, up, request_id, why).await;
         }
@@ -525,7 +543,7 @@ impl<'m> Body<'m> {
     fn hold(&mut self, data: &[u8], max: usize) -> Result<(), &'static str> {
         let whole = self.whole.get_or_insert_default();
         if whole.len() + data.len() > max {
-            return Err("member's answer larger than the body limit");
+            return Err(ANSWER_TOO_LARGE);
         }
         whole.extend_from_slice(data);
         Ok(())

@@ -36,18 +36,13 @@ pub struct Breaker {
     /// When the newest probe was let through: probes all out for longer than their lease
     /// are taken to be lost (see `allow`).
     probed_at: AtomicU64,
-    /// The closed turn's failures in a row (low 32 bits), with that turn (high 32).
+    /// A closed turn's failures in a row (low 32 bits), with that turn (high 32).
     consecutive: AtomicU64,
     /// A closed turn (32 bits), its window (32), its calls in it (32) and failures (32), in one
     /// word: a call counted as another thread starts a new window is not wiped out. Counts of
     /// an earlier turn read as none, so no step resets them: a reset run by a thread that lost
     /// the race to close wiped the new turn's first failures.
     counts: portable_atomic::AtomicU128,
-}
-
-/// Whether turn `a` came after turn `b` (turns wrap around).
-fn after(a: u32, b: u32) -> bool {
-    a != b && a.wrapping_sub(b) < 1 << 31
 }
 
 fn split(v: u64) -> (u32, u8, u32) {
@@ -62,7 +57,7 @@ impl Breaker {
     /// Lets a call through, or says how long the breaker stays open. `lease` is the longest a
     /// call may be out (its upstream's timeouts): probes all out for longer are lost.
     pub fn allow(&self, now: u64, c: &RawBreaker, lease: Duration) -> Result<Pass, Duration> {
-        let open_ns = c.open_ms * 1_000_000;
+        let open_ns = c.open_ms.saturating_mul(1_000_000);
         let lease_ns = u64::try_from(lease.as_nanos()).unwrap_or(u64::MAX);
         let most = c.half_open_probes.clamp(1, MAX_PROBES);
         let mut v = self.word.load(Ordering::Acquire);
@@ -84,11 +79,11 @@ impl Breaker {
                     if since < lease_ns {
                         return Err(Duration::from_millis(c.open_ms.min(1_000)));
                     }
-                    // Out for longer than any call may take, they are lost (their worker died
-                    // with them, and no drop gave them back): without this, the breaker refused
-                    // every call until a restart. A new half-open turn starts with this probe;
-                    // a lost one's verdict is of an ended turn.
-                    join(turn.wrapping_add(1), HALF_OPEN, 1)
+                    // Out for longer than a call waits for its answer, they may be lost (their
+                    // worker died with them, and no drop gave them back): without this, the
+                    // breaker refused every call until a restart. One more probe goes, in the
+                    // same turn: a slow one that does come back (a long stream) still decides.
+                    join(turn, HALF_OPEN, 1)
                 }
                 _ => join(turn, HALF_OPEN, probes + 1),
             };
@@ -116,9 +111,10 @@ impl Breaker {
                 // Never back: a thread stalled here must not shorten a later opening.
                 self.opened_at.fetch_max(now, Ordering::AcqRel);
             }
+            let next = turn.wrapping_add(1);
             match self.word.compare_exchange_weak(
                 v,
-                join(turn.wrapping_add(1), state, 0),
+                join(next, state, 0),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -140,21 +136,26 @@ impl Breaker {
             }
             Pass::Closed(turn) => turn,
         };
-        let (t, state, _) = split(self.word.load(Ordering::Acquire));
-        if t != turn || state != CLOSED {
-            // Let through before the breaker opened: its verdict is made.
-            return state;
+        // Counted only while its turn lasts (checked again with each try to count): let
+        // through before the breaker opened, its verdict is made. A count of an ended turn
+        // reads as none to the next; no turn's end resets the counts, so that none is wiped
+        // by a thread that lost the race to end it.
+        let current = || {
+            let (t, state, _) = split(self.word.load(Ordering::Acquire));
+            t == turn && state == CLOSED
+        };
+        if !current() {
+            return self.state();
         }
         // Windows in 32 bits: 136 years of 1 s windows of the monotonic clock.
-        let window = (now / (c.window_s.max(1) * 1_000_000_000)) as u32;
+        let window = (now / c.window_s.max(1).saturating_mul(1_000_000_000)) as u32;
         let mut seen = (0, 0);
         let counted = self
             .counts
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 let (t, w) = ((v >> 96) as u32, (v >> 64) as u32);
                 let (total, failures) = ((v >> 32) as u32, v as u32);
-                if after(t, turn) {
-                    // A later turn's: this call's verdict is made.
+                if !current() {
                     return None;
                 }
                 // A window only moves forward; a call of an ended one counts in the current.
@@ -182,7 +183,7 @@ impl Breaker {
             .consecutive
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 let (t, n) = ((v >> 32) as u32, v as u32);
-                if after(t, turn) {
+                if !current() {
                     return None;
                 }
                 row = if ok {
@@ -561,8 +562,8 @@ mod tests {
     }
 
     /// A probe whose worker died with it is never judged nor given back: with all probes so
-    /// lost, the half-open breaker refused every call until a restart. Past their lease a new
-    /// turn starts, and a lost probe found again decides nothing.
+    /// lost, the half-open breaker refused every call until a restart. Past their lease
+    /// another goes.
     #[test]
     fn probes_out_longer_than_their_lease_are_lost() {
         let c = cfg("consecutive_failures = 1\nopen_ms = 100");
@@ -574,20 +575,34 @@ mod tests {
         assert_eq!(lost, Pass::Probe(1));
         assert!(b.allow(1_100 * MS, &c, lease).is_err(), "within its lease");
         let probe = b.allow(1_102 * MS, &c, lease).unwrap();
-        assert_eq!(probe, Pass::Probe(2), "past it, a new turn");
+        assert_eq!(probe, Pass::Probe(1), "past it, another");
         assert!(
             b.allow(1_103 * MS, &c, lease).is_err(),
             "one probe at a time"
         );
-        b.record(1_104 * MS, &c, lost, true);
-        assert_eq!(
-            b.state(),
-            HALF_OPEN,
-            "the lost probe's verdict is of an ended turn"
-        );
-        b.record(1_105 * MS, &c, probe, false);
+        // One taken for lost that comes back after all (a long stream) still decides.
+        b.record(1_104 * MS, &c, lost, false);
         assert_eq!(b.state(), OPEN);
-        assert_eq!(b.allow(1_206 * MS, &c, lease), Ok(Pass::Probe(3)));
+        b.record(1_105 * MS, &c, probe, true);
+        assert_eq!(b.state(), OPEN, "the other's verdict is of an ended turn");
+        assert_eq!(b.allow(1_206 * MS, &c, lease), Ok(Pass::Probe(2)));
+    }
+
+    /// A breaker whose probes failed for 2^31 turns counts again once it closes (a review
+    /// found that counts tagged with a turn that far behind read as a later turn's).
+    #[test]
+    fn counts_start_again_however_many_turns_went_by() {
+        let c = cfg("consecutive_failures = 2\nopen_ms = 100");
+        let b = Breaker::default();
+        b.record(MS, &c, Pass::Closed(0), false);
+        let far = (1 << 31) + 5;
+        b.word.store(join(far, HALF_OPEN, 1), Ordering::Release);
+        b.record(2 * MS, &c, Pass::Probe(far), true);
+        assert_eq!(b.state(), CLOSED);
+        for _ in 0..2 {
+            b.record(3 * MS, &c, Pass::Closed(far + 1), false);
+        }
+        assert_eq!(b.state(), OPEN);
     }
 
     /// A closed turn counts from nothing: no failure of an earlier turn, in a row or in the

@@ -627,6 +627,62 @@ fn a_call_answered_by_the_gateway_itself_does_not_close_a_half_open_breaker() {
     d.stop();
 }
 
+/// An answer larger than the gateway takes is the call's failure, not the upstream's: its
+/// tool's breaker (the tenant's) counts it, the upstream's (every tenant's) does not. Before,
+/// one tenant asking a tool for a large answer opened the upstream's breaker for all.
+#[test]
+fn an_answer_too_large_to_relay_opens_the_tools_breaker_not_the_upstreams() {
+    // One SSE event of 4 KiB, over a body limit of 2 KiB.
+    let data = format!(
+        r#"{{"jsonrpc":"2.0","id":9,"result":{{"content":[{{"type":"text","text":"{}"}}]}}}}"#,
+        "x".repeat(4096)
+    );
+    let body = format!("event: message\ndata: {data}\n\n");
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    );
+    let big = FakeUpstream::start(Misbehave::Raw(answer));
+    let port = free_port();
+    let instance = unique("gwbrkbig");
+    let config = with_breakers(
+        format!(
+            "{}[http]\nmax_body_bytes = 2048\n",
+            local_header(&instance, 1, port, free_port())
+        ),
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
+        &[(
+            "big",
+            &format!("url = \"http://127.0.0.1:{}/mcp\"", big.port),
+        )],
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for _ in 0..2 {
+        let r = call_2026(port, "/big", "dump", &json!({}));
+        assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = call_2026(port, "/big", "dump", &json!({}));
+    assert_eq!(
+        r.status,
+        503,
+        "the tool's breaker opened: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tool `dump` of upstream `big`")),
+        "{r:?}"
+    );
+    // The upstream's other tools are still reached (their answers are as large).
+    let r = call_2026(port, "/big", "other", &json!({}));
+    assert_eq!(r.status, 502, "the upstream's breaker stayed closed: {r:?}");
+    d.stop();
+}
+
 /// The breaker counts a tool's failure as its client reads it: an upstream that spells
 /// `isError` with an escape, or gives it twice, is read as the client's parser reads it.
 #[test]

@@ -139,6 +139,9 @@ pub enum UpstreamFailure {
     /// The request's upstream session lives on a replica that is ejected or gone: nothing was
     /// sent; the client is told the session is lost (404) and initializes again.
     SessionLost,
+    /// The call's answer is larger than the gateway takes, or asks what the gateway cannot
+    /// pass on: the call's own failure (a tool asked for a large file), not the upstream's.
+    Unrelayable(String),
 }
 
 impl UpstreamFailure {
@@ -485,6 +488,11 @@ pub async fn call(
     let body = match conn.read_body(kind, max, deadline).await {
         Ok(b) => b,
         Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
+        Err(HttpError::BodyTooLarge(n)) => {
+            return Err(UpstreamFailure::Unrelayable(format!(
+                "its answer is larger than the {n} bytes the gateway takes"
+            )));
+        }
         Err(e) => return Err(UpstreamFailure::Bad(e.to_string())),
     };
     if kind != BodyKind::UntilClose && !head.closes() {
