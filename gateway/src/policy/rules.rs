@@ -285,7 +285,11 @@ impl ArgRule {
                         "argument `{p}` is required: the string `null` is none to a server that reads it as JSON"
                     ));
                 }
-                Ok(inner) => self.check_value(&inner)?,
+                Ok(inner) => self.check_value(&inner).map_err(|e| {
+                    format!(
+                        "{e} (the string is JSON text, which a server may read as what it holds: send the value itself)"
+                    )
+                })?,
                 Err(_) => {
                     return Err(format!(
                         "argument `{p}` holds text that looks like JSON but is not JSON the gateway can read as every server does"
