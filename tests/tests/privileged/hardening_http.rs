@@ -299,8 +299,9 @@ fn crlf_in_a_federated_tool_name_is_refused_and_smuggles_no_request_upstream() {
     let before = up.heads().len();
     assert_eq!(before, 2, "initialize and notifications/initialized");
 
-    // The member's name for the tool is written into `Mcp-Name` for the upstream.
-    // Short enough to pass the 128-character cap on names, so that the head writer decides.
+    // The member's name for the tool is written into `Mcp-Name` for the upstream. Short
+    // enough to pass the 128-character cap on names; refused as the message is read (no name
+    // holds a control character), before the head writer, which refuses one too, sees it.
     let name = serde_json::to_string(
         "x\r\ncontent-length: 0\r\n\r\nDELETE /mcp HTTP/1.1\r\nhost: u\r\n\r\n",
     )
@@ -310,7 +311,12 @@ fn crlf_in_a_federated_tool_name_is_refused_and_smuggles_no_request_upstream() {
     );
     let extra = format!("mcp-session-id: {session}\r\nmcp-name: x\r\n");
     let (resp, _) = raw(port, &post("/fed", &call, &extra));
-    assert_refused(&resp, "CR/LF in a federated tool name");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert_eq!(
+        resp.json()["error"]["code"],
+        -32602,
+        "CR/LF in a federated tool name"
+    );
     assert_eq!(resp.json()["id"], 7);
     assert_eq!(up.heads().len(), before, "{:?}", up.heads());
 
