@@ -566,6 +566,16 @@ fn names_taken_in_the_temporary_folder_do_not_stop_homes_from_being_made() {
     assert_eq!(meta.uid(), unsafe { libc::geteuid() });
     assert_eq!(mode(&parent), 0o711);
     assert_eq!(mode(a.path()) & 0o077, 0);
+    // The folder cannot be listed by another user, and a home's name cannot be guessed: 128
+    // random bits (a child of the same user reads all of `/` without `read_paths`).
+    for home in [&a, &b] {
+        let name = home.path().file_name().unwrap().to_str().unwrap();
+        let random = name.rsplit('-').next().unwrap();
+        assert!(
+            random.len() == 32 && u128::from_str_radix(random, 16).is_ok(),
+            "{name}"
+        );
+    }
     if root {
         assert!(
             taken.iter().all(|t| t.exists()),

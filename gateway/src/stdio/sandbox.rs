@@ -234,7 +234,15 @@ impl Homes {
         };
         for _ in 0..64 {
             let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = dir.join(format!("{n}-{upstream}"));
+            // 128 random bits no child can guess: every child of a per-caller upstream runs as
+            // the one configured user, and reads all of `/` without `read_paths`, so a home
+            // is kept from the others by its name alone (the folder of homes cannot be
+            // listed). Named `{n}-{upstream}` before, one tenant's child read another's files
+            // (an attacker's review, live: `…/0-local/secret`).
+            let mut random = [0u8; 16];
+            getrandom::fill(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let random = u128::from_ne_bytes(random);
+            let path = dir.join(format!("{n}-{upstream}-{random:032x}"));
             match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
                 .create(&path)
             {
