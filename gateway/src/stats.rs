@@ -276,12 +276,20 @@ impl Recorder {
         n
     }
 
-    /// Tool names are the client's to choose: past `max_tools` distinct ones, `other`.
-    fn tool(&mut self, s: &str) -> Rc<str> {
+    /// Tool names are the client's to choose: past `max_tools` distinct ones, `other`. A
+    /// name takes a place only once an upstream answered a call of it: one the gateway
+    /// refused, or could not send, counts as `other` until then (an attacker's review: 60
+    /// denied calls of made-up names took every place for good, and the other tenants' tools
+    /// were counted as `other` until a restart).
+    fn tool(&mut self, s: &str, outcome: Outcome) -> Rc<str> {
         if let Some(n) = self.names.get(s) {
             return Rc::clone(n);
         }
-        if self.tools >= self.max_tools {
+        let answered = matches!(
+            outcome,
+            Outcome::Ok | Outcome::ToolError | Outcome::RpcError
+        );
+        if !answered || self.tools >= self.max_tools {
             return self.name(OTHER);
         }
         self.tools += 1;
@@ -291,7 +299,7 @@ impl Recorder {
     pub fn record(&mut self, o: &Observation<'_>) {
         let route = self.name(o.route);
         let tool = match o.tool {
-            Some(t) => self.tool(t),
+            Some(t) => self.tool(t, o.outcome),
             None => self.name(""),
         };
         let tenant = self.name(o.tenant);
@@ -680,6 +688,35 @@ mod tests {
             upstream_wait: Some(Duration::from_millis(ms.saturating_sub(1))),
             trace_id: None,
         }
+    }
+
+    /// Calls the gateway refused, or could not send, take no place among the tools: made-up
+    /// names refused by policy took every place for good before (an attacker's review).
+    #[test]
+    fn a_tool_takes_a_place_only_once_an_upstream_answered_it() {
+        let mut r = Recorder::new(0, 2);
+        for i in 0..60 {
+            let junk = format!("junk_{i}");
+            r.record(&obs(&junk, "two", 1, Outcome::Refused));
+            r.record(&obs(&junk, "two", 1, Outcome::UpstreamFailure));
+        }
+        r.record(&obs("echo", "one", 1, Outcome::Ok));
+        r.record(&obs("fails", "one", 1, Outcome::ToolError));
+        r.record(&obs("late", "one", 1, Outcome::Ok));
+        let mut agg = Aggregator::new(10, None);
+        agg.add(r.take().unwrap());
+        let tools: Vec<&str> = agg
+            .series
+            .keys()
+            .filter(|(d, _)| *d == Dim::Tool)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(tools, ["echo", "fails", OTHER]);
+        assert_eq!(
+            agg.series[&(Dim::Tool, OTHER.to_owned())].total.len(),
+            121,
+            "the 120 junk calls and the third tool"
+        );
     }
 
     #[test]
