@@ -384,6 +384,9 @@ pub(super) fn sign_session(ctx: &WorkerCtx, up: &Upstream, head: &mut ResponseHe
         .replace_values("mcp-session-id", |id| client_session(ctx, up, obs, id));
 }
 
+/// Rules counted by name in the refusals' metric; the rest as `other`.
+const MAX_REFUSAL_RULES: usize = 4_096;
+
 /// Gives back, unjudged, the breaker probes a request took before it was refused.
 pub(super) fn give_back_probes(obs: &Obs<'_>, ctx: &WorkerCtx) {
     for (name, _, _, pass) in obs.breakers.borrow_mut().take() {
@@ -441,9 +444,18 @@ pub(super) async fn refuse(
         let counts = ctx.shared.refusals.pin();
         match counts.get(r.rule.as_str()) {
             Some(n) => n.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            None => counts
-                .get_or_insert_with(r.rule.clone(), std::sync::atomic::AtomicU64::default)
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            // Rules are the configuration's, but bounded all the same (each is a series of
+            // `mcp_gateway_refusals_total`): past the bound, `other`.
+            None => {
+                let rule = if counts.len() < MAX_REFUSAL_RULES {
+                    r.rule.clone()
+                } else {
+                    "other".to_owned()
+                };
+                counts
+                    .get_or_insert_with(rule, std::sync::atomic::AtomicU64::default)
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            }
         };
     }
     // Refusals the client earned (not an open breaker) count towards a kernel ban.
@@ -453,17 +465,20 @@ pub(super) async fn refuse(
         let limits = &ctx.shared.limits;
         let what = policy::limits::Counted::Refusals { source: peer.ip() };
         let key = what.key(limits, b.window_s);
-        if limits
-            .charge_kept(
-                key,
-                || what.clone(),
-                policy::limits::State::unix_s(),
-                b.window_s,
-                1,
-                u64::from(b.max_refusals),
-            )
-            .is_err()
-        {
+        let counted = limits.charge_source(
+            key,
+            || what.clone(),
+            policy::limits::State::unix_s(),
+            b.window_s,
+            u64::from(b.max_refusals),
+        );
+        if counted.is_none() {
+            crate::throttled_warn!(
+                max = policy::limits::MAX_SOURCES,
+                "refusals of new source addresses are not counted towards a ban: as many sources are counted already"
+            );
+        }
+        if counted.is_some_and(|r| r.is_err()) {
             let _ = ctx
                 .shared
                 .ban_tx

@@ -704,7 +704,9 @@ fn admit(
             let r = Refusal::new(
                 403,
                 policy::code::PENDING_APPROVAL,
-                format!("pins[{upstream}/{local}]"),
+                // The upstream's pins, not the tool's: a rule is a label of the refusals'
+                // metric, and the tool's name is the client's (one new series per made-up name).
+                format!("pins[{upstream}]"),
                 what,
             );
             return Err(refuse_all(&mut admissions, r, m.id.clone()));

@@ -295,7 +295,7 @@ async fn finish(
             let r = crate::policy::Refusal::new(
                 403,
                 crate::policy::code::PENDING_APPROVAL,
-                format!("pins[{upstream}/{tool}]"),
+                format!("pins[{upstream}]"),
                 StdioError::Unapproved(upstream, tool).to_string(),
             );
             obs.set(Outcome::Refused);

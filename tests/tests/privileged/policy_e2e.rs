@@ -821,7 +821,7 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     let r = call_2026(port, "/mcp", "echo", &text);
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["error"]["code"], -32046);
-    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0/echo]");
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0]");
     assert_eq!(
         call_2026(port, "/mcp", "add", &json!({"a": 1, "b": 2})).status,
         200
@@ -922,7 +922,7 @@ upstream = "u0"
     let text = json!({"text": "hi"});
     let r = call_2026(port, "/mcp", "echo", &text);
     assert_eq!(r.status, 403, "{r:?}");
-    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0/echo]", "{r:?}");
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[u0]", "{r:?}");
     assert!(
         r.json()["error"]["message"]
             .as_str()

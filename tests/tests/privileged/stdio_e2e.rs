@@ -405,7 +405,7 @@ upstream = "local"
     let r = call();
     assert_eq!(r.status, 403, "{:?}", r.json());
     assert_eq!(r.json()["error"]["code"], -32046, "{:?}", r.json());
-    assert_eq!(r.json()["error"]["data"]["rule"], "pins[local/echo]");
+    assert_eq!(r.json()["error"]["data"]["rule"], "pins[local]");
     assert!(
         !list().contains(&"echo".to_owned()),
         "hidden until approved"
