@@ -1266,11 +1266,34 @@ fn record_access(
                     .map_or(Value::Null, |d| Value::from(micros(d))),
             ),
             F::TraceId => ("trace_id", text(decision.trace_id.as_deref())),
-            F::UserAgent => ("user_agent", text(req.header_str("user-agent"))),
+            // Up to 16 KiB of the client's: clipped, so that a line of the log (and of the
+            // writer's queue of 65,536) stays small whatever the client sends.
+            F::UserAgent => (
+                "user_agent",
+                text(
+                    req.header_str("user-agent")
+                        .map(|ua| clip(ua, MAX_USER_AGENT)),
+                ),
+            ),
         };
         line.0.push((name, value));
     }
     ctx.shared.access.send(line);
+}
+
+/// Bytes of a client's `User-Agent` written to the access log.
+const MAX_USER_AGENT: usize = 256;
+
+/// `s` cut to at most `max` bytes, at a character's boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// record: breakers judged by the outcome, the audit record, the telemetry observation.

@@ -546,7 +546,9 @@ upstream = "demo"
         &post("/nowhere", &call("add", "{}", 2), &headers("add")),
     );
     assert_eq!(r.status, 404);
-    let (r, _) = raw(port, &post("/demo", "{not json", &headers("add")));
+    // A User-Agent of 4,000 bytes is logged as its first 256.
+    let long_agent = format!("{}user-agent: {}\r\n", headers("add"), "u".repeat(4000));
+    let (r, _) = raw(port, &post("/demo", "{not json", &long_agent));
     assert_eq!(r.status, 400);
     // Written within ~50 ms by the log's own thread.
     let mut lines = Vec::new();
@@ -601,6 +603,7 @@ upstream = "demo"
     assert_eq!(lines[1]["path"], "/demo");
     assert_eq!(lines[1]["status"], 400);
     assert_ne!(lines[1]["outcome"], "ok");
+    assert_eq!(lines[1]["user_agent"], "u".repeat(256));
     assert_eq!(lines[2]["path"], "/nowhere");
     assert_eq!(lines[2]["status"], 404);
     use std::os::unix::fs::PermissionsExt as _;

@@ -274,8 +274,6 @@ fn prometheus_scrapes_the_gateway_and_its_quantiles_agree_with_stats() {
             prom_us >= lo * 0.99 && prom_us <= hi * 1.01,
             "{key}: Prometheus {prom_us:.1} µs, /stats {own} µs, bucket ({lo}, {hi}]"
         );
-        // And that bucket is fine enough to tell: the gateway's share is well under 1 ms.
-        assert!(hi <= 1_000.0, "{key}: /stats {own} µs");
     }
     // Prometheus asked for OpenMetrics (its default) and parsed it: exemplars are there.
     let om = admin_get(
