@@ -279,22 +279,26 @@ impl ArgRule {
         if let Value::String(s) = v
             && let Some(held) = held_at_end(s)
         {
-            match held {
-                Ok(Value::Null) if self.required => {
+            // Text that does not parse here may still parse in Python (`NaN`, `1e400`, a lone
+            // surrogate): read as Python would, near enough for the rule. Text that parses in
+            // neither (`[urgent] invoice`) is only a string.
+            let inner = match held {
+                Ok(inner) => Some(inner),
+                Err(_) => as_python_reads(s),
+            };
+            match inner {
+                Some(Value::Null) if self.required => {
                     return Err(format!(
                         "argument `{p}` is required: the string `null` is none to a server that reads it as JSON"
                     ));
                 }
-                Ok(inner) => self.check_value(&inner).map_err(|e| {
+                // None to the tool: nothing more to hold it to.
+                Some(Value::Null) | None => {}
+                Some(inner) => self.check_value(&inner).map_err(|e| {
                     format!(
                         "{e} (the string is JSON text, which a server may read as what it holds: send the value itself)"
                     )
                 })?,
-                Err(_) => {
-                    return Err(format!(
-                        "argument `{p}` holds text that looks like JSON but is not JSON the gateway can read as every server does"
-                    ));
-                }
             }
         }
         self.check_value(v)
@@ -414,6 +418,60 @@ pub(super) fn json_held(s: &str) -> Option<serde_json::Result<Value>> {
     s.trim_start_matches([' ', '\t', '\n', '\r'])
         .starts_with(['{', '['])
         .then(|| serde_json::from_str(s))
+}
+
+/// What Python's `json.loads` reads from `s` where serde_json does not: `NaN` and `Infinity`
+/// (read as 0 here), a lone surrogate escape (read as U+0000), a number beyond `f64` (read as
+/// e300 or e-300: huge or tiny all the same). `None` when that does not parse either.
+fn as_python_reads(s: &str) -> Option<Value> {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &s[i..];
+        if rest.starts_with("NaN") {
+            out.push('0');
+            i += 3;
+        } else if rest.starts_with("Infinity") {
+            out.push('0');
+            i += 8;
+        } else if rest.len() >= 6
+            && rest.starts_with("\\u")
+            && (rest.as_bytes()[2] | 0x20) == b'd'
+            && matches!(rest.as_bytes()[3] | 0x20, b'8'..=b'9' | b'a'..=b'f')
+        {
+            out.push_str("\\u0000");
+            i += 6;
+        } else if rest.starts_with("\\") && rest.len() >= 2 {
+            // Any other escape is kept whole (`\\\\` is not the start of another).
+            out.push_str(&rest[..2]);
+            i += 2;
+        } else if (b[i] | 0x20) == b'e' && i > 0 && b[i - 1].is_ascii_digit() {
+            let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+            let digits = b[i + 1 + sign..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            let exponent = s[i + 1 + sign..i + 1 + sign + digits].trim_start_matches('0');
+            // Beyond f64 either way (Python reads inf, or 0).
+            let huge = exponent.len() > 3 || (exponent.len() == 3 && exponent > "308");
+            if huge {
+                out.push_str(if b.get(i + 1) == Some(&b'-') {
+                    "e-300"
+                } else {
+                    "e300"
+                });
+            } else {
+                out.push_str(&s[i..i + 1 + sign + digits]);
+            }
+            i += 1 + sign + digits;
+        } else {
+            let c = rest.chars().next()?;
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    serde_json::from_str(&out).ok()
 }
 
 /// [`json_held`] for the value a rule tests: also `null`, which the Python SDK's servers read
@@ -653,8 +711,26 @@ mod tests {
         assert!(err.contains("must be of type string"), "{err}");
         let err = r.check(Some(&json!({"path": " null "}))).unwrap_err();
         assert!(err.contains("is required"), "{err}");
-        let err = r.check(Some(&json!({"path": "[NaN]"}))).unwrap_err();
-        assert!(err.contains("looks like JSON"), "{err}");
+        // Python reads what serde_json does not: checked as Python reads it.
+        for text in [
+            "[NaN]",
+            "[\"\\u002fetc\", NaN]",
+            "[\"\\ud800\", \"\\u002fetc\"]",
+            "[\"\\u002fetc\", 1e400]",
+        ] {
+            let err = r.check(Some(&json!({ "path": text }))).unwrap_err();
+            assert!(err.contains("JSON text"), "{text}: {err}");
+        }
+        // Text that parses in neither is only a string; `null` is none to a rule not required.
+        let short = rule("pointer = \"/path\"\nmax_length = 40");
+        for text in ["[urgent] invoice", "{name}", "[dbo].[t]", "null"] {
+            assert!(
+                short.check(Some(&json!({ "path": text }))).is_ok(),
+                "{text}"
+            );
+        }
+        assert!(as_python_reads("[1e999, 2E+400, 1e-999]").is_some());
+        assert_eq!(as_python_reads("[\"a\\\\\"]"), Some(json!(["a\\"])));
         // With no type, the array held meets the pattern, which takes strings only.
         let p = rule("pointer = \"/path\"\npattern = \"^[^/]+$\"");
         assert!(p.check(Some(&json!({"path": "[\"a\"]"}))).is_err());
