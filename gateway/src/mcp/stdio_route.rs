@@ -319,6 +319,9 @@ async fn finish(
                 // Every per-caller child is another caller's: the gateway's own limit, not a
                 // failure of the upstream.
                 StdioError::Busy(..) => (503, Outcome::Refused),
+                // The call's own failure (see `proxy::outcome_of`): its tool's breaker counts
+                // it, the upstream's shared one does not.
+                StdioError::TooLong(..) => (502, Outcome::RpcError),
                 _ => (502, Outcome::UpstreamFailure),
             };
             obs.set(outcome);

@@ -317,9 +317,9 @@ impl Supervisor {
         if let [call] = calls[..] {
             self.mux.forget(call);
             if let Some(w) = self.waiters.remove(&call) {
-                let _ = w.done.send(Err(StdioError::Refused(
+                let _ = w.done.send(Err(StdioError::TooLong(
                     self.name(),
-                    format!("answer longer than {} bytes", self.spec.max_line_bytes),
+                    self.spec.max_line_bytes,
                 )));
             }
         }

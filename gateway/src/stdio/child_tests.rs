@@ -345,7 +345,7 @@ fn a_line_over_the_limit_fails_its_call_without_being_held() {
         let e = call(&h, 1, json!(1), json!({"do": "huge", "n": 100_000_000}))
             .await
             .unwrap_err();
-        assert!(matches!(e, StdioError::Refused(..)), "{e}");
+        assert!(matches!(e, StdioError::TooLong(..)), "{e}");
         assert!(call(&h, 1, json!(2), json!({})).await.is_ok());
     });
 }

@@ -89,6 +89,10 @@ pub enum StdioError {
     CrashLoop(String, u64),
     #[error("stdio upstream {0}: {1}")]
     Refused(String, String),
+    /// The call's answer was a line over `max_line_bytes`: the call's own failure (a tool
+    /// asked for a large file), not the upstream's.
+    #[error("stdio upstream {0}: answer longer than {1} bytes")]
+    TooLong(String, usize),
     #[error("stdio upstream {0} is shut down")]
     Gone(String),
     /// Every one of the upstream's per-caller children is another caller's.

@@ -64,6 +64,9 @@ impl<'c> Federation<'_, 'c> {
         }
         let failure = |e: crate::stdio::StdioError| match e {
             crate::stdio::StdioError::Timeout(..) => UpstreamFailure::Timeout,
+            e @ crate::stdio::StdioError::TooLong(..) => {
+                UpstreamFailure::Unrelayable(e.to_string())
+            }
             e => UpstreamFailure::Bad(e.to_string()),
         };
         let started = std::time::Instant::now();
