@@ -414,6 +414,22 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         } else {
             None
         };
+        let task_id = field("taskId").and_then(|t| t.as_str().map(str::to_owned));
+        let related_task = meta
+            .as_ref()
+            .and_then(|m| m.get(RELATED_TASK_META_KEY))
+            .map(|t| t.get("taskId").and_then(|x| x.as_str().map(str::to_owned)));
+        // A task is the caller's or unknown to it by its id: `abc\u0000` is not `abc` here, but
+        // is to an upstream that ends a string at a NUL.
+        if task_id
+            .iter()
+            .chain(related_task.iter().flatten())
+            .any(|t| t.chars().any(char::is_control))
+        {
+            return Err(
+                RpcError::invalid_params("a task id holds a control character").with_id(id),
+            );
+        }
         return Ok(Message {
             kind: if id.is_some() {
                 Kind::Request
@@ -436,11 +452,9 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
                 .and_then(|m| m.get("traceparent"))
                 .and_then(|v| v.as_str().map(str::to_owned)),
 
-            task_id: field("taskId").and_then(|t| t.as_str().map(str::to_owned)),
+            task_id,
             asks_task: field("task").map(|t| t.get("ttl").and_then(|x| x.as_u64())),
-            related_task: meta
-                .and_then(|m| m.get(RELATED_TASK_META_KEY))
-                .map(|t| t.get("taskId").and_then(|x| x.as_str().map(str::to_owned))),
+            related_task,
         });
     }
     // A response (from the client: to a server request such as sampling or elicitation).

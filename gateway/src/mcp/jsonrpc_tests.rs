@@ -348,6 +348,14 @@ fn control_characters_in_methods_and_names_are_refused() {
             r#"{"jsonrpc":"2.0","method":"notifications/cancelled\u007f"}"#,
             INVALID_REQUEST,
         ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"taskId":"abc\u0000"}}"#,
+            INVALID_PARAMS,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"abc\u0000"}}}}"#,
+            INVALID_PARAMS,
+        ),
     ] {
         assert_eq!(refused(body).code, code, "{body}");
     }
