@@ -463,13 +463,17 @@ pub(super) async fn refuse(
         && let Some(b) = &config.auto_ban
     {
         let limits = &ctx.shared.limits;
-        let what = policy::limits::Counted::Refusals { source: peer.ip() };
+        // Counted by IPv6 /64: any address in it is the client's to take.
+        let what = policy::limits::Counted::Refusals {
+            source: policy::limits::source_of(peer.ip()),
+        };
         let key = what.key(limits, b.window_s);
         let counted = limits.charge_source(
             key,
             || what.clone(),
             policy::limits::State::unix_s(),
             b.window_s,
+            1,
             u64::from(b.max_refusals),
         );
         if counted.is_none() {

@@ -1239,7 +1239,8 @@ fn record_access(
             F::Ts => ("ts", Value::String(audit::now())),
             F::Source => ("source", Value::String(peer.ip().to_string())),
             F::Method => ("method", Value::String(req.method.clone())),
-            F::Path => ("path", Value::String(req.path().to_owned())),
+            // The client's too, on an unmatched route: clipped as the User-Agent is.
+            F::Path => ("path", Value::String(clip(req.path(), MAX_PATH).to_owned())),
             F::Status => ("status", Value::from(status)),
             F::RpcMethod => ("rpc_method", Value::String(obs.method.get().to_owned())),
             F::Tool => ("tool", text(obs.tool.borrow().as_deref())),
@@ -1281,8 +1282,9 @@ fn record_access(
     ctx.shared.access.send(line);
 }
 
-/// Bytes of a client's `User-Agent` written to the access log.
+/// Bytes of a client's `User-Agent` and path written to the access log.
 const MAX_USER_AGENT: usize = 256;
+const MAX_PATH: usize = 1024;
 
 /// `s` cut to at most `max` bytes, at a character's boundary.
 fn clip(s: &str, max: usize) -> &str {

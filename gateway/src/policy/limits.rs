@@ -342,6 +342,18 @@ pub enum Counted {
 }
 
 impl Counted {
+    /// Whether it counts a caller known only by its address (refusals towards a ban, the
+    /// `agent` budget of a caller with no agent): the client's to multiply, bounded by
+    /// [`MAX_SOURCES`]. (A named agent that looks like an address is counted among them.)
+    pub fn by_address(&self) -> bool {
+        match self {
+            Self::Refusals { .. } => true,
+            Self::Budget { scope, subject, .. } => {
+                scope == "agent" && subject.parse::<std::net::IpAddr>().is_ok()
+            }
+        }
+    }
+
     /// Whether it counts a run's budget (the `run` scope, whose subjects clients choose).
     pub fn is_run(&self) -> bool {
         matches!(self, Self::Budget { scope, .. } if scope == "run")
@@ -505,16 +517,30 @@ pub struct State {
     /// Runs counted for each tenant (by name) in its budget's current window (by length):
     /// a place is taken as a run is first charged, and they all go when the window ends.
     runs: papaya::HashMap<(String, u64), Window>,
-    /// Source addresses whose refusals are counted (auto-ban): as the last prune found them,
-    /// plus those new since (see [`State::charge_source`]).
+    /// Counts of callers known by their address ([`Counted::by_address`]): as the last prune
+    /// found them, plus those new since (see [`State::charge_source`]).
     sources: AtomicUsize,
 }
 
-/// Source addresses whose refusals are counted at most: each is a window in memory and in the
-/// state store, and an attacker has as many sources as addresses (a /64 of IPv6). Past it a new
-/// source's refusals are not counted towards a ban (those counted already are): 30,000
-/// unauthenticated requests from as many addresses grew the gateway by 25 MB and its state
-/// store by 4 MB, and each flush of the store took 25 ms of the control thread.
+/// The source a refusal counts against: an IPv4 address, or an IPv6 address's /64 (a client
+/// is given a /64 at least, and takes any address in it).
+pub fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+        },
+        v4 @ std::net::IpAddr::V4(_) => v4,
+    }
+}
+
+/// Counts of callers known only by their address at most (refusals towards a ban, the agent
+/// budgets of callers with no agent): each is a window in memory and in the state store (and
+/// a budget's in the fleet's), and an attacker has as many addresses as it likes (a /64 of
+/// IPv6). Past it a new source's refusals are not counted towards a ban, and a new anonymous
+/// caller of a tenant with an agent budget is refused: 30,000 unauthenticated requests from as
+/// many addresses grew the gateway by 25 MB and its state store by 4 MB, and each flush of the
+/// store took 25 ms of the control thread.
 pub const MAX_SOURCES: usize = 16_384;
 
 impl Default for State {
@@ -847,14 +873,16 @@ impl State {
         self.window_charge(key, || Some(Box::new(what())), unix_s, len_s, amount, limit)
     }
 
-    /// As [`State::charge_kept`], for the refusals of a source address (`what`): `None`,
-    /// uncounted, when it is new and [`MAX_SOURCES`] are counted already.
+    /// As [`State::charge_kept`], for a count of a caller known by its address (`what`,
+    /// [`Counted::by_address`]): `None`, uncounted, when it is new and [`MAX_SOURCES`] are
+    /// counted already.
     pub fn charge_source(
         &self,
         key: u64,
         what: impl Fn() -> Counted,
         unix_s: u64,
         len_s: u64,
+        amount: u64,
         limit: u64,
     ) -> Option<Result<(u64, u64), u64>> {
         if self.windows.pin().get(&key).is_none()
@@ -863,7 +891,7 @@ impl State {
             self.sources.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(self.charge_kept(key, what, unix_s, len_s, 1, limit))
+        Some(self.charge_kept(key, what, unix_s, len_s, amount, limit))
     }
 
     /// Charges the window under `key` (made with `what` if new). One the prune retired after
@@ -1090,7 +1118,7 @@ impl State {
         // under by the races of a few workers; it starts again from here).
         let sources = windows
             .iter()
-            .filter(|(_, c)| matches!(c.what.as_deref(), Some(Counted::Refusals { .. })))
+            .filter(|(_, c)| c.what.as_deref().is_some_and(Counted::by_address))
             .count();
         self.sources.store(sources, Ordering::Release);
     }
@@ -1427,43 +1455,67 @@ mod tests {
     }
 
     /// An attacker has as many source addresses as it likes (found by an attacker's review:
-    /// 30,000 addresses grew the gateway by 25 MB and its state store by 4 MB): refusals are
-    /// counted for at most `MAX_SOURCES`, those counted already go on.
+    /// 30,000 addresses grew the gateway by 25 MB and its state store by 4 MB): callers known
+    /// by their address are counted for at most `MAX_SOURCES`, those counted already go on.
     #[test]
-    fn refusals_are_counted_for_a_bounded_number_of_sources() {
+    fn callers_known_by_their_address_are_counted_for_a_bounded_number() {
         let state = State::default();
         let len = 60;
         let now = State::unix_s();
+        // Each in a /64 of its own (one /64 is one source).
         let source = |i: u32| Counted::Refusals {
-            source: std::net::Ipv6Addr::from(u128::from(i)).into(),
+            source: source_of(std::net::Ipv6Addr::from(u128::from(i) << 64).into()),
         };
         for i in 0..MAX_SOURCES as u32 {
             let what = source(i);
             let key = what.key(&state, len);
             assert!(
                 state
-                    .charge_source(key, || what.clone(), now, len, 5)
+                    .charge_source(key, || what.clone(), now, len, 1, 5)
                     .is_some()
             );
         }
         let new = source(MAX_SOURCES as u32);
         let key = new.key(&state, len);
-        assert_eq!(state.charge_source(key, || new.clone(), now, len, 5), None);
+        assert_eq!(
+            state.charge_source(key, || new.clone(), now, len, 1, 5),
+            None
+        );
         let old = source(7);
         let old_key = old.key(&state, len);
         assert!(matches!(
-            state.charge_source(old_key, || old.clone(), now, len, 5),
+            state.charge_source(old_key, || old.clone(), now, len, 1, 5),
             Some(Ok(_))
         ));
-        // The prune finds as many: still full; once their window ended, room again.
+        // The prune finds as many: still full.
         state.prune();
-        assert_eq!(state.charge_source(key, || new.clone(), now, len, 5), None);
-        assert!(
-            state
-                .charge_source(key, || new.clone(), now + 2 * len, len, 5)
-                .is_none(),
-            "the ended windows are counted until a prune drops them"
+        assert_eq!(
+            state.charge_source(key, || new.clone(), now, len, 1, 5),
+            None
         );
+        // An anonymous caller's agent budget is one of them; a named agent's is not.
+        let budget = |subject: &str| Counted::Budget {
+            scope: "agent".into(),
+            tenant: "public".into(),
+            subject: subject.into(),
+        };
+        let anonymous = budget("2001:db8::1");
+        let key = anonymous.key(&state, len);
+        assert_eq!(
+            state.charge_source(key, || anonymous.clone(), now, len, 1, 5),
+            None
+        );
+        assert!(anonymous.by_address() && !budget("bot-7").by_address());
+    }
+
+    /// An IPv6 client has a /64 at least: its addresses are one source.
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source_of(ip("2001:db8:1:2:ffff::9")), ip("2001:db8:1:2::"));
+        assert_eq!(source_of(ip("198.18.0.7")), ip("198.18.0.7"));
+        assert_eq!(source_of(ip("::ffff:198.18.0.7")), ip("198.18.0.7"));
     }
 
     #[test]

@@ -1255,7 +1255,28 @@ impl Policy {
                     tenant: t.name.clone(),
                     subject: subject.to_owned(),
                 };
-                match state.charge_kept(key, what, unix_s, b.window_s, cost, limit) {
+                // A caller known only by its address: one of a bounded number (its address
+                // is the client's to choose, and each is a window here, in the state store and
+                // in the fleet's).
+                let charged = if scope == "agent" && who.agent.is_none() {
+                    state
+                        .charge_source(key, what, unix_s, b.window_s, cost, limit)
+                        .ok_or_else(|| {
+                            Refusal::new(
+                                429,
+                                code::RATE_LIMITED,
+                                format!("tenants[{}].policy.budget.agent", t.name),
+                                format!(
+                                    "budgets are counted for at most {} callers known only by their address at once: authenticate, or retry later",
+                                    limits::MAX_SOURCES
+                                ),
+                            )
+                            .retry(Duration::from_secs(10))
+                        })?
+                } else {
+                    state.charge_kept(key, what, unix_s, b.window_s, cost, limit)
+                };
+                match charged {
                     Ok((window, l)) => {
                         admission.charges.push(Charge::Budget {
                             key,
