@@ -1082,12 +1082,15 @@ impl Policy {
             }
             None => None,
         };
-        // Written out only for a rule that counts by agent (most calls need no copy of it).
+        // Written out only for a rule that counts by agent (most calls need no copy of it). A
+        // caller with no agent is its address, an IPv6 one its /64: any address of it is the
+        // client's to take, and each would be another caller (a fresh agent budget, rate and
+        // loop count per address, and one more of the bounded callers known by address).
         let by_address = std::cell::OnceCell::new();
         let agent_key = || -> &str {
-            who.agent
-                .as_deref()
-                .unwrap_or_else(|| by_address.get_or_init(|| ask.source.to_string()))
+            who.agent.as_deref().unwrap_or_else(|| {
+                by_address.get_or_init(|| limits::source_of(ask.source).to_string())
+            })
         };
         if let Some((rate, burst)) = t.rate {
             let key = state.key(("tenant", &t.name));

@@ -327,6 +327,46 @@ cost = 2
     assert_eq!(a.budget_left.as_deref(), Some("tenant=94; agent=4; run=3"));
 }
 
+/// A caller with no agent is its address; an IPv6 caller its /64, whose every address is its
+/// own to take: one agent budget for them all, not a fresh one per address.
+#[test]
+fn a_caller_known_by_its_ipv6_address_is_its_64() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, agent = 3 }
+"#,
+    );
+    let anonymous = Identity {
+        agent: None,
+        run: None,
+        ..who
+    };
+    let call = |source: &str| {
+        p.admit(
+            &state,
+            &anonymous,
+            &Ask {
+                is_request: true,
+                method: "tools/call",
+                tool: Some(("up", "search")),
+                arguments: Some(&json!({})),
+                message_bytes: usize::MAX,
+                source: source.parse().unwrap(),
+            },
+        )
+    };
+    for i in 1..=3 {
+        let a = call(&format!("2001:db8:7:7::{i}")).unwrap();
+        assert_eq!(a.budget_left, Some(format!("agent={}", 3 - i)));
+    }
+    let r = call("2001:db8:7:7:ffff::1").unwrap_err();
+    assert_eq!(r.code, code::BUDGET_EXHAUSTED, "{}", r.message);
+    assert!(r.message.contains("`2001:db8:7:7::`"), "{}", r.message);
+    // Another /64 is another caller.
+    assert!(call("2001:db8:7:8::1").is_ok());
+}
+
 #[test]
 fn run_ids_are_bounded_in_length_and_in_number_per_tenant() {
     let (p, state, who) = acme_policy(
