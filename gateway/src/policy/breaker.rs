@@ -93,7 +93,7 @@ impl Breaker {
                 .word
                 .compare_exchange_weak(v, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Ok(Pass::Probe(split(next).0)),
+                Ok(_) => return Ok(Pass::Probe(turn)),
                 Err(actual) => v = actual,
             }
         }
@@ -111,10 +111,9 @@ impl Breaker {
                 // Never back: a thread stalled here must not shorten a later opening.
                 self.opened_at.fetch_max(now, Ordering::AcqRel);
             }
-            let next = turn.wrapping_add(1);
             match self.word.compare_exchange_weak(
                 v,
-                join(next, state, 0),
+                join(turn.wrapping_add(1), state, 0),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
