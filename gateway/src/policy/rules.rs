@@ -421,8 +421,9 @@ pub(super) fn json_held(s: &str) -> Option<serde_json::Result<Value>> {
 }
 
 /// What Python's `json.loads` reads from `s` where serde_json does not: `NaN` and `Infinity`
-/// (read as 0 here), a lone surrogate escape (read as U+0000), a number beyond `f64` (read as
-/// e300 or e-300: huge or tiny all the same). `None` when that does not parse either.
+/// (read as 0 here), a lone surrogate escape (read as U+0000), a number beyond `f64` (an
+/// exponent read as e300 or e-300, an integer part as 300 nines: huge or tiny all the same).
+/// `None` when that does not parse either.
 fn as_python_reads(s: &str) -> Option<Value> {
     let b = s.as_bytes();
     let mut out = String::with_capacity(s.len());
@@ -465,6 +466,15 @@ fn as_python_reads(s: &str) -> Option<Value> {
                 out.push_str(&s[i..i + 1 + sign + digits]);
             }
             i += 1 + sign + digits;
+        } else if b[i].is_ascii_digit() && (i == 0 || !matches!(b[i - 1], b'0'..=b'9' | b'.')) {
+            // An integer part past f64 (Python reads it exactly): still huge.
+            let run = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if run > 300 {
+                out.push_str(&"9".repeat(300));
+            } else {
+                out.push_str(&s[i..i + run]);
+            }
+            i += run;
         } else {
             let c = rest.chars().next()?;
             out.push(c);
@@ -730,6 +740,10 @@ mod tests {
             );
         }
         assert!(as_python_reads("[1e999, 2E+400, 1e-999]").is_some());
+        // An integer past f64, which Python reads exactly.
+        let big = format!("[\"\\u002fetc\", {}]", "1".repeat(400));
+        let err = r.check(Some(&json!({ "path": big }))).unwrap_err();
+        assert!(err.contains("JSON text"), "{err}");
         assert_eq!(as_python_reads("[\"a\\\\\"]"), Some(json!(["a\\"])));
         // With no type, the array held meets the pattern, which takes strings only.
         let p = rule("pointer = \"/path\"\npattern = \"^[^/]+$\"");
