@@ -10,6 +10,11 @@
 #       applies the realistic policy of `cargo xtask bench proxy` (`bench --print-policy`: API
 #       key identity, tool and argument rules, rates, budgets, the loop breaker) and every
 #       request carries its API key.
+#       PROXY may also be `floor` (the headline's byte relay, `bench --floor-listen`) or
+#       `epoll:<gateway binary>` (the gateway on monoio's epoll driver instead of io_uring).
+#       VETH=1: as the headline, the proxy and `mcp-upstream` in one network namespace and the
+#       load in another, joined by a veth pair (198.18.0.1 is the proxy's side; needs root);
+#       the namespaces are deleted on exit.
 #
 # Example, the binary before a change against the one after and nginx, 1 MB, two rounds:
 #   bench/profile/echo.sh 1000000 6 2 /tmp/gateway.before target/release/gateway nginx
@@ -20,10 +25,33 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 bytes=$1 seconds=$2 rounds=$3
 shift 3
-taskset -c 0 "$root/target/release/mcp-upstream" --listen 127.0.0.1:18090 --workers 1 >/dev/null 2>&1 &
+# In the proxy's and the load's namespaces (both the host's own unless VETH=1).
+inp=() inl=() addr=127.0.0.1
+if [ "${VETH:-0}" = 1 ]; then
+    tag="echo$$"
+    ip netns add "${tag}p"
+    ip netns add "${tag}l"
+    ip link add "${tag}a" netns "${tag}p" type veth peer name "${tag}b" netns "${tag}l"
+    ip -n "${tag}p" addr add 198.18.0.1/24 dev "${tag}a"
+    ip -n "${tag}l" addr add 198.18.0.2/24 dev "${tag}b"
+    for ns in p l; do
+        ip -n "${tag}$ns" link set lo up
+    done
+    ip -n "${tag}p" link set "${tag}a" up
+    ip -n "${tag}l" link set "${tag}b" up
+    inp=(ip netns exec "${tag}p") inl=(ip netns exec "${tag}l") addr=198.18.0.1
+fi
+cleanup() {
+    kill -KILL $up $pid 2>/dev/null || true
+    if [ "${VETH:-0}" = 1 ]; then
+        ip netns del "${tag}p" 2>/dev/null || true
+        ip netns del "${tag}l" 2>/dev/null || true
+    fi
+}
+taskset -c 0 "${inp[@]}" "$root/target/release/mcp-upstream" --listen 127.0.0.1:18090 --workers 1 >/dev/null 2>&1 &
 up=$!
 pid=
-trap 'kill -KILL $up $pid 2>/dev/null || true' EXIT
+trap cleanup EXIT
 tck=$(getconf CLK_TCK)
 config="$here/echo.toml" header=()
 if [ "${POLICY:-0}" = 1 ]; then
@@ -31,24 +59,39 @@ if [ "${POLICY:-0}" = 1 ]; then
     "$here/policy-config.sh" >"$config"
     header=(--header "x-api-key: bench-api-key-0123456789")
 fi
+if [ "$addr" != 127.0.0.1 ]; then
+    listen=$(mktemp --suffix .toml)
+    sed "s|127.0.0.1:18080|$addr:18080|" "$config" >"$listen"
+    config=$listen
+fi
 one() {
     # The last run's listener must be gone before the next binds.
-    for _ in $(seq 100); do ss -ltnH 'sport = :18080' | grep -q . || break; sleep 0.1; done
-    if [ "$1" = nginx ]; then
+    for _ in $(seq 100); do "${inp[@]}" ss -ltnH 'sport = :18080' | grep -q . || break; sleep 0.1; done
+    case "$1" in
+    nginx)
         dir=$(mktemp -d)
-        sed "s|@DIR@|$dir|g" "$here/nginx.conf" >"$dir/nginx.conf"
-        taskset -c 1 nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
-    else
-        taskset -c 1 "$1" run --config "$config" >/dev/null 2>&1 &
-    fi
+        sed "s|@DIR@|$dir|g; s|listen 127.0.0.1:18080|listen $addr:18080|" "$here/nginx.conf" >"$dir/nginx.conf"
+        taskset -c 1 "${inp[@]}" nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
+        ;;
+    floor)
+        taskset -c 1 "${inp[@]}" "$root/target/release/bench" --floor-listen "$addr:18080" \
+            --floor-upstream 127.0.0.1:18090 >/dev/null 2>&1 &
+        ;;
+    epoll:*)
+        MONOIO_FORCE_LEGACY_DRIVER=1 taskset -c 1 "${inp[@]}" "${1#epoll:}" run --config "$config" >/dev/null 2>&1 &
+        ;;
+    *)
+        taskset -c 1 "${inp[@]}" "$1" run --config "$config" >/dev/null 2>&1 &
+        ;;
+    esac
     pid=$!
     for _ in $(seq 100); do
-        python3 -c 'import socket; socket.create_connection(("127.0.0.1", 18080), 1)' 2>/dev/null && break
+        "${inl[@]}" python3 -c "import socket; socket.create_connection((\"$addr\", 18080), 1)" 2>/dev/null && break
         sleep 0.1
     done
     sleep 0.5
     read -r a au <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
-    out=$(taskset -c 0 "$root/target/release/bench" --target 127.0.0.1:18080 --echo-bytes "$bytes" \
+    out=$(taskset -c 0 "${inl[@]}" "$root/target/release/bench" --target "$addr:18080" --echo-bytes "$bytes" \
         --connections "${CONNECTIONS:-32}" --seconds "$seconds" "${header[@]}" 2>&1)
     read -r b bu <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
     kill -KILL "$pid"

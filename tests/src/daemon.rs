@@ -9,6 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// What a daemon is started with, as a service manager would set it up before the exec.
+#[derive(Default)]
+struct Before {
+    /// Open-file limits `(soft, hard)`.
+    open_files: Option<(u64, u64)>,
+    /// The only CPUs it may run on.
+    cpus: Option<Vec<usize>>,
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub pin_dir: PathBuf,
@@ -100,7 +109,22 @@ impl Daemon {
     /// service manager or a shell's `ulimit -n` would.
     pub fn start_local_with_open_files(instance: &str, config: &str, limits: (u64, u64)) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn(None, instance, config_path, log, &[], Some(limits), RUNNING)
+        let before = Before {
+            open_files: Some(limits),
+            ..Before::default()
+        };
+        Self::spawn(None, instance, config_path, log, &[], &before, RUNNING)
+    }
+
+    /// Like [`Daemon::start_local`], started allowed to run only on `cpus`, as `taskset -c` or
+    /// systemd's `CPUAffinity=` would start it.
+    pub fn start_local_on_cpus(instance: &str, config: &str, cpus: &[usize]) -> Self {
+        let (config_path, log) = Self::files(instance, config);
+        let before = Before {
+            cpus: Some(cpus.to_vec()),
+            ..Before::default()
+        };
+        Self::spawn(None, instance, config_path, log, &[], &before, RUNNING)
     }
 
     fn files(instance: &str, config: &str) -> (PathBuf, PathBuf) {
@@ -117,12 +141,28 @@ impl Daemon {
     /// be before the data plane runs).
     pub fn start_local_until(instance: &str, config: &str, needle: &str) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn(None, instance, config_path, log, &[], None, needle)
+        Self::spawn(
+            None,
+            instance,
+            config_path,
+            log,
+            &[],
+            &Before::default(),
+            needle,
+        )
     }
 
     fn start_in(ns: Option<&str>, instance: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let (config_path, log) = Self::files(instance, config);
-        Self::spawn(ns, instance, config_path, log, env, None, RUNNING)
+        Self::spawn(
+            ns,
+            instance,
+            config_path,
+            log,
+            env,
+            &Before::default(),
+            RUNNING,
+        )
     }
 
     /// Starts the daemon and waits for `needle` in its log ([`RUNNING`] for a started one).
@@ -132,7 +172,7 @@ impl Daemon {
         config: PathBuf,
         log: PathBuf,
         env: &[(&str, &str)],
-        open_files: Option<(u64, u64)>,
+        before: &Before,
         needle: &str,
     ) -> Self {
         let out = std::fs::OpenOptions::new()
@@ -144,7 +184,21 @@ impl Daemon {
         if let Some(ns) = ns {
             crate::netns::enter_before_exec(&mut cmd, ns);
         }
-        if let Some((soft, hard)) = open_files {
+        if let Some(cpus) = &before.cpus {
+            use std::os::unix::process::CommandExt as _;
+            let mut set = nix::sched::CpuSet::new();
+            for &c in cpus {
+                set.set(c).expect("a CPU number within the set's size");
+            }
+            // SAFETY: sched_setaffinity(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        if let Some((soft, hard)) = before.open_files {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit(2) only, between fork and exec.
             unsafe {
@@ -189,7 +243,15 @@ impl Daemon {
         prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(Some(ns), instance, config, log, &[], None, RUNNING)
+        Self::spawn(
+            Some(ns),
+            instance,
+            config,
+            log,
+            &[],
+            &Before::default(),
+            RUNNING,
+        )
     }
 
     /// As [`Daemon::restart`], in this process's namespace (loopback tests).
@@ -198,7 +260,15 @@ impl Daemon {
         prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(None, instance, config, log, &[], None, RUNNING)
+        Self::spawn(
+            None,
+            instance,
+            config,
+            log,
+            &[],
+            &Before::default(),
+            RUNNING,
+        )
     }
 
     /// The exit status of a run that ended by itself (waits at most `timeout`).

@@ -167,7 +167,7 @@ pub fn spawn_workers(
     grace: Duration,
     pin: bool,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let cores = allowed_cpus();
     let learned = Arc::new(mcp::Learned::default());
     listeners
         .into_iter()
@@ -176,17 +176,38 @@ pub fn spawn_workers(
             let shared = Arc::clone(&shared);
             let learned = Arc::clone(&learned);
             let shutdown = shutdown.clone();
+            let core = cores[index % cores.len()];
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     block_process_signals();
-                    if pin && let Err(e) = monoio::utils::bind_to_cpu_set([index % cores]) {
-                        tracing::warn!(worker = index, error = ?e, "could not pin worker to its core");
+                    if pin && let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
+                        tracing::warn!(worker = index, core, error = ?e, "could not pin worker to its core");
                     }
                     supervise(index, sockets, &shared, &learned, &shutdown, grace);
                 })
         })
         .collect()
+}
+
+/// The CPUs this process may run on (`taskset`, systemd's `CPUAffinity=`, a cpuset), in order:
+/// worker *i* is pinned to the *i*-th of them. Pinning worker *i* to CPU *i* instead put a gateway
+/// started with `taskset -c 1` on CPU 0, beside whatever the operator had kept it away from.
+fn allowed_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0));
+    let cpus: Vec<usize> = set
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect()
+        })
+        .unwrap_or_default();
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        (0..n).collect()
+    } else {
+        cpus
+    }
 }
 
 /// Runs worker `index` on this thread until shutdown, starting its runtime again whenever it

@@ -119,6 +119,53 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_exported() {
     );
 }
 
+/// A gateway started on a subset of the host's CPUs (`taskset -c`, systemd's `CPUAffinity=`)
+/// pins its workers within that subset. Worker *i* used to be pinned to CPU *i*: started on the
+/// last CPU only, its first worker moved to CPU 0, beside what the operator had kept it from.
+#[test]
+fn workers_are_pinned_within_the_cpus_the_gateway_was_given() {
+    let host: Vec<usize> = {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+        (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect()
+    };
+    assert!(host.len() >= 2, "this test needs two CPUs, has {host:?}");
+    let last = *host.last().expect("a CPU");
+    let up_port = free_port();
+    let _up = demo_upstream(up_port);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwcpus");
+    // `config` asks for 2 workers with the default `pin_workers = true`.
+    let d =
+        Daemon::start_local_on_cpus(&instance, &config(&instance, port, admin, up_port), &[last]);
+    calls(port, 4);
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).expect("tasks") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with("worker-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default();
+        workers.push((comm.trim().to_owned(), allowed));
+    }
+    workers.sort();
+    assert_eq!(
+        workers,
+        vec![
+            ("worker-0".to_owned(), last.to_string()),
+            ("worker-1".to_owned(), last.to_string()),
+        ],
+        "each worker pinned to CPU {last}, the only one the gateway was given"
+    );
+}
+
 fn logged_config(
     instance: &str,
     port: u16,
