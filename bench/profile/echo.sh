@@ -91,9 +91,13 @@ one() {
     done
     sleep 0.5
     read -r a au <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
+    s0=$(awk '/^cpu[01] /{printf "%s ", $9}' /proc/stat)
     out=$(taskset -c 0 "${inl[@]}" "$root/target/release/bench" --target "$addr:18080" --echo-bytes "$bytes" \
         --connections "${CONNECTIONS:-32}" --seconds "$seconds" "${header[@]}" 2>&1)
     read -r b bu <<<"$(awk '{print $14 + $15, $14}' "/proc/$pid/stat")"
+    s1=$(awk '/^cpu[01] /{printf "%s ", $9}' /proc/stat)
+    # The share of each core the hypervisor gave to another guest: a run with much is the host's.
+    stolen=$(echo "$s0 $s1" | awk -v t="$tck" -v s="$seconds" '{printf "%.0f%% / %.0f%%", 100*($3-$1)/t/s, 100*($4-$2)/t/s}')
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true
     rps=$(echo "$out" | grep -oE '^[0-9]+ rps' | grep -oE '[0-9]+' || echo 0)
@@ -103,7 +107,7 @@ one() {
         echo "$out" | tail -3
         return
     fi
-    echo "$1 echo $bytes B: $rps rps, $(((b - a) * 1000000 / tck / n)) us CPU per request (user $(((bu - au) * 1000000 / tck / n)))"
+    echo "$1 echo $bytes B: $rps rps, $(((b - a) * 1000000 / tck / n)) us CPU per request (user $(((bu - au) * 1000000 / tck / n))), stolen $stolen"
 }
 sleep 1
 for _ in $(seq "$rounds"); do

@@ -331,7 +331,8 @@ impl LoopTable {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Counted {
-    /// A budget's spend: `scope` (tenant, agent, run) of `subject` in `tenant`.
+    /// A budget's spend: `scope` (tenant, agent, run, or `address`: the agent budget of a
+    /// caller with no agent, whose subject is its address) of `subject` in `tenant`.
     Budget {
         scope: String,
         tenant: String,
@@ -344,13 +345,11 @@ pub enum Counted {
 impl Counted {
     /// Whether it counts a caller known only by its address (refusals towards a ban, the
     /// `agent` budget of a caller with no agent): the client's to multiply, bounded by
-    /// [`MAX_SOURCES`]. (A named agent that looks like an address is counted among them.)
+    /// [`MAX_SOURCES`].
     pub fn by_address(&self) -> bool {
         match self {
             Self::Refusals { .. } => true,
-            Self::Budget { scope, subject, .. } => {
-                scope == "agent" && subject.parse::<std::net::IpAddr>().is_ok()
-            }
+            Self::Budget { scope, .. } => scope == "address",
         }
     }
 
@@ -734,17 +733,11 @@ impl State {
             .iter()
             .filter_map(|(key, c)| {
                 let what = c.what.as_deref()?;
-                match what {
-                    // A caller known only by its address (no agent identity) is counted on
-                    // this host alone: addresses are the client's to choose, and the fleet's
-                    // shared state must not grow with them.
-                    Counted::Budget { scope, subject, .. }
-                        if scope == "agent" && subject.parse::<std::net::IpAddr>().is_ok() =>
-                    {
-                        return None;
-                    }
-                    Counted::Budget { .. } => {}
-                    Counted::Refusals { .. } => return None,
+                // A caller known only by its address (no agent identity) is counted on this
+                // host alone: addresses are the client's to choose, and the fleet's shared
+                // state must not grow with them. Refusals towards a ban are this host's too.
+                if what.by_address() {
+                    return None;
                 }
                 let (window, used) = c.window.get();
                 if window < Self::window_of(c.len_s) {
@@ -1494,18 +1487,20 @@ mod tests {
             None
         );
         // An anonymous caller's agent budget is one of them; a named agent's is not.
-        let budget = |subject: &str| Counted::Budget {
-            scope: "agent".into(),
+        let budget = |scope: &str, subject: &str| Counted::Budget {
+            scope: scope.into(),
             tenant: "public".into(),
             subject: subject.into(),
         };
-        let anonymous = budget("2001:db8::1");
+        let anonymous = budget("address", "2001:db8::1");
         let key = anonymous.key(&state, len);
         assert_eq!(
             state.charge_source(key, || anonymous.clone(), now, len, 1, 5),
             None
         );
-        assert!(anonymous.by_address() && !budget("bot-7").by_address());
+        assert!(anonymous.by_address() && !budget("agent", "bot-7").by_address());
+        // An agent named like an address is a named agent.
+        assert!(!budget("agent", "2001:db8::1").by_address());
     }
 
     /// An IPv6 client has a /64 at least: its addresses are one source.
@@ -1656,9 +1651,15 @@ mod tests {
     fn a_caller_known_only_by_its_address_is_never_offered_to_the_fleet() {
         let state = State::default();
         let now = State::unix_s();
-        for subject in ["bot", "198.51.100.7", "2001:db8::1"] {
+        // The last is an agent named like an address: a named agent, shared like any other.
+        for (scope, subject) in [
+            ("agent", "bot"),
+            ("address", "198.51.100.7"),
+            ("address", "2001:db8::1"),
+            ("agent", "2001:db8::2"),
+        ] {
             let what = Counted::Budget {
-                scope: "agent".into(),
+                scope: scope.into(),
                 tenant: "acme".into(),
                 subject: subject.into(),
             };
@@ -1667,7 +1668,7 @@ mod tests {
                 .charge_kept(key, || what.clone(), now, 1_000_000, 1, 100)
                 .unwrap();
         }
-        let offered: Vec<String> = state
+        let mut offered: Vec<String> = state
             .fleet_counts()
             .into_iter()
             .filter_map(|c| match c.what {
@@ -1675,7 +1676,8 @@ mod tests {
                 Counted::Refusals { .. } => None,
             })
             .collect();
-        assert_eq!(offered, vec!["bot".to_owned()]);
+        offered.sort();
+        assert_eq!(offered, vec!["2001:db8::2".to_owned(), "bot".to_owned()]);
     }
 
     #[test]

@@ -1086,11 +1086,18 @@ impl Policy {
         // caller with no agent is its address, an IPv6 one its /64: any address of it is the
         // client's to take, and each would be another caller (a fresh agent budget, rate and
         // loop count per address, and one more of the bounded callers known by address).
+        // Its counts are kept apart from any named agent's (the key's `scope`): an agent named
+        // like an address (a token's `sub` of `198.18.0.5`) would otherwise share them.
         let by_address = std::cell::OnceCell::new();
         let agent_key = || -> &str {
             who.agent.as_deref().unwrap_or_else(|| {
                 by_address.get_or_init(|| limits::source_of(ask.source).to_string())
             })
+        };
+        let agent_scope = if who.agent.is_some() {
+            "agent"
+        } else {
+            "address"
         };
         if let Some((rate, burst)) = t.rate {
             let key = state.key(("tenant", &t.name));
@@ -1109,7 +1116,7 @@ impl Policy {
             admission.charges.push(charge);
         }
         if let Some((rate, burst)) = t.agent_rate {
-            let key = state.key(("agent", &t.name, agent_key()));
+            let key = state.key((agent_scope, &t.name, agent_key()));
             let name = || format!("agent/{}/{}", t.name, agent_key());
             // A caller known only by its address counts on this host alone: an address is
             // the client's to choose (an IPv6 client has billions), and the fleet's shared
@@ -1194,7 +1201,7 @@ impl Policy {
         };
         if let Some(lb) = &t.loop_breaker {
             let digest = state.key((upstream, tool, Canonical(ask.arguments)));
-            let key = state.key(("loop", &t.name, agent_key(), digest));
+            let key = state.key(("loop", &t.name, agent_scope, agent_key(), digest));
             let Some(charge) = state.repeat(key, unix_s, lb.window_s, u64::from(lb.max_repeats))
             else {
                 return Err(Refusal::new(
@@ -1236,7 +1243,9 @@ impl Policy {
                 let (Some(limit), Some(subject)) = (limit, subject) else {
                     continue;
                 };
-                let key = state.budget_key(scope, &t.name, subject, b.window_s);
+                // The scope the spend is counted under: a caller with no agent's is its own.
+                let counted = if scope == "agent" { agent_scope } else { scope };
+                let key = state.budget_key(counted, &t.name, subject, b.window_s);
                 // A run not counted yet in this window takes one of the tenant's places for
                 // runs. (A run counted in the window before, its cell not yet pruned, took none:
                 // after each rollover, the runs carried over came on top of the new places.)
@@ -1254,14 +1263,14 @@ impl Policy {
                     .retry(State::window_left(b.window_s)));
                 }
                 let what = || Counted::Budget {
-                    scope: scope.to_owned(),
+                    scope: counted.to_owned(),
                     tenant: t.name.clone(),
                     subject: subject.to_owned(),
                 };
                 // A caller known only by its address: one of a bounded number (its address
                 // is the client's to choose, and each is a window here, in the state store and
                 // in the fleet's).
-                let charged = if scope == "agent" && who.agent.is_none() {
+                let charged = if counted == "address" {
                     state
                         .charge_source(key, what, unix_s, b.window_s, cost, limit)
                         .ok_or_else(|| {

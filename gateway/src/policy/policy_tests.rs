@@ -367,6 +367,49 @@ budget = { window_s = 3600, agent = 3 }
     assert!(call("2001:db8:7:8::1").is_ok());
 }
 
+/// A named agent whose name reads as an address (a token's `sub` of `198.51.100.9`) is not the
+/// callers with no agent at that address: before, they shared one agent budget, rate and loop
+/// count, so either could spend the other's.
+#[test]
+fn an_agent_named_like_an_address_is_not_the_callers_at_that_address() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, agent = 2 }
+"#,
+    );
+    let named = Identity {
+        agent: Some("198.51.100.9".into()),
+        run: None,
+        ..who.clone()
+    };
+    let anonymous = Identity {
+        agent: None,
+        run: None,
+        ..who
+    };
+    let call = |who: &Identity| {
+        p.admit(
+            &state,
+            who,
+            &Ask {
+                is_request: true,
+                method: "tools/call",
+                tool: Some(("up", "search")),
+                arguments: Some(&json!({})),
+                message_bytes: usize::MAX,
+                source: "198.51.100.9".parse().unwrap(),
+            },
+        )
+    };
+    for _ in 0..2 {
+        call(&anonymous).expect("the address's own budget");
+    }
+    assert_eq!(call(&anonymous).unwrap_err().code, code::BUDGET_EXHAUSTED);
+    let a = call(&named).expect("the named agent's budget is its own");
+    assert_eq!(a.budget_left.as_deref(), Some("agent=1"));
+}
+
 #[test]
 fn run_ids_are_bounded_in_length_and_in_number_per_tenant() {
     let (p, state, who) = acme_policy(
