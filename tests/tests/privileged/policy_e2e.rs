@@ -683,6 +683,44 @@ fn an_answer_too_large_to_relay_opens_the_tools_breaker_not_the_upstreams() {
     d.stop();
 }
 
+/// A call the upstream refuses with 401 or 403 (a scope, an origin, a forbidden resource) is
+/// the call's failure, not the upstream's: its tool's breaker counts it, the upstream's does
+/// not. Before, one tenant's calls of what the upstream forbids opened the upstream's breaker
+/// for every tenant and tool.
+#[test]
+fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
+    let forbidding = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 9\r\n\r\nforbidden",
+    ));
+    let port = free_port();
+    let instance = unique("gwbrk403");
+    let config = with_breakers(
+        local_header(&instance, 1, port, free_port()),
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
+        &[(
+            "strict",
+            &format!("url = \"http://127.0.0.1:{}/mcp\"", forbidding.port),
+        )],
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for _ in 0..2 {
+        let r = call_2026(port, "/strict", "secret", &json!({}));
+        assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = call_2026(port, "/strict", "secret", &json!({}));
+    assert_eq!(r.status, 503, "the tool's breaker opened: {r:?}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tool `secret` of upstream `strict`")),
+        "{r:?}"
+    );
+    // Another tool of the upstream is still reached.
+    let r = call_2026(port, "/strict", "other", &json!({}));
+    assert_eq!(r.status, 502, "the upstream's breaker stayed closed: {r:?}");
+    d.stop();
+}
+
 /// The breaker counts a tool's failure as its client reads it: an upstream that spells
 /// `isError` with an escape, or gives it twice, is read as the client's parser reads it.
 #[test]
