@@ -111,6 +111,21 @@ impl Window {
         }
     }
 
+    /// Retires the window if it still holds `seen` (`get`'s pair): the prune forgetting a
+    /// count. One charged since is kept, with its charge.
+    pub fn retire_if_unchanged(&self, seen: (u64, u64)) -> bool {
+        seen.0 != RETIRED
+            && self
+                .state
+                .compare_exchange(
+                    Self::join(seen.0, seen.1),
+                    Self::join(RETIRED, 0),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
     fn retired(&self) -> bool {
         Self::split(self.state.load(Ordering::Acquire)).0 == RETIRED
     }
@@ -1109,10 +1124,39 @@ impl State {
         }
         // Sources counted, found again (what `charge_source` added since may be over or
         // under by the races of a few workers; it starts again from here).
-        let sources = windows
+        let mut sources = windows
             .iter()
             .filter(|(_, c)| c.what.as_deref().is_some_and(Counted::by_address))
             .count();
+        // Near the bound, the sources with the fewest refusals are forgotten, down to three
+        // quarters of it: else whoever filled it (a /48 holds 65,536 sources) turned auto-ban
+        // off for every new source, a brute-forcer's included, until windows ended. A source
+        // refused again and again keeps its count. Only refusals: forgetting a budget's spend
+        // would give it back.
+        if sources > MAX_SOURCES - MAX_SOURCES / 8 {
+            let mut refusals: Vec<((u64, u64), u64)> = windows
+                .iter()
+                .filter(|(_, c)| matches!(c.what.as_deref(), Some(Counted::Refusals { .. })))
+                .map(|(key, c)| {
+                    let (window, used) = c.window.get();
+                    ((used, window), *key)
+                })
+                .collect();
+            let excess = sources.saturating_sub(MAX_SOURCES - MAX_SOURCES / 4);
+            if refusals.len() > excess {
+                refusals.select_nth_unstable(excess);
+            }
+            for ((used, window), key) in refusals.into_iter().take(excess) {
+                // Retired first, as the stale are: a worker that took it from the map counts
+                // in a new cell, not in this one as it goes.
+                if windows
+                    .remove_if(&key, |_, c| c.window.retire_if_unchanged((window, used)))
+                    .is_ok_and(|removed| removed.is_some())
+                {
+                    sources -= 1;
+                }
+            }
+        }
         self.sources.store(sources, Ordering::Release);
     }
 
@@ -1480,12 +1524,15 @@ mod tests {
             state.charge_source(old_key, || old.clone(), now, len, 1, 5),
             Some(Ok(_))
         ));
-        // The prune finds as many: still full.
+        // The prune forgets the sources with the fewest refusals, down to three quarters of
+        // the bound; the source refused twice is kept, and a new source is counted again.
         state.prune();
-        assert_eq!(
+        assert_eq!(state.sources.load(Ordering::Acquire), MAX_SOURCES * 3 / 4);
+        assert_eq!(state.left(old_key, len, 5), 3, "kept with its two refusals");
+        assert!(matches!(
             state.charge_source(key, || new.clone(), now, len, 1, 5),
-            None
-        );
+            Some(Ok(_))
+        ));
         // An anonymous caller's agent budget is one of them; a named agent's is not.
         let budget = |scope: &str, subject: &str| Counted::Budget {
             scope: scope.into(),
@@ -1494,9 +1541,14 @@ mod tests {
         };
         let anonymous = budget("address", "2001:db8::1");
         let key = anonymous.key(&state, len);
+        assert!(
+            state
+                .charge_source(key, || anonymous.clone(), now, len, 1, 5)
+                .is_some()
+        );
         assert_eq!(
-            state.charge_source(key, || anonymous.clone(), now, len, 1, 5),
-            None
+            state.sources.load(Ordering::Acquire),
+            MAX_SOURCES * 3 / 4 + 2
         );
         assert!(anonymous.by_address() && !budget("agent", "bot-7").by_address());
         // An agent named like an address is a named agent.
