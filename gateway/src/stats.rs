@@ -63,6 +63,10 @@ pub enum Outcome {
     Refused,
     /// The upstream failed, timed out or closed mid-answer.
     UpstreamFailure,
+    /// The upstream refused the call with 401 or 403: the gateway's credential, or what this
+    /// call may touch. Held against the call's tool, not the upstream's health: a client can
+    /// draw one on purpose.
+    UpstreamDenied,
 }
 
 impl Outcome {
@@ -73,6 +77,7 @@ impl Outcome {
             Outcome::RpcError => "rpc_error",
             Outcome::Refused => "refused",
             Outcome::UpstreamFailure => "upstream_failure",
+            Outcome::UpstreamDenied => "upstream_denied",
         }
     }
 

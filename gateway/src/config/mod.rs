@@ -218,7 +218,7 @@ pub enum AccessField {
     Agent,
     Run,
     Upstream,
-    /// ok, refused, tool_error, rpc_error, upstream_failure.
+    /// ok, refused, tool_error, rpc_error, upstream_failure, upstream_denied.
     Outcome,
     /// The rule that refused the request.
     Rule,

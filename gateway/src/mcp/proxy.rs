@@ -938,14 +938,16 @@ pub(super) fn fail<'a>(
 }
 
 /// What a failure says of the upstream, for telemetry and its breakers: the gateway's own
-/// shortage nothing (refused here); a call's answer it cannot pass on, or a 401/403 the call
-/// drew, the call's own failure (its tool's breaker counts it, the upstream's shared one does
-/// not: one tenant asking for a large file, or calling what the upstream forbids it, opened it
-/// for every tenant).
+/// shortage nothing (refused here); a call's answer it cannot pass on, the call's own failure
+/// (its tool's breaker counts it, the upstream's shared one does not: one tenant asking for a
+/// large file opened it for every tenant); a 401/403 the call drew, the call's own too, and
+/// nothing of the upstream's health (one tenant calling what the upstream forbids it opened it
+/// for every tenant, and a probe drawing one would close it).
 pub(super) fn outcome_of(f: &UpstreamFailure) -> Outcome {
     match f {
         UpstreamFailure::OutOfDescriptors | UpstreamFailure::SessionLost => Outcome::Refused,
-        UpstreamFailure::Unrelayable(_) | UpstreamFailure::Denied(_) => Outcome::RpcError,
+        UpstreamFailure::Unrelayable(_) => Outcome::RpcError,
+        UpstreamFailure::Denied(_) => Outcome::UpstreamDenied,
         _ => Outcome::UpstreamFailure,
     }
 }

@@ -1331,6 +1331,13 @@ fn record(
                 Outcome::Ok => true,
                 Outcome::ToolError | Outcome::RpcError => !tool_level,
                 Outcome::UpstreamFailure => false,
+                // Says nothing of the upstream's health (a probe drawing a 403 closed a
+                // half-open breaker), all of the call's.
+                Outcome::UpstreamDenied if tool_level => false,
+                Outcome::UpstreamDenied => {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
             };
             if let Some(c) = &config.upstreams[up].breaker {
                 ctx.shared.breakers.record(&name, now, c, pass, ok);

@@ -30,8 +30,10 @@ use crate::policy::{
     pins::{Pin, Pins},
 };
 
-/// The layout this gateway writes; a store of a higher one is refused.
-pub const SCHEMA: u64 = 1;
+/// The layout this gateway writes; a store of a higher one is refused. 2: the agent budget of
+/// a caller with no agent is counted under the scope `address` (schema 1 kept it under `agent`,
+/// named by the address, where a named agent of that name now counts; read as `address`).
+pub const SCHEMA: u64 = 2;
 /// The store's file inside `[state] path`.
 pub const FILE: &str = "state.redb";
 
@@ -181,7 +183,13 @@ impl Store {
                         found: v,
                     });
                 }
-                Some(_) => {}
+                Some(SCHEMA) => {}
+                Some(_) => {
+                    let mut windows = tx.open_table(WINDOWS).map_err(|e| self.unreadable(e))?;
+                    Self::migrate_from_1(&mut windows).map_err(|e| self.unreadable(e))?;
+                    meta.insert("schema", SCHEMA)
+                        .map_err(|e| self.unreadable(e))?;
+                }
                 None => {
                     meta.insert("schema", SCHEMA)
                         .map_err(|e| self.unreadable(e))?;
@@ -192,6 +200,41 @@ impl Store {
             tx.open_table(BANS).map_err(|e| self.unreadable(e))?;
         }
         tx.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// Schema 1 to 2: an `agent` budget named by an address was a caller's with no agent
+    /// (no configured or token agent was counted by one before schema 2 could tell them apart).
+    fn migrate_from_1(
+        windows: &mut redb::Table<'_, &str, &[u8]>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let mut moved = Vec::new();
+        for row in windows.iter()? {
+            let (k, v) = row?;
+            if let Ok(Counted::Budget {
+                scope,
+                tenant,
+                subject,
+            }) = serde_json::from_str::<Counted>(k.value())
+                && scope == "agent"
+                && subject.parse::<std::net::IpAddr>().is_ok()
+            {
+                let now = Counted::Budget {
+                    scope: "address".into(),
+                    tenant,
+                    subject,
+                };
+                moved.push((
+                    k.value().to_owned(),
+                    serde_json::to_string(&now)?,
+                    v.value().to_vec(),
+                ));
+            }
+        }
+        for (old, new, value) in moved {
+            windows.remove(old.as_str())?;
+            windows.insert(new.as_str(), value.as_slice())?;
+        }
+        Ok(())
     }
 
     fn unreadable(&self, e: impl std::fmt::Display) -> StoreError {

@@ -243,6 +243,62 @@ fn a_store_of_a_newer_schema_is_refused() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A store of schema 1 kept the agent budget of a caller with no agent under `agent`, named by
+/// its address: read as such a caller's (`address`), not as a named agent's of that name, which
+/// would have started every such caller afresh, shared its spend with the fleet, and left it
+/// out of the bound of callers known by address.
+#[test]
+fn a_schema_1_store_gives_callers_with_no_agent_their_own_scope() {
+    let d = dir("schema1");
+    let now = State::unix_s();
+    let count = WindowCount {
+        len_s: 3600,
+        window: now / 3600,
+        used: 7,
+    };
+    {
+        let store = Store::open(&d).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert("schema", 1).unwrap();
+        {
+            let mut windows = tx.open_table(WINDOWS).unwrap();
+            let value = serde_json::to_vec(&count).unwrap();
+            for what in [budget("198.51.100.9"), budget("bot")] {
+                let key = serde_json::to_string(&what).unwrap();
+                windows.insert(key.as_str(), value.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let mut store = Store::open(&d).unwrap();
+    let limits = State::default();
+    store.load(&Pins::default(), &limits).unwrap();
+    let address = Counted::Budget {
+        scope: "address".into(),
+        tenant: "acme".into(),
+        subject: "198.51.100.9".into(),
+    };
+    assert_eq!(limits.left(address.key(&limits, 3600), 3600, 10), 3);
+    let named = budget("198.51.100.9");
+    assert_eq!(
+        limits.left(named.key(&limits, 3600), 3600, 10),
+        10,
+        "a named agent of that name has spent nothing"
+    );
+    assert_eq!(limits.left(budget("bot").key(&limits, 3600), 3600, 10), 3);
+    drop(store);
+    let store = Store::open(&d).unwrap();
+    let tx = store.db.begin_read().unwrap();
+    let schema = tx
+        .open_table(META)
+        .unwrap()
+        .get("schema")
+        .unwrap()
+        .map(|v| v.value());
+    assert_eq!(schema, Some(SCHEMA));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn a_second_process_on_the_same_store_is_refused() {
     let d = dir("twice");
