@@ -715,7 +715,14 @@ impl FakeUpstream {
                         }
                         match how {
                             Misbehave::Answer | Misbehave::Slow(_) | Misbehave::DelayFromBody => {
-                                let b = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+                                // The request's own id (the gateway refuses an answer to
+                                // another request).
+                                let m: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                let id = m.get("id").cloned().unwrap_or(serde_json::json!(1));
+                                let b =
+                                    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {}})
+                                        .to_string();
                                 let _ = write!(
                                     conn,
                                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",

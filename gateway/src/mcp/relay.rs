@@ -121,17 +121,27 @@ pub(super) async fn relay(
     // client gets a byte of it: it must answer that request and no other (a client matches
     // answers by id, so a member could otherwise answer what was sent to another member, as
     // its event streams cannot: see `messages::rewrite_events`).
-    let checked =
-        member.is_some() && request_id.is_some() && !body.sse && (200..300).contains(&head.status);
+    let answer = request_id.is_some() && !body.sse && (200..300).contains(&head.status);
+    let member_checked = member.is_some() && answer;
     // A small answer that came apart from its head (servers write them separately) is waited
     // for whole too, so that the client gets head and body in one write: one send and one
     // wake-up less for both, as nginx does. Nothing is read into it.
     let small = !body.sse && matches!(kind, BodyKind::Length(n) if n <= HOLD_SMALL);
+    // A small answer is checked too: a stray answer an upstream wrote on a kept connection
+    // after the last one (a bug; with Nagle's algorithm it arrives only once the next request
+    // is written, past the pool's look before reuse) was read as this request's, and every
+    // later answer on the connection went to the client after the one it answered, of any
+    // tenant. Not to this request: the call fails and the connection is dropped.
+    let checked = member_checked || (small && answer);
     if checked || small {
         body.whole = Some(Vec::new());
     }
     // A member's answer is bounded as a request body is; a small one by its length.
-    let hold_max = if checked { max_event } else { HOLD_SMALL };
+    let hold_max = if member_checked {
+        max_event
+    } else {
+        HOLD_SMALL
+    };
     // What has already arrived goes out with the head in one write.
     match body
         .take(&mut conn)
@@ -273,7 +283,7 @@ pub(super) async fn relay(
     };
     let finished = finished.and_then(|()| match &body.whole {
         Some(whole) if checked && !super::messages::answers_only(whole, request_id.as_ref()) => {
-            Err("member answered another request than the one sent to it")
+            Err("answered another request than the one sent to it")
         }
         _ => Ok(()),
     });
