@@ -26,9 +26,18 @@ root="$(cd "$here/../.." && pwd)"
 bytes=$1 seconds=$2 rounds=$3
 shift 3
 # In the proxy's and the load's namespaces (both the host's own unless VETH=1).
-inp=() inl=() addr=127.0.0.1
+inp=() inl=() addr=127.0.0.1 up= pid= tag="echo$$"
+cleanup() {
+    kill -KILL $up $pid 2>/dev/null || true
+    if [ "${VETH:-0}" = 1 ]; then
+        ip netns del "${tag}p" 2>/dev/null || true
+        ip netns del "${tag}l" 2>/dev/null || true
+    fi
+    rm -f "${listen:-}"
+}
+# Set before the namespaces are made, so that a step failing half-way leaves none behind.
+trap cleanup EXIT
 if [ "${VETH:-0}" = 1 ]; then
-    tag="echo$$"
     ip netns add "${tag}p"
     ip netns add "${tag}l"
     ip link add "${tag}a" netns "${tag}p" type veth peer name "${tag}b" netns "${tag}l"
@@ -41,17 +50,8 @@ if [ "${VETH:-0}" = 1 ]; then
     ip -n "${tag}l" link set "${tag}b" up
     inp=(ip netns exec "${tag}p") inl=(ip netns exec "${tag}l") addr=198.18.0.1
 fi
-cleanup() {
-    kill -KILL $up $pid 2>/dev/null || true
-    if [ "${VETH:-0}" = 1 ]; then
-        ip netns del "${tag}p" 2>/dev/null || true
-        ip netns del "${tag}l" 2>/dev/null || true
-    fi
-}
 taskset -c 0 "${inp[@]}" "$root/target/release/mcp-upstream" --listen 127.0.0.1:18090 --workers 1 >/dev/null 2>&1 &
 up=$!
-pid=
-trap cleanup EXIT
 tck=$(getconf CLK_TCK)
 config="$here/echo.toml" header=()
 if [ "${POLICY:-0}" = 1 ]; then

@@ -130,7 +130,11 @@ fn workers_are_pinned_within_the_cpus_the_gateway_was_given() {
             .filter(|&c| set.is_set(c).unwrap_or(false))
             .collect()
     };
-    assert!(host.len() >= 2, "this test needs two CPUs, has {host:?}");
+    if host.len() < 2 {
+        // With one CPU every worker is on it, pinned right or not: nothing to tell apart.
+        eprintln!("skipped: one CPU ({host:?})");
+        return;
+    }
     let last = *host.last().expect("a CPU");
     let up_port = free_port();
     let _up = demo_upstream(up_port);
