@@ -651,8 +651,8 @@ pub enum Misbehave {
     /// Answers every request with these bytes (a whole response, head and body).
     Raw(&'static str),
     /// A session-era server in miniature: `initialize` is answered with a new
-    /// `Mcp-Session-Id` (`s1`, `s2`, ...), a notification with 202, a DELETE with 200, any
-    /// other request with its own id and an empty result.
+    /// `Mcp-Session-Id` (`s1`, `s2`, ...), a notification or a client's response with 202, a
+    /// DELETE with 200, any other request with its own id and an empty result.
     SessionEra,
 }
 
@@ -782,7 +782,8 @@ fn session_era_answer(deleted: bool, body: &[u8]) -> Vec<u8> {
         return empty("200 OK").into_bytes();
     }
     let m: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let Some(id) = m.get("id") else {
+    // A notification, or a client's response: accepted, nothing to answer.
+    let (Some(id), Some(_)) = (m.get("id"), m.get("method")) else {
         return empty("202 Accepted").into_bytes();
     };
     let (result, session) = if m["method"] == "initialize" {

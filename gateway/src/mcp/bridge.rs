@@ -131,7 +131,8 @@ pub(super) async fn forward_learning<'c>(
             forward(io, req, peer, ctx, up, m, obs, None).await
         }
         held::Opened::Relay(conn, head) => {
-            super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, None, obs).await
+            super::proxy::relay_opened(io, conn, req, head, up, m.request_id(), ctx, None, obs)
+                .await
         }
     }
 }

@@ -742,8 +742,8 @@ pub(super) async fn forward_learning<'c>(
             Box::pin(reply(io, req, up, m, answer, obs, None)).await
         }
         Opened::Relay(conn, head) => {
-            super::proxy::relay_opened(io, conn, req, head, up, m.id.clone(), ctx, member, obs)
-                .await
+            let id = m.request_id();
+            super::proxy::relay_opened(io, conn, req, head, up, id, ctx, member, obs).await
         }
     }
 }

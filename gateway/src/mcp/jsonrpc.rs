@@ -60,6 +60,17 @@ pub enum Kind {
     Response,
 }
 
+impl Message {
+    /// The id of a request, which its answer must carry (a client's response has an id too,
+    /// and is answered with no JSON-RPC message at all).
+    pub fn request_id(&self) -> Option<Id> {
+        match self.kind {
+            Kind::Request => self.id.clone(),
+            Kind::Notification | Kind::Response => None,
+        }
+    }
+}
+
 /// What the gateway knows about one JSON-RPC message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {

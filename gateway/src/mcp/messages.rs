@@ -216,6 +216,12 @@ pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     }
 }
 
+/// Whether a body is a JSON-RPC response (an object with an id and no method): an answer to a
+/// request, which an exchange that sent none cannot have. A batch's answer (an array) is not.
+pub fn is_a_response(body: &[u8]) -> bool {
+    serde_json::from_slice::<Top>(body).is_ok_and(|top| top.id.is_some() && !top.method)
+}
+
 /// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
 /// a method or an error, and whether any key came twice (keys compared as decoded, so an
 /// escaped `"i\u0064"` is `"id"`).

@@ -123,6 +123,9 @@ pub(super) async fn relay(
     // its event streams cannot: see `messages::rewrite_events`).
     let answer = request_id.is_some() && !body.sse && (200..300).contains(&head.status);
     let member_checked = member.is_some() && answer;
+    // An empty body answers nothing (a 202 to a client's response or notification): a stray
+    // comes with a body.
+    let empty = kind == BodyKind::Length(0);
     // A small answer that came apart from its head (servers write them separately) is waited
     // for whole too, so that the client gets head and body in one write: one send and one
     // wake-up less for both, as nginx does. Nothing is read into it.
@@ -132,7 +135,14 @@ pub(super) async fn relay(
     // is written, past the pool's look before reuse) was read as this request's, and every
     // later answer on the connection went to the client after the one it answered, of any
     // tenant. Not to this request: the call fails and the connection is dropped.
-    let checked = member_checked || (small && answer);
+    let checked = member_checked || (small && answer && !empty);
+    // An exchange with no request (a notification, a GET, a DELETE) is never answered by a
+    // JSON-RPC response: one is a stray, another client's.
+    let unasked = small
+        && !empty
+        && request_id.is_none()
+        && member.is_none()
+        && (200..300).contains(&head.status);
     if checked || small {
         body.whole = Some(Vec::new());
     }
@@ -284,6 +294,9 @@ pub(super) async fn relay(
     let finished = finished.and_then(|()| match &body.whole {
         Some(whole) if checked && !super::messages::answers_only(whole, request_id.as_ref()) => {
             Err("answered another request than the one sent to it")
+        }
+        Some(whole) if unasked && super::messages::is_a_response(whole) => {
+            Err("answered a request that was not sent to it")
         }
         _ => Ok(()),
     });

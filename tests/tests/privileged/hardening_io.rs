@@ -652,6 +652,65 @@ fn a_stray_answer_on_a_kept_connection_is_never_delivered_to_the_next_client() {
     );
 }
 
+/// What is checked to be an answer to the request sent is only a request's answer: a client's
+/// response (to the server's elicitation, sampling or ping) is answered 202 with no body, and
+/// relayed so (the first version of the check failed every one with 502 on an upstream of the
+/// default era, found by a review). A JSON-RPC response to an exchange that sent no request (a
+/// notification) is a stray: refused.
+#[test]
+fn a_clients_response_is_relayed_and_an_answer_to_no_request_is_refused() {
+    let up = integration_tests::peers::FakeUpstream::start(
+        integration_tests::peers::Misbehave::SessionEra,
+    );
+    let (_d, port, _) = gateway(up.port, Extra::default());
+    let initialize = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let mut client = connect(port);
+    client
+        .write_all(&post(
+            "/mcp",
+            initialize,
+            "mcp-protocol-version: 2025-11-25\r\n",
+        ))
+        .unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let session = r
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+        .map(|(_, v)| v.clone())
+        .expect("a session");
+    let extra = format!("mcp-protocol-version: 2025-11-25\r\nmcp-session-id: {session}\r\n");
+    let response = r#"{"jsonrpc":"2.0","id":5,"result":{"action":"accept"}}"#;
+    client.write_all(&post("/mcp", response, &extra)).unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    assert_eq!(
+        r.status,
+        202,
+        "a client's response: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // An upstream that answers a notification with a JSON-RPC response: another's answer.
+    let stray = Fake::start(Box::new(|conn, _, _| {
+        while read_upstream_request(conn).is_some() {
+            let _ = conn.write_all(&json_answer(
+                r#"{"jsonrpc":"2.0","id":3,"result":{"for":"someone else"}}"#,
+            ));
+        }
+    }));
+    let (_d, port, _) = gateway(stray.port, Extra::default());
+    let mut client = connect(port);
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#;
+    client.write_all(&post("/mcp", note, "")).unwrap();
+    let r = read_response(&mut client).expect("an answer");
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("someone else"),
+        "not relayed"
+    );
+}
+
 /// Servers close idle keep-alive connections on their own schedule (uvicorn after 5 s): the
 /// pool grown at a peak must not keep those sockets open while traffic goes on over its
 /// newest connection (only the top of the pool was ever looked at, so the gateway held
