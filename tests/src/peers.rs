@@ -716,10 +716,15 @@ impl FakeUpstream {
                         match how {
                             Misbehave::Answer | Misbehave::Slow(_) | Misbehave::DelayFromBody => {
                                 // The request's own id (the gateway refuses an answer to
-                                // another request).
+                                // another request); a notification is accepted with no body.
                                 let m: serde_json::Value =
                                     serde_json::from_slice(&body).unwrap_or_default();
-                                let id = m.get("id").cloned().unwrap_or(serde_json::json!(1));
+                                let Some(id) = m.get("id").cloned() else {
+                                    let _ = conn.write_all(
+                                        b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n",
+                                    );
+                                    continue;
+                                };
                                 let b =
                                     serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {}})
                                         .to_string();

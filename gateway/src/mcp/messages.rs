@@ -216,10 +216,12 @@ pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     }
 }
 
-/// Whether a body is a JSON-RPC response (an object with an id and no method): an answer to a
-/// request, which an exchange that sent none cannot have. A batch's answer (an array) is not.
+/// Whether a body is a JSON-RPC response to a request (an object with an id, not `null`, and
+/// no method): what an exchange that sent no request cannot be answered with. A batch's answer
+/// (an array) is not, nor an error with a `null` id (which names no request).
 pub fn is_a_response(body: &[u8]) -> bool {
-    serde_json::from_slice::<Top>(body).is_ok_and(|top| top.id.is_some() && !top.method)
+    serde_json::from_slice::<Top>(body)
+        .is_ok_and(|top| top.id.as_ref().is_some_and(|id| !id.is_null()) && !top.method)
 }
 
 /// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
@@ -505,6 +507,24 @@ pub(super) fn keep_tools(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_response_is_an_answer_to_a_request() {
+        use super::is_a_response;
+        assert!(is_a_response(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#));
+        assert!(is_a_response(br#"{"jsonrpc":"2.0","id":"a","error":{}}"#));
+        // An escaped key is the key.
+        assert!(is_a_response(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#));
+        assert!(!is_a_response(
+            br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#
+        ));
+        assert!(!is_a_response(
+            br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#
+        ));
+        assert!(!is_a_response(br#"[{"jsonrpc":"2.0","id":3,"result":{}}]"#));
+        assert!(!is_a_response(br#"{"ok":true}"#));
+        assert!(!is_a_response(b""));
+    }
+
     #[test]
     fn a_member_answer_answers_its_request_once() {
         use super::{super::Id, answers_only};

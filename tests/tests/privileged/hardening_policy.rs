@@ -789,7 +789,10 @@ fn a_federation_member_cannot_answer_a_request_sent_to_another() {
     // JSON answer: a client matches answers by id, so a member that answers with the id of a
     // request the client sent to another member would answer that one.
     let py = PyServer::start(true);
-    let liar = FakeUpstream::start(Misbehave::Answer); // answers every request with id 1
+    // Answers every request with id 1.
+    let liar = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+    ));
     // Answers with id 1 and then id 9: read last-first it answers request 9, first-first 1.
     const TWICE: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 43\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{},\"id\":9}";
     let twice = FakeUpstream::start(Misbehave::Raw(TWICE));
