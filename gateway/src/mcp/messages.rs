@@ -513,7 +513,9 @@ mod tests {
         assert!(is_a_response(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#));
         assert!(is_a_response(br#"{"jsonrpc":"2.0","id":"a","error":{}}"#));
         // An escaped key is the key.
-        assert!(is_a_response(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#));
+        assert!(is_a_response(
+            br#"{"jsonrpc":"2.0","i\u0064":3,"result":{}}"#
+        ));
         assert!(!is_a_response(
             br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#
         ));

@@ -121,11 +121,8 @@ pub(super) async fn relay(
     // client gets a byte of it: it must answer that request and no other (a client matches
     // answers by id, so a member could otherwise answer what was sent to another member, as
     // its event streams cannot: see `messages::rewrite_events`).
-    let answer = request_id.is_some() && !body.sse && (200..300).contains(&head.status);
-    let member_checked = member.is_some() && answer;
-    // An empty body answers nothing (a 202 to a client's response or notification): a stray
-    // comes with a body.
-    let empty = kind == BodyKind::Length(0);
+    let json_ok = !body.sse && (200..300).contains(&head.status);
+    let member_checked = member.is_some() && request_id.is_some() && json_ok;
     // A small answer that came apart from its head (servers write them separately) is waited
     // for whole too, so that the client gets head and body in one write: one send and one
     // wake-up less for both, as nginx does. Nothing is read into it.
@@ -134,15 +131,13 @@ pub(super) async fn relay(
     // after the last one (a bug; with Nagle's algorithm it arrives only once the next request
     // is written, past the pool's look before reuse) was read as this request's, and every
     // later answer on the connection went to the client after the one it answered, of any
-    // tenant. Not to this request: the call fails and the connection is dropped.
-    let checked = member_checked || (small && answer && !empty);
+    // tenant. Not to this request: the call fails and the connection is dropped. An empty body
+    // answers nothing (a 202 to a client's response or notification): a stray comes with one.
+    let small_json = small && json_ok && kind != BodyKind::Length(0);
+    let checked = member_checked || (small_json && request_id.is_some());
     // An exchange with no request (a notification, a GET, a DELETE) is never answered by a
     // JSON-RPC response: one is a stray, another client's.
-    let unasked = small
-        && !empty
-        && request_id.is_none()
-        && member.is_none()
-        && (200..300).contains(&head.status);
+    let unasked = small_json && request_id.is_none() && member.is_none();
     if checked || small {
         body.whole = Some(Vec::new());
     }

@@ -167,6 +167,18 @@ fn admit(
     tool: &str,
     args: Value,
 ) -> Result<Admission, Box<Refusal>> {
+    admit_from(p, state, who, tool, args, src(9, 1))
+}
+
+/// As [`admit`], the call coming from `source`.
+fn admit_from(
+    p: &Policy,
+    state: &Arc<State>,
+    who: &Identity,
+    tool: &str,
+    args: Value,
+    source: std::net::IpAddr,
+) -> Result<Admission, Box<Refusal>> {
     p.admit(
         state,
         who,
@@ -176,7 +188,7 @@ fn admit(
             tool: Some(("up", tool)),
             arguments: Some(&args),
             message_bytes: usize::MAX,
-            source: src(9, 1),
+            source,
         },
     )
 }
@@ -343,17 +355,13 @@ budget = { window_s = 3600, agent = 3 }
         ..who
     };
     let call = |source: &str| {
-        p.admit(
+        admit_from(
+            &p,
             &state,
             &anonymous,
-            &Ask {
-                is_request: true,
-                method: "tools/call",
-                tool: Some(("up", "search")),
-                arguments: Some(&json!({})),
-                message_bytes: usize::MAX,
-                source: source.parse().unwrap(),
-            },
+            "search",
+            json!({}),
+            source.parse().unwrap(),
         )
     };
     for i in 1..=3 {
@@ -389,18 +397,8 @@ budget = { window_s = 3600, agent = 2 }
         ..who
     };
     let call = |who: &Identity| {
-        p.admit(
-            &state,
-            who,
-            &Ask {
-                is_request: true,
-                method: "tools/call",
-                tool: Some(("up", "search")),
-                arguments: Some(&json!({})),
-                message_bytes: usize::MAX,
-                source: "198.51.100.9".parse().unwrap(),
-            },
-        )
+        let source = "198.51.100.9".parse().unwrap();
+        admit_from(&p, &state, who, "search", json!({}), source)
     };
     for _ in 0..2 {
         call(&anonymous).expect("the address's own budget");

@@ -674,12 +674,7 @@ fn a_clients_response_is_relayed_and_an_answer_to_no_request_is_refused() {
         .unwrap();
     let r = read_response(&mut client).expect("an answer");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let session = r
-        .headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
-        .map(|(_, v)| v.clone())
-        .expect("a session");
+    let session = r.header("mcp-session-id").expect("a session");
     let extra = format!("mcp-protocol-version: 2025-11-25\r\nmcp-session-id: {session}\r\n");
     let response = r#"{"jsonrpc":"2.0","id":5,"result":{"action":"accept"}}"#;
     client.write_all(&post("/mcp", response, &extra)).unwrap();

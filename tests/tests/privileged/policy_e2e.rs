@@ -660,27 +660,36 @@ fn an_answer_too_large_to_relay_opens_the_tools_breaker_not_the_upstreams() {
         )],
     );
     let mut d = Daemon::start_local(&instance, &config);
+    // The upstream's other tools are still reached (their answers are as large).
+    two_failures_open_the_tools_breaker_only(port, "big", "dump");
+    d.stop();
+}
+
+/// Two calls of `tool` of upstream `up` (routed at `/<up>`, its breaker opening at two
+/// consecutive failures) fail with 502; the third is refused by the tool's breaker (503),
+/// while another tool of `up` still reaches it (502 again): the upstream's breaker is closed.
+fn two_failures_open_the_tools_breaker_only(port: u16, up: &str, tool: &str) {
+    let path = format!("/{up}");
     for _ in 0..2 {
-        let r = call_2026(port, "/big", "dump", &json!({}));
+        let r = call_2026(port, &path, tool, &json!({}));
         assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
     }
-    let r = call_2026(port, "/big", "dump", &json!({}));
+    let r = call_2026(port, &path, tool, &json!({}));
     assert_eq!(
         r.status,
         503,
         "the tool's breaker opened: {}",
         String::from_utf8_lossy(&r.body)
     );
+    let named = format!("tool `{tool}` of upstream `{up}`");
     assert!(
         r.json()["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("tool `dump` of upstream `big`")),
+            .is_some_and(|m| m.contains(&named)),
         "{r:?}"
     );
-    // The upstream's other tools are still reached (their answers are as large).
-    let r = call_2026(port, "/big", "other", &json!({}));
+    let r = call_2026(port, &path, "other", &json!({}));
     assert_eq!(r.status, 502, "the upstream's breaker stayed closed: {r:?}");
-    d.stop();
 }
 
 /// A call the upstream refuses with 401 or 403 (a scope, an origin, a forbidden resource) is
@@ -703,21 +712,7 @@ fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
         )],
     );
     let mut d = Daemon::start_local(&instance, &config);
-    for _ in 0..2 {
-        let r = call_2026(port, "/strict", "secret", &json!({}));
-        assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
-    }
-    let r = call_2026(port, "/strict", "secret", &json!({}));
-    assert_eq!(r.status, 503, "the tool's breaker opened: {r:?}");
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("tool `secret` of upstream `strict`")),
-        "{r:?}"
-    );
-    // Another tool of the upstream is still reached.
-    let r = call_2026(port, "/strict", "other", &json!({}));
-    assert_eq!(r.status, 502, "the upstream's breaker stayed closed: {r:?}");
+    two_failures_open_the_tools_breaker_only(port, "strict", "secret");
     d.stop();
 }
 
