@@ -808,7 +808,7 @@ pub(super) async fn open_judging(
             return Opened::Answered(false);
         }
         Err(f) => {
-            obs.set(super::proxy::outcome_of(&f));
+            obs.failed(&f);
             return Opened::Answered(fail(io, req, up, m.id.clone(), f).await);
         }
     };
@@ -937,7 +937,7 @@ pub(super) async fn reply(
     let answer = match answer {
         Ok(a) => a,
         Err(f) => {
-            obs.set(super::proxy::outcome_of(&f));
+            obs.failed(&f);
             return fail(io, req, up, id, f).await;
         }
     };

@@ -45,6 +45,9 @@ pub(super) struct Obs<'a> {
     pub abandoned: Cell<bool>,
     /// The client left before its answer: nothing the upstream did, so no breaker counts it.
     pub client_left: Cell<bool>,
+    /// The call failed because the upstream did not answer in time: the upstream's shared
+    /// breaker counts it only if the upstream answered no other call meanwhile (see `record`).
+    pub timed_out: Cell<bool>,
 }
 
 /// The breakers a request passed: (name, upstream index, tool level, how). Those neither
@@ -103,6 +106,24 @@ impl Obs<'_> {
     pub fn set(&self, o: Outcome) {
         if self.outcome.get().is_none() {
             self.outcome.set(Some(o));
+        }
+    }
+
+    /// The call failed with `f` (its outcome: see [`outcome_of`]).
+    pub fn failed(&self, f: &UpstreamFailure) {
+        if matches!(f, UpstreamFailure::Timeout) {
+            self.set_timed_out();
+        } else {
+            self.set(outcome_of(f));
+        }
+    }
+
+    /// The upstream did not answer (or finish answering) in time: a failure of the upstream,
+    /// unless it answered others meanwhile (see `record`).
+    pub fn set_timed_out(&self) {
+        if self.outcome.get().is_none() {
+            self.timed_out.set(true);
+            self.outcome.set(Some(Outcome::UpstreamFailure));
         }
     }
 
@@ -641,7 +662,7 @@ pub(super) async fn read_whole<'c>(
     let (mut head, body) = match answer {
         Ok(a) => a,
         Err(f) => {
-            obs.set(outcome_of(&f));
+            obs.failed(&f);
             return fail(io, req, up, id, f).await;
         }
     };
@@ -894,12 +915,12 @@ pub(super) async fn forward<'c>(
         }
         // The gateway gave up waiting: the call may still run there.
         Err(f @ UpstreamFailure::Timeout) => {
-            obs.set(Outcome::UpstreamFailure);
+            obs.set_timed_out();
             obs.abandoned.set(true);
             fail(client, req, up, request_id, f).await
         }
         Err(f) => {
-            obs.set(outcome_of(&f));
+            obs.failed(&f);
             fail(client, req, up, request_id, f).await
         }
     }

@@ -24,14 +24,18 @@ const CLASSIFY_MAX: usize = 64 * 1024;
 
 const EVENT_TOO_LARGE: &str = "upstream event larger than the body limit";
 const ANSWER_TOO_LARGE: &str = "member's answer larger than the body limit";
+const STALLED: &str = "upstream stalled mid-response";
 
-/// What a relay that failed for `why` says of the upstream: an answer over the gateway's limit
-/// is the call's own failure (see `proxy::outcome_of`), anything else the upstream's.
-fn outcome_of(why: &str) -> Outcome {
+/// Notes what a relay that failed for `why` says of the upstream: an answer over the gateway's
+/// limit is the call's own failure (see `proxy::outcome_of`), a stall a timeout, anything else
+/// the upstream's failure.
+fn failed(obs: &Obs<'_>, why: &str) {
     if why == EVENT_TOO_LARGE || why == ANSWER_TOO_LARGE {
-        Outcome::RpcError
+        obs.set(Outcome::RpcError);
+    } else if why == STALLED {
+        obs.set_timed_out();
     } else {
-        Outcome::UpstreamFailure
+        obs.set(Outcome::UpstreamFailure);
     }
 }
 
@@ -155,7 +159,7 @@ pub(super) async fn relay(
         Ok(first) => {
             if body.whole.is_some() {
                 if let Err(why) = body.hold(&first, hold_max) {
-                    obs.set(outcome_of(why));
+                    failed(obs, why);
                     return unwritten_failure(client, req, up, request_id, why).await;
                 }
             } else {
@@ -164,7 +168,7 @@ pub(super) async fn relay(
             }
         }
         Err(why) => {
-            obs.set(outcome_of(why));
+            failed(obs, why);
             return unwritten_failure(client, req, up, request_id, why).await;
         }
     }
@@ -240,7 +244,7 @@ pub(super) async fn relay(
                 // Given up here, and its slot given back: the call is cancelled there, even one
                 // the client could resume (a stream silent this long is not waited for).
                 obs.abandoned.set(true);
-                break Err("upstream stalled mid-response");
+                break Err(STALLED);
             }
             Err(_) => break Err("upstream connection failed mid-response"),
         }
@@ -296,7 +300,7 @@ pub(super) async fn relay(
         _ => Ok(()),
     });
     if let Err(why) = finished {
-        obs.set(outcome_of(why));
+        failed(obs, why);
         if unwritten.is_some() {
             return unwritten_failure(client, req, up, request_id, why).await;
         }

@@ -1311,6 +1311,9 @@ fn record(
     let passed = obs.breakers.borrow_mut().take();
     if !passed.is_empty() {
         let now = ctx.shared.limits.now();
+        // When the call came, on the breakers' clock.
+        let since =
+            now.saturating_sub(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
         // Only what went to the upstream is judged: a call answered here (a batch refused for
         // holding a task, a task not the caller's, a request that cannot be sent) says nothing
         // of the upstream, nor does one whose client left before its answer. Judged, the first
@@ -1330,6 +1333,18 @@ fn record(
                 }
                 Outcome::Ok => true,
                 Outcome::ToolError | Outcome::RpcError => !tool_level,
+                // A timeout is the call's failure; the upstream's only if it answered no other
+                // call while this one waited (a hung upstream answers none). One tenant's
+                // calls of a tool slow enough to time out opened the upstream's shared breaker
+                // for every tenant, however well it answered them.
+                Outcome::UpstreamFailure
+                    if !tool_level
+                        && obs.timed_out.get()
+                        && ctx.shared.breakers.answered_since(&name, since) =>
+                {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
                 Outcome::UpstreamFailure => false,
                 // Says nothing of the upstream's health (a probe drawing a 403 closed a
                 // half-open breaker), all of the call's.

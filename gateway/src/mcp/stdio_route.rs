@@ -315,7 +315,10 @@ async fn finish(
         }
         Err(e) => {
             let (status, outcome) = match e {
-                StdioError::Timeout(..) => (504, Outcome::UpstreamFailure),
+                StdioError::Timeout(..) => {
+                    obs.set_timed_out();
+                    (504, Outcome::UpstreamFailure)
+                }
                 // Every per-caller child is another caller's: the gateway's own limit, not a
                 // failure of the upstream.
                 StdioError::Busy(..) => (503, Outcome::Refused),

@@ -43,6 +43,9 @@ pub struct Breaker {
     /// an earlier turn read as none, so no step resets them: a reset run by a thread that lost
     /// the race to close wiped the new turn's first failures.
     counts: portable_atomic::AtomicU128,
+    /// When a call through it last succeeded: a call that timed out while others were
+    /// answered is no sign of a hung upstream (see [`Breakers::answered_since`]).
+    answered_at: AtomicU64,
 }
 
 fn split(v: u64) -> (u32, u8, u32) {
@@ -125,6 +128,9 @@ impl Breaker {
 
     /// Records how a call that was let through ended; returns the state it leaves.
     pub fn record(&self, now: u64, c: &RawBreaker, pass: Pass, ok: bool) -> u8 {
+        if ok {
+            self.answered_at.fetch_max(now, Ordering::AcqRel);
+        }
         let turn = match pass {
             Pass::Probe(turn) => {
                 // One success closes it, one failure opens it again; a verdict of an ended
@@ -390,6 +396,16 @@ impl Breakers {
         }
     }
 
+    /// Whether a call through breaker `name` succeeded after `since` (monotonic ns). A call
+    /// that timed out meanwhile says that call was slow, not that its upstream hung: a tenant
+    /// whose tool runs past the timeout opened an upstream's shared breaker for every tenant.
+    pub fn answered_since(&self, name: &str, since: u64) -> bool {
+        self.map
+            .pin()
+            .get(name)
+            .is_some_and(|b| b.answered_at.load(Ordering::Acquire) > since)
+    }
+
     /// (name, state) of every breaker, sorted by name.
     pub fn states(&self) -> Vec<(String, u8)> {
         let mut all: Vec<(String, u8)> = self
@@ -428,6 +444,28 @@ mod tests {
         let bytes: usize = states.iter().map(|(n, _)| n.len()).sum();
         assert!(bytes <= MAX_BREAKER_BYTES, "{bytes} bytes of names");
         assert!(states.len() < 600, "{} breakers", states.len());
+    }
+
+    #[test]
+    fn a_success_is_noted_for_the_calls_that_time_out_meanwhile() {
+        let c = cfg("consecutive_failures = 2\nopen_ms = 60000");
+        let breakers = Breakers::default();
+        assert!(!breakers.answered_since("up", 0), "no breaker yet");
+        let pass = breakers.allow("up", MS, &c, LEASE).unwrap();
+        assert!(!breakers.answered_since("up", 0), "nothing answered yet");
+        // A failure is no answer.
+        breakers.record("up", 2 * MS, &c, pass, false);
+        assert!(!breakers.answered_since("up", 0));
+        breakers.record("up", 5 * MS, &c, pass, true);
+        assert!(breakers.answered_since("up", 4 * MS));
+        assert!(!breakers.answered_since("up", 5 * MS), "only after `since`");
+        // An answer of an ended turn (the breaker opened meanwhile) is an answer all the same.
+        breakers.record("up", 6 * MS, &c, pass, false);
+        breakers.record("up", 6 * MS, &c, pass, false);
+        assert_eq!(breakers.states(), vec![("up".to_owned(), OPEN)]);
+        breakers.record("up", 9 * MS, &c, pass, true);
+        assert!(breakers.answered_since("up", 8 * MS));
+        assert!(!breakers.answered_since("other", 0));
     }
 
     #[test]

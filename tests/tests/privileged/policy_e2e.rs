@@ -716,6 +716,65 @@ fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
     d.stop();
 }
 
+/// A call that times out is its tool's failure, and its upstream's only if the upstream
+/// answered no other call while it waited: a hung upstream answers none. Before, calls of a
+/// tool slower than the timeout (one tenant's, on purpose or not) opened the upstream's shared
+/// breaker for every caller and tool while it answered every other call.
+#[test]
+fn calls_that_time_out_open_the_upstream_only_if_it_answered_nothing_meanwhile() {
+    let py = PyServer::start_with(&["--json", "--slow"]);
+    let port = free_port();
+    let instance = unique("gwbrkslow");
+    let at = format!("url = \"{}\"\nresponse_timeout_ms = 1000", py.url());
+    let config = with_breakers(
+        local_header(&instance, 2, port, free_port()),
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
+        &[("answering", &at), ("hung", &at)],
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    // Two calls at once of a tool that runs past the timeout, and, while they wait, one
+    // that is answered when `meanwhile`.
+    let time_out_twice = |path: &'static str, meanwhile: bool| {
+        let slow: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || call_2026(port, path, "sleep", &json!({"seconds": 3})))
+            })
+            .collect();
+        if meanwhile {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let r = call_2026(port, path, "echo", &json!({"text": "meanwhile"}));
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        for call in slow {
+            let r = call.join().unwrap();
+            assert_eq!(r.status, 504, "{r:?}");
+        }
+    };
+    let echo = |path: &str| call_2026(port, path, "echo", &json!({"text": "after"}));
+    let message = |r: &integration_tests::peers::RawResponse| {
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    time_out_twice("/answering", true);
+    let r = echo("/answering");
+    assert_eq!(r.status, 200, "the upstream's breaker stayed closed: {r:?}");
+    // Its tool's breaker counted both.
+    let r = call_2026(port, "/answering", "sleep", &json!({"seconds": 0}));
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        message(&r).contains("tool `sleep` of upstream `answering`"),
+        "{r:?}"
+    );
+    // Nothing answered meanwhile: the upstream's breaker opens, for every tool.
+    time_out_twice("/hung", false);
+    let r = echo("/hung");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(message(&r).contains("upstream `hung`"), "{r:?}");
+    d.stop();
+}
+
 /// The breaker counts a tool's failure as its client reads it: an upstream that spells
 /// `isError` with an escape, or gives it twice, is read as the client's parser reads it.
 #[test]
