@@ -195,8 +195,8 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Whether a federation member's JSON answer answers request `id` and nothing else: one
-/// response whose id is `id` (or null, for an error: it names no other request), with no key
-/// of its top level given twice. The body is relayed as it came, and parsers read a repeated
+/// response whose id is `id` (or null, for an error: it names no other request), with none of
+/// JSON-RPC's keys (`jsonrpc`, `id`, `method`, `result`, `error`) given twice. The body is relayed as it came, and parsers read a repeated
 /// key differently (serde_json, `JSON.parse` and Python take the last, others the first): a
 /// member that wrote `"id"` twice could answer another member's request to some clients.
 pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
@@ -225,13 +225,83 @@ pub fn is_a_response(body: &[u8]) -> bool {
 }
 
 /// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
-/// a method or an error, and whether any key came twice (keys compared as decoded, so an
-/// escaped `"i\u0064"` is `"id"`).
+/// a method or an error, and whether a key JSON-RPC gives meaning to came twice (keys compared
+/// as decoded, so an escaped `"i\u0064"` is `"id"`). Read on every small answer, so cheaply:
+/// a key is borrowed unless it holds an escape, and the other values are read as a parser
+/// reads them (UTF-8, escapes, numbers in range: see [`Checked`]) but not built.
 struct Top {
     id: Option<Value>,
     method: bool,
     error: bool,
     repeated: bool,
+}
+
+/// A key of the top level, decoded, borrowed from the body when it holds no escape.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+/// A value read whole as a JSON parser reads it, and nothing kept: serde_json decodes each
+/// string (UTF-8, escapes, no lone surrogate) and each number (in range), which skipping a
+/// value does not. The answer is held to the JSON a client's parser takes throughout.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Key<'de>>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Top {
@@ -249,19 +319,35 @@ impl<'de> serde::Deserialize<'de> for Top {
                     error: false,
                     repeated: false,
                 };
-                let mut keys = std::collections::HashSet::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
-                        "id" => top.id = Some(map.next_value()?),
-                        other => {
-                            // Read as a value, not skipped: the answer is held to the JSON a
-                            // parser takes (UTF-8, escapes, numbers in range) throughout.
-                            map.next_value::<Value>()?;
-                            top.method |= other == "method";
-                            top.error |= other == "error";
+                // Which of JSON-RPC's keys came, one bit each: parsers read one given twice
+                // differently (the first or the last), so it has two meanings. Another key
+                // given twice means nothing to the answer's delivery.
+                let mut seen = 0u8;
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                    let bit = match key.as_ref() {
+                        "id" => {
+                            top.id = Some(map.next_value()?);
+                            1
                         }
-                    }
-                    top.repeated |= !keys.insert(key);
+                        other => {
+                            map.next_value::<Checked>()?;
+                            match other {
+                                "method" => {
+                                    top.method = true;
+                                    2
+                                }
+                                "error" => {
+                                    top.error = true;
+                                    4
+                                }
+                                "result" => 8,
+                                "jsonrpc" => 16,
+                                _ => 0,
+                            }
+                        }
+                    };
+                    top.repeated |= seen & bit != 0;
+                    seen |= bit;
                 }
                 Ok(top)
             }
