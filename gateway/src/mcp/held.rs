@@ -565,7 +565,8 @@ pub(super) async fn call(
     extra: &[(&str, Option<&str>)],
 ) -> Result<Answer, UpstreamFailure> {
     let mut message: Value = serde_json::from_slice(body)
-        .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
+        // The call's own failure, not the upstream's: nothing was sent (see `proxy::outcome_of`).
+        .map_err(|e| UpstreamFailure::Unrelayable(format!("the request is not JSON: {e}")))?;
     let method = message["method"].as_str().unwrap_or_default().to_owned();
     let id = id_of(&message);
     if method == "server/discover" {
@@ -948,7 +949,11 @@ pub(super) async fn reply(
         return super::proxy::relay_refusal(io, req, up, id, &answer.head, &answer.body, obs).await;
     }
     if !(200..300).contains(&status) {
-        obs.set(Outcome::UpstreamFailure);
+        if status >= 500 {
+            obs.failed_by(super::proxy::Blame::of_status(status));
+        } else {
+            obs.set(Outcome::UpstreamFailure);
+        }
         let f = UpstreamFailure::Bad(format!("answered HTTP {status}"));
         return fail(io, req, up, id, f).await;
     }

@@ -27,6 +27,13 @@ pub const MAX_NAME_CHARS: usize = 128;
 pub const MAX_URI_BYTES: usize = 2048;
 /// Objects with at most this many keys are checked for duplicates by linear comparison.
 const LINEAR_KEYS: usize = 16;
+/// Deepest nesting of objects and arrays accepted. simd-json reads 1,024 levels, serde_json
+/// 127 (its recursion limit), and the gateway reads a message again with serde_json on some
+/// paths (a stdio child's, a held session's, a federation's rewrite): a message between the
+/// two was admitted, then failed there as the upstream's failure (two calls opened an
+/// upstream's shared breaker for every tenant) or was rewritten into another message. With
+/// room for the envelopes a message is put in.
+pub const MAX_DEPTH: usize = 100;
 
 /// A JSON-RPC id: MCP allows a string or an integer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -242,6 +249,11 @@ impl Parser {
     }
 
     fn read(tape: &simd_json::Tape<'_>, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
+        if deeper_than(&tape.0, MAX_DEPTH) {
+            return Err(RpcError::invalid_request(format!(
+                "objects and arrays nested deeper than {MAX_DEPTH} levels"
+            )));
+        }
         if let Some(key) = duplicate_key(&tape.0) {
             return Err(RpcError::invalid_request(format!(
                 "duplicate key {key:?} in an object: a message must have one meaning"
@@ -290,6 +302,28 @@ fn negative_zero_id(body: &[u8], parsed: &Parsed) -> bool {
         Ok(v) => not_integer(&v),
         Err(_) => true,
     }
+}
+
+/// Whether objects and arrays nest deeper than `max` in the tape.
+fn deeper_than(nodes: &[Node<'_>], max: usize) -> bool {
+    let containers = |n: &&Node<'_>| matches!(n, Node::Object { .. } | Node::Array { .. });
+    if nodes.iter().filter(containers).count() <= max {
+        return false;
+    }
+    // Where each open container ends (its nodes follow it: `count` of them).
+    let mut ends: Vec<usize> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        while ends.last().is_some_and(|&end| end <= i) {
+            ends.pop();
+        }
+        if let Node::Object { count, .. } | Node::Array { count, .. } = *node {
+            ends.push(i + 1 + count);
+            if ends.len() > max {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The first key that appears twice in one object of the tape, at any depth. Tape strings are

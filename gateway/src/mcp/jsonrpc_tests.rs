@@ -368,3 +368,48 @@ fn control_characters_in_methods_and_names_are_refused() {
         Some("wörd.count-2")
     );
 }
+
+#[test]
+fn nesting_deeper_than_every_later_reader_takes_is_refused() {
+    use super::MAX_DEPTH;
+    // `levels` containers in all: the message, params, arguments, then arrays and objects.
+    let call = |levels: usize| {
+        let inner = levels - 3;
+        let (mut open, mut close) = (String::new(), String::new());
+        for i in 0..inner {
+            if i % 2 == 0 {
+                open.push('[');
+                close.insert(0, ']');
+            } else {
+                open.push_str("{\"k\":");
+                close.insert(0, '}');
+            }
+        }
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{"z":{open}1{close}}}}}}}"#
+        )
+    };
+    let deepest = call(MAX_DEPTH);
+    assert!(parse(&deepest).is_ok());
+    // What the gateway admits, every later reader of it reads (serde_json: 127 levels), also
+    // inside the envelope of a batch.
+    assert!(serde_json::from_str::<serde_json::Value>(&format!("[{deepest}]")).is_ok());
+    let e = refused(&call(MAX_DEPTH + 1));
+    assert_eq!((e.code, e.http_status), (INVALID_REQUEST, 400), "{e:?}");
+    assert!(e.message.contains("nested deeper"), "{}", e.message);
+    let e = refused(&format!("[{}]", call(MAX_DEPTH)));
+    assert!(
+        e.message.contains("nested deeper"),
+        "in a batch: {}",
+        e.message
+    );
+    // Many containers side by side are no depth.
+    let wide: Vec<String> = (0..3 * MAX_DEPTH)
+        .map(|i| format!("\"k{i}\":[{{}}]"))
+        .collect();
+    let wide = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{{}}}}}}}"#,
+        wide.join(",")
+    );
+    assert!(parse(&wide).is_ok());
+}

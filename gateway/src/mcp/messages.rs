@@ -216,6 +216,12 @@ pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     }
 }
 
+/// Whether [`answers_only`] can read a body at all: a JSON object, within serde_json's depth,
+/// whose strings and numbers a client's parser takes.
+pub fn readable(body: &[u8]) -> bool {
+    serde_json::from_slice::<Top>(body).is_ok()
+}
+
 /// Whether a body is a JSON-RPC response to a request (an object with an id, not `null`, and
 /// no method): what an exchange that sent no request cannot be answered with. A batch's answer
 /// (an array) is not, nor an error with a `null` id (which names no request).

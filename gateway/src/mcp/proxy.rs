@@ -45,9 +45,36 @@ pub(super) struct Obs<'a> {
     pub abandoned: Cell<bool>,
     /// The client left before its answer: nothing the upstream did, so no breaker counts it.
     pub client_left: Cell<bool>,
-    /// The call failed because the upstream did not answer in time: the upstream's shared
-    /// breaker counts it only if the upstream answered no other call meanwhile (see `record`).
-    pub timed_out: Cell<bool>,
+    /// Whose an upstream failure is, for the upstream's shared breaker (see `record`).
+    pub blame: Cell<Blame>,
+}
+
+/// Whose an upstream failure is, as far as the upstream's shared breaker goes (its tool's
+/// breaker counts each alike).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Blame {
+    /// The upstream's: it could not be reached, reset the connection, answered nonsense.
+    #[default]
+    Upstream,
+    /// Either's: the call was not answered in time (a slow tool, or a hung upstream), or was
+    /// answered 502–504 (a proxy in front of a dead server, or of a slow tool). The
+    /// upstream's only if it answered no other call meanwhile.
+    Unclear,
+    /// The call's: answered 500, an error on this request (a server's bug a client can
+    /// repeat at will, a session its client ended meanwhile), as endpoints' ejection already
+    /// reads it. Says nothing of the upstream's health either way.
+    Call,
+}
+
+impl Blame {
+    /// Whose a 5xx answer is.
+    pub fn of_status(status: u16) -> Self {
+        if status == 500 {
+            Blame::Call
+        } else {
+            Blame::Unclear
+        }
+    }
 }
 
 /// The breakers a request passed: (name, upstream index, tool level, how). Those neither
@@ -112,17 +139,16 @@ impl Obs<'_> {
     /// The call failed with `f` (its outcome: see [`outcome_of`]).
     pub fn failed(&self, f: &UpstreamFailure) {
         if matches!(f, UpstreamFailure::Timeout) {
-            self.set_timed_out();
+            self.failed_by(Blame::Unclear);
         } else {
             self.set(outcome_of(f));
         }
     }
 
-    /// The upstream did not answer (or finish answering) in time: a failure of the upstream,
-    /// unless it answered others meanwhile (see `record`).
-    pub fn set_timed_out(&self) {
+    /// The upstream failed the call, and `blame` says whose the failure is (see [`Blame`]).
+    pub fn failed_by(&self, blame: Blame) {
         if self.outcome.get().is_none() {
-            self.timed_out.set(true);
+            self.blame.set(blame);
             self.outcome.set(Some(Outcome::UpstreamFailure));
         }
     }
@@ -735,11 +761,11 @@ pub(super) async fn relay_refusal(
             }
         }
     }
-    obs.set(if head.status >= 500 {
-        Outcome::UpstreamFailure
+    if head.status >= 500 {
+        obs.failed_by(Blame::of_status(head.status));
     } else {
-        Outcome::RpcError
-    });
+        obs.set(Outcome::RpcError);
+    }
     io.write_all(http::response(head.status, &headers, body, req.keep_alive))
         .await
         .is_ok()
@@ -915,7 +941,7 @@ pub(super) async fn forward<'c>(
         }
         // The gateway gave up waiting: the call may still run there.
         Err(f @ UpstreamFailure::Timeout) => {
-            obs.set_timed_out();
+            obs.failed_by(Blame::Unclear);
             obs.abandoned.set(true);
             fail(client, req, up, request_id, f).await
         }

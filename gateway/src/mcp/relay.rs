@@ -25,15 +25,17 @@ const CLASSIFY_MAX: usize = 64 * 1024;
 const EVENT_TOO_LARGE: &str = "upstream event larger than the body limit";
 const ANSWER_TOO_LARGE: &str = "member's answer larger than the body limit";
 const STALLED: &str = "upstream stalled mid-response";
+const UNREADABLE: &str = "answer is not JSON the gateway reads as a client does";
 
 /// Notes what a relay that failed for `why` says of the upstream: an answer over the gateway's
-/// limit is the call's own failure (see `proxy::outcome_of`), a stall a timeout, anything else
-/// the upstream's failure.
+/// limit, or one it cannot read to check, is the call's own failure (see `proxy::outcome_of`:
+/// a tool's output can be shaped by its caller, nested too deep, say), a stall a timeout,
+/// anything else the upstream's failure.
 fn failed(obs: &Obs<'_>, why: &str) {
-    if why == EVENT_TOO_LARGE || why == ANSWER_TOO_LARGE {
+    if why == EVENT_TOO_LARGE || why == ANSWER_TOO_LARGE || why == UNREADABLE {
         obs.set(Outcome::RpcError);
     } else if why == STALLED {
-        obs.set_timed_out();
+        obs.failed_by(super::proxy::Blame::Unclear);
     } else {
         obs.set(Outcome::UpstreamFailure);
     }
@@ -68,7 +70,7 @@ pub(super) async fn relay(
     obs: &Obs<'_>,
 ) -> bool {
     if head.status >= 500 {
-        obs.set(Outcome::UpstreamFailure);
+        obs.failed_by(super::proxy::Blame::of_status(head.status));
     } else if head.status >= 400 {
         obs.set(Outcome::RpcError);
     }
@@ -292,7 +294,11 @@ pub(super) async fn relay(
     };
     let finished = finished.and_then(|()| match &body.whole {
         Some(whole) if checked && !super::messages::answers_only(whole, request_id.as_ref()) => {
-            Err("answered another request than the one sent to it")
+            Err(if super::messages::readable(whole) {
+                "answered another request than the one sent to it"
+            } else {
+                UNREADABLE
+            })
         }
         Some(whole) if unasked && super::messages::is_a_response(whole) => {
             Err("answered a request that was not sent to it")

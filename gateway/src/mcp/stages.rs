@@ -15,7 +15,7 @@ use std::{
 use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
-        Obs, Verified, WorkerCtx, filtered_tools_list, forward, give_back_probes,
+        Blame, Obs, Verified, WorkerCtx, filtered_tools_list, forward, give_back_probes,
         invalid_traceparent, json_response, protected_resource_metadata, refuse, trace_id,
         upstream_request, verify_session,
     },
@@ -1333,18 +1333,22 @@ fn record(
                 }
                 Outcome::Ok => true,
                 Outcome::ToolError | Outcome::RpcError => !tool_level,
-                // A timeout is the call's failure; the upstream's only if it answered no other
-                // call while this one waited (a hung upstream answers none). One tenant's
-                // calls of a tool slow enough to time out opened the upstream's shared breaker
-                // for every tenant, however well it answered them.
-                Outcome::UpstreamFailure
-                    if !tool_level
-                        && obs.timed_out.get()
-                        && ctx.shared.breakers.answered_since(&name, since) =>
-                {
-                    ctx.shared.breakers.release(&name, pass);
-                    continue;
-                }
+                // A failure a request can draw is the call's, at the upstream's shared breaker
+                // (see `Blame`): one tenant's calls of a tool slow enough to time out, or of
+                // its own session ended meanwhile (a 500), opened it for every tenant however
+                // well the upstream answered them. A timeout is the upstream's only if it
+                // answered no other call while this one waited (a hung upstream answers none).
+                Outcome::UpstreamFailure if !tool_level => match obs.blame.get() {
+                    Blame::Call => {
+                        ctx.shared.breakers.release(&name, pass);
+                        continue;
+                    }
+                    Blame::Unclear if ctx.shared.breakers.answered_since(&name, since) => {
+                        ctx.shared.breakers.release(&name, pass);
+                        continue;
+                    }
+                    Blame::Unclear | Blame::Upstream => false,
+                },
                 Outcome::UpstreamFailure => false,
                 // Says nothing of the upstream's health (a probe drawing a 403 closed a
                 // half-open breaker), all of the call's.

@@ -316,7 +316,7 @@ async fn finish(
         Err(e) => {
             let (status, outcome) = match e {
                 StdioError::Timeout(..) => {
-                    obs.set_timed_out();
+                    obs.failed_by(super::proxy::Blame::Unclear);
                     (504, Outcome::UpstreamFailure)
                 }
                 // Every per-caller child is another caller's: the gateway's own limit, not a
@@ -325,6 +325,9 @@ async fn finish(
                 // The call's own failure (see `proxy::outcome_of`): its tool's breaker counts
                 // it, the upstream's shared one does not.
                 StdioError::TooLong(..) => (502, Outcome::RpcError),
+                // The client's message, refused before the child saw it: nothing of the
+                // upstream's (two such calls opened a stdio upstream's breaker for everyone).
+                StdioError::Refused(..) => (400, Outcome::Refused),
                 _ => (502, Outcome::UpstreamFailure),
             };
             obs.set(outcome);

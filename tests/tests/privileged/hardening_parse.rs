@@ -232,6 +232,42 @@ fn a_request_that_also_carries_an_answer_never_reaches_the_upstream() {
     ping_ok(s.port, "/mcp");
 }
 
+/// A message nested deeper than the gateway's later readers take (serde_json: 127 levels) is
+/// refused where it is parsed. Before, one between that and simd-json's 1,024 was admitted and
+/// charged, then failed on a stdio upstream or a held session as the upstream's failure (two
+/// calls opened its shared breaker for every tenant), and a federation sent its member a
+/// message rebuilt from nothing.
+#[test]
+fn a_message_nested_deeper_than_every_reader_takes_never_reaches_the_upstream() {
+    let s = setup();
+    // `levels` objects and arrays in all, the message's own three included.
+    let call = |name: &str, marker: &str, levels: usize| {
+        let inner = levels - 3;
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}","arguments":{{"t":"{marker}","z":{}1{}}}}}}}"#,
+            "[".repeat(inner),
+            "]".repeat(inner)
+        )
+    };
+    let too_deep = call("echo", "too-deep", 101);
+    refused_as_invalid(s.port, &[&too_deep]);
+    let (r, _) = raw(s.port, &post("/fed", &call("p_echo", "too-deep", 101), ""));
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], -32600);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nested deeper than 100")),
+        "{r:?}"
+    );
+    assert!(!s.upstream.saw("too-deep"), "the upstream saw one of them");
+    // As deep as allowed: forwarded as sent.
+    let (r, _) = raw(s.port, &post("/mcp", &call("echo", "deep-enough", 100), ""));
+    assert_ne!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(s.upstream.saw("deep-enough"));
+    ping_ok(s.port, "/mcp");
+}
+
 /// A large body is parsed from a copy with its long runs of string text left out
 /// (`mcp::elide`): what policy decides on must still be what the upstream reads, and what the
 /// parser would refuse in a run left out is refused all the same.

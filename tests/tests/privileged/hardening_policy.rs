@@ -298,6 +298,48 @@ fn a_client_that_leaves_does_not_open_the_upstream_for_others() {
     assert_eq!(r.status, 200, "beta's call after acme's hang-ups: {r:?}");
 }
 
+/// A call whose session its own client ends meanwhile is answered 500 by the Python SDK's
+/// server ("Session terminated"): an error on that request, which the caller drew, so the
+/// call's failure and not the upstream's. Before, two such calls of one client opened the
+/// upstream's shared breaker for every caller, for a minute, as often as it liked.
+#[test]
+fn a_client_ending_its_own_session_mid_call_does_not_open_the_upstream_for_others() {
+    let py = PyServer::start_with(&["--json", "--slow"]);
+    let port = free_port();
+    let instance = unique("gwendown");
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\n\
+         breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::daemon::local_header(&instance, 2, port, free_port()),
+        py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for id in 0..2 {
+        let session = open_session(port, "/mcp", "2025-11-25");
+        let call = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":3}}}}}}"#
+        );
+        let waiting = {
+            let session = session.clone();
+            std::thread::spawn(move || raw(port, &post("/mcp", &call, &session)).0)
+        };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let delete =
+            format!("DELETE /mcp HTTP/1.1\r\nhost: gw\r\n{session}content-length: 0\r\n\r\n");
+        let (r, _) = raw(port, delete.as_bytes());
+        assert!(r.status < 300, "{r:?}");
+        let r = waiting.join().unwrap();
+        assert_eq!(r.status, 500, "the server's answer: {r:?}");
+    }
+    let session = open_session(port, "/mcp", "2025-11-25");
+    let echo = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"text":"after"}}}"#;
+    let (r, _) = raw(port, &post("/mcp", echo, &session));
+    assert_eq!(r.status, 200, "the upstream's breaker stayed closed: {r:?}");
+    d.stop();
+}
+
 #[test]
 fn the_admin_api_refuses_cross_site_requests_that_change_state() {
     let s = setup();

@@ -716,6 +716,30 @@ fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
     d.stop();
 }
 
+/// An answer the gateway cannot read to check that it answers the request (a number past
+/// `f64`, nesting past serde_json's depth: what a tool's output can hold, shaped by its caller)
+/// is refused as the call's failure: its tool's breaker counts it, the upstream's does not.
+/// Before, two such answers opened the upstream's shared breaker for every tenant.
+#[test]
+fn an_answer_the_gateway_cannot_read_opens_the_tools_breaker_not_the_upstreams() {
+    let unreadable = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 45\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{\"n\":1e400}}",
+    ));
+    let port = free_port();
+    let instance = unique("gwbrkunread");
+    let config = with_breakers(
+        local_header(&instance, 1, port, free_port()),
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
+        &[(
+            "shaped",
+            &format!("url = \"http://127.0.0.1:{}/mcp\"", unreadable.port),
+        )],
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    two_failures_open_the_tools_breaker_only(port, "shaped", "compute");
+    d.stop();
+}
+
 /// A call that times out is its tool's failure, and its upstream's only if the upstream
 /// answered no other call while it waited: a hung upstream answers none. Before, calls of a
 /// tool slower than the timeout (one tenant's, on purpose or not) opened the upstream's shared
