@@ -280,8 +280,9 @@ pub struct RawAudit {
 /// in the current `window_s` fail at `failure_ratio` or more; stays open `open_ms`, then lets
 /// `half_open_probes` calls through; one success closes it, one failure opens it again. For a
 /// tool, a result with `isError: true` is a failure too. A call that times out or is answered
-/// 502–504 is its tool's failure, and its upstream's only if the upstream answered no other
-/// call while it waited; one answered 500 is its tool's only.
+/// with a 5xx other than 500 is its tool's failure, and its upstream's only if the upstream
+/// answered no other call while it waited; one answered 500 or 4xx, or with nothing, is its
+/// tool's only.
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {

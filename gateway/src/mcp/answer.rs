@@ -59,6 +59,8 @@ pub struct AnswerScan {
     not_object: bool,
     started: bool,
     error: bool,
+    /// The top level holds a `result`.
+    result: bool,
     tool_error: bool,
 }
 
@@ -84,6 +86,7 @@ impl Default for AnswerScan {
             not_object: false,
             started: false,
             error: false,
+            result: false,
             tool_error: false,
         }
     }
@@ -91,9 +94,14 @@ impl Default for AnswerScan {
 
 /// The outcome of a whole answer.
 pub fn classify(message: &[u8]) -> Outcome {
+    scan(message).outcome()
+}
+
+/// A whole message, scanned.
+pub fn scan(message: &[u8]) -> AnswerScan {
     let mut scan = AnswerScan::default();
     scan.feed(message);
-    scan.outcome()
+    scan
 }
 
 impl AnswerScan {
@@ -110,6 +118,16 @@ impl AnswerScan {
         }
     }
 
+    /// Whether the whole of it was an answer: an object with a `result` or an `error` (not
+    /// a notification, a request, nor nothing at all).
+    pub fn is_answer(&self) -> bool {
+        !self.not_object
+            && self.started
+            && self.depth == 0
+            && !self.in_string
+            && (self.result || self.error)
+    }
+
     fn in_object(&self) -> bool {
         self.depth > 0 && self.depth <= 64 && self.objects & (1 << (self.depth - 1)) != 0
     }
@@ -120,6 +138,7 @@ impl AnswerScan {
         match self.target {
             Target::Error => self.error = b != b'n',
             Target::Result => {
+                self.result = true;
                 self.tool_error = false;
                 self.in_result = b == b'{' && self.depth == 1;
             }

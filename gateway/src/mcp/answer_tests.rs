@@ -183,3 +183,26 @@ fn an_answer_without_an_error_key_in_its_bytes_is_a_result() {
         }
     }
 }
+
+#[test]
+fn an_answer_is_an_object_with_a_result_or_an_error() {
+    use super::scan;
+    for yes in [
+        r#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"error":{"code":-1,"message":"x"}}"#,
+        r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"r\u0065sult":{}}"#,
+    ] {
+        assert!(scan(yes.as_bytes()).is_answer(), "{yes}");
+    }
+    for no in [
+        "",
+        r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{}}"#,
+        r#"{"jsonrpc":"2.0","id":1}"#,
+        r#"{"jsonrpc":"2.0","id":1,"error":null}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
+        r#"{"jsonrpc":"2.0","id":1,"result":{}"#,
+    ] {
+        assert!(!scan(no.as_bytes()).is_answer(), "{no}");
+    }
+}

@@ -291,7 +291,7 @@ pub(super) async fn reply(
         && (400..500).contains(&a.head.status)
         && serde_json::from_slice::<Value>(&a.body).is_ok_and(|v| v.get("error").is_some())
     {
-        obs.set(Outcome::RpcError);
+        obs.own_failure();
         return io
             .write_all(http::response(
                 200,

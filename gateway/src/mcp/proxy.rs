@@ -57,12 +57,13 @@ pub(super) enum Blame {
     #[default]
     Upstream,
     /// Either's: the call was not answered in time (a slow tool, or a hung upstream), or was
-    /// answered 502–504 (a proxy in front of a dead server, or of a slow tool). The
-    /// upstream's only if it answered no other call meanwhile.
+    /// answered with a 5xx other than 500 (502–504: a proxy in front of a dead server, or of
+    /// a slow tool). The upstream's only if it answered no other call meanwhile.
     Unclear,
     /// The call's: answered 500, an error on this request (a server's bug a client can
     /// repeat at will, a session its client ended meanwhile), as endpoints' ejection already
-    /// reads it. Says nothing of the upstream's health either way.
+    /// reads it; or failed on its own account (see [`Obs::own_failure`]). Says nothing of the
+    /// upstream's health either way.
     Call,
 }
 
@@ -138,10 +139,20 @@ impl Obs<'_> {
 
     /// The call failed with `f` (its outcome: see [`outcome_of`]).
     pub fn failed(&self, f: &UpstreamFailure) {
-        if matches!(f, UpstreamFailure::Timeout) {
-            self.failed_by(Blame::Unclear);
-        } else {
-            self.set(outcome_of(f));
+        match f {
+            UpstreamFailure::Timeout => self.failed_by(Blame::Unclear),
+            UpstreamFailure::Unrelayable(_) => self.own_failure(),
+            _ => self.set(outcome_of(f)),
+        }
+    }
+
+    /// The call failed on its own account (an answer too large or unreadable, a 4xx, no answer
+    /// at all): its tool's breaker counts it, and the upstream's neither way (as a success, it
+    /// closed a half-open breaker, and kept other calls' timeouts from counting).
+    pub fn own_failure(&self) {
+        if self.outcome.get().is_none() {
+            self.blame.set(Blame::Call);
+            self.outcome.set(Some(Outcome::RpcError));
         }
     }
 
@@ -764,7 +775,7 @@ pub(super) async fn relay_refusal(
     if head.status >= 500 {
         obs.failed_by(Blame::of_status(head.status));
     } else {
-        obs.set(Outcome::RpcError);
+        obs.own_failure();
     }
     io.write_all(http::response(head.status, &headers, body, req.keep_alive))
         .await

@@ -33,7 +33,7 @@ const UNREADABLE: &str = "answer is not JSON the gateway reads as a client does"
 /// anything else the upstream's failure.
 fn failed(obs: &Obs<'_>, why: &str) {
     if why == EVENT_TOO_LARGE || why == ANSWER_TOO_LARGE || why == UNREADABLE {
-        obs.set(Outcome::RpcError);
+        obs.own_failure();
     } else if why == STALLED {
         obs.failed_by(super::proxy::Blame::Unclear);
     } else {
@@ -72,7 +72,7 @@ pub(super) async fn relay(
     if head.status >= 500 {
         obs.failed_by(super::proxy::Blame::of_status(head.status));
     } else if head.status >= 400 {
-        obs.set(Outcome::RpcError);
+        obs.own_failure();
     }
     let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
     let kind = if bodiless {
@@ -99,6 +99,10 @@ pub(super) async fn relay(
         };
         if client.write_all(out).await.is_err() {
             return false;
+        }
+        // A 204 to a request answers nothing (see `Body::unanswered`).
+        if request_id.is_some() && req.method == "POST" {
+            obs.own_failure();
         }
         obs.set(Outcome::Ok);
         if !upstream_close {
@@ -321,6 +325,12 @@ pub(super) async fn relay(
             return false;
         }
     }
+    // No answer to a request: the call's failure, and nothing of the upstream's health (a
+    // client that ended its own session mid-call drew an empty stream, taken for a success
+    // that kept other calls' timeouts from counting).
+    if body.unanswered(checked) {
+        obs.own_failure();
+    }
     obs.set(body.outcome());
     if let Some(last) = body.rest() {
         // A last event without its blank line.
@@ -483,6 +493,8 @@ struct Body<'m> {
     scan: AnswerScan,
     /// An event stream's last event: its answer.
     answer: Vec<u8>,
+    /// The last event was over [`CLASSIFY_MAX`], and not kept: what it said is not known.
+    answer_unknown: bool,
     /// An event with an id went to the client: it can resume the stream (`Last-Event-ID`),
     /// so its leaving is not the end of the call.
     resumable: bool,
@@ -520,6 +532,7 @@ impl<'m> Body<'m> {
             classify,
             scan: AnswerScan::default(),
             answer: Vec::new(),
+            answer_unknown: false,
             resumable: false,
             id_taken: false,
             events_taken: 0,
@@ -634,7 +647,8 @@ impl<'m> Body<'m> {
             && let Some(last) = read.last_with_data
         {
             self.answer.clear();
-            if last.len() <= CLASSIFY_MAX {
+            self.answer_unknown = last.len() > CLASSIFY_MAX;
+            if !self.answer_unknown {
                 self.answer.extend_from_slice(&out[last]);
             }
         }
@@ -714,12 +728,34 @@ impl<'m> Body<'m> {
         if !self.sse {
             return self.scan.outcome();
         }
+        classify(&self.last_event_data())
+    }
+
+    /// The data of an event stream's last event with data (its answer), once it has ended.
+    fn last_event_data(&self) -> Vec<u8> {
         let rest = self.events.rest();
         let answer = super::sse::split(rest)
             .filter(|e| super::messages::has_data(e))
             .last()
             .unwrap_or(&self.answer);
-        classify(&super::messages::event_data(answer).unwrap_or_default())
+        super::messages::event_data(answer).unwrap_or_default()
+    }
+
+    /// Whether a request's answer, once its body has ended, held no answer at all: nothing, a
+    /// stream that ended without one (its session ended by its own client meanwhile), or
+    /// something else (a 202). `held_and_checked`: an answer held whole was found to answer the
+    /// request ([`super::messages::answers_only`]).
+    fn unanswered(&self, held_and_checked: bool) -> bool {
+        if !self.classify || held_and_checked {
+            return false;
+        }
+        if self.sse {
+            let last = self.last_event_data();
+            // A last event too large to keep is not known to be no answer.
+            let unknown = last.is_empty() && self.answer_unknown;
+            return !unknown && !super::answer::scan(&last).is_answer();
+        }
+        !self.scan.is_answer()
     }
 
     /// A last event the stream ended without its blank line.

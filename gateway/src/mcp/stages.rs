@@ -1331,6 +1331,11 @@ fn record(
                     ctx.shared.breakers.release(&name, pass);
                     continue;
                 }
+                // The call's own failure: nothing of the upstream's health either way.
+                _ if !tool_level && obs.blame.get() == Blame::Call => {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
                 Outcome::Ok => true,
                 Outcome::ToolError | Outcome::RpcError => !tool_level,
                 // A failure a request can draw is the call's, at the upstream's shared breaker
@@ -1338,17 +1343,14 @@ fn record(
                 // its own session ended meanwhile (a 500), opened it for every tenant however
                 // well the upstream answered them. A timeout is the upstream's only if it
                 // answered no other call while this one waited (a hung upstream answers none).
-                Outcome::UpstreamFailure if !tool_level => match obs.blame.get() {
-                    Blame::Call => {
-                        ctx.shared.breakers.release(&name, pass);
-                        continue;
-                    }
-                    Blame::Unclear if ctx.shared.breakers.answered_since(&name, since) => {
-                        ctx.shared.breakers.release(&name, pass);
-                        continue;
-                    }
-                    Blame::Unclear | Blame::Upstream => false,
-                },
+                Outcome::UpstreamFailure
+                    if !tool_level
+                        && obs.blame.get() == Blame::Unclear
+                        && ctx.shared.breakers.answered_since(&name, since) =>
+                {
+                    ctx.shared.breakers.release(&name, pass);
+                    continue;
+                }
                 Outcome::UpstreamFailure => false,
                 // Says nothing of the upstream's health (a probe drawing a 403 closed a
                 // half-open breaker), all of the call's.

@@ -324,7 +324,10 @@ async fn finish(
                 StdioError::Busy(..) => (503, Outcome::Refused),
                 // The call's own failure (see `proxy::outcome_of`): its tool's breaker counts
                 // it, the upstream's shared one does not.
-                StdioError::TooLong(..) => (502, Outcome::RpcError),
+                StdioError::TooLong(..) => {
+                    obs.own_failure();
+                    (502, Outcome::RpcError)
+                }
                 // The client's message, refused before the child saw it: nothing of the
                 // upstream's (two such calls opened a stdio upstream's breaker for everyone).
                 StdioError::Refused(..) => (400, Outcome::Refused),

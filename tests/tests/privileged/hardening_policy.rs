@@ -340,6 +340,71 @@ fn a_client_ending_its_own_session_mid_call_does_not_open_the_upstream_for_other
     d.stop();
 }
 
+/// A call that ended with no answer (its session ended by its own client: the Python SDK's
+/// server then ends an event stream with nothing in it) is no sign that the upstream answers:
+/// counted as a success, it kept every timeout of that wait from counting at the upstream's
+/// breaker, so a client could keep a hung upstream's breaker shut at will.
+#[test]
+fn a_call_ended_with_no_answer_does_not_hide_a_hung_upstream() {
+    let py = PyServer::start_with(&["--slow"]);
+    let port = free_port();
+    let instance = unique("gwnoanswer");
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nresponse_timeout_ms = 1500\n\
+         stream_idle_timeout_ms = 1500\n\
+         breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::daemon::local_header(&instance, 2, port, free_port()),
+        py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let sleep = |id: u32| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":5}}}}}}"#
+        )
+    };
+    // Two calls that time out, each in its own session (their streams stay silent).
+    let slow: Vec<_> = (0..2)
+        .map(|id| {
+            let session = open_session(port, "/mcp", "2025-11-25");
+            let call = sleep(id);
+            std::thread::spawn(move || raw(port, &post("/mcp", &call, &session)).0)
+        })
+        .collect();
+    // Meanwhile, a third whose client ends its session: its stream ends with no answer.
+    let session = open_session(port, "/mcp", "2025-11-25");
+    let ended = {
+        let (session, call) = (session.clone(), sleep(9));
+        std::thread::spawn(move || raw(port, &post("/mcp", &call, &session)).0)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let delete = format!("DELETE /mcp HTTP/1.1\r\nhost: gw\r\n{session}content-length: 0\r\n\r\n");
+    let (r, _) = raw(port, delete.as_bytes());
+    assert!(r.status < 300, "{r:?}");
+    let r = ended.join().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("\"result\""),
+        "the ended call had no answer: {r:?}"
+    );
+    for call in slow {
+        let r = call.join().unwrap();
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains("stalled") || r.status == 504, "{r:?}: {body}");
+    }
+    // Nothing was answered while they waited: the upstream's breaker opened.
+    let session = open_session_or_refused(port);
+    assert_eq!(session, 503, "the upstream's breaker is open");
+    d.stop();
+}
+
+/// The status of a `tools/call` in a new session (`initialize` is not behind the breakers).
+fn open_session_or_refused(port: u16) -> u16 {
+    let session = open_session(port, "/mcp", "2025-11-25");
+    let echo = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"text":"after"}}}"#;
+    raw(port, &post("/mcp", echo, &session)).0.status
+}
+
 #[test]
 fn the_admin_api_refuses_cross_site_requests_that_change_state() {
     let s = setup();
