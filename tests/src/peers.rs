@@ -601,6 +601,26 @@ pub fn keep_alive(
 }
 
 /// A POST of `body` to `path` with the headers MCP clients send.
+/// Waits (5 s at most) until the admin API's `/metrics` shows a circuit breaker whose name
+/// starts with `prefix` open. A call's verdict is recorded after its answer is written, so a
+/// client's next request can come before it.
+pub fn wait_breaker_open(admin: u16, prefix: &str) {
+    let needle = format!("mcp_gateway_breaker_state{{breaker=\"{prefix}");
+    let open = (0..50).any(|_| {
+        let (m, _) = raw(admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        if text
+            .lines()
+            .any(|l| l.starts_with(&needle) && l.ends_with(" 1"))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    assert!(open, "no breaker named {prefix}... opened");
+}
+
 pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
     format!(
         "POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n{extra}content-length: {}\r\n\r\n{body}",

@@ -242,6 +242,26 @@ struct Top {
     repeated: bool,
 }
 
+/// Whether `key` is not one of JSON-RPC's keys but a client reads it as one: Go's
+/// `encoding/json` (mcp-go's client) matches names ignoring case, with `ſ` as `s` and the
+/// Kelvin sign as `k`, the last one given winning. `{"id":5,"result":{},"ID":7}` answered
+/// request 5 here and request 7 there.
+fn another_spelling(key: &str) -> bool {
+    const KEYS: [&str; 5] = ["jsonrpc", "id", "method", "result", "error"];
+    if key.len() > 16 || key.is_ascii() && !key.bytes().any(|b| b.is_ascii_uppercase()) {
+        return false;
+    }
+    let folded: String = key
+        .chars()
+        .map(|c| match c {
+            '\u{17f}' => 's',
+            '\u{212a}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    KEYS.contains(&folded.as_str())
+}
+
 /// A key of the top level, decoded, borrowed from the body when it holds no escape.
 struct Key<'de>(std::borrow::Cow<'de, str>);
 
@@ -348,7 +368,10 @@ impl<'de> serde::Deserialize<'de> for Top {
                                 }
                                 "result" => 8,
                                 "jsonrpc" => 16,
-                                _ => 0,
+                                other => {
+                                    top.repeated |= another_spelling(other);
+                                    0
+                                }
                             }
                         }
                     };
@@ -645,6 +668,14 @@ mod tests {
         ));
         assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{"n":1e400}}"#));
         assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{"t":"\ud800"}}"#));
+        // Another spelling of one of JSON-RPC's keys, which Go's decoder reads as it.
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"ID":1}"#));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"Id":1}"#));
+        assert!(!yes(
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"Re\u017fult":{}}"#
+        ));
+        assert!(!yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"METHOD":"x"}"#));
+        assert!(yes(r#"{"jsonrpc":"2.0","id":7,"result":{},"Idea":1}"#));
         // Repeats inside the result are the member's own business.
         assert!(yes(r#"{"jsonrpc":"2.0","id":7,"result":{"a":1,"a":2}}"#));
         // Without an id (a notification was sent), anything goes through unread.

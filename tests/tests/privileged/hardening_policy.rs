@@ -305,14 +305,14 @@ fn a_client_that_leaves_does_not_open_the_upstream_for_others() {
 #[test]
 fn a_client_ending_its_own_session_mid_call_does_not_open_the_upstream_for_others() {
     let py = PyServer::start_with(&["--json", "--slow"]);
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let instance = unique("gwendown");
     let config = format!(
         "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
          [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\n\
          breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
          [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
-        integration_tests::daemon::local_header(&instance, 2, port, free_port()),
+        integration_tests::daemon::local_header(&instance, 2, port, admin),
         py.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
@@ -333,6 +333,8 @@ fn a_client_ending_its_own_session_mid_call_does_not_open_the_upstream_for_other
         let r = waiting.join().unwrap();
         assert_eq!(r.status, 500, "the server's answer: {r:?}");
     }
+    // Both were judged: the tool's breaker counted them.
+    integration_tests::peers::wait_breaker_open(admin, "u0/sleep@");
     let session = open_session(port, "/mcp", "2025-11-25");
     let echo = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"text":"after"}}}"#;
     let (r, _) = raw(port, &post("/mcp", echo, &session));
@@ -347,7 +349,7 @@ fn a_client_ending_its_own_session_mid_call_does_not_open_the_upstream_for_other
 #[test]
 fn a_call_ended_with_no_answer_does_not_hide_a_hung_upstream() {
     let py = PyServer::start_with(&["--slow"]);
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let instance = unique("gwnoanswer");
     let config = format!(
         "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
@@ -355,7 +357,7 @@ fn a_call_ended_with_no_answer_does_not_hide_a_hung_upstream() {
          stream_idle_timeout_ms = 1500\n\
          breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
          [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
-        integration_tests::daemon::local_header(&instance, 2, port, free_port()),
+        integration_tests::daemon::local_header(&instance, 2, port, admin),
         py.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
@@ -393,6 +395,7 @@ fn a_call_ended_with_no_answer_does_not_hide_a_hung_upstream() {
         assert!(body.contains("stalled") || r.status == 504, "{r:?}: {body}");
     }
     // Nothing was answered while they waited: the upstream's breaker opened.
+    integration_tests::peers::wait_breaker_open(admin, "u0\"");
     let session = open_session_or_refused(port);
     assert_eq!(session, 503, "the upstream's breaker is open");
     d.stop();

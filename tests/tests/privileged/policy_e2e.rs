@@ -747,11 +747,11 @@ fn an_answer_the_gateway_cannot_read_opens_the_tools_breaker_not_the_upstreams()
 #[test]
 fn calls_that_time_out_open_the_upstream_only_if_it_answered_nothing_meanwhile() {
     let py = PyServer::start_with(&["--json", "--slow"]);
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let instance = unique("gwbrkslow");
     let at = format!("url = \"{}\"\nresponse_timeout_ms = 1000", py.url());
     let config = with_breakers(
-        local_header(&instance, 2, port, free_port()),
+        local_header(&instance, 2, port, admin),
         "breaker = { consecutive_failures = 2, open_ms = 60000 }",
         &[("answering", &at), ("hung", &at)],
     );
@@ -782,9 +782,10 @@ fn calls_that_time_out_open_the_upstream_only_if_it_answered_nothing_meanwhile()
             .to_owned()
     };
     time_out_twice("/answering", true);
+    // Its tool's breaker counted both (judged after the upstream's).
+    integration_tests::peers::wait_breaker_open(admin, "answering/sleep@");
     let r = echo("/answering");
     assert_eq!(r.status, 200, "the upstream's breaker stayed closed: {r:?}");
-    // Its tool's breaker counted both.
     let r = call_2026(port, "/answering", "sleep", &json!({"seconds": 0}));
     assert_eq!(r.status, 503, "{r:?}");
     assert!(
@@ -793,6 +794,7 @@ fn calls_that_time_out_open_the_upstream_only_if_it_answered_nothing_meanwhile()
     );
     // Nothing answered meanwhile: the upstream's breaker opens, for every tool.
     time_out_twice("/hung", false);
+    integration_tests::peers::wait_breaker_open(admin, "hung\"");
     let r = echo("/hung");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(message(&r).contains("upstream `hung`"), "{r:?}");
