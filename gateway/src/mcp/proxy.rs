@@ -137,30 +137,34 @@ impl Obs<'_> {
         }
     }
 
-    /// The call failed with `f` (its outcome: see [`outcome_of`]).
+    /// The call failed with `f` (its outcome: see [`outcome_of`]): a timeout is either's, an
+    /// answer the gateway cannot pass on and a 401/403 the call drew are the call's.
     pub fn failed(&self, f: &UpstreamFailure) {
-        match f {
-            UpstreamFailure::Timeout => self.failed_by(Blame::Unclear),
-            UpstreamFailure::Unrelayable(_) => self.own_failure(),
-            _ => self.set(outcome_of(f)),
-        }
+        let blame = match f {
+            UpstreamFailure::Timeout => Blame::Unclear,
+            UpstreamFailure::Unrelayable(_) | UpstreamFailure::Denied(_) => Blame::Call,
+            _ => Blame::Upstream,
+        };
+        self.set_blamed(outcome_of(f), blame);
     }
 
     /// The call failed on its own account (an answer too large or unreadable, a 4xx, no answer
     /// at all): its tool's breaker counts it, and the upstream's neither way (as a success, it
     /// closed a half-open breaker, and kept other calls' timeouts from counting).
     pub fn own_failure(&self) {
-        if self.outcome.get().is_none() {
-            self.blame.set(Blame::Call);
-            self.outcome.set(Some(Outcome::RpcError));
-        }
+        self.set_blamed(Outcome::RpcError, Blame::Call);
     }
 
     /// The upstream failed the call, and `blame` says whose the failure is (see [`Blame`]).
     pub fn failed_by(&self, blame: Blame) {
+        self.set_blamed(Outcome::UpstreamFailure, blame);
+    }
+
+    /// The first outcome set stands, with whose it is.
+    fn set_blamed(&self, o: Outcome, blame: Blame) {
         if self.outcome.get().is_none() {
             self.blame.set(blame);
-            self.outcome.set(Some(Outcome::UpstreamFailure));
+            self.outcome.set(Some(o));
         }
     }
 

@@ -7,7 +7,7 @@
 
 use super::{
     Id, RpcError,
-    answer::{AnswerScan, classify},
+    answer::{AnswerScan, scan},
     proxy::{Obs, WorkerCtx, fail, is_hop_by_hop, is_upstream_private},
     sse::EventBuffer,
     upstream::{Conn, ResponseHead, UpstreamFailure, unless_client_leaves},
@@ -100,7 +100,7 @@ pub(super) async fn relay(
         if client.write_all(out).await.is_err() {
             return false;
         }
-        // A 204 to a request answers nothing (see `Body::unanswered`).
+        // A 204 to a request answers nothing (see `Body::verdict`).
         if request_id.is_some() && req.method == "POST" {
             obs.own_failure();
         }
@@ -328,10 +328,11 @@ pub(super) async fn relay(
     // No answer to a request: the call's failure, and nothing of the upstream's health (a
     // client that ended its own session mid-call drew an empty stream, taken for a success
     // that kept other calls' timeouts from counting).
-    if body.unanswered(checked) {
+    let (outcome, unanswered) = body.verdict(checked);
+    if unanswered {
         obs.own_failure();
     }
-    obs.set(body.outcome());
+    obs.set(outcome);
     if let Some(last) = body.rest() {
         // A last event without its blank line.
         let _ = client.write_all(body.framed(last)).await;
@@ -720,42 +721,29 @@ impl<'m> Body<'m> {
         }
     }
 
-    /// The answer's outcome, once the body has ended.
-    fn outcome(&mut self) -> Outcome {
+    /// The answer's outcome once the body has ended, and whether a request's answer held no
+    /// answer at all: nothing, a stream that ended without one (its session ended by its own
+    /// client meanwhile), or something else (a 202). `held_and_checked`: an answer held whole
+    /// was found to answer the request ([`super::messages::answers_only`]).
+    fn verdict(&self, held_and_checked: bool) -> (Outcome, bool) {
         if !self.classify {
-            return Outcome::Ok;
+            return (Outcome::Ok, false);
         }
+        let unanswered = |scan: &AnswerScan| !held_and_checked && !scan.is_answer();
         if !self.sse {
-            return self.scan.outcome();
+            return (self.scan.outcome(), unanswered(&self.scan));
         }
-        classify(&self.last_event_data())
-    }
-
-    /// The data of an event stream's last event with data (its answer), once it has ended.
-    fn last_event_data(&self) -> Vec<u8> {
+        // The data of the stream's last event with data: its answer.
         let rest = self.events.rest();
         let answer = super::sse::split(rest)
             .filter(|e| super::messages::has_data(e))
             .last()
             .unwrap_or(&self.answer);
-        super::messages::event_data(answer).unwrap_or_default()
-    }
-
-    /// Whether a request's answer, once its body has ended, held no answer at all: nothing, a
-    /// stream that ended without one (its session ended by its own client meanwhile), or
-    /// something else (a 202). `held_and_checked`: an answer held whole was found to answer the
-    /// request ([`super::messages::answers_only`]).
-    fn unanswered(&self, held_and_checked: bool) -> bool {
-        if !self.classify || held_and_checked {
-            return false;
-        }
-        if self.sse {
-            let last = self.last_event_data();
-            // A last event too large to keep is not known to be no answer.
-            let unknown = last.is_empty() && self.answer_unknown;
-            return !unknown && !super::answer::scan(&last).is_answer();
-        }
-        !self.scan.is_answer()
+        let data = super::messages::event_data(answer).unwrap_or_default();
+        let last = scan(&data);
+        // A last event too large to keep is not known to be no answer.
+        let unknown = data.is_empty() && self.answer_unknown;
+        (last.outcome(), !unknown && unanswered(&last))
     }
 
     /// A last event the stream ended without its blank line.

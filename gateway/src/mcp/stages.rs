@@ -1331,7 +1331,8 @@ fn record(
                     ctx.shared.breakers.release(&name, pass);
                     continue;
                 }
-                // The call's own failure: nothing of the upstream's health either way.
+                // The call's own failure (a 401/403 it drew included: a probe drawing one
+                // closed a half-open breaker): nothing of the upstream's health either way.
                 _ if !tool_level && obs.blame.get() == Blame::Call => {
                     ctx.shared.breakers.release(&name, pass);
                     continue;
@@ -1351,14 +1352,7 @@ fn record(
                     ctx.shared.breakers.release(&name, pass);
                     continue;
                 }
-                Outcome::UpstreamFailure => false,
-                // Says nothing of the upstream's health (a probe drawing a 403 closed a
-                // half-open breaker), all of the call's.
-                Outcome::UpstreamDenied if tool_level => false,
-                Outcome::UpstreamDenied => {
-                    ctx.shared.breakers.release(&name, pass);
-                    continue;
-                }
+                Outcome::UpstreamFailure | Outcome::UpstreamDenied => false,
             };
             if let Some(c) = &config.upstreams[up].breaker {
                 ctx.shared.breakers.record(&name, now, c, pass, ok);

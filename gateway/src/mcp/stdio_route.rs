@@ -314,26 +314,34 @@ async fn finish(
                 .is_ok();
         }
         Err(e) => {
-            let (status, outcome) = match e {
+            let status = match e {
                 StdioError::Timeout(..) => {
                     obs.failed_by(super::proxy::Blame::Unclear);
-                    (504, Outcome::UpstreamFailure)
+                    504
                 }
                 // Every per-caller child is another caller's: the gateway's own limit, not a
                 // failure of the upstream.
-                StdioError::Busy(..) => (503, Outcome::Refused),
+                StdioError::Busy(..) => {
+                    obs.set(Outcome::Refused);
+                    503
+                }
                 // The call's own failure (see `proxy::outcome_of`): its tool's breaker counts
                 // it, the upstream's shared one does not.
                 StdioError::TooLong(..) => {
                     obs.own_failure();
-                    (502, Outcome::RpcError)
+                    502
                 }
                 // The client's message, refused before the child saw it: nothing of the
                 // upstream's (two such calls opened a stdio upstream's breaker for everyone).
-                StdioError::Refused(..) => (400, Outcome::Refused),
-                _ => (502, Outcome::UpstreamFailure),
+                StdioError::Refused(..) => {
+                    obs.set(Outcome::Refused);
+                    400
+                }
+                _ => {
+                    obs.set(Outcome::UpstreamFailure);
+                    502
+                }
             };
-            obs.set(outcome);
             let err = RpcError::upstream(e.to_string(), status).with_id(id);
             if !streaming {
                 return io

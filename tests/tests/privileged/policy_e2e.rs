@@ -645,30 +645,37 @@ fn an_answer_too_large_to_relay_opens_the_tools_breaker_not_the_upstreams() {
         )
         .into_boxed_str(),
     );
-    let big = FakeUpstream::start(Misbehave::Raw(answer));
+    // The upstream's other tools are still reached (their answers are as large).
+    an_upstream_answering_opens_the_tools_breaker_only(
+        answer,
+        "[http]\nmax_body_bytes = 2048\n",
+        "big",
+        "dump",
+    );
+}
+
+/// With an upstream `up` that answers every request with `answer` (routed at `/<up>`, its
+/// breaker opening at two consecutive failures; `extra` added to the configuration's head), two
+/// calls of `tool` fail with 502; the third is refused by the tool's breaker (503), while
+/// another tool of `up` still reaches it (502 again): the upstream's breaker is closed.
+fn an_upstream_answering_opens_the_tools_breaker_only(
+    answer: &'static str,
+    extra: &str,
+    up: &str,
+    tool: &str,
+) {
+    let upstream = FakeUpstream::start(Misbehave::Raw(answer));
     let port = free_port();
-    let instance = unique("gwbrkbig");
+    let instance = unique("gwbrkcall");
     let config = with_breakers(
-        format!(
-            "{}[http]\nmax_body_bytes = 2048\n",
-            local_header(&instance, 1, port, free_port())
-        ),
+        format!("{}{extra}", local_header(&instance, 1, port, free_port())),
         "breaker = { consecutive_failures = 2, open_ms = 60000 }",
         &[(
-            "big",
-            &format!("url = \"http://127.0.0.1:{}/mcp\"", big.port),
+            up,
+            &format!("url = \"http://127.0.0.1:{}/mcp\"", upstream.port),
         )],
     );
     let mut d = Daemon::start_local(&instance, &config);
-    // The upstream's other tools are still reached (their answers are as large).
-    two_failures_open_the_tools_breaker_only(port, "big", "dump");
-    d.stop();
-}
-
-/// Two calls of `tool` of upstream `up` (routed at `/<up>`, its breaker opening at two
-/// consecutive failures) fail with 502; the third is refused by the tool's breaker (503),
-/// while another tool of `up` still reaches it (502 again): the upstream's breaker is closed.
-fn two_failures_open_the_tools_breaker_only(port: u16, up: &str, tool: &str) {
     let path = format!("/{up}");
     for _ in 0..2 {
         let r = call_2026(port, &path, tool, &json!({}));
@@ -690,6 +697,7 @@ fn two_failures_open_the_tools_breaker_only(port: u16, up: &str, tool: &str) {
     );
     let r = call_2026(port, &path, "other", &json!({}));
     assert_eq!(r.status, 502, "the upstream's breaker stayed closed: {r:?}");
+    d.stop();
 }
 
 /// A call the upstream refuses with 401 or 403 (a scope, an origin, a forbidden resource) is
@@ -698,22 +706,12 @@ fn two_failures_open_the_tools_breaker_only(port: u16, up: &str, tool: &str) {
 /// for every tenant and tool.
 #[test]
 fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
-    let forbidding = FakeUpstream::start(Misbehave::Raw(
+    an_upstream_answering_opens_the_tools_breaker_only(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 9\r\n\r\nforbidden",
-    ));
-    let port = free_port();
-    let instance = unique("gwbrk403");
-    let config = with_breakers(
-        local_header(&instance, 1, port, free_port()),
-        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
-        &[(
-            "strict",
-            &format!("url = \"http://127.0.0.1:{}/mcp\"", forbidding.port),
-        )],
+        "",
+        "strict",
+        "secret",
     );
-    let mut d = Daemon::start_local(&instance, &config);
-    two_failures_open_the_tools_breaker_only(port, "strict", "secret");
-    d.stop();
 }
 
 /// An answer the gateway cannot read to check that it answers the request (a number past
@@ -722,22 +720,12 @@ fn a_call_the_upstream_forbids_opens_the_tools_breaker_not_the_upstreams() {
 /// Before, two such answers opened the upstream's shared breaker for every tenant.
 #[test]
 fn an_answer_the_gateway_cannot_read_opens_the_tools_breaker_not_the_upstreams() {
-    let unreadable = FakeUpstream::start(Misbehave::Raw(
+    an_upstream_answering_opens_the_tools_breaker_only(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 45\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{\"n\":1e400}}",
-    ));
-    let port = free_port();
-    let instance = unique("gwbrkunread");
-    let config = with_breakers(
-        local_header(&instance, 1, port, free_port()),
-        "breaker = { consecutive_failures = 2, open_ms = 60000 }",
-        &[(
-            "shaped",
-            &format!("url = \"http://127.0.0.1:{}/mcp\"", unreadable.port),
-        )],
+        "",
+        "shaped",
+        "compute",
     );
-    let mut d = Daemon::start_local(&instance, &config);
-    two_failures_open_the_tools_breaker_only(port, "shaped", "compute");
-    d.stop();
 }
 
 /// A call that times out is its tool's failure, and its upstream's only if the upstream
