@@ -196,7 +196,7 @@ pub const DEMO_API_KEY: &str = "demo-key-not-for-production";
 /// Logs, at start, the demo API key when the configuration accepts it (the embedded default,
 /// or a copy of it): the demo needs it printed, and a production copy needs the warning.
 pub fn warn_demo_key(c: &super::Config) {
-    let digest = crate::policy::sha256_hex(DEMO_API_KEY);
+    let digest = crate::config::sha256_hex(DEMO_API_KEY);
     if let Some(k) = c.auth.api_keys.iter().find(|k| k.sha256 == digest) {
         let route = c
             .routes

@@ -275,7 +275,7 @@ fn the_default_shows_the_policy_on_a_second_route() {
         .expect("a governed route");
     assert_eq!(governed.auth, vec![crate::config::AuthMethod::ApiKey]);
     let key = &c.auth.api_keys[0];
-    assert_eq!(key.sha256, crate::policy::sha256_hex(DEMO_API_KEY));
+    assert_eq!(key.sha256, crate::config::sha256_hex(DEMO_API_KEY));
     let demo = c.tenants.iter().find(|t| t.name == key.tenant).unwrap();
     let p = demo.policy.as_ref().expect("the demo tenant's policy");
     assert!(

@@ -943,6 +943,16 @@ fn writable_log_path(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("the directory {}: {}", dir.display(), e.desc()))
 }
 
+/// Lowercase hex SHA-256 of `bytes`: how `[[auth.api_keys]] sha256` names a key, and how tool
+/// pins are written.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The JSON schema of the configuration file (kept in docs/config.schema.json, checked for drift
 /// by a test).
 pub fn json_schema() -> String {
@@ -951,43 +961,6 @@ pub fn json_schema() -> String {
 }
 
 impl Config {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str::<RawConfig>(text)?.validate()
-    }
-
-    /// Reads, parses and validates a file as `opts` allows (see [`LoadOptions`]).
-    pub fn from_file_with(path: &Path, opts: LoadOptions) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str::<RawConfig>(&text)?.validate_with(opts)
-    }
-
-    /// Reads, parses and validates a file; also returns the policy that validation compiled.
-    pub fn from_file_compiled(path: &Path) -> Result<(Self, crate::policy::Policy), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str::<RawConfig>(&text)?.validate_compiled(LoadOptions::default())
-    }
-
-    /// Reads, parses and validates a file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
-    }
-
-    /// The embedded default configuration.
-    pub fn embedded_default() -> Self {
-        Self::from_toml(DEFAULT_CONFIG).expect("the embedded default configuration is valid")
-    }
-
     pub fn tenant(&self, id: u32) -> Option<&Tenant> {
         self.tenants
             .binary_search_by_key(&id, |t| t.id)
@@ -1169,22 +1142,10 @@ fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
 }
 
 impl RawConfig {
-    pub fn validate(self) -> Result<Config, ConfigError> {
-        self.validate_with(LoadOptions::default())
-    }
-
-    /// Validates as [`RawConfig::validate`] does, reading the environment and resolving host
-    /// names only as `opts` allows.
-    pub fn validate_with(self, opts: LoadOptions) -> Result<Config, ConfigError> {
-        self.validate_compiled(opts).map(|(config, _)| config)
-    }
-
-    /// Validates as [`RawConfig::validate_with`] does, and also returns the policy that
-    /// validation compiled (a reload swaps it in rather than compiling it a second time).
-    pub fn validate_compiled(
-        self,
-        opts: LoadOptions,
-    ) -> Result<(Config, crate::policy::Policy), ConfigError> {
+    /// Checks every setting and resolves what it names (the environment and host names as
+    /// `opts` allows). The policy's globs, patterns and keys are checked by compiling them,
+    /// which [`crate::load`] does after this: a file is read whole there.
+    pub fn validate_settings(self, opts: LoadOptions) -> Result<Config, ConfigError> {
         self.check_ms_floors()?;
         self.check_rule_upstreams()?;
         let g = self.gateway;
@@ -1929,9 +1890,7 @@ impl RawConfig {
             auto_ban: self.auto_ban,
             state,
         };
-        // Globs, patterns, keys and names are checked by compiling them.
-        let policy = crate::policy::Policy::compile(&config)?;
-        Ok((config, policy))
+        Ok(config)
     }
 }
 

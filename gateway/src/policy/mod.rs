@@ -149,14 +149,7 @@ pub const MAX_RUNS: usize = 1_024;
 const MAX_MATCHED: usize = 10_000;
 const MAX_MATCHED_BYTES: usize = 1 << 20;
 
-/// Lowercase hex SHA-256 of `bytes`: how `[[auth.api_keys]] sha256` names a key, and how tool
-/// pins are written.
-pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use crate::config::sha256_hex;
 
 /// One tenant's compiled rules and limits: its own rules, then the defaults'.
 #[derive(Debug)]
