@@ -15,7 +15,7 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::{Id, Kind, Message, proxy::WorkerCtx, upstream::open};
+use super::{Id, Kind, Message, upstream::open, worker::WorkerCtx};
 use crate::{config::Upstream, http};
 
 /// The id of `m` if it is a request that can be cancelled (not `initialize`, and not one that

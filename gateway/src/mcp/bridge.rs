@@ -31,78 +31,34 @@
 //! What it must never do: send the client's session id or the header values it did not check;
 //! every value in the head it writes comes from the body the parse stage checked.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Instant};
 
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Id, Kind, Message,
+    Id, Kind, Message, era,
     held::{self, Answer},
     messages::answer_and_notes,
-    proxy::{Obs, WorkerCtx, bridge_session, ended_key, upstream_request},
+    proxy::{Obs, bridge_session, ended_key, upstream_request},
     upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
+    worker::WorkerCtx,
 };
 use crate::{
-    config::{Upstream, UpstreamEra},
+    config::Upstream,
     http::{self, Io, Request},
     stats::Outcome,
 };
 
 /// Largest upstream answer read whole.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
-/// How long an upstream's era, once learnt, is taken as known.
-const ERA_TTL: Duration = Duration::from_secs(300);
 /// The envelope's keys (2026-07-28, "Per-request protocol fields").
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_CLIENT: &str = "io.modelcontextprotocol/clientInfo";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
-
-/// Whether `up` is known to speak only the stateless era: configured so, or learnt lately.
-pub(super) fn known_stateless(ctx: &WorkerCtx, up: &Upstream) -> bool {
-    match up.era {
-        UpstreamEra::Stateless => true,
-        UpstreamEra::Session => false,
-        UpstreamEra::Auto => ctx
-            .shared
-            .stateless_upstreams
-            .pin()
-            .get(&up.key)
-            .is_some_and(|at| at.elapsed() < ERA_TTL),
-    }
-}
-
-pub(super) fn learn(ctx: &WorkerCtx, up: &Upstream) {
-    tracing::info!(upstream = %up.name, "speaks the stateless era only: session-era clients are bridged");
-    ctx.shared
-        .stateless_upstreams
-        .pin()
-        .insert(up.key, Instant::now());
-}
-
-/// Whether a 400 refuses a session-era request because the upstream speaks only the stateless
-/// era: JSON-RPC -32022 whose `supported` list names stateless-era versions only.
-pub(super) fn refuses_session_era(head: &ResponseHead, body: &[u8]) -> bool {
-    if head.status != 400 {
-        return false;
-    }
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return false;
-    };
-    let error = &v["error"];
-    error["code"] == -32022
-        && error["data"]["supported"].as_array().is_some_and(|s| {
-            !s.is_empty()
-                && s.iter()
-                    .all(|x| x.as_str().is_some_and(version::is_stateless_era))
-        })
-}
 
 /// Passthrough: a session-era message to an upstream whose era is not known goes as the client
 /// sent it and is relayed as it arrives, unless the upstream refuses it as
@@ -123,15 +79,15 @@ pub(super) async fn forward_learning<'c>(
     obs: &Obs<'c>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
-    let refused = Some(refuses_session_era as held::Judge);
+    let refused = Some(era::refuses_session_era as held::Judge);
     match held::open_judging(io, req, peer, ctx, up, m, &req.body, extra, obs, refused).await {
         held::Opened::Answered(keep) => keep,
         held::Opened::Refused => {
-            learn(ctx, up);
+            era::learn_stateless(ctx, up);
             forward(io, req, peer, ctx, up, m, obs, None).await
         }
         held::Opened::Relay(conn, head) => {
-            super::proxy::relay_opened(io, conn, req, head, up, m.request_id(), ctx, None, obs)
+            super::relay::relay_opened(io, conn, req, head, up, m.request_id(), ctx, None, obs)
                 .await
         }
     }

@@ -12,10 +12,7 @@ use std::{
 use monoio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{
-    RpcError, error,
-    proxy::{WorkerCtx, json_response},
-};
+use super::{RpcError, error, proxy::json_response, worker::WorkerCtx};
 use crate::{
     config::Config,
     http::{
@@ -178,6 +175,7 @@ async fn serve_one(
             return false;
         }
     };
+    inject_fault(&req);
     super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
 }
 
@@ -291,7 +289,7 @@ pub(crate) fn fault_injection() -> bool {
         reason = "the panics the containment tests ask for, and only those"
     )
 )]
-pub(crate) fn inject_fault(req: &crate::http::Request) {
+fn inject_fault(req: &crate::http::Request) {
     if !fault_injection() {
         return;
     }

@@ -1,7 +1,7 @@
 //! Errors the gateway answers itself, each knowing its JSON-RPC code, its HTTP status and the id
 //! of the request it answers.
 
-use super::jsonrpc::Id;
+use super::id::Id;
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;

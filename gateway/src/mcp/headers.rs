@@ -31,13 +31,12 @@ pub fn says_modern(req: &Request) -> bool {
         .is_some_and(version::is_stateless_era)
 }
 
-/// Whether the message uses the 2026-07-28 protocol (by header or by
+/// Whether the request uses the 2026-07-28 protocol (by header or by its message's
 /// `params._meta.protocolVersion`).
-pub fn is_modern(req: &Request, msg: &Message) -> bool {
+pub fn is_modern(req: &Request, msg: Option<&Message>) -> bool {
     says_modern(req)
         || msg
-            .meta_protocol_version
-            .as_deref()
+            .and_then(|m| m.meta_protocol_version.as_deref())
             .is_some_and(version::is_stateless_era)
 }
 
@@ -45,7 +44,7 @@ pub fn is_modern(req: &Request, msg: &Message) -> bool {
 /// `params._meta.protocolVersion`). Older versions have no routing headers to check.
 pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
     let header_version = req.header_str("mcp-protocol-version");
-    let modern = is_modern(req, msg);
+    let modern = is_modern(req, Some(msg));
     let Some(method) = msg.method.as_deref() else {
         return Ok(());
     };

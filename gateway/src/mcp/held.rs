@@ -26,7 +26,6 @@
 //! tenant, or the caller), or let a client name the session (it has no say in it).
 
 use std::{
-    cell::RefCell,
     collections::HashMap,
     net::SocketAddr,
     rc::Rc,
@@ -38,12 +37,13 @@ use futures_channel::oneshot;
 use serde_json::{Value, json};
 
 use super::{
-    Id, Kind, Message,
+    Id, Kind, Message, era,
     messages::{discover_from_initialize, for_stateless, response_result},
-    proxy::{Obs, WorkerCtx, classify, fail, session_owner, upstream_request},
+    proxy::{Obs, classify, fail, session_owner, upstream_request},
     sse, upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
+    worker::{Held, HeldSession, Slot, WorkerCtx},
 };
 use crate::{
     config::{HeldScope, Upstream, UpstreamEra},
@@ -53,8 +53,6 @@ use crate::{
 
 /// Largest upstream answer read whole on a held session.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
-/// How long an upstream's era, once learnt, is taken as known; then one request tells again.
-const ERA_TTL: Duration = Duration::from_secs(300);
 /// Held sessions per worker; beyond, the one unused longest (and not in use) is ended with a
 /// DELETE to make room.
 const MAX_SESSIONS: usize = 4096;
@@ -71,97 +69,6 @@ const MAX_ENDING: usize = 1024;
 const END_ALL_WITHIN: Duration = Duration::from_secs(2);
 /// The id of the gateway's own requests on a held session.
 const OWN_ID: &str = "mcp-gateway";
-
-/// An upstream session the gateway opened and holds.
-pub(super) struct HeldSession {
-    /// The upstream's `Mcp-Session-Id`; `None` for a server that issues none.
-    pub id: Option<String>,
-    /// The version agreed at `initialize`.
-    pub version: String,
-    /// The `initialize` result.
-    pub init: Value,
-    /// When a request last took it.
-    used: std::cell::Cell<Instant>,
-    /// The address of the client whose request opened it (its DELETE is forwarded for it).
-    opener: SocketAddr,
-    /// Its owner's tenant ([`Owner`]).
-    tenant: u64,
-}
-
-enum Slot {
-    Ready(Rc<HeldSession>),
-    /// Being opened by one request; the others wait here (a dropped sender wakes them).
-    Opening(Vec<oneshot::Sender<()>>),
-}
-
-/// This worker's held sessions and what it knows of its upstreams' eras.
-///
-/// A session the gateway lets go is ended at its upstream with a DELETE: many servers keep a
-/// session until it is DELETEd, so one only forgotten would stay there for good. An evicted
-/// one waits in `ending` for the worker's [`Held::end_evicted`] task, so that no request waits
-/// for another upstream's DELETE; when the worker stops, [`Held::end_all`] ends the rest.
-#[derive(Default)]
-pub struct Held {
-    /// By upstream key: since when it is known to speak only the session era.
-    eras: RefCell<HashMap<u64, Instant>>,
-    /// By (upstream key, owner).
-    sessions: RefCell<HashMap<(u64, u64), Slot>>,
-    /// Evicted sessions to be ended (upstream key, session), oldest first.
-    ending: RefCell<std::collections::VecDeque<(u64, Rc<HeldSession>)>>,
-    /// Wakes [`Held::end_evicted`] when `ending` gets one.
-    wake: RefCell<Option<oneshot::Sender<()>>>,
-}
-
-/// Whether the request speaks the stateless era (its header or its envelope says so).
-pub(super) fn client_is_stateless(req: &Request, m: Option<&Message>) -> bool {
-    req.header_str("mcp-protocol-version")
-        .is_some_and(version::is_stateless_era)
-        || m.and_then(|m| m.meta_protocol_version.as_deref())
-            .is_some_and(version::is_stateless_era)
-}
-
-/// Whether `up` is known to speak only the session era: configured so, or (`era = "auto"`)
-/// learnt lately from its refusal of a stateless request. `None`: not known either way, so
-/// the request goes as the client sent it and the answer tells ([`forward_learning`],
-/// [`call_learning`]).
-pub(super) fn known_session(ctx: &WorkerCtx, up: &Upstream) -> Option<bool> {
-    match up.era {
-        UpstreamEra::Session => Some(true),
-        UpstreamEra::Stateless => Some(false),
-        UpstreamEra::Auto => ctx
-            .held
-            .eras
-            .borrow()
-            .get(&up.key)
-            .is_some_and(|at| at.elapsed() < ERA_TTL)
-            .then_some(true),
-    }
-}
-
-fn learn(ctx: &WorkerCtx, up: &Upstream) {
-    tracing::info!(upstream = %up.name, "speaks the session era only: stateless clients are served over a held session");
-    ctx.held.eras.borrow_mut().insert(up.key, Instant::now());
-}
-
-/// Whether a 400 says the request needs a session (so it was not processed): "Server not
-/// initialized", "No valid session ID provided". Other 400s are the request's own fault.
-fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
-    if head.status != 400 || body.len() > 4096 {
-        return false;
-    }
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return false;
-    };
-    // Narrow phrases: an upstream that echoes a client's input in its errors must not let a
-    // client flip it into the session era for everyone.
-    v["error"]["message"].as_str().is_some_and(|m| {
-        let m = m.to_ascii_lowercase();
-        m.contains("server not initialized")
-            || m.contains("no valid session id")
-            || m.contains("mcp-session-id header is required")
-            || m.contains("missing session id")
-    })
-}
 
 /// Whose a held session is: the key it is held by, and its tenant's (whose sessions are
 /// evicted first when the tenant holds the most).
@@ -499,10 +406,9 @@ pub(super) async fn initialize(
         .await
         .map_err(describe)?;
     // An upstream that speaks only the stateless era: learnt, for the callers to bridge.
-    if up.era == crate::config::UpstreamEra::Auto
-        && super::bridge::refuses_session_era(&head, &bytes)
+    if up.era == crate::config::UpstreamEra::Auto && super::era::refuses_session_era(&head, &bytes)
     {
-        super::bridge::learn(ctx, up);
+        super::era::learn_stateless(ctx, up);
         return Err("it speaks only the stateless era (2026-07-28)".into());
     }
     let session = head
@@ -666,14 +572,14 @@ pub(super) async fn call_learning(
     body: &Bytes,
     extra: &[(&str, Option<&str>)],
 ) -> Result<Answer, UpstreamFailure> {
-    if known_session(ctx, up) == Some(true) {
+    if era::known_session(ctx, up) == Some(true) {
         return call(ctx, req, peer, up, owner, body, extra).await;
     }
     let request = upstream_request(req, peer, up, body, extra)
         .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
     let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
-    if up.era == UpstreamEra::Auto && wants_session(&head, &bytes) {
-        learn(ctx, up);
+    if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
+        era::learn_session(ctx, up);
         return call(ctx, req, peer, up, owner, body, extra).await;
     }
     let message: Value = serde_json::from_slice(body).unwrap_or_default();
@@ -730,12 +636,12 @@ pub(super) async fn forward_learning<'c>(
     obs: &Obs<'c>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
-    let refused = (up.era == UpstreamEra::Auto).then_some(wants_session as Judge);
+    let refused = (up.era == UpstreamEra::Auto).then_some(era::wants_session as Judge);
     match open_judging(io, req, peer, ctx, up, m, body, extra, obs, refused).await {
         Opened::Answered(keep) => keep,
         // Once per upstream and era change: boxed, not to widen every request's future.
         Opened::Refused => {
-            learn(ctx, up);
+            era::learn_session(ctx, up);
             let owner = owner(ctx, up, obs);
             let sent = Instant::now();
             let answer = Box::pin(call(ctx, req, peer, up, owner, body, extra)).await;
@@ -744,7 +650,7 @@ pub(super) async fn forward_learning<'c>(
         }
         Opened::Relay(conn, head) => {
             let id = m.request_id();
-            super::proxy::relay_opened(io, conn, req, head, up, id, ctx, member, obs).await
+            super::relay::relay_opened(io, conn, req, head, up, id, ctx, member, obs).await
         }
     }
 }
@@ -848,7 +754,7 @@ async fn small_body(
 /// 400 some servers answer instead. Other 400s are not retried (a client could otherwise make
 /// every bad request cost the upstream a new session).
 fn session_lost(head: &ResponseHead, body: &[u8]) -> bool {
-    head.status == 404 || wants_session(head, body)
+    head.status == 404 || era::wants_session(head, body)
 }
 
 /// The answer to `id` in a JSON or SSE body, and the notifications before it. The server's
@@ -1026,5 +932,18 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         UpstreamFailure::ClientGone => "the client left".into(),
         UpstreamFailure::OutOfDescriptors => "the gateway is out of file descriptors".into(),
         UpstreamFailure::SessionLost => "the replica holding the session is gone".into(),
+    }
+}
+
+/// What a worker does with the sessions it holds when it evicts them or stops.
+impl WorkerCtx {
+    /// The worker's task that ends the upstream sessions it evicts: see `held`.
+    pub async fn end_evicted_sessions(self: Rc<Self>) {
+        super::held::Held::end_evicted(self).await;
+    }
+
+    /// Ends the upstream sessions this worker holds (it is stopping): see `held`.
+    pub async fn end_held_sessions(&self) {
+        super::held::Held::end_all(self).await;
     }
 }

@@ -15,6 +15,7 @@ use simd_json::{Node, prelude::*, tape::Value};
 
 use super::elide::Elision;
 use super::error::RpcError;
+use super::id::Id;
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
@@ -34,31 +35,6 @@ const LINEAR_KEYS: usize = 16;
 /// upstream's shared breaker for every tenant) or was rewritten into another message. With
 /// room for the envelopes a message is put in.
 pub const MAX_DEPTH: usize = 100;
-
-/// A JSON-RPC id: MCP allows a string or an integer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Id {
-    Num(i64),
-    Str(String),
-}
-
-impl Id {
-    /// The id a JSON value is, if it is one MCP allows.
-    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
-        match v {
-            serde_json::Value::Number(n) => n.as_i64().map(Id::Num),
-            serde_json::Value::String(s) => Some(Id::Str(s.clone())),
-            _ => None,
-        }
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            Id::Num(n) => serde_json::Value::from(*n),
-            Id::Str(s) => serde_json::Value::from(s.as_str()),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

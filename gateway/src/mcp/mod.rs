@@ -19,10 +19,12 @@ pub mod answer;
 mod bridge;
 pub mod conn;
 pub mod elide;
+mod era;
 pub mod error;
 pub mod federation;
 pub mod headers;
 mod held;
+pub mod id;
 pub mod jsonrpc;
 pub mod messages;
 pub mod param_headers;
@@ -34,6 +36,7 @@ mod stdio_route;
 pub mod tasks;
 pub mod upstream;
 pub mod version;
+pub mod worker;
 
 pub use error::RpcError;
 
@@ -53,4 +56,5 @@ pub struct Learned {
 pub fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
-pub use jsonrpc::{Id, Kind, Message, Parsed, Parser};
+pub use id::Id;
+pub use jsonrpc::{Kind, Message, Parsed, Parser};

@@ -8,14 +8,14 @@ use std::{
     cell::{Cell, RefCell},
     io::Write as _,
     net::SocketAddr,
-    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use super::{
-    Id, Parser, RpcError, error,
-    upstream::{Conn, Pool, ResponseHead, UpstreamFailure, call, open},
+    Id, RpcError, error,
+    upstream::{ResponseHead, UpstreamFailure, call},
+    worker::WorkerCtx,
 };
 use crate::{
     config::{Config, Upstream},
@@ -23,7 +23,7 @@ use crate::{
     policy::{self, Refusal, TenantPolicy},
     session,
     shared::Shared,
-    stats::{Outcome, Recorder},
+    stats::Outcome,
 };
 
 /// What the request path learns about one request, for telemetry.
@@ -177,54 +177,6 @@ impl Obs<'_> {
 }
 
 pub use super::answer::classify;
-
-/// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
-pub struct WorkerCtx {
-    pub shared: Arc<Shared>,
-    /// What every worker learns from answers, shared by them.
-    pub(super) learned: Arc<super::Learned>,
-    /// This worker's index (its row in the connection table).
-    pub worker: usize,
-    pub(super) parser: RefCell<Parser>,
-    /// Idle upstream connections.
-    pub(super) pool: Pool,
-    /// This worker's telemetry, shipped to the control thread once a second.
-    pub recorder: RefCell<Recorder>,
-    /// Upstream sessions the gateway holds for stateless clients.
-    pub(super) held: super::held::Held,
-}
-
-impl WorkerCtx {
-    pub fn new(shared: Arc<Shared>, learned: Arc<super::Learned>, worker: usize) -> Rc<Self> {
-        let max_tools = shared.snapshot.load().config.telemetry.max_tools;
-        let stats = Arc::clone(&shared.upstream_stats);
-        let session_key = shared.session_key;
-        Rc::new(Self {
-            shared,
-            learned,
-            worker,
-            parser: RefCell::default(),
-            pool: Pool::new(stats, session_key),
-            recorder: RefCell::new(Recorder::new(worker, max_tools)),
-            held: super::held::Held::default(),
-        })
-    }
-
-    /// The worker's task that ends the upstream sessions it evicts: see `held`.
-    pub async fn end_evicted_sessions(self: Rc<Self>) {
-        super::held::Held::end_evicted(self).await;
-    }
-
-    /// Ends the upstream sessions this worker holds (it is stopping): see `held`.
-    pub async fn end_held_sessions(&self) {
-        super::held::Held::end_all(self).await;
-    }
-
-    /// Closes the idle upstream connections the pool no longer keeps: see `Pool::sweep`.
-    pub fn sweep_pool(&self) {
-        self.pool.sweep();
-    }
-}
 
 pub(super) fn json_response(status: u16, err: &RpcError, keep_alive: bool) -> Vec<u8> {
     http::response(
@@ -921,69 +873,6 @@ fn ip_text(ip: std::net::IpAddr, text: &mut [u8; 64]) -> &[u8] {
         }
     };
     &text[..len]
-}
-
-/// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
-/// names the upstream inside a federation, whose events are rewritten on the way.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "each is a separate input of the forwarding"
-)]
-pub(super) async fn forward<'c>(
-    client: &mut Io,
-    req: &Request,
-    request: http::Outgoing,
-    up: &'c Upstream,
-    request_id: Option<Id>,
-    ctx: &WorkerCtx,
-    member: Option<&str>,
-    obs: &Obs<'c>,
-) -> bool {
-    obs.upstream.set(Some(&up.name));
-    let sent = Instant::now();
-    let opened = open(&ctx.pool, up, request, Some(client)).await;
-    obs.waited(sent.elapsed());
-    match opened {
-        Ok((conn, head)) => {
-            relay_opened(client, conn, req, head, up, request_id, ctx, member, obs).await
-        }
-        // The client gave up waiting; the upstream connection was closed, which cancels there.
-        Err(UpstreamFailure::ClientGone) => {
-            obs.set(Outcome::UpstreamFailure);
-            obs.abandoned.set(true);
-            obs.client_left.set(true);
-            false
-        }
-        // The gateway gave up waiting: the call may still run there.
-        Err(f @ UpstreamFailure::Timeout) => {
-            obs.failed_by(Blame::Unclear);
-            obs.abandoned.set(true);
-            fail(client, req, up, request_id, f).await
-        }
-        Err(f) => {
-            obs.failed(&f);
-            fail(client, req, up, request_id, f).await
-        }
-    }
-}
-
-/// Relays the answer of an exchange already opened: what [`forward`] does once the head is in.
-#[expect(clippy::too_many_arguments, reason = "the inputs of `relay`")]
-pub(super) async fn relay_opened(
-    client: &mut Io,
-    conn: Conn,
-    req: &Request,
-    mut head: ResponseHead,
-    up: &Upstream,
-    request_id: Option<Id>,
-    ctx: &WorkerCtx,
-    member: Option<&str>,
-    obs: &Obs<'_>,
-) -> bool {
-    if member.is_none() {
-        sign_session(ctx, up, &mut head, obs);
-    }
-    super::relay::relay(client, conn, req, head, up, request_id, ctx, member, obs).await
 }
 
 /// Answers a request whose upstream failed. Boxed: every stage of the forward awaits this on

@@ -1,22 +1,88 @@
-//! The answer's way back to the client: the upstream's response head made safe to relay
+//! A request forwarded ([`forward`]) and the answer's way back to the client: the upstream's response head made safe to relay
 //! ([`client_head`]), its body streamed as it arrives ([`Body`]: taken from the upstream
 //! connection a piece at a time, classified as it passes, SSE events held until whole and
 //! rewritten for a federation, framed for the client), then the upstream connection pooled
 //! again or dropped. Nothing more is read from the upstream until the client has taken what
 //! was read (backpressure).
 
+use std::time::Instant;
+
 use super::{
     Id, RpcError,
     answer::{AnswerScan, scan},
-    proxy::{Obs, WorkerCtx, fail, is_hop_by_hop, is_upstream_private},
+    proxy::{Blame, Obs, fail, is_hop_by_hop, is_upstream_private, sign_session},
     sse::EventBuffer,
-    upstream::{Conn, ResponseHead, UpstreamFailure, unless_client_leaves},
+    upstream::{Conn, ResponseHead, UpstreamFailure, open, unless_client_leaves},
+    worker::WorkerCtx,
 };
 use crate::{
     config::Upstream,
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Request},
     stats::Outcome,
 };
+
+/// Forwards `request` (already built for `up`) and relays the answer to the client. `member`
+/// names the upstream inside a federation, whose events are rewritten on the way.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the forwarding"
+)]
+pub(super) async fn forward<'c>(
+    client: &mut Io,
+    req: &Request,
+    request: http::Outgoing,
+    up: &'c Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+    obs: &Obs<'c>,
+) -> bool {
+    obs.upstream.set(Some(&up.name));
+    let sent = Instant::now();
+    let opened = open(&ctx.pool, up, request, Some(client)).await;
+    obs.waited(sent.elapsed());
+    match opened {
+        Ok((conn, head)) => {
+            relay_opened(client, conn, req, head, up, request_id, ctx, member, obs).await
+        }
+        // The client gave up waiting; the upstream connection was closed, which cancels there.
+        Err(UpstreamFailure::ClientGone) => {
+            obs.set(Outcome::UpstreamFailure);
+            obs.abandoned.set(true);
+            obs.client_left.set(true);
+            false
+        }
+        // The gateway gave up waiting: the call may still run there.
+        Err(f @ UpstreamFailure::Timeout) => {
+            obs.failed_by(Blame::Unclear);
+            obs.abandoned.set(true);
+            fail(client, req, up, request_id, f).await
+        }
+        Err(f) => {
+            obs.failed(&f);
+            fail(client, req, up, request_id, f).await
+        }
+    }
+}
+
+/// Relays the answer of an exchange already opened: what [`forward`] does once the head is in.
+#[expect(clippy::too_many_arguments, reason = "the inputs of `relay`")]
+pub(super) async fn relay_opened(
+    client: &mut Io,
+    conn: Conn,
+    req: &Request,
+    mut head: ResponseHead,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+    obs: &Obs<'_>,
+) -> bool {
+    if member.is_none() {
+        sign_session(ctx, up, &mut head, obs);
+    }
+    relay(client, conn, req, head, up, request_id, ctx, member, obs).await
+}
 
 /// Largest event kept to tell a result from an error and a tool's failure (an event stream's
 /// answer is its last event; other answers are scanned as they pass, whatever their size).

@@ -15,11 +15,13 @@ use std::{
 use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
-        Blame, Obs, Verified, WorkerCtx, filtered_tools_list, forward, give_back_probes,
-        invalid_traceparent, json_response, protected_resource_metadata, refuse, trace_id,
-        upstream_request, verify_session,
+        Blame, Obs, Verified, filtered_tools_list, give_back_probes, invalid_traceparent,
+        json_response, protected_resource_metadata, refuse, trace_id, upstream_request,
+        verify_session,
     },
+    relay::forward,
     version,
+    worker::WorkerCtx,
 };
 use crate::{
     config::{Config, Route, Target},
@@ -80,7 +82,6 @@ pub(super) async fn handle(
     snapshot: &Snapshot,
     ctx: &WorkerCtx,
 ) -> bool {
-    super::conn::inject_fault(req);
     let started = Instant::now();
     let wall = snapshot
         .config
@@ -520,7 +521,7 @@ fn check(
     // session nobody uses, or (on a session the gateway holds for a tenant's callers) declare
     // capabilities for every caller.
     if let Some(m) = messages.single.as_ref().filter(|m| {
-        m.method.as_deref() == Some("initialize") && super::held::client_is_stateless(req, Some(m))
+        m.method.as_deref() == Some("initialize") && super::headers::is_modern(req, Some(m))
     }) {
         let err = RpcError::new(
             super::error::METHOD_NOT_FOUND,
@@ -588,7 +589,7 @@ fn param_headers_agree(
     route: &Route,
     m: &Message,
 ) -> Result<(), Stop> {
-    if !super::headers::is_modern(req, m) {
+    if !super::headers::is_modern(req, Some(m)) {
         return Ok(());
     }
     // What the headers may mirror: `Mcp-Param-*` a `tools/call`'s arguments, `Mcp-Method` and
@@ -984,11 +985,11 @@ async fn forward_stage<'c>(
             }
             // The client's session, as `check` verified it (it refused one not the caller's).
             let session = verified.and_then(|v| v.session(req.header("mcp-session-id")?));
-            let stateless = super::held::client_is_stateless(req, messages.single.as_ref());
+            let stateless = super::headers::is_modern(req, messages.single.as_ref());
             // A session-era client and an upstream that speaks only the stateless era (known
             // now, or when the client's session was opened: a bridged session stays bridged).
             if !stateless
-                && (super::bridge::known_stateless(ctx, up)
+                && (super::era::known_stateless(ctx, up)
                     || session == Some(super::proxy::Session::Bridged))
             {
                 if req.method != "POST" {
@@ -1036,7 +1037,7 @@ async fn forward_stage<'c>(
             if req.method == "POST"
                 && stateless
                 && let Some(m) = &messages.single
-                && let known @ (Some(true) | None) = super::held::known_session(ctx, up)
+                && let known @ (Some(true) | None) = super::era::known_session(ctx, up)
             {
                 let filtering = m.kind == Kind::Request
                     && m.method.as_deref() == Some("tools/list")
@@ -1172,7 +1173,7 @@ async fn forward_stage<'c>(
                 && session
                     .and_then(super::proxy::Session::upstream_id)
                     .is_some()
-                && !super::bridge::known_stateless(ctx, up)
+                && !super::era::known_stateless(ctx, up)
                 && let Some(body) = super::abandoned::cancellation(
                     messages.all().filter_map(super::abandoned::cancellable),
                 )

@@ -14,9 +14,10 @@ use serde_json::{Value, json};
 use super::{
     Id, Kind, Message, RpcError,
     messages::{discover_from_initialize, for_stateless},
-    proxy::{Obs, WorkerCtx, classify, json_response, visible, who_calls},
+    proxy::{Obs, classify, json_response, visible, who_calls},
     sse::{accepts_sse, sse_event, sse_head},
     version,
+    worker::WorkerCtx,
 };
 use crate::{
     config::Upstream,

@@ -16,7 +16,7 @@ use std::{
 use crate::{host::is_out_of_descriptors, shared::Shared};
 use monoio::{io::AsyncWriteRentExt, net::TcpStream};
 
-use crate::mcp::{self, proxy::WorkerCtx};
+use crate::mcp::{self, worker::WorkerCtx};
 use tokio::sync::watch;
 
 /// Which I/O driver the workers use.

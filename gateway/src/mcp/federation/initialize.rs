@@ -128,10 +128,10 @@ impl<'c> Federation<'_, 'c> {
             };
         }
         let up = self.upstream(member);
-        if !crate::mcp::bridge::known_stateless(self.ctx, up) {
+        if !crate::mcp::era::known_stateless(self.ctx, up) {
             match held::initialize(self.ctx, self.req, self.peer, up, body, id).await {
                 // Unless it was just learnt to speak only the stateless era.
-                Err(why) if !crate::mcp::bridge::known_stateless(self.ctx, up) => return Err(why),
+                Err(why) if !crate::mcp::era::known_stateless(self.ctx, up) => return Err(why),
                 Err(_) => {}
                 Ok((session, result)) => return Ok((session, result, false)),
             }

@@ -217,7 +217,7 @@ impl<'c> Federation<'_, 'c> {
         if matches!(era, Era::Stateless) {
             extra.push(("last-event-id", None));
             extra.push(("mcp-session-id", None));
-            if held::known_session(self.ctx, up) == Some(true) {
+            if crate::mcp::era::known_session(self.ctx, up) == Some(true) {
                 let sent = std::time::Instant::now();
                 let owner = held::owner(self.ctx, up, self.obs);
                 let answer =

@@ -24,8 +24,9 @@ use serde_json::{Map, Value, json};
 use super::{
     Id, Kind, Message, RpcError, error,
     messages::set_in,
-    proxy::{self, Obs, WorkerCtx, json_response},
+    proxy::{self, Obs, json_response},
     version,
+    worker::WorkerCtx,
 };
 use crate::{
     config::{Config, Member, Upstream},
@@ -184,7 +185,7 @@ impl<'c> Federation<'_, 'c> {
             Err(e) => return self.reply_error(io, RpcError::from(e).with_id(id)).await,
         };
         let up = self.upstream(m);
-        proxy::forward(
+        crate::mcp::relay::forward(
             io,
             self.req,
             request,
