@@ -313,16 +313,19 @@ pub(super) async fn initialize_result(
     }
     let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
     let (head, body) = exchange(ctx, req, peer, up, discover, meta).await?;
+    // Whose a failure is, as for a held session's `initialize`: a 5xx other than 500 the
+    // upstream's, any other answer that is not a result the call's own.
     if !(200..300).contains(&head.status) {
-        return Err(UpstreamFailure::Bad(format!(
-            "server/discover answered HTTP {}",
-            head.status
-        )));
+        let why = format!("server/discover answered HTTP {}", head.status);
+        return Err(match head.status {
+            501.. => UpstreamFailure::Bad(why),
+            _ => UpstreamFailure::Unrelayable(why),
+        });
     }
     let (discovered, _) =
-        answer_and_notes(&head, &body, Some(&Id::Num(0))).map_err(UpstreamFailure::Bad)?;
+        answer_and_notes(&head, &body, Some(&Id::Num(0))).map_err(UpstreamFailure::Unrelayable)?;
     let Some(found) = discovered.get("result") else {
-        return Err(UpstreamFailure::Bad(format!(
+        return Err(UpstreamFailure::Unrelayable(format!(
             "server/discover failed: {}",
             discovered["error"]
         )));
@@ -368,7 +371,7 @@ pub(super) async fn call_with(
     id: Option<&Id>,
 ) -> Result<Answer, UpstreamFailure> {
     let message: Value = serde_json::from_slice(body)
-        .map_err(|e| UpstreamFailure::Bad(format!("the request is not JSON: {e}")))?;
+        .map_err(|e| UpstreamFailure::Unrelayable(format!("the request is not JSON: {e}")))?;
     let (head, body) = exchange(ctx, req, peer, up, message, Map::new()).await?;
     if !(200..300).contains(&head.status) {
         return Ok(Answer {
@@ -377,7 +380,10 @@ pub(super) async fn call_with(
             notes: Vec::new(),
         });
     }
-    let (mut answer, notes) = answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Bad)?;
+    // An answer the gateway cannot read is the call's own failure, as on passthrough: a tool's
+    // output can be shaped by its caller (a number past `f64`).
+    let (mut answer, notes) =
+        answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Unrelayable)?;
     if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
         if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
             return Err(UpstreamFailure::Unrelayable(
@@ -431,9 +437,11 @@ async fn exchange(
         ("mcp-method", Some(method.as_str())),
         ("mcp-name", name.as_deref()),
         ("last-event-id", None),
+        held::READ_WHOLE[0],
+        held::READ_WHOLE[1],
     ];
     let request = upstream_request(req, peer, up, &body, &replace)
-        .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+        .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
     upstream::call(&ctx.pool, up, request, MAX_ANSWER).await
 }
 

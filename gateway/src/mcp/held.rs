@@ -69,6 +69,15 @@ const MAX_ENDING: usize = 1024;
 const END_ALL_WITHIN: Duration = Duration::from_secs(2);
 /// The id of the gateway's own requests on a held session.
 const OWN_ID: &str = "mcp-gateway";
+/// What the gateway asks for when it reads an answer whole itself (on a held session, or one
+/// it relays to nobody): both kinds, whatever the client accepts. A held session is opened
+/// once for all a tenant's callers, so a caller's `Accept: application/json` (to which the
+/// Python SDK's server answers `initialize` with 406) failed it for every one of them, and
+/// counted at the upstream's shared breaker.
+pub(super) const READ_WHOLE: [(&str, Option<&str>); 2] = [
+    ("accept", Some("application/json, text/event-stream")),
+    ("content-type", Some("application/json")),
+];
 
 /// Whose a held session is: the key it is held by, and its tenant's (whose sessions are
 /// evicted first when the tenant holds the most).
@@ -364,8 +373,7 @@ async fn open(
         &super::json_bytes(&body).into(),
         Some(&own),
     )
-    .await
-    .map_err(UpstreamFailure::Bad)?;
+    .await?;
     let version = init["protocolVersion"]
         .as_str()
         .filter(|v| version::is_supported(v))
@@ -386,6 +394,11 @@ async fn open(
 /// handshake (`notifications/initialized`): the upstream's session id and the `initialize`
 /// result. The session id and version are written into a head first, so an upstream whose
 /// values would not fit in a head fails here and never reaches a held or sealed session.
+///
+/// Whose a failure is, for the upstream's shared breaker: one to reach the upstream or a
+/// session id it cannot give is the upstream's; an answer that is not an `initialize` result
+/// (a 4xx to the caller's headers, an error, a 500) is the call's own
+/// ([`UpstreamFailure::Unrelayable`]), as it is on passthrough: what a caller sent can draw it.
 pub(super) async fn initialize(
     ctx: &WorkerCtx,
     req: &Request,
@@ -393,54 +406,51 @@ pub(super) async fn initialize(
     up: &Upstream,
     body: &Bytes,
     id: Option<&Id>,
-) -> Result<(Option<String>, Value), String> {
-    let unsent = [
+) -> Result<(Option<String>, Value), UpstreamFailure> {
+    let own = |e: String| UpstreamFailure::Unrelayable(format!("its session: {e}"));
+    let mut unsent = vec![
         ("mcp-session-id", None),
         ("mcp-protocol-version", None),
         ("mcp-method", None),
         ("mcp-name", None),
         ("last-event-id", None),
     ];
-    let request = upstream_request(req, peer, up, body, &unsent).map_err(|e| e.to_string())?;
-    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER)
-        .await
-        .map_err(describe)?;
+    unsent.extend(READ_WHOLE);
+    let request = upstream_request(req, peer, up, body, &unsent).map_err(|e| own(e.to_string()))?;
+    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
     // An upstream that speaks only the stateless era: learnt, for the callers to bridge.
     if up.era == crate::config::UpstreamEra::Auto && super::era::refuses_session_era(&head, &bytes)
     {
         super::era::learn_stateless(ctx, up);
-        return Err("it speaks only the stateless era (2026-07-28)".into());
+        return Err(own("it speaks only the stateless era (2026-07-28)".into()));
     }
     let session = head
         .headers
         .get("mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
-    let result = response_result(&head, &bytes, id)?;
+    let result = response_result(&head, &bytes, id).map_err(|e| match head.status {
+        501.. => UpstreamFailure::Bad(e),
+        _ => own(e),
+    })?;
     let version = result["protocolVersion"].as_str().unwrap_or_default();
     let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-    let request = upstream_request(
-        req,
-        peer,
-        up,
-        &Bytes::from_static(initialized),
-        &[
-            ("mcp-session-id", session.as_deref()),
-            ("mcp-protocol-version", Some(version)),
-            ("mcp-method", None),
-            ("mcp-name", None),
-            ("last-event-id", None),
-        ],
-    )
-    .map_err(|e| format!("its answer to initialize: {e}"))?;
-    let (head, _) = upstream::call(&ctx.pool, up, request, MAX_ANSWER)
-        .await
-        .map_err(describe)?;
+    let mut replace = vec![
+        ("mcp-session-id", session.as_deref()),
+        ("mcp-protocol-version", Some(version)),
+        ("mcp-method", None),
+        ("mcp-name", None),
+        ("last-event-id", None),
+    ];
+    replace.extend(READ_WHOLE);
+    let request = upstream_request(req, peer, up, &Bytes::from_static(initialized), &replace)
+        .map_err(|e| UpstreamFailure::Bad(format!("its answer to initialize: {e}")))?;
+    let (head, _) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
     if !(200..300).contains(&head.status) {
-        return Err(format!(
+        return Err(UpstreamFailure::Bad(format!(
             "notifications/initialized got HTTP {}",
             head.status
-        ));
+        )));
     }
     Ok((session, result))
 }
@@ -529,9 +539,20 @@ pub(super) async fn call(
             ("mcp-name", None),
             ("last-event-id", None),
         ]);
+        replace.extend(READ_WHOLE);
         let request = upstream_request(req, peer, up, &body, &replace)
-            .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
-        let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+            .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
+        let (head, bytes) = match upstream::call(&ctx.pool, up, request, MAX_ANSWER).await {
+            Ok(answer) => answer,
+            Err(f) => {
+                if let (UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_), Some(ours)) =
+                    (&f, &sent)
+                {
+                    cancel(ctx, req, peer, up, &replace, ours).await;
+                }
+                return Err(f);
+            }
+        };
         if attempt == 1 && session_lost(&head, &bytes) {
             // The upstream lost the session (restarted, expired): the request was not
             // processed, so it goes once more on a new one.
@@ -546,6 +567,28 @@ pub(super) async fn call(
         answer.body = with_id(answer.body, ours, theirs);
     }
     Ok(answer)
+}
+
+/// Cancels the request `ours` given up on (it timed out, or its connection failed after it was
+/// sent) in its held session (`replace`: the session's headers), before the call's
+/// concurrency slot is given back: the session is not the caller's, so nothing else ends the
+/// request there, and a tenant whose calls time out could otherwise keep running at the
+/// upstream as many as it liked, whatever its cap (one more every `response_timeout_ms`).
+async fn cancel(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    replace: &[(&str, Option<&str>)],
+    ours: &Id,
+) {
+    let Some(body) = super::abandoned::cancellation(std::iter::once(ours)) else {
+        return;
+    };
+    match upstream_request(req, peer, up, &body, replace) {
+        Ok(request) => super::abandoned::cancel(ctx, up, request).await,
+        Err(e) => tracing::debug!(upstream = %up.name, "held call not cancelled: {e}"),
+    }
 }
 
 /// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
@@ -575,8 +618,10 @@ pub(super) async fn call_learning(
     if era::known_session(ctx, up) == Some(true) {
         return call(ctx, req, peer, up, owner, body, extra).await;
     }
-    let request = upstream_request(req, peer, up, body, extra)
-        .map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
+    let mut replace = extra.to_vec();
+    replace.extend(READ_WHOLE);
+    let request = upstream_request(req, peer, up, body, &replace)
+        .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
     let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
         era::learn_session(ctx, up);
@@ -765,7 +810,7 @@ fn answer_and_notes(
     id: Option<&Id>,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), UpstreamFailure> {
     let (answer, notes) =
-        super::messages::answer_and_notes(head, body, id).map_err(UpstreamFailure::Bad)?;
+        super::messages::answer_and_notes(head, body, id).map_err(UpstreamFailure::Unrelayable)?;
     Ok((
         super::json_bytes(&answer),
         notes.iter().map(super::json_bytes).collect(),

@@ -960,3 +960,152 @@ federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "liar", prefix =
     assert_eq!((r.status, r.json()["id"].clone()), (502, json!(9)), "{r:?}");
     d.stop();
 }
+
+/// A gateway in front of the fixture's `--slow` server as a session-era upstream whose
+/// 2026-07-28 clients are served over a held session (`/held`), and of a stateless-only one
+/// whose session-era clients are bridged (`/modern`): both paths on which the gateway reads
+/// the answer whole for its client. Breakers open after `failures` failures.
+fn held_and_bridged(
+    held: &PyServer,
+    modern: &PyServer,
+    instance: &str,
+    failures: u32,
+) -> (Daemon, u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"held\"\nurl = \"{}\"\nera = \"session\"\n\
+         response_timeout_ms = 1500\n\
+         breaker = {{ consecutive_failures = {failures}, open_ms = 60000 }}\n\
+         [[upstreams]]\nname = \"modern\"\nurl = \"{}\"\n\
+         breaker = {{ consecutive_failures = {failures}, open_ms = 60000 }}\n\
+         [[routes]]\npath = \"/held\"\nupstream = \"held\"\n\
+         [[routes]]\npath = \"/modern\"\nupstream = \"modern\"\n",
+        integration_tests::daemon::local_header(instance, 1, port, admin),
+        held.url(),
+        modern.url(),
+    );
+    (Daemon::start_local(instance, &config), port, admin)
+}
+
+/// An `add` whose sum no JSON reader of the gateway takes: the fixture's server reads the
+/// strings as integers and answers with a 401-digit number.
+fn huge_add() -> Value {
+    json!({"a": format!("1{}", "0".repeat(400)), "b": "1"})
+}
+
+/// An answer the gateway cannot read, on the paths where it reads answers whole, is the
+/// call's own failure, as it is on passthrough: a tool's output can be shaped by its caller,
+/// and two such calls opened the upstream's shared breaker for every tenant.
+#[test]
+fn an_answer_read_whole_that_the_gateway_cannot_read_opens_the_tools_breaker_only() {
+    let held = PyServer::start_with(&["--slow"]);
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let instance = unique("gwheldread");
+    let (mut d, port, admin) = held_and_bridged(&held, &modern, &instance, 2);
+    for id in 0..2 {
+        let r = raw(port, &post_call_2026("/held", id, "add", &huge_add(), "")).0;
+        assert_eq!(r.status, 502, "held: {r:?}");
+    }
+    integration_tests::peers::wait_breaker_open(admin, "held/add@");
+    let r = raw(
+        port,
+        &post_call_2026("/held", 7, "echo", &json!({"text": "hi"}), ""),
+    )
+    .0;
+    assert_eq!(
+        r.status, 200,
+        "held: the upstream's breaker stayed closed: {r:?}"
+    );
+    let session = open_session(port, "/modern", "2025-11-25");
+    let call = |id: u32, tool: &str, args: &Value| {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": args}})
+        .to_string();
+        raw(port, &post("/modern", &body, &session)).0
+    };
+    for id in 0..2 {
+        let r = call(id, "add", &huge_add());
+        assert_eq!(r.status, 502, "bridged: {r:?}");
+    }
+    integration_tests::peers::wait_breaker_open(admin, "modern/add@");
+    let r = call(7, "echo", &json!({"text": "hi"}));
+    assert_eq!(
+        r.status, 200,
+        "bridged: the upstream's breaker stayed closed: {r:?}"
+    );
+    d.stop();
+}
+
+/// A held session is opened once for all its tenant's callers, so it is opened with what the
+/// gateway accepts, not with what its first caller does: the Python SDK's server answers an
+/// `initialize` that accepts JSON alone with 406, and one caller's two calls with
+/// `Accept: application/json` failed the session for all, and opened the upstream's breaker.
+#[test]
+fn a_held_session_is_opened_with_the_gateways_accept_whatever_its_caller_accepts() {
+    let held = PyServer::start_with(&["--slow"]);
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let instance = unique("gwheldaccept");
+    let (mut d, port, _) = held_and_bridged(&held, &modern, &instance, 2);
+    for id in 0..2 {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "json only"}, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}}})
+        .to_string();
+        let request = format!(
+            "POST /held HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+             accept: application/json\r\nmcp-protocol-version: 2026-07-28\r\n\
+             mcp-method: tools/call\r\nmcp-name: echo\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw(port, request.as_bytes()).0;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.json()["result"]["content"][0]["text"],
+            "json only",
+            "{r:?}"
+        );
+    }
+    d.stop();
+}
+
+/// A call on a held session that times out is cancelled there before its concurrency slot is
+/// given back (docs/security.md §6): the session is the gateway's, not the caller's, so
+/// nothing else ends the call, and a tenant capped at one call at a time kept one more
+/// running at the upstream every `response_timeout_ms`.
+#[test]
+fn a_held_call_that_times_out_is_cancelled_in_its_session() {
+    let held = PyServer::start_with(&["--slow"]);
+    let modern = PyServer::start_with(&["--stateless-only"]);
+    let instance = unique("gwheldcancel");
+    // Breakers out of the way: three timeouts in a row.
+    let (mut d, port, _) = held_and_bridged(&held, &modern, &instance, 10);
+    for id in 0..3 {
+        let r = raw(
+            port,
+            &post_call_2026("/held", id, "sleep", &json!({"seconds": 60}), ""),
+        )
+        .0;
+        assert_eq!(r.status, 504, "{r:?}");
+    }
+    let running = || {
+        let r = raw(
+            port,
+            &post_call_2026("/held", 9, "calls_running", &json!({}), ""),
+        )
+        .0;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["result"]["structuredContent"]["result"].clone()
+    };
+    // The server ends a cancelled call as it reads the notification.
+    let ended = (0..50).any(|_| {
+        if running() == json!(0) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        false
+    });
+    assert!(ended, "calls still running at the upstream: {}", running());
+    d.stop();
+}

@@ -131,7 +131,9 @@ impl<'c> Federation<'_, 'c> {
         if !crate::mcp::era::known_stateless(self.ctx, up) {
             match held::initialize(self.ctx, self.req, self.peer, up, body, id).await {
                 // Unless it was just learnt to speak only the stateless era.
-                Err(why) if !crate::mcp::era::known_stateless(self.ctx, up) => return Err(why),
+                Err(f) if !crate::mcp::era::known_stateless(self.ctx, up) => {
+                    return Err(describe(f));
+                }
                 Err(_) => {}
                 Ok((session, result)) => return Ok((session, result, false)),
             }
