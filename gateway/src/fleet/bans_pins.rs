@@ -1,0 +1,267 @@
+//! Bans and tool-pin approvals exchanged with the fleet, sealed where a secret is set.
+
+use super::*;
+
+impl<B: Bans> Agent<B> {
+    /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
+    /// the control thread's ban path); a ban lifted here is lifted in the fleet.
+    /// `read`: the bans' hash as [`Agent::read_hash_cmd`] read it.
+    pub(super) async fn exchange_bans(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        read: HashRead,
+    ) -> redis::RedisResult<()> {
+        let key = self.keys.bans();
+        // Read with the epoch, atomically: bans read from a Redis that lost its data since this
+        // round's budgets would look lifted everywhere; the next round re-seeds it instead.
+        // A value this host cannot read is ignored (and deleted), never a failed round.
+        let (epoch, remote) = read;
+        if epoch.is_none() || epoch != self.epoch {
+            return Ok(());
+        }
+        let now = unix_ms();
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        let mut remote_live: HashMap<IpAddr, u64> = HashMap::new();
+        // With a secret, a lift is a sealed `lifted:<end>` left until the ban's end, so that a
+        // ban deleted from Redis by someone without the secret is not lifted.
+        let mut lifted: HashSet<IpAddr> = HashSet::new();
+        let mut ended: Vec<Vec<u8>> = Vec::new();
+        // Bans in Redis not sealed with the fleet's secret (or unreadable): never applied.
+        let mut forged: HashSet<IpAddr> = HashSet::new();
+        for (field, raw) in remote {
+            let Some((k, ip)) = std::str::from_utf8(&field)
+                .ok()
+                .and_then(|k| Some((k, k.parse::<IpAddr>().ok()?)))
+            else {
+                self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                ended.push(field);
+                continue;
+            };
+            let raw = String::from_utf8_lossy(&raw);
+            let value = open(secret, fleet, "bans", k, &raw).and_then(|v| {
+                match v.strip_prefix("lifted:") {
+                    Some(until) if secret.is_some() => until.parse::<u64>().ok().map(|u| (u, true)),
+                    Some(_) => None,
+                    None => v.parse::<u64>().ok().map(|u| (u, false)),
+                }
+            });
+            match value {
+                Some((until, false)) if until > now => {
+                    remote_live.insert(ip.to_canonical(), until);
+                }
+                Some((until, true)) if until > now => {
+                    lifted.insert(ip.to_canonical());
+                }
+                Some(_) => ended.push(field),
+                None => {
+                    self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                    tracing::warn!(source = %ip, "fleet: a ban in Redis is not sealed with the fleet's secret (or unreadable); ignored");
+                    // Replaced below by this host's own ban if it has one, else removed.
+                    ended.push(field);
+                    forged.insert(ip.to_canonical());
+                }
+            }
+        }
+        let local: HashMap<IpAddr, Duration> = self
+            .bans
+            .local()
+            .into_iter()
+            .map(|(ip, left)| (ip.to_canonical(), left))
+            .collect();
+        let mut pipe = redis::pipe();
+        for k in &ended {
+            pipe.hdel(&key, k).ignore();
+        }
+        for (ip, until) in &remote_live {
+            if !local.contains_key(ip) {
+                if self.known_bans.contains(ip) {
+                    // Known to the fleet, gone here: lifted by the operator here.
+                    if secret.is_some() {
+                        let field = ip.to_string();
+                        let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
+                        pipe.hset(&key, field, lift).ignore();
+                    } else {
+                        pipe.hdel(&key, ip.to_string()).ignore();
+                    }
+                    self.known_bans.remove(ip);
+                    continue;
+                }
+                let left = Duration::from_millis(until - now);
+                if !self.bans.ban(*ip, left) {
+                    continue;
+                }
+                self.known_bans.insert(*ip);
+                self.shared.fleet.bans_received.fetch_add(1, Relaxed);
+                tracing::warn!(source = %ip, ban_s = left.as_secs(), "fleet: banned here as another gateway of the fleet banned it");
+            } else {
+                self.known_bans.insert(*ip);
+            }
+        }
+        let mut sent: HashSet<IpAddr> = HashSet::new();
+        for (ip, left) in &local {
+            let known = self.known_bans.contains(ip);
+            // With a secret, a known ban gone from Redis without a sealed lift (and not about
+            // to end) was deleted by someone without the secret: published again, not lifted.
+            let deleted = secret.is_some()
+                && known
+                && !remote_live.contains_key(ip)
+                && !lifted.contains(ip)
+                && *left > Duration::from_secs(2);
+            if deleted && !forged.contains(ip) {
+                tracing::warn!(source = %ip, "fleet: a ban was deleted from Redis without a sealed lift; published again");
+            }
+            if forged.contains(ip) || deleted || !known && !remote_live.contains_key(ip) {
+                let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                let field = ip.to_string();
+                let until = seal(
+                    secret,
+                    fleet,
+                    "bans",
+                    &field,
+                    &now.saturating_add(left).to_string(),
+                );
+                pipe.hset(&key, field, until).ignore();
+                self.known_bans.insert(*ip);
+                sent.insert(*ip);
+                self.shared.fleet.bans_sent.fetch_add(1, Relaxed);
+            }
+        }
+        // Known, gone from the fleet (lifted elsewhere, or ended; with a secret, by a sealed
+        // lift): lifted here too.
+        let gone: Vec<IpAddr> = self
+            .known_bans
+            .iter()
+            .filter(|ip| !remote_live.contains_key(ip) && !sent.contains(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            self.known_bans.remove(&ip);
+            if local.contains_key(&ip) {
+                self.bans.unban(ip);
+                tracing::info!(source = %ip, "fleet: ban lifted here as it was lifted in the fleet");
+            }
+        }
+        if pipe.cmd_iter().next().is_some() {
+            let _: () = pipe.query_async(c).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads a hash of the fleet's and the epoch, atomically ([`READ_HASH`]); either key of the
+    /// wrong type is deleted (and counted). The reply is read with [`Agent::parse_read_hash`].
+    pub(super) fn read_hash_cmd(&self, key: &str) -> redis::Cmd {
+        let mut cmd = evalsha(S_READ_HASH, 2);
+        cmd.arg(key).arg(self.keys.epoch());
+        cmd
+    }
+
+    /// The epoch and the fields and values a [`READ_HASH`] answered.
+    pub(super) fn parse_read_hash(&self, reply: Vec<redis::Value>) -> HashRead {
+        let mut reply = reply.iter();
+        self.count_ignored(reply.next().and_then(int).unwrap_or(0).max(0) as u64);
+        let epoch = reply
+            .next()
+            .and_then(text)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned);
+        let rest: Vec<&redis::Value> = reply.collect();
+        let pairs = rest
+            .chunks(2)
+            .filter_map(|p| match p {
+                [k, v] => Some((bytes(k)?.to_vec(), bytes(v)?.to_vec())),
+                _ => None,
+            })
+            .collect();
+        (epoch, pairs)
+    }
+
+    /// Sends pins first seen or approved here, and takes approvals made elsewhere (an approval
+    /// on one host unhides the tool on all).
+    /// `read`: the pins' hash as [`Agent::read_hash_cmd`] read it.
+    pub(super) async fn exchange_pins(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        read: HashRead,
+    ) -> redis::RedisResult<()> {
+        let key = self.keys.pins();
+        let (_, remote) = read;
+        let remote: HashMap<String, String> = remote
+            .into_iter()
+            .filter_map(|(k, v)| {
+                // A field that is not UTF-8 names no tool of this host's: left alone.
+                Some((
+                    String::from_utf8(k).ok()?,
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        let secret = self.fleet.secret.as_ref();
+        let fleet = self.fleet.name.as_str();
+        for (name, pin) in self.shared.pins.snapshot() {
+            let raw = remote.get(&name);
+            let theirs = raw
+                .and_then(|r| open(secret, fleet, "pins", &name, r))
+                .and_then(|j| serde_json::from_str::<crate::policy::pins::Pin>(j).ok());
+            let forged = raw.is_some() && theirs.is_none();
+            if forged {
+                // Not sealed with the fleet's secret (or unreadable): ignored, and replaced by
+                // what this host knows.
+                self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
+                tracing::warn!(tool = %name, "fleet: a pin in Redis is not sealed with the fleet's secret (or unreadable); ignored");
+            }
+            let agreed = self.agreed_pins.get(&name);
+            match theirs {
+                None => {
+                    if let Ok(j) = serde_json::to_string(&strip(&pin)) {
+                        let j = seal(secret, fleet, "pins", &name, &j);
+                        if forged {
+                            pipe.hset(&key, &name, j).ignore();
+                        } else {
+                            pipe.hset_nx(&key, &name, j).ignore();
+                        }
+                        any = true;
+                    }
+                    self.agreed_pins.insert(name, pin.approved.clone());
+                }
+                Some(theirs) if theirs.approved == pin.approved => {
+                    self.agreed_pins.insert(name, pin.approved.clone());
+                }
+                Some(theirs) => {
+                    let changed_here = agreed.is_some_and(|a| *a != pin.approved);
+                    if changed_here || pin.configured.is_some() {
+                        // Approved here since the last agreement: the fleet takes it.
+                        if let Ok(j) = serde_json::to_string(&strip(&pin)) {
+                            let j = seal(secret, fleet, "pins", &name, &j);
+                            pipe.hset(&key, &name, j).ignore();
+                            any = true;
+                        }
+                        self.agreed_pins.insert(name, pin.approved.clone());
+                    } else {
+                        // Approved elsewhere: taken here; what waits here for approval stays
+                        // waiting unless it is what was approved.
+                        let mut adopted = theirs;
+                        adopted.configured = None;
+                        adopted.pending =
+                            pin.pending.clone().filter(|(d, _)| *d != adopted.approved);
+                        tracing::info!(
+                            tool = %name,
+                            approved = %adopted.approved,
+                            "fleet: tool definition approved by another gateway of the fleet"
+                        );
+                        self.agreed_pins
+                            .insert(name.clone(), adopted.approved.clone());
+                        self.shared.pins.restore(name, adopted);
+                        self.shared.fleet.approvals_received.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        if any {
+            let _: () = pipe.query_async(c).await?;
+        }
+        Ok(())
+    }
+}
