@@ -672,7 +672,8 @@ pub enum Misbehave {
     Raw(&'static str),
     /// A session-era server in miniature: `initialize` is answered with a new
     /// `Mcp-Session-Id` (`s1`, `s2`, ...), a notification or a client's response with 202, a
-    /// DELETE with 200, any other request with its own id and an empty result.
+    /// DELETE with 200, a call of the tool `moved` with a bare 302 and of `gone` with a bare
+    /// 404, any other request with its own id and an empty result.
     SessionEra,
 }
 
@@ -811,6 +812,15 @@ fn session_era_answer(deleted: bool, body: &[u8]) -> Vec<u8> {
     let (Some(id), Some(_)) = (m.get("id"), m.get("method")) else {
         return empty("202 Accepted").into_bytes();
     };
+    match m["params"]["name"].as_str() {
+        Some("moved") => {
+            return "HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n"
+                .as_bytes()
+                .to_vec();
+        }
+        Some("gone") => return empty("404 Not Found").into_bytes(),
+        _ => {}
+    }
     let (result, session) = if m["method"] == "initialize" {
         let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         (

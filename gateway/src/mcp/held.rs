@@ -471,6 +471,10 @@ pub(super) struct Answer {
 /// response without) to `up` over the held session of `owner`. A request's answer comes back
 /// as one JSON message reshaped for the stateless era; `server/discover` is answered from the
 /// session's `initialize` result.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the call"
+)]
 pub(super) async fn call(
     ctx: &WorkerCtx,
     req: &Request,
@@ -479,6 +483,7 @@ pub(super) async fn call(
     owner: Owner,
     body: &[u8],
     extra: &[(&str, Option<&str>)],
+    gave_up: &mut GaveUp,
 ) -> Result<Answer, UpstreamFailure> {
     let mut message: Value = serde_json::from_slice(body)
         // The call's own failure, not the upstream's: nothing was sent (see `proxy::outcome_of`).
@@ -548,7 +553,7 @@ pub(super) async fn call(
                 if let (UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_), Some(ours)) =
                     (&f, &sent)
                 {
-                    cancel(ctx, req, peer, up, &replace, ours).await;
+                    *gave_up = GaveUp::cancellation(req, peer, up, &replace, ours);
                 }
                 return Err(f);
             }
@@ -569,25 +574,33 @@ pub(super) async fn call(
     Ok(answer)
 }
 
-/// Cancels the request `ours` given up on (it timed out, or its connection failed after it was
-/// sent) in its held session (`replace`: the session's headers), before the call's
-/// concurrency slot is given back: the session is not the caller's, so nothing else ends the
-/// request there, and a tenant whose calls time out could otherwise keep running at the
-/// upstream as many as it liked, whatever its cap (one more every `response_timeout_ms`).
-async fn cancel(
-    ctx: &WorkerCtx,
-    req: &Request,
-    peer: SocketAddr,
-    up: &Upstream,
-    replace: &[(&str, Option<&str>)],
-    ours: &Id,
-) {
-    let Some(body) = super::abandoned::cancellation(std::iter::once(ours)) else {
-        return;
-    };
-    match upstream_request(req, peer, up, &body, replace) {
-        Ok(request) => super::abandoned::cancel(ctx, up, request).await,
-        Err(e) => tracing::debug!(upstream = %up.name, "held call not cancelled: {e}"),
+/// A held call given up on (it timed out, or its connection failed after it was sent): its
+/// cancellation in the held session, sent once its client has its answer and before the
+/// call's concurrency slot is given back ([`GaveUp::cancel`]). The session is not the
+/// caller's, so nothing else ends the request there, and a tenant whose calls time out could
+/// otherwise keep running at the upstream as many as it liked, whatever its cap (one more
+/// every `response_timeout_ms`).
+#[derive(Default)]
+pub(super) struct GaveUp(Option<http::Outgoing>);
+
+impl GaveUp {
+    /// The cancellation of the request `ours` in the session whose headers are `replace`.
+    fn cancellation(
+        req: &Request,
+        peer: SocketAddr,
+        up: &Upstream,
+        replace: &[(&str, Option<&str>)],
+        ours: &Id,
+    ) -> Self {
+        let body = super::abandoned::cancellation(std::iter::once(ours));
+        Self(body.and_then(|body| upstream_request(req, peer, up, &body, replace).ok()))
+    }
+
+    /// Sends the cancellation, if the call was given up on.
+    pub(super) async fn cancel(self, ctx: &WorkerCtx, up: &Upstream) {
+        if let Some(request) = self.0 {
+            super::abandoned::cancel(ctx, up, request).await;
+        }
     }
 }
 
@@ -606,6 +619,10 @@ fn with_id(body: Vec<u8>, ours: &Id, theirs: &Id) -> Vec<u8> {
 /// Like [`call`] for an upstream whose era is not known: the message goes as the client sent
 /// it first, and over a held session only if the upstream refuses it for want of one. Either
 /// way the answer comes back as [`call`] gives it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the call"
+)]
 pub(super) async fn call_learning(
     ctx: &WorkerCtx,
     req: &Request,
@@ -614,9 +631,10 @@ pub(super) async fn call_learning(
     owner: Owner,
     body: &Bytes,
     extra: &[(&str, Option<&str>)],
+    gave_up: &mut GaveUp,
 ) -> Result<Answer, UpstreamFailure> {
     if era::known_session(ctx, up) == Some(true) {
-        return call(ctx, req, peer, up, owner, body, extra).await;
+        return call(ctx, req, peer, up, owner, body, extra, gave_up).await;
     }
     let mut replace = extra.to_vec();
     replace.extend(READ_WHOLE);
@@ -625,7 +643,7 @@ pub(super) async fn call_learning(
     let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
         era::learn_session(ctx, up);
-        return call(ctx, req, peer, up, owner, body, extra).await;
+        return call(ctx, req, peer, up, owner, body, extra, gave_up).await;
     }
     let message: Value = serde_json::from_slice(body).unwrap_or_default();
     let id = id_of(&message);
@@ -689,9 +707,12 @@ pub(super) async fn forward_learning<'c>(
             era::learn_session(ctx, up);
             let owner = owner(ctx, up, obs);
             let sent = Instant::now();
-            let answer = Box::pin(call(ctx, req, peer, up, owner, body, extra)).await;
+            let mut gave_up = GaveUp::default();
+            let answer = Box::pin(call(ctx, req, peer, up, owner, body, extra, &mut gave_up)).await;
             obs.waited(sent.elapsed());
-            Box::pin(reply(io, req, up, m, answer, obs, None)).await
+            let keep = Box::pin(reply(io, req, up, m, answer, obs, None)).await;
+            gave_up.cancel(ctx, up).await;
+            keep
         }
         Opened::Relay(conn, head) => {
             let id = m.request_id();
@@ -868,9 +889,12 @@ pub(super) async fn forward<'c>(
     let sent = Instant::now();
     // A stateless client has no session: an id it sends is not passed on.
     let unsent = [("mcp-session-id", None)];
-    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &unsent).await;
+    let mut gave_up = GaveUp::default();
+    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &unsent, &mut gave_up).await;
     obs.waited(sent.elapsed());
-    reply(io, req, up, m, answer, obs, edit).await
+    let keep = reply(io, req, up, m, answer, obs, edit).await;
+    gave_up.cancel(ctx, up).await;
+    keep
 }
 
 /// Writes a held session's `answer` to message `m` for the stateless client: 202 for a
@@ -903,7 +927,10 @@ pub(super) async fn reply(
         if status >= 500 {
             obs.failed_by(super::proxy::Blame::of_status(status));
         } else {
-            obs.set(Outcome::UpstreamFailure);
+            // A 404 once more after a new session, or a 1xx or 3xx: an answer to this request,
+            // as on passthrough, not a sign of the upstream's health either way (it opened the
+            // upstream's shared breaker for every tenant).
+            obs.own_failure();
         }
         let f = UpstreamFailure::Bad(format!("answered HTTP {status}"));
         return fail(io, req, up, id, f).await;

@@ -1109,3 +1109,35 @@ fn a_held_call_that_times_out_is_cancelled_in_its_session() {
     assert!(ended, "calls still running at the upstream: {}", running());
     d.stop();
 }
+
+/// A held call answered with a bare 404 (once more after a new session) or a 3xx is an
+/// answer to that call, as on passthrough, and no sign of the upstream's health: two such
+/// calls opened a held upstream's shared breaker for every tenant.
+#[test]
+fn a_held_call_answered_404_or_302_opens_the_tools_breaker_only() {
+    let up = FakeUpstream::start(Misbehave::SessionEra);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwheldstatus");
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nera = \"session\"\n\
+         breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        up.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for tool in ["moved", "gone"] {
+        for id in 0..2 {
+            let r = raw(port, &post_call_2026("/mcp", id, tool, &json!({}), "")).0;
+            assert_eq!(r.status, 502, "{tool}: {r:?}");
+        }
+        integration_tests::peers::wait_breaker_open(admin, &format!("u0/{tool}@"));
+        let r = raw(port, &post_call_2026("/mcp", 7, "other", &json!({}), "")).0;
+        assert_eq!(
+            r.status, 200,
+            "after {tool}: the upstream's breaker stayed closed: {r:?}"
+        );
+    }
+    d.stop();
+}

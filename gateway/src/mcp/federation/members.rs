@@ -114,7 +114,20 @@ impl<'c> Federation<'_, 'c> {
         let mut extra = extra.to_vec();
         extra.push(("last-event-id", None));
         extra.push(("mcp-session-id", None));
-        Some(held::call_learning(self.ctx, self.req, self.peer, up, owner, body, &extra).await)
+        let mut gave_up = held::GaveUp::default();
+        let answer = held::call_learning(
+            self.ctx,
+            self.req,
+            self.peer,
+            up,
+            owner,
+            body,
+            &extra,
+            &mut gave_up,
+        )
+        .await;
+        gave_up.cancel(self.ctx, up).await;
+        Some(answer)
     }
 
     /// Whether `member` speaks only the stateless era behind this session-era client: its
@@ -220,11 +233,23 @@ impl<'c> Federation<'_, 'c> {
             if crate::mcp::era::known_session(self.ctx, up) == Some(true) {
                 let sent = std::time::Instant::now();
                 let owner = held::owner(self.ctx, up, self.obs);
-                let answer =
-                    held::call(self.ctx, self.req, self.peer, up, owner, &bytes, &extra).await;
+                let mut gave_up = held::GaveUp::default();
+                let answer = held::call(
+                    self.ctx,
+                    self.req,
+                    self.peer,
+                    up,
+                    owner,
+                    &bytes,
+                    &extra,
+                    &mut gave_up,
+                )
+                .await;
                 self.obs.waited(sent.elapsed());
                 self.obs.upstream.set(Some(&up.name));
-                return held::reply(io, self.req, up, message, answer, self.obs, None).await;
+                let keep = held::reply(io, self.req, up, message, answer, self.obs, None).await;
+                gave_up.cancel(self.ctx, up).await;
+                return keep;
             }
             return held::forward_learning(
                 io,
