@@ -1145,7 +1145,7 @@ impl RawConfig {
     /// Checks every setting and resolves what it names (the environment and host names as
     /// `opts` allows). The policy's globs, patterns and keys are checked by compiling them,
     /// which [`crate::load`] does after this: a file is read whole there.
-    pub fn validate_settings(self, opts: LoadOptions) -> Result<Config, ConfigError> {
+    pub(crate) fn validate_settings(self, opts: LoadOptions) -> Result<Config, ConfigError> {
         self.check_ms_floors()?;
         self.check_rule_upstreams()?;
         let g = self.gateway;

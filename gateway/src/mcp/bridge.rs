@@ -62,7 +62,7 @@ const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
 
 /// Passthrough: a session-era message to an upstream whose era is not known goes as the client
 /// sent it and is relayed as it arrives, unless the upstream refuses it as
-/// [`refuses_session_era`] says (a small 400, read before anything is relayed): then the era
+/// [`super::era::refuses_session_era`] says (a small 400, read before anything is relayed): then the era
 /// is learnt, for every worker, and the message is bridged.
 #[expect(
     clippy::too_many_arguments,

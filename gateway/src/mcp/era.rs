@@ -15,8 +15,8 @@ const ERA_TTL: Duration = Duration::from_secs(300);
 
 /// Whether `up` is known to speak only the session era: configured so, or (`era = "auto"`)
 /// learnt lately from its refusal of a stateless request. `None`: not known either way, so
-/// the request goes as the client sent it and the answer tells ([`forward_learning`],
-/// [`call_learning`]).
+/// the request goes as the client sent it and the answer tells ([`super::held::forward_learning`],
+/// [`super::held::call_learning`]).
 pub(super) fn known_session(ctx: &WorkerCtx, up: &Upstream) -> Option<bool> {
     match up.era {
         UpstreamEra::Session => Some(true),

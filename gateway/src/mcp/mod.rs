@@ -36,7 +36,7 @@ mod stdio_route;
 pub mod tasks;
 pub mod upstream;
 pub mod version;
-pub mod worker;
+pub(crate) mod worker;
 
 pub use error::RpcError;
 

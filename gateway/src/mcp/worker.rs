@@ -81,10 +81,10 @@ pub(super) enum Slot {
 ///
 /// A session the gateway lets go is ended at its upstream with a DELETE: many servers keep a
 /// session until it is DELETEd, so one only forgotten would stay there for good. An evicted
-/// one waits in `ending` for the worker's `Held::end_evicted` task, so that no request waits
-/// for another upstream's DELETE; when the worker stops, `Held::end_all` ends the rest.
+/// one waits in `ending` for the worker's [`Held::end_evicted`] task, so that no request waits
+/// for another upstream's DELETE; when the worker stops, [`Held::end_all`] ends the rest.
 #[derive(Default)]
-pub struct Held {
+pub(crate) struct Held {
     /// By upstream key: since when it is known to speak only the session era
     /// ([`super::era`]).
     pub(super) eras: RefCell<HashMap<u64, Instant>>,
@@ -92,6 +92,6 @@ pub struct Held {
     pub(super) sessions: RefCell<HashMap<(u64, u64), Slot>>,
     /// Evicted sessions to be ended (upstream key, session), oldest first.
     pub(super) ending: RefCell<VecDeque<(u64, Rc<HeldSession>)>>,
-    /// Wakes `Held::end_evicted` when `ending` gets one.
+    /// Wakes [`Held::end_evicted`] when `ending` gets one.
     pub(super) wake: RefCell<Option<oneshot::Sender<()>>>,
 }
