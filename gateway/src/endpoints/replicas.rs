@@ -7,7 +7,7 @@
 //! Balancing: power of two choices on the worker's own count of requests in flight to each
 //! endpoint. Ejection: `eject_after_failures` consecutive failures (connect refused or timed
 //! out; a reset, a timeout or a 502–504 only where
-//! [`crate::mcp::upstream::requests::says_of_replica`]) take an endpoint out of
+//! `says_of_replica` (`mcp/upstream/requests.rs`)) take an endpoint out of
 //! rotation for `eject_base_ms`,
 //! doubled on each repeat up to `eject_max_ms`; once that time has passed, one real request
 //! (across all workers) is let through as a half-open trial: a success puts the endpoint back,

@@ -167,7 +167,7 @@ pub(super) async fn forward<'c>(
     reply(io, req, up, m, answer, obs, filter).await
 }
 
-/// A keyed hash naming the request `id` of a client's `session`, for [`super::session::Cancels`].
+/// A keyed hash naming the request `id` of a client's `session`, for [`crate::session::Cancels`].
 pub(super) fn cancel_key(ctx: &WorkerCtx, session: &[u8], id: &Value) -> u64 {
     ctx.shared
         .limits
