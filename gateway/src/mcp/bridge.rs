@@ -313,11 +313,12 @@ pub(super) async fn initialize_result(
     }
     let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
     let (head, body) = exchange(ctx, req, peer, up, discover, meta).await?;
-    // Whose a failure is, as for a held session's `initialize`: a 5xx other than 500 the
-    // upstream's, any other answer that is not a result the call's own.
+    // Whose a failure is, as for a held session's `initialize`: a 502–504 either's, another
+    // 5xx other than 500 the upstream's, any other answer that is not a result the call's own.
     if !(200..300).contains(&head.status) {
         let why = format!("server/discover answered HTTP {}", head.status);
         return Err(match head.status {
+            502..=504 => UpstreamFailure::Unavailable(why),
             501.. => UpstreamFailure::Bad(why),
             _ => UpstreamFailure::Unrelayable(why),
         });

@@ -398,7 +398,8 @@ async fn open(
 /// Whose a failure is, for the upstream's shared breaker: one to reach the upstream or a
 /// session id it cannot give is the upstream's; an answer that is not an `initialize` result
 /// (a 4xx to the caller's headers, an error, a 500) is the call's own
-/// ([`UpstreamFailure::Unrelayable`]), as it is on passthrough: what a caller sent can draw it.
+/// ([`UpstreamFailure::Unrelayable`]), as it is on passthrough: what a caller sent can draw it;
+/// a 502–504 is either's ([`UpstreamFailure::Unavailable`]), as on passthrough.
 pub(super) async fn initialize(
     ctx: &WorkerCtx,
     req: &Request,
@@ -430,6 +431,7 @@ pub(super) async fn initialize(
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
     let result = response_result(&head, &bytes, id).map_err(|e| match head.status {
+        502..=504 => UpstreamFailure::Unavailable(e),
         501.. => UpstreamFailure::Bad(e),
         _ => own(e),
     })?;
@@ -999,6 +1001,7 @@ pub(super) fn describe(f: UpstreamFailure) -> String {
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Denied(d)
         | UpstreamFailure::Unrelayable(d)
+        | UpstreamFailure::Unavailable(d)
         | UpstreamFailure::Bad(d) => d,
         UpstreamFailure::Tls { detail, .. } => detail,
         UpstreamFailure::ClientGone => "the client left".into(),

@@ -141,7 +141,7 @@ impl Obs<'_> {
     /// answer the gateway cannot pass on and a 401/403 the call drew are the call's.
     pub fn failed(&self, f: &UpstreamFailure) {
         let blame = match f {
-            UpstreamFailure::Timeout => Blame::Unclear,
+            UpstreamFailure::Timeout | UpstreamFailure::Unavailable(_) => Blame::Unclear,
             UpstreamFailure::Unrelayable(_) | UpstreamFailure::Denied(_) => Blame::Call,
             _ => Blame::Upstream,
         };
@@ -920,6 +920,7 @@ async fn answer_failure(
         | UpstreamFailure::NoResponse(d)
         | UpstreamFailure::Denied(d)
         | UpstreamFailure::Unrelayable(d)
+        | UpstreamFailure::Unavailable(d)
         | UpstreamFailure::Bad(d) => (502, format!("upstream `{}` failed: {d}", up.name)),
         UpstreamFailure::OutOfDescriptors => {
             crate::throttled_warn!(
@@ -1031,5 +1032,26 @@ mod passed_tests {
             shared.breakers.allow("up", 13 * MS, &c, LEASE),
             Ok(Pass::Closed(2))
         );
+    }
+
+    /// Whose each failure is at the upstream's shared breaker: a 502–504 to an exchange the
+    /// gateway made for the call (a held session's `initialize`) is either's, as a 502–504
+    /// answer to the call is, not the upstream's outright.
+    #[test]
+    fn each_failure_has_its_blame() {
+        let blame = |f: UpstreamFailure| {
+            let obs = Obs::default();
+            obs.failed(&f);
+            obs.blame.get()
+        };
+        assert_eq!(
+            blame(UpstreamFailure::Unavailable("502".into())),
+            Blame::Unclear
+        );
+        assert_eq!(blame(UpstreamFailure::Timeout), Blame::Unclear);
+        assert_eq!(blame(UpstreamFailure::Unrelayable("x".into())), Blame::Call);
+        assert_eq!(blame(UpstreamFailure::Denied("401".into())), Blame::Call);
+        assert_eq!(blame(UpstreamFailure::Bad("x".into())), Blame::Upstream);
+        assert_eq!(blame(UpstreamFailure::Connect("x".into())), Blame::Upstream);
     }
 }

@@ -125,6 +125,10 @@ pub enum UpstreamFailure {
     /// upstream may have executed it, so it is retried only if it is idempotent.
     NoResponse(String),
     Bad(String),
+    /// An exchange the gateway makes for the call (a held session's `initialize`, a bridged
+    /// `server/discover`) was answered 502–504: a proxy in front of a dead server, or of a
+    /// slow one. Either's, as such an answer to the call itself is (`proxy::Blame::Unclear`).
+    Unavailable(String),
     /// The TLS handshake failed (a certificate that does not verify, say): `reason` is the
     /// label counted in `/metrics` and named to the client.
     Tls {
@@ -154,6 +158,7 @@ impl UpstreamFailure {
                 | Self::Timeout
                 | Self::NoResponse(_)
                 | Self::Bad(_)
+                | Self::Unavailable(_)
                 | Self::Unsent(_)
         )
     }
