@@ -87,8 +87,7 @@ pub(super) async fn forward_learning<'c>(
             forward(io, req, peer, ctx, up, m, obs, None).await
         }
         held::Opened::Relay(conn, head) => {
-            super::relay::relay_opened(io, conn, req, head, up, m.request_id(), ctx, None, obs)
-                .await
+            super::relay::relay(io, conn, req, head, up, m.request_id(), ctx, None, obs).await
         }
     }
 }
@@ -313,15 +312,10 @@ pub(super) async fn initialize_result(
     }
     let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
     let (head, body) = exchange(ctx, req, peer, up, discover, meta).await?;
-    // Whose a failure is, as for a held session's `initialize`: a 502–504 either's, another
-    // 5xx other than 500 the upstream's, any other answer that is not a result the call's own.
+    // Whose a failure is, as for a held session's `initialize`.
     if !(200..300).contains(&head.status) {
         let why = format!("server/discover answered HTTP {}", head.status);
-        return Err(match head.status {
-            502..=504 => UpstreamFailure::Unavailable(why),
-            501.. => UpstreamFailure::Bad(why),
-            _ => UpstreamFailure::Unrelayable(why),
-        });
+        return Err(UpstreamFailure::of_exchange(head.status, why));
     }
     let (discovered, _) =
         answer_and_notes(&head, &body, Some(&Id::Num(0))).map_err(UpstreamFailure::Unrelayable)?;

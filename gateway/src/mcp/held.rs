@@ -79,6 +79,26 @@ pub(super) const READ_WHOLE: [(&str, Option<&str>); 2] = [
     ("content-type", Some("application/json")),
 ];
 
+/// The headers of a message the gateway sends in a held session (`id` and `version`: the
+/// session's, none while it is opened), after `extra`: the caller's routing headers and any
+/// `Last-Event-ID` left out, and what the gateway reads whole ([`READ_WHOLE`]).
+fn in_session<'a>(
+    extra: &[(&'a str, Option<&'a str>)],
+    id: Option<&'a str>,
+    version: Option<&'a str>,
+) -> Vec<(&'a str, Option<&'a str>)> {
+    let mut replace = extra.to_vec();
+    replace.extend([
+        ("mcp-session-id", id),
+        ("mcp-protocol-version", version),
+        ("mcp-method", None),
+        ("mcp-name", None),
+        ("last-event-id", None),
+    ]);
+    replace.extend(READ_WHOLE);
+    replace
+}
+
 /// Whose a held session is: the key it is held by, and its tenant's (whose sessions are
 /// evicted first when the tenant holds the most).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,9 +417,7 @@ async fn open(
 ///
 /// Whose a failure is, for the upstream's shared breaker: one to reach the upstream or a
 /// session id it cannot give is the upstream's; an answer that is not an `initialize` result
-/// (a 4xx to the caller's headers, an error, a 500) is the call's own
-/// ([`UpstreamFailure::Unrelayable`]), as it is on passthrough: what a caller sent can draw it;
-/// a 502–504 is either's ([`UpstreamFailure::Unavailable`]), as on passthrough.
+/// is as [`UpstreamFailure::of_exchange`] says.
 pub(super) async fn initialize(
     ctx: &WorkerCtx,
     req: &Request,
@@ -409,14 +427,7 @@ pub(super) async fn initialize(
     id: Option<&Id>,
 ) -> Result<(Option<String>, Value), UpstreamFailure> {
     let own = |e: String| UpstreamFailure::Unrelayable(format!("its session: {e}"));
-    let mut unsent = vec![
-        ("mcp-session-id", None),
-        ("mcp-protocol-version", None),
-        ("mcp-method", None),
-        ("mcp-name", None),
-        ("last-event-id", None),
-    ];
-    unsent.extend(READ_WHOLE);
+    let unsent = in_session(&[], None, None);
     let request = upstream_request(req, peer, up, body, &unsent).map_err(|e| own(e.to_string()))?;
     let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
     // An upstream that speaks only the stateless era: learnt, for the callers to bridge.
@@ -430,21 +441,11 @@ pub(super) async fn initialize(
         .get("mcp-session-id")
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
-    let result = response_result(&head, &bytes, id).map_err(|e| match head.status {
-        502..=504 => UpstreamFailure::Unavailable(e),
-        501.. => UpstreamFailure::Bad(e),
-        _ => own(e),
-    })?;
+    let result = response_result(&head, &bytes, id)
+        .map_err(|e| UpstreamFailure::of_exchange(head.status, format!("its session: {e}")))?;
     let version = result["protocolVersion"].as_str().unwrap_or_default();
     let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-    let mut replace = vec![
-        ("mcp-session-id", session.as_deref()),
-        ("mcp-protocol-version", Some(version)),
-        ("mcp-method", None),
-        ("mcp-name", None),
-        ("last-event-id", None),
-    ];
-    replace.extend(READ_WHOLE);
+    let replace = in_session(&[], session.as_deref(), Some(version));
     let request = upstream_request(req, peer, up, &Bytes::from_static(initialized), &replace)
         .map_err(|e| UpstreamFailure::Bad(format!("its answer to initialize: {e}")))?;
     let (head, _) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
@@ -538,15 +539,7 @@ pub(super) async fn call(
     let (head, bytes) = loop {
         attempt += 1;
         let s = session(ctx, req, peer, up, owner).await?;
-        let mut replace = extra.to_vec();
-        replace.extend([
-            ("mcp-session-id", s.id.as_deref()),
-            ("mcp-protocol-version", Some(s.version.as_str())),
-            ("mcp-method", None),
-            ("mcp-name", None),
-            ("last-event-id", None),
-        ]);
-        replace.extend(READ_WHOLE);
+        let replace = in_session(extra, s.id.as_deref(), Some(s.version.as_str()));
         let request = upstream_request(req, peer, up, &body, &replace)
             .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
         let (head, bytes) = match upstream::call(&ctx.pool, up, request, MAX_ANSWER).await {
@@ -718,7 +711,7 @@ pub(super) async fn forward_learning<'c>(
         }
         Opened::Relay(conn, head) => {
             let id = m.request_id();
-            super::relay::relay_opened(io, conn, req, head, up, id, ctx, member, obs).await
+            super::relay::relay(io, conn, req, head, up, id, ctx, member, obs).await
         }
     }
 }

@@ -42,9 +42,7 @@ pub(super) async fn forward<'c>(
     let opened = open(&ctx.pool, up, request, Some(client)).await;
     obs.waited(sent.elapsed());
     match opened {
-        Ok((conn, head)) => {
-            relay_opened(client, conn, req, head, up, request_id, ctx, member, obs).await
-        }
+        Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,
         // The client gave up waiting; the upstream connection was closed, which cancels there.
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
@@ -63,25 +61,6 @@ pub(super) async fn forward<'c>(
             fail(client, req, up, request_id, f).await
         }
     }
-}
-
-/// Relays the answer of an exchange already opened: what [`forward`] does once the head is in.
-#[expect(clippy::too_many_arguments, reason = "the inputs of `relay`")]
-pub(super) async fn relay_opened(
-    client: &mut Io,
-    conn: Conn,
-    req: &Request,
-    mut head: ResponseHead,
-    up: &Upstream,
-    request_id: Option<Id>,
-    ctx: &WorkerCtx,
-    member: Option<&str>,
-    obs: &Obs<'_>,
-) -> bool {
-    if member.is_none() {
-        sign_session(ctx, up, &mut head, obs);
-    }
-    relay(client, conn, req, head, up, request_id, ctx, member, obs).await
 }
 
 /// Largest event kept to tell a result from an error and a tool's failure (an event stream's
@@ -117,24 +96,29 @@ const HOLD_SMALL: usize = 16 * 1024;
 /// however long it was (see the body's deadline in `relay`).
 const MIN_RATE: usize = 8 * 1024;
 
-/// Streams the upstream's response to the client. Returns whether the client connection can
-/// carry another request. Inside a federation (`member`), the upstream's session header is
-/// dropped (the client holds the gateway's) and each SSE event is rewritten.
+/// Streams the answer of an exchange already opened (what [`forward`] does once the head is
+/// in) to the client. Returns whether the client connection can carry another request.
+/// Outside a federation the upstream's session id is signed for the client; inside one
+/// (`member`), the upstream's session header is dropped (the client holds the gateway's) and
+/// each SSE event is rewritten.
 #[expect(
     clippy::too_many_arguments,
-    reason = "one call site each; a struct would only rename them"
+    reason = "each is a separate input of the relay; a struct would only rename them"
 )]
 pub(super) async fn relay(
     client: &mut Io,
     mut conn: Conn,
     req: &Request,
-    head: ResponseHead,
+    mut head: ResponseHead,
     up: &Upstream,
     request_id: Option<Id>,
     ctx: &WorkerCtx,
     member: Option<&str>,
     obs: &Obs<'_>,
 ) -> bool {
+    if member.is_none() {
+        sign_session(ctx, up, &mut head, obs);
+    }
     if head.status >= 500 {
         obs.failed_by(super::proxy::Blame::of_status(head.status));
     } else if head.status >= 400 {

@@ -149,6 +149,19 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// An exchange the gateway made for a call (a held session's `initialize`, a bridged
+    /// `server/discover`) answered `status` without the result it needed (`why`): a 502–504
+    /// is either's ([`Self::Unavailable`]), another 5xx but 500 the upstream's, and anything
+    /// else, which what the caller sent can draw (a 4xx, an error, a 500), the call's own
+    /// ([`Self::Unrelayable`]), as each is on passthrough.
+    pub fn of_exchange(status: u16, why: String) -> Self {
+        match status {
+            502..=504 => Self::Unavailable(why),
+            501.. => Self::Bad(why),
+            _ => Self::Unrelayable(why),
+        }
+    }
+
     /// Whether the failure speaks against the endpoint (and counts towards its ejection).
     fn counts_against_endpoint(&self) -> bool {
         matches!(
