@@ -70,8 +70,11 @@ pub(super) fn known_stateless(ctx: &WorkerCtx, up: &Upstream) -> bool {
     }
 }
 
+/// Learns that `up` speaks only the stateless era, and so forgets that it spoke only the
+/// session era if that was learnt (an upstream upgraded in place).
 pub(super) fn learn_stateless(ctx: &WorkerCtx, up: &Upstream) {
     tracing::info!(upstream = %up.name, "speaks the stateless era only: session-era clients are bridged");
+    ctx.held.eras.borrow_mut().remove(&up.key);
     ctx.shared
         .stateless_upstreams
         .pin()

@@ -23,7 +23,9 @@
 //! that takes an event stream, after the answer is complete.
 //!
 //! What it must never do: let two tenants share a session (the key is the upstream and the
-//! tenant, or the caller), or let a client name the session (it has no say in it).
+//! tenant, or the caller), let a client name the session (it has no say in it), or let the
+//! caller that happens to open a tenant's session shape it (it is opened with none of that
+//! caller's headers).
 
 use std::{
     collections::HashMap,
@@ -39,7 +41,7 @@ use serde_json::{Value, json};
 use super::{
     Id, Kind, Message, era,
     messages::{discover_from_initialize, for_stateless, response_result},
-    proxy::{Obs, classify, fail, session_owner, upstream_request},
+    proxy::{Blame, Obs, classify, fail, session_owner, upstream_request},
     sse, upstream,
     upstream::{ResponseHead, UpstreamFailure},
     version,
@@ -180,7 +182,18 @@ async fn session(
             key,
             done: false,
         };
-        let opened = open(ctx, req, peer, up, owner.tenant).await;
+        // A tenant's session is shared by its callers: opened with none of the first one's
+        // headers or query, which the upstream could take as the session's (a user, a trace,
+        // a flag) for every caller after. A caller's own session is opened with its request.
+        let own;
+        let opener = match up.held_session {
+            HeldScope::Caller => req,
+            HeldScope::Tenant => {
+                own = gateways_own("POST");
+                &own
+            }
+        };
+        let opened = open(ctx, opener, peer, up, owner.tenant).await;
         guard.done = true;
         let mut sessions = ctx.held.sessions.borrow_mut();
         // Dropping the waiters' senders wakes them.
@@ -194,8 +207,10 @@ async fn session(
                 sessions.remove(&key);
                 drop(sessions);
                 // What was learnt may be wrong (an upstream that cannot be initialized):
-                // the next request goes as the client sent it again.
-                if up.era == UpstreamEra::Auto {
+                // the next request goes as the client sent it again. Not for a failure the
+                // caller drew (its own session refused for what it sent): that says nothing
+                // of the upstream, and would cost every other caller a refused round trip.
+                if up.era == UpstreamEra::Auto && Blame::of_failure(&f) != Blame::Call {
                     ctx.held.eras.borrow_mut().remove(&up.key);
                 }
                 Err(f)
@@ -232,6 +247,20 @@ fn evict_idlest(sessions: &mut HashMap<(u64, u64), Slot>) -> Option<(u64, Rc<Hel
     }
 }
 
+/// A request of the gateway's own for a held session, with no client's header, query or body:
+/// what the upstream gets is only what the gateway writes (see [`upstream_request`]).
+fn gateways_own(method: &str) -> Request {
+    Request {
+        method: method.to_owned(),
+        // No query of its own: the upstream's path (with any query its URL has) is the target.
+        target: "/".to_owned(),
+        minor: 1,
+        headers: http::Fields::default(),
+        body: Bytes::new(),
+        keep_alive: true,
+    }
+}
+
 /// Ends a session the gateway let go at its upstream (the one of that key in the running
 /// configuration, whose credentials it takes; none if a reload removed it), with a DELETE
 /// built now: its id and version, forwarded for the client that opened it. Best effort,
@@ -244,15 +273,7 @@ async fn end(ctx: &WorkerCtx, up_key: u64, s: &HeldSession) {
     let Some(up) = snapshot.config.upstreams.iter().find(|u| u.key == up_key) else {
         return;
     };
-    let delete = Request {
-        method: "DELETE".to_owned(),
-        // No query of its own: the upstream's path (with any query its URL has) is the target.
-        target: "/".to_owned(),
-        minor: 1,
-        headers: http::Fields::default(),
-        body: Bytes::new(),
-        keep_alive: true,
-    };
+    let delete = gateways_own("DELETE");
     let replace = [
         ("mcp-session-id", Some(id)),
         ("mcp-protocol-version", Some(s.version.as_str())),

@@ -68,6 +68,16 @@ pub(super) enum Blame {
 }
 
 impl Blame {
+    /// Whose a failed call is: a timeout is either's, an answer the gateway cannot pass on and
+    /// a 401/403 the call drew are the call's.
+    pub fn of_failure(f: &UpstreamFailure) -> Self {
+        match f {
+            UpstreamFailure::Timeout | UpstreamFailure::Unavailable(_) => Blame::Unclear,
+            UpstreamFailure::Unrelayable(_) | UpstreamFailure::Denied(_) => Blame::Call,
+            _ => Blame::Upstream,
+        }
+    }
+
     /// Whose a 5xx answer is.
     pub fn of_status(status: u16) -> Self {
         if status == 500 {
@@ -140,12 +150,7 @@ impl Obs<'_> {
     /// The call failed with `f` (its outcome: see [`outcome_of`]): a timeout is either's, an
     /// answer the gateway cannot pass on and a 401/403 the call drew are the call's.
     pub fn failed(&self, f: &UpstreamFailure) {
-        let blame = match f {
-            UpstreamFailure::Timeout | UpstreamFailure::Unavailable(_) => Blame::Unclear,
-            UpstreamFailure::Unrelayable(_) | UpstreamFailure::Denied(_) => Blame::Call,
-            _ => Blame::Upstream,
-        };
-        self.set_blamed(outcome_of(f), blame);
+        self.set_blamed(outcome_of(f), Blame::of_failure(f));
     }
 
     /// The call failed on its own account (an answer too large or unreadable, a 4xx, no answer

@@ -1141,3 +1141,47 @@ fn a_held_call_answered_404_or_302_opens_the_tools_breaker_only() {
     }
     d.stop();
 }
+
+/// A tenant's held session is shared by all its callers, so it is opened with none of the
+/// first caller's headers or query (docs/security.md §6): the upstream could take what came
+/// with `initialize` (a user, a flag, a trace) as the session's, for every caller after. Each
+/// call still carries its own caller's.
+#[test]
+fn a_tenants_held_session_is_opened_with_none_of_its_first_callers_headers() {
+    let up = FakeUpstream::start(Misbehave::SessionEra);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwheldopener");
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nera = \"session\"\n\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        up.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for (id, who) in [(1, "alice"), (2, "bob")] {
+        let extra = format!("x-user: {who}\r\nuser-agent: {who}-agent/1\r\n");
+        let path = format!("/mcp?as={who}");
+        let r = raw(port, &post_call_2026(&path, id, "echo", &json!({}), &extra)).0;
+        assert_eq!(r.status, 200, "{who}: {r:?}");
+    }
+    let heads = up.seen.lock().unwrap().clone();
+    // initialize, notifications/initialized, alice's call, bob's call: one session.
+    assert_eq!(heads.len(), 4, "{heads:#?}");
+    assert!(!heads[0].contains("mcp-session-id"), "{heads:#?}");
+    for opening in &heads[..2] {
+        assert!(
+            !opening.contains("alice") && opening.starts_with("POST /mcp HTTP/1.1\r\n"),
+            "the session was opened with its first caller's request: {opening}"
+        );
+    }
+    for (head, who, other) in [(&heads[2], "alice", "bob"), (&heads[3], "bob", "alice")] {
+        assert!(
+            head.contains(&format!("x-user: {who}\r\n"))
+                && head.contains(&format!("?as={who} "))
+                && !head.contains(other),
+            "{head}"
+        );
+    }
+    d.stop();
+}
