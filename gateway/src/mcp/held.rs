@@ -207,9 +207,10 @@ async fn session(
                 sessions.remove(&key);
                 drop(sessions);
                 // What was learnt may be wrong (an upstream that cannot be initialized):
-                // the next request goes as the client sent it again. Not for a failure the
-                // caller drew (its own session refused for what it sent): that says nothing
-                // of the upstream, and would cost every other caller a refused round trip.
+                // the next request goes as the client sent it again. Not for a failure of
+                // the call's own (a 4xx or an error, which a caller's own session can draw
+                // for what it sent): that says nothing of the upstream's era, and would cost
+                // every other caller a refused round trip.
                 if up.era == UpstreamEra::Auto && Blame::of_failure(&f) != Blame::Call {
                     ctx.held.eras.borrow_mut().remove(&up.key);
                 }

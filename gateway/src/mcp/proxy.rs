@@ -147,8 +147,8 @@ impl Obs<'_> {
         }
     }
 
-    /// The call failed with `f` (its outcome: see [`outcome_of`]): a timeout is either's, an
-    /// answer the gateway cannot pass on and a 401/403 the call drew are the call's.
+    /// The call failed with `f` (its outcome: see [`outcome_of`]; whose it is: see
+    /// [`Blame::of_failure`]).
     pub fn failed(&self, f: &UpstreamFailure) {
         self.set_blamed(outcome_of(f), Blame::of_failure(f));
     }

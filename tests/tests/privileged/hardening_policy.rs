@@ -1110,23 +1110,37 @@ fn a_held_call_that_times_out_is_cancelled_in_its_session() {
     d.stop();
 }
 
+/// A gateway (one worker) whose route `/mcp` goes to `up`, a session-era upstream held for
+/// stateless clients, with `upstream_extra` lines in its `[[upstreams]]` table: the daemon,
+/// its port and its admin port.
+fn session_era_gateway(
+    up: &FakeUpstream,
+    instance: &str,
+    upstream_extra: &str,
+) -> (Daemon, u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique(instance);
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nera = \"session\"\n{upstream_extra}\
+         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        up.url(),
+    );
+    (Daemon::start_local(&instance, &config), port, admin)
+}
+
 /// A held call answered with a bare 404 (once more after a new session) or a 3xx is an
 /// answer to that call, as on passthrough, and no sign of the upstream's health: two such
 /// calls opened a held upstream's shared breaker for every tenant.
 #[test]
 fn a_held_call_answered_404_or_302_opens_the_tools_breaker_only() {
     let up = FakeUpstream::start(Misbehave::SessionEra);
-    let (port, admin) = (free_port(), free_port());
-    let instance = unique("gwheldstatus");
-    let config = format!(
-        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
-         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nera = \"session\"\n\
-         breaker = {{ consecutive_failures = 2, open_ms = 60000 }}\n\
-         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
-        integration_tests::daemon::local_header(&instance, 1, port, admin),
-        up.url(),
+    let (mut d, port, admin) = session_era_gateway(
+        &up,
+        "gwheldstatus",
+        "breaker = { consecutive_failures = 2, open_ms = 60000 }\n",
     );
-    let mut d = Daemon::start_local(&instance, &config);
     for tool in ["moved", "gone"] {
         for id in 0..2 {
             let r = raw(port, &post_call_2026("/mcp", id, tool, &json!({}), "")).0;
@@ -1143,22 +1157,13 @@ fn a_held_call_answered_404_or_302_opens_the_tools_breaker_only() {
 }
 
 /// A tenant's held session is shared by all its callers, so it is opened with none of the
-/// first caller's headers or query (docs/security.md §6): the upstream could take what came
+/// first caller's headers or query (docs/security.md §4): the upstream could take what came
 /// with `initialize` (a user, a flag, a trace) as the session's, for every caller after. Each
 /// call still carries its own caller's.
 #[test]
 fn a_tenants_held_session_is_opened_with_none_of_its_first_callers_headers() {
     let up = FakeUpstream::start(Misbehave::SessionEra);
-    let (port, admin) = (free_port(), free_port());
-    let instance = unique("gwheldopener");
-    let config = format!(
-        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
-         [[upstreams]]\nname = \"u0\"\nurl = \"{}\"\nera = \"session\"\n\
-         [[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
-        integration_tests::daemon::local_header(&instance, 1, port, admin),
-        up.url(),
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (mut d, port, _) = session_era_gateway(&up, "gwheldopener", "");
     for (id, who) in [(1, "alice"), (2, "bob")] {
         let extra = format!("x-user: {who}\r\nuser-agent: {who}-agent/1\r\n");
         let path = format!("/mcp?as={who}");
