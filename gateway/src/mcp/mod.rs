@@ -28,6 +28,7 @@ pub mod id;
 pub mod jsonrpc;
 pub mod messages;
 pub mod param_headers;
+mod passthrough;
 pub mod proxy;
 mod relay;
 pub mod sse;

@@ -15,11 +15,9 @@ use std::{
 use super::{
     Id, Kind, Message, Parsed, RpcError, error,
     proxy::{
-        Blame, Obs, Verified, filtered_tools_list, give_back_probes, invalid_traceparent,
-        json_response, protected_resource_metadata, refuse, trace_id, upstream_request,
-        verify_session,
+        Blame, Obs, Verified, give_back_probes, invalid_traceparent, json_response,
+        protected_resource_metadata, refuse, trace_id, verify_session,
     },
-    relay::forward,
     version,
     worker::WorkerCtx,
 };
@@ -49,17 +47,17 @@ impl Stop {
 
 /// The messages of one request.
 #[derive(Default)]
-struct Messages {
+pub(super) struct Messages {
     /// A lone message.
-    single: Option<Message>,
+    pub(super) single: Option<Message>,
     /// The members of a batch.
-    batch: Vec<Message>,
+    pub(super) batch: Vec<Message>,
     /// The id of a lone request.
-    request_id: Option<Id>,
+    pub(super) request_id: Option<Id>,
 }
 
 impl Messages {
-    fn all(&self) -> impl Iterator<Item = &Message> {
+    pub(super) fn all(&self) -> impl Iterator<Item = &Message> {
         self.single.iter().chain(self.batch.iter())
     }
 
@@ -776,176 +774,8 @@ fn admit(
     Ok(admissions)
 }
 
-/// Whether a message asks for a task or about tasks.
-fn is_task(m: &Message) -> bool {
-    m.asks_task.is_some()
-        || m.related_task.is_some()
-        || m.method
-            .as_deref()
-            .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
-}
-
-/// What a task-related message may do where the upstream cannot tell the gateway's callers
-/// apart (see `tasks`): decided before it is sent.
-enum TaskUse<'a> {
-    /// It names a task of the caller's: sent as it is.
-    Own,
-    /// `tasks/list`: the answer keeps the caller's tasks only (on the client's own session
-    /// too: see `TaskUse::of`).
-    List,
-    /// Task-augmented: the task the answer names becomes the caller's (for this long, in ms,
-    /// when the answer does not say), in the room held for it.
-    Create(Option<u64>, super::tasks::Room<'a>),
-}
-
-impl<'a> TaskUse<'a> {
-    /// For message `m` of `caller` to `up`: a task not the caller's is unknown to it (a
-    /// notification naming one included), and a new one past its share is refused. `Ok(None)`
-    /// for a message that is not about tasks, or needs nothing of them.
-    /// On the client's own upstream session (`own_session`) a task named by id is the
-    /// session's unless it was made here for another caller; a list keeps the caller's own.
-    fn of(
-        ctx: &'a WorkerCtx,
-        up: &str,
-        m: &Message,
-        who: crate::stdio::Who,
-        own_session: bool,
-    ) -> Result<Option<Self>, RpcError> {
-        let caller = who.caller;
-        if m.kind == Kind::Response || !is_task(m) {
-            return Ok(None);
-        }
-        let owners = &ctx.learned.tasks;
-        let may = |t: &str| {
-            if own_session {
-                !owners.foreign(up, t, caller)
-            } else {
-                owners.owns(up, t, caller)
-            }
-        };
-        // A message related to a task (its answer goes to that task's queue) only by the task's
-        // owner.
-        if let Some(related) = &m.related_task
-            && !related.as_deref().is_some_and(may)
-        {
-            return Err(super::tasks::unknown(m.id.clone()));
-        }
-        let method = m.method.as_deref().unwrap_or_default();
-        if super::tasks::NAMING.contains(&method) {
-            return if m.task_id.as_deref().is_some_and(may) {
-                Ok(Some(Self::Own))
-            } else {
-                Err(super::tasks::unknown(m.id.clone()))
-            };
-        }
-        // A notification answers nothing: only a task it names is checked.
-        if m.kind != Kind::Request {
-            return Ok(None);
-        }
-        // On the client's own session too: an upstream that also takes requests without one
-        // may list there the tasks made without one (the TypeScript SDK's store does), and a
-        // task made through another gateway of the fleet, or before a restart, is not known
-        // here to be another's. What is listed is what this gateway bound to the caller.
-        if method == "tasks/list" {
-            return Ok(Some(Self::List));
-        }
-        if m.asks_task.is_none() {
-            return Ok(None);
-        }
-        // A client asks for a task only on `tools/call` (2025-11-25): another request asking
-        // for one would have its answer (a list the tenant's filter trims, say) read as a task.
-        if method != "tools/call" {
-            return Err(RpcError::invalid_params(format!(
-                "`{method}` cannot ask for a task: only `tools/call` can"
-            ))
-            .with_id(m.id.clone()));
-        }
-        // On the client's own session as without one: bound to the caller, for its lists.
-        let Some(room) = owners.reserve(who) else {
-            return Err(RpcError::new(
-                policy::code::RATE_LIMITED,
-                format!(
-                    "no room for another task at upstream `{up}`: a caller may have {}, a tenant {}",
-                    super::tasks::MAX_PER_CALLER,
-                    super::tasks::MAX_PER_TENANT,
-                ),
-                429,
-            )
-            .with_id(m.id.clone()));
-        };
-        Ok(Some(Self::Create(m.asks_task.flatten(), room)))
-    }
-
-    /// Reads (and for a list, trims) the answer.
-    fn on_answer(
-        &self,
-        ctx: &WorkerCtx,
-        up: &str,
-        who: crate::stdio::Who,
-        answer: &mut serde_json::Value,
-    ) {
-        let owners = &ctx.learned.tasks;
-        match self {
-            Self::Own => {}
-            Self::List => owners.keep_own(up, who.caller, answer),
-            Self::Create(ttl, room) => {
-                if let Some(task) = super::tasks::created(answer) {
-                    owners.bind(up, task, room, super::tasks::ttl_ms(answer).or(*ttl));
-                }
-            }
-        }
-    }
-}
-
-/// Tasks on an upstream that cannot tell the gateway's callers apart (a request without a
-/// session; see `tasks`): a task is its creator's. On the client's own session
-/// (`own_session`), a task made here for another caller is unknown to it. `Some(keep-alive)`
-/// when the request was answered here; `None` when it goes on as any other.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "each is a separate input of the forwarding"
-)]
-async fn bound_tasks<'c>(
-    io: &mut Io,
-    req: &Request,
-    peer: SocketAddr,
-    ctx: &WorkerCtx,
-    up: &'c crate::config::Upstream,
-    messages: &Messages,
-    obs: &Obs<'c>,
-    own_session: bool,
-) -> Option<bool> {
-    let reply = async |io: &mut Io, err: RpcError| {
-        obs.set(crate::stats::Outcome::RpcError);
-        let status = err.http_status;
-        io.write_all(json_response(status, &err, req.keep_alive))
-            .await
-            .is_ok()
-    };
-    if messages.batch.iter().any(is_task) {
-        let err = RpcError::invalid_request(
-            "tasks are not supported in a JSON-RPC batch here: send each alone",
-        );
-        return Some(reply(io, err).await);
-    }
-    let m = messages.single.as_ref()?;
-    let who = super::proxy::who_calls(ctx, obs);
-    let task = match TaskUse::of(ctx, &up.name, m, who, own_session) {
-        Ok(Some(TaskUse::Own) | None) => return None,
-        Ok(Some(task)) => task,
-        Err(err) => return Some(reply(io, err).await),
-    };
-    Some(
-        super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-            task.on_answer(ctx, &up.name, who, answer);
-            Ok(())
-        })
-        .await,
-    )
-}
-
-/// forward: to the route's upstream (a lone `tools/list` of a filtered tenant is answered from
-/// the filtered list), or across the federation's members.
+/// forward: to the route's upstream ([`super::passthrough`]), or across the federation's
+/// members.
 #[expect(
     clippy::too_many_arguments,
     reason = "each is a separate input of the forwarding"
@@ -964,224 +794,13 @@ async fn forward_stage<'c>(
 ) -> bool {
     let config = &snapshot.config;
     let policy = &snapshot.policy;
-    // Every branch but the plain forward is boxed: a request's future is as large as its
-    // largest branch (a federation's is ~34 KiB), and it is allocated and moved whole for
-    // every request. The plain forward stays inline, the others cost one allocation.
     match &route.target {
         Target::Passthrough(u) => {
             let up = &config.upstreams[*u];
-            if up.stdio.is_some() {
-                return Box::pin(super::stdio_route::forward(
-                    io,
-                    req,
-                    ctx,
-                    up,
-                    messages.single.as_ref(),
-                    obs,
-                    policy,
-                    tenant,
-                ))
-                .await;
-            }
-            // The client's session, as `check` verified it (it refused one not the caller's).
-            let session = verified.and_then(|v| v.session(req.header("mcp-session-id")?));
-            let stateless = super::headers::is_modern(req, messages.single.as_ref());
-            // A session-era client and an upstream that speaks only the stateless era (known
-            // now, or when the client's session was opened: a bridged session stays bridged).
-            if !stateless
-                && (super::era::known_stateless(ctx, up)
-                    || session == Some(super::proxy::Session::Bridged))
-            {
-                if req.method != "POST" {
-                    return Box::pin(super::bridge::other_method(io, req, ctx, up)).await;
-                }
-                if messages.single.is_none() {
-                    let err = RpcError::invalid_request(format!(
-                        "JSON-RPC batches cannot be sent to `{}`, which speaks only 2026-07-28",
-                        up.name
-                    ));
-                    return io
-                        .write_all(json_response(400, &err, req.keep_alive))
-                        .await
-                        .is_ok();
-                }
-                if let Some(m) = &messages.single {
-                    // Bridged, every caller reaches the upstream with the gateway's one
-                    // credential, and its answers are not read here: a task it made would be
-                    // every caller's (see `tasks`).
-                    if m.kind == Kind::Request && is_task(m) {
-                        let err = RpcError::invalid_request(format!(
-                            "tasks are not offered on a session bridged to `{}`, which speaks only 2026-07-28: call without `params.task`",
-                            up.name
-                        ))
-                        .with_id(m.id.clone());
-                        return io
-                            .write_all(json_response(400, &err, req.keep_alive))
-                            .await
-                            .is_ok();
-                    }
-                    let filtering = m.kind == Kind::Request
-                        && m.method.as_deref() == Some("tools/list")
-                        && super::proxy::reads_tool_lists(req, policy, tenant);
-                    let keep = |t: &serde_json::Value| {
-                        super::proxy::visible(ctx, policy, tenant, &up.name, t)
-                    };
-                    let filter = filtering.then_some(&keep as &dyn Fn(&serde_json::Value) -> bool);
-                    return Box::pin(super::bridge::forward(
-                        io, req, peer, ctx, up, m, obs, filter,
-                    ))
-                    .await;
-                }
-            }
-            // A stateless client and an upstream that may speak only the session era.
-            if req.method == "POST"
-                && stateless
-                && let Some(m) = &messages.single
-                && let known @ (Some(true) | None) = super::era::known_session(ctx, up)
-            {
-                let filtering = m.kind == Kind::Request
-                    && m.method.as_deref() == Some("tools/list")
-                    && super::proxy::reads_tool_lists(req, policy, tenant);
-                // The held session is the tenant's (or the caller's): its tasks are bound to
-                // their callers here, as on an upstream without sessions.
-                let who = super::proxy::who_calls(ctx, obs);
-                let task = match TaskUse::of(ctx, &up.name, m, who, false) {
-                    Ok(t) => t,
-                    Err(err) => {
-                        obs.set(crate::stats::Outcome::RpcError);
-                        return io
-                            .write_all(json_response(err.http_status, &err, req.keep_alive))
-                            .await
-                            .is_ok();
-                    }
-                };
-                if known.is_none() && !filtering && task.is_none() {
-                    // A stateless client has no session: an id it sends is not passed on.
-                    return super::held::forward_learning(
-                        io,
-                        req,
-                        peer,
-                        ctx,
-                        up,
-                        m,
-                        &req.body,
-                        &[("mcp-session-id", None)],
-                        None,
-                        obs,
-                    )
-                    .await;
-                }
-                let keep =
-                    |t: &serde_json::Value| super::proxy::visible(ctx, policy, tenant, &up.name, t);
-                let edit = |answer: &mut serde_json::Value| {
-                    if let Some(task) = &task {
-                        task.on_answer(ctx, &up.name, who, answer);
-                    }
-                    if filtering {
-                        super::held::keep_listed(answer, &keep)
-                    } else {
-                        Ok(())
-                    }
-                };
-                let edit = (filtering || task.is_some())
-                    .then_some(&edit as &dyn Fn(&mut serde_json::Value) -> Result<(), String>);
-                return Box::pin(super::held::forward(io, req, peer, ctx, up, m, obs, edit)).await;
-            }
-            // Without the client's own upstream session (none, or one bridged: the upstream is
-            // reached with the gateway's credential either way), the upstream cannot tell the
-            // gateway's callers apart; with one, it may still show a task made without one.
-            let own_session = session
-                .and_then(super::proxy::Session::upstream_id)
-                .is_some();
-            if messages.all().any(is_task)
-                && let Some(answered) = Box::pin(bound_tasks(
-                    io,
-                    req,
-                    peer,
-                    ctx,
-                    up,
-                    &messages,
-                    obs,
-                    own_session,
-                ))
-                .await
-            {
-                return answered;
-            }
-            if let Some(m) = &messages.single
-                && m.kind == Kind::Request
-                && m.method.as_deref() == Some("tools/list")
-                && super::proxy::reads_tool_lists(req, policy, tenant)
-            {
-                return Box::pin(filtered_tools_list(
-                    io,
-                    req,
-                    peer,
-                    up,
-                    ctx,
-                    obs,
-                    tenant,
-                    policy,
-                    m.id.clone(),
-                ))
-                .await;
-            }
-            // W3C trace context sent only inside the message also reaches the upstream as the
-            // header.
-            let traceparent = messages
-                .single
-                .as_ref()
-                .and_then(|m| m.meta_traceparent.as_deref())
-                .filter(|tp| req.header("traceparent").is_none() && trace_id(tp).is_some());
-            let extra: Vec<(&str, Option<&str>)> = traceparent
-                .map(|tp| ("traceparent", Some(tp)))
-                .into_iter()
-                .chain([(
-                    "mcp-session-id",
-                    session.and_then(super::proxy::Session::upstream_id),
-                )])
-                .collect();
-            // A session-era message to an upstream that may speak only the stateless era.
-            let keep = if up.era == crate::config::UpstreamEra::Auto
-                && req.method == "POST"
-                && !stateless
-                && let Some(m) = &messages.single
-            {
-                Box::pin(super::bridge::forward_learning(
-                    io, req, peer, ctx, up, m, &extra, obs,
-                ))
-                .await
-            } else {
-                match upstream_request(req, peer, up, &req.body, &extra) {
-                    Ok(bytes) => {
-                        let id = messages.request_id.clone();
-                        forward(io, req, bytes, up, id, ctx, None, obs).await
-                    }
-                    Err(e) => {
-                        let err = RpcError::from(e).with_id(messages.request_id.clone());
-                        return io
-                            .write_all(json_response(400, &err, req.keep_alive))
-                            .await
-                            .is_ok();
-                    }
-                }
-            };
-            // A session-era call given up on (its client left, or it timed out) runs on upstream
-            // unless cancelled.
-            if obs.abandoned.get()
-                && !super::headers::says_modern(req)
-                && session
-                    .and_then(super::proxy::Session::upstream_id)
-                    .is_some()
-                && !super::era::known_stateless(ctx, up)
-                && let Some(body) = super::abandoned::cancellation(
-                    messages.all().filter_map(super::abandoned::cancellable),
-                )
-                && let Ok(request) = upstream_request(req, peer, up, &body, &extra)
-            {
-                super::abandoned::cancel(ctx, up, request).await;
-            }
-            keep
+            super::passthrough::forward(
+                io, req, peer, ctx, policy, up, tenant, &messages, verified, obs,
+            )
+            .await
         }
         Target::Federation(members) => {
             // A federated route offers no `tasks/*`: a task a member made would be nobody's
@@ -1210,6 +829,7 @@ async fn forward_stage<'c>(
                 tenant,
                 policy,
             };
+            // Boxed: a federation's future (~34 KiB) is not carried by every request's.
             Box::pin(fed.handle(io, messages.single)).await
         }
     }
