@@ -2,7 +2,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::json;
 
-use super::*;
+use super::{limits::State, *};
 
 const KEY_A: &str = "key-of-acme-0123456789";
 const KEY_B: &str = "key-of-beta-0123456789";

@@ -1,0 +1,565 @@
+//! admit: one request's checks against its tenant's policy, in order: the method, the tool
+//! and its arguments, rates (tenant, agent, tool), requests in flight (tenant, tool), the loop
+//! breaker, and budgets (tenant, agent, run). The first that refuses decides, and what the
+//! checks before it counted is given back: a refused request charges nothing.
+
+use std::{cell::OnceCell, net::IpAddr, sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+
+use super::{
+    Identity, MAX_RUNS, Policy, Refusal, TenantPolicy, code,
+    limits::{self, Charge, Counted, InFlight, State},
+    rules::{self, ToolRule},
+};
+use crate::config::{Action, RawBudget};
+
+/// What a request asks for, as policy sees it.
+pub struct Ask<'a> {
+    /// A JSON-RPC request (notifications and responses are not limited).
+    pub is_request: bool,
+    /// The request's method.
+    pub method: &'a str,
+    /// `tools/call`: the upstream and its own name for the tool, and the arguments.
+    pub tool: Option<(&'a str, &'a str)>,
+    pub arguments: Option<&'a Value>,
+    /// Size of the whole message: arguments cannot be larger, so a cap above it needs no count.
+    pub message_bytes: usize,
+    pub source: IpAddr,
+}
+
+/// An admitted request: in-flight slots it holds until it ends, and what is left of budgets.
+#[derive(Default, Debug)]
+pub struct Admission {
+    pub guards: Vec<InFlight>,
+    /// e.g. `tenant=95; agent=9; run=4`.
+    pub budget_left: Option<String>,
+    /// The tool rule that applied.
+    pub rule: Option<String>,
+    /// What it counted against rates, the loop breaker and budgets.
+    pub charges: Vec<Charge>,
+}
+
+impl Admission {
+    /// Undoes what this admission counted: the request it admitted is refused after all (a
+    /// later member of its batch was).
+    pub fn give_back(&mut self, state: &State) {
+        for c in self.charges.drain(..) {
+            state.give_back(c);
+        }
+    }
+}
+
+impl Policy {
+    /// Decides a request: method rules, tool rules and arguments, then rates, concurrency, the
+    /// loop breaker, and budgets. A refused request charges nothing: what was counted before the refusal is
+    /// given back.
+    pub fn admit(
+        &self,
+        state: &Arc<State>,
+        who: &Identity,
+        ask: &Ask<'_>,
+    ) -> Result<Admission, Box<Refusal>> {
+        let mut admission = Admission::default();
+        match self.decide(state, who, ask, &mut admission) {
+            Ok(()) => Ok(admission),
+            Err(r) => {
+                admission.give_back(state);
+                Err(r)
+            }
+        }
+    }
+
+    /// [`Self::admit`], recording in `admission` what it charges as it goes: the checks in
+    /// order, the first refusal ending it.
+    fn decide(
+        &self,
+        state: &Arc<State>,
+        who: &Identity,
+        ask: &Ask<'_>,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        // What every session needs settled (its handshake's end, a cancellation, an answer to
+        // the server) is ruled by no method rule and counted by no limit: a client at its rate
+        // could not cancel, and an allow list of methods would end every handshake.
+        if !ask.is_request
+            && matches!(
+                ask.method,
+                "" | "notifications/cancelled" | "notifications/initialized"
+            )
+        {
+            return Ok(());
+        }
+        let d = Deciding::new(self.tenant(who), state, who, ask);
+        d.method()?;
+        let rule = d.tool(admission)?;
+        d.rates(rule, admission)?;
+        // Any other notification is ruled above and counted against the tenant's and the
+        // agent's rates; it holds nothing in flight.
+        if !ask.is_request {
+            return Ok(());
+        }
+        d.in_flight(rule, admission)?;
+        let Some((upstream, tool)) = ask.tool else {
+            return Ok(());
+        };
+        d.loop_breaker(upstream, tool, admission)?;
+        d.budgets(rule, tool, admission)
+    }
+}
+
+/// One request being decided: its tenant's policy, who asks, what, and when.
+struct Deciding<'a> {
+    t: &'a TenantPolicy,
+    state: &'a Arc<State>,
+    who: &'a Identity,
+    ask: &'a Ask<'a>,
+    /// [`State::now`]: the clock rates count by.
+    now: u64,
+    /// [`State::unix_s`]: the clock of the loop breaker's and the budgets' windows.
+    unix_s: u64,
+    /// The caller's address as its agent ([`Deciding::agent`]): written out only once a check
+    /// asks for it (most calls need no copy of it).
+    by_address: OnceCell<String>,
+}
+
+/// Over a rate: 429 with the wait until the next request fits.
+fn over_rate(rule: String, message: String, wait: Duration) -> Box<Refusal> {
+    Refusal::new(429, code::RATE_LIMITED, rule, message).retry(wait)
+}
+
+impl<'a> Deciding<'a> {
+    fn new(
+        t: &'a TenantPolicy,
+        state: &'a Arc<State>,
+        who: &'a Identity,
+        ask: &'a Ask<'a>,
+    ) -> Self {
+        Self {
+            t,
+            state,
+            who,
+            ask,
+            now: state.now(),
+            unix_s: State::unix_s(),
+            by_address: OnceCell::new(),
+        }
+    }
+
+    /// Who the caller is to a rule that counts by agent. A caller with no agent is its
+    /// address, an IPv6 one its /64: any address of it is the client's to take, and each
+    /// would be another caller (a fresh agent budget, rate and loop count per address, and one
+    /// more of the bounded callers known by address).
+    fn agent(&self) -> &str {
+        self.who.agent.as_deref().unwrap_or_else(|| {
+            self.by_address
+                .get_or_init(|| limits::source_of(self.ask.source).to_string())
+        })
+    }
+
+    /// The scope a caller's counts are kept under: a caller known by its address is kept apart
+    /// from any named agent (one named like an address, a token's `sub` of `198.18.0.5`, would
+    /// otherwise share them).
+    fn agent_scope(&self) -> &'static str {
+        if self.who.agent.is_some() {
+            "agent"
+        } else {
+            "address"
+        }
+    }
+
+    /// The tenant's method rules.
+    fn method(&self) -> Result<(), Box<Refusal>> {
+        let t = self.t;
+        if let Some(r) = t.method_rule(self.ask.method)
+            && r.action == Action::Deny
+        {
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                r.label.clone(),
+                format!(
+                    "method `{}` is not allowed for tenant `{}`",
+                    self.ask.method, t.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A tool call: the rule for its tool (or the tenant's default action) and the call's
+    /// arguments against it. The rule, if one applies.
+    fn tool(&self, admission: &mut Admission) -> Result<Option<&'a ToolRule>, Box<Refusal>> {
+        let t = self.t;
+        let Some((upstream, tool)) = self.ask.tool else {
+            return Ok(None);
+        };
+        let rule = t.rule_for(upstream, tool);
+        let action = rule.map_or(t.default_action, |r| r.action);
+        if action == Action::Deny {
+            let label = rule.map_or_else(
+                || format!("tenants[{}].policy.default_action", t.name),
+                |r| r.label.clone(),
+            );
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                label,
+                format!("tool `{tool}` is not allowed for tenant `{}`", t.name),
+            ));
+        }
+        if let Some(r) = rule {
+            r.check_arguments(self.ask.arguments, self.ask.message_bytes)
+                .map_err(|(label, why)| {
+                    Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
+                })?;
+            admission.rule = Some(r.label.clone());
+        }
+        Ok(rule)
+    }
+
+    /// Requests per second: the tenant's, the agent's, the tool rule's.
+    fn rates(
+        &self,
+        rule: Option<&ToolRule>,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        let (t, state, now) = (self.t, self.state, self.now);
+        if let Some((rate, burst)) = t.rate {
+            let key = state.key(("tenant", &t.name));
+            let name = || format!("tenant/{}", t.name);
+            let charge = state
+                .admit_rate(key, name, now, rate, burst)
+                .map_err(|wait| {
+                    over_rate(
+                        format!("tenants[{}].requests_per_sec", t.name),
+                        format!("tenant `{}` is over its rate of {rate}/s", t.name),
+                        wait,
+                    )
+                })?;
+            admission.charges.push(charge);
+        }
+        if let Some((rate, burst)) = t.agent_rate {
+            let key = state.key((self.agent_scope(), &t.name, self.agent()));
+            let name = || format!("agent/{}/{}", t.name, self.agent());
+            // A caller known only by its address counts on this host alone: an address is
+            // the client's to choose (an IPv6 client has billions), and the fleet's shared
+            // state must not grow with them.
+            let admitted = if self.who.agent.is_some() {
+                state.admit_rate(key, name, now, rate, burst)
+            } else {
+                state
+                    .admit(key, now, rate, burst)
+                    .map(|()| limits::Charge::Rate { key, rate })
+            };
+            let charge = admitted.map_err(|wait| {
+                over_rate(
+                    format!("tenants[{}].agent_requests_per_sec", t.name),
+                    format!("agent `{}` is over its rate of {rate}/s", self.agent()),
+                    wait,
+                )
+            })?;
+            admission.charges.push(charge);
+        }
+        if let Some(r) = rule
+            && let Some((rate, burst)) = r.rate
+        {
+            let key = state.key(("tool", &t.name, &r.label));
+            let name = || format!("tool/{}/{}", t.name, r.label);
+            let charge = state
+                .admit_rate(key, name, now, rate, burst)
+                .map_err(|wait| {
+                    over_rate(
+                        format!("{}.requests_per_sec", r.label),
+                        format!(
+                            "tools matching `{}` are over their rate of {rate}/s",
+                            r.pattern
+                        ),
+                        wait,
+                    )
+                })?;
+            admission.charges.push(charge);
+        }
+        Ok(())
+    }
+
+    /// Requests in flight at once: the tenant's, the tool rule's. Held until the request ends.
+    fn in_flight(
+        &self,
+        rule: Option<&ToolRule>,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        let (t, state) = (self.t, self.state);
+        if let Some(max) = t.max_concurrent {
+            let guard = state
+                .enter(state.key(("in-flight", &t.name)), max)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].max_concurrent", t.name),
+                        format!("tenant `{}` has {max} requests in flight already", t.name),
+                    )
+                })?;
+            admission.guards.push(guard);
+        }
+        if let Some(r) = rule
+            && let Some(max) = r.max_concurrent
+        {
+            let guard = state
+                .enter(state.key(("in-flight", &t.name, &r.label)), max)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("{}.max_concurrent", r.label),
+                        format!(
+                            "tools matching `{}` have {max} calls in flight already",
+                            r.pattern
+                        ),
+                    )
+                })?;
+            admission.guards.push(guard);
+        }
+        Ok(())
+    }
+
+    /// The same call (tool and arguments, however spelled: [`Canonical`]) by the same agent,
+    /// counted within the breaker's window.
+    fn loop_breaker(
+        &self,
+        upstream: &str,
+        tool: &str,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        let (t, state) = (self.t, self.state);
+        let Some(lb) = &t.loop_breaker else {
+            return Ok(());
+        };
+        let digest = state.key((upstream, tool, Canonical(self.ask.arguments)));
+        let key = state.key(("loop", &t.name, self.agent_scope(), self.agent(), digest));
+        let Some(charge) = state.repeat(key, self.unix_s, lb.window_s, u64::from(lb.max_repeats))
+        else {
+            return Err(Refusal::new(
+                429,
+                code::LOOP_DETECTED,
+                format!("tenants[{}].policy.loop_breaker", t.name),
+                format!(
+                    "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by `{}`",
+                    lb.max_repeats,
+                    lb.window_s,
+                    self.agent()
+                ),
+            )
+            .retry(State::window_left(lb.window_s)));
+        };
+        admission.charges.push(charge);
+        Ok(())
+    }
+
+    /// The tenant's budgets: the call's cost (its rule's, else 1) charged to the tenant, the
+    /// agent and the run, each in its window; what is left of each goes into the answer.
+    fn budgets(
+        &self,
+        rule: Option<&ToolRule>,
+        tool: &str,
+        admission: &mut Admission,
+    ) -> Result<(), Box<Refusal>> {
+        let t = self.t;
+        let Some(b) = &t.budget else {
+            return Ok(());
+        };
+        if self.state.budgets_closed() {
+            return Err(Refusal::new(
+                503,
+                code::STATE_UNAVAILABLE,
+                format!("tenants[{}].policy.budget", t.name),
+                format!(
+                    "the budget of tenant `{}` cannot be checked: the fleet's shared state (Redis) is unreachable, and budgets fail closed (`[state] fleet_fail_open`)",
+                    t.name
+                ),
+            )
+            .retry(Duration::from_secs(1)));
+        }
+        let cost = rule.map_or(1, |r| r.cost);
+        let scopes = [
+            ("tenant", b.tenant, Some(t.name.as_str())),
+            ("agent", b.agent, Some(self.agent())),
+            ("run", b.run, self.who.run.as_deref()),
+        ];
+        let mut left = String::new();
+        for (scope, limit, subject) in scopes {
+            let (Some(limit), Some(subject)) = (limit, subject) else {
+                continue;
+            };
+            let l = self.charge_budget(b, scope, subject, limit, cost, tool, admission)?;
+            // Written into every answer's head: without the formatting machinery.
+            if !left.is_empty() {
+                left.push_str("; ");
+            }
+            left.push_str(scope);
+            left.push('=');
+            left.push_str(itoa::Buffer::new().format(l));
+        }
+        if !left.is_empty() {
+            admission.budget_left = Some(left);
+        }
+        Ok(())
+    }
+
+    /// Charges `cost` to the budget of `scope` (`subject`'s), of `limit` a window. What is
+    /// left of it.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is a separate input of the charge"
+    )]
+    fn charge_budget(
+        &self,
+        b: &RawBudget,
+        scope: &str,
+        subject: &str,
+        limit: u64,
+        cost: u64,
+        tool: &str,
+        admission: &mut Admission,
+    ) -> Result<u64, Box<Refusal>> {
+        let (t, state, unix_s) = (self.t, self.state, self.unix_s);
+        // The scope the spend is counted under: a caller with no agent's is its own.
+        let counted = if scope == "agent" {
+            self.agent_scope()
+        } else {
+            scope
+        };
+        let key = state.budget_key(counted, &t.name, subject, b.window_s);
+        // A run not counted yet in this window takes one of the tenant's places for runs. (A
+        // run counted in the window before, its cell not yet pruned, took none: after each
+        // rollover, the runs carried over came on top of the new places.)
+        let placed = scope == "run" && !state.counts_in(key, unix_s, b.window_s);
+        if placed && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS) {
+            return Err(Refusal::new(
+                429,
+                code::BUDGET_EXHAUSTED,
+                format!("tenants[{}].policy.budget.run", t.name),
+                format!(
+                    "tenant `{}` has {MAX_RUNS} runs counted in this window: a new run waits for the next",
+                    t.name
+                ),
+            )
+            .retry(State::window_left(b.window_s)));
+        }
+        let what = || Counted::Budget {
+            scope: counted.to_owned(),
+            tenant: t.name.clone(),
+            subject: subject.to_owned(),
+        };
+        // A caller known only by its address: one of a bounded number (its address is the
+        // client's to choose, and each is a window here, in the state store and in the
+        // fleet's).
+        let charged = if counted == "address" {
+            state
+                .charge_source(key, what, unix_s, b.window_s, cost, limit)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        429,
+                        code::RATE_LIMITED,
+                        format!("tenants[{}].policy.budget.agent", t.name),
+                        format!(
+                            "budgets are counted for at most {} callers known only by their address at once: authenticate, or retry later",
+                            limits::MAX_SOURCES
+                        ),
+                    )
+                    .retry(Duration::from_secs(10))
+                })?
+        } else {
+            state.charge_kept(key, what, unix_s, b.window_s, cost, limit)
+        };
+        match charged {
+            Ok((window, l)) => {
+                admission.charges.push(Charge::Budget {
+                    key,
+                    window,
+                    amount: cost,
+                });
+                Ok(l)
+            }
+            Err(l) => {
+                // A run whose first charge is refused counts nothing: its place goes back
+                // (else each retry took another, and one run id's retries took every place of
+                // the window).
+                if placed {
+                    state.give_back_run(&t.name, b.window_s, unix_s);
+                }
+                let mut r = Refusal::new(
+                    429,
+                    code::BUDGET_EXHAUSTED,
+                    format!("tenants[{}].policy.budget.{scope}", t.name),
+                    format!(
+                        "the {scope} budget of `{subject}` is exhausted: `{tool}` costs {cost}, {l} of {limit} left in this {} s window",
+                        b.window_s
+                    ),
+                )
+                .retry(State::window_left(b.window_s));
+                r.budget = Some(json!({ scope: l }));
+                Err(r)
+            }
+        }
+    }
+}
+
+/// Hashes JSON as a server reads it, so that the same arguments give the same digest however
+/// they are spelled: object keys in sorted order, numbers by value (`1.0` is `1`: pydantic and
+/// zod read an integer from either), and a string that holds a JSON object or array as that
+/// value (the Python SDK decodes such a string into the object a tool takes, as argument rules
+/// read it), so that respacing it does not make another call.
+struct Canonical<'a>(Option<&'a Value>);
+
+impl std::hash::Hash for Canonical<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        fn walk<H: std::hash::Hasher>(v: &Value, h: &mut H) {
+            match v {
+                Value::Null => 0u8.hash(h),
+                Value::Bool(b) => (1u8, b).hash(h),
+                Value::Number(n) => {
+                    2u8.hash(h);
+                    // A whole float is an integer exactly (every float from 2^53 up is whole);
+                    // below 2^127 it fits the integer it hashes as.
+                    let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1.7e38);
+                    if let Some(i) = n.as_i64() {
+                        i128::from(i).hash(h);
+                    } else if let Some(u) = n.as_u64() {
+                        i128::from(u).hash(h);
+                    } else if let Some(f) = whole {
+                        #[expect(
+                            clippy::cast_possible_truncation,
+                            reason = "whole and below 2^127"
+                        )]
+                        (f as i128).hash(h);
+                    } else {
+                        n.as_f64().map(f64::to_bits).hash(h);
+                    }
+                }
+                Value::String(s) => match rules::json_held(s) {
+                    Some(Ok(v)) => walk(&v, h),
+                    _ => (3u8, s).hash(h),
+                },
+                Value::Array(a) => {
+                    (4u8, a.len()).hash(h);
+                    a.iter().for_each(|x| walk(x, h));
+                }
+                Value::Object(o) => {
+                    (5u8, o.len()).hash(h);
+                    let mut keys: Vec<&String> = o.keys().collect();
+                    keys.sort();
+                    for k in keys {
+                        k.hash(h);
+                        walk(&o[k], h);
+                    }
+                }
+            }
+        }
+        match self.0 {
+            None => walk(&Value::Object(serde_json::Map::new()), h),
+            Some(v) => walk(v, h),
+        }
+    }
+}
