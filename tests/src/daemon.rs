@@ -365,6 +365,13 @@ impl Drop for Daemon {
         self.crash();
         let _ = gateway::kernel::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_file(&self.config);
+        // A failing test's log stays for whoever reads the failure; a passing one's goes (a
+        // run of the suite left some 300 behind in the temporary directory).
+        if std::thread::panicking() {
+            eprintln!("the gateway's log is kept: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
         if !self.state.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.state);
         }
