@@ -1,7 +1,8 @@
 //! forward, on a passthrough route: the path a request takes to the route's one upstream,
 //! chosen by the upstream's transport and by the protocol eras the client and the upstream
-//! speak ([`Path`]). Each path is one function here; what each does with the upstream lives
-//! in its own module (`stdio_route`, `bridge`, `held`, `relay`).
+//! speak ([`Path`]). Each path but stdio's (a call into `stdio_route`) is a method of [`Pass`]
+//! here; what each does with the upstream lives in its own module (`bridge`, `held`,
+//! `relay`).
 //!
 //! Where the upstream cannot tell the gateway's callers apart (see `tasks`), a message about
 //! tasks is decided here before it is sent ([`TaskUse`]).
@@ -32,8 +33,9 @@ enum Path<'m> {
     /// A session-era client and an upstream that speaks only the stateless era (known now, or
     /// when the client's session was opened: a bridged session stays bridged).
     Bridged,
-    /// A lone message of a stateless client and an upstream that may speak only the session
-    /// era: whether it is known to (`Some(true)`) or not yet known either way (`None`).
+    /// A lone message POSTed by a stateless client, and an upstream that may speak only the
+    /// session era: whether it is known to (`Some(true)`) or not yet known either way
+    /// (`None`).
     Held(&'m Message, Option<bool>),
     /// The client's own era, as it came.
     Direct,
@@ -107,8 +109,8 @@ pub(super) async fn forward<'c>(
     }
 }
 
-/// Answers with the gateway's own error.
-async fn reply(io: &mut Io, req: &Request, err: &RpcError) -> bool {
+/// Answers with the gateway's own error (the outcome is the caller's to set).
+async fn write_error(io: &mut Io, req: &Request, err: &RpcError) -> bool {
     io.write_all(json_response(err.http_status, err, req.keep_alive))
         .await
         .is_ok()
@@ -159,7 +161,7 @@ impl<'c, 'a> Pass<'c, 'a> {
                 "JSON-RPC batches cannot be sent to `{}`, which speaks only 2026-07-28",
                 up.name
             ));
-            return reply(io, req, &err).await;
+            return write_error(io, req, &err).await;
         };
         if m.kind == Kind::Request && is_task(m) {
             let err = RpcError::invalid_request(format!(
@@ -167,7 +169,7 @@ impl<'c, 'a> Pass<'c, 'a> {
                 up.name
             ))
             .with_id(m.id.clone());
-            return reply(io, req, &err).await;
+            return write_error(io, req, &err).await;
         }
         let keep = |t: &serde_json::Value| self.visible(t);
         let filter = self
@@ -188,7 +190,7 @@ impl<'c, 'a> Pass<'c, 'a> {
             Ok(t) => t,
             Err(err) => {
                 self.obs.set(Outcome::RpcError);
-                return reply(io, req, &err).await;
+                return write_error(io, req, &err).await;
             }
         };
         if known.is_none() && !filtering && task.is_none() {
@@ -302,7 +304,7 @@ impl<'c, 'a> Pass<'c, 'a> {
                 }
                 Err(e) => {
                     let err = RpcError::from(e).with_id(messages.request_id.clone());
-                    return reply(io, req, &err).await;
+                    return write_error(io, req, &err).await;
                 }
             }
         };
@@ -463,11 +465,8 @@ async fn bound_tasks<'c>(
     own_session: bool,
 ) -> Option<bool> {
     let reply = async |io: &mut Io, err: RpcError| {
-        obs.set(crate::stats::Outcome::RpcError);
-        let status = err.http_status;
-        io.write_all(json_response(status, &err, req.keep_alive))
-            .await
-            .is_ok()
+        obs.set(Outcome::RpcError);
+        write_error(io, req, &err).await
     };
     if messages.batch.iter().any(is_task) {
         let err = RpcError::invalid_request(
