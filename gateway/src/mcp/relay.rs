@@ -140,25 +140,7 @@ pub(super) async fn relay(
     };
     let upstream_close = head.closes();
     let Some(kind) = kind else {
-        let out = match client_head(&head, None, req, member, obs) {
-            Ok((out, _)) => out,
-            Err(f) => {
-                obs.set(Outcome::UpstreamFailure);
-                return fail(client, req, up, request_id, f).await;
-            }
-        };
-        if client.write_all(out).await.is_err() {
-            return false;
-        }
-        // A 204 to a request answers nothing (see `Body::verdict`).
-        if request_id.is_some() && req.method == "POST" {
-            obs.own_failure();
-        }
-        obs.set(Outcome::Ok);
-        if !upstream_close {
-            ctx.pool.checkin(up, conn);
-        }
-        return req.keep_alive;
+        return head_only(client, conn, req, &head, up, request_id, ctx, member, obs).await;
     };
     let (mut out, framing) = match client_head(&head, Some(kind), req, member, obs) {
         Ok(o) => o,
@@ -177,36 +159,15 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
-    // A federation member's JSON answer to a request is read whole and checked before the
-    // client gets a byte of it: it must answer that request and no other (a client matches
-    // answers by id, so a member could otherwise answer what was sent to another member, as
-    // its event streams cannot: see `messages::rewrite_events`).
-    let json_ok = !body.sse && (200..300).contains(&head.status);
-    let member_checked = member.is_some() && request_id.is_some() && json_ok;
-    // A small answer that came apart from its head (servers write them separately) is waited
-    // for whole too, so that the client gets head and body in one write: one send and one
-    // wake-up less for both, as nginx does. Nothing is read into it.
-    let small = !body.sse && matches!(kind, BodyKind::Length(n) if n <= HOLD_SMALL);
-    // A small answer is checked too: a stray answer an upstream wrote on a kept connection
-    // after the last one (a bug; with Nagle's algorithm it arrives only once the next request
-    // is written, past the pool's look before reuse) was read as this request's, and every
-    // later answer on the connection went to the client after the one it answered, of any
-    // tenant. Not to this request: the call fails and the connection is dropped. An empty body
-    // answers nothing (a 202 to a client's response or notification): a stray comes with one.
-    let small_json = small && json_ok && kind != BodyKind::Length(0);
-    let checked = member_checked || (small_json && request_id.is_some());
-    // An exchange with no request (a notification, a GET, a DELETE) is never answered by a
-    // JSON-RPC response: one is a stray, another client's.
-    let unasked = small_json && request_id.is_none() && member.is_none();
-    if checked || small {
-        body.whole = Some(Vec::new());
-    }
-    // A member's answer is bounded as a request body is; a small one by its length.
-    let hold_max = if member_checked {
-        max_event
-    } else {
-        HOLD_SMALL
-    };
+    let holding = Holding::of(
+        &mut body,
+        kind,
+        head.status,
+        member.is_some(),
+        request_id.is_some(),
+        max_event,
+    );
+    let hold_max = holding.max;
     // What has already arrived goes out with the head in one write.
     match body
         .take(&mut conn)
@@ -346,19 +307,8 @@ pub(super) async fn relay(
             break Err(why);
         }
     };
-    let finished = finished.and_then(|()| match &body.whole {
-        Some(whole) if checked && !super::messages::answers_only(whole, request_id.as_ref()) => {
-            Err(if super::messages::readable(whole) {
-                "answered another request than the one sent to it"
-            } else {
-                UNREADABLE
-            })
-        }
-        Some(whole) if unasked && super::messages::is_a_response(whole) => {
-            Err("answered a request that was not sent to it")
-        }
-        _ => Ok(()),
-    });
+    let finished =
+        finished.and_then(|()| holding.judge(body.whole.as_deref(), request_id.as_ref()));
     if let Err(why) = finished {
         failed(obs, why);
         if unwritten.is_some() {
@@ -378,7 +328,7 @@ pub(super) async fn relay(
     // No answer to a request: the call's failure, and nothing of the upstream's health (a
     // client that ended its own session mid-call drew an empty stream, taken for a success
     // that kept other calls' timeouts from counting).
-    let (outcome, unanswered) = body.verdict(checked);
+    let (outcome, unanswered) = body.verdict(holding.checked);
     if unanswered {
         obs.own_failure();
     }
@@ -394,6 +344,119 @@ pub(super) async fn relay(
         ctx.pool.checkin(up, conn);
     }
     body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// An answer with no body (to `HEAD`, a 204 or a 304): its head, and the upstream connection
+/// back to the pool.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the relay"
+)]
+async fn head_only(
+    client: &mut Io,
+    conn: Conn,
+    req: &Request,
+    head: &ResponseHead,
+    up: &Upstream,
+    request_id: Option<Id>,
+    ctx: &WorkerCtx,
+    member: Option<&str>,
+    obs: &Obs<'_>,
+) -> bool {
+    let out = match client_head(head, None, req, member, obs) {
+        Ok((out, _)) => out,
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(client, req, up, request_id, f).await;
+        }
+    };
+    if client.write_all(out).await.is_err() {
+        return false;
+    }
+    // A 204 to a request answers nothing (see `Body::verdict`).
+    if request_id.is_some() && req.method == "POST" {
+        obs.own_failure();
+    }
+    obs.set(Outcome::Ok);
+    if !head.closes() {
+        ctx.pool.checkin(up, conn);
+    }
+    req.keep_alive
+}
+
+/// What of an answer is held whole before the client gets a byte of it, and what it is judged
+/// for once whole ([`Holding::judge`]).
+struct Holding {
+    /// It must answer the request sent and no other.
+    checked: bool,
+    /// The exchange sent no request (a notification, a GET, a DELETE): it must answer none.
+    unasked: bool,
+    /// The most held.
+    max: usize,
+}
+
+impl Holding {
+    /// For an answer of `status` framed as `kind` (`body` holds it whole, or not), to a
+    /// request (`request`) or not, from a federation's `member` or not.
+    fn of(
+        body: &mut Body<'_>,
+        kind: BodyKind,
+        status: u16,
+        member: bool,
+        request: bool,
+        max_event: usize,
+    ) -> Self {
+        // A federation member's JSON answer to a request is read whole and checked before the
+        // client gets a byte of it: it must answer that request and no other (a client matches
+        // answers by id, so a member could otherwise answer what was sent to another member,
+        // as its event streams cannot: see `messages::rewrite_events`).
+        let json_ok = !body.sse && (200..300).contains(&status);
+        let member_checked = member && request && json_ok;
+        // A small answer that came apart from its head (servers write them separately) is
+        // waited for whole too, so that the client gets head and body in one write: one send
+        // and one wake-up less for both, as nginx does. Nothing is read into it.
+        let small = !body.sse && matches!(kind, BodyKind::Length(n) if n <= HOLD_SMALL);
+        // A small answer is checked too: a stray answer an upstream wrote on a kept connection
+        // after the last one (a bug; with Nagle's algorithm it arrives only once the next
+        // request is written, past the pool's look before reuse) was read as this request's,
+        // and every later answer on the connection went to the client after the one it
+        // answered, of any tenant. Not to this request: the call fails and the connection is
+        // dropped. An empty body answers nothing (a 202 to a client's response or
+        // notification): a stray comes with one.
+        let small_json = small && json_ok && kind != BodyKind::Length(0);
+        if member_checked || small {
+            body.whole = Some(Vec::new());
+        }
+        Self {
+            checked: member_checked || (small_json && request),
+            // An exchange with no request is never answered by a JSON-RPC response: one is a
+            // stray, another client's.
+            unasked: small_json && !request && !member,
+            // A member's answer is bounded as a request body is; a small one by its length.
+            max: if member_checked {
+                max_event
+            } else {
+                HOLD_SMALL
+            },
+        }
+    }
+
+    /// The answer held `whole` (if it was), judged: why it may not reach the client.
+    fn judge(&self, whole: Option<&[u8]>, request_id: Option<&Id>) -> Result<(), &'static str> {
+        match whole {
+            Some(whole) if self.checked && !super::messages::answers_only(whole, request_id) => {
+                Err(if super::messages::readable(whole) {
+                    "answered another request than the one sent to it"
+                } else {
+                    UNREADABLE
+                })
+            }
+            Some(whole) if self.unasked && super::messages::is_a_response(whole) => {
+                Err("answered a request that was not sent to it")
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The client left a stream it can resume (see [`Body::can_resume`]): the call runs on upstream
