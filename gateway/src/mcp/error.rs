@@ -18,6 +18,9 @@ pub const SESSION_NOT_FOUND: i64 = -32001;
 /// Gateway-defined: the upstream failed, timed out or closed mid-stream.
 pub const UPSTREAM_ERROR: i64 = -32003;
 
+/// A `Last-Event-ID` the gateway did not give its caller (see `proxy::event_signer`).
+pub const FOREIGN_EVENT_ID: &str = "`Last-Event-ID` is not the id of an event this gateway sent this caller: resume from the last event id the stream carried";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RpcError {
     pub code: i64,

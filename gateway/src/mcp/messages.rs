@@ -134,6 +134,39 @@ pub fn has_id(event: &[u8]) -> bool {
     lines(event).any(|l| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0)))
 }
 
+/// Events as they came but for the value of each `id` field that sets the last event id
+/// ([`has_id`]), which becomes `sign(value)`: what a passthrough client resumes from is then
+/// bound to it (see `proxy::event_signer`). An id a client reads where this reads none (a line
+/// split at a character only some clients end lines at) stays unsigned, and a resumption from
+/// it is refused.
+pub fn sign_event_ids(events: Vec<u8>, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let sets_id = |l: &[u8]| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0));
+    let body = events.strip_prefix(sse::BOM).unwrap_or(&events);
+    if !lines(body).any(sets_id) {
+        return events;
+    }
+    let mut out = Vec::with_capacity(events.len() + 32);
+    out.extend_from_slice(&events[..events.len() - body.len()]);
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (line, end) = match memchr::memchr2(b'\r', b'\n', rest) {
+            Some(i) if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') => (i, i + 2),
+            Some(i) => (i, i + 1),
+            None => (rest.len(), rest.len()),
+        };
+        match field(&rest[..line], b"id") {
+            Some(v) if sets_id(&rest[..line]) => {
+                out.extend_from_slice(b"id: ");
+                out.extend_from_slice(&sign(v));
+            }
+            _ => out.extend_from_slice(&rest[..line]),
+        }
+        out.extend_from_slice(&rest[line..end]);
+        rest = &rest[end..];
+    }
+    out
+}
+
 /// What a client makes of whole events (as [`sse::split`] gives them), read in one pass over
 /// their lines.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -731,6 +764,38 @@ mod tests {
                 String::from_utf8_lossy(stream)
             );
         }
+    }
+
+    #[test]
+    fn event_ids_are_signed_and_nothing_else_changes() {
+        let sign = |v: &[u8]| [v, b".t"].concat();
+        // Every line end kept, every field but a non-empty id as it came.
+        let events = b"id: 1_0\r\ndata: {\"id\": 1}\n\nid:2\rretry: 5\n\nid\nid: \ndata: x\n\n: id: 3\ndata: id: 4\n\nid: a\0b\n\n";
+        let out = super::sign_event_ids(events.to_vec(), sign);
+        assert_eq!(
+            out,
+            b"id: 1_0.t\r\ndata: {\"id\": 1}\n\nid: 2.t\rretry: 5\n\nid\nid: \ndata: x\n\n: id: 3\ndata: id: 4\n\nid: a\0b\n\n"
+        );
+        // Every id a client reads is signed.
+        for event in super::sse::split(&out) {
+            for line in super::lines(event) {
+                if let Some(v) = super::field(line, b"id")
+                    && super::has_id(line)
+                {
+                    assert!(v.ends_with(b".t"), "{:?}", String::from_utf8_lossy(line));
+                }
+            }
+        }
+        // A stream's byte order mark stays first; without an id the events are not copied.
+        let bom = [super::sse::BOM, b"id: 7\n\n"].concat();
+        assert_eq!(
+            super::sign_event_ids(bom, sign),
+            [super::sse::BOM, b"id: 7.t\n\n"].concat()
+        );
+        let none = b"data: {}\n\n".to_vec();
+        let at = none.as_ptr();
+        let same = super::sign_event_ids(none, sign);
+        assert_eq!(same.as_ptr(), at);
     }
 
     #[test]

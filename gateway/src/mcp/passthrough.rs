@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use super::{
     Kind, Message, RpcError,
     proxy::{
-        Obs, Session, Verified, filtered_tools_list, json_response, reads_tool_lists, trace_id,
-        upstream_request, visible, who_calls,
+        Obs, Session, Verified, filtered_tools_list, json_response, reads_tool_lists, resumes_from,
+        trace_id, upstream_request, visible, who_calls,
     },
     relay,
     stages::Messages,
@@ -229,6 +229,19 @@ impl<'c, 'a> Pass<'c, 'a> {
     /// filtered tenant's lone `tools/list` answered from the filtered list, and anything else
     /// relayed.
     async fn direct(&self, io: &mut Io) -> bool {
+        // An event id to resume from is one the gateway gave this caller, sent on as the
+        // upstream's own (`proxy::event_signer`); any other is refused before anything is
+        // sent.
+        let resume = match self.req.header("last-event-id") {
+            None => None,
+            Some(signed) => match resumes_from(self.ctx, self.up, self.obs, signed, false) {
+                Some(own) => Some(own),
+                None => {
+                    let err = RpcError::invalid_request(super::error::FOREIGN_EVENT_ID);
+                    return write_error(io, self.req, &err).await;
+                }
+            },
+        };
         // Without the client's own upstream session (none, or one bridged: the upstream is
         // reached with the gateway's credential either way), the upstream cannot tell the
         // gateway's callers apart; with one, it may still show a task made without one.
@@ -264,11 +277,12 @@ impl<'c, 'a> Pass<'c, 'a> {
             ))
             .await;
         }
-        self.relay(io).await
+        self.relay(io, resume).await
     }
 
-    /// The request as it came, to the upstream, and its answer back as it comes.
-    async fn relay(&self, io: &mut Io) -> bool {
+    /// The request as it came, to the upstream (resuming from its event `resume`), and its
+    /// answer back as it comes.
+    async fn relay(&self, io: &mut Io, resume: Option<&str>) -> bool {
         let (req, peer, ctx, up, messages) =
             (self.req, self.peer, self.ctx, self.up, self.messages);
         // W3C trace context sent only inside the message also reaches the upstream as the
@@ -285,6 +299,7 @@ impl<'c, 'a> Pass<'c, 'a> {
                 "mcp-session-id",
                 self.session.and_then(Session::upstream_id),
             )])
+            .chain(resume.map(|id| ("last-event-id", Some(id))))
             .collect();
         // A session-era message to an upstream that may speak only the stateless era.
         let keep = if up.era == UpstreamEra::Auto

@@ -252,9 +252,19 @@ fn owner_context<'a>(
     tenant: Option<&'a str>,
     agent: Option<&'a str>,
 ) -> [&'a [u8]; 5] {
+    signed_for(b"owner", up, tenant, agent)
+}
+
+/// What `what` (a session id, an event id) of `up` is signed over: the upstream, the caller.
+fn signed_for<'a>(
+    what: &'static [u8],
+    up: &'a Upstream,
+    tenant: Option<&'a str>,
+    agent: Option<&'a str>,
+) -> [&'a [u8]; 5] {
     const PRESENT: [&[u8]; 4] = [b"--", b"-a", b"t-", b"ta"];
     [
-        b"owner",
+        what,
         up.name.as_bytes(),
         PRESENT[usize::from(tenant.is_some()) * 2 + usize::from(agent.is_some())],
         tenant.unwrap_or_default().as_bytes(),
@@ -269,6 +279,53 @@ pub(super) fn client_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: 
     let d = obs.decision.borrow();
     let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
     session::sign(&ctx.shared.session_key, &context, &[], id)
+}
+
+/// Signs the event ids of an answer's stream for its caller (tenant and agent), as its session
+/// id is: a client resumes only from an event the gateway gave it. An upstream may keep every
+/// session's events in one store (the Python SDK's manager gives each session the same one)
+/// and replay whichever stream an id names: without this, a caller that knew or guessed
+/// another's event id read that caller's answers on its own session. A federation's member's
+/// ids (`member` true, already tagged with its name) are signed apart from the same
+/// upstream's on a passthrough route.
+pub(super) fn event_signer(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+    member: bool,
+) -> session::Signer {
+    let d = obs.decision.borrow();
+    let context = signed_for(
+        event_kind(member),
+        up,
+        d.tenant.as_deref(),
+        d.agent.as_deref(),
+    );
+    session::Signer::new(&ctx.shared.session_key, &context)
+}
+
+/// The event id behind a `Last-Event-ID` the gateway gave this caller ([`event_signer`]);
+/// `None` for any other.
+pub(super) fn resumes_from<'a>(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    obs: &Obs<'_>,
+    signed: &'a [u8],
+    member: bool,
+) -> Option<&'a str> {
+    let d = obs.decision.borrow();
+    let context = signed_for(
+        event_kind(member),
+        up,
+        d.tenant.as_deref(),
+        d.agent.as_deref(),
+    );
+    let (own, []) = session::verify::<0>(&ctx.shared.session_key, &context, signed)?;
+    std::str::from_utf8(own).ok()
+}
+
+fn event_kind(member: bool) -> &'static [u8] {
+    if member { b"member-event" } else { b"event" }
 }
 
 /// What marks a session id as the bridge's own ([`bridge_session`]): one signed byte, so that

@@ -159,6 +159,10 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
+    if body.sse {
+        let ids = super::proxy::event_signer(ctx, up, obs, member.is_some());
+        body.ids = Some(Box::new(ids));
+    }
     let holding = Holding::of(
         &mut body,
         kind,
@@ -347,7 +351,7 @@ pub(super) async fn relay(
 }
 
 /// An answer with no body (to `HEAD`, a 204 or a 304): its head, and the upstream connection
-/// back to the pool.
+/// back to the pool unless its head says it closes.
 #[expect(
     clippy::too_many_arguments,
     reason = "each is a separate input of the relay"
@@ -384,12 +388,14 @@ async fn head_only(
     req.keep_alive
 }
 
-/// What of an answer is held whole before the client gets a byte of it, and what it is judged
-/// for once whole ([`Holding::judge`]).
+/// What an answer held whole before the client gets a byte of it is judged for once whole
+/// ([`Holding::judge`]). [`Holding::of`] decides whether it is held (and makes `body` hold it):
+/// a small one is held only to go out with its head in one write.
 struct Holding {
     /// It must answer the request sent and no other.
     checked: bool,
-    /// The exchange sent no request (a notification, a GET, a DELETE): it must answer none.
+    /// The exchange sent no request (a notification, a GET, a DELETE) and the answer is small
+    /// JSON: it must answer none.
     unasked: bool,
     /// The most held.
     max: usize,
@@ -620,6 +626,10 @@ struct Body<'m> {
     /// A federation member's JSON answer, held whole until it is known to answer the request
     /// sent (see [`relay`]).
     whole: Option<Vec<u8>>,
+    /// An event stream's ids are signed for the caller with this
+    /// ([`super::proxy::event_signer`]). Boxed: most answers are not event streams, and every
+    /// request's future would carry it.
+    ids: Option<Box<crate::session::Signer>>,
 }
 
 impl<'m> Body<'m> {
@@ -651,6 +661,7 @@ impl<'m> Body<'m> {
             id_taken: false,
             events_taken: 0,
             whole: None,
+            ids: None,
         }
     }
 
@@ -769,12 +780,17 @@ impl<'m> Body<'m> {
         Ok(out)
     }
 
-    /// Events as the client gets them: a federation's member's rewritten.
+    /// Events as the client gets them: a federation's member's rewritten, and their ids
+    /// signed.
     fn rewritten(&self, events: Vec<u8>) -> Vec<u8> {
-        match &self.member {
+        let events = match &self.member {
             Some((name, answers)) => {
                 super::messages::rewrite_events(name, &events, answers.as_ref())
             }
+            None => events,
+        };
+        match &self.ids {
+            Some(ids) => super::messages::sign_event_ids(events, |v| ids.sign(v)),
             None => events,
         }
     }

@@ -1190,3 +1190,156 @@ fn a_tenants_held_session_is_opened_with_none_of_its_first_callers_headers() {
     }
     d.stop();
 }
+
+/// Resumes `url`'s streams as two callers (API keys `argv[2]` and `argv[3]`): the first calls
+/// `argv[4]` (`count_with_progress`), answered as an event stream, and reads it whole; then the second resumes from the
+/// first's event id (as the first got it, and as the upstream's own, which the fixture's store
+/// makes guessable: `<request id>_<n>`), and the first resumes from it too.
+const RESUME_AS_ANOTHER: &str = r#"
+import json, random, sys
+import httpx2 as httpx
+
+url, key_a, key_b, tool = sys.argv[1:5]
+version = "2025-11-25"
+accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+def events(response):
+    event_id, data = None, []
+    for line in response.iter_lines():
+        if line == "":
+            if "".join(data):
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+def open_session(http, key):
+    init = http.post(url, headers={**accept, "x-api-key": key}, json={
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": version, "capabilities": {},
+                   "clientInfo": {"name": "resume", "version": "1"}}})
+    init.raise_for_status()
+    h = {**accept, "x-api-key": key, "Mcp-Session-Id": init.headers["mcp-session-id"],
+         "MCP-Protocol-Version": version}
+    http.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return h
+
+def resume(http, h, last):
+    out = {"progress": [], "result": None}
+    with http.stream("GET", url, headers={**h, "Accept": "text/event-stream", "Last-Event-ID": last},
+                     timeout=3) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            r.read()
+            out["body"] = r.text
+            return out
+        try:
+            for _, data in events(r):
+                msg = json.loads(data)
+                if msg.get("method") == "notifications/progress":
+                    out["progress"].append(msg["params"]["progress"])
+                if "result" in msg:
+                    out["result"] = msg["result"]
+                    break
+        except httpx.ReadTimeout:
+            pass
+    return out
+
+with httpx.Client(timeout=20) as http:
+    a = open_session(http, key_a)
+    b = open_session(http, key_b)
+    call_id = random.randrange(1 << 30)
+    call = {"jsonrpc": "2.0", "id": call_id, "method": "tools/call",
+            "params": {"name": tool, "arguments": {"steps": 4},
+                       "_meta": {"progressToken": "p"}}}
+    ids = []
+    with http.stream("POST", url, headers=a, json=call) as r:
+        for event_id, _ in events(r):
+            ids.append(event_id)
+    first = ids[0]
+    print(json.dumps({
+        "ids": ids,
+        "another_with_its_id": resume(http, b, first),
+        "another_with_the_upstreams_id": resume(http, b, first.rsplit(".", 1)[0]),
+        "its_own": resume(http, a, first),
+    }))
+"#;
+
+#[test]
+fn a_caller_resumes_only_from_the_event_ids_it_was_given() {
+    // The Python SDK's session manager gives every session one event store, and a store that
+    // finds an event by its id alone replays that event's stream on whatever session asks:
+    // another caller's answers, on its own session, for the id.
+    let py = PyServer::start_with(&["--resumable"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwresumeid");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants]]
+name = "beta"
+id = 2
+[[auth.api_keys]]
+sha256 = "{acme}"
+tenant = "acme"
+[[auth.api_keys]]
+sha256 = "{beta}"
+tenant = "beta"
+[[upstreams]]
+name = "u0"
+url = "{py}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["api_key"]
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+auth = ["api_key"]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        acme = sha256_hex(ACME_KEY),
+        beta = sha256_hex(BETA_KEY),
+        py = py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for (path, tool) in [
+        ("/mcp", "count_with_progress"),
+        ("/fed", "p_count_with_progress"),
+    ] {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let r = integration_tests::peers::py_script(
+            RESUME_AS_ANOTHER,
+            &[&url, ACME_KEY, BETA_KEY, tool],
+        );
+        for tried in ["another_with_its_id", "another_with_the_upstreams_id"] {
+            let got = &r[tried];
+            assert_eq!(
+                got["status"], 400,
+                "{path}, {tried}: beta read acme's stream on its own session: {r}"
+            );
+            let body: Value = serde_json::from_str(got["body"].as_str().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], -32600, "{path}: {r}");
+        }
+        // The caller the stream was sent to resumes it: what came after its first event.
+        let own = &r["its_own"];
+        assert_eq!(own["status"], 200, "{path}: {r}");
+        assert_eq!(
+            own["result"]["content"][0]["text"], "counted 4",
+            "{path}: {r}"
+        );
+        assert!(
+            !own["progress"].as_array().unwrap().contains(&json!(1)),
+            "{path}: replayed from after the first event: {r}"
+        );
+    }
+    d.stop();
+}

@@ -11,22 +11,45 @@ use super::{Era, Federation, KEEPALIVE};
 use crate::{
     http::{self, BodyKind, ChunkedDecoder, Io},
     mcp::{
+        RpcError, error,
         held::describe,
-        messages::rewrite_events,
+        messages::{rewrite_events, sign_event_ids},
+        proxy::{event_signer, resumes_from},
         sse,
         upstream::{self, Conn, UpstreamFailure},
     },
+    session::Signer,
 };
 
 impl<'c> Federation<'_, 'c> {
+    /// The member (its upstream's name) and its own event id that a `Last-Event-ID` names, if
+    /// the gateway gave it to this caller: `{member}.{id}`, signed ([`event_signer`]).
+    fn resumed(&self, signed: &str) -> Option<(String, String)> {
+        let (tagged, _) = signed.rsplit_once('.')?;
+        let (name, _) = tagged.split_once('.')?;
+        let up = self
+            .members
+            .iter()
+            .map(|m| self.upstream(m))
+            .find(|up| up.name == name)?;
+        let own = resumes_from(self.ctx, up, self.obs, signed.as_bytes(), true)?;
+        let (name, id) = own.split_once('.')?;
+        Some((name.to_owned(), id.to_owned()))
+    }
+
     /// Session era GET: every member's server-to-client stream, merged into one. A
     /// `Last-Event-ID` goes only to the member whose event it names.
     pub(super) async fn merged_stream(&self, io: &mut Io, era: Era<'_>) -> bool {
-        let last = self
-            .req
-            .header_str("last-event-id")
-            .and_then(|v| v.split_once('.'))
-            .map(|(name, id)| (name.to_owned(), id.to_owned()));
+        let last = match self.req.header_str("last-event-id") {
+            None => None,
+            Some(signed) => match self.resumed(signed) {
+                Some(last) => Some(last),
+                None => {
+                    let err = RpcError::invalid_request(error::FOREIGN_EVENT_ID);
+                    return self.reply_error(io, err).await;
+                }
+            },
+        };
         let client: &Io = io;
         // stdio and bridged members have no stream of their own.
         let http_members = self.active(era).into_iter().filter(|i| {
@@ -73,6 +96,7 @@ impl<'c> Federation<'_, 'c> {
                     stops.push(stop);
                     monoio::spawn(pump(
                         up.name.clone(),
+                        event_signer(self.ctx, up, self.obs, true),
                         conn,
                         kind,
                         up.stream_idle_timeout,
@@ -146,8 +170,13 @@ impl<'c> Federation<'_, 'c> {
 
 /// Moves one member's stream into the merged one, event by event, rewritten. An event over
 /// `max_event` bytes ends this member's stream (the merged one stays at an event boundary).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the pump"
+)]
 async fn pump(
     name: String,
+    ids: Signer,
     mut conn: Conn,
     kind: BodyKind,
     idle: Duration,
@@ -193,6 +222,7 @@ async fn pump(
                 // The session's own stream answers no request of this client's (responses on it
                 // are for a request stream being resumed, whose id is not known here).
                 let rewritten = rewrite_events(&name, &complete, None);
+                let rewritten = sign_event_ids(rewritten, |v| ids.sign(v));
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
                 }
