@@ -194,7 +194,8 @@ impl<'c, 'a> Pass<'c, 'a> {
             }
         };
         if known.is_none() && !filtering && task.is_none() {
-            // A stateless client has no session: an id it sends is not passed on.
+            // A stateless client has no session: an id it sends is not passed on, nor an
+            // event to resume from (see `direct`).
             return super::held::forward_learning(
                 io,
                 req,
@@ -203,7 +204,7 @@ impl<'c, 'a> Pass<'c, 'a> {
                 up,
                 m,
                 &req.body,
-                &[("mcp-session-id", None)],
+                &[("mcp-session-id", None), ("last-event-id", None)],
                 None,
                 self.obs,
             )

@@ -700,7 +700,8 @@ pub(super) async fn read_whole<'c>(
         peer,
         up,
         &req.body,
-        &[session_header(req, ctx, up, obs)],
+        // An answer read whole is no stream to resume.
+        &[session_header(req, ctx, up, obs), ("last-event-id", None)],
     ) {
         Ok(r) => r,
         Err(e) => {

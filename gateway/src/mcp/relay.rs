@@ -539,8 +539,8 @@ enum Framing {
 /// end-to-end fields (nothing hop-by-hop, nothing the upstream keeps to itself, no session id
 /// of a federation's member), each checked again (the upstream is not trusted to produce a
 /// clean head). A body whose length the client cannot be told goes chunked to an HTTP/1.1
-/// client, as it is to an HTTP/1.0 one (ended by a close); so does a federation member's
-/// event stream, whose events are rewritten (their length changes).
+/// client, as it is to an HTTP/1.0 one (ended by a close); so does every event stream, whose
+/// event ids are signed (and a federation member's events rewritten): their length changes.
 fn client_head(
     head: &ResponseHead,
     kind: Option<BodyKind>,
@@ -550,7 +550,7 @@ fn client_head(
 ) -> Result<(Vec<u8>, Framing), UpstreamFailure> {
     let sse = head.is_sse();
     let framing = match kind {
-        Some(BodyKind::Length(_)) if !(sse && member.is_some()) => Framing::Length,
+        Some(BodyKind::Length(_)) if !sse => Framing::Length,
         None => Framing::Length,
         Some(_) if req.accepts_chunked() => Framing::Chunked,
         Some(_) => Framing::UntilClose,

@@ -1,7 +1,8 @@
 //! Policy that cannot be stepped around, end to end on loopback: requests sent as
 //! notifications, batched lists and refused batches, identity headers given twice, conflicting
 //! credentials, sessions used by another tenant, per-tenant tool breakers, cross-site
-//! requests to the admin API, tasks on a stateless upstream, and calls whose client hung up.
+//! requests to the admin API, tasks on a stateless upstream, calls whose client hung up, and
+//! streams resumed from another caller's event id.
 
 use serde_json::{Value, json};
 
@@ -1341,5 +1342,43 @@ auth = ["api_key"]
             "{path}: replayed from after the first event: {r}"
         );
     }
+    d.stop();
+}
+
+#[test]
+fn a_passthrough_event_stream_with_a_length_reaches_the_client_whole() {
+    // Its event ids are signed on the way, so it is longer than the upstream said: relayed
+    // with the upstream's length, the client lost the end of the answer (the result) and read
+    // it as the start of the next response on the connection (from an attacker's review).
+    let fake = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 94\r\n\r\n\
+         id: e1\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"RESULT\"}]}}\n\n",
+    ));
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwsselen");
+    let config = format!(
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        fake.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{}}}"#;
+    let request = post("/mcp", call, "mcp-protocol-version: 2025-11-25\r\n");
+    let (r, mut s) = raw(port, &request);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 200, "{body}");
+    assert!(
+        body.starts_with("id: e1.") && body.ends_with("\"RESULT\"}]}}\n\n"),
+        "the whole stream, its id signed: {r:?}"
+    );
+    // The connection carries the next answer cleanly.
+    std::io::Write::write_all(&mut s, &request).unwrap();
+    let next = integration_tests::peers::read_response(&mut s).expect("a second answer");
+    assert_eq!(next.status, 200, "{next:?}");
+    assert!(
+        String::from_utf8_lossy(&next.body).contains("RESULT"),
+        "{next:?}"
+    );
     d.stop();
 }
