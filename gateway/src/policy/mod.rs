@@ -684,197 +684,71 @@ impl Policy {
         cert: mtls::ClientCert<'_>,
         tls: bool,
     ) -> Result<Identity, Box<Refusal>> {
-        let rule = || format!("routes[{}].auth", route.path);
-        for name in &self.identity_headers {
-            let mut values = headers.all(name);
-            let first = values.next();
-            let problem = if values.next().is_some() {
-                "is given more than once"
-            } else if first.is_some_and(|v| std::str::from_utf8(v).is_err()) {
-                "is not UTF-8"
-            } else if first.is_some_and(|v| v.len() > MAX_RUN_ID_BYTES)
-                && self.tenants.iter().any(|t| t.run_header == *name)
-            {
-                "is longer than 128 bytes"
-            } else {
-                continue;
-            };
-            return Err(Refusal::new(
-                400,
-                code::INVALID_REQUEST,
-                rule(),
-                format!("header `{name}` {problem}"),
-            ));
-        }
-        let header = |name: &str| header_value(headers, name);
+        let a = Authenticating {
+            policy: self,
+            route,
+            headers,
+            tls,
+        };
+        a.identity_headers_once()?;
         let by_address = self.tenant_index(address_tenant);
         let address_classified = by_address != self.default_tenant;
-        let run_of = |tenant: usize| header(&self.tenants[tenant].run_header).map(str::to_owned);
         if route.auth.is_empty() {
             return Ok(Identity {
                 tenant: by_address,
                 agent: None,
-                run: run_of(by_address),
+                run: a.run_header(by_address),
                 via: Via::Address,
             });
         }
-        let unauthenticated = |message: &str, invalid: bool| {
-            let mut r = Refusal::new(401, code::UNAUTHENTICATED, rule(), message);
-            let url = self.metadata_url(header("host"), tls, &route.path);
-            r.www_authenticate = Some(if invalid {
-                format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
-            } else {
-                format!("Bearer resource_metadata=\"{url}\"")
-            });
-            r
-        };
-        let accepts = |m| route.auth.contains(&m);
-        let api_key = |key: &str| {
-            self.api_keys
-                .get(&<[u8; 32]>::from(Sha256::digest(key)))
-                .map(|(tenant, agent)| Credential {
-                    tenant: *tenant,
-                    agent: agent.clone(),
-                    run: None,
-                    via: Via::ApiKey,
-                })
-                .ok_or_else(|| unauthenticated("the API key is not valid", true))
-        };
         let mut credentials: Vec<Credential> = Vec::with_capacity(2);
-        if accepts(AuthMethod::Mtls)
-            && let mtls::ClientCert::Present(c) = cert
-        {
-            match self.mtls.caller(c) {
-                mtls::Mapped::Caller(tenant, agent) => credentials.push(Credential {
-                    tenant,
-                    agent,
-                    run: None,
-                    via: Via::Mtls,
-                }),
-                mtls::Mapped::Nobody => {
-                    return Err(Refusal::new(
-                        403,
-                        code::FORBIDDEN,
-                        rule(),
-                        format!(
-                            "the client certificate ({}) is mapped to no caller by [[auth.mtls]]",
-                            c.describe()
-                        ),
-                    ));
-                }
-                mtls::Mapped::Ambiguous => {
-                    return Err(Refusal::new(
-                        403,
-                        code::FORBIDDEN,
-                        rule(),
-                        format!(
-                            "the client certificate ({}) names different callers in [[auth.mtls]]",
-                            c.describe()
-                        ),
-                    ));
-                }
-            }
-        }
-        if let Some(key) = header("x-api-key") {
-            if !accepts(AuthMethod::ApiKey) {
-                return Err(unauthenticated("API keys are not accepted here", true));
-            }
-            credentials.push(api_key(key)?);
-        }
-        if let Some(authorization) = header("authorization") {
-            let Some(token) = authorization
-                .split_once(' ')
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, token)| crate::http::ows(token))
-            else {
-                return Err(unauthenticated(
-                    "the Authorization header must be `Bearer <credential>`",
-                    true,
-                ));
-            };
-            let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
-            if looks_like_jwt && accepts(AuthMethod::Jwt) && self.jwt.is_some() {
-                let (tenant, agent, run) = self.verify_jwt(token).map_err(|why| {
-                    unauthenticated(&format!("the token is not valid: {why}"), true)
-                })?;
-                credentials.push(Credential {
-                    tenant,
-                    agent,
-                    run,
-                    via: Via::Jwt,
-                });
-            } else if accepts(AuthMethod::ApiKey) {
-                credentials.push(api_key(token)?);
-            } else {
-                return Err(unauthenticated(
-                    "this kind of credential is not accepted here",
-                    true,
-                ));
-            }
-        }
-        if let Some((a, rest)) = credentials.split_first()
-            && rest
-                .iter()
-                .any(|b| a.tenant != b.tenant || a.agent != b.agent)
-        {
-            return Err(Refusal::new(
-                403,
-                code::FORBIDDEN,
-                rule(),
-                "the request carries credentials of different callers (Authorization, X-API-Key, client certificate)",
-            ));
-        }
-        // The signed token's, when there is one: it names the run.
-        let found = credentials.pop().map(|c| Credential {
-            run: c
-                .run
-                .or_else(|| credentials.iter_mut().find_map(|o| o.run.take())),
-            ..c
-        });
+        credentials.extend(a.certificate(cert)?);
+        credentials.extend(a.api_key_header()?);
+        credentials.extend(a.authorization()?);
         let Credential {
             tenant,
             agent,
             run: signed_run,
             via,
-        } = match found {
+        } = match a.one_caller(credentials)? {
             Some(c) => c,
-            None if accepts(AuthMethod::Address) && address_classified => Credential {
+            None if a.accepts(AuthMethod::Address) && address_classified => Credential {
                 tenant: by_address,
                 agent: None,
                 run: None,
                 via: Via::Address,
             },
-            None if accepts(AuthMethod::Mtls) && matches!(cert, mtls::ClientCert::Plaintext) => {
-                return Err(unauthenticated(
+            None if a.accepts(AuthMethod::Mtls) && matches!(cert, mtls::ClientCert::Plaintext) => {
+                return Err(a.unauthenticated(
                     "credentials are required; this route accepts client certificates (mtls), which need a TLS listener with `client_ca`",
                     false,
                 ));
             }
-            None if accepts(AuthMethod::Mtls) => {
-                return Err(unauthenticated(
+            None if a.accepts(AuthMethod::Mtls) => {
+                return Err(a.unauthenticated(
                     "credentials are required: no client certificate was presented",
                     false,
                 ));
             }
-            None => return Err(unauthenticated("credentials are required", false)),
+            None => return Err(a.unauthenticated("credentials are required", false)),
         };
         if via != Via::Address && address_classified && tenant != by_address {
             return Err(Refusal::new(
                 403,
                 code::FORBIDDEN,
-                rule(),
+                a.rule(),
                 format!(
                     "the credential belongs to tenant `{}` but the address is tenant `{}`'s",
                     self.tenants[tenant].name, self.tenants[by_address].name
                 ),
             ));
         }
-        let run = match (signed_run, run_of(tenant)) {
+        let run = match (signed_run, a.run_header(tenant)) {
             (Some(signed), Some(sent)) if signed != sent => {
                 return Err(Refusal::new(
                     403,
                     code::FORBIDDEN,
-                    rule(),
+                    a.rule(),
                     format!(
                         "header `{}` contradicts the run the token was signed for",
                         self.tenants[tenant].run_header
@@ -950,6 +824,192 @@ impl Policy {
             ));
         }
         Ok((tenant, text(&jwt.agent_claim), run))
+    }
+}
+
+/// One request being authenticated on a route: each kind of credential read by a method of its
+/// own, every one the request carries checked ([`Policy::authenticate_with`]).
+struct Authenticating<'a> {
+    policy: &'a Policy,
+    route: &'a Route,
+    headers: &'a crate::http::Fields,
+    tls: bool,
+}
+
+impl Authenticating<'_> {
+    fn rule(&self) -> String {
+        format!("routes[{}].auth", self.route.path)
+    }
+
+    fn accepts(&self, m: AuthMethod) -> bool {
+        self.route.auth.contains(&m)
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        header_value(self.headers, name)
+    }
+
+    /// The run the tenant's run header names.
+    fn run_header(&self, tenant: usize) -> Option<String> {
+        self.header(&self.policy.tenants[tenant].run_header)
+            .map(str::to_owned)
+    }
+
+    /// 401, with where to learn how to authenticate (RFC 9728); `invalid`: a credential was
+    /// presented and is not valid.
+    fn unauthenticated(&self, message: &str, invalid: bool) -> Box<Refusal> {
+        let mut r = Refusal::new(401, code::UNAUTHENTICATED, self.rule(), message);
+        let url = self
+            .policy
+            .metadata_url(self.header("host"), self.tls, &self.route.path);
+        r.www_authenticate = Some(if invalid {
+            format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
+        } else {
+            format!("Bearer resource_metadata=\"{url}\"")
+        });
+        r
+    }
+
+    /// Every header that says who calls at most once, in UTF-8 (a run header not too long).
+    fn identity_headers_once(&self) -> Result<(), Box<Refusal>> {
+        for name in &self.policy.identity_headers {
+            let mut values = self.headers.all(name);
+            let first = values.next();
+            let problem = if values.next().is_some() {
+                "is given more than once"
+            } else if first.is_some_and(|v| std::str::from_utf8(v).is_err()) {
+                "is not UTF-8"
+            } else if first.is_some_and(|v| v.len() > MAX_RUN_ID_BYTES)
+                && self.policy.tenants.iter().any(|t| t.run_header == *name)
+            {
+                "is longer than 128 bytes"
+            } else {
+                continue;
+            };
+            return Err(Refusal::new(
+                400,
+                code::INVALID_REQUEST,
+                self.rule(),
+                format!("header `{name}` {problem}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The caller an API key names.
+    fn api_key(&self, key: &str) -> Result<Credential, Box<Refusal>> {
+        self.policy
+            .api_keys
+            .get(&<[u8; 32]>::from(Sha256::digest(key)))
+            .map(|(tenant, agent)| Credential {
+                tenant: *tenant,
+                agent: agent.clone(),
+                run: None,
+                via: Via::ApiKey,
+            })
+            .ok_or_else(|| self.unauthenticated("the API key is not valid", true))
+    }
+
+    /// The caller a client certificate names, where the route accepts them.
+    fn certificate(&self, cert: mtls::ClientCert<'_>) -> Result<Option<Credential>, Box<Refusal>> {
+        let mtls::ClientCert::Present(c) = cert else {
+            return Ok(None);
+        };
+        if !self.accepts(AuthMethod::Mtls) {
+            return Ok(None);
+        }
+        let problem = match self.policy.mtls.caller(c) {
+            mtls::Mapped::Caller(tenant, agent) => {
+                return Ok(Some(Credential {
+                    tenant,
+                    agent,
+                    run: None,
+                    via: Via::Mtls,
+                }));
+            }
+            mtls::Mapped::Nobody => "is mapped to no caller by",
+            mtls::Mapped::Ambiguous => "names different callers in",
+        };
+        Err(Refusal::new(
+            403,
+            code::FORBIDDEN,
+            self.rule(),
+            format!(
+                "the client certificate ({}) {problem} [[auth.mtls]]",
+                c.describe()
+            ),
+        ))
+    }
+
+    /// The caller `X-API-Key` names.
+    fn api_key_header(&self) -> Result<Option<Credential>, Box<Refusal>> {
+        let Some(key) = self.header("x-api-key") else {
+            return Ok(None);
+        };
+        if !self.accepts(AuthMethod::ApiKey) {
+            return Err(self.unauthenticated("API keys are not accepted here", true));
+        }
+        self.api_key(key).map(Some)
+    }
+
+    /// The caller `Authorization: Bearer` names: a JWT where the route takes them, else an API
+    /// key.
+    fn authorization(&self) -> Result<Option<Credential>, Box<Refusal>> {
+        let Some(authorization) = self.header("authorization") else {
+            return Ok(None);
+        };
+        let Some(token) = authorization
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| crate::http::ows(token))
+        else {
+            return Err(self.unauthenticated(
+                "the Authorization header must be `Bearer <credential>`",
+                true,
+            ));
+        };
+        let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
+        if looks_like_jwt && self.accepts(AuthMethod::Jwt) && self.policy.jwt.is_some() {
+            let (tenant, agent, run) = self.policy.verify_jwt(token).map_err(|why| {
+                self.unauthenticated(&format!("the token is not valid: {why}"), true)
+            })?;
+            Ok(Some(Credential {
+                tenant,
+                agent,
+                run,
+                via: Via::Jwt,
+            }))
+        } else if self.accepts(AuthMethod::ApiKey) {
+            self.api_key(token).map(Some)
+        } else {
+            Err(self.unauthenticated("this kind of credential is not accepted here", true))
+        }
+    }
+
+    /// The one caller every credential presented names (the signed token's run, when there
+    /// is one); credentials of different callers are refused.
+    fn one_caller(
+        &self,
+        mut credentials: Vec<Credential>,
+    ) -> Result<Option<Credential>, Box<Refusal>> {
+        if let Some((a, rest)) = credentials.split_first()
+            && rest
+                .iter()
+                .any(|b| a.tenant != b.tenant || a.agent != b.agent)
+        {
+            return Err(Refusal::new(
+                403,
+                code::FORBIDDEN,
+                self.rule(),
+                "the request carries credentials of different callers (Authorization, X-API-Key, client certificate)",
+            ));
+        }
+        Ok(credentials.pop().map(|c| Credential {
+            run: c
+                .run
+                .or_else(|| credentials.iter_mut().find_map(|o| o.run.take())),
+            ..c
+        }))
     }
 }
 
