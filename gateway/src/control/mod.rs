@@ -15,6 +15,12 @@ use anyhow::{Context as _, bail};
 use ipnet::IpNet;
 use tokio::{signal::unix::SignalKind, sync::watch};
 
+mod start;
+use start::{
+    KernelStart, Serving, Signals, announce, bind_admin, bind_listeners, finish_takeover,
+    prepare_serving, restore_state, share, start_kernel,
+};
+
 use crate::{
     config::Config,
     kernel::{self, Kernel, KernelMaps, KernelState},
@@ -539,11 +545,13 @@ async fn run_async(
     // First: a SIGTERM during the start (a service manager's stop, a test's) waits in its
     // stream for the loop below and ends the run cleanly, instead of killing the process by
     // the signal's default action before the handlers exist.
-    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
-    let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let Signals {
+        mut hup,
+        mut usr1,
+        mut usr2,
+        mut term,
+        mut int,
+    } = Signals::install()?;
     let origin = upgrade::Origin::record()
         .inspect_err(|e| tracing::warn!("the binary's path is unknown ({e}): no upgrades"))
         .ok();
@@ -555,9 +563,6 @@ async fn run_async(
         }
         None => None,
     };
-    // Attachments of the running gateway this one takes over once it releases (its program
-    // keeps enforcing until then).
-    let mut taken_over = Vec::new();
     // A fleet seals session ids with one key, so that any of its gateways continues a session;
     // its live hosts set this host's share of the tenants' new-connection rates from the
     // first sync of the kernel's maps on (during an upgrade, the maps the running gateway's
@@ -567,83 +572,14 @@ async fn run_async(
         None => None,
     };
     let kernel_hosts = fleet_start.as_ref().map_or(1, |s| s.hosts);
-    // The one handle the control thread writes the maps through (it mirrors what it wrote).
-    let mut maps = None;
-    let mut kernel = if config.kernel.enabled {
-        let lock = handed.as_mut().and_then(|h| h.lock.take());
-        let mut k = kernel::load_as(&config.instance, &config.kernel.pin_dir, lock)?;
-        let report = maps
-            .insert(k.maps()?)
-            .sync(&KernelState::shared_by(&config, kernel_hosts))
-            .context("syncing the kernel maps")?;
-        tracing::debug!(?report, "kernel maps synced");
-        for iface in &config.kernel.interfaces {
-            if let Some((_, mode)) = handed
-                .as_ref()
-                .and_then(|h| h.offer.attachments.iter().find(|(i, _)| i == iface))
-            {
-                let mode =
-                    kernel::AttachedMode::parse(mode).unwrap_or(kernel::AttachedMode::Generic);
-                taken_over.push((iface.clone(), mode));
-                continue;
-            }
-            let mode = k.attach(iface, config.kernel.mode)?;
-            tracing::info!(interface = %iface, mode = mode.as_str(), "XDP program attached");
-        }
-        Some(k)
-    } else {
-        tracing::warn!("kernel.enabled = false: no XDP fast path");
-        None
-    };
-
+    let KernelStart {
+        mut kernel,
+        maps,
+        taken_over,
+    } = start_kernel(&config, &mut handed, kernel_hosts)?;
     let workers = config.workers;
-    let mut per_worker: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut offered = handed
-        .as_mut()
-        .map(|h| std::mem::take(&mut h.listeners))
-        .unwrap_or_default();
-    for addr in config.listeners.iter().map(|l| l.address) {
-        // The running gateway's sockets for this address, when taking over: the same sockets,
-        // so what waits in their accept queues is served, not refused.
-        let sockets = match offered.iter().position(|(a, _)| *a == addr) {
-            Some(i) => {
-                let (_, sockets) = offered.swap_remove(i);
-                if sockets.len() != workers {
-                    bail!(
-                        "`gateway.workers` changed ({} to {workers}): an upgrade takes over one listening socket per worker; restart to change the worker count",
-                        sockets.len()
-                    );
-                }
-                sockets
-            }
-            None => {
-                runtime::bind_reuseport(addr, workers).with_context(|| format!("binding {addr}"))?
-            }
-        };
-        for (i, s) in sockets.into_iter().enumerate() {
-            per_worker[i].push(s);
-        }
-    }
-    // Listeners the new configuration no longer has: closed here; the old process closes its
-    // copies when it exits.
-    drop(offered);
-    let admin_std = match handed
-        .as_mut()
-        .filter(|h| h.offer.admin == config.admin)
-        .and_then(|h| h.admin.take())
-    {
-        Some(admin) => admin,
-        None => tokio::net::TcpListener::bind(config.admin)
-            .await
-            .and_then(tokio::net::TcpListener::into_std)
-            .with_context(|| format!("binding the admin listener {}", config.admin))?,
-    };
-    admin_std.set_nonblocking(true)?;
-    // Kept to hand over in an upgrade, and to serve again if one fails.
-    let admin_keep = admin_std
-        .try_clone()
-        .context("duplicating the admin socket")?;
-    let admin_listener = tokio::net::TcpListener::from_std(admin_std)?;
+    let per_worker = bind_listeners(&config, &mut handed)?;
+    let (admin_listener, admin_keep) = bind_admin(&config, &mut handed).await?;
     let mut ended_sessions = Vec::new();
     if let Some(s) = handover {
         // Everything that can fail on the configuration is checked before the running gateway
@@ -664,91 +600,15 @@ async fn run_async(
     let admin_addr = config.admin;
     let tls_stamps = crate::tls::stamps(&config);
     let state = config.state.clone();
-    let fleet_key = fleet_start.as_ref().and_then(|s| s.session_key);
-    let mut shared = Shared::new(config);
-    if let Some(key) = fleet_key {
-        shared.session_key = key;
-    } else if let Some(h) = &handed {
-        // Sessions opened before the upgrade stay valid.
-        shared.session_key = h.offer.session_key;
-    }
-    if let Some(h) = &handed {
-        // Keyed hashes mean what they meant in the old process (the owners of held sessions
-        // and stdio children).
-        shared.limits = Arc::new(crate::policy::limits::State::with_seed(h.offer.hash_seed));
-        // Sessions its clients ended stay ended.
-        for (session, when) in ended_sessions {
-            shared.ended_sessions.absorb(session, when);
-        }
-    }
-    let shared = Arc::new(shared);
-    if let Some(start) = &fleet_start {
-        // Until the agent's first round: rates at this host's share of the live hosts.
-        shared.fleet.hosts.store(start.hosts, Relaxed);
-        shared
-            .limits
-            .set_fleet(crate::policy::limits::FLEET_LEASED, start.hosts);
-    }
-    // The kept state is in place before any worker serves.
-    let (store, kept_bans) = match &state.dir {
-        Some(dir) => {
-            let mut store = crate::state::Store::open(dir)?;
-            let loaded = store.load(&shared.pins, &shared.limits)?;
-            tracing::info!(
-                file = %store.path().display(),
-                pins = loaded.pins,
-                windows = loaded.windows,
-                bans = loaded.bans.len(),
-                "state store loaded"
-            );
-            shared.state.enabled.store(true, Relaxed);
-            shared.state.bytes.store(store.bytes(), Relaxed);
-            (Some(store), loaded.bans)
-        }
-        None => {
-            tracing::warn!("state.disabled: budgets, pins and approvals start afresh on every run");
-            (None, Vec::new())
-        }
-    };
-    if !kept_bans.is_empty() && !config_kernel_enabled(&shared) {
-        shared
-            .bans
-            .store(Arc::new(BanSet::new(kept_bans.iter().map(|(ip, left)| {
-                let left = left.as_nanos().min(u128::from(u64::MAX)) as u64;
-                (*ip, kernel::monotonic_ns().saturating_add(left))
-            }))));
-    }
-    if let Some(k) = &mut kernel {
-        for (iface, mode) in &taken_over {
-            k.take_over(iface, *mode)?;
-            tracing::info!(interface = %iface, mode = mode.as_str(), "XDP program replaced through the pinned link");
-        }
-    }
-    let open_files = runtime::raise_open_files_limit();
-    shared
-        .open_files_limit
-        .store(open_files, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(open_files, "open-file limit");
-    shared
-        .stdio
-        .set_gate(Arc::new(StdioPins(Arc::downgrade(&shared))));
-    shared.stdio.sync(
-        shared
-            .snapshot
-            .load()
-            .config
-            .upstreams
-            .iter()
-            .filter_map(|u| u.stdio.as_ref()),
+    let shared = share(
+        config,
+        handed.as_ref(),
+        ended_sessions,
+        fleet_start.as_ref(),
     );
-    {
-        let config = &shared.snapshot.load().config;
-        let tls = shared
-            .tls
-            .prepare(config)
-            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
-        shared.tls.publish(tls);
-    }
+    // The kept state is in place before any worker serves.
+    let kept = restore_state(&shared, &state)?;
+    prepare_serving(&shared, &mut kernel, &taken_over)?;
     // Duplicates of the workers' listening sockets: at shutdown the control thread stops them
     // listening itself, at once, whatever the workers are doing.
     let listening: Vec<TcpListener> = per_worker
@@ -761,41 +621,15 @@ async fn run_async(
     let threads = runtime::spawn_workers(Arc::clone(&shared), per_worker, stop_rx, grace, pin)
         .context("starting workers")?;
 
-    let xdp = kernel
-        .as_ref()
-        .map(|k| {
-            k.attachments()
-                .iter()
-                .map(|a| (a.interface.clone(), a.mode.as_str()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let log = match &shared.snapshot.load().config.telemetry.histogram_log {
-        Some(path) => Some(
-            HistogramLog::create(path)
-                .with_context(|| format!("creating the histogram log {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let max_tools = shared.snapshot.load().config.telemetry.max_tools;
-    let control = Arc::new(Mutex::new(Control {
-        shared: Arc::clone(&shared),
+    let control = Control::start(
+        &shared,
         maps,
         config_path,
-        stats: Aggregator::new(max_tools, log),
-        ready: true,
         tls_stamps,
-        bans: std::collections::BTreeMap::new(),
-        store,
-        store_failing: false,
-        xdp,
-        reloads: Reloads::default(),
+        kept,
+        kernel.as_ref(),
         kernel_hosts,
-        caps_written: false,
-    }));
-    // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
-    lock(&control).refresh_bans();
-    lock(&control).restore_bans(kept_bans);
+    )?;
     let admin_tls = shared.snapshot.load().config.admin_tls.is_some();
     let mut admin = AdminServer::start(admin_listener, admin_keep, admin_tls, Arc::clone(&control));
     let spans = tokio::spawn(crate::otlp::export(Arc::clone(&shared.spans), {
@@ -815,29 +649,7 @@ async fn run_async(
         ))
     });
 
-    tracing::info!(
-        workers,
-        driver = runtime::driver_name(),
-        "data plane running"
-    );
-    for l in &listeners {
-        let scheme = if l.tls.is_some() { "https" } else { "http" };
-        tracing::info!("MCP endpoint: {scheme}://{}/mcp", l.address);
-    }
-    let scheme = if admin_tls { "https" } else { "http" };
-    tracing::info!(
-        "metrics: {scheme}://{admin_addr}/metrics  health: {scheme}://{admin_addr}/healthz"
-    );
-    // What the start freed (the eBPF object and the kernel's BTF parsed to load it, the
-    // configuration's sources) goes back to the system now: this thread allocates little from
-    // here on, and mimalloc purges freed pages only on later allocations.
-    // SAFETY: mi_collect has no preconditions; it only walks this thread's heap.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-    // Listeners bound and the XDP program attached (both above): systemd may route traffic.
-    crate::service::ready(&format!(
-        "serving: {} listeners, {workers} workers",
-        listeners.len()
-    ));
+    announce(workers, &listeners, admin_tls, admin_addr);
     let watchdog = crate::service::watchdog_period();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let upgrade_socket = match upgrade::listen(&upgrade::socket_path(&instance), handover.is_some())
@@ -863,26 +675,7 @@ async fn run_async(
     // The signal handlers are in place (first thing): systemd may send SIGHUP to this process
     // from here on.
     if let (Some(s), Some(h)) = (handover, &handed) {
-        if let Err(e) = s.ready() {
-            tracing::warn!("the gateway handing over did not hear this one is ready: {e}");
-        }
-        // Interfaces the old configuration named and the new one does not: detached now.
-        if let Some(k) = &kernel {
-            for (iface, _) in &h.offer.attachments {
-                if !k.attachments().iter().any(|a| &a.interface == iface) {
-                    let pin = k.pin_dir().join(format!("link_{iface}"));
-                    match kernel::remove_stale_link(&pin) {
-                        Ok(_) => {
-                            tracing::info!(interface = %iface, "XDP program detached (no longer configured)")
-                        }
-                        Err(e) => {
-                            tracing::error!(interface = %iface, "detaching the XDP program failed: {e}")
-                        }
-                    }
-                }
-            }
-        }
-        tracing::info!(from = h.offer.pid, "took over from the running gateway");
+        finish_takeover(s, h, kernel.as_ref());
     }
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -929,70 +722,17 @@ async fn run_async(
     }
     drop(upgrade_ctx);
 
-    if let Some(pid) = handed_to {
-        // The listening sockets are the new process's now: no shutdown(2) on them (that
-        // would stop them for it too); the workers stopped accepting already.
-        shared.handing_over.store(true, Relaxed);
-        tracing::info!(
-            new_pid = pid,
-            grace_ms = grace.as_millis() as u64,
-            "handed over to the upgraded gateway: draining"
-        );
-    } else {
-        tracing::info!(
-            grace_ms = grace.as_millis() as u64,
-            "shutting down: no new connections, draining"
-        );
-    }
-    lock(&control).ready = false;
-    if handed_to.is_none() {
-        // After a handover the service goes on in the new process.
-        crate::service::stopping();
-    }
-    let _ = stop_tx.send(true);
-    if handed_to.is_none() {
-        for l in &listening {
-            // SAFETY: shutdown(2) on a socket this thread holds a duplicate of.
-            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
-        }
-    }
-    drop(listening);
-    admin.abort();
-    resolver.abort();
-    spans.abort();
-    if let Some(f) = &fleet {
-        f.abort();
-    }
-    let joined = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    });
-    if tokio::time::timeout(grace + Duration::from_secs(1), joined)
+    let serving = Serving {
+        stop_tx,
+        threads,
+        listening,
+        resolver,
+        spans,
+        fleet,
+    };
+    serving
+        .stop(admin, handed_to, grace, &control, &shared, kernel)
         .await
-        .is_err()
-    {
-        tracing::warn!("workers did not stop in time");
-    }
-    // After the workers: what they counted while draining is written too.
-    lock(&control).flush_state();
-    shared.stdio.stop_all().await;
-    if let Some(k) = &mut kernel {
-        if handed_to.is_some() {
-            // The links run the new process's program now.
-            k.release();
-        } else {
-            k.detach_all()?;
-            tracing::info!(
-                "XDP program detached; maps stay pinned under {}",
-                k.pin_dir().display()
-            );
-        }
-    }
-    if handed_to.is_some() {
-        tracing::info!("drained; exiting");
-    }
-    Ok(())
 }
 
 /// The control thread's ban path, as the fleet agent uses it.
