@@ -133,6 +133,18 @@ fn upstreams_and_routes() {
     assert!(err(&base.replace("upstream='u'", "upstream='v'")).contains("routes[0].upstream"));
     assert!(err(&base.replace("http://127", "ftp://127")).contains("upstreams[0].url"));
     assert!(err(&base.replace("http://127.0.0.1:9100", "http://127.0.0.1:0")).contains("port"));
+    // A query of its own marks the route (its requests take none); what a request line
+    // cannot carry is refused.
+    assert!(!c.routes[0].upstream_query);
+    let q = Config::from_toml(&base.replacen("/mcp'", "/mcp?key=k'", 1)).unwrap();
+    assert_eq!(q.upstreams[0].path, "/mcp?key=k");
+    assert!(q.routes[0].upstream_query);
+    for bad in ["/mcp#top'", "/m cp'", "/mcp\t'"] {
+        assert!(
+            err(&base.replacen("/mcp'", bad, 1)).contains("upstreams[0].url"),
+            "{bad}"
+        );
+    }
     // https: TLS settings only there, each file read and checked at load.
     let tls = |extra: &str| {
         base.replace("http://127", "https://127")

@@ -882,6 +882,10 @@ pub struct Route {
     pub path: String,
     pub target: Target,
     pub auth: Vec<AuthMethod>,
+    /// An upstream's URL has a query of its own (a key, a tenant): a request to the route
+    /// takes none, since a client's parameters after the operator's would override them for
+    /// the servers that read the last of two (Starlette's).
+    pub upstream_query: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1079,6 +1083,12 @@ fn parse_url(url: &str) -> Result<Url, String> {
         .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     if authority.is_empty() || authority.contains(['@', '?', '#', ' ']) {
         return Err(format!("`{url}`: a host (and port) must follow the scheme"));
+    }
+    // It goes into every request line as it is written here.
+    if path.contains('#') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(format!(
+            "`{url}`: a path and query without spaces, control characters or a fragment (`#`)"
+        ));
     }
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {

@@ -861,10 +861,17 @@ impl RawRoute {
                 "`jwt` needs an [auth.jwt] section",
             ));
         }
+        let upstream_query = match &target {
+            Target::Passthrough(u) => upstreams[*u].path.contains('?'),
+            Target::Federation(members) => members
+                .iter()
+                .any(|m| upstreams[m.upstream].path.contains('?')),
+        };
         Ok(Route {
             path: r.path,
             target,
             auth: r.auth,
+            upstream_query,
         })
     }
 }

@@ -122,6 +122,43 @@ fn exchanges_cross_a_tls_connection_and_leave_it_idle() {
     });
 }
 
+/// Session tickets a server sends on an idle connection are taken (a TLS 1.3 server's usual
+/// two), but only up to a bound: a server that keeps sending records holds the worker in the
+/// pool's look at the connection, so one past the bound makes it not idle (dropped), where it
+/// was taken whole however long it went on.
+#[test]
+fn an_idle_connection_takes_a_few_tickets_and_no_flood_of_them() {
+    // 400 tickets are about 40 KB (rustls refuses far more on its own: its buffer fills).
+    for (tickets, idle) in [(2usize, true), (400, false)] {
+        run(async move {
+            let p = configs();
+            let mut server_config = (*p.server).clone();
+            server_config.send_tls13_tickets = tickets;
+            let server_config = Arc::new(server_config);
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server = monoio::spawn(async move {
+                let mut io = accepted(&listener).await;
+                let conn = rustls::ServerConnection::new(server_config).expect("server");
+                io.handshake(rustls::Connection::Server(conn), soon())
+                    .await
+                    .expect("server handshake");
+                // The tickets went out once the client's Finished was read: wait for its end.
+                assert_eq!(io.fill(Duration::from_secs(5)).await.expect("eof"), 0);
+            });
+            let mut io = connected(addr).await;
+            io.handshake(client_conn(&p), soon())
+                .await
+                .expect("client handshake");
+            // Nothing read since the handshake: the tickets wait on the idle socket.
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(io.idle_and_open(), idle, "{tickets} tickets");
+            drop(io);
+            server.await;
+        });
+    }
+}
+
 /// Plaintext sent to a TLS server ends the handshake with a protocol error, not a wait.
 #[test]
 fn plaintext_to_a_tls_server_fails_the_handshake() {

@@ -944,7 +944,7 @@ pub(super) async fn reply(
         if status >= 500 {
             obs.failed_by(super::proxy::Blame::of_status(status));
         } else {
-            // A 404 once more after a new session, or a 1xx or 3xx: an answer to this request,
+            // A 404 once more after a new session (a redirect fails as it opens): an answer to this request,
             // as on passthrough, not a sign of the upstream's health either way (it opened the
             // upstream's shared breaker for every tenant).
             obs.own_failure();

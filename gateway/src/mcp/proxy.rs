@@ -1005,9 +1005,17 @@ async fn answer_failure(
         }
         UpstreamFailure::Tls { reason, detail } => {
             crate::throttled_warn!(upstream = %up.name, reason, "{detail}");
-            let err = RpcError::upstream(format!("upstream `{}` failed: {detail}", up.name), 502)
-                .with_data(serde_json::json!({ "upstream": up.name, "reason": reason }))
-                .with_id(id);
+            // The detail is the log's: it names the names and addresses the upstream's
+            // certificate holds, and the gateway's view of them, which are no client's to read.
+            let err = RpcError::upstream(
+                format!(
+                    "upstream `{}` failed: its TLS handshake failed ({reason})",
+                    up.name
+                ),
+                502,
+            )
+            .with_data(serde_json::json!({ "upstream": up.name, "reason": reason }))
+            .with_id(id);
             return client
                 .write_all(json_response(502, &err, req.keep_alive))
                 .await

@@ -179,9 +179,9 @@ async fn answer(
     }
 }
 
-/// route: the endpoint the path names.
+/// route: the endpoint the path names (refused with a query where its upstream has one).
 fn route<'c>(config: &'c Config, req: &Request) -> Result<&'c Route, Stop> {
-    config
+    let route = config
         .routes
         .iter()
         .find(|r| r.path == req.path())
@@ -195,7 +195,15 @@ fn route<'c>(config: &'c Config, req: &Request) -> Result<&'c Route, Stop> {
                 )
                 .with_data(serde_json::json!({ "endpoints": paths })),
             )
-        })
+        })?;
+    if route.upstream_query && req.target.contains('?') {
+        // Appended to the upstream's own, a client's parameters would stand for the
+        // operator's where a server reads the last of two.
+        return Err(Stop::reply(RpcError::invalid_request(
+            "this endpoint's upstream has a query of its own: a request to it takes none",
+        )));
+    }
+    Ok(route)
 }
 
 /// origin: a browser's request from a page not allowed is refused (DNS rebinding). The

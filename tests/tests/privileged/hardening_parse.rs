@@ -536,12 +536,15 @@ upstream = "repo"
 /// being it (the TypeScript SDK reads a stream wherever the string appears; the gateway would
 /// relay it unread as JSON), a status outside 100-599 (relayed as `HTTP/1.1 99`, a client
 /// finds its status elsewhere, and the gateway's own reading of what it wrote spliced its CORS
-/// lines into the body), or a `Content-Encoding` it did not ask for. And what reaches the
+/// lines into the body), a `Content-Encoding` it did not ask for, or a redirect (relayed, a
+/// `Location` on this gateway sent the client's call, which the Python SDK's client follows,
+/// to another route than the one it was checked for; one elsewhere, with its body and headers,
+/// to a server of the upstream's choosing). And what reaches the
 /// upstream says `application/json` and asks for no compression, whatever the client wrote.
 #[test]
 fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
     let body = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
-    let heads: [(&str, &'static str); 7] = [
+    let heads: [(&str, &'static str); 9] = [
         (
             "status 99",
             "HTTP/1.1 099 X\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
@@ -561,6 +564,14 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         (
             "401",
             "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer resource_metadata=\"https://evil.example/prm\"\r\ncontent-length: 0\r\n\r\n",
+        ),
+        (
+            "307 to another route",
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: /good\r\ncontent-length: 0\r\n\r\n",
+        ),
+        (
+            "302 elsewhere",
+            "HTTP/1.1 302 Found\r\nlocation: http://evil.example/steal\r\ncontent-length: 0\r\n\r\n",
         ),
         (
             "two types",
@@ -593,6 +604,7 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         let text = String::from_utf8_lossy(&r.body).into_owned();
         assert_eq!(r.status, 502, "{what}: {text}");
         assert!(r.header("www-authenticate").is_none(), "{what}");
+        assert!(r.header("location").is_none(), "{what}");
         assert!(!text.contains("evil.example"), "{what}: {text}");
         let seen = fake.seen.lock().unwrap().join("");
         assert!(
@@ -604,6 +616,49 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         assert!(!seen.contains("gzip"), "{seen}");
         d.stop();
     }
+}
+
+/// An upstream whose URL has a query of its own (an operator's key, a tenant) gets that query
+/// and no client's: a request with a query to its route is refused (400), on a passthrough
+/// route as on a federated one. Before, the client's query was written after the operator's
+/// (`/mcp?tenant=alpha&key=s3cr3t?&tenant=beta&key=`), and a server that reads the last of
+/// two parameters (Starlette) took the client's `tenant` and `key` for the operator's.
+#[test]
+fn a_client_query_never_joins_the_query_of_the_upstreams_url() {
+    let fake = FakeUpstream::start(Misbehave::Answer);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwquery");
+    let config = format!(
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}?tenant=alpha&key=s3cr3t\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"up\" }}]\n",
+        local_header(&instance, 1, port, admin),
+        fake.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let request = |target: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
+            call.len()
+        )
+    };
+    for target in ["/mcp?&tenant=beta&key=", "/mcp?", "/fed?tenant=beta"] {
+        let (r, _) = raw(port, request(target).as_bytes());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{target}: {text}");
+        assert!(text.contains("query of its own"), "{target}: {text}");
+    }
+    let (r, _) = raw(port, request("/mcp").as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = fake.seen.lock().unwrap().join("");
+    assert!(
+        seen.contains("POST /mcp?tenant=alpha&key=s3cr3t HTTP/1.1\r\n"),
+        "{seen}"
+    );
+    assert!(!seen.contains("beta"), "{seen}");
+    assert!(!seen.contains("s3cr3t?"), "{seen}");
+    d.stop();
 }
 
 /// 2026-07-28 `Mcp-Param-*` headers agree with the body the gateway decided on. A tool may

@@ -56,6 +56,7 @@ impl ResponseHead {
     }
 
     /// Why the client could read this head otherwise than the gateway does, if it could:
+    /// - a redirect (3xx but 304) would send the client elsewhere than its route;
     /// - 401 and 403 are about the gateway's own credential for the upstream; relayed, the
     ///   upstream's `WWW-Authenticate` would send the client to authorize at a server of the
     ///   upstream's choosing;
@@ -81,6 +82,17 @@ impl ResponseHead {
             return Some(UpstreamFailure::Bad(
                 "answered in a Content-Encoding the gateway did not ask for".into(),
             ));
+        }
+        if (300..400).contains(&self.status) && self.status != 304 {
+            // A redirect: relayed, it sent the client (its call, with its credentials) where
+            // the upstream chose, past the route and the rules it was checked for: the Python
+            // SDK's client follows one on the same origin, to another route of this gateway.
+            // The gateway follows none either: the operator names where the upstream is. The
+            // call's own failure (the client's query can draw one), not the upstream's.
+            return Some(UpstreamFailure::Unrelayable(format!(
+                "answered HTTP {}, a redirect: the gateway neither follows nor relays redirects (set the upstream's URL to where it points)",
+                self.status
+            )));
         }
         if matches!(self.status, 401 | 403) {
             // Not held against the endpoint: a request can draw a 403 (an origin, a scope).
