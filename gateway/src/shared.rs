@@ -19,7 +19,8 @@ use crate::config::Config;
 pub struct Snapshot {
     pub config: Config,
     pub classifier: Classifier,
-    pub policy: crate::policy::Policy,
+    /// Shared with a snapshot that changes only what no rule reads (an upstream's TLS files).
+    pub policy: std::sync::Arc<crate::policy::Policy>,
 }
 
 impl Snapshot {
@@ -31,6 +32,11 @@ impl Snapshot {
 
     /// The snapshot of `config` with `policy`, compiled from it when it was validated.
     pub fn with_policy(config: Config, policy: crate::policy::Policy) -> Self {
+        Self::sharing_policy(config, std::sync::Arc::new(policy))
+    }
+
+    /// The snapshot of `config` with the policy of a snapshot whose rules it does not change.
+    pub fn sharing_policy(config: Config, policy: std::sync::Arc<crate::policy::Policy>) -> Self {
         let classifier = Classifier::new(&config);
         Self {
             config,

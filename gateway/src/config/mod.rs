@@ -877,6 +877,21 @@ pub struct Upstream {
     pub held_session: HeldScope,
 }
 
+/// An upstream's identity for the connection pool ([`Upstream::key`]): its name, URL, `Host`
+/// and TLS (the digest of its settings and files).
+pub fn pool_key(
+    name: &str,
+    url: &str,
+    authority: &str,
+    tls: Option<&crate::endpoints::UpstreamTls>,
+) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    (name, url, authority).hash(&mut h);
+    tls.map(|t| t.fingerprint).hash(&mut h);
+    h.finish()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub path: String,

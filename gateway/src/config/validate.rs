@@ -597,13 +597,7 @@ impl RawUpstream {
             None => url_text,
         };
         let path = parsed.path;
-        let pool_key = {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::hash::DefaultHasher::new();
-            (&u.name, &url_text, &authority).hash(&mut h);
-            tls.as_ref().map(|t| t.fingerprint).hash(&mut h);
-            h.finish()
-        };
+        let pool_key = pool_key(&u.name, &url_text, &authority, tls.as_deref());
         u.check_limits(i)?;
         let authorization = match &u.bearer_token_env {
             None => None,

@@ -41,6 +41,8 @@ struct Control {
     ready: bool,
     /// The TLS files as they were when last loaded (the reload watcher compares).
     tls_stamps: Vec<crate::tls::Stamp>,
+    /// The same of the https upstreams' files.
+    upstream_tls_stamps: Vec<crate::tls::Stamp>,
     /// Bans in force: address (a one-address prefix) or prefix → expiry (`CLOCK_MONOTONIC`
     /// ns, the kernel's clock). With the kernel program on, a copy of its two ban maps (which
     /// the `gateway kernel ban` command and earlier runs also write); without it, the only
@@ -356,6 +358,7 @@ impl Control {
         }
         // Certificates are read again on every reload, even when their paths did not change.
         let stamps = crate::tls::stamps(&new);
+        let upstream_stamps = crate::tls::upstream_stamps(&new);
         let tls = self.shared.tls.prepare(&new).map_err(|e| {
             self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
             anyhow::anyhow!("{e}; the running certificates and configuration are kept")
@@ -402,6 +405,7 @@ impl Control {
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;
+        self.upstream_tls_stamps = upstream_stamps;
         Ok(format!("reloaded {}: {diff}", path.display()))
     }
 
@@ -409,6 +413,7 @@ impl Control {
     /// configuration itself is not read again). A set that does not load is refused and
     /// counted, the running one kept; it is tried again when its files change again.
     fn watch_tls_files(&mut self) {
+        self.watch_upstream_tls_files();
         let config = &self.shared.snapshot.load().config;
         let stamps = crate::tls::stamps(config);
         if stamps == self.tls_stamps {
@@ -434,6 +439,62 @@ impl Control {
                 );
             }
         }
+    }
+
+    /// Builds an https upstream's TLS again when one of its files (`ca_file`, `client_cert`,
+    /// `client_key`) changed since it was loaded (the configuration itself is not read
+    /// again): a rotated client certificate is presented, and a replaced CA trusted, from the
+    /// next connection on, and none made under the old files is reused (the upstream's pool
+    /// key changes with them). Before, they were read only at a reload, so a client
+    /// certificate rotated in place (cert-manager, SPIFFE) went on being presented until it
+    /// expired. Files that do not load are refused and counted, the running TLS kept; they
+    /// are tried again when they change again.
+    fn watch_upstream_tls_files(&mut self) {
+        let snapshot = self.shared.snapshot.load_full();
+        let stamps = crate::tls::upstream_stamps(&snapshot.config);
+        if stamps == self.upstream_tls_stamps {
+            return;
+        }
+        self.upstream_tls_stamps = stamps;
+        let mut config = snapshot.config.clone();
+        let mut changed = Vec::new();
+        for up in &mut config.upstreams {
+            let Some(tls) = &up.tls else {
+                continue;
+            };
+            match tls.reloaded() {
+                Ok(new) if new.fingerprint == tls.fingerprint => {}
+                Ok(new) => {
+                    up.key = crate::config::pool_key(&up.name, &up.url, &up.authority, Some(&new));
+                    up.tls = Some(Arc::new(new));
+                    changed.push(up.name.clone());
+                }
+                Err((field, why)) => {
+                    self.reloads.record("file_change", false);
+                    tracing::error!(
+                        source = "file_change",
+                        upstream = %up.name,
+                        "upstream TLS files changed but do not load ({field}: {why}); the running TLS is kept"
+                    );
+                    return;
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        self.shared
+            .snapshot
+            .store(Arc::new(Snapshot::sharing_policy(
+                config,
+                Arc::clone(&snapshot.policy),
+            )));
+        self.reloads.record("file_change", true);
+        tracing::info!(
+            source = "file_change",
+            upstreams = ?changed,
+            "upstream TLS files changed: reloaded"
+        );
     }
 
     /// Reopens the audit and histogram logs at their paths (SIGHUP, SIGUSR1: after logrotate

@@ -265,6 +265,7 @@ impl Control {
             stats: Aggregator::new(max_tools, log),
             ready: true,
             tls_stamps,
+            upstream_tls_stamps: crate::tls::upstream_stamps(&shared.snapshot.load().config),
             bans: std::collections::BTreeMap::new(),
             store: kept.store,
             store_failing: false,

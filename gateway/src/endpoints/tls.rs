@@ -28,6 +28,8 @@ pub struct UpstreamTls {
     /// A digest of everything that defines this TLS (name, CA and client certificate files'
     /// contents): equal configurations may share pooled connections, different ones never.
     pub fingerprint: u64,
+    /// The settings it was built from, to build it again when its files change.
+    settings: Settings<String>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -46,24 +48,55 @@ impl PartialEq for UpstreamTls {
 }
 
 /// The TLS settings of one upstream, as configured.
-pub struct Settings<'a> {
-    pub server_name: &'a str,
-    pub ca_file: Option<&'a str>,
-    pub client_cert: Option<&'a str>,
-    pub client_key: Option<&'a str>,
+#[derive(Clone)]
+pub struct Settings<S> {
+    pub server_name: S,
+    pub ca_file: Option<S>,
+    pub client_cert: Option<S>,
+    pub client_key: Option<S>,
+}
+
+impl UpstreamTls {
+    /// The files it was built from (`ca_file`, `client_cert`, `client_key`).
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        let s = &self.settings;
+        [&s.ca_file, &s.client_cert, &s.client_key]
+            .into_iter()
+            .filter_map(|f| f.as_deref())
+    }
+
+    /// Built again from its settings, the files read anew (a rotated client certificate, a
+    /// CA replaced in place).
+    pub fn reloaded(&self) -> Result<UpstreamTls, (&'static str, String)> {
+        let s = &self.settings;
+        build(&Settings {
+            server_name: s.server_name.as_str(),
+            ca_file: s.ca_file.as_deref(),
+            client_cert: s.client_cert.as_deref(),
+            client_key: s.client_key.as_deref(),
+        })
+    }
+}
+
+/// Each part of the digest with what it is and its length: a CA file holding a certificate and
+/// a key is not the same TLS as that certificate and key.
+fn digest_part(digest: &mut std::hash::DefaultHasher, what: u8, bytes: &[u8]) {
+    digest.write_u8(what);
+    digest.write_usize(bytes.len());
+    digest.write(bytes);
 }
 
 /// Builds the client configuration; the error says which setting is wrong and why.
-pub fn build(s: &Settings<'_>) -> Result<UpstreamTls, (&'static str, String)> {
+pub fn build(s: &Settings<&str>) -> Result<UpstreamTls, (&'static str, String)> {
     let mut digest = std::hash::DefaultHasher::new();
-    digest.write(s.server_name.as_bytes());
+    digest_part(&mut digest, b'n', s.server_name.as_bytes());
     let server_name = ServerName::try_from(s.server_name.to_owned())
         .map_err(|e| ("server_name", format!("`{}`: {e}", s.server_name)))?;
     let mut roots = RootCertStore::empty();
     let trust = match s.ca_file {
         Some(path) => {
             let pem = read("ca_file", path)?;
-            digest.write(&pem);
+            digest_part(&mut digest, b'a', &pem);
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| ("ca_file", format!("`{path}`: {e}")))?;
                 roots
@@ -96,8 +129,8 @@ pub fn build(s: &Settings<'_>) -> Result<UpstreamTls, (&'static str, String)> {
         (Some(cert), Some(key)) => {
             let cert_pem = read("client_cert", cert)?;
             let key_pem = read("client_key", key)?;
-            digest.write(&cert_pem);
-            digest.write(&key_pem);
+            digest_part(&mut digest, b'c', &cert_pem);
+            digest_part(&mut digest, b'k', &key_pem);
             let chain = CertificateDer::pem_slice_iter(&cert_pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| ("client_cert", format!("`{cert}`: {e}")))?;
@@ -123,6 +156,12 @@ pub fn build(s: &Settings<'_>) -> Result<UpstreamTls, (&'static str, String)> {
         server_name,
         trust,
         fingerprint: digest.finish(),
+        settings: Settings {
+            server_name: s.server_name.to_owned(),
+            ca_file: s.ca_file.map(str::to_owned),
+            client_cert: s.client_cert.map(str::to_owned),
+            client_key: s.client_key.map(str::to_owned),
+        },
     })
 }
 

@@ -633,20 +633,33 @@ pub type Stamp = (
 
 /// What the reload watcher compares: each TLS file's modification time, length and inode.
 pub fn stamps(config: &Config) -> Vec<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
     config
         .listeners
         .iter()
         .filter_map(|l| l.tls.as_ref())
         .chain(config.admin_tls.as_ref())
         .flat_map(Tls::files)
-        .map(|p| {
-            let meta = std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
-            (p.clone(), meta)
-        })
+        .map(|p| stamp(p))
         .collect()
+}
+
+/// The same of the https upstreams' files (`ca_file`, `client_cert`, `client_key`).
+pub fn upstream_stamps(config: &Config) -> Vec<Stamp> {
+    config
+        .upstreams
+        .iter()
+        .filter_map(|u| u.tls.as_deref())
+        .flat_map(crate::endpoints::UpstreamTls::files)
+        .map(|p| stamp(std::path::Path::new(p)))
+        .collect()
+}
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
+    (path.to_owned(), meta)
 }
 
 #[cfg(test)]

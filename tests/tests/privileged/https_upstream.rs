@@ -357,6 +357,73 @@ fn a_client_certificate_reaches_an_upstream_that_requires_one() {
     d.stop();
 }
 
+/// An upstream's client certificate replaced in place (as cert-manager or a SPIFFE agent
+/// rotates one: a new file renamed over the old) is presented from the next connection on,
+/// with no reload; files that do not load leave the running TLS in use. Before, the files were
+/// read only at a start or reload: the gateway went on presenting the old certificate (here,
+/// one the upstream does not trust) until someone reloaded it.
+#[test]
+fn a_client_certificate_rotated_in_place_is_presented_without_a_reload() {
+    let pki = Pki::new("rotate");
+    let other = Pki::new("rotate-other");
+    let cert = pki.server("up", &["127.0.0.1"], KeyKind::EcdsaP256);
+    let trusted = pki.client("gateway", "gateway", None);
+    let untrusted = other.client("gateway", "gateway", None);
+    let server = PyServer::start_tls(&[], &cert, Some(&pki.ca));
+    let dir = pki.dir().join("rotating");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_file, key_file) = (dir.join("client.pem"), dir.join("client.key"));
+    let install = |from: &std::path::Path, to: &std::path::Path| {
+        let next = to.with_extension("next");
+        std::fs::copy(from, &next).unwrap();
+        std::fs::rename(&next, to).unwrap();
+    };
+    install(&untrusted.cert, &cert_file);
+    install(&untrusted.key, &key_file);
+    let url = format!("https://127.0.0.1:{}/mcp", server.port);
+    let (mut d, port, _) = start(
+        &upstream(
+            "py",
+            &url,
+            &format!(
+                "{}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+                ca(&pki),
+                cert_file.display(),
+                key_file.display()
+            ),
+        ),
+        &route("/mcp", "py"),
+    );
+    let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let status = || raw(port, &post("/mcp", initialize, "")).0.status;
+    assert_eq!(status(), 502, "another CA's certificate is refused");
+    install(&trusted.cert, &cert_file);
+    install(&trusted.key, &key_file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated certificate was not presented within 10 s:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        d.log().contains("upstream TLS files changed: reloaded"),
+        "{}",
+        d.log()
+    );
+    // A key that does not load is refused; the certificate in use stays.
+    std::fs::write(key_file.with_extension("next"), "not a key").unwrap();
+    std::fs::rename(key_file.with_extension("next"), &key_file).unwrap();
+    d.wait_for_log(
+        "upstream TLS files changed but do not load",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status(), 200, "the running TLS is kept");
+    d.stop();
+}
+
 /// A TCP relay in front of an upstream that counts the connections it accepts (what the
 /// upstream sees); TLS passes through it untouched.
 struct CountingRelay {
