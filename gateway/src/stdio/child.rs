@@ -37,10 +37,14 @@ pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
 /// A line from the child, bounded.
 enum Line {
     Text(Vec<u8>),
-    /// Longer than the limit: it was skipped without being kept.
-    TooLong,
+    /// Longer than the limit: it was skipped, and only the id its first or last bytes give
+    /// (a JSON-RPC answer's, where SDKs write it) kept.
+    TooLong(Option<u64>),
     Eof,
 }
+
+/// What is kept of each end of a line over the limit, to find its id.
+const ENDS_KEPT: usize = 4096;
 
 /// Reads lines of at most `max` bytes. Cancel-safe: its state lives here, not in the future,
 /// so it can sit in a `select!`.
@@ -48,6 +52,8 @@ struct Lines<R> {
     inner: R,
     line: Vec<u8>,
     skipping: bool,
+    /// Of a line being skipped: its first bytes are `line`'s, its last `tail`'s.
+    tail: VecDeque<u8>,
     max: usize,
 }
 
@@ -57,6 +63,7 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
             inner,
             line: Vec::new(),
             skipping: false,
+            tail: VecDeque::new(),
             max,
         }
     }
@@ -71,18 +78,30 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
                 Some(i) => (&buf[..i], i + 1, true),
                 None => (buf, buf.len(), false),
             };
-            if !self.skipping {
-                if self.line.len() + part.len() > self.max {
-                    self.skipping = true;
-                    self.line = Vec::new();
-                } else {
-                    self.line.extend_from_slice(part);
-                }
+            if !self.skipping && self.line.len() + part.len() > self.max {
+                self.skipping = true;
+                self.tail.clear();
+                self.tail
+                    .extend(&self.line[self.line.len().saturating_sub(ENDS_KEPT)..]);
+                self.line.truncate(ENDS_KEPT);
+                self.line.shrink_to(ENDS_KEPT);
+            }
+            if self.skipping {
+                let room = ENDS_KEPT.saturating_sub(self.line.len());
+                self.line.extend_from_slice(&part[..room.min(part.len())]);
+                let last = &part[part.len().saturating_sub(ENDS_KEPT)..];
+                self.tail.extend(last);
+                let over = self.tail.len().saturating_sub(ENDS_KEPT);
+                self.tail.drain(..over);
+            } else {
+                self.line.extend_from_slice(part);
             }
             self.inner.consume(used);
             if end {
                 if std::mem::take(&mut self.skipping) {
-                    return Ok(Line::TooLong);
+                    let head = std::mem::take(&mut self.line);
+                    let tail: Vec<u8> = std::mem::take(&mut self.tail).into();
+                    return Ok(Line::TooLong(first_id(&head).or_else(|| last_id(&tail))));
                 }
                 return Ok(Line::Text(std::mem::take(&mut self.line)));
             }
@@ -90,14 +109,142 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
     }
 }
 
+/// The child's stdin, written by a task of its own, so that its stdout is read meanwhile.
+/// Written by the supervisor itself, a large request to a child that writes its answer before
+/// it reads the next line (one request at a time) waited on the child, and the child on the
+/// supervisor, until the call timed out, and every call in flight failed with it (an
+/// attacker's review: a 300 KB request behind a 2 MB answer).
+struct Input {
+    lines: mpsc::UnboundedSender<Vec<u8>>,
+    /// Resolves when a line was not taken within the call timeout, or the pipe broke.
+    blocked: oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Input {
+    fn new(stdin: ChildStdin, within: Duration) -> Self {
+        let (lines, rx) = mpsc::unbounded();
+        let (tell, blocked) = oneshot::channel();
+        let task = tokio::spawn(write_lines(stdin, rx, within, tell));
+        Self {
+            lines,
+            blocked,
+            task,
+        }
+    }
+
+    /// Queues `line` (a message and its newline). Queued lines wait at most the call timeout
+    /// each for the child to take them (then the child is stopped), so what waits is what came
+    /// in that time.
+    fn send(&self, line: Vec<u8>) -> Result<(), String> {
+        self.lines
+            .unbounded_send(line)
+            .map_err(|_| "its input is closed".to_owned())
+    }
+}
+
+async fn write_lines(
+    mut stdin: ChildStdin,
+    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    within: Duration,
+    blocked: oneshot::Sender<()>,
+) {
+    while let Some(line) = lines.next().await {
+        if !matches!(
+            tokio::time::timeout(within, stdin.write_all(&line)).await,
+            Ok(Ok(()))
+        ) {
+            let _ = blocked.send(());
+            return;
+        }
+    }
+}
+
+/// What the child did next: wrote a line, or did not take its input.
+enum FromChild {
+    Line(std::io::Result<Line>),
+    Blocked,
+}
+
+async fn from_child(running: &mut Option<Running>) -> FromChild {
+    match running {
+        Some(r) => tokio::select! {
+            line = r.stdout.next() => FromChild::Line(line),
+            _ = &mut r.stdin.blocked => FromChild::Blocked,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 fn memchr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|b| *b == b'\n')
+}
+
+/// The numeric id among the top-level members at the start of a JSON object (where the Python
+/// SDK writes it: `{"jsonrpc":"2.0","id":7,"result":...`), if the bytes seen give it.
+fn first_id(head: &[u8]) -> Option<u64> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    // Whether the string that starts at depth 1 after `{` or `,` is a key.
+    let mut key_next = false;
+    while i < head.len() {
+        match head[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < head.len() && head[i] != b'"' {
+                    i += if head[i] == b'\\' { 2 } else { 1 };
+                }
+                let text = head.get(start..i)?;
+                if depth == 1 && key_next && text == b"id" {
+                    return number_after_colon(head.get(i + 1..)?);
+                }
+                key_next = false;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                key_next = head[i] == b'{';
+            }
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b',' => key_next = depth == 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `: 123` (spaces allowed) at the start of `rest`, up to a `,` or `}`.
+fn number_after_colon(rest: &[u8]) -> Option<u64> {
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let after = rest[digits..].trim_ascii_start();
+    if digits == 0 || !matches!(after.first(), Some(b',' | b'}')) {
+        return None;
+    }
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// The numeric id that ends a JSON object (where the TypeScript SDK writes it:
+/// `...,"jsonrpc":"2.0","id":7}`): the member before the last `}` is a top-level one.
+fn last_id(tail: &[u8]) -> Option<u64> {
+    let t = tail.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
+    let digits = t.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let (before, number) = t.split_at(t.len() - digits);
+    let before = before.trim_ascii_end().strip_suffix(b":")?.trim_ascii_end();
+    if digits == 0 || !before.ends_with(b"\"id\"") || before.ends_with(b"\\\"id\"") {
+        return None;
+    }
+    std::str::from_utf8(number).ok()?.parse().ok()
 }
 
 /// A running child.
 struct Running {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Input,
     stdout: Lines<BufReader<ChildStdout>>,
     pgid: i32,
     /// The child's answer to `initialize` (what clients are told).
@@ -160,10 +307,17 @@ async fn supervise(
                 }
                 Some(msg) => s.take_from_worker(msg, &mut running).await,
             },
-            line = next_line(&mut running) => match line {
-                Ok(Line::Text(bytes)) => s.take_from_child(&bytes, &mut running).await,
-                Ok(Line::TooLong) => s.too_long(),
-                Ok(Line::Eof) | Err(_) => {
+            from = from_child(&mut running) => match from {
+                FromChild::Blocked => {
+                    tracing::warn!(upstream = %s.spec.name, "stdio upstream does not take its input; stopping it");
+                    if let Some(r) = running.take() {
+                        stop(r, s.spec.stop_grace).await;
+                    }
+                    s.fail_all(&StdioError::Exited(s.spec.name.clone(), "stdin blocked".into()));
+                }
+                FromChild::Line(Ok(Line::Text(bytes))) => s.take_from_child(&bytes, &mut running),
+                FromChild::Line(Ok(Line::TooLong(id))) => s.too_long(id),
+                FromChild::Line(Ok(Line::Eof) | Err(_)) => {
                     if let Some(r) = running.take() {
                         let status = exit_status(r).await;
                         tracing::warn!(upstream = %s.spec.name, %status, "stdio upstream exited");
@@ -172,7 +326,7 @@ async fn supervise(
                 }
             },
             _ = tick.tick() => {
-                s.expire(&mut running).await;
+                s.expire(&mut running);
                 if let (Some(idle), true) = (s.spec.idle_shutdown, running.is_some())
                     && s.mux.in_flight() == 0
                     && s.last_call.elapsed() >= idle
@@ -183,13 +337,6 @@ async fn supervise(
                 }
             }
         }
-    }
-}
-
-async fn next_line(running: &mut Option<Running>) -> std::io::Result<Line> {
-    match running {
-        Some(r) => r.stdout.next().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -253,7 +400,7 @@ impl Supervisor {
                         deadline: tokio::time::Instant::now() + self.spec.call_timeout,
                     },
                 );
-                self.write(running, &out).await;
+                self.write(running, &out);
             }
             ToChild::Notification {
                 caller, message, ..
@@ -264,7 +411,7 @@ impl Supervisor {
                 if let Some(out) = self.mux.notification(caller, parsed)
                     && running.is_some()
                 {
-                    self.write(running, &out).await;
+                    self.write(running, &out);
                 }
             }
             ToChild::Response {
@@ -276,13 +423,13 @@ impl Supervisor {
                 if let Ok(out) = self.mux.response(caller, parsed)
                     && running.is_some()
                 {
-                    self.write(running, &out).await;
+                    self.write(running, &out);
                 }
             }
         }
     }
 
-    async fn take_from_child(&mut self, bytes: &[u8], running: &mut Option<Running>) {
+    fn take_from_child(&mut self, bytes: &[u8], running: &mut Option<Running>) {
         let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
             // Throttled, as its stderr is: a child writing noise in a loop must not fill the log.
             crate::throttled_warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
@@ -300,7 +447,7 @@ impl Supervisor {
                     let _ = w.events.try_send(message.to_string().into_bytes());
                 }
             }
-            Inbound::Reply(answer) => self.write(running, &answer).await,
+            Inbound::Reply(answer) => self.write(running, &answer),
             Inbound::ListChanged(what) => {
                 tracing::info!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
             }
@@ -310,11 +457,14 @@ impl Supervisor {
         }
     }
 
-    /// A line over the limit was skipped: if one call was in flight it was its answer.
-    fn too_long(&mut self) {
+    /// A line over the limit was skipped: the answer of the call its id names, if one in
+    /// flight. Before, it was taken for the answer of the one call in flight, whatever its id:
+    /// a tenant whose call the gateway had given up on (its client left) failed another
+    /// tenant's call with its own over-long answer (an attacker's review). One whose id cannot
+    /// be read leaves its call to time out.
+    fn too_long(&mut self, id: Option<u64>) {
         crate::throttled_warn!(upstream = %self.spec.name, max = self.spec.max_line_bytes, "stdio upstream wrote a line over the limit; skipped");
-        let calls = self.mux.calls();
-        if let [call] = calls[..] {
+        if let Some(call) = id.filter(|c| self.waiters.contains_key(c)) {
             self.mux.forget(call);
             if let Some(w) = self.waiters.remove(&call) {
                 let _ = w.done.send(Err(StdioError::TooLong(
@@ -325,24 +475,19 @@ impl Supervisor {
         }
     }
 
-    async fn write(&mut self, running: &mut Option<Running>, message: &Value) {
+    /// Queues `message` for the child; one it does not take in time stops it (see `Input`).
+    fn write(&mut self, running: &mut Option<Running>, message: &Value) {
         let Some(r) = running.as_mut() else {
             return;
         };
         let mut line = message.to_string().into_bytes();
         line.push(b'\n');
-        let written = tokio::time::timeout(self.spec.call_timeout, r.stdin.write_all(&line)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!(upstream = %self.spec.name, "stdio upstream does not take its input; stopping it");
-            if let Some(r) = running.take() {
-                stop(r, self.spec.stop_grace).await;
-            }
-            self.fail_all(&StdioError::Exited(self.name(), "stdin blocked".into()));
-        }
+        // A closed input is told by `blocked` as well.
+        let _ = r.stdin.send(line);
     }
 
     /// Calls past their deadline fail; the child is told to cancel them.
-    async fn expire(&mut self, running: &mut Option<Running>) {
+    fn expire(&mut self, running: &mut Option<Running>) {
         let now = tokio::time::Instant::now();
         let late: Vec<u64> = self
             .waiters
@@ -359,7 +504,7 @@ impl Supervisor {
                 )));
             }
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "timed out at the gateway"}});
-            self.write(running, &cancel).await;
+            self.write(running, &cancel);
         }
         // A caller that went away: its call is forgotten (the child may still answer; dropped).
         let gone: Vec<u64> = self
@@ -372,7 +517,7 @@ impl Supervisor {
             self.mux.abandon(call, self.spec.call_timeout);
             self.waiters.remove(&call);
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
-            self.write(running, &cancel).await;
+            self.write(running, &cancel);
         }
     }
 
@@ -480,8 +625,7 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
         let mut line = request.to_string().into_bytes();
         line.push(b'\n');
         r.stdin
-            .write_all(&line)
-            .await
+            .send(line)
             .map_err(|e| format!("writing tools/list: {e}"))?;
         let result = loop {
             match r.stdout.next().await {
@@ -502,7 +646,7 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
                         }
                     }
                 }
-                Ok(Line::TooLong) => continue,
+                Ok(Line::TooLong(_)) => continue,
                 Ok(Line::Eof) | Err(_) => return Err("exited during tools/list".into()),
             }
         };
@@ -547,7 +691,7 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     tokio::spawn(log_stderr(spec.name.clone(), stderr));
     let mut r = Running {
         child,
-        stdin,
+        stdin: Input::new(stdin, spec.call_timeout),
         stdout: Lines::new(BufReader::new(stdout), spec.max_line_bytes),
         pgid,
         init: Value::Null,
@@ -598,8 +742,7 @@ async fn initialize(r: &mut Running, one_caller: bool) -> Result<Value, String> 
     let mut line = init.to_string().into_bytes();
     line.push(b'\n');
     r.stdin
-        .write_all(&line)
-        .await
+        .send(line)
         .map_err(|e| format!("writing initialize: {e}"))?;
     loop {
         match r.stdout.next().await {
@@ -616,8 +759,7 @@ async fn initialize(r: &mut Running, one_caller: bool) -> Result<Value, String> 
                         .into_bytes();
                     note.push(b'\n');
                     r.stdin
-                        .write_all(&note)
-                        .await
+                        .send(note)
                         .map_err(|e| format!("writing initialized: {e}"))?;
                     return Ok(result.clone());
                 }
@@ -626,7 +768,7 @@ async fn initialize(r: &mut Running, one_caller: bool) -> Result<Value, String> 
                     v.get("error").cloned().unwrap_or(Value::Null)
                 ));
             }
-            Ok(Line::TooLong) => continue,
+            Ok(Line::TooLong(_)) => continue,
             Ok(Line::Eof) | Err(_) => return Err("exited during initialize".into()),
         }
     }
@@ -640,7 +782,9 @@ async fn stop(r: Running, grace: Duration) {
         pgid,
         ..
     } = r;
-    drop(stdin);
+    // Its writer stops at once (a write waiting on the child too): the child reads the end of
+    // its input.
+    stdin.task.abort();
     if tokio::time::timeout(grace, child.wait()).await.is_ok() {
         signal_group(pgid, libc::SIGKILL);
         return;
@@ -688,7 +832,7 @@ async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
     loop {
         let line = match lines.next().await {
             Ok(Line::Text(l)) => l,
-            Ok(Line::TooLong) => b"(a line over 8 KiB)".to_vec(),
+            Ok(Line::TooLong(_)) => b"(a line over 8 KiB)".to_vec(),
             Ok(Line::Eof) | Err(_) => break,
         };
         if window.elapsed() >= Duration::from_secs(1) {

@@ -38,8 +38,18 @@ for line in sys.stdin:
         os._exit(9)
     if do == "never":
         continue
+    if do == "sleep":
+        time.sleep(args["s"])
     if do == "huge":
-        sys.stdout.write('{"pad": "' + "x" * args["n"] + '"}\n')
+        time.sleep(args.get("after", 0))
+        pad = '{"pad": "' + "x" * args["n"] + '"}'
+        i = json.dumps(m["id"])
+        if args.get("no_id"):
+            sys.stdout.write(pad + "\n")
+        elif args.get("id_last"):
+            sys.stdout.write('{"result": ' + pad + ', "jsonrpc": "2.0", "id": ' + i + '}\n')
+        else:
+            sys.stdout.write('{"jsonrpc": "2.0", "id": ' + i + ', "result": ' + pad + '}\n')
         sys.stdout.flush()
         continue
     if do == "flood":
@@ -335,18 +345,102 @@ fn noise_on_stdout_is_skipped() {
     });
 }
 
+/// A line over the limit fails the call its id names, read where the SDKs write it (first, as
+/// Python's does, or last, as TypeScript's does), without being held; one without an id fails
+/// no call (its call times out).
 #[test]
 fn a_line_over_the_limit_fails_its_call_without_being_held() {
     let f = fixture();
     rt().block_on(async {
         let mut s = spec(&f, "huge", "ok");
         s.max_line_bytes = 1 << 20;
+        s.call_timeout = Duration::from_secs(2);
         let h = spawn(s, None);
-        let e = call(&h, 1, json!(1), json!({"do": "huge", "n": 100_000_000}))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, StdioError::TooLong(..)), "{e}");
-        assert!(call(&h, 1, json!(2), json!({})).await.is_ok());
+        for (id, how) in [(1, json!({})), (2, json!({"id_last": true}))] {
+            let mut args = json!({"do": "huge", "n": 30_000_000});
+            args.as_object_mut()
+                .unwrap()
+                .extend(how.as_object().unwrap().clone());
+            let e = call(&h, 1, json!(id), args).await.unwrap_err();
+            assert!(matches!(e, StdioError::TooLong(..)), "{how}: {e}");
+        }
+        let e = call(
+            &h,
+            1,
+            json!(3),
+            json!({"do": "huge", "n": 3_000_000, "no_id": true}),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, StdioError::Timeout(..)), "{e}");
+        assert!(call(&h, 1, json!(4), json!({})).await.is_ok());
+    });
+}
+
+/// A child that answers one request at a time, writing its answer before it reads the next
+/// line: a large request queued behind a large answer reaches it once the answer is read. The
+/// supervisor wrote the request itself, and read nothing meanwhile: the child waited on its
+/// full stdout, the supervisor on its full stdin, until the call timeout failed every call in
+/// flight (an attacker's review).
+#[test]
+fn a_large_request_behind_a_large_answer_does_not_wait_on_it() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "both-ways", "ok");
+        s.call_timeout = Duration::from_secs(4);
+        let h = spawn(s, None);
+        // Started first: the child reads nothing for 1 s.
+        let busy = call(&h, 1, json!(1), json!({"do": "sleep", "s": 1}));
+        let big_answer = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            call(&h, 2, json!(1), json!({"do": "huge", "n": 2_000_000})).await
+        };
+        let big_request = async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            call(&h, 3, json!(1), json!({"pad": "y".repeat(300_000)})).await
+        };
+        let (busy, big_answer, big_request) = tokio::join!(busy, big_answer, big_request);
+        assert!(busy.is_ok(), "{busy:?}");
+        let big_answer = big_answer.expect("the large answer");
+        assert_eq!(
+            big_answer["result"]["pad"].as_str().map(str::len),
+            Some(2_000_000)
+        );
+        let big_request = big_request.expect("the large request's answer");
+        assert_eq!(
+            text(&big_request)["pad"].as_str().map(str::len),
+            Some(300_000)
+        );
+    });
+}
+
+/// The over-long answer of a call the gateway gave up on (its client left) fails no other
+/// call: before, it was taken for the answer of the one call left in flight, another
+/// caller's (an attacker's review).
+#[test]
+fn an_abandoned_calls_over_long_answer_fails_no_other_call() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "huge-abandoned", "ok");
+        s.max_line_bytes = 1 << 20;
+        let h = spawn(s, None);
+        // Caller 2's call answers over the limit after 1 s; caller 2 leaves at once.
+        let left = tokio::time::timeout(
+            Duration::from_millis(300),
+            call(
+                &h,
+                2,
+                json!(1),
+                json!({"do": "huge", "n": 3_000_000, "after": 1}),
+            ),
+        )
+        .await;
+        assert!(left.is_err(), "caller 2 left before its answer");
+        // The supervisor forgets it (it looks every 200 ms), then caller 1 calls.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = call(&h, 1, json!(1), json!({"mine": true})).await;
+        let answer = answer.expect("caller 1 gets its own answer");
+        assert_eq!(text(&answer)["mine"], true, "{answer}");
     });
 }
 

@@ -165,6 +165,7 @@ pub struct Mux {
     one_caller: bool,
     /// Calls that ended at the gateway unanswered, until when the child may still run them.
     abandoned: HashMap<u64, std::time::Instant>,
+    /// Counts ids only if the OS random source fails (see `fresh`).
     next: u64,
     /// Calls in flight by the gateway's id.
     calls: HashMap<u64, Call>,
@@ -254,9 +255,25 @@ impl Mux {
         self.calls.len()
     }
 
+    /// A fresh id for a call, its progress token, or a request from the child: random below
+    /// 2^53 (a JavaScript server's numbers stay exact) and none in use. Counted up from 1,
+    /// the next call's id was known to every caller, and a tool that printed a JSON-RPC answer
+    /// carrying it to the child's stdout (its own output, or a subprocess's that inherits
+    /// stdout) answered another tenant's call with its own text (an attacker's review).
     fn fresh(&mut self) -> u64 {
-        self.next += 1;
-        self.next
+        loop {
+            let id = getrandom::u64().unwrap_or_else(|_| {
+                self.next += 1;
+                self.next
+            }) & ((1 << 53) - 1);
+            if id != 0
+                && !self.calls.contains_key(&id)
+                && !self.server_requests.contains_key(&id)
+                && !self.abandoned.contains_key(&id)
+            {
+                return id;
+            }
+        }
     }
 
     /// A client's request: returns the gateway's id for it (the call) and the message to write

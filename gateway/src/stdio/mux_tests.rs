@@ -564,3 +564,27 @@ fn a_working_task_of_another_caller_keeps_a_shared_childs_requests_from_a_bystan
         Inbound::Event { .. }
     ));
 }
+
+/// The ids the child sees (a call's, its progress token's) are random below 2^53, not counted
+/// up: a caller cannot foretell another's to answer it from the child's stdout (a tool that
+/// prints to it). Counted, the next call's id was the last one seen plus one.
+#[test]
+fn the_ids_a_child_sees_cannot_be_foretold() {
+    let mut m = Mux::new();
+    let mut ids = Vec::new();
+    for i in 0..64 {
+        let (call, out) = m
+            .request(
+                1,
+                json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"_meta":{"progressToken":i}}}),
+            )
+            .unwrap();
+        assert_eq!(out["id"], call);
+        assert_eq!(out["params"]["_meta"]["progressToken"], format!("p{call}"));
+        ids.push(call);
+    }
+    assert!(ids.iter().all(|id| *id > 0 && *id < 1 << 53), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[1] != w[0] + 1), "{ids:?}");
+    // 64 ids all below 2^40 would be one chance in 2^832.
+    assert!(ids.iter().any(|id| *id >= 1 << 40), "{ids:?}");
+}
