@@ -124,18 +124,11 @@ pub(super) async fn relay(
     } else if head.status >= 400 {
         obs.own_failure();
     }
-    let bodiless = req.method == "HEAD" || head.status == 204 || head.status == 304;
-    let kind = if bodiless {
-        None
-    } else {
-        match http::framing(&head.headers, usize::MAX) {
-            Ok(Some(k)) => Some(k),
-            Ok(None) => Some(BodyKind::UntilClose),
-            Err(e) => {
-                obs.set(Outcome::UpstreamFailure);
-                let f = UpstreamFailure::Bad(format!("unframeable response: {e}"));
-                return fail(client, req, up, request_id, f).await;
-            }
+    let kind = match body_kind(req, &head) {
+        Ok(k) => k,
+        Err(f) => {
+            obs.set(Outcome::UpstreamFailure);
+            return fail(client, req, up, request_id, f).await;
         }
     };
     let upstream_close = head.closes();
@@ -172,26 +165,9 @@ pub(super) async fn relay(
         max_event,
     );
     let hold_max = holding.max;
-    // What has already arrived goes out with the head in one write.
-    match body
-        .take(&mut conn)
-        .and_then(|first| body.check().map(|()| first))
-    {
-        Ok(first) => {
-            if body.whole.is_some() {
-                if let Err(why) = body.hold(&first, hold_max) {
-                    failed(obs, why);
-                    return unwritten_failure(client, req, up, request_id, why).await;
-                }
-            } else {
-                body.observe(&first);
-                out.extend_from_slice(&body.framed(first));
-            }
-        }
-        Err(why) => {
-            failed(obs, why);
-            return unwritten_failure(client, req, up, request_id, why).await;
-        }
+    if let Err(why) = body.first_piece(&mut conn, &mut out, hold_max) {
+        failed(obs, why);
+        return unwritten_failure(client, req, up, request_id, why).await;
     }
     // A large body is read in large pieces, each handed to the client without a copy.
     if let BodyKind::Length(_) = kind
@@ -209,106 +185,20 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
-    // Neither kind of body is timed per read: an upstream that sends a byte now and then would
-    // hold the call (its concurrency slot, the client's connection) for as long as it liked.
-    // An event stream may go on for as long as whole events keep coming, each within
-    // `stream_idle_timeout` of the last taken from the upstream (bytes that never finish an
-    // event are silence). Any other body is whole within `response_timeout` of slow waits on
-    // the upstream, all of them together. Only waits that bring less than `MIN_RATE` count: a
-    // large answer to a slow client waits on the upstream too (TCP's flow control, each window
-    // update a delayed ACK away), at its pace, and is not the upstream stalling. Time spent
-    // writing to the client never counts (its writes have their own timeout).
-    let mut upstream_wait = std::time::Duration::ZERO;
-    let mut last_event = monoio::time::Instant::now();
-    let finished = loop {
-        if body.done() {
-            break Ok(());
+    let finished = match pump(client, &mut conn, req, up, &mut body, kind, hold_max, obs).await {
+        Pumped::Finished(finished) => finished,
+        Pumped::ClientLeft { drain: true } => {
+            let reusable = kind != BodyKind::UntilClose && !upstream_close;
+            // Boxed, as the failure below and `proxy::fail`: paths taken rarely do not make
+            // every request's future larger (see `proxy::fail`).
+            Box::pin(drain(conn, &mut body, up, ctx, reusable, obs)).await;
+            return false;
         }
-        let left = up.response_timeout.saturating_sub(upstream_wait);
-        let read = async {
-            if body.sse {
-                conn.fill_until(last_event + up.stream_idle_timeout).await
-            } else if left.is_zero() {
-                Err(HttpError::Timeout)
-            } else {
-                conn.fill(left).await
-            }
-        };
-        let waiting = monoio::time::Instant::now();
-        // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
-        // stream the client can resume is read on whether it stays or not (see `drain`): its
-        // leaving shows when a write to it fails.
-        let filled = if body.can_resume(req) {
-            read.await
-        } else {
-            let Some(filled) = unless_client_leaves(client, read).await else {
-                // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
-                // `abandoned`).
-                obs.abandoned.set(true);
-                return false;
-            };
-            filled
-        };
-        let waited = waiting.elapsed();
-        let slow = match filled {
-            Ok(n) => (n as u128) * 1000 < waited.as_millis() * MIN_RATE as u128,
-            Err(_) => true,
-        };
-        if slow {
-            upstream_wait += waited;
-        }
-        match filled {
-            Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
-            Ok(0) => break Err("upstream closed the connection mid-response"),
-            Ok(_) => {}
-            Err(HttpError::Timeout) => {
-                // Given up here, and its slot given back: the call is cancelled there, even one
-                // the client could resume (a stream silent this long is not waited for).
-                obs.abandoned.set(true);
-                break Err(STALLED);
-            }
-            Err(_) => break Err("upstream connection failed mid-response"),
-        }
-        let events_before = body.events_taken;
-        let data = match body.take(&mut conn) {
-            Ok(data) => data,
-            Err(why) => break Err(why),
-        };
-        // An event over the limit after those passed on: the stream fails once they are
-        // written, not when more comes.
-        let held = body.check();
-        if body.whole.is_some() {
-            if let Err(why) = body.hold(&data, hold_max) {
-                break Err(why);
-            }
-            conn.recycle(data);
-        } else if !data.is_empty() {
-            body.observe(&data);
-            let (written, back) = client.write_back(body.framed(data)).await;
-            if written.is_err() {
-                // The client went away: the call runs on for it, or is abandoned mid-response.
-                if body.can_resume(req) {
-                    let reusable = kind != BodyKind::UntilClose && !upstream_close;
-                    // Boxed, as the failure below and `proxy::fail`: paths taken rarely do
-                    // not make every request's future larger (see `proxy::fail`).
-                    Box::pin(drain(conn, &mut body, up, ctx, reusable, obs)).await;
-                } else {
-                    obs.abandoned.set(true);
-                }
-                return false;
-            }
-            body.delivered();
-            // The buffer read into next, when the piece was the connection's own.
-            conn.recycle(back);
-        }
-        // Whole events came (a federation member's may all have been left out of what the
-        // client gets: its comments are): the stream is not idle. From when they were written,
-        // so that a slow client's write does not count as the upstream's silence.
-        if body.events_taken != events_before {
-            last_event = monoio::time::Instant::now();
-        }
-        if let Err(why) = held {
-            break Err(why);
+        Pumped::ClientLeft { drain: false } => {
+            // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
+            // `abandoned`).
+            obs.abandoned.set(true);
+            return false;
         }
     };
     let finished =
@@ -348,6 +238,139 @@ pub(super) async fn relay(
         ctx.pool.checkin(up, conn);
     }
     body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// How the pieces after the head went.
+enum Pumped {
+    /// The body was relayed whole, or failed (why).
+    Finished(Result<(), &'static str>),
+    /// The client went away; `drain`: the stream is one it can resume, so the call runs on
+    /// for it.
+    ClientLeft { drain: bool },
+}
+
+/// Relays the pieces of `body` after the first, each as it arrives (or holds them, for an
+/// answer judged whole before it goes out).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the relay"
+)]
+async fn pump(
+    client: &mut Io,
+    conn: &mut Conn,
+    req: &Request,
+    up: &Upstream,
+    body: &mut Body<'_>,
+    kind: BodyKind,
+    hold_max: usize,
+    obs: &Obs<'_>,
+) -> Pumped {
+    // Neither kind of body is timed per read: an upstream that sends a byte now and then would
+    // hold the call (its concurrency slot, the client's connection) for as long as it liked.
+    // An event stream may go on for as long as whole events keep coming, each within
+    // `stream_idle_timeout` of the last taken from the upstream (bytes that never finish an
+    // event are silence). Any other body is whole within `response_timeout` of slow waits on
+    // the upstream, all of them together. Only waits that bring less than `MIN_RATE` count: a
+    // large answer to a slow client waits on the upstream too (TCP's flow control, each window
+    // update a delayed ACK away), at its pace, and is not the upstream stalling. Time spent
+    // writing to the client never counts (its writes have their own timeout).
+    let mut upstream_wait = std::time::Duration::ZERO;
+    let mut last_event = monoio::time::Instant::now();
+    let finished = loop {
+        if body.done() {
+            break Ok(());
+        }
+        let left = up.response_timeout.saturating_sub(upstream_wait);
+        let read = async {
+            if body.sse {
+                conn.fill_until(last_event + up.stream_idle_timeout).await
+            } else if left.is_zero() {
+                Err(HttpError::Timeout)
+            } else {
+                conn.fill(left).await
+            }
+        };
+        let waiting = monoio::time::Instant::now();
+        // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
+        // stream the client can resume is read on whether it stays or not (see `drain`): its
+        // leaving shows when a write to it fails.
+        let filled = if body.can_resume(req) {
+            read.await
+        } else {
+            let Some(filled) = unless_client_leaves(client, read).await else {
+                return Pumped::ClientLeft { drain: false };
+            };
+            filled
+        };
+        let waited = waiting.elapsed();
+        let slow = match filled {
+            Ok(n) => (n as u128) * 1000 < waited.as_millis() * MIN_RATE as u128,
+            Err(_) => true,
+        };
+        if slow {
+            upstream_wait += waited;
+        }
+        match filled {
+            Ok(0) if kind == BodyKind::UntilClose => break Ok(()),
+            Ok(0) => break Err("upstream closed the connection mid-response"),
+            Ok(_) => {}
+            Err(HttpError::Timeout) => {
+                // Given up here, and its slot given back: the call is cancelled there, even one
+                // the client could resume (a stream silent this long is not waited for).
+                obs.abandoned.set(true);
+                break Err(STALLED);
+            }
+            Err(_) => break Err("upstream connection failed mid-response"),
+        }
+        let events_before = body.events_taken;
+        let data = match body.take(conn) {
+            Ok(data) => data,
+            Err(why) => break Err(why),
+        };
+        // An event over the limit after those passed on: the stream fails once they are
+        // written, not when more comes.
+        let held = body.check();
+        if body.whole.is_some() {
+            if let Err(why) = body.hold(&data, hold_max) {
+                break Err(why);
+            }
+            conn.recycle(data);
+        } else if !data.is_empty() {
+            body.observe(&data);
+            let (written, back) = client.write_back(body.framed(data)).await;
+            if written.is_err() {
+                // The client went away: the call runs on for it, or is abandoned mid-response.
+                return Pumped::ClientLeft {
+                    drain: body.can_resume(req),
+                };
+            }
+            body.delivered();
+            // The buffer read into next, when the piece was the connection's own.
+            conn.recycle(back);
+        }
+        // Whole events came (a federation member's may all have been left out of what the
+        // client gets: its comments are): the stream is not idle. From when they were written,
+        // so that a slow client's write does not count as the upstream's silence.
+        if body.events_taken != events_before {
+            last_event = monoio::time::Instant::now();
+        }
+        if let Err(why) = held {
+            break Err(why);
+        }
+    };
+    Pumped::Finished(finished)
+}
+
+/// How the answer's body is framed; `None` for one with no body (to `HEAD`, a 204 or a 304).
+fn body_kind(req: &Request, head: &ResponseHead) -> Result<Option<BodyKind>, UpstreamFailure> {
+    if req.method == "HEAD" || head.status == 204 || head.status == 304 {
+        return Ok(None);
+    }
+    match http::framing(&head.headers, usize::MAX) {
+        Ok(Some(k)) => Ok(Some(k)),
+        Ok(None) => Ok(Some(BodyKind::UntilClose)),
+        Err(e) => Err(UpstreamFailure::Bad(format!("unframeable response: {e}"))),
+    }
 }
 
 /// An answer with no body (to `HEAD`, a 204 or a 304): its head, and the upstream connection
@@ -662,6 +685,25 @@ impl<'m> Body<'m> {
             events_taken: 0,
             whole: None,
             ids: None,
+        }
+    }
+
+    /// What has already arrived with the head: added to `out`, to go out with the head in
+    /// one write, or held.
+    fn first_piece(
+        &mut self,
+        conn: &mut Conn,
+        out: &mut Vec<u8>,
+        hold_max: usize,
+    ) -> Result<(), &'static str> {
+        let first = self.take(conn)?;
+        self.check()?;
+        if self.whole.is_some() {
+            self.hold(&first, hold_max)
+        } else {
+            self.observe(&first);
+            out.extend_from_slice(&self.framed(first));
+            Ok(())
         }
     }
 
