@@ -292,6 +292,15 @@ impl ArgRule {
                         "argument `{p}` is required: the string `null` is none to a server that reads it as JSON"
                     ));
                 }
+                // Deeper than serde_json reads (128 levels), which Python's `json.loads` reads
+                // to about 1,000: the rule cannot hold it to what it holds (an attacker's
+                // review: `"[\"\u002fetc\u002fpasswd\", [[[...140 levels...]]]]"` passed a
+                // pattern refusing `/`, and the tool got the list).
+                None if nesting(s) > MAX_HELD_NESTING => {
+                    return Err(format!(
+                        "argument `{p}` holds JSON text nested deeper than {MAX_HELD_NESTING} levels, which a server may read as what it holds and the gateway does not: send the value itself"
+                    ));
+                }
                 // None to the tool: nothing more to hold it to.
                 Some(Value::Null) | None => {}
                 Some(inner) => self.check_value(&inner).map_err(|e| {
@@ -484,6 +493,36 @@ fn as_python_reads(s: &str) -> Option<Value> {
     serde_json::from_str(&out).ok()
 }
 
+/// How deep JSON text held in a string may nest and still be only a string where it does not
+/// parse: the gateway's own limit for a message.
+const MAX_HELD_NESTING: usize = 100;
+
+/// The deepest nesting of `[` and `{` in `s` outside its strings.
+fn nesting(s: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for b in s.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// [`json_held`] for the value a rule tests: also `null`, which the Python SDK's servers read
 /// as `None` for a parameter not typed plain `str` (a number, a boolean or a string held is
 /// left a string there).
@@ -572,25 +611,77 @@ fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, String> {
     }
 }
 
-/// The value under the key `token` in `o`. Err: another key equal to it under simple case
-/// folding (`Path`, `ſql` for `sql`), which Go's `encoding/json` reads as that field (the last
-/// one in the text winning) while Python and TypeScript servers ignore it: whichever the rule
-/// checked, some server would act on another value, or on its default.
+/// The value under the key `token` in `o`. Err: another key that some server reads as that
+/// member, while others ignore it or read it apart, so that whichever the rule checked, some
+/// server would act on another value, or on its default:
+/// - equal to it under simple case folding (`Path`, `ſql` for `sql`), as Go's `encoding/json`
+///   matches a field (the last one in the text winning);
+/// - equal to it but for `_` as well (`file_path` for `filePath`), as pydantic reads a
+///   field by its name and its alias (`alias_generator=to_camel, populate_by_name=True`, as
+///   the MCP SDK's own types are);
+/// - for a key that reads as a number, another that reads as the same one (`01`, ` 1`, `+1`,
+///   `1.0` for `1`), as pydantic reads `dict[int, _]` and zod a record keyed by numbers (an
+///   attacker's review: `{"1": 5, "01": 100000}` passed a `maximum = 100` on `/limits/1`,
+///   and both SDKs' tools got 100000).
 fn key_in<'v>(
     o: &'v serde_json::Map<String, Value>,
     token: &str,
 ) -> Result<Option<&'v Value>, String> {
+    let name = |k: &str| {
+        k.chars()
+            .filter(|c| *c != '_')
+            .map(fold)
+            .collect::<Vec<char>>()
+    };
+    let token_name = name(token);
+    let token_number = as_number(token).filter(|n| !n.is_nan());
     let other = o.keys().find(|k| {
         k.as_str() != token
-            // Folding maps one character to one, of at most 4 bytes either way.
-            && k.len() <= 4 * token.len()
-            && token.len() <= 4 * k.len()
-            && k.chars().map(fold).eq(token.chars().map(fold))
+            && ((k.len() <= 8 * token.len().max(1)
+                && token.len() <= 8 * k.len().max(1)
+                && name(k) == token_name)
+                || token_number.is_some() && as_number(k) == token_number)
     });
     match other {
         Some(k) => Err(k.clone()),
         None => Ok(o.get(token)),
     }
+}
+
+/// The number a server may read a key as: Python's `int` and `float` (around spaces, a sign,
+/// leading zeros, `_` between digits, a fraction or exponent) and JavaScript's `Number` (also
+/// `0x`, `0o` and `0b`, and the empty key as 0).
+fn as_number(key: &str) -> Option<f64> {
+    let t = key.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if t.is_empty() {
+        return Some(0.0);
+    }
+    for (prefix, radix) in [("0x", 16), ("0o", 8), ("0b", 2)] {
+        if let Some(digits) = t
+            .get(..2)
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| &t[2..])
+        {
+            return u64::from_str_radix(digits, radix).ok().map(|v| v as f64);
+        }
+    }
+    let b = t.as_bytes();
+    let underscores_between_digits = b.iter().enumerate().all(|(i, c)| {
+        *c != b'_'
+            || (i > 0 && b[i - 1].is_ascii_digit() && b.get(i + 1).is_some_and(u8::is_ascii_digit))
+    });
+    if !underscores_between_digits {
+        return None;
+    }
+    let plain = t.replace('_', "");
+    // Words (`inf`, `nan`) are not numbers a key is read as here.
+    if plain
+        .bytes()
+        .any(|c| c.is_ascii_alphabetic() && !matches!(c, b'e' | b'E'))
+    {
+        return None;
+    }
+    plain.parse::<f64>().ok()
 }
 
 /// One character under simple case folding, as Go's `bytes.EqualFold` compares them: `S` and
@@ -752,6 +843,76 @@ mod tests {
         for s in ["5", "true", "\"x\""] {
             assert!(p.check(Some(&json!({ "path": s }))).is_ok(), "{s}");
         }
+    }
+
+    /// What an attacker's review got past argument rules to real SDK servers, each refused now:
+    /// JSON text nested deeper than serde_json reads (Python's `json.loads` reads it), a key
+    /// that pydantic and zod read as the same number as the ruled one, and a key pydantic
+    /// reads by its field name for the ruled alias.
+    #[test]
+    fn what_servers_read_as_the_ruled_value_is_held_to_the_rule() {
+        let r = rule("pointer = \"/paths\"\ntype = \"string\"\npattern = \"^[^/]+$\"");
+        let deep = format!(
+            "[\"\\u002fetc\\u002fpasswd\", {}{}]",
+            "[".repeat(140),
+            "]".repeat(140)
+        );
+        let err = r.check(Some(&json!({ "paths": deep }))).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+        // Brackets in a string, or few of them, are still only a string.
+        let brackets = format!("\"{}\"", "[".repeat(300));
+        assert!(r.check(Some(&json!({ "paths": brackets }))).is_ok());
+        assert!(r.check(Some(&json!({"paths": "[urgent] invoice"}))).is_ok());
+        assert_eq!(nesting("[\"[[[\", {\"a\": [1]}]"), 3);
+
+        let max = rule("pointer = \"/limits/1\"\nmaximum = 100");
+        assert!(
+            max.check(Some(&json!({"limits": {"1": 5, "2": 100_000}})))
+                .is_ok()
+        );
+        for other in ["01", " 1", "+1", "1.0", "1e0", "0x1", "0b1", "1_0"] {
+            let limits = json!({"limits": {"1": 5, other: 100_000}});
+            let read = max.check(Some(&limits));
+            if other == "1_0" {
+                assert!(read.is_ok(), "{other} is 10: {read:?}");
+            } else {
+                let err = read.unwrap_err();
+                assert!(err.contains("another spelling"), "{other}: {err}");
+            }
+            // Alone, too: the rule would see nothing there.
+            let alone = json!({"limits": {other: 100_000}});
+            assert_eq!(max.check(Some(&alone)).is_err(), other != "1_0", "{other}");
+        }
+        assert!(as_number("1_0") == Some(10.0) && as_number("1__0").is_none());
+        assert!(as_number("inf").is_none() && as_number("").is_some());
+
+        let alias = rule("pointer = \"/opts/filePath\"\npattern = \"^/srv/\"");
+        assert!(
+            alias
+                .check(Some(&json!({"opts": {"filePath": "/srv/a"}})))
+                .is_ok()
+        );
+        for other in ["file_path", "FILE_PATH", "FilePath", "_filepath"] {
+            let err = alias
+                .check(Some(&json!({"opts": { other: "/etc/shadow" }})))
+                .unwrap_err();
+            assert!(err.contains("another spelling"), "{other}: {err}");
+        }
+        assert!(
+            alias
+                .check(Some(&json!({"opts": {"fileName": "x"}})))
+                .is_ok()
+        );
+        // `-` is part of a name (and of a negative number).
+        assert!(
+            alias
+                .check(Some(&json!({"opts": {"file-path": "x"}})))
+                .is_ok()
+        );
+        assert!(
+            max.check(Some(&json!({"limits": {"1": 5, "-1": 7}})))
+                .is_ok()
+        );
     }
 
     /// A server may read a nested argument through a string holding JSON (the Python SDK

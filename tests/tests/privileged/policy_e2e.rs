@@ -567,6 +567,61 @@ fn an_argument_sent_as_json_text_is_checked_as_what_the_server_runs() {
     d.stop();
 }
 
+/// What pydantic reads as the ruled value is held to the rule (an attacker's review got each
+/// past it to the Python SDK's server): JSON text nested deeper than the gateway's reader goes
+/// (140 levels; `json.loads` reads about 1,000), a key read as the same number as the ruled
+/// one (`"01"` for `1` in a `dict[int, int]`), and a field's name where the rule names its alias
+/// (`file_path` for `filePath`, with `populate_by_name`). Before, each was admitted and the tool
+/// ran `["/etc/passwd", ...]`, `{1: 100000}` and `/etc/shadow`.
+#[test]
+fn arguments_the_server_reads_under_another_key_or_nesting_are_held_to_the_rule() {
+    let py = PyServer::start_with(&["--files"]);
+    let port = free_port();
+    let instance = unique("gwargkeys");
+    let config = format!(
+        "{}[[policy.tools]]\nmatch = \"read_files\"\n[[policy.tools.arguments]]\npointer = \"/path\"\npattern = \"^[^/]+$\"\n\
+         [[policy.tools]]\nmatch = \"quota\"\n[[policy.tools.arguments]]\npointer = \"/limits/1\"\nmaximum = 100\n\
+         [[policy.tools]]\nmatch = \"configure\"\n[[policy.tools.arguments]]\npointer = \"/opts/filePath\"\npattern = \"^/srv/\"\n\
+         [[upstreams]]\nname = \"py\"\nurl = \"{}\"\n[[routes]]\npath = \"/py\"\nupstream = \"py\"\n",
+        local_header(&instance, 1, port, free_port()),
+        py.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let text = |r: &integration_tests::peers::RawResponse| {
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let refused = |tool: &str, args: serde_json::Value| {
+        let r = call_2026(port, "/py", tool, &args);
+        assert_eq!(
+            r.json()["error"]["code"],
+            -32041,
+            "{tool} {args}: the tool ran {:?}",
+            text(&r)
+        );
+    };
+    let deep = format!(
+        "[\"\\u002fetc\\u002fpasswd\", {}{}]",
+        "[".repeat(140),
+        "]".repeat(140)
+    );
+    refused("read_files", json!({ "path": deep }));
+    let r = call_2026(port, "/py", "quota", &json!({"limits": {"1": 5}}));
+    assert_eq!(text(&r).as_deref(), Some("{\"1\": 5}"), "{r:?}");
+    refused("quota", json!({"limits": {"+1": 100_000}}));
+    refused("quota", json!({"limits": {"1": 5, "01": 100_000}}));
+    let r = call_2026(
+        port,
+        "/py",
+        "configure",
+        &json!({"opts": {"filePath": "/srv/a"}}),
+    );
+    assert_eq!(text(&r).as_deref(), Some("/srv/a"), "{r:?}");
+    refused("configure", json!({"opts": {"file_path": "/etc/shadow"}}));
+    d.stop();
+}
+
 /// A call the gateway answers itself, having passed the breakers, says nothing of the
 /// upstream: judged as the upstream's success, one naming a task not the caller's closed a
 /// half-open breaker shared by every tenant (any caller could keep a failing upstream's
