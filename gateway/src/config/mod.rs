@@ -502,6 +502,9 @@ pub struct RawStdio {
     pub max_memory_mb: u64,
     #[serde(default = "default_stdio_max_open_files")]
     pub max_open_files: u64,
+    /// Processes and threads one child may have: its cgroup's `pids.max` (each child has a
+    /// cgroup of its own where the gateway can make one: root, or a delegated cgroup), else
+    /// `RLIMIT_NPROC`, which counts every process of the child's user.
     #[serde(default = "default_stdio_max_processes")]
     pub max_processes: u64,
     /// Landlock: when either list is given, the child may read only the system folders and

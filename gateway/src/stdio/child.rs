@@ -18,6 +18,7 @@ use tokio::{
 
 use super::{
     Handle, PinGate, StdioError, StdioSpec, ToChild,
+    cgroup::Cgroup,
     mux::{Inbound, Mux, Refused, unknown_task},
     sandbox,
 };
@@ -247,6 +248,8 @@ struct Running {
     stdin: Input,
     stdout: Lines<BufReader<ChildStdout>>,
     pgid: i32,
+    /// Its cgroup, where the gateway can make one: ended with it.
+    cgroup: Option<Cgroup>,
     /// The child's answer to `initialize` (what clients are told).
     init: Value,
 }
@@ -680,8 +683,13 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    sandbox::apply(&mut cmd, &spec.sandbox, home).map_err(|e| fail(e.to_string()))?;
+    let mut cgroup = Cgroup::make(&spec.name, spec.sandbox.max_processes);
+    sandbox::apply(&mut cmd, &spec.sandbox, home, cgroup.as_ref())
+        .map_err(|e| fail(e.to_string()))?;
     let mut child = cmd.spawn().map_err(|e| fail(format!("{program}: {e}")))?;
+    if let Some(c) = cgroup.as_mut() {
+        c.joined();
+    }
     let pgid = child.id().map_or(0, |p| p as i32);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -694,6 +702,7 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
         stdin: Input::new(stdin, spec.call_timeout),
         stdout: Lines::new(BufReader::new(stdout), spec.max_line_bytes),
         pgid,
+        cgroup,
         init: Value::Null,
     };
     match tokio::time::timeout(
@@ -774,12 +783,14 @@ async fn initialize(r: &mut Running, one_caller: bool) -> Result<Value, String> 
     }
 }
 
-/// Stops a child: stdin closed, then `SIGTERM`, then `SIGKILL`, to its whole process group.
+/// Stops a child: stdin closed, then `SIGTERM`, then `SIGKILL`, to its whole process group;
+/// then whatever is left in its cgroup.
 async fn stop(r: Running, grace: Duration) {
     let Running {
         mut child,
         stdin,
         pgid,
+        cgroup,
         ..
     } = r;
     // Its writer stops at once (a write waiting on the child too): the child reads the end of
@@ -794,8 +805,17 @@ async fn stop(r: Running, grace: Duration) {
         signal_group(pgid, libc::SIGKILL);
         let _ = child.wait().await;
     }
-    // Whatever the child left in its group goes with it.
+    // Whatever the child left in its group, or anywhere else in its cgroup, goes with it.
     signal_group(pgid, libc::SIGKILL);
+    end_cgroup(cgroup).await;
+}
+
+/// Ends what is left in a child's cgroup (a process that left its group with `setsid` too)
+/// and removes it.
+async fn end_cgroup(cgroup: Option<Cgroup>) {
+    if let Some(c) = cgroup {
+        c.end(Duration::from_secs(2)).await;
+    }
 }
 
 fn signal_group(pgid: i32, sig: i32) {
@@ -807,7 +827,10 @@ fn signal_group(pgid: i32, sig: i32) {
 
 async fn exit_status(r: Running) -> String {
     let Running {
-        mut child, pgid, ..
+        mut child,
+        pgid,
+        cgroup,
+        ..
     } = r;
     let status = match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
         Ok(Ok(s)) => s.to_string(),
@@ -818,6 +841,7 @@ async fn exit_status(r: Running) -> String {
         }
     };
     signal_group(pgid, libc::SIGKILL);
+    end_cgroup(cgroup).await;
     status
 }
 

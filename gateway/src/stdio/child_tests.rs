@@ -80,6 +80,27 @@ for line in sys.stdin:
         except OSError as e:
             args = {"error": e.errno}
         s.close()
+    if do == "detach":
+        import subprocess
+        p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        args = {"pid": p.pid}
+    if do == "write":
+        try:
+            with open(args["path"], "w") as f:
+                f.write(args["text"])
+            args = {"written": True}
+        except OSError as e:
+            args = {"error": e.errno}
+    if do == "fork":
+        import subprocess
+        started, error = [], None
+        for _ in range(args["n"]):
+            try:
+                started.append(subprocess.Popen(["sleep", "300"]))
+            except OSError as e:
+                error = e.errno
+                break
+        args = {"started": len(started), "error": error}
     if do == "read":
         try:
             with open(args["path"]) as f:
@@ -502,7 +523,8 @@ fn a_home_folder_someone_else_planted_is_refused() {
     let home = f.dir.join("home-link");
     std::os::unix::fs::symlink(&target, &home).unwrap();
     let mut cmd = tokio::process::Command::new("/bin/true");
-    let r = super::super::sandbox::apply(&mut cmd, &super::super::SandboxSpec::default(), &home);
+    let r =
+        super::super::sandbox::apply(&mut cmd, &super::super::SandboxSpec::default(), &home, None);
     assert!(r.is_err(), "a symlink as the home folder must be refused");
     use std::os::unix::fs::MetadataExt as _;
     assert_eq!(
@@ -761,4 +783,141 @@ fn an_unfit_folder_for_homes_is_refused_and_another_used() {
     drop((a, b, c));
     homes.remove_parent();
     assert!(!third.exists());
+}
+
+/// Whether `pid` is a process that has not exited.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn as_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("making cgroups needs root (or a delegated cgroup): skipped");
+    }
+    root
+}
+
+#[test]
+fn a_process_a_child_starts_in_a_session_of_its_own_ends_with_the_child() {
+    if !as_root() {
+        return;
+    }
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "detach", "ok"), None);
+        let v = text(
+            &call(&h, 1, json!(1), json!({"do": "detach"}))
+                .await
+                .unwrap(),
+        );
+        let pid = v["pid"].as_i64().unwrap() as i32;
+        assert!(running(pid), "{v}");
+        // Out of the child's process group and session, not out of its cgroup.
+        let folders = super::super::cgroup::childs_folders(pid);
+        // The last handle gone, the supervisor stops its child: the process goes with it, and
+        // so does the cgroup.
+        drop(h);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while running(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid}, which left the child's session, outlived the child's stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!folders.is_empty(), "the process was in the child's cgroup");
+        while folders.iter().any(|d| d.exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cgroups left after the child's stop: {folders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+#[test]
+fn each_child_counts_its_processes_against_its_own_limit() {
+    if !as_root() {
+        return;
+    }
+    let f = fixture();
+    rt().block_on(async {
+        let limited = |name: &str| {
+            let mut s = spec(&f, name, "ok");
+            s.sandbox.max_processes = 6;
+            s
+        };
+        // Two upstreams' children, of one user (`nobody` under root).
+        let a = spawn(limited("a"), None);
+        let v = text(
+            &call(&a, 1, json!(1), json!({"do": "fork", "n": 20}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (v["started"].clone(), v["error"].clone()),
+            (json!(5), json!(libc::EAGAIN)),
+            "the child and 5 more: {v}"
+        );
+        // The other child starts and forks as if the first were not there.
+        let b = spawn(limited("b"), None);
+        let v = call(&b, 1, json!(1), json!({"do": "fork", "n": 3}))
+            .await
+            .map(|v| text(&v));
+        assert_eq!(
+            v.as_ref().ok().map(|v| v["started"].clone()),
+            Some(json!(3)),
+            "{v:?}"
+        );
+    });
+}
+
+#[test]
+fn a_child_run_as_root_cannot_leave_its_cgroup_nor_raise_its_limit() {
+    if !as_root() || super::super::sandbox::landlock_abi() < 1 {
+        eprintln!("needs root and Landlock: skipped");
+        return;
+    }
+    let f = fixture();
+    rt().block_on(async {
+        // Root without capabilities may write what root owns, as the cgroup files are (and a
+        // packaged gateway's child owns its delegated cgroup's, being of its user): Landlock,
+        // which lets a child write its home and `write_paths` only, is what stops it.
+        let mut s = spec(&f, "root", "ok");
+        s.sandbox.user = Some((0, 0));
+        s.sandbox.max_processes = 6;
+        let h = spawn(s, None);
+        let pid = text(&call(&h, 1, json!(1), json!({"do": "pid"})).await.unwrap())["pid"]
+            .as_i64()
+            .unwrap() as i32;
+        let folders = super::super::cgroup::childs_folders(pid);
+        assert!(!folders.is_empty());
+        for folder in &folders {
+            let tree = folder.parent().unwrap();
+            for (path, text_) in [
+                (folder.join("pids.max"), "max".to_string()),
+                (tree.join("cgroup.procs"), pid.to_string()),
+                (tree.parent().unwrap().join("cgroup.procs"), pid.to_string()),
+            ] {
+                let v = text(
+                    &call(
+                        &h,
+                        1,
+                        json!(2),
+                        json!({"do": "write", "path": path, "text": text_}),
+                    )
+                    .await
+                    .unwrap(),
+                );
+                assert_eq!(v["error"], libc::EACCES, "{}: {v}", path.display());
+            }
+        }
+        assert_eq!(super::super::cgroup::childs_folders(pid), folders);
+    });
 }

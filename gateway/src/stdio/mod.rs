@@ -11,8 +11,10 @@
 //!
 //! The child runs in a [`sandbox`]. What a child prints to stderr goes to the log, rate
 //! limited; what it prints to stdout that is not JSON is logged and skipped; a line longer than
-//! the limit is discarded without being held in memory.
+//! the limit is discarded without being held in memory. Each child has a [`cgroup`] of its
+//! own where the gateway can make one: its process limit, and what its stop ends.
 
+mod cgroup;
 mod child;
 pub mod mux;
 mod per_caller;
@@ -348,6 +350,12 @@ impl Registry {
             return;
         };
         let mut next = std::collections::HashMap::new();
+        let mut specs = specs.into_iter().peekable();
+        if specs.peek().is_some() {
+            // Where children's cgroups go, found now: what a gateway that died left there is
+            // ended at this start, not at the first call.
+            cgroup::prepare();
+        }
         for spec in specs {
             let kept = running
                 .remove(&spec.name)

@@ -36,7 +36,8 @@ pub struct SandboxSpec {
     pub max_memory_bytes: u64,
     /// RLIMIT_NOFILE.
     pub max_open_files: u64,
-    /// RLIMIT_NPROC (counted per user).
+    /// Processes and threads: the child's cgroup's `pids.max` where it has one
+    /// ([`super::cgroup`]), else RLIMIT_NPROC (counted per user, across every child).
     pub max_processes: u64,
     /// Landlock: paths the child may read (and execute) and paths it may also write. `None`:
     /// the whole filesystem may be read, and only the child's own home folder written.
@@ -437,11 +438,12 @@ struct CapData {
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Applies `spec` to `cmd`, whose child will live in `home` (a [`Home`], handed to the child's
-/// user). Returns whether Landlock will confine it.
-pub fn apply(
+/// user) and, if given, `cgroup`. Returns whether Landlock will confine it.
+pub(super) fn apply(
     cmd: &mut tokio::process::Command,
     spec: &SandboxSpec,
     home: &Path,
+    cgroup: Option<&super::cgroup::Cgroup>,
 ) -> std::io::Result<Confinement> {
     // SAFETY: geteuid(2) cannot fail.
     let euid = unsafe { libc::geteuid() };
@@ -476,16 +478,30 @@ pub fn apply(
     } else {
         Confinement::NoLandlock
     };
+    let join = cgroup.map_or_else(Vec::new, super::cgroup::Cgroup::join_fds);
+    // A cgroup's `pids.max` counts this child's processes alone; RLIMIT_NPROC counts every
+    // process of the child's user.
+    let nproc = if cgroup.is_some_and(super::cgroup::Cgroup::limits_processes) {
+        0
+    } else {
+        spec.max_processes
+    };
     let limits = [
         (libc::RLIMIT_AS, spec.max_memory_bytes),
         (libc::RLIMIT_NOFILE, spec.max_open_files),
-        (libc::RLIMIT_NPROC, spec.max_processes),
+        (libc::RLIMIT_NPROC, nproc),
     ];
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (setsid, prctl, capset, setrlimit, landlock_restrict_self); the
-    // ruleset was built before the fork.
+    // async-signal-safe system calls (write, setsid, prctl, capset, setrlimit,
+    // landlock_restrict_self); the ruleset and the descriptors were made before the fork.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
+            // Into its cgroups first, before anything of it runs: `0` is the writer itself.
+            for &fd in &join {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // The gateway turned transparent huge pages off for itself (main.rs): the child's
             // memory is its own, as it would be started by anything else.
             libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);

@@ -899,3 +899,60 @@ fn one_tenant_cannot_set_the_roots_of_a_stdio_server_it_shares() {
     assert!(!text.contains("attacker-root"), "{text}");
     d.stop();
 }
+
+/// A tool that starts processes (the Python SDK's server over stdio, run as root): what a
+/// child starts counts against its own `max_processes` (its cgroup's `pids.max`: before, a
+/// child of root had no limit at all, and one of `nobody` shared one count with every other
+/// child of that user), and a process it starts in a session of its own ends with it: at the
+/// gateway's stop, or, after the gateway crashed, at the next gateway's start.
+#[test]
+fn a_stdio_childs_processes_are_held_to_its_own_limit_and_end_with_it() {
+    let command = format!(
+        r#"["{}", "{}", "stdio", "--processes"]"#,
+        python().display(),
+        fixture("mcp_server.py")
+    );
+    let stdio = "uid = 0\ngid = 0\nmax_processes = 12";
+    let text = |v: &serde_json::Value| -> serde_json::Value {
+        let t = v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no text: {v}"));
+        serde_json::from_str(t).unwrap_or_else(|_| t.into())
+    };
+    let detach = |port: u16| -> u32 {
+        let (status, v) = call_as(port, "k", "detach", serde_json::json!({}));
+        assert_eq!(status, 200, "{v}");
+        let pid = text(&v).as_u64().unwrap_or_else(|| panic!("a pid: {v}")) as u32;
+        assert!(alive(pid));
+        pid
+    };
+    let (mut d, port) = gateway(&command, stdio);
+    let (status, v) = call_as(port, "k", "fork", serde_json::json!({"n": 40}));
+    assert_eq!(status, 200, "{v}");
+    let forked = text(&v);
+    assert!(
+        forked["started"].as_u64().is_some_and(|n| n < 12) && forked["error"] == libc::EAGAIN,
+        "the child, its threads and what it started stay within max_processes: {forked}"
+    );
+    let pid = detach(port);
+    d.stop();
+    wait_gone(
+        &[pid],
+        "a process the child started in a session of its own outlived the gateway's stop",
+    );
+
+    let (mut crashed, port) = gateway(&command, stdio);
+    let pid = detach(port);
+    crashed.crash();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        alive(pid),
+        "nothing but a gateway ends it once its own is gone"
+    );
+    let (mut next, _) = gateway(&command, stdio);
+    wait_gone(
+        &[pid],
+        "the next gateway's start ended what the crashed one's child left",
+    );
+    next.stop();
+}

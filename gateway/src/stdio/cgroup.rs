@@ -1,0 +1,424 @@
+//! A cgroup per stdio child: what the child starts, threads included, counts against its own
+//! `max_processes` (`pids.max`), not against one count per user that every child of every
+//! upstream shares (`RLIMIT_NPROC`: a tenant whose tool starts threads up to it kept every
+//! other child from starting); and the end of a child ends every process in its cgroup, one
+//! that left the child's process group and session (`setsid`) too, which before outlived the
+//! child and the gateway.
+//!
+//! Where, found once per process ([`Tree`]); each child's is `<pid namespace>-<gateway pid>-<n>`:
+//! - cgroup v2: in `<top>/mcp-gateway-stdio/`. `<top>` is the gateway's own cgroup, or its
+//!   parent when that is named `mcp-gateway` (systemd's `DelegateSubgroup=mcp-gateway`, as the
+//!   packaged unit sets). With the `pids` controller there, cgroup v2 allows no process in
+//!   `<top>` itself once its children have one, so a gateway still in `<top>` first moves
+//!   itself into `<top>/mcp-gateway`. The gateway must be able to write `<top>`: root, or
+//!   systemd's `Delegate=`. A stop writes `cgroup.kill`.
+//! - A hybrid host (the controllers on cgroup v1, the v2 tree without them): the v2 cgroup
+//!   above for the stop, and one in the v1 `pids` hierarchy's `<the gateway's>/
+//!   mcp-gateway-stdio/` for the limit. A v1-only host: that alone, and a stop kills what its
+//!   `cgroup.procs` lists until nothing is left.
+//! - Neither writable: no cgroup (logged once); `max_processes` is `RLIMIT_NPROC` and a stop
+//!   reaches the child's process group only, as before.
+//!
+//! The child joins its cgroups between fork and exec, before it runs anything of its own, by
+//! writing to `cgroup.procs` files the gateway opened (the kernel checks the opener's rights,
+//! so the child, by then of its unprivileged user, may). A cgroup is removed when its child
+//! ends; those of a gateway that died (its pid gone from its pid namespace) are ended and
+//! removed by the next gateway's start.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// The folder of the children's cgroups in each hierarchy.
+const TREE: &str = "mcp-gateway-stdio";
+/// The gateway's own cgroup under `<top>` on cgroup v2 (and systemd's `DelegateSubgroup=`).
+const LEAF: &str = "mcp-gateway";
+
+/// One hierarchy's folder of the children's cgroups.
+#[derive(Debug, Clone, PartialEq)]
+struct Tree {
+    dir: PathBuf,
+    /// cgroup v2: `cgroup.kill` ends the whole cgroup.
+    v2: bool,
+    /// The `pids` controller is there: `pids.max` holds.
+    pids: bool,
+}
+
+/// Where the children's cgroups go, found at the first child of this process.
+fn trees() -> &'static [Tree] {
+    static TREES: OnceLock<Vec<Tree>> = OnceLock::new();
+    TREES.get_or_init(|| {
+        let (trees, notes) = find();
+        for t in &trees {
+            sweep(t);
+        }
+        if trees.iter().any(|t| t.pids) {
+            tracing::info!(
+                cgroups = ?trees.iter().map(|t| t.dir.display().to_string()).collect::<Vec<_>>(),
+                "each stdio child gets a cgroup of its own: max_processes is its pids.max, and \
+                 its end ends every process in it"
+            );
+        } else {
+            tracing::warn!(
+                cgroups = ?trees.iter().map(|t| t.dir.display().to_string()).collect::<Vec<_>>(),
+                why = %notes.join("; "),
+                "stdio children get no pids limit of their own: max_processes is RLIMIT_NPROC, \
+                 counted per user across every child{}",
+                if trees.is_empty() {
+                    ", and a process a child starts in a session of its own outlives it"
+                } else {
+                    ""
+                }
+            );
+        }
+        trees
+    })
+}
+
+/// The hierarchies this process can make its children's cgroups in, and why others could not
+/// be used.
+fn find() -> (Vec<Tree>, Vec<String>) {
+    let (v2, v1_pids) = match procfs::process::Process::myself()
+        .map_err(|e| e.to_string())
+        .and_then(|me| folders_of(&me))
+    {
+        Ok(found) => found,
+        Err(e) => return (Vec::new(), vec![e]),
+    };
+    let mut notes = Vec::new();
+    let mut trees = Vec::new();
+    match v2.map(|dir| v2_tree(&dir)) {
+        Some(Ok(t)) => trees.push(t),
+        Some(Err(e)) => notes.push(format!("cgroup v2: {e}")),
+        None => notes.push("no cgroup v2 hierarchy".into()),
+    }
+    if !trees.iter().any(|t| t.pids) {
+        match v1_pids.map(|dir| v1_tree(&dir)) {
+            Some(Ok(t)) => trees.push(t),
+            Some(Err(e)) => notes.push(format!("cgroup v1 pids: {e}")),
+            None => notes.push("no pids controller on cgroup v1".into()),
+        }
+    }
+    (trees, notes)
+}
+
+/// The folders of `process`'s cgroups: its cgroup v2 one and its cgroup v1 `pids` one, each
+/// where that hierarchy is mounted (in this process's view).
+fn folders_of(
+    process: &procfs::process::Process,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
+    let mounts = procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let groups = process
+        .cgroups()
+        .map_err(|e| format!("/proc/{}/cgroup: {e}", process.pid))?;
+    let folder = |v2: bool| {
+        let group = groups.0.iter().find(|g| {
+            if v2 {
+                g.hierarchy == 0 && g.controllers.is_empty()
+            } else {
+                g.hierarchy != 0 && g.controllers.iter().any(|c| c == "pids")
+            }
+        })?;
+        let mount = mounts.0.iter().find(|m| {
+            if v2 {
+                m.fs_type == "cgroup2"
+            } else {
+                m.fs_type == "cgroup" && m.super_options.contains_key("pids")
+            }
+        })?;
+        // The cgroup's path is from the hierarchy's root; the mount may show a part of it.
+        let rel = Path::new(&group.pathname)
+            .strip_prefix(&mount.root)
+            .ok()?
+            .to_owned();
+        Some(mount.mount_point.join(rel))
+    };
+    Ok((folder(true), folder(false)))
+}
+
+/// The folders of the children's cgroups `pid` is in.
+#[cfg(test)]
+pub(super) fn childs_folders(pid: i32) -> Vec<PathBuf> {
+    let Ok((v2, v1)) = procfs::process::Process::new(pid)
+        .map_err(|e| e.to_string())
+        .and_then(|p| folders_of(&p))
+    else {
+        return Vec::new();
+    };
+    [v2, v1]
+        .into_iter()
+        .flatten()
+        .filter(|d| {
+            d.parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n == TREE)
+        })
+        .collect()
+}
+
+/// The v2 folder of children under `own` (the gateway's cgroup), with `pids` enabled for
+/// them where the hierarchy has it.
+fn v2_tree(own: &Path) -> std::io::Result<Tree> {
+    let in_leaf = own.file_name().is_some_and(|n| n == LEAF);
+    let top = if in_leaf {
+        own.parent().unwrap_or(own).to_owned()
+    } else {
+        own.to_owned()
+    };
+    let offered = fs::read_to_string(top.join("cgroup.controllers")).unwrap_or_default();
+    let mut pids = offered.split_whitespace().any(|c| c == "pids");
+    if pids && !in_leaf && top.join("cgroup.type").exists() {
+        // Not the root (which has no `cgroup.type`): the gateway leaves `<top>` for its leaf,
+        // so that `<top>` may pass `pids` on.
+        let leaf = top.join(LEAF);
+        mkdir(&leaf)?;
+        fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())?;
+    }
+    if pids && fs::write(top.join("cgroup.subtree_control"), "+pids").is_err() {
+        pids = false;
+    }
+    let dir = top.join(TREE);
+    mkdir(&dir)?;
+    if pids && fs::write(dir.join("cgroup.subtree_control"), "+pids").is_err() {
+        pids = false;
+    }
+    Ok(Tree {
+        dir,
+        v2: true,
+        pids,
+    })
+}
+
+/// The v1 `pids` folder of children under `own`.
+fn v1_tree(own: &Path) -> std::io::Result<Tree> {
+    let dir = own.join(TREE);
+    mkdir(&dir)?;
+    Ok(Tree {
+        dir,
+        v2: false,
+        pids: true,
+    })
+}
+
+fn mkdir(dir: &Path) -> std::io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The prefix of this process's children's cgroups: `<pid namespace>-<pid>-`. A pid means
+/// something only in its namespace: a gateway in another one (a container on a host whose
+/// cgroups it shares) sees none of this one's processes, and must leave its cgroups be.
+fn prefix() -> &'static str {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    PREFIX.get_or_init(|| format!("{}-{}-", pid_namespace(), std::process::id()))
+}
+
+/// This process's pid namespace (its inode number; 0 if unreadable).
+fn pid_namespace() -> u64 {
+    fs::metadata("/proc/self/ns/pid").map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// Ends and removes the cgroups a gateway of this pid namespace that is gone left.
+fn sweep(tree: &Tree) {
+    let Ok(entries) = fs::read_dir(&tree.dir) else {
+        return;
+    };
+    let ns = pid_namespace();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let mut parts = name.to_str().unwrap_or_default().split('-');
+        let (Some(Ok(of)), Some(Ok(pid))) = (
+            parts.next().map(str::parse::<u64>),
+            parts.next().map(str::parse::<u32>),
+        ) else {
+            continue;
+        };
+        if of != ns || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let dir = e.path();
+        tracing::info!(cgroup = %dir.display(), "ending the cgroup of a stdio child of a gateway that is gone");
+        kill(&dir, tree.v2);
+        remove(vec![dir], Duration::from_secs(2));
+    }
+}
+
+/// Finds where children's cgroups go (once per process) and ends what a gateway that is gone
+/// left there.
+pub(super) fn prepare() {
+    trees();
+}
+
+/// One child's cgroups, one per hierarchy in use.
+#[derive(Debug)]
+pub(super) struct Cgroup {
+    dirs: Vec<(PathBuf, bool)>,
+    /// Their `cgroup.procs`, open until the child has joined them.
+    join: Vec<OwnedFd>,
+    limits_processes: bool,
+}
+
+impl Cgroup {
+    /// A new cgroup for a child that may have `max_processes` processes and threads (0: no
+    /// limit), or `None` where none can be made (logged).
+    pub(super) fn make(upstream: &str, max_processes: u64) -> Option<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let trees = trees();
+        if trees.is_empty() {
+            return None;
+        }
+        let name = format!("{}{}", prefix(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut made = Self {
+            dirs: Vec::new(),
+            join: Vec::new(),
+            limits_processes: false,
+        };
+        for t in trees {
+            let dir = t.dir.join(&name);
+            let step = || -> std::io::Result<OwnedFd> {
+                fs::create_dir(&dir)?;
+                if t.pids && max_processes > 0 {
+                    fs::write(dir.join("pids.max"), max_processes.to_string())?;
+                }
+                let procs = fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?;
+                Ok(procs.into())
+            };
+            match step() {
+                Ok(fd) => {
+                    made.dirs.push((dir, t.v2));
+                    made.join.push(fd);
+                    made.limits_processes |= t.pids && max_processes > 0;
+                }
+                Err(e) => {
+                    let _ = fs::remove_dir(&dir);
+                    tracing::warn!(upstream, cgroup = %dir.display(), error = %e, "no cgroup for a stdio child");
+                    return None;
+                }
+            }
+        }
+        Some(made)
+    }
+
+    /// The descriptors the child writes `0` (itself) to between fork and exec.
+    pub(super) fn join_fds(&self) -> Vec<i32> {
+        self.join.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    /// Whether `pids.max` bounds the child (so no `RLIMIT_NPROC` is needed).
+    pub(super) fn limits_processes(&self) -> bool {
+        self.limits_processes
+    }
+
+    /// The child has started: the descriptors are closed.
+    pub(super) fn joined(&mut self) {
+        self.join.clear();
+    }
+
+    /// Ends every process in it and removes it, waiting up to `within` for them to go.
+    pub(super) async fn end(mut self, within: Duration) {
+        let dirs = std::mem::take(&mut self.dirs);
+        for (d, v2) in &dirs {
+            kill(d, *v2);
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let mut left: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
+        while !left.is_empty() {
+            left.retain(|d| !removed(d));
+            if left.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for d in &left {
+            tracing::warn!(cgroup = %d.display(), "a stdio child's cgroup is not empty after its end; left for the next start");
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    /// A child dropped without [`Cgroup::end`] (a supervisor that ended abruptly): its
+    /// processes are killed now and the cgroups removed from a thread of their own.
+    fn drop(&mut self) {
+        if self.dirs.is_empty() {
+            return;
+        }
+        let dirs = std::mem::take(&mut self.dirs);
+        for (d, v2) in &dirs {
+            kill(d, *v2);
+        }
+        let dirs: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
+        let _ = std::thread::Builder::new()
+            .name("cgroup-end".into())
+            .spawn(move || remove(dirs, Duration::from_secs(2)));
+    }
+}
+
+/// The pids `cgroup.procs` lists.
+fn procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// `SIGKILL` to every process in the cgroup: `cgroup.kill` on v2, else what `cgroup.procs`
+/// lists, again until it is empty (a process forked meanwhile is in the next list).
+fn kill(dir: &Path, v2: bool) {
+    if v2
+        && fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.kill"))
+            .and_then(|mut f| f.write_all(b"1"))
+            .is_ok()
+    {
+        return;
+    }
+    for _ in 0..100 {
+        let pids = procs(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            if pid > 1 {
+                // SAFETY: kill(2) of a process in the child's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether the cgroup is gone (removed now or before).
+fn removed(dir: &Path) -> bool {
+    match fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Removes each cgroup once its processes are gone, trying for up to `within`.
+fn remove(mut dirs: Vec<PathBuf>, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        dirs.retain(|d| !removed(d));
+        if dirs.is_empty() || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
