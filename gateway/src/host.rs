@@ -1,6 +1,6 @@
 //! What the gateway takes from its host: the runtime directory (instance locks, the upgrade
-//! socket, the stdio children's homes), how its log files are made, and what running out of
-//! file descriptors looks like.
+//! socket, the stdio children's homes), how its log files are made, what running out of
+//! file descriptors looks like, and which of them a process it starts gets.
 
 use std::path::PathBuf;
 
@@ -35,4 +35,46 @@ pub fn open_log_file(path: &std::path::Path, append: bool) -> std::io::Result<st
 /// Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors.
 pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Between fork and exec: every descriptor from `first` on is made close-on-exec, so that the
+/// program about to run gets none the gateway did not hand it on purpose: a client's
+/// connection (io_uring's accept does not make it close-on-exec; a stdio child of one tenant
+/// read another tenant's requests on one, and answered them), a descriptor the gateway itself
+/// inherited. Only async-signal-safe calls: `close_range(2)` (Linux 5.11), else `fcntl(2)` on
+/// each descriptor up to the open-file limit.
+///
+/// # Safety
+/// Call only in a child between fork and exec (`pre_exec`).
+pub unsafe fn close_on_exec_from(first: u32) {
+    // SAFETY: system calls on this process's own descriptor table.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let last = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20)
+        } else {
+            1 << 16
+        };
+        for fd in u64::from(first)..last {
+            libc::fcntl(fd as i32, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// A descriptor made close-on-exec (after an accept that could not ask for it).
+pub fn set_close_on_exec(fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl(2) on a descriptor the caller owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 }

@@ -317,10 +317,13 @@ impl Predecessor {
             .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null());
         use std::os::unix::process::CommandExt as _;
-        // SAFETY: dup2/fcntl only, between fork and exec. The copy at CHILD_FD is not
+        // SAFETY: close_range/dup2/fcntl only, between fork and exec. Every descriptor but
+        // stdin, stdout and stderr is made close-on-exec (a client's connection would stay
+        // open in the new binary after the old one closed it); then the copy at CHILD_FD is not
         // close-on-exec; the original is, so no other descriptor of it reaches the new binary.
         unsafe {
             cmd.pre_exec(move || {
+                crate::host::close_on_exec_from(3);
                 if theirs_raw == CHILD_FD {
                     if libc::fcntl(CHILD_FD, libc::F_SETFD, 0) != 0 {
                         return Err(io::Error::last_os_error());

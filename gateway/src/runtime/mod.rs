@@ -522,6 +522,11 @@ async fn accept_loop(
                 continue;
             }
         };
+        // monoio's io_uring accept asks for no SOCK_CLOEXEC: without it every process the
+        // gateway starts would hold this connection open (a stdio child, the new binary of an
+        // upgrade). Children also get nothing but their pipes (`host::close_on_exec_from`), for
+        // a fork between this accept and here.
+        crate::host::set_close_on_exec(stream.as_raw_fd());
         take_connection(
             stream,
             peer,
@@ -571,8 +576,9 @@ async fn accept_loop(
 const ACCEPT_BATCH: usize = 256;
 
 /// A connection waiting in `listener`'s accept queue, taken without waiting: `None` when the
-/// queue is empty. Like monoio's own accept, the socket is close-on-exec, and blocking on
-/// io_uring (the ring waits for it) but non-blocking on epoll.
+/// queue is empty. The socket is close-on-exec (accept4's `SOCK_CLOEXEC`, which monoio's
+/// io_uring accept does not ask for), and blocking on io_uring (the ring waits for it) but
+/// non-blocking on epoll.
 fn accept_now(
     listener: &monoio::net::TcpListener,
 ) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {

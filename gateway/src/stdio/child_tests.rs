@@ -84,6 +84,8 @@ for line in sys.stdin:
         import subprocess
         p = subprocess.Popen(["sleep", "300"], start_new_session=True)
         args = {"pid": p.pid}
+    if do == "fds":
+        args = {"fds": sorted(os.readlink("/proc/self/fd/" + fd) for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd))}
     if do == "write":
         try:
             with open(args["path"], "w") as f:
@@ -920,4 +922,27 @@ fn a_child_run_as_root_cannot_leave_its_cgroup_nor_raise_its_limit() {
         }
         assert_eq!(super::super::cgroup::childs_folders(pid), folders);
     });
+}
+
+#[test]
+fn a_child_gets_no_descriptor_of_the_gateways_but_its_pipes() {
+    let f = fixture();
+    // A descriptor the gateway holds that is not close-on-exec (as io_uring's accept makes a
+    // client's connection).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: fcntl(2) on a descriptor this test owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let held = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "fds", "ok"), None);
+        let v = text(&call(&h, 1, json!(1), json!({"do": "fds"})).await.unwrap());
+        let fds = v["fds"].as_array().unwrap();
+        assert!(
+            !fds.contains(&json!(held.display().to_string())),
+            "the child holds the gateway's {}: {v}",
+            held.display()
+        );
+    });
+    drop(listener);
 }

@@ -492,7 +492,7 @@ pub(super) fn apply(
         (libc::RLIMIT_NPROC, nproc),
     ];
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (write, setsid, prctl, capset, setrlimit,
+    // async-signal-safe system calls (write, close_range or fcntl, setsid, prctl, capset, setrlimit,
     // landlock_restrict_self); the ruleset and the descriptors were made before the fork.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
@@ -502,6 +502,8 @@ pub(super) fn apply(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Its stdin, stdout and stderr, and nothing else of the gateway's.
+            crate::host::close_on_exec_from(3);
             // The gateway turned transparent huge pages off for itself (main.rs): the child's
             // memory is its own, as it would be started by anything else.
             libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);

@@ -956,3 +956,44 @@ fn a_stdio_childs_processes_are_held_to_its_own_limit_and_end_with_it() {
     );
     next.stop();
 }
+
+/// A stdio child holds no connection of the gateway's clients. io_uring's accept made them
+/// without close-on-exec, so a child started (here: by another tenant's first call) while a
+/// client's connection was open held it: an attacker's review had such a child read another
+/// tenant's requests, API key included, and answer them.
+#[test]
+fn a_stdio_child_holds_no_clients_connection() {
+    let command = format!(
+        r#"["{}", "{}", "stdio", "--processes"]"#,
+        python().display(),
+        fixture("mcp_server.py")
+    );
+    let (mut d, port) = gateway(&command, "uid = 0\ngid = 0");
+    // Another client's connection, open (and answered once) before the child starts.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    std::io::Write::write_all(
+        &mut open,
+        &post(
+            "/mcp",
+            body,
+            "mcp-protocol-version: 2026-07-28\r\nmcp-method: ping\r\n",
+        ),
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    std::io::Read::read_exact(&mut open, &mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200", "the open connection was served");
+    let (status, v) = call_as(port, "k", "descriptors", serde_json::json!({}));
+    assert_eq!(status, 200, "{v}");
+    let held: Vec<[u16; 2]> =
+        serde_json::from_value(v["result"]["structuredContent"]["result"].clone())
+            .unwrap_or_else(|e| panic!("{e}: {v}"));
+    let clients: Vec<_> = held.iter().filter(|[local, _]| *local == port).collect();
+    assert!(
+        clients.is_empty(),
+        "the child holds client connections to the gateway's port {port}: {clients:?}"
+    );
+    drop(open);
+    d.stop();
+}

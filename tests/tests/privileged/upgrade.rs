@@ -566,3 +566,68 @@ fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving()
     assert!(tally.ok.load(Ordering::Relaxed) > 0);
     drop(successor);
 }
+
+/// The gateway's socket of the connection from local port `peer` to `port` (its inode, from
+/// /proc/net/tcp).
+fn server_socket(port: u16, peer: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 9 && port_of(f[1]) == Some(port) && port_of(f[2]) == Some(peer))
+            .then(|| format!("socket:[{}]", f[9]))
+    })
+}
+
+/// The new binary of an upgrade holds no client connection of the old process's. io_uring's
+/// accept made them without close-on-exec, so the new process held a copy of every connection
+/// open at the upgrade, for as long as it ran (a review found the same descriptors in stdio
+/// children, where another tenant's tool read and answered them).
+#[test]
+fn an_upgrade_hands_the_new_binary_no_client_connection() {
+    require_root();
+    // SAFETY: prctl(2) on this process only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let instance = unique("upgfd");
+    let runtime = std::env::temp_dir().join(format!("{instance}.run"));
+    let mut successor = Successor {
+        pid: None,
+        runtime: runtime.clone(),
+    };
+    let upstream = PyServer::start(true);
+    let (port, admin) = (free_port(), free_port());
+    let text = config(&instance, port, admin, upstream.port, None);
+    let mut d = Daemon::start_local_with_env(
+        &instance,
+        &text,
+        &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
+    );
+    let mut kept = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let tally = Tally::default();
+    exchange(&mut kept, &tally);
+    assert_eq!(tally.ok.load(Ordering::Relaxed), 1, "{:?}", tally.samples);
+    let socket = server_socket(port, kept.local_addr().expect("address").port())
+        .expect("the gateway's socket of the connection in /proc/net/tcp");
+
+    let pid = new_pid(&upgrade(&instance, &runtime));
+    successor.pid = Some(pid);
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the new process's descriptors")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(
+        !held.contains(&socket),
+        "the new binary holds the old process's client connection {socket}"
+    );
+    assert!(
+        d.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old gateway did not exit; log:\n{}",
+        d.log()
+    );
+    drop(kept);
+}
