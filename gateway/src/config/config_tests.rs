@@ -411,6 +411,31 @@ fn stdio_children_per_caller_are_bounded() {
 }
 
 #[test]
+fn a_stdio_child_may_not_be_given_the_cgroups_to_write() {
+    let with = |paths: &str| {
+        format!(
+            "{MINIMAL}[[upstreams]]\nname='s'\ncommand=['srv']\n[upstreams.stdio]\nwrite_paths={paths}\n[[routes]]\npath='/mcp'\nupstream='s'\n"
+        )
+    };
+    // Where its own cgroup, its limit and the gateway's cgroup are: above, at or inside.
+    for paths in [
+        "['/']",
+        "['/sys']",
+        "['/var/tmp', '/sys/fs']",
+        "['/sys/fs/cgroup']",
+        "['/sys/fs/cgroup/pids/x']",
+        "['/sys/fs/cgroup/../cgroup']",
+    ] {
+        let e = err(&with(paths));
+        assert!(
+            e.contains("write_paths") && e.contains("cgroup"),
+            "{paths}: {e}"
+        );
+    }
+    Config::from_toml(&with("['/var/tmp', '/srv/data']")).unwrap();
+}
+
+#[test]
 fn an_ipv4_mapped_prefix_is_refused_with_its_ipv4_form() {
     let e = err(&format!(
         "{MINIMAL}\n[[tenants]]\nname='a'\nid=1\nsources=['::ffff:198.18.0.0/112']\n"

@@ -1052,6 +1052,22 @@ fn stdio_spec(
     if raw.children == StdioChildren::Caller && !(1..=1024).contains(&raw.max_children) {
         return Err(("stdio.max_children", "must be from 1 to 1024".into()));
     }
+    if let Some(path) = raw
+        .write_paths
+        .iter()
+        .flatten()
+        .find_map(|p| crate::stdio::cgroups_under(std::path::Path::new(p)).map(|m| (p, m)))
+    {
+        return Err((
+            "stdio.write_paths",
+            format!(
+                "{} would let a child write the cgroups at {} (leave its own, raise its limit, \
+                 end the gateway)",
+                path.0,
+                path.1.display()
+            ),
+        ));
+    }
     let mut spec = crate::stdio::StdioSpec::new(name, command.to_vec());
     spec.per_caller = (raw.children == StdioChildren::Caller).then_some(raw.max_children);
     spec.env = raw.env.into_iter().collect();

@@ -192,6 +192,9 @@ fn v2_tree(own: &Path) -> std::io::Result<Tree> {
     if pids && fs::write(dir.join("cgroup.subtree_control"), "+pids").is_err() {
         pids = false;
     }
+    if pids {
+        cap(&dir);
+    }
     Ok(Tree {
         dir,
         v2: true,
@@ -203,11 +206,35 @@ fn v2_tree(own: &Path) -> std::io::Result<Tree> {
 fn v1_tree(own: &Path) -> std::io::Result<Tree> {
     let dir = own.join(TREE);
     mkdir(&dir)?;
+    cap(&dir);
     Ok(Tree {
         dir,
         v2: false,
         pids: true,
     })
+}
+
+/// Every child together may have at most half of the host's processes and threads: a per-caller
+/// upstream's children may each have `max_processes` (16 × 256 by default, and up to 1,024
+/// children), which could otherwise take every pid the gateway and the host need.
+fn cap(tree: &Path) {
+    let read = |p: &str| {
+        fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let Some(host) = [
+        read("/proc/sys/kernel/pid_max"),
+        read("/proc/sys/kernel/threads-max"),
+    ]
+    .into_iter()
+    .flatten()
+    .min() else {
+        return;
+    };
+    if let Err(e) = fs::write(tree.join("pids.max"), (host / 2).to_string()) {
+        tracing::warn!(cgroup = %tree.display(), error = %e, "no limit on every stdio child's processes together");
+    }
 }
 
 fn mkdir(dir: &Path) -> std::io::Result<()> {
@@ -245,7 +272,10 @@ fn sweep(tree: &Tree) {
         ) else {
             continue;
         };
-        if of != ns || Path::new("/proc").join(pid.to_string()).exists() {
+        let made = e.metadata().and_then(|m| m.modified()).ok();
+        // This process's pid, before it made any: a gateway gone whose pid it took.
+        let ours = pid == std::process::id() && NEXT.load(Ordering::Relaxed) > 0;
+        if of != ns || ours || made.is_some_and(|made| made_by_a_live_gateway(pid, made)) {
             continue;
         }
         let dir = e.path();
@@ -255,11 +285,35 @@ fn sweep(tree: &Tree) {
     }
 }
 
+/// Whether the process `pid` may be the gateway that made a cgroup at `made`: a process (not
+/// a thread) started before then. A crashed gateway's pid taken by another process is not it.
+fn made_by_a_live_gateway(pid: u32, made: std::time::SystemTime) -> bool {
+    let Ok(process) = procfs::process::Process::new(pid as i32) else {
+        return false;
+    };
+    if process.status().is_ok_and(|s| s.tgid != pid as i32) {
+        return false;
+    }
+    let Ok(stat) = process.stat() else {
+        return false;
+    };
+    let started = procfs::boot_time_secs().ok().map(|boot| {
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(boot)
+            + Duration::from_millis(stat.starttime * 1000 / procfs::ticks_per_second().max(1))
+    });
+    // A second's slack: boot time is in whole seconds.
+    started.is_none_or(|started| started <= made + Duration::from_secs(1))
+}
+
 /// Finds where children's cgroups go (once per process) and ends what a gateway that is gone
 /// left there.
 pub(super) fn prepare() {
     trees();
 }
+
+/// The number of this process's next child cgroup.
+static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// One child's cgroups, one per hierarchy in use.
 #[derive(Debug)]
@@ -274,21 +328,21 @@ impl Cgroup {
     /// A new cgroup for a child that may have `max_processes` processes and threads (0: no
     /// limit), or `None` where none can be made (logged).
     pub(super) fn make(upstream: &str, max_processes: u64) -> Option<Self> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let trees = trees();
         if trees.is_empty() {
             return None;
         }
-        let name = format!("{}{}", prefix(), NEXT.fetch_add(1, Ordering::Relaxed));
         let mut made = Self {
             dirs: Vec::new(),
             join: Vec::new(),
             limits_processes: false,
         };
         for t in trees {
-            let dir = t.dir.join(&name);
-            let step = || -> std::io::Result<OwnedFd> {
-                fs::create_dir(&dir)?;
+            // A name taken (a gateway gone with this pid left it and it could not be ended):
+            // the next one.
+            let mut tries = 0;
+            let step = |dir: &Path| -> std::io::Result<OwnedFd> {
+                fs::create_dir(dir)?;
                 if t.pids && max_processes > 0 {
                     fs::write(dir.join("pids.max"), max_processes.to_string())?;
                 }
@@ -297,16 +351,29 @@ impl Cgroup {
                     .open(dir.join("cgroup.procs"))?;
                 Ok(procs.into())
             };
-            match step() {
-                Ok(fd) => {
-                    made.dirs.push((dir, t.v2));
-                    made.join.push(fd);
-                    made.limits_processes |= t.pids && max_processes > 0;
-                }
-                Err(e) => {
-                    let _ = fs::remove_dir(&dir);
-                    tracing::warn!(upstream, cgroup = %dir.display(), error = %e, "no cgroup for a stdio child");
-                    return None;
+            loop {
+                let dir = t.dir.join(format!(
+                    "{}{}",
+                    prefix(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ));
+                match step(&dir) {
+                    Ok(fd) => {
+                        made.dirs.push((dir, t.v2));
+                        made.join.push(fd);
+                        made.limits_processes |= t.pids && max_processes > 0;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => {
+                        tries += 1;
+                    }
+                    Err(e) => {
+                        if e.kind() != std::io::ErrorKind::AlreadyExists {
+                            let _ = fs::remove_dir(&dir);
+                        }
+                        tracing::warn!(upstream, cgroup = %dir.display(), error = %e, "no cgroup for a stdio child");
+                        return None;
+                    }
                 }
             }
         }
@@ -331,9 +398,13 @@ impl Cgroup {
     /// Ends every process in it and removes it, waiting up to `within` for them to go.
     pub(super) async fn end(mut self, within: Duration) {
         let dirs = std::mem::take(&mut self.dirs);
-        for (d, v2) in &dirs {
-            kill(d, *v2);
-        }
+        // Off the control thread: a kill loop over cgroup v1's list waits between rounds.
+        let dirs = tokio::task::spawn_blocking(move || {
+            kill_all(&dirs);
+            dirs
+        })
+        .await
+        .unwrap_or_default();
         let deadline = tokio::time::Instant::now() + within;
         let mut left: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
         while !left.is_empty() {
@@ -351,20 +422,42 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     /// A child dropped without [`Cgroup::end`] (a supervisor that ended abruptly): its
-    /// processes are killed now and the cgroups removed from a thread of their own.
+    /// processes are killed and the cgroups removed from a thread of their own.
     fn drop(&mut self) {
         if self.dirs.is_empty() {
             return;
         }
         let dirs = std::mem::take(&mut self.dirs);
-        for (d, v2) in &dirs {
-            kill(d, *v2);
-        }
-        let dirs: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
         let _ = std::thread::Builder::new()
             .name("cgroup-end".into())
-            .spawn(move || remove(dirs, Duration::from_secs(2)));
+            .spawn(move || {
+                kill_all(&dirs);
+                remove(
+                    dirs.into_iter().map(|(d, _)| d).collect(),
+                    Duration::from_secs(2),
+                );
+            });
     }
+}
+
+/// `SIGKILL` to every process of one child's cgroups: one `cgroup.kill` on v2 ends them all
+/// (they are the same processes in each hierarchy), else [`kill`] on each.
+fn kill_all(dirs: &[(PathBuf, bool)]) {
+    if dirs.iter().any(|(d, v2)| *v2 && kill_v2(d)) {
+        return;
+    }
+    for (d, v2) in dirs {
+        kill(d, *v2);
+    }
+}
+
+/// `cgroup.kill` (Linux 5.14): whether it was written.
+fn kill_v2(dir: &Path) -> bool {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut f| f.write_all(b"1"))
+        .is_ok()
 }
 
 /// The pids `cgroup.procs` lists.
@@ -379,13 +472,7 @@ fn procs(dir: &Path) -> Vec<i32> {
 /// `SIGKILL` to every process in the cgroup: `cgroup.kill` on v2, else what `cgroup.procs`
 /// lists, again until it is empty (a process forked meanwhile is in the next list).
 fn kill(dir: &Path, v2: bool) {
-    if v2
-        && fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.kill"))
-            .and_then(|mut f| f.write_all(b"1"))
-            .is_ok()
-    {
+    if v2 && kill_v2(dir) {
         return;
     }
     for _ in 0..100 {
@@ -422,3 +509,24 @@ fn remove(mut dirs: Vec<PathBuf>, within: Duration) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The cgroup hierarchy `path` would let a child write (it is one, or inside or above one):
+/// there a child could leave its cgroup, raise its limit, or end the gateway's processes.
+pub fn cgroups_under(path: &Path) -> Option<PathBuf> {
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mut mounts = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(m) = procfs::process::Process::myself().and_then(|me| me.mountinfo()) {
+        mounts.extend(
+            m.0.into_iter()
+                .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+                .map(|m| m.mount_point),
+        );
+    }
+    mounts
+        .into_iter()
+        .find(|m| m.starts_with(&path) || path.starts_with(m))
+}
+
+#[cfg(test)]
+#[path = "cgroup_tests.rs"]
+mod tests;

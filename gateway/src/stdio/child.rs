@@ -796,14 +796,12 @@ async fn stop(r: Running, grace: Duration) {
     // Its writer stops at once (a write waiting on the child too): the child reads the end of
     // its input.
     stdin.task.abort();
-    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-        signal_group(pgid, libc::SIGKILL);
-        return;
-    }
-    signal_group(pgid, libc::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        signal_group(pgid, libc::SIGKILL);
-        let _ = child.wait().await;
+        signal_group(pgid, libc::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            signal_group(pgid, libc::SIGKILL);
+            let _ = child.wait().await;
+        }
     }
     // Whatever the child left in its group, or anywhere else in its cgroup, goes with it.
     signal_group(pgid, libc::SIGKILL);
