@@ -442,12 +442,33 @@ pub fn listen(path: &Path, replace: bool) -> io::Result<tokio::net::UnixListener
     tokio::net::UnixListener::from_std(l)
 }
 
-/// Whether the peer of an upgrade request may ask for one: this process's user, or root.
-pub fn peer_allowed(stream: &tokio::net::UnixStream) -> bool {
+/// Whether the peer of an upgrade request may ask for one: a process of this process's user,
+/// or of root, that is no stdio server's. A stdio server is a program the gateway runs, as the
+/// gateway's own user in the packaged service, or as root where configured: it may not restart
+/// the gateway at will (Landlock's scopes keep it from signalling the gateway; a socket in a
+/// folder is not in them). Told by its cgroup where children have one, else by its user
+/// (`children`: the users stdio servers run as, root aside).
+pub fn peer_allowed(stream: &tokio::net::UnixStream, children: &[u32]) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
-    stream
+    let cred = stream
         .peer_cred()
-        .is_ok_and(|c| c.uid() == me || c.uid() == 0)
+        .map_err(|e| format!("the peer's credentials: {e}"))?;
+    let uid = cred.uid();
+    if uid != me && uid != 0 {
+        return Err(format!("user {uid} is neither the gateway's nor root"));
+    }
+    if cred
+        .pid()
+        .is_none_or(|pid| crate::stdio::in_a_childs_cgroup(pid as u32))
+    {
+        return Err("a stdio server's process (or one not told apart from one)".into());
+    }
+    if !crate::stdio::children_have_cgroups() && children.contains(&uid) {
+        return Err(format!(
+            "user {uid} is the user stdio servers run as (ask as root)"
+        ));
+    }
+    Ok(())
 }
 
 /// The answer to an upgrade request, one JSON line.

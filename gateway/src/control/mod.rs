@@ -917,8 +917,16 @@ async fn answer_upgrade(
     admin: &mut AdminServer,
 ) -> Option<u32> {
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
-    if !upgrade::peer_allowed(&stream) {
-        tracing::warn!("upgrade request from another user refused");
+    if let Err(why) = upgrade::peer_allowed(&stream, &child_users(control)) {
+        tracing::warn!(why, "upgrade request refused");
+        let answer = upgrade::Outcome {
+            pid: None,
+            error: Some(format!("refused: {why}")),
+        };
+        if let Ok(mut line) = serde_json::to_vec(&answer) {
+            line.push(b'\n');
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+        }
         return None;
     }
     let mut line = String::new();
@@ -1230,6 +1238,22 @@ fn parse_window(query: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// The users stdio servers run as, root aside (a child running as root is trusted with the
+/// host already).
+fn child_users(control: &Mutex<Control>) -> Vec<u32> {
+    lock(control)
+        .shared
+        .snapshot
+        .load()
+        .config
+        .upstreams
+        .iter()
+        .filter_map(|u| u.stdio.as_ref())
+        .map(|s| s.sandbox.child_uid())
+        .filter(|uid| *uid != 0)
+        .collect()
+}
+
 /// Socket-table reads at once: each reads every TCP socket of the host, off the control thread.
 static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
@@ -1245,17 +1269,7 @@ async fn peer_runs_as_a_child(
     peer: Option<crate::admin_server::Peer>,
     control: &Mutex<Control>,
 ) -> Option<u32> {
-    let children: Vec<u32> = lock(control)
-        .shared
-        .snapshot
-        .load()
-        .config
-        .upstreams
-        .iter()
-        .filter_map(|u| u.stdio.as_ref())
-        .map(|s| s.sandbox.child_uid())
-        .filter(|uid| *uid != 0)
-        .collect();
+    let children = child_users(control);
     let refused = children.first().copied();
     if children.is_empty() {
         return None;

@@ -510,6 +510,19 @@ fn remove(mut dirs: Vec<PathBuf>, within: Duration) {
     }
 }
 
+/// Whether the process `pid` is in a stdio child's cgroup (of any gateway), or cannot be told.
+pub fn in_a_childs_cgroup(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/cgroup")).map_or(true, |groups| {
+        groups.lines().any(|l| l.contains(&format!("/{TREE}/")))
+    })
+}
+
+/// Whether this process's stdio children each get a cgroup (so [`in_a_childs_cgroup`] tells
+/// their processes).
+pub fn children_have_cgroups() -> bool {
+    !trees().is_empty()
+}
+
 /// The cgroup hierarchy `path` would let a child write (it is one, or inside or above one):
 /// there a child could leave its cgroup, raise its limit, or end the gateway's processes.
 pub fn cgroups_under(path: &Path) -> Option<PathBuf> {

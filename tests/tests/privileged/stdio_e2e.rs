@@ -48,9 +48,19 @@ fn gateway(command: &str, stdio: &str) -> (Daemon, u16) {
 /// [`gateway`], with `route` appended to the route's table (its own keys first, then any
 /// further tables) and `kernel` to the `[kernel]` table (then tenants, say).
 fn gateway_with(command: &str, stdio: &str, route: &str, kernel: &str) -> (Daemon, u16) {
+    gateway_named(&unique("gwstdio"), command, stdio, route, kernel)
+}
+
+/// [`gateway_with`], as the instance `instance`.
+fn gateway_named(
+    instance: &str,
+    command: &str,
+    stdio: &str,
+    route: &str,
+    kernel: &str,
+) -> (Daemon, u16) {
     let port = free_port();
     let admin = free_port();
-    let instance = unique("gwstdio");
     let config = format!(
         r#"
 [gateway]
@@ -75,7 +85,7 @@ upstream = "local"
 {route}
 "#
     );
-    (Daemon::start_local(&instance, &config), port)
+    (Daemon::start_local(instance, &config), port)
 }
 
 /// A gateway whose `/mcp` route runs the Python SDK's server (the test fixture) over stdio.
@@ -995,5 +1005,47 @@ fn a_stdio_child_holds_no_clients_connection() {
         "the child holds client connections to the gateway's port {port}: {clients:?}"
     );
     drop(open);
+    d.stop();
+}
+
+/// A stdio server cannot ask the gateway for a binary upgrade (a restart at will). The upgrade
+/// socket serves the gateway's user and root, which a server may run as (here root; the
+/// packaged service's children run as its own user); Landlock's scopes keep a child from
+/// signalling the gateway, but a socket in a folder is not in them. The Python SDK's server,
+/// run as root, connects to it and asks: before, the gateway upgraded; now it answers that a
+/// stdio server's process is refused, and serves on.
+#[test]
+fn a_stdio_server_cannot_ask_for_an_upgrade() {
+    let command = format!(
+        r#"["{}", "{}", "stdio", "--processes"]"#,
+        python().display(),
+        fixture("mcp_server.py")
+    );
+    let instance = unique("gwstdioupg");
+    let (mut d, port) = gateway_named(&instance, &command, "uid = 0\ngid = 0", "", "");
+    let pid = d.pid();
+    let socket = std::env::var_os("RUNTIME_DIRECTORY")
+        .map_or_else(|| "/run/mcp-gateway".into(), std::path::PathBuf::from)
+        .join(format!("{instance}.upgrade.sock"));
+    assert!(socket.exists(), "{}", socket.display());
+    let (status, v) = call_as(
+        port,
+        "k",
+        "unix_request",
+        serde_json::json!({"path": socket, "line": "upgrade"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let answer = v["result"]["structuredContent"]["result"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(
+        alive(pid) && !d.log().contains("binary upgrade"),
+        "the gateway upgraded on a stdio server's request: {answer}"
+    );
+    assert!(answer.contains("refused"), "{answer}");
+    let (status, _) = call_as(port, "k", "add", serde_json::json!({"a": 1, "b": 2}));
+    assert_eq!(status, 200, "serves on");
     d.stop();
 }
