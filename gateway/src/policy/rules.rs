@@ -449,13 +449,17 @@ fn as_python_reads(s: &str) -> Option<Value> {
             && rest.starts_with("\\u")
             && (rest.as_bytes()[2] | 0x20) == b'd'
             && matches!(rest.as_bytes()[3] | 0x20, b'8'..=b'9' | b'a'..=b'f')
+            && rest.as_bytes()[4..6].iter().all(u8::is_ascii_hexdigit)
         {
             out.push_str("\\u0000");
             i += 6;
-        } else if rest.starts_with("\\") && rest.len() >= 2 {
-            // Any other escape is kept whole (`\\\\` is not the start of another).
-            out.push_str(&rest[..2]);
-            i += 2;
+        } else if let Some(escaped) = rest.strip_prefix('\\').and_then(|r| r.chars().next()) {
+            // Any other escape is kept whole (`\\\\` is not the start of another), whatever
+            // character follows the backslash (one of several bytes split here panicked: a
+            // fuzzer's find).
+            out.push('\\');
+            out.push(escaped);
+            i += 1 + escaped.len_utf8();
         } else if (b[i] | 0x20) == b'e' && i > 0 && b[i - 1].is_ascii_digit() {
             let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
             let digits = b[i + 1 + sign..]
@@ -836,6 +840,23 @@ mod tests {
         let err = r.check(Some(&json!({ "path": big }))).unwrap_err();
         assert!(err.contains("JSON text"), "{err}");
         assert_eq!(as_python_reads("[\"a\\\\\"]"), Some(json!(["a\\"])));
+        // A backslash before a character of several bytes, anywhere, as text at a rule's
+        // pointer: read, never split (it panicked, a fuzzer's find; one request stopped a
+        // worker).
+        for text in [
+            "[\\\u{ffff}",
+            "[\"\\\u{ffff}\"]",
+            "{\"a\\é\": 1",
+            "[\\\u{10348}]",
+            "[\\",
+            "[1e\u{ffff}]",
+            "[9\u{ffff}e",
+            "[\"\\ud8\u{ffff}\"]",
+            "[\"\\uda\u{e9}\"]",
+        ] {
+            let _ = as_python_reads(text);
+            let _ = r.check(Some(&json!({ "path": text })));
+        }
         // With no type, the array held meets the pattern, which takes strings only.
         let p = rule("pointer = \"/path\"\npattern = \"^[^/]+$\"");
         assert!(p.check(Some(&json!({"path": "[\"a\"]"}))).is_err());
