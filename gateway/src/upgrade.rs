@@ -446,8 +446,9 @@ pub fn listen(path: &Path, replace: bool) -> io::Result<tokio::net::UnixListener
 /// or of root, that is no stdio server's. A stdio server is a program the gateway runs, as the
 /// gateway's own user in the packaged service, or as root where configured: it may not restart
 /// the gateway at will (Landlock's scopes keep it from signalling the gateway; a socket in a
-/// folder is not in them). Told by its cgroup where children have one, else by its user
-/// (`children`: the users stdio servers run as, root aside).
+/// folder is not in them). So the users stdio servers run as (`children`, root aside) are
+/// refused, as on the token-less admin API (ask as root), and so is any process in a stdio
+/// child's cgroup (a child run as root).
 pub fn peer_allowed(stream: &tokio::net::UnixStream, children: &[u32]) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
     let cred = stream
@@ -457,16 +458,16 @@ pub fn peer_allowed(stream: &tokio::net::UnixStream, children: &[u32]) -> Result
     if uid != me && uid != 0 {
         return Err(format!("user {uid} is neither the gateway's nor root"));
     }
+    if children.contains(&uid) {
+        return Err(format!(
+            "user {uid} is the user stdio servers run as (ask as root)"
+        ));
+    }
     if cred
         .pid()
         .is_none_or(|pid| crate::stdio::in_a_childs_cgroup(pid as u32))
     {
         return Err("a stdio server's process (or one not told apart from one)".into());
-    }
-    if !crate::stdio::children_have_cgroups() && children.contains(&uid) {
-        return Err(format!(
-            "user {uid} is the user stdio servers run as (ask as root)"
-        ));
     }
     Ok(())
 }

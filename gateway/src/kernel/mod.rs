@@ -243,12 +243,13 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
     if !is_bpffs(root) {
         std::fs::create_dir_all(root)
             .map_err(KernelError::io(format!("creating {}", root.display())))?;
+        // Not the new filesystem's own 1777: no other user makes names beside the pins.
         nix::mount::mount(
             Some("bpf"),
             root,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
-            None::<&str>,
+            Some("mode=0755"),
         )
         .map_err(|e| KernelError::Bpffs {
             path: root.display().to_string(),

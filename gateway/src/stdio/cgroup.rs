@@ -95,13 +95,13 @@ fn find() -> (Vec<Tree>, Vec<String>) {
     };
     let mut notes = Vec::new();
     let mut trees = Vec::new();
-    match v2.map(|dir| v2_tree(&dir)) {
+    match v2.map(|dir| v2_tree(&dir).and_then(usable)) {
         Some(Ok(t)) => trees.push(t),
         Some(Err(e)) => notes.push(format!("cgroup v2: {e}")),
         None => notes.push("no cgroup v2 hierarchy".into()),
     }
     if !trees.iter().any(|t| t.pids) {
-        match v1_pids.map(|dir| v1_tree(&dir)) {
+        match v1_pids.map(|dir| v1_tree(&dir).and_then(usable)) {
             Some(Ok(t)) => trees.push(t),
             Some(Err(e)) => notes.push(format!("cgroup v1 pids: {e}")),
             None => notes.push("no pids controller on cgroup v1".into()),
@@ -200,6 +200,15 @@ fn v2_tree(own: &Path) -> std::io::Result<Tree> {
         v2: true,
         pids,
     })
+}
+
+/// `tree` if a child's cgroup can be made in it: a folder another user made (a gateway run
+/// as root before) is there but not this gateway's to write.
+fn usable(tree: Tree) -> std::io::Result<Tree> {
+    let probe = tree.dir.join(format!("{}probe", prefix()));
+    fs::create_dir(&probe)?;
+    fs::remove_dir(&probe)?;
+    Ok(tree)
 }
 
 /// The v1 `pids` folder of children under `own`.
@@ -515,12 +524,6 @@ pub fn in_a_childs_cgroup(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/cgroup")).map_or(true, |groups| {
         groups.lines().any(|l| l.contains(&format!("/{TREE}/")))
     })
-}
-
-/// Whether this process's stdio children each get a cgroup (so [`in_a_childs_cgroup`] tells
-/// their processes).
-pub fn children_have_cgroups() -> bool {
-    !trees().is_empty()
 }
 
 /// The cgroup hierarchy `path` would let a child write (it is one, or inside or above one):

@@ -84,6 +84,14 @@ for line in sys.stdin:
         import subprocess
         p = subprocess.Popen(["sleep", "300"], start_new_session=True)
         args = {"pid": p.pid}
+    if do == "bpf_get":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        path = ctypes.create_string_buffer(args["path"].encode())
+        attr = (ctypes.c_uint64 * 16)()
+        attr[0] = ctypes.addressof(path)
+        fd = libc.syscall(321, 7, ctypes.byref(attr), 128)
+        args = {"fd": fd, "errno": ctypes.get_errno() if fd < 0 else 0}
     if do == "fds":
         args = {"fds": sorted(os.readlink("/proc/self/fd/" + fd) for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd))}
     if do == "write":
@@ -945,4 +953,68 @@ fn a_child_gets_no_descriptor_of_the_gateways_but_its_pipes() {
         );
     });
     drop(listener);
+}
+
+/// A BPF array map pinned at `path`, which any user may open (as a pin of the gateway's own
+/// user is to the packaged service's children); unpinned on drop.
+struct Pin(std::path::PathBuf);
+
+impl Pin {
+    fn new(path: std::path::PathBuf) -> Option<Self> {
+        // union bpf_attr: BPF_MAP_CREATE (map_type, key_size, value_size, max_entries), then
+        // BPF_OBJ_PIN (pathname, bpf_fd).
+        let mut attr = [0u64; 16];
+        attr[0] = 2 | (4 << 32); // BPF_MAP_TYPE_ARRAY, 4-byte keys
+        attr[1] = 4 | (1 << 32); // 4-byte values, 1 entry
+        // SAFETY: bpf(2) with a zeroed attribute union of the size given.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
+        if fd < 0 {
+            return None;
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        let mut pin = [0u64; 16];
+        pin[0] = c.as_ptr() as u64;
+        pin[1] = fd as u64;
+        // SAFETY: as above; `c` outlives the call.
+        let pinned = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) };
+        // SAFETY: the map's descriptor, ours.
+        unsafe { libc::close(fd as i32) };
+        if pinned < 0 {
+            return None;
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).ok()?;
+        Some(Self(path))
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
+    let Some(pin) = Pin::new(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/gateway-test-pin-{}",
+        std::process::id()
+    ))) else {
+        eprintln!("no BPF map could be pinned here (needs root and bpffs): skipped");
+        return;
+    };
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "bpf", "ok"), None);
+        let v = text(
+            &call(&h, 1, json!(1), json!({"do": "bpf_get", "path": pin.0}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (v["fd"].clone(), v["errno"].clone()),
+            (json!(-1), json!(libc::EPERM)),
+            "a child opened the pinned map: {v}"
+        );
+    });
 }

@@ -24,7 +24,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use futures_channel::{mpsc, oneshot};
 
-pub use cgroup::{cgroups_under, children_have_cgroups, in_a_childs_cgroup};
+pub use cgroup::{cgroups_under, in_a_childs_cgroup};
 pub use mux::Caller;
 pub use sandbox::{FsAccess, SandboxSpec};
 

@@ -7,6 +7,7 @@
 //! - `no_new_privs`: no setuid binary or file capability gives the child more than it has.
 //! - An unprivileged user when the gateway runs as root (`nobody` unless configured).
 //! - rlimits: address space, open files, processes.
+//! - seccomp: no `bpf(2)`.
 //! - Landlock, where the kernel has it: the filesystem is limited to the configured paths
 //!   (read-only ones and writable ones) plus what a program needs to start; from Linux 6.12,
 //!   no signal leaves the child's own processes and no abstract unix socket outside them is
@@ -486,13 +487,14 @@ pub(super) fn apply(
     } else {
         spec.max_processes
     };
+    let no_bpf = no_bpf();
     let limits = [
         (libc::RLIMIT_AS, spec.max_memory_bytes),
         (libc::RLIMIT_NOFILE, spec.max_open_files),
         (libc::RLIMIT_NPROC, nproc),
     ];
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (write, close_range or fcntl, setsid, prctl, capset, setrlimit,
+    // async-signal-safe system calls (write, close_range or fcntl, setsid, prctl, seccomp, capset, setrlimit,
     // landlock_restrict_self); the ruleset and the descriptors were made before the fork.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
@@ -545,10 +547,45 @@ pub(super) fn apply(
                 r.restrict_self()
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::PermissionDenied))?;
             }
+            if let Some(filter) = no_bpf {
+                seccompiler::apply_filter(filter)
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::PermissionDenied))?;
+            }
             Ok(())
         });
     }
     Ok(confinement)
+}
+
+/// A seccomp filter that refuses `bpf(2)` (EPERM), everything else allowed; `None` on an
+/// architecture seccompiler does not know. A child needs no BPF, and the kernel program's
+/// pinned maps and link are files of the gateway's user, which the packaged service's children
+/// share: with them, a child opened the pins (`BPF_OBJ_GET` needs no capability, and Landlock
+/// does not see it), rewrote bans, tenant caps and the default tenant, and detached the XDP
+/// program (an attacker's review). A process of another architecture (a 32-bit program) is
+/// killed at its first system call.
+fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
+    static FILTER: std::sync::OnceLock<Option<seccompiler::BpfProgram>> =
+        std::sync::OnceLock::new();
+    FILTER
+        .get_or_init(|| {
+            let arch = std::env::consts::ARCH.try_into().ok()?;
+            let mut numbers = vec![libc::SYS_bpf];
+            // The x32 ABI's number for it (x86_64, where the kernel has x32).
+            if cfg!(target_arch = "x86_64") {
+                numbers.push(libc::SYS_bpf | 0x4000_0000);
+            }
+            let rules = numbers.into_iter().map(|n| (n, Vec::new())).collect();
+            let filter = seccompiler::SeccompFilter::new(
+                rules,
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+                arch,
+            )
+            .ok()?;
+            seccompiler::BpfProgram::try_from(filter).ok()
+        })
+        .as_ref()
 }
 
 /// The Landlock ruleset for `spec`, or `None` where the kernel has no Landlock.
