@@ -243,7 +243,8 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
     if !is_bpffs(root) {
         std::fs::create_dir_all(root)
             .map_err(KernelError::io(format!("creating {}", root.display())))?;
-        // Not the new filesystem's own 1777: no other user makes names beside the pins.
+        // 1755 (bpffs keeps the sticky bit), not the new filesystem's own 1777: no other user
+        // makes names beside the pins.
         nix::mount::mount(
             Some("bpf"),
             root,
