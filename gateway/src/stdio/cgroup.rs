@@ -5,7 +5,8 @@
 //! that left the child's process group and session (`setsid`) too, which before outlived the
 //! child and the gateway.
 //!
-//! Where, found once per process ([`Tree`]); each child's is `<pid namespace>-<gateway pid>-<n>`:
+//! Where, found once per process ([`Tree`]); each child's is
+//! `<pid namespace>-<gateway pid>-<gateway start>-<n>`:
 //! - cgroup v2: in `<top>/mcp-gateway-stdio/`. `<top>` is the gateway's own cgroup, or its
 //!   parent when that is named `mcp-gateway` (systemd's `DelegateSubgroup=mcp-gateway`, as the
 //!   packaged unit sets). With the `pids` controller there, cgroup v2 allows no process in
@@ -22,8 +23,8 @@
 //! The child joins its cgroups between fork and exec, before it runs anything of its own, by
 //! writing to `cgroup.procs` files the gateway opened (the kernel checks the opener's rights,
 //! so the child, by then of its unprivileged user, may). A cgroup is removed when its child
-//! ends; those of a gateway that died (its pid gone from its pid namespace) are ended and
-//! removed by the next gateway's start.
+//! ends; those of a gateway that died (no process of its pid and start in its pid namespace)
+//! are ended and removed by the next gateway's start.
 
 use std::{
     fs,
@@ -253,12 +254,31 @@ fn mkdir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The prefix of this process's children's cgroups: `<pid namespace>-<pid>-`. A pid means
-/// something only in its namespace: a gateway in another one (a container on a host whose
-/// cgroups it shares) sees none of this one's processes, and must leave its cgroups be.
+/// The prefix of this process's children's cgroups: `<pid namespace>-<pid>-<start>-`, `<start>`
+/// the process's start in clock ticks since boot. A pid means something only in its namespace
+/// (a gateway in another one, a container on a host whose cgroups it shares, sees none of this
+/// one's processes and must leave its cgroups be), and only while the process that had it
+/// runs: a process with that pid and another start (a crashed gateway's pid taken since, this
+/// one included, or a thread's id) is not it. No wall clock is involved, so a clock stepped
+/// meanwhile cannot make a live gateway's cgroups look stale.
 fn prefix() -> &'static str {
     static PREFIX: OnceLock<String> = OnceLock::new();
-    PREFIX.get_or_init(|| format!("{}-{}-", pid_namespace(), std::process::id()))
+    PREFIX.get_or_init(|| {
+        let pid = std::process::id();
+        format!(
+            "{}-{pid}-{}-",
+            pid_namespace(),
+            start_of(pid).unwrap_or_default()
+        )
+    })
+}
+
+/// When the process (or thread) `pid` started, in clock ticks since boot.
+fn start_of(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.starttime)
 }
 
 /// This process's pid namespace (its inode number; 0 if unreadable).
@@ -275,16 +295,14 @@ fn sweep(tree: &Tree) {
     for e in entries.flatten() {
         let name = e.file_name();
         let mut parts = name.to_str().unwrap_or_default().split('-');
-        let (Some(Ok(of)), Some(Ok(pid))) = (
+        let (Some(Ok(of)), Some(Ok(pid)), Some(Ok(start))) = (
             parts.next().map(str::parse::<u64>),
             parts.next().map(str::parse::<u32>),
+            parts.next().map(str::parse::<u64>),
         ) else {
             continue;
         };
-        let made = e.metadata().and_then(|m| m.modified()).ok();
-        // This process's pid, before it made any: a gateway gone whose pid it took.
-        let ours = pid == std::process::id() && NEXT.load(Ordering::Relaxed) > 0;
-        if of != ns || ours || made.is_some_and(|made| made_by_a_live_gateway(pid, made)) {
+        if of != ns || start_of(pid) == Some(start) {
             continue;
         }
         let dir = e.path();
@@ -292,27 +310,6 @@ fn sweep(tree: &Tree) {
         kill(&dir, tree.v2);
         remove(vec![dir], Duration::from_secs(2));
     }
-}
-
-/// Whether the process `pid` may be the gateway that made a cgroup at `made`: a process (not
-/// a thread) started before then. A crashed gateway's pid taken by another process is not it.
-fn made_by_a_live_gateway(pid: u32, made: std::time::SystemTime) -> bool {
-    let Ok(process) = procfs::process::Process::new(pid as i32) else {
-        return false;
-    };
-    if process.status().is_ok_and(|s| s.tgid != pid as i32) {
-        return false;
-    }
-    let Ok(stat) = process.stat() else {
-        return false;
-    };
-    let started = procfs::boot_time_secs().ok().map(|boot| {
-        std::time::UNIX_EPOCH
-            + Duration::from_secs(boot)
-            + Duration::from_millis(stat.starttime * 1000 / procfs::ticks_per_second().max(1))
-    });
-    // A second's slack: boot time is in whole seconds.
-    started.is_none_or(|started| started <= made + Duration::from_secs(1))
 }
 
 /// Finds where children's cgroups go (once per process) and ends what a gateway that is gone

@@ -1,9 +1,9 @@
 //! Which cgroups the start's sweep takes for those of a gateway that is gone, against real
 //! processes and cgroups (as root).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use super::{made_by_a_live_gateway, pid_namespace, sweep, trees};
+use super::{pid_namespace, prefix, start_of, sweep, trees};
 
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -20,37 +20,21 @@ fn sleep() -> std::process::Child {
 }
 
 #[test]
-fn a_gateways_pid_is_its_only_while_that_process_runs_and_started_before_the_cgroup() {
-    let before = sleep();
-    std::thread::sleep(Duration::from_millis(1100));
-    let made = SystemTime::now();
-    std::thread::sleep(Duration::from_millis(1100));
-    let after = sleep();
-    assert!(made_by_a_live_gateway(before.id(), made));
-    assert!(
-        !made_by_a_live_gateway(after.id(), made),
-        "a pid taken since (the gateway that made it crashed)"
+fn a_cgroup_names_the_process_that_made_it_by_pid_and_start() {
+    let me = std::process::id();
+    assert_eq!(
+        prefix(),
+        format!("{}-{me}-{}-", pid_namespace(), start_of(me).unwrap())
     );
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        // SAFETY: gettid(2) cannot fail.
-        tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
-        let _ = stop_rx.recv();
-    });
-    let tid = tid_rx.recv().unwrap();
-    assert!(
-        !made_by_a_live_gateway(tid, SystemTime::now() + Duration::from_secs(5)),
-        "a thread's id"
-    );
-    stop_tx.send(()).unwrap();
-    thread.join().unwrap();
-    for mut c in [before, after] {
-        let pid = c.id();
-        let _ = c.kill();
-        let _ = c.wait();
-        assert!(!made_by_a_live_gateway(pid, made), "a pid gone");
-    }
+    // A process started later has another start, and a thread its own (a crashed gateway's
+    // pid taken since, or a thread's id, is not the gateway that made the cgroup).
+    std::thread::sleep(Duration::from_millis(30));
+    let mut later = sleep();
+    assert_ne!(start_of(later.id()), start_of(me));
+    let pid = later.id();
+    let _ = later.kill();
+    let _ = later.wait();
+    assert_eq!(start_of(pid), None, "a pid gone");
 }
 
 #[test]
@@ -61,25 +45,23 @@ fn the_sweep_ends_and_removes_a_gone_gateways_cgroup_and_leaves_a_live_ones() {
         return;
     }
     let tree = &trees()[0];
-    let mut gone = sleep();
-    let gone_pid = gone.id();
-    let _ = gone.kill();
-    let _ = gone.wait();
     let live = sleep();
-    std::thread::sleep(Duration::from_millis(1100));
-    let plant = |pid: u32| {
-        let dir = tree.dir.join(format!("{}-{pid}-0", pid_namespace()));
+    let live_start = start_of(live.id()).unwrap();
+    let plant = |name: String| {
+        let dir = tree.dir.join(name);
         std::fs::create_dir(&dir).unwrap();
         let inside = sleep();
         std::fs::write(dir.join("cgroup.procs"), inside.id().to_string())
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         (dir, inside)
     };
-    let (gone_dir, mut left) = plant(gone_pid);
-    let (live_dir, mut kept) = plant(live.id());
+    let ns = pid_namespace();
+    // The live process's pid with another start (the pid taken since), and with its own.
+    let (taken_dir, mut left) = plant(format!("{ns}-{}-{}-0", live.id(), live_start + 1));
+    let (live_dir, mut kept) = plant(format!("{ns}-{}-{live_start}-0", live.id()));
     sweep(tree);
     let _ = left.wait();
-    assert!(!gone_dir.exists(), "{} kept", gone_dir.display());
+    assert!(!taken_dir.exists(), "{} kept", taken_dir.display());
     assert!(
         live_dir.exists() && running(kept.id()),
         "a live gateway's is kept"
