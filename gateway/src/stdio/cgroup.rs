@@ -8,8 +8,9 @@
 //! Where, found once per process ([`Tree`]); each child's is
 //! `<pid namespace>-<gateway pid>-<gateway start>-<n>`:
 //! - cgroup v2: in `<top>/mcp-gateway-stdio/`. `<top>` is the gateway's own cgroup, or its
-//!   parent when that is named `mcp-gateway` (systemd's `DelegateSubgroup=mcp-gateway`, as the
-//!   packaged unit sets). With the `pids` controller there, cgroup v2 allows no process in
+//!   parent when that is named `mcp-gateway` (where a gateway moved itself, or systemd's
+//!   `DelegateSubgroup=mcp-gateway` put it; the packaged unit does not set that, which systemd
+//!   252 does not know). With the `pids` controller there, cgroup v2 allows no process in
 //!   `<top>` itself once its children have one, so a gateway still in `<top>` first moves
 //!   itself into `<top>/mcp-gateway`. The gateway must be able to write `<top>`: root, or
 //!   systemd's `Delegate=`. A stop writes `cgroup.kill`.
@@ -307,8 +308,7 @@ fn sweep(tree: &Tree) {
         }
         let dir = e.path();
         tracing::info!(cgroup = %dir.display(), "ending the cgroup of a stdio child of a gateway that is gone");
-        kill(&dir, tree.v2);
-        remove(vec![dir], Duration::from_secs(2));
+        end_all(vec![(dir, tree.v2)], Duration::from_secs(2));
     }
 }
 
@@ -404,25 +404,9 @@ impl Cgroup {
     /// Ends every process in it and removes it, waiting up to `within` for them to go.
     pub(super) async fn end(mut self, within: Duration) {
         let dirs = std::mem::take(&mut self.dirs);
-        // Off the control thread: a kill loop over cgroup v1's list waits between rounds.
-        let dirs = tokio::task::spawn_blocking(move || {
-            kill_all(&dirs);
-            dirs
-        })
-        .await
-        .unwrap_or_default();
-        let deadline = tokio::time::Instant::now() + within;
-        let mut left: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
-        while !left.is_empty() {
-            left.retain(|d| !removed(d));
-            if left.is_empty() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        for d in &left {
-            tracing::warn!(cgroup = %d.display(), "a stdio child's cgroup is not empty after its end; left for the next start");
-        }
+        // Off the control thread: the kill loop over cgroup v1's list and the wait for the
+        // processes to go both sleep.
+        let _ = tokio::task::spawn_blocking(move || end_all(dirs, within)).await;
     }
 }
 
@@ -436,24 +420,30 @@ impl Drop for Cgroup {
         let dirs = std::mem::take(&mut self.dirs);
         let _ = std::thread::Builder::new()
             .name("cgroup-end".into())
-            .spawn(move || {
-                kill_all(&dirs);
-                remove(
-                    dirs.into_iter().map(|(d, _)| d).collect(),
-                    Duration::from_secs(2),
-                );
-            });
+            .spawn(move || end_all(dirs, Duration::from_secs(2)));
     }
 }
 
-/// `SIGKILL` to every process of one child's cgroups: one `cgroup.kill` on v2 ends them all
-/// (they are the same processes in each hierarchy), else [`kill`] on each.
-fn kill_all(dirs: &[(PathBuf, bool)]) {
-    if dirs.iter().any(|(d, v2)| *v2 && kill_v2(d)) {
-        return;
+/// Ends every process of one child's cgroups (`cgroup.kill` on v2 ends them all: they are the
+/// same processes in each hierarchy; else [`kill_listed`] on each) and removes the cgroups,
+/// trying for up to `within`; one still there then is left for the next start (logged).
+fn end_all(dirs: Vec<(PathBuf, bool)>, within: Duration) {
+    if !dirs.iter().any(|(d, v2)| *v2 && kill_v2(d)) {
+        for (d, _) in &dirs {
+            kill_listed(d);
+        }
     }
-    for (d, v2) in dirs {
-        kill(d, *v2);
+    let deadline = std::time::Instant::now() + within;
+    let mut left: Vec<PathBuf> = dirs.into_iter().map(|(d, _)| d).collect();
+    loop {
+        left.retain(|d| !removed(d));
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for d in &left {
+        tracing::warn!(cgroup = %d.display(), "a stdio child's cgroup is not empty after its end; left for the next start");
     }
 }
 
@@ -475,12 +465,9 @@ fn procs(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// `SIGKILL` to every process in the cgroup: `cgroup.kill` on v2, else what `cgroup.procs`
-/// lists, again until it is empty (a process forked meanwhile is in the next list).
-fn kill(dir: &Path, v2: bool) {
-    if v2 && kill_v2(dir) {
-        return;
-    }
+/// `SIGKILL` to every process `cgroup.procs` lists, again until it is empty (a process forked
+/// meanwhile is in the next list): where there is no `cgroup.kill`.
+fn kill_listed(dir: &Path) {
     for _ in 0..100 {
         let pids = procs(dir);
         if pids.is_empty() {
@@ -504,23 +491,11 @@ fn removed(dir: &Path) -> bool {
     }
 }
 
-/// Removes each cgroup once its processes are gone, trying for up to `within`.
-fn remove(mut dirs: Vec<PathBuf>, within: Duration) {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        dirs.retain(|d| !removed(d));
-        if dirs.is_empty() || std::time::Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Whether the process `pid` is in a stdio child's cgroup (of any gateway), or cannot be told.
 pub fn in_a_childs_cgroup(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/cgroup")).map_or(true, |groups| {
-        groups.lines().any(|l| l.contains(&format!("/{TREE}/")))
-    })
+    let tree = format!("/{TREE}/");
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_or(true, |groups| groups.lines().any(|l| l.contains(&tree)))
 }
 
 /// The cgroup hierarchy `path` would let a child write (it is one, or inside or above one):
