@@ -88,6 +88,16 @@ upstream = "local"
     (Daemon::start_local(instance, &config), port)
 }
 
+/// The command (TOML array) of the Python SDK's server over stdio with its tools that start
+/// processes and look at what the process holds (`--processes`).
+fn processes_server() -> String {
+    format!(
+        r#"["{}", "{}", "stdio", "--processes"]"#,
+        python().display(),
+        fixture("mcp_server.py")
+    )
+}
+
 /// A gateway whose `/mcp` route runs the Python SDK's server (the test fixture) over stdio.
 /// The venv's interpreter lives under /root, which the default unprivileged user cannot read:
 /// the child runs as root, explicitly.
@@ -917,11 +927,7 @@ fn one_tenant_cannot_set_the_roots_of_a_stdio_server_it_shares() {
 /// gateway's stop, or, after the gateway crashed, at the next gateway's start.
 #[test]
 fn a_stdio_childs_processes_are_held_to_its_own_limit_and_end_with_it() {
-    let command = format!(
-        r#"["{}", "{}", "stdio", "--processes"]"#,
-        python().display(),
-        fixture("mcp_server.py")
-    );
+    let command = processes_server();
     let stdio = "uid = 0\ngid = 0\nmax_processes = 12";
     let text = |v: &serde_json::Value| -> serde_json::Value {
         let t = v["result"]["content"][0]["text"]
@@ -973,11 +979,7 @@ fn a_stdio_childs_processes_are_held_to_its_own_limit_and_end_with_it() {
 /// tenant's requests, API key included, and answer them.
 #[test]
 fn a_stdio_child_holds_no_clients_connection() {
-    let command = format!(
-        r#"["{}", "{}", "stdio", "--processes"]"#,
-        python().display(),
-        fixture("mcp_server.py")
-    );
+    let command = processes_server();
     let (mut d, port) = gateway(&command, "uid = 0\ngid = 0");
     // Another client's connection, open (and answered once) before the child starts.
     let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -1016,11 +1018,7 @@ fn a_stdio_child_holds_no_clients_connection() {
 /// stdio server's process is refused, and serves on.
 #[test]
 fn a_stdio_server_cannot_ask_for_an_upgrade() {
-    let command = format!(
-        r#"["{}", "{}", "stdio", "--processes"]"#,
-        python().display(),
-        fixture("mcp_server.py")
-    );
+    let command = processes_server();
     let instance = unique("gwstdioupg");
     let (mut d, port) = gateway_named(&instance, &command, "uid = 0\ngid = 0", "", "");
     let pid = d.pid();

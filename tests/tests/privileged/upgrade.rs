@@ -169,6 +169,50 @@ fn session_list_on(port: u16, path: &str, sid: &str) -> u16 {
 }
 
 /// A stateless `tools/list`, as raw bytes.
+/// A gateway (as root, with a runtime folder of its own) in front of the Python SDK's server,
+/// ready for an upgrade: the process that takes over is `successor`'s to kill and reap (this
+/// test process is made a subreaper).
+struct Upgradable {
+    d: Daemon,
+    successor: Successor,
+    upstream: PyServer,
+    instance: String,
+    runtime: PathBuf,
+    port: u16,
+    admin: u16,
+}
+
+impl Upgradable {
+    fn start(name: &str) -> Self {
+        require_root();
+        // SAFETY: prctl(2) on this process only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let instance = unique(name);
+        let runtime = std::env::temp_dir().join(format!("{instance}.run"));
+        let successor = Successor {
+            pid: None,
+            runtime: runtime.clone(),
+        };
+        let upstream = PyServer::start(true);
+        let (port, admin) = (free_port(), free_port());
+        let text = config(&instance, port, admin, upstream.port, None);
+        let d = Daemon::start_local_with_env(
+            &instance,
+            &text,
+            &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
+        );
+        Self {
+            d,
+            successor,
+            upstream,
+            instance,
+            runtime,
+            port,
+            admin,
+        }
+    }
+}
+
 fn list_request() -> Vec<u8> {
     let body = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
     post(
@@ -502,23 +546,15 @@ fn an_upgrade_and_20_reloads_under_load_fail_no_request() {
 
 #[test]
 fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving() {
-    require_root();
-    // SAFETY: prctl(2) on this process only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let instance = unique("upgbad");
-    let runtime = std::env::temp_dir().join(format!("{instance}.run"));
-    let mut successor = Successor {
-        pid: None,
-        runtime: runtime.clone(),
-    };
-    let upstream = PyServer::start(true);
-    let (port, admin) = (free_port(), free_port());
-    let text = config(&instance, port, admin, upstream.port, None);
-    let mut d = Daemon::start_local_with_env(
-        &instance,
-        &text,
-        &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
-    );
+    let Upgradable {
+        mut d,
+        mut successor,
+        upstream: _upstream,
+        instance,
+        runtime,
+        port,
+        admin,
+    } = Upgradable::start("upgbad");
     let path = std::env::temp_dir().join(format!("{instance}.toml"));
     let good = std::fs::read_to_string(&path).expect("the harness's config");
     std::fs::write(&path, format!("{good}\n[surprise]\nfield = 1\n")).expect("write");
@@ -588,23 +624,15 @@ fn server_socket(port: u16, peer: u16) -> Option<String> {
 /// children, where another tenant's tool read and answered them).
 #[test]
 fn an_upgrade_hands_the_new_binary_no_client_connection() {
-    require_root();
-    // SAFETY: prctl(2) on this process only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let instance = unique("upgfd");
-    let runtime = std::env::temp_dir().join(format!("{instance}.run"));
-    let mut successor = Successor {
-        pid: None,
-        runtime: runtime.clone(),
-    };
-    let upstream = PyServer::start(true);
-    let (port, admin) = (free_port(), free_port());
-    let text = config(&instance, port, admin, upstream.port, None);
-    let mut d = Daemon::start_local_with_env(
-        &instance,
-        &text,
-        &[("RUNTIME_DIRECTORY", runtime.to_str().expect("utf-8"))],
-    );
+    let Upgradable {
+        mut d,
+        mut successor,
+        upstream: _upstream,
+        instance,
+        runtime,
+        port,
+        admin: _,
+    } = Upgradable::start("upgfd");
     let mut kept = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let tally = Tally::default();
     exchange(&mut kept, &tally);
