@@ -73,6 +73,25 @@ pub unsafe fn close_on_exec_from(first: u32) {
     }
 }
 
+/// A connection that, once closed, is reset rather than shut down (`SO_LINGER` of 0): the
+/// peer gets an RST and this side keeps no TIME_WAIT.
+pub fn reset_on_close(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on a socket the caller owns, with a value of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
 /// A descriptor made close-on-exec (after an accept that could not ask for it).
 pub fn set_close_on_exec(fd: std::os::fd::RawFd) {
     // SAFETY: fcntl(2) on a descriptor the caller owns.

@@ -196,12 +196,65 @@ impl BanSet {
     }
 }
 
+/// Why a client's connection is closed before a byte of it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceRefusal {
+    /// In `kernel.deny`.
+    Denied,
+    /// Banned.
+    Banned,
+}
+
+/// Direct connections closed as they were accepted (relaxed atomics, over all workers).
+#[derive(Debug, Default)]
+pub struct RefusedAtAccept {
+    denied: AtomicU64,
+    banned: AtomicU64,
+    tenant_at_cap: AtomicU64,
+}
+
+impl RefusedAtAccept {
+    pub fn source(&self, why: SourceRefusal) {
+        match why {
+            SourceRefusal::Denied => &self.denied,
+            SourceRefusal::Banned => &self.banned,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn at_cap(&self) {
+        self.tenant_at_cap.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text of these counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_connections_refused_total Direct connections (no PROXY protocol) closed by a worker as it accepted them, by reason: the client is in `kernel.deny` or banned (packets the kernel program did not drop), or its tenant is at its connection cap (answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+        );
+        for (reason, n) in [
+            ("denied", &self.denied),
+            ("banned", &self.banned),
+            ("tenant_at_cap", &self.tenant_at_cap),
+        ] {
+            let _ = writeln!(
+                out,
+                "mcp_gateway_connections_refused_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Bans in force, published by the control thread.
     pub bans: ArcSwap<BanSet>,
     /// PROXY protocol headers accepted and refused, by reason.
     pub proxy_protocol: crate::http::proxy_protocol::Counters,
+    /// Direct connections (no PROXY protocol) closed as they were accepted, by reason.
+    pub refused_at_accept: RefusedAtAccept,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
@@ -305,6 +358,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             bans: ArcSwap::from_pointee(BanSet::default()),
             proxy_protocol: crate::http::proxy_protocol::Counters::default(),
+            refused_at_accept: RefusedAtAccept::default(),
             conns: ConnTable::new(workers),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
@@ -327,6 +381,28 @@ impl Shared {
 
     pub fn at_cap(&self, tenant: u32) -> bool {
         self.at_cap[tenant as usize].load(Ordering::Relaxed)
+    }
+
+    /// Whether `client` is in `kernel.deny` or banned (`/bans`, auto-ban, the fleet, the
+    /// kernel's ban maps): the kernel program's first two decisions, made again by the worker
+    /// for every client it takes. The program drops these sources' packets before the stack,
+    /// but not on an interface it is not attached to, not with the kernel program off, and not
+    /// in a packet it cannot read to its TCP header; and behind a balancer it sees only the
+    /// balancer.
+    pub fn source_refusal(&self, snapshot: &Snapshot, client: IpAddr) -> Option<SourceRefusal> {
+        let ip = client.to_canonical();
+        if snapshot
+            .config
+            .kernel
+            .deny
+            .iter()
+            .any(|net| net.contains(&ip))
+        {
+            return Some(SourceRefusal::Denied);
+        }
+        let bans = self.bans.load();
+        (!bans.is_empty() && bans.is_banned(ip, crate::kernel::monotonic_ns()))
+            .then_some(SourceRefusal::Banned)
     }
 
     pub fn set_at_cap(&self, tenant: u32, v: bool) {

@@ -3,11 +3,7 @@
 //! through the stages of [`super::stages`]. A panic while a request is served is contained
 //! here: the client is answered 500 and the connection closed; the worker goes on.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    rc::Rc,
-    time::Duration,
-};
+use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use monoio::net::TcpStream;
 use tokio::sync::watch;
@@ -19,7 +15,7 @@ use crate::{
         self, HttpError, Io, Limits,
         proxy_protocol::{Header, Reason, read_header},
     },
-    shared::{Counted, Shared, Snapshot},
+    shared::{Counted, Shared, Snapshot, SourceRefusal},
 };
 
 fn limits(c: &Config) -> Limits {
@@ -221,17 +217,12 @@ async fn admit<'s>(
     };
     let client = match header {
         Header::Client(client) => {
-            if shared
-                .bans
-                .load()
-                .is_banned(client.ip(), crate::kernel::monotonic_ns())
-            {
-                return refuse(shared, client, Reason::Banned);
+            let refusal = shared.source_refusal(&shared.snapshot.load(), client.ip());
+            match refusal {
+                Some(SourceRefusal::Banned) => return refuse(shared, client, Reason::Banned),
+                Some(SourceRefusal::Denied) => return refuse(shared, client, Reason::Denied),
+                None => client,
             }
-            if denied(shared, client.ip()) {
-                return refuse(shared, client, Reason::Denied);
-            }
-            client
         }
         Header::Local => peer,
     };
@@ -252,17 +243,6 @@ fn admit_client<'s>(
         shared.proxy_protocol.accept(header);
     }
     Some((client, Some(shared.conns.counted(worker, tenant))))
-}
-
-fn denied(shared: &Shared, ip: IpAddr) -> bool {
-    shared
-        .snapshot
-        .load()
-        .config
-        .kernel
-        .deny
-        .iter()
-        .any(|net| net.contains(&ip))
 }
 
 fn refuse<T>(shared: &Shared, who: SocketAddr, reason: Reason) -> Option<T> {

@@ -21,6 +21,8 @@ use integration_tests::{
 struct Setup {
     daemon: Daemon,
     port: u16,
+    /// A listener without the PROXY protocol: its peer is the client.
+    direct: u16,
     admin: u16,
     audit: std::path::PathBuf,
     _fake: FakeUpstream,
@@ -37,9 +39,12 @@ impl Drop for Setup {
 /// `public` (the default, where the balancer's own address falls),
 /// `edge` (198.18.0.0/15 and 2001:db8:5::/48; may not call `add`), `far` (203.0.113.0/24; at
 /// most one connection). `/mcp` takes callers by address only; three refusals ban a source.
+/// A second listener, `direct`, takes clients straight: 127.0.1.0/24 and 127.0.2.0/23 are
+/// `edge`'s, and 127.0.1.9 is denied.
 fn setup() -> Setup {
     let fake = FakeUpstream::start(Misbehave::Answer);
     let port = free_port();
+    let direct = free_port();
     let admin = free_port();
     let instance = unique("gwpp");
     let audit = std::env::temp_dir().join(format!("{instance}-audit.jsonl"));
@@ -53,13 +58,15 @@ address = "127.0.0.1:{port}"
 [listeners.proxy_protocol]
 trusted = ["127.0.0.1/32"]
 header_timeout_ms = 3000
+[[listeners]]
+address = "127.0.0.1:{direct}"
 [admin]
 address = "127.0.0.1:{admin}"
 [kernel]
 enabled = false
 cap_poll_ms = 10
 default_tenant = "public"
-deny = ["198.19.255.0/24"]
+deny = ["198.19.255.0/24", "127.0.1.9/32"]
 [audit]
 path = "{audit}"
 [auto_ban]
@@ -73,7 +80,7 @@ id = 0
 [[tenants]]
 name = "edge"
 id = 1
-sources = ["198.18.0.0/15", "2001:db8:5::/48"]
+sources = ["198.18.0.0/15", "2001:db8:5::/48", "127.0.1.0/24", "127.0.2.0/23"]
 [[tenants.policy.tools]]
 match = "add"
 action = "deny"
@@ -98,6 +105,7 @@ auth = ["address"]
     Setup {
         daemon,
         port,
+        direct,
         admin,
         audit,
         _fake: fake,
@@ -594,4 +602,85 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     assert_eq!(refusals(a, "banned"), 5);
     // The balancer itself is never banned: other clients are still served.
     assert!(is_result(&ok("198.18.5.7")));
+}
+
+/// A call on a new connection to the direct listener from `source` (a loopback address): its
+/// answer, or `None` when the connection was closed (or reset) without a byte.
+fn direct_call(port: u16, source: &str) -> Option<RawResponse> {
+    let mut c = connect_from(
+        source.parse().unwrap(),
+        ([127, 0, 0, 1], port).into(),
+        Duration::from_secs(2),
+    )?;
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    // A reset can come before the request is written.
+    c.write_all(&call("echo")).ok()?;
+    read_response(&mut c)
+}
+
+fn refused_at_accept(admin: u16, reason: &str) -> u64 {
+    metric(
+        admin,
+        &format!("mcp_gateway_connections_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Bans and `kernel.deny` hold for clients the kernel program did not judge: here it is off
+/// (so are they on an interface it is not attached to, or in a packet it cannot read to the
+/// TCP header). Before, a direct client was checked by the kernel program only, and a banned
+/// one was served.
+#[test]
+fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
+    let s = setup();
+    let (d, a) = (s.direct, s.admin);
+    let served = |source: &str| direct_call(d, source).is_some_and(|r| is_result(&r));
+
+    assert!(served("127.0.1.7"));
+    assert_eq!(
+        direct_call(d, "127.0.1.9").map(|r| r.status),
+        None,
+        "a client in kernel.deny"
+    );
+    assert_eq!(refused_at_accept(a, "denied"), 1);
+
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"127.0.1.7","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while served("127.0.1.7") {
+        assert!(Instant::now() < deadline, "the ban did not take");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(direct_call(d, "127.0.1.7").map(|r| r.status), None);
+    assert!(refused_at_accept(a, "banned") >= 2);
+    // A banned prefix holds every client inside it; others are served.
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"127.0.2.0/24","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while served("127.0.2.200") {
+        assert!(Instant::now() < deadline, "the prefix ban did not take");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served("127.0.3.1"));
+    // Lifted, the client is served again; nothing of this was a PROXY protocol refusal.
+    assert_eq!(
+        admin_request(a, "DELETE", "/bans/127.0.1.7", "").status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !served("127.0.1.7") {
+        assert!(Instant::now() < deadline, "the lifted ban still holds");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(refusals(a, "banned"), 0);
+    assert_eq!(refusals(a, "denied"), 0);
 }
