@@ -55,7 +55,9 @@ pub enum Verdict {
     SourceRate = 4,
     /// A SYN while user space reports the tenant at its concurrent-connection cap.
     OverCap = 5,
-    /// To a gateway port, but too short to hold a TCP header (e.g. a tiny first fragment).
+    /// To a gateway port, but its TCP flags lie past the end of its IP packet; or TCP that
+    /// cannot be read to its port where the stack can: a first fragment holding less than a
+    /// whole TCP header, IPv6 with more extension headers than the program walks.
     Malformed = 6,
 }
 
@@ -94,25 +96,30 @@ pub struct TenantCounters {
     pub bytes: [u64; VERDICT_COUNT],
 }
 
-/// Counters for packets that are not the gateway's (they always pass), per CPU.
+/// Counters for packets that are not the gateway's (they pass) or cannot be judged (they pass
+/// but for [`GlobalCounter::Invalid`]), per CPU.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GlobalCounter {
     /// Every packet the program saw.
     Seen = 0,
-    /// Not IPv4/IPv6 (after up to two VLAN tags), or shorter than its headers claim.
+    /// Not IPv4/IPv6 (after up to four VLAN tags), or shorter than its headers claim.
     NotIp = 1,
-    /// IP but not TCP, or IPv6 with extension headers the program does not walk.
+    /// IP but not TCP.
     NotTcp = 2,
     /// TCP to a port that is not the gateway's.
     ForeignPort = 3,
     /// A non-first fragment: no TCP header to judge; reassembly needs the first fragment, which is judged.
     Fragment = 4,
-    /// TCP whose ports lie past the end of the frame.
+    /// TCP whose ports lie past the end of the frame or of its IP packet.
     Truncated = 5,
+    /// Dropped before its source is known: more VLAN tags than the program walks (the stack
+    /// strips any number of tags with VLAN ID 0), or IPv6 from an IPv4-mapped source (no host
+    /// sends one; it would be charged to the IPv4 address).
+    Invalid = 6,
 }
 
-pub const GLOBAL_COUNTER_COUNT: u32 = 6;
+pub const GLOBAL_COUNTER_COUNT: u32 = 7;
 
 impl GlobalCounter {
     pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
@@ -122,6 +129,7 @@ impl GlobalCounter {
         GlobalCounter::ForeignPort,
         GlobalCounter::Fragment,
         GlobalCounter::Truncated,
+        GlobalCounter::Invalid,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -132,6 +140,7 @@ impl GlobalCounter {
             GlobalCounter::ForeignPort => "foreign_port",
             GlobalCounter::Fragment => "fragment",
             GlobalCounter::Truncated => "truncated",
+            GlobalCounter::Invalid => "invalid",
         }
     }
 }

@@ -36,17 +36,24 @@ use crate::{
     },
 };
 
-/// IPv6 extension headers walked before giving up on finding TCP.
-const MAX_EXT_HDRS: usize = 4;
+/// IPv6 extension headers walked to find TCP: the most RFC 8200's order allows before an upper
+/// layer (hop-by-hop, destination options, routing, fragment, authentication, destination
+/// options). The stack walks a longer chain, so one is dropped, not passed unjudged.
+const MAX_EXT_HDRS: usize = 6;
 
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     match try_gateway_xdp(&ctx) {
         Ok(action) => action,
-        // Not the gateway's traffic (or not judgeable): it passes, and the reason is counted.
+        // Not the gateway's traffic, or not judgeable: counted by reason; it passes unless it
+        // is of the kind no one sends but to get past the program.
         Err(reason) => {
             count_global(reason);
-            XDP_PASS
+            if reason == GlobalCounter::Invalid {
+                XDP_DROP
+            } else {
+                XDP_PASS
+            }
         }
     }
 }
@@ -54,14 +61,30 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, GlobalCounter> {
     count_global(GlobalCounter::Seen);
-    let (src, l4) = locate_tcp(ctx)?;
-    let dst_port = be16_at(ctx, l4 + 2).ok_or(GlobalCounter::Truncated)?;
+    let tcp = match locate_tcp(ctx)? {
+        Located::Tcp(tcp) => tcp,
+        // Its port cannot be known, so it might be ours: judged by its source alone, dropped.
+        Located::Unreadable(src) => {
+            let verdict = match source_verdict(&src) {
+                Verdict::Passed => Verdict::Malformed,
+                denied_or_banned => denied_or_banned,
+            };
+            count(classify(&src), verdict, ctx.data_end() - ctx.data());
+            return Ok(XDP_DROP);
+        }
+    };
+    // Every read of the TCP header stays inside the IP packet: bytes after it (an Ethernet
+    // frame's padding) are no part of what the stack reassembles or reads.
+    if tcp.l4 + 4 > tcp.end {
+        return Err(GlobalCounter::Truncated);
+    }
+    let dst_port = be16_at(ctx, tcp.l4 + 2).ok_or(GlobalCounter::Truncated)?;
     match PORTS.get(u32::from(dst_port)) {
         Some(flag) if *flag != 0 => {}
         _ => return Err(GlobalCounter::ForeignPort),
     }
-    let tenant = classify(&src);
-    let verdict = decide(ctx, &src, tenant, l4);
+    let tenant = classify(&tcp.src);
+    let verdict = decide(ctx, &tcp, tenant);
     count(tenant, verdict, ctx.data_end() - ctx.data());
     Ok(if verdict == Verdict::Passed {
         XDP_PASS
@@ -70,80 +93,135 @@ fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, GlobalCounter> {
     })
 }
 
-/// Finds the source address and the offset of the TCP header, through up to two VLAN tags, IPv4
+/// A TCP header found in a packet.
+struct Tcp {
+    src: Addr,
+    /// Offset of the TCP header in the frame.
+    l4: usize,
+    /// Offset of the end of the IP packet (its total or payload length), whatever follows it in
+    /// the frame.
+    end: usize,
+}
+
+/// Where a packet's TCP header is.
+enum Located {
+    Tcp(Tcp),
+    /// TCP the stack can read to its header and this program cannot, so it cannot tell whose
+    /// port it is for: a first fragment with less than a whole TCP header (the flags of a SYN
+    /// would come with a later fragment, which passes unjudged), or IPv6 whose extension
+    /// headers go on past [`MAX_EXT_HDRS`].
+    Unreadable(Addr),
+}
+
+/// The VLAN tags walked: the stack strips any number of them (tags with VLAN ID 0 are taken
+/// off on any device), in any order of 802.1ad and 802.1Q.
+const MAX_VLAN_TAGS: usize = 4;
+
+/// Bytes of a TCP header without options.
+const TCP_HDR_LEN: usize = 20;
+
+/// Finds the source address and the TCP header, through up to [`MAX_VLAN_TAGS`] VLAN tags, IPv4
 /// options and IPv6 extension headers.
 #[inline(always)]
-fn locate_tcp(ctx: &XdpContext) -> Result<(Addr, usize), GlobalCounter> {
+fn locate_tcp(ctx: &XdpContext) -> Result<Located, GlobalCounter> {
     let mut proto = be16_at(ctx, 12).ok_or(GlobalCounter::NotIp)?;
     let mut off = ETH_HDR_LEN;
-    if proto == ETH_P_8021AD || proto == ETH_P_8021Q {
-        proto = be16_at(ctx, off + 2).ok_or(GlobalCounter::NotIp)?;
-        off += 4;
-    }
-    if proto == ETH_P_8021Q {
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021AD && proto != ETH_P_8021Q {
+            break;
+        }
         proto = be16_at(ctx, off + 2).ok_or(GlobalCounter::NotIp)?;
         off += 4;
     }
     match proto {
         ETH_P_IPV4 => locate_tcp_v4(ctx, off),
         ETH_P_IPV6 => locate_tcp_v6(ctx, off),
+        // More tags than walked: what is inside cannot be judged, and the stack would take it.
+        ETH_P_8021AD | ETH_P_8021Q => Err(GlobalCounter::Invalid),
         _ => Err(GlobalCounter::NotIp),
     }
 }
 
 #[inline(always)]
-fn locate_tcp_v4(ctx: &XdpContext, off: usize) -> Result<(Addr, usize), GlobalCounter> {
+fn locate_tcp_v4(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter> {
     let h = read::<[u8; 20]>(ctx, off).ok_or(GlobalCounter::NotIp)?;
     let ihl = usize::from(h[0] & 0x0f) * 4;
-    if h[0] >> 4 != 4 || ihl < 20 {
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    if h[0] >> 4 != 4 || ihl < 20 || total < ihl {
         return Err(GlobalCounter::NotIp);
     }
     if h[9] != IPPROTO_TCP {
         return Err(GlobalCounter::NotTcp);
     }
+    let fragment = u16::from_be_bytes([h[6], h[7]]);
     // A non-first fragment carries no TCP header. Without its first fragment (which is judged
     // here like any packet) it cannot be reassembled, so passing it admits nothing.
-    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+    if fragment & 0x1fff != 0 {
         return Err(GlobalCounter::Fragment);
     }
-    Ok((v4_mapped([h[12], h[13], h[14], h[15]]), off + ihl))
+    let src = v4_mapped([h[12], h[13], h[14], h[15]]);
+    // A first fragment (more to come) must hold a whole TCP header (RFC 1858, RFC 3128).
+    if fragment & 0x2000 != 0 && total < ihl + TCP_HDR_LEN {
+        return Ok(Located::Unreadable(src));
+    }
+    Ok(Located::Tcp(Tcp {
+        src,
+        l4: off + ihl,
+        end: off + total,
+    }))
 }
 
 #[inline(always)]
-fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<(Addr, usize), GlobalCounter> {
+fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter> {
     let h = read::<[u8; 40]>(ctx, off).ok_or(GlobalCounter::NotIp)?;
     if h[0] >> 4 != 6 {
         return Err(GlobalCounter::NotIp);
     }
-    let mut next = h[6];
     let mut src = [0u8; 16];
     src.copy_from_slice(&h[8..24]);
+    // An IPv4-mapped source is never on the wire (the stack refuses TCP from one); counted as
+    // one it would be charged to the IPv4 address and its tenant.
+    if src[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        return Err(GlobalCounter::Invalid);
+    }
+    let end = off + 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
+    let mut next = h[6];
     let mut l4 = off + 40;
+    let mut first_fragment = false;
     for _ in 0..MAX_EXT_HDRS {
         match next {
-            IPPROTO_TCP => return Ok((src, l4)),
+            IPPROTO_TCP => break,
             // Hop-by-hop, routing, destination options: length in 8-octet units, first 8 excluded.
             0 | 43 | 60 => {
                 let [nh, len] = read::<[u8; 2]>(ctx, l4).ok_or(GlobalCounter::NotIp)?;
                 next = nh;
                 l4 += (usize::from(len) + 1) * 8;
             }
+            // Authentication header (IPsec AH): length in 4-octet units, first 8 excluded.
+            51 => {
+                let [nh, len] = read::<[u8; 2]>(ctx, l4).ok_or(GlobalCounter::NotIp)?;
+                next = nh;
+                l4 += (usize::from(len) + 2) * 4;
+            }
             // Fragment header: only the first fragment (offset 0) holds the TCP header.
             44 => {
                 let [nh, _, hi, lo] = read::<[u8; 4]>(ctx, l4).ok_or(GlobalCounter::NotIp)?;
-                if u16::from_be_bytes([hi, lo]) & 0xfff8 != 0 {
+                let fragment = u16::from_be_bytes([hi, lo]);
+                if fragment & 0xfff8 != 0 {
                     return Err(GlobalCounter::Fragment);
                 }
+                first_fragment = fragment & 1 != 0;
                 next = nh;
                 l4 += 8;
             }
             _ => return Err(GlobalCounter::NotTcp),
         }
     }
-    if next == IPPROTO_TCP {
-        Ok((src, l4))
-    } else {
-        Err(GlobalCounter::NotTcp)
+    match next {
+        IPPROTO_TCP if first_fragment && l4 + TCP_HDR_LEN > end => Ok(Located::Unreadable(src)),
+        IPPROTO_TCP => Ok(Located::Tcp(Tcp { src, l4, end })),
+        0 | 43 | 44 | 51 | 60 => Ok(Located::Unreadable(src)),
+        _ => Err(GlobalCounter::NotTcp),
     }
 }
 
@@ -158,37 +236,50 @@ fn classify(src: &Addr) -> u32 {
 }
 
 #[inline(always)]
-fn decide(ctx: &XdpContext, src: &Addr, tenant: u32, l4: usize) -> Verdict {
-    if DENY_NETS.get(Key::new(128, *src)).is_some() {
-        return Verdict::Denied;
+fn decide(ctx: &XdpContext, tcp: &Tcp, tenant: u32) -> Verdict {
+    let verdict = source_verdict(&tcp.src);
+    if verdict != Verdict::Passed {
+        return verdict;
     }
-    if is_banned(src) {
-        return Verdict::Banned;
+    // Ports were readable but the flags are not: a cut header. The stack would not accept it
+    // either, and it is addressed to us, so it is dropped and counted.
+    if tcp.l4 + 14 > tcp.end {
+        return Verdict::Malformed;
     }
-    // Ports were readable but the flags are not: a tiny first fragment or a cut header. The
-    // stack would not accept it either, and it is addressed to us, so it is dropped and counted.
-    let Some(tcp) = read::<[u8; 14]>(ctx, l4) else {
+    let Some(header) = read::<[u8; 14]>(ctx, tcp.l4) else {
         return Verdict::Malformed;
     };
-    let flags = tcp[13];
+    let flags = header[13];
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         // Established traffic is never cut by the connection limits.
         return Verdict::Passed;
     }
-    admit_new_connection(src, tenant)
+    admit_new_connection(&tcp.src, tenant)
+}
+
+/// The decisions made on the source alone: the deny list, then bans.
+#[inline(always)]
+fn source_verdict(src: &Addr) -> Verdict {
+    if DENY_NETS.get(Key::new(128, *src)).is_some() {
+        Verdict::Denied
+    } else if is_banned(src) {
+        Verdict::Banned
+    } else {
+        Verdict::Passed
+    }
 }
 
 #[inline(always)]
 fn is_banned(src: &Addr) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // An expired ban is left to user space's sweep: removed here, it could be one that user
+    // space renewed since it was read.
     if let Some(expiry) = BANS.get_ptr(src) {
         // SAFETY: a pointer returned by a map lookup is valid for the value's size.
         if unsafe { *expiry } > now {
             return true;
         }
-        // Expired: forget it. Failure only means user space or another CPU removed it first.
-        let _already_gone = BANS.remove(src);
     }
     // A banned prefix: the longest one holding the source decides (an expired one stays until
     // user space sweeps it, hiding a shorter one below it for that long).
@@ -254,8 +345,14 @@ fn take_shared(bucket: *mut u64, now: u64, interval: u64, tolerance: u64) -> boo
 }
 
 /// The per-source bucket: charged in place when the source is known, inserted for a new one.
+/// An IPv6 source is its /64: one host is given a /64 and may send from any address in it.
 #[inline(always)]
 fn take_token(src: &Addr, now: u64, interval: u64, tolerance: u64) -> bool {
+    let mut key = *src;
+    if key[..12] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        key[8..].copy_from_slice(&[0; 8]);
+    }
+    let src = &key;
     match SOURCE_BUCKETS.get_ptr_mut(src) {
         Some(bucket) => take_shared(bucket, now, interval, tolerance),
         None => {

@@ -222,6 +222,9 @@ fn parse_target(text: &str) -> Result<IpNet, String> {
             net.trunc()
         ));
     }
+    if let Some(problem) = gateway::config::covers_ipv4(&net) {
+        return Err(format!("`{text}` {problem}"));
+    }
     Ok(net)
 }
 

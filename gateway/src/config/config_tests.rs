@@ -445,9 +445,39 @@ fn an_ipv4_mapped_prefix_is_refused_with_its_ipv4_form() {
         "{e}"
     );
     assert!(e.contains("write `198.18.0.0/16`"), "{e}");
-    // Plain IPv6 and IPv4 prefixes, and ::/0, stay.
+    // Plain IPv6 and IPv4 prefixes stay.
     Config::from_toml(&format!(
-        "{MINIMAL}default_tenant='a'\n[[tenants]]\nname='a'\nid=1\nsources=['2001:db8::/32', '198.18.0.0/16', '::/0']\n"
+        "{MINIMAL}default_tenant='a'\n[[tenants]]\nname='a'\nid=1\nsources=['2001:db8::/32', '198.18.0.0/16', '2000::/3', '0.0.0.0/0']\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The kernel's maps key IPv4 in its IPv4-mapped form, so `::/0` there is every IPv4 address
+/// too, while the workers compare IPv4 clients with IPv4 prefixes only. An attacker's review
+/// found a tenant with `::/0` took every IPv4 client's SYNs in the kernel (and its rate limit)
+/// while user space put them in another tenant.
+#[test]
+fn an_ipv6_prefix_that_holds_every_ipv4_address_is_refused_where_the_kernel_takes_it() {
+    for (where_, prefix) in [
+        ("sources", "::/0"),
+        ("sources", "::/64"),
+        ("sources", "::fffe:0:0/95"),
+        ("deny", "::/1"),
+    ] {
+        let text = if where_ == "sources" {
+            format!("{MINIMAL}\n[[tenants]]\nname='a'\nid=1\nsources=['{prefix}']\n")
+        } else {
+            MINIMAL.replace("[kernel]\n", &format!("[kernel]\ndeny = ['{prefix}']\n"))
+        };
+        let e = err(&text);
+        assert!(
+            e.contains("::ffff:0:0/96") && e.contains(where_),
+            "{prefix}: {e}"
+        );
+    }
+    // Prefixes beside it are taken.
+    Config::from_toml(&format!(
+        "{MINIMAL}default_tenant='a'\n[[tenants]]\nname='a'\nid=1\nsources=['::1/128', '64:ff9b::/96', '::2:0:0/96']\n"
     ))
     .unwrap_or_else(|e| panic!("{e}"));
 }

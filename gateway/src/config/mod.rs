@@ -759,7 +759,7 @@ pub struct RawTenant {
     /// New connections admitted at once; default: the rate (one second's worth).
     #[serde(default)]
     pub new_connections_burst: u64,
-    /// New connections per second from each source address; 0: no limit.
+    /// New connections per second from each source (an IPv4 address, an IPv6 /64); 0: no limit.
     #[serde(default)]
     pub per_source_new_connections_per_sec: u64,
     /// Default: the rate (one second's worth).
@@ -1184,6 +1184,32 @@ fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
         ));
     }
     Ok(net)
+}
+
+/// [`parse_net`] for a prefix the kernel's maps take (tenant sources, the deny list).
+fn parse_kernel_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
+    let net = parse_net(key, text)?;
+    match covers_ipv4(&net) {
+        Some(problem) => Err(invalid(key, format!("`{text}` {problem}"))),
+        None => Ok(net),
+    }
+}
+
+/// Why an IPv6 prefix cannot be given where the kernel's maps take it (tenant sources, the deny
+/// list, a ban), or `None`. One shorter than /96 that holds `::ffff:0:0/96` holds every IPv4
+/// address in the kernel's maps, which key IPv4 in its IPv4-mapped form, while the workers
+/// compare an IPv4 client with IPv4 prefixes only: the two would disagree on every IPv4 client.
+pub fn covers_ipv4(net: &IpNet) -> Option<String> {
+    const MAPPED: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0);
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() < 96 && v6.contains(&MAPPED) => Some(format!(
+            "also holds ::ffff:0:0/96, so the kernel would read it as every IPv4 address too; \
+             name the IPv6 prefixes meant (`2000::/3` is every global unicast address) and IPv4 \
+             ones apart (`0.0.0.0/0`), or split `{}` around ::ffff:0:0/96",
+            net.trunc()
+        )),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

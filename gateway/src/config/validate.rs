@@ -333,7 +333,7 @@ impl RawKernel {
             .deny
             .iter()
             .enumerate()
-            .map(|(i, n)| parse_net(&format!("kernel.deny[{i}]"), n))
+            .map(|(i, n)| parse_kernel_net(&format!("kernel.deny[{i}]"), n))
             .collect::<Result<Vec<_>, _>>()?;
         if deny.len() > gateway_common::MAX_PREFIXES as usize {
             return Err(invalid("kernel.deny", "too many prefixes"));
@@ -398,7 +398,7 @@ impl RawTenant {
         }
         let mut sources = Vec::new();
         for (j, s) in t.sources.iter().enumerate() {
-            let net = parse_net(&format!("tenants[{i}].sources[{j}]"), s)?;
+            let net = parse_kernel_net(&format!("tenants[{i}].sources[{j}]"), s)?;
             if let Some(owner) = source_owner.insert(net, t.name.clone()) {
                 return Err(invalid(
                     format!("tenants[{i}].sources[{j}]"),

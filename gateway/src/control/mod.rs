@@ -1495,6 +1495,9 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             let Some(net) = parse_ban(&ban.address) else {
                 return json_reply(400, &serde_json::json!({"error": format!("{expected}: `{}` is neither", ban.address)}));
             };
+            if let Some(problem) = crate::config::covers_ipv4(&net) {
+                return json_reply(400, &serde_json::json!({"error": format!("`{}` {problem}", ban.address)}));
+            }
             if ban.seconds == 0 {
                 return json_reply(400, &serde_json::json!({"error": "seconds must be at least 1 (DELETE /bans/<address> lifts a ban)"}));
             }

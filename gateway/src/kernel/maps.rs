@@ -295,7 +295,7 @@ impl KernelMaps {
             .map(|(k, _)| k)
             .collect();
         for key in &expired {
-            // Racing with the kernel, which also removes expired entries: gone is fine.
+            // Gone already is fine (`gateway kernel unban` from another process).
             let _gone_already = self.bans.remove(key);
         }
         Ok(swept + expired.len())
@@ -331,14 +331,13 @@ impl KernelMaps {
 
     /// Counters of packets that were not the gateway's, summed over CPUs.
     pub fn global_counters(&self) -> Result<Vec<(GlobalCounter, u64)>, KernelError> {
+        // A counter past the end of the map (one an earlier version's pin lacks) is 0.
         GlobalCounter::ALL
             .iter()
-            .map(|c| {
-                let v = self
-                    .global
-                    .get(&(*c as u32), 0)
-                    .map_err(map_err(names::GLOBAL))?;
-                Ok((*c, v.iter().sum()))
+            .map(|c| match self.global.get(&(*c as u32), 0) {
+                Ok(v) => Ok((*c, v.iter().sum())),
+                Err(aya::maps::MapError::OutOfBounds { .. }) => Ok((*c, 0)),
+                Err(e) => Err(map_err(names::GLOBAL)(e)),
             })
             .collect()
     }

@@ -260,6 +260,22 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
     std::fs::create_dir_all(dir).map_err(access_error("creating", dir, PIN_DIR_FIX))
 }
 
+/// Unpins the global counters an earlier version pinned with fewer entries than this program
+/// counts (aya reuses a pinned map as it is): the program's new counters would count nowhere.
+/// They start again from 0; nothing else is kept in them.
+fn drop_outgrown_counters(pin_dir: &Path) {
+    let pin = pin_dir.join(gateway_common::map_names::GLOBAL);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+        return;
+    };
+    if info.max_entries() != gateway_common::GLOBAL_COUNTER_COUNT {
+        tracing::info!(pin = %pin.display(), entries = info.max_entries(), "the pinned global counters are of an earlier version: made again");
+        if let Err(e) = std::fs::remove_file(&pin) {
+            tracing::warn!(pin = %pin.display(), error = %e, "could not unpin the earlier global counters");
+        }
+    }
+}
+
 /// One process per instance: an exclusive lock under the runtime directory, released by the
 /// kernel on exit.
 fn lock_instance(instance: &str) -> Result<File, KernelError> {
@@ -302,6 +318,7 @@ pub fn load_as(instance: &str, pin_dir: &Path, lock: Option<File>) -> Result<Ker
         None => lock_instance(instance)?,
     };
     prepare_pin_dir(pin_dir)?;
+    drop_outgrown_counters(pin_dir);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
