@@ -205,15 +205,16 @@ pub enum SourceRefusal {
     Banned,
 }
 
-/// Direct connections closed as they were accepted (relaxed atomics, over all workers).
+/// Client connections closed for their source or tenant (relaxed atomics, over all workers):
+/// as they were accepted (a direct listener's), or before a next request.
 #[derive(Debug, Default)]
-pub struct RefusedAtAccept {
+pub struct RefusedConns {
     denied: AtomicU64,
     banned: AtomicU64,
     tenant_at_cap: AtomicU64,
 }
 
-impl RefusedAtAccept {
+impl RefusedConns {
     pub fn source(&self, why: SourceRefusal) {
         match why {
             SourceRefusal::Denied => &self.denied,
@@ -231,7 +232,7 @@ impl RefusedAtAccept {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_connections_refused_total Direct connections (no PROXY protocol) closed by a worker as it accepted them, by reason: the client is in `kernel.deny` or banned (packets the kernel program did not drop), or its tenant is at its connection cap (answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, or before a next request on a connection taken before), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
         );
         for (reason, n) in [
             ("denied", &self.denied),
@@ -253,8 +254,8 @@ pub struct Shared {
     pub bans: ArcSwap<BanSet>,
     /// PROXY protocol headers accepted and refused, by reason.
     pub proxy_protocol: crate::http::proxy_protocol::Counters,
-    /// Direct connections (no PROXY protocol) closed as they were accepted, by reason.
-    pub refused_at_accept: RefusedAtAccept,
+    /// Client connections a worker closed for their source or tenant, by reason.
+    pub refused_conns: RefusedConns,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
@@ -358,7 +359,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             bans: ArcSwap::from_pointee(BanSet::default()),
             proxy_protocol: crate::http::proxy_protocol::Counters::default(),
-            refused_at_accept: RefusedAtAccept::default(),
+            refused_conns: RefusedConns::default(),
             conns: ConnTable::new(workers),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),

@@ -98,7 +98,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
                 .load(std::sync::atomic::Ordering::Relaxed)
     );
     shared.proxy_protocol.render(&mut out);
-    shared.refused_at_accept.render(&mut out);
+    shared.refused_conns.render(&mut out);
     shared.spans.render(&mut out);
     let breakers = shared.breakers.states();
     if !breakers.is_empty() {

@@ -111,6 +111,15 @@ pub fn serve(
                 }
             }
             let snapshot = ctx.shared.snapshot.load_full();
+            // A client banned (auto-ban, `/bans`, the fleet) or denied (a reload) since its
+            // connection was taken is served nothing more on it. The kernel program drops a
+            // direct client's packets from then on, but not those of a client behind a
+            // balancer, nor of one it does not see.
+            if let Some(why) = ctx.shared.source_refusal(&snapshot, peer.ip()) {
+                ctx.shared.refused_conns.source(why);
+                tracing::debug!(%peer, reason = ?why, "connection closed before its next request");
+                return;
+            }
             let limits = limits(&snapshot.config);
             io.set_send_timeout(limits.request_timeout);
             // A panic while reading or answering a request is contained here, where the

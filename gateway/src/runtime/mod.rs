@@ -629,7 +629,7 @@ fn take_connection(
         None
     } else {
         if let Some(why) = shared.source_refusal(&snapshot, peer.ip()) {
-            shared.refused_at_accept.source(why);
+            shared.refused_conns.source(why);
             tracing::debug!(peer = %peer, reason = ?why, "connection closed as it was accepted");
             // Reset, not closed: no answer, and no TIME_WAIT here for a source that retries.
             crate::host::reset_on_close(stream.as_raw_fd());
@@ -638,7 +638,7 @@ fn take_connection(
         // The kernel drops SYNs once the control thread raises the flag; until then (and
         // for connections already in the accept queue) the worker refuses them itself.
         let Some(tenant) = shared.enter_conn(&snapshot, worker, peer.ip()) else {
-            shared.refused_at_accept.at_cap();
+            shared.refused_conns.at_cap();
             monoio::spawn(refuse_at_cap(stream));
             return;
         };

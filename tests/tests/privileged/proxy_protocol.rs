@@ -684,3 +684,67 @@ fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
     assert_eq!(refusals(a, "banned"), 0);
     assert_eq!(refusals(a, "denied"), 0);
 }
+
+/// Calls on `c` (a keep-alive connection) until the gateway closes it, at most 5 s: the
+/// statuses it answered before.
+fn answered_until_closed(c: &mut TcpStream) -> Vec<u16> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut statuses = Vec::new();
+    loop {
+        if c.write_all(&call("echo")).is_err() {
+            return statuses;
+        }
+        match read_response(c) {
+            Some(r) => statuses.push(r.status),
+            None => return statuses,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still answered after {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// A client banned while it holds a connection is served nothing more on it. Before, a client
+/// behind a balancer went on calling on its connection after auto-ban had banned it (401s that
+/// a key-guesser could go on earning): the kernel program, which drops a direct client's packets
+/// from its ban on, sees only the balancer.
+#[test]
+fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
+    let s = setup();
+    let (p, d, a) = (s.port, s.direct, s.admin);
+
+    // Behind the balancer: 192.0.2.77 (`public`: `address` auth refuses it) on one connection;
+    // its third refusal bans it.
+    let mut c = connect(p);
+    c.write_all(&v1("192.0.2.77", 1)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let statuses = answered_until_closed(&mut c);
+    assert!(
+        statuses.len() >= 3 && statuses.iter().all(|s| *s == 401),
+        "{statuses:?}"
+    );
+    assert_eq!(refused_at_accept(a, "banned"), 1);
+
+    // A direct client, banned through the admin API between two calls.
+    let mut c = connect_from(
+        "127.0.1.7".parse().unwrap(),
+        ([127, 0, 0, 1], d).into(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    c.write_all(&call("echo")).unwrap();
+    assert!(is_result(&read_response(&mut c).unwrap()));
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"127.0.1.7","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let statuses = answered_until_closed(&mut c);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(refused_at_accept(a, "banned"), 2);
+}
