@@ -238,7 +238,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     if let Ok(global) = maps.global_counters() {
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_kernel_other_packets_total Packets the XDP program saw and passed as not the gateway's."
+            "# HELP mcp_gateway_kernel_other_packets_total Packets the XDP program saw and judged by no tenant: passed as not the gateway's, or (`invalid`) dropped before their source is read."
         );
         let _ = writeln!(out, "# TYPE mcp_gateway_kernel_other_packets_total counter");
         for (c, v) in global {

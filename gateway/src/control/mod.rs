@@ -115,7 +115,7 @@ impl Control {
                 Ok(()) => tracing::warn!(
                     source = %ip,
                     ban_s = ttl.as_secs(),
-                    "auto-ban: repeated refusals; the kernel program is off, so only PROXY protocol listeners refuse this source"
+                    "auto-ban: repeated refusals; the kernel program is off, so the workers refuse this source (its packets reach the stack)"
                 ),
                 Err(e) => tracing::error!(source = %ip, "auto-ban failed: {e}"),
             }
@@ -1492,7 +1492,9 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     return json_reply(400, &serde_json::json!({"error": format!("{expected}: {e}")}));
                 }
             };
-            let Some(net) = parse_ban(&ban.address) else {
+            // An IPv4-mapped address or prefix is banned as the IPv4 one it is, which is how the
+            // kernel's maps key it and the workers compare it.
+            let Some(net) = parse_ban(&ban.address).map(canonical_net) else {
                 return json_reply(400, &serde_json::json!({"error": format!("{expected}: `{}` is neither", ban.address)}));
             };
             if let Some(problem) = crate::config::covers_ipv4(&net) {
@@ -1513,7 +1515,9 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         (&Method::DELETE, p) if p.starts_with("/bans/") => {
             let target = &p["/bans/".len()..];
             // `/bans/198.18.0.0/24`, or with the slash escaped.
-            let Some(net) = parse_ban(&target.replace("%2F", "/").replace("%2f", "/")) else {
+            let Some(net) =
+                parse_ban(&target.replace("%2F", "/").replace("%2f", "/")).map(canonical_net)
+            else {
                 return json_reply(400, &serde_json::json!({"error": "not an IP address or a CIDR prefix"}));
             };
             match c.unban_net(net) {
@@ -1625,7 +1629,12 @@ fn parse_ban(text: &str) -> Option<IpNet> {
 /// kernel maps and the workers compare).
 fn canonical_net(net: IpNet) -> IpNet {
     match net {
-        IpNet::V6(v6) if v6.prefix_len() == 128 => IpNet::from(v6.addr().to_canonical()),
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, |n| IpNet::V4(n.trunc()))
+            }
+            None => net.trunc(),
+        },
         other => other.trunc(),
     }
 }

@@ -505,3 +505,130 @@ tenant = "other"
     assert_eq!(attempts(&topo.client, BETA, 1).0.len(), 1, "ban expired");
     daemon.stop();
 }
+
+/// A bare TCP segment from `src:sport` to the gateway, checksummed: what a raw socket sends.
+fn segment(src: Ipv4Addr, sport: u16, seq: u32, ack: Option<u32>, syn: bool, rst: bool) -> Vec<u8> {
+    let mut h = etherparse::TcpHeader::new(sport, PORT, seq, 64240);
+    h.syn = syn;
+    h.rst = rst;
+    if let Some(a) = ack {
+        h.ack = true;
+        h.acknowledgment_number = a;
+    }
+    h.checksum = h
+        .calc_checksum_ipv4_raw(src.octets(), GW_ADDR.octets(), &[])
+        .unwrap();
+    h.to_bytes().to_vec()
+}
+
+/// `TcpExt: SyncookiesRecv` of namespace `ns`: the cookie ACKs its stack made connections of.
+fn cookies_received(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/netstat"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "SyncookiesRecv")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// Where the stack answers SYNs with cookies (always with `tcp_syncookies = 2`, and with the
+/// default 1 once a listener's SYN queue overflows, which spoofed SYNs under the limits can
+/// do), the ACK that completes a handshake makes a connection with no SYN the program sees,
+/// and the same ACK again makes another for about two minutes. Found by an attacker's review:
+/// one admitted SYN, then its ACK replayed, got past the per-source and per-tenant SYN limits
+/// each time. Now each such ACK is a new connection to the limits.
+#[test]
+fn a_syn_cookie_ack_replayed_is_a_new_connection_each_time() {
+    let topo = Topology::new(&[ALPHA, BETA, GAMMA]);
+    let instance = unique("gwcookie");
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.gw,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_syncookies=2",
+        ])
+        .status()
+        .unwrap();
+    let mut daemon = Daemon::start(&topo.gw, &instance, &config(&instance, &topo.gw_if));
+    let sport = 45_678;
+    let (before, replays) = in_netns(&topo.client, || {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        raw.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let gw: socket2::SockAddr = SocketAddr::new(IpAddr::V4(GW_ADDR), 0).into();
+        // The handshake's SYN (alpha may make 3 connections at once), then its SYN-ACK: the
+        // cookie.
+        raw.send_to(&segment(ALPHA, sport, 1000, None, true, false), &gw)
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let cookie = loop {
+            assert!(std::time::Instant::now() < deadline, "no SYN-ACK");
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+            let Ok(n) = raw.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let p: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let t = &p[usize::from(p[0] & 0x0f) * 4..];
+            let (from, to, flags) = (
+                u16::from_be_bytes([t[0], t[1]]),
+                u16::from_be_bytes([t[2], t[3]]),
+                t[13],
+            );
+            if from == PORT && to == sport && flags & 0x12 == 0x12 {
+                break u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+            }
+        };
+        let before = cookies_received(&topo.gw);
+        // The ACK, then a reset that ends the connection it made; eight times.
+        let replays = 8;
+        for _ in 0..replays {
+            raw.send_to(
+                &segment(
+                    ALPHA,
+                    sport,
+                    1001,
+                    Some(cookie.wrapping_add(1)),
+                    false,
+                    false,
+                ),
+                &gw,
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            raw.send_to(&segment(ALPHA, sport, 1001, None, false, true), &gw)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (before, replays)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let made = cookies_received(&topo.gw) - before;
+    let m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
+    let limited = m.tenant_counters(1).unwrap().packets(Verdict::TenantRate);
+    // The SYN took one of alpha's three; the ACKs the two left (and at most one more refilled).
+    assert!(
+        (1..=3).contains(&made),
+        "{made} connections of {replays} ACKs"
+    );
+    assert!(
+        limited >= replays - 3,
+        "{limited} ACKs dropped at alpha's limit"
+    );
+    daemon.stop();
+}

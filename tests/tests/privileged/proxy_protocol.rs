@@ -671,6 +671,25 @@ fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(served("127.0.3.1"));
+    // A prefix written IPv4-mapped is banned as the IPv4 prefix it is (before, the workers
+    // compared IPv4 clients with it as an IPv6 prefix: a ban reported made and never held).
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"{"address":"::ffff:127.0.3.0/120","seconds":60}"#,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["banned"], "127.0.3.0/24");
+    assert!(!served("127.0.3.1"));
+    assert_eq!(
+        admin_request(a, "DELETE", "/bans/::ffff:127.0.3.0%2F120", "").status,
+        200
+    );
+    assert!(served("127.0.3.1"));
+    // One that would hold every IPv4 address in the kernel's maps is refused.
+    let r = admin_request(a, "POST", "/bans", r#"{"address":"::/64","seconds":60}"#);
+    assert_eq!(r.status, 400, "{:?}", r.json());
     // Lifted, the client is served again; nothing of this was a PROXY protocol refusal.
     assert_eq!(
         admin_request(a, "DELETE", "/bans/127.0.1.7", "").status,

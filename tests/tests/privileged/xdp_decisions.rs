@@ -443,6 +443,43 @@ fn a_first_fragment_without_a_whole_tcp_header_is_dropped_and_padding_is_never_r
     assert_eq!(packets(&k, A, Verdict::SourceRate), 1);
 }
 
+/// A first fragment whose extension headers are cut before the TCP header: the rest of the
+/// chain, and the SYN, come with the next fragment (which passes unjudged), and the stack
+/// reassembles them. Found by a second review: the program passed it as "not IP", and 200 SYNs
+/// of one source smuggled so got 200 SYN-ACKs where its limit let one through.
+#[test]
+fn a_first_fragment_whose_extension_headers_are_cut_is_dropped() {
+    let mut k = TestKernel::load(&state());
+    // Fragment header (offset 0, more to come), then destination options that say more
+    // destination options follow, and the payload ends there.
+    let cut = |src: &str, fragment: bool| {
+        let syn = frames::tcp(ip(src), PORT, Flags::Syn);
+        let mut f = frames::with_ipv6_ext(syn, 60, 0);
+        let opts = if fragment {
+            f = frames::with_ipv6_ext(f, 44, 0);
+            62
+        } else {
+            54
+        };
+        f[opts] = 60;
+        f.truncate(opts + 8);
+        let payload = u16::try_from(opts + 8 - 54).unwrap();
+        f[18..20].copy_from_slice(&payload.to_be_bytes());
+        f
+    };
+    assert_eq!(k.run(&cut("2001:db8:a::1", true)), XDP_DROP);
+    assert_eq!(packets(&k, A, Verdict::Malformed), 1);
+    assert_eq!(k.run(&cut("2001:db8:dead::1", true)), XDP_DROP);
+    assert_eq!(packets(&k, DEFAULT, Verdict::Denied), 1);
+    // With padding after the payload, the chain is not read on into the padding.
+    let mut padded = cut("2001:db8:a::1", true);
+    padded.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(k.run(&padded), XDP_DROP);
+    assert_eq!(packets(&k, A, Verdict::Malformed), 2);
+    // Not a fragment: the stack cannot have the rest either, and it passes as before.
+    assert_eq!(k.run(&cut("2001:db8:a::1", false)), XDP_PASS);
+}
+
 /// No host sends IPv6 from an IPv4-mapped address (the stack refuses TCP from one). Found by an
 /// attacker's review: such a SYN was charged to the IPv4 address's bucket and tenant, so a
 /// spoofer could spend an IPv4 client's new connections from IPv6.
