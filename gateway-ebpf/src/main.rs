@@ -17,15 +17,8 @@ mod packet;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        xdp_action::{XDP_DROP, XDP_PASS},
-    },
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
-    },
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
     macros::xdp,
     maps::lpm_trie::Key,
     programs::XdpContext,
@@ -39,7 +32,7 @@ use crate::{
     },
     packet::{
         ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK,
-        TCP_RST, TCP_SYN, be16_at, ptr_at, read,
+        TCP_SYN, be16_at, read,
     },
 };
 
@@ -103,9 +96,6 @@ fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, GlobalCounter> {
 /// A TCP header found in a packet.
 struct Tcp {
     src: Addr,
-    /// Offset of the IP header in the frame, and its version.
-    ip: usize,
-    v6: bool,
     /// Offset of the TCP header in the frame.
     l4: usize,
     /// Offset of the end of the IP packet (its total or payload length), whatever follows it in
@@ -176,8 +166,6 @@ fn locate_tcp_v4(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter>
     }
     Ok(Located::Tcp(Tcp {
         src,
-        ip: off,
-        v6: false,
         l4: off + ihl,
         end: off + total,
     }))
@@ -248,13 +236,7 @@ fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter>
     }
     match next {
         IPPROTO_TCP if first_fragment && l4 + TCP_HDR_LEN > end => Ok(Located::Unreadable(src)),
-        IPPROTO_TCP => Ok(Located::Tcp(Tcp {
-            src,
-            ip: off,
-            v6: true,
-            l4,
-            end,
-        })),
+        IPPROTO_TCP => Ok(Located::Tcp(Tcp { src, l4, end })),
         0 | 43 | 44 | 51 | 60 => Ok(Located::Unreadable(src)),
         _ => Err(GlobalCounter::NotTcp),
     }
@@ -294,103 +276,14 @@ fn decide(ctx: &XdpContext, tcp: &Tcp, tenant: u32) -> Verdict {
         return Verdict::Malformed;
     };
     let flags = header[13];
-    if flags & TCP_SYN != 0 {
-        if flags & TCP_ACK != 0 {
-            return Verdict::Passed;
-        }
-        return admit_new_connection(&tcp.src, tenant);
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        // Established traffic is never cut by the connection limits. (Nor is the ACK that
+        // completes a SYN-cookie handshake, which makes a connection of a SYN admitted before,
+        // and again each time it is sent: the workers hold new connections to the same rates
+        // as they accept them. docs/architecture.md says why not here.)
+        return Verdict::Passed;
     }
-    // Established traffic is never cut by the connection limits; but an ACK that completes a
-    // SYN-cookie handshake makes a connection out of a SYN answered long ago, and again each
-    // time it is sent (for about two minutes): it is a new connection.
-    if flags & TCP_ACK != 0 && flags & TCP_RST == 0 && completes_cookie_handshake(ctx, tcp) {
-        return admit_new_connection(&tcp.src, tenant);
-    }
-    Verdict::Passed
-}
-
-/// Whether the stack would make a connection of this ACK from a SYN cookie: no socket but the
-/// listener's has its addresses and ports, and its acknowledgement is a valid cookie (the
-/// stack's own check, `bpf_tcp_check_syncookie`, which says no unless cookies were sent lately).
-/// One socket look-up per ACK without SYN to a gateway port; an established connection's is
-/// found first, and the listener's is looked at no further.
-#[inline(always)]
-fn completes_cookie_handshake(ctx: &XdpContext, tcp: &Tcp) -> bool {
-    let Some(ports) = read::<[u8; 4]>(ctx, tcp.l4) else {
-        return false;
-    };
-    let sport = u16::from_ne_bytes([ports[0], ports[1]]);
-    let dport = u16::from_ne_bytes([ports[2], ports[3]]);
-    // SAFETY: plain integers; every byte is written below before the look-up reads it.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if tcp.v6 {
-        let Some(h) = read::<[u8; 40]>(ctx, tcp.ip) else {
-            return false;
-        };
-        let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: [word(8), word(12), word(16), word(20)],
-            daddr: [word(24), word(28), word(32), word(36)],
-            sport,
-            dport,
-        };
-        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
-    } else {
-        let Some(h) = read::<[u8; 20]>(ctx, tcp.ip) else {
-            return false;
-        };
-        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
-            daddr: u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
-            sport,
-            dport,
-        };
-        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-    };
-    // SAFETY: the context is this program's; the tuple is initialised and of `size` bytes.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.ctx.cast(),
-            &mut tuple,
-            size as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return false;
-    }
-    let th = ptr_at::<[u8; 20]>(ctx, tcp.l4);
-    // SAFETY: `sk` is the look-up's socket, released below on every path; the headers are
-    // inside the frame for the lengths given (checked by `ptr_at`).
-    let cookie = unsafe {
-        match th {
-            None => -1,
-            Some(th) if tcp.v6 => match ptr_at::<[u8; 40]>(ctx, tcp.ip) {
-                Some(iph) => bpf_tcp_check_syncookie(
-                    sk.cast(),
-                    iph.cast_mut().cast(),
-                    40,
-                    th.cast_mut().cast(),
-                    20,
-                ),
-                None => -1,
-            },
-            Some(th) => match ptr_at::<[u8; 20]>(ctx, tcp.ip) {
-                Some(iph) => bpf_tcp_check_syncookie(
-                    sk.cast(),
-                    iph.cast_mut().cast(),
-                    20,
-                    th.cast_mut().cast(),
-                    20,
-                ),
-                None => -1,
-            },
-        }
-    };
-    // SAFETY: the reference the look-up took.
-    unsafe { bpf_sk_release(sk.cast()) };
-    cookie == 0
+    admit_new_connection(&tcp.src, tenant)
 }
 
 /// The decisions made on the source alone: the deny list, then bans.

@@ -205,12 +205,120 @@ pub enum SourceRefusal {
     Banned,
 }
 
+/// Why a new connection is over its rates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateRefusal {
+    /// Its source's (`per_source_new_connections_per_sec`).
+    Source,
+    /// Its tenant's (`new_connections_per_sec`).
+    Tenant,
+}
+
+/// The new-connection rates, as the workers hold them when they accept a direct connection:
+/// the kernel program's two GCRA buckets (per source, then per tenant), kept apart from its
+/// own. The program counts SYNs, and some connections come of no SYN it counted: the ACK that
+/// completes a SYN-cookie handshake makes one, and again each time it is sent (for about two
+/// minutes), and there is no program at all when it is off or on another interface. A client
+/// that keeps to the rates spends one token of each kind per connection; these never refuse it.
+pub struct NewConns {
+    tenants: Box<[AtomicU64]>,
+    /// Slots a source's key hashes to (with a key of this process): a fixed table, so that no
+    /// number of sources grows it; two sources in one slot share a bucket.
+    sources: Box<[AtomicU64]>,
+    hasher: std::hash::RandomState,
+}
+
+impl Default for NewConns {
+    fn default() -> Self {
+        Self {
+            tenants: (0..MAX_TENANTS).map(|_| AtomicU64::new(0)).collect(),
+            sources: (0..NEW_CONN_SOURCE_SLOTS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+/// Slots of [`NewConns`]' source table (512 KiB).
+const NEW_CONN_SOURCE_SLOTS: usize = 1 << 16;
+
+impl NewConns {
+    /// Takes a token of `client`'s bucket and then of its tenant's, at `now_ns`, by `limits`
+    /// (an interval of 0 is no limit), with one token more of burst than the kernel program
+    /// allows: a worker accepts connections that came in over time together, after a busy
+    /// turn, and one the program admitted is not to be refused for that. A source over its own
+    /// limit does not spend its tenant's.
+    pub fn admit(
+        &self,
+        tenant: u32,
+        client: IpAddr,
+        limits: &gateway_common::TenantLimits,
+        now_ns: u64,
+    ) -> Result<(), RateRefusal> {
+        use std::hash::BuildHasher as _;
+        if limits.source_interval_ns != 0 {
+            let slot =
+                self.hasher.hash_one((tenant, source_key(client))) as usize % NEW_CONN_SOURCE_SLOTS;
+            if !take(
+                &self.sources[slot],
+                now_ns,
+                limits.source_interval_ns,
+                limits.source_tolerance_ns + limits.source_interval_ns,
+            ) {
+                return Err(RateRefusal::Source);
+            }
+        }
+        if limits.conn_interval_ns != 0
+            && let Some(bucket) = self.tenants.get(tenant as usize)
+            && !take(
+                bucket,
+                now_ns,
+                limits.conn_interval_ns,
+                limits.conn_tolerance_ns + limits.conn_interval_ns,
+            )
+        {
+            return Err(RateRefusal::Tenant);
+        }
+        Ok(())
+    }
+}
+
+/// A source as the new-connection limits count it: an IPv4 address, an IPv6 /64 (one host is
+/// given a /64), a link-local IPv6 address whole. As the kernel program counts it.
+fn source_key(client: IpAddr) -> [u8; 16] {
+    match client.to_canonical() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => {
+            let mut key = v6.octets();
+            if !v6.is_unicast_link_local() {
+                key[8..].fill(0);
+            }
+            key
+        }
+    }
+}
+
+/// One GCRA decision on a bucket the workers share, as the kernel program takes one.
+fn take(bucket: &AtomicU64, now: u64, interval: u64, tolerance: u64) -> bool {
+    match gateway_common::gcra_take(bucket.load(Ordering::Relaxed), now, interval, tolerance) {
+        gateway_common::Take::Reset(next) => bucket.store(next, Ordering::Relaxed),
+        gateway_common::Take::Charge => {
+            bucket.fetch_add(interval, Ordering::Relaxed);
+        }
+        gateway_common::Take::Refuse => return false,
+    }
+    true
+}
+
 /// Client connections closed for their source or tenant (relaxed atomics, over all workers):
 /// as they were accepted (a direct listener's), or before a next request.
 #[derive(Debug, Default)]
 pub struct RefusedConns {
     denied: AtomicU64,
     banned: AtomicU64,
+    source_rate: AtomicU64,
+    tenant_rate: AtomicU64,
     tenant_at_cap: AtomicU64,
 }
 
@@ -219,6 +327,14 @@ impl RefusedConns {
         match why {
             SourceRefusal::Denied => &self.denied,
             SourceRefusal::Banned => &self.banned,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rate(&self, why: RateRefusal) {
+        match why {
+            RateRefusal::Source => &self.source_rate,
+            RateRefusal::Tenant => &self.tenant_rate,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
@@ -232,11 +348,13 @@ impl RefusedConns {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, or before a next request on a connection taken before), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, or before a next request on a connection taken before), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
         );
         for (reason, n) in [
             ("denied", &self.denied),
             ("banned", &self.banned),
+            ("source_rate", &self.source_rate),
+            ("tenant_rate", &self.tenant_rate),
             ("tenant_at_cap", &self.tenant_at_cap),
         ] {
             let _ = writeln!(
@@ -256,6 +374,8 @@ pub struct Shared {
     pub proxy_protocol: crate::http::proxy_protocol::Counters,
     /// Client connections a worker closed for their source or tenant, by reason.
     pub refused_conns: RefusedConns,
+    /// The new-connection rates the workers hold direct connections to.
+    pub new_conns: NewConns,
     pub conns: ConnTable,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
@@ -360,6 +480,7 @@ impl Shared {
             bans: ArcSwap::from_pointee(BanSet::default()),
             proxy_protocol: crate::http::proxy_protocol::Counters::default(),
             refused_conns: RefusedConns::default(),
+            new_conns: NewConns::default(),
             conns: ConnTable::new(workers),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
@@ -382,6 +503,27 @@ impl Shared {
 
     pub fn at_cap(&self, tenant: u32) -> bool {
         self.at_cap[tenant as usize].load(Ordering::Relaxed)
+    }
+
+    /// Holds a direct connection from `client`, of `tenant`, to the tenant's new-connection
+    /// rates ([`NewConns`]), at this host's share of a fleet's.
+    pub fn admit_new_conn(
+        &self,
+        snapshot: &Snapshot,
+        tenant: u32,
+        client: IpAddr,
+    ) -> Result<(), RateRefusal> {
+        let Some(t) = snapshot.config.tenant(tenant) else {
+            return Ok(());
+        };
+        let limits = snapshot
+            .config
+            .connection_limits(t, self.fleet.hosts.load(Ordering::Relaxed));
+        if limits.source_interval_ns == 0 && limits.conn_interval_ns == 0 {
+            return Ok(());
+        }
+        self.new_conns
+            .admit(tenant, client, &limits, crate::kernel::monotonic_ns())
     }
 
     /// Whether `client` is in `kernel.deny` or banned (`/bans`, auto-ban, the fleet, the
@@ -583,5 +725,68 @@ max_connections = 1
         shared.set_at_cap(1, true);
         assert!(!shared.enter_conn_capped(0, 1, Some(1)));
         assert!(shared.enter_conn_capped(0, 2, None));
+    }
+
+    /// The workers' new-connection buckets count sources as the kernel program does and give
+    /// one token of slack over it.
+    #[test]
+    fn new_connections_are_held_per_source_then_per_tenant() {
+        let n = NewConns::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (si, st) = gateway_common::TenantLimits::gcra(1, 1);
+        let source_only = gateway_common::TenantLimits {
+            source_interval_ns: si,
+            source_tolerance_ns: st,
+            ..Default::default()
+        };
+        let t0 = 10_000_000_000;
+        // Burst 1, and one more.
+        assert!(n.admit(1, ip("198.18.0.1"), &source_only, t0).is_ok());
+        assert!(n.admit(1, ip("198.18.0.1"), &source_only, t0).is_ok());
+        assert_eq!(
+            n.admit(1, ip("198.18.0.1"), &source_only, t0),
+            Err(RateRefusal::Source)
+        );
+        assert!(
+            n.admit(1, ip("::ffff:198.18.0.2"), &source_only, t0)
+                .is_ok()
+        );
+        // A second later, one more.
+        assert!(n.admit(1, ip("198.18.0.1"), &source_only, t0 + si).is_ok());
+        // An IPv6 source is its /64; a link-local one is itself.
+        for host in ["2001:db8::1", "2001:db8::2"] {
+            assert!(n.admit(1, ip(host), &source_only, t0).is_ok(), "{host}");
+        }
+        assert!(n.admit(1, ip("2001:db8::ffff"), &source_only, t0).is_err());
+        assert!(n.admit(1, ip("2001:db8:0:1::1"), &source_only, t0).is_ok());
+        for _ in 0..2 {
+            assert!(n.admit(1, ip("fe80::1"), &source_only, t0).is_ok());
+        }
+        assert!(n.admit(1, ip("fe80::2"), &source_only, t0).is_ok());
+        // The same source in another tenant is another bucket.
+        assert!(n.admit(2, ip("198.18.0.1"), &source_only, t0).is_ok());
+
+        // Source and tenant: a source over its own limit spends none of its tenant's.
+        let (ci, ct) = gateway_common::TenantLimits::gcra(1, 2);
+        let both = gateway_common::TenantLimits {
+            conn_interval_ns: ci,
+            conn_tolerance_ns: ct,
+            ..source_only
+        };
+        let n = NewConns::default();
+        for _ in 0..2 {
+            assert!(n.admit(3, ip("198.18.1.1"), &both, t0).is_ok());
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                n.admit(3, ip("198.18.1.1"), &both, t0),
+                Err(RateRefusal::Source)
+            );
+        }
+        assert!(n.admit(3, ip("198.18.1.2"), &both, t0).is_ok());
+        assert_eq!(
+            n.admit(3, ip("198.18.1.3"), &both, t0),
+            Err(RateRefusal::Tenant)
+        );
     }
 }

@@ -991,6 +991,35 @@ impl Config {
             .map(|i| &self.tenants[i])
     }
 
+    /// `t`'s new-connection limits as GCRA parameters, for one of `live_hosts` gateways of a
+    /// fleet (`[state] redis`; alone, the whole): the tenant's rate and burst are this host's
+    /// share, `÷ hosts`, so that the fleet as a whole admits about the configured rate.
+    /// Per-source rates stay whole: a source's connections usually reach one host (a
+    /// balancer's affinity, one DNS answer), and a share would refuse it at a rate it never
+    /// spreads across. The kernel program's buckets and the workers' are set from these.
+    pub fn connection_limits(&self, t: &Tenant, live_hosts: u64) -> gateway_common::TenantLimits {
+        let hosts = if self.state.fleet.is_some() {
+            live_hosts.max(1)
+        } else {
+            1
+        };
+        let (ci, ct) = gateway_common::TenantLimits::gcra_share(
+            t.new_connections_per_sec,
+            t.new_connections_burst,
+            hosts,
+        );
+        let (si, st) = gateway_common::TenantLimits::gcra(
+            t.per_source_new_connections_per_sec,
+            t.per_source_new_connections_burst,
+        );
+        gateway_common::TenantLimits {
+            conn_interval_ns: ci,
+            conn_tolerance_ns: ct,
+            source_interval_ns: si,
+            source_tolerance_ns: st,
+        }
+    }
+
     /// The gateway's listening ports, which the kernel program guards.
     pub fn ports(&self) -> BTreeSet<u16> {
         self.listeners.iter().map(|l| l.address.port()).collect()

@@ -545,16 +545,8 @@ impl KernelState {
     }
 
     /// As [`Self::from_config`], for one of `hosts` live gateways of a fleet (`[state] redis`):
-    /// each tenant's new-connection rate and burst is this host's share, `÷ hosts`, so that the
-    /// fleet as a whole admits about the configured rate. Per-source rates stay whole: a
-    /// source's connections usually reach one host (a balancer's affinity, one DNS answer), and
-    /// a share would refuse it at a rate it never spreads across.
+    /// the limits are [`crate::config::Config::connection_limits`].
     pub fn shared_by(c: &crate::config::Config, hosts: u64) -> Self {
-        let hosts = if c.state.fleet.is_some() {
-            hosts.max(1)
-        } else {
-            1
-        };
         let mut s = KernelState {
             ports: c.ports(),
             deny: c.kernel.deny.clone(),
@@ -563,21 +555,7 @@ impl KernelState {
         };
         for t in &c.tenants {
             s.tenant_nets.extend(t.sources.iter().map(|n| (*n, t.id)));
-            let (ci, ct) =
-                TenantLimits::gcra_share(t.new_connections_per_sec, t.new_connections_burst, hosts);
-            let (si, st) = TenantLimits::gcra(
-                t.per_source_new_connections_per_sec,
-                t.per_source_new_connections_burst,
-            );
-            s.limits.push((
-                t.id,
-                TenantLimits {
-                    conn_interval_ns: ci,
-                    conn_tolerance_ns: ct,
-                    source_interval_ns: si,
-                    source_tolerance_ns: st,
-                },
-            ));
+            s.limits.push((t.id, c.connection_limits(t, hosts)));
             if t.max_connections.is_some() {
                 s.capped.insert(t.id);
             }

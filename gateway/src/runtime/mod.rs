@@ -642,6 +642,15 @@ fn take_connection(
             monoio::spawn(refuse_at_cap(stream));
             return;
         };
+        // The new-connection rates, which the kernel program holds SYNs to, for connections
+        // of no SYN it counted (a SYN cookie's ACK, again and again; no program here).
+        if let Err(why) = shared.admit_new_conn(&snapshot, tenant, peer.ip()) {
+            shared.conns.closed(worker, tenant);
+            shared.refused_conns.rate(why);
+            tracing::debug!(peer = %peer, reason = ?why, "connection over its rate closed as it was accepted");
+            crate::host::reset_on_close(stream.as_raw_fd());
+            return;
+        }
         Some(tenant)
     };
     drop(snapshot);
