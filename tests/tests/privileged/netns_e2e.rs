@@ -543,7 +543,7 @@ fn metric_in(ns: &str, series: &str) -> u64 {
     let text = in_netns(ns, || {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect("127.0.0.1:19090").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
