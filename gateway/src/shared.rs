@@ -218,37 +218,40 @@ pub enum RateRefusal {
 /// the kernel program's two GCRA buckets (per source, then per tenant), kept apart from its
 /// own. The program counts SYNs, and some connections come of no SYN it counted: the ACK that
 /// completes a SYN-cookie handshake makes one, and again each time it is sent (for about two
-/// minutes), and there is no program at all when it is off or on another interface. A client
-/// that keeps to the rates spends one token of each kind per connection; these never refuse it.
+/// minutes), and there is no program at all when it is off or on another interface.
+///
+/// A client that keeps to the rates is not refused here for when its connections are
+/// accepted: the kernel admits SYNs as they come, a worker accepts the connections after a busy
+/// turn all at once, so each bucket allows [`ACCEPT_SLACK_NS`] more than the program's burst.
 pub struct NewConns {
     tenants: Box<[AtomicU64]>,
-    /// Slots a source's key hashes to (with a key of this process): a fixed table, so that no
-    /// number of sources grows it; two sources in one slot share a bucket.
-    sources: Box<[AtomicU64]>,
-    hasher: std::hash::RandomState,
+    /// One bucket per tenant and source that made a connection lately (exact: a bucket is
+    /// nobody else's); the control thread forgets the idle ones every second. Sources are
+    /// addresses that finished a handshake, so they cannot be made up by the million; past
+    /// [`MAX_NEW_CONN_SOURCES`] a new source is admitted untracked, as the kernel's full map
+    /// would admit it.
+    sources: papaya::HashMap<(u32, [u8; 16]), AtomicU64>,
 }
 
 impl Default for NewConns {
     fn default() -> Self {
         Self {
             tenants: (0..MAX_TENANTS).map(|_| AtomicU64::new(0)).collect(),
-            sources: (0..NEW_CONN_SOURCE_SLOTS)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            hasher: std::hash::RandomState::new(),
+            sources: papaya::HashMap::new(),
         }
     }
 }
 
-/// Slots of [`NewConns`]' source table (512 KiB).
-const NEW_CONN_SOURCE_SLOTS: usize = 1 << 16;
+/// Sources [`NewConns`] holds buckets for at once (the kernel program's map holds as many).
+const MAX_NEW_CONN_SOURCES: usize = gateway_common::MAX_SOURCES as usize;
+
+/// How much later than the kernel program a worker may take a connection without its rates
+/// counting the wait against it: one second (or one interval, if longer).
+const ACCEPT_SLACK_NS: u64 = 1_000_000_000;
 
 impl NewConns {
     /// Takes a token of `client`'s bucket and then of its tenant's, at `now_ns`, by `limits`
-    /// (an interval of 0 is no limit), with one token more of burst than the kernel program
-    /// allows: a worker accepts connections that came in over time together, after a busy
-    /// turn, and one the program admitted is not to be refused for that. A source over its own
-    /// limit does not spend its tenant's.
+    /// (an interval of 0 is no limit). A source over its own limit does not spend its tenant's.
     pub fn admit(
         &self,
         tenant: u32,
@@ -256,16 +259,25 @@ impl NewConns {
         limits: &gateway_common::TenantLimits,
         now_ns: u64,
     ) -> Result<(), RateRefusal> {
-        use std::hash::BuildHasher as _;
+        let slack = |interval: u64| ACCEPT_SLACK_NS.max(interval);
         if limits.source_interval_ns != 0 {
-            let slot =
-                self.hasher.hash_one((tenant, source_key(client))) as usize % NEW_CONN_SOURCE_SLOTS;
-            if !take(
-                &self.sources[slot],
-                now_ns,
-                limits.source_interval_ns,
-                limits.source_tolerance_ns + limits.source_interval_ns,
-            ) {
+            let sources = self.sources.pin();
+            let key = (tenant, source_key(client));
+            let bucket = match sources.get(&key) {
+                Some(bucket) => Some(bucket),
+                None if sources.len() < MAX_NEW_CONN_SOURCES => {
+                    Some(sources.get_or_insert_with(key, || AtomicU64::new(0)))
+                }
+                None => None,
+            };
+            if let Some(bucket) = bucket
+                && !take(
+                    bucket,
+                    now_ns,
+                    limits.source_interval_ns,
+                    limits.source_tolerance_ns + slack(limits.source_interval_ns),
+                )
+            {
                 return Err(RateRefusal::Source);
             }
         }
@@ -275,12 +287,25 @@ impl NewConns {
                 bucket,
                 now_ns,
                 limits.conn_interval_ns,
-                limits.conn_tolerance_ns + limits.conn_interval_ns,
+                limits.conn_tolerance_ns + slack(limits.conn_interval_ns),
             )
         {
             return Err(RateRefusal::Tenant);
         }
         Ok(())
+    }
+
+    /// Forgets the sources whose buckets are full again (idle since their last connection's
+    /// interval and burst), as of `now_ns`: what they held is what a new bucket holds.
+    pub fn forget_idle(&self, now_ns: u64) {
+        self.sources
+            .pin()
+            .retain(|_, tat| tat.load(Ordering::Relaxed) >= now_ns);
+    }
+
+    /// Sources held now.
+    pub fn sources(&self) -> usize {
+        self.sources.len()
     }
 }
 
@@ -299,9 +324,16 @@ fn source_key(client: IpAddr) -> [u8; 16] {
     }
 }
 
-/// One GCRA decision on a bucket the workers share, as the kernel program takes one.
+/// One GCRA decision on a bucket the workers share, as the kernel program takes one. A bucket
+/// further ahead than `tolerance` (rates lowered by a reload or a fleet's new share since it
+/// was charged) is taken as empty, not as owing what the old rates charged.
 fn take(bucket: &AtomicU64, now: u64, interval: u64, tolerance: u64) -> bool {
-    match gateway_common::gcra_take(bucket.load(Ordering::Relaxed), now, interval, tolerance) {
+    let mut tat = bucket.load(Ordering::Relaxed);
+    if tat > now.saturating_add(tolerance) {
+        tat = now.saturating_add(tolerance);
+        bucket.store(tat, Ordering::Relaxed);
+    }
+    match gateway_common::gcra_take(tat, now, interval, tolerance) {
         gateway_common::Take::Reset(next) => bucket.store(next, Ordering::Relaxed),
         gateway_common::Take::Charge => {
             bucket.fetch_add(interval, Ordering::Relaxed);
@@ -788,5 +820,44 @@ max_connections = 1
             n.admit(3, ip("198.18.1.3"), &both, t0),
             Err(RateRefusal::Tenant)
         );
+    }
+
+    /// Found by a review of the first version: a table of slots shared by every tenant's
+    /// sources let one tenant's slow limits (a TAT far ahead) refuse another's sources, and
+    /// rates raised by a reload left a source owing what the old ones had charged.
+    #[test]
+    fn new_connection_buckets_are_nobody_elses_and_follow_changed_rates() {
+        let n = NewConns::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let limits = |rate, burst| {
+            let (si, st) = gateway_common::TenantLimits::gcra(rate, burst);
+            gateway_common::TenantLimits {
+                source_interval_ns: si,
+                source_tolerance_ns: st,
+                ..Default::default()
+            }
+        };
+        let t0 = 10_000_000_000;
+        // Tenant 1 at 1/s: 100 sources spend everything they have.
+        for i in 0..100 {
+            let src = ip(&format!("198.18.2.{i}"));
+            while n.admit(1, src, &limits(1, 1), t0).is_ok() {}
+        }
+        // Tenant 2's sources at 100/s are untouched by them.
+        for i in 0..100 {
+            let src = ip(&format!("198.18.3.{i}"));
+            assert!(n.admit(2, src, &limits(100, 2), t0).is_ok(), "{src}");
+        }
+        // A source that spent 1/s with a burst of 50, under 100/s: empty (one interval from its
+        // first look under the new rate), not 50 s in debt.
+        let src = ip("198.18.4.1");
+        while n.admit(1, src, &limits(1, 50), t0).is_ok() {}
+        let now = t0 + 10_000_000;
+        assert!(n.admit(1, src, &limits(100, 1), now).is_err());
+        assert!(n.admit(1, src, &limits(100, 1), now + 10_000_000).is_ok());
+        // Idle buckets are forgotten; busy ones kept.
+        assert!(n.sources() >= 201);
+        n.forget_idle(t0 + 60_000_000_000);
+        assert_eq!(n.sources(), 0);
     }
 }

@@ -756,7 +756,11 @@ async fn run_async(
             _ = bans.tick() => lock(&control).apply_auto_bans(),
             _ = hosts.tick(), if state.fleet.is_some() => lock(&control).follow_fleet_hosts(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
-            _ = sweep.tick() => lock(&control).refresh_bans(),
+            _ = sweep.tick() => {
+                let mut c = lock(&control);
+                c.shared.new_conns.forget_idle(crate::kernel::monotonic_ns());
+                c.refresh_bans();
+            }
             _ = hup.recv() => {
                 let mut c = lock(&control);
                 c.reopen_logs();

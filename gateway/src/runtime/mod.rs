@@ -635,6 +635,21 @@ fn take_connection(
             crate::host::reset_on_close(stream.as_raw_fd());
             return;
         }
+        // As the kernel program decides a SYN: the tenant's at-cap flag, then the rates (which
+        // it holds SYNs to, here for connections of no SYN it counted: a SYN cookie's ACK,
+        // again and again; no program here), then the count against the cap.
+        let tenant = snapshot.classifier.tenant_of(peer.ip());
+        if shared.at_cap(tenant) {
+            shared.refused_conns.at_cap();
+            monoio::spawn(refuse_at_cap(stream));
+            return;
+        }
+        if let Err(why) = shared.admit_new_conn(&snapshot, tenant, peer.ip()) {
+            shared.refused_conns.rate(why);
+            tracing::debug!(peer = %peer, reason = ?why, "connection over its rate closed as it was accepted");
+            crate::host::reset_on_close(stream.as_raw_fd());
+            return;
+        }
         // The kernel drops SYNs once the control thread raises the flag; until then (and
         // for connections already in the accept queue) the worker refuses them itself.
         let Some(tenant) = shared.enter_conn(&snapshot, worker, peer.ip()) else {
@@ -642,15 +657,6 @@ fn take_connection(
             monoio::spawn(refuse_at_cap(stream));
             return;
         };
-        // The new-connection rates, which the kernel program holds SYNs to, for connections
-        // of no SYN it counted (a SYN cookie's ACK, again and again; no program here).
-        if let Err(why) = shared.admit_new_conn(&snapshot, tenant, peer.ip()) {
-            shared.conns.closed(worker, tenant);
-            shared.refused_conns.rate(why);
-            tracing::debug!(peer = %peer, reason = ?why, "connection over its rate closed as it was accepted");
-            crate::host::reset_on_close(stream.as_raw_fd());
-            return;
-        }
         Some(tenant)
     };
     drop(snapshot);
