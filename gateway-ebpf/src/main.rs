@@ -181,7 +181,7 @@ fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter>
     src.copy_from_slice(&h[8..24]);
     // An IPv4-mapped source is never on the wire (the stack refuses TCP from one); counted as
     // one it would be charged to the IPv4 address and its tenant.
-    if src[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+    if is_v4_mapped(&src) {
         return Err(GlobalCounter::Invalid);
     }
     let end = off + 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
@@ -240,6 +240,12 @@ fn locate_tcp_v6(ctx: &XdpContext, off: usize) -> Result<Located, GlobalCounter>
         0 | 43 | 44 | 51 | 60 => Ok(Located::Unreadable(src)),
         _ => Err(GlobalCounter::NotTcp),
     }
+}
+
+/// Whether `addr` is an IPv4 address in the form every map keys it ([`v4_mapped`]).
+#[inline(always)]
+fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
 /// [`read`], of bytes inside the IP packet (before `end`) only.
@@ -379,10 +385,9 @@ fn take_shared(bucket: *mut u64, now: u64, interval: u64, tolerance: u64) -> boo
 #[inline(always)]
 fn take_token(src: &Addr, now: u64, interval: u64, tolerance: u64) -> bool {
     let mut key = *src;
-    let v4 = key[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
     // Link-local addresses (fe80::/10) are hosts of one link, which all share its /64.
     let link_local = key[0] == 0xfe && key[1] & 0xc0 == 0x80;
-    if !v4 && !link_local {
+    if !is_v4_mapped(&key) && !link_local {
         key[8..].copy_from_slice(&[0; 8]);
     }
     let src = &key;

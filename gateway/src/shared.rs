@@ -304,7 +304,8 @@ impl NewConns {
     }
 
     /// Sources held now.
-    pub fn sources(&self) -> usize {
+    #[cfg(test)]
+    fn sources(&self) -> usize {
         self.sources.len()
     }
 }
@@ -584,21 +585,19 @@ impl Shared {
         self.at_cap[tenant as usize].store(v, Ordering::Relaxed);
     }
 
-    /// Counts a new connection from `client` on `worker` for its tenant (as `snapshot`
-    /// classifies it) if the tenant's connection cap (`max_connections`) leaves room: the
-    /// tenant, or `None`, nothing counted, when the control thread's flag is up or when, once
-    /// counted, the workers' connections of the tenant are more than this host may hold
+    /// Counts a new connection of `tenant` (as `snapshot` classifies its client) on `worker` if
+    /// the tenant's connection cap (`max_connections`) leaves room: false, nothing counted,
+    /// when the control thread's flag is up or when, once counted, the workers' connections of
+    /// the tenant are more than this host may hold
     /// ([`crate::policy::limits::State::conn_cap`]). The flag alone is polled (`cap_poll_ms`):
     /// a burst between two polls passed it whole. Counting before summing means two workers
     /// taking the last place at once may both give it up, never both take it.
-    pub fn enter_conn(&self, snapshot: &Snapshot, worker: usize, client: IpAddr) -> Option<u32> {
-        let tenant = snapshot.classifier.tenant_of(client);
+    pub fn enter_conn(&self, snapshot: &Snapshot, worker: usize, tenant: u32) -> bool {
         let cap = snapshot
             .config
             .tenant(tenant)
             .and_then(|t| t.max_connections);
         self.enter_conn_capped(worker, tenant, cap)
-            .then_some(tenant)
     }
 
     fn enter_conn_capped(&self, worker: usize, tenant: u32, cap: Option<u64>) -> bool {

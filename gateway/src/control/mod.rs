@@ -1496,9 +1496,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     return json_reply(400, &serde_json::json!({"error": format!("{expected}: {e}")}));
                 }
             };
-            // An IPv4-mapped address or prefix is banned as the IPv4 one it is, which is how the
-            // kernel's maps key it and the workers compare it.
-            let Some(net) = parse_ban(&ban.address).map(canonical_net) else {
+            let Some(net) = parse_ban(&ban.address) else {
                 return json_reply(400, &serde_json::json!({"error": format!("{expected}: `{}` is neither", ban.address)}));
             };
             if let Some(problem) = crate::config::covers_ipv4(&net) {
@@ -1519,9 +1517,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         (&Method::DELETE, p) if p.starts_with("/bans/") => {
             let target = &p["/bans/".len()..];
             // `/bans/198.18.0.0/24`, or with the slash escaped.
-            let Some(net) =
-                parse_ban(&target.replace("%2F", "/").replace("%2f", "/")).map(canonical_net)
-            else {
+            let Some(net) = parse_ban(&target.replace("%2F", "/").replace("%2f", "/")) else {
                 return json_reply(400, &serde_json::json!({"error": "not an IP address or a CIDR prefix"}));
             };
             match c.unban_net(net) {
@@ -1629,8 +1625,9 @@ fn parse_ban(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
-/// A prefix with its host bits cleared, and an IPv4-mapped IPv6 address as IPv4 (the form the
-/// kernel maps and the workers compare).
+/// A prefix with its host bits cleared, and an IPv4-mapped IPv6 address or prefix (of /96 or
+/// longer) as the IPv4 one it is (the form the kernel maps key and the workers compare).
+/// [`Control::ban_net`] and [`Control::unban_net`] take every ban through it.
 fn canonical_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {

@@ -245,9 +245,11 @@ fn admit_client<'s>(
     client: SocketAddr,
     header: Option<&Header>,
 ) -> Option<(SocketAddr, Option<Counted<'s>>)> {
-    let Some(tenant) = shared.enter_conn(&shared.snapshot.load(), worker, client.ip()) else {
+    let snapshot = shared.snapshot.load();
+    let tenant = snapshot.classifier.tenant_of(client.ip());
+    if !shared.enter_conn(&snapshot, worker, tenant) {
         return refuse(shared, client, Reason::TenantAtCap);
-    };
+    }
     if let Some(header) = header {
         shared.proxy_protocol.accept(header);
     }

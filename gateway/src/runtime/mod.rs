@@ -652,11 +652,11 @@ fn take_connection(
         }
         // The kernel drops SYNs once the control thread raises the flag; until then (and
         // for connections already in the accept queue) the worker refuses them itself.
-        let Some(tenant) = shared.enter_conn(&snapshot, worker, peer.ip()) else {
+        if !shared.enter_conn(&snapshot, worker, tenant) {
             shared.refused_conns.at_cap();
             monoio::spawn(refuse_at_cap(stream));
             return;
-        };
+        }
         Some(tenant)
     };
     drop(snapshot);
