@@ -239,6 +239,28 @@ fn admin_request(admin: u16, method: &str, path: &str, body: &str) -> RawRespons
     read_response(&mut s).unwrap()
 }
 
+/// Bans `address` (an address or a prefix) for 60 s through the admin API; the answer, which
+/// must be 200.
+fn ban(admin: u16, address: &str) -> RawResponse {
+    let r = admin_request(
+        admin,
+        "POST",
+        "/bans",
+        &format!(r#"{{"address":"{address}","seconds":60}}"#),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    r
+}
+
+/// Waits (at most 3 s, polling every 20 ms) until `done`; panics with `what` if it never is.
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -534,13 +556,7 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
 
     // A ban through the admin API (the kernel program is off: the bans live in user space).
     assert!(is_result(&ok("198.18.7.7")));
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"198.18.7.7","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    ban(a, "198.18.7.7");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let mut c = connect(p);
@@ -568,13 +584,7 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     assert!(is_result(&ok("198.18.7.7")));
 
     // A prefix: every client inside it is refused, the rest served.
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"198.18.9.0/24","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    ban(a, "198.18.9.0/24");
     refused(p, &v1("198.18.9.200", 1));
     refused(p, &v2_client("::ffff:198.18.9.1".parse().unwrap(), 1));
     assert!(is_result(&ok("198.18.10.1")));
@@ -618,7 +628,7 @@ fn direct_call(port: u16, source: &str) -> Option<RawResponse> {
     read_response(&mut c)
 }
 
-fn refused_at_accept(admin: u16, reason: &str) -> u64 {
+fn refused_conns(admin: u16, reason: &str) -> u64 {
     metric(
         admin,
         &format!("mcp_gateway_connections_refused_total{{reason=\"{reason}\"}}"),
@@ -641,45 +651,19 @@ fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
         None,
         "a client in kernel.deny"
     );
-    assert_eq!(refused_at_accept(a, "denied"), 1);
+    assert_eq!(refused_conns(a, "denied"), 1);
 
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"127.0.1.7","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while served("127.0.1.7") {
-        assert!(Instant::now() < deadline, "the ban did not take");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ban(a, "127.0.1.7");
+    until("the ban did not take", || !served("127.0.1.7"));
     assert_eq!(direct_call(d, "127.0.1.7").map(|r| r.status), None);
-    assert!(refused_at_accept(a, "banned") >= 2);
+    assert!(refused_conns(a, "banned") >= 2);
     // A banned prefix holds every client inside it; others are served.
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"127.0.2.0/24","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while served("127.0.2.200") {
-        assert!(Instant::now() < deadline, "the prefix ban did not take");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ban(a, "127.0.2.0/24");
+    until("the prefix ban did not take", || !served("127.0.2.200"));
     assert!(served("127.0.3.1"));
     // A prefix written IPv4-mapped is banned as the IPv4 prefix it is (before, the workers
     // compared IPv4 clients with it as an IPv6 prefix: a ban reported made and never held).
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"::ffff:127.0.3.0/120","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = ban(a, "::ffff:127.0.3.0/120");
     assert_eq!(r.json()["banned"], "127.0.3.0/24");
     assert!(!served("127.0.3.1"));
     assert_eq!(
@@ -695,11 +679,7 @@ fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
         admin_request(a, "DELETE", "/bans/127.0.1.7", "").status,
         200
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !served("127.0.1.7") {
-        assert!(Instant::now() < deadline, "the lifted ban still holds");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until("the lifted ban still holds", || served("127.0.1.7"));
     assert_eq!(refusals(a, "banned"), 0);
     assert_eq!(refusals(a, "denied"), 0);
 }
@@ -744,7 +724,7 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
         statuses.len() >= 3 && statuses.iter().all(|s| *s == 401),
         "{statuses:?}"
     );
-    assert_eq!(refused_at_accept(a, "banned"), 1);
+    assert_eq!(refused_conns(a, "banned"), 1);
 
     // A direct client, banned through the admin API between two calls.
     let mut c = connect_from(
@@ -756,14 +736,8 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
     c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     c.write_all(&call("echo")).unwrap();
     assert!(is_result(&read_response(&mut c).unwrap()));
-    let r = admin_request(
-        a,
-        "POST",
-        "/bans",
-        r#"{"address":"127.0.1.7","seconds":60}"#,
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    ban(a, "127.0.1.7");
     let statuses = answered_until_closed(&mut c);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert_eq!(refused_at_accept(a, "banned"), 2);
+    assert_eq!(refused_conns(a, "banned"), 2);
 }
