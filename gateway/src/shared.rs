@@ -191,6 +191,16 @@ impl BanSet {
         self.until.len() + self.nets.len()
     }
 
+    /// When the ban of exactly `net` (canonical, as [`BanSet::new`] was given it) ends.
+    pub fn until_of(&self, net: &ipnet::IpNet) -> Option<u64> {
+        if net.prefix_len() == net.max_prefix_len() {
+            self.until.get(&net.addr()).copied()
+        } else {
+            let net = net.trunc();
+            self.nets.iter().find(|(n, _)| *n == net).map(|(_, t)| *t)
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.until.is_empty() && self.nets.is_empty()
     }
@@ -381,7 +391,7 @@ impl RefusedConns {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, or before a next request on a connection taken before), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, before a next request on a connection taken before, or an open connection cut as the ban or deny came), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
         );
         for (reason, n) in [
             ("denied", &self.denied),
@@ -407,6 +417,10 @@ pub struct Shared {
     pub proxy_protocol: crate::http::proxy_protocol::Counters,
     /// Client connections a worker closed for their source or tenant, by reason.
     pub refused_conns: RefusedConns,
+    /// Changes (after the fact) whenever a ban is added or a configuration is published: the
+    /// workers then cut the open connections of clients now refused
+    /// ([`crate::mcp::worker::OpenConns::cut_refused`]).
+    pub sources_changed: AtomicU64,
     /// The new-connection rates the workers hold direct connections to.
     pub new_conns: NewConns,
     pub conns: ConnTable,
@@ -513,6 +527,7 @@ impl Shared {
             bans: ArcSwap::from_pointee(BanSet::default()),
             proxy_protocol: crate::http::proxy_protocol::Counters::default(),
             refused_conns: RefusedConns::default(),
+            sources_changed: AtomicU64::new(0),
             new_conns: NewConns::default(),
             conns: ConnTable::new(workers),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),

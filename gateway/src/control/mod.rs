@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
@@ -195,9 +195,19 @@ impl Control {
         if current.is_empty() && self.bans.is_empty() {
             return;
         }
+        // A ban in force the workers do not hold now (new, or made again after it ended):
+        // they cut its clients' open connections. Not a ban read again from the kernel's
+        // maps, whose end moves by the reading's rounding every second.
+        let now = kernel::monotonic_ns();
+        let added = self.bans.iter().any(|(net, until)| {
+            *until > now && current.until_of(net).is_none_or(|ends| ends <= now)
+        });
         self.shared.bans.store(Arc::new(BanSet::new(
             self.bans.iter().map(|(ip, until)| (*ip, *until)),
         )));
+        if added {
+            self.shared.sources_changed.fetch_add(1, Release);
+        }
     }
 
     /// The bans in force (addresses as one-address prefixes), with the time each has left.
@@ -402,6 +412,8 @@ impl Control {
         self.shared
             .snapshot
             .store(Arc::new(Snapshot::with_policy(new, policy)));
+        // `kernel.deny` may hold open connections' clients now.
+        self.shared.sources_changed.fetch_add(1, Release);
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
         self.tls_stamps = stamps;

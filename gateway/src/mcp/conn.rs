@@ -44,6 +44,7 @@ pub fn serve(
     ctx: Rc<WorkerCtx>,
     shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let mut io = Io::new(stream, Duration::ZERO);
     async move {
         // `listener` is the index of its entry in `Config::listeners`. Behind a load balancer the
@@ -64,6 +65,10 @@ pub fn serve(
         else {
             return;
         };
+        if proxied {
+            // The client, for a ban or deny of it from now on (`OpenConns::cut_refused`).
+            ctx.open.named(fd, peer.ip());
+        }
         if let Some(tls) = ctx.shared.tls.listener(listener)
             && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
         {
@@ -116,7 +121,7 @@ pub fn serve(
             // direct client's packets from then on, but not those of a client behind a
             // balancer, nor of one it does not see.
             if let Some(why) = ctx.shared.source_refusal(&snapshot, peer.ip()) {
-                ctx.shared.refused_conns.source(why);
+                ctx.open.refused(fd, why, &ctx.shared);
                 tracing::debug!(%peer, reason = ?why, "connection closed before its next request");
                 return;
             }

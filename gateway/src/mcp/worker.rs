@@ -5,7 +5,8 @@
 use std::{
     cell::{Cell, RefCell},
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    os::fd::RawFd,
     rc::Rc,
     sync::Arc,
     time::Instant,
@@ -15,7 +16,10 @@ use futures_channel::oneshot;
 use serde_json::Value;
 
 use super::{Parser, upstream::Pool};
-use crate::{shared::Shared, stats::Recorder};
+use crate::{
+    shared::{Shared, SourceRefusal},
+    stats::Recorder,
+};
 
 /// A worker's data-plane state: its parser and its idle upstream connections. Never shared.
 pub struct WorkerCtx {
@@ -31,10 +35,17 @@ pub struct WorkerCtx {
     pub recorder: RefCell<Recorder>,
     /// Upstream sessions the gateway holds for stateless clients.
     pub(super) held: Held,
+    /// This worker's open client connections.
+    pub open: Rc<OpenConns>,
 }
 
 impl WorkerCtx {
-    pub fn new(shared: Arc<Shared>, learned: Arc<super::Learned>, worker: usize) -> Rc<Self> {
+    pub fn new(
+        shared: Arc<Shared>,
+        learned: Arc<super::Learned>,
+        worker: usize,
+        open: Rc<OpenConns>,
+    ) -> Rc<Self> {
         let max_tools = shared.snapshot.load().config.telemetry.max_tools;
         let stats = Arc::clone(&shared.upstream_stats);
         let session_key = shared.session_key;
@@ -46,6 +57,7 @@ impl WorkerCtx {
             pool: Pool::new(stats, session_key),
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
             held: Held::default(),
+            open,
         })
     }
 
@@ -53,6 +65,119 @@ impl WorkerCtx {
     pub fn sweep_pool(&self) {
         self.pool.sweep();
     }
+}
+
+/// A worker's open client connections: each one's descriptor and its client's address (the
+/// client a PROXY protocol header named, once read; the peer of a direct listener's). Their
+/// count is the worker's load; their clients are what a new ban or deny is held against at
+/// once ([`OpenConns::cut_refused`]). A descriptor is here from its accept until its
+/// connection's task drops it, so it is never another connection's.
+#[derive(Default)]
+pub struct OpenConns(RefCell<rustc_hash::FxHashMap<RawFd, Client>>);
+
+#[derive(Clone, Copy)]
+struct Client {
+    /// `None` until a PROXY protocol header names the client.
+    ip: Option<IpAddr>,
+    /// Shut down for its client's ban or deny (counted once).
+    cut: bool,
+}
+
+/// Capacity of the open-connection set kept however few connections are open.
+const KEEP_OPEN_SLOTS: usize = 256;
+
+impl OpenConns {
+    /// A connection accepted from `peer`: its client, or `None` when a PROXY protocol header
+    /// is to name it.
+    pub fn opened(&self, fd: RawFd, client: Option<IpAddr>) {
+        self.0.borrow_mut().insert(
+            fd,
+            Client {
+                ip: client,
+                cut: false,
+            },
+        );
+    }
+
+    /// The client a PROXY protocol header named (or the balancer, for a header of its own).
+    pub fn named(&self, fd: RawFd, client: IpAddr) {
+        if let Some(c) = self.0.borrow_mut().get_mut(&fd) {
+            c.ip = Some(client);
+        }
+    }
+
+    /// Takes a closed connection out. The set does not shrink by itself: once seven eighths of
+    /// its capacity are free (most of a wave of connections closed), it is made to fit twice
+    /// what is left. A rehash of what is left, and the next one waits until half of that
+    /// closed too. 10,000 connections gone kept 80 KiB.
+    pub fn closed(&self, fd: RawFd) {
+        let mut open = self.0.borrow_mut();
+        open.remove(&fd);
+        let left = open.len();
+        if open.capacity() > KEEP_OPEN_SLOTS && left * 8 <= open.capacity() {
+            open.shrink_to((left * 2).max(KEEP_OPEN_SLOTS));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().is_empty()
+    }
+
+    /// Shuts every connection down (both ways): its task's next read ends and its next write
+    /// fails, and the client sees its connection closed now. The descriptors stay open, owned
+    /// by their tasks.
+    pub fn shut_all(&self) {
+        for fd in self.0.borrow().keys() {
+            shut(*fd);
+        }
+    }
+
+    /// Shuts down the connections of clients now banned or in `kernel.deny`, each counted once
+    /// as refused: an event stream or a call in progress ends now, and a connection idle
+    /// between requests closes, instead of at its next request. Returns how many.
+    pub fn cut_refused(&self, shared: &Shared) -> usize {
+        let snapshot = shared.snapshot.load();
+        let mut cut = 0;
+        for (fd, c) in self.0.borrow_mut().iter_mut() {
+            let Some(ip) = c.ip else { continue };
+            if c.cut {
+                continue;
+            }
+            if let Some(why) = shared.source_refusal(&snapshot, ip) {
+                shut(*fd);
+                c.cut = true;
+                shared.refused_conns.source(why);
+                cut += 1;
+            }
+        }
+        cut
+    }
+}
+
+impl OpenConns {
+    /// Counts the refusal of connection `fd`'s client, found before its next request (the
+    /// caller closes it), unless it was cut and counted already.
+    pub fn refused(&self, fd: RawFd, why: SourceRefusal, shared: &Shared) {
+        let mut open = self.0.borrow_mut();
+        match open.get_mut(&fd) {
+            Some(c) if c.cut => {}
+            Some(c) => {
+                c.cut = true;
+                shared.refused_conns.source(why);
+            }
+            None => shared.refused_conns.source(why),
+        }
+    }
+}
+
+fn shut(fd: RawFd) {
+    // SAFETY: shutdown(2) only, on a descriptor a connection's task owns while it is in the
+    // set.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 /// An upstream session the gateway opened and holds.
@@ -94,4 +219,43 @@ pub(crate) struct Held {
     pub(super) ending: RefCell<VecDeque<(u64, Rc<HeldSession>)>>,
     /// Wakes [`Held::end_evicted`] when `ending` gets one.
     pub(super) wake: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The open-connection set gives its table back as a wave of connections closes, and keeps
+    /// a small one for the few that stay.
+    #[test]
+    fn the_open_set_shrinks_when_connections_close() {
+        let open = OpenConns::default();
+        for fd in 0..10_000 {
+            open.opened(fd, None);
+        }
+        let full = open.0.borrow().capacity();
+        assert!(full >= 10_000);
+        for fd in 10..10_000 {
+            open.closed(fd);
+        }
+        assert_eq!(open.len(), 10);
+        let kept = open.0.borrow().capacity();
+        assert!(
+            kept <= 4 * KEEP_OPEN_SLOTS,
+            "{kept} slots kept for 10 connections ({full} at 10,000)"
+        );
+        for fd in 0..10 {
+            assert!(open.0.borrow().contains_key(&fd));
+        }
+        // Below the floor, the set is left as it is (no rehash for every close).
+        let few = OpenConns::default();
+        for fd in 0..100 {
+            few.opened(fd, None);
+        }
+        let cap = few.0.borrow().capacity();
+        for fd in 0..99 {
+            few.closed(fd);
+        }
+        assert_eq!(few.0.borrow().capacity(), cap);
+    }
 }

@@ -261,13 +261,11 @@ fn supervise(
         shared.worker_restarts.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             worker = index,
-            connections = open.borrow().len(),
+            connections = open.len(),
             "worker panicked; closing its connections and starting it again"
         );
-        for fd in open.borrow().iter() {
-            // SAFETY: shutdown(2) only; the descriptor stays open, owned by the leaked task.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-        }
+        // The descriptors stay open, owned by the leaked tasks.
+        open.shut_all();
         drop(rt);
         // The dead runtime's idle connections stay registered with their wakers: forgotten.
         crate::http::deadline::forget_all();
@@ -375,8 +373,8 @@ pub fn raise_open_files_limit() -> u64 {
     l.rlim_cur
 }
 
-/// The descriptors of a worker's open client connections (their count is its load).
-type OpenConns = Rc<std::cell::RefCell<rustc_hash::FxHashSet<std::os::fd::RawFd>>>;
+/// A worker's open client connections (their count is its load).
+type OpenConns = Rc<mcp::worker::OpenConns>;
 
 /// io_uring settings of a worker. With `COOP_TASKRUN` (Linux 5.19) a completion does not
 /// interrupt the worker to run its task work; that waits until the worker next enters the kernel,
@@ -408,8 +406,9 @@ async fn worker(
     grace: Duration,
     active: OpenConns,
 ) {
-    let ctx = WorkerCtx::new(Arc::clone(&shared), learned, index);
+    let ctx = WorkerCtx::new(Arc::clone(&shared), learned, index, Rc::clone(&active));
     monoio::spawn(ship_stats(Rc::clone(&ctx), shared.stats_tx.clone()));
+    monoio::spawn(cut_refused(Rc::clone(&ctx)));
     monoio::spawn(sweep_pool(Rc::clone(&ctx)));
     monoio::spawn(Rc::clone(&ctx).end_evicted_sessions());
     monoio::spawn(purge_after_closes(Rc::clone(&active)));
@@ -435,7 +434,7 @@ async fn worker(
     // Connections waiting idle close now (or linger through a handover).
     crate::http::deadline::stop_all();
     let deadline = monoio::time::Instant::now() + grace;
-    while !active.borrow().is_empty() && monoio::time::Instant::now() < deadline {
+    while !active.is_empty() && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     // No request runs on them any more (or none will be answered): ended upstream.
@@ -443,10 +442,10 @@ async fn worker(
     if let Some(last) = ctx.recorder.borrow_mut().take() {
         let _ = shared.stats_tx.send(last);
     }
-    if !active.borrow().is_empty() {
+    if !active.is_empty() {
         tracing::warn!(
             worker = index,
-            open = active.borrow().len(),
+            open = active.len(),
             "grace period over; closing connections"
         );
     }
@@ -661,7 +660,8 @@ fn take_connection(
     };
     drop(snapshot);
     let fd = stream.as_raw_fd();
-    active.borrow_mut().insert(fd);
+    // Behind a balancer the client is known once its header is read (`mcp::conn::admit`).
+    active.opened(fd, (!proxied).then(|| peer.ip()));
     let _ = stream.set_nodelay(true);
     let open = OpenConn {
         ctx: Rc::clone(ctx),
@@ -695,23 +695,9 @@ impl Drop for OpenConn {
         if let Some(t) = self.tenant {
             self.ctx.shared.conns.closed(self.worker, t);
         }
-        forget_open(&mut self.active.borrow_mut(), self.fd);
+        self.active.closed(self.fd);
     }
 }
-
-/// Takes a closed connection out of the open set, which does not shrink by itself: once seven
-/// eighths of its capacity are free (most of a wave of connections closed), it is made to fit
-/// twice what is left. A rehash of what is left, and the next one waits until half of that
-/// closed too. 10,000 connections gone kept 80 KiB.
-fn forget_open(open: &mut rustc_hash::FxHashSet<std::os::fd::RawFd>, fd: std::os::fd::RawFd) {
-    open.remove(&fd);
-    if open.capacity() > KEEP_OPEN_SLOTS && open.len() * 8 <= open.capacity() {
-        open.shrink_to((open.len() * 2).max(KEEP_OPEN_SLOTS));
-    }
-}
-
-/// Capacity of the open-connection set kept however few connections are open.
-const KEEP_OPEN_SLOTS: usize = 256;
 
 /// Serves a connection. A panic while a request is read or answered is contained (and
 /// answered 500) in [`mcp::conn::serve`]; this is the backstop for one anywhere else in the
@@ -759,6 +745,34 @@ async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats
     }
 }
 
+/// Cuts the open connections of clients banned or denied since (see
+/// [`mcp::worker::OpenConns::cut_refused`]), within a quarter of a second of the control
+/// thread's publishing it: a banned client's event stream or call in progress is not left to
+/// run until it ends. Looks only when the bans or the configuration changed.
+async fn cut_refused(ctx: Rc<WorkerCtx>) {
+    let changes = &ctx.shared.sources_changed;
+    let mut seen = changes.load(Ordering::Acquire);
+    loop {
+        monoio::time::sleep(CUT_REFUSED_EVERY).await;
+        let now = changes.load(Ordering::Acquire);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let cut = ctx.open.cut_refused(&ctx.shared);
+        if cut > 0 {
+            tracing::info!(
+                worker = ctx.worker,
+                cut,
+                "connections of banned or denied clients closed"
+            );
+        }
+    }
+}
+
+/// How often a worker looks whether bans or the deny list changed.
+const CUT_REFUSED_EVERY: Duration = Duration::from_millis(250);
+
 /// Closes, once a second, the idle upstream connections their upstream closed and those past
 /// what the pool keeps now (`Pool::sweep`).
 async fn sweep_pool(ctx: Rc<WorkerCtx>) {
@@ -782,7 +796,7 @@ async fn purge_after_closes(active: OpenConns) {
     let (mut peak, mut released) = (0, 0);
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
-        let now = active.borrow().len();
+        let now = active.len();
         peak = peak.max(now);
         let fresh = crate::http::take_idle_releases();
         released += fresh;
@@ -907,35 +921,6 @@ fn restart_pause() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The open-connection set gives its table back as a wave of connections closes, and keeps
-    /// a small one for the few that stay.
-    #[test]
-    fn the_open_set_shrinks_when_connections_close() {
-        let mut open = rustc_hash::FxHashSet::default();
-        open.extend(0..10_000);
-        let full = open.capacity();
-        assert!(full >= 10_000);
-        for fd in 10..10_000 {
-            forget_open(&mut open, fd);
-        }
-        assert_eq!(open.len(), 10);
-        assert!(
-            open.capacity() <= 4 * KEEP_OPEN_SLOTS,
-            "{} slots kept for 10 connections ({full} at 10,000)",
-            open.capacity()
-        );
-        for fd in 0..10 {
-            assert!(open.contains(&fd));
-        }
-        // Below the floor, the set is left as it is (no rehash for every close).
-        let mut few: rustc_hash::FxHashSet<i32> = (0..100).collect();
-        let cap = few.capacity();
-        for fd in 0..99 {
-            forget_open(&mut few, fd);
-        }
-        assert_eq!(few.capacity(), cap);
-    }
 
     /// A connection's task is allocated once, at the size of its largest state, and an idle
     /// connection holds all of it: the request's state (parsing, policy, the upstream

@@ -25,7 +25,11 @@ struct Setup {
     direct: u16,
     admin: u16,
     audit: std::path::PathBuf,
+    /// The configuration file (rewritten for a reload).
+    config: std::path::PathBuf,
     _fake: FakeUpstream,
+    /// Behind `/stall`: answers a call with an event stream, one event, then silence.
+    stall: FakeUpstream,
 }
 
 impl Drop for Setup {
@@ -40,9 +44,11 @@ impl Drop for Setup {
 /// `edge` (198.18.0.0/15 and 2001:db8:5::/48; may not call `add`), `far` (203.0.113.0/24; at
 /// most one connection). `/mcp` takes callers by address only; three refusals ban a source.
 /// A second listener, `direct`, takes clients straight: 127.0.1.0/24 and 127.0.2.0/23 are
-/// `edge`'s, and 127.0.1.9 is denied.
+/// `edge`'s, and 127.0.1.9 is denied. `/stall` (the same callers) goes to an upstream that
+/// answers with an event stream it never ends.
 fn setup() -> Setup {
     let fake = FakeUpstream::start(Misbehave::Answer);
+    let stall = FakeUpstream::start(Misbehave::StallMidStream);
     let port = free_port();
     let direct = free_port();
     let admin = free_port();
@@ -93,13 +99,21 @@ max_connections = 1
 [[upstreams]]
 name = "u0"
 url = "{url}"
+[[upstreams]]
+name = "stall"
+url = "{stall_url}"
 [[routes]]
 path = "/mcp"
 upstream = "u0"
 auth = ["address"]
+[[routes]]
+path = "/stall"
+upstream = "stall"
+auth = ["address"]
 "#,
         audit = audit.display(),
         url = fake.url(),
+        stall_url = stall.url(),
     );
     let daemon = Daemon::start_local(&instance, &config);
     Setup {
@@ -108,7 +122,9 @@ auth = ["address"]
         direct,
         admin,
         audit,
+        config: std::env::temp_dir().join(format!("{instance}.toml")),
         _fake: fake,
+        stall,
     }
 }
 
@@ -740,4 +756,122 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
     let statuses = answered_until_closed(&mut c);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(refused_conns(a, "banned"), 2);
+}
+
+/// Starts a call on `/stall` on `c` and reads its answer's head and first event: the call is
+/// then in progress, its stream open.
+fn streaming(c: &mut TcpStream) {
+    let body =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow","arguments":{}}}"#;
+    c.write_all(&post("/stall", body, "")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("notifications/progress") {
+        let n = c.read(&mut buf).expect("the stream's first event");
+        assert!(
+            n > 0,
+            "closed before the first event: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// Waits (at most 3 s) for the gateway to close `c`, reading nothing more on it.
+fn cut(c: &mut TcpStream, what: &str) {
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 256];
+    match c.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("{what}: sent {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) => panic!("{what}: still open after 3 s ({e})"),
+    }
+}
+
+/// Whether `c` is still open (nothing to read for 300 ms).
+fn still_open(c: &mut TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    matches!(c.read(&mut buf), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+/// A client banned, or denied by a reload, while its call is in progress or its connection
+/// idle is cut at once: its event stream ends, the upstream's call is cancelled (its
+/// connection closed), and an idle connection closes without waiting for a next request.
+/// Before, the ban held from the client's next request on: an event stream (a GET stream, a
+/// long call's progress) ran on for as long as its upstream kept it going.
+#[test]
+fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
+    let s = setup();
+    let (p, d, a) = (s.port, s.direct, s.admin);
+    let direct_from = |source: &str| {
+        connect_from(
+            source.parse().unwrap(),
+            ([127, 0, 0, 1], d).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    // A direct client's stream, and a stream of a client behind the balancer (`edge`).
+    let mut direct = direct_from("127.0.1.20");
+    streaming(&mut direct);
+    let mut behind = connect(p);
+    behind.write_all(&v1("198.18.0.20", 1)).unwrap();
+    streaming(&mut behind);
+    // A direct client's connection, idle after a call.
+    let mut idle = direct_from("127.0.1.21");
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    idle.write_all(&call("echo")).unwrap();
+    assert!(is_result(&read_response(&mut idle).unwrap()));
+    // Bystanders: another client's stream, and its balancer's other client.
+    let mut other = direct_from("127.0.1.22");
+    streaming(&mut other);
+    let mut other_behind = connect(p);
+    other_behind.write_all(&v1("198.18.0.21", 1)).unwrap();
+    streaming(&mut other_behind);
+
+    for client in ["127.0.1.20", "198.18.0.20", "127.0.1.21"] {
+        ban(a, client);
+    }
+    cut(&mut direct, "the banned direct client's stream");
+    cut(
+        &mut behind,
+        "the banned client's stream behind the balancer",
+    );
+    cut(&mut idle, "the banned client's idle connection");
+    assert_eq!(refused_conns(a, "banned"), 3);
+    // Their calls are cancelled at the upstream.
+    until("the upstream's calls were not cancelled", || {
+        s.stall
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == "closed")
+            .count()
+            == 2
+    });
+    assert!(still_open(&mut other), "a client not banned was cut");
+    assert!(still_open(&mut other_behind), "a client not banned was cut");
+
+    // A reload that puts a client in `kernel.deny` cuts its stream too.
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    let denied = config.replace(
+        r#"deny = ["198.19.255.0/24", "127.0.1.9/32"]"#,
+        r#"deny = ["198.19.255.0/24", "127.0.1.9/32", "127.0.1.22/32"]"#,
+    );
+    assert_ne!(config, denied);
+    std::fs::write(&s.config, denied).unwrap();
+    s.daemon.hangup();
+    cut(&mut other, "the denied client's stream");
+    assert_eq!(refused_conns(a, "denied"), 1);
+    assert!(still_open(&mut other_behind), "a client not denied was cut");
 }
