@@ -50,8 +50,8 @@ pub(super) fn cancellation<'m>(ids: impl Iterator<Item = &'m Id>) -> Option<Byte
 
 /// Sends the cancellation `request` (built as the abandoned one was, in its session) and reads
 /// the head of the answer. Nobody waits for it but the slot, so a failure is only logged.
-pub(super) async fn cancel(ctx: &WorkerCtx, up: &Upstream, request: http::Outgoing) {
-    match open(&ctx.pool, up, request, None).await {
+pub(super) async fn cancel(ctx: &WorkerCtx, up: &Upstream, tenant: u64, request: http::Outgoing) {
+    match open(&ctx.pool, up, tenant, request, None).await {
         Ok((_, head)) if head.status < 300 => {
             tracing::debug!(upstream = %up.name, "an abandoned call was cancelled");
         }

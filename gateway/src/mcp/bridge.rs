@@ -136,13 +136,20 @@ pub(super) async fn forward<'c>(
         let sent = Instant::now();
         let answer = if method == "initialize" {
             // Never cancelled (the protocol says so).
-            initialize(ctx, req, peer, up, m).await
+            initialize(ctx, req, peer, up, obs.tenant_key(ctx), m).await
         } else {
             let key = req
                 .header("mcp-session-id")
                 .zip(m.id.as_ref())
                 .map(|(session, id)| cancel_key(ctx, session, &id.to_json()));
-            match cancellable(ctx, io, key, call(ctx, req, peer, up, m)).await {
+            match cancellable(
+                ctx,
+                io,
+                key,
+                call(ctx, req, peer, up, obs.tenant_key(ctx), m),
+            )
+            .await
+            {
                 Some(answer) => answer,
                 None => {
                     obs.waited(sent.elapsed());
@@ -271,12 +278,13 @@ async fn initialize(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     m: &Message,
 ) -> Result<Answer, UpstreamFailure> {
     let params: Value = serde_json::from_slice::<Value>(&req.body)
         .map(|mut v| v["params"].take())
         .unwrap_or_default();
-    let result = initialize_result(ctx, req, peer, up, &params).await?;
+    let result = initialize_result(ctx, req, peer, up, tenant, &params).await?;
     let mut raw = [0u8; 16];
     getrandom::fill(&mut raw).map_err(|e| UpstreamFailure::Bad(e.to_string()))?;
     let session: String = raw.iter().map(|b| format!("{b:02x}")).collect();
@@ -304,6 +312,7 @@ pub(super) async fn initialize_result(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     params: &Value,
 ) -> Result<Value, UpstreamFailure> {
     let mut meta = Map::new();
@@ -311,7 +320,7 @@ pub(super) async fn initialize_result(
         meta.insert(META_CLIENT.into(), params["clientInfo"].clone());
     }
     let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
-    let (head, body) = exchange(ctx, req, peer, up, discover, meta).await?;
+    let (head, body) = exchange(ctx, req, peer, up, tenant, discover, meta).await?;
     // Whose a failure is, as for a held session's `initialize`.
     if !(200..300).contains(&head.status) {
         let why = format!("server/discover answered HTTP {}", head.status);
@@ -351,9 +360,10 @@ async fn call(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     m: &Message,
 ) -> Result<Answer, UpstreamFailure> {
-    call_with(ctx, req, peer, up, &req.body, m.id.as_ref()).await
+    call_with(ctx, req, peer, up, tenant, &req.body, m.id.as_ref()).await
 }
 
 /// A session-era request `body` (id `id`) to a stateless-only `up`, as [`call`] sends it.
@@ -362,12 +372,13 @@ pub(super) async fn call_with(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     body: &[u8],
     id: Option<&Id>,
 ) -> Result<Answer, UpstreamFailure> {
     let message: Value = serde_json::from_slice(body)
         .map_err(|e| UpstreamFailure::Unrelayable(format!("the request is not JSON: {e}")))?;
-    let (head, body) = exchange(ctx, req, peer, up, message, Map::new()).await?;
+    let (head, body) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
     if !(200..300).contains(&head.status) {
         return Ok(Answer {
             head,
@@ -403,6 +414,7 @@ async fn exchange(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     mut message: Value,
     meta: Map<String, Value>,
 ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
@@ -437,7 +449,7 @@ async fn exchange(
     ];
     let request = upstream_request(req, peer, up, &body, &replace)
         .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
-    upstream::call(&ctx.pool, up, request, MAX_ANSWER).await
+    upstream::call(&ctx.pool, up, tenant, request, MAX_ANSWER).await
 }
 
 /// A value for `Mcp-Name`: as it is when it is safe header text, else in the specification's

@@ -111,10 +111,7 @@ pub(super) struct Owner {
 
 /// The owner of the caller's held session at `up`.
 pub(super) fn owner(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>) -> Owner {
-    let tenant = {
-        let d = obs.decision.borrow();
-        ctx.shared.limits.key(("held-tenant", d.tenant.as_deref()))
-    };
+    let tenant = obs.tenant_key(ctx);
     let key = match up.held_session {
         HeldScope::Caller => session_owner(ctx, obs),
         HeldScope::Tenant => tenant,
@@ -285,7 +282,7 @@ async fn end(ctx: &WorkerCtx, up_key: u64, s: &HeldSession) {
     };
     let sent = monoio::time::timeout(
         END_WITHIN,
-        upstream::call(&ctx.pool, up, request, MAX_END_ANSWER),
+        upstream::call(&ctx.pool, up, s.tenant, request, MAX_END_ANSWER),
     )
     .await;
     match sent {
@@ -412,6 +409,7 @@ async fn open(
         req,
         peer,
         up,
+        tenant,
         &super::json_bytes(&body).into(),
         Some(&own),
     )
@@ -445,13 +443,14 @@ pub(super) async fn initialize(
     req: &Request,
     peer: SocketAddr,
     up: &Upstream,
+    tenant: u64,
     body: &Bytes,
     id: Option<&Id>,
 ) -> Result<(Option<String>, Value), UpstreamFailure> {
     let own = |e: String| UpstreamFailure::Unrelayable(format!("its session: {e}"));
     let unsent = in_session(&[], None, None);
     let request = upstream_request(req, peer, up, body, &unsent).map_err(|e| own(e.to_string()))?;
-    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+    let (head, bytes) = upstream::call(&ctx.pool, up, tenant, request, MAX_ANSWER).await?;
     // An upstream that speaks only the stateless era: learnt, for the callers to bridge.
     if up.era == crate::config::UpstreamEra::Auto && super::era::refuses_session_era(&head, &bytes)
     {
@@ -470,7 +469,7 @@ pub(super) async fn initialize(
     let replace = in_session(&[], session.as_deref(), Some(version));
     let request = upstream_request(req, peer, up, &Bytes::from_static(initialized), &replace)
         .map_err(|e| UpstreamFailure::Bad(format!("its answer to initialize: {e}")))?;
-    let (head, _) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+    let (head, _) = upstream::call(&ctx.pool, up, tenant, request, MAX_ANSWER).await?;
     if !(200..300).contains(&head.status) {
         return Err(UpstreamFailure::Bad(format!(
             "notifications/initialized got HTTP {}",
@@ -564,17 +563,18 @@ pub(super) async fn call(
         let replace = in_session(extra, s.id.as_deref(), Some(s.version.as_str()));
         let request = upstream_request(req, peer, up, &body, &replace)
             .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
-        let (head, bytes) = match upstream::call(&ctx.pool, up, request, MAX_ANSWER).await {
-            Ok(answer) => answer,
-            Err(f) => {
-                if let (UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_), Some(ours)) =
-                    (&f, &sent)
-                {
-                    *gave_up = GaveUp::cancellation(req, peer, up, &replace, ours);
+        let (head, bytes) =
+            match upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await {
+                Ok(answer) => answer,
+                Err(f) => {
+                    if let (UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_), Some(ours)) =
+                        (&f, &sent)
+                    {
+                        *gave_up = GaveUp::cancellation(req, peer, up, owner, &replace, ours);
+                    }
+                    return Err(f);
                 }
-                return Err(f);
-            }
-        };
+            };
         if attempt == 1 && session_lost(&head, &bytes) {
             // The upstream lost the session (restarted, expired): the request was not
             // processed, so it goes once more on a new one.
@@ -598,7 +598,7 @@ pub(super) async fn call(
 /// otherwise keep running at the upstream as many as it liked, whatever its cap (one more
 /// every `response_timeout_ms`).
 #[derive(Default)]
-pub(super) struct GaveUp(Option<http::Outgoing>);
+pub(super) struct GaveUp(Option<(http::Outgoing, u64)>);
 
 impl GaveUp {
     /// The cancellation of the request `ours` in the session whose headers are `replace`.
@@ -606,17 +606,21 @@ impl GaveUp {
         req: &Request,
         peer: SocketAddr,
         up: &Upstream,
+        owner: Owner,
         replace: &[(&str, Option<&str>)],
         ours: &Id,
     ) -> Self {
         let body = super::abandoned::cancellation(std::iter::once(ours));
-        Self(body.and_then(|body| upstream_request(req, peer, up, &body, replace).ok()))
+        Self(
+            body.and_then(|body| upstream_request(req, peer, up, &body, replace).ok())
+                .map(|request| (request, owner.tenant)),
+        )
     }
 
     /// Sends the cancellation, if the call was given up on.
     pub(super) async fn cancel(self, ctx: &WorkerCtx, up: &Upstream) {
-        if let Some(request) = self.0 {
-            super::abandoned::cancel(ctx, up, request).await;
+        if let Some((request, tenant)) = self.0 {
+            super::abandoned::cancel(ctx, up, tenant, request).await;
         }
     }
 }
@@ -657,7 +661,7 @@ pub(super) async fn call_learning(
     replace.extend(READ_WHOLE);
     let request = upstream_request(req, peer, up, body, &replace)
         .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
-    let (head, bytes) = upstream::call(&ctx.pool, up, request, MAX_ANSWER).await?;
+    let (head, bytes) = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
         era::learn_session(ctx, up);
         return call(ctx, req, peer, up, owner, body, extra, gave_up).await;
@@ -787,7 +791,7 @@ pub(super) async fn open_judging(
         }
     };
     let sent = Instant::now();
-    let opened = upstream::open(&ctx.pool, up, request, Some(io)).await;
+    let opened = upstream::open(&ctx.pool, up, obs.tenant_key(ctx), request, Some(io)).await;
     obs.waited(sent.elapsed());
     let (mut conn, head) = match opened {
         Ok(o) => o,

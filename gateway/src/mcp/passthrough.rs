@@ -335,7 +335,7 @@ impl<'c, 'a> Pass<'c, 'a> {
             )
             && let Ok(request) = upstream_request(req, peer, up, &body, &extra)
         {
-            super::abandoned::cancel(ctx, up, request).await;
+            super::abandoned::cancel(ctx, up, self.obs.tenant_key(ctx), request).await;
         }
         keep
     }

@@ -173,6 +173,14 @@ impl Obs<'_> {
         }
     }
 
+    /// The request's tenant, as the upstream pool keeps connections apart: a connection
+    /// carries one tenant's requests only (see `upstream::pool`).
+    pub fn tenant_key(&self, ctx: &WorkerCtx) -> u64 {
+        ctx.shared
+            .limits
+            .key(("pool", self.decision.borrow().tenant.as_deref()))
+    }
+
     /// The request went to its upstream and waited `d` for it (an answer or a failure): only
     /// such a request is judged by the breakers it passed (see `record`).
     pub fn waited(&self, d: Duration) {
@@ -713,7 +721,14 @@ pub(super) async fn read_whole<'c>(
         }
     };
     let sent = Instant::now();
-    let answer = call(&ctx.pool, up, request, 16 * 1024 * 1024).await;
+    let answer = call(
+        &ctx.pool,
+        up,
+        obs.tenant_key(ctx),
+        request,
+        16 * 1024 * 1024,
+    )
+    .await;
     obs.waited(sent.elapsed());
     let (mut head, body) = match answer {
         Ok(a) => a,

@@ -39,7 +39,7 @@ pub(super) async fn forward<'c>(
 ) -> bool {
     obs.upstream.set(Some(&up.name));
     let sent = Instant::now();
-    let opened = open(&ctx.pool, up, request, Some(client)).await;
+    let opened = open(&ctx.pool, up, obs.tenant_key(ctx), request, Some(client)).await;
     obs.waited(sent.elapsed());
     match opened {
         Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, connect_from},
     peers::{free_port, post, read_response},
     unique,
 };
@@ -650,6 +650,80 @@ fn a_stray_answer_on_a_kept_connection_is_never_delivered_to_the_next_client() {
         failed.len() <= 1,
         "only the call the stray reached fails: {failed:?}"
     );
+}
+
+/// Upstream connections are pooled per tenant. A stray the gateway cannot tell from the next
+/// answer (one carrying the next request's id: the SDKs number ids from 0 in every session, so
+/// equal ids are common) reaches only the same tenant's next call on that connection. Before,
+/// the next call on a pooled connection was any tenant's: another tenant's client was answered
+/// with what the upstream wrote for the first.
+#[test]
+fn a_stray_with_the_next_requests_id_reaches_no_other_tenant() {
+    let fake = Fake::start(Box::new(|conn, index, seen| {
+        let mut answered = 0;
+        while let Some(body) = read_upstream_request(conn) {
+            let id = id_of(&body);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let tool = v["params"]["name"].as_str().unwrap_or_default().to_owned();
+            seen.lock().unwrap().push(body);
+            let _ = conn.write_all(&json_answer(&format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{"for":"{tool}"}}}}"#
+            )));
+            answered += 1;
+            // Once, on the first connection, past the kernel's quick ACKs of its start: a
+            // second answer to alpha's call, with the id every client's first call has.
+            if index == 0 && answered == 4 {
+                std::thread::sleep(Duration::from_millis(5));
+                let _ = conn.write_all(&json_answer(
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"for":"alpha, a second time"}}"#,
+                ));
+            }
+        }
+    }));
+    let tables = r#"
+[[tenants]]
+name = "alpha"
+id = 1
+sources = ["127.0.4.0/24"]
+[[tenants]]
+name = "beta"
+id = 2
+sources = ["127.0.5.0/24"]
+"#;
+    let extra = Extra {
+        kernel: r#"default_tenant = "alpha""#,
+        tables,
+        ..Extra::default()
+    };
+    let (_d, port, _) = gateway(fake.port, extra);
+    let call_from = |source: &str, tool: &str| {
+        let mut c = connect_from(
+            source.parse().unwrap(),
+            ([127, 0, 0, 1], port).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(&call(1, tool)).unwrap();
+        read_response(&mut c).expect("an answer")
+    };
+    for _ in 0..4 {
+        let r = call_from("127.0.4.1", "alpha");
+        assert_eq!(r.json()["result"]["for"], "alpha", "{:?}", r.json());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The stray waits on alpha's connection for the gateway's next packet on it.
+    for i in 0..3 {
+        let r = call_from("127.0.5.1", "beta");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.json()["result"]["for"],
+            "beta",
+            "beta's call {i} was answered with alpha's: {:?}",
+            r.json()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// What is checked to be an answer to the request sent is only a request's answer: a client's

@@ -129,7 +129,17 @@ impl<'c> Federation<'_, 'c> {
         }
         let up = self.upstream(member);
         if !crate::mcp::era::known_stateless(self.ctx, up) {
-            match held::initialize(self.ctx, self.req, self.peer, up, body, id).await {
+            match held::initialize(
+                self.ctx,
+                self.req,
+                self.peer,
+                up,
+                self.obs.tenant_key(self.ctx),
+                body,
+                id,
+            )
+            .await
+            {
                 // Unless it was just learnt to speak only the stateless era.
                 Err(f) if !crate::mcp::era::known_stateless(self.ctx, up) => {
                     return Err(describe(f));
@@ -142,10 +152,16 @@ impl<'c> Federation<'_, 'c> {
         let params = serde_json::from_slice::<Value>(body)
             .map(|mut v| v["params"].take())
             .unwrap_or_default();
-        let result =
-            crate::mcp::bridge::initialize_result(self.ctx, self.req, self.peer, up, &params)
-                .await
-                .map_err(describe)?;
+        let result = crate::mcp::bridge::initialize_result(
+            self.ctx,
+            self.req,
+            self.peer,
+            up,
+            self.obs.tenant_key(self.ctx),
+            &params,
+        )
+        .await
+        .map_err(describe)?;
         Ok((None, result, true))
     }
 }

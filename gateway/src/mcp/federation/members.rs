@@ -159,9 +159,17 @@ impl<'c> Federation<'_, 'c> {
             return Ok((accepted, Vec::new()));
         };
         let up = self.upstream(member);
-        crate::mcp::bridge::call_with(self.ctx, self.req, self.peer, up, body, Some(&id))
-            .await
-            .map(|a| (a.head, a.body))
+        crate::mcp::bridge::call_with(
+            self.ctx,
+            self.req,
+            self.peer,
+            up,
+            self.obs.tenant_key(self.ctx),
+            body,
+            Some(&id),
+        )
+        .await
+        .map(|a| (a.head, a.body))
     }
 
     /// Forwards a request to the member that owns it; its answer is relayed as it arrives.
@@ -211,6 +219,7 @@ impl<'c> Federation<'_, 'c> {
                 self.req,
                 self.peer,
                 up,
+                self.obs.tenant_key(self.ctx),
                 &bytes,
                 message.id.as_ref(),
             );
@@ -278,7 +287,8 @@ impl<'c> Federation<'_, 'c> {
             )
             && let Ok(request) = self.request_for(member, era, &body, &extra)
         {
-            crate::mcp::abandoned::cancel(self.ctx, up, request).await;
+            let tenant = self.obs.tenant_key(self.ctx);
+            crate::mcp::abandoned::cancel(self.ctx, up, tenant, request).await;
         }
         keep
     }
@@ -306,6 +316,7 @@ impl<'c> Federation<'_, 'c> {
                     upstream::call(
                         &self.ctx.pool,
                         self.upstream(member),
+                        self.obs.tenant_key(self.ctx),
                         request,
                         MAX_COLLECTED,
                     )

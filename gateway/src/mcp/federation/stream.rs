@@ -67,7 +67,16 @@ impl<'c> Federation<'_, 'c> {
                 self.request_for(member, era, &Bytes::new(), &[("last-event-id", last_id)]);
             async move {
                 let opened = match request {
-                    Ok(request) => upstream::open(&self.ctx.pool, up, request, Some(client)).await,
+                    Ok(request) => {
+                        upstream::open(
+                            &self.ctx.pool,
+                            up,
+                            self.obs.tenant_key(self.ctx),
+                            request,
+                            Some(client),
+                        )
+                        .await
+                    }
                     Err(e) => Err(UpstreamFailure::Bad(e.to_string())),
                 };
                 (up, opened)

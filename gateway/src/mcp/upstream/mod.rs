@@ -25,6 +25,8 @@ use crate::{
 pub struct Conn {
     io: Io,
     addr: SocketAddr,
+    /// Whose requests it carries: it goes back to that tenant's idle connections only.
+    tenant: u64,
     /// Counted in use (for the pool's size) while this lives.
     _lease: pool::Lease,
 }
@@ -289,9 +291,10 @@ fn parse_response_head(
     }
 }
 
-/// Sends `request` to `up` over a pooled or new connection (one retry when a pooled connection
-/// turns out to be closed) and reads the response head. With a `client` to watch, gives up
-/// (closing the upstream connection) if that client leaves first.
+/// Sends `request` to `up` over a pooled connection of `tenant`'s (an [`Obs::tenant_key`]) or
+/// a new one (one retry when a pooled connection turns out to be closed) and reads the
+/// response head. With a `client` to watch, gives up (closing the upstream connection) if that
+/// client leaves first.
 ///
 /// With several endpoints ([`crate::endpoints::Replicas`]): the session id of an answer is handed on signed with
 /// its endpoint; a request carrying one goes to that endpoint with the endpoint's own id (or
@@ -301,6 +304,7 @@ fn parse_response_head(
 pub async fn open(
     pool: &Pool,
     up: &Upstream,
+    tenant: u64,
     mut first: Outgoing,
     client: Option<&Io>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
@@ -354,7 +358,7 @@ pub async fn open(
         attempt += 1;
         // The retry goes over a new connection: the pool's others went idle as long ago.
         let pooled = if attempt == 1 {
-            pool.checkout(up, addr)
+            pool.checkout(up, addr, tenant)
         } else {
             None
         };
@@ -432,6 +436,7 @@ pub async fn open(
                 let conn = Conn {
                     io: conn,
                     addr,
+                    tenant,
                     _lease: lease,
                 };
                 return Ok((conn, head));
@@ -488,10 +493,11 @@ fn idempotent(request: &[u8]) -> bool {
 pub async fn call(
     pool: &Pool,
     up: &Upstream,
+    tenant: u64,
     request: Outgoing,
     max: usize,
 ) -> Result<(ResponseHead, Vec<u8>), UpstreamFailure> {
-    let (mut conn, head) = match open(pool, up, request, None).await {
+    let (mut conn, head) = match open(pool, up, tenant, request, None).await {
         Ok(opened) => opened,
         // What the replica would have said had it been asked: a held session opens a new one.
         Err(UpstreamFailure::SessionLost) => {

@@ -1,14 +1,19 @@
 //! A worker's idle upstream connections, kept for reuse. Never shared between workers.
 //!
 //! Connections are pooled per upstream endpoint (its [`Upstream::key`]: name, URL and TLS
-//! settings, and the endpoint's address): two upstreams on one address with different names or
-//! certificates never share a connection. Connections to an address the upstream no longer has
-//! (a re-resolution) are not kept. The count of connections in use per endpoint is also the
-//! balancer's measure of load on this worker.
+//! settings, and the endpoint's address) and per tenant: two upstreams on one address with
+//! different names or certificates never share a connection, and neither do two tenants. An
+//! upstream that writes past an answer (a stray the gateway cannot tell from the next answer:
+//! one after an event stream or a chunked answer, or carrying the next request's id) misleads
+//! the next exchange on that connection only, which is then the same tenant's. Connections to
+//! an address the upstream no longer has (a re-resolution) are not kept. The count of
+//! connections in use per endpoint (every tenant's) is also the balancer's measure of load on
+//! this worker.
 //!
-//! The pool is sized to the concurrency it serves: it keeps as many idle connections as were
-//! in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
-//! `max_idle_connections_per_worker` if that is more (0 still turns pooling off). A fixed cap below the concurrency closes
+//! The pool is sized to the concurrency it serves: it keeps, for each tenant, as many idle
+//! connections as were in use at once lately (the endpoint's peak over the last
+//! [`PEAK_WINDOW`] or two), or `max_idle_connections_per_worker` if that is more (0 still
+//! turns pooling off); a tenant's idle connections are ones its own requests made. A fixed cap below the concurrency closes
 //! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
 //! ~10,600 new upstream connections a second, which doubled the CPU per request. Past its
 //! peak, a pool gives back the least recently used first; once a second it closes what an
@@ -77,12 +82,15 @@ impl Drop for Lease {
 /// An upstream's endpoint: its pool key and the address.
 type Key = (u64, SocketAddr);
 
+/// An endpoint's idle connections of one tenant (its [`crate::mcp::Obs`] key).
+type IdleKey = (u64, SocketAddr, u64);
+
 /// Hashed with Fx, not SipHash: the keys are the gateway's own (upstream ids and addresses from
 /// its configuration), looked up three times a request.
 type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 pub struct Pool {
-    idle: RefCell<HashMap<Key, Idle>>,
+    idle: RefCell<HashMap<IdleKey, Idle>>,
     in_use: RefCell<HashMap<Key, Rc<InUse>>>,
     /// The balancer's random choices (xorshift; not for secrets).
     random: Cell<u64>,
@@ -161,9 +169,9 @@ impl Pool {
     /// long as traffic went on, each socket closed by the upstream still held here.
     pub fn sweep(&self) {
         let mut pool = self.idle.borrow_mut();
-        for (key, idle) in pool.iter_mut() {
+        for (&(up, addr, _), idle) in pool.iter_mut() {
             idle.conns.retain_mut(Io::idle_and_open);
-            idle.trim(self.keep(key, idle.max_idle));
+            idle.trim(self.keep(&(up, addr), idle.max_idle));
         }
     }
 
@@ -173,9 +181,9 @@ impl Pool {
     /// on since its last answer is dropped. Bytes sent after an answer belong to no request:
     /// read as the next answer they would reach another client. (Over TLS, records that carry
     /// no data, such as a TLS 1.3 server's session tickets, are taken and do not count.)
-    pub(super) fn checkout(&self, up: &Upstream, addr: SocketAddr) -> Option<Io> {
+    pub(super) fn checkout(&self, up: &Upstream, addr: SocketAddr, tenant: u64) -> Option<Io> {
         let mut pool = self.idle.borrow_mut();
-        let idle = pool.get_mut(&(up.key, addr))?;
+        let idle = pool.get_mut(&(up.key, addr, tenant))?;
         while let Some(mut io) = idle.conns.pop() {
             if io.idle_and_open() {
                 return Some(io);
@@ -188,20 +196,25 @@ impl Pool {
     /// its answer, with an abandoned read or write, or to an address the upstream no longer
     /// has, is closed instead.
     pub(crate) fn checkin(&self, up: &Upstream, conn: Conn) {
-        let Conn { mut io, addr, .. } = conn;
+        let Conn {
+            mut io,
+            addr,
+            tenant,
+            ..
+        } = conn;
         if !io.intact() || !up.replicas.contains(addr) {
             return;
         }
-        let key = (up.key, addr);
-        let keep = self.keep(&key, up.max_idle);
+        let key = (up.key, addr, tenant);
+        let keep = self.keep(&(up.key, addr), up.max_idle);
         let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
         if !pool.contains_key(&key) {
             pool.retain(|_, idle| now.duration_since(idle.used) < FORGET_AFTER);
-            let idle = &*pool;
+            let idle: rustc_hash::FxHashSet<Key> = pool.keys().map(|k| (k.0, k.1)).collect();
             self.in_use
                 .borrow_mut()
-                .retain(|key, c| c.now.get() > 0 || idle.contains_key(key));
+                .retain(|key, c| c.now.get() > 0 || idle.contains(key));
         }
         let idle = pool.entry(key).or_insert_with(|| Idle {
             conns: Vec::new(),
