@@ -433,6 +433,8 @@ pub struct RawUpstream {
     /// read from this environment variable at load.
     #[serde(default)]
     pub bearer_token_env: Option<String>,
+    /// Idle connections each worker keeps at least, for each tenant (it keeps as many as were
+    /// in use at once lately, if more); 0: none kept.
     #[serde(default = "default_max_idle")]
     pub max_idle_connections_per_worker: usize,
     /// Circuit breakers for this upstream as a whole and for each of its tools; none when not
