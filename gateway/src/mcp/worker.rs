@@ -148,6 +148,10 @@ impl OpenConns {
                 continue;
             }
             if let Some(why) = shared.source_refusal(&snapshot, ip) {
+                // Reset when its task closes it: what was queued for the client before the
+                // ban is thrown away, not delivered (a client that stopped reading had
+                // megabytes of an answer waiting, a review found).
+                crate::host::reset_on_close(*fd);
                 shut(*fd);
                 c.cut = true;
                 shared.refused_conns.source(why);
