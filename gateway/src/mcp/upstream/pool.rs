@@ -10,10 +10,11 @@
 //! connections in use per endpoint (every tenant's) is also the balancer's measure of load on
 //! this worker.
 //!
-//! The pool is sized to the concurrency it serves: it keeps, for each tenant, as many idle
-//! connections as were in use at once lately (the endpoint's peak over the last
-//! [`PEAK_WINDOW`] or two), or `max_idle_connections_per_worker` if that is more (0 still
-//! turns pooling off); a tenant's idle connections are ones its own requests made. A fixed cap below the concurrency closes
+//! The pool is sized to the concurrency it serves: it keeps as many idle connections to an
+//! endpoint as were in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
+//! `max_idle_connections_per_worker` if that is more (0 still turns pooling off), every
+//! tenant's together: past that, the least recently used go, whoever's they are (kept per
+//! tenant, 40 tenants' calls kept ten times as many, a review found). A fixed cap below the concurrency closes
 //! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
 //! ~10,600 new upstream connections a second, which doubled the CPU per request. Past its
 //! peak, a pool gives back the least recently used first; once a second it closes what an
@@ -39,8 +40,8 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 const PEAK_WINDOW: Duration = Duration::from_secs(10);
 
 struct Idle {
-    /// The most recently used on top.
-    conns: Vec<Io>,
+    /// The most recently used on top, each with the tenant whose requests it carries.
+    conns: Vec<(u64, Io)>,
     used: Instant,
     /// The upstream's `max_idle`, as of the last check-in.
     max_idle: usize,
@@ -82,15 +83,12 @@ impl Drop for Lease {
 /// An upstream's endpoint: its pool key and the address.
 type Key = (u64, SocketAddr);
 
-/// An endpoint's idle connections of one tenant (its [`crate::mcp::Obs`] key).
-type IdleKey = (u64, SocketAddr, u64);
-
 /// Hashed with Fx, not SipHash: the keys are the gateway's own (upstream ids and addresses from
 /// its configuration), looked up three times a request.
 type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 pub struct Pool {
-    idle: RefCell<HashMap<IdleKey, Idle>>,
+    idle: RefCell<HashMap<Key, Idle>>,
     in_use: RefCell<HashMap<Key, Rc<InUse>>>,
     /// The balancer's random choices (xorshift; not for secrets).
     random: Cell<u64>,
@@ -169,9 +167,9 @@ impl Pool {
     /// long as traffic went on, each socket closed by the upstream still held here.
     pub fn sweep(&self) {
         let mut pool = self.idle.borrow_mut();
-        for (&(up, addr, _), idle) in pool.iter_mut() {
-            idle.conns.retain_mut(Io::idle_and_open);
-            idle.trim(self.keep(&(up, addr), idle.max_idle));
+        for (key, idle) in pool.iter_mut() {
+            idle.conns.retain_mut(|(_, io)| io.idle_and_open());
+            idle.trim(self.keep(key, idle.max_idle));
         }
     }
 
@@ -183,8 +181,10 @@ impl Pool {
     /// no data, such as a TLS 1.3 server's session tickets, are taken and do not count.)
     pub(super) fn checkout(&self, up: &Upstream, addr: SocketAddr, tenant: u64) -> Option<Io> {
         let mut pool = self.idle.borrow_mut();
-        let idle = pool.get_mut(&(up.key, addr, tenant))?;
-        while let Some(mut io) = idle.conns.pop() {
+        let idle = pool.get_mut(&(up.key, addr))?;
+        // The tenant's most recently used (the top one, with one tenant).
+        while let Some(i) = idle.conns.iter().rposition(|(t, _)| *t == tenant) {
+            let (_, mut io) = idle.conns.remove(i);
             if io.idle_and_open() {
                 return Some(io);
             }
@@ -205,16 +205,16 @@ impl Pool {
         if !io.intact() || !up.replicas.contains(addr) {
             return;
         }
-        let key = (up.key, addr, tenant);
-        let keep = self.keep(&(up.key, addr), up.max_idle);
+        let key = (up.key, addr);
+        let keep = self.keep(&key, up.max_idle);
         let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
         if !pool.contains_key(&key) {
             pool.retain(|_, idle| now.duration_since(idle.used) < FORGET_AFTER);
-            let idle: rustc_hash::FxHashSet<Key> = pool.keys().map(|k| (k.0, k.1)).collect();
+            let idle = &*pool;
             self.in_use
                 .borrow_mut()
-                .retain(|key, c| c.now.get() > 0 || idle.contains(key));
+                .retain(|key, c| c.now.get() > 0 || idle.contains_key(key));
         }
         let idle = pool.entry(key).or_insert_with(|| Idle {
             conns: Vec::new(),
@@ -223,12 +223,11 @@ impl Pool {
         });
         idle.used = now;
         idle.max_idle = up.max_idle;
-        if idle.conns.len() < keep {
-            // An idle connection holds no read buffer; the next exchange takes one.
-            io.release_buffers();
-            idle.conns.push(io);
-        }
-        // Past the peak, the least recently used go.
+        // An idle connection holds no read buffer; the next exchange takes one.
+        io.release_buffers();
+        idle.conns.push((tenant, io));
+        // Past the peak, the least recently used go (another tenant's, it may be: one tenant's
+        // connections do not keep another's from being pooled).
         idle.trim(keep);
     }
 }
