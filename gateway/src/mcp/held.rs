@@ -563,18 +563,22 @@ pub(super) async fn call(
         let replace = in_session(extra, s.id.as_deref(), Some(s.version.as_str()));
         let request = upstream_request(req, peer, up, &body, &replace)
             .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
+        // Armed while the call is out: a caller that stops waiting (its client left, and the
+        // call's future was dropped) leaves it armed, and the call is cancelled.
+        if let Some(ours) = &sent {
+            *gave_up = GaveUp::cancellation(req, peer, up, owner, &replace, ours);
+        }
         let (head, bytes) =
             match upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await {
                 Ok(answer) => answer,
                 Err(f) => {
-                    if let (UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_), Some(ours)) =
-                        (&f, &sent)
-                    {
-                        *gave_up = GaveUp::cancellation(req, peer, up, owner, &replace, ours);
+                    if !matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
+                        *gave_up = GaveUp::default();
                     }
                     return Err(f);
                 }
             };
+        *gave_up = GaveUp::default();
         if attempt == 1 && session_lost(&head, &bytes) {
             // The upstream lost the session (restarted, expired): the request was not
             // processed, so it goes once more on a new one.
@@ -591,7 +595,8 @@ pub(super) async fn call(
     Ok(answer)
 }
 
-/// A held call given up on (it timed out, or its connection failed after it was sent): its
+/// A held call given up on (it timed out, its connection failed after it was sent, or its
+/// client left, or was cut for a ban, while it was out): its
 /// cancellation in the held session, sent once its client has its answer and before the
 /// call's concurrency slot is given back ([`GaveUp::cancel`]). The session is not the
 /// caller's, so nothing else ends the request there, and a tenant whose calls time out could
@@ -911,9 +916,22 @@ pub(super) async fn forward<'c>(
     // A stateless client has no session: an id it sends is not passed on.
     let unsent = [("mcp-session-id", None)];
     let mut gave_up = GaveUp::default();
-    let answer = call_learning(ctx, req, peer, up, owner, &req.body, &unsent, &mut gave_up).await;
+    let answer = upstream::unless_client_leaves(
+        io,
+        call_learning(ctx, req, peer, up, owner, &req.body, &unsent, &mut gave_up),
+    )
+    .await;
     obs.waited(sent.elapsed());
-    let keep = reply(io, req, up, m, answer, obs, edit).await;
+    let keep = match answer {
+        Some(answer) => reply(io, req, up, m, answer, obs, edit).await,
+        // The client left (or was cut for a ban): the call is cancelled in the held session,
+        // which nothing else would end.
+        None => {
+            obs.set(Outcome::UpstreamFailure);
+            obs.client_left.set(true);
+            false
+        }
+    };
     gave_up.cancel(ctx, up).await;
     keep
 }

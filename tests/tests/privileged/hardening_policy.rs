@@ -1111,6 +1111,54 @@ fn a_held_call_that_times_out_is_cancelled_in_its_session() {
     d.stop();
 }
 
+/// A call on a held session whose client leaves (or is cut for a ban) is cancelled there at
+/// once: the session is the gateway's, so the client's going ends nothing by itself. Before,
+/// the call ran on at the upstream until it ended or the response timeout came (30 s here).
+#[test]
+fn a_held_call_whose_client_leaves_is_cancelled_in_its_session() {
+    let held = PyServer::start_with(&["--slow"]);
+    let instance = unique("gwheldleave");
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "{}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n\
+         [[upstreams]]\nname = \"held\"\nurl = \"{}\"\nera = \"session\"\n\
+         response_timeout_ms = 30000\n\
+         [[routes]]\npath = \"/held\"\nupstream = \"held\"\n",
+        integration_tests::daemon::local_header(&instance, 1, port, admin),
+        held.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let running = || {
+        let r = raw(
+            port,
+            &post_call_2026("/held", 9, "calls_running", &json!({}), ""),
+        )
+        .0;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["result"]["structuredContent"]["result"].clone()
+    };
+    let until = |n: i64, what: &str| {
+        let seen = (0..50).any(|_| {
+            if running() == json!(n) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            false
+        });
+        assert!(seen, "{what}: {} running", running());
+    };
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(
+        &mut client,
+        &post_call_2026("/held", 1, "sleep", &json!({"seconds": 60}), ""),
+    )
+    .unwrap();
+    until(1, "the call did not start");
+    drop(client);
+    until(0, "the call of a client that left runs on at the upstream");
+    d.stop();
+}
+
 /// A gateway (one worker) whose route `/mcp` goes to `up`, a session-era upstream held for
 /// stateless clients, with `upstream_extra` lines in its `[[upstreams]]` table: the daemon,
 /// its port and its admin port.
