@@ -145,11 +145,16 @@ pub fn render_build_info(out: &mut String) {
     );
 }
 
-/// `mcp_gateway_xdp_attached{interface,mode} 1` per interface the program is attached to.
-pub fn render_xdp(out: &mut String, attached: &[(String, &'static str)]) {
+/// `mcp_gateway_xdp_attached{interface,mode} 1` per interface the program is attached to now,
+/// and how many attachments were made again since start.
+pub fn render_xdp(out: &mut String, attached: &[(String, &'static str)], reattached: u64) {
     let _ = writeln!(
         out,
-        "# HELP mcp_gateway_xdp_attached XDP program attachments: 1 per interface, labelled with the mode in force (native or generic).\n# TYPE mcp_gateway_xdp_attached gauge"
+        "# HELP mcp_gateway_xdp_reattached_total XDP attachments made again after the program was found missing from its interface (the interface deleted and made again, or the link's pin removed).\n# TYPE mcp_gateway_xdp_reattached_total counter\nmcp_gateway_xdp_reattached_total {reattached}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_xdp_attached XDP program attachments in place (checked every second): 1 per interface, labelled with the mode in force (native or generic). An interface of `kernel.interfaces` missing here has no program now (`/readyz` says which).\n# TYPE mcp_gateway_xdp_attached gauge"
     );
     for (interface, mode) in attached {
         let _ = writeln!(

@@ -43,10 +43,24 @@ impl Topology {
             gw_if: format!("{tag}g"),
             client_if: format!("{tag}c"),
         };
-        let cl_if = t.client_if.clone();
         ip(&["netns", "add", &t.gw]);
         // From here on, Drop cleans up even if a later step fails.
         ip(&["netns", "add", &t.client]);
+        ip(&["-n", &t.gw, "link", "set", "lo", "up"]);
+        ip(&["-n", &t.client, "link", "set", "lo", "up"]);
+        t.link(client_addrs);
+        t
+    }
+
+    /// Deletes the veth pair (as a host deleting an interface to make it again does).
+    pub fn unlink(&self) {
+        ip(&["-n", &self.gw, "link", "del", &self.gw_if]);
+    }
+
+    /// Makes the veth pair (again), with the addresses, up.
+    pub fn link(&self, client_addrs: &[Ipv4Addr]) {
+        let t = self;
+        let cl_if = t.client_if.clone();
         ip(&[
             "link", "add", &t.gw_if, "netns", &t.gw, "type", "veth", "peer", "name", &cl_if,
             "netns", &t.client,
@@ -73,9 +87,7 @@ impl Topology {
         }
         for (ns, dev) in [(&t.gw, &t.gw_if), (&t.client, &cl_if)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        t
     }
 
     /// The MAC address of interface `dev` in namespace `ns`.

@@ -52,8 +52,13 @@ struct Control {
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
-    /// XDP attachments as made at start: (interface, mode), for `/metrics`.
+    /// XDP attachments in place, as last checked: (interface, mode), for `/metrics`.
     xdp: Vec<(String, &'static str)>,
+    /// Interfaces of `kernel.interfaces` without the program now, and why: `/readyz` says not
+    /// ready while there are any.
+    xdp_missing: Vec<(String, String)>,
+    /// Attachments made again since start (an interface made again, a pin removed).
+    xdp_reattached: u64,
     /// Configuration changes applied and refused, by source.
     reloads: Reloads,
     /// The live hosts of the fleet the kernel's tenant rates were last divided by (1 without
@@ -757,6 +762,7 @@ async fn run_async(
     let mut prune = tokio::time::interval(Duration::from_secs(10));
     let mut tls_files = tokio::time::interval(Duration::from_secs(2));
     let mut hosts = tokio::time::interval(Duration::from_millis(250));
+    let mut attachments = tokio::time::interval(ATTACHMENTS_EVERY);
     let mut flush = tokio::time::interval(state.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -768,6 +774,12 @@ async fn run_async(
             _ = bans.tick() => lock(&control).apply_auto_bans(),
             _ = hosts.tick(), if state.fleet.is_some() => lock(&control).follow_fleet_hosts(),
             _ = prune.tick() => lock(&control).shared.limits.prune(),
+            _ = attachments.tick(), if kernel.is_some() => {
+                if let Some(k) = kernel.as_mut() {
+                    let checked = k.check_attachments();
+                    lock(&control).attachments_checked(checked);
+                }
+            }
             _ = sweep.tick() => {
                 let mut c = lock(&control);
                 c.shared.new_conns.forget_idle(crate::kernel::monotonic_ns());
@@ -810,6 +822,45 @@ async fn run_async(
     serving
         .stop(admin, handed_to, grace, &control, &shared, kernel)
         .await
+}
+
+/// How often the XDP attachments are checked ([`crate::kernel::Kernel::check_attachments`]).
+const ATTACHMENTS_EVERY: Duration = Duration::from_secs(1);
+
+impl Control {
+    /// Takes what a check of the XDP attachments found: `/metrics` and `/readyz` say what is
+    /// in place; a change is logged once.
+    fn attachments_checked(&mut self, checked: Vec<(String, crate::kernel::Checked)>) {
+        use crate::kernel::Checked;
+        let mut xdp = Vec::with_capacity(checked.len());
+        let mut missing = Vec::new();
+        for (interface, state) in checked {
+            match state {
+                Checked::Attached(mode) => xdp.push((interface, mode.as_str())),
+                Checked::Reattached(mode) => {
+                    tracing::warn!(
+                        interface,
+                        mode = mode.as_str(),
+                        "the XDP program was no longer on its interface (made again, or its link unpinned); attached again"
+                    );
+                    self.xdp_reattached += 1;
+                    xdp.push((interface, mode.as_str()));
+                }
+                Checked::Missing(why) => {
+                    if !self
+                        .xdp_missing
+                        .iter()
+                        .any(|(i, w)| *i == interface && *w == why)
+                    {
+                        tracing::error!(interface, reason = %why, "the XDP program is not attached to its interface; not ready until it is");
+                    }
+                    missing.push((interface, why));
+                }
+            }
+        }
+        self.xdp = xdp;
+        self.xdp_missing = missing;
+    }
 }
 
 /// The control thread's ban path, as the fleet agent uses it.
@@ -1343,6 +1394,20 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     "text/plain",
                     format!("not ready: workers down {down:?}\n"),
                 )
+            } else if !c.xdp_missing.is_empty() {
+                let missing: Vec<String> = c
+                    .xdp_missing
+                    .iter()
+                    .map(|(interface, why)| format!("{interface} ({why})"))
+                    .collect();
+                respond(
+                    503,
+                    "text/plain",
+                    format!(
+                        "not ready: the kernel program is not attached to {}\n",
+                        missing.join(", ")
+                    ),
+                )
             } else {
                 respond(200, "text/plain", "ready\n".into())
             };
@@ -1424,7 +1489,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             crate::standard_metrics::render_process(&mut text);
             crate::standard_metrics::render_build_info(&mut text);
             if c.maps.is_some() {
-                crate::standard_metrics::render_xdp(&mut text, &c.xdp);
+                crate::standard_metrics::render_xdp(&mut text, &c.xdp, c.xdp_reattached);
             }
             crate::standard_metrics::render_certificates(
                 &mut text,

@@ -270,6 +270,8 @@ impl Control {
             store: kept.store,
             store_failing: false,
             xdp,
+            xdp_missing: Vec::new(),
+            xdp_reattached: 0,
             reloads: Reloads::default(),
             kernel_hosts,
             caps_written: false,

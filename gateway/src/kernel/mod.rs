@@ -130,6 +130,11 @@ impl AttachedMode {
 pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
+    /// The mode asked for, for an attachment made again ([`Kernel::check_attachments`]).
+    requested: AttachMode,
+    /// The interface's index when the program was attached to it (0 once it is gone): an
+    /// interface made again under the same name has another, and no program.
+    ifindex: u32,
     pin: PathBuf,
     /// Taken over from the gateway being upgraded: an error exit before serving leaves it to
     /// that one (which puts its program back), rather than detaching.
@@ -403,10 +408,27 @@ impl Kernel {
         interface: &str,
         mode: AttachMode,
     ) -> Result<AttachedMode, KernelError> {
-        let c_name = std::ffi::CString::new(interface)
-            .map_err(|_| KernelError::NoInterface(interface.into()))?;
-        // SAFETY: valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        let (attached, ifindex, pin) = self.link(interface, mode)?;
+        self.attachments.push(Attachment {
+            interface: interface.into(),
+            mode: attached,
+            requested: mode,
+            ifindex,
+            pin,
+            taken_over: false,
+        });
+        Ok(attached)
+    }
+
+    /// Attaches to `interface` with a link pinned in the instance's directory: the mode in
+    /// force, the interface's index and the pin.
+    fn link(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(AttachedMode, u32, PathBuf), KernelError> {
+        let ifindex = interface_index(interface);
+        if ifindex == 0 {
             return Err(KernelError::NoInterface(interface.into()));
         }
         let pin = self.pin_dir.join(format!("link_{interface}"));
@@ -446,13 +468,7 @@ impl Kernel {
                             "native XDP is not supported here; attached in generic mode (slower, still before the TCP stack)"
                         );
                     }
-                    self.attachments.push(Attachment {
-                        interface: interface.into(),
-                        mode: *attached,
-                        pin,
-                        taken_over: false,
-                    });
-                    return Ok(*attached);
+                    return Ok((*attached, ifindex, pin));
                 }
                 Err(source) => {
                     last_err = Some(KernelError::Attach {
@@ -480,10 +496,58 @@ impl Kernel {
         self.attachments.push(Attachment {
             interface: interface.into(),
             mode,
+            requested: match mode {
+                AttachedMode::Native => AttachMode::Native,
+                AttachedMode::Generic => AttachMode::Generic,
+            },
+            ifindex: interface_index(interface),
             pin,
             taken_over: true,
         });
         Ok(())
+    }
+
+    /// Whether each attachment is still in place, attaching again those that are not where
+    /// their interface is back. An interface deleted and made again under its name (what
+    /// `netplan apply` does to VLANs and bonds, a restarted container to its veth) loses its
+    /// program without a word to anyone, and so does one whose link's pin was removed: the
+    /// kernel program stopped judging its traffic while the gateway reported it attached.
+    /// Checked by the interface's index (changed or gone) and the pin; not seen: a link
+    /// detached by hand (`bpftool link detach`) with its pin left in place.
+    pub fn check_attachments(&mut self) -> Vec<(String, Checked)> {
+        let mut checked = Vec::with_capacity(self.attachments.len());
+        for i in 0..self.attachments.len() {
+            let a = &self.attachments[i];
+            let interface = a.interface.clone();
+            let now = interface_index(&interface);
+            if now != 0 && now == a.ifindex && a.pin.exists() {
+                checked.push((interface, Checked::Attached(a.mode)));
+                continue;
+            }
+            if now == 0 {
+                self.attachments[i].ifindex = 0;
+                checked.push((interface, Checked::Missing("no such interface".into())));
+                continue;
+            }
+            let requested = a.requested;
+            // The old link (defunct, or unpinned): its pin goes, quietly (`link` would take it
+            // for an earlier run's).
+            let _ = remove_stale_link(&a.pin.clone());
+            match self.link(&interface, requested) {
+                Ok((mode, ifindex, _)) => {
+                    let a = &mut self.attachments[i];
+                    a.mode = mode;
+                    a.ifindex = ifindex;
+                    a.taken_over = false;
+                    checked.push((interface, Checked::Reattached(mode)));
+                }
+                Err(e) => {
+                    self.attachments[i].ifindex = 0;
+                    checked.push((interface, Checked::Missing(e.to_string())));
+                }
+            }
+        }
+        checked
     }
 
     /// Puts this program back on this process's links: an upgrade that failed after the new
@@ -551,6 +615,26 @@ impl Drop for Kernel {
             tracing::error!(error = %e, "detaching the XDP program failed");
         }
     }
+}
+
+/// What [`Kernel::check_attachments`] found of one attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// In place, in this mode.
+    Attached(AttachedMode),
+    /// It was not in place and is now attached again, in this mode.
+    Reattached(AttachedMode),
+    /// Not in place, and could not be attached again (why).
+    Missing(String),
+}
+
+/// The index of the interface named `name`; 0 if there is none.
+fn interface_index(name: &str) -> u32 {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
 }
 
 /// Unpins and closes a pinned link, which detaches its program. Returns whether one was there.

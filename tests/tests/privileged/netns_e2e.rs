@@ -653,3 +653,76 @@ fn a_syn_cookie_ack_replayed_is_a_new_connection_each_time() {
     );
     daemon.stop();
 }
+
+/// `/readyz` in the gateway's namespace: (status, body).
+fn readyz_in(ns: &str) -> (u16, String) {
+    in_netns(ns, || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:19090").unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+        )
+    })
+}
+
+/// Waits (at most 5 s) until `done`; panics with `what` if it never is.
+fn within_5s(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An interface deleted and made again under its name (what `netplan apply` does to VLANs and
+/// bonds, a restarted container to its veth) loses its XDP program without a word to anyone.
+/// Before, the gateway went on reporting it attached (`/metrics`, `/readyz` ready) while the
+/// kernel program judged nothing on it. Now it is checked every second: missing, `/readyz`
+/// says which interface (503) and the metric drops it; back, the program is attached again,
+/// judging its traffic as before.
+#[test]
+fn an_interface_made_again_gets_the_program_back_and_readyz_says_when_it_has_none() {
+    let s = setup();
+    let attached = format!(
+        "mcp_gateway_xdp_attached{{interface=\"{}\",mode=\"native\"}}",
+        s.topo.gw_if
+    );
+    assert_eq!(readyz_in(&s.topo.gw).0, 200);
+    assert_eq!(metric_in(&s.topo.gw, &attached), 1);
+
+    s.topo.unlink();
+    within_5s("/readyz still ready with the interface gone", || {
+        let (status, body) = readyz_in(&s.topo.gw);
+        status == 503 && body.contains(&s.topo.gw_if)
+    });
+
+    s.topo.link(&[ALPHA, BETA, GAMMA]);
+    within_5s("the program was not attached again", || {
+        readyz_in(&s.topo.gw).0 == 200
+    });
+    let link = s.topo.gw_link();
+    assert!(
+        link.contains("xdp") && !link.contains("xdpgeneric"),
+        "native XDP on the new interface: {link}"
+    );
+    assert_eq!(metric_in(&s.topo.gw, &attached), 1);
+    assert_eq!(metric_in(&s.topo.gw, "mcp_gateway_xdp_reattached_total"), 1);
+    // It judges the new interface's traffic: a banned source's SYNs are the program's.
+    let mut m = maps(&s);
+    m.ban(IpAddr::V4(GAMMA), Duration::from_secs(60)).unwrap();
+    let banned_before = m.tenant_counters(3).unwrap().packets(Verdict::Banned);
+    let (ok, failed) = attempts(&s.topo.client, GAMMA, 2);
+    assert_eq!((ok.len(), failed), (0, 2));
+    assert!(m.tenant_counters(3).unwrap().packets(Verdict::Banned) >= banned_before + 2);
+    assert_eq!(attempts(&s.topo.client, BETA, 1).0.len(), 1);
+}
