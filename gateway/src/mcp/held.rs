@@ -508,6 +508,7 @@ pub(super) async fn call(
     body: &[u8],
     extra: &[(&str, Option<&str>)],
     gave_up: &mut GaveUp,
+    client: Option<&Io>,
 ) -> Result<Answer, UpstreamFailure> {
     let mut message: Value = serde_json::from_slice(body)
         // The call's own failure, not the upstream's: nothing was sent (see `proxy::outcome_of`).
@@ -568,16 +569,24 @@ pub(super) async fn call(
         if let Some(ours) = &sent {
             *gave_up = GaveUp::cancellation(req, peer, up, owner, &replace, ours);
         }
-        let (head, bytes) =
-            match upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await {
-                Ok(answer) => answer,
-                Err(f) => {
-                    if !matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
-                        *gave_up = GaveUp::default();
-                    }
-                    return Err(f);
+        // Only the call is given up when its `client` leaves: a session being opened is
+        // finished whoever waits for it (given up, it was left open at the upstream for good).
+        let called = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER);
+        let answered = match client {
+            Some(client) => upstream::unless_client_leaves(client, called).await,
+            None => Some(called.await),
+        };
+        let (head, bytes) = match answered {
+            Some(Ok(answer)) => answer,
+            // Still armed: the caller cancels it.
+            None => return Err(UpstreamFailure::ClientGone),
+            Some(Err(f)) => {
+                if !matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
+                    *gave_up = GaveUp::default();
                 }
-            };
+                return Err(f);
+            }
+        };
         *gave_up = GaveUp::default();
         if attempt == 1 && session_lost(&head, &bytes) {
             // The upstream lost the session (restarted, expired): the request was not
@@ -658,9 +667,10 @@ pub(super) async fn call_learning(
     body: &Bytes,
     extra: &[(&str, Option<&str>)],
     gave_up: &mut GaveUp,
+    client: Option<&Io>,
 ) -> Result<Answer, UpstreamFailure> {
     if era::known_session(ctx, up) == Some(true) {
-        return call(ctx, req, peer, up, owner, body, extra, gave_up).await;
+        return call(ctx, req, peer, up, owner, body, extra, gave_up, client).await;
     }
     let mut replace = extra.to_vec();
     replace.extend(READ_WHOLE);
@@ -669,7 +679,7 @@ pub(super) async fn call_learning(
     let (head, bytes) = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
         era::learn_session(ctx, up);
-        return call(ctx, req, peer, up, owner, body, extra, gave_up).await;
+        return call(ctx, req, peer, up, owner, body, extra, gave_up, client).await;
     }
     let message: Value = serde_json::from_slice(body).unwrap_or_default();
     let id = id_of(&message);
@@ -734,7 +744,18 @@ pub(super) async fn forward_learning<'c>(
             let owner = owner(ctx, up, obs);
             let sent = Instant::now();
             let mut gave_up = GaveUp::default();
-            let answer = Box::pin(call(ctx, req, peer, up, owner, body, extra, &mut gave_up)).await;
+            let answer = Box::pin(call(
+                ctx,
+                req,
+                peer,
+                up,
+                owner,
+                body,
+                extra,
+                &mut gave_up,
+                Some(&*io),
+            ))
+            .await;
             obs.waited(sent.elapsed());
             let keep = Box::pin(reply(io, req, up, m, answer, obs, None)).await;
             gave_up.cancel(ctx, up).await;
@@ -916,21 +937,28 @@ pub(super) async fn forward<'c>(
     // A stateless client has no session: an id it sends is not passed on.
     let unsent = [("mcp-session-id", None)];
     let mut gave_up = GaveUp::default();
-    let answer = upstream::unless_client_leaves(
-        io,
-        call_learning(ctx, req, peer, up, owner, &req.body, &unsent, &mut gave_up),
+    let answer = call_learning(
+        ctx,
+        req,
+        peer,
+        up,
+        owner,
+        &req.body,
+        &unsent,
+        &mut gave_up,
+        Some(io),
     )
     .await;
     obs.waited(sent.elapsed());
     let keep = match answer {
-        Some(answer) => reply(io, req, up, m, answer, obs, edit).await,
         // The client left (or was cut for a ban): the call is cancelled in the held session,
         // which nothing else would end.
-        None => {
+        Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
             obs.client_left.set(true);
             false
         }
+        answer => reply(io, req, up, m, answer, obs, edit).await,
     };
     gave_up.cancel(ctx, up).await;
     keep

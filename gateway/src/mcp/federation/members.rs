@@ -124,6 +124,7 @@ impl<'c> Federation<'_, 'c> {
             body,
             &extra,
             &mut gave_up,
+            None,
         )
         .await;
         gave_up.cancel(self.ctx, up).await;
@@ -252,6 +253,7 @@ impl<'c> Federation<'_, 'c> {
                     &bytes,
                     &extra,
                     &mut gave_up,
+                    None,
                 )
                 .await;
                 self.obs.waited(sent.elapsed());
