@@ -48,10 +48,33 @@ struct Idle {
 }
 
 impl Idle {
-    /// Keeps `keep` connections at most: the least recently used go.
+    /// Keeps `keep` connections at most: the least recently used of the tenant that holds the
+    /// most go first (so that one tenant's burst does not take the one connection another
+    /// calls on in turn: a review saw each of its calls make a new one).
     fn trim(&mut self, keep: usize) {
         let excess = self.conns.len().saturating_sub(keep);
-        self.conns.drain(..excess);
+        if excess == 0 {
+            return;
+        }
+        let mut held: HashMap<u64, usize> = HashMap::default();
+        for (tenant, _) in &self.conns {
+            *held.entry(*tenant).or_default() += 1;
+        }
+        if held.len() == 1 {
+            self.conns.drain(..excess);
+            return;
+        }
+        for _ in 0..excess {
+            let Some((&most, _)) = held.iter().max_by_key(|(_, n)| **n) else {
+                return;
+            };
+            if let Some(i) = self.conns.iter().position(|(t, _)| *t == most) {
+                self.conns.remove(i);
+            }
+            if let Some(n) = held.get_mut(&most) {
+                *n -= 1;
+            }
+        }
     }
 }
 
@@ -66,8 +89,21 @@ struct InUse {
 }
 
 impl InUse {
-    fn recent_peak(&self) -> usize {
-        self.peak.get().max(self.previous_peak.get())
+    /// The most in use at once in this window and the one before, as of `now`: windows that
+    /// passed with no lease count as empty (the sweep reads this on a pool no request uses, and
+    /// a peak kept its connections until the next request came).
+    fn recent_peak(&self, now: Instant) -> usize {
+        let Some(start) = self.window_start.get() else {
+            return self.now.get();
+        };
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed < PEAK_WINDOW {
+            self.peak.get().max(self.previous_peak.get())
+        } else if elapsed < 2 * PEAK_WINDOW {
+            self.peak.get().max(self.now.get())
+        } else {
+            self.now.get()
+        }
     }
 }
 
@@ -152,11 +188,15 @@ impl Pool {
 
     /// How many idle connections to `up` are kept: the recent peak in use, at least its
     /// configured `max_idle`; none when that is 0 (pooling turned off for this upstream).
-    fn keep(&self, key: &Key, max_idle: usize) -> usize {
+    fn keep(&self, key: &Key, max_idle: usize, now: Instant) -> usize {
         if max_idle == 0 {
             return 0;
         }
-        let peak = self.in_use.borrow().get(key).map_or(0, |c| c.recent_peak());
+        let peak = self
+            .in_use
+            .borrow()
+            .get(key)
+            .map_or(0, |c| c.recent_peak(now));
         max_idle.max(peak)
     }
 
@@ -166,10 +206,11 @@ impl Pool {
     /// second by the worker: without it, a pool that grew at a peak kept its surplus for as
     /// long as traffic went on, each socket closed by the upstream still held here.
     pub fn sweep(&self) {
+        let now = Instant::now();
         let mut pool = self.idle.borrow_mut();
         for (key, idle) in pool.iter_mut() {
             idle.conns.retain_mut(|(_, io)| io.idle_and_open());
-            idle.trim(self.keep(key, idle.max_idle));
+            idle.trim(self.keep(key, idle.max_idle, now));
         }
     }
 
@@ -206,9 +247,9 @@ impl Pool {
             return;
         }
         let key = (up.key, addr);
-        let keep = self.keep(&key, up.max_idle);
-        let mut pool = self.idle.borrow_mut();
         let now = Instant::now();
+        let keep = self.keep(&key, up.max_idle, now);
+        let mut pool = self.idle.borrow_mut();
         if !pool.contains_key(&key) {
             pool.retain(|_, idle| now.duration_since(idle.used) < FORGET_AFTER);
             let idle = &*pool;
