@@ -291,8 +291,10 @@ pub(super) fn prepare_serving(
     taken_over: &[(String, kernel::AttachedMode)],
 ) -> anyhow::Result<()> {
     if let Some(k) = kernel.as_mut() {
+        // Attached again, should it come to that, in the mode the configuration asks for.
+        let requested = shared.snapshot.load().config.kernel.mode;
         for (iface, mode) in taken_over {
-            k.take_over(iface, *mode)?;
+            k.take_over(iface, *mode, requested)?;
             tracing::info!(interface = %iface, mode = mode.as_str(), "XDP program replaced through the pinned link");
         }
     }

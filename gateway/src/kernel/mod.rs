@@ -490,19 +490,34 @@ impl Kernel {
     /// Takes over the attachment to `interface` that the running gateway (the one being
     /// upgraded) pinned: its link is made to run this program instead (`bpf_link_update`), so
     /// the interface is never without a program. The link keeps its mode, `mode`.
-    pub fn take_over(&mut self, interface: &str, mode: AttachedMode) -> Result<(), KernelError> {
+    /// A link whose interface is gone (deleted, or deleted and made again) is not taken over
+    /// (it cannot run a program again): the attachment is missing, and
+    /// [`Kernel::check_attachments`] attaches it again once the interface is there (before, the
+    /// upgrade failed on it, after the running gateway had given up its listeners).
+    pub fn take_over(
+        &mut self,
+        interface: &str,
+        mode: AttachedMode,
+        requested: AttachMode,
+    ) -> Result<(), KernelError> {
         let pin = self.pin_dir.join(format!("link_{interface}"));
-        self.replace_program(&pin)?;
+        let now = interface_index(interface);
+        let live = now != 0 && xdp_link_ifindex(&pin) == Some(now);
+        if live {
+            self.replace_program(&pin)?;
+        } else {
+            tracing::warn!(
+                interface,
+                "the XDP link handed over is not attached (its interface is gone or was made again); attached again once the interface is there"
+            );
+        }
         self.attachments.push(Attachment {
             interface: interface.into(),
             mode,
-            requested: match mode {
-                AttachedMode::Native => AttachMode::Native,
-                AttachedMode::Generic => AttachMode::Generic,
-            },
-            ifindex: interface_index(interface),
+            requested,
+            ifindex: if live { now } else { 0 },
             pin,
-            taken_over: true,
+            taken_over: live,
         });
         Ok(())
     }
@@ -512,15 +527,16 @@ impl Kernel {
     /// `netplan apply` does to VLANs and bonds, a restarted container to its veth) loses its
     /// program without a word to anyone, and so does one whose link's pin was removed: the
     /// kernel program stopped judging its traffic while the gateway reported it attached.
-    /// Checked by the interface's index (changed or gone) and the pin; not seen: a link
-    /// detached by hand (`bpftool link detach`) with its pin left in place.
+    /// Checked by the interface's index (changed or gone) and by the pinned link's own (0 once
+    /// its device went, or it was detached by hand, `bpftool link detach`): an interface made
+    /// again under the same index has a link of index 0.
     pub fn check_attachments(&mut self) -> Vec<(String, Checked)> {
         let mut checked = Vec::with_capacity(self.attachments.len());
         for i in 0..self.attachments.len() {
             let a = &self.attachments[i];
             let interface = a.interface.clone();
             let now = interface_index(&interface);
-            if now != 0 && now == a.ifindex && a.pin.exists() {
+            if now != 0 && now == a.ifindex && xdp_link_ifindex(&a.pin) == Some(now) {
                 checked.push((interface, Checked::Attached(a.mode)));
                 continue;
             }
@@ -626,6 +642,78 @@ pub enum Checked {
     Reattached(AttachedMode),
     /// Not in place, and could not be attached again (why).
     Missing(String),
+}
+
+/// The index of the interface the XDP link pinned at `pin` is attached to: 0 once it is not
+/// (its device went, or it was detached by hand); `None` when no XDP link is pinned there.
+/// aya 0.14 reads a link's information without its XDP part, so it is asked for here:
+/// `BPF_OBJ_GET` on the pin, then `BPF_OBJ_GET_INFO_BY_FD`.
+fn xdp_link_ifindex(pin: &Path) -> Option<u32> {
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// `struct bpf_link_info`: `type`, `id`, `prog_id`, then a union (8-aligned, at byte 16)
+    /// whose `xdp` member is the interface's index; zeroed past what the kernel writes.
+    #[repr(C, align(8))]
+    struct LinkInfo([u8; 64]);
+
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with an attribute of the size given, naming a NUL-terminated path that
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor the kernel just returned, owned from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).ok()?) };
+    let mut info = LinkInfo([0; 64]);
+    let mut attr = InfoByFd {
+        bpf_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).ok()?,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: bpf(2) with an attribute of the size given; the kernel writes at most
+    // `info_len` bytes into `info`, which lives across the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    let word = |at: usize| {
+        u32::from_ne_bytes([info.0[at], info.0[at + 1], info.0[at + 2], info.0[at + 3]])
+    };
+    (r == 0 && word(0) == BPF_LINK_TYPE_XDP).then(|| word(16))
 }
 
 /// The index of the interface named `name`; 0 if there is none.
