@@ -810,6 +810,12 @@ async fn run_async(
         }
     }
     drop(upgrade_ctx);
+    // A gateway that stops takes its upgrade socket with it (handed over, the socket is the new
+    // process's, bound again at the same path). Left behind, every stopped instance's stayed
+    // in the runtime directory.
+    if handed_to.is_none() && upgrade_socket.is_some() {
+        let _ = std::fs::remove_file(upgrade::socket_path(&instance));
+    }
 
     let serving = Serving {
         stop_tx,

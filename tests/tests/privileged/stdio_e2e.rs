@@ -1046,4 +1046,6 @@ fn a_stdio_server_cannot_ask_for_an_upgrade() {
     let (status, _) = call_as(port, "k", "add", serde_json::json!({"a": 1, "b": 2}));
     assert_eq!(status, 200, "serves on");
     d.stop();
+    // A gateway that stops takes its socket with it (before, every stopped instance's stayed).
+    assert!(!socket.exists(), "{} left behind", socket.display());
 }
