@@ -109,7 +109,8 @@ impl OpenConns {
     /// Takes a closed connection out. The set does not shrink by itself: once seven eighths of
     /// its capacity are free (most of a wave of connections closed), it is made to fit twice
     /// what is left. A rehash of what is left, and the next one waits until half of that
-    /// closed too. 10,000 connections gone kept 80 KiB.
+    /// closed too. An entry is 24 bytes: 10,000 connections take a table of about 400 KiB,
+    /// given back once they are gone.
     pub fn closed(&self, fd: RawFd) {
         let mut open = self.0.borrow_mut();
         open.remove(&fd);
