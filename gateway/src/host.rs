@@ -1,8 +1,18 @@
 //! What the gateway takes from its host: the runtime directory (instance locks, the upgrade
 //! socket, the stdio children's homes), how its log files are made, what running out of
-//! file descriptors looks like, and which of them a process it starts gets.
+//! file descriptors looks like, which of them a process it starts gets, and its network
+//! interfaces' indexes.
 
 use std::path::PathBuf;
+
+/// The index of the network interface named `name`; 0 if this host has none.
+pub fn interface_index(name: &str) -> u32 {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a NUL-terminated string that lives across the call.
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+}
 
 /// The runtime directory (instance locks, the upgrade socket): systemd's `RuntimeDirectory=` (`$RUNTIME_DIRECTORY`, its
 /// first entry) when set, else `/run/mcp-gateway`.

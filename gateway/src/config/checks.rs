@@ -173,12 +173,7 @@ impl super::Config {
             return Ok(());
         }
         for (i, name) in self.kernel.interfaces.iter().enumerate() {
-            let exists = std::ffi::CString::new(name.as_str()).is_ok_and(|c| {
-                // SAFETY: a NUL-terminated string that lives across the call.
-                let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-                index != 0
-            });
-            if !exists {
+            if crate::host::interface_index(name) == 0 {
                 return Err(invalid(
                     format!("kernel.interfaces[{i}]"),
                     format!("this host has no interface `{name}`"),

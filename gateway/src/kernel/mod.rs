@@ -427,7 +427,7 @@ impl Kernel {
         interface: &str,
         mode: AttachMode,
     ) -> Result<(AttachedMode, u32, PathBuf), KernelError> {
-        let ifindex = interface_index(interface);
+        let ifindex = crate::host::interface_index(interface);
         if ifindex == 0 {
             return Err(KernelError::NoInterface(interface.into()));
         }
@@ -501,7 +501,7 @@ impl Kernel {
         requested: AttachMode,
     ) -> Result<(), KernelError> {
         let pin = self.pin_dir.join(format!("link_{interface}"));
-        let now = interface_index(interface);
+        let now = crate::host::interface_index(interface);
         let live = now != 0 && xdp_link_ifindex(&pin) == Some(now);
         if live {
             self.replace_program(&pin)?;
@@ -535,7 +535,7 @@ impl Kernel {
         for i in 0..self.attachments.len() {
             let a = &self.attachments[i];
             let interface = a.interface.clone();
-            let now = interface_index(&interface);
+            let now = crate::host::interface_index(&interface);
             if now != 0 && now == a.ifindex && xdp_link_ifindex(&a.pin) == Some(now) {
                 checked.push((interface, Checked::Attached(a.mode)));
                 continue;
@@ -548,7 +548,7 @@ impl Kernel {
             let requested = a.requested;
             // The old link (defunct, or unpinned): its pin goes, quietly (`link` would take it
             // for an earlier run's).
-            let _ = remove_stale_link(&a.pin.clone());
+            let _ = remove_stale_link(&a.pin);
             match self.link(&interface, requested) {
                 Ok((mode, ifindex, _)) => {
                     let a = &mut self.attachments[i];
@@ -673,22 +673,23 @@ fn xdp_link_ifindex(pin: &Path) -> Option<u32> {
     #[repr(C, align(8))]
     struct LinkInfo([u8; 64]);
 
+    /// bpf(2) with command `cmd` and its attribute `attr` (given whole, at its size).
+    ///
+    /// # Safety
+    /// Every pointer `attr` holds must be valid for what `cmd` does with it.
+    unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+        // SAFETY: `attr` is valid for its size; the caller vouches for what it points to.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) }
+    }
+
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
     let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: bpf(2) with an attribute of the size given, naming a NUL-terminated path that
-    // outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            size_of::<ObjGet>(),
-        )
-    };
+    // SAFETY: the path is NUL-terminated and outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) };
     if fd < 0 {
         return None;
     }
@@ -700,29 +701,13 @@ fn xdp_link_ifindex(pin: &Path) -> Option<u32> {
         info_len: size_of::<LinkInfo>() as u32,
         info: (&raw mut info) as u64,
     };
-    // SAFETY: bpf(2) with an attribute of the size given; the kernel writes at most
-    // `info_len` bytes into `info`, which lives across the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            size_of::<InfoByFd>(),
-        )
-    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which lives across the
+    // call.
+    let r = unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
     let word = |at: usize| {
         u32::from_ne_bytes([info.0[at], info.0[at + 1], info.0[at + 2], info.0[at + 3]])
     };
     (r == 0 && word(0) == BPF_LINK_TYPE_XDP).then(|| word(16))
-}
-
-/// The index of the interface named `name`; 0 if there is none.
-fn interface_index(name: &str) -> u32 {
-    let Ok(c_name) = std::ffi::CString::new(name) else {
-        return 0;
-    };
-    // SAFETY: a valid NUL-terminated string.
-    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
 }
 
 /// Unpins and closes a pinned link, which detaches its program. Returns whether one was there.

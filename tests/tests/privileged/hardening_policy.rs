@@ -1090,25 +1090,33 @@ fn a_held_call_that_times_out_is_cancelled_in_its_session() {
         .0;
         assert_eq!(r.status, 504, "{r:?}");
     }
-    let running = || {
-        let r = raw(
-            port,
-            &post_call_2026("/held", 9, "calls_running", &json!({}), ""),
-        )
-        .0;
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()["result"]["structuredContent"]["result"].clone()
-    };
     // The server ends a cancelled call as it reads the notification.
-    let ended = (0..50).any(|_| {
-        if running() == json!(0) {
+    until_held_calls_running(port, 0, "calls still running at the upstream");
+    d.stop();
+}
+
+/// How many calls the fixture server behind `/held` runs now (its `calls_running` tool).
+fn held_calls_running(port: u16) -> Value {
+    let r = raw(
+        port,
+        &post_call_2026("/held", 9, "calls_running", &json!({}), ""),
+    )
+    .0;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["result"]["structuredContent"]["result"].clone()
+}
+
+/// Waits (at most 5 s) until the fixture server behind `/held` runs `n` calls; panics with
+/// `what` if it never does.
+fn until_held_calls_running(port: u16, n: i64, what: &str) {
+    let seen = (0..50).any(|_| {
+        if held_calls_running(port) == json!(n) {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
         false
     });
-    assert!(ended, "calls still running at the upstream: {}", running());
-    d.stop();
+    assert!(seen, "{what}: {} running", held_calls_running(port));
 }
 
 /// A call on a held session whose client leaves (or is cut for a ban) is cancelled there at
@@ -1128,25 +1136,7 @@ fn a_held_call_whose_client_leaves_is_cancelled_in_its_session() {
         held.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let running = || {
-        let r = raw(
-            port,
-            &post_call_2026("/held", 9, "calls_running", &json!({}), ""),
-        )
-        .0;
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()["result"]["structuredContent"]["result"].clone()
-    };
-    let until = |n: i64, what: &str| {
-        let seen = (0..50).any(|_| {
-            if running() == json!(n) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            false
-        });
-        assert!(seen, "{what}: {} running", running());
-    };
+    let until = |n, what| until_held_calls_running(port, n, what);
     let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(
         &mut client,

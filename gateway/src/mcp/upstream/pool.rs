@@ -13,8 +13,9 @@
 //! The pool is sized to the concurrency it serves: it keeps as many idle connections to an
 //! endpoint as were in use at once lately (the peak over the last [`PEAK_WINDOW`] or two), or
 //! `max_idle_connections_per_worker` if that is more (0 still turns pooling off), every
-//! tenant's together: past that, the least recently used go, whoever's they are (kept per
-//! tenant, 40 tenants' calls kept ten times as many, a review found). A fixed cap below the concurrency closes
+//! tenant's together (kept per tenant, 40 tenants' calls kept ten times as many, a review
+//! found): past that, the tenant holding the most gives up its least recently used first
+//! ([`Idle::trim`]). A fixed cap below the concurrency closes
 //! connections that are wanted again a moment later: at 256 client connections and a cap of 32,
 //! ~10,600 new upstream connections a second, which doubled the CPU per request. Past its
 //! peak, a pool gives back the least recently used first; once a second it closes what an
