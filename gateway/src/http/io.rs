@@ -366,28 +366,29 @@ impl Io {
     }
 
     /// Resolves once the peer has closed its side (or the socket failed), without consuming
-    /// anything: if the peer sends more instead (a pipelined request), it never resolves. Used
-    /// to notice a client that gives up while the gateway waits on the upstream, which is how
-    /// a client cancels in 2026-07-28.
+    /// anything: bytes the peer sends meanwhile (a pipelined request) stay for the next read.
+    /// Used to notice a client that gives up while the gateway waits on the upstream, which is
+    /// how a client cancels in 2026-07-28.
     pub async fn peer_gone(&self) {
         loop {
             if self.stream.readable(false).await.is_err() {
                 return;
             }
-            if self.tls.is_some() {
-                // Records cannot be looked into without taking them; a close shows as a
-                // hang-up. Readiness stays raised while records wait, so look again later.
-                if self.hung_up() {
-                    return;
+            // TLS records cannot be looked into without taking them, and a peek at plain
+            // bytes waiting (a pipelined request) cannot see past them to a close: either
+            // way a close shows as a hang-up. Readiness stays raised while bytes wait, so
+            // look again later.
+            if self.tls.is_none() {
+                match self.peek() {
+                    Peek::Closed => return,
+                    Peek::Nothing => continue,
+                    Peek::Data => {}
                 }
-                monoio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-            match self.peek() {
-                Peek::Closed => return,
-                Peek::Data => return std::future::pending().await,
-                Peek::Nothing => {}
+            if self.hung_up() {
+                return;
             }
+            monoio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

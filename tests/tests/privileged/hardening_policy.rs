@@ -1146,6 +1146,18 @@ fn a_held_call_whose_client_leaves_is_cancelled_in_its_session() {
     until(1, "the call did not start");
     drop(client);
     until(0, "the call of a client that left runs on at the upstream");
+    // A client that sends its next request before leaving: the bytes waiting hid the close.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let call = post_call_2026("/held", 2, "sleep", &json!({"seconds": 60}), "");
+    std::io::Write::write_all(&mut client, &call).unwrap();
+    until(1, "the second call did not start");
+    std::io::Write::write_all(&mut client, &call).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(client);
+    until(
+        0,
+        "the call of a client that pipelined its next request and left runs on at the upstream",
+    );
     d.stop();
 }
 
