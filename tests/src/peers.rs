@@ -661,8 +661,8 @@ pub enum Misbehave {
     DieMidStream,
     /// Reads the request and never answers; records `closed` when the gateway hangs up.
     Hang,
-    /// Starts an SSE response with one progress event, then goes silent; records `closed` when
-    /// the gateway hangs up.
+    /// Starts an SSE response with one progress event (with an event id for a call of the tool
+    /// `resumable`), then goes silent; records `closed` when the gateway hangs up.
     StallMidStream,
     /// Answers like `Answer`, but only after this long.
     Slow(Duration),
@@ -772,7 +772,18 @@ impl FakeUpstream {
                             }
                             Misbehave::Hang | Misbehave::StallMidStream => {
                                 if let Misbehave::StallMidStream = how {
-                                    let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+                                    // With an event id for a call of `resumable`: a
+                                    // stream its client could resume.
+                                    let id = if String::from_utf8_lossy(&body)
+                                        .contains("\"resumable\"")
+                                    {
+                                        "id: 1\n"
+                                    } else {
+                                        ""
+                                    };
+                                    let ev = format!(
+                                        "{id}event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":1,\"progress\":1}}}}\n\n"
+                                    );
                                     let _ = write!(
                                         conn,
                                         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",

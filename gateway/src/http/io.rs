@@ -92,6 +92,12 @@ pub struct Io {
     head_lines: Vec<u8>,
 }
 
+impl std::os::fd::AsRawFd for Io {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 impl Drop for Io {
     fn drop(&mut self) {
         self.close_notify();

@@ -185,7 +185,10 @@ pub(super) async fn relay(
         return false;
     }
     body.delivered();
-    let finished = match pump(client, &mut conn, req, up, &mut body, kind, hold_max, obs).await {
+    let pumped = pump(
+        client, &mut conn, req, up, &mut body, kind, hold_max, obs, &ctx.open,
+    );
+    let finished = match pumped.await {
         Pumped::Finished(finished) => finished,
         Pumped::ClientLeft { drain: true } => {
             let reusable = kind != BodyKind::UntilClose && !upstream_close;
@@ -245,7 +248,7 @@ enum Pumped {
     /// The body was relayed whole, or failed (why).
     Finished(Result<(), &'static str>),
     /// The client went away; `drain`: the stream is one it can resume, so the call runs on
-    /// for it.
+    /// for it (not for a client cut for its ban or deny, which does not come back for it).
     ClientLeft { drain: bool },
 }
 
@@ -264,7 +267,12 @@ async fn pump(
     kind: BodyKind,
     hold_max: usize,
     obs: &Obs<'_>,
+    open: &super::worker::OpenConns,
 ) -> Pumped {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
+    let resumes = |body: &Body<'_>| body.can_resume(req) && !open.was_cut(fd);
+    // The client left a stream it can resume: read on without watching it.
+    let mut client_left = false;
     // Neither kind of body is timed per read: an upstream that sends a byte now and then would
     // hold the call (its concurrency slot, the client's connection) for as long as it liked.
     // An event stream may go on for as long as whole events keep coming, each within
@@ -292,15 +300,20 @@ async fn pump(
         };
         let waiting = monoio::time::Instant::now();
         // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
-        // stream the client can resume is read on whether it stays or not (see `drain`): its
-        // leaving shows when a write to it fails.
-        let filled = if body.can_resume(req) {
+        // stream the client can resume is read on without it: its next write fails, and the
+        // rest is drained (see `drain`); the read under way is not lost.
+        let filled = if client_left {
             read.await
         } else {
-            let Some(filled) = unless_client_leaves(client, read).await else {
-                return Pumped::ClientLeft { drain: false };
-            };
-            filled
+            let mut read = std::pin::pin!(read);
+            match unless_client_leaves(client, read.as_mut()).await {
+                Some(filled) => filled,
+                None if !resumes(body) => return Pumped::ClientLeft { drain: false },
+                None => {
+                    client_left = true;
+                    read.await
+                }
+            }
         };
         let waited = waiting.elapsed();
         let slow = match filled {
@@ -341,7 +354,7 @@ async fn pump(
             if written.is_err() {
                 // The client went away: the call runs on for it, or is abandoned mid-response.
                 return Pumped::ClientLeft {
-                    drain: body.can_resume(req),
+                    drain: resumes(body),
                 };
             }
             body.delivered();

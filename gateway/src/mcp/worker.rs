@@ -124,6 +124,11 @@ impl OpenConns {
         self.0.borrow().len()
     }
 
+    /// Whether the connection was shut down for its client's ban or deny.
+    pub fn was_cut(&self, fd: RawFd) -> bool {
+        self.0.borrow().get(&fd).is_some_and(|c| c.cut)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.borrow().is_empty()
     }

@@ -761,9 +761,15 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
 /// Starts a call on `/stall` on `c` and reads its answer's head and first event: the call is
 /// then in progress, its stream open.
 fn streaming(c: &mut TcpStream) {
-    let body =
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow","arguments":{}}}"#;
-    c.write_all(&post("/stall", body, "")).unwrap();
+    streaming_call(c, "slow");
+}
+
+/// A call of `tool` answered with an event stream that stalls after its first event.
+fn streaming_call(c: &mut TcpStream, tool: &str) {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#
+    );
+    c.write_all(&post("/stall", &body, "")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -826,6 +832,10 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     let mut behind = connect(p);
     behind.write_all(&v1("198.18.0.20", 1)).unwrap();
     streaming(&mut behind);
+    // A stream its client could resume (its event has an id): it was read on for the event
+    // store after a ban, holding the call at the upstream.
+    let mut resumable = direct_from("127.0.1.23");
+    streaming_call(&mut resumable, "resumable");
     // A direct client's connection, idle after a call.
     let mut idle = direct_from("127.0.1.21");
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -838,7 +848,7 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     other_behind.write_all(&v1("198.18.0.21", 1)).unwrap();
     streaming(&mut other_behind);
 
-    for client in ["127.0.1.20", "198.18.0.20", "127.0.1.21"] {
+    for client in ["127.0.1.20", "198.18.0.20", "127.0.1.21", "127.0.1.23"] {
         ban(a, client);
     }
     cut(&mut direct, "the banned direct client's stream");
@@ -846,8 +856,9 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
         &mut behind,
         "the banned client's stream behind the balancer",
     );
+    cut(&mut resumable, "the banned client's resumable stream");
     cut(&mut idle, "the banned client's idle connection");
-    assert_eq!(refused_conns(a, "banned"), 3);
+    assert_eq!(refused_conns(a, "banned"), 4);
     // Their calls are cancelled at the upstream.
     until("the upstream's calls were not cancelled", || {
         s.stall
@@ -857,7 +868,7 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
             .iter()
             .filter(|l| *l == "closed")
             .count()
-            == 2
+            == 3
     });
     assert!(still_open(&mut other), "a client not banned was cut");
     assert!(still_open(&mut other_behind), "a client not banned was cut");
