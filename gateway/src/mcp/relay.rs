@@ -194,7 +194,8 @@ pub(super) async fn relay(
             let reusable = kind != BodyKind::UntilClose && !upstream_close;
             // Boxed, as the failure below and `proxy::fail`: paths taken rarely do not make
             // every request's future larger (see `proxy::fail`).
-            Box::pin(drain(conn, &mut body, up, ctx, reusable, obs)).await;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
+            Box::pin(drain(conn, &mut body, up, ctx, reusable, obs, fd)).await;
             return false;
         }
         Pumped::ClientLeft { drain: false } => {
@@ -301,9 +302,13 @@ async fn pump(
         let waiting = monoio::time::Instant::now();
         // The client closed the stream: in 2026-07-28 that is the request's cancellation. A
         // stream the client can resume is read on without it: its next write fails, and the
-        // rest is drained (see `drain`); the read under way is not lost.
+        // rest is drained (see `drain`); the read under way is not lost. Until a ban or deny
+        // cuts the client: it is not coming back, and the call is cancelled.
         let filled = if client_left {
-            read.await
+            let Some(filled) = unless_cut(open, fd, read).await else {
+                return Pumped::ClientLeft { drain: false };
+            };
+            filled
         } else {
             let mut read = std::pin::pin!(read);
             match unless_client_leaves(client, read.as_mut()).await {
@@ -311,7 +316,10 @@ async fn pump(
                 None if !resumes(body) => return Pumped::ClientLeft { drain: false },
                 None => {
                     client_left = true;
-                    read.await
+                    let Some(filled) = unless_cut(open, fd, read).await else {
+                        return Pumped::ClientLeft { drain: false };
+                    };
+                    filled
                 }
             }
         };
@@ -509,8 +517,9 @@ impl Holding {
 ///
 /// Bounded: the whole drain ends within `stream_idle_timeout` (an upstream that keeps the
 /// stream alive with comments cannot hold it longer); a call not ended by then is given up
-/// like any other (`obs.abandoned`: cancelled upstream). Only the framing is read: the events
-/// are the upstream's to replay, and nobody reads them here.
+/// like any other (`obs.abandoned`: cancelled upstream). So is one whose client (`client_fd`,
+/// still open on this side) is banned or denied meanwhile: it is not coming back for it. Only
+/// the framing is read: the events are the upstream's to replay, and nobody reads them here.
 async fn drain(
     mut conn: Conn,
     body: &mut Body<'_>,
@@ -518,18 +527,19 @@ async fn drain(
     ctx: &WorkerCtx,
     reusable: bool,
     obs: &Obs<'_>,
+    client_fd: std::os::fd::RawFd,
 ) {
     let deadline = monoio::time::Instant::now() + up.stream_idle_timeout;
     // The body's framing only (its length, its chunks), not its events.
     body.sse = false;
     while !body.done() {
-        match conn.fill_until(deadline).await {
-            Ok(n) if n > 0 => {}
-            Err(HttpError::Timeout) => {
+        match unless_cut(&ctx.open, client_fd, conn.fill_until(deadline)).await {
+            Some(Ok(n)) if n > 0 => {}
+            Some(Err(HttpError::Timeout)) | None => {
                 obs.abandoned.set(true);
                 return;
             }
-            _ => return,
+            Some(_) => return,
         }
         match body.take(&mut conn) {
             Ok(data) => conn.recycle(data),
@@ -538,6 +548,30 @@ async fn drain(
     }
     if reusable {
         ctx.pool.checkin(up, conn);
+    }
+}
+
+/// How often a call whose client left looks whether that client was cut meanwhile (workers
+/// cut every 250 ms).
+const CUT_LOOK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Runs `fut` for a client that left (its descriptor still open on this side); `None` if the
+/// client is cut for a ban or deny first.
+async fn unless_cut<F: std::future::Future>(
+    open: &super::worker::OpenConns,
+    client_fd: std::os::fd::RawFd,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        monoio::select! {
+            out = &mut fut => return Some(out),
+            () = monoio::time::sleep(CUT_LOOK) => {
+                if open.was_cut(client_fd) {
+                    return None;
+                }
+            }
+        }
     }
 }
 

@@ -836,6 +836,11 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     // store after a ban, holding the call at the upstream.
     let mut resumable = direct_from("127.0.1.23");
     streaming_call(&mut resumable, "resumable");
+    // One that its client left: drained for the event store, until the ban.
+    let mut left = direct_from("127.0.1.24");
+    streaming_call(&mut left, "resumable");
+    drop(left);
+    std::thread::sleep(Duration::from_millis(300));
     // A direct client's connection, idle after a call.
     let mut idle = direct_from("127.0.1.21");
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -848,7 +853,13 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     other_behind.write_all(&v1("198.18.0.21", 1)).unwrap();
     streaming(&mut other_behind);
 
-    for client in ["127.0.1.20", "198.18.0.20", "127.0.1.21", "127.0.1.23"] {
+    for client in [
+        "127.0.1.20",
+        "198.18.0.20",
+        "127.0.1.21",
+        "127.0.1.23",
+        "127.0.1.24",
+    ] {
         ban(a, client);
     }
     cut(&mut direct, "the banned direct client's stream");
@@ -858,7 +869,7 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     );
     cut(&mut resumable, "the banned client's resumable stream");
     cut(&mut idle, "the banned client's idle connection");
-    assert_eq!(refused_conns(a, "banned"), 4);
+    assert_eq!(refused_conns(a, "banned"), 5);
     // Their calls are cancelled at the upstream.
     until("the upstream's calls were not cancelled", || {
         s.stall
@@ -868,7 +879,7 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
             .iter()
             .filter(|l| *l == "closed")
             .count()
-            == 3
+            == 4
     });
     assert!(still_open(&mut other), "a client not banned was cut");
     assert!(still_open(&mut other_behind), "a client not banned was cut");
