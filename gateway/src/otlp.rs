@@ -213,7 +213,8 @@ pub struct SpanRecord {
     pub ctx: SpanCtx,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
-    pub http_method: String,
+    /// One of the methods HTTP defines, or `_OTHER` (OpenTelemetry's convention).
+    pub http_method: &'static str,
     pub route: String,
     /// The JSON-RPC method's label (`tools/call`, `initialize`, `other`, …).
     pub method: &'static str,
@@ -442,7 +443,7 @@ fn int(key: &str, v: u64) -> KeyValue {
 /// One OTLP span of a record.
 fn span(r: &SpanRecord) -> Span {
     let mut attributes = vec![
-        string("http.request.method", &r.http_method),
+        string("http.request.method", r.http_method),
         string("http.route", &r.route),
         string("mcp.method.name", r.method),
         string("client.address", &r.client),

@@ -383,8 +383,10 @@ fn parse(
         }
         "GET" | "DELETE" => return Ok(out),
         _ => {
-            let err =
-                RpcError::invalid_request(format!("method {} is not allowed here", req.method));
+            let err = RpcError::invalid_request(format!(
+                "method {} is not allowed here",
+                clip(&req.method, 32)
+            ));
             return Err(Stop::Raw(http::response(
                 405,
                 &[
@@ -867,7 +869,10 @@ fn record_access(
         let (name, value) = match field {
             F::Ts => ("ts", Value::String(audit::now())),
             F::Source => ("source", Value::String(peer.ip().to_string())),
-            F::Method => ("method", Value::String(req.method.clone())),
+            F::Method => (
+                "method",
+                Value::String(http::method_label(&req.method).to_owned()),
+            ),
             // The client's too, on an unmatched route: clipped as the User-Agent is.
             F::Path => ("path", Value::String(clip(req.path(), MAX_PATH).to_owned())),
             F::Status => ("status", Value::from(status)),
@@ -1101,7 +1106,7 @@ fn record_span(
             ctx: span,
             start_unix_ns,
             end_unix_ns: start_unix_ns.saturating_add(micros(total).saturating_mul(1000)),
-            http_method: req.method.clone(),
+            http_method: http::method_label(&req.method),
             route: route.to_owned(),
             method: obs.method.get(),
             tool: obs.tool.borrow().clone(),

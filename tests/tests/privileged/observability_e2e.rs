@@ -520,7 +520,7 @@ address = "127.0.0.1:{admin}"
 enabled = false
 [telemetry.access_log]
 path = "{log}"
-fields = ["path", "status", "rpc_method", "tool", "outcome", "latency_us", "user_agent"]
+fields = ["method", "path", "status", "rpc_method", "tool", "outcome", "latency_us", "user_agent"]
 [[upstreams]]
 name = "demo"
 url = "http://127.0.0.1:{demo_port}/mcp"
@@ -550,6 +550,19 @@ upstream = "demo"
     let long_agent = format!("{}user-agent: {}\r\n", headers("add"), "u".repeat(4000));
     let (r, _) = raw(port, &post("/demo", "{not json", &long_agent));
     assert_eq!(r.status, 400);
+    // A method HTTP does not define is logged as `_OTHER`: a client's 4,000-byte method went
+    // into the line as sent.
+    let long_method = "X".repeat(4000);
+    let (r, _) = raw(
+        port,
+        format!("{long_method} /demo HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 405);
+    assert!(
+        r.body.len() < 400,
+        "the method was echoed whole: {} bytes",
+        r.body.len()
+    );
     // Written within ~50 ms by the log's own thread.
     let mut lines = Vec::new();
     for _ in 0..100 {
@@ -558,12 +571,12 @@ upstream = "demo"
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .collect();
-        if lines.len() >= 3 {
+        if lines.len() >= 4 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     // A line is handed to the log's thread once its answer is written: the client's next
     // request, served by the other worker, may be logged first (a run of 2026-11-30 logged the
     // 400 before the 404).
@@ -572,6 +585,7 @@ upstream = "demo"
     let raw = std::fs::read_to_string(&log).unwrap();
     let first = raw.lines().next().unwrap();
     let fields = [
+        "method",
         "path",
         "status",
         "rpc_method",
@@ -606,6 +620,9 @@ upstream = "demo"
     assert_eq!(lines[1]["user_agent"], "u".repeat(256));
     assert_eq!(lines[2]["path"], "/nowhere");
     assert_eq!(lines[2]["status"], 404);
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[3]["status"], 405);
+    assert_eq!(lines[3]["method"], "_OTHER");
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
