@@ -147,6 +147,63 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// Open connections per source (an IPv4 address, an IPv6 /64) over all workers, for the
+/// tenants' `max_connections_per_source`: only sources with a connection open have an entry,
+/// so the table is as large as the open connections at most. Lock-free (a connection's accept
+/// and close; never a request).
+#[derive(Default)]
+pub struct SourceConns(papaya::HashMap<IpAddr, u64>);
+
+impl SourceConns {
+    /// The source `client` is counted as: its address, or its /64 for IPv6 (one host's
+    /// addresses, as the kernel program's per-source buckets), but for link-local addresses.
+    pub fn source_of(client: IpAddr) -> IpAddr {
+        match client.to_canonical() {
+            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 != 0xfe80 => {
+                IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+            }
+            ip => ip,
+        }
+    }
+
+    /// Counts a connection of `client` unless `cap` of its source's are open.
+    pub fn enter(&self, client: IpAddr, cap: u64) -> bool {
+        use papaya::{Compute, Operation};
+        let table = self.0.pin();
+        let entered = table.compute(Self::source_of(client), |entry| match entry {
+            Some((_, n)) if *n >= cap => Operation::Abort(()),
+            Some((_, n)) => Operation::Insert(n + 1),
+            None => Operation::Insert(1),
+        });
+        !matches!(entered, Compute::Aborted(()))
+    }
+
+    /// Uncounts a connection of `client` counted by [`SourceConns::enter`].
+    pub fn leave(&self, client: IpAddr) {
+        use papaya::Operation;
+        self.0
+            .pin()
+            .compute(Self::source_of(client), |entry| match entry {
+                Some((_, n)) if *n > 1 => Operation::Insert(n - 1),
+                Some(_) => Operation::Remove,
+                None => Operation::Abort(()),
+            });
+    }
+
+    /// Sources with a connection open.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A new connection's source holds its tenant's `max_connections_per_source`.
+#[derive(Debug)]
+pub struct SourceAtCap;
+
 /// The bans in force (addresses with their expiry on `CLOCK_MONOTONIC`, the kernel's clock), as
 /// the control thread last published them: the kernel's ban map and the auto-bans and admin
 /// API's bans. Workers read it for addresses the XDP program cannot see (those carried in
@@ -363,6 +420,7 @@ pub struct RefusedConns {
     source_rate: AtomicU64,
     tenant_rate: AtomicU64,
     tenant_at_cap: AtomicU64,
+    source_at_cap: AtomicU64,
 }
 
 impl RefusedConns {
@@ -386,12 +444,16 @@ impl RefusedConns {
         self.tenant_at_cap.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn source_at_cap(&self) {
+        self.source_at_cap.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text of these counters.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, before a next request on a connection taken before, or an open connection cut as the ban or deny came), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, before a next request on a connection taken before, or an open connection cut as the ban or deny came), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap or its source at the tenant's `max_connections_per_source` (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
         );
         for (reason, n) in [
             ("denied", &self.denied),
@@ -399,6 +461,7 @@ impl RefusedConns {
             ("source_rate", &self.source_rate),
             ("tenant_rate", &self.tenant_rate),
             ("tenant_at_cap", &self.tenant_at_cap),
+            ("source_at_cap", &self.source_at_cap),
         ] {
             let _ = writeln!(
                 out,
@@ -424,6 +487,8 @@ pub struct Shared {
     /// The new-connection rates the workers hold direct connections to.
     pub new_conns: NewConns,
     pub conns: ConnTable,
+    /// Open connections per source, for the tenants' `max_connections_per_source`.
+    pub source_conns: SourceConns,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
     /// to the new process of an upgrade; a fleet's is shared by its gateways).
@@ -530,6 +595,7 @@ impl Shared {
             sources_changed: AtomicU64::new(0),
             new_conns: NewConns::default(),
             conns: ConnTable::new(workers),
+            source_conns: SourceConns::default(),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
             worker_restarts: AtomicU64::new(0),
@@ -615,6 +681,26 @@ impl Shared {
         self.enter_conn_capped(worker, tenant, cap)
     }
 
+    /// Counts a connection of `client`, of `tenant`, against the tenant's
+    /// `max_connections_per_source`: whether it was counted (not with no such cap), to
+    /// [`SourceConns::leave`] once it closes.
+    pub fn enter_source(
+        &self,
+        snapshot: &Snapshot,
+        tenant: u32,
+        client: IpAddr,
+    ) -> Result<bool, SourceAtCap> {
+        let cap = snapshot
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.max_connections_per_source);
+        match cap {
+            None => Ok(false),
+            Some(cap) if self.source_conns.enter(client, cap) => Ok(true),
+            Some(_) => Err(SourceAtCap),
+        }
+    }
+
     fn enter_conn_capped(&self, worker: usize, tenant: u32, cap: Option<u64>) -> bool {
         if self.at_cap(tenant) {
             return false;
@@ -674,6 +760,31 @@ pub struct FleetStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_holds_its_cap_and_an_ipv6_source_is_its_64() {
+        let t = SourceConns::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(t.enter(ip("192.0.2.1"), 2));
+        assert!(t.enter(ip("::ffff:192.0.2.1"), 2), "the same source");
+        assert!(!t.enter(ip("192.0.2.1"), 2), "a third over a cap of 2");
+        assert!(t.enter(ip("192.0.2.2"), 2), "another source");
+        t.leave(ip("192.0.2.1"));
+        assert!(t.enter(ip("192.0.2.1"), 2), "a place given back");
+        // One host's /64 is one source; another /64, and each link-local address, are not.
+        assert!(t.enter(ip("2001:db8:1:2::1"), 1));
+        assert!(!t.enter(ip("2001:db8:1:2:ffff::9"), 1));
+        assert!(t.enter(ip("2001:db8:1:3::1"), 1));
+        assert!(t.enter(ip("fe80::1"), 1));
+        assert!(t.enter(ip("fe80::2"), 1));
+        // Entries go with their last connection.
+        let u = SourceConns::default();
+        assert!(u.enter(ip("198.51.100.7"), 5) && u.enter(ip("198.51.100.7"), 5));
+        u.leave(ip("198.51.100.7"));
+        assert_eq!(u.len(), 1);
+        u.leave(ip("198.51.100.7"));
+        assert!(u.is_empty());
+    }
 
     #[test]
     fn classifier_prefers_longest_prefix_and_maps_v4_in_v6() {

@@ -769,6 +769,11 @@ pub struct RawTenant {
     pub per_source_new_connections_burst: u64,
     #[serde(default)]
     pub max_connections: Option<u64>,
+    /// Connections open at once from one source (an IPv4 address, an IPv6 /64; behind a
+    /// balancer, the client its PROXY header names): a new one past it is answered 503, so that
+    /// one source cannot take the tenant's `max_connections` from the others. Default: no cap.
+    #[serde(default)]
+    pub max_connections_per_source: Option<u64>,
     /// This tenant's rules and limits, before the `[policy]` defaults.
     #[serde(default)]
     pub policy: Option<RawPolicy>,
@@ -942,6 +947,7 @@ pub struct Tenant {
     pub per_source_new_connections_per_sec: u64,
     pub per_source_new_connections_burst: u64,
     pub max_connections: Option<u64>,
+    pub max_connections_per_source: Option<u64>,
     pub policy: Option<RawPolicy>,
 }
 

@@ -429,11 +429,16 @@ impl RawTenant {
                 ));
             }
         }
-        if t.max_connections == Some(0) {
-            return Err(invalid(
-                key("max_connections"),
-                "0 would refuse every connection; omit it for no cap",
-            ));
+        for (field, cap) in [
+            ("max_connections", t.max_connections),
+            ("max_connections_per_source", t.max_connections_per_source),
+        ] {
+            if cap == Some(0) {
+                return Err(invalid(
+                    key(field),
+                    "0 would refuse every connection; omit it for no cap",
+                ));
+            }
         }
         Ok(Tenant {
             name: t.name,
@@ -452,6 +457,7 @@ impl RawTenant {
                 t.per_source_new_connections_burst,
             ),
             max_connections: t.max_connections,
+            max_connections_per_source: t.max_connections_per_source,
             policy: t.policy,
         })
     }

@@ -99,10 +99,12 @@ pub enum Reason {
     Denied,
     /// The client's tenant is at its connection cap.
     TenantAtCap,
+    /// The client's source holds its tenant's `max_connections_per_source`.
+    SourceAtCap,
 }
 
 impl Reason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::UntrustedSource,
         Self::Empty,
         Self::Malformed,
@@ -112,6 +114,7 @@ impl Reason {
         Self::Banned,
         Self::Denied,
         Self::TenantAtCap,
+        Self::SourceAtCap,
     ];
 
     /// Its label in `/metrics`.
@@ -126,6 +129,7 @@ impl Reason {
             Self::Banned => "banned",
             Self::Denied => "denied",
             Self::TenantAtCap => "tenant_at_cap",
+            Self::SourceAtCap => "source_at_cap",
         }
     }
 }

@@ -53,7 +53,7 @@ pub fn serve(
         // The PROXY header and the TLS handshake are boxed: done once, their state (a rustls
         // session under construction, KiBs) would otherwise be part of the connection's task for
         // its whole life, which is allocated at its largest.
-        let Some((peer, _counted)) = Box::pin(admit(
+        let Some((peer, _counted, source_counted)) = Box::pin(admit(
             &mut io,
             peer,
             listener,
@@ -66,8 +66,9 @@ pub fn serve(
             return;
         };
         if proxied {
-            // The client, for a ban or deny of it from now on (`OpenConns::cut_refused`).
-            ctx.open.named(fd, peer.ip());
+            // The client, for a ban or deny of it from now on (`OpenConns::cut_refused`), and
+            // the source to give back as it closes.
+            ctx.open.named(fd, peer.ip(), source_counted);
         }
         if let Some(tls) = ctx.shared.tls.listener(listener)
             && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
@@ -203,9 +204,9 @@ async fn admit<'s>(
     proxied: bool,
     shared: &'s Shared,
     worker: usize,
-) -> Option<(SocketAddr, Option<Counted<'s>>)> {
+) -> Option<Admitted<'s>> {
     if !proxied {
-        return Some((peer, None));
+        return Some((peer, None, false));
     }
     let (accept, timeout) = {
         let snapshot = shared.snapshot.load();
@@ -243,22 +244,31 @@ async fn admit<'s>(
     admit_client(shared, worker, client, Some(&header))
 }
 
-/// Counts `client`'s connection for its tenant, unless the tenant is at its cap.
+/// A connection taken: its client, counted for its tenant until dropped (behind a balancer),
+/// and whether it was counted for its source.
+type Admitted<'s> = (SocketAddr, Option<Counted<'s>>, bool);
+
+/// Counts `client`'s connection for its tenant, unless the tenant is at its cap or the
+/// client's source at the tenant's cap per source.
 fn admit_client<'s>(
     shared: &'s Shared,
     worker: usize,
     client: SocketAddr,
     header: Option<&Header>,
-) -> Option<(SocketAddr, Option<Counted<'s>>)> {
+) -> Option<Admitted<'s>> {
     let snapshot = shared.snapshot.load();
     let tenant = snapshot.classifier.tenant_of(client.ip());
     if !shared.enter_conn(&snapshot, worker, tenant) {
         return refuse(shared, client, Reason::TenantAtCap);
     }
+    let counted = shared.conns.counted(worker, tenant);
+    let Ok(source_counted) = shared.enter_source(&snapshot, tenant, client.ip()) else {
+        return refuse(shared, client, Reason::SourceAtCap);
+    };
     if let Some(header) = header {
         shared.proxy_protocol.accept(header);
     }
-    Some((client, Some(shared.conns.counted(worker, tenant))))
+    Some((client, Some(counted), source_counted))
 }
 
 fn refuse<T>(shared: &Shared, who: SocketAddr, reason: Reason) -> Option<T> {

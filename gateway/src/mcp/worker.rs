@@ -81,6 +81,8 @@ struct Client {
     ip: Option<IpAddr>,
     /// Shut down for its client's ban or deny (counted once).
     cut: bool,
+    /// Counted in [`crate::shared::SourceConns`] (its tenant caps connections per source).
+    source_counted: bool,
 }
 
 /// Capacity of the open-connection set kept however few connections are open.
@@ -88,21 +90,25 @@ const KEEP_OPEN_SLOTS: usize = 256;
 
 impl OpenConns {
     /// A connection accepted from `peer`: its client, or `None` when a PROXY protocol header
-    /// is to name it.
-    pub fn opened(&self, fd: RawFd, client: Option<IpAddr>) {
+    /// is to name it; `source_counted`: the client is counted in
+    /// [`crate::shared::SourceConns`], to be given back as it closes.
+    pub fn opened(&self, fd: RawFd, client: Option<IpAddr>, source_counted: bool) {
         self.0.borrow_mut().insert(
             fd,
             Client {
                 ip: client,
                 cut: false,
+                source_counted,
             },
         );
     }
 
-    /// The client a PROXY protocol header named (or the balancer, for a header of its own).
-    pub fn named(&self, fd: RawFd, client: IpAddr) {
+    /// The client a PROXY protocol header named (or the balancer, for a header of its own), as
+    /// [`OpenConns::opened`].
+    pub fn named(&self, fd: RawFd, client: IpAddr, source_counted: bool) {
         if let Some(c) = self.0.borrow_mut().get_mut(&fd) {
             c.ip = Some(client);
+            c.source_counted = source_counted;
         }
     }
 
@@ -111,9 +117,17 @@ impl OpenConns {
     /// what is left. A rehash of what is left, and the next one waits until half of that
     /// closed too. An entry is 24 bytes: 10,000 connections take a table of about 400 KiB,
     /// given back once they are gone.
-    pub fn closed(&self, fd: RawFd) {
+    /// Its client's source is given back to `sources` if it was counted there.
+    pub fn closed(&self, fd: RawFd, sources: &crate::shared::SourceConns) {
         let mut open = self.0.borrow_mut();
-        open.remove(&fd);
+        if let Some(Client {
+            ip: Some(ip),
+            source_counted: true,
+            ..
+        }) = open.remove(&fd)
+        {
+            sources.leave(ip);
+        }
         let left = open.len();
         if open.capacity() > KEEP_OPEN_SLOTS && left * 8 <= open.capacity() {
             open.shrink_to((left * 2).max(KEEP_OPEN_SLOTS));
@@ -241,12 +255,12 @@ mod tests {
     fn the_open_set_shrinks_when_connections_close() {
         let open = OpenConns::default();
         for fd in 0..10_000 {
-            open.opened(fd, None);
+            open.opened(fd, None, false);
         }
         let full = open.0.borrow().capacity();
         assert!(full >= 10_000);
         for fd in 10..10_000 {
-            open.closed(fd);
+            open.closed(fd, &crate::shared::SourceConns::default());
         }
         assert_eq!(open.len(), 10);
         let kept = open.0.borrow().capacity();
@@ -260,11 +274,11 @@ mod tests {
         // Below the floor, the set is left as it is (no rehash for every close).
         let few = OpenConns::default();
         for fd in 0..100 {
-            few.opened(fd, None);
+            few.opened(fd, None, false);
         }
         let cap = few.0.borrow().capacity();
         for fd in 0..99 {
-            few.closed(fd);
+            few.closed(fd, &crate::shared::SourceConns::default());
         }
         assert_eq!(few.0.borrow().capacity(), cap);
     }

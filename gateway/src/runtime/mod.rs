@@ -640,7 +640,7 @@ fn take_connection(
         let tenant = snapshot.classifier.tenant_of(peer.ip());
         if shared.at_cap(tenant) {
             shared.refused_conns.at_cap();
-            monoio::spawn(refuse_at_cap(stream));
+            monoio::spawn(refuse_at_cap(stream, AtCap::Tenant));
             return;
         }
         if let Err(why) = shared.admit_new_conn(&snapshot, tenant, peer.ip()) {
@@ -653,20 +653,30 @@ fn take_connection(
         // for connections already in the accept queue) the worker refuses them itself.
         if !shared.enter_conn(&snapshot, worker, tenant) {
             shared.refused_conns.at_cap();
-            monoio::spawn(refuse_at_cap(stream));
+            monoio::spawn(refuse_at_cap(stream, AtCap::Tenant));
             return;
         }
-        Some(tenant)
+        let Ok(source_counted) = shared.enter_source(&snapshot, tenant, peer.ip()) else {
+            shared.conns.closed(worker, tenant);
+            shared.refused_conns.source_at_cap();
+            monoio::spawn(refuse_at_cap(stream, AtCap::Source));
+            return;
+        };
+        Some((tenant, source_counted))
     };
     drop(snapshot);
     let fd = stream.as_raw_fd();
     // Behind a balancer the client is known once its header is read (`mcp::conn::admit`).
-    active.opened(fd, (!proxied).then(|| peer.ip()));
+    active.opened(
+        fd,
+        (!proxied).then(|| peer.ip()),
+        tenant.is_some_and(|(_, counted)| counted),
+    );
     let _ = stream.set_nodelay(true);
     let open = OpenConn {
         ctx: Rc::clone(ctx),
         worker,
-        tenant,
+        tenant: tenant.map(|(t, _)| t),
         active: Rc::clone(active),
         fd,
     };
@@ -695,7 +705,7 @@ impl Drop for OpenConn {
         if let Some(t) = self.tenant {
             self.ctx.shared.conns.closed(self.worker, t);
         }
-        self.active.closed(self.fd);
+        self.active.closed(self.fd, &self.ctx.shared.source_conns);
     }
 }
 
@@ -895,8 +905,24 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn refuse_at_cap(mut stream: TcpStream) {
-    let body = r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"tenant is at its connection cap"}}"#;
+/// Which connection cap a new connection is over.
+#[derive(Clone, Copy)]
+enum AtCap {
+    /// Its tenant's `max_connections`.
+    Tenant,
+    /// Its tenant's `max_connections_per_source`, for its source.
+    Source,
+}
+
+async fn refuse_at_cap(mut stream: TcpStream, cap: AtCap) {
+    let body = match cap {
+        AtCap::Tenant => {
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"tenant is at its connection cap"}}"#
+        }
+        AtCap::Source => {
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"too many connections from this source"}}"#
+        }
+    };
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -559,6 +559,89 @@ fn a_burst_of_connections_between_two_polls_gets_no_more_than_the_cap() {
     }
 }
 
+/// One source cannot take its tenant's connections from the others: past the tenant's
+/// `max_connections_per_source` (2 here) a new connection is answered 503, directly and behind
+/// a balancer (there, the client its PROXY header names is the source), while other sources of
+/// the tenant are served. Before, one address could hold the whole `max_connections`.
+#[test]
+fn one_source_holds_no_more_than_its_tenants_cap_per_source() {
+    let behind = free_port();
+    let tables = format!(
+        "[[tenants]]\nname = \"local\"\nid = 0\nmax_connections = 100\n\
+         max_connections_per_source = 2\n\
+         [[listeners]]\naddress = \"127.0.0.1:{behind}\"\n\
+         [listeners.proxy_protocol]\ntrusted = [\"127.0.0.1/32\"]\n"
+    );
+    let extra = Extra {
+        kernel: "default_tenant = \"local\"",
+        tables: &tables,
+        ..Extra::default()
+    };
+    let (_d, port, _) = gateway(free_port(), extra);
+    let ask = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .unwrap();
+        read_response(s)
+    };
+    let from = |source: &str| {
+        connect_from(
+            source.parse().unwrap(),
+            ([127, 0, 0, 1], port).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    let mut held: Vec<TcpStream> = (0..2).map(|_| from("127.0.3.1")).collect();
+    for s in &mut held {
+        assert_eq!(ask(s).expect("an answer").status, 404);
+    }
+    let r = ask(&mut from("127.0.3.1")).expect("an answer");
+    assert_eq!(r.status, 503, "a third connection of one source");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("too many connections from this source"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let mut other = from("127.0.3.2");
+    assert_eq!(
+        ask(&mut other).expect("an answer").status,
+        404,
+        "another source of the tenant"
+    );
+    // A place given back is taken again.
+    drop(held.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ask(&mut from("127.0.3.1")).expect("an answer").status != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the place given back was not taken again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Behind the balancer, each header's client is a source.
+    let via = |client: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", behind)).unwrap();
+        s.write_all(format!("PROXY TCP4 {client} 127.0.0.1 1234 8080\r\n").as_bytes())
+            .unwrap();
+        s
+    };
+    let mut clients: Vec<TcpStream> = (0..2).map(|_| via("198.18.0.1")).collect();
+    for s in &mut clients {
+        assert_eq!(ask(s).expect("an answer").status, 404);
+    }
+    assert!(
+        ask(&mut via("198.18.0.1")).is_none_or(|r| r.status != 404),
+        "a third connection of one client behind the balancer was served"
+    );
+    assert_eq!(
+        ask(&mut via("198.18.0.2")).expect("an answer").status,
+        404,
+        "another client behind the balancer"
+    );
+}
+
 /// The upstream answers each request with its own id and then, unasked, a second answer:
 /// right behind the first (`delay` zero) or a little later.
 fn smuggling_upstream(delay: Duration) -> Fake {

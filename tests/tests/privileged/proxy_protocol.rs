@@ -553,6 +553,7 @@ fn refusals_close_the_connection_and_are_counted() {
         "banned",
         "denied",
         "tenant_at_cap",
+        "source_at_cap",
     ] {
         assert!(
             text.contains(&format!(
