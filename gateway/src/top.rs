@@ -94,7 +94,7 @@ fn cells(s: &Value) -> [String; 10] {
     let err = s["errors"].as_u64().unwrap_or(0) as f64 * 100.0 / count as f64;
     let t = &s["total_us"];
     [
-        s["name"].as_str().unwrap_or("").to_owned(),
+        shown_name(s["name"].as_str().unwrap_or("")),
         format!("{:.1}", s["rps"].as_f64().unwrap_or(0.0)),
         format!("{err:.1}%"),
         us(&t["p50"]),
@@ -105,6 +105,30 @@ fn cells(s: &Value) -> [String; 10] {
         us(&s["gateway_us"]["p99"]),
         us(&s["upstream_us"]["p99"]),
     ]
+}
+
+/// Widest name shown in the first column.
+const NAME_WIDTH: usize = 21;
+
+/// A series' name as shown: a tool's name is the client's to choose, so every character but
+/// printable ASCII and letters and digits is shown escaped (`\u{202e}`: a space, a zero-width
+/// space, a bidi override, a line separator), and a name wider than its column is cut with
+/// `…` (a name padded with spaces and figures printed columns of its own).
+fn shown_name(name: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_graphic() || (!c.is_ascii() && c.is_alphanumeric()) {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    if out.chars().count() > NAME_WIDTH {
+        out = out.chars().take(NAME_WIDTH - 1).collect();
+        out.push('…');
+    }
+    out
 }
 
 /// The figures as plain text (`--once`).
@@ -362,4 +386,23 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     })();
     ratatui::restore();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_name;
+
+    #[test]
+    fn a_name_cannot_pose_as_another_or_print_columns_of_its_own() {
+        assert_eq!(shown_name("echo"), "echo");
+        assert_eq!(shown_name("échø_1.2-x"), "échø_1.2-x");
+        assert_eq!(shown_name("echo\u{200b}"), "echo\\u{200b}");
+        assert_eq!(shown_name("\u{202e}ohce_eteled"), "\\u{202e}ohce_eteled");
+        assert_eq!(shown_name("a\u{2028}b"), "a\\u{2028}b");
+        let padded = shown_name("echo      9999.0      0.0%");
+        assert!(
+            padded.chars().count() <= 21 && padded.ends_with('…'),
+            "{padded}"
+        );
+    }
 }

@@ -1016,7 +1016,10 @@ fn record(
     if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
         audit.send(audit::Record {
             ts: audit::now(),
-            decision: if decision.refused {
+            // Refused by policy, or by the gateway before policy had its say (a body that
+            // does not parse, an unknown protocol version, a bad `traceparent`): those were
+            // written "allowed" (a review).
+            decision: if decision.refused || outcome == Outcome::Refused {
                 "refused"
             } else {
                 "allowed"

@@ -404,9 +404,25 @@ fn the_client_a_header_names_is_classified_policed_and_audited() {
         1
     );
 
+    // A body that does not parse is refused by the gateway before policy: audited as refused
+    // (it was written "allowed").
+    let r = via(
+        p,
+        &[v1("198.18.5.11", 1), post("/mcp", "{not json", "")].concat(),
+    );
+    assert_eq!(r.status, 400);
+
     // The audit log names the clients, each with its tenant.
     std::thread::sleep(Duration::from_millis(300));
     let lines = audit_lines(&s.audit);
+    let malformed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["source"] == "198.18.5.11")
+        .collect();
+    assert!(
+        !malformed.is_empty() && malformed.iter().all(|l| l["decision"] == "refused"),
+        "{malformed:?}"
+    );
     let seen: Vec<(&str, &str, &str)> = lines
         .iter()
         .filter(|l| l["method"] == "tools/call")
