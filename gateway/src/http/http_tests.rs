@@ -666,3 +666,19 @@ fn a_head_line_ended_by_a_bare_lf_is_refused() {
         );
     }
 }
+
+/// An upstream's status keeps its registered reason phrase, or none: a 409 was relayed as
+/// `409 Unknown`.
+#[test]
+fn a_status_line_has_the_registered_reason_or_none() {
+    for (status, line) in [
+        (200, "HTTP/1.1 200 OK\r\n"),
+        (409, "HTTP/1.1 409 Conflict\r\n"),
+        (503, "HTTP/1.1 503 Service Unavailable\r\n"),
+        (299, "HTTP/1.1 299 \r\n"),
+    ] {
+        let mut out = Vec::new();
+        push_status_line(&mut out, status);
+        assert_eq!(String::from_utf8_lossy(&out), line);
+    }
+}

@@ -574,31 +574,13 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
     Ok(req)
 }
 
-/// Reason phrase of the statuses the gateway itself produces.
+/// The reason phrase of `status`: the registered one, or none (RFC 9112 §4 lets it be empty).
+/// An upstream's status is relayed with it: a 409 went to clients as `409 Unknown`.
 pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        406 => "Not Acceptable",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        415 => "Unsupported Media Type",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Unknown",
-    }
+    ::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
 }
 
 /// A complete response with a body (Content-Length framing). A header value that cannot be
