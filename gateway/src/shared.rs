@@ -150,27 +150,17 @@ impl Drop for Counted<'_> {
 /// Open connections per source (an IPv4 address, an IPv6 /64) over all workers, for the
 /// tenants' `max_connections_per_source`: only sources with a connection open have an entry,
 /// so the table is as large as the open connections at most. Lock-free (a connection's accept
-/// and close; never a request).
+/// and close; never a request). Sources are counted as the new-connection limits count them
+/// ([`source_key`]: a link-local IPv6 address whole).
 #[derive(Default)]
-pub struct SourceConns(papaya::HashMap<IpAddr, u64>);
+pub struct SourceConns(papaya::HashMap<[u8; 16], u64>);
 
 impl SourceConns {
-    /// The source `client` is counted as: its address, or its /64 for IPv6 (one host's
-    /// addresses, as the kernel program's per-source buckets), but for link-local addresses.
-    pub fn source_of(client: IpAddr) -> IpAddr {
-        match client.to_canonical() {
-            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 != 0xfe80 => {
-                IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
-            }
-            ip => ip,
-        }
-    }
-
     /// Counts a connection of `client` unless `cap` of its source's are open.
     pub fn enter(&self, client: IpAddr, cap: u64) -> bool {
         use papaya::{Compute, Operation};
         let table = self.0.pin();
-        let entered = table.compute(Self::source_of(client), |entry| match entry {
+        let entered = table.compute(source_key(client), |entry| match entry {
             Some((_, n)) if *n >= cap => Operation::Abort(()),
             Some((_, n)) => Operation::Insert(n + 1),
             None => Operation::Insert(1),
@@ -183,7 +173,7 @@ impl SourceConns {
         use papaya::Operation;
         self.0
             .pin()
-            .compute(Self::source_of(client), |entry| match entry {
+            .compute(source_key(client), |entry| match entry {
                 Some((_, n)) if *n > 1 => Operation::Insert(n - 1),
                 Some(_) => Operation::Remove,
                 None => Operation::Abort(()),
