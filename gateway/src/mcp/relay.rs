@@ -304,16 +304,18 @@ async fn pump(
         // stream the client can resume is read on without it: its next write fails, and the
         // rest is drained (see `drain`); the read under way is not lost. Until a ban or deny
         // cuts the client: it is not coming back, and the call is cancelled.
-        let filled = if client_left {
-            let Some(filled) = unless_cut(open, fd, read).await else {
-                return Pumped::ClientLeft { drain: false };
-            };
-            filled
-        } else {
+        let filled = {
             let mut read = std::pin::pin!(read);
-            match unless_client_leaves(client, read.as_mut()).await {
+            let watched = if client_left {
+                None
+            } else {
+                unless_client_leaves(client, read.as_mut()).await
+            };
+            match watched {
                 Some(filled) => filled,
-                None if !resumes(body) => return Pumped::ClientLeft { drain: false },
+                None if !client_left && !resumes(body) => {
+                    return Pumped::ClientLeft { drain: false };
+                }
                 None => {
                     client_left = true;
                     let Some(filled) = unless_cut(open, fd, read).await else {
