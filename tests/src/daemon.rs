@@ -398,6 +398,16 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Option<T
     Some(socket.into())
 }
 
+/// [`connect_from`] the loopback address `src` (an `127.x.y.z`, as text) to the gateway's
+/// `port` on 127.0.0.1, within 2 s.
+pub fn loopback_from(src: &str, port: u16) -> Option<TcpStream> {
+    connect_from(
+        src.parse().expect("a source address"),
+        ([127, 0, 0, 1], port).into(),
+        Duration::from_secs(2),
+    )
+}
+
 /// Sends one HTTP request on `stream` and returns the status code of the answer.
 pub fn http_status(stream: &mut TcpStream) -> u16 {
     stream

@@ -15,7 +15,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{Daemon, connect_from},
+    daemon::{Daemon, connect_from, loopback_from},
     peers::{free_port, post, read_response},
     unique,
 };
@@ -584,14 +584,7 @@ fn one_source_holds_no_more_than_its_tenants_cap_per_source() {
             .unwrap();
         read_response(s)
     };
-    let from = |source: &str| {
-        connect_from(
-            source.parse().unwrap(),
-            ([127, 0, 0, 1], port).into(),
-            Duration::from_secs(2),
-        )
-        .unwrap()
-    };
+    let from = |source: &str| loopback_from(source, port).unwrap();
     let mut held: Vec<TcpStream> = (0..2).map(|_| from("127.0.3.1")).collect();
     for s in &mut held {
         assert_eq!(ask(s).expect("an answer").status, 404);
@@ -780,12 +773,7 @@ sources = ["127.0.5.0/24"]
     };
     let (_d, port, _) = gateway(fake.port, extra);
     let call_from = |source: &str, tool: &str| {
-        let mut c = connect_from(
-            source.parse().unwrap(),
-            ([127, 0, 0, 1], port).into(),
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let mut c = loopback_from(source, port).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.write_all(&call(1, tool)).unwrap();
         read_response(&mut c).expect("an answer")

@@ -13,7 +13,7 @@ use std::{
 use serde_json::Value;
 
 use integration_tests::{
-    daemon::{Daemon, connect_from},
+    daemon::{Daemon, loopback_from},
     peers::{FakeUpstream, Misbehave, RawResponse, free_port, post, read_response},
     unique,
 };
@@ -463,12 +463,7 @@ fn refusals_close_the_connection_and_are_counted() {
 
     // An untrusted source (127.0.0.2 is loopback too, but not 127.0.0.1/32) is closed at
     // once, even with a valid header.
-    let mut c = connect_from(
-        "127.0.0.2".parse().unwrap(),
-        ([127, 0, 0, 1], p).into(),
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let mut c = loopback_from("127.0.0.2", p).unwrap();
     c.write_all(&[v1("198.18.5.7", 1), call("echo")].concat())
         .unwrap();
     // (At once: well before the 3 s header timeout, on a host however loaded.)
@@ -650,11 +645,7 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
 /// A call on a new connection to the direct listener from `source` (a loopback address): its
 /// answer, or `None` when the connection was closed (or reset) without a byte.
 fn direct_call(port: u16, source: &str) -> Option<RawResponse> {
-    let mut c = connect_from(
-        source.parse().unwrap(),
-        ([127, 0, 0, 1], port).into(),
-        Duration::from_secs(2),
-    )?;
+    let mut c = loopback_from(source, port)?;
     c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     // A reset can come before the request is written.
     c.write_all(&call("echo")).ok()?;
@@ -760,12 +751,7 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
     assert_eq!(refused_conns(a, "banned"), 1);
 
     // A direct client, banned through the admin API between two calls.
-    let mut c = connect_from(
-        "127.0.1.7".parse().unwrap(),
-        ([127, 0, 0, 1], d).into(),
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let mut c = loopback_from("127.0.1.7", d).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     c.write_all(&call("echo")).unwrap();
     assert!(is_result(&read_response(&mut c).unwrap()));
@@ -835,14 +821,7 @@ fn still_open(c: &mut TcpStream) -> bool {
 fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     let s = setup();
     let (p, d, a) = (s.port, s.direct, s.admin);
-    let direct_from = |source: &str| {
-        connect_from(
-            source.parse().unwrap(),
-            ([127, 0, 0, 1], d).into(),
-            Duration::from_secs(2),
-        )
-        .unwrap()
-    };
+    let direct_from = |source: &str| loopback_from(source, d).unwrap();
     // A direct client's stream, and a stream of a client behind the balancer (`edge`).
     let mut direct = direct_from("127.0.1.20");
     streaming(&mut direct);
