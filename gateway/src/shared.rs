@@ -201,21 +201,59 @@ pub struct SourceAtCap;
 #[derive(Debug, Default)]
 pub struct BanSet {
     until: rustc_hash::FxHashMap<IpAddr, u64>,
-    /// Banned prefixes wider than one address (an operator's ranges: few), each with its end.
-    nets: Vec<(ipnet::IpNet, u64)>,
+    /// Banned prefixes wider than one address, grouped by family and length: a look-up takes
+    /// one hash probe per length in use, however many prefixes are banned (an operator's
+    /// blocklist of 10,000 /24s is one probe, where a list was 10,000 comparisons on each
+    /// accept). Every length is asked, so a longer prefix whose ban ended does not hide a
+    /// shorter one still in force.
+    nets: Vec<NetsOfLength>,
+}
+
+/// Banned prefixes of one family and length, by their first address, each with its end.
+#[derive(Debug)]
+struct NetsOfLength {
+    v4: bool,
+    len: u8,
+    until: rustc_hash::FxHashMap<IpAddr, u64>,
+}
+
+/// `ip`'s first `len` bits (the rest zero), in `ip`'s family.
+fn prefix_of(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
 }
 
 impl BanSet {
     /// The bans in force: a prefix of one address (`/32`, `/128`) bans that address.
     pub fn new(bans: impl IntoIterator<Item = (ipnet::IpNet, u64)>) -> Self {
         let mut until = rustc_hash::FxHashMap::default();
-        let mut nets = Vec::new();
+        let mut nets: Vec<NetsOfLength> = Vec::new();
         for (net, t) in bans {
             if net.prefix_len() == net.max_prefix_len() {
                 until.insert(net.addr().to_canonical(), t);
-            } else {
-                nets.push((net.trunc(), t));
+                continue;
             }
+            let (v4, len) = (net.addr().is_ipv4(), net.prefix_len());
+            let group = match nets.iter().position(|g| g.v4 == v4 && g.len == len) {
+                Some(i) => &mut nets[i],
+                None => {
+                    nets.push(NetsOfLength {
+                        v4,
+                        len,
+                        until: rustc_hash::FxHashMap::default(),
+                    });
+                    nets.last_mut().expect("just pushed")
+                }
+            };
+            group.until.insert(prefix_of(net.addr(), len), t);
         }
         Self { until, nets }
     }
@@ -227,25 +265,29 @@ impl BanSet {
             return false;
         }
         let ip = ip.to_canonical();
-        self.until.get(&ip).is_some_and(|until| *until > now_ns)
+        let in_force = |until: Option<&u64>| until.is_some_and(|until| *until > now_ns);
+        in_force(self.until.get(&ip))
             || self
                 .nets
                 .iter()
-                .any(|(net, until)| *until > now_ns && net.contains(&ip))
+                .filter(|g| g.v4 == ip.is_ipv4())
+                .any(|g| in_force(g.until.get(&prefix_of(ip, g.len))))
     }
 
     pub fn len(&self) -> usize {
-        self.until.len() + self.nets.len()
+        self.until.len() + self.nets.iter().map(|g| g.until.len()).sum::<usize>()
     }
 
     /// When the ban of exactly `net` (canonical, as [`BanSet::new`] was given it) ends.
     pub fn until_of(&self, net: &ipnet::IpNet) -> Option<u64> {
         if net.prefix_len() == net.max_prefix_len() {
-            self.until.get(&net.addr()).copied()
-        } else {
-            let net = net.trunc();
-            self.nets.iter().find(|(n, _)| *n == net).map(|(_, t)| *t)
+            return self.until.get(&net.addr()).copied();
         }
+        let (v4, len) = (net.addr().is_ipv4(), net.prefix_len());
+        self.nets
+            .iter()
+            .find(|g| g.v4 == v4 && g.len == len)
+            .and_then(|g| g.until.get(&prefix_of(net.addr(), len)).copied())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -774,6 +816,55 @@ mod tests {
         assert_eq!(u.len(), 1);
         u.leave(ip("198.51.100.7"));
         assert!(u.is_empty());
+    }
+
+    #[test]
+    fn a_ban_holds_every_address_of_its_prefix_and_only_while_in_force() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let mut bans: Vec<(ipnet::IpNet, u64)> = (0..10_000u32)
+            .map(|i| (net(&format!("10.{}.{}.0/24", i >> 8, i & 255)), 100))
+            .collect();
+        bans.extend([
+            (net("203.0.113.7/32"), 100),
+            (net("198.51.100.0/25"), 100),
+            // A longer prefix whose ban ended inside a shorter one in force.
+            (net("192.0.2.0/28"), 10),
+            (net("192.0.2.0/24"), 100),
+            (net("2001:db8:5::/48"), 100),
+            (net("0.0.0.0/0"), 20),
+        ]);
+        let set = BanSet::new(bans);
+        assert_eq!(set.len(), 10_006);
+        assert!(set.is_banned(ip("10.39.15.200"), 50), "one of 10,000 /24s");
+        assert!(
+            !set.is_banned(ip("10.39.16.1"), 50),
+            "past the 10,000th /24"
+        );
+        assert!(
+            set.is_banned(ip("::ffff:203.0.113.7"), 50),
+            "a mapped address"
+        );
+        assert!(!set.is_banned(ip("203.0.113.8"), 50));
+        assert!(set.is_banned(ip("198.51.100.127"), 50));
+        assert!(!set.is_banned(ip("198.51.100.128"), 50), "past the /25");
+        assert!(
+            set.is_banned(ip("192.0.2.3"), 50),
+            "the /24 holds after the /28 ended"
+        );
+        assert!(!set.is_banned(ip("192.0.2.3"), 100), "both ended");
+        assert!(set.is_banned(ip("2001:db8:5:ffff::1"), 50));
+        assert!(!set.is_banned(ip("2001:db8:6::1"), 50));
+        assert!(
+            set.is_banned(ip("8.8.8.8"), 15),
+            "every IPv4 address, while in force"
+        );
+        assert!(!set.is_banned(ip("8.8.8.8"), 25));
+        assert!(!set.is_banned(ip("2001:db8:6::1"), 15), "not IPv6 ones");
+        assert_eq!(set.until_of(&net("192.0.2.0/28")), Some(10));
+        assert_eq!(set.until_of(&net("10.0.7.0/24")), Some(100));
+        assert_eq!(set.until_of(&net("10.0.7.0/23")), None);
+        assert_eq!(set.until_of(&net("203.0.113.7/32")), Some(100));
     }
 
     #[test]

@@ -135,15 +135,35 @@ impl Control {
 
     /// Bans every address of `net` for `ttl` (one address when it is a `/32` or `/128`).
     fn ban_net(&mut self, net: IpNet, ttl: Duration) -> Result<(), kernel::KernelError> {
-        let net = canonical_net(net);
-        if let Some(maps) = &mut self.maps {
-            maps.ban_net(net, ttl)?;
+        match self.ban_nets(&[(net, ttl)]) {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
         }
-        let until =
-            kernel::monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
-        self.bans.insert(net, until);
-        self.publish_bans();
-        Ok(())
+    }
+
+    /// Bans each of `bans` in turn, and hands the workers the new set once (an operator's
+    /// blocklist of thousands in one request). On a failure (a kernel map full, say) the bans
+    /// before it stand, and are published. Returns how many were banned, and the failure.
+    fn ban_nets(&mut self, bans: &[(IpNet, Duration)]) -> (usize, Option<kernel::KernelError>) {
+        let mut done = 0;
+        let mut failed = None;
+        for (net, ttl) in bans {
+            let net = canonical_net(*net);
+            if let Some(maps) = &mut self.maps
+                && let Err(e) = maps.ban_net(net, *ttl)
+            {
+                failed = Some(e);
+                break;
+            }
+            let until = kernel::monotonic_ns()
+                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+            self.bans.insert(net, until);
+            done += 1;
+        }
+        if done > 0 {
+            self.publish_bans();
+        }
+        (done, failed)
     }
 
     /// Lifts a ban; returns whether there was one.
@@ -1572,29 +1592,49 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                 address: String,
                 seconds: u64,
             }
-            let expected = "expected {\"address\": an IP address or a CIDR prefix, \"seconds\": N}";
-            let ban: BanRequest = match serde_json::from_slice(&body) {
+            let expected = "expected {\"address\": an IP address or a CIDR prefix, \"seconds\": N}, or a list of them";
+            // One ban, or a list of them (checked whole before any is made).
+            let many = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            let parsed = if many {
+                serde_json::from_slice::<Vec<BanRequest>>(&body)
+            } else {
+                serde_json::from_slice::<BanRequest>(&body).map(|b| vec![b])
+            };
+            let requests = match parsed {
                 Ok(b) => b,
                 Err(e) => {
                     return json_reply(400, &serde_json::json!({"error": format!("{expected}: {e}")}));
                 }
             };
-            let Some(net) = parse_ban(&ban.address) else {
-                return json_reply(400, &serde_json::json!({"error": format!("{expected}: `{}` is neither", ban.address)}));
-            };
-            if let Some(problem) = crate::config::covers_ipv4(&net) {
-                return json_reply(400, &serde_json::json!({"error": format!("`{}` {problem}", ban.address)}));
-            }
-            if ban.seconds == 0 {
-                return json_reply(400, &serde_json::json!({"error": "seconds must be at least 1 (DELETE /bans/<address> lifts a ban)"}));
-            }
-            match c.ban_net(net, Duration::from_secs(ban.seconds)) {
-                Ok(()) => {
-                    let address = ban_text(canonical_net(net));
-                    tracing::info!(address, seconds = ban.seconds, "banned via the admin API");
-                    json_reply(200, &serde_json::json!({"banned": address, "seconds": ban.seconds}))
+            let mut bans = Vec::with_capacity(requests.len());
+            for (i, ban) in requests.iter().enumerate() {
+                let which = if many { format!("ban {i}: ") } else { String::new() };
+                let Some(net) = parse_ban(&ban.address) else {
+                    return json_reply(400, &serde_json::json!({"error": format!("{which}{expected}: `{}` is neither", ban.address)}));
+                };
+                if let Some(problem) = crate::config::covers_ipv4(&net) {
+                    return json_reply(400, &serde_json::json!({"error": format!("{which}`{}` {problem}", ban.address)}));
                 }
-                Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
+                if ban.seconds == 0 {
+                    return json_reply(400, &serde_json::json!({"error": format!("{which}seconds must be at least 1 (DELETE /bans/<address> lifts a ban)")}));
+                }
+                bans.push((net, Duration::from_secs(ban.seconds)));
+            }
+            let (done, failed) = c.ban_nets(&bans);
+            for (net, ttl) in &bans[..done.min(16)] {
+                let address = ban_text(canonical_net(*net));
+                tracing::info!(address, seconds = ttl.as_secs(), "banned via the admin API");
+            }
+            if done > 16 {
+                tracing::info!(more = done - 16, "banned via the admin API");
+            }
+            match failed {
+                None if !many => {
+                    let (net, ttl) = bans[0];
+                    json_reply(200, &serde_json::json!({"banned": ban_text(canonical_net(net)), "seconds": ttl.as_secs()}))
+                }
+                None => json_reply(200, &serde_json::json!({"banned": done})),
+                Some(e) => json_reply(500, &serde_json::json!({"error": e.to_string(), "banned": done, "of": bans.len()})),
             }
         }
         (&Method::DELETE, p) if p.starts_with("/bans/") => {

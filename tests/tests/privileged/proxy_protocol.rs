@@ -640,6 +640,49 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     assert_eq!(refusals(a, "banned"), 5);
     // The balancer itself is never banned: other clients are still served.
     assert!(is_result(&ok("198.18.5.7")));
+
+    // A blocklist in one request: 998 /28s, a /25 and an address. Each takes at once.
+    let mut list: Vec<String> = (0..998u32)
+        .map(|i| {
+            let (third, fourth) = (i >> 4, (i & 15) << 4);
+            format!(r#"{{"address":"198.19.{third}.{fourth}/28","seconds":600}}"#)
+        })
+        .collect();
+    list.push(r#"{"address":"198.18.11.0/25","seconds":600}"#.into());
+    list.push(r#"{"address":"198.18.12.12","seconds":600}"#.into());
+    let r = admin_request(a, "POST", "/bans", &format!("[{}]", list.join(",")));
+    assert_eq!(
+        (r.status, &r.json()["banned"]),
+        (200, &serde_json::json!(1000))
+    );
+    for client in ["198.19.62.84", "198.18.11.5", "198.18.12.12"] {
+        refused(p, &v1(client, 1));
+    }
+    assert!(is_result(&ok("198.19.62.100")), "past the 998th /28");
+    assert!(is_result(&ok("198.18.11.200")), "past the /25");
+    assert_eq!(refusals(a, "banned"), 8);
+    let listed = admin_request(a, "GET", "/bans", "").json();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1001),
+        "with the auto-ban"
+    );
+    // A list with a bad entry bans none of it, and says which.
+    let r = admin_request(
+        a,
+        "POST",
+        "/bans",
+        r#"[{"address":"198.18.13.1","seconds":60},{"address":"lab","seconds":60}]"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("ban 1: ")),
+        "{}",
+        r.json()
+    );
+    assert!(is_result(&ok("198.18.13.1")));
 }
 
 /// A call on a new connection to the direct listener from `source` (a loopback address): its
