@@ -1,8 +1,10 @@
 //! The admin API's connections (control thread, tokio), served by hyper with bounds a listener
-//! open to a network needs: at most [`MAX_CONNECTIONS`] at once (one more is closed as it is
-//! accepted, so idle connections cannot take the process's file descriptors, which the data
-//! plane shares) and at most [`MAX_PER_ADDRESS`] of them from one address (so one client
-//! cannot hold them all and keep the others' scrapes and health checks out), a request head within [`HEAD_TIMEOUT`] (the wait for the next request on a
+//! open to a network needs: at most [`MAX_CONNECTIONS`] at once (so idle connections cannot
+//! take the process's file descriptors, which the data plane shares: past it, the connection
+//! that has waited longest for its next request is closed for the new one, and when every
+//! connection is serving a request the new one is closed as it is accepted) and at most
+//! [`MAX_PER_ADDRESS`] of them from one address (so one client cannot hold them all and keep
+//! the others' scrapes and health checks out), a request head within [`HEAD_TIMEOUT`] (the wait for the next request on a
 //! kept-alive connection counts: an idle connection is closed after it) and a body within
 //! [`BODY_TIMEOUT`] (see `control::admin`), and a write that makes no progress for
 //! [`WRITE_TIMEOUT`] ends the connection ([`WriteDeadline`]: a client that pipelines requests
@@ -16,11 +18,11 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// Admin connections open at once.
 pub const MAX_CONNECTIONS: usize = 128;
@@ -78,14 +80,33 @@ pub struct Slots {
     /// Of `total`, places only loopback clients may take.
     reserved: usize,
     per_address: PerAddress,
-    /// Taken in all, and by address.
-    taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
+    taken: Arc<Mutex<Taken>>,
+}
+
+/// Places taken in all, by address, and each by its connection.
+#[derive(Default)]
+struct Taken {
+    all: usize,
+    by: HashMap<IpAddr, usize>,
+    /// Every place held, by its number.
+    held: HashMap<u64, Held>,
+    next: u64,
+}
+
+struct Held {
+    address: IpAddr,
+    /// Since when the connection waits for its client (`None` while a request is served): the
+    /// one waiting longest gives its place up to a new connection when every place is taken.
+    waiting_since: Option<Instant>,
+    /// Told when its place was given up: its connection ends.
+    given_up: Arc<Notify>,
 }
 
 /// A connection's place, given back when dropped.
 pub struct Slot {
-    taken: Arc<Mutex<(usize, HashMap<IpAddr, usize>)>>,
-    address: IpAddr,
+    taken: Arc<Mutex<Taken>>,
+    number: u64,
+    given_up: Arc<Notify>,
 }
 
 /// Why a connection got no place.
@@ -109,41 +130,122 @@ impl Slots {
 
     /// A place for a connection from `client`.
     pub fn take(&self, client: IpAddr) -> Result<Slot, Refused> {
+        self.take_or_free_if(client, false).map(|(slot, _)| slot)
+    }
+
+    /// A place for a connection from `client`; when every place is taken, the place of the
+    /// connection that has waited longest for its client's next request is given up for it
+    /// (that connection ends, and its address is returned). Idle kept-alive connections from
+    /// a few addresses held every place, keeping scrapes and health checks out; now holding a
+    /// place takes a request in progress, which takes a credential (or the loopback address
+    /// a token-less admin API listens on).
+    pub fn take_or_free(&self, client: IpAddr) -> Result<(Slot, Option<IpAddr>), Refused> {
+        self.take_or_free_if(client, true)
+    }
+
+    fn take_or_free_if(
+        &self,
+        client: IpAddr,
+        free: bool,
+    ) -> Result<(Slot, Option<IpAddr>), Refused> {
         let address = counted_as(client);
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        let (all, by) = &mut *taken;
         let total = if client.to_canonical().is_loopback() {
             self.total
         } else {
             self.total.saturating_sub(self.reserved)
         };
-        if *all >= total {
-            return Err(Refused::Full);
-        }
-        let n = by.entry(address).or_insert(0);
-        if *n >= (self.per_address)() {
+        if taken.by.get(&address).copied().unwrap_or(0) >= (self.per_address)() {
             return Err(Refused::Address);
         }
-        *n += 1;
-        *all += 1;
-        Ok(Slot {
-            taken: Arc::clone(&self.taken),
-            address,
-        })
+        let mut freed = None;
+        if taken.all >= total {
+            let longest = taken
+                .held
+                .iter()
+                .filter_map(|(n, h)| h.waiting_since.map(|since| (since, *n)))
+                .min()
+                .filter(|_| free);
+            let Some((_, n)) = longest else {
+                return Err(Refused::Full);
+            };
+            let held = taken.give_back(n).expect("a place held");
+            held.given_up.notify_one();
+            freed = Some(held.address);
+        }
+        *taken.by.entry(address).or_insert(0) += 1;
+        taken.all += 1;
+        let number = taken.next;
+        taken.next += 1;
+        let given_up = Arc::new(Notify::new());
+        taken.held.insert(
+            number,
+            Held {
+                address,
+                waiting_since: Some(Instant::now()),
+                given_up: Arc::clone(&given_up),
+            },
+        );
+        Ok((
+            Slot {
+                taken: Arc::clone(&self.taken),
+                number,
+                given_up,
+            },
+            freed,
+        ))
+    }
+}
+
+impl Taken {
+    /// Gives back place `n`, if it is still held.
+    fn give_back(&mut self, n: u64) -> Option<Held> {
+        let held = self.held.remove(&n)?;
+        self.all -= 1;
+        if let Some(count) = self.by.get_mut(&held.address) {
+            *count -= 1;
+            if *count == 0 {
+                self.by.remove(&held.address);
+            }
+        }
+        Some(held)
+    }
+}
+
+impl Slot {
+    /// Marks a request in progress until the returned guard drops: meanwhile the place is
+    /// not given up for another connection.
+    pub fn serving(self: &Arc<Self>) -> Serving {
+        self.set_waiting(None);
+        Serving(Arc::clone(self))
+    }
+
+    fn set_waiting(&self, since: Option<Instant>) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = taken.held.get_mut(&self.number) {
+            held.waiting_since = since;
+        }
+    }
+
+    /// Done when the place was given up for a new connection.
+    pub async fn given_up(&self) {
+        self.given_up.notified().await;
+    }
+}
+
+/// A request in progress on a [`Slot`]'s connection.
+pub struct Serving(Arc<Slot>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.set_waiting(Some(Instant::now()));
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        let (all, by) = &mut *taken;
-        *all -= 1;
-        if let Some(n) = by.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                by.remove(&self.address);
-            }
-        }
+        taken.give_back(self.number);
     }
 }
 
@@ -171,7 +273,7 @@ pub fn say_refused(why: Refused, client: SocketAddr, refused: &mut [u64; 2]) {
         match why {
             Refused::Full => tracing::warn!(
                 %client,
-                "admin API: {MAX_CONNECTIONS} connections are open, a new one is closed ({} so far)",
+                "admin API: {MAX_CONNECTIONS} connections are open, each in a request or a TLS handshake; a new one is closed ({} so far)",
                 *n + 1
             ),
             Refused::Address => tracing::warn!(
@@ -196,34 +298,59 @@ pub async fn serve(
 ) {
     let slots = Slots::new(MAX_CONNECTIONS, LOOPBACK_RESERVED, per_address);
     let mut refused = [0u64; 2];
+    let mut freed = 0u64;
     loop {
         let (io, peer) = tokio::select! {
             () = stopped(&mut stop) => return,
             accepted = listener.accept() => accepted,
         };
-        let slot = match slots.take(peer.client.ip()) {
-            Ok(slot) => slot,
+        let slot = match slots.take_or_free(peer.client.ip()) {
+            Ok((slot, given_up_by)) => {
+                if let Some(idle) = given_up_by {
+                    if freed.is_multiple_of(1000) {
+                        tracing::warn!(
+                            client = %peer.client,
+                            idle_from = %idle,
+                            "admin API: {MAX_CONNECTIONS} connections are open; the one idle \
+                             longest is closed for a new one ({} so far)",
+                            freed + 1
+                        );
+                    }
+                    freed += 1;
+                }
+                Arc::new(slot)
+            }
             Err(why) => {
                 say_refused(why, peer.client, &mut refused);
                 continue;
             }
         };
-        let app = app
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let app = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let marks = Arc::clone(&slot);
+            // A request in progress holds its place; between requests the place can be
+            // given up for a new connection (`Slots::take_or_free`).
+            let service = hyper::service::service_fn(move |req| {
+                let serving = marks.serving();
+                let answer = hyper::service::Service::call(&app, req);
+                async move {
+                    let answer = answer.await;
+                    drop(serving);
+                    answer
+                }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(
-                    TokioIo::new(WriteDeadline::new(io, WRITE_TIMEOUT)),
-                    hyper_util::service::TowerToHyperService::new(app),
-                );
+                .serve_connection(TokioIo::new(WriteDeadline::new(io, WRITE_TIMEOUT)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                () = slot.given_up() => {}
                 () = stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -360,6 +487,48 @@ mod tests {
         assert_eq!(slots.take(a).err(), Some(Refused::Full));
     }
 
+    /// Past the cap, the connection waiting longest for its next request gives its place up;
+    /// one serving a request never does, and a place given up is not given back twice.
+    #[tokio::test]
+    async fn the_connection_idle_longest_makes_room_and_one_serving_does_not() {
+        let slots = Slots::new(3, 0, Arc::new(|| 10));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = Arc::new(slots.take(ip("192.0.2.1")).unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let b = Arc::new(slots.take(ip("192.0.2.2")).unwrap());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let c = Arc::new(slots.take(ip("192.0.2.3")).unwrap());
+        assert_eq!(
+            slots.take(ip("192.0.2.4")).err(),
+            Some(Refused::Full),
+            "take frees none"
+        );
+        let a_serving = a.serving();
+        let (d, freed) = slots.take_or_free(ip("192.0.2.4")).unwrap();
+        assert_eq!(
+            freed,
+            Some(ip("192.0.2.2")),
+            "b waited longest; a is serving"
+        );
+        tokio::time::timeout(Duration::from_secs(1), b.given_up())
+            .await
+            .expect("b is told");
+        drop(b);
+        let _c_serving = c.serving();
+        let _d_serving = Arc::new(d).serving();
+        assert_eq!(
+            slots.take_or_free(ip("192.0.2.5")).err(),
+            Some(Refused::Full),
+            "every connection is serving"
+        );
+        drop(a_serving);
+        let (_e, freed) = slots.take_or_free(ip("192.0.2.5")).unwrap();
+        assert_eq!(freed, Some(ip("192.0.2.1")), "a, done serving");
+        drop(a);
+        let taken = slots.taken.lock().unwrap();
+        assert_eq!((taken.all, taken.held.len(), taken.by.len()), (3, 3, 3));
+    }
+
     /// Clients elsewhere leave [`LOOPBACK_RESERVED`] places to this host's own.
     #[test]
     fn places_are_kept_for_this_host() {
@@ -396,7 +565,7 @@ mod tests {
             drop(slots.take(IpAddr::from(i.to_be_bytes())).unwrap());
         }
         let taken = slots.taken.lock().unwrap();
-        assert_eq!(taken.0, 0);
-        assert!(taken.1.is_empty());
+        assert_eq!(taken.all, 0);
+        assert!(taken.by.is_empty() && taken.held.is_empty());
     }
 }
