@@ -5,7 +5,10 @@
 
 use std::{
     net::IpAddr,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use arc_swap::ArcSwap;
@@ -187,6 +190,144 @@ impl SourceConns {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// Request streams whose client left and may come back for the rest (`Last-Event-ID`), while
+/// a worker reads them on for it (`relay::drain`), over all workers: a resume of one, on any
+/// worker, takes it over. An SDK's server sends the rest of a call to the request's own stream
+/// while that stream is open (the Python SDK then replays nothing to the resume and ends it;
+/// the TypeScript one may answer 409), so the drain closes its stream before the resume goes
+/// on, and holds the call's concurrency slot until the resumed stream ends. An entry lives as
+/// long as its drain; drains are few (a client must leave a stream mid-call), and nothing on a
+/// request's way looks here but a resume.
+#[derive(Default)]
+pub struct Drains {
+    table: papaya::HashMap<u64, Arc<Drain>>,
+    next: AtomicU64,
+}
+
+/// One stream read on for a client that left ([`Drains`]).
+pub struct Drain {
+    upstream: String,
+    /// The `Mcp-Session-Id` its request came with, as the client sent it (signed for its
+    /// owner: a resume with it is the same caller's).
+    session: Vec<u8>,
+    /// The last event ids the client was given on it, as the upstream (or federation) wrote
+    /// them before they were signed: a resume names one of them.
+    ids: Vec<Vec<u8>>,
+    state: std::sync::atomic::AtomicU8,
+}
+
+/// [`Drain::state`]: read on for the client.
+const DRAINING: u8 = 0;
+/// A resume asks for the stream.
+const RESUMED: u8 = 1;
+/// The drain closed its stream for the resume, and holds the slot.
+const HANDED: u8 = 2;
+/// The resumed stream ended: the drain gives the slot back.
+const RESUME_ENDED: u8 = 3;
+/// The drain ended before a resume took it over.
+const ENDED: u8 = 4;
+
+/// A drain's entry in [`Drains`], removed when dropped.
+pub struct Draining<'a> {
+    drains: &'a Drains,
+    key: u64,
+    pub drain: Arc<Drain>,
+}
+
+impl Drains {
+    /// Enters a drain of `upstream`'s stream for a request of `session`, whose client was
+    /// given the events `ids`.
+    pub fn enter(&self, upstream: &str, session: &[u8], ids: Vec<Vec<u8>>) -> Draining<'_> {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let drain = Arc::new(Drain {
+            upstream: upstream.to_owned(),
+            session: session.to_owned(),
+            ids,
+            state: std::sync::atomic::AtomicU8::new(DRAINING),
+        });
+        self.table.pin().insert(key, Arc::clone(&drain));
+        Draining {
+            drains: self,
+            key,
+            drain,
+        }
+    }
+
+    /// The drain of `upstream`'s stream for `session` that gave the client the event `id`, now
+    /// asked to hand its stream over ([`Drain::handed`] says when it did). `None` when no
+    /// drain gave that event (the stream ended, or never was drained).
+    pub fn take_over(&self, upstream: &str, session: &[u8], id: &[u8]) -> Option<Arc<Drain>> {
+        let table = self.table.pin();
+        table
+            .values()
+            .find(|d| {
+                d.upstream == upstream
+                    && d.session == session
+                    && d.ids.iter().any(|i| i == id)
+                    && d.state
+                        .compare_exchange(DRAINING, RESUMED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            })
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
+impl Drain {
+    /// A resume asks for the stream.
+    pub fn resumed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RESUMED
+    }
+
+    /// The stream is closed for the resume: from here the drain only holds the slot.
+    pub fn hand_over(&self) {
+        let _ = self
+            .state
+            .compare_exchange(RESUMED, HANDED, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The drain is no longer reading the stream (handed over, or ended by itself).
+    pub fn handed(&self) -> bool {
+        self.state.load(Ordering::Acquire) != RESUMED
+    }
+
+    /// The resumed stream ended.
+    pub fn resume_ended(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RESUME_ENDED
+    }
+}
+
+/// A resume that took a drain over: when it ends (dropped), so does the drain's hold.
+pub struct Resumed(pub Arc<Drain>);
+
+impl Drop for Resumed {
+    fn drop(&mut self) {
+        self.0.state.store(RESUME_ENDED, Ordering::Release);
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        self.drains.table.pin().remove(&self.key);
+        // A resume waiting for the stream goes on without it.
+        let _ =
+            self.drain
+                .state
+                .compare_exchange(RESUMED, ENDED, Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.drain
+                .state
+                .compare_exchange(DRAINING, ENDED, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -521,6 +662,8 @@ pub struct Shared {
     pub conns: ConnTable,
     /// Open connections per source, for the tenants' `max_connections_per_source`.
     pub source_conns: SourceConns,
+    /// Streams read on for clients that left them, for a resume to take over.
+    pub drains: Drains,
     at_cap: Box<[AtomicBool]>,
     /// Seals federated sessions into their ids and signs passthrough ones (made at start; handed
     /// to the new process of an upgrade; a fleet's is shared by its gateways).
@@ -628,6 +771,7 @@ impl Shared {
             new_conns: NewConns::default(),
             conns: ConnTable::new(workers),
             source_conns: SourceConns::default(),
+            drains: Drains::default(),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             panics: AtomicU64::new(0),
             worker_restarts: AtomicU64::new(0),
@@ -816,6 +960,44 @@ mod tests {
         assert_eq!(u.len(), 1);
         u.leave(ip("198.51.100.7"));
         assert!(u.is_empty());
+    }
+
+    #[test]
+    fn a_resume_takes_over_only_its_own_sessions_stream_that_gave_its_event() {
+        let drains = Drains::default();
+        let ids = vec![b"7_1".to_vec(), b"7_2".to_vec()];
+        let entry = drains.enter("up", b"signed-session", ids);
+        assert!(drains.take_over("up", b"other-session", b"7_2").is_none());
+        assert!(
+            drains
+                .take_over("other", b"signed-session", b"7_2")
+                .is_none()
+        );
+        assert!(
+            drains.take_over("up", b"signed-session", b"7_3").is_none(),
+            "not given"
+        );
+        assert!(!entry.drain.resumed());
+        let drain = drains
+            .take_over("up", b"signed-session", b"7_1")
+            .expect("its stream");
+        assert!(entry.drain.resumed() && !drain.handed());
+        assert!(
+            drains.take_over("up", b"signed-session", b"7_2").is_none(),
+            "taken over once"
+        );
+        entry.drain.hand_over();
+        assert!(drain.handed() && !entry.drain.resume_ended());
+        drop(Resumed(drain));
+        assert!(entry.drain.resume_ended());
+        drop(entry);
+        assert!(drains.is_empty());
+        // A drain that ends by itself lets a resume waiting on it go on.
+        let entry = drains.enter("up", b"s", vec![b"1".to_vec()]);
+        let drain = drains.take_over("up", b"s", b"1").unwrap();
+        assert!(!drain.handed());
+        drop(entry);
+        assert!(drain.handed() && drains.is_empty());
     }
 
     #[test]

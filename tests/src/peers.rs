@@ -410,13 +410,14 @@ pub fn py_client_prefixed(url: &str, mode: &str, prefix: &str) -> serde_json::Va
 
 /// Interrupts an SSE answer from `url` and resumes it with `Last-Event-ID`
 /// (tests/fixtures/resume_client.py); returns its report.
-pub fn py_resume(url: &str, tool: &str, steps: u32) -> serde_json::Value {
+pub fn py_resume(url: &str, tool: &str, steps: u32, pause_ms: u32) -> serde_json::Value {
     let client = root().join("tests/fixtures/resume_client.py");
     run_python(&[
         client.to_str().expect("utf-8 path"),
         url,
         tool,
         &steps.to_string(),
+        &pause_ms.to_string(),
     ])
 }
 

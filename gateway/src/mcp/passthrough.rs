@@ -243,6 +243,14 @@ impl<'c, 'a> Pass<'c, 'a> {
                 }
             },
         };
+        // A resume of a call's stream the gateway reads on for this caller, who left it, takes
+        // that stream over (`relay::drain`): held until this stream ends.
+        let _taken_over = match (resume, self.req.header("mcp-session-id")) {
+            (Some(own), Some(session)) if self.req.method == "GET" => {
+                super::relay::take_over(self.ctx, &self.up.name, session, own.as_bytes()).await
+            }
+            _ => None,
+        };
         // Without the client's own upstream session (none, or one bridged: the upstream is
         // reached with the gateway's credential either way), the upstream cannot tell the
         // gateway's callers apart; with one, it may still show a task made without one.

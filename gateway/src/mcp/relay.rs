@@ -18,6 +18,7 @@ use super::{
 use crate::{
     config::Upstream,
     http::{self, BodyKind, ChunkedDecoder, HttpError, Io, Request},
+    shared::Draining,
     stats::Outcome,
 };
 
@@ -186,19 +187,29 @@ pub(super) async fn relay(
     }
     body.delivered();
     let pumped = pump(
-        client, &mut conn, req, up, &mut body, kind, hold_max, obs, &ctx.open,
+        client, &mut conn, req, up, &mut body, kind, hold_max, obs, ctx,
     );
     let finished = match pumped.await {
         Pumped::Finished(finished) => finished,
-        Pumped::ClientLeft { drain: true } => {
+        Pumped::ClientLeft {
+            drain: Some(entry), ..
+        } => {
             let reusable = kind != BodyKind::UntilClose && !upstream_close;
             // Boxed, as the failure below and `proxy::fail`: paths taken rarely do not make
             // every request's future larger (see `proxy::fail`).
             let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
-            Box::pin(drain(conn, &mut body, up, ctx, reusable, obs, fd)).await;
+            Box::pin(drain(conn, &mut body, entry, up, ctx, reusable, obs, fd)).await;
             return false;
         }
-        Pumped::ClientLeft { drain: false } => {
+        Pumped::ClientLeft {
+            taken_over: Some(entry),
+            ..
+        } => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
+            Box::pin(hand_over(conn, entry, up, ctx, obs, fd)).await;
+            return false;
+        }
+        Pumped::ClientLeft { .. } => {
             // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
             // `abandoned`).
             obs.abandoned.set(true);
@@ -245,12 +256,25 @@ pub(super) async fn relay(
 }
 
 /// How the pieces after the head went.
-enum Pumped {
+enum Pumped<'s> {
     /// The body was relayed whole, or failed (why).
     Finished(Result<(), &'static str>),
-    /// The client went away; `drain`: the stream is one it can resume, so the call runs on
-    /// for it (not for a client cut for its ban or deny, which does not come back for it).
-    ClientLeft { drain: bool },
+    /// The client went away. `drain`: the stream is one it can resume, so the call runs on
+    /// for it (not for a client cut for its ban or deny, which does not come back for it),
+    /// with its entry for a resume (`None` without a session to resume in). `taken_over`: a
+    /// resume asked for the stream before the drain began.
+    ClientLeft {
+        drain: Option<Option<Draining<'s>>>,
+        taken_over: Option<Draining<'s>>,
+    },
+}
+
+impl<'s> Pumped<'s> {
+    /// The client left, and the call ends with it.
+    const GONE: Self = Pumped::ClientLeft {
+        drain: None,
+        taken_over: None,
+    };
 }
 
 /// Relays the pieces of `body` after the first, each as it arrives (or holds them, for an
@@ -259,7 +283,7 @@ enum Pumped {
     clippy::too_many_arguments,
     reason = "each is a separate input of the relay"
 )]
-async fn pump(
+async fn pump<'s>(
     client: &mut Io,
     conn: &mut Conn,
     req: &Request,
@@ -268,12 +292,22 @@ async fn pump(
     kind: BodyKind,
     hold_max: usize,
     obs: &Obs<'_>,
-    open: &super::worker::OpenConns,
-) -> Pumped {
+    ctx: &'s WorkerCtx,
+) -> Pumped<'s> {
+    let open = &ctx.open;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
     let resumes = |body: &Body<'_>| body.can_resume(req) && !open.was_cut(fd);
-    // The client left a stream it can resume: read on without watching it.
+    // The client left a stream it can resume: read on without watching it, a resume of it
+    // looking for it here (`entry`: see `drain`).
     let mut client_left = false;
+    let mut entry = None;
+    let enter = |body: &Body<'_>| {
+        req.header("mcp-session-id").map(|session| {
+            ctx.shared
+                .drains
+                .enter(&up.name, session, body.seen_ids.clone())
+        })
+    };
     // Neither kind of body is timed per read: an upstream that sends a byte now and then would
     // hold the call (its concurrency slot, the client's connection) for as long as it liked.
     // An event stream may go on for as long as whole events keep coming, each within
@@ -313,15 +347,28 @@ async fn pump(
             };
             match watched {
                 Some(filled) => filled,
-                None if !client_left && !resumes(body) => {
-                    return Pumped::ClientLeft { drain: false };
-                }
+                None if !client_left && !resumes(body) => return Pumped::GONE,
                 None => {
-                    client_left = true;
-                    let Some(filled) = unless_cut(open, fd, read).await else {
-                        return Pumped::ClientLeft { drain: false };
+                    if !client_left {
+                        client_left = true;
+                        entry = enter(body);
+                    }
+                    let asked = || {
+                        entry
+                            .as_ref()
+                            .is_some_and(|e: &Draining<'_>| e.drain.resumed())
                     };
-                    filled
+                    let watched = unless_cut(open, fd, read, &asked).await;
+                    match watched {
+                        Ok(filled) => filled,
+                        Err(Interrupted::Cut) => return Pumped::GONE,
+                        Err(Interrupted::Asked) => {
+                            return Pumped::ClientLeft {
+                                drain: None,
+                                taken_over: entry,
+                            };
+                        }
+                    }
                 }
             }
         };
@@ -363,8 +410,12 @@ async fn pump(
             let (written, back) = client.write_back(body.framed(data)).await;
             if written.is_err() {
                 // The client went away: the call runs on for it, or is abandoned mid-response.
+                if !resumes(body) {
+                    return Pumped::GONE;
+                }
                 return Pumped::ClientLeft {
-                    drain: resumes(body),
+                    drain: Some(entry.or_else(|| enter(body))),
+                    taken_over: None,
                 };
             }
             body.delivered();
@@ -522,9 +573,19 @@ impl Holding {
 /// like any other (`obs.abandoned`: cancelled upstream). So is one whose client (`client_fd`,
 /// still open on this side) is banned or denied meanwhile: it is not coming back for it. Only
 /// the framing is read: the events are the upstream's to replay, and nobody reads them here.
+///
+/// A resume of the stream (its client, back with `Last-Event-ID` on any worker: see
+/// [`take_over`]) takes it over: the stream is closed, so that the upstream sends the rest of
+/// the call to the resume (the SDKs' servers send it to the request's own stream while that is
+/// open), and the slot is held until the resumed stream ends (within `stream_idle_timeout`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a separate input of the drain"
+)]
 async fn drain(
     mut conn: Conn,
     body: &mut Body<'_>,
+    entry: Option<Draining<'_>>,
     up: &Upstream,
     ctx: &WorkerCtx,
     reusable: bool,
@@ -534,43 +595,107 @@ async fn drain(
     let deadline = monoio::time::Instant::now() + up.stream_idle_timeout;
     // The body's framing only (its length, its chunks), not its events.
     body.sse = false;
-    while !body.done() {
-        match unless_cut(&ctx.open, client_fd, conn.fill_until(deadline)).await {
-            Some(Ok(n)) if n > 0 => {}
-            Some(Err(HttpError::Timeout)) | None => {
+    let asked = || entry.as_ref().is_some_and(|e| e.drain.resumed());
+    let taken_over = loop {
+        if body.done() {
+            break false;
+        }
+        match unless_cut(&ctx.open, client_fd, conn.fill_until(deadline), &asked).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Err(HttpError::Timeout)) | Err(Interrupted::Cut) => {
                 obs.abandoned.set(true);
                 return;
             }
-            Some(_) => return,
+            Err(Interrupted::Asked) => break true,
+            Ok(_) => return,
         }
         match body.take(&mut conn) {
             Ok(data) => conn.recycle(data),
             Err(_) => return,
         }
-    }
-    if reusable {
-        ctx.pool.checkin(up, conn);
+    };
+    match entry.filter(|_| taken_over) {
+        Some(entry) => hand_over(conn, entry, up, ctx, obs, client_fd).await,
+        None if reusable => ctx.pool.checkin(up, conn),
+        None => {}
     }
 }
 
-/// How often a call whose client left looks whether that client was cut meanwhile (workers
-/// cut every 250 ms).
-const CUT_LOOK: std::time::Duration = std::time::Duration::from_millis(250);
+/// A resume takes over the stream of a call whose client left ([`drain`]): the stream is
+/// closed, not cancelled (the call goes on, its events now for the resume), and the call's
+/// slot held until the resumed stream ends, within `stream_idle_timeout`, or the client is
+/// cut for a ban or deny (then the call is cancelled).
+async fn hand_over(
+    conn: Conn,
+    entry: Draining<'_>,
+    up: &Upstream,
+    ctx: &WorkerCtx,
+    obs: &Obs<'_>,
+    client_fd: std::os::fd::RawFd,
+) {
+    drop(conn);
+    entry.drain.hand_over();
+    let until = monoio::time::Instant::now() + up.stream_idle_timeout;
+    while !entry.drain.resume_ended() && monoio::time::Instant::now() < until {
+        monoio::time::sleep(LOOK).await;
+        if ctx.open.was_cut(client_fd) {
+            obs.abandoned.set(true);
+            return;
+        }
+    }
+}
 
-/// Runs `fut` for a client that left (its descriptor still open on this side); `None` if the
-/// client is cut for a ban or deny first.
+/// A resume (`Last-Event-ID` naming event `id` of `upstream`, with the client's `session`)
+/// takes over the drain of the stream that gave that event, if one runs ([`drain`]), once the
+/// drain has closed that stream (at most [`HAND_OVER`] later). The drain holds the call's
+/// slot until what this returns is dropped: the resumed stream's end.
+pub(super) async fn take_over(
+    ctx: &WorkerCtx,
+    upstream: &str,
+    session: &[u8],
+    id: &[u8],
+) -> Option<crate::shared::Resumed> {
+    let drain = ctx.shared.drains.take_over(upstream, session, id)?;
+    let until = monoio::time::Instant::now() + HAND_OVER;
+    while !drain.handed() && monoio::time::Instant::now() < until {
+        monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    Some(crate::shared::Resumed(drain))
+}
+
+/// How long a resume waits for a drain to close the stream it takes over.
+const HAND_OVER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a call whose client left looks whether that client was cut meanwhile (workers
+/// cut every 250 ms), or, draining, whether a resume asks for its stream.
+const LOOK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Why [`unless_cut`] stopped waiting.
+enum Interrupted {
+    /// The client was cut for a ban or deny.
+    Cut,
+    /// `asked` said so.
+    Asked,
+}
+
+/// Runs `fut` for a client that left (its descriptor still open on this side), unless the
+/// client is cut for a ban or deny first, or `asked` turns true.
 async fn unless_cut<F: std::future::Future>(
     open: &super::worker::OpenConns,
     client_fd: std::os::fd::RawFd,
     fut: F,
-) -> Option<F::Output> {
+    asked: &dyn Fn() -> bool,
+) -> Result<F::Output, Interrupted> {
     let mut fut = std::pin::pin!(fut);
     loop {
         monoio::select! {
-            out = &mut fut => return Some(out),
-            () = monoio::time::sleep(CUT_LOOK) => {
+            out = &mut fut => return Ok(out),
+            () = monoio::time::sleep(LOOK) => {
                 if open.was_cut(client_fd) {
-                    return None;
+                    return Err(Interrupted::Cut);
+                }
+                if asked() {
+                    return Err(Interrupted::Asked);
                 }
             }
         }
@@ -702,7 +827,13 @@ struct Body<'m> {
     /// ([`super::proxy::event_signer`]). Boxed: most answers are not event streams, and every
     /// request's future would carry it.
     ids: Option<Box<crate::session::Signer>>,
+    /// The last [`SEEN_IDS`] event ids of an answer's stream, as they were before they were
+    /// signed: the ones a client that leaves can resume from (see [`drain`]).
+    seen_ids: Vec<Vec<u8>>,
 }
+
+/// Event ids of a request's stream kept for a resume to name.
+const SEEN_IDS: usize = 8;
 
 impl<'m> Body<'m> {
     fn new(
@@ -734,6 +865,7 @@ impl<'m> Body<'m> {
             events_taken: 0,
             whole: None,
             ids: None,
+            seen_ids: Vec::new(),
         }
     }
 
@@ -872,18 +1004,30 @@ impl<'m> Body<'m> {
     }
 
     /// Events as the client gets them: a federation's member's rewritten, and their ids
-    /// signed.
-    fn rewritten(&self, events: Vec<u8>) -> Vec<u8> {
+    /// signed (an answer's last ones kept as they were, for a resume to name).
+    fn rewritten(&mut self, events: Vec<u8>) -> Vec<u8> {
         let events = match &self.member {
             Some((name, answers)) => {
                 super::messages::rewrite_events(name, &events, answers.as_ref())
             }
             None => events,
         };
-        match &self.ids {
-            Some(ids) => super::messages::sign_event_ids(events, |v| ids.sign(v)),
-            None => events,
-        }
+        let Some(ids) = &self.ids else {
+            return events;
+        };
+        let seen = std::cell::RefCell::new(std::mem::take(&mut self.seen_ids));
+        let out = super::messages::sign_event_ids(events, |v| {
+            if self.classify {
+                let mut seen = seen.borrow_mut();
+                if seen.len() == SEEN_IDS {
+                    seen.remove(0);
+                }
+                seen.push(v.to_vec());
+            }
+            ids.sign(v)
+        });
+        self.seen_ids = seen.into_inner();
+        out
     }
 
     /// Notes what passes, for the answer's outcome: a body is scanned as it passes (an event

@@ -540,6 +540,12 @@ fn shutdown_closes_idle_keep_alive_connections_at_once() {
     );
 }
 
+/// A client drops an answer's event stream after two events and resumes it 0.5 s later with
+/// `Last-Event-ID`: once after the call ended (10 ms between events), and once while it still
+/// runs (1 s between events). The gateway reads the stream on for the client that left
+/// (`relay::drain`); the resume takes it over, so that the SDK's server sends the rest there:
+/// before, the server replayed nothing to the resume and ended it (its request's own stream
+/// was still open, held by the gateway), and the result went nowhere.
 #[test]
 fn an_interrupted_answer_resumes_with_last_event_id_in_passthrough_and_federation() {
     let upstream = PyServer::start_with(&["--resumable"]);
@@ -548,21 +554,32 @@ fn an_interrupted_answer_resumes_with_last_event_id_in_passthrough_and_federatio
     let c = config(&instance, port, &[("/mcp", upstream.url())], "")
         + "[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"u0\", prefix = \"p_\" }]\n";
     let mut d = Daemon::start_local(&instance, &c);
-    let progress: Vec<u64> = (1..=8).collect();
-    for (path, tool) in [
-        ("/mcp", "count_with_progress"),
-        ("/fed", "p_count_with_progress"),
+    for (path, tool, steps, pause_ms) in [
+        ("/mcp", "count_with_progress", 8, 10),
+        ("/fed", "p_count_with_progress", 8, 10),
+        ("/mcp", "count_with_progress", 4, 1000),
+        ("/fed", "p_count_with_progress", 4, 1000),
     ] {
-        let r =
-            integration_tests::peers::py_resume(&format!("http://127.0.0.1:{port}{path}"), tool, 8);
+        let r = integration_tests::peers::py_resume(
+            &format!("http://127.0.0.1:{port}{path}"),
+            tool,
+            steps,
+            pause_ms,
+        );
         assert_eq!(r["resume_status"], 200, "{path}: {r}");
         // Nothing lost, nothing twice: the resumed stream starts after the last event seen.
         let before: Vec<u64> = serde_json::from_value(r["before"].clone()).unwrap();
         let after: Vec<u64> = serde_json::from_value(r["after"].clone()).unwrap();
-        assert_eq!([before, after].concat(), progress, "{path}: {r}");
+        let progress: Vec<u64> = (1..=u64::from(steps)).collect();
         assert_eq!(
-            r["result"]["content"][0]["text"], "counted 8",
-            "{path}: {r}"
+            [before, after].concat(),
+            progress,
+            "{path}, {pause_ms} ms: {r}"
+        );
+        assert_eq!(
+            r["result"]["content"][0]["text"],
+            format!("counted {steps}"),
+            "{path}, {pause_ms} ms: {r}"
         );
         if path == "/fed" {
             // Event ids name the member, so that the resumption reaches it.

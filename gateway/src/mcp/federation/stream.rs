@@ -50,6 +50,15 @@ impl<'c> Federation<'_, 'c> {
                 }
             },
         };
+        // A resume of a member's stream the gateway reads on for this caller takes it over
+        // (`relay::drain`), held until that member's resumed stream ends.
+        let mut taken_over = match (&last, self.req.header("mcp-session-id")) {
+            (Some((name, id)), Some(session)) => {
+                let own = format!("{name}.{id}");
+                super::super::relay::take_over(self.ctx, name, session, own.as_bytes()).await
+            }
+            _ => None,
+        };
         let client: &Io = io;
         // stdio and bridged members have no stream of their own.
         let http_members = self.active(era).into_iter().filter(|i| {
@@ -103,7 +112,12 @@ impl<'c> Federation<'_, 'c> {
                     streams += 1;
                     let (stop, stopped) = oneshot::channel::<()>();
                     stops.push(stop);
+                    let resumed = last
+                        .as_ref()
+                        .filter(|(name, _)| *name == up.name)
+                        .and_then(|_| taken_over.take());
                     monoio::spawn(pump(
+                        resumed,
                         up.name.clone(),
                         event_signer(self.ctx, up, self.obs, true),
                         conn,
@@ -184,6 +198,9 @@ impl<'c> Federation<'_, 'c> {
     reason = "each is a separate input of the pump"
 )]
 async fn pump(
+    // A resume's hold on the drain it took over (`relay::take_over`): given up as the
+    // member's stream ends.
+    _resumed: Option<crate::shared::Resumed>,
     name: String,
     ids: Signer,
     mut conn: Conn,
