@@ -1016,10 +1016,25 @@ async fn answer_upgrade(
             pid: None,
             error: Some(format!("refused: {why}")),
         };
-        if let Ok(mut line) = serde_json::to_vec(&answer) {
-            line.push(b'\n');
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
-        }
+        // Its request is read before the answer (a socket closed before the client wrote
+        // gave it a broken pipe, not the refusal), in a task of its own, eight at most: a
+        // refused peer holds neither the control thread nor more than eight descriptors for
+        // the read's second (past them, the answer goes at once).
+        static REFUSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let reads = REFUSING.fetch_add(1, Relaxed) < 8;
+        tokio::spawn(async move {
+            if reads {
+                let mut line = String::new();
+                let mut request = tokio::io::BufReader::new((&mut stream).take(64));
+                let read = request.read_line(&mut line);
+                let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+            }
+            if let Ok(mut line) = serde_json::to_vec(&answer) {
+                line.push(b'\n');
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+            }
+            REFUSING.fetch_sub(1, Relaxed);
+        });
         return None;
     }
     let mut line = String::new();
