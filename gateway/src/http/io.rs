@@ -32,7 +32,11 @@ use monoio::{
 
 use std::io::{Read as _, Write as _};
 
-use super::{BodyKind, ChunkedDecoder, HttpError, Outgoing, deadline::within, outgoing::Unsent};
+use super::{
+    BodyKind, ChunkedDecoder, HttpError, Outgoing,
+    deadline::within,
+    outgoing::{CHUNK_END, Chunk, Parts, Unsent},
+};
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -518,6 +522,28 @@ impl Io {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
             return (r, (!timed_out).then_some(out));
         }
+        self.writev_all(out).await
+    }
+
+    /// Writes `data` as one chunk of a chunked body: its size line, the data and the line end
+    /// in one vectored write (the data is not copied behind the size line). Gives the data
+    /// back as [`Io::write_back`] does. `data` must not be empty (an empty chunk ends a body).
+    pub async fn write_chunk_back(&mut self, data: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+        let chunk = Chunk::new(data);
+        if self.tls.is_some() {
+            let r = self
+                .write_tls_parts(&[chunk.line(), &chunk.data, CHUNK_END])
+                .await;
+            return (r, chunk.data);
+        }
+        let (r, back) = self.writev_all(chunk).await;
+        (r, back.map_or_else(Vec::new, |c| c.data))
+    }
+
+    /// Writes all of `out`'s parts by vectored writes, within the send timeout. Gives them back
+    /// once written or refused, `None` when the write timed out (the operation that held them
+    /// was abandoned).
+    async fn writev_all<T: Parts>(&mut self, out: T) -> (std::io::Result<()>, Option<T>) {
         if self.write_lost {
             return (Err(std::io::ErrorKind::BrokenPipe.into()), Some(out));
         }

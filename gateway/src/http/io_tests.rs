@@ -283,7 +283,7 @@ fn an_idle_wait_past_the_grace_read_gets_its_bytes_or_times_out() {
 /// A message given to `send` (a head and a shared body, one vectored write) arrives whole and
 /// in order, also when the socket takes it in many writes (a small send buffer, a reader that
 /// starts late), over plaintext and over TLS (records across rustls's buffer limit); the
-/// message comes back for a retry.
+/// message comes back for a retry. So does a chunk written by `write_chunk_back` after it.
 #[test]
 fn send_delivers_head_and_body_whole_across_partial_writes() {
     for tls in [false, true] {
@@ -293,6 +293,11 @@ fn send_delivers_head_and_body_whole_across_partial_writes() {
             let body: bytes::Bytes = (0..600_000u32).map(|i| (i % 251) as u8).collect();
             let mut expected = head.clone();
             expected.extend_from_slice(&body);
+            // Then a chunk (`write_chunk_back`: its size line, the data, the line end).
+            let data: Vec<u8> = (0..600_001u32).map(|i| (i % 241) as u8).collect();
+            expected.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            expected.extend_from_slice(&data);
+            expected.extend_from_slice(b"\r\n");
             let total = expected.len();
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -333,7 +338,10 @@ fn send_delivers_head_and_body_whole_across_partial_writes() {
             let out = super::Outgoing { head, body };
             let (sent, back) = io.send(out).await;
             sent.expect("sent");
-            assert_eq!(back.map(|b| b.len()), Some(total), "given back whole");
+            assert_eq!(back.map(|b| b.len()), Some(300 + 600_000), "given back whole");
+            let (sent, back) = io.write_chunk_back(data).await;
+            sent.expect("chunk sent");
+            assert_eq!(back.len(), 600_001, "the chunk's data given back");
             server.await;
         });
     }

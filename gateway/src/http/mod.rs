@@ -592,11 +592,19 @@ pub fn chunk(data: &[u8]) -> Vec<u8> {
     if data.is_empty() {
         return Vec::new();
     }
-    let mut out = Vec::with_capacity(data.len() + 12);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+    let mut out = Vec::with_capacity(data.len() + 20);
+    push_chunk(&mut out, data);
     out
+}
+
+/// Adds `data` to `out` as one chunk; nothing for no data.
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    outgoing::push_chunk_line(out, data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(outgoing::CHUNK_END);
 }
 
 pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8], keep_alive: bool) -> Vec<u8> {

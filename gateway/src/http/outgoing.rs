@@ -29,25 +29,89 @@ impl Outgoing {
     }
 }
 
-/// What of an [`Outgoing`] is not written yet, as the vectors of one `writev`. The vectors
-/// are boxed: their address is what the ring is given, and it must not move with this value.
-pub(super) struct Unsent {
-    out: Outgoing,
+/// A chunk of a chunked body on its way: its size line, its data and the line end after it,
+/// sent by one vectored write ([`super::Io::write_chunk_back`]), so that a large piece (a 1 MB
+/// event) is not copied behind its size line.
+pub(super) struct Chunk {
+    /// The size line (hex digits and CRLF). On the heap: the vectors point at it, and this
+    /// value moves into the write.
+    line: Vec<u8>,
+    pub(super) data: Vec<u8>,
+}
+
+impl Chunk {
+    /// `data` must not be empty (a chunk of size 0 ends the body).
+    pub(super) fn new(data: Vec<u8>) -> Self {
+        Self {
+            line: chunk_line(data.len()),
+            data,
+        }
+    }
+
+    pub(super) fn line(&self) -> &[u8] {
+        &self.line
+    }
+}
+
+/// The size line of a chunk of `len` bytes.
+fn chunk_line(len: usize) -> Vec<u8> {
+    let mut line = Vec::with_capacity(20);
+    push_chunk_line(&mut line, len);
+    line
+}
+
+/// Adds the size line of a chunk of `len` bytes (hex digits, CRLF) to `out`.
+pub(super) fn push_chunk_line(out: &mut Vec<u8>, len: usize) {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(len >> (4 * i)) & 0xf]);
+    }
+    out.extend_from_slice(CHUNK_END);
+}
+
+/// The end of a chunk's data.
+pub(super) const CHUNK_END: &[u8] = b"\r\n";
+
+/// Bytes to write, as up to three parts one after the other.
+pub(super) trait Parts: Unpin + 'static {
+    fn parts(&self) -> [&[u8]; 3];
+}
+
+impl Parts for Outgoing {
+    fn parts(&self) -> [&[u8]; 3] {
+        [&self.head, &self.body, &[]]
+    }
+}
+
+impl Parts for Chunk {
+    fn parts(&self) -> [&[u8]; 3] {
+        [&self.line, &self.data, CHUNK_END]
+    }
+}
+
+/// What of an [`Outgoing`] (or a [`Chunk`]) is not written yet, as the vectors of one
+/// `writev`. The vectors are boxed: their address is what the ring is given, and it must not
+/// move with this value.
+pub(super) struct Unsent<T: Parts = Outgoing> {
+    out: T,
+    len: usize,
     written: usize,
-    iov: Box<[libc::iovec; 2]>,
+    iov: Box<[libc::iovec; 3]>,
     count: usize,
 }
 
-impl Unsent {
-    pub(super) fn new(out: Outgoing) -> Self {
+impl<T: Parts> Unsent<T> {
+    pub(super) fn new(out: T) -> Self {
+        let len = out.parts().iter().map(|p| p.len()).sum();
         let mut u = Self {
             out,
+            len,
             written: 0,
             iov: Box::new(
                 [libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
-                }; 2],
+                }; 3],
             ),
             count: 0,
         };
@@ -57,24 +121,26 @@ impl Unsent {
 
     /// Marks `n` more bytes written.
     pub(super) fn advance(&mut self, n: usize) {
-        self.written = (self.written + n).min(self.out.len());
+        self.written = (self.written + n).min(self.len);
         self.aim();
     }
 
     pub(super) fn done(&self) -> bool {
-        self.written == self.out.len()
+        self.written == self.len
     }
 
-    pub(super) fn into_inner(self) -> Outgoing {
+    pub(super) fn into_inner(self) -> T {
         self.out
     }
 
     /// Points the vectors at what is left.
     fn aim(&mut self) {
-        let head = &self.out.head[self.written.min(self.out.head.len())..];
-        let body = &self.out.body[self.written.saturating_sub(self.out.head.len())..];
         self.count = 0;
-        for part in [head, body] {
+        let mut skip = self.written;
+        for part in self.out.parts() {
+            let whole = part.len();
+            let part = &part[skip.min(whole)..];
+            skip = skip.saturating_sub(whole);
             if !part.is_empty() {
                 self.iov[self.count] = libc::iovec {
                     iov_base: part.as_ptr() as *mut libc::c_void,
@@ -86,10 +152,10 @@ impl Unsent {
     }
 }
 
-// SAFETY: the vectors point into `out`'s head (a `Vec` not touched while this value lives)
-// and body (`Bytes`, immutable), whose heap buffers do not move when this value moves; the
-// array of vectors is boxed, so its address does not move either. `count` of them are set.
-unsafe impl monoio::buf::IoVecBuf for Unsent {
+// SAFETY: the vectors point into `out`'s parts: a `Vec` not touched while this value lives,
+// `Bytes` (immutable) or a static, whose buffers do not move when this value moves; the array
+// of vectors is boxed, so its address does not move either. `count` of them are set.
+unsafe impl<T: Parts> monoio::buf::IoVecBuf for Unsent<T> {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.as_ptr()
     }

@@ -229,7 +229,7 @@ pub(super) async fn relay(
         && let Some(whole) = body.whole.take()
     {
         body.observe_whole(&whole);
-        out.extend_from_slice(&body.framed(whole));
+        body.push_framed(&mut out, &whole);
         if client.write_all(out).await.is_err() {
             return false;
         }
@@ -407,7 +407,13 @@ async fn pump<'s>(
             conn.recycle(data);
         } else if !data.is_empty() {
             body.observe(&data);
-            let (written, back) = client.write_back(body.framed(data)).await;
+            // A chunk goes out by a vectored write: a large piece is not copied behind its
+            // size line.
+            let (written, back) = if body.framing == Framing::Chunked {
+                client.write_chunk_back(data).await
+            } else {
+                client.write_back(data).await
+            };
             if written.is_err() {
                 // The client went away: the call runs on for it, or is abandoned mid-response.
                 if !resumes(body) {
@@ -883,7 +889,7 @@ impl<'m> Body<'m> {
             self.hold(&first, hold_max)
         } else {
             self.observe(&first);
-            out.extend_from_slice(&self.framed(first));
+            self.push_framed(out, &first);
             Ok(())
         }
     }
@@ -1073,6 +1079,15 @@ impl<'m> Body<'m> {
         match self.events.check() {
             Ok(()) => Ok(()),
             Err(_) => Err(EVENT_TOO_LARGE),
+        }
+    }
+
+    /// Adds `data` to `out` as it goes on the client's connection (no copy of it made first).
+    fn push_framed(&self, out: &mut Vec<u8>, data: &[u8]) {
+        if self.framing == Framing::Chunked {
+            http::push_chunk(out, data);
+        } else {
+            out.extend_from_slice(data);
         }
     }
 
