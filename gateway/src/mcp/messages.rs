@@ -131,7 +131,7 @@ pub fn has_data(event: &[u8]) -> bool {
 /// Whether an event sets the stream's last event id (an `id` field, not empty, without NUL,
 /// which a client ignores): what a client resumes from.
 pub fn has_id(event: &[u8]) -> bool {
-    lines(event).any(|l| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0)))
+    lines(event).any(sets_id)
 }
 
 /// Events as they came but for the value of each `id` field that sets the last event id
@@ -140,11 +140,23 @@ pub fn has_id(event: &[u8]) -> bool {
 /// split at a character only some clients end lines at) stays unsigned, and a resumption from
 /// it is refused.
 pub fn sign_event_ids(events: Vec<u8>, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
-    let sets_id = |l: &[u8]| field(l, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0));
     let body = events.strip_prefix(sse::BOM).unwrap_or(&events);
     if !lines(body).any(sets_id) {
         return events;
     }
+    sign_set_ids(events, sign)
+}
+
+/// A line that sets the last event id ([`has_id`]).
+fn sets_id(line: &[u8]) -> bool {
+    field(line, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0))
+}
+
+/// [`sign_event_ids`] of events already known to set an id ([`EventsRead::id`]): the same
+/// bytes, without the search that tells events that set none (which it would give back as
+/// they are).
+pub fn sign_set_ids(events: Vec<u8>, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let body = events.strip_prefix(sse::BOM).unwrap_or(&events);
     let mut out = Vec::with_capacity(events.len() + 32);
     out.extend_from_slice(&events[..events.len() - body.len()]);
     let mut rest = body;
@@ -200,7 +212,7 @@ pub fn read_events(events: &[u8]) -> EventsRead {
         start.get_or_insert(at);
         end = at + line.len();
         data |= field(line, b"data").is_some();
-        read.id |= field(line, b"id").is_some_and(|v| !v.is_empty() && !v.contains(&0));
+        read.id |= sets_id(line);
     }
     if let Some(from) = start
         && data
@@ -760,6 +772,15 @@ mod tests {
             assert_eq!(
                 read.id,
                 sse::split(stream).any(has_id),
+                "{:?}",
+                String::from_utf8_lossy(stream)
+            );
+            // The relay signs ids only where the read found one set: signing changes
+            // nothing where it found none.
+            let signed = super::sign_event_ids(stream.to_vec(), |v: &[u8]| [v, b".t"].concat());
+            assert_eq!(
+                read.id,
+                signed != *stream,
                 "{:?}",
                 String::from_utf8_lossy(stream)
             );

@@ -994,8 +994,7 @@ impl<'m> Body<'m> {
             Ok(None) => Vec::new(),
             Err(_) => return Err(EVENT_TOO_LARGE),
         };
-        let out = self.rewritten(events);
-        let read = super::messages::read_events(&out);
+        let (out, read) = self.rewritten_and_read(events);
         self.id_taken |= read.id;
         if self.classify
             && let Some(last) = read.last_with_data
@@ -1007,6 +1006,24 @@ impl<'m> Body<'m> {
             }
         }
         Ok(out)
+    }
+
+    /// [`Body::rewritten`], and what the client makes of the events. Outside a federation they
+    /// are read first: an id is signed only where one is set, which is what the read says
+    /// (`id`: the lines signing looks for), so events that set none go as they came, read
+    /// once instead of searched for ids and then read.
+    fn rewritten_and_read(&self, events: Vec<u8>) -> (Vec<u8>, super::messages::EventsRead) {
+        let out = if self.member.is_none() {
+            let read = super::messages::read_events(&events);
+            let Some(ids) = self.ids.as_ref().filter(|_| read.id) else {
+                return (events, read);
+            };
+            super::messages::sign_set_ids(events, |v| ids.sign(v))
+        } else {
+            self.rewritten(events)
+        };
+        let read = super::messages::read_events(&out);
+        (out, read)
     }
 
     /// Events as the client gets them: a federation's member's rewritten, and their ids
