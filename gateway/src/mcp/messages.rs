@@ -155,7 +155,7 @@ fn sets_id(line: &[u8]) -> bool {
 /// [`sign_event_ids`] of events already known to set an id ([`EventsRead::id`]): the same
 /// bytes, without the search that tells events that set none (which it would give back as
 /// they are).
-pub fn sign_set_ids(events: Vec<u8>, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+fn sign_set_ids(events: Vec<u8>, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
     let body = events.strip_prefix(sse::BOM).unwrap_or(&events);
     let mut out = Vec::with_capacity(events.len() + 32);
     out.extend_from_slice(&events[..events.len() - body.len()]);

@@ -1012,16 +1012,14 @@ impl<'m> Body<'m> {
     /// are read first: an id is signed only where one is set, which is what the read says
     /// (`id`: the lines signing looks for), so events that set none go as they came, read
     /// once instead of searched for ids and then read.
-    fn rewritten_and_read(&self, events: Vec<u8>) -> (Vec<u8>, super::messages::EventsRead) {
-        let out = if self.member.is_none() {
+    fn rewritten_and_read(&mut self, events: Vec<u8>) -> (Vec<u8>, super::messages::EventsRead) {
+        if self.member.is_none() {
             let read = super::messages::read_events(&events);
-            let Some(ids) = self.ids.as_ref().filter(|_| read.id) else {
+            if !read.id || self.ids.is_none() {
                 return (events, read);
-            };
-            super::messages::sign_set_ids(events, |v| ids.sign(v))
-        } else {
-            self.rewritten(events)
-        };
+            }
+        }
+        let out = self.rewritten(events);
         let read = super::messages::read_events(&out);
         (out, read)
     }
