@@ -686,7 +686,19 @@ fn a_status_line_has_the_registered_reason_or_none() {
 /// A chunk's size line is its length in lowercase hex, as `{:x}` writes it.
 #[test]
 fn chunk_size_line_is_hex() {
-    for len in [1usize, 9, 10, 15, 16, 255, 256, 4095, 65_536, 1_000_075, usize::MAX >> 4] {
+    for len in [
+        1usize,
+        9,
+        10,
+        15,
+        16,
+        255,
+        256,
+        4095,
+        65_536,
+        1_000_075,
+        usize::MAX >> 4,
+    ] {
         let mut out = Vec::new();
         outgoing::push_chunk_line(&mut out, len);
         assert_eq!(out, format!("{len:x}\r\n").into_bytes(), "{len}");

@@ -338,7 +338,11 @@ fn send_delivers_head_and_body_whole_across_partial_writes() {
             let out = super::Outgoing { head, body };
             let (sent, back) = io.send(out).await;
             sent.expect("sent");
-            assert_eq!(back.map(|b| b.len()), Some(300 + 600_000), "given back whole");
+            assert_eq!(
+                back.map(|b| b.len()),
+                Some(300 + 600_000),
+                "given back whole"
+            );
             let (sent, back) = io.write_chunk_back(data).await;
             sent.expect("chunk sent");
             assert_eq!(back.len(), 600_001, "the chunk's data given back");
