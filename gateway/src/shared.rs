@@ -229,6 +229,10 @@ const HANDED: u8 = 2;
 const RESUME_ENDED: u8 = 3;
 /// The drain ended before a resume took it over.
 const ENDED: u8 = 4;
+/// The resumed stream's client left before it ended: the call may still run, and the drain
+/// holds the slot to its deadline (else a resume left at once freed the slot of a call still
+/// running, and a client could hold the upstream past its limit so).
+const RESUME_LEFT: u8 = 5;
 
 /// A drain's entry in [`Drains`], removed when dropped.
 pub struct Draining<'a> {
@@ -307,12 +311,30 @@ impl Drain {
     }
 }
 
-/// A resume that took a drain over: when it ends (dropped), so does the drain's hold.
+/// A resume that took a drain over. When its stream ended ([`Resumed::finished`]), so does the
+/// drain's hold; dropped otherwise (its client left, the stream failed), the drain holds on to
+/// its deadline.
 pub struct Resumed(pub Arc<Drain>);
+
+impl Resumed {
+    /// The resumed stream came to its end: the call's answer went.
+    pub fn finished(self) {
+        self.0.state.store(RESUME_ENDED, Ordering::Release);
+    }
+}
 
 impl Drop for Resumed {
     fn drop(&mut self) {
-        self.0.state.store(RESUME_ENDED, Ordering::Release);
+        let _ =
+            self.0
+                .state
+                .compare_exchange(HANDED, RESUME_LEFT, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.0.state.compare_exchange(
+            RESUMED,
+            RESUME_LEFT,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 
@@ -988,10 +1010,17 @@ mod tests {
         );
         entry.drain.hand_over();
         assert!(drain.handed() && !entry.drain.resume_ended());
-        drop(Resumed(drain));
+        Resumed(drain).finished();
         assert!(entry.drain.resume_ended());
         drop(entry);
         assert!(drains.is_empty());
+        // A resume whose client left before its stream ended does not end the drain's hold.
+        let entry = drains.enter("up", b"s", vec![b"2".to_vec()]);
+        let drain = drains.take_over("up", b"s", b"2").unwrap();
+        entry.drain.hand_over();
+        drop(Resumed(drain));
+        assert!(!entry.drain.resume_ended() && !entry.drain.resumed());
+        drop(entry);
         // A drain that ends by itself lets a resume waiting on it go on.
         let entry = drains.enter("up", b"s", vec![b"1".to_vec()]);
         let drain = drains.take_over("up", b"s", b"1").unwrap();

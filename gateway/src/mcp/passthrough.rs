@@ -245,7 +245,7 @@ impl<'c, 'a> Pass<'c, 'a> {
         };
         // A resume of a call's stream the gateway reads on for this caller, who left it, takes
         // that stream over (`relay::drain`): held until this stream ends.
-        let _taken_over = match (resume, self.req.header("mcp-session-id")) {
+        let taken_over = match (resume, self.req.header("mcp-session-id")) {
             (Some(own), Some(session)) if self.req.method == "GET" => {
                 super::relay::take_over(self.ctx, &self.up.name, session, own.as_bytes()).await
             }
@@ -286,7 +286,15 @@ impl<'c, 'a> Pass<'c, 'a> {
             ))
             .await;
         }
-        self.relay(io, resume).await
+        let kept = self.relay(io, resume).await;
+        // The resumed stream came to its end (not left by its client, nor given up on): the
+        // drain it took over gives the call's slot back.
+        if let Some(resumed) = taken_over
+            && !self.obs.abandoned.get()
+        {
+            resumed.finished();
+        }
+        kept
     }
 
     /// The request as it came, to the upstream (resuming from its event `resume`), and its

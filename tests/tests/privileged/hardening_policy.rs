@@ -834,7 +834,7 @@ upstream = "short"
             message_of(&r)["result"]["structuredContent"]["result"].as_i64(),
         )
     };
-    // A `sleep` call, read up to its first event with an id.
+    // A `sleep` call, read up to its first event with an id: the connection, and that id.
     let start_sleep_on = |path: &str, session: &str, id: &str, seconds: u64| {
         let call = format!(
             r#"{{"jsonrpc":"2.0","id":"{id}","method":"tools/call","params":{{"name":"sleep","arguments":{{"seconds":{seconds}}}}}}}"#
@@ -846,14 +846,20 @@ upstream = "short"
         std::io::Write::write_all(&mut client, &post(path, &call, session)).unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&seen).contains("\nid:") {
+        let event_id = loop {
+            let text = String::from_utf8_lossy(&seen);
+            if let Some(at) = text.find("\nid:")
+                && let Some(end) = text[at + 4..].find('\n')
+            {
+                break text[at + 4..at + 4 + end].trim().to_owned();
+            }
             let n = std::io::Read::read(&mut client, &mut buf).expect("the stream's first event");
             assert!(n > 0, "{id}: closed before an event with an id: {seen:?}");
             seen.extend_from_slice(&buf[..n]);
-        }
-        client
+        };
+        (client, event_id)
     };
-    let start_sleep = |id: &str| start_sleep_on("/mcp", &session, id, 4);
+    let start_sleep = |id: &str| start_sleep_on("/mcp", &session, id, 4).0;
     // The first caller hangs up after the priming event: it may resume, so the call runs on.
     drop(start_sleep("left"));
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -879,7 +885,7 @@ upstream = "short"
     // Not for ever: a call whose client left is read on for the upstream's stream idle
     // timeout at most (1.5 s here), then cancelled like any other it gives up on.
     let short = open_session(port, "/short", "2025-11-25");
-    drop(start_sleep_on("/short", &short, "left-long", 30));
+    drop(start_sleep_on("/short", &short, "left-long", 30).0);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
         running(),
@@ -891,6 +897,42 @@ upstream = "short"
         running() == (200, Some(0))
     });
     assert!(cancelled, "a call whose client left is read on for ever");
+
+    // A client that leaves, resumes the stream (which takes it over from the gateway's read)
+    // and leaves the resumed stream at once: its call still runs upstream, and still holds
+    // its slot (to the stream idle timeout, 1.5 s here, as it cannot be seen ending).
+    let (left, event_id) = start_sleep_on("/short", &short, "resumed-left", 4);
+    drop(left);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut resume = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    resume
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut resume,
+        format!(
+            "GET /short HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{short}last-event-id: {event_id}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut resume, &mut head).expect("the resumed stream's head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(resume);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let stays = start_sleep("stays-2");
+    assert_eq!(
+        running().0,
+        429,
+        "a call resumed and left again still holds its slot while it runs upstream"
+    );
+    drop(stays);
+    let free = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        running() == (200, Some(0))
+    });
+    assert!(free, "the slots are given back when the calls end");
     d.stop();
 }
 

@@ -199,8 +199,8 @@ impl<'c> Federation<'_, 'c> {
 )]
 async fn pump(
     // A resume's hold on the drain it took over (`relay::take_over`): given up as the
-    // member's stream ends.
-    _resumed: Option<crate::shared::Resumed>,
+    // member's stream comes to its end (not when the merged stream's client leaves).
+    mut resumed: Option<crate::shared::Resumed>,
     name: String,
     ids: Signer,
     mut conn: Conn,
@@ -267,16 +267,24 @@ async fn pump(
                 return;
             }
         }
-        if done {
-            return;
-        }
-        let filled = monoio::select! {
-            r = conn.fill_until(last_event + idle) => r,
-            // Dropping `conn` closes it.
-            _ = &mut stopped => return,
+        let filled = if done {
+            Ok(0)
+        } else {
+            monoio::select! {
+                r = conn.fill_until(last_event + idle) => r,
+                // Dropping `conn` closes it.
+                _ = &mut stopped => return,
+            }
         };
         match filled {
             Ok(n) if n > 0 => {}
+            // The member ended its stream.
+            Ok(_) => {
+                if let Some(resumed) = resumed.take() {
+                    resumed.finished();
+                }
+                return;
+            }
             _ => return,
         }
     }
