@@ -908,6 +908,10 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     );
     cut(&mut resumable, "the banned client's resumable stream");
     cut(&mut idle, "the banned client's idle connection");
+    // Counted as each worker cuts its own (the one that left is not watched here).
+    until("five banned connections were not counted", || {
+        refused_conns(a, "banned") >= 5
+    });
     assert_eq!(refused_conns(a, "banned"), 5);
     // Their calls are cancelled at the upstream.
     until("the upstream's calls were not cancelled", || {
