@@ -216,6 +216,9 @@ pub struct Drain {
     /// The last event ids the client was given on it, as the upstream (or federation) wrote
     /// them before they were signed: a resume names one of them.
     ids: Vec<Vec<u8>>,
+    /// The id of the request whose answer the stream carries: once a resumed stream passed
+    /// the response with it, the call is over.
+    request: Option<serde_json::Value>,
     state: std::sync::atomic::AtomicU8,
 }
 
@@ -242,14 +245,21 @@ pub struct Draining<'a> {
 }
 
 impl Drains {
-    /// Enters a drain of `upstream`'s stream for a request of `session`, whose client was
-    /// given the events `ids`.
-    pub fn enter(&self, upstream: &str, session: &[u8], ids: Vec<Vec<u8>>) -> Draining<'_> {
+    /// Enters a drain of `upstream`'s stream answering `request` in `session`, whose client
+    /// was given the events `ids`.
+    pub fn enter(
+        &self,
+        upstream: &str,
+        session: &[u8],
+        ids: Vec<Vec<u8>>,
+        request: Option<serde_json::Value>,
+    ) -> Draining<'_> {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let drain = Arc::new(Drain {
             upstream: upstream.to_owned(),
             session: session.to_owned(),
             ids,
+            request,
             state: std::sync::atomic::AtomicU8::new(DRAINING),
         });
         self.table.pin().insert(key, Arc::clone(&drain));
@@ -305,19 +315,24 @@ impl Drain {
         self.state.load(Ordering::Acquire) != RESUMED
     }
 
+    /// The id of the request whose answer the stream carries.
+    pub fn request(&self) -> Option<&serde_json::Value> {
+        self.request.as_ref()
+    }
+
     /// The resumed stream ended.
     pub fn resume_ended(&self) -> bool {
         self.state.load(Ordering::Acquire) == RESUME_ENDED
     }
 }
 
-/// A resume that took a drain over. When its stream ended ([`Resumed::finished`]), so does the
-/// drain's hold; dropped otherwise (its client left, the stream failed), the drain holds on to
-/// its deadline.
+/// A resume that took a drain over. Once the call's answer went on it ([`Resumed::finished`]),
+/// so does the drain's hold; dropped otherwise (its client left, the upstream refused it, the
+/// stream failed), the drain holds on to its deadline.
 pub struct Resumed(pub Arc<Drain>);
 
 impl Resumed {
-    /// The resumed stream came to its end: the call's answer went.
+    /// The call's answer went on the resumed stream.
     pub fn finished(self) {
         self.0.state.store(RESUME_ENDED, Ordering::Release);
     }
@@ -988,7 +1003,7 @@ mod tests {
     fn a_resume_takes_over_only_its_own_sessions_stream_that_gave_its_event() {
         let drains = Drains::default();
         let ids = vec![b"7_1".to_vec(), b"7_2".to_vec()];
-        let entry = drains.enter("up", b"signed-session", ids);
+        let entry = drains.enter("up", b"signed-session", ids, None);
         assert!(drains.take_over("up", b"other-session", b"7_2").is_none());
         assert!(
             drains
@@ -1015,14 +1030,14 @@ mod tests {
         drop(entry);
         assert!(drains.is_empty());
         // A resume whose client left before its stream ended does not end the drain's hold.
-        let entry = drains.enter("up", b"s", vec![b"2".to_vec()]);
+        let entry = drains.enter("up", b"s", vec![b"2".to_vec()], None);
         let drain = drains.take_over("up", b"s", b"2").unwrap();
         entry.drain.hand_over();
         drop(Resumed(drain));
         assert!(!entry.drain.resume_ended() && !entry.drain.resumed());
         drop(entry);
         // A drain that ends by itself lets a resume waiting on it go on.
-        let entry = drains.enter("up", b"s", vec![b"1".to_vec()]);
+        let entry = drains.enter("up", b"s", vec![b"1".to_vec()], None);
         let drain = drains.take_over("up", b"s", b"1").unwrap();
         assert!(!drain.handed());
         drop(entry);

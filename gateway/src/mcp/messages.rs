@@ -261,6 +261,15 @@ pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     }
 }
 
+/// Whether `events` (whole SSE events) hold the response to request `id` (its result or its
+/// error; a message with a method is a request or notification, not it).
+pub fn events_answer(events: &[u8], id: &Value) -> bool {
+    sse::split(events)
+        .filter_map(event_data)
+        .filter_map(|data| serde_json::from_slice::<Top>(&data).ok())
+        .any(|top| !top.method && !top.repeated && top.id.as_ref() == Some(id))
+}
+
 /// Whether [`answers_only`] can read a body at all: a JSON object, within serde_json's depth,
 /// whose strings and numbers a client's parser takes.
 pub fn readable(body: &[u8]) -> bool {

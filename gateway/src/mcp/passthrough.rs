@@ -286,14 +286,11 @@ impl<'c, 'a> Pass<'c, 'a> {
             ))
             .await;
         }
+        *self.obs.resumed.borrow_mut() = taken_over;
         let kept = self.relay(io, resume).await;
-        // The resumed stream came to its end (not left by its client, nor given up on): the
-        // drain it took over gives the call's slot back.
-        if let Some(resumed) = taken_over
-            && !self.obs.abandoned.get()
-        {
-            resumed.finished();
-        }
+        // The call's answer did not pass (its client left, the upstream refused the resume):
+        // the drain holds the slot on.
+        drop(self.obs.resumed.take());
         kept
     }
 

@@ -47,6 +47,9 @@ pub(super) struct Obs<'a> {
     pub client_left: Cell<bool>,
     /// Whose an upstream failure is, for the upstream's shared breaker (see `record`).
     pub blame: Cell<Blame>,
+    /// A resume's hold on the drain it took over (`relay::take_over`): given up as the
+    /// call's answer passes on this request's stream (`relay::pump`).
+    pub resumed: RefCell<Option<crate::shared::Resumed>>,
 }
 
 /// Whose an upstream failure is, as far as the upstream's shared breaker goes (its tool's

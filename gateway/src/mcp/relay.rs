@@ -187,7 +187,16 @@ pub(super) async fn relay(
     }
     body.delivered();
     let pumped = pump(
-        client, &mut conn, req, up, &mut body, kind, hold_max, obs, ctx,
+        client,
+        &mut conn,
+        req,
+        up,
+        &mut body,
+        kind,
+        hold_max,
+        obs,
+        ctx,
+        request_id.as_ref(),
     );
     let finished = match pumped.await {
         Pumped::Finished(finished) => finished,
@@ -293,6 +302,7 @@ async fn pump<'s>(
     hold_max: usize,
     obs: &Obs<'_>,
     ctx: &'s WorkerCtx,
+    request_id: Option<&Id>,
 ) -> Pumped<'s> {
     let open = &ctx.open;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
@@ -303,9 +313,10 @@ async fn pump<'s>(
     let mut entry = None;
     let enter = |body: &Body<'_>| {
         req.header("mcp-session-id").map(|session| {
+            let request = request_id.map(Id::to_json);
             ctx.shared
                 .drains
-                .enter(&up.name, session, body.seen_ids.clone())
+                .enter(&up.name, session, body.seen_ids.clone(), request)
         })
     };
     // Neither kind of body is timed per read: an upstream that sends a byte now and then would
@@ -425,6 +436,17 @@ async fn pump<'s>(
                 };
             }
             body.delivered();
+            // A resume that took a drain over: once the call's answer went, the drain gives
+            // the slot back.
+            if body.sse {
+                let answered = obs.resumed.borrow().as_ref().is_some_and(|r| {
+                    r.0.request()
+                        .is_some_and(|id| super::messages::events_answer(&back, id))
+                });
+                if answered && let Some(resumed) = obs.resumed.take() {
+                    resumed.finished();
+                }
+            }
             // The buffer read into next, when the piece was the connection's own.
             conn.recycle(back);
         }

@@ -901,21 +901,26 @@ upstream = "short"
     // A client that leaves, resumes the stream (which takes it over from the gateway's read)
     // and leaves the resumed stream at once: its call still runs upstream, and still holds
     // its slot (to the stream idle timeout, 1.5 s here, as it cannot be seen ending).
+    // A resume of `path`'s stream from `event_id`, accepting `accept`.
+    let resume_from = |path: &str, session: &str, event_id: &str, accept: &str| {
+        let mut resume = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        resume
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut resume,
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: gw\r\naccept: {accept}\r\n{session}last-event-id: {event_id}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        resume
+    };
     let (left, event_id) = start_sleep_on("/short", &short, "resumed-left", 4);
     drop(left);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut resume = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    resume
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    std::io::Write::write_all(
-        &mut resume,
-        format!(
-            "GET /short HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{short}last-event-id: {event_id}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .unwrap();
+    let mut resume = resume_from("/short", &short, &event_id, "text/event-stream");
     let mut head = [0u8; 12];
     std::io::Read::read_exact(&mut resume, &mut head).expect("the resumed stream's head");
     assert_eq!(&head, b"HTTP/1.1 200");
@@ -928,11 +933,68 @@ upstream = "short"
         "a call resumed and left again still holds its slot while it runs upstream"
     );
     drop(stays);
-    let free = (0..100).any(|_| {
+    let until_calls_end = || {
+        let free = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            running() == (200, Some(0))
+        });
+        assert!(free, "the slots are given back when the calls end");
+    };
+    until_calls_end();
+
+    // A resume that gets the call's answer gives the slot back then, though the SDK's server
+    // keeps the resumed stream open after it (its client closes it): before, the slot was
+    // held to the stream idle timeout (5 minutes on /mcp).
+    let (left, event_id) = start_sleep_on("/mcp", &session, "resumed-ok", 1);
+    drop(left);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut resume = resume_from("/mcp", &session, &event_id, "text/event-stream");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(r#""id":"resumed-ok","result""#) {
+        let n = std::io::Read::read(&mut resume, &mut buf).expect("the resumed call's answer");
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(resume);
+    let ended = (0..30).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
         running() == (200, Some(0))
     });
-    assert!(free, "the slots are given back when the calls end");
+    assert!(ended, "the resumed call ended upstream");
+    let stays = start_sleep("stays-ok");
+    assert_eq!(
+        running().0,
+        200,
+        "the slot of a call answered on its resumed stream is given back"
+    );
+    drop(stays);
+    until_calls_end();
+
+    // A resume the upstream refuses (406: it must accept an event stream) takes the stream
+    // over and ends at once: the call still runs, and holds its slot (before, the refusal
+    // ended the drain's hold, and a client could go past its cap so).
+    let (left, event_id) = start_sleep_on("/mcp", &session, "refused-resume", 4);
+    drop(left);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut resume = resume_from("/mcp", &session, &event_id, "application/json");
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut resume, &mut head).expect("the refusal's head");
+    assert_eq!(&head, b"HTTP/1.1 406", "the upstream refuses it");
+    // The refusal is written whole before this side closes.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(resume);
+    let stays = start_sleep("stays-3");
+    assert_eq!(
+        running().0,
+        429,
+        "a call whose resume was refused still holds its slot while it runs upstream"
+    );
+    drop(stays);
     d.stop();
 }
 

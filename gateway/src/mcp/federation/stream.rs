@@ -198,8 +198,9 @@ impl<'c> Federation<'_, 'c> {
     reason = "each is a separate input of the pump"
 )]
 async fn pump(
-    // A resume's hold on the drain it took over (`relay::take_over`): given up as the
-    // member's stream comes to its end (not when the merged stream's client leaves).
+    // A resume's hold on the drain it took over (`relay::take_over`): given up once the
+    // call's answer passed (not when the stream ends without it, nor when the merged
+    // stream's client leaves: the drain holds on to its deadline then).
     mut resumed: Option<crate::shared::Resumed>,
     name: String,
     ids: Signer,
@@ -248,9 +249,18 @@ async fn pump(
                 // The session's own stream answers no request of this client's (responses on it
                 // are for a request stream being resumed, whose id is not known here).
                 let rewritten = rewrite_events(&name, &complete, None);
+                // A resumed request stream: once its answer is on the client's stream, the
+                // drain it took over gives the call's slot back.
+                let answered = resumed.as_ref().is_some_and(|r| {
+                    r.0.request()
+                        .is_some_and(|id| super::super::messages::events_answer(&rewritten, id))
+                });
                 let rewritten = sign_event_ids(rewritten, |v| ids.sign(v));
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
+                }
+                if answered && let Some(resumed) = resumed.take() {
+                    resumed.finished();
                 }
                 // From when the client's stream took them.
                 last_event = monoio::time::Instant::now();
@@ -267,24 +277,16 @@ async fn pump(
                 return;
             }
         }
-        let filled = if done {
-            Ok(0)
-        } else {
-            monoio::select! {
-                r = conn.fill_until(last_event + idle) => r,
-                // Dropping `conn` closes it.
-                _ = &mut stopped => return,
-            }
+        if done {
+            return;
+        }
+        let filled = monoio::select! {
+            r = conn.fill_until(last_event + idle) => r,
+            // Dropping `conn` closes it.
+            _ = &mut stopped => return,
         };
         match filled {
             Ok(n) if n > 0 => {}
-            // The member ended its stream.
-            Ok(_) => {
-                if let Some(resumed) = resumed.take() {
-                    resumed.finished();
-                }
-                return;
-            }
             _ => return,
         }
     }
