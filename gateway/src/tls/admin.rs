@@ -30,7 +30,10 @@ pub fn listen(
 ) -> std::io::Result<Listener> {
     let (tx, ready) = mpsc::channel(64);
     // Handshakes at once: as many as connections may be open, in all and from one address
-    // (each ends within the handshake timeout); a connection beyond them is closed as it comes.
+    // (each ends within the handshake timeout). Past them, the handshake waiting longest is
+    // given up for the new one (connections that never began theirs, reopened as they were
+    // closed, kept every health check and scrape out); from an address over its count, a
+    // connection is closed as it comes.
     let handshakes = crate::admin_server::Slots::new(
         crate::admin_server::MAX_CONNECTIONS,
         crate::admin_server::LOOPBACK_RESERVED,
@@ -50,8 +53,13 @@ pub fn listen(
             let Some(listening) = edge.admin.load_full() else {
                 continue;
             };
-            let slot = match handshakes.take(peer.ip()) {
-                Ok(slot) => slot,
+            let slot = match handshakes.take_or_free(peer.ip()) {
+                Ok((slot, given_up_by)) => {
+                    if given_up_by.is_some() {
+                        edge.stats.failed(super::Failure::Closed);
+                    }
+                    slot
+                }
                 Err(why) => {
                     crate::admin_server::say_refused(why, peer, &mut refused);
                     edge.stats.failed(super::Failure::Closed);
@@ -61,11 +69,15 @@ pub fn listen(
             let tx = tx.clone();
             let edge = Arc::clone(&edge);
             tokio::spawn(async move {
-                let _slot = slot;
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&listening.server));
-                match tokio::time::timeout(listening.handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
+                let handshake =
+                    tokio::time::timeout(listening.handshake_timeout, acceptor.accept(stream));
+                let done = tokio::select! {
+                    done = handshake => done,
+                    // Its place given up for a newer connection: this one is closed.
+                    () = slot.given_up() => return,
+                };
+                match done {
                     Err(_) => edge.stats.failed(super::Failure::Timeout),
                     Ok(Err(e)) => {
                         let why = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())

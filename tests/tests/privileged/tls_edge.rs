@@ -292,6 +292,37 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     );
     let m = metrics(admin, Some(&pki.ca));
     assert!(metric(&m, "mcp_gateway_tls_handshakes_total") >= 4, "{m}");
+    // Connections that never begin their handshake, from eight addresses, as many as the
+    // admin API holds: the one waiting longest makes room for a health check (before, every
+    // place was held until the handshake timeout, and taken again as it was given back).
+    let idle: Vec<TcpStream> = (0..128u8)
+        .filter_map(|i| {
+            integration_tests::daemon::connect_from(
+                std::net::Ipv4Addr::new(127, 0, 0, 2 + i / 16).into(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
+                Duration::from_secs(1),
+            )
+        })
+        .collect();
+    assert_eq!(idle.len(), 128);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = run(
+        "curl",
+        &[
+            "-s",
+            "--max-time",
+            "5",
+            "--cacert",
+            ca,
+            &format!("https://127.0.0.1:{admin}/healthz"),
+        ],
+        b"",
+    );
+    assert!(
+        ok && out.trim() == "ok",
+        "a health check while idle connections hold every handshake place: {out}"
+    );
+    drop(idle);
     d.stop();
 }
 
