@@ -17,7 +17,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -100,6 +103,8 @@ struct Held {
     waiting_since: Option<Instant>,
     /// Told when its place was given up: its connection ends.
     given_up: Arc<Notify>,
+    /// An answer waits for its client to take more of it: the place is not given up.
+    writing: Arc<AtomicBool>,
 }
 
 /// A connection's place, given back when dropped.
@@ -107,6 +112,7 @@ pub struct Slot {
     taken: Arc<Mutex<Taken>>,
     number: u64,
     given_up: Arc<Notify>,
+    writing: Arc<AtomicBool>,
 }
 
 /// Why a connection got no place.
@@ -163,6 +169,7 @@ impl Slots {
             let longest = taken
                 .held
                 .iter()
+                .filter(|(_, h)| !h.writing.load(Ordering::Relaxed))
                 .filter_map(|(n, h)| h.waiting_since.map(|since| (since, *n)))
                 .min()
                 .filter(|_| free);
@@ -178,12 +185,14 @@ impl Slots {
         let number = taken.next;
         taken.next += 1;
         let given_up = Arc::new(Notify::new());
+        let writing = Arc::new(AtomicBool::new(false));
         taken.held.insert(
             number,
             Held {
                 address,
                 waiting_since: Some(Instant::now()),
                 given_up: Arc::clone(&given_up),
+                writing: Arc::clone(&writing),
             },
         );
         Ok((
@@ -191,6 +200,7 @@ impl Slots {
                 taken: Arc::clone(&self.taken),
                 number,
                 given_up,
+                writing,
             },
             freed,
         ))
@@ -225,6 +235,11 @@ impl Slot {
         if let Some(held) = taken.held.get_mut(&self.number) {
             held.waiting_since = since;
         }
+    }
+
+    /// Set by the connection while an answer waits for its client ([`WriteDeadline::marking`]).
+    pub fn writing(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.writing)
     }
 
     /// Done when the place was given up for a new connection.
@@ -332,8 +347,10 @@ pub async fn serve(
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let marks = Arc::clone(&slot);
-            // A request in progress holds its place; between requests the place can be
-            // given up for a new connection (`Slots::take_or_free`).
+            // A request in progress holds its place, and so does an answer waiting for its
+            // client to take more of it (a large answer to a slow reader was cut for a new
+            // connection); between requests the place can be given up for a new connection
+            // (`Slots::take_or_free`).
             let service = hyper::service::service_fn(move |req| {
                 let serving = marks.serving();
                 let answer = hyper::service::Service::call(&app, req);
@@ -346,7 +363,10 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(WriteDeadline::new(io, WRITE_TIMEOUT)), service);
+                .serve_connection(
+                    TokioIo::new(WriteDeadline::new(io, WRITE_TIMEOUT).marking(slot.writing())),
+                    service,
+                );
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -367,6 +387,8 @@ pub struct WriteDeadline<Io> {
     timeout: Duration,
     /// Armed while a write waits.
     waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set while a write waits, for others to see ([`WriteDeadline::marking`]).
+    blocked: Option<Arc<AtomicBool>>,
 }
 
 impl<Io> WriteDeadline<Io> {
@@ -375,7 +397,14 @@ impl<Io> WriteDeadline<Io> {
             io,
             timeout,
             waiting: None,
+            blocked: None,
         }
+    }
+
+    /// Sets `blocked` while a write waits for room, and clears it when one goes through.
+    pub fn marking(mut self, blocked: Arc<AtomicBool>) -> Self {
+        self.blocked = Some(blocked);
+        self
     }
 
     /// `poll`'s result, unless a write has waited too long: then `TimedOut`.
@@ -385,6 +414,9 @@ impl<Io> WriteDeadline<Io> {
         poll: std::task::Poll<std::io::Result<T>>,
     ) -> std::task::Poll<std::io::Result<T>> {
         use std::task::Poll;
+        if let Some(blocked) = &self.blocked {
+            blocked.store(poll.is_pending(), Ordering::Relaxed);
+        }
         if poll.is_ready() {
             self.waiting = None;
             return poll;
