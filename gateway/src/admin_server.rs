@@ -134,26 +134,13 @@ impl Slots {
         }
     }
 
-    /// A place for a connection from `client`.
-    pub fn take(&self, client: IpAddr) -> Result<Slot, Refused> {
-        self.take_or_free_if(client, false).map(|(slot, _)| slot)
-    }
-
     /// A place for a connection from `client`; when every place is taken, the place of the
     /// connection that has waited longest for its client's next request is given up for it
     /// (that connection ends, and its address is returned). Idle kept-alive connections from
     /// a few addresses held every place, keeping scrapes and health checks out; now holding a
     /// place takes a request in progress, which takes a credential (or the loopback address
     /// a token-less admin API listens on).
-    pub fn take_or_free(&self, client: IpAddr) -> Result<(Slot, Option<IpAddr>), Refused> {
-        self.take_or_free_if(client, true)
-    }
-
-    fn take_or_free_if(
-        &self,
-        client: IpAddr,
-        free: bool,
-    ) -> Result<(Slot, Option<IpAddr>), Refused> {
+    pub fn take(&self, client: IpAddr) -> Result<(Slot, Option<IpAddr>), Refused> {
         let address = counted_as(client);
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         let total = if client.to_canonical().is_loopback() {
@@ -171,8 +158,7 @@ impl Slots {
                 .iter()
                 .filter(|(_, h)| !h.writing.load(Ordering::Relaxed))
                 .filter_map(|(n, h)| h.waiting_since.map(|since| (since, *n)))
-                .min()
-                .filter(|_| free);
+                .min();
             let Some((_, n)) = longest else {
                 return Err(Refused::Full);
             };
@@ -319,7 +305,7 @@ pub async fn serve(
             () = stopped(&mut stop) => return,
             accepted = listener.accept() => accepted,
         };
-        let slot = match slots.take_or_free(peer.client.ip()) {
+        let slot = match slots.take(peer.client.ip()) {
             Ok((slot, given_up_by)) => {
                 if let Some(idle) = given_up_by {
                     if freed.is_multiple_of(1000) {
@@ -350,7 +336,7 @@ pub async fn serve(
             // A request in progress holds its place, and so does an answer waiting for its
             // client to take more of it (a large answer to a slow reader was cut for a new
             // connection); between requests the place can be given up for a new connection
-            // (`Slots::take_or_free`).
+            // (`Slots::take`).
             let service = hyper::service::service_fn(move |req| {
                 let serving = marks.serving();
                 let answer = hyper::service::Service::call(&app, req);
@@ -494,6 +480,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 mod tests {
     use super::*;
 
+    /// A place taken and serving a request, so that it is not given up for another.
+    fn busy(taken: Result<(Slot, Option<IpAddr>), Refused>) -> (Arc<Slot>, Serving) {
+        let slot = Arc::new(taken.expect("a place").0);
+        let serving = slot.serving();
+        (slot, serving)
+    }
+
     #[test]
     fn places_are_bounded_in_all_and_by_address() {
         let slots = Slots::new(5, 0, Arc::new(|| 2));
@@ -502,20 +495,22 @@ mod tests {
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let b_same_64: IpAddr = "2001:db8::ffff:1".parse().unwrap();
         let c: IpAddr = "2001:db8:0:1::1".parse().unwrap();
-        let a1 = slots.take(a).unwrap();
-        let _a2 = slots.take(a_mapped).unwrap();
+        let a1 = busy(slots.take(a));
+        let _a2 = busy(slots.take(a_mapped));
         assert_eq!(
             slots.take(a).err(),
             Some(Refused::Address),
             "one address, mapped or not"
         );
-        let _b1 = slots.take(b).unwrap();
-        let _b2 = slots.take(b_same_64).unwrap();
+        let _b1 = busy(slots.take(b));
+        let _b2 = busy(slots.take(b_same_64));
         assert_eq!(slots.take(b).err(), Some(Refused::Address), "one /64");
-        let _c1 = slots.take(c).unwrap();
+        let _c1 = busy(slots.take(c));
         assert_eq!(slots.take(c).err(), Some(Refused::Full), "five in all");
         drop(a1);
-        let _c2 = slots.take(c).expect("a place given back is taken again");
+        let _c2 = busy(Ok(slots
+            .take(c)
+            .expect("a place given back is taken again")));
         assert_eq!(slots.take(a).err(), Some(Refused::Full));
     }
 
@@ -525,18 +520,13 @@ mod tests {
     async fn the_connection_idle_longest_makes_room_and_one_serving_does_not() {
         let slots = Slots::new(3, 0, Arc::new(|| 10));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let a = Arc::new(slots.take(ip("192.0.2.1")).unwrap());
+        let a = Arc::new(slots.take(ip("192.0.2.1")).unwrap().0);
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let b = Arc::new(slots.take(ip("192.0.2.2")).unwrap());
+        let b = Arc::new(slots.take(ip("192.0.2.2")).unwrap().0);
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let c = Arc::new(slots.take(ip("192.0.2.3")).unwrap());
-        assert_eq!(
-            slots.take(ip("192.0.2.4")).err(),
-            Some(Refused::Full),
-            "take frees none"
-        );
+        let c = Arc::new(slots.take(ip("192.0.2.3")).unwrap().0);
         let a_serving = a.serving();
-        let (d, freed) = slots.take_or_free(ip("192.0.2.4")).unwrap();
+        let (d, freed) = slots.take(ip("192.0.2.4")).unwrap();
         assert_eq!(
             freed,
             Some(ip("192.0.2.2")),
@@ -549,12 +539,12 @@ mod tests {
         let _c_serving = c.serving();
         let _d_serving = Arc::new(d).serving();
         assert_eq!(
-            slots.take_or_free(ip("192.0.2.5")).err(),
+            slots.take(ip("192.0.2.5")).err(),
             Some(Refused::Full),
             "every connection is serving"
         );
         drop(a_serving);
-        let (_e, freed) = slots.take_or_free(ip("192.0.2.5")).unwrap();
+        let (_e, freed) = slots.take(ip("192.0.2.5")).unwrap();
         assert_eq!(freed, Some(ip("192.0.2.1")), "a, done serving");
         drop(a);
         let taken = slots.taken.lock().unwrap();
@@ -566,7 +556,7 @@ mod tests {
     fn places_are_kept_for_this_host() {
         let slots = Slots::new(LOOPBACK_RESERVED + 2, LOOPBACK_RESERVED, Arc::new(|| 100));
         let far: IpAddr = "192.0.2.1".parse().unwrap();
-        let _far = [slots.take(far).unwrap(), slots.take(far).unwrap()];
+        let _far = [busy(slots.take(far)), busy(slots.take(far))];
         assert_eq!(slots.take(far).err(), Some(Refused::Full));
         let mut here = Vec::new();
         for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {

@@ -53,7 +53,7 @@ pub fn listen(
             let Some(listening) = edge.admin.load_full() else {
                 continue;
             };
-            let slot = match handshakes.take_or_free(peer.ip()) {
+            let slot = match handshakes.take(peer.ip()) {
                 Ok((slot, given_up_by)) => {
                     if given_up_by.is_some() {
                         edge.stats.failed(super::Failure::Closed);
