@@ -198,7 +198,8 @@ impl SourceConns {
 /// worker, takes it over. An SDK's server sends the rest of a call to the request's own stream
 /// while that stream is open (the Python SDK then replays nothing to the resume and ends it;
 /// the TypeScript one may answer 409), so the drain closes its stream before the resume goes
-/// on, and holds the call's concurrency slot until the resumed stream ends. An entry lives as
+/// on, and holds the call's concurrency slot until the call's answer passes on the resumed
+/// stream (or to its deadline). An entry lives as
 /// long as its drain; drains are few (a client must leave a stream mid-call), and nothing on a
 /// request's way looks here but a resume.
 #[derive(Default)]
@@ -228,13 +229,15 @@ const DRAINING: u8 = 0;
 const RESUMED: u8 = 1;
 /// The drain closed its stream for the resume, and holds the slot.
 const HANDED: u8 = 2;
-/// The resumed stream ended: the drain gives the slot back.
-const RESUME_ENDED: u8 = 3;
+/// The call's answer passed on the resumed stream: the drain gives the slot back. Until then
+/// (the resume's client may leave, the upstream refuse it) the call may still run, and the
+/// drain holds the slot to its deadline: else a resume left at once freed the slot of a call
+/// still running, and a client could hold the upstream past its limit so.
+const ANSWERED: u8 = 3;
 /// The drain ended before a resume took it over.
 const ENDED: u8 = 4;
-/// The resumed stream's client left before it ended: the call may still run, and the drain
-/// holds the slot to its deadline (else a resume left at once freed the slot of a call still
-/// running, and a client could hold the upstream past its limit so).
+/// A resume that asked for the stream ended before the drain handed it over: the drain reads
+/// on as if never asked.
 const RESUME_LEFT: u8 = 5;
 
 /// A drain's entry in [`Drains`], removed when dropped.
@@ -288,10 +291,6 @@ impl Drains {
             .cloned()
     }
 
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
@@ -320,9 +319,9 @@ impl Drain {
         self.request.as_ref()
     }
 
-    /// The resumed stream ended.
-    pub fn resume_ended(&self) -> bool {
-        self.state.load(Ordering::Acquire) == RESUME_ENDED
+    /// The call's answer passed on the resumed stream.
+    pub fn answered(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ANSWERED
     }
 }
 
@@ -334,16 +333,13 @@ pub struct Resumed(pub Arc<Drain>);
 impl Resumed {
     /// The call's answer went on the resumed stream.
     pub fn finished(self) {
-        self.0.state.store(RESUME_ENDED, Ordering::Release);
+        self.0.state.store(ANSWERED, Ordering::Release);
     }
 }
 
 impl Drop for Resumed {
     fn drop(&mut self) {
-        let _ =
-            self.0
-                .state
-                .compare_exchange(HANDED, RESUME_LEFT, Ordering::AcqRel, Ordering::Acquire);
+        // Handed over, the drain holds the slot to its deadline as it is (see `ANSWERED`).
         let _ = self.0.state.compare_exchange(
             RESUMED,
             RESUME_LEFT,
@@ -395,18 +391,9 @@ struct NetsOfLength {
     until: rustc_hash::FxHashMap<IpAddr, u64>,
 }
 
-/// `ip`'s first `len` bits (the rest zero), in `ip`'s family.
+/// `ip`'s first `len` bits (the rest zero), in `ip`'s family (`len` at most its width).
 fn prefix_of(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4((u32::from(v4) & mask).into())
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6((u128::from(v6) & mask).into())
-        }
-    }
+    IpNet::new(ip, len).map_or(ip, |net| net.network())
 }
 
 impl BanSet {
@@ -1024,9 +1011,9 @@ mod tests {
             "taken over once"
         );
         entry.drain.hand_over();
-        assert!(drain.handed() && !entry.drain.resume_ended());
+        assert!(drain.handed() && !entry.drain.answered());
         Resumed(drain).finished();
-        assert!(entry.drain.resume_ended());
+        assert!(entry.drain.answered());
         drop(entry);
         assert!(drains.is_empty());
         // A resume whose client left before its stream ended does not end the drain's hold.
@@ -1034,7 +1021,7 @@ mod tests {
         let drain = drains.take_over("up", b"s", b"2").unwrap();
         entry.drain.hand_over();
         drop(Resumed(drain));
-        assert!(!entry.drain.resume_ended() && !entry.drain.resumed());
+        assert!(!entry.drain.answered() && !entry.drain.resumed());
         drop(entry);
         // A drain that ends by itself lets a resume waiting on it go on.
         let entry = drains.enter("up", b"s", vec![b"1".to_vec()], None);

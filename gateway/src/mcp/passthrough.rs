@@ -244,7 +244,7 @@ impl<'c, 'a> Pass<'c, 'a> {
             },
         };
         // A resume of a call's stream the gateway reads on for this caller, who left it, takes
-        // that stream over (`relay::drain`): held until this stream ends.
+        // that stream over (`relay::drain`): held until the call's answer passes on this one.
         let taken_over = match (resume, self.req.header("mcp-session-id")) {
             (Some(own), Some(session)) if self.req.method == "GET" => {
                 super::relay::take_over(self.ctx, &self.up.name, session, own.as_bytes()).await

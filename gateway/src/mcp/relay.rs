@@ -439,10 +439,7 @@ async fn pump<'s>(
             // A resume that took a drain over: once the call's answer went, the drain gives
             // the slot back.
             if body.sse {
-                let answered = obs.resumed.borrow().as_ref().is_some_and(|r| {
-                    r.0.request()
-                        .is_some_and(|id| super::messages::events_answer(&back, id))
-                });
+                let answered = answers_resume(obs.resumed.borrow().as_ref(), &back);
                 if answered && let Some(resumed) = obs.resumed.take() {
                     resumed.finished();
                 }
@@ -651,8 +648,8 @@ async fn drain(
 
 /// A resume takes over the stream of a call whose client left ([`drain`]): the stream is
 /// closed, not cancelled (the call goes on, its events now for the resume), and the call's
-/// slot held until the resumed stream ends, within `stream_idle_timeout`, or the client is
-/// cut for a ban or deny (then the call is cancelled).
+/// slot held until its answer passes on the resumed stream, within `stream_idle_timeout`, or
+/// the client is cut for a ban or deny (then the call is cancelled).
 async fn hand_over(
     conn: Conn,
     entry: Draining<'_>,
@@ -663,20 +660,17 @@ async fn hand_over(
 ) {
     drop(conn);
     entry.drain.hand_over();
-    let until = monoio::time::Instant::now() + up.stream_idle_timeout;
-    while !entry.drain.resume_ended() && monoio::time::Instant::now() < until {
-        monoio::time::sleep(LOOK).await;
-        if ctx.open.was_cut(client_fd) {
-            obs.abandoned.set(true);
-            return;
-        }
+    let deadline = monoio::time::sleep(up.stream_idle_timeout);
+    let answered = || entry.drain.answered();
+    if let Err(Interrupted::Cut) = unless_cut(&ctx.open, client_fd, deadline, &answered).await {
+        obs.abandoned.set(true);
     }
 }
 
 /// A resume (`Last-Event-ID` naming event `id` of `upstream`, with the client's `session`)
 /// takes over the drain of the stream that gave that event, if one runs ([`drain`]), once the
 /// drain has closed that stream (at most [`HAND_OVER`] later). The drain holds the call's
-/// slot until what this returns is dropped: the resumed stream's end.
+/// slot until the answer passes on the resumed stream ([`answers_resume`]).
 pub(super) async fn take_over(
     ctx: &WorkerCtx,
     upstream: &str,
@@ -689,6 +683,15 @@ pub(super) async fn take_over(
         monoio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     Some(crate::shared::Resumed(drain))
+}
+
+/// Whether `events` (whole events, on their way to a resume's client) hold the answer of the
+/// call whose drain the resume took over: then its slot is given back.
+pub(super) fn answers_resume(resumed: Option<&crate::shared::Resumed>, events: &[u8]) -> bool {
+    resumed.is_some_and(|r| {
+        r.0.request()
+            .is_some_and(|id| super::messages::events_answer(events, id))
+    })
 }
 
 /// How long a resume waits for a drain to close the stream it takes over.

@@ -51,7 +51,7 @@ impl<'c> Federation<'_, 'c> {
             },
         };
         // A resume of a member's stream the gateway reads on for this caller takes it over
-        // (`relay::drain`), held until that member's resumed stream ends.
+        // (`relay::drain`), held until the call's answer passes on that member's stream.
         let mut taken_over = match (&last, self.req.header("mcp-session-id")) {
             (Some((name, id)), Some(session)) => {
                 let own = format!("{name}.{id}");
@@ -251,10 +251,7 @@ async fn pump(
                 let rewritten = rewrite_events(&name, &complete, None);
                 // A resumed request stream: once its answer is on the client's stream, the
                 // drain it took over gives the call's slot back.
-                let answered = resumed.as_ref().is_some_and(|r| {
-                    r.0.request()
-                        .is_some_and(|id| super::super::messages::events_answer(&rewritten, id))
-                });
+                let answered = super::super::relay::answers_resume(resumed.as_ref(), &rewritten);
                 let rewritten = sign_event_ids(rewritten, |v| ids.sign(v));
                 if !rewritten.is_empty() && tx.send(rewritten).await.is_err() {
                     return;
