@@ -135,10 +135,7 @@ impl Control {
 
     /// Bans every address of `net` for `ttl` (one address when it is a `/32` or `/128`).
     fn ban_net(&mut self, net: IpNet, ttl: Duration) -> Result<(), kernel::KernelError> {
-        match self.ban_nets(&[(net, ttl)]) {
-            (_, Some(e)) => Err(e),
-            (_, None) => Ok(()),
-        }
+        self.ban_nets(&[(net, ttl)]).1.map_or(Ok(()), Err)
     }
 
     /// Bans each of `bans` in turn, and hands the workers the new set once (an operator's
@@ -1623,15 +1620,16 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             };
             let mut bans = Vec::with_capacity(requests.len());
             for (i, ban) in requests.iter().enumerate() {
-                let which = if many { format!("ban {i}: ") } else { String::new() };
+                // Said only with an error.
+                let which = || if many { format!("ban {i}: ") } else { String::new() };
                 let Some(net) = parse_ban(&ban.address) else {
-                    return json_reply(400, &serde_json::json!({"error": format!("{which}{expected}: `{}` is neither", ban.address)}));
+                    return json_reply(400, &serde_json::json!({"error": format!("{}{expected}: `{}` is neither", which(), ban.address)}));
                 };
                 if let Some(problem) = crate::config::covers_ipv4(&net) {
-                    return json_reply(400, &serde_json::json!({"error": format!("{which}`{}` {problem}", ban.address)}));
+                    return json_reply(400, &serde_json::json!({"error": format!("{}`{}` {problem}", which(), ban.address)}));
                 }
                 if ban.seconds == 0 {
-                    return json_reply(400, &serde_json::json!({"error": format!("{which}seconds must be at least 1 (DELETE /bans/<address> lifts a ban)")}));
+                    return json_reply(400, &serde_json::json!({"error": format!("{}seconds must be at least 1 (DELETE /bans/<address> lifts a ban)", which())}));
                 }
                 bans.push((net, Duration::from_secs(ban.seconds)));
             }

@@ -35,7 +35,7 @@ use std::io::{Read as _, Write as _};
 use super::{
     BodyKind, ChunkedDecoder, HttpError, Outgoing,
     deadline::within,
-    outgoing::{CHUNK_END, Chunk, Parts, Unsent},
+    outgoing::{Chunk, Parts, Unsent},
 };
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -531,9 +531,7 @@ impl Io {
     pub async fn write_chunk_back(&mut self, data: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
         let chunk = Chunk::new(data);
         if self.tls.is_some() {
-            let r = self
-                .write_tls_parts(&[chunk.line(), &chunk.data, CHUNK_END])
-                .await;
+            let r = self.write_tls_parts(&chunk.parts()).await;
             return (r, chunk.data);
         }
         let (r, back) = self.writev_all(chunk).await;

@@ -47,10 +47,6 @@ impl Chunk {
             data,
         }
     }
-
-    pub(super) fn line(&self) -> &[u8] {
-        &self.line
-    }
 }
 
 /// The size line of a chunk of `len` bytes.
