@@ -860,6 +860,20 @@ upstream = "short"
         (client, event_id)
     };
     let start_sleep = |id: &str| start_sleep_on("/mcp", &session, id, 4).0;
+    // What a call gets while a second one (`id`) stays: 429 when that fills the cap.
+    let beside_a_second_call = |id: &str| {
+        let stays = start_sleep(id);
+        let status = running().0;
+        drop(stays);
+        status
+    };
+    let until_calls_end = || {
+        let free = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            running() == (200, Some(0))
+        });
+        assert!(free, "the slots are given back when the calls end");
+    };
     // The first caller hangs up after the priming event: it may resume, so the call runs on.
     drop(start_sleep("left"));
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -877,11 +891,7 @@ upstream = "short"
     );
     // Once both have ended, the slots are free again.
     drop(stays);
-    let free = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        running() == (200, Some(0))
-    });
-    assert!(free, "the slots are given back when the calls end");
+    until_calls_end();
     // Not for ever: a call whose client left is read on for the upstream's stream idle
     // timeout at most (1.5 s here), then cancelled like any other it gives up on.
     let short = open_session(port, "/short", "2025-11-25");
@@ -898,9 +908,6 @@ upstream = "short"
     });
     assert!(cancelled, "a call whose client left is read on for ever");
 
-    // A client that leaves, resumes the stream (which takes it over from the gateway's read)
-    // and leaves the resumed stream at once: its call still runs upstream, and still holds
-    // its slot (to the stream idle timeout, 1.5 s here, as it cannot be seen ending).
     // A resume of `path`'s stream from `event_id`, accepting `accept`.
     let resume_from = |path: &str, session: &str, event_id: &str, accept: &str| {
         let mut resume = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -917,6 +924,9 @@ upstream = "short"
         .unwrap();
         resume
     };
+    // A client that leaves, resumes the stream (which takes it over from the gateway's read)
+    // and leaves the resumed stream at once: its call still runs upstream, and still holds
+    // its slot (to the stream idle timeout, 1.5 s here, as it cannot be seen ending).
     let (left, event_id) = start_sleep_on("/short", &short, "resumed-left", 4);
     drop(left);
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -926,20 +936,11 @@ upstream = "short"
     assert_eq!(&head, b"HTTP/1.1 200");
     drop(resume);
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let stays = start_sleep("stays-2");
     assert_eq!(
-        running().0,
+        beside_a_second_call("stays-2"),
         429,
         "a call resumed and left again still holds its slot while it runs upstream"
     );
-    drop(stays);
-    let until_calls_end = || {
-        let free = (0..100).any(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            running() == (200, Some(0))
-        });
-        assert!(free, "the slots are given back when the calls end");
-    };
     until_calls_end();
 
     // A resume that gets the call's answer gives the slot back then, though the SDK's server
@@ -966,13 +967,11 @@ upstream = "short"
         running() == (200, Some(0))
     });
     assert!(ended, "the resumed call ended upstream");
-    let stays = start_sleep("stays-ok");
     assert_eq!(
-        running().0,
+        beside_a_second_call("stays-ok"),
         200,
         "the slot of a call answered on its resumed stream is given back"
     );
-    drop(stays);
     until_calls_end();
 
     // A resume the upstream refuses (406: it must accept an event stream) takes the stream
@@ -988,13 +987,11 @@ upstream = "short"
     // The refusal is written whole before this side closes.
     std::thread::sleep(std::time::Duration::from_millis(300));
     drop(resume);
-    let stays = start_sleep("stays-3");
     assert_eq!(
-        running().0,
+        beside_a_second_call("stays-3"),
         429,
         "a call whose resume was refused still holds its slot while it runs upstream"
     );
-    drop(stays);
     d.stop();
 }
 
