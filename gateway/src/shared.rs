@@ -764,13 +764,15 @@ impl Shared {
         };
         let access = match &config.telemetry.access_log {
             None => crate::policy::audit::AccessLog::off(),
-            Some(a) => {
-                crate::policy::audit::AccessLog::start(std::path::Path::new(&a.path), "access")
-                    .unwrap_or_else(|e| {
-                        tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);
-                        crate::policy::audit::AccessLog::off()
-                    })
-            }
+            Some(a) => crate::policy::audit::AccessLog::start_bounded(
+                std::path::Path::new(&a.path),
+                "access",
+                Some(a.unidentified_per_second),
+            )
+            .unwrap_or_else(|e| {
+                tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);
+                crate::policy::audit::AccessLog::off()
+            }),
         };
         // The span queues are sized at start; without `[telemetry.otlp]` then, small ones.
         let span_queue = config.telemetry.otlp.as_ref().map_or(256, |o| o.queue_max);

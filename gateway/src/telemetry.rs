@@ -179,6 +179,24 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let access = &shared.access;
+    if access.enabled() {
+        let _ = writeln!(
+            out,
+            "# HELP mcp_gateway_access_log_dropped_total Access-log lines not written: the writer fell behind (queue_full), or over the bound for requests answered before a caller was identified (unidentified)."
+        );
+        let _ = writeln!(out, "# TYPE mcp_gateway_access_log_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "mcp_gateway_access_log_dropped_total{{reason=\"queue_full\"}} {}",
+            access.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "mcp_gateway_access_log_dropped_total{{reason=\"unidentified\"}} {}",
+            access.suppressed()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP mcp_gateway_connections Open client connections."

@@ -913,7 +913,11 @@ fn record_access(
         };
         line.0.push((name, value));
     }
-    ctx.shared.access.send(line);
+    if decision.tenant.is_some() {
+        ctx.shared.access.send(line);
+    } else {
+        ctx.shared.access.send_unidentified(line);
+    }
 }
 
 /// Bytes of a client's `User-Agent` and path written to the access log.

@@ -506,6 +506,7 @@ fn the_access_log_has_a_line_per_request_with_the_configured_fields() {
     let _cleanup = Cleanup(dir.clone());
     let log = dir.join("access.log");
     let port = free_port();
+    let admin = free_port();
     let instance = unique("gwaccess");
     let config = format!(
         r#"
@@ -521,6 +522,7 @@ enabled = false
 [telemetry.access_log]
 path = "{log}"
 fields = ["method", "path", "status", "rpc_method", "tool", "outcome", "latency_us", "user_agent"]
+unidentified_per_second = 5
 [[upstreams]]
 name = "demo"
 url = "http://127.0.0.1:{demo_port}/mcp"
@@ -528,7 +530,6 @@ url = "http://127.0.0.1:{demo_port}/mcp"
 path = "/demo"
 upstream = "demo"
 "#,
-        admin = free_port(),
         log = log.display(),
     );
     let mut d = Daemon::start_local(&instance, &config);
@@ -582,8 +583,8 @@ upstream = "demo"
     // 400 before the 404).
     lines.sort_by_key(|l| l["status"].as_u64());
     // The order as written (serde_json's own map would sort the keys).
-    let raw = std::fs::read_to_string(&log).unwrap();
-    let first = raw.lines().next().unwrap();
+    let written = std::fs::read_to_string(&log).unwrap();
+    let first = written.lines().next().unwrap();
     let fields = [
         "method",
         "path",
@@ -627,6 +628,71 @@ upstream = "demo"
     assert_eq!(
         std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
         0o640
+    );
+
+    // Requests answered before a caller is identified are anyone's to send as fast as the
+    // network takes them: at most `unidentified_per_second` (5) of their lines a second, and a
+    // line a second says how many more there were. An identified caller's lines are all
+    // written. Before the bound, each of these was a line.
+    let flood = Instant::now();
+    for i in 0..60 {
+        let (r, _) = raw(
+            port,
+            &post("/flood", &call("add", "{}", 100 + i), &headers("add")),
+        );
+        assert_eq!(r.status, 404);
+        let (r, _) = raw(port, &post("/demo", "{not json", &headers("add")));
+        assert_eq!(r.status, 400, "identified (the default tenant) and logged");
+    }
+    let seconds = flood.elapsed().as_secs();
+    let count = |lines: &[serde_json::Value]| {
+        let flooded = lines.iter().filter(|l| l["path"] == "/flood").count();
+        let suppressed: u64 = lines.iter().filter_map(|l| l["suppressed"].as_u64()).sum();
+        let identified = lines
+            .iter()
+            .filter(|l| l["path"] == "/demo" && l["status"] == 400)
+            .count();
+        (flooded, suppressed, identified)
+    };
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let (flooded, suppressed, identified) = count(&lines);
+        if flooded as u64 + suppressed >= 60 && identified == 61 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (flooded, suppressed, identified) = count(&lines);
+    assert_eq!(identified, 61, "every identified caller's line");
+    assert_eq!(
+        flooded as u64 + suppressed,
+        60,
+        "each unidentified request written or counted: {flooded} and {suppressed}"
+    );
+    assert!(
+        flooded as u64 <= 5 * (seconds + 2),
+        "{flooded} lines in {seconds} s of the flood"
+    );
+    let note = lines
+        .iter()
+        .find(|l| l.get("suppressed").is_some())
+        .unwrap();
+    assert!(
+        note["reason"].as_str().unwrap().contains("over 5 a second"),
+        "{note}"
+    );
+    assert!(note["ts"].is_string(), "{note}");
+    let metrics = String::from_utf8_lossy(&admin_get(admin, "/metrics", false).body).into_owned();
+    assert!(
+        metrics.contains(&format!(
+            "mcp_gateway_access_log_dropped_total{{reason=\"unidentified\"}} {suppressed}\n"
+        )),
+        "{metrics}"
     );
     d.stop();
 }
