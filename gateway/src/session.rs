@@ -365,32 +365,42 @@ pub fn verify<'a, const N: usize>(
     Some((value, extra.try_into().ok()?))
 }
 
-/// [`sign`] of many values under one key and context, without `extra`: the context is hashed
-/// once, each value after it (the event ids of one answer's stream, say).
+/// [`sign`] of many values under one key, context and `extra`: the context is hashed once,
+/// each value after it (the event ids of one answer's stream, say).
 #[derive(Clone)]
-pub struct Signer(Hmac<Sha256>);
+pub struct Signer {
+    mac: Hmac<Sha256>,
+    extra: Vec<u8>,
+}
 
 impl Signer {
-    pub fn new(key: &[u8; 32], context: &[&[u8]]) -> Self {
+    pub fn new(key: &[u8; 32], context: &[&[u8]], extra: &[u8]) -> Self {
         let mut m = mac(key);
-        for part in context.iter().chain([&&[][..]]) {
+        for part in context.iter().chain([&extra]) {
             m.update(&(part.len() as u64).to_le_bytes());
             m.update(part);
         }
-        Self(m)
+        Self {
+            mac: m,
+            extra: extra.to_vec(),
+        }
     }
 
-    /// What [`sign`] makes of `value` with this key and context and no extra: `{value}.{tag}`.
+    /// What [`sign`] makes of `value` with this key, context and extra: `{value}.{extra and
+    /// tag}`.
     pub fn sign(&self, value: &[u8]) -> Vec<u8> {
-        let mut m = self.0.clone();
+        let mut m = self.mac.clone();
         m.update(&(value.len() as u64).to_le_bytes());
         m.update(value);
         let full = m.finalize().into_bytes();
-        let tag = URL_SAFE_NO_PAD.encode(&full[..SIGNED_TAG]);
-        let mut out = Vec::with_capacity(value.len() + 1 + tag.len());
+        let mut tail = Vec::with_capacity(self.extra.len() + SIGNED_TAG);
+        tail.extend_from_slice(&self.extra);
+        tail.extend_from_slice(&full[..SIGNED_TAG]);
+        let tail = URL_SAFE_NO_PAD.encode(&tail);
+        let mut out = Vec::with_capacity(value.len() + 1 + tail.len());
         out.extend_from_slice(value);
         out.push(b'.');
-        out.extend_from_slice(tag.as_bytes());
+        out.extend_from_slice(tail.as_bytes());
         out
     }
 }
@@ -431,13 +441,21 @@ mod tests {
     fn a_signer_signs_as_sign_does() {
         let key = new_key();
         let context: [&[u8]; 3] = [b"event", b"up", b"acme"];
-        let signer = Signer::new(&key, &context);
+        let signer = Signer::new(&key, &context, &[]);
+        let with_extra = Signer::new(&key, &context, b"12345678");
         for value in [&b"1_0"[..], b"", b"a.b.c", "é".as_bytes()] {
             let signed = signer.sign(value);
             assert_eq!(signed, sign(&key, &context, &[], value));
             assert_eq!(verify::<0>(&key, &context, &signed), Some((value, [])));
             let other: [&[u8]; 3] = [b"event", b"up", b"beta"];
             assert_eq!(verify::<0>(&key, &other, &signed), None);
+            let signed = with_extra.sign(value);
+            assert_eq!(signed, sign(&key, &context, b"12345678", value));
+            assert_eq!(
+                verify::<8>(&key, &context, &signed),
+                Some((value, *b"12345678"))
+            );
+            assert_eq!(verify::<0>(&key, &context, &signed), None);
         }
     }
 

@@ -328,12 +328,21 @@ impl PyServer {
         Self::spawn_in(Some(ns), port, flags)
     }
 
+    /// Another server of tests/fixtures (`script`), on `port`, with its arguments.
+    pub fn script_on(script: &str, port: u16, args: &[&str]) -> Self {
+        Self::spawn_script(script, None, port, args)
+    }
+
     fn spawn_in(ns: Option<&str>, port: u16, flags: &[&str]) -> Self {
+        Self::spawn_script("mcp_server.py", ns, port, flags)
+    }
+
+    fn spawn_script(script: &str, ns: Option<&str>, port: u16, flags: &[&str]) -> Self {
         let mut cmd = Command::new(python());
         if let Some(ns) = ns {
             crate::netns::enter_before_exec(&mut cmd, ns);
         }
-        cmd.arg(root().join("tests/fixtures/mcp_server.py"))
+        cmd.arg(root().join("tests/fixtures").join(script))
             .arg(port.to_string())
             .args(flags);
         let child = cmd

@@ -239,6 +239,25 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// [`event_data`], borrowed when the event has one data line (a large answer's, as servers
+/// write them).
+fn data_of(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
+    for line in lines(event) {
+        if let Some(d) = field(line, b"data") {
+            match &mut data {
+                None => data = Some(d.into()),
+                Some(joined) => {
+                    let joined = joined.to_mut();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(d);
+                }
+            }
+        }
+    }
+    data
+}
+
 /// Whether a federation member's JSON answer answers request `id` and nothing else: one
 /// response whose id is `id` (or null, for an error: it names no other request), with none of
 /// JSON-RPC's keys (`jsonrpc`, `id`, `method`, `result`, `error`) given twice. The body is relayed as it came, and parsers read a repeated
@@ -268,6 +287,118 @@ pub fn events_answer(events: &[u8], id: &Value) -> bool {
         .filter_map(event_data)
         .filter_map(|data| serde_json::from_slice::<Top>(&data).ok())
         .any(|top| !top.method && !top.repeated && top.id.as_ref() == Some(id))
+}
+
+/// Which JSON-RPC responses an event stream may carry to the client. Clients match a response
+/// to their request by id, on whatever stream it comes (the SDKs' clients open the session's GET
+/// stream themselves and read it beside every POST), so a response on a stream that does not
+/// answer that request would be taken as the answer to another one: a `tools/list` the
+/// gateway filtered and pinned, answered unfiltered and unpinned on the GET stream (an
+/// attacker's review: a changed tool definition reached the client, and called, with nothing
+/// held for approval; a tool denied to the tenant was listed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answers {
+    /// The response to one request, by its id's [`digest`].
+    Only([u8; 8]),
+    /// None: the session's own GET stream (MCP: a response goes on it only to resume a
+    /// request's stream), and the stream of a message that is not a request.
+    Nothing,
+    /// Not checked: a batch's stream (it answers many ids), and a resume from an event id
+    /// signed before event ids said which request their stream answers.
+    Any,
+}
+
+impl Answers {
+    /// For the stream of a request with id `id` (`None`: not a request).
+    pub fn to(id: Option<&Value>) -> Self {
+        id.map_or(Self::Nothing, |id| Self::Only(digest(id)))
+    }
+
+    /// What an event id carries of it, signed ([`super::proxy::event_signer`]).
+    pub fn mark(self) -> [u8; 8] {
+        match self {
+            Self::Only(d) => d,
+            Self::Nothing => NOTHING,
+            Self::Any => ANY,
+        }
+    }
+
+    /// The rule a signed event id's mark ([`Answers::mark`]) stands for.
+    pub fn of_mark(mark: [u8; 8]) -> Self {
+        match mark {
+            NOTHING => Self::Nothing,
+            ANY => Self::Any,
+            d => Self::Only(d),
+        }
+    }
+
+    /// Whether a message a client reads as `top` may reach it on this stream.
+    fn allows(self, top: &Top) -> bool {
+        let response = !top.method && top.id.as_ref().is_some_and(|id| !id.is_null());
+        match self {
+            Self::Any => true,
+            _ if top.repeated => false,
+            _ if !response => true,
+            Self::Nothing => false,
+            Self::Only(d) => top.id.as_ref().is_some_and(|id| digest(id) == d),
+        }
+    }
+}
+
+/// The marks of [`Answers::Nothing`] and [`Answers::Any`], which no digest is.
+const NOTHING: [u8; 8] = [0; 8];
+const ANY: [u8; 8] = [0xff; 8];
+
+/// The first 8 bytes of the SHA-256 of an id as JSON (as parsed: `1` and `1.0` differ, as they
+/// do to a client).
+fn digest(id: &Value) -> [u8; 8] {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(json_text(id));
+    let mut d = [0; 8];
+    d.copy_from_slice(&hash[..8]);
+    if d == NOTHING || d == ANY {
+        d[0] ^= 1;
+    }
+    d
+}
+
+fn json_text(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Whether an event's data may reach the client under `answers`: data that is not JSON a
+/// client could read as a message passes (nothing is answered by it); an object or array is
+/// read as [`Top`] reads a message, and one it cannot read is held to be a stray (a client's
+/// parser may read it).
+fn event_allowed(event: &[u8], answers: Answers) -> bool {
+    let Some(data) = data_of(event) else {
+        return true;
+    };
+    let json = data.trim_ascii_start();
+    match json.first() {
+        Some(b'{') => serde_json::from_slice::<Top>(json).is_ok_and(|top| answers.allows(&top)),
+        Some(b'[') => serde_json::from_slice::<Vec<Top>>(json)
+            .is_ok_and(|all| all.iter().all(|top| answers.allows(top))),
+        _ => true,
+    }
+}
+
+/// `events` (whole SSE events) without those whose data answers what `answers` does not allow
+/// ([`Answers`]), each dropped one logged; as they came when none is.
+pub fn without_strays(events: Vec<u8>, answers: Answers) -> Vec<u8> {
+    if answers == Answers::Any || sse::split(&events).all(|e| event_allowed(e, answers)) {
+        return events;
+    }
+    let mut out = Vec::with_capacity(events.len());
+    for event in sse::split(&events) {
+        if event_allowed(event, answers) {
+            out.extend_from_slice(event);
+            out.extend_from_slice(b"\n\n");
+        } else {
+            crate::throttled_warn!("event dropped: a response to no request this stream answers");
+        }
+    }
+    out
 }
 
 /// Whether [`answers_only`] can read a body at all: a JSON object, within serde_json's depth,
@@ -468,10 +599,10 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 /// (a lone surrogate serde refuses and `JSON.parse` reads, a batch), or a field holding a byte
 /// order mark or a character some clients end lines at (Python's `splitlines`: VT, FF,
 /// U+001C–U+001E, U+0085, U+2028, U+2029). Those three in data, valid JSON in a string, are
-/// written escaped. On the stream of a request (`answers`: its id), a response to any other id
-/// is dropped too: clients match answers by id across streams, so a member could otherwise
-/// answer a request the client sent to another member.
-pub fn rewrite_events(member: &str, events: &[u8], answers: Option<&Value>) -> Vec<u8> {
+/// written escaped. A response `answers` does not allow is dropped too ([`Answers`]): clients
+/// match answers by id across streams, so a member could otherwise answer a request the client
+/// sent to another member, or one the gateway answers itself (a merged `tools/list`).
+pub fn rewrite_events(member: &str, events: &[u8], answers: Answers) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
     for event in sse::split(events) {
         if let Err(why) = rewrite_event(member, event, answers, &mut out) {
@@ -516,9 +647,14 @@ fn escape_separators(json: Vec<u8>) -> Vec<u8> {
 fn rewrite_event(
     member: &str,
     event: &[u8],
-    answers: Option<&Value>,
+    answers: Answers,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
+    // Read as a client reads it (a key given twice, spelled another way): the check below
+    // reads it as serde_json does, which takes the last of a key given twice.
+    if !event_allowed(event, answers) {
+        return Err("a response to no request this stream answers");
+    }
     let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
     for line in lines(event) {
         if line.is_empty() || line[0] == b':' {
@@ -558,12 +694,6 @@ fn rewrite_event(
         },
         None => None,
     };
-    if let (Some(v), Some(want)) = (&data, answers)
-        && v.get("method").is_none()
-        && v.get("id").is_some_and(|id| id != want)
-    {
-        return Err("a response to another request than this stream's");
-    }
     let mut changed = false;
     if let Some(v) = data.as_mut().filter(|v| v.get("method").is_some()) {
         if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
@@ -849,8 +979,8 @@ mod tests {
             "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"sampling/createMessage\"}\n\n",
             "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n",
         );
-        let out =
-            String::from_utf8(rewrite_events("m", events.as_bytes(), Some(&json!(7)))).unwrap();
+        let seven = Answers::to(Some(&json!(7)));
+        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), seven)).unwrap();
         // The progress, the member's own request (tagged) and the answer to 7 pass; the
         // answers to 8 and to "7" do not.
         assert_eq!(out.matches("data: ").count(), 3, "{out}");
@@ -861,9 +991,75 @@ mod tests {
             !out.contains(r#""tools""#) && !out.contains(r#""id":"7""#),
             "{out}"
         );
-        // Without a request (the session's own stream), answers are not judged.
-        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), None)).unwrap();
+        // Without a request (the session's own stream), no answer passes.
+        let out =
+            String::from_utf8(rewrite_events("m", events.as_bytes(), Answers::Nothing)).unwrap();
+        assert_eq!(out.matches("data: ").count(), 2, "{out}");
+        assert!(!out.contains("result"), "{out}");
+        // Unchecked (a batch's stream), all do.
+        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), Answers::Any)).unwrap();
         assert_eq!(out.matches("data: ").count(), 5, "{out}");
+    }
+
+    /// A passthrough stream carries only the responses it answers: a client matches answers
+    /// by id on any stream, so one on the session's GET stream (or another request's) would
+    /// answer a `tools/list` the gateway filtered and pinned (an attacker's review).
+    #[test]
+    fn a_stream_carries_no_response_to_a_request_it_does_not_answer() {
+        let events = concat!(
+            "id: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"result\":{\"tools\":[]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{},\"id\":8}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"i\\u0064\":8,\n",
+            "data: \"result\":{}}\n\n",
+            "data: [{\"jsonrpc\":\"2.0\",\"id\":8,\"result\":{}}]\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"ID\":7,\"result\":{}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"sampling/createMessage\"}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":1}}\n\n",
+            "data: not json\n\n",
+            ": comment\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n",
+        );
+        let kept = |answers| {
+            String::from_utf8(without_strays(events.as_bytes().to_vec(), answers)).unwrap()
+        };
+        // The stream of request 7: its answer passes, and none to 8 (nor one whose id a
+        // client may read as 8: given twice, escaped, in another case, in a batch).
+        let seven = kept(Answers::to(Some(&json!(7))));
+        assert_eq!(seven.matches("data: ").count(), 5, "{seven}");
+        for passes in [
+            "notifications/progress",
+            "sampling/createMessage",
+            r#""id":null"#,
+            "not json",
+            r#""ok":true"#,
+        ] {
+            assert!(seven.contains(passes), "{passes}: {seven}");
+        }
+        assert!(
+            !seven.contains(r#""id":8"#) && !seven.contains("u0064"),
+            "{seven}"
+        );
+        // The session's own stream: no response at all.
+        let own = kept(Answers::Nothing);
+        assert!(!own.contains(r#""ok":true"#), "{own}");
+        assert_eq!(own.matches("data: ").count(), 4, "{own}");
+        // Unchecked (a batch's stream): as it came, not copied.
+        let events = events.as_bytes().to_vec();
+        let at = events.as_ptr();
+        let out = without_strays(events, Answers::Any);
+        assert_eq!(out.as_ptr(), at);
+        // A stream with nothing to drop goes as it came.
+        let clean = b"data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{}}\r\n\r\n".to_vec();
+        let at = clean.as_ptr();
+        let out = without_strays(clean, Answers::to(Some(&json!(7))));
+        assert_eq!(out.as_ptr(), at);
+        // A resume carries its stream's rule in its event id: 7's mark reads back as 7's.
+        let mark = Answers::to(Some(&json!(7))).mark();
+        assert_eq!(Answers::of_mark(mark), Answers::to(Some(&json!(7))));
+        assert_ne!(Answers::of_mark(mark), Answers::to(Some(&json!("7"))));
+        assert_eq!(Answers::of_mark(Answers::Nothing.mark()), Answers::Nothing);
+        assert_eq!(Answers::of_mark(Answers::Any.mark()), Answers::Any);
     }
 
     #[test]
@@ -938,7 +1134,7 @@ id: 8\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"para
 data: {\"jsonrpc\":\"2.0\",\"id\":\"x.y\",\"method\":\"elicitation/create\"}\n\n\
 data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"requestId\":3}}\n\n\
 : comment\nretry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
-        let out = String::from_utf8(rewrite_events("py", events, None)).unwrap();
+        let out = String::from_utf8(rewrite_events("py", events, Answers::Any)).unwrap();
         let got: Vec<&str> = out.split("\n\n").collect();
         assert_eq!(
             got[0],
@@ -1005,7 +1201,8 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
             g = req("o.n.5"),
             h = "{\"jsonrpc\":\"2.0\",\"id\":\"h\",\"method\":\"m\",\"params\":{\"s\":\"\u{2028}data: x\u{2029}\u{85}\"}}",
         );
-        let out = String::from_utf8(rewrite_events("m", events.as_bytes(), None)).unwrap();
+        let out =
+            String::from_utf8(rewrite_events("m", events.as_bytes(), Answers::Nothing)).unwrap();
         let got: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(got.len(), 6, "{out}");
         for (event, id) in got
@@ -1025,13 +1222,14 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         // A stream's first event after a byte order mark is read (and tagged) as a client reads
         // it; after two, the second is part of a field's name for a client too: dropped.
         let first = format!("\u{feff}data: {}\n\n", req("q"));
-        let out = String::from_utf8(rewrite_events("m", first.as_bytes(), None)).unwrap();
+        let out =
+            String::from_utf8(rewrite_events("m", first.as_bytes(), Answers::Nothing)).unwrap();
         assert!(
             out.contains(r#""id":"m.s.q""#) && !out.contains('\u{feff}'),
             "{out}"
         );
         let two = format!("\u{feff}{first}");
-        assert_eq!(rewrite_events("m", two.as_bytes(), None), b"");
+        assert_eq!(rewrite_events("m", two.as_bytes(), Answers::Nothing), b"");
     }
 
     #[test]

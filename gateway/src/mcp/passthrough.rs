@@ -236,7 +236,10 @@ impl<'c, 'a> Pass<'c, 'a> {
         let resume = match self.req.header("last-event-id") {
             None => None,
             Some(signed) => match resumes_from(self.ctx, self.up, self.obs, signed, false) {
-                Some(own) => Some(own),
+                Some((own, answers)) => {
+                    self.obs.resumes.set(Some(answers));
+                    Some(own)
+                }
                 None => {
                     let err = RpcError::invalid_request(super::error::FOREIGN_EVENT_ID);
                     return write_error(io, self.req, &err).await;

@@ -50,6 +50,9 @@ pub(super) struct Obs<'a> {
     /// A resume's hold on the drain it took over (`relay::take_over`): given up as the
     /// call's answer passes on this request's stream (`relay::pump`).
     pub resumed: RefCell<Option<crate::shared::Resumed>>,
+    /// The responses a GET's stream may carry: those of the stream its `Last-Event-ID`
+    /// resumes (`resumes_from`); `None` for any other request.
+    pub resumes: Cell<Option<super::messages::Answers>>,
 }
 
 /// Whose an upstream failure is, as far as the upstream's shared breaker goes (its tool's
@@ -298,12 +301,15 @@ pub(super) fn client_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: 
 /// and replay whichever stream an id names: without this, a caller that knew or guessed
 /// another's event id read that caller's answers on its own session. A federation's member's
 /// ids (`member` true, already tagged with its name) are signed apart from the same
-/// upstream's on a passthrough route.
+/// upstream's on a passthrough route. Each id also carries, signed, which responses its stream
+/// may carry (`answers`: its request's), so that a resume from it carries those and no other
+/// ([`messages::Answers`]).
 pub(super) fn event_signer(
     ctx: &WorkerCtx,
     up: &Upstream,
     obs: &Obs<'_>,
     member: bool,
+    answers: super::messages::Answers,
 ) -> session::Signer {
     let d = obs.decision.borrow();
     let context = signed_for(
@@ -312,18 +318,19 @@ pub(super) fn event_signer(
         d.tenant.as_deref(),
         d.agent.as_deref(),
     );
-    session::Signer::new(&ctx.shared.session_key, &context)
+    session::Signer::new(&ctx.shared.session_key, &context, &answers.mark())
 }
 
-/// The event id behind a `Last-Event-ID` the gateway gave this caller ([`event_signer`]);
-/// `None` for any other.
+/// The event id behind a `Last-Event-ID` the gateway gave this caller ([`event_signer`]), and
+/// the responses the stream it resumes may carry; `None` for any other id. An id signed before
+/// ids carried that (a gateway upgraded under its client) resumes unchecked.
 pub(super) fn resumes_from<'a>(
     ctx: &WorkerCtx,
     up: &Upstream,
     obs: &Obs<'_>,
     signed: &'a [u8],
     member: bool,
-) -> Option<&'a str> {
+) -> Option<(&'a str, super::messages::Answers)> {
     let d = obs.decision.borrow();
     let context = signed_for(
         event_kind(member),
@@ -331,8 +338,15 @@ pub(super) fn resumes_from<'a>(
         d.tenant.as_deref(),
         d.agent.as_deref(),
     );
-    let (own, []) = session::verify::<0>(&ctx.shared.session_key, &context, signed)?;
-    std::str::from_utf8(own).ok()
+    let key = &ctx.shared.session_key;
+    let (own, answers) = match session::verify::<8>(key, &context, signed) {
+        Some((own, mark)) => (own, super::messages::Answers::of_mark(mark)),
+        None => (
+            session::verify::<0>(key, &context, signed)?.0,
+            super::messages::Answers::Any,
+        ),
+    };
+    Some((std::str::from_utf8(own).ok()?, answers))
 }
 
 fn event_kind(member: bool) -> &'static [u8] {

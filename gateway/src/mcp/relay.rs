@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::{
     Id, RpcError,
     answer::{AnswerScan, scan},
+    messages::Answers,
     proxy::{Blame, Obs, fail, is_hop_by_hop, is_upstream_private, sign_session},
     sse::EventBuffer,
     upstream::{Conn, ResponseHead, UpstreamFailure, open, unless_client_leaves},
@@ -145,16 +146,18 @@ pub(super) async fn relay(
     };
     // One event is held at most as large as a request body may be.
     let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
+    let answers = stream_answers(req, request_id.as_ref(), obs);
     let mut body = Body::new(
         kind,
         framing,
         head.is_sse(),
-        member.map(|m| (m, request_id.as_ref().map(Id::to_json))),
+        member,
         request_id.is_some(),
         max_event,
     );
+    body.answers = answers;
     if body.sse {
-        let ids = super::proxy::event_signer(ctx, up, obs, member.is_some());
+        let ids = super::proxy::event_signer(ctx, up, obs, member.is_some(), answers);
         body.ids = Some(Box::new(ids));
     }
     let holding = Holding::of(
@@ -262,6 +265,22 @@ pub(super) async fn relay(
         ctx.pool.checkin(up, conn);
     }
     body.framing != Framing::UntilClose && req.keep_alive
+}
+
+/// The responses an answer's event stream may carry ([`Answers`]): the request's; on a GET,
+/// those of the stream it resumes (none on the session's own stream); a batch's are not
+/// checked; a message that is not a request is answered by none.
+fn stream_answers(req: &Request, request_id: Option<&Id>, obs: &Obs<'_>) -> Answers {
+    if let Some(id) = request_id {
+        return Answers::to(Some(&id.to_json()));
+    }
+    if req.method == "GET" {
+        return obs.resumes.get().unwrap_or(Answers::Nothing);
+    }
+    if req.body.trim_ascii_start().first() == Some(&b'[') {
+        return Answers::Any;
+    }
+    Answers::Nothing
 }
 
 /// How the pieces after the head went.
@@ -833,9 +852,12 @@ struct Body<'m> {
     /// An event stream's bytes, held until each event is whole: an error event can always be
     /// appended cleanly, and a federation rewrites each.
     events: EventBuffer,
-    /// Inside a federation: the member, and the id of the request it answers (its events
-    /// answering another id are dropped: a member must not answer what was sent to another).
-    member: Option<(&'m str, Option<serde_json::Value>)>,
+    /// Inside a federation: the member.
+    member: Option<&'m str>,
+    /// The responses an event stream may carry: events with any other are dropped (a member
+    /// must not answer what was sent to another; no upstream may answer what the client sent
+    /// on another stream, see [`Answers`]).
+    answers: Answers,
     /// Whether the answer is classified (the answer to a request).
     classify: bool,
     scan: AnswerScan,
@@ -871,7 +893,7 @@ impl<'m> Body<'m> {
         kind: BodyKind,
         framing: Framing,
         sse: bool,
-        member: Option<(&'m str, Option<serde_json::Value>)>,
+        member: Option<&'m str>,
         classify: bool,
         max_event: usize,
     ) -> Self {
@@ -887,6 +909,7 @@ impl<'m> Body<'m> {
             sse,
             events: EventBuffer::new(max_event),
             member,
+            answers: Answers::Any,
             classify,
             scan: AnswerScan::default(),
             answer: Vec::new(),
@@ -1038,6 +1061,11 @@ impl<'m> Body<'m> {
     /// (`id`: the lines signing looks for), so events that set none go as they came, read
     /// once instead of searched for ids and then read.
     fn rewritten_and_read(&mut self, events: Vec<u8>) -> (Vec<u8>, super::messages::EventsRead) {
+        // A member's strays are dropped as its events are rewritten.
+        let events = match self.member {
+            None => super::messages::without_strays(events, self.answers),
+            Some(_) => events,
+        };
         if self.member.is_none() {
             let read = super::messages::read_events(&events);
             if !read.id || self.ids.is_none() {
@@ -1052,10 +1080,8 @@ impl<'m> Body<'m> {
     /// Events as the client gets them: a federation's member's rewritten, and their ids
     /// signed (an answer's last ones kept as they were, for a resume to name).
     fn rewritten(&mut self, events: Vec<u8>) -> Vec<u8> {
-        let events = match &self.member {
-            Some((name, answers)) => {
-                super::messages::rewrite_events(name, &events, answers.as_ref())
-            }
+        let events = match self.member {
+            Some(name) => super::messages::rewrite_events(name, &events, self.answers),
             None => events,
         };
         let Some(ids) = &self.ids else {

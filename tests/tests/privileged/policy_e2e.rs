@@ -923,6 +923,91 @@ fn list_2026(port: u16, path: &str) -> Vec<String> {
     names
 }
 
+/// The Python SDK's client, in the session era: lists the tools (after its GET stream had
+/// time to open) and calls `tool`; prints what it was given.
+const LIST_AND_CALL: &str = r#"
+import asyncio, json, sys
+from mcp import Client
+
+async def main():
+    async with Client(sys.argv[1], mode="legacy") as client:
+        await asyncio.sleep(0.5)
+        listed = await client.list_tools()
+        called = await client.call_tool(sys.argv[2], {"text": "hi"})
+        print(json.dumps({
+            "tools": {t.name: t.description for t in listed.tools},
+            "call": [getattr(c, "text", None) for c in called.content],
+        }))
+
+asyncio.run(main())
+"#;
+
+/// An upstream's response on the session's own GET stream never reaches the client: a client
+/// matches answers by id on any stream, so a `tools/list` answer pushed there (the review's
+/// "rug pull") was taken for the answer to the client's `tools/list`, which the gateway
+/// filtered and pinned on its POST. The client was shown a changed definition nothing held for
+/// approval, and a tool denied to its tenant, on passthrough and federation alike.
+#[test]
+fn a_response_on_the_sessions_own_stream_cannot_answer_a_filtered_and_pinned_list() {
+    let up_port = free_port();
+    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &[]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstray");
+    let config = format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/secret_tool"
+action = "deny"
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for (path, echo) in [("/mcp", "echo"), ("/fed", "p_echo")] {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let got = py_script(LIST_AND_CALL, &[&url, echo]);
+        let tools = got["tools"].as_object().unwrap();
+        assert_eq!(
+            tools.keys().collect::<Vec<_>>(),
+            [echo],
+            "{path}: the denied tool stays hidden: {got}"
+        );
+        assert_eq!(tools[echo], "Returns its input.", "{path}: {got}");
+        assert_eq!(got["call"], json!(["ran echo"]), "{path}: {got}");
+    }
+    // Nothing changed as far as the pins know: the upstream's lists were the same each time.
+    let pins = String::from_utf8_lossy(
+        &raw(
+            admin,
+            b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+        )
+        .0
+        .body,
+    )
+    .into_owned();
+    assert!(!pins.contains("First read"), "{pins}");
+    d.wait_for_log(
+        "a response to no request this stream answers",
+        std::time::Duration::from_secs(2),
+    );
+    d.stop();
+}
+
 #[test]
 fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it() {
     let up_port = free_port();

@@ -13,7 +13,7 @@ use crate::{
     mcp::{
         RpcError, error,
         held::describe,
-        messages::{rewrite_events, sign_event_ids},
+        messages::{Answers, rewrite_events, sign_event_ids},
         proxy::{event_signer, resumes_from},
         sse,
         upstream::{self, Conn, UpstreamFailure},
@@ -24,7 +24,7 @@ use crate::{
 impl<'c> Federation<'_, 'c> {
     /// The member (its upstream's name) and its own event id that a `Last-Event-ID` names, if
     /// the gateway gave it to this caller: `{member}.{id}`, signed ([`event_signer`]).
-    fn resumed(&self, signed: &str) -> Option<(String, String)> {
+    fn resumed(&self, signed: &str) -> Option<(String, String, Answers)> {
         let (tagged, _) = signed.rsplit_once('.')?;
         let (name, _) = tagged.split_once('.')?;
         let up = self
@@ -32,9 +32,9 @@ impl<'c> Federation<'_, 'c> {
             .iter()
             .map(|m| self.upstream(m))
             .find(|up| up.name == name)?;
-        let own = resumes_from(self.ctx, up, self.obs, signed.as_bytes(), true)?;
+        let (own, answers) = resumes_from(self.ctx, up, self.obs, signed.as_bytes(), true)?;
         let (name, id) = own.split_once('.')?;
-        Some((name.to_owned(), id.to_owned()))
+        Some((name.to_owned(), id.to_owned(), answers))
     }
 
     /// Session era GET: every member's server-to-client stream, merged into one. A
@@ -53,7 +53,7 @@ impl<'c> Federation<'_, 'c> {
         // A resume of a member's stream the gateway reads on for this caller takes it over
         // (`relay::drain`), held until the call's answer passes on that member's stream.
         let mut taken_over = match (&last, self.req.header("mcp-session-id")) {
-            (Some((name, id)), Some(session)) => {
+            (Some((name, id, _)), Some(session)) => {
                 let own = format!("{name}.{id}");
                 super::super::relay::take_over(self.ctx, name, session, own.as_bytes()).await
             }
@@ -70,8 +70,8 @@ impl<'c> Federation<'_, 'c> {
             let up = self.upstream(member);
             let last_id = last
                 .as_ref()
-                .filter(|(name, _)| *name == up.name)
-                .map(|(_, id)| id.as_str());
+                .filter(|(name, ..)| *name == up.name)
+                .map(|(_, id, _)| id.as_str());
             let request =
                 self.request_for(member, era, &Bytes::new(), &[("last-event-id", last_id)]);
             async move {
@@ -112,14 +112,16 @@ impl<'c> Federation<'_, 'c> {
                     streams += 1;
                     let (stop, stopped) = oneshot::channel::<()>();
                     stops.push(stop);
-                    let resumed = last
-                        .as_ref()
-                        .filter(|(name, _)| *name == up.name)
-                        .and_then(|_| taken_over.take());
+                    // The session's own stream answers nothing; a resumed request's stream,
+                    // that request.
+                    let resuming = last.as_ref().filter(|(name, ..)| *name == up.name);
+                    let answers = resuming.map_or(Answers::Nothing, |(.., answers)| *answers);
+                    let resumed = resuming.and_then(|_| taken_over.take());
                     monoio::spawn(pump(
                         resumed,
                         up.name.clone(),
-                        event_signer(self.ctx, up, self.obs, true),
+                        answers,
+                        event_signer(self.ctx, up, self.obs, true, answers),
                         conn,
                         kind,
                         up.stream_idle_timeout,
@@ -203,6 +205,7 @@ async fn pump(
     // stream's client leaves: the drain holds on to its deadline then).
     mut resumed: Option<crate::shared::Resumed>,
     name: String,
+    answers: Answers,
     ids: Signer,
     mut conn: Conn,
     kind: BodyKind,
@@ -246,9 +249,8 @@ async fn pump(
         piece.clear();
         match events.take_events() {
             Ok(Some(complete)) => {
-                // The session's own stream answers no request of this client's (responses on it
-                // are for a request stream being resumed, whose id is not known here).
-                let rewritten = rewrite_events(&name, &complete, None);
+                // Responses only to the request whose stream this resumes, if any.
+                let rewritten = rewrite_events(&name, &complete, answers);
                 // A resumed request stream: once its answer is on the client's stream, the
                 // drain it took over gives the call's slot back.
                 let answered = super::super::relay::answers_resume(resumed.as_ref(), &rewritten);
