@@ -10,6 +10,7 @@
 //! JSON object, or does not end, reads as a result, as a parser that gave up would. It labels
 //! metrics and breakers; what reaches the client is the upstream's bytes.
 
+use super::messages::Answers;
 use crate::stats::Outcome;
 
 /// The value the scan waits for.
@@ -22,10 +23,16 @@ enum Target {
     Result,
     /// The value of `result.isError`.
     IsError,
+    /// The value of the top-level `id` (any case of it).
+    Id,
 }
 
 /// Longest key compared (`isError`); longer keys are none of the three.
 const KEY: usize = 8;
+
+/// Longest id read, as written (an id a client numbered or named is short); a longer one is
+/// taken for another request's.
+const ID: usize = 256;
 
 /// A streaming classifier: [`AnswerScan::feed`] each piece, then [`AnswerScan::outcome`].
 #[derive(Debug)]
@@ -62,6 +69,14 @@ pub struct AnswerScan {
     /// The top level holds a `result`.
     result: bool,
     tool_error: bool,
+    /// Top-level keys that read as `id` in some client (in any case: Go's `encoding/json`
+    /// ignores it), and the last one's value as written, while and once it is read.
+    ids: u8,
+    id: Vec<u8>,
+    in_id: bool,
+    /// The id was not one [`AnswerScan::answers_another`] can compare: too long, or an object
+    /// or array.
+    id_odd: bool,
 }
 
 impl Default for AnswerScan {
@@ -88,6 +103,10 @@ impl Default for AnswerScan {
             error: false,
             result: false,
             tool_error: false,
+            ids: 0,
+            id: Vec::new(),
+            in_id: false,
+            id_odd: false,
         }
     }
 }
@@ -128,6 +147,38 @@ impl AnswerScan {
             && (self.result || self.error)
     }
 
+    /// Whether, as far as it came, the answer answers a request `answers` does not allow: its top level
+    /// names another id, or names one twice (parsers take the first or the last), or one it
+    /// cannot compare. Read before each piece goes out, so that such an answer never reaches
+    /// the client whole: a client matches an answer to its request by id, and one to another
+    /// pending request (a `tools/list` the gateway filtered) would be taken for its answer. No
+    /// id at all, and `null` (an error naming no request), answer no other request.
+    pub fn answers_another(&self, answers: Answers) -> bool {
+        if self.ids > 1 || self.id_odd {
+            return true;
+        }
+        if self.ids == 0 || self.in_id {
+            return false;
+        }
+        match serde_json::from_slice::<serde_json::Value>(&self.id) {
+            Ok(serde_json::Value::Null) => false,
+            Ok(given) => !answers.allows_id(&given),
+            Err(_) => true,
+        }
+    }
+
+    /// Bytes of the id's value as written.
+    fn id_bytes(&mut self, bytes: &[u8]) {
+        if !self.in_id || self.id_odd {
+            return;
+        }
+        if self.id.len() + bytes.len() > ID {
+            self.id_odd = true;
+            return;
+        }
+        self.id.extend_from_slice(bytes);
+    }
+
     fn in_object(&self) -> bool {
         self.depth > 0 && self.depth <= 64 && self.objects & (1 << (self.depth - 1)) != 0
     }
@@ -143,6 +194,10 @@ impl AnswerScan {
                 self.in_result = b == b'{' && self.depth == 1;
             }
             Target::IsError => self.tool_error = false,
+            Target::Id => {
+                self.id_odd |= matches!(b, b'{' | b'[');
+                self.id_bytes(&[b]);
+            }
             Target::None => {}
         }
         if matches!(b, b'{' | b'[' | b'"') {
@@ -155,6 +210,9 @@ impl AnswerScan {
     }
 
     fn end_literal(&mut self) {
+        if self.target == Target::Id {
+            self.in_id = false;
+        }
         if self.in_lit {
             let lit = &self.lit[..self.lit_len];
             match self.target {
@@ -173,6 +231,13 @@ impl AnswerScan {
             (_, true) => Target::None,
             (1, false) if key == b"error" => Target::Error,
             (1, false) if key == b"result" => Target::Result,
+            (1, false) if key.eq_ignore_ascii_case(b"id") => {
+                // Read until its value ends.
+                self.ids = self.ids.saturating_add(1);
+                self.id.clear();
+                self.in_id = true;
+                Target::Id
+            }
             (2, false) if self.in_result && key == b"isError" => Target::IsError,
             _ => Target::None,
         };
@@ -203,6 +268,7 @@ impl AnswerScan {
                 }
                 if self.escaped {
                     self.escaped = false;
+                    self.id_bytes(&[b'\\', bytes[0]]);
                     if self.in_key && !self.key_odd {
                         match bytes[0] {
                             b'u' => {
@@ -220,9 +286,11 @@ impl AnswerScan {
                 // Most of an answer is string contents: skipped in one search.
                 let Some(at) = memchr::memchr2(b'"', b'\\', bytes) else {
                     self.key_bytes(bytes);
+                    self.id_bytes(bytes);
                     return;
                 };
                 self.key_bytes(&bytes[..at]);
+                self.id_bytes(&bytes[..at]);
                 if bytes[at] == b'\\' {
                     self.escaped = true;
                 } else {
@@ -230,6 +298,9 @@ impl AnswerScan {
                     if self.in_key {
                         self.in_key = false;
                         self.end_key();
+                    } else if self.in_id {
+                        self.id_bytes(b"\"");
+                        self.in_id = false;
                     }
                 }
                 bytes = &bytes[at + 1..];
@@ -307,6 +378,9 @@ impl AnswerScan {
                         self.value_starts(b);
                     }
                     if self.in_lit {
+                        if self.lit_len > 0 {
+                            self.id_bytes(&[b]);
+                        }
                         if self.lit_len < self.lit.len() {
                             self.lit[self.lit_len] = b;
                         }

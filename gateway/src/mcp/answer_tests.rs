@@ -206,3 +206,75 @@ fn an_answer_is_an_object_with_a_result_or_an_error() {
         assert!(!scan(no.as_bytes()).is_answer(), "{no}");
     }
 }
+
+/// A large answer is relayed as it comes, read before each piece goes out: one whose top level
+/// names another id than its request's (or one twice, or one a client's parser reads as `id`)
+/// never reaches the client whole, at whatever byte its pieces are cut.
+#[test]
+fn an_answer_to_another_request_is_seen_before_it_ends() {
+    use serde_json::json;
+    let seven = Answers::to(Some(&json!(7)));
+    let named = Answers::to(Some(&json!("a\"b")));
+    let long = "x".repeat(300);
+    let cases: &[(&str, Answers, bool)] = &[
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{"id":8}}"#,
+            seven,
+            false,
+        ),
+        (r#"{"jsonrpc":"2.0","result":{},"id":7}"#, seven, false),
+        (r#"{ "id" : 7 , "result" : {} }"#, seven, false),
+        (
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":1}}"#,
+            seven,
+            false,
+        ),
+        (r#"{"jsonrpc":"2.0","result":{}}"#, seven, false),
+        (r#"{"jsonrpc":"2.0","id":"a\"b","result":{}}"#, named, false),
+        (
+            r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[]}}"#,
+            seven,
+            true,
+        ),
+        (r#"{"jsonrpc":"2.0","id":"7","result":{}}"#, seven, true),
+        (r#"{"jsonrpc":"2.0","id":7.0,"result":{}}"#, seven, true),
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"id":8}"#,
+            seven,
+            true,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"ID":7}"#,
+            seven,
+            true,
+        ),
+        (r#"{"jsonrpc":"2.0","Id":8,"result":{}}"#, seven, true),
+        (r#"{"jsonrpc":"2.0","i\u0064":8,"result":{}}"#, seven, true),
+        (r#"{"jsonrpc":"2.0","id":{"n":7},"result":{}}"#, seven, true),
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{}}"#,
+            Answers::Nothing,
+            true,
+        ),
+    ];
+    let long_id = format!(r#"{{"id":"{long}","result":{{}}}}"#);
+    let cases = cases
+        .iter()
+        .map(|(m, a, another)| ((*m).to_owned(), *a, *another))
+        .chain([(long_id, Answers::to(Some(&json!(long))), true)]);
+    for (message, answers, another) in cases {
+        let bytes = message.as_bytes();
+        for at in 0..=bytes.len() {
+            let mut s = AnswerScan::default();
+            s.feed(&bytes[..at]);
+            let early = s.answers_another(answers);
+            s.feed(&bytes[at..]);
+            assert_eq!(
+                s.answers_another(answers),
+                another,
+                "{message} split at {at}"
+            );
+            assert!(!early || another, "{message}: judged another at {at}");
+        }
+    }
+}

@@ -332,15 +332,23 @@ impl Answers {
         }
     }
 
+    /// Whether a response with id `id` (not `null`) may reach the client.
+    pub fn allows_id(self, id: &Value) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Nothing => false,
+            Self::Only(d) => digest(id) == d,
+        }
+    }
+
     /// Whether a message a client reads as `top` may reach it on this stream.
     fn allows(self, top: &Top) -> bool {
         let response = !top.method && top.id.as_ref().is_some_and(|id| !id.is_null());
-        match self {
-            Self::Any => true,
+        match (self, &top.id) {
+            (Self::Any, _) => true,
             _ if top.repeated => false,
-            _ if !response => true,
-            Self::Nothing => false,
-            Self::Only(d) => top.id.as_ref().is_some_and(|id| digest(id) == d),
+            (_, Some(id)) if response => self.allows_id(id),
+            _ => true,
         }
     }
 }

@@ -88,6 +88,9 @@ fn failed(obs: &Obs<'_>, why: &str) {
     }
 }
 
+/// Why an answer that answers another request than the one sent to it fails.
+const ANOTHER_REQUEST: &str = "answered another request than the one sent to it";
+
 /// The room a large answer's body is read into, a piece at a time.
 const RELAY_READ: usize = 128 * 1024;
 
@@ -169,6 +172,7 @@ pub(super) async fn relay(
         max_event,
     );
     let hold_max = holding.max;
+    let head_len = out.len();
     if let Err(why) = body.first_piece(&mut conn, &mut out, hold_max) {
         failed(obs, why);
         return unwritten_failure(client, req, up, request_id, why).await;
@@ -179,9 +183,15 @@ pub(super) async fn relay(
     {
         conn.expect(body.remaining.min(RELAY_READ));
     }
-    // The head waits with a held answer.
+    // The head waits with a held answer, and with a JSON answer to a request whose body has
+    // not begun: it goes out with the body's first piece, once that was read for the id it
+    // answers (`Body::observe`). One that answers another request is then refused whole, a
+    // JSON-RPC error the client reads, rather than cut after its head (the Python SDK's client
+    // ends its whole session on a body cut short).
+    let head_waits = body.classify && !body.sse && out.len() == head_len;
     let mut unwritten = Some(out);
     if body.whole.is_none()
+        && !head_waits
         && let Some(out) = unwritten.take()
         && client.write_all(out).await.is_err()
     {
@@ -197,6 +207,7 @@ pub(super) async fn relay(
         &mut body,
         kind,
         hold_max,
+        &mut unwritten,
         obs,
         ctx,
         request_id.as_ref(),
@@ -237,11 +248,11 @@ pub(super) async fn relay(
         }
         return Box::pin(body.failed(client, up, request_id, why)).await && req.keep_alive;
     }
-    if let Some(mut out) = unwritten
-        && let Some(whole) = body.whole.take()
-    {
-        body.observe_whole(&whole);
-        body.push_framed(&mut out, &whole);
+    if let Some(mut out) = unwritten {
+        if let Some(whole) = body.whole.take() {
+            body.observe_whole(&whole);
+            body.push_framed(&mut out, &whole);
+        }
         if client.write_all(out).await.is_err() {
             return false;
         }
@@ -319,6 +330,8 @@ async fn pump<'s>(
     body: &mut Body<'_>,
     kind: BodyKind,
     hold_max: usize,
+    // The head, when it waits for the body's first piece (see `relay`).
+    head: &mut Option<Vec<u8>>,
     obs: &Obs<'_>,
     ctx: &'s WorkerCtx,
     request_id: Option<&Id>,
@@ -436,7 +449,14 @@ async fn pump<'s>(
             }
             conn.recycle(data);
         } else if !data.is_empty() {
-            body.observe(&data);
+            if let Err(why) = body.observe(&data) {
+                break Err(why);
+            }
+            if let Some(head) = head.take()
+                && client.write_all(head).await.is_err()
+            {
+                return Pumped::GONE;
+            }
             // A chunk goes out by a vectored write: a large piece is not copied behind its
             // size line.
             let (written, back) = if body.framing == Framing::Chunked {
@@ -593,7 +613,7 @@ impl Holding {
         match whole {
             Some(whole) if self.checked && !super::messages::answers_only(whole, request_id) => {
                 Err(if super::messages::readable(whole) {
-                    "answered another request than the one sent to it"
+                    ANOTHER_REQUEST
                 } else {
                     UNREADABLE
                 })
@@ -936,7 +956,7 @@ impl<'m> Body<'m> {
         if self.whole.is_some() {
             self.hold(&first, hold_max)
         } else {
-            self.observe(&first);
+            self.observe(&first)?;
             self.push_framed(out, &first);
             Ok(())
         }
@@ -1105,10 +1125,20 @@ impl<'m> Body<'m> {
     /// Notes what passes, for the answer's outcome: a body is scanned as it passes (an event
     /// stream's answer is its last event with data, noted as events are taken out; one over
     /// [`CLASSIFY_MAX`] is not kept: the answer is then not known to be an error).
-    fn observe(&mut self, data: &[u8]) {
+    ///
+    /// An answer whose top level, as far as it came, answers another request than the one
+    /// sent ([`AnswerScan::answers_another`]) fails before `data` goes out: a client matches
+    /// answers by id, and would take it for the answer to another of its requests (one the
+    /// gateway answers itself, a filtered `tools/list`). A small answer is held whole and
+    /// judged so too (`Holding`); this is the large one's, relayed as it comes.
+    fn observe(&mut self, data: &[u8]) -> Result<(), &'static str> {
         if self.classify && !self.sse && !data.is_empty() {
             self.scan.feed(data);
+            if self.scan.answers_another(self.answers) {
+                return Err(ANOTHER_REQUEST);
+            }
         }
+        Ok(())
     }
 
     /// [`Body::observe`] of an answer held whole, after a search for what each key the scan
@@ -1122,7 +1152,8 @@ impl<'m> Body<'m> {
         if KEY_END.find(whole).is_some()
             || memchr::memchr_iter(b'\\', whole).any(|i| whole.get(i + 1) == Some(&b'u'))
         {
-            self.observe(whole);
+            // Judged whole by `Holding::judge`.
+            let _ = self.observe(whole);
         }
     }
 

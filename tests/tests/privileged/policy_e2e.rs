@@ -942,6 +942,77 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// The Python SDK's client, in the session era: asks for the tools and, while that is pending,
+/// calls `tool`; prints the list it was given and what became of the call.
+const LIST_BESIDE_A_CALL: &str = r#"
+import asyncio, json, sys
+from mcp import Client
+
+async def main():
+    async with Client(sys.argv[1], mode="legacy") as client:
+        listing = asyncio.create_task(client.list_tools())
+        await asyncio.sleep(0.2)
+        try:
+            called = await asyncio.wait_for(client.call_tool(sys.argv[2], {"text": "hi"}), 3)
+            call = [getattr(c, "text", None) for c in called.content]
+        except BaseException as e:
+            call = type(e).__name__
+        listed = await asyncio.wait_for(listing, 10)
+        print(json.dumps({
+            "tools": {t.name: t.description[:100] for t in listed.tools},
+            "call": call,
+        }))
+
+asyncio.run(main())
+"#;
+
+/// A large JSON answer (relayed as it comes, not held whole) that answers another request than
+/// the one sent: a `tools/call` answered with the id of the client's pending `tools/list` and
+/// a changed list. It is cut before its end; the client's list is the one the gateway filtered
+/// and pinned.
+#[test]
+fn a_large_answer_to_another_request_never_reaches_the_client_whole() {
+    let up_port = free_port();
+    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &["json"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstray");
+    let config = format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/secret_tool"
+action = "deny"
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let got = py_script(
+        LIST_BESIDE_A_CALL,
+        &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
+    );
+    let tools = got["tools"].as_object().unwrap();
+    assert_eq!(tools.keys().collect::<Vec<_>>(), ["echo"], "{got}");
+    assert_eq!(tools["echo"], "Returns its input.", "{got}");
+    assert!(!got["call"].is_array(), "the call got no answer: {got}");
+    d.wait_for_log(
+        "answered another request than the one sent to it",
+        std::time::Duration::from_secs(2),
+    );
+    d.stop();
+}
+
 /// An upstream's response on the session's own GET stream never reaches the client: a client
 /// matches answers by id on any stream, so a `tools/list` answer pushed there (the review's
 /// "rug pull") was taken for the answer to the client's `tools/list`, which the gateway
