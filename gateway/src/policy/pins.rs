@@ -116,8 +116,13 @@ pub fn legacy_digest(tool: &Value) -> String {
 }
 
 /// Why a call of a pinned tool cannot go through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unpinned {
+    /// A tool not pinned whose name reads as this pinned tool's of the same upstream.
+    LooksLike(String),
+    /// A tool not pinned whose name holds a character a reader does not see, or does not see
+    /// as itself (see [`hides_characters`]).
+    HiddenCharacter,
     /// Its definition changed and awaits an operator's approval.
     Changed,
     /// The configuration pins it, and no listing since has shown that definition.
@@ -134,6 +139,17 @@ pub enum NotApproved {
     /// The definition awaiting approval is another than the one named (it changed again since
     /// the operator read it): its digest.
     Other(String),
+}
+
+/// Why a new name is not pinned, for the log.
+fn describe(why: &Unpinned) -> String {
+    match why {
+        Unpinned::LooksLike(pinned) => format!("its name reads as pinned tool `{pinned}`"),
+        Unpinned::HiddenCharacter => {
+            "its name holds a character a reader does not see as itself".to_owned()
+        }
+        _ => String::new(),
+    }
 }
 
 /// Tools pinned per upstream at most.
@@ -189,11 +205,56 @@ fn weight(pin: &Pin) -> usize {
 #[derive(Debug, Default)]
 pub struct Pins {
     map: papaya::HashMap<String, Arc<Pin>>,
+    /// The pinned tool's name by upstream and the name's skeleton (UTS #39: what it looks
+    /// like), for a new name that would read as a pinned one ([`Pins::looks_like`]).
+    looks: papaya::HashMap<String, String>,
     /// By upstream: its pins and their bytes.
     shares: papaya::HashMap<String, Arc<Share>>,
 }
 
+/// Whether a tool's name holds a character a reader of a listing does not see, or does not see
+/// as itself: one outside ASCII that UTS #39's identifier profile does not allow (a zero-width
+/// or other default-ignorable character, a control or format character, a compatibility form
+/// such as a fullwidth letter), an ASCII control, or a space at either end or next to another.
+/// An upstream listed `echo` and `echo\u{200b}` (an attacker's review): the second, with its
+/// own description, was shown and callable, pinned by first sight.
+pub fn hides_characters(name: &str) -> bool {
+    use unicode_security::GeneralSecurityProfile as _;
+    name.starts_with(' ')
+        || name.ends_with(' ')
+        || name.contains("  ")
+        || name
+            .chars()
+            .any(|c| !(c.is_ascii_graphic() || c == ' ' || !c.is_ascii() && c.identifier_allowed()))
+}
+
+/// The key of a name in [`Pins::looks`]: its upstream and its skeleton.
+fn looks_key(upstream: &str, name: &str) -> String {
+    let mut key = format!("{upstream}\0");
+    key.extend(unicode_security::skeleton(name));
+    key
+}
+
 impl Pins {
+    /// The pinned tool of `upstream`, other than `name`, whose name reads as `name` (the same
+    /// skeleton: `еcho` with a Cyrillic `е` reads as `echo`, `rn` as `m`).
+    pub fn looks_like(&self, upstream: &str, name: &str) -> Option<String> {
+        self.looks
+            .pin()
+            .get(&looks_key(upstream, name))
+            .filter(|pinned| *pinned != name)
+            .cloned()
+    }
+
+    /// Notes the look of a pinned tool's name (the first name pinned with a look keeps it).
+    fn note_look(&self, key: &str) {
+        if let Some((upstream, name)) = key.split_once('/') {
+            self.looks
+                .pin()
+                .get_or_insert(looks_key(upstream, name), name.to_owned());
+        }
+    }
+
     fn share(&self, upstream: &str) -> Arc<Share> {
         Arc::clone(
             self.shares
@@ -237,6 +298,9 @@ impl Pins {
             papaya::Compute::Aborted(()) => Err(Refused::Raced),
             _ => {
                 share.count(expected.map(|p| &**p), &pin);
+                if expected.is_none() {
+                    self.note_look(key);
+                }
                 Ok(())
             }
         }
@@ -249,6 +313,18 @@ impl Pins {
             return false;
         };
         let key = format!("{upstream}/{name}");
+        // A new name that reads as another, or hides what it is, is not pinned by first sight.
+        if self.map.pin().get(&key).is_none()
+            && let Err(why) = self.named_plainly(upstream, name)
+        {
+            crate::throttled_warn!(
+                upstream,
+                tool = %name.escape_default(),
+                "a listed tool is hidden and refused: {}",
+                describe(&why)
+            );
+            return false;
+        }
         let seen = Seen::new(tool);
         // Another worker's change of the same pin between the look and the put: looked at
         // again (a few times; then hidden, which fails closed).
@@ -336,7 +412,8 @@ impl Pins {
     /// has shown the definition that digest names: a client that never lists would otherwise
     /// call a tool whose definition nobody checked. A tool pinned only by first sight is
     /// callable before it is listed (its first listing is what pins it), unless its upstream's
-    /// share is full (its listing could not pin it).
+    /// share is full, or its name hides a character or reads as a pinned tool's (its listing
+    /// could not pin it).
     pub fn callable(
         &self,
         upstream: &str,
@@ -346,10 +423,14 @@ impl Pins {
         let map = self.map.pin();
         match map.get(&format!("{upstream}/{tool}")) {
             None if configured.is_some() => Err(Unpinned::NotSeen),
-            None if self.shares.pin().get(upstream).is_some_and(|s| s.full()) => {
-                Err(Unpinned::NoRoom)
+            None => {
+                self.named_plainly(upstream, tool)?;
+                if self.shares.pin().get(upstream).is_some_and(|s| s.full()) {
+                    Err(Unpinned::NoRoom)
+                } else {
+                    Ok(())
+                }
             }
-            None => Ok(()),
             Some(p) if p.pending.is_some() => Err(Unpinned::Changed),
             Some(p)
                 if configured.is_some()
@@ -359,6 +440,18 @@ impl Pins {
                 Err(Unpinned::NotSeen)
             }
             Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether a tool not pinned, `name` at `upstream`, may be pinned by first sight: not when
+    /// its name hides a character, nor when it reads as a pinned tool's.
+    fn named_plainly(&self, upstream: &str, name: &str) -> Result<(), Unpinned> {
+        if hides_characters(name) {
+            return Err(Unpinned::HiddenCharacter);
+        }
+        match self.looks_like(upstream, name) {
+            Some(pinned) => Err(Unpinned::LooksLike(pinned)),
+            None => Ok(()),
         }
     }
 
@@ -418,6 +511,7 @@ impl Pins {
         let map = self.map.pin();
         let old = map.insert(key.clone(), Arc::clone(&pin)).cloned();
         self.share_of(&key).count(old.as_deref(), &pin);
+        self.note_look(&key);
         pin
     }
 
@@ -726,5 +820,61 @@ mod tests {
                 .unwrap();
         assert_eq!(digest(&a), digest(&b));
         assert_eq!(digest(&a).len(), 64);
+    }
+
+    /// A new tool whose name hides a character, or reads as a pinned tool's, is not pinned by
+    /// first sight: hidden, and its calls refused (an attacker's review: `echo\u{200b}` beside
+    /// a pinned `echo`, with its own description, was shown and called). Names of any script
+    /// that hide nothing are pinned as before, and so is a lookalike's original.
+    #[test]
+    fn a_name_that_hides_a_character_or_reads_as_a_pinned_one_is_not_pinned_by_first_sight() {
+        let named = |name: &str| json!({"name": name, "description": "d", "inputSchema": {}});
+        let pins = Pins::default();
+        assert!(pins.observe("u", &named("echo"), None));
+        assert!(pins.observe("u", &named("file"), None));
+        for hidden in [
+            "echo\u{200b}",
+            "\u{200b}echo",
+            "echo ",
+            " echo",
+            "ec  ho",
+            "Ｅcho",
+            "ec\u{00ad}ho",
+            "ec\u{202e}ho",
+        ] {
+            assert!(!pins.observe("u", &named(hidden), None), "{hidden:?}");
+            assert_eq!(
+                pins.callable("u", hidden, None),
+                Err(Unpinned::HiddenCharacter),
+                "{hidden:?}"
+            );
+        }
+        // A Cyrillic `е`, and a `1` for an `l`.
+        for (lookalike, pinned) in [("\u{435}cho", "echo"), ("fi1e", "file")] {
+            assert!(!pins.observe("u", &named(lookalike), None), "{lookalike}");
+            assert_eq!(
+                pins.callable("u", lookalike, None),
+                Err(Unpinned::LooksLike(pinned.to_owned()))
+            );
+        }
+        // Another upstream's names are its own; the original is listed and called as before.
+        assert!(pins.observe("v", &named("\u{435}cho"), None));
+        assert!(pins.observe("u", &named("echo"), None));
+        assert!(pins.callable("u", "echo", None).is_ok());
+        for plain in ["get weather", "天气", "café", "a.b-c_d/e:f"] {
+            assert!(pins.observe("u", &named(plain), None), "{plain}");
+        }
+        // A pin the state store kept is known by its look too.
+        let restored = Pins::default();
+        let pin = pins
+            .snapshot()
+            .into_iter()
+            .find(|(k, _)| k == "u/echo")
+            .unwrap();
+        restored.restore(pin.0, (*pin.1).clone());
+        assert_eq!(
+            restored.callable("u", "\u{435}cho", None),
+            Err(Unpinned::LooksLike("echo".to_owned()))
+        );
     }
 }

@@ -923,6 +923,97 @@ fn list_2026(port: u16, path: &str) -> Vec<String> {
     names
 }
 
+/// The Python SDK's client, in the session era: lists the tools, then calls each tool named
+/// after the URL; prints the names listed and what each call answered (its text or error).
+const LIST_AND_CALL_EACH: &str = r#"
+import asyncio, json, sys
+from mcp import Client
+
+async def main():
+    async with Client(sys.argv[1], mode="legacy") as client:
+        listed = await client.list_tools()
+        calls = {}
+        for name in sys.argv[2:]:
+            try:
+                r = await client.call_tool(name, {"text": "hi"})
+                calls[name] = [getattr(c, "text", None) for c in r.content]
+            except Exception as e:
+                calls[name] = str(e)
+        print(json.dumps({"tools": sorted(t.name for t in listed.tools), "calls": calls}))
+
+asyncio.run(main())
+"#;
+
+/// A tool whose name reads as a pinned tool's (a Cyrillic `е` in `echo`), or hides a
+/// character (`echo` and a zero-width space), is not pinned by first sight: hidden from the
+/// list and its calls refused, on passthrough and federation. An attacker's review: the
+/// upstream listed `echo\u{200b}` beside a pinned `echo`, with its own description, and it
+/// was shown and called.
+#[test]
+fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
+    let up_port = free_port();
+    let upstream = PyServer::start_on(up_port, &[]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwlook");
+    let config = format!(
+        r#"
+{header}[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    assert!(
+        list_2026(port, "/mcp").contains(&"echo".to_owned()),
+        "pinned"
+    );
+    drop(upstream);
+    let _upstream = PyServer::start_on(up_port, &["--lookalike-echo"]);
+    for (path, prefix) in [("/mcp", ""), ("/fed", "p_")] {
+        let hidden = format!("{prefix}echo\u{200b}");
+        let cyrillic = format!("{prefix}\u{435}cho");
+        let echo = format!("{prefix}echo");
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let got = py_script(LIST_AND_CALL_EACH, &[&url, &hidden, &cyrillic, &echo]);
+        let tools: Vec<&str> = got["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(tools.contains(&echo.as_str()), "{path}: {got}");
+        assert!(
+            !tools.contains(&hidden.as_str()) && !tools.contains(&cyrillic.as_str()),
+            "{path}: {got}"
+        );
+        let calls = &got["calls"];
+        assert!(
+            calls[&hidden]
+                .as_str()
+                .is_some_and(|e| e.contains("a character a reader does not see as itself")),
+            "{path}: {got}"
+        );
+        assert!(
+            calls[&cyrillic]
+                .as_str()
+                .is_some_and(|e| e.contains("reads as pinned tool `echo`")),
+            "{path}: {got}"
+        );
+        assert_eq!(calls[&echo], json!(["hi"]), "{path}: {got}");
+    }
+    d.stop();
+}
+
 /// The Python SDK's client, in the session era: lists the tools (after its GET stream had
 /// time to open) and calls `tool`; prints what it was given.
 const LIST_AND_CALL: &str = r#"
