@@ -767,7 +767,7 @@ impl Shared {
             Some(a) => crate::policy::audit::AccessLog::start_bounded(
                 std::path::Path::new(&a.path),
                 "access",
-                Some(a.unidentified_per_second),
+                Some(a.anonymous_refusals_per_second),
             )
             .unwrap_or_else(|e| {
                 tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);

@@ -183,7 +183,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     if access.enabled() {
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_access_log_dropped_total Access-log lines not written: the writer fell behind (queue_full), or over the bound for requests answered before a caller was identified (unidentified)."
+            "# HELP mcp_gateway_access_log_dropped_total Access-log lines not written: the writer fell behind (queue_full), or over the bound for errors the gateway answered to callers no credential named (anonymous_refusal)."
         );
         let _ = writeln!(out, "# TYPE mcp_gateway_access_log_dropped_total counter");
         let _ = writeln!(
@@ -193,7 +193,7 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         );
         let _ = writeln!(
             out,
-            "mcp_gateway_access_log_dropped_total{{reason=\"unidentified\"}} {}",
+            "mcp_gateway_access_log_dropped_total{{reason=\"anonymous_refusal\"}} {}",
             access.suppressed()
         );
     }

@@ -196,16 +196,18 @@ pub struct RawAccessLog {
     /// The fields of each line, in this order; all of them when not given.
     #[serde(default = "AccessField::all")]
     pub fields: Vec<AccessField>,
-    /// Lines a second, over all workers, for requests answered before a caller was identified
-    /// (a 401, an unknown route or method, a malformed request head): anyone can send those as
-    /// fast as the network takes them. The rest are counted, in a line a second
+    /// Lines a second, over all workers, for errors the gateway answered itself (no upstream
+    /// answered) to callers no credential named: a 401, an unknown route or method, a body that
+    /// does not parse, from anyone, the default tenant's callers included. Anyone can send those
+    /// as fast as the network takes them. The rest are counted, in a line a second
     /// (`{"ts", "suppressed", "reason"}`) and in
-    /// `mcp_gateway_access_log_dropped_total{reason="unidentified"}`. Read at start.
-    #[serde(default = "default_unidentified_per_second")]
-    pub unidentified_per_second: u32,
+    /// `mcp_gateway_access_log_dropped_total{reason="anonymous_refusal"}`. Callers a key, a
+    /// token or a certificate names get every line. Read at start.
+    #[serde(default = "default_anonymous_refusals_per_second")]
+    pub anonymous_refusals_per_second: u32,
 }
 
-const fn default_unidentified_per_second() -> u32 {
+const fn default_anonymous_refusals_per_second() -> u32 {
     100
 }
 

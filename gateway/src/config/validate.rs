@@ -301,9 +301,9 @@ impl RawTelemetry {
                     if a.fields.is_empty() {
                         return Err(invalid("telemetry.access_log.fields", "names no field"));
                     }
-                    if a.unidentified_per_second == 0 {
+                    if a.anonymous_refusals_per_second == 0 {
                         return Err(invalid(
-                            "telemetry.access_log.unidentified_per_second",
+                            "telemetry.access_log.anonymous_refusals_per_second",
                             "must be above 0",
                         ));
                     }

@@ -136,6 +136,9 @@ impl Drop for Passed {
 #[derive(Default)]
 pub(super) struct Decision {
     pub tenant: Option<String>,
+    /// A credential (a key, a token, a client certificate) named the caller; an address, or
+    /// the default tenant, does not.
+    pub vouched: bool,
     pub agent: Option<String>,
     pub run: Option<String>,
     pub refused: bool,

@@ -354,6 +354,7 @@ fn identity<'c>(
     let tenant = &policy.tenants[who.tenant];
     let mut d = obs.decision.borrow_mut();
     d.tenant = Some(tenant.name.clone());
+    d.vouched = who.via != policy::Via::Address;
     d.agent.clone_from(&who.agent);
     d.run.clone_from(&who.run);
     d.trace_id = header_trace;
@@ -921,10 +922,15 @@ fn record_access(
         };
         line.0.push((name, value));
     }
-    if decision.tenant.is_some() {
-        ctx.shared.access.send(line);
+    // Anyone's to send as fast as the network takes them: an error the gateway answered
+    // itself (no upstream answered) to a caller no credential named (the default tenant's
+    // included: an attacker's review flooded 405s and 400s as `public`, each a line).
+    let anyones =
+        !decision.vouched && obs.upstream_wait.get().is_none() && (status == 0 || status >= 400);
+    if anyones {
+        ctx.shared.access.send_anonymous_refusal(line);
     } else {
-        ctx.shared.access.send_unidentified(line);
+        ctx.shared.access.send(line);
     }
 }
 

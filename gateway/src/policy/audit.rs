@@ -76,7 +76,7 @@ pub struct AuditLog<T = Record> {
     pub written: std::sync::Arc<AtomicU64>,
     /// Set by [`AuditLog::reopen`]; the writer thread clears it once it has reopened.
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The bound on lines sent by [`AuditLog::send_unidentified`].
+    /// The bound on lines sent by [`AuditLog::send_anonymous_refusal`].
     throttle: Option<Throttle>,
 }
 
@@ -123,20 +123,20 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
         Self::start_bounded(path, thread, None)
     }
 
-    /// As [`AuditLog::start`]; with `unidentified` given, [`AuditLog::send_unidentified`]
+    /// As [`AuditLog::start`]; with `anonymous` given, [`AuditLog::send_anonymous_refusal`]
     /// sends at most that many lines a second, and the writer adds a line a second saying how
     /// many it was not given.
     pub fn start_bounded(
         path: &std::path::Path,
         thread: &str,
-        unidentified: Option<u32>,
+        anonymous: Option<u32>,
     ) -> std::io::Result<Self> {
         let file = crate::host::open_log_file(path, true)?;
         let (tx, rx) = sync_channel(65_536);
         let written = std::sync::Arc::new(AtomicU64::new(0));
         let count = std::sync::Arc::clone(&written);
         let reopen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let throttle = unidentified.map(|n| Throttle {
+        let throttle = anonymous.map(|n| Throttle {
             per_second: u64::from(n),
             start: Instant::now(),
             second: AtomicU64::new(0),
@@ -149,7 +149,7 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
             written: count,
             suppressed: throttle.as_ref().map(|t| {
                 let reason = format!(
-                    "lines of requests answered before a caller was identified, over {} a second",
+                    "lines of errors the gateway answered itself to callers no credential named, over {} a second",
                     t.per_second
                 );
                 (std::sync::Arc::clone(&t.suppressed), reason)
@@ -167,7 +167,7 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
         })
     }
 
-    /// Lines not sent by [`AuditLog::send_unidentified`] for its bound.
+    /// Lines not sent by [`AuditLog::send_anonymous_refusal`] for its bound.
     pub fn suppressed(&self) -> u64 {
         self.throttle
             .as_ref()
@@ -183,12 +183,13 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
         self.tx.is_some()
     }
 
-    /// Sends a line about a request answered before any caller was identified (a 401, an
-    /// unknown route, a malformed head), within the log's bound: anyone can send those as fast
-    /// as the network takes them, and each was a line on disk (an attacker's review: 306 MB
-    /// in 1.7 s with 15 KB methods; about 250 bytes a line at tens of thousands a second
-    /// since). The rest are counted, and the writer says how many.
-    pub fn send_unidentified(&self, record: T) {
+    /// Sends a line about an error the gateway answered itself (no upstream answered) to a
+    /// caller no credential named (a 401, an unknown route or method, a body that does not
+    /// parse; the default tenant's callers included), within the log's bound: anyone can send
+    /// those as fast as the network takes them, and each was a line on disk (an attacker's
+    /// review: 306 MB in 1.7 s with 15 KB methods; about 250 bytes a line at tens of thousands
+    /// a second since). The rest are counted, and the writer says how many.
+    pub fn send_anonymous_refusal(&self, record: T) {
         if self.tx.is_some() && self.throttle.as_ref().is_none_or(Throttle::admit) {
             self.send(record);
         }
