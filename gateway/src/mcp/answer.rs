@@ -25,14 +25,16 @@ enum Target {
     IsError,
     /// The value of the top-level `id` (any case of it).
     Id,
+    /// The value of the top-level `method`.
+    Method,
 }
 
 /// Longest key compared (`isError`); longer keys are none of the three.
 const KEY: usize = 8;
 
-/// Longest id read, as written (an id a client numbered or named is short); a longer one is
-/// taken for another request's.
-const ID: usize = 256;
+/// Longest id read, as written (escapes and all); a longer one is taken for another request's.
+/// Ids are the client's: a 300-character one was refused when this was 256 (a review).
+const ID: usize = 16 * 1024;
 
 /// A streaming classifier: [`AnswerScan::feed`] each piece, then [`AnswerScan::outcome`].
 #[derive(Debug)]
@@ -77,6 +79,11 @@ pub struct AnswerScan {
     /// The id was not one [`AnswerScan::answers_another`] can compare: too long, or an object
     /// or array.
     id_odd: bool,
+    /// Top-level `method` keys, and how many of their values are strings.
+    methods: u8,
+    method_strings: u8,
+    /// A top-level key that reads as `result` or `error` in some client (any case).
+    answer_key: bool,
 }
 
 impl Default for AnswerScan {
@@ -107,6 +114,9 @@ impl Default for AnswerScan {
             id: Vec::new(),
             in_id: false,
             id_odd: false,
+            methods: 0,
+            method_strings: 0,
+            answer_key: false,
         }
     }
 }
@@ -167,6 +177,21 @@ impl AnswerScan {
         }
     }
 
+    /// Whether a client may read the message as a response (to the request its id names): it
+    /// has a key that reads as `result` or `error`, or no one method that is a string (the
+    /// Python SDK's client reads a message whose method is `null`, or a number, as a
+    /// response; an attacker's review).
+    pub fn response_like(&self) -> bool {
+        self.answer_key || self.methods != 1 || self.method_strings != 1
+    }
+
+    /// Whether a whole message on a stream is a response `answers` does not allow: what an
+    /// event stream drops ([`super::messages::Answers`]). Read as [`AnswerScan::feed`] reads,
+    /// one search per string: a 1 MB event is read at the speed of `memchr`.
+    pub fn strays(&self, answers: Answers) -> bool {
+        answers != Answers::Any && self.response_like() && self.answers_another(answers)
+    }
+
     /// Bytes of the id's value as written.
     fn id_bytes(&mut self, bytes: &[u8]) {
         if !self.in_id || self.id_odd {
@@ -198,6 +223,11 @@ impl AnswerScan {
                 self.id_odd |= matches!(b, b'{' | b'[');
                 self.id_bytes(&[b]);
             }
+            Target::Method => {
+                if b == b'"' {
+                    self.method_strings = self.method_strings.saturating_add(1);
+                }
+            }
             Target::None => {}
         }
         if matches!(b, b'{' | b'[' | b'"') {
@@ -227,6 +257,12 @@ impl AnswerScan {
 
     fn end_key(&mut self) {
         let key = &self.key[..self.key_len];
+        if self.depth == 1
+            && !self.key_odd
+            && (key.eq_ignore_ascii_case(b"result") || key.eq_ignore_ascii_case(b"error"))
+        {
+            self.answer_key = true;
+        }
         self.target = match (self.depth, self.key_odd) {
             (_, true) => Target::None,
             (1, false) if key == b"error" => Target::Error,
@@ -237,6 +273,10 @@ impl AnswerScan {
                 self.id.clear();
                 self.in_id = true;
                 Target::Id
+            }
+            (1, false) if key == b"method" => {
+                self.methods = self.methods.saturating_add(1);
+                Target::Method
             }
             (2, false) if self.in_result && key == b"isError" => Target::IsError,
             _ => Target::None,

@@ -215,7 +215,7 @@ fn an_answer_to_another_request_is_seen_before_it_ends() {
     use serde_json::json;
     let seven = Answers::to(Some(&json!(7)));
     let named = Answers::to(Some(&json!("a\"b")));
-    let long = "x".repeat(300);
+    let long = "x".repeat(20_000);
     let cases: &[(&str, Answers, bool)] = &[
         (
             r#"{"jsonrpc":"2.0","id":7,"result":{"id":8}}"#,
@@ -236,7 +236,9 @@ fn an_answer_to_another_request_is_seen_before_it_ends() {
             seven,
             true,
         ),
-        (r#"{"jsonrpc":"2.0","id":"7","result":{}}"#, seven, true),
+        // A server that echoes the id as a string: the same request to a client.
+        (r#"{"jsonrpc":"2.0","id":"7","result":{}}"#, seven, false),
+        (r#"{"jsonrpc":"2.0","id":"07","result":{}}"#, seven, true),
         (r#"{"jsonrpc":"2.0","id":7.0,"result":{}}"#, seven, true),
         (
             r#"{"jsonrpc":"2.0","id":7,"result":{},"id":8}"#,
@@ -258,10 +260,16 @@ fn an_answer_to_another_request_is_seen_before_it_ends() {
         ),
     ];
     let long_id = format!(r#"{{"id":"{long}","result":{{}}}}"#);
+    // A long id a client chose is read whole (300 characters were refused at 256 bytes).
+    let fair = "y".repeat(300);
+    let fair_id = format!(r#"{{"id":"{fair}","result":{{}}}}"#);
     let cases = cases
         .iter()
         .map(|(m, a, another)| ((*m).to_owned(), *a, *another))
-        .chain([(long_id, Answers::to(Some(&json!(long))), true)]);
+        .chain([
+            (long_id, Answers::to(Some(&json!(long))), true),
+            (fair_id, Answers::to(Some(&json!(fair))), false),
+        ]);
     for (message, answers, another) in cases {
         let bytes = message.as_bytes();
         for at in 0..=bytes.len() {

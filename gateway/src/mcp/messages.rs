@@ -275,7 +275,7 @@ pub fn answers_only(body: &[u8], id: Option<&Id>) -> bool {
     }
     match top.id {
         Some(Value::Null) => top.error,
-        Some(given) => given == id.to_json(),
+        Some(given) => same_id(&given, &id.to_json()),
         None => false,
     }
 }
@@ -286,7 +286,9 @@ pub fn events_answer(events: &[u8], id: &Value) -> bool {
     sse::split(events)
         .filter_map(event_data)
         .filter_map(|data| serde_json::from_slice::<Top>(&data).ok())
-        .any(|top| !top.method && !top.repeated && top.id.as_ref() == Some(id))
+        .any(|top| {
+            top.response_like() && !top.repeated && top.id.as_ref().is_some_and(|t| same_id(t, id))
+        })
 }
 
 /// Which JSON-RPC responses an event stream may carry to the client. Clients match a response
@@ -343,7 +345,7 @@ impl Answers {
 
     /// Whether a message a client reads as `top` may reach it on this stream.
     fn allows(self, top: &Top) -> bool {
-        let response = !top.method && top.id.as_ref().is_some_and(|id| !id.is_null());
+        let response = top.response_like() && top.id.as_ref().is_some_and(|id| !id.is_null());
         match (self, &top.id) {
             (Self::Any, _) => true,
             _ if top.repeated => false,
@@ -357,11 +359,29 @@ impl Answers {
 const NOTHING: [u8; 8] = [0; 8];
 const ANY: [u8; 8] = [0xff; 8];
 
-/// The first 8 bytes of the SHA-256 of an id as JSON (as parsed: `1` and `1.0` differ, as they
-/// do to a client).
+/// An id as clients compare ids: a string that is an integer in decimal, as an integer would be
+/// written (`"7"`), is that integer (the Python SDK's client takes an answer with `"7"` for
+/// request 7; a server that echoes ids as strings worked before streams were judged).
+fn canonical_id(id: &Value) -> std::borrow::Cow<'_, Value> {
+    if let Value::String(s) = id
+        && let Ok(n) = s.parse::<i64>()
+        && n.to_string() == *s
+    {
+        return std::borrow::Cow::Owned(Value::from(n));
+    }
+    std::borrow::Cow::Borrowed(id)
+}
+
+/// Whether two ids name the same request to a client ([`canonical_id`]).
+pub fn same_id(a: &Value, b: &Value) -> bool {
+    canonical_id(a) == canonical_id(b)
+}
+
+/// The first 8 bytes of the SHA-256 of an id as JSON, as [`canonical_id`] writes it (`1` and
+/// `1.0` differ, as they do to a client).
 fn digest(id: &Value) -> [u8; 8] {
     use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(json_text(id));
+    let hash = sha2::Sha256::digest(json_text(&canonical_id(id)));
     let mut d = [0; 8];
     d.copy_from_slice(&hash[..8]);
     if d == NOTHING || d == ANY {
@@ -375,16 +395,23 @@ fn json_text(v: &Value) -> Vec<u8> {
 }
 
 /// Whether an event's data may reach the client under `answers`: data that is not JSON a
-/// client could read as a message passes (nothing is answered by it); an object or array is
-/// read as [`Top`] reads a message, and one it cannot read is held to be a stray (a client's
-/// parser may read it).
+/// client could read as a message passes (nothing is answered by it). An object is read by
+/// [`super::answer::AnswerScan`], which follows its strings and nesting at the speed of
+/// `memchr` (a 1 MB answer in one event is read once more, not parsed: parsing it tripled the
+/// relay's instructions for it); its top-level keys are compared as clients compare them
+/// (escapes decoded, `id`, `result` and `error` in any case, an `id` given twice). A batch is
+/// read as [`Top`] reads each message, and one it cannot read is held to be a stray (a
+/// client's parser may read it).
 fn event_allowed(event: &[u8], answers: Answers) -> bool {
+    if answers == Answers::Any {
+        return true;
+    }
     let Some(data) = data_of(event) else {
         return true;
     };
     let json = data.trim_ascii_start();
     match json.first() {
-        Some(b'{') => serde_json::from_slice::<Top>(json).is_ok_and(|top| answers.allows(&top)),
+        Some(b'{') => !super::answer::scan(json).strays(answers),
         Some(b'[') => serde_json::from_slice::<Vec<Top>>(json)
             .is_ok_and(|all| all.iter().all(|top| answers.allows(top))),
         _ => true,
@@ -420,7 +447,7 @@ pub fn readable(body: &[u8]) -> bool {
 /// (an array) is not, nor an error with a `null` id (which names no request).
 pub fn is_a_response(body: &[u8]) -> bool {
     serde_json::from_slice::<Top>(body)
-        .is_ok_and(|top| top.id.as_ref().is_some_and(|id| !id.is_null()) && !top.method)
+        .is_ok_and(|top| top.id.as_ref().is_some_and(|id| !id.is_null()) && top.response_like())
 }
 
 /// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
@@ -431,8 +458,21 @@ pub fn is_a_response(body: &[u8]) -> bool {
 struct Top {
     id: Option<Value>,
     method: bool,
+    /// The method is a string: only then is the message a request or notification to a
+    /// client (the Python SDK's reads one whose method is `null`, or a number, as a response).
+    method_string: bool,
     error: bool,
+    result: bool,
     repeated: bool,
+}
+
+impl Top {
+    /// Whether a client may read it as a response: it has a `result` or an `error`, or no
+    /// method it reads as one (an attacker's review: `"method": null` beside a `result` passed
+    /// for a request here, and answered the client's pending `tools/list` there).
+    fn response_like(&self) -> bool {
+        self.result || self.error || !self.method_string
+    }
 }
 
 /// Whether `key` is not one of JSON-RPC's keys but a client reads it as one: Go's
@@ -535,7 +575,9 @@ impl<'de> serde::Deserialize<'de> for Top {
                 let mut top = Top {
                     id: None,
                     method: false,
+                    method_string: false,
                     error: false,
+                    result: false,
                     repeated: false,
                 };
                 // Which of JSON-RPC's keys came, one bit each: parsers read one given twice
@@ -548,18 +590,22 @@ impl<'de> serde::Deserialize<'de> for Top {
                             top.id = Some(map.next_value()?);
                             1
                         }
+                        "method" => {
+                            top.method = true;
+                            top.method_string = map.next_value::<Value>()?.is_string();
+                            2
+                        }
                         other => {
                             map.next_value::<Checked>()?;
                             match other {
-                                "method" => {
-                                    top.method = true;
-                                    2
-                                }
                                 "error" => {
                                     top.error = true;
                                     4
                                 }
-                                "result" => 8,
+                                "result" => {
+                                    top.result = true;
+                                    8
+                                }
                                 "jsonrpc" => 16,
                                 other => {
                                     top.repeated |= another_spelling(other);
@@ -983,20 +1029,20 @@ mod tests {
         let events = concat!(
             "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\n\n",
             "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"result\":{\"tools\":[]}}\n\n",
-            "data: {\"jsonrpc\":\"2.0\",\"id\":\"7\",\"result\":{}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":\"07\",\"result\":{}}\n\n",
             "data: {\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"sampling/createMessage\"}\n\n",
             "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n",
         );
         let seven = Answers::to(Some(&json!(7)));
         let out = String::from_utf8(rewrite_events("m", events.as_bytes(), seven)).unwrap();
         // The progress, the member's own request (tagged) and the answer to 7 pass; the
-        // answers to 8 and to "7" do not.
+        // answers to 8 and to "07" do not.
         assert_eq!(out.matches("data: ").count(), 3, "{out}");
         assert!(out.contains("notifications/progress"), "{out}");
         assert!(out.contains("sampling/createMessage"), "{out}");
         assert!(out.contains(r#""result":{"ok":true}"#), "{out}");
         assert!(
-            !out.contains(r#""tools""#) && !out.contains(r#""id":"7""#),
+            !out.contains(r#""tools""#) && !out.contains(r#""id":"07""#),
             "{out}"
         );
         // Without a request (the session's own stream), no answer passes.
@@ -1062,10 +1108,40 @@ mod tests {
         let at = clean.as_ptr();
         let out = without_strays(clean, Answers::to(Some(&json!(7))));
         assert_eq!(out.as_ptr(), at);
+        // A client reads a message with a `result` or an `error`, or without one method that
+        // is a string, as a response (the review's `"method": null` answered a pending list).
+        for stray in [
+            r#"{"jsonrpc":"2.0","id":8,"method":null,"result":{"tools":[]}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":5,"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":"x","params":5,"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":"x","Error":{"code":1}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":"x","method":"y","result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"Method":"x"}"#,
+            r#"[{"jsonrpc":"2.0","id":8,"method":null,"result":{}}]"#,
+        ] {
+            let event = format!("data: {stray}\n\n").into_bytes();
+            assert!(
+                without_strays(event, Answers::to(Some(&json!(7)))).is_empty(),
+                "{stray}"
+            );
+        }
+        for passes in [
+            r#"{"jsonrpc":"2.0","id":8,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/message","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":"7","result":{}}"#,
+        ] {
+            let event = format!("data: {passes}\n\n").into_bytes();
+            assert_eq!(
+                without_strays(event.clone(), Answers::to(Some(&json!(7)))),
+                event
+            );
+        }
         // A resume carries its stream's rule in its event id: 7's mark reads back as 7's.
         let mark = Answers::to(Some(&json!(7))).mark();
         assert_eq!(Answers::of_mark(mark), Answers::to(Some(&json!(7))));
-        assert_ne!(Answers::of_mark(mark), Answers::to(Some(&json!("7"))));
+        assert_ne!(Answers::of_mark(mark), Answers::to(Some(&json!("07"))));
+        // A server that echoes an id as a string answers the same request to a client.
+        assert_eq!(Answers::of_mark(mark), Answers::to(Some(&json!("7"))));
         assert_eq!(Answers::of_mark(Answers::Nothing.mark()), Answers::Nothing);
         assert_eq!(Answers::of_mark(Answers::Any.mark()), Answers::Any);
     }
