@@ -756,11 +756,15 @@ impl Shared {
         let (ban_tx, ban_rx) = std::sync::mpsc::channel();
         let audit = match &config.audit.path {
             None => crate::policy::audit::AuditLog::off(),
-            Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p), "audit")
-                .unwrap_or_else(|e| {
-                    tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
-                    crate::policy::audit::AuditLog::off()
-                }),
+            Some(p) => crate::policy::audit::AuditLog::start_bounded(
+                std::path::Path::new(p),
+                "audit",
+                Some(config.audit.anonymous_refusals_per_second),
+            )
+            .unwrap_or_else(|e| {
+                tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
+                crate::policy::audit::AuditLog::off()
+            }),
         };
         let access = match &config.telemetry.access_log {
             None => crate::policy::audit::AccessLog::off(),

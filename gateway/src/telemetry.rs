@@ -168,16 +168,21 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP mcp_gateway_audit_dropped_total Audit records dropped because the writer fell behind."
+        "# HELP mcp_gateway_audit_dropped_total Audit records dropped: the writer fell behind (queue_full), or over the bound for refusals of callers no credential named (anonymous_refusal)."
     );
     let _ = writeln!(out, "# TYPE mcp_gateway_audit_dropped_total counter");
     let _ = writeln!(
         out,
-        "mcp_gateway_audit_dropped_total {}",
+        "mcp_gateway_audit_dropped_total{{reason=\"queue_full\"}} {}",
         shared
             .audit
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "mcp_gateway_audit_dropped_total{{reason=\"anonymous_refusal\"}} {}",
+        shared.audit.suppressed()
     );
     let access = &shared.access;
     if access.enabled() {

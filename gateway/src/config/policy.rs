@@ -268,12 +268,33 @@ pub struct RawLoopBreaker {
     pub window_s: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     /// Append one JSON line per decision to this file; off when not given.
     #[serde(default)]
     pub path: Option<String>,
+    /// Records a second, over all workers, of refusals the gateway made itself (no upstream
+    /// answered) of callers no credential named (a 401, a body that does not parse, from
+    /// anyone, the default tenant's callers included): anyone can send those as fast as the
+    /// network takes them. The rest are counted, in a line a second (`{"ts", "suppressed",
+    /// "reason"}`) and in `mcp_gateway_audit_dropped_total{reason="anonymous_refusal"}`.
+    /// Read at start.
+    #[serde(default = "default_anonymous_refusals_per_second")]
+    pub anonymous_refusals_per_second: u32,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            path: None,
+            anonymous_refusals_per_second: default_anonymous_refusals_per_second(),
+        }
+    }
+}
+
+const fn default_anonymous_refusals_per_second() -> u32 {
+    100
 }
 
 /// A circuit breaker: opens on `consecutive_failures` in a row, or when at least `min_requests`

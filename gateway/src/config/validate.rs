@@ -80,6 +80,12 @@ impl RawConfig {
                 "`max_refusals`, `window_s` and `ban_s` must be above 0",
             ));
         }
+        if self.audit.anonymous_refusals_per_second == 0 {
+            return Err(invalid(
+                "audit.anonymous_refusals_per_second",
+                "must be above 0",
+            ));
+        }
         if let Some(p) = &self.audit.path {
             // Checked without creating anything (`gateway check` leaves no file behind).
             opts.writable_log_path(Path::new(p))

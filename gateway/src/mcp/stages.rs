@@ -94,17 +94,10 @@ pub(super) async fn handle(
         Ok(keep) => keep,
         Err(stop) => answer(io, req, stop, &obs, ctx, peer, &snapshot.config).await,
     };
-    record(req, peer, snapshot, ctx, &obs, started);
+    let status = io.response_status();
+    record(req, peer, snapshot, ctx, &obs, started, status);
     if ctx.shared.access.enabled() {
-        record_access(
-            req,
-            peer,
-            snapshot,
-            ctx,
-            &obs,
-            started,
-            io.response_status(),
-        );
+        record_access(req, peer, snapshot, ctx, &obs, started, status);
     }
     if let Some(wall) = wall {
         record_span(req, peer, snapshot, ctx, &obs, started, wall);
@@ -922,16 +915,19 @@ fn record_access(
         };
         line.0.push((name, value));
     }
-    // Anyone's to send as fast as the network takes them: an error the gateway answered
-    // itself (no upstream answered) to a caller no credential named (the default tenant's
-    // included: an attacker's review flooded 405s and 400s as `public`, each a line).
-    let anyones =
-        !decision.vouched && obs.upstream_wait.get().is_none() && (status == 0 || status >= 400);
-    if anyones {
+    if anyones(&decision, obs, status) {
         ctx.shared.access.send_anonymous_refusal(line);
     } else {
         ctx.shared.access.send(line);
     }
+}
+
+/// Whether a request is anyone's to send as fast as the network takes it, so that its lines in
+/// the access and audit logs are bounded: an error the gateway answered itself (no upstream
+/// answered) to a caller no credential named (the default tenant's included: an attacker's
+/// review flooded 405s and 400s as `public`, each a line).
+fn anyones(decision: &super::proxy::Decision, obs: &Obs<'_>, status: u16) -> bool {
+    !decision.vouched && obs.upstream_wait.get().is_none() && (status == 0 || status >= 400)
 }
 
 /// Bytes of a client's `User-Agent` and path written to the access log.
@@ -958,6 +954,7 @@ fn record(
     ctx: &WorkerCtx,
     obs: &Obs<'_>,
     started: Instant,
+    status: u16,
 ) {
     let config = &snapshot.config;
     let passed = obs.breakers.borrow_mut().take();
@@ -1032,31 +1029,39 @@ fn record(
     let tool = obs.tool.borrow();
     let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
     if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
-        audit.send(audit::Record {
-            ts: audit::now(),
-            // Refused by policy, or by the gateway before policy had its say (a body that
-            // does not parse, an unknown protocol version, a bad `traceparent`): those were
-            // written "allowed" (a review).
-            decision: if decision.refused || outcome == Outcome::Refused {
-                "refused"
-            } else {
-                "allowed"
+        let send = if anyones(&decision, obs, status) {
+            audit::AuditLog::send_anonymous_refusal
+        } else {
+            audit::AuditLog::send
+        };
+        send(
+            audit,
+            audit::Record {
+                ts: audit::now(),
+                // Refused by policy, or by the gateway before policy had its say (a body that
+                // does not parse, an unknown protocol version, a bad `traceparent`): those were
+                // written "allowed" (a review).
+                decision: if decision.refused || outcome == Outcome::Refused {
+                    "refused"
+                } else {
+                    "allowed"
+                },
+                rule: decision.rule.clone(),
+                reason: decision.reason.clone(),
+                tenant: tenant.to_owned(),
+                agent: decision.agent.clone(),
+                run: decision.run.clone(),
+                source: peer.ip().to_string(),
+                route: route.to_owned(),
+                method: obs.method.get().to_owned(),
+                tool: tool.clone(),
+                upstream: obs.upstream.get().map(str::to_owned),
+                outcome: outcome.label(),
+                budget_left: decision.budget_left.clone(),
+                latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                trace_id: decision.trace_id.clone(),
             },
-            rule: decision.rule.clone(),
-            reason: decision.reason.clone(),
-            tenant: tenant.to_owned(),
-            agent: decision.agent.clone(),
-            run: decision.run.clone(),
-            source: peer.ip().to_string(),
-            route: route.to_owned(),
-            method: obs.method.get().to_owned(),
-            tool: tool.clone(),
-            upstream: obs.upstream.get().map(str::to_owned),
-            outcome: outcome.label(),
-            budget_left: decision.budget_left.clone(),
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            trace_id: decision.trace_id.clone(),
-        });
+        );
     }
     if !config.telemetry.enabled {
         return;

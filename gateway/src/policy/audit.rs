@@ -149,7 +149,7 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
             written: count,
             suppressed: throttle.as_ref().map(|t| {
                 let reason = format!(
-                    "lines of errors the gateway answered itself to callers no credential named, over {} a second",
+                    "{thread} lines of errors the gateway answered itself to callers no credential named, over {} a second",
                     t.per_second
                 );
                 (std::sync::Arc::clone(&t.suppressed), reason)

@@ -569,6 +569,7 @@ fn the_access_log_has_a_line_per_request_with_the_configured_fields() {
     }
     let _cleanup = Cleanup(dir.clone());
     let log = dir.join("access.log");
+    let audit = dir.join("audit.log");
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwaccess");
@@ -587,6 +588,9 @@ default_tenant = "public"
 [telemetry.access_log]
 path = "{log}"
 fields = ["method", "path", "status", "rpc_method", "tool", "outcome", "latency_us", "user_agent"]
+anonymous_refusals_per_second = 5
+[audit]
+path = "{audit}"
 anonymous_refusals_per_second = 5
 [[tenants]]
 name = "public"
@@ -609,6 +613,7 @@ upstream = "demo"
 auth = ["api_key"]
 "#,
         log = log.display(),
+        audit = audit.display(),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let (r, _) = raw(
@@ -777,6 +782,47 @@ auth = ["api_key"]
     assert!(
         metrics.contains(&format!(
             "mcp_gateway_access_log_dropped_total{{reason=\"anonymous_refusal\"}} {suppressed}\n"
+        )),
+        "{metrics}"
+    );
+    // The audit log, likewise: the 61 anonymous refusals on `/demo` are written or counted,
+    // at most 5 a second; acme's 60 are all written.
+    let (mut refused, mut counted, mut keyed) = (0, 0, 0);
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let records: Vec<serde_json::Value> = whole
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        refused = records
+            .iter()
+            .filter(|r| r["route"] == "/demo" && r["decision"] == "refused")
+            .count();
+        counted = records
+            .iter()
+            .filter_map(|r| r["suppressed"].as_u64())
+            .sum::<u64>();
+        keyed = records.iter().filter(|r| r["route"] == "/keyed").count();
+        if refused as u64 + counted >= 61 && keyed == 60 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(keyed, 60, "every record of a caller a key names");
+    assert_eq!(
+        refused as u64 + counted,
+        61,
+        "{refused} written, {counted} counted"
+    );
+    assert!(
+        refused as u64 <= 5 * (seconds + 2) + 1,
+        "{refused} in {seconds} s"
+    );
+    let metrics = String::from_utf8_lossy(&admin_get(admin, "/metrics", false).body).into_owned();
+    assert!(
+        metrics.contains(&format!(
+            "mcp_gateway_audit_dropped_total{{reason=\"anonymous_refusal\"}} {counted}\n"
         )),
         "{metrics}"
     );
