@@ -179,6 +179,30 @@ pub fn media_type(value: &[u8]) -> &[u8] {
         .trim_ascii()
 }
 
+/// The parameters of a `Content-Type` value, each as `(name, value)`: spaces around either left
+/// out, a quoted value unquoted; empty ones (`;;`) skipped. Split at every `;`, so a quoted
+/// value holding one reads as more parameters, none of which a caller that wants only some
+/// will take.
+pub fn media_params(value: &str) -> impl Iterator<Item = (&str, &str)> {
+    value.split(';').skip(1).filter_map(|p| {
+        let (name, value) = p.split_once('=').unwrap_or((p, ""));
+        let (name, value) = (ows(name), ows(value));
+        if name.is_empty() && value.is_empty() {
+            return None;
+        }
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        Some((name, value))
+    })
+}
+
+/// Whether a charset names UTF-8.
+pub fn is_utf8(charset: &str) -> bool {
+    charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("utf8")
+}
+
 /// Fields the gateway decides on by their one value. A second line could mean something else
 /// to the upstream (which may take the last, or join them), so a request with two is refused.
 /// Every `Mcp-*` field counts as one of them (`Mcp-Session-Id`, `Mcp-Protocol-Version`,

@@ -445,20 +445,8 @@ fn json_body_type(req: &Request) -> Result<(), &'static str> {
     if !http::media_type(ct.as_bytes()).eq_ignore_ascii_case(b"application/json") {
         return Err(WANT);
     }
-    for p in ct.split(';').skip(1) {
-        let (name, value) = p.split_once('=').unwrap_or((p, ""));
-        let name = http::ows(name);
-        if name.is_empty() && value.is_empty() {
-            continue;
-        }
-        let value = http::ows(value);
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
-        if !name.eq_ignore_ascii_case("charset")
-            || !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
-        {
+    for (name, value) in http::media_params(ct) {
+        if !name.eq_ignore_ascii_case("charset") || !http::is_utf8(value) {
             return Err(
                 "Content-Type must be application/json, with no parameter but charset=utf-8",
             );

@@ -1033,6 +1033,52 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// An upstream's answer in a charset but UTF-8 is not relayed: the client decodes it in that
+/// charset, the gateway reads UTF-8. The review's GET stream said `charset=utf-7` and spelled
+/// the stray's `id` as `+AGk-d`: no id to the gateway, the pending `tools/list`'s to the Python
+/// SDK's client, which listed the changed `echo` and the tenant's denied tool.
+#[test]
+fn an_answer_in_another_charset_than_utf8_is_not_relayed() {
+    let up_port = free_port();
+    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &["utf7"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwutf7");
+    let config = format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/secret_tool"
+action = "deny"
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let got = py_script(
+        LIST_AND_CALL,
+        &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
+    );
+    let tools = got["tools"].as_object().unwrap();
+    assert_eq!(tools.keys().collect::<Vec<_>>(), ["echo"], "{got}");
+    assert_eq!(tools["echo"], "Returns its input.", "{got}");
+    d.wait_for_log(
+        "answered in charset `utf-7`",
+        std::time::Duration::from_secs(2),
+    );
+    d.stop();
+}
+
 /// The Python SDK's client, in the session era: asks for the tools and, while that is pending,
 /// calls `tool`; prints the list it was given and what became of the call.
 const LIST_BESIDE_A_CALL: &str = r#"

@@ -110,6 +110,28 @@ impl ResponseHead {
                 "answered with two Content-Type lines".into(),
             ));
         }
+        // A charset but UTF-8: the client decodes the body in it (httpx does, for an event
+        // stream too), the gateway reads it as UTF-8. In UTF-7 `+AGk-d` is `id`: a response
+        // the gateway read as answering nothing answered the client's pending `tools/list`
+        // (an attacker's review). Not relayed, as a request in another charset is not taken.
+        if let Some(charset) = first
+            .and_then(|ct| std::str::from_utf8(ct).ok())
+            .and_then(|ct| {
+                http::media_params(ct)
+                    .find(|(n, v)| n.eq_ignore_ascii_case("charset") && !http::is_utf8(v))
+            })
+            .map(|(_, v)| v.to_owned())
+        {
+            return Some(UpstreamFailure::Bad(format!(
+                "answered in charset `{}`: answers are read, and relayed, as UTF-8",
+                charset.escape_default()
+            )));
+        }
+        if first.is_some_and(|ct| std::str::from_utf8(ct).is_err()) {
+            return Some(UpstreamFailure::Bad(
+                "answered with a Content-Type that is not text".into(),
+            ));
+        }
         let names_sse = first.is_some_and(|ct| {
             ct.windows(17)
                 .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
@@ -594,6 +616,44 @@ impl<F: Future> Future for UnlessClientLeaves<'_, F> {
         match this.watching.as_mut().map(|w| w.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(None),
             _ => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ResponseHead, UpstreamFailure};
+
+    /// An answer in a charset but UTF-8 is not relayed: the client decodes it in that charset
+    /// (httpx, for an event stream too) and the gateway reads UTF-8. An attacker's review: in
+    /// UTF-7 `+AGk-d` is `id`, and a response the gateway read as answering nothing answered
+    /// the client's pending `tools/list`.
+    #[test]
+    fn an_answer_in_a_charset_but_utf8_is_not_relayed() {
+        let head = |ct: &str| ResponseHead {
+            status: 200,
+            headers: [("Content-Type", ct)].into_iter().collect(),
+        };
+        for ct in [
+            "text/event-stream; charset=utf-7",
+            "text/event-stream;Charset=\"UTF-7\"",
+            "text/event-stream; charset = utf7",
+            "application/json; charset=utf-16le",
+            "text/event-stream; charset=utf-8; charset=utf-7",
+        ] {
+            assert!(
+                matches!(head(ct).ambiguity(), Some(UpstreamFailure::Bad(_))),
+                "{ct}"
+            );
+        }
+        for ct in [
+            "text/event-stream",
+            "text/event-stream; charset=utf-8",
+            "application/json; charset=\"UTF8\"",
+            "application/json;;",
+            "text/event-stream; foo=bar",
+        ] {
+            assert!(head(ct).ambiguity().is_none(), "{ct}");
         }
     }
 }
