@@ -495,66 +495,6 @@ fn w3c_trace_context_reaches_the_upstream_and_the_audit_log() {
 /// The access log: one JSON line per request with exactly the configured fields, in their
 /// order, the answered status included, whatever answered (the upstream, a refusal, an unknown
 /// route); separate from the audit log (which is off here).
-/// The Python SDK's client calls each tool named after the URL, in order, through one session.
-const CALL_EACH: &str = r#"
-import asyncio, json, sys
-from mcp import Client
-
-async def main():
-    out = {}
-    async with Client(sys.argv[1], mode="legacy") as client:
-        for name in sys.argv[2:]:
-            args = {"a": 1, "b": 2} if name == "add" else {"text": "x"}
-            r = await client.call_tool(name, args)
-            out[name] = "error" if r.is_error else "ok"
-    print(json.dumps(out))
-
-asyncio.run(main())
-"#;
-
-/// Tool names are the client's: made-up ones the upstream answers with an error (the Python
-/// SDK's server: an `isError` result, "Unknown tool") take no place among `max_tools`, so the
-/// real tools called after them keep their own series. Before, the first two made-up names
-/// took both places for good, and `echo` and `add` were counted as `other`.
-#[test]
-fn made_up_tool_names_an_upstream_answers_with_an_error_take_no_place() {
-    let upstream = integration_tests::peers::PyServer::start(false);
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwtools");
-    let config = format!(
-        "{}[telemetry]\nmax_tools = 2\n[[upstreams]]\nname = \"u0\"\nurl = \"http://127.0.0.1:{}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
-        integration_tests::daemon::local_header(&instance, 1, port, admin),
-        upstream.port
-    );
-    let mut d = Daemon::start_local(&instance, &config);
-    let url = format!("http://127.0.0.1:{port}/mcp");
-    let got = integration_tests::peers::py_script(
-        CALL_EACH,
-        &[&url, "junk_1", "junk_2", "junk_3", "echo", "add"],
-    );
-    assert_eq!(
-        got,
-        serde_json::json!({"junk_1": "error", "junk_2": "error", "junk_3": "error", "echo": "ok", "add": "ok"})
-    );
-    let calls = |tool: &str, outcome: &str| {
-        format!(
-            "mcp_gateway_requests_total{{route=\"/mcp\",method=\"tools/call\",tool=\"{tool}\",tenant=\"default\",outcome=\"{outcome}\"}} "
-        )
-    };
-    let metrics = metrics_with(admin, &calls("add", "ok"));
-    assert!(
-        metrics.contains(&format!("{}1\n", calls("echo", "ok"))),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(&format!("{}3\n", calls("other", "tool_error"))),
-        "{metrics}"
-    );
-    assert!(!metrics.contains("junk_"), "{metrics}");
-    d.stop();
-}
-
 #[test]
 fn the_access_log_has_a_line_per_request_with_the_configured_fields() {
     let demo_port = free_port();
