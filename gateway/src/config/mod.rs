@@ -171,7 +171,7 @@ pub struct RawTelemetry {
     /// Record per-request telemetry (counts and latency). Off only to measure its cost.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Distinct tool names given their own series; the rest are counted as `other`. A name takes a place once a call of it succeeded.
+    /// Distinct tool names given their own series; the rest are counted as `other`.
     #[serde(default = "default_max_tools")]
     pub max_tools: usize,
     /// Write interval latency histograms (one line per worker, series and second) to this file
