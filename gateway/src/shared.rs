@@ -756,10 +756,10 @@ impl Shared {
         let (ban_tx, ban_rx) = std::sync::mpsc::channel();
         let audit = match &config.audit.path {
             None => crate::policy::audit::AuditLog::off(),
-            Some(p) => crate::policy::audit::AuditLog::start_bounded(
+            Some(p) => crate::policy::audit::AuditLog::start(
                 std::path::Path::new(p),
                 "audit",
-                Some(config.audit.anonymous_refusals_per_second),
+                config.audit.anonymous_refusals_per_second,
             )
             .unwrap_or_else(|e| {
                 tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
@@ -768,10 +768,10 @@ impl Shared {
         };
         let access = match &config.telemetry.access_log {
             None => crate::policy::audit::AccessLog::off(),
-            Some(a) => crate::policy::audit::AccessLog::start_bounded(
+            Some(a) => crate::policy::audit::AccessLog::start(
                 std::path::Path::new(&a.path),
                 "access",
-                Some(a.anonymous_refusals_per_second),
+                a.anonymous_refusals_per_second,
             )
             .unwrap_or_else(|e| {
                 tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);

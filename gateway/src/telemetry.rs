@@ -166,40 +166,18 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP mcp_gateway_audit_dropped_total Audit records dropped: the writer fell behind (queue_full), or over the bound for refusals of callers no credential named (anonymous_refusal)."
+    log_drops(
+        &mut out,
+        "mcp_gateway_audit_dropped_total",
+        "Audit records dropped: the writer fell behind (queue_full), or over the bound for refusals of callers no credential named (anonymous_refusal).",
+        &shared.audit,
     );
-    let _ = writeln!(out, "# TYPE mcp_gateway_audit_dropped_total counter");
-    let _ = writeln!(
-        out,
-        "mcp_gateway_audit_dropped_total{{reason=\"queue_full\"}} {}",
-        shared
-            .audit
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "mcp_gateway_audit_dropped_total{{reason=\"anonymous_refusal\"}} {}",
-        shared.audit.suppressed()
-    );
-    let access = &shared.access;
-    if access.enabled() {
-        let _ = writeln!(
-            out,
-            "# HELP mcp_gateway_access_log_dropped_total Access-log lines not written: the writer fell behind (queue_full), or over the bound for errors the gateway answered to callers no credential named (anonymous_refusal)."
-        );
-        let _ = writeln!(out, "# TYPE mcp_gateway_access_log_dropped_total counter");
-        let _ = writeln!(
-            out,
-            "mcp_gateway_access_log_dropped_total{{reason=\"queue_full\"}} {}",
-            access.dropped.load(std::sync::atomic::Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "mcp_gateway_access_log_dropped_total{{reason=\"anonymous_refusal\"}} {}",
-            access.suppressed()
+    if shared.access.enabled() {
+        log_drops(
+            &mut out,
+            "mcp_gateway_access_log_dropped_total",
+            "Access-log lines not written: the writer fell behind (queue_full), or over the bound for errors the gateway answered to callers no credential named (anonymous_refusal).",
+            &shared.access,
         );
     }
     let _ = writeln!(
@@ -306,6 +284,22 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         );
     }
     out
+}
+
+/// A log's drops as counter `name`, by reason: its writer's queue full, or over its bound on
+/// anonymous refusals.
+fn log_drops<T: serde::Serialize + Send + 'static>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    log: &crate::policy::audit::AuditLog<T>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    let queue_full = log.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(out, "{name}{{reason=\"queue_full\"}} {queue_full}");
+    let anonymous = log.suppressed();
+    let _ = writeln!(out, "{name}{{reason=\"anonymous_refusal\"}} {anonymous}");
 }
 
 /// `mcp_gateway_upstream_up{upstream}`: 0 when every request sent to the upstream over about

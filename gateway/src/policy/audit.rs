@@ -119,42 +119,31 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
     }
 
     /// Appends to `path` from a thread of its own (named `thread`).
-    pub fn start(path: &std::path::Path, thread: &str) -> std::io::Result<Self> {
-        Self::start_bounded(path, thread, None)
-    }
-
-    /// As [`AuditLog::start`]; with `anonymous` given, [`AuditLog::send_anonymous_refusal`]
-    /// sends at most that many lines a second, and the writer adds a line a second saying how
-    /// many it was not given.
-    pub fn start_bounded(
-        path: &std::path::Path,
-        thread: &str,
-        anonymous: Option<u32>,
-    ) -> std::io::Result<Self> {
+    /// [`AuditLog::send_anonymous_refusal`] sends at most `anonymous` lines a second, and the
+    /// writer adds a line a second saying how many it was not given.
+    pub fn start(path: &std::path::Path, thread: &str, anonymous: u32) -> std::io::Result<Self> {
         let file = crate::host::open_log_file(path, true)?;
         let (tx, rx) = sync_channel(65_536);
         let written = std::sync::Arc::new(AtomicU64::new(0));
         let count = std::sync::Arc::clone(&written);
         let reopen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let throttle = anonymous.map(|n| Throttle {
-            per_second: u64::from(n),
-            start: Instant::now(),
-            second: AtomicU64::new(0),
-            used: AtomicU64::new(0),
-            suppressed: std::sync::Arc::default(),
-        });
+        let suppressed = std::sync::Arc::new(AtomicU64::new(0));
         let writer = Writer {
             path: path.to_path_buf(),
             reopen: std::sync::Arc::clone(&reopen),
             written: count,
-            suppressed: throttle.as_ref().map(|t| {
-                let reason = format!(
-                    "{thread} lines of errors the gateway answered itself to callers no credential named, over {} a second",
-                    t.per_second
-                );
-                (std::sync::Arc::clone(&t.suppressed), reason)
-            }),
+            suppressed: std::sync::Arc::clone(&suppressed),
+            reason: format!(
+                "{thread} lines of errors the gateway answered itself to callers no credential named, over {anonymous} a second"
+            ),
         };
+        let throttle = Some(Throttle {
+            per_second: u64::from(anonymous),
+            start: Instant::now(),
+            second: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            suppressed,
+        });
         std::thread::Builder::new()
             .name(thread.into())
             .spawn(move || writer.run(&rx, file))?;
@@ -212,7 +201,8 @@ struct Writer {
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     written: std::sync::Arc<AtomicU64>,
     /// The throttle's count of lines it did not send, and why, as its line says.
-    suppressed: Option<(std::sync::Arc<AtomicU64>, String)>,
+    suppressed: std::sync::Arc<AtomicU64>,
+    reason: String,
 }
 
 /// The line a writer adds, once a second at most, for lines its throttle did not send.
@@ -228,15 +218,13 @@ impl Writer {
         let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
         let mut told = (0, Instant::now());
         loop {
-            if let Some((count, reason)) = &self.suppressed
-                && told.1.elapsed() >= Duration::from_secs(1)
-            {
-                let total = count.load(Ordering::Relaxed);
+            if told.1.elapsed() >= Duration::from_secs(1) {
+                let total = self.suppressed.load(Ordering::Relaxed);
                 if total > told.0 {
                     let line = Suppressed {
                         ts: now(),
                         suppressed: total - told.0,
-                        reason,
+                        reason: &self.reason,
                     };
                     if serde_json::to_writer(&mut out, &line).is_ok() {
                         let _ = out.write_all(b"\n");
