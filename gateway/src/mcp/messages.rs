@@ -223,25 +223,9 @@ pub fn read_events(events: &[u8]) -> EventsRead {
 }
 
 /// An event's data: its data lines' values joined by LF, as a client reads it; `None` when it
-/// has no data line.
-pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
-    for line in lines(event) {
-        if let Some(d) = field(line, b"data") {
-            let buf = data.get_or_insert_with(Vec::new);
-            buf.extend_from_slice(d);
-            buf.push(b'\n');
-        }
-    }
-    data.map(|mut d| {
-        d.pop();
-        d
-    })
-}
-
-/// [`event_data`], borrowed when the event has one data line (a large answer's, as servers
+/// has no data line. Borrowed when the event has one data line (a large answer's, as servers
 /// write them).
-fn data_of(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+pub fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
     for line in lines(event) {
         if let Some(d) = field(line, b"data") {
@@ -406,7 +390,7 @@ fn event_allowed(event: &[u8], answers: Answers) -> bool {
     if answers == Answers::Any {
         return true;
     }
-    let Some(data) = data_of(event) else {
+    let Some(data) = event_data(event) else {
         return true;
     };
     let json = data.trim_ascii_start();

@@ -691,13 +691,11 @@ fn admit(
                 policy::pins::Unpinned::NoRoom => format!(
                     "tool `{local}` at upstream `{upstream}` is not pinned: the upstream's share of the pin table is full"
                 ),
-                policy::pins::Unpinned::LooksLike(pinned) => format!(
-                    "tool `{}` at upstream `{upstream}` is not pinned: its name reads as pinned tool `{pinned}`",
-                    local.escape_default()
-                ),
-                policy::pins::Unpinned::HiddenCharacter => format!(
-                    "tool `{}` at upstream `{upstream}` is not pinned: its name holds a character a reader does not see as itself",
-                    local.escape_default()
+                why @ (policy::pins::Unpinned::LooksLike(_)
+                | policy::pins::Unpinned::HiddenCharacter) => format!(
+                    "tool `{}` at upstream `{upstream}` is not pinned: {}",
+                    local.escape_default(),
+                    policy::pins::not_plain_reason(&why).unwrap_or_default()
                 ),
             };
             let r = Refusal::new(

@@ -141,14 +141,14 @@ pub enum NotApproved {
     Other(String),
 }
 
-/// Why a new name is not pinned, for the log.
-fn describe(why: &Unpinned) -> String {
+/// Why a new name is not pinned, for the log and the refusal: `None` for the other reasons.
+pub fn not_plain_reason(why: &Unpinned) -> Option<String> {
     match why {
-        Unpinned::LooksLike(pinned) => format!("its name reads as pinned tool `{pinned}`"),
+        Unpinned::LooksLike(pinned) => Some(format!("its name reads as pinned tool `{pinned}`")),
         Unpinned::HiddenCharacter => {
-            "its name holds a character a reader does not see as itself".to_owned()
+            Some("its name holds a character a reader does not see as itself".to_owned())
         }
-        _ => String::new(),
+        _ => None,
     }
 }
 
@@ -321,7 +321,7 @@ impl Pins {
                 upstream,
                 tool = %name.escape_default(),
                 "a listed tool is hidden and refused: {}",
-                describe(&why)
+                not_plain_reason(&why).unwrap_or_default()
             );
             return false;
         }
