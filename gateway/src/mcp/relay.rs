@@ -149,7 +149,6 @@ pub(super) async fn relay(
     };
     // One event is held at most as large as a request body may be.
     let max_event = ctx.shared.snapshot.load().config.http.max_body_bytes;
-    let answers = stream_answers(req, request_id.as_ref(), obs);
     let mut body = Body::new(
         kind,
         framing,
@@ -158,11 +157,6 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
-    body.answers = answers;
-    if body.sse {
-        let ids = super::proxy::event_signer(ctx, up, obs, member.is_some(), answers);
-        body.ids = Some(Box::new(ids));
-    }
     let holding = Holding::of(
         &mut body,
         kind,
@@ -171,6 +165,15 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
+    // What an answer held whole may answer is judged by `Holding`, by its id: the digest is
+    // for what is read as it passes (and signed into event ids).
+    if body.sse || body.whole.is_none() {
+        body.answers = stream_answers(req, request_id.as_ref(), obs);
+    }
+    if body.sse {
+        let ids = super::proxy::event_signer(ctx, up, obs, member.is_some(), body.answers);
+        body.ids = Some(Box::new(ids));
+    }
     let hold_max = holding.max;
     let head_len = out.len();
     if let Err(why) = body.first_piece(&mut conn, &mut out, hold_max) {
