@@ -1014,6 +1014,58 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     d.stop();
 }
 
+/// A gateway (one worker) with pinning and the denied `u0/secret_tool`, in front of the hostile
+/// fixture `stray_answer_server.py` in `mode`, at `/mcp` and federated at `/fed` (prefix
+/// `p_`): the fixture, the gateway, its port and its admin port.
+fn stray_gateway(mode: &[&str]) -> (PyServer, Daemon, u16, u16) {
+    let up_port = free_port();
+    let upstream = PyServer::script_on("stray_answer_server.py", up_port, mode);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstray");
+    let config = format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/secret_tool"
+action = "deny"
+[policy]
+pin_tools = true
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    (
+        upstream,
+        Daemon::start_local(&instance, &config),
+        port,
+        admin,
+    )
+}
+
+/// What a client listed was the list the gateway filtered and pinned: `echo` (so named on the
+/// route) as first seen, and not the tenant's denied tool.
+fn listed_as_filtered(got: &Value, echo: &str) {
+    let tools = got["tools"].as_object().unwrap();
+    assert_eq!(
+        tools.keys().collect::<Vec<_>>(),
+        [echo],
+        "the denied tool stays hidden: {got}"
+    );
+    assert_eq!(tools[echo], "Returns its input.", "{got}");
+}
+
 /// The Python SDK's client, in the session era: lists the tools (after its GET stream had
 /// time to open) and calls `tool`; prints what it was given.
 const LIST_AND_CALL: &str = r#"
@@ -1039,39 +1091,12 @@ asyncio.run(main())
 /// SDK's client, which listed the changed `echo` and the tenant's denied tool.
 #[test]
 fn an_answer_in_another_charset_than_utf8_is_not_relayed() {
-    let up_port = free_port();
-    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &["utf7"]);
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwutf7");
-    let config = format!(
-        r#"
-{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[[tenants.policy.tools]]
-match = "u0/secret_tool"
-action = "deny"
-[policy]
-pin_tools = true
-[[upstreams]]
-name = "u0"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-"#,
-        header = local_header(&instance, 1, port, admin),
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (_upstream, mut d, port, _) = stray_gateway(&["utf7"]);
     let got = py_script(
         LIST_AND_CALL,
         &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
     );
-    let tools = got["tools"].as_object().unwrap();
-    assert_eq!(tools.keys().collect::<Vec<_>>(), ["echo"], "{got}");
-    assert_eq!(tools["echo"], "Returns its input.", "{got}");
+    listed_as_filtered(&got, "echo");
     d.wait_for_log(
         "answered in charset `utf-7`",
         std::time::Duration::from_secs(2),
@@ -1109,39 +1134,12 @@ asyncio.run(main())
 /// and pinned.
 #[test]
 fn a_large_answer_to_another_request_never_reaches_the_client_whole() {
-    let up_port = free_port();
-    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &["json"]);
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwstray");
-    let config = format!(
-        r#"
-{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[[tenants.policy.tools]]
-match = "u0/secret_tool"
-action = "deny"
-[policy]
-pin_tools = true
-[[upstreams]]
-name = "u0"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-"#,
-        header = local_header(&instance, 1, port, admin),
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (_upstream, mut d, port, _) = stray_gateway(&["json"]);
     let got = py_script(
         LIST_BESIDE_A_CALL,
         &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
     );
-    let tools = got["tools"].as_object().unwrap();
-    assert_eq!(tools.keys().collect::<Vec<_>>(), ["echo"], "{got}");
-    assert_eq!(tools["echo"], "Returns its input.", "{got}");
+    listed_as_filtered(&got, "echo");
     assert!(!got["call"].is_array(), "the call got no answer: {got}");
     d.wait_for_log(
         "answered another request than the one sent to it",
@@ -1157,45 +1155,11 @@ upstream = "u0"
 /// approval, and a tool denied to its tenant, on passthrough and federation alike.
 #[test]
 fn a_response_on_the_sessions_own_stream_cannot_answer_a_filtered_and_pinned_list() {
-    let up_port = free_port();
-    let _upstream = PyServer::script_on("stray_answer_server.py", up_port, &[]);
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwstray");
-    let config = format!(
-        r#"
-{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[[tenants.policy.tools]]
-match = "u0/secret_tool"
-action = "deny"
-[policy]
-pin_tools = true
-[[upstreams]]
-name = "u0"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-[[routes]]
-path = "/fed"
-federate = [{{ upstream = "u0", prefix = "p_" }}]
-"#,
-        header = local_header(&instance, 1, port, admin),
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (_upstream, mut d, port, admin) = stray_gateway(&[]);
     for (path, echo) in [("/mcp", "echo"), ("/fed", "p_echo")] {
         let url = format!("http://127.0.0.1:{port}{path}");
         let got = py_script(LIST_AND_CALL, &[&url, echo]);
-        let tools = got["tools"].as_object().unwrap();
-        assert_eq!(
-            tools.keys().collect::<Vec<_>>(),
-            [echo],
-            "{path}: the denied tool stays hidden: {got}"
-        );
-        assert_eq!(tools[echo], "Returns its input.", "{path}: {got}");
+        listed_as_filtered(&got, echo);
         assert_eq!(got["call"], json!(["ran echo"]), "{path}: {got}");
     }
     // Nothing changed as far as the pins know: the upstream's lists were the same each time.
