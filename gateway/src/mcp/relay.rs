@@ -724,8 +724,17 @@ pub(super) async fn take_over(
     while !drain.handed() && monoio::time::Instant::now() < until {
         monoio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    // The upstream learns that the stream is gone only once it has read the close: a resume
+    // it takes before then finds the request's stream live and replays nothing (the Python
+    // SDK's server answers 200 and ends the stream at once, and the call's answer goes
+    // nowhere). A client waits so itself before it resumes; here the close was only now.
+    monoio::time::sleep(AFTER_HAND_OVER).await;
     Some(crate::shared::Resumed(drain))
 }
+
+/// How long a resume waits after the drain closed the stream it takes over, before it asks
+/// the upstream for it.
+const AFTER_HAND_OVER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Whether `events` (whole events, on their way to a resume's client) hold the answer of the
 /// call whose drain the resume took over: then its slot is given back.
