@@ -84,6 +84,9 @@ pub struct AnswerScan {
     method_strings: u8,
     /// A top-level key that reads as `result` or `error` in some client (any case).
     answer_key: bool,
+    /// [`AnswerScan::answers_another`]'s verdict on the one complete id, for the rule it was
+    /// asked of: asked before every piece of a large answer, it reads the id once.
+    id_verdict: std::cell::Cell<Option<(Answers, bool)>>,
 }
 
 impl Default for AnswerScan {
@@ -117,6 +120,7 @@ impl Default for AnswerScan {
             methods: 0,
             method_strings: 0,
             answer_key: false,
+            id_verdict: std::cell::Cell::new(None),
         }
     }
 }
@@ -170,11 +174,19 @@ impl AnswerScan {
         if self.ids == 0 || self.in_id {
             return false;
         }
-        match serde_json::from_slice::<serde_json::Value>(&self.id) {
+        // One id, whole: its bytes change no more (a second id is caught above).
+        if let Some((asked, verdict)) = self.id_verdict.get()
+            && asked == answers
+        {
+            return verdict;
+        }
+        let verdict = match serde_json::from_slice::<serde_json::Value>(&self.id) {
             Ok(serde_json::Value::Null) => false,
             Ok(given) => !answers.allows_id(&given),
             Err(_) => true,
-        }
+        };
+        self.id_verdict.set(Some((answers, verdict)));
+        verdict
     }
 
     /// Whether a client may read the message as a response (to the request its id names): it
@@ -271,6 +283,7 @@ impl AnswerScan {
                 // Read until its value ends.
                 self.ids = self.ids.saturating_add(1);
                 self.id.clear();
+                self.id_verdict.set(None);
                 self.in_id = true;
                 Target::Id
             }
