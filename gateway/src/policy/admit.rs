@@ -387,7 +387,9 @@ impl<'a> Deciding<'a> {
             ("agent", b.agent, Some(self.agent())),
             ("run", b.run, self.who.run.as_deref()),
         ];
-        let mut left = String::new();
+        // Room for three scopes' figures at once: grown a piece at a time, it was four
+        // reallocations a call.
+        let mut left = String::with_capacity(64);
         for (scope, limit, subject) in scopes {
             let (Some(limit), Some(subject)) = (limit, subject) else {
                 continue;

@@ -631,19 +631,15 @@ fn key_in<'v>(
     o: &'v serde_json::Map<String, Value>,
     token: &str,
 ) -> Result<Option<&'v Value>, String> {
-    let name = |k: &str| {
-        k.chars()
-            .filter(|c| *c != '_')
-            .map(fold)
-            .collect::<Vec<char>>()
-    };
-    let token_name = name(token);
+    // Compared character by character as folded, without a copy of either (every key of
+    // every object on a rule's path, for every call).
+    let name = |k: &'v str| k.chars().filter(|c| *c != '_').map(fold);
     let token_number = as_number(token).filter(|n| !n.is_nan());
     let other = o.keys().find(|k| {
         k.as_str() != token
             && ((k.len() <= 8 * token.len().max(1)
                 && token.len() <= 8 * k.len().max(1)
-                && name(k) == token_name)
+                && name(k).eq(token.chars().filter(|c| *c != '_').map(fold)))
                 || token_number.is_some() && as_number(k) == token_number)
     });
     match other {
@@ -677,7 +673,11 @@ fn as_number(key: &str) -> Option<f64> {
     if !underscores_between_digits {
         return None;
     }
-    let plain = t.replace('_', "");
+    let plain = if t.contains('_') {
+        std::borrow::Cow::Owned(t.replace('_', ""))
+    } else {
+        std::borrow::Cow::Borrowed(t)
+    };
     // Words (`inf`, `nan`) are not numbers a key is read as here.
     if plain
         .bytes()
