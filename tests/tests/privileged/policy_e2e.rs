@@ -956,22 +956,7 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwlook");
-    let config = format!(
-        r#"
-{header}[policy]
-pin_tools = true
-[[upstreams]]
-name = "u0"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-[[routes]]
-path = "/fed"
-federate = [{{ upstream = "u0", prefix = "p_" }}]
-"#,
-        header = local_header(&instance, 1, port, admin),
-    );
+    let config = pinning_config(&instance, 1, port, admin, up_port, "");
     let mut d = Daemon::start_local(&instance, &config);
     assert!(
         list_2026(port, "/mcp").contains(&"echo".to_owned()),
@@ -1014,25 +999,20 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
     d.stop();
 }
 
-/// A gateway (one worker) with pinning and the denied `u0/secret_tool`, in front of the hostile
-/// fixture `stray_answer_server.py` in `mode`, at `/mcp` and federated at `/fed` (prefix
-/// `p_`): the fixture, the gateway, its port and its admin port.
-fn stray_gateway(mode: &[&str]) -> (PyServer, Daemon, u16, u16) {
-    let up_port = free_port();
-    let upstream = PyServer::script_on("stray_answer_server.py", up_port, mode);
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwstray");
-    let config = format!(
+/// A gateway with `workers` workers that pins tools: upstream `u0` at `up_port`, on `/mcp`
+/// and federated with the prefix `p_` on `/fed`. `tenants` goes before the policy (tenants
+/// and the `[kernel]` keys that name one).
+fn pinning_config(
+    instance: &str,
+    workers: usize,
+    port: u16,
+    admin: u16,
+    up_port: u16,
+    tenants: &str,
+) -> String {
+    format!(
         r#"
-{header}default_tenant = "public"
-[[tenants]]
-name = "public"
-id = 0
-[[tenants.policy.tools]]
-match = "u0/secret_tool"
-action = "deny"
-[policy]
+{header}{tenants}[policy]
 pin_tools = true
 [[upstreams]]
 name = "u0"
@@ -1044,8 +1024,28 @@ upstream = "u0"
 path = "/fed"
 federate = [{{ upstream = "u0", prefix = "p_" }}]
 "#,
-        header = local_header(&instance, 1, port, admin),
-    );
+        header = local_header(instance, workers, port, admin),
+    )
+}
+
+/// A gateway (one worker) with pinning and the denied `u0/secret_tool`, in front of the hostile
+/// fixture `stray_answer_server.py` in `mode`, at `/mcp` and federated at `/fed` (prefix
+/// `p_`): the fixture, the gateway, its port and its admin port.
+fn stray_gateway(mode: &[&str]) -> (PyServer, Daemon, u16, u16) {
+    let up_port = free_port();
+    let upstream = PyServer::script_on("stray_answer_server.py", up_port, mode);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwstray");
+    let tenant = r#"default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/secret_tool"
+action = "deny"
+"#;
+    let config = pinning_config(&instance, 1, port, admin, up_port, tenant);
     (
         upstream,
         Daemon::start_local(&instance, &config),
@@ -1187,22 +1187,7 @@ fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwpin");
-    let config = format!(
-        r#"
-{header}[policy]
-pin_tools = true
-[[upstreams]]
-name = "u0"
-url = "http://127.0.0.1:{up_port}/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "u0"
-[[routes]]
-path = "/fed"
-federate = [{{ upstream = "u0", prefix = "p_" }}]
-"#,
-        header = local_header(&instance, 2, port, admin),
-    );
+    let config = pinning_config(&instance, 2, port, admin, up_port, "");
     let mut d = Daemon::start_local(&instance, &config);
     let all = [
         "add",
