@@ -588,18 +588,7 @@ auth = ["api_key"]
         r.body.len()
     );
     // Written within ~50 ms by the log's own thread.
-    let mut lines = Vec::new();
-    for _ in 0..100 {
-        lines = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect();
-        if lines.len() >= 4 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut lines = log_lines_until(&log, |lines| lines.len() >= 4);
     assert_eq!(lines.len(), 4, "{lines:?}");
     // A line is handed to the log's thread once its answer is written: the client's next
     // request, served by the other worker, may be logged first (a run of 2026-11-30 logged the
@@ -683,21 +672,10 @@ auth = ["api_key"]
         let identified = lines.iter().filter(|l| l["path"] == "/keyed").count();
         (flooded, suppressed, identified)
     };
-    let mut lines: Vec<serde_json::Value> = Vec::new();
-    for _ in 0..100 {
-        // Whole lines: the writer's buffer may have gone to the file in the middle of one.
-        let text = std::fs::read_to_string(&log).unwrap();
-        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        lines = whole
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let (flooded, suppressed, identified) = count(&lines);
-        if flooded as u64 + suppressed >= 121 && identified == 60 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let lines = log_lines_until(&log, |lines| {
+        let (flooded, suppressed, identified) = count(lines);
+        flooded as u64 + suppressed >= 121 && identified == 60
+    });
     let (flooded, suppressed, identified) = count(&lines);
     assert_eq!(identified, 60, "every line of a caller a key names");
     assert_eq!(
@@ -727,28 +705,22 @@ auth = ["api_key"]
     );
     // The audit log, likewise: the 61 anonymous refusals on `/demo` are written or counted,
     // at most 5 a second; acme's 60 are all written.
-    let (mut refused, mut counted, mut keyed) = (0, 0, 0);
-    for _ in 0..100 {
-        let text = std::fs::read_to_string(&audit).unwrap_or_default();
-        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        let records: Vec<serde_json::Value> = whole
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        refused = records
+    let tally = |records: &[serde_json::Value]| {
+        let refused = records
             .iter()
             .filter(|r| r["route"] == "/demo" && r["decision"] == "refused")
             .count();
-        counted = records
+        let counted = records
             .iter()
             .filter_map(|r| r["suppressed"].as_u64())
             .sum::<u64>();
-        keyed = records.iter().filter(|r| r["route"] == "/keyed").count();
-        if refused as u64 + counted >= 61 && keyed == 60 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let keyed = records.iter().filter(|r| r["route"] == "/keyed").count();
+        (refused, counted, keyed)
+    };
+    let (refused, counted, keyed) = tally(&log_lines_until(&audit, |records| {
+        let (refused, counted, keyed) = tally(records);
+        refused as u64 + counted >= 61 && keyed == 60
+    }));
     assert_eq!(keyed, 60, "every record of a caller a key names");
     assert_eq!(
         refused as u64 + counted,
@@ -767,4 +739,27 @@ auth = ["api_key"]
         "{metrics}"
     );
     d.stop();
+}
+
+/// The JSON lines of a log the gateway writes, read again every 50 ms until `done` says they
+/// are all there (5 s at most). Whole lines only: the writer's buffer may have gone to the
+/// file in the middle of one.
+fn log_lines_until(
+    path: &std::path::Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        lines = whole
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if done(&lines) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lines
 }
