@@ -365,17 +365,13 @@ pub fn same_id(a: &Value, b: &Value) -> bool {
 /// `1.0` differ, as they do to a client).
 fn digest(id: &Value) -> [u8; 8] {
     use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(json_text(&canonical_id(id)));
+    let hash = sha2::Sha256::digest(serde_json::to_vec(&canonical_id(id)).unwrap_or_default());
     let mut d = [0; 8];
     d.copy_from_slice(&hash[..8]);
     if d == NOTHING || d == ANY {
         d[0] ^= 1;
     }
     d
-}
-
-fn json_text(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// Whether an event's data may reach the client under `answers`: data that is not JSON a

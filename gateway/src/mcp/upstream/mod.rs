@@ -114,23 +114,20 @@ impl ResponseHead {
         // stream too), the gateway reads it as UTF-8. In UTF-7 `+AGk-d` is `id`: a response
         // the gateway read as answering nothing answered the client's pending `tools/list`
         // (an attacker's review). Not relayed, as a request in another charset is not taken.
-        if let Some(charset) = first
-            .and_then(|ct| std::str::from_utf8(ct).ok())
-            .and_then(|ct| {
-                http::media_params(ct)
-                    .find(|(n, v)| n.eq_ignore_ascii_case("charset") && !http::is_utf8(v))
-            })
-            .map(|(_, v)| v.to_owned())
-        {
-            return Some(UpstreamFailure::Bad(format!(
-                "answered in charset `{}`: answers are read, and relayed, as UTF-8",
-                charset.escape_default()
-            )));
-        }
-        if first.is_some_and(|ct| std::str::from_utf8(ct).is_err()) {
-            return Some(UpstreamFailure::Bad(
-                "answered with a Content-Type that is not text".into(),
-            ));
+        if let Some(ct) = first {
+            let Ok(ct) = std::str::from_utf8(ct) else {
+                return Some(UpstreamFailure::Bad(
+                    "answered with a Content-Type that is not text".into(),
+                ));
+            };
+            if let Some((_, charset)) = http::media_params(ct)
+                .find(|(n, v)| n.eq_ignore_ascii_case("charset") && !http::is_utf8(v))
+            {
+                return Some(UpstreamFailure::Bad(format!(
+                    "answered in charset `{}`: answers are read, and relayed, as UTF-8",
+                    charset.escape_default()
+                )));
+            }
         }
         let names_sse = first.is_some_and(|ct| {
             ct.windows(17)
