@@ -332,10 +332,14 @@ pub const ENDPOINT_TAG: usize = 8;
 /// bound to (its owner, the replica that minted it): any worker, a new process after an
 /// upgrade, or another gateway of a fleet (same key) reads it from the id itself.
 pub fn sign(key: &[u8; 32], context: &[&[u8]], extra: &[u8], value: &[u8]) -> Vec<u8> {
-    let tag = signed_tag(key, context, extra, value);
-    let mut tail = Vec::with_capacity(extra.len() + SIGNED_TAG);
+    signed_form(value, extra, &signed_tag(key, context, extra, value))
+}
+
+/// `{value}.{extra and tag}`, the two in base64: what [`sign`] and [`Signer::sign`] write.
+fn signed_form(value: &[u8], extra: &[u8], tag: &[u8]) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(extra.len() + tag.len());
     tail.extend_from_slice(extra);
-    tail.extend_from_slice(&tag);
+    tail.extend_from_slice(tag);
     let mut out = Vec::with_capacity(value.len() + 1 + (tail.len() * 4).div_ceil(3));
     out.extend_from_slice(value);
     out.push(b'.');
@@ -375,13 +379,8 @@ pub struct Signer {
 
 impl Signer {
     pub fn new(key: &[u8; 32], context: &[&[u8]], extra: &[u8]) -> Self {
-        let mut m = mac(key);
-        for part in context.iter().chain([&extra]) {
-            m.update(&(part.len() as u64).to_le_bytes());
-            m.update(part);
-        }
         Self {
-            mac: m,
+            mac: with_parts(mac(key), context.iter().copied().chain([extra])),
             extra: extra.to_vec(),
         }
     }
@@ -389,26 +388,20 @@ impl Signer {
     /// What [`sign`] makes of `value` with this key, context and extra: `{value}.{extra and
     /// tag}`.
     pub fn sign(&self, value: &[u8]) -> Vec<u8> {
-        let mut m = self.mac.clone();
-        m.update(&(value.len() as u64).to_le_bytes());
-        m.update(value);
-        let full = m.finalize().into_bytes();
-        let mut tail = Vec::with_capacity(self.extra.len() + SIGNED_TAG);
-        tail.extend_from_slice(&self.extra);
-        tail.extend_from_slice(&full[..SIGNED_TAG]);
-        let tail = URL_SAFE_NO_PAD.encode(&tail);
-        let mut out = Vec::with_capacity(value.len() + 1 + tail.len());
-        out.extend_from_slice(value);
-        out.push(b'.');
-        out.extend_from_slice(tail.as_bytes());
-        out
+        let full = with_parts(self.mac.clone(), [value])
+            .finalize()
+            .into_bytes();
+        signed_form(value, &self.extra, &full[..SIGNED_TAG])
     }
 }
 
 fn tagged(key: &[u8; 32], context: &[&[u8]], extra: &[u8], value: &[u8]) -> Hmac<Sha256> {
-    let mut m = mac(key);
-    // Each part with its length: no two different contexts make the same input.
-    for part in context.iter().chain([&extra, &value]) {
+    with_parts(mac(key), context.iter().copied().chain([extra, value]))
+}
+
+/// `m` fed `parts`, each with its length: no two different contexts make the same input.
+fn with_parts<'p>(mut m: Hmac<Sha256>, parts: impl IntoIterator<Item = &'p [u8]>) -> Hmac<Sha256> {
+    for part in parts {
         m.update(&(part.len() as u64).to_le_bytes());
         m.update(part);
     }
