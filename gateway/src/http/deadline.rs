@@ -160,10 +160,9 @@ impl Future for Deadline {
             },
             // Registered in a table since forgotten: this task outlived its runtime.
             Some(_) => Poll::Pending,
+            // Registered without reading the clock (a read a request's every timed wait
+            // made): one already past is served by the sweep it starts or kicks below.
             None => {
-                if Instant::now() >= this.deadline {
-                    return Poll::Ready(());
-                }
                 let key = t.insert(Slot::Waiting {
                     deadline: this.deadline,
                     waker: cx.waker().clone(),
@@ -518,6 +517,29 @@ mod tests {
             // And one that would be served too late by the planned sweep still is not kept.
             Deadline::new(Instant::now() + Duration::from_millis(30)).await;
             assert!(Instant::now() - start < Duration::from_secs(1));
+            drop(far);
+        });
+    }
+
+    /// A deadline already past when first polled (it is registered without a look at the
+    /// clock) resolves by the sweep it starts, or by one it kicks when the sweeper sleeps
+    /// towards a later one: not only at the sweep planned.
+    #[test]
+    fn a_deadline_already_past_resolves_at_once() {
+        run(async {
+            let past = Instant::now();
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            let start = Instant::now();
+            Deadline::new(past).await;
+            assert!(Instant::now() - start < SWEEP_FLOOR, "no sweeper running");
+            let far = monoio::spawn(Deadline::new(start + Duration::from_secs(5)));
+            monoio::time::sleep(SWEEP_FLOOR * 2).await;
+            let start = Instant::now();
+            assert_eq!(
+                within(past, std::future::pending::<()>()).await,
+                Err(Elapsed)
+            );
+            assert!(Instant::now() - start < SWEEP_FLOOR, "the sweeper slept");
             drop(far);
         });
     }
