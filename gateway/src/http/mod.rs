@@ -222,12 +222,16 @@ const SINGLE_NAMES: [&str; 9] = [
 ];
 
 /// Fields a client sends that never reach the upstream: hop-by-hop ones, framing and `Host`
-/// (the gateway writes its own), credentials (the upstream gets its own), and what says where
+/// (the gateway writes its own), credentials (the upstream gets its own), what says where
 /// the request came from other than `X-Forwarded-For` (which the gateway appends to): an
-/// upstream that reads `X-Real-IP` or `Forwarded` would take the client's word for its address.
-pub const NOT_FORWARDED: Names<27> = Names::new(NOT_FORWARDED_NAMES);
+/// upstream that reads `X-Real-IP`, `Forwarded` or a CDN's client address (Node's
+/// `request-ip` reads `CF-Connecting-IP`, `Fastly-Client-IP`, `X-Forwarded`) would take the
+/// client's word for its address; what says which host, path or method the request was
+/// for (a framework's method override would run as `DELETE` a `POST` policy checked), and
+/// `Proxy` (a CGI upstream reads it as its `HTTP_PROXY`: "httpoxy").
+pub const NOT_FORWARDED: Names<48> = Names::new(NOT_FORWARDED_NAMES);
 
-const NOT_FORWARDED_NAMES: [&str; 27] = [
+const NOT_FORWARDED_NAMES: [&str; 48] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -255,6 +259,27 @@ const NOT_FORWARDED_NAMES: [&str; 27] = [
     "x-client-ip",
     "true-client-ip",
     "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "cf-connecting-ipv6",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-envoy-external-address",
+    "x-remote-addr",
+    "x-remote-ip",
+    "x-proxyuser-ip",
+    "x-forwarded-server",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-uri",
+    "x-envoy-original-path",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "proxy",
 ];
 
 fn is_single(name: &str) -> bool {

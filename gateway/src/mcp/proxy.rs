@@ -917,9 +917,20 @@ pub(super) fn upstream_request(
     }
     let mut text = [0u8; 64];
     let ip = ip_text(peer.ip(), &mut text);
-    match req.header_str("x-forwarded-for") {
-        Some(prev) => {
-            let joined = [prev.as_bytes(), b", ", ip].concat();
+    // Every line the client sent, in order, then the peer: lines of one field are one list
+    // (RFC 9110 §5.3). A proxy in front that adds a line of its own instead of joining
+    // (HAProxy's `option forwardfor`) puts the address it saw in the second one, which an
+    // upstream that trusts that proxy reads; keeping only the first dropped it.
+    let mut previous = req.headers.all("x-forwarded-for").map(<[u8]>::trim_ascii);
+    match previous.next() {
+        Some(first) => {
+            let mut joined = first.to_vec();
+            for line in previous {
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(line);
+            }
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip);
             http::push_field(&mut out, "x-forwarded-for", &joined)?;
         }
         None => http::push_field(&mut out, "x-forwarded-for", ip)?,

@@ -290,7 +290,11 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
             "/mcp?x=1",
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
             "authorization: Bearer client-secret\r\nx-api-key: k\r\ncookie: c=1\r\n\
-             x-real-ip: 203.0.113.7\r\nforwarded: for=203.0.113.8\r\nx-forwarded-host: evil.example\r\n",
+             x-real-ip: 203.0.113.7\r\nforwarded: for=203.0.113.8\r\nx-forwarded-host: evil.example\r\n\
+             cf-connecting-ip: 203.0.113.9\r\nfastly-client-ip: 203.0.113.10\r\n\
+             x-forwarded: for=203.0.113.11\r\nx-original-url: /admin\r\n\
+             x-http-method-override: DELETE\r\nproxy: http://evil.example:3128\r\n\
+             x-forwarded-for: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2 \r\n",
         ),
     );
     assert_eq!(resp.status, 200);
@@ -304,9 +308,10 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
     // Where the request came from is the gateway's to say: what a client claims is not sent
     // on (but in `X-Forwarded-For`, which the gateway appends to).
     assert!(
-        !seen.contains("203.0.113.7")
-            && !seen.contains("203.0.113.8")
-            && !seen.contains("evil.example"),
+        !seen.contains("203.0.113.")
+            && !seen.contains("evil.example")
+            && !seen.contains("/admin")
+            && !seen.contains("DELETE"),
         "{seen}"
     );
     assert!(
@@ -314,7 +319,13 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
         "{seen}"
     );
     assert!(seen.starts_with("POST /mcp?x=1 HTTP/1.1\r\n"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    // Every line of X-Forwarded-For, in order, then the peer (a proxy in front that adds a
+    // line of its own puts its word in the second).
+    assert!(
+        seen.contains("x-forwarded-for: 198.51.100.1, 198.51.100.2, 127.0.0.1\r\n"),
+        "{seen}"
+    );
+    assert_eq!(seen.matches("x-forwarded-for").count(), 1, "{seen}");
     d.stop();
 }
 
