@@ -1,6 +1,7 @@
 //! The request's path on a worker, as named stages:
 //!
-//! origin (and CORS) → route → version → trace → identity → parse → check → admit → forward, then record.
+//! origin (and CORS) → route → version → trace → identity → parse → check → claim → admit →
+//! forward, then record.
 //!
 //! Each stage either hands the next what it learned or stops the request with a [`Stop`],
 //! which one place ([`answer`]) turns into the client's answer. Nothing reaches an upstream
@@ -140,6 +141,7 @@ async fn run<'c>(
     let session = check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
     let req = &*req;
+    let claims = claim(req, ctx, route, tenant, &messages, session)?;
     let admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
@@ -147,8 +149,10 @@ async fn run<'c>(
         io, req, peer, ctx, snapshot, route, tenant, messages, session, obs,
     )
     .await;
-    // The admissions hold their in-flight slots until the answer has been relayed.
+    // The admissions hold their in-flight slots, and the claims their ids, until the answer
+    // has been relayed (or the call abandoned and cancelled).
     drop(admissions);
+    drop(claims);
     Ok(keep)
 }
 
@@ -550,6 +554,62 @@ fn check(
         };
     }
     Ok(None)
+}
+
+/// claim: a request's id is its session's alone while the request is in flight, on every
+/// worker (MCP: a requestor never uses an id twice in a session). Servers keep the calls
+/// they run by id, and the Python SDK's overwrites a call with a second of the same id: when
+/// the first call's client left, its cancellation (`abandoned`) reached the second, or
+/// nothing, and the first ran on after its concurrency slot was given back (an attacker's
+/// review: seven `sleep` calls of a tool capped at one, each hidden behind a quick call with
+/// its id). Ids are compared as clients compare them (`"7"` is `7`); a request without a
+/// session has its own exchange and claims nothing. A second request with an id in flight
+/// is refused (409, -32600) before it is admitted or charged.
+fn claim(
+    req: &Request,
+    ctx: &WorkerCtx,
+    route: &Route,
+    tenant: &TenantPolicy,
+    messages: &Messages,
+    session: Option<Verified>,
+) -> Result<Vec<policy::limits::IdClaim>, Stop> {
+    let Some(header) = req.header("mcp-session-id") else {
+        return Ok(Vec::new());
+    };
+    // The session the upstream sees: the signed id's own part for a passthrough session.
+    let session = match session {
+        Some(Verified::Upstream { own }) => header.get(..own).unwrap_or(header),
+        _ => header,
+    };
+    let state = &ctx.shared.limits;
+    let mut claims = Vec::new();
+    for m in messages.all().filter(|m| m.kind == Kind::Request) {
+        let Some(id) = &m.id else { continue };
+        let id = match id {
+            Id::Num(n) => Ok(*n),
+            Id::Str(s) => s
+                .parse::<i64>()
+                .ok()
+                .filter(|n| n.to_string() == *s)
+                .ok_or(s),
+        };
+        let key = state.key(("rpc-id", &route.path, &tenant.name, session, id));
+        match state.claim_id(key) {
+            Some(c) => claims.push(c),
+            None => {
+                let r = Refusal::new(
+                    409,
+                    policy::code::INVALID_REQUEST,
+                    format!("routes[{}]", route.path),
+                    "a request with this id is in flight in this session: a request's id \
+                     is never used twice in a session"
+                        .to_owned(),
+                );
+                return Err(Stop::Refuse(r, messages.id_for(m)));
+            }
+        }
+    }
+    Ok(claims)
 }
 
 /// The upstream and the tool (as that upstream names it) a `tools/call` calls.

@@ -515,6 +515,9 @@ pub struct State {
     /// argument makes a new one.
     loops: LoopTable,
     in_flight: papaya::HashMap<u64, Slots, rustc_hash::FxBuildHasher>,
+    /// The ids of the requests in flight, each keyed with its session ([`State::claim_id`]):
+    /// as many as requests in flight, each gone when its request ends.
+    ids: papaya::HashSet<u64, rustc_hash::FxBuildHasher>,
     /// Live connections of each capped tenant (by id) on the other gateways of the fleet, as
     /// the fleet agent last read them.
     conns_others: papaya::HashMap<u32, AtomicU64, rustc_hash::FxBuildHasher>,
@@ -579,6 +582,7 @@ impl State {
             windows: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             loops: LoopTable::default(),
             in_flight: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
+            ids: papaya::HashSet::with_hasher(rustc_hash::FxBuildHasher),
             conns_others: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             fleet: AtomicU8::new(FLEET_OFF),
             fleet_hosts: AtomicU64::new(1),
@@ -1033,6 +1037,15 @@ impl State {
         })
     }
 
+    /// Takes `key` (a request's id in its session, made by [`State::key`]) for as long as the
+    /// claim lives, on every worker; `None` while another request holds it.
+    pub fn claim_id(self: &Arc<Self>, key: u64) -> Option<IdClaim> {
+        self.ids.pin().insert(key).then(|| IdClaim {
+            state: Arc::clone(self),
+            key,
+        })
+    }
+
     /// What this host may hold of a cap of `max` shared by the fleet: `max` less what the
     /// others hold (`others`) with the fleet connected, `max ÷ live hosts` (at least 1) with
     /// Redis unreachable or before the others' counts were first read, `max` without a fleet.
@@ -1171,6 +1184,19 @@ impl State {
 pub struct Slots {
     here: AtomicU32,
     others: AtomicU32,
+}
+
+/// A request's id held in its session while the request is in flight ([`State::claim_id`]).
+#[derive(Debug)]
+pub struct IdClaim {
+    state: Arc<State>,
+    key: u64,
+}
+
+impl Drop for IdClaim {
+    fn drop(&mut self) {
+        self.state.ids.pin().remove(&self.key);
+    }
 }
 
 /// One request in flight against a concurrency cap.
@@ -1764,6 +1790,23 @@ mod tests {
         };
         state.fleet_merge(other.clone(), 1_000_000, counts[0].window, 0, 7);
         assert_eq!(state.left(other.key(&state, 1_000_000), 1_000_000, 10), 3);
+    }
+
+    #[test]
+    fn an_id_is_claimed_once_until_its_claim_ends() {
+        let state = Arc::new(State::default());
+        let key = state.key(("rpc-id", "/mcp", "s1", 7));
+        let claim = state.claim_id(key).expect("a first claim");
+        assert!(state.claim_id(key).is_none(), "claimed twice");
+        let other = state.claim_id(state.key(("rpc-id", "/mcp", "s2", 7)));
+        assert!(other.is_some(), "the same id in another session");
+        drop(claim);
+        assert!(
+            state.claim_id(key).is_some(),
+            "free again once the request ended"
+        );
+        drop(other);
+        assert_eq!(state.ids.len(), 0, "nothing left behind");
     }
 
     #[test]

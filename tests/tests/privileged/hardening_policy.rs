@@ -795,6 +795,41 @@ upstream = "u1"
             stopped,
             "{path}: the call whose client left still runs upstream"
         );
+
+        // A second request with the id of one in flight (as a client compares ids: `"77"` is
+        // `77`) is refused: the server would run it under the first one's id, and the
+        // first one's cancellation, when its client left, would reach it instead (the first
+        // ran on past the cap, hidden behind a quick call with its id).
+        let call = format!(
+            r#"{{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{{"name":"{prefix}sleep","arguments":{{"seconds":60}}}}}}"#
+        );
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut client, &post(path, &call, &session)).unwrap();
+        let started = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            running() == 1
+        });
+        assert!(started, "{path}: the second call never started upstream");
+        for id in ["77", r#""77""#] {
+            let again = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{prefix}calls_running","arguments":{{}}}}}}"#
+            );
+            let (r, _) = raw(port, &post(path, &again, &session));
+            assert_eq!(r.status, 409, "{path} {id}: {r:?}");
+            assert_eq!(message_of(&r)["error"]["code"], -32600, "{path} {id}");
+        }
+        drop(client);
+        let stopped = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            running() == 0
+        });
+        assert!(stopped, "{path}: the first call with id 77 still runs");
+        // Its id is free once it ended.
+        let again = format!(
+            r#"{{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{{"name":"{prefix}calls_running","arguments":{{}}}}}}"#
+        );
+        let (r, _) = raw(port, &post(path, &again, &session));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
     }
     d.stop();
 }
