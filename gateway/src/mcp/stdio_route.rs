@@ -320,9 +320,10 @@ async fn finish(
                     obs.failed_by(super::proxy::Blame::Unclear);
                     504
                 }
-                // Every per-caller child is another caller's: the gateway's own limit, not a
-                // failure of the upstream.
-                StdioError::Busy(..) => {
+                // Every per-caller child is another caller's, or what waits for the child is
+                // at its bound: the gateway's own limits, not failures of the upstream (a
+                // flood would open its breaker for everyone).
+                StdioError::Busy(..) | StdioError::Full(..) => {
                     obs.set(Outcome::Refused);
                     503
                 }

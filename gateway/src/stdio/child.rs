@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    Handle, PinGate, StdioError, StdioSpec, ToChild,
+    Handle, PinGate, Queued, Slot, StdioError, StdioSpec, ToChild,
     cgroup::Cgroup,
     mux::{Inbound, Mux, Refused, unknown_task},
     sandbox,
@@ -55,17 +55,25 @@ struct Lines<R> {
     skipping: bool,
     /// Of a line being skipped: its first bytes are `line`'s, its last `tail`'s.
     tail: VecDeque<u8>,
+    /// When the line being skipped passed the limit.
+    skipping_since: Option<Instant>,
     max: usize,
+    /// A line still skipped this long after it passed the limit answers no call that still
+    /// waits (the call timeout): the child writes without ever ending a line, and it kept the
+    /// control thread reading for as long as it wrote (an attacker's review). It is stopped.
+    endless: Duration,
 }
 
 impl<R: AsyncBufRead + Unpin> Lines<R> {
-    fn new(inner: R, max: usize) -> Self {
+    fn new(inner: R, max: usize, endless: Duration) -> Self {
         Self {
             inner,
             line: Vec::new(),
             skipping: false,
             tail: VecDeque::new(),
+            skipping_since: None,
             max,
+            endless,
         }
     }
 
@@ -81,6 +89,7 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
             };
             if !self.skipping && self.line.len() + part.len() > self.max {
                 self.skipping = true;
+                self.skipping_since = Some(Instant::now());
                 self.tail.clear();
                 self.tail
                     .extend(&self.line[self.line.len().saturating_sub(ENDS_KEPT)..]);
@@ -88,6 +97,15 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
                 self.line.shrink_to(ENDS_KEPT);
             }
             if self.skipping {
+                if self
+                    .skipping_since
+                    .is_some_and(|t| t.elapsed() > self.endless)
+                {
+                    return Err(std::io::Error::other(format!(
+                        "it wrote a line over the limit without an end for {} ms",
+                        self.endless.as_millis()
+                    )));
+                }
                 let room = ENDS_KEPT.saturating_sub(self.line.len());
                 self.line.extend_from_slice(&part[..room.min(part.len())]);
                 let last = &part[part.len().saturating_sub(ENDS_KEPT)..];
@@ -116,11 +134,21 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
 /// supervisor, until the call timed out, and every call in flight failed with it (an
 /// attacker's review: a 300 KB request behind a 2 MB answer).
 struct Input {
-    lines: mpsc::UnboundedSender<Vec<u8>>,
+    /// Each line with its place in what waits for the child ([`Slot`]), given back once
+    /// written.
+    lines: mpsc::UnboundedSender<(Vec<u8>, Slot)>,
+    /// The places of the supervisor's own lines (its `initialize`, cancellations, answers to
+    /// the child's own requests), apart from the clients' messages, which hold places in the
+    /// upstream's queue: a child that asks and never reads the answers fills no more than
+    /// [`OWN_BYTES`].
+    own: Arc<Queued>,
     /// Resolves when a line was not taken within the call timeout, or the pipe broke.
     blocked: oneshot::Receiver<()>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Bytes of the supervisor's own lines that may wait for the child.
+const OWN_BYTES: usize = 1 << 20;
 
 impl Input {
     fn new(stdin: ChildStdin, within: Duration) -> Self {
@@ -129,28 +157,37 @@ impl Input {
         let task = tokio::spawn(write_lines(stdin, rx, within, tell));
         Self {
             lines,
+            own: Arc::default(),
             blocked,
             task,
         }
     }
 
-    /// Queues `line` (a message and its newline). Queued lines wait at most the call timeout
-    /// each for the child to take them (then the child is stopped), so what waits is what came
-    /// in that time.
+    /// Queues one of the supervisor's own lines (a message and its newline), within
+    /// [`OWN_BYTES`]. Queued lines wait at most the call timeout each for the child to take
+    /// them (then the child is stopped).
     fn send(&self, line: Vec<u8>) -> Result<(), String> {
+        let slot = Slot::take(&self.own, line.len(), false, OWN_BYTES)
+            .ok_or_else(|| "its input is full".to_owned())?;
+        self.send_in(line, slot)
+    }
+
+    /// Queues a client's line in the place it holds.
+    fn send_in(&self, line: Vec<u8>, slot: Slot) -> Result<(), String> {
         self.lines
-            .unbounded_send(line)
+            .unbounded_send((line, slot))
             .map_err(|_| "its input is closed".to_owned())
     }
 }
 
 async fn write_lines(
     mut stdin: ChildStdin,
-    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut lines: mpsc::UnboundedReceiver<(Vec<u8>, Slot)>,
     within: Duration,
     blocked: oneshot::Sender<()>,
 ) {
-    while let Some(line) = lines.next().await {
+    // Each place is given back as its line is written.
+    while let Some((line, _slot)) = lines.next().await {
         if !matches!(
             tokio::time::timeout(within, stdin.write_all(&line)).await,
             Ok(Ok(()))
@@ -267,6 +304,11 @@ struct Supervisor {
     waiters: HashMap<u64, Waiter>,
     starts: VecDeque<Instant>,
     down_until: Option<Instant>,
+    /// The last start that failed, when, and why: a call sent before it waited for that start
+    /// and fails with it, instead of starting the child once more (a client that sent calls
+    /// and left made the child start once for each, one after another, before the next
+    /// caller's call: 115 s for a child that never answered `initialize`).
+    failed_start: Option<(Instant, StdioError)>,
     last_call: Instant,
     gate: Option<Arc<dyn PinGate>>,
     /// The child's home folder, made at its first start and kept across restarts; removed when
@@ -293,6 +335,7 @@ async fn supervise(
         waiters: HashMap::new(),
         starts: VecDeque::new(),
         down_until: None,
+        failed_start: None,
         last_call: Instant::now(),
         home: None,
     };
@@ -320,7 +363,14 @@ async fn supervise(
                 }
                 FromChild::Line(Ok(Line::Text(bytes))) => s.take_from_child(&bytes, &mut running),
                 FromChild::Line(Ok(Line::TooLong(id))) => s.too_long(id),
-                FromChild::Line(Ok(Line::Eof) | Err(_)) => {
+                FromChild::Line(Err(e)) => {
+                    tracing::warn!(upstream = %s.spec.name, error = %e, "stdio upstream's output cannot be read; stopping it");
+                    if let Some(r) = running.take() {
+                        stop(r, s.spec.stop_grace).await;
+                    }
+                    s.fail_all(&StdioError::Exited(s.spec.name.clone(), e.to_string()));
+                }
+                FromChild::Line(Ok(Line::Eof)) => {
                     if let Some(r) = running.take() {
                         let status = exit_status(r).await;
                         tracing::warn!(upstream = %s.spec.name, %status, "stdio upstream exited");
@@ -356,7 +406,19 @@ impl Supervisor {
                 message,
                 events,
                 done,
+                slot,
+                sent,
             } => {
+                // A caller that left already: nothing is started or written for it.
+                if done.is_canceled() {
+                    return;
+                }
+                if let Some((at, e)) = &self.failed_start
+                    && sent <= *at
+                {
+                    let _ = done.send(Err(e.clone()));
+                    return;
+                }
                 let parsed: Value = match serde_json::from_slice(&message) {
                     Ok(v) => v,
                     Err(_) => {
@@ -365,6 +427,7 @@ impl Supervisor {
                     }
                 };
                 if let Err(e) = self.ensure_started(running).await {
+                    self.failed_start = Some((Instant::now(), e.clone()));
                     let _ = done.send(Err(e));
                     return;
                 }
@@ -403,10 +466,12 @@ impl Supervisor {
                         deadline: tokio::time::Instant::now() + self.spec.call_timeout,
                     },
                 );
-                self.write(running, &out);
+                self.write(running, &out, Some(slot));
             }
             ToChild::Notification {
-                caller, message, ..
+                caller,
+                message,
+                slot,
             } => {
                 let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
                     return;
@@ -414,11 +479,13 @@ impl Supervisor {
                 if let Some(out) = self.mux.notification(caller, parsed)
                     && running.is_some()
                 {
-                    self.write(running, &out);
+                    self.write(running, &out, Some(slot));
                 }
             }
             ToChild::Response {
-                caller, message, ..
+                caller,
+                message,
+                slot,
             } => {
                 let Ok(parsed) = serde_json::from_slice::<Value>(&message) else {
                     return;
@@ -426,7 +493,7 @@ impl Supervisor {
                 if let Ok(out) = self.mux.response(caller, parsed)
                     && running.is_some()
                 {
-                    self.write(running, &out);
+                    self.write(running, &out, Some(slot));
                 }
             }
         }
@@ -450,7 +517,7 @@ impl Supervisor {
                     let _ = w.events.try_send(message.to_string().into_bytes());
                 }
             }
-            Inbound::Reply(answer) => self.write(running, &answer),
+            Inbound::Reply(answer) => self.write(running, &answer, None),
             Inbound::ListChanged(what) => {
                 tracing::info!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
             }
@@ -478,15 +545,23 @@ impl Supervisor {
         }
     }
 
-    /// Queues `message` for the child; one it does not take in time stops it (see `Input`).
-    fn write(&mut self, running: &mut Option<Running>, message: &Value) {
+    /// Queues `message` for the child, in `slot` (a client's message) or among the
+    /// supervisor's own lines; one it does not take in time stops it (see `Input`). One of the
+    /// supervisor's own past [`OWN_BYTES`] is dropped.
+    fn write(&mut self, running: &mut Option<Running>, message: &Value, slot: Option<Slot>) {
         let Some(r) = running.as_mut() else {
             return;
         };
         let mut line = message.to_string().into_bytes();
         line.push(b'\n');
         // A closed input is told by `blocked` as well.
-        let _ = r.stdin.send(line);
+        let sent = match slot {
+            Some(slot) => r.stdin.send_in(line, slot),
+            None => r.stdin.send(line),
+        };
+        if let Err(why) = sent {
+            crate::throttled_warn!(upstream = %self.spec.name, why, "stdio upstream: a message of the gateway's own was not written");
+        }
     }
 
     /// Calls past their deadline fail; the child is told to cancel them.
@@ -507,7 +582,7 @@ impl Supervisor {
                 )));
             }
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "timed out at the gateway"}});
-            self.write(running, &cancel);
+            self.write(running, &cancel, None);
         }
         // A caller that went away: its call is forgotten (the child may still answer; dropped).
         let gone: Vec<u64> = self
@@ -520,7 +595,7 @@ impl Supervisor {
             self.mux.abandon(call, self.spec.call_timeout);
             self.waiters.remove(&call);
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
-            self.write(running, &cancel);
+            self.write(running, &cancel, None);
         }
     }
 
@@ -700,7 +775,11 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     let mut r = Running {
         child,
         stdin: Input::new(stdin, spec.call_timeout),
-        stdout: Lines::new(BufReader::new(stdout), spec.max_line_bytes),
+        stdout: Lines::new(
+            BufReader::new(stdout),
+            spec.max_line_bytes,
+            spec.call_timeout,
+        ),
         pgid,
         cgroup,
         init: Value::Null,
@@ -847,7 +926,9 @@ async fn exit_status(r: Running) -> String {
 const STDERR_LINES_PER_SEC: u32 = 20;
 
 async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
-    let mut lines = Lines::new(BufReader::new(stderr), 8 << 10);
+    // A line without an end for 10 s: its stderr is read no more (the child then blocks
+    // writing to it), so that it does not keep the control thread reading.
+    let mut lines = Lines::new(BufReader::new(stderr), 8 << 10, Duration::from_secs(10));
     let mut window = Instant::now();
     let mut logged = 0u32;
     let mut dropped = 0u64;
@@ -855,7 +936,11 @@ async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
         let line = match lines.next().await {
             Ok(Line::Text(l)) => l,
             Ok(Line::TooLong(_)) => b"(a line over 8 KiB)".to_vec(),
-            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::Eof) => break,
+            Err(e) => {
+                tracing::warn!(upstream = %name, error = %e, "stdio upstream's stderr is read no more");
+                break;
+            }
         };
         if window.elapsed() >= Duration::from_secs(1) {
             if dropped > 0 {

@@ -52,6 +52,10 @@ for line in sys.stdin:
             sys.stdout.write('{"jsonrpc": "2.0", "id": ' + i + ', "result": ' + pad + '}\n')
         sys.stdout.flush()
         continue
+    if do == "endless":
+        while True:
+            sys.stdout.write("x" * 65536)
+            sys.stdout.flush()
     if do == "flood":
         token = m["params"]["_meta"]["progressToken"]
         for i in range(args["n"]):
@@ -496,6 +500,124 @@ fn a_notification_flood_is_bounded_and_the_answer_still_arrives() {
             n += 1;
         }
         assert!(n > 0 && n <= 65, "{n} progress events kept");
+    });
+}
+
+/// A child that does not read (busy with a call) holds at most `MAX_QUEUED_BYTES` of the
+/// clients' messages in the gateway: past it a notification is dropped and a call fails at
+/// once. Each message's place is given back once the child took it.
+#[test]
+fn what_waits_for_a_child_that_does_not_read_is_bounded() {
+    use super::super::MAX_QUEUED_BYTES;
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "slow", "ok");
+        s.call_timeout = Duration::from_secs(15);
+        let h = spawn(s, None);
+        // The child sleeps in the call, reading nothing meanwhile.
+        let sleeping = h.call(
+            who(1),
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "sleep", "s": 5}}})
+                .to_string()
+                .into_bytes(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let reason = "r".repeat(1 << 20);
+        for _ in 0..64 {
+            h.notify(
+                1,
+                json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1, "reason": reason}})
+                    .to_string()
+                    .into_bytes(),
+            );
+        }
+        // The supervisor takes them all in (each read as JSON) before the call below.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let waiting = h.queued().bytes();
+        assert!(
+            waiting > MAX_QUEUED_BYTES / 2 && waiting <= MAX_QUEUED_BYTES,
+            "{waiting} bytes wait"
+        );
+        let started = std::time::Instant::now();
+        let big = format!(
+            r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"t","arguments":{{"pad":"{}"}}}}}}"#,
+            "p".repeat(2 << 20)
+        );
+        let e = tokio::time::timeout(Duration::from_secs(2), h.call(who(2), big.into_bytes()).done)
+            .await
+            .expect("failed at once")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, StdioError::Full(..)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Once the child reads again, everything that waited is taken and its places given back.
+        let done = tokio::time::timeout(Duration::from_secs(20), sleeping.done).await;
+        assert!(done.unwrap().unwrap().is_ok());
+        for _ in 0..200 {
+            if h.queued().bytes() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.queued().bytes(), 0, "bytes still wait");
+        assert!(call(&h, 3, json!(3), json!({})).await.is_ok());
+    });
+}
+
+/// A child that writes without ever ending a line is stopped once the line has been over the
+/// limit for the call timeout (it kept the control thread reading for as long as it wrote):
+/// the next call is answered by a new child.
+#[test]
+fn a_child_that_never_ends_a_line_is_stopped() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "endless", "ok");
+        s.max_line_bytes = 64 * 1024;
+        s.call_timeout = Duration::from_secs(2);
+        let h = spawn(s, None);
+        let e = call(&h, 1, json!(1), json!({"do": "endless"}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StdioError::Timeout(..) | StdioError::Exited(..)),
+            "{e}"
+        );
+        assert!(call(&h, 1, json!(2), json!({})).await.is_ok());
+    });
+}
+
+/// A start that fails fails the calls that waited for it, and calls whose clients left start
+/// nothing: one attempt, not one for each.
+#[test]
+fn one_failed_start_answers_every_call_that_waited_for_it() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "hangs", "hang_init");
+        s.start_timeout = Duration::from_millis(1000);
+        s.max_restarts = 100;
+        let h = spawn(s, None);
+        let started = std::time::Instant::now();
+        let message = || {
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {}}})
+                .to_string()
+                .into_bytes()
+        };
+        let first = h.call(who(1), message());
+        // Their clients leave at once.
+        for c in 2..6 {
+            drop(h.call(who(c), message()));
+        }
+        let last = h.call(who(9), message());
+        for p in [first, last] {
+            let e = tokio::time::timeout(Duration::from_secs(20), p.done)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_err();
+            assert!(matches!(e, StdioError::Start(..)), "{e}");
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2500), "{took:?}: more than one start");
     });
 }
 

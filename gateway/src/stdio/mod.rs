@@ -101,6 +101,12 @@ pub enum StdioError {
     /// Every one of the upstream's per-caller children is another caller's.
     #[error("stdio upstream {0}: all {1} children (one per caller) are in use; try again later")]
     Busy(String, u32),
+    /// What waits to be written to the child is at its bound ([`MAX_QUEUED_BYTES`]): it reads
+    /// slower than messages arrive.
+    #[error(
+        "stdio upstream {0}: its child reads slower than messages arrive ({1} bytes wait); try again later"
+    )]
+    Full(String, usize),
     /// The child restarted with another definition of the tool, which awaits approval.
     #[error(
         "the definition of tool `{1}` at upstream `{0}` changed; an operator must approve it (POST /pins/approve)"
@@ -129,6 +135,10 @@ pub enum ToChild {
         message: Vec<u8>,
         events: mpsc::Sender<Vec<u8>>,
         done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
+        slot: Slot,
+        /// When it was sent: a start of the child that failed after it failed it too (it
+        /// waited for that start).
+        sent: std::time::Instant,
     },
     /// A notification (a cancellation, say).
     Notification {
@@ -150,23 +160,78 @@ pub enum ToChild {
 /// wait for), never queued without bound.
 pub const MAX_QUEUED: usize = 256;
 
-/// A place in the queue of [`MAX_QUEUED`]: given back when the message is written or dropped.
+/// Bytes of messages (requests, notifications, answers) on their way to one child at once,
+/// from the worker that took them until the child's stdin took them: past it a notification
+/// or an answer is dropped and a call fails at once ([`StdioError::Full`]). A message larger
+/// than this goes when nothing else waits. Without it a client's 4 MB cancellations of its
+/// own slow call, each answered 202 at once, waited in the gateway for a child that reads
+/// slower than the network brings them: 6.6 GB in 12 s (an attacker's review).
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+
+/// What waits for one child: notifications and answers, and the bytes of every message.
+#[derive(Debug, Default)]
+pub struct Queued {
+    lines: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl Queued {
+    /// Bytes waiting now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A message's place in what waits for a child ([`Queued`]): it travels with the message and
+/// is given back once the child's stdin took it, or the message was dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+pub struct Slot {
+    queued: Arc<Queued>,
+    bytes: usize,
+    /// Counted among the [`MAX_QUEUED`] notifications and answers.
+    line: bool,
+}
 
 impl Slot {
-    fn take(queued: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+    /// A place for a message of `bytes` (`line`: a notification or an answer) within
+    /// `max_bytes`, if there is one.
+    fn take(queued: &Arc<Queued>, bytes: usize, line: bool, max_bytes: usize) -> Option<Self> {
         use std::sync::atomic::Ordering::Relaxed;
-        queued
-            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_QUEUED).then_some(n + 1))
-            .ok()
-            .map(|_| Self(Arc::clone(queued)))
+        if line
+            && queued
+                .lines
+                .fetch_update(Relaxed, Relaxed, |n| (n < MAX_QUEUED).then_some(n + 1))
+                .is_err()
+        {
+            return None;
+        }
+        let fits = queued
+            .bytes
+            .fetch_update(Relaxed, Relaxed, |b| {
+                (b == 0 || b.saturating_add(bytes) <= max_bytes).then_some(b + bytes)
+            })
+            .is_ok();
+        if !fits {
+            if line {
+                queued.lines.fetch_sub(1, Relaxed);
+            }
+            return None;
+        }
+        Some(Self {
+            queued: Arc::clone(queued),
+            bytes,
+            line,
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.queued.bytes.fetch_sub(self.bytes, Relaxed);
+        if self.line {
+            self.queued.lines.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -184,8 +249,8 @@ pub struct Who {
 pub struct Handle {
     tx: mpsc::UnboundedSender<ToChild>,
     name: Arc<str>,
-    /// Notifications and answers queued (see [`Slot`]).
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// What waits for the child (see [`Slot`]).
+    queued: Arc<Queued>,
 }
 
 /// The two ends a caller reads: the child's messages before its answer, and the answer.
@@ -207,34 +272,63 @@ impl Handle {
         }
     }
 
-    /// A place in the queue, or a (throttled) word that the message is dropped.
-    fn slot(&self) -> Option<Slot> {
-        let slot = Slot::take(&self.queued);
+    /// A place in the queue for a notification or an answer of `bytes`, or a (throttled) word
+    /// that the message is dropped.
+    fn slot(&self, bytes: usize) -> Option<Slot> {
+        let slot = Slot::take(&self.queued, bytes, true, MAX_QUEUED_BYTES);
         if slot.is_none() {
-            crate::throttled_warn!(upstream = %self.name, max = MAX_QUEUED, "stdio upstream: notifications and answers arrive faster than its child reads them; dropped");
+            crate::throttled_warn!(upstream = %self.name, max = MAX_QUEUED, max_bytes = MAX_QUEUED_BYTES, "stdio upstream: notifications and answers arrive faster than its child reads them; dropped");
         }
         slot
+    }
+
+    /// What waits for the child now.
+    pub fn queued(&self) -> &Queued {
+        &self.queued
     }
 
     /// Sends a request (one JSON-RPC message); see [`Pending`].
     pub fn call(&self, who: Who, message: Vec<u8>) -> Pending {
         let (events_tx, events) = mpsc::channel(EVENTS_PER_CALL);
         let (done_tx, done) = oneshot::channel();
+        self.forward(who, message, events_tx, done_tx, std::time::Instant::now());
+        Pending { events, done }
+    }
+
+    /// Sends a request whose ends are made already (the per-caller dispatcher passes a call
+    /// on to its caller's child); one that finds no room fails at once.
+    fn forward(
+        &self,
+        who: Who,
+        message: Vec<u8>,
+        events: mpsc::Sender<Vec<u8>>,
+        done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
+        sent: std::time::Instant,
+    ) {
+        let Some(slot) = Slot::take(&self.queued, message.len(), false, MAX_QUEUED_BYTES) else {
+            crate::throttled_warn!(upstream = %self.name, max_bytes = MAX_QUEUED_BYTES, "stdio upstream: its child reads slower than calls arrive; a call failed at once");
+            let _ = done.send(Err(StdioError::Full(
+                self.name.to_string(),
+                self.queued.bytes(),
+            )));
+            return;
+        };
         if let Err(e) = self.tx.unbounded_send(ToChild::Request {
             who,
             message,
-            events: events_tx,
-            done: done_tx,
+            events,
+            done,
+            slot,
+            sent,
         }) && let ToChild::Request { done, .. } = e.into_inner()
         {
             let _ = done.send(Err(StdioError::Gone(self.name.to_string())));
         }
-        Pending { events, done }
     }
 
     /// Sends a notification; nothing comes back.
     pub fn notify(&self, caller: Caller, message: Vec<u8>) {
-        if let Some(slot) = self.slot() {
+        if let Some(slot) = self.slot(message.len()) {
             let _ = self.tx.unbounded_send(ToChild::Notification {
                 caller,
                 message,
@@ -245,7 +339,7 @@ impl Handle {
 
     /// Sends a client's answer to a request of the child's.
     pub fn respond(&self, caller: Caller, message: Vec<u8>) {
-        if let Some(slot) = self.slot() {
+        if let Some(slot) = self.slot(message.len()) {
             let _ = self.tx.unbounded_send(ToChild::Response {
                 caller,
                 message,

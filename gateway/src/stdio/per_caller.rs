@@ -122,13 +122,18 @@ fn route(
     children: &mut HashMap<Caller, Child>,
     msg: ToChild,
 ) {
-    let (who, message, events, done) = match msg {
+    let (who, message, events, done, sent) = match msg {
+        // A caller that left already starts no child and takes no place in one's queue.
+        ToChild::Request { done, .. } if done.is_canceled() => return,
+        // Its place in the upstream's queue is given back here: it takes one in its child's.
         ToChild::Request {
             who,
             message,
             events,
             done,
-        } => (who, message, events, done),
+            sent,
+            ..
+        } => (who, message, events, done, sent),
         // A notification or an answer for a child the caller does not have (stopped as idle,
         // say) has nobody to go to. One that goes waits in that child's own queue (its place in
         // the upstream's is given back): a caller whose child does not read fills only its own.
@@ -192,15 +197,7 @@ fn route(
         activity.touch();
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     });
-    if let Err(e) = child.handle.tx.unbounded_send(ToChild::Request {
-        who,
-        message,
-        events,
-        done: inner_done,
-    }) && let ToChild::Request { done, .. } = e.into_inner()
-    {
-        let _ = done.send(Err(StdioError::Gone(spec.name.clone())));
-    }
+    child.handle.forward(who, message, events, inner_done, sent);
 }
 
 /// Frees a place for a new caller of `tenant` (all places taken): stops the least recently
