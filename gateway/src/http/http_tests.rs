@@ -380,7 +380,8 @@ fn every_connection_line_counts() {
     );
     assert_eq!(
         checked(0, "/mcp", &[("connection", "keep-alive")]),
-        Ok(true)
+        Ok(false),
+        "HTTP/1.0 closes even when asked to keep the connection"
     );
     assert_eq!(
         checked(

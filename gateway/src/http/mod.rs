@@ -444,18 +444,22 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
             "Transfer-Encoding in an HTTP/1.0 request",
         ));
     }
+    if req.target.contains('#') {
+        // RFC 9112 §3.2: no request target has a fragment; a server may read the path or
+        // query to its end or to the `#`.
+        return Err(HttpError::BadRequest(
+            "a fragment (#) in the request target",
+        ));
+    }
     if has_access_token(&req.target) {
         return Err(HttpError::BadRequest(
             "access_token in the query string: send the token in the Authorization header",
         ));
     }
-    req.keep_alive = if connection.names("close") {
-        false
-    } else if req.minor == 0 {
-        connection.names("keep-alive")
-    } else {
-        true
-    };
+    // An HTTP/1.0 connection closes after its answer, even one that asked to be kept: kept,
+    // every answer would have to say `Connection: keep-alive` (a 1.0 client takes one that does
+    // not as closing), and the gateway's answers do not.
+    req.keep_alive = req.minor == 1 && !connection.names("close");
     Ok(())
 }
 

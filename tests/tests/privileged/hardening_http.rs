@@ -30,6 +30,9 @@ enum Reply {
     ChunkedSse,
     /// These bytes, as they are, then close.
     Raw(&'static [u8]),
+    /// [`Reply::Json`] as an HTTP/1.0 server answers (no `Connection: keep-alive`: the
+    /// connection ends with the answer), though it still reads what comes after.
+    Json10,
     /// A POST gets [`Reply::Json`]; a GET gets these pieces as they are, 150 ms apart, and the
     /// connection is held open for a second, then closed.
     GetStream(&'static [&'static [u8]]),
@@ -40,6 +43,8 @@ enum Reply {
 struct Recorder {
     port: u16,
     heads: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted.
+    conns: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -48,19 +53,26 @@ impl Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let heads = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (log, stopped) = (Arc::clone(&heads), Arc::clone(&stop));
+        let (log, counted, stopped) = (Arc::clone(&heads), Arc::clone(&conns), Arc::clone(&stop));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stopped.load(Ordering::Relaxed) {
                     return;
                 }
                 let Ok(conn) = conn else { return };
+                counted.fetch_add(1, Ordering::Relaxed);
                 let log = Arc::clone(&log);
                 std::thread::spawn(move || serve(conn, reply, &log));
             }
         });
-        Self { port, heads, stop }
+        Self {
+            port,
+            heads,
+            conns,
+            stop,
+        }
     }
 
     fn url(&self) -> String {
@@ -125,6 +137,11 @@ fn serve(conn: TcpStream, reply: Reply, log: &Mutex<Vec<String>>) {
             Reply::Json | Reply::GetStream(_) => write!(
                 out,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{result}",
+                result.len()
+            ),
+            Reply::Json10 => write!(
+                out,
+                "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{result}",
                 result.len()
             ),
             Reply::ChunkedSse => {
@@ -606,6 +623,52 @@ fn an_upstream_head_with_a_control_character_never_reaches_the_client() {
     );
     assert_eq!(resp.status, 502, "{resp:?}");
     assert!(resp.header("mcp-session-id").is_none(), "{resp:?}");
+    d.stop();
+}
+
+/// An HTTP/1.0 answer without `Connection: keep-alive` ends its connection: the next request
+/// goes on a new one (it was kept in the pool and used again as the server closed it). And a
+/// `101 Switching Protocols` to a request that asked for no upgrade is no interim answer to
+/// skip: what follows it is not HTTP (it was read as the next head).
+#[test]
+fn an_http_1_0_answer_ends_its_connection_and_a_101_is_refused() {
+    let up = Recorder::start(Reply::Json10);
+    let (mut d, port) = start(&up.url(), false);
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    for _ in 0..3 {
+        let (resp, _) = raw(port, &post("/mcp", list, ""));
+        assert_eq!(resp.status, 200, "{resp:?}");
+    }
+    assert_eq!(up.heads().len(), 3);
+    assert_eq!(up.conns.load(Ordering::Relaxed), 3, "one connection each");
+    d.stop();
+
+    let up = Recorder::start(Reply::Raw(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\
+          HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    ));
+    let (mut d, port) = start(&up.url(), false);
+    let (resp, _) = raw(port, &post("/mcp", list, ""));
+    assert_eq!(resp.status, 502, "{resp:?}");
+    d.stop();
+}
+
+/// A request target with a fragment is refused: a server may read its path or query to the
+/// end or to the `#`.
+#[test]
+fn a_request_target_with_a_fragment_is_refused() {
+    let up = Recorder::start(Reply::Json);
+    let (mut d, port) = start(&up.url(), false);
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    for target in ["/mcp#x", "/mcp?x=1#frag"] {
+        let (resp, _) = raw(port, &post(target, list, ""));
+        assert_refused(&resp, target);
+    }
+    assert_eq!(
+        up.heads(),
+        Vec::<String>::new(),
+        "nothing reached the upstream"
+    );
     d.stop();
 }
 

@@ -286,11 +286,34 @@ fn parse_response_head(
                 Err(UpstreamFailure::Bad("response head too large".into()))
             }
             Ok(httparse::Status::Complete(n)) => {
-                let head = ResponseHead {
+                let mut head = ResponseHead {
                     status: resp.code.unwrap_or(502),
                     headers: http::Fields::from_parsed(resp.headers),
                 };
+                let http10 = resp.version == Some(0);
                 conn.consume(n);
+                if head.status == 101 {
+                    // Asked for no upgrade: what follows is not HTTP the gateway can read (it
+                    // was read as the next head after an interim one).
+                    return Err(UpstreamFailure::Bad(
+                        "answered 101 Switching Protocols to a request that asked for no upgrade"
+                            .into(),
+                    ));
+                }
+                if http10 {
+                    // HTTP/1.0 has no chunked coding (RFC 9112 §6.1: faulty framing), and its
+                    // connection closes after the answer unless it says `keep-alive`: one kept
+                    // in the pool was used again as the server closed it.
+                    if head.headers.get("transfer-encoding").is_some() {
+                        return Err(UpstreamFailure::Bad(
+                            "answered HTTP/1.0 with Transfer-Encoding".into(),
+                        ));
+                    }
+                    if !http::has_connection_option(&head.headers, "keep-alive") {
+                        // Read by `closes` (never relayed: a connection option).
+                        head.headers.push("connection", b"close");
+                    }
+                }
                 if (100..200).contains(&head.status) {
                     // 100 Continue and other interim responses; the next head starts here.
                     *end = http::HeadEnd::default();
