@@ -627,7 +627,7 @@ fn rates_per_tenant_and_per_agent() {
 
 /// A notification counts against the rates like a request (a flood of them reached the
 /// upstream, or a shared stdio child's queue, unlimited), but a cancellation, the end of a
-/// handshake and a client's answer never wait for a rate.
+/// handshake and a client's answer never wait for the tenant's rate: they have one of their own.
 #[test]
 fn notifications_count_against_rates_but_cancellations_do_not() {
     let (p, state, who) = acme_policy("[policy]\nrequests_per_sec = 1\nburst = 2\n");
@@ -661,6 +661,16 @@ fn notifications_count_against_rates_but_cancellations_do_not() {
     assert!(
         admit(&p, &state, &who, "t", json!({})).is_err(),
         "the burst is spent"
+    );
+    // Not unmetered: they have a rate of their own, ten times the tenant's and at least 100 a
+    // second (a burst of 100 here, 15 of it taken above).
+    let settled = (0..200)
+        .filter(|_| note("notifications/cancelled").is_ok())
+        .count();
+    assert!((80..120).contains(&settled), "{settled} of 200 passed");
+    assert_eq!(
+        note(""),
+        Err((429, "tenants[acme].requests_per_sec".to_owned()))
     );
 }
 
