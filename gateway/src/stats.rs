@@ -67,6 +67,9 @@ pub enum Outcome {
     /// call may touch. Held against the call's tool, not the upstream's health: a client can
     /// draw one on purpose.
     UpstreamDenied,
+    /// The client left before its answer (the call was cancelled upstream, or drained): no
+    /// failure of the upstream's, nor of the gateway's (nginx's 499).
+    ClientLeft,
 }
 
 impl Outcome {
@@ -78,11 +81,12 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::UpstreamFailure => "upstream_failure",
             Outcome::UpstreamDenied => "upstream_denied",
+            Outcome::ClientLeft => "client_left",
         }
     }
 
     pub fn is_error(self) -> bool {
-        self != Outcome::Ok
+        !matches!(self, Outcome::Ok | Outcome::ClientLeft)
     }
 }
 

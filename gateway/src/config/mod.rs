@@ -232,7 +232,7 @@ pub enum AccessField {
     Agent,
     Run,
     Upstream,
-    /// ok, refused, tool_error, rpc_error, upstream_failure, upstream_denied.
+    /// ok, refused, tool_error, rpc_error, upstream_failure, upstream_denied, client_left.
     Outcome,
     /// The rule that refused the request.
     Rule,

@@ -156,6 +156,16 @@ impl Obs<'_> {
         }
     }
 
+    /// The outcome recorded and audited: a failure because the client left is
+    /// [`Outcome::ClientLeft`] (audited as `upstream_failure` before, blaming the upstream for
+    /// every call a client hung up on); nothing set is a refusal.
+    pub fn recorded_outcome(&self) -> Outcome {
+        match self.outcome.get() {
+            Some(Outcome::UpstreamFailure) if self.client_left.get() => Outcome::ClientLeft,
+            o => o.unwrap_or(Outcome::Refused),
+        }
+    }
+
     /// The call failed with `f` (its outcome: see [`outcome_of`]; whose it is: see
     /// [`Blame::of_failure`]).
     pub fn failed(&self, f: &UpstreamFailure) {

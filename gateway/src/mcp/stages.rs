@@ -1022,7 +1022,7 @@ fn record(
         for (name, up, tool_level, pass) in passed {
             // A tool fails with an error or `isError`; an upstream only when it fails.
             let ok = match outcome {
-                Outcome::Refused => {
+                Outcome::Refused | Outcome::ClientLeft => {
                     ctx.shared.breakers.release(&name, pass);
                     continue;
                 }
@@ -1073,7 +1073,7 @@ fn record(
         .find(|r| r.path == req.path())
         .map_or("unmatched", |r| r.path.as_str());
     let tool = obs.tool.borrow();
-    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+    let outcome = obs.recorded_outcome();
     if audit.enabled() && route != "unmatched" && (req.method == "POST" || decision.refused) {
         let send = if anyones(&decision, obs, status) {
             audit::AuditLog::send_anonymous_refusal
@@ -1142,7 +1142,7 @@ fn record_span(
     let Some(otlp) = &config.telemetry.otlp else {
         return;
     };
-    let outcome = obs.outcome.get().unwrap_or(Outcome::Refused);
+    let outcome = obs.recorded_outcome();
     // A request stopped before `propagate` still has a span, under a valid header parent.
     let span = obs.span.get().unwrap_or_else(|| {
         let parent = req

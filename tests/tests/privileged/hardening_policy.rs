@@ -831,6 +831,19 @@ upstream = "u1"
         let (r, _) = raw(port, &post(path, &again, &session));
         assert_eq!(r.status, 200, "{path}: {r:?}");
     }
+    // A call whose client left is recorded as such, not as the upstream's failure (the audit
+    // log, the metrics and `mcp_gateway_upstream_failures_total` blamed the upstream).
+    let metrics = || {
+        let (r, _) = raw(admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    let seen = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        metrics().contains(r#"outcome="client_left""#)
+    });
+    let text = metrics();
+    assert!(seen, "{text}");
+    assert!(!text.contains(r#"outcome="upstream_failure""#), "{text}");
     d.stop();
 }
 
