@@ -34,6 +34,8 @@ pub(super) struct Obs<'a> {
     pub upstream_wait: Cell<Option<Duration>>,
     pub method: Cell<&'static str>,
     pub tool: RefCell<Option<String>>,
+    /// A batch's members, as audited (`method` and `tool` say nothing of them).
+    pub batch: RefCell<Vec<policy::audit::Member>>,
     pub decision: RefCell<Decision>,
     /// Breakers this request passed.
     pub breakers: RefCell<Passed>,

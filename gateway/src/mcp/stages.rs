@@ -432,6 +432,16 @@ fn parse(
             RpcError::invalid_request("JSON-RPC batches are not supported on a federated route"),
         )),
         Ok(Parsed::Batch(items)) => {
+            *obs.batch.borrow_mut() = items
+                .iter()
+                .map(|m| audit::Member {
+                    method: m.method.clone().unwrap_or_else(|| "response".to_owned()),
+                    tool: m
+                        .name
+                        .clone()
+                        .filter(|_| m.method.as_deref() == Some("tools/call")),
+                })
+                .collect();
             out.batch = items;
             Ok(out)
         }
@@ -1103,6 +1113,7 @@ fn record(
                 tool: tool.clone(),
                 upstream: obs.upstream.get().map(str::to_owned),
                 outcome: outcome.label(),
+                batch: obs.batch.take(),
                 budget_left: decision.budget_left.clone(),
                 latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 trace_id: decision.trace_id.clone(),

@@ -40,11 +40,24 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     pub outcome: &'static str,
+    /// A JSON-RPC batch's members (2025-03-26): what each asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<Member>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_left: Option<String>,
     pub latency_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+}
+
+/// One member of an audited batch: its method (`response` for a client's answer) and, for a
+/// `tools/call`, its tool. A batch's line said `other` and no tool, whatever tools it called (an
+/// attacker's review).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Member {
+    pub method: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 pub fn now() -> String {

@@ -35,11 +35,13 @@ struct Setup {
     admin: u16,
     fake: FakeUpstream,
     _py: PyServer,
+    audit: std::path::PathBuf,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         self.daemon.stop();
+        let _ = std::fs::remove_file(&self.audit);
     }
 }
 
@@ -52,6 +54,7 @@ fn setup() -> Setup {
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwhard");
+    let audit = std::env::temp_dir().join(format!("{instance}-audit.jsonl"));
     let config = format!(
         r#"
 [gateway]
@@ -64,6 +67,8 @@ address = "127.0.0.1:{admin}"
 [kernel]
 enabled = false
 default_tenant = "public"
+[audit]
+path = "{audit}"
 
 [[tenants]]
 name = "public"
@@ -113,6 +118,7 @@ auth = ["api_key"]
         beta = sha256_hex(BETA_KEY),
         py = py.url(),
         fake = fake.url(),
+        audit = audit.display(),
     );
     let daemon = Daemon::start_local(&instance, &config);
     Setup {
@@ -121,6 +127,7 @@ auth = ["api_key"]
         admin,
         fake,
         _py: py,
+        audit,
     }
 }
 
@@ -187,6 +194,36 @@ fn a_batched_tools_list_of_a_filtered_tenant_is_refused_and_a_refused_batch_char
     let (r, _) = raw(s.port, &post("/fake", &call(6), &beta));
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(reached(&s), 2);
+}
+
+/// A batch's audit line says what each of its members asked for: it said `other` and no tool,
+/// whatever tools the batch called (an attacker's review).
+#[test]
+fn a_batchs_audit_line_names_each_member() {
+    let s = setup();
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"a"}}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}},{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}]"#;
+    let headers = format!("{}mcp-protocol-version: 2025-03-26\r\n", key(BETA_KEY));
+    let (r, _) = raw(s.port, &post("/fake", batch, &headers));
+    assert!(r.status < 300, "{r:?}");
+    let line = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::read_to_string(&s.audit)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| l["route"] == "/fake")
+        })
+        .expect("an audit line for the batch");
+    assert_eq!(
+        line["batch"],
+        json!([
+            {"method": "tools/call", "tool": "echo"},
+            {"method": "tools/call", "tool": "add"},
+            {"method": "notifications/progress"},
+        ]),
+        "{line}"
+    );
 }
 
 #[test]
