@@ -635,7 +635,9 @@ pub fn untag(tagged: &str) -> Option<(&str, Value)> {
 /// U+001C–U+001E, U+0085, U+2028, U+2029). Those three in data, valid JSON in a string, are
 /// written escaped. A response `answers` does not allow is dropped too ([`Answers`]): clients
 /// match answers by id across streams, so a member could otherwise answer a request the client
-/// sent to another member, or one the gateway answers itself (a merged `tools/list`).
+/// sent to another member, or one the gateway answers itself (a merged `tools/list`). Progress
+/// on a stream that answers no request (the merged GET stream) is dropped: it could name the
+/// token of a call sent to another member.
 pub fn rewrite_events(member: &str, events: &[u8], answers: Answers) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() + 32);
     for event in sse::split(events) {
@@ -728,6 +730,16 @@ fn rewrite_event(
         },
         None => None,
     };
+    // Progress is about a request and goes on that request's stream: on the session's merged
+    // stream a member's progress named the token of a call the client sent to another member,
+    // and the client took it for that call's (an attacker's review).
+    if answers == Answers::Nothing
+        && data
+            .as_ref()
+            .is_some_and(|v| v["method"] == "notifications/progress")
+    {
+        return Err("progress on a stream that answers no request");
+    }
     let mut changed = false;
     if let Some(v) = data.as_mut().filter(|v| v.get("method").is_some()) {
         if let Some(t) = v.get("id").and_then(|id| tag(member, id)) {
@@ -1025,11 +1037,14 @@ mod tests {
             !out.contains(r#""tools""#) && !out.contains(r#""id":"07""#),
             "{out}"
         );
-        // Without a request (the session's own stream), no answer passes.
+        // Without a request (the session's own stream), no answer passes, nor progress (it
+        // could name the token of a call sent to another member).
         let out =
             String::from_utf8(rewrite_events("m", events.as_bytes(), Answers::Nothing)).unwrap();
-        assert_eq!(out.matches("data: ").count(), 2, "{out}");
+        assert_eq!(out.matches("data: ").count(), 1, "{out}");
         assert!(!out.contains("result"), "{out}");
+        assert!(!out.contains("notifications/progress"), "{out}");
+        assert!(out.contains("sampling/createMessage"), "{out}");
         // Unchecked (a batch's stream), all do.
         let out = String::from_utf8(rewrite_events("m", events.as_bytes(), Answers::Any)).unwrap();
         assert_eq!(out.matches("data: ").count(), 5, "{out}");

@@ -1080,6 +1080,114 @@ upstream = "short"
     d.stop();
 }
 
+/// A merged list holds what every member's pages hold, up to 16 MiB in all: a member past it
+/// is left out as unavailable (each page was bounded, not their sum: 100 pages of 15 MiB grew
+/// the gateway to 6.4 GB for one `tools/list`). And a member's listed name that another
+/// member's prefix owns is left out: a member without a prefix listed `a_echo`, which a call
+/// reaches at the member of prefix `a_` (an attacker's review).
+#[test]
+fn a_federated_list_is_bounded_in_all_and_holds_no_name_of_another_member() {
+    let py = PyServer::start(true);
+    let big = PyServer::script_on("list_member.py", free_port(), &["big"]);
+    let squat = PyServer::script_on("list_member.py", free_port(), &["squat"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwlists");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[upstreams]]
+name = "py"
+url = "{py}"
+[[upstreams]]
+name = "big"
+url = "{big}"
+era = "stateless"
+[[upstreams]]
+name = "squat"
+url = "{squat}"
+era = "stateless"
+[[routes]]
+path = "/big"
+federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "big", prefix = "b_" }}]
+[[routes]]
+path = "/squat"
+federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix = "" }}]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        py = py.url(),
+        big = big.url(),
+        squat = squat.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let list = |path: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}})
+        .to_string();
+        raw(
+            port,
+            &post(
+                path,
+                &body,
+                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+            ),
+        )
+        .0
+    };
+    let r = list("/big");
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(500)])
+    );
+    assert!(r.body.len() < 17 << 20, "{} bytes", r.body.len());
+    let v = r.json();
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        json!(["big"])
+    );
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(names.contains(&"p_echo"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("b_")), "{names:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(hwm_kb < 400 * 1024, "peak RSS {hwm_kb} kB");
+
+    let r = list("/squat");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    let echoes: Vec<&Value> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "a_echo")
+        .collect();
+    assert_eq!(echoes.len(), 1, "{v}");
+    assert!(!echoes[0].to_string().contains("HOSTILE"), "{v}");
+    assert!(
+        v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "own"),
+        "{v}"
+    );
+    d.stop();
+}
+
 #[test]
 fn a_federation_member_cannot_answer_a_request_sent_to_another() {
     // A member's event stream cannot answer another id (its events are rewritten); nor may its
