@@ -926,9 +926,11 @@ async fn exit_status(r: Running) -> String {
 const STDERR_LINES_PER_SEC: u32 = 20;
 
 async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
-    // A line without an end for 10 s: its stderr is read no more (the child then blocks
-    // writing to it), so that it does not keep the control thread reading.
-    let mut lines = Lines::new(BufReader::new(stderr), 8 << 10, Duration::from_secs(10));
+    // Read for as long as the child writes, however long a line: a progress bar redrawn with
+    // `\r` is one line without end, and a pipe closed on it fails the child's next write
+    // (Python raises, a C program dies of SIGPIPE): every call of every tenant then failed
+    // (an attacker's review).
+    let mut lines = Lines::new(BufReader::new(stderr), 8 << 10, Duration::MAX);
     let mut window = Instant::now();
     let mut logged = 0u32;
     let mut dropped = 0u64;

@@ -503,21 +503,22 @@ fn a_notification_flood_is_bounded_and_the_answer_still_arrives() {
     });
 }
 
-/// A child that does not read (busy with a call) holds at most `MAX_QUEUED_BYTES` of the
-/// clients' messages in the gateway: past it a notification is dropped and a call fails at
-/// once. Each message's place is given back once the child took it.
+/// A child that does not read (busy with a call) holds at most `MAX_QUEUED_LINE_BYTES` of
+/// notifications and answers and `MAX_QUEUED_BYTES` of calls in the gateway: past the first a
+/// notification is dropped (and no call fails for it), past the second a call fails at once.
+/// Each message's place is given back once the child took it.
 #[test]
 fn what_waits_for_a_child_that_does_not_read_is_bounded() {
-    use super::super::MAX_QUEUED_BYTES;
+    use super::super::{MAX_QUEUED_BYTES, MAX_QUEUED_LINE_BYTES};
     let f = fixture();
     rt().block_on(async {
         let mut s = spec(&f, "slow", "ok");
-        s.call_timeout = Duration::from_secs(15);
+        s.call_timeout = Duration::from_secs(20);
         let h = spawn(s, None);
         // The child sleeps in the call, reading nothing meanwhile.
         let sleeping = h.call(
             who(1),
-            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "sleep", "s": 5}}})
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "sleep", "s": 6}}})
                 .to_string()
                 .into_bytes(),
         );
@@ -531,28 +532,45 @@ fn what_waits_for_a_child_that_does_not_read_is_bounded() {
                     .into_bytes(),
             );
         }
-        // The supervisor takes them all in (each read as JSON) before the call below.
+        // The supervisor takes them all in (each read as JSON) before the calls below.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let waiting = h.queued().bytes();
         assert!(
-            waiting > MAX_QUEUED_BYTES / 2 && waiting <= MAX_QUEUED_BYTES,
+            waiting > MAX_QUEUED_LINE_BYTES / 2 && waiting <= MAX_QUEUED_LINE_BYTES,
             "{waiting} bytes wait"
         );
-        let started = std::time::Instant::now();
-        let big = format!(
-            r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"t","arguments":{{"pad":"{}"}}}}}}"#,
-            "p".repeat(2 << 20)
+        let big = |id: u64| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"t","arguments":{{"pad":"{}"}}}}}}"#,
+                "p".repeat(2 << 20)
+            )
+            .into_bytes()
+        };
+        // The notifications fail no call: this one waits.
+        let mut first = h.call(who(2), big(2));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut first.done)
+                .await
+                .is_err(),
+            "a call failed for the notifications' flood"
         );
-        let e = tokio::time::timeout(Duration::from_secs(2), h.call(who(2), big.into_bytes()).done)
-            .await
-            .expect("failed at once")
-            .unwrap()
-            .unwrap_err();
-        assert!(matches!(e, StdioError::Full(..)), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // Calls past their own bound fail at once.
+        let started = std::time::Instant::now();
+        let mut calls: Vec<_> = (3..23).map(|id| h.call(who(id), big(id))).collect();
+        let mut full = 0;
+        for p in &mut calls {
+            if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_millis(50), &mut p.done).await {
+                assert!(matches!(e, StdioError::Full(..)), "{e}");
+                full += 1;
+            }
+        }
+        assert!(full >= 3, "{full} of 20 calls failed at once");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(h.queued().bytes() <= MAX_QUEUED_BYTES + MAX_QUEUED_LINE_BYTES);
         // Once the child reads again, everything that waited is taken and its places given back.
-        let done = tokio::time::timeout(Duration::from_secs(20), sleeping.done).await;
+        let done = tokio::time::timeout(Duration::from_secs(30), sleeping.done).await;
         assert!(done.unwrap().unwrap().is_ok());
+        assert!(first.done.await.unwrap().is_ok(), "the waiting call is answered");
         for _ in 0..200 {
             if h.queued().bytes() == 0 {
                 break;

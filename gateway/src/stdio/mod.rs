@@ -160,25 +160,42 @@ pub enum ToChild {
 /// wait for), never queued without bound.
 pub const MAX_QUEUED: usize = 256;
 
-/// Bytes of messages (requests, notifications, answers) on their way to one child at once,
-/// from the worker that took them until the child's stdin took them: past it a notification
-/// or an answer is dropped and a call fails at once ([`StdioError::Full`]). A message larger
-/// than this goes when nothing else waits. Without it a client's 4 MB cancellations of its
+/// Bytes of calls on their way to one child at once, from the worker that took them until the
+/// child's stdin took them: past it a call fails at once ([`StdioError::Full`]). A call larger
+/// than this goes when no other waits. Without a bound a client's 4 MB cancellations of its
 /// own slow call, each answered 202 at once, waited in the gateway for a child that reads
 /// slower than the network brings them: 6.6 GB in 12 s (an attacker's review).
 pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 
-/// What waits for one child: notifications and answers, and the bytes of every message.
+/// Bytes of notifications and answers on their way to one child at once, apart from the
+/// calls': past it a new one is dropped. Apart, so that a flood of them (answered 202 at once,
+/// and cancellations have a rate of their own) makes no other tenant's call fail (it did, with
+/// one budget for both: 22 of 40 calls of 1 MB got 503, an attacker's review).
+pub const MAX_QUEUED_LINE_BYTES: usize = 8 << 20;
+
+/// What waits for one child: notifications and answers (in number and bytes), and calls (in
+/// bytes).
 #[derive(Debug, Default)]
 pub struct Queued {
     lines: std::sync::atomic::AtomicUsize,
-    bytes: std::sync::atomic::AtomicUsize,
+    line_bytes: std::sync::atomic::AtomicUsize,
+    call_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Queued {
     /// Bytes waiting now.
     pub fn bytes(&self) -> usize {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        self.line_bytes.load(Relaxed) + self.call_bytes.load(Relaxed)
+    }
+
+    /// The count of `line`'s kind of message.
+    fn counter(&self, line: bool) -> &std::sync::atomic::AtomicUsize {
+        if line {
+            &self.line_bytes
+        } else {
+            &self.call_bytes
+        }
     }
 }
 
@@ -206,7 +223,7 @@ impl Slot {
             return None;
         }
         let fits = queued
-            .bytes
+            .counter(line)
             .fetch_update(Relaxed, Relaxed, |b| {
                 (b == 0 || b.saturating_add(bytes) <= max_bytes).then_some(b + bytes)
             })
@@ -228,7 +245,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.queued.bytes.fetch_sub(self.bytes, Relaxed);
+        self.queued
+            .counter(self.line)
+            .fetch_sub(self.bytes, Relaxed);
         if self.line {
             self.queued.lines.fetch_sub(1, Relaxed);
         }
@@ -275,9 +294,9 @@ impl Handle {
     /// A place in the queue for a notification or an answer of `bytes`, or a (throttled) word
     /// that the message is dropped.
     fn slot(&self, bytes: usize) -> Option<Slot> {
-        let slot = Slot::take(&self.queued, bytes, true, MAX_QUEUED_BYTES);
+        let slot = Slot::take(&self.queued, bytes, true, MAX_QUEUED_LINE_BYTES);
         if slot.is_none() {
-            crate::throttled_warn!(upstream = %self.name, max = MAX_QUEUED, max_bytes = MAX_QUEUED_BYTES, "stdio upstream: notifications and answers arrive faster than its child reads them; dropped");
+            crate::throttled_warn!(upstream = %self.name, max = MAX_QUEUED, max_bytes = MAX_QUEUED_LINE_BYTES, "stdio upstream: notifications and answers arrive faster than its child reads them; dropped");
         }
         slot
     }
