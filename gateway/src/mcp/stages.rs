@@ -141,7 +141,7 @@ async fn run<'c>(
     let session = check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
     let req = &*req;
-    let claims = claim(req, ctx, route, tenant, &messages, session)?;
+    let claims = claim(req, ctx, config, route, tenant, &messages, session)?;
     let admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
@@ -574,10 +574,15 @@ fn check(
 /// review: seven `sleep` calls of a tool capped at one, each hidden behind a quick call with
 /// its id). Ids are compared as clients compare them (`"7"` is `7`); a request without a
 /// session has its own exchange and claims nothing. A second request with an id in flight
-/// is refused (409, -32600) before it is admitted or charged.
+/// is refused (409, -32600) before it is admitted or charged. A passthrough session is its
+/// upstream's, whatever route it comes by (a session opened on one route is taken on
+/// another to the same upstream: keyed by route, the second route got around the claim);
+/// a federated session is its route's. Claims are this host's: a fleet's other hosts do not
+/// see them.
 fn claim(
     req: &Request,
     ctx: &WorkerCtx,
+    config: &Config,
     route: &Route,
     tenant: &TenantPolicy,
     messages: &Messages,
@@ -591,6 +596,10 @@ fn claim(
         Some(Verified::Upstream { own }) => header.get(..own).unwrap_or(header),
         _ => header,
     };
+    let scope = match &route.target {
+        Target::Passthrough(u) => ("upstream", config.upstreams[*u].name.as_str()),
+        Target::Federation(_) => ("route", route.path.as_str()),
+    };
     let state = &ctx.shared.limits;
     let mut claims = Vec::new();
     for m in messages.all().filter(|m| m.kind == Kind::Request) {
@@ -603,7 +612,7 @@ fn claim(
                 .filter(|n| n.to_string() == *s)
                 .ok_or(s),
         };
-        let key = state.key(("rpc-id", &route.path, &tenant.name, session, id));
+        let key = state.key(("rpc-id", scope, &tenant.name, session, id));
         match state.claim_id(key) {
             Some(c) => claims.push(c),
             None => {

@@ -794,6 +794,9 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
 [[routes]]
 path = "/json"
 upstream = "u1"
+[[routes]]
+path = "/mcp2"
+upstream = "u0"
 "#,
             py_json = py_json.url(),
         ),
@@ -854,6 +857,11 @@ upstream = "u1"
             let (r, _) = raw(port, &post(path, &again, &session));
             assert_eq!(r.status, 409, "{path} {id}: {r:?}");
             assert_eq!(message_of(&r)["error"]["code"], -32600, "{path} {id}");
+            // The session is its upstream's, on any route to it: so is the claim.
+            if path == "/mcp" {
+                let (r, _) = raw(port, &post("/mcp2", &again, &session));
+                assert_eq!(r.status, 409, "/mcp2 {id}: {r:?}");
+            }
         }
         drop(client);
         let stopped = (0..100).any(|_| {
