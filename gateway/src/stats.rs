@@ -67,8 +67,10 @@ pub enum Outcome {
     /// call may touch. Held against the call's tool, not the upstream's health: a client can
     /// draw one on purpose.
     UpstreamDenied,
-    /// The client left before its answer (the call was cancelled upstream, or drained): no
-    /// failure of the upstream's, nor of the gateway's (nginx's 499).
+    /// The client left before its answer (the call was cancelled upstream, or drained): not
+    /// the upstream's failure as far as anyone can tell (nginx's 499), but not a success
+    /// either: an upstream that hangs shows as clients that give up, so it counts among the
+    /// errors.
     ClientLeft,
 }
 
@@ -86,7 +88,7 @@ impl Outcome {
     }
 
     pub fn is_error(self) -> bool {
-        !matches!(self, Outcome::Ok | Outcome::ClientLeft)
+        self != Outcome::Ok
     }
 }
 
