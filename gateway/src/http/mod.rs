@@ -227,11 +227,13 @@ const SINGLE_NAMES: [&str; 9] = [
 /// upstream that reads `X-Real-IP`, `Forwarded` or a CDN's client address (Node's
 /// `request-ip` reads `CF-Connecting-IP`, `Fastly-Client-IP`, `X-Forwarded`) would take the
 /// client's word for its address; what says which host, path or method the request was
-/// for (a framework's method override would run as `DELETE` a `POST` policy checked), and
+/// for (a framework's method override would run as `DELETE` a `POST` policy checked), what
+/// says which client certificate the connection had (Envoy's `X-Forwarded-Client-Cert`, RFC
+/// 9440's `Client-Cert`: an identity the upstream would take from the client's word), and
 /// `Proxy` (a CGI upstream reads it as its `HTTP_PROXY`: "httpoxy").
-pub const NOT_FORWARDED: Names<48> = Names::new(NOT_FORWARDED_NAMES);
+pub const NOT_FORWARDED: Names<64> = Names::new(NOT_FORWARDED_NAMES);
 
-const NOT_FORWARDED_NAMES: [&str; 48] = [
+const NOT_FORWARDED_NAMES: [&str; 64] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -280,6 +282,22 @@ const NOT_FORWARDED_NAMES: [&str; 48] = [
     "x-method-override",
     "x-http-method",
     "proxy",
+    "x-azure-clientip",
+    "x-appengine-user-ip",
+    "akamai-client-ip",
+    "fly-client-ip",
+    "x-vercel-forwarded-for",
+    "x-real-client-ip",
+    "x-forwarded-client-cert",
+    "client-cert",
+    "client-cert-chain",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "ssl-client-cert",
+    "x-ssl-cert",
+    "x-ssl-client-dn",
+    "x-ssl-client-verify",
+    "x-client-verify",
 ];
 
 fn is_single(name: &str) -> bool {

@@ -294,6 +294,8 @@ fn the_clients_token_never_reaches_the_upstream_which_gets_its_own() {
              cf-connecting-ip: 203.0.113.9\r\nfastly-client-ip: 203.0.113.10\r\n\
              x-forwarded: for=203.0.113.11\r\nx-original-url: /admin\r\n\
              x-http-method-override: DELETE\r\nproxy: http://evil.example:3128\r\n\
+             x-forwarded-client-cert: By=spiffe://evil.example;URI=spiffe://evil.example/admin\r\n\
+             client-cert: :MIIBevil.example:\r\nfly-client-ip: 203.0.113.12\r\n\
              x-forwarded-for: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2 \r\n",
         ),
     );
