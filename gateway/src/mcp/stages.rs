@@ -576,9 +576,9 @@ fn check(
 /// session has its own exchange and claims nothing. A second request with an id in flight
 /// is refused (409, -32600) before it is admitted or charged. A passthrough session is its
 /// upstream's, whatever route it comes by (a session opened on one route is taken on
-/// another to the same upstream: keyed by route, the second route got around the claim);
-/// a federated session is its route's. Claims are this host's: a fleet's other hosts do not
-/// see them.
+/// another to the same upstream: keyed by route, the second route got around the claim), and
+/// a federated session is taken on every federated route (keyed by route, the same). Claims
+/// are this host's: a fleet's other hosts do not see them.
 fn claim(
     req: &Request,
     ctx: &WorkerCtx,
@@ -598,7 +598,8 @@ fn claim(
     };
     let scope = match &route.target {
         Target::Passthrough(u) => ("upstream", config.upstreams[*u].name.as_str()),
-        Target::Federation(_) => ("route", route.path.as_str()),
+        // Sealed with a nonce of its own: one id for one session on every route.
+        Target::Federation(_) => ("federation", ""),
     };
     let state = &ctx.shared.limits;
     let mut claims = Vec::new();

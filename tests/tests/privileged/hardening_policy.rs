@@ -797,6 +797,9 @@ upstream = "u1"
 [[routes]]
 path = "/mcp2"
 upstream = "u0"
+[[routes]]
+path = "/fed2"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
 "#,
             py_json = py_json.url(),
         ),
@@ -857,10 +860,16 @@ upstream = "u0"
             let (r, _) = raw(port, &post(path, &again, &session));
             assert_eq!(r.status, 409, "{path} {id}: {r:?}");
             assert_eq!(message_of(&r)["error"]["code"], -32600, "{path} {id}");
-            // The session is its upstream's, on any route to it: so is the claim.
-            if path == "/mcp" {
-                let (r, _) = raw(port, &post("/mcp2", &again, &session));
-                assert_eq!(r.status, 409, "/mcp2 {id}: {r:?}");
+            // The session is taken on another route to the same upstream (a federated one on
+            // another federated route): so is the claim.
+            let other = match path {
+                "/mcp" => Some("/mcp2"),
+                "/fed" => Some("/fed2"),
+                _ => None,
+            };
+            if let Some(other) = other {
+                let (r, _) = raw(port, &post(other, &again, &session));
+                assert_eq!(r.status, 409, "{other} {id}: {r:?}");
             }
         }
         drop(client);
