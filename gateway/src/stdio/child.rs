@@ -52,11 +52,10 @@ const ENDS_KEPT: usize = 4096;
 struct Lines<R> {
     inner: R,
     line: Vec<u8>,
-    skipping: bool,
+    /// A line is being skipped, since it passed the limit then.
+    skipping: Option<Instant>,
     /// Of a line being skipped: its first bytes are `line`'s, its last `tail`'s.
     tail: VecDeque<u8>,
-    /// When the line being skipped passed the limit.
-    skipping_since: Option<Instant>,
     max: usize,
     /// A line still skipped this long after it passed the limit answers no call that still
     /// waits (the call timeout): the child writes without ever ending a line, and it kept the
@@ -69,9 +68,8 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
         Self {
             inner,
             line: Vec::new(),
-            skipping: false,
+            skipping: None,
             tail: VecDeque::new(),
-            skipping_since: None,
             max,
             endless,
         }
@@ -87,20 +85,16 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
                 Some(i) => (&buf[..i], i + 1, true),
                 None => (buf, buf.len(), false),
             };
-            if !self.skipping && self.line.len() + part.len() > self.max {
-                self.skipping = true;
-                self.skipping_since = Some(Instant::now());
+            if self.skipping.is_none() && self.line.len() + part.len() > self.max {
+                self.skipping = Some(Instant::now());
                 self.tail.clear();
                 self.tail
                     .extend(&self.line[self.line.len().saturating_sub(ENDS_KEPT)..]);
                 self.line.truncate(ENDS_KEPT);
                 self.line.shrink_to(ENDS_KEPT);
             }
-            if self.skipping {
-                if self
-                    .skipping_since
-                    .is_some_and(|t| t.elapsed() > self.endless)
-                {
+            if let Some(since) = self.skipping {
+                if since.elapsed() > self.endless {
                     return Err(std::io::Error::other(format!(
                         "it wrote a line over the limit without an end for {} ms",
                         self.endless.as_millis()
@@ -117,7 +111,7 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
             }
             self.inner.consume(used);
             if end {
-                if std::mem::take(&mut self.skipping) {
+                if self.skipping.take().is_some() {
                     let head = std::mem::take(&mut self.line);
                     let tail: Vec<u8> = std::mem::take(&mut self.tail).into();
                     return Ok(Line::TooLong(first_id(&head).or_else(|| last_id(&tail))));
@@ -356,19 +350,13 @@ async fn supervise(
             from = from_child(&mut running) => match from {
                 FromChild::Blocked => {
                     tracing::warn!(upstream = %s.spec.name, "stdio upstream does not take its input; stopping it");
-                    if let Some(r) = running.take() {
-                        stop(r, s.spec.stop_grace).await;
-                    }
-                    s.fail_all(&StdioError::Exited(s.spec.name.clone(), "stdin blocked".into()));
+                    s.stop_broken(&mut running, "stdin blocked".into()).await;
                 }
                 FromChild::Line(Ok(Line::Text(bytes))) => s.take_from_child(&bytes, &mut running),
                 FromChild::Line(Ok(Line::TooLong(id))) => s.too_long(id),
                 FromChild::Line(Err(e)) => {
                     tracing::warn!(upstream = %s.spec.name, error = %e, "stdio upstream's output cannot be read; stopping it");
-                    if let Some(r) = running.take() {
-                        stop(r, s.spec.stop_grace).await;
-                    }
-                    s.fail_all(&StdioError::Exited(s.spec.name.clone(), e.to_string()));
+                    s.stop_broken(&mut running, e.to_string()).await;
                 }
                 FromChild::Line(Ok(Line::Eof)) => {
                     if let Some(r) = running.take() {
@@ -560,7 +548,7 @@ impl Supervisor {
             None => r.stdin.send(line),
         };
         if let Err(why) = sent {
-            crate::throttled_warn!(upstream = %self.spec.name, why, "stdio upstream: a message of the gateway's own was not written");
+            crate::throttled_warn!(upstream = %self.spec.name, why, "stdio upstream: a message was not written to its child");
         }
     }
 
@@ -597,6 +585,14 @@ impl Supervisor {
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
             self.write(running, &cancel, None);
         }
+    }
+
+    /// Stops a child that cannot be talked to (`why`) and fails every call in flight with it.
+    async fn stop_broken(&mut self, running: &mut Option<Running>, why: String) {
+        if let Some(r) = running.take() {
+            stop(r, self.spec.stop_grace).await;
+        }
+        self.fail_all(&StdioError::Exited(self.spec.name.clone(), why));
     }
 
     fn fail_all(&mut self, err: &StdioError) {

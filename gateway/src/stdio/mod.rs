@@ -189,7 +189,7 @@ impl Queued {
         self.line_bytes.load(Relaxed) + self.call_bytes.load(Relaxed)
     }
 
-    /// The count of `line`'s kind of message.
+    /// The bytes waiting of `line`'s kind of message.
     fn counter(&self, line: bool) -> &std::sync::atomic::AtomicUsize {
         if line {
             &self.line_bytes
