@@ -348,8 +348,7 @@ const ANY: [u8; 8] = [0xff; 8];
 /// request 7; a server that echoes ids as strings worked before streams were judged).
 fn canonical_id(id: &Value) -> std::borrow::Cow<'_, Value> {
     if let Value::String(s) = id
-        && let Ok(n) = s.parse::<i64>()
-        && n.to_string() == *s
+        && let Some(n) = super::id::integer_of(s)
     {
         return std::borrow::Cow::Owned(Value::from(n));
     }

@@ -605,15 +605,7 @@ fn claim(
     let mut claims = Vec::new();
     for m in messages.all().filter(|m| m.kind == Kind::Request) {
         let Some(id) = &m.id else { continue };
-        let id = match id {
-            Id::Num(n) => Ok(*n),
-            Id::Str(s) => s
-                .parse::<i64>()
-                .ok()
-                .filter(|n| n.to_string() == *s)
-                .ok_or(s),
-        };
-        let key = state.key(("rpc-id", scope, &tenant.name, session, id));
+        let key = state.key(("rpc-id", scope, &tenant.name, session, id.compared()));
         match state.claim_id(key) {
             Some(c) => claims.push(c),
             None => {
