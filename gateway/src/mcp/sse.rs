@@ -381,7 +381,7 @@ mod tests {
         let events: Vec<u8> = b"data: {\"jsonrpc\":\"2.0\"}\n\n".repeat(64_000);
         assert_eq!(split(&events).count(), 64_000);
         // Quadratic, the above takes seconds to minutes even optimised.
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[test]
