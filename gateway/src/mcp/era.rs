@@ -36,8 +36,14 @@ pub(super) fn learn_session(ctx: &WorkerCtx, up: &Upstream) {
     ctx.held.eras.borrow_mut().insert(up.key, Instant::now());
 }
 
-/// Whether a 400 says the request needs a session (so it was not processed): "Server not
-/// initialized", "No valid session ID provided". Other 400s are the request's own fault.
+/// Whether a 400 says the request needs a session, so it was not processed: the refusal the
+/// SDKs' transports make before any handler runs ("Bad Request: Server not initialized",
+/// "Bad Request: No valid session ID provided", "Bad Request: Missing session ID", …). Such a
+/// refusal answers no request (its id is null), with -32000 or -32600, and says that alone.
+/// Anything else is the request's own answer: a handler's error may echo what the client sent
+/// (the Python SDK's `Unknown resource: <uri>`, a tool's own message), and read as this it let
+/// any caller make the gateway take the upstream for a session-era one, for every tenant, and
+/// send the request, which had run, a second time (an attacker's review).
 pub(super) fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
     if head.status != 400 || body.len() > 4096 {
         return false;
@@ -45,15 +51,23 @@ pub(super) fn wants_session(head: &ResponseHead, body: &[u8]) -> bool {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return false;
     };
-    // Narrow phrases: an upstream that echoes a client's input in its errors must not let a
-    // client flip it into the session era for everyone.
-    v["error"]["message"].as_str().is_some_and(|m| {
-        let m = m.to_ascii_lowercase();
-        m.contains("server not initialized")
-            || m.contains("no valid session id")
-            || m.contains("mcp-session-id header is required")
-            || m.contains("missing session id")
-    })
+    let error = &v["error"];
+    let transport_refusal = v.get("id").is_none_or(Value::is_null)
+        && (error["code"] == -32000 || error["code"] == -32600);
+    transport_refusal
+        && error["message"].as_str().is_some_and(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            let m = m.strip_prefix("bad request:").unwrap_or(&m).trim();
+            let m = m.strip_suffix('.').unwrap_or(m);
+            matches!(
+                m,
+                "server not initialized"
+                    | "no valid session id provided"
+                    | "no valid session id"
+                    | "mcp-session-id header is required"
+                    | "missing session id"
+            )
+        })
 }
 
 /// Whether `up` is known to speak only the stateless era: configured so, or learnt lately.
