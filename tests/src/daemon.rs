@@ -237,22 +237,32 @@ impl Daemon {
 
     /// Starts the same instance again (after a crash or stop).
     pub fn restart(ns: &str, instance: &str, prev: &mut Daemon) -> Self {
-        Self::restart_in(Some(ns), instance, prev)
+        Self::restart_in(Some(ns), instance, prev, &[])
     }
 
-    fn restart_in(ns: Option<&str>, instance: &str, prev: &mut Daemon) -> Self {
+    fn restart_in(
+        ns: Option<&str>,
+        instance: &str,
+        prev: &mut Daemon,
+        env: &[(&str, &str)],
+    ) -> Self {
         // The previous run keeps its config file; this run logs to a file of its own.
         let config = std::mem::take(&mut prev.config);
         // The state store too: the previous run's drop leaves it.
         prev.state = PathBuf::new();
         let log = prev.log.with_extension("restart.log");
         let _ = std::fs::remove_file(&log);
-        Self::spawn(ns, instance, config, log, &[], &Before::default(), RUNNING)
+        Self::spawn(ns, instance, config, log, env, &Before::default(), RUNNING)
     }
 
     /// As [`Daemon::restart`], in this process's namespace (loopback tests).
     pub fn restart_local(instance: &str, prev: &mut Daemon) -> Self {
-        Self::restart_in(None, instance, prev)
+        Self::restart_in(None, instance, prev, &[])
+    }
+
+    /// As [`Daemon::restart_local`], with more environment variables.
+    pub fn restart_local_with_env(instance: &str, prev: &mut Daemon, env: &[(&str, &str)]) -> Self {
+        Self::restart_in(None, instance, prev, env)
     }
 
     /// The exit status of a run that ended by itself (waits at most `timeout`).

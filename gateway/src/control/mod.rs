@@ -1432,6 +1432,12 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     "text/plain",
                     format!("not ready: workers down {down:?}\n"),
                 )
+            } else if c.shared.limits.fleet_unread() {
+                respond(
+                    503,
+                    "text/plain",
+                    "not ready: the fleet's shared state is not read yet\n".into(),
+                )
             } else if !c.xdp_missing.is_empty() {
                 let missing: Vec<String> = c
                     .xdp_missing

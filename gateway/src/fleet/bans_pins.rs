@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// How far apart the ends of a ban kept by a host and of a ban the fleet lifted may be for
+/// them to be the same ban: a ban's end is kept to the second in the state store, and its time
+/// left is read back from the kernel's map.
+const LIFT_SAME_END_MS: u64 = 2_000;
+
 impl<B: Bans> Agent<B> {
     /// Sends the bans made here and takes those made elsewhere (into the kernel's ban map, by
     /// the control thread's ban path); a ban lifted here is lifted in the fleet.
@@ -23,9 +28,11 @@ impl<B: Bans> Agent<B> {
         let secret = self.fleet.secret.as_ref();
         let fleet = self.fleet.name.as_str();
         let mut remote_live: HashMap<IpAddr, u64> = HashMap::new();
-        // With a secret, a lift is a sealed `lifted:<end>` left until the ban's end, so that a
-        // ban deleted from Redis by someone without the secret is not lifted.
-        let mut lifted: HashSet<IpAddr> = HashSet::new();
+        // A lift is a `lifted:<end>` left until the lifted ban's end (sealed with a secret, so
+        // that a ban deleted from Redis by someone without it is not lifted). A host that kept
+        // the ban (in its state store, over a restart, or killed before it flushed the lift)
+        // lifts it when it comes back, instead of publishing it again as a new ban.
+        let mut lifted: HashMap<IpAddr, u64> = HashMap::new();
         let mut ended: Vec<Vec<u8>> = Vec::new();
         // Bans in Redis not sealed with the fleet's secret (or unreadable): never applied.
         let mut forged: HashSet<IpAddr> = HashSet::new();
@@ -41,8 +48,7 @@ impl<B: Bans> Agent<B> {
             let raw = String::from_utf8_lossy(&raw);
             let value = open(secret, fleet, "bans", k, &raw).and_then(|v| {
                 match v.strip_prefix("lifted:") {
-                    Some(until) if secret.is_some() => until.parse::<u64>().ok().map(|u| (u, true)),
-                    Some(_) => None,
+                    Some(until) => until.parse::<u64>().ok().map(|u| (u, true)),
                     None => v.parse::<u64>().ok().map(|u| (u, false)),
                 }
             });
@@ -51,7 +57,7 @@ impl<B: Bans> Agent<B> {
                     remote_live.insert(ip.to_canonical(), until);
                 }
                 Some((until, true)) if until > now => {
-                    lifted.insert(ip.to_canonical());
+                    lifted.insert(ip.to_canonical(), until);
                 }
                 Some(_) => ended.push(field),
                 None => {
@@ -77,13 +83,9 @@ impl<B: Bans> Agent<B> {
             if !local.contains_key(ip) {
                 if self.known_bans.contains(ip) {
                     // Known to the fleet, gone here: lifted by the operator here.
-                    if secret.is_some() {
-                        let field = ip.to_string();
-                        let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
-                        pipe.hset(&key, field, lift).ignore();
-                    } else {
-                        pipe.hdel(&key, ip.to_string()).ignore();
-                    }
+                    let field = ip.to_string();
+                    let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
+                    pipe.hset(&key, field, lift).ignore();
                     self.known_bans.remove(ip);
                     continue;
                 }
@@ -101,12 +103,26 @@ impl<B: Bans> Agent<B> {
         let mut sent: HashSet<IpAddr> = HashSet::new();
         for (ip, left) in &local {
             let known = self.known_bans.contains(ip);
+            let ends = now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+            // Not known here (this process did not publish it nor take it from the fleet), and
+            // the fleet lifted a ban of the same end: the same ban, kept here over a restart.
+            // A ban made here since ends elsewhen, and is published.
+            if !known
+                && !remote_live.contains_key(ip)
+                && lifted
+                    .get(ip)
+                    .is_some_and(|until| until.abs_diff(ends) <= LIFT_SAME_END_MS)
+            {
+                self.bans.unban(*ip);
+                tracing::info!(source = %ip, "fleet: a ban kept here was lifted in the fleet meanwhile; lifted here too");
+                continue;
+            }
             // With a secret, a known ban gone from Redis without a sealed lift (and not about
             // to end) was deleted by someone without the secret: published again, not lifted.
             let deleted = secret.is_some()
                 && known
                 && !remote_live.contains_key(ip)
-                && !lifted.contains(ip)
+                && !lifted.contains_key(ip)
                 && *left > Duration::from_secs(2);
             if deleted && !forged.contains(ip) {
                 tracing::warn!(source = %ip, "fleet: a ban was deleted from Redis without a sealed lift; published again");

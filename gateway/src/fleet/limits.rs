@@ -352,6 +352,8 @@ impl<B: Bans> Agent<B> {
                         .fleet_floor(w.what, w.len_s, w.window, total);
                 }
             }
+            // Budgets open from now on (closed until the floor above was set).
+            self.shared.limits.set_fleet_budgets_read();
             return;
         }
         let mut windows: HashSet<&String> = self.seen.keys().collect();

@@ -397,7 +397,7 @@ impl<'a> Deciding<'a> {
                 code::STATE_UNAVAILABLE,
                 format!("tenants[{}].policy.budget", t.name),
                 format!(
-                    "the budget of tenant `{}` cannot be checked: the fleet's shared state (Redis) is unreachable, and budgets fail closed (`[state] fleet_fail_open`)",
+                    "the budget of tenant `{}` cannot be checked: the fleet's shared state (Redis) is unreachable or not read yet, and budgets fail closed (`[state] fleet_fail_open`)",
                     t.name
                 ),
             )

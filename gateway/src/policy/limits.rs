@@ -530,6 +530,9 @@ pub struct State {
     /// The fleet agent has read the other hosts' concurrency counts once: until then a
     /// concurrency cap admits this host's share, not the whole cap.
     fleet_caps_read: std::sync::atomic::AtomicBool,
+    /// The fleet agent has read the other hosts' budget spend once: until then budgets are
+    /// closed as with Redis unreachable (see [`State::budgets_closed`]).
+    fleet_budgets_read: std::sync::atomic::AtomicBool,
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
     /// Runs counted for each tenant (by name) in its budget's current window (by length):
     /// a place is taken as a run is first charged, and they all go when the window ends.
@@ -589,6 +592,7 @@ impl State {
             fleet_fail_open: std::sync::atomic::AtomicBool::new(false),
             sources: AtomicUsize::new(0),
             fleet_caps_read: std::sync::atomic::AtomicBool::new(false),
+            fleet_budgets_read: std::sync::atomic::AtomicBool::new(false),
             leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
             runs: papaya::HashMap::new(),
         }
@@ -723,11 +727,32 @@ impl State {
         self.fleet_fail_open.store(v, Ordering::Relaxed);
     }
 
-    /// Whether budgets must refuse now: the fleet's totals cannot be read (Redis unreachable)
-    /// and `fleet_fail_open` is off.
+    /// Whether budgets must refuse now (unless `fleet_fail_open`): the fleet's totals cannot be
+    /// read (Redis unreachable), or have not been read yet. A host that judged on its own
+    /// counts before its first read spent a budget the fleet had spent already, and its spend
+    /// was then taken for the others' and never published: a new host, or one whose Redis
+    /// answered slowly, admitted a whole budget again (an attacker's review: ten calls under a
+    /// budget of five).
     pub fn budgets_closed(&self) -> bool {
-        self.fleet.load(Ordering::Acquire) == FLEET_FALLBACK
-            && !self.fleet_fail_open.load(Ordering::Relaxed)
+        let closed = match self.fleet.load(Ordering::Acquire) {
+            FLEET_FALLBACK => true,
+            FLEET_LEASED => !self.fleet_budgets_read.load(Ordering::Acquire),
+            _ => false,
+        };
+        closed && !self.fleet_fail_open.load(Ordering::Relaxed)
+    }
+
+    /// Whether this host is of a fleet whose shared state it has not read yet (its first
+    /// round is under way): `/readyz` says not ready meanwhile. Not once Redis was found
+    /// unreachable: the host then serves on its own counts, budgets closed.
+    pub fn fleet_unread(&self) -> bool {
+        self.fleet.load(Ordering::Acquire) == FLEET_LEASED
+            && !self.fleet_budgets_read.load(Ordering::Acquire)
+    }
+
+    /// The fleet agent read the other hosts' budget spend (see [`State::budgets_closed`]).
+    pub fn set_fleet_budgets_read(&self) {
+        self.fleet_budgets_read.store(true, Ordering::Release);
     }
 
     /// Calls `f` with every lease (the fleet agent).
@@ -1725,6 +1750,26 @@ mod tests {
         assert!(state.budgets_closed());
         state.set_fleet_fail_open(true);
         assert!(!state.budgets_closed());
+    }
+
+    /// Budgets are closed on a fleet until the other hosts' spend was read once, as with Redis
+    /// unreachable; not without a fleet, nor with `fleet_fail_open`.
+    #[test]
+    fn budgets_wait_for_the_fleets_spend() {
+        let state = State::default();
+        assert!(!state.budgets_closed(), "no fleet");
+        state.set_fleet(FLEET_LEASED, 2);
+        assert!(state.budgets_closed(), "not read yet");
+        state.set_fleet_budgets_read();
+        assert!(!state.budgets_closed());
+        state.set_fleet(FLEET_FALLBACK, 2);
+        assert!(state.budgets_closed());
+        state.set_fleet(FLEET_LEASED, 2);
+        assert!(!state.budgets_closed(), "read once is enough");
+        let open = State::default();
+        open.set_fleet(FLEET_LEASED, 2);
+        open.set_fleet_fail_open(true);
+        assert!(!open.budgets_closed());
     }
 
     #[test]

@@ -217,6 +217,7 @@ struct Gw {
     daemon: Daemon,
     port: u16,
     admin: u16,
+    instance: String,
 }
 
 /// A gateway of the fleet: tenant `public` limited to `rate`/s (burst `burst`) across the
@@ -356,6 +357,7 @@ impl Fleet {
             daemon,
             port,
             admin,
+            instance,
         }
     }
 
@@ -1288,9 +1290,45 @@ fn assert_state_unavailable(port: u16) {
     assert!(
         j["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("Redis") && m.contains("unreachable")),
+            .is_some_and(|m| m.contains("Redis") && m.contains("unreachable or not read yet")),
         "{j}"
     );
+}
+
+/// A gateway whose Redis does not answer yet (a slow or hung Redis at its start) has not read
+/// the fleet's spend: its budgets are closed from its first request, not judged on its own
+/// counts, and it is not ready meanwhile. Before, a new host admitted a whole budget the fleet
+/// had spent, and that spend was never published (an attacker's review: ten calls under a
+/// budget of five, with 20 ms added to each Redis answer; five at once with Redis hung).
+#[test]
+fn a_gateway_that_has_not_read_the_fleets_spend_admits_no_budgeted_call() {
+    let fleet = Fleet::start_with(Redis::start(), 1, Settings::new(1000, 1000, true));
+    // Accepts connections and never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("redis://{}/", hung.local_addr().expect("addr"));
+    hung.set_nonblocking(true).expect("nonblocking");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accept = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match hung.accept() {
+                    Ok((c, _)) => held.push(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let mut g = fleet.gateway_at(&Settings::new(1000, 1000, true), &url);
+    // From its first request on: refused, whether the first round is still waiting for Redis
+    // or has given up on it.
+    for _ in 0..6 {
+        assert_state_unavailable(g.port);
+    }
+    g.daemon.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    accept.join().expect("join");
 }
 
 /// A Redis that asks for a password gets it from the environment variable
@@ -1435,6 +1473,73 @@ fn ban(admin: u16, ip: &str) {
     );
     let (r, _) = raw(admin, req.as_bytes());
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+fn lift(admin: u16, ip: &str) {
+    let req = format!("DELETE /bans/{ip} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n");
+    let (r, _) = raw(admin, req.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// A ban lifted while a gateway of the fleet was down stays lifted when that gateway comes back
+/// with the ban in its state store, with a fleet secret and without: it is not published again
+/// as a new ban (an attacker's review: a rolling restart brought back, on every gateway, a ban
+/// an operator had lifted meanwhile). A ban made on it after the lift is still published.
+#[test]
+fn a_ban_lifted_while_a_gateway_was_down_stays_lifted_when_it_comes_back() {
+    for secret in [false, true] {
+        let mut settings = Settings::new(1000, 1000, false);
+        if secret {
+            settings.state_extra = format!("fleet_secret_env = \"{SECRET_VAR}\"\n");
+            settings.env = vec![(
+                SECRET_VAR.to_owned(),
+                unique("a-fleet-secret-of-at-least-32-characters"),
+            )];
+        }
+        let env: Vec<(String, String)> = settings.env.clone();
+        let mut fleet = Fleet::start_with(Redis::start(), 2, settings);
+        let (a, b) = (fleet.gateways[0].admin, fleet.gateways[1].admin);
+        let has = |admin: u16, ip: &str| bans(admin).to_string().contains(ip);
+        ban(a, "198.18.5.5");
+        wait_for("the ban reaches b", Duration::from_secs(5), || {
+            has(b, "198.18.5.5")
+        });
+        // b's state store keeps it (flushed every second), then b stops; the ban is lifted
+        // meanwhile.
+        std::thread::sleep(Duration::from_millis(2500));
+        fleet.gateways[1].daemon.stop();
+        lift(a, "198.18.5.5");
+        assert!(!has(a, "198.18.5.5"));
+        // a's next rounds take the lift to Redis (b, back before that, would find the ban
+        // there still, and take the lift from a later round).
+        std::thread::sleep(Duration::from_millis(1000));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let instance = fleet.gateways[1].instance.clone();
+        fleet.gateways[1].daemon =
+            Daemon::restart_local_with_env(&instance, &mut fleet.gateways[1].daemon, &env);
+        // b comes back with the ban kept, and takes the lift: at once from its first round.
+        wait_for("b takes the lift", Duration::from_secs(5), || {
+            !has(b, "198.18.5.5")
+        });
+        // A few rounds (250 ms each) later, still lifted everywhere.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !has(a, "198.18.5.5"),
+            "secret {secret}: the lifted ban came back on a"
+        );
+        assert!(
+            !has(b, "198.18.5.5"),
+            "secret {secret}: the lifted ban came back on b"
+        );
+        // A new ban of the same address on b is the fleet's.
+        ban(b, "198.18.5.5");
+        wait_for("a new ban reaches a", Duration::from_secs(5), || {
+            has(a, "198.18.5.5")
+        });
+        for g in &mut fleet.gateways {
+            g.daemon.stop();
+        }
+    }
 }
 
 /// Waits up to `within` for `f`.
