@@ -223,6 +223,9 @@ pub struct Drain {
     state: std::sync::atomic::AtomicU8,
 }
 
+/// How long a worker's loop may go without a turn before `/readyz` calls it stalled.
+pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// [`Drain::state`]: read on for the client.
 const DRAINING: u8 = 0;
 /// A resume asks for the stream.
@@ -719,6 +722,11 @@ pub struct Shared {
     /// Which workers are serving (a worker whose runtime panicked is down until it restarts);
     /// `/readyz` answers 503 while any is down.
     pub workers_up: Box<[AtomicBool]>,
+    /// When each worker last took a turn of its once-a-second task, in ms since `beat_epoch`
+    /// (0: not yet): a worker whose loop no longer turns (a task that never yields) is stalled,
+    /// and `/readyz` says so, as for one down.
+    pub worker_beats: Box<[AtomicU64]>,
+    pub beat_epoch: std::time::Instant,
     /// Connection tasks that panicked (each answered 500 and was closed; the worker lived on).
     pub panics: AtomicU64,
     /// Worker runtimes that panicked and were started again.
@@ -803,6 +811,8 @@ impl Shared {
             source_conns: SourceConns::default(),
             drains: Drains::default(),
             workers_up: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            worker_beats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            beat_epoch: std::time::Instant::now(),
             panics: AtomicU64::new(0),
             worker_restarts: AtomicU64::new(0),
             open_files_limit: AtomicU64::new(0),
@@ -919,6 +929,32 @@ impl Shared {
             return false;
         }
         true
+    }
+
+    /// A worker's loop took a turn now ([`Shared::workers_stalled`]).
+    pub fn worker_beat(&self, worker: usize) {
+        let ms = u64::try_from(self.beat_epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(b) = self.worker_beats.get(worker) {
+            b.store(ms.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The workers serving whose loop has not turned for `max` (each turns once a second at
+    /// least when it is free to): a task that never yields stops every connection of its
+    /// worker, and a worker stuck so is not ready, as one down is not.
+    pub fn workers_stalled(&self, max: std::time::Duration) -> Vec<usize> {
+        let now = u64::try_from(self.beat_epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let max = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        self.worker_beats
+            .iter()
+            .zip(self.workers_up.iter())
+            .enumerate()
+            .filter(|(_, (beat, up))| {
+                let beat = beat.load(Ordering::Relaxed);
+                up.load(Ordering::Relaxed) && beat > 0 && now.saturating_sub(beat) > max
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// The workers that are not serving now.
@@ -1284,5 +1320,41 @@ max_connections = 1
         assert!(n.sources() >= 201);
         n.forget_idle(t0 + 60_000_000_000);
         assert_eq!(n.sources(), 0);
+    }
+
+    /// A serving worker whose loop has not turned for longer than the bound is stalled; one
+    /// that turned lately, one down, and one not started yet are not.
+    #[test]
+    fn a_worker_whose_loop_stops_turning_is_stalled() {
+        let text = r#"[gateway]
+instance = "t"
+workers = 3
+[[listeners]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+[kernel]
+enabled = false
+default_tenant = "d"
+[[tenants]]
+name = "d"
+id = 1
+"#;
+        let shared = Shared::new(Config::from_toml(text).unwrap());
+        for up in shared.workers_up.iter() {
+            up.store(true, Ordering::Relaxed);
+        }
+        shared.worker_beat(0);
+        shared.worker_beat(1);
+        let bound = std::time::Duration::from_millis(100);
+        assert!(shared.workers_stalled(bound).is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        shared.worker_beat(0);
+        assert_eq!(shared.workers_stalled(bound), vec![1]);
+        shared.workers_up[1].store(false, Ordering::Relaxed);
+        assert!(
+            shared.workers_stalled(bound).is_empty(),
+            "down, not stalled"
+        );
     }
 }

@@ -69,6 +69,11 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP mcp_gateway_workers_stalled Data-plane workers serving whose loop has not turned for 5 s (a task that never yields: every connection of the worker waits; `/readyz` says not ready).\n# TYPE mcp_gateway_workers_stalled gauge\nmcp_gateway_workers_stalled {}",
+        shared.workers_stalled(crate::shared::STALLED_AFTER).len()
+    );
+    let _ = writeln!(
+        out,
         "# HELP mcp_gateway_panics_total Connection tasks that panicked (answered 500 and closed; the worker lived on).\n# TYPE mcp_gateway_panics_total counter\nmcp_gateway_panics_total {}",
         shared.panics.load(std::sync::atomic::Ordering::Relaxed)
     );

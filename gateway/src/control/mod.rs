@@ -1189,10 +1189,15 @@ async fn upgrade(
     }
 }
 
-/// One watchdog ping, while no worker is down: a dead worker stops the pings, and systemd
-/// restarts the gateway.
+/// One watchdog ping, while no worker is down or stalled: a dead or stuck worker stops the
+/// pings, and systemd restarts the gateway.
 fn feed_watchdog(control: &Mutex<Control>) {
-    if lock(control).shared.workers_down().is_empty() {
+    let c = lock(control);
+    if c.shared.workers_down().is_empty()
+        && c.shared
+            .workers_stalled(crate::shared::STALLED_AFTER)
+            .is_empty()
+    {
         crate::service::watchdog();
     }
 }
@@ -1424,6 +1429,7 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
         (&Method::GET, "/readyz") => {
             let c = lock(control);
             let down = c.shared.workers_down();
+            let stalled = c.shared.workers_stalled(crate::shared::STALLED_AFTER);
             return if !c.ready {
                 respond(503, "text/plain", "not ready\n".into())
             } else if !down.is_empty() {
@@ -1431,6 +1437,15 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                     503,
                     "text/plain",
                     format!("not ready: workers down {down:?}\n"),
+                )
+            } else if !stalled.is_empty() {
+                respond(
+                    503,
+                    "text/plain",
+                    format!(
+                        "not ready: workers stalled {stalled:?} (their loop has not turned for {} s)\n",
+                        crate::shared::STALLED_AFTER.as_secs()
+                    ),
                 )
             } else if c.shared.limits.fleet_unread() {
                 respond(

@@ -784,11 +784,22 @@ impl Io {
                     Err(_) => return Err(HandshakeError::Closed),
                 }
             }
+            let before = (self.raw_pos, self.raw.len());
             if let Err(e) = self.feed_tls() {
                 // The alert rustls queued tells the peer why.
                 self.send_timeout = left;
                 let _ = self.flush_tls().await;
                 return Err(HandshakeError::Tls(e));
+            }
+            // Nothing taken, nothing to send, still handshaking: this loop would spin (never
+            // reached: see `feed_tls`).
+            if (self.raw_pos, self.raw.len()) == before
+                && self
+                    .tls
+                    .as_deref()
+                    .is_some_and(|t| t.is_handshaking() && !t.wants_write())
+            {
+                return Err(HandshakeError::Closed);
             }
         }
     }
@@ -801,16 +812,22 @@ impl Io {
     /// [`Io::fill`] on a TLS connection: decrypted bytes already held come first, then records
     /// already read, then the socket.
     async fn fill_tls(&mut self, deadline: monoio::time::Instant) -> Result<usize, HttpError> {
+        // Records fed that gave nothing to take, not even taking a byte: fed again they would
+        // give nothing again (never reached: see `feed_tls`; a loop that never awaits would
+        // stop the worker).
+        let mut stalled = false;
         loop {
             if let Some(r) = self.take_plaintext() {
                 return r;
             }
             if self.raw_pos < self.raw.len() {
-                if self.feed_tls().is_err() {
+                let before = (self.raw_pos, self.raw.len());
+                if stalled || self.feed_tls().is_err() {
                     let _ = self.flush_tls().await;
                     self.shutdown(libc::SHUT_RDWR);
                     return Err(HttpError::Closed);
                 }
+                stalled = (self.raw_pos, self.raw.len()) == before;
                 continue;
             }
             // A record that asked for an answer (a key update) is answered before waiting.
@@ -864,7 +881,12 @@ impl Io {
         }
     }
 
-    /// Hands records read from the socket to rustls, as many as it takes.
+    /// Hands records read from the socket to rustls, as many as it takes. Returns having
+    /// taken every byte, or with plaintext to take first (rustls's buffer of it is full), or
+    /// with an error: its callers loop until the bytes are taken, and a return with neither
+    /// kept a worker spinning for good (a handshake message of 64 KiB, more than rustls buffers,
+    /// left bytes it would never take: an attacker's review, from one unauthenticated client
+    /// or one answer of a hostile upstream).
     fn feed_tls(&mut self) -> Result<(), rustls::Error> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return Ok(());
@@ -873,10 +895,22 @@ impl Io {
             let mut rest = &self.raw[self.raw_pos..];
             match tls.read_tls(&mut rest) {
                 // close_notify came: nothing after it is read.
-                Ok(0) => break,
+                Ok(0) => {
+                    self.raw_pos = self.raw.len();
+                    break;
+                }
                 Ok(n) => self.raw_pos += n,
-                // Its plaintext buffer is full: that is taken first.
-                Err(_) => break,
+                Err(_) => {
+                    let held = tls.process_new_packets()?.plaintext_bytes_to_read();
+                    if held > 0 {
+                        // Its plaintext buffer is full: that is taken first.
+                        break;
+                    }
+                    // Its buffer of records is full with a message it cannot hold whole.
+                    return Err(rustls::Error::InvalidMessage(
+                        rustls::InvalidMessage::HandshakePayloadTooLarge,
+                    ));
+                }
             }
             tls.process_new_packets()?;
         }

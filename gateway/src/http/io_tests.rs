@@ -350,3 +350,111 @@ fn send_delivers_head_and_body_whole_across_partial_writes() {
         });
     }
 }
+
+/// A handshake message declared 64 KiB long (`0xffff`, the most rustls holds) and sent in full:
+/// 4 bytes of header more than rustls buffers, so it can never be taken whole. `typ` is the
+/// message's type.
+fn oversized_handshake_message(typ: u8) -> Vec<u8> {
+    let mut m = vec![typ, 0x00, 0xff, 0xff];
+    m.resize(4 + 0xffff, 0);
+    m
+}
+
+/// A ClientHello declared 64 KiB long, in plaintext records, fails the handshake at once: it
+/// kept the worker spinning until the handshake's deadline (rustls refuses to hold more, and
+/// the bytes it left were fed to it again and again; an attacker's review, with no credential).
+#[test]
+fn a_handshake_message_larger_than_rustls_holds_fails_the_handshake() {
+    run(async {
+        let p = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server_side = server_conn(&p);
+        let server = monoio::spawn(async move {
+            let mut io = accepted(&listener).await;
+            let deadline = monoio::time::Instant::now() + Duration::from_secs(3);
+            io.handshake(server_side, deadline).await
+        });
+        let mut records = Vec::new();
+        for chunk in oversized_handshake_message(1).chunks(16_384) {
+            records.extend_from_slice(&[22, 3, 1]);
+            records.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            records.extend_from_slice(chunk);
+        }
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let (r, _) = monoio::io::AsyncWriteRentExt::write_all(&mut s, records).await;
+        r.expect("write");
+        // Refused for what it is, not cut at the deadline.
+        let r = server.await;
+        assert!(matches!(r, Err(HandshakeError::Tls(_))), "{r:?}");
+    });
+}
+
+/// After the handshake, a peer's encrypted records carrying a handshake message declared 64
+/// KiB long (a KeyUpdate) end the connection: they kept the worker spinning for good, every
+/// connection on it stopped, and it never stopped at shutdown (an attacker's review, from a
+/// client or from an https upstream's answer). The reader runs on a thread of its own, so
+/// that a regression fails here rather than hanging the tests.
+#[test]
+fn an_oversized_handshake_message_after_the_handshake_ends_the_connection() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let p = Arc::new(configs());
+    let server_p = Arc::clone(&p);
+    std::thread::spawn(move || {
+        run(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("send");
+            let mut io = accepted(&listener).await;
+            io.handshake(server_conn(&server_p), soon())
+                .await
+                .expect("server handshake");
+            let r = io.fill(Duration::from_secs(5)).await;
+            let _ = done_tx.send(r);
+        });
+    });
+    let addr = addr_rx.recv().expect("address");
+    run(async move {
+        let mut client = (*p.client).clone();
+        client.enable_secret_extraction = true;
+        let name = "localhost".try_into().expect("name");
+        let conn = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut io = connected(addr).await;
+        io.handshake(rustls::Connection::Client(conn), soon())
+            .await
+            .expect("client handshake");
+        let Some(rustls::Connection::Client(conn)) = io.tls.take().map(|b| *b) else {
+            panic!("a client session");
+        };
+        let Some(rustls::SupportedCipherSuite::Tls13(suite)) = conn.negotiated_cipher_suite()
+        else {
+            panic!("TLS 1.3");
+        };
+        let (seq, secrets) = conn.dangerous_extract_secrets().expect("secrets").tx;
+        let (key, iv) = match secrets {
+            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+            _ => panic!("an AEAD suite"),
+        };
+        let mut encrypter = suite.aead_alg.encrypter(key, iv);
+        let mut records = Vec::new();
+        for (i, chunk) in oversized_handshake_message(24).chunks(16_000).enumerate() {
+            let plain = rustls::crypto::cipher::OutboundPlainMessage {
+                typ: rustls::ContentType::Handshake,
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload: rustls::crypto::cipher::OutboundChunks::Single(chunk),
+            };
+            let sealed = encrypter.encrypt(plain, seq + i as u64).expect("encrypt");
+            records.extend_from_slice(&sealed.encode());
+        }
+        let (r, _) = monoio::io::AsyncWriteRentExt::write_all(&mut io.stream, records).await;
+        r.expect("write");
+        let r = done_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the reader returned (it spun before)");
+        assert!(matches!(r, Err(HttpError::Closed)), "{r:?}");
+    });
+}

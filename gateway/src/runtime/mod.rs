@@ -745,6 +745,7 @@ fn serve_contained(
 /// recording itself takes no lock).
 async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats::Interval>) {
     loop {
+        ctx.shared.worker_beat(ctx.worker);
         monoio::time::sleep(Duration::from_secs(1)).await;
         let interval = ctx.recorder.borrow_mut().take();
         if let Some(i) = interval
