@@ -192,8 +192,12 @@ impl<B: Bans> Agent<B> {
         (epoch, pairs)
     }
 
-    /// Sends pins first seen or approved here, and takes approvals made elsewhere (an approval
-    /// on one host unhides the tool on all).
+    /// Sends pins first seen, approved or found changed here, and takes those of elsewhere: an
+    /// approval on one host unhides the tool on all, and a changed definition one host found
+    /// is held on all, those that never listed the tool too (they pin what the fleet pinned).
+    /// Before, a host took only approvals of tools it had listed itself: on another host, a
+    /// client that calls without listing called the changed tool the fleet held (an attacker's
+    /// review).
     /// `read`: the pins' hash as [`Agent::read_hash_cmd`] read it.
     pub(super) async fn exchange_pins(
         &mut self,
@@ -216,7 +220,38 @@ impl<B: Bans> Agent<B> {
         let mut any = false;
         let secret = self.fleet.secret.as_ref();
         let fleet = self.fleet.name.as_str();
-        for (name, pin) in self.shared.pins.snapshot() {
+        let held = |p: &crate::policy::pins::Pin| p.pending.as_ref().map(|(d, _)| d.clone());
+        let local = self.shared.pins.snapshot();
+        let known: HashSet<&str> = local.iter().map(|(n, _)| n.as_str()).collect();
+        let upstreams: HashSet<String> = self
+            .shared
+            .snapshot
+            .load()
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        // Pins of the fleet this host has none of, for its own upstreams: taken as they are.
+        for (name, raw) in &remote {
+            let ours = name
+                .split_once('/')
+                .is_some_and(|(up, _)| upstreams.contains(up));
+            if !ours || known.contains(name.as_str()) {
+                continue;
+            }
+            let Some(mut theirs) = open(secret, fleet, "pins", name, raw)
+                .and_then(|j| serde_json::from_str::<crate::policy::pins::Pin>(j).ok())
+            else {
+                continue;
+            };
+            theirs.configured = None;
+            self.agreed_pins
+                .insert(name.clone(), theirs.approved.clone());
+            self.agreed_pending.insert(name.clone(), held(&theirs));
+            self.shared.pins.restore(name.clone(), theirs);
+        }
+        for (name, pin) in local {
             let raw = remote.get(&name);
             let theirs = raw
                 .and_then(|r| open(secret, fleet, "pins", &name, r))
@@ -228,40 +263,62 @@ impl<B: Bans> Agent<B> {
                 self.shared.fleet.unsealed_ignored.fetch_add(1, Relaxed);
                 tracing::warn!(tool = %name, "fleet: a pin in Redis is not sealed with the fleet's secret (or unreadable); ignored");
             }
+            let publish = |pipe: &mut redis::Pipeline, nx: bool| {
+                let Ok(j) = serde_json::to_string(&strip(&pin)) else {
+                    return false;
+                };
+                let j = seal(secret, fleet, "pins", &name, &j);
+                if nx {
+                    pipe.hset_nx(&key, &name, j).ignore();
+                } else {
+                    pipe.hset(&key, &name, j).ignore();
+                }
+                true
+            };
             let agreed = self.agreed_pins.get(&name);
             match theirs {
                 None => {
-                    if let Ok(j) = serde_json::to_string(&strip(&pin)) {
-                        let j = seal(secret, fleet, "pins", &name, &j);
-                        if forged {
-                            pipe.hset(&key, &name, j).ignore();
-                        } else {
-                            pipe.hset_nx(&key, &name, j).ignore();
-                        }
-                        any = true;
-                    }
-                    self.agreed_pins.insert(name, pin.approved.clone());
+                    any |= publish(&mut pipe, !forged);
+                    self.agreed_pins.insert(name.clone(), pin.approved.clone());
+                    self.agreed_pending.insert(name, held(&pin));
                 }
                 Some(theirs) if theirs.approved == pin.approved => {
-                    self.agreed_pins.insert(name, pin.approved.clone());
+                    self.agreed_pins.insert(name.clone(), pin.approved.clone());
+                    let (mine, fleets) = (held(&pin), held(&theirs));
+                    if mine != fleets {
+                        let changed_here = self.agreed_pending.get(&name) != Some(&mine);
+                        if changed_here {
+                            // Found changed (or back as approved) by a listing here.
+                            any |= publish(&mut pipe, false);
+                            self.agreed_pending.insert(name, mine);
+                        } else {
+                            // Found changed elsewhere: held here too.
+                            let mut adopted = (*pin).clone();
+                            adopted.pending = theirs.pending;
+                            self.agreed_pending.insert(name.clone(), fleets);
+                            self.shared.pins.restore(name, adopted);
+                        }
+                    } else {
+                        self.agreed_pending.insert(name, mine);
+                    }
                 }
                 Some(theirs) => {
                     let changed_here = agreed.is_some_and(|a| *a != pin.approved);
                     if changed_here || pin.configured.is_some() {
                         // Approved here since the last agreement: the fleet takes it.
-                        if let Ok(j) = serde_json::to_string(&strip(&pin)) {
-                            let j = seal(secret, fleet, "pins", &name, &j);
-                            pipe.hset(&key, &name, j).ignore();
-                            any = true;
-                        }
-                        self.agreed_pins.insert(name, pin.approved.clone());
+                        any |= publish(&mut pipe, false);
+                        self.agreed_pins.insert(name.clone(), pin.approved.clone());
+                        self.agreed_pending.insert(name, held(&pin));
                     } else {
-                        // Approved elsewhere: taken here; what waits here for approval stays
-                        // waiting unless it is what was approved.
+                        // Approved elsewhere: taken here, with what the fleet holds for
+                        // approval, or else what waits here unless it is what was approved.
+                        let fleets = held(&theirs);
                         let mut adopted = theirs;
                         adopted.configured = None;
-                        adopted.pending =
-                            pin.pending.clone().filter(|(d, _)| *d != adopted.approved);
+                        if adopted.pending.is_none() {
+                            adopted.pending =
+                                pin.pending.clone().filter(|(d, _)| *d != adopted.approved);
+                        }
                         tracing::info!(
                             tool = %name,
                             approved = %adopted.approved,
@@ -269,6 +326,8 @@ impl<B: Bans> Agent<B> {
                         );
                         self.agreed_pins
                             .insert(name.clone(), adopted.approved.clone());
+                        // A change still held here and not in the fleet is sent next round.
+                        self.agreed_pending.insert(name.clone(), fleets);
                         self.shared.pins.restore(name, adopted);
                         self.shared.fleet.approvals_received.fetch_add(1, Relaxed);
                     }

@@ -281,6 +281,7 @@ impl<B: Bans> Agent<B> {
             self.shared.fleet.reseeds.fetch_add(1, Relaxed);
             self.known_bans.clear();
             self.agreed_pins.clear();
+            self.agreed_pending.clear();
             self.republish_ended();
             let own = self
                 .own

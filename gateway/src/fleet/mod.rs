@@ -351,6 +351,9 @@ struct Agent<B> {
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
     agreed_pins: HashMap<String, String>,
+    /// The digest of the changed definition held for approval, by pin, as last agreed with the
+    /// fleet (see [`Agent::exchange_pins`]).
+    agreed_pending: HashMap<String, Option<String>>,
     /// The fleet's epoch as this host last saw it (`None` before the first budget round).
     epoch: Option<String>,
     /// Budgets: this host's whole spend in each window (by window field), as published.
@@ -440,6 +443,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         rested: HashSet::new(),
         known_bans: HashSet::new(),
         agreed_pins: HashMap::new(),
+        agreed_pending: HashMap::new(),
         epoch: None,
         own: HashMap::new(),
         seen: HashMap::new(),
@@ -752,9 +756,10 @@ impl<B: Bans> Agent<B> {
 }
 
 /// A pin as the fleet keeps it: what is approved, without what waits here.
+/// A pin as the fleet holds it: without the digest this host's configuration pins it to (each
+/// host's own), with the changed definition held for approval (held on every host).
 fn strip(pin: &crate::policy::pins::Pin) -> crate::policy::pins::Pin {
     let mut p = pin.clone();
-    p.pending = None;
     p.configured = None;
     p
 }

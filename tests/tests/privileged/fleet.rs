@@ -986,6 +986,30 @@ fn an_approval_and_a_ban_on_one_gateway_reach_the_others() {
     }
 }
 
+/// A changed tool one gateway holds for approval is held on the others, on one that never
+/// listed it too: a client that calls without listing cannot call it there. Before, a gateway
+/// took only approvals of tools it had listed itself, and called the changed tool (an
+/// attacker's review). The approval then reaches it as well.
+#[test]
+fn a_change_held_on_one_gateway_is_held_on_one_that_never_listed_the_tool() {
+    let mut fleet = Fleet::start_with(Redis::start(), 2, Settings::new(1000, 1000, false));
+    let (a, b) = (fleet.gateways[0].port, fleet.gateways[1].port);
+    assert!(echo_listed(a), "first sight: pinned through a");
+    fleet.upstream = None;
+    fleet.upstream = Some(PyServer::start_on(fleet.up_port, &["--changed-echo"]));
+    assert!(!echo_listed(a), "changed: held on a");
+    wait_for("the change held on b", Duration::from_secs(5), || {
+        call(b, "echo", json!({"text": "hi"})) == (403, Some(-32046))
+    });
+    approve(fleet.gateways[0].admin);
+    wait_for("the approval reaches b", Duration::from_secs(5), || {
+        call(b, "echo", json!({"text": "hi"})).0 == 200
+    });
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
 /// Federated, passthrough and replicated passthrough sessions alike: the id carries what the
 /// gateway needs (sealed or signed with the fleet's key), so another gateway continues it.
 #[test]
