@@ -532,39 +532,86 @@ impl<'a> Deciding<'a> {
 
 /// Hashes JSON as a server reads it, so that the same arguments give the same digest however
 /// they are spelled: object keys in sorted order, numbers by value (`1.0` is `1`: pydantic and
-/// zod read an integer from either), and a string that holds a JSON object or array as that
-/// value (the Python SDK decodes such a string into the object a tool takes, as argument rules
-/// read it), so that respacing it does not make another call.
+/// zod read an integer from either), a string that holds a JSON object or array as that value
+/// (the Python SDK decodes such a string into the object a tool takes, as argument rules read
+/// it), so that respacing it does not make another call, and a string that reads as a number
+/// or a truth value, and a truth value, as that number (pydantic's lax mode reads `"1"`, `" 01"`,
+/// `"+1"`, `"1_0"`, `"1.0"` and `true` as an integer: each made another call of `add(7, 1)`, an
+/// attacker's review). More spellings are one call than a server may take as one: for a loop
+/// breaker, the safe side.
 struct Canonical<'a>(Option<&'a Value>);
+
+/// A number as [`Canonical`] hashes it: a whole one as the integer (below 2^127, which every
+/// whole float there fits), another by its bits.
+#[derive(Hash)]
+enum Num {
+    Int(i128),
+    Float(u64),
+}
+
+impl Num {
+    fn of_f64(f: f64) -> Self {
+        if f.fract() == 0.0 && f.abs() < 1.7e38 {
+            #[expect(clippy::cast_possible_truncation, reason = "whole and below 2^127")]
+            Num::Int(f as i128)
+        } else {
+            Num::Float(f.to_bits())
+        }
+    }
+
+    fn of_number(n: &serde_json::Number) -> Option<Self> {
+        if let Some(i) = n.as_i64() {
+            Some(Num::Int(i128::from(i)))
+        } else if let Some(u) = n.as_u64() {
+            Some(Num::Int(i128::from(u)))
+        } else {
+            n.as_f64().map(Num::of_f64)
+        }
+    }
+
+    /// The number a string reads as, as Python's `int()` and `float()` and pydantic's lax
+    /// booleans read it: spaces around, a sign, `_` between digits, a fraction or exponent,
+    /// `true`/`false`.
+    fn of_str(s: &str) -> Option<Self> {
+        let t = s.trim();
+        if t.len() > 64 || t.is_empty() {
+            return None;
+        }
+        if t.eq_ignore_ascii_case("true") {
+            return Some(Num::Int(1));
+        }
+        if t.eq_ignore_ascii_case("false") {
+            return Some(Num::Int(0));
+        }
+        if !t.bytes().any(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let t = t.replace('_', "");
+        t.parse::<i128>().map(Num::Int).ok().or_else(|| {
+            t.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(Num::of_f64)
+        })
+    }
+}
 
 impl std::hash::Hash for Canonical<'_> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
         fn walk<H: std::hash::Hasher>(v: &Value, h: &mut H) {
             match v {
                 Value::Null => 0u8.hash(h),
-                Value::Bool(b) => (1u8, b).hash(h),
-                Value::Number(n) => {
-                    2u8.hash(h);
-                    // A whole float is an integer exactly (every float from 2^53 up is whole);
-                    // below 2^127 it fits the integer it hashes as.
-                    let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1.7e38);
-                    if let Some(i) = n.as_i64() {
-                        i128::from(i).hash(h);
-                    } else if let Some(u) = n.as_u64() {
-                        i128::from(u).hash(h);
-                    } else if let Some(f) = whole {
-                        #[expect(
-                            clippy::cast_possible_truncation,
-                            reason = "whole and below 2^127"
-                        )]
-                        (f as i128).hash(h);
-                    } else {
-                        n.as_f64().map(f64::to_bits).hash(h);
-                    }
-                }
+                Value::Bool(b) => (2u8, Num::Int(i128::from(*b))).hash(h),
+                Value::Number(n) => match Num::of_number(n) {
+                    Some(n) => (2u8, n).hash(h),
+                    None => (3u8, n.to_string()).hash(h),
+                },
                 Value::String(s) => match rules::json_held(s) {
                     Some(Ok(v)) => walk(&v, h),
-                    _ => (3u8, s).hash(h),
+                    _ => match Num::of_str(s) {
+                        Some(n) => (2u8, n).hash(h),
+                        None => (3u8, s).hash(h),
+                    },
                 },
                 Value::Array(a) => {
                     (4u8, a.len()).hash(h);

@@ -266,3 +266,37 @@ fn an_entry_that_names_its_ca_maps_only_what_that_ca_issued() {
     assert!(e.contains("auth.mtls[0].ca"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CAs trusted are counted by certificate: one bundle of two CAs is two (the warning that
+/// entries without `ca` map certificates of either was missed), one CA named twice is one.
+#[test]
+fn trusted_client_cas_are_counted_by_certificate() {
+    let dir = std::env::temp_dir().join(format!("mtls-cas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).unwrap().pem()
+    };
+    let (one, two) = (ca("one"), ca("two"));
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{one}{two}")).unwrap();
+    let single = dir.join("single.pem");
+    std::fs::write(&single, &one).unwrap();
+    let with_ca = |path: &std::path::Path| {
+        let mut c = config("", true).unwrap();
+        for l in &mut c.listeners {
+            if let Some(t) = l.tls.as_mut() {
+                t.client_ca = Some(path.to_path_buf());
+            }
+        }
+        c
+    };
+    assert_eq!(trusted_client_cas(&with_ca(&bundle)), 2);
+    assert_eq!(trusted_client_cas(&with_ca(&single)), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

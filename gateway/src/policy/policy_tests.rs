@@ -574,6 +574,26 @@ fn the_same_call_respelled_is_still_the_loop() {
         .code,
         code::LOOP_DETECTED
     );
+    // A number or truth value written as a string, padded, signed, with leading zeros or `_`:
+    // pydantic reads each as the integer 1 (an attacker's review).
+    for b in [
+        json!(1),
+        json!("1"),
+        json!(" 1"),
+        json!("01"),
+        json!("+1"),
+        json!("1.0"),
+        json!("1_"),
+        json!(true),
+        json!("True"),
+    ] {
+        let state = Arc::new(crate::policy::limits::State::default());
+        admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
+        admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
+        admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
+        let r = admit(&p, &state, &who, "add", json!({"a": 7, "b": b})).unwrap_err();
+        assert_eq!(r.code, code::LOOP_DETECTED, "{b}");
+    }
     // Other values are other calls: 1.5, a string that is not JSON, another object.
     assert!(
         admit(
