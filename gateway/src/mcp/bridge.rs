@@ -33,7 +33,6 @@
 
 use std::{net::SocketAddr, time::Instant};
 
-use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -378,7 +377,23 @@ pub(super) async fn call_with(
 ) -> Result<Answer, UpstreamFailure> {
     let message: Value = serde_json::from_slice(body)
         .map_err(|e| UpstreamFailure::Unrelayable(format!("the request is not JSON: {e}")))?;
-    let (head, body) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
+    let method = message["method"].as_str().unwrap_or_default().to_owned();
+    // A call of a tool not listed through the gateway yet: its headers are not known. Refused
+    // for want of them, the tools are listed (as the specification asks a client to) and the
+    // call is sent once more.
+    let unlisted = (method == "tools/call")
+        .then(|| message["params"]["name"].as_str())
+        .flatten()
+        .filter(|tool| ctx.learned.param_headers.get(&up.name, tool).is_none())
+        .map(|_| message.clone());
+    let (mut head, mut body) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
+    if let Some(message) = unlisted
+        && head.status == 400
+        && refused_for_headers(&body)
+    {
+        list_tools(ctx, req, peer, up, tenant).await;
+        (head, body) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
+    }
     if !(200..300).contains(&head.status) {
         return Ok(Answer {
             head,
@@ -390,6 +405,9 @@ pub(super) async fn call_with(
     // output can be shaped by its caller (a number past `f64`).
     let (mut answer, notes) =
         answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Unrelayable)?;
+    if method == "tools/list" {
+        learn_headers(ctx, up, &answer);
+    }
     if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
         if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
             return Err(UpstreamFailure::Unrelayable(
@@ -424,7 +442,22 @@ async fn exchange(
         "resources/read" => message["params"]["uri"].as_str(),
         _ => None,
     }
-    .map(header_text);
+    .map(super::param_headers::header_text);
+    // The arguments the tool mirrors into headers (learnt from its listing), as a 2026-07-28
+    // client sends them: a server that checks them refuses the call without (-32020).
+    let mirrored: Vec<(String, String)> = match method.as_str() {
+        "tools/call" => message["params"]["name"]
+            .as_str()
+            .and_then(|tool| ctx.learned.param_headers.get(&up.name, tool))
+            .and_then(|d| {
+                d.as_ref()
+                    .as_ref()
+                    .ok()
+                    .map(|d| super::param_headers::fields(d, message["params"].get("arguments")))
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     if !message["params"].is_object() {
         message["params"] = json!({});
     }
@@ -438,7 +471,7 @@ async fn exchange(
         m.insert(META_CAPABILITIES.into(), json!({}));
     }
     let body = bytes::Bytes::from(super::json_bytes(&message));
-    let replace = [
+    let mut replace = vec![
         ("mcp-session-id", None),
         ("mcp-protocol-version", Some(version::STATELESS)),
         ("mcp-method", Some(method.as_str())),
@@ -447,24 +480,53 @@ async fn exchange(
         held::READ_WHOLE[0],
         held::READ_WHOLE[1],
     ];
+    replace.extend(mirrored.iter().map(|(n, v)| (n.as_str(), Some(v.as_str()))));
     let request = upstream_request(req, peer, up, &body, &replace)
         .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
     upstream::call(&ctx.pool, up, tenant, request, MAX_ANSWER).await
 }
 
-/// A value for `Mcp-Name`: as it is when it is safe header text, else in the specification's
-/// `=?base64?...?=` form.
-fn header_text(s: &str) -> String {
-    let plain = s.bytes().all(|b| (0x21..0x7f).contains(&b)) && !s.starts_with("=?");
-    if plain {
-        s.to_owned()
-    } else {
-        format!(
-            "=?base64?{}?=",
-            base64::engine::general_purpose::STANDARD.encode(s)
-        )
+/// Whether a 400 refuses a request for its headers (-32020 HeaderMismatch).
+fn refused_for_headers(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .is_ok_and(|v| v["error"]["code"] == super::error::HEADER_MISMATCH)
+}
+
+/// Notes the `x-mcp-header` declarations of the tools a `tools/list` answer lists.
+fn learn_headers(ctx: &WorkerCtx, up: &Upstream, answer: &Value) {
+    for tool in answer["result"]["tools"].as_array().into_iter().flatten() {
+        ctx.learned.param_headers.observe(&up.name, tool);
     }
 }
+
+/// Lists `up`'s tools (at most [`LIST_PAGES`] pages) to learn their declarations.
+async fn list_tools(ctx: &WorkerCtx, req: &Request, peer: SocketAddr, up: &Upstream, tenant: u64) {
+    let mut cursor: Option<String> = None;
+    for page in 0..LIST_PAGES {
+        let mut params = Map::new();
+        if let Some(c) = cursor.take() {
+            params.insert("cursor".into(), Value::String(c));
+        }
+        let id = format!("mcp-gateway.list.{page}");
+        let message = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": params});
+        let Ok((head, body)) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await
+        else {
+            return;
+        };
+        let id = Id::Str(id);
+        let Ok((answer, _)) = answer_and_notes(&head, &body, Some(&id)) else {
+            return;
+        };
+        learn_headers(ctx, up, &answer);
+        match answer["result"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return,
+        }
+    }
+}
+
+/// Pages of `tools/list` the bridge reads to learn a tool's headers.
+const LIST_PAGES: usize = 10;
 
 fn id_json(id: Option<&Id>) -> Value {
     id.map_or(Value::Null, Id::to_json)
@@ -518,7 +580,3 @@ pub(super) async fn other_method(
     };
     io.write_all(out).await.is_ok() && req.keep_alive
 }
-
-#[cfg(test)]
-#[path = "bridge_tests.rs"]
-mod tests;

@@ -291,6 +291,40 @@ pub fn check(
     Ok(())
 }
 
+/// The `Mcp-Param-*` fields a 2026-07-28 `tools/call` with `arguments` carries for the tool's
+/// `declared` annotations, as a client writes them (the bridge is that client for a
+/// session-era one): each declared argument present, a string as it is when it is safe header
+/// text and in the `=?base64?...?=` form otherwise, a truth value and a number as written.
+pub fn fields(declared: &[Declaration], arguments: Option<&Value>) -> Vec<(String, String)> {
+    declared
+        .iter()
+        .filter_map(|d| {
+            let value = match at(arguments, &d.path)? {
+                Value::String(s) => header_text(s),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((format!("mcp-param-{}", d.name), value))
+        })
+        .collect()
+}
+
+/// A value for a routing header (`Mcp-Name`, `Mcp-Param-*`): as it is when it is safe header
+/// text, else in the specification's `=?base64?...?=` form.
+pub fn header_text(s: &str) -> String {
+    use base64::Engine as _;
+    let plain = s.bytes().all(|b| (0x21..0x7f).contains(&b)) && !s.starts_with("=?");
+    if plain {
+        s.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
+    }
+}
+
 #[cfg(test)]
 #[path = "param_headers_tests.rs"]
 mod tests;

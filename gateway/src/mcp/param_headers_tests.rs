@@ -222,3 +222,43 @@ fn an_upstream_fills_only_its_own_share_of_the_store() {
         "another upstream still learns"
     );
 }
+
+#[test]
+fn a_name_unsafe_in_a_head_goes_base64() {
+    assert_eq!(header_text("echo"), "echo");
+    assert_eq!(header_text("a b"), "=?base64?YSBi?=");
+    assert_eq!(header_text("x\r\ny"), "=?base64?eA0KeQ==?=");
+    assert_eq!(
+        header_text("=?base64?eA==?="),
+        "=?base64?PT9iYXNlNjQ/ZUE9PT89?="
+    );
+}
+
+/// The fields a bridged call carries are the declared arguments present, as a client writes
+/// them, and they pass the gateway's own check of a 2026-07-28 call.
+#[test]
+fn the_fields_written_for_a_call_pass_its_check() {
+    let schema = json!({"type": "object", "properties": {
+        "region": {"type": "string", "x-mcp-header": "Region"},
+        "dry_run": {"type": "boolean", "x-mcp-header": "Dry-Run"},
+        "count": {"type": "integer", "x-mcp-header": "Count"},
+        "note": {"type": "string"}}});
+    let declared = declarations(&schema);
+    let d = declared.as_ref().unwrap();
+    for args in [
+        json!({"region": "eu west", "dry_run": true, "count": 3, "note": "x"}),
+        json!({"region": "eu"}),
+        json!({}),
+    ] {
+        let fields = fields(d, Some(&args));
+        let headers: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(n, v)| (name_part(n).unwrap(), v.as_str()))
+            .collect();
+        assert_eq!(
+            check("deploy", &headers, Some(&declared), Some(&args)),
+            Ok(()),
+            "{args} {fields:?}"
+        );
+    }
+}

@@ -452,6 +452,52 @@ fn a_session_era_client_sees_and_calls_every_tool_of_a_stateless_only_member() {
     d.stop();
 }
 
+/// A session-era client bridged to a stateless-only upstream calls a tool that mirrors
+/// arguments into `Mcp-Param-*` headers: the gateway, the 2026-07-28 client there, writes them
+/// from the body it checked (a value that is not plain header text in the base64 form), after
+/// listing the tools itself when the client called without listing (the upstream's -32020
+/// asks for that). Before, every such call failed with the upstream's -32020 (a review).
+#[test]
+fn a_bridged_call_carries_the_headers_its_tool_declares() {
+    let up = PyServer::start_with(&["--stateless-only", "--param-headers"]);
+    let port = free_port();
+    let instance = unique("gwbridgeparam");
+    let c = config(
+        &instance,
+        port,
+        &format!(
+            "[[upstreams]]\nname = \"modern\"\nurl = \"http://127.0.0.1:{}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"modern\"\n",
+            up.port
+        ),
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    // The era is learnt from the upstream's refusal of the first session-era request.
+    let mut session = None;
+    for _ in 0..3 {
+        let (r, _) = raw(port, &post("/mcp", init, ""));
+        if r.status == 200 {
+            session = r.header("mcp-session-id").map(str::to_owned);
+            break;
+        }
+    }
+    let session = session.expect("a bridged session");
+    let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    for region in ["eu", "eu west \u{e9}"] {
+        let call = serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "deploy", "arguments": {"region": region, "dry_run": true}}})
+        .to_string();
+        let (r, _) = raw(port, &post("/mcp", &call, &headers));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 200, "{text}");
+        let j = r.json();
+        assert!(j.get("error").is_none(), "{region}: {j}");
+        assert_eq!(j["result"]["isError"], false, "{region}: {j}");
+        assert!(text.contains("eu"), "{region}: {text}");
+    }
+    d.stop();
+}
+
 /// The reverse: a session-era client (the Python SDK's legacy mode) in front of an upstream
 /// that speaks only 2026-07-28 (the Python SDK's server, refusing every other version with its
 /// own -32022). Directly the client cannot even initialize; through the gateway (era learnt
