@@ -134,13 +134,14 @@ impl Slots {
         }
     }
 
-    /// A place for a connection from `client`; when every place is taken, the place of the
-    /// connection that has waited longest for its client's next request is given up for it
-    /// (that connection ends, and its address is returned). Idle kept-alive connections from
+    /// A place for a connection from `client`; when every place is taken, or every place its
+    /// address may take, the place of the connection (of that address) that has waited
+    /// longest for its client's next request is given up for it (that connection ends, and its
+    /// address is returned, with the limit that was reached). Idle kept-alive connections from
     /// a few addresses held every place, keeping scrapes and health checks out; now holding a
     /// place takes a request in progress, which takes a credential (or the loopback address
     /// a token-less admin API listens on).
-    pub fn take(&self, client: IpAddr) -> Result<(Slot, Option<IpAddr>), Refused> {
+    pub fn take(&self, client: IpAddr) -> Result<(Slot, Option<(IpAddr, Refused)>), Refused> {
         let address = counted_as(client);
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         let total = if client.to_canonical().is_loopback() {
@@ -148,23 +149,36 @@ impl Slots {
         } else {
             self.total.saturating_sub(self.reserved)
         };
-        if taken.by.get(&address).copied().unwrap_or(0) >= (self.per_address)() {
-            return Err(Refused::Address);
-        }
-        let mut freed = None;
-        if taken.all >= total {
-            let longest = taken
+        // The place of the connection that has waited longest for its client's next request
+        // (of `only` this address, or of any), if one waits.
+        let longest = |taken: &Taken, only: Option<IpAddr>| {
+            taken
                 .held
                 .iter()
+                .filter(|(_, h)| only.is_none_or(|a| h.address == a))
                 .filter(|(_, h)| !h.writing.load(Ordering::Relaxed))
                 .filter_map(|(n, h)| h.waiting_since.map(|since| (since, *n)))
-                .min();
-            let Some((_, n)) = longest else {
+                .min()
+                .map(|(_, n)| n)
+        };
+        let mut freed = None;
+        if taken.by.get(&address).copied().unwrap_or(0) >= (self.per_address)() {
+            // Its address's idle connections give way to it, as all do when every place is
+            // taken: 16 bare connections from loopback, sending nothing, kept every local
+            // client (health checks, `gateway top`, upgrades) out (an attacker's review).
+            let Some(n) = longest(&taken, Some(address)) else {
+                return Err(Refused::Address);
+            };
+            let held = taken.give_back(n).expect("a place held");
+            held.given_up.notify_one();
+            freed = Some((held.address, Refused::Address));
+        } else if taken.all >= total {
+            let Some(n) = longest(&taken, None) else {
                 return Err(Refused::Full);
             };
             let held = taken.give_back(n).expect("a place held");
             held.given_up.notify_one();
-            freed = Some(held.address);
+            freed = Some((held.address, Refused::Full));
         }
         *taken.by.entry(address).or_insert(0) += 1;
         taken.all += 1;
@@ -299,7 +313,7 @@ pub async fn serve(
 ) {
     let slots = Slots::new(MAX_CONNECTIONS, LOOPBACK_RESERVED, per_address);
     let mut refused = [0u64; 2];
-    let mut freed = 0u64;
+    let mut freed = [0u64; 2];
     loop {
         let (io, peer) = tokio::select! {
             () = stopped(&mut stop) => return,
@@ -307,17 +321,28 @@ pub async fn serve(
         };
         let slot = match slots.take(peer.client.ip()) {
             Ok((slot, given_up_by)) => {
-                if let Some(idle) = given_up_by {
+                if let Some((idle, reached)) = given_up_by {
+                    // Counted, and said once per 1,000, by the limit reached.
+                    let freed = &mut freed[reached as usize];
                     if freed.is_multiple_of(1000) {
-                        tracing::warn!(
-                            client = %peer.client,
-                            idle_from = %idle,
-                            "admin API: {MAX_CONNECTIONS} connections are open; the one idle \
-                             longest is closed for a new one ({} so far)",
-                            freed + 1
-                        );
+                        match reached {
+                            Refused::Full => tracing::warn!(
+                                client = %peer.client,
+                                idle_from = %idle,
+                                "admin API: {MAX_CONNECTIONS} connections are open; the one idle \
+                                 longest is closed for a new one ({} so far)",
+                                *freed + 1
+                            ),
+                            Refused::Address => tracing::warn!(
+                                client = %peer.client,
+                                "admin API: as many connections as one address may have are \
+                                 open from one address (admin.max_connections_per_address); \
+                                 the one of them idle longest is closed for a new one ({} so far)",
+                                *freed + 1
+                            ),
+                        }
                     }
-                    freed += 1;
+                    *freed += 1;
                 }
                 Arc::new(slot)
             }
@@ -481,7 +506,7 @@ mod tests {
     use super::*;
 
     /// A place taken and serving a request, so that it is not given up for another.
-    fn busy(taken: Result<(Slot, Option<IpAddr>), Refused>) -> (Arc<Slot>, Serving) {
+    fn busy(taken: Result<(Slot, Option<(IpAddr, Refused)>), Refused>) -> (Arc<Slot>, Serving) {
         let slot = Arc::new(taken.expect("a place").0);
         let serving = slot.serving();
         (slot, serving)
@@ -529,7 +554,7 @@ mod tests {
         let (d, freed) = slots.take(ip("192.0.2.4")).unwrap();
         assert_eq!(
             freed,
-            Some(ip("192.0.2.2")),
+            Some((ip("192.0.2.2"), Refused::Full)),
             "b waited longest; a is serving"
         );
         tokio::time::timeout(Duration::from_secs(1), b.given_up())
@@ -545,10 +570,34 @@ mod tests {
         );
         drop(a_serving);
         let (_e, freed) = slots.take(ip("192.0.2.5")).unwrap();
-        assert_eq!(freed, Some(ip("192.0.2.1")), "a, done serving");
+        assert_eq!(
+            freed,
+            Some((ip("192.0.2.1"), Refused::Full)),
+            "a, done serving"
+        );
         drop(a);
         let taken = slots.taken.lock().unwrap();
         assert_eq!((taken.all, taken.held.len(), taken.by.len()), (3, 3, 3));
+    }
+
+    /// An address at its cap whose connections wait idle: the one idle longest gives way to a
+    /// new one of that address (idle connections of one address kept its every new client
+    /// out); one that serves a request does not.
+    #[tokio::test]
+    async fn an_addresss_idle_connections_give_way_to_its_new_one() {
+        let slots = Slots::new(100, 0, Arc::new(|| 2));
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let first = Arc::new(slots.take(local).unwrap().0);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let _second = Arc::new(slots.take(local).unwrap().0);
+        let (third, freed) = slots.take(local).expect("the idle one gives way");
+        assert_eq!(freed, Some((local, Refused::Address)));
+        tokio::time::timeout(Duration::from_secs(1), first.given_up())
+            .await
+            .expect("the first is told");
+        drop(first);
+        let _serving = [Arc::new(third).serving(), Arc::clone(&_second).serving()];
+        assert_eq!(slots.take(local).err(), Some(Refused::Address));
     }
 
     /// Clients elsewhere leave [`LOOPBACK_RESERVED`] places to this host's own.

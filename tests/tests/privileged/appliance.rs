@@ -654,7 +654,9 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
         }
     };
 
-    // One address: 16 connections kept, more closed as they come; another address served.
+    // One address: 16 connections kept (a new one takes the place of its address's idle
+    // longest, so that idle connections cannot keep its next client out); another address
+    // served.
     const PER_ADDRESS: usize = 16;
     let mut one: Vec<_> = (0..PER_ADDRESS + 4)
         .map(|_| connect_from(2).expect("connect from 127.0.0.2"))
@@ -668,7 +670,7 @@ fn idle_admin_connections_cannot_take_the_data_planes_descriptors() {
     assert_eq!(
         shut,
         4,
-        "of {} idle connections from one address, all but {PER_ADDRESS} closed as they came",
+        "of {} idle connections from one address, all but {PER_ADDRESS} closed",
         PER_ADDRESS + 4
     );
     assert!(
