@@ -104,10 +104,13 @@ impl<B: Bans> Agent<B> {
         for (ip, left) in &local {
             let known = self.known_bans.contains(ip);
             let ends = now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
-            // Not known here (this process did not publish it nor take it from the fleet), and
-            // the fleet lifted a ban of the same end: the same ban, kept here over a restart.
-            // A ban made here since ends elsewhen, and is published.
-            if !known
+            // At the first exchange of this process (a ban held now was kept over a restart),
+            // not known here, and the fleet lifted a ban of the same end: the same ban. A ban
+            // made later is never taken for it (one made again within 2 s of its lift was
+            // dropped so: a review), and one made before the restart that ends elsewhen is
+            // published.
+            if !self.bans_exchanged
+                && !known
                 && !remote_live.contains_key(ip)
                 && lifted
                     .get(ip)
@@ -161,6 +164,7 @@ impl<B: Bans> Agent<B> {
         if pipe.cmd_iter().next().is_some() {
             let _: () = pipe.query_async(c).await?;
         }
+        self.bans_exchanged = true;
         Ok(())
     }
 
@@ -232,12 +236,36 @@ impl<B: Bans> Agent<B> {
             .iter()
             .map(|u| u.name.clone())
             .collect();
-        // Pins of the fleet this host has none of, for its own upstreams: taken as they are.
+        // Pins of the fleet this host has none of, for its own upstreams: taken as they are,
+        // but for a name a listing here would not pin by first sight (one that hides a
+        // character, or reads as another pinned or offered name of its upstream: a record
+        // written into Redis made a lookalike of a pinned tool visible on a host that never
+        // listed it, a review). Such a name is left to this host's own listings.
+        let mut looks: HashMap<String, usize> = HashMap::new();
+        for name in remote
+            .keys()
+            .map(String::as_str)
+            .chain(known.iter().copied())
+        {
+            if let Some((up, tool)) = name.split_once('/') {
+                *looks
+                    .entry(crate::policy::pins::looks_key(up, tool))
+                    .or_default() += 1;
+            }
+        }
         for (name, raw) in &remote {
-            let ours = name
-                .split_once('/')
-                .is_some_and(|(up, _)| upstreams.contains(up));
-            if !ours || known.contains(name.as_str()) {
+            let Some((up, tool)) = name.split_once('/') else {
+                continue;
+            };
+            if !upstreams.contains(up) || known.contains(name.as_str()) {
+                continue;
+            }
+            let plain = !crate::policy::pins::hides_characters(tool)
+                && looks
+                    .get(&crate::policy::pins::looks_key(up, tool))
+                    .is_some_and(|n| *n == 1)
+                && self.shared.pins.looks_like(up, tool).is_none();
+            if !plain {
                 continue;
             }
             let Some(mut theirs) = open(secret, fleet, "pins", name, raw)

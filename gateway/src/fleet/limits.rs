@@ -207,7 +207,12 @@ impl<B: Bans> Agent<B> {
             .arg(self.keys.epoch())
             .arg(URL_SAFE_NO_PAD.encode(crate::session::new_key()))
             .arg(&self.cursor)
-            .arg(BUDGET_SCAN)
+            // Larger steps until the hash was read whole once: budgets are closed until then.
+            .arg(if self.shared.limits.fleet_unread() {
+                BUDGET_SCAN * 8
+            } else {
+                BUDGET_SCAN
+            })
             .arg(drops.len())
             .arg(puts.len());
         for f in &drops {
@@ -353,8 +358,7 @@ impl<B: Bans> Agent<B> {
                         .fleet_floor(w.what, w.len_s, w.window, total);
                 }
             }
-            // Budgets open from now on (closed until the floor above was set).
-            self.shared.limits.set_fleet_budgets_read();
+            self.budgets_read_if_scanned();
             return;
         }
         let mut windows: HashSet<&String> = self.seen.keys().collect();
@@ -372,6 +376,17 @@ impl<B: Bans> Agent<B> {
                 sent.get(wf).copied().unwrap_or(0),
                 u64::try_from(total.max(0)).unwrap_or(0),
             );
+        }
+        self.budgets_read_if_scanned();
+    }
+
+    /// Budgets open once the scan of the spend hash has gone round once (its cursor back at
+    /// `0`): before, each round reads one step of it, and a host that opened them after its
+    /// first step judged on counts that missed the spend further on (a review padded the hash
+    /// with 15,000 fields: five new hosts each admitted a spent budget of five again).
+    fn budgets_read_if_scanned(&self) {
+        if self.cursor == "0" {
+            self.shared.limits.set_fleet_budgets_read();
         }
     }
 

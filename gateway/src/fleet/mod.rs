@@ -350,6 +350,9 @@ struct Agent<B> {
     /// Bans this host knows the fleet has (sent or received).
     known_bans: HashSet<IpAddr>,
     /// Pins as last agreed with the fleet: key → approved digest.
+    /// Whether a bans exchange has run in this process: until then the bans held here are
+    /// those kept over a restart (see [`Agent::exchange_bans`]).
+    bans_exchanged: bool,
     agreed_pins: HashMap<String, String>,
     /// The digest of the changed definition held for approval, by pin, as last agreed with the
     /// fleet (see [`Agent::exchange_pins`]).
@@ -442,6 +445,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         idle: HashMap::new(),
         rested: HashSet::new(),
         known_bans: HashSet::new(),
+        bans_exchanged: false,
         agreed_pins: HashMap::new(),
         agreed_pending: HashMap::new(),
         epoch: None,

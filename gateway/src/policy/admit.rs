@@ -571,16 +571,19 @@ impl Num {
 
     /// The number a string reads as, as Python's `int()` and `float()` and pydantic's lax
     /// booleans read it: spaces around, a sign, `_` between digits, a fraction or exponent,
-    /// `true`/`false`.
+    /// `true`/`yes`/`on`/`t`/`y` and `false`/`no`/`off`/`f`/`n` in any case.
     fn of_str(s: &str) -> Option<Self> {
         let t = s.trim();
         if t.len() > 64 || t.is_empty() {
             return None;
         }
-        if t.eq_ignore_ascii_case("true") {
+        // pydantic's lax booleans, in any case.
+        const TRUE: [&str; 5] = ["true", "yes", "on", "t", "y"];
+        const FALSE: [&str; 5] = ["false", "no", "off", "f", "n"];
+        if TRUE.iter().any(|w| t.eq_ignore_ascii_case(w)) {
             return Some(Num::Int(1));
         }
-        if t.eq_ignore_ascii_case("false") {
+        if FALSE.iter().any(|w| t.eq_ignore_ascii_case(w)) {
             return Some(Num::Int(0));
         }
         if !t.bytes().any(|b| b.is_ascii_digit()) {

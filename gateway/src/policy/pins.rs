@@ -229,7 +229,7 @@ pub fn hides_characters(name: &str) -> bool {
 }
 
 /// The key of a name in [`Pins::looks`]: its upstream and its skeleton.
-fn looks_key(upstream: &str, name: &str) -> String {
+pub fn looks_key(upstream: &str, name: &str) -> String {
     let mut key = format!("{upstream}\0");
     key.extend(unicode_security::skeleton(name));
     key

@@ -586,6 +586,10 @@ fn the_same_call_respelled_is_still_the_loop() {
         json!("1_"),
         json!(true),
         json!("True"),
+        json!("yes"),
+        json!("On"),
+        json!("Y"),
+        json!("t"),
     ] {
         let state = Arc::new(crate::policy::limits::State::default());
         admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();

@@ -1010,6 +1010,45 @@ fn a_change_held_on_one_gateway_is_held_on_one_that_never_listed_the_tool() {
     }
 }
 
+/// A gateway takes the fleet's pins of tools it never listed, but not one whose name reads as
+/// another's: a record written into Redis (no fleet secret) for `еcho` (a Cyrillic `е`) made a
+/// lookalike of `echo`, with its own description, visible on such a gateway (a review of the
+/// first version). Its own listing judges such a name.
+#[test]
+fn a_gateway_takes_no_fleet_pin_of_a_name_that_reads_as_another() {
+    let fleet = Fleet::start_with(Redis::start(), 2, Settings::new(1000, 1000, false));
+    let (a, b_admin) = (fleet.gateways[0].port, fleet.gateways[1].admin);
+    assert!(echo_listed(a), "pinned through a");
+    let pins_key = fleet.key("pins");
+    let echo = wait_for_value(&fleet.redis, &pins_key, "u0/echo");
+    fleet
+        .redis
+        .cli(&["HSET", &pins_key, "u0/\u{435}cho", &echo]);
+    let pins_of = |admin: u16| {
+        let (r, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    wait_for("b takes the fleet's pins", Duration::from_secs(5), || {
+        pins_of(b_admin).contains("echo")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !pins_of(b_admin).contains("\u{435}cho"),
+        "{}",
+        pins_of(b_admin)
+    );
+}
+
+/// The value of `field` in hash `key`, once there (5 s at most).
+fn wait_for_value(redis: &Redis, key: &str, field: &str) -> String {
+    let mut value = String::new();
+    wait_for(field, Duration::from_secs(5), || {
+        value = redis.cli(&["HGET", key, field]).trim_end().to_owned();
+        !value.is_empty()
+    });
+    value
+}
+
 /// Federated, passthrough and replicated passthrough sessions alike: the id carries what the
 /// gateway needs (sealed or signed with the fleet's key), so another gateway continues it.
 #[test]
@@ -1355,6 +1394,43 @@ fn a_gateway_that_has_not_read_the_fleets_spend_admits_no_budgeted_call() {
     accept.join().expect("join");
 }
 
+/// A new gateway reads the whole of the fleet's spend before it admits a budgeted call: a hash
+/// padded with 15,000 fields (hosts, agents and runs of a busy fleet; run ids are the clients')
+/// takes several rounds to scan, and a host that opened its budgets after the first step
+/// admitted a budget the fleet had spent (a review: five new hosts each admitted five calls
+/// under a spent budget of five).
+#[test]
+fn a_new_gateway_reads_the_whole_of_the_fleets_spend_before_admitting_a_budgeted_call() {
+    let fleet = Fleet::start_with(Redis::start(), 1, Settings::new(1000, 1000, true));
+    let a = fleet.gateways[0].port;
+    let budgets = fleet.key("spend");
+    for _ in 0..5 {
+        assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
+    }
+    wait_for("5 spent, in Redis", Duration::from_secs(2), || {
+        spent_in(&fleet.redis, &budgets) == 5
+    });
+    let fields = hgetall(&fleet.redis, &budgets);
+    let (window, _) = fields[0].0.rsplit_once('|').expect("a window field");
+    fleet.redis.cli(&[
+        "EVAL",
+        "for i = 1, 15000 do redis.call('HSET', KEYS[1], ARGV[1] .. '|pad/' .. i, '0|1') end",
+        "1",
+        &budgets,
+        window,
+    ]);
+    let mut c = fleet.gateway(&fleet.settings.clone());
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| call(c.port, "add", json!({"a": 1, "b": 2})).0)
+        .collect();
+    assert!(!statuses.contains(&200), "{statuses:?}");
+    // Once read, it refuses for the spent budget (429), not for want of the fleet's state.
+    wait_for("the budget read", Duration::from_secs(10), || {
+        call(c.port, "add", json!({"a": 1, "b": 2})).0 == 429
+    });
+    c.daemon.stop();
+}
+
 /// A Redis that asks for a password gets it from the environment variable
 /// `redis_password_env` names (before, it could only be written into the address, and a
 /// configuration error quoting that line printed it); a wrong one never connects.
@@ -1560,6 +1636,25 @@ fn a_ban_lifted_while_a_gateway_was_down_stays_lifted_when_it_comes_back() {
         wait_for("a new ban reaches a", Duration::from_secs(5), || {
             has(a, "198.18.5.5")
         });
+        // A ban lifted and made again within a second (an operator undoing a mistaken lift)
+        // is kept: it is not a ban kept over a restart.
+        ban(a, "198.18.5.6");
+        wait_for("the ban reaches b", Duration::from_secs(5), || {
+            has(b, "198.18.5.6")
+        });
+        lift(a, "198.18.5.6");
+        std::thread::sleep(Duration::from_millis(800));
+        ban(a, "198.18.5.6");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            has(a, "198.18.5.6"),
+            "secret {secret}: the ban made again was dropped"
+        );
+        wait_for(
+            "the ban made again reaches b",
+            Duration::from_secs(5),
+            || has(b, "198.18.5.6"),
+        );
         for g in &mut fleet.gateways {
             g.daemon.stop();
         }
