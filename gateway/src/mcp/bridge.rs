@@ -390,8 +390,11 @@ pub(super) async fn call_with(
     if let Some(message) = unlisted
         && head.status == 400
         && refused_for_headers(&body)
+        && list_tools(ctx, req, peer, up, tenant).await
+        && message["params"]["name"]
+            .as_str()
+            .is_some_and(|tool| ctx.learned.param_headers.get(&up.name, tool).is_some())
     {
-        list_tools(ctx, req, peer, up, tenant).await;
         (head, body) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
     }
     if !(200..300).contains(&head.status) {
@@ -499,8 +502,27 @@ fn learn_headers(ctx: &WorkerCtx, up: &Upstream, answer: &Value) {
     }
 }
 
-/// Lists `up`'s tools (at most [`LIST_PAGES`] pages) to learn their declarations.
-async fn list_tools(ctx: &WorkerCtx, req: &Request, peer: SocketAddr, up: &Upstream, tenant: u64) {
+/// Lists `up`'s tools (at most [`LIST_PAGES`] pages) to learn their declarations; false
+/// (nothing sent) when this worker did so less than [`RELIST_AFTER`] ago: a call of a tool its
+/// listing does not show (or past its pages) made 12 upstream requests each time (a review).
+async fn list_tools(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    up: &Upstream,
+    tenant: u64,
+) -> bool {
+    {
+        let mut listed = ctx.held.bridge_listed.borrow_mut();
+        if listed
+            .get(&up.key)
+            .is_some_and(|at| at.elapsed() < RELIST_AFTER)
+        {
+            return false;
+        }
+        listed.retain(|_, at| at.elapsed() < RELIST_AFTER);
+        listed.insert(up.key, Instant::now());
+    }
     let mut cursor: Option<String> = None;
     for page in 0..LIST_PAGES {
         let mut params = Map::new();
@@ -511,22 +533,26 @@ async fn list_tools(ctx: &WorkerCtx, req: &Request, peer: SocketAddr, up: &Upstr
         let message = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": params});
         let Ok((head, body)) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await
         else {
-            return;
+            return true;
         };
         let id = Id::Str(id);
         let Ok((answer, _)) = answer_and_notes(&head, &body, Some(&id)) else {
-            return;
+            return true;
         };
         learn_headers(ctx, up, &answer);
         match answer["result"]["nextCursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
-            None => return,
+            None => return true,
         }
     }
+    true
 }
 
 /// Pages of `tools/list` the bridge reads to learn a tool's headers.
 const LIST_PAGES: usize = 10;
+
+/// How long a worker's listing of an upstream's tools stands before the bridge lists again.
+pub(super) const RELIST_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn id_json(id: Option<&Id>) -> Value {
     id.map_or(Value::Null, Id::to_json)

@@ -237,6 +237,9 @@ pub(crate) struct Held {
     /// By upstream key: since when it is known to speak only the session era
     /// ([`super::era`]).
     pub(super) eras: RefCell<HashMap<u64, Instant>>,
+    /// By upstream key: when the bridge last listed its tools to learn a tool's `Mcp-Param-*`
+    /// headers ([`super::bridge`]): at most once a [`super::bridge::RELIST_AFTER`].
+    pub(super) bridge_listed: RefCell<HashMap<u64, Instant>>,
     /// By (upstream key, owner).
     pub(super) sessions: RefCell<HashMap<(u64, u64), Slot>>,
     /// Evicted sessions to be ended (upstream key, session), oldest first.
