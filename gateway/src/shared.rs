@@ -1003,6 +1003,29 @@ pub struct FleetStats {
 mod tests {
     use super::*;
 
+    /// The state of a gateway of `workers` workers and one tenant `d` (id 1) with `tenant`
+    /// more of its settings.
+    fn shared_of(workers: usize, tenant: &str) -> Shared {
+        let text = format!(
+            r#"[gateway]
+instance = "t"
+workers = {workers}
+[[listeners]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+[kernel]
+enabled = false
+default_tenant = "d"
+[[tenants]]
+name = "d"
+id = 1
+{tenant}
+"#
+        );
+        Shared::new(Config::from_toml(&text).unwrap())
+    }
+
     #[test]
     fn a_source_holds_its_cap_and_an_ipv6_source_is_its_64() {
         let t = SourceConns::default();
@@ -1170,23 +1193,7 @@ sources = ["10.1.0.0/16", "2001:db8::/32"]
     /// (With the polled flag alone, every one of a burst between two polls was taken.)
     #[test]
     fn the_connection_cap_holds_when_workers_race_for_the_last_place() {
-        let text = r#"
-[gateway]
-instance = "t"
-workers = 4
-[[listeners]]
-address = "127.0.0.1:1"
-[admin]
-address = "127.0.0.1:2"
-[kernel]
-enabled = false
-default_tenant = "d"
-[[tenants]]
-name = "d"
-id = 1
-max_connections = 1
-"#;
-        let shared = Shared::new(Config::from_toml(text).unwrap());
+        let shared = shared_of(4, "max_connections = 1");
         let (holding, most, admitted) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         std::thread::scope(|s| {
             for worker in 0..4 {
@@ -1326,21 +1333,7 @@ max_connections = 1
     /// that turned lately, one down, and one not started yet are not.
     #[test]
     fn a_worker_whose_loop_stops_turning_is_stalled() {
-        let text = r#"[gateway]
-instance = "t"
-workers = 3
-[[listeners]]
-address = "127.0.0.1:1"
-[admin]
-address = "127.0.0.1:2"
-[kernel]
-enabled = false
-default_tenant = "d"
-[[tenants]]
-name = "d"
-id = 1
-"#;
-        let shared = Shared::new(Config::from_toml(text).unwrap());
+        let shared = shared_of(3, "");
         for up in shared.workers_up.iter() {
             up.store(true, Ordering::Relaxed);
         }

@@ -349,10 +349,10 @@ struct Agent<B> {
     rested: HashSet<u64>,
     /// Bans this host knows the fleet has (sent or received).
     known_bans: HashSet<IpAddr>,
-    /// Pins as last agreed with the fleet: key → approved digest.
     /// Whether a bans exchange has run in this process: until then the bans held here are
     /// those kept over a restart (see [`Agent::exchange_bans`]).
     bans_exchanged: bool,
+    /// Pins as last agreed with the fleet: key → approved digest.
     agreed_pins: HashMap<String, String>,
     /// The digest of the changed definition held for approval, by pin, as last agreed with the
     /// fleet (see [`Agent::exchange_pins`]).
@@ -759,7 +759,6 @@ impl<B: Bans> Agent<B> {
     }
 }
 
-/// A pin as the fleet keeps it: what is approved, without what waits here.
 /// A pin as the fleet holds it: without the digest this host's configuration pins it to (each
 /// host's own), with the changed definition held for approval (held on every host).
 fn strip(pin: &crate::policy::pins::Pin) -> crate::policy::pins::Pin {

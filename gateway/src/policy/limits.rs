@@ -530,8 +530,9 @@ pub struct State {
     /// The fleet agent has read the other hosts' concurrency counts once: until then a
     /// concurrency cap admits this host's share, not the whole cap.
     fleet_caps_read: std::sync::atomic::AtomicBool,
-    /// The fleet agent has read the other hosts' budget spend once: until then budgets are
-    /// closed as with Redis unreachable (see [`State::budgets_closed`]).
+    /// The fleet agent has read the other hosts' budget spend whole once (its scan of the
+    /// spend gone round): until then budgets are closed as with Redis unreachable (see
+    /// [`State::budgets_closed`]).
     fleet_budgets_read: std::sync::atomic::AtomicBool,
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
     /// Runs counted for each tenant (by name) in its budget's current window (by length):

@@ -207,6 +207,17 @@ fn every_common_name_of_a_certificate_counts() {
     assert!(r.message.contains("different callers"), "{}", r.message);
 }
 
+/// A CA's parameters, named `name`, and its key.
+fn ca_params(name: &str) -> (rcgen::CertificateParams, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    (params, key)
+}
+
 /// An entry that names its CA maps only certificates that CA issued: a partner CA trusted on
 /// another listener that issues `CN=alice` is not alice.
 #[test]
@@ -215,12 +226,7 @@ fn an_entry_that_names_its_ca_maps_only_what_that_ca_issued() {
     std::fs::create_dir_all(&dir).unwrap();
     // A CA, and a leaf it issues with `cn`.
     let ca = |name: &str| {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
+        let (params, key) = ca_params(name);
         let cert = params.self_signed(&key).unwrap();
         let path = dir.join(format!("{name}.pem"));
         std::fs::write(&path, cert.pem()).unwrap();
@@ -274,12 +280,7 @@ fn trusted_client_cas_are_counted_by_certificate() {
     let dir = std::env::temp_dir().join(format!("mtls-cas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = |name: &str| {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
+        let (params, key) = ca_params(name);
         params.self_signed(&key).unwrap().pem()
     };
     let (one, two) = (ca("one"), ca("two"));
