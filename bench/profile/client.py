@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Sends N `tools/call` requests of `echo` on one keep-alive connection and reads each answer
-whole. Usage: client.py small|big|add N [port]  (big: a 1 MB argument; add: `add` of two
+whole. Usage: client.py small|mid|big|add N [port]  (mid: a 100 KB argument; big: 1 MB; add: `add` of two
 small integers that vary, as `bench --target` sends it). $API_KEY: sent as x-api-key."""
 import http.client, json, os, sys, time
 MODE, N = sys.argv[1], int(sys.argv[2])
 PORT = int(sys.argv[3]) if len(sys.argv) > 3 else 18080
-text = "a" * 1_000_000 if MODE == "big" else "hi"
+text = {"big": "a" * 1_000_000, "mid": "a" * 100_000}.get(MODE, "hi")
 H = {"content-type": "application/json", "accept": "application/json, text/event-stream",
      "mcp-protocol-version": "2025-06-18"}
 if os.environ.get("API_KEY"):

@@ -11,7 +11,7 @@
 #       warm-up): repeatable whatever else the machine does. Run twice with different N and
 #       divide the difference of the totals by the difference of N.
 #
-# UPSTREAM_MODE: small | big | bigsse | bigssechunked (upstream.py); CLIENT_MODE: small | big |
+# UPSTREAM_MODE: small | mid | big | bigsse | bigssechunked (upstream.py); CLIENT_MODE: small | mid | big |
 # add (client.py). Example, the 1 MB event-stream answer: profile.sh cpu target/release/gateway
 # bigsse small 1000. POLICY=1: the gateway applies the realistic policy (policy-config.sh) and
 # the client sends its API key; with `add`, the path the headline's policy rows measure.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A keep-alive HTTP/1.1 upstream that answers every request alike, for profiling one path
-of the gateway at a time. Usage: upstream.py small|big|bigsse|bigssechunked [port]
-  small: a small JSON answer; big: a 1 MB JSON answer (Content-Length);
+of the gateway at a time. Usage: upstream.py small|mid|big|bigsse|bigssechunked [port]
+  small: a small JSON answer; mid: a 100 KB JSON answer; big: a 1 MB JSON answer (Content-Length);
   bigsse: the 1 MB answer as one event (Content-Length); bigssechunked: the same, chunked
   in 64 KiB chunks, as uvicorn sends an SDK server's event."""
 import json, sys
@@ -12,7 +12,7 @@ PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 18090
 BIG = "a" * 1_000_000
 
 def body_for(rid):
-    text = BIG if MODE in ("big", "bigsse", "bigssechunked") else "ok"
+    text = BIG if MODE in ("big", "bigsse", "bigssechunked") else BIG[:100_000] if MODE == "mid" else "ok"
     return json.dumps({"jsonrpc": "2.0", "id": rid,
                        "result": {"content": [{"type": "text", "text": text}]}},
                       separators=(",", ":")).encode()

@@ -160,10 +160,83 @@ fn run_end(text: &[u8]) -> (Option<usize>, bool) {
     run_end_in_blocks(text)
 }
 
+/// [`run_end`] with AVX2, 32 bytes to a vector and 128 to a step: the four vectors are searched
+/// for a stop with one mask, and the least byte is kept as a signed one (0x20 to 0x7f are the
+/// bytes at or above 0x20 read signed: a control character is below, a byte of a multi-byte
+/// character negative), one minimum a vector where an unsigned least byte and an OR of every
+/// byte took two. The block that stops is read by its mask (the stop's place, and the least of
+/// the bytes before it), not byte by byte: a string of text with an escape every line stops
+/// every few dozen bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn run_end_avx2(text: &[u8]) -> (Option<usize>, bool) {
-    run_end_in_blocks(text)
+    use std::arch::x86_64::{
+        __m256i, _mm256_blendv_epi8, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_loadu_si256,
+        _mm256_min_epi8, _mm256_movemask_epi8, _mm256_or_si256, _mm256_set1_epi8,
+    };
+    /// Lanes before the stop: 32 of 0xff, then 32 of 0; read from `32 - i`, the first `i`.
+    static BEFORE: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = 0xff;
+            i += 1;
+        }
+        t
+    };
+    const V: usize = 32;
+    let len = text.len();
+    // SAFETY (every load below): it reads the 32 bytes at `at`, with `at + 32 <= len` checked
+    // before it; `BEFORE` is read at `32 - i` for `i < 32`.
+    let load = |at: usize| unsafe { _mm256_loadu_si256(text.as_ptr().add(at).cast::<__m256i>()) };
+    let quote = _mm256_set1_epi8(b'"' as i8);
+    let escape = _mm256_set1_epi8(b'\\' as i8);
+    let stops =
+        |v: __m256i| _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, escape));
+    let top = _mm256_set1_epi8(i8::MAX);
+    let mut least = top;
+    let plain = |least: __m256i| {
+        _mm256_movemask_epi8(_mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), least)) == 0
+    };
+    let mut at = 0;
+    while at + 4 * V <= len {
+        let (a, b, c, d) = (load(at), load(at + V), load(at + 2 * V), load(at + 3 * V));
+        let any = _mm256_or_si256(
+            _mm256_or_si256(stops(a), stops(b)),
+            _mm256_or_si256(stops(c), stops(d)),
+        );
+        if _mm256_movemask_epi8(any) != 0 {
+            break;
+        }
+        least = _mm256_min_epi8(
+            least,
+            _mm256_min_epi8(_mm256_min_epi8(a, b), _mm256_min_epi8(c, d)),
+        );
+        at += 4 * V;
+    }
+    if len < V {
+        // Too short for a vector: byte by byte.
+        return run_end_in_blocks(text);
+    }
+    while at < len {
+        // The last vector ends at the text's end; the bytes it reads again were read
+        // already (a minimum is the same for a byte read twice), and a stop among them
+        // would have ended the search there.
+        let from = at.min(len - V);
+        let v = load(from);
+        let mask = (_mm256_movemask_epi8(stops(v)) as u32) & (u32::MAX << (at - from));
+        if mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            // SAFETY: see above (`i < 32`).
+            let before =
+                unsafe { _mm256_loadu_si256(BEFORE.as_ptr().add(V - i).cast::<__m256i>()) };
+            least = _mm256_min_epi8(least, _mm256_blendv_epi8(top, v, before));
+            return (Some(from + i), plain(least));
+        }
+        least = _mm256_min_epi8(least, v);
+        at = from + V;
+    }
+    (None, plain(least))
 }
 
 /// [`run_end`], for whichever instructions its caller was compiled for (inlined into each).

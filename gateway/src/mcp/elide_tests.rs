@@ -198,7 +198,9 @@ fn run_end_finds_the_stop_and_reads_every_byte_before_it() {
         assert_eq!(found, run_end_in_blocks(text), "the baseline's");
         found
     };
-    for len in [0usize, 1, 63, 64, 65, 127, 128, 200, 1_000] {
+    for len in [
+        0usize, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257, 1_000,
+    ] {
         let base: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
         assert_eq!(run_end(&base), naive(&base), "{len}");
         for at in (0..len).step_by(7).chain(len.checked_sub(1)) {

@@ -963,6 +963,23 @@ impl<'m> Body<'m> {
         out: &mut Vec<u8>,
         hold_max: usize,
     ) -> Result<(), &'static str> {
+        // A piece of a fixed-length or unframed body goes from the connection's buffer to the
+        // client's write as it is read: taken first, it was copied twice (the head was read
+        // into the same buffer, so the piece is never handed over whole).
+        if !self.sse
+            && self.whole.is_none()
+            && matches!(self.kind, BodyKind::Length(_) | BodyKind::UntilClose)
+        {
+            let n = match self.kind {
+                BodyKind::Length(_) => self.length_piece(conn),
+                _ => conn.pending().len(),
+            };
+            let piece = &conn.pending()[..n];
+            self.observe(piece)?;
+            self.push_framed(out, piece);
+            conn.consume(n);
+            return Ok(());
+        }
         let first = self.take(conn)?;
         self.check()?;
         if self.whole.is_some() {
