@@ -136,7 +136,8 @@ pub struct RawPolicy {
     /// Default: `agent_requests_per_sec`.
     #[serde(default)]
     pub agent_burst: Option<u64>,
-    /// Requests of the tenant in flight at once.
+    /// Requests of the tenant in flight at once (a task holds its call's place until the gateway
+    /// sees it end, 10 minutes at most).
     #[serde(default)]
     pub max_concurrent: Option<u32>,
     #[serde(default)]
@@ -195,7 +196,8 @@ pub struct RawToolRule {
     /// Default: `requests_per_sec` (one second's worth).
     #[serde(default)]
     pub burst: Option<u64>,
-    /// Calls of the matching tools in flight at once, per tenant.
+    /// Calls of the matching tools in flight at once, per tenant (a task holds its call's place
+    /// until the gateway sees it end, 10 minutes at most).
     #[serde(default)]
     pub max_concurrent: Option<u32>,
     /// Cap on the size of `arguments` as JSON.

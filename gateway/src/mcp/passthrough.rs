@@ -213,7 +213,7 @@ impl<'c, 'a> Pass<'c, 'a> {
         let keep = |t: &serde_json::Value| self.visible(t);
         let edit = |answer: &mut serde_json::Value| {
             if let Some(task) = &task {
-                task.on_answer(ctx, &up.name, who, answer);
+                task.on_answer(ctx, &up.name, who, answer, &self.obs.slots);
             }
             if filtering {
                 super::held::keep_listed(answer, &keep)
@@ -369,8 +369,9 @@ fn is_task(m: &Message) -> bool {
 /// What a task-related message may do where the upstream cannot tell the gateway's callers
 /// apart (see `tasks`): decided before it is sent.
 enum TaskUse<'a> {
-    /// It names a task of the caller's: sent as it is.
-    Own,
+    /// It names a task of the caller's: sent as it is. With the task and its method when the
+    /// task holds its call's concurrency slots: the answer is read for the task's end.
+    Own(Option<(String, &'a str)>),
     /// `tasks/list`: the answer keeps the caller's tasks only (on the client's own session
     /// too: see `TaskUse::of`).
     List,
@@ -412,11 +413,13 @@ impl<'a> TaskUse<'a> {
             return Err(super::tasks::unknown(m.id.clone()));
         }
         let method = m.method.as_deref().unwrap_or_default();
-        if super::tasks::NAMING.contains(&method) {
-            return if m.task_id.as_deref().is_some_and(may) {
-                Ok(Some(Self::Own))
-            } else {
-                Err(super::tasks::unknown(m.id.clone()))
+        if let Some(&naming) = super::tasks::NAMING.iter().find(|&&n| n == method) {
+            return match m.task_id.as_deref() {
+                Some(task) if may(task) => Ok(Some(Self::Own(
+                    (m.kind == Kind::Request && owners.holds(up, task))
+                        .then(|| (task.to_owned(), naming)),
+                ))),
+                _ => Err(super::tasks::unknown(m.id.clone())),
             };
         }
         // A notification answers nothing: only a task it names is checked.
@@ -457,21 +460,30 @@ impl<'a> TaskUse<'a> {
         Ok(Some(Self::Create(m.asks_task.flatten(), room)))
     }
 
-    /// Reads (and for a list, trims) the answer.
+    /// Reads (and for a list, trims) the answer. A task made takes over the call's concurrency
+    /// slots (`slots`, from the request's admission); a task seen ended gives its back.
     fn on_answer(
         &self,
         ctx: &WorkerCtx,
         up: &str,
         who: crate::stdio::Who,
         answer: &mut serde_json::Value,
+        slots: &std::cell::RefCell<Vec<crate::policy::limits::InFlight>>,
     ) {
         let owners = &ctx.learned.tasks;
         match self {
-            Self::Own => {}
+            Self::Own(None) => {}
+            // A result only once the task ended. Not an error: a client can draw one (invalid
+            // params) while its task works on.
+            Self::Own(Some((task, "tasks/result"))) if answer.get("result").is_some() => {
+                owners.release(up, task);
+            }
+            Self::Own(Some((task, _))) => owners.release_if_final(up, task, &answer["result"]),
             Self::List => owners.keep_own(up, who.caller, answer),
             Self::Create(ttl, room) => {
                 if let Some(task) = super::tasks::created(answer) {
-                    owners.bind(up, task, room, super::tasks::ttl_ms(answer).or(*ttl));
+                    let ttl = super::tasks::ttl_ms(answer).or(*ttl);
+                    owners.bind(up, task, room, ttl, slots.take());
                 }
             }
         }
@@ -509,13 +521,13 @@ async fn bound_tasks<'c>(
     let m = messages.single.as_ref()?;
     let who = super::proxy::who_calls(ctx, obs);
     let task = match TaskUse::of(ctx, &up.name, m, who, own_session) {
-        Ok(Some(TaskUse::Own) | None) => return None,
+        Ok(Some(TaskUse::Own(None)) | None) => return None,
         Ok(Some(task)) => task,
         Err(err) => return Some(reply(io, err).await),
     };
     Some(
         super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-            task.on_answer(ctx, &up.name, who, answer);
+            task.on_answer(ctx, &up.name, who, answer, &obs.slots);
             Ok(())
         })
         .await,

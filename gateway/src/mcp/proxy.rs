@@ -55,6 +55,9 @@ pub(super) struct Obs<'a> {
     /// The responses a GET's stream may carry: those of the stream its `Last-Event-ID`
     /// resumes (`resumes_from`); `None` for any other request.
     pub resumes: Cell<Option<super::messages::Answers>>,
+    /// The in-flight slots the request was admitted with, held until it ends; a task its call
+    /// creates takes them over (`tasks::Owners::bind`).
+    pub slots: RefCell<Vec<policy::limits::InFlight>>,
 }
 
 /// Whose an upstream failure is, as far as the upstream's shared breaker goes (its tool's

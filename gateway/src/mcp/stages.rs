@@ -142,15 +142,20 @@ async fn run<'c>(
     propagate(req, &messages, config, obs);
     let req = &*req;
     let claims = claim(req, ctx, config, route, tenant, &messages, session)?;
-    let admissions = admit(
+    let mut admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
+    // The admissions' in-flight slots, for a task the call creates to take over.
+    obs.slots
+        .borrow_mut()
+        .extend(admissions.iter_mut().flat_map(|a| a.guards.drain(..)));
     let keep = forward_stage(
         io, req, peer, ctx, snapshot, route, tenant, messages, session, obs,
     )
     .await;
-    // The admissions hold their in-flight slots, and the claims their ids, until the answer
-    // has been relayed (or the call abandoned and cancelled).
+    // The in-flight slots, and the claims their ids, are held until the answer has been
+    // relayed (or the call abandoned and cancelled).
+    drop(obs.slots.take());
     drop(admissions);
     drop(claims);
     Ok(keep)

@@ -20,9 +20,20 @@
 //! [`MAX_PER_TENANT`] per tenant (one tenant's many callers cannot fill the table for the
 //! others) and [`MAX_TASKS`] in all, past which a caller's new task-augmented request is
 //! refused (429) rather than another's forgotten.
+//!
+//! A task is its call's work going on: it holds the concurrency slots its call was admitted
+//! with (a tool's, a tenant's, an agent's cap) until the gateway sees it end, as a call holds
+//! them until its answer. Without this a task-augmented call gave its slots back as soon as the
+//! upstream named the task, at once, and calls of a tool capped at one ran five at once at the
+//! TypeScript SDK's server. The gateway sees a task end in its owner's `tasks/result` answered,
+//! a `tasks/get` or `tasks/cancel` answer or a `tasks/list` entry with a final status
+//! (`completed`, `failed`, `cancelled`), or the task forgotten; at the latest, its slots go
+//! back [`MAX_HOLD_S`] after it was made (or its time to live, if shorter), so that a caller
+//! that never asks again does not hold a cap for good.
 
 use serde_json::Value;
 
+use crate::policy::limits::{InFlight, Kept};
 use crate::stdio::Who;
 
 use crate::stdio::mux::retain_listed_tasks;
@@ -38,6 +49,11 @@ pub const MAX_PER_TENANT: usize = MAX_TASKS / 16;
 const MIN_TTL_S: u64 = 60;
 const MAX_TTL_S: u64 = 86_400;
 const DEFAULT_TTL_S: u64 = 3_600;
+/// Longest a task holds its call's concurrency slots (as a shared stdio child's task keeps
+/// its caller's messages: `stdio::mux`).
+pub const MAX_HOLD_S: u64 = 600;
+/// The statuses after which a task does no more work (2025-11-25 `Task.status`).
+const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Owner {
@@ -59,6 +75,15 @@ pub struct Owners {
     per_tenant: papaya::HashMap<u64, usize>,
     /// Room held for calls under way, in all.
     held: std::sync::atomic::AtomicUsize,
+    /// The concurrency slots each task holds (its call's), by the key of `map`.
+    slots: papaya::HashMap<String, Hold>,
+}
+
+/// A task's concurrency slots, until the gateway sees it end or `until` (Unix seconds).
+#[derive(Debug)]
+struct Hold {
+    slots: Vec<Kept>,
+    until: u64,
 }
 
 /// Room for one task, held from a task-augmented call until its answer binds the task it
@@ -137,22 +162,33 @@ impl Owners {
     }
 
     /// The task `task` of `upstream` is the room's caller's, for `ttl_ms` (the answer's, or the
-    /// request's; an hour when neither says).
-    pub fn bind(&self, upstream: &str, task: &str, room: &Room<'_>, ttl_ms: Option<u64>) {
+    /// request's; an hour when neither says), and holds `slots` (its call's concurrency slots)
+    /// until it ends, [`MAX_HOLD_S`] at most.
+    pub fn bind(
+        &self,
+        upstream: &str,
+        task: &str,
+        room: &Room<'_>,
+        ttl_ms: Option<u64>,
+        slots: Vec<InFlight>,
+    ) {
         let Who { caller, tenant } = room.who;
         let ttl = ttl_ms
             .map_or(DEFAULT_TTL_S, |ms| ms.div_ceil(1000))
             .clamp(MIN_TTL_S, MAX_TTL_S);
+        let now = now_s();
         let owner = Owner {
             caller,
             tenant,
-            until: now_s() + ttl,
+            until: now + ttl,
             ttl,
         };
         let map = self.map.pin();
         match map.get(&key(upstream, task)) {
-            // An id the upstream gives twice: the task is nobody's (and the room goes back).
+            // An id the upstream gives twice: the task is nobody's (and the room goes back),
+            // and which call's work it is cannot be told: the slots of both go back.
             Some(o) if o.caller != caller => {
+                self.release(upstream, task);
                 self.uncount(o.who());
                 map.insert(
                     key(upstream, task),
@@ -171,6 +207,62 @@ impl Owners {
             None => {
                 map.insert(key(upstream, task), owner);
                 room.taken.set(true);
+                let slots: Vec<Kept> = slots.into_iter().filter_map(InFlight::keep).collect();
+                if !slots.is_empty() {
+                    let hold = Hold {
+                        slots,
+                        until: now + ttl.min(MAX_HOLD_S),
+                    };
+                    // A hold left under this key (a task forgotten, then named again) goes
+                    // back first.
+                    if let Some(old) = self.slots.pin().insert(key(upstream, task), hold) {
+                        old.slots.iter().for_each(Kept::give_back);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether task `task` of `upstream` holds concurrency slots (then what is asked of it is
+    /// read, for its end).
+    pub fn holds(&self, upstream: &str, task: &str) -> bool {
+        self.slots.pin().contains_key(&key(upstream, task))
+    }
+
+    /// The task ended (or is no more): its slots go back, once.
+    pub fn release(&self, upstream: &str, task: &str) {
+        if let Some(hold) = self.slots.pin().remove(&key(upstream, task)) {
+            hold.slots.iter().for_each(Kept::give_back);
+        }
+    }
+
+    /// What an answer about task `task` says of its end: a task it shows (a `tasks/get` or
+    /// `tasks/cancel` answer, a `tasks/list` entry) with a final status ended.
+    pub fn release_if_final(&self, upstream: &str, task: &str, shown: &Value) {
+        let status = shown["status"]
+            .as_str()
+            .or_else(|| shown["task"]["status"].as_str());
+        if status.is_some_and(|s| FINAL.contains(&s)) {
+            self.release(upstream, task);
+        }
+    }
+
+    /// Gives back the slots of tasks held past their time. Swept by every worker once a second
+    /// (a few entries: a task holds slots only under a concurrency cap).
+    pub fn release_expired(&self) {
+        self.release_expired_at(now_s());
+    }
+
+    fn release_expired_at(&self, now: u64) {
+        let slots = self.slots.pin();
+        let expired: Vec<String> = slots
+            .iter()
+            .filter(|(_, h)| h.until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(hold) = slots.remove(&k) {
+                hold.slots.iter().for_each(Kept::give_back);
             }
         }
     }
@@ -203,9 +295,17 @@ impl Owners {
             .is_some_and(|o| o.caller != caller || caller == 0)
     }
 
-    /// A `tasks/list` answer with only `caller`'s tasks of `upstream`.
+    /// A `tasks/list` answer with only `caller`'s tasks of `upstream`; those of them it shows
+    /// ended give their slots back.
     pub fn keep_own(&self, upstream: &str, caller: u64, answer: &mut Value) {
         retain_listed_tasks(answer, |id| self.owns(upstream, id, caller));
+        if let Some(tasks) = answer["result"]["tasks"].as_array() {
+            for t in tasks {
+                if let Some(id) = t["taskId"].as_str() {
+                    self.release_if_final(upstream, id, t);
+                }
+            }
+        }
     }
 
     /// A task of `who`'s (or a room it held) no longer counts against it.
@@ -229,6 +329,9 @@ impl Owners {
         for (k, o) in expired {
             if map.remove(&k).is_some() {
                 self.uncount(o.who());
+                if let Some(hold) = self.slots.pin().remove(&k) {
+                    hold.slots.iter().for_each(Kept::give_back);
+                }
             }
         }
     }
@@ -254,7 +357,7 @@ mod tests {
     /// A call of `who`'s let through, whose answer names `task`.
     fn made(o: &Owners, task: &str, who: Who, ttl_ms: Option<u64>) {
         let room = o.reserve(who).expect("room");
-        o.bind("u", task, &room, ttl_ms);
+        o.bind("u", task, &room, ttl_ms, Vec::new());
     }
 
     #[test]
@@ -316,7 +419,13 @@ mod tests {
                 let Some(room) = o.reserve(w) else {
                     break 'callers;
                 };
-                o.bind("u", &format!("{caller}-{i}"), &room, Some(60_000));
+                o.bind(
+                    "u",
+                    &format!("{caller}-{i}"),
+                    &room,
+                    Some(60_000),
+                    Vec::new(),
+                );
                 made += 1;
             }
         }
@@ -326,6 +435,56 @@ mod tests {
             tenant: 2,
         };
         assert!(o.reserve(other).is_some(), "another tenant still has room");
+    }
+
+    /// A task of a tool capped at one holds the cap until it is seen ended: a `tasks/get` with
+    /// a final status, a `tasks/list` entry with one, or its time passed; not a status that
+    /// works on, nor another caller's task of the same id.
+    #[test]
+    fn a_task_holds_its_calls_slots_until_it_is_seen_ended() {
+        use crate::policy::limits::State;
+        let state = std::sync::Arc::new(State::default());
+        let o = Owners::default();
+        let cap = 11;
+        let task = |name: &str| {
+            let slot = state.enter(cap, 1).expect("the cap is free");
+            let room = o.reserve(who(1)).expect("room");
+            o.bind("u", name, &room, Some(60_000), vec![slot]);
+            assert!(o.holds("u", name));
+            assert!(state.enter(cap, 1).is_none(), "the task holds the cap");
+        };
+        task("t1");
+        o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "working"}));
+        o.release_if_final(
+            "u",
+            "t1",
+            &json!({"taskId": "t1", "status": "input_required"}),
+        );
+        assert!(state.enter(cap, 1).is_none(), "working: still held");
+        o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "completed"}));
+        assert!(!o.holds("u", "t1"));
+        o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "completed"}));
+        assert_eq!(state.in_flight_here(cap), 0, "given back once");
+        // Listed ended.
+        task("t2");
+        let mut list = json!({"result": {"tasks": [{"taskId": "t2", "status": "cancelled"}]}});
+        o.keep_own("u", 1, &mut list);
+        assert_eq!(state.in_flight_here(cap), 0);
+        // Its time passed: held for its time to live (a minute here), ten minutes at most.
+        task("t3");
+        o.release_expired_at(now_s() + 30);
+        assert_eq!(state.in_flight_here(cap), 1);
+        o.release_expired_at(now_s() + MIN_TTL_S);
+        assert_eq!(state.in_flight_here(cap), 0);
+        // The upstream names the same task for another caller: nobody's, and its slots go
+        // back (which call's work it is cannot be told).
+        task("t4");
+        let room = o.reserve(who(2)).expect("room");
+        o.bind("u", "t4", &room, None, Vec::new());
+        assert_eq!(state.in_flight_here(cap), 0);
+        // A call whose answer names no task gives its slots back with its request.
+        drop(state.enter(cap, 1).expect("free"));
+        assert_eq!(state.in_flight_here(cap), 0);
     }
 
     #[test]
@@ -344,7 +503,7 @@ mod tests {
         let mut rooms = rooms.into_iter();
         drop(rooms.next());
         let room = o.reserve(who(1)).expect("a place given back");
-        o.bind("u", "t", &room, None);
+        o.bind("u", "t", &room, None, Vec::new());
         drop(room);
         assert!(o.owns("u", "t", 1));
         assert!(

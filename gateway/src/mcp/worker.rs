@@ -65,6 +65,11 @@ impl WorkerCtx {
     pub fn sweep_pool(&self) {
         self.pool.sweep();
     }
+
+    /// Gives back the concurrency slots of tasks held past their time: see `tasks`.
+    pub fn release_expired_tasks(&self) {
+        self.learned.tasks.release_expired();
+    }
 }
 
 /// A worker's open client connections: each one's descriptor and its client's address (the

@@ -1058,8 +1058,10 @@ impl State {
             })
             .is_ok();
         taken.then(|| InFlight {
-            state: Arc::clone(self),
-            key,
+            slot: Some(Kept {
+                state: Arc::clone(self),
+                key,
+            }),
         })
     }
 
@@ -1225,15 +1227,39 @@ impl Drop for IdClaim {
     }
 }
 
-/// One request in flight against a concurrency cap.
+/// One request in flight against a concurrency cap: the slot goes back when this is dropped.
 #[derive(Debug)]
 pub struct InFlight {
-    state: Arc<State>,
-    key: u64,
+    /// `None` once [`InFlight::keep`] took it.
+    slot: Option<Kept>,
+}
+
+impl InFlight {
+    /// The slot, kept past the request: a task its call created holds it until the task ends
+    /// (`mcp::tasks`). It goes back only by [`Kept::give_back`].
+    pub fn keep(mut self) -> Option<Kept> {
+        self.slot.take()
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.give_back();
+        }
+    }
+}
+
+/// An in-flight slot held past its request ([`InFlight::keep`]). Dropping it keeps the slot
+/// taken: whoever holds it gives it back once, by [`Kept::give_back`].
+#[derive(Debug)]
+pub struct Kept {
+    state: Arc<State>,
+    key: u64,
+}
+
+impl Kept {
+    pub fn give_back(&self) {
         if let Some(n) = self.state.in_flight.pin().get(&self.key) {
             n.here.fetch_sub(1, Ordering::AcqRel);
         }

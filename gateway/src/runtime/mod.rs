@@ -785,11 +785,13 @@ async fn cut_refused(ctx: Rc<WorkerCtx>) {
 const CUT_REFUSED_EVERY: Duration = Duration::from_millis(250);
 
 /// Closes, once a second, the idle upstream connections their upstream closed and those past
-/// what the pool keeps now (`Pool::sweep`).
+/// what the pool keeps now (`Pool::sweep`); and gives back the concurrency slots of tasks held
+/// past their time (`mcp::tasks`).
 async fn sweep_pool(ctx: Rc<WorkerCtx>) {
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         ctx.sweep_pool();
+        ctx.release_expired_tasks();
     }
 }
 

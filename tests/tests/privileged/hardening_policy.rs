@@ -509,6 +509,11 @@ fn the_admin_api_refuses_cross_site_requests_that_change_state() {
 /// A gateway with tenants acme and beta (an API key each, its own agent) in front of the task
 /// fixture on `up_port`, and its port.
 fn tasks_gateway(up_port: u16, prefix: &str) -> (Daemon, u16) {
+    tasks_gateway_with(up_port, prefix, "")
+}
+
+/// [`tasks_gateway`], with `acme` (tables of tenant acme's policy) after acme's entry.
+fn tasks_gateway_with(up_port: u16, prefix: &str, acme: &str) -> (Daemon, u16) {
     let (port, admin) = (free_port(), free_port());
     let instance = unique(prefix);
     let config = format!(
@@ -516,11 +521,12 @@ fn tasks_gateway(up_port: u16, prefix: &str) -> (Daemon, u16) {
 [[tenants]]
 name = "acme"
 id = 1
+{acme}
 [[tenants]]
 name = "beta"
 id = 2
 [[auth.api_keys]]
-sha256 = "{acme}"
+sha256 = "{acme_key}"
 tenant = "acme"
 agent = "acme-bot"
 [[auth.api_keys]]
@@ -536,7 +542,7 @@ upstream = "tasks"
 auth = ["api_key"]
 "#,
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
-        acme = sha256_hex(ACME_KEY),
+        acme_key = sha256_hex(ACME_KEY),
         beta = sha256_hex(BETA_KEY),
     );
     (Daemon::start_local(&instance, &config), port)
@@ -612,6 +618,66 @@ fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
         String::from_utf8_lossy(&r.body).contains("secret report on tides"),
         "{r:?}"
     );
+    d.stop();
+}
+
+/// A task is its call's work going on: it holds the concurrency slot its call was admitted
+/// with until the gateway sees it end (its `tasks/get` shows a final status, its
+/// `tasks/result` is answered, a `tasks/list` shows it ended). Before, the slot went back as
+/// soon as the upstream named the task: five task-augmented calls of a tool capped at one ran
+/// at once at the TypeScript SDK's server (an attacker's review).
+#[test]
+fn a_task_holds_its_calls_concurrency_slot_until_it_is_seen_ended() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server(up_port);
+    let capped = "[[tenants.policy.tools]]\nmatch = \"report\"\nmax_concurrent = 1\n";
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtaskcap", capped);
+    let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
+    let call = |k: &str| {
+        ask(
+            k,
+            "tools/call",
+            json!({"name": "report", "arguments": {"topic": "tides"}, "task": {"ttl": 60000}}),
+        )
+    };
+    let made = |r: &integration_tests::peers::RawResponse| {
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["result"]["task"]["taskId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no task created: {r:?}"))
+            .to_owned()
+    };
+    let refused = |r: &integration_tests::peers::RawResponse, why: &str| {
+        assert_eq!(r.status, 429, "{why}: {r:?}");
+        assert_eq!(r.json()["error"]["code"], -32042, "{why}: {r:?}");
+    };
+
+    let first = made(&call(ACME_KEY));
+    // The fixture's task has ended upstream already; the gateway has not seen it end.
+    refused(
+        &call(ACME_KEY),
+        "a second task while the first holds the cap",
+    );
+    refused(&call(ACME_KEY), "and a third");
+    // The cap is acme's rule: beta's calls are not held by acme's task.
+    made(&call(BETA_KEY));
+    // Seen ended by its `tasks/get`: the slot goes back.
+    let r = ask(ACME_KEY, "tasks/get", json!({"taskId": first}));
+    assert_eq!(r.json()["result"]["status"], "completed", "{r:?}");
+    let second = made(&call(ACME_KEY));
+    refused(&call(ACME_KEY), "the second task holds the cap");
+    // By its result.
+    let r = ask(ACME_KEY, "tasks/result", json!({"taskId": second}));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("secret report on tides"),
+        "{r:?}"
+    );
+    let third = made(&call(ACME_KEY));
+    refused(&call(ACME_KEY), "the third task holds the cap");
+    // By a list that shows it ended.
+    let r = ask(ACME_KEY, "tasks/list", json!({}));
+    assert!(listed_tasks(&r.json()).contains(&third), "{r:?}");
+    made(&call(ACME_KEY));
     d.stop();
 }
 
