@@ -260,6 +260,12 @@ pub fn tasks_server_with_sessions(port: u16) -> KillOnDrop {
     node_fixture("tasks_server.cjs", port, &["sessions"])
 }
 
+/// [`tasks_server`], whose tasks work for 3 s (a cancel leaves the work running, as the SDK's
+/// own example tools do); `GET /stats` says how many worked at once at most (`maxRunning`).
+pub fn tasks_server_working(port: u16) -> KillOnDrop {
+    node_fixture("tasks_server.cjs", port, &["working"])
+}
+
 fn node_fixture(script: &str, port: u16, extra: &[&str]) -> KillOnDrop {
     let child = Command::new("node")
         .arg(root().join("tests/fixtures").join(script))

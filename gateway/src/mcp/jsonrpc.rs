@@ -21,6 +21,10 @@ use super::id::Id;
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 /// The `_meta` key that relates a message to a task (2025-11-25).
 pub const RELATED_TASK_META_KEY: &str = crate::stdio::mux::RELATED_TASK;
+/// Where a 2026-07-28 request carries its client's capabilities (`params._meta`), and the
+/// key under their `extensions` of the tasks extension.
+pub const CLIENT_CAPABILITIES_META_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
+pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
 
 /// Longest tool or prompt name accepted, in characters (the 2025-11-25 spec: 1–128).
 pub const MAX_NAME_CHARS: usize = 128;
@@ -76,6 +80,9 @@ pub struct Message {
     /// `params.task` is present: the request asks for a task (2025-11-25 task augmentation),
     /// with `params.task.ttl` (ms) if it gives one.
     pub asks_task: Option<Option<u64>>,
+    /// The request's client capabilities (`params._meta`, 2026-07-28) name the tasks extension:
+    /// the server may answer it with a task of its own choosing (server-directed).
+    pub tasks_extension: bool,
     /// `params._meta["io.modelcontextprotocol/related-task"]` is present: the message belongs to
     /// that task (`params._meta[...].taskId`, when it is a string). The TypeScript SDK's server
     /// queues the answer of such a request into the task's queue, which its owner reads.
@@ -104,6 +111,7 @@ impl Message {
             meta_traceparent,
             task_id,
             asks_task: _,
+            tasks_extension: _,
             related_task,
         } = self;
         let marked = |s: &Option<String>| s.as_deref().is_some_and(|s| s.contains('\0'));
@@ -475,6 +483,11 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
 
             task_id,
             asks_task: field("task").map(|t| t.get("ttl").and_then(|x| x.as_u64())),
+            tasks_extension: meta
+                .as_ref()
+                .and_then(|m| m.get(CLIENT_CAPABILITIES_META_KEY))
+                .and_then(|c| c.get("extensions"))
+                .is_some_and(|e| e.get(TASKS_EXTENSION).is_some()),
             related_task,
         });
     }
@@ -498,6 +511,7 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         meta_traceparent: None,
         task_id: None,
         asks_task: None,
+        tasks_extension: false,
         related_task: None,
     })
 }

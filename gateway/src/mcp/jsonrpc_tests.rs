@@ -413,3 +413,24 @@ fn nesting_deeper_than_every_later_reader_takes_is_refused() {
     );
     assert!(parse(&wide).is_ok());
 }
+
+/// A 2026-07-28 request that names the tasks extension among its client capabilities may be
+/// answered with a task of the server's choosing: read so, whatever its key's spelling as JSON.
+#[test]
+fn a_request_that_offers_the_tasks_extension_is_read_so() {
+    let with = |extensions: &str| {
+        single(&format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","_meta":{{"io.modelcontextprotocol/clientCapabilities":{{"extensions":{extensions}}}}}}}}}"#
+        ))
+        .tasks_extension
+    };
+    assert!(with(r#"{"io.modelcontextprotocol/tasks":{}}"#));
+    assert!(with(r#"{"io.modelcontextprotocol\/tasks":{}}"#));
+    assert!(with(r#"{"io.modelcontextprotocol/tasks":null}"#));
+    assert!(!with(r#"{"io.modelcontextprotocol/ui":{}}"#));
+    assert!(!with(r#"["io.modelcontextprotocol/tasks"]"#));
+    assert!(
+        !single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#)
+            .tasks_extension
+    );
+}

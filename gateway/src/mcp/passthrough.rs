@@ -163,7 +163,9 @@ impl<'c, 'a> Pass<'c, 'a> {
             ));
             return write_error(io, req, &err).await;
         };
-        if m.kind == Kind::Request && is_task(m) {
+        // The bridge's envelope declares no client capabilities: the upstream makes no task
+        // of its own choosing.
+        if m.kind == Kind::Request && asks_about_tasks(m) {
             let err = RpcError::invalid_request(format!(
                 "tasks are not offered on a session bridged to `{}`, which speaks only 2026-07-28: call without `params.task`",
                 up.name
@@ -223,7 +225,11 @@ impl<'c, 'a> Pass<'c, 'a> {
         };
         let edit = (filtering || task.is_some())
             .then_some(&edit as &dyn Fn(&mut serde_json::Value) -> Result<(), String>);
-        super::held::forward(io, req, self.peer, ctx, up, m, self.obs, edit).await
+        let keep = super::held::forward(io, req, self.peer, ctx, up, m, self.obs, edit).await;
+        if let Some(task) = &task {
+            task.after(ctx, self.obs);
+        }
+        keep
     }
 
     /// Direct: tasks bound to their callers where the upstream cannot tell them apart, a
@@ -357,13 +363,24 @@ impl<'c, 'a> Pass<'c, 'a> {
     }
 }
 
-/// Whether a message asks for a task or about tasks.
+/// Whether a message asks for a task or about tasks, or may be answered with one.
 fn is_task(m: &Message) -> bool {
+    may_become_task(m) || asks_about_tasks(m)
+}
+
+/// Whether a message asks for a task (`params.task`) or about tasks.
+fn asks_about_tasks(m: &Message) -> bool {
     m.asks_task.is_some()
         || m.related_task.is_some()
         || m.method
             .as_deref()
             .is_some_and(|x| x == "tasks/list" || super::tasks::NAMING.contains(&x))
+}
+
+/// A `tools/call` whose client capabilities name the 2026-07-28 tasks extension: the server
+/// decides whether it answers with a task (server-directed), so it is read as one that asks.
+fn may_become_task(m: &Message) -> bool {
+    m.tasks_extension && m.kind == Kind::Request && m.method.as_deref() == Some("tools/call")
 }
 
 /// What a task-related message may do where the upstream cannot tell the gateway's callers
@@ -433,7 +450,7 @@ impl<'a> TaskUse<'a> {
         if method == "tasks/list" {
             return Ok(Some(Self::List));
         }
-        if m.asks_task.is_none() {
+        if m.asks_task.is_none() && !may_become_task(m) {
             return Ok(None);
         }
         // A client asks for a task only on `tools/call` (2025-11-25): another request asking
@@ -458,6 +475,14 @@ impl<'a> TaskUse<'a> {
             .with_id(m.id.clone()));
         };
         Ok(Some(Self::Create(m.asks_task.flatten(), room)))
+    }
+
+    /// Once the exchange is over: a call that may have made a task, given up before its answer
+    /// was read (its client left, or it timed out), holds its slots as a task would.
+    fn after(&self, ctx: &WorkerCtx, obs: &Obs<'_>) {
+        if matches!(self, Self::Create(..)) && (obs.client_left.get() || obs.abandoned.get()) {
+            ctx.learned.tasks.hold_unread(obs.slots.take());
+        }
     }
 
     /// Reads (and for a list, trims) the answer. A task made takes over the call's concurrency
@@ -525,11 +550,11 @@ async fn bound_tasks<'c>(
         Ok(Some(task)) => task,
         Err(err) => return Some(reply(io, err).await),
     };
-    Some(
-        super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
-            task.on_answer(ctx, &up.name, who, answer, &obs.slots);
-            Ok(())
-        })
-        .await,
-    )
+    let keep = super::proxy::read_whole(io, req, peer, up, ctx, obs, m.id.clone(), |answer| {
+        task.on_answer(ctx, &up.name, who, answer, &obs.slots);
+        Ok(())
+    })
+    .await;
+    task.after(ctx, obs);
+    Some(keep)
 }

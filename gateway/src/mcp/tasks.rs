@@ -25,11 +25,14 @@
 //! with (a tool's, a tenant's, an agent's cap) until the gateway sees it end, as a call holds
 //! them until its answer. Without this a task-augmented call gave its slots back as soon as the
 //! upstream named the task, at once, and calls of a tool capped at one ran five at once at the
-//! TypeScript SDK's server. The gateway sees a task end in its owner's `tasks/result` answered,
-//! a `tasks/get` or `tasks/cancel` answer or a `tasks/list` entry with a final status
-//! (`completed`, `failed`, `cancelled`), or the task forgotten; at the latest, its slots go
-//! back [`MAX_HOLD_S`] after it was made (or its time to live, if shorter), so that a caller
-//! that never asks again does not hold a cap for good.
+//! TypeScript SDK's server. The gateway sees a task end in its owner's `tasks/result` answered
+//! with a result, or a `tasks/get` answer or `tasks/list` entry that says `completed` or
+//! `failed`; else its slots go back [`MAX_HOLD_S`] after it was made, whatever its time to
+//! live, so that a caller that never asks again does not hold a cap for good. `cancelled` is
+//! not an end here: the TypeScript SDK's server marks a task cancelled and leaves its work
+//! running (a review: a cap of one had five tasks working after four cancels). A call that may
+//! have made a task whose answer the gateway never read (its client left first) holds its
+//! slots as long.
 
 use serde_json::Value;
 
@@ -52,8 +55,9 @@ const DEFAULT_TTL_S: u64 = 3_600;
 /// Longest a task holds its call's concurrency slots (as a shared stdio child's task keeps
 /// its caller's messages: `stdio::mux`).
 pub const MAX_HOLD_S: u64 = 600;
-/// The statuses after which a task does no more work (2025-11-25 `Task.status`).
-const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+/// The statuses after which a task does no more work (2025-11-25 `Task.status`): not
+/// `cancelled`, which a server may say of a task whose work goes on.
+const FINAL: [&str; 2] = ["completed", "failed"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Owner {
@@ -75,8 +79,11 @@ pub struct Owners {
     per_tenant: papaya::HashMap<u64, usize>,
     /// Room held for calls under way, in all.
     held: std::sync::atomic::AtomicUsize,
-    /// The concurrency slots each task holds (its call's), by the key of `map`.
+    /// The concurrency slots each task holds (its call's), by the key of `map`; and those of
+    /// calls whose answer was never read, by a key of their own.
     slots: papaya::HashMap<String, Hold>,
+    /// Numbers the keys of holds of unread answers.
+    unread: std::sync::atomic::AtomicU64,
 }
 
 /// A task's concurrency slots, until the gateway sees it end or `until` (Unix seconds).
@@ -163,7 +170,8 @@ impl Owners {
 
     /// The task `task` of `upstream` is the room's caller's, for `ttl_ms` (the answer's, or the
     /// request's; an hour when neither says), and holds `slots` (its call's concurrency slots)
-    /// until it ends, [`MAX_HOLD_S`] at most.
+    /// until it is seen ended, [`MAX_HOLD_S`] at most (a time to live, the client's to choose,
+    /// does not shorten it).
     pub fn bind(
         &self,
         upstream: &str,
@@ -185,10 +193,11 @@ impl Owners {
         };
         let map = self.map.pin();
         match map.get(&key(upstream, task)) {
-            // An id the upstream gives twice: the task is nobody's (and the room goes back),
-            // and which call's work it is cannot be told: the slots of both go back.
+            // An id the upstream gives twice: the task is nobody's (and the room goes back).
+            // The first call's slots stay held (an upstream that gives a running job again to
+            // whoever asks for it alike would free them for the second caller); the second's
+            // go back with it.
             Some(o) if o.caller != caller => {
-                self.release(upstream, task);
                 self.uncount(o.who());
                 map.insert(
                     key(upstream, task),
@@ -207,20 +216,39 @@ impl Owners {
             None => {
                 map.insert(key(upstream, task), owner);
                 room.taken.set(true);
-                let slots: Vec<Kept> = slots.into_iter().filter_map(InFlight::keep).collect();
-                if !slots.is_empty() {
-                    let hold = Hold {
-                        slots,
-                        until: now + ttl.min(MAX_HOLD_S),
-                    };
-                    // A hold left under this key (a task forgotten, then named again) goes
-                    // back first.
-                    if let Some(old) = self.slots.pin().insert(key(upstream, task), hold) {
-                        old.slots.iter().for_each(Kept::give_back);
-                    }
-                }
+                // A hold left under this key (a task forgotten, then named again) stays.
+                self.hold(key(upstream, task), slots, now);
             }
         }
+    }
+
+    /// `slots` held under `key` until [`MAX_HOLD_S`] from `now` or their release; nothing when
+    /// there are none (no cap counted the call). When a hold is under `key` already, `slots`
+    /// drop, and go back.
+    fn hold(&self, key: String, slots: Vec<InFlight>, now: u64) {
+        if slots.is_empty() {
+            return;
+        }
+        let pinned = self.slots.pin();
+        if !pinned.contains_key(&key) {
+            let hold = Hold {
+                slots: slots.into_iter().filter_map(InFlight::keep).collect(),
+                until: now + MAX_HOLD_S,
+            };
+            if let Err(taken) = pinned.try_insert(key, hold) {
+                // Another worker held the key meanwhile: these go back.
+                taken.not_inserted.slots.iter().for_each(Kept::give_back);
+            }
+        }
+    }
+
+    /// The slots of a call that may have made a task whose answer the gateway never read (its
+    /// client left first): held [`MAX_HOLD_S`], as a task's would be.
+    pub fn hold_unread(&self, slots: Vec<InFlight>) {
+        let n = self
+            .unread
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hold(format!("\0unread\0{n}"), slots, now_s());
     }
 
     /// Whether task `task` of `upstream` holds concurrency slots (then what is asked of it is
@@ -327,13 +355,25 @@ impl Owners {
             .map(|(k, o)| (k.clone(), *o))
             .collect();
         for (k, o) in expired {
+            // Its slots, if it holds any, stay held until their own time.
             if map.remove(&k).is_some() {
                 self.uncount(o.who());
-                if let Some(hold) = self.slots.pin().remove(&k) {
-                    hold.slots.iter().for_each(Kept::give_back);
-                }
             }
         }
+    }
+}
+
+/// `message` without the tasks extension among its client capabilities (2026-07-28, in
+/// `params._meta`): its server then answers it without a task.
+pub fn without_tasks_extension(message: &mut Value) {
+    use super::jsonrpc::{CLIENT_CAPABILITIES_META_KEY, TASKS_EXTENSION};
+    if let Some(extensions) = message
+        .pointer_mut("/params/_meta")
+        .and_then(|m| m.get_mut(CLIENT_CAPABILITIES_META_KEY))
+        .and_then(|c| c.get_mut("extensions"))
+        .and_then(Value::as_object_mut)
+    {
+        extensions.remove(TASKS_EXTENSION);
     }
 }
 
@@ -437,54 +477,66 @@ mod tests {
         assert!(o.reserve(other).is_some(), "another tenant still has room");
     }
 
-    /// A task of a tool capped at one holds the cap until it is seen ended: a `tasks/get` with
-    /// a final status, a `tasks/list` entry with one, or its time passed; not a status that
-    /// works on, nor another caller's task of the same id.
+    /// A task of a tool capped at one holds the cap until it is seen ended: a `tasks/get` that
+    /// says `completed`, a `tasks/list` entry that says `failed`, or ten minutes passed; not a
+    /// status that works on, not `cancelled` (a server may say it of work that goes on), not a
+    /// short time to live, nor another caller given the same task id.
     #[test]
     fn a_task_holds_its_calls_slots_until_it_is_seen_ended() {
         use crate::policy::limits::State;
         let state = std::sync::Arc::new(State::default());
         let o = Owners::default();
         let cap = 11;
-        let task = |name: &str| {
+        let task = |name: &str, caller: u64, cap: u64| {
             let slot = state.enter(cap, 1).expect("the cap is free");
-            let room = o.reserve(who(1)).expect("room");
-            o.bind("u", name, &room, Some(60_000), vec![slot]);
-            assert!(o.holds("u", name));
-            assert!(state.enter(cap, 1).is_none(), "the task holds the cap");
+            let room = o.reserve(who(caller)).expect("room");
+            o.bind("u", name, &room, Some(1), vec![slot]);
         };
-        task("t1");
-        o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "working"}));
-        o.release_if_final(
-            "u",
-            "t1",
-            &json!({"taskId": "t1", "status": "input_required"}),
-        );
-        assert!(state.enter(cap, 1).is_none(), "working: still held");
+        task("t1", 1, cap);
+        assert!(o.holds("u", "t1"));
+        assert!(state.enter(cap, 1).is_none(), "the task holds the cap");
+        for status in ["working", "input_required", "cancelled"] {
+            o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": status}));
+            assert_eq!(state.in_flight_here(cap), 1, "{status}: still held");
+        }
         o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "completed"}));
         assert!(!o.holds("u", "t1"));
         o.release_if_final("u", "t1", &json!({"taskId": "t1", "status": "completed"}));
         assert_eq!(state.in_flight_here(cap), 0, "given back once");
         // Listed ended.
-        task("t2");
-        let mut list = json!({"result": {"tasks": [{"taskId": "t2", "status": "cancelled"}]}});
+        task("t2", 1, cap);
+        let mut list = json!({"result": {"tasks": [{"taskId": "t2", "status": "failed"}]}});
         o.keep_own("u", 1, &mut list);
         assert_eq!(state.in_flight_here(cap), 0);
-        // Its time passed: held for its time to live (a minute here), ten minutes at most.
-        task("t3");
-        o.release_expired_at(now_s() + 30);
+        // Held ten minutes, whatever the time to live (1 ms asked).
+        task("t3", 1, cap);
+        o.release_expired_at(now_s() + MIN_TTL_S + 1);
+        assert_eq!(state.in_flight_here(cap), 1, "a short time to live");
+        o.release_expired_at(now_s() + MAX_HOLD_S);
+        assert_eq!(state.in_flight_here(cap), 0);
+        // The upstream names the same task for another caller: nobody's. The first call's
+        // slot stays held; the second's goes back.
+        task("t4", 1, cap);
+        task("t4", 2, 12);
         assert_eq!(state.in_flight_here(cap), 1);
-        o.release_expired_at(now_s() + MIN_TTL_S);
+        assert_eq!(state.in_flight_here(12), 0);
+        o.release_expired_at(now_s() + MAX_HOLD_S);
         assert_eq!(state.in_flight_here(cap), 0);
-        // The upstream names the same task for another caller: nobody's, and its slots go
-        // back (which call's work it is cannot be told).
-        task("t4");
-        let room = o.reserve(who(2)).expect("room");
-        o.bind("u", "t4", &room, None, Vec::new());
-        assert_eq!(state.in_flight_here(cap), 0);
-        // A call whose answer names no task gives its slots back with its request.
+        // A call whose answer was never read holds its slot as long; one whose answer named no
+        // task gives it back with its request.
+        o.hold_unread(vec![state.enter(cap, 1).expect("free")]);
+        assert!(state.enter(cap, 1).is_none());
+        o.release_expired_at(now_s() + MAX_HOLD_S);
         drop(state.enter(cap, 1).expect("free"));
         assert_eq!(state.in_flight_here(cap), 0);
+        // Without the tasks extension: a member makes no task of its own choosing.
+        let mut m = json!({"params": {"_meta": {"io.modelcontextprotocol/clientCapabilities":
+            {"extensions": {"io.modelcontextprotocol/tasks": {}, "x/y": {}}}}}});
+        without_tasks_extension(&mut m);
+        assert_eq!(
+            m["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]["extensions"],
+            json!({"x/y": {}})
+        );
     }
 
     #[test]

@@ -118,12 +118,14 @@ pub fn created_task(answer: &Value) -> Option<&str> {
 }
 
 /// How long (ms) an answer to a task-augmented request says the task it names lives:
-/// 2025-11-25's `result.task.ttl`, or `result.ttl`.
+/// 2025-11-25's `result.task.ttl`, or `result.ttl`, or the 2026-07-28 tasks extension's
+/// `result.ttlMs`.
 pub fn task_ttl_ms(answer: &Value) -> Option<u64> {
     let result = answer.get("result")?;
     result["task"]["ttl"]
         .as_u64()
         .or_else(|| result["ttl"].as_u64())
+        .or_else(|| result["ttlMs"].as_u64())
 }
 
 /// The task a message's `_meta` relates it to: `None` without the key, `Some(None)` with one

@@ -509,11 +509,12 @@ fn the_admin_api_refuses_cross_site_requests_that_change_state() {
 /// A gateway with tenants acme and beta (an API key each, its own agent) in front of the task
 /// fixture on `up_port`, and its port.
 fn tasks_gateway(up_port: u16, prefix: &str) -> (Daemon, u16) {
-    tasks_gateway_with(up_port, prefix, "")
+    tasks_gateway_with(up_port, prefix, "", "")
 }
 
-/// [`tasks_gateway`], with `acme` (tables of tenant acme's policy) after acme's entry.
-fn tasks_gateway_with(up_port: u16, prefix: &str, acme: &str) -> (Daemon, u16) {
+/// [`tasks_gateway`], with `acme` (tables of tenant acme's policy) after acme's entry and
+/// `rest` at the end (lines of the upstream's table first).
+fn tasks_gateway_with(up_port: u16, prefix: &str, acme: &str, rest: &str) -> (Daemon, u16) {
     let (port, admin) = (free_port(), free_port());
     let instance = unique(prefix);
     let config = format!(
@@ -533,13 +534,14 @@ agent = "acme-bot"
 sha256 = "{beta}"
 tenant = "beta"
 agent = "beta-bot"
-[[upstreams]]
-name = "tasks"
-url = "http://127.0.0.1:{up_port}/mcp"
 [[routes]]
 path = "/mcp"
 upstream = "tasks"
 auth = ["api_key"]
+[[upstreams]]
+name = "tasks"
+url = "http://127.0.0.1:{up_port}/mcp"
+{rest}
 "#,
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
         acme_key = sha256_hex(ACME_KEY),
@@ -621,63 +623,181 @@ fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
     d.stop();
 }
 
+/// Acme's tool rule capping `report` at one call in flight.
+const REPORT_CAPPED: &str = "[[tenants.policy.tools]]\nmatch = \"report\"\nmax_concurrent = 1\n";
+
+/// A task-augmented call of `report` as `k`'s caller.
+fn call_report_task(port: u16, k: &str) -> integration_tests::peers::RawResponse {
+    let params = json!({"name": "report", "arguments": {"topic": "tides"}, "task": {"ttl": 60000}});
+    ask_tasks(port, k, None, "tools/call", params)
+}
+
+/// The id of the task `r` says was made.
+fn task_made(r: &integration_tests::peers::RawResponse) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    let result = &r.json()["result"];
+    result["task"]["taskId"]
+        .as_str()
+        .or_else(|| result["taskId"].as_str())
+        .unwrap_or_else(|| panic!("no task made: {r:?}"))
+        .to_owned()
+}
+
+/// `r` is a concurrency cap's refusal.
+fn cap_refused(r: &integration_tests::peers::RawResponse, why: &str) {
+    assert_eq!(r.status, 429, "{why}: {r:?}");
+    assert_eq!(r.json()["error"]["code"], -32042, "{why}: {r:?}");
+}
+
+/// How many calls worked at once at most at the fixture on `port` (its `GET /stats`).
+fn most_working(port: u16) -> u64 {
+    let (r, _) = raw(
+        port,
+        b"GET /stats HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    );
+    r.json()["maxRunning"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{r:?}"))
+}
+
 /// A task is its call's work going on: it holds the concurrency slot its call was admitted
-/// with until the gateway sees it end (its `tasks/get` shows a final status, its
-/// `tasks/result` is answered, a `tasks/list` shows it ended). Before, the slot went back as
-/// soon as the upstream named the task: five task-augmented calls of a tool capped at one ran
-/// at once at the TypeScript SDK's server (an attacker's review).
+/// with until the gateway sees it end (its `tasks/get` says completed, its `tasks/result` is
+/// answered, a `tasks/list` says it ended). Before, the slot went back as soon as the upstream
+/// named the task: five task-augmented calls of a tool capped at one ran at once at the
+/// TypeScript SDK's server (an attacker's review).
 #[test]
 fn a_task_holds_its_calls_concurrency_slot_until_it_is_seen_ended() {
     let up_port = free_port();
     let _server = integration_tests::peers::tasks_server(up_port);
-    let capped = "[[tenants.policy.tools]]\nmatch = \"report\"\nmax_concurrent = 1\n";
-    let (mut d, port) = tasks_gateway_with(up_port, "gwtaskcap", capped);
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtaskcap", REPORT_CAPPED, "");
     let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
-    let call = |k: &str| {
-        ask(
-            k,
-            "tools/call",
-            json!({"name": "report", "arguments": {"topic": "tides"}, "task": {"ttl": 60000}}),
-        )
-    };
-    let made = |r: &integration_tests::peers::RawResponse| {
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()["result"]["task"]["taskId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no task created: {r:?}"))
-            .to_owned()
-    };
-    let refused = |r: &integration_tests::peers::RawResponse, why: &str| {
-        assert_eq!(r.status, 429, "{why}: {r:?}");
-        assert_eq!(r.json()["error"]["code"], -32042, "{why}: {r:?}");
-    };
+    let call = |k: &str| call_report_task(port, k);
 
-    let first = made(&call(ACME_KEY));
+    let first = task_made(&call(ACME_KEY));
     // The fixture's task has ended upstream already; the gateway has not seen it end.
-    refused(
+    cap_refused(
         &call(ACME_KEY),
         "a second task while the first holds the cap",
     );
-    refused(&call(ACME_KEY), "and a third");
+    cap_refused(&call(ACME_KEY), "and a third");
     // The cap is acme's rule: beta's calls are not held by acme's task.
-    made(&call(BETA_KEY));
+    task_made(&call(BETA_KEY));
     // Seen ended by its `tasks/get`: the slot goes back.
     let r = ask(ACME_KEY, "tasks/get", json!({"taskId": first}));
     assert_eq!(r.json()["result"]["status"], "completed", "{r:?}");
-    let second = made(&call(ACME_KEY));
-    refused(&call(ACME_KEY), "the second task holds the cap");
+    let second = task_made(&call(ACME_KEY));
+    cap_refused(&call(ACME_KEY), "the second task holds the cap");
     // By its result.
     let r = ask(ACME_KEY, "tasks/result", json!({"taskId": second}));
     assert!(
         String::from_utf8_lossy(&r.body).contains("secret report on tides"),
         "{r:?}"
     );
-    let third = made(&call(ACME_KEY));
-    refused(&call(ACME_KEY), "the third task holds the cap");
+    let third = task_made(&call(ACME_KEY));
+    cap_refused(&call(ACME_KEY), "the third task holds the cap");
     // By a list that shows it ended.
     let r = ask(ACME_KEY, "tasks/list", json!({}));
     assert!(listed_tasks(&r.json()).contains(&third), "{r:?}");
-    made(&call(ACME_KEY));
+    task_made(&call(ACME_KEY));
+    d.stop();
+}
+
+/// A cancel is not a task's end: the TypeScript SDK's server marks the task cancelled and its
+/// work goes on (a review of the change above: after four cancels, five tasks of a tool capped
+/// at one worked at once). The slot stays held through the cancel and a `tasks/get` that says
+/// `cancelled`, and the upstream never works on two at once.
+#[test]
+fn a_cancelled_task_keeps_its_slot_while_its_work_may_go_on() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server_working(up_port);
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtaskcancel", REPORT_CAPPED, "");
+    let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
+    let task = task_made(&call_report_task(port, ACME_KEY));
+    for _ in 0..3 {
+        let r = ask(ACME_KEY, "tasks/cancel", json!({"taskId": task}));
+        assert_eq!(r.status, 200, "{r:?}");
+        cap_refused(&call_report_task(port, ACME_KEY), "after a cancel");
+    }
+    let r = ask(ACME_KEY, "tasks/get", json!({"taskId": task}));
+    assert_eq!(r.json()["result"]["status"], "cancelled", "{r:?}");
+    cap_refused(
+        &call_report_task(port, ACME_KEY),
+        "after it shows cancelled",
+    );
+    assert_eq!(most_working(up_port), 1);
+    d.stop();
+}
+
+/// A 2026-07-28 task is the server's choice (the tasks extension): a `tools/call` whose client
+/// capabilities name the extension may be answered with one, with no `params.task`. Such a call
+/// is read as one that asks for a task: its task is its creator's and holds the call's slot
+/// until a `tasks/get` says it completed. Before, nothing was bound (its creator's own
+/// `tasks/get` was refused as for another's task) and the slot went back at once: five tasks
+/// of a tool capped at one worked at once (a review). A federated route, which offers no
+/// tasks, sends the call on without the extension: the member answers it without a task.
+#[test]
+fn a_task_the_server_chooses_holds_its_calls_slot_too() {
+    let up_port = free_port();
+    let _server = PyServer::script_on("tasks_2026_server.py", up_port, &[]);
+    let rest = "era = \"stateless\"\n[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"tasks\", prefix = \"p_\" }]\nauth = [\"api_key\"]\n";
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtask2026", REPORT_CAPPED, rest);
+    let ask = |k: &str, path: &str, method: &str, params: Value, name: &str| {
+        let mut params = params;
+        params["_meta"] = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities":
+                {"extensions": {"io.modelcontextprotocol/tasks": {}}}});
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let headers = format!(
+            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\nmcp-name: {name}\r\n",
+            key(k)
+        );
+        raw(port, &post(path, &body.to_string(), &headers)).0
+    };
+    let call = |path: &str, tool: &str| {
+        ask(
+            ACME_KEY,
+            path,
+            "tools/call",
+            json!({"name": tool, "arguments": {}}),
+            tool,
+        )
+    };
+    let get = |k: &str, task: &str| ask(k, "/mcp", "tasks/get", json!({"taskId": task}), task);
+
+    // Federated: answered with the result, not a task (and its slot back with the answer).
+    let r = call("/fed", "p_report");
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "the report",
+        "{r:?}"
+    );
+
+    let first = task_made(&call("/mcp", "report"));
+    assert_eq!(
+        get(BETA_KEY, &first).json()["error"]["code"],
+        -32602,
+        "another's task"
+    );
+    cap_refused(
+        &call("/mcp", "report"),
+        "a second task while the first works",
+    );
+    let r = get(ACME_KEY, &first);
+    assert_eq!(
+        r.json()["result"]["status"],
+        "working",
+        "its creator's: {r:?}"
+    );
+    cap_refused(&call("/mcp", "report"), "still working");
+    // Its work takes 1 s.
+    let ended = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        get(ACME_KEY, &first).json()["result"]["status"] == "completed"
+    });
+    assert!(ended, "the task never completed");
+    task_made(&call("/mcp", "report"));
+    assert_eq!(most_working(up_port), 1, "never two at once");
     d.stop();
 }
 

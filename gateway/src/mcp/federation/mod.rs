@@ -322,6 +322,9 @@ impl<'c> Federation<'_, 'c> {
                 };
                 let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
                 set_in(&mut body, &["params", "name"], json!(local));
+                // No task of the member's choosing (2026-07-28 tasks extension): it would be
+                // nobody's to read here, and its work would hold no slot.
+                crate::mcp::tasks::without_tasks_extension(&mut body);
                 self.routed(io, era, member, &body, Some(local), m).await
             }
             "completion/complete" => {
