@@ -266,6 +266,11 @@ pub fn tasks_server_working(port: u16) -> KillOnDrop {
     node_fixture("tasks_server.cjs", port, &["working"])
 }
 
+/// [`tasks_server_working`], whose answer naming a task comes only after 1.5 s.
+pub fn tasks_server_slow(port: u16) -> KillOnDrop {
+    node_fixture("tasks_server.cjs", port, &["slow"])
+}
+
 fn node_fixture(script: &str, port: u16, extra: &[&str]) -> KillOnDrop {
     let child = Command::new("node")
         .arg(root().join("tests/fixtures").join(script))

@@ -188,7 +188,11 @@ impl<'c, 'a> Pass<'c, 'a> {
         let (req, ctx, up) = (self.req, self.ctx, self.up);
         let filtering = self.filters(m);
         let who = who_calls(ctx, self.obs);
-        let task = match TaskUse::of(ctx, &up.name, m, who, false) {
+        // A session-era upstream makes no task of its own choosing (the 2026-07-28 tasks
+        // extension): a call that only offers it is none, and gives its slots back with its
+        // answer. One whose era is not known yet may.
+        let server_directed = known != Some(true);
+        let task = match TaskUse::of(ctx, &up.name, m, who, false, server_directed) {
             Ok(t) => t,
             Err(err) => {
                 self.obs.set(Outcome::RpcError);
@@ -409,6 +413,7 @@ impl<'a> TaskUse<'a> {
         m: &Message,
         who: crate::stdio::Who,
         own_session: bool,
+        server_directed: bool,
     ) -> Result<Option<Self>, RpcError> {
         let caller = who.caller;
         if m.kind == Kind::Response || !is_task(m) {
@@ -450,7 +455,7 @@ impl<'a> TaskUse<'a> {
         if method == "tasks/list" {
             return Ok(Some(Self::List));
         }
-        if m.asks_task.is_none() && !may_become_task(m) {
+        if m.asks_task.is_none() && !(server_directed && may_become_task(m)) {
             return Ok(None);
         }
         // A client asks for a task only on `tools/call` (2025-11-25): another request asking
@@ -477,10 +482,12 @@ impl<'a> TaskUse<'a> {
         Ok(Some(Self::Create(m.asks_task.flatten(), room)))
     }
 
-    /// Once the exchange is over: a call that may have made a task, given up before its answer
-    /// was read (its client left, or it timed out), holds its slots as a task would.
+    /// Once the exchange is over: a call that may have made a task, given up after it was sent
+    /// and before its answer was read (its client left, it timed out, the answer could not be
+    /// read), holds its slots as a task would. (A task bound took them already.)
     fn after(&self, ctx: &WorkerCtx, obs: &Obs<'_>) {
-        if matches!(self, Self::Create(..)) && (obs.client_left.get() || obs.abandoned.get()) {
+        let unread = obs.client_left.get() || obs.abandoned.get() || obs.unanswered.get();
+        if matches!(self, Self::Create(..)) && unread {
             ctx.learned.tasks.hold_unread(obs.slots.take());
         }
     }
@@ -545,7 +552,7 @@ async fn bound_tasks<'c>(
     }
     let m = messages.single.as_ref()?;
     let who = super::proxy::who_calls(ctx, obs);
-    let task = match TaskUse::of(ctx, &up.name, m, who, own_session) {
+    let task = match TaskUse::of(ctx, &up.name, m, who, own_session, true) {
         Ok(Some(TaskUse::Own(None)) | None) => return None,
         Ok(Some(task)) => task,
         Err(err) => return Some(reply(io, err).await),

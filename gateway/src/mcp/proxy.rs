@@ -58,6 +58,9 @@ pub(super) struct Obs<'a> {
     /// The in-flight slots the request was admitted with, held until it ends; a task its call
     /// creates takes them over (`tasks::Owners::bind`).
     pub slots: RefCell<Vec<policy::limits::InFlight>>,
+    /// The call failed after it was sent, with no answer read (it timed out, the connection
+    /// failed, the answer could not be read): the upstream may have acted on it.
+    pub unanswered: Cell<bool>,
 }
 
 /// Whose an upstream failure is, as far as the upstream's shared breaker goes (its tool's
@@ -175,6 +178,12 @@ impl Obs<'_> {
     /// [`Blame::of_failure`]).
     pub fn failed(&self, f: &UpstreamFailure) {
         self.set_blamed(outcome_of(f), Blame::of_failure(f));
+        if matches!(
+            f,
+            UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_) | UpstreamFailure::Bad(_)
+        ) {
+            self.unanswered.set(true);
+        }
     }
 
     /// The call failed on its own account (an answer too large or unreadable, a 4xx, no answer

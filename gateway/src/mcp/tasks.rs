@@ -364,16 +364,28 @@ impl Owners {
 }
 
 /// `message` without the tasks extension among its client capabilities (2026-07-28, in
-/// `params._meta`): its server then answers it without a task.
+/// `params._meta`): its server then answers it without a task. Extensions that are not an
+/// object (which a server may still read the key in) go whole.
 pub fn without_tasks_extension(message: &mut Value) {
     use super::jsonrpc::{CLIENT_CAPABILITIES_META_KEY, TASKS_EXTENSION};
-    if let Some(extensions) = message
+    let Some(capabilities) = message
         .pointer_mut("/params/_meta")
         .and_then(|m| m.get_mut(CLIENT_CAPABILITIES_META_KEY))
-        .and_then(|c| c.get_mut("extensions"))
         .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    match capabilities
+        .get_mut("extensions")
+        .map(|e| e.as_object_mut())
     {
-        extensions.remove(TASKS_EXTENSION);
+        Some(Some(extensions)) => {
+            extensions.remove(TASKS_EXTENSION);
+        }
+        Some(None) => {
+            capabilities.remove("extensions");
+        }
+        None => {}
     }
 }
 
@@ -537,6 +549,15 @@ mod tests {
             m["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]["extensions"],
             json!({"x/y": {}})
         );
+        for extensions in [json!(["io.modelcontextprotocol/tasks"]), json!("x")] {
+            let mut m = json!({"params": {"_meta": {"io.modelcontextprotocol/clientCapabilities":
+                {"extensions": extensions, "roots": {}}}}});
+            without_tasks_extension(&mut m);
+            assert_eq!(
+                m["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"],
+                json!({"roots": {}})
+            );
+        }
     }
 
     #[test]

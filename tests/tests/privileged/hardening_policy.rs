@@ -728,6 +728,61 @@ fn a_cancelled_task_keeps_its_slot_while_its_work_may_go_on() {
     d.stop();
 }
 
+/// A call that may have made a task and whose answer never came in time (the gateway gave up
+/// on it: 504) holds its slot as a task would: the upstream made the task, and works on it.
+/// Before, the slot went back with the 504, and three such calls had three tasks working at
+/// once under a cap of one (a review).
+#[test]
+fn a_task_call_given_up_on_keeps_its_slot() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server_slow(up_port);
+    let rest = "response_timeout_ms = 500\n";
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtaskslow", REPORT_CAPPED, rest);
+    let r = call_report_task(port, ACME_KEY);
+    assert_eq!(r.status, 504, "{r:?}");
+    cap_refused(
+        &call_report_task(port, ACME_KEY),
+        "after the call given up on",
+    );
+    assert_eq!(most_working(up_port), 1);
+    d.stop();
+}
+
+/// A session-era upstream makes no task of its own choosing: a 2026-07-28 call that only
+/// offers the tasks extension, sent through the session the gateway holds for stateless
+/// callers, is no task, and its slot goes back with the call even when its client leaves
+/// first. (A fix above held the slot of such a call for 10 minutes: a client that declares the
+/// extension on every request and drops its connection locked the cap, a review.)
+#[test]
+fn a_call_that_only_offers_tasks_to_a_session_era_upstream_holds_no_slot_after_it() {
+    let py = PyServer::start_with(&["--slow"]);
+    let capped = "[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n";
+    let (mut d, port) = tasks_gateway_with(py.port, "gwtaskheld", capped, "era = \"session\"\n");
+    let call = |seconds: f64| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "sleep", "arguments": {"seconds": seconds}, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities":
+                    {"extensions": {"io.modelcontextprotocol/tasks": {}}}}}});
+        let headers = format!(
+            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: sleep\r\n",
+            key(ACME_KEY)
+        );
+        post("/mcp", &body.to_string(), &headers)
+    };
+    // The client leaves while the call works.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, &call(1.0)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(s);
+    // Once the call is over upstream (cancelled, or done), the cap is free again.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (r, _) = raw(port, &call(0.1));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["result"]["content"][0]["text"], "slept", "{r:?}");
+    d.stop();
+}
+
 /// A 2026-07-28 task is the server's choice (the tasks extension): a `tools/call` whose client
 /// capabilities name the extension may be answered with one, with no `params.task`. Such a call
 /// is read as one that asks for a task: its task is its creator's and holds the call's slot
