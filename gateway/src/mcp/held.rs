@@ -579,15 +579,21 @@ pub(super) async fn call(
         let (head, bytes) = match answered {
             Some(Ok(answer)) => answer,
             // Still armed: the caller cancels it.
-            None => return Err(UpstreamFailure::ClientGone),
+            None => {
+                gave_up.sent = true;
+                return Err(UpstreamFailure::ClientGone);
+            }
             Some(Err(f)) => {
-                if !matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
-                    *gave_up = GaveUp::default();
+                if matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
+                    gave_up.sent = true;
+                } else {
+                    gave_up.cancel = None;
                 }
                 return Err(f);
             }
         };
-        *gave_up = GaveUp::default();
+        gave_up.cancel = None;
+        gave_up.sent = true;
         if attempt == 1 && session_lost(&head, &bytes) {
             // The upstream lost the session (restarted, expired): the request was not
             // processed, so it goes once more on a new one.
@@ -611,8 +617,14 @@ pub(super) async fn call(
 /// caller's, so nothing else ends the request there, and a tenant whose calls time out could
 /// otherwise keep running at the upstream as many as it liked, whatever its cap (one more
 /// every `response_timeout_ms`).
+///
+/// It also says whether the call itself went out (`sent`): written, and answered or not (a
+/// failure while the session was being opened sends nothing).
 #[derive(Default)]
-pub(super) struct GaveUp(Option<(http::Outgoing, u64)>);
+pub(super) struct GaveUp {
+    cancel: Option<(http::Outgoing, u64)>,
+    pub sent: bool,
+}
 
 impl GaveUp {
     /// The cancellation of the request `ours` in the session whose headers are `replace`.
@@ -625,15 +637,17 @@ impl GaveUp {
         ours: &Id,
     ) -> Self {
         let body = super::abandoned::cancellation(std::iter::once(ours));
-        Self(
-            body.and_then(|body| upstream_request(req, peer, up, &body, replace).ok())
+        Self {
+            cancel: body
+                .and_then(|body| upstream_request(req, peer, up, &body, replace).ok())
                 .map(|request| (request, owner.tenant)),
-        )
+            sent: false,
+        }
     }
 
     /// Sends the cancellation, if the call was given up on.
     pub(super) async fn cancel(self, ctx: &WorkerCtx, up: &Upstream) {
-        if let Some((request, tenant)) = self.0 {
+        if let Some((request, tenant)) = self.cancel {
             super::abandoned::cancel(ctx, up, tenant, request).await;
         }
     }
@@ -676,7 +690,12 @@ pub(super) async fn call_learning(
     replace.extend(READ_WHOLE);
     let request = upstream_request(req, peer, up, body, &replace)
         .map_err(|e| UpstreamFailure::Unrelayable(e.to_string()))?;
-    let (head, bytes) = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await?;
+    let called = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await;
+    gave_up.sent = match &called {
+        Ok(_) => true,
+        Err(f) => matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)),
+    };
+    let (head, bytes) = called?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {
         era::learn_session(ctx, up);
         return call(ctx, req, peer, up, owner, body, extra, gave_up, client).await;
@@ -950,6 +969,8 @@ pub(super) async fn forward<'c>(
     )
     .await;
     obs.waited(sent.elapsed());
+    // Sent, and not answered as the caller reads it: the upstream may have acted on it.
+    obs.unanswered.set(gave_up.sent && answer.is_err());
     let keep = match answer {
         // The client left (or was cut for a ban): the call is cancelled in the held session,
         // which nothing else would end.

@@ -58,8 +58,9 @@ pub(super) struct Obs<'a> {
     /// The in-flight slots the request was admitted with, held until it ends; a task its call
     /// creates takes them over (`tasks::Owners::bind`).
     pub slots: RefCell<Vec<policy::limits::InFlight>>,
-    /// The call failed after it was sent, with no answer read (it timed out, the connection
-    /// failed, the answer could not be read): the upstream may have acted on it.
+    /// The call was sent and its answer not read (it timed out, the connection failed, the
+    /// answer could not be read): the upstream may have acted on it. Set where a call is
+    /// read whole (`read_whole`, `held::forward`).
     pub unanswered: Cell<bool>,
 }
 
@@ -178,12 +179,6 @@ impl Obs<'_> {
     /// [`Blame::of_failure`]).
     pub fn failed(&self, f: &UpstreamFailure) {
         self.set_blamed(outcome_of(f), Blame::of_failure(f));
-        if matches!(
-            f,
-            UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_) | UpstreamFailure::Bad(_)
-        ) {
-            self.unanswered.set(true);
-        }
     }
 
     /// The call failed on its own account (an answer too large or unreadable, a 4xx, no answer
@@ -777,6 +772,11 @@ pub(super) async fn read_whole<'c>(
     let (mut head, body) = match answer {
         Ok(a) => a,
         Err(f) => {
+            // Sent (an answer it could not read is `Bad`): the upstream may have acted on it.
+            obs.unanswered.set(matches!(
+                f,
+                UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_) | UpstreamFailure::Bad(_)
+            ));
             obs.failed(&f);
             return fail(io, req, up, id, f).await;
         }
@@ -790,6 +790,7 @@ pub(super) async fn read_whole<'c>(
     let mut message = match super::messages::response_message(&head, &body, id.as_ref()) {
         Ok(m) => m,
         Err(why) => {
+            obs.unanswered.set(true);
             obs.set(Outcome::UpstreamFailure);
             return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
         }

@@ -748,6 +748,34 @@ fn a_task_call_given_up_on_keeps_its_slot() {
     d.stop();
 }
 
+/// Only a call that went out can have made a task: one that failed while the gateway opened
+/// the session it holds for stateless callers (an upstream that never answers `initialize`)
+/// gives its slot back. (A fix above held it 10 minutes: an outage of one upstream locked a
+/// cap for every upstream the cap covers, a review.)
+#[test]
+fn a_task_call_that_never_went_out_holds_no_slot() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server(up_port);
+    let hang = FakeUpstream::start(Misbehave::Hang);
+    let rest = format!(
+        "[[upstreams]]\nname = \"hang\"\nurl = \"{}\"\nera = \"session\"\nresponse_timeout_ms = 500\n[[routes]]\npath = \"/hang\"\nupstream = \"hang\"\nauth = [\"api_key\"]\n",
+        hang.url()
+    );
+    let (mut d, port) = tasks_gateway_with(up_port, "gwtasknone", REPORT_CAPPED, &rest);
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "report", "arguments": {"topic": "x"}, "task": {"ttl": 60000},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+    let headers = format!(
+        "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: report\r\n",
+        key(ACME_KEY)
+    );
+    let (r, _) = raw(port, &post("/hang", &body.to_string(), &headers));
+    assert_eq!(r.status, 504, "{r:?}");
+    // The cap is free: a task call to the other upstream makes its task.
+    task_made(&call_report_task(port, ACME_KEY));
+    d.stop();
+}
+
 /// A session-era upstream makes no task of its own choosing: a 2026-07-28 call that only
 /// offers the tasks extension, sent through the session the gateway holds for stateless
 /// callers, is no task, and its slot goes back with the call even when its client leaves
