@@ -81,8 +81,8 @@ pub struct Message {
     /// with `params.task.ttl` (ms) if it gives one.
     pub asks_task: Option<Option<u64>>,
     /// The request's client capabilities (`params._meta`, 2026-07-28) name the tasks extension
-    /// (or hold extensions that are not an object, which a server may read as naming it): the
-    /// server may answer it with a task of its own choosing (server-directed).
+    /// (or they, or their extensions, are not an object, which a server may read as naming
+    /// it): the server may answer it with a task of its own choosing (server-directed).
     pub tasks_extension: bool,
     /// `params._meta["io.modelcontextprotocol/related-task"]` is present: the message belongs to
     /// that task (`params._meta[...].taskId`, when it is a string). The TypeScript SDK's server
@@ -486,11 +486,16 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
             asks_task: field("task").map(|t| t.get("ttl").and_then(|x| x.as_u64())),
             // Extensions other than an object (a list, a string) are the server's to read:
             // one that finds the key in them would make a task too.
+            // So are capabilities other than an object.
             tasks_extension: meta
                 .as_ref()
                 .and_then(|m| m.get(CLIENT_CAPABILITIES_META_KEY))
-                .and_then(|c| c.get("extensions"))
-                .is_some_and(|e| e.as_object().is_none() || e.get(TASKS_EXTENSION).is_some()),
+                .is_some_and(|c| {
+                    c.as_object().is_none()
+                        || c.get("extensions").is_some_and(|e| {
+                            e.as_object().is_none() || e.get(TASKS_EXTENSION).is_some()
+                        })
+                }),
             related_task,
         });
     }

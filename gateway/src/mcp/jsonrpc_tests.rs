@@ -437,4 +437,14 @@ fn a_request_that_offers_the_tasks_extension_is_read_so() {
         !single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#)
             .tasks_extension
     );
+    // Capabilities that are not an object, likewise; an object without extensions offers none.
+    let caps = |c: &str| {
+        single(&format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","_meta":{{"io.modelcontextprotocol/clientCapabilities":{c}}}}}}}"#
+        ))
+        .tasks_extension
+    };
+    assert!(caps(r#"["io.modelcontextprotocol/tasks"]"#));
+    assert!(caps(r#""io.modelcontextprotocol/tasks""#));
+    assert!(!caps(r#"{"roots":{}}"#));
 }

@@ -364,15 +364,21 @@ impl Owners {
 }
 
 /// `message` without the tasks extension among its client capabilities (2026-07-28, in
-/// `params._meta`): its server then answers it without a task. Extensions that are not an
-/// object (which a server may still read the key in) go whole.
+/// `params._meta`): its server then answers it without a task. Capabilities or extensions
+/// that are not an object (which a server may still read the key in) go whole.
 pub fn without_tasks_extension(message: &mut Value) {
     use super::jsonrpc::{CLIENT_CAPABILITIES_META_KEY, TASKS_EXTENSION};
-    let Some(capabilities) = message
+    let Some(meta) = message
         .pointer_mut("/params/_meta")
-        .and_then(|m| m.get_mut(CLIENT_CAPABILITIES_META_KEY))
         .and_then(Value::as_object_mut)
     else {
+        return;
+    };
+    let Some(capabilities) = meta.get_mut(CLIENT_CAPABILITIES_META_KEY) else {
+        return;
+    };
+    let Some(capabilities) = capabilities.as_object_mut() else {
+        meta.remove(CLIENT_CAPABILITIES_META_KEY);
         return;
     };
     match capabilities
@@ -549,6 +555,10 @@ mod tests {
             m["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]["extensions"],
             json!({"x/y": {}})
         );
+        let mut m = json!({"params": {"_meta": {"io.modelcontextprotocol/clientCapabilities":
+            ["io.modelcontextprotocol/tasks"], "k": 1}}});
+        without_tasks_extension(&mut m);
+        assert_eq!(m["params"]["_meta"], json!({"k": 1}));
         for extensions in [json!(["io.modelcontextprotocol/tasks"]), json!("x")] {
             let mut m = json!({"params": {"_meta": {"io.modelcontextprotocol/clientCapabilities":
                 {"extensions": extensions, "roots": {}}}}});
