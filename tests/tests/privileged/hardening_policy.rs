@@ -748,6 +748,30 @@ fn a_task_call_given_up_on_keeps_its_slot() {
     d.stop();
 }
 
+/// The same through the session the gateway holds for stateless callers with a session-era
+/// upstream: a task call that went out and timed out holds its slot (its work may go on).
+#[test]
+fn a_task_call_given_up_on_through_a_held_session_keeps_its_slot() {
+    let py = PyServer::start_with(&["--slow"]);
+    let capped = "[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n";
+    let rest = "era = \"session\"\nresponse_timeout_ms = 500\n";
+    let (mut d, port) = tasks_gateway_with(py.port, "gwtaskheldto", capped, rest);
+    let call = || {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "sleep", "arguments": {"seconds": 2.0}, "task": {"ttl": 60000},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let headers = format!(
+            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: sleep\r\n",
+            key(ACME_KEY)
+        );
+        raw(port, &post("/mcp", &body.to_string(), &headers)).0
+    };
+    let r = call();
+    assert_eq!(r.status, 504, "{r:?}");
+    cap_refused(&call(), "after the call given up on");
+    d.stop();
+}
+
 /// Only a call that went out can have made a task: one that failed while the gateway opened
 /// the session it holds for stateless callers (an upstream that never answers `initialize`)
 /// gives its slot back. (A fix above held it 10 minutes: an outage of one upstream locked a
