@@ -584,7 +584,7 @@ pub(super) async fn call(
                 return Err(UpstreamFailure::ClientGone);
             }
             Some(Err(f)) => {
-                if matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)) {
+                if f.sent_unanswered() {
                     gave_up.sent = true;
                 } else {
                     gave_up.cancel = None;
@@ -693,7 +693,7 @@ pub(super) async fn call_learning(
     let called = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER).await;
     gave_up.sent = match &called {
         Ok(_) => true,
-        Err(f) => matches!(f, UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_)),
+        Err(f) => f.sent_unanswered(),
     };
     let (head, bytes) = called?;
     if up.era == UpstreamEra::Auto && era::wants_session(&head, &bytes) {

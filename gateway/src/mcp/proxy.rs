@@ -773,10 +773,8 @@ pub(super) async fn read_whole<'c>(
         Ok(a) => a,
         Err(f) => {
             // Sent (an answer it could not read is `Bad`): the upstream may have acted on it.
-            obs.unanswered.set(matches!(
-                f,
-                UpstreamFailure::Timeout | UpstreamFailure::NoResponse(_) | UpstreamFailure::Bad(_)
-            ));
+            obs.unanswered
+                .set(f.sent_unanswered() || matches!(f, UpstreamFailure::Bad(_)));
             obs.failed(&f);
             return fail(io, req, up, id, f).await;
         }

@@ -93,6 +93,13 @@ struct Hold {
     until: u64,
 }
 
+impl Hold {
+    /// Its slots go back (by whoever took the hold out of the map: once).
+    fn give_back(&self) {
+        self.slots.iter().for_each(Kept::give_back);
+    }
+}
+
 /// Room for one task, held from a task-augmented call until its answer binds the task it
 /// names (or names none: then the room goes back when this is dropped). It counts against the
 /// caller's and the tenant's share from the moment the call is let through, so calls made at
@@ -224,21 +231,17 @@ impl Owners {
 
     /// `slots` held under `key` until [`MAX_HOLD_S`] from `now` or their release; nothing when
     /// there are none (no cap counted the call). When a hold is under `key` already, `slots`
-    /// drop, and go back.
+    /// go back.
     fn hold(&self, key: String, slots: Vec<InFlight>, now: u64) {
         if slots.is_empty() {
             return;
         }
-        let pinned = self.slots.pin();
-        if !pinned.contains_key(&key) {
-            let hold = Hold {
-                slots: slots.into_iter().filter_map(InFlight::keep).collect(),
-                until: now + MAX_HOLD_S,
-            };
-            if let Err(taken) = pinned.try_insert(key, hold) {
-                // Another worker held the key meanwhile: these go back.
-                taken.not_inserted.slots.iter().for_each(Kept::give_back);
-            }
+        let hold = Hold {
+            slots: slots.into_iter().filter_map(InFlight::keep).collect(),
+            until: now + MAX_HOLD_S,
+        };
+        if let Err(taken) = self.slots.pin().try_insert(key, hold) {
+            taken.not_inserted.give_back();
         }
     }
 
@@ -259,8 +262,12 @@ impl Owners {
 
     /// The task ended (or is no more): its slots go back, once.
     pub fn release(&self, upstream: &str, task: &str) {
-        if let Some(hold) = self.slots.pin().remove(&key(upstream, task)) {
-            hold.slots.iter().for_each(Kept::give_back);
+        self.release_key(&key(upstream, task));
+    }
+
+    fn release_key(&self, key: &str) {
+        if let Some(hold) = self.slots.pin().remove(key) {
+            hold.give_back();
         }
     }
 
@@ -282,16 +289,15 @@ impl Owners {
     }
 
     fn release_expired_at(&self, now: u64) {
-        let slots = self.slots.pin();
-        let expired: Vec<String> = slots
+        let expired: Vec<String> = self
+            .slots
+            .pin()
             .iter()
             .filter(|(_, h)| h.until <= now)
             .map(|(k, _)| k.clone())
             .collect();
         for k in expired {
-            if let Some(hold) = slots.remove(&k) {
-                hold.slots.iter().for_each(Kept::give_back);
-            }
+            self.release_key(&k);
         }
     }
 

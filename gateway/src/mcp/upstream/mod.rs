@@ -195,6 +195,12 @@ impl UpstreamFailure {
         }
     }
 
+    /// Whether the request was written and no answer came (it timed out, or the connection
+    /// failed first): the upstream may have acted on it.
+    pub fn sent_unanswered(&self) -> bool {
+        matches!(self, Self::Timeout | Self::NoResponse(_))
+    }
+
     /// Whether the failure speaks against the endpoint (and counts towards its ejection).
     fn counts_against_endpoint(&self) -> bool {
         matches!(
