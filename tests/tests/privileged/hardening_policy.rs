@@ -660,6 +660,31 @@ fn most_working(port: u16) -> u64 {
         .unwrap_or_else(|| panic!("{r:?}"))
 }
 
+/// A stateless (2026-07-28) request of `k`'s caller to `path`: `params` with the protocol
+/// version in `_meta` (and the tasks extension among the client's capabilities if
+/// `offers_tasks`), its method and `name` mirrored in `Mcp-Method` and `Mcp-Name`.
+fn post_2026(
+    path: &str,
+    k: &str,
+    method: &str,
+    mut params: Value,
+    name: &str,
+    offers_tasks: bool,
+) -> Vec<u8> {
+    let mut meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28"});
+    if offers_tasks {
+        meta["io.modelcontextprotocol/clientCapabilities"] =
+            json!({"extensions": {"io.modelcontextprotocol/tasks": {}}});
+    }
+    params["_meta"] = meta;
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let headers = format!(
+        "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\nmcp-name: {name}\r\n",
+        key(k)
+    );
+    post(path, &body.to_string(), &headers)
+}
+
 /// A task is its call's work going on: it holds the concurrency slot its call was admitted
 /// with until the gateway sees it end (its `tasks/get` says completed, its `tasks/result` is
 /// answered, a `tasks/list` says it ended). Before, the slot went back as soon as the upstream
@@ -757,14 +782,13 @@ fn a_task_call_given_up_on_through_a_held_session_keeps_its_slot() {
     let rest = "era = \"session\"\nresponse_timeout_ms = 500\n";
     let (mut d, port) = tasks_gateway_with(py.port, "gwtaskheldto", capped, rest);
     let call = || {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-            "name": "sleep", "arguments": {"seconds": 2.0}, "task": {"ttl": 60000},
-            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
-        let headers = format!(
-            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: sleep\r\n",
-            key(ACME_KEY)
-        );
-        raw(port, &post("/mcp", &body.to_string(), &headers)).0
+        let params =
+            json!({"name": "sleep", "arguments": {"seconds": 2.0}, "task": {"ttl": 60000}});
+        raw(
+            port,
+            &post_2026("/mcp", ACME_KEY, "tools/call", params, "sleep", false),
+        )
+        .0
     };
     let r = call();
     assert_eq!(r.status, 504, "{r:?}");
@@ -786,14 +810,11 @@ fn a_task_call_that_never_went_out_holds_no_slot() {
         hang.url()
     );
     let (mut d, port) = tasks_gateway_with(up_port, "gwtasknone", REPORT_CAPPED, &rest);
-    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-        "name": "report", "arguments": {"topic": "x"}, "task": {"ttl": 60000},
-        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
-    let headers = format!(
-        "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: report\r\n",
-        key(ACME_KEY)
+    let params = json!({"name": "report", "arguments": {"topic": "x"}, "task": {"ttl": 60000}});
+    let (r, _) = raw(
+        port,
+        &post_2026("/hang", ACME_KEY, "tools/call", params, "report", false),
     );
-    let (r, _) = raw(port, &post("/hang", &body.to_string(), &headers));
     assert_eq!(r.status, 504, "{r:?}");
     // The cap is free: a task call to the other upstream makes its task.
     task_made(&call_report_task(port, ACME_KEY));
@@ -811,16 +832,8 @@ fn a_call_that_only_offers_tasks_to_a_session_era_upstream_holds_no_slot_after_i
     let capped = "[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n";
     let (mut d, port) = tasks_gateway_with(py.port, "gwtaskheld", capped, "era = \"session\"\n");
     let call = |seconds: f64| {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-            "name": "sleep", "arguments": {"seconds": seconds}, "_meta": {
-                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                "io.modelcontextprotocol/clientCapabilities":
-                    {"extensions": {"io.modelcontextprotocol/tasks": {}}}}}});
-        let headers = format!(
-            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: sleep\r\n",
-            key(ACME_KEY)
-        );
-        post("/mcp", &body.to_string(), &headers)
+        let params = json!({"name": "sleep", "arguments": {"seconds": seconds}});
+        post_2026("/mcp", ACME_KEY, "tools/call", params, "sleep", true)
     };
     // The client leaves while the call works.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -849,17 +862,7 @@ fn a_task_the_server_chooses_holds_its_calls_slot_too() {
     let rest = "era = \"stateless\"\n[[routes]]\npath = \"/fed\"\nfederate = [{ upstream = \"tasks\", prefix = \"p_\" }]\nauth = [\"api_key\"]\n";
     let (mut d, port) = tasks_gateway_with(up_port, "gwtask2026", REPORT_CAPPED, rest);
     let ask = |k: &str, path: &str, method: &str, params: Value, name: &str| {
-        let mut params = params;
-        params["_meta"] = json!({
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities":
-                {"extensions": {"io.modelcontextprotocol/tasks": {}}}});
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let headers = format!(
-            "{}mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\nmcp-name: {name}\r\n",
-            key(k)
-        );
-        raw(port, &post(path, &body.to_string(), &headers)).0
+        raw(port, &post_2026(path, k, method, params, name, true)).0
     };
     let call = |path: &str, tool: &str| {
         ask(
