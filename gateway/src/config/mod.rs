@@ -468,6 +468,16 @@ pub struct RawUpstream {
     /// `tenant`, or per `caller` (tenant and agent) for an upstream that keeps per-user state.
     #[serde(default)]
     pub held_session: HeldScope,
+    /// The upstream stops a call whose connection closes (2026-07-28 says that closing a
+    /// request's stream is its cancellation; the Python SDK's server answering with JSON does
+    /// not stop). Unset, a call that has no session to be cancelled in (a 2026-07-28 call, a
+    /// bridged one, or one to a server without sessions) whose client leaves keeps its upstream
+    /// exchange to its end, within `response_timeout_ms` and `stream_idle_timeout_ms`, and
+    /// holds its concurrency slots until then: a client could otherwise start calls and hang
+    /// up, over and over, and hold the upstream past its cap. Set, such a call is closed when
+    /// its client leaves (or cancels it), and its slots go back at once.
+    #[serde(default)]
+    pub closing_cancels: bool,
 }
 
 /// The protocol era of an HTTP upstream.
@@ -898,6 +908,8 @@ pub struct Upstream {
     pub stdio: Option<std::sync::Arc<crate::stdio::StdioSpec>>,
     pub era: UpstreamEra,
     pub held_session: HeldScope,
+    /// See [`RawUpstream::closing_cancels`].
+    pub closing_cancels: bool,
 }
 
 /// An upstream's identity for the connection pool ([`Upstream::key`]): its name, URL, `Host`

@@ -647,6 +647,7 @@ impl RawUpstream {
             stdio,
             era: u.era,
             held_session: u.held_session,
+            closing_cancels: u.closing_cancels,
         })
     }
 

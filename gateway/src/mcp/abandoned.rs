@@ -10,7 +10,10 @@
 //! reached the client: it can resume that stream (`Last-Event-ID`), and the call must go on for
 //! it; the gateway then reads the stream to its end as if the client were there, so the slot
 //! is held until the call ends (`relay::drain`). `initialize` is never cancelled (the specification forbids it), nor a request that asked
-//! for a task. In 2026-07-28 closing the stream is the cancellation, and nothing more is sent.
+//! for a task. A call with no session to be cancelled in keeps its upstream exchange to its
+//! end when its client leaves, its slot held until then (`Obs::runs_on`): in 2026-07-28
+//! closing the stream is the cancellation, but servers run on regardless (the Python SDK's,
+//! answering with JSON), unless the upstream is said to stop (`closing_cancels`).
 
 use bytes::Bytes;
 use serde_json::{Value, json};

@@ -141,18 +141,12 @@ pub(super) async fn forward<'c>(
                 .header("mcp-session-id")
                 .zip(m.id.as_ref())
                 .map(|(session, id)| cancel_key(ctx, session, &id.to_json()));
-            match cancellable(
-                ctx,
-                io,
-                key,
-                call(ctx, req, peer, up, obs.tenant_key(ctx), m),
-            )
-            .await
-            {
-                Some(answer) => answer,
-                None => {
+            let called = call(ctx, req, peer, up, obs.tenant_key(ctx), m);
+            match cancellable(ctx, io, req, m.id.as_ref(), obs, key, called).await {
+                Ok(answer) => answer,
+                Err(keep) => {
                     obs.waited(sent.elapsed());
-                    return cancelled(io, req, m.id.as_ref(), obs).await;
+                    return keep;
                 }
             }
         };
@@ -191,31 +185,63 @@ pub(super) fn cancel(ctx: &WorkerCtx, session: &[u8], body: &[u8]) {
     }
 }
 
-/// Runs a bridged call `fut` until it is answered; `None` when its client cancels it first
-/// (`key`, see [`cancel`]) or leaves. Either way the call's upstream exchange is dropped, its
-/// connection closed: the stateless era's cancellation.
+/// Runs a bridged call `fut` until it is answered. `Err` when its client cancels it first
+/// (`key`, see [`cancel`]) or leaves: the client is answered here (-32800), and the `Err` says
+/// whether its connection can carry another request. Either way the call's upstream exchange
+/// is dropped, its connection closed: the stateless era's cancellation. Not for a call that
+/// runs on without its client (`Obs::runs_on`: the upstream is not said to stop a call whose
+/// connection closes): its client leaving is no cancellation (nor in the session era), and
+/// its cancellation is answered at once, its connection closed (nothing waits behind it), while
+/// the call is awaited to its end, its slots held until then.
 pub(super) async fn cancellable<F: std::future::Future>(
     ctx: &WorkerCtx,
-    client: &Io,
+    io: &mut Io,
+    req: &Request,
+    id: Option<&Id>,
+    obs: &Obs<'_>,
     key: Option<u64>,
     fut: F,
-) -> Option<F::Output> {
+) -> Result<F::Output, bool> {
+    let mut fut = std::pin::pin!(fut);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*io);
+    let cut = || ctx.open.was_cut(fd);
     let registered = key.map(|k| ctx.shared.cancels.register(k));
-    let cancelled = async {
+    let cancelled_by_client = async {
         match &registered {
             Some(r) => r.cancelled().await,
             None => std::future::pending().await,
         }
     };
-    monoio::select! {
-        r = upstream::unless_client_leaves(client, fut) => r,
-        () = cancelled => None,
+    let outcome = {
+        let client: &Io = io;
+        monoio::select! {
+            r = upstream::unless_client_leaves(super::relay::watch(client, obs, &cut), fut.as_mut()) => r,
+            () = cancelled_by_client => None,
+        }
+    };
+    match outcome {
+        // The client left a call that ran on without it: nobody to answer.
+        Some(_) if obs.client_left.get() => {
+            obs.set(Outcome::UpstreamFailure);
+            Err(false)
+        }
+        Some(out) => Ok(out),
+        None if obs.runs_on.get() && !cut() => {
+            let _ = answer_cancelled(io, id, obs, false).await;
+            let _ = fut.await;
+            Err(false)
+        }
+        None => {
+            // Cut for a ban or deny: closed (see `tasks::Owners::hold_cut`).
+            obs.abandoned.set(cut());
+            Err(answer_cancelled(io, id, obs, req.keep_alive).await)
+        }
     }
 }
 
 /// The answer to a request its client cancelled (or left): a JSON-RPC error, as SDK servers
 /// answer one (the client no longer waits for it; the HTTP exchange still needs an end).
-pub(super) async fn cancelled(io: &mut Io, req: &Request, id: Option<&Id>, obs: &Obs<'_>) -> bool {
+async fn answer_cancelled(io: &mut Io, id: Option<&Id>, obs: &Obs<'_>, keep_alive: bool) -> bool {
     obs.set(Outcome::RpcError);
     // Nothing the upstream did: no breaker counts it (a probe taken is given back).
     obs.client_left.set(true);
@@ -225,7 +251,7 @@ pub(super) async fn cancelled(io: &mut Io, req: &Request, id: Option<&Id>, obs: 
         200,
         &[("content-type", "application/json")],
         &super::json_bytes(&body),
-        req.keep_alive,
+        keep_alive,
     ))
     .await
     .is_ok()

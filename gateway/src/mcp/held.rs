@@ -573,7 +573,9 @@ pub(super) async fn call(
         // finished whoever waits for it (given up, it was left open at the upstream for good).
         let called = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER);
         let answered = match client {
-            Some(client) => upstream::unless_client_leaves(client, called).await,
+            Some(client) => {
+                upstream::unless_client_leaves(upstream::Watch::leaves(client), called).await
+            }
             None => Some(called.await),
         };
         let (head, bytes) = match answered {
@@ -836,7 +838,10 @@ pub(super) async fn open_judging(
         }
     };
     let sent = Instant::now();
-    let opened = upstream::open(&ctx.pool, up, obs.tenant_key(ctx), request, Some(io)).await;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*io);
+    let cut = || ctx.open.was_cut(fd);
+    let watch = super::relay::watch(io, obs, &cut);
+    let opened = upstream::open(&ctx.pool, up, obs.tenant_key(ctx), request, Some(watch)).await;
     obs.waited(sent.elapsed());
     let (mut conn, head) = match opened {
         Ok(o) => o,

@@ -89,6 +89,7 @@ pub(super) async fn forward<'c>(
         session: verified.and_then(|v| v.session(req.header("mcp-session-id")?)),
         stateless: super::headers::is_modern(req, messages.single.as_ref()),
     };
+    obs.runs_on.set(pass.runs_on());
     match pass.path() {
         Path::Stdio => {
             Box::pin(super::stdio_route::forward(
@@ -328,6 +329,7 @@ impl<'c, 'a> Pass<'c, 'a> {
             )])
             .chain(resume.map(|id| ("last-event-id", Some(id))))
             .collect();
+        let in_session = self.cancels_in_session();
         // A session-era message to an upstream that may speak only the stateless era.
         let keep = if up.era == UpstreamEra::Auto
             && req.method == "POST"
@@ -353,9 +355,7 @@ impl<'c, 'a> Pass<'c, 'a> {
         // A session-era call given up on (its client left, or it timed out) runs on upstream
         // unless cancelled.
         if self.obs.abandoned.get()
-            && !super::headers::says_modern(req)
-            && self.session.and_then(Session::upstream_id).is_some()
-            && !super::era::known_stateless(ctx, up)
+            && in_session
             && let Some(body) = super::abandoned::cancellation(
                 messages.all().filter_map(super::abandoned::cancellable),
             )
@@ -364,6 +364,28 @@ impl<'c, 'a> Pass<'c, 'a> {
             super::abandoned::cancel(ctx, up, self.obs.tenant_key(ctx), request).await;
         }
         keep
+    }
+
+    /// Whether a call whose client leaves runs on upstream, nothing able to cancel it there
+    /// (`Obs::runs_on`): a request that can be cancelled, with no session to cancel it in (a
+    /// session the gateway holds cancels its calls itself: `held`), to an upstream not said to
+    /// stop a call whose connection closes. A bridged session is the gateway's, and the
+    /// upstream has none.
+    fn runs_on(&self) -> bool {
+        !self.up.closing_cancels
+            && !self.cancels_in_session()
+            && self
+                .messages
+                .all()
+                .any(|m| super::abandoned::cancellable(m).is_some())
+    }
+
+    /// Whether a call given up on can be cancelled in its upstream session: a session-era
+    /// request in the client's own session (`abandoned`).
+    fn cancels_in_session(&self) -> bool {
+        !super::headers::says_modern(self.req)
+            && self.session.and_then(Session::upstream_id).is_some()
+            && !super::era::known_stateless(self.ctx, self.up)
     }
 }
 

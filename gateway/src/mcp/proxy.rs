@@ -47,6 +47,12 @@ pub(super) struct Obs<'a> {
     pub abandoned: Cell<bool>,
     /// The client left before its answer: nothing the upstream did, so no breaker counts it.
     pub client_left: Cell<bool>,
+    /// Its client leaving does not end the call upstream, and nothing the gateway could send
+    /// would: no session to cancel it in, and an upstream that does not say a closed
+    /// connection stops its calls (`closing_cancels`). Its answer is then read to its end
+    /// (within the upstream's timeouts) before its concurrency slots are given back
+    /// (`relay::drain`), unless the client was cut for a ban or deny.
+    pub runs_on: Cell<bool>,
     /// Whose an upstream failure is, for the upstream's shared breaker (see `record`).
     pub blame: Cell<Blame>,
     /// A resume's hold on the drain it took over (`relay::take_over`): given up as the

@@ -60,6 +60,7 @@ fn upstream() -> Upstream {
         stdio: None,
         era: crate::config::UpstreamEra::Auto,
         held_session: crate::config::HeldScope::Tenant,
+        closing_cancels: false,
     }
 }
 

@@ -13,7 +13,7 @@ use super::{
     messages::Answers,
     proxy::{Blame, Obs, fail, is_hop_by_hop, is_upstream_private, sign_session},
     sse::EventBuffer,
-    upstream::{Conn, ResponseHead, UpstreamFailure, open, unless_client_leaves},
+    upstream::{Conn, ResponseHead, RunsOn, UpstreamFailure, Watch, open, unless_client_leaves},
     worker::WorkerCtx,
 };
 use crate::{
@@ -41,7 +41,16 @@ pub(super) async fn forward<'c>(
 ) -> bool {
     obs.upstream.set(Some(&up.name));
     let sent = Instant::now();
-    let opened = open(&ctx.pool, up, obs.tenant_key(ctx), request, Some(client)).await;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
+    let cut = || ctx.open.was_cut(fd);
+    let opened = open(
+        &ctx.pool,
+        up,
+        obs.tenant_key(ctx),
+        request,
+        Some(watch(client, obs, &cut)),
+    )
+    .await;
     obs.waited(sent.elapsed());
     match opened {
         Ok((conn, head)) => relay(client, conn, req, head, up, request_id, ctx, member, obs).await,
@@ -62,6 +71,19 @@ pub(super) async fn forward<'c>(
             obs.failed(&f);
             fail(client, req, up, request_id, f).await
         }
+    }
+}
+
+/// How a wait on the upstream for `client`'s call watches it: given up when the client leaves,
+/// unless the call runs on without it (`Obs::runs_on`): then `obs.client_left` says it left,
+/// and only its being `cut` ends the wait.
+pub(super) fn watch<'a>(client: &'a Io, obs: &'a Obs<'_>, cut: &'a dyn Fn() -> bool) -> Watch<'a> {
+    Watch {
+        client,
+        runs_on: obs.runs_on.get().then_some(RunsOn {
+            left: &obs.client_left,
+            cut,
+        }),
     }
 }
 
@@ -121,6 +143,13 @@ pub(super) async fn relay(
     member: Option<&str>,
     obs: &Obs<'_>,
 ) -> bool {
+    // The client left a call that runs on without it while its answer's head was awaited
+    // (`Obs::runs_on`): an answer other than an event stream comes once the call is over, and
+    // nothing is left to wait for (an event stream is read on: see `pump`).
+    if obs.runs_on.get() && obs.client_left.get() && !head.is_sse() {
+        obs.set(Outcome::UpstreamFailure);
+        return false;
+    }
     if member.is_none() {
         sign_session(ctx, up, &mut head, obs);
     }
@@ -198,8 +227,14 @@ pub(super) async fn relay(
         && let Some(out) = unwritten.take()
         && client.write_all(out).await.is_err()
     {
-        obs.abandoned.set(true);
-        return false;
+        // On an event stream, a call that runs on without its client is read to its end (see
+        // `pump`).
+        if obs.runs_on.get() && body.sse {
+            obs.client_left.set(true);
+        } else {
+            obs.abandoned.set(true);
+            return false;
+        }
     }
     body.delivered();
     let pumped = pump(
@@ -221,6 +256,8 @@ pub(super) async fn relay(
             drain: Some(entry), ..
         } => {
             let reusable = kind != BodyKind::UntilClose && !upstream_close;
+            obs.set(Outcome::UpstreamFailure);
+            obs.client_left.set(true);
             // Boxed, as the failure below and `proxy::fail`: paths taken rarely do not make
             // every request's future larger (see `proxy::fail`).
             let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
@@ -239,6 +276,14 @@ pub(super) async fn relay(
             // Dropping `conn` closes it, which cancels there (in 2026-07-28; before, see
             // `abandoned`).
             obs.abandoned.set(true);
+            return false;
+        }
+        Pumped::RanOn(finished) => {
+            obs.set(Outcome::UpstreamFailure);
+            obs.client_left.set(true);
+            if finished.is_ok() && kind != BodyKind::UntilClose && !upstream_close {
+                ctx.pool.checkin(up, conn);
+            }
             return false;
         }
     };
@@ -309,6 +354,9 @@ enum Pumped<'s> {
         drain: Option<Option<Draining<'s>>>,
         taken_over: Option<Draining<'s>>,
     },
+    /// The client left a call that runs on without it (`Obs::runs_on`): its stream was read on
+    /// to its end (or failed, why), as if the client were there.
+    RanOn(Result<(), &'static str>),
 }
 
 impl<'s> Pumped<'s> {
@@ -354,6 +402,29 @@ async fn pump<'s>(
                 .enter(&up.name, session, body.seen_ids.clone(), request)
         })
     };
+    // A call that runs on upstream without its client (`Obs::runs_on`), on an event stream:
+    // once its client left (unless it was cut for a ban or deny), the stream is read on
+    // as if the client were there, each event within `stream_idle_timeout` of the last, and
+    // its events go nowhere; nobody resumes it. Any other answer came once the call was over
+    // (a JSON answer's head comes with its result): nothing runs on, and the rest of it is not
+    // waited for (a client that stopped reading a large answer would otherwise have the
+    // gateway read all of it).
+    let runs_on = obs.runs_on.get() && body.sse;
+    let mut without_client = runs_on && obs.client_left.get();
+    // The client went away (a write failed): its stream is drained for a resume, or read on
+    // without it (`None`), or the call ends.
+    let gone = |body: &Body<'_>, entry: Option<Draining<'s>>| {
+        if resumes(body) {
+            Some(Pumped::ClientLeft {
+                drain: Some(entry.or_else(|| enter(body))),
+                taken_over: None,
+            })
+        } else if runs_on && !open.was_cut(fd) {
+            None
+        } else {
+            Some(Pumped::GONE)
+        }
+    };
     // Neither kind of body is timed per read: an upstream that sends a byte now and then would
     // hold the call (its concurrency slot, the client's connection) for as long as it liked.
     // An event stream may go on for as long as whole events keep coming, each within
@@ -386,18 +457,26 @@ async fn pump<'s>(
         // cuts the client: it is not coming back, and the call is cancelled.
         let filled = {
             let mut read = std::pin::pin!(read);
-            let watched = if client_left {
+            let watched = if client_left || without_client {
                 None
             } else {
-                unless_client_leaves(client, read.as_mut()).await
+                unless_client_leaves(Watch::leaves(client), read.as_mut()).await
             };
             match watched {
                 Some(filled) => filled,
+                None if without_client || (runs_on && !resumes(body)) => {
+                    without_client = true;
+                    // A cut client's call is closed (see `tasks::Owners::hold_cut`).
+                    match unless_cut(open, fd, read, &|| false).await {
+                        Ok(filled) => filled,
+                        Err(_) => return Pumped::GONE,
+                    }
+                }
                 None if !client_left && !resumes(body) => return Pumped::GONE,
                 None => {
                     if !client_left {
                         client_left = true;
-                        entry = enter(body);
+                        entry = if resumes(body) { enter(body) } else { None };
                     }
                     let asked = || {
                         entry
@@ -451,39 +530,46 @@ async fn pump<'s>(
                 break Err(why);
             }
             conn.recycle(data);
+        } else if without_client {
+            if let Err(why) = body.observe(&data) {
+                break Err(why);
+            }
+            conn.recycle(data);
         } else if !data.is_empty() {
             if let Err(why) = body.observe(&data) {
                 break Err(why);
             }
-            if let Some(head) = head.take()
-                && client.write_all(head).await.is_err()
-            {
-                return Pumped::GONE;
-            }
+            let head_written = match head.take() {
+                Some(head) => client.write_all(head).await.is_ok(),
+                None => true,
+            };
             // A chunk goes out by a vectored write: a large piece is not copied behind its
             // size line.
-            let (written, back) = if body.framing == Framing::Chunked {
-                client.write_chunk_back(data).await
+            let (written, back) = if !head_written {
+                (false, data)
+            } else if body.framing == Framing::Chunked {
+                let (w, back) = client.write_chunk_back(data).await;
+                (w.is_ok(), back)
             } else {
-                client.write_back(data).await
+                let (w, back) = client.write_back(data).await;
+                (w.is_ok(), back)
             };
-            if written.is_err() {
-                // The client went away: the call runs on for it, or is abandoned mid-response.
-                if !resumes(body) {
-                    return Pumped::GONE;
+            if written {
+                body.delivered();
+                // A resume that took a drain over: once the call's answer went, the drain
+                // gives the slot back.
+                if body.sse {
+                    let answered = answers_resume(obs.resumed.borrow().as_ref(), &back);
+                    if answered && let Some(resumed) = obs.resumed.take() {
+                        resumed.finished();
+                    }
                 }
-                return Pumped::ClientLeft {
-                    drain: Some(entry.or_else(|| enter(body))),
-                    taken_over: None,
-                };
-            }
-            body.delivered();
-            // A resume that took a drain over: once the call's answer went, the drain gives
-            // the slot back.
-            if body.sse {
-                let answered = answers_resume(obs.resumed.borrow().as_ref(), &back);
-                if answered && let Some(resumed) = obs.resumed.take() {
-                    resumed.finished();
+            } else {
+                // The client went away: the call runs on for it (or without it), or is
+                // abandoned mid-response.
+                match gone(body, entry.take()) {
+                    Some(ended) => return ended,
+                    None => without_client = true,
                 }
             }
             // The buffer read into next, when the piece was the connection's own.
@@ -499,6 +585,9 @@ async fn pump<'s>(
             break Err(why);
         }
     };
+    if without_client {
+        return Pumped::RanOn(finished);
+    }
     Pumped::Finished(finished)
 }
 

@@ -153,6 +153,20 @@ async fn run<'c>(
         io, req, peer, ctx, snapshot, route, tenant, messages, session, obs,
     )
     .await;
+    // A call that runs on without its client (`Obs::runs_on`), closed as its client was cut
+    // for a ban or deny: its slots are held a while (`tasks::Owners::hold_cut`).
+    if obs.runs_on.get()
+        && obs.abandoned.get()
+        && ctx.open.was_cut(std::os::fd::AsRawFd::as_raw_fd(&*io))
+    {
+        let up = obs.upstream.get();
+        let for_s = config
+            .upstreams
+            .iter()
+            .find(|u| Some(u.name.as_str()) == up)
+            .map_or(1, |u| u.response_timeout.as_secs().max(1));
+        ctx.learned.tasks.hold_cut(obs.slots.take(), for_s);
+    }
     // The in-flight slots, and the claims their ids, are held until the answer has been
     // relayed (or the call abandoned and cancelled).
     drop(obs.slots.take());

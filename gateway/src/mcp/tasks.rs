@@ -224,21 +224,20 @@ impl Owners {
                 map.insert(key(upstream, task), owner);
                 room.taken.set(true);
                 // A hold left under this key (a task forgotten, then named again) stays.
-                self.hold(key(upstream, task), slots, now);
+                self.hold(key(upstream, task), slots, now, MAX_HOLD_S);
             }
         }
     }
 
-    /// `slots` held under `key` until [`MAX_HOLD_S`] from `now` or their release; nothing when
-    /// there are none (no cap counted the call). When a hold is under `key` already, `slots`
-    /// go back.
-    fn hold(&self, key: String, slots: Vec<InFlight>, now: u64) {
+    /// `slots` held under `key` until `for_s` from `now` or their release; nothing when there
+    /// are none (no cap counted the call). When a hold is under `key` already, `slots` go back.
+    fn hold(&self, key: String, slots: Vec<InFlight>, now: u64, for_s: u64) {
         if slots.is_empty() {
             return;
         }
         let hold = Hold {
             slots: slots.into_iter().filter_map(InFlight::keep).collect(),
-            until: now + MAX_HOLD_S,
+            until: now + for_s,
         };
         if let Err(taken) = self.slots.pin().try_insert(key, hold) {
             taken.not_inserted.give_back();
@@ -251,7 +250,18 @@ impl Owners {
         let n = self
             .unread
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.hold(format!("\0unread\0{n}"), slots, now_s());
+        self.hold(format!("\0unread\0{n}"), slots, now_s(), MAX_HOLD_S);
+    }
+
+    /// The slots of a call that may run on upstream after its client was cut for a ban or deny:
+    /// its exchange is closed, which the upstream is not said to read as a cancellation
+    /// (`Obs::runs_on`). Held `for_s` (the upstream's response timeout: as long as the call
+    /// would have been waited for), so that a caller cannot free its slot by drawing a ban.
+    pub fn hold_cut(&self, slots: Vec<InFlight>, for_s: u64) {
+        let n = self
+            .unread
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hold(format!("\0cut\0{n}"), slots, now_s(), for_s);
     }
 
     /// Whether task `task` of `upstream` holds concurrency slots (then what is asked of it is
@@ -551,6 +561,13 @@ mod tests {
         o.hold_unread(vec![state.enter(cap, 1).expect("free")]);
         assert!(state.enter(cap, 1).is_none());
         o.release_expired_at(now_s() + MAX_HOLD_S);
+        drop(state.enter(cap, 1).expect("free"));
+        assert_eq!(state.in_flight_here(cap), 0);
+        // A call closed as its client was cut holds its slot as long as it was given.
+        o.hold_cut(vec![state.enter(cap, 1).expect("free")], 30);
+        o.release_expired_at(now_s() + 29);
+        assert!(state.enter(cap, 1).is_none());
+        o.release_expired_at(now_s() + 30);
         drop(state.enter(cap, 1).expect("free"));
         assert_eq!(state.in_flight_here(cap), 0);
         // Without the tasks extension: a member makes no task of its own choosing.

@@ -671,7 +671,8 @@ fn post_2026(
     name: &str,
     offers_tasks: bool,
 ) -> Vec<u8> {
-    let mut meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28"});
+    let mut meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}});
     if offers_tasks {
         meta["io.modelcontextprotocol/clientCapabilities"] =
             json!({"extensions": {"io.modelcontextprotocol/tasks": {}}});
@@ -845,6 +846,241 @@ fn a_call_that_only_offers_tasks_to_a_session_era_upstream_holds_no_slot_after_i
     let (r, _) = raw(port, &call(0.1));
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["result"]["content"][0]["text"], "slept", "{r:?}");
+    d.stop();
+}
+
+/// A call with no session to cancel it in runs on at the Python SDK's server (answering with
+/// JSON) when its client hangs up: 2026-07-28 says that closing a request's stream cancels
+/// it, and that server does not stop (nor, bridged, does the session era read a closed
+/// connection as a cancellation). Its concurrency slot is held until its answer comes, on
+/// every way there: passthrough (the upstream's era said, and learnt), federated, bridged, and
+/// an event stream (read on until it ends or goes idle). Before, the slot went back as the
+/// client left: a caller capped at one `sleep` at a time ran three at once (a review). On an
+/// upstream said to stop such calls (`closing_cancels`), the slot goes back at once.
+#[test]
+fn a_call_no_session_can_cancel_holds_its_slot_after_its_client_leaves() {
+    let py = PyServer::start_with(&["--slow"]);
+    let py_json = PyServer::start_with(&["--slow", "--json"]);
+    let py_only = PyServer::start_with(&["--slow", "--stateless-only"]);
+    let py_trusted = PyServer::start_with(&["--slow", "--json"]);
+    let capped = "[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n";
+    let upstream = |name: &str, url: &str, more: &str| {
+        format!(
+            "[[upstreams]]\nname = \"{name}\"\nurl = \"{url}\"\nera = \"stateless\"\n{more}[[routes]]\npath = \"/{name}\"\nupstream = \"{name}\"\nauth = [\"api_key\"]\n"
+        )
+    };
+    let py_auto = PyServer::start_with(&["--slow", "--json"]);
+    let stall = FakeUpstream::start(Misbehave::StallMidStream);
+    let auto = format!(
+        "[[upstreams]]\nname = \"auto\"\nurl = \"{}\"\n[[routes]]\npath = \"/auto\"\nupstream = \"auto\"\nauth = [\"api_key\"]\n",
+        py_auto.url()
+    );
+    let rest = format!(
+        "era = \"stateless\"\n{}{}{}{}{auto}[[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"json\", prefix = \"p_\" }}]\nauth = [\"api_key\"]\n[[routes]]\npath = \"/bridged\"\nupstream = \"only\"\n",
+        upstream("json", &py_json.url(), ""),
+        upstream("only", &py_only.url(), ""),
+        upstream("trusted", &py_trusted.url(), "closing_cancels = true\n"),
+        upstream("stall", &stall.url(), "stream_idle_timeout_ms = 2000\n"),
+    );
+    let (mut d, port) = tasks_gateway_with(py.port, "gwleftnosess", capped, &rest);
+    // The bridged route takes a session-era client (the route's default tenant is acme).
+    let bridged = open_session(port, "/bridged", "2025-06-18");
+    let next_id = std::sync::atomic::AtomicU64::new(10);
+    let request = |path: &str, tool: &str, arguments: Value| {
+        let name = if path == "/fed" {
+            format!("p_{tool}")
+        } else {
+            tool.to_owned()
+        };
+        let params = json!({"name": name, "arguments": arguments});
+        if path == "/bridged" {
+            // Ids are the session's own while in flight.
+            let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body =
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params});
+            post(path, &body.to_string(), &bridged)
+        } else {
+            post_2026(path, ACME_KEY, "tools/call", params, &name, false)
+        }
+    };
+    let running = |path: &str| {
+        let (r, _) = raw(port, &request(path, "calls_running", json!({})));
+        let m = message_of(&r);
+        m["result"]["structuredContent"]["result"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{path}: {m}"))
+    };
+    let poll = |what: &dyn Fn() -> bool| {
+        (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            what()
+        })
+    };
+    // Starts a `sleep` of `seconds` at `path` and hangs up once it runs upstream.
+    let start_and_leave = |path: &str, seconds: f64| {
+        assert_eq!(running(path), 0, "{path}");
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let call = request(path, "sleep", json!({"seconds": seconds}));
+        std::io::Write::write_all(&mut client, &call).unwrap();
+        assert!(poll(&|| running(path) == 1), "{path}: never started");
+        drop(client);
+        // Past the gateway's look at a client that a wait on the upstream watches (200 ms).
+        std::thread::sleep(std::time::Duration::from_millis(700));
+    };
+    let quick = |path: &str| raw(port, &request(path, "sleep", json!({"seconds": 0.1}))).0;
+    for path in ["/mcp", "/json", "/auto", "/fed", "/bridged"] {
+        start_and_leave(path, 3.0);
+        // The call runs on upstream: so does its hold on the cap.
+        let r = quick(path);
+        assert_eq!(
+            r.status, 429,
+            "{path}: a second call while the first runs: {r:?}"
+        );
+        assert_eq!(message_of(&r)["error"]["code"], -32042, "{path}");
+        // Once it ended there, the cap is free again.
+        assert!(poll(&|| running(path) == 0), "{path}: never ended");
+        let free = (0..20).any(|_| {
+            let r = quick(path);
+            if r.status == 200 {
+                assert_eq!(
+                    message_of(&r)["result"]["content"][0]["text"],
+                    "slept",
+                    "{path}"
+                );
+                return true;
+            }
+            cap_refused(&r, path);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            false
+        });
+        assert!(free, "{path}: the cap stayed taken after the call ended");
+    }
+
+    // Bridged, a call its client cancels (`notifications/cancelled`, no hang-up) is answered
+    // at once, and runs on upstream holding the cap.
+    assert_eq!(running("/bridged"), 0);
+    let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": "sleep", "arguments": {"seconds": 3.0}}});
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut client, &post("/bridged", &call.to_string(), &bridged)).unwrap();
+    assert!(poll(&|| running("/bridged") == 1), "never started");
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": id}});
+    let (r, _) = raw(port, &post("/bridged", &cancel.to_string(), &bridged));
+    assert_eq!(r.status, 202, "{r:?}");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let answered = integration_tests::peers::read_response(&mut client).expect("answered");
+    assert_eq!(
+        message_of(&answered)["error"]["code"],
+        -32800,
+        "{answered:?}"
+    );
+    cap_refused(&quick("/bridged"), "a cancelled bridged call that runs on");
+    assert!(poll(&|| running("/bridged") == 0), "never ended");
+    assert!(
+        poll(&|| quick("/bridged").status == 200),
+        "the cap stayed taken after the cancelled call ended"
+    );
+
+    // An event stream (the fixture's first event, then silence): read on without the client
+    // until it goes idle (`stream_idle_timeout_ms`, 2 s), and the slot held until then.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let call = request("/stall", "sleep", json!({"seconds": 3.0}));
+    std::io::Write::write_all(&mut client, &call).unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("notifications/progress") {
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(&mut client, &mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(
+        !stall.seen.lock().unwrap().iter().any(|x| x == "closed"),
+        "the stream was closed as its client left"
+    );
+    cap_refused(&quick("/stall"), "a stream read on without its client");
+    let closed = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stall.seen.lock().unwrap().iter().any(|x| x == "closed")
+    });
+    assert!(closed, "the idle stream was never given up");
+    assert_eq!(
+        quick("/stall").status,
+        200,
+        "the cap after the stream ended"
+    );
+
+    // Said to stop a call whose connection closes: the slot goes back as the client leaves
+    // (this server does not stop: both calls then run).
+    start_and_leave("/trusted", 3.0);
+    let r = quick("/trusted");
+    assert_eq!(r.status, 200, "{r:?}");
+    d.stop();
+}
+
+/// A call that runs on without its client whose client is cut for a ban is closed (a ban ends
+/// what its client has under way), and its slot held for the upstream's response timeout, as
+/// long as the call would have been waited for: the Python SDK's server answering with JSON
+/// runs it on. Before, a caller that drew a ban on a fresh source freed its slot while its
+/// call ran on (a review: three `sleep` calls under a cap of one).
+#[test]
+fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
+    let py = PyServer::start_with(&["--slow", "--json"]);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwcutheld");
+    let config = format!(
+        "{header}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n[[upstreams]]\nname = \"u0\"\nurl = \"{url}\"\nera = \"stateless\"\nresponse_timeout_ms = 3000\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        url = py.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let call = |tool: &str, args: Value| raw(port, &post_call_2026("/mcp", 1, tool, &args, "")).0;
+    let running = || {
+        let r = call("calls_running", json!({}));
+        message_of(&r)["result"]["structuredContent"]["result"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{r:?}"))
+    };
+    let mut banned = integration_tests::daemon::loopback_from("127.0.0.2", port).unwrap();
+    let long = post_call_2026("/mcp", 1, "sleep", &json!({"seconds": 5.0}), "");
+    std::io::Write::write_all(&mut banned, &long).unwrap();
+    let started = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        running() == 1
+    });
+    assert!(started, "the call never started");
+    let body = r#"{"address":"127.0.0.2","seconds":60}"#;
+    let ban = format!(
+        "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (r, _) = raw(admin, ban.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    // The banned client is cut.
+    banned
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut banned, &mut rest);
+    // Its call runs on upstream, and its slot is held.
+    cap_refused(
+        &call("sleep", json!({"seconds": 0.1})),
+        "a call whose client was cut",
+    );
+    // Then given back (the response timeout, 3 s, and a sweep a second).
+    let free = (0..60).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        call("sleep", json!({"seconds": 0.1})).status == 200
+    });
+    assert!(free, "the cap stayed taken");
     d.stop();
 }
 

@@ -850,6 +850,9 @@ fn federated_sessions_are_sealed_and_a_failing_member_affects_only_its_own_calls
     d.stop();
 }
 
+/// On an upstream said to stop a call whose connection closes (`closing_cancels`; without it a
+/// call with no session to cancel it in runs on, its slot held: see
+/// `hardening_policy::a_call_no_session_can_cancel_holds_its_slot_after_its_client_leaves`).
 #[test]
 fn a_client_that_closes_its_connection_cancels_the_upstream_request_at_once() {
     let hang = FakeUpstream::start(Misbehave::Hang);
@@ -861,7 +864,7 @@ fn a_client_that_closes_its_connection_cancels_the_upstream_request_at_once() {
         &instance,
         port,
         &[("/hang", hang.url()), ("/stall", stall.url())],
-        "",
+        "closing_cancels = true",
     )
     .replace("response_timeout_ms = 1500", "response_timeout_ms = 60000");
     let mut d = Daemon::start_local(&instance, &c);

@@ -190,6 +190,16 @@ impl<'c> Federation<'_, 'c> {
             extra.push(("mcp-name", mcp_name));
         }
         let up = self.upstream(member);
+        // A call whose client leaves runs on upstream when nothing can cancel it there: no
+        // member session to cancel it in (see below), and a member not said to stop it when
+        // its connection closes. Its answer is read to its end, and its slots held until then.
+        let in_session = matches!(era, Era::Session(s) if s.member(&up.name)
+            .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2)));
+        self.obs.runs_on.set(
+            !up.closing_cancels
+                && !in_session
+                && crate::mcp::abandoned::cancellable(message).is_some(),
+        );
         if let Some(handle) = self.stdio_of(member) {
             let handle = match handle {
                 Ok(h) => h,
@@ -225,12 +235,17 @@ impl<'c> Federation<'_, 'c> {
                 message.id.as_ref(),
             );
             let key = self.cancel_key(message);
-            let Some(answer) = crate::mcp::bridge::cancellable(self.ctx, io, key, call).await
-            else {
-                self.obs.waited(sent.elapsed());
-                self.obs.upstream.set(Some(&up.name));
-                return crate::mcp::bridge::cancelled(io, self.req, message.id.as_ref(), self.obs)
+            let id = message.id.as_ref();
+            let answer =
+                crate::mcp::bridge::cancellable(self.ctx, io, self.req, id, self.obs, key, call)
                     .await;
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(keep) => {
+                    self.obs.waited(sent.elapsed());
+                    self.obs.upstream.set(Some(&up.name));
+                    return keep;
+                }
             };
             self.obs.waited(sent.elapsed());
             self.obs.upstream.set(Some(&up.name));
@@ -279,11 +294,8 @@ impl<'c> Federation<'_, 'c> {
         let keep = self.forward_to(io, era, member, &bytes, &extra, id).await;
         // A session-era call given up on (its client left, or it timed out) runs on in the
         // member unless cancelled (`abandoned`).
-        let up = self.upstream(member);
         if self.obs.abandoned.get()
-            && let Era::Session(s) = era
-            && s.member(&up.name)
-                .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2))
+            && in_session
             && let Some(body) = crate::mcp::abandoned::cancellation(
                 crate::mcp::abandoned::cancellable(message).into_iter(),
             )

@@ -82,7 +82,7 @@ impl<'c> Federation<'_, 'c> {
                             up,
                             self.obs.tenant_key(self.ctx),
                             request,
-                            Some(client),
+                            Some(upstream::Watch::leaves(client)),
                         )
                         .await
                     }

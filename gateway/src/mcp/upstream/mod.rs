@@ -341,8 +341,8 @@ fn parse_response_head(
 
 /// Sends `request` to `up` over a pooled connection of `tenant`'s (an [`Obs::tenant_key`]) or
 /// a new one (one retry when a pooled connection turns out to be closed) and reads the
-/// response head. With a `client` to watch, gives up (closing the upstream connection) if that
-/// client leaves first.
+/// response head. With a client to `watch`, gives up (closing the upstream connection) if that
+/// client leaves first (unless the call runs on without it: see [`Watch`]).
 ///
 /// With several endpoints ([`crate::endpoints::Replicas`]): the session id of an answer is handed on signed with
 /// its endpoint; a request carrying one goes to that endpoint with the endpoint's own id (or
@@ -354,7 +354,7 @@ pub async fn open(
     up: &Upstream,
     tenant: u64,
     mut first: Outgoing,
-    client: Option<&Io>,
+    watch: Option<Watch<'_>>,
 ) -> Result<(Conn, ResponseHead), UpstreamFailure> {
     let idempotent = idempotent(&first.head);
     let replicas = &up.replicas;
@@ -452,10 +452,8 @@ pub async fn open(
         let Some(bytes) = request.take() else {
             return Err(UpstreamFailure::Unsent("nothing left to send".into()));
         };
-        let exchanged = match client {
-            Some(client) => {
-                unless_client_leaves(client, exchange(&mut conn, bytes, up, retry)).await
-            }
+        let exchanged = match watch {
+            Some(watch) => unless_client_leaves(watch, exchange(&mut conn, bytes, up, retry)).await,
             None => Some(exchange(&mut conn, bytes, up, retry).await),
         };
         let Some((exchanged, back)) = exchanged else {
@@ -593,11 +591,45 @@ pub async fn call(
 /// worth cancelling runs for longer than this.
 const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Runs `fut`; `None` if the client closes its connection first.
-pub(crate) fn unless_client_leaves<F: Future>(client: &Io, fut: F) -> UnlessClientLeaves<'_, F> {
+/// What a wait on the upstream watches of the client it is for.
+#[derive(Clone, Copy)]
+pub struct Watch<'a> {
+    pub client: &'a Io,
+    /// `Some`: the call runs on when its client leaves (nothing but its end stops it upstream:
+    /// see `Obs::runs_on`).
+    pub runs_on: Option<RunsOn<'a>>,
+}
+
+/// What a wait for a call that runs on without its client ([`Watch::runs_on`]) is told.
+#[derive(Clone, Copy)]
+pub struct RunsOn<'a> {
+    /// Set when the client left.
+    pub left: &'a std::cell::Cell<bool>,
+    /// Whether the client was cut for a ban or deny: then the wait is given up (the call is
+    /// closed, its slots held a while: see `tasks::Owners::hold_cut`).
+    pub cut: &'a dyn Fn() -> bool,
+}
+
+impl<'a> Watch<'a> {
+    /// The wait is given up when `client` leaves.
+    pub fn leaves(client: &'a Io) -> Self {
+        Self {
+            client,
+            runs_on: None,
+        }
+    }
+}
+
+/// Runs `fut`; `None` if the client closes its connection first (and `watch` does not say
+/// that the call runs on without it).
+pub(crate) fn unless_client_leaves<F: Future>(
+    watch: Watch<'_>,
+    fut: F,
+) -> UnlessClientLeaves<'_, F> {
     UnlessClientLeaves {
         fut,
-        client,
+        watch,
+        left: false,
         // On the worker's table of deadlines, not a timer of its own (a timer wheel entry and
         // 640 bytes in the future of every wait on an upstream).
         watch_from: crate::http::deadline::Deadline::new(
@@ -614,7 +646,9 @@ pin_project_lite::pin_project! {
     pub(crate) struct UnlessClientLeaves<'a, F> {
         #[pin]
         fut: F,
-        client: &'a Io,
+        watch: Watch<'a>,
+        // The client left, and the call runs on without it.
+        left: bool,
         watch_from: crate::http::deadline::Deadline,
         watching: Option<std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>>,
     }
@@ -632,15 +666,27 @@ impl<F: Future> Future for UnlessClientLeaves<'_, F> {
         if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(Some(r));
         }
+        if *this.left {
+            return Poll::Pending;
+        }
         if this.watching.is_none() {
             if std::pin::Pin::new(this.watch_from).poll(cx).is_pending() {
                 return Poll::Pending;
             }
             tracing::debug!("watching the client");
-            *this.watching = Some(Box::pin(this.client.peer_gone()));
+            *this.watching = Some(Box::pin(this.watch.client.peer_gone()));
         }
         match this.watching.as_mut().map(|w| w.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(None),
+            Some(Poll::Ready(())) => match this.watch.runs_on {
+                // `fut`, polled above, wakes this.
+                Some(runs_on) if !(runs_on.cut)() => {
+                    runs_on.left.set(true);
+                    *this.left = true;
+                    *this.watching = None;
+                    Poll::Pending
+                }
+                _ => Poll::Ready(None),
+            },
             _ => Poll::Pending,
         }
     }
