@@ -685,6 +685,9 @@ pub enum Misbehave {
     /// Starts an SSE response with one progress event (with an event id for a call of the tool
     /// `resumable`), then goes silent; records `closed` when the gateway hangs up.
     StallMidStream,
+    /// Starts an SSE response with one progress event, then sends a keep-alive comment every
+    /// 200 ms (for 20 s at most); records `closed` when the gateway hangs up.
+    PingMidStream,
     /// Answers like `Answer`, but only after this long.
     Slow(Duration),
     /// Answers like `Answer` after the number of milliseconds in the body's `"delay_ms":N`.
@@ -789,6 +792,24 @@ impl FakeUpstream {
                                     "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
                                     ev.len()
                                 );
+                                return;
+                            }
+                            Misbehave::PingMidStream => {
+                                let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
+                                let _ = write!(
+                                    conn,
+                                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
+                                    ev.len()
+                                );
+                                let ping = ": ping\n\n";
+                                for _ in 0..100 {
+                                    std::thread::sleep(Duration::from_millis(200));
+                                    let chunk = format!("{:x}\r\n{ping}\r\n", ping.len());
+                                    if conn.write_all(chunk.as_bytes()).is_err() {
+                                        log.lock().unwrap().push("closed".into());
+                                        return;
+                                    }
+                                }
                                 return;
                             }
                             Misbehave::Hang | Misbehave::StallMidStream => {

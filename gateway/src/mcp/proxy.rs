@@ -49,9 +49,10 @@ pub(super) struct Obs<'a> {
     pub client_left: Cell<bool>,
     /// Its client leaving does not end the call upstream, and nothing the gateway could send
     /// would: no session to cancel it in, and an upstream that does not say a closed
-    /// connection stops its calls (`closing_cancels`). Its answer is then read to its end
-    /// (within the upstream's timeouts) before its concurrency slots are given back
-    /// (`relay::drain`), unless the client was cut for a ban or deny.
+    /// connection stops its calls (`closing_cancels`). Its exchange is then kept (its head
+    /// awaited, an event stream read on: `relay::pump`, `Pumped::RanOn`) before its
+    /// concurrency slots are given back. A client cut for a ban or deny has its call closed,
+    /// and the slots held a while (`tasks::Owners::hold_cut`).
     pub runs_on: Cell<bool>,
     /// Whose an upstream failure is, for the upstream's shared breaker (see `record`).
     pub blame: Cell<Blame>,

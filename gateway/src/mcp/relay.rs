@@ -405,12 +405,16 @@ async fn pump<'s>(
     // A call that runs on upstream without its client (`Obs::runs_on`), on an event stream:
     // once its client left (unless it was cut for a ban or deny), the stream is read on
     // as if the client were there, each event within `stream_idle_timeout` of the last, and
-    // its events go nowhere; nobody resumes it. Any other answer came once the call was over
+    // its events go nowhere; nobody resumes it. All of it within `stream_idle_timeout` of the
+    // leaving (`left_at`): keep-alive comments (the Python SDK's server sends one every 15 s)
+    // would otherwise hold the call, its slots and the client's connection for as long as the
+    // tool ran, for nobody (a review). Any other answer came once the call was over
     // (a JSON answer's head comes with its result): nothing runs on, and the rest of it is not
     // waited for (a client that stopped reading a large answer would otherwise have the
     // gateway read all of it).
     let runs_on = obs.runs_on.get() && body.sse;
     let mut without_client = runs_on && obs.client_left.get();
+    let mut left_at = without_client.then(monoio::time::Instant::now);
     // The client went away (a write failed): its stream is drained for a resume, or read on
     // without it (`None`), or the call ends.
     let gone = |body: &Body<'_>, entry: Option<Draining<'s>>| {
@@ -441,9 +445,11 @@ async fn pump<'s>(
             break Ok(());
         }
         let left = up.response_timeout.saturating_sub(upstream_wait);
+        let idle = last_event + up.stream_idle_timeout;
+        let until = left_at.map_or(idle, |t| idle.min(t + up.stream_idle_timeout));
         let read = async {
             if body.sse {
-                conn.fill_until(last_event + up.stream_idle_timeout).await
+                conn.fill_until(until).await
             } else if left.is_zero() {
                 Err(HttpError::Timeout)
             } else {
@@ -466,6 +472,7 @@ async fn pump<'s>(
                 Some(filled) => filled,
                 None if without_client || (runs_on && !resumes(body)) => {
                     without_client = true;
+                    left_at.get_or_insert_with(monoio::time::Instant::now);
                     // A cut client's call is closed (see `tasks::Owners::hold_cut`).
                     match unless_cut(open, fd, read, &|| false).await {
                         Ok(filled) => filled,
@@ -569,7 +576,10 @@ async fn pump<'s>(
                 // abandoned mid-response.
                 match gone(body, entry.take()) {
                     Some(ended) => return ended,
-                    None => without_client = true,
+                    None => {
+                        without_client = true;
+                        left_at.get_or_insert_with(monoio::time::Instant::now);
+                    }
                 }
             }
             // The buffer read into next, when the piece was the connection's own.
