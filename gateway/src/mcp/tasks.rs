@@ -255,8 +255,9 @@ impl Owners {
 
     /// The slots of a call that may run on upstream after its client was cut for a ban or deny:
     /// its exchange is closed, which the upstream is not said to read as a cancellation
-    /// (`Obs::runs_on`). Held `for_s` (the upstream's response timeout: as long as the call
-    /// would have been waited for), so that a caller cannot free its slot by drawing a ban.
+    /// (`Obs::runs_on`). Held `for_s` (the longer of the upstream's response and stream idle
+    /// timeouts: as long as the call would have been waited for), so that a caller cannot free
+    /// its slot by drawing a ban.
     pub fn hold_cut(&self, slots: Vec<InFlight>, for_s: u64) {
         let n = self
             .unread

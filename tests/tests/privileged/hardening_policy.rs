@@ -1042,12 +1042,15 @@ fn a_call_no_session_can_cancel_holds_its_slot_after_its_client_leaves() {
 #[test]
 fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
     let py = PyServer::start_with(&["--slow", "--json"]);
+    // An event stream with keep-alive comments.
+    let ping = FakeUpstream::start(Misbehave::PingMidStream);
     let (port, admin) = (free_port(), free_port());
     let instance = unique("gwcutheld");
     let config = format!(
-        "{header}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n[[upstreams]]\nname = \"u0\"\nurl = \"{url}\"\nera = \"stateless\"\nresponse_timeout_ms = 3000\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n",
+        "{header}default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n[[tenants.policy.tools]]\nmatch = \"sleep\"\nmax_concurrent = 1\n[[upstreams]]\nname = \"u0\"\nurl = \"{url}\"\nera = \"stateless\"\nresponse_timeout_ms = 3000\nstream_idle_timeout_ms = 2000\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n[[upstreams]]\nname = \"u1\"\nurl = \"{ping}\"\nera = \"stateless\"\nresponse_timeout_ms = 1000\nstream_idle_timeout_ms = 4000\n[[routes]]\npath = \"/ping\"\nupstream = \"u1\"\n",
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
-        url = py.url()
+        url = py.url(),
+        ping = ping.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
     let call = |tool: &str, args: Value| raw(port, &post_call_2026("/mcp", 1, tool, &args, "")).0;
@@ -1065,13 +1068,16 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
         running() == 1
     });
     assert!(started, "the call never started");
-    let body = r#"{"address":"127.0.0.2","seconds":60}"#;
-    let ban = format!(
-        "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (r, _) = raw(admin, ban.as_bytes());
-    assert_eq!(r.status, 200, "{r:?}");
+    let ban = |address: &str| {
+        let body = format!(r#"{{"address":"{address}","seconds":60}}"#);
+        let ban = format!(
+            "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (r, _) = raw(admin, ban.as_bytes());
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    ban("127.0.0.2");
     // The banned client is cut.
     banned
         .set_read_timeout(Some(std::time::Duration::from_secs(3)))
@@ -1083,12 +1089,38 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
         &call("sleep", json!({"seconds": 0.1})),
         "a call whose client was cut",
     );
-    // Then given back (the response timeout, 3 s, and a sweep a second).
+    // Then given back (the longer timeout, 3 s, and a sweep a second).
     let free = (0..60).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
         call("sleep", json!({"seconds": 0.1})).status == 200
     });
     assert!(free, "the cap stayed taken");
+
+    // A streamed call is held as long as a stream read on without its client would be: its
+    // idle timeout (4 s), not the response timeout (1 s), which freed it sooner than hanging
+    // up did (a review).
+    let mut banned = integration_tests::daemon::loopback_from("127.0.0.3", port).unwrap();
+    let long = post_call_2026("/ping", 1, "sleep", &json!({"seconds": 30.0}), "");
+    std::io::Write::write_all(&mut banned, &long).unwrap();
+    banned
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let mut got = [0u8; 512];
+    let n = std::io::Read::read(&mut banned, &mut got).unwrap();
+    assert!(n > 0, "the stream never began");
+    ban("127.0.0.3");
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut banned, &mut rest);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    cap_refused(
+        &call("sleep", json!({"seconds": 0.1})),
+        "a streamed call whose client was cut, past the response timeout",
+    );
+    let free = (0..60).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        call("sleep", json!({"seconds": 0.1})).status == 200
+    });
+    assert!(free, "the cap stayed taken after the streamed call's hold");
     d.stop();
 }
 
