@@ -786,21 +786,11 @@ impl FakeUpstream {
                                 let _ = conn.write_all(&session_era_answer(deleted, &body));
                             }
                             Misbehave::DieMidStream => {
-                                let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
-                                let _ = write!(
-                                    conn,
-                                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
-                                    ev.len()
-                                );
+                                start_progress_stream(&mut conn, "");
                                 return;
                             }
                             Misbehave::PingMidStream => {
-                                let ev = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
-                                let _ = write!(
-                                    conn,
-                                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
-                                    ev.len()
-                                );
+                                start_progress_stream(&mut conn, "");
                                 let ping = ": ping\n\n";
                                 for _ in 0..100 {
                                     std::thread::sleep(Duration::from_millis(200));
@@ -823,14 +813,7 @@ impl FakeUpstream {
                                     } else {
                                         ""
                                     };
-                                    let ev = format!(
-                                        "{id}event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":1,\"progress\":1}}}}\n\n"
-                                    );
-                                    let _ = write!(
-                                        conn,
-                                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
-                                        ev.len()
-                                    );
+                                    start_progress_stream(&mut conn, id);
                                 }
                                 // Wait (at most 20 s) for the gateway to close its side.
                                 let _ = conn.set_read_timeout(Some(Duration::from_secs(20)));
@@ -851,6 +834,31 @@ impl FakeUpstream {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
     }
+}
+
+/// Starts an SSE answer (chunked) with one progress event, its id line `id` ("" for none).
+fn start_progress_stream(conn: &mut TcpStream, id: &str) {
+    let ev = format!(
+        "{id}event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":1,\"progress\":1}}}}\n\n"
+    );
+    let _ = write!(
+        conn,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ev}\r\n",
+        ev.len()
+    );
+}
+
+/// Bans `address` (an address or a prefix) for `seconds` through the admin API on `admin`;
+/// the answer, which must be 200.
+pub fn ban(admin: u16, address: &str, seconds: u64) -> RawResponse {
+    let body = format!(r#"{{"address":"{address}","seconds":{seconds}}}"#);
+    let req = format!(
+        "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (r, _) = raw(admin, req.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    r
 }
 
 /// [`Misbehave::SessionEra`]'s answer to a request (a DELETE if `deleted`) with `body`.

@@ -408,13 +408,13 @@ async fn pump<'s>(
     // its events go nowhere; nobody resumes it. All of it within `stream_idle_timeout` of the
     // leaving (`left_at`): keep-alive comments (the Python SDK's server sends one every 15 s)
     // would otherwise hold the call, its slots and the client's connection for as long as the
-    // tool ran, for nobody (a review). Any other answer came once the call was over
+    // tool ran, for nobody (a review). `left_at` is set once the client left such a call. Any
+    // other answer came once the call was over
     // (a JSON answer's head comes with its result): nothing runs on, and the rest of it is not
     // waited for (a client that stopped reading a large answer would otherwise have the
     // gateway read all of it).
     let runs_on = obs.runs_on.get() && body.sse;
-    let mut without_client = runs_on && obs.client_left.get();
-    let mut left_at = without_client.then(monoio::time::Instant::now);
+    let mut left_at = (runs_on && obs.client_left.get()).then(monoio::time::Instant::now);
     // The client went away (a write failed): its stream is drained for a resume, or read on
     // without it (`None`), or the call ends.
     let gone = |body: &Body<'_>, entry: Option<Draining<'s>>| {
@@ -463,15 +463,14 @@ async fn pump<'s>(
         // cuts the client: it is not coming back, and the call is cancelled.
         let filled = {
             let mut read = std::pin::pin!(read);
-            let watched = if client_left || without_client {
+            let watched = if client_left || left_at.is_some() {
                 None
             } else {
                 unless_client_leaves(Watch::leaves(client), read.as_mut()).await
             };
             match watched {
                 Some(filled) => filled,
-                None if without_client || (runs_on && !resumes(body)) => {
-                    without_client = true;
+                None if left_at.is_some() || (runs_on && !resumes(body)) => {
                     left_at.get_or_insert_with(monoio::time::Instant::now);
                     // A cut client's call is closed (see `tasks::Owners::hold_cut`).
                     match unless_cut(open, fd, read, &|| false).await {
@@ -483,7 +482,7 @@ async fn pump<'s>(
                 None => {
                     if !client_left {
                         client_left = true;
-                        entry = if resumes(body) { enter(body) } else { None };
+                        entry = enter(body);
                     }
                     let asked = || {
                         entry
@@ -537,7 +536,7 @@ async fn pump<'s>(
                 break Err(why);
             }
             conn.recycle(data);
-        } else if without_client {
+        } else if left_at.is_some() {
             if let Err(why) = body.observe(&data) {
                 break Err(why);
             }
@@ -577,7 +576,6 @@ async fn pump<'s>(
                 match gone(body, entry.take()) {
                     Some(ended) => return ended,
                     None => {
-                        without_client = true;
                         left_at.get_or_insert_with(monoio::time::Instant::now);
                     }
                 }
@@ -595,7 +593,7 @@ async fn pump<'s>(
             break Err(why);
         }
     };
-    if without_client {
+    if left_at.is_some() {
         return Pumped::RanOn(finished);
     }
     Pumped::Finished(finished)

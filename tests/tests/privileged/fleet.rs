@@ -1566,13 +1566,7 @@ fn spent_in(redis: &Redis, key: &str) -> i64 {
 }
 
 fn ban(admin: u16, ip: &str) {
-    let body = format!(r#"{{"address":"{ip}","seconds":600}}"#);
-    let req = format!(
-        "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (r, _) = raw(admin, req.as_bytes());
-    assert_eq!(r.status, 200, "{r:?}");
+    integration_tests::peers::ban(admin, ip, 600);
 }
 
 fn lift(admin: u16, ip: &str) {

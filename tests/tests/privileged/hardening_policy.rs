@@ -1068,14 +1068,15 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
         running() == 1
     });
     assert!(started, "the call never started");
-    let ban = |address: &str| {
-        let body = format!(r#"{{"address":"{address}","seconds":60}}"#);
-        let ban = format!(
-            "POST /bans HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let (r, _) = raw(admin, ban.as_bytes());
-        assert_eq!(r.status, 200, "{r:?}");
+    let ban = |address: &str| integration_tests::peers::ban(admin, address, 60);
+    // The cap is refused (`why`), then free once the hold is over (within 6 s).
+    let held_then_freed = |why: &str| {
+        cap_refused(&call("sleep", json!({"seconds": 0.1})), why);
+        let free = (0..60).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            call("sleep", json!({"seconds": 0.1})).status == 200
+        });
+        assert!(free, "the cap stayed taken: {why}");
     };
     ban("127.0.0.2");
     // The banned client is cut.
@@ -1084,17 +1085,9 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
         .unwrap();
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut banned, &mut rest);
-    // Its call runs on upstream, and its slot is held.
-    cap_refused(
-        &call("sleep", json!({"seconds": 0.1})),
-        "a call whose client was cut",
-    );
-    // Then given back (the longer timeout, 3 s, and a sweep a second).
-    let free = (0..60).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        call("sleep", json!({"seconds": 0.1})).status == 200
-    });
-    assert!(free, "the cap stayed taken");
+    // Its call runs on upstream, and its slot is held; then given back (the longer timeout,
+    // 3 s, and a sweep a second).
+    held_then_freed("a call whose client was cut");
 
     // A streamed call is held as long as a stream read on without its client would be: its
     // idle timeout (4 s), not the response timeout (1 s), which freed it sooner than hanging
@@ -1112,15 +1105,7 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut banned, &mut rest);
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    cap_refused(
-        &call("sleep", json!({"seconds": 0.1})),
-        "a streamed call whose client was cut, past the response timeout",
-    );
-    let free = (0..60).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        call("sleep", json!({"seconds": 0.1})).status == 200
-    });
-    assert!(free, "the cap stayed taken after the streamed call's hold");
+    held_then_freed("a streamed call whose client was cut, past the response timeout");
     d.stop();
 }
 

@@ -258,14 +258,7 @@ fn admin_request(admin: u16, method: &str, path: &str, body: &str) -> RawRespons
 /// Bans `address` (an address or a prefix) for 60 s through the admin API; the answer, which
 /// must be 200.
 fn ban(admin: u16, address: &str) -> RawResponse {
-    let r = admin_request(
-        admin,
-        "POST",
-        "/bans",
-        &format!(r#"{{"address":"{address}","seconds":60}}"#),
-    );
-    assert_eq!(r.status, 200, "{:?}", r.json());
-    r
+    integration_tests::peers::ban(admin, address, 60)
 }
 
 /// Waits (at most 3 s, polling every 20 ms) until `done`; panics with `what` if it never is.
