@@ -544,11 +544,13 @@ pub(super) async fn call(
         });
     }
     // A request only: a client's response answers the upstream's own id.
-    let sent = id.as_ref().filter(|_| !method.is_empty()).map(|_| {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Id::Str(format!("mcp-gateway.{n}"))
-    });
+    // Random, not counted: an upstream that files streams by request id alone (the Python
+    // SDK's event store) would otherwise see one id from each gateway of a fleet, and again
+    // after a restart.
+    let sent = id
+        .as_ref()
+        .filter(|_| !method.is_empty())
+        .map(|_| Id::Str(format!("mcp-gateway.{:016x}", crate::session::nonce())));
     if let Some(ours) = &sent {
         super::messages::set_in(&mut message, &["id"], ours.to_json());
     }
