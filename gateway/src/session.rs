@@ -31,6 +31,10 @@ pub struct FedSession {
     /// Who opened it: tenant and agent.
     #[serde(rename = "o")]
     pub owner: Owner,
+    /// With no agent, the credential that named who opened it
+    /// ([`crate::policy::Identity::own`]). Ids sealed before it read as none.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub own: Option<String>,
     /// Random ([`nonce`]): without it, the sessions one caller opens on a route whose members
     /// hold none of their own (stateless-only, stdio) would all be one id, and ending one would
     /// end every later one too. Ids sealed before it read as 0.
@@ -462,6 +466,7 @@ mod tests {
                 MemberSession("b".into(), None, "2025-06-18".into()),
             ],
             owner: Owner("acme".into(), Some("bot".into())),
+            own: None,
             nonce: nonce(),
         };
         let id = seal(&key, &s);

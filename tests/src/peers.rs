@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 

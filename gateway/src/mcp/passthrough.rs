@@ -411,7 +411,7 @@ fn may_become_task(m: &Message) -> bool {
 
 /// What a task-related message may do where the upstream cannot tell the gateway's callers
 /// apart (see `tasks`): decided before it is sent.
-enum TaskUse<'a> {
+pub(super) enum TaskUse<'a> {
     /// It names a task of the caller's: sent as it is. With the task and its method when the
     /// task holds its call's concurrency slots: the answer is read for the task's end.
     Own(Option<(String, &'a str)>),
@@ -429,7 +429,7 @@ impl<'a> TaskUse<'a> {
     /// for a message that is not about tasks, or needs nothing of them.
     /// On the client's own upstream session (`own_session`) a task named by id is the
     /// session's unless it was made here for another caller; a list keeps the caller's own.
-    fn of(
+    pub(super) fn of(
         ctx: &'a WorkerCtx,
         up: &str,
         m: &Message,
@@ -507,7 +507,7 @@ impl<'a> TaskUse<'a> {
     /// Once the exchange is over: a call that may have made a task, given up after it was sent
     /// and before its answer was read (its client left, it timed out, the answer could not be
     /// read), holds its slots as a task would. (A task bound took them already.)
-    fn after(&self, ctx: &WorkerCtx, obs: &Obs<'_>) {
+    pub(super) fn after(&self, ctx: &WorkerCtx, obs: &Obs<'_>) {
         let unread = obs.client_left.get() || obs.abandoned.get() || obs.unanswered.get();
         if matches!(self, Self::Create(..)) && unread {
             ctx.learned.tasks.hold_unread(obs.slots.take());
@@ -516,7 +516,7 @@ impl<'a> TaskUse<'a> {
 
     /// Reads (and for a list, trims) the answer. A task made takes over the call's concurrency
     /// slots (`slots`, from the request's admission); a task seen ended gives its back.
-    fn on_answer(
+    pub(super) fn on_answer(
         &self,
         ctx: &WorkerCtx,
         up: &str,

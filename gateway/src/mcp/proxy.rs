@@ -156,6 +156,8 @@ pub(super) struct Decision {
     /// the default tenant, does not.
     pub vouched: bool,
     pub agent: Option<String>,
+    /// What keeps a caller no agent names apart ([`crate::policy::Identity::own`]).
+    pub own: Option<String>,
     pub run: Option<String>,
     pub refused: bool,
     pub rule: Option<String>,
@@ -271,9 +273,12 @@ pub(super) fn visible(
 /// agent.
 pub(super) fn session_owner(ctx: &WorkerCtx, obs: &Obs<'_>) -> u64 {
     let d = obs.decision.borrow();
-    ctx.shared
-        .limits
-        .key(("session-owner", d.tenant.as_deref(), d.agent.as_deref()))
+    ctx.shared.limits.key((
+        "session-owner",
+        d.tenant.as_deref(),
+        d.agent.as_deref(),
+        d.own.as_deref(),
+    ))
 }
 
 /// Who calls: the session owner, and its tenant alone (what keeps callers apart at a stdio
@@ -290,28 +295,27 @@ pub(super) fn who_calls(ctx: &WorkerCtx, obs: &Obs<'_>) -> crate::stdio::Who {
 }
 
 /// What a passthrough session id is signed over: the upstream, and the caller that opened it.
-fn owner_context<'a>(
-    up: &'a Upstream,
-    tenant: Option<&'a str>,
-    agent: Option<&'a str>,
-) -> [&'a [u8]; 5] {
-    signed_for(b"owner", up, tenant, agent)
+fn owner_context<'a>(up: &'a Upstream, d: &'a Decision) -> [&'a [u8]; 5] {
+    signed_for(b"owner", up, d)
 }
 
-/// What `what` (a session id, an event id) of `up` is signed over: the upstream, the caller.
-fn signed_for<'a>(
-    what: &'static [u8],
-    up: &'a Upstream,
-    tenant: Option<&'a str>,
-    agent: Option<&'a str>,
-) -> [&'a [u8]; 5] {
-    const PRESENT: [&[u8]; 4] = [b"--", b"-a", b"t-", b"ta"];
+/// What `what` (a session id, an event id) of `up` is signed over: the upstream, the caller
+/// (its tenant, and its agent or else the credential that named it, each marked apart: an
+/// agent named like a credential's mark is still another caller).
+fn signed_for<'a>(what: &'static [u8], up: &'a Upstream, d: &'a Decision) -> [&'a [u8]; 5] {
+    const PRESENT: [&[u8]; 6] = [b"--", b"-a", b"-k", b"t-", b"ta", b"tk"];
+    let (kind, caller) = match (&d.agent, &d.own) {
+        (Some(agent), _) => (1, agent.as_str()),
+        (None, Some(own)) => (2, own.as_str()),
+        (None, None) => (0, ""),
+    };
+    let tenant = d.tenant.as_deref();
     [
         what,
         up.name.as_bytes(),
-        PRESENT[usize::from(tenant.is_some()) * 2 + usize::from(agent.is_some())],
+        PRESENT[usize::from(tenant.is_some()) * 3 + kind],
         tenant.unwrap_or_default().as_bytes(),
-        agent.unwrap_or_default().as_bytes(),
+        caller.as_bytes(),
     ]
 }
 
@@ -320,7 +324,7 @@ fn signed_for<'a>(
 /// on any gateway of a fleet, with nothing remembered.
 pub(super) fn client_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: &[u8]) -> Vec<u8> {
     let d = obs.decision.borrow();
-    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    let context = owner_context(up, &d);
     session::sign(&ctx.shared.session_key, &context, &[], id)
 }
 
@@ -341,12 +345,7 @@ pub(super) fn event_signer(
     answers: super::messages::Answers,
 ) -> session::Signer {
     let d = obs.decision.borrow();
-    let context = signed_for(
-        event_kind(member),
-        up,
-        d.tenant.as_deref(),
-        d.agent.as_deref(),
-    );
+    let context = signed_for(event_kind(member), up, &d);
     session::Signer::new(&ctx.shared.session_key, &context, &answers.mark())
 }
 
@@ -361,12 +360,7 @@ pub(super) fn resumes_from<'a>(
     member: bool,
 ) -> Option<(&'a str, super::messages::Answers)> {
     let d = obs.decision.borrow();
-    let context = signed_for(
-        event_kind(member),
-        up,
-        d.tenant.as_deref(),
-        d.agent.as_deref(),
-    );
+    let context = signed_for(event_kind(member), up, &d);
     let key = &ctx.shared.session_key;
     let (own, answers) = match session::verify::<8>(key, &context, signed) {
         Some((own, mark)) => (own, super::messages::Answers::of_mark(mark)),
@@ -392,7 +386,7 @@ const BRIDGED: [u8; 1] = [b'b'];
 /// at the time (that knowledge expires; the session does not).
 pub(super) fn bridge_session(ctx: &WorkerCtx, up: &Upstream, obs: &Obs<'_>, id: &[u8]) -> Vec<u8> {
     let d = obs.decision.borrow();
-    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    let context = owner_context(up, &d);
     session::sign(&ctx.shared.session_key, &context, &BRIDGED, id)
 }
 
@@ -459,7 +453,7 @@ pub(super) fn verify_session(
     id: &[u8],
 ) -> Option<Verified> {
     let d = obs.decision.borrow();
-    let context = owner_context(up, d.tenant.as_deref(), d.agent.as_deref());
+    let context = owner_context(up, &d);
     let key = &ctx.shared.session_key;
     let verified = match session::verify::<0>(key, &context, id) {
         Some((own, [])) => {

@@ -380,6 +380,7 @@ fn identity<'c>(
     d.tenant = Some(tenant.name.clone());
     d.vouched = who.via != policy::Via::Address;
     d.agent.clone_from(&who.agent);
+    d.own.clone_from(&who.own);
     d.run.clone_from(&who.run);
     d.trace_id = header_trace;
     Ok((who, tenant))

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::{
     Id, Kind, Message, RpcError,
     messages::{discover_from_initialize, for_stateless},
+    passthrough::TaskUse,
     proxy::{Obs, classify, json_response, visible, who_calls},
     sse::{accepts_sse, sse_event, sse_head},
     version,
@@ -91,7 +92,68 @@ pub(super) async fn forward(
                 tenant,
                 upstream: &up.name,
             });
-            request(io, req, &handle, who, m, obs, filter, &req.body, None).await
+            // A task holds its call's concurrency slots until seen ended, and a caller's and
+            // a tenant's tasks are bounded, as at any upstream (`passthrough::TaskUse`). The
+            // child's tasks are told apart by the supervisor, which is the judge of whose a
+            // task is; here, a task made for another caller is unknown too.
+            let scope = task_scope(up, who);
+            let task = match TaskUse::of(ctx, &scope, m, who, true, false) {
+                Ok(task) => task,
+                Err(err) => {
+                    obs.set(Outcome::RpcError);
+                    return io
+                        .write_all(json_response(err.http_status, &err, req.keep_alive))
+                        .await
+                        .is_ok();
+                }
+            };
+            let tasks = task.as_ref().map(|use_| Tasks {
+                ctx,
+                scope: &scope,
+                who,
+                use_,
+            });
+            let keep = request(
+                io, req, &handle, who, m, obs, filter, &req.body, None, tasks,
+            )
+            .await;
+            if let Some(task) = &task {
+                task.after(ctx, obs);
+            }
+            keep
+        }
+    }
+}
+
+/// The name a stdio upstream's tasks are known by among the gateway's
+/// ([`super::tasks::Owners`]): the upstream's, and with a child per caller the caller's too (each
+/// child names its own tasks, and two may name two tasks alike).
+fn task_scope(up: &Upstream, who: Who) -> String {
+    match up.stdio.as_ref().and_then(|s| s.per_caller) {
+        Some(_) => format!("{}\0{:x}", up.name, who.caller),
+        None => up.name.clone(),
+    }
+}
+
+/// A task-related request's answer, read for the task it makes or ends.
+pub(super) struct Tasks<'a> {
+    ctx: &'a WorkerCtx,
+    scope: &'a str,
+    who: Who,
+    use_: &'a TaskUse<'a>,
+}
+
+impl Tasks<'_> {
+    /// The answer as the client gets it (a list keeps the caller's tasks).
+    fn read(&self, bytes: Vec<u8>, obs: &Obs<'_>) -> Vec<u8> {
+        let Ok(mut answer) = serde_json::from_slice::<Value>(&bytes) else {
+            return bytes;
+        };
+        self.use_
+            .on_answer(self.ctx, self.scope, self.who, &mut answer, &obs.slots);
+        match self.use_ {
+            TaskUse::List => super::json_bytes(&answer),
+            _ => bytes,
         }
     }
 }
@@ -152,6 +214,7 @@ pub(super) async fn request(
     filter: Option<ToolFilter<'_>>,
     body: &[u8],
     member: Option<&str>,
+    tasks: Option<Tasks<'_>>,
 ) -> bool {
     let started = std::time::Instant::now();
     match m.method.as_deref() {
@@ -234,6 +297,22 @@ pub(super) async fn request(
                     }),
                     Ok(Err(e)) => Err(e),
                     Err(_) => Err(StdioError::Gone(handle.name().to_owned())),
+                };
+                let answer = match answer {
+                    Ok(bytes) => Ok(match &tasks {
+                        Some(t) => t.read(bytes, obs),
+                        None => bytes,
+                    }),
+                    // Sent, and its answer never read: the child may have acted on it.
+                    Err(
+                        e @ (StdioError::Timeout(..)
+                        | StdioError::Gone(..)
+                        | StdioError::Exited(..)),
+                    ) => {
+                        obs.unanswered.set(true);
+                        Err(e)
+                    }
+                    Err(e) => Err(e),
                 };
                 return finish(io, req, m.id.clone(), answer, streaming, obs).await;
             }
@@ -329,7 +408,7 @@ async fn finish(
                 }
                 // The call's own failure (see `proxy::outcome_of`): its tool's breaker counts
                 // it, the upstream's shared one does not.
-                StdioError::TooLong(..) => {
+                StdioError::TooLong(..) | StdioError::Unreadable(..) => {
                     obs.own_failure();
                     502
                 }

@@ -118,6 +118,12 @@ pub struct Identity {
     pub agent: Option<String>,
     pub run: Option<String>,
     pub via: Via,
+    /// What keeps a caller no agent names apart from its tenant's other callers (their
+    /// sessions, event ids, per-caller children and held sessions, tasks): the credential
+    /// itself (an API key's digest, a certificate's mapped names, a token's subject), marked
+    /// with its kind. `None` with an agent, and for callers known by their address alone (a
+    /// tenant's one anonymous caller).
+    pub own: Option<String>,
 }
 
 /// One credential of a request, and whom it names.
@@ -127,6 +133,17 @@ struct Credential {
     /// The run a signed token names.
     run: Option<String>,
     via: Via,
+    /// [`Identity::own`], for a credential that names no agent.
+    own: Option<String>,
+}
+
+/// What a valid token names.
+struct JwtCaller {
+    tenant: usize,
+    agent: Option<String>,
+    run: Option<String>,
+    /// [`Identity::own`]: its subject, when it names no agent.
+    own: Option<String>,
 }
 
 /// Headers that say who is calling or whose state a request uses, besides each tenant's run
@@ -699,6 +716,7 @@ impl Policy {
                 agent: None,
                 run: a.run_header(by_address),
                 via: Via::Address,
+                own: None,
             });
         }
         let mut credentials: Vec<Credential> = Vec::with_capacity(2);
@@ -710,6 +728,7 @@ impl Policy {
             agent,
             run: signed_run,
             via,
+            own,
         } = match a.one_caller(credentials)? {
             Some(c) => c,
             None if a.accepts(AuthMethod::Address) && address_classified => Credential {
@@ -717,6 +736,7 @@ impl Policy {
                 agent: None,
                 run: None,
                 via: Via::Address,
+                own: None,
             },
             None if a.accepts(AuthMethod::Mtls) && matches!(cert, mtls::ClientCert::Plaintext) => {
                 return Err(a.unauthenticated(
@@ -763,10 +783,11 @@ impl Policy {
             agent,
             run,
             via,
+            own,
         })
     }
 
-    fn verify_jwt(&self, token: &str) -> Result<(usize, Option<String>, Option<String>), String> {
+    fn verify_jwt(&self, token: &str) -> Result<JwtCaller, String> {
         let jwt = self.jwt.as_ref().ok_or("JWTs are not configured")?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
         if !jwt.validation.algorithms.contains(&header.alg) {
@@ -816,6 +837,14 @@ impl Policy {
             .by_name
             .get(tenant_name)
             .ok_or_else(|| format!("unknown tenant `{tenant_name}`"))?;
+        let agent = text(&jwt.agent_claim);
+        // A token that names no agent is its subject's (a token with neither is the tenant's
+        // one anonymous caller).
+        let own = agent
+            .is_none()
+            .then(|| claims.get("sub").and_then(Value::as_str))
+            .flatten()
+            .map(|sub| format!("jwt:{sub}"));
         let run = text(&jwt.run_claim);
         if run.as_ref().is_some_and(|r| r.len() > MAX_RUN_ID_BYTES) {
             return Err(format!(
@@ -823,7 +852,12 @@ impl Policy {
                 jwt.run_claim.as_deref().unwrap_or_default()
             ));
         }
-        Ok((tenant, text(&jwt.agent_claim), run))
+        Ok(JwtCaller {
+            tenant,
+            agent,
+            run,
+            own,
+        })
     }
 }
 
@@ -898,14 +932,21 @@ impl Authenticating<'_> {
 
     /// The caller an API key names.
     fn api_key(&self, key: &str) -> Result<Credential, Box<Refusal>> {
+        let digest = <[u8; 32]>::from(Sha256::digest(key));
         self.policy
             .api_keys
-            .get(&<[u8; 32]>::from(Sha256::digest(key)))
+            .get(&digest)
             .map(|(tenant, agent)| Credential {
                 tenant: *tenant,
                 agent: agent.clone(),
                 run: None,
                 via: Via::ApiKey,
+                // Half the digest: as unique among a configuration's keys as the whole.
+                own: agent.is_none().then(|| {
+                    let mut half = [0u8; 16];
+                    half.copy_from_slice(&digest[..16]);
+                    format!("key:{:032x}", u128::from_be_bytes(half))
+                }),
             })
             .ok_or_else(|| self.unauthenticated("the API key is not valid", true))
     }
@@ -919,9 +960,10 @@ impl Authenticating<'_> {
             return Ok(None);
         }
         let problem = match self.policy.mtls.caller(c) {
-            mtls::Mapped::Caller(tenant, agent) => {
+            mtls::Mapped::Caller(tenant, agent, names) => {
                 return Ok(Some(Credential {
                     tenant,
+                    own: agent.is_none().then(|| format!("cert:{names}")),
                     agent,
                     run: None,
                     via: Via::Mtls,
@@ -970,7 +1012,12 @@ impl Authenticating<'_> {
         };
         let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
         if looks_like_jwt && self.accepts(AuthMethod::Jwt) && self.policy.jwt.is_some() {
-            let (tenant, agent, run) = self.policy.verify_jwt(token).map_err(|why| {
+            let JwtCaller {
+                tenant,
+                agent,
+                run,
+                own,
+            } = self.policy.verify_jwt(token).map_err(|why| {
                 self.unauthenticated(&format!("the token is not valid: {why}"), true)
             })?;
             Ok(Some(Credential {
@@ -978,6 +1025,7 @@ impl Authenticating<'_> {
                 agent,
                 run,
                 via: Via::Jwt,
+                own,
             }))
         } else if self.accepts(AuthMethod::ApiKey) {
             self.api_key(token).map(Some)
@@ -1004,10 +1052,15 @@ impl Authenticating<'_> {
                 "the request carries credentials of different callers (Authorization, X-API-Key, client certificate)",
             ));
         }
+        // Credentials that name no agent name the caller by the last presented (Authorization,
+        // then X-API-Key, then the certificate): each one authenticates its holder alone.
         Ok(credentials.pop().map(|c| Credential {
             run: c
                 .run
                 .or_else(|| credentials.iter_mut().find_map(|o| o.run.take())),
+            own: c
+                .own
+                .or_else(|| credentials.iter_mut().rev().find_map(|o| o.own.take())),
             ..c
         }))
     }

@@ -94,8 +94,9 @@ pub enum ClientCert<'a> {
 pub enum Mapped {
     /// None of its names is mapped.
     Nobody,
-    /// (tenant index, agent).
-    Caller(usize, Option<String>),
+    /// (tenant index, agent, and with no agent the names it was mapped by: see
+    /// [`super::Identity::own`]).
+    Caller(usize, Option<String>, String),
     /// Its names map to different callers.
     Ambiguous,
 }
@@ -192,22 +193,44 @@ impl Mapping {
                 .is_ok(),
             _ => false,
         };
-        let found: Vec<&(usize, Option<String>)> = cert
+        // Each name that maps, with its kind (`uri`, `dns`, `cn`) and whom it maps to.
+        type Found<'c> = (&'static str, &'c String, &'c (usize, Option<String>));
+        let found: Vec<Found<'_>> = cert
             .uris
             .iter()
-            .filter_map(|u| self.uris.get(u))
-            .chain(cert.dns.iter().filter_map(|d| self.dns.get(d)))
-            .chain(cert.cns.iter().filter_map(|c| self.cns.get(c)))
+            .filter_map(|u| Some(("uri", u, self.uris.get(u)?)))
+            .chain(
+                cert.dns
+                    .iter()
+                    .filter_map(|d| Some(("dns", d, self.dns.get(d)?))),
+            )
+            .chain(
+                cert.cns
+                    .iter()
+                    .filter_map(|c| Some(("cn", c, self.cns.get(c)?))),
+            )
             // An entry that names its CA applies only to a certificate that CA issued.
-            .filter(|(_, ca)| ca.is_none_or(vouched))
-            .map(|(caller, _)| caller)
+            .filter(|(_, _, (_, ca))| ca.is_none_or(vouched))
+            .map(|(kind, name, (caller, _))| (kind, name, caller))
             .collect();
         match found.split_first() {
             None => Mapped::Nobody,
-            Some(((tenant, agent), rest))
-                if rest.iter().all(|o| o.0 == *tenant && o.1 == *agent) =>
+            Some(((_, _, (tenant, agent)), rest))
+                if rest.iter().all(|(_, _, o)| o.0 == *tenant && o.1 == *agent) =>
             {
-                Mapped::Caller(*tenant, agent.clone())
+                // With no agent, the names it was mapped by are the caller, in one order.
+                let names = if agent.is_none() {
+                    let mut names: Vec<String> = found
+                        .iter()
+                        .map(|(kind, name, _)| format!("{kind}:{name}"))
+                        .collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    names.join("\0")
+                } else {
+                    String::new()
+                };
+                Mapped::Caller(*tenant, agent.clone(), names)
             }
             Some(_) => Mapped::Ambiguous,
         }

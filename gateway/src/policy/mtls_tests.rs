@@ -257,10 +257,16 @@ fn an_entry_that_names_its_ca_maps_only_what_that_ca_issued() {
     .unwrap();
     let p = Policy::compile(&c).unwrap();
     let m = &p.mtls;
-    assert_eq!(m.caller(&leaf(&ours, "alice")), Mapped::Caller(1, None));
+    assert_eq!(
+        m.caller(&leaf(&ours, "alice")),
+        Mapped::Caller(1, None, "cn:alice".into())
+    );
     assert_eq!(m.caller(&leaf(&partner, "alice")), Mapped::Nobody);
     // An entry without `ca` takes any CA the listener trusts.
-    assert_eq!(m.caller(&leaf(&partner, "bob")), Mapped::Caller(2, None));
+    assert_eq!(
+        m.caller(&leaf(&partner, "bob")),
+        Mapped::Caller(2, None, "cn:bob".into())
+    );
     // A `ca` that is no CA file is refused at load.
     let e = config(
         "[[auth.mtls]]\ncn = \"alice\"\ntenant = \"acme\"\nca = \"/nonexistent/ca.pem\"\n",

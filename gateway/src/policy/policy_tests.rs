@@ -86,6 +86,36 @@ fn api_keys_in_either_header_identify_tenant_and_agent() {
     assert_eq!(p.tenant(&who).name, "beta");
 }
 
+/// Callers no agent names are told apart for what keeps callers apart (sessions, per-caller
+/// children) by the credential that named them: before, every key of a tenant that named no
+/// agent was one caller, and opened another key's session (an attacker's review).
+#[test]
+fn callers_no_agent_names_are_told_apart_by_their_credential() {
+    const KEY_C: &str = "another-key-of-beta-0123456789";
+    let c = config(&format!(
+        "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"beta\"\n",
+        sha256_hex(KEY_C)
+    ));
+    let p = Policy::compile(&c).unwrap();
+    let route = &c.routes[0];
+    let who = |k: &str| {
+        p.authenticate(route, &headers(&[("x-api-key", k)]), 0)
+            .unwrap()
+    };
+    let (b, c2) = (who(KEY_B), who(KEY_C));
+    assert_eq!((b.tenant, b.agent.as_deref()), (c2.tenant, None));
+    assert!(
+        b.own.as_deref().is_some_and(|o| o.starts_with("key:")),
+        "{b:?}"
+    );
+    assert_ne!(b.own, c2.own, "two keys, two callers");
+    assert_eq!(who(KEY_B).own, b.own, "one key, one caller");
+    // An agent names the caller; an address, the tenant's one anonymous caller.
+    assert_eq!(who(KEY_A).own, None);
+    let anonymous = p.authenticate(route, &headers(&[]), 1).unwrap();
+    assert_eq!((anonymous.agent, anonymous.own), (None, None));
+}
+
 #[test]
 fn missing_or_wrong_credentials_get_401_naming_the_metadata() {
     let c = config("");
@@ -206,6 +236,7 @@ fn acme(p: &Policy) -> Identity {
         agent: Some("bot".into()),
         run: Some("run-1".into()),
         via: Via::ApiKey,
+        own: None,
     }
 }
 
@@ -252,6 +283,7 @@ upstream = "up"
         agent: None,
         run: None,
         via: Via::Address,
+        own: None,
     };
     let beta = Identity {
         tenant: p.by_name["beta"],
@@ -1123,6 +1155,7 @@ upstream = "up"
         agent: None,
         run: None,
         via: Via::Address,
+        own: None,
     };
     let ask = |tenant: &str, method: &str, is_request: bool| {
         let tool = (method == "tools/call").then_some(("up", "echo"));

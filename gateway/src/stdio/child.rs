@@ -491,6 +491,12 @@ impl Supervisor {
         let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
             // Throttled, as its stderr is: a child writing noise in a loop must not fill the log.
             crate::throttled_warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
+            // The answer of the call its id names fails at once: left to time out, a result
+            // the gateway cannot read (a sum past 1e308) counted against the upstream's shared
+            // breaker, and two such calls of one tenant opened it for every tenant (an
+            // attacker's review).
+            let id = first_id(bytes).or_else(|| last_id(bytes));
+            self.fail_named(id, StdioError::Unreadable(self.name()));
             return;
         };
         match self.mux.inbound(message) {
@@ -522,13 +528,18 @@ impl Supervisor {
     /// be read leaves its call to time out.
     fn too_long(&mut self, id: Option<u64>) {
         crate::throttled_warn!(upstream = %self.spec.name, max = self.spec.max_line_bytes, "stdio upstream wrote a line over the limit; skipped");
+        self.fail_named(
+            id,
+            StdioError::TooLong(self.name(), self.spec.max_line_bytes),
+        );
+    }
+
+    /// Fails the call in flight that `id` names (a skipped line's), if any, with `why`.
+    fn fail_named(&mut self, id: Option<u64>, why: StdioError) {
         if let Some(call) = id.filter(|c| self.waiters.contains_key(c)) {
             self.mux.forget(call);
             if let Some(w) = self.waiters.remove(&call) {
-                let _ = w.done.send(Err(StdioError::TooLong(
-                    self.name(),
-                    self.spec.max_line_bytes,
-                )));
+                let _ = w.done.send(Err(why));
             }
         }
     }
@@ -561,8 +572,14 @@ impl Supervisor {
             .filter(|(_, w)| w.deadline <= now)
             .map(|(c, _)| *c)
             .collect();
+        // A call told to cancel may run on (a TypeScript SDK tool that does not read its abort
+        // signal) and ask a client something long after: as long as a task's work is taken to
+        // go on. Within its call's timeout, a child's request went to whichever caller then had
+        // the one call in flight, another tenant's with the abandoned call's data (an attacker's
+        // review).
+        let window = self.spec.call_timeout.max(super::mux::WORKING_AT_MOST);
         for call in late {
-            self.mux.abandon(call, self.spec.call_timeout);
+            self.mux.abandon(call, window);
             if let Some(w) = self.waiters.remove(&call) {
                 let _ = w.done.send(Err(StdioError::Timeout(
                     self.name(),
@@ -580,7 +597,7 @@ impl Supervisor {
             .map(|(c, _)| *c)
             .collect();
         for call in gone {
-            self.mux.abandon(call, self.spec.call_timeout);
+            self.mux.abandon(call, window);
             self.waiters.remove(&call);
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call, "reason": "the client left"}});
             self.write(running, &cancel, None);

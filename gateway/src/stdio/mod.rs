@@ -96,6 +96,12 @@ pub enum StdioError {
     /// asked for a large file), not the upstream's.
     #[error("stdio upstream {0}: answer longer than {1} bytes")]
     TooLong(String, usize),
+    /// The call's answer was a line the gateway cannot read (not JSON, or a number beyond
+    /// what it reads): the call's own failure too (a tool's result can hold such a number).
+    #[error(
+        "stdio upstream {0}: an answer the gateway cannot read (not JSON, or a number beyond its range)"
+    )]
+    Unreadable(String),
     #[error("stdio upstream {0} is shut down")]
     Gone(String),
     /// Every one of the upstream's per-caller children is another caller's.

@@ -16,6 +16,11 @@ use integration_tests::{
 
 const ACME_KEY: &str = "acme-hardening-key-0123456789";
 const BETA_KEY: &str = "beta-hardening-key-0123456789";
+/// Two more keys of acme's, that name no agent.
+const ACME_KEYS_NO_AGENT: [&str; 2] = [
+    "acme-hardening-key-two-0123456789",
+    "acme-hardening-key-three-0123456789",
+];
 
 fn sha256_hex(s: &str) -> String {
     use std::io::Write as _;
@@ -93,6 +98,12 @@ agent = "acme-bot"
 sha256 = "{beta}"
 tenant = "beta"
 agent = "beta-bot"
+[[auth.api_keys]]
+sha256 = "{acme2}"
+tenant = "acme"
+[[auth.api_keys]]
+sha256 = "{acme3}"
+tenant = "acme"
 
 [[upstreams]]
 name = "u0"
@@ -116,6 +127,8 @@ auth = ["api_key"]
 "#,
         acme = sha256_hex(ACME_KEY),
         beta = sha256_hex(BETA_KEY),
+        acme2 = sha256_hex(ACME_KEYS_NO_AGENT[0]),
+        acme3 = sha256_hex(ACME_KEYS_NO_AGENT[1]),
         py = py.url(),
         fake = fake.url(),
         audit = audit.display(),
@@ -254,30 +267,41 @@ fn identity_headers_given_twice_and_conflicting_credentials_are_refused() {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
+/// A session is its opener's: another tenant's caller, and another credential of the same
+/// tenant when neither names an agent (two keys of acme's: before, every key that named no
+/// agent was one caller and took the other's sessions; an attacker's review), get 404.
 #[test]
-fn sessions_opened_by_one_tenant_are_refused_to_another() {
+fn sessions_are_refused_to_another_tenant_and_to_another_key_of_the_same() {
     let s = setup();
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
     let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
-    for path in ["/mcp", "/fed"] {
-        let (r, _) = raw(s.port, &post(path, init, &key(ACME_KEY)));
-        assert_eq!(r.status, 200, "{path}: {r:?}");
-        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
-        let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
-        let acme = format!("{}{session}", key(ACME_KEY));
-        let (r, _) = raw(s.port, &post(path, initialized, &acme));
-        assert!(r.status < 300, "{path}: {r:?}");
-        let (r, _) = raw(s.port, &post(path, list, &acme));
-        assert_eq!(r.status, 200, "{path}: the owner: {r:?}");
-        assert!(r.json()["result"]["tools"].is_array(), "{r:?}");
-        let beta = format!("{}{session}", key(BETA_KEY));
-        let (r, _) = raw(s.port, &post(path, list, &beta));
-        assert_eq!(
-            (r.status, code(&r)),
-            (404, Some(-32001)),
-            "{path}: another tenant: {r:?}"
-        );
+    let [two, three] = ACME_KEYS_NO_AGENT;
+    let pairs = [
+        (ACME_KEY, BETA_KEY, "another tenant"),
+        (two, three, "another key of the tenant"),
+        (three, ACME_KEY, "a named agent of the tenant"),
+    ];
+    for (owner, other, who) in pairs {
+        for path in ["/mcp", "/fed"] {
+            let (r, _) = raw(s.port, &post(path, init, &key(owner)));
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+            let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+            let mine = format!("{}{session}", key(owner));
+            let (r, _) = raw(s.port, &post(path, initialized, &mine));
+            assert!(r.status < 300, "{path}: {r:?}");
+            let (r, _) = raw(s.port, &post(path, list, &mine));
+            assert_eq!(r.status, 200, "{path}: the owner: {r:?}");
+            assert!(r.json()["result"]["tools"].is_array(), "{r:?}");
+            let theirs = format!("{}{session}", key(other));
+            let (r, _) = raw(s.port, &post(path, list, &theirs));
+            assert_eq!(
+                (r.status, code(&r)),
+                (404, Some(-32001)),
+                "{path}: {who}: {r:?}"
+            );
+        }
     }
     // A passthrough session id the gateway never saw opened.
     let made_up = format!(
@@ -725,6 +749,110 @@ fn a_task_holds_its_calls_concurrency_slot_until_it_is_seen_ended() {
     let r = ask(ACME_KEY, "tasks/list", json!({}));
     assert!(listed_tasks(&r.json()).contains(&third), "{r:?}");
     task_made(&call(ACME_KEY));
+    d.stop();
+}
+
+/// The task gateway of [`tasks_gateway_with`] in front of the same TypeScript SDK server run as
+/// a stdio upstream (`mode`: `working` or `slow`).
+fn tasks_gateway_stdio(prefix: &str, acme: &str, mode: &str, rest: &str) -> (Daemon, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique(prefix);
+    let root = integration_tests::peers::root();
+    let config = format!(
+        r#"{header}default_tenant = "acme"
+[[tenants]]
+name = "acme"
+id = 1
+{acme}
+[[tenants]]
+name = "beta"
+id = 2
+[[auth.api_keys]]
+sha256 = "{acme_key}"
+tenant = "acme"
+agent = "acme-bot"
+[[auth.api_keys]]
+sha256 = "{beta}"
+tenant = "beta"
+agent = "beta-bot"
+[[routes]]
+path = "/mcp"
+upstream = "tasks"
+auth = ["api_key"]
+[[upstreams]]
+name = "tasks"
+command = ["node", "{script}", "stdio", "{mode}"]
+{rest}
+[upstreams.stdio]
+uid = 0
+gid = 0
+env = {{ NODE_PATH = "{modules}", PATH = "{path}" }}
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        acme_key = sha256_hex(ACME_KEY),
+        beta = sha256_hex(BETA_KEY),
+        script = root.join("tests/fixtures/tasks_server.cjs").display(),
+        modules = root.join(".tools/node/node_modules").display(),
+        path = integration_tests::peers::node_path(),
+    );
+    (Daemon::start_local(&instance, &config), port)
+}
+
+/// What the stdio fixture's `stats` tool says: how many tasks worked at once at most.
+fn most_working_stdio(port: u16) -> u64 {
+    let params = json!({"name": "stats", "arguments": {}});
+    let r = ask_tasks(port, BETA_KEY, None, "tools/call", params);
+    let text = r.json()["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r:?}"))
+        .to_owned();
+    serde_json::from_str::<Value>(&text).unwrap()["maxRunning"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A stdio upstream's tasks hold their calls' slots as an HTTP upstream's do: until seen ended,
+/// and a call given up on (504) as a task would. Before, five task calls of a tool capped at one
+/// worked at once in the child (an attacker's review: the stdio path never bound the slots).
+#[test]
+fn a_stdio_upstreams_task_holds_its_calls_slot_until_it_is_seen_ended() {
+    let (mut d, port) = tasks_gateway_stdio("gwtaskstdio", REPORT_CAPPED, "working", "");
+    let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
+    let first = task_made(&call_report_task(port, ACME_KEY));
+    for _ in 0..3 {
+        cap_refused(
+            &call_report_task(port, ACME_KEY),
+            "another task while the first works",
+        );
+    }
+    // Working still: the slot stays held.
+    let r = ask(ACME_KEY, "tasks/get", json!({"taskId": first}));
+    assert_eq!(r.json()["result"]["status"], "working", "{r:?}");
+    cap_refused(&call_report_task(port, ACME_KEY), "while it shows working");
+    assert_eq!(most_working_stdio(port), 1);
+    // Seen ended: the slot goes back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = ask(ACME_KEY, "tasks/get", json!({"taskId": first}));
+        if r.json()["result"]["status"] == "completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r:?}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    task_made(&call_report_task(port, ACME_KEY));
+    d.stop();
+
+    // A task call the gateway gave up on keeps its slot: the child made the task.
+    let rest = "response_timeout_ms = 500";
+    let (mut d, port) = tasks_gateway_stdio("gwtaskstdioslow", REPORT_CAPPED, "slow", rest);
+    let r = call_report_task(port, ACME_KEY);
+    assert_eq!(r.status, 504, "{r:?}");
+    cap_refused(
+        &call_report_task(port, ACME_KEY),
+        "after the call given up on",
+    );
+    assert_eq!(most_working_stdio(port), 1);
     d.stop();
 }
 

@@ -59,6 +59,18 @@ fn gateway_named(
     route: &str,
     kernel: &str,
 ) -> (Daemon, u16) {
+    gateway_timed(instance, command, stdio, route, kernel, 10_000)
+}
+
+/// [`gateway_named`], whose calls time out after `timeout_ms`.
+fn gateway_timed(
+    instance: &str,
+    command: &str,
+    stdio: &str,
+    route: &str,
+    kernel: &str,
+    timeout_ms: u64,
+) -> (Daemon, u16) {
     let port = free_port();
     let admin = free_port();
     let config = format!(
@@ -76,7 +88,7 @@ enabled = false
 [[upstreams]]
 name = "local"
 command = {command}
-response_timeout_ms = 10000
+response_timeout_ms = {timeout_ms}
 [upstreams.stdio]
 {stdio}
 [[routes]]
@@ -151,6 +163,44 @@ fn an_http_1_0_client_of_a_stdio_upstream_gets_no_chunked_coding() {
         resp.json()["result"]["structuredContent"]["result"],
         "counted 3",
         "{resp:?}"
+    );
+    d.stop();
+}
+
+/// An answer the gateway cannot read (a sum past 1e308, which the Python SDK writes as an
+/// integer) fails its call at once, as the call's own failure (502), and the next call is
+/// served. Before, the line was skipped and the call waited for its timeout (504), counted
+/// against the upstream's shared breaker: two such calls of one tenant opened it for every
+/// tenant (an attacker's review).
+#[test]
+fn a_stdio_answer_the_gateway_cannot_read_fails_its_call_at_once() {
+    let (mut d, port) = python_sdk_over_stdio();
+    let huge = format!("1{}", "0".repeat(308));
+    let add = |a: &str, b: &str| {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "add", "arguments": {"a": a, "b": b}}})
+        .to_string();
+        raw(
+            port,
+            &post("/mcp", &body, "mcp-protocol-version: 2025-06-18\r\n"),
+        )
+        .0
+    };
+    for _ in 0..3 {
+        let r = add(&huge, &huge);
+        assert_eq!(r.status, 502, "{r:?}");
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("cannot read"), "{r:?}");
+    }
+    let r = add("2", "3");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["result"]["structuredContent"]["result"],
+        5,
+        "{r:?}"
     );
     d.stop();
 }
@@ -732,6 +782,114 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
 /// its one session, which is the gateway's, so the gateway binds it to the caller that created
 /// it. Another tenant's caller neither lists it nor reads, polls or cancels it; its creator
 /// does all of that and gets its result.
+/// Keys that name no agent are callers of their own: each gets a child of its own. Before,
+/// every such key of a tenant was one caller, and a second key read what the first had stored
+/// in its child (an attacker's review).
+#[test]
+fn keys_that_name_no_agent_get_children_of_their_own() {
+    let keys = ["one-key-no-agent-0123456789", "two-key-no-agent-0123456789"];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for sha in shas.as_array().expect("digests") {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"one\"\n",
+            sha.as_str().expect("a digest")
+        ));
+    }
+    let (mut d, port) = gateway_with(
+        &format!(
+            r#"["{}", "{}"]"#,
+            python().display(),
+            fixture("stateful_server.py")
+        ),
+        "uid = 0\ngid = 0\nchildren = \"caller\"\nmax_children = 4",
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1",
+    );
+    let [one, two] = keys;
+    let (status, v) = call_as(
+        port,
+        one,
+        "remember",
+        serde_json::json!({"text": "one's secret"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = call_as(port, one, "recall", serde_json::json!({}));
+    let (memory_one, pid_one) = recalled(&v);
+    assert_eq!(memory_one, "one's secret");
+    let (status, v) = call_as(port, two, "recall", serde_json::json!({}));
+    assert_eq!(status, 200, "{v}");
+    let (memory_two, pid_two) = recalled(&v);
+    assert_eq!(memory_two, "", "the second key read the first's child");
+    assert_ne!(pid_one, pid_two, "one process per key");
+    d.stop();
+}
+
+/// A call the gateway gave up on may run on in a shared child (a TypeScript SDK tool does not
+/// read its abort signal) and ask a client something later: that request goes to nobody, not to
+/// another tenant whose call is the one in flight then. Before, the child's requests went to
+/// nobody only for the call's timeout after it was given up on: another tenant's call was sent
+/// the first's question with its data, and its answer taken (an attacker's review).
+#[test]
+fn a_given_up_calls_later_question_reaches_no_other_tenant() {
+    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &keys,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for (i, tenant) in ["one", "two"].iter().enumerate() {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{tenant}-bot\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+    }
+    let modules = format!("{}/../.tools/node/node_modules", env!("CARGO_MANIFEST_DIR"));
+    let (mut d, port) = gateway_timed(
+        &unique("gwstdioelicit"),
+        &format!(r#"["node", "{}"]"#, fixture("elicit_server.cjs")),
+        &format!(
+            "uid = 0\ngid = 0\nenv = {{ NODE_PATH = \"{modules}\", PATH = \"{}\" }}",
+            integration_tests::peers::node_path()
+        ),
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
+        2000,
+    );
+    let [one, two] = keys;
+    let call = |key: &str, tool: &str, args: serde_json::Value| {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": args}})
+        .to_string();
+        let extra = format!(
+            "x-api-key: {key}\r\nmcp-protocol-version: 2025-11-25\r\naccept: application/json, text/event-stream\r\n"
+        );
+        raw(port, &post("/mcp", &body, &extra)).0
+    };
+    // Tenant one's tool works 6 s, past its 2 s timeout, then asks.
+    let r = call(
+        one,
+        "long_confirm",
+        serde_json::json!({"seconds": 6, "secret": "ONE-ACCOUNT-4711"}),
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    // Tenant two's call is the one in flight when it asks: from 4.5 s to 6.4 s. (The code
+    // before sent the child's requests to nobody until 4 s.)
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let r = call(two, "sleep", serde_json::json!({"seconds": 1.9}));
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 200, "{body}");
+    assert!(body.contains("slept 1.9"), "{body}");
+    assert!(
+        !body.contains("elicitation/create") && !body.contains("ONE-ACCOUNT-4711"),
+        "tenant two was asked tenant one's question: {body}"
+    );
+    d.stop();
+}
+
 #[test]
 fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
     let (mut d, port, keys) = everything_for_two_tenants();

@@ -90,6 +90,7 @@ impl<'c> Federation<'_, 'c> {
             version: agreed.clone(),
             members,
             owner: self.caller(),
+            own: self.obs.decision.borrow().own.clone(),
             nonce: session::nonce(),
         };
         let token = session::seal(&self.ctx.shared.session_key, &fed);

@@ -64,7 +64,8 @@ impl<'c> Federation<'_, 'c> {
         }
         let failure = |e: crate::stdio::StdioError| match e {
             crate::stdio::StdioError::Timeout(..) => UpstreamFailure::Timeout,
-            e @ crate::stdio::StdioError::TooLong(..) => {
+            e @ (crate::stdio::StdioError::TooLong(..)
+            | crate::stdio::StdioError::Unreadable(..)) => {
                 UpstreamFailure::Unrelayable(e.to_string())
             }
             e => UpstreamFailure::Bad(e.to_string()),
@@ -220,6 +221,8 @@ impl<'c> Federation<'_, 'c> {
                 None,
                 &bytes,
                 Some(&up.name),
+                // Tasks are refused on a federated route.
+                None,
             )
             .await;
         }

@@ -266,7 +266,7 @@ impl<'c> Federation<'_, 'c> {
         // Another caller's session is as unknown as a forged one, and one its client ended
         // too.
         session::open(&self.ctx.shared.session_key, id)
-            .filter(|s| s.owner == self.caller())
+            .filter(|s| s.owner == self.caller() && s.own == self.obs.decision.borrow().own)
             .filter(|_| {
                 !self.ctx.shared.ended_sessions.is_ended(
                     &self.ctx.shared.session_key,
@@ -283,7 +283,7 @@ impl<'c> Federation<'_, 'c> {
             })
     }
 
-    /// The caller, who owns the sessions it opens.
+    /// The caller, who owns the sessions it opens (with [`FedSession::own`]).
     fn caller(&self) -> Owner {
         Owner(
             self.tenant.name.clone(),
