@@ -14,8 +14,9 @@
 //!   back under the child's id. With no call in flight, or several, the child is answered with
 //!   an error: which client it meant cannot be known (run such servers one child per session).
 //!   On a child shared by several callers the same holds while a call that ended at the
-//!   gateway (timed out, or its client left) may still run in the child (for the call timeout
-//!   after, or until the child answers it): its request would go to a bystander; and while
+//!   gateway (timed out, or its client left) may still run in the child (for ten minutes
+//!   after, at least the call timeout, or until the child answers it: a call told to cancel
+//!   may work on, and ask later): its request would go to a bystander; and while
 //!   another caller's task may still be working (no terminal status seen for it, for its time
 //!   to live and [`WORKING_AT_MOST`] at most: a task's work goes on after its call was
 //!   answered), unless the request names its task
