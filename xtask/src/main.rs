@@ -247,7 +247,10 @@ fn build_release() -> anyhow::Result<()> {
 /// Builds the gateway, generates what the package ships beside the binary (completions and man
 /// pages, from the binary's own command line), runs cargo-deb and lintian; returns the .deb.
 fn package() -> anyhow::Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "gateway", "--bin", "gateway"]))?;
+    // The same build as every other verb's: `-p gateway` alone unifies other features than
+    // `build_release`'s `-p gateway -p bench`, so it compiled the gateway a second time (about
+    // 5 minutes here) in every `cargo xtask test`, and the bench or `run` after it a third.
+    build_release()?;
     let root = workspace_root();
     let gateway = root.join("target/release/gateway");
     // Generated assets live under target/release/, where cargo-deb's asset paths expect build
