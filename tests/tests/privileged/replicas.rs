@@ -76,11 +76,18 @@ fn initialize(port: u16) -> String {
 
 /// A session-era `whoami` in session `id`: status and body.
 fn whoami_in(port: u16, id: &str) -> (u16, Vec<u8>) {
-    let body = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"whoami","arguments":{}}}"#;
+    // A fresh request id each time, as MCP asks of a session's requests: the gateway holds an
+    // id as its session's while the request is in flight, and may still hold it for a moment
+    // after the answer was written (a 409 to the next call that reused it, once in a run).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(4);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"whoami","arguments":{{}}}}}}"#
+    );
     let extra = format!(
         "mcp-session-id: {id}\r\nmcp-protocol-version: 2025-06-18\r\nconnection: close\r\n"
     );
-    let (r, _) = raw(port, &post("/mcp", body, &extra));
+    let (r, _) = raw(port, &post("/mcp", &body, &extra));
     (r.status, r.body)
 }
 
