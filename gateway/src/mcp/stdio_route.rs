@@ -128,10 +128,10 @@ pub(super) async fn forward(
 /// The name a stdio upstream's tasks are known by among the gateway's
 /// ([`super::tasks::Owners`]): the upstream's, and with a child per caller the caller's too (each
 /// child names its own tasks, and two may name two tasks alike).
-fn task_scope(up: &Upstream, who: Who) -> String {
+fn task_scope(up: &Upstream, who: Who) -> std::borrow::Cow<'_, str> {
     match up.stdio.as_ref().and_then(|s| s.per_caller) {
-        Some(_) => format!("{}\0{:x}", up.name, who.caller),
-        None => up.name.clone(),
+        Some(_) => format!("{}\0{:x}", up.name, who.caller).into(),
+        None => up.name.as_str().into(),
     }
 }
 

@@ -137,6 +137,14 @@ struct Credential {
     own: Option<String>,
 }
 
+/// Whom a configured API key names ([`Identity`]'s parts), made once when the policy is
+/// compiled.
+struct KeyCaller {
+    tenant: usize,
+    agent: Option<String>,
+    own: Option<String>,
+}
+
 /// What a valid token names.
 struct JwtCaller {
     tenant: usize,
@@ -425,7 +433,7 @@ pub struct Policy {
     by_name: HashMap<String, usize>,
     default_tenant: usize,
     /// SHA-256 of each key → (tenant, agent).
-    api_keys: HashMap<[u8; 32], (usize, Option<String>)>,
+    api_keys: HashMap<[u8; 32], KeyCaller>,
     jwt: Option<Jwt>,
     /// Client certificate names → (tenant, agent).
     mtls: mtls::Mapping,
@@ -500,10 +508,17 @@ impl Policy {
                     format!("no tenant is named `{}`", k.tenant),
                 )));
             };
-            if api_keys
-                .insert(digest, (*tenant, k.agent.clone()))
-                .is_some()
-            {
+            let caller = KeyCaller {
+                tenant: *tenant,
+                agent: k.agent.clone(),
+                // Half the digest: as unique among a configuration's keys as the whole.
+                own: k.agent.is_none().then(|| {
+                    let mut half = [0u8; 16];
+                    half.copy_from_slice(&digest[..16]);
+                    format!("key:{:032x}", u128::from_be_bytes(half))
+                }),
+            };
+            if api_keys.insert(digest, caller).is_some() {
                 return Err(err((key("sha256"), "the same key is listed twice".into())));
             }
         }
@@ -932,21 +947,15 @@ impl Authenticating<'_> {
 
     /// The caller an API key names.
     fn api_key(&self, key: &str) -> Result<Credential, Box<Refusal>> {
-        let digest = <[u8; 32]>::from(Sha256::digest(key));
         self.policy
             .api_keys
-            .get(&digest)
-            .map(|(tenant, agent)| Credential {
-                tenant: *tenant,
-                agent: agent.clone(),
+            .get(&<[u8; 32]>::from(Sha256::digest(key)))
+            .map(|k| Credential {
+                tenant: k.tenant,
+                agent: k.agent.clone(),
                 run: None,
                 via: Via::ApiKey,
-                // Half the digest: as unique among a configuration's keys as the whole.
-                own: agent.is_none().then(|| {
-                    let mut half = [0u8; 16];
-                    half.copy_from_slice(&digest[..16]);
-                    format!("key:{:032x}", u128::from_be_bytes(half))
-                }),
+                own: k.own.clone(),
             })
             .ok_or_else(|| self.unauthenticated("the API key is not valid", true))
     }
