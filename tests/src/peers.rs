@@ -159,6 +159,15 @@ pub fn demo_upstream_at(ns: Option<&str>, listen: SocketAddr, extra: &[&str]) ->
 }
 
 /// `.tools/node/node_modules/.bin` first on PATH: Node 22 and the npm peers installed by setup.
+/// The `env` line of a stdio upstream that runs node with the installed modules.
+pub fn node_stdio_env() -> String {
+    format!(
+        "env = {{ NODE_PATH = \"{}\", PATH = \"{}\" }}",
+        root().join(".tools/node/node_modules").display(),
+        node_path()
+    )
+}
+
 pub fn node_path() -> String {
     let bin = root().join(".tools/node/node_modules/.bin");
     assert!(

@@ -539,6 +539,12 @@ fn tasks_gateway(up_port: u16, prefix: &str) -> (Daemon, u16) {
 /// [`tasks_gateway`], with `acme` (tables of tenant acme's policy) after acme's entry and
 /// `rest` at the end (lines of the upstream's table first).
 fn tasks_gateway_with(up_port: u16, prefix: &str, acme: &str, rest: &str) -> (Daemon, u16) {
+    let upstream = format!("url = \"http://127.0.0.1:{up_port}/mcp\"\n{rest}");
+    tasks_gateway_to(prefix, acme, &upstream)
+}
+
+/// The task gateway, whose upstream `tasks` has the table lines `upstream` (after its name).
+fn tasks_gateway_to(prefix: &str, acme: &str, upstream: &str) -> (Daemon, u16) {
     let (port, admin) = (free_port(), free_port());
     let instance = unique(prefix);
     let config = format!(
@@ -564,8 +570,7 @@ upstream = "tasks"
 auth = ["api_key"]
 [[upstreams]]
 name = "tasks"
-url = "http://127.0.0.1:{up_port}/mcp"
-{rest}
+{upstream}
 "#,
         header = integration_tests::daemon::local_header(&instance, 2, port, admin),
         acme_key = sha256_hex(ACME_KEY),
@@ -755,47 +760,13 @@ fn a_task_holds_its_calls_concurrency_slot_until_it_is_seen_ended() {
 /// The task gateway of [`tasks_gateway_with`] in front of the same TypeScript SDK server run as
 /// a stdio upstream (`mode`: `working` or `slow`).
 fn tasks_gateway_stdio(prefix: &str, acme: &str, mode: &str, rest: &str) -> (Daemon, u16) {
-    let (port, admin) = (free_port(), free_port());
-    let instance = unique(prefix);
-    let root = integration_tests::peers::root();
-    let config = format!(
-        r#"{header}default_tenant = "acme"
-[[tenants]]
-name = "acme"
-id = 1
-{acme}
-[[tenants]]
-name = "beta"
-id = 2
-[[auth.api_keys]]
-sha256 = "{acme_key}"
-tenant = "acme"
-agent = "acme-bot"
-[[auth.api_keys]]
-sha256 = "{beta}"
-tenant = "beta"
-agent = "beta-bot"
-[[routes]]
-path = "/mcp"
-upstream = "tasks"
-auth = ["api_key"]
-[[upstreams]]
-name = "tasks"
-command = ["node", "{script}", "stdio", "{mode}"]
-{rest}
-[upstreams.stdio]
-uid = 0
-gid = 0
-env = {{ NODE_PATH = "{modules}", PATH = "{path}" }}
-"#,
-        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
-        acme_key = sha256_hex(ACME_KEY),
-        beta = sha256_hex(BETA_KEY),
-        script = root.join("tests/fixtures/tasks_server.cjs").display(),
-        modules = root.join(".tools/node/node_modules").display(),
-        path = integration_tests::peers::node_path(),
+    let script = integration_tests::peers::root().join("tests/fixtures/tasks_server.cjs");
+    let upstream = format!(
+        "command = [\"node\", \"{}\", \"stdio\", \"{mode}\"]\n{rest}\n[upstreams.stdio]\nuid = 0\ngid = 0\n{}",
+        script.display(),
+        integration_tests::peers::node_stdio_env()
     );
-    (Daemon::start_local(&instance, &config), port)
+    tasks_gateway_to(prefix, acme, &upstream)
 }
 
 /// What the stdio fixture's `stats` tool says: how many tasks worked at once at most.

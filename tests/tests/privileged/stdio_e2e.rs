@@ -15,17 +15,7 @@ fn everything_for_two_tenants() -> (Daemon, u16, [&'static str; 2]) {
         env!("CARGO_MANIFEST_DIR")
     );
     let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, (agent, tenant)) in [("a", "one"), ("b", "two")].iter().enumerate() {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
-            shas[i].as_str().expect("a digest")
-        ));
-    }
+    let route = api_key_route(&[(keys[0], "one", Some("a")), (keys[1], "two", Some("b"))]);
     let (d, port) = gateway_with(
         &format!(r#"["{bin}", "stdio"]"#),
         "",
@@ -33,6 +23,27 @@ fn everything_for_two_tenants() -> (Daemon, u16, [&'static str; 2]) {
         "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
     );
     (d, port, keys)
+}
+
+/// The route lines that take API keys, with one `[[auth.api_keys]]` table for each
+/// `(key, tenant, agent)`.
+fn api_key_route(keys: &[(&str, &str, Option<&str>)]) -> String {
+    let plain: Vec<&str> = keys.iter().map(|k| k.0).collect();
+    let shas = py_script(
+        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
+        &plain,
+    );
+    let mut route = String::from("auth = [\"api_key\"]\n");
+    for (i, (_, tenant, agent)) in keys.iter().enumerate() {
+        route.push_str(&format!(
+            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\n",
+            shas[i].as_str().expect("a digest")
+        ));
+        if let Some(agent) = agent {
+            route.push_str(&format!("agent = \"{agent}\"\n"));
+        }
+    }
+    route
 }
 
 fn fixture(name: &str) -> String {
@@ -689,21 +700,12 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
         "beta-key-0123456789",
         "gamma-key-0123456789",
     ];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
     // a and b are agents of one tenant, c of another.
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, (agent, tenant)) in [("a", "one"), ("b", "one"), ("c", "two")]
-        .iter()
-        .enumerate()
-    {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{agent}\"\n",
-            shas[i].as_str().expect("a digest")
-        ));
-    }
+    let route = api_key_route(&[
+        (keys[0], "one", Some("a")),
+        (keys[1], "one", Some("b")),
+        (keys[2], "two", Some("c")),
+    ]);
     let (mut d, port) = gateway_with(
         &format!(
             r#"["{}", "{}"]"#,
@@ -788,17 +790,7 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
 #[test]
 fn keys_that_name_no_agent_get_children_of_their_own() {
     let keys = ["one-key-no-agent-0123456789", "two-key-no-agent-0123456789"];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for sha in shas.as_array().expect("digests") {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"one\"\n",
-            sha.as_str().expect("a digest")
-        ));
-    }
+    let route = api_key_route(&[(keys[0], "one", None), (keys[1], "one", None)]);
     let (mut d, port) = gateway_with(
         &format!(
             r#"["{}", "{}"]"#,
@@ -836,24 +828,16 @@ fn keys_that_name_no_agent_get_children_of_their_own() {
 #[test]
 fn a_given_up_calls_later_question_reaches_no_other_tenant() {
     let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
-    let shas = py_script(
-        "import hashlib, json, sys; print(json.dumps([hashlib.sha256(k.encode()).hexdigest() for k in sys.argv[1:]]))",
-        &keys,
-    );
-    let mut route = String::from("auth = [\"api_key\"]\n");
-    for (i, tenant) in ["one", "two"].iter().enumerate() {
-        route.push_str(&format!(
-            "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\nagent = \"{tenant}-bot\"\n",
-            shas[i].as_str().expect("a digest")
-        ));
-    }
-    let modules = format!("{}/../.tools/node/node_modules", env!("CARGO_MANIFEST_DIR"));
+    let route = api_key_route(&[
+        (keys[0], "one", Some("one-bot")),
+        (keys[1], "two", Some("two-bot")),
+    ]);
     let (mut d, port) = gateway_timed(
         &unique("gwstdioelicit"),
         &format!(r#"["node", "{}"]"#, fixture("elicit_server.cjs")),
         &format!(
-            "uid = 0\ngid = 0\nenv = {{ NODE_PATH = \"{modules}\", PATH = \"{}\" }}",
-            integration_tests::peers::node_path()
+            "uid = 0\ngid = 0\n{}",
+            integration_tests::peers::node_stdio_env()
         ),
         &route,
         "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
