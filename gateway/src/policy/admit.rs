@@ -168,25 +168,42 @@ impl<'a> Deciding<'a> {
         }
     }
 
-    /// Who the caller is to a rule that counts by agent. A caller with no agent is its
-    /// address, an IPv6 one its /64: any address of it is the client's to take, and each
-    /// would be another caller (a fresh agent budget, rate and loop count per address, and one
-    /// more of the bounded callers known by address).
+    /// Who the caller is to a rule that counts by agent: its agent; else, for a credential
+    /// that names no agent, the credential ([`Identity::own`]: each API key, certificate
+    /// mapping and token subject its own, wherever it connects from); else its address, an
+    /// IPv6 one its /64: any address of it is the client's to take, and each would be another
+    /// caller (a fresh agent budget, rate and loop count per address, and one more of the
+    /// bounded callers known by address).
     fn agent(&self) -> &str {
-        self.who.agent.as_deref().unwrap_or_else(|| {
-            self.by_address
-                .get_or_init(|| limits::source_of(self.ask.source).to_string())
-        })
+        self.who
+            .agent
+            .as_deref()
+            .or(self.who.own.as_deref())
+            .unwrap_or_else(|| {
+                self.by_address
+                    .get_or_init(|| limits::source_of(self.ask.source).to_string())
+            })
     }
 
-    /// The scope a caller's counts are kept under: a caller known by its address is kept apart
-    /// from any named agent (one named like an address, a token's `sub` of `198.18.0.5`, would
-    /// otherwise share them).
+    /// The scope a caller's counts are kept under, each apart from the others: a named
+    /// agent's, a credential's that names none (`own`), an address's (one named like an
+    /// address, a token's `sub` of `198.18.0.5`, would otherwise share them).
     fn agent_scope(&self) -> &'static str {
         if self.who.agent.is_some() {
             "agent"
+        } else if self.who.own.is_some() {
+            "own"
         } else {
             "address"
+        }
+    }
+
+    /// The caller as an error message names it: a credential's mark is not shown (a
+    /// certificate's holds its mapped names; a key's, half its digest).
+    fn caller(&self) -> String {
+        match self.agent_scope() {
+            "own" => "this credential (it names no agent)".to_owned(),
+            _ => format!("agent `{}`", self.agent()),
         }
     }
 
@@ -263,11 +280,11 @@ impl<'a> Deciding<'a> {
         }
         if let Some((rate, burst)) = t.agent_rate {
             let key = state.key((self.agent_scope(), &t.name, self.agent()));
-            let name = || format!("agent/{}/{}", t.name, self.agent());
+            let name = || format!("{}/{}/{}", self.agent_scope(), t.name, self.agent());
             // A caller known only by its address counts on this host alone: an address is
             // the client's to choose (an IPv6 client has billions), and the fleet's shared
             // state must not grow with them.
-            let admitted = if self.who.agent.is_some() {
+            let admitted = if self.agent_scope() != "address" {
                 state.admit_rate(key, name, now, rate, burst)
             } else {
                 state
@@ -277,7 +294,7 @@ impl<'a> Deciding<'a> {
             let charge = admitted.map_err(|wait| {
                 over_rate(
                     format!("tenants[{}].agent_requests_per_sec", t.name),
-                    format!("agent `{}` is over its rate of {rate}/s", self.agent()),
+                    format!("{} is over its rate of {rate}/s", self.caller()),
                     wait,
                 )
             })?;
@@ -367,10 +384,10 @@ impl<'a> Deciding<'a> {
                 code::LOOP_DETECTED,
                 format!("tenants[{}].policy.loop_breaker", t.name),
                 format!(
-                    "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by `{}`",
+                    "loop detected: `{tool}` was called with the same arguments more than {} times within {} s by {}",
                     lb.max_repeats,
                     lb.window_s,
-                    self.agent()
+                    self.caller()
                 ),
             )
             .retry(State::window_left(lb.window_s)));
@@ -513,12 +530,18 @@ impl<'a> Deciding<'a> {
                 if placed {
                     state.give_back_run(&t.name, b.window_s, unix_s);
                 }
+                // A credential's mark is not shown (see [`Deciding::caller`]).
+                let whose = if counted == "own" {
+                    "this credential (it names no agent)".to_owned()
+                } else {
+                    format!("`{subject}`")
+                };
                 let mut r = Refusal::new(
                     429,
                     code::BUDGET_EXHAUSTED,
                     format!("tenants[{}].policy.budget.{scope}", t.name),
                     format!(
-                        "the {scope} budget of `{subject}` is exhausted: `{tool}` costs {cost}, {l} of {limit} left in this {} s window",
+                        "the {scope} budget of {whose} is exhausted: `{tool}` costs {cost}, {l} of {limit} left in this {} s window",
                         b.window_s
                     ),
                 )

@@ -440,6 +440,72 @@ budget = { window_s = 3600, agent = 2 }
     assert_eq!(a.budget_left.as_deref(), Some("agent=1"));
 }
 
+/// A credential that names no agent is counted as itself for agent rates, agent budgets and
+/// the loop breaker, wherever it connects from: before, each address it used was another
+/// caller (a fresh agent budget, rate and loop count per address), and two such keys behind
+/// one address shared one.
+#[test]
+fn a_credential_that_names_no_agent_is_counted_as_itself_not_by_address() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, agent = 2 }
+"#,
+    );
+    let key = |mark: &str| Identity {
+        agent: None,
+        run: None,
+        own: Some(format!("key:{mark}")),
+        ..who.clone()
+    };
+    let (one, two) = (key("01"), key("02"));
+    let call = |who: &Identity, source: &str, n: u64| {
+        admit_from(
+            &p,
+            &state,
+            who,
+            "search",
+            json!({ "n": n }),
+            source.parse().unwrap(),
+        )
+    };
+    call(&one, "198.51.100.1", 1).expect("the key's first call");
+    call(&one, "2001:db8:1::1", 2).expect("the key's second call, from elsewhere");
+    let r = call(&one, "198.51.100.77", 3).unwrap_err();
+    assert_eq!(r.code, code::BUDGET_EXHAUSTED, "{}", r.message);
+    assert!(r.message.contains("this credential"), "{}", r.message);
+    assert!(
+        !r.message.contains("key:"),
+        "its mark is not shown: {}",
+        r.message
+    );
+    // Another key at the same address is another caller.
+    let a = call(&two, "198.51.100.1", 1).expect("the other key's own budget");
+    assert_eq!(a.budget_left.as_deref(), Some("agent=1"));
+    // The loop breaker counts the key too, not its address (a fresh budget for it first).
+    let (p, state, _) = acme_policy(
+        r#"
+[policy]
+loop_breaker = { window_s = 60, max_repeats = 2 }
+"#,
+    );
+    let same = |source: &str| {
+        admit_from(
+            &p,
+            &state,
+            &one,
+            "search",
+            json!({ "n": 1 }),
+            source.parse().unwrap(),
+        )
+    };
+    same("198.51.100.1").expect("first");
+    same("198.51.100.2").expect("second");
+    let r = same("198.51.100.3").unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED, "{}", r.message);
+    assert!(r.message.contains("by this credential"), "{}", r.message);
+}
+
 #[test]
 fn run_ids_are_bounded_in_length_and_in_number_per_tenant() {
     let (p, state, who) = acme_policy(

@@ -21,6 +21,11 @@ const ACME_KEYS_NO_AGENT: [&str; 2] = [
     "acme-hardening-key-two-0123456789",
     "acme-hardening-key-three-0123456789",
 ];
+/// Two keys of beta's (a budget of 2 calls an hour per agent), that name no agent.
+const BETA_KEYS_NO_AGENT: [&str; 2] = [
+    "beta-hardening-key-two-0123456789",
+    "beta-hardening-key-three-0123456789",
+];
 
 fn sha256_hex(s: &str) -> String {
     use std::io::Write as _;
@@ -104,6 +109,12 @@ tenant = "acme"
 [[auth.api_keys]]
 sha256 = "{acme3}"
 tenant = "acme"
+[[auth.api_keys]]
+sha256 = "{beta2}"
+tenant = "beta"
+[[auth.api_keys]]
+sha256 = "{beta3}"
+tenant = "beta"
 
 [[upstreams]]
 name = "u0"
@@ -129,6 +140,8 @@ auth = ["api_key"]
         beta = sha256_hex(BETA_KEY),
         acme2 = sha256_hex(ACME_KEYS_NO_AGENT[0]),
         acme3 = sha256_hex(ACME_KEYS_NO_AGENT[1]),
+        beta2 = sha256_hex(BETA_KEYS_NO_AGENT[0]),
+        beta3 = sha256_hex(BETA_KEYS_NO_AGENT[1]),
         py = py.url(),
         fake = fake.url(),
         audit = audit.display(),
@@ -207,6 +220,44 @@ fn a_batched_tools_list_of_a_filtered_tenant_is_refused_and_a_refused_batch_char
     let (r, _) = raw(s.port, &post("/fake", &call(6), &beta));
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(reached(&s), 2);
+}
+
+/// A key that names no agent has one agent budget wherever it connects from, apart from
+/// another such key at its address: before, each address was a caller of its own (a fresh
+/// agent budget, rate and loop count per address: a key's holder with many addresses spent
+/// its tenant's agent budget many times over), and two such keys behind one address shared
+/// one.
+#[test]
+fn a_key_that_names_no_agent_has_one_agent_budget_from_every_address() {
+    use std::io::Write as _;
+    let s = setup();
+    let [one, two] = BETA_KEYS_NO_AGENT;
+    let call = |from: &str, k: &str, id: u32| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{id}"}}}}}}"#
+        );
+        let extra = format!("{}mcp-protocol-version: 2025-03-26\r\n", key(k));
+        let mut c = integration_tests::daemon::loopback_from(from, s.port).expect("connect");
+        c.write_all(&post("/fake", &body, &extra)).unwrap();
+        integration_tests::peers::read_response(&mut c).expect("an answer")
+    };
+    for (id, from) in [(1, "127.0.0.1"), (2, "127.0.0.2")] {
+        let r = call(from, one, id);
+        assert_eq!(r.status, 200, "from {from}: {r:?}");
+    }
+    let r = call("127.0.0.3", one, 3);
+    assert_eq!(
+        (r.status, code(&r)),
+        (429, Some(-32043)),
+        "a third address, the same key: {r:?}"
+    );
+    let message = r.json()["error"]["message"].to_string();
+    assert!(message.contains("this credential"), "{message}");
+    assert_eq!(reached(&s), 2);
+    // The other key, at the first key's address, has a budget of its own.
+    let r = call("127.0.0.1", two, 4);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(reached(&s), 3);
 }
 
 /// A batch's audit line says what each of its members asked for: it said `other` and no tool,
