@@ -9,7 +9,7 @@
 //! (lone surrogate escapes, trailing bytes after the value, a byte order mark, invalid UTF-8).
 //! Names that key caches are capped here, before they reach any table (`MAX_NAME_CHARS`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use simd_json::{Node, prelude::*, tape::Value};
 
@@ -239,10 +239,14 @@ impl Parser {
                 "objects and arrays nested deeper than {MAX_DEPTH} levels"
             )));
         }
-        if let Some(key) = duplicate_key(&tape.0) {
-            return Err(RpcError::invalid_request(format!(
-                "duplicate key {key:?} in an object: a message must have one meaning"
-            )));
+        if let Some((first, key)) = duplicate_key(&tape.0) {
+            return Err(RpcError::invalid_request(if first == key {
+                format!("duplicate key {key:?} in an object: a message must have one meaning")
+            } else {
+                format!(
+                    "duplicate key {key:?} in an object (read as {first:?} by Go's encoding/json): a message must have one meaning"
+                )
+            }));
         }
         let value = tape.as_value();
         let parsed = if let Some(items) = value.as_array() {
@@ -311,11 +315,15 @@ fn deeper_than(nodes: &[Node<'_>], max: usize) -> bool {
     false
 }
 
-/// The first key that appears twice in one object of the tape, at any depth. Tape strings are
-/// already unescaped, so `"n\u0061me"` and `"name"` compare equal.
-fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<&'a str> {
-    let mut keys: Vec<&'a str> = Vec::new();
-    let mut large: HashSet<&'a str> = HashSet::new();
+/// The first two keys of one object of the tape, at any depth, that a server reads as one:
+/// equal (tape strings are already unescaped, so `"n\u0061me"` and `"name"` compare equal), or
+/// equal as Go's `encoding/json` matches keys to a struct's fields ([`go_same_key`]: `Name`,
+/// `NAME` and `nam\u{17f}` are `name` to mcp-go and to Go SDKs before 1.3.1, the last of them
+/// taken).
+fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
+    // Each key with whether it is ASCII (two ASCII keys match only at one length).
+    let mut keys: Vec<(&'a str, bool)> = Vec::new();
+    let mut large: HashMap<String, &'a str> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
         let Node::Object { len, .. } = *node else {
             continue;
@@ -330,12 +338,20 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<&'a str> {
             };
             let key: &'a str = key;
             if len <= LINEAR_KEYS {
-                if keys.contains(&key) {
-                    return Some(key);
+                let ascii = key.is_ascii();
+                let same = |&(k, k_ascii): &(&str, bool)| {
+                    if ascii && k_ascii {
+                        k.len() == key.len() && k.eq_ignore_ascii_case(key)
+                    } else {
+                        go_same_key(k, key)
+                    }
+                };
+                if let Some(&(first, _)) = keys.iter().find(|k| same(k)) {
+                    return Some((first, key));
                 }
-                keys.push(key);
-            } else if !large.insert(key) {
-                return Some(key);
+                keys.push((key, ascii));
+            } else if let Some(first) = large.insert(go_folded(key), key) {
+                return Some((first, key));
             }
             // Skip the key and its value (with everything nested in it).
             at += 1 + match nodes.get(at + 1) {
@@ -345,6 +361,119 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<&'a str> {
         }
     }
     None
+}
+
+/// A character as Go's `encoding/json` matches an object's key to a struct's field: an ASCII
+/// letter by its upper case, any other character as `unicode.ToUpper(unicode.ToLower(r))` (Go
+/// 1.21 on), which makes `\u{17f}` (long s) an `S`, the Kelvin sign a `K`, and dotless and dotted
+/// i an `I` (older Go folded the first two the same way).
+fn go_fold(c: char) -> char {
+    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
+        let c = it.next()?;
+        it.next().is_none().then_some(c)
+    }
+    if c.is_ascii() {
+        return c.to_ascii_uppercase();
+    }
+    match c {
+        '\u{17f}' => 'S',
+        '\u{212a}' => 'K',
+        '\u{130}' | '\u{131}' => 'I',
+        _ => {
+            let lower = single(c.to_lowercase()).unwrap_or(c);
+            single(lower.to_uppercase()).unwrap_or(lower)
+        }
+    }
+}
+
+/// `key` folded by [`go_fold`].
+fn go_folded(key: &str) -> String {
+    key.chars().map(go_fold).collect()
+}
+
+/// Whether Go's `encoding/json` reads the keys `a` and `b` as one field of a struct (mcp-go
+/// decodes every message into structs so, and a Go SDK before 1.3.1 did): a message that holds
+/// both has two meanings, and one that holds `b` where the gateway reads `a` has another
+/// meaning there than here.
+pub fn go_same_key(a: &str, b: &str) -> bool {
+    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    if a.is_ascii() && b.is_ascii() {
+        return false;
+    }
+    a.chars().map(go_fold).eq(b.chars().map(go_fold))
+}
+
+/// The keys of a message's envelope that the gateway reads, by the object they are in: a key
+/// spelled otherwise that Go reads as one of them ([`go_same_key`]) is refused, since the
+/// gateway would decide on a message without it (or with another value) while mcp-go runs
+/// the one with it (`"result": null` with `"Method": "tools/call"` was a response here and a
+/// call there; an attacker's review).
+const TOP_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+const PARAMS_KEYS: &[&str] = &[
+    "name",
+    "arguments",
+    "uri",
+    "_meta",
+    "task",
+    "taskId",
+    "cursor",
+    "requestId",
+    "progressToken",
+    "protocolVersion",
+];
+const META_KEYS: &[&str] = &[
+    "progressToken",
+    "traceparent",
+    PROTOCOL_VERSION_META_KEY,
+    RELATED_TASK_META_KEY,
+    CLIENT_CAPABILITIES_META_KEY,
+];
+
+/// A key of `keys` that is not one of `names` but is read as one by Go: the key and the name.
+pub fn spelled_otherwise<'k>(
+    keys: impl IntoIterator<Item = &'k str>,
+    names: &[&'static str],
+) -> Option<(&'k str, &'static str)> {
+    keys.into_iter().find_map(|k| {
+        names
+            .iter()
+            .find(|n| **n != k && go_same_key(n, k))
+            .map(|n| (k, *n))
+    })
+}
+
+/// Two keys of `keys` that Go reads as one ([`go_same_key`]), the first and the second.
+pub fn same_to_go<'k>(keys: impl ExactSizeIterator<Item = &'k str>) -> Option<(&'k str, &'k str)> {
+    if keys.len() <= LINEAR_KEYS {
+        let mut seen: Vec<&str> = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(first) = seen.iter().find(|s| go_same_key(s, k)) {
+                return Some((first, k));
+            }
+            seen.push(k);
+        }
+        return None;
+    }
+    let mut seen: HashMap<String, &str> = HashMap::with_capacity(keys.len());
+    keys.into_iter()
+        .find_map(|k| seen.insert(go_folded(k), k).map(|first| (first, k)))
+}
+
+/// [`spelled_otherwise`] as a refusal of the message.
+fn other_spelling<'k>(
+    keys: impl IntoIterator<Item = &'k str>,
+    names: &[&'static str],
+    id: &Option<Id>,
+) -> Result<(), RpcError> {
+    match spelled_otherwise(keys, names) {
+        None => Ok(()),
+        Some((key, name)) => Err(RpcError::invalid_request(format!(
+            "key {key:?} is read as {name:?} by some servers (Go's encoding/json): a message must have one meaning"
+        ))
+        .with_id(id.clone())),
+    }
 }
 
 fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError> {
@@ -363,6 +492,7 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
                 .ok_or_else(|| RpcError::invalid_request("`id` must be a string or an integer"))?,
         ),
     };
+    other_spelling(obj.iter().map(|(k, _)| k), TOP_KEYS, &id)?;
     let method = obj.get("method");
     if let Some(m) = method {
         let Some(method) = m.as_str() else {
@@ -392,6 +522,12 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         let p = params.and_then(|p| p.as_object());
         let field = |name: &str| p.as_ref().and_then(|p| p.get(name));
         let meta = field("_meta").and_then(|m| m.as_object());
+        if let Some(p) = &p {
+            other_spelling(p.iter().map(|(k, _)| k), PARAMS_KEYS, &id)?;
+        }
+        if let Some(m) = &meta {
+            other_spelling(m.iter().map(|(k, _)| k), META_KEYS, &id)?;
+        }
         let name_key = match method {
             "tools/call" | "prompts/get" => Some("name"),
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),

@@ -218,6 +218,69 @@ fn duplicate_keys_are_refused_at_every_depth() {
     }
 }
 
+/// Go's `encoding/json` (mcp-go's server and client, Go SDKs before 1.3.1) reads a key into a
+/// struct's field whatever its case, and `\u{17f}`, the Kelvin sign and dotless i as `s`, `k`
+/// and `i`: each of these ran at a Go server what the gateway did not decide on (an attacker's
+/// review: `delete_repo` past a deny, `/etc/shadow` past an argument rule, `tasks/result` of
+/// another tenant's task past a method rule).
+#[test]
+fn keys_go_reads_as_one_are_refused() {
+    let call = |params: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{params}}}"#)
+    };
+    let cases = [
+        // Two keys Go reads as one, at every depth.
+        call(r#"{"name":"search","arguments":{},"Name":"delete_repo"}"#),
+        call(r#"{"name":"search","NAME":"delete_repo"}"#),
+        call(r#"{"name":"read_file","arguments":{"path":"/srv/ok"},"Arguments":{"path":"/etc/shadow"}}"#),
+        call(r#"{"name":"read_file","arguments":{"path":"/srv/ok","Path":"/etc/shadow"}}"#),
+        call(r#"{"name":"read_file","arguments":{"path":"/srv/ok","pat\u0048":"/etc/shadow"}}"#),
+        call(r#"{"name":"t","arguments":{"a":[{"mask":1,"MASK":2}]}}"#),
+        r#"{"jsonrpc":"2.0","id":5,"method":"ping","Method":"tools/call","params":{"name":"delete_repo"}}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"read_file","arguments":{"path":"/etc/passwd"}}}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":5,"ıd":6,"method":"ping"}"#.to_owned(),
+    ];
+    for body in &cases {
+        let e = refused(body);
+        assert_eq!(
+            (e.code, e.http_status),
+            (INVALID_REQUEST, 400),
+            "{body}: {e:?}"
+        );
+        assert!(e.message.contains("duplicate key"), "{body}: {}", e.message);
+    }
+    // One key Go reads as another the gateway reads, with no key spelled as the gateway
+    // reads it: the gateway would decide on a message without it.
+    let alone = [
+        // A response here (`result` present), a call to Go.
+        r#"{"jsonrpc":"2.0","id":6,"result":null,"Method":"tools/call","params":{"name":"delete_repo"}}"#.to_owned(),
+        call(r#"{"name":"read_file","Arguments":{"path":"/etc/shadow"}}"#),
+        call(r#"{"name":"read_file","argumentſ":{"path":"/etc/shadow"}}"#),
+        r#"{"jsonrpc":"2.0","id":6,"method":"tasks/result","params":{"TaskId":"abc"}}"#.to_owned(),
+        call(r#"{"name":"x","_meta":{"ProgressToken":1}}"#),
+        r#"{"jsonrpc":"2.0","ID":6,"method":"tools/list"}"#.to_owned(),
+    ];
+    for body in &alone {
+        let e = refused(body);
+        assert_eq!(
+            (e.code, e.http_status),
+            (INVALID_REQUEST, 400),
+            "{body}: {e:?}"
+        );
+        assert!(e.message.contains("is read as"), "{body}: {}", e.message);
+    }
+    // The id of a request refused so is in its error.
+    assert_eq!(refused(&alone[1]).id, Some(Id::Num(7)));
+    // Keys that only look alike, and an argument no rule reads spelled as its tool likes.
+    for body in [
+        call(r#"{"name":"t","arguments":{"path":"a","paths":"b","päth":"c"}}"#),
+        call(r#"{"name":"t","arguments":{"Path":"/srv"}}"#),
+        call(r#"{"name":"t","arguments":{},"_meta":{"progressToken":1,"other":2}}"#),
+    ] {
+        assert!(parse(&body).is_ok(), "{body}");
+    }
+}
+
 #[test]
 fn duplicate_keys_in_large_objects_are_refused() {
     // More keys than the linear comparison handles: the hash-set path.
@@ -233,6 +296,14 @@ fn duplicate_keys_in_large_objects_are_refused() {
         fields.join(",")
     );
     assert_eq!(refused(&dup).code, INVALID_REQUEST);
+    // As Go reads keys, too.
+    fields.pop();
+    fields.push("\"\\u212a7\":7".to_owned());
+    let folded = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{{}}}}}}}"#,
+        fields.join(",")
+    );
+    assert!(refused(&folded).message.contains("duplicate key"));
 }
 
 #[test]

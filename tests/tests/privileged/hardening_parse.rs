@@ -197,6 +197,14 @@ fn duplicate_keys_never_reach_the_upstream() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"n\u0061me":"delete_file"}}"#,
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"params":{"name":"delete_file"}}"#,
         r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"delete_file"}}]"#,
+        // Keys Go's encoding/json (mcp-go, Go SDKs before 1.3.1) reads as `name`, `method`,
+        // `arguments`: a Go server ran `delete_file` (an attacker's review).
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"Name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"NAMe":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"paramſ":{"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"result":null,"Method":"tools/call","params":{"name":"delete_file"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","argumentſ":{"p":"delete_file"}}}"#,
     ];
     refused_as_invalid(s.port, &bodies);
     // The same request without the duplicate: denied by policy, never forwarded either.
