@@ -84,6 +84,9 @@ pub struct AnswerScan {
     method_strings: u8,
     /// A top-level key that reads as `result` or `error` in some client (any case).
     answer_key: bool,
+    /// A byte JSON has only inside strings (past ASCII, or a control character other than
+    /// whitespace) came outside one, or bytes after the top-level object: not one JSON value.
+    odd: bool,
     /// [`AnswerScan::answers_another`]'s verdict on the one complete id, for the rule it was
     /// asked of: asked before every piece of a large answer, it reads the id once.
     id_verdict: std::cell::Cell<Option<(Answers, bool)>>,
@@ -120,6 +123,7 @@ impl Default for AnswerScan {
             methods: 0,
             method_strings: 0,
             answer_key: false,
+            odd: false,
             id_verdict: std::cell::Cell::new(None),
         }
     }
@@ -168,6 +172,13 @@ impl AnswerScan {
     /// pending request (a `tools/list` the gateway filtered) would be taken for its answer. No
     /// id at all, and `null` (an error naming no request), answer no other request.
     pub fn answers_another(&self, answers: Answers) -> bool {
+        // Not an object: a batch of answers (the TypeScript SDK's client takes each item of
+        // an array as a message, matched by its id), lawful only on a batch's stream. An
+        // array holding an answer to a pending `tools/list` the gateway had filtered showed
+        // that client the hidden tools and an unpinned definition (an attacker's review).
+        if self.not_object {
+            return answers != Answers::Any;
+        }
         if self.ids > 1 || self.id_odd {
             return true;
         }
@@ -195,6 +206,13 @@ impl AnswerScan {
     /// response; an attacker's review).
     pub fn response_like(&self) -> bool {
         self.answer_key || self.methods != 1 || self.method_strings != 1
+    }
+
+    /// Whether the message is not one JSON value as far as it came: bytes after its top-level
+    /// object, or a byte outside its strings that JSON has only inside them (a character some
+    /// clients end a line at, U+2028 say: [`super::messages`]).
+    pub fn odd_outside_strings(&self) -> bool {
+        self.odd || (self.not_object && self.started)
     }
 
     /// Whether a whole message on a stream is a response `answers` does not allow: what an
@@ -426,6 +444,9 @@ impl AnswerScan {
                     if self.depth == 0 {
                         self.not_object = true;
                         return;
+                    }
+                    if !(0x20..0x80).contains(&b) {
+                        self.odd = true;
                     }
                     if !self.in_lit {
                         self.value_starts(b);

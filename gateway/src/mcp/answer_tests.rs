@@ -258,6 +258,20 @@ fn an_answer_to_another_request_is_seen_before_it_ends() {
             Answers::Nothing,
             true,
         ),
+        // An array: answers to many requests, a batch's alone (it named a pending
+        // `tools/list`, and the TypeScript SDK's client took it; an attacker's review).
+        (
+            r#"[{"jsonrpc":"2.0","id":8,"result":{"tools":[]}},{"jsonrpc":"2.0","id":7,"result":{}}]"#,
+            seven,
+            true,
+        ),
+        (r#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#, seven, true),
+        (
+            r#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#,
+            Answers::Any,
+            false,
+        ),
+        (r#" "not an answer" "#, seven, true),
     ];
     let long_id = format!(r#"{{"id":"{long}","result":{{}}}}"#);
     // A long id a client chose is read whole (300 characters were refused at 256 bytes).

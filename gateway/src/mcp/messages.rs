@@ -32,6 +32,7 @@ pub fn answer_and_notes(
     if !head.is_sse() {
         let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
         return if is_answer(&v) {
+            one_meaning(&v)?;
             Ok((v, Vec::new()))
         } else {
             Err("the answer is not a JSON-RPC response to the request".into())
@@ -44,6 +45,7 @@ pub fn answer_and_notes(
             continue;
         };
         if is_answer(&v) {
+            one_meaning(&v)?;
             return Ok((v, notes));
         }
         if v.get("method").is_some() && v.get("id").is_none() {
@@ -51,6 +53,33 @@ pub fn answer_and_notes(
         }
     }
     Err("the event stream ended without the response".into())
+}
+
+/// An answer read whole is relayed as the gateway wrote it again, after it filtered or read
+/// it: it must hold nothing a client reads otherwise. Go's `encoding/json` (mcp-go's client)
+/// reads `re\u{17f}ult` as `result` and `Tools` as `tools`, so an answer holding one beside the
+/// key the gateway filtered (or in its place) showed a Go client the tools the gateway hid and
+/// the definition it had not pinned (an attacker's review). Refused: a key of the message that
+/// Go reads as one of its envelope's, and two keys of its `result` Go reads as one.
+fn one_meaning(v: &Value) -> Result<(), String> {
+    use super::jsonrpc::{same_to_go, spelled_otherwise};
+    let Some(o) = v.as_object() else {
+        return Ok(());
+    };
+    const ENVELOPE: &[&str] = &["jsonrpc", "id", "result", "error", "method", "params"];
+    if let Some((key, name)) = spelled_otherwise(o.keys().map(String::as_str), ENVELOPE) {
+        return Err(format!(
+            "the answer holds the key {key:?}, which some clients (Go's encoding/json) read as {name:?}"
+        ));
+    }
+    if let Some(r) = o.get("result").and_then(Value::as_object)
+        && let Some((first, key)) = same_to_go(r.keys().map(String::as_str))
+    {
+        return Err(format!(
+            "the answer's result holds the keys {first:?} and {key:?}, which some clients (Go's encoding/json) read as one"
+        ));
+    }
+    Ok(())
 }
 
 /// Sets `v[path[0]][path[1]]... = new`, creating missing objects (and an absent body, `Null`).
@@ -392,15 +421,40 @@ fn event_allowed(event: &[u8], answers: Answers) -> bool {
     if event.starts_with(super::sse::BOM) {
         return false;
     }
-    let Some(data) = event_data(event) else {
+    // Some clients end a line at U+0085, U+2028, U+2029 and a few control characters too
+    // (httpx-sse 0.4.0's `str.splitlines`, under the Python SDK before 1.10): where a line
+    // the gateway reads as one field (`event: message\u{2028}data: {...}`) holds one, they
+    // read a data line the gateway never saw (an attacker's review: a response to a pending
+    // `tools/list`, on the GET stream, with the hidden tools). A field other than `data`
+    // holding one goes; so does data that holds one where JSON cannot (outside a string:
+    // `{...}\u{2028}\u{2028}data: {...}` is one notification here and two events there).
+    let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
+    for line in lines(event) {
+        match field(line, b"data") {
+            Some(d) => match &mut data {
+                None => data = Some(d.into()),
+                Some(joined) => {
+                    let joined = joined.to_mut();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(d);
+                }
+            },
+            None if has_separator(line) => return false,
+            None => {}
+        }
+    }
+    let Some(data) = data else {
         return true;
     };
     let json = data.trim_ascii_start();
     match json.first() {
-        Some(b'{') => !super::answer::scan(json).strays(answers),
+        Some(b'{') => {
+            let scan = super::answer::scan(json);
+            !scan.odd_outside_strings() && !scan.strays(answers)
+        }
         Some(b'[') => serde_json::from_slice::<Vec<Top>>(json)
             .is_ok_and(|all| all.iter().all(|top| answers.allows(top))),
-        _ => true,
+        _ => !has_separator(json),
     }
 }
 
@@ -470,15 +524,7 @@ fn another_spelling(key: &str) -> bool {
     if key.len() > 16 || key.is_ascii() && !key.bytes().any(|b| b.is_ascii_uppercase()) {
         return false;
     }
-    let folded: String = key
-        .chars()
-        .map(|c| match c {
-            '\u{17f}' => 's',
-            '\u{212a}' => 'k',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    KEYS.contains(&folded.as_str())
+    super::jsonrpc::spelled_otherwise([key], &KEYS).is_some()
 }
 
 /// A key of the top level, decoded, borrowed from the body when it holds no escape.
@@ -847,7 +893,17 @@ pub(super) fn keep_tools(
     result: &mut serde_json::Value,
     keep: impl FnMut(&serde_json::Value) -> bool,
 ) -> Option<()> {
-    result.get_mut("tools")?.as_array_mut()?.retain(keep);
+    // A tool whose keys a client reads otherwise ([`one_meaning`]: `Name` beside `name`)
+    // is not one the gateway can say is visible, nor pin.
+    let plain = |t: &serde_json::Value| {
+        t.as_object()
+            .is_none_or(|o| super::jsonrpc::same_to_go(o.keys().map(String::as_str)).is_none())
+    };
+    let mut keep = keep;
+    result
+        .get_mut("tools")?
+        .as_array_mut()?
+        .retain(|t| plain(t) && keep(t));
     if let Some(r) = result.as_object_mut()
         && (r.contains_key("cacheScope") || r.contains_key("ttlMs"))
     {
@@ -1059,6 +1115,43 @@ mod tests {
     /// A passthrough stream carries only the responses it answers: a client matches answers
     /// by id on any stream, so one on the session's GET stream (or another request's) would
     /// answer a `tools/list` the gateway filtered and pinned (an attacker's review).
+    /// Clients that also end lines at U+2028, U+2029, U+0085 and some control characters
+    /// (httpx-sse 0.4.0) read other fields, and other events, in an event that holds one: a
+    /// stray response the gateway read as no data (after `event: message`) or as a
+    /// notification reached a Python SDK 1.x client (an attacker's review).
+    #[test]
+    fn an_event_some_clients_read_as_other_lines_goes() {
+        let stray = r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[]}}"#;
+        let note = r#"{"jsonrpc":"2.0","method":"notifications/message","params":{}}"#;
+        let seven = Answers::to(Some(&json!(7)));
+        for event in [
+            format!("event: message\u{2028}data: {stray}"),
+            format!("event: message\u{2029}data: {stray}"),
+            format!("event: message\u{85}data: {stray}"),
+            format!("event: message\u{b}data: {stray}"),
+            format!(": keep-alive\u{1e}data: {stray}"),
+            format!("id: 4\u{c}data: {stray}"),
+            format!("data: {note}\u{2028}\u{2028}data: {stray}"),
+            format!("data: \u{2028}data: {stray}"),
+            format!("data: 5\u{85}data: {stray}"),
+        ] {
+            for answers in [seven, Answers::Nothing] {
+                assert!(!event_allowed(event.as_bytes(), answers), "{event:?}");
+            }
+            assert!(event_allowed(event.as_bytes(), Answers::Any), "{event:?}");
+        }
+        // Inside a JSON string such a character is text: it goes.
+        for event in [
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{\"t\":\"a\u{2028}b\u{85}\"}}"
+                .to_owned(),
+            format!("event: message\ndata: {note}"),
+            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"t\":\"\u{2029}data: x\"}}"
+                .to_owned(),
+        ] {
+            assert!(event_allowed(event.as_bytes(), seven), "{event:?}");
+        }
+    }
+
     #[test]
     fn a_stream_carries_no_response_to_a_request_it_does_not_answer() {
         let events = concat!(
@@ -1343,5 +1436,45 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         );
         assert!(response_result(&head("application/json"), b"{", Some(&id)).is_err());
         assert!(response_result(&head("text/event-stream"), b"data: {}\n\n", Some(&id)).is_err());
+    }
+
+    /// An answer read whole and written again must hold nothing Go's `encoding/json` reads
+    /// otherwise: a `re\u{17f}ult` beside the `result` the gateway filtered showed a Go client
+    /// the hidden tools and an unpinned definition (an attacker's review).
+    #[test]
+    fn an_answer_read_whole_holds_no_key_a_client_reads_otherwise() {
+        let head = |ct: &str| ResponseHead {
+            status: 200,
+            headers: [("content-type", ct)].into_iter().collect(),
+        };
+        let id = Id::Num(2);
+        let tools = r#"{"tools":[{"name":"echo"}]}"#;
+        for body in [
+            format!(r#"{{"jsonrpc":"2.0","id":2,"result":{tools},"reſult":{tools}}}"#),
+            format!(r#"{{"jsonrpc":"2.0","id":2,"result":{tools},"Result":{tools}}}"#),
+            r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":[{"name":"x"}]}}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[],"toolſ":[]}}"#.to_owned(),
+        ] {
+            let why = answer_and_notes(&head("application/json"), body.as_bytes(), Some(&id))
+                .unwrap_err();
+            assert!(why.contains("Go's encoding/json"), "{body}: {why}");
+            let sse = format!("data: {body}\n\n");
+            assert!(
+                answer_and_notes(&head("text/event-stream"), sse.as_bytes(), Some(&id)).is_err(),
+                "{sse}"
+            );
+        }
+        let fine = format!(r#"{{"jsonrpc":"2.0","id":2,"result":{tools},"extra":1}}"#);
+        assert!(answer_and_notes(&head("application/json"), fine.as_bytes(), Some(&id)).is_ok());
+        // A tool whose own keys Go reads as one is left out of a filtered list.
+        let mut result = json!({"tools": [
+            {"name": "echo", "Name": "delete_repo"},
+            {"name": "search", "description": "d"},
+        ]});
+        keep_tools(&mut result, |_| true).unwrap();
+        assert_eq!(
+            result,
+            json!({"tools": [{"name": "search", "description": "d"}]})
+        );
     }
 }

@@ -1180,6 +1180,106 @@ fn a_response_on_the_sessions_own_stream_cannot_answer_a_filtered_and_pinned_lis
     d.stop();
 }
 
+/// A session opened on `/mcp` through the gateway at `port` with raw requests: the header
+/// lines of its later requests.
+fn raw_session(port: u16) -> String {
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/mcp", init, ""));
+    assert_eq!(r.status, 200, "{r:?}");
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (r, _) = raw(port, &post("/mcp", note, &session));
+    assert!(r.status < 300, "{r:?}");
+    session
+}
+
+/// Everything `stream` gives within `within` (or until it closes), as text.
+fn read_for(stream: &mut std::net::TcpStream, within: std::time::Duration) -> String {
+    use std::io::Read as _;
+    let end = std::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        stream
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Answers that some clients read otherwise than the gateway does never reach the client; in
+/// each, the hostile fixture answers a pending `tools/list` with a changed `echo` and the
+/// tenant's denied tool (an attacker's review, each seen reaching the client before):
+/// - an array answering a `tools/call`, streamed, with a response to another request in it
+///   (the TypeScript SDK's client takes each item as a message);
+/// - a stray on the GET stream behind `event: message` and U+2028 (httpx-sse 0.4.0 ends a line
+///   there, and reads a `data` line the gateway did not see);
+/// - a `re\u{17f}ult` beside the `result` of a `tools/list` the gateway filtered and pinned
+///   (Go's encoding/json reads it as `result`, and takes the last).
+#[test]
+fn answers_some_clients_read_otherwise_never_reach_the_client() {
+    use std::io::Write as _;
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let call = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}"#;
+    let second = std::time::Duration::from_secs(1);
+
+    let (_upstream, mut d, port, _) = stray_gateway(&["array"]);
+    let session = raw_session(port);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(&post(
+        "/mcp",
+        call,
+        &format!("{session}connection: close\r\n"),
+    ))
+    .unwrap();
+    let got = read_for(&mut c, 3 * second);
+    assert!(
+        !got.contains("First read"),
+        "the array reached the client: {got}"
+    );
+    d.wait_for_log(
+        "answered another request than the one sent to it",
+        2 * second,
+    );
+    d.stop();
+
+    let (_upstream, mut d, port, _) = stray_gateway(&["separator"]);
+    let session = raw_session(port);
+    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    get.write_all(
+        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{session}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(second / 2);
+    let (r, _) = raw(port, &post("/mcp", list, &session));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!String::from_utf8_lossy(&r.body).contains("First read"));
+    let stream = read_for(&mut get, second);
+    assert!(
+        stream.starts_with("HTTP/1.1 200"),
+        "the GET stream opened: {stream}"
+    );
+    assert!(
+        !stream.contains("First read"),
+        "a stray behind U+2028 on the GET stream: {stream}"
+    );
+    d.stop();
+
+    let (_upstream, mut d, port, _) = stray_gateway(&["folded"]);
+    let session = raw_session(port);
+    let (r, _) = raw(port, &post("/mcp", list, &session));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains("First read"), "{body}");
+    assert_eq!(r.status, 502, "{body}");
+    d.stop();
+}
+
 #[test]
 fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it() {
     let up_port = free_port();
