@@ -287,17 +287,21 @@ impl AnswerScan {
 
     fn end_key(&mut self) {
         let key = &self.key[..self.key_len];
-        if self.depth == 1
-            && !self.key_odd
-            && (key.eq_ignore_ascii_case(b"result") || key.eq_ignore_ascii_case(b"error"))
-        {
+        // As Go's `encoding/json` reads a key: in any case, and `ſ`, the Kelvin sign, dotless
+        // and dotted i as `s`, `k`, `i` (`"\u{131}d": 8` answered request 8 to mcp-go's client).
+        let go = |name: &str| {
+            key.eq_ignore_ascii_case(name.as_bytes())
+                || (!key.is_ascii()
+                    && std::str::from_utf8(key).is_ok_and(|k| super::jsonrpc::go_same_key(k, name)))
+        };
+        if self.depth == 1 && !self.key_odd && (go("result") || go("error")) {
             self.answer_key = true;
         }
         self.target = match (self.depth, self.key_odd) {
             (_, true) => Target::None,
             (1, false) if key == b"error" => Target::Error,
             (1, false) if key == b"result" => Target::Result,
-            (1, false) if key.eq_ignore_ascii_case(b"id") => {
+            (1, false) if go("id") => {
                 // Read until its value ends.
                 self.ids = self.ids.saturating_add(1);
                 self.id.clear();
@@ -330,9 +334,11 @@ impl AnswerScan {
                     self.hex_left -= 1;
                     bytes = &bytes[1..];
                     if self.hex_left == 0 {
-                        match u8::try_from(self.hex) {
-                            Ok(c) if c.is_ascii() => self.key_bytes(&[c]),
-                            _ => self.key_odd = true,
+                        // A character as UTF-8 (`\u0131d` is `ıd`, which Go reads as `id`);
+                        // a surrogate's half is no key compared (none folds to one).
+                        match char::from_u32(self.hex) {
+                            Some(c) => self.key_bytes(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                            None => self.key_odd = true,
                         }
                     }
                     continue;

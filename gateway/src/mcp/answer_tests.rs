@@ -251,6 +251,18 @@ fn an_answer_to_another_request_is_seen_before_it_ends() {
             true,
         ),
         (r#"{"jsonrpc":"2.0","Id":8,"result":{}}"#, seven, true),
+        // Dotless and dotted i, and the long s, as Go reads them.
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"ıd":8}"#,
+            seven,
+            true,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"\u0130D":8}"#,
+            seven,
+            true,
+        ),
+        (r#"{"jsonrpc":"2.0","ıd":8,"reſult":{}}"#, seven, true),
         (r#"{"jsonrpc":"2.0","i\u0064":8,"result":{}}"#, seven, true),
         (r#"{"jsonrpc":"2.0","id":{"n":7},"result":{}}"#, seven, true),
         (

@@ -431,15 +431,25 @@ const META_KEYS: &[&str] = &[
     CLIENT_CAPABILITIES_META_KEY,
 ];
 
-/// A key of `keys` that is not one of `names` but is read as one by Go: the key and the name.
+/// A key of `keys` that is not one of `names` (ASCII) but is read as one by Go: the key and
+/// the name.
 pub fn spelled_otherwise<'k>(
     keys: impl IntoIterator<Item = &'k str>,
     names: &[&'static str],
 ) -> Option<(&'k str, &'static str)> {
     keys.into_iter().find_map(|k| {
+        // The names are ASCII: an ASCII key is one only at its length, in another case.
+        let ascii = k.is_ascii();
         names
             .iter()
-            .find(|n| **n != k && go_same_key(n, k))
+            .find(|n| {
+                **n != k
+                    && if ascii {
+                        n.len() == k.len() && n.eq_ignore_ascii_case(k)
+                    } else {
+                        go_same_key(n, k)
+                    }
+            })
             .map(|n| (k, *n))
     })
 }

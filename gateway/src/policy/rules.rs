@@ -688,12 +688,17 @@ fn as_number(key: &str) -> Option<f64> {
     plain.parse::<f64>().ok()
 }
 
-/// One character under simple case folding, as Go's `bytes.EqualFold` compares them: `S` and
-/// `ſ` are `s`, the Kelvin sign is `k`; a character whose case maps to several (`ß`) is itself.
+/// One character under simple case folding, as Go's `encoding/json` matches a key to a field:
+/// `S` and `ſ` are `s`, the Kelvin sign is `k`, dotless and dotted i are `i` (Go 1.21 on folds
+/// by `ToUpper(ToLower(r))`, and dotted I's simple lower case is `i`, where Rust's full one is
+/// two characters); a character whose case maps to several (`ß`) is itself.
 fn fold(c: char) -> char {
     fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
         let c = it.next()?;
         it.next().is_none().then_some(c)
+    }
+    if c == '\u{130}' {
+        return 'i';
     }
     let upper = single(c.to_uppercase()).unwrap_or(c);
     single(upper.to_lowercase()).unwrap_or(upper)
@@ -990,6 +995,12 @@ mod tests {
         assert!(flag.check(Some(&json!({"Dry_run": true}))).is_err());
         let k = rule("pointer = \"/key\"\nrequired = true\nmax_length = 3");
         assert!(k.check(Some(&json!({"\u{212a}ey": "ab"}))).is_err());
+        // Dotted and dotless i are `i` to Go (its simple lower case of dotted I is `i`).
+        let id = rule("pointer = \"/id\"\nmax_length = 3");
+        for spelled in ["\u{130}d", "\u{131}d", "\u{130}D"] {
+            let err = id.check(Some(&json!({ spelled: "abcdef" }))).unwrap_err();
+            assert!(err.contains("another spelling"), "{spelled}: {err}");
+        }
         // Folding is one character to one: `ß` is not `ss`.
         let ss = rule("pointer = \"/strasse\"\nrequired = true");
         assert!(ss.check(Some(&json!({"straße": 1}))).is_err());
