@@ -878,9 +878,16 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// is the origin the browser talks to; an upstream's `Access-Control-Allow-Origin: *` would
 /// open the gateway's routes to every page), its cookies (the gateway never forwards a
 /// client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
-/// upstream's own endpoint).
+/// upstream's own endpoint). Nor what would act on the gateway's origin as a whole or send the
+/// client elsewhere: `Clear-Site-Data` (a browser would wipe what every route of the gateway
+/// stored), `Refresh`, `Location` and `Content-Location` (another address for the answer, the
+/// upstream's), `Link` (a preload or preconnect to wherever the upstream says), and
+/// `WWW-Authenticate` (the gateway never forwards a client's `Authorization`: the upstream's
+/// challenge is to the gateway's own credentials, and a client that followed it would sign in
+/// wherever the upstream says). Nor any `Mcp-Gateway-*`: those names are the gateway's own
+/// (`Mcp-Gateway-Budget-Remaining`), and an upstream's would read as the gateway's word.
 pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: http::Names<8> = http::Names::new([
+    const DROP: http::Names<14> = http::Names::new([
         "authorization",
         "server",
         "x-powered-by",
@@ -889,11 +896,18 @@ pub(super) fn is_upstream_private(name: &str) -> bool {
         "set-cookie",
         "alt-svc",
         "strict-transport-security",
+        "clear-site-data",
+        "refresh",
+        "location",
+        "content-location",
+        "link",
+        "www-authenticate",
     ]);
-    DROP.contains(name)
-        || name
-            .get(..15)
-            .is_some_and(|p| p.eq_ignore_ascii_case("access-control-"))
+    let starts = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    DROP.contains(name) || starts("access-control-") || starts("mcp-gateway-")
 }
 
 /// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the

@@ -197,3 +197,39 @@ fn a_peer_address_is_written_as_display_writes_it() {
         assert_eq!(ip_text(ip, &mut text), ip.to_string().as_bytes(), "{ip}");
     }
 }
+
+/// An upstream's headers that would pass for the gateway's own, act on the gateway's origin as
+/// a whole, or send the client elsewhere are never relayed; what a client needs of the answer is.
+#[test]
+fn an_upstreams_own_and_origin_wide_headers_are_never_relayed() {
+    for name in [
+        "Mcp-Gateway-Budget-Remaining",
+        "mcp-gateway-budget-remaining",
+        "MCP-GATEWAY-anything",
+        "Clear-Site-Data",
+        "Refresh",
+        "Location",
+        "Content-Location",
+        "Link",
+        "WWW-Authenticate",
+        "Set-Cookie",
+        "Server",
+        "Access-Control-Allow-Origin",
+        "Alt-Svc",
+    ] {
+        assert!(is_upstream_private(name), "{name}");
+    }
+    for name in [
+        "content-type",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "retry-after",
+        "cache-control",
+        "mcp-gateway",
+        "mcp-gatewa",
+        "x-mcp-gateway-budget-remaining",
+        "etag",
+    ] {
+        assert!(!is_upstream_private(name), "{name}");
+    }
+}
