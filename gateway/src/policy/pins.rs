@@ -56,6 +56,8 @@ struct Seen<'a> {
 
 impl<'a> Seen<'a> {
     fn new(tool: &'a Value) -> Self {
+        #[cfg(test)]
+        tests::WORK.with(|w| w.set(w.get() + 1));
         Self {
             tool,
             whole: digest(tool),
@@ -228,6 +230,11 @@ pub fn hides_characters(name: &str) -> bool {
             .any(|c| !(c.is_ascii_graphic() || c == ' ' || !c.is_ascii() && c.identifier_allowed()))
 }
 
+/// The upstream of a pin's key (`<upstream>/<tool>`).
+fn upstream_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(u, _)| u)
+}
+
 /// The key of a name in [`Pins::looks`]: its upstream and its skeleton.
 pub fn looks_key(upstream: &str, name: &str) -> String {
     let mut key = format!("{upstream}\0");
@@ -265,7 +272,16 @@ impl Pins {
 
     /// The share of the upstream of `key` (`<upstream>/<tool>`).
     fn share_of(&self, key: &str) -> Arc<Share> {
-        self.share(key.split_once('/').map_or(key, |(u, _)| u))
+        self.share(upstream_of(key))
+    }
+
+    /// Whether the share of the upstream of `key` is full: no new pin of it would be put. Made
+    /// nothing for an upstream without a share yet.
+    fn full_for(&self, key: &str) -> bool {
+        self.shares
+            .pin()
+            .get(upstream_of(key))
+            .is_some_and(|s| s.full())
     }
 
     /// Puts `pin` at `key` if the pin there is still `expected` (none: no pin), and counts it
@@ -313,10 +329,16 @@ impl Pins {
             return false;
         };
         let key = format!("{upstream}/{name}");
+        let known = self.map.pin().get(&key).is_some();
+        // A new name its upstream's share has no room for is hidden before anything is made of
+        // it (its look, its digest: `put` refuses it anyway). Every listing of an upstream past
+        // its share sees all its unpinned names again: 200,000 of them took a worker ~1 s per
+        // listing, an attacker's review.
+        if !known && self.full_for(&key) {
+            return false;
+        }
         // A new name that reads as another, or hides what it is, is not pinned by first sight.
-        if self.map.pin().get(&key).is_none()
-            && let Err(why) = self.named_plainly(upstream, name)
-        {
+        if !known && let Err(why) = self.named_plainly(upstream, name) {
             crate::throttled_warn!(
                 upstream,
                 tool = %name.escape_default(),
@@ -446,6 +468,8 @@ impl Pins {
     /// Whether a tool not pinned, `name` at `upstream`, may be pinned by first sight: not when
     /// its name hides a character, nor when it reads as a pinned tool's.
     fn named_plainly(&self, upstream: &str, name: &str) -> Result<(), Unpinned> {
+        #[cfg(test)]
+        tests::WORK.with(|w| w.set(w.get() + 1));
         if hides_characters(name) {
             return Err(Unpinned::HiddenCharacter);
         }
@@ -544,6 +568,47 @@ impl Pins {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Looks and digests made on this thread ([`Pins::named_plainly`], [`Seen::new`]).
+        pub(super) static WORK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// An upstream past its share lists ever more new names: each is hidden before its look or
+    /// its digest is made, however often it is listed; a pinned tool is still checked. The time
+    /// of 200,000 such names is printed, not asserted.
+    #[test]
+    fn a_name_past_a_full_share_costs_no_look_and_no_digest() {
+        let pins = Pins::default();
+        for i in 0..MAX_PINS_PER_UPSTREAM {
+            assert!(pins.observe("many", &json!({"name": format!("t{i}")}), None));
+        }
+        let tools: Vec<Value> = (0..200_000)
+            .map(|i| json!({"name": format!("n{i}"), "description": "d", "inputSchema": {"type": "object"}}))
+            .collect();
+        let before = WORK.with(std::cell::Cell::get);
+        let start = std::time::Instant::now();
+        for t in &tools {
+            assert!(!pins.observe("many", t, None));
+        }
+        let took = start.elapsed();
+        let made = WORK.with(std::cell::Cell::get) - before;
+        println!("200,000 names past a full share: {took:?}, {made} looks and digests made");
+        assert_eq!(made, 0, "nothing made for a name with no room");
+        // Lookalikes too (`t0` with a Cyrillic `t`... any name): hidden without a look.
+        assert!(!pins.observe("many", &json!({"name": "\u{442}0"}), None));
+        assert_eq!(WORK.with(std::cell::Cell::get) - before, 0);
+        // A pinned tool is still checked: a change is held.
+        assert!(pins.observe("many", &json!({"name": "t0"}), None));
+        assert!(!pins.observe(
+            "many",
+            &json!({"name": "t0", "description": "changed"}),
+            None
+        ));
+        assert_eq!(pins.callable("many", "t0", None), Err(Unpinned::Changed));
+        // Another upstream's share is its own.
+        assert!(pins.observe("other", &json!({"name": "n1"}), None));
+    }
 
     fn tool(desc: &str) -> Value {
         json!({"name": "echo", "description": desc, "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}, "annotations": {"readOnlyHint": true}})
