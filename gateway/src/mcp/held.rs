@@ -71,6 +71,11 @@ const MAX_ENDING: usize = 1024;
 const END_ALL_WITHIN: Duration = Duration::from_secs(2);
 /// The id of the gateway's own requests on a held session.
 const OWN_ID: &str = "mcp-gateway";
+/// Longest `Mcp-Session-Id` the gateway takes from an upstream for a session it opens itself
+/// (held, or a federation's member, sealed into its client's id). The SDKs mint UUIDs or 32-64
+/// hex digits; a member's 12,000 bytes made its client's id 16,231 bytes, and every later
+/// request of the session was refused (431) at the default `max_header_bytes`.
+pub(super) const MAX_SESSION_ID: usize = 1024;
 /// What the gateway asks for when it reads an answer whole itself (on a held session, or one
 /// it relays to nobody): both kinds, whatever the client accepts. A held session is opened
 /// once for all a tenant's callers, so a caller's `Accept: application/json` (to which the
@@ -457,11 +462,7 @@ pub(super) async fn initialize(
         super::era::learn_stateless(ctx, up);
         return Err(own("it speaks only the stateless era (2026-07-28)".into()));
     }
-    let session = head
-        .headers
-        .get("mcp-session-id")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_owned);
+    let session = session_id(&head).map_err(UpstreamFailure::Bad)?;
     let result = response_result(&head, &bytes, id)
         .map_err(|e| UpstreamFailure::of_exchange(head.status, format!("its session: {e}")))?;
     let version = result["protocolVersion"].as_str().unwrap_or_default();
@@ -477,6 +478,21 @@ pub(super) async fn initialize(
         )));
     }
     Ok((session, result))
+}
+
+/// The session id an upstream's answer to `initialize` gives, if any; one longer than
+/// [`MAX_SESSION_ID`] is the upstream's failure (that upstream is left out).
+fn session_id(head: &ResponseHead) -> Result<Option<String>, String> {
+    let Some(id) = head.headers.get("mcp-session-id") else {
+        return Ok(None);
+    };
+    if id.len() > MAX_SESSION_ID {
+        return Err(format!(
+            "its session id is {} bytes, over the {MAX_SESSION_ID} the gateway takes",
+            id.len()
+        ));
+    }
+    Ok(std::str::from_utf8(id).ok().map(str::to_owned))
 }
 
 /// A held session's answer, as the stateless client gets it.
@@ -1113,5 +1129,40 @@ impl WorkerCtx {
     /// Ends the upstream sessions this worker holds (it is stopping): see `held`.
     pub async fn end_held_sessions(&self) {
         super::held::Held::end_all(self).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_with(id: &str) -> ResponseHead {
+        let mut headers = http::Fields::default();
+        headers.push("mcp-session-id", id.as_bytes());
+        ResponseHead {
+            status: 200,
+            headers,
+        }
+    }
+
+    /// An upstream's session id past [`MAX_SESSION_ID`] fails its `initialize` (a held session
+    /// or a federation's member is not opened with it); the SDKs' ids pass as they came.
+    #[test]
+    fn an_upstream_session_id_past_the_limit_fails_its_initialize() {
+        let uuid = "6f1c2a4e-8b7d-4c1e-9a3f-2d5e7b9c0a1f";
+        assert_eq!(session_id(&head_with(uuid)), Ok(Some(uuid.to_owned())));
+        let hex = "a".repeat(64);
+        assert_eq!(session_id(&head_with(&hex)), Ok(Some(hex.clone())));
+        let at = "b".repeat(MAX_SESSION_ID);
+        assert_eq!(session_id(&head_with(&at)), Ok(Some(at.clone())));
+        for long in [MAX_SESSION_ID + 1, 12_000] {
+            let why = session_id(&head_with(&"c".repeat(long))).unwrap_err();
+            assert!(why.contains(&format!("{long} bytes")), "{why}");
+        }
+        let none = ResponseHead {
+            status: 200,
+            headers: http::Fields::default(),
+        };
+        assert_eq!(session_id(&none), Ok(None));
     }
 }

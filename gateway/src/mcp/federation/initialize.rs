@@ -41,17 +41,17 @@ impl<'c> Federation<'_, 'c> {
             json!(agreed),
         );
         let upstream_body = Bytes::from(crate::mcp::json_bytes(&upstream_body));
-        let results = join_all(
+        let results_of = join_all(
             self.members
                 .iter()
                 .map(|member| self.initialize_member(member, &upstream_body, id.as_ref())),
         )
         .await;
         let mut members = Vec::new();
-        let mut capabilities = Map::new();
-        let mut instructions = Vec::new();
+        let mut results = Vec::new();
         let mut failures = Vec::new();
-        for (member, r) in self.members.iter().zip(results) {
+        let mut unavailable = Vec::new();
+        for (member, r) in self.members.iter().zip(results_of) {
             let name = &self.upstream(member).name;
             match r {
                 Ok((session, result, bridged)) => {
@@ -66,34 +66,48 @@ impl<'c> Federation<'_, 'c> {
                             .unwrap_or(&agreed)
                     };
                     members.push(MemberSession(name.clone(), session, v.to_owned()));
-                    if let Some(c) = result["capabilities"].as_object() {
-                        merge(&mut capabilities, c);
-                    }
-                    if let Some(text) = result["instructions"].as_str() {
-                        instructions.push(format!("[{name}] {text}"));
-                    }
+                    results.push((name, result));
                 }
                 Err(why) => {
                     crate::throttled_warn!(upstream = %name, "federated initialize: {why}");
                     failures.push(format!("{name}: {why}"));
+                    unavailable.push(name.clone());
                 }
             }
         }
-        if members.is_empty() {
-            let err = RpcError::upstream(
-                format!("no upstream of this route could be initialized: {failures:?}"),
-                502,
-            );
-            return self.reply_error(io, err.with_id(id)).await;
-        }
-        let fed = FedSession {
+        let mut fed = FedSession {
             version: agreed.clone(),
             members,
             owner: self.caller(),
             own: self.obs.decision.borrow().own.clone(),
             nonce: session::nonce(),
         };
-        let token = session::seal(&self.ctx.shared.session_key, &fed);
+        let key = &self.ctx.shared.session_key;
+        for name in fit(key, &mut fed, self.config.http.max_header_bytes / 2) {
+            let why = "its session id would make the session's too long";
+            crate::throttled_warn!(upstream = %name, "federated initialize: {why}");
+            failures.push(format!("{name}: {why}"));
+            unavailable.push(name);
+        }
+        if fed.members.is_empty() {
+            let err = RpcError::upstream(
+                format!("no upstream of this route could be initialized: {failures:?}"),
+                502,
+            );
+            return self.reply_error(io, err.with_id(id)).await;
+        }
+        let mut capabilities = Map::new();
+        let mut instructions = Vec::new();
+        // Of the members kept only.
+        for (name, result) in results.iter().filter(|(n, _)| fed.member(n).is_some()) {
+            if let Some(c) = result["capabilities"].as_object() {
+                merge(&mut capabilities, c);
+            }
+            if let Some(text) = result["instructions"].as_str() {
+                instructions.push(format!("[{name}] {text}"));
+            }
+        }
+        let token = session::seal(key, &fed);
         let mut result = json!({
             "protocolVersion": agreed,
             "capabilities": capabilities,
@@ -101,6 +115,9 @@ impl<'c> Federation<'_, 'c> {
         });
         if !instructions.is_empty() {
             result["instructions"] = json!(instructions.join("\n\n"));
+        }
+        if !unavailable.is_empty() {
+            result["_meta"] = json!({ "io.mcp-gateway/unavailable": unavailable });
         }
         self.reply_result(io, id.as_ref(), result, Some(&token))
             .await
@@ -164,5 +181,90 @@ impl<'c> Federation<'_, 'c> {
         .await
         .map_err(describe)?;
         Ok((None, result, true))
+    }
+}
+
+/// Leaves members out of `fed` until its sealed id is at most `max` bytes, the longest
+/// session id first (a member without one is never left out here); their names, in the order
+/// left out. A member's id is at most [`held::MAX_SESSION_ID`], but members add up: the sealed
+/// id goes in every request's head, and one over the head limit (`max_header_bytes`) made
+/// every request of the session 431, to every member.
+fn fit(key: &[u8; 32], fed: &mut FedSession, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while session::seal(key, fed).len() > max {
+        let longest = fed
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((i, m.1.as_ref()?.len())))
+            .max_by_key(|(_, len)| *len);
+        let Some((i, _)) = longest else { break };
+        out.push(fed.members.remove(i).0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Owner;
+
+    fn fed(ids: &[(&str, Option<usize>)]) -> FedSession {
+        FedSession {
+            version: "2025-11-25".into(),
+            members: ids
+                .iter()
+                .map(|(n, len)| {
+                    let id = len.map(|l| "s".repeat(l));
+                    MemberSession((*n).into(), id, "2025-11-25".into())
+                })
+                .collect(),
+            owner: Owner("tenant".into(), None),
+            own: None,
+            nonce: 7,
+        }
+    }
+
+    /// The members whose session ids would make the sealed id longer than the limit are left
+    /// out, longest first, and named; the others keep theirs. Members without an id stay.
+    #[test]
+    fn a_members_long_session_id_leaves_that_member_out_not_the_session() {
+        let key = [3u8; 32];
+        let max = 16_384 / 2;
+        // Many members at the per-member limit: as many as fit are kept.
+        let mut many = fed(&[
+            ("a", Some(36)),
+            ("b", Some(held::MAX_SESSION_ID)),
+            ("c", None),
+            ("d", Some(held::MAX_SESSION_ID)),
+            ("e", Some(held::MAX_SESSION_ID)),
+            ("f", Some(held::MAX_SESSION_ID)),
+            ("g", Some(held::MAX_SESSION_ID)),
+            ("h", Some(held::MAX_SESSION_ID)),
+            ("i", Some(held::MAX_SESSION_ID)),
+            ("j", Some(64)),
+        ]);
+        let out = fit(&key, &mut many, max);
+        assert!(!out.is_empty());
+        assert!(session::seal(&key, &many).len() <= max);
+        for kept in ["a", "c", "j"] {
+            assert!(many.member(kept).is_some(), "{kept}");
+        }
+        for gone in &out {
+            assert!(many.member(gone).is_none());
+        }
+        // The review's 12,000-byte member (were it past the per-member limit): left out alone.
+        let mut one = fed(&[("good", Some(36)), ("evil", Some(12_000)), ("stdio", None)]);
+        assert_eq!(fit(&key, &mut one, max), vec!["evil".to_owned()]);
+        assert_eq!(one.members.len(), 2);
+        // Within the limit: nothing changes.
+        let mut fine = fed(&[("good", Some(36)), ("other", Some(64))]);
+        let before = fine.clone();
+        assert!(fit(&key, &mut fine, max).is_empty());
+        assert_eq!(fine, before);
+        // Only members without an id, over a tiny limit: kept (nothing of an upstream's).
+        let mut bare = fed(&[("x", None), ("y", None)]);
+        assert!(fit(&key, &mut bare, 10).is_empty());
+        assert_eq!(bare.members.len(), 2);
     }
 }
