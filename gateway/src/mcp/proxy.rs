@@ -876,8 +876,8 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// Response headers that are the upstream's own business, never relayed: its credentials, what
 /// it runs on (`Server`, `X-Powered-By`: a map for an attacker), its CORS policy (the gateway
 /// is the origin the browser talks to; an upstream's `Access-Control-Allow-Origin: *` would
-/// open the gateway's routes to every page), its cookies (the gateway never forwards a
-/// client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
+/// open the gateway's routes to every page), its cookies (`Set-Cookie`, the obsolete
+/// `Set-Cookie2`: the gateway never forwards a client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
 /// upstream's own endpoint). Nor what would act on the gateway's origin as a whole or send the
 /// client elsewhere: `Clear-Site-Data` (a browser would wipe what every route of the gateway
 /// stored), `Refresh`, `Location` and `Content-Location` (another address for the answer, the
@@ -887,13 +887,14 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// wherever the upstream says). Nor any `Mcp-Gateway-*`: those names are the gateway's own
 /// (`Mcp-Gateway-Budget-Remaining`), and an upstream's would read as the gateway's word.
 pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: http::Names<14> = http::Names::new([
+    const DROP: http::Names<15> = http::Names::new([
         "authorization",
         "server",
         "x-powered-by",
         "x-aspnet-version",
         "x-aspnetmvc-version",
         "set-cookie",
+        "set-cookie2",
         "alt-svc",
         "strict-transport-security",
         "clear-site-data",

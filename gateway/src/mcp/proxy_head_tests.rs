@@ -213,6 +213,7 @@ fn an_upstreams_own_and_origin_wide_headers_are_never_relayed() {
         "Link",
         "WWW-Authenticate",
         "Set-Cookie",
+        "Set-Cookie2",
         "Server",
         "Access-Control-Allow-Origin",
         "Alt-Svc",
