@@ -159,6 +159,13 @@ pub const MAX_PINS_PER_UPSTREAM: usize = 4_096;
 /// Bytes of definitions (approved and pending, as serialized) pinned per upstream at most.
 pub const MAX_BYTES_PER_UPSTREAM: usize = 16 << 20;
 
+/// New names of one upstream (no pin yet) judged per second at most, on all workers: their
+/// look ([`Pins::named_plainly`]) and digest made. Past it, the upstream's new names are hidden
+/// unjudged until the next second. A share not full is filled at most once, but a name refused
+/// for its look is judged again at every listing: without a bound, an upstream listing many
+/// lookalikes had each one's skeleton made on every listing.
+pub const MAX_JUDGED_PER_SECOND: u32 = 4_096;
+
 /// Why a pin was not put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refused {
@@ -173,6 +180,9 @@ enum Refused {
 struct Share {
     pins: AtomicUsize,
     bytes: AtomicUsize,
+    /// New names judged ([`MAX_JUDGED_PER_SECOND`]): the second (high 32 bits) and how many
+    /// in it (low).
+    judged: std::sync::atomic::AtomicU64,
 }
 
 impl Share {
@@ -193,6 +203,29 @@ impl Share {
         self.pins.load(Ordering::Relaxed) >= MAX_PINS_PER_UPSTREAM
             || self.bytes.load(Ordering::Relaxed) >= MAX_BYTES_PER_UPSTREAM
     }
+
+    /// Takes one of the second `now_s`'s judgments of a new name; false when they are spent.
+    fn judge(&self, now_s: u64) -> bool {
+        let second = now_s & u64::from(u32::MAX);
+        self.judged
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                if w >> 32 != second {
+                    Some(second << 32 | 1)
+                } else if w & u64::from(u32::MAX) < u64::from(MAX_JUDGED_PER_SECOND) {
+                    Some(w + 1)
+                } else {
+                    None
+                }
+            })
+            .is_ok()
+    }
+}
+
+/// Seconds since the epoch, for [`Share::judge`].
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The bytes a pin's definitions take, as counted against its upstream's share.
@@ -272,16 +305,11 @@ impl Pins {
 
     /// The share of the upstream of `key` (`<upstream>/<tool>`).
     fn share_of(&self, key: &str) -> Arc<Share> {
-        self.share(upstream_of(key))
-    }
-
-    /// Whether the share of the upstream of `key` is full: no new pin of it would be put. Made
-    /// nothing for an upstream without a share yet.
-    fn full_for(&self, key: &str) -> bool {
-        self.shares
-            .pin()
-            .get(upstream_of(key))
-            .is_some_and(|s| s.full())
+        let upstream = upstream_of(key);
+        if let Some(share) = self.shares.pin().get(upstream) {
+            return Arc::clone(share);
+        }
+        self.share(upstream)
     }
 
     /// Puts `pin` at `key` if the pin there is still `expected` (none: no pin), and counts it
@@ -334,8 +362,19 @@ impl Pins {
         // it (its look, its digest: `put` refuses it anyway). Every listing of an upstream past
         // its share sees all its unpinned names again: 200,000 of them took a worker ~1 s per
         // listing, an attacker's review.
-        if !known && self.full_for(&key) {
-            return false;
+        if !known {
+            let share = self.share_of(&key);
+            if share.full() {
+                return false;
+            }
+            // So is one past the upstream's judgments of this second.
+            if !share.judge(now_s()) {
+                crate::throttled_warn!(
+                    upstream,
+                    "more than {MAX_JUDGED_PER_SECOND} new tool names in a second: the rest hidden until the next"
+                );
+                return false;
+            }
         }
         // A new name that reads as another, or hides what it is, is not pinned by first sight.
         if !known && let Err(why) = self.named_plainly(upstream, name) {
@@ -805,6 +844,42 @@ mod tests {
             pins.callable("many", "one_more", None),
             Err(Unpinned::NoRoom)
         );
+    }
+
+    /// An upstream listing ever more names refused for their look is judged at most
+    /// [`MAX_JUDGED_PER_SECOND`] new names a second, the rest hidden unjudged; its pinned
+    /// tools, and other upstreams, are not touched. Prints the time, not asserted.
+    #[test]
+    fn new_names_judged_per_second_are_bounded() {
+        let pins = Pins::default();
+        assert!(pins.observe("many", &json!({"name": "echo"}), None));
+        // Each reads as another of its kind or hides a character: never pinned, so judged
+        // again at every listing before the bound.
+        let tools: Vec<Value> = (0..100_000)
+            .map(|i| json!({"name": format!("e\u{200b}{i}")}))
+            .collect();
+        let before = WORK.with(std::cell::Cell::get);
+        let start = std::time::Instant::now();
+        for t in &tools {
+            assert!(!pins.observe("many", t, None));
+        }
+        let took = start.elapsed();
+        let made = WORK.with(std::cell::Cell::get) - before;
+        println!("100,000 names refused for their look: {took:?}, {made} looks and digests made");
+        // A second may turn during the loop: at most two seconds' judgments.
+        assert!(made <= 2 * MAX_JUDGED_PER_SECOND as usize, "{made} judged");
+        assert!(
+            pins.observe("many", &json!({"name": "echo"}), None),
+            "pinned: shown"
+        );
+        assert!(pins.observe("other", &json!({"name": "n1"}), None));
+        // The bound's own arithmetic: a new second starts a new count.
+        let share = Share::default();
+        for _ in 0..MAX_JUDGED_PER_SECOND {
+            assert!(share.judge(7));
+        }
+        assert!(!share.judge(7));
+        assert!(share.judge(8));
     }
 
     /// Workers see listings at once: the share counts each pin once, and an approval is of
