@@ -731,6 +731,60 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     d.stop();
 }
 
+/// A member whose session id is too long to seal is left out of the federated session, and a
+/// member whose session has ended (404 to a list) is left out of the list: the other members
+/// serve on. Before (an attacker's review), the first made the client's session id 16 KB and
+/// every later request 431; the second made every `tools/list` of the route 404 for good.
+#[test]
+fn a_member_with_a_long_session_id_or_an_ended_session_is_left_out_not_the_session() {
+    let py = PyServer::start(true);
+    let long = PyServer::script_on("list_member.py", free_port(), &["longsid"]);
+    let ended = PyServer::script_on("list_member.py", free_port(), &["ended"]);
+    let (mut d, port) = start_federation(&[
+        ("py", py.url(), "py_"),
+        ("long", long.url(), "l_"),
+        ("ended", ended.url(), "e_"),
+    ]);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/fed", init, ""));
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        serde_json::json!(["long"]),
+        "{v}"
+    );
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    assert!(sid.len() < 1024, "{} bytes", sid.len());
+    let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let (r, _) = raw(port, &post("/fed", list, &session));
+    let v = r.json();
+    assert_eq!(r.status, 200, "{v}");
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        serde_json::json!(["ended"]),
+        "{v}"
+    );
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(names.contains(&"py_echo"), "{names:?}");
+    let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"py_echo","arguments":{"text":"hi"}}}"#;
+    let (r, _) = raw(port, &post("/fed", call, &session));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "hi",
+        "{:?}",
+        r.json()
+    );
+    d.stop();
+}
+
 #[test]
 fn federated_sessions_are_sealed_and_a_failing_member_affects_only_its_own_calls() {
     let py = PyServer::start(true);
