@@ -363,10 +363,10 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
     None
 }
 
-/// A character as Go's `encoding/json` matches an object's key to a struct's field: an ASCII
-/// letter by its upper case, any other character as `unicode.ToUpper(unicode.ToLower(r))` (Go
-/// 1.21 on), which makes `\u{17f}` (long s) an `S`, the Kelvin sign a `K`, and dotless and dotted
-/// i an `I` (older Go folded the first two the same way).
+/// A character as Go's `encoding/json` matches an object's key to a struct's field (simple
+/// case folding): an ASCII letter by its upper case, any other character by its case mappings,
+/// which make `\u{17f}` (long s) an `S` and the Kelvin sign a `K`. Dotless and dotted i are made
+/// an `I` too, which Go does not do: refusing a little more than Go reads is the safe side.
 fn go_fold(c: char) -> char {
     fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
         let c = it.next()?;
@@ -537,6 +537,14 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
         }
         if let Some(m) = &meta {
             other_spelling(m.iter().map(|(k, _)| k), META_KEYS, &id)?;
+            // The capabilities a 2026-07-28 request carries: whether they name the tasks
+            // extension decides whether its answer may be a task (the third review).
+            if let Some(c) = m
+                .get(CLIENT_CAPABILITIES_META_KEY)
+                .and_then(|c| c.as_object())
+            {
+                other_spelling(c.iter().map(|(k, _)| k), &["extensions"], &id)?;
+            }
         }
         let name_key = match method {
             "tools/call" | "prompts/get" => Some("name"),

@@ -258,6 +258,9 @@ fn keys_go_reads_as_one_are_refused() {
         call(r#"{"name":"read_file","argumentſ":{"path":"/etc/shadow"}}"#),
         r#"{"jsonrpc":"2.0","id":6,"method":"tasks/result","params":{"TaskId":"abc"}}"#.to_owned(),
         call(r#"{"name":"x","_meta":{"ProgressToken":1}}"#),
+        call(
+            r#"{"name":"x","_meta":{"io.modelcontextprotocol/clientCapabilities":{"Extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#,
+        ),
         r#"{"jsonrpc":"2.0","ID":6,"method":"tools/list"}"#.to_owned(),
     ];
     for body in &alone {

@@ -61,7 +61,7 @@ pub fn answer_and_notes(
 /// key the gateway filtered (or in its place) showed a Go client the tools the gateway hid and
 /// the definition it had not pinned (an attacker's review). Refused: a key of the message that
 /// Go reads as one of its envelope's, and two keys of its `result` Go reads as one.
-fn one_meaning(v: &Value) -> Result<(), String> {
+pub(super) fn one_meaning(v: &Value) -> Result<(), String> {
     use super::jsonrpc::{same_to_go, spelled_otherwise};
     let Some(o) = v.as_object() else {
         return Ok(());
@@ -411,6 +411,12 @@ fn digest(id: &Value) -> [u8; 8] {
 /// read as [`Top`] reads each message, and one it cannot read is held to be a stray (a
 /// client's parser may read it).
 fn event_allowed(event: &[u8], answers: Answers) -> bool {
+    event_judged(event, answers, false)
+}
+
+/// [`event_allowed`]; `escaping`: the caller writes the event's data again with U+0085, U+2028
+/// and U+2029 escaped (a federation's rewrite), so that no client reads a line in it.
+fn event_judged(event: &[u8], answers: Answers, escaping: bool) -> bool {
     if answers == Answers::Any {
         return true;
     }
@@ -446,6 +452,14 @@ fn event_allowed(event: &[u8], answers: Answers) -> bool {
     let Some(data) = data else {
         return true;
     };
+    // Such a character right before `data` starts a data line to such a client wherever it
+    // is: in what the gateway reads as a string too (the scan follows strings without reading
+    // JSON whole, so a stray's own quotes can make a notification's "string" of it; the third
+    // review: `{"method":"notifications/message","params":{"data":"` LS LS `data: {stray}` LS
+    // LS `"}}` was one notification here and a response there).
+    if !escaping && data_after_separator(&data) {
+        return false;
+    }
     let json = data.trim_ascii_start();
     match json.first() {
         Some(b'{') => {
@@ -456,6 +470,18 @@ fn event_allowed(event: &[u8], answers: Answers) -> bool {
             .is_ok_and(|all| all.iter().all(|top| answers.allows(top))),
         _ => !has_separator(json),
     }
+}
+
+/// Whether `data` holds `data` right after a character some clients end a line at: a line of
+/// its own to them. One search for `data` (rare in a message but as a key, after a quote).
+fn data_after_separator(data: &[u8]) -> bool {
+    memchr::memmem::find_iter(data, b"data").any(|at| {
+        let before = &data[..at];
+        before
+            .last()
+            .is_some_and(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
+            || SEPARATORS[..3].iter().any(|s| before.ends_with(s))
+    })
 }
 
 /// `events` (whole SSE events) without those whose data answers what `answers` does not allow
@@ -740,7 +766,7 @@ fn rewrite_event(
 ) -> Result<(), &'static str> {
     // Read as a client reads it (a key given twice, spelled another way): the check below
     // reads it as serde_json does, which takes the last of a key given twice.
-    if !event_allowed(event, answers) {
+    if !event_judged(event, answers, true) {
         return Err("a response to no request this stream answers");
     }
     let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
@@ -1134,6 +1160,14 @@ mod tests {
             format!("data: {note}\u{2028}\u{2028}data: {stray}"),
             format!("data: \u{2028}data: {stray}"),
             format!("data: 5\u{85}data: {stray}"),
+            // Inside what the scan takes for a string (the stray's own quotes pair up): the
+            // third review.
+            format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"level\":\"info\",\"data\":\"\u{2028}\u{2028}data: {stray}\u{2028}\u{2028}\"}}}}"
+            ),
+            format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"t\":\"\u{1e}data: {stray}\"}}}}"
+            ),
         ] {
             for answers in [seven, Answers::Nothing] {
                 assert!(!event_allowed(event.as_bytes(), answers), "{event:?}");
@@ -1145,7 +1179,9 @@ mod tests {
             "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{\"t\":\"a\u{2028}b\u{85}\"}}"
                 .to_owned(),
             format!("event: message\ndata: {note}"),
-            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"t\":\"\u{2029}data: x\"}}"
+            // `data` as a key, after a quote, and as text after a space.
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{\"data\":\"the \u{2028} data\"}}".to_owned(),
+            "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"t\":\"\u{2029} data: x\"}}"
                 .to_owned(),
         ] {
             assert!(event_allowed(event.as_bytes(), seven), "{event:?}");

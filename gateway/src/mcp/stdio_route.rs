@@ -171,12 +171,16 @@ impl ToolFilter<'_> {
     /// filtered is not passed on unfiltered.
     fn apply(&self, bytes: &[u8]) -> Result<Vec<u8>, StdioError> {
         let bad = || {
-            StdioError::Refused(
+            StdioError::Malformed(
                 self.upstream.to_owned(),
                 "the answer to tools/list has no `result.tools` array".into(),
             )
         };
         let mut v: Value = serde_json::from_slice(bytes).map_err(|_| bad())?;
+        // Written again: nothing in it a client reads otherwise (`re\u{17f}ult` beside the
+        // filtered `result` reached a Go client; the third review).
+        super::messages::one_meaning(&v)
+            .map_err(|why| StdioError::Malformed(self.upstream.to_owned(), why))?;
         if v.get("error").is_some() {
             return Ok(bytes.to_vec());
         }

@@ -92,6 +92,10 @@ pub enum StdioError {
     CrashLoop(String, u64),
     #[error("stdio upstream {0}: {1}")]
     Refused(String, String),
+    /// An answer the gateway reads whole (to filter it) and cannot pass on: the upstream's
+    /// failure.
+    #[error("stdio upstream {0}: {1}")]
+    Malformed(String, String),
     /// The call's answer was a line over `max_line_bytes`: the call's own failure (a tool
     /// asked for a large file), not the upstream's.
     #[error("stdio upstream {0}: answer longer than {1} bytes")]

@@ -216,6 +216,31 @@ fn a_stdio_answer_the_gateway_cannot_read_fails_its_call_at_once() {
     d.stop();
 }
 
+/// A stdio child's `tools/list` answer, filtered and written again for the tenant, holds no
+/// key a client reads otherwise: `re\u{17f}ult` beside the filtered `result` (Go's
+/// encoding/json reads it as `result`, and takes the last) showed mcp-go's client a changed
+/// definition and a tool denied to the tenant (the third review of this stop; the HTTP path
+/// had been fixed, the stdio one not).
+#[test]
+fn a_stdio_list_answer_holds_no_key_a_client_reads_otherwise() {
+    let command = format!(
+        r#"["{}", "{}"]"#,
+        python().display(),
+        fixture("folded_list_stdio.py")
+    );
+    let tenant = "default_tenant = \"public\"\n[[tenants]]\nname = \"public\"\nid = 0\n[[tenants.policy.tools]]\nmatch = \"local/secret_tool\"\naction = \"deny\"\n";
+    let (mut d, port) = gateway_with(&command, "uid = 0\ngid = 0", "", tenant);
+    let list = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    let (r, _) = raw(
+        port,
+        &post("/mcp", list, "mcp-protocol-version: 2025-06-18\r\n"),
+    );
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains("First read"), "{body}");
+    assert_eq!(r.status, 502, "{body}");
+    d.stop();
+}
+
 /// The reference server from npm, `@modelcontextprotocol/server-everything`, in its stdio mode,
 /// run with the default sandbox (under root: the user `nobody`, a cleared environment), served
 /// to a session-era client and to a 2026-07-28 client through the gateway.
