@@ -3,6 +3,7 @@
 //! ids (`<upstream>.n.<id>`, `<upstream>.s.<id>`) and SSE event ids. Used by passthrough and
 //! federation alike; nothing here does I/O.
 
+use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 
 use super::{Id, sse, upstream::ResponseHead};
@@ -452,12 +453,13 @@ fn event_judged(event: &[u8], answers: Answers, escaping: bool) -> bool {
     let Some(data) = data else {
         return true;
     };
-    // Such a character right before `data` starts a data line to such a client wherever it
-    // is: in what the gateway reads as a string too (the scan follows strings without reading
-    // JSON whole, so a stray's own quotes can make a notification's "string" of it; the third
-    // review: `{"method":"notifications/message","params":{"data":"` LS LS `data: {stray}` LS
-    // LS `"}}` was one notification here and a response there).
-    if !escaping && data_after_separator(&data) {
+    // Data holding such a character goes unless it is one JSON value (then each is inside a
+    // string, which holds no line end and no unescaped quote: what such a client reads after
+    // it is no message). The scan below follows strings without reading JSON whole, so a
+    // stray's own quotes could make a notification's "string" of it: `{...,"data":"` LS LS
+    // `data: {stray}` (the third review), or LS LS at the end of one data line and the stray
+    // on the next (the fourth), was one notification here and a response there.
+    if !escaping && may_split(&data) && serde_json::from_slice::<IgnoredAny>(&data).is_err() {
         return false;
     }
     let json = data.trim_ascii_start();
@@ -472,16 +474,15 @@ fn event_judged(event: &[u8], answers: Answers, escaping: bool) -> bool {
     }
 }
 
-/// Whether `data` holds `data` right after a character some clients end a line at: a line of
-/// its own to them. One search for `data` (rare in a message but as a key, after a quote).
-fn data_after_separator(data: &[u8]) -> bool {
-    memchr::memmem::find_iter(data, b"data").any(|at| {
-        let before = &data[..at];
-        before
-            .last()
-            .is_some_and(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
-            || SEPARATORS[..3].iter().any(|s| before.ends_with(s))
-    })
+/// Whether `bytes` holds a character some clients end a line at ([`has_separator`]), found
+/// by vector searches (every event's data on passthrough is looked at).
+fn may_split(bytes: &[u8]) -> bool {
+    memchr::memchr3(0x0b, 0x0c, 0x1c, bytes).is_some()
+        || memchr::memchr2(0x1d, 0x1e, bytes).is_some()
+        || memchr::memchr2_iter(0xc2, 0xe2, bytes).any(|at| {
+            let rest = &bytes[at..];
+            SEPARATORS[..3].iter().any(|s| rest.starts_with(s))
+        })
 }
 
 /// `events` (whole SSE events) without those whose data answers what `answers` does not allow
@@ -915,21 +916,26 @@ pub fn discover_from_initialize(init: &Value) -> Value {
 /// A `tools/list` result as one tenant sees it: only the tools `keep` keeps, and never
 /// `cacheScope: "public"` (the list is that tenant's, and a shared cache must not give it to
 /// another). `None`: the result has no `tools` array to filter.
+/// Whether a listed item (a tool, a prompt) is one the gateway can judge: an object with a
+/// string `name` and no two keys a client reads as one ([`one_meaning`]: `Name` beside
+/// `name`). Go reads `{"Name": "secret_tool"}` as a tool named so, which the filter, the pins
+/// and a federation's prefixes took for one with no name (the fourth review).
+pub(super) fn listable(item: &Value) -> bool {
+    item.as_object().is_some_and(|o| {
+        o.get("name").is_some_and(Value::is_string)
+            && super::jsonrpc::same_to_go(o.keys().map(String::as_str)).is_none()
+    })
+}
+
 pub(super) fn keep_tools(
     result: &mut serde_json::Value,
     keep: impl FnMut(&serde_json::Value) -> bool,
 ) -> Option<()> {
-    // A tool whose keys a client reads otherwise ([`one_meaning`]: `Name` beside `name`)
-    // is not one the gateway can say is visible, nor pin.
-    let plain = |t: &serde_json::Value| {
-        t.as_object()
-            .is_none_or(|o| super::jsonrpc::same_to_go(o.keys().map(String::as_str)).is_none())
-    };
     let mut keep = keep;
     result
         .get_mut("tools")?
         .as_array_mut()?
-        .retain(|t| plain(t) && keep(t));
+        .retain(|t| listable(t) && keep(t));
     if let Some(r) = result.as_object_mut()
         && (r.contains_key("cacheScope") || r.contains_key("ttlMs"))
     {
@@ -1167,6 +1173,14 @@ mod tests {
             ),
             format!(
                 "data: {{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"t\":\"\u{1e}data: {stray}\"}}}}"
+            ),
+            // The separators at the end of one data line, the stray on the next (the fourth
+            // review).
+            format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"level\":\"info\",\"data\":\"\u{2028}\u{2028}\ndata: {stray}"
+            ),
+            format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"t\":\"\u{1e}\u{1e}\ndata: {stray}\n"
             ),
         ] {
             for answers in [seven, Answers::Nothing] {
@@ -1505,6 +1519,10 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         // A tool whose own keys Go reads as one is left out of a filtered list.
         let mut result = json!({"tools": [
             {"name": "echo", "Name": "delete_repo"},
+            {"Name": "secret_tool"},
+            {"NAME": "echo", "description": "poisoned"},
+            {"name": 5},
+            "echo",
             {"name": "search", "description": "d"},
         ]});
         keep_tools(&mut result, |_| true).unwrap();

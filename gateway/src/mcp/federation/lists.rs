@@ -10,7 +10,7 @@ use crate::{
     mcp::{
         Message, RpcError, error,
         held::describe,
-        messages::{response_message, response_result, set_in},
+        messages::{listable, response_message, response_result, set_in},
         proxy,
     },
 };
@@ -96,6 +96,9 @@ impl<'c> Federation<'_, 'c> {
                         let prefix = &self.members[i].prefix;
                         let upstream = &self.upstream(&self.members[i]).name;
                         for mut item in result[key].as_array().cloned().unwrap_or_default() {
+                            if key == "tools" && !listable(&item) {
+                                continue;
+                            }
                             if key == "tools"
                                 && !proxy::visible(
                                     self.ctx,
