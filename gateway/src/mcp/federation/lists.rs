@@ -50,7 +50,7 @@ impl<'c> Federation<'_, 'c> {
         let mut failed: Vec<(usize, String)> = Vec::new();
         let mut cache: Option<(u64, bool)> = None;
         let mut result_type: Option<Value> = None;
-        let mut expired: Vec<usize> = Vec::new();
+        let mut expired = None;
         let mut collected = 0usize;
         for _ in 0..MAX_PAGES {
             let bodies: Vec<(usize, Bytes)> = active
@@ -86,8 +86,7 @@ impl<'c> Federation<'_, 'c> {
                         && matches!(era, Era::Session(_))
                         && !self.bridged(era, &self.members[i])
                     {
-                        expired.push(i);
-                        return Err("its session has ended".into());
+                        expired = Some(i);
                     }
                     response_result(&head, &bytes, id.as_ref())
                 });
@@ -140,17 +139,11 @@ impl<'c> Federation<'_, 'c> {
                 }
             }
         }
-        if ended(active.len(), &failed, &expired) {
-            let names: Vec<&str> = expired
-                .iter()
-                .map(|i| self.upstream(&self.members[*i]).name.as_str())
-                .collect();
+        if let Some(i) = expired {
+            let name = &self.upstream(&self.members[i]).name;
             let err = RpcError::new(
                 error::SESSION_NOT_FOUND,
-                format!(
-                    "the session at every upstream ({}) has ended: initialize again",
-                    names.join(", ")
-                ),
+                format!("the session at upstream `{name}` has ended: initialize again"),
                 404,
             );
             return self.reply_error(io, err.with_id(id)).await;
@@ -275,34 +268,5 @@ impl<'c> Federation<'_, 'c> {
             result["instructions"] = json!(instructions.join("\n\n"));
         }
         self.reply_result(io, id.as_ref(), result, None).await
-    }
-}
-
-/// Whether a merged list is answered 404 ("initialize again"): only when every member of the
-/// session failed, each because its session has ended (`expired`) — the federated session has
-/// nothing left. A member whose session ended beside members that answered is left out as
-/// unavailable like any failing member: before, one member's 404 failed the whole list for every
-/// client, and a member that answers 404 to every list did so again after each new session.
-fn ended(active: usize, failed: &[(usize, String)], expired: &[usize]) -> bool {
-    active > 0 && failed.len() == active && failed.iter().all(|(i, _)| expired.contains(i))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ended;
-
-    #[test]
-    fn one_members_ended_session_leaves_it_out_every_members_ends_the_list() {
-        let why = |i: usize| (i, String::from("x"));
-        // One of two ended, the other answered: the list is answered, the member left out.
-        assert!(!ended(2, &[why(1)], &[1]));
-        // One ended, the other failed otherwise: every upstream failed (502), not 404.
-        assert!(!ended(2, &[why(0), why(1)], &[1]));
-        // Every member's session ended: 404, the client initializes again.
-        assert!(ended(2, &[why(0), why(1)], &[0, 1]));
-        assert!(ended(1, &[why(0)], &[0]));
-        // None ended, or no member at all: not this.
-        assert!(!ended(2, &[why(0), why(1)], &[]));
-        assert!(!ended(0, &[], &[]));
     }
 }
