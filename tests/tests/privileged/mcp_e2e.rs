@@ -731,12 +731,14 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     d.stop();
 }
 
-/// A member whose session id is too long to seal is left out of the federated session, and a
-/// member whose session has ended (404 to a list) is left out of the list: the other members
-/// serve on. Before (an attacker's review), the first made the client's session id 16 KB and
-/// every later request 431; the second made every `tools/list` of the route 404 for good.
+/// A member whose session id is too long to seal is left out of the federated session: the
+/// other members serve on. Before (an attacker's review), it made the client's session id 16 KB
+/// and every later request 431. A member whose session has ended (404 to a list) makes the
+/// merged list 404, so that the client initializes again (a member that restarted comes back
+/// so; leaving it out kept its tools from every open session, the fourth review), while a call
+/// to another member is still answered.
 #[test]
-fn a_member_with_a_long_session_id_or_an_ended_session_is_left_out_not_the_session() {
+fn a_member_with_a_long_session_id_is_left_out_and_an_ended_one_asks_for_a_new_session() {
     let py = PyServer::start(true);
     let long = PyServer::script_on("list_member.py", free_port(), &["longsid"]);
     let ended = PyServer::script_on("list_member.py", free_port(), &["ended"]);
@@ -759,20 +761,7 @@ fn a_member_with_a_long_session_id_or_an_ended_session_is_left_out_not_the_sessi
     let session = format!("mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
     let (r, _) = raw(port, &post("/fed", list, &session));
-    let v = r.json();
-    assert_eq!(r.status, 200, "{v}");
-    assert_eq!(
-        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
-        serde_json::json!(["ended"]),
-        "{v}"
-    );
-    let names: Vec<&str> = v["result"]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
-    assert!(names.contains(&"py_echo"), "{names:?}");
+    assert_eq!(r.status, 404, "{:?}", r.json());
     let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"py_echo","arguments":{"text":"hi"}}}"#;
     let (r, _) = raw(port, &post("/fed", call, &session));
     assert_eq!(r.status, 200);
