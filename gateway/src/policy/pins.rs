@@ -616,6 +616,17 @@ mod tests {
     /// An upstream past its share lists ever more new names: each is hidden before its look or
     /// its digest is made, however often it is listed; a pinned tool is still checked. The time
     /// of 200,000 such names is printed, not asserted.
+    /// Lists `tools` at the upstream `many` of `pins`, each hidden: how long it took, and how
+    /// many looks and digests were made.
+    fn hidden_all(pins: &Pins, tools: &[Value]) -> (std::time::Duration, usize) {
+        let before = WORK.with(std::cell::Cell::get);
+        let start = std::time::Instant::now();
+        for t in tools {
+            assert!(!pins.observe("many", t, None));
+        }
+        (start.elapsed(), WORK.with(std::cell::Cell::get) - before)
+    }
+
     #[test]
     fn a_name_past_a_full_share_costs_no_look_and_no_digest() {
         let pins = Pins::default();
@@ -625,16 +636,11 @@ mod tests {
         let tools: Vec<Value> = (0..200_000)
             .map(|i| json!({"name": format!("n{i}"), "description": "d", "inputSchema": {"type": "object"}}))
             .collect();
-        let before = WORK.with(std::cell::Cell::get);
-        let start = std::time::Instant::now();
-        for t in &tools {
-            assert!(!pins.observe("many", t, None));
-        }
-        let took = start.elapsed();
-        let made = WORK.with(std::cell::Cell::get) - before;
+        let (took, made) = hidden_all(&pins, &tools);
         println!("200,000 names past a full share: {took:?}, {made} looks and digests made");
         assert_eq!(made, 0, "nothing made for a name with no room");
         // Lookalikes too (`t0` with a Cyrillic `t`... any name): hidden without a look.
+        let before = WORK.with(std::cell::Cell::get);
         assert!(!pins.observe("many", &json!({"name": "\u{442}0"}), None));
         assert_eq!(WORK.with(std::cell::Cell::get) - before, 0);
         // A pinned tool is still checked: a change is held.
@@ -858,13 +864,7 @@ mod tests {
         let tools: Vec<Value> = (0..100_000)
             .map(|i| json!({"name": format!("e\u{200b}{i}")}))
             .collect();
-        let before = WORK.with(std::cell::Cell::get);
-        let start = std::time::Instant::now();
-        for t in &tools {
-            assert!(!pins.observe("many", t, None));
-        }
-        let took = start.elapsed();
-        let made = WORK.with(std::cell::Cell::get) - before;
+        let (took, made) = hidden_all(&pins, &tools);
         println!("100,000 names refused for their look: {took:?}, {made} looks and digests made");
         // A second may turn during the loop: at most two seconds' judgments.
         assert!(made <= 2 * MAX_JUDGED_PER_SECOND as usize, "{made} judged");
