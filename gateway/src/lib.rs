@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod host;
 pub mod http;
 pub mod kernel;
+pub mod keys;
 pub mod load;
 pub mod mcp;
 pub mod otlp;

@@ -292,7 +292,7 @@ impl AnswerScan {
         let go = |name: &str| {
             key.eq_ignore_ascii_case(name.as_bytes())
                 || (!key.is_ascii()
-                    && std::str::from_utf8(key).is_ok_and(|k| super::jsonrpc::go_same_key(k, name)))
+                    && std::str::from_utf8(key).is_ok_and(|k| crate::keys::go_same_key(k, name)))
         };
         if self.depth == 1 && !self.key_odd && (go("result") || go("error")) {
             self.answer_key = true;

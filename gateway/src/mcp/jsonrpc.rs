@@ -16,6 +16,7 @@ use simd_json::{Node, prelude::*, tape::Value};
 use super::elide::Elision;
 use super::error::RpcError;
 use super::id::Id;
+use crate::keys::{folded, go_same_key};
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
@@ -350,7 +351,7 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
                     return Some((first, key));
                 }
                 keys.push((key, ascii));
-            } else if let Some(first) = large.insert(go_folded(key), key) {
+            } else if let Some(first) = large.insert(folded(key), key) {
                 return Some((first, key));
             }
             // Skip the key and its value (with everything nested in it).
@@ -361,48 +362,6 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
         }
     }
     None
-}
-
-/// A character as Go's `encoding/json` matches an object's key to a struct's field (simple
-/// case folding): an ASCII letter by its upper case, any other character by its case mappings,
-/// which make `\u{17f}` (long s) an `S` and the Kelvin sign a `K`. Dotless and dotted i are made
-/// an `I` too, which Go does not do: refusing a little more than Go reads is the safe side.
-fn go_fold(c: char) -> char {
-    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
-        let c = it.next()?;
-        it.next().is_none().then_some(c)
-    }
-    if c.is_ascii() {
-        return c.to_ascii_uppercase();
-    }
-    match c {
-        '\u{17f}' => 'S',
-        '\u{212a}' => 'K',
-        '\u{130}' | '\u{131}' => 'I',
-        _ => {
-            let lower = single(c.to_lowercase()).unwrap_or(c);
-            single(lower.to_uppercase()).unwrap_or(lower)
-        }
-    }
-}
-
-/// `key` folded by [`go_fold`].
-fn go_folded(key: &str) -> String {
-    key.chars().map(go_fold).collect()
-}
-
-/// Whether Go's `encoding/json` reads the keys `a` and `b` as one field of a struct (mcp-go
-/// decodes every message into structs so, and a Go SDK before 1.3.1 did): a message that holds
-/// both has two meanings, and one that holds `b` where the gateway reads `a` has another
-/// meaning there than here.
-pub fn go_same_key(a: &str, b: &str) -> bool {
-    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
-        return true;
-    }
-    if a.is_ascii() && b.is_ascii() {
-        return false;
-    }
-    a.chars().map(go_fold).eq(b.chars().map(go_fold))
 }
 
 /// The keys of a message's envelope that the gateway reads, by the object they are in: a key
@@ -468,7 +427,7 @@ pub fn same_to_go<'k>(keys: impl ExactSizeIterator<Item = &'k str>) -> Option<(&
     }
     let mut seen: HashMap<String, &str> = HashMap::with_capacity(keys.len());
     keys.into_iter()
-        .find_map(|k| seen.insert(go_folded(k), k).map(|first| (first, k)))
+        .find_map(|k| seen.insert(folded(k), k).map(|first| (first, k)))
 }
 
 /// [`spelled_otherwise`] as a refusal of the message.

@@ -474,15 +474,22 @@ fn event_judged(event: &[u8], answers: Answers, escaping: bool) -> bool {
     }
 }
 
-/// Whether `bytes` holds a character some clients end a line at ([`has_separator`]), found
+/// Whether `bytes` holds a character some clients end a line at (U+0085, U+2028, U+2029 and
+/// some controls: httpx-sse before 0.4.1 splits lines as Python's `str.splitlines` does), found
 /// by vector searches (every event's data on passthrough is looked at).
 fn may_split(bytes: &[u8]) -> bool {
     memchr::memchr3(0x0b, 0x0c, 0x1c, bytes).is_some()
         || memchr::memchr2(0x1d, 0x1e, bytes).is_some()
         || memchr::memchr2_iter(0xc2, 0xe2, bytes).any(|at| {
             let rest = &bytes[at..];
-            SEPARATORS[..3].iter().any(|s| rest.starts_with(s))
+            LINE_ENDS.iter().any(|s| rest.starts_with(s))
         })
+}
+
+/// [`may_split`], or a byte order mark (which one client strips at the start of a stream, so
+/// that a field named after it is another field there).
+fn has_separator(bytes: &[u8]) -> bool {
+    may_split(bytes) || memchr::memmem::find(bytes, BOM).is_some()
 }
 
 /// `events` (whole SSE events) without those whose data answers what `answers` does not allow
@@ -727,25 +734,15 @@ pub fn rewrite_events(member: &str, events: &[u8], answers: Answers) -> Vec<u8> 
     out
 }
 
-/// Characters some clients end a line at, as UTF-8 (with a byte order mark, which one strips
-/// at the start of a stream).
-const SEPARATORS: [&[u8]; 4] = [
-    b"\xc2\x85",
-    b"\xe2\x80\xa8",
-    b"\xe2\x80\xa9",
-    b"\xef\xbb\xbf",
-];
+/// The characters beyond ASCII that some clients end a line at, as UTF-8.
+const LINE_ENDS: [&[u8]; 3] = [b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9"];
 
-fn has_separator(bytes: &[u8]) -> bool {
-    bytes.iter().any(|b| matches!(b, 0x0b | 0x0c | 0x1c..=0x1e))
-        || SEPARATORS
-            .iter()
-            .any(|s| memchr::memmem::find(bytes, s).is_some())
-}
+/// A byte order mark, as UTF-8.
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// JSON with U+0085, U+2028 and U+2029 escaped (they can only be in its strings).
 fn escape_separators(json: Vec<u8>) -> Vec<u8> {
-    if !SEPARATORS[..3]
+    if !LINE_ENDS
         .iter()
         .any(|s| memchr::memmem::find(&json, s).is_some())
     {

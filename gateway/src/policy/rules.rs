@@ -7,6 +7,7 @@ use regex_automata::meta::Regex;
 use serde_json::Value;
 
 use crate::config::{Action, JsonType, RawArgRule, RawMethodRule, RawToolRule};
+use crate::keys::fold;
 
 /// A compiled tool rule: a tenant's own, or one of `[policy]`'s shared by every tenant (its
 /// limits are kept per tenant and label, not in the rule).
@@ -686,22 +687,6 @@ fn as_number(key: &str) -> Option<f64> {
         return None;
     }
     plain.parse::<f64>().ok()
-}
-
-/// One character under simple case folding, as Go's `encoding/json` matches a key to a field:
-/// `S` and `ſ` are `s`, the Kelvin sign is `k`, dotless and dotted i are `i` (Go 1.21 on folds
-/// by `ToUpper(ToLower(r))`, and dotted I's simple lower case is `i`, where Rust's full one is
-/// two characters); a character whose case maps to several (`ß`) is itself.
-fn fold(c: char) -> char {
-    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
-        let c = it.next()?;
-        it.next().is_none().then_some(c)
-    }
-    if c == '\u{130}' {
-        return 'i';
-    }
-    let upper = single(c.to_uppercase()).unwrap_or(c);
-    single(upper.to_lowercase()).unwrap_or(upper)
 }
 
 /// `n` if it is an integer (JSON without a fraction or exponent), exactly.
