@@ -425,7 +425,7 @@ fn event_judged(event: &[u8], answers: Answers, escaping: bool) -> bool {
     // ignores, unless the mark starts its stream: then it reads `data`) goes. Kept unread, it
     // became the first event a client saw once the strays before it were dropped, and its
     // data, a response to another request, reached the client (the fuzz target `federation`).
-    if event.starts_with(super::sse::BOM) {
+    if event.starts_with(sse::BOM) {
         return false;
     }
     // Some clients end a line at U+0085, U+2028, U+2029 and a few control characters too
@@ -489,7 +489,7 @@ fn may_split(bytes: &[u8]) -> bool {
 /// [`may_split`], or a byte order mark (which one client strips at the start of a stream, so
 /// that a field named after it is another field there).
 fn has_separator(bytes: &[u8]) -> bool {
-    may_split(bytes) || memchr::memmem::find(bytes, BOM).is_some()
+    may_split(bytes) || memchr::memmem::find(bytes, sse::BOM).is_some()
 }
 
 /// `events` (whole SSE events) without those whose data answers what `answers` does not allow
@@ -736,9 +736,6 @@ pub fn rewrite_events(member: &str, events: &[u8], answers: Answers) -> Vec<u8> 
 
 /// The characters beyond ASCII that some clients end a line at, as UTF-8.
 const LINE_ENDS: [&[u8]; 3] = [b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9"];
-
-/// A byte order mark, as UTF-8.
-const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// JSON with U+0085, U+2028 and U+2029 escaped (they can only be in its strings).
 fn escape_separators(json: Vec<u8>) -> Vec<u8> {
