@@ -322,14 +322,15 @@ fn deeper_than(nodes: &[Node<'_>], max: usize) -> bool {
 /// `NAME` and `nam\u{17f}` are `name` to mcp-go and to Go SDKs before 1.3.1, the last of them
 /// taken).
 fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
-    // Each key with whether it is ASCII (two ASCII keys match only at one length).
-    let mut keys: Vec<(&'a str, bool)> = Vec::new();
+    // Each key of a small object with whether it is ASCII (two ASCII keys match only at one
+    // length), on the stack: every object of every request is looked at.
+    let mut keys: [(&'a str, bool); LINEAR_KEYS] = [("", true); LINEAR_KEYS];
     let mut large: HashMap<String, &'a str> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
         let Node::Object { len, .. } = *node else {
             continue;
         };
-        keys.clear();
+        let mut seen = 0;
         large.clear();
         let mut at = i + 1;
         for _ in 0..len {
@@ -347,10 +348,11 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
                         go_same_key(k, key)
                     }
                 };
-                if let Some(&(first, _)) = keys.iter().find(|k| same(k)) {
+                if let Some(&(first, _)) = keys[..seen].iter().find(|k| same(k)) {
                     return Some((first, key));
                 }
-                keys.push((key, ascii));
+                keys[seen] = (key, ascii);
+                seen += 1;
             } else if let Some(first) = large.insert(folded(key), key) {
                 return Some((first, key));
             }
@@ -402,12 +404,11 @@ pub fn spelled_otherwise<'k>(
         names
             .iter()
             .find(|n| {
-                **n != k
-                    && if ascii {
-                        n.len() == k.len() && n.eq_ignore_ascii_case(k)
-                    } else {
-                        go_same_key(n, k)
-                    }
+                if ascii {
+                    n.len() == k.len() && n.eq_ignore_ascii_case(k) && **n != k
+                } else {
+                    go_same_key(n, k)
+                }
             })
             .map(|n| (k, *n))
     })

@@ -567,6 +567,17 @@ impl ArgRule {
                     }
                 }
             }
+            // A list where the rule names a member of an object: a server whose tool takes
+            // either there (`opts: Options | list[Options]`) runs every item, none of which
+            // the rule would see (an attacker's review: `{"opts": [{"path": "/etc/shadow"}]}`
+            // passed `/opts/path` held to `^/tmp/`).
+            if at.is_array() && !is_index(t) {
+                return Err(format!(
+                    "argument `{}`: `{}` is a list where the rule names the member {t:?} of an object, and a server may run each of its items: send the object",
+                    self.pointer,
+                    self.prefix(i)
+                ));
+            }
             let next = match at {
                 Cow::Borrowed(v) => step(v, t)
                     .map_err(|k| self.spelling(i, &k))?
@@ -601,17 +612,22 @@ impl ArgRule {
     }
 }
 
+/// Whether a pointer's token names an item of a list (RFC 6901: digits, no leading zero).
+fn is_index(token: &str) -> bool {
+    !token.is_empty()
+        && token.bytes().all(|b| b.is_ascii_digit())
+        && (token == "0" || !token.starts_with('0'))
+}
+
 /// One step of a pointer: the member `token` names in `v`, or `None`. Err: a key of an
 /// object that some server could read as `token` ([`key_in`]).
 fn step<'v>(v: &'v Value, token: &str) -> Result<Option<&'v Value>, String> {
     match v {
         Value::Object(o) => key_in(o, token),
-        Value::Array(a) => {
-            if token.len() > 1 && token.starts_with('0') {
-                return Ok(None);
-            }
-            Ok(token.parse::<usize>().ok().and_then(|i| a.get(i)))
-        }
+        Value::Array(a) => Ok(is_index(token)
+            .then(|| token.parse::<usize>().ok())
+            .flatten()
+            .and_then(|i| a.get(i))),
         _ => Ok(None),
     }
 }
@@ -945,6 +961,35 @@ mod tests {
         );
         // A string that is not a JSON object or array holds nothing.
         assert!(r.check(Some(&json!({"opts": "plain"}))).is_ok());
+        // A list where the rule names an object's member, itself or as JSON text: a server
+        // taking either runs each item (an attacker's review).
+        for opts in [
+            json!([{"path": "/etc/shadow"}]),
+            json!([{"path": "/srv/a"}]),
+            json!("[{\"path\": \"/etc/shadow\"}]"),
+            json!([]),
+        ] {
+            let err = r.check(Some(&json!({ "opts": opts }))).unwrap_err();
+            assert!(err.contains("is a list"), "{opts}: {err}");
+        }
+        // An index into a list is read; one past its end is absent.
+        let first = rule("pointer = \"/opts/0/path\"\npattern = \"^/srv/\"");
+        assert!(
+            first
+                .check(Some(&json!({"opts": [{"path": "/srv/a"}]})))
+                .is_ok()
+        );
+        assert!(
+            first
+                .check(Some(&json!({"opts": [{"path": "/etc"}]})))
+                .is_err()
+        );
+        assert!(first.check(Some(&json!({"opts": []}))).is_ok());
+        assert!(
+            first
+                .check(Some(&json!({"opts": [[{"path": "/etc"}]]})))
+                .is_err()
+        );
         // One that looks like one but is not JSON here, while Python reads it: refused.
         for text in [
             "{\"path\": \"/etc/shadow\", \"x\": NaN}",

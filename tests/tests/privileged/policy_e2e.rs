@@ -571,7 +571,8 @@ fn an_argument_sent_as_json_text_is_checked_as_what_the_server_runs() {
 /// past it to the Python SDK's server): JSON text nested deeper than the gateway's reader goes
 /// (140 levels; `json.loads` reads about 1,000), a key read as the same number as the ruled
 /// one (`"01"` for `1` in a `dict[int, int]`), and a field's name where the rule names its alias
-/// (`file_path` for `filePath`, with `populate_by_name`). Before, each was admitted and the tool
+/// (`file_path` for `filePath`, with `populate_by_name`), a list where the rule names an
+/// object's member (`opts: Options | list[Options]`). Before, each was admitted and the tool
 /// ran `["/etc/passwd", ...]`, `{1: 100000}` and `/etc/shadow`.
 #[test]
 fn arguments_the_server_reads_under_another_key_or_nesting_are_held_to_the_rule() {
@@ -619,6 +620,13 @@ fn arguments_the_server_reads_under_another_key_or_nesting_are_held_to_the_rule(
     );
     assert_eq!(text(&r).as_deref(), Some("/srv/a"), "{r:?}");
     refused("configure", json!({"opts": {"file_path": "/etc/shadow"}}));
+    // A list where the rule names an object's member, as itself or as JSON text: the tool
+    // takes either, and runs each item (an attacker's review).
+    refused("configure", json!({"opts": [{"filePath": "/etc/shadow"}]}));
+    refused(
+        "configure",
+        json!({"opts": "[{\"filePath\": \"/etc/shadow\"}]"}),
+    );
     d.stop();
 }
 
