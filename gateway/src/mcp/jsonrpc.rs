@@ -16,7 +16,7 @@ use simd_json::{Node, prelude::*, tape::Value};
 use super::elide::Elision;
 use super::error::RpcError;
 use super::id::Id;
-use crate::keys::{folded, go_same_key};
+use crate::keys::{fold, folded, go_same_key};
 
 /// The `_meta` key of the per-request protocol version (2026-07-28).
 pub const PROTOCOL_VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
@@ -392,22 +392,47 @@ const META_KEYS: &[&str] = &[
     CLIENT_CAPABILITIES_META_KEY,
 ];
 
-/// A key of `keys` that is not one of `names` (ASCII) but is read as one by Go: the key and
-/// the name.
+/// A key of `keys` that is not one of `names` (ASCII) but is read as one by Go (in another
+/// case, [`go_same_key`]) or by pydantic (the Python SDK's types read a field by its name as
+/// well as its alias: `task_id` for `taskId`, `meta` for `_meta`, `progress_token` for
+/// `progressToken`; an attacker's review): the key and the name.
 pub fn spelled_otherwise<'k>(
     keys: impl IntoIterator<Item = &'k str>,
     names: &[&'static str],
 ) -> Option<(&'k str, &'static str)> {
+    /// A name's length without its `_`.
+    fn core_len(s: &str) -> usize {
+        s.len() - s.bytes().filter(|b| *b == b'_').count()
+    }
     keys.into_iter().find_map(|k| {
-        // The names are ASCII: an ASCII key is one only at its length, in another case.
+        // The names are ASCII: an ASCII key is one only at its length without `_`, and in
+        // another case or with `_` elsewhere; a key without `_` only at its length.
         let ascii = k.is_ascii();
+        let k_core = core_len(k);
+        let under = k_core != k.len();
         names
             .iter()
             .find(|n| {
                 if ascii {
-                    n.len() == k.len() && n.eq_ignore_ascii_case(k) && **n != k
+                    if under || n.contains('_') {
+                        core_len(n) == k_core
+                            && **n != k
+                            && n.bytes()
+                                .filter(|b| *b != b'_')
+                                .map(|b| b.to_ascii_lowercase())
+                                .eq(k
+                                    .bytes()
+                                    .filter(|b| *b != b'_')
+                                    .map(|b| b.to_ascii_lowercase()))
+                    } else {
+                        n.len() == k.len() && n.eq_ignore_ascii_case(k) && **n != k
+                    }
                 } else {
                     go_same_key(n, k)
+                        || n.chars()
+                            .filter(|c| *c != '_')
+                            .map(fold)
+                            .eq(k.chars().filter(|c| *c != '_').map(fold))
                 }
             })
             .map(|n| (k, *n))
@@ -440,7 +465,7 @@ fn other_spelling<'k>(
     match spelled_otherwise(keys, names) {
         None => Ok(()),
         Some((key, name)) => Err(RpcError::invalid_request(format!(
-            "key {key:?} is read as {name:?} by some servers (Go's encoding/json): a message must have one meaning"
+            "key {key:?} is read as {name:?} by some servers (Go's encoding/json, pydantic): a message must have one meaning"
         ))
         .with_id(id.clone())),
     }

@@ -262,6 +262,12 @@ fn keys_go_reads_as_one_are_refused() {
             r#"{"name":"x","_meta":{"io.modelcontextprotocol/clientCapabilities":{"Extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#,
         ),
         r#"{"jsonrpc":"2.0","ID":6,"method":"tools/list"}"#.to_owned(),
+        // The field's name where the gateway reads its alias: pydantic reads both (the
+        // Python SDK's types), so these are `_meta`, `taskId` and `progressToken` there.
+        call(r#"{"name":"x","meta":{"io.modelcontextprotocol/related-task":{"taskId":"t"}}}"#),
+        r#"{"jsonrpc":"2.0","id":6,"method":"tasks/result","params":{"task_id":"abc"}}"#.to_owned(),
+        call(r#"{"name":"x","_meta":{"progress_token":1}}"#),
+        call(r#"{"name":"x","_Meta":{}}"#),
     ];
     for body in &alone {
         let e = refused(body);
@@ -279,6 +285,7 @@ fn keys_go_reads_as_one_are_refused() {
         call(r#"{"name":"t","arguments":{"path":"a","paths":"b","päth":"c"}}"#),
         call(r#"{"name":"t","arguments":{"Path":"/srv"}}"#),
         call(r#"{"name":"t","arguments":{},"_meta":{"progressToken":1,"other":2}}"#),
+        call(r#"{"name":"t","arguments":{"task_id":"a","meta":1},"_meta":{"progress":1}}"#),
     ] {
         assert!(parse(&body).is_ok(), "{body}");
     }
