@@ -498,7 +498,7 @@ fn may_split_avx2(bytes: &[u8]) -> bool {
 /// [`may_split`], for whichever instructions its caller was compiled for (inlined into each).
 #[inline(always)]
 fn may_split_in_blocks(bytes: &[u8]) -> bool {
-    const LANES: usize = 64;
+    const LANES: usize = 256;
     // A byte that may start a separator: 0x0b to 0x1e (a few of them are), or the first byte
     // of U+0085 (0xc2) or of U+2028 and U+2029 (0xe2). Without an early exit, so that the
     // comparisons are made on whole vectors.
