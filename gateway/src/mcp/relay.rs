@@ -165,6 +165,10 @@ pub(super) async fn relay(
             return fail(client, req, up, request_id, f).await;
         }
     };
+    if let Some(f) = unasked_body(req, &head, kind, request_id.is_some()) {
+        obs.set(Outcome::UpstreamFailure);
+        return fail(client, req, up, request_id, f).await;
+    }
     let upstream_close = head.closes();
     let Some(kind) = kind else {
         return head_only(client, conn, req, &head, up, request_id, ctx, member, obs).await;
@@ -649,6 +653,35 @@ async fn head_only(
     req.keep_alive
 }
 
+/// Why a successful answer to an exchange that sent no request (a GET, a DELETE, a client's
+/// notification or response) may not be relayed: its body is read by no rule. A GET's must
+/// be an event stream, which is judged event by event (the TypeScript SDK's client reads any
+/// 2xx body of its GET as one, whatever its type: `data:` lines in `application/json` answered
+/// its pending `tools/list` with the hidden tools; an attacker's review); another's, if it
+/// is not one, small enough to be held and judged whole ([`Holding`]).
+fn unasked_body(
+    req: &Request,
+    head: &ResponseHead,
+    kind: Option<BodyKind>,
+    request: bool,
+) -> Option<UpstreamFailure> {
+    if request || !(200..300).contains(&head.status) || head.is_sse() {
+        return None;
+    }
+    let judged = match kind {
+        None | Some(BodyKind::Length(0)) => true,
+        Some(BodyKind::Length(n)) => req.method != "GET" && n <= HOLD_SMALL,
+        Some(_) => false,
+    };
+    (!judged).then(|| {
+        UpstreamFailure::Bad(if req.method == "GET" {
+            "answered a GET with a body that is not an event stream".into()
+        } else {
+            "answered what asks for no answer (a notification, a response, a DELETE) with a body that is neither an event stream nor small".into()
+        })
+    })
+}
+
 /// What an answer held whole before the client gets a byte of it is judged for once whole
 /// ([`Holding::judge`]). [`Holding::of`] decides whether it is held (and makes `body` hold it):
 /// a small one is held only to go out with its head in one write.
@@ -939,10 +972,13 @@ fn client_head(
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &connection)
             && !is_upstream_private(name)
-            // Set below for every event stream.
+            // Set below for every event stream: its type too, without the upstream's
+            // parameters (httpx decodes a stream in the charset they name, RFC 2231 forms
+            // such as `charset*=''utf-7` included; an attacker's review).
             && !(sse
                 && (name.eq_ignore_ascii_case("x-accel-buffering")
-                    || name.eq_ignore_ascii_case("cache-control")));
+                    || name.eq_ignore_ascii_case("cache-control")
+                    || name.eq_ignore_ascii_case("content-type")));
         if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
             http::push_field(&mut out, name, value).map_err(unsafe_head)?;
         }
@@ -958,7 +994,9 @@ fn client_head(
         _ => {}
     }
     if sse {
-        out.extend_from_slice(b"x-accel-buffering: no\r\ncache-control: no-cache\r\n");
+        out.extend_from_slice(
+            b"content-type: text/event-stream\r\nx-accel-buffering: no\r\ncache-control: no-cache\r\n",
+        );
     }
     if framing == Framing::UntilClose || !req.keep_alive {
         out.extend_from_slice(b"connection: close\r\n");

@@ -1096,18 +1096,54 @@ asyncio.run(main())
 /// An upstream's answer in a charset but UTF-8 is not relayed: the client decodes it in that
 /// charset, the gateway reads UTF-8. The review's GET stream said `charset=utf-7` and spelled
 /// the stray's `id` as `+AGk-d`: no id to the gateway, the pending `tools/list`'s to the Python
-/// SDK's client, which listed the changed `echo` and the tenant's denied tool.
+/// SDK's client, which listed the changed `echo` and the tenant's denied tool. A later review
+/// named the charset as RFC 2231 does (`charset*=''utf-7`, `charset*0=utf-;charset*1=7`),
+/// which httpx decodes too (seen reaching the client on the code before).
 #[test]
 fn an_answer_in_another_charset_than_utf8_is_not_relayed() {
-    let (_upstream, mut d, port, _) = stray_gateway(&["utf7"]);
-    let got = py_script(
-        LIST_AND_CALL,
-        &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
-    );
-    listed_as_filtered(&got, "echo");
+    for media in [
+        "text/event-stream; charset=utf-7",
+        "text/event-stream; charset*=''utf-7",
+        "text/event-stream; charset*0=utf-;charset*1=7",
+    ] {
+        let (_upstream, mut d, port, _) = stray_gateway(&["utf7", media]);
+        let got = py_script(
+            LIST_AND_CALL,
+            &[&format!("http://127.0.0.1:{port}/mcp"), "echo"],
+        );
+        listed_as_filtered(&got, "echo");
+        d.wait_for_log("answered in charset `", std::time::Duration::from_secs(2));
+        d.stop();
+    }
+}
+
+/// A GET's answer that is not an event stream is not relayed: the TypeScript SDK's client reads
+/// any 2xx body of its GET as one, and the gateway judged only what it took for one. The review
+/// served the GET stream as `application/json` with a stray in it: the pending `tools/list`
+/// was answered with the changed `echo` and the tenant's denied tool (seen reaching the client
+/// on the code before).
+#[test]
+fn a_get_answered_with_another_type_than_an_event_stream_is_not_relayed() {
+    use std::io::Write as _;
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let second = std::time::Duration::from_secs(1);
+    let (_upstream, mut d, port, _) = stray_gateway(&["getjson"]);
+    let session = raw_session(port);
+    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    get.write_all(
+        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{session}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(second / 2);
+    let (r, _) = raw(port, &post("/mcp", list, &session));
+    assert_eq!(r.status, 200, "{r:?}");
+    let stream = read_for(&mut get, second);
+    assert!(stream.starts_with("HTTP/1.1 502"), "{stream}");
+    assert!(!stream.contains("First read"), "{stream}");
     d.wait_for_log(
-        "answered in charset `utf-7`",
-        std::time::Duration::from_secs(2),
+        "answered a GET with a body that is not an event stream",
+        second,
     );
     d.stop();
 }

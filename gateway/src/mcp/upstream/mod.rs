@@ -120,9 +120,15 @@ impl ResponseHead {
                     "answered with a Content-Type that is not text".into(),
                 ));
             };
-            if let Some((_, charset)) = http::media_params(ct)
-                .find(|(n, v)| n.eq_ignore_ascii_case("charset") && !http::is_utf8(v))
-            {
+            // Named in any form a client decodes: RFC 2231's `charset*=''utf-7` and
+            // `charset*0=utf-;charset*1=7` are UTF-7 to Python's `email` (httpx; a review).
+            let charset_like = |n: &str| {
+                n.get(..7)
+                    .is_some_and(|c| c.eq_ignore_ascii_case("charset"))
+            };
+            if let Some((_, charset)) = http::media_params(ct).find(|(n, v)| {
+                charset_like(n) && !(n.eq_ignore_ascii_case("charset") && http::is_utf8(v))
+            }) {
                 return Some(UpstreamFailure::Bad(format!(
                     "answered in charset `{}`: answers are read, and relayed, as UTF-8",
                     charset.escape_default()
