@@ -654,31 +654,24 @@ async fn head_only(
 }
 
 /// Why a successful answer to an exchange that sent no request (a GET, a DELETE, a client's
-/// notification or response) may not be relayed: its body is read by no rule. A GET's must
-/// be an event stream, which is judged event by event (the TypeScript SDK's client reads any
-/// 2xx body of its GET as one, whatever its type: `data:` lines in `application/json` answered
-/// its pending `tools/list` with the hidden tools; an attacker's review); another's, if it
-/// is not one, small enough to be held and judged whole ([`Holding`]).
+/// notification or response) may not be relayed: its body would be read by no rule. A GET's
+/// must be an event stream, which is judged event by event (the TypeScript SDK's client reads
+/// any 2xx body of its GET as one, whatever its type: `data:` lines in `application/json`
+/// answered its pending `tools/list` with the hidden tools; an attacker's review); another's,
+/// if it is not one, is held whole and judged ([`Holding`]), and may not outgrow 16 KiB.
 fn unasked_body(
     req: &Request,
     head: &ResponseHead,
     kind: Option<BodyKind>,
     request: bool,
 ) -> Option<UpstreamFailure> {
-    if request || !(200..300).contains(&head.status) || head.is_sse() {
-        return None;
-    }
-    let judged = match kind {
-        None | Some(BodyKind::Length(0)) => true,
-        Some(BodyKind::Length(n)) => req.method != "GET" && n <= HOLD_SMALL,
-        Some(_) => false,
-    };
+    let judged = request
+        || req.method != "GET"
+        || !(200..300).contains(&head.status)
+        || head.is_sse()
+        || matches!(kind, None | Some(BodyKind::Length(0)));
     (!judged).then(|| {
-        UpstreamFailure::Bad(if req.method == "GET" {
-            "answered a GET with a body that is not an event stream".into()
-        } else {
-            "answered what asks for no answer (a notification, a response, a DELETE) with a body that is neither an event stream nor small".into()
-        })
+        UpstreamFailure::Bad("answered a GET with a body that is not an event stream".into())
     })
 }
 
@@ -724,14 +717,17 @@ impl Holding {
         // dropped. An empty body answers nothing (a 202 to a client's response or
         // notification): a stray comes with one.
         let small_json = small && json_ok && kind != BodyKind::Length(0);
-        if member_checked || small {
+        // An exchange with no request is never answered by a JSON-RPC response: one is a
+        // stray, another client's. Its body is held whatever its framing (a Node server's
+        // empty 202 comes chunked), up to the small bound; a larger one fails the exchange
+        // (see `unasked_body`).
+        let unasked = json_ok && !request && !member && kind != BodyKind::Length(0);
+        if member_checked || small || unasked {
             body.whole = Some(Vec::new());
         }
         Self {
             checked: member_checked || (small_json && request),
-            // An exchange with no request is never answered by a JSON-RPC response: one is a
-            // stray, another client's.
-            unasked: small_json && !request && !member,
+            unasked,
             // A member's answer is bounded as a request body is; a small one by its length.
             max: if member_checked {
                 max_event
