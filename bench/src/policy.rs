@@ -158,6 +158,7 @@ pub fn decision_cost(n: u64) -> DecisionCost {
                 method: "tools/call",
                 tool: Some(("github", m.name.as_deref().unwrap_or_default())),
                 arguments: m.arguments.as_ref(),
+                argument_keys: None,
                 message_bytes: *len,
                 source,
             };

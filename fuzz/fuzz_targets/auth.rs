@@ -150,6 +150,7 @@ fuzz_target!(|data: &[u8]| {
         method: "tools/call",
         tool: Some(("up", &tool)),
         arguments: arguments.as_ref(),
+        argument_keys: None,
         message_bytes: data.len(),
         source: IpAddr::from([198, 18, 1, 7]),
     };

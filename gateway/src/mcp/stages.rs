@@ -766,48 +766,56 @@ fn admit(
     };
     for m in messages.all() {
         let tool = called_tool(config, route, m);
+        // The argument keys of the pinned tool's approved definition, for the loop breaker.
+        let mut argument_keys = None;
+        if policy.pinning
+            && let Some((upstream, local)) = tool
+        {
+            match ctx
+                .shared
+                .pins
+                .call(upstream, local, policy.configured_pin(upstream, local))
+            {
+                Ok(keys) => argument_keys = keys,
+                Err(why) => {
+                    let what = match why {
+                        policy::pins::Unpinned::Changed => format!(
+                            "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
+                        ),
+                        policy::pins::Unpinned::NotSeen => format!(
+                            "tool `{local}` at upstream `{upstream}` is pinned by the configuration and no listing has shown that definition yet: list tools, then call it"
+                        ),
+                        policy::pins::Unpinned::NoRoom => format!(
+                            "tool `{local}` at upstream `{upstream}` is not pinned: the upstream's share of the pin table is full"
+                        ),
+                        why @ (policy::pins::Unpinned::LooksLike(_)
+                        | policy::pins::Unpinned::HiddenCharacter) => format!(
+                            "tool `{}` at upstream `{upstream}` is not pinned: {}",
+                            local.escape_default(),
+                            policy::pins::not_plain_reason(&why).unwrap_or_default()
+                        ),
+                    };
+                    let r = Refusal::new(
+                        403,
+                        policy::code::PENDING_APPROVAL,
+                        // The upstream's pins, not the tool's: a rule is a label of the refusals'
+                        // metric, and the tool's name is the client's (one new series per made-up name).
+                        format!("pins[{upstream}]"),
+                        what,
+                    );
+                    return Err(refuse_all(&mut admissions, r, m.id.clone()));
+                }
+            }
+        }
         let ask = Ask {
             is_request: m.kind == Kind::Request,
             method: m.method.as_deref().unwrap_or_default(),
             tool,
             arguments: m.arguments.as_ref(),
+            argument_keys: argument_keys.as_deref(),
             message_bytes: req.body.len(),
             source: peer.ip(),
         };
-        if policy.pinning
-            && let Some((upstream, local)) = tool
-            && let Err(why) =
-                ctx.shared
-                    .pins
-                    .callable(upstream, local, policy.configured_pin(upstream, local))
-        {
-            let what = match why {
-                policy::pins::Unpinned::Changed => format!(
-                    "the definition of tool `{local}` at upstream `{upstream}` changed; an operator must approve it (POST /pins/approve)"
-                ),
-                policy::pins::Unpinned::NotSeen => format!(
-                    "tool `{local}` at upstream `{upstream}` is pinned by the configuration and no listing has shown that definition yet: list tools, then call it"
-                ),
-                policy::pins::Unpinned::NoRoom => format!(
-                    "tool `{local}` at upstream `{upstream}` is not pinned: the upstream's share of the pin table is full"
-                ),
-                why @ (policy::pins::Unpinned::LooksLike(_)
-                | policy::pins::Unpinned::HiddenCharacter) => format!(
-                    "tool `{}` at upstream `{upstream}` is not pinned: {}",
-                    local.escape_default(),
-                    policy::pins::not_plain_reason(&why).unwrap_or_default()
-                ),
-            };
-            let r = Refusal::new(
-                403,
-                policy::code::PENDING_APPROVAL,
-                // The upstream's pins, not the tool's: a rule is a label of the refusals'
-                // metric, and the tool's name is the client's (one new series per made-up name).
-                format!("pins[{upstream}]"),
-                what,
-            );
-            return Err(refuse_all(&mut admissions, r, m.id.clone()));
-        }
         // Breakers first: a call refused for an open circuit charges no budget.
         if let Some((upstream, local)) = tool
             && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)

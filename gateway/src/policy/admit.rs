@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     Identity, MAX_RUNS, Policy, Refusal, TenantPolicy, code,
+    declared::{ArgumentKeys, Read},
     limits::{self, Charge, Counted, InFlight, State},
     rules::{self, ToolRule},
 };
@@ -23,6 +24,10 @@ pub struct Ask<'a> {
     /// `tools/call`: the upstream and its own name for the tool, and the arguments.
     pub tool: Option<(&'a str, &'a str)>,
     pub arguments: Option<&'a Value>,
+    /// `tools/call` of a pinned tool whose approved definition is known: the argument keys its
+    /// input schema declares ([`super::pins::Pin::argument_keys`]), the only ones the loop
+    /// breaker counts. `None`: every key counts.
+    pub argument_keys: Option<&'a ArgumentKeys>,
     /// Size of the whole message: arguments cannot be larger, so a cap above it needs no count.
     pub message_bytes: usize,
     pub source: IpAddr,
@@ -364,7 +369,9 @@ impl<'a> Deciding<'a> {
     }
 
     /// The same call (tool and arguments, however spelled: [`Canonical`]) by the same agent,
-    /// counted within the breaker's window.
+    /// counted within the breaker's window. Of a tool whose pinned definition is known, only
+    /// the argument keys its schema declares are part of the call ([`Ask::argument_keys`]):
+    /// the servers ignore the others.
     fn loop_breaker(
         &self,
         upstream: &str,
@@ -375,7 +382,11 @@ impl<'a> Deciding<'a> {
         let Some(lb) = &t.loop_breaker else {
             return Ok(());
         };
-        let digest = state.key((upstream, tool, Canonical(self.ask.arguments)));
+        let digest = state.key((
+            upstream,
+            tool,
+            Canonical(self.ask.arguments, self.ask.argument_keys),
+        ));
         let key = state.key(("loop", &t.name, self.agent_scope(), self.agent(), digest));
         let Some(charge) = state.repeat(key, self.unix_s, lb.window_s, u64::from(lb.max_repeats))
         else {
@@ -562,7 +573,14 @@ impl<'a> Deciding<'a> {
 /// `"+1"`, `"1_0"`, `"1.0"` and `true` as an integer: each made another call of `add(7, 1)`, an
 /// attacker's review). More spellings are one call than a server may take as one: for a loop
 /// breaker, the safe side.
-struct Canonical<'a>(Option<&'a Value>);
+///
+/// With the argument keys the tool's schema declares ([`ArgumentKeys`]), a key of the arguments
+/// that no server reads as one of them is left out (pydantic and zod ignore it: a junk key
+/// added to each call made each another call, an attacker's review), and one a server reads as
+/// a declared name (`A` for `a`, as Go's `encoding/json` does; `file_path` for `filePath`, as
+/// pydantic does) counts as that name. Without them, every key counts as spelled. Arguments
+/// whose keys are all declared names give the same digest either way.
+struct Canonical<'a>(Option<&'a Value>, Option<&'a ArgumentKeys>);
 
 /// A number as [`Canonical`] hashes it: a whole one as the integer (below 2^127, which every
 /// whole float there fits), another by its bits.
@@ -654,9 +672,34 @@ impl std::hash::Hash for Canonical<'_> {
                 }
             }
         }
-        match self.0 {
-            None => walk(&Value::Object(serde_json::Map::new()), h),
-            Some(v) => walk(v, h),
+        match (self.0, self.1) {
+            (None, _) => walk(&Value::Object(serde_json::Map::new()), h),
+            (Some(Value::Object(o)), Some(keys)) => {
+                // Each key read as a declared name: the name, how it is spelled, its value, and
+                // whether it is another case of the name, read only without the name itself
+                // ([`Read::Alias`]).
+                let mut kept: Vec<(&str, &str, &Value, bool)> = Vec::with_capacity(o.len());
+                for (k, v) in o {
+                    match keys.reads(k) {
+                        Some(Read::Name(name)) => kept.push((name, k, v, false)),
+                        Some(Read::Spelled) => kept.push((k, k, v, false)),
+                        Some(Read::Alias(name)) => kept.push((name, k, v, true)),
+                        None => {}
+                    }
+                }
+                if kept.iter().any(|e| e.3) {
+                    let named: std::collections::HashSet<&str> =
+                        kept.iter().filter(|e| !e.3).map(|e| e.0).collect();
+                    kept.retain(|e| !e.3 || !named.contains(e.0));
+                }
+                kept.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+                (5u8, kept.len()).hash(h);
+                for (name, _, v, _) in kept {
+                    name.hash(h);
+                    walk(v, h);
+                }
+            }
+            (Some(v), _) => walk(v, h),
         }
     }
 }

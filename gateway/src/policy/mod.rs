@@ -19,6 +19,7 @@
 mod admit;
 pub mod audit;
 pub mod breaker;
+pub mod declared;
 pub mod limits;
 pub mod mtls;
 pub mod pins;

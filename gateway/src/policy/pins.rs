@@ -20,6 +20,8 @@ use std::sync::{
 
 use serde_json::{Value, json};
 
+use super::declared::ArgumentKeys;
+
 /// What is known of one tool.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pin {
@@ -38,9 +40,50 @@ pub struct Pin {
     pub approved_definition: Option<Value>,
     /// A changed definition awaiting approval.
     pub pending: Option<(String, Value)>,
+    /// The argument keys the approved definition declares, made the first time a call asks.
+    #[serde(skip)]
+    keys: KeysOnce,
+}
+
+/// [`Pin::argument_keys`], made once: a copy of the pin starts without them (it may be given
+/// another definition), and pins compare equal whatever was made of them.
+#[derive(Default)]
+struct KeysOnce(std::sync::OnceLock<Option<Arc<ArgumentKeys>>>);
+
+impl Clone for KeysOnce {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for KeysOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for KeysOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeysOnce")
+    }
 }
 
 impl Pin {
+    /// The argument keys the approved definition's input schema declares, when it allows no
+    /// other ([`ArgumentKeys::of`]); `None` without a definition. Made from the definition the
+    /// first time a call asks, then read without a copy.
+    pub fn argument_keys(&self) -> Option<&Arc<ArgumentKeys>> {
+        self.keys
+            .0
+            .get_or_init(|| {
+                self.approved_definition
+                    .as_ref()
+                    .and_then(ArgumentKeys::of)
+                    .map(Arc::new)
+            })
+            .as_ref()
+    }
+
     /// Whether the definition whose digests are `seen` is the approved one.
     fn approves(&self, seen: &Seen) -> bool {
         self.approved == seen.whole || (!self.whole && self.approved == seen.legacy())
@@ -420,6 +463,7 @@ impl Pins {
                 whole: configured.is_none(),
                 approved_definition: None,
                 pending: None,
+                keys: KeysOnce::default(),
             }),
         };
         if current.approves(seen) {
@@ -443,6 +487,7 @@ impl Pins {
                 whole: true,
                 approved_definition: Some(tool.clone()),
                 pending: None,
+                keys: KeysOnce::default(),
             };
             return self.put(key, existing.as_ref(), approved).map(|()| true);
         }
@@ -481,6 +526,18 @@ impl Pins {
         tool: &str,
         configured: Option<&str>,
     ) -> Result<(), Unpinned> {
+        self.call(upstream, tool, configured).map(|_| ())
+    }
+
+    /// [`Self::callable`], with the argument keys the tool's approved definition declares
+    /// ([`Pin::argument_keys`]) when the tool may be called and its definition is known: `None`
+    /// for a tool never listed, or whose schema allows other keys.
+    pub fn call(
+        &self,
+        upstream: &str,
+        tool: &str,
+        configured: Option<&str>,
+    ) -> Result<Option<Arc<ArgumentKeys>>, Unpinned> {
         let map = self.map.pin();
         match map.get(&format!("{upstream}/{tool}")) {
             None if configured.is_some() => Err(Unpinned::NotSeen),
@@ -489,7 +546,7 @@ impl Pins {
                 if self.shares.pin().get(upstream).is_some_and(|s| s.full()) {
                     Err(Unpinned::NoRoom)
                 } else {
-                    Ok(())
+                    Ok(None)
                 }
             }
             Some(p) if p.pending.is_some() => Err(Unpinned::Changed),
@@ -500,7 +557,7 @@ impl Pins {
             {
                 Err(Unpinned::NotSeen)
             }
-            Some(_) => Ok(()),
+            Some(p) => Ok(p.argument_keys().cloned()),
         }
     }
 
@@ -540,6 +597,7 @@ impl Pins {
                 whole: true,
                 approved_definition: Some(definition),
                 pending: None,
+                keys: KeysOnce::default(),
             };
             // Put only over the pin read: a listing that made another definition pending in
             // between is not approved with this one (looked at again: 409).
@@ -657,6 +715,45 @@ mod tests {
 
     fn tool(desc: &str) -> Value {
         json!({"name": "echo", "description": desc, "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}, "annotations": {"readOnlyHint": true}})
+    }
+
+    /// A callable tool's argument keys are its approved definition's, made once and read
+    /// again from the pin; an approved change of definition brings its own; a pin restored
+    /// without a definition has none.
+    #[test]
+    fn a_call_is_given_the_approved_definitions_argument_keys() {
+        use super::super::declared::Read;
+        let pins = Pins::default();
+        assert!(pins.observe("u", &tool("Returns its input."), None));
+        let keys = pins.call("u", "echo", None).unwrap().unwrap();
+        assert_eq!(keys.reads("text"), Some(Read::Name("text")));
+        assert_eq!(keys.reads("lang"), None);
+        let again = pins.call("u", "echo", None).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&keys, &again), "made once");
+        // A changed definition: refused until approved, then its keys are the call's.
+        let mut changed = tool("Returns its input.");
+        changed["inputSchema"]["properties"]["lang"] = json!({"type": "string"});
+        assert!(!pins.observe("u", &changed, None));
+        assert_eq!(pins.call("u", "echo", None).err(), Some(Unpinned::Changed));
+        pins.approve("u", "echo", &digest(&changed)).unwrap();
+        let keys = pins.call("u", "echo", None).unwrap().unwrap();
+        assert_eq!(keys.reads("lang"), Some(Read::Name("lang")));
+        // A schema that lets any key in: none.
+        let mut open = tool("Returns its input.");
+        open["name"] = json!("open");
+        open["inputSchema"]["additionalProperties"] = json!(true);
+        assert!(pins.observe("u", &open, None));
+        assert!(pins.call("u", "open", None).unwrap().is_none());
+        // Never listed: none.
+        assert!(pins.call("u", "unlisted", None).unwrap().is_none());
+        // Kept in the state store and restored: made again from the definition kept.
+        let restored = Pins::default();
+        for (key, pin) in pins.snapshot() {
+            let kept: Pin = serde_json::from_str(&serde_json::to_string(&*pin).unwrap()).unwrap();
+            restored.restore(key, kept);
+        }
+        let keys = restored.call("u", "echo", None).unwrap().unwrap();
+        assert_eq!(keys.reads("lang"), Some(Read::Name("lang")));
     }
 
     #[test]
@@ -940,6 +1037,7 @@ mod tests {
                 whole: true,
                 approved_definition: None,
                 pending: None,
+                keys: KeysOnce::default(),
             },
         );
         assert_eq!(

@@ -217,6 +217,7 @@ fn admit_from(
             method: "tools/call",
             tool: Some(("up", tool)),
             arguments: Some(&args),
+            argument_keys: None,
             message_bytes: usize::MAX,
             source,
         },
@@ -720,6 +721,254 @@ fn the_same_call_respelled_is_still_the_loop() {
     );
 }
 
+/// The argument keys of `schema` as a pinned tool's approved definition gives them: the tool
+/// `add` of upstream `up` listed with that input schema and pinned (`None`: never listed).
+fn pinned_keys(schema: Option<Value>) -> Option<Arc<declared::ArgumentKeys>> {
+    let pins = pins::Pins::default();
+    if let Some(schema) = schema {
+        let tool =
+            json!({"name": "add", "description": "Adds two integers.", "inputSchema": schema});
+        assert!(pins.observe("up", &tool, None));
+    }
+    pins.call("up", "add", None).unwrap()
+}
+
+/// As [`admit`], with the argument keys of the tool's pinned definition.
+fn admit_keyed(
+    p: &Policy,
+    state: &Arc<State>,
+    who: &Identity,
+    keys: Option<&declared::ArgumentKeys>,
+    args: Value,
+) -> Result<Admission, Box<Refusal>> {
+    p.admit(
+        state,
+        who,
+        &Ask {
+            is_request: true,
+            method: "tools/call",
+            tool: Some(("up", "add")),
+            arguments: Some(&args),
+            argument_keys: keys,
+            message_bytes: usize::MAX,
+            source: src(9, 1),
+        },
+    )
+}
+
+/// The Python SDK's `add(a: int, b: int)`, as pydantic writes its input schema.
+fn add_schema() -> Value {
+    json!({
+        "type": "object",
+        "title": "addArguments",
+        "properties": {
+            "a": {"title": "A", "type": "integer"},
+            "b": {"title": "B", "type": "integer"},
+        },
+        "required": ["a", "b"],
+    })
+}
+
+/// A junk key the tool does not declare, another in each call, does not make another call:
+/// pydantic and zod ignore it, and the tool runs the same call (an attacker's review: the
+/// breaker never tripped). Its key as a server reads a declared one still counts.
+#[test]
+fn keys_the_pinned_schema_does_not_declare_do_not_make_another_call() {
+    let (p, state, who) =
+        acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    let keys = pinned_keys(Some(add_schema()));
+    let keys = keys.as_deref();
+    assert!(keys.is_some(), "pydantic's schema declares its keys");
+    for args in [
+        json!({"a": 9, "b": 1, "nonce1": 1}),
+        json!({"a": 9, "b": 1, "nonce2": {"x": [1]}}),
+        json!({"a": 9, "b": 1}),
+    ] {
+        admit_keyed(&p, &state, &who, keys, args).unwrap();
+    }
+    let r = admit_keyed(
+        &p,
+        &state,
+        &who,
+        keys,
+        json!({"b": 1, "a": 9, "nonce3": "z"}),
+    )
+    .unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED);
+    assert!(r.message.contains("more than 3 times"), "{}", r.message);
+    // The declared keys' values still make other calls.
+    admit_keyed(&p, &state, &who, keys, json!({"a": 8, "b": 1, "nonce4": 1})).unwrap();
+    admit_keyed(&p, &state, &who, keys, json!({"a": 9, "b": 2, "nonce5": 1})).unwrap();
+    admit_keyed(&p, &state, &who, keys, json!({"a": 9, "nonce6": 1})).unwrap();
+    // zod's schema (`additionalProperties: false`) declares them too.
+    let mut zod = add_schema();
+    zod["additionalProperties"] = json!(false);
+    let keys = pinned_keys(Some(zod));
+    let state = Arc::new(State::default());
+    for i in 0..3 {
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys.as_deref(),
+            json!({"a": 1, "b": 1, "n": i}),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys.as_deref(),
+            json!({"a": 1, "b": 1, "n": 3})
+        )
+        .unwrap_err()
+        .code,
+        code::LOOP_DETECTED
+    );
+}
+
+/// A key a server reads as a declared one (`A` for `a`: Go's `encoding/json` does; `file_path`
+/// for `filePath`: pydantic does, by name beside the alias) is not dropped: its value makes
+/// another call, and it counts as the name it is read as.
+#[test]
+fn a_declared_key_spelled_otherwise_is_still_part_of_the_call() {
+    let (p, state, who) =
+        acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    let keys = pinned_keys(Some(add_schema()));
+    let keys = keys.as_deref();
+    for i in 0..3 {
+        admit_keyed(&p, &state, &who, keys, json!({"A": 9, "b": 1, "junk": i})).unwrap();
+    }
+    // `A` is not dropped: another value of it is another call...
+    admit_keyed(&p, &state, &who, keys, json!({"A": 5, "b": 1})).unwrap();
+    admit_keyed(&p, &state, &who, keys, json!({"b": 1})).unwrap();
+    // ... and the same value is the same call, however `a` is spelled.
+    let r = admit_keyed(&p, &state, &who, keys, json!({"a": 9, "b": 1})).unwrap_err();
+    assert_eq!(r.code, code::LOOP_DETECTED);
+
+    let state = Arc::new(State::default());
+    let keys = pinned_keys(Some(json!({
+        "type": "object",
+        "properties": {"filePath": {"type": "string"}},
+    })));
+    let keys = keys.as_deref();
+    for path in ["/a", "/b", "/c"] {
+        // Each path its own call, as pydantic reads `file_path`.
+        admit_keyed(&p, &state, &who, keys, json!({ "file_path": path })).unwrap();
+    }
+    for i in 0..2 {
+        // `filePath` present, pydantic reads it (the alias wins) and no server `file_path`.
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys,
+            json!({"filePath": "/a", "file_path": i}),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys,
+            json!({"filePath": "/a", "fi_le_path": 7})
+        )
+        .unwrap_err()
+        .code,
+        code::LOOP_DETECTED
+    );
+    // A declared snake-case name (the Python SDK's): its camel-case form beside it is junk.
+    let state = Arc::new(State::default());
+    let keys = pinned_keys(Some(json!({
+        "type": "object",
+        "properties": {"max_depth": {"type": "integer"}},
+    })));
+    let keys = keys.as_deref();
+    admit_keyed(&p, &state, &who, keys, json!({"maxDepth": 1})).unwrap();
+    admit_keyed(&p, &state, &who, keys, json!({"maxDepth": 2})).unwrap();
+    for i in 0..2 {
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys,
+            json!({"max_depth": 1, "maxDepth": i}),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys,
+            json!({"max_depth": 1, "maxDepth": 9})
+        )
+        .unwrap_err()
+        .code,
+        code::LOOP_DETECTED
+    );
+}
+
+/// A schema that lets other keys in (`additionalProperties`, or no `properties`), and a tool
+/// whose definition the gateway does not know (never listed, or pinning off): every key is
+/// part of the call, as before.
+#[test]
+fn extra_keys_count_where_the_schema_allows_them_or_is_unknown() {
+    let (p, _, who) = acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    let mut open = add_schema();
+    open["additionalProperties"] = json!(true);
+    for schema in [
+        Some(open),
+        Some(json!({"type": "object"})),
+        Some(json!({"type": "object", "additionalProperties": {"type": "integer"}})),
+        None,
+    ] {
+        let keys = pinned_keys(schema.clone());
+        assert!(keys.is_none(), "{schema:?}");
+        let state = Arc::new(State::default());
+        for i in 0..10 {
+            assert!(
+                admit_keyed(
+                    &p,
+                    &state,
+                    &who,
+                    keys.as_deref(),
+                    json!({"a": 9, "b": 1, "nonce": i})
+                )
+                .is_ok(),
+                "{schema:?}: {i}"
+            );
+        }
+        for _ in 0..3 {
+            admit_keyed(&p, &state, &who, keys.as_deref(), json!({"a": 9, "b": 1})).unwrap();
+        }
+        assert_eq!(
+            admit_keyed(&p, &state, &who, keys.as_deref(), json!({"a": 9, "b": 1}))
+                .unwrap_err()
+                .code,
+            code::LOOP_DETECTED
+        );
+    }
+    // Arguments of declared keys only are counted as one call whether the definition is known
+    // or not: pinning a tool does not start its calls' counts afresh.
+    let state = Arc::new(State::default());
+    let keys = pinned_keys(Some(add_schema()));
+    for keys in [None, keys.as_deref(), None] {
+        admit_keyed(&p, &state, &who, keys, json!({"a": 9, "b": 1})).unwrap();
+    }
+    assert_eq!(
+        admit_keyed(&p, &state, &who, keys.as_deref(), json!({"b": 1, "a": 9}))
+            .unwrap_err()
+            .code,
+        code::LOOP_DETECTED
+    );
+}
+
 #[test]
 fn rates_per_tenant_and_per_agent() {
     let (p, state, who) = acme_policy(
@@ -762,6 +1011,7 @@ fn notifications_count_against_rates_but_cancellations_do_not() {
                 method,
                 tool: None,
                 arguments: None,
+                argument_keys: None,
                 message_bytes: 2,
                 source: src(9, 1),
             },
@@ -1233,6 +1483,7 @@ upstream = "up"
                 method,
                 tool,
                 arguments: None,
+                argument_keys: None,
                 message_bytes: 2,
                 source: src(9, 1),
             },

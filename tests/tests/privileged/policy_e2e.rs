@@ -1007,6 +1007,66 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
     d.stop();
 }
 
+/// The loop breaker counts a pinned tool's call by the arguments its schema declares: the
+/// Python SDK's server ignores a key `add(a, b)` does not declare and runs the same call, so a
+/// junk key added to each call (another each time) no longer escapes the breaker (an
+/// attacker's review), once the tool is listed and pinned. Before its first listing the
+/// gateway knows no definition, and every key counts, as without pinning.
+#[test]
+fn junk_keys_a_pinned_tool_does_not_declare_do_not_escape_the_loop_breaker() {
+    let up_port = free_port();
+    let _upstream = PyServer::start_on(up_port, &[]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwloopkeys");
+    let tenants = r#"default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[tenants.policy]
+loop_breaker = { max_repeats = 2, window_s = 60 }
+"#;
+    let config = pinning_config(&instance, 1, port, admin, up_port, tenants);
+    let mut d = Daemon::start_local(&instance, &config);
+    let sum = |r: &integration_tests::peers::RawResponse| {
+        r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    // Not listed yet: no definition known, each junk key another call.
+    for i in 0..4 {
+        let r = call_2026(port, "/mcp", "add", &json!({"a": 1, "b": 1, "nonce": i}));
+        assert_eq!(r.status, 200, "{i}: {r:?}");
+        assert_eq!(sum(&r).as_deref(), Some("2"), "{i}: {r:?}");
+    }
+    // Listed: pinned, and its schema declares `a` and `b` only.
+    assert!(list_2026(port, "/mcp").contains(&"add".to_owned()));
+    for i in 0..2 {
+        let junk = format!("nonce{i}");
+        let r = call_2026(port, "/mcp", "add", &json!({"a": 9, "b": 1, junk: i}));
+        assert_eq!(r.status, 200, "{i}: {r:?}");
+        // The server ran `add(9, 1)`, the junk key ignored.
+        assert_eq!(sum(&r).as_deref(), Some("10"), "{i}: {r:?}");
+    }
+    let r = call_2026(port, "/mcp", "add", &json!({"a": 9, "b": 1, "nonce2": 2}));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(error_code(&r.json()), -32044, "{r:?}");
+    assert_eq!(
+        r.json()["error"]["data"]["rule"],
+        "tenants[public].policy.loop_breaker"
+    );
+    // Without the junk key, the same call: refused too. Other values: another call.
+    let r = call_2026(port, "/mcp", "add", &json!({"a": 9, "b": 1}));
+    assert_eq!(r.status, 429, "{r:?}");
+    let r = call_2026(port, "/mcp", "add", &json!({"a": 8, "b": 1, "nonce3": 3}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(sum(&r).as_deref(), Some("9"), "{r:?}");
+    // Federated, the same pin: the same count.
+    let r = call_2026(port, "/fed", "p_add", &json!({"a": 9, "b": 1, "nonce4": 4}));
+    assert_eq!(r.status, 429, "{r:?}");
+    d.stop();
+}
+
 /// A gateway with `workers` workers that pins tools: upstream `u0` at `up_port`, on `/mcp`
 /// and federated with the prefix `p_` on `/fed`. `tenants` goes before the policy (tenants
 /// and the `[kernel]` keys that name one).
