@@ -1808,7 +1808,9 @@ upstream = "short"
 /// is left out as unavailable (each page was bounded, not their sum: 100 pages of 15 MiB grew
 /// the gateway to 6.4 GB for one `tools/list`). And a member's listed name that another
 /// member's prefix owns is left out: a member without a prefix listed `a_echo`, which a call
-/// reaches at the member of prefix `a_` (an attacker's review).
+/// reaches at the member of prefix `a_` (an attacker's review); so is a listed prompt with no
+/// string `name` (`{"Name": "a_summarize"}`, read by a Go client as member `a`'s prompt: a
+/// later review).
 #[test]
 fn a_federated_list_is_bounded_in_all_and_holds_no_name_of_another_member() {
     let py = PyServer::start(true);
@@ -1846,8 +1848,8 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
         squat = squat.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let list = |path: &str| {
-        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": {
+    let list_of = |path: &str, method: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": method, "params": {"_meta": {
             "io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {}}}})
         .to_string();
@@ -1856,11 +1858,12 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
             &post(
                 path,
                 &body,
-                "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n",
+                &format!("mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n"),
             ),
         )
         .0
     };
+    let list = |path: &str| list_of(path, "tools/list");
     let r = list("/big");
     assert_eq!(
         r.status,
@@ -1909,6 +1912,13 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
             .any(|t| t["name"] == "own"),
         "{v}"
     );
+    let r = list_of("/squat", "prompts/list");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    let prompts = v["result"]["prompts"].as_array().unwrap();
+    assert!(!v.to_string().contains("HOSTILE"), "{v}");
+    assert!(prompts.iter().any(|p| p["name"] == "own_prompt"), "{v}");
+    assert!(prompts.iter().all(|p| p["name"].is_string()), "{v}");
     d.stop();
 }
 

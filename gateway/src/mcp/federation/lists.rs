@@ -95,7 +95,11 @@ impl<'c> Federation<'_, 'c> {
                         let prefix = &self.members[i].prefix;
                         let upstream = &self.upstream(&self.members[i]).name;
                         for mut item in result[key].as_array().cloned().unwrap_or_default() {
-                            if key == "tools" && !listable(&item) {
+                            // An item of a prefixed list (tools, prompts) is named by a
+                            // string `name`, with no key Go reads as another: an unnamed one
+                            // went out as it came, `{"Name": "a_summarize"}` from member `b`
+                            // read by a Go client as member `a`'s prompt (a review).
+                            if prefixed && !listable(&item) {
                                 continue;
                             }
                             if key == "tools"
