@@ -655,8 +655,36 @@ impl Io {
         max: usize,
         deadline: monoio::time::Instant,
     ) -> Result<Vec<u8>, HttpError> {
+        self.read_body_within(kind, max, deadline, None).await
+    }
+
+    /// [`Self::read_body`], a body over [`super::budget::SMALL`] bytes read only with its
+    /// share of `budget` (its length, or `max` when its length is not known), held until it
+    /// is read. The time spent waiting for the share does not count against `deadline`.
+    pub async fn read_body_within(
+        &mut self,
+        kind: BodyKind,
+        max: usize,
+        mut deadline: monoio::time::Instant,
+        budget: Option<&super::budget::Budget>,
+    ) -> Result<Vec<u8>, HttpError> {
+        let mut share = None;
+        let over_small =
+            async |share: &mut Option<_>, deadline: &mut monoio::time::Instant, bytes| {
+                if let Some(budget) = budget
+                    && share.is_none()
+                {
+                    let asked = monoio::time::Instant::now();
+                    // Boxed: the wait is rare, and the future of every body read stays small.
+                    *share = Some(Box::pin(budget.take(bytes)).await);
+                    *deadline += asked.elapsed();
+                }
+            };
         match kind {
             BodyKind::Length(n) => {
+                if n > super::budget::SMALL {
+                    over_small(&mut share, &mut deadline, n.min(max)).await;
+                }
                 // Room made at once for most bodies, instead of growing as they arrive. Capped:
                 // a peer that announces a large body and sends nothing holds little.
                 // The room is a little more than the body: a read's worth left free, so that
@@ -689,6 +717,9 @@ impl Io {
                     if out.len() > max {
                         return Err(HttpError::BodyTooLarge(max));
                     }
+                    if out.len() > super::budget::SMALL {
+                        over_small(&mut share, &mut deadline, max).await;
+                    }
                     if done {
                         return Ok(out);
                     }
@@ -702,6 +733,9 @@ impl Io {
             BodyKind::UntilClose => loop {
                 if self.pending().len() > max {
                     return Err(HttpError::BodyTooLarge(max));
+                }
+                if self.pending().len() > super::budget::SMALL {
+                    over_small(&mut share, &mut deadline, max).await;
                 }
                 if self.fill_until(deadline).await? == 0 {
                     let n = self.pending().len();

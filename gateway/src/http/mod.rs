@@ -20,6 +20,7 @@
 )]
 
 mod body;
+pub mod budget;
 pub mod cors;
 pub mod deadline;
 mod fields;

@@ -786,7 +786,12 @@ pub(super) async fn read_whole<'c>(
         // 429 with its `Retry-After`) goes to the client as the upstream gave it.
         return relay_refusal(io, req, up, id, &head, &body, obs).await;
     }
-    let mut message = match super::messages::response_message(&head, &body, id.as_ref()) {
+    // Parsed, the answer takes up to 32 bytes for each two it had (`0,`): nothing of it, nor
+    // the bytes it was read from, is kept past this point (no await until the client's answer
+    // is written out; see `http::budget`).
+    let parsed = super::messages::response_message(&head, &body, id.as_ref());
+    drop(body);
+    let mut message = match parsed {
         Ok(m) => m,
         Err(why) => {
             obs.unanswered.set(true);
@@ -795,6 +800,7 @@ pub(super) async fn read_whole<'c>(
         }
     };
     if let Err(why) = inspect(&mut message) {
+        drop(message);
         obs.set(Outcome::UpstreamFailure);
         return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
     }
@@ -813,6 +819,7 @@ pub(super) async fn read_whole<'c>(
         .as_deref()
         .is_some_and(|s| !http::is_clean_value(s.as_bytes()))
     {
+        drop(message);
         obs.set(Outcome::UpstreamFailure);
         let f = UpstreamFailure::Bad("a control character in its Mcp-Session-Id".into());
         return fail(io, req, up, id, f).await;
@@ -821,10 +828,12 @@ pub(super) async fn read_whole<'c>(
     if let Some(s) = &session {
         headers.push(("mcp-session-id", s));
     }
-    let body = super::json_bytes(&message);
-    io.write_all(http::response(head.status, &headers, &body, req.keep_alive))
-        .await
-        .is_ok()
+    let response = {
+        let body = super::json_bytes(&message);
+        drop(message);
+        http::response(head.status, &headers, &body, req.keep_alive)
+    };
+    io.write_all(response).await.is_ok()
 }
 
 /// An upstream's answer other than 2xx, read whole: passed on with its status, its

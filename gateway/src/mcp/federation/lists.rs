@@ -91,10 +91,16 @@ impl<'c> Federation<'_, 'c> {
                     response_result(&head, &bytes, id.as_ref())
                 });
                 match outcome {
-                    Ok(result) => {
+                    Ok(mut result) => {
                         let prefix = &self.members[i].prefix;
                         let upstream = &self.upstream(&self.members[i]).name;
-                        for mut item in result[key].as_array().cloned().unwrap_or_default() {
+                        // Taken, not copied: what is left of the result is dropped before the
+                        // next await.
+                        let listed = match result.get_mut(key).map(Value::take) {
+                            Some(Value::Array(listed)) => listed,
+                            _ => Vec::new(),
+                        };
+                        for mut item in listed {
                             // An item of a prefixed list (tools, prompts) is named by a
                             // string `name`, with no key Go reads as another: an unnamed one
                             // went out as it came, `{"Name": "a_summarize"}` from member `b`
@@ -185,25 +191,27 @@ impl<'c> Federation<'_, 'c> {
     /// whose owner only the members know (resources by URI).
     pub(super) async fn first_success(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
         let id = m.id.clone();
-        let mut last: Option<Value> = None;
+        // Written out: no parsed answer is kept across an await.
+        let mut last: Option<Vec<u8>> = None;
         for i in self.active(era) {
             let r = self.fan_out(era, vec![(i, self.req.body.clone())]).await;
             let Some((_, Ok((head, bytes)))) = r.into_iter().next() else {
                 continue;
             };
-            match response_message(&head, &bytes, id.as_ref()) {
-                Ok(msg) if msg.get("result").is_some() => {
-                    return self
-                        .reply_result(io, id.as_ref(), msg["result"].clone(), None)
-                        .await;
+            let answered = response_message(&head, &bytes, id.as_ref());
+            drop(bytes);
+            match answered {
+                Ok(mut msg) if msg.get("result").is_some() => {
+                    let result = msg["result"].take();
+                    drop(msg);
+                    return self.reply_result(io, id.as_ref(), result, None).await;
                 }
-                Ok(msg) => last = Some(msg),
+                Ok(msg) => last = Some(crate::mcp::json_bytes(&msg)),
                 Err(_) => {}
             }
         }
         match last {
-            Some(msg) => {
-                let body = crate::mcp::json_bytes(&msg);
+            Some(body) => {
                 let resp = http::response(
                     200,
                     &[("content-type", "application/json")],

@@ -121,18 +121,20 @@ impl<'c> Federation<'_, 'c> {
         session: Option<&str>,
     ) -> bool {
         self.obs.set(crate::stats::Outcome::Ok);
-        let body = super::json_bytes(&json!({
-            "jsonrpc": "2.0",
-            "id": id.map_or(Value::Null, Id::to_json),
-            "result": result,
-        }));
         let mut headers = vec![("content-type", "application/json")];
         if let Some(s) = session {
             headers.push(("mcp-session-id", s));
         }
-        io.write_all(http::response(200, &headers, &body, self.keep_alive()))
-            .await
-            .is_ok()
+        // Only the response is kept while it is written: not the result, nor its body alone.
+        let response = {
+            let body = super::json_bytes(&json!({
+                "jsonrpc": "2.0",
+                "id": id.map_or(Value::Null, Id::to_json),
+                "result": result,
+            }));
+            http::response(200, &headers, &body, self.keep_alive())
+        };
+        io.write_all(response).await.is_ok()
     }
 
     async fn accepted(&self, io: &mut Io) -> bool {

@@ -573,7 +573,12 @@ pub async fn call(
         }
     };
     let deadline = monoio::time::Instant::now() + up.response_timeout;
-    let body = match conn.read_body(kind, max, deadline).await {
+    // A large answer waits for room in the worker's budget: parsed, it may take sixteen times
+    // its size (see `http::budget`).
+    let body = match conn
+        .read_body_within(kind, max, deadline, Some(&pool.whole))
+        .await
+    {
         Ok(b) => b,
         Err(HttpError::Timeout) => return Err(UpstreamFailure::Timeout),
         Err(HttpError::BodyTooLarge(n)) => {

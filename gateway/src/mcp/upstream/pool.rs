@@ -133,6 +133,8 @@ pub struct Pool {
     pub(super) stats: Arc<Stats>,
     /// The key that signs the session ids replicas mint with their endpoint.
     pub(super) session_key: [u8; 32],
+    /// The worker's budget for the answers it reads whole ([`super::call`]).
+    pub(super) whole: crate::http::budget::Budget,
 }
 
 impl Pool {
@@ -148,6 +150,7 @@ impl Pool {
             ),
             stats,
             session_key,
+            whole: crate::http::budget::Budget::default(),
         }
     }
 
