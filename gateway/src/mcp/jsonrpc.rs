@@ -371,71 +371,96 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
 /// gateway would decide on a message without it (or with another value) while mcp-go runs
 /// the one with it (`"result": null` with `"Method": "tools/call"` was a response here and a
 /// call there; an attacker's review).
-const TOP_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
-const PARAMS_KEYS: &[&str] = &[
-    "name",
-    "arguments",
-    "uri",
-    "_meta",
-    "task",
-    "taskId",
-    "cursor",
-    "requestId",
-    "progressToken",
-    "protocolVersion",
+const TOP_KEYS: &[Name] = &[
+    Name::new("jsonrpc"),
+    Name::new("id"),
+    Name::new("method"),
+    Name::new("params"),
+    Name::new("result"),
+    Name::new("error"),
 ];
-const META_KEYS: &[&str] = &[
-    "progressToken",
-    "traceparent",
-    PROTOCOL_VERSION_META_KEY,
-    RELATED_TASK_META_KEY,
-    CLIENT_CAPABILITIES_META_KEY,
+const PARAMS_KEYS: &[Name] = &[
+    Name::new("name"),
+    Name::new("arguments"),
+    Name::new("uri"),
+    Name::new("_meta"),
+    Name::new("task"),
+    Name::new("taskId"),
+    Name::new("cursor"),
+    Name::new("requestId"),
+    Name::new("progressToken"),
+    Name::new("protocolVersion"),
 ];
+const META_KEYS: &[Name] = &[
+    Name::new("progressToken"),
+    Name::new("traceparent"),
+    Name::new(PROTOCOL_VERSION_META_KEY),
+    Name::new(RELATED_TASK_META_KEY),
+    Name::new(CLIENT_CAPABILITIES_META_KEY),
+];
+const CAPABILITIES_KEYS: &[Name] = &[Name::new("extensions")];
 
-/// A key of `keys` that is not one of `names` (ASCII) but is read as one by Go (in another
-/// case, [`go_same_key`]) or by pydantic (the Python SDK's types read a field by its name as
-/// well as its alias: `task_id` for `taskId`, `meta` for `_meta`, `progress_token` for
+/// The longest [`Name`], as compared.
+const NAME_MAX: usize = 48;
+
+/// A key the gateway reads (ASCII), with the form every key a server reads as it has: lower
+/// case, without `_` (Go matches keys in any case; pydantic reads a field by its name beside
+/// its alias, `task_id` for `taskId`, `meta` for `_meta`). Made at compile time, so that a key
+/// is compared with each name by one length and, rarely, a few bytes.
+pub struct Name {
+    pub name: &'static str,
+    core: [u8; NAME_MAX],
+    len: usize,
+}
+
+impl Name {
+    pub const fn new(name: &'static str) -> Self {
+        let bytes = name.as_bytes();
+        let mut core = [0; NAME_MAX];
+        let (mut i, mut len) = (0, 0);
+        while i < bytes.len() {
+            assert!(bytes[i].is_ascii(), "an envelope name is ASCII");
+            if bytes[i] != b'_' {
+                core[len] = bytes[i].to_ascii_lowercase();
+                len += 1;
+            }
+            i += 1;
+        }
+        Self { name, core, len }
+    }
+
+    fn core(&self) -> &[u8] {
+        &self.core[..self.len]
+    }
+}
+
+/// A key of `keys` that is not one of `names` but is read as one by Go (in another case,
+/// [`go_same_key`]) or by pydantic (the Python SDK's types read a field by its name as well as
+/// its alias: `task_id` for `taskId`, `meta` for `_meta`, `progress_token` for
 /// `progressToken`; an attacker's review): the key and the name.
 pub fn spelled_otherwise<'k>(
     keys: impl IntoIterator<Item = &'k str>,
-    names: &[&'static str],
+    names: &[Name],
 ) -> Option<(&'k str, &'static str)> {
-    /// A name's length without its `_`.
-    fn core_len(s: &str) -> usize {
-        s.len() - s.bytes().filter(|b| *b == b'_').count()
-    }
     keys.into_iter().find_map(|k| {
-        // The names are ASCII: an ASCII key is one only at its length without `_`, and in
-        // another case or with `_` elsewhere; a key without `_` only at its length.
-        let ascii = k.is_ascii();
-        let k_core = core_len(k);
-        let under = k_core != k.len();
-        names
-            .iter()
-            .find(|n| {
-                if ascii {
-                    if under || n.contains('_') {
-                        core_len(n) == k_core
-                            && **n != k
-                            && n.bytes()
-                                .filter(|b| *b != b'_')
-                                .map(|b| b.to_ascii_lowercase())
-                                .eq(k
-                                    .bytes()
-                                    .filter(|b| *b != b'_')
-                                    .map(|b| b.to_ascii_lowercase()))
-                    } else {
-                        n.len() == k.len() && n.eq_ignore_ascii_case(k) && **n != k
-                    }
-                } else {
-                    go_same_key(n, k)
-                        || n.chars()
-                            .filter(|c| *c != '_')
-                            .map(fold)
-                            .eq(k.chars().filter(|c| *c != '_').map(fold))
-                }
+        if k.is_ascii() {
+            // The key's form as a name's (`Name`): one longer than every name is none.
+            let mut core = [0u8; NAME_MAX];
+            let mut len = 0;
+            for b in k.bytes().filter(|b| *b != b'_') {
+                *core.get_mut(len)? = b.to_ascii_lowercase();
+                len += 1;
+            }
+            let core = &core[..len];
+            names.iter().find(|n| n.core() == core && n.name != k)
+        } else {
+            let plain = |s: &'k str| s.chars().filter(|c| *c != '_').map(fold);
+            names.iter().find(|n| {
+                go_same_key(n.name, k)
+                    || n.name.chars().filter(|c| *c != '_').map(fold).eq(plain(k))
             })
-            .map(|n| (k, *n))
+        }
+        .map(|n| (k, n.name))
     })
 }
 
@@ -459,7 +484,7 @@ pub fn same_to_go<'k>(keys: impl ExactSizeIterator<Item = &'k str>) -> Option<(&
 /// [`spelled_otherwise`] as a refusal of the message.
 fn other_spelling<'k>(
     keys: impl IntoIterator<Item = &'k str>,
-    names: &[&'static str],
+    names: &[Name],
     id: &Option<Id>,
 ) -> Result<(), RpcError> {
     match spelled_otherwise(keys, names) {
@@ -528,7 +553,7 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
                 .get(CLIENT_CAPABILITIES_META_KEY)
                 .and_then(|c| c.as_object())
             {
-                other_spelling(c.iter().map(|(k, _)| k), &["extensions"], &id)?;
+                other_spelling(c.iter().map(|(k, _)| k), CAPABILITIES_KEYS, &id)?;
             }
         }
         let name_key = match method {

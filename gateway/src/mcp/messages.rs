@@ -63,11 +63,18 @@ pub fn answer_and_notes(
 /// the definition it had not pinned (an attacker's review). Refused: a key of the message that
 /// Go reads as one of its envelope's, and two keys of its `result` Go reads as one.
 pub(super) fn one_meaning(v: &Value) -> Result<(), String> {
-    use super::jsonrpc::{same_to_go, spelled_otherwise};
+    use super::jsonrpc::{Name, same_to_go, spelled_otherwise};
     let Some(o) = v.as_object() else {
         return Ok(());
     };
-    const ENVELOPE: &[&str] = &["jsonrpc", "id", "result", "error", "method", "params"];
+    const ENVELOPE: &[Name] = &[
+        Name::new("jsonrpc"),
+        Name::new("id"),
+        Name::new("result"),
+        Name::new("error"),
+        Name::new("method"),
+        Name::new("params"),
+    ];
     if let Some((key, name)) = spelled_otherwise(o.keys().map(String::as_str), ENVELOPE) {
         return Err(format!(
             "the answer holds the key {key:?}, which some clients (Go's encoding/json) read as {name:?}"
@@ -591,7 +598,14 @@ impl Top {
 /// Kelvin sign as `k`, the last one given winning. `{"id":5,"result":{},"ID":7}` answered
 /// request 5 here and request 7 there.
 fn another_spelling(key: &str) -> bool {
-    const KEYS: [&str; 5] = ["jsonrpc", "id", "method", "result", "error"];
+    use super::jsonrpc::Name;
+    const KEYS: [Name; 5] = [
+        Name::new("jsonrpc"),
+        Name::new("id"),
+        Name::new("method"),
+        Name::new("result"),
+        Name::new("error"),
+    ];
     if key.len() > 16 || key.is_ascii() && !key.bytes().any(|b| b.is_ascii_uppercase()) {
         return false;
     }
