@@ -560,12 +560,19 @@ pub fn readable(body: &[u8]) -> bool {
     serde_json::from_slice::<Top>(body).is_ok()
 }
 
-/// Whether a body is a JSON-RPC response to a request (an object with an id, not `null`, and
-/// no method): what an exchange that sent no request cannot be answered with. A batch's answer
-/// (an array) is not, nor an error with a `null` id (which names no request).
+/// Whether a body is or holds a JSON-RPC response to a request (an object with an id, not
+/// `null`, and no method; or an array with one, which the TypeScript SDK's client reads item
+/// by item: a review answered a notification with one): what an exchange that sent neither a
+/// request nor a batch cannot be answered with. An error with a `null` id names no request.
 pub fn is_a_response(body: &[u8]) -> bool {
-    serde_json::from_slice::<Top>(body)
-        .is_ok_and(|top| top.id.as_ref().is_some_and(|id| !id.is_null()) && top.response_like())
+    let response =
+        |top: &Top| top.id.as_ref().is_some_and(|id| !id.is_null()) && top.response_like();
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        // One it cannot read is held to be one (a client's parser may read it).
+        return !serde_json::from_slice::<Vec<Top>>(body)
+            .is_ok_and(|all| !all.iter().any(response));
+    }
+    serde_json::from_slice::<Top>(body).is_ok_and(|top| response(&top))
 }
 
 /// The top level of a JSON-RPC message as [`answers_only`] needs it: its id, whether it has
@@ -1061,7 +1068,15 @@ mod tests {
         assert!(!is_a_response(
             br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#
         ));
-        assert!(!is_a_response(br#"[{"jsonrpc":"2.0","id":3,"result":{}}]"#));
+        assert!(is_a_response(br#"[{"jsonrpc":"2.0","id":3,"result":{}}]"#));
+        assert!(is_a_response(
+            br#" [{"jsonrpc":"2.0","method":"x"},{"jsonrpc":"2.0","id":3,"error":{}}]"#
+        ));
+        assert!(!is_a_response(br#"[{"jsonrpc":"2.0","method":"x"}]"#));
+        assert!(!is_a_response(b"[]"));
+        assert!(is_a_response(
+            br#"[{"jsonrpc":"2.0","id":3,"result":{}}, 5]"#
+        ));
         assert!(!is_a_response(br#"{"ok":true}"#));
         assert!(!is_a_response(b""));
     }

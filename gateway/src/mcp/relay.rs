@@ -190,12 +190,15 @@ pub(super) async fn relay(
         request_id.is_some(),
         max_event,
     );
+    // A batch has no one id: its answer is an array, of any length (see `stream_answers`).
+    let asked = request_id.is_some() || req.body.trim_ascii_start().first() == Some(&b'[');
     let holding = Holding::of(
         &mut body,
         kind,
         head.status,
         member.is_some(),
         request_id.is_some(),
+        asked,
         max_event,
     );
     // What an answer held whole may answer is judged by `Holding`, by its id: the digest is
@@ -690,13 +693,15 @@ struct Holding {
 
 impl Holding {
     /// For an answer of `status` framed as `kind` (`body` holds it whole, or not), to a
-    /// request (`request`) or not, from a federation's `member` or not.
+    /// request (`request`) or not, to an exchange that sent a request or a batch (`asked`)
+    /// or not, from a federation's `member` or not.
     fn of(
         body: &mut Body<'_>,
         kind: BodyKind,
         status: u16,
         member: bool,
         request: bool,
+        asked: bool,
         max_event: usize,
     ) -> Self {
         // A federation member's JSON answer to a request is read whole and checked before the
@@ -721,7 +726,7 @@ impl Holding {
         // stray, another client's. Its body is held whatever its framing (a Node server's
         // empty 202 comes chunked), up to the small bound; a larger one fails the exchange
         // (see `unasked_body`).
-        let unasked = json_ok && !request && !member && kind != BodyKind::Length(0);
+        let unasked = json_ok && !asked && !member && kind != BodyKind::Length(0);
         if member_checked || small || unasked {
             body.whole = Some(Vec::new());
         }

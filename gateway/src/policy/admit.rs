@@ -615,7 +615,7 @@ impl Num {
     /// `true`/`yes`/`on`/`t`/`y` and `false`/`no`/`off`/`f`/`n` in any case.
     fn of_str(s: &str) -> Option<Self> {
         let t = s.trim();
-        if t.len() > 64 || t.is_empty() {
+        if t.is_empty() {
             return None;
         }
         // pydantic's lax booleans, in any case.
@@ -630,6 +630,21 @@ impl Num {
         if !t.bytes().any(|b| b.is_ascii_digit()) {
             return None;
         }
+        // Zeros before the first other digit say nothing (`"000…01"` is 1 to pydantic, at any
+        // length: a review padded a number with ever more zeros, each call another here), nor
+        // do zeros after a fraction's last other digit.
+        let (sign, rest) = match t.as_bytes()[0] {
+            b'+' | b'-' => t.split_at(1),
+            _ => ("", t),
+        };
+        let mut rest = rest.trim_start_matches(['0', '_']);
+        if rest.contains('.') && !rest.contains(['e', 'E']) {
+            rest = rest.trim_end_matches(['0', '_']);
+        }
+        let t = format!("{sign}0{rest}");
+        if t.len() > 64 {
+            return None;
+        }
         let t = t.replace('_', "");
         t.parse::<i128>().map(Num::Int).ok().or_else(|| {
             t.parse::<f64>()
@@ -640,46 +655,70 @@ impl Num {
     }
 }
 
+/// Whether a server reads `v` as none: `null`, or a string that is `null` as JSON text (the
+/// Python SDK's servers decode it for a parameter not typed plain `str`, spaces around it
+/// too). A member that is none is as absent to [`Canonical`]: an optional parameter's default
+/// is most often none, and a review sent `" null"`, `"  null"`... for one, each call another
+/// here and the same call there. Where it is not none, two calls are counted as one: the
+/// breaker's safe side.
+fn reads_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.trim_matches([' ', '\t', '\n', '\r']) == "null",
+        _ => false,
+    }
+}
+
 impl std::hash::Hash for Canonical<'_> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        fn walk<H: std::hash::Hasher>(v: &Value, h: &mut H) {
-            match v {
-                Value::Null => 0u8.hash(h),
-                Value::Bool(b) => (2u8, Num::Int(i128::from(*b))).hash(h),
-                Value::Number(n) => match Num::of_number(n) {
-                    Some(n) => (2u8, n).hash(h),
-                    None => (3u8, n.to_string()).hash(h),
-                },
-                Value::String(s) => match rules::json_held(s) {
-                    Some(Ok(v)) => walk(&v, h),
-                    _ => match Num::of_str(s) {
-                        Some(n) => (2u8, n).hash(h),
-                        None => (3u8, s).hash(h),
-                    },
-                },
-                Value::Array(a) => {
-                    (4u8, a.len()).hash(h);
-                    a.iter().for_each(|x| walk(x, h));
-                }
-                Value::Object(o) => {
-                    (5u8, o.len()).hash(h);
-                    let mut keys: Vec<&String> = o.keys().collect();
-                    keys.sort();
-                    for k in keys {
-                        k.hash(h);
-                        walk(&o[k], h);
-                    }
+        match self.0 {
+            None => walk(&Value::Object(serde_json::Map::new()), self.1, h),
+            Some(v) => walk(v, self.1, h),
+        }
+    }
+}
+
+/// [`Canonical`]'s hash of `v`, whose keys, if it is an object (or each item's, if a list),
+/// are those `keys` declares when known.
+fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H) {
+    use std::hash::Hash as _;
+    match v {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (2u8, Num::Int(i128::from(*b))).hash(h),
+        Value::Number(n) => match Num::of_number(n) {
+            Some(n) => (2u8, n).hash(h),
+            None => (3u8, n.to_string()).hash(h),
+        },
+        Value::String(_) if reads_null(v) => walk(&Value::Null, None, h),
+        Value::String(s) => match rules::json_held(s) {
+            Some(Ok(v)) => walk(&v, keys, h),
+            _ => match Num::of_str(s) {
+                Some(n) => (2u8, n).hash(h),
+                None => (3u8, s).hash(h),
+            },
+        },
+        Value::Array(a) => {
+            (4u8, a.len()).hash(h);
+            a.iter().for_each(|x| walk(x, keys, h));
+        }
+        // A member that is `null` is as absent (see `reads_null`).
+        Value::Object(o) => match keys {
+            None => {
+                let mut members: Vec<(&String, &Value)> =
+                    o.iter().filter(|(_, v)| !reads_null(v)).collect();
+                members.sort_unstable_by_key(|(k, _)| *k);
+                (5u8, members.len()).hash(h);
+                for (k, v) in members {
+                    k.hash(h);
+                    walk(v, None, h);
                 }
             }
-        }
-        match (self.0, self.1) {
-            (None, _) => walk(&Value::Object(serde_json::Map::new()), h),
-            (Some(Value::Object(o)), Some(keys)) => {
+            Some(keys) => {
                 // Each key read as a declared name: the name, how it is spelled, its value, and
                 // whether it is another case of the name, read only without the name itself
                 // ([`Read::Alias`]).
                 let mut kept: Vec<(&str, &str, &Value, bool)> = Vec::with_capacity(o.len());
-                for (k, v) in o {
+                for (k, v) in o.iter().filter(|(_, v)| !reads_null(v)) {
                     match keys.reads(k) {
                         Some(Read::Name(name)) => kept.push((name, k, v, false)),
                         Some(Read::Spelled) => kept.push((k, k, v, false)),
@@ -696,10 +735,9 @@ impl std::hash::Hash for Canonical<'_> {
                 (5u8, kept.len()).hash(h);
                 for (name, _, v, _) in kept {
                     name.hash(h);
-                    walk(v, h);
+                    walk(v, keys.nested(name), h);
                 }
             }
-            (Some(v), _) => walk(v, h),
-        }
+        },
     }
 }

@@ -44,7 +44,16 @@ pub struct ArgumentKeys {
     camel: HashMap<String, String>,
     /// The most characters of a declared name, or of its camel-case form.
     max_chars: usize,
+    /// By declared name, the keys its value declares in turn, where its schema is an object
+    /// (or a list of objects, or either or `null`) that allows no other: pydantic ignores a
+    /// key a nested model does not declare, as zod does (a later review nested the junk key,
+    /// `{"opts": {"path": "/x", "n0": 0}}`, then `n1`...).
+    nested: HashMap<String, ArgumentKeys>,
 }
+
+/// How deep declared keys are followed into nested schemas (and local `$ref`s, which may
+/// name themselves).
+const MAX_NESTING: usize = 8;
 
 /// What a key of a call's arguments is to a server, by [`ArgumentKeys::reads`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +106,16 @@ impl ArgumentKeys {
     /// `false`, or `patternProperties`, or combines subschemas that may declare more): then
     /// every key is part of the call.
     pub fn of(tool: &Value) -> Option<Self> {
-        let schema = tool.get("inputSchema")?.as_object()?;
+        let schema = tool.get("inputSchema")?;
+        Self::of_schema(schema.as_object()?, schema, 0)
+    }
+
+    /// The keys an object's schema declares, `$ref`s read against `root`.
+    fn of_schema(
+        schema: &serde_json::Map<String, Value>,
+        root: &Value,
+        depth: usize,
+    ) -> Option<Self> {
         let properties = schema.get("properties")?.as_object()?;
         let closed = |k: &str| schema.get(k).is_none_or(|v| *v == Value::Bool(false));
         if !closed("additionalProperties")
@@ -127,8 +145,56 @@ impl ArgumentKeys {
                 keys.max_chars = keys.max_chars.max(c.chars().count());
                 keys.camel.entry(c).or_insert_with(|| name.to_owned());
             }
+            if let Some(sub) = properties.get(name)
+                && let Some(inner) = Self::of_value(sub, root, depth + 1)
+            {
+                keys.nested.insert(name.to_owned(), inner);
+            }
         }
         Some(keys)
+    }
+
+    /// The keys a value declares whose schema is `sub`: an object's (named by a local `$ref`,
+    /// `#/$defs/...` as pydantic writes a nested model, or the one choice but `null` of an
+    /// `anyOf` or `oneOf`, as it writes an optional one), or each item's of a list.
+    fn of_value(sub: &Value, root: &Value, depth: usize) -> Option<Self> {
+        if depth > MAX_NESTING {
+            return None;
+        }
+        let sub = sub.as_object()?;
+        if let Some(target) = sub.get("$ref").and_then(Value::as_str) {
+            // Only a `$ref` alone: beside other keywords it adds to what it names.
+            if sub.len() != 1 {
+                return None;
+            }
+            let path = target.strip_prefix("#/")?;
+            let mut at = root;
+            for token in path.split('/') {
+                at = at.get(token.replace("~1", "/").replace("~0", "~"))?;
+            }
+            return Self::of_value(at, root, depth + 1);
+        }
+        for choice in ["anyOf", "oneOf"] {
+            if let Some(choices) = sub.get(choice) {
+                let mut others = choices
+                    .as_array()?
+                    .iter()
+                    .filter(|c| c.get("type").and_then(Value::as_str) != Some("null"));
+                let (Some(only), None) = (others.next(), others.next()) else {
+                    return None;
+                };
+                return Self::of_value(only, root, depth + 1);
+            }
+        }
+        if sub.get("type").and_then(Value::as_str) == Some("array") {
+            return Self::of_value(sub.get("items")?, root, depth + 1);
+        }
+        Self::of_schema(sub, root, depth)
+    }
+
+    /// The keys the value of the declared `name` declares in turn ([`ArgumentKeys::nested`]).
+    pub fn nested(&self, name: &str) -> Option<&ArgumentKeys> {
+        self.nested.get(name)
     }
 
     /// What a server reads `key` of a call's arguments as; `None`: a key no server reads, by

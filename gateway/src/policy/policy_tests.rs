@@ -689,6 +689,10 @@ fn the_same_call_respelled_is_still_the_loop() {
         json!("On"),
         json!("Y"),
         json!("t"),
+        // Padded past any length (a later review: 70 zeros and more, each call another).
+        json!(format!("{}1", "0".repeat(70))),
+        json!(format!("-{}1", "0".repeat(200)).replacen('-', "+", 1)),
+        json!(format!("1.{}", "0".repeat(100))),
     ] {
         let state = Arc::new(crate::policy::limits::State::default());
         admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
@@ -696,6 +700,29 @@ fn the_same_call_respelled_is_still_the_loop() {
         admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
         let r = admit(&p, &state, &who, "add", json!({"a": 7, "b": b})).unwrap_err();
         assert_eq!(r.code, code::LOOP_DETECTED, "{b}");
+    }
+    // A member that is none (`null`, or the JSON text `null`, spaced) is as absent: the
+    // Python SDK's servers give an optional parameter none either way (a later review).
+    for tag in [
+        json!(null),
+        json!("null"),
+        json!(" null"),
+        json!("\n null "),
+    ] {
+        let state = Arc::new(crate::policy::limits::State::default());
+        for _ in 0..3 {
+            admit(&p, &state, &who, "note", json!({"text": "u"})).unwrap();
+        }
+        let r = admit(&p, &state, &who, "note", json!({"text": "u", "tag": tag})).unwrap_err();
+        assert_eq!(r.code, code::LOOP_DETECTED, "{tag}");
+    }
+    // Zeros inside a number are not padding.
+    let state = Arc::new(crate::policy::limits::State::default());
+    for _ in 0..3 {
+        admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
+    }
+    for b in ["10", "100", "1.01", "0.1"] {
+        admit(&p, &state, &who, "add", json!({"a": 7, "b": b})).unwrap();
     }
     // Other values are other calls: 1.5, a string that is not JSON, another object.
     assert!(
@@ -767,6 +794,67 @@ fn add_schema() -> Value {
         },
         "required": ["a", "b"],
     })
+}
+
+/// A junk key nested in an argument whose schema declares its keys (a pydantic model, by
+/// `$ref`, optional, or a list of them) does not make another call either: pydantic ignores it
+/// there too (a later review: `{"opts": {"path": "/x", "n0": 0}}`, then `n1`...).
+#[test]
+fn junk_keys_nested_in_a_declared_model_do_not_make_another_call() {
+    let (p, _, who) = acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    let opts =
+        json!({"properties": {"path": {"type": "string"}}, "required": ["path"], "type": "object"});
+    for shape in [
+        json!({"$ref": "#/$defs/Opts"}),
+        json!({"anyOf": [{"$ref": "#/$defs/Opts"}, {"type": "null"}], "default": null}),
+        json!({"type": "array", "items": {"$ref": "#/$defs/Opts"}}),
+    ] {
+        let schema = json!({"$defs": {"Opts": opts}, "properties": {"opts": shape}, "required": ["opts"], "type": "object"});
+        let keys = pinned_keys(Some(schema));
+        let keys = keys.as_deref();
+        let array = shape["type"] == "array";
+        let arg = |junk: Value| {
+            let mut o = json!({"path": "/x"});
+            if !junk.is_null() {
+                o["n"] = junk;
+            }
+            if array {
+                json!({ "opts": [o] })
+            } else {
+                json!({ "opts": o })
+            }
+        };
+        let state = Arc::new(State::default());
+        for i in 0..3 {
+            admit_keyed(&p, &state, &who, keys, arg(json!(i))).unwrap();
+        }
+        let r = admit_keyed(&p, &state, &who, keys, arg(json!("z"))).unwrap_err();
+        assert_eq!(r.code, code::LOOP_DETECTED, "{shape}");
+        // The declared key's value is still another call.
+        let other = if array {
+            json!({"opts": [{"path": "/y"}]})
+        } else {
+            json!({"opts": {"path": "/y"}})
+        };
+        admit_keyed(&p, &state, &who, keys, other).unwrap();
+    }
+    // A nested schema that lets other keys in counts them.
+    let open = json!({"properties": {"opts": {"type": "object", "properties": {"path": {}}, "additionalProperties": true}}});
+    let keys = pinned_keys(Some(open));
+    let state = Arc::new(State::default());
+    for i in 0..6 {
+        admit_keyed(
+            &p,
+            &state,
+            &who,
+            keys.as_deref(),
+            json!({"opts": {"path": "/x", "n": i}}),
+        )
+        .unwrap();
+    }
+    // A schema that names itself is followed only so far.
+    let cycle = json!({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}}, "properties": {"n": {"$ref": "#/$defs/N"}}});
+    assert!(pinned_keys(Some(cycle)).is_some());
 }
 
 /// A junk key the tool does not declare, another in each call, does not make another call:

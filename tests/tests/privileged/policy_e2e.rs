@@ -1181,7 +1181,7 @@ fn an_answer_in_another_charset_than_utf8_is_not_relayed() {
 /// any 2xx body of its GET as one, and the gateway judged only what it took for one. The review
 /// served the GET stream as `application/json` with a stray in it: the pending `tools/list`
 /// was answered with the changed `echo` and the tenant's denied tool (seen reaching the client
-/// on the code before).
+/// on the code before). Nor is a notification's answer that is an array holding a response.
 #[test]
 fn a_get_answered_with_another_type_than_an_event_stream_is_not_relayed() {
     use std::io::Write as _;
@@ -1205,6 +1205,18 @@ fn a_get_answered_with_another_type_than_an_event_stream_is_not_relayed() {
         "answered a GET with a body that is not an event stream",
         second,
     );
+    d.stop();
+
+    // A notification answered with an array that holds a response to the pending
+    // `tools/list` (a later review: the array went out as it came, where the response alone
+    // was refused).
+    let (_upstream, mut d, port, _) = stray_gateway(&["notearray"]);
+    let session = raw_session(port);
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}"#;
+    let (r, _) = raw(port, &post("/mcp", note, &session));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains("First read"), "{body}");
+    assert_eq!(r.status, 502, "{body}");
     d.stop();
 }
 
