@@ -666,17 +666,17 @@ impl Io {
         kind: BodyKind,
         max: usize,
         mut deadline: monoio::time::Instant,
-        budget: Option<&super::budget::Budget>,
+        budget: Option<(&super::budget::Budget, &str)>,
     ) -> Result<Vec<u8>, HttpError> {
         let mut share = None;
         let over_small =
             async |share: &mut Option<_>, deadline: &mut monoio::time::Instant, bytes| {
-                if let Some(budget) = budget
+                if let Some((budget, owner)) = budget
                     && share.is_none()
                 {
                     let asked = monoio::time::Instant::now();
                     // Boxed: the wait is rare, and the future of every body read stays small.
-                    *share = Some(Box::pin(budget.take(bytes)).await);
+                    *share = Some(Box::pin(budget.take(owner, bytes)).await);
                     *deadline += asked.elapsed();
                 }
             };

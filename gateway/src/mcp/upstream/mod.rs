@@ -576,7 +576,7 @@ pub async fn call(
     // A large answer waits for room in the worker's budget: parsed, it may take sixteen times
     // its size (see `http::budget`).
     let body = match conn
-        .read_body_within(kind, max, deadline, Some(&pool.whole))
+        .read_body_within(kind, max, deadline, Some((&pool.whole, &up.name)))
         .await
     {
         Ok(b) => b,
