@@ -55,6 +55,12 @@ pub struct ArgumentKeys {
 /// name themselves).
 const MAX_NESTING: usize = 8;
 
+/// How many nested objects' keys are made for one definition, at most: a `$ref` may be named
+/// by many properties of what it names, and followed to every depth those made a tree
+/// exponential in the depth (ten properties naming their own model: 10^8 objects). Past it,
+/// a nested object counts every key, as one whose schema is not known.
+const MAX_NESTED: usize = 256;
+
 /// What a key of a call's arguments is to a server, by [`ArgumentKeys::reads`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read<'s> {
@@ -107,14 +113,16 @@ impl ArgumentKeys {
     /// every key is part of the call.
     pub fn of(tool: &Value) -> Option<Self> {
         let schema = tool.get("inputSchema")?;
-        Self::of_schema(schema.as_object()?, schema, 0)
+        Self::of_schema(schema.as_object()?, schema, 0, &mut { MAX_NESTED })
     }
 
-    /// The keys an object's schema declares, `$ref`s read against `root`.
+    /// The keys an object's schema declares, `$ref`s read against `root`; `left`: how many
+    /// nested objects' keys may still be made ([`MAX_NESTED`]).
     fn of_schema(
         schema: &serde_json::Map<String, Value>,
         root: &Value,
         depth: usize,
+        left: &mut usize,
     ) -> Option<Self> {
         let properties = schema.get("properties")?.as_object()?;
         let closed = |k: &str| schema.get(k).is_none_or(|v| *v == Value::Bool(false));
@@ -146,7 +154,7 @@ impl ArgumentKeys {
                 keys.camel.entry(c).or_insert_with(|| name.to_owned());
             }
             if let Some(sub) = properties.get(name)
-                && let Some(inner) = Self::of_value(sub, root, depth + 1)
+                && let Some(inner) = Self::of_value(sub, root, depth + 1, left)
             {
                 keys.nested.insert(name.to_owned(), inner);
             }
@@ -157,8 +165,8 @@ impl ArgumentKeys {
     /// The keys a value declares whose schema is `sub`: an object's (named by a local `$ref`,
     /// `#/$defs/...` as pydantic writes a nested model, or the one choice but `null` of an
     /// `anyOf` or `oneOf`, as it writes an optional one), or each item's of a list.
-    fn of_value(sub: &Value, root: &Value, depth: usize) -> Option<Self> {
-        if depth > MAX_NESTING {
+    fn of_value(sub: &Value, root: &Value, depth: usize, left: &mut usize) -> Option<Self> {
+        if depth > MAX_NESTING || *left == 0 {
             return None;
         }
         let sub = sub.as_object()?;
@@ -172,7 +180,7 @@ impl ArgumentKeys {
             for token in path.split('/') {
                 at = at.get(token.replace("~1", "/").replace("~0", "~"))?;
             }
-            return Self::of_value(at, root, depth + 1);
+            return Self::of_value(at, root, depth + 1, left);
         }
         for choice in ["anyOf", "oneOf"] {
             if let Some(choices) = sub.get(choice) {
@@ -183,13 +191,14 @@ impl ArgumentKeys {
                 let (Some(only), None) = (others.next(), others.next()) else {
                     return None;
                 };
-                return Self::of_value(only, root, depth + 1);
+                return Self::of_value(only, root, depth + 1, left);
             }
         }
         if sub.get("type").and_then(Value::as_str) == Some("array") {
-            return Self::of_value(sub.get("items")?, root, depth + 1);
+            return Self::of_value(sub.get("items")?, root, depth + 1, left);
         }
-        Self::of_schema(sub, root, depth)
+        *left -= 1;
+        Self::of_schema(sub, root, depth, left)
     }
 
     /// The keys the value of the declared `name` declares in turn ([`ArgumentKeys::nested`]).
@@ -273,6 +282,25 @@ mod tests {
             assert!(ArgumentKeys::of(&tool(open.clone())).is_none(), "{open}");
         }
         assert!(ArgumentKeys::of(&json!({"name": "t"})).is_none());
+    }
+
+    /// A model named by many of its own properties is not made a tree exponential in the
+    /// depth (ten properties: 10^8 objects without the bound).
+    #[test]
+    fn nested_keys_are_made_for_a_bounded_number_of_objects() {
+        fn objects(keys: &ArgumentKeys) -> usize {
+            1 + keys.nested.values().map(objects).sum::<usize>()
+        }
+        let props: serde_json::Map<String, Value> = (0..10)
+            .map(|i| (format!("p{i}"), json!({"$ref": "#/$defs/N"})))
+            .collect();
+        let keys = ArgumentKeys::of(&tool(json!({
+            "$defs": {"N": {"type": "object", "properties": props}},
+            "properties": {"n": {"$ref": "#/$defs/N"}},
+        })))
+        .unwrap();
+        assert_eq!(objects(&keys), 1 + MAX_NESTED);
+        assert!(keys.nested("n").unwrap().nested("p0").is_some());
     }
 
     #[test]
