@@ -371,7 +371,7 @@ fn duplicate_key<'a>(nodes: &[Node<'a>]) -> Option<(&'a str, &'a str)> {
 /// gateway would decide on a message without it (or with another value) while mcp-go runs
 /// the one with it (`"result": null` with `"Method": "tools/call"` was a response here and a
 /// call there; an attacker's review).
-const TOP_KEYS: &[Name] = &[
+pub const TOP_KEYS: &[Name] = &[
     Name::new("jsonrpc"),
     Name::new("id"),
     Name::new("method"),
@@ -454,11 +454,10 @@ pub fn spelled_otherwise<'k>(
             let core = &core[..len];
             names.iter().find(|n| n.core() == core && n.name != k)
         } else {
-            let plain = |s: &'k str| s.chars().filter(|c| *c != '_').map(fold);
-            names.iter().find(|n| {
-                go_same_key(n.name, k)
-                    || n.name.chars().filter(|c| *c != '_').map(fold).eq(plain(k))
-            })
+            // Folded as Go folds (`_` is itself), then without `_`: Go's reading and
+            // pydantic's at once.
+            let core = |s: &'k str| s.chars().filter(|c| *c != '_').map(fold);
+            names.iter().find(|n| core(n.name).eq(core(k)))
         }
         .map(|n| (k, n.name))
     })

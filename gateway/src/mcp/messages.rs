@@ -63,19 +63,11 @@ pub fn answer_and_notes(
 /// the definition it had not pinned (an attacker's review). Refused: a key of the message that
 /// Go reads as one of its envelope's, and two keys of its `result` Go reads as one.
 pub(super) fn one_meaning(v: &Value) -> Result<(), String> {
-    use super::jsonrpc::{Name, same_to_go, spelled_otherwise};
+    use super::jsonrpc::{TOP_KEYS, same_to_go, spelled_otherwise};
     let Some(o) = v.as_object() else {
         return Ok(());
     };
-    const ENVELOPE: &[Name] = &[
-        Name::new("jsonrpc"),
-        Name::new("id"),
-        Name::new("result"),
-        Name::new("error"),
-        Name::new("method"),
-        Name::new("params"),
-    ];
-    if let Some((key, name)) = spelled_otherwise(o.keys().map(String::as_str), ENVELOPE) {
+    if let Some((key, name)) = spelled_otherwise(o.keys().map(String::as_str), TOP_KEYS) {
         return Err(format!(
             "the answer holds the key {key:?}, which some clients (Go's encoding/json) read as {name:?}"
         ));
@@ -795,12 +787,10 @@ pub fn rewrite_events(member: &str, events: &[u8], answers: Answers) -> Vec<u8> 
 /// The characters beyond ASCII that some clients end a line at, as UTF-8.
 const LINE_ENDS: [&[u8]; 3] = [b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9"];
 
-/// JSON with U+0085, U+2028 and U+2029 escaped (they can only be in its strings).
+/// JSON with U+0085, U+2028 and U+2029 escaped (they can only be in its strings; the other
+/// characters [`may_split`] finds cannot be in JSON unescaped).
 fn escape_separators(json: Vec<u8>) -> Vec<u8> {
-    if !LINE_ENDS
-        .iter()
-        .any(|s| memchr::memmem::find(&json, s).is_some())
-    {
+    if !may_split(&json) {
         return json;
     }
     let text = String::from_utf8_lossy(&json);

@@ -191,7 +191,7 @@ pub(super) async fn relay(
         max_event,
     );
     // A batch has no one id: its answer is an array, of any length (see `stream_answers`).
-    let asked = request_id.is_some() || req.body.trim_ascii_start().first() == Some(&b'[');
+    let asked = request_id.is_some() || is_batch(req);
     let holding = Holding::of(
         &mut body,
         kind,
@@ -343,10 +343,15 @@ fn stream_answers(req: &Request, request_id: Option<&Id>, obs: &Obs<'_>) -> Answ
     if req.method == "GET" {
         return obs.resumes.get().unwrap_or(Answers::Nothing);
     }
-    if req.body.trim_ascii_start().first() == Some(&b'[') {
+    if is_batch(req) {
         return Answers::Any;
     }
     Answers::Nothing
+}
+
+/// Whether the request is a batch (a JSON array).
+fn is_batch(req: &Request) -> bool {
+    req.body.trim_ascii_start().first() == Some(&b'[')
 }
 
 /// How the pieces after the head went.
@@ -724,8 +729,8 @@ impl Holding {
         let small_json = small && json_ok && kind != BodyKind::Length(0);
         // An exchange with no request is never answered by a JSON-RPC response: one is a
         // stray, another client's. Its body is held whatever its framing (a Node server's
-        // empty 202 comes chunked), up to the small bound; a larger one fails the exchange
-        // (see `unasked_body`).
+        // empty 202 comes chunked), up to the small bound (`max`): a larger one fails the
+        // exchange.
         let unasked = json_ok && !asked && !member && kind != BodyKind::Length(0);
         if member_checked || small || unasked {
             body.whole = Some(Vec::new());

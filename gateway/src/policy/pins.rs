@@ -519,19 +519,9 @@ impl Pins {
     /// call a tool whose definition nobody checked. A tool pinned only by first sight is
     /// callable before it is listed (its first listing is what pins it), unless its upstream's
     /// share is full, or its name hides a character or reads as a pinned tool's (its listing
-    /// could not pin it).
-    pub fn callable(
-        &self,
-        upstream: &str,
-        tool: &str,
-        configured: Option<&str>,
-    ) -> Result<(), Unpinned> {
-        self.call(upstream, tool, configured).map(|_| ())
-    }
-
-    /// [`Self::callable`], with the argument keys the tool's approved definition declares
-    /// ([`Pin::argument_keys`]) when the tool may be called and its definition is known: `None`
-    /// for a tool never listed, or whose schema allows other keys.
+    /// could not pin it). When it may be called, the argument keys its approved definition
+    /// declares ([`Pin::argument_keys`]), if it is known: `None` for a tool never listed, or
+    /// whose schema allows other keys.
     pub fn call(
         &self,
         upstream: &str,
@@ -559,6 +549,16 @@ impl Pins {
             }
             Some(p) => Ok(p.argument_keys().cloned()),
         }
+    }
+
+    /// [`Self::call`] without the argument keys.
+    pub fn callable(
+        &self,
+        upstream: &str,
+        tool: &str,
+        configured: Option<&str>,
+    ) -> Result<(), Unpinned> {
+        self.call(upstream, tool, configured).map(|_| ())
     }
 
     /// Whether a tool not pinned, `name` at `upstream`, may be pinned by first sight: not when
@@ -671,9 +671,6 @@ mod tests {
         pub(super) static WORK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
-    /// An upstream past its share lists ever more new names: each is hidden before its look or
-    /// its digest is made, however often it is listed; a pinned tool is still checked. The time
-    /// of 200,000 such names is printed, not asserted.
     /// Lists `tools` at the upstream `many` of `pins`, each hidden: how long it took, and how
     /// many looks and digests were made.
     fn hidden_all(pins: &Pins, tools: &[Value]) -> (std::time::Duration, usize) {
@@ -685,6 +682,9 @@ mod tests {
         (start.elapsed(), WORK.with(std::cell::Cell::get) - before)
     }
 
+    /// An upstream past its share lists ever more new names: each is hidden before its look or
+    /// its digest is made, however often it is listed; a pinned tool is still checked. The time
+    /// of 200,000 such names is printed, not asserted.
     #[test]
     fn a_name_past_a_full_share_costs_no_look_and_no_digest() {
         let pins = Pins::default();

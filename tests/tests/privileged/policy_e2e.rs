@@ -1184,17 +1184,11 @@ fn an_answer_in_another_charset_than_utf8_is_not_relayed() {
 /// on the code before). Nor is a notification's answer that is an array holding a response.
 #[test]
 fn a_get_answered_with_another_type_than_an_event_stream_is_not_relayed() {
-    use std::io::Write as _;
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
     let second = std::time::Duration::from_secs(1);
     let (_upstream, mut d, port, _) = stray_gateway(&["getjson"]);
     let session = raw_session(port);
-    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    get.write_all(
-        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{session}\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
+    let mut get = get_stream(port, &session);
     std::thread::sleep(second / 2);
     let (r, _) = raw(port, &post("/mcp", list, &session));
     assert_eq!(r.status, 200, "{r:?}");
@@ -1296,6 +1290,18 @@ fn a_response_on_the_sessions_own_stream_cannot_answer_a_filtered_and_pinned_lis
     d.stop();
 }
 
+/// The session's GET stream at `/mcp`, asked for (`session`: [`raw_session`]'s lines).
+fn get_stream(port: u16, session: &str) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    get.write_all(
+        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{session}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    get
+}
+
 /// A session opened on `/mcp` through the gateway at `port` with raw requests: the header
 /// lines of its later requests.
 fn raw_session(port: u16) -> String {
@@ -1366,12 +1372,7 @@ fn answers_some_clients_read_otherwise_never_reach_the_client() {
 
     let (_upstream, mut d, port, _) = stray_gateway(&["separator"]);
     let session = raw_session(port);
-    let mut get = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    get.write_all(
-        format!("GET /mcp HTTP/1.1\r\nhost: gw\r\naccept: text/event-stream\r\n{session}\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
+    let mut get = get_stream(port, &session);
     std::thread::sleep(second / 2);
     let (r, _) = raw(port, &post("/mcp", list, &session));
     assert_eq!(r.status, 200, "{r:?}");
