@@ -279,6 +279,64 @@ fn landlock_confines_reads_to_the_configured_paths() {
     let _ = std::fs::remove_dir_all(&outside_dir);
 }
 
+/// Every child runs as one user, and without `read_paths` reads the whole filesystem: it read
+/// another child's home, whose random name the other's command line shows in `/proc` (an
+/// attacker's review: one tenant's per-caller child read another's note). The folder of homes
+/// is now kept out of what a child reads, its own home in. And `/dev/null` can be written.
+#[test]
+fn a_child_reads_no_other_childs_home_and_may_discard_output() {
+    if !super::super::sandbox::landlock_available() {
+        eprintln!("no Landlock on this kernel: skipped");
+        return;
+    }
+    let f = fixture();
+    rt().block_on(async {
+        let a = spawn(spec(&f, "a", "ok"), None);
+        let b = spawn(spec(&f, "b", "ok"), None);
+        let home_of = async |h: &Handle| {
+            let v = text(&call(h, 1, json!(1), json!({"do": "home"})).await.unwrap());
+            std::path::PathBuf::from(v["home"].as_str().unwrap())
+        };
+        let a_home = home_of(&a).await;
+        let b_home = home_of(&b).await;
+        assert_ne!(a_home, b_home);
+        let read = async |h: &Handle, path: &std::path::Path| {
+            text(
+                &call(h, 1, json!(2), json!({"do": "read", "path": path}))
+                    .await
+                    .unwrap(),
+            )
+        };
+        let v = read(&b, &a_home.join("note")).await;
+        assert_eq!(
+            v["error"],
+            libc::EACCES,
+            "another child's home is read: {v}"
+        );
+        let v = read(&b, &b_home.join("note")).await;
+        assert_eq!(v["read"], "x", "{v}");
+        // What is beside the homes is still read: the fixture's own folder, the system.
+        let v = read(&b, &f.dir.join("server.py")).await;
+        assert!(v["read"].is_string(), "{v}");
+        let v = read(&b, std::path::Path::new("/etc/passwd")).await;
+        assert!(
+            v["read"].as_str().is_some_and(|t| t.contains("root")),
+            "{v}"
+        );
+        let v = text(
+            &call(
+                &b,
+                1,
+                json!(3),
+                json!({"do": "write", "path": "/dev/null", "text": "gone"}),
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(v["written"], true, "{v}");
+    });
+}
+
 #[test]
 fn a_child_can_signal_no_process_outside_its_own_nor_reach_an_abstract_socket() {
     if super::super::sandbox::landlock_abi() < 6 {

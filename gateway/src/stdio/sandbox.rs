@@ -237,10 +237,12 @@ impl Homes {
         for _ in 0..64 {
             let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // 128 random bits no child can guess: every child of a per-caller upstream runs as
-            // the one configured user, and reads all of `/` without `read_paths`, so a home
-            // is kept from the others by its name alone (the folder of homes cannot be
-            // listed). Named `{n}-{upstream}` before, one tenant's child read another's files
-            // (an attacker's review, live: `…/0-local/secret`).
+            // the one configured user, so where the kernel has no Landlock to keep the folder
+            // of homes out of what a child reads (`beside_homes`), a home is kept from the
+            // others by its name alone (the folder of homes cannot be listed). Named
+            // `{n}-{upstream}` before, one tenant's child read another's files (an attacker's
+            // review, live: `…/0-local/secret`); a later review found the name in the other
+            // child's command line, which `/proc` shows to every process.
             let mut random = [0u8; 16];
             getrandom::fill(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
             let random = u128::from_ne_bytes(random);
@@ -588,21 +590,68 @@ fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
         .as_ref()
 }
 
+/// What a path that holds `homes` (the folder of every child's home) gives instead: the other
+/// entries of each folder on the way down to it, never the way itself. Every child of the
+/// gateway runs as one user, so a child that may read a folder holding the others' homes reads
+/// their files: a per-caller child read another tenant's `note.txt`, its random path shown to
+/// every process in `/proc/<pid>/cmdline` of the other's `tail -f` (an attacker's review).
+/// Landlock allows hierarchies and denies nothing beneath them, so what holds the homes is
+/// left out and what is beside it let in. An entry that leads back to the homes (a link to
+/// `/run`) is left out too. Entries made in those folders after the child starts are not
+/// readable to it.
+fn beside_homes(path: &Path, homes: &Path) -> Vec<PathBuf> {
+    let Ok(top) = std::fs::canonicalize(path) else {
+        // Not on this host: skipped where the rules are made.
+        return vec![path.to_path_buf()];
+    };
+    let Ok(way) = homes.strip_prefix(&top) else {
+        return vec![path.to_path_buf()];
+    };
+    let mut out = Vec::new();
+    let mut dir = top;
+    for part in way.components() {
+        let next = dir.join(part);
+        // A folder that cannot be listed gives nothing beside the way: the safe side.
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            let leads_home = std::fs::canonicalize(&p).is_ok_and(|c| homes.starts_with(c));
+            if p != next && !leads_home {
+                out.push(p);
+            }
+        }
+        dir = next;
+    }
+    out
+}
+
+/// Written by many programs that discard output (`>/dev/null`, `subprocess.DEVNULL`): a child
+/// confined to its home could not open it (the same review).
+const DISCARD: &str = "/dev/null";
+
 /// The Landlock ruleset for `spec`, or `None` where the kernel has no Landlock.
 fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<RulesetCreated>> {
     let abi = ABI::V3;
     let read = AccessFs::from_read(abi);
     let all = AccessFs::from_all(abi);
     let (read_paths, write_paths): (Vec<PathBuf>, Vec<PathBuf>) = match &spec.landlock {
-        None => (vec![PathBuf::from("/")], vec![home.to_path_buf()]),
+        None => (vec![PathBuf::from("/")], Vec::new()),
         Some(fs) => {
             let mut r: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
             r.extend(fs.read.iter().cloned());
-            let mut w = fs.write.clone();
-            w.push(home.to_path_buf());
-            (r, w)
+            (r, fs.write.clone())
         }
     };
+    // The other children's homes are kept out of every path given, read or written.
+    let homes = home
+        .parent()
+        .and_then(|h| std::fs::canonicalize(h).ok())
+        .unwrap_or_else(|| home.to_path_buf());
+    let carve = |paths: Vec<PathBuf>| -> Vec<PathBuf> {
+        paths.iter().flat_map(|p| beside_homes(p, &homes)).collect()
+    };
+    let read_paths = carve(read_paths);
+    let mut write_paths = carve(write_paths);
+    write_paths.push(home.to_path_buf());
     let other = |e: landlock::RulesetError| std::io::Error::other(e.to_string());
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
@@ -617,10 +666,21 @@ fn landlock_ruleset(spec: &SandboxSpec, home: &Path) -> std::io::Result<Option<R
         .create()
         .map_err(other)?;
     let mut created = created;
-    for (paths, access) in [(&read_paths, read), (&write_paths, all)] {
+    let discard = [PathBuf::from(DISCARD)];
+    for (paths, access) in [
+        (&read_paths[..], read),
+        (&write_paths[..], all),
+        (&discard[..], AccessFs::from_file(abi)),
+    ] {
         for p in paths {
             // A path that does not exist on this host is skipped (the system list is generic).
             let Ok(fd) = PathFd::new(p) else { continue };
+            // A file given where a folder's rights were asked takes the file's of them.
+            let access = if p.is_dir() {
+                access
+            } else {
+                access & AccessFs::from_file(abi)
+            };
             created = created
                 .add_rule(PathBeneath::new(fd, access))
                 .map_err(other)?;
