@@ -29,3 +29,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod top;
 pub mod upgrade;
+pub mod values;

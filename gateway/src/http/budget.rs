@@ -1,6 +1,6 @@
 //! A worker's budget for the bytes of answers read whole (lists the gateway filters, pins or
-//! merges, held and bridged sessions' answers): up to 16 MiB each, and parsed they take up to
-//! sixteen times that. Without a bound, a hostile upstream answering `tools/list` with 15.6 MB
+//! merges, held and bridged sessions' answers): up to 16 MiB each, parsed one at a time (no
+//! await while one is parsed) and bounded parsed too ([`crate::values`]). Without a bound, a hostile upstream answering `tools/list` with 15.6 MB
 //! grew one worker to 2.9 GB for 16 concurrent lists (the hostile-upstream review).
 //!
 //! An answer of up to [`SMALL`] bytes is read outside the budget (nothing is counted, nothing

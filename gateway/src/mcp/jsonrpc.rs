@@ -172,6 +172,9 @@ impl Parser {
     /// string text left out ([`super::elide`]), and again from the body itself if the copy is
     /// refused or the message read from it holds a string that lost a run.
     pub fn parse_for(&mut self, body: &[u8], arguments: bool) -> Result<Parsed, RpcError> {
+        // Parsed again into a tree by a federation or a held session: bounded for that.
+        crate::values::within(body)
+            .map_err(|why| RpcError::invalid_request(format!("the message: {why}")))?;
         if !arguments && self.elision.applies(body.len()) {
             let (parsed, elided) = self.parse_copy(body, false, true);
             match parsed {

@@ -529,3 +529,32 @@ fn a_request_that_offers_the_tasks_extension_is_read_so() {
     assert!(caps(r#""io.modelcontextprotocol/tasks""#));
     assert!(!caps(r#"{"roots":{}}"#));
 }
+
+/// A request re-read into a tree (by a federation, a held session) is bounded as answers are:
+/// more than `values::MAX` values are refused before any parse, in either of the parser's ways.
+#[test]
+fn a_request_holding_more_values_than_the_gateway_parses_is_refused() {
+    let n = crate::values::MAX;
+    let mut body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":[0"#.to_vec();
+    for _ in 0..n {
+        body.extend_from_slice(b",0");
+    }
+    body.extend_from_slice(b"]}}}");
+    for arguments in [true, false] {
+        let err = match Parser::default().parse_for(&body, arguments) {
+            Err(e) => e,
+            Ok(_) => panic!("parsed"),
+        };
+        assert_eq!(err.code, -32600);
+        assert!(
+            err.message.contains("more than 1048576 JSON values"),
+            "{}",
+            err.message
+        );
+    }
+    // One value fewer than the bound: parsed.
+    let cut = body.len() - 4 - 2 * 20;
+    let mut fewer = body[..cut].to_vec();
+    fewer.extend_from_slice(b"]}}}");
+    assert!(Parser::default().parse_for(&fewer, true).is_ok());
+}

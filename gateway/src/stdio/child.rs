@@ -488,9 +488,12 @@ impl Supervisor {
     }
 
     fn take_from_child(&mut self, bytes: &[u8], running: &mut Option<Running>) {
-        let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
+        let parsed = crate::values::within(bytes)
+            .ok()
+            .and_then(|()| serde_json::from_slice::<Value>(bytes).ok());
+        let Some(message) = parsed else {
             // Throttled, as its stderr is: a child writing noise in a loop must not fill the log.
-            crate::throttled_warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON; skipped");
+            crate::throttled_warn!(upstream = %self.spec.name, bytes = bytes.len(), "stdio upstream wrote a line that is not JSON, or holds too many values; skipped");
             // The answer of the call its id names fails at once: left to time out, a result
             // the gateway cannot read (a sum past 1e308) counted against the upstream's shared
             // breaker, and two such calls of one tenant opened it for every tenant (an
@@ -703,9 +706,13 @@ impl Supervisor {
     }
 }
 
-/// The child's tools, every page, asked by the gateway itself before clients reach the child.
+/// The child's tools, every page, asked by the gateway itself before clients reach the child:
+/// the items that can be pinned (objects named by a string), the pages bounded in all
+/// ([`crate::values::Pages`]: one child's pages of zeros grew the gateway to 9 GB at its start,
+/// an attacker's review).
 async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
     let mut tools = Vec::new();
+    let mut pages = crate::values::Pages::default();
     let mut cursor: Option<String> = None;
     for page in 0..100 {
         let id = format!("mcp-gateway-pins-{page}");
@@ -721,14 +728,17 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
         let result = loop {
             match r.stdout.next().await {
                 Ok(Line::Text(bytes)) => {
-                    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+                    pages
+                        .add(&bytes)
+                        .map_err(|why| format!("tools/list: {why}"))?;
+                    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
                         continue;
                     };
                     if v.get("id") != Some(&json!(id)) {
                         continue;
                     }
-                    match v.get("result") {
-                        Some(result) => break result.clone(),
+                    match v.get_mut("result").map(Value::take) {
+                        Some(result) => break result,
                         None => {
                             return Err(format!(
                                 "tools/list refused: {}",
@@ -741,8 +751,12 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
                 Ok(Line::Eof) | Err(_) => return Err("exited during tools/list".into()),
             }
         };
-        tools.extend(result["tools"].as_array().cloned().unwrap_or_default());
         cursor = result["nextCursor"].as_str().map(str::to_owned);
+        if let Value::Object(mut result) = result
+            && let Some(Value::Array(listed)) = result.remove("tools")
+        {
+            tools.extend(listed.into_iter().filter(|t| t["name"].is_string()));
+        }
         if cursor.is_none() {
             break;
         }

@@ -1,7 +1,7 @@
 //! The supervisor against real child processes: a small stdio MCP server in Python (standard
 //! library only) that misbehaves on request.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
 
@@ -29,6 +29,14 @@ for line in sys.stdin:
         continue
     if "id" not in m:
         continue
+    if meth == "tools/list" and mode == "dense_pages":
+        page = int(m.get("params", {}).get("cursor") or 0)
+        sys.stdout.write('{"jsonrpc": "2.0", "id": ' + json.dumps(m["id"]) + ', "result": {"nextCursor": "' + str(page + 1) + '", "tools": [' + ",".join(["0"] * 600000) + ', {"name": "t", "inputSchema": {"type": "object"}}]}}\n')
+        sys.stdout.flush()
+        continue
+    if meth == "tools/list":
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"tools": [0, {"name": "t", "inputSchema": {"type": "object"}}]}})
+        continue
     args = m.get("params", {}).get("arguments", {})
     do = args.get("do")
     if mode == "noise":
@@ -42,7 +50,10 @@ for line in sys.stdin:
         time.sleep(args["s"])
     if do == "huge":
         time.sleep(args.get("after", 0))
-        pad = '{"pad": "' + "x" * args["n"] + '"}'
+        if args.get("dense"):
+            pad = '{"pad": [' + ",".join(["0"] * args["n"]) + ']}'
+        else:
+            pad = '{"pad": "' + "x" * args["n"] + '"}'
         i = json.dumps(m["id"])
         if args.get("no_id"):
             sys.stdout.write(pad + "\n")
@@ -467,6 +478,74 @@ fn a_line_over_the_limit_fails_its_call_without_being_held() {
         .unwrap_err();
         assert!(matches!(e, StdioError::Timeout(..)), "{e}");
         assert!(call(&h, 1, json!(4), json!({})).await.is_ok());
+    });
+}
+
+/// A line holding more values than the gateway parses into a tree (`crate::values`) fails its
+/// call at once, unparsed: 1,100,000 zeros in 2.2 MB took 70 MB parsed, and a 16 MiB line
+/// 550 MB of the control thread. One of 900,000 passes.
+#[test]
+fn a_line_holding_too_many_values_fails_its_call_unparsed() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "dense", "ok"), None);
+        let e = call(
+            &h,
+            1,
+            json!(1),
+            json!({"do": "huge", "n": 1_100_000, "dense": true}),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, StdioError::Unreadable(..)), "{e}");
+        let ok = call(
+            &h,
+            1,
+            json!(2),
+            json!({"do": "huge", "n": 900_000, "dense": true}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ok["result"]["pad"].as_array().map(Vec::len), Some(900_000));
+    });
+}
+
+/// Pins observing every start's listing, as the gateway's do.
+struct Observed(std::sync::Mutex<Vec<Vec<Value>>>);
+
+impl super::super::PinGate for Observed {
+    fn enabled(&self) -> bool {
+        true
+    }
+    fn observe(&self, _: &str, tools: &[Value]) {
+        self.0.lock().unwrap().push(tools.to_vec());
+    }
+    fn callable(&self, _: &str, _: &str) -> bool {
+        true
+    }
+}
+
+/// With pins on, a child's tools are listed at its start, every page: its pages are bounded in
+/// all (`values::Pages`), and only items that can be pinned are kept. A child paging 600,000
+/// values a page, forever, grew the gateway by 270 MB a page, to 9 GB at one start (an
+/// attacker's review); now its start fails at the second page. A child listing a stray `0`
+/// beside its tool starts, its tool observed alone.
+#[test]
+fn a_childs_tools_read_at_its_start_are_bounded_in_all() {
+    let f = fixture();
+    rt().block_on(async {
+        let gate = Arc::new(Observed(std::sync::Mutex::new(Vec::new())));
+        let h = spawn(spec(&f, "dense", "dense_pages"), Some(gate.clone()));
+        let e = call(&h, 1, json!(1), json!({})).await.unwrap_err();
+        assert!(
+            matches!(&e, StdioError::Start(_, why) if why.contains("more than 1048576 JSON values")),
+            "{e}"
+        );
+        assert!(gate.0.lock().unwrap().is_empty());
+        let h = spawn(spec(&f, "plain", "ok"), Some(gate.clone()));
+        call(&h, 1, json!(1), json!({})).await.unwrap();
+        let seen = gate.0.lock().unwrap().clone();
+        assert_eq!(seen, vec![vec![json!({"name": "t", "inputSchema": {"type": "object"}})]]);
     });
 }
 

@@ -1922,6 +1922,135 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
     d.stop();
 }
 
+/// An answer read whole is parsed whole, and a value parsed takes 32 bytes however few it was
+/// written in: a `tools/list` answer of 7,000,000 zeros (14 MB) took the worker to about
+/// 550 MB (an attacker's review). A message holding more than 1,048,576 values is refused
+/// before it is parsed (502, and the federation leaves its member out); one of 900,000 values
+/// in 2.7 MB, long enough to be counted, passes. A merged list keeps its items parsed across
+/// pages: its pages hold at most as many values in all (a member paging 600,000 values a page
+/// is left out after two pages, where the bound on bytes let fourteen in).
+#[test]
+fn an_answer_holding_more_values_than_the_gateway_parses_is_refused_unparsed() {
+    let dense = PyServer::script_on("list_member.py", free_port(), &["dense"]);
+    let dense_ok = PyServer::script_on("list_member.py", free_port(), &["dense_ok"]);
+    let pages = PyServer::script_on("list_member.py", free_port(), &["densepages"]);
+    let py = PyServer::start(true);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwdense");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[upstreams]]
+name = "py"
+url = "{py}"
+[[upstreams]]
+name = "dense"
+url = "{dense}"
+era = "stateless"
+[[upstreams]]
+name = "dense_ok"
+url = "{dense_ok}"
+era = "stateless"
+[[routes]]
+path = "/dense"
+upstream = "dense"
+[[routes]]
+path = "/dense_ok"
+upstream = "dense_ok"
+[[upstreams]]
+name = "pages"
+url = "{pages}"
+era = "stateless"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "dense", prefix = "d_" }}]
+[[routes]]
+path = "/pages"
+federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "pages", prefix = "d_" }}]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 1, port, admin),
+        py = py.url(),
+        dense = dense.url(),
+        dense_ok = dense_ok.url(),
+        pages = pages.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let list = |path: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}})
+        .to_string();
+        let head = "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n";
+        raw(port, &post(path, &body, head)).0
+    };
+    for _ in 0..3 {
+        let r = list("/dense");
+        assert_eq!(r.status, 502, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["id"], 3, "{v}");
+        assert!(
+            v.to_string().contains("more than 1048576 JSON values"),
+            "{v}"
+        );
+    }
+    let r = list("/fed");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        json!(["dense"]),
+        "{}",
+        &v.to_string()[..v.to_string().len().min(500)]
+    );
+    let r = list("/pages");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(
+        v["result"]["_meta"]["io.mcp-gateway/unavailable"],
+        json!(["pages"]),
+        "{}",
+        &v.to_string()[..v.to_string().len().min(500)]
+    );
+    assert!(
+        v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "p_echo")
+    );
+    let r = list("/dense_ok");
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+    );
+    let v = r.json();
+    assert_eq!(v["result"]["tools"][0]["name"], "dense");
+    assert_eq!(
+        v["result"]["tools"][0]["inputSchema"]["enum"]
+            .as_array()
+            .map(Vec::len),
+        Some(900_000)
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    // Before: 550 MB for the dense list, 270 MB for the pages. Now the 14 MB answer read
+    // whole, the 2.7 MB one parsed, and two pages' items.
+    assert!(hwm_kb < 200 * 1024, "peak RSS {hwm_kb} kB");
+    d.stop();
+}
+
 #[test]
 fn a_federation_member_cannot_answer_a_request_sent_to_another() {
     // A member's event stream cannot answer another id (its events are rewritten); nor may its

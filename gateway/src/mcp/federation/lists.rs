@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::{Era, Federation, MAX_COLLECTED, MAX_PAGES, merge};
+use super::{Era, Federation, MAX_PAGES, merge};
 use crate::{
     http::{self, Io},
     mcp::{
@@ -28,9 +28,8 @@ impl<'c> Federation<'_, 'c> {
 
     /// A merged list: every page of every member, names prefixed where `prefixed`. A member that
     /// fails is left out and named in `_meta`; if every member fails, the client gets the error.
-    /// The pages read for one list are [`MAX_COLLECTED`] in all: a member past it is left out
-    /// as failed (each page was bounded, their sum was not: a member that answered 100 pages of
-    /// 15 MiB grew the gateway to 6.4 GB for one `tools/list`, an attacker's review). A listed
+    /// The pages read for one list are bounded in all ([`crate::values::Pages`]): a member past
+    /// the bound is left out as failed. A listed
     /// name that its prefix gives to another member is left out: a member without a prefix
     /// listed `a_echo`, which a call reaches at the member of prefix `a_` (the client was shown
     /// a definition of another tool than the one it calls).
@@ -51,7 +50,7 @@ impl<'c> Federation<'_, 'c> {
         let mut cache: Option<(u64, bool)> = None;
         let mut result_type: Option<Value> = None;
         let mut expired = None;
-        let mut collected = 0usize;
+        let mut pages = crate::values::Pages::default();
         for _ in 0..MAX_PAGES {
             let bodies: Vec<(usize, Bytes)> = active
                 .iter()
@@ -75,12 +74,9 @@ impl<'c> Federation<'_, 'c> {
             }
             for (i, r) in self.fan_out(era, bodies).await {
                 let outcome = r.map_err(describe).and_then(|(head, bytes)| {
-                    collected = collected.saturating_add(bytes.len());
-                    if collected > MAX_COLLECTED {
+                    if let Err(why) = pages.add(&bytes) {
                         items[i].clear();
-                        return Err(format!(
-                            "the merged list is over {MAX_COLLECTED} bytes with its pages"
-                        ));
+                        return Err(why);
                     }
                     if head.status == 404
                         && matches!(era, Era::Session(_))

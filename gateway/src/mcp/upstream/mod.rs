@@ -573,8 +573,7 @@ pub async fn call(
         }
     };
     let deadline = monoio::time::Instant::now() + up.response_timeout;
-    // A large answer waits for room in the worker's budget: parsed, it may take sixteen times
-    // its size (see `http::budget`).
+    // A large answer waits for room in the worker's budget (see `http::budget`).
     let body = match conn
         .read_body_within(kind, max, deadline, Some((&pool.whole, &up.name)))
         .await
@@ -591,6 +590,9 @@ pub async fn call(
     if kind != BodyKind::UntilClose && !head.closes() {
         pool.checkin(up, conn);
     }
+    // Read whole to be parsed whole: bounded in what it takes parsed too.
+    crate::values::within(&body)
+        .map_err(|why| UpstreamFailure::Bad(format!("its answer: {why}")))?;
     Ok((head, body))
 }
 
