@@ -845,6 +845,9 @@ fn rewrite_event(
         .join(&b'\n');
     let raw_data = Some(raw_data).filter(|d| !d.is_empty());
     let mut data = match &raw_data {
+        Some(d) if crate::values::within(d).is_err() => {
+            return Err("its data holds more JSON values than the gateway parses");
+        }
         Some(d) => match serde_json::from_slice::<Value>(d) {
             Ok(v @ Value::Object(_)) => Some(v),
             _ => return Err("its data is not a JSON object"),
@@ -1464,6 +1467,22 @@ mod tests {
             Some(&Id::Num(1)),
         );
         assert_eq!(r, Ok(json!({})));
+    }
+
+    /// A member's event is parsed into a tree to be tagged: one holding more values than the
+    /// gateway parses (`crate::values`) is dropped unparsed, the next one kept.
+    #[test]
+    fn a_member_event_holding_too_many_values_is_dropped_unparsed() {
+        let mut events = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"data\":[0".to_vec();
+        for _ in 0..crate::values::MAX {
+            events.extend_from_slice(b",0");
+        }
+        events.extend_from_slice(b"]}}\n\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\n");
+        let out = String::from_utf8(rewrite_events("m", &events, Answers::Nothing)).unwrap();
+        assert_eq!(
+            out,
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\n"
+        );
     }
 
     #[test]
