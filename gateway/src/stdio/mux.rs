@@ -97,14 +97,17 @@ pub fn unknown_task(id: Value) -> Value {
 }
 
 /// Keeps, in a `tasks/list` answer, the tasks whose id `keep` says yes to (a task without a
-/// string id goes).
+/// string id goes), and no `nextCursor`: the TypeScript SDK's store pages over every caller's
+/// tasks and names the next page by the last task on this one, so the cursor gave a caller
+/// another's task id, which a caller may set itself to pick the page (an attacker's review read
+/// another tenant's task result with it through another gateway of the fleet). A caller gets
+/// its own tasks of the upstream's page, and no next page.
 pub fn retain_listed_tasks(answer: &mut Value, mut keep: impl FnMut(&str) -> bool) {
-    if let Some(list) = answer
-        .get_mut("result")
-        .and_then(|r| r.get_mut("tasks"))
-        .and_then(Value::as_array_mut)
-    {
-        list.retain(|t| t["taskId"].as_str().is_some_and(&mut keep));
+    if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
+        result.remove("nextCursor");
+        if let Some(list) = result.get_mut("tasks").and_then(Value::as_array_mut) {
+            list.retain(|t| t["taskId"].as_str().is_some_and(&mut keep));
+        }
     }
 }
 

@@ -703,6 +703,38 @@ fn a_task_on_a_stateless_upstream_is_its_creators_alone() {
     d.stop();
 }
 
+/// The TypeScript SDK's store pages every caller's tasks ten at a time and names the next page
+/// by the last task on this one, and a caller may pick the page with a cursor of its own: beta
+/// made acme's task the last of its page, and the `nextCursor` the gateway passed on was
+/// acme's task id (an attacker's review then read acme's result through another gateway of
+/// the fleet, which did not know the task). A listing now carries no cursor of the upstream's.
+#[test]
+fn a_task_listing_names_no_other_callers_task() {
+    let up_port = free_port();
+    let _server = integration_tests::peers::tasks_server(up_port);
+    let (mut d, port) = tasks_gateway(up_port, "gwtaskcur");
+    let ask = |k: &str, method: &str, params: Value| ask_tasks(port, k, None, method, params);
+    let make = |k: &str| task_made(&call_report_task(port, k));
+    let first = make(BETA_KEY);
+    let mut betas = vec![first.clone()];
+    for _ in 0..9 {
+        betas.push(make(BETA_KEY));
+    }
+    let acmes = make(ACME_KEY);
+    betas.push(make(BETA_KEY));
+    for params in [json!({"cursor": first}), json!({})] {
+        let r = ask(BETA_KEY, "tasks/list", params.clone());
+        assert_eq!(r.status, 200, "{r:?}");
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(!text.contains(&acmes), "{params}: {text}");
+        assert!(r.json()["result"].get("nextCursor").is_none(), "{text}");
+        let listed = listed_tasks(&r.json());
+        assert!(!listed.is_empty(), "{text}");
+        assert!(listed.iter().all(|t| betas.contains(t)), "{text}");
+    }
+    d.stop();
+}
+
 /// Acme's tool rule capping `report` at one call in flight.
 const REPORT_CAPPED: &str = "[[tenants.policy.tools]]\nmatch = \"report\"\nmax_concurrent = 1\n";
 
