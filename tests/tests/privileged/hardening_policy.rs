@@ -1291,6 +1291,134 @@ fn a_call_that_runs_on_whose_client_is_banned_holds_its_slot_a_while() {
     d.stop();
 }
 
+/// A session-era call whose client hangs up is cancelled in its session at once, and keeps its
+/// concurrency slot until its upstream exchange ends: a plain `def` tool of the Python SDK's
+/// server runs in a worker thread, which the cancellation cannot stop (the server answers it,
+/// -32800, once the tool returned). Before, the slot went back as the cancellation went out,
+/// and a client that called and hung up, round after round, ran one more call at once each
+/// round past its cap (an attacker's review: 6 at once under a tool cap of 1, 13 under a
+/// tenant cap of 4). On every way there: the client's own session (an event stream, and JSON
+/// whose head comes only with the answer), federated, through a held session, and bridged.
+/// A second round is refused while the first call runs, the server never runs two at once,
+/// and a call is admitted again once the first ended there.
+#[test]
+fn a_call_whose_client_leaves_holds_its_slot_while_a_sync_tool_runs_on() {
+    let py = PyServer::start_with(&["--slow"]);
+    let py_json = PyServer::start_with(&["--slow", "--json"]);
+    let py_only = PyServer::start_with(&["--slow", "--stateless-only"]);
+    let capped = "[[tenants.policy.tools]]\nmatch = \"block\"\nmax_concurrent = 1\n";
+    // Routes without `auth`: their callers are the default tenant's (acme).
+    let rest = format!(
+        "[[upstreams]]\nname = \"json\"\nurl = \"{}\"\n\
+         [[upstreams]]\nname = \"held\"\nurl = \"{}\"\nera = \"session\"\n\
+         [[upstreams]]\nname = \"only\"\nurl = \"{}\"\nera = \"stateless\"\n\
+         [[routes]]\npath = \"/sess\"\nupstream = \"tasks\"\n\
+         [[routes]]\npath = \"/json\"\nupstream = \"json\"\n\
+         [[routes]]\npath = \"/held\"\nupstream = \"held\"\n\
+         [[routes]]\npath = \"/fed\"\nfederate = [{{ upstream = \"tasks\", prefix = \"p_\" }}]\n\
+         [[routes]]\npath = \"/bridged\"\nupstream = \"only\"\n",
+        py_json.url(),
+        py.url(),
+        py_only.url(),
+    );
+    let (mut d, port) = tasks_gateway_with(py.port, "gwsyncleft", capped, &rest);
+    let sessions: std::collections::HashMap<&str, String> = ["/sess", "/json", "/fed", "/bridged"]
+        .into_iter()
+        .map(|path| (path, open_session(port, path, "2025-11-25")))
+        .collect();
+    let next_id = std::sync::atomic::AtomicU64::new(10);
+    // A call of `tool` at `path`: a session-era client's in its session, a stateless one's on
+    // the held route.
+    let request = |path: &str, tool: &str, arguments: Value| {
+        let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if path == "/held" {
+            return post_call_2026(path, id, tool, &arguments, "");
+        }
+        let name = if path == "/fed" {
+            format!("p_{tool}")
+        } else {
+            tool.to_owned()
+        };
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments}});
+        post(path, &body.to_string(), &sessions[path])
+    };
+    // How many `block` calls the route's server runs now, and the most at once since last
+    // asked: asked with a stateless call (not capped) on a route to that server.
+    let blocking = |path: &str| {
+        let via = match path {
+            "/json" | "/bridged" => path,
+            _ => "/held",
+        };
+        let (r, _) = raw(
+            port,
+            &post_call_2026(via, 1, "blocking_calls", &json!({}), ""),
+        );
+        let text = message_of(&r)["result"]["content"][0]["text"].clone();
+        let counts: Value = serde_json::from_str(text.as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{path}: {e}: {r:?}"));
+        let count = |k: &str| {
+            counts[k]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{path}: {r:?}"))
+        };
+        (count("now"), count("most"))
+    };
+    let poll = |what: &dyn Fn() -> bool| {
+        (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            what()
+        })
+    };
+    for path in ["/sess", "/json", "/fed", "/held", "/bridged"] {
+        assert_eq!(blocking(path).0, 0, "{path}");
+        // Three rounds of: call a tool that blocks 6 s, read what comes within 0.5 s (an event
+        // stream's head comes at once), hang up.
+        for _ in 0..3 {
+            let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let call = request(path, "block", json!({"seconds": 6.0}));
+            std::io::Write::write_all(&mut client, &call).unwrap();
+            client
+                .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .unwrap();
+            let _ = std::io::Read::read(&mut client, &mut [0u8; 4096]);
+            drop(client);
+            // Past the gateway's look at a client that a wait on the upstream watches (200 ms).
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        let (now, most) = blocking(path);
+        assert_eq!(
+            most, 1,
+            "{path}: more calls ran at once than the cap allows"
+        );
+        assert_eq!(now, 1, "{path}: the first call does not run on");
+        cap_refused(
+            &raw(port, &request(path, "block", json!({"seconds": 0.1}))).0,
+            &format!("{path}: a call while the first runs on"),
+        );
+        // Once the first call ended there, the cap is free again.
+        assert!(poll(&|| blocking(path).0 == 0), "{path}: never ended");
+        let admitted = poll(&|| {
+            let (r, _) = raw(port, &request(path, "block", json!({"seconds": 0.1})));
+            if r.status != 200 {
+                cap_refused(&r, path);
+                return false;
+            }
+            assert_eq!(
+                message_of(&r)["result"]["content"][0]["text"],
+                "blocked",
+                "{path}"
+            );
+            true
+        });
+        assert!(
+            admitted,
+            "{path}: the cap stayed taken after the call ended"
+        );
+    }
+    d.stop();
+}
+
 /// A 2026-07-28 task is the server's choice (the tasks extension): a `tools/call` whose client
 /// capabilities name the extension may be answered with one, with no `params.task`. Such a call
 /// is read as one that asks for a task: its task is its creator's and holds the call's slot
