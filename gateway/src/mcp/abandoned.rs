@@ -2,18 +2,29 @@
 //! in time): the upstream is told to stop.
 //!
 //! Up to 2025-11-25 a closed connection is not a cancellation: the specification asks servers
-//! not to read it as one, and a client's request runs on in its session. Its concurrency slot at
-//! the gateway is given back when the call ends here, so a client could start calls and hang
-//! up, over and over, and hold the upstream far past its limit. Before the slot is given back,
-//! each request of the abandoned message is cancelled (`notifications/cancelled`) in the
-//! session it ran in, as the client would have cancelled it. Not when an event with an id
-//! reached the client: it can resume that stream (`Last-Event-ID`), and the call must go on for
-//! it; the gateway then reads the stream to its end as if the client were there, so the slot
-//! is held until the call ends (`relay::drain`). `initialize` is never cancelled (the specification forbids it), nor a request that asked
-//! for a task. A call with no session to be cancelled in keeps its upstream exchange to its
-//! end when its client leaves, its slot held until then (`Obs::runs_on`): in 2026-07-28
-//! closing the stream is the cancellation, but servers run on regardless (the Python SDK's,
-//! answering with JSON), unless the upstream is said to stop (`closing_cancels`).
+//! not to read it as one, and a client's request runs on in its session. So each request of a
+//! message whose client left is cancelled (`notifications/cancelled`) in the session it ran
+//! in, as the client would have cancelled it, at once ([`on_leaving`]). Its concurrency slot
+//! at the gateway is not given back then: the gateway reads the call's exchange on to its end
+//! (its answer, or its stream's: `Obs::runs_on`), and gives the slot back only then. A server
+//! that stops ends the exchange at once (the Python SDK's answers the cancelled request with
+//! -32800), but one cannot always stop: the Python SDK runs a plain `def` tool in a worker
+//! thread, which runs on, and answers only once it returned (a TypeScript tool that ignores its
+//! abort signal likewise). Giving the slot back with the cancellation let a client start calls
+//! and hang up, over and over, and run one more at the upstream each round, past every cap (an
+//! attacker's review: 13 at once under a tenant cap of 4, 6 under a tool cap of 1).
+//!
+//! Not cancelled when an event with an id reached the client: it can resume that stream
+//! (`Last-Event-ID`), and the call must go on for it; the gateway then reads the stream to its
+//! end as if the client were there, so the slot is held until the call ends (`relay::drain`).
+//! `initialize` is never cancelled (the specification forbids it), nor a request that asked for
+//! a task. A call with no session to be cancelled in keeps its upstream exchange to its end the
+//! same way when its client leaves (`Obs::runs_on`): in 2026-07-28 closing the stream is the
+//! cancellation, but servers run on regardless (the Python SDK's, answering with JSON), unless
+//! the upstream is said to stop (`closing_cancels`). A call the gateway gives up on itself (a
+//! timeout) is cancelled once it gave up, and its slot given back then.
+
+use std::{cell::Cell, future::Future, pin::Pin, task::Poll};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -69,4 +80,61 @@ pub(super) async fn cancel(ctx: &WorkerCtx, up: &Upstream, tenant: u64, request:
             super::held::describe(f)
         ),
     }
+}
+
+/// The cancellation of a session-era call, built when its client leaves: the request, and the
+/// tenant key whose pooled connections carry it.
+pub(super) type Cancellation = (http::Outgoing, u64);
+
+/// Runs `call`, the exchange of a session-era call that runs on when its client leaves
+/// (`Obs::runs_on`), and once `left` says its client left while the exchange is still out,
+/// sends its cancellation (`cancellation`, built then; `None` when there is nothing to cancel)
+/// beside it: at once, so that a server that stops does, while the exchange is read on to its
+/// end, so that the call's slot is held until the server is done with it (see the module's
+/// doc). Returns `call`'s output once both are over, and whether a cancellation was sent (the
+/// caller then sends none of its own).
+///
+/// An exchange over before its client was seen leaving needs no cancellation: it was answered,
+/// or given up on by the gateway (which cancels it as it did before).
+pub(super) async fn on_leaving<T>(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    left: &Cell<bool>,
+    call: impl Future<Output = T>,
+    cancellation: impl FnOnce() -> Option<Cancellation>,
+) -> (T, bool) {
+    let mut call = std::pin::pin!(call);
+    let mut cancellation = Some(cancellation);
+    // Boxed: most calls' clients stay, and every call's future would carry it.
+    let mut sending: Option<Pin<Box<dyn Future<Output = ()> + '_>>> = None;
+    let mut sent = false;
+    let mut done = None;
+    let out = std::future::poll_fn(|cx| {
+        if done.is_none()
+            && let Poll::Ready(o) = call.as_mut().poll(cx)
+        {
+            done = Some(o);
+        }
+        if done.is_none()
+            && left.get()
+            && let Some((request, tenant)) = cancellation.take().and_then(|build| build())
+        {
+            sent = true;
+            sending = Some(Box::pin(cancel(ctx, up, tenant, request)));
+        }
+        if let Some(s) = &mut sending
+            && s.as_mut().poll(cx).is_ready()
+        {
+            sending = None;
+        }
+        match (sending.is_none(), done.take()) {
+            (true, Some(o)) => Poll::Ready(o),
+            (_, o) => {
+                done = o;
+                Poll::Pending
+            }
+        }
+    })
+    .await;
+    (out, sent)
 }

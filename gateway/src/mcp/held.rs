@@ -587,23 +587,25 @@ pub(super) async fn call(
         if let Some(ours) = &sent {
             *gave_up = GaveUp::cancellation(req, peer, up, owner, &replace, ours);
         }
-        // Only the call is given up when its `client` leaves: a session being opened is
+        // Only the call is watched for its `client` leaving: a session being opened is
         // finished whoever waits for it (given up, it was left open at the upstream for good).
         let called = upstream::call(&ctx.pool, up, owner.tenant, request, MAX_ANSWER);
         let answered = match client {
-            Some(client) => {
-                upstream::unless_client_leaves(upstream::Watch::leaves(client), called).await
-            }
+            Some(client) => Box::pin(run_on(ctx, up, client, gave_up, called)).await,
             None => Some(called.await),
         };
-        let (head, bytes) = match answered {
-            Some(Ok(answer)) => answer,
-            // Still armed: the caller cancels it.
-            None => {
+        // Its client left: the call was cancelled, and read on to its end; or its client was
+        // cut for a ban or deny (`None`): closed, its cancellation still armed for the caller.
+        let answered = match answered {
+            Some(answered) if !gave_up.left => answered,
+            _ => {
                 gave_up.sent = true;
                 return Err(UpstreamFailure::ClientGone);
             }
-            Some(Err(f)) => {
+        };
+        let (head, bytes) = match answered {
+            Ok(answer) => answer,
+            Err(f) => {
                 if f.sent_unanswered() {
                     gave_up.sent = true;
                 } else {
@@ -631,19 +633,22 @@ pub(super) async fn call(
 }
 
 /// A held call given up on (it timed out, its connection failed after it was sent, or its
-/// client left, or was cut for a ban, while it was out): its
+/// client was cut for a ban, while it was out): its
 /// cancellation in the held session, sent once its client has its answer and before the
 /// call's concurrency slot is given back ([`GaveUp::cancel`]). The session is not the
 /// caller's, so nothing else ends the request there, and a tenant whose calls time out could
 /// otherwise keep running at the upstream as many as it liked, whatever its cap (one more
-/// every `response_timeout_ms`).
+/// every `response_timeout_ms`). A call whose client leaves is cancelled at once instead, and
+/// read on to its end ([`run_on`]).
 ///
 /// It also says whether the call itself went out (`sent`): written, and answered or not (a
-/// failure while the session was being opened sends nothing).
+/// failure while the session was being opened sends nothing); and whether its client left
+/// while it was out (`left`).
 #[derive(Default)]
 pub(super) struct GaveUp {
-    cancel: Option<(http::Outgoing, u64)>,
+    cancel: Option<super::abandoned::Cancellation>,
     pub sent: bool,
+    pub left: bool,
 }
 
 impl GaveUp {
@@ -662,6 +667,7 @@ impl GaveUp {
                 .and_then(|body| upstream_request(req, peer, up, &body, replace).ok())
                 .map(|request| (request, owner.tenant)),
             sent: false,
+            left: false,
         }
     }
 
@@ -671,6 +677,39 @@ impl GaveUp {
             super::abandoned::cancel(ctx, up, tenant, request).await;
         }
     }
+}
+
+/// Waits for a held call (`called`) whose `client` may leave. Once it left, the call is
+/// cancelled in the session at once (`gave_up`'s cancellation, sent) and read on to its end,
+/// within the upstream's response timeout, and `gave_up` says it left: the call's concurrency
+/// slot is held until the upstream is done with it (`abandoned::on_leaving`; an attacker's
+/// review: the Python SDK's server runs a plain `def` tool on in a worker thread whatever the
+/// cancellation, and a caller ran one more at once past its cap each time it called and hung
+/// up). `None` when the client is cut for a ban or deny first: the call is closed, and its
+/// cancellation left armed for the caller.
+async fn run_on<T>(
+    ctx: &WorkerCtx,
+    up: &Upstream,
+    client: &Io,
+    gave_up: &mut GaveUp,
+    called: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
+    let cut = || ctx.open.was_cut(fd);
+    let left = std::cell::Cell::new(false);
+    let watch = upstream::Watch {
+        client,
+        runs_on: Some(upstream::RunsOn {
+            left: &left,
+            cut: &cut,
+        }),
+    };
+    let armed = &mut gave_up.cancel;
+    let watched = upstream::unless_client_leaves(watch, called);
+    let (answered, _) =
+        super::abandoned::on_leaving(ctx, up, &left, watched, || armed.take()).await;
+    gave_up.left = left.get();
+    answered
 }
 
 /// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
@@ -995,8 +1034,9 @@ pub(super) async fn forward<'c>(
     // Sent, and not answered as the caller reads it: the upstream may have acted on it.
     obs.unanswered.set(gave_up.sent && answer.is_err());
     let keep = match answer {
-        // The client left (or was cut for a ban): the call is cancelled in the held session,
-        // which nothing else would end.
+        // The client left: the call was cancelled in the held session, which nothing else
+        // would end, and read on to its end (`run_on`); or, cut for a ban, it is cancelled
+        // now.
         Err(UpstreamFailure::ClientGone) => {
             obs.set(Outcome::UpstreamFailure);
             obs.client_left.set(true);

@@ -330,50 +330,68 @@ impl<'c, 'a> Pass<'c, 'a> {
             .chain(resume.map(|id| ("last-event-id", Some(id))))
             .collect();
         let in_session = self.cancels_in_session();
-        // A session-era message to an upstream that may speak only the stateless era.
-        let keep = if up.era == UpstreamEra::Auto
-            && req.method == "POST"
-            && !self.stateless
-            && let Some(m) = &messages.single
-        {
-            Box::pin(super::bridge::forward_learning(
-                io, req, peer, ctx, up, m, &extra, self.obs,
-            ))
-            .await
-        } else {
-            match upstream_request(req, peer, up, &req.body, &extra) {
-                Ok(bytes) => {
-                    let id = messages.request_id.clone();
-                    relay::forward(io, req, bytes, up, id, ctx, None, self.obs).await
-                }
-                Err(e) => {
-                    let err = RpcError::from(e).with_id(messages.request_id.clone());
-                    return write_error(io, req, &err).await;
-                }
-            }
+        // A session-era call whose client leaves is cancelled in its session at once, and its
+        // exchange read on to its end, its slots held until then (`abandoned::on_leaving`).
+        let cancellation = || {
+            let body = super::abandoned::cancellation(
+                messages.all().filter_map(super::abandoned::cancellable),
+            )?;
+            let request = upstream_request(req, peer, up, &body, &extra).ok()?;
+            Some((request, self.obs.tenant_key(ctx)))
         };
-        // A session-era call given up on (its client left, or it timed out) runs on upstream
-        // unless cancelled.
+        let exchange = self.exchange(io, &extra);
+        let (keep, cancelled) =
+            super::abandoned::on_leaving(ctx, up, &self.obs.client_left, exchange, || {
+                in_session.then(cancellation).flatten()
+            })
+            .await;
+        // A session-era call the gateway gave up on (it timed out, or its client was cut for a
+        // ban or deny) runs on upstream unless cancelled.
         if self.obs.abandoned.get()
             && in_session
-            && let Some(body) = super::abandoned::cancellation(
-                messages.all().filter_map(super::abandoned::cancellable),
-            )
-            && let Ok(request) = upstream_request(req, peer, up, &body, &extra)
+            && !cancelled
+            && let Some((request, tenant)) = cancellation()
         {
-            super::abandoned::cancel(ctx, up, self.obs.tenant_key(ctx), request).await;
+            super::abandoned::cancel(ctx, up, tenant, request).await;
         }
         keep
     }
 
-    /// Whether a call whose client leaves runs on upstream, nothing able to cancel it there
-    /// (`Obs::runs_on`): a request that can be cancelled, with no session to cancel it in (a
-    /// session the gateway holds cancels its calls itself: `held`), to an upstream not said to
-    /// stop a call whose connection closes. A bridged session is the gateway's, and the
-    /// upstream has none.
+    /// The exchange of [`Pass::relay`], with `extra` header lines.
+    async fn exchange(&self, io: &mut Io, extra: &[(&str, Option<&str>)]) -> bool {
+        let (req, peer, ctx, up, messages) =
+            (self.req, self.peer, self.ctx, self.up, self.messages);
+        // A session-era message to an upstream that may speak only the stateless era.
+        if up.era == UpstreamEra::Auto
+            && req.method == "POST"
+            && !self.stateless
+            && let Some(m) = &messages.single
+        {
+            return Box::pin(super::bridge::forward_learning(
+                io, req, peer, ctx, up, m, extra, self.obs,
+            ))
+            .await;
+        }
+        match upstream_request(req, peer, up, &req.body, extra) {
+            Ok(bytes) => {
+                let id = messages.request_id.clone();
+                relay::forward(io, req, bytes, up, id, ctx, None, self.obs).await
+            }
+            Err(e) => {
+                let err = RpcError::from(e).with_id(messages.request_id.clone());
+                write_error(io, req, &err).await
+            }
+        }
+    }
+
+    /// Whether a call whose client leaves runs on upstream, its exchange kept to its end and its
+    /// slots held until then (`Obs::runs_on`): a request that can be cancelled, in the client's
+    /// own upstream session (cancelled there as its client leaves, which a server may not be
+    /// able to carry out: `abandoned`), or with no session to cancel it in, to an upstream not
+    /// said to stop a call whose connection closes. A bridged session is the gateway's, and the
+    /// upstream has none; a session the gateway holds cancels its calls itself (`held`).
     fn runs_on(&self) -> bool {
-        !self.up.closing_cancels
-            && !self.cancels_in_session()
+        (self.cancels_in_session() || !self.up.closing_cancels)
             && self
                 .messages
                 .all()

@@ -46,13 +46,17 @@ pub(super) struct Obs<'a> {
     /// client to resume the stream from): see `abandoned`.
     pub abandoned: Cell<bool>,
     /// The client left before its answer: nothing the upstream did, so no breaker counts it.
+    /// Set as it leaves a call that runs on (`runs_on`), for its cancellation
+    /// (`abandoned::on_leaving`); for a stream drained for the client to resume, only once
+    /// the drain is over (`relay::drain`).
     pub client_left: Cell<bool>,
-    /// Its client leaving does not end the call upstream, and nothing the gateway could send
-    /// would: no session to cancel it in, and an upstream that does not say a closed
-    /// connection stops its calls (`closing_cancels`). Its exchange is then kept (its head
-    /// awaited, an event stream read on: `relay::pump`, `Pumped::RanOn`) before its
-    /// concurrency slots are given back. A client cut for a ban or deny has its call closed,
-    /// and the slots held a while (`tasks::Owners::hold_cut`).
+    /// Its client leaving does not end the call upstream, or not surely: no session to cancel
+    /// it in, and an upstream that does not say a closed connection stops its calls
+    /// (`closing_cancels`); or a session it is cancelled in as its client leaves, which the
+    /// server may not be able to carry out (`abandoned::on_leaving`). Its exchange is then
+    /// kept (its head awaited, an event stream read on: `relay::pump`, `Pumped::RanOn`) before
+    /// its concurrency slots are given back. A client cut for a ban or deny has its call
+    /// closed, and the slots held a while (`tasks::Owners::hold_cut`).
     pub runs_on: Cell<bool>,
     /// Whose an upstream failure is, for the upstream's shared breaker (see `record`).
     pub blame: Cell<Blame>,

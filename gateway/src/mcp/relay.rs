@@ -264,11 +264,13 @@ pub(super) async fn relay(
         } => {
             let reusable = kind != BodyKind::UntilClose && !upstream_close;
             obs.set(Outcome::UpstreamFailure);
-            obs.client_left.set(true);
             // Boxed, as the failure below and `proxy::fail`: paths taken rarely do not make
             // every request's future larger (see `proxy::fail`).
             let fd = std::os::fd::AsRawFd::as_raw_fd(&*client);
             Box::pin(drain(conn, &mut body, entry, up, ctx, reusable, obs, fd)).await;
+            // Only now: a call its client left while it runs on is cancelled in its session
+            // (`abandoned::on_leaving`), and this one is drained for the client to resume.
+            obs.client_left.set(true);
             return false;
         }
         Pumped::ClientLeft {
@@ -427,6 +429,12 @@ async fn pump<'s>(
     // gateway read all of it).
     let runs_on = obs.runs_on.get() && body.sse;
     let mut left_at = (runs_on && obs.client_left.get()).then(monoio::time::Instant::now);
+    // The client left such a call: said at once, for a session-era call's cancellation
+    // (`abandoned::on_leaving`).
+    let ran_on = |left_at: &mut Option<monoio::time::Instant>| {
+        obs.client_left.set(true);
+        left_at.get_or_insert_with(monoio::time::Instant::now);
+    };
     // The client went away (a write failed): its stream is drained for a resume, or read on
     // without it (`None`), or the call ends.
     let gone = |body: &Body<'_>, entry: Option<Draining<'s>>| {
@@ -483,7 +491,7 @@ async fn pump<'s>(
             match watched {
                 Some(filled) => filled,
                 None if left_at.is_some() || (runs_on && !resumes(body)) => {
-                    left_at.get_or_insert_with(monoio::time::Instant::now);
+                    ran_on(&mut left_at);
                     // A cut client's call is closed (see `tasks::Owners::hold_cut`).
                     match unless_cut(open, fd, read, &|| false).await {
                         Ok(filled) => filled,
@@ -587,9 +595,7 @@ async fn pump<'s>(
                 // abandoned mid-response.
                 match gone(body, entry.take()) {
                     Some(ended) => return ended,
-                    None => {
-                        left_at.get_or_insert_with(monoio::time::Instant::now);
-                    }
+                    None => ran_on(&mut left_at),
                 }
             }
             // The buffer read into next, when the piece was the connection's own.

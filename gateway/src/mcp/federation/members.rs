@@ -191,14 +191,14 @@ impl<'c> Federation<'_, 'c> {
             extra.push(("mcp-name", mcp_name));
         }
         let up = self.upstream(member);
-        // A call whose client leaves runs on upstream when nothing can cancel it there: no
-        // member session to cancel it in (see below), and a member not said to stop it when
-        // its connection closes. Its answer is read to its end, and its slots held until then.
+        // A call whose client leaves runs on upstream, its answer read to its end and its
+        // slots held until then: in its member session, where it is cancelled as its client
+        // leaves (see below), which the member may not be able to carry out; with none to
+        // cancel it in, unless the member is said to stop it when its connection closes.
         let in_session = matches!(era, Era::Session(s) if s.member(&up.name)
             .is_some_and(|ms| ms.1.is_some() && !version::is_stateless_era(&ms.2)));
         self.obs.runs_on.set(
-            !up.closing_cancels
-                && !in_session
+            (in_session || !up.closing_cancels)
                 && crate::mcp::abandoned::cancellable(message).is_some(),
         );
         if let Some(handle) = self.stdio_of(member) {
@@ -294,17 +294,31 @@ impl<'c> Federation<'_, 'c> {
             )
             .await;
         }
-        let keep = self.forward_to(io, era, member, &bytes, &extra, id).await;
-        // A session-era call given up on (its client left, or it timed out) runs on in the
-        // member unless cancelled (`abandoned`).
+        // A session-era call whose client leaves is cancelled in the member's session at once,
+        // and its answer read on to its end (`abandoned::on_leaving`).
+        let cancellation = || {
+            let body = crate::mcp::abandoned::cancellation(
+                crate::mcp::abandoned::cancellable(message).into_iter(),
+            )?;
+            let request = self.request_for(member, era, &body, &extra).ok()?;
+            Some((request, self.obs.tenant_key(self.ctx)))
+        };
+        let exchange = self.forward_to(io, era, member, &bytes, &extra, id);
+        let (keep, cancelled) = crate::mcp::abandoned::on_leaving(
+            self.ctx,
+            up,
+            &self.obs.client_left,
+            exchange,
+            || in_session.then(cancellation).flatten(),
+        )
+        .await;
+        // A session-era call the gateway gave up on (it timed out, or its client was cut for a
+        // ban or deny) runs on in the member unless cancelled (`abandoned`).
         if self.obs.abandoned.get()
             && in_session
-            && let Some(body) = crate::mcp::abandoned::cancellation(
-                crate::mcp::abandoned::cancellable(message).into_iter(),
-            )
-            && let Ok(request) = self.request_for(member, era, &body, &extra)
+            && !cancelled
+            && let Some((request, tenant)) = cancellation()
         {
-            let tenant = self.obs.tenant_key(self.ctx);
             crate::mcp::abandoned::cancel(self.ctx, up, tenant, request).await;
         }
         keep
