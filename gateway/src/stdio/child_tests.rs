@@ -1296,3 +1296,39 @@ fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
         );
     });
 }
+
+/// What a path holding the folder of homes gives instead: every entry beside the way down to
+/// it, never the way, nor an entry that leads back to it (a link); a path beside it is kept.
+#[test]
+fn a_path_holding_the_homes_gives_what_is_beside_them() {
+    let top = std::env::temp_dir().join(format!("beside-homes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&top);
+    let homes = top.join("run").join("homes");
+    std::fs::create_dir_all(homes.join("0-a")).unwrap();
+    std::fs::create_dir_all(top.join("etc")).unwrap();
+    std::fs::write(top.join("run").join("pid"), "1").unwrap();
+    std::os::unix::fs::symlink(top.join("run"), top.join("var-run")).unwrap();
+    std::os::unix::fs::symlink(top.join("etc"), top.join("etc-link")).unwrap();
+    let top = std::fs::canonicalize(&top).unwrap();
+    let homes = std::fs::canonicalize(&homes).unwrap();
+    let beside = |p: &std::path::Path| {
+        let mut v = super::super::sandbox::beside_homes(p, &homes);
+        v.sort();
+        v
+    };
+    assert_eq!(
+        beside(&top),
+        vec![
+            top.join("etc"),
+            top.join("etc-link"),
+            top.join("run").join("pid")
+        ]
+    );
+    // The folder of homes itself gives nothing.
+    assert!(beside(&homes).is_empty());
+    // A path beside the homes, or not on this host, is itself.
+    assert_eq!(beside(&top.join("etc")), vec![top.join("etc")]);
+    let gone = top.join("gone");
+    assert_eq!(beside(&gone), vec![gone.clone()]);
+    let _ = std::fs::remove_dir_all(&top);
+}

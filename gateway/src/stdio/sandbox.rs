@@ -599,7 +599,7 @@ fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
 /// left out and what is beside it let in. An entry that leads back to the homes (a link to
 /// `/run`) is left out too. Entries made in those folders after the child starts are not
 /// readable to it.
-fn beside_homes(path: &Path, homes: &Path) -> Vec<PathBuf> {
+pub(super) fn beside_homes(path: &Path, homes: &Path) -> Vec<PathBuf> {
     let Ok(top) = std::fs::canonicalize(path) else {
         // Not on this host: skipped where the rules are made.
         return vec![path.to_path_buf()];
