@@ -1298,13 +1298,21 @@ fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
 }
 
 /// What a path holding the folder of homes gives instead: every entry beside the way down to
-/// it, never the way, nor an entry that leads back to it (a link); a path beside it is kept.
+/// it, never the way, nor another gateway's folder of homes beside it, nor an entry that leads
+/// into either (a link); a path beside them is kept.
 #[test]
 fn a_path_holding_the_homes_gives_what_is_beside_them() {
     let top = std::env::temp_dir().join(format!("beside-homes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&top);
-    let homes = top.join("run").join("homes");
+    let homes = top.join("run").join("mcp-gateway-stdio-1-aa");
     std::fs::create_dir_all(homes.join("0-a")).unwrap();
+    // Another gateway's folder of homes beside this one's, and a link into one of its homes.
+    std::fs::create_dir_all(top.join("run").join("mcp-gateway-stdio-2-bb").join("0-b")).unwrap();
+    std::os::unix::fs::symlink(
+        top.join("run").join("mcp-gateway-stdio-2-bb").join("0-b"),
+        top.join("into-home"),
+    )
+    .unwrap();
     std::fs::create_dir_all(top.join("etc")).unwrap();
     std::fs::write(top.join("run").join("pid"), "1").unwrap();
     std::os::unix::fs::symlink(top.join("run"), top.join("var-run")).unwrap();
@@ -1324,8 +1332,12 @@ fn a_path_holding_the_homes_gives_what_is_beside_them() {
             top.join("run").join("pid")
         ]
     );
-    // The folder of homes itself gives nothing.
+    // The folder of homes itself gives nothing, nor another gateway's, nor a home in it.
     assert!(beside(&homes).is_empty());
+    let other = top.join("run").join("mcp-gateway-stdio-2-bb");
+    assert!(beside(&other).is_empty());
+    assert!(beside(&other.join("0-b")).is_empty());
+    assert!(beside(&top.join("into-home")).is_empty());
     // A path beside the homes, or not on this host, is itself.
     assert_eq!(beside(&top.join("etc")), vec![top.join("etc")]);
     let gone = top.join("gone");

@@ -596,16 +596,37 @@ fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
 /// their files: a per-caller child read another tenant's `note.txt`, its random path shown to
 /// every process in `/proc/<pid>/cmdline` of the other's `tail -f` (an attacker's review).
 /// Landlock allows hierarchies and denies nothing beneath them, so what holds the homes is
-/// left out and what is beside it let in. An entry that leads back to the homes (a link to
-/// `/run`) is left out too. Entries made in those folders after the child starts are not
-/// readable to it.
+/// left out and what is beside it let in. Left out too: every gateway's folder of homes beside
+/// this one's (`mcp-gateway-stdio-*` in the same base: a review of this fix read another
+/// gateway's child's note on the same host), and an entry that leads into any of them or to a
+/// folder above them (a link to `/run`, or into a home). Entries made in those folders after
+/// the child starts are not reachable to it, nor are the folders listed.
 pub(super) fn beside_homes(path: &Path, homes: &Path) -> Vec<PathBuf> {
     let Ok(top) = std::fs::canonicalize(path) else {
         // Not on this host: skipped where the rules are made.
         return vec![path.to_path_buf()];
     };
-    let Ok(way) = homes.strip_prefix(&top) else {
+    let base = homes.parent();
+    // Whether `c` (a canonical path) holds the homes, or is some gateway's folder of homes or
+    // inside one.
+    let homes_at = |c: &Path| {
+        homes.starts_with(c)
+            || base
+                .and_then(|b| c.strip_prefix(b).ok())
+                .and_then(|rest| rest.components().next())
+                .is_some_and(|first| {
+                    first
+                        .as_os_str()
+                        .as_encoded_bytes()
+                        .starts_with(HOME_PREFIX.as_bytes())
+                })
+    };
+    if !homes_at(&top) {
         return vec![path.to_path_buf()];
+    }
+    let Ok(way) = homes.strip_prefix(&top) else {
+        // Inside a folder of homes: nothing of it.
+        return Vec::new();
     };
     let mut out = Vec::new();
     let mut dir = top;
@@ -614,7 +635,7 @@ pub(super) fn beside_homes(path: &Path, homes: &Path) -> Vec<PathBuf> {
         // A folder that cannot be listed gives nothing beside the way: the safe side.
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let p = entry.path();
-            let leads_home = std::fs::canonicalize(&p).is_ok_and(|c| homes.starts_with(c));
+            let leads_home = std::fs::canonicalize(&p).is_ok_and(|c| homes_at(&c));
             if p != next && !leads_home {
                 out.push(p);
             }
