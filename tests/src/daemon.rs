@@ -60,7 +60,17 @@ pub fn with_state(instance: &str, config: &str) -> String {
     }
 }
 
-/// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
+/// A memory figure of process `pid` from `/proc/<pid>/status`, in KiB: `VmRSS` (now) or
+/// `VmHWM` (its peak).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Whether process `pid` runs: a zombie (exited, not yet reaped by whoever inherited it) does
 /// not.
 pub fn alive(pid: u32) -> bool {
@@ -70,6 +80,7 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
+/// Path of the daemon under test: `GATEWAY_BIN` (set by `cargo xtask test`), else the release build.
 pub fn gateway_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GATEWAY_BIN") {
         return p.into();

@@ -417,12 +417,7 @@ fn malformed_input_and_answers_leave_the_worker_alive() {
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    integration_tests::daemon::status_kib(pid, "VmRSS")
 }
 
 #[test]

@@ -1964,6 +1964,16 @@ upstream = "short"
     d.stop();
 }
 
+/// A 2026-07-28 list request (`method`, id 3) to `path` on the gateway at `port`.
+fn list_2026(port: u16, path: &str, method: &str) -> integration_tests::peers::RawResponse {
+    let body = json!({"jsonrpc": "2.0", "id": 3, "method": method, "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}}}})
+    .to_string();
+    let head = format!("mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n");
+    raw(port, &post(path, &body, &head)).0
+}
+
 /// A merged list holds what every member's pages hold, up to 16 MiB in all: a member past it
 /// is left out as unavailable (each page was bounded, not their sum: 100 pages of 15 MiB grew
 /// the gateway to 6.4 GB for one `tools/list`). And a member's listed name that another
@@ -2008,21 +2018,7 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
         squat = squat.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let list_of = |path: &str, method: &str| {
-        let body = json!({"jsonrpc": "2.0", "id": 3, "method": method, "params": {"_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}}})
-        .to_string();
-        raw(
-            port,
-            &post(
-                path,
-                &body,
-                &format!("mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n"),
-            ),
-        )
-        .0
-    };
+    let list_of = |path: &str, method: &str| list_2026(port, path, method);
     let list = |path: &str| list_of(path, "tools/list");
     let r = list("/big");
     assert_eq!(
@@ -2045,12 +2041,7 @@ federate = [{{ upstream = "py", prefix = "a_" }}, {{ upstream = "squat", prefix 
         .collect();
     assert!(names.contains(&"p_echo"), "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with("b_")), "{names:?}");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kb = integration_tests::daemon::status_kib(d.pid(), "VmHWM");
     assert!(hwm_kb < 400 * 1024, "peak RSS {hwm_kb} kB");
 
     let r = list("/squat");
@@ -2141,14 +2132,7 @@ federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "pages", prefix 
         pages = pages.url(),
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let list = |path: &str| {
-        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}}})
-        .to_string();
-        let head = "mcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\n";
-        raw(port, &post(path, &body, head)).0
-    };
+    let list = |path: &str| list_2026(port, path, "tools/list");
     for _ in 0..3 {
         let r = list("/dense");
         assert_eq!(r.status, 502, "{r:?}");
@@ -2199,12 +2183,7 @@ federate = [{{ upstream = "py", prefix = "p_" }}, {{ upstream = "pages", prefix 
             .map(Vec::len),
         Some(900_000)
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kb = integration_tests::daemon::status_kib(d.pid(), "VmHWM");
     // Before: 550 MB for the dense list, 270 MB for the pages. Now the 14 MB answer read
     // whole, the 2.7 MB one parsed, and two pages' items.
     assert!(hwm_kb < 200 * 1024, "peak RSS {hwm_kb} kB");
