@@ -1021,16 +1021,19 @@ fn a_gateway_takes_no_fleet_pin_of_a_name_that_reads_as_another() {
     assert!(echo_listed(a), "pinned through a");
     let pins_key = fleet.key("pins");
     let echo = wait_for_value(&fleet.redis, &pins_key, "u0/echo");
-    fleet
-        .redis
-        .cli(&["HSET", &pins_key, "u0/\u{435}cho", &echo]);
     let pins_of = |admin: u16| {
         let (r, _) = raw(admin, b"GET /pins HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
         String::from_utf8_lossy(&r.body).into_owned()
     };
+    // b holds the original first. (Had b's round read both records at once, it would take
+    // neither, both names reading as one: the test once wrote the lookalike before b's
+    // round and so waited in vain for `echo` on a slow CI host.)
     wait_for("b takes the fleet's pins", Duration::from_secs(5), || {
         pins_of(b_admin).contains("echo")
     });
+    fleet
+        .redis
+        .cli(&["HSET", &pins_key, "u0/\u{435}cho", &echo]);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         !pins_of(b_admin).contains("\u{435}cho"),
