@@ -627,7 +627,7 @@ pub(super) async fn call(
     };
     let mut answer = normalized(head, bytes, sent.as_ref(), &method)?;
     if let (Some(ours), Some(theirs)) = (&sent, &id) {
-        answer.body = with_id(answer.body, ours, theirs);
+        answer.body = super::id::answering(answer.body, ours, theirs);
     }
     Ok(answer)
 }
@@ -710,18 +710,6 @@ async fn run_on<T>(
         super::abandoned::on_leaving(ctx, up, &left, watched, || armed.take()).await;
     gave_up.left = left.get();
     answered
-}
-
-/// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
-/// as it is.
-fn with_id(body: Vec<u8>, ours: &Id, theirs: &Id) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(mut v) if v.get("id") == Some(&ours.to_json()) => {
-            super::messages::set_in(&mut v, &["id"], theirs.to_json());
-            super::json_bytes(&v)
-        }
-        _ => body,
-    }
 }
 
 /// Like [`call`] for an upstream whose era is not known: the message goes as the client sent

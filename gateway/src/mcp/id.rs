@@ -39,3 +39,68 @@ impl Id {
         }
     }
 }
+
+/// An id of the gateway's own, for a request whose answer it reads whole and answers itself
+/// (a list it filters, a task it binds to its caller). Random, not counted: an upstream that
+/// files a request's event stream by its id alone (the Python SDK's event store) would file
+/// that answer under the client's id, and a resume of another stream of the client's with
+/// that id replayed it unfiltered (an attacker's review); a counted id would meet another
+/// gateway's of a fleet, or its own after a restart.
+pub fn own() -> Id {
+    Id::Str(format!("mcp-gateway.{:016x}", crate::session::nonce()))
+}
+
+/// `body`, one JSON-RPC message the gateway has read, with its top-level `id` replaced by
+/// `id` and every other byte as it came (what the gateway judged is what the upstream reads;
+/// nothing else is written again). `None` when it is not an object with an `id`.
+pub fn with_request_id(body: &[u8], id: &Id) -> Option<Vec<u8>> {
+    use std::{borrow::Cow, collections::HashMap};
+    let top: HashMap<Cow<'_, str>, &serde_json::value::RawValue> =
+        serde_json::from_slice(body).ok()?;
+    let raw = top.get("id")?.get().as_bytes();
+    // The value's own bytes within `body` (a raw value borrows from what it was read from).
+    let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start.checked_add(raw.len()).filter(|e| *e <= body.len())?;
+    let id = serde_json::to_vec(&id.to_json()).ok()?;
+    let mut out = Vec::with_capacity(body.len() - raw.len() + id.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&id);
+    out.extend_from_slice(&body[end..]);
+    Some(out)
+}
+
+/// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
+/// as it is.
+pub fn answering(body: Vec<u8>, ours: &Id, theirs: &Id) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(mut v) if v.get("id") == Some(&ours.to_json()) => {
+            super::messages::set_in(&mut v, &["id"], theirs.to_json());
+            super::json_bytes(&v)
+        }
+        _ => body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requests_id_is_replaced_and_nothing_else_is_written_again() {
+        let ours = Id::Str("mcp-gateway.00ff".into());
+        let body = br#"{ "jsonrpc":"2.0", "id" :  7 , "method":"tools/list","params":{"n":1.50e3,"id":2}}"#;
+        let out = with_request_id(body, &ours).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "jsonrpc":"2.0", "id" :  "mcp-gateway.00ff" , "method":"tools/list","params":{"n":1.50e3,"id":2}}"#
+        );
+        // A key written with an escape is the same key; a string id is replaced whole.
+        let body = br#"{"\u0069d":"a\"b","method":"ping"}"#;
+        let out = with_request_id(body, &Id::Num(5)).unwrap();
+        assert_eq!(out, br#"{"\u0069d":5,"method":"ping"}"#);
+        assert!(own() != own(), "random");
+        for none in [&br#"{"method":"ping"}"#[..], b"[1]", b"{", b"7"] {
+            assert!(with_request_id(none, &ours).is_none());
+        }
+    }
+}

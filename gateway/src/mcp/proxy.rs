@@ -747,17 +747,30 @@ pub(super) async fn read_whole<'c>(
     inspect: impl FnOnce(&mut serde_json::Value) -> Result<(), String>,
 ) -> bool {
     obs.upstream.set(Some(&up.name));
-    let request = match upstream_request(
-        req,
-        peer,
-        up,
-        &req.body,
-        // An answer read whole is no stream to resume.
-        &[session_header(req, ctx, up, obs), ("last-event-id", None)],
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            let err = RpcError::from(e).with_id(id);
+    // An answer read whole is no stream to resume: it goes under an id of the gateway's
+    // (`id::own`), so that no stream of the client's is filed with it upstream.
+    let ours = id.as_ref().map(|_| super::id::own());
+    let body = match &ours {
+        None => Some(req.body.clone()),
+        Some(ours) => super::id::with_request_id(&req.body, ours).map(bytes::Bytes::from),
+    };
+    let request = body.map(|body| {
+        upstream_request(
+            req,
+            peer,
+            up,
+            &body,
+            &[session_header(req, ctx, up, obs), ("last-event-id", None)],
+        )
+    });
+    let request = match request {
+        Some(Ok(r)) => r,
+        unsent => {
+            let err = match unsent {
+                Some(Err(e)) => RpcError::from(e),
+                _ => RpcError::invalid_request("the request's id could not be read"),
+            }
+            .with_id(id);
             return io
                 .write_all(json_response(400, &err, req.keep_alive))
                 .await
@@ -788,12 +801,16 @@ pub(super) async fn read_whole<'c>(
     if !(200..300).contains(&head.status) {
         // Not an answer to read: a refusal (a 2026-07-28 server's -32022 with its versions, a
         // 429 with its `Retry-After`) goes to the client as the upstream gave it.
+        let body = match (&ours, &id) {
+            (Some(ours), Some(theirs)) => super::id::answering(body, ours, theirs),
+            _ => body,
+        };
         return relay_refusal(io, req, up, id, &head, &body, obs).await;
     }
     // Parsed, the answer takes up to 32 bytes for each two it had (`0,`): nothing of it, nor
     // the bytes it was read from, is kept past this point (no await until the client's answer
     // is written out; see `http::budget`).
-    let parsed = super::messages::response_message(&head, &body, id.as_ref());
+    let parsed = super::messages::response_message(&head, &body, ours.as_ref().or(id.as_ref()));
     drop(body);
     let mut message = match parsed {
         Ok(m) => m,
@@ -807,6 +824,9 @@ pub(super) async fn read_whole<'c>(
         drop(message);
         obs.set(Outcome::UpstreamFailure);
         return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
+    }
+    if let (Some(_), Some(theirs)) = (&ours, &id) {
+        super::messages::set_in(&mut message, &["id"], theirs.to_json());
     }
     obs.set(if message.get("error").is_some() {
         Outcome::RpcError

@@ -2691,6 +2691,139 @@ auth = ["api_key"]
     d.stop();
 }
 
+/// One caller (API key `argv[2]`) calls `argv[3]` (`count_with_progress`) as request `n`,
+/// answered as an event stream, then lists the tools with the same id `n` (answered filtered,
+/// as JSON), then resumes the call's stream from its first event and reads all it replays.
+const RESUME_AFTER_A_LIST: &str = r#"
+import json, random, sys
+import httpx2 as httpx
+
+url, key, tool = sys.argv[1:4]
+version = "2025-11-25"
+accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+def events(response):
+    event_id, data = None, []
+    for line in response.iter_lines():
+        if line == "":
+            if "".join(data):
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+with httpx.Client(timeout=20) as http:
+    init = http.post(url, headers={**accept, "x-api-key": key}, json={
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": version, "capabilities": {},
+                   "clientInfo": {"name": "resume", "version": "1"}}})
+    init.raise_for_status()
+    h = {**accept, "x-api-key": key, "Mcp-Session-Id": init.headers["mcp-session-id"],
+         "MCP-Protocol-Version": version}
+    http.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    n = random.randrange(2, 1 << 30)
+    ids = []
+    with http.stream("POST", url, headers=h, json={
+            "jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": tool, "arguments": {"steps": 2},
+                       "_meta": {"progressToken": "p"}}}) as r:
+        for event_id, _ in events(r):
+            ids.append(event_id)
+    listed = http.post(url, headers=h, json={"jsonrpc": "2.0", "id": n, "method": "tools/list"})
+    replayed = []
+    with http.stream("GET", url, headers={**h, "Accept": "text/event-stream",
+                                          "Last-Event-ID": ids[0]}, timeout=1.5) as r:
+        status = r.status_code
+        try:
+            for _, data in events(r):
+                replayed.append(json.loads(data))
+        except httpx.ReadTimeout:
+            pass
+    print(json.dumps({"n": n, "listed": listed.json(), "status": status, "replayed": replayed}))
+"#;
+
+#[test]
+fn a_resume_replays_no_answer_the_gateway_read_whole_and_filtered() {
+    // The Python SDK's event store files a request's stream by its id alone. A `tools/list` the
+    // gateway filters went to the upstream under the client's id, so its unfiltered answer was
+    // filed with the client's earlier call of the same id, and a resume of the call's stream
+    // replayed it: the tenant's hidden tools, definitions and all (an attacker's review). Such
+    // a request now goes under an id of the gateway's.
+    let py = PyServer::start_with(&["--resumable"]);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwresumelist");
+    let config = format!(
+        r#"{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants.policy.tools]]
+match = "add"
+action = "deny"
+[[tenants.policy.tools]]
+match = "p_add"
+action = "deny"
+[[auth.api_keys]]
+sha256 = "{acme}"
+tenant = "acme"
+[[upstreams]]
+name = "u0"
+url = "{py}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["api_key"]
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "u0", prefix = "p_" }}]
+auth = ["api_key"]
+"#,
+        header = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        acme = sha256_hex(ACME_KEY),
+        py = py.url(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    for (path, tool, hidden) in [
+        ("/mcp", "count_with_progress", "add"),
+        ("/fed", "p_count_with_progress", "p_add"),
+    ] {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let r = integration_tests::peers::py_script(RESUME_AFTER_A_LIST, &[&url, ACME_KEY, tool]);
+        // The list reached the client filtered, with its own id.
+        let listed = &r["listed"];
+        assert_eq!(listed["id"], r["n"], "{path}: {r}");
+        let names: Vec<&str> = listed["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: a list: {r}"))
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&tool) && !names.contains(&hidden),
+            "{path}: {r}"
+        );
+        // The resume replays the call's answer, and nothing of the list.
+        assert_eq!(r["status"], 200, "{path}: {r}");
+        let replayed = r["replayed"].as_array().unwrap();
+        assert!(
+            replayed
+                .iter()
+                .any(|m| m["result"]["content"][0]["text"] == "counted 2"),
+            "{path}: the call's answer replayed: {r}"
+        );
+        assert!(
+            !replayed.iter().any(|m| m["result"].get("tools").is_some()),
+            "{path}: a list replayed on the call's stream: {r}"
+        );
+    }
+    d.stop();
+}
+
 #[test]
 fn a_passthrough_event_stream_with_a_length_reaches_the_client_whole() {
     // Its event ids are signed on the way, so it is longer than the upstream said: relayed

@@ -42,7 +42,13 @@ impl<'c> Federation<'_, 'c> {
         prefixed: bool,
     ) -> bool {
         let id = m.id.clone();
-        let base: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+        let mut base: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+        // Read whole and answered here: under an id of the gateway's to each member, so that no
+        // stream of the client's is filed with a member's list (`id::own`).
+        let ours = id.as_ref().map(|_| crate::mcp::id::own());
+        if let Some(ours) = &ours {
+            set_in(&mut base, &["id"], ours.to_json());
+        }
         let active = self.active(era);
         let mut items: Vec<Vec<Value>> = vec![Vec::new(); self.members.len()];
         let mut cursors: Vec<Option<Option<String>>> = vec![None; self.members.len()];
@@ -84,7 +90,7 @@ impl<'c> Federation<'_, 'c> {
                     {
                         expired = Some(i);
                     }
-                    response_result(&head, &bytes, id.as_ref())
+                    response_result(&head, &bytes, ours.as_ref())
                 });
                 match outcome {
                     Ok(mut result) => {
@@ -187,14 +193,26 @@ impl<'c> Federation<'_, 'c> {
     /// whose owner only the members know (resources by URI).
     pub(super) async fn first_success(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
         let id = m.id.clone();
+        // Read whole and answered here: under an id of the gateway's (see `list`).
+        let ours = id.as_ref().map(|_| crate::mcp::id::own());
+        let body: Bytes = match &ours {
+            None => self.req.body.clone(),
+            Some(ours) => match crate::mcp::id::with_request_id(&self.req.body, ours) {
+                Some(b) => b.into(),
+                None => {
+                    let err = RpcError::invalid_request("the request's id could not be read");
+                    return self.reply_error(io, err.with_id(id)).await;
+                }
+            },
+        };
         // Written out: no parsed answer is kept across an await.
         let mut last: Option<Vec<u8>> = None;
         for i in self.active(era) {
-            let r = self.fan_out(era, vec![(i, self.req.body.clone())]).await;
+            let r = self.fan_out(era, vec![(i, body.clone())]).await;
             let Some((_, Ok((head, bytes)))) = r.into_iter().next() else {
                 continue;
             };
-            let answered = response_message(&head, &bytes, id.as_ref());
+            let answered = response_message(&head, &bytes, ours.as_ref());
             drop(bytes);
             match answered {
                 Ok(mut msg) if msg.get("result").is_some() => {
@@ -202,7 +220,12 @@ impl<'c> Federation<'_, 'c> {
                     drop(msg);
                     return self.reply_result(io, id.as_ref(), result, None).await;
                 }
-                Ok(msg) => last = Some(crate::mcp::json_bytes(&msg)),
+                Ok(mut msg) => {
+                    if let Some(id) = &id {
+                        set_in(&mut msg, &["id"], id.to_json());
+                    }
+                    last = Some(crate::mcp::json_bytes(&msg));
+                }
                 Err(_) => {}
             }
         }
