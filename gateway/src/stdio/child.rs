@@ -981,11 +981,28 @@ async fn log_stderr(name: String, stderr: tokio::process::ChildStderr) {
         }
         if logged < STDERR_LINES_PER_SEC {
             logged += 1;
-            tracing::info!(upstream = %name, "stderr: {}", String::from_utf8_lossy(&line));
+            tracing::info!(upstream = %name, "stderr: {}", shown(&line));
         } else {
             dropped += 1;
         }
     }
+}
+
+/// A line of a child's stderr as the log shows it: a control character escaped (`\r`,
+/// `\u{1b}`), so that the child writes nothing into the log's own lines (a CR hid the line's
+/// start in a terminal and made it read as a record of the gateway's, a review); one CR that
+/// ends the line is left out.
+fn shown(line: &[u8]) -> String {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut out = String::with_capacity(line.len());
+    for c in String::from_utf8_lossy(line).chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1344,3 +1344,15 @@ fn a_path_holding_the_homes_gives_what_is_beside_them() {
     assert_eq!(beside(&gone), vec![gone.clone()]);
     let _ = std::fs::remove_dir_all(&top);
 }
+
+#[test]
+fn a_childs_stderr_line_writes_no_control_character_into_the_log() {
+    assert_eq!(
+        super::shown(b"harmless\r2026-12-06T11:50:00Z  INFO gateway::control: reloaded\r"),
+        "harmless\\r2026-12-06T11:50:00Z  INFO gateway::control: reloaded"
+    );
+    assert_eq!(
+        super::shown(b"\x1b[8mhidden\x07 caf\xc3\xa9"),
+        "\\u{1b}[8mhidden\\u{7} caf\u{e9}"
+    );
+}
