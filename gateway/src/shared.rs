@@ -716,9 +716,11 @@ pub struct Shared {
     pub ban_tx: std::sync::mpsc::Sender<(std::net::IpAddr, std::time::Duration)>,
     pub ban_rx:
         std::sync::Mutex<std::sync::mpsc::Receiver<(std::net::IpAddr, std::time::Duration)>>,
-    pub audit: crate::policy::audit::AuditLog,
-    /// The access log (`[telemetry.access_log]`), one line per request.
-    pub access: crate::policy::audit::AccessLog,
+    /// The audit log (`[audit]`); replaced by a reload that changes it ([`open_audit`]).
+    pub audit: arc_swap::ArcSwap<crate::policy::audit::AuditLog>,
+    /// The access log (`[telemetry.access_log]`), one line per request; replaced as the audit
+    /// log is.
+    pub access: arc_swap::ArcSwap<crate::policy::audit::AccessLog>,
     /// Which workers are serving (a worker whose runtime panicked is down until it restarts);
     /// `/readyz` answers 503 while any is down.
     pub workers_up: Box<[AtomicBool]>,
@@ -762,30 +764,18 @@ impl Shared {
         let workers = config.workers;
         let (stats_tx, stats_rx) = std::sync::mpsc::channel();
         let (ban_tx, ban_rx) = std::sync::mpsc::channel();
-        let audit = match &config.audit.path {
-            None => crate::policy::audit::AuditLog::off(),
-            Some(p) => crate::policy::audit::AuditLog::start(
-                std::path::Path::new(p),
-                "audit",
-                config.audit.anonymous_refusals_per_second,
-            )
-            .unwrap_or_else(|e| {
-                tracing::error!("audit log `{p}` cannot be opened: {e}; audit is off");
-                crate::policy::audit::AuditLog::off()
-            }),
-        };
-        let access = match &config.telemetry.access_log {
-            None => crate::policy::audit::AccessLog::off(),
-            Some(a) => crate::policy::audit::AccessLog::start(
-                std::path::Path::new(&a.path),
-                "access",
-                a.anonymous_refusals_per_second,
-            )
-            .unwrap_or_else(|e| {
-                tracing::error!("access log `{}` cannot be opened: {e}; it is off", a.path);
-                crate::policy::audit::AccessLog::off()
-            }),
-        };
+        let audit = open_audit(&config.audit).unwrap_or_else(|e| {
+            tracing::error!("{e}; audit is off");
+            crate::policy::audit::AuditLog::off()
+        });
+        let access = open_access(config.telemetry.access_log.as_ref()).unwrap_or_else(|e| {
+            tracing::error!("{e}; it is off");
+            crate::policy::audit::AccessLog::off()
+        });
+        let (audit, access) = (
+            arc_swap::ArcSwap::from_pointee(audit),
+            arc_swap::ArcSwap::from_pointee(access),
+        );
         // The span queues are sized at start; without `[telemetry.otlp]` then, small ones.
         let span_queue = config.telemetry.otlp.as_ref().map_or(256, |o| o.queue_max);
         Self {
@@ -997,6 +987,46 @@ pub struct FleetStats {
     /// gateways under them (summed over the caps).
     pub caps: AtomicU64,
     pub in_flight_others: AtomicU64,
+}
+
+/// The audit log `[audit]` asks for, its writer thread started; an error names it.
+pub fn open_audit(
+    audit: &crate::config::RawAudit,
+) -> Result<crate::policy::audit::AuditLog, String> {
+    match &audit.path {
+        None => Ok(crate::policy::audit::AuditLog::off()),
+        Some(p) => crate::policy::audit::AuditLog::start(
+            std::path::Path::new(p),
+            "audit",
+            audit.anonymous_refusals_per_second,
+        )
+        .map_err(|e| format!("the audit log `{p}` cannot be opened: {e}")),
+    }
+}
+
+/// The access log `[telemetry.access_log]` asks for, as [`open_audit`].
+pub fn open_access(
+    access: Option<&crate::config::RawAccessLog>,
+) -> Result<crate::policy::audit::AccessLog, String> {
+    match access {
+        None => Ok(crate::policy::audit::AccessLog::off()),
+        Some(a) => crate::policy::audit::AccessLog::start(
+            std::path::Path::new(&a.path),
+            "access",
+            a.anonymous_refusals_per_second,
+        )
+        .map_err(|e| format!("the access log `{}` cannot be opened: {e}", a.path)),
+    }
+}
+
+/// What of `[telemetry.access_log]` its writer is started with (the fields of a line are read
+/// from the running configuration).
+pub fn access_log_opened(config: &crate::config::Config) -> Option<(&str, u32)> {
+    config
+        .telemetry
+        .access_log
+        .as_ref()
+        .map(|a| (a.path.as_str(), a.anonymous_refusals_per_second))
 }
 
 #[cfg(test)]

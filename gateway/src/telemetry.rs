@@ -175,14 +175,14 @@ pub fn render_metrics(shared: &Shared, maps: Option<&KernelMaps>) -> String {
         &mut out,
         "mcp_gateway_audit_dropped_total",
         "Audit records dropped: the writer fell behind (queue_full), or over the bound for refusals of callers no credential named (anonymous_refusal).",
-        &shared.audit,
+        &shared.audit.load(),
     );
-    if shared.access.enabled() {
+    if shared.access.load().enabled() {
         log_drops(
             &mut out,
             "mcp_gateway_access_log_dropped_total",
             "Access-log lines not written: the writer fell behind (queue_full), or over the bound for errors the gateway answered to callers no credential named (anonymous_refusal).",
-            &shared.access,
+            &shared.access.load(),
         );
     }
     let _ = writeln!(

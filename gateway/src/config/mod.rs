@@ -182,7 +182,8 @@ pub struct RawTelemetry {
     #[serde(default)]
     pub otlp: Option<RawOtlp>,
     /// An access log: one JSON line per request, separate from the audit log (which records
-    /// decisions). Read at start; reopened on SIGHUP and SIGUSR1 like the audit log.
+    /// decisions). Reopened on SIGHUP and SIGUSR1 like the audit log; a reload that changes its
+    /// path or bound opens the new file first (one that cannot be opened refuses the reload).
     #[serde(default)]
     pub access_log: Option<RawAccessLog>,
 }
@@ -202,7 +203,7 @@ pub struct RawAccessLog {
     /// as fast as the network takes them. The rest are counted, in a line a second
     /// (`{"ts", "suppressed", "reason"}`) and in
     /// `mcp_gateway_access_log_dropped_total{reason="anonymous_refusal"}`. Callers a key, a
-    /// token or a certificate names get every line. Read at start.
+    /// token or a certificate names get every line.
     #[serde(default = "default_anonymous_refusals_per_second")]
     pub anonymous_refusals_per_second: u32,
 }

@@ -273,7 +273,8 @@ pub struct RawLoopBreaker {
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
-    /// Append one JSON line per decision to this file; off when not given.
+    /// Append one JSON line per decision to this file; off when not given. A reload that
+    /// changes `[audit]` opens the new file first (one that cannot be opened refuses the reload).
     #[serde(default)]
     pub path: Option<String>,
     /// Records a second, over all workers, of refusals the gateway made itself (no upstream
@@ -281,7 +282,6 @@ pub struct RawAudit {
     /// anyone, the default tenant's callers included): anyone can send those as fast as the
     /// network takes them. The rest are counted, in a line a second (`{"ts", "suppressed",
     /// "reason"}`) and in `mcp_gateway_audit_dropped_total{reason="anonymous_refusal"}`.
-    /// Read at start.
     #[serde(default = "default_anonymous_refusals_per_second")]
     pub anonymous_refusals_per_second: u32,
 }

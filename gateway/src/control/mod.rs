@@ -388,6 +388,21 @@ impl Control {
                 bail!("`{what}` changed: that needs a restart; the running configuration is kept");
             }
         }
+        // A log the new configuration moves, starts, stops or bounds otherwise is opened first
+        // (one that cannot be opened refuses the configuration), and takes over with it.
+        let audit = (new.audit != old.audit)
+            .then(|| crate::shared::open_audit(&new.audit))
+            .transpose();
+        let access = (crate::shared::access_log_opened(&new)
+            != crate::shared::access_log_opened(old))
+        .then(|| crate::shared::open_access(new.telemetry.access_log.as_ref()))
+        .transpose();
+        let (audit, access) = match (audit, access) {
+            (Ok(audit), Ok(access)) => (audit, access),
+            (Err(e), _) | (_, Err(e)) => {
+                bail!("{e}; the running configuration is kept")
+            }
+        };
         // Certificates are read again on every reload, even when their paths did not change.
         let stamps = crate::tls::stamps(&new);
         let upstream_stamps = crate::tls::upstream_stamps(&new);
@@ -434,6 +449,18 @@ impl Control {
         self.shared
             .snapshot
             .store(Arc::new(Snapshot::with_policy(new, policy)));
+        if let Some(audit) = audit {
+            let running = self.shared.audit.load();
+            self.shared
+                .audit
+                .store(Arc::new(audit.counting_on(&running)));
+        }
+        if let Some(access) = access {
+            let running = self.shared.access.load();
+            self.shared
+                .access
+                .store(Arc::new(access.counting_on(&running)));
+        }
         // `kernel.deny` may hold open connections' clients now.
         self.shared.sources_changed.fetch_add(1, Release);
         self.shared.tls.publish(tls);
@@ -534,8 +561,8 @@ impl Control {
     /// Reopens the audit and histogram logs at their paths (SIGHUP, SIGUSR1: after logrotate
     /// moved them). The audit thread reopens between two records; nothing is lost.
     fn reopen_logs(&mut self) {
-        self.shared.audit.reopen();
-        self.shared.access.reopen();
+        self.shared.audit.load().reopen();
+        self.shared.access.load().reopen();
         match self.stats.reopen_log() {
             Ok(()) => tracing::info!("log files reopened"),
             Err(e) => tracing::error!(

@@ -97,7 +97,7 @@ pub(super) async fn handle(
     };
     let status = io.response_status();
     record(req, peer, snapshot, ctx, &obs, started, status);
-    if ctx.shared.access.enabled() {
+    if ctx.shared.access.load().enabled() {
         record_access(req, peer, snapshot, ctx, &obs, started, status);
     }
     if let Some(wall) = wall {
@@ -1010,9 +1010,9 @@ fn record_access(
         line.0.push((name, value));
     }
     if anyones(&decision, obs, status) {
-        ctx.shared.access.send_anonymous_refusal(line);
+        ctx.shared.access.load().send_anonymous_refusal(line);
     } else {
-        ctx.shared.access.send(line);
+        ctx.shared.access.load().send(line);
     }
 }
 
@@ -1102,7 +1102,7 @@ fn record(
             }
         }
     }
-    let audit = &ctx.shared.audit;
+    let audit = ctx.shared.audit.load();
     if !config.telemetry.enabled && !audit.enabled() {
         return;
     }
@@ -1129,7 +1129,7 @@ fn record(
             audit::AuditLog::send
         };
         send(
-            audit,
+            &audit,
             audit::Record {
                 ts: audit::now(),
                 // Refused by policy, or by the gateway before policy had its say (a body that

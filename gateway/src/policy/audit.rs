@@ -91,6 +91,8 @@ pub struct AuditLog<T = Record> {
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The bound on lines sent by [`AuditLog::send_anonymous_refusal`].
     throttle: Option<Throttle>,
+    /// Lines the logs this one replaced (a reload) did not send for their bound.
+    suppressed_before: AtomicU64,
 }
 
 /// At most `per_second` lines a second (counted over every worker, in whole seconds since
@@ -128,6 +130,7 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
             written: std::sync::Arc::default(),
             reopen: std::sync::Arc::default(),
             throttle: None,
+            suppressed_before: AtomicU64::new(0),
         }
     }
 
@@ -166,14 +169,29 @@ impl<T: Serialize + Send + 'static> AuditLog<T> {
             written,
             reopen,
             throttle,
+            suppressed_before: AtomicU64::new(0),
         })
     }
 
     /// Lines not sent by [`AuditLog::send_anonymous_refusal`] for its bound.
     pub fn suppressed(&self) -> u64 {
-        self.throttle
-            .as_ref()
-            .map_or(0, |t| t.suppressed.load(Ordering::Relaxed))
+        self.suppressed_before.load(Ordering::Relaxed)
+            + self
+                .throttle
+                .as_ref()
+                .map_or(0, |t| t.suppressed.load(Ordering::Relaxed))
+    }
+
+    /// Takes on the counts of `old`, the log this one replaces (a reload changed it), so that
+    /// its metrics count on.
+    pub fn counting_on(self, old: &Self) -> Self {
+        self.dropped
+            .fetch_add(old.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.written
+            .fetch_add(old.written.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.suppressed_before
+            .fetch_add(old.suppressed(), Ordering::Relaxed);
+        self
     }
 
     /// Asks the writer thread to reopen the file at its path (after a rotation moved it).

@@ -443,6 +443,105 @@ fn configuration_changes_are_logged_with_source_and_diff_and_counted() {
     d.stop();
 }
 
+/// `[audit]` and `[telemetry.access_log]` are taken by a reload: started, moved, and stopped,
+/// and one that cannot be opened refuses the reload (the running logs go on). Before, a reload
+/// that changed them said "changed audit" and left them as they were (an operator's review).
+#[test]
+fn audit_and_access_logs_are_started_moved_and_stopped_by_a_reload() {
+    let fake =
+        integration_tests::peers::FakeUpstream::start(integration_tests::peers::Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwlogreload");
+    let dir = std::env::temp_dir();
+    let file = |name: &str| dir.join(format!("{instance}-{name}.jsonl"));
+    let (audit1, access1, audit2, access2) = (
+        file("audit1"),
+        file("access1"),
+        file("audit2"),
+        file("access2"),
+    );
+    let _files = RemoveOnDrop(vec![
+        audit1.clone(),
+        access1.clone(),
+        audit2.clone(),
+        access2.clone(),
+    ]);
+    let base = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 2
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+[[upstreams]]
+name = "u0"
+url = "{up}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        up = fake.url()
+    );
+    let logged = |audit: &std::path::Path, access: &std::path::Path| {
+        format!(
+            "{base}[audit]\npath = \"{}\"\n[telemetry.access_log]\npath = \"{}\"\n",
+            audit.display(),
+            access.display()
+        )
+    };
+    let mut d = Daemon::start_local(&instance, &base);
+    let config_path = dir.join(format!("{instance}.toml"));
+    let reload = |config: &str| {
+        std::fs::write(
+            &config_path,
+            integration_tests::daemon::with_state(&instance, config),
+        )
+        .expect("write config");
+        let (r, _) = integration_tests::peers::raw(
+            admin,
+            b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    // Each log is flushed within about 50 ms of a line.
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+
+    // Started.
+    let (status, body) = reload(&logged(&audit1, &access1));
+    assert_eq!(status, 200, "{body}");
+    calls(port, 3);
+    settle();
+    assert_eq!((lines(&audit1), lines(&access1)), (3, 3));
+
+    // Moved: the new files get the lines, the old ones no more.
+    let (status, body) = reload(&logged(&audit2, &access2));
+    assert_eq!(status, 200, "{body}");
+    calls(port, 2);
+    settle();
+    assert_eq!((lines(&audit2), lines(&access2)), (2, 2));
+    assert_eq!((lines(&audit1), lines(&access1)), (3, 3));
+
+    // One that cannot be opened: refused, and the running logs go on.
+    let nowhere = dir.join(format!("{instance}-none")).join("audit.jsonl");
+    let (status, body) = reload(&logged(&nowhere, &access2));
+    assert_ne!(status, 200, "{body}");
+    calls(port, 1);
+    settle();
+    assert_eq!((lines(&audit2), lines(&access2)), (3, 3));
+
+    // Stopped.
+    let (status, body) = reload(&base);
+    assert_eq!(status, 200, "{body}");
+    calls(port, 2);
+    settle();
+    assert_eq!((lines(&audit2), lines(&access2)), (3, 3));
+    d.stop();
+}
+
 /// `gateway check` reads and validates; it creates no file (no audit log, no histogram log).
 #[test]
 fn gateway_check_creates_nothing() {
