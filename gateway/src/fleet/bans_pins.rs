@@ -79,6 +79,24 @@ impl<B: Bans> Agent<B> {
         for k in &ended {
             pipe.hdel(&key, k).ignore();
         }
+        // A lift is kept here until the lifted ban's end, and published again when Redis lost
+        // it (its data flushed or evicted): a gateway that kept the ban over a restart and came
+        // back after the loss published it again as a new ban, and the fleet took it (an
+        // operator's review). A ban of the address made since, here or elsewhere, ends it.
+        self.lifts.retain(|ip, until| {
+            *until > now && !remote_live.contains_key(ip) && !local.contains_key(ip)
+        });
+        for (ip, until) in lifted.iter().filter(|(ip, _)| !local.contains_key(ip)) {
+            let kept = self.lifts.entry(*ip).or_insert(*until);
+            *kept = (*kept).max(*until);
+        }
+        for (ip, until) in &self.lifts {
+            if !lifted.contains_key(ip) {
+                let field = ip.to_string();
+                let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
+                pipe.hset(&key, field, lift).ignore();
+            }
+        }
         for (ip, until) in &remote_live {
             if !local.contains_key(ip) {
                 if self.known_bans.contains(ip) {
@@ -87,6 +105,7 @@ impl<B: Bans> Agent<B> {
                     let lift = seal(secret, fleet, "bans", &field, &format!("lifted:{until}"));
                     pipe.hset(&key, field, lift).ignore();
                     self.known_bans.remove(ip);
+                    self.lifts.insert(*ip, *until);
                     continue;
                 }
                 let left = Duration::from_millis(until - now);

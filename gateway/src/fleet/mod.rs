@@ -349,6 +349,9 @@ struct Agent<B> {
     rested: HashSet<u64>,
     /// Bans this host knows the fleet has (sent or received).
     known_bans: HashSet<IpAddr>,
+    /// Lifts this host made or read in Redis, by the end of the ban each lifted, until then:
+    /// published again when Redis lost them (see [`Agent::exchange_bans`]).
+    lifts: HashMap<IpAddr, u64>,
     /// Whether a bans exchange has run in this process: until then the bans held here are
     /// those kept over a restart (see [`Agent::exchange_bans`]).
     bans_exchanged: bool,
@@ -445,6 +448,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         idle: HashMap::new(),
         rested: HashSet::new(),
         known_bans: HashSet::new(),
+        lifts: HashMap::new(),
         bans_exchanged: false,
         agreed_pins: HashMap::new(),
         agreed_pending: HashMap::new(),

@@ -1578,6 +1578,55 @@ fn lift(admin: u16, ip: &str) {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
+/// The same when Redis lost its data meanwhile (a restart without persistence, a flush): the
+/// lift is published again by the gateway that knows it, and the gateway that comes back with
+/// the ban kept takes it. Before, the lift was only in Redis: the ban came back on every
+/// gateway (an operator's review).
+#[test]
+fn a_ban_lifted_while_a_gateway_was_down_stays_lifted_after_redis_lost_its_data() {
+    let mut fleet = Fleet::start_with(Redis::start(), 2, Settings::new(1000, 1000, false));
+    let (a, b) = (fleet.gateways[0].admin, fleet.gateways[1].admin);
+    let has = |admin: u16, ip: &str| bans(admin).to_string().contains(ip);
+    ban(a, "198.18.5.7");
+    wait_for("the ban reaches b", Duration::from_secs(5), || {
+        has(b, "198.18.5.7")
+    });
+    // b's state store keeps it (flushed every second), then b stops; the ban is lifted, and
+    // Redis loses everything.
+    std::thread::sleep(Duration::from_millis(2500));
+    fleet.gateways[1].daemon.stop();
+    lift(a, "198.18.5.7");
+    std::thread::sleep(Duration::from_millis(1000));
+    fleet.redis.cli(&["FLUSHALL"]);
+    // a's next rounds find the fleet's state gone and publish what it knows again.
+    let bans_key = fleet.key("bans");
+    wait_for("a publishes the lift again", Duration::from_secs(5), || {
+        fleet
+            .redis
+            .cli(&["HGET", &bans_key, "198.18.5.7"])
+            .starts_with("lifted:")
+    });
+    let instance = fleet.gateways[1].instance.clone();
+    fleet.gateways[1].daemon =
+        Daemon::restart_local_with_env(&instance, &mut fleet.gateways[1].daemon, &[]);
+    wait_for("b takes the lift", Duration::from_secs(5), || {
+        !has(b, "198.18.5.7")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!has(a, "198.18.5.7"), "the lifted ban came back on a");
+    assert!(!has(b, "198.18.5.7"), "the lifted ban came back on b");
+    // A new ban of the address is the fleet's, and ends the lift.
+    ban(b, "198.18.5.7");
+    wait_for("a new ban reaches a", Duration::from_secs(5), || {
+        has(a, "198.18.5.7")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(has(a, "198.18.5.7") && has(b, "198.18.5.7"));
+    for g in &mut fleet.gateways {
+        g.daemon.stop();
+    }
+}
+
 /// A ban lifted while a gateway of the fleet was down stays lifted when that gateway comes back
 /// with the ban in its state store, with a fleet secret and without: it is not published again
 /// as a new ban (an attacker's review: a rolling restart brought back, on every gateway, a ban
