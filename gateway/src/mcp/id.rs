@@ -69,16 +69,47 @@ pub fn with_request_id(body: &[u8], id: &Id) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// `body`, a JSON message answering the id `ours`, with the id `theirs` instead; anything else
-/// as it is.
+/// `body`, a JSON message answering the id `ours` (an id of the gateway's, [`own`]), with the
+/// id `theirs` instead; and wherever else `ours` is written in it (an error's `data` or
+/// message, an array, an event stream: an upstream's refusal is relayed as it came, and carried
+/// the gateway's id to the client, a review), `theirs` as the same JSON would write it.
 pub fn answering(body: Vec<u8>, ours: &Id, theirs: &Id) -> Vec<u8> {
-    match serde_json::from_slice::<serde_json::Value>(&body) {
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(mut v) if v.get("id") == Some(&ours.to_json()) => {
             super::messages::set_in(&mut v, &["id"], theirs.to_json());
             super::json_bytes(&v)
         }
         _ => body,
+    };
+    let Id::Str(ours) = ours else {
+        return body;
+    };
+    if memchr::memmem::find(&body, ours.as_bytes()).is_none() {
+        return body;
     }
+    // Quoted, the id as a JSON value; bare (within a string), its text as a string holds it.
+    let value = serde_json::to_string(&theirs.to_json()).unwrap_or_default();
+    let text = match theirs {
+        Id::Num(n) => n.to_string(),
+        Id::Str(_) => value[1..value.len() - 1].to_owned(),
+    };
+    let quoted = format!("\"{ours}\"");
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = &body[..];
+    while let Some(at) = memchr::memmem::find(rest, ours.as_bytes()) {
+        let is_quoted = at > 0 && rest[at - 1] == b'"' && rest.get(at + ours.len()) == Some(&b'"');
+        if is_quoted {
+            out.extend_from_slice(&rest[..at - 1]);
+            out.extend_from_slice(value.as_bytes());
+            rest = &rest[at - 1 + quoted.len()..];
+        } else {
+            out.extend_from_slice(&rest[..at]);
+            out.extend_from_slice(text.as_bytes());
+            rest = &rest[at + ours.len()..];
+        }
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 #[cfg(test)]
@@ -102,5 +133,32 @@ mod tests {
         for none in [&br#"{"method":"ping"}"#[..], b"[1]", b"{", b"7"] {
             assert!(with_request_id(none, &ours).is_none());
         }
+    }
+
+    #[test]
+    fn an_answer_under_the_gateways_id_reaches_the_client_with_its_own_alone() {
+        let ours = Id::Str("mcp-gateway.00ff".into());
+        let refusal = br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32602,"message":"refused request mcp-gateway.00ff","data":{"requestId":"mcp-gateway.00ff"}}}"#;
+        let out = answering(refusal.to_vec(), &ours, &Id::Str("a\"b".into()));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32602,"message":"refused request a\"b","data":{"requestId":"a\"b"}}}"#
+        );
+        let out = answering(
+            br#"[{"id":"mcp-gateway.00ff"}]"#.to_vec(),
+            &ours,
+            &Id::Num(42),
+        );
+        assert_eq!(out, br#"[{"id":42}]"#);
+        let out = answering(
+            br#"{"jsonrpc":"2.0","id":"mcp-gateway.00ff","result":{}}"#.to_vec(),
+            &ours,
+            &Id::Num(7),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id"], 7);
+        // Anything else as it came.
+        let other = br#"{"id":1,"error":{"message":"mcp-gateway"}}"#.to_vec();
+        assert_eq!(answering(other.clone(), &ours, &Id::Num(7)), other);
     }
 }
