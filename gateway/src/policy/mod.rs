@@ -23,6 +23,7 @@ pub mod declared;
 pub mod limits;
 pub mod mtls;
 pub mod pins;
+pub mod rejudge;
 pub mod rules;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -136,6 +137,8 @@ struct Credential {
     via: Via,
     /// [`Identity::own`], for a credential that names no agent.
     own: Option<String>,
+    /// What it was, to be judged again by a later configuration (`None`: the address).
+    proof: Option<rejudge::Proof>,
 }
 
 /// Whom a configured API key names ([`Identity`]'s parts), made once when the policy is
@@ -153,6 +156,8 @@ struct JwtCaller {
     run: Option<String>,
     /// [`Identity::own`]: its subject, when it names no agent.
     own: Option<String>,
+    /// The print of the key that signed it ([`JwtKey::print`]).
+    key: [u8; 32],
 }
 
 /// Headers that say who is calling or whose state a request uses, besides each tenant's run
@@ -412,6 +417,9 @@ struct GlobalRules {
 
 struct JwtKey {
     kid: Option<String>,
+    /// SHA-256 of the JWK as configured: what a connection's token is judged by again after a
+    /// reload ([`rejudge`]), the token itself not kept.
+    print: [u8; 32],
     key: DecodingKey,
     /// The key's own algorithm, when the JWK names one.
     alg: Option<Algorithm>,
@@ -542,8 +550,12 @@ impl Policy {
                         .common
                         .key_algorithm
                         .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+                    let print = serde_json::to_vec(jwk)
+                        .map(|json| <[u8; 32]>::from(Sha256::digest(json)))
+                        .unwrap_or_default();
                     keys.push(JwtKey {
                         kid: jwk.common.key_id.clone(),
+                        print,
                         key,
                         alg,
                     });
@@ -717,6 +729,20 @@ impl Policy {
         cert: mtls::ClientCert<'_>,
         tls: bool,
     ) -> Result<Identity, Box<Refusal>> {
+        self.authenticate_proving(route, headers, address_tenant, cert, tls)
+            .map(|(who, _)| who)
+    }
+
+    /// [`Policy::authenticate_with`], and every credential the request carried, as a later
+    /// configuration judges it again ([`rejudge`]): none for a caller known by its address.
+    pub fn authenticate_proving(
+        &self,
+        route: &Route,
+        headers: &crate::http::Fields,
+        address_tenant: u32,
+        cert: mtls::ClientCert<'_>,
+        tls: bool,
+    ) -> Result<(Identity, Vec<rejudge::Proof>), Box<Refusal>> {
         let a = Authenticating {
             policy: self,
             route,
@@ -727,24 +753,27 @@ impl Policy {
         let by_address = self.tenant_index(address_tenant);
         let address_classified = by_address != self.default_tenant;
         if route.auth.is_empty() {
-            return Ok(Identity {
+            let who = Identity {
                 tenant: by_address,
                 agent: None,
                 run: a.run_header(by_address),
                 via: Via::Address,
                 own: None,
-            });
+            };
+            return Ok((who, Vec::new()));
         }
         let mut credentials: Vec<Credential> = Vec::with_capacity(2);
         credentials.extend(a.certificate(cert)?);
         credentials.extend(a.api_key_header()?);
         credentials.extend(a.authorization()?);
+        let proofs: Vec<rejudge::Proof> = credentials.iter().filter_map(|c| c.proof).collect();
         let Credential {
             tenant,
             agent,
             run: signed_run,
             via,
             own,
+            proof: _,
         } = match a.one_caller(credentials)? {
             Some(c) => c,
             None if a.accepts(AuthMethod::Address) && address_classified => Credential {
@@ -753,6 +782,7 @@ impl Policy {
                 run: None,
                 via: Via::Address,
                 own: None,
+                proof: None,
             },
             None if a.accepts(AuthMethod::Mtls) && matches!(cert, mtls::ClientCert::Plaintext) => {
                 return Err(a.unauthenticated(
@@ -794,13 +824,14 @@ impl Policy {
             (Some(signed), _) => Some(signed),
             (None, sent) => sent,
         };
-        Ok(Identity {
+        let who = Identity {
             tenant,
             agent,
             run,
             via,
             own,
-        })
+        };
+        Ok((who, proofs))
     }
 
     fn verify_jwt(&self, token: &str) -> Result<JwtCaller, String> {
@@ -873,6 +904,7 @@ impl Policy {
             agent,
             run,
             own,
+            key: key.print,
         })
     }
 }
@@ -948,15 +980,17 @@ impl Authenticating<'_> {
 
     /// The caller an API key names.
     fn api_key(&self, key: &str) -> Result<Credential, Box<Refusal>> {
+        let digest = <[u8; 32]>::from(Sha256::digest(key));
         self.policy
             .api_keys
-            .get(&<[u8; 32]>::from(Sha256::digest(key)))
+            .get(&digest)
             .map(|k| Credential {
                 tenant: k.tenant,
                 agent: k.agent.clone(),
                 run: None,
                 via: Via::ApiKey,
                 own: k.own.clone(),
+                proof: Some(rejudge::Proof::ApiKey(digest)),
             })
             .ok_or_else(|| self.unauthenticated("the API key is not valid", true))
     }
@@ -977,6 +1011,7 @@ impl Authenticating<'_> {
                     agent,
                     run: None,
                     via: Via::Mtls,
+                    proof: Some(rejudge::Proof::Certificate),
                 }));
             }
             mtls::Mapped::Nobody => "is mapped to no caller by",
@@ -1027,6 +1062,7 @@ impl Authenticating<'_> {
                 agent,
                 run,
                 own,
+                key,
             } = self.policy.verify_jwt(token).map_err(|why| {
                 self.unauthenticated(&format!("the token is not valid: {why}"), true)
             })?;
@@ -1036,6 +1072,7 @@ impl Authenticating<'_> {
                 run,
                 via: Via::Jwt,
                 own,
+                proof: Some(rejudge::Proof::Jwt(key)),
             }))
         } else if self.accepts(AuthMethod::ApiKey) {
             self.api_key(token).map(Some)
