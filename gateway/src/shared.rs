@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub classifier: Classifier,
     /// Shared with a snapshot that changes only what no rule reads (an upstream's TLS files).
     pub policy: std::sync::Arc<crate::policy::Policy>,
+    /// This snapshot's number, unique in the process: a connection's caller admitted under
+    /// another is judged again ([`crate::policy::rejudge`]).
+    pub serial: u64,
 }
 
 impl Snapshot {
@@ -40,11 +43,13 @@ impl Snapshot {
 
     /// The snapshot of `config` with the policy of a snapshot whose rules it does not change.
     pub fn sharing_policy(config: Config, policy: std::sync::Arc<crate::policy::Policy>) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
         let classifier = Classifier::new(&config);
         Self {
             config,
             classifier,
             policy,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
@@ -621,6 +626,7 @@ pub struct RefusedConns {
     tenant_rate: AtomicU64,
     tenant_at_cap: AtomicU64,
     source_at_cap: AtomicU64,
+    revoked: AtomicU64,
 }
 
 impl RefusedConns {
@@ -648,12 +654,17 @@ impl RefusedConns {
         self.source_at_cap.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An open connection cut as a reload revoked what its caller was admitted with.
+    pub fn revoked(&self) {
+        self.revoked.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text of these counters.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
-            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, before a next request on a connection taken before, or an open connection cut as the ban or deny came), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap or its source at the tenant's `max_connections_per_source` (a direct listener's, answered 503).\n# TYPE mcp_gateway_connections_refused_total counter"
+            "# HELP mcp_gateway_connections_refused_total Client connections a worker closed, by reason: the client is in `kernel.deny` or banned (as a direct listener's connection was accepted, the kernel program having let it through, before a next request on a connection taken before, or an open connection cut as the ban or deny came), over its source's or tenant's new-connection rate (a direct listener's, as it was accepted: connections of no SYN the kernel program counted), or its tenant is at its connection cap or its source at the tenant's `max_connections_per_source` (a direct listener's, answered 503), or a reload revoked what its open connection was admitted with (its credential, route or tenant, or the client CA that verified its certificate).\n# TYPE mcp_gateway_connections_refused_total counter"
         );
         for (reason, n) in [
             ("denied", &self.denied),
@@ -662,6 +673,7 @@ impl RefusedConns {
             ("tenant_rate", &self.tenant_rate),
             ("tenant_at_cap", &self.tenant_at_cap),
             ("source_at_cap", &self.source_at_cap),
+            ("revoked", &self.revoked),
         ] {
             let _ = writeln!(
                 out,

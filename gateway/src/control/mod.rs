@@ -461,10 +461,12 @@ impl Control {
                 .access
                 .store(Arc::new(access.counting_on(&running)));
         }
-        // `kernel.deny` may hold open connections' clients now.
-        self.shared.sources_changed.fetch_add(1, Release);
         self.shared.tls.publish(tls);
         self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+        // `kernel.deny` may hold open connections' clients now, and the configuration and
+        // client CAs may no longer admit open connections' callers: the workers judge them
+        // again, once both are published.
+        self.shared.sources_changed.fetch_add(1, Release);
         self.tls_stamps = stamps;
         self.upstream_tls_stamps = upstream_stamps;
         Ok(format!("reloaded {}: {diff}", path.display()))
@@ -485,6 +487,9 @@ impl Control {
             Ok(tls) => {
                 self.shared.tls.publish(tls);
                 self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+                // A `client_ca` file changed may no longer vouch for open connections'
+                // certificates: the workers verify them again.
+                self.shared.sources_changed.fetch_add(1, Release);
                 self.reloads.record("file_change", true);
                 tracing::info!(
                     source = "file_change",

@@ -70,10 +70,15 @@ pub fn serve(
             // the source to give back as it closes.
             ctx.open.named(fd, peer.ip(), source_counted);
         }
-        if let Some(tls) = ctx.shared.tls.listener(listener)
-            && !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await
-        {
-            return;
+        if let Some(tls) = ctx.shared.tls.listener(listener) {
+            if !Box::pin(crate::tls::accept(&mut io, &tls, &ctx.shared.tls.stats)).await {
+                return;
+            }
+            // The client certificate the handshake verified, judged again against the
+            // listener's `client_ca` when a reload changes it (`OpenConns::cut_refused`).
+            if let Some(cert) = io.tls().and_then(crate::policy::mtls::PeerCert::of) {
+                ctx.open.certified(fd, listener, tls.serial, cert);
+            }
         }
         loop {
             // Idle between requests: a shutdown closes the connection here, never mid-request.
@@ -124,6 +129,12 @@ pub fn serve(
             if let Some(why) = ctx.shared.source_refusal(&snapshot, peer.ip()) {
                 ctx.open.refused(fd, why, &ctx.shared);
                 tracing::debug!(%peer, reason = ?why, "connection closed before its next request");
+                return;
+            }
+            // Nor one whose client certificate its listener no longer accepts (a reload took
+            // its CA out of `client_ca`, or it expired): a new handshake would be refused.
+            if !ctx.open.certificate_holds(fd, &ctx.shared) {
+                tracing::debug!(%peer, "connection closed before its next request: its client certificate is no longer accepted");
                 return;
             }
             let limits = limits(&snapshot.config);

@@ -136,7 +136,7 @@ async fn run<'c>(
     let route = route(config, req)?;
     let protocol = version(req)?;
     let header_trace = trace(req)?;
-    let (who, tenant) = identity(io, req, peer, snapshot, route, obs, header_trace)?;
+    let (who, tenant) = identity(io, req, peer, snapshot, route, ctx, obs, header_trace)?;
     let messages = parse(req, ctx, route, tenant, protocol, obs)?;
     let session = check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
@@ -347,12 +347,17 @@ fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<
 
 /// identity: who calls, from every credential the request carries (a verified client
 /// certificate among them, on a route that accepts `mtls`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the stage's inputs, named as the other stages name them"
+)]
 fn identity<'c>(
     io: &Io,
     req: &Request,
     peer: SocketAddr,
     snapshot: &'c Snapshot,
     route: &Route,
+    ctx: &WorkerCtx,
     obs: &Obs<'_>,
     header_trace: Option<String>,
 ) -> Result<(Identity, &'c TenantPolicy), Stop> {
@@ -366,8 +371,8 @@ fn identity<'c>(
         Some(Some(None)) => policy::mtls::ClientCert::Absent,
         Some(Some(Some(c))) => policy::mtls::ClientCert::Present(c),
     };
-    let who = policy
-        .authenticate_with(
+    let (who, proofs) = policy
+        .authenticate_proving(
             route,
             &req.headers,
             snapshot.classifier.tenant_of(peer.ip()),
@@ -375,6 +380,14 @@ fn identity<'c>(
             io.tls().is_some(),
         )
         .map_err(|r| Stop::Refuse(r, None))?;
+    // What the connection was admitted as, judged again when a reload changes the
+    // configuration (`OpenConns::cut_refused`).
+    ctx.open.admitted(
+        std::os::fd::AsRawFd::as_raw_fd(io),
+        snapshot.serial,
+        ctx.shared.snapshot.load().serial,
+        policy::rejudge::Admission::new(policy, &route.path, &who, proofs),
+    );
     let tenant = &policy.tenants[who.tenant];
     let mut d = obs.decision.borrow_mut();
     d.tenant = Some(tenant.name.clone());

@@ -756,17 +756,18 @@ async fn ship_stats(ctx: Rc<WorkerCtx>, tx: std::sync::mpsc::Sender<crate::stats
     }
 }
 
-/// Cuts the open connections of clients banned or denied since (see
-/// [`mcp::worker::OpenConns::cut_refused`]), within a quarter of a second of the control
-/// thread's publishing it: a banned client's event stream or call in progress is not left to
-/// run until it ends. Looks only when the bans or the configuration changed.
+/// Cuts the open connections of clients banned or denied since, and of callers a reload
+/// revoked (see [`mcp::worker::OpenConns::cut_refused`]), within a quarter of a second of the
+/// control thread's publishing it: a banned client's or a revoked key's event stream or call
+/// in progress is not left to run until it ends. Looks only when the bans or the
+/// configuration changed, or a request was admitted under a configuration replaced by then.
 async fn cut_refused(ctx: Rc<WorkerCtx>) {
     let changes = &ctx.shared.sources_changed;
     let mut seen = changes.load(Ordering::Acquire);
     loop {
         monoio::time::sleep(CUT_REFUSED_EVERY).await;
         let now = changes.load(Ordering::Acquire);
-        if now == seen {
+        if now == seen && !ctx.open.take_stale() {
             continue;
         }
         seen = now;
@@ -775,7 +776,7 @@ async fn cut_refused(ctx: Rc<WorkerCtx>) {
             tracing::info!(
                 worker = ctx.worker,
                 cut,
-                "connections of banned or denied clients closed"
+                "connections of banned, denied or revoked clients closed"
             );
         }
     }

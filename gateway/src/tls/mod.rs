@@ -50,8 +50,11 @@ pub struct Listening {
     pub handshake_timeout: Duration,
     resolver: Arc<SniResolver>,
     /// The client-certificate verifier (none without `client_ca`): run again on a resumed
-    /// session's certificate.
+    /// session's certificate, and on an open connection's after a reload ([`vouches`]).
     verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// This configuration's number, unique in the process: a connection whose certificate was
+    /// verified under another is verified again ([`vouches`]).
+    pub serial: u64,
 }
 
 impl std::fmt::Debug for Listening {
@@ -213,6 +216,22 @@ impl Edge {
         self.listeners.get(index).and_then(ArcSwapOption::load_full)
     }
 
+    /// Whether listener `index` as it is now still accepts a client certificate `chain` its
+    /// handshake verified under configuration `serial` (the listener's [`Listening::serial`]
+    /// then): `Some(serial)` of the configuration that accepts it (verified again if it is
+    /// another), `None` when it does not ([`vouches`]).
+    pub fn still_vouches(
+        &self,
+        index: usize,
+        serial: u64,
+        chain: &[CertificateDer<'static>],
+    ) -> Option<u64> {
+        let slot = self.listeners.get(index)?;
+        let now = slot.load();
+        let listening = now.as_deref()?;
+        (listening.serial == serial || vouches(chain, listening)).then_some(listening.serial)
+    }
+
     /// Reads every certificate, key and CA file `config` names and builds its TLS
     /// configurations; the first problem refuses them all, naming the key and the file.
     pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
@@ -323,11 +342,13 @@ impl Edge {
         if let Some(t) = resumption.ticketer {
             server.ticketer = t;
         }
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
         Ok(Arc::new(Listening {
             server: Arc::new(server),
             handshake_timeout: tls.handshake_timeout,
             resolver,
             verifier,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         }))
     }
 }
@@ -564,6 +585,20 @@ fn still_accepted(
             .map_err(|_| Failure::BadCertificate),
         _ if verifier.client_auth_mandatory() => Err(Failure::NoClientCertificate),
         _ => Ok(()),
+    }
+}
+
+/// Whether `listening` accepts the client certificate `chain` an open connection's handshake
+/// verified under an earlier configuration: a CA a reload took out of `client_ca` (or
+/// `client_ca` itself gone) vouches for it no longer, and one expired since is refused, as a
+/// new handshake's (an attacker's review: a keep-alive connection of a removed CA was served
+/// for as long as it lasted).
+pub fn vouches(chain: &[CertificateDer<'static>], listening: &Listening) -> bool {
+    match (&listening.verifier, chain) {
+        (Some(verifier), [end_entity, intermediates @ ..]) => verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .is_ok(),
+        _ => false,
     }
 }
 
