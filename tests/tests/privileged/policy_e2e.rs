@@ -1566,3 +1566,205 @@ upstream = "u0"
     );
     d.stop();
 }
+
+const KEY_A: &str = "revoked-key-a-0123456789";
+const KEY_B: &str = "kept-key-b-0123456789";
+
+/// A gateway with `keys` (each tenant `acme`'s, agents of their own) in front of `url`.
+fn keyed_config(instance: &str, port: u16, admin: u16, url: &str, keys: &[&str]) -> String {
+    let keys: String = keys
+        .iter()
+        .map(|k| {
+            format!(
+                "[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\nagent = \"{}\"\n",
+                sha256_hex(k),
+                &k[..8],
+            )
+        })
+        .collect();
+    format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "acme"
+id = 1
+{keys}
+[[upstreams]]
+name = "u0"
+url = "{url}"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+auth = ["api_key"]
+"#,
+        header = local_header(instance, 2, port, admin),
+    )
+}
+
+/// A session opened with `key`: the header lines of its later requests.
+fn keyed_session(port: u16, key: &str) -> String {
+    let with_key = format!("x-api-key: {key}\r\n");
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (r, _) = raw(port, &post("/mcp", init, &with_key));
+    assert_eq!(r.status, 200, "{r:?}");
+    let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+    let session =
+        format!("{with_key}mcp-session-id: {sid}\r\nmcp-protocol-version: 2025-06-18\r\n");
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (r, _) = raw(port, &post("/mcp", note, &session));
+    assert!(r.status < 300, "{r:?}");
+    session
+}
+
+/// Reads `stream` until `needle` came (5 s at most).
+fn read_until(stream: &mut std::net::TcpStream, needle: &str) {
+    use std::io::Read as _;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("no {needle} ({e}): {}", String::from_utf8_lossy(&seen)));
+        assert!(
+            n > 0,
+            "closed before {needle}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether the gateway closes `stream` within `within` (whatever it sends meanwhile is read).
+fn closed_within(stream: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    let end = std::time::Instant::now() + within;
+    let mut buf = [0u8; 8192];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        stream
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Rewrites the configuration of `instance` and reloads it (SIGHUP), waiting for the reload.
+fn reload_with(d: &mut Daemon, instance: &str, config: &str) {
+    let path = std::env::temp_dir().join(format!("{instance}.toml"));
+    std::fs::write(
+        path,
+        integration_tests::daemon::with_state(instance, config),
+    )
+    .unwrap();
+    let reloads = |d: &Daemon| d.log().matches("\"message\":\"reloaded /").count();
+    let before = reloads(d);
+    d.hangup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while reloads(d) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+/// An API key a reload removes ends the event streams open with it at once: its session's GET
+/// stream and a long call's progress stream close within a second of the reload, as a banned
+/// client's do, while another key's stream on the same upstream stays open; a reload that
+/// changes nothing about a caller cuts nothing. Before, only a new request on the connection
+/// was refused (401): the GET stream went on for as long as the upstream kept it going (its
+/// pings), and the call's stream delivered every event (an attacker's review).
+#[test]
+fn a_revoked_api_keys_open_streams_end_at_the_reload() {
+    let upstream = PyServer::start(false);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwrevoke");
+    let url = upstream.url();
+    let both = keyed_config(&instance, port, admin, &url, &[KEY_A, KEY_B]);
+    let mut d = Daemon::start_local(&instance, &both);
+    let a = keyed_session(port, KEY_A);
+    let b = keyed_session(port, KEY_B);
+    let mut a_get = get_stream(port, &a);
+    read_until(&mut a_get, "HTTP/1.1 200");
+    let mut b_get = get_stream(port, &b);
+    read_until(&mut b_get, "HTTP/1.1 200");
+    let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"count_with_progress","arguments":{"steps":300,"pause_ms":100},"_meta":{"progressToken":"p"}}}"#;
+    let open_call = |session: &str| {
+        use std::io::Write as _;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&post("/mcp", call, session)).unwrap();
+        read_until(&mut s, "notifications/progress");
+        s
+    };
+    let mut a_call = open_call(&a);
+    let mut b_call = open_call(&b);
+
+    // A reload that changes nothing about either caller (a tenant added): nothing is cut.
+    let unrelated = both.replacen(
+        "[[auth.api_keys]]",
+        "[[tenants]]\nname = \"other\"\nid = 2\n[[auth.api_keys]]",
+        1,
+    );
+    reload_with(&mut d, &instance, &unrelated);
+    for (s, what) in [
+        (&mut a_get, "A's GET stream"),
+        (&mut b_get, "B's GET stream"),
+        (&mut a_call, "A's call"),
+        (&mut b_call, "B's call"),
+    ] {
+        assert!(
+            !closed_within(s, std::time::Duration::from_millis(700)),
+            "{what} was cut by a reload that changed nothing about it"
+        );
+    }
+
+    // Key A revoked.
+    reload_with(
+        &mut d,
+        &instance,
+        &keyed_config(&instance, port, admin, &url, &[KEY_B]),
+    );
+    let within = std::time::Duration::from_millis(1200);
+    assert!(
+        closed_within(&mut a_get, within),
+        "the revoked key's GET stream went on"
+    );
+    assert!(
+        closed_within(&mut a_call, within),
+        "the revoked key's call stream went on"
+    );
+    assert!(
+        !closed_within(&mut b_get, std::time::Duration::from_millis(700)),
+        "the kept key's GET stream was cut"
+    );
+    assert!(
+        !closed_within(&mut b_call, std::time::Duration::from_millis(300)),
+        "the kept key's call was cut"
+    );
+    // A new request with the key is refused; with the other, served.
+    let note = r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#;
+    assert_eq!(raw(port, &post("/mcp", note, &a)).0.status, 401);
+    assert_eq!(raw(port, &post("/mcp", note, &b)).0.status, 200);
+    let (m, _) = raw(admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    let metrics = String::from_utf8_lossy(&m.body).into_owned();
+    let revoked: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mcp_gateway_connections_refused_total{reason=\"revoked\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no revoked count: {metrics}"));
+    assert!(revoked >= 2, "{revoked} connections counted as revoked");
+    d.stop();
+}

@@ -712,6 +712,166 @@ fn a_session_resumes_only_where_its_client_certificate_would_be_accepted() {
     d.stop();
 }
 
+/// A TLS connection to `port` presenting `cert`, the server's certificate verified against
+/// `ca` for `localhost`.
+fn tls_presenting(port: u16, ca: &Path, cert: &Issued) -> Tls {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(&cert.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// An `initialize` POSTed on the kept-alive connection `tls`: the answer's status, or `None`
+/// when the connection was closed or failed instead.
+fn status_on(tls: &mut Tls) -> Option<u16> {
+    tls.write_all(&integration_tests::peers::post("/mcp", INIT, ""))
+        .ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let whole = match head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+                Some(len) => got.len() >= end + 4 + len.trim().parse::<usize>().ok()?,
+                None => text.ends_with("0\r\n\r\n"),
+            };
+            if whole {
+                return text.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+        let n = tls.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A client CA taken out of a listener's `client_ca` by a reload cuts the connections its
+/// certificates made: a keep-alive connection is closed (its next request gets no answer),
+/// while a client of the CA kept goes on, on its own open connection. Before, the certificate
+/// verified at the handshake was taken for the connection's life: the removed CA's client was
+/// served on every request of its open connection (an attacker's review).
+#[test]
+fn a_client_ca_removed_by_a_reload_cuts_its_open_connections() {
+    let own = Pki::new("kept-ca");
+    let partner = Pki::new("removed-ca");
+    let server = own.server("server", &["localhost"], KeyKind::EcdsaP256);
+    let ours = own.client("ours", "own-bot", None);
+    let theirs = partner.client("theirs", "partner-bot", None);
+    // The listener trusts both CAs, from one bundle.
+    let bundle = own.dir().join("client-cas.pem");
+    let both =
+        std::fs::read_to_string(&own.ca).unwrap() + &std::fs::read_to_string(&partner.ca).unwrap();
+    std::fs::write(&bundle, both).unwrap();
+    let upstream = PyServer::start(true);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwcaout");
+    let extra = r#"auth = ["mtls"]
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "x"
+id = 1
+[[auth.mtls]]
+cn = "own-bot"
+tenant = "x"
+[[auth.mtls]]
+cn = "partner-bot"
+tenant = "x"
+"#;
+    let c = config(
+        &instance,
+        &[(
+            port,
+            format!(
+                "{}\nclient_ca = \"{}\"",
+                certs(&[&server]),
+                bundle.display()
+            ),
+        )],
+        admin,
+        "",
+        &upstream.url(),
+        extra,
+    )
+    .replace(
+        "[kernel]\nenabled = false\n",
+        "[kernel]\nenabled = false\ndefault_tenant = \"public\"\n",
+    );
+    let mut d = Daemon::start_local(&instance, &c);
+    let mut kept = tls_presenting(port, &own.ca, &ours);
+    let mut removed = tls_presenting(port, &own.ca, &theirs);
+    for (tls, who) in [(&mut kept, "own-bot"), (&mut removed, "partner-bot")] {
+        assert_eq!(status_on(tls), Some(200), "{who} before the reload");
+    }
+
+    // The same CAs, the configuration read again: nobody is cut.
+    d.hangup();
+    d.wait_for_log("\"message\":\"reloaded /", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(600));
+    for (tls, who) in [(&mut kept, "own-bot"), (&mut removed, "partner-bot")] {
+        assert_eq!(
+            status_on(tls),
+            Some(200),
+            "{who} after a reload that changed nothing"
+        );
+    }
+
+    // The partner's CA taken out.
+    std::fs::copy(&own.ca, &bundle).unwrap();
+    let reloads = |d: &Daemon| d.log().matches("\"message\":\"reloaded /").count();
+    let before = reloads(&d);
+    d.hangup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reloads(&d) == before {
+        assert!(Instant::now() < deadline, "no reload: {}", d.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let next = status_on(&mut removed);
+    assert_eq!(
+        next, None,
+        "the removed CA's client was answered on its open connection"
+    );
+    assert_eq!(status_on(&mut kept), Some(200), "the kept CA's client");
+    // A new connection of the removed CA is refused in the handshake, as before.
+    let mut again = tls_presenting(port, &own.ca, &theirs);
+    assert_eq!(status_on(&mut again), None);
+    assert_eq!(
+        metric(
+            &metrics(admin, None),
+            "mcp_gateway_connections_refused_total{reason=\"revoked\"}"
+        ),
+        1
+    );
+    d.stop();
+}
+
 fn sha256_hex(s: &str) -> String {
     let (ok, out) = run("sha256sum", &[], s.as_bytes());
     assert!(ok);
