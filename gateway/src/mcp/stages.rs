@@ -386,7 +386,18 @@ fn identity<'c>(
         std::os::fd::AsRawFd::as_raw_fd(io),
         snapshot.serial,
         ctx.shared.snapshot.load().serial,
-        policy::rejudge::Admission::new(policy, &route.path, &who, proofs),
+        |kept: Option<&policy::rejudge::Admission>| {
+            // Most requests on a connection are its last one's caller again: nothing is made.
+            match kept {
+                Some(k) if k.is(policy, &route.path, &who, &proofs) => None,
+                _ => Some(policy::rejudge::Admission::new(
+                    policy,
+                    &route.path,
+                    &who,
+                    &proofs,
+                )),
+            }
+        },
     );
     let tenant = &policy.tenants[who.tenant];
     let mut d = obs.decision.borrow_mut();

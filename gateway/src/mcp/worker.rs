@@ -165,9 +165,24 @@ impl OpenConns {
     /// What a request on connection `fd` was admitted as, under snapshot `serial`; `current`:
     /// the serial of the snapshot in force now. Admitted under one a reload replaced since, the
     /// connection is judged again at the next look.
-    pub fn admitted(&self, fd: RawFd, serial: u64, current: u64, admission: Admission) {
+    /// `admission` is given the one kept, and makes a new one only if it differs.
+    pub fn admitted(
+        &self,
+        fd: RawFd,
+        serial: u64,
+        current: u64,
+        admission: impl FnOnce(Option<&Admission>) -> Option<Admission>,
+    ) {
         if let Some(c) = self.conns.borrow_mut().get_mut(&fd) {
-            c.judged.get_or_insert_default().admission = Some((serial, admission));
+            let judged = c.judged.get_or_insert_default();
+            match (
+                admission(judged.admission.as_ref().map(|(_, a)| a)),
+                &mut judged.admission,
+            ) {
+                (Some(new), kept) => *kept = Some((serial, new)),
+                (None, Some((kept, _))) => *kept = serial,
+                (None, None) => {}
+            }
         }
         if serial != current {
             self.stale.set(true);

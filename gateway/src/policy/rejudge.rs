@@ -38,14 +38,23 @@ pub struct Admission {
 
 impl Admission {
     /// `who`, admitted by `policy` on the route at `route` with `proofs`.
-    pub fn new(policy: &Policy, route: &str, who: &Identity, proofs: Vec<Proof>) -> Self {
+    pub fn new(policy: &Policy, route: &str, who: &Identity, proofs: &[Proof]) -> Self {
         Self {
             route: route.into(),
             tenant: policy.tenants[who.tenant].name.as_str().into(),
             agent: who.agent.as_deref().map(Into::into),
             via: who.via,
-            proofs: proofs.into_boxed_slice(),
+            proofs: proofs.into(),
         }
+    }
+
+    /// Whether it is what [`Admission::new`] would make of these.
+    pub fn is(&self, policy: &Policy, route: &str, who: &Identity, proofs: &[Proof]) -> bool {
+        *self.route == *route
+            && *self.tenant == *policy.tenants[who.tenant].name
+            && self.agent.as_deref() == who.agent.as_deref()
+            && self.via == who.via
+            && *self.proofs == *proofs
     }
 
     /// Whether `config` (and its compiled `policy`) admits the same caller on the same route:

@@ -69,7 +69,11 @@ fn admitted(c: &Config, key: &str, address_tenant: u32) -> Admission {
         )
         .unwrap();
     assert_eq!(proofs.len(), 1);
-    Admission::new(&p, "/mcp", &who, proofs)
+    let a = Admission::new(&p, "/mcp", &who, &proofs);
+    // What a connection keeps is made again only for another caller or route.
+    assert!(a.is(&p, "/mcp", &who, &proofs));
+    assert!(!a.is(&p, "/other", &who, &proofs) && !a.is(&p, "/mcp", &who, &[]));
+    a
 }
 
 fn holds(a: &Admission, c: &Config, address_tenant: u32) -> bool {
