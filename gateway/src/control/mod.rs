@@ -388,8 +388,16 @@ impl Control {
                 bail!("`{what}` changed: that needs a restart; the running configuration is kept");
             }
         }
-        // A log the new configuration moves, starts, stops or bounds otherwise is opened first
-        // (one that cannot be opened refuses the configuration), and takes over with it.
+        // Certificates are read again on every reload, even when their paths did not change.
+        let stamps = crate::tls::stamps(&new);
+        let upstream_stamps = crate::tls::upstream_stamps(&new);
+        let tls = self.shared.tls.prepare(&new).map_err(|e| {
+            self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
+            anyhow::anyhow!("{e}; the running certificates and configuration are kept")
+        })?;
+        // A log the new configuration moves, starts, stops or bounds otherwise is opened once the
+        // certificates are read (one that cannot be opened refuses the configuration), and takes
+        // over with it.
         let audit = (new.audit != old.audit)
             .then(|| crate::shared::open_audit(&new.audit))
             .transpose();
@@ -403,13 +411,6 @@ impl Control {
                 bail!("{e}; the running configuration is kept")
             }
         };
-        // Certificates are read again on every reload, even when their paths did not change.
-        let stamps = crate::tls::stamps(&new);
-        let upstream_stamps = crate::tls::upstream_stamps(&new);
-        let tls = self.shared.tls.prepare(&new).map_err(|e| {
-            self.shared.tls.stats.reload_failures.fetch_add(1, Relaxed);
-            anyhow::anyhow!("{e}; the running certificates and configuration are kept")
-        })?;
         let hosts = self.fleet_hosts();
         if let Some(maps) = &mut self.maps {
             if let Err(e) = maps.sync(&KernelState::shared_by(&new, hosts)) {

@@ -76,7 +76,7 @@ pub fn serve(
             }
             // The client certificate the handshake verified, judged again against the
             // listener's `client_ca` when a reload changes it (`OpenConns::cut_refused`).
-            if let Some(cert) = io.tls().and_then(crate::policy::mtls::PeerCert::of) {
+            if let Some(cert) = io.tls().and_then(crate::policy::mtls::PeerCert::kept_of) {
                 ctx.open.certified(fd, listener, tls.serial, cert);
             }
         }
@@ -198,6 +198,24 @@ async fn serve_one(
         }
     };
     inject_fault(&req);
+    // Read under the configuration in force when its first bytes came; judged by the one in
+    // force once it is read. A reload in between applies to it: a request begun before a
+    // reload that revoked its API key, sent on to its end up to the request timeout later, was
+    // served under the old configuration (a review of the revocation).
+    let current = ctx.shared.snapshot.load_full();
+    let snapshot = if current.serial == snapshot.serial {
+        snapshot
+    } else {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*io);
+        if let Some(why) = ctx.shared.source_refusal(&current, peer.ip()) {
+            ctx.open.refused(fd, why, &ctx.shared);
+            return false;
+        }
+        if !ctx.open.certificate_holds(fd, &ctx.shared) {
+            return false;
+        }
+        &*current
+    };
     super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
 }
 

@@ -115,6 +115,9 @@ impl Judged {
     /// that it is not verified again until the next change.
     fn holds(&mut self, shared: &Shared, snapshot: &crate::shared::Snapshot, ip: IpAddr) -> bool {
         if let Some((listener, serial, cert)) = &mut self.cert {
+            if cert.expired() {
+                return false;
+            }
             match shared.tls.still_vouches(*listener, *serial, &cert.chain) {
                 Some(now) => *serial = now,
                 None => return false,
@@ -205,7 +208,9 @@ impl OpenConns {
         let Some((listener, serial, cert)) = c.judged.as_mut().and_then(|j| j.cert.as_mut()) else {
             return true;
         };
-        if let Some(now) = shared.tls.still_vouches(*listener, *serial, &cert.chain) {
+        if !cert.expired()
+            && let Some(now) = shared.tls.still_vouches(*listener, *serial, &cert.chain)
+        {
             *serial = now;
             return true;
         }

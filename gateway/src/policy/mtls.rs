@@ -25,6 +25,9 @@ pub struct PeerCert {
     pub cns: Vec<String>,
     /// The chain as presented (leaf first), for entries that name their CA.
     pub chain: Vec<CertificateDer<'static>>,
+    /// When the first certificate of the chain to expire does (Unix seconds), if known: a
+    /// connection is served no request after it, as a new handshake would be refused.
+    pub expires: Option<i64>,
 }
 
 impl PeerCert {
@@ -63,6 +66,27 @@ impl PeerCert {
         let mut cert = Self::from_der(chain.first()?);
         cert.chain = chain.to_vec();
         Some(cert)
+    }
+
+    /// [`PeerCert::of`], with when its chain expires: what a connection keeps of it (once, at
+    /// its handshake).
+    pub fn kept_of(conn: &rustls::Connection) -> Option<Self> {
+        let mut cert = Self::of(conn)?;
+        cert.expires = cert
+            .chain
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min();
+        Some(cert)
+    }
+
+    /// Whether a certificate of its chain has expired (by the clock now).
+    pub fn expired(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.expires.is_some_and(|t| t < now)
     }
 
     /// For messages: the names, shortest form.

@@ -73,6 +73,7 @@ fn cert(uris: &[&str], dns: &[&str], cn: Option<&str>) -> PeerCert {
         dns: dns.iter().map(|s| (*s).to_owned()).collect(),
         cns: cn.into_iter().map(str::to_owned).collect(),
         chain: Vec::new(),
+        expires: None,
     }
 }
 

@@ -1731,12 +1731,37 @@ fn a_revoked_api_keys_open_streams_end_at_the_reload() {
         );
     }
 
+    // A request with key A begun on a new connection before the reload, and sent on to its end
+    // after it: judged by the configuration in force once it is read (it was served under the
+    // old one, up to the request timeout after the reload: a review).
+    let note = r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#;
+    let straddling = post("/mcp", note, &a);
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    {
+        use std::io::Write as _;
+        half.write_all(&straddling[..20]).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+
     // Key A revoked.
     reload_with(
         &mut d,
         &instance,
         &keyed_config(&instance, port, admin, &url, &[KEY_B]),
     );
+    {
+        use std::io::{Read as _, Write as _};
+        half.write_all(&straddling[20..]).unwrap();
+        half.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = half.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.starts_with("HTTP/1.1 200"),
+            "a request begun before the reload was served with the revoked key: {answer}"
+        );
+    }
     let within = std::time::Duration::from_millis(1200);
     assert!(
         closed_within(&mut a_get, within),
@@ -1755,7 +1780,6 @@ fn a_revoked_api_keys_open_streams_end_at_the_reload() {
         "the kept key's call was cut"
     );
     // A new request with the key is refused; with the other, served.
-    let note = r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#;
     assert_eq!(raw(port, &post("/mcp", note, &a)).0.status, 401);
     assert_eq!(raw(port, &post("/mcp", note, &b)).0.status, 200);
     let (m, _) = raw(admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");

@@ -869,6 +869,15 @@ tenant = "x"
         ),
         1
     );
+    // A certificate that expires while its connection is open: served no request after it,
+    // as a new handshake would be refused (it was served on for as long as the client kept
+    // the connection: a review).
+    let short = own.client_expiring("short", "own-bot", 3);
+    let mut expiring = tls_presenting(port, &own.ca, &short);
+    assert_eq!(status_on(&mut expiring), Some(200), "before it expires");
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(status_on(&mut expiring), None, "served after it expired");
+    assert_eq!(status_on(&mut kept), Some(200), "the kept CA's client");
     d.stop();
 }
 
