@@ -202,10 +202,11 @@ async fn serve_one(
     // force once it is read. A reload in between applies to it: a request begun before a
     // reload that revoked its API key, sent on to its end up to the request timeout later, was
     // served under the old configuration (a review of the revocation).
-    let current = ctx.shared.snapshot.load_full();
-    let snapshot = if current.serial == snapshot.serial {
+    let current;
+    let snapshot = if ctx.shared.snapshot.load().serial == snapshot.serial {
         snapshot
     } else {
+        current = ctx.shared.snapshot.load_full();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&*io);
         if let Some(why) = ctx.shared.source_refusal(&current, peer.ip()) {
             ctx.open.refused(fd, why, &ctx.shared);
