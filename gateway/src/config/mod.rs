@@ -524,6 +524,9 @@ pub struct RawStdio {
     /// do not hold `max_children` forever.
     #[serde(default)]
     pub idle_shutdown_ms: u64,
+    /// The memory a child may write, in MiB (`RLIMIT_DATA`: its heap and private writable
+    /// mappings, not address space it only reserves, as Node's WebAssembly and Go's heap do);
+    /// 0: unbounded.
     #[serde(default = "default_stdio_max_memory_mb")]
     pub max_memory_mb: u64,
     #[serde(default = "default_stdio_max_open_files")]

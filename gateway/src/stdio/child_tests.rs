@@ -126,6 +126,20 @@ for line in sys.stdin:
                 error = e.errno
                 break
         args = {"started": len(started), "error": error}
+    if do == "memory":
+        import mmap
+        out = {}
+        try:
+            reserved = mmap.mmap(-1, args["reserve"], flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_NONE)
+            out["reserved"] = True
+        except OSError as e:
+            out["reserved"] = e.errno
+        try:
+            used = bytearray(args["use"])
+            out["used"] = True
+        except MemoryError:
+            out["used"] = False
+        args = out
     if do == "read":
         try:
             with open(args["path"]) as f:
@@ -1163,6 +1177,45 @@ fn each_child_counts_its_processes_against_its_own_limit() {
             Some(json!(3)),
             "{v:?}"
         );
+    });
+}
+
+/// `max_memory_mb` bounds the memory a child writes, not the address space it reserves: a
+/// runtime that reserves far more than it uses (Node's WebAssembly, Go's heap) runs, and one
+/// that writes more than the bound is refused it.
+#[test]
+fn a_childs_memory_bound_holds_what_it_writes_not_what_it_reserves() {
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "mem", "ok");
+        s.sandbox.max_memory_bytes = 1 << 30;
+        let c = spawn(s, None);
+        let v = text(
+            &call(
+                &c,
+                1,
+                json!(1),
+                json!({"do": "memory", "reserve": 8u64 << 30, "use": 2u64 << 30}),
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(
+            (v["reserved"].clone(), v["used"].clone()),
+            (json!(true), json!(false)),
+            "8 GiB reserved, 2 GiB not given: {v}"
+        );
+        let v = text(
+            &call(
+                &c,
+                2,
+                json!(2),
+                json!({"do": "memory", "reserve": 4096, "use": 256u64 << 20}),
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(v["used"], json!(true), "256 MiB given: {v}");
     });
 }
 

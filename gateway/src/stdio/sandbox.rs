@@ -33,7 +33,11 @@ use landlock::{
 pub struct SandboxSpec {
     /// Run as this user and group (numeric), else `nobody` when the gateway is root.
     pub user: Option<(u32, u32)>,
-    /// RLIMIT_AS in bytes (0: unlimited).
+    /// RLIMIT_DATA in bytes (0: unlimited): the memory the child writes (its heap, private
+    /// writable mappings), not the address space it reserves. Under RLIMIT_AS, runtimes that
+    /// reserve more address space than they use failed at the default of 4 GiB: Node's
+    /// `fetch` (undici's WebAssembly parser) after a few calls, so a tenant's calls could
+    /// put a shared child into its crash loop (a review); Go's heap arenas alike.
     pub max_memory_bytes: u64,
     /// RLIMIT_NOFILE.
     pub max_open_files: u64,
@@ -491,7 +495,7 @@ pub(super) fn apply(
     };
     let no_bpf = no_bpf();
     let limits = [
-        (libc::RLIMIT_AS, spec.max_memory_bytes),
+        (libc::RLIMIT_DATA, spec.max_memory_bytes),
         (libc::RLIMIT_NOFILE, spec.max_open_files),
         (libc::RLIMIT_NPROC, nproc),
     ];
