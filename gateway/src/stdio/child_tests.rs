@@ -130,7 +130,7 @@ for line in sys.stdin:
         import mmap
         out = {}
         try:
-            reserved = mmap.mmap(-1, args["reserve"], flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_NONE)
+            reserved = mmap.mmap(-1, args["reserve"], flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0)
             out["reserved"] = True
         except OSError as e:
             out["reserved"] = e.errno
