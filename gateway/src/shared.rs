@@ -776,11 +776,11 @@ impl Shared {
         let workers = config.workers;
         let (stats_tx, stats_rx) = std::sync::mpsc::channel();
         let (ban_tx, ban_rx) = std::sync::mpsc::channel();
-        let audit = open_audit(&config.audit).unwrap_or_else(|e| {
+        let audit = open_audit(&config).unwrap_or_else(|e| {
             tracing::error!("{e}; audit is off");
             crate::policy::audit::AuditLog::off()
         });
-        let access = open_access(config.telemetry.access_log.as_ref()).unwrap_or_else(|e| {
+        let access = open_access(&config).unwrap_or_else(|e| {
             tracing::error!("{e}; it is off");
             crate::policy::audit::AccessLog::off()
         });
@@ -1001,33 +1001,29 @@ pub struct FleetStats {
     pub in_flight_others: AtomicU64,
 }
 
-/// The audit log `[audit]` asks for, its writer thread started; an error names it.
-pub fn open_audit(
-    audit: &crate::config::RawAudit,
-) -> Result<crate::policy::audit::AuditLog, String> {
-    match &audit.path {
-        None => Ok(crate::policy::audit::AuditLog::off()),
-        Some(p) => crate::policy::audit::AuditLog::start(
-            std::path::Path::new(p),
-            "audit",
-            audit.anonymous_refusals_per_second,
-        )
-        .map_err(|e| format!("the audit log `{p}` cannot be opened: {e}")),
-    }
+/// The audit log `config`'s `[audit]` asks for, its writer thread started; an error names it.
+pub fn open_audit(config: &Config) -> Result<crate::policy::audit::AuditLog, String> {
+    let a = &config.audit;
+    open_log(a.path.as_deref(), "audit", a.anonymous_refusals_per_second)
 }
 
-/// The access log `[telemetry.access_log]` asks for, as [`open_audit`].
-pub fn open_access(
-    access: Option<&crate::config::RawAccessLog>,
-) -> Result<crate::policy::audit::AccessLog, String> {
-    match access {
-        None => Ok(crate::policy::audit::AccessLog::off()),
-        Some(a) => crate::policy::audit::AccessLog::start(
-            std::path::Path::new(&a.path),
-            "access",
-            a.anonymous_refusals_per_second,
-        )
-        .map_err(|e| format!("the access log `{}` cannot be opened: {e}", a.path)),
+/// The access log `config`'s `[telemetry.access_log]` asks for, as [`open_audit`].
+pub fn open_access(config: &Config) -> Result<crate::policy::audit::AccessLog, String> {
+    let (path, anonymous) = access_log_opened(config).unzip();
+    open_log(path, "access", anonymous.unwrap_or_default())
+}
+
+/// A log at `path` (off without one) written by a thread named `name`, bounding anonymous
+/// refusals to `anonymous` lines a second.
+fn open_log<T: serde::Serialize + Send + 'static>(
+    path: Option<&str>,
+    name: &str,
+    anonymous: u32,
+) -> Result<crate::policy::audit::AuditLog<T>, String> {
+    match path {
+        None => Ok(crate::policy::audit::AuditLog::off()),
+        Some(p) => crate::policy::audit::AuditLog::start(std::path::Path::new(p), name, anonymous)
+            .map_err(|e| format!("the {name} log `{p}` cannot be opened: {e}")),
     }
 }
 

@@ -399,11 +399,11 @@ impl Control {
         // certificates are read (one that cannot be opened refuses the configuration), and takes
         // over with it.
         let audit = (new.audit != old.audit)
-            .then(|| crate::shared::open_audit(&new.audit))
+            .then(|| crate::shared::open_audit(&new))
             .transpose();
         let access = (crate::shared::access_log_opened(&new)
             != crate::shared::access_log_opened(old))
-        .then(|| crate::shared::open_access(new.telemetry.access_log.as_ref()))
+        .then(|| crate::shared::open_access(&new))
         .transpose();
         let (audit, access) = match (audit, access) {
             (Ok(audit), Ok(access)) => (audit, access),

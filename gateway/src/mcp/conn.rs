@@ -122,19 +122,7 @@ pub fn serve(
                 }
             }
             let snapshot = ctx.shared.snapshot.load_full();
-            // A client banned (auto-ban, `/bans`, the fleet) or denied (a reload) since its
-            // connection was taken is served nothing more on it. The kernel program drops a
-            // direct client's packets from then on, but not those of a client behind a
-            // balancer, nor of one it does not see.
-            if let Some(why) = ctx.shared.source_refusal(&snapshot, peer.ip()) {
-                ctx.open.refused(fd, why, &ctx.shared);
-                tracing::debug!(%peer, reason = ?why, "connection closed before its next request");
-                return;
-            }
-            // Nor one whose client certificate its listener no longer accepts (a reload took
-            // its CA out of `client_ca`, or it expired): a new handshake would be refused.
-            if !ctx.open.certificate_holds(fd, &ctx.shared) {
-                tracing::debug!(%peer, "connection closed before its next request: its client certificate is no longer accepted");
+            if !still_served(&ctx, &snapshot, peer, fd) {
                 return;
             }
             let limits = limits(&snapshot.config);
@@ -207,17 +195,36 @@ async fn serve_one(
         snapshot
     } else {
         current = ctx.shared.snapshot.load_full();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&*io);
-        if let Some(why) = ctx.shared.source_refusal(&current, peer.ip()) {
-            ctx.open.refused(fd, why, &ctx.shared);
-            return false;
-        }
-        if !ctx.open.certificate_holds(fd, &ctx.shared) {
+        if !still_served(ctx, &current, peer, std::os::fd::AsRawFd::as_raw_fd(&*io)) {
             return false;
         }
         &*current
     };
     super::stages::handle(io, &mut req, peer, snapshot, ctx).await && req.keep_alive
+}
+
+/// Whether connection `fd`'s client is still served under `snapshot`; if not, the caller
+/// closes it. A client banned (auto-ban, `/bans`, the fleet) or denied (a reload) since its
+/// connection was taken is served nothing more on it: the kernel program drops a direct
+/// client's packets from then on, but not those of a client behind a balancer, nor of one it
+/// does not see. Nor is one whose client certificate its listener no longer accepts (a reload
+/// took its CA out of `client_ca`, or it expired): a new handshake would be refused.
+fn still_served(
+    ctx: &WorkerCtx,
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+    fd: std::os::fd::RawFd,
+) -> bool {
+    if let Some(why) = ctx.shared.source_refusal(snapshot, peer.ip()) {
+        ctx.open.refused(fd, why, &ctx.shared);
+        tracing::debug!(%peer, reason = ?why, "connection closed before its next request");
+        return false;
+    }
+    if !ctx.open.certificate_holds(fd, &ctx.shared) {
+        tracing::debug!(%peer, "connection closed before its next request: its client certificate is no longer accepted");
+        return false;
+    }
+    true
 }
 
 /// The first step on every client connection. On a listener without the PROXY protocol when

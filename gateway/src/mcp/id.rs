@@ -69,6 +69,20 @@ pub fn with_request_id(body: &[u8], id: &Id) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `body`, a request whose id is `id` (`None`: a notification), as it goes to the upstream when
+/// the gateway reads the answer whole and answers itself: under an id of the gateway's
+/// ([`own`], returned beside it) when it has one. `None` when its id cannot be replaced.
+pub fn under_own(body: &bytes::Bytes, id: Option<&Id>) -> Option<(Option<Id>, bytes::Bytes)> {
+    match id {
+        None => Some((None, body.clone())),
+        Some(_) => {
+            let ours = own();
+            let body = with_request_id(body, &ours)?;
+            Some((Some(ours), body.into()))
+        }
+    }
+}
+
 /// `body`, a JSON message answering the id `ours` (an id of the gateway's, [`own`]), with the
 /// id `theirs` instead; and wherever else `ours` is written in it (an error's `data` or
 /// message, an array, an event stream: an upstream's refusal is relayed as it came, and carried

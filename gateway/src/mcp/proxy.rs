@@ -749,28 +749,24 @@ pub(super) async fn read_whole<'c>(
     obs.upstream.set(Some(&up.name));
     // An answer read whole is no stream to resume: it goes under an id of the gateway's
     // (`id::own`), so that no stream of the client's is filed with it upstream.
-    let ours = id.as_ref().map(|_| super::id::own());
-    let body = match &ours {
-        None => Some(req.body.clone()),
-        Some(ours) => super::id::with_request_id(&req.body, ours).map(bytes::Bytes::from),
+    let Some((ours, body)) = super::id::under_own(&req.body, id.as_ref()) else {
+        let err = RpcError::invalid_request("the request's id could not be read").with_id(id);
+        return io
+            .write_all(json_response(400, &err, req.keep_alive))
+            .await
+            .is_ok();
     };
-    let request = body.map(|body| {
-        upstream_request(
-            req,
-            peer,
-            up,
-            &body,
-            &[session_header(req, ctx, up, obs), ("last-event-id", None)],
-        )
-    });
+    let request = upstream_request(
+        req,
+        peer,
+        up,
+        &body,
+        &[session_header(req, ctx, up, obs), ("last-event-id", None)],
+    );
     let request = match request {
-        Some(Ok(r)) => r,
-        unsent => {
-            let err = match unsent {
-                Some(Err(e)) => RpcError::from(e),
-                _ => RpcError::invalid_request("the request's id could not be read"),
-            }
-            .with_id(id);
+        Ok(r) => r,
+        Err(e) => {
+            let err = RpcError::from(e).with_id(id);
             return io
                 .write_all(json_response(400, &err, req.keep_alive))
                 .await
@@ -810,7 +806,7 @@ pub(super) async fn read_whole<'c>(
     // Parsed, the answer takes up to 32 bytes for each two it had (`0,`): nothing of it, nor
     // the bytes it was read from, is kept past this point (no await until the client's answer
     // is written out; see `http::budget`).
-    let parsed = super::messages::response_message(&head, &body, ours.as_ref().or(id.as_ref()));
+    let parsed = super::messages::response_message(&head, &body, ours.as_ref());
     drop(body);
     let mut message = match parsed {
         Ok(m) => m,
@@ -825,7 +821,7 @@ pub(super) async fn read_whole<'c>(
         obs.set(Outcome::UpstreamFailure);
         return fail(io, req, up, id, UpstreamFailure::Bad(why)).await;
     }
-    if let (Some(_), Some(theirs)) = (&ours, &id) {
+    if let Some(theirs) = &id {
         super::messages::set_in(&mut message, &["id"], theirs.to_json());
     }
     obs.set(if message.get("error").is_some() {

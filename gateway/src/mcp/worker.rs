@@ -114,14 +114,10 @@ impl Judged {
     /// Whether the connection would be admitted now; what is accepted now is remembered, so
     /// that it is not verified again until the next change.
     fn holds(&mut self, shared: &Shared, snapshot: &crate::shared::Snapshot, ip: IpAddr) -> bool {
-        if let Some((listener, serial, cert)) = &mut self.cert {
-            if cert.expired() {
-                return false;
-            }
-            match shared.tls.still_vouches(*listener, *serial, &cert.chain) {
-                Some(now) => *serial = now,
-                None => return false,
-            }
+        if let Some(cert) = &mut self.cert
+            && !still_certified(cert, shared)
+        {
+            return false;
         }
         if let Some((serial, admission)) = &mut self.admission
             && *serial != snapshot.serial
@@ -134,6 +130,23 @@ impl Judged {
             *serial = snapshot.serial;
         }
         true
+    }
+}
+
+/// Whether a connection's client certificate ([`Judged::cert`]) is still accepted: not expired,
+/// and verified again by its listener's configuration if that changed since (the serial it is
+/// accepted under kept).
+fn still_certified(cert: &mut (usize, u64, Box<PeerCert>), shared: &Shared) -> bool {
+    let (listener, serial, cert) = cert;
+    if cert.expired() {
+        return false;
+    }
+    match shared.tls.still_vouches(*listener, *serial, &cert.chain) {
+        Some(now) => {
+            *serial = now;
+            true
+        }
+        None => false,
     }
 }
 
@@ -205,13 +218,10 @@ impl OpenConns {
         let Some(c) = open.get_mut(&fd) else {
             return true;
         };
-        let Some((listener, serial, cert)) = c.judged.as_mut().and_then(|j| j.cert.as_mut()) else {
+        let Some(cert) = c.judged.as_mut().and_then(|j| j.cert.as_mut()) else {
             return true;
         };
-        if !cert.expired()
-            && let Some(now) = shared.tls.still_vouches(*listener, *serial, &cert.chain)
-        {
-            *serial = now;
+        if still_certified(cert, shared) {
             return true;
         }
         if !c.cut {

@@ -594,12 +594,9 @@ fn still_accepted(
 /// new handshake's (an attacker's review: a keep-alive connection of a removed CA was served
 /// for as long as it lasted).
 pub fn vouches(chain: &[CertificateDer<'static>], listening: &Listening) -> bool {
-    match (&listening.verifier, chain) {
-        (Some(verifier), [end_entity, intermediates @ ..]) => verifier
-            .verify_client_cert(end_entity, intermediates, UnixTime::now())
-            .is_ok(),
-        _ => false,
-    }
+    listening.verifier.is_some()
+        && !chain.is_empty()
+        && still_accepted(Some(chain), listening).is_ok()
 }
 
 fn classify(e: &HandshakeError, sni: Option<&str>, resolver: &SniResolver) -> Failure {

@@ -194,16 +194,9 @@ impl<'c> Federation<'_, 'c> {
     pub(super) async fn first_success(&self, io: &mut Io, era: Era<'_>, m: &Message) -> bool {
         let id = m.id.clone();
         // Read whole and answered here: under an id of the gateway's (see `list`).
-        let ours = id.as_ref().map(|_| crate::mcp::id::own());
-        let body: Bytes = match &ours {
-            None => self.req.body.clone(),
-            Some(ours) => match crate::mcp::id::with_request_id(&self.req.body, ours) {
-                Some(b) => b.into(),
-                None => {
-                    let err = RpcError::invalid_request("the request's id could not be read");
-                    return self.reply_error(io, err.with_id(id)).await;
-                }
-            },
+        let Some((ours, body)) = crate::mcp::id::under_own(&self.req.body, id.as_ref()) else {
+            let err = RpcError::invalid_request("the request's id could not be read");
+            return self.reply_error(io, err.with_id(id)).await;
         };
         // Written out: no parsed answer is kept across an await.
         let mut last: Option<Vec<u8>> = None;
