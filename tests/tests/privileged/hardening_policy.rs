@@ -2538,15 +2538,14 @@ fn a_tenants_held_session_is_opened_with_none_of_its_first_callers_headers() {
     d.stop();
 }
 
-/// Resumes `url`'s streams as two callers (API keys `argv[2]` and `argv[3]`): the first calls
-/// `argv[4]` (`count_with_progress`), answered as an event stream, and reads it whole; then the second resumes from the
-/// first's event id (as the first got it, and as the upstream's own, which the fixture's store
-/// makes guessable: `<request id>_<n>`), and the first resumes from it too.
-const RESUME_AS_ANOTHER: &str = r#"
+/// What the resume scripts share: an event-stream reader and a session opener (`url` is the
+/// script's own, read from its arguments before either runs).
+macro_rules! resume_prelude {
+    () => {
+        r#"
 import json, random, sys
 import httpx2 as httpx
 
-url, key_a, key_b, tool = sys.argv[1:5]
 version = "2025-11-25"
 accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
@@ -2572,6 +2571,18 @@ def open_session(http, key):
          "MCP-Protocol-Version": version}
     http.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
     return h
+"#
+    };
+}
+
+/// Resumes `url`'s streams as two callers (API keys `argv[2]` and `argv[3]`): the first calls
+/// `argv[4]` (`count_with_progress`), answered as an event stream, and reads it whole; then the second resumes from the
+/// first's event id (as the first got it, and as the upstream's own, which the fixture's store
+/// makes guessable: `<request id>_<n>`), and the first resumes from it too.
+const RESUME_AS_ANOTHER: &str = concat!(
+    resume_prelude!(),
+    r#"
+url, key_a, key_b, tool = sys.argv[1:5]
 
 def resume(http, h, last):
     out = {"progress": [], "result": None}
@@ -2612,7 +2623,8 @@ with httpx.Client(timeout=20) as http:
         "another_with_the_upstreams_id": resume(http, b, first.rsplit(".", 1)[0]),
         "its_own": resume(http, a, first),
     }))
-"#;
+"#
+);
 
 #[test]
 fn a_caller_resumes_only_from_the_event_ids_it_was_given() {
@@ -2694,35 +2706,13 @@ auth = ["api_key"]
 /// One caller (API key `argv[2]`) calls `argv[3]` (`count_with_progress`) as request `n`,
 /// answered as an event stream, then lists the tools with the same id `n` (answered filtered,
 /// as JSON), then resumes the call's stream from its first event and reads all it replays.
-const RESUME_AFTER_A_LIST: &str = r#"
-import json, random, sys
-import httpx2 as httpx
-
+const RESUME_AFTER_A_LIST: &str = concat!(
+    resume_prelude!(),
+    r#"
 url, key, tool = sys.argv[1:4]
-version = "2025-11-25"
-accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-
-def events(response):
-    event_id, data = None, []
-    for line in response.iter_lines():
-        if line == "":
-            if "".join(data):
-                yield event_id, "\n".join(data)
-            event_id, data = None, []
-        elif line.startswith("id:"):
-            event_id = line[3:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
 
 with httpx.Client(timeout=20) as http:
-    init = http.post(url, headers={**accept, "x-api-key": key}, json={
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": version, "capabilities": {},
-                   "clientInfo": {"name": "resume", "version": "1"}}})
-    init.raise_for_status()
-    h = {**accept, "x-api-key": key, "Mcp-Session-Id": init.headers["mcp-session-id"],
-         "MCP-Protocol-Version": version}
-    http.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    h = open_session(http, key)
     n = random.randrange(2, 1 << 30)
     ids = []
     with http.stream("POST", url, headers=h, json={
@@ -2742,7 +2732,8 @@ with httpx.Client(timeout=20) as http:
         except httpx.ReadTimeout:
             pass
     print(json.dumps({"n": n, "listed": listed.json(), "status": status, "replayed": replayed}))
-"#;
+"#
+);
 
 #[test]
 fn a_resume_replays_no_answer_the_gateway_read_whole_and_filtered() {
