@@ -1749,7 +1749,13 @@ impl crate::stdio::PinGate for StdioPins {
         }
     }
 
-    fn callable(&self, upstream: &str, tool: &str) -> bool {
+    fn callable(
+        &self,
+        upstream: &str,
+        tool: &str,
+        defined: Option<&crate::policy::pins::Digests>,
+    ) -> bool {
+        use crate::policy::pins::Reaches;
         self.0.upgrade().is_none_or(|s| {
             let snapshot = s.snapshot.load();
             s.pins
@@ -1757,6 +1763,7 @@ impl crate::stdio::PinGate for StdioPins {
                     upstream,
                     tool,
                     snapshot.policy.configured_pin(upstream, tool),
+                    defined.map_or(Reaches::Upstream, Reaches::Definition),
                 )
                 .is_ok()
         })

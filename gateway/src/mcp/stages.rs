@@ -795,11 +795,25 @@ fn admit(
         if policy.pinning
             && let Some((upstream, local)) = tool
         {
-            match ctx
-                .shared
-                .pins
-                .call(upstream, local, policy.configured_pin(upstream, local))
+            // A per-caller child's supervisor checks the definition its own child listed: a
+            // change another caller's child listed holds nothing of this caller's.
+            let reaches = if config
+                .upstreams
+                .iter()
+                .find(|u| u.name == upstream)
+                .and_then(|u| u.stdio.as_ref())
+                .is_some_and(|s| s.per_caller.is_some())
             {
+                policy::pins::Reaches::OwnChild
+            } else {
+                policy::pins::Reaches::Upstream
+            };
+            match ctx.shared.pins.call(
+                upstream,
+                local,
+                policy.configured_pin(upstream, local),
+                reaches,
+            ) {
                 Ok(keys) => argument_keys = keys,
                 Err(why) => {
                     let what = match why {

@@ -318,7 +318,16 @@ pub(super) async fn request(
                     }
                     Err(e) => Err(e),
                 };
-                return finish(io, req, m.id.clone(), answer, streaming, obs).await;
+                return finish(
+                    io,
+                    req,
+                    m.id.clone(),
+                    answer,
+                    streaming,
+                    handle.per_caller(),
+                    obs,
+                )
+                .await;
             }
         }
     }
@@ -356,17 +365,18 @@ async fn from_child_init(
         msg["id"] = id.as_ref().map_or(Value::Null, Id::to_json);
         super::json_bytes(&msg)
     });
-    finish(io, req, id, answer, false, obs).await
+    finish(io, req, id, answer, false, handle.per_caller(), obs).await
 }
 
 /// Writes the final answer: as the last SSE event when streaming, else as JSON; a failure as
-/// a JSON-RPC error naming the upstream.
+/// a JSON-RPC error naming the upstream. `per_caller`: the answer is of the caller's own child.
 async fn finish(
     io: &mut Io,
     req: &Request,
     id: Option<Id>,
     answer: Result<Vec<u8>, StdioError>,
     streaming: bool,
+    per_caller: bool,
     obs: &Obs<'_>,
 ) -> bool {
     let bytes = match answer {
@@ -399,6 +409,15 @@ async fn finish(
         }
         Err(e) => {
             let status = match e {
+                // A child of the caller's own: whatever it does (hang, exit, crash at every
+                // start, answer nonsense) its caller can make it do, and it says nothing of
+                // the other callers' children. The tool's breaker, the tenant's, counts it;
+                // the upstream's, everyone's, does not (one tenant that killed its own child
+                // twice opened it for every caller, a review).
+                StdioError::Timeout(..) if per_caller => {
+                    obs.failed_by(super::proxy::Blame::Call);
+                    504
+                }
                 StdioError::Timeout(..) => {
                     obs.failed_by(super::proxy::Blame::Unclear);
                     504
@@ -421,6 +440,10 @@ async fn finish(
                 StdioError::Refused(..) => {
                     obs.set(Outcome::Refused);
                     400
+                }
+                _ if per_caller => {
+                    obs.failed_by(super::proxy::Blame::Call);
+                    502
                 }
                 _ => {
                     obs.set(Outcome::UpstreamFailure);

@@ -757,7 +757,8 @@ fn pinned_keys(schema: Option<Value>) -> Option<Arc<declared::ArgumentKeys>> {
             json!({"name": "add", "description": "Adds two integers.", "inputSchema": schema});
         assert!(pins.observe("up", &tool, None));
     }
-    pins.call("up", "add", None).unwrap()
+    pins.call("up", "add", None, crate::policy::pins::Reaches::Upstream)
+        .unwrap()
 }
 
 /// As [`admit`], with the argument keys of the tool's pinned definition.

@@ -88,7 +88,10 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
             .all(|(_, left)| *left > Duration::from_secs(590))
     );
     // The change is still held, the approval still stands.
-    assert!(pins.callable("u", "echo", None).is_err());
+    assert!(
+        pins.callable("u", "echo", None, crate::policy::pins::Reaches::Upstream)
+            .is_err()
+    );
     assert!(!pins.observe("u", &tool("changed"), None));
     assert!(pins.observe("u", &tool("first"), None));
     assert!(pins.observe("u", &json!({"name": "other", "description": "b"}), None));

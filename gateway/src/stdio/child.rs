@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::policy::pins::Digests;
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
@@ -290,6 +291,8 @@ struct Waiter {
     events: mpsc::Sender<Vec<u8>>,
     done: oneshot::Sender<Result<Vec<u8>, StdioError>>,
     deadline: tokio::time::Instant,
+    /// A `tools/list` of a per-caller child: its answer tells [`Supervisor::defined`].
+    lists_tools: bool,
 }
 
 struct Supervisor {
@@ -308,7 +311,15 @@ struct Supervisor {
     /// The child's home folder, made at its first start and kept across restarts; removed when
     /// the supervisor ends (after the child: `running` is dropped first).
     home: Option<sandbox::Home>,
+    /// A per-caller child's tools as it last listed them (at its start, and in each answer to
+    /// a client's `tools/list`), by name: its caller's calls are judged by them, not by what
+    /// another caller's child listed ([`PinGate::callable`]). `None` for a shared child.
+    defined: Option<HashMap<String, Digests>>,
 }
+
+/// Tools a per-caller child's [`Supervisor::defined`] keeps at most (as its upstream's share
+/// of the pin table: past it, a tool is judged as the upstream's).
+const MAX_DEFINED: usize = crate::policy::pins::MAX_PINS_PER_UPSTREAM;
 
 async fn supervise(
     spec: StdioSpec,
@@ -317,7 +328,8 @@ async fn supervise(
 ) {
     let _live = super::Live::new();
     // A per-caller dispatcher's child (`per_caller` kept as `Some`) serves one caller.
-    let mux = if spec.per_caller.is_some() {
+    let one_caller = spec.per_caller.is_some();
+    let mux = if one_caller {
         Mux::for_one_caller()
     } else {
         Mux::new()
@@ -332,6 +344,7 @@ async fn supervise(
         failed_start: None,
         last_call: Instant::now(),
         home: None,
+        defined: one_caller.then(HashMap::new),
     };
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -434,6 +447,8 @@ impl Supervisor {
                     return;
                 }
                 let id = parsed.get("id").cloned().unwrap_or(Value::Null);
+                let lists_tools = self.defined.is_some()
+                    && parsed.get("method").and_then(Value::as_str) == Some("tools/list");
                 let (call, out) = match self.mux.request(caller, parsed) {
                     Ok(x) => x,
                     Err(Refused::UnknownTask) => {
@@ -452,6 +467,7 @@ impl Supervisor {
                         events,
                         done,
                         deadline: tokio::time::Instant::now() + self.spec.call_timeout,
+                        lists_tools,
                     },
                 );
                 self.write(running, &out, Some(slot));
@@ -505,6 +521,11 @@ impl Supervisor {
         match self.mux.inbound(message) {
             Inbound::Done { call, message } => {
                 if let Some(w) = self.waiters.remove(&call) {
+                    if w.lists_tools
+                        && let Some(tools) = message["result"]["tools"].as_array()
+                    {
+                        self.note_defined(tools);
+                    }
                     let _ = w.done.send(Ok(message.to_string().into_bytes()));
                 }
             }
@@ -676,7 +697,14 @@ impl Supervisor {
         {
             // Every start: the tools as this child defines them, observed before any call.
             match tokio::time::timeout(self.spec.start_timeout, list_tools(&mut r)).await {
-                Ok(Ok(tools)) => gate.observe(&self.spec.name, &tools),
+                Ok(Ok(tools)) => {
+                    gate.observe(&self.spec.name, &tools);
+                    // What an earlier child listed is not this one's.
+                    if let Some(defined) = &mut self.defined {
+                        defined.clear();
+                    }
+                    self.note_defined(&tools);
+                }
                 Ok(Err(why)) => {
                     stop(r, self.spec.stop_grace).await;
                     return Err(StdioError::Start(self.name(), why));
@@ -701,8 +729,25 @@ impl Supervisor {
             return None;
         }
         let tool = message["params"]["name"].as_str().unwrap_or_default();
-        (!gate.callable(&self.spec.name, tool))
+        let defined = self.defined.as_ref().and_then(|d| d.get(tool));
+        (!gate.callable(&self.spec.name, tool, defined))
             .then(|| StdioError::Unapproved(self.name(), tool.to_owned()))
+    }
+
+    /// A per-caller child listed `tools`: each named one is now defined so for its caller.
+    fn note_defined(&mut self, tools: &[Value]) {
+        let Some(defined) = &mut self.defined else {
+            return;
+        };
+        for tool in tools {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            if defined.len() >= MAX_DEFINED && !defined.contains_key(name) {
+                continue;
+            }
+            defined.insert(name.to_owned(), Digests::of(tool));
+        }
     }
 }
 

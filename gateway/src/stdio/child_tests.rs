@@ -534,7 +534,7 @@ impl super::super::PinGate for Observed {
     fn observe(&self, _: &str, tools: &[Value]) {
         self.0.lock().unwrap().push(tools.to_vec());
     }
-    fn callable(&self, _: &str, _: &str) -> bool {
+    fn callable(&self, _: &str, _: &str, _: Option<&crate::policy::pins::Digests>) -> bool {
         true
     }
 }

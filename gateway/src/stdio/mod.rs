@@ -280,6 +280,9 @@ pub struct Handle {
     name: Arc<str>,
     /// What waits for the child (see [`Slot`]).
     queued: Arc<Queued>,
+    /// Each caller has a child of its own (`children = "caller"`): a child's failure is its
+    /// caller's, not the upstream's ([`Handle::per_caller`]).
+    per_caller: bool,
 }
 
 /// The two ends a caller reads: the child's messages before its answer, and the answer.
@@ -298,7 +301,14 @@ impl Handle {
             tx,
             name,
             queued: Arc::default(),
+            per_caller: false,
         }
+    }
+
+    /// Whether each caller has a child of its own: then a child that exits, is in its crash
+    /// loop or answers nonsense fails its own caller only, and says nothing of the others'.
+    pub fn per_caller(&self) -> bool {
+        self.per_caller
     }
 
     /// A place in the queue for a notification or an answer of `bytes`, or a (throttled) word
@@ -409,7 +419,15 @@ pub trait PinGate: Send + Sync {
     /// Whether pinning is on (else nothing is listed at start).
     fn enabled(&self) -> bool;
     fn observe(&self, upstream: &str, tools: &[serde_json::Value]);
-    fn callable(&self, upstream: &str, tool: &str) -> bool;
+    /// Whether a call of `tool` may reach the child: with `defined` (a per-caller child's own
+    /// definition, as it last listed it), only if that is the approved one; without, not while
+    /// a changed definition awaits approval.
+    fn callable(
+        &self,
+        upstream: &str,
+        tool: &str,
+        defined: Option<&crate::policy::pins::Digests>,
+    ) -> bool;
 }
 
 /// Supervisors running, each holding one [`Live`].

@@ -71,7 +71,10 @@ pub fn spawn(spec: StdioSpec, gate: Option<Arc<dyn PinGate>>) -> Handle {
     let (tx, rx) = mpsc::unbounded();
     let name: Arc<str> = Arc::from(spec.name.as_str());
     tokio::spawn(dispatch(spec, gate, rx));
-    Handle::new(tx, name)
+    Handle {
+        per_caller: true,
+        ..Handle::new(tx, name)
+    }
 }
 
 async fn dispatch(

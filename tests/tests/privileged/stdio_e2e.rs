@@ -805,10 +805,6 @@ fn per_caller_children_keep_callers_apart_are_bounded_and_retire_when_idle() {
     d.stop();
 }
 
-/// Tasks (2025-11-25) on a child every caller shares: server-everything binds each task to
-/// its one session, which is the gateway's, so the gateway binds it to the caller that created
-/// it. Another tenant's caller neither lists it nor reads, polls or cancels it; its creator
-/// does all of that and gets its result.
 /// Keys that name no agent are callers of their own: each gets a child of its own. Before,
 /// every such key of a tenant was one caller, and a second key read what the first had stored
 /// in its child (an attacker's review).
@@ -842,6 +838,94 @@ fn keys_that_name_no_agent_get_children_of_their_own() {
     let (memory_two, pid_two) = recalled(&v);
     assert_eq!(memory_two, "", "the second key read the first's child");
     assert_ne!(pid_one, pid_two, "one process per key");
+    d.stop();
+}
+
+/// A stateless `tools/list` as the agent whose API key is `key`: the names listed.
+fn tools_as(port: u16, key: &str) -> Vec<String> {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list",
+        "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}})
+    .to_string();
+    let extra = format!(
+        "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\nconnection: close\r\n"
+    );
+    let (r, _) = raw(port, &post("/mcp", &body, &extra));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    v["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools ({}): {v}", r.status))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// With `children = "caller"`, what one caller's child does is held against that caller
+/// alone. A child that lists a changed definition of a tool (its own state made it so) holds
+/// the tool for its caller, not for the others, and another caller's listing of the approved
+/// definition does not make the changed one callable; a caller that makes its own child exit
+/// does not open the upstream's breaker for the others. Before, a tool's pin was the
+/// upstream's: the first caller hid and refused `recall` for every caller, and the second
+/// caller's listing then let the first call its unapproved definition; and two exits of one
+/// caller's child opened the breaker for everyone (a review of per-caller children).
+#[test]
+fn one_callers_child_holds_no_other_caller_to_its_pins_or_its_breaker() {
+    let keys = ["alpha-key-0123456789", "beta-key-0123456789"];
+    let route = api_key_route(&[(keys[0], "one", Some("a")), (keys[1], "two", Some("b"))]);
+    let (mut d, port) = gateway_with(
+        &format!(
+            r#"["{}", "{}"]"#,
+            python().display(),
+            fixture("stateful_server.py")
+        ),
+        "uid = 0\ngid = 0\nchildren = \"caller\"\nmax_children = 4\n\
+         [upstreams.breaker]\nconsecutive_failures = 2\nopen_ms = 60000",
+        &route,
+        "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n\
+         [[tenants]]\nname = \"two\"\nid = 2\n[policy]\npin_tools = true",
+    );
+    let [a, b] = keys;
+    let refused_for_its_pin = |(status, v): (u16, serde_json::Value)| {
+        assert_eq!(status, 403, "{v}");
+        assert_eq!(v["error"]["code"], -32046, "{v}");
+    };
+    for key in keys {
+        assert!(tools_as(port, key).contains(&"recall".to_owned()));
+    }
+    // a's child defines `recall` otherwise: a's listing hides it, a's call is refused.
+    let (status, v) = call_as(
+        port,
+        a,
+        "redescribe",
+        serde_json::json!({"text": "Also mails what it recalls to evil.example."}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(!tools_as(port, a).contains(&"recall".to_owned()));
+    refused_for_its_pin(call_as(port, a, "recall", serde_json::json!({})));
+    // b's child still defines the approved one: b calls it.
+    let (status, v) = call_as(port, b, "recall", serde_json::json!({}));
+    assert_eq!(status, 200, "b was refused for a's child's definition: {v}");
+    // b's listing shows the approved one again; a's changed one stays refused.
+    assert!(tools_as(port, b).contains(&"recall".to_owned()));
+    refused_for_its_pin(call_as(port, a, "recall", serde_json::json!({})));
+
+    // a makes its own child exit, twice: the upstream's breaker stays closed for b.
+    for _ in 0..2 {
+        let (status, v) = call_as(port, a, "crash", serde_json::json!({}));
+        assert_eq!(status, 502, "{v}");
+    }
+    let (status, v) = call_as(port, b, "recall", serde_json::json!({}));
+    assert_eq!(
+        status, 200,
+        "a's child's exits opened the breaker for b: {v}"
+    );
+    // a's own breaker of `crash` is open (the tenant's); a's child, started again, defines
+    // `recall` as approved, and a calls it.
+    let (status, v) = call_as(port, a, "crash", serde_json::json!({}));
+    assert_eq!(status, 503, "{v}");
+    let (status, v) = call_as(port, a, "recall", serde_json::json!({}));
+    assert_eq!(status, 200, "{v}");
     d.stop();
 }
 
@@ -899,6 +983,10 @@ fn a_given_up_calls_later_question_reaches_no_other_tenant() {
     d.stop();
 }
 
+/// Tasks (2025-11-25) on a child every caller shares: server-everything binds each task to
+/// its one session, which is the gateway's, so the gateway binds it to the caller that created
+/// it. Another tenant's caller neither lists it nor reads, polls or cancels it; its creator
+/// does all of that and gets its result.
 #[test]
 fn tasks_on_a_shared_stdio_child_are_their_creators_alone() {
     let (mut d, port, keys) = everything_for_two_tenants();
