@@ -384,13 +384,13 @@ async fn finish(
             obs.set(classify(&bytes));
             bytes
         }
-        Err(StdioError::Unapproved(upstream, tool)) if !streaming => {
+        Err(e @ (StdioError::Unapproved(..) | StdioError::Unlisted(..))) if !streaming => {
             // As the check stage refuses it, had it known of the restart.
             let r = crate::policy::Refusal::new(
                 403,
                 crate::policy::code::PENDING_APPROVAL,
-                format!("pins[{upstream}]"),
-                StdioError::Unapproved(upstream, tool).to_string(),
+                format!("pins[{}]", e.upstream()),
+                e.to_string(),
             );
             obs.set(Outcome::Refused);
             {
@@ -434,6 +434,12 @@ async fn finish(
                 StdioError::TooLong(..) | StdioError::Unreadable(..) => {
                     obs.own_failure();
                     502
+                }
+                // Refused by the pins before the child saw it (an answer had begun: never, as
+                // nothing reaches the client before the child answers).
+                StdioError::Unapproved(..) | StdioError::Unlisted(..) => {
+                    obs.set(Outcome::Refused);
+                    403
                 }
                 // The client's message, refused before the child saw it: nothing of the
                 // upstream's (two such calls opened a stdio upstream's breaker for everyone).

@@ -729,7 +729,17 @@ impl Supervisor {
             return None;
         }
         let tool = message["params"]["name"].as_str().unwrap_or_default();
-        let defined = self.defined.as_ref().and_then(|d| d.get(tool));
+        let defined = match &self.defined {
+            // A per-caller child: judged by its own definition alone. One it has not listed
+            // since it started (a tool it hides, or one past what is kept) is not judged as the
+            // upstream's: another caller's listing of the approved definition cleared the
+            // upstream's pending change, and this child's changed one ran (a review).
+            Some(defined) => match defined.get(tool) {
+                Some(d) => Some(d),
+                None => return Some(StdioError::Unlisted(self.name(), tool.to_owned())),
+            },
+            None => None,
+        };
         (!gate.callable(&self.spec.name, tool, defined))
             .then(|| StdioError::Unapproved(self.name(), tool.to_owned()))
     }

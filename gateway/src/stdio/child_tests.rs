@@ -563,6 +563,59 @@ fn a_childs_tools_read_at_its_start_are_bounded_in_all() {
     });
 }
 
+/// Pins that approve one digest of every tool, and note each definition a call was judged by.
+struct Approving {
+    approved: crate::policy::pins::Digests,
+    asked: std::sync::Mutex<Vec<Option<crate::policy::pins::Digests>>>,
+}
+
+impl super::super::PinGate for Approving {
+    fn enabled(&self) -> bool {
+        true
+    }
+    fn observe(&self, _: &str, _: &[Value]) {}
+    fn callable(&self, _: &str, _: &str, defined: Option<&crate::policy::pins::Digests>) -> bool {
+        self.asked.lock().unwrap().push(defined.cloned());
+        defined.is_none_or(|d| *d == self.approved)
+    }
+}
+
+/// A per-caller child's calls are judged by what that child listed at its start: a tool it
+/// listed by its definition, one it did not list is refused unjudged (not judged as the
+/// upstream's, which another caller's listing may have cleared, a review). A shared child's
+/// calls are judged as the upstream's.
+#[test]
+fn a_per_caller_childs_calls_are_judged_by_what_it_listed() {
+    let f = fixture();
+    rt().block_on(async {
+        let listed = json!({"name": "t", "inputSchema": {"type": "object"}});
+        let gate = Arc::new(Approving {
+            approved: crate::policy::pins::Digests::of(&listed),
+            asked: std::sync::Mutex::new(Vec::new()),
+        });
+        let mut own = spec(&f, "own", "ok");
+        own.per_caller = Some(1);
+        let h = spawn(own, Some(gate.clone()));
+        call(&h, 1, json!(1), json!({})).await.unwrap();
+        assert_eq!(
+            *gate.asked.lock().unwrap(),
+            vec![Some(crate::policy::pins::Digests::of(&listed))]
+        );
+        let unlisted = h.call(
+            who(1),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "hidden", "arguments": {}}})
+                .to_string()
+                .into_bytes(),
+        );
+        let e = unlisted.done.await.unwrap().unwrap_err();
+        assert!(matches!(&e, StdioError::Unlisted(_, t) if t == "hidden"), "{e}");
+        assert_eq!(gate.asked.lock().unwrap().len(), 1, "refused unjudged");
+        let h = spawn(spec(&f, "shared", "ok"), Some(gate.clone()));
+        call(&h, 1, json!(1), json!({})).await.unwrap();
+        assert_eq!(gate.asked.lock().unwrap().last(), Some(&None));
+    });
+}
+
 /// A child that answers one request at a time, writing its answer before it reads the next
 /// line: a large request queued behind a large answer reaches it once the answer is read. The
 /// supervisor wrote the request itself, and read nothing meanwhile: the child waited on its

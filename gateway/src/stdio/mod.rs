@@ -122,6 +122,33 @@ pub enum StdioError {
         "the definition of tool `{1}` at upstream `{0}` changed; an operator must approve it (POST /pins/approve)"
     )]
     Unapproved(String, String),
+    /// The caller's own child (`children = "caller"`) has not listed the tool since it started:
+    /// its definition is unknown, so nothing says it is the approved one.
+    #[error(
+        "tool `{1}` at upstream `{0}` is not in what the caller's own child listed; list tools, then call it"
+    )]
+    Unlisted(String, String),
+}
+
+impl StdioError {
+    /// The upstream it is of.
+    pub fn upstream(&self) -> &str {
+        match self {
+            Self::Start(u, _)
+            | Self::Exited(u, _)
+            | Self::Timeout(u, _)
+            | Self::CrashLoop(u, _)
+            | Self::Refused(u, _)
+            | Self::Malformed(u, _)
+            | Self::TooLong(u, _)
+            | Self::Unreadable(u)
+            | Self::Gone(u)
+            | Self::Busy(u, _)
+            | Self::Full(u, _)
+            | Self::Unapproved(u, _)
+            | Self::Unlisted(u, _) => u,
+        }
+    }
 }
 
 /// Starts what serves `spec` on the current tokio runtime (the control thread's): the
