@@ -705,7 +705,7 @@ async fn run_on<T>(
         }),
     };
     let armed = &mut gave_up.cancel;
-    let watched = upstream::unless_client_leaves(watch, called);
+    let watched = std::pin::pin!(upstream::unless_client_leaves(watch, called));
     let (answered, _) =
         super::abandoned::on_leaving(ctx, up, &left, watched, || armed.take()).await;
     gave_up.left = left.get();

@@ -261,7 +261,15 @@ impl<'c, 'a> Pass<'c, 'a> {
         // that stream over (`relay::drain`): held until the call's answer passes on this one.
         let taken_over = match (resume, self.req.header("mcp-session-id")) {
             (Some(own), Some(session)) if self.req.method == "GET" => {
-                super::relay::take_over(self.ctx, &self.up.name, session, own.as_bytes()).await
+                // Boxed: a resume's (its waits are monoio timers, aligned to 128 bytes, which
+                // widened every request's state).
+                Box::pin(super::relay::take_over(
+                    self.ctx,
+                    &self.up.name,
+                    session,
+                    own.as_bytes(),
+                ))
+                .await
             }
             _ => None,
         };
@@ -339,12 +347,15 @@ impl<'c, 'a> Pass<'c, 'a> {
             let request = upstream_request(req, peer, up, &body, &extra).ok()?;
             Some((request, self.obs.tenant_key(ctx)))
         };
-        let exchange = self.exchange(io, &extra);
-        let (keep, cancelled) =
+        // In a block of its own: the exchange is over before a cancellation below is sent, and
+        // the two are not held at once.
+        let (keep, cancelled) = {
+            let exchange = std::pin::pin!(self.exchange(io, &extra));
             super::abandoned::on_leaving(ctx, up, &self.obs.client_left, exchange, || {
                 in_session.then(cancellation).flatten()
             })
-            .await;
+            .await
+        };
         // A session-era call the gateway gave up on (it timed out, or its client was cut for a
         // ban or deny) runs on upstream unless cancelled.
         if self.obs.abandoned.get()

@@ -303,15 +303,14 @@ impl<'c> Federation<'_, 'c> {
             let request = self.request_for(member, era, &body, &extra).ok()?;
             Some((request, self.obs.tenant_key(self.ctx)))
         };
-        let exchange = self.forward_to(io, era, member, &bytes, &extra, id);
-        let (keep, cancelled) = crate::mcp::abandoned::on_leaving(
-            self.ctx,
-            up,
-            &self.obs.client_left,
-            exchange,
-            || in_session.then(cancellation).flatten(),
-        )
-        .await;
+        // The exchange is over (and dropped) before a cancellation below is sent.
+        let (keep, cancelled) = {
+            let exchange = std::pin::pin!(self.forward_to(io, era, member, &bytes, &extra, id));
+            crate::mcp::abandoned::on_leaving(self.ctx, up, &self.obs.client_left, exchange, || {
+                in_session.then(cancellation).flatten()
+            })
+            .await
+        };
         // A session-era call the gateway gave up on (it timed out, or its client was cut for a
         // ban or deny) runs on in the member unless cancelled (`abandoned`).
         if self.obs.abandoned.get()

@@ -55,7 +55,13 @@ impl<'c> Federation<'_, 'c> {
         let mut taken_over = match (&last, self.req.header("mcp-session-id")) {
             (Some((name, id, _)), Some(session)) => {
                 let own = format!("{name}.{id}");
-                super::super::relay::take_over(self.ctx, name, session, own.as_bytes()).await
+                Box::pin(super::super::relay::take_over(
+                    self.ctx,
+                    name,
+                    session,
+                    own.as_bytes(),
+                ))
+                .await
             }
             _ => None,
         };
