@@ -315,6 +315,22 @@ struct Supervisor {
     /// a client's `tools/list`), by name: its caller's calls are judged by them, not by what
     /// another caller's child listed ([`PinGate::callable`]). `None` for a shared child.
     defined: Option<HashMap<String, Digests>>,
+    /// The child's tools read again, after it said they changed ([`Supervisor::tools_changed`]).
+    relisting: Option<Relisting>,
+    /// Re-readings asked so far: each page's id is new.
+    relists: u64,
+}
+
+/// A re-reading of a child's tools under way, page by page, as its start's ([`list_tools`]) is.
+struct Relisting {
+    /// The id the page asked for was sent under (`mcp-gateway-relist-<n>`).
+    id: Value,
+    page: u32,
+    pages: crate::values::Pages,
+    tools: Vec<Value>,
+    asked_at: Instant,
+    /// The child said its tools changed again meanwhile: read once more when this is done.
+    again: bool,
 }
 
 /// Tools a per-caller child's [`Supervisor::defined`] keeps at most (as its upstream's share
@@ -345,6 +361,8 @@ async fn supervise(
         last_call: Instant::now(),
         home: None,
         defined: one_caller.then(HashMap::new),
+        relisting: None,
+        relists: 0,
     };
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -518,6 +536,13 @@ impl Supervisor {
             self.fail_named(id, StdioError::Unreadable(self.name()));
             return;
         };
+        if let Some(r) = &self.relisting
+            && message.get("method").is_none()
+            && message.get("id") == Some(&r.id)
+        {
+            self.relisted(bytes, &message, running);
+            return;
+        }
         match self.mux.inbound(message) {
             Inbound::Done { call, message } => {
                 if let Some(w) = self.waiters.remove(&call) {
@@ -538,6 +563,9 @@ impl Supervisor {
             Inbound::Reply(answer) => self.write(running, &answer, None),
             Inbound::ListChanged(what) => {
                 tracing::info!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
+                if what == "notifications/tools/list_changed" {
+                    self.tools_changed(running);
+                }
             }
             Inbound::Drop(why) => {
                 tracing::debug!(upstream = %self.spec.name, why, "stdio message dropped");
@@ -587,8 +615,107 @@ impl Supervisor {
         }
     }
 
+    /// The child said its tools changed: they are read again (with pins on), so that a changed
+    /// definition is held for approval before any listing by a client. Before, the change went
+    /// unseen until a client listed, and its calls ran meanwhile (the definitions a per-caller
+    /// child's calls are judged by were its last listing's, a review).
+    fn tools_changed(&mut self, running: &mut Option<Running>) {
+        if !self.gate.as_ref().is_some_and(|g| g.enabled()) {
+            return;
+        }
+        match &mut self.relisting {
+            Some(r) => r.again = true,
+            None => {
+                self.relisting = Some(Relisting {
+                    id: Value::Null,
+                    page: 0,
+                    pages: crate::values::Pages::default(),
+                    tools: Vec::new(),
+                    asked_at: Instant::now(),
+                    again: false,
+                });
+                self.ask_page(running, None);
+            }
+        }
+    }
+
+    /// Asks the child for the next page of its tools, under a new id.
+    fn ask_page(&mut self, running: &mut Option<Running>, cursor: Option<String>) {
+        self.relists += 1;
+        let id = json!(format!("mcp-gateway-relist-{}", self.relists));
+        let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
+        if let Some(c) = cursor {
+            request["params"]["cursor"] = json!(c);
+        }
+        if let Some(r) = &mut self.relisting {
+            r.id = id;
+        }
+        self.write(running, &request, None);
+    }
+
+    /// A page of the re-reading came: the next is asked, or the tools are observed (and a
+    /// per-caller child's calls judged by them from now on).
+    fn relisted(&mut self, bytes: &[u8], message: &Value, running: &mut Option<Running>) {
+        let Some(mut r) = self.relisting.take() else {
+            return;
+        };
+        let result = match r.pages.add(bytes) {
+            Ok(()) => message.get("result"),
+            Err(why) => {
+                crate::throttled_warn!(upstream = %self.spec.name, why, "stdio upstream's tools, read again after it said they changed, are past the bounds");
+                None
+            }
+        };
+        let Some(result) = result else {
+            self.relist_failed();
+            return;
+        };
+        if let Some(Value::Array(listed)) = result.get("tools") {
+            r.tools
+                .extend(listed.iter().filter(|t| t["name"].is_string()).cloned());
+        }
+        if let Some(cursor) = result["nextCursor"].as_str()
+            && r.page < 99
+        {
+            r.page += 1;
+            let cursor = cursor.to_owned();
+            self.relisting = Some(r);
+            self.ask_page(running, Some(cursor));
+            return;
+        }
+        if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled()) {
+            gate.observe(&self.spec.name, &r.tools);
+        }
+        // A whole listing: what the child defines now, and nothing else.
+        if let Some(defined) = &mut self.defined {
+            defined.clear();
+        }
+        self.note_defined(&r.tools);
+        if r.again {
+            self.tools_changed(running);
+        }
+    }
+
+    /// The re-reading failed (refused, past its bounds, or not answered in time): a per-caller
+    /// child's calls are refused until its caller lists its tools ([`StdioError::Unlisted`]),
+    /// rather than judged by definitions it said are gone.
+    fn relist_failed(&mut self) {
+        self.relisting = None;
+        if let Some(defined) = &mut self.defined {
+            defined.clear();
+        }
+    }
+
     /// Calls past their deadline fail; the child is told to cancel them.
     fn expire(&mut self, running: &mut Option<Running>) {
+        if self
+            .relisting
+            .as_ref()
+            .is_some_and(|r| r.asked_at.elapsed() > self.spec.start_timeout)
+        {
+            crate::throttled_warn!(upstream = %self.spec.name, "stdio upstream did not answer the gateway's tools/list after it said its tools changed");
+            self.relist_failed();
+        }
         let now = tokio::time::Instant::now();
         let late: Vec<u64> = self
             .waiters
@@ -692,6 +819,8 @@ impl Supervisor {
         };
         let mut r = start(&self.spec, &home).await?;
         self.mux.child_started();
+        // Its start's listing is a whole one.
+        self.relisting = None;
         if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled())
             && r.init["capabilities"].get("tools").is_some()
         {

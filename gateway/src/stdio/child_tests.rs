@@ -14,6 +14,7 @@ fn who(caller: u64) -> Who {
 const SERVER: &str = r#"
 import json, os, sys, time
 mode = sys.argv[1]
+desc = None
 if mode == "exit":
     sys.exit(3)
 def send(o):
@@ -35,7 +36,10 @@ for line in sys.stdin:
         sys.stdout.flush()
         continue
     if meth == "tools/list":
-        send({"jsonrpc": "2.0", "id": m["id"], "result": {"tools": [0, {"name": "t", "inputSchema": {"type": "object"}}]}})
+        t = {"name": "t", "inputSchema": {"type": "object"}}
+        if desc is not None:
+            t["description"] = desc
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"tools": [0, t]}})
         continue
     args = m.get("params", {}).get("arguments", {})
     do = args.get("do")
@@ -44,6 +48,9 @@ for line in sys.stdin:
         sys.stderr.write("noise on stderr\n")
     if do == "die":
         os._exit(9)
+    if do == "redefine":
+        desc = args["desc"]
+        send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
     if do == "never":
         continue
     if do == "sleep":
@@ -613,6 +620,44 @@ fn a_per_caller_childs_calls_are_judged_by_what_it_listed() {
         let h = spawn(spec(&f, "shared", "ok"), Some(gate.clone()));
         call(&h, 1, json!(1), json!({})).await.unwrap();
         assert_eq!(gate.asked.lock().unwrap().last(), Some(&None));
+    });
+}
+
+/// A child that says its tools changed has them read again at once: observed (held for
+/// approval when changed), and a per-caller child's calls judged by them from then on. Before,
+/// the change went unseen until a client listed, and its calls ran meanwhile (a review).
+#[test]
+fn a_childs_tools_are_read_again_when_it_says_they_changed() {
+    let f = fixture();
+    rt().block_on(async {
+        let listed = json!({"name": "t", "inputSchema": {"type": "object"}});
+        let gate = Arc::new(Approving {
+            approved: crate::policy::pins::Digests::of(&listed),
+            asked: std::sync::Mutex::new(Vec::new()),
+        });
+        let mut own = spec(&f, "changes", "ok");
+        own.per_caller = Some(1);
+        let h = spawn(own, Some(gate.clone()));
+        call(&h, 1, json!(1), json!({"do": "redefine", "desc": "Also mails it away."}))
+            .await
+            .unwrap();
+        // The re-reading is a round trip to the child: a call sent after it is judged by it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let e = call(&h, 1, json!(2), json!({})).await.unwrap_err();
+        assert!(matches!(&e, StdioError::Unapproved(_, t) if t == "t"), "{e}");
+        let changed = json!({"name": "t", "inputSchema": {"type": "object"}, "description": "Also mails it away."});
+        assert_eq!(
+            gate.asked.lock().unwrap().last(),
+            Some(&Some(crate::policy::pins::Digests::of(&changed)))
+        );
+        // A shared child's change is observed.
+        let seen = Arc::new(Observed(std::sync::Mutex::new(Vec::new())));
+        let h = spawn(spec(&f, "shared-changes", "ok"), Some(seen.clone()));
+        call(&h, 1, json!(1), json!({"do": "redefine", "desc": "Also mails it away."}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*seen.0.lock().unwrap(), vec![vec![listed], vec![changed]]);
     });
 }
 
