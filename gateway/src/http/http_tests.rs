@@ -707,3 +707,25 @@ fn chunk_size_line_is_hex() {
     assert_eq!(chunk(b"abc"), b"3\r\nabc\r\n");
     assert!(chunk(b"").is_empty());
 }
+
+/// Optional white space is spaces and tabs only, at either end; a path ends at the first `?`.
+#[test]
+fn ows_and_path_cut_at_ascii_only() {
+    assert_eq!(ows(" \t a b \t "), "a b");
+    assert_eq!(ows("\u{a0}x\u{a0}"), "\u{a0}x\u{a0}");
+    assert_eq!(ows(" \t "), "");
+    assert_eq!(ows(""), "");
+    assert_eq!(ows("é "), "é");
+    let req = |target: &str| Request {
+        method: "POST".into(),
+        target: target.into(),
+        minor: 1,
+        headers: Fields::default(),
+        body: bytes::Bytes::new(),
+        keep_alive: true,
+    };
+    assert_eq!(req("/mcp?a=b?c").path(), "/mcp");
+    assert_eq!(req("/mcp").path(), "/mcp");
+    assert_eq!(req("?x").path(), "");
+    assert_eq!(req("/é?").path(), "/é");
+}

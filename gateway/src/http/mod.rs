@@ -126,7 +126,11 @@ impl Request {
 
     /// The path without the query string.
     pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
+        // By bytes (`?` is ASCII): asked by most stages, and `split` searched as chars.
+        match self.target.bytes().position(|b| b == b'?') {
+            Some(i) => &self.target[..i],
+            None => &self.target,
+        }
     }
 
     /// Whether a response body of unknown length may be sent chunked: HTTP/1.0 knows no
@@ -167,7 +171,13 @@ impl<'a> ConnectionOptions<'a> {
 /// `s` without the optional white space around a field value: spaces and tabs (RFC 9110
 /// §5.6.3), not Unicode's (a `U+00A0` after a value is part of it to the upstream too).
 pub fn ows(s: &str) -> &str {
-    s.trim_matches([' ', '\t'])
+    // By bytes (both are ASCII, so every cut is at a character's boundary): every header read
+    // goes through here, and a pattern of chars was searched as UTF-8.
+    let b = s.as_bytes();
+    let blank = |c: &u8| *c == b' ' || *c == b'\t';
+    let start = b.iter().position(|c| !blank(c)).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !blank(c)).map_or(start, |i| i + 1);
+    &s[start..end]
 }
 
 /// The media type of a `Content-Type` value, its parameters and the spaces around it left out
