@@ -562,7 +562,9 @@ impl Supervisor {
             }
             Inbound::Reply(answer) => self.write(running, &answer, None),
             Inbound::ListChanged(what) => {
-                tracing::info!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
+                // At debug: a child can send these in a loop (200,000 wrote 28 MB of log, a
+                // review); a re-reading of its tools is logged once as it starts.
+                tracing::debug!(upstream = %self.spec.name, %what, "stdio upstream's list changed");
                 if what == "notifications/tools/list_changed" {
                     self.tools_changed(running);
                 }
@@ -626,6 +628,14 @@ impl Supervisor {
         match &mut self.relisting {
             Some(r) => r.again = true,
             None => {
+                // Once a second at most: a child can say so again as soon as it is read.
+                std::thread_local! {
+                    static SAID: std::cell::RefCell<crate::runtime::Throttle> =
+                        std::cell::RefCell::new(crate::runtime::Throttle::default());
+                }
+                if let Some(suppressed) = SAID.with(|t| t.borrow_mut().allow()) {
+                    tracing::info!(upstream = %self.spec.name, suppressed, "stdio upstream's tools changed; reading them again");
+                }
                 self.relisting = Some(Relisting {
                     id: Value::Null,
                     page: 0,
@@ -639,10 +649,14 @@ impl Supervisor {
         }
     }
 
-    /// Asks the child for the next page of its tools, under a new id.
+    /// Asks the child for the next page of its tools, under a new id with a random part: a
+    /// tool that prints to the child's stdout (its own output, or a subprocess's) would
+    /// otherwise answer for the child with a listing of its own, and clear a change that awaits
+    /// approval for every caller (a review did, with ids counted up from 1).
     fn ask_page(&mut self, running: &mut Option<Running>, cursor: Option<String>) {
         self.relists += 1;
-        let id = json!(format!("mcp-gateway-relist-{}", self.relists));
+        let nonce = getrandom::u64().unwrap_or_default();
+        let id = json!(format!("mcp-gateway-relist-{}-{nonce:016x}", self.relists));
         let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
         if let Some(c) = cursor {
             request["params"]["cursor"] = json!(c);
@@ -667,7 +681,7 @@ impl Supervisor {
             }
         };
         let Some(result) = result else {
-            self.relist_failed();
+            self.relist_failed(r.again, running);
             return;
         };
         if let Some(Value::Array(listed)) = result.get("tools") {
@@ -699,22 +713,25 @@ impl Supervisor {
     /// The re-reading failed (refused, past its bounds, or not answered in time): a per-caller
     /// child's calls are refused until its caller lists its tools ([`StdioError::Unlisted`]),
     /// rather than judged by definitions it said are gone.
-    fn relist_failed(&mut self) {
+    /// `again`: the child said its tools changed once more meanwhile, and they are asked again.
+    fn relist_failed(&mut self, again: bool, running: &mut Option<Running>) {
         self.relisting = None;
         if let Some(defined) = &mut self.defined {
             defined.clear();
+        }
+        if again {
+            self.tools_changed(running);
         }
     }
 
     /// Calls past their deadline fail; the child is told to cancel them.
     fn expire(&mut self, running: &mut Option<Running>) {
-        if self
-            .relisting
-            .as_ref()
-            .is_some_and(|r| r.asked_at.elapsed() > self.spec.start_timeout)
+        if let Some(r) = &self.relisting
+            && r.asked_at.elapsed() > self.spec.start_timeout
         {
             crate::throttled_warn!(upstream = %self.spec.name, "stdio upstream did not answer the gateway's tools/list after it said its tools changed");
-            self.relist_failed();
+            let again = r.again;
+            self.relist_failed(again, running);
         }
         let now = tokio::time::Instant::now();
         let late: Vec<u64> = self
@@ -899,7 +916,11 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
     let mut pages = crate::values::Pages::default();
     let mut cursor: Option<String> = None;
     for page in 0..100 {
-        let id = format!("mcp-gateway-pins-{page}");
+        // With a random part, as a re-reading's ([`Supervisor::ask_page`]).
+        let id = format!(
+            "mcp-gateway-pins-{page}-{:016x}",
+            getrandom::u64().unwrap_or_default()
+        );
         let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
         if let Some(c) = &cursor {
             request["params"]["cursor"] = json!(c);
