@@ -5,6 +5,7 @@
 //! its maps, and the admin API; one monoio worker per core ([`runtime`]) serves traffic.
 
 pub mod admin_server;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod endpoints;

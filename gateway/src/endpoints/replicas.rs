@@ -53,7 +53,8 @@ pub struct Ejection {
 /// that states carried over a reload keep their meaning).
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    ms(EPOCH.get_or_init(Instant::now).elapsed()).saturating_add(1)
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    ms(crate::clock::coarse().saturating_duration_since(epoch)).saturating_add(1)
 }
 
 fn ms(d: Duration) -> u64 {

@@ -196,7 +196,7 @@ impl Io {
     /// nothing more is read from this connection (its read side is shut down; a response can
     /// still be written). Dropping the future midway has the same effect.
     pub async fn fill(&mut self, timeout: Duration) -> Result<usize, HttpError> {
-        self.fill_by(monoio::time::Instant::now() + timeout).await
+        self.fill_by(crate::clock::deadline(timeout)).await
     }
 
     /// [`Io::fill`] within `deadline`.
@@ -259,7 +259,7 @@ impl Io {
         {
             return r;
         }
-        let deadline = monoio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline(timeout);
         // Boxed: the pending read's state would otherwise stay in the task of every idle
         // connection. One allocation per request instead.
         match Box::pin(self.read_for(IDLE_GRACE)).await? {
@@ -547,7 +547,7 @@ impl Io {
         }
         // Lost until it completes, in case this future is dropped midway.
         self.write_lost = true;
-        let deadline = monoio::time::Instant::now() + self.send_timeout;
+        let deadline = crate::clock::deadline(self.send_timeout);
         let mut unsent = Unsent::new(out);
         loop {
             if unsent.done() {
@@ -631,7 +631,7 @@ impl Io {
         }
         // Lost until it completes, in case this future is dropped midway.
         self.write_lost = true;
-        let deadline = monoio::time::Instant::now() + self.send_timeout;
+        let deadline = crate::clock::deadline(self.send_timeout);
         match within(deadline, self.stream.write_all(bytes)).await {
             Ok((Ok(_), back)) => {
                 self.write_lost = false;

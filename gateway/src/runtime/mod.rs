@@ -168,6 +168,8 @@ pub fn spawn_workers(
     pin: bool,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let cores = allowed_cpus();
+    // The coarse clock's mapping waits for a tick: taken here, not by a worker's first request.
+    crate::clock::start();
     let learned = Arc::new(mcp::Learned::default());
     listeners
         .into_iter()

@@ -243,7 +243,7 @@ async fn exchange(
 
 /// Reads the head of the answer to a request just sent (interim 1xx heads skipped).
 async fn read_head(conn: &mut Io, up: &Upstream) -> Result<ResponseHead, UpstreamFailure> {
-    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let deadline = crate::clock::deadline(up.response_timeout);
     let mut end = http::HeadEnd::default();
     loop {
         if let Some(head) = parse_response_head(conn, &mut end)? {
@@ -572,7 +572,7 @@ pub async fn call(
             Err(e) => return Err(UpstreamFailure::Bad(format!("unframeable response: {e}"))),
         }
     };
-    let deadline = monoio::time::Instant::now() + up.response_timeout;
+    let deadline = crate::clock::deadline(up.response_timeout);
     // A large answer waits for room in the worker's budget (see `http::budget`).
     let body = match conn
         .read_body_within(kind, max, deadline, Some((&pool.whole, &up.name)))

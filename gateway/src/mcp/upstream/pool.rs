@@ -175,7 +175,7 @@ impl Pool {
     /// Counts one more connection to `up` at `addr` in use until the lease is dropped.
     pub(crate) fn lease(&self, up: &Upstream, addr: SocketAddr) -> Lease {
         let counter = Rc::clone(self.in_use.borrow_mut().entry((up.key, addr)).or_default());
-        let now = Instant::now();
+        let now = crate::clock::coarse();
         let c = &counter;
         match c.window_start.get() {
             Some(start) if now.duration_since(start) < PEAK_WINDOW => {}
@@ -251,7 +251,7 @@ impl Pool {
             return;
         }
         let key = (up.key, addr);
-        let now = Instant::now();
+        let now = crate::clock::coarse();
         let keep = self.keep(&key, up.max_idle, now);
         let mut pool = self.idle.borrow_mut();
         if !pool.contains_key(&key) {
