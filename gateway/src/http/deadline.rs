@@ -343,6 +343,22 @@ async fn sweeper(epoch: u64) {
     }
 }
 
+/// Drops this thread's table (every waker in it), when its worker ends: called inside the
+/// worker's runtime, after its last connection was given up on, so that a task that only a
+/// deadline here still held is dropped there. Left to the thread's end, such a task (a
+/// resume's hand-over waiting out its stream's idle timeout) was dropped while the thread's
+/// other locals were being destroyed, and its drop, which reads them, aborted the gateway.
+pub fn drop_all() {
+    let table = TABLE.with_borrow_mut(|t| {
+        let epoch = t.epoch + 1;
+        let table = std::mem::take(t);
+        t.epoch = epoch;
+        table
+    });
+    // Outside the borrow: a task dropped here unregisters its own deadlines.
+    drop(table);
+}
+
 /// Forgets this thread's table, after its worker's runtime died with tasks that hold entries
 /// (they are leaked with the runtime, and so are their wakers): the next runtime starts anew.
 pub fn forget_all() {

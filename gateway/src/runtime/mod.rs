@@ -258,6 +258,15 @@ fn supervise(
         }));
         up.store(false, Ordering::Relaxed);
         if run.is_ok() || *shutdown.borrow() {
+            if run.is_ok() {
+                // The tasks only the deadline table still holds are dropped within the
+                // runtime, while the thread's locals live (see `deadline::drop_all`).
+                rt.block_on(async { crate::http::deadline::drop_all() });
+            } else {
+                // A runtime that panicked as it stopped: its tasks are leaked, not dropped
+                // as the thread ends.
+                crate::http::deadline::forget_all();
+            }
             return;
         }
         shared.worker_restarts.fetch_add(1, Ordering::Relaxed);
