@@ -849,7 +849,7 @@ async fn hand_over(
     drop(conn);
     entry.drain.hand_over();
     let deadline = std::pin::pin!(crate::http::deadline::Deadline::new(
-        monoio::time::Instant::now() + up.stream_idle_timeout
+        crate::clock::deadline(up.stream_idle_timeout)
     ));
     let answered = || entry.drain.answered();
     if let Err(Interrupted::Cut) = unless_cut(&ctx.open, client_fd, deadline, &answered).await {

@@ -790,6 +790,9 @@ fn admit(
     };
     for m in messages.all() {
         let tool = called_tool(config, route, m);
+        // The called tool's upstream (for its pins' reach and its breakers), looked up once.
+        let called =
+            tool.and_then(|(upstream, _)| config.upstreams.iter().position(|u| u.name == upstream));
         // The argument keys of the pinned tool's approved definition, for the loop breaker.
         let mut argument_keys = None;
         if policy.pinning
@@ -797,11 +800,8 @@ fn admit(
         {
             // A per-caller child's supervisor checks the definition its own child listed: a
             // change another caller's child listed holds nothing of this caller's.
-            let reaches = if config
-                .upstreams
-                .iter()
-                .find(|u| u.name == upstream)
-                .and_then(|u| u.stdio.as_ref())
+            let reaches = if called
+                .and_then(|up| config.upstreams[up].stdio.as_ref())
                 .is_some_and(|s| s.per_caller.is_some())
             {
                 policy::pins::Reaches::OwnChild
@@ -856,7 +856,7 @@ fn admit(
         };
         // Breakers first: a call refused for an open circuit charges no budget.
         if let Some((upstream, local)) = tool
-            && let Some(up) = config.upstreams.iter().position(|u| u.name == upstream)
+            && let Some(up) = called
             && let Some(c) = &config.upstreams[up].breaker
         {
             let now = ctx.shared.limits.now();

@@ -334,7 +334,7 @@ struct Relisting {
 }
 
 /// Tools a per-caller child's [`Supervisor::defined`] keeps at most (as its upstream's share
-/// of the pin table: past it, a tool is judged as the upstream's).
+/// of the pin table: past it, a tool is refused as unlisted, [`StdioError::Unlisted`]).
 const MAX_DEFINED: usize = crate::policy::pins::MAX_PINS_PER_UPSTREAM;
 
 async fn supervise(
@@ -657,10 +657,7 @@ impl Supervisor {
         self.relists += 1;
         let nonce = getrandom::u64().unwrap_or_default();
         let id = json!(format!("mcp-gateway-relist-{}-{nonce:016x}", self.relists));
-        let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
-        if let Some(c) = cursor {
-            request["params"]["cursor"] = json!(c);
-        }
+        let request = tools_list(&id, cursor.as_deref());
         if let Some(r) = &mut self.relisting {
             r.id = id;
         }
@@ -700,11 +697,7 @@ impl Supervisor {
         if let Some(gate) = self.gate.as_ref().filter(|g| g.enabled()) {
             gate.observe(&self.spec.name, &r.tools);
         }
-        // A whole listing: what the child defines now, and nothing else.
-        if let Some(defined) = &mut self.defined {
-            defined.clear();
-        }
-        self.note_defined(&r.tools);
+        self.defined_anew(&r.tools);
         if r.again {
             self.tools_changed(running);
         }
@@ -716,9 +709,7 @@ impl Supervisor {
     /// `again`: the child said its tools changed once more meanwhile, and they are asked again.
     fn relist_failed(&mut self, again: bool, running: &mut Option<Running>) {
         self.relisting = None;
-        if let Some(defined) = &mut self.defined {
-            defined.clear();
-        }
+        self.defined_anew(&[]);
         if again {
             self.tools_changed(running);
         }
@@ -846,10 +837,7 @@ impl Supervisor {
                 Ok(Ok(tools)) => {
                     gate.observe(&self.spec.name, &tools);
                     // What an earlier child listed is not this one's.
-                    if let Some(defined) = &mut self.defined {
-                        defined.clear();
-                    }
-                    self.note_defined(&tools);
+                    self.defined_anew(&tools);
                 }
                 Ok(Err(why)) => {
                     stop(r, self.spec.stop_grace).await;
@@ -890,6 +878,14 @@ impl Supervisor {
             .then(|| StdioError::Unapproved(self.name(), tool.to_owned()))
     }
 
+    /// A per-caller child's whole listing: `tools` are what it defines now, and nothing else.
+    fn defined_anew(&mut self, tools: &[Value]) {
+        if let Some(defined) = &mut self.defined {
+            defined.clear();
+        }
+        self.note_defined(tools);
+    }
+
     /// A per-caller child listed `tools`: each named one is now defined so for its caller.
     fn note_defined(&mut self, tools: &[Value]) {
         let Some(defined) = &mut self.defined else {
@@ -907,6 +903,15 @@ impl Supervisor {
     }
 }
 
+/// The gateway's own `tools/list` of a child, under `id`, from `cursor`.
+fn tools_list(id: &Value, cursor: Option<&str>) -> Value {
+    let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
+    if let Some(c) = cursor {
+        request["params"]["cursor"] = json!(c);
+    }
+    request
+}
+
 /// The child's tools, every page, asked by the gateway itself before clients reach the child:
 /// the items that can be pinned (objects named by a string), the pages bounded in all
 /// ([`crate::values::Pages`]: one child's pages of zeros grew the gateway to 9 GB at its start,
@@ -917,15 +922,11 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
     let mut cursor: Option<String> = None;
     for page in 0..100 {
         // With a random part, as a re-reading's ([`Supervisor::ask_page`]).
-        let id = format!(
+        let id = json!(format!(
             "mcp-gateway-pins-{page}-{:016x}",
             getrandom::u64().unwrap_or_default()
-        );
-        let mut request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}});
-        if let Some(c) = &cursor {
-            request["params"]["cursor"] = json!(c);
-        }
-        let mut line = request.to_string().into_bytes();
+        ));
+        let mut line = tools_list(&id, cursor.as_deref()).to_string().into_bytes();
         line.push(b'\n');
         r.stdin
             .send(line)
@@ -939,7 +940,7 @@ async fn list_tools(r: &mut Running) -> Result<Vec<Value>, String> {
                     let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
                         continue;
                     };
-                    if v.get("id") != Some(&json!(id)) {
+                    if v.get("id") != Some(&id) {
                         continue;
                     }
                     match v.get_mut("result").map(Value::take) {

@@ -592,6 +592,20 @@ impl super::super::PinGate for Approving {
     }
 }
 
+/// A per-caller child named `name` of the fixture ("ok": it lists `t`), behind pins that
+/// approve `t` as it lists it: that definition, the pins, and the child's handle.
+fn own_child_approving(f: &Fixture, name: &str) -> (Value, Arc<Approving>, Handle) {
+    let listed = json!({"name": "t", "inputSchema": {"type": "object"}});
+    let gate = Arc::new(Approving {
+        approved: crate::policy::pins::Digests::of(&listed),
+        asked: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut own = spec(f, name, "ok");
+    own.per_caller = Some(1);
+    let h = spawn(own, Some(gate.clone()));
+    (listed, gate, h)
+}
+
 /// A per-caller child's calls are judged by what that child listed at its start: a tool it
 /// listed by its definition, one it did not list is refused unjudged (not judged as the
 /// upstream's, which another caller's listing may have cleared, a review). A shared child's
@@ -600,14 +614,7 @@ impl super::super::PinGate for Approving {
 fn a_per_caller_childs_calls_are_judged_by_what_it_listed() {
     let f = fixture();
     rt().block_on(async {
-        let listed = json!({"name": "t", "inputSchema": {"type": "object"}});
-        let gate = Arc::new(Approving {
-            approved: crate::policy::pins::Digests::of(&listed),
-            asked: std::sync::Mutex::new(Vec::new()),
-        });
-        let mut own = spec(&f, "own", "ok");
-        own.per_caller = Some(1);
-        let h = spawn(own, Some(gate.clone()));
+        let (listed, gate, h) = own_child_approving(&f, "own");
         call(&h, 1, json!(1), json!({})).await.unwrap();
         assert_eq!(
             *gate.asked.lock().unwrap(),
@@ -635,14 +642,7 @@ fn a_per_caller_childs_calls_are_judged_by_what_it_listed() {
 fn a_childs_tools_are_read_again_when_it_says_they_changed() {
     let f = fixture();
     rt().block_on(async {
-        let listed = json!({"name": "t", "inputSchema": {"type": "object"}});
-        let gate = Arc::new(Approving {
-            approved: crate::policy::pins::Digests::of(&listed),
-            asked: std::sync::Mutex::new(Vec::new()),
-        });
-        let mut own = spec(&f, "changes", "ok");
-        own.per_caller = Some(1);
-        let h = spawn(own, Some(gate.clone()));
+        let (listed, gate, h) = own_child_approving(&f, "changes");
         call(&h, 1, json!(1), json!({"do": "redefine", "desc": "Also mails it away."}))
             .await
             .unwrap();

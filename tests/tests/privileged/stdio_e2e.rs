@@ -637,20 +637,39 @@ fn server_filesystem_confined_by_landlock_cannot_read_outside_its_folder() {
     confined.stop();
 }
 
-/// A stateless `tools/call` of `tool` with `args`, as the agent whose API key is `key`:
-/// the status and the answer.
-fn call_as(port: u16, key: &str, tool: &str, args: serde_json::Value) -> (u16, serde_json::Value) {
-    let body = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-        "params": {"name": tool, "arguments": args, "_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}}})
-    .to_string();
+/// A stateless (2026-07-28) request of `method` with `params` (its `_meta` added), as the
+/// agent whose API key is `key`; `name` is its `Mcp-Name`: the status and the answer.
+fn stateless_as(
+    port: u16,
+    key: &str,
+    method: &str,
+    name: Option<&str>,
+    mut params: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    params["_meta"] = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}});
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
+        .to_string();
+    let name = name.map_or(String::new(), |n| format!("mcp-name: {n}\r\n"));
     let extra = format!(
-        "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {tool}\r\nconnection: close\r\n"
+        "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n{name}connection: close\r\n"
     );
     let (r, _) = raw(port, &post("/mcp", &body, &extra));
     let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
     (r.status, v)
+}
+
+/// A stateless `tools/call` of `tool` with `args`, as the agent whose API key is `key`:
+/// the status and the answer.
+fn call_as(port: u16, key: &str, tool: &str, args: serde_json::Value) -> (u16, serde_json::Value) {
+    stateless_as(
+        port,
+        key,
+        "tools/call",
+        Some(tool),
+        serde_json::json!({"name": tool, "arguments": args}),
+    )
 }
 
 /// What `recall` answered: the text remembered and the pid of the child that remembered it.
@@ -843,19 +862,10 @@ fn keys_that_name_no_agent_get_children_of_their_own() {
 
 /// A stateless `tools/list` as the agent whose API key is `key`: the names listed.
 fn tools_as(port: u16, key: &str) -> Vec<String> {
-    let body = serde_json::json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list",
-        "params": {"_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {}}}})
-    .to_string();
-    let extra = format!(
-        "x-api-key: {key}\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/list\r\nconnection: close\r\n"
-    );
-    let (r, _) = raw(port, &post("/mcp", &body, &extra));
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    let (status, v) = stateless_as(port, key, "tools/list", None, serde_json::json!({}));
     v["result"]["tools"]
         .as_array()
-        .unwrap_or_else(|| panic!("no tools ({}): {v}", r.status))
+        .unwrap_or_else(|| panic!("no tools ({status}): {v}"))
         .iter()
         .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
         .collect()
