@@ -3,7 +3,7 @@
 //! on how the bytes arrive is a smuggling gap.
 #![no_main]
 
-use gateway::http::{HeadEnd, Limits, parse_head};
+use gateway::http::{FieldName, HeadEnd, Limits, Noted, parse_head};
 use libfuzzer_sys::fuzz_target;
 
 fn limits() -> Limits {
@@ -23,6 +23,17 @@ fn decide(input: &[u8], cuts: &[usize]) -> Option<Result<String, String>> {
         match parse_head(&input[..at], &mut end, &limits) {
             Ok(None) => {}
             Ok(Some((len, req, kind))) => {
+                // A noted name's fields are those a scan of the head finds.
+                for n in Noted::all() {
+                    let text = n.text();
+                    assert_eq!(req.headers.get(n), req.headers.get(text), "{text}");
+                    assert!(req.headers.all(n).eq(req.headers.all(text)), "{text}");
+                    assert_eq!(req.headers.repeated(n), req.headers.all(text).count() > 1);
+                    assert_eq!(
+                        req.headers.get_str(n),
+                        req.headers.get(text).and_then(|v| std::str::from_utf8(v).ok())
+                    );
+                }
                 return Some(Ok(format!(
                     "{len} {} {} 1.{} keep={} {:?} {:?}",
                     req.method, req.target, req.minor, req.keep_alive, req.headers, kind

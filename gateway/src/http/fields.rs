@@ -10,6 +10,143 @@ pub struct Fields {
     /// Where each field's name ends in `names` and its value in `values` (each starts where the
     /// field before ends), and the name's [`key`].
     at: Vec<[u32; 3]>,
+    /// For each of [`NOTED`]'s names, 1 + the index of its first field; 0 if none has it,
+    /// [`SCAN`] if the index does not fit (then it is looked for as any other name).
+    first: [u16; NOTED_LEN],
+    /// Which of [`NOTED`]'s names more than one field has, a bit each.
+    twice: u32,
+    /// Whether a value has a byte that is not ASCII (else every value is UTF-8 as it is).
+    not_ascii: bool,
+}
+
+/// Names every request is asked for, most of them by several stages: where each first comes,
+/// and whether it comes again, is noted as the fields are added, so that asking for one
+/// ([`Noted`]) is not a scan of every field, and a name asked for again and again costs
+/// nothing more.
+const NOTED: Names<NOTED_LEN> = Names::new([
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "content-type",
+    "content-encoding",
+    "accept",
+    "authorization",
+    "x-api-key",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "mcp-method",
+    "mcp-name",
+    "last-event-id",
+    "traceparent",
+    "tracestate",
+    "origin",
+    "expect",
+    "x-forwarded-for",
+    "user-agent",
+]);
+const NOTED_LEN: usize = 20;
+/// In [`Fields::first`]: the field is looked for by scanning.
+const SCAN: u16 = u16::MAX;
+
+/// One of [`NOTED`]'s names, found without a scan ([`FieldName`]). The constants of [`name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Noted(usize);
+
+impl Noted {
+    /// The noted name `text` (lowercase); a name that is not one fails to compile where it is
+    /// asked for in a constant.
+    #[expect(
+        clippy::panic,
+        reason = "asked for in constants: a wrong name fails to compile"
+    )]
+    pub const fn of(text: &str) -> Self {
+        let mut i = 0;
+        while i < NOTED_LEN {
+            if NOTED.names[i]
+                .as_bytes()
+                .eq_ignore_ascii_case(text.as_bytes())
+            {
+                return Self(i);
+            }
+            i += 1;
+        }
+        panic!("not a noted name");
+    }
+
+    /// Every noted name.
+    pub fn all() -> impl Iterator<Item = Self> {
+        (0..NOTED_LEN).map(Self)
+    }
+}
+
+/// The names every request is asked for, as [`Noted`] (compared ignoring case, as any name).
+pub mod name {
+    use super::Noted;
+    pub const HOST: Noted = Noted(0);
+    pub const CONTENT_LENGTH: Noted = Noted(1);
+    pub const TRANSFER_ENCODING: Noted = Noted(2);
+    pub const CONNECTION: Noted = Noted(3);
+    pub const CONTENT_TYPE: Noted = Noted(4);
+    pub const CONTENT_ENCODING: Noted = Noted(5);
+    pub const ACCEPT: Noted = Noted(6);
+    pub const AUTHORIZATION: Noted = Noted(7);
+    pub const X_API_KEY: Noted = Noted(8);
+    pub const MCP_PROTOCOL_VERSION: Noted = Noted(9);
+    pub const MCP_SESSION_ID: Noted = Noted(10);
+    pub const MCP_METHOD: Noted = Noted(11);
+    pub const MCP_NAME: Noted = Noted(12);
+    pub const LAST_EVENT_ID: Noted = Noted(13);
+    pub const TRACEPARENT: Noted = Noted(14);
+    pub const TRACESTATE: Noted = Noted(15);
+    pub const ORIGIN: Noted = Noted(16);
+    pub const EXPECT: Noted = Noted(17);
+    pub const X_FORWARDED_FOR: Noted = Noted(18);
+    pub const USER_AGENT: Noted = Noted(19);
+}
+
+/// Where the fields of a name are, as far as [`Fields`] knows without looking.
+pub enum Span {
+    /// No field has it.
+    None,
+    /// The first is field `first`; `more`: others follow it.
+    At { first: usize, more: bool },
+    /// Anywhere: every field is looked at.
+    Scan,
+}
+
+/// A name to look fields up by: any text, or one of [`NOTED`]'s ([`Noted`]), found at once.
+pub trait FieldName<'n>: Copy {
+    fn text(self) -> &'n str;
+    fn span(self, _fields: &Fields) -> Span {
+        Span::Scan
+    }
+}
+
+impl<'n> FieldName<'n> for &'n str {
+    #[inline]
+    fn text(self) -> &'n str {
+        self
+    }
+}
+
+impl FieldName<'static> for Noted {
+    #[inline]
+    fn text(self) -> &'static str {
+        NOTED.names[self.0]
+    }
+
+    #[inline]
+    fn span(self, fields: &Fields) -> Span {
+        match fields.first[self.0] {
+            0 => Span::None,
+            SCAN => Span::Scan,
+            i => Span::At {
+                first: usize::from(i) - 1,
+                more: fields.twice & (1 << self.0) != 0,
+            },
+        }
+    }
 }
 
 /// A name's length and its first and last bytes, lowercased: equal for names equal but for
@@ -40,7 +177,13 @@ impl<const N: usize> Names<N> {
         let mut keys = [0; N];
         let mut i = 0;
         while i < N {
-            keys[i] = key(names[i].as_bytes());
+            let name = names[i].as_bytes();
+            let mut j = 0;
+            while j < name.len() {
+                assert!(!name[j].is_ascii_uppercase(), "a set of names is lowercase");
+                j += 1;
+            }
+            keys[i] = key(name);
             i += 1;
         }
         Self { names, keys }
@@ -48,10 +191,38 @@ impl<const N: usize> Names<N> {
 
     #[inline]
     pub fn contains(&self, name: &str) -> bool {
+        self.position(name).is_some()
+    }
+
+    /// Which entry `name` is: only entries of its key are compared as text.
+    #[inline]
+    fn position(&self, name: &str) -> Option<usize> {
         let want = key(name.as_bytes());
         // Without an early exit, so that the comparisons are vectorized.
-        self.keys.iter().fold(false, |hit, k| hit | (*k == want))
-            && self.names.iter().any(|n| name.eq_ignore_ascii_case(n))
+        if !self.keys.iter().fold(false, |hit, k| hit | (*k == want)) {
+            return None;
+        }
+        let mut from = 0;
+        while let Some(i) = self.keys[from..].iter().position(|k| *k == want) {
+            if self.is(from + i, name) {
+                return Some(from + i);
+            }
+            from += i + 1;
+        }
+        None
+    }
+
+    /// Whether entry `i` is `name`. The entries are lowercase (`new` sees to it), so only
+    /// `name` is folded; without an early exit, so that the comparison is vectorized.
+    #[inline]
+    fn is(&self, i: usize, name: &str) -> bool {
+        let entry = self.names[i].as_bytes();
+        name.len() == entry.len()
+            && name
+                .bytes()
+                .zip(entry)
+                .fold(0, |differ, (a, b)| differ | (a.to_ascii_lowercase() ^ b))
+                == 0
     }
 }
 
@@ -62,6 +233,7 @@ impl Fields {
             names: String::with_capacity(names),
             values: Vec::with_capacity(values),
             at: Vec::with_capacity(fields),
+            ..Self::default()
         }
     }
 
@@ -88,7 +260,14 @@ impl Fields {
         };
         self.names.push_str(name);
         self.values.extend_from_slice(value);
+        self.not_ascii |= !value.is_ascii();
         self.at.push([n, v, key(name.as_bytes())]);
+        if let Some(k) = NOTED.position(name) {
+            match self.first[k] {
+                0 => self.first[k] = u16::try_from(self.at.len()).unwrap_or(SCAN),
+                _ => self.twice |= 1 << k,
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -123,13 +302,20 @@ impl Fields {
     }
 
     /// The first value of field `name` (case-insensitive). The look-up of every request's
-    /// every stage: one loop over the keys, without the adapters of [`Fields::all`].
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        let want = key(name.as_bytes());
-        for (i, at) in self.at.iter().enumerate() {
+    /// every stage: one loop over the keys, without the adapters of [`Fields::all`], or none
+    /// for a [`Noted`] name.
+    pub fn get<'n>(&self, name: impl FieldName<'n>) -> Option<&[u8]> {
+        let from = match name.span(self) {
+            Span::None => return None,
+            Span::At { first, .. } => return Some(self.field(first).1),
+            Span::Scan => 0,
+        };
+        let text = name.text();
+        let want = key(text.as_bytes());
+        for (i, at) in self.at[from..].iter().enumerate() {
             if at[2] == want {
-                let (n, v) = self.field(i);
-                if n.eq_ignore_ascii_case(name) {
+                let (n, v) = self.field(from + i);
+                if n.eq_ignore_ascii_case(text) {
                     return Some(v);
                 }
             }
@@ -137,19 +323,47 @@ impl Fields {
         None
     }
 
+    /// Whether more than one field is named `name`.
+    pub fn repeated(&self, name: Noted) -> bool {
+        self.twice & (1 << name.0) != 0
+    }
+
+    /// The first value of field `name` (case-insensitive) if it is UTF-8. Without a look at
+    /// its bytes when every value is ASCII (most heads).
+    pub fn get_str<'n>(&self, name: impl FieldName<'n>) -> Option<&str> {
+        let v = self.get(name)?;
+        if self.not_ascii {
+            std::str::from_utf8(v).ok()
+        } else {
+            // SAFETY: every byte of every value is ASCII (`push` saw each), so `v` is UTF-8.
+            Some(unsafe { std::str::from_utf8_unchecked(v) })
+        }
+    }
+
     /// Every value of field `name` (case-insensitive), in order. Looked up a few dozen times
     /// for each request: keys are compared first, and only a field whose key is the name's is
-    /// sliced and compared.
-    pub fn all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        let want = key(name.as_bytes());
-        self.at
+    /// sliced and compared; a [`Noted`] name's fields are looked for only from its first, and
+    /// not past it when it is the only one.
+    pub fn all<'a, 'n, N: FieldName<'n>>(
+        &'a self,
+        name: N,
+    ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n, N> {
+        let (from, most) = match name.span(self) {
+            Span::None => (self.at.len(), 0),
+            Span::At { first, more } => (first, if more { usize::MAX } else { 1 }),
+            Span::Scan => (0, usize::MAX),
+        };
+        let text = name.text();
+        let want = key(text.as_bytes());
+        self.at[from..]
             .iter()
             .enumerate()
             .filter(move |(_, at)| at[2] == want)
             .filter_map(move |(i, _)| {
-                let (n, v) = self.field(i);
-                n.eq_ignore_ascii_case(name).then_some(v)
+                let (n, v) = self.field(from + i);
+                n.eq_ignore_ascii_case(text).then_some(v)
             })
+            .take(most)
     }
 
     /// The value of every field named `a` or `b` (case-insensitive), in order, with whether it
@@ -327,6 +541,67 @@ mod tests {
         ] {
             assert!(!SET.contains(no), "{no}");
         }
+    }
+
+    /// A noted name's fields, found without a scan, are the fields a scan finds, whatever
+    /// the names' case, their repeats, and however many fields come before.
+    #[test]
+    fn noted_names_are_found_as_a_scan_finds_them() {
+        use super::{FieldName, Noted};
+        let check = |f: &Fields| {
+            for n in Noted::all() {
+                let text = n.text();
+                let upper = text.to_ascii_uppercase();
+                assert_eq!(f.get(n), f.get(text), "{text}");
+                assert_eq!(f.get(n), f.get(upper.as_str()), "{text}");
+                assert_eq!(
+                    f.all(n).collect::<Vec<_>>(),
+                    f.all(text).collect::<Vec<_>>(),
+                    "{text}"
+                );
+                assert_eq!(f.repeated(n), f.all(text).count() > 1, "{text}");
+                assert_eq!(
+                    f.get_str(n),
+                    f.get(text).and_then(|v| std::str::from_utf8(v).ok()),
+                    "{text}"
+                );
+            }
+        };
+        let mut f: Fields = [
+            ("Host", "gw"),
+            ("x-other", "1"),
+            ("MCP-Session-Id", "s1"),
+            ("content-TYPE", "application/json"),
+            ("mcp-session-id", "s2"),
+            ("Mcp-Protocol-Versio", "not it"),
+            ("cONNECTION", "close"),
+        ]
+        .into_iter()
+        .collect();
+        check(&f);
+        assert!(f.repeated(Noted::of("mcp-session-id")));
+        assert!(!f.repeated(Noted::of("host")));
+        f.push("x-raw", &[0xff]);
+        f.push("accept", &[0xc3, 0xa9]);
+        f.push("user-agent", &[0xff]);
+        check(&f);
+        assert_eq!(f.get_str(Noted::of("accept")), Some("\u{e9}"));
+        assert_eq!(f.get_str(Noted::of("user-agent")), None, "not UTF-8");
+        f.retain(|n, _| !n.eq_ignore_ascii_case("mcp-session-id"));
+        check(&f);
+        f.replace_values("host", |_| b"other".to_vec());
+        check(&f);
+        // Past the fields whose place fits in the index: found by a scan.
+        let mut many = Fields::default();
+        for _ in 0..70_000 {
+            many.push("x", b"");
+        }
+        many.push("Host", b"late");
+        many.push("host", b"later");
+        many.push("traceparent", b"t");
+        assert_eq!(many.get(Noted::of("host")), Some(&b"late"[..]));
+        assert!(many.repeated(Noted::of("host")));
+        check(&many);
     }
 
     #[test]

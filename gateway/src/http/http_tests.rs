@@ -729,3 +729,19 @@ fn ows_and_path_cut_at_ascii_only() {
     assert_eq!(req("?x").path(), "");
     assert_eq!(req("/é?").path(), "/é");
 }
+
+/// Every name of [`SINGLE`] is noted (its repeats are found by the index, not a scan), and the
+/// noted single names are the single ones among the noted.
+#[test]
+fn single_fields_are_noted() {
+    use super::FieldName;
+    for n in super::fields::Noted::all() {
+        assert_eq!(
+            super::SINGLE_NOTED.contains(&n),
+            super::SINGLE.contains(n.text()),
+            "{}",
+            n.text()
+        );
+    }
+    assert_eq!(super::SINGLE_NOTED.len(), super::SINGLE_NAMES.len());
+}

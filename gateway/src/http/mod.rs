@@ -33,7 +33,7 @@ pub mod proxy_protocol;
 use std::time::Duration;
 
 pub use body::{BodyKind, ChunkedDecoder};
-pub use fields::{Fields, Names};
+pub use fields::{FieldName, Fields, Names, Noted, name};
 pub use head::{
     UnsafeField, is_clean_value, is_token, push_content_length, push_field, push_request_line,
     push_status_line,
@@ -114,14 +114,12 @@ pub struct Request {
 
 impl Request {
     /// The first value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
+    pub fn header<'n>(&self, name: impl FieldName<'n>) -> Option<&[u8]> {
         self.headers.get(name)
     }
 
-    pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(ows)
+    pub fn header_str<'n>(&self, name: impl FieldName<'n>) -> Option<&str> {
+        self.headers.get_str(name).map(ows)
     }
 
     /// The path without the query string.
@@ -154,7 +152,7 @@ impl<'a> ConnectionOptions<'a> {
     pub fn of(headers: &'a Fields) -> Self {
         Self(
             headers
-                .all("connection")
+                .all(crate::http::name::CONNECTION)
                 .flat_map(|v| v.split(|b| *b == b','))
                 .map(<[u8]>::trim_ascii)
                 .collect(),
@@ -312,11 +310,25 @@ const NOT_FORWARDED_NAMES: [&str; 64] = [
 ];
 
 fn is_single(name: &str) -> bool {
-    SINGLE.contains(name)
-        || name
-            .get(..4)
-            .is_some_and(|p| p.eq_ignore_ascii_case("mcp-"))
+    SINGLE.contains(name) || is_mcp(name)
 }
+
+/// Whether `name` starts with `Mcp-` (any case): each such field is single.
+fn is_mcp(name: &str) -> bool {
+    name.get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("mcp-"))
+}
+
+/// [`SINGLE`], as noted names ([`Fields::repeated`] says whether one came twice).
+const SINGLE_NOTED: [fields::Noted; SINGLE_NAMES.len()] = {
+    let mut noted = [fields::Noted::of("host"); SINGLE_NAMES.len()];
+    let mut i = 0;
+    while i < SINGLE_NAMES.len() {
+        noted[i] = fields::Noted::of(SINGLE_NAMES[i]);
+        i += 1;
+    }
+    noted
+};
 
 /// Whether `v` is a valid `Host` value (RFC 9112 §3.2, RFC 3986 §3.2.2), strictly: a name of
 /// letters, digits, `-`, `.`, `_` and `~`, an IPv4 address or a bracketed IPv6 address, and an
@@ -430,7 +442,8 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         if !head::is_token(name.as_bytes()) || !is_clean_value(value) {
             return Err(HttpError::BadRequest("invalid header field"));
         }
-        if is_single(name) && req.headers.all(name).nth(1).is_some() {
+        // The others of [`SINGLE`] are noted: looked at once below.
+        if is_mcp(name) && req.headers.all(name).nth(1).is_some() {
             return Err(HttpError::DuplicateField(name.to_ascii_lowercase()));
         }
         // `Mcp_Method` beside `Mcp-Method`: CGI-style servers (WSGI, PHP) read `_` and `-` as
@@ -446,6 +459,9 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
             ));
         }
     }
+    if let Some(twice) = SINGLE_NOTED.iter().find(|n| req.headers.repeated(**n)) {
+        return Err(HttpError::DuplicateField(twice.text().to_owned()));
+    }
     // RFC 9110 §7.6.1: a connection option never names a field meant for every recipient. One
     // of the fields the gateway decides on would be checked here and dropped before the upstream.
     let connection = ConnectionOptions::of(&req.headers);
@@ -458,7 +474,7 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
             "Connection names a field that is meant for the upstream",
         ));
     }
-    match req.header("host") {
+    match req.header(crate::http::name::HOST) {
         None if req.minor == 1 => {
             return Err(HttpError::BadRequest("HTTP/1.1 request without Host"));
         }
@@ -467,7 +483,7 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         }
         _ => {}
     }
-    if req.minor == 0 && req.header("transfer-encoding").is_some() {
+    if req.minor == 0 && req.header(crate::http::name::TRANSFER_ENCODING).is_some() {
         // RFC 9112 §6.1: the framing of such a message is faulty.
         return Err(HttpError::BadRequest(
             "Transfer-Encoding in an HTTP/1.0 request",
@@ -642,7 +658,7 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
     if kind.is_some()
         && req.minor >= 1
         && req
-            .header("expect")
+            .header(crate::http::name::EXPECT)
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
     {
         io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())

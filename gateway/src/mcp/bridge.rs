@@ -120,7 +120,7 @@ pub(super) async fn forward<'c>(
         // Notifications and responses: the stateless era takes none from a client. A
         // cancellation is the gateway's to carry out: it closes the call's upstream exchange.
         if method == "notifications/cancelled"
-            && let Some(session) = req.header("mcp-session-id")
+            && let Some(session) = req.header(crate::http::name::MCP_SESSION_ID)
         {
             cancel(ctx, session, &req.body);
         }
@@ -138,7 +138,7 @@ pub(super) async fn forward<'c>(
             initialize(ctx, req, peer, up, obs.tenant_key(ctx), m).await
         } else {
             let key = req
-                .header("mcp-session-id")
+                .header(crate::http::name::MCP_SESSION_ID)
                 .zip(m.id.as_ref())
                 .map(|(session, id)| cancel_key(ctx, session, &id.to_json()));
             let called = call(ctx, req, peer, up, obs.tenant_key(ctx), m);
@@ -595,7 +595,7 @@ async fn reply_with_session(
     obs.set(Outcome::Ok);
     let session = head
         .headers
-        .get("mcp-session-id")
+        .get(crate::http::name::MCP_SESSION_ID)
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or_default();
     io.write_all(http::response(
@@ -620,7 +620,7 @@ pub(super) async fn other_method(
     up: &Upstream,
 ) -> bool {
     let out = if req.method == "DELETE" {
-        if let Some(id) = req.header("mcp-session-id") {
+        if let Some(id) = req.header(crate::http::name::MCP_SESSION_ID) {
             ctx.shared.ended_sessions.end(
                 ended_key(ctx, up, id),
                 crate::policy::limits::State::unix_s(),

@@ -27,7 +27,7 @@ pub fn decode_header_value(value: &str) -> Option<String> {
 
 /// Whether the request's `MCP-Protocol-Version` header names the 2026-07-28 protocol.
 pub fn says_modern(req: &Request) -> bool {
-    req.header_str("mcp-protocol-version")
+    req.header_str(crate::http::name::MCP_PROTOCOL_VERSION)
         .is_some_and(version::is_stateless_era)
 }
 
@@ -43,7 +43,7 @@ pub fn is_modern(req: &Request, msg: Option<&Message>) -> bool {
 /// Checks a request or notification that uses the 2026-07-28 protocol (by header or by
 /// `params._meta.protocolVersion`). Older versions have no routing headers to check.
 pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
-    let header_version = req.header_str("mcp-protocol-version");
+    let header_version = req.header_str(crate::http::name::MCP_PROTOCOL_VERSION);
     let modern = is_modern(req, Some(msg));
     let Some(method) = msg.method.as_deref() else {
         return Ok(());
@@ -68,10 +68,10 @@ pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
     if header_version != Some(body_version) {
         return Err(mismatch("MCP-Protocol-Version header"));
     }
-    if req.header_str("mcp-method") != Some(method) {
+    if req.header_str(crate::http::name::MCP_METHOD) != Some(method) {
         return Err(mismatch("Mcp-Method header"));
     }
-    let header = req.header_str("mcp-name");
+    let header = req.header_str(crate::http::name::MCP_NAME);
     // What `Mcp-Name` mirrors: the name, required where the message has one; or the task a
     // `tasks/*` request is about (the tasks extension mirrors `taskId` there), if sent.
     let (mirrored, required) = match (&msg.name, &msg.task_id) {

@@ -483,7 +483,7 @@ pub(super) async fn initialize(
 /// The session id an upstream's answer to `initialize` gives, if any; one longer than
 /// [`MAX_SESSION_ID`] is the upstream's failure (that upstream is left out).
 fn session_id(head: &ResponseHead) -> Result<Option<String>, String> {
-    let Some(id) = head.headers.get("mcp-session-id") else {
+    let Some(id) = head.headers.get(crate::http::name::MCP_SESSION_ID) else {
         return Ok(None);
     };
     if id.len() > MAX_SESSION_ID {

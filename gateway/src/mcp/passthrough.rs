@@ -86,7 +86,7 @@ pub(super) async fn forward<'c>(
         tenant,
         messages,
         obs,
-        session: verified.and_then(|v| v.session(req.header("mcp-session-id")?)),
+        session: verified.and_then(|v| v.session(req.header(crate::http::name::MCP_SESSION_ID)?)),
         stateless: super::headers::is_modern(req, messages.single.as_ref()),
     };
     obs.runs_on.set(pass.runs_on());
@@ -244,7 +244,7 @@ impl<'c, 'a> Pass<'c, 'a> {
         // An event id to resume from is one the gateway gave this caller, sent on as the
         // upstream's own (`proxy::event_signer`); any other is refused before anything is
         // sent.
-        let resume = match self.req.header("last-event-id") {
+        let resume = match self.req.header(crate::http::name::LAST_EVENT_ID) {
             None => None,
             Some(signed) => match resumes_from(self.ctx, self.up, self.obs, signed, false) {
                 Some((own, answers)) => {
@@ -259,7 +259,7 @@ impl<'c, 'a> Pass<'c, 'a> {
         };
         // A resume of a call's stream the gateway reads on for this caller, who left it, takes
         // that stream over (`relay::drain`): held until the call's answer passes on this one.
-        let taken_over = match (resume, self.req.header("mcp-session-id")) {
+        let taken_over = match (resume, self.req.header(crate::http::name::MCP_SESSION_ID)) {
             (Some(own), Some(session)) if self.req.method == "GET" => {
                 // Boxed: a resume's (its waits are monoio timers, aligned to 128 bytes, which
                 // widened every request's state).
@@ -327,7 +327,9 @@ impl<'c, 'a> Pass<'c, 'a> {
             .single
             .as_ref()
             .and_then(|m| m.meta_traceparent.as_deref())
-            .filter(|tp| req.header("traceparent").is_none() && trace_id(tp).is_some());
+            .filter(|tp| {
+                req.header(crate::http::name::TRACEPARENT).is_none() && trace_id(tp).is_some()
+            });
         let extra: Vec<(&str, Option<&str>)> = traceparent
             .map(|tp| ("traceparent", Some(tp)))
             .into_iter()

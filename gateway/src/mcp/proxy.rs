@@ -501,7 +501,7 @@ pub(super) fn session_header<'a>(
     obs: &Obs<'_>,
 ) -> (&'static str, Option<&'a str>) {
     let own = req
-        .header("mcp-session-id")
+        .header(crate::http::name::MCP_SESSION_ID)
         .and_then(|id| upstream_session(ctx, up, obs, id)?.upstream_id());
     ("mcp-session-id", own)
 }
@@ -681,7 +681,11 @@ pub(super) async fn protected_resource_metadata(
             .await
             .is_ok();
     }
-    let doc = policy.metadata_document(req.header_str("host"), io.tls().is_some(), rest);
+    let doc = policy.metadata_document(
+        req.header_str(crate::http::name::HOST),
+        io.tls().is_some(),
+        rest,
+    );
     let body = super::json_bytes(&doc);
     io.write_all(http::response(
         200,
@@ -831,7 +835,7 @@ pub(super) async fn read_whole<'c>(
     });
     let session = head
         .headers
-        .get("mcp-session-id")
+        .get(crate::http::name::MCP_SESSION_ID)
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned);
     // Relayed to the client: an upstream is not trusted to produce a clean head.
@@ -989,7 +993,10 @@ pub(super) fn upstream_request(
     // (RFC 9110 §5.3). A proxy in front that adds a line of its own instead of joining
     // (HAProxy's `option forwardfor`) puts the address it saw in the second one, which an
     // upstream that trusts that proxy reads; keeping only the first dropped it.
-    let mut previous = req.headers.all("x-forwarded-for").map(<[u8]>::trim_ascii);
+    let mut previous = req
+        .headers
+        .all(crate::http::name::X_FORWARDED_FOR)
+        .map(<[u8]>::trim_ascii);
     match previous.next() {
         Some(first) => {
             let mut joined = first.to_vec();

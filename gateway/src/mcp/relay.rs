@@ -409,12 +409,13 @@ async fn pump<'s>(
     let mut client_left = false;
     let mut entry = None;
     let enter = |body: &Body<'_>| {
-        req.header("mcp-session-id").map(|session| {
-            let request = request_id.map(Id::to_json);
-            ctx.shared
-                .drains
-                .enter(&up.name, session, body.seen_ids.clone(), request)
-        })
+        req.header(crate::http::name::MCP_SESSION_ID)
+            .map(|session| {
+                let request = request_id.map(Id::to_json);
+                ctx.shared
+                    .drains
+                    .enter(&up.name, session, body.seen_ids.clone(), request)
+            })
     };
     // A call that runs on upstream without its client (`Obs::runs_on`), on an event stream:
     // once its client left (unless it was cut for a ban or deny), the stream is read on

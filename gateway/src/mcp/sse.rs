@@ -263,7 +263,7 @@ pub fn accepts_sse(req: &crate::http::Request) -> bool {
     // (RFC 9112 §6.1): such a client gets the answer alone, as JSON.
     req.minor >= 1
         && req
-            .header_str("accept")
+            .header_str(crate::http::name::ACCEPT)
             .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
 }
 

@@ -233,7 +233,7 @@ fn route<'c>(config: &'c Config, req: &Request) -> Result<&'c Route, Stop> {
 /// origin: a browser's request from a page not allowed is refused (DNS rebinding). The
 /// allowed page, if a browser's, is returned for the CORS answer.
 fn origin<'r>(config: &Config, req: &'r Request) -> Result<Option<&'r str>, Stop> {
-    match req.header_str("origin") {
+    match req.header_str(crate::http::name::ORIGIN) {
         Some(origin) if !config.http.allowed_origins.iter().any(|o| o == origin) => {
             Err(Stop::Reply(
                 403,
@@ -269,7 +269,7 @@ async fn preflight(io: &mut Io, req: &Request, config: &Config, page: Option<&st
 
 /// version: the `MCP-Protocol-Version` header, if any, names a version the gateway speaks.
 fn version(req: &Request) -> Result<Option<&str>, Stop> {
-    let protocol = req.header_str("mcp-protocol-version");
+    let protocol = req.header_str(crate::http::name::MCP_PROTOCOL_VERSION);
     if let Some(v) = protocol
         && !version::is_supported(v)
     {
@@ -287,7 +287,7 @@ fn version(req: &Request) -> Result<Option<&str>, Stop> {
 
 /// trace: a `traceparent` header is valid whole, or refused (it is forwarded).
 fn trace(req: &Request) -> Result<Option<String>, Stop> {
-    match req.header("traceparent") {
+    match req.header(crate::http::name::TRACEPARENT) {
         None => Ok(None),
         Some(v) => match std::str::from_utf8(v).ok().and_then(trace_id) {
             Some(t) => Ok(Some(t.to_owned())),
@@ -303,7 +303,7 @@ fn trace(req: &Request) -> Result<Option<String>, Stop> {
 /// the client's own `traceparent` header; otherwise it is dropped.
 fn propagate(req: &mut Request, messages: &Messages, config: &Config, obs: &Obs<'_>) {
     let header_parent = req
-        .header_str("traceparent")
+        .header_str(crate::http::name::TRACEPARENT)
         .filter(|tp| trace_id(tp).is_some())
         .map(str::to_owned);
     let states: Vec<&[u8]> = req
@@ -507,7 +507,9 @@ fn parse(
 /// (servers inflate a gzip body). What is forwarded says `application/json` and no more.
 fn json_body_type(req: &Request) -> Result<(), &'static str> {
     const WANT: &str = "Content-Type must be application/json (in UTF-8)";
-    let ct = req.header_str("content-type").ok_or(WANT)?;
+    let ct = req
+        .header_str(crate::http::name::CONTENT_TYPE)
+        .ok_or(WANT)?;
     if !http::media_type(ct.as_bytes()).eq_ignore_ascii_case(b"application/json") {
         return Err(WANT);
     }
@@ -518,7 +520,7 @@ fn json_body_type(req: &Request) -> Result<(), &'static str> {
             );
         }
     }
-    match req.header_str("content-encoding") {
+    match req.header_str(crate::http::name::CONTENT_ENCODING) {
         Some(c) if !http::ows(c).eq_ignore_ascii_case("identity") => {
             Err("a request body must not be compressed (Content-Encoding)")
         }
@@ -601,7 +603,7 @@ fn check(
     // caller's or an altered id is unknown.
     if let Target::Passthrough(u) = &route.target
         && let Some(up) = config.upstreams.get(*u)
-        && let Some(id) = req.header("mcp-session-id")
+        && let Some(id) = req.header(crate::http::name::MCP_SESSION_ID)
     {
         return match verify_session(ctx, up, obs, id) {
             Some(v) => Ok(Some(v)),
@@ -640,7 +642,7 @@ fn claim(
     messages: &Messages,
     session: Option<Verified>,
 ) -> Result<Vec<policy::limits::IdClaim>, Stop> {
-    let Some(header) = req.header("mcp-session-id") else {
+    let Some(header) = req.header(crate::http::name::MCP_SESSION_ID) else {
         return Ok(Vec::new());
     };
     // The session the upstream sees: the signed id's own part for a passthrough session.
@@ -1040,7 +1042,7 @@ fn record_access(
             F::UserAgent => (
                 "user_agent",
                 text(
-                    req.header_str("user-agent")
+                    req.header_str(crate::http::name::USER_AGENT)
                         .map(|ua| clip(ua, MAX_USER_AGENT)),
                 ),
             ),
@@ -1233,7 +1235,7 @@ fn record_span(
     // A request stopped before `propagate` still has a span, under a valid header parent.
     let span = obs.span.get().unwrap_or_else(|| {
         let parent = req
-            .header_str("traceparent")
+            .header_str(crate::http::name::TRACEPARENT)
             .filter(|tp| trace_id(tp).is_some());
         crate::otlp::SpanCtx::start(parent, otlp.sample_ratio)
     });

@@ -284,7 +284,7 @@ pub(super) async fn request(
             Err(done) => {
                 obs.waited(started.elapsed());
                 let stateless = req
-                    .header_str("mcp-protocol-version")
+                    .header_str(crate::http::name::MCP_PROTOCOL_VERSION)
                     .is_some_and(version::is_stateless_era);
                 let method = m.method.as_deref().unwrap_or_default();
                 let answer = match done {

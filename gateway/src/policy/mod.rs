@@ -165,11 +165,11 @@ struct JwtCaller {
 const IDENTITY_HEADERS: [&str; 3] = ["authorization", "x-api-key", "mcp-session-id"];
 
 /// The first value of header `name` (case-insensitive), trimmed; `None` when absent or not UTF-8.
-fn header_value<'h>(headers: &'h crate::http::Fields, name: &str) -> Option<&'h str> {
-    headers
-        .get(name)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::trim)
+fn header_value<'h, 'n>(
+    headers: &'h crate::http::Fields,
+    name: impl crate::http::FieldName<'n>,
+) -> Option<&'h str> {
+    headers.get_str(name).map(str::trim)
 }
 
 /// A run id is the client's to choose: at most this long, and at most [`MAX_RUNS`] of them
@@ -927,13 +927,13 @@ impl Authenticating<'_> {
         self.route.auth.contains(&m)
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    fn header<'n>(&self, name: impl crate::http::FieldName<'n>) -> Option<&str> {
         header_value(self.headers, name)
     }
 
     /// The run the tenant's run header names.
     fn run_header(&self, tenant: usize) -> Option<String> {
-        self.header(&self.policy.tenants[tenant].run_header)
+        self.header(self.policy.tenants[tenant].run_header.as_str())
             .map(str::to_owned)
     }
 
@@ -941,9 +941,11 @@ impl Authenticating<'_> {
     /// presented and is not valid.
     fn unauthenticated(&self, message: &str, invalid: bool) -> Box<Refusal> {
         let mut r = Refusal::new(401, code::UNAUTHENTICATED, self.rule(), message);
-        let url = self
-            .policy
-            .metadata_url(self.header("host"), self.tls, &self.route.path);
+        let url = self.policy.metadata_url(
+            self.header(crate::http::name::HOST),
+            self.tls,
+            &self.route.path,
+        );
         r.www_authenticate = Some(if invalid {
             format!("Bearer resource_metadata=\"{url}\", error=\"invalid_token\"")
         } else {
@@ -955,7 +957,7 @@ impl Authenticating<'_> {
     /// Every header that says who calls at most once, in UTF-8 (a run header not too long).
     fn identity_headers_once(&self) -> Result<(), Box<Refusal>> {
         for name in &self.policy.identity_headers {
-            let mut values = self.headers.all(name);
+            let mut values = self.headers.all(name.as_str());
             let first = values.next();
             let problem = if values.next().is_some() {
                 "is given more than once"
@@ -1030,7 +1032,7 @@ impl Authenticating<'_> {
 
     /// The caller `X-API-Key` names.
     fn api_key_header(&self) -> Result<Option<Credential>, Box<Refusal>> {
-        let Some(key) = self.header("x-api-key") else {
+        let Some(key) = self.header(crate::http::name::X_API_KEY) else {
             return Ok(None);
         };
         if !self.accepts(AuthMethod::ApiKey) {
@@ -1042,7 +1044,7 @@ impl Authenticating<'_> {
     /// The caller `Authorization: Bearer` names: a JWT where the route takes them, else an API
     /// key.
     fn authorization(&self) -> Result<Option<Credential>, Box<Refusal>> {
-        let Some(authorization) = self.header("authorization") else {
+        let Some(authorization) = self.header(crate::http::name::AUTHORIZATION) else {
             return Ok(None);
         };
         let Some(token) = authorization

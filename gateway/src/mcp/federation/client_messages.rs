@@ -54,7 +54,7 @@ impl<'c> Federation<'_, 'c> {
                     // A client request's id: the members that do not know it ignore it, and
                     // the gateway ends a bridged call of it.
                     if let Era::Session(_) = era
-                        && let Some(session) = self.req.header("mcp-session-id")
+                        && let Some(session) = self.req.header(crate::http::name::MCP_SESSION_ID)
                     {
                         crate::mcp::bridge::cancel(self.ctx, session, &self.req.body);
                     }
@@ -100,7 +100,7 @@ impl<'c> Federation<'_, 'c> {
     /// What names the client's request `m` for its `notifications/cancelled`: its session
     /// and id.
     pub(super) fn cancel_key(&self, m: &Message) -> Option<u64> {
-        let session = self.req.header("mcp-session-id")?;
+        let session = self.req.header(crate::http::name::MCP_SESSION_ID)?;
         Some(crate::mcp::bridge::cancel_key(
             self.ctx,
             session,
@@ -124,7 +124,7 @@ impl<'c> Federation<'_, 'c> {
         self.broadcast(era, &Bytes::new()).await;
         // Only a session its caller was checked to own (the stateless era has none).
         if let Era::Session(_) = era
-            && let Some(id) = self.req.header_str("mcp-session-id")
+            && let Some(id) = self.req.header_str(crate::http::name::MCP_SESSION_ID)
         {
             self.ctx
                 .shared

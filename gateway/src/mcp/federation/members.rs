@@ -187,7 +187,7 @@ impl<'c> Federation<'_, 'c> {
         let id = message.id.clone();
         let bytes = Bytes::from(crate::mcp::json_bytes(body));
         let mut extra = vec![];
-        if self.req.header("mcp-name").is_some() {
+        if self.req.header(crate::http::name::MCP_NAME).is_some() {
             extra.push(("mcp-name", mcp_name));
         }
         let up = self.upstream(member);

@@ -204,7 +204,7 @@ impl<'c> Federation<'_, 'c> {
     pub async fn handle(&self, io: &mut Io, message: Option<Message>) -> bool {
         let stateless = self
             .req
-            .header_str("mcp-protocol-version")
+            .header_str(crate::http::name::MCP_PROTOCOL_VERSION)
             .is_some_and(version::is_stateless_era)
             || message
                 .as_ref()
@@ -260,7 +260,7 @@ impl<'c> Federation<'_, 'c> {
     }
 
     fn session(&self) -> Result<FedSession, RpcError> {
-        let Some(id) = self.req.header_str("mcp-session-id") else {
+        let Some(id) = self.req.header_str(crate::http::name::MCP_SESSION_ID) else {
             return Err(RpcError::invalid_request(
                 "Mcp-Session-Id is required after initialize",
             ));

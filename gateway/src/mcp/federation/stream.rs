@@ -40,7 +40,7 @@ impl<'c> Federation<'_, 'c> {
     /// Session era GET: every member's server-to-client stream, merged into one. A
     /// `Last-Event-ID` goes only to the member whose event it names.
     pub(super) async fn merged_stream(&self, io: &mut Io, era: Era<'_>) -> bool {
-        let last = match self.req.header_str("last-event-id") {
+        let last = match self.req.header_str(crate::http::name::LAST_EVENT_ID) {
             None => None,
             Some(signed) => match self.resumed(signed) {
                 Some(last) => Some(last),
@@ -52,7 +52,7 @@ impl<'c> Federation<'_, 'c> {
         };
         // A resume of a member's stream the gateway reads on for this caller takes it over
         // (`relay::drain`), held until the call's answer passes on that member's stream.
-        let mut taken_over = match (&last, self.req.header("mcp-session-id")) {
+        let mut taken_over = match (&last, self.req.header(crate::http::name::MCP_SESSION_ID)) {
             (Some((name, id, _)), Some(session)) => {
                 let own = format!("{name}.{id}");
                 Box::pin(super::super::relay::take_over(

@@ -53,7 +53,7 @@ impl ResponseHead {
     /// The media type is `text/event-stream` (its parameters aside).
     pub fn is_sse(&self) -> bool {
         self.headers
-            .get("content-type")
+            .get(crate::http::name::CONTENT_TYPE)
             .is_some_and(|ct| http::media_type(ct).eq_ignore_ascii_case(b"text/event-stream"))
     }
 
@@ -78,7 +78,7 @@ impl ResponseHead {
         // tool list it filters, a task it binds, an error it counts) and relays as it came.
         if self
             .headers
-            .all("content-encoding")
+            .all(crate::http::name::CONTENT_ENCODING)
             .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"identity"))
         {
             return Some(UpstreamFailure::Bad(
@@ -103,7 +103,7 @@ impl ResponseHead {
                 self.status
             )));
         }
-        let mut types = self.headers.all("content-type");
+        let mut types = self.headers.all(crate::http::name::CONTENT_TYPE);
         let first = types.next();
         if types.next().is_some() {
             return Some(UpstreamFailure::Bad(
@@ -316,7 +316,11 @@ fn parse_response_head(
                     // HTTP/1.0 has no chunked coding (RFC 9112 §6.1: faulty framing), and its
                     // connection closes after the answer unless it says `keep-alive`: one kept
                     // in the pool was used again as the server closed it.
-                    if head.headers.get("transfer-encoding").is_some() {
+                    if head
+                        .headers
+                        .get(crate::http::name::TRANSFER_ENCODING)
+                        .is_some()
+                    {
                         return Err(UpstreamFailure::Bad(
                             "answered HTTP/1.0 with Transfer-Encoding".into(),
                         ));
