@@ -270,13 +270,19 @@ async fn preflight(io: &mut Io, req: &Request, config: &Config, page: Option<&st
 /// version: the `MCP-Protocol-Version` header, if any, names a version the gateway speaks.
 fn version(req: &Request) -> Result<Option<&str>, Stop> {
     let protocol = req.header_str(crate::http::name::MCP_PROTOCOL_VERSION);
-    if let Some(v) = protocol
-        && !version::is_supported(v)
+    // One that is not UTF-8 is refused, not taken for none: it is forwarded, and an upstream
+    // that reads it as Latin-1 (and trims a no-break space) would find a version the gateway
+    // never checked (a reviewer's finding).
+    if let Some(raw) = req.header(crate::http::name::MCP_PROTOCOL_VERSION)
+        && protocol.is_none_or(|v| !version::is_supported(v))
     {
         return Err(Stop::reply(
             RpcError::new(
                 error::UNSUPPORTED_VERSION,
-                format!("unsupported MCP-Protocol-Version `{v}`"),
+                format!(
+                    "unsupported MCP-Protocol-Version `{}`",
+                    String::from_utf8_lossy(raw).trim()
+                ),
                 400,
             )
             .with_data(serde_json::json!({ "supported": version::SUPPORTED })),

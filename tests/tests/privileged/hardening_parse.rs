@@ -547,7 +547,7 @@ upstream = "repo"
 #[test]
 fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
     let body = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
-    let heads: [(&str, &'static str); 9] = [
+    let heads: [(&str, &'static str); 10] = [
         (
             "status 99",
             "HTTP/1.1 099 X\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
@@ -579,6 +579,10 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         (
             "two types",
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-type: text/event-stream\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ),
+        (
+            "two sessions",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nmcp-session-id: aaa\r\nMCP-Session-Id: bbb\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
         ),
         (
             "named",
@@ -619,6 +623,48 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
         assert!(!seen.contains("gzip"), "{seen}");
         d.stop();
     }
+}
+
+/// An `MCP-Protocol-Version` that is not UTF-8 is refused (400), never taken for none: it
+/// would be forwarded as sent, and an upstream that reads it as Latin-1 and trims the no-break
+/// space finds `2025-06-18`, a version the gateway never checked the request for.
+#[test]
+fn a_protocol_version_that_is_not_utf8_never_reaches_the_upstream() {
+    let fake = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+    ));
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwversion");
+    let config = format!(
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+        local_header(&instance, 1, port, admin),
+        fake.url()
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let send = |version: &[u8]| {
+        let mut request = b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: ".to_vec();
+        request.extend_from_slice(version);
+        request.extend_from_slice(
+            format!("\r\ncontent-length: {}\r\n\r\n{call}", call.len()).as_bytes(),
+        );
+        let (r, _) = raw(port, &request);
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    for version in [&b"2025-06-18\xa0"[..], b"\xa02025-06-18", b"2025-06-18\xff"] {
+        let (status, text) = send(version);
+        assert_eq!(status, 400, "{version:?}: {text}");
+        assert!(text.contains("MCP-Protocol-Version"), "{text}");
+    }
+    assert!(
+        fake.seen.lock().unwrap().is_empty(),
+        "nothing reached the upstream"
+    );
+    let (status, text) = send(b"2025-06-18");
+    assert_eq!(status, 200, "{text}");
+    d.stop();
 }
 
 /// An upstream whose URL has a query of its own (an operator's key, a tenant) gets that query

@@ -103,6 +103,13 @@ impl ResponseHead {
                 self.status
             )));
         }
+        // Two session ids: the gateway would decide on the first (and sign both), a client
+        // may keep either (a reviewer's finding).
+        if self.headers.repeated(crate::http::name::MCP_SESSION_ID) {
+            return Some(UpstreamFailure::Bad(
+                "answered with two Mcp-Session-Id lines".into(),
+            ));
+        }
         let mut types = self.headers.all(crate::http::name::CONTENT_TYPE);
         let first = types.next();
         if types.next().is_some() {
@@ -744,5 +751,22 @@ mod tests {
         ] {
             assert!(head(ct).ambiguity().is_none(), "{ct}");
         }
+    }
+
+    /// An answer naming two sessions is not relayed: the gateway read (and bound the client
+    /// to) the first, a client may keep the second.
+    #[test]
+    fn an_answer_with_two_session_ids_is_not_relayed() {
+        let head = |ids: &[&str]| ResponseHead {
+            status: 200,
+            headers: std::iter::once(("Content-Type", "application/json"))
+                .chain(ids.iter().map(|id| ("MCP-Session-Id", *id)))
+                .collect(),
+        };
+        assert!(head(&["a"]).ambiguity().is_none());
+        assert!(matches!(
+            head(&["a", "b"]).ambiguity(),
+            Some(UpstreamFailure::Bad(_))
+        ));
     }
 }
