@@ -49,6 +49,92 @@ const NOTED_LEN: usize = 20;
 /// In [`Fields::first`]: the field is looked for by scanning.
 const SCAN: u16 = u16::MAX;
 
+/// Which noted name a field's name is, asked of every field of every head read: its [`key`]
+/// picks the one entry of a table that may be it (no two noted names share a key, and the
+/// table has a place for each key of theirs alone), and only that name is compared.
+fn noted(name: &str, want: u32) -> Option<usize> {
+    let i = usize::from(NOTED_TABLE.1[noted_slot(want, NOTED_TABLE.0)]).checked_sub(1)?;
+    (NOTED.keys[i] == want && eq_lowercase(name.as_bytes(), NOTED.names[i].as_bytes())).then_some(i)
+}
+
+/// The table's place of a key, by a multiplier ([`NOTED_TABLE`]'s first).
+const fn noted_slot(key: u32, multiplier: u64) -> usize {
+    ((key as u64).wrapping_mul(multiplier) >> (64 - NOTED_SLOTS.trailing_zeros())) as usize
+}
+
+const NOTED_SLOTS: usize = 512;
+
+/// A multiplier that gives every noted name's key a place of its own, and the table: 1 + the
+/// name's index at its place, 0 elsewhere. Found when the gateway is compiled.
+/// (A set that cannot be tabled fails to compile.)
+const NOTED_TABLE: (u64, [u8; NOTED_SLOTS]) = {
+    let mut i = 0;
+    while i < NOTED_LEN {
+        let mut j = i + 1;
+        while j < NOTED_LEN {
+            assert!(
+                NOTED.keys[i] != NOTED.keys[j],
+                "two noted names share a key"
+            );
+            j += 1;
+        }
+        i += 1;
+    }
+    let mut multiplier: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut tries = 0;
+    loop {
+        let mut table = [0u8; NOTED_SLOTS];
+        let mut free = true;
+        let mut i = 0;
+        while i < NOTED_LEN {
+            let slot = noted_slot(NOTED.keys[i], multiplier);
+            if table[slot] != 0 {
+                free = false;
+                break;
+            }
+            table[slot] = i as u8 + 1;
+            i += 1;
+        }
+        if free {
+            break (multiplier, table);
+        }
+        tries += 1;
+        if tries > 100_000 {
+            panic!("no multiplier tables the noted names");
+        }
+        multiplier = multiplier.wrapping_add(0x2545_f491_4f6c_dd1d) | 1;
+    }
+};
+
+/// Whether `name` is `lower` (lowercase ASCII, as long) ignoring the case of ASCII letters:
+/// eight bytes at a time, each folded at once.
+#[inline]
+fn eq_lowercase(name: &[u8], lower: &[u8]) -> bool {
+    /// `w` with every byte `A`..=`Z` made lowercase, and nothing else changed.
+    const fn fold(w: u64) -> u64 {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        // Each byte's low seven bits, plus a bias whose sum reaches 0x80 exactly from `A` (or
+        // past `Z`); no sum carries into the next byte (0x7f + 0x3f < 0x100).
+        let low = w & (0x7f * ONES);
+        let from_a = low + (0x80 - b'A' as u64) * ONES;
+        let past_z = low + (0x80 - b'Z' as u64 - 1) * ONES;
+        let upper = from_a & !past_z & !w & (0x80 * ONES);
+        w | (upper >> 2)
+    }
+    // The last few bytes as one word, by shifts (a copy into a buffer is a call to memcpy).
+    let rest = |b: &[u8]| b.iter().rev().fold(0u64, |w, &x| (w << 8) | u64::from(x));
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (names, name_rest) = name.as_chunks::<8>();
+    let (lowers, lower_rest) = lower.as_chunks::<8>();
+    names
+        .iter()
+        .zip(lowers)
+        .all(|(a, b)| fold(u64::from_le_bytes(*a)) == u64::from_le_bytes(*b))
+        && fold(rest(name_rest)) == rest(lower_rest)
+}
+
 /// One of [`NOTED`]'s names, found without a scan ([`FieldName`]). The constants of [`name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Noted(usize);
@@ -262,7 +348,7 @@ impl Fields {
         self.values.extend_from_slice(value);
         self.not_ascii |= !value.is_ascii();
         self.at.push([n, v, key(name.as_bytes())]);
-        if let Some(k) = NOTED.position(name) {
+        if let Some(k) = noted(name, self.at[self.at.len() - 1][2]) {
             match self.first[k] {
                 0 => self.first[k] = u16::try_from(self.at.len()).unwrap_or(SCAN),
                 _ => self.twice |= 1 << k,
@@ -602,6 +688,34 @@ mod tests {
         assert_eq!(many.get(Noted::of("host")), Some(&b"late"[..]));
         assert!(many.repeated(Noted::of("host")));
         check(&many);
+    }
+
+    /// The folding comparison agrees with the standard one for every byte in every place.
+    #[test]
+    fn names_are_compared_ignoring_ascii_case_only() {
+        use super::eq_lowercase;
+        let lower = "mcp-protocol-version";
+        for len in 0..=lower.len() {
+            let entry = &lower.as_bytes()[..len];
+            assert!(eq_lowercase(entry, entry));
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut name = entry.to_vec();
+                    name[at] = b;
+                    assert_eq!(
+                        eq_lowercase(&name, entry),
+                        name.eq_ignore_ascii_case(entry),
+                        "{name:?}"
+                    );
+                }
+            }
+        }
+        assert!(!eq_lowercase(b"host", b"hosts"));
+        assert!(eq_lowercase(b"MCP-PROTOCOL-VERSION", lower.as_bytes()));
+        assert!(!eq_lowercase(
+            b"mcp-protocol-versioN\x80",
+            b"mcp-protocol-versionn"
+        ));
     }
 
     #[test]
