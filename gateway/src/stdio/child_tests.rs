@@ -60,6 +60,9 @@ for line in sys.stdin:
         continue
     if do == "sleep":
         time.sleep(args["s"])
+    if do == "block":
+        while not os.path.exists(args["until"]):
+            time.sleep(0.02)
     if do == "huge":
         time.sleep(args.get("after", 0))
         if args.get("dense"):
@@ -779,12 +782,14 @@ fn what_waits_for_a_child_that_does_not_read_is_bounded() {
     let f = fixture();
     rt().block_on(async {
         let mut s = spec(&f, "slow", "ok");
-        s.call_timeout = Duration::from_secs(20);
+        s.call_timeout = Duration::from_secs(300);
         let h = spawn(s, None);
-        // The child sleeps in the call, reading nothing meanwhile.
+        // The child is held in the call, reading nothing, until the test lets it go (a sleep
+        // of a fixed time ran out before the test was done on a loaded machine).
+        let until = f.dir.join("go");
         let sleeping = h.call(
             who(1),
-            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "sleep", "s": 6}}})
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"do": "block", "until": until}}})
                 .to_string()
                 .into_bytes(),
         );
@@ -814,11 +819,10 @@ fn what_waits_for_a_child_that_does_not_read_is_bounded() {
         };
         // The notifications fail no call: this one waits.
         let mut first = h.call(who(2), big(2));
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut first.done).await;
         assert!(
-            tokio::time::timeout(Duration::from_millis(300), &mut first.done)
-                .await
-                .is_err(),
-            "a call failed for the notifications' flood"
+            early.is_err(),
+            "a call failed for the notifications' flood: {early:?}"
         );
         // Calls past their own bound fail at once: their answer is there when `call` returns.
         let mut calls: Vec<_> = (3..23).map(|id| h.call(who(id), big(id))).collect();
@@ -832,7 +836,8 @@ fn what_waits_for_a_child_that_does_not_read_is_bounded() {
         assert!(full >= 3, "{full} of 20 calls failed at once");
         assert!(h.queued().bytes() <= MAX_QUEUED_BYTES + MAX_QUEUED_LINE_BYTES);
         // Once the child reads again, everything that waited is taken and its places given back.
-        let done = tokio::time::timeout(Duration::from_secs(30), sleeping.done).await;
+        std::fs::write(&until, b"").unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(60), sleeping.done).await;
         assert!(done.unwrap().unwrap().is_ok());
         assert!(first.done.await.unwrap().is_ok(), "the waiting call is answered");
         for _ in 0..200 {
