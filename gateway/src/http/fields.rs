@@ -169,26 +169,26 @@ impl Noted {
 /// The names every request is asked for, as [`Noted`] (compared ignoring case, as any name).
 pub mod name {
     use super::Noted;
-    pub const HOST: Noted = Noted(0);
-    pub const CONTENT_LENGTH: Noted = Noted(1);
-    pub const TRANSFER_ENCODING: Noted = Noted(2);
-    pub const CONNECTION: Noted = Noted(3);
-    pub const CONTENT_TYPE: Noted = Noted(4);
-    pub const CONTENT_ENCODING: Noted = Noted(5);
-    pub const ACCEPT: Noted = Noted(6);
-    pub const AUTHORIZATION: Noted = Noted(7);
-    pub const X_API_KEY: Noted = Noted(8);
-    pub const MCP_PROTOCOL_VERSION: Noted = Noted(9);
-    pub const MCP_SESSION_ID: Noted = Noted(10);
-    pub const MCP_METHOD: Noted = Noted(11);
-    pub const MCP_NAME: Noted = Noted(12);
-    pub const LAST_EVENT_ID: Noted = Noted(13);
-    pub const TRACEPARENT: Noted = Noted(14);
-    pub const TRACESTATE: Noted = Noted(15);
-    pub const ORIGIN: Noted = Noted(16);
-    pub const EXPECT: Noted = Noted(17);
-    pub const X_FORWARDED_FOR: Noted = Noted(18);
-    pub const USER_AGENT: Noted = Noted(19);
+    pub const HOST: Noted = Noted::of("host");
+    pub const CONTENT_LENGTH: Noted = Noted::of("content-length");
+    pub const TRANSFER_ENCODING: Noted = Noted::of("transfer-encoding");
+    pub const CONNECTION: Noted = Noted::of("connection");
+    pub const CONTENT_TYPE: Noted = Noted::of("content-type");
+    pub const CONTENT_ENCODING: Noted = Noted::of("content-encoding");
+    pub const ACCEPT: Noted = Noted::of("accept");
+    pub const AUTHORIZATION: Noted = Noted::of("authorization");
+    pub const X_API_KEY: Noted = Noted::of("x-api-key");
+    pub const MCP_PROTOCOL_VERSION: Noted = Noted::of("mcp-protocol-version");
+    pub const MCP_SESSION_ID: Noted = Noted::of("mcp-session-id");
+    pub const MCP_METHOD: Noted = Noted::of("mcp-method");
+    pub const MCP_NAME: Noted = Noted::of("mcp-name");
+    pub const LAST_EVENT_ID: Noted = Noted::of("last-event-id");
+    pub const TRACEPARENT: Noted = Noted::of("traceparent");
+    pub const TRACESTATE: Noted = Noted::of("tracestate");
+    pub const ORIGIN: Noted = Noted::of("origin");
+    pub const EXPECT: Noted = Noted::of("expect");
+    pub const X_FORWARDED_FOR: Noted = Noted::of("x-forwarded-for");
+    pub const USER_AGENT: Noted = Noted::of("user-agent");
 }
 
 /// Where the fields of a name are, as far as [`Fields`] knows without looking.

@@ -1407,6 +1407,17 @@ fn a_new_gateway_reads_the_whole_of_the_fleets_spend_before_admitting_a_budgeted
     let fleet = Fleet::start_with(Redis::start(), 1, Settings::new(1000, 1000, true));
     let a = fleet.gateways[0].port;
     let budgets = fleet.key("spend");
+    // Its budgets are closed (503) until its first round has read the fleet's spend; /readyz
+    // says so. (Called at once, the first call raced that round and once lost it.)
+    wait_for("the first gateway ready", Duration::from_secs(10), || {
+        raw(
+            fleet.gateways[0].admin,
+            b"GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+        )
+        .0
+        .status
+            == 200
+    });
     for _ in 0..5 {
         assert_eq!(call(a, "add", json!({"a": 1, "b": 2})), (200, None));
     }
