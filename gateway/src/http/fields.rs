@@ -229,7 +229,7 @@ impl FieldName<'static> for Noted {
             SCAN => Span::Scan,
             i => Span::At {
                 first: usize::from(i) - 1,
-                more: fields.twice & (1 << self.0) != 0,
+                more: fields.repeated(self),
             },
         }
     }
@@ -299,16 +299,10 @@ impl<const N: usize> Names<N> {
     }
 
     /// Whether entry `i` is `name`. The entries are lowercase (`new` sees to it), so only
-    /// `name` is folded; without an early exit, so that the comparison is vectorized.
+    /// `name` is folded ([`eq_lowercase`]).
     #[inline]
     fn is(&self, i: usize, name: &str) -> bool {
-        let entry = self.names[i].as_bytes();
-        name.len() == entry.len()
-            && name
-                .bytes()
-                .zip(entry)
-                .fold(0, |differ, (a, b)| differ | (a.to_ascii_lowercase() ^ b))
-                == 0
+        eq_lowercase(name.as_bytes(), self.names[i].as_bytes())
     }
 }
 
@@ -347,8 +341,9 @@ impl Fields {
         self.names.push_str(name);
         self.values.extend_from_slice(value);
         self.not_ascii |= !value.is_ascii();
-        self.at.push([n, v, key(name.as_bytes())]);
-        if let Some(k) = noted(name, self.at[self.at.len() - 1][2]) {
+        let key = key(name.as_bytes());
+        self.at.push([n, v, key]);
+        if let Some(k) = noted(name, key) {
             match self.first[k] {
                 0 => self.first[k] = u16::try_from(self.at.len()).unwrap_or(SCAN),
                 _ => self.twice |= 1 << k,
