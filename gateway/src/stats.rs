@@ -275,6 +275,20 @@ pub struct Recorder {
     last: Last,
 }
 
+/// Where `key`'s entry is in `items` (indexed by `at`), made (with a default value) if new.
+fn place<K: std::hash::Hash + Eq + Clone, V: Default>(
+    items: &mut Vec<(K, V)>,
+    at: &mut FxHashMap<K, usize>,
+    key: K,
+) -> usize {
+    if let Some(&i) = at.get(&key) {
+        return i;
+    }
+    items.push((key.clone(), V::default()));
+    at.insert(key, items.len() - 1);
+    items.len() - 1
+}
+
 /// See [`Recorder::last`]. Empty (`count` none) after [`Recorder::take`] empties the counts.
 #[derive(Default)]
 struct Last {
@@ -290,14 +304,15 @@ struct Last {
 }
 
 impl Last {
-    fn is(&self, o: &Observation<'_>) -> bool {
-        self.count.is_some()
-            && self.outcome == Some(o.outcome)
+    /// Where `o`'s count and series are, if its labels are the last request's.
+    fn places(&self, o: &Observation<'_>) -> Option<(usize, [Option<usize>; 4])> {
+        let same = self.outcome == Some(o.outcome)
             && self.method == o.method
             && self.route == o.route
             && self.tenant == o.tenant
             && self.tool.as_deref() == o.tool
-            && self.upstream.as_deref() == o.upstream
+            && self.upstream.as_deref() == o.upstream;
+        same.then_some((self.count?, self.series))
     }
 
     /// Notes `o`'s labels, its storage kept.
@@ -366,12 +381,13 @@ impl Recorder {
     }
 
     pub fn record(&mut self, o: &Observation<'_>) {
-        let (count, series) = if self.last.is(o) {
-            (self.last.count.unwrap_or_default(), self.last.series)
-        } else {
-            let found = self.find(o);
-            self.last.set(o, found.0, found.1);
-            found
+        let (count, series) = match self.last.places(o) {
+            Some(places) => places,
+            None => {
+                let found = self.find(o);
+                self.last.set(o, found.0, found.1);
+                found
+            }
         };
         self.counts[count].1 += 1;
         let total = micros(o.total);
@@ -412,25 +428,10 @@ impl Recorder {
             Rc::clone(&tenant),
             o.outcome,
         );
-        let count = match self.count_at.get(&key) {
-            Some(&at) => at,
-            None => {
-                self.counts.push((key.clone(), 0));
-                self.count_at.insert(key, self.counts.len() - 1);
-                self.counts.len() - 1
-            }
-        };
+        let count = place(&mut self.counts, &mut self.count_at, key);
         let upstream = o.upstream.map(|u| self.name(u));
         let mut series = |dim: Dim, name: Rc<str>| {
-            let key = (dim, name);
-            Some(match self.series_at.get(&key) {
-                Some(&at) => at,
-                None => {
-                    self.series.push((key.clone(), Latency::default()));
-                    self.series_at.insert(key, self.series.len() - 1);
-                    self.series.len() - 1
-                }
-            })
+            Some(place(&mut self.series, &mut self.series_at, (dim, name)))
         };
         let at = [
             series(Dim::Route, route),
