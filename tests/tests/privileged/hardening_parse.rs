@@ -165,6 +165,18 @@ federate = [{{ upstream = "u0", prefix = "p_" }}]
 
 const V2026: &str = "mcp-protocol-version: 2026-07-28\r\n";
 
+/// A gateway (one worker) whose one route, `/mcp`, goes to `fake`: it and its port.
+fn gateway_to(fake: &FakeUpstream, name: &str) -> (Daemon, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique(name);
+    let config = format!(
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+        local_header(&instance, 1, port, admin),
+        fake.url()
+    );
+    (Daemon::start_local(&instance, &config), port)
+}
+
 fn ping_ok(port: u16, path: &str) {
     let body = r#"{"jsonrpc":"2.0","id":77,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
     let (r, _) = raw(
@@ -592,15 +604,7 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
     assert_eq!(body.len(), 36);
     for (what, head) in heads {
         let fake = FakeUpstream::start(Misbehave::Raw(head));
-        let port = free_port();
-        let admin = free_port();
-        let instance = unique("gwheads");
-        let config = format!(
-            "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
-            local_header(&instance, 1, port, admin),
-            fake.url()
-        );
-        let mut d = Daemon::start_local(&instance, &config);
+        let (mut d, port) = gateway_to(&fake, "gwheads");
         let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
         // `charset=UTF-8` is accepted, and not passed on.
         let request = format!(
@@ -633,15 +637,7 @@ fn a_protocol_version_that_is_not_utf8_never_reaches_the_upstream() {
     let fake = FakeUpstream::start(Misbehave::Raw(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
     ));
-    let port = free_port();
-    let admin = free_port();
-    let instance = unique("gwversion");
-    let config = format!(
-        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
-        local_header(&instance, 1, port, admin),
-        fake.url()
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (mut d, port) = gateway_to(&fake, "gwversion");
     let call =
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
     let send = |version: &[u8]| {
@@ -871,14 +867,7 @@ fn an_upstreams_refusal_of_a_read_list_reaches_the_client_as_given() {
         "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 7\r\ncontent-length: 65\r\n\r\n\
          {\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-32000,\"message\":\"slow\"}}",
     ));
-    let (port, admin) = (free_port(), free_port());
-    let instance = unique("gwlist429");
-    let config = format!(
-        "{}[[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{}/mcp\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
-        local_header(&instance, 1, port, admin),
-        fake.port
-    );
-    let mut d = Daemon::start_local(&instance, &config);
+    let (mut d, port) = gateway_to(&fake, "gwlist429");
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
     let request = format!(
         "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n\
