@@ -9,7 +9,8 @@
 //! per request is read from /proc, and each core's busy share is reported so that a row limited
 //! by CPU 0 (the generator and the upstream) is visible as such.
 //!
-//! Rows: peak (closed loop) and latency at half load (open loop) of a small `tools/call`;
+//! Rows: peak (closed loop) and latency at half load (open loop) of a small `tools/call`, the
+//! latter also sent straight to an `mcp-upstream` (what a proxy adds is measured from it);
 //! message sizes; connection counts; memory of idle connections and after they close;
 //! reload and upstream restart under load; a soak at half load (full run only).
 
@@ -22,7 +23,7 @@ use std::{
 use integration_tests::{
     daemon::Daemon,
     netns::{GW_ADDR, Topology, in_netns},
-    peers::{KillOnDrop, demo_upstream_in},
+    peers::{KillOnDrop, demo_upstream_at, demo_upstream_in},
     unique,
 };
 
@@ -37,6 +38,8 @@ const GATEWAY_PORT: u16 = 8080;
 const FLOOR_PORT: u16 = 8081;
 const NGINX_PORT: u16 = 8082;
 const POLICY_PORT: u16 = 8083;
+/// A second `mcp-upstream`, on the proxies' address: the half-load row without a proxy.
+const DIRECT_PORT: u16 = 8084;
 /// The two gateways' admin APIs, in the gateway's namespace.
 const GATEWAY_ADMIN: &str = "127.0.0.1:19090";
 const POLICY_ADMIN: &str = "127.0.0.1:19091";
@@ -49,6 +52,9 @@ pub const CONNECTIONS: [usize; 3] = [32, 256, 2048];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Target {
+    /// No proxy: the load sent to an `mcp-upstream` of its own on the proxies' address and
+    /// the generator's core (half-load rows only).
+    Direct,
     Floor,
     Gateway,
     /// A second gateway applying the `proxy` scenario's realistic policy (kernel program off:
@@ -67,9 +73,18 @@ impl Target {
         Target::Policy,
         Target::Nginx,
     ];
+    /// The half-load rows: those of [`Target::SMALL`] and the same load without a proxy.
+    pub const HALF: [Target; 5] = [
+        Target::Direct,
+        Target::Floor,
+        Target::Gateway,
+        Target::Policy,
+        Target::Nginx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Target::Direct => "direct to mcp-upstream (no proxy)",
             Target::Floor => "floor (byte relay)",
             Target::Gateway => "gateway (XDP attached)",
             Target::Policy => "gateway, realistic policy (XDP off)",
@@ -82,12 +97,13 @@ impl Target {
         match self {
             Target::Gateway => Some(GATEWAY_ADMIN),
             Target::Policy => Some(POLICY_ADMIN),
-            Target::Floor | Target::Nginx => None,
+            Target::Direct | Target::Floor | Target::Nginx => None,
         }
     }
 
     fn port(self) -> u16 {
         match self {
+            Target::Direct => DIRECT_PORT,
             Target::Floor => FLOOR_PORT,
             Target::Gateway => GATEWAY_PORT,
             Target::Policy => POLICY_PORT,
@@ -286,9 +302,26 @@ pub struct Report {
 impl Report {
     /// The floor's row of the same kind as `row`.
     pub fn floor_of(&self, row: &Row) -> Option<&Row> {
+        self.of(Target::Floor, row)
+    }
+
+    /// What `row`'s proxy adds to the p99 of the same load sent without one (half load only:
+    /// none for other rows, the row without a proxy, and rows that answered nothing).
+    pub fn p99_over_direct(&self, row: &Row) -> Option<i64> {
+        let p99 = |r: &Row| {
+            r.result
+                .latency
+                .as_ref()
+                .map_or(0, |h| h.value_at_quantile(0.99)) as i64
+        };
+        let direct = self.of(Target::Direct, row)?;
+        (row.target != Target::Direct && row.result.ok > 0).then(|| p99(row) - p99(direct))
+    }
+
+    fn of(&self, t: Target, row: &Row) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.target == Target::Floor && r.kind == row.kind && r.result.ok > 0)
+            .find(|r| r.target == t && r.kind == row.kind && r.result.ok > 0)
     }
 }
 
@@ -425,6 +458,7 @@ fn loadavg() -> String {
 /// Dropped in field order after `drop`: the processes, then the namespaces.
 struct Bed {
     upstream: Option<KillOnDrop>,
+    direct: Proc,
     gateway: Daemon,
     policy: Daemon,
     floor: Proc,
@@ -449,6 +483,12 @@ impl Bed {
         let topo = Topology::new(&[CLIENT]);
         let upstream = demo_upstream_in(Some(&topo.gw), UPSTREAM_PORT);
         pin_pid(upstream.0.id(), LOAD_CPU);
+        let direct = Proc(demo_upstream_at(
+            Some(&topo.gw),
+            SocketAddr::new(GW_ADDR.into(), DIRECT_PORT),
+            &[],
+        ));
+        pin_pid(direct.pid(), LOAD_CPU);
         let instance = unique("gwhead");
         let gateway = Daemon::start(&topo.gw, &instance, &gateway_config(&instance, &topo.gw_if));
         pin_pid(gateway.pid(), PROXY_CPU);
@@ -489,7 +529,7 @@ impl Bed {
         ));
         pin_pid(nginx.pid(), PROXY_CPU);
         in_netns(&topo.client, || {
-            for t in Target::SMALL {
+            for t in Target::HALF {
                 let addr = SocketAddr::new(GW_ADDR.into(), t.port());
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
@@ -503,6 +543,7 @@ impl Bed {
         Bed {
             topo,
             upstream: Some(upstream),
+            direct,
             gateway,
             policy,
             floor,
@@ -515,6 +556,7 @@ impl Bed {
 
     fn pid(&self, t: Target) -> u32 {
         match t {
+            Target::Direct => self.direct.pid(),
             Target::Floor => self.floor.pid(),
             Target::Gateway => self.gateway.pid(),
             Target::Policy => self.policy.pid(),
@@ -812,9 +854,9 @@ pub fn run(quick: bool) -> Report {
         .map(|r| r.result.rps())
         .fold(f64::INFINITY, f64::min);
     let half_rate = (0.5 * low).round().max(10.0);
-    let mut open: Vec<Vec<Row>> = Target::SMALL.iter().map(|_| Vec::new()).collect();
+    let mut open: Vec<Vec<Row>> = Target::HALF.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
-        for (i, t) in Target::SMALL.iter().enumerate() {
+        for (i, t) in Target::HALF.iter().enumerate() {
             open[i].push(bed.measure("half load, 32 connections, add", *t, 32, Some(half_rate), 0));
         }
     }
@@ -1014,6 +1056,54 @@ mod tests {
         assert!(
             stolen_rows(&rows[..1]).is_empty(),
             "5 % exactly is not over"
+        );
+    }
+
+    #[test]
+    fn what_a_proxy_adds_is_its_p99_less_the_direct_rows_of_the_same_kind() {
+        let at = |kind: &str, target, p99_us: u64| {
+            let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+            h.record_n(p99_us, 100).expect("record");
+            Row {
+                kind: kind.into(),
+                target,
+                result: LoadResult {
+                    ok: 100,
+                    latency: Some(h),
+                    ..LoadResult::default()
+                },
+                ..row([0.0; 2])
+            }
+        };
+        let half = "half load, 32 connections, add";
+        let report = Report {
+            rows: vec![
+                at("peak, 32 connections, add", Target::Gateway, 900),
+                at(half, Target::Direct, 120),
+                at(half, Target::Gateway, 170),
+                at(half, Target::Nginx, 100),
+                Row {
+                    result: LoadResult::default(),
+                    ..at(half, Target::Floor, 0)
+                },
+            ],
+            idle: Vec::new(),
+            events: Vec::new(),
+            soak: None,
+            half_rate: 1.0,
+            seconds: 1.0,
+            loadavg: Default::default(),
+            peak_rss_mib: Vec::new(),
+        };
+        let added: Vec<_> = report
+            .rows
+            .iter()
+            .map(|r| report.p99_over_direct(r))
+            .collect();
+        assert_eq!(
+            added,
+            [None, None, Some(50), Some(-20), None],
+            "peak rows have no direct row, the direct row adds nothing to itself, a row that answered nothing has no p99"
         );
     }
 

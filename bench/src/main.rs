@@ -1410,7 +1410,9 @@ fn headline_report(
          Two network namespaces joined by veth; the proxies listen on 198.18.0.1 with the gateway's XDP program attached \
          to the veth in native mode (packets to nginx's and the floor's ports take its early exit). `mcp-upstream` \
          (1 worker) on loopback behind them. Cores: **CPU 0 runs the load generator and `mcp-upstream`, CPU 1 the proxy \
-         under test** (one loaded at a time; all pinned with `taskset`/`sched_setaffinity`). The floor is a byte relay \
+         under test** (one loaded at a time; all pinned with `taskset`/`sched_setaffinity`). The half-load rows also send \
+         their load straight to a second `mcp-upstream` (1 worker, on the proxies' address, pinned to CPU 0, no proxy): \
+         what a proxy adds to the latency is measured from it. The floor is a byte relay \
          (a connection upstream per client connection, no parsing, one monoio thread): what any proxy costs at least. \
          The gateway: 1 worker, passthrough, telemetry on. The gateway with the realistic policy (rows of small \
          calls only): a second gateway, 1 worker, the kernel program off (the veth holds one XDP program), with the \
@@ -1442,7 +1444,12 @@ fn headline_report(
         // Ratios only between rows that answered something.
         let floor = r.floor_of(row).filter(|_| row.result.ok > 0);
         let (h, u) = (row.result.latency.as_ref(), row.result.service.as_ref());
-        let cpu_ratio = floor.map(|f| row.cpu_us / f.cpu_us.max(1e-9));
+        // The row without a proxy has no proxy's CPU to show (its process is the upstream).
+        let proxied = row.target != headline::Target::Direct;
+        let cpu_ratio = floor
+            .filter(|_| proxied)
+            .map(|f| row.cpu_us / f.cpu_us.max(1e-9));
+        let p99_over_direct = r.p99_over_direct(row);
         let rps_ratio = floor.map(|f| row.result.rps() / f.result.rps().max(1e-9));
         let p99_delta =
             floor.map(|f| q(h, 0.99) as i64 - q(f.result.latency.as_ref(), 0.99) as i64);
@@ -1451,8 +1458,8 @@ fn headline_report(
             "| {} | {} | **{}** | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.0}% ({:.0}%) / {:.0}% ({:.0}%) | {:.1}% / {:.1}% |\n",
             row.kind,
             row.target.name(),
-            if row.result.ok > 0 { format!("{:.1}", row.cpu_us) } else { "-".into() },
-            if row.result.ok > 0 { format!("{:.1}", row.user_us) } else { "-".into() },
+            if row.result.ok > 0 && proxied { format!("{:.1}", row.cpu_us) } else { "-".into() },
+            if row.result.ok > 0 && proxied { format!("{:.1}", row.user_us) } else { "-".into() },
             cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
             row.result.rps(),
             rps_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
@@ -1490,12 +1497,32 @@ fn headline_report(
                 "own_p99_within_us": row.own.map(|o| o.p99_within_us),
                 "own_within_100us": row.own.map(|o| o.within_100us),
                 "floor_cpu_ratio": cpu_ratio, "floor_rps_ratio": rps_ratio, "p99_minus_floor_us": p99_delta,
+                "p99_minus_direct_us": p99_over_direct,
                 "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
                 "connections_served": fair.connections - fair.unanswered,
                 "answers_per_connection_fewest": fair.min, "answers_per_connection_median": fair.median,
                 "answers_per_connection_most": fair.max,
             }),
         );
+    }
+    // What each proxy adds to the p99 at half load: issue 18's latency goal (at most 100 µs).
+    let added: Vec<String> = r
+        .rows
+        .iter()
+        .filter_map(|row| {
+            Some(format!(
+                "{} {:+} µs",
+                row.target.name(),
+                r.p99_over_direct(row)?
+            ))
+        })
+        .collect();
+    if let Some(d) = r.rows.iter().find(|x| x.target == headline::Target::Direct) {
+        md.push_str(&format!(
+            "\nAdded to the p99 at half load, against the same load sent to an `mcp-upstream` of its own on the proxies' address (no proxy; the generator's core, p99 {} µs): {}.\n",
+            q(d.result.latency.as_ref(), 0.99),
+            if added.is_empty() { "-".to_owned() } else { added.join(", ") }
+        ));
     }
     let stolen = headline::stolen_rows(&r.rows);
     if !stolen.is_empty() {
@@ -1609,6 +1636,7 @@ fn headline_report(
             "cpu_us_per_request": row.cpu_us, "user_us_per_request": row.user_us, "achieved_rps": row.result.rps(), "ok": row.result.ok,
             "errors": row.result.errors, "missed": row.result.missed, "error_kinds": row.result.error_kinds,
             "p50_us": q(row.result.latency.as_ref(), 0.5), "p99_us": q(row.result.latency.as_ref(), 0.99),
+            "p99_minus_direct_us": r.p99_over_direct(row),
             "uncorrected_p50_us": q(row.result.service.as_ref(), 0.5), "uncorrected_p99_us": q(row.result.service.as_ref(), 0.99),
             "cpu0_busy": row.busy[0], "cpu1_busy": row.busy[1],
             "cpu0_softirq": row.softirq[0], "cpu1_softirq": row.softirq[1],
