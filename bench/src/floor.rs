@@ -1,6 +1,7 @@
 //! The floor: the least a forwarder can do. Accepts a connection, opens one to the upstream,
 //! and copies bytes both ways until either side closes: no parsing, no policy, no pooling, one
-//! monoio thread on io_uring (the gateway's runtime) with 64 KiB buffers. Every proxy row of the
+//! monoio thread on io_uring (the gateway's runtime, its ring set up as a worker's) with 64 KiB
+//! buffers. Every proxy row of the
 //! `headline` scenario is reported as its distance from this one, measured in the same run.
 //!
 //! It runs as its own process (`bench --floor-listen A --floor-upstream B`), so that its CPU
@@ -17,6 +18,7 @@ const BUF: usize = 64 * 1024;
 
 pub fn serve(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .uring_builder(gateway::runtime::uring_builder())
         .enable_timer()
         .build()?;
     rt.block_on(async move {
