@@ -1,8 +1,8 @@
 //! The floor: the least a forwarder can do. Accepts a connection, opens one to the upstream,
 //! and copies bytes both ways until either side closes: no parsing, no policy, no pooling, one
 //! monoio thread on io_uring (the gateway's runtime, its ring set up as a worker's) with 64 KiB
-//! buffers. Every proxy row of the
-//! `headline` scenario is reported as its distance from this one, measured in the same run.
+//! buffers. Every proxy row of the `headline` scenario is reported as its distance from this
+//! one, measured in the same run.
 //!
 //! It runs as its own process (`bench --floor-listen A --floor-upstream B`), so that its CPU
 //! time is read from /proc like the gateway's and nginx's. Never part of the gateway.
