@@ -269,13 +269,14 @@ async fn preflight(io: &mut Io, req: &Request, config: &Config, page: Option<&st
 
 /// version: the `MCP-Protocol-Version` header, if any, names a version the gateway speaks.
 fn version(req: &Request) -> Result<Option<&str>, Stop> {
-    let protocol = req.header_str(crate::http::name::MCP_PROTOCOL_VERSION);
+    let Some(raw) = req.header(crate::http::name::MCP_PROTOCOL_VERSION) else {
+        return Ok(None);
+    };
     // One that is not UTF-8 is refused, not taken for none: it is forwarded, and an upstream
     // that reads it as Latin-1 (and trims a no-break space) would find a version the gateway
     // never checked (a reviewer's finding).
-    if let Some(raw) = req.header(crate::http::name::MCP_PROTOCOL_VERSION)
-        && protocol.is_none_or(|v| !version::is_supported(v))
-    {
+    let protocol = std::str::from_utf8(raw).ok().map(crate::http::ows);
+    if protocol.is_none_or(|v| !version::is_supported(v)) {
         return Err(Stop::reply(
             RpcError::new(
                 error::UNSUPPORTED_VERSION,
