@@ -918,9 +918,18 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// `WWW-Authenticate` (the gateway never forwards a client's `Authorization`: the upstream's
 /// challenge is to the gateway's own credentials, and a client that followed it would sign in
 /// wherever the upstream says). Nor any `Mcp-Gateway-*`: those names are the gateway's own
-/// (`Mcp-Gateway-Budget-Remaining`), and an upstream's would read as the gateway's word.
+/// (`Mcp-Gateway-Budget-Remaining`), and an upstream's would read as the gateway's word. Nor
+/// what a proxy in front of the gateway acts on: nginx's `X-Accel-*` (`X-Accel-Redirect` had
+/// nginx serve an internal location in place of the answer, the gateway's admin API or a file,
+/// and re-send the client's request, its API key too, to wherever the upstream named: an
+/// attacker's review), Apache's and lighttpd's `X-Sendfile`, perlbal's `X-Reproxy-URL`,
+/// LiteSpeed's `X-LiteSpeed-*` and Envoy's `X-Envoy-*`.
 pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: http::Names<15> = http::Names::new([
+    const DROP: http::Names<19> = http::Names::new([
+        "x-sendfile",
+        "x-lighttpd-send-file",
+        "x-lighttpd-send-tempfile",
+        "x-reproxy-url",
         "authorization",
         "server",
         "x-powered-by",
@@ -941,7 +950,12 @@ pub(super) fn is_upstream_private(name: &str) -> bool {
         name.get(..prefix.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
     };
-    DROP.contains(name) || starts("access-control-") || starts("mcp-gateway-")
+    DROP.contains(name)
+        || starts("access-control-")
+        || starts("mcp-gateway-")
+        || starts("x-accel-")
+        || starts("x-litespeed-")
+        || starts("x-envoy-")
 }
 
 /// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the

@@ -217,6 +217,15 @@ fn an_upstreams_own_and_origin_wide_headers_are_never_relayed() {
         "Server",
         "Access-Control-Allow-Origin",
         "Alt-Svc",
+        "X-Accel-Redirect",
+        "x-accel-limit-rate",
+        "X-Accel-Buffering",
+        "X-Sendfile",
+        "X-LIGHTTPD-send-file",
+        "X-Lighttpd-Send-Tempfile",
+        "X-Reproxy-URL",
+        "X-LiteSpeed-Location",
+        "x-envoy-immediate-health-check-fail",
     ] {
         assert!(is_upstream_private(name), "{name}");
     }
@@ -230,6 +239,8 @@ fn an_upstreams_own_and_origin_wide_headers_are_never_relayed() {
         "mcp-gatewa",
         "x-mcp-gateway-budget-remaining",
         "etag",
+        "x-accel",
+        "x-request-id",
     ] {
         assert!(!is_upstream_private(name), "{name}");
     }

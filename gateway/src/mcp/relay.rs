@@ -994,12 +994,12 @@ fn client_head(
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &connection)
             && !is_upstream_private(name)
-            // Set below for every event stream: its type too, without the upstream's
-            // parameters (httpx decodes a stream in the charset they name, RFC 2231 forms
-            // such as `charset*=''utf-7` included; an attacker's review).
+            // Set below for every event stream (`X-Accel-Buffering` too, which is never
+            // relayed): its type too, without the upstream's parameters (httpx decodes a
+            // stream in the charset they name, RFC 2231 forms such as `charset*=''utf-7`
+            // included; an attacker's review).
             && !(sse
-                && (name.eq_ignore_ascii_case("x-accel-buffering")
-                    || name.eq_ignore_ascii_case("cache-control")
+                && (name.eq_ignore_ascii_case("cache-control")
                     || name.eq_ignore_ascii_case("content-type")));
         if keep && !(member.is_some() && name.eq_ignore_ascii_case("mcp-session-id")) {
             http::push_field(&mut out, name, value).map_err(unsafe_head)?;

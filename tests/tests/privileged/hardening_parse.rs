@@ -629,6 +629,64 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
     }
 }
 
+/// What a proxy in front of the gateway acts on never leaves it from an upstream, in a JSON
+/// answer or an event stream: nginx served an internal location (a file, the gateway's admin
+/// API) in place of the answer given `X-Accel-Redirect`, and re-sent the client's request with
+/// its API key to wherever the upstream named (an attacker's review, live through nginx). Nor
+/// does what is the upstream's own business (`Set-Cookie`, `Server`). The answer itself is
+/// relayed.
+#[test]
+fn what_a_proxy_in_front_acts_on_never_comes_from_an_upstream() {
+    let directives = "x-accel-redirect: /internal/flag.txt\r\nX-Accel-Limit-Rate: 1\r\nx-sendfile: /etc/passwd\r\nx-lighttpd-send-file: /etc/passwd\r\nx-reproxy-url: http://evil.example/\r\nx-litespeed-location: /internal/\r\nx-envoy-immediate-health-check-fail: true\r\nset-cookie: a=b\r\nserver: evil\r\nx-kept: yes\r\n";
+    let json: &'static str = Box::leak(
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{directives}content-length: 36\r\n\r\n{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{}}}}")
+            .into_boxed_str(),
+    );
+    let event = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+    let sse: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{directives}x-accel-buffering: yes\r\ncontent-length: {}\r\n\r\n{event}",
+            event.len()
+        )
+        .into_boxed_str(),
+    );
+    for (what, head) in [("json", json), ("event stream", sse)] {
+        let fake = FakeUpstream::start(Misbehave::Raw(head));
+        let (mut d, port) = gateway_to(&fake, "gwaccel");
+        let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
+            call.len()
+        );
+        let (r, _) = raw(port, request.as_bytes());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let head: String = r
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\n"))
+            .collect();
+        assert_eq!(r.status, 200, "{what}: {head} {text}");
+        assert!(text.contains(r#""result":{}"#), "{what}: {text}");
+        let lower = head.to_ascii_lowercase();
+        for name in [
+            "x-accel-redirect",
+            "x-accel-limit-rate",
+            "x-sendfile",
+            "x-lighttpd",
+            "x-reproxy-url",
+            "x-litespeed",
+            "x-envoy",
+            "set-cookie",
+            "server: evil",
+            "x-accel-buffering: yes",
+        ] {
+            assert!(!lower.contains(name), "{what}: {name} relayed: {head}");
+        }
+        assert!(lower.contains("x-kept: yes"), "{what}: {head}");
+        d.stop();
+    }
+}
+
 /// An `MCP-Protocol-Version` that is not UTF-8 is refused (400), never taken for none: it
 /// would be forwarded as sent, and an upstream that reads it as Latin-1 and trims the no-break
 /// space finds `2025-06-18`, a version the gateway never checked the request for.
