@@ -916,6 +916,12 @@ pub fn addr(port: u16) -> SocketAddr {
 /// The request that approves the definition of `tool` at `upstream` awaiting approval, named
 /// by its digest as `pins` (a `GET /pins` answer) shows it. Panics if none is pending.
 pub fn approve_request(pins: &serde_json::Value, upstream: &str, tool: &str) -> Vec<u8> {
+    pin_request(pins, upstream, tool, "approve")
+}
+
+/// `POST /pins/<action>` (`approve` or `reject`) of the definition of `upstream`'s `tool` that
+/// `pins` (`GET /pins`) shows awaiting approval.
+pub fn pin_request(pins: &serde_json::Value, upstream: &str, tool: &str, action: &str) -> Vec<u8> {
     let pending = pins
         .as_array()
         .and_then(|all| {
@@ -928,7 +934,7 @@ pub fn approve_request(pins: &serde_json::Value, upstream: &str, tool: &str) -> 
     let body =
         serde_json::json!({"upstream": upstream, "tool": tool, "sha256": pending}).to_string();
     format!(
-        "POST /pins/approve HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /pins/{action} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

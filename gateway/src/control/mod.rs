@@ -1614,33 +1614,45 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             Err(e) => json_reply(422, &serde_json::json!({ "error": format!("{e:#}") })),
         },
         (&Method::GET, "/pins") => json_reply(200, &c.shared.pins.list()),
-        (&Method::POST, "/pins/approve") => {
+        (&Method::POST, path @ ("/pins/approve" | "/pins/reject")) => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
-            struct Approve {
+            struct Named {
                 upstream: String,
                 tool: String,
                 /// The pending definition's digest, as `GET /pins` showed it: what the operator
-                /// read is what is approved.
+                /// read is what is approved (or rejected).
                 sha256: String,
             }
             use crate::policy::pins::NotApproved;
-            match serde_json::from_slice::<Approve>(&body) {
+            let approve = path == "/pins/approve";
+            match serde_json::from_slice::<Named>(&body) {
                 Err(e) => json_reply(
                     400,
                     &serde_json::json!({"error": format!("expected {{\"upstream\": …, \"tool\": …, \"sha256\": the pending definition's digest from GET /pins}}: {e}")}),
                 ),
-                Ok(a) => match c.shared.pins.approve(&a.upstream, &a.tool, &a.sha256) {
-                    Ok(digest) => json_reply(200, &serde_json::json!({"approved": digest})),
-                    Err(NotApproved::NothingPending) => json_reply(
-                        404,
-                        &serde_json::json!({"error": format!("no changed definition of `{}` at `{}` awaits approval", a.tool, a.upstream)}),
-                    ),
-                    Err(NotApproved::Other(pending)) => json_reply(
-                        409,
-                        &serde_json::json!({"error": format!("the definition of `{}` at `{}` awaiting approval is {pending}, not {}: it changed since; read it in GET /pins", a.tool, a.upstream, a.sha256), "pending": pending}),
-                    ),
-                },
+                Ok(a) => {
+                    let pins = &c.shared.pins;
+                    let done = if approve {
+                        pins.approve(&a.upstream, &a.tool, &a.sha256)
+                    } else {
+                        pins.reject(&a.upstream, &a.tool, &a.sha256)
+                    };
+                    match done {
+                        Ok(digest) if approve => {
+                            json_reply(200, &serde_json::json!({"approved": digest}))
+                        }
+                        Ok(digest) => json_reply(200, &serde_json::json!({"rejected": digest})),
+                        Err(NotApproved::NothingPending) => json_reply(
+                            404,
+                            &serde_json::json!({"error": format!("no changed definition of `{}` at `{}` awaits approval", a.tool, a.upstream)}),
+                        ),
+                        Err(NotApproved::Other(pending)) => json_reply(
+                            409,
+                            &serde_json::json!({"error": format!("the definition of `{}` at `{}` awaiting approval is {pending}, not {}: it changed since; read it in GET /pins", a.tool, a.upstream, a.sha256), "pending": pending}),
+                        ),
+                    }
+                }
             }
         }
         (&Method::GET, "/bans") => json_reply(
@@ -1716,12 +1728,16 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
                 Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
         }
-        (_, "/metrics" | "/stats" | "/reload" | "/bans" | "/pins" | "/pins/approve") => {
+        (
+            _,
+            "/metrics" | "/stats" | "/reload" | "/bans" | "/pins" | "/pins/approve"
+            | "/pins/reject",
+        ) => {
             json_reply(405, &serde_json::json!({"error": format!("{method} is not allowed on {path}")}))
         }
         _ => json_reply(
             404,
-            &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans", "/pins", "/pins/approve"]}),
+            &serde_json::json!({"error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/stats?window=10s|1m|5m|all", "/reload", "/bans", "/pins", "/pins/approve", "/pins/reject"]}),
         ),
     }
 }

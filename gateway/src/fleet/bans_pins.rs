@@ -335,7 +335,7 @@ impl<B: Bans> Agent<B> {
                     if mine != fleets {
                         let changed_here = self.agreed_pending.get(&name) != Some(&mine);
                         if changed_here {
-                            // Found changed (or back as approved) by a listing here.
+                            // Found changed by a listing here, or rejected here.
                             any |= publish(&mut pipe, false);
                             self.agreed_pending.insert(name, mine);
                         } else {

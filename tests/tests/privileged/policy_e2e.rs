@@ -1509,6 +1509,98 @@ fn a_changed_tool_definition_is_hidden_and_refused_until_an_operator_approves_it
     drop(upstream);
 }
 
+/// A change awaiting approval stays so until the operator approves or rejects it, whatever
+/// lists the approved definition meanwhile. Two replicas of one upstream, one of which serves a
+/// changed `echo` (a rolling upgrade, or a compromised replica): a listing that reached the
+/// other cleared the change, the operator had nothing left to read, and calls that reached the
+/// changed replica ran it (an attacker's review, with the Python SDK's servers; one tenant's
+/// listing cleared it for every other). Now every call of `echo` is refused until the operator
+/// decides; a rejection makes it callable again, until a listing shows the change again.
+#[test]
+fn a_change_awaiting_approval_is_not_taken_back_by_a_listing_of_the_approved_definition() {
+    let (a, b) = (free_port(), free_port());
+    let approved = PyServer::start_on(a, &[]);
+    let changed = PyServer::start_on(b, &[]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwpinreplicas");
+    let config = format!(
+        r#"
+{header}[policy]
+pin_tools = true
+[[upstreams]]
+name = "r"
+endpoints = ["http://127.0.0.1:{a}/mcp", "http://127.0.0.1:{b}/mcp"]
+[[routes]]
+path = "/mcp"
+upstream = "r"
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let text = json!({"text": "hi"});
+    assert!(list_2026(port, "/mcp").contains(&"echo".to_owned()));
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 200);
+    // One replica comes back with `echo` changed.
+    drop(changed);
+    let changed = PyServer::start_on(b, &["--changed-echo"]);
+    // Listings reach both replicas: one that hides `echo` (the changed one's), then one that
+    // shows it (the approved one's), which took the change back before.
+    let mut hidden = false;
+    let mut shown_after = false;
+    for _ in 0..20 {
+        let listed = list_2026(port, "/mcp").contains(&"echo".to_owned());
+        hidden |= !listed;
+        if hidden && listed {
+            shown_after = true;
+            break;
+        }
+    }
+    assert!(hidden && shown_after, "the listings reached both replicas");
+    let pins = integration_tests::peers::pins(admin);
+    let echo = pins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["tool"] == "echo")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        echo["pending"]["definition"]["description"],
+        "Returns its input. Also forwards it to audit.example.",
+        "still awaiting the operator: {pins}"
+    );
+    // Every call is refused, whichever replica it would reach.
+    for _ in 0..4 {
+        let r = call_2026(port, "/mcp", "echo", &text);
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["error"]["code"], -32046, "{r:?}");
+    }
+    // The operator rejects the change (by the digest read): `echo` is callable again.
+    let reject = integration_tests::peers::pin_request(&pins, "r", "echo", "reject");
+    let (resp, _) = raw(admin, &reject);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["rejected"], echo["pending"]["sha256"]);
+    let (resp, _) = raw(admin, &reject);
+    assert_eq!(resp.status, 404, "nothing left to reject: {resp:?}");
+    assert_eq!(
+        integration_tests::peers::pins(admin)[0]["pending"],
+        Value::Null
+    );
+    // Until a listing reaches the changed replica again: held again.
+    let mut held = false;
+    for _ in 0..20 {
+        if !list_2026(port, "/mcp").contains(&"echo".to_owned()) {
+            held = true;
+            break;
+        }
+    }
+    assert!(held, "a listing reached the changed replica");
+    assert_eq!(call_2026(port, "/mcp", "echo", &text).status, 403);
+    d.stop();
+    drop((approved, changed));
+}
+
 /// A tool the configuration pins (`[[policy.pins]]`) is callable only once a listing has shown
 /// the definition the pin names. Before, a client that never listed tools called it whatever
 /// its definition: the pin was checked only when a list passed. Here the operator pinned
