@@ -90,33 +90,40 @@ fn simple_globs_match_as_globset_does() {
         "xx/",
         "x/a",
     ];
-    let mut simple = 0;
-    for g in globs {
-        let ours = Glob::new(g).expect("a valid glob");
-        if matches!(ours, Glob::Simple(_)) {
-            simple += 1;
+    // Where `*` stops at `/` (methods, an upstream's name) and where it does not (a tool's).
+    for separator in [true, false] {
+        let mut simple = 0;
+        for g in globs {
+            let ours = Glob::new(g, separator).expect("a valid glob");
+            if matches!(ours, Glob::Simple(_) | Glob::Text(_)) {
+                simple += 1;
+            }
+            let theirs = GlobBuilder::new(g)
+                .literal_separator(separator)
+                .build()
+                .expect("a valid glob")
+                .compile_matcher();
+            for n in names {
+                assert_eq!(
+                    ours.is_match(n),
+                    theirs.is_match(n),
+                    "glob `{g}` on `{n}` (separator: {separator})"
+                );
+            }
         }
-        let theirs = GlobBuilder::new(g)
-            .literal_separator(true)
-            .build()
-            .expect("a valid glob")
-            .compile_matcher();
-        for n in names {
-            assert_eq!(ours.is_match(n), theirs.is_match(n), "glob `{g}` on `{n}`");
-        }
+        // All but `**` and `a**b` take the direct path.
+        assert_eq!(simple, globs.len() - 2);
     }
-    // All but `**` and `a**b` take the direct path.
-    assert_eq!(simple, globs.len() - 2);
 }
 
 /// Globs with classes, alternatives, `?` and escapes still compile (and bad ones are refused).
 #[test]
 fn other_globs_go_to_globset() {
     for g in ["tool_?", "t[ab]*", "{a,b}/*", "a\\*", "**/x"] {
-        assert!(matches!(Glob::new(g), Ok(Glob::Compiled(_))), "{g}");
+        assert!(matches!(Glob::new(g, true), Ok(Glob::Compiled(_))), "{g}");
     }
-    assert!(Glob::new("{a,b").is_err());
-    let g = Glob::new("{read,list}_*").expect("a valid glob");
+    assert!(Glob::new("{a,b", true).is_err());
+    let g = Glob::new("{read,list}_*", true).expect("a valid glob");
     assert!(g.is_match("read_x") && g.is_match("list_") && !g.is_match("write_x"));
 }
 

@@ -16,9 +16,10 @@ pub struct ToolRule {
     /// Where it came from, e.g. `tenants[acme].policy.tools[2]` or `policy.tools[0]`.
     pub label: String,
     pub pattern: String,
+    /// The glob of the upstream's name, when the pattern names one (`<upstream>/<tool>`).
+    upstream: Option<Glob>,
+    /// The glob of the tool's name, in which `*` matches `/` too.
     glob: Glob,
-    /// The glob names an upstream (`<upstream>/<tool>`).
-    qualified: bool,
     pub action: Action,
     pub cost: u64,
     pub rate: Option<(u64, u64)>,
@@ -29,7 +30,19 @@ pub struct ToolRule {
 
 impl ToolRule {
     pub fn compile(label: String, raw: &RawToolRule) -> Result<Self, (String, String)> {
-        let glob = Glob::new(&raw.pattern).map_err(|e| (format!("{label}.match"), e))?;
+        // Split at the first `/`: an upstream's name holds none, a tool's may (outside the
+        // characters the specification asks for, but served): `*` stopped at a `/`, so a tool
+        // named `x/drop` escaped a tenant's `deny` of `*` (an attacker's review).
+        let (upstream, tool) = match raw.pattern.split_once('/') {
+            Some((upstream, tool)) => (Some(upstream), tool),
+            None => (None, raw.pattern.as_str()),
+        };
+        let invalid = |e| (format!("{label}.match"), e);
+        let upstream = upstream
+            .map(|u| Glob::new(u, true))
+            .transpose()
+            .map_err(invalid)?;
+        let glob = Glob::new(tool, false).map_err(invalid)?;
         if raw.burst.is_some() && raw.requests_per_sec.is_none() {
             return Err((format!("{label}.burst"), "needs `requests_per_sec`".into()));
         }
@@ -47,7 +60,7 @@ impl ToolRule {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             pattern: raw.pattern.clone(),
-            qualified: raw.pattern.contains('/'),
+            upstream,
             glob,
             action: raw.action,
             cost: raw.cost.unwrap_or(1),
@@ -63,13 +76,7 @@ impl ToolRule {
 
     /// Whether this rule covers `tool` of `upstream` (the upstream's own name for it).
     pub fn matches(&self, upstream: &str, tool: &str) -> bool {
-        if self.qualified {
-            // Short names fit on the stack-free fast path rarely; a small allocation is fine
-            // next to the JSON work of a call.
-            self.glob.is_match(&format!("{upstream}/{tool}"))
-        } else {
-            self.glob.is_match(tool)
-        }
+        self.upstream.as_ref().is_none_or(|u| u.is_match(upstream)) && self.glob.is_match(tool)
     }
 
     /// Checks `arguments` (absent means `{}`) against the size cap and each argument rule; the
@@ -114,7 +121,7 @@ pub struct MethodRule {
 impl MethodRule {
     pub fn compile(label: String, raw: &RawMethodRule) -> Result<Self, (String, String)> {
         Ok(Self {
-            glob: Glob::new(&raw.pattern).map_err(|e| (format!("{label}.match"), e))?,
+            glob: Glob::new(&raw.pattern, true).map_err(|e| (format!("{label}.match"), e))?,
             pattern: raw.pattern.clone(),
             action: raw.action,
             label,
@@ -131,14 +138,21 @@ impl MethodRule {
 /// build (1,000 rules: 20 MiB and 200 ms per load). Any other glob goes to `globset`.
 #[derive(Debug)]
 enum Glob {
-    /// The pattern split at `/`, each piece split at `*`.
+    /// The pattern split at `/`, each piece split at `*` (`*` does not match `/`).
     Simple(Vec<Vec<Box<str>>>),
+    /// The pattern split at `*`, which matches any run of characters, `/` too.
+    Text(Vec<Box<str>>),
     Compiled(GlobMatcher),
 }
 
 impl Glob {
-    fn new(pattern: &str) -> Result<Self, String> {
+    /// `separator`: whether `*` stops at `/` (a method's `tools/*` does not match
+    /// `notifications/tools/list_changed`).
+    fn new(pattern: &str, separator: bool) -> Result<Self, String> {
         if !pattern.contains("**") && !pattern.contains(['?', '[', ']', '{', '}', ',', '\\']) {
+            if !separator {
+                return Ok(Self::Text(pattern.split('*').map(Box::from).collect()));
+            }
             return Ok(Self::Simple(
                 pattern
                     .split('/')
@@ -147,7 +161,7 @@ impl Glob {
             ));
         }
         GlobBuilder::new(pattern)
-            .literal_separator(true)
+            .literal_separator(separator)
             .build()
             .map(|g| Self::Compiled(g.compile_matcher()))
             .map_err(|e| e.to_string())
@@ -163,12 +177,13 @@ impl Glob {
                     .all(|p| parts.next().is_some_and(|part| piece_matches(p, part)))
                     && parts.next().is_none()
             }
+            Self::Text(lits) => piece_matches(lits, name),
             Self::Compiled(g) => g.is_match(name),
         }
     }
 }
 
-/// Whether `text` (no `/`) matches the literals `lits` joined by `*` (any run of characters).
+/// Whether `text` matches the literals `lits` joined by `*` (any run of characters).
 /// Each middle literal taken at its leftmost place leaves the most room for the rest.
 fn piece_matches(lits: &[Box<str>], text: &str) -> bool {
     let (first, rest) = match lits {
@@ -1176,6 +1191,18 @@ mod tests {
         let qualified = tool("match = \"github/create_*\"");
         assert!(qualified.matches("github", "create_issue"));
         assert!(!qualified.matches("gitlab", "create_issue"));
+        // A tool's name may hold `/`: `*` matches it there, as any other character (a tool
+        // named `x/drop` escaped a `deny` of `*`), but not in the upstream's part.
+        let every = tool("match = \"*\"");
+        assert!(every.matches("u", "x/drop") && every.matches("u", "/"));
+        let any_upstream = tool("match = \"*/*_drop\"");
+        assert!(any_upstream.matches("u", "x/y_drop"));
+        assert!(!any_upstream.matches("u", "x/y_keep"));
+        let own = tool("match = \"github/*\"");
+        assert!(own.matches("github", "a/b"));
+        assert!(!own.matches("git", "hub/a"));
+        let slash = tool("match = \"u/x/*\"");
+        assert!(slash.matches("u", "x/y") && !slash.matches("u/x", "y"));
         let every = tool("match = \"*/delete_*\"");
         assert!(every.matches("fs", "delete_file"));
         assert!(!every.matches("fs", "read_file"));

@@ -1007,6 +1007,56 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
     d.stop();
 }
 
+/// A tool's name may hold `/` (outside the characters the specification asks for; the Python
+/// SDK serves it): a rule's `*` matches it there. Before, `*` stopped at a `/`, so `admin/drop`
+/// escaped a `deny` of `*drop*` and of `u0/*`: listed and run (a reviewer's note, confirmed on
+/// the code before).
+#[test]
+fn a_deny_rule_covers_a_tool_whose_name_holds_a_slash() {
+    let up_port = free_port();
+    let _upstream = PyServer::start_on(up_port, &["--slash-tool"]);
+    for pattern in ["*drop*", "u0/*"] {
+        let port = free_port();
+        let admin = free_port();
+        let instance = unique("gwslash");
+        let allow_echo = if pattern == "u0/*" {
+            "[[policy.tools]]\nmatch = \"u0/echo\"\naction = \"allow\"\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            r#"
+{header}[policy]
+default_action = "allow"
+{allow_echo}[[policy.tools]]
+match = "{pattern}"
+action = "deny"
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+            header = local_header(&instance, 1, port, admin),
+        );
+        let mut d = Daemon::start_local(&instance, &config);
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let got = py_script(LIST_AND_CALL_EACH, &[&url, "admin/drop", "echo"]);
+        let tools = got["tools"].as_array().unwrap();
+        assert!(!tools.contains(&json!("admin/drop")), "{pattern}: {got}");
+        assert!(tools.contains(&json!("echo")), "{pattern}: {got}");
+        assert!(
+            got["calls"]["admin/drop"]
+                .as_str()
+                .is_some_and(|e| e.contains("is not allowed")),
+            "{pattern}: {got}"
+        );
+        assert_eq!(got["calls"]["echo"], json!(["hi"]), "{pattern}: {got}");
+        d.stop();
+    }
+}
+
 /// The loop breaker counts a pinned tool's call by the arguments its schema declares: the
 /// Python SDK's server ignores a key `add(a, b)` does not declare and runs the same call, so a
 /// junk key added to each call (another each time) no longer escapes the breaker (an
