@@ -141,8 +141,11 @@ async fn serve(mut io: Io) {
     loop {
         let req = match http::read_request(&mut io, &limits).await {
             Ok(r) => r,
-            Err(http::HttpError::Closed) => return,
-            Err(e) => {
+            Err(http::Unread {
+                error: http::HttpError::Closed,
+                ..
+            }) => return,
+            Err(http::Unread { error: e, .. }) => {
                 let body = RpcError::invalid_request(e.to_string()).body();
                 let _ = io
                     .write_all(http::response(

@@ -562,9 +562,19 @@ pub fn parse_head(
     end: &mut HeadEnd,
     limits: &Limits,
 ) -> Result<Option<(usize, Request, Option<BodyKind>)>, HttpError> {
+    read_head(buf, end, limits).map_err(|u| u.error)
+}
+
+/// [`parse_head`], a head refused for its fields or its framing given back with the refusal.
+fn read_head(
+    buf: &[u8],
+    end: &mut HeadEnd,
+    limits: &Limits,
+) -> Result<Option<(usize, Request, Option<BodyKind>)>, Unread> {
+    let unread = |error| Unread { error, head: None };
     if !end.may_be_complete(buf) {
         return if buf.len() > limits.max_head {
-            Err(HttpError::HeadTooLarge(limits.max_head))
+            Err(unread(HttpError::HeadTooLarge(limits.max_head)))
         } else {
             Ok(None)
         };
@@ -575,21 +585,25 @@ pub fn parse_head(
     let head_len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > limits.max_head => {
-            return Err(HttpError::HeadTooLarge(limits.max_head));
+            return Err(unread(HttpError::HeadTooLarge(limits.max_head)));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::HeadTooLarge(limits.max_head));
+            return Err(unread(HttpError::HeadTooLarge(limits.max_head)));
         }
-        Err(_) => return Err(HttpError::BadRequest("malformed request line or header")),
+        Err(_) => {
+            return Err(unread(HttpError::BadRequest(
+                "malformed request line or header",
+            )));
+        }
     };
     if head_len > limits.max_head {
-        return Err(HttpError::HeadTooLarge(limits.max_head));
+        return Err(unread(HttpError::HeadTooLarge(limits.max_head)));
     }
     if has_bare_lf(&buf[..head_len]) {
-        return Err(HttpError::BadRequest(
+        return Err(unread(HttpError::BadRequest(
             "a line of the head ends in LF without CR",
-        ));
+        )));
     }
     let mut req = Request {
         method: parsed.method.unwrap_or_default().to_owned(),
@@ -599,9 +613,14 @@ pub fn parse_head(
         body: bytes::Bytes::new(),
         keep_alive: true,
     };
-    check_head(&mut req)?;
-    let kind = framing(&req.headers, limits.max_body)?;
-    Ok(Some((head_len, req, kind)))
+    let kind = check_head(&mut req).and_then(|()| framing(&req.headers, limits.max_body));
+    match kind {
+        Ok(kind) => Ok(Some((head_len, req, kind))),
+        Err(error) => Err(Unread {
+            error,
+            head: Some(Box::new(req)),
+        }),
+    }
 }
 
 /// Whether a line of `head` ends in a bare LF. The parser takes one as a line's end (RFC 9112
@@ -625,10 +644,11 @@ fn leading_empty_lines(buf: &[u8]) -> usize {
 }
 
 /// Reads one request (head and whole body) from `io`.
-pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpError> {
+pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, Unread> {
+    let unread = |error| Unread { error, head: None };
     // Wait for the first byte with the idle timeout; from then on, the request timeout.
-    if io.pending().is_empty() && io.fill(limits.idle_timeout).await? == 0 {
-        return Err(HttpError::Closed);
+    if io.pending().is_empty() && io.fill(limits.idle_timeout).await.map_err(unread)? == 0 {
+        return Err(unread(HttpError::Closed));
     }
     let deadline = monoio::time::Instant::now() + limits.request_timeout;
     let mut end = HeadEnd::default();
@@ -641,18 +661,27 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
         if lines > 0 {
             blank += lines;
             if blank > limits.max_head {
-                return Err(HttpError::HeadTooLarge(limits.max_head));
+                return Err(unread(HttpError::HeadTooLarge(limits.max_head)));
             }
             io.consume(lines);
             end = HeadEnd::default();
         }
-        if let Some((head_len, req, kind)) = parse_head(io.pending(), &mut end, limits)? {
+        if let Some((head_len, req, kind)) = read_head(io.pending(), &mut end, limits)? {
             io.consume(head_len);
             break (req, kind);
         }
-        if io.fill_until(deadline).await? == 0 {
-            return Err(HttpError::BadRequest("connection closed mid-request"));
+        if io.fill_until(deadline).await.map_err(unread)? == 0 {
+            return Err(unread(HttpError::BadRequest(
+                "connection closed mid-request",
+            )));
         }
+    };
+    // From here on, what is refused is refused with its head (for the record).
+    let unread = |error, req| {
+        Err(Unread {
+            error,
+            head: Some(Box::new(req)),
+        })
     };
     // RFC 9110 §10.1.1: never an interim response to an HTTP/1.0 client.
     if kind.is_some()
@@ -660,16 +689,28 @@ pub async fn read_request(io: &mut Io, limits: &Limits) -> Result<Request, HttpE
         && req
             .header(crate::http::name::EXPECT)
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
-    {
-        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+        && io
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
             .await
-            .map_err(|_| HttpError::Closed)?;
+            .is_err()
+    {
+        return unread(HttpError::Closed, req);
     }
     req.body = match kind {
         None => bytes::Bytes::new(),
-        Some(kind) => io.read_body(kind, limits.max_body, deadline).await?.into(),
+        Some(kind) => match io.read_body(kind, limits.max_body, deadline).await {
+            Ok(body) => body.into(),
+            Err(e) => return unread(e, req),
+        },
     };
     Ok(req)
+}
+
+/// A request that was not read whole: why, and its head when that was read (a body too
+/// large, cut short or too slow), so that the refusal is recorded with its route.
+pub struct Unread {
+    pub error: HttpError,
+    pub head: Option<Box<Request>>,
 }
 
 /// The reason phrase of `status`: the registered one, or none (RFC 9112 §4 lets it be empty).

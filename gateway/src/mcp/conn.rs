@@ -178,10 +178,12 @@ async fn serve_one(
             ..req
         },
         Ok(req) => req,
-        Err(HttpError::Closed) => return false,
-        Err(e) => {
-            let err = RpcError::invalid_request(e.to_string());
-            let _ = io.write_all(json_response(e.status(), &err, false)).await;
+        Err(http::Unread {
+            error: HttpError::Closed,
+            ..
+        }) => return false,
+        Err(unread) => {
+            super::stages::unread(io, unread, peer, snapshot, ctx).await;
             return false;
         }
     };

@@ -106,6 +106,45 @@ pub(super) async fn handle(
     keep
 }
 
+/// A request that was not read whole (a head too large or malformed, a body too large, cut
+/// short or too slow): refused, and recorded as every refusal is (metrics, `gateway top`, the
+/// access log; the audit log when its head named a route). Before, such refusals were answered
+/// and counted nowhere: a flood of them, or a client whose every call was too large, showed in
+/// no error ratio (an operator's review).
+pub(super) async fn unread(
+    io: &mut Io,
+    unread: http::Unread,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    ctx: &WorkerCtx,
+) {
+    let started = Instant::now();
+    let req = unread.head.map_or_else(
+        || Request {
+            method: String::new(),
+            target: String::new(),
+            minor: 1,
+            headers: http::Fields::default(),
+            body: bytes::Bytes::new(),
+            keep_alive: false,
+        },
+        |head| *head,
+    );
+    let obs = Obs::default();
+    obs.method.set(stats::method_label(&req.method));
+    obs.decision.borrow_mut().reason = Some(unread.error.to_string());
+    io.begin_response();
+    let err = RpcError::invalid_request(unread.error.to_string());
+    let _ = io
+        .write_all(json_response(unread.error.status(), &err, false))
+        .await;
+    let status = io.response_status();
+    record(&req, peer, snapshot, ctx, &obs, started, status);
+    if ctx.shared.access.load().enabled() {
+        record_access(&req, peer, snapshot, ctx, &obs, started, status);
+    }
+}
+
 /// The stages in order.
 async fn run<'c>(
     io: &mut Io,

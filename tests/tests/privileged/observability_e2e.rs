@@ -741,6 +741,142 @@ auth = ["api_key"]
     d.stop();
 }
 
+/// A request the gateway refuses before it is read whole (a head too large, a body too large,
+/// framing that contradicts itself, a body that never comes) is counted and logged as every
+/// refusal is: in `/metrics` (its route when its head named one), the access log, and the
+/// audit log when it names a route. Before, they were answered and recorded nowhere: 200 such
+/// refusals beside 10 good calls showed in `gateway top` as "10 requests, errors 0.00%" (an
+/// operator's review).
+#[test]
+fn requests_refused_before_they_are_read_whole_are_counted_and_logged() {
+    let demo_port = free_port();
+    let _demo = demo_upstream(demo_port);
+    let dir = std::env::temp_dir().join(unique("gwunread"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let log = dir.join("access.log");
+    let audit = dir.join("audit.log");
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwunread");
+    let config = format!(
+        r#"
+[gateway]
+instance = "{instance}"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:{port}"
+[admin]
+address = "127.0.0.1:{admin}"
+[kernel]
+enabled = false
+default_tenant = "public"
+[http]
+max_body_bytes = 4096
+max_header_bytes = 4096
+request_timeout_ms = 1000
+[telemetry.access_log]
+path = "{log}"
+fields = ["method", "path", "status", "outcome"]
+[audit]
+path = "{audit}"
+[[tenants]]
+name = "public"
+id = 0
+[[upstreams]]
+name = "demo"
+url = "http://127.0.0.1:{demo_port}/mcp"
+[[routes]]
+path = "/demo"
+upstream = "demo"
+"#,
+        log = log.display(),
+        audit = audit.display(),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let big = "x".repeat(8000);
+    let sent: [(&str, Vec<u8>, u16); 4] = [
+        (
+            "head too large",
+            format!("POST /demo HTTP/1.1\r\nhost: gw\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n")
+                .into_bytes(),
+            431,
+        ),
+        (
+            "body too large",
+            format!("POST /demo HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 8000\r\n\r\n{big}")
+                .into_bytes(),
+            413,
+        ),
+        (
+            "both framings",
+            b"POST /demo HTTP/1.1\r\nhost: gw\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a body that never comes",
+            b"POST /demo HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{".to_vec(),
+            408,
+        ),
+    ];
+    for (what, bytes, status) in &sent {
+        let (r, _) = raw(port, bytes);
+        assert_eq!(r.status, *status, "{what}: {r:?}");
+    }
+    let mut lines = log_lines_until(&log, |lines| lines.len() >= sent.len());
+    lines.sort_by_key(|l| l["status"].as_u64());
+    let statuses: Vec<u64> = lines.iter().filter_map(|l| l["status"].as_u64()).collect();
+    assert_eq!(statuses, [400, 408, 413, 431], "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["outcome"], "refused", "{line}");
+    }
+    // Those whose head was read name its path (not the head too large).
+    for line in &lines[..3] {
+        assert_eq!(line["path"], "/demo", "{lines:?}");
+        assert_eq!(line["method"], "POST", "{lines:?}");
+    }
+    assert_eq!(lines[3]["path"], "", "{lines:?}");
+    let refused = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("mcp_gateway_requests_total{") && l.contains(r#"outcome="refused""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (m, _) = raw(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+        );
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        if refused(&text) >= 4 || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(refused(&text), 4, "{text}");
+    assert!(
+        text.contains(r#"mcp_gateway_requests_total{route="/demo""#),
+        "{text}"
+    );
+    // The audit log has those that named a route (the head too large named none).
+    let audited = log_lines_until(&audit, |lines| lines.len() >= 3);
+    assert_eq!(audited.len(), 3, "{audited:?}");
+    for line in &audited {
+        assert_eq!(line["decision"], "refused", "{line}");
+        assert_eq!(line["route"], "/demo", "{line}");
+    }
+    d.stop();
+}
+
 /// The JSON lines of a log the gateway writes, read again every 50 ms until `done` says they
 /// are all there (5 s at most). Whole lines only: the writer's buffer may have gone to the
 /// file in the middle of one.
