@@ -97,6 +97,7 @@ impl RawConfig {
                 ("connect_timeout_ms", u.connect_timeout_ms),
                 ("response_timeout_ms", u.response_timeout_ms),
                 ("stream_idle_timeout_ms", u.stream_idle_timeout_ms),
+                ("idle_reuse_ms", u.idle_reuse_ms),
             ] {
                 floor(key(f), ms)?;
             }

@@ -451,6 +451,12 @@ pub struct RawUpstream {
     /// in use at once lately, if more); 0: none kept.
     #[serde(default = "default_max_idle")]
     pub max_idle_connections_per_worker: usize,
+    /// How long an idle pooled connection may wait for its next request; one idle longer is
+    /// closed instead. Below the upstream server's own keep-alive timeout (uvicorn and Node
+    /// close idle connections after 5 s), so that a request is never written to a connection
+    /// the server is closing at that moment (the call would fail with 502). 0: none reused.
+    #[serde(default = "default_idle_reuse_ms")]
+    pub idle_reuse_ms: u64,
     /// Circuit breakers for this upstream as a whole and for each of its tools; none when not
     /// given.
     #[serde(default)]
@@ -611,6 +617,9 @@ const fn default_stream_idle_timeout_ms() -> u64 {
 }
 const fn default_max_idle() -> usize {
     32
+}
+const fn default_idle_reuse_ms() -> u64 {
+    4_000
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -906,6 +915,8 @@ pub struct Upstream {
     /// `Authorization` value sent upstream, if any.
     pub authorization: Option<String>,
     pub max_idle: usize,
+    /// See [`RawUpstream::idle_reuse_ms`].
+    pub idle_reuse: Duration,
     pub breaker: Option<RawBreaker>,
     /// A stdio upstream (run as a child process); `None` for http and https. The HTTP fields
     /// above are then unused.

@@ -643,6 +643,7 @@ impl RawUpstream {
             stream_idle_timeout: Duration::from_millis(u.stream_idle_timeout_ms),
             authorization,
             max_idle: u.max_idle_connections_per_worker,
+            idle_reuse: Duration::from_millis(u.idle_reuse_ms),
             breaker: u.breaker,
             stdio,
             era: u.era,

@@ -56,6 +56,7 @@ fn upstream() -> Upstream {
         stream_idle_timeout: Duration::from_secs(1),
         authorization: Some("Bearer up".into()),
         max_idle: 1,
+        idle_reuse: Duration::from_secs(4),
         breaker: None,
         stdio: None,
         era: crate::config::UpstreamEra::Auto,
