@@ -427,7 +427,7 @@ impl Serving {
             shared.handing_over.store(true, Relaxed);
             tracing::info!(
                 new_pid = pid,
-                grace_ms = grace.as_millis() as u64,
+                grace_ms = shared.drain_for(grace).as_millis() as u64,
                 "handed over to the upgraded gateway: draining"
             );
         } else {
@@ -460,7 +460,7 @@ impl Serving {
                 let _ = t.join();
             }
         });
-        if tokio::time::timeout(grace + Duration::from_secs(1), joined)
+        if tokio::time::timeout(shared.drain_for(grace) + Duration::from_secs(1), joined)
             .await
             .is_err()
         {

@@ -444,7 +444,7 @@ async fn worker(
     stopped(&mut shutdown).await;
     // Connections waiting idle close now (or linger through a handover).
     crate::http::deadline::stop_all();
-    let deadline = monoio::time::Instant::now() + grace;
+    let deadline = monoio::time::Instant::now() + shared.drain_for(grace);
     while !active.is_empty() && monoio::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }

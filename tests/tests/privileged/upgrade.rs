@@ -85,11 +85,8 @@ impl Drop for Successor {
     }
 }
 
-fn config(instance: &str, port: u16, admin: u16, up: u16, kernel: Option<&str>) -> String {
-    config_with(instance, port, admin, up, kernel, "")
-}
-
-/// [`config`] with `more` at its end.
+/// A gateway of two workers in front of `up` at `/mcp` (the kernel program on `kernel`, if
+/// given), with `more` at its end.
 fn config_with(
     instance: &str,
     port: u16,
@@ -184,6 +181,11 @@ struct Upgradable {
 
 impl Upgradable {
     fn start(name: &str) -> Self {
+        Self::start_with(name, "")
+    }
+
+    /// [`Upgradable::start`] with `more` at the end of its configuration.
+    fn start_with(name: &str, more: &str) -> Self {
         require_root();
         // SAFETY: prctl(2) on this process only.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -195,7 +197,7 @@ impl Upgradable {
         };
         let upstream = PyServer::start(true);
         let (port, admin) = (free_port(), free_port());
-        let text = config(&instance, port, admin, upstream.port, None);
+        let text = config_with(&instance, port, admin, upstream.port, None, more);
         let d = Daemon::start_local_with_env(
             &instance,
             &text,
@@ -600,6 +602,65 @@ fn an_upgrade_with_an_invalid_configuration_leaves_the_running_gateway_serving()
         d.log()
     );
     assert!(tally.ok.load(Ordering::Relaxed) > 0);
+    drop(successor);
+}
+
+/// A call in flight at an upgrade is answered, however long past `shutdown_grace_ms` (5 s
+/// here), within its upstream's `response_timeout_ms` (30 s by default): the old process drains
+/// that long after a handover (the new one serves meanwhile). Before, it drained for the grace
+/// alone, and a call of 6.5 s was cut at every upgrade with no answer (an operator's review).
+#[test]
+fn an_upgrade_cuts_no_call_its_timeouts_allow() {
+    let slow = integration_tests::peers::FakeUpstream::start(
+        integration_tests::peers::Misbehave::DelayFromBody,
+    );
+    let more = format!(
+        "[[upstreams]]\nname = \"slow\"\nurl = \"http://127.0.0.1:{}/mcp\"\n[[routes]]\npath = \"/slow\"\nupstream = \"slow\"\n",
+        slow.port
+    );
+    let Upgradable {
+        mut d,
+        mut successor,
+        upstream: _upstream,
+        instance,
+        runtime,
+        port,
+        admin: _,
+    } = Upgradable::start_with("upgslow", &more);
+    let call = std::thread::spawn(move || {
+        let request = integration_tests::peers::post_call_2026(
+            "/slow",
+            9,
+            "sleep",
+            &serde_json::json!({"delay_ms": 6500}),
+            "",
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(&request).expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        read_response(&mut s).map(|r| (r.status, r.json()["id"].clone()))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let pid = new_pid(&upgrade(&instance, &runtime));
+    successor.pid = Some(pid);
+    let answered = call.join().expect("the client thread");
+    assert_eq!(
+        answered,
+        Some((200, serde_json::json!(9))),
+        "the call in flight at the upgrade; log:\n{}",
+        d.log()
+    );
+    let exited = d.wait_exit(Duration::from_secs(15));
+    assert!(
+        exited.is_some(),
+        "the old gateway did not exit; log:\n{}",
+        d.log()
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "the call ran past the grace"
+    );
     drop(successor);
 }
 
