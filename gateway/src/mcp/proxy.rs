@@ -922,14 +922,21 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
 /// what a proxy in front of the gateway acts on: nginx's `X-Accel-*` (`X-Accel-Redirect` had
 /// nginx serve an internal location in place of the answer, the gateway's admin API or a file,
 /// and re-send the client's request, its API key too, to wherever the upstream named: an
-/// attacker's review), Apache's and lighttpd's `X-Sendfile`, perlbal's `X-Reproxy-URL`,
-/// LiteSpeed's `X-LiteSpeed-*` and Envoy's `X-Envoy-*`.
+/// attacker's review), Apache's and lighttpd's `X-Sendfile*` (`X-Sendfile-Temporary` deletes
+/// the file it sends), lighttpd's `X-Lighttpd-*`, perlbal's `X-Reproxy-*`, LiteSpeed's
+/// `X-LiteSpeed-*` and Envoy's `X-Envoy-*`. Nor what a browser or a CDN applies to the whole
+/// origin: `NEL`, `Report-To` and `Reporting-Endpoints` (every request to the gateway reported,
+/// with its URL, to the upstream's endpoint), `Accept-CH`, and `Surrogate-Control`,
+/// `CDN-Cache-Control` and `Edge-Control` (a cache in front keeping one caller's answer).
 pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: http::Names<19> = http::Names::new([
-        "x-sendfile",
-        "x-lighttpd-send-file",
-        "x-lighttpd-send-tempfile",
-        "x-reproxy-url",
+    const DROP: http::Names<22> = http::Names::new([
+        "nel",
+        "report-to",
+        "reporting-endpoints",
+        "accept-ch",
+        "surrogate-control",
+        "cdn-cache-control",
+        "edge-control",
         "authorization",
         "server",
         "x-powered-by",
@@ -954,6 +961,9 @@ pub(super) fn is_upstream_private(name: &str) -> bool {
         || starts("access-control-")
         || starts("mcp-gateway-")
         || starts("x-accel-")
+        || starts("x-sendfile")
+        || starts("x-lighttpd-")
+        || starts("x-reproxy-")
         || starts("x-litespeed-")
         || starts("x-envoy-")
 }

@@ -227,6 +227,17 @@ fn an_upstreams_own_and_origin_wide_headers_are_never_relayed() {
         "X-Reproxy-URL",
         "X-LiteSpeed-Location",
         "x-envoy-immediate-health-check-fail",
+        "X-Sendfile-Temporary",
+        "X-Sendfile2",
+        "X-Reproxy-File",
+        "X-Reproxy-Service",
+        "NEL",
+        "Report-To",
+        "Reporting-Endpoints",
+        "Accept-CH",
+        "Surrogate-Control",
+        "CDN-Cache-Control",
+        "Edge-Control",
     ] {
         assert!(is_upstream_private(name), "{name}");
     }

@@ -637,7 +637,7 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
 /// relayed.
 #[test]
 fn what_a_proxy_in_front_acts_on_never_comes_from_an_upstream() {
-    let directives = "x-accel-redirect: /internal/flag.txt\r\nX-Accel-Limit-Rate: 1\r\nx-sendfile: /etc/passwd\r\nx-lighttpd-send-file: /etc/passwd\r\nx-reproxy-url: http://evil.example/\r\nx-litespeed-location: /internal/\r\nx-envoy-immediate-health-check-fail: true\r\nset-cookie: a=b\r\nserver: evil\r\nx-kept: yes\r\n";
+    let directives = "x-accel-redirect: /internal/flag.txt\r\nX-Accel-Limit-Rate: 1\r\nx-sendfile: /etc/passwd\r\nx-lighttpd-send-file: /etc/passwd\r\nx-reproxy-url: http://evil.example/\r\nx-litespeed-location: /internal/\r\nx-envoy-immediate-health-check-fail: true\r\nx-sendfile-temporary: /etc/passwd\r\nx-sendfile2: /etc/passwd 0-\r\nx-reproxy-file: /etc/passwd\r\nnel: {\"report_to\":\"evil\"}\r\nreport-to: {\"group\":\"evil\"}\r\nsurrogate-control: max-age=3600\r\nset-cookie: a=b\r\nserver: evil\r\nx-kept: yes\r\n";
     let json: &'static str = Box::leak(
         format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{directives}content-length: 36\r\n\r\n{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{}}}}")
             .into_boxed_str(),
@@ -676,6 +676,12 @@ fn what_a_proxy_in_front_acts_on_never_comes_from_an_upstream() {
             "x-reproxy-url",
             "x-litespeed",
             "x-envoy",
+            "x-sendfile-temporary",
+            "x-sendfile2",
+            "x-reproxy-file",
+            "nel:",
+            "report-to",
+            "surrogate-control",
             "set-cookie",
             "server: evil",
             "x-accel-buffering: yes",
