@@ -18,8 +18,10 @@ pub struct ToolRule {
     pub pattern: String,
     /// The glob of the upstream's name, when the pattern names one (`<upstream>/<tool>`).
     upstream: Option<Glob>,
-    /// The glob of the tool's name, in which `*` matches `/` too.
+    /// The glob of the tool's name, in which `*` matches `/` too; or, for a pattern whose
+    /// upstream part holds `**` (`whole`), of `<upstream>/<tool>`, where `**` spans `/`.
     glob: Glob,
+    whole: bool,
     pub action: Action,
     pub cost: u64,
     pub rate: Option<(u64, u64)>,
@@ -33,16 +35,26 @@ impl ToolRule {
         // Split at the first `/`: an upstream's name holds none, a tool's may (outside the
         // characters the specification asks for, but served): `*` stopped at a `/`, so a tool
         // named `x/drop` escaped a tenant's `deny` of `*` (an attacker's review).
+        // A pattern whose upstream part holds `**` (`**/drop`: the tool at any depth) is
+        // matched whole, as before, `**` spanning the `/`s: split, it matched `drop` alone, and
+        // `admin/drop` escaped a `deny` of it (a review of the split).
         let (upstream, tool) = match raw.pattern.split_once('/') {
             Some((upstream, tool)) => (Some(upstream), tool),
             None => (None, raw.pattern.as_str()),
         };
+        let whole = upstream.is_some_and(|u| u.contains("**"));
         let invalid = |e| (format!("{label}.match"), e);
-        let upstream = upstream
-            .map(|u| Glob::new(u, true))
-            .transpose()
-            .map_err(invalid)?;
-        let glob = Glob::new(tool, false).map_err(invalid)?;
+        let (upstream, glob) = if whole {
+            (None, Glob::new(&raw.pattern, true).map_err(invalid)?)
+        } else {
+            (
+                upstream
+                    .map(|u| Glob::new(u, true))
+                    .transpose()
+                    .map_err(invalid)?,
+                Glob::new(tool, false).map_err(invalid)?,
+            )
+        };
         if raw.burst.is_some() && raw.requests_per_sec.is_none() {
             return Err((format!("{label}.burst"), "needs `requests_per_sec`".into()));
         }
@@ -62,6 +74,7 @@ impl ToolRule {
             pattern: raw.pattern.clone(),
             upstream,
             glob,
+            whole,
             action: raw.action,
             cost: raw.cost.unwrap_or(1),
             rate: raw
@@ -76,6 +89,9 @@ impl ToolRule {
 
     /// Whether this rule covers `tool` of `upstream` (the upstream's own name for it).
     pub fn matches(&self, upstream: &str, tool: &str) -> bool {
+        if self.whole {
+            return self.glob.is_match(&format!("{upstream}/{tool}"));
+        }
         self.upstream.as_ref().is_none_or(|u| u.is_match(upstream)) && self.glob.is_match(tool)
     }
 
@@ -1203,6 +1219,12 @@ mod tests {
         assert!(!own.matches("git", "hub/a"));
         let slash = tool("match = \"u/x/*\"");
         assert!(slash.matches("u", "x/y") && !slash.matches("u/x", "y"));
+        // `**` in the upstream's part: the pattern whole, `**` spanning `/`s.
+        let deep = tool("match = \"**/drop\"");
+        assert!(deep.matches("u", "drop") && deep.matches("u", "admin/drop"));
+        assert!(!deep.matches("u", "dropped"));
+        let deep = tool("match = \"**/delete_*\"");
+        assert!(deep.matches("u", "ns/delete_x") && !deep.matches("u", "keep"));
         let every = tool("match = \"*/delete_*\"");
         assert!(every.matches("fs", "delete_file"));
         assert!(!every.matches("fs", "read_file"));

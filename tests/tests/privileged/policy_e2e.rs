@@ -1010,12 +1010,13 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
 /// A tool's name may hold `/` (outside the characters the specification asks for; the Python
 /// SDK serves it): a rule's `*` matches it there. Before, `*` stopped at a `/`, so `admin/drop`
 /// escaped a `deny` of `*drop*` and of `u0/*`: listed and run (a reviewer's note, confirmed on
-/// the code before).
+/// the code before). And `**/drop` still covers it (the first split of the pattern at its `/`
+/// matched `drop` alone: a review of the change).
 #[test]
 fn a_deny_rule_covers_a_tool_whose_name_holds_a_slash() {
     let up_port = free_port();
     let _upstream = PyServer::start_on(up_port, &["--slash-tool"]);
-    for pattern in ["*drop*", "u0/*"] {
+    for pattern in ["*drop*", "u0/*", "**/drop"] {
         let port = free_port();
         let admin = free_port();
         let instance = unique("gwslash");
