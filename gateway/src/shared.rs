@@ -772,11 +772,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// How long the workers drain: `grace`, or after a handover to an upgraded gateway (which
-    /// serves new connections meanwhile) as long as any upstream's `response_timeout_ms` if
-    /// that is longer, so that an upgrade cuts no call its timeouts allow. With the default
-    /// grace of 5 s, every call longer than that was cut at each upgrade with no answer (an
-    /// operator's review).
+    /// How long the workers drain at most: `grace`, or after a handover to an upgraded gateway
+    /// (which serves new connections meanwhile) as long as any upstream's
+    /// `response_timeout_ms` if that is longer, while calls are in flight (past the grace, a
+    /// worker with none left closes what remains, idle event streams included), so that an
+    /// upgrade cuts no call its timeouts allow. With the default grace of 5 s, every call
+    /// longer than that was cut at each upgrade with no answer (an operator's review).
     pub fn drain_for(&self, grace: std::time::Duration) -> std::time::Duration {
         if !self.handing_over.load(std::sync::atomic::Ordering::Relaxed) {
             return grace;

@@ -91,6 +91,7 @@ pub(super) async fn handle(
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
     io.begin_response();
+    let _call = (req.method != "GET").then(|| InCall::new(&ctx.calls));
     let keep = match run(io, req, peer, snapshot, ctx, &obs).await {
         Ok(keep) => keep,
         Err(stop) => answer(io, req, stop, &obs, ctx, peer, &snapshot.config).await,
@@ -104,6 +105,22 @@ pub(super) async fn handle(
         record_span(req, peer, snapshot, ctx, &obs, started, wall);
     }
     keep
+}
+
+/// A call in flight on this worker, counted in `WorkerCtx::calls` while it lasts.
+struct InCall<'a>(&'a std::cell::Cell<usize>);
+
+impl<'a> InCall<'a> {
+    fn new(calls: &'a std::cell::Cell<usize>) -> Self {
+        calls.set(calls.get() + 1);
+        Self(calls)
+    }
+}
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 /// A request that was not read whole (a head too large or malformed, a body too large, cut
@@ -132,7 +149,11 @@ pub(super) async fn unread(
     );
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
-    obs.decision.borrow_mut().reason = Some(unread.error.to_string());
+    // Clipped as a path is: the error may name what the client sent (a field name up to half
+    // the head's limit, written twice), and each audit line carried it whole, 8 KB a line
+    // (a review of the change).
+    let why = unread.error.to_string();
+    obs.decision.borrow_mut().reason = Some(clip(&why, MAX_REASON).to_owned());
     io.begin_response();
     let err = RpcError::invalid_request(unread.error.to_string());
     let _ = io
@@ -1112,6 +1133,8 @@ fn anyones(decision: &super::proxy::Decision, obs: &Obs<'_>, status: u16) -> boo
 
 /// Bytes of a client's `User-Agent` and path written to the access log.
 const MAX_USER_AGENT: usize = 256;
+/// The most of a refusal's reason an audit line carries when it may hold what a client sent.
+const MAX_REASON: usize = 256;
 const MAX_PATH: usize = 1024;
 
 /// `s` cut to at most `max` bytes, at a character's boundary.

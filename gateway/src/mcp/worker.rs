@@ -38,6 +38,9 @@ pub struct WorkerCtx {
     pub(super) held: Held,
     /// This worker's open client connections.
     pub open: Rc<OpenConns>,
+    /// Requests other than a GET being served (calls in flight): after a handover the worker
+    /// drains past its grace only while there are some (see `Shared::drain_for`).
+    pub calls: std::cell::Cell<usize>,
 }
 
 impl WorkerCtx {
@@ -59,6 +62,7 @@ impl WorkerCtx {
             recorder: RefCell::new(Recorder::new(worker, max_tools)),
             held: Held::default(),
             open,
+            calls: std::cell::Cell::new(0),
         })
     }
 

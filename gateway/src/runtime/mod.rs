@@ -444,8 +444,16 @@ async fn worker(
     stopped(&mut shutdown).await;
     // Connections waiting idle close now (or linger through a handover).
     crate::http::deadline::stop_all();
-    let deadline = monoio::time::Instant::now() + shared.drain_for(grace);
-    while !active.is_empty() && monoio::time::Instant::now() < deadline {
+    // Past the grace, a worker that handed over drains on only while calls are in flight (an
+    // idle event stream held the old process for the longest response timeout at every
+    // upgrade: a review); their clients resume on the new process.
+    let begun = monoio::time::Instant::now();
+    let (grace_end, drain_end) = (begun + grace, begun + shared.drain_for(grace));
+    while !active.is_empty() {
+        let now = monoio::time::Instant::now();
+        if now >= drain_end || (now >= grace_end && ctx.calls.get() == 0) {
+            break;
+        }
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     // No request runs on them any more (or none will be answered): ended upstream.

@@ -801,7 +801,7 @@ upstream = "demo"
     );
     let mut d = Daemon::start_local(&instance, &config);
     let big = "x".repeat(8000);
-    let sent: [(&str, Vec<u8>, u16); 4] = [
+    let sent: [(&str, Vec<u8>, u16); 5] = [
         (
             "head too large",
             format!("POST /demo HTTP/1.1\r\nhost: gw\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n")
@@ -820,6 +820,15 @@ upstream = "demo"
             400,
         ),
         (
+            "a field name of 1,900 bytes twice",
+            format!(
+                "POST /demo HTTP/1.1\r\nhost: gw\r\nmcp-param-{long}: 1\r\nmcp-param-{long}: 2\r\ncontent-length: 0\r\n\r\n",
+                long = "a".repeat(1900)
+            )
+            .into_bytes(),
+            400,
+        ),
+        (
             "a body that never comes",
             b"POST /demo HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{".to_vec(),
             408,
@@ -832,16 +841,16 @@ upstream = "demo"
     let mut lines = log_lines_until(&log, |lines| lines.len() >= sent.len());
     lines.sort_by_key(|l| l["status"].as_u64());
     let statuses: Vec<u64> = lines.iter().filter_map(|l| l["status"].as_u64()).collect();
-    assert_eq!(statuses, [400, 408, 413, 431], "{lines:?}");
+    assert_eq!(statuses, [400, 400, 408, 413, 431], "{lines:?}");
     for line in &lines {
         assert_eq!(line["outcome"], "refused", "{line}");
     }
     // Those whose head was read name its path (not the head too large).
-    for line in &lines[..3] {
+    for line in &lines[..4] {
         assert_eq!(line["path"], "/demo", "{lines:?}");
         assert_eq!(line["method"], "POST", "{lines:?}");
     }
-    assert_eq!(lines[3]["path"], "", "{lines:?}");
+    assert_eq!(lines[4]["path"], "", "{lines:?}");
     let refused = |text: &str| -> u64 {
         text.lines()
             .filter(|l| {
@@ -857,22 +866,25 @@ upstream = "demo"
             b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
         );
         let text = String::from_utf8_lossy(&m.body).into_owned();
-        if refused(&text) >= 4 || Instant::now() > deadline {
+        if refused(&text) >= 5 || Instant::now() > deadline {
             break text;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(refused(&text), 4, "{text}");
+    assert_eq!(refused(&text), 5, "{text}");
     assert!(
         text.contains(r#"mcp_gateway_requests_total{route="/demo""#),
         "{text}"
     );
     // The audit log has those that named a route (the head too large named none).
-    let audited = log_lines_until(&audit, |lines| lines.len() >= 3);
-    assert_eq!(audited.len(), 3, "{audited:?}");
+    let audited = log_lines_until(&audit, |lines| lines.len() >= 4);
+    assert_eq!(audited.len(), 4, "{audited:?}");
     for line in &audited {
         assert_eq!(line["decision"], "refused", "{line}");
         assert_eq!(line["route"], "/demo", "{line}");
+        // What the client wrote into the reason is clipped.
+        let reason = line["reason"].as_str().unwrap_or_default();
+        assert!(reason.len() <= 256, "{} bytes: {reason}", reason.len());
     }
     d.stop();
 }
