@@ -155,7 +155,7 @@ pub(super) async fn unread(
     let why = unread.error.to_string();
     obs.decision.borrow_mut().reason = Some(clip(&why, MAX_REASON).to_owned());
     io.begin_response();
-    let err = RpcError::invalid_request(unread.error.to_string());
+    let err = RpcError::invalid_request(why);
     let _ = io
         .write_all(json_response(unread.error.status(), &err, false))
         .await;
