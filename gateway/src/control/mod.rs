@@ -463,7 +463,18 @@ impl Control {
                 .store(Arc::new(access.counting_on(&running)));
         }
         self.shared.tls.publish(tls);
-        self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+        // Certificate sets: none without a TLS listener (every reload counted one before).
+        if self
+            .shared
+            .snapshot
+            .load()
+            .config
+            .listeners
+            .iter()
+            .any(|l| l.tls.is_some())
+        {
+            self.shared.tls.stats.reloads.fetch_add(1, Relaxed);
+        }
         // `kernel.deny` may hold open connections' clients now, and the configuration and
         // client CAs may no longer admit open connections' callers: the workers judge them
         // again, once both are published.
