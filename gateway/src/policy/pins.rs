@@ -625,6 +625,40 @@ impl Pins {
     /// Approves the pending definition if its digest is `sha256` (the one the operator read in
     /// `GET /pins`; a definition that changed again since is not approved unread); returns it.
     pub fn approve(&self, upstream: &str, tool: &str, sha256: &str) -> Result<String, NotApproved> {
+        let digest = self.settle(upstream, tool, sha256, |current, digest, definition| Pin {
+            configured: current.configured.clone(),
+            approved: digest.to_owned(),
+            whole: true,
+            approved_definition: Some(definition),
+            pending: None,
+            keys: KeysOnce::default(),
+        })?;
+        tracing::info!(upstream, tool, approved = %digest, "tool definition approved");
+        Ok(digest)
+    }
+
+    /// Rejects the pending definition if its digest is `sha256` (the one the operator read in
+    /// `GET /pins`): the approved definition stays, and the tool is callable again. A listing
+    /// that shows the rejected definition again makes it pending again. Returns its digest.
+    pub fn reject(&self, upstream: &str, tool: &str, sha256: &str) -> Result<String, NotApproved> {
+        let digest = self.settle(upstream, tool, sha256, |current, _, _| Pin {
+            pending: None,
+            ..current.clone()
+        })?;
+        tracing::info!(upstream, tool, rejected = %digest, "tool definition change rejected");
+        Ok(digest)
+    }
+
+    /// The operator's decision on the pending definition of `tool` if its digest is `sha256`:
+    /// the pin `decided` makes of the current one (given the pending digest and definition)
+    /// takes its place; returns the digest.
+    fn settle(
+        &self,
+        upstream: &str,
+        tool: &str,
+        sha256: &str,
+        decided: impl Fn(&Pin, &str, Value) -> Pin,
+    ) -> Result<String, NotApproved> {
         let key = format!("{upstream}/{tool}");
         loop {
             let current = self
@@ -638,51 +672,11 @@ impl Pins {
             if !digest.eq_ignore_ascii_case(sha256.trim()) {
                 return Err(NotApproved::Other(digest));
             }
-            let approved = Pin {
-                configured: current.configured.clone(),
-                approved: digest.clone(),
-                whole: true,
-                approved_definition: Some(definition),
-                pending: None,
-                keys: KeysOnce::default(),
-            };
             // Put only over the pin read: a listing that made another definition pending in
-            // between is not approved with this one (looked at again: 409).
-            match self.put(&key, Some(&current), approved) {
+            // between is not decided with this one (looked at again: 409).
+            match self.put(&key, Some(&current), decided(&current, &digest, definition)) {
                 Err(Refused::Raced) => continue,
-                _ => {
-                    tracing::info!(upstream, tool, approved = %digest, "tool definition approved");
-                    return Ok(digest);
-                }
-            }
-        }
-    }
-
-    /// Rejects the pending definition if its digest is `sha256` (the one the operator read in
-    /// `GET /pins`): the approved definition stays, and the tool is callable again. A listing
-    /// that shows the rejected definition again makes it pending again. Returns its digest.
-    pub fn reject(&self, upstream: &str, tool: &str, sha256: &str) -> Result<String, NotApproved> {
-        let key = format!("{upstream}/{tool}");
-        loop {
-            let current = self
-                .map
-                .pin()
-                .get(&key)
-                .cloned()
-                .ok_or(NotApproved::NothingPending)?;
-            let (digest, _) = current.pending.clone().ok_or(NotApproved::NothingPending)?;
-            if !digest.eq_ignore_ascii_case(sha256.trim()) {
-                return Err(NotApproved::Other(digest));
-            }
-            let mut kept = (*current).clone();
-            kept.pending = None;
-            // Put only over the pin read, as an approval is.
-            match self.put(&key, Some(&current), kept) {
-                Err(Refused::Raced) => continue,
-                _ => {
-                    tracing::info!(upstream, tool, rejected = %digest, "tool definition change rejected");
-                    return Ok(digest);
-                }
+                _ => return Ok(digest),
             }
         }
     }
