@@ -33,6 +33,24 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A directory of a test's own under the system's temporary one (named by [`unique`]), made
+/// at once and removed with what it holds even when the test fails.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Panics unless root: these tests load kernel programs and create namespaces.
 pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {

@@ -499,15 +499,8 @@ fn w3c_trace_context_reaches_the_upstream_and_the_audit_log() {
 fn the_access_log_has_a_line_per_request_with_the_configured_fields() {
     let demo_port = free_port();
     let _demo = demo_upstream(demo_port);
-    let dir = std::env::temp_dir().join(unique("gwaccess"));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let temp = integration_tests::TempDir::new("gwaccess");
+    let dir = &temp.0;
     let log = dir.join("access.log");
     let audit = dir.join("audit.log");
     let port = free_port();
@@ -751,15 +744,8 @@ auth = ["api_key"]
 fn requests_refused_before_they_are_read_whole_are_counted_and_logged() {
     let demo_port = free_port();
     let _demo = demo_upstream(demo_port);
-    let dir = std::env::temp_dir().join(unique("gwunread"));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let temp = integration_tests::TempDir::new("gwunread");
+    let dir = &temp.0;
     let log = dir.join("access.log");
     let audit = dir.join("audit.log");
     let port = free_port();

@@ -415,17 +415,9 @@ federate = [{{ upstream = "local", prefix = "s_" }}, {{ upstream = "remote", pre
 /// hidden, and an operator's approval lets it through again.
 #[test]
 fn tool_pins_are_checked_again_after_the_child_restarts() {
-    let dir = std::env::temp_dir().join(unique("gwstdiopins"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = integration_tests::TempDir::new("gwstdiopins");
+    let dir = &temp.0;
     let marker = dir.join("changed");
-    let _ = std::fs::remove_file(&marker);
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
     let port = free_port();
     let admin = free_port();
     let instance = unique("gwstdiopin");
@@ -567,16 +559,10 @@ fn server_filesystem_confined_by_landlock_cannot_read_outside_its_folder() {
         "{bin} missing: run `cargo xtask setup`"
     );
     let modules = format!("{}/../.tools/node", env!("CARGO_MANIFEST_DIR"));
-    let root = std::env::temp_dir().join(unique("gwland"));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(root.clone());
+    let temp = integration_tests::TempDir::new("gwland");
+    let root = &temp.0;
     let (inside, outside) = (root.join("inside"), root.join("outside"));
-    for dir in [&root, &inside, &outside] {
+    for dir in [root, &inside, &outside] {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
