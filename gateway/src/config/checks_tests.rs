@@ -91,6 +91,11 @@ fn examples_use_what_they_say() {
         Some(crate::config::Action::Deny)
     );
     assert!(strict.tenants.len() >= 3);
+    // Its allow-lists say `allow`: a rule without `action` offers nothing under a default deny.
+    let policy = crate::policy::Policy::compile(&strict).unwrap();
+    let acme = policy.tenants.iter().find(|t| t.name == "acme").unwrap();
+    assert!(acme.allows("crm", "search_contacts") && acme.allows("crm", "update_contact"));
+    assert!(!acme.allows("crm", "delete_contact"));
     let fleet = load("fleet");
     assert!(fleet.listeners[0].proxy_protocol.is_some());
 }
@@ -281,7 +286,7 @@ fn the_default_shows_the_policy_on_a_second_route() {
     assert!(
         p.tools
             .iter()
-            .any(|r| r.action == crate::config::Action::Deny)
+            .any(|r| r.action == Some(crate::config::Action::Deny))
     );
     assert!(p.budget.is_some());
     assert!(

@@ -185,9 +185,15 @@ pub struct RawToolRule {
     /// upstream: `github/create_*`, `*/delete_*`, `echo`.
     #[serde(rename = "match")]
     pub pattern: String,
+    /// Whether the matching tools are offered. Absent, the rule leaves that to the next
+    /// matching rule that says (the tenant's own come first, then `[policy]`'s), else to
+    /// `default_action`: a rule written for a cost or an argument check allows nothing a
+    /// later rule denies.
     #[serde(default)]
-    pub action: Action,
-    /// Charged to the budgets per call (default 1).
+    pub action: Option<Action>,
+    /// Charged to the budgets per call (default 1), taken from the first matching rule that
+    /// sets it. The limits of every matching rule apply (argument checks, size cap, rate,
+    /// concurrency).
     #[serde(default)]
     pub cost: Option<u64>,
     /// Calls per second of the matching tools, per tenant.

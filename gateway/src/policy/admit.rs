@@ -8,10 +8,10 @@ use std::{cell::OnceCell, net::IpAddr, sync::Arc, time::Duration};
 use serde_json::{Value, json};
 
 use super::{
-    Identity, MAX_RUNS, Policy, Refusal, TenantPolicy, code,
+    Applied, Identity, MAX_RUNS, Policy, Refusal, TenantPolicy, code,
     declared::{ArgumentKeys, Read},
     limits::{self, Charge, Counted, InFlight, State},
-    rules::{self, ToolRule},
+    rules,
 };
 use crate::config::{Action, RawBudget};
 
@@ -119,19 +119,19 @@ impl Policy {
         }
         let d = Deciding::new(self.tenant(who), state, who, ask);
         d.method()?;
-        let rule = d.tool(admission)?;
-        d.rates(rule, admission)?;
+        let applied = d.tool(admission)?;
+        d.rates(applied.as_ref(), admission)?;
         // Any other notification is ruled above and counted against the tenant's and the
         // agent's rates; it holds nothing in flight.
         if !ask.is_request {
             return Ok(());
         }
-        d.in_flight(rule, admission)?;
+        d.in_flight(applied.as_ref(), admission)?;
         let Some((upstream, tool)) = ask.tool else {
             return Ok(());
         };
         d.loop_breaker(upstream, tool, admission)?;
-        d.budgets(rule, tool, admission)
+        d.budgets(applied.as_ref(), tool, admission)
     }
 }
 
@@ -231,17 +231,16 @@ impl<'a> Deciding<'a> {
         Ok(())
     }
 
-    /// A tool call: the rule for its tool (or the tenant's default action) and the call's
-    /// arguments against it. The rule, if one applies.
-    fn tool(&self, admission: &mut Admission) -> Result<Option<&'a ToolRule>, Box<Refusal>> {
+    /// A tool call: whether its tool is offered (by a rule, or the tenant's default action)
+    /// and the call's arguments against every covering rule's checks. What the rules decide.
+    fn tool(&self, admission: &mut Admission) -> Result<Option<Applied<'a>>, Box<Refusal>> {
         let t = self.t;
         let Some((upstream, tool)) = self.ask.tool else {
             return Ok(None);
         };
-        let rule = t.rule_for(upstream, tool);
-        let action = rule.map_or(t.default_action, |r| r.action);
-        if action == Action::Deny {
-            let label = rule.map_or_else(
+        let applied = t.applied(upstream, tool);
+        if applied.action == Action::Deny {
+            let label = applied.action_rule.map_or_else(
                 || format!("tenants[{}].policy.default_action", t.name),
                 |r| r.label.clone(),
             );
@@ -252,20 +251,20 @@ impl<'a> Deciding<'a> {
                 format!("tool `{tool}` is not allowed for tenant `{}`", t.name),
             ));
         }
-        if let Some(r) = rule {
+        for r in applied.limiting().filter(|r| r.checks_arguments()) {
             r.check_arguments(self.ask.arguments, self.ask.message_bytes)
                 .map_err(|(label, why)| {
                     Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
                 })?;
-            admission.rule = Some(r.label.clone());
         }
-        Ok(rule)
+        admission.rule = applied.first.map(|r| r.label.clone());
+        Ok(Some(applied))
     }
 
     /// Requests per second: the tenant's, the agent's, the tool rule's.
     fn rates(
         &self,
-        rule: Option<&ToolRule>,
+        applied: Option<&Applied>,
         admission: &mut Admission,
     ) -> Result<(), Box<Refusal>> {
         let (t, state, now) = (self.t, self.state, self.now);
@@ -305,9 +304,10 @@ impl<'a> Deciding<'a> {
             })?;
             admission.charges.push(charge);
         }
-        if let Some(r) = rule
-            && let Some((rate, burst)) = r.rate
-        {
+        for r in applied.iter().flat_map(|a| a.limiting()) {
+            let Some((rate, burst)) = r.rate else {
+                continue;
+            };
             let key = state.key(("tool", &t.name, &r.label));
             let name = || format!("tool/{}/{}", t.name, r.label);
             let charge = state
@@ -330,7 +330,7 @@ impl<'a> Deciding<'a> {
     /// Requests in flight at once: the tenant's, the tool rule's. Held until the request ends.
     fn in_flight(
         &self,
-        rule: Option<&ToolRule>,
+        applied: Option<&Applied>,
         admission: &mut Admission,
     ) -> Result<(), Box<Refusal>> {
         let (t, state) = (self.t, self.state);
@@ -347,9 +347,10 @@ impl<'a> Deciding<'a> {
                 })?;
             admission.guards.push(guard);
         }
-        if let Some(r) = rule
-            && let Some(max) = r.max_concurrent
-        {
+        for r in applied.iter().flat_map(|a| a.limiting()) {
+            let Some(max) = r.max_concurrent else {
+                continue;
+            };
             let guard = state
                 .enter(state.key(("in-flight", &t.name, &r.label)), max)
                 .ok_or_else(|| {
@@ -411,7 +412,7 @@ impl<'a> Deciding<'a> {
     /// agent and the run, each in its window; what is left of each goes into the answer.
     fn budgets(
         &self,
-        rule: Option<&ToolRule>,
+        applied: Option<&Applied>,
         tool: &str,
         admission: &mut Admission,
     ) -> Result<(), Box<Refusal>> {
@@ -431,7 +432,7 @@ impl<'a> Deciding<'a> {
             )
             .retry(Duration::from_secs(1)));
         }
-        let cost = rule.map_or(1, |r| r.cost);
+        let cost = applied.map_or(1, |a| a.cost);
         let scopes = [
             ("tenant", b.tenant, Some(t.name.as_str())),
             ("agent", b.agent, Some(self.agent())),

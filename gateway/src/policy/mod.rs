@@ -207,8 +207,8 @@ pub struct TenantPolicy {
     /// Whether any decision of this tenant's reads a call's arguments (an argument rule, a
     /// size cap, the loop breaker): if none does, they are not taken out of the message.
     pub needs_arguments: bool,
-    /// `<upstream>/<tool>` → index of the first matching rule: globs run once per tool name.
-    matched: papaya::HashMap<String, Option<usize>, foldhash::fast::RandomState>,
+    /// `<upstream>/<tool>` → what the rules covering it decide: globs run once per tool name.
+    matched: papaya::HashMap<String, Resolved, foldhash::fast::RandomState>,
     /// Bytes of the keys in `matched`.
     matched_bytes: std::sync::atomic::AtomicUsize,
 }
@@ -291,11 +291,9 @@ impl TenantPolicy {
                 ),
             ));
         }
-        let reads_arguments =
-            |r: &ToolRule| !r.arguments.is_empty() || r.max_arguments_bytes.is_some();
         let needs_arguments = loop_breaker.is_some()
-            || rules.iter().any(reads_arguments)
-            || global.iter().any(reads_arguments);
+            || rules.iter().any(ToolRule::checks_arguments)
+            || global.iter().any(ToolRule::checks_arguments);
         Ok(Self {
             name: name.to_owned(),
             own: rules,
@@ -338,34 +336,72 @@ impl TenantPolicy {
     }
 
     /// The rule at `i` of [`TenantPolicy::rules`].
-    fn rule(&self, i: usize) -> Option<&ToolRule> {
+    fn rule(&self, i: u32) -> Option<&ToolRule> {
+        let i = i as usize;
         self.own
             .get(i)
             .or_else(|| self.global.get(i.checked_sub(self.own.len())?))
     }
 
-    /// The first rule covering the tool, if any.
-    pub fn rule_for(&self, upstream: &str, tool: &str) -> Option<&ToolRule> {
+    /// What the rules covering the tool decide: each setting from the first of them that
+    /// has it, the argument checks of all.
+    pub fn applied(&self, upstream: &str, tool: &str) -> Applied<'_> {
         if self.own.is_empty() && self.global.is_empty() {
-            return None;
+            return self.apply(Resolved::default());
         }
         let mut key = String::with_capacity(upstream.len() + tool.len() + 1);
         key.push_str(upstream);
         key.push('/');
         key.push_str(tool);
         let map = self.matched.pin();
-        let index = match map.get(&key) {
-            Some(i) => *i,
+        let resolved = match map.get(&key) {
+            Some(r) => r.clone(),
             None => {
-                let i = self.rules().position(|r| r.matches(upstream, tool));
+                let r = self.resolve(upstream, tool);
                 // Tool names come from clients: the cache stops growing at a bound.
                 if map.len() < MAX_MATCHED && self.charge_matched(key.len()) {
-                    map.insert(key, i);
+                    map.insert(key, r.clone());
                 }
-                i
+                r
             }
         };
-        index.and_then(|i| self.rule(i))
+        self.apply(resolved)
+    }
+
+    /// Runs every rule's globs over the tool.
+    fn resolve(&self, upstream: &str, tool: &str) -> Resolved {
+        let mut r = Resolved::default();
+        for (i, rule) in (0u32..).zip(self.rules()) {
+            if !rule.matches(upstream, tool) {
+                continue;
+            }
+            r.first.get_or_insert(i);
+            if rule.action.is_some() {
+                r.action.get_or_insert(i);
+            }
+            if rule.cost.is_some() {
+                r.cost.get_or_insert(i);
+            }
+            if rule.limits() {
+                r.limiting.push(i);
+            }
+        }
+        r
+    }
+
+    fn apply(&self, r: Resolved) -> Applied<'_> {
+        let rule = |i: Option<u32>| i.and_then(|i| self.rule(i));
+        let action_rule = rule(r.action);
+        Applied {
+            first: rule(r.first),
+            action: action_rule
+                .and_then(|a| a.action)
+                .unwrap_or(self.default_action),
+            action_rule,
+            cost: rule(r.cost).and_then(|c| c.cost).unwrap_or(1),
+            limiting: r.limiting,
+            policy: self,
+        }
     }
 
     /// Takes `bytes` from the rule cache's byte bound; false when they do not fit.
@@ -390,9 +426,7 @@ impl TenantPolicy {
 
     /// Whether the tool is offered to this tenant at all.
     pub fn allows(&self, upstream: &str, tool: &str) -> bool {
-        self.rule_for(upstream, tool)
-            .map_or(self.default_action, |r| r.action)
-            == Action::Allow
+        self.applied(upstream, tool).action == Action::Allow
     }
 
     /// The first method rule covering `method`, if any.
@@ -403,9 +437,66 @@ impl TenantPolicy {
             .find(|r| r.matches(method))
     }
 
+    /// Says, at each load, which of the rules of a tenant that denies by default set no
+    /// `action`: they offer nothing by themselves (before, such a rule allowed its tools).
+    fn warn_undecided(&self) {
+        if self.default_action != Action::Deny {
+            return;
+        }
+        let undecided: Vec<&str> = self
+            .rules()
+            .filter(|r| r.action.is_none())
+            .map(|r| r.label.as_str())
+            .collect();
+        if let Some(first) = undecided.first() {
+            tracing::warn!(
+                tenant = %self.name,
+                rules = undecided.len(),
+                first,
+                "tool rules without `action` under `default_action = \"deny\"` offer no tool by themselves: a tool only they cover stays denied; add `action = \"allow\"` to offer it"
+            );
+        }
+    }
+
     /// Whether any rule or the default hides a tool (lists then need filtering).
     pub fn filters(&self) -> bool {
-        self.default_action == Action::Deny || self.rules().any(|r| r.action == Action::Deny)
+        self.default_action == Action::Deny || self.rules().any(|r| r.action == Some(Action::Deny))
+    }
+}
+
+/// What the rules covering one tool decide, as indices into [`TenantPolicy::rules`].
+#[derive(Debug, Clone, Default)]
+struct Resolved {
+    first: Option<u32>,
+    action: Option<u32>,
+    cost: Option<u32>,
+    /// Every covering rule that limits a call (inline: a copy per call, no allocation).
+    limiting: smallvec::SmallVec<[u32; 4]>,
+}
+
+/// What the rules covering one tool decide for a tenant. Whether the tool is offered and its
+/// cost are each taken from the first covering rule that sets them (the tenant's own first),
+/// else the tenant's `default_action` and 1; every covering rule's limits apply (argument
+/// checks, size cap, rate, concurrency): a rule written for a cost or a check allows nothing a
+/// later rule denies, and takes no later rule's limit away (an operator's review: a tenant's
+/// `cost` on a tool had allowed what `[policy]` denied; an attacker's: a tenant's rate over
+/// `u0/*` had lifted `[policy]`'s lower one on a tool).
+pub struct Applied<'a> {
+    /// The first covering rule: named in the audit log as the rule that applied.
+    pub first: Option<&'a ToolRule>,
+    pub action: Action,
+    /// The rule that decided `action`; `None`: the tenant's `default_action` did.
+    pub action_rule: Option<&'a ToolRule>,
+    pub cost: u64,
+    limiting: smallvec::SmallVec<[u32; 4]>,
+    policy: &'a TenantPolicy,
+}
+
+impl<'a> Applied<'a> {
+    /// The covering rules that limit a call, in order.
+    pub fn limiting(&self) -> impl Iterator<Item = &'a ToolRule> + '_ {
+        let policy = self.policy;
+        self.limiting.iter().filter_map(move |&i| policy.rule(i))
     }
 }
 
@@ -493,6 +584,9 @@ impl Policy {
                 tenants.len() - 1
             }
         };
+        for t in &tenants {
+            t.warn_undecided();
+        }
         let mut api_keys = HashMap::new();
         for (i, k) in c.auth.api_keys.iter().enumerate() {
             let key = |f: &str| format!("auth.api_keys[{i}].{f}");

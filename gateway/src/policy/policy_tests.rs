@@ -267,8 +267,10 @@ id = 2
 default_action = "deny"
 [[policy.tools]]
 match = "echo"
+action = "allow"
 [[policy.tools]]
 match = "up/add"
+action = "allow"
 [[upstreams]]
 name = "up"
 url = "http://127.0.0.1:9/mcp"
@@ -316,6 +318,106 @@ upstream = "up"
             "policy.tools[1]"
         ]
     );
+}
+
+#[test]
+fn a_rule_sets_only_what_it_names() {
+    // A tenant's rule written for a cost (or a check) had allowed what `[policy]` denied and
+    // taken away `[policy]`'s argument checks and rate: the action and the cost now come from
+    // the first covering rule that sets them, and every covering rule's limits apply.
+    let text = r#"
+[gateway]
+instance = "policy-test"
+workers = 1
+[[listeners]]
+address = "127.0.0.1:2"
+[admin]
+address = "127.0.0.1:1"
+[kernel]
+enabled = false
+default_tenant = "beta"
+[[tenants]]
+name = "acme"
+id = 1
+[[tenants.policy.tools]]
+match = "up/exec"
+cost = 5
+[[tenants.policy.tools]]
+match = "echo"
+cost = 3
+[[tenants.policy.tools]]
+match = "up/open*"
+action = "allow"
+requests_per_sec = 50
+[[tenants]]
+name = "beta"
+id = 2
+[tenants.policy]
+default_action = "deny"
+[[tenants.policy.tools]]
+match = "echo"
+action = "allow"
+[policy]
+default_action = "allow"
+[[policy.tools]]
+match = "*/exec"
+action = "deny"
+[[policy.tools]]
+match = "open*"
+action = "deny"
+requests_per_sec = 1
+[[policy.tools]]
+match = "*"
+max_arguments_bytes = 20
+[[upstreams]]
+name = "up"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "up"
+"#;
+    let p = Policy::compile(&Config::from_toml(text).unwrap_or_else(|e| panic!("{e}"))).unwrap();
+    let state = Arc::new(State::default());
+    let who = |tenant: &str| Identity {
+        tenant: p.by_name[tenant],
+        agent: None,
+        run: None,
+        via: Via::Address,
+        own: None,
+    };
+    let (acme, beta) = (who("acme"), who("beta"));
+    let t = p.tenant(&acme);
+
+    // The cost rule does not allow what `[policy]` denies.
+    let r = admit(&p, &state, &acme, "exec", json!({})).unwrap_err();
+    assert_eq!((r.status, &*r.rule), (403, "policy.tools[0]"));
+    assert!(!t.allows("up", "exec"));
+    // Its cost is the tenant's; `[policy]`'s size cap still applies.
+    let echo = t.applied("up", "echo");
+    assert_eq!(echo.cost, 3);
+    assert_eq!(
+        echo.first.map(|r| &*r.label),
+        Some("tenants[acme].policy.tools[1]")
+    );
+    assert!(admit(&p, &state, &acme, "echo", json!({"m": "hi"})).is_ok());
+    let r = admit(&p, &state, &acme, "echo", json!({"m": "x".repeat(40)})).unwrap_err();
+    assert_eq!(r.rule, "policy.tools[2].max_arguments_bytes");
+    // A tenant's explicit `allow` is an exception to `[policy]`'s deny; the tenant's higher
+    // rate does not lift `[policy]`'s: a second call within the second is over it.
+    assert!(t.allows("up", "open_file"));
+    admit(&p, &state, &acme, "open_file", json!({})).unwrap();
+    let r = admit(&p, &state, &acme, "open_file", json!({})).unwrap_err();
+    assert_eq!(
+        (r.status, &*r.rule),
+        (429, "policy.tools[1].requests_per_sec")
+    );
+    // A rule with no `action` (the size cap over `*`) offers nothing a tenant's default
+    // denies.
+    assert!(admit(&p, &state, &beta, "echo", json!({})).is_ok());
+    let r = admit(&p, &state, &beta, "rm", json!({})).unwrap_err();
+    assert_eq!(r.rule, "tenants[beta].policy.default_action");
+    assert!(!p.tenant(&beta).allows("up", "rm"));
+    assert!(p.tenant(&beta).filters());
 }
 
 #[test]

@@ -22,8 +22,9 @@ pub struct ToolRule {
     /// upstream part holds `**` (`whole`), of `<upstream>/<tool>`, where `**` spans `/`.
     glob: Glob,
     whole: bool,
-    pub action: Action,
-    pub cost: u64,
+    /// `None`: the rule does not decide whether the tool is offered (see [`RawToolRule`]).
+    pub action: Option<Action>,
+    pub cost: Option<u64>,
     pub rate: Option<(u64, u64)>,
     pub max_concurrent: Option<u32>,
     pub max_arguments_bytes: Option<usize>,
@@ -76,7 +77,7 @@ impl ToolRule {
             glob,
             whole,
             action: raw.action,
-            cost: raw.cost.unwrap_or(1),
+            cost: raw.cost,
             rate: raw
                 .requests_per_sec
                 .map(|r| (r, raw.burst.unwrap_or(r).max(1))),
@@ -93,6 +94,16 @@ impl ToolRule {
             return self.glob.is_match(&format!("{upstream}/{tool}"));
         }
         self.upstream.as_ref().is_none_or(|u| u.is_match(upstream)) && self.glob.is_match(tool)
+    }
+
+    /// Whether the rule reads a call's arguments (an argument rule, a size cap).
+    pub fn checks_arguments(&self) -> bool {
+        !self.arguments.is_empty() || self.max_arguments_bytes.is_some()
+    }
+
+    /// Whether the rule limits a call: checks its arguments, or caps a rate or concurrency.
+    pub fn limits(&self) -> bool {
+        self.checks_arguments() || self.rate.is_some() || self.max_concurrent.is_some()
     }
 
     /// Checks `arguments` (absent means `{}`) against the size cap and each argument rule; the

@@ -1058,6 +1058,91 @@ upstream = "u0"
     }
 }
 
+/// A tenant's rule that sets only a cost allows nothing `[policy]` denies, and takes none of
+/// `[policy]`'s limits away: action and cost come from the first covering rule that sets
+/// them, and every covering rule's limits apply.
+/// Before, the first matching rule decided everything and `action` meant `allow` when absent:
+/// a cost on `u0/admin/drop` listed and ran the tool every tenant was denied, and a cost on
+/// `echo` lifted the size cap `[policy]` put on every tool (an operator's review).
+#[test]
+fn a_tenant_rule_for_a_cost_allows_nothing_the_defaults_deny() {
+    let up_port = free_port();
+    let _upstream = PyServer::start_on(up_port, &["--slash-tool"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwcostrule");
+    let config = format!(
+        r#"
+{header}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants.policy.tools]]
+match = "u0/admin/drop"
+cost = 5
+[[tenants.policy.tools]]
+match = "echo"
+cost = 2
+requests_per_sec = 50
+[policy]
+default_action = "allow"
+[[policy.tools]]
+match = "*drop*"
+action = "deny"
+[[policy.tools]]
+match = "*"
+max_arguments_bytes = 200
+[[policy.tools]]
+match = "echo"
+requests_per_sec = 1
+[[upstreams]]
+name = "u0"
+url = "http://127.0.0.1:{up_port}/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "u0"
+"#,
+        header = local_header(&instance, 1, port, admin),
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let got = py_script(LIST_AND_CALL_EACH, &[&url, "admin/drop", "echo"]);
+    let tools = got["tools"].as_array().unwrap();
+    assert!(!tools.contains(&json!("admin/drop")), "{got}");
+    assert!(
+        got["calls"]["admin/drop"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not allowed")),
+        "{got}"
+    );
+    assert_eq!(got["calls"]["echo"], json!(["hi"]), "{got}");
+    let r = call_2026(port, "/mcp", "echo", &json!({"text": "x".repeat(300)}));
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(
+        r.json()["error"]["data"]["rule"],
+        "policy.tools[1].max_arguments_bytes",
+        "{r:?}"
+    );
+    let r = call_2026(port, "/mcp", "admin/drop", &json!({"text": "hi"}));
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(
+        r.json()["error"]["data"]["rule"],
+        "policy.tools[0]",
+        "{r:?}"
+    );
+    // The tenant's rate of 50/s does not lift `[policy]`'s 1/s: of two calls at once, the
+    // second is over it.
+    let _ = call_2026(port, "/mcp", "echo", &json!({"text": "hi"}));
+    let r = call_2026(port, "/mcp", "echo", &json!({"text": "hi"}));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(
+        r.json()["error"]["data"]["rule"],
+        "policy.tools[2].requests_per_sec",
+        "{r:?}"
+    );
+    d.stop();
+}
+
 /// The loop breaker counts a pinned tool's call by the arguments its schema declares: the
 /// Python SDK's server ignores a key `add(a, b)` does not declare and runs the same call, so a
 /// junk key added to each call (another each time) no longer escapes the breaker (an
