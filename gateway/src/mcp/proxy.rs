@@ -551,6 +551,40 @@ pub(super) fn invalid_traceparent(where_: &str) -> RpcError {
     ))
 }
 
+/// Counts a refusal the client earned against its source (by IPv6 /64) under `[auto_ban]`;
+/// past `max_refusals` in the window the control thread bans it.
+pub(super) fn count_toward_ban(ctx: &WorkerCtx, config: &Config, peer: SocketAddr) {
+    let Some(b) = &config.auto_ban else {
+        return;
+    };
+    let limits = &ctx.shared.limits;
+    // Counted by IPv6 /64: any address in it is the client's to take.
+    let what = policy::limits::Counted::Refusals {
+        source: policy::limits::source_of(peer.ip()),
+    };
+    let key = what.key(limits, b.window_s);
+    let counted = limits.charge_source(
+        key,
+        || what.clone(),
+        policy::limits::State::unix_s(),
+        b.window_s,
+        1,
+        u64::from(b.max_refusals),
+    );
+    if counted.is_none() {
+        crate::throttled_warn!(
+            max = policy::limits::MAX_SOURCES,
+            "refusals of new source addresses are not counted towards a ban: as many sources are counted already"
+        );
+    }
+    if counted.is_some_and(|r| r.is_err()) {
+        let _ = ctx
+            .shared
+            .ban_tx
+            .send((peer.ip(), Duration::from_secs(b.ban_s)));
+    }
+}
+
 /// Answers a refusal: the rule's status and JSON-RPC error, with `Retry-After` and
 /// `WWW-Authenticate` where they apply.
 #[expect(
@@ -587,35 +621,8 @@ pub(super) async fn refuse(
         };
     }
     // Refusals the client earned (not an open breaker) count towards a kernel ban.
-    if r.code != policy::code::CIRCUIT_OPEN
-        && let Some(b) = &config.auto_ban
-    {
-        let limits = &ctx.shared.limits;
-        // Counted by IPv6 /64: any address in it is the client's to take.
-        let what = policy::limits::Counted::Refusals {
-            source: policy::limits::source_of(peer.ip()),
-        };
-        let key = what.key(limits, b.window_s);
-        let counted = limits.charge_source(
-            key,
-            || what.clone(),
-            policy::limits::State::unix_s(),
-            b.window_s,
-            1,
-            u64::from(b.max_refusals),
-        );
-        if counted.is_none() {
-            crate::throttled_warn!(
-                max = policy::limits::MAX_SOURCES,
-                "refusals of new source addresses are not counted towards a ban: as many sources are counted already"
-            );
-        }
-        if counted.is_some_and(|r| r.is_err()) {
-            let _ = ctx
-                .shared
-                .ban_tx
-                .send((peer.ip(), Duration::from_secs(b.ban_s)));
-        }
+    if r.code != policy::code::CIRCUIT_OPEN {
+        count_toward_ban(ctx, config, peer);
     }
     {
         let mut d = obs.decision.borrow_mut();

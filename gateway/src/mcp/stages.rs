@@ -152,6 +152,10 @@ pub(super) async fn unread(
     // Clipped as a path is: the error may name what the client sent (a field name up to half
     // the head's limit, written twice), and each audit line carried it whole, 8 KB a line
     // (a review of the change).
+    // Refusals before the request was read whole (a head too large, contradictory framing, a
+    // body that never comes) count towards a ban as every refusal the client earned does:
+    // a flood of them did not (an operator's review).
+    super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
     let why = unread.error.to_string();
     obs.decision.borrow_mut().reason = Some(clip(&why, MAX_REASON).to_owned());
     io.begin_response();
@@ -254,10 +258,16 @@ async fn answer(
     config: &Config,
 ) -> bool {
     match stop {
-        Stop::Reply(status, err) => io
-            .write_all(json_response(status, &err, req.keep_alive))
-            .await
-            .is_ok(),
+        Stop::Reply(status, err) => {
+            // A request the gateway itself found wrong (framing, a body that does not parse,
+            // a route, version or session it does not serve) is a refusal the client earned.
+            if (400..500).contains(&status) {
+                super::proxy::count_toward_ban(ctx, config, peer);
+            }
+            io.write_all(json_response(status, &err, req.keep_alive))
+                .await
+                .is_ok()
+        }
         Stop::Refuse(r, id) => refuse(io, req, &r, id, obs, ctx, peer, config).await,
         Stop::Raw(bytes) => io.write_all(bytes).await.is_ok(),
     }

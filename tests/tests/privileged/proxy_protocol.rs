@@ -678,6 +678,57 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     assert!(is_result(&ok("198.18.13.1")));
 }
 
+/// Requests the gateway refuses before reading them whole (contradictory framing, a head too
+/// large) and those it finds wrong itself (a body that is not JSON) count towards auto-ban as a
+/// policy refusal does. Before, only refusals by policy counted: a client sent any number of
+/// malformed requests and was never banned (an operator's review).
+#[test]
+fn malformed_requests_count_towards_auto_ban() {
+    let s = setup();
+    let (d, a) = (s.direct, s.admin);
+    let big = format!(
+        "POST /mcp HTTP/1.1\r\nhost: gw\r\nx-pad: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let bad: [&[u8]; 3] = [
+        b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+        big.as_bytes(),
+        b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: 3\r\n\r\n{{{",
+    ];
+    let source = "127.0.2.99";
+    let mut statuses = Vec::new();
+    for request in bad.iter().cycle().take(20) {
+        let Some(mut c) = loopback_from(source, d) else {
+            break;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if c.write_all(request).is_err() {
+            break;
+        }
+        match read_response(&mut c) {
+            Some(r) => statuses.push(r.status),
+            None => break,
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // max_refusals = 3: the fourth refusal bans (the ban takes within 100 ms).
+    assert!(
+        (4..10).contains(&statuses.len()) && statuses.iter().all(|s| [400, 431].contains(s)),
+        "{statuses:?}"
+    );
+    until("the auto-ban did not take", || {
+        direct_call(d, source).is_none()
+    });
+    let bans = admin_request(a, "GET", "/bans", "").json();
+    assert!(
+        bans.as_array()
+            .is_some_and(|b| b.iter().any(|b| b["address"] == source)),
+        "{bans}"
+    );
+    // Another client is served.
+    assert!(direct_call(d, "127.0.2.98").is_some_and(|r| is_result(&r)));
+}
+
 /// A call on a new connection to the direct listener from `source` (a loopback address): its
 /// answer, or `None` when the connection was closed (or reset) without a byte.
 fn direct_call(port: u16, source: &str) -> Option<RawResponse> {
