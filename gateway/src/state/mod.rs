@@ -103,6 +103,28 @@ pub struct Store {
     bans: BTreeMap<String, u64>,
 }
 
+/// The key of a window's count: what it counts, as JSON, and the window's length. Counts of
+/// one subject in windows of two lengths (a reload changed `window_s`; the other's window has
+/// not ended) are two records: keyed by what they count alone, one was written over the
+/// other, and a restart lost the tenant's spend (an operator's review).
+fn window_key(what: &Counted, len_s: u64) -> serde_json::Result<String> {
+    let mut key = serde_json::to_string(what)?;
+    key.push('#');
+    key.push_str(itoa::Buffer::new().format(len_s));
+    Ok(key)
+}
+
+/// The JSON of what a window's key counts: the key without its length (a store written
+/// before has none; the length is in the count too).
+fn window_key_counted(key: &str) -> &str {
+    match key.rsplit_once('#') {
+        Some((json, len)) if json.ends_with('}') && len.bytes().all(|b| b.is_ascii_digit()) => {
+            json
+        }
+        _ => key,
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -284,7 +306,7 @@ impl Store {
         {
             let (k, v) = row.map_err(|e| self.unreadable(e))?;
             windows.push(serde_json::json!({
-                "counts": serde_json::from_str::<serde_json::Value>(k.value()).unwrap_or(serde_json::Value::Null),
+                "counts": serde_json::from_str::<serde_json::Value>(window_key_counted(k.value())).unwrap_or(serde_json::Value::Null),
                 "window": serde_json::from_slice::<serde_json::Value>(v.value()).unwrap_or(serde_json::Value::Null),
             }));
         }
@@ -350,7 +372,7 @@ impl Store {
         {
             let (k, v) = row.map_err(|e| self.unreadable(e))?;
             let key = k.value().to_owned();
-            let what: Counted = serde_json::from_str(&key)
+            let what: Counted = serde_json::from_str(window_key_counted(&key))
                 .map_err(|e| self.unreadable(format!("count `{key}`: {e}")))?;
             let count: WindowCount = serde_json::from_slice(v.value())
                 .map_err(|e| self.unreadable(format!("count `{key}`: {e}")))?;
@@ -398,7 +420,7 @@ impl Store {
         }
         let mut live: HashMap<String, WindowCount> = HashMap::new();
         for (_, what, count) in limits.kept_counts() {
-            let Ok(key) = serde_json::to_string(&what) else {
+            let Ok(key) = window_key(&what, count.len_s) else {
                 continue;
             };
             live.insert(key, count);

@@ -324,3 +324,60 @@ fn a_pin_from_a_changed_configuration_replaces_a_kept_one() {
     assert!(pins.observe("u", &new, None));
     assert!(!pins.observe("u", &old, None));
 }
+
+#[test]
+fn counts_of_one_subject_in_windows_of_two_lengths_are_both_kept() {
+    // A reload changed `window_s` from 3600 to 600: the tenant's count of the hour goes on
+    // beside the new one until its window ends (a reload back to 3600 reads it again). Keyed
+    // by what they count alone, one record was written over the other (an operator's review).
+    let d = dir("two-lengths");
+    let now = State::unix_s();
+    {
+        let mut store = Store::open(&d).unwrap();
+        let limits = State::default();
+        let what = budget("bot");
+        for (len, cost) in [(3600, 23), (600, 3)] {
+            limits
+                .charge_kept(what.key(&limits, len), || what.clone(), now, len, cost, 100)
+                .unwrap();
+        }
+        assert_eq!(store.flush(&Pins::default(), &limits, []).unwrap().written, 2);
+    }
+    let mut store = Store::open(&d).unwrap();
+    let limits = State::default();
+    assert_eq!(store.load(&Pins::default(), &limits).unwrap().windows, 2);
+    let what = budget("bot");
+    assert_eq!(limits.left(what.key(&limits, 3600), 3600, 100), 77);
+    assert_eq!(limits.left(what.key(&limits, 600), 600, 100), 97);
+    // A record of a store written before (keyed without the length) reads, and the next
+    // flush writes it under the new key.
+    drop(store);
+    {
+        let store = Store::open(&d).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(WINDOWS).unwrap();
+            let k = serde_json::to_string(&budget("old")).unwrap();
+            let v = serde_json::to_vec(&WindowCount {
+                len_s: 3600,
+                window: now / 3600,
+                used: 5,
+            })
+            .unwrap();
+            t.insert(k.as_str(), v.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let mut store = Store::open(&d).unwrap();
+    let limits = State::default();
+    assert_eq!(store.load(&Pins::default(), &limits).unwrap().windows, 3);
+    let old = budget("old");
+    assert_eq!(limits.left(old.key(&limits, 3600), 3600, 10), 5);
+    let f = store.flush(&Pins::default(), &limits, []).unwrap();
+    assert_eq!((f.written, f.deleted), (1, 1), "rewritten under its new key");
+    let exported = store.export().unwrap();
+    let windows = exported["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 3);
+    assert!(windows.iter().all(|w| w["counts"]["tenant"] == "acme"), "{exported}");
+    let _ = std::fs::remove_dir_all(&d);
+}
