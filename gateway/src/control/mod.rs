@@ -266,10 +266,24 @@ impl Control {
             }
             Err(e) => {
                 if !self.store_failing {
-                    tracing::error!("{e}; kept in memory and tried again every flush interval");
+                    tracing::error!(
+                        "{e}; kept in memory and tried again every flush interval (the file opened again)"
+                    );
                 }
                 self.store_failing = true;
             }
+        }
+    }
+
+    /// The last flush, at a stop: a failure is said whatever came before it, with what is lost.
+    pub(super) fn flush_last(&mut self) {
+        self.flush_state();
+        if self.store_failing {
+            let since = self.shared.state.last_good_unix_s.load(Relaxed);
+            tracing::error!(
+                last_good_write_unix_s = since,
+                "the state store's last write at this stop failed: spend, pins, approvals and bans changed since its last good write are lost"
+            );
         }
     }
 

@@ -467,7 +467,7 @@ impl Serving {
             tracing::warn!("workers did not stop in time");
         }
         // After the workers: what they counted while draining is written too.
-        lock(control).flush_state();
+        lock(control).flush_last();
         shared.stdio.stop_all().await;
         if let Some(k) = &mut kernel {
             if handed_to.is_some() {

@@ -75,6 +75,10 @@ pub struct Stats {
     pub flush_us_total: AtomicU64,
     pub last_flush_us: AtomicU64,
     pub bytes: AtomicU64,
+    /// Unix seconds of the last flush that wrote (or found nothing to write); 0: none yet.
+    pub last_good_unix_s: AtomicU64,
+    /// Whether the last flush failed (what changed since `last_good_unix_s` is in memory only).
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 /// What a load put back.
@@ -96,7 +100,7 @@ pub struct Flushed {
 
 /// The open store and what it holds now (so that a flush writes only what changed).
 pub struct Store {
-    db: Database,
+    db: Db,
     path: PathBuf,
     pins: HashMap<String, Arc<Pin>>,
     windows: HashMap<String, WindowCount>,
@@ -118,10 +122,59 @@ fn window_key(what: &Counted, len_s: u64) -> serde_json::Result<String> {
 /// before has none; the length is in the count too).
 fn window_key_counted(key: &str) -> &str {
     match key.rsplit_once('#') {
-        Some((json, len)) if json.ends_with('}') && len.bytes().all(|b| b.is_ascii_digit()) => {
-            json
-        }
+        Some((json, len)) if json.ends_with('}') && len.bytes().all(|b| b.is_ascii_digit()) => json,
         _ => key,
+    }
+}
+
+/// What a panic of redb's said, as the problem with the file.
+fn damaged(panic: &(dyn std::any::Any + Send)) -> String {
+    let why = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("the storage library gave up on it");
+    format!("damaged ({why})")
+}
+
+/// The database, closed without unwinding: redb panics in its drop on some damage, and a
+/// start whose load failed ended in that panic instead of the error naming the file.
+struct Db(Option<Database>);
+
+impl Db {
+    fn close(&mut self) {
+        if let Some(db) = self.0.take()
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(db))).is_err()
+        {
+            tracing::warn!("the state store's file was closed with an error (damaged?)");
+        }
+    }
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        match &self.0 {
+            Some(db) => db,
+            // Closed only after a failed write, and opened again before the next
+            // (`Store::flush`), or by the drop.
+            None => unreachable!("the state store is used after it was closed"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut Database {
+        match &mut self.0 {
+            Some(db) => db,
+            None => unreachable!("the state store is used after it was closed"),
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -157,6 +210,11 @@ impl Store {
                 .map_err(|e| unreadable(format!("making the folder {}: {e}", dir.display())))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
+        // An empty file is no store: redb took it for a new one, and every pin, approval, ban
+        // and spend was forgotten with no more than "loaded pins=0" (an operator's review).
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(unreadable("the file is empty (it holds no store)".into()));
+        }
         // redb asserts on some damage (a file cut short trips `raw_file_len >= layout len`)
         // instead of returning an error: caught, it is the error it should have been, so that
         // `gateway state export` can still be tried and the start fails with the store's name.
@@ -169,7 +227,7 @@ impl Store {
                 Err(e) => return Err(unreadable(e.to_string())),
             };
             let store = Self {
-                db,
+                db: Db(Some(db)),
                 path: path.clone(),
                 pins: HashMap::new(),
                 windows: HashMap::new(),
@@ -178,14 +236,7 @@ impl Store {
             store.check_schema()?;
             Ok(store)
         });
-        let store = opened.unwrap_or_else(|panic| {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("the storage library gave up on it");
-            Err(unreadable(format!("damaged ({why})")))
-        })?;
+        let store = opened.unwrap_or_else(|panic| Err(unreadable(damaged(&*panic))))?;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         Ok(store)
     }
@@ -282,8 +333,14 @@ impl Store {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
-    /// Everything in the store as JSON (`gateway state export`).
+    /// Everything in the store as JSON (`gateway state export`); a panic of redb's on damage
+    /// is the file being unreadable.
     pub fn export(&self) -> Result<serde_json::Value, StoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.export_inner()))
+            .unwrap_or_else(|panic| Err(self.unreadable(damaged(&*panic))))
+    }
+
+    fn export_inner(&self) -> Result<serde_json::Value, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.unreadable(e))?;
         let mut pins = serde_json::Map::new();
         for row in tx
@@ -332,8 +389,44 @@ impl Store {
         }))
     }
 
+    /// Runs `f` on the store; a panic of redb's (it asserts on some damage instead of
+    /// returning an error: a flipped byte in a table's page panicked the load) is the file
+    /// being unreadable.
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))).unwrap_or_else(|panic| {
+            Err(StoreError::Unreadable {
+                path,
+                problem: damaged(&*panic),
+            })
+        })
+    }
+
+    /// Opens the file again after a write failed: redb refuses every later write once one
+    /// failed (a disk that filled up once stopped every write until a restart, and the stop's
+    /// last write failed too: an operator's review). What was written last stays the record.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        self.db.close();
+        let opened = std::panic::catch_unwind(|| Database::builder().create(&self.path));
+        match opened {
+            Ok(Ok(db)) => {
+                self.db = Db(Some(db));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.write_error(e)),
+            Err(panic) => Err(self.write_error(damaged(&*panic))),
+        }
+    }
+
     /// Checks every page of the file (`gateway state check`).
     pub fn check(&mut self) -> Result<(), StoreError> {
+        self.guarded(Self::check_inner)
+    }
+
+    fn check_inner(&mut self) -> Result<(), StoreError> {
         match self.db.check_integrity() {
             Ok(true) => {}
             Ok(false) => {
@@ -348,6 +441,10 @@ impl Store {
     /// Puts the stored state into `pins` and `limits` (at start, before the workers serve); a
     /// record that does not read is an error naming it, not skipped.
     pub fn load(&mut self, pins: &Pins, limits: &State) -> Result<Loaded, StoreError> {
+        self.guarded(|s| s.load_inner(pins, limits))
+    }
+
+    fn load_inner(&mut self, pins: &Pins, limits: &State) -> Result<Loaded, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.unreadable(e))?;
         let mut loaded = Loaded::default();
         for row in tx
@@ -407,6 +504,28 @@ impl Store {
     /// (and no sync made) when nothing changed. On failure nothing is taken as written, so the
     /// next flush tries it all again.
     pub fn flush(
+        &mut self,
+        pins: &Pins,
+        limits: &State,
+        bans: impl IntoIterator<Item = (IpNet, Duration)>,
+    ) -> Result<Flushed, StoreError> {
+        if self.db.0.is_none() {
+            self.reopen()?;
+        }
+        let flushed = self
+            .guarded(|s| s.flush_inner(pins, limits, bans))
+            .map_err(|e| match e {
+                StoreError::Unreadable { path, problem } => StoreError::Write { path, problem },
+                e => e,
+            });
+        if flushed.is_err() {
+            // The next flush opens the file again (see `reopen`).
+            self.db.close();
+        }
+        flushed
+    }
+
+    fn flush_inner(
         &mut self,
         pins: &Pins,
         limits: &State,
@@ -523,7 +642,10 @@ impl Store {
         stats.last_flush_us.store(us, Relaxed);
         if r.is_err() {
             stats.failures.fetch_add(1, Relaxed);
+        } else {
+            stats.last_good_unix_s.store(unix_ms() / 1000, Relaxed);
         }
+        stats.failing.store(r.is_err(), Relaxed);
         stats.bytes.store(self.bytes(), Relaxed);
         r
     }
@@ -566,6 +688,11 @@ pub fn render_metrics(stats: &Stats, out: &mut String) {
         out,
         "# HELP mcp_gateway_state_last_flush_seconds How long the last flush of the state store took.\n# TYPE mcp_gateway_state_last_flush_seconds gauge\nmcp_gateway_state_last_flush_seconds {:.6}",
         stats.last_flush_us.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mcp_gateway_state_store_failing 1 while the state store's last flush failed: what changed since is in memory only.\n# TYPE mcp_gateway_state_store_failing gauge\nmcp_gateway_state_store_failing {}",
+        u8::from(stats.failing.load(Relaxed))
     );
     let _ = writeln!(
         out,

@@ -158,6 +158,26 @@ fn a_damaged_file_is_an_error_naming_it_and_is_left_alone() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// An empty file where the store should be is an error naming it, not a new store.
+#[test]
+fn an_empty_file_is_an_error_not_a_new_store() {
+    let d = dir("empty");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(Store::file(&d), b"").unwrap();
+    let e = Store::open(&d).err().expect("refused");
+    assert!(matches!(e, StoreError::Unreadable { .. }), "{e}");
+    assert!(
+        e.to_string().contains("empty") && e.to_string().contains("gateway state reset"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(Store::file(&d)).unwrap(),
+        b"",
+        "left as it was"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// A store cut short (a full disk, a copy interrupted) is an error naming it, as damage is:
 /// redb asserts on it, and the start, `state check` and `state export` ended in a panic.
 #[test]
@@ -341,7 +361,10 @@ fn counts_of_one_subject_in_windows_of_two_lengths_are_both_kept() {
                 .charge_kept(what.key(&limits, len), || what.clone(), now, len, cost, 100)
                 .unwrap();
         }
-        assert_eq!(store.flush(&Pins::default(), &limits, []).unwrap().written, 2);
+        assert_eq!(
+            store.flush(&Pins::default(), &limits, []).unwrap().written,
+            2
+        );
     }
     let mut store = Store::open(&d).unwrap();
     let limits = State::default();
@@ -374,10 +397,73 @@ fn counts_of_one_subject_in_windows_of_two_lengths_are_both_kept() {
     let old = budget("old");
     assert_eq!(limits.left(old.key(&limits, 3600), 3600, 10), 5);
     let f = store.flush(&Pins::default(), &limits, []).unwrap();
-    assert_eq!((f.written, f.deleted), (1, 1), "rewritten under its new key");
+    assert_eq!(
+        (f.written, f.deleted),
+        (1, 1),
+        "rewritten under its new key"
+    );
     let exported = store.export().unwrap();
     let windows = exported["windows"].as_array().unwrap();
     assert_eq!(windows.len(), 3);
-    assert!(windows.iter().all(|w| w["counts"]["tenant"] == "acme"), "{exported}");
+    assert!(
+        windows.iter().all(|w| w["counts"]["tenant"] == "acme"),
+        "{exported}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Damage anywhere in the file is an error naming it (or, where redb repairs it, a store that
+/// loads), never a panic: redb panicked while the store was dropped after a load that failed,
+/// and the start ended with a backtrace instead of the error and the way to recover (an
+/// operator's review).
+#[test]
+fn damage_anywhere_is_an_error_not_a_panic() {
+    let d = dir("flipped");
+    {
+        let mut store = Store::open(&d).unwrap();
+        let pins = Pins::default();
+        let limits = State::default();
+        for i in 0..40 {
+            pins.observe(
+                "u",
+                &json!({"name": format!("t{i}"), "description": "x".repeat(300)}),
+                None,
+            );
+            let what = budget(&format!("bot{i}"));
+            limits
+                .charge_kept(
+                    what.key(&limits, 3600),
+                    || what.clone(),
+                    State::unix_s(),
+                    3600,
+                    1,
+                    9,
+                )
+                .unwrap();
+        }
+        store.flush(&pins, &limits, []).unwrap();
+    }
+    let file = Store::file(&d);
+    let whole = std::fs::read(&file).unwrap();
+    for offset in (0..whole.len()).step_by(4096).flat_map(|o| [o, o + 2048]) {
+        let mut damaged = whole.clone();
+        for b in damaged.iter_mut().skip(offset).take(64) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&file, &damaged).unwrap();
+        let opened = std::panic::catch_unwind(|| {
+            let mut store = Store::open(&d)?;
+            store.load(&Pins::default(), &State::default())?;
+            Ok::<_, StoreError>(())
+        });
+        match opened {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => assert!(
+                e.to_string().contains("gateway state reset"),
+                "{offset}: {e}"
+            ),
+            Err(_) => panic!("damage at {offset}: a panic"),
+        }
+    }
     let _ = std::fs::remove_dir_all(&d);
 }

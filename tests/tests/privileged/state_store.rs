@@ -316,3 +316,90 @@ fn a_damaged_store_stops_the_start_naming_the_file_and_state_reset_recovers() {
         "the spend is exported: {text}"
     );
 }
+
+/// A tmpfs mounted for the test, unmounted (and its folder removed) even when the test fails.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs on {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A disk that filled up once does not stop the state store for good: once there is room
+/// again the next flush writes, and a crash after it loses nothing. Before, redb refused every
+/// write after the one that failed until a restart, and the stop's last write failed too,
+/// silently: a restart forgot the spend (an operator's review).
+#[test]
+fn a_disk_that_filled_up_once_is_written_again_when_there_is_room() {
+    let up_port = free_port();
+    let _upstream = PyServer::start_on(up_port, &[]);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwfull");
+    let disk = SmallDisk::mount(
+        std::env::temp_dir().join(format!("{instance}-disk")),
+        "1200k",
+    );
+    let state = Folder(disk.0.join("st"));
+    let mut d = Daemon::start_local(
+        &instance,
+        &config(&instance, port, admin, up_port, &state, 200),
+    );
+    assert_eq!(call(port, "echo", json!({"text": "hi"})), (200, None));
+    wait_for_flushes(admin);
+    // Fill the disk, then spend: the flushes fail.
+    let fill = disk.0.join("fill");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    assert_eq!(call(port, "echo", json!({"text": "hi"})), (200, None));
+    assert_eq!(call(port, "add", json!({"a": 1, "b": 2})), (200, None));
+    let mut failing = false;
+    for _ in 0..100 {
+        if metric(admin, "mcp_gateway_state_store_failing") == 1.0 {
+            failing = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(failing, "a full disk fails the flush");
+    assert!(metric(admin, "mcp_gateway_state_flush_failures_total") >= 1.0);
+    // Room again: the next flushes write.
+    std::fs::remove_file(&fill).unwrap();
+    d.wait_for_log("state store written again", Duration::from_secs(10));
+    wait_for_flushes(admin);
+    assert_eq!(metric(admin, "mcp_gateway_state_store_failing"), 0.0);
+    // A crash now loses nothing: 3 of 5 spent, two calls left.
+    d.crash();
+    wait_port_free(port);
+    let mut d = Daemon::restart_local(&instance, &mut d);
+    d.wait_for_log("state store loaded", Duration::from_secs(5));
+    for _ in 0..2 {
+        assert_eq!(call(port, "echo", json!({"text": "hi"})), (200, None));
+    }
+    assert_eq!(
+        call(port, "echo", json!({"text": "hi"})),
+        (429, Some(BUDGET_EXHAUSTED)),
+        "the spend made while the disk was full was written once there was room"
+    );
+    d.stop();
+}
