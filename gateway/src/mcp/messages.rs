@@ -962,12 +962,16 @@ pub fn discover_from_initialize(init: &Value) -> Value {
 /// `cacheScope: "public"` (the list is that tenant's, and a shared cache must not give it to
 /// another). `None`: the result has no `tools` array to filter.
 /// Whether a listed item (a tool, a prompt) is one the gateway can judge: an object with a
-/// string `name` and no two keys a client reads as one ([`one_meaning`]: `Name` beside
+/// string `name` a call may name (at most [`super::jsonrpc::MAX_NAME_CHARS`] characters: a
+/// longer one is refused in a call, and was kept in the gateway's tables, 15 MB a name: an
+/// attacker's review) and no two keys a client reads as one ([`one_meaning`]: `Name` beside
 /// `name`). Go reads `{"Name": "secret_tool"}` as a tool named so, which the filter, the pins
 /// and a federation's prefixes took for one with no name (the fourth review).
 pub(super) fn listable(item: &Value) -> bool {
     item.as_object().is_some_and(|o| {
-        o.get("name").is_some_and(Value::is_string)
+        o.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n.chars().count() <= super::jsonrpc::MAX_NAME_CHARS)
             && super::jsonrpc::same_to_go(o.keys().map(String::as_str)).is_none()
     })
 }

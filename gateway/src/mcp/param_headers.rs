@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use super::jsonrpc::MAX_NAME_CHARS;
 use serde_json::Value;
 
 /// One `x-mcp-header` annotation: the header's name part and the argument's path.
@@ -133,8 +134,8 @@ pub fn declarations(input_schema: &Value) -> Declared {
 #[derive(Debug, Default)]
 pub struct Declarations {
     map: papaya::HashMap<String, Arc<Declared>>,
-    /// Tools remembered per upstream.
-    per_upstream: papaya::HashMap<String, usize>,
+    /// Tools and their bytes remembered per upstream.
+    per_upstream: papaya::HashMap<String, (usize, usize)>,
 }
 
 /// Tools remembered; past that, a new tool stays unknown (its calls with headers are refused).
@@ -142,6 +143,22 @@ const MAX_TOOLS: usize = 100_000;
 /// Of those, per upstream: an upstream whose tools come and go without end fills its own
 /// share, not another's.
 const MAX_PER_UPSTREAM: usize = 10_000;
+/// Bytes of names and declarations remembered per upstream: an upstream listing a new tool
+/// with a 15 MB name at each listing grew the gateway by as much each time, for good (an
+/// attacker's review; a name is now also at most [`MAX_NAME_CHARS`] characters, as a call's).
+const MAX_BYTES_PER_UPSTREAM: usize = 4 << 20;
+
+/// Roughly what a tool's entry holds, in bytes.
+fn weight(key: &str, declared: &Declared) -> usize {
+    let declared = match declared {
+        Ok(list) => list
+            .iter()
+            .map(|d| d.name.len() + d.path.iter().map(|p| p.len() + 24).sum::<usize>() + 48)
+            .sum(),
+        Err(why) => why.len(),
+    };
+    key.len() + declared + 64
+}
 
 impl Declarations {
     /// Sees a listed tool definition.
@@ -149,23 +166,44 @@ impl Declarations {
         let Some(name) = tool.get("name").and_then(Value::as_str) else {
             return;
         };
+        // Never called through the gateway (a call naming it is refused): nothing to learn.
+        if name.chars().count() > MAX_NAME_CHARS {
+            return;
+        }
         let declared = declarations(tool.get("inputSchema").unwrap_or(&Value::Null));
         let key = format!("{upstream}/{name}");
         let map = self.map.pin();
-        match map.get(&key) {
-            Some(d) if **d == declared => {}
-            Some(_) => {
-                map.insert(key, Arc::new(declared));
-            }
-            None => {
-                let counts = self.per_upstream.pin();
-                let held = counts.get(upstream).copied().unwrap_or(0);
-                if map.len() < MAX_TOOLS && held < MAX_PER_UPSTREAM {
-                    map.insert(key, Arc::new(declared));
-                    counts.update_or_insert(upstream.to_owned(), |n| n + 1, 1);
-                }
-            }
+        let old = match map.get(&key) {
+            Some(d) if **d == declared => return,
+            Some(d) => Some(weight(&key, d)),
+            None => None,
+        };
+        let new = weight(&key, &declared);
+        let counts = self.per_upstream.pin();
+        let (held, bytes) = counts.get(upstream).copied().unwrap_or((0, 0));
+        let bytes_then = (bytes + new).saturating_sub(old.unwrap_or(0));
+        let fits = bytes_then <= MAX_BYTES_PER_UPSTREAM
+            && (old.is_some() || (map.len() < MAX_TOOLS && held < MAX_PER_UPSTREAM));
+        if !fits {
+            return;
         }
+        map.insert(key, Arc::new(declared));
+        let added = usize::from(old.is_none());
+        counts.update_or_insert(
+            upstream.to_owned(),
+            |(n, b)| (n + added, (b + new).saturating_sub(old.unwrap_or(0))),
+            (added, new),
+        );
+    }
+
+    /// Tools and bytes remembered of `upstream` (for the bounds' tests).
+    #[cfg(test)]
+    fn held(&self, upstream: &str) -> (usize, usize) {
+        self.per_upstream
+            .pin()
+            .get(upstream)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// What is known of `tool` of `upstream`; `None`: never listed here.

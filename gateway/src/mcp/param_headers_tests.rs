@@ -224,6 +224,51 @@ fn an_upstream_fills_only_its_own_share_of_the_store() {
 }
 
 #[test]
+fn an_upstream_holds_a_bounded_number_of_bytes_and_no_name_a_call_cannot_have() {
+    // An upstream listed a new tool with a 15 MB name at each listing: each stayed for good
+    // (an attacker's review).
+    let store = Declarations::default();
+    let long = "n".repeat(MAX_NAME_CHARS + 1);
+    store.observe("evil", &json!({"name": long, "inputSchema": schema()}));
+    assert!(
+        store.get("evil", &long).is_none(),
+        "never callable: not kept"
+    );
+    assert_eq!(store.held("evil"), (0, 0));
+    // Declarations as large as a listing may carry: the upstream's bytes stay within its share,
+    // whether tools are added or one is replaced with larger ones.
+    let big_schema = |i: usize| {
+        let properties: serde_json::Map<String, Value> = (0..200)
+            .map(|p| {
+                (
+                    format!("{}{p}-{i}", "p".repeat(1000)),
+                    json!({"type": "string", "x-mcp-header": format!("H{p}")}),
+                )
+            })
+            .collect();
+        json!({"type": "object", "properties": properties})
+    };
+    for i in 0..100 {
+        store.observe(
+            "evil",
+            &json!({"name": format!("t{i}"), "inputSchema": big_schema(i)}),
+        );
+        store.observe(
+            "evil",
+            &json!({"name": "same", "inputSchema": big_schema(i)}),
+        );
+    }
+    let (tools, bytes) = store.held("evil");
+    assert!(bytes <= MAX_BYTES_PER_UPSTREAM, "{bytes}");
+    assert!(tools > 5 && tools < 100, "{tools}");
+    store.observe("quiet", &json!({"name": "t", "inputSchema": schema()}));
+    assert!(
+        store.get("quiet", "t").is_some(),
+        "another upstream still learns"
+    );
+}
+
+#[test]
 fn a_name_unsafe_in_a_head_goes_base64() {
     assert_eq!(header_text("echo"), "echo");
     assert_eq!(header_text("a b"), "=?base64?YSBi?=");
