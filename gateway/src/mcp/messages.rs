@@ -218,6 +218,44 @@ pub struct EventsRead {
     pub last_with_data: Option<std::ops::Range<usize>>,
     /// Whether an event sets the last event id ([`has_id`]).
     pub id: bool,
+    /// Whether an event sets a reconnection time below [`MIN_RETRY_MS`] ([`raise_retry`]).
+    pub low_retry: bool,
+}
+
+/// The least reconnection time (`retry:`) a client is given, in ms: an upstream's `retry: 0`
+/// on a stream it ends at once had an SDK client reconnect through the gateway 1,900 times a
+/// second (an attacker's review).
+pub const MIN_RETRY_MS: u64 = 1000;
+const MIN_RETRY: &[u8] = b"1000";
+
+/// Whether `line` sets a reconnection time below [`MIN_RETRY_MS`] (a client takes a value of
+/// ASCII digits only).
+fn low_retry(line: &[u8]) -> bool {
+    field(line, b"retry").is_some_and(|v| {
+        !v.is_empty()
+            && v.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|ms| ms < MIN_RETRY_MS)
+    })
+}
+
+/// `events` with each reconnection time below [`MIN_RETRY_MS`] raised to it.
+pub fn raise_retry(events: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events.len() + 8);
+    let mut from = 0;
+    for line in lines(events.strip_prefix(sse::BOM).unwrap_or(events)) {
+        if low_retry(line) {
+            let at = line.as_ptr() as usize - events.as_ptr() as usize;
+            out.extend_from_slice(&events[from..at]);
+            out.extend_from_slice(b"retry: ");
+            out.extend_from_slice(MIN_RETRY);
+            from = at + line.len();
+        }
+    }
+    out.extend_from_slice(&events[from..]);
+    out
 }
 
 /// Reads `events` as [`sse::split`], [`has_data`] and [`has_id`] would, in one pass.
@@ -244,6 +282,7 @@ pub fn read_events(events: &[u8]) -> EventsRead {
         end = at + line.len();
         data |= field(line, b"data").is_some();
         read.id |= sets_id(line);
+        read.low_retry |= low_retry(line);
     }
     if let Some(from) = start
         && data
@@ -828,6 +867,7 @@ fn rewrite_event(
             if name != b"data" && has_separator(line) {
                 return Err("a field holds a character some clients end a line at");
             }
+            let value = if low_retry(line) { MIN_RETRY } else { value };
             fields.push((name, value));
         } else if has_separator(name) {
             return Err("a field name holds a character some clients end a line at");
@@ -995,6 +1035,45 @@ pub(super) fn keep_tools(
 
 #[cfg(test)]
 mod tests {
+    /// An upstream's reconnection time below a second is raised to a second (a client
+    /// reconnected 1,900 times a second on `retry: 0`); others go as they came.
+    #[test]
+    fn a_reconnection_time_below_a_second_is_raised_to_one() {
+        use super::{Answers, raise_retry, read_events, rewrite_events};
+        for (events, want) in [
+            (
+                &b"retry: 0\ndata: {}\n\n"[..],
+                &b"retry: 1000\ndata: {}\n\n"[..],
+            ),
+            (b"id: 1\r\nretry:5\r\n\r\n", b"id: 1\r\nretry: 1000\r\n\r\n"),
+            (
+                b"\xef\xbb\xbfretry: 999\n\n",
+                b"\xef\xbb\xbfretry: 1000\n\n",
+            ),
+            (
+                b"data: 1\n\nretry: 10\rdata: 2\r\r",
+                b"data: 1\n\nretry: 1000\rdata: 2\r\r",
+            ),
+        ] {
+            assert!(read_events(events).low_retry, "{events:?}");
+            assert_eq!(raise_retry(events), want);
+            assert!(!read_events(want).low_retry);
+        }
+        for events in [
+            &b"retry: 1000\n\n"[..],
+            b"retry: 30000\n\n",
+            b"retry: 5x\n\n",
+            b"retry:\n\n",
+            b"data: retry: 0\n\n",
+            b"retry: 99999999999999999999999\n\n",
+        ] {
+            assert!(!read_events(events).low_retry, "{events:?}");
+            assert_eq!(raise_retry(events), events);
+        }
+        let out = rewrite_events("m", b"retry: 0\ndata: {}\n\n", Answers::Any);
+        assert_eq!(out, b"retry: 1000\ndata: {}\n\n");
+    }
+
     /// The vector search finds what a plain one does: each separator at every place around
     /// the blocks' edges, alone and after other bytes that may start one, and none in text
     /// without one (a lone 0xc2 or 0xe2 starts other characters).

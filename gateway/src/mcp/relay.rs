@@ -1268,12 +1268,16 @@ impl<'m> Body<'m> {
     /// once instead of searched for ids and then read.
     fn rewritten_and_read(&mut self, events: Vec<u8>) -> (Vec<u8>, super::messages::EventsRead) {
         // A member's strays are dropped as its events are rewritten.
-        let events = match self.member {
+        let mut events = match self.member {
             None => super::messages::without_strays(events, self.answers),
             Some(_) => events,
         };
         if self.member.is_none() {
-            let read = super::messages::read_events(&events);
+            let mut read = super::messages::read_events(&events);
+            if read.low_retry {
+                events = super::messages::raise_retry(&events);
+                read = super::messages::read_events(&events);
+            }
             if !read.id || self.ids.is_none() {
                 return (events, read);
             }

@@ -727,6 +727,39 @@ fn a_protocol_version_that_is_not_utf8_never_reaches_the_upstream() {
     d.stop();
 }
 
+/// An upstream's reconnection time below a second reaches the client as a second: an
+/// upstream that wrote `retry: 0` on a stream it ended at once had the Python SDK's client
+/// reconnect through the gateway 1,900 times a second (an attacker's review).
+#[test]
+fn a_reconnection_time_below_a_second_reaches_the_client_as_one() {
+    let body = "retry: 0\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\nretry:250\n\n";
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    );
+    let fake = FakeUpstream::start(Misbehave::Raw(answer));
+    let (mut d, port) = gateway_to(&fake, "gwretry");
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    let (r, _) = raw(port, request.as_bytes());
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 200, "{text}");
+    assert!(text.contains("\"result\":{}"), "{text}");
+    assert_eq!(text.matches("retry: 1000\n").count(), 2, "{text}");
+    assert!(
+        !text.contains("retry: 0") && !text.contains("retry:250"),
+        "{text}"
+    );
+    d.stop();
+}
+
 /// An upstream whose URL has a query of its own (an operator's key, a tenant) gets that query
 /// and no client's: a request with a query to its route is refused (400), on a passthrough
 /// route as on a federated one. Before, the client's query was written after the operator's
