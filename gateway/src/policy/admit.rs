@@ -438,6 +438,20 @@ impl<'a> Deciding<'a> {
             ("agent", b.agent, Some(self.agent())),
             ("run", b.run, self.who.run.as_deref()),
         ];
+        // A run named in the header is the caller's own: counted under the caller and the
+        // run (the header is the client's to write). A signed token's is shared by every
+        // token that names it.
+        let caller_run;
+        let scopes = match (&self.who.run, self.who.run_signed) {
+            (Some(run), false) => {
+                let (scope, agent) = (self.agent_scope(), self.agent());
+                caller_run = format!("{scope}:{}:{agent}:{run}", agent.len());
+                let mut scopes = scopes;
+                scopes[2].2 = Some(caller_run.as_str());
+                scopes
+            }
+            _ => scopes,
+        };
         // Room for three scopes' figures at once: grown a piece at a time, it was four
         // reallocations a call.
         let mut left = String::with_capacity(64);
@@ -477,11 +491,12 @@ impl<'a> Deciding<'a> {
         admission: &mut Admission,
     ) -> Result<u64, Box<Refusal>> {
         let (t, state, unix_s) = (self.t, self.state, self.unix_s);
-        // The scope the spend is counted under: a caller with no agent's is its own.
-        let counted = if scope == "agent" {
-            self.agent_scope()
-        } else {
-            scope
+        // The scope the spend is counted under: a caller with no agent's is its own; a run
+        // the header names, the caller's (see [`Deciding::budgets`]).
+        let counted = match scope {
+            "agent" => self.agent_scope(),
+            "run" if !self.who.run_signed => "caller-run",
+            _ => scope,
         };
         let key = state.budget_key(counted, &t.name, subject, b.window_s);
         // A run not counted yet in this window takes one of the tenant's places for runs. (A
@@ -528,10 +543,19 @@ impl<'a> Deciding<'a> {
         };
         match charged {
             Ok((window, l)) => {
-                admission.charges.push(Charge::Budget {
-                    key,
-                    window,
-                    amount: cost,
+                admission.charges.push(if placed {
+                    Charge::RunBudget {
+                        key,
+                        window,
+                        amount: cost,
+                        places: state.places_key(&t.name, b.window_s),
+                    }
+                } else {
+                    Charge::Budget {
+                        key,
+                        window,
+                        amount: cost,
+                    }
                 });
                 Ok(l)
             }
@@ -542,11 +566,12 @@ impl<'a> Deciding<'a> {
                 if placed {
                     state.give_back_run(&t.name, b.window_s, unix_s);
                 }
-                // A credential's mark is not shown (see [`Deciding::caller`]).
-                let whose = if counted == "own" {
-                    "this credential (it names no agent)".to_owned()
-                } else {
-                    format!("`{subject}`")
+                // A credential's mark is not shown (see [`Deciding::caller`]); a run is
+                // named as the caller named it.
+                let whose = match (counted, &self.who.run) {
+                    ("own", _) => "this credential (it names no agent)".to_owned(),
+                    ("caller-run", Some(run)) => format!("`{run}`"),
+                    _ => format!("`{subject}`"),
                 };
                 let mut r = Refusal::new(
                     429,

@@ -370,7 +370,7 @@ impl Counted {
 
     /// Whether it counts a run's budget (the `run` scope, whose subjects clients choose).
     pub fn is_run(&self) -> bool {
-        matches!(self, Self::Budget { scope, .. } if scope == "run")
+        matches!(self, Self::Budget { scope, .. } if scope == "run" || scope == "caller-run")
     }
 
     /// The key of this count in windows of `len_s` seconds (the request path's too): a
@@ -496,6 +496,17 @@ pub enum Charge {
     /// `amount` of a budget, counted in window number `window` (given back there or nowhere:
     /// a refund made after the window ended must not make room in the next).
     Budget { key: u64, window: u64, amount: u64 },
+    /// The first charge of a run in its window, which took one of its tenant's places for
+    /// runs (`places`: [`State::places_key`]); given back, the run's count goes and so does
+    /// the place. (The place stayed: a batch refused for a member that was denied gave back
+    /// its budget and kept the place, and one agent took every place of its tenant for free,
+    /// refusing every other agent's new runs for the window: an attacker's review.)
+    RunBudget {
+        key: u64,
+        window: u64,
+        amount: u64,
+        places: u64,
+    },
 }
 
 /// What the limits count, across reloads.
@@ -537,7 +548,8 @@ pub struct State {
     leases: papaya::HashMap<u64, Lease, rustc_hash::FxBuildHasher>,
     /// Runs counted for each tenant (by name) in its budget's current window (by length):
     /// a place is taken as a run is first charged, and they all go when the window ends.
-    runs: papaya::HashMap<(String, u64), Window>,
+    /// Keyed by [`State::places_key`].
+    runs: papaya::HashMap<u64, (u64, Window), rustc_hash::FxBuildHasher>,
     /// Counts of callers known by their address ([`Counted::by_address`]): as the last prune
     /// found them, plus those new since (see [`State::charge_source`]).
     sources: AtomicUsize,
@@ -595,7 +607,7 @@ impl State {
             fleet_caps_read: std::sync::atomic::AtomicBool::new(false),
             fleet_budgets_read: std::sync::atomic::AtomicBool::new(false),
             leases: papaya::HashMap::with_hasher(rustc_hash::FxBuildHasher),
-            runs: papaya::HashMap::new(),
+            runs: papaya::HashMap::default(),
         }
     }
 
@@ -616,19 +628,24 @@ impl State {
     /// overwritten.)
     pub fn take_run(&self, tenant: &str, len_s: u64, unix_s: u64, max: usize) -> bool {
         let map = self.runs.pin();
-        let key = (tenant.to_owned(), len_s);
+        let key = self.places_key(tenant, len_s);
         loop {
-            let place = map.get_or_insert_with(key.clone(), Window::default);
+            let (_, place) = map.get_or_insert_with(key, || (len_s, Window::default()));
             if let Some(r) = place.charge(unix_s / len_s.max(1), 1, max as u64) {
                 return r.is_ok();
             }
-            let _ = map.remove_if(&key, |_, w| w.retired());
+            let _ = map.remove_if(&key, |_, (_, w)| w.retired());
         }
+    }
+
+    /// The key of `tenant`'s places for runs in windows of `len_s`.
+    pub fn places_key(&self, tenant: &str, len_s: u64) -> u64 {
+        self.key(("runs", tenant, len_s))
     }
 
     /// Gives back a place [`State::take_run`] took at `unix_s`, in that window only.
     pub fn give_back_run(&self, tenant: &str, len_s: u64, unix_s: u64) {
-        if let Some(place) = self.runs.pin().get(&(tenant.to_owned(), len_s)) {
+        if let Some((_, place)) = self.runs.pin().get(&self.places_key(tenant, len_s)) {
             place.refund(unix_s / len_s.max(1), 1);
         }
     }
@@ -1034,6 +1051,26 @@ impl State {
                     c.window.refund(window, amount);
                 }
             }
+            Charge::RunBudget {
+                key,
+                window,
+                amount,
+                places,
+            } => {
+                let windows = self.windows.pin();
+                if let Some(c) = windows.get(&key) {
+                    c.window.refund(window, amount);
+                }
+                // Only while nothing else counts in it (a call of the same run admitted
+                // meanwhile keeps the run, and its place).
+                if windows
+                    .remove_if(&key, |_, c| c.window.get() == (window, 0))
+                    .is_ok_and(|removed| removed.is_some())
+                    && let Some((_, place)) = self.runs.pin().get(&places)
+                {
+                    place.refund(window, 1);
+                }
+            }
         }
     }
 
@@ -1148,7 +1185,7 @@ impl State {
         // their places (raised, never lowered: the windows the state store restored at start
         // take theirs).
         let places = self.runs.pin();
-        places.retain(|(_, len_s), w| !w.retire_if_stale(Self::window_of(*len_s)));
+        places.retain(|_, (len_s, w)| !w.retire_if_stale(Self::window_of(*len_s)));
         let mut runs: std::collections::HashMap<(&str, u64), u64> =
             std::collections::HashMap::new();
         for (_, c) in &windows {
@@ -1160,7 +1197,10 @@ impl State {
         }
         for ((tenant, len_s), n) in runs {
             places
-                .get_or_insert_with((tenant.to_owned(), len_s), Window::default)
+                .get_or_insert_with(self.places_key(tenant, len_s), || {
+                    (len_s, Window::default())
+                })
+                .1
                 .raise(Self::window_of(len_s), n);
         }
         // Sources counted, found again (what `charge_source` added since may be over or
@@ -1545,8 +1585,9 @@ mod tests {
         let retired = state
             .runs
             .pin()
-            .get(&("t".to_owned(), len))
+            .get(&state.places_key("t", len))
             .unwrap()
+            .1
             .retire_if_stale(u64::MAX - 1);
         assert!(retired);
         assert!(state.take_run("t", len, now, 1), "a place in the next cell");

@@ -119,6 +119,11 @@ pub struct Identity {
     pub tenant: usize,
     pub agent: Option<String>,
     pub run: Option<String>,
+    /// Whether `run` is a signed token's (a run every token naming it shares); else it is
+    /// the header's, the caller's own: another caller naming it has a run of its own (an
+    /// attacker's review: any agent of a tenant spent another's run budget, a signed run's
+    /// too, by naming it in the header).
+    pub run_signed: bool,
     pub via: Via,
     /// What keeps a caller no agent names apart from its tenant's other callers (their
     /// sessions, event ids, per-caller children and held sessions, tasks): the credential
@@ -851,6 +856,7 @@ impl Policy {
                 tenant: by_address,
                 agent: None,
                 run: a.run_header(by_address),
+                run_signed: false,
                 via: Via::Address,
                 own: None,
             };
@@ -915,13 +921,15 @@ impl Policy {
                     ),
                 ));
             }
-            (Some(signed), _) => Some(signed),
-            (None, sent) => sent,
+            (Some(signed), _) => (Some(signed), true),
+            (None, sent) => (sent, false),
         };
+        let (run, run_signed) = run;
         let who = Identity {
             tenant,
             agent,
             run,
+            run_signed,
             via,
             own,
         };

@@ -236,6 +236,7 @@ fn acme(p: &Policy) -> Identity {
         tenant: p.by_name["acme"],
         agent: Some("bot".into()),
         run: Some("run-1".into()),
+        run_signed: false,
         via: Via::ApiKey,
         own: None,
     }
@@ -285,6 +286,7 @@ upstream = "up"
         tenant: p.by_name["acme"],
         agent: None,
         run: None,
+        run_signed: false,
         via: Via::Address,
         own: None,
     };
@@ -382,6 +384,7 @@ upstream = "up"
         tenant: p.by_name[tenant],
         agent: None,
         run: None,
+        run_signed: false,
         via: Via::Address,
         own: None,
     };
@@ -472,6 +475,101 @@ cost = 2
     };
     let a = admit(&p, &state, &other_run, "search", json!({"q": 4})).unwrap();
     assert_eq!(a.budget_left.as_deref(), Some("tenant=94; agent=4; run=3"));
+}
+
+/// A run named in the header is the caller's own: another agent naming it has a run of its
+/// own. A signed token's run is shared by every token naming it, and a header naming it is
+/// another run. Before, any agent of the tenant spent another's run budget, a signed one's
+/// too, by naming it in the header (an attacker's review).
+#[test]
+fn a_run_is_its_callers_own_unless_a_token_signed_it() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 2 }
+"#,
+    );
+    let other = Identity {
+        agent: Some("other".into()),
+        ..who.clone()
+    };
+    for _ in 0..2 {
+        admit(&p, &state, &who, "search", json!({})).unwrap();
+    }
+    let r = admit(&p, &state, &who, "search", json!({})).unwrap_err();
+    assert_eq!(r.rule, "tenants[acme].policy.budget.run");
+    assert!(r.message.contains("`run-1`"), "{}", r.message);
+    let a = admit(&p, &state, &other, "search", json!({})).unwrap();
+    assert_eq!(a.budget_left.as_deref(), Some("run=1"), "its own run-1");
+    let signed = |agent: &Identity| Identity {
+        run: Some("deploy".into()),
+        run_signed: true,
+        ..agent.clone()
+    };
+    let header = Identity {
+        run: Some("deploy".into()),
+        ..other.clone()
+    };
+    for _ in 0..2 {
+        admit(&p, &state, &header, "search", json!({})).unwrap();
+    }
+    admit(&p, &state, &signed(&who), "search", json!({})).unwrap();
+    let a = admit(&p, &state, &signed(&other), "search", json!({})).unwrap();
+    assert_eq!(
+        a.budget_left.as_deref(),
+        Some("run=0"),
+        "shared by its tokens"
+    );
+    assert!(admit(&p, &state, &signed(&who), "search", json!({})).is_err());
+}
+
+/// A run whose first charge is given back (its batch was refused for another member) gives
+/// back its place too: a batch of an allowed and a denied call, each with a new run id, took a
+/// place for nothing, and one agent took all 1,024 of its tenant's, refusing every other
+/// agent's new runs for the window (an attacker's review).
+#[test]
+fn a_run_whose_first_charge_is_given_back_gives_back_its_place() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 5 }
+"#,
+    );
+    let run = |i: usize| Identity {
+        run: Some(format!("run-{i}")),
+        ..who.clone()
+    };
+    for i in 0..MAX_RUNS + 100 {
+        let mut a = admit(&p, &state, &run(i), "search", json!({})).expect("a place");
+        a.give_back(&state);
+    }
+    state.prune();
+    // Every place is still free: as many new runs as there are places.
+    for i in 0..MAX_RUNS {
+        admit(&p, &state, &run(10_000 + i), "search", json!({})).expect("a place");
+    }
+    assert!(admit(&p, &state, &run(20_000), "search", json!({})).is_err());
+}
+
+/// A run's first call given back while another call of it counts keeps the run's count.
+#[test]
+fn a_run_counted_by_another_call_stays_when_its_first_is_given_back() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 5 }
+"#,
+    );
+    let mut first = admit(&p, &state, &who, "search", json!({})).unwrap();
+    let second = admit(&p, &state, &who, "search", json!({})).unwrap();
+    assert_eq!(second.budget_left.as_deref(), Some("run=3"));
+    first.give_back(&state);
+    let third = admit(&p, &state, &who, "search", json!({})).unwrap();
+    assert_eq!(
+        third.budget_left.as_deref(),
+        Some("run=3"),
+        "the second's spend stays"
+    );
 }
 
 /// A caller with no agent is its address; an IPv6 caller its /64, whose every address is its
@@ -1661,6 +1759,7 @@ upstream = "up"
         tenant: p.by_name[name],
         agent: None,
         run: None,
+        run_signed: false,
         via: Via::Address,
         own: None,
     };

@@ -55,7 +55,8 @@ impl Drop for Setup {
     }
 }
 
-/// Tenants acme (whose lists are filtered: no `add`) and beta (a budget of 2 calls an hour),
+/// Tenants acme (whose lists are filtered: no `add`) and beta (a budget of 2 calls an hour,
+/// one a run),
 /// each with an API key; a Python SDK upstream (JSON answers, with a tool breaker) under
 /// `/mcp` and `/fed`, and a raw upstream that records what reaches it under `/fake`.
 fn setup() -> Setup {
@@ -93,7 +94,7 @@ action = "deny"
 name = "beta"
 id = 2
 [tenants.policy]
-budget = {{ window_s = 3600, agent = 2 }}
+budget = {{ window_s = 3600, agent = 2, run = 1 }}
 
 [[auth.api_keys]]
 sha256 = "{acme}"
@@ -220,6 +221,48 @@ fn a_batched_tools_list_of_a_filtered_tenant_is_refused_and_a_refused_batch_char
     let (r, _) = raw(s.port, &post("/fake", &call(6), &beta));
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(reached(&s), 2);
+}
+
+/// A run named in `Mcp-Run-Id` is its caller's own: another caller naming it has a run of its
+/// own (before, any agent of the tenant spent another's run budget by naming its run). A batch
+/// refused for one member takes no place for its run: before, it gave back its budget and kept
+/// the place, and one agent took all 1,024 of its tenant's for free, refusing every other
+/// agent's new runs for the window (an attacker's review).
+#[test]
+fn a_run_is_its_callers_own_and_a_refused_batch_takes_no_place_for_one() {
+    let s = setup();
+    let call = |id: u32| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{id}"}}}}}}"#
+        )
+    };
+    let send = |k: &str, run: &str, body: &str| {
+        let headers = format!(
+            "{}mcp-protocol-version: 2025-03-26\r\nmcp-run-id: {run}\r\n",
+            key(k)
+        );
+        raw(s.port, &post("/fake", body, &headers)).0
+    };
+    let [other, batcher] = BETA_KEYS_NO_AGENT;
+    assert_eq!(send(BETA_KEY, "r1", &call(1)).status, 200);
+    let r = send(BETA_KEY, "r1", &call(2));
+    assert_eq!((r.status, code(&r)), (429, Some(-32043)), "{r:?}");
+    let r = send(other, "r1", &call(3));
+    assert_eq!(r.status, 200, "another caller's r1 is its own: {r:?}");
+    // Batches of two calls in a new run each: the run's budget is one call, so each is
+    // refused, and gives back what it took.
+    for i in 0..1100 {
+        let batch = format!("[{},{}]", call(10), call(11));
+        let r = send(batcher, &format!("b{i}"), &batch);
+        assert_eq!(
+            (r.status, code(&r)),
+            (429, Some(-32043)),
+            "batch {i}: {r:?}"
+        );
+    }
+    let r = send(BETA_KEY, "fresh", &call(4));
+    assert_eq!(r.status, 200, "a place for another caller's new run: {r:?}");
+    assert_eq!(reached(&s), 3);
 }
 
 /// A key that names no agent has one agent budget wherever it connects from, apart from
