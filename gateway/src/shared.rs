@@ -1010,6 +1010,11 @@ pub struct FleetStats {
     pub unsealed_ignored: AtomicU64,
     /// Times Redis was found to have lost the fleet's state and was re-seeded from here.
     pub reseeds: AtomicU64,
+    /// What this gateway agreed with the fleet for the session key (see
+    /// [`crate::fleet::Start::agreed`]).
+    pub session_agreed: std::sync::OnceLock<String>,
+    /// Times Redis was found holding another session key (or salt) than this gateway's.
+    pub session_conflicts: AtomicU64,
     /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
     pub sessions_ended_sent: AtomicU64,
     pub sessions_ended_received: AtomicU64,

@@ -47,6 +47,11 @@ pub struct Offer {
     pub lock: bool,
     /// The key that seals federated session ids: sessions opened before the upgrade stay valid.
     pub session_key: [u8; 32],
+    /// What the fleet agreed for that key (its salt with a secret), proposed again by the new
+    /// process: a Redis that lost it since gets it back instead of a new one, which ended every
+    /// session opened before the upgrade (an operator's review). Absent from older gateways.
+    #[serde(default)]
+    pub fleet_agreed: Option<String>,
     /// The secret the policy's keyed hashes are made with (the owners of held sessions and of
     /// stdio children are keyed with it).
     pub hash_seed: u64,

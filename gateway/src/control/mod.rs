@@ -721,7 +721,15 @@ async fn run_async(
     // first sync of the kernel's maps on (during an upgrade, the maps the running gateway's
     // program reads).
     let fleet_start = match &config.state.fleet {
-        Some(f) => Some(crate::fleet::start(f).await),
+        Some(f) => Some(
+            crate::fleet::start(
+                f,
+                handed
+                    .as_ref()
+                    .and_then(|h| h.offer.fleet_agreed.as_deref()),
+            )
+            .await,
+        ),
         None => None,
     };
     let kernel_hosts = fleet_start.as_ref().map_or(1, |s| s.hosts);
@@ -1170,6 +1178,7 @@ async fn upgrade(
         admin: ctx.admin_addr,
         lock: kernel.is_some(),
         session_key: shared.session_key,
+        fleet_agreed: shared.fleet.session_agreed.get().cloned(),
         hash_seed: shared.limits.hash_seed(),
         attachments: kernel
             .as_ref()

@@ -172,6 +172,9 @@ pub(super) fn share(
     }
     let shared = Arc::new(shared);
     if let Some(start) = fleet_start {
+        if let Some(agreed) = &start.agreed {
+            let _ = shared.fleet.session_agreed.set(agreed.clone());
+        }
         // Until the agent's first round: rates at this host's share of the live hosts.
         shared.fleet.hosts.store(start.hosts, Relaxed);
         shared

@@ -284,6 +284,7 @@ impl<B: Bans> Agent<B> {
                 "fleet: Redis lost the fleet's state (its epoch is gone or changed); budgets, bans, approvals and ended sessions are published again from here"
             );
             self.shared.fleet.reseeds.fetch_add(1, Relaxed);
+            self.agree_session = true;
             self.known_bans.clear();
             self.agreed_pins.clear();
             self.agreed_pending.clear();

@@ -9,7 +9,7 @@ pub fn render_metrics(stats: &FleetStats, limits: &crate::policy::limits::State,
         return;
     }
     let fallback = limits.fleet_mode() == FLEET_FALLBACK;
-    let lines: [(&str, &str, &str, String); 14] = [
+    let lines: [(&str, &str, &str, String); 15] = [
         (
             "mcp_gateway_fleet_connected",
             "gauge",
@@ -96,6 +96,12 @@ pub fn render_metrics(stats: &FleetStats, limits: &crate::policy::limits::State,
             "counter",
             "Times Redis had lost the fleet's state and was published again from here.",
             stats.reseeds.load(Relaxed).to_string(),
+        ),
+        (
+            "mcp_gateway_fleet_session_key_conflicts_total",
+            "counter",
+            "Times Redis held another session key (or salt) than this gateway's: sessions opened here do not go on at the gateways that use it, nor theirs here.",
+            stats.session_conflicts.load(Relaxed).to_string(),
         ),
     ];
     for (name, kind, help, value) in lines {

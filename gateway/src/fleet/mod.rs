@@ -248,11 +248,16 @@ pub struct Start {
     /// The live hosts of the fleet, this one included (2 when Redis cannot be reached): until
     /// its first round, this gateway admits each fleet-wide rate at `limit ÷ hosts`.
     pub hosts: u64,
+    /// What the fleet agreed in Redis (the session key's salt with a secret, else the key, as
+    /// written there): published again when Redis loses it, and handed to an upgrade.
+    pub agreed: Option<String>,
 }
 
 /// The fleet at start: the session key (the first gateway to reach Redis sets it, or with a
-/// secret its salt; the others read it) and how many hosts are live.
-pub async fn start(fleet: &FleetConfig) -> Start {
+/// secret its salt; the others read it) and how many hosts are live. `proposal`: what the
+/// gateway handing over in an upgrade had agreed, proposed in place of a new one (a Redis
+/// that lost it gets it back, and the sessions opened before the upgrade go on).
+pub async fn start(fleet: &FleetConfig, proposal: Option<&str>) -> Start {
     if fleet.secret.is_none() {
         tracing::warn!(
             fleet = %fleet.name,
@@ -262,6 +267,7 @@ pub async fn start(fleet: &FleetConfig) -> Start {
     let unreachable = Start {
         session_key: None,
         hosts: 2,
+        agreed: None,
     };
     let client = match client(fleet) {
         Ok(c) => c,
@@ -287,7 +293,10 @@ pub async fn start(fleet: &FleetConfig) -> Start {
             Some(_) => keys.session_salt(),
             None => keys.session_key(),
         };
-        let mine = URL_SAFE_NO_PAD.encode(crate::session::new_key());
+        let mine = proposal.map_or_else(
+            || URL_SAFE_NO_PAD.encode(crate::session::new_key()),
+            str::to_owned,
+        );
         let agreed: Vec<u8> = redis::cmd("EVAL")
             .arg(AGREE)
             .arg(1)
@@ -317,7 +326,11 @@ pub async fn start(fleet: &FleetConfig) -> Start {
                     }
                 },
             };
-            Start { session_key, hosts }
+            Start {
+                session_key,
+                hosts,
+                agreed: Some(agreed.trim().to_owned()),
+            }
         }
         Ok(Err(e)) => {
             tracing::warn!(
@@ -362,6 +375,9 @@ struct Agent<B> {
     agreed_pending: HashMap<String, Option<String>>,
     /// The fleet's epoch as this host last saw it (`None` before the first budget round).
     epoch: Option<String>,
+    /// Redis lost the fleet's state: the session key (or salt) this gateway agreed is to be
+    /// published again (see [`Agent::agree_session`]).
+    agree_session: bool,
     /// Budgets: this host's whole spend in each window (by window field), as published.
     own: HashMap<String, Spend>,
     /// The other hosts' spend in each window (window field → host → spend): the value with
@@ -453,6 +469,7 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         agreed_pins: HashMap::new(),
         agreed_pending: HashMap::new(),
         epoch: None,
+        agree_session: false,
         own: HashMap::new(),
         seen: HashMap::new(),
         seen_count: 0,
@@ -523,6 +540,12 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
                 Some(c) => c,
                 None => conn.insert(connect(&client, agent.fleet.round).await?),
             };
+            if std::mem::take(&mut agent.agree_session)
+                && let Err(e) = agent.agree_session(c).await
+            {
+                agent.agree_session = true;
+                return Err(e);
+            }
             let mut beat = round.is_multiple_of(beat_every);
             // Heartbeat first after (re)connecting: the live hosts count shares.
             if fresh || down != Some(false) {
@@ -701,6 +724,37 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
 }
 
 impl<B: Bans> Agent<B> {
+    /// Publishes again the session key (or salt) this gateway agreed, after Redis lost it:
+    /// else the next gateway to start agreed a new one, and sessions no longer went on from
+    /// one gateway to another (an operator's review). Where another gateway set one first,
+    /// it is said and counted: the two keep sealing with their own until restarted.
+    async fn agree_session(
+        &mut self,
+        c: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let Some(mine) = self.shared.fleet.session_agreed.get() else {
+            return Ok(());
+        };
+        let key = match self.fleet.secret {
+            Some(_) => self.keys.session_salt(),
+            None => self.keys.session_key(),
+        };
+        let agreed: Vec<u8> = redis::cmd("EVAL")
+            .arg(AGREE)
+            .arg(1)
+            .arg(&key)
+            .arg(mine)
+            .query_async(c)
+            .await?;
+        if String::from_utf8_lossy(&agreed).trim() != mine {
+            self.shared.fleet.session_conflicts.fetch_add(1, Relaxed);
+            tracing::error!(
+                redis = shown(&self.fleet.redis),
+                "fleet: Redis lost the session key this gateway agreed, and another gateway set a new one first: sessions opened here do not go on there, nor theirs here, until the gateways are restarted (mcp_gateway_fleet_session_key_conflicts_total)"
+            );
+        }
+        Ok(())
+    }
     /// This host's heartbeat (see [`HEARTBEAT`]), read with [`Agent::absorb_heartbeat`].
     fn heartbeat_cmd(&self) -> redis::Cmd {
         let ttl = u64::try_from(HOST_TTL.as_millis()).unwrap_or(u64::MAX);

@@ -1758,6 +1758,22 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
     for g in &fleet.gateways {
         assert_eq!(metric(g.admin, "mcp_gateway_fleet_reseeds_total"), 0.0);
     }
+    // A session opened before the loss.
+    let init = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "fleet-test", "version": "1"}},
+    })
+    .to_string();
+    let r = raw(ports[0], &post("/fed", &init, "")).0;
+    assert_eq!(r.status, 200, "{r:?}");
+    let session = r.header("mcp-session-id").expect("a session id").to_owned();
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string();
+    let continues = |port: u16| {
+        let headers = format!("mcp-session-id: {session}\r\nmcp-protocol-version: 2025-06-18\r\n");
+        raw(port, &post("/fed", &list, &headers)).0.status
+    };
+    assert_eq!(continues(ports[1]), 200);
 
     // Redis loses everything while the fleet runs.
     assert_eq!(fleet.redis.cli(&["FLUSHALL"]).trim(), "OK");
@@ -1805,6 +1821,20 @@ fn a_redis_that_lost_its_data_is_reseeded_with_the_highest_counts_and_the_bans_a
         "5 of 5 learned by a gateway that started after the flush"
     );
     assert_eq!(spent(&fleet.redis), 5);
+    // The session key was published again: the late gateway agreed the fleet's, and the
+    // session opened before the loss goes on through it (before, it agreed a new key and
+    // every session of the fleet was unknown to it: an operator's review).
+    assert_eq!(
+        continues(late.port),
+        200,
+        "a session opened before the loss"
+    );
+    for g in &fleet.gateways {
+        assert_eq!(
+            metric(g.admin, "mcp_gateway_fleet_session_key_conflicts_total"),
+            0.0
+        );
+    }
     late.daemon.stop();
     for g in &mut fleet.gateways {
         g.daemon.stop();
