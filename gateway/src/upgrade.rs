@@ -31,6 +31,9 @@ pub const HANDOVER_ENV: &str = "MCP_GATEWAY_HANDOVER_FD";
 const CHILD_FD: RawFd = 3;
 /// Descriptors per message, below the kernel's `SCM_MAX_FD` (253).
 const FDS_PER_MESSAGE: usize = 200;
+/// Late counts per message: well within the 64 KiB a step is read into (a count's name holds
+/// at most a tenant's, an agent's and a run's, each bounded).
+const LATE_PER_MESSAGE: usize = 64;
 /// How long one side waits for the other's next step: the new process loads and verifies its
 /// XDP program and reads its configuration, certificates and state store before answering.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -79,6 +82,15 @@ enum Step {
     Ready {
         pid: u32,
     },
+    /// What the old process counted while it drained, after it closed the state store (the
+    /// calls on connections it still served): added to the new process's counts, which the
+    /// store and the fleet then carry. Each count's `used` is what was added since the close.
+    Late(
+        Vec<(
+            crate::policy::limits::Counted,
+            crate::policy::limits::WindowCount,
+        )>,
+    ),
     Failed {
         reason: String,
     },
@@ -264,6 +276,34 @@ impl Successor {
         Ok(())
     }
 
+    /// Takes (in a thread of its own) what the old process counts while it drains, in
+    /// pieces, until it exits; `apply` takes each piece.
+    pub fn take_late(
+        &self,
+        mut apply: impl FnMut(
+            Vec<(
+                crate::policy::limits::Counted,
+                crate::policy::limits::WindowCount,
+            )>,
+        ) + Send
+        + 'static,
+    ) -> io::Result<()> {
+        let channel = Channel(self.0.0.try_clone()?);
+        std::thread::Builder::new()
+            .name("handover-late".into())
+            .spawn(move || {
+                // The old process drains for its grace, or its longest response timeout.
+                loop {
+                    match channel.recv(Duration::from_secs(3600)) {
+                        Ok((Step::Late(counts), _)) => apply(counts),
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
     /// Tells the old process why this one cannot take over (it serves on).
     pub fn fail(&self, reason: &str) {
         let _ = self.0.send(
@@ -379,6 +419,21 @@ impl Predecessor {
             Step::Ready { pid } => Some(*pid),
             _ => None,
         })
+    }
+
+    /// Sends the new process what this one counted while it drained (see [`Step::Late`]), in
+    /// pieces small enough for one message each.
+    pub fn send_late(
+        &self,
+        counts: Vec<(
+            crate::policy::limits::Counted,
+            crate::policy::limits::WindowCount,
+        )>,
+    ) -> io::Result<()> {
+        for piece in counts.chunks(LATE_PER_MESSAGE) {
+            self.channel.send(&Step::Late(piece.to_vec()), &[])?;
+        }
+        Ok(())
     }
 
     fn expect<T>(&self, want: impl FnOnce(&Step) -> Option<T>) -> Result<T, String> {

@@ -52,6 +52,10 @@ struct Control {
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
+    /// After a handover: the new process, told at the end of the drain what was counted here
+    /// since the store was closed (`counts_at_close`), which no store or fleet would see.
+    successor: Option<upgrade::Predecessor>,
+    counts_at_close: std::collections::HashMap<u64, crate::policy::limits::WindowCount>,
     /// XDP attachments in place, as last checked: (interface, mode), for `/metrics`.
     xdp: Vec<(String, &'static str)>,
     /// Interfaces of `kernel.interfaces` without the program now, and why: `/readyz` says not
@@ -292,6 +296,52 @@ impl Control {
     fn close_store(&mut self) {
         self.flush_state();
         self.store = None;
+        self.counts_at_close = self
+            .shared
+            .limits
+            .kept_counts()
+            .into_iter()
+            .map(|(key, _, count)| (key, count))
+            .collect();
+    }
+
+    /// After a handover, at the end of the drain: sends the new process what was counted here
+    /// since the store was closed. Before, the calls served while draining (one per
+    /// connection, each answered `connection: close`) were charged nowhere: every upgrade gave
+    /// each open connection a free call (an operator's review).
+    pub(super) fn send_late(&mut self) {
+        let Some(successor) = self.successor.take() else {
+            return;
+        };
+        let late: Vec<_> = self
+            .shared
+            .limits
+            .kept_counts()
+            .into_iter()
+            .filter_map(|(key, what, mut count)| {
+                let before = self
+                    .counts_at_close
+                    .get(&key)
+                    .filter(|b| b.window == count.window)
+                    .map_or(0, |b| b.used);
+                count.used = count.used.checked_sub(before).filter(|n| *n > 0)?;
+                Some((what, count))
+            })
+            .collect();
+        if late.is_empty() {
+            return;
+        }
+        let n = late.len();
+        match successor.send_late(late) {
+            Ok(()) => tracing::info!(
+                counts = n,
+                "what was counted while draining went to the new process"
+            ),
+            Err(e) => tracing::error!(
+                counts = n,
+                "what was counted while draining could not reach the new process ({e}): that spend is lost"
+            ),
+        }
     }
 
     /// Opens the state store again after an upgrade that failed (what is in memory is the
@@ -836,7 +886,7 @@ async fn run_async(
     // The signal handlers are in place (first thing): systemd may send SIGHUP to this process
     // from here on.
     if let (Some(s), Some(h)) = (handover, &handed) {
-        finish_takeover(s, h, kernel.as_ref());
+        finish_takeover(s, h, kernel.as_ref(), &shared);
     }
     let mut caps = tokio::time::interval(cap_poll);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -1232,8 +1282,9 @@ async fn upgrade(
     .map_err(|e| e.to_string())?;
     match released {
         Ok(ready_pid) => {
-            // Not killed when dropped; it outlives this process.
-            drop(new);
+            // Not killed when dropped; it outlives this process. Kept until the drain ends,
+            // to send it what is counted meanwhile.
+            lock(control).successor = Some(new);
             Ok(ready_pid)
         }
         Err(e) => {

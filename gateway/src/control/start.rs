@@ -272,6 +272,8 @@ impl Control {
             bans: std::collections::BTreeMap::new(),
             store: kept.store,
             store_failing: false,
+            successor: None,
+            counts_at_close: std::collections::HashMap::new(),
             xdp,
             xdp_missing: Vec::new(),
             xdp_reattached: 0,
@@ -367,9 +369,24 @@ pub(super) fn finish_takeover(
     s: &upgrade::Successor,
     h: &upgrade::Handed,
     kernel: Option<&Kernel>,
+    shared: &Arc<Shared>,
 ) {
     if let Err(e) = s.ready() {
         tracing::warn!("the gateway handing over did not hear this one is ready: {e}");
+    }
+    // What the old process counts while it drains comes when it has drained.
+    let limits = Arc::clone(&shared.limits);
+    if let Err(e) = s.take_late(move |counts| {
+        let n = counts
+            .into_iter()
+            .filter(|(what, count)| limits.add_late(what.clone(), *count))
+            .count();
+        tracing::info!(
+            counts = n,
+            "added what the gateway that handed over counted while it drained"
+        );
+    }) {
+        tracing::warn!("cannot wait for what the gateway handing over counts while it drains: {e}");
     }
     // Interfaces the old configuration named and the new one does not: detached now.
     if let Some(k) = kernel {
@@ -469,8 +486,10 @@ impl Serving {
         {
             tracing::warn!("workers did not stop in time");
         }
-        // After the workers: what they counted while draining is written too.
+        // After the workers: what they counted while draining is written too, or after a
+        // handover, sent to the new process.
         lock(control).flush_last();
+        lock(control).send_late();
         shared.stdio.stop_all().await;
         if let Some(k) = &mut kernel {
             if handed_to.is_some() {

@@ -1019,6 +1019,27 @@ impl State {
         true
     }
 
+    /// Adds spend counted elsewhere since this state was taken (by the process that handed
+    /// over, while it drained): `count.used` more in `count.window`, if that window has not
+    /// ended. Returns whether it was taken.
+    pub fn add_late(&self, what: Counted, count: WindowCount) -> bool {
+        if count.len_s == 0 || count.used == 0 || count.window != Self::window_of(count.len_s) {
+            return false;
+        }
+        let key = what.key(self, count.len_s);
+        let map = self.windows.pin();
+        let c = map.get_or_insert_with(key, || Counter {
+            len_s: count.len_s,
+            what: Some(Box::new(what)),
+            ..Counter::default()
+        });
+        if c.len_s != count.len_s {
+            return false;
+        }
+        c.window.shift(count.window, i128::from(count.used));
+        true
+    }
+
     /// Counts one more of a call for the loop breaker: what gives it back if its request is
     /// refused after all; `None` once it is over `max` (that call is not counted). See
     /// [`LoopTable`] for what a flood of distinct calls does.

@@ -684,6 +684,77 @@ fn an_upgrade_cuts_no_call_its_timeouts_allow() {
     drop((stream, successor));
 }
 
+/// What the old process counts while it drains after a handover (the calls on connections it
+/// still serves, each answered `connection: close`) reaches the new process: before, it had
+/// closed the state store and stopped its fleet agent, and every upgrade gave each open
+/// connection a free call (an operator's review).
+#[test]
+fn what_the_old_process_spends_while_draining_counts_in_the_new_one() {
+    const BUDGET: usize = 30;
+    let more = format!("[policy]\nbudget = {{ window_s = 1000000000, tenant = {BUDGET} }}\n");
+    let Upgradable {
+        mut d,
+        mut successor,
+        upstream: _upstream,
+        instance,
+        runtime,
+        port,
+        admin: _,
+    } = Upgradable::start_with("upglate", &more);
+    let call = |id: u64| {
+        integration_tests::peers::post_call_2026(
+            "/mcp",
+            id,
+            "echo",
+            &serde_json::json!({"text": "hi"}),
+            "",
+        )
+    };
+    // Ten keep-alive connections, a call each.
+    let mut conns: Vec<TcpStream> = (0..10)
+        .map(|i| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&call(i)).expect("send");
+            let r = read_response(&mut s).expect("an answer");
+            assert_eq!(r.status, 200, "{r:?}");
+            s
+        })
+        .collect();
+    let pid = new_pid(&upgrade(&instance, &runtime));
+    successor.pid = Some(pid);
+    // A call on each at once: the old process answers those that come within its linger.
+    let mut drained = 0;
+    for (i, s) in (100..).zip(conns.iter_mut()) {
+        if s.write_all(&call(i)).is_ok() && read_response(s).is_some_and(|r| r.status == 200) {
+            drained += 1;
+        }
+    }
+    assert!(drained > 0, "no call reached the draining process");
+    assert!(
+        d.wait_exit(Duration::from_secs(10)).is_some(),
+        "the old gateway did not exit; log:\n{}",
+        d.log()
+    );
+    // The new process knows all 10 + `drained` spent: the rest of the budget, and no more.
+    let mut admitted = 0;
+    for i in 0..BUDGET as u64 {
+        let (r, _) = raw(port, &call(1000 + i));
+        match r.status {
+            200 => admitted += 1,
+            429 => break,
+            other => panic!("call {i}: {other} {r:?}"),
+        }
+    }
+    assert_eq!(
+        admitted,
+        BUDGET - 10 - drained,
+        "{drained} calls served while draining; log:\n{}",
+        d.log()
+    );
+    drop(successor);
+}
+
 /// The gateway's socket of the connection from local port `peer` to `port` (its inode, from
 /// /proc/net/tcp).
 fn server_socket(port: u16, peer: u16) -> Option<String> {
