@@ -543,7 +543,7 @@ impl<'a> Deciding<'a> {
         };
         match charged {
             Ok((window, l)) => {
-                admission.charges.push(if placed {
+                admission.charges.push(if scope == "run" {
                     Charge::RunBudget {
                         key,
                         window,
@@ -565,6 +565,10 @@ impl<'a> Deciding<'a> {
                 // the window).
                 if placed {
                     state.give_back_run(&t.name, b.window_s, unix_s);
+                }
+                // Nor does it hold memory: its count of nothing goes.
+                if scope == "run" {
+                    state.drop_if_empty(key, unix_s / b.window_s.max(1));
                 }
                 // A credential's mark is not shown (see [`Deciding::caller`]); a run is
                 // named as the caller named it.

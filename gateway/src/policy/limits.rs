@@ -496,11 +496,14 @@ pub enum Charge {
     /// `amount` of a budget, counted in window number `window` (given back there or nowhere:
     /// a refund made after the window ended must not make room in the next).
     Budget { key: u64, window: u64, amount: u64 },
-    /// The first charge of a run in its window, which took one of its tenant's places for
-    /// runs (`places`: [`State::places_key`]); given back, the run's count goes and so does
-    /// the place. (The place stayed: a batch refused for a member that was denied gave back
-    /// its budget and kept the place, and one agent took every place of its tenant for free,
-    /// refusing every other agent's new runs for the window: an attacker's review.)
+    /// A charge of a run's budget: its tenant's places for runs are under `places`
+    /// ([`State::places_key`]). Given back, the charge that leaves the run's count at nothing
+    /// takes the count away and gives back its place, whichever charge of the run took it.
+    /// (The place stayed: a batch refused for a member that was denied gave back its budget
+    /// and kept the place, and one agent took every place of its tenant for free, refusing
+    /// every other agent's new runs for the window: an attacker's review; and a fix that gave
+    /// it back with the run's first charge alone was beaten by a batch of three calls of one
+    /// run: a review of the fix.)
     RunBudget {
         key: u64,
         window: u64,
@@ -614,10 +617,20 @@ impl State {
     /// Whether a count is kept under `key` in the current window of `len_s` seconds (or a later
     /// one) at `unix_s`: a count of a window that ended is a new one.
     pub fn counts_in(&self, key: u64, unix_s: u64, len_s: u64) -> bool {
+        self.windows.pin().get(&key).is_some_and(|c| {
+            let (window, used) = c.window.get();
+            window >= unix_s / len_s.max(1) && used > 0
+        })
+    }
+
+    /// Drops the count under `key` if it holds nothing in `window` (a run's count whose
+    /// charges were all refused or given back: it holds no place, and must not hold memory).
+    /// Returns whether it was dropped.
+    pub fn drop_if_empty(&self, key: u64, window: u64) -> bool {
         self.windows
             .pin()
-            .get(&key)
-            .is_some_and(|c| c.window.get().0 >= unix_s / len_s.max(1))
+            .remove_if(&key, |_, c| c.window.get() == (window, 0))
+            .is_ok_and(|removed| removed.is_some())
     }
 
     /// Takes a place for one more run of `tenant` in its current budget window (`len_s`
@@ -983,7 +996,8 @@ impl State {
             .filter_map(|(key, c)| {
                 let what = c.what.as_deref()?;
                 let (window, used) = c.window.get();
-                (window >= Self::window_of(c.len_s)).then(|| {
+                // A count of nothing is no count (nothing to keep or send).
+                (window >= Self::window_of(c.len_s) && used > 0).then(|| {
                     (
                         *key,
                         what.clone(),
@@ -1078,15 +1092,12 @@ impl State {
                 amount,
                 places,
             } => {
-                let windows = self.windows.pin();
-                if let Some(c) = windows.get(&key) {
+                if let Some(c) = self.windows.pin().get(&key) {
                     c.window.refund(window, amount);
                 }
-                // Only while nothing else counts in it (a call of the same run admitted
+                // Only once nothing else counts in it (a call of the same run admitted
                 // meanwhile keeps the run, and its place).
-                if windows
-                    .remove_if(&key, |_, c| c.window.get() == (window, 0))
-                    .is_ok_and(|removed| removed.is_some())
+                if self.drop_if_empty(key, window)
                     && let Some((_, place)) = self.runs.pin().get(&places)
                 {
                     place.refund(window, 1);
@@ -1207,22 +1218,30 @@ impl State {
         // take theirs).
         let places = self.runs.pin();
         places.retain(|_, (len_s, w)| !w.retire_if_stale(Self::window_of(*len_s)));
-        let mut runs: std::collections::HashMap<(&str, u64), u64> =
-            std::collections::HashMap::new();
+        // The places are set to the runs counted (a run counts something in the window):
+        // two first calls of one run at once took two places, and one went back.
+        let mut runs: std::collections::HashMap<u64, (u64, u64)> = std::collections::HashMap::new();
         for (_, c) in &windows {
             if let Some(what @ Counted::Budget { tenant, .. }) = c.what.as_deref()
                 && what.is_run()
             {
-                *runs.entry((tenant.as_str(), c.len_s)).or_default() += 1;
+                let entry = runs
+                    .entry(self.places_key(tenant, c.len_s))
+                    .or_insert((c.len_s, 0));
+                let (window, used) = c.window.get();
+                if window == Self::window_of(c.len_s) && used > 0 {
+                    entry.1 += 1;
+                }
             }
         }
-        for ((tenant, len_s), n) in runs {
-            places
-                .get_or_insert_with(self.places_key(tenant, len_s), || {
-                    (len_s, Window::default())
-                })
-                .1
-                .raise(Self::window_of(len_s), n);
+        for (key, (len_s, n)) in runs {
+            let window = Self::window_of(len_s);
+            let (_, place) = places.get_or_insert_with(key, || (len_s, Window::default()));
+            let held = match place.get() {
+                (id, used) if id == window => used,
+                _ => 0,
+            };
+            place.shift(window, i128::from(n) - i128::from(held));
         }
         // Sources counted, found again (what `charge_source` added since may be over or
         // under by the races of a few workers; it starts again from here).
@@ -1612,6 +1631,44 @@ mod tests {
             .retire_if_stale(u64::MAX - 1);
         assert!(retired);
         assert!(state.take_run("t", len, now, 1), "a place in the next cell");
+    }
+
+    /// A prune sets a tenant's places for runs to the runs that count something: two first
+    /// calls of one run at once took two places; one count of nothing holds none.
+    #[test]
+    fn a_prune_sets_the_places_for_runs_to_the_runs_counted() {
+        let state = State::default();
+        let (len, now) = (3600, State::unix_s());
+        let run = |r: &str| Counted::Budget {
+            scope: "caller-run".into(),
+            tenant: "t".into(),
+            subject: r.into(),
+        };
+        assert!(state.take_run("t", len, now, 3));
+        assert!(state.take_run("t", len, now, 3));
+        let what = run("a");
+        state
+            .charge_kept(what.key(&state, len), || what.clone(), now, len, 1, 10)
+            .unwrap();
+        let empty = run("b");
+        let key = empty.key(&state, len);
+        state
+            .charge_kept(key, || empty.clone(), now, len, 1, 10)
+            .unwrap();
+        state.give_back(Charge::Budget {
+            key,
+            window: now / len,
+            amount: 1,
+        });
+        assert!(state.take_run("t", len, now, 3), "the third place");
+        assert!(!state.take_run("t", len, now, 3), "all three taken");
+        state.prune();
+        assert!(
+            state.take_run("t", len, now, 3),
+            "one run counts: two places free"
+        );
+        assert!(state.take_run("t", len, now, 3));
+        assert!(!state.take_run("t", len, now, 3));
     }
 
     #[test]

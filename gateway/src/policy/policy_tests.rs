@@ -543,6 +543,17 @@ budget = { window_s = 3600, run = 5 }
         let mut a = admit(&p, &state, &run(i), "search", json!({})).expect("a place");
         a.give_back(&state);
     }
+    // Three calls of one run in a batch, given back in the batch's order: the first's give
+    // back leaves the others' counts; the last's takes the run and its place (a review of the
+    // first fix, which returned the place with the first charge alone, found it kept).
+    for i in 0..MAX_RUNS + 100 {
+        let mut batch: Vec<_> = (0..3)
+            .map(|n| admit(&p, &state, &run(5_000 + i), "search", json!({"n": n})).unwrap())
+            .collect();
+        for a in &mut batch {
+            a.give_back(&state);
+        }
+    }
     state.prune();
     // Every place is still free: as many new runs as there are places.
     for i in 0..MAX_RUNS {

@@ -56,7 +56,7 @@ impl Drop for Setup {
 }
 
 /// Tenants acme (whose lists are filtered: no `add`) and beta (a budget of 2 calls an hour,
-/// one a run),
+/// 2 a run),
 /// each with an API key; a Python SDK upstream (JSON answers, with a tool breaker) under
 /// `/mcp` and `/fed`, and a raw upstream that records what reaches it under `/fake`.
 fn setup() -> Setup {
@@ -94,7 +94,7 @@ action = "deny"
 name = "beta"
 id = 2
 [tenants.policy]
-budget = {{ window_s = 3600, agent = 2, run = 1 }}
+budget = {{ window_s = 3600, agent = 2, run = 2 }}
 
 [[auth.api_keys]]
 sha256 = "{acme}"
@@ -244,25 +244,22 @@ fn a_run_is_its_callers_own_and_a_refused_batch_takes_no_place_for_one() {
         raw(s.port, &post("/fake", body, &headers)).0
     };
     let [other, batcher] = BETA_KEYS_NO_AGENT;
-    assert_eq!(send(BETA_KEY, "r1", &call(1)).status, 200);
-    let r = send(BETA_KEY, "r1", &call(2));
-    assert_eq!((r.status, code(&r)), (429, Some(-32043)), "{r:?}");
+    // beta-bot spends its run r1 whole; another caller's r1 is its own.
+    for id in [1, 2] {
+        assert_eq!(send(BETA_KEY, "r1", &call(id)).status, 200);
+    }
     let r = send(other, "r1", &call(3));
     assert_eq!(r.status, 200, "another caller's r1 is its own: {r:?}");
-    // Batches of two calls in a new run each: the run's budget is one call, so each is
-    // refused, and gives back what it took.
+    // Batches of three calls in a new run each: the caller's budget is two calls, so each is
+    // refused at its third, and gives back what it took (two charges of the run).
     for i in 0..1100 {
-        let batch = format!("[{},{}]", call(10), call(11));
+        let batch = format!("[{},{},{}]", call(10), call(11), call(12));
         let r = send(batcher, &format!("b{i}"), &batch);
-        assert_eq!(
-            (r.status, code(&r)),
-            (429, Some(-32043)),
-            "batch {i}: {r:?}"
-        );
+        assert_eq!((r.status, code(&r)), (429, Some(-32043)), "batch {i}: {r:?}");
     }
-    let r = send(BETA_KEY, "fresh", &call(4));
+    let r = send(other, "fresh", &call(4));
     assert_eq!(r.status, 200, "a place for another caller's new run: {r:?}");
-    assert_eq!(reached(&s), 3);
+    assert_eq!(reached(&s), 4);
 }
 
 /// A key that names no agent has one agent budget wherever it connects from, apart from
