@@ -228,16 +228,19 @@ pub struct EventsRead {
 pub const MIN_RETRY_MS: u64 = 1000;
 const MIN_RETRY: &[u8] = b"1000";
 
-/// Whether `line` sets a reconnection time below [`MIN_RETRY_MS`] (a client takes a value of
-/// ASCII digits only).
+/// Whether `line` sets a reconnection time that is not plainly [`MIN_RETRY_MS`] or more (ASCII
+/// digits alone, no leading zero). The specification has clients ignore any other value, but
+/// the Python SDK reads it with `int()`, which takes `+0`, ` 0`, `0_0` and other digits (a
+/// review found `retry: +0` passed as it came, and its client reconnecting at once).
 fn low_retry(line: &[u8]) -> bool {
     field(line, b"retry").is_some_and(|v| {
-        !v.is_empty()
-            && v.iter().all(u8::is_ascii_digit)
+        let plain = v.first().is_some_and(|d| (b'1'..=b'9').contains(d))
+            && v.iter().all(u8::is_ascii_digit);
+        !(plain
             && std::str::from_utf8(v)
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|ms| ms < MIN_RETRY_MS)
+                .is_none_or(|ms| ms >= MIN_RETRY_MS))
     })
 }
 
@@ -1059,13 +1062,23 @@ mod tests {
             assert_eq!(raise_retry(events), want);
             assert!(!read_events(want).low_retry);
         }
+        // Values a client should ignore, but the Python SDK reads with `int()`.
+        for value in [
+            "+0", "-1", " 0", "0 ", "0_0", "\u{661}", "5x", "", "01000", "0",
+        ] {
+            let events = format!("retry: {value}\n\n");
+            assert!(read_events(events.as_bytes()).low_retry, "{value:?}");
+            assert_eq!(
+                raise_retry(events.as_bytes()),
+                b"retry: 1000\n\n",
+                "{value:?}"
+            );
+        }
         for events in [
             &b"retry: 1000\n\n"[..],
             b"retry: 30000\n\n",
-            b"retry: 5x\n\n",
-            b"retry:\n\n",
-            b"data: retry: 0\n\n",
             b"retry: 99999999999999999999999\n\n",
+            b"data: retry: 0\n\n",
         ] {
             assert!(!read_events(events).low_retry, "{events:?}");
             assert_eq!(raise_retry(events), events);

@@ -1417,7 +1417,11 @@ impl<'m> Body<'m> {
         if self.events.is_empty() {
             return None;
         }
-        let rest = self.events.take_rest();
+        let mut rest = self.events.take_rest();
+        // A client takes a reconnection time as it reads the line, dispatched or not.
+        if super::messages::read_events(&rest).low_retry {
+            rest = super::messages::raise_retry(&rest);
+        }
         Some(self.rewritten(rest))
     }
 
