@@ -182,6 +182,11 @@ impl Control {
         };
         let here = self.bans.remove(&net).is_some();
         self.publish_bans();
+        if in_kernel || here {
+            // The refusals that led to an auto-ban go with it (a lifted address was banned
+            // again at its next refusal for the rest of the window: a review).
+            self.shared.limits.forget_refusals(&net);
+        }
         Ok(in_kernel || here)
     }
 

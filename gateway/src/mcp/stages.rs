@@ -259,9 +259,12 @@ async fn answer(
 ) -> bool {
     match stop {
         Stop::Reply(status, err) => {
-            // A request the gateway itself found wrong (framing, a body that does not parse,
-            // a route, version or session it does not serve) is a refusal the client earned.
-            if (400..500).contains(&status) {
+            // A request the gateway itself found malformed (a body that does not parse, a
+            // message JSON-RPC does not allow) is a refusal the client earned. Not a route or
+            // a session it does not serve, nor an origin it does not allow: a web page makes
+            // its visitors' browsers send those (51 `<img>` tags, `fetch()` from another
+            // origin), and every client meets a session gone after a restart (a review).
+            if status == 400 {
                 super::proxy::count_toward_ban(ctx, config, peer);
             }
             io.write_all(json_response(status, &err, req.keep_alive))

@@ -1033,6 +1033,25 @@ impl State {
         true
     }
 
+    /// Forgets the refusals counted towards a ban of every source inside `net` (a ban lifted
+    /// by the operator: the count that led to it must not ban again at the next refusal, as
+    /// it did for the rest of its window). Returns how many counts went.
+    pub fn forget_refusals(&self, net: &ipnet::IpNet) -> usize {
+        let windows = self.windows.pin();
+        let keys: Vec<u64> = windows
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.what.as_deref(), Some(Counted::Refusals { source })
+                    if net.contains(source) || *source == source_of(net.addr()))
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &keys {
+            windows.remove(key);
+        }
+        keys.len()
+    }
+
     /// Adds spend counted elsewhere since this state was taken (by the process that handed
     /// over, while it drained): `count.used` more in `count.window`, if that window has not
     /// ended. Returns whether it was taken.

@@ -727,6 +727,46 @@ fn malformed_requests_count_towards_auto_ban() {
     );
     // Another client is served.
     assert!(direct_call(d, "127.0.2.98").is_some_and(|r| is_result(&r)));
+    // Lifted, the source starts afresh: one more malformed request does not ban it again
+    // (the count that led to the ban went with it; before, the next refusal banned again).
+    assert_eq!(
+        admin_request(a, "DELETE", &format!("/bans/{source}"), "").status,
+        200
+    );
+    until("the lift did not take", || {
+        direct_call(d, source).is_some_and(|r| is_result(&r))
+    });
+    let mut c = loopback_from(source, d).expect("connect");
+    c.write_all(bad[0]).unwrap();
+    assert_eq!(read_response(&mut c).map(|r| r.status), Some(400));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        direct_call(d, source).is_some_and(|r| is_result(&r)),
+        "banned again"
+    );
+    // What a web page makes its visitors' browsers send does not count: paths no route
+    // serves (`<img>` tags), requests from an origin not allowed.
+    let visitor = "127.0.2.97";
+    for i in 0..10 {
+        let mut c = loopback_from(visitor, d).expect("connect");
+        let request = if i % 2 == 0 {
+            "GET /favicon.ico HTTP/1.1\r\nhost: gw\r\n\r\n".to_owned()
+        } else {
+            let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+            format!(
+                "POST /mcp HTTP/1.1\r\nhost: gw\r\norigin: https://evil.example\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        c.write_all(request.as_bytes()).unwrap();
+        let status = read_response(&mut c).map(|r| r.status);
+        assert!(matches!(status, Some(403 | 404)), "{i}: {status:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        direct_call(d, visitor).is_some_and(|r| is_result(&r)),
+        "a visitor banned"
+    );
 }
 
 /// A call on a new connection to the direct listener from `source` (a loopback address): its
