@@ -1602,8 +1602,8 @@ data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{\"
         assert!(got[2].contains("\"id\":\"py.s.x.y\""), "{}", got[2]);
         assert!(got[3].contains("\"requestId\":\"py.n.3\""), "{}", got[3]);
         assert_eq!(
-            got[4], "retry: 10\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
-            "a comment is dropped"
+            got[4], "retry: 1000\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+            "a comment is dropped; a reconnection time below a second is one"
         );
         assert_eq!(untag("py.n.3"), Some(("py", json!(3))));
         assert_eq!(untag("py.s.x.y"), Some(("py", json!("x.y"))));

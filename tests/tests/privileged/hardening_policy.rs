@@ -255,7 +255,11 @@ fn a_run_is_its_callers_own_and_a_refused_batch_takes_no_place_for_one() {
     for i in 0..1100 {
         let batch = format!("[{},{},{}]", call(10), call(11), call(12));
         let r = send(batcher, &format!("b{i}"), &batch);
-        assert_eq!((r.status, code(&r)), (429, Some(-32043)), "batch {i}: {r:?}");
+        assert_eq!(
+            (r.status, code(&r)),
+            (429, Some(-32043)),
+            "batch {i}: {r:?}"
+        );
     }
     let r = send(other, "fresh", &call(4));
     assert_eq!(r.status, 200, "a place for another caller's new run: {r:?}");
