@@ -94,7 +94,9 @@ mod tests {
             let after = Instant::now();
             assert!(c <= after, "ahead: {:?}", c - after);
             let behind = before.saturating_duration_since(c);
-            assert!(behind < Duration::from_millis(100), "behind by {behind:?}");
+            // A tick may come very late on a loaded virtual machine (once, 100 ms, while the
+            // whole suite ran beside it): counted below with the others, bounded only loosely.
+            assert!(behind < Duration::from_secs(2), "behind by {behind:?}");
             behind_more += usize::from(behind > tick + late);
         }
         assert!(
@@ -110,7 +112,7 @@ mod tests {
             let d = deadline(after);
             // Early only by as much as a tick came late (as a read behind, above).
             assert!(
-                d + Duration::from_millis(100) >= now + after,
+                d + Duration::from_secs(2) >= now + after,
                 "early by {:?}",
                 now + after - d
             );
