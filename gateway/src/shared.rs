@@ -1015,6 +1015,11 @@ pub struct FleetStats {
     pub session_agreed: std::sync::OnceLock<String>,
     /// Times Redis was found holding another session key (or salt) than this gateway's.
     pub session_conflicts: AtomicU64,
+    /// The agent runs no round (a handover closed the state store: what this process counts
+    /// from then on goes to the new process, whose agent publishes it; the old agent would
+    /// publish it too, and merge the others' spend into the counts the new process is sent:
+    /// a review).
+    pub paused: AtomicBool,
     /// Sessions ended here sent to the fleet, and ended elsewhere taken here.
     pub sessions_ended_sent: AtomicU64,
     pub sessions_ended_received: AtomicU64,

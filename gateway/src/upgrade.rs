@@ -31,9 +31,10 @@ pub const HANDOVER_ENV: &str = "MCP_GATEWAY_HANDOVER_FD";
 const CHILD_FD: RawFd = 3;
 /// Descriptors per message, below the kernel's `SCM_MAX_FD` (253).
 const FDS_PER_MESSAGE: usize = 200;
-/// Late counts per message: well within the 64 KiB a step is read into (a count's name holds
-/// at most a tenant's, an agent's and a run's, each bounded).
-const LATE_PER_MESSAGE: usize = 64;
+/// Bytes of late counts per message, as JSON: within the 64 KiB a step is read into (a count's
+/// name holds an agent's, which a token's claim may make long; one longer than this alone is
+/// not sent).
+const LATE_BYTES_PER_MESSAGE: usize = 48 * 1024;
 /// How long one side waits for the other's next step: the new process loads and verifies its
 /// XDP program and reads its configuration, certificates and state store before answering.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -297,6 +298,11 @@ impl Successor {
                     match channel.recv(Duration::from_secs(3600)) {
                         Ok((Step::Late(counts), _)) => apply(counts),
                         Ok(_) => {}
+                        // A piece that does not read: the others still count.
+                        Err(e) if e.kind() == io::ErrorKind::Other => {
+                            tracing::warn!("a piece of the late counts was not read: {e}");
+                        }
+                        // The old process exited (or never sent in an hour).
                         Err(_) => return,
                     }
                 }
@@ -430,8 +436,24 @@ impl Predecessor {
             crate::policy::limits::WindowCount,
         )>,
     ) -> io::Result<()> {
-        for piece in counts.chunks(LATE_PER_MESSAGE) {
-            self.channel.send(&Step::Late(piece.to_vec()), &[])?;
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        for count in counts {
+            let size = serde_json::to_vec(&count).map_or(usize::MAX, |b| b.len() + 1);
+            if size > LATE_BYTES_PER_MESSAGE {
+                tracing::warn!(size, "a late count too long to hand over is dropped");
+                continue;
+            }
+            if bytes + size > LATE_BYTES_PER_MESSAGE {
+                self.channel
+                    .send(&Step::Late(std::mem::take(&mut piece)), &[])?;
+                bytes = 0;
+            }
+            bytes += size;
+            piece.push(count);
+        }
+        if !piece.is_empty() {
+            self.channel.send(&Step::Late(piece), &[])?;
         }
         Ok(())
     }

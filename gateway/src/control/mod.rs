@@ -301,6 +301,7 @@ impl Control {
     fn close_store(&mut self) {
         self.flush_state();
         self.store = None;
+        self.shared.fleet.paused.store(true, Relaxed);
         self.counts_at_close = self
             .shared
             .limits
@@ -1304,6 +1305,11 @@ async fn upgrade(
             }
             // The new process may have opened the store: it closes it when it exits.
             let _ = tokio::task::spawn_blocking(move || new.abandon()).await;
+            {
+                let mut c = lock(control);
+                c.shared.fleet.paused.store(false, Relaxed);
+                c.counts_at_close.clear();
+            }
             if let Some(dir) = &ctx.state_dir {
                 lock(control).reopen_store(dir);
             }

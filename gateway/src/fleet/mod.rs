@@ -529,6 +529,9 @@ pub async fn run(shared: Arc<Shared>, fleet: FleetConfig, instance: String, bans
         } else {
             tick.tick().await;
         }
+        if agent.shared.fleet.paused.load(Relaxed) {
+            continue;
+        }
         let start = Instant::now();
         // Whether the round had work beyond the heartbeat's (see below).
         let mut worked = false;

@@ -620,8 +620,12 @@ pub(super) async fn refuse(
             }
         };
     }
-    // Refusals the client earned (not an open breaker) count towards a kernel ban.
-    if r.code != policy::code::CIRCUIT_OPEN {
+    // Refusals the client earned count towards a kernel ban: not an open breaker, nor a
+    // request with no credential that a browser says it sent (a web page's `<img>` makes its
+    // visitors' browsers send those; one with a credential, wrong, a page cannot make a
+    // browser send, and a brute force marked as a browser's is counted all the same).
+    if r.code != policy::code::CIRCUIT_OPEN && !(r.anonymous && super::stages::from_a_browser(req))
+    {
         count_toward_ban(ctx, config, peer);
     }
     {

@@ -149,13 +149,21 @@ pub(super) async fn unread(
     );
     let obs = Obs::default();
     obs.method.set(stats::method_label(&req.method));
+    // Malformed requests refused before they were read whole (contradictory framing, a body
+    // that never comes) count towards a ban as every refusal the client earned does: a flood
+    // of them did not (an operator's review). Not a head or body over the limits: a web page
+    // makes its visitors' browsers send those (a 20 KB URL in an `<img>`, a 5 MB `fetch()`:
+    // a review of the change).
+    if !matches!(
+        unread.error,
+        http::HttpError::HeadTooLarge(_) | http::HttpError::BodyTooLarge(_)
+    ) && !from_a_browser(&req)
+    {
+        super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
+    }
     // Clipped as a path is: the error may name what the client sent (a field name up to half
     // the head's limit, written twice), and each audit line carried it whole, 8 KB a line
     // (a review of the change).
-    // Refusals before the request was read whole (a head too large, contradictory framing, a
-    // body that never comes) count towards a ban as every refusal the client earned does:
-    // a flood of them did not (an operator's review).
-    super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
     let why = unread.error.to_string();
     obs.decision.borrow_mut().reason = Some(clip(&why, MAX_REASON).to_owned());
     io.begin_response();
@@ -247,6 +255,20 @@ async fn run<'c>(
     Ok(keep)
 }
 
+/// Whether a browser sent the request (it says where it fetches from, or from which origin):
+/// a web page can make its visitors' browsers send it, so its refusal is no sign against the
+/// visitor's address.
+pub(super) fn from_a_browser(req: &Request) -> bool {
+    [
+        "origin",
+        "sec-fetch-mode",
+        "sec-fetch-site",
+        "sec-fetch-dest",
+    ]
+    .iter()
+    .any(|name| req.headers.get(*name).is_some())
+}
+
 /// The one place a stopped request is answered.
 async fn answer(
     io: &mut Io,
@@ -264,7 +286,7 @@ async fn answer(
             // a session it does not serve, nor an origin it does not allow: a web page makes
             // its visitors' browsers send those (51 `<img>` tags, `fetch()` from another
             // origin), and every client meets a session gone after a restart (a review).
-            if status == 400 {
+            if status == 400 && !from_a_browser(req) {
                 super::proxy::count_toward_ban(ctx, config, peer);
             }
             io.write_all(json_response(status, &err, req.keep_alive))

@@ -433,6 +433,12 @@ impl<'a> Deciding<'a> {
             .retry(Duration::from_secs(1)));
         }
         let cost = applied.map_or(1, |a| a.cost);
+        // A call that costs nothing charges no budget: counted at 0, a run never counted as
+        // one, and each of its calls took another of the tenant's places for runs (a review:
+        // 1,100 free calls of one run refused every other agent's new runs).
+        if cost == 0 {
+            return Ok(());
+        }
         let scopes = [
             ("tenant", b.tenant, Some(t.name.as_str())),
             ("agent", b.agent, Some(self.agent())),

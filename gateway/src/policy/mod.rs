@@ -64,6 +64,10 @@ pub struct Refusal {
     pub retry_after: Option<Duration>,
     pub www_authenticate: Option<String>,
     pub budget: Option<Value>,
+    /// No credential was presented (a 401 asking for one): not counted towards a ban when a
+    /// browser says it sent it, since a web page's `<img>` makes its visitors' browsers send
+    /// such requests (a review).
+    pub anonymous: bool,
 }
 
 impl Refusal {
@@ -81,6 +85,7 @@ impl Refusal {
             retry_after: None,
             www_authenticate: None,
             budget: None,
+            anonymous: false,
         })
     }
 
@@ -1053,6 +1058,7 @@ impl Authenticating<'_> {
         } else {
             format!("Bearer resource_metadata=\"{url}\"")
         });
+        r.anonymous = !invalid;
         r
     }
 

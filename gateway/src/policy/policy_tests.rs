@@ -562,6 +562,32 @@ budget = { window_s = 3600, run = 5 }
     assert!(admit(&p, &state, &run(20_000), "search", json!({})).is_err());
 }
 
+/// A call that costs nothing charges no budget, and takes no place for its run: counted at 0,
+/// a run never counted as one, and each of its calls took another place (a review: 1,100
+/// free calls of one run refused every other agent's new runs until the next prune).
+#[test]
+fn a_call_that_costs_nothing_takes_no_place_for_its_run() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 100 }
+[[policy.tools]]
+match = "free"
+cost = 0
+"#,
+    );
+    for i in 0..MAX_RUNS + 100 {
+        admit(&p, &state, &who, "free", json!({"i": i})).expect("free");
+    }
+    let other = Identity {
+        agent: Some("other".into()),
+        run: Some("new".into()),
+        ..who.clone()
+    };
+    let a = admit(&p, &state, &other, "search", json!({})).expect("a place");
+    assert_eq!(a.budget_left.as_deref(), Some("run=99"));
+}
+
 /// A run's first call given back while another call of it counts keeps the run's count.
 #[test]
 fn a_run_counted_by_another_call_stays_when_its_first_is_given_back() {
