@@ -259,14 +259,10 @@ async fn run<'c>(
 /// a web page can make its visitors' browsers send it, so its refusal is no sign against the
 /// visitor's address.
 pub(super) fn from_a_browser(req: &Request) -> bool {
-    [
-        "origin",
-        "sec-fetch-mode",
-        "sec-fetch-site",
-        "sec-fetch-dest",
-    ]
-    .iter()
-    .any(|name| req.headers.get(*name).is_some())
+    req.headers.get(crate::http::name::ORIGIN).is_some()
+        || ["sec-fetch-mode", "sec-fetch-site", "sec-fetch-dest"]
+            .iter()
+            .any(|name| req.headers.get(*name).is_some())
 }
 
 /// The one place a stopped request is answered.

@@ -3,7 +3,7 @@
 //! breaker, and budgets (tenant, agent, run). The first that refuses decides, and what the
 //! checks before it counted is given back: a refused request charges nothing.
 
-use std::{cell::OnceCell, net::IpAddr, sync::Arc, time::Duration};
+use std::{borrow::Cow, cell::OnceCell, net::IpAddr, sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
 
@@ -439,25 +439,27 @@ impl<'a> Deciding<'a> {
         if cost == 0 {
             return Ok(());
         }
+        // A run named in the header is the caller's own: counted under the caller and the
+        // run (the header is the client's to write). A signed token's is shared by every
+        // token that names it. Made only where a run budget counts it.
+        let run = self
+            .who
+            .run
+            .as_deref()
+            .filter(|_| b.run.is_some())
+            .map(|run| {
+                if self.who.run_signed {
+                    Cow::Borrowed(run)
+                } else {
+                    let (scope, agent) = (self.agent_scope(), self.agent());
+                    Cow::Owned(format!("{scope}:{}:{agent}:{run}", agent.len()))
+                }
+            });
         let scopes = [
             ("tenant", b.tenant, Some(t.name.as_str())),
             ("agent", b.agent, Some(self.agent())),
-            ("run", b.run, self.who.run.as_deref()),
+            ("run", b.run, run.as_deref()),
         ];
-        // A run named in the header is the caller's own: counted under the caller and the
-        // run (the header is the client's to write). A signed token's is shared by every
-        // token that names it.
-        let caller_run;
-        let scopes = match (&self.who.run, self.who.run_signed) {
-            (Some(run), false) => {
-                let (scope, agent) = (self.agent_scope(), self.agent());
-                caller_run = format!("{scope}:{}:{agent}:{run}", agent.len());
-                let mut scopes = scopes;
-                scopes[2].2 = Some(caller_run.as_str());
-                scopes
-            }
-            _ => scopes,
-        };
         // Room for three scopes' figures at once: grown a piece at a time, it was four
         // reallocations a call.
         let mut left = String::with_capacity(64);

@@ -1018,6 +1018,12 @@ impl State {
     /// request path already made here is raised to it, never lowered. Returns whether it
     /// was taken.
     pub fn restore(&self, what: Counted, count: WindowCount) -> bool {
+        self.with_current(what, count, |w| w.raise(count.window, count.used))
+    }
+
+    /// Applies `f` to the window counting `what` at `count`'s length (made if new), when
+    /// `count`'s window is the current one. Returns whether it was.
+    fn with_current(&self, what: Counted, count: WindowCount, f: impl FnOnce(&Window)) -> bool {
         if count.len_s == 0 || count.window != Self::window_of(count.len_s) {
             return false;
         }
@@ -1031,7 +1037,7 @@ impl State {
         if c.len_s != count.len_s {
             return false;
         }
-        c.window.raise(count.window, count.used);
+        f(&c.window);
         true
     }
 
@@ -1058,21 +1064,10 @@ impl State {
     /// over, while it drained): `count.used` more in `count.window`, if that window has not
     /// ended. Returns whether it was taken.
     pub fn add_late(&self, what: Counted, count: WindowCount) -> bool {
-        if count.len_s == 0 || count.used == 0 || count.window != Self::window_of(count.len_s) {
-            return false;
-        }
-        let key = what.key(self, count.len_s);
-        let map = self.windows.pin();
-        let c = map.get_or_insert_with(key, || Counter {
-            len_s: count.len_s,
-            what: Some(Box::new(what)),
-            ..Counter::default()
-        });
-        if c.len_s != count.len_s {
-            return false;
-        }
-        c.window.shift(count.window, i128::from(count.used));
-        true
+        count.used > 0
+            && self.with_current(what, count, |w| {
+                w.shift(count.window, i128::from(count.used));
+            })
     }
 
     /// Counts one more of a call for the loop breaker: what gives it back if its request is
