@@ -507,3 +507,43 @@ fn a_password_in_a_url_is_masked_in_errors() {
     assert!(!msg.contains("s3cret"), "{msg}");
     assert!(msg.contains("redis://:***@10.0.0.5"), "{msg}");
 }
+
+/// `relay_response_headers` names headers: one the gateway never relays, a malformed entry, or
+/// any on a stdio upstream is refused with its key; names and prefixes are taken.
+#[test]
+fn relayed_response_headers_are_names_the_gateway_may_relay() {
+    let upstream = |extra: &str| {
+        format!(
+            "{MINIMAL}\n[[upstreams]]\nname='u'\nurl='http://127.0.0.1:9/mcp'\n{extra}\n[[routes]]\npath='/mcp'\nupstream='u'\n"
+        )
+    };
+    let c = Config::from_toml(&upstream(
+        "relay_response_headers = ['X-Request-Id', 'x-ratelimit-*']",
+    ))
+    .unwrap();
+    assert!(crate::http::relayed::relayed(
+        "x-ratelimit-limit",
+        &c.upstreams[0].relay_headers
+    ));
+    assert!(crate::http::relayed::relayed(
+        "x-request-id",
+        &c.upstreams[0].relay_headers
+    ));
+    for bad in [
+        "'set-cookie'",
+        "'Access-Control-Allow-Origin'",
+        "'content-length'",
+        "'x y'",
+        "'a*b*'",
+    ] {
+        let e = err(&upstream(&format!("relay_response_headers = [{bad}]")));
+        assert!(
+            e.contains("upstreams[0].relay_response_headers"),
+            "{bad}: {e}"
+        );
+    }
+    let e = err(&format!(
+        "{MINIMAL}\n[[upstreams]]\nname='u'\ncommand=['/bin/true']\nrelay_response_headers=['x-a']\n[[routes]]\npath='/mcp'\nupstream='u'\n"
+    ));
+    assert!(e.contains("upstreams[0].relay_response_headers"), "{e}");
+}

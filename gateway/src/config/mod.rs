@@ -485,6 +485,16 @@ pub struct RawUpstream {
     /// its client leaves (or cancels it), and its slots go back at once.
     #[serde(default)]
     pub closing_cancels: bool,
+    /// Response headers of this upstream relayed to clients besides the ones every MCP client
+    /// reads (`Content-Type`, `Mcp-Session-Id`, `Mcp-Protocol-Version`, `Retry-After`), which
+    /// are always relayed: each a name (`x-request-id`) or the start of names and `*`
+    /// (`x-ratelimit-*`); `*` alone relays every header. Whatever is named, the upstream's own
+    /// (`Set-Cookie`, `Server`, `Access-Control-*`, `Location`, `WWW-Authenticate`, ...), what a
+    /// proxy in front acts on (`X-Accel-*`, ...) and the gateway's names (`Mcp-Gateway-*`) are
+    /// never relayed; naming one of them is refused. Not for `command` upstreams, whose
+    /// answers have no head.
+    #[serde(default)]
+    pub relay_response_headers: Vec<String>,
 }
 
 /// The protocol era of an HTTP upstream.
@@ -925,6 +935,8 @@ pub struct Upstream {
     pub held_session: HeldScope,
     /// See [`RawUpstream::closing_cancels`].
     pub closing_cancels: bool,
+    /// See [`RawUpstream::relay_response_headers`].
+    pub relay_headers: crate::http::relayed::Relayed,
 }
 
 /// An upstream's identity for the connection pool ([`Upstream::key`]): its name, URL, `Host`

@@ -564,6 +564,14 @@ impl RawUpstream {
             ));
         }
         let (url_text, stdio) = u.transport(i)?;
+        if stdio.is_some() && !u.relay_response_headers.is_empty() {
+            return Err(invalid(
+                key("relay_response_headers"),
+                "is for `url` and `endpoints` upstreams only (a stdio server's answers have no head)",
+            ));
+        }
+        let relay_headers = crate::http::relayed::Relayed::parse(&u.relay_response_headers)
+            .map_err(|why| invalid(key("relay_response_headers"), why))?;
         let first_key = if u.endpoints.is_some() {
             "endpoints[0]"
         } else {
@@ -649,6 +657,7 @@ impl RawUpstream {
             era: u.era,
             held_session: u.held_session,
             closing_cancels: u.closing_cancels,
+            relay_headers,
         })
     }
 

@@ -1,6 +1,6 @@
 //! The gateway's own CORS policy, for browser clients (the MCP Inspector, web agents). The
 //! gateway is the origin a browser talks to: upstreams' `Access-Control-*` headers are never
-//! relayed (`proxy::is_upstream_private`), and these are written instead. Only an `Origin`
+//! relayed (`relayed::is_private`), and these are written instead. Only an `Origin`
 //! in `http.allowed_origins` gets them (any other is refused with 403 before this), and the
 //! origin echoed back is the configured string the request's matched, never `*`.
 //! Every field goes through [`push_field`], so nothing here can break a head.

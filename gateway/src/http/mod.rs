@@ -29,6 +29,7 @@ mod head_end;
 mod io;
 mod outgoing;
 pub mod proxy_protocol;
+pub mod relayed;
 
 use std::time::Duration;
 

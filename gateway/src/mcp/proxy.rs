@@ -917,68 +917,6 @@ pub(super) fn is_hop_by_hop(name: &str, connection: &http::ConnectionOptions<'_>
     http::NOT_FORWARDED.contains(name) || connection.names(name)
 }
 
-/// Response headers that are the upstream's own business, never relayed: its credentials, what
-/// it runs on (`Server`, `X-Powered-By`: a map for an attacker), its CORS policy (the gateway
-/// is the origin the browser talks to; an upstream's `Access-Control-Allow-Origin: *` would
-/// open the gateway's routes to every page), its cookies (`Set-Cookie`, the obsolete
-/// `Set-Cookie2`: the gateway never forwards a client's `Cookie`), and `Alt-Svc` (it would send clients around the gateway to the
-/// upstream's own endpoint). Nor what would act on the gateway's origin as a whole or send the
-/// client elsewhere: `Clear-Site-Data` (a browser would wipe what every route of the gateway
-/// stored), `Refresh`, `Location` and `Content-Location` (another address for the answer, the
-/// upstream's), `Link` (a preload or preconnect to wherever the upstream says), and
-/// `WWW-Authenticate` (the gateway never forwards a client's `Authorization`: the upstream's
-/// challenge is to the gateway's own credentials, and a client that followed it would sign in
-/// wherever the upstream says). Nor any `Mcp-Gateway-*`: those names are the gateway's own
-/// (`Mcp-Gateway-Budget-Remaining`), and an upstream's would read as the gateway's word. Nor
-/// what a proxy in front of the gateway acts on: nginx's `X-Accel-*` (`X-Accel-Redirect` had
-/// nginx serve an internal location in place of the answer, the gateway's admin API or a file,
-/// and re-send the client's request, its API key too, to wherever the upstream named: an
-/// attacker's review), Apache's and lighttpd's `X-Sendfile*` (`X-Sendfile-Temporary` deletes
-/// the file it sends), lighttpd's `X-Lighttpd-*`, perlbal's `X-Reproxy-*`, LiteSpeed's
-/// `X-LiteSpeed-*` and Envoy's `X-Envoy-*`. Nor what a browser or a CDN applies to the whole
-/// origin: `NEL`, `Report-To` and `Reporting-Endpoints` (every request to the gateway reported,
-/// with its URL, to the upstream's endpoint), `Accept-CH`, and `Surrogate-Control`,
-/// `CDN-Cache-Control` and `Edge-Control` (a cache in front keeping one caller's answer).
-pub(super) fn is_upstream_private(name: &str) -> bool {
-    const DROP: http::Names<22> = http::Names::new([
-        "nel",
-        "report-to",
-        "reporting-endpoints",
-        "accept-ch",
-        "surrogate-control",
-        "cdn-cache-control",
-        "edge-control",
-        "authorization",
-        "server",
-        "x-powered-by",
-        "x-aspnet-version",
-        "x-aspnetmvc-version",
-        "set-cookie",
-        "set-cookie2",
-        "alt-svc",
-        "strict-transport-security",
-        "clear-site-data",
-        "refresh",
-        "location",
-        "content-location",
-        "link",
-        "www-authenticate",
-    ]);
-    let starts = |prefix: &str| {
-        name.get(..prefix.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
-    };
-    DROP.contains(name)
-        || starts("access-control-")
-        || starts("mcp-gateway-")
-        || starts("x-accel-")
-        || starts("x-sendfile")
-        || starts("x-lighttpd-")
-        || starts("x-reproxy-")
-        || starts("x-litespeed-")
-        || starts("x-envoy-")
-}
-
 /// The request for `up`: the client's method, query and end-to-end headers, with `body`, and the
 /// headers named in `replace` dropped and, where a value is given, set to it. Values taken from
 /// a message body (a trace context, a tool name) may hold anything: every field is written by
@@ -1206,7 +1144,7 @@ async fn answer_failure(
 
 #[cfg(test)]
 #[path = "proxy_head_tests.rs"]
-mod head_tests;
+pub(super) mod head_tests;
 
 #[cfg(test)]
 mod passed_tests {

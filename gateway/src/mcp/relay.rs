@@ -11,7 +11,7 @@ use super::{
     Id, RpcError,
     answer::{AnswerScan, scan},
     messages::Answers,
-    proxy::{Blame, Obs, fail, is_hop_by_hop, is_upstream_private, sign_session},
+    proxy::{Blame, Obs, fail, is_hop_by_hop, sign_session},
     sse::EventBuffer,
     upstream::{Conn, ResponseHead, RunsOn, UpstreamFailure, Watch, open, unless_client_leaves},
     worker::WorkerCtx,
@@ -173,7 +173,7 @@ pub(super) async fn relay(
     let Some(kind) = kind else {
         return head_only(client, conn, req, &head, up, request_id, ctx, member, obs).await;
     };
-    let (mut out, framing) = match client_head(&head, Some(kind), req, member, obs) {
+    let (mut out, framing) = match client_head(&head, Some(kind), req, up, member, obs) {
         Ok(o) => o,
         Err(f) => {
             obs.set(Outcome::UpstreamFailure);
@@ -647,7 +647,7 @@ async fn head_only(
     member: Option<&str>,
     obs: &Obs<'_>,
 ) -> bool {
-    let out = match client_head(head, None, req, member, obs) {
+    let out = match client_head(head, None, req, up, member, obs) {
         Ok((out, _)) => out,
         Err(f) => {
             obs.set(Outcome::UpstreamFailure);
@@ -976,6 +976,7 @@ fn client_head(
     head: &ResponseHead,
     kind: Option<BodyKind>,
     req: &Request,
+    up: &Upstream,
     member: Option<&str>,
     obs: &Obs<'_>,
 ) -> Result<(Vec<u8>, Framing), UpstreamFailure> {
@@ -993,7 +994,7 @@ fn client_head(
     let connection = http::ConnectionOptions::of(&head.headers);
     for (name, value) in &head.headers {
         let keep = !is_hop_by_hop(name, &connection)
-            && !is_upstream_private(name)
+            && http::relayed::relayed(name, &up.relay_headers)
             // Set below for every event stream (`X-Accel-Buffering` too, which is never
             // relayed): its type too, without the upstream's parameters (httpx decodes a
             // stream in the charset they name, RFC 2231 forms such as `charset*=''utf-7`

@@ -167,10 +167,15 @@ const V2026: &str = "mcp-protocol-version: 2026-07-28\r\n";
 
 /// A gateway (one worker) whose one route, `/mcp`, goes to `fake`: it and its port.
 fn gateway_to(fake: &FakeUpstream, name: &str) -> (Daemon, u16) {
+    gateway_to_with(fake, name, "")
+}
+
+/// [`gateway_to`] with more lines of the upstream's table.
+fn gateway_to_with(fake: &FakeUpstream, name: &str, upstream: &str) -> (Daemon, u16) {
     let (port, admin) = (free_port(), free_port());
     let instance = unique(name);
     let config = format!(
-        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
+        "{}[[upstreams]]\nname = \"up\"\nurl = \"{}\"\n{upstream}[[routes]]\npath = \"/mcp\"\nupstream = \"up\"\n",
         local_header(&instance, 1, port, admin),
         fake.url()
     );
@@ -633,11 +638,18 @@ fn upstream_heads_a_client_could_read_otherwise_are_not_relayed() {
 /// answer or an event stream: nginx served an internal location (a file, the gateway's admin
 /// API) in place of the answer given `X-Accel-Redirect`, and re-sent the client's request with
 /// its API key to wherever the upstream named (an attacker's review, live through nginx). Nor
-/// does what is the upstream's own business (`Set-Cookie`, `Server`). The answer itself is
-/// relayed.
+/// does what is the upstream's own business (`Set-Cookie`, `Server`), not even when the
+/// operator relays every header (`relay_response_headers = ["*"]`). Without that, only what an
+/// MCP client reads passes: what acts in a browser or a cache in front (`Cache-Control:
+/// public` kept one caller's answer for the next; `Content-Security-Policy`,
+/// `Service-Worker-Allowed`, `Content-Disposition`) was relayed by the list of names to drop
+/// (an attacker's review). A name the operator gives passes. The answer itself is relayed.
 #[test]
-fn what_a_proxy_in_front_acts_on_never_comes_from_an_upstream() {
-    let directives = "x-accel-redirect: /internal/flag.txt\r\nX-Accel-Limit-Rate: 1\r\nx-sendfile: /etc/passwd\r\nx-lighttpd-send-file: /etc/passwd\r\nx-reproxy-url: http://evil.example/\r\nx-litespeed-location: /internal/\r\nx-envoy-immediate-health-check-fail: true\r\nx-sendfile-temporary: /etc/passwd\r\nx-sendfile2: /etc/passwd 0-\r\nx-reproxy-file: /etc/passwd\r\nnel: {\"report_to\":\"evil\"}\r\nreport-to: {\"group\":\"evil\"}\r\nsurrogate-control: max-age=3600\r\nset-cookie: a=b\r\nserver: evil\r\nx-kept: yes\r\n";
+fn only_what_a_client_reads_or_the_operator_names_comes_from_an_upstream() {
+    let private = "x-accel-redirect: /internal/flag.txt\r\nX-Accel-Limit-Rate: 1\r\nx-sendfile: /etc/passwd\r\nx-lighttpd-send-file: /etc/passwd\r\nx-reproxy-url: http://evil.example/\r\nx-litespeed-location: /internal/\r\nx-envoy-immediate-health-check-fail: true\r\nx-sendfile-temporary: /etc/passwd\r\nx-sendfile2: /etc/passwd 0-\r\nx-reproxy-file: /etc/passwd\r\nnel: {\"report_to\":\"evil\"}\r\nreport-to: {\"group\":\"evil\"}\r\nsurrogate-control: max-age=3600\r\nset-cookie: a=b\r\nserver: evil\r\nservice-worker-allowed: /\r\n";
+    let unnamed = "cache-control: public, max-age=3600\r\ncontent-security-policy: sandbox\r\ncontent-disposition: attachment; filename=a.html\r\nspeculation-rules: \"/evil.json\"\r\nx-kept: yes\r\n";
+    let directives =
+        format!("{private}{unnamed}retry-after: 7\r\nmcp-protocol-version: 2025-11-25\r\n");
     let json: &'static str = Box::leak(
         format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{directives}content-length: 36\r\n\r\n{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{}}}}")
             .into_boxed_str(),
@@ -650,46 +662,76 @@ fn what_a_proxy_in_front_acts_on_never_comes_from_an_upstream() {
         )
         .into_boxed_str(),
     );
-    for (what, head) in [("json", json), ("event stream", sse)] {
-        let fake = FakeUpstream::start(Misbehave::Raw(head));
-        let (mut d, port) = gateway_to(&fake, "gwaccel");
-        let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-        let request = format!(
-            "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
-            call.len()
-        );
-        let (r, _) = raw(port, request.as_bytes());
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        let head: String = r
-            .headers
-            .iter()
-            .map(|(n, v)| format!("{n}: {v}\n"))
-            .collect();
-        assert_eq!(r.status, 200, "{what}: {head} {text}");
-        assert!(text.contains(r#""result":{}"#), "{what}: {text}");
-        let lower = head.to_ascii_lowercase();
-        for name in [
-            "x-accel-redirect",
-            "x-accel-limit-rate",
-            "x-sendfile",
-            "x-lighttpd",
-            "x-reproxy-url",
-            "x-litespeed",
-            "x-envoy",
-            "x-sendfile-temporary",
-            "x-sendfile2",
-            "x-reproxy-file",
-            "nel:",
-            "report-to",
-            "surrogate-control",
-            "set-cookie",
-            "server: evil",
-            "x-accel-buffering: yes",
-        ] {
-            assert!(!lower.contains(name), "{what}: {name} relayed: {head}");
+    let configs = [
+        ("none named", ""),
+        ("x-kept named", "relay_response_headers = [\"X-Kept\"]\n"),
+        ("every one named", "relay_response_headers = [\"*\"]\n"),
+    ];
+    for (named, config) in configs {
+        for (what, head) in [("json", json), ("event stream", sse)] {
+            let fake = FakeUpstream::start(Misbehave::Raw(head));
+            let (mut d, port) = gateway_to_with(&fake, "gwaccel", config);
+            let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+            let request = format!(
+                "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
+                call.len()
+            );
+            let (r, _) = raw(port, request.as_bytes());
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            let head: String = r
+                .headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\n"))
+                .collect();
+            let what = format!("{what}, {named}");
+            assert_eq!(r.status, 200, "{what}: {head} {text}");
+            assert!(text.contains(r#""result":{}"#), "{what}: {text}");
+            let lower = head.to_ascii_lowercase();
+            for name in [
+                "x-accel-redirect",
+                "x-accel-limit-rate",
+                "x-sendfile",
+                "x-lighttpd",
+                "x-reproxy-url",
+                "x-litespeed",
+                "x-envoy",
+                "x-sendfile-temporary",
+                "x-sendfile2",
+                "x-reproxy-file",
+                "nel:",
+                "report-to",
+                "surrogate-control",
+                "set-cookie",
+                "server: evil",
+                "service-worker-allowed",
+                "x-accel-buffering: yes",
+            ] {
+                assert!(!lower.contains(name), "{what}: {name} relayed: {head}");
+            }
+            for name in ["retry-after: 7", "mcp-protocol-version: 2025-11-25"] {
+                assert!(lower.contains(name), "{what}: {name} not relayed: {head}");
+            }
+            let every = named == "every one named";
+            for name in [
+                "content-security-policy",
+                "content-disposition",
+                "speculation-rules",
+            ] {
+                assert_eq!(lower.contains(name), every, "{what}: {name}: {head}");
+            }
+            // An event stream's caching is the gateway's to say (`no-cache`).
+            assert_eq!(
+                lower.contains("cache-control: public"),
+                every && what.starts_with("json"),
+                "{what}: {head}"
+            );
+            assert_eq!(
+                lower.contains("x-kept: yes"),
+                named != "none named",
+                "{what}: {head}"
+            );
+            d.stop();
         }
-        assert!(lower.contains("x-kept: yes"), "{what}: {head}");
-        d.stop();
     }
 }
 
