@@ -624,7 +624,8 @@ pub(super) async fn refuse(
     // request with no credential that a browser says it sent (a web page's `<img>` makes its
     // visitors' browsers send those; one with a credential, wrong, a page cannot make a
     // browser send, and a brute force marked as a browser's is counted all the same).
-    if r.code != policy::code::CIRCUIT_OPEN && !(r.anonymous && super::stages::from_a_browser(req))
+    if r.code != policy::code::CIRCUIT_OPEN
+        && !(r.anonymous && super::stages::a_page_could_send(req))
     {
         count_toward_ban(ctx, config, peer);
     }

@@ -157,7 +157,7 @@ pub(super) async fn unread(
     if !matches!(
         unread.error,
         http::HttpError::HeadTooLarge(_) | http::HttpError::BodyTooLarge(_)
-    ) && !from_a_browser(&req)
+    ) && !a_page_could_send(&req)
     {
         super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
     }
@@ -255,14 +255,22 @@ async fn run<'c>(
     Ok(keep)
 }
 
-/// Whether a browser sent the request (it says where it fetches from, or from which origin):
-/// a web page can make its visitors' browsers send it, so its refusal is no sign against the
-/// visitor's address.
-pub(super) fn from_a_browser(req: &Request) -> bool {
-    req.headers.get(crate::http::name::ORIGIN).is_some()
+/// Whether a web page could have made a visitor's browser send the request: a browser says it
+/// sent it (where it fetches from, or from which origin), and it shows no credential. A page
+/// can make its visitors' browsers send what they are refused for (an `<img>` of a long URL, a
+/// `fetch()` of a malformed body), so such a refusal is no sign against the visitor's address;
+/// it cannot make them send an `Authorization` or `X-Api-Key` (not without the gateway's CORS
+/// allowing its origin). A client that shows one is judged as a client whatever it says it is:
+/// one that added `Sec-Fetch-Mode` to every malformed request was never banned (an attacker's
+/// review).
+pub(super) fn a_page_could_send(req: &Request) -> bool {
+    let says_browser = req.headers.get(crate::http::name::ORIGIN).is_some()
         || ["sec-fetch-mode", "sec-fetch-site", "sec-fetch-dest"]
             .iter()
-            .any(|name| req.headers.get(*name).is_some())
+            .any(|name| req.headers.get(*name).is_some());
+    says_browser
+        && req.headers.get(crate::http::name::AUTHORIZATION).is_none()
+        && req.headers.get(crate::http::name::X_API_KEY).is_none()
 }
 
 /// The one place a stopped request is answered.
@@ -282,7 +290,7 @@ async fn answer(
             // a session it does not serve, nor an origin it does not allow: a web page makes
             // its visitors' browsers send those (51 `<img>` tags, `fetch()` from another
             // origin), and every client meets a session gone after a restart (a review).
-            if status == 400 && !from_a_browser(req) {
+            if status == 400 && !a_page_could_send(req) {
                 super::proxy::count_toward_ban(ctx, config, peer);
             }
             io.write_all(json_response(status, &err, req.keep_alive))

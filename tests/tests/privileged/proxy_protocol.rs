@@ -110,6 +110,13 @@ auth = ["address"]
 path = "/stall"
 upstream = "stall"
 auth = ["address"]
+[[routes]]
+path = "/keyed"
+upstream = "u0"
+auth = ["api_key"]
+[[auth.api_keys]]
+sha256 = "8254c329a92850f6d539dd376f4816ee2764517da5e0235514af433164480d7a"
+tenant = "edge"
 "#,
         audit = audit.display(),
         url = fake.url(),
@@ -777,6 +784,44 @@ fn malformed_requests_count_towards_auto_ban() {
         direct_call(d, visitor).is_some_and(|r| is_result(&r)),
         "a visitor banned"
     );
+    // A client that shows a credential is judged as a client, whatever it says it is: one
+    // that added `Sec-Fetch-Mode` to its malformed requests was never banned (an attacker's
+    // review); a page cannot make a browser send an `Authorization` or `X-Api-Key` (here a
+    // valid key).
+    let claims_browser = "127.0.2.96";
+    for credential in ["authorization: Bearer k", "x-api-key: k"] {
+        let mut refused = 0;
+        for _ in 0..12 {
+            let Some(mut c) = loopback_from(claims_browser, d) else {
+                break;
+            };
+            let request = format!(
+                "POST /keyed HTTP/1.1\r\nhost: gw\r\nsec-fetch-mode: cors\r\nsec-fetch-site: cross-site\r\n{credential}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: 3\r\n\r\n{{{{{{"
+            );
+            if c.write_all(request.as_bytes()).is_err() {
+                break;
+            }
+            match read_response(&mut c) {
+                Some(r) => {
+                    assert_eq!(r.status, 400, "{credential}");
+                    refused += 1;
+                }
+                None => break,
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        assert!(refused < 12, "{credential}: never banned");
+        until("the auto-ban did not take", || {
+            direct_call(d, claims_browser).is_none()
+        });
+        assert_eq!(
+            admin_request(a, "DELETE", &format!("/bans/{claims_browser}"), "").status,
+            200
+        );
+        until("the lift did not take", || {
+            direct_call(d, claims_browser).is_some_and(|r| is_result(&r))
+        });
+    }
 }
 
 /// A call on a new connection to the direct listener from `source` (a loopback address): its
