@@ -709,16 +709,30 @@ fn reads_null(v: &Value) -> bool {
 
 impl std::hash::Hash for Canonical<'_> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // JSON text in the arguments' strings is read within one message's values (text past
+        // them is hashed as text: the breaker's side is two calls counted as one, and such
+        // text is the same text each time a loop repeats it).
+        let mut budget = crate::values::MAX;
         match self.0 {
-            None => walk(&Value::Object(serde_json::Map::new()), self.1, h),
-            Some(v) => walk(v, self.1, h),
+            None => walk(
+                &Value::Object(serde_json::Map::new()),
+                self.1,
+                h,
+                &mut budget,
+            ),
+            Some(v) => walk(v, self.1, h, &mut budget),
         }
     }
 }
 
 /// [`Canonical`]'s hash of `v`, whose keys, if it is an object (or each item's, if a list),
 /// are those `keys` declares when known.
-fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H) {
+fn walk<H: std::hash::Hasher>(
+    v: &Value,
+    keys: Option<&ArgumentKeys>,
+    h: &mut H,
+    budget: &mut usize,
+) {
     use std::hash::Hash as _;
     match v {
         Value::Null => 0u8.hash(h),
@@ -728,8 +742,8 @@ fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H)
             None => (3u8, n.to_string()).hash(h),
         },
         Value::String(_) if reads_null(v) => 0u8.hash(h),
-        Value::String(s) => match rules::json_held(s) {
-            Some(Ok(v)) => walk(&v, keys, h),
+        Value::String(s) => match rules::json_held(s, budget) {
+            Some(Ok(v)) => walk(&v, keys, h, budget),
             _ => match Num::of_str(s) {
                 Some(n) => (2u8, n).hash(h),
                 None => (3u8, s).hash(h),
@@ -737,7 +751,7 @@ fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H)
         },
         Value::Array(a) => {
             (4u8, a.len()).hash(h);
-            a.iter().for_each(|x| walk(x, keys, h));
+            a.iter().for_each(|x| walk(x, keys, h, budget));
         }
         // A member that is `null` is as absent (see `reads_null`).
         Value::Object(o) => match keys {
@@ -748,7 +762,7 @@ fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H)
                 (5u8, members.len()).hash(h);
                 for (k, v) in members {
                     k.hash(h);
-                    walk(v, None, h);
+                    walk(v, None, h, budget);
                 }
             }
             Some(keys) => {
@@ -773,7 +787,7 @@ fn walk<H: std::hash::Hasher>(v: &Value, keys: Option<&ArgumentKeys>, h: &mut H)
                 (5u8, kept.len()).hash(h);
                 for (name, _, v, _) in kept {
                     name.hash(h);
-                    walk(v, keys.nested(name), h);
+                    walk(v, keys.nested(name), h, budget);
                 }
             }
         },

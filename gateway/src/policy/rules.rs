@@ -127,8 +127,9 @@ impl ToolRule {
                 ));
             }
         }
+        let mut budget = crate::values::MAX;
         for rule in &self.arguments {
-            rule.check(arguments)
+            rule.check(arguments, &mut budget)
                 .map_err(|why| (rule.label.clone(), why))?;
         }
         Ok(())
@@ -303,11 +304,13 @@ impl ArgRule {
         })
     }
 
-    pub fn check(&self, arguments: Option<&Value>) -> Result<(), String> {
+    /// Whether `arguments` meet the rule; JSON text read in their strings is taken from
+    /// `budget` (the message's, see [`json_held`]).
+    pub fn check(&self, arguments: Option<&Value>, budget: &mut usize) -> Result<(), String> {
         let empty = Value::Object(serde_json::Map::new());
         let root = arguments.unwrap_or(&empty);
         let p = &self.pointer;
-        let found = self.find(root)?;
+        let found = self.find(root, budget)?;
         let Some(v) = found.as_deref() else {
             return if self.required {
                 Err(format!("argument `{p}` is required"))
@@ -320,14 +323,15 @@ impl ArgRule {
         // for both it and the string. Before, `"[\"/etc/passwd\"]"` passed a pattern that
         // refuses `/`, and the tool got `["/etc/passwd"]`.
         if let Value::String(s) = v
-            && let Some(held) = held_at_end(s)
+            && let Some(held) = held_at_end(s, budget)
         {
             // Text that does not parse here may still parse in Python (`NaN`, `1e400`, a lone
             // surrogate): read as Python would, near enough for the rule. Text that parses in
             // neither (`[urgent] invoice`) is only a string.
             let inner = match held {
                 Ok(inner) => Some(inner),
-                Err(_) => as_python_reads(s),
+                Err(Unheld::NotJson) => as_python_reads(s),
+                Err(Unheld::TooMany) => return Err(self.too_many(p)),
             };
             match inner {
                 Some(Value::Null) if self.required => {
@@ -465,11 +469,34 @@ fn compile_pattern(pattern: &str) -> Result<Regex, String> {
 
 /// What a string holds when it holds a JSON object or array, as the Python SDK's servers read
 /// such a string (into the object their tool takes): `None` when it does not look like one,
-/// else what parsing it gives.
-pub(super) fn json_held(s: &str) -> Option<serde_json::Result<Value>> {
-    s.trim_start_matches([' ', '\t', '\n', '\r'])
+/// else what parsing it gives. The values it holds are taken from `budget`, one message's:
+/// a message is bounded to [`crate::values::MAX`] values, and the text in one of its strings
+/// is one value to that bound, so a 4 MB string of `[0,0,...]` grew a worker by 230 MB for
+/// every rule or loop breaker that read it (an attacker's review). Text of more values than
+/// are left is not parsed ([`Unheld::TooMany`]).
+pub(super) fn json_held(s: &str, budget: &mut usize) -> Option<Result<Value, Unheld>> {
+    if !s
+        .trim_start_matches([' ', '\t', '\n', '\r'])
         .starts_with(['{', '['])
-        .then(|| serde_json::from_str(s))
+    {
+        return None;
+    }
+    let values = crate::values::count(s.as_bytes(), *budget);
+    if values > *budget {
+        *budget = 0;
+        return Some(Err(Unheld::TooMany));
+    }
+    *budget -= values;
+    Some(serde_json::from_str(s).map_err(|_| Unheld::NotJson))
+}
+
+/// Why [`json_held`] gives no value for text that looks like JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unheld {
+    /// serde_json does not read it (Python may: `NaN`, `1e400`, a lone surrogate).
+    NotJson,
+    /// It holds more values than the message has left to read.
+    TooMany,
 }
 
 /// What Python's `json.loads` reads from `s` where serde_json does not: `NaN` and `Infinity`
@@ -573,11 +600,11 @@ fn nesting(s: &str) -> usize {
 /// [`json_held`] for the value a rule tests: also `null`, which the Python SDK's servers read
 /// as `None` for a parameter not typed plain `str` (a number, a boolean or a string held is
 /// left a string there).
-fn held_at_end(s: &str) -> Option<serde_json::Result<Value>> {
+fn held_at_end(s: &str, budget: &mut usize) -> Option<Result<Value, Unheld>> {
     if s.trim_matches([' ', '\t', '\n', '\r']) == "null" {
         return Some(Ok(Value::Null));
     }
-    json_held(s)
+    json_held(s, budget)
 }
 
 impl ArgRule {
@@ -592,15 +619,20 @@ impl ArgRule {
     ///   refused ([`key_in`]).
     ///
     /// Borrowed, unless it went through such a string.
-    fn find<'v>(&self, root: &'v Value) -> Result<Option<Cow<'v, Value>>, String> {
+    fn find<'v>(
+        &self,
+        root: &'v Value,
+        budget: &mut usize,
+    ) -> Result<Option<Cow<'v, Value>>, String> {
         let mut at: Cow<'v, Value> = Cow::Borrowed(root);
         for (i, t) in self.tokens.iter().enumerate() {
             if let Value::String(s) = &*at
-                && let Some(parsed) = json_held(s)
+                && let Some(parsed) = json_held(s, budget)
             {
                 match parsed {
                     Ok(inner) => at = Cow::Owned(inner),
-                    Err(_) => {
+                    Err(Unheld::TooMany) => return Err(self.too_many(&self.prefix(i))),
+                    Err(Unheld::NotJson) => {
                         return Err(format!(
                             "argument `{}`: `{}` holds text that looks like JSON but is not JSON the gateway can read as every server does",
                             self.pointer,
@@ -634,6 +666,16 @@ impl ArgRule {
             at = next;
         }
         Ok(Some(at))
+    }
+
+    /// The refusal of a call whose JSON text at `at` (a pointer) holds more values than the
+    /// message had left to read ([`json_held`]).
+    fn too_many(&self, at: &str) -> String {
+        format!(
+            "argument `{}`: `{at}` holds JSON text of more values than one message may hold ({}), which the gateway does not read: send the value itself",
+            self.pointer,
+            crate::values::MAX
+        )
     }
 
     /// The pointer's first `depth` tokens, as a pointer.
@@ -838,6 +880,11 @@ mod tests {
 
     use super::*;
 
+    /// A whole message's budget of values (see [`json_held`]).
+    fn budget() -> usize {
+        crate::values::MAX
+    }
+
     fn rule(toml_text: &str) -> ArgRule {
         let raw: RawArgRule = toml::from_str(toml_text).expect("rule parses");
         ArgRule::compile("r".into(), &raw).expect("rule compiles")
@@ -848,6 +895,58 @@ mod tests {
         ToolRule::compile("t".into(), &raw).expect("rule compiles")
     }
 
+    /// JSON text in a message's strings is read within the values one message may hold, for
+    /// all of a tool's rules together: a 4 MB string of `[0,0,...]` (one value to the message's
+    /// count) grew a worker by 230 MB for each rule or breaker that read it (an attacker's
+    /// review). Past them the call is refused, never read.
+    #[test]
+    fn json_text_in_strings_is_read_within_one_messages_values() {
+        let zeros = |n: usize| format!("[{}0]", "0,".repeat(n - 1));
+        let mut left = 10;
+        assert_eq!(
+            json_held(&zeros(4), &mut left),
+            Some(Ok(json!([0, 0, 0, 0])))
+        );
+        assert_eq!(left, 5);
+        assert_eq!(json_held(&zeros(6), &mut left), Some(Err(Unheld::TooMany)));
+        assert_eq!(json_held("[1]", &mut left), Some(Err(Unheld::TooMany)));
+        assert_eq!(json_held("plain", &mut left), None);
+
+        let over = zeros(crate::values::MAX + 1);
+        let at_end = rule("pointer = \"/list\"\ntype = \"array\"");
+        let err = at_end
+            .check(Some(&json!({ "list": over })), &mut budget())
+            .unwrap_err();
+        assert!(err.contains("more values"), "{err}");
+        let on_the_way = rule("pointer = \"/opts/path\"\npattern = \"^/tmp/\"");
+        let err = on_the_way
+            .check(
+                Some(&json!({ "opts": format!("{{\"path\": \"/tmp/a\", \"pad\": {over}}}") })),
+                &mut budget(),
+            )
+            .unwrap_err();
+        assert!(
+            err.contains("`/opts` holds JSON text of more values"),
+            "{err}"
+        );
+        // Two rules of one tool share the message's: each half passes alone, not both.
+        let half = zeros(crate::values::MAX / 2 + 2);
+        let both = tool(
+            "match = \"t\"\narguments = [{ pointer = \"/a\", required = true }, { pointer = \"/b\", required = true }]",
+        );
+        let args = json!({ "a": half, "b": half });
+        let (label, why) = both.check_arguments(Some(&args), 0).unwrap_err();
+        assert!(
+            label.ends_with("arguments[1]") || label.contains('1'),
+            "{label}: {why}"
+        );
+        assert!(why.contains("more values"), "{why}");
+        assert!(
+            both.check_arguments(Some(&json!({ "a": half, "b": "[]" })), 0)
+                .is_ok()
+        );
+    }
+
     /// The value a rule tests, sent as a string holding JSON: the Python SDK's servers run what
     /// it holds for a parameter not typed plain `str` (found by an attacker's review), so the
     /// rule holds for that too.
@@ -855,14 +954,25 @@ mod tests {
     fn a_tested_value_sent_as_json_text_is_tested_as_what_it_holds() {
         let r =
             rule("pointer = \"/path\"\ntype = \"string\"\npattern = \"^[^/]+$\"\nrequired = true");
-        assert!(r.check(Some(&json!({"path": "notes.txt"}))).is_ok());
-        assert!(r.check(Some(&json!({"path": "/etc/passwd"}))).is_err());
+        assert!(
+            r.check(Some(&json!({"path": "notes.txt"})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            r.check(Some(&json!({"path": "/etc/passwd"})), &mut budget())
+                .is_err()
+        );
         // What the review sent: the text passed the pattern, the tool got ["/etc/passwd"].
         let err = r
-            .check(Some(&json!({"path": "[\"\\u002fetc\\u002fpasswd\"]"})))
+            .check(
+                Some(&json!({"path": "[\"\\u002fetc\\u002fpasswd\"]"})),
+                &mut budget(),
+            )
             .unwrap_err();
         assert!(err.contains("must be of type string"), "{err}");
-        let err = r.check(Some(&json!({"path": " null "}))).unwrap_err();
+        let err = r
+            .check(Some(&json!({"path": " null "})), &mut budget())
+            .unwrap_err();
         assert!(err.contains("is required"), "{err}");
         // Python reads what serde_json does not: checked as Python reads it.
         for text in [
@@ -871,21 +981,27 @@ mod tests {
             "[\"\\ud800\", \"\\u002fetc\"]",
             "[\"\\u002fetc\", 1e400]",
         ] {
-            let err = r.check(Some(&json!({ "path": text }))).unwrap_err();
+            let err = r
+                .check(Some(&json!({ "path": text })), &mut budget())
+                .unwrap_err();
             assert!(err.contains("JSON text"), "{text}: {err}");
         }
         // Text that parses in neither is only a string; `null` is none to a rule not required.
         let short = rule("pointer = \"/path\"\nmax_length = 40");
         for text in ["[urgent] invoice", "{name}", "[dbo].[t]", "null"] {
             assert!(
-                short.check(Some(&json!({ "path": text }))).is_ok(),
+                short
+                    .check(Some(&json!({ "path": text })), &mut budget())
+                    .is_ok(),
                 "{text}"
             );
         }
         assert!(as_python_reads("[1e999, 2E+400, 1e-999]").is_some());
         // An integer past f64, which Python reads exactly.
         let big = format!("[\"\\u002fetc\", {}]", "1".repeat(400));
-        let err = r.check(Some(&json!({ "path": big }))).unwrap_err();
+        let err = r
+            .check(Some(&json!({ "path": big })), &mut budget())
+            .unwrap_err();
         assert!(err.contains("JSON text"), "{err}");
         assert_eq!(as_python_reads("[\"a\\\\\"]"), Some(json!(["a\\"])));
         // A backslash before a character of several bytes, anywhere, as text at a rule's
@@ -903,14 +1019,20 @@ mod tests {
             "[\"\\uda\u{e9}\"]",
         ] {
             let _ = as_python_reads(text);
-            let _ = r.check(Some(&json!({ "path": text })));
+            let _ = r.check(Some(&json!({ "path": text })), &mut budget());
         }
         // With no type, the array held meets the pattern, which takes strings only.
         let p = rule("pointer = \"/path\"\npattern = \"^[^/]+$\"");
-        assert!(p.check(Some(&json!({"path": "[\"a\"]"}))).is_err());
+        assert!(
+            p.check(Some(&json!({"path": "[\"a\"]"})), &mut budget())
+                .is_err()
+        );
         // A number, a boolean or a string held stays a string there: tested as it is.
         for s in ["5", "true", "\"x\""] {
-            assert!(p.check(Some(&json!({ "path": s }))).is_ok(), "{s}");
+            assert!(
+                p.check(Some(&json!({ "path": s })), &mut budget()).is_ok(),
+                "{s}"
+            );
         }
     }
 
@@ -926,22 +1048,33 @@ mod tests {
             "[".repeat(140),
             "]".repeat(140)
         );
-        let err = r.check(Some(&json!({ "paths": deep }))).unwrap_err();
+        let err = r
+            .check(Some(&json!({ "paths": deep })), &mut budget())
+            .unwrap_err();
         assert!(err.contains("nested deeper"), "{err}");
         // Brackets in a string, or few of them, are still only a string.
         let brackets = format!("\"{}\"", "[".repeat(300));
-        assert!(r.check(Some(&json!({ "paths": brackets }))).is_ok());
-        assert!(r.check(Some(&json!({"paths": "[urgent] invoice"}))).is_ok());
+        assert!(
+            r.check(Some(&json!({ "paths": brackets })), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            r.check(Some(&json!({"paths": "[urgent] invoice"})), &mut budget())
+                .is_ok()
+        );
         assert_eq!(nesting("[\"[[[\", {\"a\": [1]}]"), 3);
 
         let max = rule("pointer = \"/limits/1\"\nmaximum = 100");
         assert!(
-            max.check(Some(&json!({"limits": {"1": 5, "2": 100_000}})))
-                .is_ok()
+            max.check(
+                Some(&json!({"limits": {"1": 5, "2": 100_000}})),
+                &mut budget()
+            )
+            .is_ok()
         );
         for other in ["01", " 1", "+1", "1.0", "1e0", "0x1", "0b1", "1_0"] {
             let limits = json!({"limits": {"1": 5, other: 100_000}});
-            let read = max.check(Some(&limits));
+            let read = max.check(Some(&limits), &mut budget());
             if other == "1_0" {
                 assert!(read.is_ok(), "{other} is 10: {read:?}");
             } else {
@@ -950,7 +1083,11 @@ mod tests {
             }
             // Alone, too: the rule would see nothing there.
             let alone = json!({"limits": {other: 100_000}});
-            assert_eq!(max.check(Some(&alone)).is_err(), other != "1_0", "{other}");
+            assert_eq!(
+                max.check(Some(&alone), &mut budget()).is_err(),
+                other != "1_0",
+                "{other}"
+            );
         }
         assert!(as_number("1_0") == Some(10.0) && as_number("1__0").is_none());
         assert!(as_number("inf").is_none() && as_number("").is_some());
@@ -958,28 +1095,34 @@ mod tests {
         let alias = rule("pointer = \"/opts/filePath\"\npattern = \"^/srv/\"");
         assert!(
             alias
-                .check(Some(&json!({"opts": {"filePath": "/srv/a"}})))
+                .check(
+                    Some(&json!({"opts": {"filePath": "/srv/a"}})),
+                    &mut budget()
+                )
                 .is_ok()
         );
         for other in ["file_path", "FILE_PATH", "FilePath", "_filepath"] {
             let err = alias
-                .check(Some(&json!({"opts": { other: "/etc/shadow" }})))
+                .check(
+                    Some(&json!({"opts": { other: "/etc/shadow" }})),
+                    &mut budget(),
+                )
                 .unwrap_err();
             assert!(err.contains("another spelling"), "{other}: {err}");
         }
         assert!(
             alias
-                .check(Some(&json!({"opts": {"fileName": "x"}})))
+                .check(Some(&json!({"opts": {"fileName": "x"}})), &mut budget())
                 .is_ok()
         );
         // `-` is part of a name (and of a negative number).
         assert!(
             alias
-                .check(Some(&json!({"opts": {"file-path": "x"}})))
+                .check(Some(&json!({"opts": {"file-path": "x"}})), &mut budget())
                 .is_ok()
         );
         assert!(
-            max.check(Some(&json!({"limits": {"1": 5, "-1": 7}})))
+            max.check(Some(&json!({"limits": {"1": 5, "-1": 7}})), &mut budget())
                 .is_ok()
         );
     }
@@ -989,20 +1132,36 @@ mod tests {
     #[test]
     fn nested_arguments_are_read_as_servers_read_them() {
         let r = rule("pointer = \"/opts/path\"\npattern = \"^/srv/\"");
-        assert!(r.check(Some(&json!({"opts": {"path": "/srv/a"}}))).is_ok());
         assert!(
-            r.check(Some(&json!({"opts": {"path": "/etc/shadow"}})))
-                .is_err()
+            r.check(Some(&json!({"opts": {"path": "/srv/a"}})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            r.check(
+                Some(&json!({"opts": {"path": "/etc/shadow"}})),
+                &mut budget()
+            )
+            .is_err()
         );
         // The parent sent as JSON text.
         let text = json!({"opts": "{\"path\": \"/etc/shadow\"}"});
-        assert!(r.check(Some(&text)).unwrap_err().contains("does not match"));
         assert!(
-            r.check(Some(&json!({"opts": "{\"path\": \"/srv/b\"}"})))
-                .is_ok()
+            r.check(Some(&text), &mut budget())
+                .unwrap_err()
+                .contains("does not match")
+        );
+        assert!(
+            r.check(
+                Some(&json!({"opts": "{\"path\": \"/srv/b\"}"})),
+                &mut budget()
+            )
+            .is_ok()
         );
         // A string that is not a JSON object or array holds nothing.
-        assert!(r.check(Some(&json!({"opts": "plain"}))).is_ok());
+        assert!(
+            r.check(Some(&json!({"opts": "plain"})), &mut budget())
+                .is_ok()
+        );
         // A list where the rule names an object's member, itself or as JSON text: a server
         // taking either runs each item (an attacker's review).
         for opts in [
@@ -1011,25 +1170,31 @@ mod tests {
             json!("[{\"path\": \"/etc/shadow\"}]"),
             json!([]),
         ] {
-            let err = r.check(Some(&json!({ "opts": opts }))).unwrap_err();
+            let err = r
+                .check(Some(&json!({ "opts": opts })), &mut budget())
+                .unwrap_err();
             assert!(err.contains("is a list"), "{opts}: {err}");
         }
         // An index into a list is read; one past its end is absent.
         let first = rule("pointer = \"/opts/0/path\"\npattern = \"^/srv/\"");
         assert!(
             first
-                .check(Some(&json!({"opts": [{"path": "/srv/a"}]})))
+                .check(Some(&json!({"opts": [{"path": "/srv/a"}]})), &mut budget())
                 .is_ok()
         );
         assert!(
             first
-                .check(Some(&json!({"opts": [{"path": "/etc"}]})))
+                .check(Some(&json!({"opts": [{"path": "/etc"}]})), &mut budget())
                 .is_err()
         );
-        assert!(first.check(Some(&json!({"opts": []}))).is_ok());
         assert!(
             first
-                .check(Some(&json!({"opts": [[{"path": "/etc"}]]})))
+                .check(Some(&json!({"opts": []})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            first
+                .check(Some(&json!({"opts": [[{"path": "/etc"}]]})), &mut budget())
                 .is_err()
         );
         // One that looks like one but is not JSON here, while Python reads it: refused.
@@ -1038,13 +1203,15 @@ mod tests {
             "{\"path\": \"/etc/shadow\", \"x\": 1e400}",
             " \n[\"/etc/shadow\"",
         ] {
-            let err = r.check(Some(&json!({"opts": text}))).unwrap_err();
+            let err = r
+                .check(Some(&json!({"opts": text})), &mut budget())
+                .unwrap_err();
             assert!(err.contains("looks like JSON"), "{text}: {err}");
         }
         let items = rule("pointer = \"/paths/0\"\npattern = \"^/srv/\"");
         assert!(
             items
-                .check(Some(&json!({"paths": "[\"/etc/shadow\"]"})))
+                .check(Some(&json!({"paths": "[\"/etc/shadow\"]"})), &mut budget())
                 .is_err()
         );
         // Another spelling of a key, alone or beside the exact one: refused, whatever its
@@ -1052,30 +1219,50 @@ mod tests {
         for spelled in ["Path", "PATH", "pAth"] {
             for value in ["/etc/shadow", "/srv/a"] {
                 let args = json!({"opts": {spelled: value}});
-                let err = r.check(Some(&args)).unwrap_err();
+                let err = r.check(Some(&args), &mut budget()).unwrap_err();
                 assert!(err.contains("another spelling"), "{spelled}: {err}");
             }
         }
         let sql = rule("pointer = \"/sql\"\nrequired = true\npattern = \"^SELECT \"");
-        assert!(sql.check(Some(&json!({"sql": "SELECT 1"}))).is_ok());
-        assert!(sql.check(Some(&json!({"ſql": "SELECT 1"}))).is_err());
+        assert!(
+            sql.check(Some(&json!({"sql": "SELECT 1"})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            sql.check(Some(&json!({"ſql": "SELECT 1"})), &mut budget())
+                .is_err()
+        );
         let err = sql
-            .check(Some(&json!({"sql": "SELECT 1", "ſql": "DROP TABLE t"})))
+            .check(
+                Some(&json!({"sql": "SELECT 1", "ſql": "DROP TABLE t"})),
+                &mut budget(),
+            )
             .unwrap_err();
         assert!(err.contains("another spelling"), "{err}");
         let flag = rule("pointer = \"/dry_run\"\nrequired = true\nenum = [true]");
-        assert!(flag.check(Some(&json!({"Dry_run": true}))).is_err());
+        assert!(
+            flag.check(Some(&json!({"Dry_run": true})), &mut budget())
+                .is_err()
+        );
         let k = rule("pointer = \"/key\"\nrequired = true\nmax_length = 3");
-        assert!(k.check(Some(&json!({"\u{212a}ey": "ab"}))).is_err());
+        assert!(
+            k.check(Some(&json!({"\u{212a}ey": "ab"})), &mut budget())
+                .is_err()
+        );
         // Dotted and dotless i are `i` to Go (its simple lower case of dotted I is `i`).
         let id = rule("pointer = \"/id\"\nmax_length = 3");
         for spelled in ["\u{130}d", "\u{131}d", "\u{130}D"] {
-            let err = id.check(Some(&json!({ spelled: "abcdef" }))).unwrap_err();
+            let err = id
+                .check(Some(&json!({ spelled: "abcdef" })), &mut budget())
+                .unwrap_err();
             assert!(err.contains("another spelling"), "{spelled}: {err}");
         }
         // Folding is one character to one: `ß` is not `ss`.
         let ss = rule("pointer = \"/strasse\"\nrequired = true");
-        assert!(ss.check(Some(&json!({"straße": 1}))).is_err());
+        assert!(
+            ss.check(Some(&json!({"straße": 1})), &mut budget())
+                .is_err()
+        );
     }
 
     /// Integers beyond 2^53 are compared exactly, in lists and against bounds.
@@ -1084,42 +1271,58 @@ mod tests {
         let one_of = rule("pointer = \"/id\"\nenum = [1234567890123456789]");
         assert!(
             one_of
-                .check(Some(&json!({"id": 1_234_567_890_123_456_789_u64})))
+                .check(
+                    Some(&json!({"id": 1_234_567_890_123_456_789_u64})),
+                    &mut budget()
+                )
                 .is_ok()
         );
         assert!(
             one_of
-                .check(Some(&json!({"id": 1_234_567_890_123_456_790_u64})))
+                .check(
+                    Some(&json!({"id": 1_234_567_890_123_456_790_u64})),
+                    &mut budget()
+                )
                 .is_err()
         );
         let max = rule("pointer = \"/n\"\nmaximum = 9007199254740992");
         assert!(
-            max.check(Some(&json!({"n": 9_007_199_254_740_992_u64})))
-                .is_ok()
+            max.check(
+                Some(&json!({"n": 9_007_199_254_740_992_u64})),
+                &mut budget()
+            )
+            .is_ok()
         );
         assert!(
-            max.check(Some(&json!({"n": 9_007_199_254_740_993_u64})))
-                .is_err()
+            max.check(
+                Some(&json!({"n": 9_007_199_254_740_993_u64})),
+                &mut budget()
+            )
+            .is_err()
         );
         let min = rule("pointer = \"/n\"\nminimum = 0.5\nmaximum = 2.5");
-        assert!(min.check(Some(&json!({"n": 0}))).is_err());
-        assert!(min.check(Some(&json!({"n": 1}))).is_ok());
-        assert!(min.check(Some(&json!({"n": 2}))).is_ok());
-        assert!(min.check(Some(&json!({"n": 3}))).is_err());
-        assert!(min.check(Some(&json!({"n": 2.5}))).is_ok());
-        assert!(min.check(Some(&json!({"n": 2.6}))).is_err());
+        assert!(min.check(Some(&json!({"n": 0})), &mut budget()).is_err());
+        assert!(min.check(Some(&json!({"n": 1})), &mut budget()).is_ok());
+        assert!(min.check(Some(&json!({"n": 2})), &mut budget()).is_ok());
+        assert!(min.check(Some(&json!({"n": 3})), &mut budget()).is_err());
+        assert!(min.check(Some(&json!({"n": 2.5})), &mut budget()).is_ok());
+        assert!(min.check(Some(&json!({"n": 2.6})), &mut budget()).is_err());
     }
 
     #[test]
     fn absent_and_empty_arguments() {
         let r = rule("pointer = \"/path\"\ntype = \"string\"");
-        assert_eq!(r.check(None), Ok(()));
-        assert_eq!(r.check(Some(&json!({}))), Ok(()));
+        assert_eq!(r.check(None, &mut budget()), Ok(()));
+        assert_eq!(r.check(Some(&json!({})), &mut budget()), Ok(()));
         let req = rule("pointer = \"/path\"\nrequired = true");
-        assert_eq!(req.check(None).unwrap_err(), "argument `/path` is required");
-        assert!(req.check(Some(&json!({}))).is_err());
+        assert_eq!(
+            req.check(None, &mut budget()).unwrap_err(),
+            "argument `/path` is required"
+        );
+        assert!(req.check(Some(&json!({})), &mut budget()).is_err());
         assert!(
-            req.check(Some(&json!({"path": null}))).is_ok(),
+            req.check(Some(&json!({"path": null})), &mut budget())
+                .is_ok(),
             "present, even if null"
         );
     }
@@ -1127,36 +1330,47 @@ mod tests {
     #[test]
     fn types_including_integers_written_as_floats() {
         let r = rule("pointer = \"/n\"\ntype = \"integer\"");
-        assert!(r.check(Some(&json!({"n": 3}))).is_ok());
-        assert!(r.check(Some(&json!({"n": -3}))).is_ok());
-        assert!(r.check(Some(&json!({"n": 3.0}))).is_ok());
-        assert!(r.check(Some(&json!({"n": u64::MAX}))).is_ok());
+        assert!(r.check(Some(&json!({"n": 3})), &mut budget()).is_ok());
+        assert!(r.check(Some(&json!({"n": -3})), &mut budget()).is_ok());
+        assert!(r.check(Some(&json!({"n": 3.0})), &mut budget()).is_ok());
+        assert!(
+            r.check(Some(&json!({"n": u64::MAX})), &mut budget())
+                .is_ok()
+        );
         assert_eq!(
-            r.check(Some(&json!({"n": 3.5}))).unwrap_err(),
+            r.check(Some(&json!({"n": 3.5})), &mut budget())
+                .unwrap_err(),
             "argument `/n` must be of type integer, not number"
         );
-        assert!(r.check(Some(&json!({"n": "3"}))).is_err());
+        assert!(r.check(Some(&json!({"n": "3"})), &mut budget()).is_err());
         let s = rule("pointer = \"/s\"\ntype = \"string\"");
-        assert!(s.check(Some(&json!({"s": 1}))).is_err());
+        assert!(s.check(Some(&json!({"s": 1})), &mut budget()).is_err());
         let o = rule("pointer = \"/o\"\ntype = \"object\"");
-        assert!(o.check(Some(&json!({"o": {}}))).is_ok());
-        assert!(o.check(Some(&json!({"o": []}))).is_err());
+        assert!(o.check(Some(&json!({"o": {}})), &mut budget()).is_ok());
+        assert!(o.check(Some(&json!({"o": []})), &mut budget()).is_err());
     }
 
     #[test]
     fn numeric_ranges_with_huge_numbers() {
         let r = rule("pointer = \"/n\"\nminimum = 0\nmaximum = 100");
-        assert!(r.check(Some(&json!({"n": 0}))).is_ok());
-        assert!(r.check(Some(&json!({"n": 100}))).is_ok());
-        assert!(r.check(Some(&json!({"n": 100.5}))).is_err());
-        assert!(r.check(Some(&json!({"n": -1}))).is_err());
-        assert!(r.check(Some(&json!({"n": u64::MAX}))).is_err());
-        assert!(r.check(Some(&json!({"n": i64::MIN}))).is_err());
-        assert!(r.check(Some(&json!({"n": 1e300}))).is_err());
+        assert!(r.check(Some(&json!({"n": 0})), &mut budget()).is_ok());
+        assert!(r.check(Some(&json!({"n": 100})), &mut budget()).is_ok());
+        assert!(r.check(Some(&json!({"n": 100.5})), &mut budget()).is_err());
+        assert!(r.check(Some(&json!({"n": -1})), &mut budget()).is_err());
+        assert!(
+            r.check(Some(&json!({"n": u64::MAX})), &mut budget())
+                .is_err()
+        );
+        assert!(
+            r.check(Some(&json!({"n": i64::MIN})), &mut budget())
+                .is_err()
+        );
+        assert!(r.check(Some(&json!({"n": 1e300})), &mut budget()).is_err());
         let huge: Value = serde_json::from_str("{\"n\": 1e308}").unwrap();
-        assert!(r.check(Some(&huge)).is_err());
+        assert!(r.check(Some(&huge), &mut budget()).is_err());
         assert_eq!(
-            r.check(Some(&json!({"n": "5"}))).unwrap_err(),
+            r.check(Some(&json!({"n": "5"})), &mut budget())
+                .unwrap_err(),
             "argument `/n` must be a number, not string"
         );
     }
@@ -1164,10 +1378,14 @@ mod tests {
     #[test]
     fn enums_compare_numbers_by_value() {
         let r = rule("pointer = \"/mode\"\nenum = [\"read\", \"list\", 1]");
-        assert!(r.check(Some(&json!({"mode": "read"}))).is_ok());
-        assert!(r.check(Some(&json!({"mode": 1.0}))).is_ok());
+        assert!(
+            r.check(Some(&json!({"mode": "read"})), &mut budget())
+                .is_ok()
+        );
+        assert!(r.check(Some(&json!({"mode": 1.0})), &mut budget()).is_ok());
         assert_eq!(
-            r.check(Some(&json!({"mode": "write"}))).unwrap_err(),
+            r.check(Some(&json!({"mode": "write"})), &mut budget())
+                .unwrap_err(),
             "argument `/mode` must be one of [\"read\", \"list\", 1]"
         );
     }
@@ -1176,29 +1394,55 @@ mod tests {
     fn patterns_and_lengths_count_characters_not_bytes() {
         let r = rule("pointer = \"/name\"\npattern = \"^[a-zé]+$\"\nmax_length = 4");
         assert!(
-            r.check(Some(&json!({"name": "café"}))).is_ok(),
+            r.check(Some(&json!({"name": "café"})), &mut budget())
+                .is_ok(),
             "4 chars, 5 bytes"
         );
-        assert!(r.check(Some(&json!({"name": "cafés"}))).is_err());
-        assert!(r.check(Some(&json!({"name": "CAFE"}))).is_err());
+        assert!(
+            r.check(Some(&json!({"name": "cafés"})), &mut budget())
+                .is_err()
+        );
+        assert!(
+            r.check(Some(&json!({"name": "CAFE"})), &mut budget())
+                .is_err()
+        );
         let emoji = rule("pointer = \"/t\"\nmin_length = 2\nmax_length = 2");
-        assert!(emoji.check(Some(&json!({"t": "✓✓"}))).is_ok());
-        assert!(emoji.check(Some(&json!({"t": "👍"}))).is_err());
+        assert!(
+            emoji
+                .check(Some(&json!({"t": "✓✓"})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            emoji
+                .check(Some(&json!({"t": "👍"})), &mut budget())
+                .is_err()
+        );
         let items = rule("pointer = \"/list\"\nmax_length = 2");
-        assert!(items.check(Some(&json!({"list": [1, 2]}))).is_ok());
-        assert!(items.check(Some(&json!({"list": [1, 2, 3]}))).is_err());
+        assert!(
+            items
+                .check(Some(&json!({"list": [1, 2]})), &mut budget())
+                .is_ok()
+        );
+        assert!(
+            items
+                .check(Some(&json!({"list": [1, 2, 3]})), &mut budget())
+                .is_err()
+        );
         // An unanchored pattern finds a match anywhere, as in JSON Schema.
         let sub = rule("pointer = \"/p\"\npattern = \"\\\\.\\\\.\"");
-        assert!(sub.check(Some(&json!({"p": "a/../b"}))).is_ok());
+        assert!(
+            sub.check(Some(&json!({"p": "a/../b"})), &mut budget())
+                .is_ok()
+        );
     }
 
     #[test]
     fn deep_pointers_and_escapes() {
         let r = rule("pointer = \"/a/b~1c/0/d\"\ntype = \"boolean\"");
         let deep = json!({"a": {"b/c": [{"d": true}]}});
-        assert!(r.check(Some(&deep)).is_ok());
+        assert!(r.check(Some(&deep), &mut budget()).is_ok());
         let wrong = json!({"a": {"b/c": [{"d": "yes"}]}});
-        assert!(r.check(Some(&wrong)).is_err());
+        assert!(r.check(Some(&wrong), &mut budget()).is_err());
         // 64 levels of nesting: found and checked.
         let mut v = json!(7);
         let mut ptr = String::new();
@@ -1207,7 +1451,7 @@ mod tests {
             ptr.push_str("/x");
         }
         let deep = rule(&format!("pointer = \"{ptr}\"\nmaximum = 5"));
-        assert!(deep.check(Some(&v)).is_err());
+        assert!(deep.check(Some(&v), &mut budget()).is_err());
     }
 
     #[test]

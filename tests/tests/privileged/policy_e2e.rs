@@ -543,7 +543,9 @@ fn an_argument_sent_as_json_text_is_checked_as_what_the_server_runs() {
     let port = free_port();
     let instance = unique("gwargtext");
     let config = format!(
-        "{}[[policy.tools]]\nmatch = \"read_files\"\n[[policy.tools.arguments]]\npointer = \"/path\"\npattern = \"^[^/]+$\"\n[[upstreams]]\nname = \"py\"\nurl = \"{}\"\n[[routes]]\npath = \"/py\"\nupstream = \"py\"\n",
+        "{}[[policy.tools]]\nmatch = \"read_files\"\n[[policy.tools.arguments]]\npointer = \"/path\"\npattern = \"^[^/]+$\"\n\
+         [[policy.tools]]\nmatch = \"echo\"\n[[policy.tools.arguments]]\npointer = \"/text\"\nrequired = true\n\
+         [[upstreams]]\nname = \"py\"\nurl = \"{}\"\n[[routes]]\npath = \"/py\"\nupstream = \"py\"\n",
         local_header(&instance, 1, port, free_port()),
         py.url()
     );
@@ -564,6 +566,25 @@ fn an_argument_sent_as_json_text_is_checked_as_what_the_server_runs() {
     // As a list sent as a list is (the pattern takes strings).
     let r = call_2026(port, "/py", "read_files", &json!({"path": ["notes.txt"]}));
     assert_eq!(r.json()["error"]["code"], -32041, "{r:?}");
+    // JSON text is read within the values one message may hold (1,048,576): a 2 MB string of
+    // `[0,0,...]` is one value to the message, and each rule that read it grew its worker by
+    // about 60 times its size (an attacker's review). Past them the call is refused unread;
+    // within them it runs.
+    let r = call_2026(port, "/py", "echo", &json!({"text": "[0,0,0]"}));
+    assert_eq!(text(&r).as_deref(), Some("[0,0,0]"), "{r:?}");
+    let zeros = format!("[{}0]", "0,".repeat(1 << 20));
+    let r = call_2026(port, "/py", "echo", &json!({ "text": zeros }));
+    assert_eq!(
+        r.json()["error"]["code"],
+        -32041,
+        "the tool ran: {}",
+        r.status
+    );
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("more values"), "{message}");
     d.stop();
 }
 
