@@ -630,7 +630,10 @@ enum Num {
 
 impl Num {
     fn of_f64(f: f64) -> Self {
-        if f.fract() == 0.0 && f.abs() < 1.7e38 {
+        if f.is_nan() {
+            // Every NaN is one value to a server's equality of arguments, whatever its bits.
+            Num::Float(f64::NAN.to_bits())
+        } else if f.fract() == 0.0 && f.abs() < 1.7e38 {
             #[expect(clippy::cast_possible_truncation, reason = "whole and below 2^127")]
             Num::Int(f as i128)
         } else {
@@ -665,31 +668,49 @@ impl Num {
         if FALSE.iter().any(|w| t.eq_ignore_ascii_case(w)) {
             return Some(Num::Int(0));
         }
+        let (sign, rest) = match t.as_bytes()[0] {
+            b'+' | b'-' => t.split_at(1),
+            _ => ("", t),
+        };
+        // Python's `float()` and pydantic's lax floats read these words, in any case.
+        if ["inf", "infinity", "nan"]
+            .iter()
+            .any(|w| rest.eq_ignore_ascii_case(w))
+        {
+            let f: f64 = format!("{sign}{rest}").to_ascii_lowercase().parse().ok()?;
+            return Some(Num::of_f64(f));
+        }
         if !t.bytes().any(|b| b.is_ascii_digit()) {
             return None;
         }
         // Zeros before the first other digit say nothing (`"000…01"` is 1 to pydantic, at any
         // length: a review padded a number with ever more zeros, each call another here), nor
-        // do zeros after a fraction's last other digit.
-        let (sign, rest) = match t.as_bytes()[0] {
-            b'+' | b'-' => t.split_at(1),
-            _ => ("", t),
+        // do zeros after a fraction's last other digit, nor zeros before an exponent's first
+        // other digit (`"1e-000…03"`: a later review).
+        let (mantissa, exponent) = match rest.find(['e', 'E']) {
+            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+            None => (rest, None),
         };
-        let mut rest = rest.trim_start_matches(['0', '_']);
-        if rest.contains('.') && !rest.contains(['e', 'E']) {
-            rest = rest.trim_end_matches(['0', '_']);
+        let mut mantissa = mantissa.trim_start_matches(['0', '_']);
+        if mantissa.contains('.') {
+            mantissa = mantissa.trim_end_matches(['0', '_']);
         }
-        let t = format!("{sign}0{rest}");
-        if t.len() > 64 {
-            return None;
-        }
-        let t = t.replace('_', "");
-        t.parse::<i128>().map(Num::Int).ok().or_else(|| {
-            t.parse::<f64>()
-                .ok()
-                .filter(|f| f.is_finite())
-                .map(Num::of_f64)
-        })
+        let exponent = exponent.map(|e| {
+            let (sign, digits) = match e.as_bytes().first() {
+                Some(b'+' | b'-') => e.split_at(1),
+                _ => ("", e),
+            };
+            let digits = digits.trim_start_matches(['0', '_']);
+            format!("e{sign}0{digits}")
+        });
+        let t = format!("{sign}0{mantissa}{}", exponent.unwrap_or_default()).replace('_', "");
+        // Past i128 or with a fraction, read as the float a server's float reads (a long text
+        // too: every spelling of one float is one call; distinct integers past 2^53 may be
+        // one call here, the breaker's safe side).
+        t.parse::<i128>()
+            .map(Num::Int)
+            .ok()
+            .or_else(|| t.parse::<f64>().ok().map(Num::of_f64))
     }
 }
 

@@ -930,6 +930,13 @@ fn the_same_call_respelled_is_still_the_loop() {
         json!(format!("{}1", "0".repeat(70))),
         json!(format!("-{}1", "0".repeat(200)).replacen('-', "+", 1)),
         json!(format!("1.{}", "0".repeat(100))),
+        // An exponent padded, or the value written with one (a later review: the breaker let
+        // `"1e-000…03"` run nine times where three were allowed).
+        json!(format!("1e{}", "0".repeat(100))),
+        json!(format!("10e-{}1", "0".repeat(100))),
+        json!(format!("0.{}1e+{}100", "0".repeat(99), "0".repeat(80))),
+        json!("1E0"),
+        json!("1.000e+000"),
     ] {
         let state = Arc::new(crate::policy::limits::State::default());
         admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
@@ -937,6 +944,24 @@ fn the_same_call_respelled_is_still_the_loop() {
         admit(&p, &state, &who, "add", json!({"a": 7, "b": 1})).unwrap();
         let r = admit(&p, &state, &who, "add", json!({"a": 7, "b": b})).unwrap_err();
         assert_eq!(r.code, code::LOOP_DETECTED, "{b}");
+    }
+    // A float's other spellings, the words Python's `float()` reads among them: one call.
+    for (first, then) in [
+        (json!(0.001), json!(format!("1e-{}3", "0".repeat(70)))),
+        (json!("1e-3"), json!(format!("0.{}1", "0".repeat(2)))),
+        (json!("inf"), json!(" INFINITY")),
+        (json!("-inf"), json!("-Infinity")),
+        (json!("nan"), json!("+NaN")),
+        (json!(1.5), json!(format!("1.5{}", "0".repeat(200)))),
+    ] {
+        let state = Arc::new(crate::policy::limits::State::default());
+        for _ in 0..3 {
+            admit(&p, &state, &who, "note", json!({"text": "f", "x": first})).unwrap();
+        }
+        let r = admit(&p, &state, &who, "note", json!({"text": "f", "x": then})).unwrap_err();
+        assert_eq!(r.code, code::LOOP_DETECTED, "{first} then {then}");
+        // Another value is another call.
+        admit(&p, &state, &who, "note", json!({"text": "f", "x": "2e-3"})).unwrap();
     }
     // A member that is none (`null`, or the JSON text `null`, spaced) is as absent: the
     // Python SDK's servers give an optional parameter none either way (a later review).
