@@ -308,8 +308,8 @@ impl<'a> Deciding<'a> {
             let Some((rate, burst)) = r.rate else {
                 continue;
             };
-            let key = state.key(("tool", &t.name, &r.label));
-            let name = || format!("tool/{}/{}", t.name, r.label);
+            let key = state.key(("tool", &t.name, &r.counter));
+            let name = || format!("tool/{}/{}", t.name, r.counter);
             let charge = state
                 .admit_rate(key, name, now, rate, burst)
                 .map_err(|wait| {
@@ -352,7 +352,7 @@ impl<'a> Deciding<'a> {
                 continue;
             };
             let guard = state
-                .enter(state.key(("in-flight", &t.name, &r.label)), max)
+                .enter(state.key(("in-flight", &t.name, &r.counter)), max)
                 .ok_or_else(|| {
                     Refusal::new(
                         429,

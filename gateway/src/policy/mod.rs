@@ -226,13 +226,15 @@ pub struct TenantPolicy {
 impl TenantPolicy {
     /// The rules of `[policy]`, compiled once for every tenant.
     fn compile_global(defaults: &RawPolicy) -> Result<GlobalRules, (String, String)> {
+        let mut tools: Vec<ToolRule> = defaults
+            .tools
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ToolRule::compile(format!("policy.tools[{i}]"), r))
+            .collect::<Result<_, _>>()?;
+        rules::name_counters(&mut tools, "policy");
         Ok(GlobalRules {
-            tools: defaults
-                .tools
-                .iter()
-                .enumerate()
-                .map(|(i, r)| ToolRule::compile(format!("policy.tools[{i}]"), r))
-                .collect::<Result<_, _>>()?,
+            tools: tools.into(),
             methods: defaults
                 .methods
                 .iter()
@@ -264,6 +266,7 @@ impl TenantPolicy {
                     r,
                 )?);
             }
+            rules::name_counters(&mut rules, "tenant");
         }
         let pick = |f: fn(&RawPolicy) -> Option<u64>| own.and_then(f).or_else(|| f(defaults));
         let rate = |r: Option<u64>, b: Option<u64>, key: &str| match (r, b) {

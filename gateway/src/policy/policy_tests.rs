@@ -1486,6 +1486,45 @@ fn concurrency_caps_per_tenant_and_tool_free_their_slot_when_the_request_ends() 
     drop(third);
 }
 
+/// A reload that moves a rule keeps its counters: they are named by what the rule covers, not
+/// its place. Named by place, a rule added before `slow` gave it fresh counters (the call in
+/// flight no longer counted: two ran at once under a cap of one) and another rule its old
+/// ones (an attacker's review).
+#[test]
+fn a_reload_that_moves_a_rule_keeps_its_counters() {
+    let slow =
+        "[[policy.tools]]\nmatch = \"slow\"\nmax_concurrent = 1\nrequests_per_sec = 1\nburst = 2\n";
+    let (p, state, who) = acme_policy(slow);
+    let first = admit(&p, &state, &who, "slow", json!({"n": 1})).unwrap();
+    let moved = Policy::compile(&config(&format!(
+        "[[policy.tools]]\nmatch = \"nothing\"\naction = \"deny\"\nmax_concurrent = 5\n{slow}"
+    )))
+    .unwrap();
+    let who = acme(&moved);
+    let Err(r) = admit(&moved, &state, &who, "slow", json!({"n": 2})) else {
+        panic!("admitted");
+    };
+    assert_eq!(
+        (r.status, r.rule.as_str()),
+        (429, "policy.tools[1].max_concurrent")
+    );
+    drop(first);
+    // The rate's bucket too: its burst of two was spent by one call and is spent by a second.
+    admit(&moved, &state, &who, "slow", json!({"n": 3})).unwrap();
+    let Err(r) = admit(&moved, &state, &who, "slow", json!({"n": 4})) else {
+        panic!("admitted");
+    };
+    assert_eq!(r.rule, "policy.tools[1].requests_per_sec");
+    // Two rules of one pattern in one scope count apart.
+    let (twice, state, who) = acme_policy(&format!("{slow}{slow}"));
+    let held = admit(&twice, &state, &who, "slow", json!({})).unwrap();
+    let Err(r) = admit(&twice, &state, &who, "slow", json!({})) else {
+        panic!("admitted");
+    };
+    assert_eq!(r.rule, "policy.tools[0].max_concurrent");
+    drop(held);
+}
+
 /// A JWKS with one HS256 key (`kid` k1) in a temporary directory, and a policy whose first route
 /// takes JWTs and API keys, with issuer `https://idp.test`, audience `gw` and run claim `run`.
 struct JwtSetup {

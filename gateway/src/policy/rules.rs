@@ -29,6 +29,23 @@ pub struct ToolRule {
     pub max_concurrent: Option<u32>,
     pub max_arguments_bytes: Option<usize>,
     pub arguments: Vec<ArgRule>,
+    /// The name of its rate and concurrency counters ([`name_counters`]).
+    pub counter: String,
+}
+
+/// Names the counters of `rules` (one scope's, in order: `[policy]`'s or a tenant's) by what
+/// each covers: its pattern, and how many rules before it in the scope have the same. Named by
+/// their place in the file (`tenants[acme].policy.tools[5]`), a reload that added a rule
+/// before one gave it fresh counters, and another rule's: calls in flight under the old name
+/// no longer counted, and a rule capped at one call ran two at once (an attacker's review).
+/// A reload that changes a rule's limits keeps its counters, under its new limits.
+pub fn name_counters(rules: &mut [ToolRule], scope: &str) {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for rule in rules {
+        let n = seen.entry(rule.pattern.clone()).or_default();
+        rule.counter = format!("{scope}:{}#{n}", rule.pattern);
+        *n += 1;
+    }
 }
 
 impl ToolRule {
@@ -84,6 +101,7 @@ impl ToolRule {
             max_concurrent: raw.max_concurrent,
             max_arguments_bytes: raw.max_arguments_bytes,
             arguments,
+            counter: label.clone(),
             label,
         })
     }
