@@ -187,6 +187,42 @@ fn unix_ms() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Opens (or makes) the store's file. One that needs repair (the process before did not close
+/// it: a crash, `kill -9`, a power cut; or damage) is copied aside first, to
+/// `<file>.before-repair` (the last such copy replaced), and then repaired: redb repairs in
+/// place, and what a repair drops of a damaged file was gone with no copy to read it back from
+/// (the copy is a store: renamed `state.redb` in a folder of its own, `gateway state export`
+/// reads it). A copy that cannot be made (a full disk) is logged and the repair goes on: the
+/// gateway starts with what the repair keeps.
+fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseError> {
+    if !path.exists() {
+        return Database::builder().create(path);
+    }
+    let mut first = Database::builder();
+    first.set_repair_callback(redb::RepairSession::abort);
+    match first.create(path) {
+        Err(redb::DatabaseError::RepairAborted) => {}
+        other => return other,
+    }
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".before-repair");
+    let aside = PathBuf::from(aside);
+    match std::fs::copy(path, &aside) {
+        Ok(_) => tracing::warn!(
+            file = %path.display(),
+            copy = %aside.display(),
+            "the state store was not closed cleanly (a crash, or damage): copied aside before it is repaired"
+        ),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            copy = %aside.display(),
+            error = %e,
+            "the state store needs repair and could not be copied aside first: repaired in place"
+        ),
+    }
+    Database::builder().create(path)
+}
+
 impl Store {
     /// The store's file in `dir`.
     pub fn file(dir: &Path) -> PathBuf {
@@ -219,7 +255,7 @@ impl Store {
         // instead of returning an error: caught, it is the error it should have been, so that
         // `gateway state export` can still be tried and the start fails with the store's name.
         let opened = std::panic::catch_unwind(|| -> Result<Self, StoreError> {
-            let db = match Database::builder().create(&path) {
+            let db = match open_copying_before_repair(&path) {
                 Ok(db) => db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                     return Err(StoreError::InUse { path: path.clone() });

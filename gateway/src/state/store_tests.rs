@@ -467,3 +467,40 @@ fn damage_anywhere_is_an_error_not_a_panic() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A store the process before did not close (a crash, `kill -9`) is copied aside before redb
+/// repairs it in place, and then loads: what a repair drops of a damaged file was gone with no
+/// copy to read it from. A store closed cleanly is not copied.
+#[test]
+fn a_store_not_closed_cleanly_is_copied_aside_before_it_is_repaired() {
+    let d = dir("unclean");
+    let file = Store::file(&d);
+    let mut aside = file.clone().into_os_string();
+    aside.push(".before-repair");
+    let aside = PathBuf::from(aside);
+    let as_a_crash_left_it = {
+        let mut store = Store::open(&d).unwrap();
+        assert!(!aside.exists(), "a new store copies nothing");
+        let pins = Pins::default();
+        assert!(pins.observe("u", &tool("kept"), None));
+        store.flush(&pins, &State::default(), []).unwrap();
+        // The file as it is while the store is open: not closed.
+        std::fs::read(&file).unwrap()
+    };
+    assert!(!aside.exists(), "a clean close copies nothing");
+    std::fs::write(&file, &as_a_crash_left_it).unwrap();
+    {
+        let mut store = Store::open(&d).unwrap();
+        let loaded = store.load(&Pins::default(), &State::default()).unwrap();
+        assert_eq!(loaded.pins, 1);
+    }
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        as_a_crash_left_it,
+        "copied as it was before the repair"
+    );
+    std::fs::remove_file(&aside).unwrap();
+    Store::open(&d).unwrap();
+    assert!(!aside.exists(), "closed cleanly after the repair: no copy");
+    let _ = std::fs::remove_dir_all(&d);
+}
