@@ -507,21 +507,42 @@ impl<'a> Deciding<'a> {
             _ => scope,
         };
         let key = state.budget_key(counted, &t.name, subject, b.window_s);
-        // A run not counted yet in this window takes one of the tenant's places for runs. (A
-        // run counted in the window before, its cell not yet pruned, took none: after each
-        // rollover, the runs carried over came on top of the new places.)
+        // A run not counted yet in this window takes one of the tenant's places for runs (and,
+        // named by its caller, one within the caller's share). (A run counted in the window
+        // before, its cell not yet pruned, took none: after each rollover, the runs carried
+        // over came on top of the new places.)
         let placed = scope == "run" && !state.counts_in(key, unix_s, b.window_s);
-        if placed && !state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS) {
-            return Err(Refusal::new(
-                429,
-                code::BUDGET_EXHAUSTED,
-                format!("tenants[{}].policy.budget.run", t.name),
-                format!(
-                    "tenant `{}` has {MAX_RUNS} runs counted in this window: a new run waits for the next",
-                    t.name
-                ),
-            )
-            .retry(State::window_left(b.window_s)));
+        let caller = (counted == "caller-run")
+            .then(|| limits::run_caller(subject))
+            .flatten();
+        if placed {
+            let taken = match caller {
+                Some(caller) => {
+                    state.take_caller_run(&t.name, caller, b.window_s, unix_s, MAX_RUNS)
+                }
+                None if state.take_run(&t.name, b.window_s, unix_s, MAX_RUNS) => Ok(()),
+                None => Err(limits::RunsFull::Tenant),
+            };
+            if let Err(full) = taken {
+                let why = match full {
+                    limits::RunsFull::Tenant => format!(
+                        "tenant `{}` has {MAX_RUNS} runs counted in this window: a new run waits for the next",
+                        t.name
+                    ),
+                    limits::RunsFull::Caller(share) => format!(
+                        "{} has {share} of tenant `{}`'s runs counted in this window, and the rest are for its other callers: a new run waits for the next",
+                        self.caller(),
+                        t.name
+                    ),
+                };
+                return Err(Refusal::new(
+                    429,
+                    code::BUDGET_EXHAUSTED,
+                    format!("tenants[{}].policy.budget.run", t.name),
+                    why,
+                )
+                .retry(State::window_left(b.window_s)));
+            }
         }
         let what = || Counted::Budget {
             scope: counted.to_owned(),
@@ -557,6 +578,7 @@ impl<'a> Deciding<'a> {
                         window,
                         amount: cost,
                         places: state.places_key(&t.name, b.window_s),
+                        caller_places: caller.map(|c| state.caller_places(&t.name, c, b.window_s)),
                     }
                 } else {
                     Charge::Budget {
@@ -572,7 +594,7 @@ impl<'a> Deciding<'a> {
                 // (else each retry took another, and one run id's retries took every place of
                 // the window).
                 if placed {
-                    state.give_back_run(&t.name, b.window_s, unix_s);
+                    state.give_back_run(&t.name, caller, b.window_s, unix_s);
                 }
                 // Nor does it hold memory: its count of nothing goes.
                 if scope == "run" {

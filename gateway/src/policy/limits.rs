@@ -357,6 +357,28 @@ pub enum Counted {
     Refusals { source: std::net::IpAddr },
 }
 
+/// Why [`State::take_caller_run`] took no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunsFull {
+    /// Every place of the tenant is taken.
+    Tenant,
+    /// The tenant's places are three quarters taken, and the caller holds this many.
+    Caller(u64),
+}
+
+/// The caller of a run a caller named, from its count's subject (`<scope>:<length>:<caller>:<run>`,
+/// as the policy writes it): `<scope>:<length>:<caller>`.
+pub fn run_caller(subject: &str) -> Option<&str> {
+    let (scope, rest) = subject.split_once(':')?;
+    let (len, rest) = rest.split_once(':')?;
+    let caller_len: usize = len.parse().ok()?;
+    // The caller's name (any text, of that length), then `:` and the run.
+    if rest.as_bytes().get(caller_len) != Some(&b':') {
+        return None;
+    }
+    subject.get(..scope.len() + 1 + len.len() + 1 + caller_len)
+}
+
 impl Counted {
     /// Whether it counts a caller known only by its address (refusals towards a ban, the
     /// `agent` budget of a caller with no agent): the client's to multiply, bounded by
@@ -509,6 +531,8 @@ pub enum Charge {
         window: u64,
         amount: u64,
         places: u64,
+        /// The caller's count of places, for a run the caller named ([`State::take_caller_run`]).
+        caller_places: Option<u64>,
     },
 }
 
@@ -642,11 +666,54 @@ impl State {
     /// rolled over until the next prune, up to 10 s, and places taken during a prune were
     /// overwritten.)
     pub fn take_run(&self, tenant: &str, len_s: u64, unix_s: u64, max: usize) -> bool {
+        self.take_place(self.places_key(tenant, len_s), len_s, unix_s, max as u64)
+    }
+
+    /// Takes a place for a run `caller` named, of `tenant`: as [`State::take_run`], and within
+    /// the caller's share once the tenant's places are three quarters taken: a caller that
+    /// holds a quarter of them then takes no more. One agent that started a run for each call
+    /// (a loop, or an attacker paying for each) took every place of its tenant, and every
+    /// other agent's new run was refused until the window ended; now they have a quarter of
+    /// them at least. Below three quarters, one caller may take them (a tenant of one agent
+    /// runs up to three quarters of `max` at once).
+    pub fn take_caller_run(
+        &self,
+        tenant: &str,
+        caller: &str,
+        len_s: u64,
+        unix_s: u64,
+        max: usize,
+    ) -> Result<(), RunsFull> {
+        let (max, share) = (max as u64, (max / 4) as u64);
+        let caller_key = self.caller_places_key(tenant, caller, len_s);
+        let window = unix_s / len_s.max(1);
+        let held = |key| {
+            self.runs.pin().get(&key).map_or(0, |(_, w)| match w.get() {
+                (id, used) if id == window => used,
+                _ => 0,
+            })
+        };
+        if held(self.places_key(tenant, len_s)) >= max - share && held(caller_key) >= share {
+            return Err(RunsFull::Caller(share));
+        }
+        if !self.take_place(self.places_key(tenant, len_s), len_s, unix_s, max) {
+            return Err(RunsFull::Tenant);
+        }
+        self.take_place(caller_key, len_s, unix_s, u64::MAX);
+        Ok(())
+    }
+
+    /// The key of the places `caller` holds among `tenant`'s for runs in windows of `len_s`.
+    fn caller_places_key(&self, tenant: &str, caller: &str, len_s: u64) -> u64 {
+        self.key(("caller-runs", tenant, caller, len_s))
+    }
+
+    /// Takes one of `max` places under `key` in the current window of `len_s`.
+    fn take_place(&self, key: u64, len_s: u64, unix_s: u64, max: u64) -> bool {
         let map = self.runs.pin();
-        let key = self.places_key(tenant, len_s);
         loop {
             let (_, place) = map.get_or_insert_with(key, || (len_s, Window::default()));
-            if let Some(r) = place.charge(unix_s / len_s.max(1), 1, max as u64) {
+            if let Some(r) = place.charge(unix_s / len_s.max(1), 1, max) {
                 return r.is_ok();
             }
             let _ = map.remove_if(&key, |_, (_, w)| w.retired());
@@ -658,11 +725,23 @@ impl State {
         self.key(("runs", tenant, len_s))
     }
 
-    /// Gives back a place [`State::take_run`] took at `unix_s`, in that window only.
-    pub fn give_back_run(&self, tenant: &str, len_s: u64, unix_s: u64) {
-        if let Some((_, place)) = self.runs.pin().get(&self.places_key(tenant, len_s)) {
-            place.refund(unix_s / len_s.max(1), 1);
+    /// Gives back a place [`State::take_run`] or [`State::take_caller_run`] (`caller`) took at
+    /// `unix_s`, in that window only.
+    pub fn give_back_run(&self, tenant: &str, caller: Option<&str>, len_s: u64, unix_s: u64) {
+        let keys = [
+            Some(self.places_key(tenant, len_s)),
+            caller.map(|c| self.caller_places_key(tenant, c, len_s)),
+        ];
+        for key in keys.into_iter().flatten() {
+            if let Some((_, place)) = self.runs.pin().get(&key) {
+                place.refund(unix_s / len_s.max(1), 1);
+            }
         }
+    }
+
+    /// The key [`Charge::RunBudget`] gives back a caller's place under.
+    pub fn caller_places(&self, tenant: &str, caller: &str, len_s: u64) -> u64 {
+        self.caller_places_key(tenant, caller, len_s)
     }
 
     /// The secret the keys are hashed with (for the process that takes over in an upgrade;
@@ -1107,16 +1186,20 @@ impl State {
                 window,
                 amount,
                 places,
+                caller_places,
             } => {
                 if let Some(c) = self.windows.pin().get(&key) {
                     c.window.refund(window, amount);
                 }
                 // Only once nothing else counts in it (a call of the same run admitted
                 // meanwhile keeps the run, and its place).
-                if self.drop_if_empty(key, window)
-                    && let Some((_, place)) = self.runs.pin().get(&places)
-                {
-                    place.refund(window, 1);
+                if self.drop_if_empty(key, window) {
+                    let runs = self.runs.pin();
+                    for key in std::iter::once(places).chain(caller_places) {
+                        if let Some((_, place)) = runs.get(&key) {
+                            place.refund(window, 1);
+                        }
+                    }
                 }
             }
         }
@@ -1238,15 +1321,23 @@ impl State {
         // two first calls of one run at once took two places, and one went back.
         let mut runs: std::collections::HashMap<u64, (u64, u64)> = std::collections::HashMap::new();
         for (_, c) in &windows {
-            if let Some(what @ Counted::Budget { tenant, .. }) = c.what.as_deref()
+            if let Some(
+                what @ Counted::Budget {
+                    tenant,
+                    scope,
+                    subject,
+                },
+            ) = c.what.as_deref()
                 && what.is_run()
             {
-                let entry = runs
-                    .entry(self.places_key(tenant, c.len_s))
-                    .or_insert((c.len_s, 0));
                 let (window, used) = c.window.get();
-                if window == Self::window_of(c.len_s) && used > 0 {
-                    entry.1 += 1;
+                let counts = u64::from(window == Self::window_of(c.len_s) && used > 0);
+                let caller = (scope == "caller-run")
+                    .then(|| run_caller(subject))
+                    .flatten()
+                    .map(|caller| self.caller_places_key(tenant, caller, c.len_s));
+                for key in std::iter::once(self.places_key(tenant, c.len_s)).chain(caller) {
+                    runs.entry(key).or_insert((c.len_s, 0)).1 += counts;
                 }
             }
         }
@@ -1365,6 +1456,29 @@ impl Kept {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run's caller is read back from its count's subject whatever the caller's name holds
+    /// (`:` included); a subject of another form has none.
+    #[test]
+    fn a_runs_caller_is_read_from_its_subject() {
+        assert_eq!(run_caller("agent:3:bot:run-1"), Some("agent:3:bot"));
+        assert_eq!(run_caller("agent:5:a:b:c:r"), Some("agent:5:a:b:c"));
+        assert_eq!(run_caller("own:4:k#12:"), Some("own:4:k#12"));
+        assert_eq!(run_caller("agent:2:é:r"), Some("agent:2:é"));
+        assert_eq!(
+            run_caller("address:9:192.0.2.1:x"),
+            Some("address:9:192.0.2.1")
+        );
+        for bad in [
+            "agent:3:bo",
+            "agent:x:bot:r",
+            "agent:3:bots",
+            "run-1",
+            "agent:1:é:r",
+        ] {
+            assert_eq!(run_caller(bad), None, "{bad}");
+        }
+    }
 
     /// Keys that fall into one set of the loop table (same low bits), with distinct tags.
     fn same_set(n: u64) -> Vec<u64> {

@@ -535,8 +535,11 @@ fn a_run_whose_first_charge_is_given_back_gives_back_its_place() {
 budget = { window_s = 3600, run = 5 }
 "#,
     );
+    // Eight agents: one agent holds at most a quarter of the places once three quarters are
+    // taken (see `one_agents_runs_leave_a_quarter_of_the_places_to_the_others`).
     let run = |i: usize| Identity {
         run: Some(format!("run-{i}")),
+        agent: Some(format!("bot{}", i % 8)),
         ..who.clone()
     };
     for i in 0..MAX_RUNS + 100 {
@@ -560,6 +563,70 @@ budget = { window_s = 3600, run = 5 }
         admit(&p, &state, &run(10_000 + i), "search", json!({})).expect("a place");
     }
     assert!(admit(&p, &state, &run(20_000), "search", json!({})).is_err());
+}
+
+/// One agent's runs leave a quarter of its tenant's places to the others: past three quarters
+/// taken, an agent holding a quarter takes no more. One agent that started a run for each call
+/// took all 1,024, and every other agent's new run was refused for the window (the note of
+/// stop 72). Given back, its runs give back its share too; a prune counts them again.
+#[test]
+fn one_agents_runs_leave_a_quarter_of_the_places_to_the_others() {
+    let (p, state, who) = acme_policy(
+        r#"
+[policy]
+budget = { window_s = 3600, run = 5 }
+"#,
+    );
+    let of = |agent: &str, i: usize| Identity {
+        run: Some(format!("run-{i}")),
+        agent: Some(agent.into()),
+        ..who.clone()
+    };
+    let quarter = MAX_RUNS / 4;
+    // Alone, an agent takes three quarters.
+    for i in 0..MAX_RUNS - quarter {
+        admit(&p, &state, &of("greedy", i), "search", json!({})).expect("a place");
+    }
+    let Err(r) = admit(&p, &state, &of("greedy", MAX_RUNS), "search", json!({})) else {
+        panic!("a place past the greedy agent's share");
+    };
+    assert_eq!((r.status, r.code), (429, code::BUDGET_EXHAUSTED));
+    assert!(
+        r.message.contains("agent `greedy` has 256"),
+        "{}",
+        r.message
+    );
+    // Its runs already counted go on.
+    admit(&p, &state, &of("greedy", 3), "search", json!({"again": 1})).expect("counted");
+    // Another agent has the last quarter.
+    for i in 0..quarter {
+        admit(&p, &state, &of("other", i), "search", json!({})).expect("the others' places");
+    }
+    state.prune();
+    let Err(r) = admit(&p, &state, &of("third", 0), "search", json!({})) else {
+        panic!("a place past the tenant's");
+    };
+    assert!(r.message.contains("runs counted"), "{}", r.message);
+    // A run the greedy agent gives back gives back a place of the tenant's and of its share.
+    let (p2, state2, _) = acme_policy("[policy]\nbudget = { window_s = 3600, run = 5 }\n");
+    let mut kept = Vec::new();
+    for i in 0..MAX_RUNS - quarter {
+        kept.push(admit(&p2, &state2, &of("greedy", i), "search", json!({})).unwrap());
+    }
+    kept.pop().unwrap().give_back(&state2);
+    admit(&p2, &state2, &of("greedy", MAX_RUNS), "search", json!({})).expect("its place back");
+    state2.prune();
+    assert!(
+        admit(
+            &p2,
+            &state2,
+            &of("greedy", MAX_RUNS + 1),
+            "search",
+            json!({})
+        )
+        .is_err()
+    );
+    assert!(admit(&p2, &state2, &of("other", 0), "search", json!({})).is_ok());
 }
 
 /// A call that costs nothing charges no budget, and takes no place for its run: counted at 0,
@@ -763,8 +830,11 @@ budget = { window_s = 3600, run = 1000 }
         .expect_err("refused");
     assert_eq!((r.status, r.code), (400, code::INVALID_REQUEST));
     assert!(r.message.contains("longer than 128"), "{}", r.message);
+    // Eight agents: one agent holds at most a quarter of the places once three quarters are
+    // taken (see `one_agents_runs_leave_a_quarter_of_the_places_to_the_others`).
     let run = |i: usize| Identity {
         run: Some(format!("run-{i}")),
+        agent: Some(format!("bot{}", i % 8)),
         ..who.clone()
     };
     for i in 0..MAX_RUNS {
@@ -790,8 +860,11 @@ fn runs_carried_over_into_a_new_window_take_places_like_new_ones() {
 budget = { window_s = 1, run = 1000 }
 "#,
     );
+    // Eight agents: one agent holds at most a quarter of the places once three quarters are
+    // taken (see `one_agents_runs_leave_a_quarter_of_the_places_to_the_others`).
     let run = |i: usize| Identity {
         run: Some(format!("run-{i}")),
+        agent: Some(format!("bot{}", i % 8)),
         ..who.clone()
     };
     // Each phase must fall within one second: tried again (at most 5 times) if one did not.
