@@ -621,12 +621,11 @@ pub(super) async fn refuse(
         };
     }
     // Refusals the client earned count towards a kernel ban: not an open breaker, nor a
-    // request with no credential that a browser says it sent (a web page's `<img>` makes its
-    // visitors' browsers send those; one with a credential, wrong, a page cannot make a
-    // browser send, and a brute force marked as a browser's is counted all the same).
-    if r.code != policy::code::CIRCUIT_OPEN
-        && !(r.anonymous && super::stages::a_page_could_send(req))
-    {
+    // request that shows no credential where one is needed. A web page's `<img>` makes its
+    // visitors' browsers send those, over plain HTTP with nothing to tell them from a
+    // client's (a review banned a visitor with four); and they guess nothing. A wrong
+    // credential counts, whatever the request's headers say it is.
+    if r.code != policy::code::CIRCUIT_OPEN && !r.anonymous {
         count_toward_ban(ctx, config, peer);
     }
     {

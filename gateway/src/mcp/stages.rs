@@ -153,12 +153,12 @@ pub(super) async fn unread(
     // that never comes) count towards a ban as every refusal the client earned does: a flood
     // of them did not (an operator's review). Not a head or body over the limits: a web page
     // makes its visitors' browsers send those (a 20 KB URL in an `<img>`, a 5 MB `fetch()`:
-    // a review of the change).
+    // a review of the change). A browser sends no other: whatever headers say a browser
+    // sent it, it counts (an attacker's review added `Sec-Fetch-Mode` and was never banned).
     if !matches!(
         unread.error,
         http::HttpError::HeadTooLarge(_) | http::HttpError::BodyTooLarge(_)
-    ) && !a_page_could_send(&req)
-    {
+    ) {
         super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
     }
     // Clipped as a path is: the error may name what the client sent (a field name up to half
@@ -255,24 +255,6 @@ async fn run<'c>(
     Ok(keep)
 }
 
-/// Whether a web page could have made a visitor's browser send the request: a browser says it
-/// sent it (where it fetches from, or from which origin), and it shows no credential. A page
-/// can make its visitors' browsers send what they are refused for (an `<img>` of a long URL, a
-/// `fetch()` of a malformed body), so such a refusal is no sign against the visitor's address;
-/// it cannot make them send an `Authorization` or `X-Api-Key` (not without the gateway's CORS
-/// allowing its origin). A client that shows one is judged as a client whatever it says it is:
-/// one that added `Sec-Fetch-Mode` to every malformed request was never banned (an attacker's
-/// review).
-pub(super) fn a_page_could_send(req: &Request) -> bool {
-    let says_browser = req.headers.get(crate::http::name::ORIGIN).is_some()
-        || ["sec-fetch-mode", "sec-fetch-site", "sec-fetch-dest"]
-            .iter()
-            .any(|name| req.headers.get(*name).is_some());
-    says_browser
-        && req.headers.get(crate::http::name::AUTHORIZATION).is_none()
-        && req.headers.get(crate::http::name::X_API_KEY).is_none()
-}
-
 /// The one place a stopped request is answered.
 async fn answer(
     io: &mut Io,
@@ -289,8 +271,13 @@ async fn answer(
             // message JSON-RPC does not allow) is a refusal the client earned. Not a route or
             // a session it does not serve, nor an origin it does not allow: a web page makes
             // its visitors' browsers send those (51 `<img>` tags, `fetch()` from another
-            // origin), and every client meets a session gone after a restart (a review).
-            if status == 400 && !a_page_could_send(req) {
+            // origin), and every client meets a session gone after a restart (a review). Nor
+            // a GET or HEAD: an `<img>` or a link makes a browser send one, with no `Origin`
+            // (and over plain HTTP no `Sec-Fetch-*`) to tell it from a client's, and a page's
+            // other requests carry its `Origin`, refused (403) before any 400 unless the page
+            // is one the operator allows. Which headers a request carries decides nothing: an
+            // attacker adds a browser's (a review of the first version, which spared them).
+            if status == 400 && !matches!(req.method.as_str(), "GET" | "HEAD") {
                 super::proxy::count_toward_ban(ctx, config, peer);
             }
             io.write_all(json_response(status, &err, req.keep_alive))
