@@ -161,6 +161,7 @@ pub fn decision_cost(n: u64) -> DecisionCost {
                 argument_keys: None,
                 message_bytes: *len,
                 source,
+                held_values: &std::cell::Cell::new(gateway::values::MAX),
             };
             let admitted = policy.admit(&state, &who, &ask).expect("admitted");
             let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);

@@ -153,6 +153,7 @@ fuzz_target!(|data: &[u8]| {
         argument_keys: None,
         message_bytes: data.len(),
         source: IpAddr::from([198, 18, 1, 7]),
+        held_values: &std::cell::Cell::new(gateway::values::MAX),
     };
     if let Ok(mut admission) = f.policy.admit(&f.state, &who, &ask) {
         admission.give_back(&f.state);

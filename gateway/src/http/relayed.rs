@@ -44,9 +44,11 @@ impl Relayed {
                     "{entry:?} is not a field name, nor the start of one followed by `*`"
                 ));
             }
-            if prefix {
+            // A prefix of private names only (`x-accel-*`, `set-cookie*`) would relay nothing
+            // it names: refused as the names are.
+            if prefix && !is_private(text) {
                 out.prefixes.push(text.into());
-            } else if is_private(text) || super::NOT_FORWARDED.contains(text) {
+            } else if prefix || is_private(text) || super::NOT_FORWARDED.contains(text) {
                 return Err(format!(
                     "{entry:?} is never relayed: it is the upstream's own or the connection's"
                 ));
@@ -84,7 +86,8 @@ pub fn relayed(name: &str, named: &Relayed) -> bool {
 /// `Location` and `Content-Location` (another address for the answer, the upstream's), `Link`
 /// (a preload or preconnect to wherever the upstream says), and `WWW-Authenticate` (the gateway
 /// never forwards a client's `Authorization`: the upstream's challenge is to the gateway's own
-/// credentials, and a client that followed it would sign in wherever the upstream says). Nor
+/// credentials, and a client that followed it would sign in wherever the upstream says), nor
+/// `Proxy-Authenticate` and the `*-Authentication-Info` of either. Nor
 /// any `Mcp-Gateway-*`: those names are the gateway's own (`Mcp-Gateway-Budget-Remaining`), and
 /// an upstream's would read as the gateway's word. Nor what a proxy in front of the gateway
 /// acts on: nginx's `X-Accel-*` (`X-Accel-Redirect` had nginx serve an internal location in
@@ -98,7 +101,15 @@ pub fn relayed(name: &str, named: &Relayed) -> bool {
 /// `Surrogate-Control`, `CDN-Cache-Control` and `Edge-Control` (a cache in front keeping one
 /// caller's answer).
 pub fn is_private(name: &str) -> bool {
-    const DROP: Names<24> = Names::new([
+    // `X_Accel_Redirect`: a proxy that reads `_` as `-` (as CGI and some frameworks do) acts
+    // on it as on the name it stands for.
+    if name.contains('_') {
+        return is_private(&name.replace('_', "-"));
+    }
+    const DROP: Names<27> = Names::new([
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "authentication-info",
         "nel",
         "report-to",
         "reporting-endpoints",
@@ -224,6 +235,10 @@ mod tests {
             "**",
             "",
             "a\r\nb",
+            "x-accel-*",
+            "Set-Cookie*",
+            "access-control-*",
+            "mcp-gateway-*",
         ] {
             let err = Relayed::parse(&[bad.to_owned()]).unwrap_err();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
@@ -270,6 +285,9 @@ mod tests {
             "CDN-Cache-Control",
             "Edge-Control",
             "Service-Worker-Allowed",
+            "Proxy-Authenticate",
+            "X_Accel_Redirect",
+            "set_cookie",
         ] {
             assert!(is_private(name), "{name}");
         }

@@ -1006,6 +1006,24 @@ fn client_head(
             http::push_field(&mut out, name, value).map_err(unsafe_head)?;
         }
     }
+    // An answer that is neither JSON nor an event stream (an error page, say) is the
+    // upstream's text on the gateway's origin: a browser that opened it (a link, a frame)
+    // would run its script there (a review: a 404 of `text/html` with a `<script>`). It is
+    // relayed as it came, to be shown but never run nor sniffed into something else.
+    let json = head
+        .headers
+        .get("content-type")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !sse && !json && kind.is_some() {
+        out.extend_from_slice(
+            b"x-content-type-options: nosniff\r\ncontent-security-policy: sandbox\r\n",
+        );
+    }
     if let Some(left) = &obs.decision.borrow().budget_left {
         http::push_field(&mut out, "mcp-gateway-budget-remaining", left.as_bytes())
             .map_err(unsafe_head)?;

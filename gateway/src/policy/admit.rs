@@ -31,6 +31,10 @@ pub struct Ask<'a> {
     /// Size of the whole message: arguments cannot be larger, so a cap above it needs no count.
     pub message_bytes: usize,
     pub source: IpAddr,
+    /// The values left to read of JSON text held in strings, for the whole request (every
+    /// member of a batch, every covering rule and the loop breaker): see
+    /// [`super::rules::json_held`]. Starts at [`crate::values::MAX`].
+    pub held_values: &'a std::cell::Cell<usize>,
 }
 
 /// An admitted request: in-flight slots it holds until it ends, and what is left of budgets.
@@ -252,10 +256,12 @@ impl<'a> Deciding<'a> {
             ));
         }
         for r in applied.limiting().filter(|r| r.checks_arguments()) {
-            r.check_arguments(self.ask.arguments, self.ask.message_bytes)
-                .map_err(|(label, why)| {
-                    Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
-                })?;
+            let mut left = self.ask.held_values.get();
+            let checked = r.check_arguments(self.ask.arguments, self.ask.message_bytes, &mut left);
+            self.ask.held_values.set(left);
+            checked.map_err(|(label, why)| {
+                Refusal::new(403, code::FORBIDDEN, label, format!("tool `{tool}`: {why}"))
+            })?;
         }
         admission.rule = applied.first.map(|r| r.label.clone());
         Ok(Some(applied))
@@ -386,7 +392,11 @@ impl<'a> Deciding<'a> {
         let digest = state.key((
             upstream,
             tool,
-            Canonical(self.ask.arguments, self.ask.argument_keys),
+            Canonical(
+                self.ask.arguments,
+                self.ask.argument_keys,
+                self.ask.held_values,
+            ),
         ));
         let key = state.key(("loop", &t.name, self.agent_scope(), self.agent(), digest));
         let Some(charge) = state.repeat(key, self.unix_s, lb.window_s, u64::from(lb.max_repeats))
@@ -640,7 +650,11 @@ impl<'a> Deciding<'a> {
 /// a declared name (`A` for `a`, as Go's `encoding/json` does; `file_path` for `filePath`, as
 /// pydantic does) counts as that name. Without them, every key counts as spelled. Arguments
 /// whose keys are all declared names give the same digest either way.
-struct Canonical<'a>(Option<&'a Value>, Option<&'a ArgumentKeys>);
+struct Canonical<'a>(
+    Option<&'a Value>,
+    Option<&'a ArgumentKeys>,
+    &'a std::cell::Cell<usize>,
+);
 
 /// A number as [`Canonical`] hashes it: a whole one as the integer (below 2^127, which every
 /// whole float there fits), another by its bits.
@@ -736,6 +750,29 @@ impl Num {
     }
 }
 
+/// JSON text without the spacing outside its strings.
+fn unspaced(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        } else if b == b'"' {
+            in_string = true;
+        }
+        out.push(b);
+    }
+    out
+}
+
 /// Whether a server reads `v` as none: `null`, or a string that is `null` as JSON text (the
 /// Python SDK's servers decode it for a parameter not typed plain `str`, spaces around it
 /// too). A member that is none is as absent to [`Canonical`]: an optional parameter's default
@@ -752,10 +789,9 @@ fn reads_null(v: &Value) -> bool {
 
 impl std::hash::Hash for Canonical<'_> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        // JSON text in the arguments' strings is read within one message's values (text past
-        // them is hashed as text: the breaker's side is two calls counted as one, and such
-        // text is the same text each time a loop repeats it).
-        let mut budget = crate::values::MAX;
+        // JSON text in the arguments' strings is read within what the request has left of
+        // one message's values (text past them is hashed without its spacing: see `walk`).
+        let mut budget = self.2.get();
         match self.0 {
             None => walk(
                 &Value::Object(serde_json::Map::new()),
@@ -765,6 +801,7 @@ impl std::hash::Hash for Canonical<'_> {
             ),
             Some(v) => walk(v, self.1, h, &mut budget),
         }
+        self.2.set(budget);
     }
 }
 
@@ -787,6 +824,10 @@ fn walk<H: std::hash::Hasher>(
         Value::String(_) if reads_null(v) => 0u8.hash(h),
         Value::String(s) => match rules::json_held(s, budget) {
             Some(Ok(v)) => walk(&v, keys, h, budget),
+            // Past the values the request may read: the text without its spacing, which a
+            // server reads the same however it is spaced (hashed as written, `[0,0,...]`
+            // respaced each time was another call: a review).
+            Some(Err(rules::Unheld::TooMany)) => (6u8, unspaced(s)).hash(h),
             _ => match Num::of_str(s) {
                 Some(n) => (2u8, n).hash(h),
                 None => (3u8, s).hash(h),

@@ -34,14 +34,20 @@ pub struct ToolRule {
 }
 
 /// Names the counters of `rules` (one scope's, in order: `[policy]`'s or a tenant's) by what
-/// each covers: its pattern, and how many rules before it in the scope have the same. Named by
-/// their place in the file (`tenants[acme].policy.tools[5]`), a reload that added a rule
-/// before one gave it fresh counters, and another rule's: calls in flight under the old name
-/// no longer counted, and a rule capped at one call ran two at once (an attacker's review).
-/// A reload that changes a rule's limits keeps its counters, under its new limits.
+/// each covers: its pattern, and how many rules with counters (a rate or a concurrency cap)
+/// before it in the scope have the same. Named by their place in the file
+/// (`tenants[acme].policy.tools[5]`), a reload that added a rule before one gave it fresh
+/// counters, and another rule's: calls in flight under the old name no longer counted, and a
+/// rule capped at one call ran two at once (an attacker's review; a review of the fix added a
+/// rule of the same pattern that only set a cost). A reload that changes a rule's limits keeps
+/// its counters, under its new limits. Left: a rule with counters added before another of the
+/// same pattern and scope moves that one's.
 pub fn name_counters(rules: &mut [ToolRule], scope: &str) {
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for rule in rules {
+    for rule in rules
+        .iter_mut()
+        .filter(|r| r.rate.is_some() || r.max_concurrent.is_some())
+    {
         let n = seen.entry(rule.pattern.clone()).or_default();
         rule.counter = format!("{scope}:{}#{n}", rule.pattern);
         *n += 1;
@@ -130,6 +136,7 @@ impl ToolRule {
         &self,
         arguments: Option<&Value>,
         message_bytes: usize,
+        budget: &mut usize,
     ) -> Result<(), (String, String)> {
         if let Some(max) = self.max_arguments_bytes
             && message_bytes > max
@@ -145,9 +152,8 @@ impl ToolRule {
                 ));
             }
         }
-        let mut budget = crate::values::MAX;
         for rule in &self.arguments {
-            rule.check(arguments, &mut budget)
+            rule.check(arguments, budget)
                 .map_err(|why| (rule.label.clone(), why))?;
         }
         Ok(())
@@ -953,14 +959,16 @@ mod tests {
             "match = \"t\"\narguments = [{ pointer = \"/a\", required = true }, { pointer = \"/b\", required = true }]",
         );
         let args = json!({ "a": half, "b": half });
-        let (label, why) = both.check_arguments(Some(&args), 0).unwrap_err();
+        let (label, why) = both
+            .check_arguments(Some(&args), 0, &mut budget())
+            .unwrap_err();
         assert!(
             label.ends_with("arguments[1]") || label.contains('1'),
             "{label}: {why}"
         );
         assert!(why.contains("more values"), "{why}");
         assert!(
-            both.check_arguments(Some(&json!({ "a": half, "b": "[]" })), 0)
+            both.check_arguments(Some(&json!({ "a": half, "b": "[]" })), 0, &mut budget())
                 .is_ok()
         );
     }
@@ -1502,14 +1510,22 @@ mod tests {
         assert!(every.matches("fs", "delete_file"));
         assert!(!every.matches("fs", "read_file"));
         let capped = tool("match = \"*\"\nmax_arguments_bytes = 20");
-        assert!(capped.check_arguments(None, usize::MAX).is_ok());
         assert!(
             capped
-                .check_arguments(Some(&json!({"a": "short"})), usize::MAX)
+                .check_arguments(None, usize::MAX, &mut budget())
+                .is_ok()
+        );
+        assert!(
+            capped
+                .check_arguments(Some(&json!({"a": "short"})), usize::MAX, &mut budget())
                 .is_ok()
         );
         let (label, why) = capped
-            .check_arguments(Some(&json!({"a": "x".repeat(30)})), usize::MAX)
+            .check_arguments(
+                Some(&json!({"a": "x".repeat(30)})),
+                usize::MAX,
+                &mut budget(),
+            )
             .unwrap_err();
         assert_eq!(label, "t.max_arguments_bytes");
         assert!(why.contains("at most 20"), "{why}");

@@ -735,6 +735,52 @@ fn only_what_a_client_reads_or_the_operator_names_comes_from_an_upstream() {
     }
 }
 
+/// An upstream's answer that is neither JSON nor an event stream (an error page) is relayed to
+/// be shown, never run: a 404 of `text/html` with a `<script>` reached a browser that opened
+/// the gateway's URL as the gateway's own page (a review). JSON answers carry no such lines.
+#[test]
+fn an_upstreams_page_is_relayed_to_be_shown_never_run() {
+    let page = "<script>alert(document.domain)</script>";
+    let head: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
+            page.len()
+        )
+        .into_boxed_str(),
+    );
+    let fake = FakeUpstream::start(Misbehave::Raw(head));
+    let (mut d, port) = gateway_to(&fake, "gwpage");
+    let call =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    let (r, _) = raw(port, request.as_bytes());
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.header("content-security-policy"),
+        Some("sandbox"),
+        "{:?}",
+        r.headers
+    );
+    d.stop();
+    let fake = FakeUpstream::start(Misbehave::Raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+    ));
+    let (mut d, port) = gateway_to(&fake, "gwpage");
+    let (r, _) = raw(port, request.as_bytes());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-security-policy"), None, "{:?}", r.headers);
+    d.stop();
+}
+
 /// An `MCP-Protocol-Version` that is not UTF-8 is refused (400), never taken for none: it
 /// would be forwarded as sent, and an upstream that reads it as Latin-1 and trims the no-break
 /// space finds `2025-06-18`, a version the gateway never checked the request for.
