@@ -122,6 +122,17 @@ for line in sys.stdin:
         attr[0] = ctypes.addressof(path)
         fd = libc.syscall(321, 7, ctypes.byref(attr), 128)
         args = {"fd": fd, "errno": ctypes.get_errno() if fd < 0 else 0}
+    if do == "ipc":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        # shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600), msgget and semget likewise.
+        got = {}
+        for name, call in [("shm", lambda: libc.shmget(0, 4096, 0o1600)), ("msg", lambda: libc.msgget(0, 0o1600)), ("sem", lambda: libc.semget(0, 1, 0o1600))]:
+            r = call()
+            got[name] = ctypes.get_errno() if r < 0 else 0
+            if r >= 0 and name == "shm":
+                libc.shmctl(r, 0, None)
+        args = got
     if do == "fds":
         args = {"fds": sorted(os.readlink("/proc/self/fd/" + fd) for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd))}
     if do == "write":
@@ -1466,6 +1477,23 @@ fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
             (v["fd"].clone(), v["errno"].clone()),
             (json!(-1), json!(libc::EPERM)),
             "a child opened the pinned map: {v}"
+        );
+    });
+}
+
+/// System V IPC is refused a child (EPERM): its segments, queues and semaphores are the
+/// host's, outlive the child and the gateway, and are shared by every child of the gateway's
+/// user (a review left 1 GB of segments behind and read one child's from another).
+#[test]
+fn a_child_has_no_system_v_ipc() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "ipc", "ok"), None);
+        let v = text(&call(&h, 1, json!(1), json!({"do": "ipc"})).await.unwrap());
+        assert_eq!(
+            v,
+            json!({"shm": libc::EPERM, "msg": libc::EPERM, "sem": libc::EPERM}),
+            "a child made a System V object: {v}"
         );
     });
 }

@@ -563,23 +563,47 @@ pub(super) fn apply(
     Ok(confinement)
 }
 
-/// A seccomp filter that refuses `bpf(2)` (EPERM), everything else allowed; `None` on an
-/// architecture seccompiler does not know. A child needs no BPF, and the kernel program's
-/// pinned maps and link are files of the gateway's user, which the packaged service's children
-/// share: with them, a child opened the pins (`BPF_OBJ_GET` needs no capability, and Landlock
-/// does not see it), rewrote bans, tenant caps and the default tenant, and detached the XDP
-/// program (an attacker's review). A process of another architecture (a 32-bit program) is
-/// killed at its first system call.
+/// A seccomp filter that refuses `bpf(2)` and System V and POSIX message-queue IPC (EPERM),
+/// everything else allowed; `None` on an architecture seccompiler does not know. A child needs
+/// no BPF, and the kernel program's pinned maps and link are files of the gateway's user,
+/// which the packaged service's children share: with them, a child opened the pins
+/// (`BPF_OBJ_GET` needs no capability, and Landlock does not see it), rewrote bans, tenant
+/// caps and the default tenant, and detached the XDP program (an attacker's review). System V
+/// shared memory, queues and semaphores, and POSIX queues, are the host's, outside Landlock
+/// and every limit of the child: a child left 1 GB of segments behind that outlived it and
+/// the gateway, and one child read a segment another (another tenant's upstream) wrote, every
+/// child running as one user (a later review). A process of another architecture (a 32-bit
+/// program) is killed at its first system call.
 fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
     static FILTER: std::sync::OnceLock<Option<seccompiler::BpfProgram>> =
         std::sync::OnceLock::new();
     FILTER
         .get_or_init(|| {
             let arch = std::env::consts::ARCH.try_into().ok()?;
-            let mut numbers = vec![libc::SYS_bpf];
-            // The x32 ABI's number for it (x86_64, where the kernel has x32).
+            let mut numbers = vec![
+                libc::SYS_bpf,
+                libc::SYS_shmget,
+                libc::SYS_shmat,
+                libc::SYS_shmctl,
+                libc::SYS_msgget,
+                libc::SYS_msgsnd,
+                libc::SYS_msgrcv,
+                libc::SYS_msgctl,
+                libc::SYS_semget,
+                libc::SYS_semop,
+                libc::SYS_semtimedop,
+                libc::SYS_semctl,
+                libc::SYS_mq_open,
+                libc::SYS_mq_unlink,
+                libc::SYS_mq_timedsend,
+                libc::SYS_mq_timedreceive,
+                libc::SYS_mq_notify,
+                libc::SYS_mq_getsetattr,
+            ];
+            // The x32 ABI's numbers for them (x86_64, where the kernel has x32).
             if cfg!(target_arch = "x86_64") {
-                numbers.push(libc::SYS_bpf | 0x4000_0000);
+                let x32: Vec<i64> = numbers.iter().map(|n| n | 0x4000_0000).collect();
+                numbers.extend(x32);
             }
             let rules = numbers.into_iter().map(|n| (n, Vec::new())).collect();
             let filter = seccompiler::SeccompFilter::new(
