@@ -624,7 +624,10 @@ impl Control {
                         upstream = %up.name,
                         "upstream TLS files changed but do not load ({field}: {why}); the running TLS is kept"
                     );
-                    return;
+                    // The others' go on: one upstream's unreadable file kept every upstream
+                    // after it on files taken out of service (a CA no longer trusted was
+                    // still trusted: an attacker's review).
+                    continue;
                 }
             }
         }

@@ -380,23 +380,38 @@ fn a_client_certificate_rotated_in_place_is_presented_without_a_reload() {
     };
     install(&untrusted.cert, &cert_file);
     install(&untrusted.key, &key_file);
+    // Another upstream before it, whose CA file stops loading as the certificate rotates: the
+    // rotation still takes (before, the first file that did not load stopped every upstream
+    // after it from taking its new files: an attacker's review).
+    let other_ca = dir.join("other-ca.pem");
+    install(&pki.ca, &other_ca);
     let url = format!("https://127.0.0.1:{}/mcp", server.port);
     let (mut d, port, _) = start(
-        &upstream(
-            "py",
-            &url,
-            &format!(
-                "{}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
-                ca(&pki),
-                cert_file.display(),
-                key_file.display()
+        &format!(
+            "{}{}",
+            upstream(
+                "first",
+                &url,
+                &format!("ca_file = \"{}\"", other_ca.display())
             ),
+            upstream(
+                "py",
+                &url,
+                &format!(
+                    "{}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+                    ca(&pki),
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            )
         ),
         &route("/mcp", "py"),
     );
     let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
     let status = || raw(port, &post("/mcp", initialize, "")).0.status;
     assert_eq!(status(), 502, "another CA's certificate is refused");
+    std::fs::write(other_ca.with_extension("next"), "not a certificate").unwrap();
+    std::fs::rename(other_ca.with_extension("next"), &other_ca).unwrap();
     install(&trusted.cert, &cert_file);
     install(&trusted.key, &key_file);
     let deadline = Instant::now() + Duration::from_secs(10);
