@@ -14,7 +14,8 @@ use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    process::{Child, ChildStdin, ChildStdout},
+    net::unix::{OwnedReadHalf, OwnedWriteHalf},
+    process::Child,
 };
 
 use super::{
@@ -146,7 +147,7 @@ struct Input {
 const OWN_BYTES: usize = 1 << 20;
 
 impl Input {
-    fn new(stdin: ChildStdin, within: Duration) -> Self {
+    fn new(stdin: OwnedWriteHalf, within: Duration) -> Self {
         let (lines, rx) = mpsc::unbounded();
         let (tell, blocked) = oneshot::channel();
         let task = tokio::spawn(write_lines(stdin, rx, within, tell));
@@ -176,7 +177,7 @@ impl Input {
 }
 
 async fn write_lines(
-    mut stdin: ChildStdin,
+    mut stdin: OwnedWriteHalf,
     mut lines: mpsc::UnboundedReceiver<(Vec<u8>, Slot)>,
     within: Duration,
     blocked: oneshot::Sender<()>,
@@ -278,7 +279,7 @@ fn last_id(tail: &[u8]) -> Option<u64> {
 struct Running {
     child: Child,
     stdin: Input,
-    stdout: Lines<BufReader<ChildStdout>>,
+    stdout: Lines<BufReader<OwnedReadHalf>>,
     pgid: i32,
     /// Its cgroup, where the gateway can make one: ended with it.
     cgroup: Option<Cgroup>,
@@ -976,13 +977,28 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     let Some((program, args)) = spec.command.split_first() else {
         return Err(fail("empty command".into()));
     };
+    // The child's stdin and stdout are one end of a socket pair, not pipes: a pipe of the
+    // gateway's user could be opened again through `/proc/<child>/fd/0` by any process of that
+    // user (the packaged service's children share it), and a tool that ran code in a shared
+    // child read other tenants' requests and wrote answers to them under their ids (an
+    // attacker's review); a socket cannot be opened by its path (ENXIO). What the child itself
+    // runs with its descriptors still reads them: a server whose tools run callers' code
+    // wants `children = "caller"`.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .and_then(|(ours, theirs)| {
+            ours.set_nonblocking(true)?;
+            let out = theirs.try_clone()?;
+            Ok((ours, (theirs, out)))
+        })
+        .map_err(|e| fail(format!("socket pair: {e}")))?;
+    let (stdio_in, stdio_out) = theirs;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(stdio_in)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(stdio_out)))
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     for (k, v) in &spec.env {
@@ -994,16 +1010,21 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     let mut cgroup = Cgroup::make(&spec.name, spec.sandbox.max_processes);
     sandbox::apply(&mut cmd, &spec.sandbox, home, cgroup.as_ref())
         .map_err(|e| fail(e.to_string()))?;
-    let mut child = cmd.spawn().map_err(|e| fail(format!("{program}: {e}")))?;
+    let spawned = cmd.spawn();
+    // The child's ends go with the command: held here, the child's leaving would never read
+    // as the end of its output.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| fail(format!("{program}: {e}")))?;
     if let Some(c) = cgroup.as_mut() {
         c.joined();
     }
     let pgid = child.id().map_or(0, |p| p as i32);
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err(fail("no pipes".into()));
+    let Some(stderr) = child.stderr.take() else {
+        return Err(fail("no pipe for its stderr".into()));
     };
+    let (stdout, stdin) = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| fail(format!("socket pair: {e}")))?
+        .into_split();
     tokio::spawn(log_stderr(spec.name.clone(), stderr));
     let mut r = Running {
         child,

@@ -122,6 +122,16 @@ for line in sys.stdin:
         attr[0] = ctypes.addressof(path)
         fd = libc.syscall(321, 7, ctypes.byref(attr), 128)
         args = {"fd": fd, "errno": ctypes.get_errno() if fd < 0 else 0}
+    if do == "reopen":
+        import errno as e
+        got = {}
+        for fd in ("0", "1"):
+            try:
+                open("/proc/self/fd/" + fd, "rb").close()
+                got[fd] = 0
+            except OSError as err:
+                got[fd] = err.errno
+        args = got
     if do == "ipc":
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -1477,6 +1487,28 @@ fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
             (v["fd"].clone(), v["errno"].clone()),
             (json!(-1), json!(libc::EPERM)),
             "a child opened the pinned map: {v}"
+        );
+    });
+}
+
+/// A child's input and output cannot be opened again by their path (`/proc/<child>/fd/0`):
+/// they are a socket (ENXIO), not pipes of the gateway's user, which any process of that user
+/// opened (the packaged service's children share it: a tool running code in a shared child
+/// read other tenants' requests and answered them under their ids, an attacker's review).
+#[test]
+fn a_childs_input_and_output_cannot_be_opened_by_path() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "reopen", "ok"), None);
+        let v = text(
+            &call(&h, 1, json!(1), json!({"do": "reopen"}))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            v,
+            json!({"0": libc::ENXIO, "1": libc::ENXIO}),
+            "the child's input or output opened by path: {v}"
         );
     });
 }
