@@ -541,8 +541,9 @@ pub struct RawStdio {
     #[serde(default)]
     pub idle_shutdown_ms: u64,
     /// The memory a child may write, in MiB (`RLIMIT_DATA`: its heap and private writable
-    /// mappings, not address space it only reserves, as Node's WebAssembly and Go's heap do);
-    /// 0: unbounded.
+    /// mappings, not address space it only reserves, as Node's WebAssembly and Go's heap do;
+    /// and, where its cgroup has the memory controller, its cgroup's memory limit, which counts
+    /// shared memory and the files it writes to a tmpfs too); 0: unbounded.
     #[serde(default = "default_stdio_max_memory_mb")]
     pub max_memory_mb: u64,
     #[serde(default = "default_stdio_max_open_files")]

@@ -52,6 +52,8 @@ struct Tree {
     v2: bool,
     /// The `pids` controller is there: `pids.max` holds.
     pids: bool,
+    /// The `memory` controller is there (cgroup v2): `memory.max` holds.
+    memory: bool,
 }
 
 /// Where the children's cgroups go, found at the first child of this process.
@@ -65,8 +67,10 @@ fn trees() -> &'static [Tree] {
         if trees.iter().any(|t| t.pids) {
             tracing::info!(
                 cgroups = ?trees.iter().map(|t| t.dir.display().to_string()).collect::<Vec<_>>(),
-                "each stdio child gets a cgroup of its own: max_processes is its pids.max, and \
-                 its end ends every process in it"
+                memory = trees.iter().any(|t| t.memory),
+                "each stdio child gets a cgroup of its own: max_processes is its pids.max, \
+                 max_memory_mb its memory.max where the memory controller is there, and its end \
+                 ends every process in it"
             );
         } else {
             tracing::warn!(
@@ -88,7 +92,7 @@ fn trees() -> &'static [Tree] {
 /// The hierarchies this process can make its children's cgroups in, and why others could not
 /// be used.
 fn find() -> (Vec<Tree>, Vec<String>) {
-    let (v2, v1_pids) = match procfs::process::Process::myself()
+    let (v2, v1_pids, v1_memory) = match procfs::process::Process::myself()
         .map_err(|e| e.to_string())
         .and_then(|me| folders_of(&me))
     {
@@ -103,40 +107,46 @@ fn find() -> (Vec<Tree>, Vec<String>) {
         None => notes.push("no cgroup v2 hierarchy".into()),
     }
     if !trees.iter().any(|t| t.pids) {
-        match v1_pids.map(|dir| v1_tree(&dir).and_then(usable)) {
+        match v1_pids.map(|dir| v1_tree(&dir, "pids").and_then(usable)) {
             Some(Ok(t)) => trees.push(t),
             Some(Err(e)) => notes.push(format!("cgroup v1 pids: {e}")),
             None => notes.push("no pids controller on cgroup v1".into()),
         }
     }
+    if !trees.iter().any(|t| t.memory) {
+        match v1_memory.map(|dir| v1_tree(&dir, "memory").and_then(usable)) {
+            Some(Ok(t)) => trees.push(t),
+            Some(Err(e)) => notes.push(format!("cgroup v1 memory: {e}")),
+            None => notes.push("no memory controller on cgroup v1".into()),
+        }
+    }
     (trees, notes)
 }
 
-/// The folders of `process`'s cgroups: its cgroup v2 one and its cgroup v1 `pids` one, each
-/// where that hierarchy is mounted (in this process's view).
+/// The folders of `process`'s cgroups: its cgroup v2 one and its cgroup v1 `pids` and
+/// `memory` ones, each where that hierarchy is mounted (in this process's view).
+#[expect(
+    clippy::type_complexity,
+    reason = "three folders, named where they are taken"
+)]
 fn folders_of(
     process: &procfs::process::Process,
-) -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
+) -> Result<(Option<PathBuf>, Option<PathBuf>, Option<PathBuf>), String> {
     let mounts = procfs::process::Process::myself()
         .and_then(|me| me.mountinfo())
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let groups = process
         .cgroups()
         .map_err(|e| format!("/proc/{}/cgroup: {e}", process.pid))?;
-    let folder = |v2: bool| {
-        let group = groups.0.iter().find(|g| {
-            if v2 {
-                g.hierarchy == 0 && g.controllers.is_empty()
-            } else {
-                g.hierarchy != 0 && g.controllers.iter().any(|c| c == "pids")
-            }
+    // `None`: the v2 hierarchy; else the v1 one of that controller.
+    let folder = |v1: Option<&str>| {
+        let group = groups.0.iter().find(|g| match v1 {
+            None => g.hierarchy == 0 && g.controllers.is_empty(),
+            Some(c) => g.hierarchy != 0 && g.controllers.iter().any(|x| x == c),
         })?;
-        let mount = mounts.0.iter().find(|m| {
-            if v2 {
-                m.fs_type == "cgroup2"
-            } else {
-                m.fs_type == "cgroup" && m.super_options.contains_key("pids")
-            }
+        let mount = mounts.0.iter().find(|m| match v1 {
+            None => m.fs_type == "cgroup2",
+            Some(c) => m.fs_type == "cgroup" && m.super_options.contains_key(c),
         })?;
         // The cgroup's path is from the hierarchy's root; the mount may show a part of it.
         let rel = Path::new(&group.pathname)
@@ -145,19 +155,19 @@ fn folders_of(
             .to_owned();
         Some(mount.mount_point.join(rel))
     };
-    Ok((folder(true), folder(false)))
+    Ok((folder(None), folder(Some("pids")), folder(Some("memory"))))
 }
 
 /// The folders of the children's cgroups `pid` is in.
 #[cfg(test)]
 pub(super) fn childs_folders(pid: i32) -> Vec<PathBuf> {
-    let Ok((v2, v1)) = procfs::process::Process::new(pid)
+    let Ok((v2, v1_pids, v1_memory)) = procfs::process::Process::new(pid)
         .map_err(|e| e.to_string())
         .and_then(|p| folders_of(&p))
     else {
         return Vec::new();
     };
-    [v2, v1]
+    [v2, v1_pids, v1_memory]
         .into_iter()
         .flatten()
         .filter(|d| {
@@ -179,21 +189,26 @@ fn v2_tree(own: &Path) -> std::io::Result<Tree> {
     };
     let offered = fs::read_to_string(top.join("cgroup.controllers")).unwrap_or_default();
     let mut pids = offered.split_whitespace().any(|c| c == "pids");
-    if pids && !in_leaf && top.join("cgroup.type").exists() {
+    let mut memory = offered.split_whitespace().any(|c| c == "memory");
+    if (pids || memory) && !in_leaf && top.join("cgroup.type").exists() {
         // Not the root (which has no `cgroup.type`): the gateway leaves `<top>` for its leaf,
-        // so that `<top>` may pass `pids` on.
+        // so that `<top>` may pass its controllers on.
         let leaf = top.join(LEAF);
         mkdir(&leaf)?;
         fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())?;
     }
-    if pids && fs::write(top.join("cgroup.subtree_control"), "+pids").is_err() {
-        pids = false;
-    }
     let dir = top.join(TREE);
+    let pass_on = |on: &mut bool, controller: &str, made: bool| {
+        let at = if made { &dir } else { &top };
+        if *on && fs::write(at.join("cgroup.subtree_control"), format!("+{controller}")).is_err() {
+            *on = false;
+        }
+    };
+    pass_on(&mut pids, "pids", false);
+    pass_on(&mut memory, "memory", false);
     mkdir(&dir)?;
-    if pids && fs::write(dir.join("cgroup.subtree_control"), "+pids").is_err() {
-        pids = false;
-    }
+    pass_on(&mut pids, "pids", true);
+    pass_on(&mut memory, "memory", true);
     if pids {
         cap(&dir);
     }
@@ -201,6 +216,7 @@ fn v2_tree(own: &Path) -> std::io::Result<Tree> {
         dir,
         v2: true,
         pids,
+        memory,
     })
 }
 
@@ -213,15 +229,20 @@ fn usable(tree: Tree) -> std::io::Result<Tree> {
     Ok(tree)
 }
 
-/// The v1 `pids` folder of children under `own`.
-fn v1_tree(own: &Path) -> std::io::Result<Tree> {
+/// The v1 folder of children under `own`, in the hierarchy of `controller` (`pids` or
+/// `memory`).
+fn v1_tree(own: &Path, controller: &str) -> std::io::Result<Tree> {
     let dir = own.join(TREE);
     mkdir(&dir)?;
-    cap(&dir);
+    let pids = controller == "pids";
+    if pids {
+        cap(&dir);
+    }
     Ok(Tree {
         dir,
         v2: false,
-        pids: true,
+        pids,
+        memory: !pids,
     })
 }
 
@@ -331,9 +352,13 @@ pub(super) struct Cgroup {
 }
 
 impl Cgroup {
-    /// A new cgroup for a child that may have `max_processes` processes and threads (0: no
-    /// limit), or `None` where none can be made (logged).
-    pub(super) fn make(upstream: &str, max_processes: u64) -> Option<Self> {
+    /// A new cgroup for a child that may have `max_processes` processes and threads and
+    /// `max_memory` bytes of memory (0: no limit), or `None` where none can be made (logged).
+    /// The memory is its cgroup's `memory.max` where the `memory` controller is there (cgroup
+    /// v2; the packaged unit delegates it): what `RLIMIT_DATA` does not count does count there
+    /// (shared mappings, `memfd`, the files it writes to a tmpfs such as its home under
+    /// `/run`: a review took 2 GiB of shared memory past a bound of 256 MiB), and no swap.
+    pub(super) fn make(upstream: &str, max_processes: u64, max_memory: u64) -> Option<Self> {
         let trees = trees();
         if trees.is_empty() {
             return None;
@@ -351,6 +376,17 @@ impl Cgroup {
                 fs::create_dir(dir)?;
                 if t.pids && max_processes > 0 {
                     fs::write(dir.join("pids.max"), max_processes.to_string())?;
+                }
+                if t.memory && max_memory > 0 {
+                    let (bound, with_swap) = if t.v2 {
+                        ("memory.max", "memory.swap.max")
+                    } else {
+                        ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+                    };
+                    fs::write(dir.join(bound), max_memory.to_string())?;
+                    // Absent where the kernel has no swap accounting.
+                    let swap = if t.v2 { 0 } else { max_memory };
+                    let _ = fs::write(dir.join(with_swap), swap.to_string());
                 }
                 let procs = fs::OpenOptions::new()
                     .write(true)

@@ -1007,7 +1007,11 @@ async fn start(spec: &StdioSpec, home: &std::path::Path) -> Result<Running, Stdi
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    let mut cgroup = Cgroup::make(&spec.name, spec.sandbox.max_processes);
+    let mut cgroup = Cgroup::make(
+        &spec.name,
+        spec.sandbox.max_processes,
+        spec.sandbox.max_memory_bytes,
+    );
     sandbox::apply(&mut cmd, &spec.sandbox, home, cgroup.as_ref())
         .map_err(|e| fail(e.to_string()))?;
     let spawned = cmd.spawn();

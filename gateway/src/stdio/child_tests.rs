@@ -176,6 +176,15 @@ for line in sys.stdin:
         except MemoryError:
             out["used"] = False
         args = out
+    if do == "shared":
+        import mmap
+        try:
+            shared = mmap.mmap(-1, args["bytes"])
+            for i in range(0, args["bytes"], 4096):
+                shared[i] = 1
+            args = {"shared": args["bytes"]}
+        except Exception as e:
+            args = {"error": repr(e)}
     if do == "read":
         try:
             with open(args["path"]) as f:
@@ -1317,6 +1326,59 @@ fn each_child_counts_its_processes_against_its_own_limit() {
             v.as_ref().ok().map(|v| v["started"].clone()),
             Some(json!(3)),
             "{v:?}"
+        );
+    });
+}
+
+/// `max_memory_mb` bounds shared memory too, where the child's cgroup has the memory
+/// controller: `RLIMIT_DATA` does not count a shared mapping, and a review wrote 2 GiB of it
+/// past a bound of 256 MiB. The child that writes past it is ended; what it wrote within it
+/// runs.
+#[test]
+fn a_childs_memory_bound_holds_its_shared_memory_too() {
+    if !as_root() {
+        return;
+    }
+    let f = fixture();
+    rt().block_on(async {
+        let mut s = spec(&f, "shm", "ok");
+        s.sandbox.max_memory_bytes = 128 << 20;
+        let c = spawn(s, None);
+        let v = text(&call(&c, 1, json!(1), json!({"do": "pid"})).await.unwrap());
+        let pid = v["pid"].as_i64().unwrap() as i32;
+        let folders = super::super::cgroup::childs_folders(pid);
+        if !folders
+            .iter()
+            .any(|d| d.join("memory.max").exists() || d.join("memory.limit_in_bytes").exists())
+        {
+            eprintln!("no memory controller for the child's cgroup here: skipped");
+            return;
+        }
+        let v = text(
+            &call(
+                &c,
+                2,
+                json!(2),
+                json!({"do": "shared", "bytes": 32u64 << 20}),
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(
+            v["shared"],
+            json!(32u64 << 20),
+            "32 MiB within the bound: {v}"
+        );
+        let r = call(
+            &c,
+            3,
+            json!(3),
+            json!({"do": "shared", "bytes": 512u64 << 20}),
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "512 MiB of shared memory past a bound of 128 MiB: {r:?}"
         );
     });
 }
