@@ -42,10 +42,25 @@ pub const LOOPBACK_RESERVED: usize = 16;
 
 /// Who is at the other end of an admin connection, and on which address it arrived (what the
 /// token-less admin API asks of the socket table).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub client: SocketAddr,
     pub local: Option<SocketAddr>,
+    /// The user owning the client's end, once looked up (`None` inside: it could not be
+    /// told): a connection's owner does not change, and a lookup reads the host's whole
+    /// socket table (a child's keep-alive connections asking again and again held every
+    /// place of the admin API waiting for lookups, health checks refused: a review).
+    pub owner: Arc<std::sync::OnceLock<Option<u32>>>,
+}
+
+impl Peer {
+    pub fn new(client: SocketAddr, local: Option<SocketAddr>) -> Self {
+        Self {
+            client,
+            local,
+            owner: Arc::default(),
+        }
+    }
 }
 
 /// An accepted connection's stream and its [`Peer`].
@@ -61,7 +76,7 @@ impl Accept for tokio::net::TcpListener {
             match tokio::net::TcpListener::accept(self).await {
                 Ok((stream, client)) => {
                     let local = stream.local_addr().ok();
-                    return (stream, Peer { client, local });
+                    return (stream, Peer::new(client, local));
                 }
                 Err(e) => {
                     tracing::warn!("admin accept failed: {e}");

@@ -1510,21 +1510,39 @@ static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::cons
 async fn peer_runs_as_a_child(
     peer: Option<crate::admin_server::Peer>,
     control: &Mutex<Control>,
-) -> Option<u32> {
+) -> Result<Option<u32>, Busy> {
     let children = child_users(control);
     let refused = children.first().copied();
     if children.is_empty() {
-        return None;
+        return Ok(None);
     }
     let Some(crate::admin_server::Peer {
         client,
         local: Some(local),
+        owner,
     }) = peer
     else {
-        return refused;
+        return Ok(refused);
     };
-    let Ok(_permit) = SOCKET_TABLE_READS.acquire().await else {
-        return refused;
+    let verdict = |found: Option<u32>| match found {
+        Some(uid) if !children.contains(&uid) => None,
+        Some(uid) => Some(uid),
+        // Closed already, or several: not told apart, so refused as a child's.
+        None => refused,
+    };
+    if let Some(found) = owner.get() {
+        return Ok(verdict(*found));
+    }
+    // A lookup waits a moment for its turn, then the request is refused for now (503): a
+    // request waiting holds its connection's place, and a flood of them held every place,
+    // health checks refused at accept (a review). Each connection looks up once.
+    let Ok(Ok(_permit)) = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        SOCKET_TABLE_READS.acquire(),
+    )
+    .await
+    else {
+        return Err(Busy);
     };
     let owners = tokio::task::spawn_blocking(move || {
         [procfs::net::tcp(), procfs::net::tcp6()]
@@ -1541,13 +1559,16 @@ async fn peer_runs_as_a_child(
     })
     .await
     .unwrap_or_default();
-    match owners[..] {
-        [uid] if !children.contains(&uid) => None,
+    let found = match owners[..] {
         [uid] => Some(uid),
-        // None (closed already) or several: not told apart, so refused as a child's.
-        _ => refused,
-    }
+        _ => None,
+    };
+    let _ = owner.set(found);
+    Ok(verdict(found))
 }
+
+/// Too many socket-table lookups at once: the request is refused for now.
+struct Busy;
 
 /// The admin API. `/healthz` and `/readyz` are open; everything else needs the admin token
 /// when one is configured.
@@ -1634,14 +1655,24 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             403,
             &serde_json::json!({"error": "without an admin token, the admin API is reached by address (Host an IP literal or localhost)"}),
         );
-    } else if let Some(uid) = peer_runs_as_a_child(
+    } else if let Some(uid) = match peer_runs_as_a_child(
         req.extensions()
             .get::<axum::extract::ConnectInfo<crate::admin_server::Peer>>()
-            .map(|c| c.0),
+            .map(|c| c.0.clone()),
         control,
     )
     .await
     {
+        Ok(uid) => uid,
+        Err(Busy) => {
+            let mut r = json_reply(
+                503,
+                &serde_json::json!({"error": "too many connections being looked up at once: retry (set `admin.token` to need none)"}),
+            );
+            r.1 = [("retry-after", "1".into())];
+            return r;
+        }
+    } {
         return json_reply(
             403,
             &serde_json::json!({"error": format!(

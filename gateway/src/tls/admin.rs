@@ -112,7 +112,7 @@ impl crate::admin_server::Accept for Listener {
         match self.ready.recv().await {
             Some((tls, client)) => {
                 let local = tls.get_ref().0.local_addr().ok();
-                (tls, crate::admin_server::Peer { client, local })
+                (tls, crate::admin_server::Peer::new(client, local))
             }
             // The accepting task ended (only when aborted): nothing more comes.
             None => std::future::pending().await,

@@ -1093,6 +1093,24 @@ upstream = "local"
     assert_eq!(curl(Some(65534), &[&url("/healthz")]).0, 200);
     let (status, body) = curl(None, &[&url("/pins")]);
     assert_eq!(status, 200, "{body}");
+    // One keep-alive connection asking again and again is looked up once and refused each
+    // time (a review's child held every place of the admin API with lookups: health checks
+    // were refused at accept).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl"])
+        .args(["-s", "-w", "%{http_code} %{num_connects}\n"])
+        .args((0..30).flat_map(|_| ["-o".to_owned(), "/dev/null".to_owned(), url("/pins")]))
+        .output()
+        .expect("run curl");
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    let answers: Vec<&str> = lines.lines().collect();
+    assert_eq!(answers.len(), 30, "{lines}");
+    assert!(answers.iter().all(|l| l.starts_with("403 ")), "{lines}");
+    assert!(
+        answers.iter().skip(1).all(|l| l.ends_with(" 0")),
+        "one connection for them all: {lines}"
+    );
+    assert_eq!(curl(None, &[&url("/healthz")]).0, 200);
     d.stop();
 }
 
