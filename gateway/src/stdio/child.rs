@@ -143,6 +143,10 @@ struct Input {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Messages a supervisor takes (from its child and its workers) before it lets the other
+/// tasks of its thread run.
+const LINES_IN_A_ROW: u32 = 64;
+
 /// Bytes of the supervisor's own lines that may wait for the child.
 const OWN_BYTES: usize = 1 << 20;
 
@@ -367,7 +371,17 @@ async fn supervise(
     };
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Lines taken since this supervisor last let the thread's other tasks run: lines already
+    // read into the buffer come without a wait, and a child writing without end (16 million
+    // lines in 10 s) kept the control thread, the admin API and every other child's
+    // supervisor waiting (a review).
+    let mut in_a_row = 0u32;
     loop {
+        in_a_row += 1;
+        if in_a_row >= LINES_IN_A_ROW {
+            in_a_row = 0;
+            tokio::task::yield_now().await;
+        }
         tokio::select! {
             msg = rx.next() => match msg {
                 None => {
