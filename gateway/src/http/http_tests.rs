@@ -535,7 +535,7 @@ fn access_token_in_the_query_is_refused() {
         "/mcp?access_token%00x=abc",
     ] {
         assert!(
-            matches!(checked(1, target, &host), Err(HttpError::BadRequest(_))),
+            matches!(checked(1, target, &host), Err(HttpError::TokenInQuery)),
             "{target}"
         );
     }

@@ -84,13 +84,21 @@ pub enum HttpError {
     UnsupportedCoding,
     #[error("more than one `{0}` header")]
     DuplicateField(String),
+    /// A credential in the request target: refused (400), and never counted towards a ban, a
+    /// web page's `<img>` sends one for its visitors.
+    #[error(
+        "malformed request: access_token in the query string: send the token in the Authorization header"
+    )]
+    TokenInQuery,
 }
 
 impl HttpError {
     pub const fn status(&self) -> u16 {
         match self {
             HttpError::Closed => 0,
-            HttpError::BadRequest(_) | HttpError::DuplicateField(_) => 400,
+            HttpError::BadRequest(_) | HttpError::DuplicateField(_) | HttpError::TokenInQuery => {
+                400
+            }
             HttpError::HeadTooLarge(_) => 431,
             HttpError::BodyTooLarge(_) => 413,
             HttpError::Timeout => 408,
@@ -498,9 +506,7 @@ pub fn check_head(req: &mut Request) -> Result<(), HttpError> {
         ));
     }
     if has_access_token(&req.target) {
-        return Err(HttpError::BadRequest(
-            "access_token in the query string: send the token in the Authorization header",
-        ));
+        return Err(HttpError::TokenInQuery);
     }
     // An HTTP/1.0 connection closes after its answer, even one that asked to be kept: kept,
     // every answer would have to say `Connection: keep-alive` (a 1.0 client takes one that does

@@ -153,11 +153,15 @@ pub(super) async fn unread(
     // that never comes) count towards a ban as every refusal the client earned does: a flood
     // of them did not (an operator's review). Not a head or body over the limits: a web page
     // makes its visitors' browsers send those (a 20 KB URL in an `<img>`, a 5 MB `fetch()`:
-    // a review of the change). A browser sends no other: whatever headers say a browser
-    // sent it, it counts (an attacker's review added `Sec-Fetch-Mode` and was never banned).
+    // a review of the change), nor a token in the URL (an `<img>` of `?access_token=1`
+    // banned a visitor: a review of the next change). A browser sends no other: whatever
+    // headers say a browser sent it, it counts (an attacker's review added `Sec-Fetch-Mode`
+    // and was never banned).
     if !matches!(
         unread.error,
-        http::HttpError::HeadTooLarge(_) | http::HttpError::BodyTooLarge(_)
+        http::HttpError::HeadTooLarge(_)
+            | http::HttpError::BodyTooLarge(_)
+            | http::HttpError::TokenInQuery
     ) {
         super::proxy::count_toward_ban(ctx, &snapshot.config, peer);
     }

@@ -539,8 +539,8 @@ impl<'a> Deciding<'a> {
                         "tenant `{}` has {MAX_RUNS} runs counted in this window: a new run waits for the next",
                         t.name
                     ),
-                    limits::RunsFull::Caller(share) => format!(
-                        "{} has {share} of tenant `{}`'s runs counted in this window, and the rest are for its other callers: a new run waits for the next",
+                    limits::RunsFull::Caller(held) => format!(
+                        "{} has {held} of tenant `{}`'s runs counted in this window, half of what its other callers leave: a new run waits for the next",
                         self.caller(),
                         t.name
                     ),

@@ -362,8 +362,18 @@ pub enum Counted {
 pub enum RunsFull {
     /// Every place of the tenant is taken.
     Tenant,
-    /// The tenant's places are three quarters taken, and the caller holds this many.
+    /// The caller holds this many, half of what the other callers leave.
     Caller(u64),
+}
+
+/// Whose share of a tenant's places for runs `caller` ([`run_caller`]) takes: its own, or for
+/// a caller known only by its address, the one share of every such caller.
+fn share_of(caller: &str) -> &str {
+    if caller.starts_with("address:") {
+        "address"
+    } else {
+        caller
+    }
 }
 
 /// The caller of a run a caller named, from its count's subject (`<scope>:<length>:<caller>:<run>`,
@@ -670,12 +680,14 @@ impl State {
     }
 
     /// Takes a place for a run `caller` named, of `tenant`: as [`State::take_run`], and within
-    /// the caller's share once the tenant's places are three quarters taken: a caller that
-    /// holds a quarter of them then takes no more. One agent that started a run for each call
-    /// (a loop, or an attacker paying for each) took every place of its tenant, and every
-    /// other agent's new run was refused until the window ended; now they have a quarter of
-    /// them at least. Below three quarters, one caller may take them (a tenant of one agent
-    /// runs up to three quarters of `max` at once).
+    /// the caller's share: at most half of the places the other callers leave. One agent that
+    /// started a run for each call (a loop, or an attacker paying for each) took every place of
+    /// its tenant, and every other agent's new run was refused until the window ended; a first
+    /// fix that spared a quarter past three quarters taken was filled by two callers (a
+    /// review). Now each further caller finds half of what is left: a tenant's places are
+    /// filled by many callers, never by one or two. Alone, a caller takes half of `max`. The
+    /// callers known only by their address share one share ([`share_of`]: a client has as
+    /// many addresses as it likes).
     pub fn take_caller_run(
         &self,
         tenant: &str,
@@ -684,7 +696,7 @@ impl State {
         unix_s: u64,
         max: usize,
     ) -> Result<(), RunsFull> {
-        let (max, share) = (max as u64, (max / 4) as u64);
+        let max = max as u64;
         let caller_key = self.caller_places_key(tenant, caller, len_s);
         let window = unix_s / len_s.max(1);
         let held = |key| {
@@ -693,8 +705,11 @@ impl State {
                 _ => 0,
             })
         };
-        if held(self.places_key(tenant, len_s)) >= max - share && held(caller_key) >= share {
-            return Err(RunsFull::Caller(share));
+        let mine = held(caller_key);
+        let others = held(self.places_key(tenant, len_s)).saturating_sub(mine);
+        // Rounded up: the last free place is a new caller's.
+        if mine >= max.saturating_sub(others).div_ceil(2) {
+            return Err(RunsFull::Caller(mine));
         }
         if !self.take_place(self.places_key(tenant, len_s), len_s, unix_s, max) {
             return Err(RunsFull::Tenant);
@@ -705,7 +720,7 @@ impl State {
 
     /// The key of the places `caller` holds among `tenant`'s for runs in windows of `len_s`.
     fn caller_places_key(&self, tenant: &str, caller: &str, len_s: u64) -> u64 {
-        self.key(("caller-runs", tenant, caller, len_s))
+        self.key(("caller-runs", tenant, share_of(caller), len_s))
     }
 
     /// Takes one of `max` places under `key` in the current window of `len_s`.

@@ -185,7 +185,7 @@ fn header_value<'h, 'n>(
 /// A run id is the client's to choose: at most this long, and at most [`MAX_RUNS`] of them
 /// counted per tenant at a time (each is a budget window, kept and shared with the fleet).
 pub const MAX_RUN_ID_BYTES: usize = 128;
-pub const MAX_RUNS: usize = 1_024;
+pub const MAX_RUNS: usize = 2_048;
 /// The rule cache's bounds: entries, and bytes of keys (names are capped at parse time, URIs
 /// are longer), so that client-chosen names cannot grow it past about 1 MiB per tenant.
 const MAX_MATCHED: usize = 10_000;

@@ -696,7 +696,7 @@ impl ArgRule {
     /// message had left to read ([`json_held`]).
     fn too_many(&self, at: &str) -> String {
         format!(
-            "argument `{}`: `{at}` holds JSON text of more values than one message may hold ({}), which the gateway does not read: send the value itself",
+            "argument `{}`: `{at}` holds JSON text of more values than one request may read ({} in all of its strings), which the gateway does not read: send the value itself",
             self.pointer,
             crate::values::MAX
         )

@@ -189,11 +189,15 @@ fn unix_ms() -> u64 {
 
 /// Opens (or makes) the store's file. One that needs repair (the process before did not close
 /// it: a crash, `kill -9`, a power cut; or damage) is copied aside first, to
-/// `<file>.before-repair` (the last such copy replaced), and then repaired: redb repairs in
-/// place, and what a repair drops of a damaged file was gone with no copy to read it back from
-/// (the copy is a store: renamed `state.redb` in a folder of its own, `gateway state export`
-/// reads it). A copy that cannot be made (a full disk) is logged and the repair goes on: the
-/// gateway starts with what the repair keeps.
+/// `<file>.<unix s>.before-repair`, and then repaired: redb repairs in place, and what a repair
+/// drops of a damaged file was gone with no copy to read it back from (a copy is a store:
+/// renamed `state.redb` in a folder of its own, `gateway state export` reads it). Each copy is
+/// a new file, made only where none is (never through a link someone put there: a review's
+/// link at the copy's name had a file elsewhere overwritten), the three newest are kept (one
+/// name replaced at each crash lost the copy from before the first repair to the next), and
+/// none is made where the disk has no room for it (a copy that filled the disk left the
+/// store's own writes failing). A copy that cannot be made is logged and the repair goes on:
+/// the gateway starts with what the repair keeps.
 fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseError> {
     if !path.exists() {
         return Database::builder().create(path);
@@ -205,10 +209,10 @@ fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseErr
         other => return other,
     }
     let mut aside = path.as_os_str().to_owned();
-    aside.push(".before-repair");
+    aside.push(format!(".{}.before-repair", unix_ms() / 1000));
     let aside = PathBuf::from(aside);
-    match std::fs::copy(path, &aside) {
-        Ok(_) => tracing::warn!(
+    match copy_aside(path, &aside) {
+        Ok(()) => tracing::warn!(
             file = %path.display(),
             copy = %aside.display(),
             "the state store was not closed cleanly (a crash, or damage): copied aside before it is repaired"
@@ -220,7 +224,76 @@ fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseErr
             "the state store needs repair and could not be copied aside first: repaired in place"
         ),
     }
+    keep_newest_copies(path, 3);
     Database::builder().create(path)
+}
+
+/// Copies `from` to `to`, a new file (`O_EXCL`, no link followed), if the disk has room for it
+/// and as much again; a copy that fails midway is removed.
+fn copy_aside(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let len = std::fs::metadata(from)?.len();
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let free = free_bytes(dir)?;
+    if free < len.saturating_mul(2) {
+        return Err(std::io::Error::other(format!(
+            "{free} bytes free, the store is {len}"
+        )));
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)?;
+    let copied = std::fs::File::open(from)
+        .and_then(|mut f| std::io::copy(&mut f, &mut out))
+        .and_then(|_| out.sync_all());
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a statvfs is plain data, valid zeroed.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs for the call to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Removes all but the `keep` newest copies made before a repair of `path`.
+fn keep_newest_copies(path: &Path, keep: usize) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut copies: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name();
+            let stamp = n
+                .to_str()?
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .strip_suffix(".before-repair")?
+                .parse()
+                .ok()?;
+            Some((stamp, e.path()))
+        })
+        .collect();
+    copies.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+    for (_, old) in copies.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(old);
+    }
 }
 
 impl Store {

@@ -470,37 +470,85 @@ fn damage_anywhere_is_an_error_not_a_panic() {
 
 /// A store the process before did not close (a crash, `kill -9`) is copied aside before redb
 /// repairs it in place, and then loads: what a repair drops of a damaged file was gone with no
-/// copy to read it from. A store closed cleanly is not copied.
+/// copy to read it from. A store closed cleanly is not copied. A copy is a new file, never
+/// made through a link at its name (a review had a file elsewhere overwritten so), and the
+/// three newest are kept.
 #[test]
 fn a_store_not_closed_cleanly_is_copied_aside_before_it_is_repaired() {
     let d = dir("unclean");
     let file = Store::file(&d);
-    let mut aside = file.clone().into_os_string();
-    aside.push(".before-repair");
-    let aside = PathBuf::from(aside);
+    let copies = || -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".before-repair"))
+            .collect();
+        found.sort();
+        found
+    };
     let as_a_crash_left_it = {
         let mut store = Store::open(&d).unwrap();
-        assert!(!aside.exists(), "a new store copies nothing");
+        assert!(copies().is_empty(), "a new store copies nothing");
         let pins = Pins::default();
         assert!(pins.observe("u", &tool("kept"), None));
         store.flush(&pins, &State::default(), []).unwrap();
         // The file as it is while the store is open: not closed.
         std::fs::read(&file).unwrap()
     };
-    assert!(!aside.exists(), "a clean close copies nothing");
+    assert!(copies().is_empty(), "a clean close copies nothing");
+    // Links at every name a copy could take now: none is followed.
+    let elsewhere = d.with_extension("elsewhere");
+    std::fs::write(&elsewhere, b"kept").unwrap();
+    let now = State::unix_s();
+    for s in 0..4 {
+        std::os::unix::fs::symlink(
+            &elsewhere,
+            d.join(format!("state.redb.{}.before-repair", now + s)),
+        )
+        .unwrap();
+    }
+    std::fs::write(&file, &as_a_crash_left_it).unwrap();
+    Store::open(&d).unwrap();
+    assert_eq!(
+        std::fs::read(&elsewhere).unwrap(),
+        b"kept",
+        "written through a link"
+    );
+    for link in copies() {
+        std::fs::remove_file(link).unwrap();
+    }
     std::fs::write(&file, &as_a_crash_left_it).unwrap();
     {
         let mut store = Store::open(&d).unwrap();
         let loaded = store.load(&Pins::default(), &State::default()).unwrap();
         assert_eq!(loaded.pins, 1);
     }
+    let made = copies();
+    assert_eq!(made.len(), 1, "{made:?}");
     assert_eq!(
-        std::fs::read(&aside).unwrap(),
+        std::fs::read(&made[0]).unwrap(),
         as_a_crash_left_it,
         "copied as it was before the repair"
     );
-    std::fs::remove_file(&aside).unwrap();
     Store::open(&d).unwrap();
-    assert!(!aside.exists(), "closed cleanly after the repair: no copy");
+    assert_eq!(copies(), made, "closed cleanly after the repair: no copy");
+    // The three newest copies are kept.
+    for stamp in [5, 6, 7, 8] {
+        std::fs::write(d.join(format!("state.redb.{stamp}.before-repair")), b"x").unwrap();
+    }
+    std::fs::write(&file, &as_a_crash_left_it).unwrap();
+    Store::open(&d).unwrap();
+    let kept: Vec<String> = copies()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert!(
+        !kept.contains(&"state.redb.5.before-repair".to_owned())
+            && !kept.contains(&"state.redb.6.before-repair".to_owned()),
+        "{kept:?}"
+    );
+    let _ = std::fs::remove_file(&elsewhere);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -132,6 +132,20 @@ for line in sys.stdin:
             except OSError as err:
                 got[fd] = err.errno
         args = got
+    if do == "peek":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = {}
+        pidfd = libc.syscall(434, os.getpid(), 0)
+        r = libc.syscall(438, pidfd, 0, 0)
+        got["pidfd_getfd"] = ctypes.get_errno() if r < 0 else 0
+        r = libc.ptrace(0, 0, None, None)
+        got["ptrace"] = ctypes.get_errno() if r < 0 else 0
+        buf = ctypes.create_string_buffer(8)
+        iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+        r = libc.syscall(310, os.getpid(), iov, 1, iov, 1, 0)
+        got["process_vm_readv"] = ctypes.get_errno() if r < 0 else 0
+        args = got
     if do == "ipc":
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -1571,6 +1585,23 @@ fn a_childs_input_and_output_cannot_be_opened_by_path() {
             v,
             json!({"0": libc::ENXIO, "1": libc::ENXIO}),
             "the child's input or output opened by path: {v}"
+        );
+    });
+}
+
+/// A child may not take another process's descriptors or memory, its own server's included
+/// (EPERM): a tool running code in a shared child took its server's input with `pidfd_getfd`
+/// and answered another tenant's call (a review).
+#[test]
+fn a_child_takes_no_process_s_descriptors_or_memory() {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, "peek", "ok"), None);
+        let v = text(&call(&h, 1, json!(1), json!({"do": "peek"})).await.unwrap());
+        assert_eq!(
+            v,
+            json!({"pidfd_getfd": libc::EPERM, "ptrace": libc::EPERM, "process_vm_readv": libc::EPERM}),
+            "{v}"
         );
     });
 }

@@ -572,7 +572,10 @@ pub(super) fn apply(
 /// shared memory, queues and semaphores, and POSIX queues, are the host's, outside Landlock
 /// and every limit of the child: a child left 1 GB of segments behind that outlived it and
 /// the gateway, and one child read a segment another (another tenant's upstream) wrote, every
-/// child running as one user (a later review). A process of another architecture (a 32-bit
+/// child running as one user (a later review). Nor `ptrace`, `pidfd_getfd`,
+/// `process_vm_readv`/`writev` and `kcmp`: what a tool runs in a shared child took its
+/// server's input and answered other tenants' calls (a review). A process of another
+/// architecture (a 32-bit
 /// program) is killed at its first system call.
 fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
     static FILTER: std::sync::OnceLock<Option<seccompiler::BpfProgram>> =
@@ -599,6 +602,14 @@ fn no_bpf() -> Option<&'static seccompiler::BpfProgram> {
                 libc::SYS_mq_timedreceive,
                 libc::SYS_mq_notify,
                 libc::SYS_mq_getsetattr,
+                // Another process's memory and descriptors, the server's own among them (a
+                // review's tool took its server's input with `pidfd_getfd` and answered
+                // another tenant's call).
+                libc::SYS_ptrace,
+                libc::SYS_pidfd_getfd,
+                libc::SYS_process_vm_readv,
+                libc::SYS_process_vm_writev,
+                libc::SYS_kcmp,
             ];
             // The x32 ABI's numbers for them (x86_64, where the kernel has x32).
             if cfg!(target_arch = "x86_64") {

@@ -191,6 +191,17 @@ fn call(tool: &str) -> Vec<u8> {
     )
 }
 
+/// A call to `/keyed` showing a wrong API key: refused (401), and counted towards a ban (a
+/// refusal for want of any credential is not: a web page's `<img>` earns those for its
+/// visitors).
+fn wrong_key() -> Vec<u8> {
+    post(
+        "/keyed",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#,
+        "x-api-key: wrong\r\n",
+    )
+}
+
 fn connect(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
@@ -623,12 +634,12 @@ fn banned_clients_named_by_headers_are_refused_in_user_space() {
     );
     assert!(is_result(&ok("198.18.9.200")));
 
-    // Auto-ban: a client that keeps earning refusals (401s) is banned, and refused from then
-    // on, though every connection comes from the balancer.
+    // Auto-ban: a client that keeps earning refusals (401s for a wrong key) is banned, and
+    // refused from then on, though every connection comes from the balancer.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut c = connect(p);
-        c.write_all(&[v1("192.0.2.66", 1), call("echo")].concat())
+        c.write_all(&[v1("192.0.2.66", 1), wrong_key()].concat())
             .unwrap();
         match read_response(&mut c) {
             None => break,
@@ -755,9 +766,11 @@ fn malformed_requests_count_towards_auto_ban() {
     // serves (`<img>` tags), requests from an origin not allowed, a URL longer than the head's
     // limit, a body that does not parse sent `no-cors` (a review banned visitors so).
     let visitor = "127.0.2.97";
-    for i in 0..25 {
+    for i in 0..30 {
         let mut c = loopback_from(visitor, d).expect("connect");
-        let request = match i % 5 {
+        let request = match i % 6 {
+            // An `<img>` of a URL with a token in it (a review banned a visitor with four).
+            4 => "GET /mcp?access_token=1 HTTP/1.1\r\nhost: gw\r\naccept: image/avif,image/webp,*/*\r\n\r\n".to_owned(),
             0 => "GET /favicon.ico HTTP/1.1\r\nhost: gw\r\nsec-fetch-dest: image\r\n\r\n".to_owned(),
             1 => {
                 let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
@@ -779,7 +792,7 @@ fn malformed_requests_count_towards_auto_ban() {
         let _ = c.write_all(request.as_bytes());
         let status = read_response(&mut c).map(|r| r.status);
         assert!(
-            matches!(status, Some(401 | 403 | 404 | 431)),
+            matches!(status, Some(400 | 401 | 403 | 404 | 431)),
             "{i}: {status:?}"
         );
     }
@@ -902,11 +915,11 @@ fn banned_and_denied_clients_of_a_direct_listener_are_refused_by_the_worker() {
 
 /// Calls on `c` (a keep-alive connection) until the gateway closes it, at most 5 s: the
 /// statuses it answered before.
-fn answered_until_closed(c: &mut TcpStream) -> Vec<u16> {
+fn answered_until_closed(c: &mut TcpStream, request: &[u8]) -> Vec<u16> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut statuses = Vec::new();
     loop {
-        if c.write_all(&call("echo")).is_err() {
+        if c.write_all(request).is_err() {
             return statuses;
         }
         match read_response(c) {
@@ -930,12 +943,12 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
     let s = setup();
     let (p, d, a) = (s.port, s.direct, s.admin);
 
-    // Behind the balancer: 192.0.2.77 (`public`: `address` auth refuses it) on one connection;
-    // its third refusal bans it.
+    // Behind the balancer: 192.0.2.77, showing a wrong API key, on one connection; its fourth
+    // refusal bans it.
     let mut c = connect(p);
     c.write_all(&v1("192.0.2.77", 1)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-    let statuses = answered_until_closed(&mut c);
+    let statuses = answered_until_closed(&mut c, &wrong_key());
     assert!(
         statuses.len() >= 3 && statuses.iter().all(|s| *s == 401),
         "{statuses:?}"
@@ -948,7 +961,7 @@ fn a_client_banned_on_an_open_connection_is_served_nothing_more_on_it() {
     c.write_all(&call("echo")).unwrap();
     assert!(is_result(&read_response(&mut c).unwrap()));
     ban(a, "127.0.1.7");
-    let statuses = answered_until_closed(&mut c);
+    let statuses = answered_until_closed(&mut c, &call("echo"));
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(refused_conns(a, "banned"), 2);
 }

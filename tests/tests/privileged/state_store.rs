@@ -188,14 +188,23 @@ fn budgets_pins_and_approvals_survive_kill_9_and_a_clean_stop() {
         config(&instance, port, admin, up_port, &state, 60_000),
     )
     .unwrap();
-    let aside = state.0.join("state.redb.before-repair");
-    assert!(!aside.exists(), "no copy before a repair");
+    let copies = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&state.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".before-repair"))
+            .collect()
+    };
+    assert!(copies().is_empty(), "no copy before a repair");
     let left = std::fs::read(state.0.join("state.redb")).unwrap();
     let mut d = Daemon::restart_local(&instance, &mut d);
     d.wait_for_log("state store loaded", Duration::from_secs(5));
     // The file kill -9 left unclosed is repaired in place: copied aside first, as it was.
     d.wait_for_log("copied aside before it is repaired", Duration::from_secs(1));
-    assert_eq!(std::fs::read(&aside).unwrap(), left, "the file as it was");
+    let made = copies();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(std::fs::read(&made[0]).unwrap(), left, "the file as it was");
     assert!(
         !echo_listed(port),
         "the changed definition is still held after kill -9 (not trusted on first sight again)"
