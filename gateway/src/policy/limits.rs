@@ -706,7 +706,11 @@ impl State {
             })
         };
         let mine = held(caller_key);
-        let others = held(self.places_key(tenant, len_s)).saturating_sub(mine);
+        let taken = held(self.places_key(tenant, len_s));
+        if taken >= max {
+            return Err(RunsFull::Tenant);
+        }
+        let others = taken.saturating_sub(mine);
         // Rounded up: the last free place is a new caller's.
         if mine >= max.saturating_sub(others).div_ceil(2) {
             return Err(RunsFull::Caller(mine));

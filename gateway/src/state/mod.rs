@@ -193,10 +193,11 @@ fn unix_ms() -> u64 {
 /// drops of a damaged file was gone with no copy to read it back from (a copy is a store:
 /// renamed `state.redb` in a folder of its own, `gateway state export` reads it). Each copy is
 /// a new file, made only where none is (never through a link someone put there: a review's
-/// link at the copy's name had a file elsewhere overwritten), the three newest are kept (one
-/// name replaced at each crash lost the copy from before the first repair to the next), and
+/// link at the copy's name had a file elsewhere overwritten), a few are kept (one name
+/// replaced at each crash lost the copy from before the first repair to the next), and
 /// none is made where the disk has no room for it (a copy that filled the disk left the
-/// store's own writes failing). A copy that cannot be made is logged and the repair goes on:
+/// store's own writes failing). Kept: the oldest copy, the two newest and the one just made
+/// ([`keep_copies`]). A copy that cannot be made is logged and the repair goes on:
 /// the gateway starts with what the repair keeps.
 fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseError> {
     if !path.exists() {
@@ -211,7 +212,8 @@ fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseErr
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".{}.before-repair", unix_ms() / 1000));
     let aside = PathBuf::from(aside);
-    match copy_aside(path, &aside) {
+    let copied = copy_aside(path, &aside);
+    match &copied {
         Ok(()) => tracing::warn!(
             file = %path.display(),
             copy = %aside.display(),
@@ -224,7 +226,7 @@ fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseErr
             "the state store needs repair and could not be copied aside first: repaired in place"
         ),
     }
-    keep_newest_copies(path, 3);
+    keep_copies(path, copied.is_ok().then_some(aside.as_path()));
     Database::builder().create(path)
 }
 
@@ -268,8 +270,11 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// Removes all but the `keep` newest copies made before a repair of `path`.
-fn keep_newest_copies(path: &Path, keep: usize) {
+/// Removes the copies made before a repair of `path` but the oldest (what the store held
+/// before the first of a run of crashes), the two newest and `made` (the one just made, kept
+/// whatever the clock said: a host back from a power cut with its clock behind ranked it
+/// oldest, and it was removed as it was made: a review).
+fn keep_copies(path: &Path, made: Option<&Path>) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return;
     };
@@ -291,8 +296,11 @@ fn keep_newest_copies(path: &Path, keep: usize) {
         })
         .collect();
     copies.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
-    for (_, old) in copies.into_iter().skip(keep) {
-        let _ = std::fs::remove_file(old);
+    let last = copies.len().saturating_sub(1);
+    for (i, (_, old)) in copies.into_iter().enumerate() {
+        if i >= 2 && i != last && Some(old.as_path()) != made {
+            let _ = std::fs::remove_file(old);
+        }
     }
 }
 

@@ -1593,6 +1593,7 @@ fn a_childs_input_and_output_cannot_be_opened_by_path() {
 /// (EPERM): a tool running code in a shared child took its server's input with `pidfd_getfd`
 /// and answered another tenant's call (a review).
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn a_child_takes_no_process_s_descriptors_or_memory() {
     let f = fixture();
     rt().block_on(async {
