@@ -431,12 +431,18 @@ pub fn loopback_from(src: &str, port: u16) -> Option<TcpStream> {
 
 /// Sends one HTTP request on `stream` and returns the status code of the answer.
 pub fn http_status(stream: &mut TcpStream) -> u16 {
+    http_status_of(
+        stream,
+        b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}",
+    )
+}
+
+/// The HTTP status of the answer to `request` on `stream`.
+pub fn http_status_of(stream: &mut TcpStream, request: &[u8]) -> u16 {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    stream
-        .write_all(b"POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
-        .expect("write");
+    stream.write_all(request).expect("write");
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).expect("read answer");
     let text = String::from_utf8_lossy(&buf[..n]);

@@ -1567,26 +1567,31 @@ fn a_child_cannot_open_a_pinned_bpf_object_it_could_read() {
     });
 }
 
+/// What a fresh child of the fixture answers to `{"do": action}`.
+fn answer_of(action: &str) -> Value {
+    let f = fixture();
+    rt().block_on(async {
+        let h = spawn(spec(&f, action, "ok"), None);
+        text(
+            &call(&h, 1, json!(1), json!({ "do": action }))
+                .await
+                .unwrap(),
+        )
+    })
+}
+
 /// A child's input and output cannot be opened again by their path (`/proc/<child>/fd/0`):
 /// they are a socket (ENXIO), not pipes of the gateway's user, which any process of that user
 /// opened (the packaged service's children share it: a tool running code in a shared child
 /// read other tenants' requests and answered them under their ids, an attacker's review).
 #[test]
 fn a_childs_input_and_output_cannot_be_opened_by_path() {
-    let f = fixture();
-    rt().block_on(async {
-        let h = spawn(spec(&f, "reopen", "ok"), None);
-        let v = text(
-            &call(&h, 1, json!(1), json!({"do": "reopen"}))
-                .await
-                .unwrap(),
-        );
-        assert_eq!(
-            v,
-            json!({"0": libc::ENXIO, "1": libc::ENXIO}),
-            "the child's input or output opened by path: {v}"
-        );
-    });
+    let v = answer_of("reopen");
+    assert_eq!(
+        v,
+        json!({"0": libc::ENXIO, "1": libc::ENXIO}),
+        "the child's input or output opened by path: {v}"
+    );
 }
 
 /// A child may not take another process's descriptors or memory, its own server's included
@@ -1595,16 +1600,12 @@ fn a_childs_input_and_output_cannot_be_opened_by_path() {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn a_child_takes_no_process_s_descriptors_or_memory() {
-    let f = fixture();
-    rt().block_on(async {
-        let h = spawn(spec(&f, "peek", "ok"), None);
-        let v = text(&call(&h, 1, json!(1), json!({"do": "peek"})).await.unwrap());
-        assert_eq!(
-            v,
-            json!({"pidfd_getfd": libc::EPERM, "ptrace": libc::EPERM, "process_vm_readv": libc::EPERM}),
-            "{v}"
-        );
-    });
+    let v = answer_of("peek");
+    assert_eq!(
+        v,
+        json!({"pidfd_getfd": libc::EPERM, "ptrace": libc::EPERM, "process_vm_readv": libc::EPERM}),
+        "{v}"
+    );
 }
 
 /// System V IPC is refused a child (EPERM): its segments, queues and semaphores are the
@@ -1612,16 +1613,12 @@ fn a_child_takes_no_process_s_descriptors_or_memory() {
 /// user (a review left 1 GB of segments behind and read one child's from another).
 #[test]
 fn a_child_has_no_system_v_ipc() {
-    let f = fixture();
-    rt().block_on(async {
-        let h = spawn(spec(&f, "ipc", "ok"), None);
-        let v = text(&call(&h, 1, json!(1), json!({"do": "ipc"})).await.unwrap());
-        assert_eq!(
-            v,
-            json!({"shm": libc::EPERM, "msg": libc::EPERM, "sem": libc::EPERM}),
-            "a child made a System V object: {v}"
-        );
-    });
+    let v = answer_of("ipc");
+    assert_eq!(
+        v,
+        json!({"shm": libc::EPERM, "msg": libc::EPERM, "sem": libc::EPERM}),
+        "a child made a System V object: {v}"
+    );
 }
 
 /// What a path holding the folder of homes gives instead: every entry beside the way down to

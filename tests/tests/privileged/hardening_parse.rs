@@ -182,6 +182,15 @@ fn gateway_to_with(fake: &FakeUpstream, name: &str, upstream: &str) -> (Daemon, 
     (Daemon::start_local(&instance, &config), port)
 }
 
+/// A session-era (2025-11-25) `tools/call` of `echo` with no arguments, posted to `target`.
+fn echo_call(target: &str) -> Vec<u8> {
+    post(
+        target,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#,
+        "mcp-protocol-version: 2025-11-25\r\n",
+    )
+}
+
 fn ping_ok(port: u16, path: &str) {
     let body = r#"{"jsonrpc":"2.0","id":77,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
     let (r, _) = raw(
@@ -671,12 +680,7 @@ fn only_what_a_client_reads_or_the_operator_names_comes_from_an_upstream() {
         for (what, head) in [("json", json), ("event stream", sse)] {
             let fake = FakeUpstream::start(Misbehave::Raw(head));
             let (mut d, port) = gateway_to_with(&fake, "gwaccel", config);
-            let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-            let request = format!(
-                "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
-                call.len()
-            );
-            let (r, _) = raw(port, request.as_bytes());
+            let (r, _) = raw(port, &echo_call("/mcp"));
             let text = String::from_utf8_lossy(&r.body).into_owned();
             let head: String = r
                 .headers
@@ -750,13 +754,8 @@ fn an_upstreams_page_is_relayed_to_be_shown_never_run() {
     );
     let fake = FakeUpstream::start(Misbehave::Raw(head));
     let (mut d, port) = gateway_to(&fake, "gwpage");
-    let call =
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
-        call.len()
-    );
-    let (r, _) = raw(port, request.as_bytes());
+    let request = echo_call("/mcp");
+    let (r, _) = raw(port, &request);
     assert_eq!(r.status, 404);
     assert_eq!(
         r.header("x-content-type-options"),
@@ -775,7 +774,7 @@ fn an_upstreams_page_is_relayed_to_be_shown_never_run() {
         "HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: 36\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
     ));
     let (mut d, port) = gateway_to(&fake, "gwpage");
-    let (r, _) = raw(port, request.as_bytes());
+    let (r, _) = raw(port, &request);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-security-policy"), None, "{:?}", r.headers);
     d.stop();
@@ -833,13 +832,8 @@ fn a_reconnection_time_below_a_second_reaches_the_client_as_one() {
     );
     let fake = FakeUpstream::start(Misbehave::Raw(answer));
     let (mut d, port) = gateway_to(&fake, "gwretry");
-    let call =
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
-        call.len()
-    );
-    let (r, _) = raw(port, request.as_bytes());
+    let request = echo_call("/mcp");
+    let (r, _) = raw(port, &request);
     let text = String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!(r.status, 200, "{text}");
     assert!(text.contains("\"result\":{}"), "{text}");
@@ -868,21 +862,13 @@ fn a_client_query_never_joins_the_query_of_the_upstreams_url() {
         fake.url()
     );
     let mut d = Daemon::start_local(&instance, &config);
-    let call =
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-    let request = |target: &str| {
-        format!(
-            "POST {target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\ncontent-length: {}\r\n\r\n{call}",
-            call.len()
-        )
-    };
     for target in ["/mcp?&tenant=beta&key=", "/mcp?", "/fed?tenant=beta"] {
-        let (r, _) = raw(port, request(target).as_bytes());
+        let (r, _) = raw(port, &echo_call(target));
         let text = String::from_utf8_lossy(&r.body).into_owned();
         assert_eq!(r.status, 400, "{target}: {text}");
         assert!(text.contains("query of its own"), "{target}: {text}");
     }
-    let (r, _) = raw(port, request("/mcp").as_bytes());
+    let (r, _) = raw(port, &echo_call("/mcp"));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let seen = fake.seen.lock().unwrap().join("");
     assert!(

@@ -9,7 +9,7 @@ use std::{
 use gateway::kernel::KernelMaps;
 use gateway_common::Verdict;
 use integration_tests::{
-    daemon::{Daemon, connect_from, http_status},
+    daemon::{Daemon, connect_from, http_status, http_status_of},
     netns::{GW_ADDR, Topology, in_netns},
     unique,
 };
@@ -450,23 +450,6 @@ fn workers_serve_on_the_epoll_driver_too() {
 
 #[test]
 fn repeated_refusals_ban_the_source_in_the_kernel_until_the_ban_expires() {
-    /// The status of a call that shows a wrong API key.
-    fn wrong_key_status(stream: &mut std::net::TcpStream) -> u16 {
-        use std::io::{Read as _, Write as _};
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream
-            .write_all(b"POST /mcp HTTP/1.1\r\nhost: gw\r\nx-api-key: wrong\r\ncontent-length: 2\r\n\r\n{}")
-            .expect("write");
-        let mut buf = [0u8; 1024];
-        let n = stream.read(&mut buf).expect("read answer");
-        let text = String::from_utf8_lossy(&buf[..n]);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not HTTP: {text}"))
-    }
     let topo = Topology::new(&[ALPHA, BETA, GAMMA]);
     let instance = unique("gwban");
     // Every request to /mcp needs an API key, and each shows a wrong one: refused (401), and
@@ -494,7 +477,12 @@ tenant = "other"
         .map(|_| {
             let (mut conn, _) = attempts(&topo.client, BETA, 1);
             assert_eq!(conn.len(), 1, "not banned yet");
-            in_netns(&topo.client, || wrong_key_status(&mut conn[0]))
+            in_netns(&topo.client, || {
+                http_status_of(
+                    &mut conn[0],
+                    b"POST /mcp HTTP/1.1\r\nhost: gw\r\nx-api-key: wrong\r\ncontent-length: 2\r\n\r\n{}",
+                )
+            })
         })
         .collect();
     assert_eq!(statuses, [401, 401, 401, 401]);
