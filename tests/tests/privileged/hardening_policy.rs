@@ -426,6 +426,7 @@ fn one_tenants_tool_errors_do_not_open_the_tool_for_another() {
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
     }
+    integration_tests::peers::wait_breaker_open(s.admin, "u0/fail@");
     let r = call_2026(s.port, ACME_KEY, "fail", &args);
     assert_eq!(
         (r.status, code(&r)),

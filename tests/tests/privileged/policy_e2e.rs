@@ -474,10 +474,10 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     let py = PyServer::start(false);
     let demo_port = free_port();
     let mut demo = Some(integration_tests::peers::demo_upstream(demo_port));
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let instance = unique("gwbrk");
     let config = with_breakers(
-        local_header(&instance, 2, port, free_port()),
+        local_header(&instance, 2, port, admin),
         "breaker = { consecutive_failures = 3, open_ms = 700 }",
         &[
             (
@@ -496,6 +496,7 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     for _ in 0..3 {
         assert_eq!(call_2026(port, "/demo", "add", &add).status, 502);
     }
+    integration_tests::peers::wait_breaker_open(admin, "demo\"");
     let r = call_2026(port, "/demo", "add", &add);
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.json()["error"]["code"], -32045);
@@ -517,6 +518,7 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["result"]["isError"], true, "{r:?}");
     }
+    integration_tests::peers::wait_breaker_open(admin, "py/fail@");
     let r = call_2026(port, "/py", "fail", &json!({"reason": "x"}));
     assert_eq!(r.status, 503);
     assert!(

@@ -946,7 +946,7 @@ fn a_given_up_calls_later_question_reaches_no_other_tenant() {
         ),
         &route,
         "default_tenant = \"one\"\n[[tenants]]\nname = \"one\"\nid = 1\n[[tenants]]\nname = \"two\"\nid = 2",
-        2000,
+        4000,
     );
     let [one, two] = keys;
     let call = |key: &str, tool: &str, args: serde_json::Value| {
@@ -958,20 +958,20 @@ fn a_given_up_calls_later_question_reaches_no_other_tenant() {
         );
         raw(port, &post("/mcp", &body, &extra)).0
     };
-    // Tenant one's tool works 6 s, past its 2 s timeout, then asks.
+    // Tenant one's tool works 10 s, past its 4 s timeout, then asks.
     let r = call(
         one,
         "long_confirm",
-        serde_json::json!({"seconds": 6, "secret": "ONE-ACCOUNT-4711"}),
+        serde_json::json!({"seconds": 10, "secret": "ONE-ACCOUNT-4711"}),
     );
     assert_eq!(r.status, 504, "{r:?}");
-    // Tenant two's call is the one in flight when it asks: from 4.5 s to 6.4 s. (The code
-    // before sent the child's requests to nobody until 4 s.)
-    std::thread::sleep(std::time::Duration::from_millis(2500));
-    let r = call(two, "sleep", serde_json::json!({"seconds": 1.9}));
+    // Tenant two's call is the one in flight when it asks: from 8.5 s to 11 s. (The code
+    // before sent the child's requests to nobody until 8 s.)
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    let r = call(two, "sleep", serde_json::json!({"seconds": 2.5}));
     let body = String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!(r.status, 200, "{body}");
-    assert!(body.contains("slept 1.9"), "{body}");
+    assert!(body.contains("slept 2.5"), "{body}");
     assert!(
         !body.contains("elicitation/create") && !body.contains("ONE-ACCOUNT-4711"),
         "tenant two was asked tenant one's question: {body}"
