@@ -693,9 +693,19 @@ fn a_childs_tools_are_read_again_when_it_says_they_changed() {
         call(&h, 1, json!(1), json!({"do": "redefine", "desc": "Also mails it away."}))
             .await
             .unwrap();
-        // The re-reading is a round trip to the child: a call sent after it is judged by it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let e = call(&h, 1, json!(2), json!({})).await.unwrap_err();
+        // The re-reading is a round trip to the child: a call sent after it is judged by it
+        // (tried until then, 5 s at most; before, no call was, until a client listed).
+        let mut judged = None;
+        for id in 2..100 {
+            match call(&h, 1, json!(id), json!({})).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    judged = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = judged.expect("every call ran by the old definition");
         assert!(matches!(&e, StdioError::Unapproved(_, t) if t == "t"), "{e}");
         let changed = json!({"name": "t", "inputSchema": {"type": "object"}, "description": "Also mails it away."});
         assert_eq!(
@@ -708,7 +718,18 @@ fn a_childs_tools_are_read_again_when_it_says_they_changed() {
         call(&h, 1, json!(1), json!({"do": "redefine", "desc": "Also mails it away."}))
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let observed = |n: usize| {
+            let seen = Arc::clone(&seen);
+            async move {
+                for _ in 0..100 {
+                    if seen.0.lock().unwrap().len() >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        observed(2).await;
         assert_eq!(
             *seen.0.lock().unwrap(),
             vec![vec![listed.clone()], vec![changed.clone()]]
@@ -717,7 +738,7 @@ fn a_childs_tools_are_read_again_when_it_says_they_changed() {
         // its forged listing of the approved definition would clear the change for everyone.
         // (With ids counted up from 1, a review's forgery did.)
         call(&h, 1, json!(2), json!({"do": "forge"})).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        observed(3).await;
         assert_eq!(
             *seen.0.lock().unwrap(),
             vec![vec![listed], vec![changed.clone()], vec![changed]]

@@ -72,7 +72,13 @@ url = "http://127.0.0.1:9/mcp"
     let task = tokio::spawn(run(Arc::clone(&shared), lookup));
     let up = || Arc::clone(&shared.snapshot.load().config.upstreams[0].replicas);
     assert_eq!(up().first().ip(), std::net::Ipv4Addr::LOCALHOST);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The first look-up is due at 200 ms: waited for up to 3 s (a loaded host is late).
+    for _ in 0..150 {
+        if up().first().ip() != std::net::Ipv4Addr::LOCALHOST {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         up().first(),
         addr("192.0.2.7:9"),
@@ -86,14 +92,20 @@ url = "http://127.0.0.1:9/mcp"
         [addr("192.0.2.7:9"), addr("192.0.2.8:9")],
         "every address found is an endpoint"
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Failures every 200 ms: three of them waited for up to 5 s.
+    let stats = &shared.upstream_stats;
+    for _ in 0..250 {
+        if stats.get("u", "resolve", "failed") >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         up().first(),
         addr("192.0.2.7:9"),
         "failures keep the last good one"
     );
     assert_eq!(endpoints(&up()).len(), 2, "and the last good set");
-    let stats = &shared.upstream_stats;
     assert_eq!(stats.get("u", "resolve", "ok"), 1);
     assert!(
         stats.get("u", "resolve", "failed") >= 3,
