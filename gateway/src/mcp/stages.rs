@@ -281,12 +281,13 @@ async fn answer(
             // other requests carry its `Origin`, refused (403) before any 400 unless the page
             // is one the operator allows. Which headers a request carries decides nothing: an
             // attacker adds a browser's (a review of the first version, which spared them).
-            if status == 400 && !matches!(req.method.as_str(), "GET" | "HEAD") {
-                super::proxy::count_toward_ban(ctx, config, peer);
-            }
-            io.write_all(json_response(status, &err, req.keep_alive))
+            let banned = status == 400
+                && !matches!(req.method.as_str(), "GET" | "HEAD")
+                && super::proxy::count_toward_ban(ctx, config, peer);
+            io.write_all(json_response(status, &err, req.keep_alive && !banned))
                 .await
                 .is_ok()
+                && !banned
         }
         Stop::Refuse(r, id) => refuse(io, req, &r, id, obs, ctx, peer, config).await,
         Stop::Raw(bytes) => io.write_all(bytes).await.is_ok(),

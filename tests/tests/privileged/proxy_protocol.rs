@@ -1103,3 +1103,48 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     assert_eq!(refused_conns(a, "denied"), 1);
     assert!(still_open(&mut other_behind), "a client not denied was cut");
 }
+
+/// An IPv6 client's refusals are counted by its /64, and its auto-ban is the /64's: another
+/// address of it is refused at once, another /64 of the tenant is served. Before, the one
+/// address that went past the count was banned: each other address of its /64 had a guess and
+/// a ban of its own (15,000 in a second, the control thread at 100 % rebuilding the workers'
+/// set for each: an attacker's review). And the connection that earns the ban is closed after
+/// that answer: before, the requests pipelined on it were answered until the control thread's
+/// next turn (3,000 wrong keys).
+#[test]
+fn an_ipv6_clients_ban_holds_its_64_and_its_connection_ends_at_the_ban() {
+    let s = setup();
+    let (p, a) = (s.port, s.admin);
+    // `edge` may not call `add`: four refusals of 2001:db8:5:1::100, each on a connection of
+    // its own.
+    for n in 0..4 {
+        let r = via(
+            p,
+            &[v1("2001:db8:5:1::100", 1000 + n), call("add")].concat(),
+        );
+        assert_eq!(r.status, 403, "{:?}", r.json());
+    }
+    let banned = |net: &str| {
+        let bans = admin_request(a, "GET", "/bans", "").json();
+        bans.as_array()
+            .is_some_and(|b| b.iter().any(|b| b["address"] == net))
+    };
+    until("the /64 was not banned", || banned("2001:db8:5:1::/64"));
+    let mut c = connect(p);
+    c.write_all(&[v1("2001:db8:5:1::101", 1), call("echo")].concat())
+        .unwrap();
+    closed_without_a_byte(&mut c);
+    let r = via(p, &[v1("2001:db8:5:2::1", 1), call("echo")].concat());
+    assert!(is_result(&r), "another /64: {r:?}");
+
+    // Twenty refused calls pipelined on one connection: answered up to the one past the
+    // count (max_refusals = 3), then closed.
+    let mut c = loopback_from("127.0.2.94", s.direct).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(&call("add").repeat(20)).unwrap();
+    let mut statuses = Vec::new();
+    while let Some(r) = read_response(&mut c) {
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [403; 4], "answered on the connection");
+}
