@@ -489,6 +489,31 @@ impl Control {
                 bail!("`{what}` changed: that needs a restart; the running configuration is kept");
             }
         }
+        // Open connections are counted under the tenant id they were taken with, and given back
+        // under it: a reload that swapped two tenants' ids charged one's connections to the
+        // other (locked out at its cap while it held none: an operator's review).
+        for t in &new.tenants {
+            if let Some(o) = old.tenants.iter().find(|o| o.name == t.name)
+                && o.id != t.id
+            {
+                bail!(
+                    "tenant `{}` changed its id from {} to {}: open connections are counted under the id they were taken with; that needs a restart; the running configuration is kept",
+                    t.name,
+                    o.id,
+                    t.id
+                );
+            }
+            if let Some(o) = old.tenants.iter().find(|o| o.id == t.id)
+                && o.name != t.name
+            {
+                bail!(
+                    "tenant id {} was `{}`'s and is `{}`'s now: open connections are counted under the id they were taken with; that needs a restart; the running configuration is kept",
+                    t.id,
+                    o.name,
+                    t.name
+                );
+            }
+        }
         // Certificates are read again on every reload, even when their paths did not change.
         let stamps = crate::tls::stamps(&new);
         let upstream_stamps = crate::tls::upstream_stamps(&new);

@@ -905,3 +905,55 @@ fn an_admin_client_that_never_reads_its_answers_is_cut_off() {
 fn memchr_count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
+
+/// A reload that gives a kept tenant another id, or a tenant's id to another tenant, is
+/// refused (the running configuration kept): open connections are counted under the id they
+/// were taken with and given back under it. Before, a reload swapping two tenants' ids was
+/// taken, and the connections one tenant held were charged to the other, locked out at its cap
+/// while it held none (an operator's review). A tenant added with a new id is taken.
+#[test]
+fn a_reload_that_moves_a_tenants_id_is_refused() {
+    let fake =
+        integration_tests::peers::FakeUpstream::start(integration_tests::peers::Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwtenantid");
+    let config = |tenants: &[(&str, u32)]| {
+        let tables: String = tenants
+            .iter()
+            .map(|(name, id)| format!("[[tenants]]\nname = \"{name}\"\nid = {id}\n"))
+            .collect();
+        format!(
+            "{}default_tenant = \"acme\"\n[[upstreams]]\nname = \"u0\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n{tables}",
+            integration_tests::daemon::local_header(&instance, 1, port, admin),
+            fake.url()
+        )
+    };
+    let mut d = Daemon::start_local(&instance, &config(&[("acme", 1), ("globex", 2)]));
+    let config_path = std::env::temp_dir().join(format!("{instance}.toml"));
+    let reload = |tenants: &[(&str, u32)]| {
+        std::fs::write(
+            &config_path,
+            integration_tests::daemon::with_state(&instance, &config(tenants)),
+        )
+        .expect("write config");
+        let (r, _) = integration_tests::peers::raw(
+            admin,
+            b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    for (tenants, says) in [
+        (&[("acme", 2), ("globex", 1)][..], "changed its id from"),
+        (
+            &[("acme", 1), ("initech", 2)][..],
+            "tenant id 2 was `globex`'s and is `initech`'s now",
+        ),
+    ] {
+        let (status, body) = reload(tenants);
+        assert_eq!(status, 422, "{tenants:?}: {body}");
+        assert!(body.contains(says), "{tenants:?}: {body}");
+    }
+    let (status, body) = reload(&[("acme", 1), ("globex", 2), ("initech", 3)]);
+    assert_eq!(status, 200, "{body}");
+    d.stop();
+}
