@@ -141,24 +141,30 @@ impl Control {
             }
             bans.push((net, ttl));
         }
-        let (done, failed) = self.ban_nets(&bans);
+        let failed = self.ban_all(&bans);
         let how = if self.maps.is_some() {
             "the kernel drops this source now"
         } else {
             "the kernel program is off, so the workers refuse this source (its packets reach the stack)"
         };
-        for (net, ttl) in &bans[..done.min(16)] {
+        let not_made: std::collections::HashSet<IpNet> = failed.iter().map(|(n, _)| *n).collect();
+        let mut made = bans.iter().filter(|(net, _)| !not_made.contains(net));
+        for (net, ttl) in made.by_ref().take(16) {
             tracing::warn!(
                 source = %ban_text(*net),
                 ban_s = ttl.as_secs(),
                 "auto-ban: repeated refusals; {how}"
             );
         }
-        if done > 16 {
-            tracing::warn!(more = done - 16, "auto-ban: repeated refusals; {how}");
+        let more = made.count();
+        if more > 0 {
+            tracing::warn!(more, "auto-ban: repeated refusals; {how}");
         }
-        if let Some(e) = failed {
-            tracing::error!(not_banned = bans.len() - done, "auto-ban failed: {e}");
+        for (net, e) in failed.iter().take(16) {
+            tracing::error!(source = %ban_text(*net), "auto-ban failed: {e}");
+        }
+        if failed.len() > 16 {
+            tracing::error!(more = failed.len() - 16, "auto-ban failed");
         }
     }
 
@@ -196,6 +202,36 @@ impl Control {
             self.publish_bans();
         }
         (done, failed)
+    }
+
+    /// Bans each of `bans`, past failures (the workers handed the new set once); returns those
+    /// that failed. Never a prefix that holds every
+    /// IPv4 address to the kernel (`::ffff:0:0/96`): the admin API and the CLI refuse one, and
+    /// it fails here whatever path it comes by (bans read back from the state store included).
+    fn ban_all(&mut self, bans: &[(IpNet, Duration)]) -> Vec<(IpNet, String)> {
+        let mut failed = Vec::new();
+        let mut done = 0;
+        for (net, ttl) in bans {
+            let canonical = canonical_net(*net);
+            if crate::config::covers_ipv4(&canonical).is_some() {
+                failed.push((*net, "it holds every IPv4 address to the kernel".to_owned()));
+                continue;
+            }
+            if let Some(maps) = &mut self.maps
+                && let Err(e) = maps.ban_net(canonical, *ttl)
+            {
+                failed.push((*net, e.to_string()));
+                continue;
+            }
+            let until = kernel::monotonic_ns()
+                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+            self.bans.insert(canonical, until);
+            done += 1;
+        }
+        if done > 0 {
+            self.publish_bans();
+        }
+        failed
     }
 
     /// Lifts a ban; returns whether there was one.
@@ -397,10 +433,8 @@ impl Control {
             return;
         }
         let n = kept.len();
-        for (net, left) in kept {
-            if let Err(e) = self.ban_net(net, left) {
-                tracing::error!(source = %net, "restoring a kept ban failed: {e}");
-            }
+        for (net, e) in self.ban_all(&kept) {
+            tracing::error!(source = %net, "restoring a kept ban failed: {e}");
         }
         tracing::info!(bans = n, "bans restored from the state store");
     }
@@ -500,6 +534,20 @@ impl Control {
                     "tenant `{}` changed its id from {} to {}: open connections are counted under the id they were taken with; that needs a restart; the running configuration is kept",
                     t.name,
                     o.id,
+                    t.id
+                );
+            }
+            // An id new to its name under which connections are still open: those of a tenant
+            // an earlier reload removed (not closed yet), or of every client before tenants were
+            // named (id 0; the new default tenant may take it).
+            let open = self.shared.conns.total(t.id);
+            if open > 0
+                && !old.tenants.iter().any(|o| o.id == t.id && o.name == t.name)
+                && !(old.tenants.is_empty() && t.id == new.default_tenant)
+            {
+                bail!(
+                    "tenant `{}` takes id {} under which {open} connections of another tenant are still open: reload once they are closed, or restart; the running configuration is kept",
+                    t.name,
                     t.id
                 );
             }
@@ -2028,12 +2076,10 @@ fn parse_ban(text: &str) -> Option<IpNet> {
 /// longer) as the IPv4 one it is (the form the kernel maps key and the workers compare).
 /// [`Control::ban_net`] and [`Control::unban_net`] take every ban through it.
 /// What an auto-ban of a client at `ip` bans: its source as refusals are counted
-/// ([`crate::policy::limits::source_of`]), an IPv4 address or an IPv6 /64.
+/// ([`crate::policy::limits::source_net`]), an IPv4 address or an IPv6 /64 (the address
+/// alone where a /64 holds others).
 fn auto_ban_net(ip: std::net::IpAddr) -> IpNet {
-    match crate::policy::limits::source_of(ip) {
-        source @ std::net::IpAddr::V6(_) => IpNet::new(source, 64).unwrap_or(IpNet::from(source)),
-        source => IpNet::from(source),
-    }
+    crate::policy::limits::source_net(ip)
 }
 
 fn canonical_net(net: IpNet) -> IpNet {

@@ -593,15 +593,38 @@ pub struct State {
 }
 
 /// The source a refusal counts against: an IPv4 address, or an IPv6 address's /64 (a client
-/// is given a /64 at least, and takes any address in it).
+/// is given a /64 at least, and takes any address in it); see [`source_net`].
 pub fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    source_net(ip).addr()
+}
+
+/// The source a client at `ip` is, as a prefix: an IPv4 address (also written IPv4-mapped); an
+/// IPv6 address's /64; but the address alone where a /64 is not one client's: loopback and
+/// the rest of `::/64` (whose /64 holds `::ffff:0:0/96`, every IPv4 address to the kernel's
+/// maps: an auto-ban of `::1` as `::/64` dropped every IPv4 client, a review found),
+/// link-local (`fe80::/10`, every neighbour's), NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`, every
+/// IPv4 client behind the translator) and Teredo (`2001::/32`, every client of a relay).
+pub fn source_net(ip: std::net::IpAddr) -> ipnet::IpNet {
     match ip {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.into(),
-            None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+            Some(v4) => ipnet::IpNet::from(std::net::IpAddr::V4(v4)),
+            None if not_one_clients_64(v6) => ipnet::IpNet::from(std::net::IpAddr::V6(v6)),
+            None => ipnet::Ipv6Net::new(v6, 64)
+                .map_or(ipnet::IpNet::from(std::net::IpAddr::V6(v6)), |n| {
+                    ipnet::IpNet::V6(n.trunc())
+                }),
         },
-        v4 @ std::net::IpAddr::V4(_) => v4,
+        v4 @ std::net::IpAddr::V4(_) => ipnet::IpNet::from(v4),
     }
+}
+
+/// Whether the /64 of `v6` holds other clients than the one at `v6` (see [`source_net`]).
+fn not_one_clients_64(v6: std::net::Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[..4] == [0, 0, 0, 0]
+        || s[0] & 0xffc0 == 0xfe80
+        || s[0] == 0x64 && s[1] == 0xff9b
+        || s[0] == 0x2001 && s[1] == 0
 }
 
 /// Counts of callers known only by their address at most (refusals towards a ban, the agent
@@ -1475,6 +1498,37 @@ impl Kept {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source is an IPv4 address or an IPv6 /64, but the address alone where the /64 holds
+    /// other clients: loopback and the rest of `::/64` (whose /64 holds every IPv4 address to
+    /// the kernel), link-local, NAT64 and Teredo. Before, `::1` was `::/64`, and its auto-ban
+    /// dropped every IPv4 client in the kernel (a review).
+    #[test]
+    fn a_source_is_an_address_or_a_64_that_is_one_clients() {
+        let net = |ip: &str| source_net(ip.parse().unwrap()).to_string();
+        for (ip, source) in [
+            ("192.0.2.7", "192.0.2.7/32"),
+            ("::ffff:192.0.2.7", "192.0.2.7/32"),
+            ("2001:db8:5:1::100", "2001:db8:5:1::/64"),
+            ("2001:db8:5:1:ffff::1", "2001:db8:5:1::/64"),
+            ("::1", "::1/128"),
+            ("::", "::/128"),
+            ("::192.0.2.7", "::c000:207/128"),
+            ("::1:0:0:0", "::1:0:0:0/128"),
+            ("fe80::1", "fe80::1/128"),
+            ("febf::1", "febf::1/128"),
+            ("64:ff9b::c000:207", "64:ff9b::c000:207/128"),
+            ("64:ff9b:1::c000:207", "64:ff9b:1::c000:207/128"),
+            ("2001:0:4136:e378::1", "2001:0:4136:e378::1/128"),
+            ("2001:1::1", "2001:1::/64"),
+            ("fec0::1", "fec0::/64"),
+        ] {
+            assert_eq!(net(ip), source, "{ip}");
+            let net: ipnet::IpNet = source.parse().unwrap();
+            assert!(crate::config::covers_ipv4(&net).is_none(), "{ip}");
+            assert_eq!(source_of(ip.parse().unwrap()), net.addr(), "{ip}");
+        }
+    }
 
     /// A run's caller is read back from its count's subject whatever the caller's name holds
     /// (`:` included); a subject of another form has none.

@@ -918,9 +918,17 @@ fn a_reload_that_moves_a_tenants_id_is_refused() {
     let (port, admin) = (free_port(), free_port());
     let instance = unique("gwtenantid");
     let config = |tenants: &[(&str, u32)]| {
+        // Each tenant but the default has the loopback /24 of its id (127.0.<id>.0/24).
         let tables: String = tenants
             .iter()
-            .map(|(name, id)| format!("[[tenants]]\nname = \"{name}\"\nid = {id}\n"))
+            .map(|(name, id)| {
+                let sources = if *name == "acme" {
+                    String::new()
+                } else {
+                    format!("sources = [\"127.0.{id}.0/24\"]\n")
+                };
+                format!("[[tenants]]\nname = \"{name}\"\nid = {id}\n{sources}")
+            })
             .collect();
         format!(
             "{}default_tenant = \"acme\"\n[[upstreams]]\nname = \"u0\"\nurl = \"{}\"\n[[routes]]\npath = \"/mcp\"\nupstream = \"u0\"\n{tables}",
@@ -955,5 +963,31 @@ fn a_reload_that_moves_a_tenants_id_is_refused() {
     }
     let (status, body) = reload(&[("acme", 1), ("globex", 2), ("initech", 3)]);
     assert_eq!(status, 200, "{body}");
+    // A client of globex's holds a connection; globex is removed (its client is acme's now),
+    // and its id is not another's while that connection, counted under it, is open.
+    let mut held = integration_tests::daemon::loopback_from("127.0.2.9", port).expect("connect");
+    std::io::Write::write_all(&mut held, b"GET /nowhere HTTP/1.1\r\nhost: gw\r\n\r\n").unwrap();
+    assert_eq!(
+        integration_tests::peers::read_response(&mut held).map(|r| r.status),
+        Some(404)
+    );
+    let (status, body) = reload(&[("acme", 1), ("initech", 3)]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = reload(&[("acme", 1), ("hooli", 2), ("initech", 3)]);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("tenant `hooli` takes id 2 under which 1 connections"),
+        "{body}"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = reload(&[("acme", 1), ("hooli", 2), ("initech", 3)]);
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     d.stop();
 }
