@@ -72,6 +72,9 @@ struct Control {
     /// and may still say "at cap" from a process that stopped there, where no count would ever
     /// change it again.
     caps_written: bool,
+    /// The tenant that last held each id in a configuration in force (a removed tenant's
+    /// kept): its connections may still be open, counted under the id.
+    id_holders: std::collections::HashMap<u32, String>,
 }
 
 impl Control {
@@ -481,7 +484,17 @@ impl Control {
             Err(e) => tracing::error!(source, "reload refused: {e:#}"),
         }
         self.reloads.record(source, result.is_ok());
+        if result.is_ok() {
+            self.note_id_holders();
+        }
         result
+    }
+
+    /// Takes the tenants of the configuration in force as their ids' holders.
+    fn note_id_holders(&mut self) {
+        for t in &self.shared.snapshot.load().config.tenants {
+            self.id_holders.insert(t.id, t.name.clone());
+        }
     }
 
     fn reload_file(&mut self) -> anyhow::Result<String> {
@@ -537,14 +550,15 @@ impl Control {
                     t.id
                 );
             }
-            // An id new to its name under which connections are still open: those of a tenant
-            // an earlier reload removed (not closed yet), or of every client before tenants were
-            // named (id 0; the new default tenant may take it).
+            // An id under which another tenant's connections are still open: one an earlier
+            // reload removed (not closed yet), or every client's before tenants were named (id
+            // 0, which the new default tenant may take).
             let open = self.shared.conns.total(t.id);
-            if open > 0
-                && !old.tenants.iter().any(|o| o.id == t.id && o.name == t.name)
-                && !(old.tenants.is_empty() && t.id == new.default_tenant)
-            {
+            let another = match self.id_holders.get(&t.id) {
+                Some(holder) => *holder != t.name,
+                None => t.id != new.default_tenant,
+            };
+            if open > 0 && another {
                 bail!(
                     "tenant `{}` takes id {} under which {open} connections of another tenant are still open: reload once they are closed, or restart; the running configuration is kept",
                     t.name,
@@ -1119,12 +1133,14 @@ impl Control {
 struct FleetBans(Arc<Mutex<Control>>);
 
 impl crate::fleet::Bans for FleetBans {
-    /// Address bans only: prefix bans stay on the host they were made on.
+    /// Address bans only: prefix bans stay on the host they were made on, and so do bans of
+    /// addresses that name another machine on every host (loopback, link-local: a local
+    /// proxy's `::1` banned here would be another host's own proxy there).
     fn local(&self) -> Vec<(std::net::IpAddr, Duration)> {
         lock(&self.0)
             .list_bans()
             .into_iter()
-            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len() && !host_local(net.addr()))
             .map(|(net, left)| (net.addr(), left))
             .collect()
     }
@@ -2075,6 +2091,17 @@ fn parse_ban(text: &str) -> Option<IpNet> {
 /// A prefix with its host bits cleared, and an IPv4-mapped IPv6 address or prefix (of /96 or
 /// longer) as the IPv4 one it is (the form the kernel maps key and the workers compare).
 /// [`Control::ban_net`] and [`Control::unban_net`] take every ban through it.
+/// Whether `ip` names a machine only on the host that sees it: loopback, link-local or
+/// unspecified.
+fn host_local(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || v6.segments()[0] & 0xffc0 == 0xfe80
+        }
+    }
+}
+
 /// What an auto-ban of a client at `ip` bans: its source as refusals are counted
 /// ([`crate::policy::limits::source_net`]), an IPv4 address or an IPv6 /64 (the address
 /// alone where a /64 holds others).

@@ -280,7 +280,9 @@ impl Control {
             reloads: Reloads::default(),
             kernel_hosts,
             caps_written: false,
+            id_holders: std::collections::HashMap::new(),
         }));
+        lock(&control).note_id_holders();
         // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
         lock(&control).refresh_bans();
         lock(&control).restore_bans(kept.bans);

@@ -271,7 +271,12 @@ fn an_idle_wait_past_the_grace_read_gets_its_bytes_or_times_out() {
             assert_eq!(bytes, b"after the grace");
             let (r, took, _) = &outcomes[1];
             assert!(matches!(r, Err(HttpError::Timeout)), "{r:?}");
-            assert!(*took >= idle, "timed out after {took:?}");
+            // Not before its time, but for a coarse-clock tick that came late (2 ms once, on a
+            // loaded host: `clock::deadline`).
+            assert!(
+                *took + Duration::from_millis(20) >= idle,
+                "timed out after {took:?}"
+            );
             assert!(
                 *took < idle + Duration::from_millis(600),
                 "timed out after {took:?}"

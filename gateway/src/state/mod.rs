@@ -227,6 +227,17 @@ fn open_copying_before_repair(path: &Path) -> Result<Database, redb::DatabaseErr
         ),
     }
     keep_copies(path, copied.is_ok().then_some(aside.as_path()));
+    // The file was open (and locked) just now by the aborted attempt: a process forked by
+    // another thread meanwhile holds that lock until it runs its program (the unit tests saw
+    // "in use" so). A little while for it.
+    for _ in 0..50 {
+        match Database::builder().create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
     Database::builder().create(path)
 }
 
