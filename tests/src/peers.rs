@@ -635,20 +635,35 @@ pub fn keep_alive(
 /// starts with `prefix` open. A call's verdict is recorded after its answer is written, so a
 /// client's next request can come before it.
 pub fn wait_breaker_open(admin: u16, prefix: &str) {
+    assert!(
+        wait_breaker(admin, prefix, " 1"),
+        "no breaker named {prefix}... opened"
+    );
+}
+
+/// Waits (5 s at most) until `/metrics` shows the breaker whose name starts with `prefix`
+/// closed again: a good probe's verdict, too, is recorded after its answer is written.
+pub fn wait_breaker_closed(admin: u16, prefix: &str) {
+    assert!(
+        wait_breaker(admin, prefix, " 0"),
+        "the breaker named {prefix}... did not close"
+    );
+}
+
+fn wait_breaker(admin: u16, prefix: &str, state: &str) -> bool {
     let needle = format!("mcp_gateway_breaker_state{{breaker=\"{prefix}");
-    let open = (0..50).any(|_| {
+    (0..50).any(|_| {
         let (m, _) = raw(admin, b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
         let text = String::from_utf8_lossy(&m.body).into_owned();
         if text
             .lines()
-            .any(|l| l.starts_with(&needle) && l.ends_with(" 1"))
+            .any(|l| l.starts_with(&needle) && l.ends_with(state))
         {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
         false
-    });
-    assert!(open, "no breaker named {prefix}... opened");
+    })
 }
 
 pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {

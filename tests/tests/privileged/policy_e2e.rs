@@ -507,6 +507,7 @@ fn breakers_open_on_failures_and_tool_errors_and_close_again_after_a_good_probe(
     std::thread::sleep(std::time::Duration::from_millis(800));
     let r = call_2026(port, "/demo", "add", &add);
     assert_eq!(r.status, 200, "the probe: {r:?}");
+    integration_tests::peers::wait_breaker_closed(admin, "demo\"");
     for _ in 0..5 {
         assert_eq!(call_2026(port, "/demo", "add", &add).status, 200);
     }
