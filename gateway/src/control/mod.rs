@@ -189,16 +189,10 @@ impl Control {
         let mut done = 0;
         let mut failed = None;
         for (net, ttl) in bans {
-            let net = canonical_net(*net);
-            if let Some(maps) = &mut self.maps
-                && let Err(e) = maps.ban_net(net, *ttl)
-            {
+            if let Err(e) = self.hold_ban(canonical_net(*net), *ttl) {
                 failed = Some(e);
                 break;
             }
-            let until = kernel::monotonic_ns()
-                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
-            self.bans.insert(net, until);
             done += 1;
         }
         if done > 0 {
@@ -207,10 +201,22 @@ impl Control {
         (done, failed)
     }
 
+    /// Bans `net` (canonical) for `ttl` in the kernel's maps (when the program is on) and in
+    /// the record the workers are handed ([`Control::publish_bans`], left to the caller).
+    fn hold_ban(&mut self, net: IpNet, ttl: Duration) -> Result<(), kernel::KernelError> {
+        if let Some(maps) = &mut self.maps {
+            maps.ban_net(net, ttl)?;
+        }
+        let until =
+            kernel::monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        self.bans.insert(net, until);
+        Ok(())
+    }
+
     /// Bans each of `bans`, past failures (the workers handed the new set once); returns those
-    /// that failed. Never a prefix that holds every
-    /// IPv4 address to the kernel (`::ffff:0:0/96`): the admin API and the CLI refuse one, and
-    /// it fails here whatever path it comes by (bans read back from the state store included).
+    /// that failed. Never a prefix that holds every IPv4 address to the kernel
+    /// (`::ffff:0:0/96`): the admin API and the CLI refuse one, and it fails here whatever path
+    /// it comes by (bans read back from the state store included).
     fn ban_all(&mut self, bans: &[(IpNet, Duration)]) -> Vec<(IpNet, String)> {
         let mut failed = Vec::new();
         let mut done = 0;
@@ -220,16 +226,10 @@ impl Control {
                 failed.push((*net, "it holds every IPv4 address to the kernel".to_owned()));
                 continue;
             }
-            if let Some(maps) = &mut self.maps
-                && let Err(e) = maps.ban_net(canonical, *ttl)
-            {
-                failed.push((*net, e.to_string()));
-                continue;
+            match self.hold_ban(canonical, *ttl) {
+                Ok(()) => done += 1,
+                Err(e) => failed.push((*net, e.to_string())),
             }
-            let until = kernel::monotonic_ns()
-                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
-            self.bans.insert(canonical, until);
-            done += 1;
         }
         if done > 0 {
             self.publish_bans();

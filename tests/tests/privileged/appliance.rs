@@ -374,16 +374,8 @@ fn configuration_changes_are_logged_with_source_and_diff_and_counted() {
 
     // Through the admin API: a route added.
     let extra = format!("{base}\n[[routes]]\npath = \"/extra\"\nupstream = \"u0\"\n");
-    std::fs::write(
-        &config_path,
-        integration_tests::daemon::with_state(&instance, &extra),
-    )
-    .expect("write config");
-    let (r, _) = integration_tests::peers::raw(
-        admin,
-        b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (status, body) = reload_file_as(&instance, admin, &extra);
+    assert_eq!(status, 200, "{body}");
     d.wait_for_log("routes +/extra", Duration::from_secs(5));
     let line = d
         .log()
@@ -496,19 +488,7 @@ upstream = "u0"
         )
     };
     let mut d = Daemon::start_local(&instance, &base);
-    let config_path = dir.join(format!("{instance}.toml"));
-    let reload = |config: &str| {
-        std::fs::write(
-            &config_path,
-            integration_tests::daemon::with_state(&instance, config),
-        )
-        .expect("write config");
-        let (r, _) = integration_tests::peers::raw(
-            admin,
-            b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-        );
-        (r.status, String::from_utf8_lossy(&r.body).into_owned())
-    };
+    let reload = |config: &str| reload_file_as(&instance, admin, config);
     // Each log is flushed within about 50 ms of a line.
     let settle = || std::thread::sleep(Duration::from_millis(300));
 
@@ -901,6 +881,21 @@ fn an_admin_client_that_never_reads_its_answers_is_cut_off() {
     d.stop();
 }
 
+/// Writes `config` as test instance `instance`'s configuration file and has the gateway's
+/// admin API (`admin`) reload it: the answer's status and body.
+fn reload_file_as(instance: &str, admin: u16, config: &str) -> (u16, String) {
+    std::fs::write(
+        std::env::temp_dir().join(format!("{instance}.toml")),
+        integration_tests::daemon::with_state(instance, config),
+    )
+    .expect("write config");
+    let (r, _) = integration_tests::peers::raw(
+        admin,
+        b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
 /// How many times `needle` occurs in `hay`.
 fn memchr_count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
@@ -937,19 +932,7 @@ fn a_reload_that_moves_a_tenants_id_is_refused() {
         )
     };
     let mut d = Daemon::start_local(&instance, &config(&[("acme", 1), ("globex", 2)]));
-    let config_path = std::env::temp_dir().join(format!("{instance}.toml"));
-    let reload = |tenants: &[(&str, u32)]| {
-        std::fs::write(
-            &config_path,
-            integration_tests::daemon::with_state(&instance, &config(tenants)),
-        )
-        .expect("write config");
-        let (r, _) = integration_tests::peers::raw(
-            admin,
-            b"POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-        );
-        (r.status, String::from_utf8_lossy(&r.body).into_owned())
-    };
+    let reload = |tenants: &[(&str, u32)]| reload_file_as(&instance, admin, &config(tenants));
     for (tenants, says) in [
         (&[("acme", 2), ("globex", 1)][..], "changed its id from"),
         (
