@@ -219,6 +219,43 @@ pub const fn gcra_take(tat: u64, now: u64, interval: u64, tolerance: u64) -> Tak
     }
 }
 
+/// IPv6 space where a /64 is not one client's, as (network, prefix length): `::/64` (loopback,
+/// and `::ffff:0:0/96`, every IPv4 address as the kernel program keys it), link-local
+/// `fe80::/10` (every host of a link), NAT64's `64:ff9b::/96` and `64:ff9b:1::/48` (IPv4
+/// clients behind a translator) and Teredo's `2001::/32` (clients behind IPv4 NATs). A source
+/// there is its address alone; elsewhere an IPv6 source is its /64 (one host is given a /64
+/// and may send from any address in it). [`source_is_address`] is the same test.
+pub const SHARED_V6: [(Addr, u8); 5] = [
+    ([0; 16], 64),
+    ([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 10),
+    (
+        [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        96,
+    ),
+    (
+        [0, 0x64, 0xff, 0x9b, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        48,
+    ),
+    ([0x20, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 32),
+];
+
+/// Whether a source at `addr` (IPv6, or IPv4-mapped) is its address alone, not its /64: an
+/// address in [`SHARED_V6`]. The kernel program's per-source buckets, the workers' per-source
+/// counts and auto-bans all key a source so.
+#[inline(always)]
+pub const fn source_is_address(addr: &Addr) -> bool {
+    let a = addr;
+    let zero64 = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] == 0;
+    let link_local = a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    let nat64 = a[0] == 0
+        && a[1] == 0x64
+        && a[2] == 0xff
+        && a[3] == 0x9b
+        && (a[4] == 0 && a[5] == 1 || a[4] | a[5] | a[6] | a[7] | a[8] | a[9] | a[10] | a[11] == 0);
+    let teredo = a[0] == 0x20 && a[1] == 0x01 && a[2] == 0 && a[3] == 0;
+    zero64 || link_local || nat64 || teredo
+}
+
 /// IPv4-mapped form of an IPv4 address.
 pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
     [
@@ -314,5 +351,41 @@ mod tests {
     fn zero_rate_is_unlimited_marker() {
         assert_eq!(TenantLimits::gcra(0, 5), (0, 0));
         assert_eq!(TenantLimits::gcra(2_000_000_000, 0), (1, 1));
+    }
+
+    /// `source_is_address` is the test of `SHARED_V6`: every range's first and last address is
+    /// in, and the address before and after it is out (none of the ranges touch).
+    #[test]
+    fn source_is_address_is_shared_v6() {
+        let inside = |a: u128| {
+            SHARED_V6.iter().any(|(net, len)| {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                a & mask == u128::from_be_bytes(*net)
+            })
+        };
+        for (net, len) in SHARED_V6 {
+            let first = u128::from_be_bytes(net);
+            let last = first | (u128::MAX >> len);
+            for a in [first, last, first + 1, last - 1] {
+                assert!(source_is_address(&a.to_be_bytes()), "{a:x}");
+            }
+            for a in [first.wrapping_sub(1), last.wrapping_add(1)] {
+                assert_eq!(source_is_address(&a.to_be_bytes()), inside(a), "{a:x}");
+                assert!(!inside(a) || a == 0, "ranges touch at {a:x}");
+            }
+        }
+        for a in [
+            "2001:db8::1",
+            "2001:1::1",
+            "64:ff9b:0:0:1::1",
+            "64:ff9b:2::1",
+            "fec0::1",
+            "2606:4700::1",
+        ] {
+            let a: u128 = a.parse::<core::net::Ipv6Addr>().unwrap().into();
+            assert!(!source_is_address(&a.to_be_bytes()), "{a:x}");
+            assert!(!inside(a));
+        }
+        assert!(source_is_address(&v4_mapped([192, 0, 2, 1])));
     }
 }

@@ -380,14 +380,13 @@ fn take_shared(bucket: *mut u64, now: u64, interval: u64, tolerance: u64) -> boo
 }
 
 /// The per-source bucket: charged in place when the source is known, inserted for a new one.
-/// An IPv6 source is its /64 (but for a link-local one): one host is given a /64 and may send
-/// from any address in it.
+/// An IPv6 source is its /64 (one host is given a /64 and may send from any address in it), but
+/// where a /64 is not one client's (`gateway_common::SHARED_V6`: IPv4-mapped, loopback,
+/// link-local, NAT64, Teredo) its address.
 #[inline(always)]
 fn take_token(src: &Addr, now: u64, interval: u64, tolerance: u64) -> bool {
     let mut key = *src;
-    // Link-local addresses (fe80::/10) are hosts of one link, which all share its /64.
-    let link_local = key[0] == 0xfe && key[1] & 0xc0 == 0x80;
-    if !is_v4_mapped(&key) && !link_local {
+    if !gateway_common::source_is_address(&key) {
         key[8..].copy_from_slice(&[0; 8]);
     }
     let src = &key;

@@ -159,7 +159,7 @@ impl Drop for Counted<'_> {
 /// tenants' `max_connections_per_source`: only sources with a connection open have an entry,
 /// so the table is as large as the open connections at most. Lock-free (a connection's accept
 /// and close; never a request). Sources are counted as the new-connection limits count them
-/// ([`source_key`]: a link-local IPv6 address whole).
+/// ([`source_key`]: an IPv6 address whole where a /64 is not one client's).
 #[derive(Default)]
 pub struct SourceConns(papaya::HashMap<[u8; 16], u64>);
 
@@ -583,18 +583,19 @@ impl NewConns {
 }
 
 /// A source as the new-connection limits count it: an IPv4 address, an IPv6 /64 (one host is
-/// given a /64), a link-local IPv6 address whole. As the kernel program counts it.
+/// given a /64), an IPv6 address whole where a /64 is not one client's
+/// ([`gateway_common::SHARED_V6`]). As the kernel program counts it, and as
+/// [`crate::policy::limits::source_net`] names it.
 fn source_key(client: IpAddr) -> [u8; 16] {
-    match client.to_canonical() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => {
-            let mut key = v6.octets();
-            if !v6.is_unicast_link_local() {
-                key[8..].fill(0);
-            }
-            key
-        }
+    let mut key = match client.to_canonical() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
     }
+    .octets();
+    if !gateway_common::source_is_address(&key) {
+        key[8..].fill(0);
+    }
+    key
 }
 
 /// One GCRA decision on a bucket the workers share, as the kernel program takes one. A bucket

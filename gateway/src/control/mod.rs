@@ -144,6 +144,12 @@ impl Control {
             }
             bans.push((net, ttl));
         }
+        let widen_at = snapshot
+            .config
+            .auto_ban
+            .as_ref()
+            .map_or(0, |b| b.ipv6_widen_at);
+        let bans = self.widened(bans, widen_at, now, trusted);
         let failed = self.ban_all(&bans);
         let how = if self.maps.is_some() {
             "the kernel drops this source now"
@@ -151,6 +157,15 @@ impl Control {
             "the kernel program is off, so the workers refuse this source (its packets reach the stack)"
         };
         let not_made: std::collections::HashSet<IpNet> = failed.iter().map(|(n, _)| *n).collect();
+        let mut lifted = 0;
+        for (net, _) in &bans {
+            if matches!(net, IpNet::V6(v6) if v6.prefix_len() < 64) && !not_made.contains(net) {
+                lifted += self.lift_inside(*net);
+            }
+        }
+        if lifted > 0 {
+            self.publish_bans();
+        }
         let mut made = bans.iter().filter(|(net, _)| !not_made.contains(net));
         for (net, ttl) in made.by_ref().take(16) {
             tracing::warn!(
@@ -169,6 +184,104 @@ impl Control {
         if failed.len() > 16 {
             tracing::error!(more = failed.len() - 16, "auto-ban failed");
         }
+    }
+
+    /// A turn's auto-bans (`bans`), each IPv6 /64 widened where bans lie together: to its /56
+    /// when that holds `at` bans in force or of this turn (this one counted), and to its /48
+    /// when that does (whether or not the /56 did); a widened ban takes the place of this turn's bans inside it. A client holds
+    /// many /64s (a /48 holds 65,536, and a tunnel broker gives one away): banned one /64 at a
+    /// time, one client filled the kernel's prefix ban map (16,384), and past it no auto-ban of
+    /// anyone was made. Never to a prefix holding a trusted balancer's address (`trusted`), nor
+    /// one that meets space where a /64 is not one client's (it would hold others: `::/56`
+    /// holds every IPv4 address to the kernel). `at` 0: none widened.
+    fn widened(
+        &self,
+        bans: Vec<(IpNet, Duration)>,
+        at: u32,
+        now: u64,
+        trusted: impl Fn(&IpNet) -> bool,
+    ) -> Vec<(IpNet, Duration)> {
+        if at == 0 {
+            return bans;
+        }
+        let at = at as usize;
+        let mut held: Vec<ipnet::Ipv6Net> = self
+            .bans
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .filter_map(|(net, _)| match net {
+                IpNet::V6(v6) => Some(*v6),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        let mut out: Vec<(IpNet, Duration)> = Vec::with_capacity(bans.len());
+        for (net, ttl) in bans {
+            let IpNet::V6(mut v6) = net else {
+                out.push((net, ttl));
+                continue;
+            };
+            if v6.prefix_len() == 64 {
+                for len in [56, 48] {
+                    let Ok(wide) = ipnet::Ipv6Net::new(v6.addr(), len).map(|n| n.trunc()) else {
+                        break;
+                    };
+                    if crate::policy::limits::meets_shared_space(wide) || trusted(&IpNet::V6(wide))
+                    {
+                        break;
+                    }
+                    // Bans inside the /64 (or the /56 it widened to) count as one: this.
+                    let inside = held
+                        .iter()
+                        .filter(|h| h.prefix_len() > len && wide.contains(*h) && !v6.contains(*h))
+                        .count();
+                    if inside + 1 < at {
+                        // The /48 may hold enough without this /56.
+                        continue;
+                    }
+                    tracing::warn!(
+                        prefix = %wide,
+                        bans_inside = inside + 1,
+                        "auto-ban widened: the prefix holds {} bans; banned whole",
+                        inside + 1
+                    );
+                    v6 = wide;
+                }
+            }
+            if v6.prefix_len() < 64 {
+                out.retain(|(n, _)| !matches!(n, IpNet::V6(o) if v6.contains(o)));
+                held.retain(|h| !v6.contains(h));
+            }
+            held.push(v6);
+            out.push((IpNet::V6(v6), ttl));
+        }
+        out
+    }
+
+    /// Lifts the bans strictly inside `wide` (a ban just made) that end no later than it: it
+    /// holds them, and their entries in the kernel's ban map are freed. Returns how many. The
+    /// workers are not handed the new set here.
+    fn lift_inside(&mut self, wide: IpNet) -> usize {
+        let Some(&until) = self.bans.get(&wide) else {
+            return 0;
+        };
+        let inner: Vec<IpNet> = self
+            .bans
+            .iter()
+            .filter(|(net, ends)| **net != wide && wide.contains(*net) && **ends <= until)
+            .map(|(net, _)| *net)
+            .collect();
+        let mut lifted = 0;
+        for net in inner {
+            if let Some(maps) = &mut self.maps
+                && let Err(e) = maps.unban_net(net)
+            {
+                tracing::warn!(prefix = %ban_text(net), "lifting a ban a wider one holds: {e}");
+                continue;
+            }
+            self.bans.remove(&net);
+            lifted += 1;
+        }
+        lifted
     }
 
     /// Bans `ip` for `ttl`: in the kernel's ban map (when the program is on) and for the
@@ -1974,7 +2087,22 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             };
             match c.unban_net(net) {
                 Ok(true) => json_reply(200, &serde_json::json!({"unbanned": ban_text(canonical_net(net))})),
-                Ok(false) => json_reply(404, &serde_json::json!({"error": "not banned"})),
+                Ok(false) => {
+                    // Not banned by itself, but a wider ban may hold it (an auto-ban widened
+                    // to its /56, an operator's prefix): that is what to lift.
+                    let net = canonical_net(net);
+                    let held_by: Vec<String> = c
+                        .list_bans()
+                        .iter()
+                        .filter(|(ban, _)| ban.contains(&net))
+                        .map(|(ban, _)| ban_text(*ban))
+                        .collect();
+                    if held_by.is_empty() {
+                        json_reply(404, &serde_json::json!({"error": "not banned"}))
+                    } else {
+                        json_reply(409, &serde_json::json!({"error": format!("`{}` has no ban of its own: {} holds it (DELETE /bans/<that prefix> lifts it)", ban_text(net), held_by.join(", ")), "held_by": held_by}))
+                    }
+                }
                 Err(e) => json_reply(500, &serde_json::json!({"error": e.to_string()})),
             }
         }

@@ -620,11 +620,16 @@ pub fn source_net(ip: std::net::IpAddr) -> ipnet::IpNet {
 
 /// Whether the /64 of `v6` holds other clients than the one at `v6` (see [`source_net`]).
 fn not_one_clients_64(v6: std::net::Ipv6Addr) -> bool {
-    let s = v6.segments();
-    s[..4] == [0, 0, 0, 0]
-        || s[0] & 0xffc0 == 0xfe80
-        || s[0] == 0x64 && s[1] == 0xff9b && (s[2] == 1 || s[2..6] == [0, 0, 0, 0])
-        || s[0] == 0x2001 && s[1] == 0
+    gateway_common::source_is_address(&v6.octets())
+}
+
+/// Whether `net` and the space where a /64 is not one client's ([`gateway_common::SHARED_V6`])
+/// meet: no auto-ban is widened to such a prefix.
+pub fn meets_shared_space(net: ipnet::Ipv6Net) -> bool {
+    gateway_common::SHARED_V6.iter().any(|(addr, len)| {
+        ipnet::Ipv6Net::new((*addr).into(), *len)
+            .is_ok_and(|shared| shared.contains(&net) || net.contains(&shared))
+    })
 }
 
 /// Counts of callers known only by their address at most (refusals towards a ban, the agent
@@ -1528,6 +1533,23 @@ mod tests {
             let net: ipnet::IpNet = source.parse().unwrap();
             assert!(crate::config::covers_ipv4(&net).is_none(), "{ip}");
             assert_eq!(source_of(ip.parse().unwrap()), net.addr(), "{ip}");
+        }
+        // An auto-ban is never widened to a prefix that meets that space.
+        for (net, meets) in [
+            ("2001:db8:5:100::/56", false),
+            ("2001:db8:5::/48", false),
+            ("::/56", true),
+            ("::/48", true),
+            ("64:ff9b::/56", true),
+            ("64:ff9b::/48", true),
+            ("64:ff9b:1::/48", true),
+            ("64:ff9b:2::/48", false),
+            ("2001::/48", true),
+            ("2001:1::/48", false),
+            ("fe80::/56", true),
+            ("fec0::/48", false),
+        ] {
+            assert_eq!(meets_shared_space(net.parse().unwrap()), meets, "{net}");
         }
     }
 

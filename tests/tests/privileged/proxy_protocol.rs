@@ -1112,6 +1112,87 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
     assert!(still_open(&mut other_behind), "a client not denied was cut");
 }
 
+/// A client holds many /64s (a /48 holds 65,536; a tunnel broker gives one away), each banned
+/// on its own: one client filled the kernel's prefix ban map, and past it nobody's auto-ban was
+/// made. Bans widen (`ipv6_widen_at`, 4 by default): the fourth ban in one /56 bans the /56 in
+/// their place, the fourth in one /48 the /48; a /64 of it never refused is then refused, and
+/// the bans inside are lifted. A DELETE of one of those says which ban holds it.
+#[test]
+fn an_ipv6_client_with_many_64s_is_banned_by_its_56_then_by_its_48() {
+    let s = setup();
+    let (p, a) = (s.port, s.admin);
+    let bans = || -> Vec<String> {
+        let bans = admin_request(a, "GET", "/bans", "").json();
+        bans.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // `edge` (2001:db8:5::/48) may not call `add`: four refusals ban a source (max_refusals 3).
+    let refuse_four = |client: &str| {
+        for n in 0..4 {
+            let r = via(p, &[v1(client, 1000 + n), call("add")].concat());
+            assert_eq!(r.status, 403, "{client}: {:?}", r.json());
+        }
+    };
+    let first = [
+        "2001:db8:5:100::1",
+        "2001:db8:5:101::1",
+        "2001:db8:5:1a0::1",
+    ];
+    for (i, client) in first.iter().enumerate() {
+        refuse_four(client);
+        let net = format!("{}/64", client.trim_end_matches('1'));
+        until(&format!("{net} was not banned: {:?}", bans()), || {
+            bans().contains(&net)
+        });
+        assert_eq!(bans().len(), i + 1, "{:?}", bans());
+    }
+    // The fourth in 2001:db8:5:100::/56.
+    refuse_four("2001:db8:5:1ff::9");
+    until(&format!("the /56 was not banned: {:?}", bans()), || {
+        bans() == ["2001:db8:5:100::/56"]
+    });
+    let mut c = connect(p);
+    c.write_all(&[v1("2001:db8:5:150::7", 1), call("echo")].concat())
+        .unwrap();
+    closed_without_a_byte(&mut c);
+    let r = via(p, &[v1("2001:db8:5:200::7", 1), call("echo")].concat());
+    assert!(is_result(&r), "another /56 of the /48: {r:?}");
+    let r = admin_request(a, "DELETE", "/bans/2001:db8:5:101::/64", "");
+    assert_eq!(r.status, 409, "{:?}", r.json());
+    assert_eq!(
+        r.json()["held_by"][0],
+        "2001:db8:5:100::/56",
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(
+        admin_request(a, "DELETE", "/bans/2001:db8:6::/64", "").status,
+        404
+    );
+
+    // Three more in other /56s of 2001:db8:5::/48: the /56 and two /64s are three bans in it,
+    // the third /64 the fourth.
+    for client in ["2001:db8:5:200::1", "2001:db8:5:3000::1"] {
+        refuse_four(client);
+        let net = format!("{}/64", client.trim_end_matches('1'));
+        until(&format!("{net} was not banned: {:?}", bans()), || {
+            bans().contains(&net)
+        });
+    }
+    assert_eq!(bans().len(), 3, "{:?}", bans());
+    refuse_four("2001:db8:5:ffff::1");
+    until(&format!("the /48 was not banned: {:?}", bans()), || {
+        bans() == ["2001:db8:5::/48"]
+    });
+    let mut c = connect(p);
+    c.write_all(&[v1("2001:db8:5:4444::4", 1), call("echo")].concat())
+        .unwrap();
+    closed_without_a_byte(&mut c);
+}
+
 /// An IPv6 client's refusals are counted by its /64, and its auto-ban is the /64's: another
 /// address of it is refused at once, another /64 of the tenant is served. Before, the one
 /// address that went past the count was banned: each other address of its /64 had a guess and

@@ -520,6 +520,32 @@ fn an_ipv6_source_is_limited_by_its_64() {
     assert_eq!(k.run(&syn("198.18.1.2")), XDP_PASS);
 }
 
+/// Where a /64 is not one client's (`gateway_common::SHARED_V6`: NAT64, Teredo, link-local,
+/// `::/64`) a source is its address, as the workers' per-source counts and auto-bans take it:
+/// IPv4 clients behind a NAT64 translator, one /64, shared one bucket here.
+#[test]
+fn where_a_64_is_not_one_clients_a_source_is_its_address() {
+    let mut st = state();
+    // Unclassified: the default tenant's.
+    st.limits = vec![(DEFAULT, limits((0, 0), (1, 1)))];
+    let mut k = TestKernel::load(&st);
+    let syn = |src: &str| frames::tcp(ip(src), PORT, Flags::Syn);
+    for (a, b) in [
+        ("64:ff9b::c612:101", "64:ff9b::c612:102"),
+        ("64:ff9b:1::1", "64:ff9b:1::2"),
+        ("2001:0:4136:e378::1", "2001:0:4136:e378::2"),
+        ("fe80::1", "fe80::2"),
+        ("::2", "::3"),
+    ] {
+        assert_eq!(k.run(&syn(a)), XDP_PASS, "{a}");
+        assert_eq!(k.run(&syn(a)), XDP_DROP, "{a} again");
+        assert_eq!(k.run(&syn(b)), XDP_PASS, "{b}: another client");
+    }
+    // Beside them, a /64 is one source.
+    assert_eq!(k.run(&syn("64:ff9b:0:0:1::1")), XDP_PASS);
+    assert_eq!(k.run(&syn("64:ff9b:0:0:1::2")), XDP_DROP);
+}
+
 #[test]
 fn later_fragments_pass_and_are_counted() {
     let mut k = TestKernel::load(&state());
