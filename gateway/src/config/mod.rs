@@ -560,6 +560,12 @@ pub struct RawStdio {
     pub read_paths: Option<Vec<String>>,
     #[serde(default)]
     pub write_paths: Option<Vec<String>>,
+    /// The most the child's home folder (its `HOME` and `TMPDIR`, where it may always write)
+    /// may hold, in MiB of disk, and at most 100,000 files and folders; read once a second
+    /// while the child runs. Past it the child is stopped (its calls fail) and its home
+    /// removed: its next start gets a new, empty one. 0: unbounded.
+    #[serde(default = "default_stdio_max_home_mb")]
+    pub max_home_mb: u64,
     /// The longest line (one JSON-RPC message) read from the child.
     #[serde(default = "default_stdio_max_line_bytes")]
     pub max_line_bytes: usize,
@@ -594,6 +600,9 @@ const fn default_stdio_start_timeout_ms() -> u64 {
 }
 const fn default_stdio_max_memory_mb() -> u64 {
     4096
+}
+const fn default_stdio_max_home_mb() -> u64 {
+    1024
 }
 const fn default_stdio_max_open_files() -> u64 {
     1024
@@ -1126,6 +1135,7 @@ fn stdio_spec(
         max_processes: default_stdio_max_processes(),
         read_paths: None,
         write_paths: None,
+        max_home_mb: default_stdio_max_home_mb(),
         max_line_bytes: default_stdio_max_line_bytes(),
         children: StdioChildren::Shared,
         max_children: default_stdio_max_children(),
@@ -1172,6 +1182,7 @@ fn stdio_spec(
         max_memory_bytes: raw.max_memory_mb << 20,
         max_open_files: raw.max_open_files,
         max_processes: raw.max_processes,
+        max_home_bytes: raw.max_home_mb.saturating_mul(1 << 20),
         landlock: (raw.read_paths.is_some() || raw.write_paths.is_some()).then(|| {
             crate::stdio::FsAccess {
                 read: raw

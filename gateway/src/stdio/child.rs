@@ -338,6 +338,9 @@ struct Relisting {
     again: bool,
 }
 
+/// Ticks (of 200 ms) between readings of what a running child's home holds.
+const HOME_READ_TICKS: u32 = 5;
+
 /// Tools a per-caller child's [`Supervisor::defined`] keeps at most (as its upstream's share
 /// of the pin table: past it, a tool is refused as unlisted, [`StdioError::Unlisted`]).
 const MAX_DEFINED: usize = crate::policy::pins::MAX_PINS_PER_UPSTREAM;
@@ -371,6 +374,9 @@ async fn supervise(
     };
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks = 0u32;
+    // A reading of the home's use under way (off this thread).
+    let mut home_read: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
     // Lines taken since this supervisor last let the thread's other tasks run: lines already
     // read into the buffer come without a wait, and a child writing without end (16 million
     // lines in 10 s) kept the control thread, the admin API and every other child's
@@ -412,7 +418,27 @@ async fn supervise(
                     }
                 }
             },
+            read = async { home_read.as_mut().expect("a reading").await }, if home_read.is_some() => {
+                home_read = None;
+                if let Ok(Err(why)) = read {
+                    s.home_over(&mut running, why).await;
+                }
+            }
             _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                // Once a second, while the child runs: what its home holds.
+                let max = s.spec.sandbox.max_home_bytes;
+                if ticks.is_multiple_of(HOME_READ_TICKS)
+                    && max > 0
+                    && running.is_some()
+                    && home_read.is_none()
+                    && let Some(home) = &s.home
+                {
+                    let home = home.path().to_owned();
+                    home_read = Some(tokio::task::spawn_blocking(move || {
+                        sandbox::home_usage(&home, max)
+                    }));
+                }
                 s.expire(&mut running);
                 if let (Some(idle), true) = (s.spec.idle_shutdown, running.is_some())
                     && s.mux.in_flight() == 0
@@ -779,6 +805,18 @@ impl Supervisor {
     }
 
     /// Stops a child that cannot be talked to (`why`) and fails every call in flight with it.
+    /// The child's home holds more than it may (`why`): the child is stopped, its calls fail,
+    /// and its home is removed (off this thread: it may hold much), so that its next start
+    /// gets a new, empty one.
+    async fn home_over(&mut self, running: &mut Option<Running>, why: String) {
+        tracing::warn!(upstream = %self.spec.name, "stdio upstream's home folder {why}; stopping it and removing its home");
+        self.stop_broken(running, format!("its home folder {why}"))
+            .await;
+        if let Some(home) = self.home.take() {
+            tokio::task::spawn_blocking(move || drop(home));
+        }
+    }
+
     async fn stop_broken(&mut self, running: &mut Option<Running>, why: String) {
         if let Some(r) = running.take() {
             stop(r, self.spec.stop_grace).await;

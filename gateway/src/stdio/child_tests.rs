@@ -1701,3 +1701,26 @@ fn a_childs_stderr_line_writes_no_control_character_into_the_log() {
         "\\u{1b}[8mhidden\\u{7} caf\u{e9}"
     );
 }
+
+/// What a home holds is read as blocks on disk, every file and folder, links not followed, and
+/// only as far as its bounds: past them it says which.
+#[test]
+fn a_homes_use_is_read_within_its_bounds() {
+    use super::super::sandbox::home_usage_within;
+    let home = std::env::temp_dir().join(format!("home-usage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(home.join("a/b")).unwrap();
+    std::fs::write(home.join("a/b/one"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(home.join("two"), vec![7u8; 100_000]).unwrap();
+    // A link to something large outside counts as the link.
+    std::os::unix::fs::symlink("/usr/bin", home.join("link")).unwrap();
+    let used = home_usage_within(&home, 1 << 30, 100).unwrap();
+    assert!((400_000..500_000).contains(&used), "{used}");
+    let why = home_usage_within(&home, 350_000, 100).unwrap_err();
+    assert!(why.contains("holds more than"), "{why}");
+    let why = home_usage_within(&home, 1 << 30, 4).unwrap_err();
+    assert_eq!(why, "holds more than 4 files and folders");
+    // A home that is gone cannot be read.
+    std::fs::remove_dir_all(&home).unwrap();
+    assert!(home_usage_within(&home, 1 << 30, 100).is_err());
+}

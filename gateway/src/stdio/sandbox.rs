@@ -44,6 +44,8 @@ pub struct SandboxSpec {
     /// Processes and threads: the child's cgroup's `pids.max` where it has one
     /// ([`super::cgroup`]), else RLIMIT_NPROC (counted per user, across every child).
     pub max_processes: u64,
+    /// The most the child's home may hold on disk, in bytes ([`home_usage`]); 0: unbounded.
+    pub max_home_bytes: u64,
     /// Landlock: paths the child may read (and execute) and paths it may also write. `None`:
     /// the whole filesystem may be read, and only the child's own home folder written.
     pub landlock: Option<FsAccess>,
@@ -62,6 +64,7 @@ impl Default for SandboxSpec {
             max_memory_bytes: 4 << 30,
             max_open_files: 1024,
             max_processes: 256,
+            max_home_bytes: 1 << 30,
             landlock: None,
         }
     }
@@ -378,6 +381,58 @@ impl Drop for Home {
             tracing::warn!(home = %self.0.display(), error = %e, "a stdio child's home folder was not removed");
         }
     }
+}
+
+/// Files and folders a child's home may hold at most ([`home_usage`]).
+pub(super) const MAX_HOME_ENTRIES: u64 = 100_000;
+
+/// What a child's home folder holds on disk (blocks, every file and folder in it, links not
+/// followed), read only as far as it needs: `Err` with why when that is past `max_bytes`, the
+/// home holds more than [`MAX_HOME_ENTRIES`] files and folders, or a folder in it cannot be
+/// read (a child could hide what it holds so). A home is the one place a child may always
+/// write: a tool that wrote without end filled the gateway host's disk (or, on a tmpfs, its
+/// memory), and its home was kept across the child's restarts. Blocking: run off the control
+/// thread.
+pub(super) fn home_usage(home: &Path, max_bytes: u64) -> Result<u64, String> {
+    home_usage_within(home, max_bytes, MAX_HOME_ENTRIES)
+}
+
+/// [`home_usage`], with at most `max_entries` files and folders.
+pub(super) fn home_usage_within(
+    home: &Path,
+    max_bytes: u64,
+    max_entries: u64,
+) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut bytes = 0u64;
+    let mut entries = 0u64;
+    let mut folders = vec![home.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let listed = match std::fs::read_dir(&folder) {
+            Ok(listed) => listed,
+            // Removed by the child meanwhile (not the home itself: its parent is not the
+            // child's to write).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && folder != home => continue,
+            Err(e) => return Err(format!("has a folder the gateway cannot read ({e})")),
+        };
+        for entry in listed {
+            let Ok(entry) = entry else { continue };
+            entries += 1;
+            if entries > max_entries {
+                return Err(format!("holds more than {max_entries} files and folders"));
+            }
+            // The entry itself, not what a link points to.
+            let Ok(meta) = entry.metadata() else { continue };
+            bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
+            if bytes > max_bytes {
+                return Err(format!("holds more than {} MiB", max_bytes >> 20));
+            }
+            if meta.is_dir() {
+                folders.push(entry.path());
+            }
+        }
+    }
+    Ok(bytes)
 }
 
 /// Removes, in `dir`, the folders of homes (and the flat homes of older versions) of gateways

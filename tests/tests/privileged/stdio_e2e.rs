@@ -1242,6 +1242,71 @@ fn a_stdio_childs_processes_are_held_to_its_own_limit_and_end_with_it() {
     next.stop();
 }
 
+/// A child's home is the one place it may always write: a tool that wrote without end filled
+/// the gateway host's disk (on a tmpfs, its memory), and the home was kept across the child's
+/// restarts. Within `max_home_mb` the home is kept; past it the child is stopped, its home
+/// removed, and its next start gets an empty one.
+#[test]
+fn a_stdio_childs_home_is_held_to_its_bound_and_emptied_past_it() {
+    let command = processes_server();
+    let (mut d, port) = gateway(&command, "uid = 0\ngid = 0\nmax_home_mb = 8");
+    let home = || -> Option<(String, u64)> {
+        let (status, v) = call_as(port, "k", "home", serde_json::json!({}));
+        let text = v["result"]["content"][0]["text"].as_str()?;
+        let h: serde_json::Value = serde_json::from_str(text).ok()?;
+        (status == 200).then(|| {
+            (
+                h["path"].as_str().unwrap().to_owned(),
+                h["bytes"].as_u64().unwrap(),
+            )
+        })
+    };
+    let (first, bytes) = home().expect("the child's home");
+    assert!(bytes < 1 << 20, "{bytes}");
+    let (status, v) = call_as(
+        port,
+        "k",
+        "fill_home",
+        serde_json::json!({"mb": 4, "files": 4}),
+    );
+    assert_eq!(status, 200, "{v}");
+    // Two readings later, within the bound: the same home, as written.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (same, bytes) = home().expect("the child's home");
+    assert_eq!(same, first, "a home within its bound was replaced");
+    assert!(bytes >= 4 << 20, "{bytes}");
+    let (status, v) = call_as(port, "k", "fill_home", serde_json::json!({"mb": 6}));
+    assert_eq!(status, 200, "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a home past its bound was kept: {:?}",
+            home()
+        );
+        if let Some((now, bytes)) = home()
+            && now != first
+        {
+            assert!(bytes < 1 << 20, "the new home holds {bytes}");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&first).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{first} was not removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        d.log().contains("home folder holds more than 8 MiB"),
+        "not logged"
+    );
+    d.stop();
+}
+
 /// A stdio child holds no connection of the gateway's clients. io_uring's accept made them
 /// without close-on-exec, so a child started (here: by another tenant's first call) while a
 /// client's connection was open held it: an attacker's review had such a child read another
