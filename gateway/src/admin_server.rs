@@ -16,7 +16,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -279,20 +279,12 @@ impl Drop for Slot {
     }
 }
 
-/// The address a client's connections count against: an IPv4 address (mapped into IPv6 or
-/// not) as it is, an IPv6 address by its /64 (what one host is given).
+/// The address a client's connections count against: its source as every limit takes it
+/// ([`crate::policy::limits::source_net`]: an IPv4 address, mapped into IPv6 or not, as it is;
+/// an IPv6 address by its /64, what one host is given, but alone where a /64 is not one
+/// client's).
 fn counted_as(client: IpAddr) -> IpAddr {
-    match client {
-        IpAddr::V4(_) => client,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(Ipv6Addr::from(o))
-            }
-        },
-    }
+    crate::policy::limits::source_of(client)
 }
 
 /// Says a refused connection: counted, and said once per 1,000 of each kind, so that a flood

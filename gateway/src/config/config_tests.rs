@@ -59,6 +59,10 @@ fn bad_values_name_their_key() {
             "[[tenants]]\nname='a'\nid=0\nsources=['10.0.0.1/8']\n",
         ),
         ("tenants[0].id", "[[tenants]]\nname='a'\nid=5000\n"),
+        (
+            "auto_ban.ipv6_widen_at",
+            "[auto_ban]\nmax_refusals=3\nwindow_s=60\nban_s=60\nipv6_widen_at=1\n",
+        ),
         // Joined into the names of shared counts: `team@corp` with tool `t` would be
         // `corp`'s tool `t@team`; `a/b` with agent `c` would be `a`'s agent `b/c`.
         ("tenants[0].name", "[[tenants]]\nname='team@corp'\nid=1\n"),

@@ -352,14 +352,16 @@ pub struct RawAutoBan {
     pub window_s: u64,
     pub ban_s: u64,
     /// An IPv6 client is banned by its /64, and may hold many (a /48 holds 65,536): once this
-    /// many bans in force lie in one /56 (the new one counted), the /56 is banned whole in its
-    /// place, and a /48 likewise; the bans inside it are lifted (their entries in the kernel's
-    /// ban map freed). Never a prefix holding a trusted balancer's address, nor one that meets
-    /// space where a /64 is not one client's. 0: never widened.
+    /// many auto-bans in force lie in one /56 (the new one counted), the /56 is banned whole in
+    /// their place, and a /48 once it holds four times as many (a widened /56 counted as one);
+    /// the auto-bans inside are lifted (their entries in the kernel's ban map freed; an
+    /// operator's ban is neither counted nor lifted). Never a prefix holding a trusted
+    /// balancer's address or a tenant's whole `sources` prefix, nor one that meets space where a
+    /// /64 is not one client's. 0: never widened; else at least 2.
     #[serde(default = "default_ipv6_widen_at")]
     pub ipv6_widen_at: u32,
 }
 
 const fn default_ipv6_widen_at() -> u32 {
-    4
+    8
 }

@@ -80,6 +80,15 @@ impl RawConfig {
                 "`max_refusals`, `window_s` and `ban_s` must be above 0",
             ));
         }
+        if let Some(b) = &self.auto_ban
+            && b.ipv6_widen_at == 1
+        {
+            // One ban would be its /56: every IPv6 auto-ban 256 /64s.
+            return Err(invalid(
+                "auto_ban.ipv6_widen_at",
+                "must be 0 (never widened) or at least 2",
+            ));
+        }
         if self.audit.anonymous_refusals_per_second == 0 {
             return Err(invalid(
                 "audit.anonymous_refusals_per_second",

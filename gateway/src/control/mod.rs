@@ -49,6 +49,11 @@ struct Control {
     /// record. Published to the workers as `Shared::bans`, for the clients named by PROXY
     /// protocol headers.
     bans: std::collections::BTreeMap<IpNet, u64>,
+    /// Which of `bans` are IPv6 auto-bans this process made (a client's /64, or a prefix one
+    /// was widened to): only they count towards widening, and only they are lifted by a wider
+    /// one. An operator's ban is never. (Not kept across a restart: bans read back are taken
+    /// as the operator's.)
+    auto_bans: std::collections::BTreeSet<IpNet>,
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
@@ -125,6 +130,16 @@ impl Control {
                 })
             })
         };
+        // Not widened over: a balancer's address, nor a tenant's whole `sources` prefix (the
+        // operator named those clients; a wider ban would take them all, or several tenants').
+        let protected = |wide: &IpNet| {
+            trusted(wide)
+                || snapshot
+                    .config
+                    .tenants
+                    .iter()
+                    .any(|t| t.sources.iter().any(|n| wide.contains(n)))
+        };
         for (mut net, (ip, ttl)) in wanted {
             if in_force.is_banned(ip, now) {
                 continue;
@@ -149,7 +164,7 @@ impl Control {
             .auto_ban
             .as_ref()
             .map_or(0, |b| b.ipv6_widen_at);
-        let bans = self.widened(bans, widen_at, now, trusted);
+        let (bans, widened) = self.widened(bans, widen_at, now, protected);
         let failed = self.ban_all(&bans);
         let how = if self.maps.is_some() {
             "the kernel drops this source now"
@@ -159,12 +174,28 @@ impl Control {
         let not_made: std::collections::HashSet<IpNet> = failed.iter().map(|(n, _)| *n).collect();
         let mut lifted = 0;
         for (net, _) in &bans {
-            if matches!(net, IpNet::V6(v6) if v6.prefix_len() < 64) && !not_made.contains(net) {
-                lifted += self.lift_inside(*net);
+            if let IpNet::V6(v6) = net
+                && !not_made.contains(net)
+            {
+                self.auto_bans.insert(*net);
+                if v6.prefix_len() < 64 {
+                    lifted += self.lift_inside(*v6);
+                }
             }
         }
         if lifted > 0 {
             self.publish_bans();
+        }
+        for (wide, inside) in widened
+            .iter()
+            .filter(|(w, _)| !not_made.contains(&IpNet::V6(*w)))
+        {
+            tracing::warn!(
+                prefix = %wide,
+                bans_inside = inside,
+                lifted,
+                "auto-ban widened: the prefix held {inside} auto-bans; banned whole, the bans inside lifted"
+            );
         }
         let mut made = bans.iter().filter(|(net, _)| !not_made.contains(net));
         for (net, ttl) in made.by_ref().take(16) {
@@ -186,89 +217,116 @@ impl Control {
         }
     }
 
-    /// A turn's auto-bans (`bans`), each IPv6 /64 widened where bans lie together: to its /56
-    /// when that holds `at` bans in force or of this turn (this one counted), and to its /48
-    /// when that does (whether or not the /56 did); a widened ban takes the place of this turn's bans inside it. A client holds
-    /// many /64s (a /48 holds 65,536, and a tunnel broker gives one away): banned one /64 at a
-    /// time, one client filled the kernel's prefix ban map (16,384), and past it no auto-ban of
-    /// anyone was made. Never to a prefix holding a trusted balancer's address (`trusted`), nor
-    /// one that meets space where a /64 is not one client's (it would hold others: `::/56`
-    /// holds every IPv4 address to the kernel). `at` 0: none widened.
+    /// A turn's auto-bans (`bans`), each IPv6 /64 widened where auto-bans lie together: to its
+    /// /56 when that holds `at` of them in force or of this turn (this one counted), and to its
+    /// /48 when that holds 4 × `at` (a widened /56 counted as one; whether or not the /56 was
+    /// widened); a widened ban takes the place of this turn's bans inside it, and a ban a wider
+    /// one of this turn holds is not made. A client holds many /64s (a /48 holds 65,536, and a
+    /// tunnel broker gives one away): banned one /64 at a time, one client filled the kernel's
+    /// prefix ban map (16,384), and past it no auto-ban of anyone was made. Never to a prefix
+    /// `protected` says holds others (a trusted balancer, a tenant's `sources`), nor one that
+    /// meets space where a /64 is not one client's (`::/56` holds every IPv4 address to the
+    /// kernel). Only auto-bans count, never an operator's. `at` 0: none widened. Returns the
+    /// bans and, of each widened one, how many auto-bans it held.
     fn widened(
-        &self,
+        &mut self,
         bans: Vec<(IpNet, Duration)>,
         at: u32,
         now: u64,
-        trusted: impl Fn(&IpNet) -> bool,
-    ) -> Vec<(IpNet, Duration)> {
+        protected: impl Fn(&IpNet) -> bool,
+    ) -> (Vec<(IpNet, Duration)>, Vec<Widened>) {
+        let bans_in_force = &self.bans;
+        self.auto_bans
+            .retain(|net| bans_in_force.get(net).is_some_and(|until| *until > now));
         if at == 0 {
-            return bans;
+            return (bans, Vec::new());
         }
         let at = at as usize;
-        let mut held: Vec<ipnet::Ipv6Net> = self
-            .bans
-            .iter()
-            .filter(|(_, until)| **until > now)
-            .filter_map(|(net, _)| match net {
-                IpNet::V6(v6) => Some(*v6),
-                IpNet::V4(_) => None,
-            })
-            .collect();
+        // The auto-bans in force and of this turn, by /48: a new ban looks at its own /48's.
+        let slash48 = |v6: &ipnet::Ipv6Net| u128::from(v6.addr()) >> 80;
+        let mut held: std::collections::HashMap<u128, Vec<ipnet::Ipv6Net>> =
+            std::collections::HashMap::new();
+        for net in &self.auto_bans {
+            if let IpNet::V6(v6) = net {
+                held.entry(slash48(v6)).or_default().push(*v6);
+            }
+        }
         let mut out: Vec<(IpNet, Duration)> = Vec::with_capacity(bans.len());
+        let mut widened = Vec::new();
         for (net, ttl) in bans {
             let IpNet::V6(mut v6) = net else {
                 out.push((net, ttl));
                 continue;
             };
+            let near = held.entry(slash48(&v6)).or_default();
+            if near
+                .iter()
+                .any(|h| h.prefix_len() < v6.prefix_len() && h.contains(&v6))
+            {
+                // A wider ban of this turn holds it already.
+                continue;
+            }
+            let mut held_inside = 0;
             if v6.prefix_len() == 64 {
-                for len in [56, 48] {
+                for (len, needed) in [(56, at), (48, at.saturating_mul(4))] {
                     let Ok(wide) = ipnet::Ipv6Net::new(v6.addr(), len).map(|n| n.trunc()) else {
                         break;
                     };
-                    if crate::policy::limits::meets_shared_space(wide) || trusted(&IpNet::V6(wide))
+                    if crate::policy::limits::meets_shared_space(wide)
+                        || protected(&IpNet::V6(wide))
                     {
                         break;
                     }
-                    // Bans inside the /64 (or the /56 it widened to) count as one: this.
-                    let inside = held
+                    // Bans inside this one (the /64, or the /56 it widened to) are it.
+                    let inside = near
                         .iter()
                         .filter(|h| h.prefix_len() > len && wide.contains(*h) && !v6.contains(*h))
-                        .count();
-                    if inside + 1 < at {
+                        .count()
+                        + 1;
+                    if inside < needed {
                         // The /48 may hold enough without this /56.
                         continue;
                     }
-                    tracing::warn!(
-                        prefix = %wide,
-                        bans_inside = inside + 1,
-                        "auto-ban widened: the prefix holds {} bans; banned whole",
-                        inside + 1
-                    );
+                    held_inside = inside;
                     v6 = wide;
                 }
             }
             if v6.prefix_len() < 64 {
                 out.retain(|(n, _)| !matches!(n, IpNet::V6(o) if v6.contains(o)));
-                held.retain(|h| !v6.contains(h));
+                near.retain(|h| !v6.contains(h));
+                widened.retain(|(w, _): &Widened| !v6.contains(w));
+                widened.push((v6, held_inside));
             }
-            held.push(v6);
+            near.push(v6);
             out.push((IpNet::V6(v6), ttl));
         }
-        out
+        (out, widened)
     }
 
-    /// Lifts the bans strictly inside `wide` (a ban just made) that end no later than it: it
-    /// holds them, and their entries in the kernel's ban map are freed. Returns how many. The
-    /// workers are not handed the new set here.
-    fn lift_inside(&mut self, wide: IpNet) -> usize {
-        let Some(&until) = self.bans.get(&wide) else {
+    /// Lifts the auto-bans strictly inside `wide` (a ban just made) that end no later than it
+    /// (give or take the second the kernel's ban map rounds to): it holds them, and their
+    /// entries in the kernel's ban map are freed. Never an operator's ban. Returns how many.
+    /// The workers are not handed the new set here.
+    fn lift_inside(&mut self, wide: ipnet::Ipv6Net) -> usize {
+        let Some(&until) = self.bans.get(&IpNet::V6(wide)) else {
+            return 0;
+        };
+        let until = until.saturating_add(1_000_000_000);
+        let (Ok(first), Ok(last)) = (
+            ipnet::Ipv6Net::new(wide.network(), wide.prefix_len()),
+            ipnet::Ipv6Net::new(wide.broadcast(), 128),
+        ) else {
             return 0;
         };
         let inner: Vec<IpNet> = self
-            .bans
-            .iter()
-            .filter(|(net, ends)| **net != wide && wide.contains(*net) && **ends <= until)
-            .map(|(net, _)| *net)
+            .auto_bans
+            .range(IpNet::V6(first)..=IpNet::V6(last))
+            .filter(|net| {
+                **net != IpNet::V6(wide)
+                    && IpNet::V6(wide).contains(*net)
+                    && self.bans.get(*net).is_some_and(|ends| *ends <= until)
+            })
+            .copied()
             .collect();
         let mut lifted = 0;
         for net in inner {
@@ -279,6 +337,7 @@ impl Control {
                 continue;
             }
             self.bans.remove(&net);
+            self.auto_bans.remove(&net);
             lifted += 1;
         }
         lifted
@@ -302,10 +361,13 @@ impl Control {
         let mut done = 0;
         let mut failed = None;
         for (net, ttl) in bans {
-            if let Err(e) = self.hold_ban(canonical_net(*net), *ttl) {
+            let net = canonical_net(*net);
+            if let Err(e) = self.hold_ban(net, *ttl) {
                 failed = Some(e);
                 break;
             }
+            // Made again here, it is no longer an auto-ban (a wider one never lifts it).
+            self.auto_bans.remove(&net);
             done += 1;
         }
         if done > 0 {
@@ -364,6 +426,7 @@ impl Control {
             None => false,
         };
         let here = self.bans.remove(&net).is_some();
+        self.auto_bans.remove(&net);
         self.publish_bans();
         if in_kernel || here {
             // The refusals that led to an auto-ban go with it (a lifted address was banned
@@ -2233,6 +2296,9 @@ fn host_local(ip: std::net::IpAddr) -> bool {
 /// What an auto-ban of a client at `ip` bans: its source as refusals are counted
 /// ([`crate::policy::limits::source_net`]), an IPv4 address or an IPv6 /64 (the address
 /// alone where a /64 holds others).
+/// An auto-ban widened ([`Control::widened`]): its prefix, and how many auto-bans it held.
+type Widened = (ipnet::Ipv6Net, usize);
+
 fn auto_ban_net(ip: std::net::IpAddr) -> IpNet {
     crate::policy::limits::source_net(ip)
 }

@@ -270,6 +270,7 @@ impl Control {
             tls_stamps,
             upstream_tls_stamps: crate::tls::upstream_stamps(&shared.snapshot.load().config),
             bans: std::collections::BTreeMap::new(),
+            auto_bans: std::collections::BTreeSet::new(),
             store: kept.store,
             store_failing: false,
             successor: None,

@@ -41,7 +41,7 @@ impl Drop for Setup {
 
 /// One PROXY protocol listener trusting 127.0.0.1 only (headers within 3 s). Tenants:
 /// `public` (the default, where the balancer's own address falls),
-/// `edge` (198.18.0.0/15 and 2001:db8:5::/48; may not call `add`), `far` (203.0.113.0/24; at
+/// `edge` (198.18.0.0/15, 2001:db8:5::/48 and 2001:db8:9:100::/56; may not call `add`), `far` (203.0.113.0/24; at
 /// most one connection). `/mcp` takes callers by address only; three refusals ban a source.
 /// A second listener, `direct`, takes clients straight: 127.0.1.0/24 and 127.0.2.0/23 are
 /// `edge`'s, and 127.0.1.9 is denied. `/stall` (the same callers) goes to an upstream that
@@ -86,7 +86,7 @@ id = 0
 [[tenants]]
 name = "edge"
 id = 1
-sources = ["198.18.0.0/15", "2001:db8:5::/48", "127.0.1.0/24", "127.0.2.0/23"]
+sources = ["198.18.0.0/15", "2001:db8:5::/48", "127.0.1.0/24", "127.0.2.0/23", "2001:db8:9:100::/56"]
 [[tenants.policy.tools]]
 match = "add"
 action = "deny"
@@ -1114,57 +1114,72 @@ fn a_banned_or_denied_clients_streams_and_idle_connections_are_cut_at_once() {
 
 /// A client holds many /64s (a /48 holds 65,536; a tunnel broker gives one away), each banned
 /// on its own: one client filled the kernel's prefix ban map, and past it nobody's auto-ban was
-/// made. Bans widen (`ipv6_widen_at`, 4 by default): the fourth ban in one /56 bans the /56 in
-/// their place, the fourth in one /48 the /48; a /64 of it never refused is then refused, and
-/// the bans inside are lifted. A DELETE of one of those says which ban holds it.
+/// made. Auto-bans widen (`ipv6_widen_at`, 8 by default): the eighth in one /56 bans the /56 in
+/// their place, the 32nd in one /48 the /48 (a /56 counted as one); a /64 of it never refused
+/// is then refused, and the auto-bans inside are lifted. An operator's bans are neither counted
+/// nor lifted; a tenant's whole `sources` prefix is never widened over; a DELETE of a ban a
+/// wider one holds says which.
 #[test]
 fn an_ipv6_client_with_many_64s_is_banned_by_its_56_then_by_its_48() {
     let s = setup();
     let (p, a) = (s.port, s.admin);
     let bans = || -> Vec<String> {
         let bans = admin_request(a, "GET", "/bans", "").json();
-        bans.as_array()
+        let mut bans: Vec<String> = bans
+            .as_array()
             .unwrap()
             .iter()
             .map(|b| b["address"].as_str().unwrap().to_owned())
-            .collect()
+            .collect();
+        bans.sort();
+        bans
     };
-    // `edge` (2001:db8:5::/48) may not call `add`: four refusals ban a source (max_refusals 3).
+    // Four wrong keys ban a source (max_refusals 3).
     let refuse_four = |client: &str| {
         for n in 0..4 {
-            let r = via(p, &[v1(client, 1000 + n), call("add")].concat());
-            assert_eq!(r.status, 403, "{client}: {:?}", r.json());
+            let r = via(p, &[v1(client, 1000 + n), wrong_key()].concat());
+            assert_eq!(r.status, 401, "{client}");
         }
     };
-    let first = [
-        "2001:db8:5:100::1",
-        "2001:db8:5:101::1",
-        "2001:db8:5:1a0::1",
-    ];
-    for (i, client) in first.iter().enumerate() {
-        refuse_four(client);
-        let net = format!("{}/64", client.trim_end_matches('1'));
-        until(&format!("{net} was not banned: {:?}", bans()), || {
-            bans().contains(&net)
-        });
-        assert_eq!(bans().len(), i + 1, "{:?}", bans());
+    let held = |client: &str| {
+        let mut c = connect(p);
+        c.write_all(&[v1(client, 1), call("echo")].concat())
+            .unwrap();
+        closed_without_a_byte(&mut c);
+    };
+    // The operator's, in the /56 to come: not counted, never lifted.
+    let operators = ["2001:db8:7:1aa::5", "2001:db8:7:1ab::/64"];
+    for net in operators {
+        assert_eq!(ban(a, net).status, 200);
     }
-    // The fourth in 2001:db8:5:100::/56.
-    refuse_four("2001:db8:5:1ff::9");
+    // Seven /64s of 2001:db8:7:100::/56, each its own ban.
+    for i in 0..7 {
+        refuse_four(&format!("2001:db8:7:1{i:x}0::1"));
+    }
+    until(&format!("seven /64s: {:?}", bans()), || bans().len() == 9);
+    // The eighth: the /56.
+    refuse_four("2001:db8:7:1ff::9");
+    let with = |nets: &[&str]| {
+        let mut v: Vec<String> = nets.iter().map(|n| (*n).to_owned()).collect();
+        v.extend([
+            "2001:db8:7:1aa::5".to_owned(),
+            "2001:db8:7:1ab::/64".to_owned(),
+        ]);
+        v.sort();
+        v
+    };
     until(&format!("the /56 was not banned: {:?}", bans()), || {
-        bans() == ["2001:db8:5:100::/56"]
+        bans() == with(&["2001:db8:7:100::/56"])
     });
-    let mut c = connect(p);
-    c.write_all(&[v1("2001:db8:5:150::7", 1), call("echo")].concat())
-        .unwrap();
-    closed_without_a_byte(&mut c);
-    let r = via(p, &[v1("2001:db8:5:200::7", 1), call("echo")].concat());
-    assert!(is_result(&r), "another /56 of the /48: {r:?}");
-    let r = admin_request(a, "DELETE", "/bans/2001:db8:5:101::/64", "");
+    held("2001:db8:7:150::7");
+    // Another /56 of the /48 is answered (401: no tenant takes its address), not banned.
+    let r = via(p, &[v1("2001:db8:7:200::7", 1), call("echo")].concat());
+    assert_eq!(r.status, 401, "another /56 of the /48: {r:?}");
+    let r = admin_request(a, "DELETE", "/bans/2001:db8:7:110::/64", "");
     assert_eq!(r.status, 409, "{:?}", r.json());
     assert_eq!(
         r.json()["held_by"][0],
-        "2001:db8:5:100::/56",
+        "2001:db8:7:100::/56",
         "{:?}",
         r.json()
     );
@@ -1173,24 +1188,26 @@ fn an_ipv6_client_with_many_64s_is_banned_by_its_56_then_by_its_48() {
         404
     );
 
-    // Three more in other /56s of 2001:db8:5::/48: the /56 and two /64s are three bans in it,
-    // the third /64 the fourth.
-    for client in ["2001:db8:5:200::1", "2001:db8:5:3000::1"] {
-        refuse_four(client);
-        let net = format!("{}/64", client.trim_end_matches('1'));
-        until(&format!("{net} was not banned: {:?}", bans()), || {
-            bans().contains(&net)
-        });
+    // 31 more /64s, each in a /56 of its own: with the /56, 32 in 2001:db8:7::/48.
+    for i in 2..=32 {
+        refuse_four(&format!("2001:db8:7:{i:x}00::1"));
     }
-    assert_eq!(bans().len(), 3, "{:?}", bans());
-    refuse_four("2001:db8:5:ffff::1");
     until(&format!("the /48 was not banned: {:?}", bans()), || {
-        bans() == ["2001:db8:5::/48"]
+        bans() == with(&["2001:db8:7::/48"])
     });
-    let mut c = connect(p);
-    c.write_all(&[v1("2001:db8:5:4444::4", 1), call("echo")].concat())
-        .unwrap();
-    closed_without_a_byte(&mut c);
+    held("2001:db8:7:4444::4");
+
+    // 2001:db8:9:100::/56 is a whole `sources` prefix of tenant `edge`: its eight /64s stay
+    // eight.
+    for i in 0..8 {
+        refuse_four(&format!("2001:db8:9:1{i:x}0::1"));
+    }
+    until(&format!("edge's /64s: {:?}", bans()), || bans().len() == 11);
+    assert!(
+        !bans().contains(&"2001:db8:9:100::/56".to_owned()),
+        "{:?}",
+        bans()
+    );
 }
 
 /// An IPv6 client's refusals are counted by its /64, and its auto-ban is the /64's: another
