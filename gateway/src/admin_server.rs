@@ -47,9 +47,7 @@ pub struct Peer {
     pub client: SocketAddr,
     pub local: Option<SocketAddr>,
     /// The user owning the client's end, once looked up (`None` inside: it could not be
-    /// told): a connection's owner does not change, and a lookup reads the host's whole
-    /// socket table (a child's keep-alive connections asking again and again held every
-    /// place of the admin API waiting for lookups, health checks refused: a review).
+    /// told): a connection's owner does not change, and each lookup is a query to the kernel.
     pub owner: Arc<std::sync::OnceLock<Option<u32>>>,
 }
 

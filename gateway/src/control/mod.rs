@@ -1792,25 +1792,20 @@ fn child_users(control: &Mutex<Control>) -> Vec<u32> {
         .collect()
 }
 
-/// Socket-table reads at once: each reads every TCP socket of the host, off the control thread.
-static SOCKET_TABLE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
 /// The user owning the client's end of this loopback connection, if it is a user that stdio
 /// servers run as (root aside: a child running as root needs no admin API), or if that cannot
 /// be told. Without a token the admin API trusts whoever reaches it on loopback, and a stdio
 /// server is a program the gateway runs: as the gateway's own user (the packaged service), it
 /// could otherwise approve its own changed tool definition or ban every client. The owner is
-/// read from the kernel's socket table (`/proc/net/tcp{,6}` of this network namespace, which
-/// children share): the one established socket whose ends are this connection's, seen from
-/// the client's side.
-async fn peer_runs_as_a_child(
+/// asked of the kernel ([`socket_owner`]), once per connection.
+fn peer_runs_as_a_child(
     peer: Option<crate::admin_server::Peer>,
     control: &Mutex<Control>,
-) -> Result<Option<u32>, Busy> {
+) -> Option<u32> {
     let children = child_users(control);
     let refused = children.first().copied();
     if children.is_empty() {
-        return Ok(None);
+        return None;
     }
     let Some(crate::admin_server::Peer {
         client,
@@ -1818,53 +1813,74 @@ async fn peer_runs_as_a_child(
         owner,
     }) = peer
     else {
-        return Ok(refused);
+        return refused;
     };
-    let verdict = |found: Option<u32>| match found {
+    let found = *owner.get_or_init(|| socket_owner(client, local));
+    match found {
         Some(uid) if !children.contains(&uid) => None,
         Some(uid) => Some(uid),
-        // Closed already, or several: not told apart, so refused as a child's.
+        // Closed already, or not found: not told apart, so refused as a child's.
         None => refused,
-    };
-    if let Some(found) = owner.get() {
-        return Ok(verdict(*found));
     }
-    // A lookup waits a moment for its turn, then the request is refused for now (503): a
-    // request waiting holds its connection's place, and a flood of them held every place,
-    // health checks refused at accept (a review). Each connection looks up once.
-    let Ok(Ok(_permit)) = tokio::time::timeout(
-        std::time::Duration::from_millis(100),
-        SOCKET_TABLE_READS.acquire(),
-    )
-    .await
-    else {
-        return Err(Busy);
-    };
-    let owners = tokio::task::spawn_blocking(move || {
-        [procfs::net::tcp(), procfs::net::tcp6()]
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                e.state == procfs::net::TcpState::Established
-                    && e.local_address == client
-                    && e.remote_address == local
-            })
-            .map(|e| e.uid)
-            .collect::<Vec<u32>>()
-    })
-    .await
-    .unwrap_or_default();
-    let found = match owners[..] {
-        [uid] => Some(uid),
-        _ => None,
-    };
-    let _ = owner.set(found);
-    Ok(verdict(found))
 }
 
-/// Too many socket-table lookups at once: the request is refused for now.
-struct Busy;
+/// The owner (uid) of the established TCP socket whose ends are `client` (its own) and `local`
+/// (the admin listener's side), in this network namespace (which children share): one exact
+/// `sock_diag` query (the kernel looks the 4-tuple up in its hash; nothing is listed). Before,
+/// every TCP socket of the host was read from `/proc/net/tcp{,6}` for each new connection, two
+/// reads at once: a child that opened connections as fast as it could held the admin API's
+/// lookups (refused with 503) at the cost of a table read each. `None` when it cannot be told
+/// (no such socket, or not established: a socket closing reports no owner).
+fn socket_owner(client: std::net::SocketAddr, local: std::net::SocketAddr) -> Option<u32> {
+    use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_sock_diag::{
+        SockDiagMessage,
+        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    };
+    const TCP_ESTABLISHED: u8 = 1;
+    let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).ok()?;
+    socket.bind_auto().ok()?;
+    socket.connect(&netlink_sys::SocketAddr::new(0, 0)).ok()?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if client.is_ipv4() { AF_INET } else { AF_INET6 },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::ESTABLISHED,
+            socket_id: SocketId {
+                source_port: client.port(),
+                destination_port: local.port(),
+                source_address: client.ip(),
+                destination_address: local.ip(),
+                interface_id: 0,
+                // All ones: any socket of these ends.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).ok()?;
+    // The kernel answers within the send: nothing there then is no answer.
+    socket.set_non_blocking(true).ok()?;
+    let mut answer = vec![0; 4096];
+    let n = socket.recv(&mut &mut answer[..], 0).ok()?;
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(answer.get(..n)?).ok()?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+            if r.header.state == TCP_ESTABLISHED =>
+        {
+            Some(r.header.uid)
+        }
+        _ => None,
+    }
+}
 
 /// The admin API. `/healthz` and `/readyz` are open; everything else needs the admin token
 /// when one is configured.
@@ -1951,24 +1967,12 @@ async fn admin(req: axum::extract::Request, control: &Mutex<Control>) -> AdminRe
             403,
             &serde_json::json!({"error": "without an admin token, the admin API is reached by address (Host an IP literal or localhost)"}),
         );
-    } else if let Some(uid) = match peer_runs_as_a_child(
+    } else if let Some(uid) = peer_runs_as_a_child(
         req.extensions()
             .get::<axum::extract::ConnectInfo<crate::admin_server::Peer>>()
             .map(|c| c.0.clone()),
         control,
-    )
-    .await
-    {
-        Ok(uid) => uid,
-        Err(Busy) => {
-            let mut r = json_reply(
-                503,
-                &serde_json::json!({"error": "too many connections being looked up at once: retry (set `admin.token` to need none)"}),
-            );
-            r.1 = [("retry-after", "1".into())];
-            return r;
-        }
-    } {
+    ) {
         return json_reply(
             403,
             &serde_json::json!({"error": format!(
@@ -2321,5 +2325,32 @@ fn ban_text(net: IpNet) -> String {
         net.addr().to_string()
     } else {
         net.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The owner of a loopback connection's client end is told by one exact query, for IPv4
+    /// and IPv6; a connection whose client end closed has none to tell.
+    #[test]
+    fn a_connections_owner_is_asked_of_the_kernel() {
+        // SAFETY: getuid(2) cannot fail.
+        let me = unsafe { libc::getuid() };
+        for at in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = std::net::TcpListener::bind(at).unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, peer) = listener.accept().unwrap();
+            let local = server.local_addr().unwrap();
+            assert_eq!(super::socket_owner(peer, local), Some(me), "{at}");
+            // Another port of the same host is no socket.
+            let other = std::net::SocketAddr::new(peer.ip(), peer.port().wrapping_add(1));
+            assert_eq!(super::socket_owner(other, local), None, "{at}");
+            drop(client);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while super::socket_owner(peer, local).is_some() {
+                assert!(std::time::Instant::now() < deadline, "{at}: still told");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
     }
 }
