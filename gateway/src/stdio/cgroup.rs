@@ -428,6 +428,14 @@ impl Cgroup {
     }
 
     /// Whether `pids.max` bounds the child (so no `RLIMIT_NPROC` is needed).
+    /// The processes in it now (of every hierarchy it is in).
+    pub(super) fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.dirs.iter().flat_map(|(dir, _)| procs(dir)).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
     pub(super) fn limits_processes(&self) -> bool {
         self.limits_processes
     }

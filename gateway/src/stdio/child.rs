@@ -338,6 +338,10 @@ struct Relisting {
     again: bool,
 }
 
+/// A reading of what a child's home holds, under way off the control thread, and the pid of the
+/// child it is of.
+type HomeReading = (tokio::task::JoinHandle<Result<u64, String>>, Option<u32>);
+
 /// Ticks (of 200 ms) between readings of what a running child's home holds.
 const HOME_READ_TICKS: u32 = 5;
 
@@ -375,8 +379,8 @@ async fn supervise(
     let mut running: Option<Running> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ticks = 0u32;
-    // A reading of the home's use under way (off this thread).
-    let mut home_read: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
+    // A reading of the home's use under way (off this thread), and the child it is of.
+    let mut home_read: Option<HomeReading> = None;
     // Lines taken since this supervisor last let the thread's other tasks run: lines already
     // read into the buffer come without a wait, and a child writing without end (16 million
     // lines in 10 s) kept the control thread, the admin API and every other child's
@@ -418,9 +422,12 @@ async fn supervise(
                     }
                 }
             },
-            read = async { home_read.as_mut().expect("a reading").await }, if home_read.is_some() => {
-                home_read = None;
-                if let Ok(Err(why)) = read {
+            read = async { (&mut home_read.as_mut().expect("a reading").0).await }, if home_read.is_some() => {
+                let of = home_read.take().and_then(|(_, of)| of);
+                // Of the child running now (a reading of one stopped since stops no other).
+                if let Ok(Err(why)) = read
+                    && running.as_ref().is_some_and(|r| r.child.id() == of)
+                {
                     s.home_over(&mut running, why).await;
                 }
             }
@@ -433,11 +440,18 @@ async fn supervise(
                     && running.is_some()
                     && home_read.is_none()
                     && let Some(home) = &s.home
+                    && let Some(r) = &running
                 {
                     let home = home.path().to_owned();
-                    home_read = Some(tokio::task::spawn_blocking(move || {
-                        sandbox::home_usage(&home, max)
-                    }));
+                    // Its processes, for the files they hold open after removing them.
+                    let pids = match &r.cgroup {
+                        Some(cgroup) => cgroup.pids(),
+                        None => r.child.id().and_then(|p| i32::try_from(p).ok()).into_iter().collect(),
+                    };
+                    home_read = Some((
+                        tokio::task::spawn_blocking(move || sandbox::home_usage(&home, max, &pids)),
+                        r.child.id(),
+                    ));
                 }
                 s.expire(&mut running);
                 if let (Some(idle), true) = (s.spec.idle_shutdown, running.is_some())

@@ -1714,13 +1714,31 @@ fn a_homes_use_is_read_within_its_bounds() {
     std::fs::write(home.join("two"), vec![7u8; 100_000]).unwrap();
     // A link to something large outside counts as the link.
     std::os::unix::fs::symlink("/usr/bin", home.join("link")).unwrap();
-    let used = home_usage_within(&home, 1 << 30, 100).unwrap();
+    let used = home_usage_within(&home, 1 << 30, 100, &[]).unwrap();
     assert!((400_000..500_000).contains(&used), "{used}");
-    let why = home_usage_within(&home, 350_000, 100).unwrap_err();
+    let why = home_usage_within(&home, 350_000, 100, &[]).unwrap_err();
     assert!(why.contains("holds more than"), "{why}");
-    let why = home_usage_within(&home, 1 << 30, 4).unwrap_err();
+    let why = home_usage_within(&home, 1 << 30, 4, &[]).unwrap_err();
     assert_eq!(why, "holds more than 4 files and folders");
+    // A file removed but held open keeps its blocks: counted, for a process that holds it.
+    let mut held = std::fs::File::create(home.join("held")).unwrap();
+    std::io::Write::write_all(&mut held, &vec![7u8; 1 << 20]).unwrap();
+    held.sync_all().unwrap();
+    std::fs::remove_file(home.join("held")).unwrap();
+    let me = i32::try_from(std::process::id()).unwrap();
+    let with_held = home_usage_within(&home, 1 << 30, 100, &[me]).unwrap();
+    assert!(with_held >= used + (1 << 20), "{with_held} after {used}");
+    assert_eq!(home_usage_within(&home, 1 << 30, 100, &[]).unwrap(), used);
+    drop(held);
+    // A folder deeper than the bound.
+    let mut deep = home.join("d");
+    for _ in 0..70 {
+        deep = deep.join("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let why = home_usage_within(&home, 1 << 30, 1000, &[]).unwrap_err();
+    assert!(why.contains("folders deep"), "{why}");
     // A home that is gone cannot be read.
     std::fs::remove_dir_all(&home).unwrap();
-    assert!(home_usage_within(&home, 1 << 30, 100).is_err());
+    assert!(home_usage_within(&home, 1 << 30, 100, &[]).is_err());
 }

@@ -19,8 +19,10 @@
 //! ruleset, the user lookup) is prepared before it.
 
 use std::{
+    os::fd::AsRawFd as _,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use landlock::{
@@ -386,53 +388,154 @@ impl Drop for Home {
 /// Files and folders a child's home may hold at most ([`home_usage`]).
 pub(super) const MAX_HOME_ENTRIES: u64 = 100_000;
 
-/// What a child's home folder holds on disk (blocks, every file and folder in it, links not
-/// followed), read only as far as it needs: `Err` with why when that is past `max_bytes`, the
-/// home holds more than [`MAX_HOME_ENTRIES`] files and folders, or a folder in it cannot be
-/// read (a child could hide what it holds so). A home is the one place a child may always
-/// write: a tool that wrote without end filled the gateway host's disk (or, on a tmpfs, its
-/// memory), and its home was kept across the child's restarts. Blocking: run off the control
-/// thread.
-pub(super) fn home_usage(home: &Path, max_bytes: u64) -> Result<u64, String> {
-    home_usage_within(home, max_bytes, MAX_HOME_ENTRIES)
+/// Folders deep a child's home may go ([`home_usage`]).
+const MAX_HOME_DEPTH: usize = 64;
+
+/// Longest a reading of a child's home may take: past it the home counts as over.
+const HOME_READ_WITHIN: Duration = Duration::from_secs(2);
+
+/// What a child's home folder holds on disk, read only as far as it needs: `Err` with why when
+/// that is past `max_bytes`, or the home holds more than [`MAX_HOME_ENTRIES`] files and
+/// folders, goes deeper than [`MAX_HOME_DEPTH`], has a folder the gateway cannot read (a child
+/// could hide what it holds so), or takes longer than [`HOME_READ_WITHIN`] to read. A home is
+/// the one place a child may always write: a tool that wrote without end filled the gateway
+/// host's disk (or, on a tmpfs, its memory), and its home was kept across the child's
+/// restarts. Counted: every file and folder's blocks, and the files of the home's filesystem
+/// the child's processes (`pids`) hold open after removing them (they keep their blocks, and
+/// a name-by-name reading missed them: 200 MB past a bound of 64, a review). Blocking: run off
+/// the control thread.
+pub(super) fn home_usage(home: &Path, max_bytes: u64, pids: &[i32]) -> Result<u64, String> {
+    home_usage_within(home, max_bytes, MAX_HOME_ENTRIES, pids)
 }
 
 /// [`home_usage`], with at most `max_entries` files and folders.
+///
+/// Each folder is opened relative to the one holding it, without following a link
+/// (`O_NOFOLLOW`), and only on the home's own filesystem: a reading by path followed a folder
+/// the child swapped for a link meanwhile (into `/usr`, or a folder only the gateway may read,
+/// whose size it could then learn), and kept every pending folder's whole path (0.4 GB for a
+/// tree of long names, each second: a review).
 pub(super) fn home_usage_within(
     home: &Path,
     max_bytes: u64,
     max_entries: u64,
+    pids: &[i32],
 ) -> Result<u64, String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut bytes = 0u64;
-    let mut entries = 0u64;
-    let mut folders = vec![home.to_path_buf()];
-    while let Some(folder) = folders.pop() {
-        let listed = match std::fs::read_dir(&folder) {
-            Ok(listed) => listed,
-            // Removed by the child meanwhile (not the home itself: its parent is not the
-            // child's to write).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && folder != home => continue,
-            Err(e) => return Err(format!("has a folder the gateway cannot read ({e})")),
+    use nix::{dir::Dir, fcntl::OFlag, sys::stat::Mode};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let unreadable = |e: nix::Error| format!("has a folder the gateway cannot read ({e})");
+    let mut top = Dir::open(home, flags, Mode::empty()).map_err(unreadable)?;
+    let device = nix::sys::stat::fstat(top.as_raw_fd())
+        .map_err(unreadable)?
+        .st_dev;
+    let mut walk = HomeWalk {
+        device,
+        bytes: 0,
+        entries: 0,
+        max_bytes,
+        max_entries,
+        deadline: std::time::Instant::now() + HOME_READ_WITHIN,
+    };
+    walk.folder(&mut top, 0)?;
+    walk.add(removed_but_open(pids, device))?;
+    Ok(walk.bytes)
+}
+
+/// A reading of a home under way ([`home_usage_within`]).
+struct HomeWalk {
+    device: u64,
+    bytes: u64,
+    entries: u64,
+    max_bytes: u64,
+    max_entries: u64,
+    deadline: std::time::Instant,
+}
+
+impl HomeWalk {
+    fn add(&mut self, bytes: u64) -> Result<(), String> {
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.bytes > self.max_bytes {
+            return Err(format!("holds more than {} MiB", self.max_bytes >> 20));
+        }
+        Ok(())
+    }
+
+    /// Counts what `dir` (`depth` folders below the home) holds, and what its folders hold.
+    fn folder(&mut self, dir: &mut nix::dir::Dir, depth: usize) -> Result<(), String> {
+        use nix::{
+            dir::{Dir, Type},
+            fcntl::{AtFlags, OFlag},
+            sys::stat::{Mode, SFlag, fstatat},
         };
-        for entry in listed {
+        let fd = dir.as_raw_fd();
+        for entry in dir.iter() {
             let Ok(entry) = entry else { continue };
-            entries += 1;
-            if entries > max_entries {
-                return Err(format!("holds more than {max_entries} files and folders"));
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
             }
-            // The entry itself, not what a link points to.
-            let Ok(meta) = entry.metadata() else { continue };
-            bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
-            if bytes > max_bytes {
-                return Err(format!("holds more than {} MiB", max_bytes >> 20));
+            self.entries += 1;
+            if self.entries > self.max_entries {
+                return Err(format!(
+                    "holds more than {} files and folders",
+                    self.max_entries
+                ));
             }
-            if meta.is_dir() {
-                folders.push(entry.path());
+            if self.entries.is_multiple_of(1024) && std::time::Instant::now() > self.deadline {
+                return Err(format!(
+                    "takes more than {} s to read",
+                    HOME_READ_WITHIN.as_secs()
+                ));
+            }
+            // The entry itself, not what a link points to; gone meanwhile: nothing.
+            let Ok(meta) = fstatat(Some(fd), name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            self.add((meta.st_blocks as u64).saturating_mul(512))?;
+            let folder = SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                || entry.file_type() == Some(Type::Directory);
+            if !folder || meta.st_dev != self.device {
+                continue;
+            }
+            if depth + 1 >= MAX_HOME_DEPTH {
+                return Err(format!("goes more than {MAX_HOME_DEPTH} folders deep"));
+            }
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            match Dir::openat(Some(fd), name, flags, Mode::empty()) {
+                Ok(mut inner) => self.folder(&mut inner, depth + 1)?,
+                // Removed, or swapped for a link or a file, meanwhile: not followed.
+                Err(nix::Error::ENOENT | nix::Error::ELOOP | nix::Error::ENOTDIR) => {}
+                Err(e) => return Err(format!("has a folder the gateway cannot read ({e})")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Blocks of the removed files on `device` that processes `pids` hold open (each file once).
+fn removed_but_open(pids: &[i32], device: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // The open file itself (the link in /proc is followed to it, not by name).
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if meta.is_file()
+                && meta.nlink() == 0
+                && meta.dev() == device
+                && seen.insert(meta.ino())
+            {
+                bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
             }
         }
     }
-    Ok(bytes)
+    bytes
 }
 
 /// Removes, in `dir`, the folders of homes (and the flat homes of older versions) of gateways
