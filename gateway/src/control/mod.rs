@@ -165,21 +165,48 @@ impl Control {
             .as_ref()
             .map_or(0, |b| b.ipv6_widen_at);
         let (bans, widened) = self.widened(bans, widen_at, now, protected);
-        let failed = self.ban_all(&bans);
+        let mut failed = self.ban_all(&bans);
+        // A widened ban the kernel's map had no room for: the auto-bans inside it are lifted
+        // first (they free more entries than it takes) and it is made again. Else a full map
+        // stayed full: the auto-bans inside held their entries, and the prefix was not banned.
+        let mut lifted = 0;
+        let mut remade = false;
+        failed.retain(|(net, _)| {
+            let IpNet::V6(wide) = net else { return true };
+            let Some((_, ttl)) = bans.iter().find(|(n, _)| n == net) else {
+                return true;
+            };
+            if wide.prefix_len() >= 64 {
+                return true;
+            }
+            let until = kernel::monotonic_ns()
+                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+            let freed = self.lift_inside(*wide, until);
+            lifted += freed;
+            if freed == 0 || self.hold_ban(*net, *ttl).is_err() {
+                return true;
+            }
+            remade = true;
+            false
+        });
+        if remade {
+            self.publish_bans();
+        }
         let how = if self.maps.is_some() {
             "the kernel drops this source now"
         } else {
             "the kernel program is off, so the workers refuse this source (its packets reach the stack)"
         };
         let not_made: std::collections::HashSet<IpNet> = failed.iter().map(|(n, _)| *n).collect();
-        let mut lifted = 0;
         for (net, _) in &bans {
             if let IpNet::V6(v6) = net
                 && !not_made.contains(net)
             {
                 self.auto_bans.insert(*net);
-                if v6.prefix_len() < 64 {
-                    lifted += self.lift_inside(*v6);
+                if v6.prefix_len() < 64
+                    && let Some(&until) = self.bans.get(net)
+                {
+                    lifted += self.lift_inside(*v6, until);
                 }
             }
         }
@@ -303,14 +330,11 @@ impl Control {
         (out, widened)
     }
 
-    /// Lifts the auto-bans strictly inside `wide` (a ban just made) that end no later than it
-    /// (give or take the second the kernel's ban map rounds to): it holds them, and their
-    /// entries in the kernel's ban map are freed. Never an operator's ban. Returns how many.
-    /// The workers are not handed the new set here.
-    fn lift_inside(&mut self, wide: ipnet::Ipv6Net) -> usize {
-        let Some(&until) = self.bans.get(&IpNet::V6(wide)) else {
-            return 0;
-        };
+    /// Lifts the auto-bans strictly inside `wide` (a ban made, or to be made, until `until`)
+    /// that end no later than it (give or take the second the kernel's ban map rounds to): it
+    /// holds them, and their entries in the kernel's ban map are freed. Never an operator's
+    /// ban. Returns how many. The workers are not handed the new set here.
+    fn lift_inside(&mut self, wide: ipnet::Ipv6Net, until: u64) -> usize {
         let until = until.saturating_add(1_000_000_000);
         let (Ok(first), Ok(last)) = (
             ipnet::Ipv6Net::new(wide.network(), wide.prefix_len()),

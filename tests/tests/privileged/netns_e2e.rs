@@ -18,6 +18,8 @@ const PORT: u16 = 18080;
 const ALPHA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const BETA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 const GAMMA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+/// A listener taking PROXY headers from the client namespace.
+const PROXIED: u16 = PORT + 1;
 const TIMEOUT: Duration = Duration::from_millis(250);
 
 fn config(instance: &str, iface: &str) -> String {
@@ -445,6 +447,102 @@ fn workers_serve_on_the_epoll_driver_too() {
     for stream in &mut ok {
         assert_eq!(in_netns(&topo.client, || http_status(stream)), 404);
     }
+    daemon.stop();
+}
+
+/// A widened auto-ban the kernel's prefix ban map has no room for: the auto-bans inside it are
+/// lifted first (they free more entries than it takes) and it is made. Before, a full map
+/// stayed full: the /64s held their entries and the /56 was not banned (logged as failed).
+/// IPv6 clients are named by PROXY headers from the client namespace.
+#[test]
+fn a_widened_ban_is_made_in_a_full_prefix_map_by_lifting_the_bans_it_holds() {
+    let topo = Topology::new(&[BETA]);
+    let instance = unique("gwwide");
+    let config = config(&instance, &topo.gw_if)
+        + &format!(
+            r#"
+[[listeners]]
+address = "{GW_ADDR}:{PROXIED}"
+[listeners.proxy_protocol]
+trusted = ["{BETA}/32"]
+[auto_ban]
+max_refusals = 3
+window_s = 60
+ban_s = 60
+[[upstreams]]
+name = "nowhere"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "nowhere"
+auth = ["api_key"]
+[[auth.api_keys]]
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+tenant = "other"
+"#
+        );
+    let mut daemon = Daemon::start(&topo.gw, &instance, &config);
+    let mut m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
+    // The operator's prefix bans fill the map but for seven entries.
+    let capacity = 16_384;
+    for i in 0..capacity - 7 {
+        let net: ipnet::IpNet = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
+        m.ban_net(net, Duration::from_secs(300)).unwrap();
+    }
+    let refuse_four = |client: &str| {
+        for n in 0..4 {
+            let status = in_netns(&topo.client, || {
+                let mut c = connect_from(
+                    IpAddr::V4(BETA),
+                    SocketAddr::new(IpAddr::V4(GW_ADDR), PROXIED),
+                    TIMEOUT,
+                )
+                .expect("connect");
+                let head = format!("PROXY TCP6 {client} ::1 {} 8080\r\n", 1000 + n);
+                std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
+                http_status_of(
+                    &mut c,
+                    b"POST /mcp HTTP/1.1\r\nhost: gw\r\nx-api-key: wrong\r\ncontent-length: 2\r\n\r\n{}",
+                )
+            });
+            assert_eq!(status, 401, "{client}");
+        }
+    };
+    let prefixes = |m: &KernelMaps| -> Vec<String> {
+        m.net_bans()
+            .unwrap()
+            .iter()
+            .map(|b| b.net.to_string())
+            .filter(|n| n.starts_with("2001:db8:7:"))
+            .collect()
+    };
+    // Seven /64s of 2001:db8:7:100::/56: the map is full.
+    for i in 0..7 {
+        refuse_four(&format!("2001:db8:7:1{i:x}0::1"));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while prefixes(&m).len() < 7 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", prefixes(&m));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(m.net_bans().unwrap().len(), capacity, "full");
+    // The eighth: widened to the /56, made in the room the seven leave.
+    refuse_four("2001:db8:7:1ff::1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while prefixes(&m) != ["2001:db8:7:100::/56"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}\n{}",
+            prefixes(&m),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !daemon.log().contains("auto-ban failed"),
+        "{}",
+        daemon.log()
+    );
     daemon.stop();
 }
 
