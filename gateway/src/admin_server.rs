@@ -155,7 +155,8 @@ impl Slots {
     /// place takes a request in progress, which takes a credential (or the loopback address
     /// a token-less admin API listens on).
     pub fn take(&self, client: IpAddr) -> Result<(Slot, Option<(IpAddr, Refused)>), Refused> {
-        let address = counted_as(client);
+        // The client's source as every limit takes it.
+        let address = crate::policy::limits::source_of(client);
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         let total = if client.to_canonical().is_loopback() {
             self.total
@@ -275,14 +276,6 @@ impl Drop for Slot {
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         taken.give_back(self.number);
     }
-}
-
-/// The address a client's connections count against: its source as every limit takes it
-/// ([`crate::policy::limits::source_net`]: an IPv4 address, mapped into IPv6 or not, as it is;
-/// an IPv6 address by its /64, what one host is given, but alone where a /64 is not one
-/// client's).
-fn counted_as(client: IpAddr) -> IpAddr {
-    crate::policy::limits::source_of(client)
 }
 
 /// Says a refused connection: counted, and said once per 1,000 of each kind, so that a flood

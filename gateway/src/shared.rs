@@ -587,15 +587,10 @@ impl NewConns {
 /// ([`gateway_common::SHARED_V6`]). As the kernel program counts it, and as
 /// [`crate::policy::limits::source_net`] names it.
 fn source_key(client: IpAddr) -> [u8; 16] {
-    let mut key = match client.to_canonical() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
+    match crate::policy::limits::source_of(client) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
-    .octets();
-    if !gateway_common::source_is_address(&key) {
-        key[8..].fill(0);
-    }
-    key
 }
 
 /// One GCRA decision on a bucket the workers share, as the kernel program takes one. A bucket

@@ -220,7 +220,7 @@ impl Control {
             tracing::warn!(
                 prefix = %wide,
                 bans_inside = inside,
-                lifted,
+                lifted_this_turn = lifted,
                 "auto-ban widened: the prefix held {inside} auto-bans; banned whole, the bans inside lifted"
             );
         }

@@ -608,7 +608,9 @@ pub fn source_net(ip: std::net::IpAddr) -> ipnet::IpNet {
     match ip {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => ipnet::IpNet::from(std::net::IpAddr::V4(v4)),
-            None if not_one_clients_64(v6) => ipnet::IpNet::from(std::net::IpAddr::V6(v6)),
+            None if gateway_common::source_is_address(&v6.octets()) => {
+                ipnet::IpNet::from(std::net::IpAddr::V6(v6))
+            }
             None => ipnet::Ipv6Net::new(v6, 64)
                 .map_or(ipnet::IpNet::from(std::net::IpAddr::V6(v6)), |n| {
                     ipnet::IpNet::V6(n.trunc())
@@ -616,11 +618,6 @@ pub fn source_net(ip: std::net::IpAddr) -> ipnet::IpNet {
         },
         v4 @ std::net::IpAddr::V4(_) => ipnet::IpNet::from(v4),
     }
-}
-
-/// Whether the /64 of `v6` holds other clients than the one at `v6` (see [`source_net`]).
-fn not_one_clients_64(v6: std::net::Ipv6Addr) -> bool {
-    gateway_common::source_is_address(&v6.octets())
 }
 
 /// Whether `net` and the space where a /64 is not one client's ([`gateway_common::SHARED_V6`])

@@ -463,7 +463,7 @@ impl HomeWalk {
     /// Counts what `dir` (`depth` folders below the home) holds, and what its folders hold.
     fn folder(&mut self, dir: &mut nix::dir::Dir, depth: usize) -> Result<(), String> {
         use nix::{
-            dir::{Dir, Type},
+            dir::Dir,
             fcntl::{AtFlags, OFlag},
             sys::stat::{Mode, SFlag, fstatat},
         };
@@ -492,8 +492,7 @@ impl HomeWalk {
                 continue;
             };
             self.add((meta.st_blocks as u64).saturating_mul(512))?;
-            let folder = SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
-                || entry.file_type() == Some(Type::Directory);
+            let folder = SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
             if !folder || meta.st_dev != self.device {
                 continue;
             }

@@ -60,6 +60,30 @@ max_connections = 2
     )
 }
 
+/// Configuration (after [`config`]'s) where every request to /mcp needs an API key no request
+/// shows, and three refusals ban a source for `ban_s` (the fourth is over the count).
+fn wrong_keys_banned(ban_s: u64) -> String {
+    format!(
+        r#"
+[auto_ban]
+max_refusals = 3
+window_s = 60
+ban_s = {ban_s}
+[[upstreams]]
+name = "nowhere"
+url = "http://127.0.0.1:9/mcp"
+[[routes]]
+path = "/mcp"
+upstream = "nowhere"
+auth = ["api_key"]
+# A key no request shows (a route needing keys must have one).
+[[auth.api_keys]]
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+tenant = "other"
+"#
+    )
+}
+
 struct Setup {
     topo: Topology,
     daemon: Daemon,
@@ -465,22 +489,9 @@ fn a_widened_ban_is_made_in_a_full_prefix_map_by_lifting_the_bans_it_holds() {
 address = "{GW_ADDR}:{PROXIED}"
 [listeners.proxy_protocol]
 trusted = ["{BETA}/32"]
-[auto_ban]
-max_refusals = 3
-window_s = 60
-ban_s = 60
-[[upstreams]]
-name = "nowhere"
-url = "http://127.0.0.1:9/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "nowhere"
-auth = ["api_key"]
-[[auth.api_keys]]
-sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-tenant = "other"
 "#
-        );
+        )
+        + &wrong_keys_banned(60);
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
     let mut m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
     // The operator's prefix bans fill the map but for seven entries.
@@ -552,24 +563,7 @@ fn repeated_refusals_ban_the_source_in_the_kernel_until_the_ban_expires() {
     let instance = unique("gwban");
     // Every request to /mcp needs an API key, and each shows a wrong one: refused (401), and
     // counted (a request with no key is not: a web page's `<img>` sends those).
-    let config = config(&instance, &topo.gw_if)
-        + r#"
-[auto_ban]
-max_refusals = 3
-window_s = 60
-ban_s = 2
-[[upstreams]]
-name = "nowhere"
-url = "http://127.0.0.1:9/mcp"
-[[routes]]
-path = "/mcp"
-upstream = "nowhere"
-auth = ["api_key"]
-# A key no request shows (a route needing keys must have one).
-[[auth.api_keys]]
-sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-tenant = "other"
-"#;
+    let config = config(&instance, &topo.gw_if) + &wrong_keys_banned(2);
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
     let statuses: Vec<u16> = (0..4)
         .map(|_| {
