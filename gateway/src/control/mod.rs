@@ -49,11 +49,12 @@ struct Control {
     /// record. Published to the workers as `Shared::bans`, for the clients named by PROXY
     /// protocol headers.
     bans: std::collections::BTreeMap<IpNet, u64>,
-    /// Which of `bans` are IPv6 auto-bans this process made (a client's /64, or a prefix one
-    /// was widened to): only they count towards widening, and only they are lifted by a wider
-    /// one. An operator's ban is never. (Not kept across a restart: bans read back are taken
-    /// as the operator's.)
-    auto_bans: std::collections::BTreeSet<IpNet>,
+    /// Which of `bans` are IPv6 auto-bans (a client's /64, or a prefix one was widened to),
+    /// with the end each was made with: only they count towards widening, and only they are
+    /// lifted by a wider one. An operator's ban is never: one made again by the admin API, or
+    /// by `gateway kernel ban` (seen as its end moving in the kernel's map), is the operator's
+    /// from then on. Kept across a restart and an upgrade by the state store.
+    auto_bans: std::collections::BTreeMap<IpNet, u64>,
     /// The state store (none when `[state] disabled`), and whether its last flush failed.
     store: Option<crate::state::Store>,
     store_failing: bool,
@@ -202,10 +203,11 @@ impl Control {
             if let IpNet::V6(v6) = net
                 && !not_made.contains(net)
             {
-                self.auto_bans.insert(*net);
-                if v6.prefix_len() < 64
-                    && let Some(&until) = self.bans.get(net)
-                {
+                let Some(&until) = self.bans.get(net) else {
+                    continue;
+                };
+                self.auto_bans.insert(*net, until);
+                if v6.prefix_len() < 64 {
                     lifted += self.lift_inside(*v6, until);
                 }
             }
@@ -264,16 +266,24 @@ impl Control {
     ) -> (Vec<(IpNet, Duration)>, Vec<Widened>) {
         let bans_in_force = &self.bans;
         self.auto_bans
-            .retain(|net| bans_in_force.get(net).is_some_and(|until| *until > now));
+            .retain(|net, _| bans_in_force.get(net).is_some_and(|until| *until > now));
         if at == 0 {
             return (bans, Vec::new());
         }
         let at = at as usize;
-        // The auto-bans in force and of this turn, by /48: a new ban looks at its own /48's.
         let slash48 = |v6: &ipnet::Ipv6Net| u128::from(v6.addr()) >> 80;
+        self.made_again_since(
+            bans.iter()
+                .filter_map(|(net, _)| match net {
+                    IpNet::V6(v6) => Some(slash48(v6)),
+                    IpNet::V4(_) => None,
+                })
+                .collect(),
+        );
+        // The auto-bans in force and of this turn, by /48: a new ban looks at its own /48's.
         let mut held: std::collections::HashMap<u128, Vec<ipnet::Ipv6Net>> =
             std::collections::HashMap::new();
-        for net in &self.auto_bans {
+        for net in self.auto_bans.keys() {
             if let IpNet::V6(v6) = net {
                 held.entry(slash48(v6)).or_default().push(*v6);
             }
@@ -330,6 +340,41 @@ impl Control {
         (out, widened)
     }
 
+    /// Takes the auto-bans in the /48s `near` (as `u128 >> 80`) that were made again since
+    /// (`gateway kernel ban` writes the kernel's map alone: seen as their end moved) as the
+    /// operator's, before a widening counts them: the control thread's copy of the map is read
+    /// again only every few seconds. One lookup each, of the few a /48 holds.
+    fn made_again_since(&mut self, near: std::collections::BTreeSet<u128>) {
+        let Some(maps) = &self.maps else {
+            return;
+        };
+        let mut again = Vec::new();
+        for n48 in near {
+            let (Ok(first), Ok(last)) = (
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(n48 << 80), 48),
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from((n48 << 80) | ((1 << 80) - 1)), 128),
+            ) else {
+                continue;
+            };
+            for (net, made) in self.auto_bans.range(IpNet::V6(first)..=IpNet::V6(last)) {
+                match maps.ban_end(*net) {
+                    Ok(Some(end)) if end.abs_diff(*made) <= 1_000_000_000 => {}
+                    Ok(Some(end)) => again.push((*net, Some(end))),
+                    Ok(None) => again.push((*net, None)),
+                    Err(e) => tracing::warn!(prefix = %ban_text(*net), "reading a ban: {e}"),
+                }
+            }
+        }
+        for (net, end) in again {
+            self.auto_bans.remove(&net);
+            match end {
+                Some(end) => self.bans.insert(net, end),
+                // Lifted (`gateway kernel unban`).
+                None => self.bans.remove(&net),
+            };
+        }
+    }
+
     /// Lifts the auto-bans strictly inside `wide` (a ban made, or to be made, until `until`)
     /// that end no later than it (give or take the second the kernel's ban map rounds to): it
     /// holds them, and their entries in the kernel's ban map are freed. Never an operator's
@@ -345,12 +390,12 @@ impl Control {
         let inner: Vec<IpNet> = self
             .auto_bans
             .range(IpNet::V6(first)..=IpNet::V6(last))
+            .map(|(net, _)| *net)
             .filter(|net| {
-                **net != IpNet::V6(wide)
-                    && IpNet::V6(wide).contains(*net)
-                    && self.bans.get(*net).is_some_and(|ends| *ends <= until)
+                *net != IpNet::V6(wide)
+                    && IpNet::V6(wide).contains(net)
+                    && self.bans.get(net).is_some_and(|ends| *ends <= until)
             })
-            .copied()
             .collect();
         let mut lifted = 0;
         for net in inner {
@@ -488,7 +533,33 @@ impl Control {
             }
         }
         self.bans.retain(|_, until| *until > now);
+        // An auto-ban whose end moved was made again by someone else (`gateway kernel ban`
+        // writes the kernel's map alone): the operator's now. Its end read back is exact to
+        // the time the reading took; a second's slack.
+        let bans = &self.bans;
+        self.auto_bans.retain(|net, made| {
+            bans.get(net)
+                .is_some_and(|until| until.abs_diff(*made) <= 1_000_000_000)
+        });
         self.publish_bans();
+    }
+
+    /// Takes the auto-bans the state store kept (with the time each was made to last) as
+    /// auto-bans again, where the same ban is in force now: before, every ban read back after
+    /// a restart or an upgrade was the operator's, so a client's /64s banned before it neither
+    /// counted towards a widening nor were lifted by one.
+    fn adopt_auto_bans(&mut self, kept: Vec<(IpNet, Duration)>) {
+        let now = kernel::monotonic_ns();
+        for (net, left) in kept {
+            let net = canonical_net(net);
+            let made = now.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64);
+            // The store keeps ends to the millisecond, rewritten when they moved by a second.
+            if let Some(&until) = self.bans.get(&net)
+                && until.abs_diff(made) <= 2_000_000_000
+            {
+                self.auto_bans.insert(net, until);
+            }
+        }
     }
 
     fn publish_bans(&self) {
@@ -528,10 +599,14 @@ impl Control {
             return;
         };
         let now = kernel::monotonic_ns();
-        let bans = self
-            .bans
-            .iter()
-            .map(|(net, until)| (*net, Duration::from_nanos(until.saturating_sub(now))));
+        let auto = &self.auto_bans;
+        let bans = self.bans.iter().map(|(net, until)| {
+            (
+                *net,
+                Duration::from_nanos(until.saturating_sub(now)),
+                auto.contains_key(net),
+            )
+        });
         let shared = &self.shared;
         match store.flush_counted(&shared.state, &shared.pins, &shared.limits, bans) {
             Ok(f) => {

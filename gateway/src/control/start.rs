@@ -191,7 +191,7 @@ pub(super) fn restore_state(
     shared: &Shared,
     state: &crate::config::StateConfig,
 ) -> anyhow::Result<Kept> {
-    let (store, kept_bans) = match &state.dir {
+    let (store, kept_bans, auto_bans) = match &state.dir {
         Some(dir) => {
             let mut store = crate::state::Store::open(dir)?;
             let loaded = store.load(&shared.pins, &shared.limits)?;
@@ -204,11 +204,11 @@ pub(super) fn restore_state(
             );
             shared.state.enabled.store(true, Relaxed);
             shared.state.bytes.store(store.bytes(), Relaxed);
-            (Some(store), loaded.bans)
+            (Some(store), loaded.bans, loaded.auto_bans)
         }
         None => {
             tracing::warn!("state.disabled: budgets, pins and approvals start afresh on every run");
-            (None, Vec::new())
+            (None, Vec::new(), Vec::new())
         }
     };
     if !kept_bans.is_empty() && !config_kernel_enabled(shared) {
@@ -222,6 +222,7 @@ pub(super) fn restore_state(
     Ok(Kept {
         store,
         bans: kept_bans,
+        auto_bans,
     })
 }
 
@@ -231,6 +232,8 @@ pub(super) struct Kept {
     pub store: Option<crate::state::Store>,
     /// Bans not yet ended, with the time each has left.
     pub bans: Vec<(IpNet, Duration)>,
+    /// Those that were auto-bans, with the time they were made to last.
+    pub auto_bans: Vec<(IpNet, Duration)>,
 }
 
 impl Control {
@@ -270,7 +273,7 @@ impl Control {
             tls_stamps,
             upstream_tls_stamps: crate::tls::upstream_stamps(&shared.snapshot.load().config),
             bans: std::collections::BTreeMap::new(),
-            auto_bans: std::collections::BTreeSet::new(),
+            auto_bans: std::collections::BTreeMap::new(),
             store: kept.store,
             store_failing: false,
             successor: None,
@@ -287,6 +290,7 @@ impl Control {
         // Bans kept in the pinned map by an earlier run hold for PROXY protocol clients too.
         lock(&control).refresh_bans();
         lock(&control).restore_bans(kept.bans);
+        lock(&control).adopt_auto_bans(kept.auto_bans);
         Ok(control)
     }
 }

@@ -244,6 +244,30 @@ impl KernelMaps {
         }
     }
 
+    /// When the ban of `net` ends (`CLOCK_MONOTONIC` ns), or none. A prefix is looked up as
+    /// the kernel does: the longest banned prefix holding it, `net` itself where banned.
+    pub fn ban_end(&self, net: IpNet) -> Result<Option<u64>, KernelError> {
+        let got = if net.prefix_len() == net.max_prefix_len() {
+            self.bans
+                .get(&addr_key(net.addr()), 0)
+                .map_err(map_err(names::BANS))
+        } else {
+            let Some(map) = &self.ban_nets else {
+                return Ok(None);
+            };
+            map.get(&net_key(&net.trunc()), 0)
+                .map_err(map_err(names::BAN_NETS))
+        };
+        match got {
+            Ok(end) => Ok(Some(end)),
+            Err(KernelError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Banned prefixes, expired ones included until they are swept.
     pub fn net_bans(&self) -> Result<Vec<NetBan>, KernelError> {
         let Some(map) = &self.ban_nets else {

@@ -44,6 +44,11 @@ const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
 const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
 /// An address → when its ban ends, in ms since the Unix epoch.
 const BANS: TableDefinition<&str, u64> = TableDefinition::new("bans");
+/// Which of [`BANS`] are auto-bans the gateway made (an IPv6 client's /64, or a prefix one was
+/// widened to), keyed the same, with the end they were made with: only they count towards a
+/// widening and are lifted by one. A store written before this table has none, and an earlier
+/// gateway ignores it (its bans are then all taken as the operator's, as they were).
+const AUTO_BANS: TableDefinition<&str, u64> = TableDefinition::new("auto_bans");
 
 /// What to do about a store that cannot be used (said in every such error).
 pub const RECOVERY: &str = "the gateway does not start on state it cannot read; see what is wrong with `gateway state check --config <file>`, save what can be read with `gateway state export --config <file>`, then `gateway state reset --config <file>` moves the file aside and the next start begins with empty state (budgets spent, pins and approvals are forgotten)";
@@ -89,7 +94,16 @@ pub struct Loaded {
     pub windows: usize,
     /// Bans not yet ended (addresses as one-address prefixes), with the time each has left.
     pub bans: Vec<(IpNet, Duration)>,
+    /// Those of `bans` that were auto-bans, with the time they were made to last: a ban of
+    /// the same net in force now that ends within a second or two of it is that auto-ban
+    /// (one made again since, by the operator's `gateway kernel ban` while the gateway was
+    /// down, ends elsewhere).
+    pub auto_bans: Vec<(IpNet, Duration)>,
 }
+
+/// A ban in force as the store mirrors it: its net, the time it has left, and whether it is
+/// an auto-ban.
+pub type MirroredBan = (IpNet, Duration, bool);
 
 /// What a flush wrote.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -105,6 +119,7 @@ pub struct Store {
     pins: HashMap<String, Arc<Pin>>,
     windows: HashMap<String, WindowCount>,
     bans: BTreeMap<String, u64>,
+    auto_bans: BTreeMap<String, u64>,
 }
 
 /// The key of a window's count: what it counts, as JSON, and the window's length. Counts of
@@ -360,6 +375,7 @@ impl Store {
                 pins: HashMap::new(),
                 windows: HashMap::new(),
                 bans: BTreeMap::new(),
+                auto_bans: BTreeMap::new(),
             };
             store.check_schema()?;
             Ok(store)
@@ -399,6 +415,7 @@ impl Store {
             tx.open_table(PINS).map_err(|e| self.unreadable(e))?;
             tx.open_table(WINDOWS).map_err(|e| self.unreadable(e))?;
             tx.open_table(BANS).map_err(|e| self.unreadable(e))?;
+            tx.open_table(AUTO_BANS).map_err(|e| self.unreadable(e))?;
         }
         tx.commit().map_err(|e| self.unreadable(e))
     }
@@ -495,6 +512,7 @@ impl Store {
                 "window": serde_json::from_slice::<serde_json::Value>(v.value()).unwrap_or(serde_json::Value::Null),
             }));
         }
+        let auto = tx.open_table(AUTO_BANS).map_err(|e| self.unreadable(e))?;
         let mut bans = serde_json::Map::new();
         for row in tx
             .open_table(BANS)
@@ -503,9 +521,13 @@ impl Store {
             .map_err(|e| self.unreadable(e))?
         {
             let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let is_auto = auto
+                .get(k.value())
+                .map_err(|e| self.unreadable(e))?
+                .is_some();
             bans.insert(
                 k.value().to_owned(),
-                serde_json::json!({"until_unix_ms": v.value()}),
+                serde_json::json!({"until_unix_ms": v.value(), "auto": is_auto}),
             );
         }
         Ok(serde_json::json!({
@@ -624,18 +646,38 @@ impl Store {
             }
             self.bans.insert(key, until);
         }
+        for row in tx
+            .open_table(AUTO_BANS)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let key = k.value().to_owned();
+            let net = ban_key_net(&key).ok_or_else(|| {
+                self.unreadable(format!("auto-ban `{key}`: not an address or prefix"))
+            })?;
+            let until = v.value();
+            if until > now && self.bans.contains_key(&key) {
+                loaded
+                    .auto_bans
+                    .push((net, Duration::from_millis(until - now)));
+            }
+            // One whose ban is gone stays recorded here, so that the next flush deletes it.
+            self.auto_bans.insert(key, until);
+        }
         Ok(loaded)
     }
 
     /// Writes what changed since the last flush or load, in one transaction: pins, counts of
-    /// windows not yet ended, and `bans` (each with the time it has left). Nothing is written
-    /// (and no sync made) when nothing changed. On failure nothing is taken as written, so the
-    /// next flush tries it all again.
+    /// windows not yet ended, and `bans` (each with the time it has left, and whether it is an
+    /// auto-ban). Nothing is written (and no sync made) when nothing changed. On failure
+    /// nothing is taken as written, so the next flush tries it all again.
     pub fn flush(
         &mut self,
         pins: &Pins,
         limits: &State,
-        bans: impl IntoIterator<Item = (IpNet, Duration)>,
+        bans: impl IntoIterator<Item = MirroredBan>,
     ) -> Result<Flushed, StoreError> {
         if self.db.0.is_none() {
             self.reopen()?;
@@ -657,7 +699,7 @@ impl Store {
         &mut self,
         pins: &Pins,
         limits: &State,
-        bans: impl IntoIterator<Item = (IpNet, Duration)>,
+        bans_in_force: impl IntoIterator<Item = MirroredBan>,
     ) -> Result<Flushed, StoreError> {
         let mut pin_puts: Vec<(String, Arc<Pin>)> = Vec::new();
         for (k, p) in pins.snapshot() {
@@ -683,27 +725,20 @@ impl Store {
             .cloned()
             .collect();
         let now = unix_ms();
-        let bans: BTreeMap<String, u64> = bans
-            .into_iter()
-            .map(|(net, left)| {
-                let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-                (ban_key(net), now.saturating_add(left))
-            })
-            .collect();
-        // The kernel's clock and the wall clock drift apart by a few ms between flushes: a
-        // ban's end is written again only when it moved by more than a second.
-        let ban_puts: Vec<(&String, &u64)> = bans
-            .iter()
-            .filter(|(k, until)| self.bans.get(*k).is_none_or(|w| w.abs_diff(**until) > 1000))
-            .collect();
-        let ban_dels: Vec<String> = self
-            .bans
-            .keys()
-            .filter(|k| !bans.contains_key(*k))
-            .cloned()
-            .collect();
-        let written = pin_puts.len() + window_puts.len() + ban_puts.len();
-        let deleted = window_dels.len() + ban_dels.len();
+        let mut bans: BTreeMap<String, u64> = BTreeMap::new();
+        let mut auto_bans: BTreeMap<String, u64> = BTreeMap::new();
+        for (net, left, auto) in bans_in_force {
+            let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            let (key, until) = (ban_key(net), now.saturating_add(left));
+            if auto {
+                auto_bans.insert(key.clone(), until);
+            }
+            bans.insert(key, until);
+        }
+        let (ban_puts, ban_dels) = changed_ends(&self.bans, &bans);
+        let (auto_puts, auto_dels) = changed_ends(&self.auto_bans, &auto_bans);
+        let written = pin_puts.len() + window_puts.len() + ban_puts.len() + auto_puts.len();
+        let deleted = window_dels.len() + ban_dels.len() + auto_dels.len();
         if written + deleted == 0 {
             return Ok(Flushed::default());
         }
@@ -732,6 +767,14 @@ impl Store {
             for k in &ban_dels {
                 t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
             }
+            let mut t = tx.open_table(AUTO_BANS).map_err(|e| self.write_error(e))?;
+            for (k, until) in &auto_puts {
+                t.insert(k.as_str(), **until)
+                    .map_err(|e| self.write_error(e))?;
+            }
+            for k in &auto_dels {
+                t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
+            }
         }
         tx.commit().map_err(|e| self.write_error(e))?;
         for (k, p) in pin_puts {
@@ -751,6 +794,14 @@ impl Store {
             self.bans.remove(&k);
         }
         self.bans.extend(ban_puts);
+        let auto_puts: Vec<(String, u64)> = auto_puts
+            .into_iter()
+            .map(|(k, u)| (k.clone(), *u))
+            .collect();
+        for k in auto_dels {
+            self.auto_bans.remove(&k);
+        }
+        self.auto_bans.extend(auto_puts);
         Ok(Flushed { written, deleted })
     }
 
@@ -760,7 +811,7 @@ impl Store {
         stats: &Stats,
         pins: &Pins,
         limits: &State,
-        bans: impl IntoIterator<Item = (IpNet, Duration)>,
+        bans: impl IntoIterator<Item = MirroredBan>,
     ) -> Result<Flushed, StoreError> {
         let start = Instant::now();
         let r = self.flush(pins, limits, bans);
@@ -832,6 +883,25 @@ pub fn render_metrics(stats: &Stats, out: &mut String) {
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
+
+/// Of `now` (key → end, unix ms) against `written`: the entries to write (new, or whose end
+/// moved by more than a second: the kernel's clock and the wall clock drift apart by a few ms
+/// between flushes) and the keys to delete.
+fn changed_ends<'a>(
+    written: &BTreeMap<String, u64>,
+    now: &'a BTreeMap<String, u64>,
+) -> (Vec<(&'a String, &'a u64)>, Vec<String>) {
+    let puts = now
+        .iter()
+        .filter(|(k, until)| written.get(*k).is_none_or(|w| w.abs_diff(**until) > 1000))
+        .collect();
+    let dels = written
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .cloned()
+        .collect();
+    (puts, dels)
+}
 
 /// A ban's key in the store: the address alone for one address (as earlier versions wrote
 /// it), the prefix in CIDR notation otherwise.

@@ -27,9 +27,10 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     let d = dir("roundtrip");
     let ip: IpAddr = "192.0.2.7".parse().unwrap();
     let net: ipnet::IpNet = "198.18.4.0/24".parse().unwrap();
+    // The prefix an auto-ban, the address the operator's.
     let bans = [
-        (ipnet::IpNet::from(ip), Duration::from_secs(600)),
-        (net, Duration::from_secs(600)),
+        (ipnet::IpNet::from(ip), Duration::from_secs(600), false),
+        (net, Duration::from_secs(600), true),
     ];
     {
         let mut store = Store::open(&d).unwrap();
@@ -64,7 +65,7 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
             )
             .unwrap();
         let f = store.flush(&pins, &limits, bans).unwrap();
-        assert_eq!(f.written, 2 + 2 + 2);
+        assert_eq!(f.written, 2 + 2 + 2 + 1);
         // Nothing changed: nothing written.
         assert_eq!(
             store.flush(&pins, &limits, bans).unwrap(),
@@ -81,6 +82,11 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     let mut kept: Vec<_> = loaded.bans.iter().map(|(n, _)| *n).collect();
     kept.sort();
     assert_eq!(kept, vec![ipnet::IpNet::from(ip), net]);
+    // Which was an auto-ban is kept with it (before, every ban read back was the operator's:
+    // a widening neither counted nor lifted it).
+    let auto: Vec<_> = loaded.auto_bans.iter().map(|(n, _)| *n).collect();
+    assert_eq!(auto, vec![net]);
+    assert!(loaded.auto_bans[0].1 > Duration::from_secs(590));
     assert!(
         loaded
             .bans
@@ -106,6 +112,18 @@ fn pins_approvals_spend_refusals_and_bans_come_back_in_a_new_process_state() {
     );
     let refusals = Counted::Refusals { source: ip };
     assert_eq!(limits.left(refusals.key(&limits, 60), 60, 5), 3);
+    // The operator banned the prefix again: no longer an auto-ban, in the store either.
+    let again = [
+        (ipnet::IpNet::from(ip), Duration::from_secs(600), false),
+        (net, Duration::from_secs(3600), false),
+    ];
+    let f = store.flush(&pins, &limits, again).unwrap();
+    assert_eq!((f.written, f.deleted), (1, 1));
+    drop(store);
+    let mut store = Store::open(&d).unwrap();
+    let loaded = store.load(&Pins::default(), &State::default()).unwrap();
+    assert_eq!(loaded.bans.len(), 2);
+    assert!(loaded.auto_bans.is_empty());
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -500,33 +500,8 @@ trusted = ["{BETA}/32"]
         let net: ipnet::IpNet = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
         m.ban_net(net, Duration::from_secs(300)).unwrap();
     }
-    let refuse_four = |client: &str| {
-        for n in 0..4 {
-            let status = in_netns(&topo.client, || {
-                let mut c = connect_from(
-                    IpAddr::V4(BETA),
-                    SocketAddr::new(IpAddr::V4(GW_ADDR), PROXIED),
-                    TIMEOUT,
-                )
-                .expect("connect");
-                let head = format!("PROXY TCP6 {client} ::1 {} 8080\r\n", 1000 + n);
-                std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
-                http_status_of(
-                    &mut c,
-                    b"POST /mcp HTTP/1.1\r\nhost: gw\r\nx-api-key: wrong\r\ncontent-length: 2\r\n\r\n{}",
-                )
-            });
-            assert_eq!(status, 401, "{client}");
-        }
-    };
-    let prefixes = |m: &KernelMaps| -> Vec<String> {
-        m.net_bans()
-            .unwrap()
-            .iter()
-            .map(|b| b.net.to_string())
-            .filter(|n| n.starts_with("2001:db8:7:"))
-            .collect()
-    };
+    let refuse_four = |client: &str| refuse_four_proxied(&topo, client);
+    let prefixes = |m: &KernelMaps| prefixes_in(m, "2001:db8:7:");
     // Seven /64s of 2001:db8:7:100::/56: the map is full.
     for i in 0..7 {
         refuse_four(&format!("2001:db8:7:1{i:x}0::1"));
@@ -553,6 +528,166 @@ trusted = ["{BETA}/32"]
         !daemon.log().contains("auto-ban failed"),
         "{}",
         daemon.log()
+    );
+    daemon.stop();
+}
+
+/// Four wrong keys from IPv6 `client`, named by PROXY headers sent from BETA in the client
+/// namespace to the proxied listener (`max_refusals` 3: the fourth earns the ban).
+fn refuse_four_proxied(topo: &Topology, client: &str) {
+    for n in 0..4 {
+        let status = in_netns(&topo.client, || {
+            let mut c = connect_from(
+                IpAddr::V4(BETA),
+                SocketAddr::new(IpAddr::V4(GW_ADDR), PROXIED),
+                TIMEOUT,
+            )
+            .expect("connect");
+            let head = format!("PROXY TCP6 {client} ::1 {} 8080\r\n", 1000 + n);
+            std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
+            http_status_of(
+                &mut c,
+                b"POST /mcp HTTP/1.1\r\nhost: gw\r\nx-api-key: wrong\r\ncontent-length: 2\r\n\r\n{}",
+            )
+        });
+        assert_eq!(status, 401, "{client}");
+    }
+}
+
+/// The kernel's banned prefixes that start with `start`, sorted.
+fn prefixes_in(m: &KernelMaps, start: &str) -> Vec<String> {
+    let mut nets: Vec<String> = m
+        .net_bans()
+        .unwrap()
+        .iter()
+        .map(|b| b.net.to_string())
+        .filter(|n| n.starts_with(start))
+        .collect();
+    nets.sort();
+    nets
+}
+
+/// Waits (5 s at most) for the kernel's banned prefixes under `start` to be `want`.
+fn until_prefixes(daemon: &Daemon, start: &str, want: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
+        let now = prefixes_in(&m, start);
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now:?}, not {want:?}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Which auto-bans count towards a widening, and are lifted by one, holds across a restart
+/// (kept by the state store: before, every ban read back was taken as the operator's, so the
+/// seven /64s banned before it neither counted nor were lifted), across one with a fresh
+/// kernel map (bans restored from the store), and past `gateway kernel ban` of one of them,
+/// which makes it the operator's (before, it stayed counted and the widening deleted it).
+#[test]
+fn auto_bans_stay_auto_bans_over_a_restart_and_an_operators_ban_of_one_is_the_operators() {
+    let topo = Topology::new(&[BETA]);
+    let instance = unique("gwauto");
+    let config = config(&instance, &topo.gw_if)
+        + &format!(
+            r#"
+[[listeners]]
+address = "{GW_ADDR}:{PROXIED}"
+[listeners.proxy_protocol]
+trusted = ["{BETA}/32"]
+"#
+        )
+        + &wrong_keys_banned(300);
+    let mut daemon = Daemon::start(&topo.gw, &instance, &config);
+    let net = |text: String| text.parse::<ipnet::IpNet>().unwrap().to_string();
+    let seven = |at: &str| -> Vec<String> {
+        let mut nets: Vec<String> = (0..7)
+            .map(|i| {
+                refuse_four_proxied(&topo, &format!("2001:db8:{at}:{i:x}0::1"));
+                net(format!("2001:db8:{at}:{i:x}0::/64"))
+            })
+            .collect();
+        nets.sort();
+        nets
+    };
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(integration_tests::daemon::gateway_bin())
+            .args(["kernel", "--instance", &instance])
+            .args(args)
+            .output()
+            .expect("gateway kernel");
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    // Seven /64s of 2001:db8:a::/56; the operator bans one of them again, for an hour.
+    let mut a = seven("a");
+    until_prefixes(
+        &daemon,
+        "2001:db8:a:",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    cli(&["ban", "2001:db8:a:30::/64", "--seconds", "3600"]);
+    // Two more: eight auto-bans (the operator's no longer one), widened to the /56, the
+    // operator's kept.
+    for (i, client) in ["2001:db8:a:ee::1", "2001:db8:a:ff::1"].iter().enumerate() {
+        refuse_four_proxied(&topo, client);
+        if i == 0 {
+            a.push("2001:db8:a:ee::/64".to_owned());
+            a.sort();
+            until_prefixes(
+                &daemon,
+                "2001:db8:a:",
+                &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+        }
+    }
+    until_prefixes(
+        &daemon,
+        "2001:db8:a:",
+        &["2001:db8:a:30::/64", "2001:db8:a::/56"],
+    );
+
+    // Seven /64s of 2001:db8:b::/56, a restart (the kernel's map kept), the eighth.
+    let b = seven("b");
+    until_prefixes(
+        &daemon,
+        "2001:db8:b:",
+        &b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    daemon.stop();
+    let mut daemon = Daemon::restart(&topo.gw, &instance, &mut daemon);
+    refuse_four_proxied(&topo, "2001:db8:b:ff::1");
+    until_prefixes(&daemon, "2001:db8:b:", &["2001:db8:b::/56"]);
+
+    // Seven of 2001:db8:c::/56, a restart with the kernel's maps gone (a reboot): the bans and
+    // which were auto-bans come back from the state store.
+    let c = seven("c");
+    until_prefixes(
+        &daemon,
+        "2001:db8:c:",
+        &c.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    daemon.stop();
+    cli(&["reset"]);
+    let mut daemon = Daemon::restart(&topo.gw, &instance, &mut daemon);
+    until_prefixes(
+        &daemon,
+        "2001:db8:c:",
+        &c.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    refuse_four_proxied(&topo, "2001:db8:c:ff::1");
+    until_prefixes(&daemon, "2001:db8:c:", &["2001:db8:c::/56"]);
+    // The operator's hour-long ban came back as the operator's too.
+    until_prefixes(
+        &daemon,
+        "2001:db8:a:",
+        &["2001:db8:a:30::/64", "2001:db8:a::/56"],
     );
     daemon.stop();
 }
