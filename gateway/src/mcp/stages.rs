@@ -892,6 +892,14 @@ fn admit(
         }
         Stop::Refuse(r, id)
     };
+    if messages.single.is_none() && messages.batch.is_empty() {
+        // A GET or a DELETE: at the rate of what settles a session. Before, none was
+        // counted: a tenant of one request a second had 100 GETs forwarded in 0.04 s (to
+        // every member of a federation), and DELETEs without end (an attacker's review).
+        policy
+            .admit_settling(&ctx.shared.limits, who)
+            .map_err(|r| Stop::Refuse(r, None))?;
+    }
     for m in messages.all() {
         let tool = called_tool(config, route, m);
         // The called tool's upstream (for its pins' reach and its breakers), looked up once.

@@ -2897,3 +2897,60 @@ fn a_passthrough_event_stream_with_a_length_reaches_the_client_whole() {
     );
     d.stop();
 }
+
+/// A GET (the server's stream) and a DELETE (a session's end) carry no message, and are held to
+/// the rate of what settles a session (ten times the tenant's, at least 100 a second): before,
+/// none was counted, and a tenant of one request a second had every GET and DELETE forwarded
+/// (100 GETs in 0.04 s, each to every member of a federation: an attacker's review).
+#[test]
+fn gets_and_deletes_are_held_to_a_rate() {
+    let fake = FakeUpstream::start(Misbehave::Answer);
+    let (port, admin) = (free_port(), free_port());
+    let instance = unique("gwgets");
+    let config = format!(
+        r#"{head}default_tenant = "public"
+[[tenants]]
+name = "public"
+id = 0
+[[tenants]]
+name = "slow"
+id = 1
+[tenants.policy]
+requests_per_sec = 1
+[[auth.api_keys]]
+sha256 = "{slow}"
+tenant = "slow"
+[[upstreams]]
+name = "fake"
+url = "{fake}"
+[[routes]]
+path = "/fake"
+upstream = "fake"
+auth = ["api_key"]
+"#,
+        head = integration_tests::daemon::local_header(&instance, 2, port, admin),
+        slow = sha256_hex(ACME_KEY),
+        fake = fake.url(),
+    );
+    let _daemon = Daemon::start_local(&instance, &config);
+    let start = std::time::Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..300 {
+        let method = if i % 2 == 0 { "GET" } else { "DELETE" };
+        let request = format!(
+            "{method} /fake HTTP/1.1\r\nhost: gw\r\naccept: application/json, text/event-stream\r\n{}mcp-protocol-version: 2025-06-18\r\n\r\n",
+            key(ACME_KEY)
+        );
+        let (r, _) = raw(port, request.as_bytes());
+        *statuses.entry(r.status).or_insert(0) += 1;
+    }
+    let took = start.elapsed().as_secs_f64();
+    let reached = fake.seen.lock().unwrap().len();
+    // 100 at once, and 100 a second after them.
+    let most = 100 + (100.0 * took).ceil() as usize + 1;
+    assert!(
+        reached <= most && statuses.get(&429).copied().unwrap_or(0) >= 300 - most,
+        "{reached} reached the upstream in {took:.2} s (at most {most}): {statuses:?}"
+    );
+    assert!(reached >= 100, "{reached}: {statuses:?}");
+}
