@@ -115,6 +115,19 @@ fn invalid_requests_say_why_and_keep_the_id() {
 }
 
 #[test]
+fn a_batch_holds_at_most_max_batch_messages() {
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let batch = |n: usize| format!("[{}]", vec![ping; n].join(","));
+    match parse(&batch(MAX_BATCH)).unwrap() {
+        Parsed::Batch(ms) => assert_eq!(ms.len(), MAX_BATCH),
+        Parsed::Single(_) => panic!("a batch"),
+    }
+    let e = parse(&batch(MAX_BATCH + 1)).unwrap_err();
+    assert_eq!(e.code, INVALID_REQUEST);
+    assert!(e.message.contains("at most 1024"), "{}", e.message);
+}
+
+#[test]
 fn tool_call_params_are_checked() {
     for body in [
         r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{}}"#,

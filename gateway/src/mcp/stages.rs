@@ -62,6 +62,15 @@ impl Messages {
         self.single.iter().chain(self.batch.iter())
     }
 
+    /// Drops the calls' arguments read for policy once it has ruled: nothing after admission
+    /// reads them, and held for the call's length (the upstream's answer) they cost 16 to 32
+    /// bytes a value: twenty slow calls of 2 MB of arguments each held 786 MB (a review).
+    fn forget_arguments(&mut self) {
+        for m in self.single.iter_mut().chain(self.batch.iter_mut()) {
+            m.arguments = None;
+        }
+    }
+
     /// The id an answer about `m` carries: none inside a batch (the answer is about the batch).
     fn id_for(&self, m: &Message) -> Option<Id> {
         if self.batch.is_empty() {
@@ -213,7 +222,7 @@ async fn run<'c>(
     let protocol = version(req)?;
     let header_trace = trace(req)?;
     let (who, tenant) = identity(io, req, peer, snapshot, route, ctx, obs, header_trace)?;
-    let messages = parse(req, ctx, route, tenant, protocol, obs)?;
+    let mut messages = parse(req, ctx, route, tenant, protocol, obs)?;
     let session = check(req, ctx, snapshot, route, tenant, &messages, obs)?;
     propagate(req, &messages, config, obs);
     let req = &*req;
@@ -221,6 +230,7 @@ async fn run<'c>(
     let mut admissions = admit(
         req, peer, ctx, config, policy, route, &who, tenant, &messages, obs,
     )?;
+    messages.forget_arguments();
     // The admissions' in-flight slots, for a task the call creates to take over.
     obs.slots
         .borrow_mut()
