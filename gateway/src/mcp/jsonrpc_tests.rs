@@ -571,3 +571,39 @@ fn a_request_holding_more_values_than_the_gateway_parses_is_refused() {
     fewer.extend_from_slice(b"]}}}");
     assert!(Parser::default().parse_for(&fewer, true).is_ok());
 }
+
+/// A number policy read is the number the upstream runs where the gateway writes the body
+/// again (federation, held sessions, the bridge, stdio: serde_json reads and writes it). Before,
+/// serde_json read long decimals up to 2 ULP off simd-json's correct rounding: `seconds`
+/// 1.1000000000000001206048 was 1.1 to a rule's `maximum = 1.1` and went out as
+/// 1.1000000000000003 (a review).
+#[test]
+fn a_number_written_again_is_the_number_policy_read() {
+    for n in [
+        "1.1000000000000001206048",
+        "0.100000000000000010632",
+        "99.900000000000010545",
+        "9.912481181709010102311941174e-231",
+    ] {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","arguments":{{"n":{n}}}}}}}"#
+        );
+        let read = Parser::default().parse_for(body.as_bytes(), true).unwrap();
+        let Parsed::Single(m) = read else { panic!() };
+        let checked = m.arguments.unwrap()["n"].as_f64().unwrap();
+        let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let sent = serde_json::to_string(&again).unwrap();
+        let upstream: serde_json::Value = serde_json::from_str(&sent).unwrap();
+        let ran = upstream["params"]["arguments"]["n"].as_f64().unwrap();
+        assert_eq!(
+            checked.to_bits(),
+            ran.to_bits(),
+            "{n}: {checked} checked, {ran} sent"
+        );
+        assert_eq!(
+            checked.to_bits(),
+            n.parse::<f64>().unwrap().to_bits(),
+            "{n}"
+        );
+    }
+}
