@@ -1031,6 +1031,59 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
     d.stop();
 }
 
+/// In a federation, the member without a prefix cannot name a tool to read as another
+/// member's: `u\u{430}_echo` (a Cyrillic `а`) beside member `ua_`'s `ua_echo` is neither listed
+/// nor called. Before, it was listed beside the real one, with a description asking for the
+/// user's keys, and its calls went to the member without a prefix (a review). Pinning off: the
+/// pins' own lookalike check is per upstream, and never saw it.
+#[test]
+fn a_federated_name_that_reads_as_another_members_is_neither_listed_nor_called() {
+    let (a_port, b_port) = (free_port(), free_port());
+    let _a = PyServer::start_on(a_port, &[]);
+    let _b = PyServer::start_on(b_port, &["--lookalike-member"]);
+    let port = free_port();
+    let admin = free_port();
+    let instance = unique("gwfedlook");
+    let config = format!(
+        r#"{}
+[[upstreams]]
+name = "ua"
+url = "http://127.0.0.1:{a_port}/mcp"
+[[upstreams]]
+name = "ub"
+url = "http://127.0.0.1:{b_port}/mcp"
+[[routes]]
+path = "/fed"
+federate = [{{ upstream = "ua", prefix = "ua_" }}, {{ upstream = "ub", prefix = "" }}]
+"#,
+        integration_tests::daemon::local_header(&instance, 1, port, admin)
+    );
+    let mut d = Daemon::start_local(&instance, &config);
+    let lookalike = "u\u{430}_echo";
+    let url = format!("http://127.0.0.1:{port}/fed");
+    let got = py_script(LIST_AND_CALL_EACH, &[&url, lookalike, "ua_echo", "echo"]);
+    let tools: Vec<&str> = got["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        tools.contains(&"ua_echo") && tools.contains(&"echo"),
+        "{got}"
+    );
+    assert!(!tools.contains(&lookalike), "{got}");
+    assert_eq!(got["calls"]["ua_echo"], json!(["hi"]), "{got}");
+    assert_eq!(got["calls"]["echo"], json!(["hi"]), "{got}");
+    assert!(
+        got["calls"][lookalike]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown tool")),
+        "{got}"
+    );
+    d.stop();
+}
+
 /// A tool's name may hold `/` (outside the characters the specification asks for; the Python
 /// SDK serves it): a rule's `*` matches it there. Before, `*` stopped at a `/`, so `admin/drop`
 /// escaped a `deny` of `*drop*` and of `u0/*`: listed and run (a reviewer's note, confirmed on

@@ -48,7 +48,8 @@ const MAX_PAGES: usize = 100;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// The member of `members` owning `name` (longest matching prefix; the member without a prefix
-/// owns the rest) and the name as that member knows it.
+/// owns the rest) and the name as that member knows it. None for a name of the rest that reads
+/// as another member's ([`reads_as_prefixed`]).
 pub(super) fn owner<'c, 'n>(members: &'c [Member], name: &'n str) -> Option<(&'c Member, &'n str)> {
     members
         .iter()
@@ -59,8 +60,22 @@ pub(super) fn owner<'c, 'n>(members: &'c [Member], name: &'n str) -> Option<(&'c
             members
                 .iter()
                 .find(|m| m.prefix.is_empty())
+                .filter(|_| !reads_as_prefixed(members, name))
                 .map(|m| (m, name))
         })
+}
+
+/// Whether `name`, of no member's prefix, reads as a name of a member's prefix (the same
+/// skeleton, UTS #39: `uа_add` with a Cyrillic `а` reads as `ua_add`). The member without a
+/// prefix listed `uа_add` beside member `ua_`'s `ua_add`, with a description asking for the
+/// user's key, and its calls went to it (a review): such a name is neither listed nor called.
+fn reads_as_prefixed(members: &[Member], name: &str) -> bool {
+    let mut look: Option<String> = None;
+    members.iter().filter(|m| !m.prefix.is_empty()).any(|m| {
+        let look = look.get_or_insert_with(|| unicode_security::skeleton(name).collect());
+        let prefix: String = unicode_security::skeleton(&m.prefix).collect();
+        look.starts_with(&prefix)
+    })
 }
 
 /// `'c`: the configuration snapshot's lifetime; `'a`: the request's.
@@ -386,7 +401,31 @@ fn merge(a: &mut Map<String, Value>, b: &Map<String, Value>) {
 mod tests {
     use serde_json::{Value, json};
 
-    use super::merge;
+    use super::{merge, owner};
+    use crate::config::Member;
+
+    #[test]
+    fn a_name_that_reads_as_another_members_is_nobodys() {
+        let members = [
+            Member {
+                upstream: 0,
+                prefix: "ua_".into(),
+            },
+            Member {
+                upstream: 1,
+                prefix: String::new(),
+            },
+        ];
+        let of = |name: &'static str| owner(&members, name).map(|(m, local)| (m.upstream, local));
+        assert_eq!(of("ua_add"), Some((0, "add")));
+        assert_eq!(of("add"), Some((1, "add")));
+        assert_eq!(of("ub_add"), Some((1, "ub_add")));
+        // A Cyrillic `а`; fullwidth letters.
+        assert_eq!(of("u\u{430}_add"), None);
+        assert_eq!(of("\u{ff55}\u{ff41}_add"), None);
+        // The whole prefix alone is the rest's.
+        assert_eq!(of("ua"), Some((1, "ua")));
+    }
 
     #[test]
     fn capabilities_merge() {
