@@ -40,6 +40,24 @@ pub fn is_modern(req: &Request, msg: Option<&Message>) -> bool {
             .is_some_and(version::is_stateless_era)
 }
 
+/// Refuses a session-era message that carries the 2026-07-28 envelope's version claim
+/// (`params._meta["io.modelcontextprotocol/protocolVersion"]` naming an older version): it has
+/// two meanings. The gateway reads it as the session era its header (or none) says; the
+/// TypeScript SDK's server takes any claim for the stateless era, and refuses it (-32022) as a
+/// server that speaks only that era would, from which the gateway learnt that the upstream
+/// spoke only that era and bridged every tenant's session-era clients to it for five minutes
+/// (a review: one request of any caller broke the upstream's sessions, tasks and streams).
+pub fn no_envelope(msg: &Message) -> Result<(), RpcError> {
+    match &msg.meta_protocol_version {
+        None => Ok(()),
+        Some(claimed) => Err(RpcError::invalid_request(format!(
+            "params._meta[\"io.modelcontextprotocol/protocolVersion\"] is 2026-07-28's, in each of its requests; a request of an earlier version ({}) carries none",
+            claimed.escape_default()
+        ))
+        .with_id(msg.id.clone())),
+    }
+}
+
 /// Checks a request or notification that uses the 2026-07-28 protocol (by header or by
 /// `params._meta.protocolVersion`). Older versions have no routing headers to check.
 pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
@@ -49,7 +67,7 @@ pub fn check(req: &Request, msg: &Message) -> Result<(), RpcError> {
         return Ok(());
     };
     if !modern {
-        return Ok(());
+        return no_envelope(msg);
     }
     let mismatch = |what: &str| {
         RpcError::new(
@@ -195,5 +213,21 @@ mod tests {
             body,
         );
         assert_eq!(check(&req, &msg).unwrap_err().code, error::INVALID_PARAMS);
+    }
+
+    #[test]
+    fn a_session_era_request_with_the_envelopes_claim_is_refused() {
+        let body = r#"{"jsonrpc":"2.0","id":2,"method":"prompts/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2025-11-25"}}}"#;
+        let other = body.replace(r#""2025-11-25""#, "20251125");
+        for (headers, body) in [
+            (&[("mcp-protocol-version", "2025-11-25")][..], body),
+            (&[], body),
+            (&[], other.as_str()),
+        ] {
+            let (req, msg) = request(headers, body);
+            let e = check(&req, &msg).unwrap_err();
+            assert_eq!((e.code, e.http_status), (error::INVALID_REQUEST, 400));
+            assert_eq!(e.id, Some(crate::mcp::Id::Num(2)));
+        }
     }
 }

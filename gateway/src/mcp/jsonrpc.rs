@@ -651,10 +651,15 @@ fn message(v: &Value<'_, '_>, want_arguments: bool) -> Result<Message, RpcError>
             has_progress_token: meta
                 .as_ref()
                 .is_some_and(|m| m.get("progressToken").is_some()),
+            // A claim that is not a string is a claim too: a server may read
+            // the key's presence alone as the stateless era.
             meta_protocol_version: meta
                 .as_ref()
                 .and_then(|m| m.get(PROTOCOL_VERSION_META_KEY))
-                .and_then(|v| v.as_str().map(str::to_owned)),
+                .map(|v| {
+                    v.as_str()
+                        .map_or_else(|| "(not a string)".to_owned(), str::to_owned)
+                }),
             meta_traceparent: meta
                 .as_ref()
                 .and_then(|m| m.get("traceparent"))

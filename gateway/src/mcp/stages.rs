@@ -592,6 +592,10 @@ fn parse(
             RpcError::invalid_request("JSON-RPC batches are not supported on a federated route"),
         )),
         Ok(Parsed::Batch(items)) => {
+            // Batches are of the session era alone.
+            for m in &items {
+                super::headers::no_envelope(m).map_err(Stop::reply)?;
+            }
             *obs.batch.borrow_mut() = items
                 .iter()
                 .map(|m| audit::Member {

@@ -2954,3 +2954,47 @@ auth = ["api_key"]
     );
     assert!(reached >= 100, "{reached}: {statuses:?}");
 }
+
+/// A session-era request that carries the 2026-07-28 envelope's version claim is refused and
+/// never forwarded: it has two meanings (the TypeScript SDK's server reads any claim as the
+/// stateless era and refuses it as a stateless-only server would, from which the gateway
+/// learnt that the upstream spoke that era only, and bridged every tenant's session-era
+/// clients to it for five minutes: an attacker's review). In a batch too.
+#[test]
+fn a_session_era_request_with_the_stateless_envelopes_claim_is_refused() {
+    let s = setup();
+    let claim = |version: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":2,"method":"prompts/list","params":{{"_meta":{{"io.modelcontextprotocol/protocolVersion":{version},"io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+        )
+    };
+    for (headers, body) in [
+        (
+            "mcp-protocol-version: 2025-11-25\r\n",
+            claim("\"2025-11-25\""),
+        ),
+        ("", claim("\"2025-06-18\"")),
+        ("", claim("1")),
+        (
+            "mcp-protocol-version: 2025-03-26\r\n",
+            format!("[{}]", claim("\"2025-03-26\"")),
+        ),
+    ] {
+        let (r, _) = raw(
+            s.port,
+            &post("/fake", &body, &format!("{}{headers}", key(ACME_KEY))),
+        );
+        assert_eq!((r.status, code(&r)), (400, Some(-32600)), "{body}: {r:?}");
+    }
+    assert_eq!(reached(&s), 0, "the upstream saw none of them");
+    // Without the claim, it goes.
+    let (r, _) = raw(
+        s.port,
+        &post(
+            "/fake",
+            r#"{"jsonrpc":"2.0","id":2,"method":"prompts/list"}"#,
+            &format!("{}mcp-protocol-version: 2025-11-25\r\n", key(ACME_KEY)),
+        ),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
