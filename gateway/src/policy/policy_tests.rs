@@ -1261,6 +1261,57 @@ fn keys_the_pinned_schema_does_not_declare_do_not_make_another_call() {
     );
 }
 
+/// Keys that read as one number (pydantic's `dict[int, ...]` keys) and strings that read as one
+/// UUID (pydantic's `UUID` arguments) are one call however spelled: a review ran one call ten
+/// times under `{"1": 5}`, `{"01": 5}`, `{" 1": 5}`..., and seven under spellings of one UUID.
+#[test]
+fn number_keys_and_uuids_are_one_call_however_spelled() {
+    let (p, state, who) =
+        acme_policy("[policy]\nloop_breaker = { max_repeats = 3, window_s = 60 }\n");
+    for key in ["1", "01", " 1"] {
+        admit_keyed(&p, &state, &who, None, json!({"q": {key: 5, "x": 1}})).unwrap();
+    }
+    for key in ["0_1", "+1", "1.0"] {
+        let r = admit_keyed(&p, &state, &who, None, json!({"q": {"x": 1, key: 5}})).unwrap_err();
+        assert_eq!(r.code, code::LOOP_DETECTED, "{key}");
+    }
+    // Keys that are not numbers stay themselves: `t` is no `int` key.
+    admit_keyed(&p, &state, &who, None, json!({"q": {"t": 5, "x": 1}})).unwrap();
+    let id = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+    let spellings = [
+        id.to_owned(),
+        id.to_ascii_uppercase(),
+        id.replace('-', ""),
+        format!("{{{id}}}"),
+        format!("urn:uuid:{id}"),
+    ];
+    for (i, s) in spellings.iter().enumerate() {
+        let r = admit_keyed(&p, &state, &who, None, json!({"id": s}));
+        if i < 3 {
+            r.unwrap();
+        } else {
+            assert_eq!(r.unwrap_err().code, code::LOOP_DETECTED, "{s}");
+        }
+    }
+    // Another UUID, and a string of 31 hex digits, are other calls.
+    admit_keyed(
+        &p,
+        &state,
+        &who,
+        None,
+        json!({"id": id.replace("c8", "c9")}),
+    )
+    .unwrap();
+    admit_keyed(
+        &p,
+        &state,
+        &who,
+        None,
+        json!({"id": &id.replace('-', "")[1..]}),
+    )
+    .unwrap();
+}
+
 /// A key a server reads as a declared one (`A` for `a`: Go's `encoding/json` does; `file_path`
 /// for `filePath`: pydantic does, by name beside the alias) is not dropped: its value makes
 /// another call, and it counts as the name it is read as.
