@@ -784,10 +784,15 @@ fn numeric_key(k: &str) -> std::borrow::Cow<'_, str> {
 /// (cases, no hyphens, braces, `urn:uuid:`), each another call here. A string that is not a
 /// UUID to its server (a digest, say) is counted as one in any case: the breaker's safe side.
 fn uuid_of(s: &str) -> Option<[u8; 32]> {
-    if s.len() > 64 || !s.bytes().any(|b| b.is_ascii_hexdigit()) {
+    // Any number of hyphens is read past: a long one is looked at too (one pass).
+    if s.len() < 32 || s.len() > 4096 {
         return None;
     }
-    let t = s.replace("urn:", "").replace("uuid:", "");
+    let t = if s.contains(':') {
+        std::borrow::Cow::Owned(s.replace("urn:", "").replace("uuid:", ""))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
     let t = t.trim_matches(['{', '}']);
     let mut out = [0u8; 32];
     let mut n = 0;
