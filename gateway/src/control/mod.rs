@@ -367,11 +367,12 @@ impl Control {
         }
         for (net, end) in again {
             self.auto_bans.remove(&net);
-            match end {
-                Some(end) => self.bans.insert(net, end),
-                // Lifted (`gateway kernel unban`).
-                None => self.bans.remove(&net),
-            };
+            // Lifted (`gateway kernel unban`). An end that moved may be a wider ban's (the
+            // lookup is the kernel's, longest prefix first): left to the next reading of the
+            // maps, which are the record.
+            if end.is_none() {
+                self.bans.remove(&net);
+            }
         }
     }
 

@@ -574,6 +574,8 @@ pub(super) async fn call(
         crate::stdio::mux::strip_envelope(m);
     }
     let body = Bytes::from(super::json_bytes(&message));
+    // Not held while the upstream answers (16 to 32 bytes a value: a review).
+    drop(message);
     let key = (up.key, owner.key);
     let mut attempt = 0;
     let (head, bytes) = loop {

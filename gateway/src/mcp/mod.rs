@@ -57,5 +57,15 @@ pub struct Learned {
 pub fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
+
+/// A client's JSON `body` as `edit` changes it, written again (a body that is not JSON is
+/// `null`). What it was parsed into (16 to 32 bytes a value) is gone when this returns, so that
+/// nothing holds it while an upstream answers: a federation's renamed call, a held session's
+/// and a bridged call kept it, and 24 slow calls of 2 MB held 950 to 1,697 MiB (a review).
+pub fn rewritten(body: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> bytes::Bytes {
+    let mut v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    edit(&mut v);
+    bytes::Bytes::from(json_bytes(&v))
+}
 pub use id::Id;
 pub use jsonrpc::{Kind, Message, Parsed, Parser};

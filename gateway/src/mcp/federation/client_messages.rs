@@ -37,18 +37,21 @@ impl<'c> Federation<'_, 'c> {
             // Each member was sent its own at initialize.
             Some("notifications/initialized") => self.accepted(io).await,
             Some("notifications/cancelled") => {
-                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                let target = {
+                    let body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                    body["params"]["requestId"]
+                        .as_str()
+                        .and_then(untag)
+                        .and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
+                };
                 // Cancelling a member's request: only that member, with its own id.
-                if let Some((member, original)) = body["params"]["requestId"]
-                    .as_str()
-                    .and_then(untag)
-                    .and_then(|(name, id)| self.member_named(name).map(|m| (m, id)))
-                {
-                    set_in(&mut body, &["params", "requestId"], original);
-                    let bytes = crate::mcp::json_bytes(&body);
+                if let Some((member, original)) = target {
+                    let bytes = crate::mcp::rewritten(&self.req.body, |body| {
+                        set_in(body, &["params", "requestId"], original);
+                    });
                     let i = self.members.iter().position(|x| std::ptr::eq(x, member));
                     if let Some(i) = i {
-                        let _ = self.fan_out(era, vec![(i, bytes.into())]).await;
+                        let _ = self.fan_out(era, vec![(i, bytes)]).await;
                     }
                 } else {
                     // A client request's id: the members that do not know it ignore it, and
@@ -81,9 +84,7 @@ impl<'c> Federation<'_, 'c> {
             let err = RpcError::invalid_request("this response answers no request of this route");
             return self.reply_error(io, err).await;
         };
-        let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
-        set_in(&mut body, &["id"], original);
-        let bytes = Bytes::from(crate::mcp::json_bytes(&body));
+        let bytes = crate::mcp::rewritten(&self.req.body, |body| set_in(body, &["id"], original));
         if let Some(handle) = self.stdio_of(member) {
             if let Ok(handle) = handle {
                 handle.respond(proxy::session_owner(self.ctx, self.obs), bytes.to_vec());

@@ -34,13 +34,16 @@ impl<'c> Federation<'_, 'c> {
         } else {
             version::LATEST_SESSION_ERA.to_owned()
         };
-        let mut upstream_body = body.clone();
-        set_in(
-            &mut upstream_body,
-            &["params", "protocolVersion"],
-            json!(agreed),
-        );
-        let upstream_body = Bytes::from(crate::mcp::json_bytes(&upstream_body));
+        // Written again at once: what it was parsed into is not held while members answer.
+        let upstream_body = {
+            let mut upstream_body = body;
+            set_in(
+                &mut upstream_body,
+                &["params", "protocolVersion"],
+                json!(agreed),
+            );
+            Bytes::from(crate::mcp::json_bytes(&upstream_body))
+        };
         let results_of = join_all(
             self.members
                 .iter()

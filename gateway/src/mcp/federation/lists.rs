@@ -42,13 +42,15 @@ impl<'c> Federation<'_, 'c> {
         prefixed: bool,
     ) -> bool {
         let id = m.id.clone();
-        let mut base: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
         // Read whole and answered here: under an id of the gateway's to each member, so that no
-        // stream of the client's is filed with a member's list (`id::own`).
+        // stream of the client's is filed with a member's list (`id::own`). Kept as bytes
+        // while the members answer, each page's request parsed from them.
         let ours = id.as_ref().map(|_| crate::mcp::id::own());
-        if let Some(ours) = &ours {
-            set_in(&mut base, &["id"], ours.to_json());
-        }
+        let base = crate::mcp::rewritten(&self.req.body, |base| {
+            if let Some(ours) = &ours {
+                set_in(base, &["id"], ours.to_json());
+            }
+        });
         let active = self.active(era);
         let mut items: Vec<Vec<Value>> = vec![Vec::new(); self.members.len()];
         let mut cursors: Vec<Option<Option<String>>> = vec![None; self.members.len()];
@@ -63,7 +65,7 @@ impl<'c> Federation<'_, 'c> {
                 .filter(|i| !failed.iter().any(|(f, _)| f == *i))
                 .filter(|i| !matches!(cursors[**i], Some(None)))
                 .map(|i| {
-                    let mut body = base.clone();
+                    let mut body: Value = serde_json::from_slice(&base).unwrap_or_default();
                     match &cursors[*i] {
                         Some(Some(c)) => set_in(&mut body, &["params", "cursor"], json!(c)),
                         _ => {

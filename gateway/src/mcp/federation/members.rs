@@ -180,12 +180,11 @@ impl<'c> Federation<'_, 'c> {
         io: &mut Io,
         era: Era<'_>,
         member: &Member,
-        body: &Value,
+        bytes: Bytes,
         mcp_name: Option<&str>,
         message: &Message,
     ) -> bool {
         let id = message.id.clone();
-        let bytes = Bytes::from(crate::mcp::json_bytes(body));
         let mut extra = vec![];
         if self.req.header(crate::http::name::MCP_NAME).is_some() {
             extra.push(("mcp-name", mcp_name));

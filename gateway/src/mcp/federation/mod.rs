@@ -65,16 +65,26 @@ pub(super) fn owner<'c, 'n>(members: &'c [Member], name: &'n str) -> Option<(&'c
         })
 }
 
-/// Whether `name`, of no member's prefix, reads as a name of a member's prefix (the same
-/// skeleton, UTS #39: `uа_add` with a Cyrillic `а` reads as `ua_add`). The member without a
-/// prefix listed `uа_add` beside member `ua_`'s `ua_add`, with a description asking for the
-/// user's key, and its calls went to it (a review): such a name is neither listed nor called.
+/// Whether `name`, of no member's prefix where members have prefixes, may read as a name of a
+/// member's prefix: the same skeleton in any case (UTS #39: `uа_add` with a Cyrillic `а`, and
+/// `UA_add`, read as `ua_add`), or a character a reader does not see as itself
+/// ([`crate::policy::pins::hides_characters`]: small capitals `ᴜᴀ_add`, a modifier letter for
+/// the `_`, a right-to-left override that shows `\u{202e}dda_au` as `ua_add`), which confusables
+/// alone do not map. The member without a prefix listed such names beside member `ua_`'s,
+/// with a description asking for the user's key, and its calls went to it (two reviews): they
+/// are neither listed nor called.
 fn reads_as_prefixed(members: &[Member], name: &str) -> bool {
-    let mut look: Option<String> = None;
-    members.iter().filter(|m| !m.prefix.is_empty()).any(|m| {
-        let look = look.get_or_insert_with(|| unicode_security::skeleton(name).collect());
-        let prefix: String = unicode_security::skeleton(&m.prefix).collect();
-        look.starts_with(&prefix)
+    let mut prefixed = members.iter().filter(|m| !m.prefix.is_empty()).peekable();
+    if prefixed.peek().is_none() {
+        return false;
+    }
+    if crate::policy::pins::hides_characters(name) {
+        return true;
+    }
+    let look: String = unicode_security::skeleton(&name.to_lowercase()).collect();
+    prefixed.any(|m| {
+        let prefix: String = unicode_security::skeleton(&m.prefix.to_lowercase()).collect();
+        look.to_lowercase().starts_with(&prefix.to_lowercase())
     })
 }
 
@@ -337,23 +347,29 @@ impl<'c> Federation<'_, 'c> {
                         )
                         .await;
                 };
-                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
-                set_in(&mut body, &["params", "name"], json!(local));
-                // No task of the member's choosing (2026-07-28 tasks extension): it would be
-                // nobody's to read here, and its work would hold no slot.
-                crate::mcp::tasks::without_tasks_extension(&mut body);
-                self.routed(io, era, member, &body, Some(local), m).await
+                let bytes = crate::mcp::rewritten(&self.req.body, |body| {
+                    set_in(body, &["params", "name"], json!(local));
+                    // No task of the member's choosing (2026-07-28 tasks extension): it would
+                    // be nobody's to read here, and its work would hold no slot.
+                    crate::mcp::tasks::without_tasks_extension(body);
+                });
+                self.routed(io, era, member, bytes, Some(local), m).await
             }
             "completion/complete" => {
-                let mut body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
-                let r = &body["params"]["ref"];
-                if r["type"] == "ref/prompt"
-                    && let Some(name) = r["name"].as_str()
-                    && let Some((member, local)) = self.owner(name)
+                let prompt = {
+                    let body: Value = serde_json::from_slice(&self.req.body).unwrap_or_default();
+                    let r = &body["params"]["ref"];
+                    (r["type"] == "ref/prompt")
+                        .then(|| r["name"].as_str().map(str::to_owned))
+                        .flatten()
+                };
+                if let Some(name) = prompt
+                    && let Some((member, local)) = self.owner(&name)
                 {
-                    let local = local.to_owned();
-                    set_in(&mut body, &["params", "ref", "name"], json!(local));
-                    return self.routed(io, era, member, &body, None, m).await;
+                    let bytes = crate::mcp::rewritten(&self.req.body, |body| {
+                        set_in(body, &["params", "ref", "name"], json!(local));
+                    });
+                    return self.routed(io, era, member, bytes, None, m).await;
                 }
                 self.first_success(io, era, m).await
             }
@@ -420,9 +436,20 @@ mod tests {
         assert_eq!(of("ua_add"), Some((0, "add")));
         assert_eq!(of("add"), Some((1, "add")));
         assert_eq!(of("ub_add"), Some((1, "ub_add")));
-        // A Cyrillic `а`; fullwidth letters.
-        assert_eq!(of("u\u{430}_add"), None);
-        assert_eq!(of("\u{ff55}\u{ff41}_add"), None);
+        // A Cyrillic `а`; fullwidth letters; another case; small capitals; a modifier
+        // letter for `_`; a right-to-left override.
+        for name in [
+            "u\u{430}_add",
+            "\u{ff55}\u{ff41}_add",
+            "UA_add",
+            "Ua_add",
+            "\u{1d1c}\u{1d00}_add",
+            "ua\u{2cd}add",
+            "ua\u{2017}add",
+            "\u{202e}dda_au",
+        ] {
+            assert_eq!(of(name), None, "{}", name.escape_default());
+        }
         // The whole prefix alone is the rest's.
         assert_eq!(of("ua"), Some((1, "ua")));
     }
