@@ -532,10 +532,13 @@ pub(super) async fn call(
     let method = message["method"].as_str().unwrap_or_default().to_owned();
     let id = id_of(&message);
     if method == "server/discover" {
+        // Only its id is held while the session opens (12 of 2 MB held 474 MiB: a review).
+        let asked = message["id"].take();
+        drop(message);
         let s = session(ctx, req, peer, up, owner).await?;
         let answer = json!({
             "jsonrpc": "2.0",
-            "id": message["id"].clone(),
+            "id": asked,
             "result": discover_from_initialize(&s.init),
         });
         return Ok(Answer {

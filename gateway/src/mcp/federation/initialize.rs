@@ -170,9 +170,7 @@ impl<'c> Federation<'_, 'c> {
             }
         }
         // Bridged: what a session-era server would have answered, from its `server/discover`.
-        let params = serde_json::from_slice::<Value>(body)
-            .map(|mut v| v["params"].take())
-            .unwrap_or_default();
+        let params = crate::mcp::bridge::initialize_params(body);
         let result = crate::mcp::bridge::initialize_result(
             self.ctx,
             self.req,

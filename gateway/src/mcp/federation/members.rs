@@ -47,11 +47,21 @@ impl<'c> Federation<'_, 'c> {
         let json = |bytes: Vec<u8>| (held::json_head(), bytes);
         let accepted = held::accepted_head();
         // DELETE: the child's session is the gateway's, not the client's.
-        let Ok(message) = serde_json::from_slice::<Value>(body) else {
+        // What is read of it, not the whole parsed message, is held while the child answers
+        // (12 of 2 MB held 551 MiB: a review).
+        let Some((method, has_id, id)) =
+            serde_json::from_slice::<Value>(body)
+                .ok()
+                .map(|mut message| {
+                    (
+                        message["method"].as_str().unwrap_or_default().to_owned(),
+                        message.get("id").is_some_and(|id| !id.is_null()),
+                        message["id"].take(),
+                    )
+                })
+        else {
             return Some(Ok((accepted, Vec::new())));
         };
-        let method = message["method"].as_str().unwrap_or_default().to_owned();
-        let has_id = message.get("id").is_some_and(|id| !id.is_null());
         if method.is_empty() {
             handle.respond(caller, body.to_vec());
             return Some(Ok((accepted, Vec::new())));
@@ -75,7 +85,7 @@ impl<'c> Federation<'_, 'c> {
             let init = crate::mcp::stdio_route::child_init(&handle, who).await;
             self.obs.waited(started.elapsed());
             return Some(init.map_err(failure).map(|init| {
-                let v = json!({"jsonrpc": "2.0", "id": message["id"].clone(),
+                let v = json!({"jsonrpc": "2.0", "id": id,
                     "result": messages::discover_from_initialize(&init)});
                 json(crate::mcp::json_bytes(&v))
             }));

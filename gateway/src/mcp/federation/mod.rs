@@ -81,10 +81,22 @@ fn reads_as_prefixed(members: &[Member], name: &str) -> bool {
     if crate::policy::pins::hides_characters(name) {
         return true;
     }
-    let look: String = unicode_security::skeleton(&name.to_lowercase()).collect();
+    // The skeleton of the name as it is and of its lower case, each in lower case: a capital
+    // homoglyph (`Ʒ` and Cyrillic `З` read as `3`) has a lower case that does not (a review
+    // of the lower case alone: `aws_sƷ_delete` beside `aws_s3_`'s).
+    let looks = |s: &str| -> [String; 2] {
+        [s.to_owned(), s.to_lowercase()].map(|s| {
+            unicode_security::skeleton(&s)
+                .collect::<String>()
+                .to_lowercase()
+        })
+    };
+    let names = looks(name);
     prefixed.any(|m| {
-        let prefix: String = unicode_security::skeleton(&m.prefix.to_lowercase()).collect();
-        look.to_lowercase().starts_with(&prefix.to_lowercase())
+        let prefixes = looks(&m.prefix);
+        names
+            .iter()
+            .any(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
     })
 }
 
@@ -450,6 +462,24 @@ mod tests {
         ] {
             assert_eq!(of(name), None, "{}", name.escape_default());
         }
+        // Capital homoglyphs of `3` (their lower cases are not).
+        let s3 = [
+            Member {
+                upstream: 0,
+                prefix: "aws_s3_".into(),
+            },
+            Member {
+                upstream: 1,
+                prefix: String::new(),
+            },
+        ];
+        for name in ["aws_s\u{1b7}_delete", "aws_s\u{417}_delete"] {
+            assert!(owner(&s3, name).is_none(), "{}", name.escape_default());
+        }
+        assert_eq!(
+            owner(&s3, "aws_s3_delete").map(|(m, n)| (m.upstream, n)),
+            Some((0, "delete"))
+        );
         // The whole prefix alone is the rest's.
         assert_eq!(of("ua"), Some((1, "ua")));
     }
