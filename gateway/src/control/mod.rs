@@ -180,8 +180,7 @@ impl Control {
             if wide.prefix_len() >= 64 {
                 return true;
             }
-            let until = kernel::monotonic_ns()
-                .saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+            let until = kernel::monotonic_after(kernel::monotonic_ns(), *ttl);
             let freed = self.lift_inside(*wide, until);
             lifted += freed;
             if freed == 0 || self.hold_ban(*net, *ttl).is_err() {
@@ -275,7 +274,7 @@ impl Control {
         self.made_again_since(
             bans.iter()
                 .filter_map(|(net, _)| match net {
-                    IpNet::V6(v6) => Some(slash48(v6)),
+                    IpNet::V6(v6) => ipnet::Ipv6Net::new(v6.addr(), 48).ok().map(|n| n.trunc()),
                     IpNet::V4(_) => None,
                 })
                 .collect(),
@@ -340,23 +339,17 @@ impl Control {
         (out, widened)
     }
 
-    /// Takes the auto-bans in the /48s `near` (as `u128 >> 80`) that were made again since
+    /// Takes the auto-bans in the /48s `near` that were made again since
     /// (`gateway kernel ban` writes the kernel's map alone: seen as their end moved) as the
     /// operator's, before a widening counts them: the control thread's copy of the map is read
     /// again only every few seconds. One lookup each, of the few a /48 holds.
-    fn made_again_since(&mut self, near: std::collections::BTreeSet<u128>) {
+    fn made_again_since(&mut self, near: std::collections::BTreeSet<ipnet::Ipv6Net>) {
         let Some(maps) = &self.maps else {
             return;
         };
         let mut again = Vec::new();
         for n48 in near {
-            let (Ok(first), Ok(last)) = (
-                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(n48 << 80), 48),
-                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from((n48 << 80) | ((1 << 80) - 1)), 128),
-            ) else {
-                continue;
-            };
-            for (net, made) in self.auto_bans.range(IpNet::V6(first)..=IpNet::V6(last)) {
+            for (net, made) in self.auto_bans.range(within(n48)) {
                 match maps.ban_end(*net) {
                     Ok(Some(end)) if end.abs_diff(*made) <= 1_000_000_000 => {}
                     Ok(Some(end)) => again.push((*net, Some(end))),
@@ -382,15 +375,9 @@ impl Control {
     /// ban. Returns how many. The workers are not handed the new set here.
     fn lift_inside(&mut self, wide: ipnet::Ipv6Net, until: u64) -> usize {
         let until = until.saturating_add(1_000_000_000);
-        let (Ok(first), Ok(last)) = (
-            ipnet::Ipv6Net::new(wide.network(), wide.prefix_len()),
-            ipnet::Ipv6Net::new(wide.broadcast(), 128),
-        ) else {
-            return 0;
-        };
         let inner: Vec<IpNet> = self
             .auto_bans
-            .range(IpNet::V6(first)..=IpNet::V6(last))
+            .range(within(wide))
             .map(|(net, _)| *net)
             .filter(|net| {
                 *net != IpNet::V6(wide)
@@ -452,8 +439,7 @@ impl Control {
         if let Some(maps) = &mut self.maps {
             maps.ban_net(net, ttl)?;
         }
-        let until =
-            kernel::monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let until = kernel::monotonic_after(kernel::monotonic_ns(), ttl);
         self.bans.insert(net, until);
         Ok(())
     }
@@ -514,9 +500,7 @@ impl Control {
             if let Err(e) = maps.sweep_bans() {
                 tracing::warn!(error = %e, "sweeping expired bans failed");
             }
-            let until = |left: Duration| {
-                now.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64)
-            };
+            let until = |left: Duration| kernel::monotonic_after(now, left);
             match (maps.bans(), maps.net_bans()) {
                 (Ok(addrs), Ok(nets)) => {
                     self.bans = addrs
@@ -553,7 +537,7 @@ impl Control {
         let now = kernel::monotonic_ns();
         for (net, left) in kept {
             let net = canonical_net(net);
-            let made = now.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64);
+            let made = kernel::monotonic_after(now, left);
             // The store keeps ends to the millisecond, rewritten when they moved by a second.
             if let Some(&until) = self.bans.get(&net)
                 && until.abs_diff(made) <= 2_000_000_000
@@ -2402,6 +2386,13 @@ fn host_local(ip: std::net::IpAddr) -> bool {
 /// alone where a /64 holds others).
 /// An auto-ban widened ([`Control::widened`]): its prefix, and how many auto-bans it held.
 type Widened = (ipnet::Ipv6Net, usize);
+
+/// The keys of a set of nets ordered as `IpNet`s that `net` holds, itself included: from `net`
+/// to its last address.
+fn within(net: ipnet::Ipv6Net) -> std::ops::RangeInclusive<IpNet> {
+    let last = ipnet::Ipv6Net::new(net.broadcast(), 128).unwrap_or(net);
+    IpNet::V6(net.trunc())..=IpNet::V6(last)
+}
 
 fn auto_ban_net(ip: std::net::IpAddr) -> IpNet {
     crate::policy::limits::source_net(ip)

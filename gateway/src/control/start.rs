@@ -215,8 +215,7 @@ pub(super) fn restore_state(
         shared
             .bans
             .store(Arc::new(BanSet::new(kept_bans.iter().map(|(ip, left)| {
-                let left = left.as_nanos().min(u128::from(u64::MAX)) as u64;
-                (*ip, kernel::monotonic_ns().saturating_add(left))
+                (*ip, kernel::monotonic_after(kernel::monotonic_ns(), *left))
             }))));
     }
     Ok(Kept {

@@ -67,6 +67,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `d` after `from` on [`monotonic_ns`]'s clock (an expiry), saturating.
+pub fn monotonic_after(from: u64, d: Duration) -> u64 {
+    from.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Counters of one tenant, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TenantTotals {
@@ -188,7 +193,7 @@ impl KernelMaps {
 
     /// Bans `ip` for `ttl`; a later ban of the same address replaces the earlier one.
     pub fn ban(&mut self, ip: IpAddr, ttl: Duration) -> Result<(), KernelError> {
-        let expiry = monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let expiry = monotonic_after(monotonic_ns(), ttl);
         self.bans
             .insert(addr_key(ip), expiry, 0)
             .map_err(map_err(names::BANS))
@@ -224,7 +229,7 @@ impl KernelMaps {
         if net.prefix_len() == net.max_prefix_len() {
             return self.ban(net.addr(), ttl);
         }
-        let expiry = monotonic_ns().saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let expiry = monotonic_after(monotonic_ns(), ttl);
         self.ban_nets_mut()?
             .insert(&net_key(&net.trunc()), expiry, 0)
             .map_err(map_err(names::BAN_NETS))

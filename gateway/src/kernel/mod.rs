@@ -21,7 +21,7 @@ use aya::{
 };
 pub use maps::{
     Ban, KernelMaps, KernelState, NetBan, SyncReport, TenantTotals, addr_key, key_addr,
-    monotonic_ns, net_key,
+    monotonic_after, monotonic_ns, net_key,
 };
 
 use crate::config::AttachMode;

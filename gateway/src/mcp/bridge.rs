@@ -435,28 +435,27 @@ pub(super) async fn call_with(
         .then(|| message["params"]["name"].as_str().map(str::to_owned))
         .flatten()
         .filter(|tool| ctx.learned.param_headers.get(&up.name, tool).is_none());
-    let (mut head, mut answer) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
+    let (mut head, mut reply) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
     if let Some(tool) = unlisted
         && head.status == 400
-        && refused_for_headers(&answer)
+        && refused_for_headers(&reply)
         && list_tools(ctx, req, peer, up, tenant).await
         && ctx.learned.param_headers.get(&up.name, &tool).is_some()
         && let Ok(message) = serde_json::from_slice::<Value>(body)
     {
-        (head, answer) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
+        (head, reply) = exchange(ctx, req, peer, up, tenant, message, Map::new()).await?;
     }
-    let body = answer;
     if !(200..300).contains(&head.status) {
         return Ok(Answer {
             head,
-            body,
+            body: reply,
             notes: Vec::new(),
         });
     }
     // An answer the gateway cannot read is the call's own failure, as on passthrough: a tool's
     // output can be shaped by its caller (a number past `f64`).
     let (mut answer, notes) =
-        answer_and_notes(&head, &body, id).map_err(UpstreamFailure::Unrelayable)?;
+        answer_and_notes(&head, &reply, id).map_err(UpstreamFailure::Unrelayable)?;
     if method == "tools/list" {
         learn_headers(ctx, up, &answer);
     }

@@ -884,10 +884,12 @@ fn walk<H: std::hash::Hasher>(
             // server reads the same however it is spaced (hashed as written, `[0,0,...]`
             // respaced each time was another call: a review).
             Some(Err(rules::Unheld::TooMany)) => (6u8, unspaced(s)).hash(h),
-            _ => match (Num::of_str(s), uuid_of(s)) {
-                (Some(n), _) => (2u8, n).hash(h),
-                (None, Some(u)) => (7u8, u).hash(h),
-                (None, None) => (3u8, s).hash(h),
+            _ => match Num::of_str(s) {
+                Some(n) => (2u8, n).hash(h),
+                None => match uuid_of(s) {
+                    Some(u) => (7u8, u).hash(h),
+                    None => (3u8, s).hash(h),
+                },
             },
         },
         Value::Array(a) => {

@@ -630,34 +630,13 @@ impl Store {
             self.windows.insert(key, count);
         }
         let now = unix_ms();
-        for row in tx
-            .open_table(BANS)
-            .map_err(|e| self.unreadable(e))?
-            .iter()
-            .map_err(|e| self.unreadable(e))?
-        {
-            let (k, v) = row.map_err(|e| self.unreadable(e))?;
-            let key = k.value().to_owned();
-            let net = ban_key_net(&key)
-                .ok_or_else(|| self.unreadable(format!("ban `{key}`: not an address or prefix")))?;
-            let until = v.value();
+        for (key, net, until) in self.read_ends(&tx, BANS, "ban")? {
             if until > now {
                 loaded.bans.push((net, Duration::from_millis(until - now)));
             }
             self.bans.insert(key, until);
         }
-        for row in tx
-            .open_table(AUTO_BANS)
-            .map_err(|e| self.unreadable(e))?
-            .iter()
-            .map_err(|e| self.unreadable(e))?
-        {
-            let (k, v) = row.map_err(|e| self.unreadable(e))?;
-            let key = k.value().to_owned();
-            let net = ban_key_net(&key).ok_or_else(|| {
-                self.unreadable(format!("auto-ban `{key}`: not an address or prefix"))
-            })?;
-            let until = v.value();
+        for (key, net, until) in self.read_ends(&tx, AUTO_BANS, "auto-ban")? {
             if until > now && self.bans.contains_key(&key) {
                 loaded
                     .auto_bans
@@ -667,6 +646,31 @@ impl Store {
             self.auto_bans.insert(key, until);
         }
         Ok(loaded)
+    }
+
+    /// The rows of a table of ban ends ([`BANS`], [`AUTO_BANS`]): key, net and end; a key that
+    /// is no address or prefix is an error naming it (`what`: the row's kind).
+    fn read_ends(
+        &self,
+        tx: &redb::ReadTransaction,
+        table: TableDefinition<&str, u64>,
+        what: &str,
+    ) -> Result<Vec<(String, IpNet, u64)>, StoreError> {
+        let mut rows = Vec::new();
+        for row in tx
+            .open_table(table)
+            .map_err(|e| self.unreadable(e))?
+            .iter()
+            .map_err(|e| self.unreadable(e))?
+        {
+            let (k, v) = row.map_err(|e| self.unreadable(e))?;
+            let key = k.value().to_owned();
+            let net = ban_key_net(&key).ok_or_else(|| {
+                self.unreadable(format!("{what} `{key}`: not an address or prefix"))
+            })?;
+            rows.push((key, net, v.value()));
+        }
+        Ok(rows)
     }
 
     /// Writes what changed since the last flush or load, in one transaction: pins, counts of
@@ -735,10 +739,11 @@ impl Store {
             }
             bans.insert(key, until);
         }
-        let (ban_puts, ban_dels) = changed_ends(&self.bans, &bans);
-        let (auto_puts, auto_dels) = changed_ends(&self.auto_bans, &auto_bans);
-        let written = pin_puts.len() + window_puts.len() + ban_puts.len() + auto_puts.len();
-        let deleted = window_dels.len() + ban_dels.len() + auto_dels.len();
+        let ban_changes = Ends::changed(&self.bans, bans);
+        let auto_changes = Ends::changed(&self.auto_bans, auto_bans);
+        let written =
+            pin_puts.len() + window_puts.len() + ban_changes.puts.len() + auto_changes.puts.len();
+        let deleted = window_dels.len() + ban_changes.dels.len() + auto_changes.dels.len();
         if written + deleted == 0 {
             return Ok(Flushed::default());
         }
@@ -759,21 +764,9 @@ impl Store {
             for k in &window_dels {
                 t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
             }
-            let mut t = tx.open_table(BANS).map_err(|e| self.write_error(e))?;
-            for (k, until) in &ban_puts {
-                t.insert(k.as_str(), **until)
-                    .map_err(|e| self.write_error(e))?;
-            }
-            for k in &ban_dels {
-                t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
-            }
-            let mut t = tx.open_table(AUTO_BANS).map_err(|e| self.write_error(e))?;
-            for (k, until) in &auto_puts {
-                t.insert(k.as_str(), **until)
-                    .map_err(|e| self.write_error(e))?;
-            }
-            for k in &auto_dels {
-                t.remove(k.as_str()).map_err(|e| self.write_error(e))?;
+            for (table, changes) in [(BANS, &ban_changes), (AUTO_BANS, &auto_changes)] {
+                let mut t = tx.open_table(table).map_err(|e| self.write_error(e))?;
+                changes.write(&mut t).map_err(|e| self.write_error(e))?;
             }
         }
         tx.commit().map_err(|e| self.write_error(e))?;
@@ -788,20 +781,8 @@ impl Store {
             self.windows.remove(&k);
         }
         self.windows.extend(window_puts);
-        let ban_puts: Vec<(String, u64)> =
-            ban_puts.into_iter().map(|(k, u)| (k.clone(), *u)).collect();
-        for k in ban_dels {
-            self.bans.remove(&k);
-        }
-        self.bans.extend(ban_puts);
-        let auto_puts: Vec<(String, u64)> = auto_puts
-            .into_iter()
-            .map(|(k, u)| (k.clone(), *u))
-            .collect();
-        for k in auto_dels {
-            self.auto_bans.remove(&k);
-        }
-        self.auto_bans.extend(auto_puts);
+        ban_changes.apply(&mut self.bans);
+        auto_changes.apply(&mut self.auto_bans);
         Ok(Flushed { written, deleted })
     }
 
@@ -884,23 +865,46 @@ pub fn render_metrics(stats: &Stats, out: &mut String) {
 #[path = "store_tests.rs"]
 mod tests;
 
-/// Of `now` (key → end, unix ms) against `written`: the entries to write (new, or whose end
-/// moved by more than a second: the kernel's clock and the wall clock drift apart by a few ms
-/// between flushes) and the keys to delete.
-fn changed_ends<'a>(
-    written: &BTreeMap<String, u64>,
-    now: &'a BTreeMap<String, u64>,
-) -> (Vec<(&'a String, &'a u64)>, Vec<String>) {
-    let puts = now
-        .iter()
-        .filter(|(k, until)| written.get(*k).is_none_or(|w| w.abs_diff(**until) > 1000))
-        .collect();
-    let dels = written
-        .keys()
-        .filter(|k| !now.contains_key(*k))
-        .cloned()
-        .collect();
-    (puts, dels)
+/// What changed in a table of ban ends (key → end, unix ms) since it was last written.
+struct Ends {
+    /// New entries, and those whose end moved by more than a second (the kernel's clock and the
+    /// wall clock drift apart by a few ms between flushes).
+    puts: Vec<(String, u64)>,
+    dels: Vec<String>,
+}
+
+impl Ends {
+    /// Of `now` against `written`, the store's mirror of the table.
+    fn changed(written: &BTreeMap<String, u64>, now: BTreeMap<String, u64>) -> Self {
+        let dels = written
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        let puts = now
+            .into_iter()
+            .filter(|(k, until)| written.get(k).is_none_or(|w| w.abs_diff(*until) > 1000))
+            .collect();
+        Self { puts, dels }
+    }
+
+    fn write(&self, t: &mut redb::Table<'_, &str, u64>) -> Result<(), redb::StorageError> {
+        for (k, until) in &self.puts {
+            t.insert(k.as_str(), *until)?;
+        }
+        for k in &self.dels {
+            t.remove(k.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Once written: the mirror as the table now is.
+    fn apply(self, mirror: &mut BTreeMap<String, u64>) {
+        for k in self.dels {
+            mirror.remove(&k);
+        }
+        mirror.extend(self.puts);
+    }
 }
 
 /// A ban's key in the store: the address alone for one address (as earlier versions wrote
