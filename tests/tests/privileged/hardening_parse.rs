@@ -1056,6 +1056,29 @@ fn an_upstreams_refusal_of_a_read_list_reaches_the_client_as_given() {
     d.stop();
 }
 
+/// A JSON list of a million zeros (2 MB; a million values to a parser).
+fn zeros_2mb() -> String {
+    vec!["0"; 1_000_000].join(",")
+}
+
+/// Each of `requests` sent on a connection of its own to the gateway at `port`, its answer
+/// read on a thread of its own (they wait at a slow upstream).
+fn waiting(
+    port: u16,
+    requests: Vec<Vec<u8>>,
+) -> Vec<std::thread::JoinHandle<Option<integration_tests::peers::RawResponse>>> {
+    requests
+        .into_iter()
+        .map(|request| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                c.write_all(&request).unwrap();
+                read_response(&mut c)
+            })
+        })
+        .collect()
+}
+
 /// What policy read of a request is not held while its upstream answers: a call's arguments
 /// (read into values of 16 to 32 bytes each for the loop breaker and argument rules) are
 /// dropped once it is admitted, and a batch holds at most 1,024 messages. Before, twenty slow
@@ -1091,23 +1114,14 @@ upstream = "slow"
     );
     assert!(fake.seen.lock().unwrap().is_empty());
 
-    let pad = vec!["0"; 1_000_000].join(",");
     let body = format!(
-        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"sleep","arguments":{{"pad":[{pad}]}}}}}}"#
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"sleep","arguments":{{"pad":[{}]}}}}}}"#,
+        zeros_2mb()
     );
     let request = post("/mcp", &body, "");
     let before = vm_rss_kib(d.pid());
     let calls = 24;
-    let clients: Vec<_> = (0..calls)
-        .map(|_| {
-            let request = request.clone();
-            std::thread::spawn(move || {
-                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                c.write_all(&request).unwrap();
-                read_response(&mut c).map(|r| r.status)
-            })
-        })
-        .collect();
+    let clients = waiting(port, vec![request; calls]);
     // Every call is at the upstream, which answers after 4 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while fake.seen.lock().unwrap().len() < calls {
@@ -1116,7 +1130,7 @@ upstream = "slow"
     }
     let held = vm_rss_kib(d.pid());
     for c in clients {
-        assert_eq!(c.join().unwrap(), Some(200));
+        assert_eq!(c.join().unwrap().map(|r| r.status), Some(200));
     }
     // The bodies themselves (2 MB each) are held until they are answered, and the worker keeps
     // what it parsed the last one into for the next (~130 MiB); their values (16 to 32 bytes
@@ -1143,7 +1157,7 @@ fn a_slow_calls_body_is_not_held_parsed_on_a_path_that_writes_it_again() {
         stateless_port,
         &["--slow", "--json", "--stateless-only"],
     );
-    let pad = vec!["0"; 1_000_000].join(",");
+    let pad = zeros_2mb();
     for (path, tool, modern) in [("/f", "a_", false), ("/b", "", false), ("/h", "", true)] {
         let port = free_port();
         let admin = free_port();
@@ -1219,18 +1233,13 @@ upstream = "a"
         let args = format!(r#"{{"seconds":6,"pad":[{pad}]}}"#);
         let before = vm_rss_kib(d.pid());
         let calls = 12;
-        let clients: Vec<_> = (0..calls)
-            .map(|i| {
-                // Each its own id: one session holds them all.
-                let call = request(100 + i as u64, "sleep", &args);
-                std::thread::spawn(move || {
-                    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    c.write_all(&call).unwrap();
-                    read_response(&mut c)
-                        .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
-                })
-            })
-            .collect();
+        // Each its own id: one session holds them all.
+        let clients = waiting(
+            port,
+            (0..calls)
+                .map(|i| request(100 + i as u64, "sleep", &args))
+                .collect(),
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while running() < calls {
             assert!(
@@ -1241,10 +1250,12 @@ upstream = "a"
         }
         let held = vm_rss_kib(d.pid());
         for c in clients {
-            let (status, body) = c.join().unwrap().expect("an answer");
+            let r = c.join().unwrap().expect("an answer");
+            let body = String::from_utf8_lossy(&r.body);
             assert!(
-                status == 200 && body.contains("slept"),
-                "{path}: {status} {body}"
+                r.status == 200 && body.contains("slept"),
+                "{path}: {} {body}",
+                r.status
             );
         }
         assert!(

@@ -482,16 +482,7 @@ fn workers_serve_on_the_epoll_driver_too() {
 fn a_widened_ban_is_made_in_a_full_prefix_map_by_lifting_the_bans_it_holds() {
     let topo = Topology::new(&[BETA]);
     let instance = unique("gwwide");
-    let config = config(&instance, &topo.gw_if)
-        + &format!(
-            r#"
-[[listeners]]
-address = "{GW_ADDR}:{PROXIED}"
-[listeners.proxy_protocol]
-trusted = ["{BETA}/32"]
-"#
-        )
-        + &wrong_keys_banned(60);
+    let config = proxied_config(&instance, &topo, 60);
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
     let mut m = KernelMaps::open(&daemon.pin_dir).expect("pinned maps");
     // The operator's prefix bans fill the map but for seven entries.
@@ -500,36 +491,41 @@ trusted = ["{BETA}/32"]
         let net: ipnet::IpNet = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
         m.ban_net(net, Duration::from_secs(300)).unwrap();
     }
-    let refuse_four = |client: &str| refuse_four_proxied(&topo, client);
-    let prefixes = |m: &KernelMaps| prefixes_in(m, "2001:db8:7:");
     // Seven /64s of 2001:db8:7:100::/56: the map is full.
-    for i in 0..7 {
-        refuse_four(&format!("2001:db8:7:1{i:x}0::1"));
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while prefixes(&m).len() < 7 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", prefixes(&m));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut seven: Vec<String> = (0..7)
+        .map(|i| {
+            refuse_four_proxied(&topo, &format!("2001:db8:7:1{i:x}0::1"));
+            format!("2001:db8:7:1{i:x}0::/64")
+        })
+        .collect();
+    seven.sort();
+    let seven: Vec<&str> = seven.iter().map(String::as_str).collect();
+    until_prefixes(&daemon, "2001:db8:7:", &seven);
     assert_eq!(m.net_bans().unwrap().len(), capacity, "full");
     // The eighth: widened to the /56, made in the room the seven leave.
-    refuse_four("2001:db8:7:1ff::1");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while prefixes(&m) != ["2001:db8:7:100::/56"] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}\n{}",
-            prefixes(&m),
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    refuse_four_proxied(&topo, "2001:db8:7:1ff::1");
+    until_prefixes(&daemon, "2001:db8:7:", &["2001:db8:7:100::/56"]);
     assert!(
         !daemon.log().contains("auto-ban failed"),
         "{}",
         daemon.log()
     );
     daemon.stop();
+}
+
+/// The configuration of the proxied-listener tests: a listener on PROXIED that trusts PROXY
+/// headers from BETA, and wrong keys banned for `ban_s`.
+fn proxied_config(instance: &str, topo: &Topology, ban_s: u64) -> String {
+    config(instance, &topo.gw_if)
+        + &format!(
+            r#"
+[[listeners]]
+address = "{GW_ADDR}:{PROXIED}"
+[listeners.proxy_protocol]
+trusted = ["{BETA}/32"]
+"#
+        )
+        + &wrong_keys_banned(ban_s)
 }
 
 /// Four wrong keys from IPv6 `client`, named by PROXY headers sent from BETA in the client
@@ -594,16 +590,7 @@ fn until_prefixes(daemon: &Daemon, start: &str, want: &[&str]) {
 fn auto_bans_stay_auto_bans_over_a_restart_and_an_operators_ban_of_one_is_the_operators() {
     let topo = Topology::new(&[BETA]);
     let instance = unique("gwauto");
-    let config = config(&instance, &topo.gw_if)
-        + &format!(
-            r#"
-[[listeners]]
-address = "{GW_ADDR}:{PROXIED}"
-[listeners.proxy_protocol]
-trusted = ["{BETA}/32"]
-"#
-        )
-        + &wrong_keys_banned(300);
+    let config = proxied_config(&instance, &topo, 300);
     let mut daemon = Daemon::start(&topo.gw, &instance, &config);
     let net = |text: String| text.parse::<ipnet::IpNet>().unwrap().to_string();
     let seven = |at: &str| -> Vec<String> {

@@ -976,6 +976,16 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// The tools [`LIST_AND_CALL_EACH`] listed.
+fn listed(got: &Value) -> Vec<&str> {
+    got["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect()
+}
+
 /// A tool whose name reads as a pinned tool's (a Cyrillic `е` in `echo`), or hides a
 /// character (`echo` and a zero-width space), is not pinned by first sight: hidden from the
 /// list and its calls refused, on passthrough and federation. An attacker's review: the
@@ -1002,12 +1012,7 @@ fn a_tool_named_to_read_as_a_pinned_one_is_hidden_and_refused() {
         let echo = format!("{prefix}echo");
         let url = format!("http://127.0.0.1:{port}{path}");
         let got = py_script(LIST_AND_CALL_EACH, &[&url, &hidden, &cyrillic, &echo]);
-        let tools: Vec<&str> = got["tools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap())
-            .collect();
+        let tools = listed(&got);
         assert!(tools.contains(&echo.as_str()), "{path}: {got}");
         assert!(
             !tools.contains(&hidden.as_str()) && !tools.contains(&cyrillic.as_str()),
@@ -1062,12 +1067,7 @@ federate = [{{ upstream = "ua", prefix = "ua_" }}, {{ upstream = "ub", prefix = 
     let lookalike = "u\u{430}_echo";
     let url = format!("http://127.0.0.1:{port}/fed");
     let got = py_script(LIST_AND_CALL_EACH, &[&url, lookalike, "ua_echo", "echo"]);
-    let tools: Vec<&str> = got["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tools = listed(&got);
     assert!(
         tools.contains(&"ua_echo") && tools.contains(&"echo"),
         "{got}"
